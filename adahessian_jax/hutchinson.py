@@ -1,0 +1,128 @@
+"""Hessian-vector products and Hutchinson's estimate of the Hessian diagonal.
+
+For a scalar function ``f`` of a pytree ``params`` and a Rademacher probe ``z``
+(independent ``±1`` entries), ``E[z ⊙ Hz] = diag(H)`` (Bekas et al. 2007). The
+product ``Hz`` is computed forward-over-reverse, ``jax.jvp`` of ``jax.grad``,
+which returns the gradient as its primal output in the same pass.
+
+Everything here is shared by the optimizer (:mod:`adahessian_jax.transform`)
+and the Hessian-analysis tools.
+
+References:
+  Hutchinson, `A stochastic estimator of the trace of the influence matrix for
+  Laplacian smoothing splines <https://doi.org/10.1080/03610918908812806>`_,
+  1989.
+
+  Bekas, Kokiopoulou, Saad, `An estimator for the diagonal of a matrix
+  <https://doi.org/10.1016/j.apnum.2007.01.003>`_, 2007.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "check_scalar_loss",
+    "hutchinson_diagonal",
+    "hvp",
+    "rademacher_like",
+    "value_grad_hvp",
+]
+
+
+def check_scalar_loss(value: Any, what: str = "value_fn") -> None:
+  """Raises ``TypeError`` unless ``value`` is a real floating scalar."""
+  shape = jnp.shape(value)
+  dtype = jnp.result_type(value)
+  if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{what} must return a real floating-point scalar loss, got shape {shape} and dtype "
+        f"{dtype}. Reduce the loss (e.g. .mean()) and, if it returns (loss, aux), wrap it: "
+        f"lambda p: f(p)[0]."
+    )
+
+
+def _checked(fn: Callable[[Any], jax.Array], what: str) -> Callable[[Any], jax.Array]:
+  def wrapped(params):
+    out = fn(params)
+    check_scalar_loss(out, what)
+    return out
+
+  return wrapped
+
+
+def rademacher_like(key: jax.Array, tree: Any) -> Any:
+  """Draws an independent Rademacher (±1) probe for every leaf of ``tree``.
+
+  Args:
+    key: A PRNG key.
+    tree: A pytree of arrays; the probe has its structure, shapes and dtypes.
+
+  Returns:
+    A pytree like ``tree`` of ``±1`` entries, one independent key per leaf.
+  """
+  keys = optax.tree.split_key_like(key, tree)
+  return jax.tree.map(
+      lambda k, x: jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)), keys, tree
+  )
+
+
+def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
+  """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse)."""
+  return jax.jvp(jax.grad(_checked(fn, "fn")), (params,), (tangents,))[1]
+
+
+def value_grad_hvp(
+    fn: Callable[[Any], jax.Array], params: Any, tangents: Any
+) -> tuple[jax.Array, Any, Any]:
+  """Loss, gradient and Hessian-vector product of ``fn`` in one pass.
+
+  Args:
+    fn: Scalar function of ``params``.
+    params: Point of evaluation.
+    tangents: Vector (pytree like ``params``) the Hessian is applied to.
+
+  Returns:
+    ``(value, grad, hvp)``.
+  """
+  (value, grad), (_, hz) = jax.jvp(
+      jax.value_and_grad(_checked(fn, "fn")), (params,), (tangents,)
+  )
+  return value, grad, hz
+
+
+def hutchinson_diagonal(
+    fn: Callable[[Any], jax.Array],
+    params: Any,
+    key: jax.Array,
+    n_samples: int = 1,
+) -> Any:
+  """Hutchinson's estimate of the Hessian diagonal of ``fn`` at ``params``.
+
+  The mean of ``z ⊙ Hz`` over ``n_samples`` Rademacher probes ``z``; unbiased,
+  with per-entry variance ``Σ_{j≠i} H_ij² / n_samples``.
+
+  Args:
+    fn: Scalar function of ``params`` (e.g. the loss on a batch).
+    params: Point of evaluation, a pytree of real floating arrays.
+    key: PRNG key. Probe ``s`` uses ``jax.random.split(key, n_samples)[s]``,
+      split again per leaf with :func:`rademacher_like`.
+    n_samples: Number of probes (the products are vectorised with ``vmap``).
+
+  Returns:
+    The signed estimate, a pytree like ``params``.
+  """
+  keys = jax.random.split(key, n_samples)
+
+  def one(k):
+    z = rademacher_like(k, params)
+    return jax.tree.map(jnp.multiply, z, hvp(fn, params, z))
+
+  if n_samples == 1:
+    return one(keys[0])
+  return jax.tree.map(lambda e: e.mean(axis=0), jax.vmap(one)(keys))
