@@ -2,19 +2,29 @@
 
 from adahessian_jax import hutchinson, spatial
 from adahessian_jax.alias import STATIC_ARGS, adahessian
+from adahessian_jax.fused import find_adahessian_state, value_grad_and_hessian_diag
 from adahessian_jax.hutchinson import hutchinson_diagonal, hvp, rademacher_like
-from adahessian_jax.transform import ScaleByAdaHessianState, scale_by_adahessian
+from adahessian_jax.transform import (
+  ScaleByAdaHessianState,
+  is_refresh_step,
+  probe_keys,
+  scale_by_adahessian,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "STATIC_ARGS",
-    "ScaleByAdaHessianState",
-    "adahessian",
-    "hutchinson",
-    "hutchinson_diagonal",
-    "hvp",
-    "rademacher_like",
-    "scale_by_adahessian",
-    "spatial",
+  "STATIC_ARGS",
+  "ScaleByAdaHessianState",
+  "adahessian",
+  "find_adahessian_state",
+  "hutchinson",
+  "hutchinson_diagonal",
+  "hvp",
+  "is_refresh_step",
+  "probe_keys",
+  "rademacher_like",
+  "scale_by_adahessian",
+  "spatial",
+  "value_grad_and_hessian_diag",
 ]

@@ -44,9 +44,9 @@ def positive_int(name: str, value: Any) -> int:
   """Returns ``value`` as an ``int`` if it is an integer >= 1, else raises ``ValueError``."""
   if isinstance(value, jax.core.Tracer):
     raise ValueError(
-        f"{name} sets array shapes and control flow, so it must be a concrete Python int, "
-        f"got a traced value. With optax.inject_hyperparams pass "
-        f"static_args=adahessian_jax.STATIC_ARGS."
+      f"{name} sets array shapes and control flow, so it must be a concrete Python int, "
+      f"got a traced value. With optax.inject_hyperparams pass "
+      f"static_args=adahessian_jax.STATIC_ARGS."
     )
   if isinstance(value, bool) or not isinstance(value, numbers.Integral | np.ndarray | jax.Array):
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")

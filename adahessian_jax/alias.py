@@ -16,33 +16,33 @@ __all__ = ["STATIC_ARGS", "adahessian"]
 #: Arguments of :func:`adahessian` that fix shapes, control flow or are
 #: callables; pass them as ``static_args`` to :func:`optax.inject_hyperparams`.
 STATIC_ARGS = (
-    "block_size",
-    "update_freq",
-    "n_samples",
-    "seed",
-    "averaging",
-    "weight_decay_mask",
-    "mu_dtype",
-    "nu_dtype",
+  "block_size",
+  "update_freq",
+  "n_samples",
+  "seed",
+  "averaging",
+  "weight_decay_mask",
+  "mu_dtype",
+  "nu_dtype",
 )
 
 
 def adahessian(
-    learning_rate: optax.ScalarOrSchedule = 0.15,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-4,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
-    hessian_power: jax.typing.ArrayLike = 1.0,
-    block_size: int = 1,
-    update_freq: int = 1,
-    n_samples: int = 1,
-    seed: int = 0,
-    axis_name: Any = None,
-    averaging: spatial.AveragingSpec = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.15,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-4,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  hessian_power: jax.typing.ArrayLike = 1.0,
+  block_size: int = 1,
+  update_freq: int = 1,
+  n_samples: int = 1,
+  seed: int = 0,
+  axis_name: Any = None,
+  averaging: spatial.AveragingSpec = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The AdaHessian optimizer (Yao et al., 2021) with decoupled weight decay.
 
@@ -89,20 +89,20 @@ def adahessian(
   """
   _validation.in_interval("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(
-      scale_by_adahessian(
-          b1=b1,
-          b2=b2,
-          eps=eps,
-          hessian_power=hessian_power,
-          block_size=block_size,
-          update_freq=update_freq,
-          n_samples=n_samples,
-          seed=seed,
-          axis_name=axis_name,
-          averaging=averaging,
-          mu_dtype=mu_dtype,
-          nu_dtype=nu_dtype,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_adahessian(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      hessian_power=hessian_power,
+      block_size=block_size,
+      update_freq=update_freq,
+      n_samples=n_samples,
+      seed=seed,
+      axis_name=axis_name,
+      averaging=averaging,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+    ),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import optax
 
 __all__ = [
-    "check_scalar_loss",
-    "hutchinson_diagonal",
-    "hvp",
-    "rademacher_like",
-    "value_grad_hvp",
+  "check_scalar_loss",
+  "hutchinson_diagonal",
+  "hvp",
+  "rademacher_like",
+  "value_grad_and_diagonal",
+  "value_grad_hvp",
 ]
 
 
@@ -41,16 +42,18 @@ def check_scalar_loss(value: Any, what: str = "value_fn") -> None:
   dtype = jnp.result_type(value)
   if shape != () or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f"{what} must return a real floating-point scalar loss, got shape {shape} and dtype "
-        f"{dtype}. Reduce the loss (e.g. .mean()) and, if it returns (loss, aux), wrap it: "
-        f"lambda p: f(p)[0]."
+      f"{what} must return a real floating-point scalar loss, got shape {shape} and dtype "
+      f"{dtype}. Reduce the loss (e.g. .mean()) and, if it returns (loss, aux), wrap it: "
+      f"lambda p: f(p)[0]."
     )
 
 
-def _checked(fn: Callable[[Any], jax.Array], what: str) -> Callable[[Any], jax.Array]:
+def _checked(fn: Callable[..., Any], what: str, has_aux: bool = False) -> Callable[..., Any]:
   def wrapped(params):
     out = fn(params)
-    check_scalar_loss(out, what)
+    if has_aux and not (isinstance(out, tuple | list) and len(out) == 2):
+      raise TypeError(f"{what} has has_aux=True, so it must return (loss, aux); got {out!r}.")
+    check_scalar_loss(out[0] if has_aux else out, what)
     return out
 
   return wrapped
@@ -68,7 +71,7 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
   """
   keys = optax.tree.split_key_like(key, tree)
   return jax.tree.map(
-      lambda k, x: jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)), keys, tree
+    lambda k, x: jax.random.rademacher(k, jnp.shape(x), jnp.result_type(x)), keys, tree
   )
 
 
@@ -78,29 +81,62 @@ def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
 
 
 def value_grad_hvp(
-    fn: Callable[[Any], jax.Array], params: Any, tangents: Any
-) -> tuple[jax.Array, Any, Any]:
-  """Loss, gradient and Hessian-vector product of ``fn`` in one pass.
+  fn: Callable[..., Any], params: Any, tangents: Any, has_aux: bool = False
+) -> tuple[Any, Any, Any]:
+  """Loss, gradient and Hessian-vector product of ``fn`` in one forward-over-reverse pass.
 
   Args:
-    fn: Scalar function of ``params``.
+    fn: Scalar function of ``params`` (returning ``(loss, aux)`` if ``has_aux``).
     params: Point of evaluation.
     tangents: Vector (pytree like ``params``) the Hessian is applied to.
+    has_aux: Whether ``fn`` returns ``(loss, aux)``.
 
   Returns:
-    ``(value, grad, hvp)``.
+    ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
   """
   (value, grad), (_, hz) = jax.jvp(
-      jax.value_and_grad(_checked(fn, "fn")), (params,), (tangents,)
+    jax.value_and_grad(_checked(fn, "fn", has_aux), has_aux=has_aux), (params,), (tangents,)
   )
   return value, grad, hz
 
 
+def value_grad_and_diagonal(
+  fn: Callable[..., Any], params: Any, keys: jax.Array, has_aux: bool = False
+) -> tuple[Any, Any, Any]:
+  """Loss, gradient and Hutchinson's diagonal estimate, all in one pass.
+
+  One Rademacher probe per key in ``keys`` (a 1-D array of PRNG keys, split
+  again per leaf by :func:`rademacher_like`). With several keys the products
+  are vectorised with ``vmap``; the loss and gradient, which do not depend on
+  the probe, are computed once.
+
+  Args:
+    fn: Scalar function of ``params`` (returning ``(loss, aux)`` if ``has_aux``).
+    params: Point of evaluation, a pytree of real floating arrays.
+    keys: 1-D array of PRNG keys, one per probe.
+    has_aux: Whether ``fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
+    over the probes, a pytree like ``params``.
+  """
+
+  def one(key):
+    z = rademacher_like(key, params)
+    value, grad, hz = value_grad_hvp(fn, params, z, has_aux)
+    return value, grad, jax.tree.map(jnp.multiply, z, hz)
+
+  if keys.shape[0] == 1:
+    return one(keys[0])
+  value, grad, estimates = jax.vmap(one, out_axes=(None, None, 0))(keys)
+  return value, grad, jax.tree.map(lambda e: e.mean(axis=0), estimates)
+
+
 def hutchinson_diagonal(
-    fn: Callable[[Any], jax.Array],
-    params: Any,
-    key: jax.Array,
-    n_samples: int = 1,
+  fn: Callable[[Any], jax.Array],
+  params: Any,
+  key: jax.Array,
+  n_samples: int = 1,
 ) -> Any:
   """Hutchinson's estimate of the Hessian diagonal of ``fn`` at ``params``.
 
@@ -117,12 +153,4 @@ def hutchinson_diagonal(
   Returns:
     The signed estimate, a pytree like ``params``.
   """
-  keys = jax.random.split(key, n_samples)
-
-  def one(k):
-    z = rademacher_like(k, params)
-    return jax.tree.map(jnp.multiply, z, hvp(fn, params, z))
-
-  if n_samples == 1:
-    return one(keys[0])
-  return jax.tree.map(lambda e: e.mean(axis=0), jax.vmap(one)(keys))
+  return value_grad_and_diagonal(fn, params, jax.random.split(key, n_samples))[2]

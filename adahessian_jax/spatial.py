@@ -45,13 +45,13 @@ import jax.numpy as jnp
 from adahessian_jax._validation import positive_int
 
 __all__ = [
-    "Rule",
-    "blocks",
-    "flax_default",
-    "mean_over",
-    "none",
-    "resolve_rules",
-    "apply_rules",
+  "Rule",
+  "blocks",
+  "flax_default",
+  "mean_over",
+  "none",
+  "resolve_rules",
+  "apply_rules",
 ]
 
 
@@ -69,7 +69,7 @@ class Rule(abc.ABC):
 def _normalize_axis(axis: int, ndim: int, where: str, rule: Rule) -> int:
   if not -ndim <= axis < ndim:
     raise ValueError(
-        f"{rule!r} averages over axis {axis}, but the leaf at {where} has rank {ndim}."
+      f"{rule!r} averages over axis {axis}, but the leaf at {where} has rank {ndim}."
     )
   return axis % ndim
 
@@ -235,8 +235,8 @@ def resolve_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) ->
         return default
       if not is_rule(rule):
         raise TypeError(
-            f"averaging callable returned {rule!r} for {jax.tree_util.keystr(path)}; "
-            "expected an adahessian_jax.spatial rule or None."
+          f"averaging callable returned {rule!r} for {jax.tree_util.keystr(path)}; "
+          "expected an adahessian_jax.spatial rule or None."
         )
       return rule
 
@@ -246,8 +246,8 @@ def resolve_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) ->
       rules = jax.tree.broadcast(averaging, params, is_leaf=is_rule)
     except (ValueError, TypeError) as e:
       raise ValueError(
-          "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
-          f"pytree prefix of params with rules as leaves; broadcasting failed: {e}"
+        "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
+        f"pytree prefix of params with rules as leaves; broadcasting failed: {e}"
       ) from e
     for r in jax.tree.leaves(rules, is_leaf=is_rule):
       if not is_rule(r):
@@ -263,4 +263,3 @@ def resolve_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) ->
 def apply_rules(rules: Any, tree: Any) -> Any:
   """Applies a tree of rules (from :func:`resolve_rules`) leaf by leaf."""
   return jax.tree.map(lambda rule, d: rule(d), rules, tree, is_leaf=lambda x: isinstance(x, Rule))
-

@@ -11,7 +11,7 @@ from optax._src import numerics, utils
 
 from adahessian_jax import _validation, hutchinson, spatial
 
-__all__ = ["ScaleByAdaHessianState", "scale_by_adahessian"]
+__all__ = ["ScaleByAdaHessianState", "is_refresh_step", "probe_keys", "scale_by_adahessian"]
 
 
 class ScaleByAdaHessianState(NamedTuple):
@@ -19,33 +19,51 @@ class ScaleByAdaHessianState(NamedTuple):
 
   Attributes:
     count: Number of updates applied so far, ``int32`` scalar.
-    key: Raw PRNG key data (``jax.random.key_data``), advanced once per Hessian
-      refresh; probes for a refresh are drawn from
-      :func:`probe_key` of this state.
+    key: Raw PRNG key data (``jax.random.key_data``), one key per probe, shape
+      ``(n_samples, key_size)``; each is split once per Hessian refresh.
     mu: First moment of the gradient.
     nu: Second moment of the spatially averaged Hessian diagonal ``D``.
     hessian: The last ``D``, reused between refreshes; ``None`` when
       ``update_freq == 1`` (then the state is Adam's plus ``count`` and ``key``).
+    update_freq: The refresh interval as an ``int32`` scalar when it is > 1,
+      else ``None``; read by :func:`adahessian_jax.value_grad_and_hessian_diag`
+      so that the fused path refreshes on exactly the transform's steps.
   """
 
   count: jax.Array
   key: jax.Array
   mu: optax.Updates
   nu: optax.Updates
-  hessian: optax.Updates | None
+  hessian: optax.Updates | None = None
+  update_freq: jax.Array | None = None
 
 
-def probe_key(state: ScaleByAdaHessianState) -> tuple[jax.Array, jax.Array]:
-  """Splits the state's key into ``(next_key_data, key_for_this_refresh's_probes)``."""
-  next_key, key = jax.random.split(jax.random.wrap_key_data(state.key))
-  return jax.random.key_data(next_key), key
+def probe_keys(state: ScaleByAdaHessianState) -> tuple[jax.Array, jax.Array]:
+  """The keys of this refresh's probes, and the state's key data for the next refresh.
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState`.
+
+  Returns:
+    ``(keys, next_key_data)``: a 1-D array of ``n_samples`` PRNG keys for the
+    probes, and the raw key data to store if this step refreshes.
+  """
+  pairs = jax.vmap(jax.random.split)(jax.random.wrap_key_data(state.key))
+  return pairs[:, 1], jax.random.key_data(pairs[:, 0])
 
 
-def is_refresh_step(count: jax.Array, update_freq: int) -> jax.Array | bool:
-  """Whether the update after ``count`` previous ones refreshes the Hessian (steps 1, 1+k, ...)."""
-  if update_freq == 1:
+def is_refresh_step(state: ScaleByAdaHessianState) -> jax.Array | bool:
+  """Whether the next update refreshes the Hessian (steps 1, 1+k, 1+2k, ...).
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState`.
+
+  Returns:
+    ``True`` when every step refreshes, else a boolean scalar array.
+  """
+  if state.update_freq is None:
     return True
-  return count % update_freq == 0
+  return state.count % state.update_freq == 0
 
 
 def _check_real_float_params(params: Any) -> None:
@@ -53,33 +71,33 @@ def _check_real_float_params(params: Any) -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"scale_by_adahessian needs real floating-point parameters, but the leaf at "
-          f"{jax.tree_util.keystr(path)} has dtype {dtype}. Exclude non-float leaves with "
-          f"optax.masked or optax.multi_transform."
+        f"scale_by_adahessian needs real floating-point parameters, but the leaf at "
+        f"{jax.tree_util.keystr(path)} has dtype {dtype}. Exclude non-float leaves with "
+        f"optax.masked or optax.multi_transform."
       )
 
   jax.tree_util.tree_map_with_path(check, params)
 
 
 _CALL_HINT = (
-    "Call tx.update(grads, opt_state, params, value_fn=lambda p: loss_fn(p, batch)) with the "
-    "loss on the current batch, or pass a precomputed estimate as hessian_diag=..."
+  "Call tx.update(grads, opt_state, params, value_fn=lambda p: loss_fn(p, batch)) with the "
+  "loss on the current batch, or pass a precomputed estimate as hessian_diag=..."
 )
 
 
 def scale_by_adahessian(
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-4,
-    hessian_power: jax.typing.ArrayLike = 1.0,
-    block_size: int = 1,
-    update_freq: int = 1,
-    n_samples: int = 1,
-    seed: int = 0,
-    axis_name: Any = None,
-    averaging: spatial.AveragingSpec = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-4,
+  hessian_power: jax.typing.ArrayLike = 1.0,
+  block_size: int = 1,
+  update_freq: int = 1,
+  n_samples: int = 1,
+  seed: int = 0,
+  axis_name: Any = None,
+  averaging: spatial.AveragingSpec = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdaHessian's preconditioner (Algorithm 1 of Yao et al.).
 
@@ -157,25 +175,27 @@ def scale_by_adahessian(
     _check_real_float_params(params)
     spatial.resolve_rules(averaging, params, block_size)  # fail early on a bad rule
     nu = optax.tree.zeros_like(params, dtype=nu_dtype)
+    lazy = update_freq > 1
     return ScaleByAdaHessianState(
-        count=jnp.zeros([], jnp.int32),
-        key=jax.random.key_data(jax.random.key(seed)),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=nu,
-        hessian=nu if update_freq > 1 else None,
+      count=jnp.zeros([], jnp.int32),
+      key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      nu=nu,
+      hessian=nu if lazy else None,
+      update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
 
-  def fresh_hessian(rules, params, value_fn, hessian_diag, key, like):
+  def fresh_hessian(rules, params, value_fn, hessian_diag, keys, like):
     if value_fn is not None:
       if params is None:
         raise ValueError("scale_by_adahessian needs params to evaluate value_fn at.")
-      estimate = hutchinson.hutchinson_diagonal(value_fn, params, key, n_samples)
+      estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys)[2]
     else:
       estimate = hessian_diag
       if jax.tree.structure(estimate) != jax.tree.structure(like):
         raise ValueError(
-            "hessian_diag must have the structure of params; got "
-            f"{jax.tree.structure(estimate)}, expected {jax.tree.structure(like)}."
+          "hessian_diag must have the structure of params; got "
+          f"{jax.tree.structure(estimate)}, expected {jax.tree.structure(like)}."
         )
     if axis_name is not None:
       estimate = jax.lax.pmean(estimate, axis_name)
@@ -186,23 +206,25 @@ def scale_by_adahessian(
     del extra_args
     if value_fn is not None and hessian_diag is not None:
       raise ValueError(
-          "scale_by_adahessian takes value_fn or hessian_diag, not both. " + _CALL_HINT
+        "scale_by_adahessian takes value_fn or hessian_diag, not both. " + _CALL_HINT
       )
     count = state.count
-    refresh = is_refresh_step(count, update_freq)
+    refresh = is_refresh_step(state)
     concrete = not isinstance(refresh, jax.core.Tracer)
-    if value_fn is None and hessian_diag is None and (
-        update_freq == 1 or not concrete or bool(refresh)
+    if (
+      value_fn is None
+      and hessian_diag is None
+      and (update_freq == 1 or not concrete or bool(refresh))
     ):
       raise ValueError(
-          "scale_by_adahessian needs the loss to estimate the Hessian on this step"
-          + (" (under jit every step may refresh it)" if update_freq > 1 else "")
-          + ". "
-          + _CALL_HINT
+        "scale_by_adahessian needs the loss to estimate the Hessian on this step"
+        + (" (under jit every step may refresh it)" if update_freq > 1 else "")
+        + ". "
+        + _CALL_HINT
       )
     rules = spatial.resolve_rules(averaging, updates, block_size)
-    next_key, key = probe_key(state)
-    compute = lambda: fresh_hessian(rules, params, value_fn, hessian_diag, key, state.nu)
+    keys, next_key = probe_keys(state)
+    compute = lambda: fresh_hessian(rules, params, value_fn, hessian_diag, keys, state.nu)
 
     if update_freq == 1:
       d, new_key, hessian = compute(), next_key, None
@@ -226,8 +248,12 @@ def scale_by_adahessian(
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
     return updates, ScaleByAdaHessianState(
-        count=count_inc, key=new_key, mu=mu, nu=nu, hessian=hessian
+      count=count_inc,
+      key=new_key,
+      mu=mu,
+      nu=nu,
+      hessian=hessian,
+      update_freq=state.update_freq,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
