@@ -24,6 +24,7 @@ STATIC_ARGS = (
   "weight_decay_mask",
   "mu_dtype",
   "nu_dtype",
+  "independent_probes",
 )
 
 
@@ -43,6 +44,7 @@ def adahessian(
   averaging: spatial.AveragingSpec = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
+  independent_probes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The AdaHessian optimizer (Yao et al., 2021) with decoupled weight decay.
 
@@ -79,6 +81,8 @@ def adahessian(
     averaging: Spatial-averaging rules (see :func:`scale_by_adahessian`).
     mu_dtype: dtype of the first moment.
     nu_dtype: dtype of the second moment and the stored Hessian diagonal.
+    independent_probes: With ``axis_name``, a different probe on every device
+      (lower variance, no longer the exact single-device result).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -102,6 +106,7 @@ def adahessian(
       averaging=averaging,
       mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
+      independent_probes=independent_probes,
     ),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
