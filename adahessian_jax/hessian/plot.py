@@ -1,0 +1,108 @@
+"""Matplotlib helpers for spectral densities and loss landscapes (optional dependency).
+
+Each helper draws on a given ``matplotlib.axes.Axes`` (or a new figure's) and
+returns the axes, so figures compose; matplotlib is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from adahessian_jax.hessian.density import SpectralDensity
+from adahessian_jax.hessian.landscape import Landscape1D, Landscape2D
+
+__all__ = ["plot_landscape_1d", "plot_landscape_2d", "plot_spectral_density"]
+
+
+def _axes(ax):
+  if ax is not None:
+    return ax
+  try:
+    import matplotlib.pyplot as plt
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+  return plt.figure().add_subplot()
+
+
+def plot_spectral_density(
+  density: SpectralDensity,
+  ax: Any = None,
+  *,
+  log: bool = True,
+  floor: float = 1e-8,
+  **line_kwargs: Any,
+) -> Any:
+  """Plots an eigenvalue density (log scale by default, as the bulk dwarfs the outliers).
+
+  Args:
+    density: A :class:`~adahessian_jax.hessian.SpectralDensity`.
+    ax: Axes to draw on (default: a new figure's).
+    log: Logarithmic density axis.
+    floor: Values below this are clipped (for the log scale).
+    **line_kwargs: Passed to ``ax.plot`` (``label=...``, ``color=...``).
+
+  Returns:
+    The axes.
+  """
+  ax = _axes(ax)
+  y = np.maximum(density.density, floor) if log else density.density
+  ax.plot(density.grid, y, **line_kwargs)
+  if log:
+    ax.set_yscale("log")
+  ax.set_xlabel("eigenvalue")
+  ax.set_ylabel("density")
+  return ax
+
+
+def plot_landscape_1d(landscape: Landscape1D, ax: Any = None, **line_kwargs: Any) -> Any:
+  """Plots ``loss(θ + α d)`` against ``α``.
+
+  Args:
+    landscape: A :class:`~adahessian_jax.hessian.Landscape1D`.
+    ax: Axes to draw on (default: a new figure's).
+    **line_kwargs: Passed to ``ax.plot``.
+
+  Returns:
+    The axes.
+  """
+  ax = _axes(ax)
+  ax.plot(landscape.alphas, landscape.losses, **line_kwargs)
+  ax.set_xlabel("step along direction")
+  ax.set_ylabel("loss")
+  return ax
+
+
+def plot_landscape_2d(
+  landscape: Landscape2D,
+  ax: Any = None,
+  *,
+  levels: int = 30,
+  log: bool = False,
+  colorbar: bool = True,
+  **contour_kwargs: Any,
+) -> Any:
+  """Contour plot of ``loss(θ + α d₁ + β d₂)``.
+
+  Args:
+    landscape: A :class:`~adahessian_jax.hessian.Landscape2D`.
+    ax: Axes to draw on (default: a new figure's).
+    levels: Number of contour levels.
+    log: Contour ``log10(loss)`` instead of the loss.
+    colorbar: Whether to add a colour bar.
+    **contour_kwargs: Passed to ``ax.contourf``.
+
+  Returns:
+    The axes.
+  """
+  ax = _axes(ax)
+  z = np.log10(np.maximum(landscape.losses, 1e-300)) if log else landscape.losses
+  cs = ax.contourf(landscape.alphas, landscape.betas, z.T, levels=levels, **contour_kwargs)
+  ax.contour(landscape.alphas, landscape.betas, z.T, levels=levels, colors="k", linewidths=0.3)
+  ax.plot([0], [0], "w+", markersize=10)
+  ax.set_xlabel("direction 1")
+  ax.set_ylabel("direction 2")
+  if colorbar:
+    ax.figure.colorbar(cs, ax=ax, label="log10 loss" if log else "loss")
+  return ax
