@@ -28,7 +28,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
-from adahessian_jax.hutchinson import hutchinson_diagonal
+from adahessian_jax.hutchinson import value_grad_and_diagonal
 
 __all__ = ["DiagonalEstimate", "hutchinson_diag", "xdiag"]
 
@@ -54,7 +54,9 @@ class DiagonalEstimate(NamedTuple):
 @functools.partial(jax.jit, static_argnums=0)
 def _diag_samples(loss_fn, params, batch, keys):
   def one(k):
-    est = hutchinson_diagonal(lambda p: loss_fn(p, batch), params, k)
+    # One probe, rademacher_like(k, params): the optimizer's estimator, exactly
+    # as hutchinson_diagonal(..., key, n_samples) draws its probe for split key k.
+    est = value_grad_and_diagonal(lambda p: loss_fn(p, batch), params, k[None])[2]
     return ravel_pytree(est)[0]
 
   return jax.vmap(one)(keys)
@@ -63,9 +65,12 @@ def _diag_samples(loss_fn, params, batch, keys):
 def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
   """Single-probe diagonal estimates ``z_i ⊙ H z_i``, one row per key, shape ``(b, n)``.
 
-  Calls :func:`adahessian_jax.hutchinson.hutchinson_diagonal` on every batch
-  with the same key (hence the same probe) and weights the results, so each
-  row is a one-probe estimate of the full-data diagonal.
+  Calls the optimizer's estimator
+  (:func:`adahessian_jax.hutchinson.value_grad_and_diagonal`, the engine of
+  :func:`~adahessian_jax.hutchinson.hutchinson_diagonal`) on every batch with
+  the same key (hence the same probe ``rademacher_like(key, params)``) and
+  weights the results, so each row is a one-probe estimate of the full-data
+  diagonal.
   """
   if op.per_batch_loss is None:
     raise ValueError("diagonal estimates need an operator from hessian_operator(), not a block")
@@ -88,7 +93,7 @@ def hutchinson_diag(
   Args:
     op: The Hessian operator (not a block).
     key: PRNG key; sample ``i`` uses ``jax.random.split(key, num_samples)[i]``,
-      as ``hutchinson_diagonal(..., key=k)`` would.
+      so the mean equals ``hutchinson_diagonal(fn, params, key, num_samples)``.
     num_samples: Number of probes (at least 2, for the standard error).
     block_size: Probes per vectorised call.
 

@@ -1,0 +1,53 @@
+"""Tests of adahessian_jax.hessian.density (stochastic Lanczos quadrature)."""
+
+import jax
+import numpy as np
+import pytest
+from hessian_problems import mlp, mlp_hessian, mlp_loss, quadratic, quadratic_loss
+
+from adahessian_jax import hessian
+
+
+@pytest.fixture(scope="module")
+def op():
+  params, batch = mlp()
+  return hessian.hessian_operator(mlp_loss, params, batch)
+
+
+def test_density_integrates_to_one_and_matches_dense_moments(op):
+  h = mlp_hessian()
+  n, p = h.shape[0], 100
+  sd = hessian.spectral_density(op, jax.random.key(0), num_probes=p, num_steps=20)
+  assert sd.nodes.shape == (p, 20) and sd.num_matvecs == p * 20
+  np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, rtol=1e-12)
+  g, rho = sd.grid, sd.density
+  assert np.trapezoid(rho, g) == pytest.approx(1.0, abs=1e-6)
+  m1 = np.trapezoid(g * rho, g)
+  m2 = np.trapezoid(g**2 * rho, g) - sd.sigma**2  # smoothing adds σ² to the second moment
+  assert m1 == pytest.approx(sd.moment(1), abs=1e-6)
+  assert m2 == pytest.approx(sd.moment(2), abs=1e-6)
+  # Monte-Carlo error of vᵀAv with v = z/√n: var = 2(‖A‖²_F − Σ A_ii²)/n².
+  for got, a in [(m1, h), (m2, h @ h)]:
+    se = np.sqrt(2 * (np.sum(a**2) - np.sum(np.diag(a) ** 2)) / n**2 / p)
+    assert abs(got - np.trace(a) / n) < 4 * se, (got, np.trace(a) / n, se)
+
+
+def test_first_moment_is_hutchinson_with_the_same_probes(op):
+  key = jax.random.key(2)
+  sd = hessian.spectral_density(op, key, num_probes=8, num_steps=10)
+  tr = hessian.hutchinson_trace(op, key, min_samples=8, max_samples=8, block_size=8)
+  assert sd.moment(1) == pytest.approx(tr.trace / op.size, rel=1e-10)
+
+
+def test_few_distinct_eigenvalues_are_found_exactly():
+  ev = np.repeat([1.0, 2.0, 5.0], [10, 20, 30])
+  params, a = quadratic(ev)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  sd = hessian.spectral_density(op, jax.random.key(0), num_probes=40, num_steps=10, sigma=0.05)
+  live = sd.nodes[sd.weights > 1e-12]
+  assert np.min(np.abs(live[:, None] - np.array([1.0, 2.0, 5.0])), axis=1).max() < 1e-10
+  for value, frac in [(1.0, 1 / 6), (2.0, 1 / 3), (5.0, 1 / 2)]:
+    mass = np.mean(np.sum(sd.weights * np.isclose(sd.nodes, value), axis=1))
+    assert mass == pytest.approx(frac, abs=0.06)
+  assert np.trapezoid(sd.density, sd.grid) == pytest.approx(1.0, abs=1e-6)
+  assert sd.grid[np.argmax(sd.density)] == pytest.approx(5.0, abs=0.05)

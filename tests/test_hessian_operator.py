@@ -1,0 +1,117 @@
+"""Tests of adahessian_jax.hessian._operator: the flat Hessian operator over batches."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hessian_problems import dense_hessian, mlp, mlp_hessian, mlp_loss
+
+from adahessian_jax import hessian, hutchinson
+
+
+def _dense(op):
+  return np.asarray(op.matmat(jnp.eye(op.size, dtype=op.dtype)))
+
+
+def test_single_batch_equals_dense_hessian():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  assert op.size == 75 and op.num_batches == 1
+  np.testing.assert_allclose(_dense(op), mlp_hessian(), atol=1e-13)
+  v = jnp.asarray(np.random.default_rng(1).normal(size=75))
+  np.testing.assert_allclose(op.matvec(v), mlp_hessian() @ np.asarray(v), atol=1e-13)
+  assert float(op.loss()) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
+
+
+def test_full_data_mode_equals_dense_hessian_of_full_data_loss():
+  params, (x, y) = mlp()
+  cuts = [0, 7, 20, 33, 40]  # unequal batch sizes: the weighting matters
+  batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+  op = hessian.hessian_operator(mlp_loss, params, batches=batches)
+  assert op.num_batches == 4
+  np.testing.assert_allclose(_dense(op), mlp_hessian(), atol=1e-13)
+  assert float(op.loss()) == pytest.approx(float(mlp_loss(params, (x, y))), rel=1e-14)
+  # An unweighted average of the batch Hessians would differ.
+  unweighted = np.mean([dense_hessian(mlp_loss, params, b) for b in batches], axis=0)
+  assert np.abs(unweighted - mlp_hessian()).max() > 1e-3
+  # A one-shot iterator is read once and gives the same operator.
+  op_iter = hessian.hessian_operator(mlp_loss, params, batches=iter(batches))
+  np.testing.assert_allclose(_dense(op_iter), mlp_hessian(), atol=1e-13)
+
+
+def test_explicit_batch_sizes_weight_the_batches():
+  params, (x, y) = mlp()
+  b1, b2 = (x[:20], y[:20]), (x[20:], y[20:])
+  op = hessian.hessian_operator(mlp_loss, params, batches=[b1, b2], batch_sizes=[1, 3])
+  want = 0.25 * dense_hessian(mlp_loss, params, b1) + 0.75 * dense_hessian(mlp_loss, params, b2)
+  np.testing.assert_allclose(_dense(op), want, atol=1e-13)
+
+
+def test_block_is_the_diagonal_block_of_a_leaf():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  assert op.leaf_names == ("hidden/bias", "hidden/kernel", "out/bias", "out/kernel")
+  sl = op.leaf_slices[1]
+  blk = op.block("hidden/kernel")
+  assert blk.size == 40
+  np.testing.assert_allclose(_dense(blk), mlp_hessian()[sl, sl], atol=1e-13)
+
+
+def test_probes_are_the_optimizers_probes():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  key = jax.random.key(3)
+  z = op.rademacher(key, 4)
+  want = op.ravel(hutchinson.rademacher_like(jax.random.split(key, 4)[2], params))
+  np.testing.assert_array_equal(z[2], want)
+  assert set(np.unique(np.asarray(z))) == {-1.0, 1.0}
+
+
+def test_bad_arguments_raise():
+  params, batch = mlp()
+  with pytest.raises(ValueError, match="exactly one"):
+    hessian.hessian_operator(mlp_loss, params, batch, batches=[batch])
+  with pytest.raises(ValueError, match="exactly one"):
+    hessian.hessian_operator(mlp_loss, params)
+  with pytest.raises(ValueError, match="batch_sizes"):
+    hessian.hessian_operator(mlp_loss, params, batches=[batch], batch_sizes=[1, 2])
+  with pytest.raises(TypeError, match="scalar"):
+    hessian.hessian_operator(lambda p, b: mlp_loss(p, b) * jnp.ones(2), params, batch)
+
+
+_SHARDED = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np
+  jax.config.update("jax_enable_x64", True)
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from hessian_problems import mlp, mlp_loss, mlp_hessian
+  from adahessian_jax import hessian
+  assert jax.device_count() == 2, jax.devices()
+  params, batch = mlp()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  op = hessian.hessian_operator(mlp_loss, params, sharded)
+  h = np.asarray(op.matmat(jnp.eye(op.size)))
+  print("ERR", np.abs(h - mlp_hessian()).max())
+  """
+)
+
+
+def test_batch_sharded_over_devices_gives_the_same_products():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", _SHARDED],
+    cwd=os.path.dirname(__file__),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  err = float(out.stdout.split("ERR")[1])
+  assert err < 1e-12
