@@ -38,6 +38,11 @@ __all__ = [
 
 def check_scalar_loss(value: Any, what: str = "value_fn") -> None:
   """Raises ``TypeError`` unless ``value`` is a real floating scalar."""
+  if not hasattr(value, "shape") and not isinstance(value, float | int):
+    raise TypeError(
+      f"{what} must return a real floating-point scalar loss, got {type(value).__name__}. "
+      "If it returns (loss, aux), wrap it: lambda p: f(p)[0]."
+    )
   shape = jnp.shape(value)
   dtype = jnp.result_type(value)
   if shape != () or not jnp.issubdtype(dtype, jnp.floating):

@@ -96,7 +96,7 @@ class BlockMean(Rule):
     _normalize_axis(self.axis, len(shape), where, self)
 
   def __call__(self, d):
-    if self.block_size == 1 or d.ndim == 0:
+    if self.block_size == 1 or d.ndim == 0 or d.size == 0:
       return d
     axis = self.axis % d.ndim
     x = jnp.moveaxis(d, axis, 0)

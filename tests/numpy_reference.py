@@ -1,0 +1,72 @@
+"""A plain-NumPy transcription of AdaHessian (Algorithm 1 of Yao et al. 2021)
+and the official PyTorch code's decoupled weight decay, written independently
+of the library (no JAX), used as the reference in the tests.
+
+Per step t (from 1), for every parameter array p with gradient g and raw
+Hutchinson estimate e (z ⊙ Hz, averaged over probes):
+  D = spatial_average(|e|)             (on refresh steps; else the last D)
+  m = b1 m + (1 - b1) g
+  v = b2 v + (1 - b2) D²
+  denom = (v / (1 - b2^t)) ** (k / 2) + eps
+  p = p - lr_t * ((m / (1 - b1^t)) / denom + wd * p)
+"""
+
+import numpy as np
+
+
+def block_average(d, block_size, axis=0):
+  """Mean over blocks of consecutive entries along `axis`; a short last block
+  is averaged over its own members. Written with an explicit loop."""
+  d = np.moveaxis(np.array(d, dtype=np.float64), axis, 0)
+  out = np.empty_like(d)
+  for start in range(0, d.shape[0], block_size):
+    block = d[start : start + block_size]
+    out[start : start + block_size] = block.mean(axis=0)
+  return np.moveaxis(out, 0, axis)
+
+
+def flax_spatial_average(d, block_size):
+  """The default rule on Flax layouts: 1-D none, 2-D (in, out) blocks along
+  inputs, conv (*spatial, in, out) mean over the spatial positions."""
+  d = np.asarray(d, dtype=np.float64)
+  if d.ndim <= 1:
+    return d.copy()
+  if d.ndim == 2:
+    return block_average(d, block_size, axis=0)
+  spatial = tuple(range(d.ndim - 2))
+  return np.broadcast_to(d.mean(axis=spatial, keepdims=True), d.shape).copy()
+
+
+class AdaHessianReference:
+  """The reference optimizer on a dict of NumPy arrays (flat: name -> array)."""
+
+  def __init__(
+    self, params, lr, b1=0.9, b2=0.999, eps=1e-4, wd=0.0, k=1.0, block_size=1, update_freq=1
+  ):
+    self.p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
+    self.m = {n: np.zeros_like(v) for n, v in self.p.items()}
+    self.v = {n: np.zeros_like(v) for n, v in self.p.items()}
+    self.d = {n: np.zeros_like(v) for n, v in self.p.items()}
+    self.lr, self.b1, self.b2, self.eps, self.wd, self.k = lr, b1, b2, eps, wd, k
+    self.block_size, self.update_freq = block_size, update_freq
+    self.t = 0
+
+  def refreshes(self):
+    """Whether the next step recomputes D (steps 1, 1+k, 1+2k, ...)."""
+    return self.t % self.update_freq == 0
+
+  def step(self, grads, estimate):
+    lr = self.lr(self.t) if callable(self.lr) else self.lr
+    refresh = self.refreshes()
+    self.t += 1
+    t = self.t
+    for n in self.p:
+      if refresh:
+        self.d[n] = flax_spatial_average(np.abs(estimate[n]), self.block_size)
+      g = np.asarray(grads[n], dtype=np.float64)
+      self.m[n] = self.b1 * self.m[n] + (1 - self.b1) * g
+      self.v[n] = self.b2 * self.v[n] + (1 - self.b2) * self.d[n] ** 2
+      m_hat = self.m[n] / (1 - self.b1**t)
+      denom = (self.v[n] / (1 - self.b2**t)) ** (self.k / 2) + self.eps
+      self.p[n] = self.p[n] - lr * (m_hat / denom + self.wd * self.p[n])
+    return self.p

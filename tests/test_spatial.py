@@ -1,0 +1,137 @@
+"""Spatial averaging rules against NumPy loops, on Flax layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from numpy_reference import block_average
+
+import adahessian_jax as ah
+from adahessian_jax import spatial
+
+
+def test_conv_kernel_mean_over_spatial_axes(rng):
+  d = rng.random((3, 3, 4, 5))  # Flax Conv kernel (kh, kw, in, out)
+  got = spatial.flax_default(block_size=8)(jnp.asarray(d))
+  want = np.broadcast_to(d.mean(axis=(0, 1), keepdims=True), d.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-14)
+  # Not over the channel axes (the defect of other JAX ports).
+  assert not np.allclose(got, np.broadcast_to(d.mean(axis=(2, 3), keepdims=True), d.shape))
+
+
+@pytest.mark.parametrize("n,block", [(10, 3), (7, 7), (5, 8), (12, 4), (1, 2), (9, 1)])
+def test_block_average_with_remainder(rng, n, block):
+  d = rng.random((n, 3))
+  got = spatial.blocks(block)(jnp.asarray(d))
+  np.testing.assert_allclose(got, block_average(d, block, axis=0), rtol=1e-14)
+  # Explicit check of the short last block on (10, 3) with block 3: rows 9..9.
+  if (n, block) == (10, 3):
+    np.testing.assert_allclose(got[9], d[9])
+    np.testing.assert_allclose(got[6], d[6:9].mean(axis=0))
+
+
+def test_block_average_other_axis(rng):
+  d = rng.random((4, 10, 2))
+  got = spatial.blocks(4, axis=1)(jnp.asarray(d))
+  np.testing.assert_allclose(got, block_average(d, 4, axis=1), rtol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (6, 4), (3, 4, 5), (2, 3, 4, 5), (2, 2, 3, 4, 5)])
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_default_rule_every_rank(rng, shape, block_size):
+  d = rng.random(shape)
+  got = np.asarray(spatial.flax_default(block_size)(jnp.asarray(d)))
+  assert got.shape == d.shape
+  if len(shape) <= 1:
+    want = d
+  elif len(shape) == 2:
+    want = block_average(d, block_size, axis=0)
+  else:
+    axes = tuple(range(len(shape) - 2))
+    want = np.broadcast_to(d.mean(axis=axes, keepdims=True), d.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-14)
+  # Averaging preserves the total (it is a mean over groups).
+  np.testing.assert_allclose(got.sum(), d.sum(), rtol=1e-12)
+
+
+def test_zero_size_leaf_does_not_crash():
+  for shape in [(0,), (0, 3), (3, 0), (2, 2, 0, 4)]:
+    d = jnp.zeros(shape)
+    assert spatial.flax_default(4)(d).shape == shape
+
+
+def test_resolve_rules_prefix_callable_and_single(rng):
+  params = {
+    "attn": {"query": {"kernel": jnp.zeros((8, 2, 4))}},
+    "conv": {"kernel": jnp.zeros((3, 8, 4))},
+    "dense": {"kernel": jnp.zeros((6, 3)), "bias": jnp.zeros(3)},
+  }
+  # Default: rank 3 treated as a 1-D convolution kernel.
+  rules = spatial.resolve_rules(None, params, block_size=2)
+  assert isinstance(rules["attn"]["query"]["kernel"], spatial.FlaxDefault)
+
+  # A pytree prefix: the whole attention subtree gets blocks along axis 0.
+  prefix = {
+    "attn": spatial.blocks(4, axis=0),
+    "conv": spatial.flax_default(),
+    "dense": spatial.none(),
+  }
+  rules = spatial.resolve_rules(prefix, params)
+  assert rules["attn"]["query"]["kernel"] == spatial.blocks(4, axis=0)
+  assert rules["dense"]["kernel"] == spatial.none()
+
+  # A callable on (path, leaf); None means the default.
+  def by_path(path, leaf):
+    return spatial.blocks(4) if "attn" in jax.tree_util.keystr(path) else None
+
+  rules = spatial.resolve_rules(by_path, params, block_size=2)
+  assert rules["attn"]["query"]["kernel"] == spatial.blocks(4)
+  assert rules["dense"]["kernel"] == spatial.flax_default(2)
+
+  # A single rule for everything.
+  rules = spatial.resolve_rules(spatial.none(), params)
+  leaves = jax.tree.leaves(rules, is_leaf=lambda x: isinstance(x, spatial.Rule))
+  assert len(leaves) == 4 and all(r == spatial.none() for r in leaves)
+
+
+def test_override_changes_the_optimizer_update(rng):
+  kernel = jnp.asarray(rng.normal(size=(8, 2, 4)))
+  params = {"q": kernel}
+  est = {"q": jnp.asarray(rng.normal(size=(8, 2, 4)))}
+  grads = {"q": jnp.ones((8, 2, 4))}
+
+  def first_update(tx):
+    u, _ = tx.update(grads, tx.init(params), params, hessian_diag=est)
+    return np.asarray(u["q"])
+
+  d = np.abs(np.asarray(est["q"]))
+  # step 1: update = g / (D + eps) with D the averaged |estimate| (b1, b2 bias-corrected away)
+  default = first_update(ah.scale_by_adahessian())
+  conv_mean = np.broadcast_to(d.mean(0, keepdims=True), d.shape)
+  np.testing.assert_allclose(default, 1 / (conv_mean + 1e-4))
+  override = first_update(ah.scale_by_adahessian(averaging={"q": spatial.blocks(4, axis=0)}))
+  np.testing.assert_allclose(override, 1 / (block_average(d, 4, axis=0) + 1e-4))
+  by_fn = first_update(ah.scale_by_adahessian(averaging=lambda path, leaf: spatial.none()))
+  np.testing.assert_allclose(by_fn, 1 / (d + 1e-4))
+
+
+def test_bad_rules_fail_at_init():
+  params = {"w": jnp.zeros((4, 3))}
+  with pytest.raises(ValueError, match=r"axis 2.*\['w'\].*rank 2"):
+    ah.scale_by_adahessian(averaging=spatial.blocks(2, axis=2)).init(params)
+  with pytest.raises(ValueError, match="rank 2"):
+    ah.scale_by_adahessian(averaging=spatial.mean_over((0, 5))).init(params)
+  with pytest.raises(TypeError, match="spatial rule"):
+    ah.scale_by_adahessian(averaging=lambda path, leaf: "blocks").init(params)
+  with pytest.raises(ValueError, match="prefix"):
+    ah.scale_by_adahessian(averaging={"v": spatial.none()}).init(params)
+  with pytest.raises(ValueError, match="block_size"):
+    spatial.blocks(0)
+
+
+def test_rules_work_under_jit_and_vmap(rng):
+  d = jnp.asarray(rng.random((3, 3, 2, 4)))
+  rule = spatial.flax_default(2)
+  np.testing.assert_allclose(jax.jit(rule)(d), rule(d), rtol=1e-14)
+  assert optax.tree.norm(jax.vmap(rule)(jnp.stack([d, d]))) > 0

@@ -1,0 +1,359 @@
+"""scale_by_adahessian / adahessian against an independent NumPy transcription."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_trees_allclose, make_cnn_problem, make_mlp_problem
+from jax.flatten_util import ravel_pytree
+from numpy_reference import AdaHessianReference
+
+import adahessian_jax as ah
+
+
+def named(tree):
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(p): np.asarray(v, dtype=np.float64) for p, v in leaves}
+
+
+def dense_hessian(loss_fn, params, batch):
+  flat, unravel = ravel_pytree(params)
+  h = jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+  return np.asarray(h), unravel
+
+
+def estimate_from_probes(h, unravel, probes):
+  """mean over probes of z ⊙ (H z), with the dense Hessian, in NumPy."""
+  total = 0.0
+  for z in probes:
+    zf = np.asarray(ravel_pytree(z)[0])
+    total = total + zf * (h @ zf)
+  return unravel(jnp.asarray(total / len(probes)))
+
+
+CASES = [
+  # name, problem, hyperparameters, route
+  ("mlp-k1-wd0", "mlp", dict(hessian_power=1.0, weight_decay=0.0), "diag"),
+  ("mlp-k0.5-wd", "mlp", dict(hessian_power=0.5, weight_decay=0.02), "diag"),
+  ("mlp-freq2", "mlp", dict(update_freq=2), "diag"),
+  ("mlp-n2-closure", "mlp", dict(n_samples=2), "closure"),
+  ("mlp-freq3-closure", "mlp", dict(update_freq=3, weight_decay=0.01), "closure"),
+  ("cnn-k1-wd0", "cnn", dict(hessian_power=1.0, block_size=5), "diag"),
+  ("cnn-k0.5-wd", "cnn", dict(hessian_power=0.5, weight_decay=0.02, block_size=5), "diag"),
+  ("cnn-freq2", "cnn", dict(update_freq=2, block_size=5), "diag"),
+  ("cnn-n2-closure", "cnn", dict(n_samples=2, block_size=5), "closure"),
+]
+
+
+@pytest.mark.parametrize("name,problem,hp,route", CASES, ids=[c[0] for c in CASES])
+def test_trajectory_matches_numpy_reference(name, problem, hp, route):
+  params, loss_fn, batch = make_mlp_problem() if problem == "mlp" else make_cnn_problem()
+  lr, b1, b2, eps = 0.05, 0.9, 0.99, 1e-4
+  hp = dict(hp)
+  n_samples = hp.pop("n_samples", 1)
+  wd = hp.pop("weight_decay", 0.0)
+  ref = AdaHessianReference(
+    named(params),
+    lr,
+    b1,
+    b2,
+    eps,
+    wd=wd,
+    k=hp.get("hessian_power", 1.0),
+    block_size=hp.get("block_size", 1),
+    update_freq=hp.get("update_freq", 1),
+  )
+  tx = ah.adahessian(lr, b1, b2, eps, weight_decay=wd, n_samples=n_samples, seed=3, **hp)
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+
+  @jax.jit
+  def step_diag(params, state, hdiag):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    return optax.apply_updates(params, updates), state, grads
+
+  @jax.jit
+  def step_closure(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state, grads
+
+  for _ in range(6):
+    h, unravel = dense_hessian(loss_fn, params, batch)
+    if route == "diag":
+      # Our own probes, in NumPy; on steps that do not refresh, pass garbage
+      # to check it is ignored.
+      probes = [
+        unravel(jnp.asarray(rng.choice([-1.0, 1.0], size=h.shape[0]))) for _ in range(n_samples)
+      ]
+      est = estimate_from_probes(h, unravel, probes)
+      passed = est if ref.refreshes() else jax.tree.map(lambda e: e * 0 + 1e6, est)
+      params, state, grads = step_diag(params, state, passed)
+    else:
+      # The transform's own probes, recovered through the public API.
+      keys, _ = ah.probe_keys(ah.find_adahessian_state(state))
+      est = estimate_from_probes(h, unravel, [ah.rademacher_like(k, params) for k in keys])
+      params, state, grads = step_closure(params, state)
+    expected = ref.step(named(grads), named(est))
+    got = named(params)
+    for key in expected:
+      np.testing.assert_allclose(got[key], expected[key], rtol=1e-10, atol=1e-13, err_msg=key)
+
+
+def test_schedule_and_inject_hyperparams_match_reference(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  # optax calls schedules with an int32 count; optax.linear_schedule then computes
+  # in float32 (and jit rounds differently from eager), so use a float64 schedule.
+  schedule = lambda count: 0.1 / (1.0 + 0.5 * jnp.asarray(count, jnp.float64))
+  ref = AdaHessianReference(named(params), lambda t: 0.1 / (1.0 + 0.5 * t), wd=0.01)
+  tx = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)(
+    learning_rate=schedule, weight_decay=0.01, update_freq=2
+  )
+  ref.update_freq = 2
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state, grads
+
+  for i in range(5):
+    h, unravel = dense_hessian(loss_fn, params, batch)
+    keys, _ = ah.probe_keys(ah.find_adahessian_state(state))
+    est = estimate_from_probes(h, unravel, [ah.rademacher_like(k, params) for k in keys])
+    params, state, grads = step(params, state)
+    expected = ref.step(named(grads), named(est))
+    for key, val in named(params).items():
+      msg = f"step {i + 1} {key}"
+      np.testing.assert_allclose(val, expected[key], rtol=1e-10, atol=1e-13, err_msg=msg)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(schedule(4)))
+
+
+def _run(tx, params, loss_fn, batch, steps, jit=True):
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step) if jit else step
+  state = tx.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+@pytest.mark.parametrize("update_freq", [1, 3])
+def test_jit_equals_no_jit(mlp_problem, update_freq):
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.05, update_freq=update_freq, n_samples=2)
+  p_jit, s_jit = _run(tx, params, loss_fn, batch, 5, jit=True)
+  p_eager, s_eager = _run(tx, params, loss_fn, batch, 5, jit=False)
+  assert_trees_allclose((p_jit, s_jit), (p_eager, s_eager), rtol=1e-12, atol=1e-14)
+
+
+def test_same_seed_identical_different_seed_differs(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  a, _ = _run(ah.adahessian(0.05, seed=7), params, loss_fn, batch, 3)
+  b, _ = _run(ah.adahessian(0.05, seed=7), params, loss_fn, batch, 3)
+  c, _ = _run(ah.adahessian(0.05, seed=8), params, loss_fn, batch, 3)
+  assert_trees_allclose(a, b, rtol=0.0)
+  diff = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, c)
+  assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_probes_differ_across_leaves_and_steps():
+  params = {"a": jnp.zeros(64), "b": jnp.zeros(64)}
+  tx = ah.scale_by_adahessian(update_freq=1)
+  state = tx.init(params)
+  keys, _ = ah.probe_keys(state)
+  z1 = ah.rademacher_like(keys[0], params)
+  assert not np.array_equal(z1["a"], z1["b"])
+  # After one update the key has advanced: the next probes differ.
+  _, state = tx.update(params, state, params, hessian_diag=params)
+  keys2, _ = ah.probe_keys(state)
+  z2 = ah.rademacher_like(keys2[0], params)
+  assert not np.array_equal(z1["a"], z2["a"])
+  # With update_freq=2 the key advances only on refresh steps.
+  tx2 = ah.scale_by_adahessian(update_freq=2)
+  s = tx2.init(params)
+  k0 = np.asarray(s.key)
+  _, s = tx2.update(params, s, params, hessian_diag=params)
+  k1 = np.asarray(s.key)
+  _, s = tx2.update(params, s, params, hessian_diag=params)
+  assert not np.array_equal(k0, k1) and np.array_equal(k1, np.asarray(s.key))
+  # Probe samples within one refresh are independent too.
+  s3 = ah.scale_by_adahessian(n_samples=3).init(params)
+  ks, _ = ah.probe_keys(s3)
+  zs = [np.asarray(ah.rademacher_like(k, params)["a"]) for k in ks]
+  assert not np.array_equal(zs[0], zs[1]) and not np.array_equal(zs[1], zs[2])
+
+
+def test_lazy_hessian_runs_hvp_only_on_refresh_steps(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  calls = []
+
+  def counted(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return loss_fn(p, batch)
+
+  tx = ah.adahessian(0.05, update_freq=3)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=counted)
+    return optax.apply_updates(params, updates), state
+
+  counts = []
+  for _ in range(7):
+    params, state = step(params, state)
+    jax.effects_barrier()
+    counts.append(len(calls))
+  # Refreshes at steps 1, 4, 7 only.
+  assert counts == [1, 1, 1, 2, 2, 2, 3]
+  # And the compiled step contains a conditional around the product.
+  hlo = jax.jit(step).lower(params, state).as_text()
+  assert "conditional" in hlo or "case" in hlo
+
+
+def test_update_freq_one_has_no_cond_and_adam_sized_state(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = ah.scale_by_adahessian()
+  state = tx.init(params)
+  assert state.hessian is None and state.update_freq is None
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_state = sum(x.size for x in jax.tree.leaves(state))
+  adam_state = sum(x.size for x in jax.tree.leaves(optax.scale_by_adam().init(params)))
+  assert n_state == 2 * n_params + 1 + 2  # mu, nu, count, one key
+  assert adam_state == 2 * n_params + 1
+  jaxpr = jax.make_jaxpr(lambda p, s: tx.update(p, s, p, value_fn=lambda q: loss_fn(q, batch)))(
+    params, state
+  )
+  assert "cond" not in str(jaxpr)
+
+
+def test_inside_chain_with_extra_args(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  lr = 0.05
+  chained = optax.chain(
+    optax.clip_by_global_norm(10.0),
+    ah.scale_by_adahessian(),
+    optax.add_decayed_weights(0.01),
+    optax.scale_by_learning_rate(lr),
+  )
+  alias = ah.adahessian(lr, weight_decay=0.01)
+
+  def run(tx):
+    state = tx.init(params)
+    p = params
+    for _ in range(3):
+      g = jax.grad(loss_fn)(p, batch)
+      u, state = tx.update(g, state, p, value_fn=lambda q: loss_fn(q, batch), unused=123)
+      p = optax.apply_updates(p, u)
+    return p
+
+  assert_trees_allclose(run(chained), run(alias))  # the clip never triggers at 10.0
+
+
+def test_float32_params_keep_float32_state_and_updates():
+  params = {"w": jnp.ones((3, 2), jnp.float32)}
+  tx = ah.adahessian(0.1, update_freq=2, mu_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2)
+  u, state = jax.jit(lambda s: tx.update(params, s, params, value_fn=loss))(state)
+  s = ah.find_adahessian_state(state)
+  assert u["w"].dtype == jnp.float32
+  assert s.mu["w"].dtype == jnp.bfloat16
+  assert s.nu["w"].dtype == jnp.float32 and s.hessian["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(b1=1.0), "b1"),
+    (dict(b1=-0.1), "b1"),
+    (dict(b2=1.0), "b2"),
+    (dict(b2=float("nan")), "b2"),
+    (dict(eps=-1e-8), "eps"),
+    (dict(hessian_power=1.5), "hessian_power"),
+    (dict(hessian_power=-0.5), "hessian_power"),
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=2.5), "block_size"),
+    (dict(update_freq=0), "update_freq"),
+    (dict(update_freq=True), "update_freq"),
+    (dict(n_samples=0), "n_samples"),
+    (dict(seed=1.5), "seed"),
+  ],
+)
+def test_invalid_hyperparameters_raise_at_construction(kwargs, name):
+  value = next(iter(kwargs.values()))
+  with pytest.raises(ValueError, match=name) as e:
+    ah.scale_by_adahessian(**kwargs)
+  assert repr(value) in str(e.value) or str(value) in str(e.value)
+  with pytest.raises(ValueError, match=name):
+    ah.adahessian(0.1, **kwargs)
+
+
+def test_invalid_weight_decay():
+  with pytest.raises(ValueError, match="weight_decay"):
+    ah.adahessian(0.1, weight_decay=-1.0)
+
+
+def test_missing_or_double_closure_raise(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="value_fn=lambda p: loss_fn"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="not both"):
+    tx.update(params, state, params, value_fn=lambda p: loss_fn(p, batch), hessian_diag=params)
+  # Lazy: under jit every step may refresh, so the closure is always required...
+  lazy = ah.adahessian(0.1, update_freq=2)
+  lstate = lazy.init(params)
+  with pytest.raises(ValueError, match="under jit"):
+    jax.jit(lambda s: lazy.update(params, s, params))(lstate)
+  # ... but outside jit a non-refresh step may omit it.
+  _, lstate = lazy.update(params, lstate, params, value_fn=lambda p: loss_fn(p, batch))
+  u, lstate = lazy.update(params, lstate, params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  with pytest.raises(ValueError, match="value_fn"):
+    lazy.update(params, lstate, params)  # step 3 refreshes
+
+
+def test_value_fn_must_return_real_scalar(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  with pytest.raises(TypeError, match=r"scalar.*shape \(3,\)"):
+    tx.update(params, state, params, value_fn=lambda p: p["out"]["bias"] * 2.0)
+  with pytest.raises(TypeError, match="scalar"):
+    tx.update(params, state, params, value_fn=lambda p: (loss_fn(p, batch), 0))
+
+
+def test_non_float_leaves_rejected_at_init():
+  with pytest.raises(TypeError, match=r"\['step'\].*int"):
+    ah.adahessian(0.1).init({"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)})
+
+
+def test_hessian_diag_structure_checked(mlp_problem):
+  params, _, _ = mlp_problem
+  tx = ah.scale_by_adahessian()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="structure of params"):
+    tx.update(params, state, params, hessian_diag={"hidden": params["hidden"]})
+
+
+def test_first_step_closed_form_on_quadratic():
+  # f(x) = 1/2 x^T A x with diagonal A: Hz = A z exactly, so D = diag(A) for any
+  # probe, and step 1 is lr * g / (|a|^k + eps) (ALGORITHM.md section 1).
+  a = jnp.array([0.5, 2.0, 8.0, 1e-6])
+  x = jnp.array([1.0, -1.0, 0.5, 3.0])
+  f = lambda p: 0.5 * jnp.sum(a * p**2)
+  for k in (1.0, 0.5):
+    tx = ah.adahessian(0.1, hessian_power=k)
+    u, _ = tx.update(jax.grad(f)(x), tx.init(x), x, value_fn=f)
+    np.testing.assert_allclose(u, -0.1 * a * x / (a**k + 1e-4), rtol=1e-12)
