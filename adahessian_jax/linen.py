@@ -1,0 +1,103 @@
+"""Flax Linen training with AdaHessian: a ``TrainState`` that forwards the loss.
+
+``flax.training.train_state.TrainState.apply_gradients`` does not forward extra
+keyword arguments to ``tx.update``, so AdaHessian's ``value_fn`` /
+``hessian_diag`` cannot reach it. :class:`TrainState` here does, and adds
+:meth:`TrainState.apply_loss`, which runs the fused one-pass route.
+
+What the Hessian is taken of, for models with dropout and BatchNorm: the
+training-mode loss of this step, as a function of the parameters only, with
+everything else fixed: the same dropout key (so the same mask) in every
+evaluation, and BatchNorm normalising with the statistics of the current batch
+(which depend on the parameters and are differentiated through, exactly as for
+the gradient). The running averages (``batch_stats``) are updated once per
+step, from the loss's auxiliary output of the primal pass; Hessian-vector
+products never update them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+from flax.training import train_state
+
+from adahessian_jax.fused import value_grad_and_hessian_diag
+
+__all__ = ["TrainState"]
+
+
+class TrainState(train_state.TrainState):
+  """A Flax ``TrainState`` for optimizers that need the loss, such as AdaHessian.
+
+  Example::
+
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              batch_stats=variables["batch_stats"], tx=adahessian(0.15))
+
+    @jax.jit
+    def train_step(state, batch, dropout_key):
+      def loss_fn(params):
+        logits, mutated = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, batch["x"], train=True,
+            rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        return cross_entropy(logits, batch["y"]), mutated["batch_stats"]
+
+      state, (loss, batch_stats) = state.apply_loss(loss_fn, has_aux=True)
+      return state.replace(batch_stats=batch_stats), loss
+
+  Attributes:
+    batch_stats: Optional non-trainable collection (e.g. BatchNorm running
+      averages); ``None`` for models without one.
+  """
+
+  batch_stats: Any = None
+
+  def apply_gradients(self, *, grads, value_fn=None, hessian_diag=None, **kwargs):
+    """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
+
+    Args:
+      grads: Gradients with the structure of ``params``.
+      value_fn: The loss as a function of the params only (closure route).
+      hessian_diag: A precomputed Hessian-diagonal estimate (fused route).
+      **kwargs: Other attributes to ``.replace()``, as in Flax.
+
+    Returns:
+      The state after one step.
+    """
+    extra = {}
+    if value_fn is not None:
+      extra["value_fn"] = value_fn
+    if hessian_diag is not None:
+      extra["hessian_diag"] = hessian_diag
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
+    return self.replace(
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      opt_state=opt_state,
+      **kwargs,
+    )
+
+  def apply_loss(
+    self, loss_fn: Callable[..., Any], *args, has_aux: bool = False, **kwargs
+  ) -> tuple[TrainState, Any]:
+    """One optimizer step from the loss, by the fused one-pass route.
+
+    Computes loss, gradient and the Hessian-diagonal estimate with
+    :func:`adahessian_jax.value_grad_and_hessian_diag` and applies them.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar (or
+        ``(loss, aux)`` if ``has_aux``).
+      *args: Positional arguments of ``loss_fn`` after ``params``.
+      has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
+      **kwargs: Keyword arguments of ``loss_fn``.
+
+    Returns:
+      ``(new_state, value)`` where ``value`` is the loss (or ``(loss, aux)``)
+      at the parameters before the step.
+    """
+    vgh = value_grad_and_hessian_diag(loss_fn, has_aux=has_aux)
+    value, grads, hdiag = vgh(self.params, self.opt_state, *args, **kwargs)
+    return self.apply_gradients(grads=grads, hessian_diag=hdiag), value

@@ -1,0 +1,111 @@
+"""Flax Linen: TrainState forwards the loss; BatchNorm + dropout semantics."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_trees_allclose
+from flax.training import train_state as flax_train_state
+
+import adahessian_jax as ah
+from adahessian_jax.linen import TrainState
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(16, param_dtype=jnp.float64)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, param_dtype=jnp.float64)(x)
+    x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+    return nn.Dense(3, param_dtype=jnp.float64)(x)
+
+
+@pytest.fixture
+def setup():
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(32, 5)))
+  y = jnp.asarray(r.integers(0, 3, size=32))
+  model = Net()
+  variables = model.init(jax.random.key(0), x, train=False)
+  return model, variables, x, y
+
+
+def make_loss(model, batch_stats, x, y, key):
+  def loss_fn(params):
+    logits, mutated = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      x,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, mutated["batch_stats"]
+
+  return loss_fn
+
+
+def test_flax_train_state_cannot_forward_but_ours_can(setup):
+  model, variables, x, y = setup
+  tx = ah.adahessian(0.1)
+  loss_fn = make_loss(model, variables["batch_stats"], x, y, jax.random.key(1))
+  value_fn = lambda p: loss_fn(p)[0]
+  grads = jax.grad(value_fn)(variables["params"])
+  plain = flax_train_state.TrainState.create(
+    apply_fn=model.apply, params=variables["params"], tx=tx
+  )
+  # Flax's own drops the closure on the floor; the transform then says what is missing.
+  with pytest.raises(ValueError, match="needs the loss"):
+    plain.apply_gradients(grads=grads, value_fn=value_fn)
+  ours = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+  stepped = ours.apply_gradients(grads=grads, value_fn=value_fn)
+  assert int(stepped.step) == 1
+  # Without the loss, the documented error, not a silent step.
+  with pytest.raises(ValueError, match="value_fn"):
+    ours.apply_gradients(grads=grads)
+
+
+@pytest.mark.parametrize("update_freq", [1, 2])
+def test_apply_loss_with_batchnorm_and_dropout_matches_closure_route(setup, update_freq):
+  model, variables, x, y = setup
+  tx = ah.adahessian(0.1, weight_decay=1e-3, update_freq=update_freq, seed=4)
+  fused_state = TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=tx,
+  )
+  closure_state = fused_state
+
+  @jax.jit
+  def fused_step(state, key):
+    loss_fn = make_loss(model, state.batch_stats, x, y, key)
+    state, (loss, batch_stats) = state.apply_loss(loss_fn, has_aux=True)
+    return state.replace(batch_stats=batch_stats), loss
+
+  @jax.jit
+  def closure_step(state, key):
+    loss_fn = make_loss(model, state.batch_stats, x, y, key)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(
+      grads=grads, value_fn=lambda p: loss_fn(p)[0], batch_stats=batch_stats
+    )
+    return state, loss
+
+  def eval_loss(state):
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+
+  initial = eval_loss(fused_state)
+  for i in range(12):
+    key = jax.random.key(100 + i)
+    # The running statistics move exactly once per step: as after one forward pass.
+    _, expected_stats = make_loss(model, fused_state.batch_stats, x, y, key)(fused_state.params)
+    fused_state, loss = fused_step(fused_state, key)
+    closure_state, _ = closure_step(closure_state, key)
+    assert_trees_allclose(fused_state.batch_stats, expected_stats, rtol=1e-13)
+  assert_trees_allclose(fused_state.params, closure_state.params, rtol=1e-11, atol=1e-14)
+  assert_trees_allclose(fused_state.batch_stats, closure_state.batch_stats, rtol=1e-11)
+  assert eval_loss(fused_state) < 0.7 * initial

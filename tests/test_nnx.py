@@ -1,0 +1,85 @@
+"""Flax NNX: nnx.Optimizer with the value_fn helper and the fused route."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import assert_trees_allclose
+from flax import nnx
+
+import adahessian_jax as ah
+import adahessian_jax.nnx as ah_nnx
+
+
+class Net(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 16, param_dtype=jnp.float64, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, momentum=0.9, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs)
+    self.l2 = nnx.Linear(16, 1, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+
+def loss_fn(model, x, y):
+  return jnp.mean((model(x) - y) ** 2)
+
+
+def data():
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(32, 4)))
+  return x, jnp.sin(x[:, :1] + x[:, 1:2])
+
+
+def test_value_fn_route_and_fused_route_agree_and_train():
+  x, y = data()
+  model_a, model_b = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  opt_a = nnx.Optimizer(model_a, ah.adahessian(0.1, update_freq=2), wrt=nnx.Param)
+  opt_b = nnx.Optimizer(model_b, ah.adahessian(0.1, update_freq=2), wrt=nnx.Param)
+
+  @nnx.jit
+  def closure_step(model, optimizer, x, y):
+    value_fn = ah_nnx.value_fn(model, loss_fn, x, y)  # before the gradient pass
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    optimizer.update(model, grads, value_fn=value_fn)
+    return loss
+
+  @nnx.jit
+  def fused_step(model, optimizer, x, y):
+    loss, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+    optimizer.update(model, grads, hessian_diag=hdiag)
+    return loss
+
+  losses = []
+  for _ in range(15):
+    la = closure_step(model_a, opt_a, x, y)
+    lb = fused_step(model_b, opt_b, x, y)
+    np.testing.assert_allclose(la, lb, rtol=1e-11)
+    losses.append(float(lb))
+  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-10, atol=1e-13)
+  assert losses[-1] < 0.5 * losses[0]
+  # BatchNorm statistics moved (once per step, through the gradient/primal pass only).
+  fresh = Net(nnx.Rngs(0))
+  assert not np.allclose(model_b.bn.mean[...], fresh.bn.mean[...])
+
+
+def test_fused_route_updates_batch_stats_once():
+  x, y = data()
+  model, reference = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1, n_samples=3), wrt=nnx.Param)
+  ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+  loss_fn(reference, x, y)  # one forward pass in training mode
+  np.testing.assert_allclose(model.bn.mean[...], reference.bn.mean[...], rtol=1e-13)
+  np.testing.assert_allclose(model.bn.var[...], reference.bn.var[...], rtol=1e-13)
+
+
+def test_has_aux():
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  aux_loss = lambda m, x, y: (loss_fn(m, x, y), {"mean_pred": m(x).mean()})
+  (loss, aux), grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
+    aux_loss, model, optimizer, x, y, has_aux=True
+  )
+  assert set(aux) == {"mean_pred"} and np.isfinite(float(loss))
+  optimizer.update(model, grads, hessian_diag=hdiag)
+  assert jax.tree.structure(hdiag) == jax.tree.structure(nnx.as_pure(nnx.state(model, nnx.Param)))
