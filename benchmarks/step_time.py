@@ -1,0 +1,516 @@
+"""Step time, XLA FLOPs and memory of AdaHessian against SGD, Adam and optax's Sophia.
+
+One command::
+
+  python benchmarks/step_time.py          # full run: benchmarks/results/step_time_full.json
+  python benchmarks/step_time.py --quick  # smoke run on tiny models in seconds (CI)
+
+For each model (a Flax MLP 784-1024-1024-10 at batch 128, a ResNet-style CNN on
+32x32x3 at batch 64, a small transformer LM; see ``models.py``) and each group
+of optimizers, every optimizer gets its own jitted training step (compiled
+ahead of time, parameters and state donated), and the steps are run
+round-robin in one process, so that load on the machine hits all of them
+alike. A timed *unit* is one Hessian-refresh cycle: ``update_freq`` steps (1
+for SGD and Adam), so that a lazy refresh is charged at its true average.
+Reported per optimizer:
+
+* ``ms``: median over the timed units of (unit time / steps in the unit),
+  after warm-up, with ``jax.block_until_ready`` at the end of every unit;
+* ``time/Adam``: that median over Adam's median from the same rounds;
+* ``FLOPs/Adam``: XLA's cost analysis of the compiled step, averaged over a
+  refresh cycle: the step is compiled once with the state's step counter made
+  a compile-time constant on a refresh step and once on a non-refresh step, so
+  ``(F_refresh + (k - 1) F_skip) / k``. (XLA's own count for the real step,
+  which charges a ``lax.cond`` about its costlier branch, is ``xla_flops_raw``.)
+* ``state``: bytes of the optimizer state; ``peak``: the compiled step's
+  arguments + outputs - aliased (donated) + temporaries
+  (``compiled.memory_analysis()``).
+
+In ``main`` every optimizer is timed over ``--units`` cycles; in the sweeps
+over at least ``--sweep-units`` steps (and at least 10 cycles; Adam over
+``--sweep-units`` steps).
+
+Groups: ``main`` (SGD, Adam, AdaHessian closure and fused paths, Sophia with
+Hutchinson, all refreshing every step), ``freq`` (refresh interval 1..5 of the
+fused path and of Sophia, the paper's Table 6 analogue) and ``n_samples``
+(probes 1..4, fused path).
+
+The step of each optimizer is the one a user writes:
+
+* SGD / Adam: ``value_and_grad``, ``tx.update``, ``apply_updates``;
+* AdaHessian closure path: ``value_and_grad``, then
+  ``tx.update(g, st, p, value_fn=lambda q: loss_fn(q, batch))``;
+* AdaHessian fused path: ``loss, g, h = vgh(p, st, batch)`` with
+  ``vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)``, then
+  ``tx.update(g, st, p, hessian_diag=h)``;
+* Sophia: ``value_and_grad``, then
+  ``tx.update(g, st, p, obj_fn=lambda q: loss_fn(q, batch))`` with
+  ``optax.contrib.sophia(..., update_interval=k,
+  hessian_diagonal_fn=hutchinson_estimator_diag_hessian(...))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax.contrib import hutchinson_estimator_diag_hessian, sophia
+
+import adahessian_jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Config:
+  kind: str  # sgd | adam | closure | fused | sophia
+  freq: int = 1
+  n_samples: int = 1
+
+  @property
+  def label(self) -> str:
+    names = {
+      "sgd": "SGD (momentum 0.9)",
+      "adam": "Adam",
+      "closure": "AdaHessian closure",
+      "fused": "AdaHessian fused",
+      "sophia": "Sophia-H (optax)",
+    }
+    out = names[self.kind]
+    if self.kind in ("closure", "fused", "sophia"):
+      out += f" k={self.freq}"
+    if self.kind in ("closure", "fused") and self.n_samples > 1:
+      out += f" n={self.n_samples}"
+    return out
+
+  @property
+  def key(self) -> str:
+    return f"{self.kind}_k{self.freq}_n{self.n_samples}"
+
+
+def make_tx(cfg: Config) -> optax.GradientTransformation:
+  if cfg.kind == "sgd":
+    return optax.sgd(0.01, momentum=0.9)
+  if cfg.kind == "adam":
+    return optax.adam(1e-3)
+  if cfg.kind in ("closure", "fused"):
+    return adahessian_jax.adahessian(0.01, update_freq=cfg.freq, n_samples=cfg.n_samples)
+  if cfg.kind == "sophia":
+    return sophia(
+      1e-3,
+      update_interval=cfg.freq,
+      hessian_diagonal_fn=hutchinson_estimator_diag_hessian(jax.random.PRNGKey(0)),
+    )
+  raise ValueError(cfg.kind)
+
+
+def make_step(cfg: Config, tx: optax.GradientTransformation, loss_fn):
+  """The training step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
+  if cfg.kind == "fused":
+    vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
+
+    def step(params, opt_state, batch):
+      loss, grads, hdiag = vgh(params, opt_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    objective = lambda q: loss_fn(q, batch)
+    if cfg.kind == "closure":
+      updates, opt_state = tx.update(grads, opt_state, params, value_fn=objective)
+    elif cfg.kind == "sophia":
+      updates, opt_state = tx.update(grads, opt_state, params, obj_fn=objective)
+    else:
+      updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def _is_counter(x) -> bool:
+  return (
+    isinstance(x, jax.Array | np.ndarray) and x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer)
+  )
+
+
+def flops_at_count(step, params, opt_state, batch, count: int) -> float:
+  """XLA FLOPs of ``step`` with the state's integer scalars (step counters,
+  refresh interval) as compile-time constants and the counters set to ``count``.
+
+  With the counter known, both AdaHessian paths and Sophia's ``lax.cond`` keep
+  only the branch taken on that step, so this is the cost of that kind of step.
+  """
+  leaves, treedef = jax.tree.flatten(opt_state)
+  const = {i: x for i, x in enumerate(leaves) if _is_counter(x)}
+  for i, x in const.items():
+    # Counters (count, zero at init) are set; the refresh interval is kept.
+    if int(x) == 0:
+      const[i] = jnp.asarray(count, x.dtype)
+  free = [x for i, x in enumerate(leaves) if i not in const]
+
+  def fixed(p, free_leaves, b):
+    it = iter(free_leaves)
+    full = [const[i] if i in const else next(it) for i in range(len(leaves))]
+    return step(p, jax.tree.unflatten(treedef, full), b)
+
+  return _flops(jax.jit(fixed).lower(params, free, batch).compile())
+
+
+class Compiled:
+  """The compiled step of one optimizer on one model, and its static costs."""
+
+  def __init__(self, cfg: Config, problem: models.Problem, branch_flops: dict):
+    self.tx = make_tx(cfg)
+    params = problem.params
+    opt_state = self.tx.init(params)
+    step = make_step(cfg, self.tx, problem.loss_fn)
+    batch = problem.batches[0]
+    t0 = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
+    self.executable = lowered.compile()
+    self.compile_s = time.perf_counter() - t0
+    self.xla_flops_raw = _flops(self.executable)
+    if cfg.freq == 1:
+      self.flops_refresh = self.flops_skip = self.xla_flops_raw
+    else:
+      # The refresh and the other step are the same programs for every k > 1
+      # (k is only a constant in the schedule): compile them once per kind.
+      kind = (cfg.kind, cfg.n_samples)
+      if kind not in branch_flops:
+        branch_flops[kind] = tuple(
+          flops_at_count(step, params, opt_state, batch, c) for c in (0, 1)
+        )
+      self.flops_refresh, self.flops_skip = branch_flops[kind]
+    self.flops = (self.flops_refresh + (cfg.freq - 1) * self.flops_skip) / cfg.freq
+    mem = self.executable.memory_analysis()
+    self.mem = {
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "alias_bytes": int(mem.alias_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+    }
+    self.peak_bytes = (
+      self.mem["argument_bytes"]
+      + self.mem["output_bytes"]
+      - self.mem["alias_bytes"]
+      + self.mem["temp_bytes"]
+    )
+    self.state_bytes = tree_bytes(opt_state)
+
+
+class Runner:
+  """One optimizer on one model: its compiled step and its own parameters and state."""
+
+  def __init__(self, cfg: Config, problem: models.Problem, cache: dict):
+    self.cfg = cfg
+    if cfg not in cache:
+      cache[cfg] = Compiled(cfg, problem, cache.setdefault("branch_flops", {}))
+    c = self.c = cache[cfg]
+    self.compiled = c.executable
+    self.params = jax.tree.map(jnp.array, problem.params)  # own copy: it is donated
+    # Copy every leaf: with update_freq > 1 the library's init returns one zeros
+    # buffer as both ``nu`` and ``hessian``, and a buffer cannot be donated twice.
+    self.opt_state = jax.tree.map(jnp.array, c.tx.init(self.params))
+    self.batches = problem.batches
+    self.step_index = 0
+    self.compile_s = c.compile_s
+    self.xla_flops_raw, self.flops = c.xla_flops_raw, c.flops
+    self.flops_refresh, self.flops_skip = c.flops_refresh, c.flops_skip
+    self.mem, self.peak_bytes, self.state_bytes = c.mem, c.peak_bytes, c.state_bytes
+    self.param_bytes = tree_bytes(self.params)
+    self.unit_times: list[float] = []
+    self.loss = float("nan")
+
+  def run_unit(self, record: bool) -> None:
+    """Runs one refresh cycle (``freq`` steps) and records its time per step."""
+    t0 = time.perf_counter()
+    loss = None
+    for _ in range(self.cfg.freq):
+      batch = self.batches[self.step_index % len(self.batches)]
+      self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, batch)
+      self.step_index += 1
+    jax.block_until_ready((self.params, self.opt_state, loss))
+    dt = (time.perf_counter() - t0) / self.cfg.freq
+    if record:
+      self.unit_times.append(dt)
+    self.loss = float(loss)
+
+
+def run_group(
+  problem, configs, units: int, warmup: int, cache: dict, log, sweep: bool = False
+) -> list[dict]:
+  runners = []
+  for cfg in configs:
+    fresh = cfg not in cache
+    r = Runner(cfg, problem, cache)
+    if fresh:
+      log(f"    compiled {cfg.label:<28} in {r.compile_s:5.1f} s")
+    runners.append(r)
+
+  # Each optimizer runs ``units`` refresh cycles, or in the sweeps at least
+  # ``units`` steps (and 10 cycles), round-robin, until all have their count.
+  def cycles(r):
+    if not sweep or r.cfg.kind == "adam":
+      return units
+    return max(min(10, units), -(-units // r.cfg.freq))
+
+  need = {id(r): cycles(r) for r in runners}
+  for i in range(warmup + max(need.values())):
+    for r in runners:
+      if i < warmup + need[id(r)]:
+        r.run_unit(record=i >= warmup)
+  adam = next(r for r in runners if r.cfg.kind == "adam")
+  adam_ms = statistics.median(adam.unit_times) * 1e3
+  rows = []
+  for r in runners:
+    ms = statistics.median(r.unit_times) * 1e3
+    q1, _, q3 = statistics.quantiles(r.unit_times, n=4) if len(r.unit_times) > 1 else (0, 0, 0)
+    rows.append(
+      {
+        "optimizer": r.cfg.label,
+        "key": r.cfg.key,
+        "kind": r.cfg.kind,
+        "update_freq": r.cfg.freq,
+        "n_samples": r.cfg.n_samples,
+        "units_timed": len(r.unit_times),
+        "steps_timed": len(r.unit_times) * r.cfg.freq,
+        "ms_per_step_median": ms,
+        "ms_per_step_iqr": [q1 * 1e3, q3 * 1e3],
+        "time_ratio_adam": ms / adam_ms,
+        "flops": r.flops,
+        "flops_refresh_step": r.flops_refresh,
+        "flops_other_step": r.flops_skip,
+        "xla_flops_raw": r.xla_flops_raw,
+        "flops_ratio_adam": r.flops / adam.flops,
+        "state_bytes": r.state_bytes,
+        "state_ratio_adam": r.state_bytes / adam.state_bytes,
+        "param_bytes": r.param_bytes,
+        "peak_bytes": r.peak_bytes,
+        "peak_ratio_adam": r.peak_bytes / adam.peak_bytes,
+        "memory_analysis": r.mem,
+        "compile_s": r.compile_s,
+        "final_loss": r.loss,
+      }
+    )
+  return rows
+
+
+def groups(quick: bool) -> dict[str, list[Config]]:
+  main = [Config("sgd"), Config("adam"), Config("closure"), Config("fused"), Config("sophia")]
+  if quick:
+    return {
+      "main": main,
+      "freq": [Config("adam"), Config("fused", 2)],
+      "n_samples": [Config("adam"), Config("fused", 1, 2)],
+    }
+  freq = [Config("adam")]
+  for k in range(1, 6):
+    freq += [Config("fused", k), Config("sophia", k)]
+  n_samples = [Config("adam")] + [Config("fused", 1, n) for n in range(1, 5)]
+  return {"main": main, "freq": freq, "n_samples": n_samples}
+
+
+def check_targets(results: dict) -> dict:
+  """The issue's targets, per model, from the rows measured in the same group."""
+  out = {}
+  for model, model_res in results.items():
+    main = {r["key"]: r for r in model_res["groups"]["main"]}
+    fused = main["fused_k1_n1"]
+    sophia_row = main["sophia_k1_n1"]
+    t = {
+      "fused_k1_time_within_1.1x_flops_ratio": {
+        "time_ratio": fused["time_ratio_adam"],
+        "flops_ratio": fused["flops_ratio_adam"],
+        "time_over_flops": fused["time_ratio_adam"] / fused["flops_ratio_adam"],
+        "met": fused["time_ratio_adam"] <= 1.1 * fused["flops_ratio_adam"],
+      },
+      "fused_k1_faster_than_sophia_k1": {
+        "fused_ms": fused["ms_per_step_median"],
+        "sophia_ms": sophia_row["ms_per_step_median"],
+        "met": fused["ms_per_step_median"] < sophia_row["ms_per_step_median"],
+      },
+    }
+    freq_rows = [r for r in model_res["groups"].get("freq", []) if r["kind"] == "fused"]
+    per_k = {}
+    for r in freq_rows:
+      k = r["update_freq"]
+      per_k[k] = {
+        "time_ratio": r["time_ratio_adam"],
+        "bound": 1 + 2 / k,
+        "met": r["time_ratio_adam"] <= 1 + 2 / k,
+      }
+    t["fused_freq_k_at_most_1+2/k_adam"] = per_k
+    out[model] = t
+  return out
+
+
+def _mb(b: float) -> str:
+  return f"{b / 2**20:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+  head = (
+    "| optimizer | ms/step | time / Adam | FLOPs / Adam | state MiB (/ Adam) "
+    "| peak MiB (/ Adam) |\n|---|---:|---:|---:|---:|---:|\n"
+  )
+  lines = []
+  for r in rows:
+    lines.append(
+      f"| {r['optimizer']} | {r['ms_per_step_median']:.2f} | {r['time_ratio_adam']:.2f} | "
+      f"{r['flops_ratio_adam']:.2f} | {_mb(r['state_bytes'])} ({r['state_ratio_adam']:.2f}) | "
+      f"{_mb(r['peak_bytes'])} ({r['peak_ratio_adam']:.2f}) |"
+    )
+  return head + "\n".join(lines) + "\n"
+
+
+def sweep_table(rows: list[dict], axis: str) -> str:
+  """Time / Adam (FLOPs / Adam) per value of ``axis`` for closure, fused and Sophia."""
+  values = sorted({r[axis] for r in rows if r["kind"] != "adam"})
+  kinds = [k for k in ("closure", "fused", "sophia") if any(r["kind"] == k for r in rows)]
+  name = {"update_freq": "k", "n_samples": "n"}[axis]
+  head = f"| {name} | " + " | ".join(f"{k}: time / Adam (FLOPs / Adam)" for k in kinds)
+  if axis == "update_freq":
+    head += " | bound 1 + 2/k"
+  lines = [head + " |", "|---" * (len(kinds) + 1 + (axis == "update_freq")) + "|"]
+  for v in values:
+    cells = []
+    for k in kinds:
+      r = next((r for r in rows if r["kind"] == k and r[axis] == v), None)
+      cells.append(
+        "–" if r is None else f"{r['time_ratio_adam']:.2f} ({r['flops_ratio_adam']:.2f})"
+      )
+    extra = f" | {1 + 2 / v:.2f}" if axis == "update_freq" else ""
+    lines.append(f"| {v} | " + " | ".join(cells) + extra + " |")
+  return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+  cpu = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = None
+  return {
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
+    "optax": optax.__version__,
+    "flax": __import__("flax").__version__,
+    "device": str(jax.devices()[0]),
+    "loadavg_start": load,
+  }
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
+  ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the JSON output")
+  ap.add_argument("--models", default="mlp,cnn,transformer", help="comma-separated subset")
+  ap.add_argument("--groups", default="main,freq,n_samples", help="comma-separated subset")
+  ap.add_argument("--units", type=int, default=None, help="timed units (cycles) per optimizer")
+  ap.add_argument("--sweep-units", type=int, default=None, help="timed units in the sweeps")
+  ap.add_argument("--warmup", type=int, default=None, help="untimed units per optimizer")
+  args = ap.parse_args(argv)
+
+  size = "tiny" if args.quick else "full"
+  units = args.units or (5 if args.quick else 40)
+  sweep_units = args.sweep_units or (3 if args.quick else 30)
+  warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+  mode = "quick" if args.quick else "full"
+  log = lambda s: print(s, flush=True)
+
+  info = machine()
+  log(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, load {info['loadavg_start']}")
+  wanted_groups = args.groups.split(",")
+  results = {}
+  t_start = time.perf_counter()
+  for name in args.models.split(","):
+    problem = models.MODELS[name](size)
+    n_params = sum(x.size for x in jax.tree.leaves(problem.params))
+    log(f"\n== {name}: {problem.description}; {n_params:,} parameters")
+    model_res = {"description": problem.description, "n_params": int(n_params), "groups": {}}
+    cache: dict = {}
+    for gname, configs in groups(args.quick).items():
+      if gname not in wanted_groups or (args.quick and gname != "main" and name != "mlp"):
+        continue
+      n_units = units if gname == "main" else sweep_units
+      log(f"  group {gname}: {len(configs)} optimizers, {n_units} timed units each")
+      rows = run_group(problem, configs, n_units, warmup, cache, log, sweep=gname != "main")
+      model_res["groups"][gname] = rows
+      log("")
+      log(markdown_table(rows))
+      if gname == "freq":
+        log(sweep_table(rows, "update_freq"))
+      elif gname == "n_samples":
+        log(sweep_table(rows, "n_samples"))
+    results[name] = model_res
+
+  elapsed = time.perf_counter() - t_start
+  try:
+    info["loadavg_end"] = os.getloadavg()
+  except OSError:
+    pass
+  targets = check_targets(results) if "main" in wanted_groups else {}
+  for model, t in targets.items():
+    log(f"targets {model}: " + json.dumps(t, default=float))
+  cmd = "python benchmarks/step_time.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+  payload = {
+    "command": cmd,
+    "mode": mode,
+    "machine": info,
+    "elapsed_s": elapsed,
+    "units_main": units,
+    "units_sweeps": sweep_units,
+    "warmup_units": warmup,
+    "results": results,
+    "targets": targets,
+  }
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / f"step_time_{mode}.json"
+  path.write_text(json.dumps(payload, indent=1) + "\n")
+  log(f"\nwrote {path} ({elapsed:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

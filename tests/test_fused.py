@@ -1,0 +1,278 @@
+"""The fused route (``value_grad_and_hessian_diag``) against the closure route, its
+``lax.cond`` on non-refresh steps, compile-once training steps, and the benchmark's
+``--quick`` smoke run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.extend import core as jax_core
+
+import adahessian_jax as ah
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batches(batch, n, seed=1):
+  """``n`` different batches like ``batch`` (same shapes), so that steps differ."""
+  x, y = batch
+  r = np.random.default_rng(seed)
+  return [(x + 0.1 * jnp.asarray(r.normal(size=x.shape)), y) for _ in range(n)]
+
+
+def _with_aux(loss_fn):
+  def loss_aux(p, batch):
+    loss = loss_fn(p, batch)
+    return loss, {"loss_x2": 2.0 * loss}
+
+  return loss_aux
+
+
+def _run_closure(tx, params, loss_fn, batches, jit=True):
+  def step(p, st, batch):
+    loss, g = jax.value_and_grad(loss_fn)(p, batch)
+    u, st = tx.update(g, st, p, value_fn=lambda q: loss_fn(q, batch))
+    return optax.apply_updates(p, u), st, loss
+
+  step = jax.jit(step) if jit else step
+  st = tx.init(params)
+  losses = []
+  for batch in batches:
+    params, st, loss = step(params, st, batch)
+    losses.append(loss)
+  return params, st, losses
+
+
+def _run_fused(tx, params, loss_fn, batches, has_aux=False, jit=True):
+  vgh = ah.value_grad_and_hessian_diag(loss_fn, has_aux=has_aux)
+
+  def step(p, st, batch):
+    value, g, h = vgh(p, st, batch)
+    u, st = tx.update(g, st, p, hessian_diag=h)
+    loss = value[0] if has_aux else value
+    return optax.apply_updates(p, u), st, loss
+
+  step = jax.jit(step) if jit else step
+  st = tx.init(params)
+  losses = []
+  for batch in batches:
+    params, st, loss = step(params, st, batch)
+    losses.append(loss)
+  return params, st, losses
+
+
+def _assert_trees_close(a, b, rtol=1e-12, atol=1e-14):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize(
+  "update_freq,n_samples,has_aux",
+  [(1, 1, False), (3, 1, False), (1, 2, False), (3, 2, True), (1, 1, True)],
+)
+def test_fused_and_closure_trajectories_match(mlp_problem, update_freq, n_samples, has_aux):
+  params, loss_fn, batch = mlp_problem
+  batches = _batches(batch, 7)
+  tx = ah.adahessian(0.05, update_freq=update_freq, n_samples=n_samples, seed=3)
+  p_c, st_c, loss_c = _run_closure(tx, params, loss_fn, batches)
+  fused_loss = _with_aux(loss_fn) if has_aux else loss_fn
+  p_f, st_f, loss_f = _run_fused(tx, params, fused_loss, batches, has_aux=has_aux)
+  assert jax.tree.leaves(params)[0].dtype == jnp.float64
+  # The run moved the parameters, so the comparison is not vacuous.
+  assert not np.allclose(jax.tree.leaves(p_c)[1], jax.tree.leaves(params)[1])
+  _assert_trees_close(p_f, p_c)
+  _assert_trees_close(st_f, st_c)
+  np.testing.assert_allclose(np.array(loss_f), np.array(loss_c), rtol=1e-13)
+
+
+def test_fused_and_closure_trajectories_match_on_a_cnn(cnn_problem):
+  params, loss_fn, batch = cnn_problem
+  batches = _batches(batch, 5)
+  tx = ah.adahessian(0.05, update_freq=2, n_samples=2, seed=1)
+  p_c, _, _ = _run_closure(tx, params, loss_fn, batches)
+  p_f, _, _ = _run_fused(tx, params, loss_fn, batches)
+  _assert_trees_close(p_f, p_c)
+
+
+def test_fused_matches_closure_outside_jit(mlp_problem):
+  """Outside ``jit`` both routes pick the refresh steps in Python; same result."""
+  params, loss_fn, batch = mlp_problem
+  batches = _batches(batch, 3)
+  tx = ah.adahessian(0.05, update_freq=2, seed=0)
+  p_c, _, _ = _run_closure(tx, params, loss_fn, batches, jit=False)
+  p_f, _, _ = _run_fused(tx, params, loss_fn, batches, jit=False)
+  p_j, _, _ = _run_fused(tx, params, loss_fn, batches, jit=True)
+  _assert_trees_close(p_f, p_c)
+  _assert_trees_close(p_j, p_c)
+
+
+# --------------------------------------------------------------------------- lax.cond
+
+
+def _count_prim(jaxpr, name):
+  """Occurrences of primitive ``name`` in ``jaxpr``, inside sub-jaxprs too."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      n += 1
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      n += _count_prim(sub, name)
+  return n
+
+
+def test_fused_step_runs_the_hvp_only_in_the_refresh_branch(mlp_problem):
+  """With ``update_freq > 1`` under ``jit`` the fused route is one ``lax.cond``
+  whose non-refresh branch is exactly ``value_and_grad`` (same matmuls), and the
+  Hessian-vector product lives only in the refresh branch."""
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.05, update_freq=3)
+  st = tx.init(params)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  jaxpr = jax.make_jaxpr(lambda p, s, b: vgh(p, s, b))(params, st, batch).jaxpr
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == 1
+  # Everything with a matmul is inside the cond: nothing runs on both kinds of step.
+  outside = sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+  assert outside == 0
+  skip_branch, refresh_branch = conds[0].params["branches"]  # index 0 = False
+  vg = jax.make_jaxpr(lambda p: jax.value_and_grad(loss_fn)(p, batch))(params).jaxpr
+  n_vg = _count_prim(vg, "dot_general")
+  assert _count_prim(skip_branch.jaxpr, "dot_general") == n_vg
+  # Forward-over-reverse: at least twice the matmuls of value_and_grad.
+  assert _count_prim(refresh_branch.jaxpr, "dot_general") >= 2 * n_vg
+
+  # And at run time the branches do what they say: zeros off the refresh steps.
+  step = jax.jit(vgh)
+  for t in range(4):
+    _, _, h = step(params, st, batch)
+    nonzero = any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(h))
+    assert nonzero == (t % 3 == 0)
+    st = _bump_count(st)
+
+
+def _bump_count(opt_state):
+  """The same optimizer state with the AdaHessian step counter advanced by one."""
+  inner = ah.find_adahessian_state(opt_state)
+  bumped = inner._replace(count=inner.count + 1)
+  is_state = lambda x: isinstance(x, ah.ScaleByAdaHessianState)
+  return jax.tree.map(lambda x: bumped if is_state(x) else x, opt_state, is_leaf=is_state)
+
+
+def test_fused_step_on_a_non_refresh_step_costs_one_value_and_grad(mlp_problem):
+  """XLA's cost of the fused route with the counter fixed at a non-refresh step is
+  that of ``value_and_grad`` (the HVP branch is gone), and at a refresh step more."""
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.05, update_freq=3)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  def flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+  def at_count(c):
+    st = tx.init(params)
+    inner = ah.find_adahessian_state(st)
+    # The counter is a compile-time constant; everything else is an argument.
+    return lambda p, b: vgh(p, _replace_inner(st, inner._replace(count=jnp.int32(c))), b)
+
+  vg = flops(lambda p, b: jax.value_and_grad(loss_fn)(p, b), params, batch)
+  skip = flops(at_count(1), params, batch)
+  refresh = flops(at_count(0), params, batch)
+  assert skip <= 1.05 * vg + 1e3
+  assert refresh > 1.8 * vg
+
+
+def _replace_inner(opt_state, new_inner):
+  is_state = lambda x: isinstance(x, ah.ScaleByAdaHessianState)
+  return jax.tree.map(lambda x: new_inner if is_state(x) else x, opt_state, is_leaf=is_state)
+
+
+# --------------------------------------------------------------------------- compile once
+
+
+class _CompileCounter:
+  """Counts XLA backend compilations (``jax.monitoring`` duration events)."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+@pytest.mark.parametrize(
+  "route,update_freq,n_samples",
+  [("fused", 1, 1), ("fused", 3, 1), ("closure", 3, 2), ("closure", 1, 1)],
+)
+def test_train_step_compiles_once(mlp_problem, route, update_freq, n_samples):
+  params, loss_fn, batch = mlp_problem
+  batches = _batches(batch, 6)
+  tx = ah.adahessian(0.05, update_freq=update_freq, n_samples=n_samples)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+  traces = []
+
+  def step(p, st, batch):
+    traces.append(1)
+    if route == "fused":
+      _, g, h = vgh(p, st, batch)
+      u, st = tx.update(g, st, p, hessian_diag=h)
+    else:
+      g = jax.grad(loss_fn)(p, batch)
+      u, st = tx.update(g, st, p, value_fn=lambda q: loss_fn(q, batch))
+    return optax.apply_updates(p, u), st
+
+  step = jax.jit(step)
+  st = tx.init(params)
+  with _CompileCounter() as first:
+    params, st = step(params, st, batches[0])
+    jax.block_until_ready(params)
+  assert first.count >= 1  # the counter sees compilations at all
+  with _CompileCounter() as later:
+    for b in batches[1:]:
+      params, st = step(params, st, b)
+    jax.block_until_ready(params)
+  assert later.count == 0
+  assert len(traces) == 1
+  assert int(ah.find_adahessian_state(st).count) == len(batches)
+
+
+# --------------------------------------------------------------------------- benchmark smoke
+
+
+def test_benchmark_quick_mode_runs(tmp_path):
+  cmd = [
+    sys.executable,
+    str(ROOT / "benchmarks" / "step_time.py"),
+    "--quick",
+    "--models",
+    "mlp",
+    "--groups",
+    "main",
+    "--out",
+    str(tmp_path),
+  ]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = json.loads((tmp_path / "step_time_quick.json").read_text())
+  rows = out["results"]["mlp"]["groups"]["main"]
+  kinds = {r["kind"] for r in rows}
+  assert kinds == {"sgd", "adam", "closure", "fused", "sophia"}
+  for r in rows:
+    assert r["ms_per_step_median"] > 0 and r["flops"] > 0 and r["peak_bytes"] > 0
+    assert np.isfinite(r["final_loss"])
+  assert "fused_k1_faster_than_sophia_k1" in out["targets"]["mlp"]
