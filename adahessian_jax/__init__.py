@@ -4,6 +4,7 @@ from adahessian_jax import hessian, hutchinson, spatial
 from adahessian_jax.alias import STATIC_ARGS, adahessian
 from adahessian_jax.fused import find_adahessian_state, value_grad_and_hessian_diag
 from adahessian_jax.hutchinson import hutchinson_diagonal, hvp, rademacher_like
+from adahessian_jax.masking import masked_value_fn
 from adahessian_jax.transform import (
   ScaleByAdaHessianState,
   is_refresh_step,
@@ -23,6 +24,7 @@ __all__ = [
   "hutchinson_diagonal",
   "hvp",
   "is_refresh_step",
+  "masked_value_fn",
   "probe_keys",
   "rademacher_like",
   "scale_by_adahessian",

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics, utils
 
-from adahessian_jax import _validation, hutchinson, spatial
+from adahessian_jax import _validation, hutchinson, masking, spatial
 
 __all__ = ["ScaleByAdaHessianState", "is_refresh_step", "probe_keys", "scale_by_adahessian"]
 
@@ -206,18 +206,28 @@ def scale_by_adahessian(
     if value_fn is not None:
       if params is None:
         raise ValueError("scale_by_adahessian needs params to evaluate value_fn at.")
+      if masking.has_masked_nodes(params) and not isinstance(value_fn, masking.MaskedValueFn):
+        raise ValueError(
+          "scale_by_adahessian got masked params (inside optax.masked or multi_transform), which "
+          "a whole-model value_fn cannot be evaluated on. Pass "
+          "value_fn=adahessian_jax.masked_value_fn(value_fn, params), or a whole-model "
+          "hessian_diag."
+        )
       estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys)[2]
     else:
       estimate = hessian_diag
+      if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
+        estimate = masking.restrict_to(estimate, like)
       if jax.tree.structure(estimate) != jax.tree.structure(like):
         raise ValueError(
           "hessian_diag must have the structure of params; got "
           f"{jax.tree.structure(estimate)}, expected {jax.tree.structure(like)}."
         )
+    # Average in the moments' dtype (e.g. float32 for bfloat16 params).
+    estimate = optax.tree.cast_like(estimate, like)
     if axis_name is not None:
       estimate = jax.lax.pmean(estimate, axis_name)
-    d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
-    return optax.tree.cast_like(d, like)
+    return spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
 
   def update_fn(updates, state, params=None, *, value_fn=None, hessian_diag=None, **extra_args):
     del extra_args

@@ -1,0 +1,70 @@
+"""AdaHessian inside ``optax.masked`` and ``optax.multi_transform``.
+
+Those combinators hand their inner transforms the parameters with the leaves
+they do not own replaced by :class:`optax.MaskedNode`. Two consequences:
+
+* a precomputed ``hessian_diag`` for the whole model is restricted to the
+  owned leaves automatically;
+* a ``value_fn`` written for the whole model cannot be evaluated on the masked
+  tree. Wrap it with :func:`masked_value_fn`, which fills the leaves that are
+  not owned with their current values (held fixed), so the Hessian-vector
+  product is taken over the owned leaves only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+__all__ = ["MaskedValueFn", "has_masked_nodes", "masked_value_fn", "restrict_to"]
+
+_is_masked = lambda x: isinstance(x, optax.MaskedNode)
+
+
+def has_masked_nodes(tree: Any) -> bool:
+  """Whether ``tree`` contains :class:`optax.MaskedNode` entries."""
+  return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+
+
+def restrict_to(full: Any, masked_like: Any) -> Any:
+  """Keeps the leaves of ``full`` where ``masked_like`` is not a ``MaskedNode``."""
+  return jax.tree.map(lambda m, x: m if _is_masked(m) else x, masked_like, full, is_leaf=_is_masked)
+
+
+class MaskedValueFn:
+  """A whole-model loss evaluated on a masked parameter tree (see :func:`masked_value_fn`)."""
+
+  def __init__(self, value_fn: Callable[[Any], jax.Array], full_params: Any):
+    self.value_fn = value_fn
+    self.full_params = full_params
+
+  def __call__(self, params: Any) -> jax.Array:
+    filled = jax.tree.map(
+      lambda p, full: full if _is_masked(p) else p, params, self.full_params, is_leaf=_is_masked
+    )
+    return self.value_fn(filled)
+
+
+def masked_value_fn(value_fn: Callable[[Any], jax.Array], full_params: Any) -> MaskedValueFn:
+  """Makes a whole-model ``value_fn`` usable inside ``optax.masked`` / ``multi_transform``.
+
+  Example::
+
+    tx = optax.multi_transform(
+        {"ada": adahessian_jax.adahessian(0.1), "sgd": optax.sgd(0.01)}, labels)
+    value_fn = adahessian_jax.masked_value_fn(lambda p: loss_fn(p, batch), params)
+    updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
+
+  Args:
+    value_fn: The loss as a function of the full parameter tree.
+    full_params: The current full parameters; leaves the AdaHessian member
+      does not own are held at these values.
+
+  Returns:
+    A callable accepted as ``value_fn`` by :func:`scale_by_adahessian`, both on
+    masked trees and on full ones.
+  """
+  return MaskedValueFn(value_fn, full_params)

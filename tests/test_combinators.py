@@ -1,0 +1,159 @@
+"""AdaHessian inside optax combinators: multi_transform, masked, MultiSteps, apply_if_finite."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_trees_allclose
+
+import adahessian_jax as ah
+
+LABELS = {"hidden": {"kernel": "ada", "bias": "ada"}, "out": {"kernel": "sgd", "bias": "sgd"}}
+
+
+def test_multi_transform_with_whole_model_closure_equals_adahessian_on_the_subtree(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = optax.multi_transform({"ada": ah.adahessian(0.1), "sgd": optax.sgd(0.05)}, LABELS)
+  state = tx.init(params)
+  # Reference: AdaHessian on the "hidden" subtree alone, "out" held fixed in its loss,
+  # plain SGD on "out".
+  ref_tx = ah.adahessian(0.1)
+  ref_state = ref_tx.init(params["hidden"])
+  ref = params
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    value_fn = ah.masked_value_fn(lambda p: loss_fn(p, batch), params)
+    updates, state = tx.update(grads, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(4):
+    params, state = step(params, state)
+    grads = jax.grad(loss_fn)(ref, batch)
+    sub_loss = lambda h, out=ref["out"]: loss_fn({"hidden": h, "out": out}, batch)
+    u, ref_state = ref_tx.update(grads["hidden"], ref_state, ref["hidden"], value_fn=sub_loss)
+    ref = {
+      "hidden": optax.apply_updates(ref["hidden"], u),
+      "out": jax.tree.map(lambda p, g: p - 0.05 * g, ref["out"], grads["out"]),
+    }
+  assert_trees_allclose(params, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_masked_needs_the_wrapper_and_says_so(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  mask = jax.tree.map(lambda label: label == "ada", LABELS)
+  tx = optax.masked(ah.adahessian(0.1), mask)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="masked_value_fn"):
+    tx.update(params, state, params, value_fn=lambda p: loss_fn(p, batch))
+
+
+def test_masked_with_whole_model_hessian_diag_from_the_fused_route(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  mask = jax.tree.map(lambda label: label == "ada", LABELS)
+  tx = optax.masked(ah.adahessian(0.1, seed=2), mask)
+  state = tx.init(params)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)  # finds the state inside MaskedState
+  loss, grads, hdiag = vgh(params, state, batch)
+  updates, new_state = tx.update(grads, state, params, hessian_diag=hdiag)
+  # Masked-out leaves pass through untouched; owned leaves get exactly AdaHessian's
+  # first step on the restricted estimate: g / (|D| + eps) * (-lr).
+  np.testing.assert_array_equal(updates["out"]["kernel"], grads["out"]["kernel"])
+  expected = -0.1 * grads["hidden"]["kernel"] / (jnp.abs(hdiag["hidden"]["kernel"]) + 1e-4)
+  np.testing.assert_allclose(updates["hidden"]["kernel"], expected, rtol=1e-12)
+  assert int(ah.find_adahessian_state(new_state).count) == 1
+
+
+def test_multi_steps_cost_and_semantics(mlp_problem):
+  """optax.MultiSteps runs the inner update, hence the Hessian-vector product, on every
+  micro-step (k products per optimizer step, k - 1 discarded), and the estimate that
+  survives is the last micro-batch's. Documented; the exact alternative is below."""
+  params, loss_fn, (x, y) = mlp_problem
+  k = 4
+  micro = [(x[i::k], y[i::k]) for i in range(k)]
+  calls = []
+
+  def counted(p, b):
+    jax.debug.callback(lambda: calls.append(1))
+    return loss_fn(p, b)
+
+  # MultiSteps accumulates in float32 unless told otherwise.
+  tx = optax.MultiSteps(ah.adahessian(0.1), every_k_schedule=k, accumulator_dtype=jnp.float64)
+  state = tx.init(params)
+
+  @jax.jit
+  def micro_step(params, state, b):
+    grads = jax.grad(loss_fn)(params, b)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: counted(p, b))
+    return optax.apply_updates(params, updates), state
+
+  p = params
+  for b in micro:
+    p, state = micro_step(p, state, b)
+  jax.effects_barrier()
+  assert len(calls) == k  # one product per micro-step
+
+  # Equivalent: one AdaHessian step on the mean gradient with the last micro-batch's estimate.
+  inner = ah.adahessian(0.1)
+  mean_grad = jax.tree.map(lambda *g: sum(g) / k, *[jax.grad(loss_fn)(params, b) for b in micro])
+  u, _ = inner.update(
+    mean_grad, inner.init(params), params, value_fn=lambda q: loss_fn(q, micro[-1])
+  )
+  assert_trees_allclose(p, optax.apply_updates(params, u), rtol=1e-10, atol=1e-14)
+
+
+def test_exact_gradient_accumulation_with_the_fused_route(mlp_problem):
+  """The documented alternative to MultiSteps: accumulate the fused route's gradient AND
+  estimate over equal micro-batches (same probes: same opt_state), then update once.
+  Equals the full-batch step exactly, and every product is used."""
+  params, loss_fn, (x, y) = mlp_problem
+  k = 4
+  micro = (x.reshape(k, -1, x.shape[1]), y.reshape(k, -1, y.shape[1]))
+  tx = ah.adahessian(0.1, n_samples=2)
+  state = tx.init(params)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  @jax.jit
+  def accumulated_step(params, state, micro):
+    def body(carry, b):
+      loss, g, h = vgh(params, state, b)
+      return jax.tree.map(jnp.add, carry, (loss, g, h)), None
+
+    zeros = (jnp.zeros(()), optax.tree.zeros_like(params), optax.tree.zeros_like(params))
+    total, _ = jax.lax.scan(body, zeros, micro)
+    loss, grads, hdiag = jax.tree.map(lambda t: t / k, total)
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    return optax.apply_updates(params, updates), state
+
+  full_batch = (micro[0].reshape(-1, x.shape[1]), micro[1].reshape(-1, y.shape[1]))
+
+  @jax.jit
+  def full_step(params, state):
+    grads = jax.grad(loss_fn)(params, full_batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, full_batch))
+    return optax.apply_updates(params, updates), state
+
+  pa, sa, pf, sf = params, state, params, state
+  for _ in range(3):
+    pa, sa = accumulated_step(pa, sa, micro)
+    pf, sf = full_step(pf, sf)
+  assert_trees_allclose(pa, pf, rtol=1e-11, atol=1e-14)
+
+
+def test_apply_if_finite_skips_bad_steps_without_touching_state(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = optax.apply_if_finite(ah.adahessian(0.1, update_freq=2), max_consecutive_errors=5)
+  state = tx.init(params)
+  value_fn = lambda p: loss_fn(p, batch)
+  grads = jax.grad(loss_fn)(params, batch)
+  _, state = tx.update(grads, state, params, value_fn=value_fn)
+  before = ah.find_adahessian_state(state)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+  updates, state = tx.update(bad, state, params, value_fn=value_fn)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert int(state.notfinite_count) == 1
+  assert_trees_allclose(ah.find_adahessian_state(state), before, rtol=0.0)
+  updates, state = tx.update(grads, state, params, value_fn=value_fn)
+  assert int(ah.find_adahessian_state(state).count) == 2
