@@ -32,6 +32,18 @@ def estimate_from_probes(h, unravel, probes):
   return unravel(jnp.asarray(total / len(probes)))
 
 
+def closure_step(tx, loss_fn, batch):
+  """A jitted training step by the closure route, returning the gradient too."""
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state, grads
+
+  return step
+
+
 CASES = [
   # name, problem, hyperparameters, route
   ("mlp-k1-wd0", "mlp", dict(hessian_power=1.0, weight_decay=0.0), "diag"),
@@ -74,11 +86,7 @@ def test_trajectory_matches_numpy_reference(name, problem, hp, route):
     updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
     return optax.apply_updates(params, updates), state, grads
 
-  @jax.jit
-  def step_closure(params, state):
-    grads = jax.grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
-    return optax.apply_updates(params, updates), state, grads
+  step_closure = closure_step(tx, loss_fn, batch)
 
   for _ in range(6):
     h, unravel = dense_hessian(loss_fn, params, batch)
@@ -114,11 +122,7 @@ def test_schedule_and_inject_hyperparams_match_reference(mlp_problem):
   ref.update_freq = 2
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
-    return optax.apply_updates(params, updates), state, grads
+  step = closure_step(tx, loss_fn, batch)
 
   for i in range(5):
     h, unravel = dense_hessian(loss_fn, params, batch)
