@@ -1,0 +1,434 @@
+"""Shared parts of the paper-domain examples: arguments, training loop, tuning, summary, plot.
+
+Every optimizer in an example sees the same initial parameters and the same sequence of
+mini-batches (both drawn from ``--seed``), and is evaluated on the same held-out split at the
+same steps. AdaHessian uses the fused route
+(``adahessian_jax.value_grad_and_hessian_diag``); the other optimizers use the usual
+``jax.value_and_grad`` step. The reported training time excludes compilation (timed separately)
+and evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import matplotlib
+import numpy as np
+import optax
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import adahessian_jax  # noqa: E402
+
+try:
+  from tqdm.auto import tqdm
+except ImportError:  # tqdm is optional: fall back to a plain printed bar
+  tqdm = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "figures")
+COLORS = {
+  "AdaHessian": "tab:red",
+  "Adam": "tab:blue",
+  "AdamW": "tab:blue",
+  "SGD+momentum": "tab:green",
+  "Adagrad": "tab:purple",
+}
+
+
+@dataclasses.dataclass
+class Optimizer:
+  """An optimizer to compare.
+
+  Attributes:
+    name: Display name.
+    make: ``make(lr, steps) -> optax.GradientTransformation``; ``lr`` is the peak learning rate,
+      ``steps`` the run's length (for schedules).
+    lr: The learning rate used by default (picked with ``--tune``, see the docs).
+    grid: The learning rates tried by ``--tune``.
+    hessian: Whether ``make`` returns an AdaHessian transform (then the fused route is used).
+  """
+
+  name: str
+  make: Callable[[float, int], optax.GradientTransformation]
+  lr: float
+  grid: Sequence[float]
+  hessian: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+  """The record of one training run."""
+
+  name: str
+  lr: float
+  steps: list[int]  # steps at which the model was evaluated (0 = initialisation)
+  train_loss: list[float]  # mean mini-batch loss over the steps since the previous evaluation
+  val: dict[str, list[float]]  # metric name -> values at ``steps``
+  time: list[float]  # cumulative training seconds at ``steps``
+  compile_s: float
+  diverged: bool = False
+
+  @property
+  def train_s(self) -> float:
+    return self.time[-1]
+
+
+def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps})")
+  p.add_argument("--seed", type=int, default=0, help="seed of data split, init and batches")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"tiny model and {quick_steps} steps: a smoke test that runs in seconds",
+  )
+  p.add_argument("--out", default=DEFAULT_OUT, help="directory for the PNG and JSON summary")
+  p.add_argument(
+    "--lr",
+    action="append",
+    default=[],
+    metavar="NAME=LR",
+    help="override an optimizer's learning rate, e.g. --lr AdaHessian=0.1 (repeatable)",
+  )
+  p.add_argument(
+    "--tune",
+    action="store_true",
+    help="first sweep every optimizer's learning-rate grid (same budget each) and use the "
+    "learning rate with the lowest final validation loss",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(default_steps=steps, quick_steps=quick_steps)
+  return p
+
+
+def resolve_steps(args) -> int:
+  if args.steps is not None:
+    return args.steps
+  return args.quick_steps if args.quick else args.default_steps
+
+
+def apply_lr_overrides(optimizers: list[Optimizer], overrides: Sequence[str]) -> None:
+  by_name = {o.name.lower(): o for o in optimizers}
+  for item in overrides:
+    name, _, value = item.partition("=")
+    if name.lower() not in by_name or not value:
+      raise SystemExit(f"--lr expects NAME=LR with NAME in {[o.name for o in optimizers]}")
+    by_name[name.lower()].lr = float(value)
+
+
+class _Bar:
+  """A minimal text progress bar for when tqdm is not installed."""
+
+  def __init__(self, total, desc):
+    self.total, self.desc, self.n, self.post, self._last = total, desc, 0, "", -1
+
+  def update(self, n=1):
+    self.n += n
+    pct = int(100 * self.n / max(self.total, 1))
+    if pct // 5 != self._last // 5 or self.n == self.total:
+      self._last = pct
+      bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+      sys.stderr.write(f"\r{self.desc} [{bar}] {self.n}/{self.total} {self.post}")
+      sys.stderr.flush()
+
+  def set_postfix_str(self, s, refresh=True):
+    self.post = s
+
+  def close(self):
+    sys.stderr.write("\n")
+
+
+def progress_bar(total: int, desc: str, disable: bool):
+  if disable:
+    return None
+  if tqdm is not None:
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, mininterval=1.0)
+  return _Bar(total, desc)
+
+
+def make_step(opt: Optimizer, tx: optax.GradientTransformation, loss_fn: Callable):
+  """The jitted training step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
+  if opt.hessian:
+    value_grad_hdiag = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
+
+    def step(params, opt_state, batch):
+      loss, grads, hdiag = value_grad_hdiag(params, opt_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+  else:
+
+    def step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step)
+
+
+def train(
+  opt: Optimizer,
+  lr: float,
+  params: Any,
+  loss_fn: Callable,
+  batches: Callable[[np.random.Generator], Iterator[Any]],
+  evaluate: Callable[[Any], dict[str, float]],
+  steps: int,
+  eval_every: int,
+  seed: int,
+  progress: bool = True,
+  desc: str | None = None,
+) -> Run:
+  """Trains one optimizer from ``params``.
+
+  ``batches(rng)`` yields the training batches; ``evaluate(params)`` returns the held-out metrics,
+  including "loss".
+  """
+  tx = opt.make(lr, steps)
+  opt_state = tx.init(params)
+  stream = batches(np.random.default_rng(seed + 1))  # the same batches for every optimizer
+  batch = next(stream)
+  t0 = time.perf_counter()
+  step = make_step(opt, tx, loss_fn).lower(params, opt_state, batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  first = evaluate(params)
+  run = Run(opt.name, lr, [0], [math.nan], {k: [v] for k, v in first.items()}, [0.0], compile_s)
+  bar = progress_bar(steps, desc or f"{opt.name} lr={lr:g}", not progress)
+  elapsed, window = 0.0, []
+  for i in range(1, steps + 1):
+    t0 = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, batch)
+    loss = float(loss)  # waits for the step
+    elapsed += time.perf_counter() - t0
+    window.append(loss)
+    if not math.isfinite(loss):
+      run.diverged = True
+    batch = next(stream)
+    if bar is not None:
+      bar.update(1)
+    if i % eval_every == 0 or i == steps or run.diverged:
+      metrics = evaluate(params) if not run.diverged else {k: math.nan for k in run.val}
+      run.steps.append(i)
+      run.train_loss.append(float(np.mean(window)))
+      run.time.append(elapsed)
+      for k, v in metrics.items():
+        run.val[k].append(float(v))
+      window = []
+      if bar is not None:
+        bar.set_postfix_str(
+          f"train {run.train_loss[-1]:.4f} val {run.val['loss'][-1]:.4f}", refresh=False
+        )
+    if run.diverged:
+      break
+  if bar is not None:
+    bar.close()
+  return run
+
+
+def tune(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, seed, progress):
+  """Sweeps every optimizer's grid with the same budget; sets ``opt.lr`` to the best one.
+
+  The criterion is the final validation loss. Returns ``{name: {lr: final val loss}}``.
+  """
+  table = {}
+  for opt in optimizers:
+    results = {}
+    for lr in opt.grid:
+      run = train(
+        opt,
+        lr,
+        params,
+        loss_fn,
+        batches,
+        evaluate,
+        steps,
+        eval_every,
+        seed,
+        progress,
+        desc=f"tune {opt.name} lr={lr:g}",
+      )
+      results[lr] = math.inf if run.diverged else run.val["loss"][-1]
+    opt.lr = min(results, key=results.get)
+    table[opt.name] = results
+  print("\nLearning-rate sweep (final validation loss; inf = diverged):")
+  for name, results in table.items():
+    cells = "  ".join(
+      f"{lr:g}: {v:.4f}{'*' if v == min(results.values()) else ''}" for lr, v in results.items()
+    )
+    print(f"  {name:<12} {cells}")
+  return table
+
+
+def summarize(
+  example: str,
+  runs: list[Run],
+  metric: str,
+  metric_label: str,
+  out: str,
+  args,
+  extra: dict | None = None,
+  tuning: dict | None = None,
+) -> dict:
+  """Prints the summary table and writes ``<out>/<example>.json``."""
+  header = (
+    f"{'optimizer':<12} {'lr':>8} {'train loss':>11} {'val loss':>9} {metric_label:>10} "
+    f"{'best ' + metric_label:>14} {'train s':>8} {'ms/step':>8} {'compile s':>9}"
+  )
+  print("\n" + header + "\n" + "-" * len(header))
+  summary = {
+    "example": example,
+    "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    "steps": runs[0].steps[-1],
+    "seed": args.seed,
+    "quick": bool(args.quick),
+    "metric": metric,
+    "optimizers": {},
+  }
+  if extra:
+    summary.update(extra)
+  if tuning:
+    summary["lr_sweep"] = {n: {f"{lr:g}": v for lr, v in r.items()} for n, r in tuning.items()}
+  higher_better = metric != "loss"
+  for r in runs:
+    vals = r.val[metric]
+    best = (np.nanmax if higher_better else np.nanmin)(vals)
+    n_steps = r.steps[-1]
+    ms = 1000 * r.train_s / max(n_steps, 1)
+    print(
+      f"{r.name:<12} {r.lr:>8g} {r.train_loss[-1]:>11.4f} {r.val['loss'][-1]:>9.4f} "
+      f"{vals[-1]:>10.4f} {best:>14.4f} {r.train_s:>8.1f} {ms:>8.2f} {r.compile_s:>9.1f}"
+      + ("  DIVERGED" if r.diverged else "")
+    )
+    summary["optimizers"][r.name] = {
+      "lr": r.lr,
+      "diverged": r.diverged,
+      "first_train_loss": r.train_loss[1] if len(r.train_loss) > 1 else math.nan,
+      "final_train_loss": r.train_loss[-1],
+      "final_val_loss": r.val["loss"][-1],
+      f"final_val_{metric}": vals[-1],
+      f"best_val_{metric}": float(best),
+      "train_seconds": round(r.train_s, 3),
+      "ms_per_step": round(ms, 3),
+      "compile_seconds": round(r.compile_s, 3),
+      "curves": {
+        "step": r.steps,
+        "train_loss": [_round(v) for v in r.train_loss],
+        "train_seconds": [round(t, 3) for t in r.time],
+        **{f"val_{k}": [_round(v) for v in vs] for k, vs in r.val.items()},
+      },
+    }
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f"{example}.json")
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1, allow_nan=True)
+  print(f"wrote {path}")
+  return summary
+
+
+def _round(v: float) -> float:
+  return v if not math.isfinite(v) else float(f"{v:.5g}")
+
+
+def plot(
+  example: str,
+  runs: list[Run],
+  metric: str,
+  metric_label: str,
+  title: str,
+  out: str,
+  reference: dict[str, float] | None = None,
+) -> str:
+  """Four panels: train loss and validation loss vs step; the metric vs step and vs seconds."""
+  fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=90)
+  (ax_tr, ax_vl), (ax_m, ax_t) = axes
+  for r in runs:
+    c = COLORS.get(r.name)
+    label = f"{r.name} (lr {r.lr:g})"
+    ax_tr.plot(r.steps[1:], r.train_loss[1:], color=c, label=label)
+    ax_vl.plot(r.steps, r.val["loss"], color=c, label=label)
+    ax_m.plot(r.steps, r.val[metric], color=c, label=label)
+    ax_t.plot(r.time, r.val[metric], color=c, label=label)
+  for ax, name in ((ax_vl, "loss"), (ax_m, metric), (ax_t, metric)):
+    if reference and name in reference:
+      ax.axhline(reference[name], color="k", ls=":", lw=1, label="generator (oracle)")
+  ax_tr.set(xlabel="step", ylabel="train loss (mean over interval)", title="training loss")
+  ax_vl.set(xlabel="step", ylabel="validation loss", title="validation loss")
+  ax_m.set(xlabel="step", ylabel=metric_label, title=f"validation {metric_label}")
+  ax_t.set(
+    xlabel="training seconds (excl. compile, eval)",
+    ylabel=metric_label,
+    title=f"validation {metric_label} vs wall clock",
+  )
+  for ax in axes.flat:
+    ax.grid(alpha=0.3)
+  ax_tr.set_yscale("log")
+  ref = reference or {}
+  _zoom(ax_vl, [r.val["loss"] for r in runs] + [[ref["loss"]] if "loss" in ref else []])
+  skip = max(len(runs[0].steps) // 10, 1)  # the metric's axes start after the first 10 %
+  for ax in (ax_m, ax_t):
+    series = [r.val[metric][skip:] for r in runs] + [[ref[metric]] if metric in ref else []]
+    _zoom(ax, series, high=100)
+  ax_vl.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f"{example}.png")
+  fig.savefig(path)
+  plt.close(fig)
+  print(f"wrote {path}")
+  return path
+
+
+def _zoom(ax, series, high=95):
+  """Clips the y axis so that a huge first value does not flatten the rest of the curves."""
+  vals = np.concatenate([np.asarray(s, dtype=float) for s in series])
+  vals = vals[np.isfinite(vals)]
+  if vals.size:
+    lo, hi = vals.min(), np.percentile(vals, high)
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args):
+  """Optionally tunes, then trains every optimizer; returns (runs, tuning table or None)."""
+  apply_lr_overrides(optimizers, args.lr)
+  tuning = None
+  progress = not args.no_progress
+  if args.tune:
+    tuning = tune(
+      optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args.seed, progress
+    )
+  runs = []
+  for opt in optimizers:
+    runs.append(
+      train(opt, opt.lr, params, loss_fn, batches, evaluate, steps, eval_every, args.seed, progress)
+    )
+  return runs, tuning
+
+
+def shuffled_batches(rng: np.random.Generator, arrays: Sequence[np.ndarray], batch_size: int):
+  """Yields mini-batches of ``arrays`` forever, reshuffled every epoch (the last partial batch
+  of an epoch is dropped)."""
+  n = len(arrays[0])
+  while True:
+    perm = rng.permutation(n)
+    for i in range(0, n - batch_size + 1, batch_size):
+      idx = perm[i : i + batch_size]
+      yield tuple(a[idx] for a in arrays)

@@ -1,0 +1,203 @@
+"""NLP: a character-level transformer language model on CPython's bundled documentation.
+
+The paper's NLP setting in miniature: a pre-LayerNorm causal transformer trained with AdaHessian
+and with AdamW, both with betas (0.9, 0.98), weight decay 1e-4 and the same linear warm-up plus
+inverse-square-root decay; AdaHessian averages the Hessian diagonal over blocks of 32 inputs
+(paper Table 5). Flax's attention kernels are rank 3, ``(embed, heads, head_dim)`` for the
+query/key/value projections and ``(heads, head_dim, embed)`` for the output projection, which
+the default rule would treat as 1-D convolutions, so the example passes an ``averaging=``
+callable that puts blocks on their input axes (see ``averaging_rules``); rank-2 ``Dense``
+kernels get blocks of ``block_size`` inputs from the default rule.
+
+Data: the text of ``pydoc_data.topics`` (the ~465 KB of help texts that ship with CPython,
+``help('topics')``), topics concatenated in sorted order; the first 90 % of the characters
+train, the last 10 % are the held-out validation text. Metrics: validation cross-entropy in
+nats per character (bits per character = nats / ln 2) and next-character accuracy.
+
+Run:
+  python examples/nlp_charlm.py              # default, ~3 minutes on a laptop CPU
+  python examples/nlp_charlm.py --quick      # seconds (smoke test)
+  python examples/nlp_charlm.py --tune       # learning-rate sweep first (3 values each)
+  python examples/nlp_charlm.py --steps 3000 --layers 4 --width 128   # longer, larger
+
+Writes examples/figures/nlp_charlm.{png,json} (``--out`` to change).
+"""
+
+from pydoc_data.topics import topics
+
+import _common
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adahessian_jax
+from adahessian_jax import spatial
+
+
+class Block(nn.Module):
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, mask):
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, name="attention")(h, h, mask=mask)
+    h = nn.LayerNorm()(x)
+    h = nn.Dense(4 * self.width, name="mlp_in")(h)
+    return x + nn.Dense(self.width, name="mlp_out")(nn.gelu(h))
+
+
+class CharLM(nn.Module):
+  vocab: int
+  context: int
+  width: int = 64
+  layers: int = 2
+  heads: int = 4
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.vocab, self.width, name="tok_embed")(tokens)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.context, self.width))
+    x = x + pos[: tokens.shape[1]]
+    mask = nn.make_causal_mask(tokens)
+    for i in range(self.layers):
+      x = Block(self.width, self.heads, name=f"block{i}")(x, mask)
+    return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
+
+
+def averaging_rules(block):
+  """AdaHessian's spatial averaging for this model (``None`` = the default rule).
+
+  - attention query/key/value kernels ``(embed, heads, head_dim)``: blocks of ``block``
+    consecutive embedding inputs of each output unit (axis 0);
+  - attention output kernel ``(heads, head_dim, embed)``: blocks along ``head_dim`` (axis 1),
+    i.e. consecutive inputs from one head (a block never spans two heads);
+  - embedding tables ``(vocab, width)`` and ``pos_embed``: blocks along the width (axis 1), the
+    way the reference fairseq code averages PyTorch's 2-D ``(num, dim)`` weights; the default
+    rank-2 rule would average over axis 0, i.e. across different characters;
+  - everything else: the default (rank-2 ``Dense`` kernels ``(in, out)``: blocks of
+    ``block_size`` inputs; biases and LayerNorm scales: none).
+  """
+
+  def rule(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if "attention" in names and names[-1] == "kernel":
+      return spatial.blocks(block, axis=1 if names[-2] == "out" else 0)
+    if names[-1] == "embedding" or names[-1] == "pos_embed":
+      return spatial.blocks(block, axis=1)
+    return None
+
+  return rule
+
+
+def load_text():
+  text = "\n\n".join(topics[k] for k in sorted(topics))
+  chars = sorted(set(text))
+  lookup = {c: i for i, c in enumerate(chars)}
+  data = np.array([lookup[c] for c in text], dtype=np.int32)
+  split = int(0.9 * len(data))
+  return data[:split], data[split:], chars
+
+
+def optimizers(block):
+  def schedule(lr, n):  # the same for both: 10 % linear warm-up, then inverse square root
+    warm = max(n // 10, 1)
+    return lambda s: lr * jnp.minimum((s + 1) / warm, jnp.sqrt(warm / (s + 1)))
+
+  return [
+    _common.Optimizer(
+      "AdaHessian",
+      lambda lr, n: adahessian_jax.adahessian(
+        schedule(lr, n),
+        b1=0.9,
+        b2=0.98,
+        weight_decay=1e-4,
+        block_size=block,
+        averaging=averaging_rules(block),
+      ),
+      lr=0.15,
+      grid=(0.047, 0.15, 0.47),
+      hessian=True,
+    ),
+    _common.Optimizer(
+      "AdamW",
+      lambda lr, n: optax.adamw(schedule(lr, n), b1=0.9, b2=0.98, weight_decay=1e-4),
+      lr=3e-3,
+      grid=(1e-3, 3e-3, 1e-2),
+    ),
+  ]
+
+
+def main():
+  p = _common.parser(__doc__, steps=600, quick_steps=30)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--context", type=int, default=64)
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--block-size", type=int, default=32, help="AdaHessian's averaging block")
+  p.add_argument("--eval-windows", type=int, default=256)
+  args = p.parse_args()
+  if args.quick:
+    args.context, args.width, args.layers, args.heads, args.block_size = 32, 32, 1, 2, 16
+    args.eval_windows = 32
+  steps = _common.resolve_steps(args)
+  eval_every = max(steps // (6 if args.quick else 30), 1)
+
+  train_data, val_data, chars = load_text()
+  print(
+    f"pydoc_data.topics: {len(train_data):,} train / {len(val_data):,} validation characters, "
+    f"vocabulary {len(chars)}"
+  )
+  ctx = args.context
+  starts = np.random.default_rng(args.seed + 100).integers(
+    0, len(val_data) - ctx - 1, args.eval_windows
+  )
+  val_windows = np.stack([val_data[s : s + ctx + 1] for s in starts])
+
+  model = CharLM(len(chars), ctx, args.width, args.layers, args.heads)
+  params = model.init(jax.random.key(args.seed), val_windows[:1, :ctx])["params"]
+  print(
+    f"transformer with {_common.param_count(params):,} parameters "
+    f"({args.layers} layers, width {args.width}, {args.heads} heads, context {ctx}); "
+    f"{steps} steps of {args.batch_size} windows"
+  )
+
+  def loss_fn(params, windows):
+    logits = model.apply({"params": params}, windows[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+  @jax.jit
+  def eval_metrics(params):
+    logits = model.apply({"params": params}, val_windows[:, :-1])
+    targets = val_windows[:, 1:]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
+
+  def evaluate(params):
+    return {k: float(v) for k, v in eval_metrics(params).items()}
+
+  def batches(rng):  # windows of context + 1 characters at uniformly random offsets
+    while True:
+      s = rng.integers(0, len(train_data) - ctx - 1, args.batch_size)
+      yield train_data[s[:, None] + np.arange(ctx + 1)]
+
+  opts = optimizers(args.block_size)
+  runs, tuning = _common.compare(opts, params, loss_fn, batches, evaluate, steps, eval_every, args)
+  extra = {"vocabulary": len(chars), "parameters": _common.param_count(params)}
+  _common.summarize("nlp_charlm", runs, "accuracy", "val acc", args.out, args, extra, tuning)
+  _common.plot(
+    "nlp_charlm",
+    runs,
+    "accuracy",
+    "next-char accuracy",
+    f"char-level transformer LM on pydoc_data.topics ({args.layers} layers, width "
+    f"{args.width}), AdaHessian block {args.block_size}",
+    args.out,
+  )
+
+
+if __name__ == "__main__":
+  main()

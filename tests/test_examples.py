@@ -1,0 +1,74 @@
+"""Smoke tests of the paper-domain examples: each runs in its ``--quick`` setting.
+
+The three scripts run concurrently in subprocesses (most of their time is XLA compilation,
+which is largely single-threaded). XLA's backend optimisation is turned down for them: it
+halves compile time and the smoke test checks behaviour, not speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = ("cv_digits", "nlp_charlm", "recsys_dlrm")
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("examples")
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  env.pop("JAX_ENABLE_X64", None)
+  procs = {
+    name: subprocess.Popen(
+      [
+        sys.executable,
+        os.path.join(ROOT, "examples", f"{name}.py"),
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(out),
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+      cwd=str(out),
+    )
+    for name in EXAMPLES
+  }
+  results = {}
+  for name, proc in procs.items():
+    try:
+      stdout, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      stdout, _ = proc.communicate()
+    results[name] = (proc.returncode, stdout)
+  return out, results
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_quick(quick_runs, name):
+  out, results = quick_runs
+  returncode, stdout = results[name]
+  assert returncode == 0, stdout[-4000:]
+  png, summary_path = out / f"{name}.png", out / f"{name}.json"
+  assert png.is_file() and png.stat().st_size > 10_000
+  assert summary_path.is_file()
+  with open(summary_path) as f:
+    summary = json.load(f)
+  assert summary["quick"] is True
+  ada = summary["optimizers"]["AdaHessian"]
+  assert not ada["diverged"]
+  assert ada["final_train_loss"] < ada["first_train_loss"], ada
+  assert ada["final_val_loss"] < ada["curves"]["val_loss"][0], ada
+  assert len(summary["optimizers"]) >= 2
+  assert "train loss" in stdout and "AdaHessian" in stdout
