@@ -1,0 +1,62 @@
+"""The paper-claim experiments (benchmarks/paper/) run end to end in their --quick modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")  # the digits CNN task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = os.path.join(ROOT, "benchmarks", "paper")
+EXPERIMENTS = {
+  "lr_robustness": ("scales", "tuning", "results", "table_markdown", "paper", "environment"),
+  "block_size": ("blocks", "tuning", "results", "adamw_reference", "table_markdown", "paper"),
+  "hessian_frequency": ("freqs", "tuning", "results", "references", "table_markdown", "paper"),
+  "headline": ("seeds", "tuning", "results", "tasks", "table_markdown", "paper"),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+  """Starts every experiment's quick mode at once (they are independent) and waits for all."""
+  out = tmp_path_factory.mktemp("paper")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  procs = {}
+  for name in EXPERIMENTS:
+    d = out / name
+    d.mkdir()
+    cmd = [sys.executable, os.path.join(PAPER, f"{name}.py"), "--quick", "--out", str(d)]
+    procs[name] = (d, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       env=env, cwd=ROOT, text=True))  # fmt: skip
+  results = {}
+  for name, (d, p) in procs.items():
+    log, _ = p.communicate(timeout=600)
+    results[name] = (d, p.returncode, log)
+  return results
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_quick_mode(quick_runs, name):
+  d, rc, log = quick_runs[name]
+  assert rc == 0, log[-3000:]
+  with open(d / f"{name}.json") as f:
+    data = json.load(f)
+  assert data["experiment"] == name
+  assert data["quick"] is True
+  for key in EXPERIMENTS[name]:
+    assert key in data, key
+  assert "|" in data["table_markdown"]
+  if name == "hessian_frequency":
+    for row in data["results"]:
+      assert row["cost_x_sgd"] > 0 and row["cost_x_adam"] > 0
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    return
+  assert (d / f"{name}.png").exists()
