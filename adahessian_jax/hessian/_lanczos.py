@@ -9,6 +9,7 @@ per block shape and reused at every step (the step index is a traced argument).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,7 +41,7 @@ def breakdown_tolerance(n: int, dtype) -> float:
   return float(min(1e-3, 10.0 * np.sqrt(n) * jnp.finfo(dtype).eps))
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _extend(basis, v, w, j, tol):
   """One Lanczos step given ``w = H v_j``; returns the basis with ``v_{j+1}``, it, α_j, β_j."""
   alpha = jnp.sum(w * v, axis=-1)
@@ -54,7 +55,7 @@ def _extend(basis, v, w, j, tol):
   ok = beta > tol * raw
   beta = jnp.where(ok, beta, 0.0)
   nxt = jnp.where(ok[:, None], w / jnp.where(ok, beta, 1.0)[:, None], 0.0)
-  return basis.at[:, j + 1].set(nxt), nxt, alpha, beta
+  return basis.at[:, j + 1].set(nxt), nxt, jnp.stack([alpha, beta])
 
 
 @jax.jit
@@ -88,18 +89,17 @@ def lanczos(
   v = _first(jnp.asarray(v0, op.dtype))
   basis = jnp.zeros((b, m + 1, n), op.dtype).at[:, 0].set(v)
   tol = jnp.asarray(breakdown_tolerance(n, op.dtype), op.dtype)
-  alphas, betas = [], []
+  coefs = []
   for j in range(m):
-    basis, v, alpha, beta = _extend(basis, v, op.matmat(v), j, tol)
-    alphas.append(alpha)
-    betas.append(beta)
+    basis, v, coef = _extend(basis, v, op.matmat(v), j, tol)
+    coefs.append(coef)
     if stop is not None:
-      alphas[-1], betas[-1] = np.asarray(alpha), np.asarray(beta)
-      a, bt = np.stack(alphas, axis=1), np.stack(betas, axis=1)
-      if stop(a, bt) or np.all(bt[:, -1] == 0):
+      coefs[-1] = np.asarray(coef)
+      c = np.stack(coefs, axis=2)
+      if stop(c[0], c[1]) or np.all(c[1, :, -1] == 0):
         break
-  a = np.stack(jax.device_get(alphas), axis=1)
-  bt = np.stack(jax.device_get(betas), axis=1)
+  c = np.stack(jax.device_get(coefs), axis=2)
+  a, bt = c[0], c[1]
   return Lanczos(alphas=a, betas=bt, basis=basis, num_steps=a.shape[1])
 
 

@@ -56,6 +56,9 @@ class HessianOperator:
     per_batch_loss: The ``loss_fn(params, batch)`` it was built from (``None``
       for a block operator).
     weighted_batches: ``(w_b, batch_b)`` pairs (empty for a block operator).
+    block_size: Vectors per compiled product (see :func:`hessian_operator`);
+      estimators draw their probes in blocks of this size by default.
+    probes_fn: If set, replaces the probe generator (used by derived operators).
   """
 
   params: Any
@@ -68,6 +71,8 @@ class HessianOperator:
   ravel: Callable[[Any], jax.Array]
   unravel: Callable[[jax.Array], Any]
   num_batches: int = 1
+  block_size: int = 8
+  probes_fn: Callable[[jax.Array], jax.Array] | None = None
   per_batch_loss: LossFn | None = None
   weighted_batches: tuple[tuple[float, Any], ...] = ()
 
@@ -93,8 +98,23 @@ class HessianOperator:
     return self.probes(jax.random.split(key, num))
 
   def probes(self, keys: jax.Array) -> jax.Array:
-    """One Rademacher probe per key, as rows: ``ravel(rademacher_like(key, params))``."""
-    return _rademacher_rows(keys, self.params)
+    """One Rademacher probe per key, as rows: ``ravel(rademacher_like(key, params))``.
+
+    Drawn in blocks of :attr:`block_size` keys (the last padded), so the probe
+    generator is compiled at most twice whatever the number of keys.
+    """
+    if self.probes_fn is not None:
+      return self.probes_fn(keys)
+    num, size = keys.shape[0], self.block_size
+    if num in (1, size):
+      return _rademacher_rows(keys, self.params)
+    data = np.asarray(jax.random.key_data(keys))
+    data = np.concatenate([data, np.repeat(data[:1], -num % size, axis=0)])
+    rows = [
+      _rademacher_rows(jax.random.wrap_key_data(data[i : i + size]), self.params)
+      for i in range(0, num, size)
+    ]
+    return _concat_rows(rows, num)
 
   def block(self, leaf: int | str) -> HessianOperator:
     """The diagonal block ``H_ll`` of one leaf, as an operator on that leaf alone.
@@ -111,8 +131,10 @@ class HessianOperator:
     n, full = self.size, self.matmat_fn
 
     def matmat(vs):
-      padded = jnp.zeros((vs.shape[0], n), vs.dtype).at[:, sl].set(vs)
-      return full(padded)[:, sl]
+      return _take_cols(full(_embed_cols(vs, sl.start, n)), sl.start, sl.stop - sl.start)
+
+    def probes(keys):
+      return _take_cols(self.probes(keys), sl.start, sl.stop - sl.start)
 
     leaf_params = jax.tree.leaves(self.params)[index]
     shape = jnp.shape(leaf_params)
@@ -134,6 +156,28 @@ class HessianOperator:
       ravel=ravel,
       unravel=unravel,
       num_batches=self.num_batches,
+      block_size=self.block_size,
+      probes_fn=probes,
+    )
+
+  def masked(self, leaf: int | str) -> HessianOperator:
+    """``M H M`` with ``M`` the 0/1 mask of one leaf, on full-size vectors.
+
+    Same spectrum as :meth:`block` on the leaf (plus zeros off it), but with
+    the shapes of the full operator, so solvers compiled for it are reused for
+    every leaf. Its probes are the full probes, masked.
+    """
+    index = self.leaf_names.index(leaf) if isinstance(leaf, str) else leaf
+    sl = self.leaf_slices[index]
+    mask = jnp.zeros(self.size, self.dtype).at[sl].set(1.0)
+    full, full_probes = self.matmat, self.probes
+    return dataclasses.replace(
+      self,
+      matmat_fn=lambda vs: _mask_rows(full(_mask_rows(vs, mask)), mask),
+      probes_fn=lambda keys: _mask_rows(full_probes(keys), mask),
+      loss_fn=_no_block_loss,
+      per_batch_loss=None,
+      weighted_batches=(),
     )
 
 
@@ -160,6 +204,40 @@ def _batch_matmat(loss_fn, params, batch, vs):
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_loss(loss_fn, params, batch):
   return loss_fn(params, batch)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_rows(vs, pad):
+  return jnp.pad(vs, ((0, pad), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _row_block(vs, start, size):
+  return jax.lax.dynamic_slice_in_dim(vs, start, size)
+
+
+def _concat_rows(blocks, num):
+  return _concat_jit(tuple(blocks), num)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _concat_jit(blocks, num):
+  return jnp.concatenate(blocks)[:num]
+
+
+@jax.jit
+def _mask_rows(vs, mask):
+  return vs * mask
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _embed_cols(vs, start, n):
+  return jnp.zeros((vs.shape[0], n), vs.dtype).at[:, start : start + vs.shape[1]].set(vs)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _take_cols(vs, start, size):
+  return vs[:, start : start + size]
 
 
 def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
@@ -193,6 +271,7 @@ def hessian_operator(
   *,
   batches: Iterable[Any] | None = None,
   batch_sizes: Sequence[float] | None = None,
+  block_size: int = 8,
 ) -> HessianOperator:
   """The Hessian of ``loss_fn(params, batch)`` at ``params``, as an operator.
 
@@ -210,11 +289,18 @@ def hessian_operator(
       reference: device arrays stay where they are).
     batch_sizes: Example counts ``n_b`` of the batches; by default the leading
       dimension of each batch's first leaf. Ignored for a single batch.
+    block_size: Vectors per compiled block product. A product with one vector
+      or ``block_size`` vectors runs as is; any other count runs in blocks of
+      ``block_size`` (the last zero-padded), so the per-batch Hessian product is
+      compiled at most twice (1 and ``block_size`` vectors) per batch shape.
 
   Returns:
-    A :class:`HessianOperator`. Its block product is ``jax.jit``-compiled once
-    per batch shape and block size and reused by every product.
+    A :class:`HessianOperator`. Its block product is ``jax.jit``-compiled and
+    reused by every product; compilations are shared between operators built
+    from the same ``loss_fn`` object with the same shapes.
   """
+  if block_size < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}")
   if (batch is None) == (batches is None):
     raise ValueError("give exactly one of batch= or batches=")
   if batch is not None:
@@ -241,12 +327,21 @@ def hessian_operator(
 
   w = [float(x) for x in weights]
 
-  def matmat(vs):
-    vs = jnp.asarray(vs, flat.dtype)
+  def weighted(vs):
     out = w[0] * _batch_matmat(loss_fn, params, data[0], vs)
     for wb, b in zip(w[1:], data[1:], strict=True):
       out = out + wb * _batch_matmat(loss_fn, params, b, vs)
     return out
+
+  def matmat(vs):
+    vs = jnp.asarray(vs, flat.dtype)
+    num = vs.shape[0]
+    if num in (1, block_size):
+      return weighted(vs)
+    # Fixed-size blocks (the last zero-padded): one compilation serves any count.
+    padded = _pad_rows(vs, -num % block_size)
+    blocks = [weighted(_row_block(padded, i, block_size)) for i in range(0, num, block_size)]
+    return _concat_rows(blocks, num)
 
   def loss(p):
     out = w[0] * _batch_loss(loss_fn, p, data[0])
@@ -270,6 +365,7 @@ def hessian_operator(
     ravel=ravel,
     unravel=unravel,
     num_batches=len(data),
+    block_size=block_size,
     per_batch_loss=loss_fn,
     weighted_batches=tuple(zip(w, data, strict=True)),
   )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from adahessian_jax.hessian._operator import HessianOperator, key_blocks
+from adahessian_jax.hessian._operator import HessianOperator, _concat_rows, key_blocks
 from adahessian_jax.hutchinson import value_grad_and_diagonal
 
 __all__ = ["DiagonalEstimate", "hutchinson_diag", "xdiag"]
@@ -74,11 +74,19 @@ def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
   """
   if op.per_batch_loss is None:
     raise ValueError("diagonal estimates need an operator from hessian_operator(), not a block")
-  out = None
-  for w, batch in op.weighted_batches:
-    part = w * _diag_samples(op.per_batch_loss, op.params, batch, keys)
-    out = part if out is None else out + part
-  return out
+  # Blocks of op.block_size keys (the last padded): one compilation.
+  num, size = keys.shape[0], op.block_size
+  data = np.asarray(jax.random.key_data(keys))
+  data = np.concatenate([data, np.repeat(data[:1], -num % size, axis=0)])
+  rows = []
+  for i in range(0, num, size):
+    block = jax.random.wrap_key_data(data[i : i + size])
+    out = None
+    for w, batch in op.weighted_batches:
+      part = w * _diag_samples(op.per_batch_loss, op.params, batch, block)
+      out = part if out is None else out + part
+    rows.append(out)
+  return _concat_rows(rows, num)
 
 
 def _result(op, mean, se, matvecs):
@@ -86,7 +94,7 @@ def _result(op, mean, se, matvecs):
 
 
 def hutchinson_diag(
-  op: HessianOperator, key: jax.Array, num_samples: int = 100, block_size: int = 10
+  op: HessianOperator, key: jax.Array, num_samples: int = 100, block_size: int | None = None
 ) -> DiagonalEstimate:
   """Hutchinson's diagonal estimate (the optimizer's estimator) with standard errors.
 
@@ -95,7 +103,7 @@ def hutchinson_diag(
     key: PRNG key; sample ``i`` uses ``jax.random.split(key, num_samples)[i]``,
       so the mean equals ``hutchinson_diagonal(fn, params, key, num_samples)``.
     num_samples: Number of probes (at least 2, for the standard error).
-    block_size: Probes per vectorised call.
+    block_size: Probes per vectorised call (default ``op.block_size``).
 
   Returns:
     A :class:`DiagonalEstimate`; ``stderr`` is the per-entry sample standard
@@ -103,6 +111,7 @@ def hutchinson_diag(
   """
   if num_samples < 2:
     raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+  block_size = op.block_size if block_size is None else block_size
   total = jnp.zeros(op.size, op.dtype)
   total_sq = jnp.zeros(op.size, op.dtype)
   for keys in key_blocks(key, num_samples, block_size):

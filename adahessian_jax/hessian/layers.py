@@ -6,8 +6,9 @@ For a leaf ``l`` (a kernel, a bias, ...) with diagonal Hessian block ``H_ll``:
   summing the Hutchinson diagonal samples of all leaves at once (one probe
   serves every leaf), with a standard error per leaf;
 * the diagonal is the Hutchinson diagonal restricted to the leaf;
-* the top eigenvalue of ``H_ll`` comes from Lanczos on the block operator
-  (:meth:`~adahessian_jax.hessian.HessianOperator.block`).
+* the top eigenvalue of ``H_ll`` comes from Lanczos on the masked operator
+  (:meth:`~adahessian_jax.hessian.HessianOperator.masked`), whose shapes are
+  the full operator's, so one compilation serves every leaf.
 
 References:
   Yao, Gholami, Keutzer, Mahoney, `PyHessian: Neural Networks Through the Lens
@@ -60,7 +61,7 @@ def layer_breakdown(
   key: jax.Array,
   *,
   num_samples: int = 100,
-  block_size: int = 10,
+  block_size: int | None = None,
   eigenvalues: bool = True,
   which: str = "LA",
   tol: float = 1e-6,
@@ -72,7 +73,7 @@ def layer_breakdown(
     op: The Hessian operator (from :func:`hessian_operator`, not a block).
     key: PRNG key (split between the trace probes and the eigen solves).
     num_samples: Hutchinson probes shared by all leaves (at least 2).
-    block_size: Probes per vectorised call.
+    block_size: Probes per vectorised call (default ``op.block_size``).
     eigenvalues: Whether to compute each block's top eigenvalue (Lanczos,
       one full Hessian product per step, per leaf).
     which: Which eigenvalue, as in :func:`~adahessian_jax.hessian.top_eigenvalues`.
@@ -85,6 +86,7 @@ def layer_breakdown(
   """
   if num_samples < 2:
     raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+  block_size = op.block_size if block_size is None else block_size
   k_trace, k_eig = jax.random.split(key)
   blocks = key_blocks(k_trace, num_samples, block_size)
   seg = np.concatenate(

@@ -79,11 +79,13 @@ def _sample_until(sample_block, keys, *, rtol, atol, min_samples, block_size, of
   return np.concatenate(samples)
 
 
-def _validate(min_samples, max_samples, block_size):
+def _validate(op, min_samples, max_samples, block_size):
+  block_size = op.block_size if block_size is None else block_size
   if not 1 <= min_samples <= max_samples:
     raise ValueError(f"need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
   if block_size < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}")
+  return block_size
 
 
 def hutchinson_trace(
@@ -94,7 +96,7 @@ def hutchinson_trace(
   atol: float = 0.0,
   min_samples: int = 10,
   max_samples: int = 1000,
-  block_size: int = 10,
+  block_size: int | None = None,
 ) -> TraceEstimate:
   """Hutchinson's trace estimate with a standard error and a stopping rule.
 
@@ -113,12 +115,12 @@ def hutchinson_trace(
     atol: Absolute standard-error target.
     min_samples: Samples before the rule is checked.
     max_samples: Sample budget.
-    block_size: Probes per block product.
+    block_size: Probes per block product (default ``op.block_size``).
 
   Returns:
     A :class:`TraceEstimate`; ``stderr`` is the sample standard error.
   """
-  _validate(min_samples, max_samples, block_size)
+  block_size = _validate(op, min_samples, max_samples, block_size)
   keys = key_blocks(key, max_samples, block_size)
 
   def block(ks):
@@ -152,7 +154,7 @@ def hutchpp_trace(
   atol: float = 0.0,
   min_samples: int = 10,
   max_samples: int = 1000,
-  block_size: int = 10,
+  block_size: int | None = None,
 ) -> TraceEstimate:
   """Hutch++: exact trace on a sketched subspace plus Hutchinson on the rest.
 
@@ -171,14 +173,14 @@ def hutchpp_trace(
     atol: Absolute standard-error target.
     min_samples: Residual samples before the rule is checked.
     max_samples: Residual sample budget.
-    block_size: Probes per block product.
+    block_size: Probes per block product (default ``op.block_size``).
 
   Returns:
     A :class:`TraceEstimate`; ``stderr`` is the sample standard error of the
     residual term (the sketched term is exact given the sketch), so it is
     calibrated conditionally on the sketch.
   """
-  _validate(min_samples, max_samples, block_size)
+  block_size = _validate(op, min_samples, max_samples, block_size)
   k_sketch, k_res = jax.random.split(key)
   s = int(min(sketch_size, op.size))
   if s > 0:
