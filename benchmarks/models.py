@@ -98,9 +98,9 @@ class ResNetish(nn.Module):
 
 
 def make_cnn(size: str = "full", n_batches: int = 4, seed: int = 0) -> Problem:
-  """ResNet-style CNN on 32x32x3 inputs, batch 64 (tiny: 8x8x3, batch 4, widths 4/8)."""
+  """ResNet-style CNN on 32x32x3 inputs, batch 64, widths 8/16/32 (tiny: 8x8x3, batch 4)."""
   if size == "full":
-    widths, hw, batch = (16, 32, 64), 32, 64
+    widths, hw, batch = (8, 16, 32), 32, 64
   else:
     widths, hw, batch = (4, 8), 8, 4
   model = ResNetish(widths)
@@ -163,9 +163,9 @@ class TransformerLM(nn.Module):
 
 
 def make_transformer(size: str = "full", n_batches: int = 4, seed: int = 0) -> Problem:
-  """Decoder-only LM: 2 pre-LN layers, d_model 128, 4 heads, vocab 512, seq 64, batch 16."""
+  """Decoder-only LM: 2 pre-LN layers, d_model 128, 4 heads, vocab 512, seq 64, batch 8."""
   if size == "full":
-    vocab, seq, d, heads, layers, mlp, batch = 512, 64, 128, 4, 2, 512, 16
+    vocab, seq, d, heads, layers, mlp, batch = 512, 64, 128, 4, 2, 512, 8
   else:
     vocab, seq, d, heads, layers, mlp, batch = 32, 8, 16, 2, 1, 32, 2
   model = TransformerLM(vocab, seq, d, heads, layers, mlp)

@@ -90,6 +90,7 @@ class Config:
       "closure": "AdaHessian closure",
       "fused": "AdaHessian fused",
       "sophia": "Sophia-H (optax)",
+      "fused_bitz": "AdaHessian fused, bit-packed probes*",
     }
     out = names[self.kind]
     if self.kind in ("closure", "fused", "sophia"):
@@ -116,7 +117,25 @@ def make_tx(cfg: Config) -> optax.GradientTransformation:
       update_interval=cfg.freq,
       hessian_diagonal_fn=hutchinson_estimator_diag_hessian(jax.random.PRNGKey(0)),
     )
+  if cfg.kind == "fused_bitz":
+    return adahessian_jax.adahessian(0.01, update_freq=cfg.freq, n_samples=cfg.n_samples)
   raise ValueError(cfg.kind)
+
+
+def bit_rademacher_like(key, tree):
+  """Rademacher probes from 1/32 of the random bits: each uint32 gives 32 signs.
+
+  Not what the library draws (so not its trajectory); measured here to show
+  what drawing one Threefry word per entry costs on CPU (``fused_bitz``).
+  """
+
+  def one(k, x):
+    n = x.size
+    words = jax.random.bits(k, (-(-n // 32), 1), jnp.uint32)
+    bits = (words >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
+    return (bits.reshape(-1)[:n].astype(x.dtype) * 2 - 1).reshape(x.shape)
+
+  return jax.tree.map(one, optax.tree.split_key_like(key, tree), tree)
 
 
 def make_step(cfg: Config, tx: optax.GradientTransformation, loss_fn):
@@ -126,6 +145,20 @@ def make_step(cfg: Config, tx: optax.GradientTransformation, loss_fn):
 
     def step(params, opt_state, batch):
       loss, grads, hdiag = vgh(params, opt_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+  if cfg.kind == "fused_bitz":
+    assert cfg.freq == 1 and cfg.n_samples == 1
+
+    def step(params, opt_state, batch):
+      keys, _ = adahessian_jax.probe_keys(adahessian_jax.find_adahessian_state(opt_state))
+      z = bit_rademacher_like(keys[0], params)
+      objective = lambda q: loss_fn(q, batch)
+      loss, grads, hz = adahessian_jax.hutchinson.value_grad_hvp(objective, params, z)
+      hdiag = jax.tree.map(jnp.multiply, z, hz)
       updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
       return optax.apply_updates(params, updates), opt_state, loss
 
@@ -324,8 +357,9 @@ def run_group(
   return rows
 
 
-def groups(quick: bool) -> dict[str, list[Config]]:
+def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, list[Config]]:
   main = [Config("sgd"), Config("adam"), Config("closure"), Config("fused"), Config("sophia")]
+  main.append(Config("fused_bitz"))
   if quick:
     return {
       "main": main,
@@ -333,9 +367,9 @@ def groups(quick: bool) -> dict[str, list[Config]]:
       "n_samples": [Config("adam"), Config("fused", 1, 2)],
     }
   freq = [Config("adam")]
-  for k in range(1, 6):
+  for k in freqs:
     freq += [Config("fused", k), Config("sophia", k)]
-  n_samples = [Config("adam")] + [Config("fused", 1, n) for n in range(1, 5)]
+  n_samples = [Config("adam")] + [Config("fused", 1, n) for n in ns]
   return {"main": main, "freq": freq, "n_samples": n_samples}
 
 
@@ -441,19 +475,72 @@ def machine() -> dict:
   }
 
 
+def report(payload: dict) -> str:
+  """The markdown tables of a results JSON (what ``benchmarks/README.md`` carries)."""
+  out = []
+  for name, res in payload["results"].items():
+    out.append(f"#### {name}: {res['description']} ({res['n_params']:,} parameters)\n")
+    g = res["groups"]
+    if "main" in g:
+      out.append(markdown_table(g["main"]))
+    if "freq" in g:
+      out.append("Refresh interval k (per-step averages over whole refresh cycles):\n")
+      out.append(sweep_table(g["freq"], "update_freq"))
+    if "n_samples" in g:
+      out.append("Probes per refresh n (k = 1):\n")
+      out.append(sweep_table(g["n_samples"], "n_samples"))
+  return "\n".join(out)
+
+
+def save(args, argv, mode, info, results, wanted_groups, units, sweep_units, warmup, t_start):
+  """Writes the JSON (after every group, so that a long run keeps what it measured)."""
+  info = dict(info)
+  try:
+    info["loadavg_end"] = os.getloadavg()
+  except OSError:
+    pass
+  done = all("main" in r["groups"] for r in results.values())
+  targets = check_targets(results) if "main" in wanted_groups and done else {}
+  cmd = "python benchmarks/step_time.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+  payload = {
+    "command": cmd,
+    "mode": mode,
+    "machine": info,
+    "elapsed_s": time.perf_counter() - t_start,
+    "units_main": units,
+    "units_sweeps": sweep_units,
+    "warmup_units": warmup,
+    "results": results,
+    "targets": targets,
+  }
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / f"step_time_{mode}{'_' + args.tag if args.tag else ''}.json"
+  path.write_text(json.dumps(payload, indent=1) + "\n")
+  return path
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
   ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the JSON output")
-  ap.add_argument("--models", default="mlp,cnn,transformer", help="comma-separated subset")
+  ap.add_argument("--models", default="mlp,transformer,cnn", help="comma-separated subset")
   ap.add_argument("--groups", default="main,freq,n_samples", help="comma-separated subset")
   ap.add_argument("--units", type=int, default=None, help="timed units (cycles) per optimizer")
   ap.add_argument("--sweep-units", type=int, default=None, help="timed units in the sweeps")
   ap.add_argument("--warmup", type=int, default=None, help="untimed units per optimizer")
+  ap.add_argument("--freqs", default="1,2,3,4,5", help="refresh intervals of the freq sweep")
+  ap.add_argument("--ns", default="1,2,3,4", help="probe counts of the n_samples sweep")
+  ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+  ap.add_argument(
+    "--report", type=Path, default=None, help="print the markdown tables of a results JSON; no run"
+  )
   args = ap.parse_args(argv)
+  if args.report is not None:
+    print(report(json.loads(args.report.read_text())))
+    return 0
 
   size = "tiny" if args.quick else "full"
-  units = args.units or (5 if args.quick else 40)
+  units = args.units or (5 if args.quick else 30)
   sweep_units = args.sweep_units or (3 if args.quick else 30)
   warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
   mode = "quick" if args.quick else "full"
@@ -470,7 +557,9 @@ def main(argv=None) -> int:
     log(f"\n== {name}: {problem.description}; {n_params:,} parameters")
     model_res = {"description": problem.description, "n_params": int(n_params), "groups": {}}
     cache: dict = {}
-    for gname, configs in groups(args.quick).items():
+    freqs = [int(k) for k in args.freqs.split(",")]
+    ns = [int(n) for n in args.ns.split(",")]
+    for gname, configs in groups(args.quick, freqs, ns).items():
       if gname not in wanted_groups or (args.quick and gname != "main" and name != "mlp"):
         continue
       n_units = units if gname == "main" else sweep_units
@@ -483,31 +572,14 @@ def main(argv=None) -> int:
         log(sweep_table(rows, "update_freq"))
       elif gname == "n_samples":
         log(sweep_table(rows, "n_samples"))
+      results[name] = model_res
+      save(args, argv, mode, info, results, wanted_groups, units, sweep_units, warmup, t_start)
     results[name] = model_res
 
+  path = save(args, argv, mode, info, results, wanted_groups, units, sweep_units, warmup, t_start)
   elapsed = time.perf_counter() - t_start
-  try:
-    info["loadavg_end"] = os.getloadavg()
-  except OSError:
-    pass
-  targets = check_targets(results) if "main" in wanted_groups else {}
-  for model, t in targets.items():
+  for model, t in check_targets(results).items() if "main" in wanted_groups else ():
     log(f"targets {model}: " + json.dumps(t, default=float))
-  cmd = "python benchmarks/step_time.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
-  payload = {
-    "command": cmd,
-    "mode": mode,
-    "machine": info,
-    "elapsed_s": elapsed,
-    "units_main": units,
-    "units_sweeps": sweep_units,
-    "warmup_units": warmup,
-    "results": results,
-    "targets": targets,
-  }
-  args.out.mkdir(parents=True, exist_ok=True)
-  path = args.out / f"step_time_{mode}.json"
-  path.write_text(json.dumps(payload, indent=1) + "\n")
   log(f"\nwrote {path} ({elapsed:.0f} s)")
   return 0
 

@@ -271,7 +271,7 @@ def test_benchmark_quick_mode_runs(tmp_path):
   out = json.loads((tmp_path / "step_time_quick.json").read_text())
   rows = out["results"]["mlp"]["groups"]["main"]
   kinds = {r["kind"] for r in rows}
-  assert kinds == {"sgd", "adam", "closure", "fused", "sophia"}
+  assert {"sgd", "adam", "closure", "fused", "sophia"} <= kinds
   for r in rows:
     assert r["ms_per_step_median"] > 0 and r["flops"] > 0 and r["peak_bytes"] > 0
     assert np.isfinite(r["final_loss"])
