@@ -62,6 +62,18 @@ def test_block_is_the_diagonal_block_of_a_leaf():
   np.testing.assert_allclose(_dense(blk), mlp_hessian()[sl, sl], atol=1e-13)
 
 
+def test_masked_is_the_block_embedded_in_the_full_space():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch, block_size=5)
+  sl = op.leaf_slices[3]
+  want = np.zeros((75, 75))
+  want[sl, sl] = mlp_hessian()[sl, sl]
+  masked = op.masked("out/kernel")
+  np.testing.assert_allclose(_dense(masked), want, atol=1e-13)  # 75 rows: 15 blocks of 5
+  z = np.asarray(masked.rademacher(jax.random.key(0), 3))
+  assert np.all(z[:, : sl.start] == 0) and np.all(np.abs(z[:, sl]) == 1)
+
+
 def test_probes_are_the_optimizers_probes():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)

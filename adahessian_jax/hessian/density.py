@@ -71,7 +71,7 @@ def spectral_density(
   op: HessianOperator,
   key: jax.Array,
   *,
-  num_probes: int = 10,
+  num_probes: int = 8,
   num_steps: int = 80,
   sigma: float | None = None,
   grid: np.ndarray | None = None,

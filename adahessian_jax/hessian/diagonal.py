@@ -136,7 +136,7 @@ def _xdiag_estimates(omega, y, z, q, r):
   return (low_rank + omega * resid).T
 
 
-def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 40) -> DiagonalEstimate:
+def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> DiagonalEstimate:
   """XDiag: exchangeable low-rank-plus-Hutchinson diagonal estimate.
 
   With ``s = num_matvecs // 2`` Rademacher probes ``Ω``, ``Y = HΩ = QR`` and

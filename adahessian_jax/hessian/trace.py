@@ -149,7 +149,7 @@ def hutchpp_trace(
   op: HessianOperator,
   key: jax.Array,
   *,
-  sketch_size: int = 20,
+  sketch_size: int = 16,
   rtol: float = 1e-2,
   atol: float = 0.0,
   min_samples: int = 10,
@@ -224,7 +224,7 @@ def _xtrace_estimates(omega, y, z, q, r):
   return low_rank + jnp.sum(u * hu, axis=0)
 
 
-def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 40) -> TraceEstimate:
+def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceEstimate:
   """XTrace: exchangeable Hutch++ with a built-in error estimate.
 
   Draws ``s = num_matvecs // 2`` Rademacher probes ``Ω``, computes ``Y = HΩ``,
