@@ -47,9 +47,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from adahessian_jax.transform import ScaleByAdaHessianState, fold_in_axis_index
+from adahessian_jax.transform import ScaleByAdaHessianState, device_varying, fold_in_axis_index
 
 __all__ = [
+  "device_varying",
   "fold_in_axis_index",
   "max_replica_difference",
   "per_device_probe_state",

@@ -59,6 +59,38 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
   return jax.random.key_data(jax.vmap(jax.random.fold_in, (0, None))(keys, index))
 
 
+def device_varying(tree: Any, axis_name: Any) -> Any:
+  """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
+
+  Under ``shard_map`` (with its default ``check_vma=True``), differentiating a
+  per-device loss with respect to replicated (invariant) parameters sums the
+  result over the axis automatically; at the returned values the gradient and
+  Hessian-vector products are this device's own, as under ``pmap``.
+  """
+  typeof = getattr(jax, "typeof", None)
+  cast = getattr(jax.lax, "pcast", None)
+  if cast is None and hasattr(jax.lax, "pvary"):
+    cast = lambda x, axes, to: jax.lax.pvary(x, axes)
+  if typeof is None or cast is None:  # JAX without varying-axis types
+    return tree
+  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+  def one(x):
+    aval = typeof(x)
+    varying = getattr(aval, "vma", None)
+    if varying is None:
+      varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    missing = tuple(a for a in axes if a not in varying)
+    if not missing:
+      return x
+    try:
+      return cast(x, missing, to="varying")
+    except ValueError:  # not under shard_map (pmap, vmap): values are per-device already
+      return x
+
+  return jax.tree.map(one, tree)
+
+
 def is_refresh_step(state: ScaleByAdaHessianState) -> jax.Array | bool:
   """Whether the next update refreshes the Hessian (steps 1, 1+k, 1+2k, ...).
 
@@ -145,9 +177,12 @@ def scale_by_adahessian(
     n_samples: Number of Rademacher probes averaged per refresh.
     seed: Seed of the PRNG key kept in the state.
     axis_name: If given, the estimate is averaged over this mapped axis
-      (``pmap``/``shard_map``), like gradients are. With the state replicated,
-      every device draws the same probe, so the result equals single-device
-      training on the global batch.
+      (``pmap``/``shard_map``), like gradients are. ``value_fn`` is then this
+      device's loss on its local batch (differentiated locally, also under
+      ``shard_map``), and ``hessian_diag`` this device's estimate. With the
+      state replicated, every device draws the same probe, so the result equals
+      single-device training on the global batch. Leave it ``None`` under
+      ``jax.jit`` with sharded global arrays: the loss is global there.
     averaging: Spatial-averaging rules: ``None`` for
       :func:`adahessian_jax.spatial.flax_default` with ``block_size``, a rule,
       a pytree prefix of rules, or a callable ``(path, leaf) -> rule | None``.
@@ -213,6 +248,9 @@ def scale_by_adahessian(
           "value_fn=adahessian_jax.masked_value_fn(value_fn, params), or a whole-model "
           "hessian_diag."
         )
+      if axis_name is not None:
+        # value_fn is this device's loss; its local estimate is averaged below.
+        params, keys = device_varying((params, keys), axis_name)
       estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys)[2]
     else:
       estimate = hessian_diag

@@ -1,0 +1,248 @@
+"""Problem and training loops shared by the distributed test workers.
+
+Imported by ``_distributed_worker.py`` (one process, forced host devices) and
+``_multihost_worker.py`` (one of several ``jax.distributed`` processes); both
+are run as scripts by ``test_distributed.py``, never imported by pytest. Every
+loop trains the same tiny tanh MLP on the same global batch, so any two of them
+can be compared parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adahessian_jax as ah
+from adahessian_jax import distributed
+
+N_GLOBAL, D_IN, HIDDEN, D_OUT = 32, 8, 16, 4
+STEPS = 50
+AXIS = "data"
+# (dtype name, update_freq): update_freq=2 runs the lax.cond refresh path.
+CONFIGS = (("float32", 1), ("float64", 1), ("float32", 2))
+
+
+def config_name(dtype, update_freq):
+  return f"{dtype}_k{update_freq}"
+
+
+def make_problem(dtype):
+  """Global batch ``(x, y)`` and initial params, as NumPy arrays of ``dtype``."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(N_GLOBAL, D_IN))
+  y = np.tanh(x @ rng.normal(size=(D_IN, D_OUT))) + 0.1 * rng.normal(size=(N_GLOBAL, D_OUT))
+  params = {
+    "w1": rng.normal(size=(D_IN, HIDDEN)) / np.sqrt(D_IN),
+    "b1": 0.1 * rng.normal(size=(HIDDEN,)),
+    "w2": rng.normal(size=(HIDDEN, D_OUT)) / np.sqrt(HIDDEN),
+    "b2": 0.1 * rng.normal(size=(D_OUT,)),
+  }
+  cast = lambda a: np.asarray(a, dtype)
+  return cast(x), cast(y), jax.tree.map(cast, params)
+
+
+def loss_fn(params, x, y):
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
+
+
+# hessian_power=0.5 and block averaging keep the first step well conditioned, so that
+# float32 rounding (a different summation order across devices) is not amplified past
+# 1e-6; see DEFAULT_HPARAMS for the optimizer's defaults, checked against a noise floor.
+TEST_HPARAMS = {"learning_rate": 0.05, "hessian_power": 0.5, "block_size": 4}
+DEFAULT_HPARAMS = {"learning_rate": 0.05}
+
+
+def make_tx(update_freq, axis_name=None, independent_probes=False, hparams=None):
+  return ah.adahessian(
+    **(TEST_HPARAMS if hparams is None else hparams),
+    weight_decay=1e-3,
+    update_freq=update_freq,
+    seed=3,
+    axis_name=axis_name,
+    independent_probes=independent_probes,
+  )
+
+
+def local_step(tx, axis_name=None, fused=False, per_device_probes=False):
+  """One training step on the local batch; gradients ``pmean``-ed if ``axis_name``."""
+
+  def step(params, state, x, y):
+    loss = lambda p: loss_fn(p, x, y)
+    # This device's own gradient (under shard_map, not the automatic sum over the axis).
+    local = distributed.device_varying(params, axis_name) if axis_name is not None else params
+    if fused:
+      probe_state = state
+      if axis_name is not None:
+        # Under shard_map the probes must vary like the local params (a no-op under pmap).
+        probe_state = distributed.device_varying(state, axis_name)
+      if per_device_probes:
+        probe_state = distributed.per_device_probe_state(state, axis_name)
+      _, grads, hdiag = ah.value_grad_and_hessian_diag(loss_fn)(local, probe_state, x, y)
+      extra = {"hessian_diag": hdiag}
+    else:
+      grads = jax.grad(loss)(local)
+      extra = {"value_fn": loss}
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def run_steps(step, params, state, x, y):
+  """``STEPS`` training steps, waiting for each before dispatching the next.
+
+  Waiting matters on small CPU hosts: with several forced host devices and
+  async dispatch, XLA:CPU's in-process collectives can deadlock when queued
+  executions starve the thread pool (seen on a loaded 2-core machine).
+  """
+  for _ in range(STEPS):
+    params, state = jax.block_until_ready(step(params, state, x, y))
+  return params, state
+
+
+def train_single_device(dtype, update_freq, hparams=None, permute=False):
+  """The reference: one device, the whole global batch (rows reversed if ``permute``)."""
+  x, y, params = make_problem(dtype)
+  if permute:  # the same loss, summed in another order: float rounding only
+    x, y = x[::-1], y[::-1]
+  x, y, params = jax.device_put((x, y, params), jax.local_devices()[0])
+  tx = make_tx(update_freq, hparams=hparams)
+  state = tx.init(params)
+  step = jax.jit(local_step(tx))
+  params, state = run_steps(step, params, state, x, y)
+  return params
+
+
+def train_pmap(dtype, update_freq, hessian_pmean=True, independent=False, fused=False):
+  """``jax.pmap`` over the local devices; returns params and state with a leading device axis.
+
+  ``hessian_pmean=False`` is the negative control: gradients averaged, the
+  Hessian estimate not (no ``axis_name`` for the optimizer).
+  """
+  n = jax.local_device_count()
+  x, y, params = make_problem(dtype)
+  xs = x.reshape(n, -1, x.shape[-1])
+  ys = y.reshape(n, -1, y.shape[-1])
+  first_replica = params
+  params = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), params)
+  tx = make_tx(
+    update_freq,
+    axis_name=AXIS if hessian_pmean else None,
+    independent_probes=independent and not fused,
+  )
+  # Eager init on one replica, broadcast: cheaper to run than a compiled pmap(tx.init).
+  state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), tx.init(first_replica))
+  step = jax.pmap(
+    local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused), axis_name=AXIS
+  )
+  return run_steps(step, params, state, xs, ys)
+
+
+def mesh_1d(devices=None):
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return jax.sharding.Mesh(devices, (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def put_global(mesh, array, spec):
+  """A global ``jax.Array`` from the full NumPy array every process holds."""
+  sharding = NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def put_tree(tree, shardings):
+  """``put_global`` for a pytree; ``shardings`` a pytree (prefix) of ``NamedSharding``s."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(lambda v, sh: put_global(sh.mesh, np.asarray(v), sh.spec), tree, shardings)
+
+
+# Params sharded FSDP style: kernels over their output axis, biases over theirs where divisible.
+FSDP_SPECS = {"w1": P(None, AXIS), "b1": P(AXIS), "w2": P(AXIS, None), "b2": P()}
+
+
+def train_jit(mesh, dtype, update_freq, fsdp=False, hparams=None):
+  """``jax.jit`` over global arrays: batch sharded; params replicated or FSDP-sharded.
+
+  Returns ``(params, state, info)``; ``info`` records whether the state's
+  moments kept the parameters' shardings through training.
+  """
+  x, y, params = make_problem(dtype)
+  x = put_global(mesh, x, P(AXIS))
+  y = put_global(mesh, y, P(AXIS))
+  specs = FSDP_SPECS if fsdp else jax.tree.map(lambda _: P(), params)
+  params_np = params
+  params = {k: put_global(mesh, v, specs[k]) for k, v in params.items()}
+  tx = make_tx(update_freq, hparams=hparams)
+  state_sh = distributed.state_shardings(jax.eval_shape(tx.init, params), params)
+  if fsdp:  # created sharded: the full state never exists on one device
+    state = jax.jit(tx.init, out_shardings=state_sh)(params)
+  else:
+    state = put_tree(tx.init(params_np), state_sh)
+  param_sh = jax.tree.map(lambda a: a.sharding, params)
+  # No out_shardings for the step: the shardings below are what XLA propagated.
+  step = jax.jit(local_step(tx), donate_argnums=(0, 1))
+  params, state = run_steps(step, params, state, x, y)
+  adah = ah.find_adahessian_state(state)
+  same = lambda tree: all(
+    jax.tree.leaves(
+      jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), tree, param_sh)
+    )
+  )
+  info = {
+    "params_keep_sharding": same(params),
+    "mu_like_params": same(adah.mu),
+    "nu_like_params": same(adah.nu),
+    "hessian_like_params": adah.hessian is None or same(adah.hessian),
+    "key_replicated": bool(adah.key.sharding.is_fully_replicated),
+    "mu_w1_shard_shape": list(adah.mu["w1"].addressable_shards[0].data.shape),
+  }
+  return params, state, info
+
+
+def train_shard_map(mesh, dtype, update_freq, independent=False, fused=False):
+  """``jax.shard_map`` with ``axis_name``: params and state replicated, batch sharded."""
+  x, y, params = make_problem(dtype)
+  x = put_global(mesh, x, P(AXIS))
+  y = put_global(mesh, y, P(AXIS))
+  params_np = params
+  params = jax.tree.map(lambda v: put_global(mesh, v, P()), params)
+  tx = make_tx(update_freq, axis_name=AXIS, independent_probes=independent and not fused)
+  state = put_tree(tx.init(params_np), NamedSharding(mesh, P()))
+  step = jax.jit(
+    jax.shard_map(
+      local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused),
+      mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P(AXIS)),
+      out_specs=(P(), P()),
+    )
+  )
+  params, state = run_steps(step, params, state, x, y)
+  return params, state
+
+
+def max_abs_diff(a, b):
+  return float(
+    max(
+      np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)))
+      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+  )
+
+
+def to_numpy(params):
+  """Full NumPy copies of (possibly sharded, possibly multi-process) params."""
+  from jax.experimental import multihost_utils
+
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, jax.Array) and not v.is_fully_addressable:
+      v = multihost_utils.process_allgather(v, tiled=True)
+    out[k] = np.asarray(v)
+  return out

@@ -1,0 +1,115 @@
+"""Single-host distributed checks, run by ``test_distributed.py`` in a subprocess.
+
+Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _distributed_worker.py OUT_DIR``
+
+Trains the shared problem for ``STEPS`` steps in each mode (``pmap``, ``jit``
+data-parallel and FSDP, ``shard_map``; both probe policies; the ``value_fn``
+and the fused ``hessian_diag`` routes) and writes ``OUT_DIR/results.json``
+(differences to the single-device reference, between replicas, and sharding
+facts) and ``OUT_DIR/reference.npz`` (the single-device params, for the
+multi-process test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+from _distributed_common import (  # noqa: E402
+  DEFAULT_HPARAMS,
+  STEPS,
+  config_name,
+  max_abs_diff,
+  mesh_1d,
+  to_numpy,
+  train_jit,
+  train_pmap,
+  train_shard_map,
+  train_single_device,
+)
+
+from adahessian_jax import distributed  # noqa: E402
+
+# (dtype, update_freq, modes); update_freq=2 runs the lax.cond refresh path.
+EXACT_MODES = ("pmap", "jit_dp", "jit_fsdp", "shard_map")
+PLAN = (
+  (
+    "float32",
+    1,
+    (
+      *EXACT_MODES,
+      "pmap_no_hessian_pmean",
+      "pmap_independent",
+      "pmap_fused_independent",
+      "shard_map_fused",
+      "shard_map_independent",
+    ),
+  ),
+  ("float64", 1, EXACT_MODES),
+  ("float32", 2, ("pmap", "jit_fsdp", "shard_map_independent")),
+)
+
+
+def run_mode(mode, mesh, dtype, k):
+  """Returns ``(params as NumPy, max difference between replicas, extra info)``."""
+  independent = "independent" in mode
+  fused = "fused" in mode
+  if mode.startswith("pmap"):
+    p, s = train_pmap(dtype, k, "no_hessian" not in mode, independent, fused)
+    first = jax.tree.map(lambda a: np.asarray(a)[0], p)
+    return first, distributed.max_replica_difference((p, s), stacked=True), None
+  if mode.startswith("jit"):
+    p, s, info = train_jit(mesh, dtype, k, fsdp=mode == "jit_fsdp")
+    return to_numpy(p), distributed.max_replica_difference((p, s)), info
+  p, s = train_shard_map(mesh, dtype, k, independent, fused)
+  return to_numpy(p), distributed.max_replica_difference((p, s)), None
+
+
+def main(out_dir):
+  t0 = time.time()
+  mesh = mesh_1d()
+  results = {"n_devices": jax.device_count(), "steps": STEPS}
+  references = {}
+  for dtype, k, modes in PLAN:
+    name = config_name(dtype, k)
+    r = results[name] = {}
+    ref = references[name] = to_numpy(train_single_device(dtype, k))
+    outputs = {}
+    for mode in modes:
+      params, replica_diff, info = run_mode(mode, mesh, dtype, k)
+      outputs[mode] = params
+      r[mode] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(params, ref)}
+      if info is not None:
+        r[mode]["sharding"] = info
+      independent_ref = outputs.get("pmap_independent")
+      if independent_ref is not None and "independent" in mode:
+        r[mode]["vs_pmap_independent"] = max_abs_diff(params, independent_ref)
+
+  # The optimizer's default hyperparameters in float32: the first step divides by
+  # |D| + 1e-4, which amplifies rounding; compare with the single-device noise floor.
+  ref = to_numpy(train_single_device("float32", 1, DEFAULT_HPARAMS))
+  permuted = to_numpy(train_single_device("float32", 1, DEFAULT_HPARAMS, permute=True))
+  p, _, _ = train_jit(mesh, "float32", 1, hparams=DEFAULT_HPARAMS)
+  results["default_hparams_float32"] = {
+    "jit_dp_vs_ref": max_abs_diff(to_numpy(p), ref),
+    "permuted_batch_vs_ref": max_abs_diff(permuted, ref),
+  }
+
+  np.savez(
+    os.path.join(out_dir, "reference.npz"),
+    **{f"{name}/{leaf}": v for name, ps in references.items() for leaf, v in ps.items()},
+  )
+  results["seconds"] = time.time() - t0
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

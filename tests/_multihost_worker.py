@@ -1,0 +1,81 @@
+"""One process of the multi-process check, run by ``test_distributed.py``.
+
+Usage (one per process, 2 local CPU devices each)::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+    python _multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+
+Joins ``jax.distributed`` on ``127.0.0.1:PORT`` with gloo CPU collectives,
+trains the shared problem over the global mesh of all processes' devices with
+``jax.jit`` (data-parallel and FSDP) and ``shard_map``, and writes the full
+final params to ``OUT_DIR/process_<id>.npz`` for the test to compare across
+processes and with the single-device reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+import numpy as np  # noqa: E402
+from _distributed_common import (  # noqa: E402
+  config_name,
+  mesh_1d,
+  to_numpy,
+  train_jit,
+  train_shard_map,
+)
+
+from adahessian_jax import distributed  # noqa: E402
+
+MODES = ("jit_dp", "jit_fsdp", "shard_map")
+DTYPES = ("float32", "float64")
+
+
+def main(process_id, num_processes, port, out_dir):
+  t0 = time.time()
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
+  try:
+    mesh = mesh_1d()  # every process's devices: the global batch is split across processes
+    arrays, info = (
+      {},
+      {
+        "process_index": jax.process_index(),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+      },
+    )
+    for dtype in DTYPES:
+      for mode in MODES:
+        if mode == "jit_fsdp" and dtype == "float64":
+          continue  # keep the run short; FSDP across processes is checked in float32
+        if mode == "shard_map":
+          params, state = train_shard_map(mesh, dtype, 1)
+        else:
+          params, state, _ = train_jit(mesh, dtype, 1, fsdp=mode == "jit_fsdp")
+        key = f"{config_name(dtype, 1)}/{mode}"
+        info[f"{key}/local_replica_diff"] = distributed.max_replica_difference((params, state))
+        for leaf, value in to_numpy(params).items():
+          arrays[f"{key}/{leaf}"] = value
+    info["seconds"] = time.time() - t0
+    np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **arrays)
+    with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:
+      json.dump(info, f)
+  finally:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
