@@ -165,7 +165,7 @@ def main():
   if args.quick:
     cfg = dict(hidden=8, examples=300, steps=100, ks=[1, 5], targets=[1e-3, 1e-8], repeats=3)
     cfg.update(tol_step=1.0)
-    cfg.update(budgets=[12, 48, 96], seeds=16)
+    cfg.update(budgets=[12, 48, 96], seeds=10)
   else:
     cfg = dict(hidden=24, examples=1000, steps=300, ks=[1, 5, 10], targets=[1e-3, 1e-8])
     cfg.update(repeats=5, budgets=[12, 24, 48, 96, 192], seeds=40, tol_step=0.5)
