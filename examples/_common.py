@@ -109,6 +109,9 @@ def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentP
     help="first sweep every optimizer's learning-rate grid (same budget each) and use the "
     "learning rate with the lowest final validation loss",
   )
+  p.add_argument(
+    "--only", default=None, metavar="NAME[,NAME]", help="run only these optimizers (by name)"
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(default_steps=steps, quick_steps=quick_steps)
   return p
@@ -375,7 +378,12 @@ def plot(
   )
   for ax in axes.flat:
     ax.grid(alpha=0.3)
-  ax_tr.set_yscale("log")
+  tr = np.concatenate([np.asarray(r.train_loss[1:], dtype=float) for r in runs])
+  tr = tr[np.isfinite(tr) & (tr > 0)]
+  if tr.size and tr.max() / tr.min() > 30:  # log scale only where it spans decades
+    ax_tr.set_yscale("log")
+  else:
+    _zoom(ax_tr, [r.train_loss[1:] for r in runs], high=100)
   ref = reference or {}
   _zoom(ax_vl, [r.val["loss"] for r in runs] + [[ref["loss"]] if "loss" in ref else []])
   skip = max(len(runs[0].steps) // 10, 1)  # the metric's axes start after the first 10 %
@@ -409,6 +417,11 @@ def param_count(params) -> int:
 def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args):
   """Optionally tunes, then trains every optimizer; returns (runs, tuning table or None)."""
   apply_lr_overrides(optimizers, args.lr)
+  if args.only:
+    keep = {n.strip().lower() for n in args.only.split(",")}
+    optimizers = [o for o in optimizers if o.name.lower() in keep]
+    if not optimizers:
+      raise SystemExit(f"--only {args.only!r} matches no optimizer")
   tuning = None
   progress = not args.no_progress
   if args.tune:

@@ -109,7 +109,7 @@ def main():
     "accuracy",
     "accuracy",
     f"CNN on sklearn digits ({len(x_tr)} train / {len(x_val)} val), batch {args.batch_size}, "
-    "cosine decay",
+    "warm-up + cosine decay",
     args.out,
   )
 

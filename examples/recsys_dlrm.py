@@ -138,8 +138,8 @@ def optimizers():
     _common.Optimizer(
       "Adagrad",
       lambda lr, n: optax.adagrad(lr),
-      lr=0.1,
-      grid=(0.01, 0.03, 0.1, 0.3),
+      lr=1.0,
+      grid=(0.1, 0.3, 1.0, 3.0),
     ),
   ]
 
