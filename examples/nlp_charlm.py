@@ -117,15 +117,15 @@ def optimizers(block):
         block_size=block,
         averaging=averaging_rules(block),
       ),
-      lr=0.15,
-      grid=(0.047, 0.15, 0.47),
+      lr=0.47,
+      grid=(0.15, 0.47, 1.5),
       hessian=True,
     ),
     _common.Optimizer(
       "AdamW",
       lambda lr, n: optax.adamw(schedule(lr, n), b1=0.9, b2=0.98, weight_decay=1e-4),
-      lr=3e-3,
-      grid=(1e-3, 3e-3, 1e-2),
+      lr=1e-2,
+      grid=(3e-3, 1e-2, 3e-2),
     ),
   ]
 
