@@ -185,6 +185,8 @@ def main():
       yield train_data[s[:, None] + np.arange(ctx + 1)]
 
   opts = optimizers(args.block_size)
+  if args.quick:  # the tuned rates are for the default model and 600 steps; 30 steps need less
+    opts[0].lr, opts[1].lr = 0.15, 3e-3
   runs, tuning = _common.compare(opts, params, loss_fn, batches, evaluate, steps, eval_every, args)
   extra = {"vocabulary": len(chars), "parameters": _common.param_count(params)}
   _common.summarize("nlp_charlm", runs, "accuracy", "val acc", args.out, args, extra, tuning)
