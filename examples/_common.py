@@ -288,7 +288,8 @@ def summarize(
 ) -> dict:
   """Prints the summary table and writes ``<out>/<example>.json``."""
   header = (
-    f"{'optimizer':<12} {'lr':>8} {'train loss':>11} {'val loss':>9} {metric_label:>10} "
+    f"{'optimizer':<12} {'lr':>8} {'train loss':>11} {'val loss: start -> end':>22} "
+    f"{metric_label:>10} "
     f"{'best ' + metric_label:>14} {'train s':>8} {'ms/step':>8} {'compile s':>9}"
   )
   print("\n" + header + "\n" + "-" * len(header))
@@ -312,7 +313,8 @@ def summarize(
     n_steps = r.steps[-1]
     ms = 1000 * r.train_s / max(n_steps, 1)
     print(
-      f"{r.name:<12} {r.lr:>8g} {r.train_loss[-1]:>11.4f} {r.val['loss'][-1]:>9.4f} "
+      f"{r.name:<12} {r.lr:>8g} {r.train_loss[-1]:>11.4f} "
+      f"{r.val['loss'][0]:>12.4f} -> {r.val['loss'][-1]:<6.4f} "
       f"{vals[-1]:>10.4f} {best:>14.4f} {r.train_s:>8.1f} {ms:>8.2f} {r.compile_s:>9.1f}"
       + ("  DIVERGED" if r.diverged else "")
     )

@@ -34,6 +34,6 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
   quick = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
   commands = [line for b in bash_blocks(quick) for line in b.strip().splitlines()]
   assert len(commands) == 2
-  assert "examples/quickstart.py" in commands[0]
+  assert "examples/cv_digits.py --quick" in commands[0]
   ci = (ROOT / ".ci" / "run").read_text()
   assert commands[1] in ci
