@@ -359,13 +359,13 @@ def run_group(
 
 def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, list[Config]]:
   main = [Config("sgd"), Config("adam"), Config("closure"), Config("fused"), Config("sophia")]
-  main.append(Config("fused_bitz"))
   if quick:
     return {
       "main": main,
       "freq": [Config("adam"), Config("fused", 2)],
       "n_samples": [Config("adam"), Config("fused", 1, 2)],
     }
+  main.append(Config("fused_bitz"))
   freq = [Config("adam")]
   for k in freqs:
     freq += [Config("fused", k), Config("sophia", k)]
@@ -523,7 +523,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
   ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the JSON output")
-  ap.add_argument("--models", default="mlp,transformer,cnn", help="comma-separated subset")
+  ap.add_argument(
+    "--models", default=None, help="comma-separated subset (default: all; with --quick: mlp)"
+  )
   ap.add_argument("--groups", default="main,freq,n_samples", help="comma-separated subset")
   ap.add_argument("--units", type=int, default=None, help="timed units (cycles) per optimizer")
   ap.add_argument("--sweep-units", type=int, default=None, help="timed units in the sweeps")
@@ -539,6 +541,8 @@ def main(argv=None) -> int:
     print(report(json.loads(args.report.read_text())))
     return 0
 
+  if args.models is None:
+    args.models = "mlp" if args.quick else "mlp,transformer,cnn"
   size = "tiny" if args.quick else "full"
   units = args.units or (5 if args.quick else 30)
   sweep_units = args.sweep_units or (3 if args.quick else 30)
