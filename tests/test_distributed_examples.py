@@ -1,0 +1,29 @@
+"""The README's multi-device examples run (each sets its own forced host device count)."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", ["pmap", "jit", "shard_map", "multihost"])
+def test_distributed_example_runs_and_replicas_agree(name):
+  proc = subprocess.run(
+    [sys.executable, str(EXAMPLES / f"distributed_{name}.py")],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  if name == "multihost":
+    # Both processes print the same final loss and parameter checksum.
+    finals = re.findall(r"process \d: (loss [\d.]+, sum\(w1\) [-\d.]+)", out)
+    assert len(finals) == 2 and finals[0] == finals[1], out
+  else:
+    diffs = [float(d) for d in re.findall(r"max \|difference\|[^:]*: ([-\d.e+]+)", out)]
+    assert diffs and max(diffs) == 0.0, out
