@@ -233,7 +233,8 @@ def scale_by_adahessian(
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
       nu=nu,
-      hessian=nu if lazy else None,
+      # A buffer of its own: donating a state whose leaves alias fails.
+      hessian=optax.tree.zeros_like(params, dtype=nu_dtype) if lazy else None,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
 

@@ -75,3 +75,18 @@ def test_value_grad_and_diagonal_has_aux(mlp_problem):
   assert_trees_allclose(est, plain, rtol=1e-13)
   with pytest.raises(TypeError, match=r"\(loss, aux\)"):
     hutchinson.value_grad_and_diagonal(lambda p: loss_fn(p, batch), params, keys, has_aux=True)
+
+
+def test_bit_packed_rademacher_is_uniform_and_uncorrelated():
+  from adahessian_jax.hutchinson import rademacher
+
+  z = np.asarray(rademacher(jax.random.key(3), (4001, 64), jnp.float64)).reshape(-1)
+  n = z.size
+  assert set(np.unique(z)) == {-1.0, 1.0}
+  assert abs(z.mean()) < 5 / np.sqrt(n)  # 5 standard errors
+  # Entries 1..40 apart (within and across 32-bit words) are uncorrelated.
+  for lag in (1, 2, 16, 31, 32, 33, 40):
+    assert abs(np.mean(z[:-lag] * z[lag:])) < 5 / np.sqrt(n), lag
+  # Odd sizes and scalars work.
+  assert rademacher(jax.random.key(0), (), jnp.float32).shape == ()
+  assert rademacher(jax.random.key(0), (3, 0)).shape == (3, 0)

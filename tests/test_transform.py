@@ -361,3 +361,15 @@ def test_first_step_closed_form_on_quadratic():
     tx = ah.adahessian(0.1, hessian_power=k)
     u, _ = tx.update(jax.grad(f)(x), tx.init(x), x, value_fn=f)
     np.testing.assert_allclose(u, -0.1 * a * x / (a**k + 1e-4), rtol=1e-12)
+
+
+def test_state_can_be_donated(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.05, update_freq=2)
+  step = jax.jit(
+    lambda p, s: tx.update(p, s, p, value_fn=lambda q: loss_fn(q, batch)), donate_argnums=1
+  )
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = step(params, state)
+  assert int(ah.find_adahessian_state(state).count) == 3
