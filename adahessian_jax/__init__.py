@@ -1,6 +1,6 @@
 """AdaHessian for JAX and Optax, and Hessian-analysis tools for JAX models."""
 
-from adahessian_jax import hessian, hutchinson, spatial
+from adahessian_jax import distributed, hessian, hutchinson, spatial
 from adahessian_jax.alias import STATIC_ARGS, adahessian
 from adahessian_jax.fused import find_adahessian_state, value_grad_and_hessian_diag
 from adahessian_jax.hutchinson import hutchinson_diagonal, hvp, rademacher_like
@@ -18,6 +18,7 @@ __all__ = [
   "STATIC_ARGS",
   "ScaleByAdaHessianState",
   "adahessian",
+  "distributed",
   "find_adahessian_state",
   "hessian",
   "hutchinson",
