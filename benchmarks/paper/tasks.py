@@ -522,11 +522,13 @@ def fmt(summary: dict[str, Any], metric: str) -> str:
 
 
 def tune(task: Task, name: str, steps: int, out_dir: str, quick: bool) -> dict[str, Any]:
-  """Picks ``name``'s learning rate for ``task`` from its 4-value grid (1 seed, full length).
+  """Picks ``name``'s learning rate for ``task`` (1 seed, the experiment's full step budget).
 
-  The best value is the one with the best final validation metric among runs that did not
-  diverge. Results are cached in ``out_dir/tuning.json`` so experiments share one sweep.
-  In quick mode the sweep is skipped and a fixed default is used.
+  The same rule for every optimizer: sweep its 4-value grid (``LR_GRIDS``); if the best value is
+  at an end of the grid, sweep 4 more values beyond that end, continuing the grid's 1-3-10
+  pattern (e.g. top end 1e-2, 3e-2 -> 0.1, 0.3, 1, 3), once. The best value is the one with the
+  best final validation metric among runs that did not diverge. Results are cached in
+  ``out_dir/tuning.json`` so experiments share one sweep. In quick mode there is no sweep.
   """
   if quick:
     return {"lr": QUICK_LR[name], "grid": [], "note": "quick mode: no sweep, fixed default"}
@@ -535,15 +537,29 @@ def tune(task: Task, name: str, steps: int, out_dir: str, quick: bool) -> dict[s
   if os.path.exists(path):
     with open(path) as f:
       cache = json.load(f)
-  grid = LR_GRIDS[name]
-  setup = json.dumps([task.config, grid, DIVERGE_FACTOR, WEIGHT_DECAY], sort_keys=True)
+  grid = list(LR_GRIDS[name])
+  setup = json.dumps(
+    [task.config, grid, DIVERGE_FACTOR, WEIGHT_DECAY, "extend-once"], sort_keys=True
+  )
   key = f"{task.name}/{name}/steps={steps}/{hashlib.sha1(setup.encode()).hexdigest()[:8]}"
   if key in cache:
     return cache[key]
-  recs = train(task, name, grid, [TUNE_SEED] * len(grid), steps)
   sign = 1.0 if task.higher_is_better else -1.0
-  ok = [r for r in recs if not r["diverged"] and np.isfinite(r["val"][task.metric])]
-  best = max(ok, key=lambda r: sign * r["val"][task.metric]) if ok else recs[0]
+
+  def pick(recs):
+    ok = [r for r in recs if not r["diverged"] and np.isfinite(r["val"][task.metric])]
+    return max(ok, key=lambda r: sign * r["val"][task.metric]) if ok else recs[0]
+
+  recs = train(task, name, grid, [TUNE_SEED] * len(grid), steps)
+  best, extension = pick(recs), []
+  if best["lr"] == grid[-1]:
+    extension = [grid[-2] * 10, grid[-1] * 10, grid[-2] * 100, grid[-1] * 100]
+  elif best["lr"] == grid[0]:
+    extension = [grid[1] / 10, grid[0] / 10, grid[1] / 100, grid[0] / 100]
+  if extension:
+    recs += train(task, name, extension, [TUNE_SEED] * len(extension), steps)
+    best = pick(recs)
+  recs = sorted(recs, key=lambda r: r["lr"])
   entry = {
     "lr": best["lr"],
     "metric": task.metric,
@@ -552,7 +568,8 @@ def tune(task: Task, name: str, steps: int, out_dir: str, quick: bool) -> dict[s
     "grid": [
       {"lr": r["lr"], task.metric: r["val"][task.metric], "diverged": r["diverged"]} for r in recs
     ],
-    "best_at_grid_edge": best["lr"] in (grid[0], grid[-1]),
+    "extended": bool(extension),
+    "best_at_grid_edge": best["lr"] in (recs[0]["lr"], recs[-1]["lr"]),
   }
   os.makedirs(out_dir, exist_ok=True)
   if os.path.exists(path):  # re-read: another experiment may have added entries meanwhile
