@@ -28,6 +28,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from adahessian_jax.hessian._operator import HessianOperator, _concat_rows, key_blocks
+from adahessian_jax.hessian.trace import exchangeable_sketch
 from adahessian_jax.hutchinson import value_grad_and_diagonal
 
 __all__ = ["DiagonalEstimate", "hutchinson_diag", "xdiag"]
@@ -153,16 +154,8 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
   Returns:
     A :class:`DiagonalEstimate`.
   """
-  s = int(min(num_matvecs // 2, op.size))
-  if s < 2:
-    raise ValueError(f"num_matvecs must be at least 4, got {num_matvecs}")
-  omega = op.rademacher(key, s)
-  y = op.matmat(omega)
-  qt, r = jnp.linalg.qr(y.T)
-  q = qt.T
-  z = op.matmat(q)
-  diag = np.abs(np.diag(np.asarray(r)))
-  if diag.min() <= 1e3 * np.finfo(diag.dtype).eps * s * diag.max():
+  s, omega, y, q, r, z, low_rank = exchangeable_sketch(op, key, num_matvecs)
+  if low_rank:
     exact = jnp.sum(q * z, axis=0)  # rank(H) < s: H = QQᵀH exactly
     return _result(op, exact, jnp.zeros_like(exact), 2 * s)
   ests = _xdiag_estimates(omega, y, z, q, r)

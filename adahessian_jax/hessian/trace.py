@@ -224,6 +224,37 @@ def _xtrace_estimates(omega, y, z, q, r):
   return low_rank + jnp.sum(u * hu, axis=0)
 
 
+class Sketch(NamedTuple):
+  """The shared first stage of XTrace and XDiag (see :func:`exchangeable_sketch`)."""
+
+  s: int
+  omega: jax.Array
+  y: jax.Array
+  q: jax.Array
+  r: jax.Array
+  z: jax.Array
+  low_rank: bool
+
+
+def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_matvecs: int) -> Sketch:
+  """Probes ``Ω`` (``s = num_matvecs // 2`` of them), ``Y = HΩ = QR`` and ``Z = HQ``.
+
+  ``low_rank`` is set when ``R`` is numerically singular: ``H`` has rank below
+  ``s`` and ``QQᵀH = H`` exactly.
+  """
+  s = int(min(num_matvecs // 2, op.size))
+  if s < 2:
+    raise ValueError(f"num_matvecs must be at least 4, got {num_matvecs}")
+  omega = op.rademacher(key, s)
+  y = op.matmat(omega)
+  qt, r = jnp.linalg.qr(y.T)
+  q = qt.T
+  z = op.matmat(q)
+  diag = np.abs(np.diag(np.asarray(r)))
+  low_rank = bool(diag.min() <= 1e3 * np.finfo(diag.dtype).eps * s * diag.max())
+  return Sketch(s, omega, y, q, r, z, low_rank)
+
+
 def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceEstimate:
   """XTrace: exchangeable Hutch++ with a built-in error estimate.
 
@@ -245,16 +276,8 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
   Returns:
     A :class:`TraceEstimate`.
   """
-  s = int(min(num_matvecs // 2, op.size))
-  if s < 2:
-    raise ValueError(f"num_matvecs must be at least 4, got {num_matvecs}")
-  omega = op.rademacher(key, s)
-  y = op.matmat(omega)
-  qt, r = jnp.linalg.qr(y.T)
-  q = qt.T
-  z = op.matmat(q)
-  diag = np.abs(np.diag(np.asarray(r)))
-  if diag.min() <= 1e3 * np.finfo(diag.dtype).eps * s * diag.max():
+  s, omega, y, q, r, z, low_rank = exchangeable_sketch(op, key, num_matvecs)
+  if low_rank:
     exact = float(jnp.sum(_quadratic_forms(q, z)))
     return TraceEstimate(exact, 0.0, 2 * s, s)
   ests = np.asarray(_xtrace_estimates(omega, y, z, q, r))
