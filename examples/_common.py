@@ -95,7 +95,12 @@ def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentP
     action="store_true",
     help=f"tiny model and {quick_steps} steps: a smoke test that runs in seconds",
   )
-  p.add_argument("--out", default=DEFAULT_OUT, help="directory for the PNG and JSON summary")
+  p.add_argument(
+    "--out",
+    default=None,
+    help="directory for the PNG and JSON summary (default examples/figures/, with --quick "
+    "examples/figures/quick/ so the committed figures are not overwritten)",
+  )
   p.add_argument(
     "--lr",
     action="append",
@@ -118,6 +123,9 @@ def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentP
 
 
 def resolve_steps(args) -> int:
+  """The number of steps to run; also fills in the default output directory."""
+  if args.out is None:
+    args.out = os.path.join(DEFAULT_OUT, "quick") if args.quick else DEFAULT_OUT
   if args.steps is not None:
     return args.steps
   return args.quick_steps if args.quick else args.default_steps
