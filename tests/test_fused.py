@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_allclose
 from jax.extend import core as jax_core
 
 import adahessian_jax as ah
@@ -34,12 +35,8 @@ def _with_aux(loss_fn):
   return loss_aux
 
 
-def _run_closure(tx, params, loss_fn, batches, jit=True):
-  def step(p, st, batch):
-    loss, g = jax.value_and_grad(loss_fn)(p, batch)
-    u, st = tx.update(g, st, p, value_fn=lambda q: loss_fn(q, batch))
-    return optax.apply_updates(p, u), st, loss
-
+def _train(tx, params, step, batches, jit):
+  """Runs ``step(params, state, batch) -> (params, state, loss)`` over ``batches``."""
   step = jax.jit(step) if jit else step
   st = tx.init(params)
   losses = []
@@ -47,6 +44,15 @@ def _run_closure(tx, params, loss_fn, batches, jit=True):
     params, st, loss = step(params, st, batch)
     losses.append(loss)
   return params, st, losses
+
+
+def _run_closure(tx, params, loss_fn, batches, jit=True):
+  def step(p, st, batch):
+    loss, g = jax.value_and_grad(loss_fn)(p, batch)
+    u, st = tx.update(g, st, p, value_fn=lambda q: loss_fn(q, batch))
+    return optax.apply_updates(p, u), st, loss
+
+  return _train(tx, params, step, batches, jit)
 
 
 def _run_fused(tx, params, loss_fn, batches, has_aux=False, jit=True):
@@ -58,17 +64,11 @@ def _run_fused(tx, params, loss_fn, batches, has_aux=False, jit=True):
     loss = value[0] if has_aux else value
     return optax.apply_updates(p, u), st, loss
 
-  step = jax.jit(step) if jit else step
-  st = tx.init(params)
-  losses = []
-  for batch in batches:
-    params, st, loss = step(params, st, batch)
-    losses.append(loss)
-  return params, st, losses
+  return _train(tx, params, step, batches, jit)
 
 
-def _assert_trees_close(a, b, rtol=1e-12, atol=1e-14):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+def _assert_trees_close(a, b):
+  assert_trees_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(
