@@ -2,15 +2,17 @@
 
 from adahessian_jax import distributed, hessian, hutchinson, spatial
 from adahessian_jax.alias import STATIC_ARGS, adahessian
-from adahessian_jax.fused import find_adahessian_state, value_grad_and_hessian_diag
+from adahessian_jax.fused import value_grad_and_hessian_diag
 from adahessian_jax.hutchinson import hutchinson_diagonal, hvp, rademacher_like
 from adahessian_jax.masking import masked_value_fn
-from adahessian_jax.transform import (
+from adahessian_jax.state import (
   ScaleByAdaHessianState,
+  find_adahessian_state,
   is_refresh_step,
+  map_adahessian_state,
   probe_keys,
-  scale_by_adahessian,
 )
+from adahessian_jax.transform import scale_by_adahessian
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
   "hutchinson_diagonal",
   "hvp",
   "is_refresh_step",
+  "map_adahessian_state",
   "masked_value_fn",
   "probe_keys",
   "rademacher_like",

@@ -26,18 +26,20 @@ def concrete_float(value: Any) -> float | None:
   return float(arr)
 
 
-def in_interval(name: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:
-  """Raises ``ValueError`` unless ``lo <= value <= hi`` (``< hi`` if ``hi_open``)."""
+def in_interval(
+  name: str, value: Any, lo: float, hi: float, hi_open: bool = False, lo_open: bool = False
+) -> None:
+  """Raises ``ValueError`` unless ``lo <= value <= hi`` (strict at an open end)."""
   try:
     v = concrete_float(value)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{name} must be a real scalar, got {value!r} ({e}).") from None
   if v is None:
     return
-  ok = lo <= v < hi if hi_open else lo <= v <= hi
+  ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
   if not ok or np.isnan(v):
-    bracket = ")" if hi_open else "]"
-    raise ValueError(f"{name} must be in [{lo}, {hi}{bracket}, got {value!r}.")
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}.")
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -63,3 +65,10 @@ def integer(name: str, value: Any) -> None:
   arr = np.asarray(value)
   if isinstance(value, bool) or arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"{name} must be an integer, got {value!r}.")
+
+
+def is_static_zero(value: Any) -> bool:
+  """Whether ``value`` is a concrete zero (so a term it scales can be left out of the graph)."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return bool(np.all(np.asarray(value) == 0))

@@ -14,7 +14,9 @@ from adahessian_jax.transform import scale_by_adahessian
 __all__ = ["STATIC_ARGS", "adahessian"]
 
 #: Arguments of :func:`adahessian` that fix shapes, control flow or are
-#: callables; pass them as ``static_args`` to :func:`optax.inject_hyperparams`.
+#: callables. With their defaults (``None``) :func:`optax.inject_hyperparams`
+#: already treats them as static; when you give them values, pass these names
+#: as ``static_args``.
 STATIC_ARGS = (
   "block_size",
   "update_freq",
@@ -34,21 +36,25 @@ def adahessian(
   b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-4,
   weight_decay: jax.typing.ArrayLike = 0.0,
-  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  *,
   hessian_power: jax.typing.ArrayLike = 1.0,
-  block_size: int = 1,
-  update_freq: int = 1,
-  n_samples: int = 1,
-  seed: int = 0,
+  curvature_floor: jax.typing.ArrayLike = 0.0,
+  update_clip: jax.typing.ArrayLike | None = None,
+  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int | None = None,
+  update_freq: int | None = None,
+  n_samples: int | None = None,
+  seed: int | None = None,
   axis_name: Any = None,
+  independent_probes: bool = False,
   averaging: spatial.AveragingSpec = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
-  independent_probes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The AdaHessian optimizer (Yao et al., 2021) with decoupled weight decay.
 
-  Exactly the official rule ``p ← p − lr · (m̂ / (v̂^{k/2} + eps) + wd · p)``:
+  With the defaults, exactly the official rule
+  ``p ← p − lr · (m̂ / (v̂^{k/2} + eps) + wd · p)``:
 
   .. code-block:: python
 
@@ -68,21 +74,26 @@ def adahessian(
       inverse-sqrt warm-up for translation.
     b1: Decay rate of the gradient's moving average.
     b2: Decay rate of the moving average of the squared Hessian diagonal.
-    eps: Added to the denominator outside the power (official default 1e-4).
+    eps: Added to the denominator outside the power (official default 1e-4), > 0.
     weight_decay: Decoupled weight decay, multiplied by the learning rate, >= 0.
+    hessian_power: The power ``k`` in [0, 1] of the Hessian-diagonal term.
+    curvature_floor: Per-leaf relative floor ``α`` of the Hessian diagonal
+      (0: the paper's rule); see :func:`adahessian_jax.scale_by_adahessian`.
+    update_clip: Elementwise bound ``ρ`` of the preconditioned update before
+      the learning rate (``None``: the paper's rule).
     weight_decay_mask: A pytree of booleans like the params, or a callable
       returning one, selecting which leaves are decayed.
-    hessian_power: The power ``k`` in [0, 1] of the Hessian-diagonal term.
-    block_size: Block size of the default spatial averaging of rank-2 kernels.
-    update_freq: Refresh the Hessian every ``update_freq`` steps.
-    n_samples: Hutchinson probes per refresh.
-    seed: Seed of the probes' PRNG key.
+    block_size: Block size of the default spatial averaging of rank-2 kernels
+      (``None``: 1, no blocks).
+    update_freq: Refresh the Hessian every ``update_freq`` steps (``None``: 1).
+    n_samples: Hutchinson probes per refresh (``None``: 1).
+    seed: Seed of the probes' PRNG key (``None``: 0).
     axis_name: Mapped axis to average the Hessian estimate over.
-    averaging: Spatial-averaging rules (see :func:`scale_by_adahessian`).
-    mu_dtype: dtype of the first moment.
-    nu_dtype: dtype of the second moment and the stored Hessian diagonal.
     independent_probes: With ``axis_name``, a different probe on every device
       (lower variance, no longer the exact single-device result).
+    averaging: Spatial-averaging rules (see :func:`scale_by_adahessian`).
+    mu_dtype: Floating dtype of the first moment.
+    nu_dtype: Floating dtype of the second moment and the stored Hessian diagonal.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -94,19 +105,21 @@ def adahessian(
   _validation.in_interval("weight_decay", weight_decay, 0.0, float("inf"))
   return optax.chain(
     scale_by_adahessian(
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      hessian_power=hessian_power,
+      b1,
+      b2,
+      eps,
+      hessian_power,
+      curvature_floor=curvature_floor,
+      update_clip=update_clip,
       block_size=block_size,
       update_freq=update_freq,
       n_samples=n_samples,
       seed=seed,
       axis_name=axis_name,
+      independent_probes=independent_probes,
       averaging=averaging,
       mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
-      independent_probes=independent_probes,
     ),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),

@@ -26,14 +26,8 @@ averaged estimate is ``z ⊙ (mean_i H_i) z``: exactly the single-device
 estimate on the global batch, hence single-device training reproduced to
 rounding. With ``independent_probes=True`` each device folds its
 ``lax.axis_index`` into the key and draws its own probe; the average
-``mean_i z_i ⊙ H_i z_i`` stays unbiased and its variance drops from
-``Σ_{k≠j} H_jk²`` towards ``1/P`` of it (exactly so when the local Hessians
-agree), for free, while the state stays replicated. Measured with
-``benchmarks/probe_policy.py`` (softmax MLP, global batch 512): the summed
-variance falls 1.9x / 3.3x / 5.3x for 2 / 4 / 8 replicas at initialisation
-(1.5x / 2.0x / 2.3x after 100 steps), and with 8 replicas the global loss
-after 20 and 200 steps is 0.139 and 0.0058 with independent probes against
-0.233 and 0.0143 with the same probe (means over 5 seeds, every seed better).
+``mean_i z_i ⊙ H_i z_i`` stays unbiased and has lower variance, for free,
+while the state stays replicated (measurements: ``docs/distributed.md``).
 Use the default where reproducibility against a single device matters (tests,
 debugging, comparing runs across device counts); use independent probes for
 production training.
@@ -41,13 +35,17 @@ production training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from adahessian_jax.transform import ScaleByAdaHessianState, device_varying, fold_in_axis_index
+from adahessian_jax._axes import device_varying, fold_in_axis_index
+from adahessian_jax.state import map_adahessian_state
 
 __all__ = [
   "device_varying",
@@ -85,98 +83,80 @@ def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
     ``opt_state`` with the ``key`` of every :class:`ScaleByAdaHessianState`
     replaced by its per-device fold.
   """
-  is_state = lambda x: isinstance(x, ScaleByAdaHessianState)
-
-  def fold(x):
-    if is_state(x):
-      return x._replace(key=fold_in_axis_index(x.key, axis_name))
-    return x
-
-  return jax.tree.map(fold, opt_state, is_leaf=is_state)
+  return map_adahessian_state(
+    lambda s: s._replace(key=fold_in_axis_index(s.key, axis_name)), opt_state
+  )
 
 
 def _sharding_of(x: Any) -> Sharding:
-  if isinstance(x, Sharding):
-    return x
   sharding = getattr(x, "sharding", None)
   if not isinstance(sharding, Sharding):
     raise TypeError(
-      f"state_shardings needs params as jax.Arrays or Shardings, got a leaf of type {type(x)}."
+      "state_shardings needs params as sharded jax.Arrays (or ShapeDtypeStructs with a "
+      f"sharding), got a leaf of type {type(x).__name__}."
     )
   return sharding
 
 
-def state_shardings(opt_state: Any, params: Any, replicated: Sharding | None = None) -> Any:
+def state_shardings(
+  tx: optax.GradientTransformation | Callable[[Any], Any],
+  params: Any,
+  replicated: Sharding | None = None,
+) -> Any:
   """Shardings for an optimizer state that follow the parameters' (FSDP style).
 
-  Every subtree of ``opt_state`` with the tree structure of ``params`` (the
-  moments ``mu``, ``nu`` and the stored Hessian of AdaHessian, Adam's moments,
-  ...) gets the parameters' shardings, leaf by leaf where the shapes agree;
-  every other leaf (step counts, PRNG keys, or a leaf whose shape differs from
-  its parameter's) gets ``replicated``.
+  Every parameter-shaped subtree of ``tx``'s state (the moments ``mu``,
+  ``nu`` and the stored Hessian of AdaHessian, Adam's moments, ...; found with
+  :func:`optax.tree.map_params`, so it works for every state layout) gets the
+  parameters' shardings, leaf by leaf where the shapes agree; every other leaf
+  (step counts, PRNG keys, or a leaf whose shape differs from its
+  parameter's) gets ``replicated``.
 
   Needed because under ``jax.jit`` with automatic axes ``jit(tx.init)(params)``
   returns the zeros replicated, whatever the parameters' shardings (the zeros
   do not depend on the parameters' values). Use it as
-  ``jax.jit(tx.init, out_shardings=state_shardings(jax.eval_shape(tx.init,
-  params), params))(params)`` or ``jax.device_put(state,
-  state_shardings(state, params))``, and as ``in_shardings``/``out_shardings``
-  of the training step.
+  ``jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)`` or
+  ``jax.device_put(state, state_shardings(tx, params))``, and as
+  ``in_shardings``/``out_shardings`` of the training step.
 
   Args:
-    opt_state: The optimizer state, or its ``jax.eval_shape``.
-    params: The parameters as sharded ``jax.Array``s, or a pytree of
-      :class:`jax.sharding.Sharding` of the same structure.
+    tx: The optimizer (or its ``init`` function).
+    params: The parameters as sharded ``jax.Array``s (or
+      :class:`jax.ShapeDtypeStruct`s with shardings).
     replicated: Sharding of the non-parameter leaves. Default: replicated over
       the mesh of the first parameter's :class:`jax.sharding.NamedSharding`.
 
   Returns:
-    A pytree of shardings with the structure of ``opt_state``.
+    A pytree of shardings with the structure of ``tx``'s state.
 
   Raises:
     ValueError: if ``replicated`` is not given and the parameters have no
       ``NamedSharding`` to take the mesh from.
   """
-  is_sharding = lambda x: isinstance(x, Sharding)
-  param_shardings = jax.tree.map(_sharding_of, params, is_leaf=is_sharding)
-  shardings, treedef = jax.tree.flatten(param_shardings, is_leaf=is_sharding)
+  param_shardings = jax.tree.map(_sharding_of, params)
   if replicated is None:
-    named = [s for s in shardings if isinstance(s, NamedSharding)]
+    named = [s for s in jax.tree.leaves(param_shardings) if isinstance(s, NamedSharding)]
     if not named:
       raise ValueError(
         "state_shardings takes the mesh from the parameters' NamedShardings; the parameters "
         "have none, so pass replicated=... explicitly."
       )
     replicated = NamedSharding(named[0].mesh, PartitionSpec())
+  shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
+  init = tx.init if hasattr(tx, "init") else tx
+  abstract_state = jax.eval_shape(init, shapes)
 
-  def like_params(node):
-    try:
-      return jax.tree.structure(node) == treedef
-    except Exception:  # noqa: BLE001 - nodes that are not pytrees of arrays
-      return False
+  def follow(leaf, sharding, param):
+    return sharding if tuple(leaf.shape) == tuple(param.shape) else replicated
 
-  param_leaves = jax.tree.leaves(params, is_leaf=is_sharding)
-
-  def fits(x, sharding, param):
-    shape = tuple(np.shape(x))
-    if not isinstance(param, Sharding):
-      return shape == tuple(np.shape(param))
-    try:
-      sharding.shard_shape(shape)
-    except Exception:  # noqa: BLE001 - rank or divisibility mismatch
-      return False
-    return True
-
-  def assign(node):
-    if like_params(node):
-      leaves = jax.tree.leaves(node)
-      return treedef.unflatten(
-        s if fits(x, s, p) else replicated
-        for x, s, p in zip(leaves, shardings, param_leaves, strict=True)
-      )
-    return jax.tree.map(lambda _: replicated, node)
-
-  return jax.tree.map(assign, opt_state, is_leaf=like_params)
+  return optax.tree.map_params(
+    init,
+    follow,
+    abstract_state,
+    param_shardings,
+    shapes,
+    transform_non_params=lambda leaf: replicated,
+  )
 
 
 def max_replica_difference(tree: Any, stacked: bool = False) -> float:

@@ -17,36 +17,19 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from adahessian_jax import hutchinson
-from adahessian_jax.transform import ScaleByAdaHessianState, is_refresh_step, probe_keys
+from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refresh, probe_keys
 
-__all__ = ["find_adahessian_state", "value_grad_and_hessian_diag"]
+__all__ = ["value_grad_and_hessian_diag"]
 
 
-def find_adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
-  """Returns the single :class:`ScaleByAdaHessianState` inside ``opt_state``.
-
-  Works through :func:`optax.chain`, :func:`optax.inject_hyperparams`,
-  :func:`optax.masked` and other combinators that keep inner states in their own.
-
-  Args:
-    opt_state: An optimizer state containing exactly one AdaHessian state.
-
-  Returns:
-    That state.
-
-  Raises:
-    ValueError: if there is none or more than one.
-  """
-  is_state = lambda x: isinstance(x, ScaleByAdaHessianState)
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
-  if len(found) != 1:
-    raise ValueError(
-      f"expected exactly one ScaleByAdaHessianState in the optimizer state, found {len(found)}."
-    )
-  return found[0]
+def _mark_not_finite(grads: Any, estimate: Any) -> Any:
+  """``grads``, all NaN if ``estimate`` has a non-finite entry (for ``optax.apply_if_finite``)."""
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(e)) for e in jax.tree.leaves(estimate)]))
+  return jax.tree.map(lambda g: jnp.where(finite, g, jnp.full_like(g, jnp.nan)), grads)
 
 
 def value_grad_and_hessian_diag(
@@ -71,6 +54,11 @@ def value_grad_and_hessian_diag(
   from the state under ``jit``) one ``jax.value_and_grad``, and the returned
   estimate is zeros, which the transform ignores on those steps.
 
+  If the estimate has a non-finite entry (e.g. a float16 overflow of ``Hz``)
+  while the loss and gradient are finite, the returned gradient is NaN
+  everywhere, so that :func:`optax.apply_if_finite` sees and counts the step;
+  :func:`adahessian_jax.scale_by_adahessian` skips such a step in any case.
+
   Use this route when the step computes the gradient anyway (the usual
   training step): it is the fastest. Use the ``value_fn`` route when the
   transform should own everything, e.g. inside a library that only calls
@@ -85,26 +73,25 @@ def value_grad_and_hessian_diag(
     A function ``(params, opt_state, *args, **kwargs) -> (value, grads,
     hessian_diag)``, where ``value`` is ``(loss, aux)`` if ``has_aux``, and
     ``opt_state`` contains one :class:`ScaleByAdaHessianState` (found with
-    :func:`find_adahessian_state`). Pass ``hessian_diag`` to ``tx.update``.
+    :func:`adahessian_jax.find_adahessian_state`). Pass ``hessian_diag`` to
+    ``tx.update``.
   """
 
   def wrapped(params, opt_state, *args, **kwargs):
     state = find_adahessian_state(opt_state)
     loss = lambda p: fun(p, *args, **kwargs)
-    keys, _ = probe_keys(state)
-    refresh = is_refresh_step(state)
 
     def with_hessian():
-      return hutchinson.value_grad_and_diagonal(loss, params, keys, has_aux)
+      keys, _ = probe_keys(state)
+      value, grads, estimate = hutchinson.value_grad_and_diagonal(
+        loss, params, keys, has_aux, name="fun"
+      )
+      return value, _mark_not_finite(grads, estimate), estimate
 
     def without_hessian():
       value, grads = jax.value_and_grad(loss, has_aux=has_aux)(params)
       return value, grads, optax.tree.zeros_like(params)
 
-    if refresh is True:
-      return with_hessian()
-    if not isinstance(refresh, jax.core.Tracer):
-      return with_hessian() if bool(refresh) else without_hessian()
-    return jax.lax.cond(refresh, with_hessian, without_hessian)
+    return on_refresh(is_refresh_step(state), with_hessian, without_hessian)
 
   return wrapped

@@ -110,7 +110,7 @@ def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
 
 
 def value_grad_hvp(
-  fn: Callable[..., Any], params: Any, tangents: Any, has_aux: bool = False
+  fn: Callable[..., Any], params: Any, tangents: Any, has_aux: bool = False, *, name: str = "fn"
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hessian-vector product of ``fn`` in one forward-over-reverse pass.
 
@@ -119,18 +119,19 @@ def value_grad_hvp(
     params: Point of evaluation.
     tangents: Vector (pytree like ``params``) the Hessian is applied to.
     has_aux: Whether ``fn`` returns ``(loss, aux)``.
+    name: How error messages about ``fn`` call it (e.g. ``"value_fn"``).
 
   Returns:
     ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
   """
   (value, grad), (_, hz) = jax.jvp(
-    jax.value_and_grad(_checked(fn, "fn", has_aux), has_aux=has_aux), (params,), (tangents,)
+    jax.value_and_grad(_checked(fn, name, has_aux), has_aux=has_aux), (params,), (tangents,)
   )
   return value, grad, hz
 
 
 def value_grad_and_diagonal(
-  fn: Callable[..., Any], params: Any, keys: jax.Array, has_aux: bool = False
+  fn: Callable[..., Any], params: Any, keys: jax.Array, has_aux: bool = False, *, name: str = "fn"
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hutchinson's diagonal estimate, all in one pass.
 
@@ -144,6 +145,7 @@ def value_grad_and_diagonal(
     params: Point of evaluation, a pytree of real floating arrays.
     keys: 1-D array of PRNG keys, one per probe.
     has_aux: Whether ``fn`` returns ``(loss, aux)``.
+    name: How error messages about ``fn`` call it.
 
   Returns:
     ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
@@ -152,7 +154,7 @@ def value_grad_and_diagonal(
 
   def one(key):
     z = rademacher_like(key, params)
-    value, grad, hz = value_grad_hvp(fn, params, z, has_aux)
+    value, grad, hz = value_grad_hvp(fn, params, z, has_aux, name=name)
     return value, grad, jax.tree.map(jnp.multiply, z, hz)
 
   if keys.shape[0] == 1:

@@ -2,107 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from optax._src import numerics, utils
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
+from adahessian_jax._axes import device_varying
+from adahessian_jax.state import (
+  ScaleByAdaHessianState,
+  is_refresh_step,
+  on_refresh,
+  probe_keys,
+  refresh_key,
+)
 
-__all__ = ["ScaleByAdaHessianState", "is_refresh_step", "probe_keys", "scale_by_adahessian"]
+__all__ = ["scale_by_adahessian"]
 
-
-class ScaleByAdaHessianState(NamedTuple):
-  """State of :func:`scale_by_adahessian`; every field is an array (or ``None``).
-
-  Attributes:
-    count: Number of updates applied so far, ``int32`` scalar.
-    key: Raw PRNG key data (``jax.random.key_data``), one key per probe, shape
-      ``(n_samples, key_size)``; each is split once per Hessian refresh.
-    mu: First moment of the gradient.
-    nu: Second moment of the spatially averaged Hessian diagonal ``D``.
-    hessian: The last ``D``, reused between refreshes; ``None`` when
-      ``update_freq == 1`` (then the state is Adam's plus ``count`` and ``key``).
-    update_freq: The refresh interval as an ``int32`` scalar when it is > 1,
-      else ``None``; read by :func:`adahessian_jax.value_grad_and_hessian_diag`
-      so that the fused path refreshes on exactly the transform's steps.
-  """
-
-  count: jax.Array
-  key: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  hessian: optax.Updates | None = None
-  update_freq: jax.Array | None = None
+HINT = (
+  "Call tx.update(grads, opt_state, params, value_fn=lambda p: loss_fn(p, batch)) with the "
+  "loss on the current batch, or pass a precomputed estimate as hessian_diag=..."
+)
 
 
-def probe_keys(state: ScaleByAdaHessianState) -> tuple[jax.Array, jax.Array]:
-  """The keys of this refresh's probes, and the state's key data for the next refresh.
-
-  Args:
-    state: A :class:`ScaleByAdaHessianState`.
-
-  Returns:
-    ``(keys, next_key_data)``: a 1-D array of ``n_samples`` PRNG keys for the
-    probes, and the raw key data to store if this step refreshes.
-  """
-  pairs = jax.vmap(jax.random.split)(jax.random.wrap_key_data(state.key))
-  return pairs[:, 1], jax.random.key_data(pairs[:, 0])
-
-
-def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
-  """Folds this device's index along ``axis_name`` into every key of raw ``key_data``."""
-  keys = jax.random.wrap_key_data(key_data)
-  index = jax.lax.axis_index(axis_name)
-  return jax.random.key_data(jax.vmap(jax.random.fold_in, (0, None))(keys, index))
-
-
-def device_varying(tree: Any, axis_name: Any) -> Any:
-  """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
-
-  Under ``shard_map`` (with its default ``check_vma=True``), differentiating a
-  per-device loss with respect to replicated (invariant) parameters sums the
-  result over the axis automatically; at the returned values the gradient and
-  Hessian-vector products are this device's own, as under ``pmap``.
-  """
-  typeof = getattr(jax, "typeof", None)
-  cast = getattr(jax.lax, "pcast", None)
-  if cast is None and hasattr(jax.lax, "pvary"):
-    cast = lambda x, axes, to: jax.lax.pvary(x, axes)
-  if typeof is None or cast is None:  # JAX without varying-axis types
-    return tree
-  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-
-  def one(x):
-    aval = typeof(x)
-    varying = getattr(aval, "vma", None)
-    if varying is None:
-      varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    missing = tuple(a for a in axes if a not in varying)
-    if not missing:
-      return x
-    try:
-      return cast(x, missing, to="varying")
-    except ValueError:  # not under shard_map (pmap, vmap): values are per-device already
-      return x
-
-  return jax.tree.map(one, tree)
-
-
-def is_refresh_step(state: ScaleByAdaHessianState) -> jax.Array | bool:
-  """Whether the next update refreshes the Hessian (steps 1, 1+k, 1+2k, ...).
-
-  Args:
-    state: A :class:`ScaleByAdaHessianState`.
-
-  Returns:
-    ``True`` when every step refreshes, else a boolean scalar array.
-  """
-  if state.update_freq is None:
-    return True
-  return state.count % state.update_freq == 0
+def _float_dtype(name: str, dtype: Any) -> Any:
+  """``dtype`` canonicalised, or ``None``; raises unless it is a real floating dtype."""
+  if dtype is None:
+    return None
+  try:
+    canonical = jax.dtypes.canonicalize_dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"{name} must be a floating-point dtype, got {dtype!r} ({e}).") from None
+  if not jnp.issubdtype(canonical, jnp.floating):
+    raise ValueError(f"{name} must be a real floating-point dtype, got {dtype!r}.")
+  return canonical
 
 
 def _check_real_float_params(params: Any) -> None:
@@ -118,10 +53,111 @@ def _check_real_float_params(params: Any) -> None:
   jax.tree_util.tree_map_with_path(check, params)
 
 
-_CALL_HINT = (
-  "Call tx.update(grads, opt_state, params, value_fn=lambda p: loss_fn(p, batch)) with the "
-  "loss on the current batch, or pass a precomputed estimate as hessian_diag=..."
-)
+def _check_state(state: ScaleByAdaHessianState, update_freq: int, n_samples: int) -> None:
+  """Raises if ``state`` was made by a transform with another ``update_freq`` or ``n_samples``."""
+  fix = " Build the transform with the arguments the state was made with, or start a new state."
+  if state.key.shape[0] != n_samples:
+    raise ValueError(
+      f"the AdaHessian state holds {state.key.shape[0]} probe keys but the transform has "
+      f"n_samples={n_samples}." + fix
+    )
+  lazy_state = state.update_freq is not None
+  if lazy_state != (update_freq > 1):
+    made = "update_freq > 1 (it stores D)" if lazy_state else "update_freq=1 (no stored D)"
+    raise ValueError(
+      f"the AdaHessian state was made with {made} but the transform has "
+      f"update_freq={update_freq}." + fix
+    )
+  if not lazy_state:
+    return
+  if not isinstance(state.update_freq, jax.core.Tracer):
+    if int(state.update_freq) != update_freq:
+      raise ValueError(
+        f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
+        f"transform has update_freq={update_freq}." + fix
+      )
+    return
+
+  def check(stored):  # the stored value is only known at run time under jit
+    stored = np.unique(np.asarray(stored))
+    if stored.tolist() != [update_freq]:
+      raise ValueError(
+        f"the AdaHessian state was made with update_freq={stored.tolist()} but the transform "
+        f"has update_freq={update_freq}." + fix
+      )
+
+  jax.debug.callback(check, state.update_freq)
+
+
+def _check_estimate(estimate: Any, like: Any) -> None:
+  """Raises unless ``hessian_diag`` has the structure, shapes and a float dtype of ``like``."""
+  if jax.tree.structure(estimate) != jax.tree.structure(like):
+    raise ValueError(
+      "hessian_diag must have the structure of params; got "
+      f"{jax.tree.structure(estimate)}, expected {jax.tree.structure(like)}."
+    )
+
+  def check(path, e, x):
+    if jnp.shape(e) != jnp.shape(x) or not jnp.issubdtype(jnp.result_type(e), jnp.floating):
+      raise ValueError(
+        f"hessian_diag at {jax.tree_util.keystr(path)} must be a real floating array of shape "
+        f"{jnp.shape(x)} like the parameter; got shape {jnp.shape(e)} and dtype "
+        f"{jnp.result_type(e)}."
+      )
+
+  jax.tree_util.tree_map_with_path(check, estimate, like)
+
+
+def _estimate(
+  value_fn: Any,
+  hessian_diag: Any,
+  params: Any,
+  keys: jax.Array,
+  like: Any,
+  axis_name: Any,
+) -> Any:
+  """The signed Hessian-diagonal estimate of this step, in the dtypes of ``like``.
+
+  From ``value_fn`` by Hutchinson's method with the probes of ``keys``, or the
+  given ``hessian_diag``; averaged over ``axis_name`` when it is set.
+  """
+  if value_fn is not None:
+    if params is None:
+      raise ValueError("scale_by_adahessian needs params to evaluate value_fn at.")
+    if masking.has_masked_nodes(params) and not isinstance(value_fn, masking.MaskedValueFn):
+      raise ValueError(
+        "scale_by_adahessian got masked params (inside optax.masked or multi_transform), which "
+        "a whole-model value_fn cannot be evaluated on. Pass "
+        "value_fn=adahessian_jax.masked_value_fn(value_fn, params), or a whole-model "
+        "hessian_diag."
+      )
+    if axis_name is not None:
+      # value_fn is this device's loss; its local estimate is averaged below.
+      params, keys = device_varying((params, keys), axis_name)
+    estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")[2]
+  else:
+    estimate = hessian_diag
+    if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
+      estimate = masking.restrict_to(estimate, like)
+    _check_estimate(estimate, like)
+  # Average in the moments' dtype (e.g. float32 for bfloat16 params).
+  estimate = optax.tree.cast_like(estimate, like)
+  if axis_name is not None:
+    estimate = jax.lax.pmean(estimate, axis_name)
+  return estimate
+
+
+def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
+  """``D``: the estimate's absolute value, spatially averaged, floored per leaf."""
+  d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
+  if _validation.is_static_zero(curvature_floor):
+    return d
+  return jax.tree.map(lambda x: jnp.maximum(x, curvature_floor * jnp.mean(x)), d)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def scale_by_adahessian(
@@ -129,15 +165,18 @@ def scale_by_adahessian(
   b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-4,
   hessian_power: jax.typing.ArrayLike = 1.0,
-  block_size: int = 1,
-  update_freq: int = 1,
-  n_samples: int = 1,
-  seed: int = 0,
+  *,
+  curvature_floor: jax.typing.ArrayLike = 0.0,
+  update_clip: jax.typing.ArrayLike | None = None,
+  block_size: int | None = None,
+  update_freq: int | None = None,
+  n_samples: int | None = None,
+  seed: int | None = None,
   axis_name: Any = None,
+  independent_probes: bool = False,
   averaging: spatial.AveragingSpec = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
-  independent_probes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdaHessian's preconditioner (Algorithm 1 of Yao et al.).
 
@@ -145,16 +184,27 @@ def scale_by_adahessian(
   estimate :math:`\hat d_t`:
 
   .. math::
-    D_t &= \mathrm{avg}(|\hat d_t|) \quad \text{(spatial averaging)} \\
+    D_t &= \max\big(\mathrm{avg}(|\hat d_t|),\ \alpha \cdot \mathrm{mean}_{\text{leaf}}
+      \mathrm{avg}(|\hat d_t|)\big) \\
     m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
     v_t = \beta_2 v_{t-1} + (1-\beta_2) D_t^2 \\
-    u_t &= \frac{m_t / (1-\beta_1^t)}{(v_t / (1-\beta_2^t))^{k/2} + \epsilon}
+    u_t &= \mathrm{clip}_{\rho}\Big(\frac{m_t / (1-\beta_1^t)}{(v_t / (1-\beta_2^t))^{k/2}
+      + \epsilon}\Big)
+
+  where avg is the spatial averaging. With the defaults (``α = 0``, no clip)
+  this is exactly the paper's rule.
 
   The estimate comes either from a loss closure, ``value_fn``, through
   Hutchinson's method (``z ⊙ Hz`` with Rademacher probes ``z`` drawn from the
   key in the state, ``Hz`` by ``jax.jvp`` over ``jax.grad``, averaged over
   ``n_samples`` probes), or precomputed as ``hessian_diag``. Either goes through
   the same absolute value, spatial averaging and moments.
+
+  A step whose estimate has a non-finite entry (e.g. a float16 overflow of
+  ``Hz``) is skipped: the update is zero and the state is returned unchanged,
+  so nothing non-finite reaches ``nu`` or the parameters. (The fused route,
+  :func:`adahessian_jax.value_grad_and_hessian_diag`, also marks such a step's
+  gradient non-finite, so that :func:`optax.apply_if_finite` counts it.)
 
   The returned transform's update is
   ``update(updates, state, params, *, value_fn=None, hessian_diag=None, **extra_args)``.
@@ -163,19 +213,26 @@ def scale_by_adahessian(
   Args:
     b1: Decay rate of the gradient's moving average, in [0, 1).
     b2: Decay rate of the moving average of ``D²``, in [0, 1).
-    eps: Added to the denominator *outside* the power, >= 0. At step 1 the
+    eps: Added to the denominator *outside* the power, > 0. At step 1 the
       update is ``g / (|D|^k + eps)``, so ``eps`` bounds the first step where
       the curvature is near zero.
     hessian_power: The power ``k`` in [0, 1]; ``k=0`` gives momentum SGD
       (scaled by ``1/(1+eps)``), ``k=1`` the full Newton-like scaling.
+    curvature_floor: ``α >= 0``: every entry of ``D`` is raised to at least
+      ``α`` times the mean of ``D`` over its leaf, so that a single noisy
+      near-zero estimate cannot produce a huge step. 0 (default) is the
+      paper's rule.
+    update_clip: ``ρ > 0`` or ``None`` (default, the paper's rule): clip every
+      entry of the preconditioned update to ``[-ρ, ρ]`` (as Sophia does), which
+      bounds the step ``lr·ρ`` where the curvature is zero.
     block_size: Block size of the default spatial averaging of rank-2 kernels
-      (see :mod:`adahessian_jax.spatial`); 1 means none.
+      (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none.
     update_freq: Refresh the Hessian estimate at steps 1, 1+k, 1+2k, ...; on the
       other steps the last ``D`` enters the moving average again (timm's
       ``update_each``). Under ``jit`` the Hessian-vector product runs only on
-      refresh steps (``lax.cond``).
-    n_samples: Number of Rademacher probes averaged per refresh.
-    seed: Seed of the PRNG key kept in the state.
+      refresh steps (``lax.cond``). ``None`` means 1.
+    n_samples: Number of Rademacher probes averaged per refresh (``None``: 1).
+    seed: Seed of the PRNG key kept in the state (``None``: 0).
     axis_name: If given, the estimate is averaged over this mapped axis
       (``pmap``/``shard_map``), like gradients are. ``value_fn`` is then this
       device's loss on its local batch (differentiated locally, also under
@@ -183,12 +240,6 @@ def scale_by_adahessian(
       state replicated, every device draws the same probe, so the result equals
       single-device training on the global batch. Leave it ``None`` under
       ``jax.jit`` with sharded global arrays: the loss is global there.
-    averaging: Spatial-averaging rules: ``None`` for
-      :func:`adahessian_jax.spatial.flax_default` with ``block_size``, a rule,
-      a pytree prefix of rules, or a callable ``(path, leaf) -> rule | None``.
-    mu_dtype: dtype of the first moment (default: the gradient's).
-    nu_dtype: dtype of the second moment and of the stored ``D`` (default:
-      the parameters').
     independent_probes: With ``axis_name``, draw a different probe on every
       device (the state's key folded with ``lax.axis_index(axis_name)``) in the
       ``value_fn`` route, while the state stays replicated. The averaged
@@ -196,12 +247,21 @@ def scale_by_adahessian(
       longer equals the single-device result (see
       :mod:`adahessian_jax.distributed`). Default ``False``: the same probe
       everywhere, exact.
+    averaging: Spatial-averaging rules: ``None`` for
+      :func:`adahessian_jax.spatial.flax_default` with ``block_size``, a rule,
+      a pytree prefix of rules, or a callable ``(path, leaf) -> rule | None``.
+    mu_dtype: Floating dtype of the first moment (default: the gradient's).
+    nu_dtype: Floating dtype of the second moment and of the stored ``D``
+      (default: the parameters').
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: at construction, for a hyperparameter out of range, naming it.
+    ValueError: at construction, for a hyperparameter out of range, naming it;
+      at ``update`` for a state made with another ``update_freq`` or
+      ``n_samples``, or a ``hessian_diag`` leaf whose shape or dtype does not
+      fit its parameter (naming its path).
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for a
       ``value_fn`` that does not return a real scalar.
 
@@ -212,116 +272,74 @@ def scale_by_adahessian(
   """
   _validation.in_interval("b1", b1, 0.0, 1.0, hi_open=True)
   _validation.in_interval("b2", b2, 0.0, 1.0, hi_open=True)
-  _validation.in_interval("eps", eps, 0.0, float("inf"))
+  _validation.in_interval("eps", eps, 0.0, float("inf"), lo_open=True)
   _validation.in_interval("hessian_power", hessian_power, 0.0, 1.0)
-  block_size = _validation.positive_int("block_size", block_size)
-  update_freq = _validation.positive_int("update_freq", update_freq)
-  n_samples = _validation.positive_int("n_samples", n_samples)
+  _validation.in_interval("curvature_floor", curvature_floor, 0.0, float("inf"))
+  if update_clip is not None:
+    _validation.in_interval("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
+  block_size = _validation.positive_int("block_size", 1 if block_size is None else block_size)
+  update_freq = _validation.positive_int("update_freq", 1 if update_freq is None else update_freq)
+  n_samples = _validation.positive_int("n_samples", 1 if n_samples is None else n_samples)
+  seed = 0 if seed is None else seed
   _validation.integer("seed", seed)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
-  mu_dtype = utils.canonicalize_dtype(mu_dtype)
-  nu_dtype = utils.canonicalize_dtype(nu_dtype)
+  mu_dtype = _float_dtype("mu_dtype", mu_dtype)
+  nu_dtype = _float_dtype("nu_dtype", nu_dtype)
+  lazy = update_freq > 1
 
   def init_fn(params):
     _check_real_float_params(params)
     spatial.resolve_rules(averaging, params, block_size)  # fail early on a bad rule
-    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
-    lazy = update_freq > 1
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-      nu=nu,
+      nu=optax.tree.zeros_like(params, dtype=nu_dtype),
       # A buffer of its own: donating a state whose leaves alias fails.
       hessian=optax.tree.zeros_like(params, dtype=nu_dtype) if lazy else None,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
 
-  def fresh_hessian(rules, params, value_fn, hessian_diag, keys, like):
-    if value_fn is not None:
-      if params is None:
-        raise ValueError("scale_by_adahessian needs params to evaluate value_fn at.")
-      if masking.has_masked_nodes(params) and not isinstance(value_fn, masking.MaskedValueFn):
-        raise ValueError(
-          "scale_by_adahessian got masked params (inside optax.masked or multi_transform), which "
-          "a whole-model value_fn cannot be evaluated on. Pass "
-          "value_fn=adahessian_jax.masked_value_fn(value_fn, params), or a whole-model "
-          "hessian_diag."
-        )
-      if axis_name is not None:
-        # value_fn is this device's loss; its local estimate is averaged below.
-        params, keys = device_varying((params, keys), axis_name)
-      estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys)[2]
-    else:
-      estimate = hessian_diag
-      if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
-        estimate = masking.restrict_to(estimate, like)
-      if jax.tree.structure(estimate) != jax.tree.structure(like):
-        raise ValueError(
-          "hessian_diag must have the structure of params; got "
-          f"{jax.tree.structure(estimate)}, expected {jax.tree.structure(like)}."
-        )
-    # Average in the moments' dtype (e.g. float32 for bfloat16 params).
-    estimate = optax.tree.cast_like(estimate, like)
-    if axis_name is not None:
-      estimate = jax.lax.pmean(estimate, axis_name)
-    return spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
-
   def update_fn(updates, state, params=None, *, value_fn=None, hessian_diag=None, **extra_args):
     del extra_args
-    if value_fn is not None and hessian_diag is not None:
-      raise ValueError(
-        "scale_by_adahessian takes value_fn or hessian_diag, not both. " + _CALL_HINT
-      )
-    count = state.count
+    _check_state(state, update_freq, n_samples)
     refresh = is_refresh_step(state)
-    concrete = not isinstance(refresh, jax.core.Tracer)
-    if (
-      value_fn is None
-      and hessian_diag is None
-      and (update_freq == 1 or not concrete or bool(refresh))
-    ):
+    if value_fn is not None and hessian_diag is not None:
+      raise ValueError(f"scale_by_adahessian takes value_fn or hessian_diag, not both. {HINT}")
+    if value_fn is None and hessian_diag is None and refresh is not False:
+      under_jit = " (under jit every step may refresh it)" if lazy else ""
       raise ValueError(
-        "scale_by_adahessian needs the loss to estimate the Hessian on this step"
-        + (" (under jit every step may refresh it)" if update_freq > 1 else "")
-        + ". "
-        + _CALL_HINT
+        f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}. "
+        + HINT
       )
     rules = spatial.resolve_rules(averaging, updates, block_size)
-    keys, next_key = probe_keys(state)
-    if independent_probes:
-      keys, _ = probe_keys(state._replace(key=fold_in_axis_index(state.key, axis_name)))
-    compute = lambda: fresh_hessian(rules, params, value_fn, hessian_diag, keys, state.nu)
-
-    if update_freq == 1:
-      d, new_key, hessian = compute(), next_key, None
-    elif concrete:
-      # Outside jit the step is known: run only what is needed.
-      d = compute() if refresh else state.hessian
-      new_key = next_key if refresh else state.key
-      hessian = d
-    else:
-      d = jax.lax.cond(refresh, compute, lambda: state.hessian)
-      new_key = jnp.where(refresh, next_key, state.key)
-      hessian = d
+    keys, next_key = probe_keys(state, axis_name if independent_probes else None)
+    fresh = lambda: _curvature(
+      _estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name), rules, curvature_floor
+    )
+    d = on_refresh(refresh, fresh, lambda: state.hessian) if lazy else fresh()
 
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(d, state.nu, b2, 2)
-    count_inc = numerics.safe_increment(count)
+    count_inc = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-    half_power = hessian_power / 2
-    updates = jax.tree.map(lambda m, v: m / (v**half_power + eps), mu_hat, nu_hat)
-    mu = optax.tree.cast(mu, mu_dtype)
-    nu = optax.tree.cast_like(nu, state.nu)
-    return updates, ScaleByAdaHessianState(
+    updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
+    if update_clip is not None:
+      updates = jax.tree.map(lambda u: jnp.clip(u, -update_clip, update_clip), updates)
+    new_state = ScaleByAdaHessianState(
       count=count_inc,
-      key=new_key,
-      mu=mu,
-      nu=nu,
-      hessian=hessian,
+      key=refresh_key(state, refresh, next_key),
+      mu=optax.tree.cast(mu, mu_dtype),
+      nu=optax.tree.cast_like(nu, state.nu),
+      hessian=d if lazy else None,
       update_freq=state.update_freq,
     )
+    # A non-finite estimate skips the step: zero update, state untouched.
+    finite = _all_finite(d)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -51,7 +51,7 @@ def train(fsdp, steps=60):
 
   tx = ah.adahessian(0.05)  # no axis_name: the loss below is global
   # jit(tx.init) alone would return the moments replicated; ask for the params' shardings.
-  state_sharding = distributed.state_shardings(jax.eval_shape(tx.init, params), params)
+  state_sharding = distributed.state_shardings(tx, params)
   state = jax.jit(tx.init, out_shardings=state_sharding)(params)
 
   @jax.jit

@@ -180,7 +180,7 @@ def train_jit(mesh, dtype, update_freq, fsdp=False, hparams=None):
   params_np = params
   params = {k: put_global(mesh, v, specs[k]) for k, v in params.items()}
   tx = make_tx(update_freq, hparams=hparams)
-  state_sh = distributed.state_shardings(jax.eval_shape(tx.init, params), params)
+  state_sh = distributed.state_shardings(tx, params)
   if fsdp:  # created sharded: the full state never exists on one device
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
   else:

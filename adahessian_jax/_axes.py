@@ -1,0 +1,69 @@
+"""Device-axis helpers for mapped code (``pmap``, ``shard_map``), across JAX versions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+__all__ = ["device_varying", "fold_in_axis_index"]
+
+
+def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
+  """Folds this device's index along ``axis_name`` into every key of raw ``key_data``.
+
+  Args:
+    key_data: Raw PRNG key data (``jax.random.key_data``), one key per row.
+    axis_name: A mapped axis name bound by the enclosing ``pmap``/``shard_map``.
+
+  Returns:
+    Raw key data of the same shape, different on every device of the axis.
+  """
+  keys = jax.random.wrap_key_data(key_data)
+  index = jax.lax.axis_index(axis_name)
+  return jax.random.key_data(jax.vmap(jax.random.fold_in, (0, None))(keys, index))
+
+
+def _varying_axes(x: Any) -> frozenset:
+  aval = jax.typeof(x)
+  varying = getattr(aval, "vma", None)
+  if varying is None:
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+  return frozenset(varying)
+
+
+def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
+  cast = getattr(jax.lax, "pcast", None)
+  if cast is not None:
+    return cast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)
+
+
+def device_varying(tree: Any, axis_name: Any) -> Any:
+  """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
+
+  Under ``shard_map`` (with its default ``check_vma=True``), differentiating a
+  per-device loss with respect to replicated (invariant) parameters sums the
+  result over the axis automatically; at the returned values the gradient and
+  Hessian-vector products are this device's own, as under ``pmap``.
+
+  Args:
+    tree: A pytree of arrays.
+    axis_name: A mapped axis name, or a tuple of them.
+
+  Returns:
+    ``tree`` with every leaf varying over ``axis_name`` (unchanged outside
+    ``shard_map``).
+  """
+  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+  def one(x):
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    if not missing:
+      return x
+    try:
+      return _cast_to_varying(x, missing)
+    except ValueError:  # not under shard_map (pmap, vmap): values are per-device already
+      return x
+
+  return jax.tree.map(one, tree)

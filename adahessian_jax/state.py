@@ -1,0 +1,167 @@
+"""AdaHessian's optimizer state and the rules read from it.
+
+Each rule that both the transform and the fused route need lives here once:
+which probes a step uses (:func:`probe_keys`), whether it refreshes the
+Hessian (:func:`is_refresh_step`, :func:`on_refresh`), and how to find or
+replace the AdaHessian state inside any optax state
+(:func:`find_adahessian_state`, :func:`map_adahessian_state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adahessian_jax._axes import fold_in_axis_index
+
+__all__ = [
+  "ScaleByAdaHessianState",
+  "find_adahessian_state",
+  "is_refresh_step",
+  "map_adahessian_state",
+  "on_refresh",
+  "probe_keys",
+]
+
+T = TypeVar("T")
+
+
+class ScaleByAdaHessianState(NamedTuple):
+  """State of :func:`adahessian_jax.scale_by_adahessian`; every field is an array (or ``None``).
+
+  Attributes:
+    count: Number of updates applied so far, ``int32`` scalar.
+    key: Raw PRNG key data (``jax.random.key_data``), one key per probe, shape
+      ``(n_samples, key_size)``; each is split once per Hessian refresh.
+    mu: First moment of the gradient.
+    nu: Second moment of the spatially averaged Hessian diagonal ``D``.
+    hessian: The last ``D``, reused between refreshes; ``None`` when
+      ``update_freq == 1`` (then the state is Adam's plus ``count`` and ``key``).
+    update_freq: The refresh interval as an ``int32`` scalar when it is > 1,
+      else ``None``; read by :func:`adahessian_jax.value_grad_and_hessian_diag`
+      so that the fused route refreshes on exactly the transform's steps.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  hessian: optax.Updates | None = None
+  update_freq: jax.Array | None = None
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, ScaleByAdaHessianState)
+
+
+def find_adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
+  """Returns the single :class:`ScaleByAdaHessianState` inside ``opt_state``.
+
+  Works through :func:`optax.chain`, :func:`optax.inject_hyperparams`,
+  :func:`optax.masked` and other combinators that keep inner states in their own.
+
+  Args:
+    opt_state: An optimizer state containing exactly one AdaHessian state.
+
+  Returns:
+    That state.
+
+  Raises:
+    ValueError: if there is none or more than one.
+  """
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
+  if len(found) != 1:
+    raise ValueError(
+      f"expected exactly one ScaleByAdaHessianState in the optimizer state, found {len(found)}."
+    )
+  return found[0]
+
+
+def map_adahessian_state(
+  fn: Callable[[ScaleByAdaHessianState], ScaleByAdaHessianState], opt_state: T
+) -> T:
+  """Replaces every :class:`ScaleByAdaHessianState` ``s`` inside ``opt_state`` by ``fn(s)``.
+
+  Example, giving every AdaHessian state a new probe key::
+
+    opt_state = adahessian_jax.map_adahessian_state(
+        lambda s: s._replace(key=new_key_data), opt_state)
+
+  Args:
+    fn: Maps an AdaHessian state to a state of the same structure.
+    opt_state: Any optax state.
+
+  Returns:
+    ``opt_state`` with its AdaHessian states replaced.
+  """
+  return jax.tree.map(lambda x: fn(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
+
+
+def probe_keys(state: ScaleByAdaHessianState, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+  """The keys of this step's probes, and the state's key data after a refresh.
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState`.
+    axis_name: For independent probes per device: the mapped axis whose index
+      is folded into the keys (inside ``pmap``/``shard_map``). ``None``: the
+      same probes on every device. The returned key data never depends on it,
+      so the state stays replicated.
+
+  Returns:
+    ``(keys, next_key_data)``: a 1-D array of ``n_samples`` PRNG keys for the
+    probes, and the raw key data to store if this step refreshes.
+  """
+  keys = jax.random.wrap_key_data(state.key)
+  next_key = jax.random.key_data(jax.vmap(lambda k: jax.random.split(k)[0])(keys))
+  source = state.key if axis_name is None else fold_in_axis_index(state.key, axis_name)
+  probes = jax.vmap(lambda k: jax.random.split(k)[1])(jax.random.wrap_key_data(source))
+  return probes, next_key
+
+
+def is_refresh_step(state: ScaleByAdaHessianState) -> jax.Array | bool:
+  """Whether the next update refreshes the Hessian (steps 1, 1+k, 1+2k, ...).
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState`.
+
+  Returns:
+    ``True`` when every step refreshes; otherwise a Python ``bool`` when the
+    state is concrete (outside ``jit``), else a traced boolean scalar.
+  """
+  if state.update_freq is None:
+    return True
+  refresh = state.count % state.update_freq == 0
+  if isinstance(refresh, jax.core.Tracer):
+    return refresh
+  return bool(refresh)
+
+
+def on_refresh(refresh: jax.Array | bool, fresh: Callable[[], T], stale: Callable[[], T]) -> T:
+  """``fresh()`` on refresh steps, ``stale()`` on the others: the refresh choice, written once.
+
+  A concrete ``refresh`` (every step refreshes, or the state is known outside
+  ``jit``) runs only the branch needed; a traced one uses ``lax.cond``, so the
+  Hessian-vector product runs only on refresh steps under ``jit`` too.
+
+  Args:
+    refresh: From :func:`is_refresh_step`.
+    fresh: Computes the value on a refresh step.
+    stale: Computes the value on the other steps.
+
+  Returns:
+    The chosen branch's value.
+  """
+  if isinstance(refresh, jax.core.Tracer):
+    return jax.lax.cond(refresh, fresh, stale)
+  return fresh() if refresh else stale()
+
+
+def refresh_key(state: ScaleByAdaHessianState, refresh: jax.Array | bool, next_key: jax.Array):
+  """The key data to store: ``next_key`` on refresh steps, the current one otherwise."""
+  if isinstance(refresh, jax.core.Tracer):
+    return jnp.where(refresh, next_key, state.key)
+  return next_key if refresh else state.key
