@@ -8,14 +8,16 @@ rows of most kernels; the averaging then equals the reference "instruction" rule
 
   python benchmarks/paper/block_size.py            # full (minutes)
   python benchmarks/paper/block_size.py --quick    # smoke test (seconds)
+  python benchmarks/paper/block_size.py --adahessian-config '{"curvature_floor": 0.1}'
 """
 
 from __future__ import annotations
 
-import time
-
+import cli
 import numpy as np
-import tasks as T
+from tasks import get_task
+from training import fmt, summarize, train
+from tuning import tune
 
 BLOCKS = (1, 2, 4, 8, 16, 32, 64, 128)
 STEPS, QUICK_STEPS = 300, 10
@@ -27,53 +29,49 @@ PAPER = {
 }  # fmt: skip
 
 
-def main():
-  args = T.parse_args(__doc__.splitlines()[0])
-  t_start = time.perf_counter()
+def run(args, out):
   blocks = (1, 128) if args.quick else BLOCKS
-  seeds = T.EVAL_SEEDS[:2] if args.quick else T.EVAL_SEEDS
   steps = QUICK_STEPS if args.quick else STEPS
-  task = T.get_task("lm", args.quick)
-  out = {"experiment": "block_size", "quick": args.quick, "blocks": list(blocks)}
-  out["seeds"], out["steps"], out["task"] = list(seeds), steps, task.config
-  tuned = {opt: T.tune(task, opt, steps, args.out, args.quick) for opt in ("adamw", "adahessian")}
+  seeds = args.seeds
+  task = get_task("lm", args.quick)
+  out["blocks"], out["steps"], out["task"] = list(blocks), steps, task.config
+  tuned = {opt: tune(task, opt, steps, args.out, args.quick) for opt in ("adamw", "adahessian")}
   out["tuning"] = tuned
-  rows = []
-  for b in blocks:
-    recs = T.train(task, "adahessian", [tuned["adahessian"]["lr"]] * len(seeds), seeds, steps, b)
-    rows.append({"block_size": b, "summary": T.summarize(recs, "loss"), "runs": recs})
-    print(f"block {b}: {T.fmt(rows[-1]['summary'], 'loss')}", flush=True)
-  ref = T.train(task, "adamw", [tuned["adamw"]["lr"]] * len(seeds), seeds, steps)
-  out["results"] = rows
-  out["adamw_reference"] = {"summary": T.summarize(ref, "loss"), "runs": ref}
-  lines = [
-    "**lm**: validation loss (nats/char, lower is better)",
-    "",
-    "| block size | " + " | ".join(str(b) for b in blocks) + " | AdamW |",
-    "|---" * (len(blocks) + 2) + "|",
-    "| AdaHessian | "
-    + " | ".join(T.fmt(r["summary"], "loss") for r in rows)
-    + f" | {T.fmt(out['adamw_reference']['summary'], 'loss')} |",
-  ]
-  out["table_markdown"] = "\n".join(lines)
-  out["paper"] = PAPER
-  out["environment"] = T.environment()
-  out["wall_s"] = round(time.perf_counter() - t_start, 1)
-  print(out["table_markdown"])
-  T.write_json(args.out, "block_size", out)
-  plot(out, args.figures)
+  lrs = [tuned["adahessian"]["lr"]] * len(seeds)
+  lines = []
+  for key, _, config in cli.variants(["adahessian"], args):
+    rows = []
+    for b in blocks:
+      recs = train(task, "adahessian", lrs, seeds, steps, b, config=config)
+      rows.append({"block_size": b, "summary": summarize(recs, "loss"), "runs": recs})
+      print(f"{cli.label(key, config)} block {b}: {fmt(rows[-1]['summary'], 'loss')}", flush=True)
+    out[cli.results_field(key)] = rows
+    cells = " | ".join(fmt(r["summary"], "loss") for r in rows)
+    lines.append(f"| {cli.label(key, config)} | {cells}")
+  ref = train(task, "adamw", [tuned["adamw"]["lr"]] * len(seeds), seeds, steps)
+  out["adamw_reference"] = {"summary": summarize(ref, "loss"), "runs": ref}
+  adamw = fmt(out["adamw_reference"]["summary"], "loss")
+  return "\n".join(
+    [
+      "**lm**: validation loss (nats/char, lower is better)",
+      "",
+      "| block size | " + " | ".join(str(b) for b in blocks) + " | AdamW |",
+      "|---" * (len(blocks) + 2) + "|",
+      *(line + f" | {adamw} |" for line in lines),
+    ]
+  )
 
 
-def plot(out, fig_dir):
-  plt = T.pyplot()
-  if plt is None:
-    return
+def plot(out, plt):
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  rows = out["results"]
-  xs = np.array([r["block_size"] for r in rows], float)
-  m = np.array([np.nan if r["summary"]["mean"] is None else r["summary"]["mean"] for r in rows])
-  sd = np.array([np.nan if r["summary"]["std"] is None else r["summary"]["std"] for r in rows])
-  ax.errorbar(xs, m, sd, marker="o", capsize=3, color="tab:red", label="AdaHessian")
+  for key, color in ((cli.EXACT, "tab:red"), (cli.CONFIGURED, "tab:purple")):
+    rows = out.get(cli.results_field(key))
+    if rows is None:
+      continue
+    xs = np.array([r["block_size"] for r in rows], float)
+    m, sd = cli.mean_std(rows)
+    label = "AdaHessian" if key == cli.EXACT else cli.label(key, out["adahessian_config"])
+    ax.errorbar(xs, m, sd, marker="o", capsize=3, color=color, label=label)
   ref = out["adamw_reference"]["summary"]
   if ref["mean"] is not None:
     ax.axhline(ref["mean"], color="tab:blue", label="AdamW (tuned)")
@@ -85,10 +83,8 @@ def plot(out, fig_dir):
   ax.set_title("Block size on the char-LM (paper Table 5)")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(f"{fig_dir}/block_size.png", dpi=90)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":
-  main()
+  cli.main("block_size", __doc__.splitlines()[0], run, plot, PAPER)

@@ -7,14 +7,16 @@ the same schedule (10 % warm-up, cosine to lr/10), the same steps and batches, a
 
   python benchmarks/paper/headline.py            # full (minutes)
   python benchmarks/paper/headline.py --quick    # smoke test (seconds)
+  python benchmarks/paper/headline.py --adahessian-config '{"curvature_floor": 0.1}'
 """
 
 from __future__ import annotations
 
-import time
-
+import cli
 import numpy as np
-import tasks as T
+from tasks import get_task
+from training import fmt, summarize, train
+from tuning import tune
 
 OPTIMIZERS = {
   "lm": ("sgd", "adam", "adamw", "adahessian"),
@@ -46,59 +48,48 @@ PAPER = {
 }
 
 
-def main():
-  args = T.parse_args(__doc__.splitlines()[0])
-  t_start = time.perf_counter()
+def run(args, out):
   opts_for = QUICK_OPTIMIZERS if args.quick else OPTIMIZERS
   steps_for = QUICK_STEPS if args.quick else STEPS
-  seeds = T.EVAL_SEEDS[:2] if args.quick else T.EVAL_SEEDS
-  out = {"experiment": "headline", "quick": args.quick, "seeds": list(seeds), "steps": steps_for}
-  out["tuning"], out["results"], out["tasks"] = {}, {}, {}
+  seeds = args.seeds
+  out["steps"], out["tuning"], out["results"], out["tasks"] = steps_for, {}, {}, {}
   lines = [
     "| task (metric) | optimizer | tuned lr | ours: val. metric | ours: val. loss | paper |",
     "|---|---|---|---|---|---|",
   ]
   for tname, opts in opts_for.items():
-    task, steps = T.get_task(tname, args.quick), steps_for[tname]
+    task, steps = get_task(tname, args.quick), steps_for[tname]
     out["tasks"][tname] = task.config
-    res = {}
-    for opt in opts:
-      tuned = T.tune(task, opt, steps, args.out, args.quick)
+    res = out["results"][tname] = {}
+    for key, opt, config in cli.variants(opts, args):
+      tuned = tune(task, opt, steps, args.out, args.quick)
       out["tuning"][f"{tname}/{opt}"] = tuned
-      recs = T.train(task, opt, [tuned["lr"]] * len(seeds), seeds, steps)
-      res[opt] = {
+      recs = train(task, opt, [tuned["lr"]] * len(seeds), seeds, steps, config=config)
+      res[key] = {
         "lr": tuned["lr"],
-        "summary": T.summarize(recs, task.metric),
-        "loss_summary": T.summarize(recs, "loss"),
+        "summary": summarize(recs, task.metric),
+        "loss_summary": summarize(recs, "loss"),
         "runs": recs,
       }
       metric = "acc. %" if task.metric == "acc" else "loss"
       lines.append(
-        f"| {tname} ({metric}) | {opt} | {tuned['lr']:g} | "
-        f"{T.fmt(res[opt]['summary'], task.metric)} | {T.fmt(res[opt]['loss_summary'], 'loss')} "
-        f"| {PAPER[tname].get(opt, '—')} |"
+        f"| {tname} ({metric}) | {cli.label(key, config)} | {tuned['lr']:g} | "
+        f"{fmt(res[key]['summary'], task.metric)} | {fmt(res[key]['loss_summary'], 'loss')} "
+        f"| {PAPER[tname].get(key, '—')} |"
       )
       print(lines[-1], flush=True)
-    out["results"][tname] = res
-  out["table_markdown"] = "\n".join(lines)
-  out["paper"] = PAPER
-  out["environment"] = T.environment()
-  out["wall_s"] = round(time.perf_counter() - t_start, 1)
-  T.write_json(args.out, "headline", out)
-  plot(out, args.figures)
+  return "\n".join(lines)
 
 
-def plot(out, fig_dir):
-  plt = T.pyplot()
-  if plt is None:
-    return
+def plot(out, plt):
   titles = {"lm": "char-LM (transformer)", "cnn": "digits CNN", "dlrm": "synthetic DLRM"}
   colors = {
     "sgd": "tab:green",
     "adam": "tab:blue",
     "adamw": "tab:cyan",
     "adagrad": "tab:orange",
-    "adahessian": "tab:red",
+    cli.EXACT: "tab:red",
+    cli.CONFIGURED: "tab:purple",
   }
   tnames = list(out["results"])
   fig, axes = plt.subplots(1, len(tnames), figsize=(4.2 * len(tnames), 3.6), squeeze=False)
@@ -106,13 +97,13 @@ def plot(out, fig_dir):
     for opt, r in out["results"][tname].items():
       curves = np.array([run["curve"] for run in r["runs"]], float)
       xs = r["runs"][0]["curve_steps"]
-      s = r["summary"]
+      s, name = r["summary"], cli.label(opt, out["adahessian_config"])
       if s["mean"] is None:
-        label = f"{opt}: diverged"
+        label = f"{name}: diverged"
       elif tname == "lm":
-        label = f"{opt}: val {s['mean']:.3f}"
+        label = f"{name}: val {s['mean']:.3f}"
       else:
-        label = f"{opt}: val {100 * s['mean']:.1f}%"
+        label = f"{name}: val {100 * s['mean']:.1f}%"
       with np.errstate(all="ignore"):
         mean = np.nanmean(np.where(np.isfinite(curves), curves, np.nan), axis=0)
       ax.plot(xs, mean, color=colors[opt], label=label)
@@ -123,10 +114,8 @@ def plot(out, fig_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle("Matched step budgets, each optimizer's tuned learning rate")
-  fig.tight_layout()
-  fig.savefig(f"{fig_dir}/headline.png", dpi=90)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":
-  main()
+  cli.main("headline", __doc__.splitlines()[0], run, plot, PAPER)

@@ -9,16 +9,20 @@ SGD and Adam come from those medians.
 
   python benchmarks/paper/hessian_frequency.py            # full (minutes)
   python benchmarks/paper/hessian_frequency.py --quick    # smoke test (seconds)
+  python benchmarks/paper/hessian_frequency.py --seeds 8 --adahessian-config '{"update_clip": 1}'
 """
 
 from __future__ import annotations
 
 import time
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tasks as T
+from tasks import get_task
+from training import compiled_run, fmt, freeze_config, summarize, train
+from tuning import tune
 
 FREQS = (1, 2, 3, 4, 5)
 STEPS, QUICK_STEPS = 300, 10
@@ -33,27 +37,25 @@ PAPER = {
 }
 
 
-def main():
-  args = T.parse_args(__doc__.splitlines()[0])
-  t_start = time.perf_counter()
+def run(args, out):
   freqs = (1, 2) if args.quick else FREQS
-  seeds = T.EVAL_SEEDS[:2] if args.quick else T.EVAL_SEEDS
   steps = QUICK_STEPS if args.quick else STEPS
   repeats = QUICK_REPEATS if args.quick else REPEATS
-  task = T.get_task("cnn", args.quick)
-  out = {"experiment": "hessian_frequency", "quick": args.quick, "freqs": list(freqs)}
-  out["seeds"], out["steps"], out["task"] = list(seeds), steps, task.config
-  out["tuning"] = {o: T.tune(task, o, steps, args.out, args.quick) for o in ("sgd", "adam")}
-  out["tuning"]["adahessian"] = T.tune(task, "adahessian", steps, args.out, args.quick)
-  configs = [("sgd", 1), ("adam", 1)] + [("adahessian", f) for f in freqs]
+  seeds = args.seeds
+  task = get_task("cnn", args.quick)
+  out["freqs"], out["steps"], out["task"] = list(freqs), steps, task.config
+  out["tuning"] = {o: tune(task, o, steps, args.out, args.quick) for o in ("sgd", "adam")}
+  out["tuning"]["adahessian"] = tune(task, "adahessian", steps, args.out, args.quick)
+  variants = list(cli.variants(["adahessian"], args))
+  configs = [("sgd", "sgd", 1, {}), ("adam", "adam", 1, {})]
+  configs += [(f"{key}_f{f}", opt, f, config) for key, opt, config in variants for f in freqs]
   runs, timed = {}, {}
-  for opt, f in configs:
-    name = opt if opt != "adahessian" else f"adahessian_f{f}"
+  for name, opt, f, config in configs:
     lrs = [out["tuning"][opt]["lr"]] * len(seeds)
-    runs[name] = T.train(task, opt, lrs, seeds, steps, update_freq=f)
-    print(f"{name}: {T.fmt(T.summarize(runs[name], 'acc'), 'acc')}", flush=True)
+    runs[name] = train(task, opt, lrs, seeds, steps, update_freq=f, config=config)
+    print(f"{name}: {fmt(summarize(runs[name], 'acc'), 'acc')}", flush=True)
     # The program is compiled and cached now; time re-runs of it below.
-    fn = T.compiled_run(task, opt, steps, 1, f)
+    fn = compiled_run(task, opt, steps, 1, f, freeze_config(config))
     timed[name] = (fn, jnp.asarray(lrs, jnp.float32), jnp.asarray(seeds, jnp.int32))
   times = {k: [] for k in timed}
   for _ in range(repeats):
@@ -63,25 +65,41 @@ def main():
       times[name].append((time.perf_counter() - t0) / steps)
   med = {k: float(np.median(v)) for k, v in times.items()}
   fastest = {k: float(np.min(v)) for k, v in times.items()}
-  rows = []
-  for f in freqs:
-    name = f"adahessian_f{f}"
-    rows.append(
-      {
-        "update_freq": f,
-        "summary": T.summarize(runs[name], "acc"),
-        "step_time_s": med[name],
-        "cost_x_sgd": med[name] / med["sgd"],
-        "cost_x_adam": med[name] / med["adam"],
-        "cost_x_sgd_from_fastest_repeats": fastest[name] / fastest["sgd"],
-        "cost_x_adam_from_fastest_repeats": fastest[name] / fastest["adam"],
-        "theoretical_cost_x_sgd": 1 + 1 / f,
-      }
-    )
-  out["results"] = rows
   out["references"] = {
-    k: {"summary": T.summarize(runs[k], "acc"), "step_time_s": med[k]} for k in ("sgd", "adam")
+    k: {"summary": summarize(runs[k], "acc"), "step_time_s": med[k]} for k in ("sgd", "adam")
   }
+  sgd_cell = fmt(out["references"]["sgd"]["summary"], "acc")
+  adam_cell = fmt(out["references"]["adam"]["summary"], "acc")
+  lines = [
+    f"**cnn** (digits): val. accuracy (%); SGD {sgd_cell}, Adam {adam_cell}",
+    "",
+    "| Hessian refresh every k steps | " + " | ".join(str(f) for f in freqs) + " |",
+    "|---" * (len(freqs) + 1) + "|",
+    "| theoretical cost (x SGD) | " + " | ".join(f"{1 + 1 / f:.2f}x" for f in freqs) + " |",
+  ]
+  for key, _, config in variants:
+    rows = []
+    for f in freqs:
+      name = f"{key}_f{f}"
+      rows.append(
+        {
+          "update_freq": f,
+          "summary": summarize(runs[name], "acc"),
+          "step_time_s": med[name],
+          "cost_x_sgd": med[name] / med["sgd"],
+          "cost_x_adam": med[name] / med["adam"],
+          "cost_x_sgd_from_fastest_repeats": fastest[name] / fastest["sgd"],
+          "cost_x_adam_from_fastest_repeats": fastest[name] / fastest["adam"],
+          "theoretical_cost_x_sgd": 1 + 1 / f,
+        }
+      )
+    out[cli.results_field(key)] = rows
+    name = "AdaHessian" if key == cli.EXACT else cli.label(key, config)
+    lines += [
+      f"| {name} accuracy | " + " | ".join(fmt(r["summary"], "acc") for r in rows) + " |",
+      f"| {name} cost (x SGD) | " + " | ".join(f"{r['cost_x_sgd']:.2f}x" for r in rows) + " |",
+      f"| {name} cost (x Adam) | " + " | ".join(f"{r['cost_x_adam']:.2f}x" for r in rows) + " |",
+    ]
   out["step_times_all_repeats_s"] = times
   out["runs"] = runs
   out["timing_note"] = (
@@ -89,41 +107,25 @@ def main():
     f"({len(seeds)} seeds vmapped, batch {task.config['batch']}), divided by {steps}; shared "
     "2-core CPU under heavy load from other jobs"
   )
-  head = "| Hessian refresh every k steps | " + " | ".join(str(f) for f in freqs) + " |"
-  sgd_cell = T.fmt(out["references"]["sgd"]["summary"], "acc")
-  adam_cell = T.fmt(out["references"]["adam"]["summary"], "acc")
-  lines = [
-    f"**cnn** (digits): val. accuracy (%); SGD {sgd_cell}, Adam {adam_cell}",
-    "",
-    head,
-    "|---" * (len(freqs) + 1) + "|",
-    "| theoretical cost (x SGD) | " + " | ".join(f"{1 + 1 / f:.2f}x" for f in freqs) + " |",
-    "| AdaHessian accuracy | " + " | ".join(T.fmt(r["summary"], "acc") for r in rows) + " |",
-    "| measured cost (x SGD) | " + " | ".join(f"{r['cost_x_sgd']:.2f}x" for r in rows) + " |",
-    "| measured cost (x Adam) | " + " | ".join(f"{r['cost_x_adam']:.2f}x" for r in rows) + " |",
-  ]
-  out["table_markdown"] = "\n".join(lines)
-  out["paper"] = PAPER
-  out["environment"] = T.environment()
-  out["wall_s"] = round(time.perf_counter() - t_start, 1)
-  print(out["table_markdown"])
-  T.write_json(args.out, "hessian_frequency", out)
-  plot(out, args.figures)
+  return "\n".join(lines)
 
 
-def plot(out, fig_dir):
-  plt = T.pyplot()
-  if plt is None:
-    return
-  rows = out["results"]
-  fs = np.array([r["update_freq"] for r in rows], float)
+def plot(out, plt):
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  m = np.array([np.nan if r["summary"]["mean"] is None else r["summary"]["mean"] for r in rows])
-  sd = np.array([np.nan if r["summary"]["std"] is None else r["summary"]["std"] for r in rows])
-  a1.errorbar(fs, 100 * m, 100 * sd, marker="o", capsize=3, color="tab:red", label="AdaHessian")
-  for r in rows:
-    accs = [100 * a for a in r["summary"]["all"] if a is not None]
-    a1.scatter([r["update_freq"]] * len(accs), accs, s=12, color="k", alpha=0.5, zorder=3)
+  for key, color in ((cli.EXACT, "tab:red"), (cli.CONFIGURED, "tab:orange")):
+    rows = out.get(cli.results_field(key))
+    if rows is None:
+      continue
+    label = "AdaHessian" if key == cli.EXACT else cli.label(key, out["adahessian_config"])
+    fs = np.array([r["update_freq"] for r in rows], float)
+    m, sd = cli.mean_std(rows)
+    a1.errorbar(fs, 100 * m, 100 * sd, marker="o", capsize=3, color=color, label=label)
+    for r in rows:
+      accs = [100 * a for a in r["summary"]["all"] if a is not None]
+      a1.scatter([r["update_freq"]] * len(accs), accs, s=12, color=color, alpha=0.5, zorder=3)
+    a2.plot(fs, [r["cost_x_sgd"] for r in rows], "o-", color=color, label=f"{label}, x SGD")
+    a2.plot(fs, [r["cost_x_adam"] for r in rows], "s--", color=color, alpha=0.6,
+            label=f"{label}, x Adam")  # fmt: skip
   for k, c in (("sgd", "tab:green"), ("adam", "tab:blue")):
     s = out["references"][k]["summary"]
     if s["mean"] is not None:
@@ -134,8 +136,7 @@ def plot(out, fig_dir):
   a1.set_title("digits CNN accuracy")
   a1.legend(fontsize=8)
   a1.grid(alpha=0.3)
-  a2.plot(fs, [r["cost_x_sgd"] for r in rows], "o-", color="tab:red", label="measured, x SGD")
-  a2.plot(fs, [r["cost_x_adam"] for r in rows], "s--", color="tab:purple", label="measured, x Adam")
+  fs = np.array(out["freqs"], float)
   a2.plot(fs, 1 + 1 / fs, "k:", label="theoretical, x SGD")
   a2.plot(fs, out["paper"]["measured_cost_x_sgd"][: len(fs)], "^-", color="gray", alpha=0.6,
           label="paper ResNet20 GPU, x SGD")  # fmt: skip
@@ -147,10 +148,8 @@ def plot(out, fig_dir):
   for a in (a1, a2):
     a.set_xticks(fs)
   fig.suptitle("Hessian refresh frequency (paper Table 6)")
-  fig.tight_layout()
-  fig.savefig(f"{fig_dir}/hessian_frequency.png", dpi=90)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":
-  main()
+  cli.main("hessian_frequency", __doc__.splitlines()[0], run, plot, PAPER)

@@ -6,17 +6,20 @@ multiplied by 0.5, 1, 2, 3, 4, 5, 6, 10 and trained with 4 seeds on the characte
 
   python benchmarks/paper/lr_robustness.py            # full (minutes)
   python benchmarks/paper/lr_robustness.py --quick    # smoke test (seconds)
+  python benchmarks/paper/lr_robustness.py --adahessian-config '{"curvature_floor": 0.1}'
 """
 
 from __future__ import annotations
 
-import time
-
+import cli
 import numpy as np
-import tasks as T
+from tasks import get_task
+from training import DIVERGE_FACTOR, fmt, summarize, train
+from tuning import tune
 
 SCALES = (0.5, 1, 2, 3, 4, 5, 6, 10)
 OPTIMIZERS = ("adamw", "adahessian")
+COLORS = {"adamw": "tab:blue", cli.EXACT: "tab:red", cli.CONFIGURED: "tab:purple"}
 STEPS = {"lm": 300, "cnn": 300}
 QUICK_STEPS = {"lm": 10}
 PAPER = {
@@ -29,79 +32,68 @@ PAPER = {
 }  # fmt: skip
 
 
-def main():
-  args = T.parse_args(__doc__.splitlines()[0])
-  t_start = time.perf_counter()
+def run(args, out):
   scales = (1, 10) if args.quick else SCALES
-  seeds = T.EVAL_SEEDS[:2] if args.quick else T.EVAL_SEEDS
   steps_for = QUICK_STEPS if args.quick else STEPS
-  out = {"experiment": "lr_robustness", "quick": args.quick, "scales": list(scales)}
-  out["seeds"], out["steps"], out["tuning"], out["results"], out["tasks"] = (
-    list(seeds),
+  seeds = args.seeds
+  out["scales"], out["steps"], out["tuning"], out["results"], out["tasks"] = (
+    list(scales),
     steps_for,
     {},
     {},
     {},
   )
+  out["divergence_rule"] = (
+    f"non-finite training loss, or final validation loss > {DIVERGE_FACTOR} x initial loss"
+  )
   tables = []
   # The quick smoke run covers the LM only (the CNN goes through the same code).
   for tname in ("lm",) if args.quick else ("lm", "cnn"):
-    task, steps = T.get_task(tname, args.quick), steps_for[tname]
+    task, steps = get_task(tname, args.quick), steps_for[tname]
     out["tasks"][tname] = task.config
-    rows = {}
-    for opt in OPTIMIZERS:
-      tuned = T.tune(task, opt, steps, args.out, args.quick)
+    rows = out["results"][tname] = {}
+    for key, opt, config in cli.variants(OPTIMIZERS, args):
+      tuned = tune(task, opt, steps, args.out, args.quick)
       out["tuning"][f"{tname}/{opt}"] = tuned
-      rows[opt] = []
+      rows[key] = []
       for s in scales:
-        recs = T.train(task, opt, [tuned["lr"] * s] * len(seeds), seeds, steps)
-        rows[opt].append(
+        recs = train(task, opt, [tuned["lr"] * s] * len(seeds), seeds, steps, config=config)
+        rows[key].append(
           {
             "scale": s,
             "lr": tuned["lr"] * s,
-            "summary": T.summarize(recs, task.metric),
-            "loss_summary": T.summarize(recs, "loss"),
+            "summary": summarize(recs, task.metric),
+            "loss_summary": summarize(recs, "loss"),
             "runs": recs,
           }
         )
-        print(f"{tname} {opt} x{s}: {T.fmt(rows[opt][-1]['summary'], task.metric)}", flush=True)
-    out["results"][tname] = rows
-    tables.append(table(tname, task, rows, scales))
-  out["table_markdown"] = "\n\n".join(tables)
-  out["paper"] = PAPER
-  out["divergence_rule"] = (
-    f"non-finite training loss, or final validation loss > {T.DIVERGE_FACTOR} x initial loss"
-  )
-  out["environment"] = T.environment()
-  out["wall_s"] = round(time.perf_counter() - t_start, 1)
-  print(out["table_markdown"])
-  T.write_json(args.out, "lr_robustness", out)
-  plot(out, args.figures)
+        cell = fmt(rows[key][-1]["summary"], task.metric)
+        print(f"{tname} {cli.label(key, config)} x{s}: {cell}", flush=True)
+    tables.append(table(tname, task, rows, scales, args.adahessian_config))
+  return "\n\n".join(tables)
 
 
-def table(tname, task, rows, scales):
+def table(tname, task, rows, scales, config):
   what = "validation loss (nats/char, lower is better)" if tname == "lm" else "val. accuracy (%)"
   head = "| LR scale | " + " | ".join(f"{s:g}" for s in scales) + " |"
   lines = [f"**{tname}**: {what}", "", head, "|---" * (len(scales) + 1) + "|"]
-  for opt, r in rows.items():
-    lines.append(f"| {opt} | " + " | ".join(T.fmt(x["summary"], task.metric) for x in r) + " |")
+  for key, r in rows.items():
+    cells = " | ".join(fmt(x["summary"], task.metric) for x in r)
+    lines.append(f"| {cli.label(key, config)} | {cells} |")
   return "\n".join(lines)
 
 
-def plot(out, fig_dir):
-  plt = T.pyplot()
-  if plt is None:
-    return
+def plot(out, plt):
   tnames = list(out["results"])
   fig, axes = plt.subplots(1, len(tnames), figsize=(5 * len(tnames), 3.8), squeeze=False)
   for ax, tname in zip(axes[0], tnames, strict=True):
     scale = 100.0 if tname == "cnn" else 1.0
-    for opt, color in zip(OPTIMIZERS, ("tab:blue", "tab:red"), strict=True):
-      rows = out["results"][tname][opt]
+    for key, rows in out["results"][tname].items():
+      color = COLORS[key]
       xs = np.array([r["scale"] for r in rows], float)
-      m = np.array([np.nan if r["summary"]["mean"] is None else r["summary"]["mean"] for r in rows])
-      sd = np.array([np.nan if r["summary"]["std"] is None else r["summary"]["std"] for r in rows])
-      ax.errorbar(xs, m * scale, sd * scale, marker="o", color=color, capsize=3, label=opt)
+      m, sd = cli.mean_std(rows)
+      label = cli.label(key, out["adahessian_config"])
+      ax.errorbar(xs, m * scale, sd * scale, marker="o", color=color, capsize=3, label=label)
       for r in rows:
         if r["summary"]["diverged"]:
           ax.annotate(
@@ -121,10 +113,8 @@ def plot(out, fig_dir):
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle("LR robustness (paper Table 4), mean ± std over seeds")
-  fig.tight_layout()
-  fig.savefig(f"{fig_dir}/lr_robustness.png", dpi=90)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":
-  main()
+  cli.main("lr_robustness", __doc__.splitlines()[0], run, plot, PAPER)

@@ -1,0 +1,192 @@
+"""The paper-claim experiments' shared command line, output files and ending of ``main``.
+
+Every experiment script calls :func:`main` with its name, a ``run(args, out)`` that trains and
+fills ``out`` (returning the markdown table) and a ``plot(out, plt)`` that returns a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEEDS, QUICK_SEEDS = 4, 2  # 4 seeds: the same vmapped shape as the 4-value LR sweep
+EXACT, CONFIGURED = "adahessian", "adahessian_config"  # result keys of the two AdaHessian rows
+
+
+def enable_compilation_cache() -> None:
+  """Persists compiled programs across the experiment commands (they share many programs)."""
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "adahessian_jax_paper_xla"
+  )
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments, got {text!r}")
+  return value
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+  p.add_argument("--out", default=None, help="results directory (default: results/)")
+  p.add_argument("--figures", default=None, help="figures directory (default: figures/)")
+  p.add_argument(
+    "--seeds",
+    type=int,
+    default=None,
+    help=f"evaluation seeds 0..N-1 per configuration (default {SEEDS}; --quick: {QUICK_SEEDS})",
+  )
+  p.add_argument(
+    "--adahessian-config",
+    type=_json_object,
+    default={},
+    metavar="JSON",
+    help="extra adahessian_jax.adahessian arguments, e.g. '{\"curvature_floor\": 0.1}': "
+    "AdaHessian is then also trained with them, beside the exact rule, at the exact rule's "
+    "tuned learning rate",
+  )
+  args = p.parse_args(argv)
+  enable_compilation_cache()
+  explicit_out = args.out is not None
+  if args.out is None:
+    args.out = os.path.join(HERE, "results")
+  if args.figures is None:
+    args.figures = args.out if explicit_out else os.path.join(HERE, "figures")
+  os.makedirs(args.out, exist_ok=True)
+  os.makedirs(args.figures, exist_ok=True)
+  args.seeds = tuple(range(args.seeds or (QUICK_SEEDS if args.quick else SEEDS)))
+  return args
+
+
+def variants(opts: Sequence[str], args) -> Iterator[tuple[str, str, dict[str, Any]]]:
+  """``(result key, optimizer name, AdaHessian config)`` of every row to train.
+
+  AdaHessian gets a second row, key ``CONFIGURED``, when ``--adahessian-config`` is given.
+  """
+  for opt in opts:
+    yield opt, opt, {}
+    if opt == EXACT and args.adahessian_config:
+      yield CONFIGURED, EXACT, args.adahessian_config
+
+
+def results_field(key: str) -> str:
+  """Where a list-shaped experiment keeps a row's results: the exact rule's stay in "results"."""
+  return "results" if key == EXACT else "results_configured"
+
+
+def label(key: str, config: dict[str, Any] | None = None) -> str:
+  """A row's name in tables and legends: ``adahessian (curvature_floor=0.1)`` for the second."""
+  if key != CONFIGURED:
+    return key
+  return f"{EXACT} (" + ", ".join(f"{k}={v}" for k, v in sorted((config or {}).items())) + ")"
+
+
+def environment() -> dict[str, Any]:
+  return {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "load_average_at_start": list(os.getloadavg()),
+  }
+
+
+def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
+  path = os.path.join(out_dir, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump(finite(payload), f, indent=1, allow_nan=False, default=_json_default)
+  return path
+
+
+def finite(x):
+  """Replaces non-finite floats (diverged runs) by ``None`` so the JSON is standard."""
+  if isinstance(x, dict):
+    return {k: finite(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [finite(v) for v in x]
+  if isinstance(x, float | np.floating) and not np.isfinite(x):
+    return None
+  return x
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def pyplot():
+  """matplotlib.pyplot with the Agg backend, or ``None`` when matplotlib is not installed."""
+  try:
+    import matplotlib
+  except ImportError:
+    return None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def mean_std(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+  """The summaries' means and stds as arrays, NaN where every seed diverged."""
+  pick = lambda key: np.array(
+    [np.nan if r["summary"][key] is None else r["summary"][key] for r in rows], float
+  )
+  return pick("mean"), pick("std")
+
+
+def main(
+  experiment: str,
+  description: str,
+  run: Callable[[argparse.Namespace, dict[str, Any]], str],
+  plot: Callable[[dict[str, Any], Any], Any],
+  paper: dict[str, Any],
+) -> dict[str, Any]:
+  """Parses the command line, runs the experiment, writes its JSON and figure.
+
+  Args:
+    experiment: The name of the JSON (``<out>/<experiment>.json``) and figure files.
+    description: The command's help text.
+    run: ``run(args, out)`` trains, puts its results into ``out`` and returns the markdown table.
+    plot: ``plot(out, plt)`` returns the matplotlib figure (not called without matplotlib).
+    paper: The paper's numbers the experiment compares with.
+
+  Returns:
+    The payload written to the JSON.
+  """
+  args = parse_args(description)
+  t_start = time.perf_counter()
+  out = {"experiment": experiment, "quick": args.quick, "seeds": list(args.seeds)}
+  out["adahessian_config"] = args.adahessian_config
+  out["table_markdown"] = run(args, out)
+  out["paper"] = paper
+  out["environment"] = environment()
+  out["wall_s"] = round(time.perf_counter() - t_start, 1)
+  print(out["table_markdown"])
+  write_json(args.out, experiment, out)
+  plt = pyplot()
+  if plt is not None:
+    fig = plot(out, plt)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.figures, f"{experiment}.png"), dpi=90)
+    plt.close(fig)
+  return out
