@@ -1,0 +1,242 @@
+"""Hostile inputs, non-finite estimates and the stabilizers, each on a problem where it matters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_trees_allclose
+
+import adahessian_jax as ah
+
+
+def small_params():
+  return {"w": jnp.asarray([0.5, -1.0, 2.0]), "b": jnp.asarray(0.1)}
+
+
+def small_loss(p):
+  return jnp.sum(p["w"] ** 2) + p["b"] ** 2
+
+
+def run(tx, loss, params, steps, route="value_fn"):
+  """Trains ``steps`` jitted steps; returns the losses after each step and the final state."""
+  state = tx.init(params)
+  vgh = ah.value_grad_and_hessian_diag(loss)
+
+  @jax.jit
+  def step(p, s):
+    if route == "value_fn":
+      g = jax.grad(loss)(p)
+      u, s = tx.update(g, s, p, value_fn=loss)
+    else:
+      _, g, h = vgh(p, s)
+      u, s = tx.update(g, s, p, hessian_diag=h)
+    return optax.apply_updates(p, u), s
+
+  losses = []
+  for _ in range(steps):
+    params, state = step(params, state)
+    losses.append(float(loss(params)))
+  return np.asarray(losses), state
+
+
+# ---------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_hessian_diag_leaf_that_only_broadcasts_is_rejected_with_its_path(jit):
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  grads = jax.grad(small_loss)(params)
+  bad = {"w": jnp.ones((3, 1)), "b": jnp.asarray(1.0)}
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=r"hessian_diag at \['w'\].*shape \(3,\).*\(3, 1\)"):
+    update(grads, state, params, hessian_diag=bad)
+
+
+def test_hessian_diag_integer_leaf_is_rejected():
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  grads = jax.grad(small_loss)(params)
+  bad = {"w": jnp.ones((3,), jnp.int32), "b": jnp.asarray(1.0)}
+  with pytest.raises(ValueError, match=r"hessian_diag at \['w'\].*dtype int32"):
+    tx.update(grads, tx.init(params), params, hessian_diag=bad)
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(eps=0.0), r"eps must be in \(0"),
+    (dict(mu_dtype=jnp.int32), "mu_dtype must be a real floating"),
+    (dict(nu_dtype=jnp.complex64), "nu_dtype must be a real floating"),
+    (dict(curvature_floor=-0.1), "curvature_floor"),
+    (dict(update_clip=0.0), "update_clip"),
+  ],
+)
+def test_bad_hyperparameters_are_rejected(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ah.adahessian(0.1, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "made,used,match",
+  [
+    (dict(update_freq=3), dict(update_freq=1), r"made with update_freq > 1"),
+    (dict(update_freq=1), dict(update_freq=3), r"made with update_freq=1"),
+    (dict(update_freq=3), dict(update_freq=4), r"made with update_freq=3"),
+    (dict(n_samples=2), dict(n_samples=1), r"2 probe keys but the transform has n_samples=1"),
+  ],
+)
+def test_state_from_another_configuration_is_rejected(made, used, match):
+  params = small_params()
+  state = ah.adahessian(0.1, **made).init(params)
+  tx = ah.adahessian(0.1, **used)
+  grads = jax.grad(small_loss)(params)
+  with pytest.raises(ValueError, match=match):
+    tx.update(grads, state, params, value_fn=small_loss)
+
+
+def test_lazy_state_with_another_frequency_fails_under_jit_too():
+  params = small_params()
+  state = ah.adahessian(0.1, update_freq=3).init(params)
+  tx = ah.adahessian(0.1, update_freq=4)
+  grads = jax.grad(small_loss)(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=small_loss))
+  with pytest.raises(Exception, match=r"made with update_freq=\[3\]"):
+    jax.block_until_ready(step(grads, state, params))
+
+
+def test_bad_value_fn_is_called_value_fn():
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  grads = jax.grad(small_loss)(params)
+  with pytest.raises(TypeError, match="value_fn must return a real floating-point scalar"):
+    tx.update(grads, tx.init(params), params, value_fn=lambda p: p["w"])
+
+
+def test_inject_hyperparams_plain_call_trains_under_jit():
+  params = small_params()
+  schedule = optax.linear_schedule(0.2, 0.05, 20)
+  tx = optax.inject_hyperparams(ah.adahessian)(learning_rate=schedule)
+  losses, state = run(tx, small_loss, params, 20)
+  direct, _ = run(ah.adahessian(schedule), small_loss, params, 20)
+  np.testing.assert_allclose(losses, direct, rtol=1e-12)
+  assert losses[-1] < 0.05 * float(small_loss(params))
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(schedule(19)))
+
+
+# ---------------------------------------------------------------- non-finite estimates
+
+
+def overflowing_problem():
+  """float16: loss and gradient finite, the Hessian-vector product overflows (80000 > 65504)."""
+  params = {"w": jnp.full((4,), 1e-3, jnp.float16)}
+  loss = lambda p: jnp.sum(40000.0 * p["w"].astype(jnp.float16) ** 2)
+  return params, loss
+
+
+def test_non_finite_estimate_by_value_fn_leaves_params_and_state_untouched():
+  params, loss = overflowing_problem()
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  assert bool(jnp.all(jnp.isfinite(grads["w"])))
+  updates, new_state = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))(
+    grads, state, params
+  )
+  assert_trees_allclose(updates, jax.tree.map(jnp.zeros_like, updates), rtol=0.0)
+  assert_trees_allclose(new_state, state, rtol=0.0)
+
+
+def test_non_finite_estimate_from_the_fused_route_is_counted_by_apply_if_finite():
+  params, loss = overflowing_problem()
+  tx = optax.apply_if_finite(ah.adahessian(0.1), max_consecutive_errors=3)
+  state = tx.init(params)
+  loss_value, grads, hdiag = ah.value_grad_and_hessian_diag(loss)(params, state)
+  assert np.isfinite(float(loss_value))
+  assert not bool(jnp.all(jnp.isfinite(hdiag["w"])))
+  updates, new_state = tx.update(grads, state, params, hessian_diag=hdiag)
+  assert int(new_state.notfinite_count) == 1
+  assert_trees_allclose(new_state.inner_state, state.inner_state, rtol=0.0)
+  assert not np.any(np.asarray(updates["w"], np.float64))
+
+
+def test_user_hessian_diag_with_nan_skips_the_step():
+  params = small_params()
+  tx = ah.adahessian(0.1, update_freq=2)
+  state = tx.init(params)
+  grads = jax.grad(small_loss)(params)
+  bad = {"w": jnp.asarray([1.0, jnp.nan, 1.0]), "b": jnp.asarray(jnp.inf)}
+  updates, new_state = tx.update(grads, state, params, hessian_diag=bad)
+  assert_trees_allclose(new_state, state, rtol=0.0)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+
+
+# ---------------------------------------------------------------- stabilizers
+
+
+def coupled_quadratic(n=32, seed=0):
+  """0.5 wᵀAw with strong off-diagonal couplings: single-probe estimates z⊙Az are very noisy,
+  and some entries come out near zero although every true diagonal entry is ~1.9."""
+  r = np.random.default_rng(seed)
+  c = r.normal(size=(n, n)) * 0.25
+  a = np.eye(n) + (c + c.T) / 2 - np.diag(np.diag(c))
+  a += (0.1 - np.linalg.eigvalsh(a).min()) * np.eye(n)
+  a = jnp.asarray(a)
+  return {"w": jnp.asarray(r.normal(size=n))}, lambda p: 0.5 * p["w"] @ a @ p["w"]
+
+
+def test_curvature_floor_keeps_a_lazy_run_from_blowing_up():
+  params, loss = coupled_quadratic()
+  initial = float(loss(params))
+  peaks = {}
+  for floor in (0.0, 0.3):
+    peaks[floor] = [
+      run(ah.adahessian(0.5, update_freq=4, seed=s, curvature_floor=floor), loss, params, 20)[
+        0
+      ].max()
+      for s in range(8)
+    ]
+  assert max(peaks[0.0]) > 100 * initial  # the exact rule: a noisy near-zero D, huge steps
+  assert max(peaks[0.3]) < initial
+
+
+def hinge_problem():
+  """A linear classifier with the hinge loss: the Hessian is exactly zero almost everywhere."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(128, 10)))
+  y = jnp.sign(x @ r.normal(size=10))
+  loss = lambda p: jnp.mean(jnp.maximum(0.0, 1.0 - y * (x @ p["w"] + p["b"])))
+  return {"w": jnp.zeros(10), "b": jnp.zeros(())}, loss
+
+
+def test_update_clip_bounds_steps_where_there_is_no_curvature():
+  params, loss = hinge_problem()
+  initial = float(loss(params))
+  exact, _ = run(ah.adahessian(), loss, params, 100)
+  clipped, _ = run(ah.adahessian(update_clip=1.0), loss, params, 100)
+  assert exact.max() > 10 * initial  # steps of lr·g/eps = 1500·g
+  assert clipped.max() < initial and clipped[-1] < 0.05 * initial
+
+
+def test_update_clip_is_elementwise_and_exact_below_the_bound():
+  params = {"w": jnp.asarray([1e-3, 1.0])}
+  grads = {"w": jnp.asarray([1.0, 1.0])}
+  hdiag = {"w": jnp.asarray([0.0, 4.0])}
+  updates, _ = ah.scale_by_adahessian(update_clip=0.5).update(
+    grads, ah.scale_by_adahessian(update_clip=0.5).init(params), params, hessian_diag=hdiag
+  )
+  # Step 1: m̂ = g, v̂ = D², u = g / (|D| + eps): 1/1e-4 clipped to 0.5, and 1/4.0001 kept.
+  np.testing.assert_allclose(np.asarray(updates["w"]), [0.5, 1 / (4 + 1e-4)], rtol=1e-12)
+
+
+def test_curvature_floor_closed_form():
+  params = {"w": jnp.zeros(4)}
+  grads = {"w": jnp.ones(4)}
+  hdiag = {"w": jnp.asarray([0.0, -2.0, 6.0, 0.4])}  # |D| = 0, 2, 6, 0.4; mean 2.1
+  tx = ah.scale_by_adahessian(curvature_floor=0.5)
+  updates, state = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  floored = np.maximum([0.0, 2.0, 6.0, 0.4], 0.5 * 2.1)
+  np.testing.assert_allclose(np.asarray(updates["w"]), 1 / (floored + 1e-4), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(state.nu["w"]), 0.001 * floored**2, rtol=1e-12)
