@@ -70,10 +70,20 @@ from optax.contrib import hutchinson_estimator_diag_hessian, sophia
 
 import adahessian_jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
+from _common import make_step  # noqa: E402  (the examples' training step)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = HERE / "results"
+# What each kind's tx.update gets besides the gradient (see examples/_common.make_step).
+ROUTES = {
+  "sgd": "plain",
+  "adam": "plain",
+  "closure": "value_fn",
+  "fused": "fused",
+  "sophia": "obj_fn",
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,6 @@ class Config:
       "closure": "AdaHessian closure",
       "fused": "AdaHessian fused",
       "sophia": "Sophia-H (optax)",
-      "fused_bitz": "AdaHessian fused, bit-packed probes*",
     }
     out = names[self.kind]
     if self.kind in ("closure", "fused", "sophia"):
@@ -117,65 +126,7 @@ def make_tx(cfg: Config) -> optax.GradientTransformation:
       update_interval=cfg.freq,
       hessian_diagonal_fn=hutchinson_estimator_diag_hessian(jax.random.PRNGKey(0)),
     )
-  if cfg.kind == "fused_bitz":
-    return adahessian_jax.adahessian(0.01, update_freq=cfg.freq, n_samples=cfg.n_samples)
   raise ValueError(cfg.kind)
-
-
-def bit_rademacher_like(key, tree):
-  """Rademacher probes from 1/32 of the random bits: each uint32 gives 32 signs.
-
-  Not what the library draws (so not its trajectory); measured here to show
-  what drawing one Threefry word per entry costs on CPU (``fused_bitz``).
-  """
-
-  def one(k, x):
-    n = x.size
-    words = jax.random.bits(k, (-(-n // 32), 1), jnp.uint32)
-    bits = (words >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
-    return (bits.reshape(-1)[:n].astype(x.dtype) * 2 - 1).reshape(x.shape)
-
-  return jax.tree.map(one, optax.tree.split_key_like(key, tree), tree)
-
-
-def make_step(cfg: Config, tx: optax.GradientTransformation, loss_fn):
-  """The training step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
-  if cfg.kind == "fused":
-    vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
-
-    def step(params, opt_state, batch):
-      loss, grads, hdiag = vgh(params, opt_state, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-  if cfg.kind == "fused_bitz":
-    assert cfg.freq == 1 and cfg.n_samples == 1
-
-    def step(params, opt_state, batch):
-      keys, _ = adahessian_jax.probe_keys(adahessian_jax.find_adahessian_state(opt_state))
-      z = bit_rademacher_like(keys[0], params)
-      objective = lambda q: loss_fn(q, batch)
-      loss, grads, hz = adahessian_jax.hutchinson.value_grad_hvp(objective, params, z)
-      hdiag = jax.tree.map(jnp.multiply, z, hz)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    objective = lambda q: loss_fn(q, batch)
-    if cfg.kind == "closure":
-      updates, opt_state = tx.update(grads, opt_state, params, value_fn=objective)
-    elif cfg.kind == "sophia":
-      updates, opt_state = tx.update(grads, opt_state, params, obj_fn=objective)
-    else:
-      updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
 
 
 def tree_bytes(tree: Any) -> int:
@@ -225,7 +176,7 @@ class Compiled:
     self.tx = make_tx(cfg)
     params = problem.params
     opt_state = self.tx.init(params)
-    step = make_step(cfg, self.tx, problem.loss_fn)
+    step = make_step(self.tx, problem.loss_fn, ROUTES[cfg.kind])
     batch = problem.batches[0]
     t0 = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
@@ -270,9 +221,7 @@ class Runner:
     c = self.c = cache[cfg]
     self.compiled = c.executable
     self.params = jax.tree.map(jnp.array, problem.params)  # own copy: it is donated
-    # Copy every leaf: with update_freq > 1 the library's init returns one zeros
-    # buffer as both ``nu`` and ``hessian``, and a buffer cannot be donated twice.
-    self.opt_state = jax.tree.map(jnp.array, c.tx.init(self.params))
+    self.opt_state = c.tx.init(self.params)
     self.batches = problem.batches
     self.step_index = 0
     self.compile_s = c.compile_s
@@ -365,46 +314,11 @@ def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, lis
       "freq": [Config("adam"), Config("fused", 2)],
       "n_samples": [Config("adam"), Config("fused", 1, 2)],
     }
-  main.append(Config("fused_bitz"))
   freq = [Config("adam")]
   for k in freqs:
     freq += [Config("fused", k), Config("sophia", k)]
   n_samples = [Config("adam")] + [Config("fused", 1, n) for n in ns]
   return {"main": main, "freq": freq, "n_samples": n_samples}
-
-
-def check_targets(results: dict) -> dict:
-  """The issue's targets, per model, from the rows measured in the same group."""
-  out = {}
-  for model, model_res in results.items():
-    main = {r["key"]: r for r in model_res["groups"]["main"]}
-    fused = main["fused_k1_n1"]
-    sophia_row = main["sophia_k1_n1"]
-    t = {
-      "fused_k1_time_within_1.1x_flops_ratio": {
-        "time_ratio": fused["time_ratio_adam"],
-        "flops_ratio": fused["flops_ratio_adam"],
-        "time_over_flops": fused["time_ratio_adam"] / fused["flops_ratio_adam"],
-        "met": fused["time_ratio_adam"] <= 1.1 * fused["flops_ratio_adam"],
-      },
-      "fused_k1_faster_than_sophia_k1": {
-        "fused_ms": fused["ms_per_step_median"],
-        "sophia_ms": sophia_row["ms_per_step_median"],
-        "met": fused["ms_per_step_median"] < sophia_row["ms_per_step_median"],
-      },
-    }
-    freq_rows = [r for r in model_res["groups"].get("freq", []) if r["kind"] == "fused"]
-    per_k = {}
-    for r in freq_rows:
-      k = r["update_freq"]
-      per_k[k] = {
-        "time_ratio": r["time_ratio_adam"],
-        "bound": 1 + 2 / k,
-        "met": r["time_ratio_adam"] <= 1 + 2 / k,
-      }
-    t["fused_freq_k_at_most_1+2/k_adam"] = per_k
-    out[model] = t
-  return out
 
 
 def _mb(b: float) -> str:
@@ -492,15 +406,13 @@ def report(payload: dict) -> str:
   return "\n".join(out)
 
 
-def save(args, argv, mode, info, results, wanted_groups, units, sweep_units, warmup, t_start):
+def save(args, argv, mode, info, results, units, sweep_units, warmup, t_start):
   """Writes the JSON (after every group, so that a long run keeps what it measured)."""
   info = dict(info)
   try:
     info["loadavg_end"] = os.getloadavg()
   except OSError:
     pass
-  done = all("main" in r["groups"] for r in results.values())
-  targets = check_targets(results) if "main" in wanted_groups and done else {}
   cmd = "python benchmarks/step_time.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
   payload = {
     "command": cmd,
@@ -511,7 +423,6 @@ def save(args, argv, mode, info, results, wanted_groups, units, sweep_units, war
     "units_sweeps": sweep_units,
     "warmup_units": warmup,
     "results": results,
-    "targets": targets,
   }
   args.out.mkdir(parents=True, exist_ok=True)
   path = args.out / f"step_time_{mode}{'_' + args.tag if args.tag else ''}.json"
@@ -577,13 +488,11 @@ def main(argv=None) -> int:
       elif gname == "n_samples":
         log(sweep_table(rows, "n_samples"))
       results[name] = model_res
-      save(args, argv, mode, info, results, wanted_groups, units, sweep_units, warmup, t_start)
+      save(args, argv, mode, info, results, units, sweep_units, warmup, t_start)
     results[name] = model_res
 
-  path = save(args, argv, mode, info, results, wanted_groups, units, sweep_units, warmup, t_start)
+  path = save(args, argv, mode, info, results, units, sweep_units, warmup, t_start)
   elapsed = time.perf_counter() - t_start
-  for model, t in check_targets(results).items() if "main" in wanted_groups else ():
-    log(f"targets {model}: " + json.dumps(t, default=float))
   log(f"\nwrote {path} ({elapsed:.0f} s)")
   return 0
 

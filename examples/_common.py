@@ -1,5 +1,8 @@
 """Shared parts of the paper-domain examples: arguments, training loop, tuning, summary, plot.
 
+:func:`make_step` is also the training step of the benchmarks (``benchmarks/``), which import this
+module; so it imports matplotlib only when plotting.
+
 Every optimizer in an example sees the same initial parameters and the same sequence of
 mini-batches (both drawn from ``--seed``), and is evaluated on the same held-out split at the
 same steps. AdaHessian uses the fused route
@@ -21,14 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import matplotlib
 import numpy as np
 import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import adahessian_jax  # noqa: E402
+import adahessian_jax
 
 try:
   from tqdm.auto import tqdm
@@ -170,24 +169,40 @@ def progress_bar(total: int, desc: str, disable: bool):
   return _Bar(total, desc)
 
 
-def make_step(opt: Optimizer, tx: optax.GradientTransformation, loss_fn: Callable):
-  """The jitted training step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
-  if opt.hessian:
+ROUTES = ("plain", "fused", "value_fn", "obj_fn")
+
+
+def make_step(tx: optax.GradientTransformation, loss_fn: Callable, route: str = "plain"):
+  """The training step ``(params, opt_state, batch) -> (params, opt_state, loss)``, not jitted.
+
+  Args:
+    tx: The optimizer.
+    loss_fn: ``loss_fn(params, batch)``, a scalar.
+    route: What ``tx.update`` gets besides the gradient. ``"plain"``: nothing (first-order
+      optimizers). ``"fused"``: AdaHessian's Hessian-diagonal estimate from the same pass as the
+      gradient (:func:`adahessian_jax.value_grad_and_hessian_diag`) as ``hessian_diag``.
+      ``"value_fn"``: the loss on the batch as ``value_fn`` (AdaHessian's closure route).
+      ``"obj_fn"``: the loss on the batch as ``obj_fn`` (``optax.contrib.sophia``).
+
+  Returns:
+    The step function.
+  """
+  if route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+  if route == "fused":
     value_grad_hdiag = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
 
-    def step(params, opt_state, batch):
+  def step(params, opt_state, batch):
+    if route == "fused":
       loss, grads, hdiag = value_grad_hdiag(params, opt_state, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-  else:
-
-    def step(params, opt_state, batch):
+      extra = {"hessian_diag": hdiag}
+    else:
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      extra = {} if route == "plain" else {route: lambda p: loss_fn(p, batch)}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(step)
+  return step
 
 
 def train(
@@ -213,7 +228,8 @@ def train(
   stream = batches(np.random.default_rng(seed + 1))  # the same batches for every optimizer
   batch = next(stream)
   t0 = time.perf_counter()
-  step = make_step(opt, tx, loss_fn).lower(params, opt_state, batch).compile()
+  step = jax.jit(make_step(tx, loss_fn, "fused" if opt.hessian else "plain"))
+  step = step.lower(params, opt_state, batch).compile()
   compile_s = time.perf_counter() - t0
 
   first = evaluate(params)
@@ -366,6 +382,11 @@ def plot(
   reference: dict[str, float] | None = None,
 ) -> str:
   """Four panels: train loss and validation loss vs step; the metric vs step and vs seconds."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=90)
   (ax_tr, ax_vl), (ax_m, ax_t) = axes
   for r in runs:

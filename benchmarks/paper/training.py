@@ -9,6 +9,8 @@ per optimizer configuration. AdaHessian uses the fused route
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +22,10 @@ import optax
 from tasks import Task
 
 import adahessian_jax
+
+# The training step is the examples' (examples/_common.py), shared with benchmarks/step_time.py.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
+from _common import make_step  # noqa: E402
 
 # A run diverged if a training loss is non-finite, or if its final validation loss is more than
 # DIVERGE_FACTOR times the loss at initialisation (it ended far worse than where it started).
@@ -95,26 +101,6 @@ def reseed_probes(opt_state, key: jax.Array):
   return optax.tree.set(opt_state, key=jax.random.key_data(jax.random.split(key, n_samples)))
 
 
-def make_step(task: Task, tx, name: str):
-  """One training step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
-  if name == "adahessian":
-    vgh = adahessian_jax.value_grad_and_hessian_diag(task.loss)
-
-    def step(params, opt_state, batch):
-      loss, grads, hdiag = vgh(params, opt_state, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-  else:
-
-    def step(params, opt_state, batch):
-      loss, grads = jax.value_and_grad(task.loss)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
-
-
 @functools.cache
 def compiled_run(
   task: Task, name: str, steps: int, block_size: int, update_freq: int, config: Config = ()
@@ -129,7 +115,7 @@ def compiled_run(
     opt_state = tx.init(params)
     if name == "adahessian":
       opt_state = reseed_probes(opt_state, k_probe)
-    step = make_step(task, tx, name)
+    step = make_step(tx, task.loss, "fused" if name == "adahessian" else "plain")
     loss0 = task.loss(params, task.sample(data, k_data))
 
     def body(carry, k):
