@@ -7,7 +7,40 @@ inputs of one output unit of a dense layer. This module implements the groups
 as *rules*, small immutable objects mapping an array to an array of the same
 shape, and a resolver that assigns a rule to every leaf of a parameter tree.
 
-The default rule (:func:`flax_default`) follows Flax's parameter layouts:
+The default rule (:func:`flax_default`) follows Flax's layouts. Where a leaf's
+axes are named (Linen's boxed ``nn.LogicallyPartitioned``/``nn.Partitioned``
+params, NNX sharding metadata, or names given with :func:`named`; see
+:mod:`adahessian_jax.layout`), each name's *role* decides (``AXIS_ROLES``,
+extensible with ``flax_default(axis_roles=...)``):
+
+===========  ==========================  ========================================
+role         default names               averaging
+===========  ==========================  ========================================
+stacked      layers, layer, stage,       never across: each slice (one layer) is
+             stages, scan, repeat,       averaged on its own by the rules below
+             block, blocks
+spatial      height, width, time,        mean over these axes (``Conv`` kernel)
+             spatial, window,
+             conv_window, kernel_size
+vocab        vocab, vocab_size,          never across (a row per token): blocks
+             num_embeddings, position,   of ``block_size`` along the first other
+             positions                   axis (``embed``), as the reference code
+                                         averages ``(num, dim)`` tables
+heads        heads, head, q_heads,       never across: blocks of ``block_size``
+             kv_heads, num_heads         along the first other axis, the input
+                                         (``embed`` of a query kernel ``(embed,
+                                         heads, head_dim)``, ``head_dim`` of an
+                                         output kernel ``(heads, head_dim,
+                                         embed)``); per-head bias: none
+features     embed, mlp, kv, head_dim,   ``Dense``/``DenseGeneral`` axes: blocks
+             joined_kv, qkv, hidden,     of ``block_size`` along axis 0, the
+             features, channels          input
+===========  ==========================  ========================================
+
+The checks run in this order: stacked axes are split off first, then rank
+<= 1 (none), spatial, vocab, heads, rank 2 (blocks along axis 0), all axes
+``features`` (blocks along axis 0). What remains, and every leaf without names,
+follows the rank:
 
 ===========  ==========================  =======================================
 rank         Flax meaning                averaging
@@ -20,13 +53,15 @@ rank         Flax meaning                averaging
              (``*spatial, in, out``)     ``0 .. rank-3``, broadcast back
 ===========  ==========================  =======================================
 
-Rank 3 is ambiguous: a ``Conv`` 1-D kernel ``(width, in, out)`` and a
-``DenseGeneral`` attention kernel ``(embed, heads, head_dim)`` share it. The
-default treats it as a convolution (mean over axis 0). For attention kernels
-pass a rule explicitly, e.g. ``blocks(32, axis=0)`` for query/key/value
-kernels, through the ``averaging`` argument of
-:func:`adahessian_jax.scale_by_adahessian` (a rule, a pytree prefix of rules,
-or a callable on ``(path, leaf)``).
+Rank >= 3 without names is ambiguous: a ``Conv`` 1-D kernel ``(width, in,
+out)``, a ``DenseGeneral`` attention kernel ``(embed, heads, head_dim)`` and a
+stack of ``Dense`` kernels ``(layers, in, out)`` share it. The default treats
+it as a convolution; :func:`describe` lists every leaf with the rule chosen and
+why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
+leaves with an error naming them all. Explicit rules always win: pass a rule, a
+pytree prefix of rules, or a callable on ``(path, leaf)`` through the
+``averaging`` argument of :func:`adahessian_jax.scale_by_adahessian`;
+:func:`per_layer` applies a rule to each slice of a stack.
 
 Any size works: a last block shorter than ``block_size`` is averaged over its
 own members (the reference PyTorch code raises an error there).
@@ -36,27 +71,82 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from adahessian_jax import layout
 from adahessian_jax._validation import positive_int
+from adahessian_jax.layout import AxisNames
 
 __all__ = [
+  "AXIS_ROLES",
+  "Averaging",
+  "Choice",
+  "Listing",
+  "Row",
   "Rule",
+  "apply_rules",
   "blocks",
+  "describe",
   "flax_default",
   "mean_over",
+  "named",
   "none",
+  "per_layer",
   "resolve_rules",
-  "apply_rules",
+  "strict",
 ]
+
+STACKED, SPATIAL, HEADS, VOCAB, FEATURES = "stacked", "spatial", "heads", "vocab", "features"
+ROLES = (STACKED, SPATIAL, HEADS, VOCAB, FEATURES)
+
+#: The roles of axis names known to :func:`flax_default` (see the module docstring).
+AXIS_ROLES: Mapping[str, str] = MappingProxyType(
+  {
+    **dict.fromkeys(
+      ("layers", "layer", "stage", "stages", "scan", "repeat", "block", "blocks"), STACKED
+    ),
+    **dict.fromkeys(
+      ("height", "width", "time", "spatial", "window", "conv_window", "kernel_size"), SPATIAL
+    ),
+    **dict.fromkeys(("heads", "head", "q_heads", "kv_heads", "num_heads"), HEADS),
+    **dict.fromkeys(("vocab", "vocab_size", "num_embeddings", "position", "positions"), VOCAB),
+    **dict.fromkeys(
+      ("embed", "mlp", "kv", "head_dim", "joined_kv", "qkv", "hidden", "features", "channels"),
+      FEATURES,
+    ),
+  }
+)
+
+
+class Choice(NamedTuple):
+  """A concrete rule for one leaf and the reason it was chosen.
+
+  Attributes:
+    rule: The rule applied to the leaf (never :func:`flax_default` itself).
+    why: A sentence saying why.
+    ambiguous: Whether the rule is a guess from the rank alone (rank >= 3
+      without names that say what the axes are); :func:`strict` refuses these.
+  """
+
+  rule: Rule
+  why: str
+  ambiguous: bool = False
 
 
 class Rule(abc.ABC):
-  """A spatial-averaging rule: maps an array to one of the same shape."""
+  """A spatial-averaging rule: maps an array to one of the same shape.
+
+  Subclasses implement ``__call__``; ``check`` (raise ``ValueError`` if the
+  rule cannot apply to a shape) and ``groups`` (for :func:`describe`) are
+  optional. ``bind`` and ``explain`` matter only for rules that depend on the
+  leaf's axis names, like :func:`flax_default`.
+  """
 
   @abc.abstractmethod
   def __call__(self, d: jax.Array) -> jax.Array:
@@ -64,6 +154,21 @@ class Rule(abc.ABC):
 
   def check(self, shape: tuple[int, ...], where: str) -> None:  # noqa: B027
     """Raises ``ValueError`` if the rule cannot apply to ``shape``."""
+
+  def bind(self, names: AxisNames) -> Rule:
+    """This rule for a leaf whose axes have ``names`` (one entry per axis)."""
+    del names
+    return self
+
+  def explain(self, shape: tuple[int, ...]) -> Choice:
+    """The concrete rule applied to a leaf of ``shape``, and why."""
+    del shape
+    return Choice(self, "given explicitly in averaging")
+
+  def groups(self, shape: tuple[int, ...]) -> dict[int, int] | None:
+    """``{group size: number of groups}`` on a leaf of ``shape``; ``None`` if unknown."""
+    del shape
+    return None
 
 
 def _normalize_axis(axis: int, ndim: int, where: str, rule: Rule) -> int:
@@ -74,12 +179,22 @@ def _normalize_axis(axis: int, ndim: int, where: str, rule: Rule) -> int:
   return axis % ndim
 
 
+def _size(shape: tuple[int, ...]) -> int:
+  return math.prod(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class NoAveraging(Rule):
   """Leaves the estimate as it is."""
 
   def __call__(self, d):
     return d
+
+  def groups(self, shape):
+    return {1: _size(shape)} if _size(shape) else {}
+
+  def __str__(self):
+    return "none()"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +229,22 @@ class BlockMean(Rule):
     x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     return jnp.moveaxis(x, 0, axis)
 
+  def groups(self, shape):
+    size = _size(shape)
+    if not size:
+      return {}
+    if not shape or self.block_size == 1:
+      return {1: size}
+    n = shape[self.axis % len(shape)]
+    b = min(self.block_size, n)
+    out = {b: (n // b) * (size // n)}
+    if n % b:
+      out[n % b] = size // n
+    return out
+
+  def __str__(self):
+    return f"blocks({self.block_size}, axis={self.axis})"
+
 
 @dataclasses.dataclass(frozen=True)
 class AxesMean(Rule):
@@ -130,22 +261,213 @@ class AxesMean(Rule):
       return d
     return jnp.broadcast_to(d.mean(axis=self.axes, keepdims=True), d.shape)
 
+  def groups(self, shape):
+    size = _size(shape)
+    group = _size(tuple(shape[a] for a in {a % len(shape) for a in self.axes}))
+    return {group: size // group} if size else {}
+
+  def __str__(self):
+    return f"mean_over({self.axes})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLayer(Rule):
+  """Applies ``inner`` to every slice along the stacked ``axes``, on its own.
+
+  Nothing is averaged across the stacked axes. ``inner``'s axes count within
+  one slice, i.e. with the stacked axes removed.
+  """
+
+  inner: Rule
+  axes: tuple[int, ...] = (0,)
+
+  def _split(self, shape, where="the leaf"):
+    ndim = len(shape)
+    axes = tuple(_normalize_axis(a, ndim, where, self) for a in self.axes)
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"{self!r} names a stacked axis twice (at {where}).")
+    keep = tuple(i for i in range(ndim) if i not in axes)
+    return axes, keep
+
+  def check(self, shape, where):
+    axes, keep = self._split(shape, where)
+    self.inner.check(tuple(shape[i] for i in keep), where)
+
+  def bind(self, names):
+    try:
+      _, keep = self._split(tuple(names))
+    except ValueError:  # reported by check with the leaf's path
+      return self
+    return dataclasses.replace(self, inner=self.inner.bind(tuple(names[i] for i in keep)))
+
+  def __call__(self, d):
+    if d.size == 0:
+      return d
+    axes, keep = self._split(d.shape)
+    x = jnp.transpose(d, axes + keep)
+    lead = x.shape[: len(axes)]
+    x = jax.vmap(self.inner)(x.reshape((-1,) + x.shape[len(axes) :]))
+    x = x.reshape(lead + x.shape[1:])
+    inverse = sorted(range(d.ndim), key=(axes + keep).index)
+    return jnp.transpose(x, inverse)
+
+  def explain(self, shape):
+    axes, keep = self._split(shape)
+    inner = self.inner.explain(tuple(shape[i] for i in keep))
+    return Choice(
+      PerLayer(inner.rule, axes),
+      f"each slice along stacked axes {axes} on its own; per slice: {inner.why}",
+      inner.ambiguous,
+    )
+
+  def groups(self, shape):
+    axes, keep = self._split(shape)
+    inner = self.inner.groups(tuple(shape[i] for i in keep))
+    n = _size(tuple(shape[a] for a in axes))
+    return None if inner is None else {s: c * n for s, c in inner.items() if c * n}
+
+  def __str__(self):
+    return f"per_layer({self.inner}, axes={self.axes})"
+
+
+def _role(name: Any, roles: Mapping[str, str]) -> str | None:
+  if isinstance(name, tuple):  # an axis sharded over several mesh axes
+    return next((r for r in (_role(n, roles) for n in name) if r), None)
+  return roles.get(name) if isinstance(name, str) else None
+
+
+def _axis(i: int, names: AxisNames | None) -> str:
+  return f"{i} ({names[i]!r})" if names is not None and names[i] is not None else f"{i}"
+
+
+def _blocks_text(block_size: int) -> str:
+  return f"blocks of {block_size}" if block_size > 1 else "blocks of 1 (block_size 1: none)"
+
+
+def _by_rank(shape, block_size, names, note) -> Choice:
+  ndim = len(shape)
+  if ndim <= 1:
+    return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
+  if ndim == 2:
+    return Choice(
+      BlockMean(block_size, 0),
+      f"rank 2{note}: a Dense kernel (in, out), {_blocks_text(block_size)} along input axis "
+      f"{_axis(0, names)}",
+    )
+  spatial = tuple(range(ndim - 2))
+  return Choice(
+    AxesMean(spatial),
+    f"rank {ndim}{note}: taken for a Conv kernel (*spatial, in, out), mean over axes {spatial}; "
+    "AMBIGUOUS (a DenseGeneral/attention kernel or a stack of layers has this rank too)",
+    ambiguous=True,
+  )
+
+
+def _decide(shape, names, block_size, roles) -> Choice:
+  """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``)."""
+  ndim = len(shape)
+  if names is None:
+    return _by_rank(shape, block_size, None, " without axis names")
+  kinds = [_role(n, roles) for n in names]
+  stacked = tuple(i for i, k in enumerate(kinds) if k == STACKED)
+  if stacked:
+    keep = tuple(i for i in range(ndim) if i not in stacked)
+    inner = _decide(tuple(shape[i] for i in keep), tuple(names[i] for i in keep), block_size, roles)
+    where = ", ".join(_axis(i, names) for i in stacked)
+    return Choice(
+      PerLayer(inner.rule, stacked),
+      f"stacked axis {where} kept apart; per layer: {inner.why}",
+      inner.ambiguous,
+    )
+  if ndim <= 1:
+    return Choice(NoAveraging(), f"rank {ndim}: a bias or scale, none")
+  if all(k is None for k in kinds):
+    return _by_rank(shape, block_size, names, f", names {names} of no known role")
+  spatial = tuple(i for i, k in enumerate(kinds) if k == SPATIAL)
+  if spatial:
+    where = ", ".join(_axis(i, names) for i in spatial)
+    return Choice(AxesMean(spatial), f"a Conv kernel: mean over its spatial axes {where}")
+  if VOCAB in kinds:
+    rows = ", ".join(_axis(i, names) for i, k in enumerate(kinds) if k == VOCAB)
+    other = [i for i, k in enumerate(kinds) if k not in (VOCAB, HEADS)]
+    if not other:
+      return Choice(NoAveraging(), f"one entry per row of axis {rows}: none")
+    return Choice(
+      BlockMean(block_size, other[0]),
+      f"an embedding table: rows (axis {rows}) kept apart, {_blocks_text(block_size)} along "
+      f"axis {_axis(other[0], names)}",
+    )
+  if HEADS in kinds:
+    heads = ", ".join(_axis(i, names) for i, k in enumerate(kinds) if k == HEADS)
+    other = [i for i, k in enumerate(kinds) if k != HEADS]
+    if len(other) <= 1:
+      return Choice(NoAveraging(), f"a per-head bias or scale (heads: axis {heads}): none")
+    return Choice(
+      BlockMean(block_size, other[0]),
+      f"an attention kernel: heads (axis {heads}) kept apart, {_blocks_text(block_size)} along "
+      f"input axis {_axis(other[0], names)}",
+    )
+  if ndim == 2:
+    return _by_rank(shape, block_size, names, "")
+  if all(k == FEATURES for k in kinds):
+    return Choice(
+      BlockMean(block_size, 0),
+      f"a DenseGeneral kernel (*in, *out): {_blocks_text(block_size)} along input axis "
+      f"{_axis(0, names)}",
+    )
+  unknown = tuple(n for n, k in zip(names, kinds, strict=True) if k is None)
+  return _by_rank(shape, block_size, names, f", names {unknown} of no known role")
+
 
 @dataclasses.dataclass(frozen=True)
 class FlaxDefault(Rule):
-  """The rank-based default for Flax layouts (see the module docstring)."""
+  """The default for Flax layouts (see the module docstring).
+
+  Attributes:
+    block_size: Block size of ``Dense``-like kernels.
+    axis_roles: Changes to :data:`AXIS_ROLES`, as sorted ``(name, role)``
+      pairs; a role ``None`` removes the name.
+    names: The leaf's axis names once bound by :func:`resolve_rules`, else
+      ``None`` (then the rank decides).
+  """
 
   block_size: int = 1
+  axis_roles: tuple[tuple[str, str | None], ...] = ()
+  names: AxisNames | None = None
 
-  def _for_rank(self, ndim: int) -> Rule:
-    if ndim <= 1:
-      return NoAveraging()
-    if ndim == 2:
-      return BlockMean(self.block_size, axis=0)
-    return AxesMean(tuple(range(ndim - 2)))
+  def roles(self) -> dict[str, str]:
+    """The name-to-role mapping in force."""
+    roles = dict(AXIS_ROLES)
+    for name, role in self.axis_roles:
+      if role is None:
+        roles.pop(name, None)
+      else:
+        roles[name] = role
+    return roles
+
+  def bind(self, names):
+    return dataclasses.replace(self, names=tuple(names))
+
+  def explain(self, shape):
+    names = self.names if self.names is not None and len(self.names) == len(shape) else None
+    return _decide(tuple(shape), names, self.block_size, self.roles())
+
+  def check(self, shape, where):
+    if self.names is not None and len(self.names) != len(shape):
+      raise ValueError(
+        f"the axis names {self.names} of the leaf at {where} have {len(self.names)} entries, "
+        f"but its shape {tuple(shape)} has rank {len(shape)}."
+      )
+    self.explain(shape).rule.check(shape, where)
 
   def __call__(self, d):
-    return self._for_rank(d.ndim)(d)
+    return self.explain(d.shape).rule(d)
+
+  def groups(self, shape):
+    return self.explain(shape).rule.groups(shape)
+
+  def __str__(self):
+    return f"flax_default({self.block_size})"
 
 
 def none() -> Rule:
@@ -185,81 +507,356 @@ def mean_over(axes: int | Sequence[int]) -> Rule:
   return AxesMean(tuple(int(a) for a in axes))
 
 
-def flax_default(block_size: int = 1) -> Rule:
-  """The rank-based default rule for Flax layouts.
+def per_layer(inner: Rule, n_axes: int = 1, *, axes: int | Sequence[int] | None = None) -> Rule:
+  """Applies ``inner`` to every layer of a stack on its own (nothing averaged across layers).
 
-  Rank 0-1: none; rank 2 ``(in, out)``: blocks of ``block_size`` along axis 0;
-  rank >= 3 ``(*spatial, in, out)``: mean over axes ``0 .. rank-3``.
+  For parameters stacked by ``nn.scan``/``nn.vmap``/``nnx.scan``/``nnx.vmap``
+  (a leading ``layers`` axis) whose axes carry no names, e.g. Dense kernels
+  ``(layers, in, out)``: ``per_layer(flax_default(32))`` gives each layer's
+  ``(in, out)`` kernel blocks of 32 inputs. Boxed or named parameters need no
+  wrapper: the default finds the stacked axis by its name.
 
   Args:
-    block_size: Block size for rank-2 kernels, an integer >= 1.
+    inner: The rule for one slice; its axes count within the slice.
+    n_axes: Number of leading stacked axes (used when ``axes`` is ``None``).
+    axes: The stacked axes, if not the leading ``n_axes``.
 
   Returns:
     A :class:`Rule`.
   """
-  return FlaxDefault(positive_int("block_size", block_size))
+  if not isinstance(inner, Rule):
+    raise TypeError(f"per_layer needs an adahessian_jax.spatial rule, got {inner!r}.")
+  if axes is None:
+    axes = tuple(range(positive_int("n_axes", n_axes)))
+  elif isinstance(axes, int):
+    axes = (axes,)
+  return PerLayer(inner, tuple(int(a) for a in axes))
 
 
-AveragingSpec = Any  # Rule | Callable[[path, leaf], Rule | None] | pytree prefix of Rule | None
+def flax_default(
+  block_size: int = 1, *, axis_roles: Mapping[str, str | None] | None = None
+) -> Rule:
+  """The default rule for Flax layouts: by axis names where known, else by rank.
+
+  See the module docstring for the mapping. Without names: rank 0-1 none;
+  rank 2 ``(in, out)`` blocks of ``block_size`` along axis 0; rank >= 3
+  ``(*spatial, in, out)`` mean over axes ``0 .. rank-3`` (ambiguous).
+
+  Args:
+    block_size: Block size of ``Dense``-like kernels, an integer >= 1.
+    axis_roles: Changes to :data:`AXIS_ROLES`: ``{name: role}`` with a role in
+      ``"stacked"``, ``"spatial"``, ``"heads"``, ``"vocab"``, ``"features"``,
+      or ``None`` to forget a name. E.g. ``{"depth": "stacked"}``.
+
+  Returns:
+    A :class:`Rule`.
+  """
+  block_size = positive_int("block_size", block_size)
+  changes = dict(axis_roles or {})
+  for name, role in changes.items():
+    if role is not None and role not in ROLES:
+      raise ValueError(
+        f"axis_roles[{name!r}] is {role!r}; a role must be one of {ROLES} or None (forget it)."
+      )
+  return FlaxDefault(block_size, tuple(sorted(changes.items(), key=lambda kv: kv[0])))
 
 
-def resolve_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) -> Any:
+AveragingSpec = Any  # Rule | Callable[[path, leaf], Rule | None] | pytree prefix | Averaging | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Averaging:
+  """An averaging specification with what the resolver needs besides the rules.
+
+  Build it with :func:`named` and :func:`strict`; it is accepted wherever an
+  ``averaging`` argument is.
+
+  Attributes:
+    rules: ``None``, a rule, a pytree prefix of rules, or a callable
+      ``(path, leaf) -> rule | None``, as for :func:`resolve_rules`.
+    names: ``(path string, axis names)`` pairs for leaves that carry no names of
+      their own (see :func:`named`), or ``None``.
+    strict: Refuse ambiguous leaves (see :func:`strict`).
+  """
+
+  rules: Any = None
+  names: tuple[tuple[str, AxisNames | None], ...] | None = None
+  strict: bool = False
+
+
+def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
+  """Gives the default rule the axis names of ``source`` for leaves that carry none.
+
+  The optimizer sees plain arrays where the names were stripped: after
+  ``nn.unbox``, and always under ``nnx.Optimizer.update`` (it passes
+  ``nnx.as_pure`` state). Take the names from a tree that has them::
+
+    # Linen: params = nn.unbox(boxed); names from the boxes or their specs
+    tx = adahessian_jax.adahessian(lr, averaging=spatial.named(nn.get_partition_spec(boxed)))
+    # NNX, with nnx.scan/nnx.vmap stacks and sharding metadata
+    tx = adahessian_jax.adahessian(lr, averaging=spatial.named(nnx.state(model, nnx.Param)))
+
+  Leaves are matched by path (a box's ``.value`` step ignored); a leaf of the
+  optimized tree that is not in ``source`` raises ``ValueError``. Only the
+  names are kept, not the arrays.
+
+  Args:
+    source: Boxed Linen params, an NNX state of variables, or a tree of
+      ``PartitionSpec`` (see :mod:`adahessian_jax.layout`).
+    averaging: The rules, as for :func:`resolve_rules` (``None``: the default),
+      or an :class:`Averaging` to add the names to.
+
+  Returns:
+    An :class:`Averaging`.
+
+  Raises:
+    ValueError: if ``source`` carries no axis names at all.
+  """
+  names = layout.names_by_path(source)
+  if all(n is None for n in names.values()):
+    raise ValueError(
+      "spatial.named got a tree without axis names: pass boxed Linen params (from init with "
+      "nn.with_logical_partitioning/nn.with_partitioning), an NNX state of variables with "
+      "sharding metadata (nnx.state(model, nnx.Param)), or a tree of PartitionSpec "
+      "(nn.get_partition_spec(boxed_params))."
+    )
+  pairs = tuple(names.items())
+  if isinstance(averaging, Averaging):
+    return dataclasses.replace(averaging, names=pairs)
+  return Averaging(averaging, names=pairs)
+
+
+def strict(averaging: AveragingSpec = None) -> Averaging:
+  """Makes the resolver refuse to guess: ambiguous leaves raise an error naming them all.
+
+  A leaf is ambiguous when the default rule decides it by rank alone at rank >=
+  3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
+  attention kernel and a stack of ``Dense`` kernels look alike. Name its axes
+  or give it an explicit rule. Use it as
+  ``adahessian_jax.adahessian(lr, averaging=spatial.strict(rules))``.
+
+  Args:
+    averaging: The rules, as for :func:`resolve_rules`, or an
+      :class:`Averaging` (e.g. from :func:`named`).
+
+  Returns:
+    An :class:`Averaging`.
+  """
+  if isinstance(averaging, Averaging):
+    return dataclasses.replace(averaging, strict=True)
+  return Averaging(averaging, strict=True)
+
+
+def _is_rule(x: Any) -> bool:
+  return isinstance(x, Rule)
+
+
+def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> list[Rule]:
+  """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
+  if averaging is None:
+    return [default] * len(infos)
+  if _is_rule(averaging):
+    return [averaging] * len(infos)
+  if callable(averaging):
+    out = []
+    for info in infos:
+      rule = averaging(info.path, info.leaf)
+      if rule is None:
+        rule = default
+      if not _is_rule(rule):
+        raise TypeError(
+          f"averaging callable returned {rule!r} for {jax.tree_util.keystr(info.path)}; "
+          "expected an adahessian_jax.spatial rule or None."
+        )
+      out.append(rule)
+    return out
+  try:
+    rules = jax.tree.broadcast(averaging, params, is_leaf=_is_rule)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
+      f"pytree prefix of params with rules as leaves; broadcasting failed: {e}"
+    ) from e
+  out = jax.tree.leaves(rules, is_leaf=_is_rule)
+  for r in out:
+    if not _is_rule(r):
+      raise TypeError(f"averaging tree contains {r!r}, which is not a spatial rule.")
+  return out
+
+
+class Row(NamedTuple):
+  """One leaf in :func:`describe`'s listing.
+
+  Attributes:
+    path: The leaf's path (``jax.tree_util.keystr``, a box's ``.value`` omitted).
+    shape: Its shape.
+    names: Its axis names, or ``None``.
+    rule: The concrete rule applied (see :meth:`Rule.explain`).
+    why: Why that rule.
+    groups: ``{group size: number of groups}``; the sizes times the counts add
+      up to the leaf's size. ``None`` for a custom rule without ``groups``.
+    ambiguous: Whether the rule is a guess from the rank (see :func:`strict`).
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  names: AxisNames | None
+  rule: Rule
+  why: str
+  groups: dict[int, int] | None
+  ambiguous: bool
+
+
+def _groups_text(groups: dict[int, int] | None) -> str:
+  if groups is None:
+    return "?"
+  return " + ".join(f"{c}x{s}" for s, c in sorted(groups.items(), reverse=True)) or "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """What the averaging does to every leaf; ``print`` it for a table.
+
+  Attributes:
+    rows: One :class:`Row` per leaf, in ``jax.tree.leaves`` order.
+  """
+
+  rows: tuple[Row, ...]
+
+  @property
+  def ambiguous(self) -> tuple[Row, ...]:
+    """The rows whose rule is a guess from the rank alone."""
+    return tuple(r for r in self.rows if r.ambiguous)
+
+  def __str__(self) -> str:
+    header = ("path", "shape", "axis names", "rule", "groups (count x size)", "why")
+    cells = [header] + [
+      (
+        r.path,
+        str(r.shape),
+        "-" if r.names is None else str(r.names),
+        str(r.rule),
+        _groups_text(r.groups),
+        r.why,
+      )
+      for r in self.rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    lines = [
+      "  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1] for c in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _ambiguity_error(rows: Sequence[Row]) -> ValueError:
+  listed = "\n".join(f"  {r.path}: shape {r.shape}, axis names {r.names}" for r in rows)
+  return ValueError(
+    f"strict spatial averaging: {len(rows)} {'leaf is' if len(rows) == 1 else 'leaves are'} "
+    "ambiguous (rank >= 3, no axis names "
+    "that say what each axis is, no explicit rule):\n"
+    f"{listed}\n"
+    "Name their axes (nn.with_logical_partitioning, nnx sharding metadata, or "
+    "spatial.named(partition_specs)), or give each a rule through averaging=, e.g. "
+    "spatial.mean_over(0) for a 1-D Conv kernel, spatial.blocks(32, axis=0) for an attention "
+    "kernel (embed, heads, head_dim), spatial.per_layer(spatial.flax_default(32)) for a stack "
+    "of Dense kernels (layers, in, out). spatial.describe(params) lists every leaf."
+  )
+
+
+def _plan(averaging, params, block_size, strict_mode):
+  spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
+  infos = layout.leaves(params)
+  unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
+  given = dict(spec.names) if spec.names is not None else None
+  bound, rows = [], []
+  for rule, info in zip(unbound, infos, strict=True):
+    where = jax.tree_util.keystr(info.path)
+    shape = tuple(jnp.shape(info.leaf))
+    names = info.names
+    if names is None and given is not None:
+      if where not in given:
+        raise ValueError(
+          f"spatial.named has no entry for the leaf at {where}; its source has "
+          f"{len(given)} leaves, e.g. {list(given)[:3]}. Pass names for the same tree the "
+          "optimizer sees (same paths)."
+        )
+      names = given[where]
+    if names is not None:
+      if len(names) != len(shape):
+        raise ValueError(
+          f"the axis names {names} of the leaf at {where} have {len(names)} entries, but its "
+          f"shape {shape} has rank {len(shape)}."
+        )
+      rule = rule.bind(names)
+    rule.check(shape, where)
+    choice = rule.explain(shape)
+    bound.append(rule)
+    rows.append(
+      Row(where, shape, names, choice.rule, choice.why, rule.groups(shape), choice.ambiguous)
+    )
+  if strict_mode or spec.strict:
+    ambiguous = [r for r in rows if r.ambiguous]
+    if ambiguous:
+      raise _ambiguity_error(ambiguous)
+  return bound, rows
+
+
+def resolve_rules(
+  averaging: AveragingSpec, params: Any, block_size: int = 1, *, strict: bool = False
+) -> Any:
   """Assigns a :class:`Rule` to every leaf of ``params``.
+
+  Axis names carried by the leaves (Linen boxes, NNX variables; see
+  :mod:`adahessian_jax.layout`) or given with :func:`named` are bound into
+  the rules, so :func:`flax_default` can keep stacked layers and heads apart.
 
   Args:
     averaging: ``None`` (use :func:`flax_default` with ``block_size``), a single
       :class:`Rule` for every leaf, a callable ``(path, leaf) -> Rule | None``
-      (``None`` meaning the default), or a pytree prefix of ``params`` whose
-      leaves are rules.
-    params: The parameter pytree (arrays or shape-dtype structs).
+      (``None`` meaning the default; ``path`` without a box's ``.value``), a
+      pytree prefix of ``params`` whose leaves are rules, or an
+      :class:`Averaging` from :func:`named` / :func:`strict`.
+    params: The parameter pytree (arrays or shape-dtype structs), boxed or not.
     block_size: The block size of the default rule.
+    strict: Refuse ambiguous leaves (as :func:`strict` does).
 
   Returns:
-    A pytree with the structure of ``params`` whose leaves are rules.
+    A pytree with the structure of ``params`` (boxes included) whose leaves are
+    rules, for :func:`apply_rules`.
 
   Raises:
-    ValueError: if a rule does not fit its leaf or ``averaging`` has another
-      structure.
+    ValueError: if a rule or axis names do not fit their leaf, ``averaging``
+      has another structure, or (strict) some leaves are ambiguous, naming them.
   """
-  default = flax_default(block_size)
-  is_rule = lambda x: isinstance(x, Rule)
-  if averaging is None:
-    rules = jax.tree.map(lambda _: default, params)
-  elif is_rule(averaging):
-    rules = jax.tree.map(lambda _: averaging, params)
-  elif callable(averaging):
-
-    def pick(path, leaf):
-      rule = averaging(path, leaf)
-      if rule is None:
-        return default
-      if not is_rule(rule):
-        raise TypeError(
-          f"averaging callable returned {rule!r} for {jax.tree_util.keystr(path)}; "
-          "expected an adahessian_jax.spatial rule or None."
-        )
-      return rule
-
-    rules = jax.tree_util.tree_map_with_path(pick, params)
-  else:
-    try:
-      rules = jax.tree.broadcast(averaging, params, is_leaf=is_rule)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-        "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
-        f"pytree prefix of params with rules as leaves; broadcasting failed: {e}"
-      ) from e
-    for r in jax.tree.leaves(rules, is_leaf=is_rule):
-      if not is_rule(r):
-        raise TypeError(f"averaging tree contains {r!r}, which is not a spatial rule.")
-
-  def check(path, rule, leaf):
-    rule.check(tuple(jnp.shape(leaf)), jax.tree_util.keystr(path))
-    return rule
-
-  return jax.tree_util.tree_map_with_path(check, rules, params, is_leaf=is_rule)
+  bound, _ = _plan(averaging, params, block_size, strict)
+  return jax.tree.unflatten(jax.tree.structure(params), bound)
 
 
 def apply_rules(rules: Any, tree: Any) -> Any:
   """Applies a tree of rules (from :func:`resolve_rules`) leaf by leaf."""
-  return jax.tree.map(lambda rule, d: rule(d), rules, tree, is_leaf=lambda x: isinstance(x, Rule))
+  return jax.tree.map(lambda rule, d: rule(d), rules, tree, is_leaf=_is_rule)
+
+
+def describe(
+  params: Any, averaging: AveragingSpec = None, block_size: int = 1, *, strict: bool = False
+) -> Listing:
+  """Lists what the averaging does to every leaf: path, shape, names, rule, why, groups.
+
+  Example::
+
+    print(spatial.describe(params, block_size=32))
+
+  Args:
+    params: The parameter pytree, boxed or not (arrays or shape-dtype structs,
+      e.g. from ``jax.eval_shape``).
+    averaging: As for :func:`resolve_rules` (the optimizer's ``averaging``).
+    block_size: The block size of the default rule (the optimizer's).
+    strict: Raise instead of listing if some leaves are ambiguous.
+
+  Returns:
+    A :class:`Listing`; ``str()`` of it is a table, ``.rows`` the rows and
+    ``.ambiguous`` the rows :func:`strict` would refuse.
+  """
+  _, rows = _plan(averaging, params, block_size, strict)
+  return Listing(tuple(rows))

@@ -1,0 +1,155 @@
+"""Reading the axis names Flax attaches to parameters, without importing Flax.
+
+Large Flax models name the axes of their parameters for sharding, and the names
+say what each axis is: a stacked-layers axis, a head axis, a convolution's
+spatial axis. :mod:`adahessian_jax.spatial` uses them to choose the averaging.
+This module finds them, in:
+
+* Linen's boxed parameters, as ``init`` returns them with
+  ``nn.with_logical_partitioning`` (``nn.LogicallyPartitioned``, logical names)
+  or ``nn.with_partitioning`` (``nn.Partitioned``, mesh axis names), including
+  the axis that ``nn.scan``/``nn.vmap`` insert with
+  ``metadata_params={nn.PARTITION_NAME: "layers"}``. The boxes are pytree
+  nodes, so ``jax.tree`` functions (and the optimizer state built from the
+  parameters) keep them;
+* NNX variables (``nnx.Param(..., out_sharding=...)``, formerly ``sharding`` /
+  ``sharding_names``, and ``nnx.with_partitioning``), including the axis that
+  ``nnx.scan``/``nnx.vmap`` insert with
+  ``transform_metadata={nnx.PARTITION_NAME: "layers"}``;
+* trees of :class:`jax.sharding.PartitionSpec`, e.g. from
+  ``nn.get_partition_spec(boxed_params)``.
+
+Flax stays an optional dependency: a box or variable can only exist if its
+module was imported, so the checks look the classes up in ``sys.modules``.
+
+Every leaf gets a *canonical path*: its path with the box's own ``.value``
+step removed, so a boxed tree, its unboxed twin (``nn.unbox``, ``nnx.as_pure``)
+and its tree of partition specs give the same paths.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NamedTuple
+
+import jax
+
+__all__ = ["AxisNames", "LeafLayout", "axis_names_of", "is_annotated", "leaves", "names_by_path"]
+
+#: One entry per axis: a name (``str``), ``None``, or a tuple of names (an axis
+#: sharded over several mesh axes).
+AxisNames = tuple[Any, ...]
+
+
+def _linen_metadata_class():
+  meta = sys.modules.get("flax.core.meta")
+  return getattr(meta, "AxisMetadata", None)
+
+
+def _nnx_variable_class():
+  nnx = sys.modules.get("flax.nnx")
+  return getattr(nnx, "Variable", None)
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, jax.sharding.PartitionSpec)
+
+
+def is_annotated(x: Any) -> bool:
+  """Whether ``x`` is a Linen metadata box, an NNX variable or a partition spec."""
+  if _is_spec(x):
+    return True
+  linen = _linen_metadata_class()
+  if linen is not None and isinstance(x, linen):
+    return True
+  variable = _nnx_variable_class()
+  return variable is not None and isinstance(x, variable)
+
+
+def _as_names(spec: Any) -> AxisNames | None:
+  if spec is None:
+    return None
+  spec = getattr(spec, "spec", spec)  # a NamedSharding
+  if isinstance(spec, str):
+    return (spec,)
+  try:
+    return tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+  except TypeError:
+    return None
+
+
+def axis_names_of(node: Any) -> AxisNames | None:
+  """The axis names carried by one annotated node, or ``None``.
+
+  Args:
+    node: A Linen box (``Partitioned``/``LogicallyPartitioned``: its
+      ``names``), an NNX variable (its ``out_sharding``, ``sharding_names`` or
+      ``sharding`` metadata), or a ``PartitionSpec``.
+
+  Returns:
+    A tuple with one entry per axis, or ``None`` when the node carries no names.
+  """
+  if _is_spec(node):
+    return _as_names(node)
+  variable = _nnx_variable_class()
+  if variable is not None and isinstance(node, variable):
+    metadata = node.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+      if metadata.get(key) is not None:
+        return _as_names(metadata[key])
+    return None
+  return _as_names(getattr(node, "names", None))
+
+
+class LeafLayout(NamedTuple):
+  """One array leaf of a parameter tree and what is known about its axes.
+
+  Attributes:
+    path: The canonical path (the box's ``.value`` step removed).
+    leaf: The leaf (an array, a shape-dtype struct or a ``PartitionSpec``).
+    names: Its axis names, or ``None``.
+  """
+
+  path: tuple[Any, ...]
+  leaf: Any
+  names: AxisNames | None
+
+
+def leaves(tree: Any) -> list[LeafLayout]:
+  """The leaves of ``tree`` in ``jax.tree.leaves`` order, with their axis names.
+
+  A partition spec counts as a leaf (``jax.tree`` treats it as one). Names whose
+  length is not the leaf's rank are still returned; callers check them.
+
+  Args:
+    tree: A pytree, possibly with Linen boxes or NNX variables.
+
+  Returns:
+    A list of :class:`LeafLayout`, one per leaf.
+  """
+  out = []
+  nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_annotated)[0]
+  for path, node in nodes:
+    if _is_spec(node) or not is_annotated(node):
+      out.append(LeafLayout(tuple(path), node, axis_names_of(node) if _is_spec(node) else None))
+      continue
+    names = axis_names_of(node)
+    inner = jax.tree_util.tree_flatten_with_path(node)[0]
+    if len(inner) == 1:
+      out.append(LeafLayout(tuple(path), inner[0][1], names))
+    else:  # a box around a tree: its names describe no single leaf
+      out.extend(LeafLayout(tuple(path) + tuple(p), x, None) for p, x in inner)
+  return out
+
+
+def names_by_path(source: Any) -> dict[str, AxisNames | None]:
+  """Axis names keyed by ``jax.tree_util.keystr`` of each leaf's canonical path.
+
+  Args:
+    source: Boxed Linen params, an NNX state of variables (``nnx.state(model,
+      nnx.Param)``), or a tree of ``PartitionSpec`` (``nn.get_partition_spec``).
+
+  Returns:
+    A dict from path string to names (``None`` for leaves without names).
+  """
+  return {jax.tree_util.keystr(x.path): x.names for x in leaves(source)}

@@ -1,0 +1,458 @@
+"""Spatial averaging on large-model Flax layouts: stacked layers, axis names, boxed params.
+
+References are NumPy loops over layers and blocks (numpy_reference.block_average)
+and hand-written tables of what each leaf of a small model is.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from numpy_reference import block_average
+
+import adahessian_jax as ah
+from adahessian_jax import layout, spatial
+
+EPS = 1e-4
+LAYER_CURVATURE = np.array([1.0, 10.0, 100.0, 1000.0])  # the Hessian diagonal on layers 0-3
+lecun = nn.initializers.lecun_normal()
+zeros = nn.initializers.zeros
+
+
+def per_layer_constants(tree):
+  """A Hessian diagonal equal to 1, 10, 100, 1000 on layers 0-3 (leading axis) of every leaf."""
+  return jax.tree.map(
+    lambda x: jnp.broadcast_to(LAYER_CURVATURE.reshape((4,) + (1,) * (x.ndim - 1)), x.shape), tree
+  )
+
+
+def linen_stack(box, kernel_names=("embed", "mlp"), bias_names=("mlp",)):
+  """4 scanned layers: kernel (4, 16, 32) named ('layers', *kernel_names), bias (4, 32)."""
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      k = self.param("kernel", box(lecun, kernel_names), (16, 32), jnp.float64)
+      b = self.param("bias", box(zeros, bias_names), (32,), jnp.float64)
+      return jnp.tanh(x @ k + b)[..., :16], None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(
+        Layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=4,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      return scan(name="layers")(x, None)[0]
+
+  # Only shapes and names matter here: trace init abstractly, then fill with zeros.
+  shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((2, 16)))["params"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def nnx_stack(transform):
+  """The same stack from nnx.vmap or nnx.scan with sharding metadata on the variables."""
+
+  class Layer(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(
+        16,
+        32,
+        kernel_init=nnx.with_partitioning(lecun, ("embed", "mlp")),
+        bias_init=nnx.with_partitioning(zeros, ("mlp",)),
+        param_dtype=jnp.float64,
+        rngs=rngs,
+      )
+
+  class Model(nnx.Module):
+    def __init__(self):
+      meta = {nnx.PARTITION_NAME: "layers"}
+      if transform == "vmap":
+        make = nnx.vmap(Layer, in_axes=0, out_axes=0, transform_metadata=meta)
+        self.layers = make(nnx.Rngs(0).split(4))
+      else:
+
+        @nnx.split_rngs(splits=4)
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata=meta)
+        def make(carry, rngs):
+          return carry, Layer(rngs)
+
+        self.layers = make(0, nnx.Rngs(0))[1]
+
+  with nnx.use_eager_sharding(False):
+    return Model()
+
+
+def leaf_values(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def check_layers_kept(averaged):
+  for d in leaf_values(averaged):
+    for layer, c in enumerate(LAYER_CURVATURE):
+      np.testing.assert_array_equal(d[layer], np.full(d.shape[1:], c))
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize(
+  "box,kernel_names,bias_names",
+  [
+    (nn.with_logical_partitioning, ("embed", "mlp"), ("mlp",)),  # logical names
+    (nn.with_partitioning, (None, "model"), ("model",)),  # mesh axis names
+  ],
+  ids=["logical", "mesh"],
+)
+def test_linen_scan_stack_keeps_each_layer(box, kernel_names, bias_names, block_size):
+  params = linen_stack(box, kernel_names, bias_names)
+  kernel = params["layers"]["kernel"]
+  assert kernel.value.shape == (4, 16, 32) and kernel.names == ("layers", *kernel_names)
+  h = per_layer_constants(params)
+  check_layers_kept(spatial.apply_rules(spatial.resolve_rules(None, params, block_size), h))
+
+  # Through the optimizer: the first update is g / (D + eps) with D the averaged |diag|.
+  tx = ah.scale_by_adahessian(block_size=block_size)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=h)
+  for u in leaf_values(updates):
+    want = (1 / (LAYER_CURVATURE + EPS)).reshape((4,) + (1,) * (u.ndim - 1))
+    np.testing.assert_allclose(u, np.broadcast_to(want, u.shape), rtol=1e-14)
+
+
+def test_without_names_the_default_averages_across_layers_and_strict_says_so():
+  boxed = linen_stack(nn.with_logical_partitioning)
+  plain = nn.unbox(boxed)
+  h = per_layer_constants(plain)
+  # The defect this module fixes, kept for unnamed leaves: rank 3 is taken for a 1-D conv.
+  got = spatial.apply_rules(spatial.resolve_rules(None, plain), h)
+  np.testing.assert_allclose(got["layers"]["kernel"], LAYER_CURVATURE.mean())  # 277.75
+  with pytest.raises(ValueError, match=r"1 leaf is ambiguous[\s\S]*\['layers'\]\['kernel'\]"):
+    spatial.resolve_rules(None, plain, strict=True)
+  with pytest.raises(ValueError, match="ambiguous"):
+    ah.scale_by_adahessian(averaging=spatial.strict()).init(plain)
+  # Names from the boxes (or their partition specs) restore the per-layer rule.
+  for source in (boxed, nn.get_partition_spec(boxed)):
+    check_layers_kept(spatial.apply_rules(spatial.resolve_rules(spatial.named(source), plain), h))
+  # And so does the explicit modifier.
+  rules = spatial.resolve_rules(spatial.per_layer(spatial.flax_default(4)), plain)
+  check_layers_kept(spatial.apply_rules(rules, h))
+
+
+def test_stacked_bias_is_not_blocked_along_the_layer_axis(rng):
+  params = linen_stack(nn.with_logical_partitioning)
+  bias = rng.random((4, 32))
+  h = jax.tree.map(lambda x: jnp.zeros(x.shape), params)
+  h["layers"]["bias"] = h["layers"]["bias"].replace_boxed(jnp.asarray(bias))
+  got = spatial.apply_rules(spatial.resolve_rules(None, params, block_size=4), h)
+  np.testing.assert_array_equal(got["layers"]["bias"].value, bias)  # rank 1 per layer: none
+  # Unnamed, the same (layers, features) leaf is taken for a Dense kernel: blocks across layers.
+  plain = spatial.apply_rules(spatial.resolve_rules(None, nn.unbox(params), 4), nn.unbox(h))
+  np.testing.assert_allclose(plain["layers"]["bias"], block_average(bias, 4, axis=0))
+
+
+@pytest.mark.parametrize("transform", ["vmap", "scan"])
+def test_nnx_stacks_keep_each_layer(transform):
+  model = nnx_stack(transform)
+  state = nnx.state(model, nnx.Param)
+  assert layout.names_by_path(state) == {
+    "['layers']['dense']['bias']": ("layers", "mlp"),
+    "['layers']['dense']['kernel']": ("layers", "embed", "mlp"),
+  }
+  # Resolved on the state of variables, the names are read directly.
+  h = per_layer_constants(state)
+  check_layers_kept(spatial.apply_rules(spatial.resolve_rules(None, state, 4), h))
+
+  # nnx.Optimizer hands the transform plain arrays: the names come through spatial.named.
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = ah.scale_by_adahessian(block_size=4, averaging=spatial.named(state))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, state)  # variables, as nnx.grad returns them
+  optimizer.update(model, grads, hessian_diag=per_layer_constants(before))
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  for step in leaf_values(jax.tree.map(jnp.subtract, after, before)):
+    want = (1 / (LAYER_CURVATURE + EPS)).reshape((4,) + (1,) * (step.ndim - 1))
+    np.testing.assert_allclose(step, np.broadcast_to(want, step.shape), rtol=1e-12)
+
+
+def test_nnx_optimizer_without_names_is_caught_by_strict_mode():
+  model = nnx_stack("vmap")
+  optimizer = nnx.Optimizer(
+    model, ah.scale_by_adahessian(averaging=spatial.strict()), wrt=nnx.Param
+  )
+  plain = nnx.as_pure(nnx.state(model, nnx.Param))
+  with pytest.raises(ValueError, match=r"\['layers'\]\['dense'\]\['kernel'\]: shape \(4, 16, 32\)"):
+    optimizer.update(model, nnx.state(model, nnx.Param), hessian_diag=plain)
+
+
+# A small model with every kind of leaf, axes named as a pods-style codebase names them.
+P = nn.with_logical_partitioning
+
+
+class MLPLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    dense = nn.Dense(
+      8,
+      kernel_init=P(lecun, ("embed", "mlp")),
+      bias_init=P(zeros, ("mlp",)),
+      param_dtype=jnp.float64,
+    )
+    return x + jnp.tanh(dense(x)), None
+
+
+class TinyLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(
+      11,
+      8,
+      embedding_init=P(nn.initializers.normal(1.0), ("vocab", "embed")),
+      param_dtype=jnp.float64,
+    )(tokens)
+    x = nn.Conv(
+      8,
+      (3,),
+      kernel_init=P(lecun, ("width", "embed", "mlp")),
+      bias_init=P(zeros, ("mlp",)),
+      param_dtype=jnp.float64,
+    )(x)
+    x = nn.MultiHeadDotProductAttention(
+      2,
+      qkv_features=8,
+      kernel_init=P(lecun, ("embed", "heads", "kv")),
+      out_kernel_init=P(lecun, ("heads", "kv", "embed")),
+      bias_init=P(zeros, ("heads", "kv")),
+      out_bias_init=P(zeros, ("embed",)),
+      param_dtype=jnp.float64,
+    )(x)
+    stack = nn.scan(
+      MLPLayer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=3,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x = stack(name="stack")(x, None)[0]
+    return nn.Dense(
+      11,
+      kernel_init=P(lecun, ("embed", "vocab")),
+      bias_init=P(zeros, ("vocab",)),
+      param_dtype=jnp.float64,
+    )(x)
+
+
+ATTN = "['MultiHeadDotProductAttention_0']"
+QKV = [f"{ATTN}['{n}']" for n in ("query", "key", "value")]
+# What each leaf is, and the rule for block size 3, written from Flax's layouts.
+EXPECTED = {
+  "['Embed_0']['embedding']": ((11, 8), spatial.blocks(3, axis=1)),  # rows (tokens) apart
+  "['Conv_0']['kernel']": ((3, 8, 8), spatial.mean_over(0)),  # over the width
+  "['Conv_0']['bias']": ((8,), spatial.none()),
+  **{f"{q}['kernel']": ((8, 2, 4), spatial.blocks(3, axis=0)) for q in QKV},  # embed inputs
+  **{f"{q}['bias']": ((2, 4), spatial.none()) for q in QKV},
+  f"{ATTN}['out']['kernel']": ((2, 4, 8), spatial.blocks(3, axis=1)),  # head_dim inputs per head
+  f"{ATTN}['out']['bias']": ((8,), spatial.none()),
+  "['stack']['Dense_0']['kernel']": ((3, 8, 8), spatial.per_layer(spatial.blocks(3))),
+  "['stack']['Dense_0']['bias']": ((3, 8), spatial.per_layer(spatial.none())),
+  "['Dense_0']['kernel']": ((8, 11), spatial.blocks(3, axis=0)),  # unembedding: embed inputs
+  "['Dense_0']['bias']": ((11,), spatial.none()),
+}
+AMBIGUOUS_UNNAMED = [
+  "['Conv_0']['kernel']",
+  *(f"{q}['kernel']" for q in QKV),
+  f"{ATTN}['out']['kernel']",
+  "['stack']['Dense_0']['kernel']",
+]
+
+
+def numpy_average(path, d):
+  """The expected averaging of one leaf, by NumPy loops."""
+  shape, rule = EXPECTED[path]
+  assert d.shape == shape
+  if rule == spatial.none():
+    return d
+  if rule == spatial.mean_over(0):
+    return np.broadcast_to(d.mean(axis=0, keepdims=True), d.shape)
+  if rule == spatial.per_layer(spatial.none()):
+    return d
+  if rule == spatial.per_layer(spatial.blocks(3)):
+    return np.stack([block_average(layer, 3, axis=0) for layer in d])
+  return block_average(d, 3, axis=rule.axis)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  """Shapes (jax.ShapeDtypeStruct) in their boxes: the listing needs no values."""
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  return jax.eval_shape(TinyLM().init, jax.random.key(0), tokens)["params"]
+
+
+def test_describe_lists_every_kind_of_leaf(tiny_lm, rng):
+  listing = spatial.describe(tiny_lm, block_size=3)
+  rows = {r.path: r for r in listing.rows}
+  assert sorted(rows) == sorted(EXPECTED)
+  for path, (shape, rule) in EXPECTED.items():
+    row = rows[path]
+    assert row.shape == shape and row.rule == rule and not row.ambiguous, row
+    assert sum(size * count for size, count in row.groups.items()) == np.prod(shape)
+  assert rows["['stack']['Dense_0']['kernel']"].names == ("layers", "embed", "mlp")
+  assert "stacked axis 0 ('layers') kept apart" in rows["['stack']['Dense_0']['kernel']"].why
+  # Group sizes by hand: 8 = 3 + 3 + 2 along the blocked axis.
+  assert rows["['Embed_0']['embedding']"].groups == {3: 11 * 2, 2: 11}
+  assert rows["['Conv_0']['kernel']"].groups == {3: 64}
+  assert rows["['stack']['Dense_0']['kernel']"].groups == {3: 3 * 2 * 8, 2: 3 * 8}
+  assert rows[f"{ATTN}['out']['kernel']"].groups == {3: 2 * 8, 1: 2 * 8}
+  text = str(listing)
+  assert len(text.splitlines()) == len(EXPECTED) + 2
+  assert "per_layer(blocks(3, axis=0), axes=(0,))" in text and "groups (count x size)" in text
+
+  # The rules the optimizer resolves do what the listing says (NumPy loops).
+  d = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), nn.unbox(tiny_lm))
+  boxed_d = jax.tree.map(
+    lambda box, x: box.replace_boxed(x),
+    tiny_lm,
+    d,
+    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+  )
+  got = spatial.apply_rules(spatial.resolve_rules(None, tiny_lm, 3), boxed_d)
+  for info, want in zip(layout.leaves(got), layout.leaves(d), strict=True):
+    path = jax.tree_util.keystr(info.path)
+    np.testing.assert_allclose(info.leaf, numpy_average(path, np.asarray(want.leaf)), rtol=1e-14)
+
+
+def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
+  plain = nn.unbox(tiny_lm)
+  listing = spatial.describe(plain, block_size=3)
+  assert sorted(r.path for r in listing.ambiguous) == sorted(AMBIGUOUS_UNNAMED)
+  with pytest.raises(ValueError, match="6 leaves are ambiguous") as err:
+    spatial.describe(plain, block_size=3, strict=True)
+  for path in AMBIGUOUS_UNNAMED:
+    assert path + ": shape" in str(err.value)
+  # Boxed: nothing to refuse; unboxed with the names given: the same rules as boxed.
+  spatial.resolve_rules(spatial.strict(), tiny_lm, 3)
+  named = spatial.describe(plain, spatial.strict(spatial.named(nn.get_partition_spec(tiny_lm))), 3)
+  assert [r.rule for r in named.rows] == [r.rule for r in spatial.describe(tiny_lm, None, 3).rows]
+
+  # Explicit rules for the ambiguous leaves satisfy strict mode too.
+  def explicit(path, leaf):
+    key = jax.tree_util.keystr(path)
+    if key == "['Conv_0']['kernel']":
+      return spatial.mean_over(0)
+    if key == "['Embed_0']['embedding']":  # not ambiguous, but rank 2 means (in, out) unnamed
+      return spatial.blocks(3, axis=1)
+    if key.startswith("['stack']"):  # kernels and biases, one layer at a time
+      return spatial.per_layer(spatial.flax_default(3))
+    if key.startswith(ATTN) and leaf.ndim == 3:
+      return spatial.blocks(3, axis=1 if "out" in key else 0)
+    if key.startswith(ATTN) and leaf.ndim == 2:  # bias (heads, head_dim), not a Dense kernel
+      return spatial.none()
+    return None
+
+  rows = spatial.describe(plain, spatial.strict(explicit), 3).rows
+  assert [r.rule for r in rows] == [r.rule for r in spatial.describe(tiny_lm, None, 3).rows]
+
+
+def test_axis_roles_can_be_changed():
+  d = jnp.asarray(np.arange(24.0).reshape(2, 3, 4))
+  rule = spatial.flax_default(axis_roles={"depth": "stacked"}).bind(("depth", "embed", "mlp"))
+  assert rule.explain(d.shape).rule == spatial.per_layer(spatial.blocks(1))
+  np.testing.assert_array_equal(rule(d), d)
+  forget = spatial.flax_default(axis_roles={"width": None}).bind(("width", "embed", "mlp"))
+  assert forget.explain(d.shape).ambiguous
+  with pytest.raises(ValueError, match=r"axis_roles\['depth'\] is 'layer'"):
+    spatial.flax_default(axis_roles={"depth": "layer"})
+
+
+def test_named_errors_name_the_problem():
+  plain = {"w": jnp.zeros((2, 3, 4))}
+  with pytest.raises(ValueError, match="without axis names"):
+    spatial.named(plain)
+  names = spatial.named({"v": jax.sharding.PartitionSpec("layers", None, None)})
+  with pytest.raises(ValueError, match=r"no entry for the leaf at \['w'\]"):
+    spatial.resolve_rules(names, plain)
+  wrong_rank = spatial.named({"w": jax.sharding.PartitionSpec("layers", None)})
+  with pytest.raises(ValueError, match=r"\('layers', None\) of the leaf at \['w'\] have 2"):
+    spatial.resolve_rules(wrong_rank, plain)
+
+
+class HandStacked(nn.Module):
+  """Boxed params as Linen's init returns them: a stack of 3 layers (logical names) by hand."""
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param("kernel", P(lecun, ("layers", "embed", "mlp")), (3, 4, 4), jnp.float64)
+    b = self.param("bias", P(zeros, ("layers", "mlp")), (3, 4), jnp.float64)
+    for layer in range(3):
+      x = jnp.tanh(x @ k[layer] + b[layer])
+    head = nn.Dense(
+      2,
+      kernel_init=P(lecun, ("embed", "vocab")),
+      bias_init=P(zeros, ("vocab",)),
+      param_dtype=jnp.float64,
+    )
+    return head(x)
+
+
+@pytest.mark.parametrize("route", ["closure", "fused"])
+def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
+  r = np.random.default_rng(1)
+  x, y = jnp.asarray(r.normal(size=(6, 4))), jnp.asarray(r.normal(size=(6, 2)))
+  boxed = HandStacked().init(jax.random.key(0), x)["params"]
+  plain = nn.unbox(boxed)
+
+  def loss_fn(params, batch):
+    xb, yb = batch
+    return jnp.mean((HandStacked().apply({"params": params}, xb) - yb) ** 2)
+
+  def run(params, averaging):
+    tx = ah.adahessian(0.05, block_size=3, update_freq=2, weight_decay=1e-3, averaging=averaging)
+    state = tx.init(params)
+    vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+    @jax.jit
+    def step(params, state):
+      if route == "closure":
+        grads = jax.grad(loss_fn)(params, (x, y))
+        extra = {"value_fn": lambda p: loss_fn(p, (x, y))}
+      else:
+        _, grads, hdiag = vgh(params, state, (x, y))
+        extra = {"hessian_diag": hdiag}
+      updates, state = tx.update(grads, state, params, **extra)
+      return optax.apply_updates(params, updates), state, updates
+
+    history = []
+    for _ in range(3):
+      params, state, updates = step(params, state)
+      history.append(updates)
+    return state, history
+
+  boxed_state, boxed_updates = run(boxed, None)
+  plain_state, plain_updates = run(plain, spatial.named(boxed))
+  for b, p in zip(boxed_updates, plain_updates, strict=True):
+    assert jax.tree.structure(b) == jax.tree.structure(boxed)  # still boxed
+    for u, v in zip(leaf_values(b), leaf_values(p), strict=True):
+      np.testing.assert_array_equal(u, v)
+  assert optax.tree.norm(plain_updates[-1]) > 0
+  # Without the names the unboxed run would differ: blocks of 3 across the 3 layers of the bias.
+  assert spatial.resolve_rules(None, plain, 3)["bias"] == spatial.flax_default(3)
+  unnamed = {r.path: r.rule for r in spatial.describe(plain, None, 3).rows}
+  assert unnamed["['bias']"] == spatial.blocks(3, axis=0)
+
+  # The state carries the params' metadata: its moments shard like the params.
+  inner = ah.find_adahessian_state(boxed_state)
+  for field in (inner.mu, inner.nu, inner.hessian):
+    assert jax.tree.structure(field) == jax.tree.structure(boxed)
+  specs = ah.find_adahessian_state(nn.get_partition_spec(boxed_state))
+  param_specs = nn.get_partition_spec(boxed)
+  assert specs.mu == param_specs and specs.nu == param_specs and specs.hessian == param_specs
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+  rules = (("mlp", "model"), ("layers", None), ("embed", None), ("vocab", None))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_state), mesh, rules)
+  placed = jax.device_put(boxed_state, shardings)
+  kernel = ah.find_adahessian_state(placed).mu["kernel"]
+  assert kernel.value.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
