@@ -308,8 +308,7 @@ class PerLayer(Rule):
     lead = x.shape[: len(axes)]
     x = jax.vmap(self.inner)(x.reshape((-1,) + x.shape[len(axes) :]))
     x = x.reshape(lead + x.shape[1:])
-    inverse = sorted(range(d.ndim), key=(axes + keep).index)
-    return jnp.transpose(x, inverse)
+    return jnp.transpose(x, [(axes + keep).index(i) for i in range(d.ndim)])
 
   def explain(self, shape):
     axes, keep = self._split(shape)
@@ -651,6 +650,10 @@ def _is_rule(x: Any) -> bool:
   return isinstance(x, Rule)
 
 
+def _rule_or_none(x: Any) -> bool:
+  return x is None or isinstance(x, Rule)
+
+
 def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> list[Rule]:
   """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
   if averaging is None:
@@ -671,13 +674,13 @@ def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> 
       out.append(rule)
     return out
   try:
-    rules = jax.tree.broadcast(averaging, params, is_leaf=_is_rule)
+    rules = jax.tree.broadcast(averaging, params, is_leaf=_rule_or_none)
   except (ValueError, TypeError) as e:
     raise ValueError(
       "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
       f"pytree prefix of params with rules as leaves; broadcasting failed: {e}"
     ) from e
-  out = jax.tree.leaves(rules, is_leaf=_is_rule)
+  out = [default if r is None else r for r in jax.tree.leaves(rules, is_leaf=_rule_or_none)]
   for r in out:
     if not _is_rule(r):
       raise TypeError(f"averaging tree contains {r!r}, which is not a spatial rule.")
@@ -815,8 +818,8 @@ def resolve_rules(
     averaging: ``None`` (use :func:`flax_default` with ``block_size``), a single
       :class:`Rule` for every leaf, a callable ``(path, leaf) -> Rule | None``
       (``None`` meaning the default; ``path`` without a box's ``.value``), a
-      pytree prefix of ``params`` whose leaves are rules, or an
-      :class:`Averaging` from :func:`named` / :func:`strict`.
+      pytree prefix of ``params`` whose leaves are rules (or ``None`` for the
+      default), or an :class:`Averaging` from :func:`named` / :func:`strict`.
     params: The parameter pytree (arrays or shape-dtype structs), boxed or not.
     block_size: The block size of the default rule.
     strict: Refuse ambiguous leaves (as :func:`strict` does).

@@ -135,3 +135,77 @@ def test_rules_work_under_jit_and_vmap(rng):
   rule = spatial.flax_default(2)
   np.testing.assert_allclose(jax.jit(rule)(d), rule(d), rtol=1e-14)
   assert optax.tree.norm(jax.vmap(rule)(jnp.stack([d, d]))) > 0
+
+
+@pytest.mark.parametrize("axes", [0, (0, 1), 2])
+def test_per_layer_averages_each_slice_on_its_own(rng, axes):
+  d = rng.random((3, 2, 7, 5))
+  stacked = (axes,) if isinstance(axes, int) else axes
+  rule = spatial.per_layer(spatial.blocks(3, axis=0), axes=axes)
+  got = np.asarray(rule(jnp.asarray(d)))
+  # NumPy: loop over every index of the stacked axes, block-average the slice.
+  want = np.empty_like(d)
+  for index in np.ndindex(*(d.shape[a] for a in stacked)):
+    where = [slice(None)] * d.ndim
+    for a, i in zip(stacked, index, strict=True):
+      where[a] = i
+    want[tuple(where)] = block_average(d[tuple(where)], 3, axis=0)
+  np.testing.assert_allclose(got, want, rtol=1e-14)
+  np.testing.assert_allclose(jax.jit(rule)(jnp.asarray(d)), want, rtol=1e-14)
+  groups = rule.groups(d.shape)
+  assert sum(size * count for size, count in groups.items()) == d.size
+
+
+def test_per_layer_of_the_default_is_the_default_per_layer(rng):
+  d = rng.random((4, 6, 3))  # a stack of Dense kernels (layers, in, out), no names
+  got = spatial.per_layer(spatial.flax_default(2))(jnp.asarray(d))
+  np.testing.assert_allclose(got, np.stack([block_average(k, 2, axis=0) for k in d]), rtol=1e-14)
+  # The unnamed default takes the same leaf for a 1-D convolution: mean over the layers.
+  conv = spatial.flax_default(2)(jnp.asarray(d))
+  np.testing.assert_allclose(conv, np.broadcast_to(d.mean(0), d.shape), rtol=1e-14)
+  with pytest.raises(ValueError, match=r"axis 3.*\['w'\].*rank 3"):
+    spatial.resolve_rules(spatial.per_layer(spatial.none(), axes=3), {"w": jnp.zeros((4, 6, 3))})
+  with pytest.raises(ValueError, match="rank 2"):  # the inner rule sees the slice (6, 3)
+    spatial.resolve_rules(spatial.per_layer(spatial.blocks(2, axis=2)), {"w": jnp.zeros((4, 6, 3))})
+
+
+@pytest.mark.parametrize(
+  "names,want",
+  [
+    # (names of a (4, 6, 3) leaf, the rule the default must choose), from Flax's layouts
+    (("layers", "embed", "mlp"), spatial.per_layer(spatial.blocks(2, axis=0))),
+    (("embed", "heads", "kv"), spatial.blocks(2, axis=0)),  # query kernel
+    (("heads", "kv", "embed"), spatial.blocks(2, axis=1)),  # output kernel
+    (("width", "embed", "mlp"), spatial.mean_over(0)),  # 1-D conv
+    (("layers", "heads", "kv"), spatial.per_layer(spatial.none())),  # stacked per-head biases
+    (("vocab", "layers", "embed"), spatial.per_layer(spatial.blocks(2, axis=1), axes=(1,))),
+    (("embed", "mlp", "kv"), spatial.blocks(2, axis=0)),  # DenseGeneral, all known
+    ((("layers", "pipe"), None, "model"), spatial.per_layer(spatial.blocks(2, axis=0))),
+  ],
+)
+def test_default_by_axis_names(rng, names, want):
+  d = jnp.asarray(rng.random((4, 6, 3)))
+  rule = spatial.flax_default(2).bind(names)
+  choice = rule.explain(d.shape)
+  assert choice.rule == want and not choice.ambiguous, choice
+  np.testing.assert_allclose(rule(d), want(d), rtol=1e-14)
+
+
+@pytest.mark.parametrize("names", [None, ("a", "b", "c"), ("embed", None, "mlp")])
+def test_rank_3_without_known_names_is_a_guess(names):
+  rule = spatial.flax_default(2) if names is None else spatial.flax_default(2).bind(names)
+  choice = rule.explain((4, 6, 3))
+  assert choice.rule == spatial.mean_over(0) and choice.ambiguous and "AMBIGUOUS" in choice.why
+
+
+def test_describe_plain_rules_and_groups():
+  params = {"conv": jnp.zeros((3, 3, 2, 4)), "dense": jnp.zeros((10, 3)), "b": jnp.zeros(3)}
+  listing = spatial.describe(params, {"conv": None, "dense": spatial.blocks(4), "b": None}, 1)
+  rows = {r.path: r for r in listing.rows}
+  assert rows["['dense']"].groups == {4: 2 * 3, 2: 3}  # 10 = 4 + 4 + 2, per output
+  assert rows["['dense']"].why == "given explicitly in averaging"
+  assert rows["['conv']"].groups == {9: 8} and rows["['conv']"].rule == spatial.mean_over((0, 1))
+  assert rows["['b']"].groups == {1: 3}
+  assert listing.ambiguous == (rows["['conv']"],)  # rank 4, no names: a guess
+  lines = str(listing).splitlines()
+  assert lines[0].split()[:3] == ["path", "shape", "axis", "names"][:3] and len(lines) == 5
