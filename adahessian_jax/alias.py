@@ -20,6 +20,7 @@ __all__ = ["STATIC_ARGS", "adahessian"]
 STATIC_ARGS = (
   "block_size",
   "update_freq",
+  "lazy_moment",
   "n_samples",
   "seed",
   "averaging",
@@ -43,6 +44,7 @@ def adahessian(
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
   block_size: int | None = None,
   update_freq: int | None = None,
+  lazy_moment: str = "repeat",
   n_samples: int | None = None,
   seed: int | None = None,
   axis_name: Any = None,
@@ -86,6 +88,8 @@ def adahessian(
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (``None``: 1, no blocks).
     update_freq: Refresh the Hessian every ``update_freq`` steps (``None``: 1).
+    lazy_moment: ``"repeat"`` (stored ``D`` enters ``nu`` every step) or
+      ``"refresh"`` (``nu`` moves on refresh steps only; Adam-sized state).
     n_samples: Hutchinson probes per refresh (``None``: 1).
     seed: Seed of the probes' PRNG key (``None``: 0).
     axis_name: Mapped axis to average the Hessian estimate over.
@@ -113,6 +117,7 @@ def adahessian(
       update_clip=update_clip,
       block_size=block_size,
       update_freq=update_freq,
+      lazy_moment=lazy_moment,
       n_samples=n_samples,
       seed=seed,
       axis_name=axis_name,

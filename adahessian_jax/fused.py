@@ -33,7 +33,7 @@ def _mark_not_finite(grads: Any, estimate: Any) -> Any:
 
 
 def value_grad_and_hessian_diag(
-  fun: Callable[..., Any], has_aux: bool = False
+  fun: Callable[..., Any], has_aux: bool = False, *, refresh: bool | None = None
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like :func:`jax.value_and_grad`, plus AdaHessian's Hessian-diagonal estimate.
 
@@ -59,6 +59,29 @@ def value_grad_and_hessian_diag(
   everywhere, so that :func:`optax.apply_if_finite` sees and counts the step;
   :func:`adahessian_jax.scale_by_adahessian` skips such a step in any case.
 
+  With ``update_freq > 1`` a training loop that knows its step number can
+  take the refresh decision on the host instead: build one step with
+  ``refresh=True`` and one with ``refresh=False`` (passing the same value to
+  ``tx.update``), compile both, and call the first when
+  ``step % update_freq == 0``. Neither program has a conditional, so a
+  non-refresh step costs what an Adam step costs::
+
+    def make_step(refresh):
+      vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn, refresh=refresh)
+
+      @jax.jit
+      def train_step(params, opt_state, batch):
+        loss, grads, hdiag = vgh(params, opt_state, batch)
+        updates, opt_state = tx.update(
+            grads, opt_state, params, hessian_diag=hdiag, refresh=refresh)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+      return train_step
+
+    steps = {True: make_step(True), False: make_step(False)}
+    for step, batch in enumerate(batches):
+      params, opt_state, loss = steps[step % update_freq == 0](params, opt_state, batch)
+
   Use this route when the step computes the gradient anyway (the usual
   training step): it is the fastest. Use the ``value_fn`` route when the
   transform should own everything, e.g. inside a library that only calls
@@ -68,6 +91,10 @@ def value_grad_and_hessian_diag(
     fun: The loss, ``fun(params, *args, **kwargs)``, a real scalar (or
       ``(loss, aux)`` if ``has_aux``).
     has_aux: Whether ``fun`` returns ``(loss, aux)``.
+    refresh: ``None`` (default) to follow the schedule in the state (a
+      ``lax.cond`` under ``jit`` when ``update_freq > 1``), or a Python bool
+      decided on the host (see above); see
+      :func:`adahessian_jax.is_refresh_step`.
 
   Returns:
     A function ``(params, opt_state, *args, **kwargs) -> (value, grads,
@@ -92,6 +119,6 @@ def value_grad_and_hessian_diag(
       value, grads = jax.value_and_grad(loss, has_aux=has_aux)(params)
       return value, grads, optax.tree.zeros_like(params)
 
-    return on_refresh(is_refresh_step(state), with_hessian, without_hessian)
+    return on_refresh(is_refresh_step(state, refresh), with_hessian, without_hessian)
 
   return wrapped

@@ -122,22 +122,44 @@ def probe_keys(state: ScaleByAdaHessianState, axis_name: Any = None) -> tuple[ja
   return probes, next_key
 
 
-def is_refresh_step(state: ScaleByAdaHessianState) -> jax.Array | bool:
+def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) -> jax.Array | bool:
   """Whether the next update refreshes the Hessian (steps 1, 1+k, 1+2k, ...).
 
   Args:
     state: A :class:`ScaleByAdaHessianState`.
+    refresh: The caller's own decision, a Python ``bool`` taken on the host
+      (e.g. ``step % update_freq == 0`` in a loop that runs two compiled step
+      programs); it must follow the state's schedule, which is checked where
+      the state is concrete. ``None``: read the schedule from the state.
 
   Returns:
     ``True`` when every step refreshes; otherwise a Python ``bool`` when the
-    state is concrete (outside ``jit``), else a traced boolean scalar.
+    decision is static or the state is concrete (outside ``jit``), else a
+    traced boolean scalar.
+
+  Raises:
+    ValueError: for ``refresh=False`` with ``update_freq == 1``, or a
+      ``refresh`` that contradicts a concrete state's schedule.
+    TypeError: for a ``refresh`` that is not a Python bool.
   """
+  if refresh is not None and not isinstance(refresh, bool):
+    raise TypeError(
+      f"refresh must be a Python bool decided on the host (one compiled program per value), "
+      f"got {refresh!r}."
+    )
   if state.update_freq is None:
+    if refresh is False:
+      raise ValueError("refresh=False needs a lazy state (update_freq > 1); every step refreshes.")
     return True
-  refresh = state.count % state.update_freq == 0
-  if isinstance(refresh, jax.core.Tracer):
-    return refresh
-  return bool(refresh)
+  scheduled = state.count % state.update_freq == 0
+  if isinstance(scheduled, jax.core.Tracer):
+    return scheduled if refresh is None else refresh
+  if refresh is not None and refresh != bool(scheduled):
+    raise ValueError(
+      f"refresh={refresh} at step {int(state.count)}, but with update_freq="
+      f"{int(state.update_freq)} the Hessian refreshes when step % update_freq == 0."
+    )
+  return bool(scheduled)
 
 
 def on_refresh(refresh: jax.Array | bool, fresh: Callable[[], T], stale: Callable[[], T]) -> T:

@@ -53,8 +53,11 @@ def _check_real_float_params(params: Any) -> None:
   jax.tree_util.tree_map_with_path(check, params)
 
 
-def _check_state(state: ScaleByAdaHessianState, update_freq: int, n_samples: int) -> None:
-  """Raises if ``state`` was made by a transform with another ``update_freq`` or ``n_samples``."""
+def _check_state(
+  state: ScaleByAdaHessianState, update_freq: int, n_samples: int, stores_d: bool
+) -> None:
+  """Raises if ``state`` was made by a transform with another ``update_freq``, ``n_samples``
+  or ``lazy_moment``."""
   fix = " Build the transform with the arguments the state was made with, or start a new state."
   if state.key.shape[0] != n_samples:
     raise ValueError(
@@ -70,6 +73,12 @@ def _check_state(state: ScaleByAdaHessianState, update_freq: int, n_samples: int
     )
   if not lazy_state:
     return
+  if (state.hessian is not None) != stores_d:
+    made, used = ("repeat", "refresh") if state.hessian is not None else ("refresh", "repeat")
+    raise ValueError(
+      f"the AdaHessian state was made with lazy_moment={made!r} but the transform has "
+      f"lazy_moment={used!r}." + fix
+    )
   if not isinstance(state.update_freq, jax.core.Tracer):
     if int(state.update_freq) != update_freq:
       raise ValueError(
@@ -155,9 +164,51 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
   return jax.tree.map(lambda x: jnp.maximum(x, curvature_floor * jnp.mean(x)), d)
 
 
+def _check_call(value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool) -> None:
+  if value_fn is not None and hessian_diag is not None:
+    raise ValueError(f"scale_by_adahessian takes value_fn or hessian_diag, not both. {HINT}")
+  if value_fn is None and hessian_diag is None and refresh is not False:
+    under_jit = " (under jit every step may refresh it)" if lazy else ""
+    raise ValueError(
+      f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}. {HINT}"
+    )
+
+
+def _second_moment(
+  curvature: Any,
+  refresh: Any,
+  state: ScaleByAdaHessianState,
+  count: jax.Array,
+  b2: Any,
+  update_freq: int,
+  lazy_moment: str,
+) -> tuple[Any, Any, jax.Array]:
+  """``(nu, D to store, the step count of nu's bias correction)`` for this step.
+
+  ``curvature()`` computes this step's ``D``; it runs only on refresh steps.
+  """
+  moment = lambda d, decay: optax.tree.cast_like(
+    optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2), state.nu
+  )
+  if update_freq == 1:
+    return moment(curvature(), b2), None, count
+  if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
+    d = on_refresh(refresh, curvature, lambda: state.hessian)
+    return moment(d, b2), d, count
+  # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
+  nu = on_refresh(refresh, lambda: moment(curvature(), b2**update_freq), lambda: state.nu)
+  return nu, None, update_freq * ((count - 1) // update_freq + 1)
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _unless_finite_keep(finite: jax.Array, updates: Any, new_state: Any, state: Any):
+  """``(updates, new_state)`` if ``finite``, else zero updates and the old ``state``."""
+  updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+  return updates, jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
 
 
 def scale_by_adahessian(
@@ -170,6 +221,7 @@ def scale_by_adahessian(
   update_clip: jax.typing.ArrayLike | None = None,
   block_size: int | None = None,
   update_freq: int | None = None,
+  lazy_moment: str = "repeat",
   n_samples: int | None = None,
   seed: int | None = None,
   axis_name: Any = None,
@@ -230,7 +282,17 @@ def scale_by_adahessian(
     update_freq: Refresh the Hessian estimate at steps 1, 1+k, 1+2k, ...; on the
       other steps the last ``D`` enters the moving average again (timm's
       ``update_each``). Under ``jit`` the Hessian-vector product runs only on
-      refresh steps (``lax.cond``). ``None`` means 1.
+      refresh steps (``lax.cond``). ``None`` means 1. A training loop that
+      knows its step number can also decide on the host and pass
+      ``refresh=True``/``False`` to ``update`` (and to
+      :func:`adahessian_jax.value_grad_and_hessian_diag`): two compiled
+      programs, no conditional, non-refresh steps at the cost of an Adam step.
+    lazy_moment: With ``update_freq > 1``: ``"repeat"`` (default, timm's
+      semantics) stores ``D`` and feeds it into ``nu`` every step;
+      ``"refresh"`` updates ``nu`` on refresh steps only, with decay
+      ``b2**update_freq`` (the same memory in steps) and bias correction
+      ``1 - b2**(update_freq·refreshes)``, storing no ``D``: the state is then
+      as small as Adam's.
     n_samples: Number of Rademacher probes averaged per refresh (``None``: 1).
     seed: Seed of the PRNG key kept in the state (``None``: 0).
     axis_name: If given, the estimate is averaged over this mapped axis
@@ -286,7 +348,10 @@ def scale_by_adahessian(
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)
   nu_dtype = _float_dtype("nu_dtype", nu_dtype)
+  if lazy_moment not in ("repeat", "refresh"):
+    raise ValueError(f"lazy_moment must be 'repeat' or 'refresh', got {lazy_moment!r}.")
   lazy = update_freq > 1
+  stores_d = lazy and lazy_moment == "repeat"
 
   def init_fn(params):
     _check_real_float_params(params)
@@ -297,34 +362,29 @@ def scale_by_adahessian(
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
       nu=optax.tree.zeros_like(params, dtype=nu_dtype),
       # A buffer of its own: donating a state whose leaves alias fails.
-      hessian=optax.tree.zeros_like(params, dtype=nu_dtype) if lazy else None,
+      hessian=optax.tree.zeros_like(params, dtype=nu_dtype) if stores_d else None,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
 
-  def update_fn(updates, state, params=None, *, value_fn=None, hessian_diag=None, **extra_args):
+  def update_fn(
+    updates, state, params=None, *, value_fn=None, hessian_diag=None, refresh=None, **extra_args
+  ):
     del extra_args
-    _check_state(state, update_freq, n_samples)
-    refresh = is_refresh_step(state)
-    if value_fn is not None and hessian_diag is not None:
-      raise ValueError(f"scale_by_adahessian takes value_fn or hessian_diag, not both. {HINT}")
-    if value_fn is None and hessian_diag is None and refresh is not False:
-      under_jit = " (under jit every step may refresh it)" if lazy else ""
-      raise ValueError(
-        f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}. "
-        + HINT
-      )
+    _check_state(state, update_freq, n_samples, stores_d)
+    refresh = is_refresh_step(state, refresh)
+    _check_call(value_fn, hessian_diag, refresh, lazy)
     rules = spatial.resolve_rules(averaging, updates, block_size)
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
-    fresh = lambda: _curvature(
+    curvature = lambda: _curvature(
       _estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name), rules, curvature_floor
     )
-    d = on_refresh(refresh, fresh, lambda: state.hessian) if lazy else fresh()
-
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(d, state.nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
+    nu, d, nu_count = _second_moment(
+      curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
+    )
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
     if update_clip is not None:
       updates = jax.tree.map(lambda u: jnp.clip(u, -update_clip, update_clip), updates)
@@ -332,14 +392,11 @@ def scale_by_adahessian(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
       mu=optax.tree.cast(mu, mu_dtype),
-      nu=optax.tree.cast_like(nu, state.nu),
-      hessian=d if lazy else None,
+      nu=nu,
+      hessian=d,
       update_freq=state.update_freq,
     )
-    # A non-finite estimate skips the step: zero update, state untouched.
-    finite = _all_finite(d)
-    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return updates, new_state
+    # A non-finite estimate (or an overflow of D²) skips the step: zero update, state untouched.
+    return _unless_finite_keep(_all_finite(nu), updates, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -5,10 +5,15 @@ of the library (no JAX), used as the reference in the tests.
 Per step t (from 1), for every parameter array p with gradient g and raw
 Hutchinson estimate e (z ⊙ Hz, averaged over probes):
   D = spatial_average(|e|)             (on refresh steps; else the last D)
+  D = max(D, floor * mean(D))          (the curvature floor; floor = 0 is the paper's rule)
   m = b1 m + (1 - b1) g
   v = b2 v + (1 - b2) D²
   denom = (v / (1 - b2^t)) ** (k / 2) + eps
-  p = p - lr_t * ((m / (1 - b1^t)) / denom + wd * p)
+  u = clip(m / (1 - b1^t) / denom, -rho, rho)   (no clip by default)
+  p = p - lr_t * (u + wd * p)
+
+With lazy_moment="refresh", v moves on refresh steps only, v = b2^f v + (1 - b2^f) D²
+(f = update_freq), and its bias correction is 1 - b2^(f·n) after n refreshes.
 """
 
 import numpy as np
@@ -41,7 +46,19 @@ class AdaHessianReference:
   """The reference optimizer on a dict of NumPy arrays (flat: name -> array)."""
 
   def __init__(
-    self, params, lr, b1=0.9, b2=0.999, eps=1e-4, wd=0.0, k=1.0, block_size=1, update_freq=1
+    self,
+    params,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-4,
+    wd=0.0,
+    k=1.0,
+    block_size=1,
+    update_freq=1,
+    floor=0.0,
+    clip=None,
+    lazy_moment="repeat",
   ):
     self.p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
     self.m = {n: np.zeros_like(v) for n, v in self.p.items()}
@@ -49,7 +66,9 @@ class AdaHessianReference:
     self.d = {n: np.zeros_like(v) for n, v in self.p.items()}
     self.lr, self.b1, self.b2, self.eps, self.wd, self.k = lr, b1, b2, eps, wd, k
     self.block_size, self.update_freq = block_size, update_freq
+    self.floor, self.clip, self.lazy_moment = floor, clip, lazy_moment
     self.t = 0
+    self.refreshes_done = 0
 
   def refreshes(self):
     """Whether the next step recomputes D (steps 1, 1+k, 1+2k, ...)."""
@@ -59,14 +78,24 @@ class AdaHessianReference:
     lr = self.lr(self.t) if callable(self.lr) else self.lr
     refresh = self.refreshes()
     self.t += 1
+    self.refreshes_done += refresh
     t = self.t
     for n in self.p:
       if refresh:
-        self.d[n] = flax_spatial_average(np.abs(estimate[n]), self.block_size)
+        d = flax_spatial_average(np.abs(estimate[n]), self.block_size)
+        self.d[n] = np.maximum(d, self.floor * d.mean())
       g = np.asarray(grads[n], dtype=np.float64)
       self.m[n] = self.b1 * self.m[n] + (1 - self.b1) * g
-      self.v[n] = self.b2 * self.v[n] + (1 - self.b2) * self.d[n] ** 2
-      m_hat = self.m[n] / (1 - self.b1**t)
-      denom = (self.v[n] / (1 - self.b2**t)) ** (self.k / 2) + self.eps
-      self.p[n] = self.p[n] - lr * (m_hat / denom + self.wd * self.p[n])
+      if self.lazy_moment == "repeat":
+        self.v[n] = self.b2 * self.v[n] + (1 - self.b2) * self.d[n] ** 2
+        v_hat = self.v[n] / (1 - self.b2**t)
+      else:
+        decay = self.b2**self.update_freq
+        if refresh:
+          self.v[n] = decay * self.v[n] + (1 - decay) * self.d[n] ** 2
+        v_hat = self.v[n] / (1 - decay**self.refreshes_done)
+      u = self.m[n] / (1 - self.b1**t) / (v_hat ** (self.k / 2) + self.eps)
+      if self.clip is not None:
+        u = np.clip(u, -self.clip, self.clip)
+      self.p[n] = self.p[n] - lr * (u + self.wd * self.p[n])
     return self.p

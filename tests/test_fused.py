@@ -251,6 +251,78 @@ def test_train_step_compiles_once(mlp_problem, route, update_freq, n_samples):
   assert int(ah.find_adahessian_state(st).count) == len(batches)
 
 
+# --------------------------------------------------------------------------- host-side refresh
+
+
+def _run_two_programs(tx, params, loss_fn, batches, update_freq):
+  """The refresh decided on the host: one compiled program per decision, no conditional."""
+  traces = {True: 0, False: 0}
+
+  def make_step(refresh):
+    vgh = ah.value_grad_and_hessian_diag(loss_fn, refresh=refresh)
+
+    @jax.jit
+    def step(p, st, batch):
+      traces[refresh] += 1
+      loss, g, h = vgh(p, st, batch)
+      u, st = tx.update(g, st, p, hessian_diag=h, refresh=refresh)
+      return optax.apply_updates(p, u), st, loss
+
+    return step
+
+  steps = {True: make_step(True), False: make_step(False)}
+  st = tx.init(params)
+  for i, batch in enumerate(batches):
+    params, st, _ = steps[i % update_freq == 0](params, st, batch)
+  return params, st, traces
+
+
+@pytest.mark.parametrize("lazy_moment", ["repeat", "refresh"])
+def test_host_side_refresh_equals_the_in_graph_schedule_and_compiles_once_each(
+  mlp_problem, lazy_moment
+):
+  params, loss_fn, batch = mlp_problem
+  batches = _batches(batch, 8)
+  tx = ah.adahessian(0.05, update_freq=3, lazy_moment=lazy_moment, curvature_floor=0.1)
+  p_graph, st_graph, _ = _run_fused(tx, params, loss_fn, batches)
+  p_host, st_host, traces = _run_two_programs(tx, params, loss_fn, batches, 3)
+  _assert_trees_close(p_host, p_graph)
+  _assert_trees_close(st_host, st_graph)
+  assert traces == {True: 1, False: 1}
+  for refresh in (True, False):  # neither program has a conditional
+    vgh = ah.value_grad_and_hessian_diag(loss_fn, refresh=refresh)
+
+    def update(p, st, b, vgh=vgh, refresh=refresh):
+      _, g, h = vgh(p, st, b)
+      return tx.update(g, st, p, hessian_diag=h, refresh=refresh)
+
+    assert "cond" not in str(jax.make_jaxpr(update)(params, tx.init(params), batch))
+
+
+def test_host_side_refresh_is_checked_against_the_schedule_outside_jit(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.05, update_freq=3)
+  st = tx.init(params)
+  with pytest.raises(ValueError, match="refresh=False at step 0"):
+    ah.value_grad_and_hessian_diag(loss_fn, refresh=False)(params, st, batch)
+  with pytest.raises(ValueError, match="needs a lazy state"):
+    ah.value_grad_and_hessian_diag(loss_fn, refresh=False)(
+      params, ah.adahessian(0.05).init(params), batch
+    )
+  with pytest.raises(TypeError, match="Python bool"):
+    ah.value_grad_and_hessian_diag(loss_fn, refresh=jnp.asarray(True))(params, st, batch)
+
+
+def test_refresh_moment_state_is_adams_size(mlp_problem):
+  params, _, _ = mlp_problem
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  adam = nbytes(optax.adam(0.1).init(params))  # count + mu + nu
+  param_bytes = nbytes(params)
+  small = nbytes(ah.adahessian(0.1, update_freq=4, lazy_moment="refresh").init(params))
+  assert small - adam == 8 + 4  # the probe key and the refresh interval, nothing parameter-sized
+  assert nbytes(ah.adahessian(0.1, update_freq=4).init(params)) - small == param_bytes
+
+
 # --------------------------------------------------------------------------- benchmark smoke
 
 
@@ -275,4 +347,3 @@ def test_benchmark_quick_mode_runs(tmp_path):
   for r in rows:
     assert r["ms_per_step_median"] > 0 and r["flops"] > 0 and r["peak_bytes"] > 0
     assert np.isfinite(r["final_loss"])
-  assert "fused_k1_faster_than_sophia_k1" in out["targets"]["mlp"]

@@ -55,6 +55,11 @@ CASES = [
   ("cnn-k0.5-wd", "cnn", dict(hessian_power=0.5, weight_decay=0.02, block_size=5), "diag"),
   ("cnn-freq2", "cnn", dict(update_freq=2, block_size=5), "diag"),
   ("cnn-n2-closure", "cnn", dict(n_samples=2, block_size=5), "closure"),
+  # Beyond the paper: the stabilizers and the Adam-sized lazy state.
+  ("mlp-floor-clip", "mlp", dict(curvature_floor=0.5, update_clip=0.3), "diag"),
+  ("cnn-freq3-floor", "cnn", dict(update_freq=3, curvature_floor=0.2, block_size=5), "diag"),
+  ("mlp-freq3-refresh-moment", "mlp", dict(update_freq=3, lazy_moment="refresh"), "diag"),
+  ("cnn-freq2-refresh-moment", "cnn", dict(update_freq=2, lazy_moment="refresh"), "closure"),
 ]
 
 
@@ -75,6 +80,9 @@ def test_trajectory_matches_numpy_reference(name, problem, hp, route):
     k=hp.get("hessian_power", 1.0),
     block_size=hp.get("block_size", 1),
     update_freq=hp.get("update_freq", 1),
+    floor=hp.get("curvature_floor", 0.0),
+    clip=hp.get("update_clip"),
+    lazy_moment=hp.get("lazy_moment", "repeat"),
   )
   tx = ah.adahessian(lr, b1, b2, eps, weight_decay=wd, n_samples=n_samples, seed=3, **hp)
   state = tx.init(params)
