@@ -117,9 +117,9 @@ def train(x, y, n_dev, policy, seed, steps, lr=0.1):
 
   def replica_step(params, state, a, b):
     loss = lambda p: loss_fn(p, a, b)
-    keys, _ = ah.probe_keys(ah.find_adahessian_state(state))
-    if policy == "independent":
-      keys = jax.vmap(jax.random.fold_in, (0, None))(keys, jax.lax.axis_index(AXIS))
+    # The library's rule for this step's probes (with the replica index folded in if independent).
+    axis = AXIS if policy == "independent" else None
+    keys, _ = ah.probe_keys(ah.find_adahessian_state(state), axis)
     _, grads, hdiag = ah.hutchinson.value_grad_and_diagonal(loss, params, keys)
     grads = jax.lax.pmean(grads, AXIS)
     updates, state = tx.update(grads, state, params, hessian_diag=hdiag)

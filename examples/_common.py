@@ -82,6 +82,31 @@ class Run:
   def train_s(self) -> float:
     return self.time[-1]
 
+  @classmethod
+  def start(cls, name: str, lr: float, metrics: dict[str, float], compile_s: float) -> Run:
+    """The record of a run before its first step: ``metrics`` of the initial parameters."""
+    val = {k: [float(v)] for k, v in metrics.items()}
+    return cls(name, lr, [0], [math.nan], val, [0.0], compile_s)
+
+  def record(self, step: int, window: Sequence[float], seconds: float, metrics, bar=None) -> None:
+    """Appends an evaluation and shows it on the progress bar ``bar`` (if any).
+
+    Args:
+      step: The number of steps trained.
+      window: The mini-batch losses since the previous evaluation.
+      seconds: Cumulative training seconds.
+      metrics: The held-out metrics, or ``None`` once the run diverged (recorded as NaN).
+    """
+    self.steps.append(step)
+    self.train_loss.append(float(np.mean(window)))
+    self.time.append(seconds)
+    for k in self.val:
+      self.val[k].append(math.nan if metrics is None else float(metrics[k]))
+    if bar is not None:
+      bar.set_postfix_str(
+        f"train {self.train_loss[-1]:.4f} val {self.val['loss'][-1]:.4f}", refresh=False
+      )
+
 
 def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
@@ -232,8 +257,7 @@ def train(
   step = step.lower(params, opt_state, batch).compile()
   compile_s = time.perf_counter() - t0
 
-  first = evaluate(params)
-  run = Run(opt.name, lr, [0], [math.nan], {k: [v] for k, v in first.items()}, [0.0], compile_s)
+  run = Run.start(opt.name, lr, evaluate(params), compile_s)
   bar = progress_bar(steps, desc or f"{opt.name} lr={lr:g}", not progress)
   elapsed, window = 0.0, []
   for i in range(1, steps + 1):
@@ -248,17 +272,8 @@ def train(
     if bar is not None:
       bar.update(1)
     if i % eval_every == 0 or i == steps or run.diverged:
-      metrics = evaluate(params) if not run.diverged else {k: math.nan for k in run.val}
-      run.steps.append(i)
-      run.train_loss.append(float(np.mean(window)))
-      run.time.append(elapsed)
-      for k, v in metrics.items():
-        run.val[k].append(float(v))
+      run.record(i, window, elapsed, None if run.diverged else evaluate(params), bar)
       window = []
-      if bar is not None:
-        bar.set_postfix_str(
-          f"train {run.train_loss[-1]:.4f} val {run.val['loss'][-1]:.4f}", refresh=False
-        )
     if run.diverged:
       break
   if bar is not None:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import cli
 import numpy as np
-from tasks import get_task
 from training import fmt, summarize, train
-from tuning import tune
+from tuning import tuned_rows
 
 OPTIMIZERS = {
   "lm": ("sgd", "adam", "adamw", "adahessian"),
@@ -52,32 +51,26 @@ def run(args, out):
   opts_for = QUICK_OPTIMIZERS if args.quick else OPTIMIZERS
   steps_for = QUICK_STEPS if args.quick else STEPS
   seeds = args.seeds
-  out["steps"], out["tuning"], out["results"], out["tasks"] = steps_for, {}, {}, {}
   lines = [
     "| task (metric) | optimizer | tuned lr | ours: val. metric | ours: val. loss | paper |",
     "|---|---|---|---|---|---|",
   ]
-  for tname, opts in opts_for.items():
-    task, steps = get_task(tname, args.quick), steps_for[tname]
-    out["tasks"][tname] = task.config
-    res = out["results"][tname] = {}
-    for key, opt, config in cli.variants(opts, args):
-      tuned = tune(task, opt, steps, args.out, args.quick)
-      out["tuning"][f"{tname}/{opt}"] = tuned
-      recs = train(task, opt, [tuned["lr"]] * len(seeds), seeds, steps, config=config)
-      res[key] = {
-        "lr": tuned["lr"],
-        "summary": summarize(recs, task.metric),
-        "loss_summary": summarize(recs, "loss"),
-        "runs": recs,
-      }
-      metric = "acc. %" if task.metric == "acc" else "loss"
-      lines.append(
-        f"| {tname} ({metric}) | {cli.label(key, config)} | {tuned['lr']:g} | "
-        f"{fmt(res[key]['summary'], task.metric)} | {fmt(res[key]['loss_summary'], 'loss')} "
-        f"| {PAPER[tname].get(key, '—')} |"
-      )
-      print(lines[-1], flush=True)
+  out["results"] = {}
+  for task, steps, key, opt, config, lr in tuned_rows(args, out, opts_for, steps_for):
+    recs = train(task, opt, [lr] * len(seeds), seeds, steps, config=config)
+    res = out["results"].setdefault(task.name, {})[key] = {
+      "lr": lr,
+      "summary": summarize(recs, task.metric),
+      "loss_summary": summarize(recs, "loss"),
+      "runs": recs,
+    }
+    metric = "acc. %" if task.metric == "acc" else "loss"
+    lines.append(
+      f"| {task.name} ({metric}) | {cli.label(key, config)} | {lr:g} | "
+      f"{fmt(res['summary'], task.metric)} | {fmt(res['loss_summary'], 'loss')} "
+      f"| {PAPER[task.name].get(key, '—')} |"
+    )
+    print(lines[-1], flush=True)
   return "\n".join(lines)
 
 

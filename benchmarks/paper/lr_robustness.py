@@ -15,7 +15,7 @@ import cli
 import numpy as np
 from tasks import get_task
 from training import DIVERGE_FACTOR, fmt, summarize, train
-from tuning import tune
+from tuning import tuned_rows
 
 SCALES = (0.5, 1, 2, 3, 4, 5, 6, 10)
 OPTIMIZERS = ("adamw", "adahessian")
@@ -36,40 +36,31 @@ def run(args, out):
   scales = (1, 10) if args.quick else SCALES
   steps_for = QUICK_STEPS if args.quick else STEPS
   seeds = args.seeds
-  out["scales"], out["steps"], out["tuning"], out["results"], out["tasks"] = (
-    list(scales),
-    steps_for,
-    {},
-    {},
-    {},
-  )
+  # The quick smoke run covers the LM only (the CNN goes through the same code).
+  opts_for = {tname: OPTIMIZERS for tname in steps_for}
+  out["scales"], out["results"] = list(scales), {}
   out["divergence_rule"] = (
     f"non-finite training loss, or final validation loss > {DIVERGE_FACTOR} x initial loss"
   )
-  tables = []
-  # The quick smoke run covers the LM only (the CNN goes through the same code).
-  for tname in ("lm",) if args.quick else ("lm", "cnn"):
-    task, steps = get_task(tname, args.quick), steps_for[tname]
-    out["tasks"][tname] = task.config
-    rows = out["results"][tname] = {}
-    for key, opt, config in cli.variants(OPTIMIZERS, args):
-      tuned = tune(task, opt, steps, args.out, args.quick)
-      out["tuning"][f"{tname}/{opt}"] = tuned
-      rows[key] = []
-      for s in scales:
-        recs = train(task, opt, [tuned["lr"] * s] * len(seeds), seeds, steps, config=config)
-        rows[key].append(
-          {
-            "scale": s,
-            "lr": tuned["lr"] * s,
-            "summary": summarize(recs, task.metric),
-            "loss_summary": summarize(recs, "loss"),
-            "runs": recs,
-          }
-        )
-        cell = fmt(rows[key][-1]["summary"], task.metric)
-        print(f"{tname} {cli.label(key, config)} x{s}: {cell}", flush=True)
-    tables.append(table(tname, task, rows, scales, args.adahessian_config))
+  for task, steps, key, opt, config, lr in tuned_rows(args, out, opts_for, steps_for):
+    rows = out["results"].setdefault(task.name, {})[key] = []
+    for s in scales:
+      recs = train(task, opt, [lr * s] * len(seeds), seeds, steps, config=config)
+      rows.append(
+        {
+          "scale": s,
+          "lr": lr * s,
+          "summary": summarize(recs, task.metric),
+          "loss_summary": summarize(recs, "loss"),
+          "runs": recs,
+        }
+      )
+      cell = fmt(rows[-1]["summary"], task.metric)
+      print(f"{task.name} {cli.label(key, config)} x{s}: {cell}", flush=True)
+  tables = [
+    table(tname, get_task(tname, args.quick), rows, scales, args.adahessian_config)
+    for tname, rows in out["results"].items()
+  ]
   return "\n\n".join(tables)
 
 

@@ -96,9 +96,16 @@ def make_optimizer(
 
 
 def reseed_probes(opt_state, key: jax.Array):
-  """``opt_state`` with its AdaHessian state's probe keys drawn from ``key`` (one per run)."""
-  n_samples = adahessian_jax.find_adahessian_state(opt_state).key.shape[0]
-  return optax.tree.set(opt_state, key=jax.random.key_data(jax.random.split(key, n_samples)))
+  """``opt_state`` with its AdaHessian state's probe keys drawn from ``key`` (one per run).
+
+  ``adahessian(seed=...)`` needs a Python int, and here the seed is traced (runs are vmapped).
+  """
+
+  def reseed(state):
+    n_samples = state.key.shape[0]
+    return state._replace(key=jax.random.key_data(jax.random.split(key, n_samples)))
+
+  return adahessian_jax.map_adahessian_state(reseed, opt_state)
 
 
 @functools.cache

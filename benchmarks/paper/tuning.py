@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from cli import finite
-from tasks import Task
+from cli import finite, variants
+from tasks import Task, get_task
 from training import DIVERGE_FACTOR, WEIGHT_DECAY, train
 
 TUNE_SEED = 100  # the learning-rate sweep uses its own seed, not one of the reported ones
@@ -83,6 +84,23 @@ def tune(task: Task, name: str, steps: int, out_dir: str, quick: bool) -> dict[s
     json.dump(finite(cache), f, indent=1)
   os.replace(path + ".tmp", path)
   return entry
+
+
+def tuned_rows(
+  args, out: dict[str, Any], opts_for: Mapping[str, Sequence[str]], steps_for: Mapping[str, int]
+) -> Iterator[tuple[Task, int, str, str, dict[str, Any], float]]:
+  """``(task, steps, key, optimizer, config, tuned lr)`` of every task's rows, in order.
+
+  The rows are ``opts_for[task]`` with AdaHessian's configured row added (see
+  ``cli.variants``); each task's config and each tuning result are recorded in ``out``.
+  """
+  out["steps"], out["tasks"], out["tuning"] = dict(steps_for), {}, {}
+  for tname, opts in opts_for.items():
+    task, steps = get_task(tname, args.quick), steps_for[tname]
+    out["tasks"][tname] = task.config
+    for key, opt, config in variants(opts, args):
+      entry = out["tuning"][f"{tname}/{opt}"] = tune(task, opt, steps, args.out, args.quick)
+      yield task, steps, key, opt, config, entry["lr"]
 
 
 def _read(path: str) -> dict[str, Any]:
