@@ -22,6 +22,10 @@ EXPERIMENTS = {
   "headline": ("seeds", "tuning", "results", "tasks", "table_markdown", "paper"),
 }
 
+# The headline's quick run also trains AdaHessian (the LM) with extra adahessian() arguments.
+CONFIG = {"curvature_floor": 0.1}
+EXTRA_ARGS = {"headline": ["--adahessian-config", json.dumps(CONFIG)]}
+
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory):
@@ -41,6 +45,7 @@ def quick_runs(tmp_path_factory):
     d = out / name
     d.mkdir()
     cmd = [sys.executable, os.path.join(PAPER, f"{name}.py"), "--quick", "--out", str(d)]
+    cmd += EXTRA_ARGS.get(name, [])
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                          text=True)  # fmt: skip
     return d, p
@@ -76,3 +81,23 @@ def test_quick_mode(quick_runs, name):
   except ImportError:
     return
   assert (d / f"{name}.png").exists()
+
+
+def test_adahessian_config_reaches_the_optimizer(quick_runs):
+  d, rc, log = quick_runs["headline"]
+  assert rc == 0, log[-3000:]
+  with open(d / "headline.json") as f:
+    data = json.load(f)
+  assert data["adahessian_config"] == CONFIG
+  lm = data["results"]["lm"]
+  exact, configured = lm["adahessian"], lm["adahessian_config"]
+  assert exact["lr"] == configured["lr"]  # the exact rule's tuned rate
+  assert all(r["config"] == {} for r in exact["runs"])
+  assert all(r["config"] == CONFIG for r in configured["runs"])
+  # Same seeds, data and probes: only the floor differs, and it changes the trajectory.
+  assert [r["seed"] for r in exact["runs"]] == [r["seed"] for r in configured["runs"]]
+  assert all(
+    a["final_train_loss"] != b["final_train_loss"]
+    for a, b in zip(exact["runs"], configured["runs"], strict=True)
+  )
+  assert "curvature_floor=0.1" in data["table_markdown"]

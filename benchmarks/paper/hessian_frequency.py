@@ -104,8 +104,8 @@ def run(args, out):
   out["runs"] = runs
   out["timing_note"] = (
     f"median over {repeats} interleaved re-runs of each compiled {steps}-step program "
-    f"({len(seeds)} seeds vmapped, batch {task.config['batch']}), divided by {steps}; shared "
-    "2-core CPU under heavy load from other jobs"
+    f"({len(seeds)} seeds vmapped, batch {task.config['batch']}), divided by {steps}; the "
+    "machine's load at the start is under environment"
   )
   return "\n".join(lines)
 
