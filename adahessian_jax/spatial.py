@@ -393,8 +393,8 @@ def _decide(shape, names, block_size, roles) -> Choice:
       return Choice(NoAveraging(), f"one entry per row of axis {rows}: none")
     return Choice(
       BlockMean(block_size, other[0]),
-      f"an embedding table: rows (axis {rows}) kept apart, {_blocks_text(block_size)} along "
-      f"axis {_axis(other[0], names)}",
+      f"a table with a row per token (axis {rows}): rows kept apart, "
+      f"{_blocks_text(block_size)} along axis {_axis(other[0], names)}",
     )
   if HEADS in kinds:
     heads = ", ".join(_axis(i, names) for i, k in enumerate(kinds) if k == HEADS)
@@ -732,6 +732,10 @@ class Listing:
     return tuple(r for r in self.rows if r.ambiguous)
 
   def __str__(self) -> str:
+    return self.table()
+
+  def table(self, why: bool = True) -> str:
+    """The rows as a text table, one line per leaf; ``why=False`` leaves the reasons out."""
     header = ("path", "shape", "axis names", "rule", "groups (count x size)", "why")
     cells = [header] + [
       (
@@ -749,6 +753,8 @@ class Listing:
       "  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1] for c in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
+    if not why:
+      lines = [line[: sum(widths) + 2 * (len(widths) - 1)] for line in lines]
     return "\n".join(line.rstrip() for line in lines)
 
 

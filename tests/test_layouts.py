@@ -456,3 +456,18 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
   placed = jax.device_put(boxed_state, shardings)
   kernel = ah.find_adahessian_state(placed).mu["kernel"]
   assert kernel.value.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+
+
+def test_the_guide_shows_what_describe_prints():
+  import pathlib
+
+  from _markdown import blocks, python_blocks
+
+  guide = (pathlib.Path(__file__).parent.parent / "docs" / "layouts.md").read_text()
+  namespace = {}
+  exec(python_blocks(guide)[0].replace("print(", "str("), namespace)  # the model and listing
+  listing = namespace["listing"]
+  table, why = [b.code for b in blocks(guide) if b.language == "text"][:2]
+  assert table == listing.table(why=False) + "\n"
+  out = "['blocks']['MultiHeadDotProductAttention_0']['out']['kernel']"
+  assert why == next(r.why for r in listing.rows if r.path == out) + "\n"
