@@ -36,7 +36,8 @@ def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   cast = getattr(jax.lax, "pcast", None)
   if cast is not None:
     return cast(x, axes, to="varying")
-  return jax.lax.pvary(x, axes)
+  # JAX < 0.8.2 has no pcast; its pvary was removed in JAX 0.10, whose API pyright reads.
+  return jax.lax.pvary(x, axes)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def device_varying(tree: Any, axis_name: Any) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import optax
@@ -126,6 +126,7 @@ def adahessian(
       mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
     ),
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    # A real scalar (checked above); optax names float | Array | schedule, and multiplies.
+    optax.add_decayed_weights(cast(float | jax.Array, weight_decay), weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )

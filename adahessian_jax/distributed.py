@@ -36,7 +36,7 @@ production training.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +143,8 @@ def state_shardings(
       )
     replicated = NamedSharding(named[0].mesh, PartitionSpec())
   shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
-  init = tx.init if hasattr(tx, "init") else tx
+  # An optimizer (then its init) or, as the docstring allows, its init function itself.
+  init = cast(Callable[[Any], Any], getattr(tx, "init", tx))
   abstract_state = jax.eval_shape(init, shapes)
 
   def follow(leaf, sharding, param):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -71,7 +72,7 @@ def _check_state(
       f"the AdaHessian state was made with {made} but the transform has "
       f"update_freq={update_freq}." + fix
     )
-  if not lazy_state:
+  if state.update_freq is None:
     return
   if (state.hessian is not None) != stores_d:
     made, used = ("repeat", "refresh") if state.hessian is not None else ("refresh", "repeat")
@@ -378,7 +379,8 @@ def scale_by_adahessian(
     curvature = lambda: _curvature(
       _estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name), rules, curvature_floor
     )
-    count_inc = optax.safe_increment(state.count)
+    # optax annotates the result as any array-like; it is a jax.Array like state.count.
+    count_inc = cast(jax.Array, optax.safe_increment(state.count))
     nu, d, nu_count = _second_moment(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
@@ -387,7 +389,8 @@ def scale_by_adahessian(
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
     if update_clip is not None:
-      updates = jax.tree.map(lambda u: jnp.clip(u, -update_clip, update_clip), updates)
+      rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
+      updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
     new_state = ScaleByAdaHessianState(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
@@ -399,4 +402,6 @@ def scale_by_adahessian(
     # A non-finite estimate (or an overflow of D²) skips the step: zero update, state untouched.
     return _unless_finite_keep(_all_finite(nu), updates, new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # optax types a state as chex.ArrayTree, which leaves out None, but a None field
+  # (hessian=None, update_freq=None) is a valid pytree node with no leaves.
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
