@@ -121,8 +121,8 @@ def state_shardings(
 
   Args:
     tx: The optimizer (or its ``init`` function).
-    params: The parameters as sharded ``jax.Array``s (or
-      :class:`jax.ShapeDtypeStruct`s with shardings).
+    params: The parameters as sharded :class:`jax.Array` values (or
+      :class:`jax.ShapeDtypeStruct` values with shardings).
     replicated: Sharding of the non-parameter leaves. Default: replicated over
       the mesh of the first parameter's :class:`jax.sharding.NamedSharding`.
 
