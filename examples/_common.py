@@ -482,6 +482,25 @@ def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, a
   return runs, tuning
 
 
+def pydoc_text(val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """CPython's bundled help texts (``pydoc_data.topics``) as character ids.
+
+  The topics are concatenated in sorted order; the last ``val_fraction`` of the characters is the
+  held-out split.
+
+  Returns:
+    ``(train_ids, val_ids, chars)``: int32 ids into ``chars``, the sorted distinct characters.
+  """
+  from pydoc_data.topics import topics
+
+  text = "\n\n".join(topics[k] for k in sorted(topics))
+  chars = sorted(set(text))
+  lookup = {c: i for i, c in enumerate(chars)}
+  data = np.array([lookup[c] for c in text], dtype=np.int32)
+  split = int((1 - val_fraction) * len(data))
+  return data[:split], data[split:], chars
+
+
 def shuffled_batches(rng: np.random.Generator, arrays: Sequence[np.ndarray], batch_size: int):
   """Yields mini-batches of ``arrays`` forever, reshuffled every epoch (the last partial batch
   of an epoch is dropped)."""

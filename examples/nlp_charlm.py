@@ -23,8 +23,6 @@ Run:
 Writes examples/figures/nlp_charlm.{png,json} (``--out`` to change).
 """
 
-from pydoc_data.topics import topics
-
 import _common
 import flax.linen as nn
 import jax
@@ -92,15 +90,6 @@ def averaging_rules(block):
   return rule
 
 
-def load_text():
-  text = "\n\n".join(topics[k] for k in sorted(topics))
-  chars = sorted(set(text))
-  lookup = {c: i for i, c in enumerate(chars)}
-  data = np.array([lookup[c] for c in text], dtype=np.int32)
-  split = int(0.9 * len(data))
-  return data[:split], data[split:], chars
-
-
 def optimizers(block):
   def schedule(lr, n):  # the same for both: 10 % linear warm-up, then inverse square root
     warm = max(n // 10, 1)
@@ -146,7 +135,7 @@ def main():
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (6 if args.quick else 30), 1)
 
-  train_data, val_data, chars = load_text()
+  train_data, val_data, chars = _common.pydoc_text()
   print(
     f"pydoc_data.topics: {len(train_data):,} train / {len(val_data):,} validation characters, "
     f"vocabulary {len(chars)}"
