@@ -17,7 +17,7 @@ def op():
 def test_is_the_optimizers_estimator(op):
   params, batch = mlp()
   key = jax.random.key(4)
-  est = hessian.hutchinson_diag(op, key, num_samples=20, block_size=7)
+  est = hessian.hutchinson_diagonal_estimate(op, key, num_samples=20, block_size=7)
   want = hutchinson_diagonal(lambda p: mlp_loss(p, batch), params, key, n_samples=20)
   np.testing.assert_allclose(op.ravel(est.diagonal), op.ravel(want), atol=1e-13)
   assert est.num_matvecs == 20
@@ -25,7 +25,7 @@ def test_is_the_optimizers_estimator(op):
 
 def test_standard_errors_are_calibrated(op):
   h = mlp_hessian()
-  est = hessian.hutchinson_diag(op, jax.random.key(0), num_samples=200)
+  est = hessian.hutchinson_diagonal_estimate(op, jax.random.key(0), num_samples=200)
   z = (np.asarray(est.diagonal_flat) - np.diag(h)) / np.asarray(est.stderr_flat)
   assert 0.88 <= np.mean(np.abs(z) < 1.96) <= 0.99
   # Per-entry variance Σ_{j≠i} H_ij² per probe.
@@ -40,8 +40,8 @@ def test_full_data_diagonal_uses_the_same_probes(op):
     mlp_loss, params, batches=[(x[:9], y[:9]), (x[9:30], y[9:30]), (x[30:], y[30:])]
   )
   key = jax.random.key(1)
-  a = hessian.hutchinson_diag(op, key, num_samples=10)
-  b = hessian.hutchinson_diag(full, key, num_samples=10)
+  a = hessian.hutchinson_diagonal_estimate(op, key, num_samples=10)
+  b = hessian.hutchinson_diagonal_estimate(full, key, num_samples=10)
   np.testing.assert_allclose(a.diagonal_flat, b.diagonal_flat, atol=1e-13)
 
 
@@ -63,7 +63,7 @@ def test_xdiag_beats_hutchinson_on_a_decaying_spectrum():
   def err(fn):
     return np.mean([np.linalg.norm(fn(jax.random.key(s)).diagonal_flat - truth) for s in range(20)])
 
-  e_h = err(lambda k: hessian.hutchinson_diag(op, k, num_samples=30))
+  e_h = err(lambda k: hessian.hutchinson_diagonal_estimate(op, k, num_samples=30))
   e_x = err(lambda k: hessian.xdiag(op, k, 30))
   assert e_x < 0.2 * e_h
   # Its error estimate has the right order of magnitude.

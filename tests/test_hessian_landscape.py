@@ -59,8 +59,50 @@ def test_layer_normalisation(op):
     assert float(jnp.linalg.norm(ls.direction[sl])) == pytest.approx(
       float(jnp.linalg.norm(p[sl])), rel=1e-12
     )
-  with pytest.raises(ValueError):
-    hessian.loss_landscape_1d(op, [0.0], d, normalize="filter")
+  with pytest.raises(ValueError, match="normalize must be one of"):
+    hessian.loss_landscape_1d(op, [0.0], d, normalize="filters")
+
+
+def test_filter_normalisation_gives_every_filter_its_weight_filters_norm():
+  # Flax layouts: Conv kernel (h, w, in, out), Dense kernel (in, out); the output is last.
+  r = np.random.default_rng(0)
+  params = {
+    "Conv_0": {"kernel": jnp.asarray(r.normal(size=(3, 3, 2, 4))), "bias": jnp.zeros(4)},
+    "Dense_0": {
+      "kernel": jnp.asarray(r.normal(size=(6, 5))),
+      "bias": jnp.asarray(r.normal(size=5)),
+    },
+  }
+
+  def loss_fn(p, x):
+    h = jnp.tanh(jnp.einsum("hwio,bhwi->bo", p["Conv_0"]["kernel"], x) + p["Conv_0"]["bias"])
+    h = jnp.concatenate([h, h[:, :2]], axis=1)
+    return jnp.mean((h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]) ** 2)
+
+  x = jnp.asarray(r.normal(size=(4, 3, 3, 2)))
+  op = hessian.hessian_operator(loss_fn, params, x)
+  d = op.unravel(hessian.random_direction(op, jax.random.key(0)))
+  d["Dense_0"]["kernel"] = d["Dense_0"]["kernel"].at[:, 3].set(0.0)  # a zero filter stays zero
+  ls = hessian.loss_landscape_1d(op, [0.0, 0.5], d, normalize="filter")
+  got = op.unravel(ls.direction)
+  for layer in ("Conv_0", "Dense_0"):
+    w, g = np.asarray(params[layer]["kernel"]), np.asarray(got[layer]["kernel"])
+    for j in range(w.shape[-1]):
+      want = 0.0 if (layer, j) == ("Dense_0", 3) else np.linalg.norm(w[..., j])
+      assert np.linalg.norm(g[..., j]) == pytest.approx(want, rel=1e-12, abs=1e-300)
+      # Only rescaled: the filter keeps its direction.
+      if want:
+        cos = np.vdot(g[..., j], np.asarray(d[layer]["kernel"])[..., j])
+        assert cos / (np.linalg.norm(g[..., j]) * np.linalg.norm(d[layer]["kernel"][..., j])) == (
+          pytest.approx(1.0, rel=1e-12)
+        )
+    np.testing.assert_array_equal(got[layer]["bias"], 0.0)  # biases: zero direction
+  moved = jax.tree.map(lambda p, e: p + 0.5 * e, params, got)
+  assert ls.losses[1] == pytest.approx(float(loss_fn(moved, x)), rel=1e-13)
+  # 2-D with two filter-normalised random directions.
+  d2 = hessian.random_direction(op, jax.random.key(1))
+  plane = hessian.loss_landscape_2d(op, [0.0, 1.0], [0.0, 1.0], (d, d2), normalize="filter")
+  np.testing.assert_allclose(plane.directions[0], ls.direction, rtol=1e-14)
 
 
 def test_plots(op):

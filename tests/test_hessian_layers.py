@@ -15,7 +15,7 @@ def test_layer_breakdown_matches_dense_blocks():
   key = jax.random.key(0)
   out = hessian.layer_breakdown(op, key, num_samples=200, tol=1e-10)
   assert list(out) == list(op.leaf_names)
-  diag = hessian.hutchinson_diag(op, jax.random.split(key)[0], num_samples=200)
+  diag = hessian.hutchinson_diagonal_estimate(op, jax.random.split(key)[0], num_samples=200)
   z = []
   for name, sl in zip(op.leaf_names, op.leaf_slices, strict=True):
     blk, lc = h[sl, sl], out[name]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator
 
 
@@ -83,24 +84,27 @@ def lanczos(
   Returns:
     A :class:`Lanczos` decomposition. Steps stop early when every start vector
     has reached an invariant subspace (``β = 0``).
+
+  Raises:
+    NonFiniteError: as soon as a start vector or a step's coefficients are not
+      finite (a NaN loss or an overflowing product), instead of running on.
   """
   b, n = v0.shape
   m = int(min(num_steps, n))
+  _checks.finite(v0, "the Lanczos start vector")
   v = _first(jnp.asarray(v0, op.dtype))
   basis = jnp.zeros((b, m + 1, n), op.dtype).at[:, 0].set(v)
   tol = jnp.asarray(breakdown_tolerance(n, op.dtype), op.dtype)
   coefs = []
   for j in range(m):
     basis, v, coef = _extend(basis, v, op.matmat(v), j, tol)
-    coefs.append(coef)
-    if stop is not None:
-      coefs[-1] = np.asarray(coef)
-      c = np.stack(coefs, axis=2)
-      if stop(c[0], c[1]) or np.all(c[1, :, -1] == 0):
-        break
-  c = np.stack(jax.device_get(coefs), axis=2)
-  a, bt = c[0], c[1]
-  return Lanczos(alphas=a, betas=bt, basis=basis, num_steps=a.shape[1])
+    coefs.append(np.asarray(coef))
+    _checks.finite(coefs[-1], f"the Hessian-vector product at Lanczos step {j + 1}")
+    c = np.stack(coefs, axis=2)
+    if np.all(c[1, :, -1] == 0) or (stop is not None and stop(c[0], c[1])):
+      break
+  c = np.stack(coefs, axis=2)
+  return Lanczos(alphas=c[0], betas=c[1], basis=basis, num_steps=c.shape[2])
 
 
 def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +120,50 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
   j = alphas.shape[0]
   t = np.diag(alphas) + np.diag(betas[: j - 1], 1) + np.diag(betas[: j - 1], -1)
   return np.linalg.eigh(t)
+
+
+class RitzPairs(NamedTuple):
+  """Selected Ritz pairs of one Lanczos run (host arrays).
+
+  Attributes:
+    values: ``(k,)`` Ritz values ``θ``, in the order selected.
+    coefficients: ``(j, k)`` their eigenvectors ``s`` in the Lanczos basis.
+    residuals: ``(k,)`` residual norms ``‖H y − θ y‖ = β_j |s_j|``: an
+      eigenvalue of ``H`` lies within the residual of ``θ``.
+    errors: ``(k,)`` estimated eigenvalue errors ``min(r, r²/gap)``, ``gap``
+      the distance from ``θ`` to the nearest other Ritz value (the gap
+      theorem's bound with the Ritz values standing in for the unknown
+      eigenvalues; an estimate, not a bound; ``r`` with a single Ritz value).
+    scale: ``max|θ|`` over all Ritz values (the tolerance's reference).
+  """
+
+  values: np.ndarray
+  coefficients: np.ndarray
+  residuals: np.ndarray
+  errors: np.ndarray
+  scale: float
+
+
+def ritz_pairs(alphas: np.ndarray, betas: np.ndarray, select) -> RitzPairs:
+  """The Ritz pairs ``select(theta)`` picks, from one run's coefficients ``(j,)``.
+
+  Args:
+    alphas: ``(j,)`` diagonal of ``T``.
+    betas: ``(j,)`` off-diagonal; ``betas[-1]`` couples to the next vector.
+    select: ``theta -> indices`` of the wanted pairs (ascending ``theta``).
+  """
+  theta, s = tridiagonal_eigh(alphas, betas)
+  sel = select(theta)
+  res = np.abs(betas[-1] * s[-1, sel])
+  dist = np.abs(theta[sel][:, None] - theta[None, :])
+  dist[np.arange(sel.size), sel] = np.inf
+  gap = dist.min(axis=1)
+  with np.errstate(divide="ignore"):
+    errors = np.minimum(res, np.where(np.isfinite(gap) & (gap > 0), res * res / gap, np.inf))
+  return RitzPairs(
+    values=theta[sel],
+    coefficients=s[:, sel],
+    residuals=res,
+    errors=errors,
+    scale=float(max(np.max(np.abs(theta)), np.finfo(np.float64).tiny)),
+  )

@@ -1,11 +1,16 @@
 """The Hessian of a loss over one batch or many, as a jitted flat-vector operator.
 
 Every analysis in :mod:`adahessian_jax.hessian` works on a
-:class:`HessianOperator`: the map ``v ↦ H v`` on flat vectors of the
-parameters' size, where ``H`` is the Hessian at ``params`` of the loss over the
-data. Over several batches the loss and its Hessian are the batch-size-weighted
-averages of the per-batch ones, so that for a ``loss_fn`` that averages over
-examples, ``H`` is the Hessian of the full-data loss.
+:class:`HessianOperator`: a symmetric linear map ``v ↦ H v`` on flat vectors,
+where ``H`` is the Hessian at ``params`` of the loss over the data. Over
+several batches the loss and its Hessian are the batch-size-weighted averages
+of the per-batch ones, so that for a ``loss_fn`` that averages over examples,
+``H`` is the Hessian of the full-data loss.
+
+The operator is the linear map first (:attr:`HessianOperator.matmat_fn`); the
+rest is context the analyses need: how flat vectors map to the params' leaves
+(:class:`ParamLayout`), how probes are drawn, and the loss and data it came
+from (:class:`WeightedData`), which the landscapes evaluate.
 
 The per-batch product reuses :func:`adahessian_jax.hutchinson.hvp`
 (forward-over-reverse), ``vmap``-ed over a block of vectors and jit-compiled once
@@ -28,53 +33,120 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hutchinson import check_scalar_loss, hvp, rademacher_like
 
-__all__ = ["HessianOperator", "hessian_operator"]
+__all__ = [
+  "HessianOperator",
+  "ParamLayout",
+  "WeightedData",
+  "hessian_operator",
+  "key_blocks",
+  "map_row_blocks",
+]
 
 LossFn = Callable[[Any, Any], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class HessianOperator:
-  """The Hessian of a loss at fixed parameters over fixed data.
-
-  Build it with :func:`hessian_operator`. Vectors are flat: ``ravel`` and
-  ``unravel`` convert to and from the parameters' pytree.
+class ParamLayout:
+  """How flat vectors of the operator's size map to the leaves of ``params``.
 
   Attributes:
-    params: The point of evaluation (a pytree).
-    size: Number of parameters ``n``.
-    dtype: dtype of the flat vectors.
-    leaf_names: Readable path of every leaf of ``params``, in flattening order.
-    leaf_slices: ``slice`` of every leaf in the flat vector.
-    matmat_fn: ``(b, n) -> (b, n)`` block product ``V ↦ (H V^T)^T``.
-    loss_fn: ``params -> loss`` over all the data (weighted average).
-    ravel: ``pytree -> (n,)``.
+    params: The point of evaluation (a pytree); also the template of probes.
+    names: Readable path of every leaf (``"Conv_0/kernel"``), in flattening order.
+    slices: ``slice`` of every leaf in the flat vector.
     unravel: ``(n,) -> pytree``.
-    num_batches: Number of batches the Hessian is averaged over.
-    per_batch_loss: The ``loss_fn(params, batch)`` it was built from (``None``
-      for a block operator).
-    weighted_batches: ``(w_b, batch_b)`` pairs (empty for a block operator).
-    block_size: Vectors per compiled product (see :func:`hessian_operator`);
-      estimators draw their probes in blocks of this size by default.
-    probes_fn: If set, replaces the probe generator (used by derived operators).
   """
 
   params: Any
+  names: tuple[str, ...]
+  slices: tuple[slice, ...]
+  unravel: Callable[[jax.Array], Any]
+
+  @classmethod
+  def of(cls, params: Any) -> ParamLayout:
+    """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order)."""
+    _, unravel = ravel_pytree(params)
+    paths_leaves = jax.tree_util.tree_leaves_with_path(params)
+    names = tuple(jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves)
+    offsets = np.cumsum([0] + [int(np.size(x)) for _, x in paths_leaves])
+    slices = tuple(slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+    return cls(params, names, slices, unravel)
+
+  @staticmethod
+  def ravel(tree: Any) -> jax.Array:
+    """``pytree -> (n,)``."""
+    return ravel_pytree(tree)[0]
+
+  def index(self, leaf: int | str) -> int:
+    """The position of a leaf given by index or by name."""
+    if isinstance(leaf, str):
+      if leaf not in self.names:
+        raise ValueError(f"no leaf named {leaf!r}; the leaves are {list(self.names)}")
+      return self.names.index(leaf)
+    return _checks.count("leaf", leaf, 0, len(self.names) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedData:
+  """A per-batch loss and the batches it is averaged over, with weights ``w_b`` summing to 1.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    weights: ``w_b``, one per batch.
+    batches: The batches (held by reference).
+  """
+
+  loss_fn: LossFn
+  weights: tuple[float, ...]
+  batches: tuple[Any, ...]
+
+  def weighted_sum(self, per_batch: Callable[[Any], Any]) -> Any:
+    """``Σ_b w_b · per_batch(batch_b)``: the one loop over batches every full-data quantity uses."""
+    total = None
+    for w, batch in zip(self.weights, self.batches, strict=True):
+      part = w * per_batch(batch)
+      total = part if total is None else total + part
+    return total
+
+  def loss(self, params: Any) -> jax.Array:
+    """The weighted loss at ``params``."""
+    return self.weighted_sum(lambda b: _batch_loss(self.loss_fn, params, b))
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianOperator:
+  """A symmetric linear map ``v ↦ H v`` on flat vectors, with the context analyses need.
+
+  Build it with :func:`hessian_operator`; derive others with :meth:`block`,
+  :meth:`masked` or :func:`~adahessian_jax.hessian.preconditioned_operator`.
+
+  Attributes:
+    matmat_fn: ``(b, n) -> (b, n)`` block product ``V ↦ (H Vᵀ)ᵀ``: the operator itself.
+    size: ``n``.
+    dtype: dtype of the flat vectors.
+    layout: How flat vectors map to the params' leaves (:class:`ParamLayout`).
+    probes_fn: ``keys -> (len(keys), n)`` Rademacher probes, one row per key.
+    data: The loss and batches ``H`` is the Hessian of (:class:`WeightedData`);
+      ``None`` for a block or masked operator, which has no loss of its own.
+    coordinates: For an operator in rescaled coordinates ``θ + S y``
+      (:func:`~adahessian_jax.hessian.preconditioned_operator`), the ``(n,)``
+      diagonal of ``S``, so that the operator is the Hessian in ``y`` at
+      ``y = 0`` and a direction ``d`` moves the params by ``S d``; ``None``
+      for the plain coordinates (``S = I``).
+    block_size: Vectors per compiled product; estimators draw their probes in
+      blocks of this size by default.
+  """
+
+  matmat_fn: Callable[[jax.Array], jax.Array]
   size: int
   dtype: Any
-  leaf_names: tuple[str, ...]
-  leaf_slices: tuple[slice, ...]
-  matmat_fn: Callable[[jax.Array], jax.Array]
-  loss_fn: Callable[[Any], jax.Array]
-  ravel: Callable[[Any], jax.Array]
-  unravel: Callable[[jax.Array], Any]
-  num_batches: int = 1
+  layout: ParamLayout
+  probes_fn: Callable[[jax.Array], jax.Array]
+  data: WeightedData | None = None
+  coordinates: jax.Array | None = None
   block_size: int = 8
-  probes_fn: Callable[[jax.Array], jax.Array] | None = None
-  per_batch_loss: LossFn | None = None
-  weighted_batches: tuple[tuple[float, Any], ...] = ()
 
   def matvec(self, v: jax.Array) -> jax.Array:
     """``H v`` for a flat vector ``v`` of shape ``(n,)``."""
@@ -84,37 +156,60 @@ class HessianOperator:
     """``H v`` for every row ``v`` of ``vs``, shape ``(b, n)``."""
     return self.matmat_fn(vs)
 
-  def loss(self, params: Any | None = None) -> jax.Array:
-    """The loss over all the data at ``params`` (default: the operator's point)."""
-    return self.loss_fn(self.params if params is None else params)
+  def probes(self, keys: jax.Array) -> jax.Array:
+    """One Rademacher probe per key, as rows of a ``(len(keys), n)`` array."""
+    return self.probes_fn(keys)
 
   def rademacher(self, key: jax.Array, num: int) -> jax.Array:
-    """``num`` Rademacher probes as rows of a ``(num, n)`` array.
+    """``num`` Rademacher probes as rows, probe ``i`` from ``jax.random.split(key, num)[i]``.
 
-    Probe ``i`` is ``ravel(rademacher_like(jax.random.split(key, num)[i], params))``,
-    the probe :func:`adahessian_jax.hutchinson.hutchinson_diagonal` draws from
-    the same key.
+    For an operator from :func:`hessian_operator` that probe is
+    ``ravel(rademacher_like(key_i, params))``, the one
+    :func:`adahessian_jax.hutchinson.hutchinson_diagonal` draws from the same key.
     """
     return self.probes(jax.random.split(key, num))
 
-  def probes(self, keys: jax.Array) -> jax.Array:
-    """One Rademacher probe per key, as rows: ``ravel(rademacher_like(key, params))``.
+  # The leaf layout, for convenience.
+  @property
+  def params(self) -> Any:
+    """The point of evaluation."""
+    return self.layout.params
 
-    Drawn in blocks of :attr:`block_size` keys (the last padded), so the probe
-    generator is compiled at most twice whatever the number of keys.
-    """
-    if self.probes_fn is not None:
-      return self.probes_fn(keys)
-    num, size = keys.shape[0], self.block_size
-    if num in (1, size):
-      return _rademacher_rows(keys, self.params)
-    data = np.asarray(jax.random.key_data(keys))
-    data = np.concatenate([data, np.repeat(data[:1], -num % size, axis=0)])
-    rows = [
-      _rademacher_rows(jax.random.wrap_key_data(data[i : i + size]), self.params)
-      for i in range(0, num, size)
-    ]
-    return _concat_rows(rows, num)
+  @property
+  def leaf_names(self) -> tuple[str, ...]:
+    """Readable path of every leaf, in flattening order."""
+    return self.layout.names
+
+  @property
+  def leaf_slices(self) -> tuple[slice, ...]:
+    """``slice`` of every leaf in the flat vector."""
+    return self.layout.slices
+
+  def ravel(self, tree: Any) -> jax.Array:
+    """``pytree -> (n,)``."""
+    return self.layout.ravel(tree)
+
+  def unravel(self, v: jax.Array) -> Any:
+    """``(n,) -> pytree``."""
+    return self.layout.unravel(v)
+
+  @property
+  def num_batches(self) -> int:
+    """Number of batches the Hessian is averaged over (0 without data)."""
+    return 0 if self.data is None else len(self.data.batches)
+
+  def loss(self, params: Any | None = None) -> jax.Array:
+    """The loss over all the data at ``params`` (default: the operator's point)."""
+    return self.require_data("the loss").loss(self.params if params is None else params)
+
+  def require_data(self, what: str) -> WeightedData:
+    """The operator's :class:`WeightedData`, or a ``ValueError`` saying that ``what`` needs it."""
+    if self.data is None:
+      raise ValueError(
+        f"{what} needs the loss and data of an operator from hessian_operator(); this one (a "
+        "block or masked operator) has none. Use the operator it was derived from."
+      )
+    return self.data
 
   def block(self, leaf: int | str) -> HessianOperator:
     """The diagonal block ``H_ll`` of one leaf, as an operator on that leaf alone.
@@ -126,38 +221,25 @@ class HessianOperator:
       A :class:`HessianOperator` of size ``leaf.size`` whose products cost one
       full Hessian-vector product each (the vector is zero outside the leaf).
     """
-    index = self.leaf_names.index(leaf) if isinstance(leaf, str) else leaf
-    sl = self.leaf_slices[index]
-    n, full = self.size, self.matmat_fn
-
-    def matmat(vs):
-      return _take_cols(full(_embed_cols(vs, sl.start, n)), sl.start, sl.stop - sl.start)
-
-    def probes(keys):
-      return _take_cols(self.probes(keys), sl.start, sl.stop - sl.start)
-
+    index = self.layout.index(leaf)
+    start, stop = self.leaf_slices[index].start, self.leaf_slices[index].stop
+    width, n, full, full_probes = stop - start, self.size, self.matmat_fn, self.probes_fn
     leaf_params = jax.tree.leaves(self.params)[index]
     shape = jnp.shape(leaf_params)
-
-    def unravel(v):
-      return jnp.reshape(v, shape)
-
-    def ravel(x):
-      return jnp.ravel(x)
-
-    return HessianOperator(
+    layout = ParamLayout(
       params=leaf_params,
-      size=sl.stop - sl.start,
+      names=(self.leaf_names[index],),
+      slices=(slice(0, width),),
+      unravel=lambda v: jnp.reshape(v, shape),
+    )
+    return HessianOperator(
+      matmat_fn=lambda vs: _take_cols(full(_embed_cols(vs, start, n)), start, width),
+      size=width,
       dtype=self.dtype,
-      leaf_names=(self.leaf_names[index],),
-      leaf_slices=(slice(0, sl.stop - sl.start),),
-      matmat_fn=matmat,
-      loss_fn=_no_block_loss,
-      ravel=ravel,
-      unravel=unravel,
-      num_batches=self.num_batches,
+      layout=layout,
+      probes_fn=lambda keys: _take_cols(full_probes(keys), start, width),
+      coordinates=None if self.coordinates is None else self.coordinates[start:stop],
       block_size=self.block_size,
-      probes_fn=probes,
     )
 
   def masked(self, leaf: int | str) -> HessianOperator:
@@ -167,26 +249,20 @@ class HessianOperator:
     the shapes of the full operator, so solvers compiled for it are reused for
     every leaf. Its probes are the full probes, masked.
     """
-    index = self.leaf_names.index(leaf) if isinstance(leaf, str) else leaf
-    sl = self.leaf_slices[index]
+    sl = self.leaf_slices[self.layout.index(leaf)]
     mask = jnp.zeros(self.size, self.dtype).at[sl].set(1.0)
-    full, full_probes = self.matmat, self.probes
+    full, full_probes = self.matmat_fn, self.probes_fn
     return dataclasses.replace(
       self,
       matmat_fn=lambda vs: _mask_rows(full(_mask_rows(vs, mask)), mask),
       probes_fn=lambda keys: _mask_rows(full_probes(keys), mask),
-      loss_fn=_no_block_loss,
-      per_batch_loss=None,
-      weighted_batches=(),
+      data=None,
     )
 
 
-def _no_block_loss(params):
-  raise NotImplementedError("a block operator has no loss of its own; use the parent operator")
-
-
 @jax.jit
-def _rademacher_rows(keys, params):
+def _rademacher_rows(key_data, params):
+  keys = jax.random.wrap_key_data(key_data)
   return jax.vmap(lambda k: ravel_pytree(rademacher_like(k, params))[0])(keys)
 
 
@@ -207,21 +283,17 @@ def _batch_loss(loss_fn, params, batch):
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _pad_rows(vs, pad):
-  return jnp.pad(vs, ((0, pad), (0, 0)))
+def _pad_rows(rows, pad):
+  return jnp.pad(rows, ((0, pad),) + ((0, 0),) * (rows.ndim - 1))
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _row_block(vs, start, size):
-  return jax.lax.dynamic_slice_in_dim(vs, start, size)
-
-
-def _concat_rows(blocks, num):
-  return _concat_jit(tuple(blocks), num)
+def _row_block(rows, start, size):
+  return jax.lax.dynamic_slice_in_dim(rows, start, size)
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _concat_jit(blocks, num):
+def _concat_rows(blocks, num):
   return jnp.concatenate(blocks)[:num]
 
 
@@ -238,6 +310,31 @@ def _embed_cols(vs, start, n):
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _take_cols(vs, start, size):
   return vs[:, start : start + size]
+
+
+def map_row_blocks(fn: Callable[[jax.Array], jax.Array], rows: Any, block_size: int) -> jax.Array:
+  """``fn`` applied to the rows of ``rows`` in blocks of exactly ``block_size``.
+
+  One row or ``block_size`` rows go through as they are; any other count is
+  zero-padded to a multiple of ``block_size`` and cut back after, so ``fn``
+  (typically jit-compiled) sees at most two shapes whatever the count. Zero rows
+  are inert for a linear map, and zero key data is a valid key.
+
+  Args:
+    fn: ``(b, ...) -> (b, ...)``, row ``i`` of the output depending on row ``i``
+      of the input only.
+    rows: ``(num, ...)`` array.
+    block_size: Rows per call.
+
+  Returns:
+    ``fn(rows)``, computed block by block.
+  """
+  num = rows.shape[0]
+  if num in (1, block_size):
+    return fn(rows)
+  padded = _pad_rows(rows, -num % block_size)
+  blocks = [fn(_row_block(padded, i, block_size)) for i in range(0, num, block_size)]
+  return _concat_rows(tuple(blocks), num)
 
 
 def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
@@ -258,10 +355,21 @@ def _leading_size(batch: Any) -> int:
   return int(jnp.shape(leaves[0])[0])
 
 
-def _as_list(batches: Iterable[Any]) -> Sequence[Any]:
-  if isinstance(batches, Sequence):
-    return batches
-  return list(batches)
+def _weights(batch: Any, batches: Iterable[Any] | None, batch_sizes) -> tuple[list, np.ndarray]:
+  if (batch is None) == (batches is None):
+    raise ValueError("give exactly one of batch= or batches=")
+  if batch is not None:
+    return [batch], np.ones(1)
+  data = batches if isinstance(batches, Sequence) else list(batches)
+  if not data:
+    raise ValueError("batches is empty; give at least one batch")
+  sizes = [_leading_size(b) for b in data] if batch_sizes is None else list(batch_sizes)
+  if len(sizes) != len(data):
+    raise ValueError(f"got {len(sizes)} batch_sizes for {len(data)} batches; give one per batch")
+  sizes = np.asarray(sizes, dtype=np.float64)
+  if not np.all(sizes > 0):
+    raise ValueError(f"batch_sizes must be positive, got {list(sizes)}")
+  return list(data), sizes / sizes.sum()
 
 
 def hessian_operator(
@@ -299,73 +407,27 @@ def hessian_operator(
     reused by every product; compilations are shared between operators built
     from the same ``loss_fn`` object with the same shapes.
   """
-  if block_size < 1:
-    raise ValueError(f"block_size must be >= 1, got {block_size}")
-  if (batch is None) == (batches is None):
-    raise ValueError("give exactly one of batch= or batches=")
-  if batch is not None:
-    data, weights = [batch], np.ones(1)
-  else:
-    data = _as_list(batches)
-    if not data:
-      raise ValueError("batches is empty")
-    sizes = [_leading_size(b) for b in data] if batch_sizes is None else list(batch_sizes)
-    if len(sizes) != len(data):
-      raise ValueError(f"{len(sizes)} batch_sizes for {len(data)} batches")
-    sizes = np.asarray(sizes, dtype=np.float64)
-    if np.any(sizes <= 0):
-      raise ValueError("batch_sizes must be positive")
-    weights = sizes / sizes.sum()
-
-  flat, unravel = ravel_pytree(params)
+  block_size = _checks.count("block_size", block_size)
+  data, weights = _weights(batch, batches, batch_sizes)
+  flat, _ = ravel_pytree(params)
   if not jnp.issubdtype(flat.dtype, jnp.floating):
     raise TypeError(f"params must be real floating arrays, got {flat.dtype}")
   check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn")
+  weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
 
-  def ravel(tree):
-    return ravel_pytree(tree)[0]
+  def block_product(vs):
+    return weighted.weighted_sum(lambda b: _batch_matmat(loss_fn, params, b, vs))
 
-  w = [float(x) for x in weights]
-
-  def weighted(vs):
-    out = w[0] * _batch_matmat(loss_fn, params, data[0], vs)
-    for wb, b in zip(w[1:], data[1:], strict=True):
-      out = out + wb * _batch_matmat(loss_fn, params, b, vs)
-    return out
-
-  def matmat(vs):
-    vs = jnp.asarray(vs, flat.dtype)
-    num = vs.shape[0]
-    if num in (1, block_size):
-      return weighted(vs)
-    # Fixed-size blocks (the last zero-padded): one compilation serves any count.
-    padded = _pad_rows(vs, -num % block_size)
-    blocks = [weighted(_row_block(padded, i, block_size)) for i in range(0, num, block_size)]
-    return _concat_rows(blocks, num)
-
-  def loss(p):
-    out = w[0] * _batch_loss(loss_fn, p, data[0])
-    for wb, b in zip(w[1:], data[1:], strict=True):
-      out = out + wb * _batch_loss(loss_fn, p, b)
-    return out
-
-  paths_leaves = jax.tree_util.tree_leaves_with_path(params)
-  names = tuple(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in paths_leaves)
-  offsets = np.cumsum([0] + [int(np.size(x)) for _, x in paths_leaves])
-  slices = tuple(slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+  def probes(keys):
+    key_data = jax.random.key_data(keys)
+    return map_row_blocks(lambda d: _rademacher_rows(d, params), key_data, block_size)
 
   return HessianOperator(
-    params=params,
+    matmat_fn=lambda vs: map_row_blocks(block_product, jnp.asarray(vs, flat.dtype), block_size),
     size=int(flat.size),
     dtype=flat.dtype,
-    leaf_names=names,
-    leaf_slices=slices,
-    matmat_fn=matmat,
-    loss_fn=loss,
-    ravel=ravel,
-    unravel=unravel,
-    num_batches=len(data),
+    layout=ParamLayout.of(params),
+    probes_fn=probes,
+    data=weighted,
     block_size=block_size,
-    per_batch_loss=loss_fn,
-    weighted_batches=tuple(zip(w, data, strict=True)),
   )

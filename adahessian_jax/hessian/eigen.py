@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax.hessian._lanczos import lanczos, tridiagonal_eigh
+from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian._lanczos import lanczos, ritz_pairs
 from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = ["Eigen", "power_iteration", "top_eigenvalues"]
@@ -49,7 +50,14 @@ class Eigen(NamedTuple):
       ``(k, n)`` array). Signs are fixed so the largest-magnitude entry is positive.
     eigenvectors_flat: ``(k, n)`` flat eigenvectors.
     residuals: ``(k,)`` residual norms ``‖H v − λ v‖`` (Lanczos: the estimate
-      ``|β_j s_j|``; power iteration: measured).
+      ``|β_j s_j|``; power iteration: measured). An eigenvalue of the Hessian
+      lies within the residual of each value.
+    errors: ``(k,)`` estimated eigenvalue errors: Lanczos, the larger of
+      ``min(r, r²/gap)`` (``gap`` the distance to the nearest other Ritz
+      value: the gap theorem with Ritz values for the unknown eigenvalues) and
+      the change of the Ritz value over the last step (which guards the gap
+      estimate in the first steps, when the other Ritz values are far off);
+      an estimate, not a bound. Power iteration: the residual.
     num_matvecs: Hessian-vector products spent.
     converged: ``(k,)`` booleans, whether each pair met the tolerance.
   """
@@ -58,23 +66,36 @@ class Eigen(NamedTuple):
   eigenvectors: Any
   eigenvectors_flat: jax.Array
   residuals: np.ndarray
+  errors: np.ndarray
   num_matvecs: int
   converged: np.ndarray
 
 
-def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
-  if which == "LA":
-    return np.argsort(-theta, kind="stable")[:k]
-  if which == "SA":
-    return np.argsort(theta, kind="stable")[:k]
-  return np.argsort(-np.abs(theta), kind="stable")[:k]
+def _selector(k: int, which: str):
+  order = {
+    "LA": lambda theta: -theta,
+    "SA": lambda theta: theta,
+    "LM": lambda theta: -np.abs(theta),
+  }[which]
+  return lambda theta: np.argsort(order(theta), kind="stable")[:k]
 
 
-def _check(k: int, which: str, n: int) -> None:
+def _check(k: Any, which: str, op: HessianOperator) -> int:
   if which not in _WHICH:
     raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-  if not 1 <= k <= n:
-    raise ValueError(f"k must be in [1, {n}], got {k}")
+  return _checks.count("k", k, 1, op.size)
+
+
+def _start_vector(op: HessianOperator, v0: Any, key: jax.Array | None) -> jax.Array:
+  if v0 is None:
+    return op.rademacher(jax.random.key(0) if key is None else key, 1)
+  flat = v0 if isinstance(v0, jax.Array | np.ndarray) and np.ndim(v0) == 1 else op.ravel(v0)
+  flat = jnp.asarray(flat, op.dtype)
+  if flat.shape != (op.size,):
+    raise ValueError(f"v0 must have {op.size} entries (the operator's size), got {flat.shape}")
+  if not float(jnp.linalg.norm(flat)) > 0:
+    raise ValueError("v0 must be a nonzero vector")
+  return flat[None]
 
 
 @jax.jit
@@ -84,13 +105,14 @@ def _fix_signs(vs):
   return vs * jnp.where(sign == 0, 1.0, sign)
 
 
-def _finish(op, values, vecs, residuals, matvecs, converged) -> Eigen:
+def _finish(op, values, vecs, residuals, errors, matvecs, converged) -> Eigen:
   vecs = _fix_signs(vecs)
   return Eigen(
     eigenvalues=np.asarray(values),
     eigenvectors=jax.vmap(op.unravel)(vecs),
     eigenvectors_flat=vecs,
     residuals=np.asarray(residuals),
+    errors=np.asarray(errors),
     num_matvecs=int(matvecs),
     converged=np.asarray(converged, dtype=bool),
   )
@@ -102,15 +124,21 @@ def top_eigenvalues(
   *,
   which: str = "LA",
   key: jax.Array | None = None,
+  v0: Any = None,
   tol: float = 1e-6,
   max_iter: int = 200,
+  stop_on: str = "residual",
 ) -> Eigen:
   """The ``k`` extreme eigenpairs of the Hessian by Lanczos.
 
   A Ritz pair ``(θ, y)`` from ``j`` steps has residual ``‖H y − θ y‖ = β_j |s_j|``
-  (``s`` the eigenvector of the tridiagonal matrix); the iteration stops when
-  every wanted pair has ``residual ≤ tol · max|θ|``. The eigenvalue error is
-  then at most the residual, and typically ``residual² / gap``.
+  (``s`` the eigenvector of the tridiagonal matrix); by default the iteration
+  stops when every wanted pair has ``residual ≤ tol · max|θ|``. The eigenvalue
+  error is then at most the residual, and typically ``residual² / gap``: with
+  ``stop_on="eigenvalue"`` it stops when that estimate (:attr:`Eigen.errors`)
+  is below ``tol · max|θ|``, which needs far fewer steps when only the
+  eigenvalues matter (the eigenvectors are then accurate to about
+  ``residual / gap``).
 
   Lanczos finds one copy of a repeated eigenvalue (an exactly repeated one is
   invisible to a single Krylov space); neural-network Hessians' top
@@ -122,37 +150,57 @@ def top_eigenvalues(
     which: ``"LA"`` largest algebraic, ``"LM"`` largest magnitude, ``"SA"``
       smallest algebraic (the most negative curvature).
     key: PRNG key of the Rademacher start vector (default ``jax.random.key(0)``).
+    v0: A start vector instead (flat ``(n,)`` or a pytree like the params),
+      e.g. the previous eigenvector for a warm start
+      (:class:`~adahessian_jax.hessian.CurvatureTracker` does this). A warm
+      start converges in fewer steps when it is close to the wanted
+      eigenvector, but an eigenvector it is orthogonal to stays invisible.
     tol: Residual tolerance relative to the largest Ritz value's magnitude.
     max_iter: Maximum Lanczos steps (Hessian products); memory is
       ``max_iter · n`` values. Clipped to ``n``.
+    stop_on: ``"residual"`` (a bound) or ``"eigenvalue"`` (the gap estimate).
 
   Returns:
     An :class:`Eigen`.
+
+  Raises:
+    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, or
+      if the Krylov space is invariant before it holds ``k`` vectors.
+    NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
   """
-  _check(k, which, op.size)
-  key = jax.random.key(0) if key is None else key
-  v0 = op.rademacher(key, 1)
-  state = {}
+  k = _check(k, which, op)
+  max_iter = _checks.count("max_iter", max_iter)
+  tol = _checks.positive("tol", tol)
+  select = _selector(k, which)
+  if stop_on not in ("residual", "eigenvalue"):
+    raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
 
-  def stop(alphas, betas):
-    j = alphas.shape[1]
-    theta, s = tridiagonal_eigh(alphas[0], betas[0])
-    sel = _select(theta, k, which)
-    res = np.abs(betas[0, -1] * s[-1, sel])
-    scale = max(np.max(np.abs(theta)), np.finfo(np.float64).tiny)
-    conv = res <= tol * scale
-    state.update(theta=theta, s=s, sel=sel, res=res, conv=conv)
-    return j >= k and bool(np.all(conv))
+  def ritz_and_errors(alphas, betas):
+    ritz = ritz_pairs(alphas, betas, select)
+    change = np.full(k, np.inf)
+    if alphas.shape[0] > k:
+      change = np.abs(ritz.values - ritz_pairs(alphas[:-1], betas[:-1], select).values)
+    return ritz, np.maximum(ritz.errors, change)
 
-  dec = lanczos(op, v0, max(max_iter, k), stop=stop)
+  def met(ritz, errors):
+    err = ritz.residuals if stop_on == "residual" else errors
+    return err <= tol * ritz.scale
+
+  def converged(alphas, betas):
+    return alphas.shape[1] >= k and bool(np.all(met(*ritz_and_errors(alphas[0], betas[0]))))
+
+  dec = lanczos(op, _start_vector(op, v0, key), max(max_iter, k), stop=converged)
   j = dec.num_steps
   if j < k:
     raise ValueError(f"the Krylov space is invariant after {j} steps, fewer than k={k}")
-  theta, s, sel = state["theta"], state["s"], state["sel"]
-  vecs = jnp.asarray(s[:, sel].T, op.dtype) @ dec.basis[0, :j]
+  # The Ritz pairs, derived once from the final decomposition.
+  ritz, errors = ritz_and_errors(dec.alphas[0], dec.betas[0])
+  vecs = jnp.asarray(ritz.coefficients.T, op.dtype) @ dec.basis[0, :j]
   vecs = vecs / jnp.linalg.norm(vecs, axis=-1, keepdims=True)
-  conv = state["conv"] | (dec.betas[0, -1] == 0)
-  return _finish(op, theta[sel], vecs, state["res"], j, conv)
+  invariant = dec.betas[0, -1] == 0  # the Ritz values are exact
+  errors = np.where(invariant, ritz.residuals, errors)
+  conv = met(ritz, errors) | invariant
+  return _finish(op, ritz.values, vecs, ritz.residuals, errors, j, conv)
 
 
 @jax.jit
@@ -189,7 +237,9 @@ def power_iteration(
     An :class:`Eigen`; ``residuals`` are measured with ``k`` extra products
     that are not counted in ``num_matvecs``.
   """
-  _check(k, "LM", op.size)
+  k = _check(k, "LM", op)
+  max_iter = _checks.count("max_iter", max_iter)
+  tol = _checks.positive("tol", tol)
   key = jax.random.key(0) if key is None else key
   found = jnp.zeros((k, op.size), op.dtype)
   values, converged, matvecs = [], [], 0
@@ -200,6 +250,7 @@ def power_iteration(
       hv = op.matvec(v)
       matvecs += 1
       new = float(jnp.vdot(v, hv))
+      _checks.finite(new, f"the Rayleigh quotient at power step {matvecs}")
       v = _power_step(hv, found)
       if lam is not None and abs(new - lam) <= tol * abs(lam):
         lam, ok = new, True
@@ -212,4 +263,4 @@ def power_iteration(
   residuals = np.linalg.norm(
     np.asarray(op.matmat(found)) - values[:, None] * np.asarray(found), axis=-1
   )
-  return _finish(op, values, found, residuals, matvecs, converged)
+  return _finish(op, values, found, residuals, residuals, matvecs, converged)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
 from adahessian_jax.hessian.diagonal import hutchinson_samples
 from adahessian_jax.hessian.eigen import top_eigenvalues
@@ -70,7 +71,7 @@ def layer_breakdown(
   """Trace, diagonal and top eigenvalue of every leaf's diagonal Hessian block.
 
   Args:
-    op: The Hessian operator (from :func:`hessian_operator`, not a block).
+    op: The Hessian operator.
     key: PRNG key (split between the trace probes and the eigen solves).
     num_samples: Hutchinson probes shared by all leaves (at least 2).
     block_size: Probes per vectorised call (default ``op.block_size``).
@@ -83,10 +84,13 @@ def layer_breakdown(
   Returns:
     A dict from leaf name (``op.leaf_names``, e.g. ``"Conv_0/kernel"``) to
     :class:`LayerCurvature`, in flattening order.
+
+  Raises:
+    ValueError: for a count out of range.
+    NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
-  if num_samples < 2:
-    raise ValueError(f"num_samples must be >= 2, got {num_samples}")
-  block_size = op.block_size if block_size is None else block_size
+  num_samples = _checks.count("num_samples", num_samples, 2)
+  block_size = _checks.count("block_size", op.block_size if block_size is None else block_size)
   k_trace, k_eig = jax.random.split(key)
   blocks = key_blocks(k_trace, num_samples, block_size)
   seg = np.concatenate(

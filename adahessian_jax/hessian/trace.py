@@ -26,13 +26,16 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
+from adahessian_jax.hessian._sketch import exchangeable_estimate, leave_one_out_directions
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "xtrace"]
 
@@ -59,33 +62,30 @@ def _quadratic_forms(z, hz):
   return jnp.sum(z * hz, axis=-1)
 
 
-def _sample_until(sample_block, keys, *, rtol, atol, min_samples, block_size, offset=0.0):
-  """Draws blocks of samples until the standard error meets the tolerance.
+def _sampled_trace(op, key, offset, rtol, atol, min_samples, max_samples, block_size):
+  """``offset`` + Hutchinson's estimate on ``op``, drawn in blocks until the stopping rule holds.
 
-  The relative tolerance is relative to ``|offset + mean|``.
-
-  ``keys`` is a list of key blocks (see ``key_blocks``). Returns the ``(m,)``
-  samples drawn.
+  Stops after at least ``min_samples`` when the standard error is at most
+  ``max(atol, rtol·|offset + mean|)``, at ``max_samples``, or with an error on
+  a non-finite sample. Returns the estimate with ``num_matvecs`` the samples drawn.
   """
-  samples, m = [], 0
-  for block in keys:
-    samples.append(np.asarray(sample_block(block)))
-    m += block.shape[0]
-    if m >= max(min_samples, 2):
-      x = np.concatenate(samples)
-      se = x.std(ddof=1) / np.sqrt(m)
+  rtol = _checks.positive("rtol", rtol, allow_zero=True)
+  atol = _checks.positive("atol", atol, allow_zero=True)
+  max_samples = _checks.count("max_samples", max_samples, 2)
+  min_samples = _checks.count("min_samples", min_samples, 1, max_samples)
+  block_size = _checks.count("block_size", op.block_size if block_size is None else block_size)
+  samples = []
+  for keys in key_blocks(key, max_samples, block_size):
+    z = op.probes(keys)
+    samples.append(np.asarray(_quadratic_forms(z, op.matmat(z))))
+    x = np.concatenate(samples)
+    _checks.finite(samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)")
+    if x.size >= max(min_samples, 2):
+      se = x.std(ddof=1) / np.sqrt(x.size)
       if se <= max(atol, rtol * abs(offset + x.mean())):
         break
-  return np.concatenate(samples)
-
-
-def _validate(op, min_samples, max_samples, block_size):
-  block_size = op.block_size if block_size is None else block_size
-  if not 1 <= min_samples <= max_samples:
-    raise ValueError(f"need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
-  if block_size < 1:
-    raise ValueError(f"block_size must be >= 1, got {block_size}")
-  return block_size
+  m = x.size
+  return TraceEstimate(offset + float(x.mean()), float(x.std(ddof=1) / np.sqrt(m)), m, m)
 
 
 def hutchinson_trace(
@@ -114,24 +114,17 @@ def hutchinson_trace(
     rtol: Relative standard-error target.
     atol: Absolute standard-error target.
     min_samples: Samples before the rule is checked.
-    max_samples: Sample budget.
+    max_samples: Sample budget (at least 2).
     block_size: Probes per block product (default ``op.block_size``).
 
   Returns:
     A :class:`TraceEstimate`; ``stderr`` is the sample standard error.
+
+  Raises:
+    ValueError: for a tolerance or count out of range.
+    NonFiniteError: at the first non-finite sample (e.g. a NaN loss).
   """
-  block_size = _validate(op, min_samples, max_samples, block_size)
-  keys = key_blocks(key, max_samples, block_size)
-
-  def block(ks):
-    z = op.probes(ks)
-    return _quadratic_forms(z, op.matmat(z))
-
-  x = _sample_until(
-    block, keys, rtol=rtol, atol=atol, min_samples=min_samples, block_size=block_size
-  )
-  m = x.shape[0]
-  return TraceEstimate(float(x.mean()), float(x.std(ddof=1) / np.sqrt(m)), m, m)
+  return _sampled_trace(op, key, 0.0, rtol, atol, min_samples, max_samples, block_size)
 
 
 @jax.jit
@@ -141,70 +134,58 @@ def _orthonormal_rows(y):
 
 
 @jax.jit
-def _deflate(q, z):
-  return z - (z @ q.T) @ q
+def _deflate(q, vs):
+  return vs - (vs @ q.T) @ q
 
 
 def hutchpp_trace(
-  op: HessianOperator,
-  key: jax.Array,
-  *,
-  sketch_size: int = 16,
-  rtol: float = 1e-2,
-  atol: float = 0.0,
-  min_samples: int = 10,
-  max_samples: int = 1000,
-  block_size: int | None = None,
+  op: HessianOperator, key: jax.Array, *, sketch_size: int = 16, **stopping: Any
 ) -> TraceEstimate:
   """Hutch++: exact trace on a sketched subspace plus Hutchinson on the rest.
 
   With ``Q`` an orthonormal basis of ``H S`` (``S`` ``sketch_size`` Rademacher
   probes), ``tr(H) = tr(QᵀHQ) + tr((I−QQᵀ) H (I−QQᵀ))``; the first term is
-  computed exactly (``sketch_size`` products), the second by Hutchinson with
-  deflated probes ``(I−QQᵀ)z`` and the stopping rule of
-  :func:`hutchinson_trace`. The classic fixed-budget Hutch++ with ``m``
-  products is ``sketch_size = min_samples = max_samples = m/3``.
+  computed exactly (``sketch_size`` products), the second by
+  :func:`hutchinson_trace` on the deflated operator (probes ``(I−QQᵀ)z``), with
+  its stopping rule. The classic fixed-budget Hutch++ with ``m`` products is
+  ``sketch_size = min_samples = max_samples = m/3``.
 
   Args:
     op: The Hessian operator.
     key: PRNG key (split into a sketch key and a residual-probe key).
     sketch_size: Columns of the sketch ``S`` (costs ``2·sketch_size`` products).
-    rtol: Relative standard-error target of the whole estimate.
-    atol: Absolute standard-error target.
-    min_samples: Residual samples before the rule is checked.
-    max_samples: Residual sample budget.
-    block_size: Probes per block product (default ``op.block_size``).
+    **stopping: ``rtol``, ``atol``, ``min_samples``, ``max_samples``,
+      ``block_size`` of the residual's sampling, as in :func:`hutchinson_trace`;
+      ``rtol`` is relative to the whole estimate.
 
   Returns:
     A :class:`TraceEstimate`; ``stderr`` is the sample standard error of the
     residual term (the sketched term is exact given the sketch), so it is
     calibrated conditionally on the sketch.
+
+  Raises:
+    ValueError: for a size, tolerance or count out of range.
+    NonFiniteError: at the first non-finite product.
   """
-  block_size = _validate(op, min_samples, max_samples, block_size)
+  args = dict(rtol=1e-2, atol=0.0, min_samples=10, max_samples=1000, block_size=None)
+  unknown = set(stopping) - set(args)
+  if unknown:
+    raise TypeError(f"hutchpp_trace got unknown arguments {sorted(unknown)}; see hutchinson_trace")
+  args.update(stopping)
+  s = min(_checks.count("sketch_size", sketch_size, 0), op.size)
   k_sketch, k_res = jax.random.split(key)
-  s = int(min(sketch_size, op.size))
+  q, exact = jnp.zeros((0, op.size), op.dtype), 0.0
   if s > 0:
-    q = _orthonormal_rows(op.matmat(op.rademacher(k_sketch, s)))
+    y = op.matmat(op.rademacher(k_sketch, s))
+    _checks.finite(y, "the Hessian-vector product of a sketch probe")
+    q = _orthonormal_rows(y)
     exact = float(jnp.sum(_quadratic_forms(q, op.matmat(q))))
-  else:
-    q, exact = jnp.zeros((0, op.size), op.dtype), 0.0
-  keys = key_blocks(k_res, max_samples, block_size)
-
-  def block(ks):
-    z = _deflate(q, op.probes(ks))
-    return _quadratic_forms(z, op.matmat(z))
-
-  x = _sample_until(
-    block,
-    keys,
-    rtol=rtol,
-    atol=atol,
-    min_samples=min_samples,
-    block_size=block_size,
-    offset=exact,
-  )
-  m = x.shape[0]
-  return TraceEstimate(exact + float(x.mean()), float(x.std(ddof=1) / np.sqrt(m)), 2 * s + m, m)
+    _checks.finite(exact, "the trace on the sketched subspace")
+  full_probes = op.probes_fn
+  # zᵀHz with deflated probes z = (I−QQᵀ)z₀: Hutchinson on (I−QQᵀ)H(I−QQᵀ).
+  deflated = dataclasses.replace(op, probes_fn=lambda keys: _deflate(q, full_probes(keys)))
+  est = _sampled_trace(deflated, k_res, exact, **args)
+  return est._replace(num_matvecs=2 * s + est.num_matvecs)
 
 
 @jax.jit
@@ -214,45 +195,13 @@ def _xtrace_estimates(omega, y, z, q, r):
   omega, y, q, z = omega.T, y.T, q.T, z.T
   h = q.T @ z  # QᵀHQ
   w = q.T @ omega  # Qᵀω_i as columns
-  s = jnp.linalg.inv(r).T  # columns ∝ the direction q_i = Q s_i removed with y_i
-  s = s / jnp.linalg.norm(s, axis=0, keepdims=True)
+  s = leave_one_out_directions(r)
   c = jnp.sum(s * w, axis=0)  # s_iᵀ w_i
   # Leave-one-out projector P_i = QQᵀ − q_i q_iᵀ, q_i = Q s_i.
   low_rank = jnp.trace(h) - jnp.sum(s * (h @ s), axis=0)  # tr(P_i H)
   u = omega - q @ w + (q @ s) * c  # (I − P_i) ω_i
   hu = y - z @ w + (z @ s) * c  # H (I − P_i) ω_i
   return low_rank + jnp.sum(u * hu, axis=0)
-
-
-class Sketch(NamedTuple):
-  """The shared first stage of XTrace and XDiag (see :func:`exchangeable_sketch`)."""
-
-  s: int
-  omega: jax.Array
-  y: jax.Array
-  q: jax.Array
-  r: jax.Array
-  z: jax.Array
-  low_rank: bool
-
-
-def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_matvecs: int) -> Sketch:
-  """Probes ``Ω`` (``s = num_matvecs // 2`` of them), ``Y = HΩ = QR`` and ``Z = HQ``.
-
-  ``low_rank`` is set when ``R`` is numerically singular: ``H`` has rank below
-  ``s`` and ``QQᵀH = H`` exactly.
-  """
-  s = int(min(num_matvecs // 2, op.size))
-  if s < 2:
-    raise ValueError(f"num_matvecs must be at least 4, got {num_matvecs}")
-  omega = op.rademacher(key, s)
-  y = op.matmat(omega)
-  qt, r = jnp.linalg.qr(y.T)
-  q = qt.T
-  z = op.matmat(q)
-  diag = np.abs(np.diag(np.asarray(r)))
-  low_rank = bool(diag.min() <= 1e3 * np.finfo(diag.dtype).eps * s * diag.max())
-  return Sketch(s, omega, y, q, r, z, low_rank)
 
 
 def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceEstimate:
@@ -275,10 +224,12 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
 
   Returns:
     A :class:`TraceEstimate`.
+
+  Raises:
+    ValueError: for a budget that is not an integer >= 4.
+    NonFiniteError: if a product is not finite.
   """
-  s, omega, y, q, r, z, low_rank = exchangeable_sketch(op, key, num_matvecs)
-  if low_rank:
-    exact = float(jnp.sum(_quadratic_forms(q, z)))
-    return TraceEstimate(exact, 0.0, 2 * s, s)
-  ests = np.asarray(_xtrace_estimates(omega, y, z, q, r))
-  return TraceEstimate(float(ests.mean()), float(ests.std(ddof=1) / np.sqrt(s)), 2 * s, s)
+  mean, se, s = exchangeable_estimate(
+    op, key, num_matvecs, lambda q, z: jnp.sum(q * z), _xtrace_estimates
+  )
+  return TraceEstimate(float(mean), float(se), 2 * s, s)

@@ -1,0 +1,119 @@
+"""Every analysis of adahessian_jax.hessian stops on a non-finite loss and checks its counts."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hessian_problems import mlp, mlp_loss
+
+from adahessian_jax import hessian
+
+
+def nan_loss(p, batch):
+  return mlp_loss(p, batch) * jnp.nan
+
+
+@pytest.fixture(scope="module")
+def ops():
+  """A good operator, and a NaN one that records the size of every block product it is asked."""
+  params, batch = mlp()
+  good = hessian.hessian_operator(mlp_loss, params, batch)
+  bad = hessian.hessian_operator(nan_loss, params, batch, block_size=4)
+  calls = []
+
+  def counted(vs):
+    calls.append(vs.shape[0])
+    return bad.matmat_fn(vs)
+
+  return good, dataclasses.replace(bad, matmat_fn=counted), calls
+
+
+ANALYSES = {
+  "top_eigenvalues": lambda op: hessian.top_eigenvalues(op, 2, max_iter=50),
+  "power_iteration": lambda op: hessian.power_iteration(op, 1, max_iter=50),
+  "hutchinson_trace": lambda op: hessian.hutchinson_trace(op, jax.random.key(0), max_samples=400),
+  "hutchpp_trace": lambda op: hessian.hutchpp_trace(op, jax.random.key(0), max_samples=400),
+  "xtrace": lambda op: hessian.xtrace(op, jax.random.key(0), 40),
+  "hutchinson_diagonal_estimate": lambda op: hessian.hutchinson_diagonal_estimate(
+    op, jax.random.key(0), 400
+  ),
+  "xdiag": lambda op: hessian.xdiag(op, jax.random.key(0), 40),
+  "spectral_density": lambda op: hessian.spectral_density(op, jax.random.key(0), num_steps=50),
+  "layer_breakdown": lambda op: hessian.layer_breakdown(op, jax.random.key(0), num_samples=400),
+  "track_curvature": lambda op: hessian.track_curvature(op),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANALYSES))
+def test_a_nan_loss_is_an_error_at_the_first_product(ops, name):
+  _, bad, calls = ops
+  calls.clear()
+  with pytest.raises(hessian.NonFiniteError, match="not finite"):
+    ANALYSES[name](bad)
+  # Stopped at once: one product call (a sketch needs one block), not the whole budget.
+  assert len(calls) == 1, calls
+
+
+def test_top_eigenvalues_of_a_nan_loss_is_no_longer_converged_nan():
+  params, batch = mlp()
+  op = hessian.hessian_operator(nan_loss, params, batch)
+  with pytest.raises(FloatingPointError, match="Lanczos step 1"):
+    hessian.top_eigenvalues(op)
+
+
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (lambda op: hessian.top_eigenvalues(op, 2.5), r"k must be an integer in \[1, 75\], got 2.5"),
+    (lambda op: hessian.top_eigenvalues(op, 76), r"k must be an integer in \[1, 75\], got 76"),
+    (lambda op: hessian.top_eigenvalues(op, True), "k must be an integer"),
+    (lambda op: hessian.top_eigenvalues(op, 1, max_iter=0), "max_iter must be an integer"),
+    (lambda op: hessian.top_eigenvalues(op, 1, tol=-1.0), "tol must be a finite real"),
+    (lambda op: hessian.top_eigenvalues(op, v0=np.zeros(75)), "nonzero"),
+    (lambda op: hessian.top_eigenvalues(op, v0=np.ones(7)), "75 entries"),
+    (lambda op: hessian.top_eigenvalues(op, stop_on="x"), "stop_on"),
+    (lambda op: hessian.power_iteration(op, 1.0), "k must be an integer"),
+    (
+      lambda op: hessian.hutchinson_trace(op, jax.random.key(0), max_samples=10.5),
+      "max_samples must be an integer",
+    ),
+    (
+      lambda op: hessian.hutchinson_trace(op, jax.random.key(0), min_samples=5, max_samples=2),
+      r"min_samples must be an integer in \[1, 2\], got 5",
+    ),
+    (lambda op: hessian.hutchinson_trace(op, jax.random.key(0), rtol=np.nan), "rtol"),
+    (lambda op: hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=-1), "sketch_size"),
+    (lambda op: hessian.xtrace(op, jax.random.key(0), 3), r"num_matvecs must be an integer in \[4"),
+    (lambda op: hessian.xdiag(op, jax.random.key(0), 8.0), "num_matvecs must be an integer"),
+    (
+      lambda op: hessian.hutchinson_diagonal_estimate(op, jax.random.key(0), 1),
+      "num_samples must be an integer in",
+    ),
+    (lambda op: hessian.spectral_density(op, jax.random.key(0), num_probes=0), "num_probes"),
+    (lambda op: hessian.spectral_density(op, jax.random.key(0), sigma=0.0), "sigma"),
+    (lambda op: hessian.layer_breakdown(op, jax.random.key(0), block_size=0), "block_size"),
+    (lambda op: hessian.loss_landscape_1d(op, [0.0], np.ones(75), chunk=0), "chunk"),
+    (lambda op: op.block(9), r"leaf must be an integer in \[0, 3\]"),
+    (lambda op: op.block("nope"), "no leaf named"),
+    (lambda op: hessian.track_curvature(op, trace_matvecs=-2), "trace_matvecs"),
+  ],
+)
+def test_counts_and_sizes_are_checked_with_one_wording(ops, call, message):
+  good, _, _ = ops
+  with pytest.raises(ValueError, match=message):
+    call(good)
+
+
+def test_hutchpp_rejects_unknown_stopping_arguments(ops):
+  with pytest.raises(TypeError, match=r"unknown arguments \['max_sample'\]"):
+    hessian.hutchpp_trace(ops[0], jax.random.key(0), max_sample=3)
+
+
+def test_derived_operators_without_data_say_so(ops):
+  good, _, _ = ops
+  with pytest.raises(ValueError, match="needs the loss and data"):
+    hessian.loss_landscape_1d(good.masked(0), [0.0])
+  with pytest.raises(ValueError, match="needs the loss and data"):
+    good.block(1).loss()
