@@ -1,0 +1,266 @@
+"""What happens in the first steps of AdaHessian runs that collapse, next to runs that do not.
+
+Four failing cases of the exact rule, 4 seeds each (seeding as in ``benchmarks/paper``):
+
+* ``cnn_k4``: the digits CNN at its tuned rate 0.47 with ``update_freq=4`` (lazy refresh);
+* ``cnn_2x``: the CNN at 2x the tuned rate (0.94), refreshing every step;
+* ``mlp_l1``: a ReLU MLP with an L1 loss at ``adahessian()``'s default rate 0.15;
+* ``linear_hinge``: a linear classifier with the hinge loss at 0.15.
+
+Every step runs ``scale_by_adahessian`` directly (fused route), so the preconditioned update
+``u = m_hat / (sqrt(v_hat) + eps)`` is seen before the learning rate; the step is then
+``-lr_t * (u + wd * p)``, exactly ``adahessian()``. Per step, per leaf, it records quantiles
+of ``D / mean_leaf(D)`` (``D``: the spatially averaged ``|estimate|`` in use on that step), the
+share of entries with ``D < 0.01 mean_leaf(D)``, quantiles of ``|u|`` (the largest is
+``|update| / lr``) and of ``sqrt(v_hat)``. Writes ``results/diagnosis.json`` and
+``figures/stability_diagnosis.png``.
+
+  python benchmarks/stability/diagnose.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import common as C
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import adahessian_jax
+from adahessian_jax import spatial
+
+CASES = {
+  "cnn_k4": dict(task="cnn", update_freq=4, scale=1.0),
+  # 8 seeds: at 2x, a seed collapses now and then (1 of 4 in benchmarks/paper's Table 4 run).
+  "cnn_2x": dict(task="cnn", update_freq=1, scale=2.0, seeds=(0, 1, 2, 3, 4, 5, 6, 7)),
+  "mlp_l1": dict(task="mlp_l1", update_freq=1, scale=1.0),
+  "linear_hinge": dict(task="linear_hinge", update_freq=1, scale=1.0),
+}
+SEEDS = (0, 1, 2, 3)
+Q_D = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)  # quantiles of D / mean_leaf(D)
+Q_U = (0.5, 0.99, 1.0)  # quantiles of |u| = |update| / lr
+Q_V = (0.0, 0.01, 0.5, 1.0)  # quantiles of sqrt(v_hat)
+DETAIL_STEPS = 30  # full per-leaf statistics for the first steps, then every 25th step
+SPIKE_FACTOR = 2.0  # the loss spikes at the first step whose loss exceeds 2x the initial loss
+
+
+def _sig(x):
+  """4 significant digits (a float or a list of floats)."""
+  a = np.asarray(x, np.float64)
+  out = [float(f"{v:.4g}") for v in a.ravel()]
+  return out[0] if a.ndim == 0 else out
+
+
+def case_setup(case):
+  task = C.get_task(case["task"])
+  toy = task.name in C.TOYS
+  steps = C.TOY_STEPS if toy else C.PAPER_STEPS[task.name]
+  lr = (C.DEFAULT_LR if toy else C.TUNED_LR) * case["scale"]
+  wd = 0.0 if toy else C.WEIGHT_DECAY
+  lr_fn = (lambda t: lr) if toy else C.schedule(lr, steps)
+  return task, steps, lr_fn, wd
+
+
+def make_step(task, update_freq, lr_fn, wd):
+  averaging = task.averaging(1)
+  tx = adahessian_jax.scale_by_adahessian(update_freq=update_freq, averaging=averaging)
+  vgh = adahessian_jax.value_grad_and_hessian_diag(task.loss)
+  b2 = 0.999
+
+  def step(params, state, batch):
+    loss, grads, hd = vgh(params, state, batch)
+    refresh = adahessian_jax.is_refresh_step(state)
+    u, new_state = tx.update(grads, state, params, hessian_diag=hd)
+    if update_freq > 1:
+      d = new_state.hessian
+    else:
+      rules = spatial.resolve_rules(averaging, params)
+      d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, hd))
+    lr = lr_fn(state.count)
+    params = jax.tree.map(lambda p, x: p - lr * (x + wd * p), params, u)
+    v_hat = jax.tree.map(lambda v: v / (1 - b2**new_state.count), new_state.nu)
+
+    def leaf_stats(d, u, v):
+      m = jnp.mean(d)
+      r = d / jnp.where(m > 0, m, 1.0)
+      return {
+        "mean_D": m,
+        "q_D_rel": jnp.quantile(r, jnp.asarray(Q_D)),
+        "frac_D_below_1pct": jnp.mean(r < 0.01),
+        "q_abs_u": jnp.quantile(jnp.abs(u), jnp.asarray(Q_U)),
+        "q_sqrt_vhat": jnp.quantile(jnp.sqrt(v), jnp.asarray(Q_V)),
+      }
+
+    stats = jax.tree.map(leaf_stats, d, u, v_hat)
+    return params, new_state, loss, jnp.asarray(refresh), stats
+
+  return tx, jax.jit(jax.vmap(step))
+
+
+def run_case(name, case):
+  task, steps, lr_fn, wd = case_setup(case)
+  tx, step = make_step(task, case["update_freq"], lr_fn, wd)
+  seeds = case.get("seeds", SEEDS)
+  keys = [jax.random.split(jax.random.key(s), 3) for s in seeds]
+  params = jax.vmap(task.init)(jnp.stack([k[0] for k in keys]))
+  states = jax.vmap(lambda p, k: C.reseed(tx.init(p), k))(params, jnp.stack([k[2] for k in keys]))
+  data_keys = jnp.stack([jax.random.split(k[1], steps) for k in keys])  # (seeds, steps)
+  sample = jax.jit(jax.vmap(task.sample, in_axes=(None, 0)))
+  init_loss = np.asarray(
+    jax.vmap(task.loss)(params, sample(task.data, jnp.stack([k[1] for k in keys])))
+  )
+  losses, refreshes, detail = [], [], []
+  for t in range(steps):
+    params, states, loss, refresh, stats = step(params, states, sample(task.data, data_keys[:, t]))
+    losses.append(np.asarray(loss))
+    refreshes.append(bool(np.asarray(refresh)[0]))
+    if t < DETAIL_STEPS or t % 25 == 24:
+      detail.append((t, jax.tree.map(np.asarray, stats)))
+  losses = np.stack(losses, 1)  # (seeds, steps)
+  metrics = {
+    k: np.asarray(v) for k, v in jax.vmap(task.evaluate, (0, None))(params, task.data).items()
+  }
+  leaves = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  per_seed = []
+  for i, seed in enumerate(seeds):
+    final = {k: float(v[i]) for k, v in metrics.items()}
+    rec = {"val": final, "initial_loss": float(init_loss[i])}
+    rec["diverged"] = bool(
+      not np.all(np.isfinite(losses[i])) or not final["loss"] < C.DIVERGE_FACTOR * init_loss[i]
+    )
+    failed = rec["diverged"] or C.collapsed(task.name, rec)
+    spike = np.nonzero(~np.isfinite(losses[i]) | (losses[i] > SPIKE_FACTOR * init_loss[i]))[0]
+    spike_step = int(spike[0]) if spike.size else None
+    rows = []
+    for t, st in detail:
+      flat = jax.tree.leaves(st, is_leaf=lambda x: isinstance(x, dict) and "mean_D" in x)
+      rows.append(
+        {
+          "step": t,
+          "loss": float(losses[i, t]),
+          "refresh": refreshes[t],
+          "leaves": {
+            name_: {k: _sig(v[i]) for k, v in s_.items()}
+            for name_, s_ in zip(leaves, flat, strict=True)
+          },
+        }
+      )
+    # The largest |update|/lr over the leaves, per recorded step, and which leaf it was.
+    max_u = [max(r["leaves"].items(), key=lambda kv: kv[1]["q_abs_u"][-1]) for r in rows]
+    early = [r for r in rows if r["step"] < (spike_step if spike_step is not None else 30)]
+    per_seed.append(
+      {
+        "seed": seed,
+        "failed": failed,
+        "initial_loss": float(init_loss[i]),
+        "final": final,
+        "max_loss": float(np.nanmax(np.where(np.isfinite(losses[i]), losses[i], np.nan))),
+        "spike_step": spike_step,
+        "largest_u_before_spike": max(
+          ((r["step"], n, s["q_abs_u"][-1]) for r in early for n, s in r["leaves"].items()),
+          key=lambda x: x[2],
+          default=None,
+        ),
+        "min_D_rel_q01_before_spike": min(
+          ((r["step"], n, s["q_D_rel"][1]) for r in early for n, s in r["leaves"].items()),
+          key=lambda x: x[2],
+          default=None,
+        ),
+        "max_abs_u_per_step": [
+          [r["step"], m[0], m[1]["q_abs_u"][-1]] for r, m in zip(rows, max_u, strict=True)
+        ],
+        "losses": _sig(losses[i]),
+        "steps": rows,
+      }
+    )
+  return {
+    "case": case,
+    "lr_peak": float(lr_fn(10**6) if task.name in C.TOYS else C.TUNED_LR * case["scale"]),
+    "steps": steps,
+    "weight_decay": wd,
+    "leaves": leaves,
+    "seeds": per_seed,
+  }
+
+
+def plot(out, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(out["cases"])
+  fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 9), squeeze=False)
+  for j, name in enumerate(names):
+    res = out["cases"][name]
+    n_show = min(res["steps"], 120)
+    for s in res["seeds"]:
+      c = "tab:red" if s["failed"] else "tab:blue"
+      lab = f"seed {s['seed']} ({'failed' if s['failed'] else 'ok'})"
+      loss = np.asarray(s["losses"][:n_show], float)
+      axes[0, j].plot(np.arange(n_show), loss, color=c, lw=1, alpha=0.8, label=lab)
+      mu = np.asarray([m[2] for m in s["max_abs_u_per_step"]], float)
+      st = np.asarray([m[0] for m in s["max_abs_u_per_step"]])
+      keep = st < n_show
+      axes[1, j].plot(st[keep], mu[keep], color=c, lw=1, alpha=0.8)
+      # Worst leaf's 1 % quantile of D / mean_leaf(D), per recorded step.
+      q01 = [min(v["q_D_rel"][1] for v in r["leaves"].values()) for r in s["steps"]]
+      stq = np.asarray([r["step"] for r in s["steps"]])
+      axes[2, j].plot(stq[stq < n_show], np.asarray(q01)[stq < n_show], color=c, lw=1, alpha=0.8)
+    axes[0, j].set_title(f"{name} (lr {res['lr_peak']:.3g}, k={res['case']['update_freq']})")
+    axes[0, j].set_yscale("log")
+    axes[0, j].set_ylabel("training loss")
+    axes[0, j].legend(fontsize=7)
+    axes[1, j].set_yscale("log")
+    axes[1, j].axhline(1.0, color="k", lw=0.6, ls=":")
+    axes[1, j].set_ylabel("max |update| / lr  (largest leaf)")
+    axes[2, j].set_yscale("symlog", linthresh=1e-4)
+    axes[2, j].set_ylabel("1% quantile of D / mean_leaf(D)\n(worst leaf)")
+    axes[2, j].set_xlabel("step")
+    for a in axes[:, j]:
+      a.grid(alpha=0.3)
+  fig.suptitle("AdaHessian (exact rule): failed seeds (red) vs healthy seeds (blue)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def main():
+  import sys
+
+  only = sys.argv[1:] or list(CASES)
+  out = {
+    "experiment": "diagnosis",
+    "seeds": list(SEEDS),
+    "quantiles": {"D_rel": Q_D, "abs_u": Q_U, "sqrt_vhat": Q_V},
+  }
+  out["spike_rule"] = f"first step whose training loss exceeds {SPIKE_FACTOR}x the initial loss"
+  out["detail_steps"] = f"every step < {DETAIL_STEPS}, then every 25th"
+  path = os.path.join(C.RESULTS, "diagnosis.json")
+  old = {}
+  if os.path.exists(path):  # a run of some cases keeps the others
+    with open(path) as f:
+      old = json.load(f).get("cases", {})
+  out["cases"] = {k: v for k, v in old.items() if k in CASES}
+  for name, case in CASES.items():
+    if name not in only:
+      continue
+    out["cases"][name] = res = run_case(name, case)
+    for s in res["seeds"]:
+      print(
+        f"{name} seed {s['seed']}: {'FAILED' if s['failed'] else 'ok'} final {s['final']} "
+        f"spike {s['spike_step']} largest u before spike {s['largest_u_before_spike']}",
+        flush=True,
+      )
+  for res in out["cases"].values():  # keep the file small: detail on early steps only
+    for sd in res["seeds"]:
+      sd["steps"] = [r for r in sd["steps"] if r["step"] < DETAIL_STEPS or r["step"] % 25 == 24]
+  C.write_json("diagnosis", out, compact=True)
+  os.makedirs(C.FIGURES, exist_ok=True)
+  plot(out, os.path.join(C.FIGURES, "stability_diagnosis.png"))
+
+
+if __name__ == "__main__":
+  main()

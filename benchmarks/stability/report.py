@@ -1,0 +1,74 @@
+"""Markdown tables of the screening results (``results/screen*.json``), for docs/stability.md.
+
+Summaries are recomputed from the stored runs with ``common.summarize`` (so every table uses the
+same failure rule: diverged, or collapsed to the level of a model that learned nothing).
+
+  python benchmarks/stability/report.py            # all screening files, 4-seed cells
+  python benchmarks/stability/report.py --seeds 8  # the 8-seed cells
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import common as C
+
+ORDER = ["exact", "floor", "floor_g", "clip", "warmup", "floor_clip", "floor_g_clip",
+         "floor_warmup", "floor_g_clip_warmup"]  # fmt: skip
+
+
+def cell_text(s, metric):
+  if s["mean"] is None:
+    return f"all {s['n']} failed"
+  sc, dg = (100.0, 1) if metric == "acc" else (1.0, 3)
+  out = f"{s['mean'] * sc:.{dg}f} ± {s['std'] * sc:.{dg}f}"
+  if s["failed"]:
+    out += f" (**{s['failed']}/{s['n']} failed**)"
+  return out
+
+
+def load_cells(seeds):
+  cells = {}
+  for path in sorted(glob.glob(os.path.join(C.RESULTS, "screen*.json"))):
+    with open(path) as f:
+      for key, c in json.load(f)["cells"].items():
+        if key.endswith(f"seeds={seeds}"):
+          cells[key] = c
+  return cells
+
+
+def tables(seeds):
+  cells = load_cells(seeds)
+  by_task = {}
+  for c in cells.values():
+    by_task.setdefault(c["task"], []).append(c)
+  out = []
+  for tname, cs in by_task.items():
+    task_metric = "loss" if tname in ("lm",) or tname in C.TOYS else "acc"
+    cols = sorted(
+      {(c["update_freq"], c["scale"]) for c in cs}, key=lambda x: (x[1] != 1, x[1], x[0])
+    )
+    confs = sorted({c["config"] for c in cs}, key=lambda n: (ORDER + [n]).index(n))
+    head = "| config | " + " | ".join(f"k={k}, {s}x" for k, s in cols) + " |"
+    lines = [f"**{tname}** ({'val. accuracy %' if task_metric == 'acc' else 'loss'}; "
+             f"{seeds} seeds)", "", head, "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+    for conf in confs:
+      row = []
+      for k, s in cols:
+        match = [c for c in cs if c["config"] == conf and c["update_freq"] == k and c["scale"] == s]
+        if match:
+          row.append(cell_text(C.summarize(match[0]["runs"], task_metric, tname), task_metric))
+        else:
+          row.append("")
+      lines.append(f"| {conf} | " + " | ".join(row) + " |")
+    out.append("\n".join(lines))
+  return "\n\n".join(out)
+
+
+if __name__ == "__main__":
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--seeds", type=int, default=4)
+  print(tables(p.parse_args().seeds))
