@@ -9,6 +9,7 @@ Build (CI runs this in .ci/docs.sh; warnings are errors):
 import importlib
 import inspect
 import pathlib
+import re
 import sys
 
 from sphinx.pycode import ModuleAnalyzer
@@ -36,6 +37,21 @@ napoleon_numpy_docstring = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+# Signatures show these aliases by name, not expanded into their unions.
+autodoc_type_aliases = {
+  name: name
+  for name in (
+    "jax.typing.ArrayLike",
+    "jax.typing.DTypeLike",
+    "optax.Updates",
+    "optax.Params",
+    "optax.OptState",
+    "optax.ScalarOrSchedule",
+    "chex.ArrayTree",
+    "spatial.AveragingSpec",
+    "AveragingSpec",
+  )
+}
 # The names users write (``adahessian_jax.hessian.HessianOperator``), not the defining modules'.
 add_module_names = True
 
@@ -101,6 +117,12 @@ def _require_docstring(app, what, name, obj, options, lines):
       type="adahessian_jax",
       subtype="docstring",
     )
+
+
+def _alias_names(app, what, name, obj, options, signature, return_annotation):
+  """Shows an alias inside a union by its name (Sphinx 9 prints ``TypeAliasForwardRef('name')``)."""
+  fix = lambda text: text and re.sub(r"TypeAliasForwardRef\('([^']+)'\)", r"\1", text)
+  return fix(signature), fix(return_annotation)
 
 
 def _skip_fields(app, what, name, obj, skip, options):
@@ -185,3 +207,4 @@ def setup(app):
   app.connect("missing-reference", _resolve_reexport)
   app.connect("autodoc-process-docstring", _require_docstring)
   app.connect("autodoc-skip-member", _skip_fields)
+  app.connect("autodoc-process-signature", _alias_names)
