@@ -36,8 +36,8 @@ import jax
 
 __all__ = ["AxisNames", "LeafLayout", "axis_names_of", "is_annotated", "leaves", "names_by_path"]
 
-#: One entry per axis: a name (``str``), ``None``, or a tuple of names (an axis
-#: sharded over several mesh axes).
+#: The axis names of one leaf, one entry per axis (a ``str``, ``None``, or a
+#: tuple of names for an axis sharded over several mesh axes).
 AxisNames = tuple[Any, ...]
 
 
