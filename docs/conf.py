@@ -3,7 +3,7 @@
 Build (CI runs this in .ci/docs.sh; warnings are errors):
 
   pip install -e ".[docs]"
-  sphinx-build -W --keep-going -b html docs docs/_build/html
+  sphinx-build -W --keep-going -b html docs build/docs   # build/ is git-ignored
 """
 
 import importlib
@@ -55,8 +55,8 @@ autodoc_type_aliases = {
 # The names users write (``adahessian_jax.hessian.HessianOperator``), not the defining modules'.
 add_module_names = True
 
-# Every cross-reference must resolve: to this package, or to a name outside it that cannot be
-# linked without network access (there is no intersphinx inventory offline).
+# Every cross-reference into this package must resolve. Names outside it (JAX, optax, builtins)
+# are not linked: the build runs offline, without intersphinx inventories.
 nitpicky = True
 nitpick_ignore_regex = [
   ("py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib)(\..*)?"),
