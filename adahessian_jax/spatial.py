@@ -170,6 +170,14 @@ class Rule(abc.ABC):
     del shape
     return None
 
+  def layer_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stacked-layer axes of a leaf of ``shape``, which leaf-wide statistics keep apart."""
+    return self.explain(shape).rule._own_layer_axes(shape)
+
+  def _own_layer_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    del shape
+    return ()
+
 
 def _normalize_axis(axis: int, ndim: int, where: str, rule: Rule) -> int:
   if not -ndim <= axis < ndim:
@@ -309,6 +317,9 @@ class PerLayer(Rule):
     x = jax.vmap(self.inner)(x.reshape((-1,) + x.shape[len(axes) :]))
     x = x.reshape(lead + x.shape[1:])
     return jnp.transpose(x, [(axes + keep).index(i) for i in range(d.ndim)])
+
+  def _own_layer_axes(self, shape):
+    return self._split(shape)[0]
 
   def explain(self, shape):
     axes, keep = self._split(shape)

@@ -157,12 +157,20 @@ def _estimate(
   return estimate
 
 
+def _floored(rule: spatial.Rule, d: jax.Array, curvature_floor: Any) -> jax.Array:
+  """``max(d, α·mean(d))``, the mean over the leaf, or over each layer of a stacked leaf."""
+  layers = rule.layer_axes(d.shape)
+  mean = jnp.mean(d, axis=tuple(i for i in range(d.ndim) if i not in layers), keepdims=True)
+  return jnp.maximum(d, curvature_floor * mean)
+
+
 def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
-  """``D``: the estimate's absolute value, spatially averaged, floored per leaf."""
+  """``D``: the estimate's absolute value, spatially averaged, floored per leaf (or layer)."""
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
     return d
-  return jax.tree.map(lambda x: jnp.maximum(x, curvature_floor * jnp.mean(x)), d)
+  is_rule = lambda x: isinstance(x, spatial.Rule)
+  return jax.tree.map(lambda r, x: _floored(r, x, curvature_floor), rules, d, is_leaf=is_rule)
 
 
 def _check_call(value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool) -> None:
@@ -272,8 +280,9 @@ def scale_by_adahessian(
     hessian_power: The power ``k`` in [0, 1]; ``k=0`` gives momentum SGD
       (scaled by ``1/(1+eps)``), ``k=1`` the full Newton-like scaling.
     curvature_floor: ``α >= 0``: every entry of ``D`` is raised to at least
-      ``α`` times the mean of ``D`` over its leaf, so that a single noisy
-      near-zero estimate cannot produce a huge step. 0 (default) is the
+      ``α`` times the mean of ``D`` over its leaf (over its layer, for leaves
+      of stacked layers; see :mod:`adahessian_jax.spatial`), so that a single
+      noisy near-zero estimate cannot produce a huge step. 0 (default) is the
       paper's rule.
     update_clip: ``ρ > 0`` or ``None`` (default, the paper's rule): clip every
       entry of the preconditioned update to ``[-ρ, ρ]`` (as Sophia does), which
@@ -312,7 +321,11 @@ def scale_by_adahessian(
       everywhere, exact.
     averaging: Spatial-averaging rules: ``None`` for
       :func:`adahessian_jax.spatial.flax_default` with ``block_size``, a rule,
-      a pytree prefix of rules, or a callable ``(path, leaf) -> rule | None``.
+      a pytree prefix of rules (``None`` inside it meaning the default), a
+      callable ``(path, leaf) -> rule | None``, or
+      :func:`adahessian_jax.spatial.named` / :func:`adahessian_jax.spatial.strict`.
+      Axis names on boxed Linen or NNX params are read automatically
+      (``docs/layouts.md``).
     mu_dtype: Floating dtype of the first moment (default: the gradient's).
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters').

@@ -240,3 +240,21 @@ def test_curvature_floor_closed_form():
   floored = np.maximum([0.0, 2.0, 6.0, 0.4], 0.5 * 2.1)
   np.testing.assert_allclose(np.asarray(updates["w"]), 1 / (floored + 1e-4), rtol=1e-12)
   np.testing.assert_allclose(np.asarray(state.nu["w"]), 0.001 * floored**2, rtol=1e-12)
+
+
+def test_curvature_floor_is_per_layer_on_stacked_leaves():
+  # Layer l has curvature 10**l, with one entry of layer 0 near zero. A leaf-wide floor
+  # (α·mean over all layers = 0.5·277.8) would flatten layer 0; per layer it floors that entry only.
+  scales = 10.0 ** np.arange(4)[:, None]
+  d = scales * np.ones((4, 3))
+  d[0, 0] = 1e-6
+  params = {"stack": jnp.zeros((4, 3))}
+  grads = {"stack": jnp.ones((4, 3))}
+  tx = ah.scale_by_adahessian(
+    curvature_floor=0.5, averaging=ah.spatial.per_layer(ah.spatial.none())
+  )
+  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag={"stack": jnp.asarray(d)})
+  layer_mean = d.mean(axis=1, keepdims=True)
+  floored = np.maximum(d, 0.5 * layer_mean)
+  np.testing.assert_allclose(np.asarray(updates["stack"]), 1 / (floored + 1e-4), rtol=1e-12)
+  assert floored[0, 0] == pytest.approx(0.5 * (2 + 1e-6) / 3)
