@@ -6,11 +6,13 @@ Build (CI runs this in .ci/docs.sh; warnings are errors):
   sphinx-build -W --keep-going -b html docs build/docs   # build/ is git-ignored
 """
 
+import builtins
 import importlib
 import inspect
 import pathlib
 import re
 import sys
+import typing
 
 from sphinx.pycode import ModuleAnalyzer
 from sphinx.util import logging
@@ -134,22 +136,34 @@ def _skip_fields(app, what, name, obj, skip, options):
 
 _MISSING = object()
 _LINKABLE = ("module", "function", "class", "exception", "data", "method", "property")
+_PACKAGE = "adahessian_jax"
 
 
-def _import_path(path: str) -> object:
-  """The object at a dotted ``path`` (``pkg.module.name.attr``), or ``_MISSING``."""
+def _lookup(path: str) -> tuple[object, str]:
+  """The object at a dotted ``path``, and its home: the last module on the path plus the rest.
+
+  ``adahessian_jax.alias.spatial.AveragingSpec`` is at home in ``adahessian_jax.spatial``.
+  ``(_MISSING, "")`` where the path leads nowhere.
+  """
   parts = path.split(".")
   for split in range(len(parts), 0, -1):
     try:
       obj = importlib.import_module(".".join(parts[:split]))
     except ImportError:
       continue
+    home = [obj.__name__]
     for attr in parts[split:]:
       obj = getattr(obj, attr, _MISSING)
       if obj is _MISSING:
-        return _MISSING
-    return obj
-  return _MISSING
+        return _MISSING, ""
+      home = [obj.__name__] if inspect.ismodule(obj) else [*home, attr]
+    return obj, ".".join(home)
+  return _MISSING, ""
+
+
+def _shared(obj: object) -> bool:
+  """Whether ``obj`` is one of Python's own (``typing.Any`` behind a type alias, ``int``)."""
+  return any(value is obj for module in (typing, builtins) for value in vars(module).values())
 
 
 def _package_object(name: str) -> object:
@@ -157,7 +171,7 @@ def _package_object(name: str) -> object:
   found = {
     id(obj): obj
     for modname, module in list(sys.modules.items())
-    if modname.split(".")[0] == "adahessian_jax"
+    if modname.split(".")[0] == _PACKAGE
     and (obj := getattr(module, name, _MISSING)) is not _MISSING
   }
   return next(iter(found.values())) if len(found) == 1 else _MISSING
@@ -166,15 +180,12 @@ def _package_object(name: str) -> object:
 def _documented(env) -> dict[int, str]:
   """``id(object)`` to the one name it is documented under (built once per build)."""
   cached = getattr(env, "_adahessian_documented", None)
-  package = "adahessian_jax"
   if cached is None:
     cached = {}
     for name, entry in env.get_domain("py").objects.items():
-      if entry.objtype in _LINKABLE:
-        obj = _import_path(name)
-        # Not typing.Any behind a type alias, nor a builtin class: only the package's own.
-        if obj is not _MISSING and getattr(obj, "__module__", package).startswith(package):
-          cached.setdefault(id(obj), name)
+      obj, _ = _lookup(name)
+      if entry.objtype in _LINKABLE and obj is not _MISSING and not _shared(obj):
+        cached.setdefault(id(obj), name)
     env._adahessian_documented = cached
   return cached
 
@@ -190,17 +201,22 @@ def _resolve_reexport(app, env, node, contnode):
   """
   if node.get("refdomain") != "py":
     return None
+  py = env.get_domain("py")
   target = node["reftarget"].lstrip(".~")
   module = node.get("py:module")
-  candidates = ([f"{module}.{target}"] if module else []) + [target]
-  obj = next((o for o in map(_import_path, candidates) if o is not _MISSING), _MISSING)
-  if obj is _MISSING and "." not in target:
-    obj = _package_object(target)
-  name = _documented(env).get(id(obj)) if obj is not _MISSING else None
+  name = None
+  for path in ([f"{module}.{target}"] if module else []) + [target]:
+    obj, home = _lookup(path)
+    if obj is not _MISSING:
+      name = _documented(env).get(id(obj)) or (home if home in py.objects else None)
+      break
+  else:
+    if "." not in target:
+      name = _documented(env).get(id(_package_object(target)))
   if name is None or name == target:
     return None
-  py = env.get_domain("py")
-  return py.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], name, node, contnode)
+  # "obj": a type alias (``py:data``) named in an annotation is a ``py:class`` reference.
+  return py.resolve_xref(env, node["refdoc"], app.builder, "obj", name, node, contnode)
 
 
 def setup(app):
