@@ -9,12 +9,12 @@ while the eigenvector drifts slowly a measurement costs a few products
 instead of a cold start's tens. It runs on the host between training steps and
 costs nothing in between.
 
-A warm start sees only what its Krylov space reaches: if a new eigenvalue
-overtakes the tracked one along a direction orthogonal to the old
-eigenvector, the tracker may stay on the old one until it drifts. Pass
-``previous=None`` now and then (or compare with :func:`top_eigenvalues` from a
-random start) when that matters; the example's runs checked every warm value
-against a cold one.
+A warm start sees only what its Krylov space reaches, so a small random probe
+is mixed into it (``warm_mix``): without it, an old eigenvector that the new
+Hessian maps to zero (a dead unit) is an invariant subspace Lanczos never
+leaves. A new eigenvalue that overtakes the tracked one along a direction
+orthogonal to the old eigenvector is still found later than from a random
+start; pass ``previous=None`` now and then when that matters.
 
 References:
   Cohen, Kaur, Li, Kolter, Talwalkar, `Gradient Descent on Neural Networks
@@ -82,8 +82,13 @@ class CurvatureRecord(NamedTuple):
   num_matvecs: int
 
 
-def _top(op, previous: Sharpness | None, key, tol, max_iter, stop_on) -> Sharpness:
-  v0 = None if previous is None else previous.eigenvector
+def _top(op, previous: Sharpness | None, key, tol, max_iter, stop_on, mix) -> Sharpness:
+  v0 = None
+  if previous is not None:
+    # A little of a random probe: a previous eigenvector can sit in an invariant subspace of
+    # the new Hessian (e.g. dead units: Hv = 0), which Lanczos could never leave.
+    z = op.rademacher(key, 1)[0]
+    v0 = previous.eigenvector + mix * z / np.sqrt(op.size)
   eig = top_eigenvalues(op, 1, key=key, v0=v0, tol=tol, max_iter=max_iter, stop_on=stop_on)
   return Sharpness(
     eigenvalue=float(eig.eigenvalues[0]),
@@ -104,6 +109,7 @@ def track_curvature(
   tol: float = 1e-4,
   max_iter: int = 200,
   stop_on: str = "eigenvalue",
+  warm_mix: float = 0.01,
   trace_matvecs: int = 0,
 ) -> CurvatureRecord:
   """Sharpness and preconditioned sharpness at ``op``'s point, warm-started from ``previous``.
@@ -134,6 +140,8 @@ def track_curvature(
       below ``tol·|θ|`` (the default: tracking wants the eigenvalue);
       ``"residual"`` when the residual is, which bounds the error (costs more
       steps). See :func:`~adahessian_jax.hessian.top_eigenvalues`.
+    warm_mix: Norm of the random probe added to a warm start (whose norm is 1),
+      so that no direction is invisible to it.
     trace_matvecs: If positive, also estimate the traces by XTrace with this
       many products each.
 
@@ -147,12 +155,13 @@ def track_curvature(
   key = jax.random.key(0) if key is None else key
   k_plain, k_pre, k_tr, k_pre_tr = jax.random.split(key, 4)
   trace_matvecs = _checks.count("trace_matvecs", trace_matvecs, 0)
-  plain = _top(op, previous and previous.sharpness, k_plain, tol, max_iter, stop_on)
+  mix = _checks.positive("warm_mix", warm_mix, allow_zero=True)
+  plain = _top(op, previous and previous.sharpness, k_plain, tol, max_iter, stop_on, mix)
   trace = None if trace_matvecs == 0 else xtrace(op, k_tr, trace_matvecs)
   pre = pre_trace = None
   if preconditioner is not None:
     pop = preconditioned_operator(op, preconditioner)
-    pre = _top(pop, previous and previous.preconditioned, k_pre, tol, max_iter, stop_on)
+    pre = _top(pop, previous and previous.preconditioned, k_pre, tol, max_iter, stop_on, mix)
     pre_trace = None if trace_matvecs == 0 else xtrace(pop, k_pre_tr, trace_matvecs)
   spent = [plain, pre, trace, pre_trace]
   total = int(np.sum([x.num_matvecs for x in spent if x is not None]))
