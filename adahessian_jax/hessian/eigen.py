@@ -135,7 +135,7 @@ def top_eigenvalues(
   (``s`` the eigenvector of the tridiagonal matrix); by default the iteration
   stops when every wanted pair has ``residual ≤ tol · max|θ|``. The eigenvalue
   error is then at most the residual, and typically ``residual² / gap``: with
-  ``stop_on="eigenvalue"`` it stops when that estimate (:attr:`Eigen.errors`)
+  ``stop_on="eigenvalue"`` it stops when that estimate (``Eigen.errors``)
   is below ``tol · max|θ|``, which needs far fewer steps when only the
   eigenvalues matter (the eigenvectors are then accurate to about
   ``residual / gap``).
@@ -152,7 +152,7 @@ def top_eigenvalues(
     key: PRNG key of the Rademacher start vector (default ``jax.random.key(0)``).
     v0: A start vector instead (flat ``(n,)`` or a pytree like the params),
       e.g. the previous eigenvector for a warm start
-      (:class:`~adahessian_jax.hessian.CurvatureTracker` does this). A warm
+      (:func:`~adahessian_jax.hessian.track_curvature` does this). A warm
       start converges in fewer steps when it is close to the wanted
       eigenvector, but an eigenvector it is orthogonal to stays invisible.
     tol: Residual tolerance relative to the largest Ritz value's magnitude.

@@ -47,7 +47,7 @@ class Sharpness(NamedTuple):
   Attributes:
     eigenvalue: The top Ritz value ``θ``.
     error: Estimated error of ``θ``, ``min(r, r²/gap)`` from the residual
-      ``r`` and the gap to the next Ritz value (:attr:`Eigen.errors`).
+      ``r`` and the gap to the next Ritz value (``Eigen.errors``).
     residual: ``r = ‖H y − θ y‖`` for the Ritz vector ``y``: some eigenvalue
       of ``H`` lies within ``r`` of ``θ`` (a bound, where ``error`` is an
       estimate).
