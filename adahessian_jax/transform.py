@@ -157,11 +157,14 @@ def _estimate(
   return estimate
 
 
-def _floored(rule: spatial.Rule, d: jax.Array, curvature_floor: Any) -> jax.Array:
-  """``max(d, α·mean(d))``, the mean over the leaf, or over each layer of a stacked leaf."""
+def _floored(
+  rule: spatial.Rule, d: jax.Array, curvature_floor: Any, model_mean: jax.Array
+) -> jax.Array:
+  """``max(d, α·mean(d))``, the mean over the leaf, or over each layer of a stacked leaf; a leaf
+  (or layer) without any curvature takes the model-wide mean instead."""
   layers = rule.layer_axes(d.shape)
   mean = jnp.mean(d, axis=tuple(i for i in range(d.ndim) if i not in layers), keepdims=True)
-  return jnp.maximum(d, curvature_floor * mean)
+  return jnp.maximum(d, curvature_floor * jnp.where(mean > 0, mean, model_mean))
 
 
 def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
@@ -169,8 +172,14 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
     return d
-  is_rule = lambda x: isinstance(x, spatial.Rule)
-  return jax.tree.map(lambda r, x: _floored(r, x, curvature_floor), rules, d, is_leaf=is_rule)
+  leaves = jax.tree.leaves(d)
+  model_mean = sum(jnp.sum(x) for x in leaves) / max(1, sum(x.size for x in leaves))
+  return jax.tree.map(
+    lambda r, x: _floored(r, x, curvature_floor, model_mean),
+    rules,
+    d,
+    is_leaf=lambda x: isinstance(x, spatial.Rule),
+  )
 
 
 def _check_call(value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool) -> None:
@@ -282,8 +291,9 @@ def scale_by_adahessian(
     curvature_floor: ``α >= 0``: every entry of ``D`` is raised to at least
       ``α`` times the mean of ``D`` over its leaf (over its layer, for leaves
       of stacked layers; see :mod:`adahessian_jax.spatial`), so that a single
-      noisy near-zero estimate cannot produce a huge step. 0 (default) is the
-      paper's rule.
+      noisy near-zero estimate cannot produce a huge step. A leaf (or layer)
+      whose ``D`` is zero everywhere takes ``α`` times the mean over the whole
+      model instead. 0 (default) is the paper's rule.
     update_clip: ``ρ > 0`` or ``None`` (default, the paper's rule): clip every
       entry of the preconditioned update to ``[-ρ, ρ]`` (as Sophia does), which
       bounds the step ``lr·ρ`` where the curvature is zero.

@@ -5,7 +5,8 @@ of the library (no JAX), used as the reference in the tests.
 Per step t (from 1), for every parameter array p with gradient g and raw
 Hutchinson estimate e (z ⊙ Hz, averaged over probes):
   D = spatial_average(|e|)             (on refresh steps; else the last D)
-  D = max(D, floor * mean(D))          (the curvature floor; floor = 0 is the paper's rule)
+  D = max(D, floor * mean(D))          (the curvature floor; floor = 0 is the paper's rule;
+                                        an all-zero D takes the mean over all arrays instead)
   m = b1 m + (1 - b1) g
   v = b2 v + (1 - b2) D²
   denom = (v / (1 - b2^t)) ** (k / 2) + eps
@@ -80,10 +81,12 @@ class AdaHessianReference:
     self.t += 1
     self.refreshes_done += refresh
     t = self.t
+    if refresh:
+      d = {n: flax_spatial_average(np.abs(estimate[n]), self.block_size) for n in self.p}
+      overall = sum(x.sum() for x in d.values()) / sum(x.size for x in d.values())
+      for n, x in d.items():
+        self.d[n] = np.maximum(x, self.floor * (x.mean() if x.mean() > 0 else overall))
     for n in self.p:
-      if refresh:
-        d = flax_spatial_average(np.abs(estimate[n]), self.block_size)
-        self.d[n] = np.maximum(d, self.floor * d.mean())
       g = np.asarray(grads[n], dtype=np.float64)
       self.m[n] = self.b1 * self.m[n] + (1 - self.b1) * g
       if self.lazy_moment == "repeat":

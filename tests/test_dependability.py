@@ -258,3 +258,13 @@ def test_curvature_floor_is_per_layer_on_stacked_leaves():
   floored = np.maximum(d, 0.5 * layer_mean)
   np.testing.assert_allclose(np.asarray(updates["stack"]), 1 / (floored + 1e-4), rtol=1e-12)
   assert floored[0, 0] == pytest.approx(0.5 * (2 + 1e-6) / 3)
+
+
+def test_curvature_floor_falls_back_to_the_model_mean_for_a_leaf_without_curvature():
+  params = {"flat": jnp.zeros(2), "curved": jnp.zeros(2)}
+  grads = {"flat": jnp.ones(2), "curved": jnp.ones(2)}
+  hdiag = {"flat": jnp.zeros(2), "curved": jnp.asarray([1.0, 3.0])}  # model mean 1.0
+  tx = ah.scale_by_adahessian(curvature_floor=0.5)
+  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  np.testing.assert_allclose(np.asarray(updates["flat"]), 1 / (0.5 + 1e-4), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(updates["curved"]), 1 / (np.array([1.0, 3.0]) + 1e-4))
