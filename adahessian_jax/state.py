@@ -41,10 +41,15 @@ class ScaleByAdaHessianState(NamedTuple):
     mu: First moment of the gradient.
     nu: Second moment of the spatially averaged Hessian diagonal ``D``.
     hessian: The last ``D``, reused between refreshes; ``None`` when
-      ``update_freq == 1`` (then the state is Adam's plus ``count`` and ``key``).
+      ``update_freq == 1`` (then the state is Adam's plus ``count`` and ``key``)
+      and with ``lazy_moment="refresh"`` (``nu`` then moves on refresh steps
+      only, with decay ``b2**update_freq`` and bias correction
+      ``1 - b2**(update_freq·refreshes)``, ``refreshes = ceil(count /
+      update_freq)``).
     update_freq: The refresh interval as an ``int32`` scalar when it is > 1,
       else ``None``; read by :func:`adahessian_jax.value_grad_and_hessian_diag`
-      so that the fused route refreshes on exactly the transform's steps.
+      so that the fused route refreshes on exactly the transform's steps. So
+      ``update_freq`` set and ``hessian`` ``None`` means ``lazy_moment="refresh"``.
   """
 
   count: jax.Array
