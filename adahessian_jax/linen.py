@@ -21,9 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import optax
-from flax.training import train_state
 
+from adahessian_jax._extras import missing_extra
 from adahessian_jax.fused import value_grad_and_hessian_diag
+
+try:
+  from flax.training import train_state
+except ImportError as e:
+  raise missing_extra("flax", "adahessian_jax.linen", e) from e
 
 __all__ = ["TrainState"]
 

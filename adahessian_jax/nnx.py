@@ -26,9 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flax import nnx
-
 from adahessian_jax import fused
+from adahessian_jax._extras import missing_extra
+
+try:
+  from flax import nnx
+except ImportError as e:
+  raise missing_extra("flax", "adahessian_jax.nnx", e) from e
 
 __all__ = ["value_fn", "value_grad_and_hessian_diag"]
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from adahessian_jax._extras import missing_extra
 from adahessian_jax.hessian.density import SpectralDensity
 from adahessian_jax.hessian.landscape import Landscape1D, Landscape2D
 
@@ -22,7 +23,7 @@ def _axes(ax):
   try:
     import matplotlib.pyplot as plt
   except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+    raise missing_extra("plot", "adahessian_jax.hessian.plot_*", e) from e
   return plt.figure().add_subplot()
 
 

@@ -1,0 +1,40 @@
+"""Optional dependencies: the error that says which extra to install.
+
+The core package needs only jax, optax and numpy. The helpers that need more
+import it through a ``try`` whose ``except`` raises :func:`missing_extra`::
+
+  try:
+    from flax import nnx
+  except ImportError as e:
+    raise missing_extra("flax", "adahessian_jax.nnx", e) from e
+
+Extras (``pyproject.toml`` declares them):
+
+* ``flax``: :mod:`adahessian_jax.linen`, :mod:`adahessian_jax.nnx`, and orbax
+  checkpoints of the optimizer state.
+* ``plot``: the ``plot_*`` helpers of :mod:`adahessian_jax.hessian`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["missing_extra"]
+
+
+def missing_extra(extra: str, feature: str, error: ImportError) -> ImportError:
+  """The ``ImportError`` for a feature whose optional dependencies are missing.
+
+  Args:
+    extra: The name of the extra that installs them, e.g. ``"flax"``.
+    feature: What needs them, e.g. ``"adahessian_jax.linen"``.
+    error: The original ``ImportError``; its message is kept, because it names
+      the module that was not found (or why an installed one failed to import).
+
+  Returns:
+    An ``ImportError`` naming the extra and the command that installs it, to be
+    raised ``from error``.
+  """
+  return ImportError(
+    f'{feature} needs the optional dependencies of the "{extra}" extra, and importing them '
+    f'failed ({error}). Install them with: pip install "adahessian_jax[{extra}]"',
+    name=error.name,
+  )

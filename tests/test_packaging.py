@@ -1,0 +1,167 @@
+"""Packaging: one version, extras that say what they enable, floors the CI lane can read, and the
+release files (LICENSE, CHANGELOG.md, CITATION.cff, py.typed) consistent with the package.
+
+The built wheel itself is checked by .ci/dist.sh and the floors by .ci/min_versions.sh; these
+tests are the fast checks of the same promises on the source tree.
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import tomllib
+import yaml
+
+import adahessian_jax
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+CORE = {"jax", "jaxlib", "optax", "numpy"}
+# Extra -> the third-party packages the helpers it enables import.
+EXTRA_PACKAGES = {"flax": ("flax", "orbax"), "plot": ("matplotlib",)}
+
+
+def _load_floors_script():
+  spec = importlib.util.spec_from_file_location("ci_floors", ROOT / ".ci" / "floors.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_version_is_defined_once_and_is_the_installed_one():
+  assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
+  attr = PYPROJECT["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+  assert attr == "adahessian_jax.__version__"
+  assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.dev\d+)?", adahessian_jax.__version__)
+  assignments = [
+    path
+    for path in (ROOT / "adahessian_jax").rglob("*.py")
+    if re.search(r"^__version__\s*=", path.read_text(), flags=re.M)
+  ]
+  assert assignments == [ROOT / "adahessian_jax" / "__init__.py"]
+  # The test environment installs the package (pip install -e ".[test]"), so its metadata exists;
+  # a stale editable install (version bumped, not reinstalled) fails here on purpose.
+  assert importlib.metadata.version("adahessian_jax") == adahessian_jax.__version__
+
+
+def test_release_files_agree_with_the_package():
+  version = adahessian_jax.__version__
+  license_text = (ROOT / "LICENSE").read_text()
+  assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+  assert "END OF TERMS AND CONDITIONS" in license_text
+  assert PROJECT["license"] == "Apache-2.0" and PROJECT["license-files"] == ["LICENSE"]
+  assert (ROOT / "adahessian_jax" / "py.typed").is_file()
+  assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["adahessian_jax"]
+  assert re.search(rf"^## \[{re.escape(version)}\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
+  citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+  assert citation["cff-version"] == "1.2.0" and citation["type"] == "software"
+  assert str(citation["version"]) == version and citation["license"] == PROJECT["license"]
+  (paper,) = citation["references"]
+  assert paper["doi"] == "10.1609/aaai.v35i12.17275" and paper["year"] == 2021
+  assert [a["family-names"] for a in paper["authors"]] == [
+    "Yao",
+    "Gholami",
+    "Shen",
+    "Mustafa",
+    "Keutzer",
+    "Mahoney",
+  ]
+
+
+def test_extras_and_their_readme_table():
+  extras = PROJECT["optional-dependencies"]
+  assert {"flax", "plot", "examples", "test", "docs", "dev"} <= set(extras)
+  assert {re.split(r"[<>=\[ ]", r)[0] for r in PROJECT["dependencies"]} == CORE - {"jaxlib"}
+  assert "adahessian_jax[flax,plot]" in extras["examples"]
+  assert "adahessian_jax[examples]" in extras["test"]
+  readme = (ROOT / "README.md").read_text()
+  install = readme.split("\n## Installation\n", 1)[1].split("\n## ", 1)[0]
+  for extra in extras:
+    assert f"| `{extra}` |" in install, f"README's install table lacks the {extra!r} extra"
+  floors = _load_floors_script().floors
+  stated = {**floors(PROJECT, ["flax", "plot"]), **floors(PROJECT, [])}  # jax: the core's floor
+  for name in ("jax", "optax", "numpy", "flax", "orbax-checkpoint", "matplotlib"):
+    assert f"{name} ≥ {stated[name]}" in install, f"README's install table: {name}'s floor"
+
+
+def test_floors_script_pins_the_highest_floor_and_jaxlib():
+  floors = _load_floors_script().floors
+  project = {
+    "name": "adahessian_jax",
+    "dependencies": ["jax>=0.6.2", "optax >= 0.2.5", "numpy>=1.26,<3", "scipy"],
+    "optional-dependencies": {
+      "flax": ["flax>=0.12.7", "jax>=0.10.0; python_version >= '3.11'"],
+      "examples": ["adahessian_jax[flax]", "tqdm>=4"],
+    },
+  }
+  assert floors(project, []) == {
+    "jax": "0.6.2",
+    "optax": "0.2.5",
+    "numpy": "1.26",
+    "jaxlib": "0.6.2",
+  }
+  assert floors(project, ["flax", "examples"]) == {
+    "jax": "0.10.0",
+    "optax": "0.2.5",
+    "numpy": "1.26",
+    "flax": "0.12.7",
+    "tqdm": "4",
+    "jaxlib": "0.10.0",
+  }
+  with pytest.raises(SystemExit, match="no extra 'gpu'"):
+    floors(project, ["gpu"])
+  # The real file: every core dependency has a floor, and jaxlib follows jax.
+  real = floors(PROJECT, [])
+  assert set(real) == CORE and real["jaxlib"] == real["jax"]
+
+
+# Blocks the optional packages, imports every module of the package, and reports what failed.
+_WITHOUT_EXTRAS = """
+import importlib, json, pkgutil, sys
+blocked = {blocked!r}
+
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in blocked:
+      raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, Block())
+import adahessian_jax
+errors = {{}}
+for info in pkgutil.walk_packages(adahessian_jax.__path__, "adahessian_jax."):
+  try:
+    importlib.import_module(info.name)
+  except ImportError as e:
+    errors[info.name] = str(e)
+try:
+  adahessian_jax.hessian.plot_landscape_1d(None)
+except ImportError as e:
+  errors["plot_landscape_1d"] = str(e)
+print(json.dumps(errors))
+"""
+
+
+def test_core_imports_without_extras_and_helpers_name_their_extra():
+  blocked = sorted({p for packages in EXTRA_PACKAGES.values() for p in packages})
+  proc = subprocess.run(
+    [sys.executable, "-c", _WITHOUT_EXTRAS.format(blocked=blocked)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  errors = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Exactly the Flax helpers and the plots fail, each naming its extra; every other module
+  # (the whole core, the Hessian analysis) imports with jax, optax and numpy alone.
+  assert set(errors) == {"adahessian_jax.linen", "adahessian_jax.nnx", "plot_landscape_1d"}
+  for name, message in errors.items():
+    extra = "plot" if name.startswith("plot") else "flax"
+    assert f'pip install "adahessian_jax[{extra}]"' in message, (name, message)
+    assert "No module named" in message, (name, message)  # the original cause is kept
