@@ -158,7 +158,7 @@ def _estimate(
 
 
 def _floored(
-  rule: spatial.Rule, d: jax.Array, curvature_floor: Any, model_mean: jax.Array
+  rule: spatial.Rule, d: jax.Array, curvature_floor: Any, model_mean: jax.typing.ArrayLike
 ) -> jax.Array:
   """``max(d, α·mean(d))``, the mean over the leaf, or over each layer of a stacked leaf; a leaf
   (or layer) without any curvature takes the model-wide mean instead."""
