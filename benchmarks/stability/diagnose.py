@@ -37,6 +37,8 @@ CASES = {
   "cnn_2x": dict(task="cnn", update_freq=1, scale=2.0, seeds=(0, 1, 2, 3, 4, 5, 6, 7)),
   "mlp_l1": dict(task="mlp_l1", update_freq=1, scale=1.0),
   "linear_hinge": dict(task="linear_hinge", update_freq=1, scale=1.0),
+  # Where floor + clip is not enough: the DLRM with update_freq=4 (first 600 of 1500 steps).
+  "dlrm_k4_floor_clip": dict(task="dlrm", update_freq=4, scale=1.0, floor=0.1, clip=1.0, steps=600),
 }
 SEEDS = (0, 1, 2, 3)
 Q_D = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)  # quantiles of D / mean_leaf(D)
@@ -63,7 +65,8 @@ def case_setup(case):
   return task, steps, lr_fn, wd
 
 
-def make_step(task, update_freq, lr_fn, wd):
+def make_step(task, update_freq, lr_fn, wd, floor=0.0, clip=0.0):
+  """A vmapped step that also returns per-leaf statistics; ``floor``/``clip`` as in common.py."""
   averaging = task.averaging(1)
   tx = adahessian_jax.scale_by_adahessian(update_freq=update_freq, averaging=averaging)
   vgh = adahessian_jax.value_grad_and_hessian_diag(task.loss)
@@ -72,7 +75,13 @@ def make_step(task, update_freq, lr_fn, wd):
   def step(params, state, batch):
     loss, grads, hd = vgh(params, state, batch)
     refresh = adahessian_jax.is_refresh_step(state)
+    if floor:
+      rules = spatial.resolve_rules(averaging, params)
+      hd = spatial.apply_rules(rules, jax.tree.map(jnp.abs, hd))
+      hd = C.floor_estimate(hd, floor, global_fallback=True)
     u, new_state = tx.update(grads, state, params, hessian_diag=hd)
+    if clip:
+      u = jax.tree.map(lambda x: jnp.clip(x, -clip, clip), u)
     if update_freq > 1:
       d = new_state.hessian
     else:
@@ -101,7 +110,10 @@ def make_step(task, update_freq, lr_fn, wd):
 
 def run_case(name, case):
   task, steps, lr_fn, wd = case_setup(case)
-  tx, step = make_step(task, case["update_freq"], lr_fn, wd)
+  tx, step = make_step(
+    task, case["update_freq"], lr_fn, wd, case.get("floor", 0.0), case.get("clip", 0.0)
+  )
+  steps = case.get("steps", steps)
   seeds = case.get("seeds", SEEDS)
   keys = [jax.random.split(jax.random.key(s), 3) for s in seeds]
   params = jax.vmap(task.init)(jnp.stack([k[0] for k in keys]))
@@ -111,14 +123,19 @@ def run_case(name, case):
   init_loss = np.asarray(
     jax.vmap(task.loss)(params, sample(task.data, jnp.stack([k[1] for k in keys])))
   )
-  losses, refreshes, detail = [], [], []
+  losses, refreshes, detail, umax, zfrac = [], [], [], [], []
+  is_stats = lambda x: isinstance(x, dict) and "mean_D" in x
   for t in range(steps):
     params, states, loss, refresh, stats = step(params, states, sample(task.data, data_keys[:, t]))
     losses.append(np.asarray(loss))
     refreshes.append(bool(np.asarray(refresh)[0]))
+    flat = jax.tree.leaves(stats, is_leaf=is_stats)
+    umax.append(np.stack([np.asarray(s_["q_abs_u"])[:, -1] for s_ in flat], 1))  # (seeds, leaves)
+    zfrac.append(np.stack([np.asarray(s_["frac_D_below_1pct"]) for s_ in flat], 1))
     if t < DETAIL_STEPS or t % 25 == 24:
       detail.append((t, jax.tree.map(np.asarray, stats)))
   losses = np.stack(losses, 1)  # (seeds, steps)
+  umax, zfrac = np.stack(umax, 1), np.stack(zfrac, 1)  # (seeds, steps, leaves)
   metrics = {
     k: np.asarray(v) for k, v in jax.vmap(task.evaluate, (0, None))(params, task.data).items()
   }
@@ -147,8 +164,6 @@ def run_case(name, case):
           },
         }
       )
-    # The largest |update|/lr over the leaves, per recorded step, and which leaf it was.
-    max_u = [max(r["leaves"].items(), key=lambda kv: kv[1]["q_abs_u"][-1]) for r in rows]
     early = [r for r in rows if r["step"] < (spike_step if spike_step is not None else 30)]
     per_seed.append(
       {
@@ -168,9 +183,11 @@ def run_case(name, case):
           key=lambda x: x[2],
           default=None,
         ),
-        "max_abs_u_per_step": [
-          [r["step"], m[0], m[1]["q_abs_u"][-1]] for r, m in zip(rows, max_u, strict=True)
-        ],
+        # Every step: the largest |update|/lr over the leaves and which leaf it was, and the
+        # largest share of entries of a leaf with D < 1 % of the leaf's mean.
+        "max_abs_u_per_step": _sig(umax[i].max(1)),
+        "max_abs_u_leaf_per_step": [leaves[j] for j in umax[i].argmax(1)],
+        "max_frac_D_below_1pct_per_step": _sig(zfrac[i].max(1)),
         "losses": _sig(losses[i]),
         "steps": rows,
       }
@@ -201,14 +218,10 @@ def plot(out, path):
       lab = f"seed {s['seed']} ({'failed' if s['failed'] else 'ok'})"
       loss = np.asarray(s["losses"][:n_show], float)
       axes[0, j].plot(np.arange(n_show), loss, color=c, lw=1, alpha=0.8, label=lab)
-      mu = np.asarray([m[2] for m in s["max_abs_u_per_step"]], float)
-      st = np.asarray([m[0] for m in s["max_abs_u_per_step"]])
-      keep = st < n_show
-      axes[1, j].plot(st[keep], mu[keep], color=c, lw=1, alpha=0.8)
-      # Worst leaf's 1 % quantile of D / mean_leaf(D), per recorded step.
-      q01 = [min(v["q_D_rel"][1] for v in r["leaves"].values()) for r in s["steps"]]
-      stq = np.asarray([r["step"] for r in s["steps"]])
-      axes[2, j].plot(stq[stq < n_show], np.asarray(q01)[stq < n_show], color=c, lw=1, alpha=0.8)
+      mu = np.asarray(s["max_abs_u_per_step"][:n_show], float)
+      axes[1, j].plot(np.arange(n_show), mu, color=c, lw=1, alpha=0.8)
+      zf = np.asarray(s["max_frac_D_below_1pct_per_step"][:n_show], float)
+      axes[2, j].plot(np.arange(n_show), 100 * zf, color=c, lw=1, alpha=0.8)
     axes[0, j].set_title(f"{name} (lr {res['lr_peak']:.3g}, k={res['case']['update_freq']})")
     axes[0, j].set_yscale("log")
     axes[0, j].set_ylabel("training loss")
@@ -216,8 +229,8 @@ def plot(out, path):
     axes[1, j].set_yscale("log")
     axes[1, j].axhline(1.0, color="k", lw=0.6, ls=":")
     axes[1, j].set_ylabel("max |update| / lr  (largest leaf)")
-    axes[2, j].set_yscale("symlog", linthresh=1e-4)
-    axes[2, j].set_ylabel("1% quantile of D / mean_leaf(D)\n(worst leaf)")
+    axes[2, j].set_ylim(-3, 103)
+    axes[2, j].set_ylabel("% of entries with D < 1% of leaf mean\n(worst leaf)")
     axes[2, j].set_xlabel("step")
     for a in axes[:, j]:
       a.grid(alpha=0.3)
@@ -238,7 +251,8 @@ def main():
   }
   out["spike_rule"] = f"first step whose training loss exceeds {SPIKE_FACTOR}x the initial loss"
   out["detail_steps"] = f"every step < {DETAIL_STEPS}, then every 25th"
-  path = os.path.join(C.RESULTS, "diagnosis.json")
+  name = os.environ.get("DIAGNOSIS_NAME", "diagnosis")  # results/<name>.json
+  path = os.path.join(C.RESULTS, f"{name}.json")
   old = {}
   if os.path.exists(path):  # a run of some cases keeps the others
     with open(path) as f:
@@ -257,9 +271,9 @@ def main():
   for res in out["cases"].values():  # keep the file small: detail on early steps only
     for sd in res["seeds"]:
       sd["steps"] = [r for r in sd["steps"] if r["step"] < DETAIL_STEPS or r["step"] % 25 == 24]
-  C.write_json("diagnosis", out, compact=True)
+  C.write_json(name, out, compact=True)
   os.makedirs(C.FIGURES, exist_ok=True)
-  plot(out, os.path.join(C.FIGURES, "stability_diagnosis.png"))
+  plot(out, os.path.join(C.FIGURES, f"stability_{name}.png"))
 
 
 if __name__ == "__main__":
