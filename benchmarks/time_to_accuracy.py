@@ -26,7 +26,9 @@ Method (the clock sees training steps only):
   run that did not reach the target as infinitely slow (so the median is "not reached" when
   half of the seeds or more did not reach it).
 * ``uptime`` load averages are recorded (and printed) before and after each task: take timings
-  only on an idle machine (load average < 1 before and after).
+  only on an idle machine (load average < 1 before and after). The load average after a task
+  includes this process's own work (up to ~1-2), so the CPU time other processes used during the
+  timed loop is recorded too (``other_processes_cores``, from ``/proc/stat``; ~0 when idle).
 
 Commands (one per task; each updates its task in the results JSON and writes its figure):
 
@@ -212,6 +214,43 @@ def load_average() -> dict[str, Any]:
   return {"uptime": line, "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+  """(CPU seconds all processes have used, CPU seconds this process has used), from
+  ``/proc/stat`` (Linux); ``None`` elsewhere."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [float(x) for x in f.readline().split()[1:9]]  # up to steal; guest is in user
+  except (OSError, ValueError):
+    return None
+  busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # minus idle, iowait
+  own = os.times()
+  return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_processes_cores(start: tuple[float, float] | None, wall_s: float) -> float | None:
+  """Mean number of cores that other processes kept busy since ``start`` (``_cpu_seconds()``).
+
+  The load average after a run includes the run itself (up to ~1-2 on its own); this measures
+  only the rest of the machine over the timed part.
+  """
+  end = _cpu_seconds()
+  if start is None or end is None or wall_s <= 0:
+    return None
+  return round(max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / wall_s, 3)
+
+
+def idle_verdict(entry: dict[str, Any]) -> str:
+  """Whether a task's times were taken on an idle machine, in words."""
+  before, after = entry["load_before"]["loadavg"][0], entry["load_after"]["loadavg"][0]
+  others = entry["other_processes_cores"]
+  line = f"1-min load {before} before, {after} after; other processes {others} cores: "
+  if before < 1 and after < 1:
+    return line + "idle (load < 1 before and after)"
+  if before < 1 and others is not None and others < 0.25:
+    return line + "load after >= 1 is this run's own (other processes stayed under 0.25 core)"
+  return line + "NOT idle: do not use these times"
+
+
 def _summarize(runs: list[dict[str, Any]], targets: Sequence[float]) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for t in targets:
@@ -310,6 +349,7 @@ def run_task(name: str, quick: bool, seeds: Sequence[int], time_budget: float, s
     print(f"[{name}] {label(key)}: lr {lr:g}, compiled", flush=True)
 
   n_chunks = steps // chunk
+  cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
   for round_ in range(n_chunks):
     shift = round_ % len(runs)
     for run in runs[shift:] + runs[:shift]:
@@ -333,8 +373,10 @@ def run_task(name: str, quick: bool, seeds: Sequence[int], time_budget: float, s
         run.stopped = "non-finite"
       elif run.seconds[-1] >= time_budget:
         run.stopped = "time budget"
+  others = other_processes_cores(cpu_start, time.perf_counter() - wall_start)
   load_after = load_average()
   print(f"[{name}] load after: {load_after['uptime'] or load_after['loadavg']}", flush=True)
+  print(f"[{name}] other processes kept {others} cores busy during the timed loop", flush=True)
 
   for key in opts:
     records = []
@@ -360,6 +402,7 @@ def run_task(name: str, quick: bool, seeds: Sequence[int], time_budget: float, s
     "task_config": task.config,
     "load_before": load_before,
     "load_after": load_after,
+    "other_processes_cores": others,
     "optimizers": opts,
   }
 
@@ -482,13 +525,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       payload = json.load(f)
     if payload.get("quick") != args.quick:
       payload = {}
-  t_start = time.perf_counter()
+  environment = cli.environment()  # at the start of this command
   tasks = payload.get("tasks", {})
   for name in args.tasks:
+    t_start = time.perf_counter()
     tasks[name] = run_task(name, args.quick, args.seeds, args.time_budget, args.steps)
-    tasks[name]["command"] = "python " + " ".join(
-      [os.path.relpath(sys.argv[0])] + [a for a in sys.argv[1:]]
-    )
+    tasks[name]["command"] = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    tasks[name]["environment"] = environment
+    tasks[name]["wall_s"] = round(time.perf_counter() - t_start, 1)
   tasks = {n: tasks[n] for n in TASK_NAMES if n in tasks}
   payload.update(
     experiment="time_to_accuracy",
@@ -496,15 +540,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     method=__doc__.split("Method")[1].split("Commands")[0].strip(" :\n"),
     tasks=tasks,
     table_markdown=table(tasks),
-    environment=cli.environment(),
-    wall_s=round(time.perf_counter() - t_start, 1),
   )
   print(payload["table_markdown"])
   for name in args.tasks:
-    before, after = tasks[name]["load_before"]["loadavg"], tasks[name]["load_after"]["loadavg"]
-    ok = max(before[0], after[0]) < 1
-    print(f"[{name}] 1-min load {before[0]} before, {after[0]} after: "
-          + ("idle" if ok else "NOT idle (load >= 1): do not use these times"))  # fmt: skip
+    print(f"[{name}] {idle_verdict(tasks[name])}")
   cli.write_json(args.out, "time_to_accuracy", payload)
   print(f"wrote {path}")
   plt = cli.pyplot()

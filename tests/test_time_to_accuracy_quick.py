@@ -78,6 +78,9 @@ def test_quick_json_structure(quick):
       assert len(entry[when]["loadavg"]) == 3
       assert all(math.isfinite(x) and x >= 0 for x in entry[when]["loadavg"])
       assert f"[{name}] load {when.split('_')[1]}" in log
+    others = entry["other_processes_cores"]
+    assert others is None or (math.isfinite(others) and others >= 0)
+    assert f"[{name}] 1-min load" in log  # the idle verdict
     keys = [key for key, _, _ in tta.optimizers_for(name)]
     assert list(entry["optimizers"]) == keys
     assert ("adamw" in keys) == (name == "lm")
