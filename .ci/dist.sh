@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Distribution lane: builds the sdist and the wheel (the wheel from the sdist, so the sdist is
+# complete), fails on any build warning, checks the metadata with twine, checks what the wheel
+# holds, then installs the wheel alone (core dependencies only) in a fresh virtual environment and
+# runs the core smoke test there, and finally adds the [flax] extra and imports the Flax helpers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+python -m pip install --quiet "build>=1.2" "twine>=6.1"
+
+echo "== build"
+# With PYTHONDONTWRITEBYTECODE set (as on this machine) setuptools warns that it skips
+# byte-compiling, which is about the environment, not the package: build without it.
+if ! env -u PYTHONDONTWRITEBYTECODE python -m build --outdir "$work/dist" . >"$work/build.log" 2>&1; then
+  cat "$work/build.log"
+  exit 1
+fi
+# pip, which build runs to install setuptools, warns on this machine about each project missing
+# from a local index folder named in its configuration ("Location ... is ignored"): those lines
+# are about the machine, not the package, and are the only ones let through.
+if grep -i "warn" "$work/build.log" | grep -v "is ignored: it is neither a file nor a directory"; then
+  echo "python -m build printed the warnings above"
+  exit 1
+fi
+twine check --strict "$work"/dist/*
+wheel=$(ls "$work"/dist/*.whl)
+version=$(basename "$wheel" | cut -d- -f2)
+python - "$wheel" "$work"/dist/*.tar.gz <<'EOF'
+import sys
+import tarfile
+import zipfile
+
+wheel, sdist = sys.argv[1:]
+names = zipfile.ZipFile(wheel).namelist()
+metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+expected = ["adahessian_jax/py.typed", "adahessian_jax/__init__.py", "adahessian_jax/hessian/__init__.py"]
+missing = [n for n in expected if n not in names]
+missing += [] if any(n.endswith(".dist-info/licenses/LICENSE") for n in names) else ["LICENSE"]
+assert not missing, f"the wheel lacks {missing}"
+for field in (b"License-Expression: Apache-2.0", b"License-File: LICENSE", b"Provides-Extra: flax"):
+  assert field in metadata, f"the wheel's METADATA lacks {field.decode()!r}"
+sdist_names = tarfile.open(sdist).getnames()
+for name in ("LICENSE", "pyproject.toml", "adahessian_jax/py.typed"):
+  assert any(n.endswith("/" + name) for n in sdist_names), f"the sdist lacks {name}"
+print(f"wheel and sdist hold py.typed and LICENSE; metadata: Apache-2.0 by SPDX expression")
+EOF
+
+echo "== the wheel alone, core dependencies only"
+python3 -m venv "$work/venv"
+"$work/venv/bin/python" -m pip install --quiet --no-compile "$wheel"
+(cd "$work" && "$work/venv/bin/python" "$root/.ci/smoke_core.py" "$version")
+
+echo "== the wheel with the [flax] extra"
+"$work/venv/bin/python" -m pip install --quiet --no-compile "$wheel[flax]"
+(cd "$work" && "$work/venv/bin/python" -c "
+import adahessian_jax.linen, adahessian_jax.nnx, flax, orbax.checkpoint
+print('adahessian_jax.linen and .nnx import with flax', flax.__version__)")
