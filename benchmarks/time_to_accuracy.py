@@ -16,9 +16,9 @@ Method (the clock sees training steps only):
   chunk each in turn (the starting run rotating every round), in one process, so that slow drift
   of the machine affects every optimizer alike.
 * AdaHessian with ``k > 1`` uses the fused route with the refresh decided on the host: one
-  period of the chunk's scan is a ``refresh=True`` step followed by ``k - 1`` ``refresh=False``
-  steps, unrolled, so no step contains a ``lax.cond``. Chunks are a multiple of 4 steps, so every
-  chunk starts a period.
+  period of the chunk's scan is a step compiled with ``refresh=True`` followed by ``k - 1`` steps
+  compiled with ``refresh=False`` (an inner scan), so no step contains a ``lax.cond``. Chunks are
+  a multiple of 4 steps, so every chunk starts a period.
 * A run stops at its step budget (the steps of the tuned schedule, as in the headline runs),
   when its time budget is spent, or when the training loss or the metric becomes non-finite.
 * Seconds to target: the cumulative training seconds at the first evaluation that meets the
@@ -143,33 +143,41 @@ def _host_refresh_step(tx: optax.GradientTransformation, loss_fn, refresh: bool)
 def make_chunk(task: Task, tx: optax.GradientTransformation, hessian: bool, update_freq: int):
   """``(params, opt_state, keys, data) -> (params, opt_state, losses)``: ``len(keys)`` steps.
 
-  One step per key (the key draws the step's mini-batch). For AdaHessian with ``update_freq``
-  ``k > 1`` the scan runs over periods of ``k`` steps, unrolled as one refreshing step and
-  ``k - 1`` others; ``len(keys)`` must then be a multiple of ``k`` and the state's step count a
+  One step per key (the key draws the step's mini-batch), one ``lax.scan`` iteration per step.
+  For AdaHessian with ``update_freq`` ``k > 1`` the scan runs over periods of ``k`` steps: one
+  step compiled with ``refresh=True``, then an inner scan of ``k - 1`` steps compiled with
+  ``refresh=False``, so no step has a conditional and the program holds each kind of step once
+  whatever ``k``. ``len(keys)`` must then be a multiple of ``k``, and the state's step count a
   multiple of ``k`` when the chunk starts. Not jitted.
   """
   if not hessian or update_freq == 1:
+    period = 1
     step = make_step(tx, task.loss, "fused" if hessian else "plain")
-    steps = [step]
   else:
+    period = update_freq
     fresh, stale = (_host_refresh_step(tx, task.loss, r) for r in (True, False))
-    steps = [fresh] + [stale] * (update_freq - 1)
-  period = len(steps)
+
+  def scan_steps(step, params, opt_state, keys, data):
+    def body(carry, key):
+      params, opt_state, loss = step(*carry, task.sample(data, key))
+      return (params, opt_state), loss
+
+    return jax.lax.scan(body, (params, opt_state), keys)
 
   def chunk(params, opt_state, keys, data):
     if keys.shape[0] % period:
       raise ValueError(f"a chunk of {keys.shape[0]} steps is not a multiple of k={period}")
+    if period == 1:
+      (params, opt_state), losses = scan_steps(step, params, opt_state, keys, data)
+      return params, opt_state, losses
 
-    def body(carry, period_keys):
-      params, opt_state = carry
-      losses = []
-      for step, key in zip(steps, period_keys, strict=True):
-        params, opt_state, loss = step(params, opt_state, task.sample(data, key))
-        losses.append(loss)
-      return (params, opt_state), jnp.stack(losses)
+    def one_period(carry, period_keys):
+      params, opt_state, loss = fresh(*carry, task.sample(data, period_keys[0]))
+      carry, losses = scan_steps(stale, params, opt_state, period_keys[1:], data)
+      return carry, jnp.concatenate([loss[None], losses])
 
-    (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), keys.reshape(-1, period))
-    return params, opt_state, losses.reshape(-1)
+    carry, losses = jax.lax.scan(one_period, (params, opt_state), keys.reshape(-1, period))
+    return *carry, losses.reshape(-1)
 
   return chunk
 

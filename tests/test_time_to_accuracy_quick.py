@@ -167,7 +167,7 @@ def _toy_task() -> Task:
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_unrolled_host_refresh_chunk_equals_the_scheduled_route(k):
+def test_host_refresh_chunk_equals_the_scheduled_route(k):
   """The chunk's period (one refresh=True step, k-1 refresh=False steps, no conditional) gives
   the trajectory of the library's single-program schedule (refresh read from the state)."""
   task = _toy_task()
