@@ -7,7 +7,6 @@ from typing import Any, cast
 import jax
 import jax.core
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
@@ -80,23 +79,14 @@ def _check_state(
       f"the AdaHessian state was made with lazy_moment={made!r} but the transform has "
       f"lazy_moment={used!r}." + fix
     )
-  if not isinstance(state.update_freq, jax.core.Tracer):
-    if int(state.update_freq) != update_freq:
-      raise ValueError(
-        f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
-        f"transform has update_freq={update_freq}." + fix
-      )
-    return
-
-  def check(stored):  # the stored value is only known at run time under jit
-    stored = np.unique(np.asarray(stored))
-    if stored.tolist() != [update_freq]:
-      raise ValueError(
-        f"the AdaHessian state was made with update_freq={stored.tolist()} but the transform "
-        f"has update_freq={update_freq}." + fix
-      )
-
-  jax.debug.callback(check, state.update_freq)
+  # Under jit the stored value is unknown (a per-step host check would cost every step); the
+  # transform writes its own update_freq into the new state, so a resumed state with another
+  # frequency follows the transform's from its second step on, in both routes alike.
+  if not isinstance(state.update_freq, jax.core.Tracer) and int(state.update_freq) != update_freq:
+    raise ValueError(
+      f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
+      f"transform has update_freq={update_freq}." + fix
+    )
 
 
 def _check_estimate(estimate: Any, like: Any) -> None:
@@ -420,7 +410,7 @@ def scale_by_adahessian(
       mu=optax.tree.cast(mu, mu_dtype),
       nu=nu,
       hessian=d,
-      update_freq=state.update_freq,
+      update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
     # A non-finite estimate (or an overflow of D²) skips the step: zero update, state untouched.
     return _unless_finite_keep(_all_finite(nu), updates, new_state, state)
