@@ -44,7 +44,7 @@ SEEDS = (0, 1, 2, 3)
 Q_D = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)  # quantiles of D / mean_leaf(D)
 Q_U = (0.5, 0.99, 1.0)  # quantiles of |u| = |update| / lr
 Q_V = (0.0, 0.01, 0.5, 1.0)  # quantiles of sqrt(v_hat)
-DETAIL_STEPS = 30  # full per-leaf statistics for the first steps, then every 25th step
+DETAIL_STEPS = 10  # full per-leaf statistics for the first steps, then every 50th step
 SPIKE_FACTOR = 2.0  # the loss spikes at the first step whose loss exceeds 2x the initial loss
 
 
@@ -132,7 +132,7 @@ def run_case(name, case):
     flat = jax.tree.leaves(stats, is_leaf=is_stats)
     umax.append(np.stack([np.asarray(s_["q_abs_u"])[:, -1] for s_ in flat], 1))  # (seeds, leaves)
     zfrac.append(np.stack([np.asarray(s_["frac_D_below_1pct"]) for s_ in flat], 1))
-    if t < DETAIL_STEPS or t % 25 == 24:
+    if t < DETAIL_STEPS or t % 50 == 49:
       detail.append((t, jax.tree.map(np.asarray, stats)))
   losses = np.stack(losses, 1)  # (seeds, steps)
   umax, zfrac = np.stack(umax, 1), np.stack(zfrac, 1)  # (seeds, steps, leaves)
@@ -183,10 +183,11 @@ def run_case(name, case):
           key=lambda x: x[2],
           default=None,
         ),
-        # Every step: the largest |update|/lr over the leaves and which leaf it was, and the
+        # Every step: the largest |update|/lr over the leaves and which leaf it was (an index
+        # into "leaves"), and the
         # largest share of entries of a leaf with D < 1 % of the leaf's mean.
         "max_abs_u_per_step": _sig(umax[i].max(1)),
-        "max_abs_u_leaf_per_step": [leaves[j] for j in umax[i].argmax(1)],
+        "max_abs_u_leaf_per_step": umax[i].argmax(1).tolist(),  # index into "leaves"
         "max_frac_D_below_1pct_per_step": _sig(zfrac[i].max(1)),
         "losses": _sig(losses[i]),
         "steps": rows,
@@ -250,9 +251,9 @@ def main():
     "quantiles": {"D_rel": Q_D, "abs_u": Q_U, "sqrt_vhat": Q_V},
   }
   out["spike_rule"] = f"first step whose training loss exceeds {SPIKE_FACTOR}x the initial loss"
-  out["detail_steps"] = f"every step < {DETAIL_STEPS}, then every 25th"
-  name = os.environ.get("DIAGNOSIS_NAME", "diagnosis")  # results/<name>.json
-  path = os.path.join(C.RESULTS, f"{name}.json")
+  out["detail_steps"] = f"every step < {DETAIL_STEPS}, then every 50th"
+  out_name = os.environ.get("DIAGNOSIS_NAME", "diagnosis")  # results/<out_name>.json
+  path = os.path.join(C.RESULTS, f"{out_name}.json")
   old = {}
   if os.path.exists(path):  # a run of some cases keeps the others
     with open(path) as f:
@@ -270,10 +271,10 @@ def main():
       )
   for res in out["cases"].values():  # keep the file small: detail on early steps only
     for sd in res["seeds"]:
-      sd["steps"] = [r for r in sd["steps"] if r["step"] < DETAIL_STEPS or r["step"] % 25 == 24]
-  C.write_json(name, out, compact=True)
+      sd["steps"] = [r for r in sd["steps"] if r["step"] < DETAIL_STEPS or r["step"] % 50 == 49]
+  C.write_json(out_name, out, compact=True)
   os.makedirs(C.FIGURES, exist_ok=True)
-  plot(out, os.path.join(C.FIGURES, f"stability_{name}.png"))
+  plot(out, os.path.join(C.FIGURES, f"stability_{out_name}.png"))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,36 @@ def tables(seeds):
   return "\n\n".join(out)
 
 
+def diagnosis_table(name: str = "diagnosis") -> str:
+  """One row per (case, seed) of ``results/<name>.json``, failed seeds first."""
+  with open(os.path.join(C.RESULTS, f"{name}.json")) as f:
+    cases = json.load(f)["cases"]
+  lines = [
+    "| case | seed | result | loss spike at step | max loss | largest \\|update\\|/lr, "
+    "steps 0-29 (leaf, step) | entries with D < 1 % of leaf mean at step 0 (worst leaf) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for cname, c in cases.items():
+    for s in sorted(c["seeds"], key=lambda s: (not s["failed"], s["seed"])):
+      u = s["max_abs_u_per_step"][:30]
+      t = max(range(len(u)), key=lambda i: u[i])
+      leaf = c["leaves"][s["max_abs_u_leaf_per_step"][t]].replace("']['", "/").strip("[']")
+      zero = max(s["steps"][0]["leaves"].items(), key=lambda kv: kv[1]["frac_D_below_1pct"])
+      zleaf = zero[0].replace("']['", "/").strip("[']")
+      acc, loss = s["final"].get("acc"), s["final"]["loss"]
+      result = "failed" if s["failed"] else "ok"
+      result += f" ({100 * acc:.1f} %)" if acc is not None else f" (loss {loss:.3g})"
+      spike = "-" if s["spike_step"] is None else str(s["spike_step"])
+      lines.append(
+        f"| {cname} | {s['seed']} | {result} | {spike} | {s['max_loss']:.3g} | "
+        f"{u[t]:.3g} ({leaf}, {t}) | {100 * zero[1]['frac_D_below_1pct']:.0f} % ({zleaf}) |"
+      )
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", type=int, default=4)
-  print(tables(p.parse_args().seeds))
+  p.add_argument("--diagnosis", action="store_true", help="the diagnosis table instead")
+  a = p.parse_args()
+  print(diagnosis_table() if a.diagnosis else tables(a.seeds))

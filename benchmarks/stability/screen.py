@@ -37,6 +37,8 @@ CONFIGS = {
   "floor_g_clip.5": {"floor": 0.1, "floor_global": True, "clip": 0.5},
   "floor_g_clip2": {"floor": 0.1, "floor_global": True, "clip": 2.0},
   "floor.3_g_clip": {"floor": 0.3, "floor_global": True, "clip": 1.0},
+  "floor_clip.1": {"floor": 0.1, "clip": 0.1},
+  "floor1_clip": {"floor": 1.0, "clip": 1.0},
 }
 # Cells per task: (update_freq, lr scale).
 CELLS = {
