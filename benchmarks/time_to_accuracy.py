@@ -61,8 +61,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import adahessian_jax
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = os.path.join(HERE, "paper")
 sys.path.insert(0, PAPER)
@@ -124,22 +122,6 @@ def color(key: str) -> str:
 # Training chunks ------------------------------------------------------------------------------
 
 
-def _host_refresh_step(tx: optax.GradientTransformation, loss_fn, refresh: bool):
-  """The fused AdaHessian step with the refresh decided on the host: no ``lax.cond`` inside.
-
-  Like ``make_step(tx, loss_fn, "fused")`` (examples/_common.py), with ``refresh`` passed to both
-  :func:`adahessian_jax.value_grad_and_hessian_diag` and ``tx.update``.
-  """
-  vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn, refresh=refresh)
-
-  def step(params, opt_state, batch):
-    loss, grads, hdiag = vgh(params, opt_state, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag, refresh=refresh)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
-
-
 def make_chunk(task: Task, tx: optax.GradientTransformation, hessian: bool, update_freq: int):
   """``(params, opt_state, keys, data) -> (params, opt_state, losses)``: ``len(keys)`` steps.
 
@@ -155,7 +137,7 @@ def make_chunk(task: Task, tx: optax.GradientTransformation, hessian: bool, upda
     step = make_step(tx, task.loss, "fused" if hessian else "plain")
   else:
     period = update_freq
-    fresh, stale = (_host_refresh_step(tx, task.loss, r) for r in (True, False))
+    fresh, stale = (make_step(tx, task.loss, "fused", refresh=r) for r in (True, False))
 
   def scan_steps(step, params, opt_state, keys, data):
     def body(carry, key):

@@ -197,7 +197,12 @@ def progress_bar(total: int, desc: str, disable: bool):
 ROUTES = ("plain", "fused", "value_fn", "obj_fn")
 
 
-def make_step(tx: optax.GradientTransformation, loss_fn: Callable, route: str = "plain"):
+def make_step(
+  tx: optax.GradientTransformation,
+  loss_fn: Callable,
+  route: str = "plain",
+  refresh: bool | None = None,
+):
   """The training step ``(params, opt_state, batch) -> (params, opt_state, loss)``, not jitted.
 
   Args:
@@ -208,19 +213,26 @@ def make_step(tx: optax.GradientTransformation, loss_fn: Callable, route: str = 
       gradient (:func:`adahessian_jax.value_grad_and_hessian_diag`) as ``hessian_diag``.
       ``"value_fn"``: the loss on the batch as ``value_fn`` (AdaHessian's closure route).
       ``"obj_fn"``: the loss on the batch as ``obj_fn`` (``optax.contrib.sophia``).
+    refresh: For the fused route with ``update_freq > 1``: ``None`` follows the schedule in the
+      state (``lax.cond`` under ``jit``); a Python bool fixes the step to a refresh (``True``) or a
+      non-refresh step (``False``), decided on the host, with no conditional.
 
   Returns:
     The step function.
   """
   if route not in ROUTES:
     raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+  if refresh is not None and route != "fused":
+    raise ValueError(f"refresh is for the fused route, got route={route!r}")
   if route == "fused":
-    value_grad_hdiag = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
+    value_grad_hdiag = adahessian_jax.value_grad_and_hessian_diag(loss_fn, refresh=refresh)
 
   def step(params, opt_state, batch):
     if route == "fused":
       loss, grads, hdiag = value_grad_hdiag(params, opt_state, batch)
       extra = {"hessian_diag": hdiag}
+      if refresh is not None:
+        extra["refresh"] = refresh
     else:
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
       extra = {} if route == "plain" else {route: lambda p: loss_fn(p, batch)}
