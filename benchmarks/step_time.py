@@ -32,8 +32,12 @@ over at least ``--sweep-units`` steps (and at least 10 cycles; Adam over
 
 Groups: ``main`` (SGD, Adam, AdaHessian closure and fused paths, Sophia with
 Hutchinson, all refreshing every step), ``freq`` (refresh interval 1..5 of the
-fused path and of Sophia, the paper's Table 6 analogue) and ``n_samples``
-(probes 1..4, fused path).
+fused path and of Sophia, the paper's Table 6 analogue), ``lazy`` (refresh
+interval 2..5 of the fused path three ways: the single program with its
+``lax.cond``, the refresh decided on the host with two programs, and the host
+route with ``lazy_moment="refresh"``), ``stabilized`` (the fused path at k = 1,
+the paper's exact rule against ``STABILIZED``, the recommended stabilizers)
+and ``n_samples`` (probes 1..4, fused path).
 
 The step of each optimizer is the one a user writes:
 
@@ -42,7 +46,9 @@ The step of each optimizer is the one a user writes:
   ``tx.update(g, st, p, value_fn=lambda q: loss_fn(q, batch))``;
 * AdaHessian fused path: ``loss, g, h = vgh(p, st, batch)`` with
   ``vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)``, then
-  ``tx.update(g, st, p, hessian_diag=h)``;
+  ``tx.update(g, st, p, hessian_diag=h)``; on the host route the same with
+  ``refresh=True`` or ``False`` given to both, one compiled program each, the
+  first called when ``step % k == 0``;
 * Sophia: ``value_and_grad``, then
   ``tx.update(g, st, p, obj_fn=lambda q: loss_fn(q, batch))`` with
   ``optax.contrib.sophia(..., update_interval=k,
@@ -86,11 +92,18 @@ ROUTES = {
 }
 
 
+#: The stabilizers of the recommended configuration (their values do not change the cost).
+STABILIZED = {"curvature_floor": 0.1, "update_clip": 1.0}
+
+
 @dataclass(frozen=True)
 class Config:
   kind: str  # sgd | adam | closure | fused | sophia
   freq: int = 1
   n_samples: int = 1
+  host: bool = False  # fused path: refresh decided on the host, two programs
+  moment: str = "repeat"  # lazy_moment
+  stabilized: bool = False  # fused path with STABILIZED
 
   @property
   def label(self) -> str:
@@ -106,11 +119,20 @@ class Config:
       out += f" k={self.freq}"
     if self.kind in ("closure", "fused") and self.n_samples > 1:
       out += f" n={self.n_samples}"
+    if self.host:
+      out += " host"
+    if self.moment != "repeat":
+      out += f" {self.moment}-moment"
+    if self.stabilized:
+      out += " stabilized"
     return out
 
   @property
   def key(self) -> str:
-    return f"{self.kind}_k{self.freq}_n{self.n_samples}"
+    extra = ("_host" if self.host else "") + ("_" + self.moment if self.moment != "repeat" else "")
+    return f"{self.kind}_k{self.freq}_n{self.n_samples}{extra}" + (
+      "_stab" if self.stabilized else ""
+    )
 
 
 def make_tx(cfg: Config) -> optax.GradientTransformation:
@@ -119,7 +141,13 @@ def make_tx(cfg: Config) -> optax.GradientTransformation:
   if cfg.kind == "adam":
     return optax.adam(1e-3)
   if cfg.kind in ("closure", "fused"):
-    return adahessian_jax.adahessian(0.01, update_freq=cfg.freq, n_samples=cfg.n_samples)
+    return adahessian_jax.adahessian(
+      0.01,
+      update_freq=cfg.freq,
+      n_samples=cfg.n_samples,
+      lazy_moment=cfg.moment,
+      **(STABILIZED if cfg.stabilized else {}),
+    )
   if cfg.kind == "sophia":
     return sophia(
       1e-3,
@@ -179,16 +207,27 @@ class Compiled:
     step = make_step(self.tx, problem.loss_fn, ROUTES[cfg.kind])
     batch = problem.batches[0]
     t0 = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
-    self.executable = lowered.compile()
+    self.stale_executable = None
+    if not cfg.host:
+      lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
+      self.executable = lowered.compile()
+    else:  # the refresh decided on the host: one program per decision, no lax.cond
+      self.executable, self.stale_executable = (
+        jax.jit(make_step(self.tx, problem.loss_fn, "fused", refresh=r), donate_argnums=(0, 1))
+        .lower(params, opt_state, batch)
+        .compile()
+        for r in (True, False)
+      )
     self.compile_s = time.perf_counter() - t0
     self.xla_flops_raw = _flops(self.executable)
-    if cfg.freq == 1:
+    if cfg.host:
+      self.flops_refresh, self.flops_skip = self.xla_flops_raw, _flops(self.stale_executable)
+    elif cfg.freq == 1:
       self.flops_refresh = self.flops_skip = self.xla_flops_raw
     else:
       # The refresh and the other step are the same programs for every k > 1
       # (k is only a constant in the schedule): compile them once per kind.
-      kind = (cfg.kind, cfg.n_samples)
+      kind = (cfg.kind, cfg.n_samples, cfg.moment)
       if kind not in branch_flops:
         branch_flops[kind] = tuple(
           flops_at_count(step, params, opt_state, batch, c) for c in (0, 1)
@@ -220,6 +259,7 @@ class Runner:
       cache[cfg] = Compiled(cfg, problem, cache.setdefault("branch_flops", {}))
     c = self.c = cache[cfg]
     self.compiled = c.executable
+    self.stale = c.stale_executable
     self.params = jax.tree.map(jnp.array, problem.params)  # own copy: it is donated
     self.opt_state = c.tx.init(self.params)
     self.batches = problem.batches
@@ -238,7 +278,10 @@ class Runner:
     loss = None
     for _ in range(self.cfg.freq):
       batch = self.batches[self.step_index % len(self.batches)]
-      self.params, self.opt_state, loss = self.compiled(self.params, self.opt_state, batch)
+      run = self.compiled
+      if self.stale is not None and self.step_index % self.cfg.freq:
+        run = self.stale
+      self.params, self.opt_state, loss = run(self.params, self.opt_state, batch)
       self.step_index += 1
     jax.block_until_ready((self.params, self.opt_state, loss))
     dt = (time.perf_counter() - t0) / self.cfg.freq
@@ -283,6 +326,9 @@ def run_group(
         "kind": r.cfg.kind,
         "update_freq": r.cfg.freq,
         "n_samples": r.cfg.n_samples,
+        "host": r.cfg.host,
+        "lazy_moment": r.cfg.moment,
+        "stabilized": r.cfg.stabilized,
         "units_timed": len(r.unit_times),
         "steps_timed": len(r.unit_times) * r.cfg.freq,
         "ms_per_step_median": ms,
@@ -308,17 +354,33 @@ def run_group(
 
 def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, list[Config]]:
   main = [Config("sgd"), Config("adam"), Config("closure"), Config("fused"), Config("sophia")]
+  stabilized = [Config("adam"), Config("fused"), Config("fused", stabilized=True)]
   if quick:
     return {
       "main": main,
       "freq": [Config("adam"), Config("fused", 2)],
+      "lazy": [Config("adam"), Config("fused", 2, host=True)],
+      "stabilized": stabilized,
       "n_samples": [Config("adam"), Config("fused", 1, 2)],
     }
   freq = [Config("adam")]
   for k in freqs:
     freq += [Config("fused", k), Config("sophia", k)]
+  lazy = [Config("adam")]
+  for k in (k for k in freqs if k > 1):
+    lazy += [
+      Config("fused", k),
+      Config("fused", k, host=True),
+      Config("fused", k, host=True, moment="refresh"),
+    ]
   n_samples = [Config("adam")] + [Config("fused", 1, n) for n in ns]
-  return {"main": main, "freq": freq, "n_samples": n_samples}
+  return {
+    "main": main,
+    "freq": freq,
+    "lazy": lazy,
+    "stabilized": stabilized,
+    "n_samples": n_samples,
+  }
 
 
 def _mb(b: float) -> str:
@@ -343,7 +405,12 @@ def markdown_table(rows: list[dict]) -> str:
 def sweep_table(rows: list[dict], axis: str) -> str:
   """Time / Adam (FLOPs / Adam) per value of ``axis`` for closure, fused and Sophia."""
   values = sorted({r[axis] for r in rows if r["kind"] != "adam"})
-  kinds = [k for k in ("closure", "fused", "sophia") if any(r["kind"] == k for r in rows)]
+  variant = lambda r: (
+    r["kind"]
+    + (" host" if r.get("host") else "")
+    + (f" {r['lazy_moment']}-moment" if r.get("lazy_moment", "repeat") != "repeat" else "")
+  )
+  kinds = list(dict.fromkeys(variant(r) for r in rows if r["kind"] != "adam"))
   name = {"update_freq": "k", "n_samples": "n"}[axis]
   head = f"| {name} | " + " | ".join(f"{k}: time / Adam (FLOPs / Adam)" for k in kinds)
   if axis == "update_freq":
@@ -352,7 +419,7 @@ def sweep_table(rows: list[dict], axis: str) -> str:
   for v in values:
     cells = []
     for k in kinds:
-      r = next((r for r in rows if r["kind"] == k and r[axis] == v), None)
+      r = next((r for r in rows if variant(r) == k and r[axis] == v), None)
       cells.append(
         "–" if r is None else f"{r['time_ratio_adam']:.2f} ({r['flops_ratio_adam']:.2f})"
       )
@@ -400,6 +467,12 @@ def report(payload: dict) -> str:
     if "freq" in g:
       out.append("Refresh interval k (per-step averages over whole refresh cycles):\n")
       out.append(sweep_table(g["freq"], "update_freq"))
+    if "lazy" in g:
+      out.append("Lazy refresh, single program (lax.cond) vs decided on the host:\n")
+      out.append(sweep_table(g["lazy"], "update_freq"))
+    if "stabilized" in g:
+      out.append("Exact rule vs the recommended stabilizers (k = 1):\n")
+      out.append(markdown_table(g["stabilized"]))
     if "n_samples" in g:
       out.append("Probes per refresh n (k = 1):\n")
       out.append(sweep_table(g["n_samples"], "n_samples"))
@@ -437,7 +510,9 @@ def main(argv=None) -> int:
   ap.add_argument(
     "--models", default=None, help="comma-separated subset (default: all; with --quick: mlp)"
   )
-  ap.add_argument("--groups", default="main,freq,n_samples", help="comma-separated subset")
+  ap.add_argument(
+    "--groups", default="main,freq,lazy,stabilized,n_samples", help="comma-separated subset"
+  )
   ap.add_argument("--units", type=int, default=None, help="timed units (cycles) per optimizer")
   ap.add_argument("--sweep-units", type=int, default=None, help="timed units in the sweeps")
   ap.add_argument("--warmup", type=int, default=None, help="untimed units per optimizer")
@@ -483,7 +558,7 @@ def main(argv=None) -> int:
       model_res["groups"][gname] = rows
       log("")
       log(markdown_table(rows))
-      if gname == "freq":
+      if gname in ("freq", "lazy"):
         log(sweep_table(rows, "update_freq"))
       elif gname == "n_samples":
         log(sweep_table(rows, "n_samples"))
