@@ -1,7 +1,7 @@
 """Prints the declared minimum versions from pyproject.toml as pip pins.
 
-  python .ci/floors.py [EXTRA ...] [--skip NAME ...]  ->  jax==0.6.2 jaxlib==0.6.2 optax==0.2.5 ...
-  python .ci/floors.py --python                        ->  3.10
+  python .ci/floors.py [EXTRA ...] [--skip NAME ...]  ->  jax==0.7.0 optax==0.2.5 ... jaxlib==0.7.0
+  python .ci/floors.py --python                        ->  3.11
 
 Reads the core dependencies and the named extras, and pins every requirement that has a
 ``>=`` lower bound to that bound; a package named twice (the core and an extra) gets the higher

@@ -3,8 +3,8 @@
 # .ci/floors.py, so they cannot drift apart) and runs an explicit subset of the tests on them.
 #
 # Two environments, because the [flax] extra's floors cannot be installed with the core's:
-# flax 0.12.7 (the first with nnx.as_pure) requires jax 0.10.0, which requires numpy 2 and
-# Python 3.11, while the core works on jax 0.6.2, numpy 1.26 and Python 3.10.
+# flax 0.12.7 (the first with nnx.as_pure) requires jax 0.10.0, which requires numpy 2, while the
+# core works on jax 0.7.0 and numpy 1.26.
 #   core: the requires-python floor (when this machine has that Python; otherwise python3),
 #         jax == jaxlib, optax, numpy and the [plot] extra's matplotlib at their floors; no flax.
 #   flax: the [flax] extra's floors (flax, orbax-checkpoint, jax == jaxlib) with the core's optax
