@@ -16,7 +16,6 @@ import argparse
 import pathlib
 import re
 import sys
-
 import tomllib
 
 PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
