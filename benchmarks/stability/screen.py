@@ -39,6 +39,8 @@ CONFIGS = {
   "floor.3_g_clip": {"floor": 0.3, "floor_global": True, "clip": 1.0},
   "floor_clip.1": {"floor": 0.1, "clip": 0.1},
   "floor1_clip": {"floor": 1.0, "clip": 1.0},
+  "clip.1": {"clip": 0.1},
+  "floor_g_clip.1": {"floor": 0.1, "floor_global": True, "clip": 0.1},
 }
 # Cells per task: (update_freq, lr scale).
 CELLS = {
