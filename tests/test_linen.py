@@ -111,6 +111,8 @@ def test_apply_loss_with_batchnorm_and_dropout_matches_closure_route(setup, upda
     fused_state, loss = fused_step(fused_state, key)
     closure_state, _ = closure_step(closure_state, key)
     assert_trees_allclose(fused_state.batch_stats, expected_stats, rtol=1e-13)
-  assert_trees_allclose(fused_state.params, closure_state.params, rtol=1e-11, atol=1e-14)
+  # atol: a bias in front of BatchNorm has zero gradient and curvature; its entries are rounding
+  # noise (~1e-16) divided by eps, so the two routes' fusions differ there at ~1e-14.
+  assert_trees_allclose(fused_state.params, closure_state.params, rtol=1e-11, atol=1e-12)
   assert_trees_allclose(fused_state.batch_stats, closure_state.batch_stats, rtol=1e-11)
   assert eval_loss(fused_state) < (0.7 if update_freq == 1 else 0.95) * initial
