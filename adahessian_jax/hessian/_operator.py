@@ -343,7 +343,8 @@ def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
   Sliced on the host, so that no slice of a device array is compiled per offset.
   """
   data = np.asarray(jax.random.key_data(jax.random.split(key, num)))
-  return [jax.random.wrap_key_data(data[i : i + block_size]) for i in range(0, num, block_size)]
+  blocks = (jnp.asarray(data[i : i + block_size]) for i in range(0, num, block_size))
+  return [jax.random.wrap_key_data(b) for b in blocks]
 
 
 def _leading_size(batch: Any) -> int:
@@ -360,6 +361,7 @@ def _weights(batch: Any, batches: Iterable[Any] | None, batch_sizes) -> tuple[li
     raise ValueError("give exactly one of batch= or batches=")
   if batch is not None:
     return [batch], np.ones(1)
+  assert batches is not None  # one of the two is given (checked above)
   data = batches if isinstance(batches, Sequence) else list(batches)
   if not data:
     raise ValueError("batches is empty; give at least one batch")

@@ -166,10 +166,10 @@ def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chun
   flat = op.ravel(op.params)
   if op.coordinates is not None:  # a step d in the operator's coordinates moves θ by S d
     directions = directions * op.coordinates
-  coeffs = jnp.asarray(coeffs, op.dtype)
-  chunk = int(min(chunk, coeffs.shape[0]))
+  grid = jnp.asarray(coeffs, op.dtype)
+  chunk = int(min(chunk, grid.shape[0]))
   out = data.weighted_sum(
-    lambda b: _grid_losses(data.loss_fn, op.unravel, flat, directions, coeffs, b, chunk)
+    lambda b: _grid_losses(data.loss_fn, op.unravel, flat, directions, grid, b, chunk)
   )
   return np.asarray(out)
 
