@@ -46,6 +46,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
+import _common  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -71,17 +72,7 @@ def optimizers(block):
 
 def make_step(model, tx, hessian):
   loss_fn = lambda params, batch: cross_entropy(model, params, batch)
-  vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
-
-  def step(params, opt_state, batch):
-    if hessian:
-      loss, grads, hdiag = vgh(params, opt_state, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  step = _common.make_step(tx, loss_fn, "fused" if hessian else "plain")
   return jax.jit(step, donate_argnums=(0, 1))
 
 

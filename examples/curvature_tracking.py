@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -84,24 +85,8 @@ def load(seed):
 
 
 def make_step(name, tx, loss_fn):
-  if name == "AdaHessian":  # the fused route: loss, gradient and Hessian probe in one pass
-    vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-      loss, grads, hdiag = vgh(params, opt_state, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
+  # AdaHessian by the fused route: loss, gradient and Hessian probe in one pass.
+  return jax.jit(_common.make_step(tx, loss_fn, "fused" if name == "AdaHessian" else "plain"))
 
 
 def run(name, scale, init, loss_fn, train, probe_batch, cfg, compare_cold):

@@ -311,18 +311,9 @@ def cross_entropy(model, params, windows):
 
 def make_sharded_step(model, tx, hessian, param_sh, state_sh, batch_sh, mesh):
   """The pods-style step: one ``jax.jit`` with explicit shardings, params and state donated."""
-  loss_fn = functools.partial(cross_entropy, model)
-  vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
-
-  def step(params, opt_state, batch):
-    if hessian:
-      loss, grads, hdiag = vgh(params, opt_state, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  step = _common.make_step(
+    tx, functools.partial(cross_entropy, model), "fused" if hessian else "plain"
+  )
   replicated = NamedSharding(mesh, P())
   return jax.jit(
     step,
