@@ -27,9 +27,18 @@ __all__ = ["value_grad_and_hessian_diag"]
 
 
 def _mark_not_finite(grads: Any, estimate: Any) -> Any:
-  """``grads``, all NaN if ``estimate`` has a non-finite entry (for ``optax.apply_if_finite``)."""
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(e)) for e in jax.tree.leaves(estimate)]))
-  return jax.tree.map(lambda g: jnp.where(finite, g, jnp.full_like(g, jnp.nan)), grads)
+  """``grads`` with one entry NaN if ``estimate`` has a non-finite entry (for
+  ``optax.apply_if_finite``): a sum over the estimate and a one-entry update, no pass over
+  ``grads``."""
+  leaves = jax.tree.leaves(estimate)
+  if not leaves:
+    return grads
+  poison = jnp.sum(jnp.stack([jnp.sum(e, dtype=jnp.float32) for e in leaves])) * 0  # NaN iff any
+  flat, treedef = jax.tree.flatten(grads)
+  first = flat[0]
+  index = (0,) * first.ndim
+  flat[0] = first.at[index].add(poison.astype(first.dtype))
+  return jax.tree.unflatten(treedef, flat)
 
 
 def value_grad_and_hessian_diag(

@@ -190,8 +190,8 @@ def _second_moment(
   b2: Any,
   update_freq: int,
   lazy_moment: str,
-) -> tuple[Any, Any, jax.Array]:
-  """``(nu, D to store, the step count of nu's bias correction)`` for this step.
+) -> tuple[Any, Any, jax.Array, Any]:
+  """``(nu, D to store, the step count of nu's bias correction, the D that entered nu)``.
 
   ``curvature()`` computes this step's ``D``; it runs only on refresh steps.
   """
@@ -199,24 +199,30 @@ def _second_moment(
     optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2), state.nu
   )
   if update_freq == 1:
-    return moment(curvature(), b2), None, count
+    d = curvature()
+    return moment(d, b2), None, count, d
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     d = on_refresh(refresh, curvature, lambda: state.hessian)
-    return moment(d, b2), d, count
+    return moment(d, b2), d, count, d
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
   nu = on_refresh(refresh, lambda: moment(curvature(), b2**update_freq), lambda: state.nu)
-  return nu, None, update_freq * ((count - 1) // update_freq + 1)
+  return nu, None, update_freq * ((count - 1) // update_freq + 1), nu
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+def _freeze_non_finite(d: Any, updates: Any, new: Any, old: Any):
+  """Entries whose ``D`` is not finite keep their moments and stored ``D``, and do not move.
 
-
-def _unless_finite_keep(finite: jax.Array, updates: Any, new_state: Any, state: Any):
-  """``(updates, new_state)`` if ``finite``, else zero updates and the old ``state``."""
-  updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-  return updates, jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  Elementwise, so it fuses into the moment updates (no extra pass over the state).
+  """
+  ok = jax.tree.map(jnp.isfinite, d)
+  keep = lambda n, o, m: jnp.where(m, n, o)
+  updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, ok)
+  new = new._replace(
+    mu=jax.tree.map(keep, new.mu, old.mu, ok),
+    nu=jax.tree.map(keep, new.nu, old.nu, ok),
+    hessian=None if new.hessian is None else jax.tree.map(keep, new.hessian, old.hessian, ok),
+  )
+  return updates, new
 
 
 def scale_by_adahessian(
@@ -260,11 +266,13 @@ def scale_by_adahessian(
   ``n_samples`` probes), or precomputed as ``hessian_diag``. Either goes through
   the same absolute value, spatial averaging and moments.
 
-  A step whose estimate has a non-finite entry (e.g. a float16 overflow of
-  ``Hz``) is skipped: the update is zero and the state is returned unchanged,
-  so nothing non-finite reaches ``nu`` or the parameters. (The fused route,
-  :func:`adahessian_jax.value_grad_and_hessian_diag`, also marks such a step's
-  gradient non-finite, so that :func:`optax.apply_if_finite` counts it.)
+  An entry whose estimate is not finite (e.g. a float16 overflow of ``Hz``)
+  is frozen for the step: its ``mu``, ``nu`` and stored ``D`` keep their
+  values and its update is zero, so nothing non-finite reaches the state or
+  the parameters (elementwise, at no measurable cost). The fused route,
+  :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes such a step's
+  gradient non-finite, so that :func:`optax.apply_if_finite` skips and counts
+  the whole step.
 
   The returned transform's update is
   ``update(updates, state, params, *, value_fn=None, hessian_diag=None, **extra_args)``.
@@ -394,7 +402,7 @@ def scale_by_adahessian(
     )
     # optax annotates the result as any array-like; it is a jax.Array like state.count.
     count_inc = cast(jax.Array, optax.safe_increment(state.count))
-    nu, d, nu_count = _second_moment(
+    nu, d, nu_count, d_seen = _second_moment(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
@@ -412,8 +420,7 @@ def scale_by_adahessian(
       hessian=d,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
-    # A non-finite estimate (or an overflow of D²) skips the step: zero update, state untouched.
-    return _unless_finite_keep(_all_finite(nu), updates, new_state, state)
+    return _freeze_non_finite(d_seen, updates, new_state, state)
 
   # optax types a state as chex.ArrayTree, which leaves out None, but a None field
   # (hessian=None, update_freq=None) is a valid pytree node with no leaves.
