@@ -26,4 +26,5 @@ def test_distributed_example_runs_and_replicas_agree(name):
     assert len(finals) == 2 and finals[0] == finals[1], out
   else:
     diffs = [float(d) for d in re.findall(r"max \|difference\|[^:]*: ([-\d.e+]+)", out)]
-    assert diffs and max(diffs) == 0.0, out
+    # float32: the layouts may fuse and reduce in different orders (seen: 2.4e-7 in one of them).
+    assert diffs and max(diffs) <= 1e-6, out
