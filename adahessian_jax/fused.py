@@ -64,9 +64,11 @@ def value_grad_and_hessian_diag(
   estimate is zeros, which the transform ignores on those steps.
 
   If the estimate has a non-finite entry (e.g. a float16 overflow of ``Hz``)
-  while the loss and gradient are finite, the returned gradient is NaN
-  everywhere, so that :func:`optax.apply_if_finite` sees and counts the step;
-  :func:`adahessian_jax.scale_by_adahessian` skips such a step in any case.
+  while the loss and gradient are finite, one entry of the returned gradient
+  (the first of the first leaf) is NaN, so that :func:`optax.apply_if_finite`
+  sees and counts the step. Without it,
+  :func:`adahessian_jax.scale_by_adahessian` keeps that entry's momentum and
+  the non-finite entries' curvature, so nothing non-finite reaches the state.
 
   With ``update_freq > 1`` a training loop that knows its step number can
   take the refresh decision on the host instead: build one step with

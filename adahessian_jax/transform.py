@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import jax
@@ -147,29 +148,41 @@ def _estimate(
   return estimate
 
 
-def _floored(
-  rule: spatial.Rule, d: jax.Array, curvature_floor: Any, model_mean: jax.typing.ArrayLike
-) -> jax.Array:
-  """``max(d, α·mean(d))``, the mean over the leaf, or over each layer of a stacked leaf; a leaf
-  (or layer) without any curvature takes the model-wide mean instead."""
-  layers = rule.layer_axes(d.shape)
-  mean = jnp.mean(d, axis=tuple(i for i in range(d.ndim) if i not in layers), keepdims=True)
-  return jnp.maximum(d, curvature_floor * jnp.where(mean > 0, mean, model_mean))
-
-
 def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
   """``D``: the estimate's absolute value, spatially averaged, floored per leaf (or layer)."""
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
     return d
-  leaves = jax.tree.leaves(d)
-  model_mean = sum(jnp.sum(x) for x in leaves) / max(1, sum(x.size for x in leaves))
-  return jax.tree.map(
-    lambda r, x: _floored(r, x, curvature_floor, model_mean),
+  # Averaging keeps each group's sum, so D's means are |estimate|'s. Taken from the estimate
+  # (|e| written max(e, -e)), they cost one read of it; from D, XLA:CPU writes D out and reads it
+  # back (measured: +2 passes over the parameters).
+  axes = jax.tree.map(
+    lambda r, e: tuple(i for i in range(e.ndim) if i not in r.layer_axes(e.shape)),
     rules,
-    d,
+    estimate,
     is_leaf=lambda x: isinstance(x, spatial.Rule),
   )
+  is_axes = lambda x: isinstance(x, tuple)
+  sums = jax.tree.map(
+    lambda a, e: jnp.sum(jnp.maximum(e, -e), axis=a, keepdims=True, dtype=_sum_dtype(e)),
+    axes,
+    estimate,
+    is_leaf=is_axes,
+  )
+  size = sum(e.size for e in jax.tree.leaves(estimate))
+  model_mean = sum(jnp.sum(s) for s in jax.tree.leaves(sums)) / max(1, size)
+
+  def floored(x, s, a):
+    mean = s / math.prod(x.shape[i] for i in a)
+    floor = curvature_floor * jnp.where(mean > 0, mean, model_mean)
+    return jnp.maximum(x, floor.astype(x.dtype))
+
+  return jax.tree.map(floored, d, sums, axes)
+
+
+def _sum_dtype(x: jax.Array) -> Any:
+  """Sums of half-precision estimates accumulate in float32."""
+  return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _check_call(value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool) -> None:
@@ -191,38 +204,39 @@ def _second_moment(
   update_freq: int,
   lazy_moment: str,
 ) -> tuple[Any, Any, jax.Array, Any]:
-  """``(nu, D to store, the step count of nu's bias correction, the D that entered nu)``.
+  """``(nu, D to store, the step count of nu's bias correction, this step's new D)``.
 
-  ``curvature()`` computes this step's ``D``; it runs only on refresh steps.
+  ``curvature()`` computes this step's ``D``; it runs only on refresh steps. Entries whose new
+  ``D`` is not finite keep their ``nu`` and stored ``D``. The new ``D`` is ``None`` when the host
+  decided that this step does not refresh.
   """
-  moment = lambda d, decay: optax.tree.cast_like(
-    optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2), state.nu
-  )
+
+  def moment(d, decay):
+    nu = optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2)
+    return _if_finite(d, optax.tree.cast_like(nu, state.nu), state.nu)
+
   if update_freq == 1:
     d = curvature()
     return moment(d, b2), None, count, d
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
+    if refresh is False:
+      return moment(state.hessian, b2), state.hessian, count, None
     d = on_refresh(refresh, curvature, lambda: state.hessian)
-    return moment(d, b2), d, count, d
+    kept = _if_finite(d, d, state.hessian)
+    return moment(kept, b2), kept, count, d
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
-  nu = on_refresh(refresh, lambda: moment(curvature(), b2**update_freq), lambda: state.nu)
-  return nu, None, update_freq * ((count - 1) // update_freq + 1), nu
+  nu_count = update_freq * ((count - 1) // update_freq + 1)
+  if refresh is False:
+    return state.nu, None, nu_count, None
+  fresh = lambda: (lambda d: (moment(d, b2**update_freq), d))(curvature())
+  nu, d = on_refresh(refresh, fresh, lambda: (state.nu, state.nu))
+  return nu, None, nu_count, d
 
 
-def _freeze_non_finite(d: Any, updates: Any, new: Any, old: Any):
-  """Entries whose ``D`` is not finite keep their moments and stored ``D``, and do not move.
-
-  Elementwise, so it fuses into the moment updates (no extra pass over the state).
-  """
-  ok = jax.tree.map(jnp.isfinite, d)
-  keep = lambda n, o, m: jnp.where(m, n, o)
-  updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, ok)
-  new = new._replace(
-    mu=jax.tree.map(keep, new.mu, old.mu, ok),
-    nu=jax.tree.map(keep, new.nu, old.nu, ok),
-    hessian=None if new.hessian is None else jax.tree.map(keep, new.hessian, old.hessian, ok),
-  )
-  return updates, new
+def _if_finite(test: Any, new: Any, old: Any) -> Any:
+  """``new`` where ``test`` is finite, ``old`` elsewhere: elementwise on values the step reads
+  anyway, so it fuses into the moment updates."""
+  return jax.tree.map(lambda t, n, o: jnp.where(jnp.isfinite(t), n, o), test, new, old)
 
 
 def scale_by_adahessian(
@@ -266,13 +280,15 @@ def scale_by_adahessian(
   ``n_samples`` probes), or precomputed as ``hessian_diag``. Either goes through
   the same absolute value, spatial averaging and moments.
 
-  An entry whose estimate is not finite (e.g. a float16 overflow of ``Hz``)
-  is frozen for the step: its ``mu``, ``nu`` and stored ``D`` keep their
-  values and its update is zero, so nothing non-finite reaches the state or
-  the parameters (elementwise, at no measurable cost). The fused route,
-  :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes such a step's
-  gradient non-finite, so that :func:`optax.apply_if_finite` skips and counts
-  the whole step.
+  Non-finite inputs never reach the state or the parameters, entry by entry
+  (elementwise, fused into the moment updates): an entry whose ``D`` is not
+  finite (e.g. a float16 overflow of ``Hz``) keeps its ``nu`` and stored ``D``
+  and does not move on that step; an entry whose gradient is not finite keeps
+  its ``mu``. With ``curvature_floor`` a non-finite entry makes its leaf's (or
+  layer's) mean, and so the whole leaf's ``D``, non-finite for the step. The
+  fused route, :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes
+  such a step's gradient non-finite in one entry, so that
+  :func:`optax.apply_if_finite` skips and counts the whole step.
 
   The returned transform's update is
   ``update(updates, state, params, *, value_fn=None, hessian_diag=None, **extra_args)``.
@@ -402,16 +418,20 @@ def scale_by_adahessian(
     )
     # optax annotates the result as any array-like; it is a jax.Array like state.count.
     count_inc = cast(jax.Array, optax.safe_increment(state.count))
-    nu, d, nu_count, d_seen = _second_moment(
+    # Entries whose new D is not finite keep their moments and stored D, and do not move.
+    nu, d, nu_count, new_d = _second_moment(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    mu = _if_finite(updates, mu, state.mu)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
       updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
+    if new_d is not None:  # an entry whose new D is not finite does not move
+      updates = _if_finite(new_d, updates, optax.tree.zeros_like(updates))
     new_state = ScaleByAdaHessianState(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
@@ -420,7 +440,7 @@ def scale_by_adahessian(
       hessian=d,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
-    return _freeze_non_finite(d_seen, updates, new_state, state)
+    return updates, new_state
 
   # optax types a state as chex.ArrayTree, which leaves out None, but a None field
   # (hessian=None, update_freq=None) is a valid pytree node with no leaves.

@@ -139,7 +139,7 @@ def overflowing_problem():
   return params, loss
 
 
-def test_non_finite_estimate_by_value_fn_leaves_params_and_moments_untouched():
+def test_non_finite_estimate_by_value_fn_leaves_params_and_curvature_untouched():
   params, loss = overflowing_problem()
   tx = ah.adahessian(0.1)
   state = tx.init(params)
@@ -150,7 +150,9 @@ def test_non_finite_estimate_by_value_fn_leaves_params_and_moments_untouched():
   )
   assert_trees_allclose(updates, jax.tree.map(jnp.zeros_like, updates), rtol=0.0)
   old, new = ah.find_adahessian_state(state), ah.find_adahessian_state(new_state)
-  assert_trees_allclose((new.mu, new.nu), (old.mu, old.nu), rtol=0.0)
+  assert_trees_allclose(new.nu, old.nu, rtol=0.0)
+  # The momentum takes the (finite) gradient as on any step.
+  np.testing.assert_allclose(np.asarray(new.mu["w"], np.float32), 0.1 * np.asarray(grads["w"]))
 
 
 def test_non_finite_estimate_from_the_fused_route_is_counted_by_apply_if_finite():
@@ -166,6 +168,28 @@ def test_non_finite_estimate_from_the_fused_route_is_counted_by_apply_if_finite(
   assert not np.any(np.asarray(updates["w"], np.float64))
 
 
+@pytest.mark.parametrize("update_freq", [1, 2])
+def test_fused_route_without_apply_if_finite_keeps_every_other_entry_training(update_freq):
+  """The gradient entry the fused route marks NaN (for apply_if_finite) keeps its momentum, so
+  without apply_if_finite nothing non-finite reaches the parameters or the state either."""
+  params = {"a": jnp.ones(3, jnp.float32), "b": jnp.full((2,), 1e-4, jnp.float32)}
+  loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.float32(3e38) * jnp.sum(p["b"] ** 2)  # Hz overflows
+  tx = ah.adahessian(0.1, update_freq=update_freq)
+  state = tx.init(params)
+  step = jax.jit(ah.value_grad_and_hessian_diag(loss))
+  for i in range(3):
+    _, grads, hdiag = step(params, state)
+    assert bool(jnp.all(jnp.isfinite(hdiag["b"]))) == (i % update_freq != 0)  # refresh steps
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    params = optax.apply_updates(params, updates)
+    for leaf in jax.tree.leaves((params, state)):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert bool(jnp.all(jnp.isfinite(leaf)))
+  np.testing.assert_array_equal(np.asarray(params["b"]), np.full(2, 1e-4, np.float32))
+  # a trains, except the one entry marked NaN for apply_if_finite, which waits out such steps
+  np.testing.assert_array_less(np.asarray(params["a"])[1:], 0.8)
+
+
 def test_user_hessian_diag_with_nan_freezes_those_entries_only():
   params = small_params()
   tx = ah.scale_by_adahessian(update_freq=2)
@@ -173,11 +197,13 @@ def test_user_hessian_diag_with_nan_freezes_those_entries_only():
   grads = jax.grad(small_loss)(params)
   bad = {"w": jnp.asarray([1.0, jnp.nan, 1.0]), "b": jnp.asarray(jnp.inf)}
   updates, new = tx.update(grads, state, params, hessian_diag=bad)
-  for field in ("mu", "nu", "hessian"):  # the non-finite entries keep their values
+  for field in ("nu", "hessian"):  # the non-finite entries keep their curvature
     assert float(getattr(new, field)["w"][1]) == float(getattr(state, field)["w"][1])
     assert float(getattr(new, field)["b"]) == float(getattr(state, field)["b"])
     assert bool(jnp.all(jnp.isfinite(getattr(new, field)["w"])))
   assert float(updates["w"][1]) == 0.0 and float(updates["b"]) == 0.0
+  # Their momentum takes the finite gradient, as on any step.
+  np.testing.assert_allclose(float(new.mu["w"][1]), 0.1 * float(grads["w"][1]), rtol=1e-6)
   # The finite entries take the ordinary first step g / (|D| + eps).
   np.testing.assert_allclose(np.asarray(updates["w"])[[0, 2]], [1 / (1 + 1e-4), 4 / (1 + 1e-4)])
 
