@@ -22,9 +22,17 @@ EXPERIMENTS = {
   "headline": ("seeds", "tuning", "results", "tasks", "table_markdown", "paper"),
 }
 
-# The headline's quick run also trains AdaHessian (the LM) with extra adahessian() arguments.
+# The headline's quick run also trains AdaHessian (the LM) with extra adahessian() arguments, the
+# Hessian-frequency run with two more configurations (one row each).
 CONFIG = {"curvature_floor": 0.1}
-EXTRA_ARGS = {"headline": ["--adahessian-config", json.dumps(CONFIG)]}
+SMALL_STATE = {"lazy_moment": "refresh"}
+EXTRA_ARGS = {
+  "headline": ["--adahessian-config", json.dumps(CONFIG)],
+  "hessian_frequency": [
+    *("--adahessian-config", json.dumps(CONFIG)),
+    *("--adahessian-config", json.dumps(SMALL_STATE)),
+  ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,13 @@ def test_quick_mode(quick_runs, name):
     assert key in data, key
   assert "|" in data["table_markdown"]
   if name == "hessian_frequency":
-    for row in data["results"]:
+    rows = data["results"]["cnn"]
+    assert list(rows) == ["adahessian", "adahessian_config", "adahessian_config2"]
+    configs = {"adahessian_config": CONFIG, "adahessian_config2": SMALL_STATE}
+    assert data["adahessian_configs"] == configs
+    for key, config in (("adahessian", {}), ("adahessian_config2", SMALL_STATE)):
+      assert all(r["config"] == config for row in rows[key] for r in row["runs"])
+    for row in (r for key_rows in rows.values() for r in key_rows):
       assert row["cost_x_sgd"] > 0 and row["cost_x_adam"] > 0
   try:
     import matplotlib  # noqa: F401
@@ -88,7 +102,7 @@ def test_adahessian_config_reaches_the_optimizer(quick_runs):
   assert rc == 0, log[-3000:]
   with open(d / "headline.json") as f:
     data = json.load(f)
-  assert data["adahessian_config"] == CONFIG
+  assert data["adahessian_configs"] == {"adahessian_config": CONFIG}
   lm = data["results"]["lm"]
   exact, configured = lm["adahessian"], lm["adahessian_config"]
   assert exact["lr"] == configured["lr"]  # the exact rule's tuned rate

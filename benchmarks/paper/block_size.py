@@ -64,13 +64,11 @@ def run(args, out):
 
 def plot(out, plt):
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for key, color in ((cli.EXACT, "tab:red"), (cli.CONFIGURED, "tab:purple")):
-    rows = out.get(cli.results_field(key))
-    if rows is None:
-      continue
+  for key in (cli.EXACT, *out["adahessian_configs"]):
+    rows, color = out[cli.results_field(key)], cli.color(key)
     xs = np.array([r["block_size"] for r in rows], float)
     m, sd = cli.mean_std(rows)
-    label = "AdaHessian" if key == cli.EXACT else cli.label(key, out["adahessian_config"])
+    label = "AdaHessian" if key == cli.EXACT else cli.label(key, out["adahessian_configs"][key])
     ax.errorbar(xs, m, sd, marker="o", capsize=3, color=color, label=label)
   ref = out["adamw_reference"]["summary"]
   if ref["mean"] is not None:

@@ -20,7 +20,8 @@ import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS, QUICK_SEEDS = 4, 2  # 4 seeds: the same vmapped shape as the 4-value LR sweep
-EXACT, CONFIGURED = "adahessian", "adahessian_config"  # result keys of the two AdaHessian rows
+EXACT, CONFIGURED = "adahessian", "adahessian_config"  # result keys of the AdaHessian rows
+CONFIG_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:pink")
 
 
 def enable_compilation_cache() -> None:
@@ -42,8 +43,14 @@ def _json_object(text: str) -> dict[str, Any]:
   return value
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+  description: str,
+  argv: Sequence[str] | None = None,
+  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=description)
+  if add_arguments is not None:
+    add_arguments(p)
   p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
   p.add_argument("--out", default=None, help="results directory (default: results/)")
   p.add_argument("--figures", default=None, help="figures directory (default: figures/)")
@@ -55,12 +62,14 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
   )
   p.add_argument(
     "--adahessian-config",
+    dest="adahessian_configs",
     type=_json_object,
-    default={},
+    action="append",
+    default=[],
     metavar="JSON",
     help="extra adahessian_jax.adahessian arguments, e.g. '{\"curvature_floor\": 0.1}': "
     "AdaHessian is then also trained with them, beside the exact rule, at the exact rule's "
-    "tuned learning rate",
+    "tuned learning rate; repeat for more rows",
   )
   args = p.parse_args(argv)
   enable_compilation_cache()
@@ -75,25 +84,42 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
   return args
 
 
+def config_keys(args) -> dict[str, dict[str, Any]]:
+  """The result key of each ``--adahessian-config``: ``CONFIGURED``, then ``CONFIGURED2``, ..."""
+  return {
+    CONFIGURED if i == 0 else f"{CONFIGURED}{i + 1}": config
+    for i, config in enumerate(args.adahessian_configs)
+  }
+
+
 def variants(opts: Sequence[str], args) -> Iterator[tuple[str, str, dict[str, Any]]]:
   """``(result key, optimizer name, AdaHessian config)`` of every row to train.
 
-  AdaHessian gets a second row, key ``CONFIGURED``, when ``--adahessian-config`` is given.
+  AdaHessian gets one more row per ``--adahessian-config`` (keys from :func:`config_keys`).
   """
   for opt in opts:
     yield opt, opt, {}
-    if opt == EXACT and args.adahessian_config:
-      yield CONFIGURED, EXACT, args.adahessian_config
+    if opt == EXACT:
+      for key, config in config_keys(args).items():
+        yield key, EXACT, config
 
 
 def results_field(key: str) -> str:
   """Where a list-shaped experiment keeps a row's results: the exact rule's stay in "results"."""
-  return "results" if key == EXACT else "results_configured"
+  return "results" if key == EXACT else "results_" + key.replace(CONFIGURED, "configured")
+
+
+def color(key: str) -> str:
+  """A row's plot color: the exact rule red, the configured rows from ``CONFIG_COLORS``."""
+  if key == EXACT:
+    return "tab:red"
+  index = int(key.removeprefix(CONFIGURED) or 1) - 1
+  return CONFIG_COLORS[index % len(CONFIG_COLORS)]
 
 
 def label(key: str, config: dict[str, Any] | None = None) -> str:
   """A row's name in tables and legends: ``adahessian (curvature_floor=0.1)`` for the second."""
-  if key != CONFIGURED:
+  if not key.startswith(CONFIGURED):
     return key
   return f"{EXACT} (" + ", ".join(f"{k}={v}" for k, v in sorted((config or {}).items())) + ")"
 
@@ -160,6 +186,7 @@ def main(
   run: Callable[[argparse.Namespace, dict[str, Any]], str],
   plot: Callable[[dict[str, Any], Any], Any],
   paper: dict[str, Any],
+  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Any]:
   """Parses the command line, runs the experiment, writes its JSON and figure.
 
@@ -169,14 +196,15 @@ def main(
     run: ``run(args, out)`` trains, puts its results into ``out`` and returns the markdown table.
     plot: ``plot(out, plt)`` returns the matplotlib figure (not called without matplotlib).
     paper: The paper's numbers the experiment compares with.
+    add_arguments: Adds the experiment's own options to the parser.
 
   Returns:
     The payload written to the JSON.
   """
-  args = parse_args(description)
+  args = parse_args(description, add_arguments=add_arguments)
   t_start = time.perf_counter()
   out = {"experiment": experiment, "quick": args.quick, "seeds": list(args.seeds)}
-  out["adahessian_config"] = args.adahessian_config
+  out["adahessian_configs"] = config_keys(args)
   out["table_markdown"] = run(args, out)
   out["paper"] = paper
   out["environment"] = environment()

@@ -81,8 +81,6 @@ def plot(out, plt):
     "adam": "tab:blue",
     "adamw": "tab:cyan",
     "adagrad": "tab:orange",
-    cli.EXACT: "tab:red",
-    cli.CONFIGURED: "tab:purple",
   }
   tnames = list(out["results"])
   fig, axes = plt.subplots(1, len(tnames), figsize=(4.2 * len(tnames), 3.6), squeeze=False)
@@ -90,7 +88,7 @@ def plot(out, plt):
     for opt, r in out["results"][tname].items():
       curves = np.array([run["curve"] for run in r["runs"]], float)
       xs = r["runs"][0]["curve_steps"]
-      s, name = r["summary"], cli.label(opt, out["adahessian_config"])
+      s, name = r["summary"], cli.label(opt, out["adahessian_configs"].get(opt))
       if s["mean"] is None:
         label = f"{name}: diverged"
       elif tname == "lm":
@@ -99,8 +97,9 @@ def plot(out, plt):
         label = f"{name}: val {100 * s['mean']:.1f}%"
       with np.errstate(all="ignore"):
         mean = np.nanmean(np.where(np.isfinite(curves), curves, np.nan), axis=0)
-      ax.plot(xs, mean, color=colors[opt], label=label)
-      ax.fill_between(xs, curves.min(0), curves.max(0), color=colors[opt], alpha=0.15)
+      color = colors.get(opt) or cli.color(opt)
+      ax.plot(xs, mean, color=color, label=label)
+      ax.fill_between(xs, curves.min(0), curves.max(0), color=color, alpha=0.15)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over seeds)")
     ax.set_title(titles[tname])

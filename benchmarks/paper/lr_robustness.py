@@ -1,8 +1,9 @@
 """Paper Table 4 at small scale: robustness of AdamW and AdaHessian to learning-rate scaling.
 
 Each optimizer's learning rate is first tuned on a 4-value grid (1 seed, same step budget), then
-multiplied by 0.5, 1, 2, 3, 4, 5, 6, 10 and trained with 4 seeds on the character-level LM
-(validation loss, nats/char) and the digits CNN (validation accuracy).
+multiplied by 0.5, 1, 2, 3, 4, 5, 6, 10 and trained with 4 seeds (``--seeds``) on the
+character-level LM (validation loss, nats/char), the digits CNN and the synthetic DLRM task
+(validation accuracy).
 
   python benchmarks/paper/lr_robustness.py            # full (minutes)
   python benchmarks/paper/lr_robustness.py --quick    # smoke test (seconds)
@@ -19,8 +20,8 @@ from tuning import tuned_rows
 
 SCALES = (0.5, 1, 2, 3, 4, 5, 6, 10)
 OPTIMIZERS = ("adamw", "adahessian")
-COLORS = {"adamw": "tab:blue", cli.EXACT: "tab:red", cli.CONFIGURED: "tab:purple"}
-STEPS = {"lm": 300, "cnn": 300}
+STEPS = {"lm": 300, "cnn": 300, "dlrm": 1500}
+TITLES = {"lm": "char-LM (transformer)", "cnn": "digits CNN", "dlrm": "synthetic DLRM"}
 QUICK_STEPS = {"lm": 10}
 PAPER = {
   "source": "Table 4, IWSLT14 De-En transformer, BLEU (higher is better)",
@@ -58,19 +59,19 @@ def run(args, out):
       cell = fmt(rows[-1]["summary"], task.metric)
       print(f"{task.name} {cli.label(key, config)} x{s}: {cell}", flush=True)
   tables = [
-    table(tname, get_task(tname, args.quick), rows, scales, args.adahessian_config)
+    table(tname, get_task(tname, args.quick), rows, scales, out["adahessian_configs"])
     for tname, rows in out["results"].items()
   ]
   return "\n\n".join(tables)
 
 
-def table(tname, task, rows, scales, config):
+def table(tname, task, rows, scales, configs):
   what = "validation loss (nats/char, lower is better)" if tname == "lm" else "val. accuracy (%)"
   head = "| LR scale | " + " | ".join(f"{s:g}" for s in scales) + " |"
   lines = [f"**{tname}**: {what}", "", head, "|---" * (len(scales) + 1) + "|"]
   for key, r in rows.items():
     cells = " | ".join(fmt(x["summary"], task.metric) for x in r)
-    lines.append(f"| {cli.label(key, config)} | {cells} |")
+    lines.append(f"| {cli.label(key, configs.get(key))} | {cells} |")
   return "\n".join(lines)
 
 
@@ -78,12 +79,12 @@ def plot(out, plt):
   tnames = list(out["results"])
   fig, axes = plt.subplots(1, len(tnames), figsize=(5 * len(tnames), 3.8), squeeze=False)
   for ax, tname in zip(axes[0], tnames, strict=True):
-    scale = 100.0 if tname == "cnn" else 1.0
+    scale = 1.0 if tname == "lm" else 100.0
     for key, rows in out["results"][tname].items():
-      color = COLORS[key]
+      color = "tab:blue" if key == "adamw" else cli.color(key)
       xs = np.array([r["scale"] for r in rows], float)
       m, sd = cli.mean_std(rows)
-      label = cli.label(key, out["adahessian_config"])
+      label = cli.label(key, out["adahessian_configs"].get(key))
       ax.errorbar(xs, m * scale, sd * scale, marker="o", color=color, capsize=3, label=label)
       for r in rows:
         if r["summary"]["diverged"]:
@@ -100,7 +101,7 @@ def plot(out, plt):
     ax.set_xticks(out["scales"], [f"{s:g}" for s in out["scales"]])
     ax.set_xlabel("learning-rate scale (x tuned)")
     ax.set_ylabel("val. loss (nats/char)" if tname == "lm" else "val. accuracy (%)")
-    ax.set_title("char-LM (transformer)" if tname == "lm" else "digits CNN")
+    ax.set_title(TITLES[tname])
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle("LR robustness (paper Table 4), mean ± std over seeds")

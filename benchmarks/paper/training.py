@@ -32,6 +32,20 @@ from _common import make_step  # noqa: E402
 # Tables report mean ± std over the runs that did not diverge, and count separately the finite
 # runs that made no progress (final validation loss >= the loss at initialisation).
 DIVERGE_FACTOR = 1.5
+# A finite run "collapsed" when it ended at the level of a model that learned nothing: chance-level
+# digits (10 classes), the DLRM's majority-class rate, an LM no better than character frequencies.
+COLLAPSE = {"cnn": ("acc", 0.5), "dlrm": ("acc", 0.6), "lm": ("loss", 3.0)}
+
+
+def collapsed(task_name: str, val: Mapping[str, float], initial_loss: float) -> bool:
+  """Whether a finite run's validation metrics ``val`` are those of a model that learned nothing
+  (``COLLAPSE``; tasks without a rule: a final loss no better than at initialisation)."""
+  if task_name not in COLLAPSE:
+    return bool(val["loss"] >= initial_loss)
+  metric, level = COLLAPSE[task_name]
+  return bool(val[metric] < level if metric == "acc" else val[metric] > level)
+
+
 WEIGHT_DECAY = 1e-4  # AdamW and AdaHessian (both decoupled, multiplied by the learning rate)
 
 Config = tuple[tuple[str, Any], ...]  # AdaHessian keyword arguments, hashable: sorted items
@@ -186,6 +200,7 @@ def train(
         final_train_loss=float(np.mean(losses[i, -max(1, steps // 10) :])),
         val=m,
         diverged=diverged,
+        collapsed=not diverged and collapsed(task.name, m, float(loss0[i])),
         curve_steps=[int(b) for b in edges[1:]],
         curve=curve,
         group_wall_s=round(wall, 2),  # compile + all runs of this call, on a shared CPU
@@ -198,6 +213,7 @@ def summarize(records: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
   """Mean ± std of a validation metric over seeds, with the number of diverged runs."""
   ok = [r["val"][metric] for r in records if not r["diverged"]]
   out = {"n": len(records), "diverged": sum(r["diverged"] for r in records)}
+  out["collapsed"] = sum(bool(r.get("collapsed")) for r in records)
   # Finite runs that ended no better than at initialisation (e.g. a spike, then stuck at chance).
   out["no_progress"] = sum(
     (not r["diverged"]) and r["val"]["loss"] >= r["initial_loss"] for r in records
@@ -217,6 +233,8 @@ def fmt(summary: dict[str, Any], metric: str) -> str:
   cell = f"{summary['mean'] * scale:.{digits}f} ± {summary['std'] * scale:.{digits}f}"
   if summary["diverged"]:
     cell += f" ({summary['diverged']}/{summary['n']} div.)"
+  if summary.get("collapsed"):
+    cell += f" ({summary['collapsed']}/{summary['n']} collapsed)"
   if summary.get("no_progress"):
     cell += f" ({summary['no_progress']}/{summary['n']} no progress)"
   return cell

@@ -291,19 +291,11 @@ def run(task, cfg: dict[str, Any], seeds: Sequence[int], steps: int | None = Non
 # accuracy on the CNN (10 classes), the majority-class rate on the DLRM clicks (58.5 %), the
 # context-free character statistics on the LM (~3.3 nats/char; trained runs reach 2.2-2.6), or, on
 # the toys, no lower training loss than at the start.
-COLLAPSE = {
-  "cnn": lambda m, loss0: m["acc"] < 0.5,
-  "dlrm": lambda m, loss0: m["acc"] < 0.6,
-  "lm": lambda m, loss0: m["loss"] > 3.0,
-}
-
-
 def collapsed(task_name: str, record: dict[str, Any]) -> bool:
   """Whether a finite, non-diverged run ended at the level of a model that learned nothing."""
   if record["diverged"]:
     return False
-  rule = COLLAPSE.get(task_name, lambda m, loss0: m["loss"] >= loss0)
-  return bool(rule(record["val"], record["initial_loss"]))
+  return paper_training.collapsed(task_name, record["val"], record["initial_loss"])
 
 
 def summarize(records, metric: str, task_name: str) -> dict[str, Any]:
