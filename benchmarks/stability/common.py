@@ -40,6 +40,7 @@ RESULTS = os.path.join(HERE, "results")
 FIGURES = os.path.join(HERE, "figures")
 sys.path.insert(0, os.path.join(HERE, "..", "paper"))
 
+import cli as paper_cli  # noqa: E402  (benchmarks/paper/cli.py)
 import tasks as paper_tasks  # noqa: E402  (benchmarks/paper/tasks.py)
 import training as paper_training  # noqa: E402  (benchmarks/paper/training.py)
 
@@ -166,16 +167,7 @@ def make_tx(cfg: dict[str, Any], lr, averaging=None, weight_decay: float = WEIGH
   return tx, prep
 
 
-def reseed(opt_state, key):
-  """Gives the AdaHessian state the probe key ``key`` (as the paper benchmarks do per run)."""
-  is_state = lambda x: isinstance(x, adahessian_jax.ScaleByAdaHessianState)
-
-  def fix(s):
-    if is_state(s):
-      return s._replace(key=jax.random.key_data(jax.random.split(key, s.key.shape[0])))
-    return s
-
-  return jax.tree.map(fix, opt_state, is_leaf=is_state)
+reseed = paper_training.reseed_probes  # the probe key of each vmapped run
 
 
 def make_step(task, cfg: dict[str, Any], lr_fn, averaging=None, weight_decay=WEIGHT_DECAY):
@@ -320,22 +312,23 @@ def write_json(name: str, payload: Any, compact: bool = False) -> str:
   path = os.path.join(RESULTS, f"{name}.json")
   fmt = {"separators": (",", ":")} if compact else {"indent": 1}
   with open(path + ".tmp", "w") as f:
-    json.dump(_finite(payload), f, allow_nan=False, default=_default, **fmt)
+    json.dump(paper_cli.finite(payload), f, allow_nan=False, default=_default, **fmt)
   os.replace(path + ".tmp", path)
   return path
-
-
-def _finite(x):
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, list | tuple):
-    return [_finite(v) for v in x]
-  if isinstance(x, float | np.floating) and not np.isfinite(x):
-    return None
-  return x
 
 
 def _default(x):
   if isinstance(x, np.generic | np.ndarray):
     return x.tolist()
   raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def cell(s: dict[str, Any], metric: str, emphasis: str = "") -> str:
+  """Table cell ``mean ± std`` over the seeds that did not fail, and ``(k/n failed)``."""
+  if s["mean"] is None:
+    return f"all {s['n']} failed"
+  sc, dg = (100.0, 1) if metric == "acc" else (1.0, 3)
+  out = f"{s['mean'] * sc:.{dg}f} ± {s['std'] * sc:.{dg}f}"
+  if s["failed"]:
+    out += f" ({emphasis}{s['failed']}/{s['n']} failed{emphasis})"
+  return out

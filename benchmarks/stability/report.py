@@ -20,16 +20,6 @@ ORDER = ["exact", "floor", "floor_g", "clip", "warmup", "floor_clip", "floor_g_c
          "floor_warmup", "floor_g_clip_warmup"]  # fmt: skip
 
 
-def cell_text(s, metric):
-  if s["mean"] is None:
-    return f"all {s['n']} failed"
-  sc, dg = (100.0, 1) if metric == "acc" else (1.0, 3)
-  out = f"{s['mean'] * sc:.{dg}f} ± {s['std'] * sc:.{dg}f}"
-  if s["failed"]:
-    out += f" (**{s['failed']}/{s['n']} failed**)"
-  return out
-
-
 def load_cells(seeds):
   cells = {}
   for path in sorted(glob.glob(os.path.join(C.RESULTS, "screen*.json"))):
@@ -60,7 +50,7 @@ def tables(seeds):
       for k, s in cols:
         match = [c for c in cs if c["config"] == conf and c["update_freq"] == k and c["scale"] == s]
         if match:
-          row.append(cell_text(C.summarize(match[0]["runs"], task_metric, tname), task_metric))
+          row.append(C.cell(C.summarize(match[0]["runs"], task_metric, tname), task_metric, "**"))
         else:
           row.append("")
       lines.append(f"| {conf} | " + " | ".join(row) + " |")

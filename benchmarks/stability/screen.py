@@ -69,8 +69,8 @@ def main():
   store["note"] = (
     "Stabilizer prototypes outside the library (benchmarks/stability/common.py); paper tasks at "
     "the tuned rate 0.47 x scale with the paper schedule and step budget, toys at 0.15 x scale "
-    "constant for 100 steps. 'failed' = diverged or collapsed (common.COLLAPSE); mean ± std "
-    "over the seeds that did not fail."
+    "constant for 100 steps. 'failed' = diverged or collapsed (paper/training.py's COLLAPSE); "
+    "mean ± std over the seeds that did not fail."
   )
   seeds = list(range(args.seeds))
   for tname in args.tasks:
@@ -93,17 +93,7 @@ def main():
         store["cells"][key] = {"task": tname, "config": cname, "update_freq": k, "scale": scale,
                                "summary": s, "runs": recs}  # fmt: skip
         C.write_json(args.out, store)
-        print(f"{key}: {cell(s, task.metric)}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-
-
-def cell(s, metric):
-  if s["mean"] is None:
-    return f"all {s['n']} failed"
-  sc, dg = (100.0, 1) if metric == "acc" else (1.0, 3)
-  out = f"{s['mean'] * sc:.{dg}f} ± {s['std'] * sc:.{dg}f}"
-  if s["failed"]:
-    out += f" ({s['failed']}/{s['n']} failed)"
-  return out
+        print(f"{key}: {C.cell(s, task.metric)}  [{time.perf_counter() - t0:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":
