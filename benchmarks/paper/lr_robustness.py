@@ -8,6 +8,7 @@ character-level LM (validation loss, nats/char), the digits CNN and the syntheti
   python benchmarks/paper/lr_robustness.py            # full (minutes)
   python benchmarks/paper/lr_robustness.py --quick    # smoke test (seconds)
   python benchmarks/paper/lr_robustness.py --adahessian-config '{"curvature_floor": 0.1}'
+  python benchmarks/paper/lr_robustness.py --seeds 8 --scales 0.5 1 2 4 10 --tasks cnn
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ PAPER = {
 }  # fmt: skip
 
 
+def add_arguments(p):
+  p.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="LR multiples")
+  p.add_argument("--tasks", nargs="+", choices=list(STEPS), default=list(STEPS))
+
+
 def run(args, out):
-  scales = (1, 10) if args.quick else SCALES
-  steps_for = QUICK_STEPS if args.quick else STEPS
+  scales = (1, 10) if args.quick else tuple(float(s) if s % 1 else int(s) for s in args.scales)
+  steps_for = QUICK_STEPS if args.quick else {t: STEPS[t] for t in args.tasks}
   seeds = args.seeds
   # The quick smoke run covers the LM only (the CNN goes through the same code).
   opts_for = {tname: OPTIMIZERS for tname in steps_for}
@@ -109,4 +115,4 @@ def plot(out, plt):
 
 
 if __name__ == "__main__":
-  cli.main("lr_robustness", __doc__.splitlines()[0], run, plot, PAPER)
+  cli.main("lr_robustness", __doc__.splitlines()[0], run, plot, PAPER, add_arguments)
