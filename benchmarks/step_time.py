@@ -93,7 +93,7 @@ ROUTES = {
 
 
 #: The stabilizers of the recommended configuration (their values do not change the cost).
-STABILIZED = {"curvature_floor": 0.1, "update_clip": 1.0}
+STABILIZED = {"curvature_floor": 0.1, "update_clip": 0.1}  # the README's recommendation
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class Config:
   host: bool = False  # fused path: refresh decided on the host, two programs
   moment: str = "repeat"  # lazy_moment
   stabilized: bool = False  # fused path with STABILIZED
+  stale_only: bool = False  # host route: time the non-refresh program alone
 
   @property
   def label(self) -> str:
@@ -125,14 +126,15 @@ class Config:
       out += f" {self.moment}-moment"
     if self.stabilized:
       out += " stabilized"
+    if self.stale_only:
+      out += ", non-refresh steps only"
     return out
 
   @property
   def key(self) -> str:
     extra = ("_host" if self.host else "") + ("_" + self.moment if self.moment != "repeat" else "")
-    return f"{self.kind}_k{self.freq}_n{self.n_samples}{extra}" + (
-      "_stab" if self.stabilized else ""
-    )
+    extra += ("_stab" if self.stabilized else "") + ("_stale" if self.stale_only else "")
+    return f"{self.kind}_k{self.freq}_n{self.n_samples}{extra}"
 
 
 def make_tx(cfg: Config) -> optax.GradientTransformation:
@@ -234,6 +236,8 @@ class Compiled:
         )
       self.flops_refresh, self.flops_skip = branch_flops[kind]
     self.flops = (self.flops_refresh + (cfg.freq - 1) * self.flops_skip) / cfg.freq
+    if cfg.stale_only:
+      self.flops = self.flops_skip
     mem = self.executable.memory_analysis()
     self.mem = {
       "argument_bytes": int(mem.argument_size_in_bytes),
@@ -279,7 +283,7 @@ class Runner:
     for _ in range(self.cfg.freq):
       batch = self.batches[self.step_index % len(self.batches)]
       run = self.compiled
-      if self.stale is not None and self.step_index % self.cfg.freq:
+      if self.stale is not None and (self.cfg.stale_only or self.step_index % self.cfg.freq):
         run = self.stale
       self.params, self.opt_state, loss = run(self.params, self.opt_state, batch)
       self.step_index += 1
@@ -329,6 +333,7 @@ def run_group(
         "host": r.cfg.host,
         "lazy_moment": r.cfg.moment,
         "stabilized": r.cfg.stabilized,
+        "stale_only": r.cfg.stale_only,
         "units_timed": len(r.unit_times),
         "steps_timed": len(r.unit_times) * r.cfg.freq,
         "ms_per_step_median": ms,
@@ -373,6 +378,9 @@ def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, lis
       Config("fused", k, host=True),
       Config("fused", k, host=True, moment="refresh"),
     ]
+  # A non-refresh step costs the same at every k: timed alone once per moment mode.
+  k = min((k for k in freqs if k > 1), default=2)
+  lazy += [Config("fused", k, host=True, moment=m, stale_only=True) for m in ("repeat", "refresh")]
   n_samples = [Config("adam")] + [Config("fused", 1, n) for n in ns]
   return {
     "main": main,
@@ -404,6 +412,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def sweep_table(rows: list[dict], axis: str) -> str:
   """Time / Adam (FLOPs / Adam) per value of ``axis`` for closure, fused and Sophia."""
+  rows = [r for r in rows if not r.get("stale_only")]  # in the group's main table only
   values = sorted({r[axis] for r in rows if r["kind"] != "adam"})
   variant = lambda r: (
     r["kind"]
