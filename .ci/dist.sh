@@ -9,7 +9,19 @@ root=$PWD
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python -m pip install --quiet "build>=1.2" "twine>=6.1"
+# The build tools get an environment of their own, so that this lane needs no other environment
+# and can run while the tests run (.ci/run starts it in the background). Environments are made
+# without pip (ensurepip costs ~5 s of CPU each) and python3's pip installs into them (pip >= 22.3,
+# --python). The tools' environment then gets pip as a package, which python -m build uses to fill
+# its isolated build environments, so that those get no pip of their own either.
+pip_into() {
+  local dir=$1
+  shift
+  python3 -m pip --python "$dir/bin/python" install --quiet --no-compile "$@"
+}
+python3 -m venv --without-pip "$work/tools"
+pip_into "$work/tools" pip "build>=1.2" "twine>=6.1"
+export PATH="$work/tools/bin:$PATH"
 
 echo "== build"
 # With PYTHONDONTWRITEBYTECODE set (as on this machine) setuptools warns that it skips
@@ -49,12 +61,12 @@ print(f"wheel and sdist hold py.typed and LICENSE; metadata: Apache-2.0 by SPDX 
 EOF
 
 echo "== the wheel alone, core dependencies only"
-python3 -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet --no-compile "$wheel"
+python3 -m venv --without-pip "$work/venv"
+pip_into "$work/venv" "$wheel"
 (cd "$work" && "$work/venv/bin/python" "$root/.ci/smoke_core.py" "$version")
 
 echo "== the wheel with the [flax] extra"
-"$work/venv/bin/python" -m pip install --quiet --no-compile "$wheel[flax]"
+pip_into "$work/venv" "$wheel[flax]"
 (cd "$work" && "$work/venv/bin/python" -c "
 import adahessian_jax.linen, adahessian_jax.nnx, flax, orbax.checkpoint
 print('adahessian_jax.linen and .nnx import with flax', flax.__version__)")

@@ -2,12 +2,56 @@
 against exact references (dense Hessians, NumPy transcriptions) at 1e-10 and
 below; float32 behaviour is tested with explicitly float32 arrays."""
 
+import ast
+import functools
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# Fixture scopes wider than one test but narrower than the session: such a fixture (a subprocess
+# run, a compiled problem) runs once in each worker process that runs a test using it.
+_SHARED_SCOPES = frozenset({"class", "module", "package"})
+
+
+@functools.cache
+def _defines_shared_fixture(path):
+  """Whether the test file at ``path`` defines a class-, module- or package-scoped fixture."""
+  try:
+    tree = ast.parse(pathlib.Path(path).read_text())
+  except (OSError, SyntaxError):
+    return False
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("fixture"):
+      for kw in node.keywords:
+        if kw.arg == "scope" and getattr(kw.value, "value", None) in _SHARED_SCOPES:
+          return True
+  return False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """pytest-xdist's default `--dist load` (what `-n 2` uses; CI runs `pytest -q -n 2`), except
+  that the tests of a file that defines a class- or module-scoped fixture go to one worker
+  together, so that the fixture (a subprocess run of an example, a compile) runs once instead of
+  in every worker. Each other test is scheduled on its own and fills in around the groups
+  (xdist >= 3.6 sends the groups out first, largest first). xdist's `--dist loadgroup` with
+  xdist_group marks would do this, but with pytest >= 9.2 xdist 3.8 cannot add the group to the
+  test ids and falls back to plain load. optionalhook: without pytest-xdist nothing here runs."""
+  if config.getoption("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class SharedFixtureScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      path = nodeid.split("::", 1)[0]
+      return path if _defines_shared_fixture(config.rootpath / path) else nodeid
+
+  return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture
