@@ -35,12 +35,14 @@ find_python() {
 
 # make_env DIR PYTHON PINS...: a fresh virtual environment with exactly PINS and pytest (not
 # byte-compiled: it lives for one run, and compiling all of jax and scipy costs more than it saves).
+# The environment gets no pip of its own (installing one costs ~5 s of CPU): python3's pip
+# installs into it (pip >= 22.3, --python).
 make_env() {
   local dir=$1 python=$2
   shift 2
-  "$python" -m venv "$dir"
-  "$dir/bin/python" -m pip install --quiet --no-compile "$@" pytest
-  "$dir/bin/python" -m pip check
+  "$python" -m venv --without-pip "$dir"
+  python3 -m pip --python "$dir/bin/python" install --quiet --no-compile "$@" pytest
+  python3 -m pip --python "$dir/bin/python" check
   echo "installed: $("$dir/bin/python" --version 2>&1), $*"
 }
 
