@@ -24,9 +24,16 @@ pip_into "$work/tools" pip "build>=1.2" "twine>=6.1"
 export PATH="$work/tools/bin:$PATH"
 
 echo "== build"
+# From a copy of the checkout without its build outputs: .ci/run runs this lane while the tests'
+# `pip install -e .` writes the checkout's adahessian_jax.egg-info, which an sdist build writes
+# too; a copy also keeps a stale egg-info from adding files to the sdist.
+mkdir "$work/src"
+tar -C "$root" -cf - --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build \
+  --exclude=./dist --exclude="*.egg-info" --exclude=__pycache__ --exclude=.pytest_cache \
+  --exclude=.ruff_cache --exclude=./examples/figures/quick . | tar -C "$work/src" -xf -
 # With PYTHONDONTWRITEBYTECODE set (as on this machine) setuptools warns that it skips
 # byte-compiling, which is about the environment, not the package: build without it.
-if ! env -u PYTHONDONTWRITEBYTECODE python -m build --outdir "$work/dist" . >"$work/build.log" 2>&1; then
+if ! env -u PYTHONDONTWRITEBYTECODE python -m build --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1; then
   cat "$work/build.log"
   exit 1
 fi
