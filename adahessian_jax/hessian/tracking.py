@@ -4,17 +4,23 @@
 Hessian eigenvalue (the sharpness ``λ_max(H)``), the top eigenvalue of the
 preconditioned Hessian ``λ_max(P⁻¹H)`` for the optimizer's own ``P`` (see
 :mod:`~adahessian_jax.hessian.preconditioned`), and optionally their traces.
-Each Lanczos run starts from the previous measurement's eigenvector, so that
-while the eigenvector drifts slowly a measurement costs a few products
-instead of a cold start's tens. It runs on the host between training steps and
-costs nothing in between.
+Each measurement starts from the previous one's top ``block_size`` Ritz vectors: a Rayleigh-Ritz
+step on the block, then one product per step along the top Ritz vector's residual (from a single
+vector, the Lanczos space). It runs on the host between training steps and costs nothing in
+between.
 
-A warm start sees only what its Krylov space reaches, so a small random probe
-is mixed into it (``warm_mix``): without it, an old eigenvector that the new
-Hessian maps to zero (a dead unit) is an invariant subspace Lanczos never
-leaves. A new eigenvalue that overtakes the tracked one along a direction
-orthogonal to the old eigenvector is still found later than from a random
-start; pass ``previous=None`` now and then when that matters.
+What a warm start saves depends on how far the top eigenvector moves between measurements:
+while it moves little a measurement costs 2-4 products against a cold start's ~7 (tested on a
+slowly rotating family), but on the digits CNN measured every 10 steps consecutive top
+eigenvectors are nearly orthogonal for most of the run and a warm start saves only ~5-15 %
+(docs/hessian_analysis.md has the counts, and the bound an oracle stopping rule gives).
+
+A small random probe is mixed into the start block (``warm_mix``): without it, old Ritz vectors
+that the new Hessian maps into their own span (e.g. dead units, ``Hv = 0``) are an invariant
+subspace the iteration never leaves. A new eigenvalue that overtakes the tracked one along a
+direction orthogonal to the block is still found later than from a random start (or, with
+``block_size=1``, can be missed: measured once on the CNN); pass ``previous=None`` now and then
+when that matters.
 
 References:
   Cohen, Kaur, Li, Kolter, Talwalkar, `Gradient Descent on Neural Networks
@@ -30,11 +36,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian._lanczos import breakdown_tolerance
 from adahessian_jax.hessian._operator import HessianOperator
-from adahessian_jax.hessian.eigen import top_eigenvalues
 from adahessian_jax.hessian.preconditioned import preconditioned_operator
 from adahessian_jax.hessian.trace import TraceEstimate, xtrace
 
@@ -53,7 +60,9 @@ class Sharpness(NamedTuple):
       estimate).
     num_matvecs: Hessian-vector products spent.
     converged: Whether the stopping rule was met within ``max_iter``.
-    eigenvector: The flat unit Ritz vector ``y``, the next warm start.
+    eigenvector: The flat unit Ritz vector ``y``.
+    ritz_vectors: ``(b, n)`` the top ``b`` (``block_size``) unit Ritz vectors,
+      ``eigenvector`` first: the next measurement's start block.
   """
 
   eigenvalue: float
@@ -62,6 +71,7 @@ class Sharpness(NamedTuple):
   num_matvecs: int
   converged: bool
   eigenvector: jax.Array
+  ritz_vectors: jax.Array
 
 
 class CurvatureRecord(NamedTuple):
@@ -82,22 +92,98 @@ class CurvatureRecord(NamedTuple):
   num_matvecs: int
 
 
-def _top(op, previous: Sharpness | None, key, tol, max_iter, stop_on, mix) -> Sharpness:
-  v0 = None
-  if previous is not None:
-    # A little of a random probe: a previous eigenvector can sit in an invariant subspace of
-    # the new Hessian (e.g. dead units: Hv = 0), which Lanczos could never leave.
-    z = op.rademacher(key, 1)[0]
-    v0 = previous.eigenvector + mix * z / np.sqrt(op.size)
-  eig = top_eigenvalues(op, 1, key=key, v0=v0, tol=tol, max_iter=max_iter, stop_on=stop_on)
-  return Sharpness(
-    eigenvalue=float(eig.eigenvalues[0]),
-    error=float(eig.errors[0]),
-    residual=float(eig.residuals[0]),
-    num_matvecs=eig.num_matvecs,
-    converged=bool(eig.converged[0]),
-    eigenvector=eig.eigenvectors_flat[0],
+def _ritz(q, w, s):
+  """Ritz vectors ``y = sᵀQ``, their products ``Hy = sᵀW`` (no new products) and residual norms.
+
+  Not jitted: the subspace grows by a row per product, and a compilation per size costs more than
+  the few array operations it would fuse.
+  """
+  y, hy = s.T @ q, s.T @ w
+  theta = jnp.sum(y * hy, axis=-1) / jnp.sum(y * y, axis=-1)
+  return y, hy - theta[:, None] * y, jnp.linalg.norm(hy - theta[:, None] * y, axis=-1)
+
+
+def _orthonormal(q, v):
+  """``v`` orthogonalised against the rows of ``q`` (twice: "twice is enough"), and its norm."""
+  for _ in range(2):
+    v = v - (q @ v) @ q
+  norm = jnp.linalg.norm(v)
+  return v / jnp.where(norm > 0, norm, 1.0), norm
+
+
+def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
+  """The top eigenpair by Rayleigh-Ritz on a subspace grown from ``start`` by residuals.
+
+  The subspace starts as the span of ``start``'s ``b`` rows (``b`` products) and grows by one
+  vector per product: the top Ritz vector's residual, orthogonalised. From a single start vector
+  this is the Lanczos (Krylov) space; from a block of previous Ritz vectors it is the block plus
+  the Krylov space of the residual, and its second Ritz value, close to the next eigenvalue,
+  gives a gap estimate from the first products.
+
+  Stopping rule: the estimated error is ``min(r₁, r₁²/gap)`` with ``gap = θ₁ − (θ₂ + r₂)``
+  (the gap theorem, with ``θ₂ + r₂`` standing in for the unknown next eigenvalue: an estimate,
+  not a bound) and, once the subspace has grown past the start block, at least the change of
+  ``θ₁`` over the last product, which guards against a ``θ₂`` still far below ``λ₂``.
+  """
+  q = _orthonormal_rows(start)
+  w = op.matmat(q)
+  used, b, theta_old = q.shape[0], q.shape[0], np.nan
+  tol_break = breakdown_tolerance(op.size, op.dtype)
+  while True:
+    t = np.asarray(q @ w.T, np.float64)
+    _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products")
+    theta, s = np.linalg.eigh(0.5 * (t + t.T))
+    theta, s = theta[::-1], s[:, ::-1]
+    m = min(max(keep, 2), theta.size)
+    y, res_vecs, res = _ritz(q, w, jnp.asarray(s[:, :m], op.dtype))
+    res = np.asarray(res, np.float64)
+    err = res[0]
+    if theta.size > 1:
+      gap = theta[0] - theta[1] - res[1]
+      err = min(err, err * err / gap) if gap > 0 else err
+    if used > b:
+      err = max(err, abs(theta[0] - theta_old))
+    scale = max(float(np.max(np.abs(theta))), float(np.finfo(np.float64).tiny))
+    ok = (res[0] if stop_on == "residual" else err) <= tol * scale
+    if ok or used >= max_iter or theta.size >= op.size:
+      break
+    v, norm = _orthonormal(q, res_vecs[0])
+    if not float(norm) > tol_break * max(float(res[0]), float(np.finfo(np.float64).tiny)):
+      ok, err = True, res[0]  # an invariant subspace: the Ritz value is exact to the residual
+      break
+    q, w = jnp.concatenate([q, v[None]]), jnp.concatenate([w, op.matvec(v)[None]])
+    used, theta_old = used + 1, theta[0]
+  sharp = Sharpness(
+    eigenvalue=float(theta[0]),
+    error=float(err),
+    residual=float(res[0]),
+    num_matvecs=used,
+    converged=bool(ok),
+    eigenvector=y[0],
+    ritz_vectors=y[:keep],
   )
+  return sharp
+
+
+def _orthonormal_rows(v: jax.Array) -> jax.Array:
+  q, r = jnp.linalg.qr(v.T)
+  d = np.abs(np.diag(np.asarray(r)))
+  good = d > breakdown_tolerance(v.shape[1], v.dtype) * d.max()
+  return q.T[good]
+
+
+def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size) -> Sharpness:
+  if previous is None:
+    start = op.rademacher(key, 1)
+  else:
+    # A little of a fresh random probe in the first vector: previous Ritz vectors can span an
+    # invariant subspace of the new Hessian (e.g. dead units: Hv = 0) that the subspace would
+    # never leave; with the probe no direction is invisible, and the top Ritz vector, whose
+    # residual the stopping rule tests, keeps the probe's image in that residual.
+    z = op.rademacher(key, 1)[0]
+    start = previous.ritz_vectors[:block_size]
+    start = start.at[0].add(mix * z / np.sqrt(op.size))
+  return _top(op, start, tol=tol, max_iter=max_iter, stop_on=stop_on, keep=block_size)
 
 
 def track_curvature(
@@ -110,6 +196,7 @@ def track_curvature(
   max_iter: int = 200,
   stop_on: str = "eigenvalue",
   warm_mix: float = 0.01,
+  block_size: int = 2,
   trace_matvecs: int = 0,
 ) -> CurvatureRecord:
   """Sharpness and preconditioned sharpness at ``op``'s point, warm-started from ``previous``.
@@ -134,14 +221,18 @@ def track_curvature(
       array), e.g. from :func:`~adahessian_jax.hessian.adahessian_preconditioner`;
       ``None`` skips the preconditioned quantities.
     key: PRNG key of the random starts and trace probes (default ``key(0)``).
-    tol: Tolerance of each Lanczos run, relative to ``|θ|``.
-    max_iter: Maximum Lanczos steps per run.
-    stop_on: ``"eigenvalue"`` stops when the estimated eigenvalue error is
-      below ``tol·|θ|`` (the default: tracking wants the eigenvalue);
-      ``"residual"`` when the residual is, which bounds the error (costs more
-      steps). See :func:`~adahessian_jax.hessian.top_eigenvalues`.
-    warm_mix: Norm of the random probe added to a warm start (whose norm is 1),
-      so that no direction is invisible to it.
+    tol: Tolerance of each run, relative to the largest ``|θ|``.
+    max_iter: Maximum Hessian-vector products per run (the block's included).
+    stop_on: ``"eigenvalue"`` stops when the estimated eigenvalue error
+      ``min(r, r²/gap)`` is below ``tol·|θ|`` (the default: tracking wants the
+      eigenvalue); ``"residual"`` when the residual ``r`` is, which bounds the
+      error (costs more products).
+    warm_mix: Norm of the random probe added to a warm start's first vector
+      (whose norm is 1), so that no direction is invisible to it.
+    block_size: Number ``b`` of Ritz vectors kept in the record and used as the
+      next start block (``b`` products up front). With ``b >= 2`` the block's
+      second Ritz value gives the gap estimate from the first products; ``1``
+      is a plain Lanczos warm start, guarded by the change of ``θ`` per step.
     trace_matvecs: If positive, also estimate the traces by XTrace with this
       many products each.
 
@@ -155,13 +246,19 @@ def track_curvature(
   key = jax.random.key(0) if key is None else key
   k_plain, k_pre, k_tr, k_pre_tr = jax.random.split(key, 4)
   trace_matvecs = _checks.count("trace_matvecs", trace_matvecs, 0)
+  block_size = _checks.count("block_size", block_size, 1, op.size)
+  max_iter = _checks.count("max_iter", max_iter, 1)
+  tol = _checks.positive("tol", tol)
+  if stop_on not in ("residual", "eigenvalue"):
+    raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
   mix = _checks.positive("warm_mix", warm_mix, allow_zero=True)
-  plain = _top(op, previous and previous.sharpness, k_plain, tol, max_iter, stop_on, mix)
+  args = (tol, max(max_iter, block_size), stop_on, mix, block_size)
+  plain = _measure(op, previous and previous.sharpness, k_plain, *args)
   trace = None if trace_matvecs == 0 else xtrace(op, k_tr, trace_matvecs)
   pre = pre_trace = None
   if preconditioner is not None:
     pop = preconditioned_operator(op, preconditioner)
-    pre = _top(pop, previous and previous.preconditioned, k_pre, tol, max_iter, stop_on, mix)
+    pre = _measure(pop, previous and previous.preconditioned, k_pre, *args)
     pre_trace = None if trace_matvecs == 0 else xtrace(pop, k_pre_tr, trace_matvecs)
   spent = [plain, pre, trace, pre_trace]
   total = int(np.sum([x.num_matvecs for x in spent if x is not None]))
