@@ -11,9 +11,10 @@ measures on a fixed set of training digits:
 
 The step along the top eigenvector of ``P⁻¹H`` overshoots when ``lr·λ_max(P⁻¹H) > 2`` without
 momentum, ``2(1+β₁)/(1−β₁) = 38`` with the EMA momentum both optimizers use; the figure draws
-both thresholds. Each measurement is warm-started from the previous eigenvector
+both thresholds. Each measurement is warm-started from the previous Ritz vectors
 (``adahessian_jax.hessian.track_curvature``); ``--compare-cold`` also runs each one from a random
-start and records both product counts (the table in docs/hessian_analysis.md). At the end it
+start, records both product counts and checks both values against a converged cold start (the
+table in docs/hessian_analysis.md). At the end it
 draws filter-normalised 1-D and 2-D loss landscapes (Li et al. 2018) around the 1x solutions.
 
 Run:  python examples/curvature_tracking.py                 # ~3 minutes on 2 CPU cores
@@ -98,7 +99,8 @@ def run(name, scale, init, loss_fn, train, probe_batch, cfg, compare_cold):
   rng = np.random.default_rng(cfg["seed"])
   x, y = train
   out = dict(name=name, scale=scale, lr=lr, steps=[], loss=[], measured=[], lr_at=[])
-  for key in ("sharpness", "preconditioned", "warm_matvecs", "cold_matvecs", "max_rel_diff"):
+  keys = ("warm_matvecs", "cold_matvecs", "max_rel_diff", "warm_rel_err", "cold_rel_err")
+  for key in ("sharpness", "preconditioned") + keys:
     out[key] = []
   record, window = None, []
   for t in range(1, cfg["steps"] + 1):
@@ -116,7 +118,9 @@ def run(name, scale, init, loss_fn, train, probe_batch, cfg, compare_cold):
     op = hessian.hessian_operator(loss_fn, params, probe_batch)
     p = preconditioner(opt_state)
     try:
-      record = hessian.track_curvature(op, record, preconditioner=p, tol=cfg["tol"])
+      record = hessian.track_curvature(
+        op, record, preconditioner=p, tol=cfg["tol"], block_size=cfg["block_size"]
+      )
     except hessian.NonFiniteError:  # the run is diverging: record and stop measuring
       out["diverged_at"] = t
       break
@@ -127,12 +131,24 @@ def run(name, scale, init, loss_fn, train, probe_batch, cfg, compare_cold):
     out["warm_matvecs"].append(record.num_matvecs)
     if compare_cold:
       key = jax.random.key(1000 + t)
-      cold = hessian.track_curvature(op, None, preconditioner=p, tol=cfg["tol"], key=key)
+      cold = hessian.track_curvature(
+        op, None, preconditioner=p, tol=cfg["tol"], key=key, block_size=cfg["block_size"]
+      )
       out["cold_matvecs"].append(cold.num_matvecs)
       pairs = [(record.sharpness, cold.sharpness), (record.preconditioned, cold.preconditioned)]
       out["max_rel_diff"].append(
         max(abs(a.eigenvalue - b.eigenvalue) / abs(b.eigenvalue) for a, b in pairs)
       )
+      if not cfg["reference"]:
+        continue
+      # Both against a converged cold start (estimated error 1e-6; not counted).
+      refs = [
+        hessian.top_eigenvalues(o, tol=1e-6, stop_on="eigenvalue", max_iter=150).eigenvalues[0]
+        for o in (op, hessian.preconditioned_operator(op, p))
+      ]
+      for name_, rec in (("warm_rel_err", record), ("cold_rel_err", cold)):
+        got = (rec.sharpness.eigenvalue, rec.preconditioned.eigenvalue)
+        out[name_].append(float(max(abs(g - r) / abs(r) for g, r in zip(got, refs, strict=True))))
   out["final_params"] = params
   return out
 
@@ -205,6 +221,9 @@ def main():
   parser.add_argument(
     "--curvature-floor", type=float, default=0.0, help="AdaHessian's stabilizer (default: off)"
   )
+  parser.add_argument(
+    "--block-size", type=int, default=2, help="Ritz vectors per warm start (track_curvature)"
+  )
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   cfg = dict(steps=300, every=10, width=16, batch=32, probe=256, tol=1e-4, grid_1d=41, grid_2d=21)
@@ -213,6 +232,8 @@ def main():
     cfg.update(steps=8, every=4, width=2, probe=32, grid_1d=5, grid_2d=4, scales=(1,))
   cfg.update({k: v for k, v in (("steps", args.steps), ("every", args.every)) if v is not None})
   cfg["seed"], cfg["curvature_floor"] = args.seed, args.curvature_floor
+  cfg["block_size"] = args.block_size
+  cfg["reference"] = not args.quick  # converged starts to check both against (--compare-cold)
   out_dir = args.out or os.path.join(HERE, "figures", "quick" if args.quick else "")
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
@@ -246,6 +267,12 @@ def main():
           f"{'':>14}warm starts: {warm.sum()} HVPs, cold: {cold.sum()} "
           f"(ratio {warm.sum() / cold.sum():.2f}); largest warm-cold difference "
           f"{max(r['max_rel_diff']):.1e}"
+          + (
+            f"; largest error against a converged start: warm {max(r['warm_rel_err']):.1e}, "
+            f"cold {max(r['cold_rel_err']):.1e}"
+            if r["warm_rel_err"]
+            else ""
+          )
         )
 
   plot_tracking(runs, cfg, os.path.join(out_dir, "curvature_tracking.png"))
