@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from adahessian_jax import hutchinson
@@ -30,10 +29,9 @@ def _mark_not_finite(grads: Any, estimate: Any) -> Any:
   """``grads`` with one entry NaN if ``estimate`` has a non-finite entry (for
   ``optax.apply_if_finite``): a sum over the estimate and a one-entry update, no pass over
   ``grads``."""
-  leaves = jax.tree.leaves(estimate)
-  if not leaves:
+  if not jax.tree.leaves(estimate):
     return grads
-  poison = jnp.sum(jnp.stack([jnp.sum(e, dtype=jnp.float32) for e in leaves])) * 0  # NaN iff any
+  poison = hutchinson.not_finite_mark(estimate)
   flat, treedef = jax.tree.flatten(grads)
   first = flat[0]
   index = (0,) * first.ndim

@@ -163,6 +163,18 @@ def value_grad_and_diagonal(
   return value, grad, jax.tree.map(lambda e: e.mean(axis=0), estimates)
 
 
+def not_finite_mark(tree: Any) -> jax.Array:
+  """A float32 scalar: 0 if every entry of ``tree`` is finite, NaN otherwise.
+
+  One reduction over the tree (``0·x`` cannot overflow, unlike a sum of ``x``). The fused route
+  and the transform compute it on the same estimate, so XLA keeps one copy of it.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves)  # type: ignore[return-value]
+
+
 def hutchinson_diagonal(
   fn: Callable[[Any], jax.Array],
   params: Any,

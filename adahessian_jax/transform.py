@@ -148,11 +148,13 @@ def _estimate(
   return estimate
 
 
-def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
-  """``D``: the estimate's absolute value, spatially averaged, floored per leaf (or layer)."""
+def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, jax.Array]:
+  """``(D, whether every entry of the estimate is finite)``: ``D`` is the estimate's absolute
+  value, spatially averaged, floored per leaf (or layer)."""
+  finite = jnp.isfinite(hutchinson.not_finite_mark(estimate))
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
-    return d
+    return d, finite
   # Averaging keeps each group's sum, so D's means are |estimate|'s. Taken from the estimate
   # (|e| written max(e, -e)), they cost one read of it; from D, XLA:CPU writes D out and reads it
   # back (measured: +2 passes over the parameters).
@@ -177,7 +179,7 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> Any:
     floor = curvature_floor * jnp.where(mean > 0, mean, model_mean)
     return jnp.maximum(x, floor.astype(x.dtype))
 
-  return jax.tree.map(floored, d, sums, axes)
+  return jax.tree.map(floored, d, sums, axes), finite
 
 
 def _sum_dtype(x: jax.Array) -> Any:
@@ -204,11 +206,11 @@ def _second_moment(
   update_freq: int,
   lazy_moment: str,
 ) -> tuple[Any, Any, jax.Array, Any]:
-  """``(nu, D to store, the step count of nu's bias correction, this step's new D)``.
+  """``(nu, D to store, the step count of nu's bias correction, finite)``.
 
-  ``curvature()`` computes this step's ``D``; it runs only on refresh steps. Entries whose new
-  ``D`` is not finite keep their ``nu`` and stored ``D``. The new ``D`` is ``None`` when the host
-  decided that this step does not refresh.
+  ``curvature()`` computes this step's ``(D, whether the estimate is finite)``; it runs only on
+  refresh steps. Entries whose new ``D`` is not finite keep their ``nu`` and stored ``D``.
+  ``finite`` is ``None`` when the host decided that this step does not refresh.
   """
 
   def moment(d, decay):
@@ -216,21 +218,21 @@ def _second_moment(
     return _if_finite(d, optax.tree.cast_like(nu, state.nu), state.nu)
 
   if update_freq == 1:
-    d = curvature()
-    return moment(d, b2), None, count, d
+    d, finite = curvature()
+    return moment(d, b2), None, count, finite
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     if refresh is False:
       return moment(state.hessian, b2), state.hessian, count, None
-    d = on_refresh(refresh, curvature, lambda: state.hessian)
-    kept = _if_finite(d, d, state.hessian)
-    return moment(kept, b2), kept, count, d
+    d, finite = on_refresh(refresh, curvature, lambda: (state.hessian, jnp.array(True)))
+    d = _if_finite(d, d, state.hessian)
+    return moment(d, b2), d, count, finite
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
   nu_count = update_freq * ((count - 1) // update_freq + 1)
   if refresh is False:
     return state.nu, None, nu_count, None
-  fresh = lambda: (lambda d: (moment(d, b2**update_freq), d))(curvature())
-  nu, d = on_refresh(refresh, fresh, lambda: (state.nu, state.nu))
-  return nu, None, nu_count, d
+  fresh = lambda: (lambda d, finite: (moment(d, b2**update_freq), finite))(*curvature())
+  nu, finite = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True)))
+  return nu, None, nu_count, finite
 
 
 def _if_finite(test: Any, new: Any, old: Any) -> Any:
@@ -280,15 +282,16 @@ def scale_by_adahessian(
   ``n_samples`` probes), or precomputed as ``hessian_diag``. Either goes through
   the same absolute value, spatial averaging and moments.
 
-  Non-finite inputs never reach the state or the parameters, entry by entry
-  (elementwise, fused into the moment updates): an entry whose ``D`` is not
-  finite (e.g. a float16 overflow of ``Hz``) keeps its ``nu`` and stored ``D``
-  and does not move on that step; an entry whose gradient is not finite keeps
-  its ``mu``. With ``curvature_floor`` a non-finite entry makes its leaf's (or
-  layer's) mean, and so the whole leaf's ``D``, non-finite for the step. The
-  fused route, :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes
-  such a step's gradient non-finite in one entry, so that
-  :func:`optax.apply_if_finite` skips and counts the whole step.
+  Non-finite inputs never reach the state or the parameters: an entry whose
+  ``D`` is not finite (e.g. a float16 overflow of ``Hz``) keeps its ``nu`` and
+  stored ``D``, and on such a step the parameters do not move (the update is
+  zero); an entry whose gradient is not finite keeps its ``mu``. The checks
+  fuse into the moment updates, plus one reduction over the estimate. With
+  ``curvature_floor`` a non-finite entry makes its leaf's (or layer's) mean, and
+  so the whole leaf's ``D``, non-finite for the step. The fused route,
+  :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes such a step's
+  gradient non-finite in one entry, so that :func:`optax.apply_if_finite`
+  skips and counts the whole step.
 
   The returned transform's update is
   ``update(updates, state, params, *, value_fn=None, hessian_diag=None, **extra_args)``.
@@ -419,7 +422,7 @@ def scale_by_adahessian(
     # optax annotates the result as any array-like; it is a jax.Array like state.count.
     count_inc = cast(jax.Array, optax.safe_increment(state.count))
     # Entries whose new D is not finite keep their moments and stored D, and do not move.
-    nu, d, nu_count, new_d = _second_moment(
+    nu, d, nu_count, finite = _second_moment(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
@@ -430,8 +433,8 @@ def scale_by_adahessian(
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
       updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
-    if new_d is not None:  # an entry whose new D is not finite does not move
-      updates = _if_finite(new_d, updates, optax.tree.zeros_like(updates))
+    if finite is not None:  # a step whose estimate is not finite does not move the params
+      updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
     new_state = ScaleByAdaHessianState(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
