@@ -214,7 +214,8 @@ def main(
   plt = pyplot()
   if plt is not None:
     fig = plot(out, plt)
-    fig.tight_layout()
+    if not fig.legends:  # a figure-level legend comes with its own layout
+      fig.tight_layout()
     fig.savefig(os.path.join(args.figures, f"{experiment}.png"), dpi=90)
     plt.close(fig)
   return out

@@ -161,14 +161,14 @@ def plot(out, plt):
   fig, axes = plt.subplots(1, ncols, figsize=(4.4 * ncols, 3.6), squeeze=False)
   fs = np.array(out["freqs"], float)
   for ax, tname in zip(axes[0], tnames, strict=False):
-    scale = 1.0 if tname == "lm" else 100.0
+    scale, metric = (1.0, "loss") if tname == "lm" else (100.0, "acc")
     for key, rows in out["results"][tname].items():
       color = cli.color(key)
       label = "AdaHessian" if key == cli.EXACT else cli.label(key, out["adahessian_configs"][key])
       m, sd = cli.mean_std(rows)
       ax.errorbar(fs, scale * m, scale * sd, marker="o", capsize=3, color=color, label=label)
-      for r in rows:
-        vals = [scale * a for a in r["summary"]["all"] if a is not None]
+      for r in rows:  # the seeds that did not diverge
+        vals = [scale * run["val"][metric] for run in r["runs"] if not run["diverged"]]
         ax.scatter([r["update_freq"]] * len(vals), vals, s=10, color=color, alpha=0.5, zorder=3)
     refs = out["references"][tname].items()
     for (k, ref), c in zip(refs, ("tab:green", "tab:blue"), strict=True):
@@ -182,7 +182,8 @@ def plot(out, plt):
     ax.set_ylabel(f"{what}, dots: seeds")
     ax.set_title(TITLES[tname])
     ax.set_xticks(fs)
-    ax.legend(fontsize=7)
+    if tname == "lm":  # a diverged or collapsed seed's loss would hide the rest
+      ax.set_ylim(2.15, 3.05)
     ax.grid(alpha=0.3)
   if timed:
     a2 = axes[0][-1]
@@ -201,7 +202,15 @@ def plot(out, plt):
     a2.set_xticks(fs)
     a2.legend(fontsize=7)
     a2.grid(alpha=0.3)
-  fig.suptitle("Hessian refresh frequency (paper Table 6)")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  for ax in axes[0][1 : len(tnames)]:  # the references differ per task
+    for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+      if label not in labels:
+        handles.append(h)
+        labels.append(label)
+  fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+  fig.tight_layout(rect=(0, 0.2, 1, 0.95))
+  fig.suptitle("Hessian refresh frequency (paper Table 6), dots: seeds that did not diverge")
   return fig
 
 

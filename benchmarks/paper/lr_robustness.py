@@ -105,12 +105,14 @@ def plot(out, plt):
           )
     ax.set_xscale("log")
     ax.set_xticks(out["scales"], [f"{s:g}" for s in out["scales"]])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("learning-rate scale (x tuned)")
     ax.set_ylabel("val. loss (nats/char)" if tname == "lm" else "val. accuracy (%)")
     ax.set_title(TITLES[tname])
     ax.grid(alpha=0.3)
-    ax.legend()
+  fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
   fig.suptitle("LR robustness (paper Table 4), mean ± std over seeds")
+  fig.tight_layout(rect=(0, 0.1, 1, 0.95))
   return fig
 
 
