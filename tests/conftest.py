@@ -4,12 +4,21 @@ below; float32 behaviour is tested with explicitly float32 arrays."""
 
 import ast
 import functools
+import os
 import pathlib
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# The tests spend most of their time compiling small programs: compile them fast rather than
+# well (LLVM's optimisation level only; the HLO, and so the numbers, are unchanged). Set before
+# jax is imported; subprocesses inherit it.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  ).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
