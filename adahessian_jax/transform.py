@@ -209,19 +209,21 @@ def _second_moment(
   """``(nu, D to store, the step count of nu's bias correction, finite)``.
 
   ``curvature()`` computes this step's ``(D, whether the estimate is finite)``; it runs only on
-  refresh steps. Entries whose new ``D`` is not finite keep their ``nu`` and stored ``D``.
-  ``finite`` is ``None`` when the host decided that this step does not refresh.
+  refresh steps. Entries whose new ``D`` is not finite keep their previous curvature: their
+  ``nu``, or with ``lazy_moment="repeat"`` their stored ``D``, which then enters ``nu`` as on a
+  step without refresh. ``finite`` is ``None`` when the host decided that this step does not
+  refresh.
   """
 
-  def moment(d, decay):
+  def moment(d, decay):  # d is finite
     nu = optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2)
-    return _if_finite(d, optax.tree.cast_like(nu, state.nu), state.nu)
+    return optax.tree.cast_like(nu, state.nu)
 
   if update_freq == 1:
     d, finite = curvature()
-    return moment(d, b2), None, count, finite
+    return _if_finite(d, moment(d, b2), state.nu), None, count, finite
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
-    if refresh is False:
+    if refresh is False:  # decided on the host: the stored D, which is finite
       return moment(state.hessian, b2), state.hessian, count, None
     d, finite = on_refresh(refresh, curvature, lambda: (state.hessian, jnp.array(True)))
     d = _if_finite(d, d, state.hessian)
@@ -230,7 +232,11 @@ def _second_moment(
   nu_count = update_freq * ((count - 1) // update_freq + 1)
   if refresh is False:
     return state.nu, None, nu_count, None
-  fresh = lambda: (lambda d, finite: (moment(d, b2**update_freq), finite))(*curvature())
+
+  def fresh():
+    d, finite = curvature()
+    return _if_finite(d, moment(d, b2**update_freq), state.nu), finite
+
   nu, finite = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True)))
   return nu, None, nu_count, finite
 
@@ -283,8 +289,10 @@ def scale_by_adahessian(
   the same absolute value, spatial averaging and moments.
 
   Non-finite inputs never reach the state or the parameters: an entry whose
-  ``D`` is not finite (e.g. a float16 overflow of ``Hz``) keeps its ``nu`` and
-  stored ``D``, and on such a step the parameters do not move (the update is
+  ``D`` is not finite (e.g. a float16 overflow of ``Hz``) keeps its previous
+  curvature (its ``nu``; with a lazy ``update_freq`` and the default
+  ``lazy_moment``, its stored ``D``, which enters ``nu`` as on a step without
+  refresh), and on such a step the parameters do not move (the update is
   zero); an entry whose gradient is not finite keeps its ``mu``. The checks
   fuse into the moment updates, plus one reduction over the estimate. With
   ``curvature_floor`` a non-finite entry makes its leaf's (or layer's) mean, and
@@ -421,12 +429,11 @@ def scale_by_adahessian(
     )
     # optax annotates the result as any array-like; it is a jax.Array like state.count.
     count_inc = cast(jax.Array, optax.safe_increment(state.count))
-    # Entries whose new D is not finite keep their moments and stored D, and do not move.
     nu, d, nu_count, finite = _second_moment(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    mu = _if_finite(updates, mu, state.mu)
+    mu = _if_finite(updates, mu, state.mu)  # e.g. the entry the fused route marks NaN
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
