@@ -100,7 +100,8 @@ def _ritz(q, w, s):
   """
   y, hy = s.T @ q, s.T @ w
   theta = jnp.sum(y * hy, axis=-1) / jnp.sum(y * y, axis=-1)
-  return y, hy - theta[:, None] * y, jnp.linalg.norm(hy - theta[:, None] * y, axis=-1)
+  r = hy - theta[:, None] * y
+  return y, r, jnp.linalg.norm(r, axis=-1)
 
 
 def _orthonormal(q, v):
@@ -153,7 +154,7 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
       break
     q, w = jnp.concatenate([q, v[None]]), jnp.concatenate([w, op.matvec(v)[None]])
     used, theta_old = used + 1, theta[0]
-  sharp = Sharpness(
+  return Sharpness(
     eigenvalue=float(theta[0]),
     error=float(err),
     residual=float(res[0]),
@@ -162,7 +163,6 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
     eigenvector=y[0],
     ritz_vectors=y[:keep],
   )
-  return sharp
 
 
 def _orthonormal_rows(v: jax.Array) -> jax.Array:
