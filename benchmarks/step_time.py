@@ -79,7 +79,7 @@ import adahessian_jax
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
-from _common import make_step  # noqa: E402  (the examples' training step)
+from _common import RECOMMENDED_STABILIZERS, make_step  # noqa: E402  (shared with examples)
 
 RESULTS_DIR = HERE / "results"
 # What each kind's tx.update gets besides the gradient (see examples/_common.make_step).
@@ -93,7 +93,7 @@ ROUTES = {
 
 
 #: The stabilizers of the recommended configuration (their values do not change the cost).
-STABILIZED = {"curvature_floor": 0.1, "update_clip": 0.1}  # the README's recommendation
+STABILIZED = RECOMMENDED_STABILIZERS
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,10 @@ import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = os.path.join(HERE, "paper")
-sys.path.insert(0, PAPER)
+sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
+from _common import RECOMMENDED_STABILIZERS  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
 from tuning import tune  # noqa: E402
@@ -100,7 +101,7 @@ DEFAULT_FIGURES = os.path.join(HERE, "figures")
 LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 COLORS = {"sgd": "tab:green", "adam": "tab:blue", "adamw": "tab:blue"}
 K_COLORS = {1: "tab:red", 2: "tab:orange", 4: "tab:purple"}
-RECOMMENDED = {"curvature_floor": 0.1, "update_clip": 0.1}  # the README's configuration
+RECOMMENDED = RECOMMENDED_STABILIZERS  # the README's configuration
 
 
 def optimizers_for(task_name: str) -> list[tuple[str, str, int]]:

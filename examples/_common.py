@@ -35,6 +35,8 @@ except ImportError:  # tqdm is optional: fall back to a plain printed bar
   tqdm = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The README's recommended AdaHessian stabilizers (docs/stability.md), shared by the benchmarks.
+RECOMMENDED_STABILIZERS = {"curvature_floor": 0.3, "update_clip": 0.05}
 DEFAULT_OUT = os.path.join(HERE, "figures")
 COLORS = {
   "AdaHessian": "tab:red",

@@ -262,6 +262,34 @@ def test_update_clip_bounds_steps_where_there_is_no_curvature():
   assert clipped.max() < initial and clipped[-1] < 0.05 * initial
 
 
+def relu_l1_problem():
+  """A ReLU MLP 8-32-1 regressing a smooth teacher with the L1 loss: piecewise linear along each
+  weight (Hessian diagonal zero almost everywhere), and the output bias has no curvature at all."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(256, 8)))
+  y = 0.5 * jnp.sin(x @ jnp.asarray(r.normal(size=8)) / np.sqrt(8) * 2)
+  params = {
+    "w1": jnp.asarray(r.normal(size=(8, 32)) / np.sqrt(8)),
+    "b1": jnp.zeros(32),
+    "w2": jnp.asarray(r.normal(size=(32, 1)) / np.sqrt(32)),
+    "b2": jnp.zeros(1),
+  }
+  net = lambda p: (jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])[:, 0]
+  return params, lambda p: jnp.mean(jnp.abs(net(p) - y))
+
+
+@pytest.mark.parametrize("problem", [relu_l1_problem, hinge_problem])
+def test_recommended_configuration_trains_without_curvature_at_the_default_rate(problem):
+  # The README's configuration at the default rate (0.15): the exact rule blows up (steps of
+  # lr·g/eps), the recommended one lowers the loss over 100 steps without ever exceeding the start.
+  params, loss = problem()
+  initial = float(loss(params))
+  exact, _ = run(ah.adahessian(), loss, params, 100)
+  stable, _ = run(ah.adahessian(curvature_floor=0.3, update_clip=0.05), loss, params, 100)
+  assert exact.max() > 10 * initial
+  assert stable.max() <= initial and stable[-1] < 0.5 * initial, (initial, stable[::10])
+
+
 def test_update_clip_is_elementwise_and_exact_below_the_bound():
   params = {"w": jnp.asarray([1e-3, 1.0])}
   grads = {"w": jnp.asarray([1.0, 1.0])}

@@ -139,7 +139,7 @@ def environment() -> dict[str, Any]:
 def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
   path = os.path.join(out_dir, f"{name}.json")
   with open(path, "w") as f:
-    json.dump(finite(payload), f, indent=1, allow_nan=False, default=_json_default)
+    json.dump(finite(payload), f, indent=1, allow_nan=False, default=json_default)
   return path
 
 
@@ -154,9 +154,10 @@ def finite(x):
   return x
 
 
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
+def json_default(x):
+  """``json.dump``'s ``default``: NumPy scalars and arrays as Python numbers and lists."""
+  if isinstance(x, np.generic | np.ndarray):
+    return x.tolist()
   raise TypeError(f"not JSON serialisable: {type(x)}")
 
 

@@ -312,15 +312,9 @@ def write_json(name: str, payload: Any, compact: bool = False) -> str:
   path = os.path.join(RESULTS, f"{name}.json")
   fmt = {"separators": (",", ":")} if compact else {"indent": 1}
   with open(path + ".tmp", "w") as f:
-    json.dump(paper_cli.finite(payload), f, allow_nan=False, default=_default, **fmt)
+    json.dump(paper_cli.finite(payload), f, allow_nan=False, default=paper_cli.json_default, **fmt)
   os.replace(path + ".tmp", path)
   return path
-
-
-def _default(x):
-  if isinstance(x, np.generic | np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 def cell(s: dict[str, Any], metric: str, emphasis: str = "") -> str:
