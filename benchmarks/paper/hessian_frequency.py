@@ -12,7 +12,7 @@ from those medians. Time it only on an idle machine.
   python benchmarks/paper/hessian_frequency.py            # full (minutes)
   python benchmarks/paper/hessian_frequency.py --quick    # smoke test (seconds)
   python benchmarks/paper/hessian_frequency.py --seeds 8 \
-    --adahessian-config '{"curvature_floor": 0.1, "update_clip": 0.1}'
+    --adahessian-config '{"curvature_floor": 0.3, "update_clip": 0.05}'
 """
 
 from __future__ import annotations
