@@ -36,7 +36,7 @@ fused path and of Sophia, the paper's Table 6 analogue), ``lazy`` (refresh
 interval 2..5 of the fused path three ways: the single program with its
 ``lax.cond``, the refresh decided on the host with two programs, and the host
 route with ``lazy_moment="refresh"``), ``stabilized`` (the fused path at k = 1,
-the paper's exact rule against ``STABILIZED``, the recommended stabilizers)
+the paper's exact rule against ``RECOMMENDED_STABILIZERS`` of examples/_common.py)
 and ``n_samples`` (probes 1..4, fused path).
 
 The step of each optimizer is the one a user writes:
@@ -92,10 +92,6 @@ ROUTES = {
 }
 
 
-#: The stabilizers of the recommended configuration (their values do not change the cost).
-STABILIZED = RECOMMENDED_STABILIZERS
-
-
 @dataclass(frozen=True)
 class Config:
   kind: str  # sgd | adam | closure | fused | sophia
@@ -103,7 +99,7 @@ class Config:
   n_samples: int = 1
   host: bool = False  # fused path: refresh decided on the host, two programs
   moment: str = "repeat"  # lazy_moment
-  stabilized: bool = False  # fused path with STABILIZED
+  stabilized: bool = False  # fused path with RECOMMENDED_STABILIZERS
   stale_only: bool = False  # host route: time the non-refresh program alone
 
   @property
@@ -148,7 +144,7 @@ def make_tx(cfg: Config) -> optax.GradientTransformation:
       update_freq=cfg.freq,
       n_samples=cfg.n_samples,
       lazy_moment=cfg.moment,
-      **(STABILIZED if cfg.stabilized else {}),
+      **(RECOMMENDED_STABILIZERS if cfg.stabilized else {}),
     )
   if cfg.kind == "sophia":
     return sophia(

@@ -101,7 +101,6 @@ DEFAULT_FIGURES = os.path.join(HERE, "figures")
 LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 COLORS = {"sgd": "tab:green", "adam": "tab:blue", "adamw": "tab:blue"}
 K_COLORS = {1: "tab:red", 2: "tab:orange", 4: "tab:purple"}
-RECOMMENDED = RECOMMENDED_STABILIZERS  # the README's configuration
 
 
 def optimizers_for(task_name: str) -> list[tuple[str, str, int]]:
@@ -501,10 +500,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--adahessian-config",
     type=json.loads,
-    default=RECOMMENDED,
+    default=RECOMMENDED_STABILIZERS,
     metavar="JSON",
     help=f"adahessian() arguments of the AdaHessian rows (default: the README's recommended "
-    f"{json.dumps(RECOMMENDED)}; '{{}}' for the paper's exact rule)",
+    f"{json.dumps(RECOMMENDED_STABILIZERS)}; '{{}}' for the paper's exact rule)",
   )
   args = p.parse_args(argv)
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
