@@ -3,7 +3,9 @@
 For a scalar function ``f`` of a pytree ``params`` and a Rademacher probe ``z``
 (independent ``±1`` entries), ``E[z ⊙ Hz] = diag(H)`` (Bekas et al. 2007). The
 product ``Hz`` is computed forward-over-reverse, ``jax.jvp`` of ``jax.grad``,
-which returns the gradient as its primal output in the same pass.
+which returns the gradient as its primal output in the same pass; the pass is
+traced once and rewritten so that XLA reads its result without transposes
+(:mod:`adahessian_jax._transposes`).
 
 Everything here is shared by the optimizer (:mod:`adahessian_jax.transform`)
 and the Hessian-analysis tools.
@@ -26,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
   "check_scalar_loss",
@@ -106,7 +110,8 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
 
 def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
   """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse)."""
-  return jax.jvp(jax.grad(_checked(fn, "fn")), (params,), (tangents,))[1]
+  grad = jax.grad(_checked(fn, "fn"))
+  return sink_transposes(lambda p, t: jax.jvp(grad, (p,), (t,))[1])(params, tangents)
 
 
 def value_grad_hvp(
@@ -124,9 +129,9 @@ def value_grad_hvp(
   Returns:
     ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
   """
-  (value, grad), (_, hz) = jax.jvp(
-    jax.value_and_grad(_checked(fn, name, has_aux), has_aux=has_aux), (params,), (tangents,)
-  )
+  value_and_grad = jax.value_and_grad(_checked(fn, name, has_aux), has_aux=has_aux)
+  jvp = sink_transposes(lambda p, t: jax.jvp(value_and_grad, (p,), (t,)))
+  (value, grad), (_, hz) = jvp(params, tangents)
   return value, grad, hz
 
 
