@@ -211,22 +211,24 @@ def _second_moment(
   ``curvature()`` computes this step's ``(D, whether the estimate is finite)``; it runs only on
   refresh steps. Entries whose new ``D`` is not finite keep their previous curvature: their
   ``nu``, or with ``lazy_moment="repeat"`` their stored ``D``, which then enters ``nu`` as on a
-  step without refresh. ``finite`` is ``None`` when the host decided that this step does not
+  step without refresh. Such an entry that has no curvature yet (``nu`` zero) is marked instead
+  (:func:`_keep_curvature`). ``finite`` is ``None`` when the host decided that this step does not
   refresh.
   """
 
-  def moment(d, decay):  # d is finite
+  def moment(d, decay):  # d is finite; a marked stored D (-0.0) keeps nu marked
     nu = optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2)
+    nu = jax.tree.map(lambda x, n: jnp.where(jnp.signbit(x), jnp.full_like(n, -0.0), n), d, nu)
     return optax.tree.cast_like(nu, state.nu)
 
   if update_freq == 1:
     d, finite = curvature()
-    return _if_finite(d, moment(d, b2), state.nu), None, count, finite
+    return _keep_curvature(d, moment(d, b2), state.nu, state.nu), None, count, finite
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     if refresh is False:  # decided on the host: the stored D, which is finite
       return moment(state.hessian, b2), state.hessian, count, None
     d, finite = on_refresh(refresh, curvature, lambda: (state.hessian, jnp.array(True)))
-    d = _if_finite(d, d, state.hessian)
+    d = _keep_curvature(d, d, state.hessian, state.nu)
     return moment(d, b2), d, count, finite
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
   nu_count = update_freq * ((count - 1) // update_freq + 1)
@@ -235,16 +237,32 @@ def _second_moment(
 
   def fresh():
     d, finite = curvature()
-    return _if_finite(d, moment(d, b2**update_freq), state.nu), finite
+    return _keep_curvature(d, moment(d, b2**update_freq), state.nu, state.nu), finite
 
   nu, finite = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True)))
   return nu, None, nu_count, finite
 
 
-def _if_finite(test: Any, new: Any, old: Any) -> Any:
-  """``new`` where ``test`` is finite, ``old`` elsewhere: elementwise on values the step reads
-  anyway, so it fuses into the moment updates."""
-  return jax.tree.map(lambda t, n, o: jnp.where(jnp.isfinite(t), n, o), test, new, old)
+def _keep_curvature(test: Any, new: Any, old: Any, nu: Any) -> Any:
+  """``new`` where ``test`` is finite; elsewhere ``old``, or ``-0.0`` where ``nu`` is zero.
+
+  Elementwise on values the step reads anyway, so it fuses into the moment updates. The sign of
+  zero marks an entry that has had no curvature yet and whose estimate is not finite (e.g. a
+  float16 overflow of ``Hz`` on the first refresh): it stays marked on the steps without refresh,
+  the update leaves it where it is (:func:`_unmarked`), and the next finite estimate clears the
+  mark (``b2 · (-0.0) + (1 - b2) D² ≥ +0``). Without the mark such an entry would move by
+  ``m / eps`` on the steps between refreshes, as if its curvature were zero.
+  """
+
+  def keep(t, n, o, v):
+    return jnp.where(jnp.isfinite(t), n, jnp.where(v == 0, jnp.full_like(o, -0.0), o))
+
+  return jax.tree.map(keep, test, new, old, nu)
+
+
+def _unmarked(updates: Any, nu: Any) -> Any:
+  """``updates``, zero on the entries :func:`_keep_curvature` marked."""
+  return jax.tree.map(lambda u, v: jnp.where(jnp.signbit(v), jnp.zeros_like(u), u), updates, nu)
 
 
 def scale_by_adahessian(
@@ -293,7 +311,10 @@ def scale_by_adahessian(
   curvature (its ``nu``; with a lazy ``update_freq`` and the default
   ``lazy_moment``, its stored ``D``, which enters ``nu`` as on a step without
   refresh), and on such a step the parameters do not move (the update is
-  zero); an entry whose gradient is not finite keeps its ``mu``. The checks
+  zero); such an entry with no curvature yet (``nu`` zero) is marked by
+  ``nu = -0.0`` and does not move until a finite estimate arrives (with a lazy
+  ``update_freq`` it would otherwise move by ``m / eps`` between refreshes);
+  an entry whose gradient is not finite keeps its ``mu``. The checks
   fuse into the moment updates, plus one reduction over the estimate. With
   ``curvature_floor`` a non-finite entry makes its leaf's (or layer's) mean, and
   so the whole leaf's ``D``, non-finite for the step. The fused route,
@@ -433,10 +454,13 @@ def scale_by_adahessian(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    mu = _if_finite(updates, mu, state.mu)  # e.g. the entry the fused route marks NaN
+    mu = jax.tree.map(  # e.g. the entry the fused route marks NaN keeps its momentum
+      lambda g, m, o: jnp.where(jnp.isfinite(g), m, o), updates, mu, state.mu
+    )
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
+    updates = _unmarked(updates, nu)
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
       updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)

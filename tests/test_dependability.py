@@ -210,9 +210,45 @@ def test_user_hessian_diag_with_nan_keeps_those_entries_curvature_and_stops_the_
   np.testing.assert_allclose(np.asarray(new.mu["w"]), 0.1 * np.asarray(grads["w"]), rtol=1e-6)
   # The finite entries' curvature is taken in: nu = (1 - b2) D².
   np.testing.assert_allclose(np.asarray(new.nu["w"])[[0, 2]], [1e-3, 1e-3], rtol=1e-6)
-  # The next step, with a finite estimate, moves every entry.
-  updates, _ = tx.update(grads, new, params, hessian_diag={"w": jnp.ones(3), "b": jnp.asarray(1.0)})
-  assert np.all(np.asarray(updates["w"]) != 0)
+  # The next step does not refresh: the entries with curvature move, the marked ones (no
+  # curvature yet) wait; the refresh after it, with a finite estimate, moves every entry.
+  finite = {"w": jnp.ones(3), "b": jnp.asarray(1.0)}
+  updates, new = tx.update(grads, new, params, hessian_diag=finite)
+  np.testing.assert_array_equal(np.asarray(updates["w"]) != 0, [True, False, True])
+  assert float(updates["b"]) == 0.0
+  updates, _ = tx.update(grads, new, params, hessian_diag=finite)
+  assert np.all(np.asarray(updates["w"]) != 0) and float(updates["b"]) != 0.0
+
+
+@pytest.mark.parametrize("lazy_moment", ["repeat", "refresh"])
+@pytest.mark.parametrize("host", [False, True])
+def test_entry_without_curvature_whose_estimate_is_not_finite_waits_for_a_finite_one(
+  lazy_moment, host
+):
+  """A lazy refresh whose estimate overflows where no curvature was seen yet (nu = 0): on the
+  steps between refreshes that entry must not move by m / eps as if its curvature were zero."""
+  params = {"w": jnp.ones(3, jnp.float32)}
+  grads = {"w": jnp.full(3, 2.0, jnp.float32)}
+  tx = ah.scale_by_adahessian(update_freq=2, lazy_moment=lazy_moment)
+  update = jax.jit(
+    lambda s, h, refresh: tx.update(grads, s, params, hessian_diag=h, refresh=refresh),
+    static_argnums=2,
+  )
+  state = tx.init(params)
+  estimates = [[1.0, jnp.inf, jnp.nan], [9.0, 9.0, 9.0], [4.0, 4.0, 4.0], [9.0, 9.0, 9.0]]
+  moved = []
+  for step, estimate in enumerate(estimates):
+    refresh = (step % 2 == 0) if host else None
+    updates, state = update(state, {"w": jnp.asarray(estimate)}, refresh)
+    moved.append(np.asarray(updates["w"]) != 0)
+    for leaf in jax.tree.leaves(state):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+    assert np.all(np.abs(np.asarray(updates["w"])) < 10.0)  # |m̂ / sqrt(v̂)| is about 1 here
+  # Step 0 refreshes with a non-finite estimate: nothing moves. Step 1 does not refresh: the
+  # entry with curvature moves, the two without wait. Step 2 refreshes with a finite estimate:
+  # everything moves from then on, and the marks are gone (nu > 0).
+  np.testing.assert_array_equal(moved, [[0, 0, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]])
+  assert float(jnp.min(state.nu["w"])) > 0
 
 
 # ---------------------------------------------------------------- stabilizers
