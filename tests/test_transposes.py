@@ -9,12 +9,21 @@ import pytest
 from conftest import assert_trees_allclose
 
 import adahessian_jax as ah
+from adahessian_jax import _transposes
 from adahessian_jax._transposes import sink_transposes
 
 
+@pytest.fixture
+def every_size(monkeypatch):
+  """Rewrite the small test problems' sums too (by default only those of 1 MiB or more)."""
+  monkeypatch.setattr(_transposes, "MIN_BYTES", 0)
+
+
 def transposed_sums(jaxpr) -> int:
-  """How many ``transpose`` equations read an ``add_any`` output, nested jaxprs included."""
-  sums, count = set(), 0
+  """Transposes of sums that XLA leaves strided: of a rank-2 ``add_any`` (a dense kernel's
+  tangent), anywhere (nested jaxprs included), or of any ``add_any`` that is an output (a
+  kernel's tangent of any rank, e.g. ``DenseGeneral``'s)."""
+  producers, count = {}, 0
   for eqn in jaxpr.eqns:
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -22,11 +31,14 @@ def transposed_sums(jaxpr) -> int:
           count += transposed_sums(sub.jaxpr)
         elif isinstance(sub, jcore.Jaxpr):
           count += transposed_sums(sub)
-    source = eqn.invars[0] if eqn.invars else None
-    if eqn.primitive.name == "transpose" and isinstance(source, jcore.Var) and source in sums:
-      count += 1
-    if eqn.primitive.name == "add_any":
-      sums.update(eqn.outvars)
+    producers.update((v, eqn) for v in eqn.outvars)
+  outputs = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name != "transpose" or not isinstance(eqn.invars[0], jcore.Var):
+      continue
+    source = producers.get(eqn.invars[0])
+    if source and source.primitive.name == "add_any":
+      count += eqn.outvars[0].aval.ndim == 2 or eqn.outvars[0] in outputs
   return count
 
 
@@ -102,7 +114,7 @@ PROBLEMS = {
 
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
-def test_rewritten_product_equals_jvp_of_grad_and_has_no_transposed_sums(name):
+def test_rewritten_product_equals_jvp_of_grad_and_has_no_transposed_sums(name, every_size):
   params, loss = PROBLEMS[name]()
   z = ah.hutchinson.rademacher_like(jax.random.key(3), params)
   plain = lambda p, t: jax.jvp(jax.value_and_grad(loss), (p,), (t,))
@@ -116,7 +128,7 @@ def test_rewritten_product_equals_jvp_of_grad_and_has_no_transposed_sums(name):
     assert before > 0
 
 
-def test_library_products_use_the_rewrite():
+def test_library_products_use_the_rewrite(every_size):
   params, loss = PROBLEMS["mlp"]()
   z = ah.hutchinson.rademacher_like(jax.random.key(4), params)
   routes = {
@@ -129,7 +141,7 @@ def test_library_products_use_the_rewrite():
   assert_trees_allclose(jax.jit(routes["hvp"])(params, z), expected, rtol=1e-6, atol=1e-7)
 
 
-def test_rewrite_under_vmap_and_with_closed_over_tracers():
+def test_rewrite_under_vmap_and_with_closed_over_tracers(every_size):
   """Several probes (``vmap``) and a loss closing over a traced batch, as in a jitted step."""
   params, _ = PROBLEMS["mlp"]()
   module = MLP()
@@ -146,3 +158,17 @@ def test_rewrite_under_vmap_and_with_closed_over_tracers():
   expected = jax.jit(lambda p, b: products(p, b, plain))(params, x)
   got = jax.jit(lambda p, b: products(p, b, ah.hutchinson.hvp))(params, x)
   assert_trees_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("width, rewritten", [(512, True), (128, False)])
+def test_only_sums_of_at_least_min_bytes_are_rewritten(width, rewritten):
+  """A 512 x 512 float32 kernel (1 MiB) is rewritten; a 128 x 128 one, read from the cache,
+  keeps its transpose (the swapped dots can be slower there)."""
+  params = {"b": jnp.zeros(width), "w": jnp.zeros((width, width))}
+  x = jnp.ones((4, width))
+  loss = lambda p: jnp.sum(jnp.tanh(jnp.tanh(x + p["b"]) @ p["w"]) ** 2)
+  plain = lambda p, t: jax.jvp(jax.grad(loss), (p,), (t,))[1]
+  before = transposed_sums(jax.make_jaxpr(plain)(params, params).jaxpr)
+  after = transposed_sums(jax.make_jaxpr(sink_transposes(plain))(params, params).jaxpr)
+  assert before > 0
+  assert after == (0 if rewritten else before)
