@@ -5,7 +5,7 @@ For a scalar function ``f`` of a pytree ``params`` and a Rademacher probe ``z``
 product ``Hz`` is computed forward-over-reverse, ``jax.jvp`` of ``jax.grad``,
 which returns the gradient as its primal output in the same pass; the pass is
 traced once and rewritten so that XLA reads its result without transposes
-(:mod:`adahessian_jax._transposes`).
+(``adahessian_jax._transposes``).
 
 Everything here is shared by the optimizer (:mod:`adahessian_jax.transform`)
 and the Hessian-analysis tools.
