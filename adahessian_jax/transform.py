@@ -216,20 +216,23 @@ def _second_moment(
   refresh.
   """
 
-  def moment(d, decay):  # d is finite; a marked stored D (-0.0) keeps nu marked
+  def moment(d, decay):  # d is finite
     nu = optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2)
-    nu = jax.tree.map(lambda x, n: jnp.where(jnp.signbit(x), jnp.full_like(n, -0.0), n), d, nu)
     return optax.tree.cast_like(nu, state.nu)
+
+  def moment_of_stored(d):  # a marked stored D (-0.0) keeps nu marked
+    marked = lambda x, n: jnp.where(jnp.signbit(x), jnp.full_like(n, -0.0), n)
+    return jax.tree.map(marked, d, moment(d, b2))
 
   if update_freq == 1:
     d, finite = curvature()
     return _keep_curvature(d, moment(d, b2), state.nu, state.nu), None, count, finite
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     if refresh is False:  # decided on the host: the stored D, which is finite
-      return moment(state.hessian, b2), state.hessian, count, None
+      return moment_of_stored(state.hessian), state.hessian, count, None
     d, finite = on_refresh(refresh, curvature, lambda: (state.hessian, jnp.array(True)))
     d = _keep_curvature(d, d, state.hessian, state.nu)
-    return moment(d, b2), d, count, finite
+    return moment_of_stored(d), d, count, finite
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
   nu_count = update_freq * ((count - 1) // update_freq + 1)
   if refresh is False:
