@@ -26,6 +26,14 @@ Reported per optimizer:
   arguments + outputs - aliased (donated) + temporaries
   (``compiled.memory_analysis()``).
 
+Before anything is built, glibc's malloc is told to keep freed large blocks for
+reuse (``examples/_common.keep_freed_memory``; ``--default-malloc`` leaves it
+as it is). XLA:CPU allocates a call's temporaries afresh, and by default glibc
+maps a block over 32 MiB from the kernel at every call, so each 4 KiB of it
+costs a page fault and a zeroed page (about 0.2 ms per MiB here): a tax on
+the program with the larger temporaries, not on its arithmetic. The setting
+holds for every optimizer alike and is recorded as ``machine.allocator``.
+
 In ``main`` every optimizer is timed over ``--units`` cycles; in the sweeps
 over at least ``--sweep-units`` steps (and at least 10 cycles; Adam over
 ``--sweep-units`` steps).
@@ -79,7 +87,7 @@ import adahessian_jax
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
-from _common import RECOMMENDED_STABILIZERS, make_step  # noqa: E402  (shared with examples)
+from _common import RECOMMENDED_STABILIZERS, keep_freed_memory, make_step  # noqa: E402  (shared with examples)
 
 RESULTS_DIR = HERE / "results"
 # What each kind's tx.update gets besides the gradient (see examples/_common.make_step).
@@ -525,6 +533,12 @@ def main(argv=None) -> int:
   ap.add_argument("--ns", default="1,2,3,4", help="probe counts of the n_samples sweep")
   ap.add_argument("--tag", default="", help="suffix of the JSON file name")
   ap.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="leave glibc's malloc as it is (by default large freed blocks are kept for reuse; "
+    "see examples/_common.keep_freed_memory)",
+  )
+  ap.add_argument(
     "--report", type=Path, default=None, help="print the markdown tables of a results JSON; no run"
   )
   args = ap.parse_args(argv)
@@ -541,8 +555,11 @@ def main(argv=None) -> int:
   mode = "quick" if args.quick else "full"
   log = lambda s: print(s, flush=True)
 
+  allocator = "default" if args.default_malloc else keep_freed_memory()
   info = machine()
+  info["allocator"] = allocator
   log(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, load {info['loadavg_start']}")
+  log(f"allocator: {allocator}")
   wanted_groups = args.groups.split(",")
   results = {}
   t_start = time.perf_counter()

@@ -21,6 +21,9 @@ Method (the clock sees training steps only):
   period of the chunk's scan is a step compiled with ``refresh=True`` followed by ``k - 1`` steps
   compiled with ``refresh=False`` (an inner scan), so no step contains a ``lax.cond``. Chunks are
   a multiple of 4 steps, so every chunk starts a period.
+* glibc's malloc keeps freed large blocks for reuse (``--default-malloc`` to leave it as it
+  is): otherwise every call of a program whose temporaries exceed 32 MiB is charged fresh,
+  zeroed pages (``examples/_common.keep_freed_memory``).
 * A run stops at its step budget (the steps of the tuned schedule, as in the headline runs),
   when its time budget is spent, or when the training loss or the metric becomes non-finite.
 * Seconds to target: the cumulative training seconds at the first evaluation that meets the
@@ -68,7 +71,7 @@ PAPER = os.path.join(HERE, "paper")
 sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
-from _common import RECOMMENDED_STABILIZERS  # noqa: E402  (examples/_common.py)
+from _common import RECOMMENDED_STABILIZERS, keep_freed_memory  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
 from tuning import tune  # noqa: E402
@@ -498,6 +501,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
   p.add_argument("--figures", default=None, help="figures directory (default benchmarks/figures)")
   p.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="leave glibc's malloc as it is (by default large freed blocks are kept for reuse, "
+    "as in step_time.py)",
+  )
+  p.add_argument(
     "--adahessian-config",
     type=json.loads,
     default=RECOMMENDED_STABILIZERS,
@@ -524,6 +533,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  allocator = "default" if args.default_malloc else keep_freed_memory()
   cli.enable_compilation_cache()
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.figures, exist_ok=True)
@@ -536,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if payload.get("quick") != args.quick:
       payload = {}
   environment = cli.environment()  # at the start of this command
+  environment["allocator"] = allocator
   tasks = payload.get("tasks", {})
   for name in args.tasks:
     t_start = time.perf_counter()
