@@ -10,8 +10,8 @@ every call and unmaps it on free, so each 4 KiB costs a page fault and a zeroed 
 ``examples/_common.keep_freed_memory`` (which ``step_time.py`` and ``time_to_accuracy.py`` call)
 makes glibc keep freed blocks instead. The setting lasts for the process, so this script runs
 fresh processes in pairs, one with glibc's default and one with the setting, alternating, and in
-each times Adam's and AdaHessian's fused k = 1 step round-robin (medians after warm-up, as in
-``step_time.py``) and counts the page faults per step (``getrusage``; exact at any load).
+each times Adam's and AdaHessian's fused k = 1 step round-robin with ``step_time.run_group``
+(medians after warm-up, page faults per step counted with ``getrusage``, exact at any load).
 """
 
 from __future__ import annotations
@@ -19,60 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
 
-def measure(model: str, mode: str, size: str, rounds: int) -> dict:
+def measure(model: str, mode: str, size: str, steps: int) -> dict:
   """Runs in the child process: times Adam and the fused step under one allocator setting."""
-  from _common import keep_freed_memory, make_step
+  from _common import keep_freed_memory
 
   allocator = keep_freed_memory() if mode == "keep" else "default"
-  import jax
-  import jax.numpy as jnp
   import models
-  import optax
+  from step_time import Config, run_group
 
-  import adahessian_jax
-
-  problem = models.MODELS[model](size)
-  runs = {}
-  for name, tx, route in (
-    ("adam", optax.adam(1e-3), "plain"),
-    ("adahessian", adahessian_jax.adahessian(0.01), "fused"),
-  ):
-    state = tx.init(problem.params)
-    step = jax.jit(make_step(tx, problem.loss_fn, route), donate_argnums=(0, 1))
-    compiled = step.lower(problem.params, state, problem.batches[0]).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    runs[name] = [compiled, jax.tree.map(jnp.copy, problem.params), state, temp, [], 0]
-  warmup, steps = 5, 2
-  for r in range(warmup + rounds):
-    for run in runs.values():
-      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      t0 = time.perf_counter()
-      for i in range(steps):
-        run[1], run[2], _ = run[0](run[1], run[2], problem.batches[i % len(problem.batches)])
-      jax.block_until_ready(run[1])
-      if r >= warmup:
-        run[4].append((time.perf_counter() - t0) / steps)
-        run[5] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+  rows = run_group(
+    models.MODELS[model](size), [Config("adam"), Config("fused")], steps, 5, {}, lambda s: None
+  )
   out = {"allocator": allocator}
-  for name, run in runs.items():
+  for name, row in zip(("adam", "adahessian"), rows, strict=True):
     out[name] = {
-      "ms_per_step_median": statistics.median(run[4]) * 1e3,
-      "page_faults_per_step": run[5] / (rounds * steps),
-      "temp_mib": run[3] / 2**20,
+      key: row[key] for key in ("ms_per_step_median", "ms_per_step_iqr", "page_faults_per_step")
     }
-  ms = {name: out[name]["ms_per_step_median"] for name in runs}
-  out["time_ratio_adam"] = ms["adahessian"] / ms["adam"]
+    out[name]["temp_mib"] = row["memory_analysis"]["temp_bytes"] / 2**20
+  out["time_ratio_adam"] = rows[1]["time_ratio_adam"]
   return out
 
 
@@ -81,22 +53,22 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="tiny MLP, one pair, nothing written")
   ap.add_argument("--model", default="transformer", help="a model of models.py")
   ap.add_argument("--pairs", type=int, default=3, help="process pairs (default 3)")
-  ap.add_argument("--rounds", type=int, default=40, help="timed rounds per process")
+  ap.add_argument("--steps", type=int, default=80, help="timed steps per optimizer and process")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   size = "tiny" if args.quick else "full"
   model = "mlp" if args.quick else args.model
   if args.quick:
-    args.pairs, args.rounds = 1, 3
+    args.pairs, args.steps = 1, 6
   if args.child:
-    print(json.dumps(measure(model, args.child, size, args.rounds)))
+    print(json.dumps(measure(model, args.child, size, args.steps)))
     return 0
   load = os.getloadavg()
   print(f"load average {load}")
   runs = []
   for p in range(args.pairs):
     for mode in ("default", "keep") if p % 2 == 0 else ("keep", "default"):
-      cmd = [sys.executable, __file__, "--model", model, "--rounds", str(args.rounds)]
+      cmd = [sys.executable, __file__, "--model", model, "--steps", str(args.steps)]
       cmd += ["--child", mode] + (["--quick"] if args.quick else [])
       proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
       res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,6 +22,8 @@ Reported per optimizer:
   a compile-time constant on a refresh step and once on a non-refresh step, so
   ``(F_refresh + (k - 1) F_skip) / k``. (XLA's own count for the real step,
   which charges a ``lax.cond`` about its costlier branch, is ``xla_flops_raw``.)
+* ``page_faults_per_step``: minor page faults of the process over the timed
+  units (``getrusage``; exact at any load), per step;
 * ``state``: bytes of the optimizer state; ``peak``: the compiled step's
   arguments + outputs - aliased (donated) + temporaries
   (``compiled.memory_analysis()``).
@@ -69,6 +71,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -87,7 +90,7 @@ import adahessian_jax
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
-from _common import RECOMMENDED_STABILIZERS, keep_freed_memory, make_step  # noqa: E402  (shared with examples)
+from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, make_step, set_malloc  # noqa: E402  (shared with examples)
 
 RESULTS_DIR = HERE / "results"
 # What each kind's tx.update gets besides the gradient (see examples/_common.make_step).
@@ -278,10 +281,12 @@ class Runner:
     self.mem, self.peak_bytes, self.state_bytes = c.mem, c.peak_bytes, c.state_bytes
     self.param_bytes = tree_bytes(self.params)
     self.unit_times: list[float] = []
+    self.unit_faults: list[int] = []
     self.loss = float("nan")
 
   def run_unit(self, record: bool) -> None:
-    """Runs one refresh cycle (``freq`` steps) and records its time per step."""
+    """Runs one refresh cycle (``freq`` steps) and records its time and page faults."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     loss = None
     for _ in range(self.cfg.freq):
@@ -295,6 +300,7 @@ class Runner:
     dt = (time.perf_counter() - t0) / self.cfg.freq
     if record:
       self.unit_times.append(dt)
+      self.unit_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
     self.loss = float(loss)
 
 
@@ -343,6 +349,7 @@ def run_group(
         "ms_per_step_median": ms,
         "ms_per_step_iqr": [q1 * 1e3, q3 * 1e3],
         "time_ratio_adam": ms / adam_ms,
+        "page_faults_per_step": sum(r.unit_faults) / (len(r.unit_faults) * r.cfg.freq),
         "flops": r.flops,
         "flops_refresh_step": r.flops_refresh,
         "flops_other_step": r.flops_skip,
@@ -532,12 +539,7 @@ def main(argv=None) -> int:
   ap.add_argument("--freqs", default="1,2,3,4,5", help="refresh intervals of the freq sweep")
   ap.add_argument("--ns", default="1,2,3,4", help="probe counts of the n_samples sweep")
   ap.add_argument("--tag", default="", help="suffix of the JSON file name")
-  ap.add_argument(
-    "--default-malloc",
-    action="store_true",
-    help="leave glibc's malloc as it is (by default large freed blocks are kept for reuse; "
-    "see examples/_common.keep_freed_memory)",
-  )
+  add_malloc_flag(ap)
   ap.add_argument(
     "--report", type=Path, default=None, help="print the markdown tables of a results JSON; no run"
   )
@@ -555,7 +557,7 @@ def main(argv=None) -> int:
   mode = "quick" if args.quick else "full"
   log = lambda s: print(s, flush=True)
 
-  allocator = "default" if args.default_malloc else keep_freed_memory()
+  allocator = set_malloc(args)
   info = machine()
   info["allocator"] = allocator
   log(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, load {info['loadavg_start']}")

@@ -71,7 +71,7 @@ PAPER = os.path.join(HERE, "paper")
 sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
-from _common import RECOMMENDED_STABILIZERS, keep_freed_memory  # noqa: E402  (examples/_common.py)
+from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, set_malloc  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
 from tuning import tune  # noqa: E402
@@ -500,12 +500,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--time-budget", type=float, default=None, help="seconds per run (a cap)")
   p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
   p.add_argument("--figures", default=None, help="figures directory (default benchmarks/figures)")
-  p.add_argument(
-    "--default-malloc",
-    action="store_true",
-    help="leave glibc's malloc as it is (by default large freed blocks are kept for reuse, "
-    "as in step_time.py)",
-  )
+  add_malloc_flag(p)
   p.add_argument(
     "--adahessian-config",
     type=json.loads,
@@ -533,7 +528,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  allocator = "default" if args.default_malloc else keep_freed_memory()
+  allocator = set_malloc(args)
   cli.enable_compilation_cache()
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.figures, exist_ok=True)

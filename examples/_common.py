@@ -119,11 +119,21 @@ def keep_freed_memory() -> str:
   its largest mmap threshold (32 MiB) with new pages from the kernel and unmaps it on free, so a
   program whose temporaries exceed 32 MiB pays a page fault and a zeroed page per 4 KiB on every
   call, while a smaller one reuses its heap. A second-order step has about twice a first-order
-  step's temporaries, so the default allocator charges it more than its FLOPs. This turns off
-  mmap for allocations, the return of freed memory at the heap's top, and the per-thread arenas
-  (whose extra heaps are unmapped when they empty). The benchmarks call it before they build
-  anything, for every optimizer alike (their warm-up covers the first calls, over which the heap
-  may still grow). The process then keeps its peak memory until it exits.
+  step's temporaries, so the default allocator charges it more than its FLOPs. This sets three
+  of glibc's ``mallopt`` parameters: no mmap for allocations (``M_MMAP_MAX=0``), no return of
+  freed memory at a heap's top (``M_TRIM_THRESHOLD``), and a 64 MiB top pad (``M_TOP_PAD``), which
+  also stops a thread's arena from unmapping an emptied heap. Each thread keeps its own arena: a
+  single arena (``M_ARENA_MAX=1``) would also cover larger blocks, but it made every optimizer's
+  step 15-30 % slower here (``benchmarks/README.md``).
+
+  Limit: a thread's arena grows in heaps of at most 64 MiB, and glibc maps a larger block from
+  the kernel regardless of ``M_MMAP_MAX``; so a program with a temporary block over 64 MiB, run
+  on XLA's worker threads, still faults it in at every call. (``jax_cpu_enable_async_dispatch``
+  off runs programs on the calling thread, whose arena has no such limit.)
+
+  The benchmarks call it before they build anything, for every optimizer alike (their warm-up
+  covers the first calls, over which the heaps may still grow). The process then keeps its peak
+  memory until it exits.
 
   Returns:
     A description of the allocator setting, for the results file.
@@ -132,11 +142,28 @@ def keep_freed_memory() -> str:
     mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
   except (OSError, AttributeError):
     return "default (no glibc mallopt)"
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
-  settings = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1))
+  m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+  settings = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20))
   if not all(mallopt(param, value) == 1 for param, value in settings):
     return "default (mallopt refused)"
-  return "glibc, freed blocks kept (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1, M_ARENA_MAX=1)"
+  return (
+    "glibc, freed blocks kept (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1, M_TOP_PAD=64 MiB)"
+  )
+
+
+def add_malloc_flag(p: argparse.ArgumentParser) -> None:
+  """Adds ``--default-malloc`` (a benchmark's opt-out of :func:`keep_freed_memory`)."""
+  p.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="leave glibc's malloc as it is (by default large freed blocks are kept for reuse; "
+    "see examples/_common.keep_freed_memory)",
+  )
+
+
+def set_malloc(args: argparse.Namespace) -> str:
+  """Applies :func:`keep_freed_memory` unless ``--default-malloc``; returns what was set."""
+  return "default" if args.default_malloc else keep_freed_memory()
 
 
 def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentParser:

@@ -23,10 +23,10 @@ from _common import keep_freed_memory
 allocator = keep_freed_memory() if sys.argv[2] == "keep" else "default"
 import jax, jax.numpy as jnp
 
-def f(x):  # the cumulative sums keep 24 MiB intermediates apart: temporaries over 32 MiB
+def f(x):  # the cumulative sums keep 16 MiB intermediates apart: one 50 MiB temporary block
   return jnp.sum(jnp.cumsum(jnp.sin(x), axis=0) * jnp.cumsum(jnp.cos(x), axis=1))
 
-x = jnp.ones((3072, 2048), jnp.float32)
+x = jnp.ones((2048, 2048), jnp.float32)
 compiled = jax.jit(f).lower(x).compile()
 temp = compiled.memory_analysis().temp_size_in_bytes
 faults = []
@@ -55,7 +55,9 @@ def test_keeping_freed_memory_removes_the_page_faults_of_large_temporaries():
   if not keep["allocator"].startswith("glibc"):
     pytest.skip(f"not glibc: {keep['allocator']}")  # the setting is glibc's mallopt
   temp_pages = keep["temp"] / 4096
-  assert keep["temp"] > 40 * 2**20, keep  # over glibc's largest mmap threshold (32 MiB)
+  # Over glibc's largest mmap threshold (32 MiB), under a thread arena's largest heap (64 MiB;
+  # a larger block is mapped regardless, see keep_freed_memory's docstring).
+  assert 40 * 2**20 < keep["temp"] < 60 * 2**20, keep
   default = _faults("default")
   # By default even the cheapest call faults in (most of) its temporaries afresh ...
   assert default["faults_per_call"] > 0.5 * temp_pages, default
