@@ -1,17 +1,24 @@
-"""What glibc's default malloc costs each optimizer's step on XLA:CPU.
+"""What glibc's default malloc costs each optimizer's step on XLA:CPU, and the alternatives.
 
 One command::
 
-  python benchmarks/allocator.py                # transformer LM, 3 pairs -> results/allocator.json
-  python benchmarks/allocator.py --quick        # tiny MLP, 1 pair, nothing written (CI smoke)
+  python benchmarks/allocator.py          # transformer LM, 3 rounds -> results/allocator.json
+  python benchmarks/allocator.py --quick  # tiny MLP, 1 round, nothing written (CI smoke)
 
 XLA:CPU allocates a call's temporaries afresh; glibc maps a block over 32 MiB from the kernel at
 every call and unmaps it on free, so each 4 KiB costs a page fault and a zeroed page, every call.
 ``examples/_common.keep_freed_memory`` (which ``step_time.py`` and ``time_to_accuracy.py`` call)
-makes glibc keep freed blocks instead. The setting lasts for the process, so this script runs
-fresh processes in pairs, one with glibc's default and one with the setting, alternating, and in
-each times Adam's and AdaHessian's fused k = 1 step round-robin with ``step_time.run_group``
-(medians after warm-up, page faults per step counted with ``getrusage``, exact at any load).
+makes glibc keep freed blocks instead. A setting lasts for the process, so this script runs one
+fresh process per setting in each round, the order rotated from round to round, and in each
+times Adam's and AdaHessian's fused k = 1 step round-robin with ``step_time.run_group`` (medians
+after warm-up, page faults per step counted with ``getrusage``, exact at any load). Settings:
+
+* ``default``: glibc as it is;
+* ``keep``: ``keep_freed_memory()``, what the benchmarks use;
+* ``single-arena``: ``keep`` plus ``M_ARENA_MAX=1`` (every thread allocates from the main arena,
+  which, unlike a thread's arena, also keeps blocks over 64 MiB);
+* ``calling-thread``: ``keep`` plus ``jax_cpu_enable_async_dispatch`` off (programs run on the
+  calling thread, whose arena is the main one).
 """
 
 from __future__ import annotations
@@ -27,11 +34,38 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
 
-def measure(model: str, mode: str, size: str, steps: int) -> dict:
-  """Runs in the child process: times Adam and the fused step under one allocator setting."""
+SETTINGS = ("default", "keep", "single-arena", "calling-thread")
+
+
+def apply(setting: str) -> str:
+  """Applies an allocator setting to this process; returns its description."""
+  import ctypes
+  import ctypes.util
+
   from _common import keep_freed_memory
 
-  allocator = keep_freed_memory() if mode == "keep" else "default"
+  if setting == "default":
+    return "default"
+  allocator = keep_freed_memory()
+  if setting == "single-arena":
+    m_arena_max = -8  # <malloc.h>
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if libc.mallopt(m_arena_max, 1) != 1:
+      raise RuntimeError("mallopt(M_ARENA_MAX, 1) refused")
+    allocator += ", M_ARENA_MAX=1"
+  elif setting == "calling-thread":
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    allocator += ", jax_cpu_enable_async_dispatch off"
+  elif setting != "keep":
+    raise ValueError(f"unknown allocator setting {setting!r}; choose from {SETTINGS}")
+  return allocator
+
+
+def measure(model: str, setting: str, size: str, steps: int) -> dict:
+  """Runs in the child process: times Adam and the fused step under one allocator setting."""
+  allocator = apply(setting)
   import models
   from step_time import Config, run_group
 
@@ -50,24 +84,28 @@ def measure(model: str, mode: str, size: str, steps: int) -> dict:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--quick", action="store_true", help="tiny MLP, one pair, nothing written")
+  ap.add_argument("--quick", action="store_true", help="tiny MLP, one round, nothing written")
   ap.add_argument("--model", default="transformer", help="a model of models.py")
-  ap.add_argument("--pairs", type=int, default=3, help="process pairs (default 3)")
+  ap.add_argument("--rounds", type=int, default=3, help="processes per setting (default 3)")
+  ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
   ap.add_argument("--steps", type=int, default=80, help="timed steps per optimizer and process")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   size = "tiny" if args.quick else "full"
   model = "mlp" if args.quick else args.model
   if args.quick:
-    args.pairs, args.steps = 1, 6
+    args.rounds, args.steps = 1, 6
   if args.child:
     print(json.dumps(measure(model, args.child, size, args.steps)))
     return 0
   load = os.getloadavg()
   print(f"load average {load}")
+  settings = args.settings.split(",")
+  if unknown := sorted(set(settings) - set(SETTINGS)):
+    ap.error(f"unknown --settings {unknown}; choose from {', '.join(SETTINGS)}")
   runs = []
-  for p in range(args.pairs):
-    for mode in ("default", "keep") if p % 2 == 0 else ("keep", "default"):
+  for p in range(args.rounds):
+    for mode in settings[p % len(settings) :] + settings[: p % len(settings)]:
       cmd = [sys.executable, __file__, "--model", model, "--steps", str(args.steps)]
       cmd += ["--child", mode] + (["--quick"] if args.quick else [])
       proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -76,7 +114,7 @@ def main(argv=None) -> int:
       runs.append(res)
       a, h = res["adam"], res["adahessian"]
       print(
-        f"{mode:8s} Adam {a['ms_per_step_median']:6.2f} ms ({a['page_faults_per_step']:6.0f} "
+        f"{mode:14s} Adam {a['ms_per_step_median']:6.2f} ms ({a['page_faults_per_step']:6.0f} "
         f"faults/step)  AdaHessian {h['ms_per_step_median']:6.2f} ms "
         f"({h['page_faults_per_step']:6.0f} faults/step)  ratio {res['time_ratio_adam']:.2f}"
       )

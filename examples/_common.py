@@ -123,13 +123,14 @@ def keep_freed_memory() -> str:
   of glibc's ``mallopt`` parameters: no mmap for allocations (``M_MMAP_MAX=0``), no return of
   freed memory at a heap's top (``M_TRIM_THRESHOLD``), and a 64 MiB top pad (``M_TOP_PAD``), which
   also stops a thread's arena from unmapping an emptied heap. Each thread keeps its own arena: a
-  single arena (``M_ARENA_MAX=1``) would also cover larger blocks, but it made every optimizer's
-  step 15-30 % slower here (``benchmarks/README.md``).
+  single arena (``M_ARENA_MAX=1``) would also cover larger blocks, but it made Adam's step 6-35 %
+  slower here (``benchmarks/allocator.py``).
 
   Limit: a thread's arena grows in heaps of at most 64 MiB, and glibc maps a larger block from
   the kernel regardless of ``M_MMAP_MAX``; so a program with a temporary block over 64 MiB, run
   on XLA's worker threads, still faults it in at every call. (``jax_cpu_enable_async_dispatch``
-  off runs programs on the calling thread, whose arena has no such limit.)
+  off runs programs on the calling thread, whose arena has no such limit, at some cost in
+  dispatch.)
 
   The benchmarks call it before they build anything, for every optimizer alike (their warm-up
   covers the first calls, over which the heaps may still grow). The process then keeps its peak

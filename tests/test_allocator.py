@@ -75,4 +75,9 @@ def test_allocator_benchmark_quick_mode_runs():
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = [ln for ln in proc.stdout.splitlines() if "ratio" in ln]
-  assert [ln.split()[0] for ln in lines] == ["default", "keep"], proc.stdout
+  assert [ln.split()[0] for ln in lines] == [
+    "default",
+    "keep",
+    "single-arena",
+    "calling-thread",
+  ], proc.stdout
