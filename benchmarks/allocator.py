@@ -39,18 +39,15 @@ SETTINGS = ("default", "keep", "single-arena", "calling-thread")
 
 def apply(setting: str) -> str:
   """Applies an allocator setting to this process; returns its description."""
-  import ctypes
-  import ctypes.util
-
-  from _common import keep_freed_memory
+  from _common import glibc_mallopt, keep_freed_memory
 
   if setting == "default":
     return "default"
   allocator = keep_freed_memory()
   if setting == "single-arena":
     m_arena_max = -8  # <malloc.h>
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if libc.mallopt(m_arena_max, 1) != 1:
+    mallopt = glibc_mallopt()
+    if mallopt is None or mallopt(m_arena_max, 1) != 1:
       raise RuntimeError("mallopt(M_ARENA_MAX, 1) refused")
     allocator += ", M_ARENA_MAX=1"
   elif setting == "calling-thread":

@@ -112,6 +112,14 @@ class Run:
       )
 
 
+def glibc_mallopt() -> Callable[[int, int], int] | None:
+  """glibc's ``mallopt(param, value)`` (1 on success), or ``None`` where there is none."""
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+  except (OSError, AttributeError):
+    return None
+
+
 def keep_freed_memory() -> str:
   """Makes glibc's malloc keep freed large blocks for reuse instead of unmapping them.
 
@@ -139,9 +147,8 @@ def keep_freed_memory() -> str:
   Returns:
     A description of the allocator setting, for the results file.
   """
-  try:
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-  except (OSError, AttributeError):
+  mallopt = glibc_mallopt()
+  if mallopt is None:
     return "default (no glibc mallopt)"
   m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
   settings = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20))
