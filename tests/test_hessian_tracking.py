@@ -63,6 +63,11 @@ def test_warm_starts_are_accurate_and_cost_a_fraction_of_cold_starts():
       y = np.asarray(got.eigenvector)
       assert np.linalg.norm(dense @ y - got.eigenvalue * y) == pytest.approx(got.residual, rel=1e-6)
       assert got.ritz_vectors.shape == (2, N)
+      # θ₁ after each product from the start's b on (b = 1 cold, 2 warm): nested subspaces, so
+      # nondecreasing and below the top eigenvalue.
+      h, b = got.history, 1 if not warm else 2
+      assert h.shape == (got.num_matvecs - b + 1,) and h[-1] == got.eigenvalue
+      assert np.all(np.diff(h) >= -1e-12 * lam) and h.max() <= lam * (1 + 1e-12)
     fresh = hessian.track_curvature(op, None, preconditioner=jnp.asarray(p), tol=1e-4)
     warm.append(record.num_matvecs)
     cold.append(fresh.num_matvecs)
@@ -133,3 +138,26 @@ def test_a_large_negative_eigenvalue_does_not_end_a_cold_start_early():
   got = hessian.track_curvature(op, None, key=key, tol=1e-4).sharpness
   assert got.converged
   assert abs(got.eigenvalue - 461.0) <= 1e-4 * 461.0, got.eigenvalue
+
+
+def test_history_is_the_krylov_ritz_values_from_the_start_vector():
+  """With ``block_size=1`` and no probe a warm start is plain Lanczos from the carried vector: its
+  history equals the top eigenvalue of ``A`` on ``span{v, Av, ..., A^(j-1) v}``, built here
+  independently from the power basis."""
+  a = _family(1, drift=0.0)[0]
+  v = np.random.default_rng(3).normal(size=N)
+  v /= np.linalg.norm(v)
+  counter = [0]
+  op = _operator(a, counter)
+  first = hessian.track_curvature(op, tol=1e-4, block_size=1).sharpness
+  start = jnp.asarray(v)[None]
+  first = hessian.CurvatureRecord(first._replace(ritz_vectors=start), None, None, None, 0)
+  got = hessian.track_curvature(op, first, tol=1e-12, block_size=1, warm_mix=0.0, max_iter=8)
+  h = got.sharpness.history
+  assert h.shape == (8,) and got.sharpness.num_matvecs == 8
+  krylov = [v]
+  for _ in range(7):
+    krylov.append(a @ krylov[-1])
+  for j in range(1, 9):
+    q = np.linalg.qr(np.column_stack(krylov[:j]))[0]
+    assert h[j - 1] == pytest.approx(np.linalg.eigvalsh(q.T @ a @ q)[-1], rel=1e-9), j

@@ -64,6 +64,12 @@ class Sharpness(NamedTuple):
     eigenvector: The flat unit Ritz vector ``y``.
     ritz_vectors: ``(b, n)`` the top ``b`` (``block_size``) unit Ritz vectors,
       ``eigenvector`` first: the next measurement's start block.
+    history: ``(num_matvecs − b + 1,)`` the top Ritz value after ``b``,
+      ``b + 1``, ..., ``num_matvecs`` products (host array; nondecreasing up
+      to rounding, since the subspaces are nested; its last entry is
+      ``eigenvalue``): how
+      fast the run converged, e.g. the first product count within a target of
+      a reference value.
   """
 
   eigenvalue: float
@@ -73,6 +79,7 @@ class Sharpness(NamedTuple):
   converged: bool
   eigenvector: jax.Array
   ritz_vectors: jax.Array
+  history: np.ndarray
 
 
 class CurvatureRecord(NamedTuple):
@@ -129,13 +136,14 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
   """
   q = _orthonormal_rows(start)
   w = op.matmat(q)
-  used, b, theta_old = q.shape[0], q.shape[0], np.nan
+  used, b, history = q.shape[0], q.shape[0], []
   tol_break = breakdown_tolerance(op.size, op.dtype)
   while True:
     t = np.asarray(q @ w.T, np.float64)
     _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products")
     theta, s = np.linalg.eigh(0.5 * (t + t.T))
     theta, s = theta[::-1], s[:, ::-1]
+    history.append(float(theta[0]))
     m = min(max(keep, 2), theta.size)
     y, res_vecs, res = _ritz(q, w, jnp.asarray(s[:, :m], op.dtype))
     res = np.asarray(res, np.float64)
@@ -144,7 +152,7 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
       gap = theta[0] - theta[1] - res[1]
       err = min(err, err * err / gap) if gap > 0 else err
     if used > b:
-      err = max(err, abs(theta[0] - theta_old))
+      err = max(err, abs(history[-1] - history[-2]))
     # Relative to the tracked value itself, not to the largest |θ|: early in a run a large
     # negative Ritz value next to a top Ritz value that has not yet found the top eigenvalue
     # would otherwise make a poor pair look converged (seen on the digits CNN's P⁻¹H).
@@ -157,7 +165,7 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
       ok, err = True, res[0]  # an invariant subspace: the Ritz value is exact to the residual
       break
     q, w = jnp.concatenate([q, v[None]]), jnp.concatenate([w, op.matvec(v)[None]])
-    used, theta_old = used + 1, theta[0]
+    used += 1
   return Sharpness(
     eigenvalue=float(theta[0]),
     error=float(err),
@@ -166,6 +174,7 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
     converged=bool(ok),
     eigenvector=y[0],
     ritz_vectors=y[:keep],
+    history=np.asarray(history),
   )
 
 
