@@ -14,6 +14,10 @@ class Net(nnx.Module):
   def __init__(self, rngs):
     self.l1 = nnx.Linear(4, 16, param_dtype=jnp.float64, rngs=rngs)
     self.bn = nnx.BatchNorm(16, momentum=0.9, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs)
+    # flax keeps BatchNorm's statistics in float32 whatever the dtypes; in float64 its update would
+    # cast float64 into them (a FutureWarning in jax 0.10, an error later).
+    self.bn.mean = nnx.BatchStat(jnp.zeros(16, jnp.float64))
+    self.bn.var = nnx.BatchStat(jnp.ones(16, jnp.float64))
     self.l2 = nnx.Linear(16, 1, param_dtype=jnp.float64, rngs=rngs)
 
   def __call__(self, x):
