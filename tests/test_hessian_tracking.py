@@ -1,6 +1,7 @@
 """Tests of track_curvature's warm starts against dense matrices (float64)."""
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,36 @@ def test_history_is_the_krylov_ritz_values_from_the_start_vector():
   for j in range(1, 9):
     q = np.linalg.qr(np.column_stack(krylov[:j]))[0]
     assert h[j - 1] == pytest.approx(np.linalg.eigvalsh(q.T @ a @ q)[-1], rel=1e-9), j
+
+
+def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
+  counter = [0]
+  op = _operator(_family(1, drift=0.0)[0], counter)
+  record = hessian.track_curvature(op, tol=1e-4)
+  small = hessian.hessian_operator(quadratic_loss, {"x": jnp.zeros(5)}, jnp.eye(5))
+  with pytest.raises(ValueError, match=r"sharpness Ritz vectors have shape \(2, 60\).*5 parameters"):
+    hessian.track_curvature(small, record)
+  bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=jnp.full((2, N), jnp.nan)))
+  with pytest.raises(ValueError, match="sharpness Ritz vectors are not finite"):
+    hessian.track_curvature(op, bad)
+  with pytest.raises(TypeError, match="CurvatureRecord.*got Sharpness"):
+    hessian.track_curvature(op, record.sharpness)
+  before = counter[0]
+  with pytest.raises(ValueError):
+    hessian.track_curvature(op, bad)
+  assert counter[0] == before  # refused before any product
+
+
+def test_a_float32_model_under_x64_tracks_without_promotion_warnings():
+  """The warm start's probe is added in the operator's dtype (a NumPy float64 scale promoted a
+  float32 probe: a FutureWarning in jax 0.10, an error in later releases)."""
+  a = _family(2, drift=0.01)
+  params = {"x": jnp.zeros(N, jnp.float32)}
+  record = None
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for m in a:
+      op = hessian.hessian_operator(quadratic_loss, params, jnp.asarray(m, jnp.float32))
+      record = hessian.track_curvature(op, record, preconditioner=jnp.ones(N, jnp.float32))
+  assert record.sharpness.eigenvector.dtype == jnp.float32
+  assert record.sharpness.eigenvalue == pytest.approx(np.linalg.eigvalsh(a[1])[-1], rel=1e-3)

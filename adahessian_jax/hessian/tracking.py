@@ -185,7 +185,7 @@ def _orthonormal_rows(v: jax.Array) -> jax.Array:
   return q.T[good]
 
 
-def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size) -> Sharpness:
+def _measure(op, previous, what, key, tol, max_iter, stop_on, mix, block_size) -> Sharpness:
   if previous is None:
     start = op.rademacher(key, 1)
   else:
@@ -193,9 +193,22 @@ def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size) -> Shar
     # invariant subspace of the new Hessian (e.g. dead units: Hv = 0) that the subspace would
     # never leave; with the probe no direction is invisible, and the top Ritz vector, whose
     # residual the stopping rule tests, keeps the probe's image in that residual.
+    start = jnp.asarray(previous.ritz_vectors)
+    if start.ndim != 2 or start.shape[0] < 1 or start.shape[1] != op.size:
+      raise ValueError(
+        f"previous: its {what} Ritz vectors have shape {tuple(start.shape)}, but the operator has "
+        f"{op.size} parameters (one row of {op.size} per vector); pass the record of an earlier "
+        "measurement of the same model, or previous=None for a cold start"
+      )
+    if not np.all(np.isfinite(np.asarray(start))):
+      raise ValueError(
+        f"previous: its {what} Ritz vectors are not finite; pass previous=None for a cold start"
+      )
     z = op.rademacher(key, 1)[0]
-    start = previous.ritz_vectors[:block_size]
-    start = start.at[0].add(mix * z / np.sqrt(op.size))
+    # The probe's scale as a Python float and the block in the operator's dtype: a NumPy float64
+    # scalar would promote a float32 probe under jax_enable_x64 (a FutureWarning, later an error).
+    start = start[:block_size].astype(op.dtype)
+    start = start.at[0].add(float(mix / np.sqrt(op.size)) * z)
   return _top(op, start, tol=tol, max_iter=max_iter, stop_on=stop_on, keep=block_size)
 
 
@@ -268,12 +281,17 @@ def track_curvature(
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
   mix = _checks.positive("warm_mix", warm_mix, allow_zero=True)
   args = (tol, max(max_iter, block_size), stop_on, mix, block_size)
-  plain = _measure(op, previous and previous.sharpness, k_plain, *args)
+  if previous is not None and not isinstance(previous, CurvatureRecord):
+    raise TypeError(
+      f"previous must be the CurvatureRecord an earlier track_curvature call returned (or None), "
+      f"got {type(previous).__name__}"
+    )
+  plain = _measure(op, previous and previous.sharpness, "sharpness", k_plain, *args)
   trace = None if trace_matvecs == 0 else xtrace(op, k_tr, trace_matvecs)
   pre = pre_trace = None
   if preconditioner is not None:
     pop = preconditioned_operator(op, preconditioner)
-    pre = _measure(pop, previous and previous.preconditioned, k_pre, *args)
+    pre = _measure(pop, previous and previous.preconditioned, "preconditioned", k_pre, *args)
     pre_trace = None if trace_matvecs == 0 else xtrace(pop, k_pre_tr, trace_matvecs)
   spent = [plain, pre, trace, pre_trace]
   total = int(np.sum([x.num_matvecs for x in spent if x is not None]))
