@@ -169,7 +169,8 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
   op = _operator(_family(1, drift=0.0)[0], counter)
   record = hessian.track_curvature(op, tol=1e-4)
   small = hessian.hessian_operator(quadratic_loss, {"x": jnp.zeros(5)}, jnp.eye(5))
-  with pytest.raises(ValueError, match=r"sharpness Ritz vectors have shape \(2, 60\).*5 parameters"):
+  shape = r"sharpness Ritz vectors have shape \(2, 60\).*5 parameters"
+  with pytest.raises(ValueError, match=shape):
     hessian.track_curvature(small, record)
   bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=jnp.full((2, N), jnp.nan)))
   with pytest.raises(ValueError, match="sharpness Ritz vectors are not finite"):
