@@ -134,7 +134,10 @@ class RitzPairs(NamedTuple):
       the distance from ``θ`` to the nearest other Ritz value (the gap
       theorem's bound with the Ritz values standing in for the unknown
       eigenvalues; an estimate, not a bound; ``r`` with a single Ritz value).
-    scale: ``max|θ|`` over all Ritz values (the tolerance's reference).
+    scale: ``max|θ|`` over the selected Ritz values (the tolerance's
+      reference; over all of them, a large unwanted one, e.g. a negative
+      eigenvalue next to the wanted top one, let a top Ritz value that had not
+      yet seen the top eigenvalue pass for converged).
   """
 
   values: np.ndarray
@@ -165,5 +168,5 @@ def ritz_pairs(alphas: np.ndarray, betas: np.ndarray, select) -> RitzPairs:
     coefficients=s[:, sel],
     residuals=res,
     errors=errors,
-    scale=float(max(np.max(np.abs(theta)), np.finfo(np.float64).tiny)),
+    scale=float(max(np.max(np.abs(theta[sel])), np.finfo(np.float64).tiny)),
   )

@@ -133,8 +133,9 @@ def top_eigenvalues(
 
   A Ritz pair ``(θ, y)`` from ``j`` steps has residual ``‖H y − θ y‖ = β_j |s_j|``
   (``s`` the eigenvector of the tridiagonal matrix); by default the iteration
-  stops when every wanted pair has ``residual ≤ tol · max|θ|``. The eigenvalue
-  error is then at most the residual, and typically ``residual² / gap``: with
+  stops when every wanted pair has ``residual ≤ tol · max|θ|``, the maximum over
+  the wanted Ritz values. The eigenvalue error is then at most the residual,
+  and typically ``residual² / gap``: with
   ``stop_on="eigenvalue"`` it stops when that estimate (``Eigen.errors``)
   is below ``tol · max|θ|``, which needs far fewer steps when only the
   eigenvalues matter (the eigenvectors are then accurate to about
@@ -155,7 +156,9 @@ def top_eigenvalues(
       (:func:`~adahessian_jax.hessian.track_curvature` does this). A warm
       start converges in fewer steps when it is close to the wanted
       eigenvector, but an eigenvector it is orthogonal to stays invisible.
-    tol: Residual tolerance relative to the largest Ritz value's magnitude.
+    tol: Tolerance relative to the largest magnitude among the wanted Ritz
+      values (``k`` wanted eigenvalues all near zero may then take up to
+      ``max_iter`` products; ``converged`` says whether it was met).
     max_iter: Maximum Lanczos steps (Hessian products); memory is
       ``max_iter · n`` values. Clipped to ``n``.
     stop_on: ``"residual"`` (a bound) or ``"eigenvalue"`` (the gap estimate).
