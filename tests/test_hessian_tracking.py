@@ -177,10 +177,13 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
     hessian.track_curvature(op, bad)
   with pytest.raises(TypeError, match="CurvatureRecord.*got Sharpness"):
     hessian.track_curvature(op, record.sharpness)
+  # A broken preconditioned block is refused before the plain measurement spends a product.
+  pre = hessian.track_curvature(op, preconditioner=jnp.ones(N), tol=1e-4)
+  pre = pre._replace(preconditioned=pre.preconditioned._replace(ritz_vectors=jnp.ones((2, 3))))
   before = counter[0]
-  with pytest.raises(ValueError):
-    hessian.track_curvature(op, bad)
-  assert counter[0] == before  # refused before any product
+  with pytest.raises(ValueError, match=r"preconditioned Ritz vectors have shape \(2, 3\)"):
+    hessian.track_curvature(op, pre, preconditioner=jnp.ones(N))
+  assert counter[0] == before
 
 
 def test_a_float32_model_under_x64_tracks_without_promotion_warnings():

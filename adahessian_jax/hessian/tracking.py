@@ -69,9 +69,8 @@ class Sharpness(NamedTuple):
     history: ``(num_matvecs − b + 1,)`` the top Ritz value after ``b``,
       ``b + 1``, ..., ``num_matvecs`` products (host array; nondecreasing up
       to rounding, since the subspaces are nested; its last entry is
-      ``eigenvalue``): how
-      fast the run converged, e.g. the first product count within a target of
-      a reference value.
+      ``eigenvalue``): how fast the run converged, e.g. the first product
+      count within a target of a reference value.
   """
 
   eigenvalue: float
@@ -187,7 +186,24 @@ def _orthonormal_rows(v: jax.Array) -> jax.Array:
   return q.T[good]
 
 
-def _measure(op, previous, what, key, tol, max_iter, stop_on, mix, block_size) -> Sharpness:
+def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
+  """Refuses a previous measurement's Ritz vectors that cannot start one on ``n`` parameters."""
+  if previous is None:
+    return
+  start = np.asarray(previous.ritz_vectors)
+  if start.ndim != 2 or start.shape[0] < 1 or start.shape[1] != n:
+    raise ValueError(
+      f"previous: its {what} Ritz vectors have shape {start.shape}, but the operator has {n} "
+      f"parameters (one row of {n} per vector); pass the record of an earlier measurement of the "
+      "same model, or previous=None for a cold start"
+    )
+  if not np.all(np.isfinite(start)):
+    raise ValueError(
+      f"previous: its {what} Ritz vectors are not finite; pass previous=None for a cold start"
+    )
+
+
+def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size) -> Sharpness:
   if previous is None:
     start = op.rademacher(key, 1)
   else:
@@ -196,16 +212,6 @@ def _measure(op, previous, what, key, tol, max_iter, stop_on, mix, block_size) -
     # never leave; with the probe no direction is invisible, and the top Ritz vector, whose
     # residual the stopping rule tests, keeps the probe's image in that residual.
     start = jnp.asarray(previous.ritz_vectors)
-    if start.ndim != 2 or start.shape[0] < 1 or start.shape[1] != op.size:
-      raise ValueError(
-        f"previous: its {what} Ritz vectors have shape {tuple(start.shape)}, but the operator has "
-        f"{op.size} parameters (one row of {op.size} per vector); pass the record of an earlier "
-        "measurement of the same model, or previous=None for a cold start"
-      )
-    if not np.all(np.isfinite(np.asarray(start))):
-      raise ValueError(
-        f"previous: its {what} Ritz vectors are not finite; pass previous=None for a cold start"
-      )
     z = op.rademacher(key, 1)[0]
     # The probe's scale as a Python float and the block in the operator's dtype: a NumPy float64
     # scalar would promote a float32 probe under jax_enable_x64 (a FutureWarning, later an error).
@@ -288,12 +294,16 @@ def track_curvature(
       f"previous must be the CurvatureRecord an earlier track_curvature call returned (or None), "
       f"got {type(previous).__name__}"
     )
-  plain = _measure(op, previous and previous.sharpness, "sharpness", k_plain, *args)
+  # Both start blocks are checked before either measurement spends a product.
+  _check_start(previous and previous.sharpness, "sharpness", op.size)
+  if preconditioner is not None:
+    _check_start(previous and previous.preconditioned, "preconditioned", op.size)
+  plain = _measure(op, previous and previous.sharpness, k_plain, *args)
   trace = None if trace_matvecs == 0 else xtrace(op, k_tr, trace_matvecs)
   pre = pre_trace = None
   if preconditioner is not None:
     pop = preconditioned_operator(op, preconditioner)
-    pre = _measure(pop, previous and previous.preconditioned, "preconditioned", k_pre, *args)
+    pre = _measure(pop, previous and previous.preconditioned, k_pre, *args)
     pre_trace = None if trace_matvecs == 0 else xtrace(pop, k_pre_tr, trace_matvecs)
   spent = [plain, pre, trace, pre_trace]
   total = int(np.sum([x.num_matvecs for x in spent if x is not None]))
