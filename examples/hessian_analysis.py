@@ -6,7 +6,7 @@ batch-size weighted) at initialisation and at both solutions: top
 eigenvalues (Lanczos), trace (Hutch++), eigenvalue density (stochastic Lanczos
 quadrature), per-layer curvature, and the loss along the top eigenvectors.
 
-Run:  python examples/hessian_analysis.py            # ~2 minutes on 2 CPU cores
+Run:  python examples/hessian_analysis.py            # ~1 minute on 2 CPU cores
       python examples/hessian_analysis.py --long     # longer training, full training set,
                                                      # more probes
 
