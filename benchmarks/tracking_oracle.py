@@ -39,7 +39,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
@@ -74,15 +73,7 @@ def start_record(vectors: dict[str, np.ndarray], block: int) -> hessian.Curvatur
 
 def track(name, cfg):
   """Trains one optimizer at its tuned rate; oracle counts at every step."""
-  train, _ = ct.load(cfg["seed"])
-  model = ct.CNN(cfg["width"])
-  init = model.init(jax.random.key(cfg["seed"]), train[0][:1])["params"]
-  probe = (jnp.asarray(train[0][: cfg["probe"]]), jnp.asarray(train[1][: cfg["probe"]]))
-
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch[0])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
-
+  train, init, loss_fn, probe = ct.problem(cfg["seed"], cfg["width"], cfg["probe"])
   tx, preconditioner = ct.optimizer(name, ct.TUNED[name], cfg["steps"])
   step = ct.make_step(name, tx, loss_fn)
   params, opt_state = init, tx.init(init)

@@ -85,6 +85,20 @@ def load(seed):
   return (x[train], y[train]), (x[val], y[val])
 
 
+def problem(seed, width, probe):
+  """What every run shares: training data, initial params, loss and the probe batch measured on."""
+  train, _ = load(seed)
+  model = CNN(width)
+  init = model.init(jax.random.key(seed), train[0][:1])["params"]
+  probe_batch = (jnp.asarray(train[0][:probe]), jnp.asarray(train[1][:probe]))
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+  return train, init, loss_fn, probe_batch
+
+
 def make_step(name, tx, loss_fn):
   # AdaHessian by the fused route: loss, gradient and Hessian probe in one pass.
   return jax.jit(_common.make_step(tx, loss_fn, "fused" if name == "AdaHessian" else "plain"))
@@ -238,16 +252,8 @@ def main():
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
 
-  train, _ = load(args.seed)
-  model = CNN(cfg["width"])
-  init = model.init(jax.random.key(args.seed), train[0][:1])["params"]
+  train, init, loss_fn, probe_batch = problem(args.seed, cfg["width"], cfg["probe"])
   cfg["num_params"] = int(sum(np.size(p) for p in jax.tree.leaves(init)))
-  probe_batch = (jnp.asarray(train[0][: cfg["probe"]]), jnp.asarray(train[1][: cfg["probe"]]))
-
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch[0])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
-
   runs = []
   for name in [args.only] if args.only else TUNED:
     for scale in cfg["scales"]:
