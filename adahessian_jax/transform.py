@@ -158,28 +158,25 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, ja
   # Averaging keeps each group's sum, so D's means are |estimate|'s. Taken from the estimate
   # (|e| written max(e, -e)), they cost one read of it; from D, XLA:CPU writes D out and reads it
   # back (measured: +2 passes over the parameters).
-  axes = jax.tree.map(
-    lambda r, e: tuple(i for i in range(e.ndim) if i not in r.layer_axes(e.shape)),
+  # Mapped over the rules, whose leaves are Rule objects: the estimate's own nodes (tuples,
+  # NamedTuples, optax.MaskedNode) then stay nodes.
+  is_rule = lambda x: isinstance(x, spatial.Rule)
+  mean_axes = lambda r, e: tuple(i for i in range(e.ndim) if i not in r.layer_axes(e.shape))
+  sums = jax.tree.map(
+    lambda r, e: jnp.sum(jnp.maximum(e, -e), mean_axes(r, e), keepdims=True, dtype=_sum_dtype(e)),
     rules,
     estimate,
-    is_leaf=lambda x: isinstance(x, spatial.Rule),
-  )
-  is_axes = lambda x: isinstance(x, tuple)
-  sums = jax.tree.map(
-    lambda a, e: jnp.sum(jnp.maximum(e, -e), axis=a, keepdims=True, dtype=_sum_dtype(e)),
-    axes,
-    estimate,
-    is_leaf=is_axes,
+    is_leaf=is_rule,
   )
   size = sum(e.size for e in jax.tree.leaves(estimate))
   model_mean = sum(jnp.sum(s) for s in jax.tree.leaves(sums)) / max(1, size)
 
-  def floored(x, s, a):
-    mean = s / math.prod(x.shape[i] for i in a)
+  def floored(r, x, s):
+    mean = s / math.prod(x.shape[i] for i in mean_axes(r, x))
     floor = curvature_floor * jnp.where(mean > 0, mean, model_mean)
     return jnp.maximum(x, floor.astype(x.dtype))
 
-  return jax.tree.map(floored, d, sums, axes), finite
+  return jax.tree.map(floored, rules, d, sums, is_leaf=is_rule), finite
 
 
 def _sum_dtype(x: jax.Array) -> Any:

@@ -1,5 +1,7 @@
 """Hostile inputs, non-finite estimates and the stabilizers, each on a problem where it matters."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -346,6 +348,41 @@ def test_curvature_floor_closed_form():
   floored = np.maximum([0.0, 2.0, 6.0, 0.4], 0.5 * 2.1)
   np.testing.assert_allclose(np.asarray(updates["w"]), 1 / (floored + 1e-4), rtol=1e-12)
   np.testing.assert_allclose(np.asarray(state.nu["w"]), 0.001 * floored**2, rtol=1e-12)
+
+
+class _Layer(NamedTuple):
+  w: jax.Array
+  b: jax.Array
+
+
+@pytest.mark.parametrize("tree", ["tuple", "namedtuple", "masked", "multi_transform"])
+def test_curvature_floor_on_tuple_nodes_and_inside_optax_masks(tree):
+  # Tuples and NamedTuples (optax.MaskedNode is an empty one) are nodes of a params tree: each
+  # leaf gets the floor it gets in a dict. (They were taken for leaves, and the floor crashed.)
+  d = {"w": np.asarray([0.0, -2.0, 6.0, 0.4]), "b": np.asarray([0.0, 1.0])}  # means 2.1, 0.5
+  floored = {k: np.maximum(np.abs(v), 0.5 * np.abs(v).mean()) for k, v in d.items()}
+  make = {"tuple": lambda x: (x["w"], x["b"]), "namedtuple": lambda x: _Layer(x["w"], x["b"])}
+  pack = make.get(tree, lambda x: dict(x))
+  params = pack({k: jnp.zeros(v.shape) for k, v in d.items()})
+  grads = pack({k: jnp.ones(v.shape) for k, v in d.items()})
+  hdiag = pack({k: jnp.asarray(v) for k, v in d.items()})
+  tx = ah.scale_by_adahessian(curvature_floor=0.5)
+  owned = ["w", "b"]
+  if tree == "masked":
+    tx, owned = optax.masked(tx, {"w": True, "b": False}), ["w"]
+  elif tree == "multi_transform":
+    tx, owned = (
+      optax.multi_transform({"ah": tx, "sgd": optax.sgd(1.0)}, {"w": "ah", "b": "sgd"}),
+      ["w"],
+    )
+  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  got = dict(updates) if isinstance(updates, dict) else {"w": updates[0], "b": updates[1]}
+  for k in owned:
+    np.testing.assert_allclose(np.asarray(got[k]), 1 / (floored[k] + 1e-4), rtol=1e-12)
+  if tree == "masked":  # passed through unchanged
+    np.testing.assert_array_equal(np.asarray(got["b"]), 1.0)
+  if tree == "multi_transform":  # SGD's step
+    np.testing.assert_array_equal(np.asarray(got["b"]), -1.0)
 
 
 def test_curvature_floor_is_per_layer_on_stacked_leaves():
