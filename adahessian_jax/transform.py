@@ -90,6 +90,41 @@ def _check_state(
     )
 
 
+def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
+  """Raises unless ``updates`` (and ``params``, if given) have the tree and shapes of the
+  parameters the state was made for (``mu``'s): a mismatched leaf would broadcast into the
+  moments, and the update into the parameters, instead of failing."""
+  for name, tree in (("params", params), ("updates", updates)):  # a stale state shows in params
+    if tree is None:
+      continue
+    if jax.tree.structure(tree) != jax.tree.structure(mu):
+      raise ValueError(
+        f"scale_by_adahessian: the {name} tree {jax.tree.structure(tree)} is not the tree of "
+        f"the parameters the state was made for, {jax.tree.structure(mu)}. Pass the state "
+        "made by init on these parameters (or restore the matching checkpoint)."
+      )
+
+    def check(path, x, m, name=name):
+      if jnp.shape(x) != jnp.shape(m):
+        fix = (
+          "a gradient has its parameter's shape: average per-example gradients first"
+          if name == "updates"
+          else "pass the state made by init on these parameters"
+        )
+        raise ValueError(
+          f"scale_by_adahessian: {name} leaf at {jax.tree_util.keystr(path)} has shape "
+          f"{jnp.shape(x)}, but the state was made for a parameter of shape {jnp.shape(m)} "
+          f"({fix})."
+        )
+      if name == "updates" and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(
+          f"scale_by_adahessian: updates leaf at {jax.tree_util.keystr(path)} has dtype "
+          f"{jnp.result_type(x)}; gradients of real floating-point parameters are expected."
+        )
+
+    jax.tree_util.tree_map_with_path(check, tree, mu)
+
+
 def _check_estimate(estimate: Any, like: Any) -> None:
   """Raises unless ``hessian_diag`` has the structure, shapes and a float dtype of ``like``."""
   if jax.tree.structure(estimate) != jax.tree.structure(like):
@@ -139,7 +174,14 @@ def _estimate(
   else:
     estimate = hessian_diag
     if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
-      estimate = masking.restrict_to(estimate, like)
+      try:
+        estimate = masking.restrict_to(estimate, like)
+      except ValueError:
+        raise ValueError(
+          "hessian_diag inside optax.masked or multi_transform must have the tree of the whole "
+          f"model's params, {jax.tree.structure(like)} with its masked leaves filled in; got "
+          f"{jax.tree.structure(estimate)}."
+        ) from None
     _check_estimate(estimate, like)
   # Average in the moments' dtype (e.g. float32 for bfloat16 params).
   estimate = optax.tree.cast_like(estimate, like)
@@ -441,6 +483,7 @@ def scale_by_adahessian(
   ):
     del extra_args
     _check_state(state, update_freq, n_samples, stores_d)
+    _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy)
     rules = spatial.resolve_rules(averaging, updates, block_size)

@@ -66,6 +66,43 @@ def test_hessian_diag_integer_leaf_is_rejected():
     tx.update(grads, tx.init(params), params, hessian_diag=bad)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+  "case,error,match",
+  [
+    ("state of other params", ValueError, r"params leaf at \['w'\] has shape \(3,\).*\(4,\)"),
+    ("per-example grads", ValueError, r"updates leaf at \['w'\] has shape \(2, 3\).*average"),
+    ("grads missing a leaf", ValueError, r"the updates tree .* is not the tree"),
+    ("complex grads", TypeError, r"updates leaf at \['w'\] has dtype complex"),
+  ],
+)
+def test_updates_and_params_that_do_not_fit_the_state_are_rejected_by_leaf(jit, case, error, match):
+  # Each would otherwise broadcast into the moments and the update, changing parameter shapes.
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  grads = jax.grad(small_loss)(params)
+  if case == "state of other params":
+    state = tx.init({"w": jnp.ones(4), "b": jnp.asarray(0.1)})
+  elif case == "per-example grads":
+    grads = {"w": jnp.stack([grads["w"]] * 2), "b": grads["b"]}
+  elif case == "grads missing a leaf":
+    grads = {"w": grads["w"]}
+  else:
+    grads = {"w": grads["w"].astype(jnp.complex64), "b": grads["b"]}
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(error, match=match):
+    update(grads, state, params, hessian_diag=jax.tree.map(jnp.ones_like, params))
+
+
+def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
+  params = small_params()
+  tx = optax.masked(ah.adahessian(0.1), {"w": True, "b": False})
+  grads = jax.grad(small_loss)(params)
+  with pytest.raises(ValueError, match="must have the tree of the whole model's params"):
+    tx.update(grads, tx.init(params), params, hessian_diag={"w": jnp.ones(3)})
+
+
 @pytest.mark.parametrize(
   "kwargs,match",
   [
