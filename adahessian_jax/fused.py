@@ -25,17 +25,28 @@ from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refr
 __all__ = ["value_grad_and_hessian_diag"]
 
 
-def _mark_not_finite(grads: Any, estimate: Any) -> Any:
-  """``grads`` with one entry NaN if ``estimate`` has a non-finite entry (for
-  ``optax.apply_if_finite``): a sum over the estimate and a one-entry update, no pass over
-  ``grads``."""
-  if not jax.tree.leaves(estimate):
-    return grads
-  poison = hutchinson.not_finite_mark(estimate)
+def _mark_not_finite(grads: Any, estimate: Any, owned: Any) -> Any:
+  """``grads`` with one entry NaN if ``estimate`` has a non-finite entry where AdaHessian uses it
+  (for ``optax.apply_if_finite``): a sum over the estimate and a one-entry update, no pass over
+  ``grads``.
+
+  ``owned`` is the AdaHessian state's ``mu``: inside ``optax.masked`` or ``multi_transform`` it
+  has a ``MaskedNode`` at each leaf another transform owns. Those leaves' estimates are not used,
+  and their gradients go to that transform, which would apply a NaN: the mark goes in the first
+  non-empty leaf AdaHessian owns, and only its own leaves' estimates can set it.
+  """
   flat, treedef = jax.tree.flatten(grads)
-  first = flat[0]
-  index = (0,) * first.ndim
-  flat[0] = first.at[index].add(poison.astype(first.dtype))
+  estimates = jax.tree.leaves(estimate)
+  slots = jax.tree.leaves(owned, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  mine = [i for i, m in enumerate(slots) if not isinstance(m, optax.MaskedNode)]
+  if len(slots) != len(flat):  # not the params' tree: AdaHessian owns every leaf
+    mine = list(range(len(flat)))
+  target = next((i for i in mine if flat[i].size > 0), None)
+  if target is None:  # nothing AdaHessian owns has an entry to mark
+    return grads
+  poison = hutchinson.not_finite_mark([estimates[i] for i in mine])
+  first = flat[target]
+  flat[target] = first.at[(0,) * first.ndim].add(poison.astype(first.dtype))
   return jax.tree.unflatten(treedef, flat)
 
 
@@ -63,8 +74,10 @@ def value_grad_and_hessian_diag(
 
   If the estimate has a non-finite entry (e.g. a float16 overflow of ``Hz``)
   while the loss and gradient are finite, one entry of the returned gradient
-  (the first of the first leaf) is NaN, so that :func:`optax.apply_if_finite`
-  sees and counts the step. Without it,
+  (the first of the first non-empty leaf AdaHessian owns; inside
+  :func:`optax.masked` or :func:`optax.multi_transform` the leaves of other
+  transforms are neither marked nor looked at) is NaN, so that
+  :func:`optax.apply_if_finite` sees and counts the step. Without it,
   :func:`adahessian_jax.scale_by_adahessian` keeps that entry's momentum and
   the non-finite entries' curvature, so nothing non-finite reaches the state.
 
@@ -122,7 +135,7 @@ def value_grad_and_hessian_diag(
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
         loss, params, keys, has_aux, name="fun"
       )
-      return value, _mark_not_finite(grads, estimate), estimate
+      return value, _mark_not_finite(grads, estimate, state.mu), estimate
 
     def without_hessian():
       value, grads = jax.value_and_grad(loss, has_aux=has_aux)(params)

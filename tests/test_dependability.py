@@ -233,6 +233,47 @@ def test_fused_route_without_apply_if_finite_keeps_every_other_entry_training(up
   assert float(jnp.min(state[0].nu["a"])) > 0 and float(jnp.max(state[0].nu["b"])) == 0.0
 
 
+@pytest.mark.parametrize("overflow", ["w", "a_bias"])
+def test_fused_mark_stays_in_the_leaves_adahessian_owns(overflow):
+  # Inside multi_transform the first leaf (a_bias) belongs to SGD, which would apply a NaN mark;
+  # an overflow in SGD's leaf is no concern of AdaHessian's and marks nothing.
+  params = {"a_bias": jnp.ones(2, jnp.float16), "w": jnp.full(3, 1e-3, jnp.float16)}
+  scale = {k: jnp.float16(300 if k == overflow else 1) for k in params}  # 300² overflows Hz
+
+  def loss(p):
+    return sum(0.5 * jnp.sum((p[k] * scale[k]) ** 2) for k in p)
+
+  tx = optax.multi_transform(
+    {"ada": ah.adahessian(0.01), "sgd": optax.sgd(0.01)}, {"a_bias": "sgd", "w": "ada"}
+  )
+  state = tx.init(params)
+  _, grads, hdiag = jax.jit(ah.value_grad_and_hessian_diag(loss))(params, state)
+  assert not bool(jnp.all(jnp.isfinite(hdiag[overflow])))
+  plain = jax.grad(loss)(params)
+  np.testing.assert_array_equal(np.asarray(grads["a_bias"]), np.asarray(plain["a_bias"]))
+  marked = np.isnan(np.asarray(grads["w"]))
+  np.testing.assert_array_equal(marked, [overflow == "w", False, False])
+  updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(new["a_bias"]), 1 - 0.01 * np.asarray(plain["a_bias"]))
+  if overflow == "w":  # AdaHessian's step with a non-finite estimate does not move its params
+    np.testing.assert_array_equal(np.asarray(new["w"]), np.asarray(params["w"]))
+  else:
+    assert bool(jnp.all(new["w"] < params["w"]))
+
+
+def test_fused_route_with_an_empty_first_leaf():
+  params = {"a_unused": jnp.zeros((0, 4)), "w": jnp.asarray([1.0, 2.0])}
+  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["a_unused"])
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  _, grads, hdiag = jax.jit(ah.value_grad_and_hessian_diag(loss))(params, state)
+  np.testing.assert_array_equal(np.asarray(grads["w"]), [2.0, 4.0])
+  np.testing.assert_array_equal(np.asarray(hdiag["w"]), [2.0, 2.0])
+  updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
+  np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * np.array([2, 4]) / (2 + 1e-4))
+
+
 def test_user_hessian_diag_with_nan_keeps_those_entries_curvature_and_stops_the_step():
   params = small_params()
   tx = ah.scale_by_adahessian(update_freq=2)
