@@ -71,6 +71,7 @@ def test_top_eigenvalues_of_a_nan_loss_is_no_longer_converged_nan():
     (lambda op: hessian.top_eigenvalues(op, True), "k must be an integer"),
     (lambda op: hessian.top_eigenvalues(op, 1, max_iter=0), "max_iter must be an integer"),
     (lambda op: hessian.top_eigenvalues(op, 1, tol=-1.0), "tol must be a finite real"),
+    (lambda op: hessian.top_eigenvalues(op, 1, tol="0.1"), "tol must be a finite real"),
     (lambda op: hessian.top_eigenvalues(op, v0=np.zeros(75)), "nonzero"),
     (lambda op: hessian.top_eigenvalues(op, v0=np.ones(7)), "75 entries"),
     (lambda op: hessian.top_eigenvalues(op, stop_on="x"), "stop_on"),

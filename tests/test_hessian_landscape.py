@@ -120,3 +120,106 @@ def test_plots(op):
   ls2 = hessian.loss_landscape_2d(op, np.linspace(-1, 1, 4), np.linspace(-1, 1, 3))
   hessian.plot_landscape_2d(ls2, axes[2], levels=5)
   plt.close(fig)
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"alphas": [0.0, np.nan]}, "alphas must be finite, got nan at index 1"),
+    ({"alphas": [0.0, np.inf]}, "alphas must be finite, got inf at index 1"),
+    ({"alphas": np.zeros((2, 2))}, r"alphas must be a 1-D array .* shape \(2, 2\)"),
+    ({"alphas": 0.5}, r"alphas must be a 1-D array .* shape \(\)"),
+    ({"direction": "zeros", "normalize": "unit"}, "the direction is zero"),
+    ({"direction": "nan"}, r"the direction is not finite: nan at \['out'\]\['bias'\]\[1\]"),
+    ({"direction": "transposed"}, r"leaf at \['hidden'\]\['kernel'\] has shape \(8, 5\)"),
+    ({"direction": "other tree"}, r"lacks the leaves \['hidden'\]\['bias'\]"),
+    ({"direction": None, "normalize": "bogus"}, "normalize must be one of"),
+    ({"direction": None, "normalize": "filter"}, "applies to a given direction"),
+    ({"direction": "bias only", "normalize": "filter"}, "normalize='filter' zeroes the direction"),
+  ],
+)
+def test_bad_steps_and_directions_are_refused(op, kwargs, message):
+  params, _ = mlp()
+  flat_nan = jnp.zeros(op.size).at[op.leaf_slices[2].start + 1].set(jnp.nan).at[0].set(1.0)
+  directions = {
+    "ones": jnp.ones(op.size),
+    "zeros": jnp.zeros(op.size),
+    "nan": flat_nan,
+    "transposed": jax.tree.map(lambda a: a.T, params),
+    "other tree": {"a": jnp.ones(op.size)},
+    "bias only": jnp.zeros(op.size).at[op.leaf_slices[0]].set(1.0),
+    None: None,
+  }
+  kwargs = {"alphas": [0.0, 1.0], "direction": "ones", **kwargs}
+  kwargs["direction"] = directions[kwargs["direction"]]
+  with pytest.raises(ValueError, match=message):
+    hessian.loss_landscape_1d(op, **kwargs)
+
+
+def test_a_nan_loss_at_the_point_is_a_non_finite_error():
+  params, batch = mlp()
+  nan_op = hessian.hessian_operator(lambda p, b: mlp_loss(p, b) * jnp.nan, params, batch)
+  with pytest.raises(hessian.NonFiniteError, match="the loss at the operator's params"):
+    hessian.loss_landscape_1d(nan_op, [0.0, 1.0], jnp.ones(nan_op.size))
+  with pytest.raises(hessian.NonFiniteError, match="the loss at the operator's params"):
+    hessian.loss_landscape_2d(nan_op, [0.0], [0.0], (jnp.ones(75), jnp.ones(75)))
+
+
+def _stacked():
+  """Two Dense layers stacked in one leaf (nn.scan layout) and a head, layer 1 ten times larger."""
+  r = np.random.default_rng(0)
+  kernel = r.normal(size=(2, 4, 4)) * np.array([1.0, 10.0])[:, None, None]
+  params = {
+    "head": {"kernel": jnp.asarray(r.normal(size=(4, 1))), "bias": jnp.zeros(1)},
+    "stack": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(r.normal(size=(2, 4)))},
+  }
+
+  def loss_fn(p, x):
+    for i in range(2):
+      x = jnp.tanh(x @ p["stack"]["kernel"][i] + p["stack"]["bias"][i])
+    return jnp.mean((x @ p["head"]["kernel"] + p["head"]["bias"]) ** 2)
+
+  return params, loss_fn, jnp.asarray(r.normal(size=(8, 4)))
+
+
+def _check_per_layer_filters(params, nd):
+  for layer in range(2):
+    np.testing.assert_allclose(
+      np.linalg.norm(nd["stack"]["kernel"][layer], axis=0),
+      np.linalg.norm(params["stack"]["kernel"][layer], axis=0),
+      rtol=1e-12,
+    )
+  np.testing.assert_array_equal(nd["stack"]["bias"], 0.0)  # a per-layer bias, zeroed
+  np.testing.assert_allclose(
+    np.linalg.norm(nd["head"]["kernel"], axis=0), np.linalg.norm(params["head"]["kernel"], axis=0)
+  )
+
+
+def test_filter_normalisation_keeps_stacked_layers_apart_with_layer_axes():
+  params, loss_fn, x = _stacked()
+  op = hessian.hessian_operator(loss_fn, params, x)
+  d = hessian.random_direction(op, jax.random.key(0))
+  nd = hessian.normalize_direction(op, d, "filter", layer_axes={"stack": 1, "head": 0})
+  _check_per_layer_filters(params, op.unravel(nd))
+  # Per layer for "layer" too: each layer's slice gets the norm of that layer's weights.
+  nl = op.unravel(hessian.normalize_direction(op, d, "layer", layer_axes={"stack": 1, "head": 0}))
+  np.testing.assert_allclose(
+    np.linalg.norm(nl["stack"]["kernel"][1]), np.linalg.norm(params["stack"]["kernel"][1])
+  )
+  with pytest.raises(ValueError, match=r"layer_axes at \['head'\]\['bias'\] must be an integer"):
+    hessian.normalize_direction(op, d, "filter", layer_axes=2)
+
+
+def test_filter_normalisation_reads_layer_axes_from_axis_names():
+  import flax.linen as nn
+
+  params, loss_fn, x = _stacked()
+  names = {"head": {"kernel": ("mlp", "out"), "bias": ("out",)}}
+  names["stack"] = {"kernel": ("layers", "embed", "mlp"), "bias": ("layers", "mlp")}
+  boxed = jax.tree.map(
+    nn.LogicallyPartitioned, params, names, is_leaf=lambda n: isinstance(n, tuple)
+  )
+  op = hessian.hessian_operator(lambda p, b: loss_fn(nn.unbox(p), b), boxed, x)
+  d = hessian.random_direction(op, jax.random.key(0))
+  nd = nn.unbox(op.unravel(hessian.normalize_direction(op, d, "filter")))
+  _check_per_layer_filters(params, nd)

@@ -1,5 +1,6 @@
 """Tests of adahessian_jax.hessian._operator: the flat Hessian operator over batches."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -127,3 +128,105 @@ def test_batch_sharded_over_devices_gives_the_same_products():
   assert out.returncode == 0, out.stderr[-2000:]
   err = float(out.stdout.split("ERR")[1])
   assert err < 1e-12
+
+
+def test_a_single_empty_batch_is_refused_not_a_zero_hessian():
+  params, (x, y) = mlp()
+  with pytest.raises(ValueError, match=r"batch is empty: its leaf at batch\[0\]"):
+    hessian.hessian_operator(mlp_loss, params, (x[:0], y[:0]))
+  with pytest.raises(ValueError, match=r"batches\[1\] is empty"):
+    hessian.hessian_operator(mlp_loss, params, batches=[(x, y), (x[:0], y[:0])])
+
+
+def _dict_loss(p, b):
+  return b["class_weights"][0] * mlp_loss(p, (b["x"], b["y"]))
+
+
+def test_batch_sizes_are_not_inferred_from_a_leaf_that_is_not_per_example():
+  params, (x, y) = mlp()
+  cw = jnp.ones(3)  # sorts before "x": the first leaf, but not per-example
+  batches = [{"class_weights": cw, "x": x[:32], "y": y[:32]}, {"class_weights": cw, "x": x[32:]}]
+  batches[1]["y"] = y[32:]
+  with pytest.raises(ValueError, match=r"\['class_weights'\]: 3, .*\['x'\]: 32.*batch_sizes="):
+    hessian.hessian_operator(_dict_loss, params, batches=batches)
+  op = hessian.hessian_operator(_dict_loss, params, batches=batches, batch_sizes=[32, 8])
+  np.testing.assert_allclose(_dense(op), mlp_hessian(), atol=1e-13)
+
+
+@pytest.mark.parametrize(
+  "leaf, dtype",
+  [
+    (jnp.array(3, jnp.int32), "int32"),
+    (jnp.array([True]), "bool"),
+    (jnp.ones(2, jnp.complex64), "complex64"),
+  ],
+)
+def test_non_float_leaves_are_refused_naming_the_leaf(leaf, dtype):
+  params, batch = mlp()
+  params = {**params, "extra": {"step": leaf}}
+  with pytest.raises(TypeError, match=rf"leaf at \['extra'\]\['step'\] is {dtype}.*close over"):
+    hessian.hessian_operator(mlp_loss, params, batch)
+
+
+def test_an_unhashable_loss_callable_works():
+  @dataclasses.dataclass
+  class Loss:  # eq=True: unhashable
+    scale: float
+
+    def __call__(self, p, b):
+      return self.scale * mlp_loss(p, b)
+
+  params, batch = mlp()
+  op = hessian.hessian_operator(Loss(2.0), params, batch)
+  np.testing.assert_allclose(_dense(op), 2 * mlp_hessian(), atol=1e-12)
+  assert float(op.loss()) == pytest.approx(2 * float(mlp_loss(params, batch)), rel=1e-14)
+
+
+@pytest.mark.parametrize("sizes", [[np.inf, 1], ["3", 7], [True, True], [1, -2]])
+def test_batch_sizes_must_be_finite_positive_numbers(sizes):
+  params, (x, y) = mlp()
+  with pytest.raises(ValueError, match=r"batch_sizes\[\d\] must be a finite real number > 0"):
+    hessian.hessian_operator(mlp_loss, params, batches=[(x, y), (x, y)], batch_sizes=sizes)
+
+
+def test_every_batch_is_checked_against_the_first_at_construction():
+  params, (x, y) = mlp()
+  bad = (jnp.ones((5, 4)), jnp.ones((5, 3)))
+  with pytest.raises(ValueError, match=r"leaf at batches\[1\]\[0\] has shape \(5, 4\)"):
+    hessian.hessian_operator(mlp_loss, params, batches=[(x, y), bad])
+
+
+def test_vector_sizes_are_checked_by_matvec_and_matmat():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  with pytest.raises(ValueError, match=r"matvec needs a flat vector of shape \(75,\).*\(74,\)"):
+    op.matvec(jnp.ones(74))
+  with pytest.raises(ValueError, match=r"matmat needs .*\(b, 75\).*\(2, 76\)"):
+    op.matmat(jnp.ones((2, 76)))
+
+
+def test_ravel_refuses_a_pytree_unlike_the_params():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  transposed = {**params, "hidden": {**params["hidden"], "kernel": params["hidden"]["kernel"].T}}
+  with pytest.raises(ValueError, match=r"leaf at \['hidden'\]\['kernel'\] has shape \(8, 5\)"):
+    op.ravel(transposed)
+  with pytest.raises(ValueError, match=r"lacks the leaves \['hidden'\]\['bias'\]"):
+    op.ravel({"a": jnp.ones(75)})
+  with pytest.raises(ValueError, match=r"lacks the leaves"):
+    hessian.top_eigenvalues(op, 1, v0={"a": jnp.ones(75)})
+
+
+def test_leaf_names_that_would_read_alike_keep_their_full_paths():
+  params = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(3)}, "c": jnp.ones(1)}
+
+  def loss(p, batch):
+    return jnp.sum(p["a/b"] ** 2) + 5.0 * jnp.sum(p["a"]["b"] ** 2) + batch * jnp.sum(p["c"] ** 2)
+
+  op = hessian.hessian_operator(loss, params, jnp.ones(()))
+  assert op.leaf_names == ("['a']['b']", "['a/b']", "c")
+  for name, curvature, size in (("['a']['b']", 10.0, 3), ("['a/b']", 2.0, 2)):
+    block = op.block(name)
+    np.testing.assert_allclose(np.asarray(block.matvec(jnp.ones(size))), curvature * np.ones(size))
+  with pytest.raises(ValueError, match="no leaf named 'a/b'"):
+    op.block("a/b")

@@ -133,3 +133,93 @@ def test_warm_started_tracking_is_cheaper_and_as_accurate():
   # Measured 32 vs 48 products here (params move fast on this tiny model); the CNN
   # measurement over a training run is in docs/hessian_analysis.md.
   assert sum(warm[1:]) < 0.7 * sum(cold[1:]), (warm, cold)
+
+
+def _stepped(tx, params):
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  return state
+
+
+def test_a_preconditioner_unlike_the_params_is_refused_naming_the_leaf():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  # Another model's P: same tree and total size, transposed kernels.
+  other = jax.tree.map(lambda a: a.T, params)
+  with pytest.raises(ValueError, match=r"leaf at \['hidden'\]\['kernel'\] has shape \(8, 5\)"):
+    hessian.preconditioned_operator(
+      op, hessian.adam_preconditioner(_stepped(optax.adam(1.0), other))
+    )
+  with pytest.raises(ValueError, match=r"leaf at \['hidden'\]\['bias'\] has shape \(\)"):
+    hessian.preconditioned_operator(op, jax.tree.map(lambda a: jnp.float64(2.0), params))
+
+
+def test_a_bad_preconditioner_entry_is_named_by_leaf_path_and_index():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  p = jax.tree.map(jnp.ones_like, params)
+  p["out"]["kernel"] = p["out"]["kernel"].at[2, 1].set(0.0)
+  with pytest.raises(ValueError, match=r"got 0.0 at \['out'\]\['kernel'\]\[2, 1\]"):
+    hessian.preconditioned_operator(op, p)
+  with pytest.raises(ValueError, match=r"got -1.0 at \['hidden'\]\['bias'\]\[3\]"):
+    hessian.preconditioned_operator(op, jnp.ones(op.size).at[3].set(-1.0))
+
+
+def test_injected_hyperparameters_are_read_from_the_state():
+  params, _ = mlp()
+  state = _stepped(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b2=0.9), params)
+  plain = _stepped(optax.adam(1e-3, b2=0.9), params)
+  want = hessian.adam_preconditioner(plain, b2=0.9)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+    hessian.adam_preconditioner(state),
+    want,
+  )
+  hessian.adam_preconditioner(state, b2=0.9)  # the same value: accepted
+  with pytest.raises(ValueError, match=r"b2=0.999 was passed, but .* holds b2=0.9"):
+    hessian.adam_preconditioner(state, b2=0.999)
+
+
+def test_injected_adahessian_hyperparameters_are_read_from_the_state():
+  params, batch = mlp()
+  hyper = {"b2": 0.9, "eps": 1e-3, "hessian_power": 0.5}
+  tx = optax.inject_hyperparams(adahessian_jax.adahessian)(learning_rate=0.1, **hyper)
+  state = tx.init(params)
+  grads = jax.grad(mlp_loss)(params, batch)
+  _, state = tx.update(grads, state, params, value_fn=lambda p: mlp_loss(p, batch))
+  got = hessian.adahessian_preconditioner(state)
+  want = hessian.adahessian_preconditioner(adahessian_jax.find_adahessian_state(state), **hyper)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  with pytest.raises(ValueError, match=r"hessian_power=1.0 was passed"):
+    hessian.adahessian_preconditioner(state, hessian_power=1.0)
+
+
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (
+      lambda s, a: hessian.adahessian_preconditioner(s, eps=-1.0),
+      r"eps must be a finite real number > 0",
+    ),
+    (lambda s, a: hessian.adahessian_preconditioner(s, b2=1.0), r"b2 must be .* in \[0.0, 1.0\)"),
+    (lambda s, a: hessian.adahessian_preconditioner(s, hessian_power=np.nan), "hessian_power must"),
+    (lambda s, a: hessian.adam_preconditioner(a, b2=2.0), r"b2 must be .* in \[0.0, 1.0\)"),
+    (lambda s, a: hessian.adam_preconditioner(a, eps_root=-1.0), "eps_root must"),
+  ],
+)
+def test_preconditioner_hyperparameters_are_checked(call, message):
+  params, _ = mlp()
+  ada = adahessian_jax.scale_by_adahessian()
+  ada_state = ada.init(params)
+  _, ada_state = ada.update(params, ada_state, params, value_fn=lambda p: mlp_loss(p, mlp()[1]))
+  with pytest.raises(ValueError, match=message):
+    call(ada_state, _stepped(optax.adam(1e-3), params))
+
+
+def test_a_masked_adam_state_is_refused_naming_the_masked_leaves():
+  params, _ = mlp()
+  mask = jax.tree.map(lambda _: True, params)
+  mask["out"]["bias"] = False
+  state = _stepped(optax.masked(optax.adam(1e-3), mask), params)
+  with pytest.raises(ValueError, match=r"inside optax.masked: the leaves \['out'\]\['bias'\]"):
+    hessian.adam_preconditioner(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -38,16 +39,83 @@ def count(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
   return int(value)
 
 
-def positive(name: str, value: Any, allow_zero: bool = False) -> float:
-  """Returns ``value`` as a ``float`` if it is finite and ``> 0`` (``>= 0`` if ``allow_zero``)."""
+def _real(value: Any) -> float:
+  """``float(value)`` for a real number (a 0-d numeric array too); NaN for anything else."""
+  if isinstance(value, str | bytes | bool | np.bool_):
+    return float("nan")
   try:
-    v = float(value)
+    return float(value)
   except (TypeError, ValueError):
-    v = float("nan")
-  if isinstance(value, bool) or not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    return float("nan")
+
+
+def positive(name: str, value: Any, allow_zero: bool = False) -> float:
+  """Returns ``value`` as a ``float`` if it is finite and ``> 0`` (``>= 0`` if ``allow_zero``).
+
+  A bool or a string (``"3"``) is refused like a non-number.
+  """
+  v = _real(value)
+  if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
     bound = ">= 0" if allow_zero else "> 0"
     raise ValueError(f"{name} must be a finite real number {bound}, got {value!r}.")
   return v
+
+
+def interval(
+  name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+  """Returns ``value`` as a ``float`` if it is a real number in the interval, else raises.
+
+  The interval is ``[lo, hi]``, open at an end whose flag is set; ``hi`` may be ``inf``
+  (the value must still be finite).
+  """
+  v = _real(value)
+  ok = np.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+  if not ok:
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    where = f"{'>' if lo_open else '>='} {lo}" if hi == np.inf else f"in {left}{lo}, {hi}{right}"
+    raise ValueError(f"{name} must be a finite real number {where}, got {value!r}.")
+  return v
+
+
+def _paths(tree: Any) -> dict[str, Any]:
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def like_params(tree: Any, params: Any, what: str) -> None:
+  """Raises ``ValueError`` unless ``tree`` has the structure of ``params`` and its leaves' shapes.
+
+  Two trees of the same total size but other leaves (another model's, or a
+  transposed kernel) would otherwise flatten to vectors of the right length
+  with every entry in the wrong place.
+
+  Args:
+    tree: The pytree given, e.g. a direction or a preconditioner.
+    params: The parameter pytree it must match.
+    what: What ``tree`` is, as the caller names it (``"the preconditioner"``).
+  """
+  got, want = _paths(tree), _paths(params)
+  must = (
+    f"{what} must be a pytree with the structure and leaf shapes of the params (or a flat array)"
+  )
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    missing = [p for p in want if p not in got]
+    extra = [p for p in got if p not in want]
+    if missing or extra:
+      lacks = f"it lacks the leaves {', '.join(missing[:4]) or '(none)'}"
+      detail = f"{lacks} and has {', '.join(extra[:4]) or 'none'} that the params do not"
+    else:
+      detail = (
+        f"its structure {jax.tree.structure(tree)} differs from the params' "
+        f"{jax.tree.structure(params)}"
+      )
+    raise ValueError(f"{must}: {detail}.")
+  for path, leaf in got.items():
+    if np.shape(leaf) != np.shape(want[path]):
+      raise ValueError(
+        f"{must}: its leaf at {path} has "
+        f"shape {np.shape(leaf)}, the params' leaf there has shape {np.shape(want[path])}."
+      )
 
 
 class NonFiniteError(FloatingPointError):

@@ -54,7 +54,9 @@ class ParamLayout:
 
   Attributes:
     params: The point of evaluation (a pytree); also the template of probes.
-    names: Readable path of every leaf (``"Conv_0/kernel"``), in flattening order.
+    names: Readable path of every leaf (``"Conv_0/kernel"``; the full
+      ``keystr``, ``"['a']['b']"``, where two paths would read alike), in
+      flattening order.
     slices: ``slice`` of every leaf in the flat vector.
     unravel: ``(n,) -> pytree``.
   """
@@ -69,15 +71,46 @@ class ParamLayout:
     """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order)."""
     _, unravel = ravel_pytree(params)
     paths_leaves = jax.tree_util.tree_leaves_with_path(params)
-    names = tuple(jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves)
+    short = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves]
+    # Paths that read alike ({"a/b": x, "a": {"b": y}}) keep their full keystr, so no leaf is
+    # hidden behind another's name.
+    names = tuple(
+      n if short.count(n) == 1 else jax.tree_util.keystr(p)
+      for n, (p, _) in zip(short, paths_leaves, strict=True)
+    )
     offsets = np.cumsum([0] + [int(np.size(x)) for _, x in paths_leaves])
     slices = tuple(slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
     return cls(params, names, slices, unravel)
 
   @staticmethod
   def ravel(tree: Any) -> jax.Array:
-    """``pytree -> (n,)``."""
+    """``pytree -> (n,)``, unchecked (see :meth:`flatten`)."""
     return ravel_pytree(tree)[0]
+
+  def flatten(self, tree: Any, what: str = "the tree") -> jax.Array:
+    """A flat ``(n,)`` array as given, or a pytree like the params raveled; else ``ValueError``.
+
+    A pytree must have the params' structure and every leaf the shape of the
+    params' leaf at its path (:func:`~adahessian_jax.hessian._checks.like_params`);
+    the message names ``what`` and the first leaf that differs.
+    """
+    if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
+      _checks.like_params(tree, self.params, what)
+      tree = self.ravel(tree)
+    size = self.slices[-1].stop if self.slices else 0
+    if np.shape(tree) != (size,):
+      raise ValueError(
+        f"{what} must have {size} entries (the params' size), got shape {np.shape(tree)}"
+      )
+    return tree
+
+  def where(self, index: int) -> str:
+    """The leaf path and position in the leaf of flat entry ``index``: ``['out']['bias'][1]``."""
+    leaves = jax.tree_util.tree_leaves_with_path(self.params)
+    i = next(i for i, sl in enumerate(self.slices) if sl.start <= index < sl.stop)
+    path = jax.tree_util.keystr(leaves[i][0]) or self.names[i]
+    within = np.unravel_index(index - self.slices[i].start, np.shape(leaves[i][1]))
+    return path + (f"[{', '.join(str(int(j)) for j in within)}]" if within else "")
 
   def index(self, leaf: int | str) -> int:
     """The position of a leaf given by index or by name."""
@@ -149,11 +182,21 @@ class HessianOperator:
   block_size: int = 8
 
   def matvec(self, v: jax.Array) -> jax.Array:
-    """``H v`` for a flat vector ``v`` of shape ``(n,)``."""
-    return self.matmat_fn(v[None])[0]
+    """``H v`` for a flat vector ``v`` of shape ``(n,)``; another shape is a ``ValueError``."""
+    if np.shape(v) != (self.size,):
+      raise ValueError(
+        f"matvec needs a flat vector of shape ({self.size},) (the operator's size), got shape "
+        f"{np.shape(v)}; ravel a pytree like the params with op.ravel."
+      )
+    return self.matmat_fn(jnp.asarray(v)[None])[0]
 
   def matmat(self, vs: jax.Array) -> jax.Array:
-    """``H v`` for every row ``v`` of ``vs``, shape ``(b, n)``."""
+    """``H v`` for every row ``v`` of ``vs``, shape ``(b, n)``; another shape is an error."""
+    if np.ndim(vs) != 2 or np.shape(vs)[1] != self.size:
+      raise ValueError(
+        f"matmat needs vectors as rows of a (b, {self.size}) array (the operator's size), got "
+        f"shape {np.shape(vs)}."
+      )
     return self.matmat_fn(vs)
 
   def probes(self, keys: jax.Array) -> jax.Array:
@@ -185,8 +228,13 @@ class HessianOperator:
     """``slice`` of every leaf in the flat vector."""
     return self.layout.slices
 
-  def ravel(self, tree: Any) -> jax.Array:
-    """``pytree -> (n,)``."""
+  def ravel(self, tree: Any, what: str = "the tree") -> jax.Array:
+    """``pytree -> (n,)`` for a pytree like the params; another structure or leaf shape raises.
+
+    The ``ValueError`` names ``what`` and the first leaf path that differs (two
+    trees of the same size but other leaves would flatten to the right length).
+    """
+    _checks.like_params(tree, self.params, what)
     return self.layout.ravel(tree)
 
   def unravel(self, v: jax.Array) -> Any:
@@ -347,31 +395,126 @@ def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
   return [jax.random.wrap_key_data(b) for b in blocks]
 
 
-def _leading_size(batch: Any) -> int:
-  leaves = jax.tree.leaves(batch)
-  if not leaves or not jnp.shape(leaves[0]):
+def _leading_sizes(batch: Any) -> dict[str, int]:
+  """``{leaf path: length of its leading axis}`` of every leaf of ``batch`` with an axis."""
+  leaves = jax.tree_util.tree_leaves_with_path(batch)
+  return {jax.tree_util.keystr(p): int(np.shape(x)[0]) for p, x in leaves if np.ndim(x) >= 1}
+
+
+def _check_not_empty(batch: Any, where: str) -> None:
+  """Raises ``ValueError`` if a leaf of ``batch`` has a leading axis of length 0 (no examples)."""
+  empty = [path for path, size in _leading_sizes(batch).items() if size == 0]
+  if empty:
     raise ValueError(
-      "cannot infer the batch size (no leaf with a leading axis); pass batch_sizes=..."
+      f"{where} is empty: its leaf at {where}{empty[0]} has a leading axis of length 0. A loss "
+      "over no examples is not defined (a mean over them is nan), and its Hessian is not zero; "
+      "leave empty batches out."
     )
-  return int(jnp.shape(leaves[0])[0])
 
 
-def _weights(batch: Any, batches: Iterable[Any] | None, batch_sizes) -> tuple[list, np.ndarray]:
+def _check_like_first(batch: Any, first: Any, where: str) -> None:
+  """Raises ``ValueError`` unless ``batch`` has ``first``'s structure and shapes past axis 0."""
+  if jax.tree.structure(batch) != jax.tree.structure(first):
+    raise ValueError(
+      f"{where} has the structure {jax.tree.structure(batch)}, batches[0] has "
+      f"{jax.tree.structure(first)}; every batch must be a pytree like the first."
+    )
+  pairs = zip(jax.tree_util.tree_leaves_with_path(batch), jax.tree.leaves(first), strict=True)
+  for (path, leaf), ref in pairs:
+    got, want = np.shape(leaf), np.shape(ref)
+    if len(got) != len(want) or got[1:] != want[1:]:
+      raise ValueError(
+        f"the leaf at {where}{jax.tree_util.keystr(path)} has shape {got}, that of batches[0] "
+        f"{want}; batches may differ in the leading (example) axis only."
+      )
+
+
+def _inferred_size(batch: Any, where: str) -> int:
+  """The example count of ``batch``: the leading size its leaves with an axis all share."""
+  sizes = _leading_sizes(batch)
+  if not sizes:
+    raise ValueError(
+      f"cannot infer the size of {where} (no leaf with a leading axis); pass batch_sizes=[...], "
+      "the example count of every batch."
+    )
+  if len(set(sizes.values())) > 1:
+    listed = ", ".join(f"{where}{path}: {size}" for path, size in sizes.items())
+    raise ValueError(
+      f"cannot infer the size of {where}: its leaves disagree on the leading axis ({listed}), so "
+      "some are not per-example. Pass batch_sizes=[...], the example count of every batch."
+    )
+  return next(iter(sizes.values()))
+
+
+def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
+  """The batches as a list, checked: each nonempty and shaped like the first."""
   if (batch is None) == (batches is None):
     raise ValueError("give exactly one of batch= or batches=")
   if batch is not None:
-    return [batch], np.ones(1)
+    _check_not_empty(batch, "batch")
+    return [batch]
   assert batches is not None  # one of the two is given (checked above)
-  data = batches if isinstance(batches, Sequence) else list(batches)
+  data = list(batches)  # a sequence's elements, held by reference; an iterator read once
   if not data:
     raise ValueError("batches is empty; give at least one batch")
-  sizes = [_leading_size(b) for b in data] if batch_sizes is None else list(batch_sizes)
-  if len(sizes) != len(data):
-    raise ValueError(f"got {len(sizes)} batch_sizes for {len(data)} batches; give one per batch")
+  for i, b in enumerate(data):
+    _check_like_first(b, data[0], f"batches[{i}]")
+    _check_not_empty(b, f"batches[{i}]")
+  return data
+
+
+def _weights(data: list[Any], batch_sizes: Any) -> np.ndarray:
+  """``w_b = n_b / Σ n_b``; ``n_b`` given (finite, positive) or inferred from the leaves."""
+  if batch_sizes is None:
+    if len(data) == 1:
+      return np.ones(1)
+    sizes = [_inferred_size(b, f"batches[{i}]") for i, b in enumerate(data)]
+  else:
+    if isinstance(batch_sizes, str) or not isinstance(batch_sizes, Iterable):
+      raise ValueError(f"batch_sizes must be a sequence of numbers, got {batch_sizes!r}")
+    given = list(batch_sizes)
+    if len(given) != len(data):
+      raise ValueError(f"got {len(given)} batch_sizes for {len(data)} batches; give one per batch")
+    sizes = [_checks.positive(f"batch_sizes[{i}]", n) for i, n in enumerate(given)]
   sizes = np.asarray(sizes, dtype=np.float64)
-  if not np.all(sizes > 0):
-    raise ValueError(f"batch_sizes must be positive, got {list(sizes)}")
-  return list(data), sizes / sizes.sum()
+  return sizes / sizes.sum()
+
+
+def _check_float_leaves(params: Any) -> None:
+  """Raises ``TypeError`` naming the first leaf of ``params`` that is not a real float array."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f"params must be real floating arrays; the leaf at {jax.tree_util.keystr(path)} is "
+        f"{dtype}. The Hessian is taken with respect to every leaf: keep integer, bool and "
+        "complex values out of params and close over them in loss_fn instead."
+      )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ByIdentity:
+  """An unhashable callable, hashed and compared by identity (a static argument of ``jit``)."""
+
+  fn: Callable[..., Any]
+
+  def __call__(self, *args: Any) -> Any:
+    return self.fn(*args)
+
+  def __hash__(self) -> int:
+    return id(self.fn)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
+def _static(fn: LossFn) -> LossFn:
+  """``fn`` itself if it is hashable, else ``fn`` wrapped to be hashed by identity."""
+  try:
+    hash(fn)
+  except TypeError:
+    return _ByIdentity(fn)
+  return fn
 
 
 def hessian_operator(
@@ -392,13 +535,18 @@ def hessian_operator(
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
-    params: Point of evaluation, a pytree of real floating arrays.
+    params: Point of evaluation, a pytree of real floating arrays (close over
+      integer or bool leaves, such as step counters, in ``loss_fn``).
     batch: A single batch (any pytree ``loss_fn`` accepts).
     batches: An iterable of batches. A sequence (list, tuple) is kept as is; any
       other iterable is read once into a list (the batches are held by
       reference: device arrays stay where they are).
-    batch_sizes: Example counts ``n_b`` of the batches; by default the leading
-      dimension of each batch's first leaf. Ignored for a single batch.
+    batch_sizes: Example counts ``n_b`` of the batches, finite positive
+      numbers. By default the leading dimension that all leaves of a batch
+      with an axis share; a batch whose leaves disagree (e.g. a per-class
+      weight vector next to the examples) raises ``ValueError`` naming the
+      leaves and their sizes: pass ``batch_sizes`` then. Ignored for a single
+      batch.
     block_size: Vectors per compiled block product. A product with one vector
       or ``block_size`` vectors runs as is; any other count runs in blocks of
       ``block_size`` (the last zero-padded), so the per-batch Hessian product is
@@ -407,14 +555,25 @@ def hessian_operator(
   Returns:
     A :class:`HessianOperator`. Its block product is ``jax.jit``-compiled and
     reused by every product; compilations are shared between operators built
-    from the same ``loss_fn`` object with the same shapes.
+    from the same ``loss_fn`` object with the same shapes. An unhashable
+    ``loss_fn`` (e.g. an instance of a plain ``@dataclass``) is held in a
+    wrapper hashed by identity, which is what ``op.data.loss_fn`` then is.
+
+  Raises:
+    TypeError: if a leaf of ``params`` is not a real floating array (named by
+      its path), or ``loss_fn`` does not return a real scalar.
+    ValueError: for an empty batch (a leaf with a leading axis of length 0), a
+      batch whose structure or leaf shapes past the leading axis differ from
+      the first batch's, or bad ``batch_sizes``; the message names the batch
+      and leaf.
   """
   block_size = _checks.count("block_size", block_size)
-  data, weights = _weights(batch, batches, batch_sizes)
+  _check_float_leaves(params)
+  data = _batch_list(batch, batches)
+  weights = _weights(data, batch_sizes)
   flat, _ = ravel_pytree(params)
-  if not jnp.issubdtype(flat.dtype, jnp.floating):
-    raise TypeError(f"params must be real floating arrays, got {flat.dtype}")
   check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn")
+  loss_fn = _static(loss_fn)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
 
   def block_product(vs):

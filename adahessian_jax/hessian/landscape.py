@@ -20,6 +20,22 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   experiments: a per-entry rescaling would give ``±|b_i|``, which is zero for
   zero-initialised biases anyway and carries no filter structure.
 
+Layers stacked in one leaf (``nn.scan``, ``nnx.vmap``: a kernel ``(layers, in,
+out)``, a bias ``(layers, out)``) are told apart by their *layer axes*: each
+layer's slice is a leaf of its own for both rules above (its own norm for
+``"layer"``; its own filters, and a zero direction for a per-layer bias, for
+``"filter"``). By default the layer axes are those the params' axis names
+mark as stacked (``"layers"``, ``"layer"``, ``"scan"``... in boxed Linen params
+or NNX state with sharding metadata; see :mod:`adahessian_jax.spatial`); plain
+arrays carry no names, so a stacked leaf is then taken for one layer: pass
+``layer_axes=`` to say which leaves are stacked.
+
+The loss at the operator's point must be finite: a non-finite one raises
+:class:`~adahessian_jax.hessian.NonFiniteError` before the grid is evaluated.
+Away from it, a non-finite loss (an overflow far along a direction) is part of
+the landscape and returned as it is. Steps must be finite and directions finite
+and nonzero (``ValueError`` otherwise).
+
 :func:`random_direction` draws the Gaussian directions those papers normalise.
 
 References:
@@ -86,19 +102,62 @@ class Landscape2D(NamedTuple):
   directions: jax.Array
 
 
-def _groups(op: HessianOperator, normalize: str) -> tuple[np.ndarray, int]:
+def _layer_axes(op: HessianOperator, layer_axes: Any) -> list[tuple[int, ...]]:
+  """The stacked-layer axes of every leaf of the params, from ``layer_axes`` or axis names."""
+  leaves = jax.tree_util.tree_leaves_with_path(op.params)
+  if layer_axes is None:
+    from adahessian_jax import spatial  # the optimizer package imports this one
+
+    is_rule = lambda x: isinstance(x, spatial.Rule)
+    rules = jax.tree.leaves(spatial.resolve_rules(None, op.params), is_leaf=is_rule)
+    return [tuple(r.layer_axes(np.shape(x))) for r, (_, x) in zip(rules, leaves, strict=True)]
+  try:
+    counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, op.params))
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
+      f"number of leading layer axes); broadcasting it to the params failed: {e}"
+    ) from None
+  return [
+    tuple(range(_checks.count(f"layer_axes at {jax.tree_util.keystr(p)}", n, 0, np.ndim(x))))
+    for n, (p, x) in zip(counts, leaves, strict=True)
+  ]
+
+
+def _axis_index(shape: tuple[int, ...], axis: int) -> np.ndarray:
+  """``arange(shape[axis])`` shaped to broadcast along ``axis`` of an array of ``shape``."""
+  return np.arange(shape[axis]).reshape(
+    [shape[axis] if a == axis else 1 for a in range(len(shape))]
+  )
+
+
+def _leaf_groups(shape: tuple[int, ...], layer: tuple[int, ...], normalize: str):
+  """Group ids from 0 (``-1``: zeroed) of a leaf's entries, row-major, and their count.
+
+  ``"layer"``: one group per layer (index along the ``layer`` axes). ``"filter"``: one
+  per layer and index of the last other axis, if at least two other axes remain; else
+  the leaf is bias-like and zeroed.
+  """
+  layer_id, num_layers = np.zeros([1] * len(shape), np.int64), 1
+  for a in layer:
+    layer_id, num_layers = layer_id * shape[a] + _axis_index(shape, a), num_layers * shape[a]
+  rest = [a for a in range(len(shape)) if a not in layer]
+  if normalize == "layer":
+    return np.broadcast_to(layer_id, shape).ravel(), num_layers
+  if len(rest) < 2:
+    return np.full(int(np.prod(shape)), -1), 0
+  out = rest[-1]
+  ids = layer_id * shape[out] + _axis_index(shape, out)
+  return np.broadcast_to(ids, shape).ravel(), num_layers * shape[out]
+
+
+def _groups(op: HessianOperator, normalize: str, layer_axes: Any) -> tuple[np.ndarray, int]:
   """Group id of every flat entry (``-1``: zeroed) for per-leaf or per-filter scaling."""
   ids, offset = [], 0
-  for leaf, sl in zip(jax.tree.leaves(op.params), op.leaf_slices, strict=True):
-    shape = np.shape(leaf)
-    if normalize == "layer":
-      ids.append(np.full(sl.stop - sl.start, offset))
-      offset += 1
-    elif len(shape) < 2:
-      ids.append(np.full(sl.stop - sl.start, -1))
-    else:  # one group per index of the last (output) axis, row-major flattening
-      ids.append(np.broadcast_to(offset + np.arange(shape[-1]), shape).ravel())
-      offset += shape[-1]
+  for leaf, layer in zip(jax.tree.leaves(op.params), _layer_axes(op, layer_axes), strict=True):
+    leaf_ids, count = _leaf_groups(tuple(np.shape(leaf)), layer, normalize)
+    ids.append(np.where(leaf_ids < 0, -1, leaf_ids + offset))
+    offset += count
   return np.concatenate(ids).astype(np.int32), offset
 
 
@@ -112,28 +171,57 @@ def _rescale_groups(direction, params, ids, num_groups):
   return direction * scale[seg]
 
 
-def normalize_direction(op: HessianOperator, direction: Any, normalize: str | None) -> jax.Array:
+def _check_normalize(normalize: Any) -> None:
+  if not any(normalize is n or normalize == n for n in _NORMALIZE):
+    raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+
+
+def _check_direction(op: HessianOperator, flat: jax.Array, what: str) -> None:
+  """Raises ``ValueError`` for a direction with a non-finite entry (named) or no nonzero one."""
+  host = np.asarray(flat)
+  bad = np.flatnonzero(~np.isfinite(host))
+  if bad.size:
+    raise ValueError(f"{what} is not finite: {host[bad[0]]} at {op.layout.where(int(bad[0]))}.")
+  if not np.any(host):
+    raise ValueError(f"{what} is zero: the loss along it is constant; give a nonzero direction.")
+
+
+def normalize_direction(
+  op: HessianOperator,
+  direction: Any,
+  normalize: str | None,
+  *,
+  layer_axes: Any = None,
+  what: str = "the direction",
+) -> jax.Array:
   """A direction as a flat ``(n,)`` array, rescaled as ``normalize`` says.
 
   Args:
     op: The operator whose params set the scale.
-    direction: A pytree like the params or a flat ``(n,)`` array.
+    direction: A pytree like the params (same structure and leaf shapes) or a
+      flat ``(n,)`` array; finite and nonzero.
     normalize: ``None`` (as given), ``"unit"`` (unit norm), ``"layer"`` (each
       leaf to the norm of that leaf of the params) or ``"filter"`` (each
       filter to the norm of that weight filter; leaves with fewer than two axes
-      zeroed; see the module docstring).
+      besides their layer axes zeroed; see the module docstring).
+    layer_axes: For ``"layer"`` and ``"filter"``: the number of leading
+      stacked-layer axes of each leaf, as an int or a pytree prefix of the
+      params with ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
+      ``None``: the axes the params' axis names mark as stacked (see the
+      module docstring), none for plain arrays.
+    what: The direction's name in error messages.
 
   Returns:
     The ``(n,)`` direction. A group whose direction is zero stays zero.
+
+  Raises:
+    ValueError: for an unknown ``normalize``, a pytree unlike the params or a
+      flat array of another size, a non-finite entry (named by leaf path), a
+      zero direction, or one that ``normalize`` zeroes.
   """
-  if normalize not in _NORMALIZE:
-    raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
-  flat = direction
-  if not (isinstance(direction, jax.Array | np.ndarray) and np.ndim(direction) == 1):
-    flat = op.ravel(direction)
-  flat = jnp.asarray(flat, op.dtype)
-  if flat.shape != (op.size,):
-    raise ValueError(f"a direction must have {op.size} entries, got shape {flat.shape}")
+  _check_normalize(normalize)
+  flat = jnp.asarray(op.layout.flatten(direction, what), op.dtype)
+  _check_direction(op, flat, what)
   if normalize is None:
     return flat
   if normalize == "unit":
@@ -143,8 +231,15 @@ def normalize_direction(op: HessianOperator, direction: Any, normalize: str | No
       f"normalize={normalize!r} compares a direction with the params, which a rescaled "
       "(preconditioned) operator's directions are not in; use the plain operator."
     )
-  ids, num_groups = _groups(op, normalize)
-  return _rescale_groups(flat, op.ravel(op.params), jnp.asarray(ids), num_groups)
+  ids, num_groups = _groups(op, normalize, layer_axes)
+  out = _rescale_groups(flat, op.ravel(op.params), jnp.asarray(ids), num_groups)
+  if not np.any(np.asarray(out)):
+    raise ValueError(
+      f"normalize={normalize!r} zeroes {what}: it is nonzero only on leaves that rule zeroes "
+      "(biases and other leaves with fewer than two axes besides their layer axes) or where "
+      "the params are zero."
+    )
+  return out
 
 
 def random_direction(op: HessianOperator, key: jax.Array) -> jax.Array:
@@ -160,9 +255,24 @@ def _grid_losses(loss_fn, unravel, flat, directions, coeffs, batch, chunk):
   return jax.lax.map(one, coeffs, batch_size=chunk)
 
 
+def _steps(name: str, values: Any) -> np.ndarray:
+  """``values`` as a float64 array if it is 1-D and finite, else ``ValueError``."""
+  try:
+    arr = np.asarray(values, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a 1-D array of finite numbers, got {values!r}") from None
+  if arr.ndim != 1:
+    raise ValueError(f"{name} must be a 1-D array of finite numbers, got shape {arr.shape}")
+  bad = np.flatnonzero(~np.isfinite(arr))
+  if bad.size:
+    raise ValueError(f"{name} must be finite, got {arr[bad[0]]} at index {int(bad[0])}")
+  return arr
+
+
 def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chunk: int):
   data = op.require_data("a loss landscape")
   chunk = _checks.count("chunk", chunk)
+  _checks.finite(op.loss(), "the loss at the operator's params")
   flat = op.ravel(op.params)
   if op.coordinates is not None:  # a step d in the operator's coordinates moves θ by S d
     directions = directions * op.coordinates
@@ -174,11 +284,22 @@ def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chun
   return np.asarray(out)
 
 
-def _directions(op, directions, k, key, normalize):
+def _directions(op, directions, k, key, normalize, layer_axes, names):
+  _check_normalize(normalize)
   if directions is None:
+    if normalize is not None:
+      raise ValueError(
+        f"normalize={normalize!r} applies to a given direction; without one the directions are "
+        "the Hessian's top eigenvectors, of unit norm. Pass a direction or leave normalize out."
+      )
     eig = top_eigenvalues(op, k, key=key)
     return eig.eigenvectors_flat
-  return jnp.stack([normalize_direction(op, d, normalize) for d in directions])
+  return jnp.stack(
+    [
+      normalize_direction(op, d, normalize, layer_axes=layer_axes, what=name)
+      for d, name in zip(directions, names, strict=True)
+    ]
+  )
 
 
 def loss_landscape_1d(
@@ -187,6 +308,7 @@ def loss_landscape_1d(
   direction: Any = None,
   *,
   normalize: str | None = None,
+  layer_axes: Any = None,
   key: jax.Array | None = None,
   chunk: int = 16,
 ) -> Landscape1D:
@@ -194,22 +316,30 @@ def loss_landscape_1d(
 
   Args:
     op: The Hessian operator (its params ``θ`` and data define the loss).
-    alphas: Step sizes.
-    direction: A pytree like the params or a flat ``(n,)`` array; by default
+    alphas: Step sizes, a 1-D array of finite numbers.
+    direction: A pytree like the params or a flat ``(n,)`` array, finite and
+      nonzero; by default
       the top Hessian eigenvector (unit norm, so ``α`` is a Euclidean distance;
       for a preconditioned operator, a distance in its coordinates).
     normalize: For a given direction: ``None`` (as given), ``"unit"`` (unit
       norm), ``"layer"`` (each leaf rescaled to the norm of that leaf of θ) or
       ``"filter"`` (each filter rescaled to the norm of that filter of θ, Li et
-      al. 2018; see :func:`normalize_direction`).
+      al. 2018; see :func:`normalize_direction`). Only with a given direction.
+    layer_axes: Stacked-layer axes for ``"layer"`` and ``"filter"`` (see
+      :func:`normalize_direction`).
     key: PRNG key of the eigenvector computation.
     chunk: Grid points evaluated together (``lax.map`` batch size).
 
   Returns:
     A :class:`Landscape1D`.
+
+  Raises:
+    NonFiniteError: if the loss at the operator's params is not finite.
+    ValueError: for bad steps, directions or ``normalize`` (see the module docstring).
   """
-  alphas = np.asarray(alphas, dtype=np.float64)
-  dirs = _directions(op, None if direction is None else [direction], 1, key, normalize)
+  alphas = _steps("alphas", alphas)
+  given = None if direction is None else [direction]
+  dirs = _directions(op, given, 1, key, normalize, layer_axes, ["the direction"])
   losses = _losses(op, dirs, alphas[:, None], chunk)
   return Landscape1D(alphas, losses, dirs[0])
 
@@ -221,6 +351,7 @@ def loss_landscape_2d(
   directions: tuple[Any, Any] | None = None,
   *,
   normalize: str | None = None,
+  layer_axes: Any = None,
   key: jax.Array | None = None,
   chunk: int = 16,
 ) -> Landscape2D:
@@ -233,17 +364,23 @@ def loss_landscape_2d(
     directions: Two directions (pytrees or flat arrays); by default the top
       two Hessian eigenvectors (orthonormal).
     normalize: As in :func:`loss_landscape_1d`.
+    layer_axes: As in :func:`loss_landscape_1d`.
     key: PRNG key of the eigenvector computation.
     chunk: Grid points evaluated together.
 
   Returns:
     A :class:`Landscape2D` with ``losses[i, j]`` at ``(alphas[i], betas[j])``.
+
+  Raises:
+    NonFiniteError: if the loss at the operator's params is not finite.
+    ValueError: for bad steps, directions or ``normalize`` (see the module docstring).
   """
-  alphas = np.asarray(alphas, dtype=np.float64)
-  betas = np.asarray(betas, dtype=np.float64)
+  alphas = _steps("alphas", alphas)
+  betas = _steps("betas", betas)
   if directions is not None and len(directions) != 2:
     raise ValueError("directions must be a pair")
-  dirs = _directions(op, directions, 2, key, normalize)
+  names = ["directions[0]", "directions[1]"]
+  dirs = _directions(op, directions, 2, key, normalize, layer_axes, names)
   aa, bb = np.meshgrid(alphas, betas, indexing="ij")
   coeffs = np.stack([aa.ravel(), bb.ravel()], axis=1)
   losses = _losses(op, dirs, coeffs, chunk).reshape(aa.shape)

@@ -39,9 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_operator"]
+
+
+_INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
 def _bias_corrected(nu: Any, count: Any, b2: float, what: str, every: int = 1) -> Any:
@@ -56,53 +60,130 @@ def _bias_corrected(nu: Any, count: Any, b2: float, what: str, every: int = 1) -
   return jax.tree.map(lambda v: v / jnp.asarray(correction, jnp.result_type(v)), nu)
 
 
+def _contains(tree: Any, target: Any) -> bool:
+  """Whether the state object ``target`` is a node of ``tree``."""
+  found = jax.tree.leaves(tree, is_leaf=lambda x: x is target)
+  return any(x is target for x in found)
+
+
+def _injected(opt_state: Any, target: Any) -> dict[str, Any]:
+  """The hyperparameters of the innermost ``optax.inject_hyperparams`` state around ``target``.
+
+  Empty if no such state encloses it.
+  """
+  is_inject = lambda x: isinstance(x, _INJECT)
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: is_inject(x) or x is target):
+    if is_inject(node) and _contains(node.inner_state, target):
+      return {**dict(node.hyperparams), **_injected(node.inner_state, target)}
+  return {}
+
+
+def _hyperparameter(name: str, given: Any, injected: dict[str, Any], default: float) -> Any:
+  """``given``, else the state's injected value, else ``default``; a conflict is an error."""
+  if name not in injected:
+    return default if given is None else given
+  stored = float(np.asarray(injected[name]))
+  if given is not None and not np.isclose(float(given), stored, rtol=1e-6, atol=0.0):
+    raise ValueError(
+      f"{name}={given!r} was passed, but the optimizer state (optax.inject_hyperparams) holds "
+      f"{name}={stored!r}, the value its updates used; leave {name} out to use the state's."
+    )
+  return stored
+
+
+def _check_unmasked(nu: Any, what: str) -> None:
+  """Raises ``ValueError`` naming the leaves ``optax.masked`` left out of ``nu``."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=is_masked)
+  masked = [jax.tree_util.keystr(p) for p, x in leaves if is_masked(x)]
+  if masked:
+    raise ValueError(
+      f"the {what} state is inside optax.masked: the leaves {', '.join(masked)} are masked "
+      "out, so it holds no second moment (and no preconditioner) for them. Build P yourself: "
+      "take this function on an unmasked state, or fill those leaves in with the scale their "
+      "updates get."
+    )
+
+
 def adahessian_preconditioner(
-  opt_state: Any, *, b2: float = 0.999, eps: float = 1e-4, hessian_power: float = 1.0
+  opt_state: Any,
+  *,
+  b2: float | None = None,
+  eps: float | None = None,
+  hessian_power: float | None = None,
 ) -> Any:
   """AdaHessian's diagonal ``P = v̂^{k/2} + eps``, ``v̂ = nu / (1 − b2^count)``.
 
   The denominator of the last update the state comes from (the update is
-  ``lr · m̂ / P``, before any ``update_clip``). The state does not hold the
-  hyperparameters: pass those of the transform. With a lazy refresh whose
+  ``lr · m̂ / P``, before any ``update_clip``). With a lazy refresh whose
   second moment moves on refresh steps only (``lazy_moment="refresh"``, a
   state with ``update_freq`` but no stored ``D``), ``count`` is rounded up to
   a multiple of ``update_freq``, as the transform does.
+
+  The plain state does not hold the hyperparameters: pass those of the
+  transform. Inside an ``optax.inject_hyperparams`` state the injected values
+  are read from the state; passing a different value raises.
 
   Args:
     opt_state: Any optax state holding one
       :class:`~adahessian_jax.ScaleByAdaHessianState` (found with
       :func:`adahessian_jax.find_adahessian_state`).
-    b2: The transform's ``b2``.
-    eps: The transform's ``eps``.
-    hessian_power: The transform's ``hessian_power`` ``k``.
+    b2: The transform's ``b2``, in ``[0, 1)``; default the injected value, else 0.999.
+    eps: The transform's ``eps``, ``> 0``; default the injected value, else 1e-4.
+    hessian_power: The transform's ``hessian_power`` ``k``, in ``[0, 1]``;
+      default the injected value, else 1.
 
   Returns:
     ``P`` as a pytree like the params.
+
+  Raises:
+    ValueError: for a hyperparameter out of range (named), one that conflicts
+      with the state's injected value, a state before its first update, or a
+      state inside ``optax.masked``.
   """
   import adahessian_jax  # the optimizer package imports this one: look it up at call time
 
   state = adahessian_jax.find_adahessian_state(opt_state)
+  injected = _injected(opt_state, state)
+  b2 = _checks.interval("b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True)
+  eps = _checks.interval(
+    "eps", _hyperparameter("eps", eps, injected, 1e-4), 0.0, np.inf, lo_open=True
+  )
+  power = _hyperparameter("hessian_power", hessian_power, injected, 1.0)
+  half = _checks.interval("hessian_power", power, 0.0, 1.0) / 2
+  _check_unmasked(state.nu, "AdaHessian")
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
   nu_hat = _bias_corrected(state.nu, state.count, b2, "AdaHessian", every)
-  half = float(hessian_power) / 2
   return jax.tree.map(lambda v: v**half + eps, nu_hat)
 
 
 def adam_preconditioner(
-  opt_state: Any, *, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+  opt_state: Any,
+  *,
+  b2: float | None = None,
+  eps: float | None = None,
+  eps_root: float | None = None,
 ) -> Any:
   """Adam's diagonal ``P = sqrt(v̂ + eps_root) + eps``, ``v̂ = nu / (1 − b2^count)``.
+
+  Inside an ``optax.inject_hyperparams`` state the injected values are read
+  from the state; passing a different value raises.
 
   Args:
     opt_state: Any optax state holding one :class:`optax.ScaleByAdamState`
       (``optax.adam``, ``optax.adamw``, in a chain or ``inject_hyperparams``).
-    b2: Adam's ``b2``.
-    eps: Adam's ``eps``.
-    eps_root: Adam's ``eps_root``.
+    b2: Adam's ``b2``, in ``[0, 1)``; default the injected value, else 0.999.
+    eps: Adam's ``eps``, ``>= 0``; default the injected value, else 1e-8.
+    eps_root: Adam's ``eps_root``, ``>= 0``; default the injected value, else 0.
 
   Returns:
     ``P`` as a pytree like the params.
+
+  Raises:
+    ValueError: for a hyperparameter out of range (named), one that conflicts
+      with the state's injected value, not exactly one Adam state, a state
+      before its first update, or a state inside ``optax.masked``.
   """
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
@@ -110,6 +191,12 @@ def adam_preconditioner(
     raise ValueError(
       f"expected exactly one optax.ScaleByAdamState in the optimizer state, found {len(found)}."
     )
+  injected = _injected(opt_state, found[0])
+  b2 = _checks.interval("b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True)
+  eps = _checks.interval("eps", _hyperparameter("eps", eps, injected, 1e-8), 0.0, np.inf)
+  eps_root = _hyperparameter("eps_root", eps_root, injected, 0.0)
+  eps_root = _checks.interval("eps_root", eps_root, 0.0, np.inf)
+  _check_unmasked(found[0].nu, "Adam")
   nu_hat = _bias_corrected(found[0].nu, found[0].count, b2, "Adam")
   return jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
 
@@ -139,25 +226,18 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
     product costs one product of ``op``.
 
   Raises:
-    ValueError: if ``P`` has the wrong size or an entry that is not positive and finite.
+    ValueError: if ``P`` is a pytree of another structure or leaf shapes than
+      the params, a flat array of another size, or has an entry that is not
+      positive and finite (named by leaf path and index in the leaf).
   """
-  flat = preconditioner
-  if not (isinstance(flat, jax.Array | np.ndarray) and np.ndim(flat) == 1):
-    if jax.tree.structure(preconditioner) != jax.tree.structure(op.params):
-      raise ValueError(
-        "the preconditioner must have the structure of the params; got "
-        f"{jax.tree.structure(preconditioner)}, expected {jax.tree.structure(op.params)}."
-      )
-    flat = op.ravel(preconditioner)
+  flat = op.layout.flatten(preconditioner, "the preconditioner")
   flat = jnp.asarray(flat, op.dtype)
-  if flat.shape != (op.size,):
-    raise ValueError(f"the preconditioner must have {op.size} entries, got shape {flat.shape}")
   host = np.asarray(flat)
   if not np.all(np.isfinite(host) & (host > 0)):
     bad = int(np.argmin(np.where(np.isfinite(host), host, -np.inf)))
     raise ValueError(
-      f"the preconditioner must be positive and finite, got {host[bad]} at flat index {bad}; "
-      "an optimizer's P is positive when its eps is."
+      f"the preconditioner must be positive and finite, got {host[bad]} at "
+      f"{op.layout.where(bad)}; an optimizer's P is positive when its eps is."
     )
   scale = 1.0 / jnp.sqrt(flat)
   full = op.matmat_fn
