@@ -1,6 +1,7 @@
 """Tests of adahessian_jax.hessian.diagonal: Hutchinson (the optimizer's estimator) and XDiag."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hessian_problems import mlp, mlp_hessian, mlp_loss, quadratic, quadratic_loss
@@ -70,3 +71,66 @@ def test_xdiag_beats_hutchinson_on_a_decaying_spectrum():
   est = hessian.xdiag(op, jax.random.key(0), 30)
   ratio = np.linalg.norm(est.diagonal_flat - truth) / np.linalg.norm(est.stderr_flat)
   assert 0.2 < ratio < 5
+
+
+def _diagonal_operator(d, dtype):
+  """The Hessian ``diag(d)`` of ``0.5 Σ d_i w_i²`` at ``w = 1``, with params of ``dtype``."""
+  d = jnp.asarray(d, dtype)
+  return hessian.hessian_operator(
+    lambda p, b: 0.5 * jnp.sum(d * p["w"] ** 2), {"w": jnp.ones(d.size, dtype)}, batch=jnp.zeros(1)
+  )
+
+
+def _samples(op, key, num):
+  """The ``num`` samples ``z ⊙ Hz`` of ``key``, in float64."""
+  z = op.rademacher(key, num)
+  return np.asarray(z, np.float64) * np.asarray(op.matmat(z), np.float64)
+
+
+def test_float32_standard_error_has_no_cancellation():
+  # Every sample z ⊙ Hz equals diag(H): the error is exactly 0 (E[x²] − E[x]² gave 1.8e-4).
+  d = np.array([0.1, 3.3, 1e3, 7.77], np.float32)
+  est = hessian.hutchinson_diagonal_estimate(
+    _diagonal_operator(d, jnp.float32), jax.random.key(0), 1000
+  )
+  np.testing.assert_allclose(est.diagonal_flat, d, rtol=1e-6)
+  np.testing.assert_array_equal(est.stderr_flat, np.zeros(4))
+  # A large diagonal with a small coupling: the error is the float64 spread of the samples.
+  a = np.diag([1e3, 2e3, 3e3]) + 1e-2 * (np.ones((3, 3)) - np.eye(3))
+  params = {"x": jnp.ones(3, jnp.float32)}
+  op = hessian.hessian_operator(quadratic_loss, params, jnp.asarray(a, jnp.float32))
+  est = hessian.hutchinson_diagonal_estimate(op, jax.random.key(1), 200)
+  x = _samples(op, jax.random.key(1), 200)
+  np.testing.assert_allclose(est.stderr_flat, x.std(0, ddof=1) / np.sqrt(200), rtol=1e-3)
+
+
+def test_bfloat16_diagonal_is_accumulated_in_float32():
+  d = np.array([0.1, 3.3, 1e3, 7.77])
+  est = hessian.hutchinson_diagonal_estimate(
+    _diagonal_operator(d, jnp.bfloat16), jax.random.key(0), 1000
+  )
+  d16 = np.asarray(jnp.asarray(d, jnp.bfloat16), np.float64)  # the products are exact in bfloat16
+  assert est.diagonal_flat.dtype == jnp.float32 and est.diagonal["w"].dtype == jnp.float32
+  np.testing.assert_allclose(est.diagonal_flat, d16, rtol=1e-6)
+  np.testing.assert_array_equal(est.stderr_flat, np.zeros(4))
+  # An MLP: the mean and error are those of the same bfloat16 samples in float64.
+  params, batch = mlp()
+  op = hessian.hessian_operator(
+    mlp_loss, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), batch
+  )
+  est = hessian.hutchinson_diagonal_estimate(op, jax.random.key(2), 300)
+  x = _samples(op, jax.random.key(2), 300)
+  np.testing.assert_allclose(est.diagonal_flat, x.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(est.stderr_flat, x.std(0, ddof=1) / np.sqrt(300), rtol=1e-4)
+
+
+def test_xdiag_is_exact_with_a_budget_of_n_products():
+  # n = 6 <= num_matvecs: diag(H) from H e_j with a zero error (the leave-one-out mean was not).
+  ev = np.array([3.0, -1.0, 0.5, 2.0, 7.0, 0.1])
+  params, a = quadratic(ev)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  for s in range(10):
+    est = hessian.xdiag(op, jax.random.key(s), 32)
+    np.testing.assert_allclose(est.diagonal_flat, np.diag(np.asarray(a)), rtol=1e-12)
+    np.testing.assert_array_equal(est.stderr_flat, np.zeros(6))
+    assert est.num_matvecs == 6

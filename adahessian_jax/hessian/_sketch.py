@@ -21,12 +21,28 @@ __all__ = [
   "Sketch",
   "exchangeable_estimate",
   "exchangeable_sketch",
+  "independent_probes",
   "leave_one_out_directions",
+  "wide_dtype",
 ]
+
+# Draws of the whole probe set before giving up on linearly independent probes (a probe
+# distribution confined to fewer than ``s`` dimensions, e.g. a masked operator's, never gives any).
+_MAX_DRAWS = 20
+
+
+def wide_dtype(dtype: Any) -> np.dtype:
+  """The dtype of sums and dense linear algebra on vectors of ``dtype``.
+
+  ``dtype`` itself for float32 and wider; float32 for float16 and bfloat16, which
+  LAPACK does not support and in which a sum of a few hundred terms keeps no digit.
+  """
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 class Sketch(NamedTuple):
-  """Probes, products and an orthonormal basis of the sketch, all as rows.
+  """Probes, products and an orthonormal basis of the sketch, all as rows, in the wide dtype.
 
   Attributes:
     num_probes: ``s``, the number of probes (the sketch costs ``2s`` products).
@@ -35,8 +51,11 @@ class Sketch(NamedTuple):
     q: ``(s, n)`` orthonormal basis ``Q`` of ``HΩ`` (``Y = QR``).
     r: ``(s, s)`` the triangular factor ``R``.
     z: ``(s, n)`` products ``HQ``.
-    low_rank: Whether ``R`` is numerically singular: ``H`` has rank below
-      ``s`` and ``QQᵀH = H`` exactly.
+    low_rank: Whether ``R`` is numerically singular and ``H(I − QQᵀ)Ω = 0``:
+      the sketch has captured ``H`` (``QQᵀH = H``, as when ``H`` has rank below ``s``).
+    degenerate: Whether ``R`` is numerically singular but the sketch has not
+      captured ``H`` (``H`` has a null vector in the span of the probes): the
+      leave-one-out directions are then undefined.
   """
 
   num_probes: int
@@ -46,27 +65,66 @@ class Sketch(NamedTuple):
   r: jax.Array
   z: jax.Array
   low_rank: bool
+  degenerate: bool
 
 
-def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_matvecs: int) -> Sketch:
-  """Probes ``Ω`` (``s = num_matvecs // 2`` of them, at most ``n``), ``Y = HΩ = QR`` and ``Z = HQ``.
+def _singular(r: jax.Array) -> bool:
+  """Whether the triangular factor ``r`` is numerically singular."""
+  diag = np.abs(np.diag(np.asarray(r)))
+  return bool(diag.min() <= 1e3 * np.finfo(diag.dtype).eps * diag.size * diag.max())
+
+
+@jax.jit
+def _triangular_factor(rows):
+  return jnp.linalg.qr(rows.astype(wide_dtype(rows.dtype)).T, mode="r")
+
+
+def independent_probes(op: HessianOperator, key: jax.Array, s: int) -> jax.Array:
+  """``s`` Rademacher probes as rows, drawn again until they are linearly independent.
+
+  The first draw is ``op.rademacher(key, s)``; draw ``a`` is ``op.rademacher(fold_in(key, a),
+  s)``. Redrawing the whole set keeps the probes exchangeable. After ``_MAX_DRAWS`` dependent
+  draws (probes confined to fewer than ``s`` dimensions) the first draw is returned.
+  """
+  first = omega = op.rademacher(key, s)
+  for attempt in range(1, _MAX_DRAWS + 1):
+    if not _singular(_triangular_factor(omega)):
+      return omega
+    if attempt < _MAX_DRAWS:
+      omega = op.rademacher(jax.random.fold_in(key, attempt), s)
+  return first
+
+
+@jax.jit
+def _outside_residual(omega, y, q, z):
+  """``‖H(I − QQᵀ)Ω‖_F / ‖HΩ‖_F`` from ``Y = HΩ`` and ``Z = HQ`` (rows)."""
+  res = y - (q @ omega.T).T @ z
+  return jnp.linalg.norm(res) / jnp.linalg.norm(y)
+
+
+def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) -> Sketch:
+  """Independent probes ``Ω`` (``num_probes`` of them), ``Y = HΩ = QR`` and ``Z = HQ``.
+
+  The products are computed in the operator's dtype, everything else in
+  :func:`wide_dtype`. ``low_rank`` needs both a singular ``R`` and a zero
+  ``H(I − QQᵀ)Ω`` (up to ``√eps``), so that probes or a null space of ``H``
+  that make ``R`` singular are not taken for a captured ``H``.
 
   Raises:
-    ValueError: if ``num_matvecs`` is not an integer >= 4.
     NonFiniteError: if a product is not finite.
   """
-  num_matvecs = _checks.count("num_matvecs", num_matvecs, 4)
-  s = int(min(num_matvecs // 2, op.size))
-  omega = op.rademacher(key, s)
+  omega = independent_probes(op, key, num_probes)
   y = op.matmat(omega)
   _checks.finite(y, "the Hessian-vector product of a sketch probe")
+  wide = wide_dtype(op.dtype)
+  omega, y = omega.astype(wide), y.astype(wide)
   qt, r = jnp.linalg.qr(y.T)
   q = qt.T
-  z = op.matmat(q)
+  z = op.matmat(q).astype(wide)
   _checks.finite(z, "the Hessian-vector product of a sketch basis vector")
-  diag = np.abs(np.diag(np.asarray(r)))
-  low_rank = bool(diag.min() <= 1e3 * np.finfo(diag.dtype).eps * s * diag.max())
-  return Sketch(s, omega, y, q, r, z, low_rank)
+  singular = _singular(r)
+  captured = singular and float(_outside_residual(omega, y, q, z)) <= np.sqrt(np.finfo(wide).eps)
+  return Sketch(num_probes, omega, y, q, r, z, captured, singular and not captured)
 
 
 def leave_one_out_directions(r: jax.Array) -> jax.Array:
@@ -85,25 +143,48 @@ def exchangeable_estimate(
   num_matvecs: int,
   exact: Callable[[jax.Array, jax.Array], jax.Array],
   leave_one_out: Callable[..., jax.Array],
-) -> tuple[Any, Any, int]:
+) -> tuple[Any, Any, int, int]:
   """The mean of the leave-one-out estimates of a sketch and their standard error.
+
+  With a budget of at least ``n`` products the value is computed exactly from
+  the ``n`` products ``H e_j`` (error zero). Otherwise the sketch has
+  ``s = num_matvecs // 2`` independent probes (:func:`exchangeable_sketch`);
+  if it captures ``H`` the value is exact on it (error zero); if ``R`` is
+  singular without capturing ``H`` every estimate uses the whole sketch
+  (Hutch++ with the probes reused as residual probes, slightly biased);
+  otherwise the ``s`` leave-one-out estimates are averaged.
 
   Args:
     op: The operator.
     key: PRNG key of the probes.
-    num_matvecs: Product budget (see :func:`exchangeable_sketch`).
-    exact: ``(q, z) -> value`` from ``Q`` and ``HQ`` alone, used when the
-      sketch captures all of ``H`` (``low_rank``); its error is zero.
-    leave_one_out: ``(omega, y, z, q, r) -> (s, ...)`` the ``s`` estimates.
+    num_matvecs: Product budget (an integer >= 4).
+    exact: ``(q, z) -> value`` from orthonormal rows ``Q`` and ``HQ`` alone,
+      exact when ``QQᵀH = H``.
+    leave_one_out: ``(omega, y, z, q, r, degenerate) -> (s, ...)`` the ``s``
+      estimates; ``degenerate`` (static) says to project on the whole sketch.
 
   Returns:
-    ``(mean, stderr, s)``: the estimate, the standard deviation of the
-    estimates over ``√s`` (the XTrace papers' heuristic error) and the number
-    of probes (the estimate cost ``2s`` products).
+    ``(mean, stderr, num_matvecs, num_samples)``: the estimate (in
+    :func:`wide_dtype`), the standard deviation of the estimates over ``√s``
+    (the XTrace papers' heuristic error; zero when exact), the products spent
+    and the number of estimates averaged (``s``; 0 for the exact basis products).
+
+  Raises:
+    ValueError: if ``num_matvecs`` is not an integer >= 4.
+    NonFiniteError: if a product is not finite.
   """
-  sk = exchangeable_sketch(op, key, num_matvecs)
-  if sk.low_rank:  # rank(H) < s: H = QQᵀH exactly
+  num_matvecs = _checks.count("num_matvecs", num_matvecs, 4)
+  wide = wide_dtype(op.dtype)
+  if num_matvecs >= op.size:  # H e_j for every j: tr(H) and diag(H) exactly
+    basis = jnp.eye(op.size, dtype=op.dtype)
+    products = op.matmat(basis)
+    _checks.finite(products, "the Hessian-vector product of a basis vector")
+    value = exact(basis.astype(wide), products.astype(wide))
+    return value, jnp.zeros_like(value), op.size, 0
+  sk = exchangeable_sketch(op, key, num_matvecs // 2)
+  s = sk.num_probes
+  if sk.low_rank:  # H = QQᵀH exactly
     value = exact(sk.q, sk.z)
-    return value, jnp.zeros_like(value), sk.num_probes
-  ests = leave_one_out(sk.omega, sk.y, sk.z, sk.q, sk.r)
-  return ests.mean(0), ests.std(0, ddof=1) / np.sqrt(sk.num_probes), sk.num_probes
+    return value, jnp.zeros_like(value), 2 * s, s
+  ests = leave_one_out(sk.omega, sk.y, sk.z, sk.q, sk.r, sk.degenerate)
+  return ests.mean(0), ests.std(0, ddof=1) / np.sqrt(s), 2 * s, s

@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +27,11 @@ import jax.numpy as jnp
 
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
-from adahessian_jax.hessian._sketch import exchangeable_estimate, leave_one_out_directions
+from adahessian_jax.hessian._sketch import (
+  exchangeable_estimate,
+  leave_one_out_directions,
+  wide_dtype,
+)
 
 __all__ = ["DiagonalEstimate", "hutchinson_diagonal_estimate", "hutchinson_samples", "xdiag"]
 
@@ -71,8 +76,44 @@ def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
   return x
 
 
+def unravel_wide(op: HessianOperator, v: jax.Array) -> Any:
+  """``op.unravel(v)``, except that a ``v`` wider than ``op.dtype`` keeps its dtype in every leaf.
+
+  (``op.unravel`` casts to the params' dtypes, which would round a float32
+  estimate of a bfloat16 model back to bfloat16.)
+  """
+  if v.dtype == op.dtype:
+    return op.unravel(v)
+  leaves, treedef = jax.tree.flatten(op.params)
+  parts = [jnp.reshape(v[sl], jnp.shape(x)) for x, sl in zip(leaves, op.leaf_slices, strict=True)]
+  return jax.tree.unflatten(treedef, parts)
+
+
 def _result(op, mean, se, matvecs):
-  return DiagonalEstimate(op.unravel(mean), op.unravel(se), mean, se, int(matvecs))
+  return DiagonalEstimate(unravel_wide(op, mean), unravel_wide(op, se), mean, se, int(matvecs))
+
+
+@jax.jit
+def _block_moments(x, shift):
+  """Row sum of ``x``, and the mean and summed squared deviations of the rows of ``x − shift``.
+
+  In :func:`wide_dtype`. Equal rows give deviations of exactly zero.
+  """
+  x = x.astype(shift.dtype)
+  d = x - shift
+  mean = jnp.mean(d, axis=0)
+  return jnp.sum(x, axis=0), mean, jnp.sum((d - mean) ** 2, axis=0)
+
+
+@jax.jit
+def _merge_moments(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
+  """Mean and summed squared deviations of two sample sets from theirs (Chan et al., 1979).
+
+  The counts are floats (traced: one compilation serves every block).
+  """
+  count = count_a + count_b
+  delta = mean_b - mean_a
+  return mean_a + delta * (count_b / count), m2_a + m2_b + delta**2 * (count_a * count_b / count)
 
 
 def hutchinson_diagonal_estimate(
@@ -90,7 +131,11 @@ def hutchinson_diagonal_estimate(
 
   Returns:
     A :class:`DiagonalEstimate`; ``stderr`` is the per-entry sample standard
-    error (the entry's variance is ``Σ_{j≠i} H_ij²`` per probe).
+    error (the entry's variance is ``Σ_{j≠i} H_ij²`` per probe). The samples
+    are in the operator's dtype; their sums and squared deviations (from the
+    first sample, merged block by block, so equal samples give exactly zero)
+    are in :func:`~adahessian_jax.hessian._sketch.wide_dtype`: float32 for
+    float16 and bfloat16 operators, whose results are float32.
 
   Raises:
     ValueError: for a count that is not an integer in range.
@@ -98,21 +143,33 @@ def hutchinson_diagonal_estimate(
   """
   num_samples = _checks.count("num_samples", num_samples, 2)
   block_size = _checks.count("block_size", op.block_size if block_size is None else block_size)
-  total = jnp.zeros(op.size, op.dtype)
-  total_sq = jnp.zeros(op.size, op.dtype)
+  total = shift = mean_dev = m2 = None
+  count = 0
   for keys in key_blocks(key, num_samples, block_size):
     x = hutchinson_samples(op, keys)
-    total, total_sq = total + x.sum(0), total_sq + (x * x).sum(0)
-  mean = total / num_samples
-  var = jnp.maximum(total_sq / num_samples - mean * mean, 0.0) * num_samples / (num_samples - 1)
-  return _result(op, mean, jnp.sqrt(var / num_samples), num_samples)
+    if shift is None:
+      shift = x[0].astype(wide_dtype(op.dtype))
+    block_sum, block_mean, block_m2 = _block_moments(x, shift)
+    if total is None:
+      total, mean_dev, m2 = block_sum, block_mean, block_m2
+    else:
+      total = total + block_sum
+      mean_dev, m2 = _merge_moments(
+        mean_dev, m2, float(count), block_mean, block_m2, float(x.shape[0])
+      )
+    count += x.shape[0]
+  var = m2 / (num_samples - 1)
+  return _result(op, total / num_samples, jnp.sqrt(var / num_samples), num_samples)
 
 
-@jax.jit
-def _xdiag_estimates(omega, y, z, q, r):
-  """The ``(s, n)`` leave-one-out XDiag estimates (rows: Ω, Y = HΩ, Z = HQ, Q)."""
+@functools.partial(jax.jit, static_argnames="degenerate")
+def _xdiag_estimates(omega, y, z, q, r, degenerate):
+  """The ``(s, n)`` leave-one-out XDiag estimates (rows: Ω, Y = HΩ, Z = HQ, Q).
+
+  ``degenerate``: no direction is left out (``P_i = QQᵀ``), for a singular ``R``.
+  """
   omega, y, q, z = omega.T, y.T, q.T, z.T
-  s = leave_one_out_directions(r)
+  s = jnp.zeros_like(r) if degenerate else leave_one_out_directions(r)
   qs, zs = q @ s, z @ s  # q_i = Q s_i and H q_i, as columns
   # diag(P_i H) with P_i = QQᵀ − q_i q_iᵀ, then ω_i ⊙ (I − P_i) H ω_i, where
   # (I − P_i) y_i = (y_i − QQᵀy_i) + q_i (q_iᵀ y_i).
@@ -136,13 +193,16 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
     num_matvecs: Product budget (even; at least 4), as for XTrace.
 
   Returns:
-    A :class:`DiagonalEstimate` (exact with a zero error when ``H`` has rank
-    below ``num_matvecs // 2``).
+    A :class:`DiagonalEstimate`, exact with a zero error when
+    ``num_matvecs >= n`` (the diagonal of the ``n`` products ``H e_j``, with
+    ``num_matvecs = n``) or when ``H`` has rank below ``num_matvecs // 2``.
+    Probes, degenerate sketches and 16-bit dtypes are handled as in
+    :func:`~adahessian_jax.hessian.xtrace`.
 
   Raises:
     ValueError: for a bad budget; NonFiniteError: for a non-finite product.
   """
-  mean, se, s = exchangeable_estimate(
+  mean, se, spent, _ = exchangeable_estimate(
     op, key, num_matvecs, lambda q, z: jnp.sum(q * z, axis=0), _xdiag_estimates
   )
-  return _result(op, mean, se, 2 * s)
+  return _result(op, mean, se, spent)

@@ -26,7 +26,8 @@ import numpy as np
 
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
-from adahessian_jax.hessian.diagonal import hutchinson_samples
+from adahessian_jax.hessian._sketch import wide_dtype
+from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide
 from adahessian_jax.hessian.eigen import top_eigenvalues
 
 __all__ = ["LayerCurvature", "layer_breakdown"]
@@ -40,7 +41,8 @@ class LayerCurvature(NamedTuple):
     trace: Estimate of ``tr(H_ll)``.
     trace_stderr: Its standard error.
     diagonal: Estimate of ``diag(H_ll)``, shaped like the leaf.
-    top_eigenvalue: Largest eigenvalue of ``H_ll`` (``nan`` if not computed).
+    top_eigenvalue: Largest eigenvalue of ``H_ll`` (``nan`` if not computed,
+      or for a leaf of size 0, which has none).
     num_matvecs: Products spent on the eigenvalue.
   """
 
@@ -54,7 +56,22 @@ class LayerCurvature(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _leaf_sums(x, seg, num_leaves):
+  """Per-row sums of ``x`` over each leaf's segment, in :func:`wide_dtype`."""
+  x = x.astype(wide_dtype(x.dtype))
   return jax.vmap(lambda r: jax.ops.segment_sum(r, seg, num_leaves))(x)
+
+
+def _unique_names(op: HessianOperator) -> tuple[str, ...]:
+  """``op.leaf_names``, with every name shared by several leaves replaced by its full path.
+
+  ``{"a/b": x, "a": {"b": y}}`` has two leaves named ``"a/b"``; they become
+  ``"['a/b']"`` and ``"['a']['b']"`` (:func:`jax.tree_util.keystr`).
+  """
+  names = op.leaf_names
+  if len(set(names)) == len(names):
+    return names
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(op.params)]
+  return tuple(p if names.count(n) > 1 else n for n, p in zip(names, paths, strict=True))
 
 
 def layer_breakdown(
@@ -83,7 +100,13 @@ def layer_breakdown(
 
   Returns:
     A dict from leaf name (``op.leaf_names``, e.g. ``"Conv_0/kernel"``) to
-    :class:`LayerCurvature`, in flattening order.
+    :class:`LayerCurvature`, in flattening order. Leaves whose names coincide
+    (``{"a/b": x, "a": {"b": y}}``) are keyed by their full paths instead
+    (``"['a/b']"``, ``"['a']['b']"``), so none is lost. A leaf of size 0 has
+    trace 0 with error 0, an empty diagonal and a ``nan`` top eigenvalue. The
+    samples are in the operator's dtype; their per-leaf sums are in float32
+    (or the operator's dtype, if wider) and averaged in float64; the diagonal
+    of a float16 or bfloat16 operator is float32.
 
   Raises:
     ValueError: for a count out of range.
@@ -97,19 +120,21 @@ def layer_breakdown(
     [np.full(sl.stop - sl.start, i) for i, sl in enumerate(op.leaf_slices)]
   ).astype(np.int32)
   num_leaves = len(op.leaf_slices)
-  diag_sum = jnp.zeros(op.size, op.dtype)
+  wide = wide_dtype(op.dtype)
+  diag_sum = jnp.zeros(op.size, wide)
   traces = []
   for keys in blocks:
     x = hutchinson_samples(op, keys)
-    diag_sum = diag_sum + x.sum(0)
-    traces.append(np.asarray(_leaf_sums(x, seg, num_leaves)))
+    diag_sum = diag_sum + x.astype(wide).sum(0)
+    traces.append(np.asarray(_leaf_sums(x, seg, num_leaves), dtype=np.float64))
   traces = np.concatenate(traces)
-  diag = op.unravel(diag_sum / num_samples)
+  diag = unravel_wide(op, diag_sum / num_samples)
   out = {}
   eig_keys = jax.random.split(k_eig, num_leaves)
-  for i, (name, leaf_diag) in enumerate(zip(op.leaf_names, jax.tree.leaves(diag), strict=True)):
+  names = _unique_names(op)
+  for i, (name, leaf_diag) in enumerate(zip(names, jax.tree.leaves(diag), strict=True)):
     top, spent = float("nan"), 0
-    if eigenvalues:
+    if eigenvalues and np.size(leaf_diag) > 0:
       eig = top_eigenvalues(
         op.block(i), 1, which=which, key=eig_keys[i], tol=tol, max_iter=max_iter
       )

@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +36,11 @@ import numpy as np
 
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
-from adahessian_jax.hessian._sketch import exchangeable_estimate, leave_one_out_directions
+from adahessian_jax.hessian._sketch import (
+  exchangeable_estimate,
+  leave_one_out_directions,
+  wide_dtype,
+)
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "xtrace"]
 
@@ -48,7 +53,8 @@ class TraceEstimate(NamedTuple):
     stderr: Its standard error (see each estimator for what it covers).
     num_matvecs: Hessian-vector products spent.
     num_samples: Hutchinson samples averaged (the residual ones for Hutch++,
-      the leave-one-out estimates for XTrace).
+      the leave-one-out estimates for XTrace; 0 when XTrace computes the
+      trace exactly from the ``n`` products ``H e_j``).
   """
 
   trace: float
@@ -59,7 +65,9 @@ class TraceEstimate(NamedTuple):
 
 @jax.jit
 def _quadratic_forms(z, hz):
-  return jnp.sum(z * hz, axis=-1)
+  """``zᵀ(Hz)`` per row, summed in :func:`wide_dtype` (float32 for 16-bit operators)."""
+  wide = wide_dtype(jnp.result_type(z, hz))
+  return jnp.sum(z.astype(wide) * hz.astype(wide), axis=-1)
 
 
 def _sampled_trace(op, key, offset, rtol, atol, min_samples, max_samples, block_size):
@@ -67,7 +75,8 @@ def _sampled_trace(op, key, offset, rtol, atol, min_samples, max_samples, block_
 
   Stops after at least ``min_samples`` when the standard error is at most
   ``max(atol, rtol·|offset + mean|)``, at ``max_samples``, or with an error on
-  a non-finite sample. Returns the estimate with ``num_matvecs`` the samples drawn.
+  a non-finite sample. The samples are averaged in float64 on the host, whatever
+  the operator's dtype. Returns the estimate with ``num_matvecs`` the samples drawn.
   """
   rtol = _checks.positive("rtol", rtol, allow_zero=True)
   atol = _checks.positive("atol", atol, allow_zero=True)
@@ -77,7 +86,7 @@ def _sampled_trace(op, key, offset, rtol, atol, min_samples, max_samples, block_
   samples = []
   for keys in key_blocks(key, max_samples, block_size):
     z = op.probes(keys)
-    samples.append(np.asarray(_quadratic_forms(z, op.matmat(z))))
+    samples.append(np.asarray(_quadratic_forms(z, op.matmat(z)), dtype=np.float64))
     x = np.concatenate(samples)
     _checks.finite(samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)")
     if x.size >= max(min_samples, 2):
@@ -129,7 +138,8 @@ def hutchinson_trace(
 
 @jax.jit
 def _orthonormal_rows(y):
-  q, _ = jnp.linalg.qr(y.T)
+  """An orthonormal basis of the rows of ``y``, as rows in :func:`wide_dtype`."""
+  q, _ = jnp.linalg.qr(y.astype(wide_dtype(y.dtype)).T)
   return q.T
 
 
@@ -174,7 +184,7 @@ def hutchpp_trace(
   args.update(stopping)
   s = min(_checks.count("sketch_size", sketch_size, 0), op.size)
   k_sketch, k_res = jax.random.split(key)
-  q, exact = jnp.zeros((0, op.size), op.dtype), 0.0
+  q, exact = jnp.zeros((0, op.size), wide_dtype(op.dtype)), 0.0
   if s > 0:
     y = op.matmat(op.rademacher(k_sketch, s))
     _checks.finite(y, "the Hessian-vector product of a sketch probe")
@@ -188,14 +198,17 @@ def hutchpp_trace(
   return est._replace(num_matvecs=2 * s + est.num_matvecs)
 
 
-@jax.jit
-def _xtrace_estimates(omega, y, z, q, r):
-  """The ``s`` leave-one-out XTrace estimates; rows of ``omega, y = HΩ, z = HQ, q``."""
+@functools.partial(jax.jit, static_argnames="degenerate")
+def _xtrace_estimates(omega, y, z, q, r, degenerate):
+  """The ``s`` leave-one-out XTrace estimates; rows of ``omega, y = HΩ, z = HQ, q``.
+
+  ``degenerate``: no direction is left out (``P_i = QQᵀ``), for a singular ``R``.
+  """
   # Column layout: Ω, Y, Q, Z are (n, s).
   omega, y, q, z = omega.T, y.T, q.T, z.T
   h = q.T @ z  # QᵀHQ
   w = q.T @ omega  # Qᵀω_i as columns
-  s = leave_one_out_directions(r)
+  s = jnp.zeros_like(r) if degenerate else leave_one_out_directions(r)
   c = jnp.sum(s * w, axis=0)  # s_iᵀ w_i
   # Leave-one-out projector P_i = QQᵀ − q_i q_iᵀ, q_i = Q s_i.
   low_rank = jnp.trace(h) - jnp.sum(s * (h @ s), axis=0)  # tr(P_i H)
@@ -214,8 +227,16 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
   standard deviation over ``√s`` (the paper's estimate; the ``s`` estimates are
   exchangeable but not independent, so this is a heuristic).
 
-  If ``H`` has rank below ``s`` the sketch captures it and the exact trace is
-  returned with a zero error.
+  Exact cases, returned with a zero error: a budget ``num_matvecs >= n``
+  (the trace of the ``n`` products ``H e_j``; ``num_matvecs = n`` are spent),
+  and an ``H`` of rank below ``s``, which the sketch captures. Linearly
+  dependent probes (likely for small ``n``) are drawn again, as a set, before
+  any product. If ``R`` is singular although the sketch has not captured ``H``
+  (a null vector of ``H`` in the span of the probes), every estimate uses the
+  whole sketch as Hutch++ with the probes as residual probes.
+
+  Products are computed in the operator's dtype; for float16 and bfloat16
+  operators the linear algebra and the averages are in float32.
 
   Args:
     op: The Hessian operator.
@@ -229,7 +250,7 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
     ValueError: for a budget that is not an integer >= 4.
     NonFiniteError: if a product is not finite.
   """
-  mean, se, s = exchangeable_estimate(
+  mean, se, spent, s = exchangeable_estimate(
     op, key, num_matvecs, lambda q, z: jnp.sum(q * z), _xtrace_estimates
   )
-  return TraceEstimate(float(mean), float(se), 2 * s, s)
+  return TraceEstimate(float(mean), float(se), spent, s)
