@@ -71,13 +71,15 @@ def adahessian(
   :func:`adahessian_jax.scale_by_adahessian`.
 
   Args:
-    learning_rate: A float or an optax schedule. The default 0.15 is the
+    learning_rate: A finite float >= 0 or an optax schedule. The default 0.15 is the
       official image-classification code's; the paper used 0.047 with
       inverse-sqrt warm-up for translation.
     b1: Decay rate of the gradient's moving average.
     b2: Decay rate of the moving average of the squared Hessian diagonal.
-    eps: Added to the denominator outside the power (official default 1e-4), > 0.
-    weight_decay: Decoupled weight decay, multiplied by the learning rate, >= 0.
+    eps: Added to the denominator outside the power (official default 1e-4),
+      finite and > 0.
+    weight_decay: Decoupled weight decay, multiplied by the learning rate,
+      finite and >= 0.
     hessian_power: The power ``k`` in [0, 1] of the Hessian-diagonal term.
     curvature_floor: Per-leaf relative floor ``α`` of the Hessian diagonal
       (0: the paper's rule); see :func:`adahessian_jax.scale_by_adahessian`.
@@ -106,7 +108,9 @@ def adahessian(
     Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
     Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
   """
-  _validation.in_interval("weight_decay", weight_decay, 0.0, float("inf"))
+  _validation.in_interval("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
+  if not callable(learning_rate):  # a schedule's values are not known here
+    _validation.in_interval("learning_rate", learning_rate, 0.0, float("inf"), hi_open=True)
   return optax.chain(
     scale_by_adahessian(
       b1,

@@ -302,6 +302,25 @@ def _keep_curvature(test: Any, new: Any, old: Any, nu: Any) -> Any:
   return jax.tree.map(keep, test, new, old, nu)
 
 
+def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
+  """The initial ``nu`` (and stored ``D``): ``-0.0``, the mark of an entry that has had no
+  curvature estimate yet (:func:`_keep_curvature`), so that a step before the first estimate
+  (e.g. a host-decided ``refresh=False`` on step 0, which ``jit`` cannot check) leaves the
+  parameters where they are instead of moving them by ``m / eps``. The first estimate clears it,
+  a zero one too (``-0.0 + 0.0 = +0.0``), so the paper's rule is unchanged.
+
+  In ``nu_dtype``, by default the parameter's, but float32 for float16 parameters: float16
+  (largest value 65504) cannot hold ``D²`` for a curvature over 256, nor (below 6e-8) for one
+  under 2.4e-4.
+  """
+
+  def mark(p):
+    dtype = nu_dtype or (jnp.float32 if jnp.result_type(p) == jnp.float16 else jnp.result_type(p))
+    return jnp.full(jnp.shape(p), -0.0, dtype)
+
+  return jax.tree.map(mark, params)
+
+
 def _unmarked(updates: Any, nu: Any) -> Any:
   """``updates``, zero on the entries :func:`_keep_curvature` marked."""
   return jax.tree.map(lambda u, v: jnp.where(jnp.signbit(v), jnp.zeros_like(u), u), updates, nu)
@@ -353,9 +372,11 @@ def scale_by_adahessian(
   curvature (its ``nu``; with a lazy ``update_freq`` and the default
   ``lazy_moment``, its stored ``D``, which enters ``nu`` as on a step without
   refresh), and on such a step the parameters do not move (the update is
-  zero); such an entry with no curvature yet (``nu`` zero) is marked by
-  ``nu = -0.0`` and does not move until a finite estimate arrives (with a lazy
-  ``update_freq`` it would otherwise move by ``m / eps`` between refreshes);
+  zero); an entry with no curvature yet is marked by ``nu = -0.0`` (its
+  initial value, kept while its estimates are not finite) and does not move
+  until a finite estimate arrives (with a lazy ``update_freq``, or a
+  host-decided ``refresh=False`` before the first refresh, it would otherwise
+  move by ``m / eps``);
   an entry whose gradient is not finite keeps its ``mu``. The checks
   fuse into the moment updates, plus one reduction over the estimate. With
   ``curvature_floor`` a non-finite entry makes its leaf's (or layer's) mean, and
@@ -371,12 +392,12 @@ def scale_by_adahessian(
   Args:
     b1: Decay rate of the gradient's moving average, in [0, 1).
     b2: Decay rate of the moving average of ``D²``, in [0, 1).
-    eps: Added to the denominator *outside* the power, > 0. At step 1 the
+    eps: Added to the denominator *outside* the power, finite and > 0. At step 1 the
       update is ``g / (|D|^k + eps)``, so ``eps`` bounds the first step where
       the curvature is near zero.
     hessian_power: The power ``k`` in [0, 1]; ``k=0`` gives momentum SGD
       (scaled by ``1/(1+eps)``), ``k=1`` the full Newton-like scaling.
-    curvature_floor: ``α >= 0``: every entry of ``D`` is raised to at least
+    curvature_floor: ``α >= 0`` (finite): every entry of ``D`` is raised to at least
       ``α`` times the mean of ``D`` over its leaf (over its layer, for leaves
       of stacked layers; see :mod:`adahessian_jax.spatial`), so that a single
       noisy near-zero estimate cannot produce a huge step. A leaf (or layer)
@@ -426,7 +447,8 @@ def scale_by_adahessian(
       (``docs/layouts.md``).
     mu_dtype: Floating dtype of the first moment (default: the gradient's).
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
-      (default: the parameters').
+      (default: the parameters', but float32 for float16 parameters, whose
+      range cannot hold ``D²`` for curvatures over 256).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -446,9 +468,9 @@ def scale_by_adahessian(
   """
   _validation.in_interval("b1", b1, 0.0, 1.0, hi_open=True)
   _validation.in_interval("b2", b2, 0.0, 1.0, hi_open=True)
-  _validation.in_interval("eps", eps, 0.0, float("inf"), lo_open=True)
+  _validation.in_interval("eps", eps, 0.0, float("inf"), lo_open=True, hi_open=True)
   _validation.in_interval("hessian_power", hessian_power, 0.0, 1.0)
-  _validation.in_interval("curvature_floor", curvature_floor, 0.0, float("inf"))
+  _validation.in_interval("curvature_floor", curvature_floor, 0.0, float("inf"), hi_open=True)
   if update_clip is not None:
     _validation.in_interval("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
   block_size = _validation.positive_int("block_size", 1 if block_size is None else block_size)
@@ -472,9 +494,9 @@ def scale_by_adahessian(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-      nu=optax.tree.zeros_like(params, dtype=nu_dtype),
+      nu=_no_curvature_yet(params, nu_dtype),
       # A buffer of its own: donating a state whose leaves alias fails.
-      hessian=optax.tree.zeros_like(params, dtype=nu_dtype) if stores_d else None,
+      hessian=_no_curvature_yet(params, nu_dtype) if stores_d else None,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
 
@@ -482,6 +504,7 @@ def scale_by_adahessian(
     updates, state, params=None, *, value_fn=None, hessian_diag=None, refresh=None, **extra_args
   ):
     del extra_args
+    grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
@@ -504,6 +527,10 @@ def scale_by_adahessian(
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
     updates = _unmarked(updates, nu)
+    if nu_dtype is None:  # float16 gradients stay float16 (their default nu is float32)
+      updates = jax.tree.map(
+        lambda u, g: u.astype(g.dtype) if g.dtype == jnp.float16 else u, updates, grads
+      )
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
       updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)

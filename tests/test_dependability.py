@@ -107,6 +107,12 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
   "kwargs,match",
   [
     (dict(eps=0.0), r"eps must be in \(0"),
+    (dict(eps=float("inf")), r"eps must be in \(0.0, inf\)"),
+    (dict(learning_rate=float("nan")), "learning_rate must be in"),
+    (dict(learning_rate=-0.1), r"learning_rate must be in \[0.0, inf\), got -0.1"),
+    (dict(learning_rate=float("inf")), "learning_rate must be in"),
+    (dict(weight_decay=float("inf")), "weight_decay must be in"),
+    (dict(curvature_floor=float("inf")), "curvature_floor must be in"),
     (dict(mu_dtype=jnp.int32), "mu_dtype must be a real floating"),
     (dict(nu_dtype=jnp.complex64), "nu_dtype must be a real floating"),
     (dict(curvature_floor=-0.1), "curvature_floor"),
@@ -114,8 +120,9 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
   ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match):
+  kwargs = {"learning_rate": 0.1, **kwargs}
   with pytest.raises(ValueError, match=match):
-    ah.adahessian(0.1, **kwargs)
+    ah.adahessian(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -272,6 +279,46 @@ def test_fused_route_with_an_empty_first_leaf():
   np.testing.assert_array_equal(np.asarray(hdiag["w"]), [2.0, 2.0])
   updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
   np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * np.array([2, 4]) / (2 + 1e-4))
+
+
+def test_float16_params_keep_their_second_moment_in_float32():
+  # D = 300: D² overflows float16 (largest 65504), which froze that entry for good (nu = inf),
+  # and D = 5e-3 underflowed (nu = 0: a step of m / eps).
+  d = np.array([300.0, 2.0, 5e-3])
+  params = {"w": jnp.ones(3, jnp.float16)}
+  tx = ah.adahessian(1e-3)
+  state = tx.init(params)
+  assert state[0].nu["w"].dtype == jnp.float32 and state[0].mu["w"].dtype == jnp.float16
+  w, m, v = np.ones(3), np.zeros(3), np.zeros(3)
+  for t in range(1, 4):  # Algorithm 1 in float64, the gradient of 0.5·d·w²
+    g = d * w
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * d**2
+    w = w - 1e-3 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-4)
+    grads = {"w": jnp.asarray(d, jnp.float16) * params["w"]}
+    hdiag = {"w": jnp.asarray(d, jnp.float16)}
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    assert updates["w"].dtype == jnp.float16  # the chain's dtypes stay those of the gradients
+    params = optax.apply_updates(params, updates)
+    assert params["w"].dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(state[0].nu["w"]), v, rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(params["w"], np.float64), w, rtol=0, atol=1e-3)
+  assert np.all(np.asarray(params["w"]) < 1)  # every entry moved (rounding of 1 - 3e-3)
+
+
+@pytest.mark.parametrize("lazy_moment", ["repeat", "refresh"])
+def test_host_refresh_false_before_any_estimate_does_not_move_the_params(lazy_moment):
+  # Under jit the host's refresh decision cannot be checked against the state. Step 0 declared
+  # as a non-refresh step (an off-by-one in the loop) has no curvature to use: it must not step
+  # by m / eps (it moved w to -120 and the loss to 8e4).
+  params, grads = small_params(), jax.grad(small_loss)(small_params())
+  tx = ah.adahessian(0.1, update_freq=2, lazy_moment=lazy_moment)
+  step = jax.jit(lambda g, s, p, **kw: tx.update(g, s, p, **kw), static_argnames="refresh")
+  updates, state = step(grads, tx.init(params), params, hessian_diag=None, refresh=False)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  np.testing.assert_allclose(np.asarray(state[0].mu["w"]), 0.1 * np.asarray(grads["w"]))
+  h = jax.tree.map(jnp.ones_like, params)
+  updates, _ = step(grads, state, params, hessian_diag=h, refresh=True)
+  assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
 
 
 def test_user_hessian_diag_with_nan_keeps_those_entries_curvature_and_stops_the_step():
