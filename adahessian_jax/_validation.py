@@ -21,6 +21,8 @@ def concrete_float(value: Any) -> float | None:
     return None
   if isinstance(value, bool):
     raise TypeError(f"expected a number, got the bool {value!r}")
+  if isinstance(value, str | bytes):
+    raise TypeError(f"expected a number, got the string {value!r}")
   arr = np.asarray(value)
   if arr.shape != ():
     raise TypeError(f"expected a scalar, got an array of shape {arr.shape}")
@@ -43,8 +45,8 @@ def in_interval(
     raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}.")
 
 
-def positive_int(name: str, value: Any) -> int:
-  """Returns ``value`` as an ``int`` if it is an integer >= 1, else raises ``ValueError``."""
+def positive_int(name: str, value: Any, hi: int | None = None) -> int:
+  """``value`` as an ``int`` if it is an integer in ``[1, hi]``, else ``ValueError``."""
   if isinstance(value, jax.core.Tracer):
     raise ValueError(
       f"{name} sets array shapes and control flow, so it must be a concrete Python int, "
@@ -56,6 +58,8 @@ def positive_int(name: str, value: Any) -> int:
   arr = np.asarray(value)
   if arr.shape != () or not np.issubdtype(arr.dtype, np.integer) or int(arr) < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  if hi is not None and int(arr) > hi:
+    raise ValueError(f"{name} must be an integer in [1, {hi}], got {value!r}.")
   return int(arr)
 
 

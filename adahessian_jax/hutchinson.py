@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adahessian_jax import _validation
 from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
@@ -201,4 +202,5 @@ def hutchinson_diagonal(
   Returns:
     The signed estimate, a pytree like ``params``.
   """
+  n_samples = _validation.positive_int("n_samples", n_samples)
   return value_grad_and_diagonal(fn, params, jax.random.split(key, n_samples))[2]

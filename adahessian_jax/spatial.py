@@ -261,8 +261,9 @@ class AxesMean(Rule):
   axes: tuple[int, ...]
 
   def check(self, shape, where):
-    for a in self.axes:
-      _normalize_axis(a, len(shape), where, self)
+    axes = [_normalize_axis(a, len(shape), where, self) for a in self.axes]
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"{self} names an axis twice for the rank-{len(shape)} leaf at {where}.")
 
   def __call__(self, d):
     if not self.axes:

@@ -43,7 +43,14 @@ def _float_dtype(name: str, dtype: Any) -> Any:
 
 def _check_real_float_params(params: Any) -> None:
   def check(path, x):
-    dtype = jnp.result_type(x)
+    try:
+      dtype = jnp.result_type(x)
+    except TypeError:
+      raise TypeError(
+        f"scale_by_adahessian needs arrays as parameters, but the leaf at "
+        f"{jax.tree_util.keystr(path)} is {type(x).__name__} {x!r}. Keep it out of the params "
+        f"(or exclude it with optax.masked or optax.multi_transform)."
+      ) from None
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
         f"scale_by_adahessian needs real floating-point parameters, but the leaf at "
@@ -474,7 +481,9 @@ def scale_by_adahessian(
   if update_clip is not None:
     _validation.in_interval("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
   block_size = _validation.positive_int("block_size", 1 if block_size is None else block_size)
-  update_freq = _validation.positive_int("update_freq", 1 if update_freq is None else update_freq)
+  update_freq = _validation.positive_int(  # the state counts steps in int32
+    "update_freq", 1 if update_freq is None else update_freq, hi=2**31 - 1
+  )
   n_samples = _validation.positive_int("n_samples", 1 if n_samples is None else n_samples)
   seed = 0 if seed is None else seed
   _validation.integer("seed", seed)

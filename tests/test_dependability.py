@@ -113,6 +113,8 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(learning_rate=float("inf")), "learning_rate must be in"),
     (dict(weight_decay=float("inf")), "weight_decay must be in"),
     (dict(curvature_floor=float("inf")), "curvature_floor must be in"),
+    (dict(learning_rate="0.1"), "learning_rate must be a real scalar, got '0.1'"),
+    (dict(update_freq=2**31), r"update_freq must be an integer in \[1, 2147483647\]"),
     (dict(mu_dtype=jnp.int32), "mu_dtype must be a real floating"),
     (dict(nu_dtype=jnp.complex64), "nu_dtype must be a real floating"),
     (dict(curvature_floor=-0.1), "curvature_floor"),
@@ -123,6 +125,14 @@ def test_bad_hyperparameters_are_rejected(kwargs, match):
   kwargs = {"learning_rate": 0.1, **kwargs}
   with pytest.raises(ValueError, match=match):
     ah.adahessian(**kwargs)
+
+
+def test_a_leaf_that_is_not_an_array_and_a_bad_probe_count_are_named():
+  with pytest.raises(TypeError, match=r"the leaf at \['name'\] is str 'dense'"):
+    ah.adahessian(0.1).init({"w": jnp.ones(3), "name": "dense"})
+  for n in (0, -1):  # gave NaN and an MLIR error
+    with pytest.raises(ValueError, match=f"n_samples must be an integer >= 1, got {n}"):
+      ah.hutchinson_diagonal(small_loss, small_params(), jax.random.key(0), n_samples=n)
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,8 @@ def test_bad_rules_fail_at_init():
     ah.scale_by_adahessian(averaging=spatial.blocks(2, axis=2)).init(params)
   with pytest.raises(ValueError, match="rank 2"):
     ah.scale_by_adahessian(averaging=spatial.mean_over((0, 5))).init(params)
+  with pytest.raises(ValueError, match=r"mean_over\(\(1, -1\)\) names an axis twice.*\['w'\]"):
+    ah.scale_by_adahessian(averaging=spatial.mean_over((1, -1))).init(params)  # failed in update
   with pytest.raises(TypeError, match="spatial rule"):
     ah.scale_by_adahessian(averaging=lambda path, leaf: "blocks").init(params)
   with pytest.raises(ValueError, match="prefix"):
