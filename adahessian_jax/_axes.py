@@ -55,8 +55,18 @@ def device_varying(tree: Any, axis_name: Any) -> Any:
   Returns:
     ``tree`` with every leaf varying over ``axis_name`` (unchanged outside
     ``shard_map``).
+
+  Raises:
+    ValueError: if ``axis_name`` is not bound by an enclosing map.
   """
   axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+  try:
+    jax.lax.psum(1, axes)  # a constant: only checks that the axes are bound
+  except NameError as e:
+    raise ValueError(
+      f"axis_name={axis_name!r} is not an axis of the enclosing pmap or shard_map ({e}). Pass "
+      "the axis name the step is mapped over, or axis_name=None under jax.jit with sharded arrays."
+    ) from None
 
   def one(x):
     missing = tuple(a for a in axes if a not in _varying_axes(x))

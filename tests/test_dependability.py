@@ -135,6 +135,22 @@ def test_a_leaf_that_is_not_an_array_and_a_bad_probe_count_are_named():
       ah.hutchinson_diagonal(small_loss, small_params(), jax.random.key(0), n_samples=n)
 
 
+def test_an_axis_name_the_step_is_not_mapped_over_is_named():
+  params = small_params()
+  tx = ah.adahessian(0.1, axis_name="batch")
+  stack = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
+
+  def step(p, s, axis):
+    return jax.vmap(
+      lambda p, s: tx.update(jax.grad(small_loss)(p), s, p, value_fn=small_loss), axis_name=axis
+    )(stack(p), stack(s))
+
+  updates, _ = step(params, tx.init(params), "batch")  # vmap binds the name like pmap
+  assert np.all(np.isfinite(np.asarray(updates["w"])))
+  with pytest.raises(ValueError, match="axis_name='batch' is not an axis of the enclosing"):
+    step(params, tx.init(params), "data")  # was a bare AssertionError from jax
+
+
 @pytest.mark.parametrize(
   "made,used,match",
   [
