@@ -32,6 +32,11 @@ def _float_dtype(name: str, dtype: Any) -> Any:
   """``dtype`` canonicalised, or ``None``; raises unless it is a real floating dtype."""
   if dtype is None:
     return None
+  if isinstance(dtype, jax.Array):  # what optax.inject_hyperparams makes of a non-static arg
+    raise ValueError(
+      f"{name} must be a floating-point dtype, got the array {dtype!r}. With "
+      "optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
+    )
   try:
     canonical = jax.dtypes.canonicalize_dtype(dtype)
   except TypeError as e:

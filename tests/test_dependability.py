@@ -115,6 +115,7 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(curvature_floor=float("inf")), "curvature_floor must be in"),
     (dict(learning_rate="0.1"), "learning_rate must be a real scalar, got '0.1'"),
     (dict(update_freq=2**31), r"update_freq must be an integer in \[1, 2147483647\]"),
+    (dict(nu_dtype=jnp.asarray(0.0)), "static_args=adahessian_jax.STATIC_ARGS"),
     (dict(mu_dtype=jnp.int32), "mu_dtype must be a real floating"),
     (dict(nu_dtype=jnp.complex64), "nu_dtype must be a real floating"),
     (dict(curvature_floor=-0.1), "curvature_floor"),
