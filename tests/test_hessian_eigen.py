@@ -126,7 +126,8 @@ def test_flax_cnn_eigenvalues():
 def test_lanczos_needs_fewer_products_than_power_iteration(op):
   ev = np.linalg.eigvalsh(mlp_hessian())[::-1]
   lz = hessian.top_eigenvalues(op, 3, tol=1e-4)
-  pw = hessian.power_iteration(op, 3, tol=1e-6, max_iter=1000)
+  # Power iteration stops on its residual: 1e-4 relative leaves errors of ~4e-8 here.
+  pw = hessian.power_iteration(op, 3, tol=1e-4, max_iter=1000)
   err_lz = np.max(np.abs(lz.eigenvalues - ev[:3]) / ev[0])
   err_pw = np.max(np.abs(pw.eigenvalues - ev[:3]) / ev[0])
   assert err_lz < 1e-6 and err_lz < err_pw
@@ -138,3 +139,93 @@ def test_bad_arguments(op):
     hessian.top_eigenvalues(op, 1, which="BE")
   with pytest.raises(ValueError, match="k must"):
     hessian.top_eigenvalues(op, 0)
+
+
+def _matrix_operator(a, dtype=jnp.float64):
+  """The Hessian of ``0.5 xᵀAx``: ``A`` itself."""
+  params = {"x": jnp.zeros(a.shape[0], dtype)}
+  return hessian.hessian_operator(quadratic_loss, params, jnp.asarray(a, dtype))
+
+
+def test_a_start_vector_in_an_invariant_subspace_restarts():
+  """A symmetric parameter pair: ``H = [[11, -10], [-10, 11]] ⊕ 3·I₄``, top eigenvalue 21 along
+  ``(e₀ − e₁)/√2``. A Rademacher start with equal first entries (half of them) has no component
+  along it: its Krylov space is invariant after 2 steps, with Ritz values 1 and 3, exact. That
+  run was returned as converged with the top eigenvalue 3; it now restarts from a fresh vector."""
+  a = np.zeros((6, 6))
+  a[:2, :2] = [[11.0, -10.0], [-10.0, 11.0]]
+  a[2:, 2:] = 3.0 * np.eye(4)
+  op = _matrix_operator(a)
+  ev = np.linalg.eigvalsh(a)[::-1]
+  for seed in range(8):
+    got = hessian.top_eigenvalues(op, 1, key=jax.random.key(seed))
+    assert got.converged[0]
+    assert got.eigenvalues[0] == pytest.approx(ev[0], rel=1e-12), seed
+  # An eigenvector of the smallest eigenvalue as the start vector.
+  v0 = np.array([1.0, 1.0, 0, 0, 0, 0])
+  got = hessian.top_eigenvalues(op, 3, v0=v0)
+  np.testing.assert_allclose(got.eigenvalues, ev[:3], rtol=1e-12)
+  assert got.converged.all()
+  vecs = np.asarray(got.eigenvectors_flat)
+  assert np.linalg.norm(vecs @ a - got.eigenvalues[:, None] * vecs) <= 1e-12 * ev[0]
+  # With no room left to restart (one step), the exact pair of the start is not taken for the top.
+  one = hessian.top_eigenvalues(op, 1, v0=v0, max_iter=1)
+  assert one.eigenvalues[0] == pytest.approx(1.0, rel=1e-12) and not one.converged[0]
+  # A rank-1 Hessian: the Krylov space is invariant after 2 steps; a fresh random vector, which
+  # H maps to 0, ends the run at the third step instead of at max_iter.
+  low = hessian.top_eigenvalues(_matrix_operator(np.diag([3.0] + [0.0] * 99)), 2)
+  np.testing.assert_allclose(low.eigenvalues, [3.0, 0.0], rtol=1e-12, atol=1e-12)
+  assert low.converged.all() and low.num_matvecs == 3
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_a_repeated_top_eigenvalue_is_found_with_its_multiplicity(k):
+  """``H = diag(5, 5, 5, 1, 0.5, 0.2)``: a Krylov space holds one copy of 5 and is invariant after
+  4 steps; ``k = 2`` gave ``[5, 1]``, converged. The restarts find the other copies."""
+  ev = np.array([5.0, 5.0, 5.0, 1.0, 0.5, 0.2])
+  op = _matrix_operator(np.diag(ev))
+  got = hessian.top_eigenvalues(op, k)
+  np.testing.assert_allclose(got.eigenvalues, ev[:k], rtol=1e-12)
+  assert got.converged.all()
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_float32_eigenvalues_at_extreme_scales(scale):
+  """``H = s·diag(1, ..., 50)`` in float32: products are finite, but their squares under- or
+  overflow float32, which ended Lanczos after one step (``25.5·s``, converged, or "invariant
+  after 1 steps" for ``k = 2``) and made power iteration raise NonFiniteError."""
+  d = np.arange(1.0, 51.0)
+  op = _matrix_operator(scale * np.diag(d), jnp.float32)
+  top = hessian.top_eigenvalues(op, 2)
+  np.testing.assert_allclose(top.eigenvalues / scale, [50.0, 49.0], rtol=1e-5)
+  assert top.converged.all()
+  spectrum = hessian.spectral_density(op, jax.random.key(0), num_probes=1, num_steps=50)
+  np.testing.assert_allclose(np.sort(spectrum.nodes[0]) / scale, d, rtol=1e-4)
+  pw = hessian.power_iteration(op, 1)
+  unit = hessian.power_iteration(_matrix_operator(np.diag(d), jnp.float32), 1)
+  assert pw.eigenvalues[0] / scale == pytest.approx(unit.eigenvalues[0], rel=1e-5)
+  assert abs(pw.eigenvalues[0] - 50.0 * scale) <= pw.residuals[0] * 1.001
+
+
+def test_power_iteration_judges_convergence_by_the_residual():
+  """Eigenvalues ±3: the iterates alternate with the Rayleigh quotient 0 unchanged, which the
+  relative-change test took for converged although the residual is 3."""
+  a = np.diag([3.0, -3.0])
+  got = hessian.power_iteration(_matrix_operator(a), 1)
+  assert not got.converged[0]
+  v = np.asarray(got.eigenvectors_flat[0])
+  assert got.eigenvalues[0] == pytest.approx(v @ a @ v, abs=1e-12)
+  assert got.residuals[0] == pytest.approx(np.linalg.norm(a @ v - got.eigenvalues[0] * v))
+  assert got.residuals[0] > 1.0
+
+
+def test_power_iteration_on_zero_and_deflated_null_spaces():
+  """A rank-1 ``H = uuᵀ`` (eigenvalues 55, 0, 0, 0, 0): the deflated second iteration normalised
+  rounding noise and returned 31.1; a zero Hessian divided 0 by 0 (NonFiniteError)."""
+  u = np.arange(1.0, 6.0)
+  got = hessian.power_iteration(_matrix_operator(np.outer(u, u)), 2)
+  np.testing.assert_allclose(got.eigenvalues, [55.0, 0.0], rtol=1e-12, atol=1e-12)
+  assert got.converged.all()
+  assert np.all(got.residuals <= 1e-12 * 55.0)
+  zero = hessian.power_iteration(_matrix_operator(np.zeros((5, 5))), 1)
+  assert zero.eigenvalues[0] == 0.0 and zero.residuals[0] == 0.0 and zero.converged[0]

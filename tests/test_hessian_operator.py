@@ -213,8 +213,14 @@ def test_ravel_refuses_a_pytree_unlike_the_params():
     op.ravel(transposed)
   with pytest.raises(ValueError, match=r"lacks the leaves \['hidden'\]\['bias'\]"):
     op.ravel({"a": jnp.ones(75)})
-  with pytest.raises(ValueError, match=r"lacks the leaves"):
+  with pytest.raises(ValueError, match=r"v0 must be a pytree .* lacks the leaves"):
     hessian.top_eigenvalues(op, 1, v0={"a": jnp.ones(75)})
+  nan_v0 = jax.tree.map(jnp.ones_like, params)
+  nan_v0["hidden"]["bias"] = nan_v0["hidden"]["bias"].at[2].set(jnp.nan)
+  with pytest.raises(
+    ValueError, match=r"v0 must be finite, got nan at \['hidden'\]\['bias'\]\[2\]"
+  ):
+    hessian.top_eigenvalues(op, 1, v0=nan_v0)  # was "v0 must be a nonzero vector"
 
 
 def test_leaf_names_that_would_read_alike_keep_their_full_paths():

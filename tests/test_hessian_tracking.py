@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from hessian_problems import quadratic_loss
+from hessian_problems import dense_hessian, mlp, mlp_loss, quadratic_loss
 
 from adahessian_jax import hessian
 
@@ -94,9 +94,11 @@ def test_warm_start_leaves_an_invariant_subspace():
   op = _operator(d1, counter)
   got = hessian.track_curvature(op, first, tol=1e-4).sharpness
   assert got.converged and got.eigenvalue == pytest.approx(3.0, rel=1e-4)
-  # Without the probe the start block is an invariant subspace: it returns 0 at once.
-  stuck = hessian.track_curvature(op, first, tol=1e-4, warm_mix=0.0).sharpness
-  assert stuck.eigenvalue == pytest.approx(0.0, abs=1e-12) and stuck.num_matvecs == 2
+  # Without the probe the start block is an invariant subspace (Ritz values 0, residuals 0): the
+  # run does not take it for converged but leaves it along a fresh random vector.
+  alone = hessian.track_curvature(op, first, tol=1e-4, warm_mix=0.0).sharpness
+  assert alone.converged and alone.eigenvalue == pytest.approx(3.0, rel=1e-4)
+  assert alone.num_matvecs > 2
 
 
 @pytest.mark.parametrize("block_size", [1, 3])
@@ -199,3 +201,83 @@ def test_a_float32_model_under_x64_tracks_without_promotion_warnings():
       record = hessian.track_curvature(op, record, preconditioner=jnp.ones(N, jnp.float32))
   assert record.sharpness.eigenvector.dtype == jnp.float32
   assert record.sharpness.eigenvalue == pytest.approx(np.linalg.eigvalsh(a[1])[-1], rel=1e-3)
+
+
+def test_a_cold_start_that_is_an_eigenvector_is_not_taken_for_the_top():
+  """The Rademacher start ``z`` is an eigenvector (eigenvalue 1) and the top eigenvalue 3 lies
+  along ``u ⟂ z``: the residual of the first Ritz pair is 0, which was returned as converged with
+  the eigenvalue 1. A zero residual only says ``z`` is an eigenvector; the run goes on."""
+  params = {"x": jnp.zeros(N)}
+  probe = hessian.hessian_operator(quadratic_loss, params, jnp.eye(N))
+  key = jax.random.key(0)
+  z = np.array(probe.rademacher(jax.random.split(key, 4)[0], 1)[0])  # track_curvature's start
+  z /= np.linalg.norm(z)
+  u = np.random.default_rng(4).normal(size=N)
+  u -= (u @ z) * z
+  u /= np.linalg.norm(u)
+  a = 0.5 * np.eye(N) + 0.5 * np.outer(z, z) + 2.5 * np.outer(u, u)
+  counter = [0]
+  got = hessian.track_curvature(_operator(a, counter), None, key=key, tol=1e-4).sharpness
+  lam = np.linalg.eigvalsh(a)[-1]
+  assert got.converged and abs(got.eigenvalue - lam) <= 1e-4 * lam, got.eigenvalue
+  # A rank-1 Hessian: the subspace is invariant after 2 products, and a fresh random vector,
+  # which H maps to 0, confirms it at the third.
+  rank1 = np.zeros((N, N))
+  rank1[0, 0] = 3.0
+  low = hessian.track_curvature(_operator(rank1, counter), None, tol=1e-4).sharpness
+  assert low.converged and low.eigenvalue == pytest.approx(3.0, rel=1e-12)
+  assert low.num_matvecs <= 3
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_float32_sharpness_at_extreme_scales(scale):
+  """``H = s·diag(1, ..., 50)`` in float32: the squares in the residual norms under- or overflowed
+  float32, and the first Ritz value (25.5·s) came back converged."""
+  d = np.arange(1.0, 51.0)
+  params = {"x": jnp.zeros(50, jnp.float32)}
+  a = jnp.asarray(scale * np.diag(d), jnp.float32)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  got = hessian.track_curvature(op, None, tol=1e-4).sharpness
+  assert got.converged
+  assert got.eigenvalue / scale == pytest.approx(50.0, rel=1e-3)
+  assert got.residual / scale == pytest.approx(
+    np.linalg.norm(d * np.asarray(got.eigenvector) - got.eigenvalue / scale * got.eigenvector),
+    rel=1e-3,
+  )
+
+
+def test_a_one_parameter_model_tracks_with_the_default_block_size():
+  """The default block of 2 Ritz vectors was refused on 1 parameter, naming an argument the
+  caller never passed."""
+  params = {"w": jnp.array([0.3])}
+  op = hessian.hessian_operator(lambda p, b: 1.5 * p["w"][0] ** 2 + jnp.sin(p["w"][0]), params, 0)
+  record = hessian.track_curvature(op, None, preconditioner=jnp.array([2.0]))
+  assert record.sharpness.eigenvalue == pytest.approx(3.0 - np.sin(0.3), rel=1e-12)
+  assert record.preconditioned.eigenvalue == pytest.approx((3.0 - np.sin(0.3)) / 2.0, rel=1e-12)
+  assert record.sharpness.ritz_vectors.shape == (1, 1)
+  record = hessian.track_curvature(op, record)
+  assert record.sharpness.eigenvalue == pytest.approx(3.0 - np.sin(0.3), rel=1e-12)
+  with pytest.raises(ValueError, match=r"block_size must be an integer in \[1, 1\], got 2"):
+    hessian.track_curvature(op, None, block_size=2)
+
+
+def test_a_bad_preconditioner_is_refused_before_any_product():
+  counter = [0]
+  op = _operator(_family(1, drift=0.0)[0], counter)
+  for bad in (jnp.zeros(N), {"y": jnp.ones(N)}):
+    with pytest.raises(ValueError, match="preconditioner"):
+      hessian.track_curvature(op, None, preconditioner=bad, trace_matvecs=8)
+    assert counter[0] == 0
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float16, 5e-3), (jnp.bfloat16, 2e-2)])
+def test_16_bit_models_are_tracked(dtype, rtol):
+  # The start block's QR ran in the model's dtype, which LAPACK does not have (a crash).
+  params, batch = mlp()
+  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, params, batch))[-1]
+  low = jax.tree.map(lambda x: x.astype(dtype), (params, batch))
+  op = hessian.hessian_operator(mlp_loss, *low)
+  record = hessian.track_curvature(op, tol=1e-2)
+  record = hessian.track_curvature(op, record, tol=1e-2)  # warm, from 16-bit Ritz vectors
+  assert record.sharpness.ritz_vectors.dtype == dtype
+  np.testing.assert_allclose(record.sharpness.eigenvalue, exact, rtol=rtol)

@@ -1,10 +1,14 @@
 """Lanczos tridiagonalisation with full reorthogonalisation, for blocks of start vectors.
 
 Shared by :mod:`~adahessian_jax.hessian.eigen` (one start vector, stopped when
-the wanted Ritz pairs converge) and :mod:`~adahessian_jax.hessian.density`
-(several probes, a fixed number of steps). The Hessian product is the
-operator's compiled block product; the orthogonalisation step is compiled once
-per block shape and reused at every step (the step index is a traced argument).
+the wanted Ritz pairs converge, restarted with a fresh random vector when the
+Krylov space becomes invariant) and :mod:`~adahessian_jax.hessian.density`
+(several probes, a fixed number of steps, each probe stopped at its invariant
+space). The Hessian product is the operator's compiled block product; the
+orthogonalisation step is compiled once per block shape and reused at every
+step (the step index is a traced argument). Vector norms are scaled by a power
+of two near ``max|x|`` (:func:`norm`), so that they neither underflow nor
+overflow in float32 for any operator whose products are finite.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ class Lanczos(NamedTuple):
   """A Lanczos decomposition ``H V_j^T = V_j^T T_j + β_j v_{j+1} e_j^T`` per start vector.
 
   Attributes:
-    alphas: ``(b, j)`` diagonals of the tridiagonal matrices ``T``.
-    betas: ``(b, j)`` off-diagonals; ``betas[:, -1]`` couples to the next vector.
+    alphas: ``(b, j)`` diagonals of the tridiagonal matrices ``T`` (float64).
+    betas: ``(b, j)`` off-diagonals (float64); ``betas[:, -1]`` couples to the
+      next vector. A zero ``β_i`` with ``i < j - 1`` is a restart: ``T`` is
+      block diagonal there (:func:`blocks`).
     basis: ``(b, m + 1, n)`` orthonormal Lanczos vectors (rows past ``j`` are 0).
     num_steps: ``j``, the number of Hessian products per start vector.
   """
@@ -42,27 +48,58 @@ def breakdown_tolerance(n: int, dtype) -> float:
   return float(min(1e-3, 10.0 * np.sqrt(n) * jnp.finfo(dtype).eps))
 
 
+def norm(x: jax.Array, axis: int = -1) -> jax.Array:
+  """``‖x‖₂`` along ``axis``, without underflow or overflow of the squares.
+
+  ``x`` is divided by ``2^e`` with ``2^(e-1) <= max|x| < 2^e`` before squaring and the norm
+  multiplied back; scaling by a power of two is exact, so the result is bit-for-bit
+  ``jnp.linalg.norm(x)`` wherever that does not under- or overflow.
+  """
+  peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  _, e = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1.0))
+  s = jnp.ldexp(jnp.ones_like(peak), e)
+  return jnp.squeeze(s, axis) * jnp.linalg.norm(x / s, axis=axis)
+
+
+def _orthogonalise(basis, w):
+  """``w`` minus its projection on the rows of ``basis``, twice ("twice is enough", Parlett)."""
+  for _ in range(2):
+    w = w - jnp.einsum("bm,bmn->bn", jnp.einsum("bmn,bn->bm", basis, w), basis)
+  return w
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _extend(basis, v, w, j, tol):
   """One Lanczos step given ``w = H v_j``; returns the basis with ``v_{j+1}``, it, α_j, β_j."""
   alpha = jnp.sum(w * v, axis=-1)
-  raw = jnp.linalg.norm(w, axis=-1)
-  # Full reorthogonalisation, twice ("twice is enough", Parlett): classical
-  # Gram-Schmidt against every stored vector, which also removes the three-term
-  # recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows are zero.
-  for _ in range(2):
-    w = w - jnp.einsum("bm,bmn->bn", jnp.einsum("bmn,bn->bm", basis, w), basis)
-  beta = jnp.linalg.norm(w, axis=-1)
+  raw = norm(w)
+  # Full reorthogonalisation: classical Gram-Schmidt against every stored vector, which also
+  # removes the three-term recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows are 0.
+  w = _orthogonalise(basis, w)
+  beta = norm(w)
   ok = beta > tol * raw
   beta = jnp.where(ok, beta, 0.0)
   nxt = jnp.where(ok[:, None], w / jnp.where(ok, beta, 1.0)[:, None], 0.0)
   return basis.at[:, j + 1].set(nxt), nxt, jnp.stack([alpha, beta])
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _restart(basis, v, z, j, dead, tol):
+  """Rows ``dead`` (whose ``β_j`` is 0) continue from ``z`` orthogonalised against their basis.
+
+  Returns the basis with the new ``v_{j+1}``, it, and per row whether the fresh vector kept more
+  than ``tol`` of its norm (it always does unless the basis already spans the space).
+  """
+  fresh = _orthogonalise(basis, z)
+  size = norm(fresh)
+  ok = dead & (size > tol * norm(z))
+  nxt = jnp.where(ok[:, None], fresh / jnp.where(ok, size, 1.0)[:, None], v)
+  return basis.at[:, j + 1].set(nxt), nxt, ok
+
+
 @jax.jit
 def _first(v0):
-  v0 = v0 / jnp.linalg.norm(v0, axis=-1, keepdims=True)
-  return v0
+  return v0 / norm(v0)[:, None]
 
 
 def lanczos(
@@ -70,6 +107,7 @@ def lanczos(
   v0: jax.Array,
   num_steps: int,
   stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
+  restart: jax.Array | None = None,
 ) -> Lanczos:
   """Runs up to ``num_steps`` Lanczos steps from each row of ``v0``.
 
@@ -79,11 +117,20 @@ def lanczos(
     num_steps: Maximum number of steps (Hessian products per start vector);
       clipped to ``n``.
     stop: Optional ``stop(alphas, betas) -> bool`` called on the host after
-      every step with the ``(b, j)`` coefficients so far; ``True`` stops.
+      every step (before a restart) with the ``(b, j)`` coefficients so far;
+      ``True`` stops.
+    restart: PRNG key, or ``None``. With a key, a breakdown (``β_j = 0``: the
+      Krylov space is invariant) before the last step continues from a normal
+      random vector (key ``fold_in(restart, j)``) orthogonalised against the
+      basis, with ``β_j = 0`` in ``T`` (block diagonal), so that the run goes
+      on to the eigenvectors the start vector has no component along; only a
+      basis of ``n`` vectors exhausts the space. Without one, each start
+      vector stops at its breakdown (its Krylov space, all that quadrature
+      needs, is then exact).
 
   Returns:
-    A :class:`Lanczos` decomposition. Steps stop early when every start vector
-    has reached an invariant subspace (``β = 0``).
+    A :class:`Lanczos` decomposition. Without ``restart``, steps stop early
+    when every start vector has reached an invariant subspace (``β = 0``).
 
   Raises:
     NonFiniteError: as soon as a start vector or a step's coefficients are not
@@ -98,17 +145,33 @@ def lanczos(
   coefs = []
   for j in range(m):
     basis, v, coef = _extend(basis, v, op.matmat(v), j, tol)
-    coefs.append(np.asarray(coef))
+    coefs.append(np.asarray(coef, np.float64))
     _checks.finite(coefs[-1], f"the Hessian-vector product at Lanczos step {j + 1}")
     c = np.stack(coefs, axis=2)
-    if np.all(c[1, :, -1] == 0) or (stop is not None and stop(c[0], c[1])):
+    if stop is not None and stop(c[0], c[1]):
+      break
+    dead = c[1, :, -1] == 0
+    if restart is not None and dead.any() and j + 1 < m:
+      z = jax.random.normal(jax.random.fold_in(restart, j), (b, n), op.dtype)
+      basis, v, fresh = _restart(basis, v, z, j, jnp.asarray(dead), tol)
+      dead = dead & ~np.asarray(fresh)
+    if np.all(dead):
       break
   c = np.stack(coefs, axis=2)
   return Lanczos(alphas=c[0], betas=c[1], basis=basis, num_steps=c.shape[2])
 
 
+def blocks(betas: np.ndarray, j: int) -> list[slice]:
+  """The diagonal blocks of a ``j × j`` tridiagonal ``T``: split after each ``β_i = 0``, i < j-1."""
+  cuts = [0, *(int(i) + 1 for i in np.flatnonzero(betas[: j - 1] == 0)), j]
+  return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Eigen-decomposition of the symmetric tridiagonal matrix with diagonal ``alphas``.
+
+  Block by block (:func:`blocks`), so that every eigenvector is supported on one block (a
+  repeated eigenvalue shared by two blocks is not mixed across them).
 
   Args:
     alphas: ``(j,)`` diagonal.
@@ -119,7 +182,14 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
   """
   j = alphas.shape[0]
   t = np.diag(alphas) + np.diag(betas[: j - 1], 1) + np.diag(betas[: j - 1], -1)
-  return np.linalg.eigh(t)
+  parts = blocks(betas, j)
+  if len(parts) == 1:
+    return np.linalg.eigh(t)
+  theta, s = np.zeros(j), np.zeros((j, j))
+  for part in parts:
+    theta[part], s[part, part] = np.linalg.eigh(t[part, part])
+  order = np.argsort(theta, kind="stable")
+  return theta[order], s[:, order]
 
 
 class RitzPairs(NamedTuple):
@@ -161,7 +231,7 @@ def ritz_pairs(alphas: np.ndarray, betas: np.ndarray, select) -> RitzPairs:
   dist = np.abs(theta[sel][:, None] - theta[None, :])
   dist[np.arange(sel.size), sel] = np.inf
   gap = dist.min(axis=1)
-  with np.errstate(divide="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore"):
     errors = np.minimum(res, np.where(np.isfinite(gap) & (gap > 0), res * res / gap, np.inf))
   return RitzPairs(
     values=theta[sel],

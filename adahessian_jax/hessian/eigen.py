@@ -31,7 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._lanczos import lanczos, ritz_pairs
+from adahessian_jax.hessian._lanczos import (
+  blocks,
+  breakdown_tolerance,
+  lanczos,
+  norm,
+  ritz_pairs,
+  tridiagonal_eigh,
+)
 from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = ["Eigen", "power_iteration", "top_eigenvalues"]
@@ -59,7 +66,10 @@ class Eigen(NamedTuple):
       estimate in the first steps, when the other Ritz values are far off);
       an estimate, not a bound. Power iteration: the residual.
     num_matvecs: Hessian-vector products spent.
-    converged: ``(k,)`` booleans, whether each pair met the tolerance.
+    converged: ``(k,)`` booleans, whether each pair met the tolerance (Lanczos:
+      an exact pair of a Krylov space that became invariant counts only once
+      the run's stopping test is met, since a larger eigenvalue may lie
+      outside it).
   """
 
   eigenvalues: np.ndarray
@@ -71,13 +81,15 @@ class Eigen(NamedTuple):
   converged: np.ndarray
 
 
+_ORDER = {
+  "LA": lambda theta: -theta,
+  "SA": lambda theta: theta,
+  "LM": lambda theta: -np.abs(theta),
+}  # which -> a key that is smaller for the more wanted value
+
+
 def _selector(k: int, which: str):
-  order = {
-    "LA": lambda theta: -theta,
-    "SA": lambda theta: theta,
-    "LM": lambda theta: -np.abs(theta),
-  }[which]
-  return lambda theta: np.argsort(order(theta), kind="stable")[:k]
+  return lambda theta: np.argsort(_ORDER[which](theta), kind="stable")[:k]
 
 
 def _check(k: Any, which: str, op: HessianOperator) -> int:
@@ -89,11 +101,12 @@ def _check(k: Any, which: str, op: HessianOperator) -> int:
 def _start_vector(op: HessianOperator, v0: Any, key: jax.Array | None) -> jax.Array:
   if v0 is None:
     return op.rademacher(jax.random.key(0) if key is None else key, 1)
-  flat = v0 if isinstance(v0, jax.Array | np.ndarray) and np.ndim(v0) == 1 else op.ravel(v0)
-  flat = jnp.asarray(flat, op.dtype)
-  if flat.shape != (op.size,):
-    raise ValueError(f"v0 must have {op.size} entries (the operator's size), got {flat.shape}")
-  if not float(jnp.linalg.norm(flat)) > 0:
+  flat = jnp.asarray(op.layout.flatten(v0, "v0"), op.dtype)
+  host = np.asarray(flat)
+  if not np.all(np.isfinite(host)):
+    bad = int(np.flatnonzero(~np.isfinite(host))[0])
+    raise ValueError(f"v0 must be finite, got {host[bad]} at {op.layout.where(bad)}")
+  if not np.any(host):
     raise ValueError("v0 must be a nonzero vector")
   return flat[None]
 
@@ -141,8 +154,15 @@ def top_eigenvalues(
   eigenvalues matter (the eigenvectors are then accurate to about
   ``residual / gap``).
 
-  Lanczos finds one copy of a repeated eigenvalue (an exactly repeated one is
-  invisible to a single Krylov space); neural-network Hessians' top
+  When the Krylov space becomes invariant (``β_j = 0``: e.g. the start vector
+  is an eigenvector, or has no component along the top one, as for a pair of
+  symmetric parameters), the run continues from a fresh random vector
+  orthogonal to it; the pairs found so far are exact, and the stopping test
+  then applies to the new block's own wanted pairs (a pair from an earlier
+  block only counts as converged once that test is met), so an eigenvalue the
+  start vector missed is still found, and an exactly repeated one is found
+  once per block that reaches it. Without a breakdown, a single Krylov space
+  holds one copy of a repeated eigenvalue; neural-network Hessians' top
   eigenvalues are distinct in practice.
 
   Args:
@@ -168,7 +188,7 @@ def top_eigenvalues(
 
   Raises:
     ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, or
-      if the Krylov space is invariant before it holds ``k`` vectors.
+      if no fresh vector can extend a basis of fewer than ``k`` vectors.
     NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
   """
   k = _check(k, which, op)
@@ -185,32 +205,80 @@ def top_eigenvalues(
       change = np.abs(ritz.values - ritz_pairs(alphas[:-1], betas[:-1], select).values)
     return ritz, np.maximum(ritz.errors, change)
 
-  def met(ritz, errors):
+  def met(ritz, errors, scale):
     err = ritz.residuals if stop_on == "residual" else errors
-    return err <= tol * ritz.scale
+    return err <= tol * scale
+
+  def live_converged(alphas, betas):
+    # Whether the wanted pairs of all of T are the wanted eigenpairs of H. Earlier blocks are
+    # invariant and their pairs exact, but not necessarily the wanted ones: only the last block
+    # explores the rest of the spectrum. An open last block (all of T without a restart): its
+    # wanted pairs meet the tolerance, relative to the largest wanted Ritz value of the block or
+    # of T. A closed one started from a normal random vector has almost surely seen every
+    # distinct eigenvalue left outside the earlier blocks, and every eigenvalue left outside it
+    # is one of its values: none may beat the k-th wanted one. A closed first block (from the
+    # start vector, which may be structured: a Rademacher vector, a v0) proves nothing.
+    j = alphas.shape[0]
+    live = blocks(betas, j)[-1]
+    if betas[-1] == 0:
+      if live.start == 0 or j < k:
+        return False
+      theta = tridiagonal_eigh(alphas[live], betas[live])[0]
+      kth = ritz_pairs(alphas, betas, select).values[-1]
+      return bool(np.all(_ORDER[which](theta) >= _ORDER[which](kth)))
+    if live.stop - live.start < k:
+      return False
+    ritz, errors = ritz_and_errors(alphas[live], betas[live])
+    scale = (
+      ritz.scale if live.start == 0 else max(ritz.scale, ritz_pairs(alphas, betas, select).scale)
+    )
+    return bool(np.all(met(ritz, errors, scale)))
 
   def converged(alphas, betas):
-    return alphas.shape[1] >= k and bool(np.all(met(*ritz_and_errors(alphas[0], betas[0]))))
+    return live_converged(alphas[0], betas[0])
 
-  dec = lanczos(op, _start_vector(op, v0, key), max(max_iter, k), stop=converged)
-  j = dec.num_steps
+  key = jax.random.key(0) if key is None else key
+  restart = jax.random.fold_in(key, 1)
+  dec = lanczos(op, _start_vector(op, v0, key), max(max_iter, k), converged, restart)
+  j, alphas, betas = dec.num_steps, dec.alphas[0], dec.betas[0]
   if j < k:
     raise ValueError(f"the Krylov space is invariant after {j} steps, fewer than k={k}")
   # The Ritz pairs, derived once from the final decomposition.
-  ritz, errors = ritz_and_errors(dec.alphas[0], dec.betas[0])
+  ritz, errors = ritz_and_errors(alphas, betas)
   vecs = jnp.asarray(ritz.coefficients.T, op.dtype) @ dec.basis[0, :j]
-  vecs = vecs / jnp.linalg.norm(vecs, axis=-1, keepdims=True)
-  invariant = dec.betas[0, -1] == 0  # the Ritz values are exact
-  errors = np.where(invariant, ritz.residuals, errors)
-  conv = met(ritz, errors) | invariant
+  vecs = vecs / norm(vecs)[:, None]
+  exhausted = j == op.size  # T is H in an orthonormal basis: every Ritz value is exact
+  errors = np.where(exhausted or betas[-1] == 0, ritz.residuals, errors)  # exact Ritz values
+  # Pairs of an open last block are judged one by one; those of closed blocks, exact, are the
+  # wanted ones only once the blocks as a whole pass the test that stops the run.
+  live = blocks(betas, j)[-1]
+  from_live = np.any(ritz.coefficients[live] != 0, axis=0) & (betas[-1] != 0)
+  trusted = exhausted or live_converged(alphas, betas)
+  conv = (met(ritz, errors, ritz.scale) & (from_live | trusted)) | exhausted
   return _finish(op, ritz.values, vecs, ritz.residuals, errors, j, conv)
 
 
 @jax.jit
-def _power_step(v, found):
-  # Deflation: project out the eigenvectors found so far (zero rows are inert).
+def _deflated(v, found):
+  """``v`` projected orthogonal to the eigenvectors found so far (zero rows are inert), unit norm.
+
+  A ``v`` inside their span (or zero) comes back as zero.
+  """
   v = v - (found @ v) @ found
-  return v / jnp.linalg.norm(v)
+  size = norm(v[None])[0]
+  return v / jnp.where(size > 0, size, 1.0)
+
+
+@jax.jit
+def _power_step(v, hv, found):
+  """The Rayleigh quotient ``θ = vᵀHv``, the residual ``‖PHv − θv‖`` of the deflated operator
+  (``P`` the projector orthogonal to ``found``), ``‖Hv‖`` and the next iterate ``PHv/‖PHv‖``."""
+  scale = norm(hv[None])[0]
+  hv = hv - (found @ hv) @ found
+  theta = jnp.vdot(v, hv)
+  residual = norm((hv - theta * v)[None])[0]
+  size = norm(hv[None])[0]
+  return theta, residual, scale, hv / jnp.where(size > 0, size, 1.0)
 
 
 def power_iteration(
@@ -224,46 +292,54 @@ def power_iteration(
   """The ``k`` largest-magnitude eigenpairs by power iteration with deflation.
 
   PyHessian's algorithm, without its epsilon: for each eigenvalue in turn,
-  iterate ``v ← H v / ‖H v‖`` with ``v`` projected orthogonal to the
-  eigenvectors already found, until the Rayleigh quotient changes by less than
-  ``tol`` relative. A baseline for :func:`top_eigenvalues`, which needs fewer
+  iterate ``v ← PHv / ‖PHv‖``, ``P`` the projector orthogonal to the
+  eigenvectors already found, until the residual ``‖PHv − θv‖`` of the
+  Rayleigh quotient ``θ = vᵀHv`` is at most ``tol·|θ|``, or is at the rounding
+  level of the operator's scale (``‖Hv‖`` and the first eigenvalue found): a
+  zero Hessian, or a deflated space the Hessian maps to zero, gives ``θ = 0``
+  with residual 0. (A change of ``θ`` is no test: for eigenvalues ``±λ``
+  the iterates alternate with ``θ ≈ 0`` unchanged, and ``converged`` is then
+  ``False``.) A baseline for :func:`top_eigenvalues`, which needs fewer
   products for the same accuracy.
 
   Args:
     op: The Hessian operator.
     k: Number of eigenpairs.
     key: PRNG key of the start vectors (default ``jax.random.key(0)``).
-    tol: Relative change of the eigenvalue estimate that stops an iteration.
+    tol: Residual, relative to ``|θ|``, that stops an iteration.
     max_iter: Maximum products per eigenvalue.
 
   Returns:
-    An :class:`Eigen`; ``residuals`` are measured with ``k`` extra products
-    that are not counted in ``num_matvecs``.
+    An :class:`Eigen`; each eigenvalue is the Rayleigh quotient of its
+    returned vector; ``residuals`` are measured (on ``H``, not deflated) with
+    ``k`` extra products that are not counted in ``num_matvecs``.
   """
   k = _check(k, "LM", op)
   max_iter = _checks.count("max_iter", max_iter)
   tol = _checks.positive("tol", tol)
+  floor = breakdown_tolerance(op.size, op.dtype)
   key = jax.random.key(0) if key is None else key
   found = jnp.zeros((k, op.size), op.dtype)
   values, converged, matvecs = [], [], 0
   for i, ki in enumerate(jax.random.split(key, k)):
-    v = _power_step(op.rademacher(ki, 1)[0], found)
-    lam, ok = None, False
-    for _ in range(max_iter):
-      hv = op.matvec(v)
+    v = _deflated(op.rademacher(ki, 1)[0], found)
+    for step in range(max_iter):
+      theta, residual, scale, nxt = _power_step(v, op.matvec(v), found)
       matvecs += 1
-      new = float(jnp.vdot(v, hv))
-      _checks.finite(new, f"the Rayleigh quotient at power step {matvecs}")
-      v = _power_step(hv, found)
-      if lam is not None and abs(new - lam) <= tol * abs(lam):
-        lam, ok = new, True
+      lam = float(theta)
+      _checks.finite(lam, f"the Rayleigh quotient at power step {matvecs}")
+      residual = float(residual)
+      reference = max(float(scale), abs(values[0]) if values else 0.0)
+      ok = residual <= tol * abs(lam) or residual <= floor * reference
+      if ok or step == max_iter - 1:
         break
-      lam = new
+      v = nxt
     found = found.at[i].set(v)
     values.append(lam)
     converged.append(ok)
   values = np.asarray(values)
   residuals = np.linalg.norm(
-    np.asarray(op.matmat(found)) - values[:, None] * np.asarray(found), axis=-1
+    np.asarray(op.matmat(found), np.float64) - values[:, None] * np.asarray(found, np.float64),
+    axis=-1,
   )
   return _finish(op, values, found, residuals, residuals, matvecs, converged)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._lanczos import breakdown_tolerance
+from adahessian_jax.hessian._lanczos import breakdown_tolerance, norm
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.preconditioned import preconditioned_operator
 from adahessian_jax.hessian.trace import TraceEstimate, xtrace
@@ -62,7 +62,8 @@ class Sharpness(NamedTuple):
       of ``H`` lies within ``r`` of ``θ`` (a bound, where ``error`` is an
       estimate).
     num_matvecs: Hessian-vector products spent.
-    converged: Whether the stopping rule was met within ``max_iter``.
+    converged: Whether the stopping rule was met within ``max_iter`` (or the
+      subspace grew to the whole space, where the Ritz values are exact).
     eigenvector: The flat unit Ritz vector ``y``.
     ritz_vectors: ``(b, n)`` the top ``b`` (``block_size``) unit Ritz vectors,
       ``eigenvector`` first: the next measurement's start block.
@@ -110,18 +111,32 @@ def _ritz(q, w, s):
   y, hy = s.T @ q, s.T @ w
   theta = jnp.sum(y * hy, axis=-1) / jnp.sum(y * y, axis=-1)
   r = hy - theta[:, None] * y
-  return y, r, jnp.linalg.norm(r, axis=-1)
+  return y, r, norm(r)
 
 
 def _orthonormal(q, v):
   """``v`` orthogonalised against the rows of ``q`` (twice: "twice is enough"), and its norm."""
   for _ in range(2):
     v = v - (q @ v) @ q
-  norm = jnp.linalg.norm(v)
-  return v / jnp.where(norm > 0, norm, 1.0), norm
+  size = norm(v)
+  return v / jnp.where(size > 0, size, 1.0), size
 
 
-def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
+def _next_vector(op, q, grow, key, tol_break):
+  """The unit vector that extends the subspace ``q``: ``grow`` orthogonalised against it, or,
+  when there is no ``grow`` or nothing of it is left, a normal random vector drawn from ``key``
+  and orthogonalised; ``None`` when neither keeps more than ``tol_break`` of its norm (``q``
+  spans the space to rounding). Also whether it is the random one."""
+  if grow is not None:
+    v, size = _orthonormal(q, grow)
+    if float(size) > tol_break * float(norm(grow)):
+      return v, False
+  z = jax.random.normal(key, (op.size,), op.dtype)
+  v, size = _orthonormal(q, z)
+  return (v if float(size) > tol_break * float(norm(z)) else None), True
+
+
+def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpness:
   """The top eigenpair by Rayleigh-Ritz on a subspace grown from ``start`` by residuals.
 
   The subspace starts as the span of ``start``'s ``b`` rows (``b`` products) and grows by one
@@ -134,11 +149,27 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
   (the gap theorem, with ``θ₂ + r₂`` standing in for the unknown next eigenvalue: an estimate,
   not a bound) and, once the subspace has grown past the start block, at least the change of
   ``θ₁`` over the last product, which guards against a ``θ₂`` still far below ``λ₂``.
+
+  A top Ritz vector with a residual at the rounding level of ``|θ₁|`` (and below ``tol/100``) is
+  an eigenvector, but not necessarily of the top eigenvalue: the start block may lie in an
+  invariant subspace (an eigenvector of a smaller eigenvalue, e.g. of a pair of symmetric
+  parameters, or dead units), and its residual, zero, cannot grow the subspace. Then the
+  subspace grows along the residual of the first Ritz vector that is not an eigenvector to
+  rounding (its Krylov space explores the rest of the spectrum) or, when all are, a fresh normal
+  random vector (key ``fold_in(key, j)`` after ``j`` products) orthogonalised against it. The run
+  stops when that Ritz vector's residual is at most ``tol·|θ₁|``, or when the subspace is
+  invariant (every Ritz vector an eigenvector) after a fresh random vector joined it: it then
+  holds that vector's Krylov space, which almost surely has a component along the top
+  eigenvector, so ``θ₁`` is the top eigenvalue.
   """
   q = _orthonormal_rows(start)
   w = op.matmat(q)
-  used, b, history = q.shape[0], q.shape[0], []
+  used, b, history, randomised = q.shape[0], q.shape[0], [], False
   tol_break = breakdown_tolerance(op.size, op.dtype)
+  # A residual this small is an eigenvector's to rounding. Well below tol: in float32 the
+  # breakdown tolerance (up to 1e-3) can exceed tol, and a run converging normally must not be
+  # taken for one stuck in an invariant subspace.
+  exact = min(tol_break, 0.01 * tol)
   while True:
     t = np.asarray(q @ w.T, np.float64)
     _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products")
@@ -159,11 +190,18 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
     # would otherwise make a poor pair look converged (seen on the digits CNN's P⁻¹H).
     scale = max(abs(float(theta[0])), float(np.finfo(np.float64).tiny))
     ok = (res[0] if stop_on == "residual" else err) <= tol * scale
-    if ok or used >= max_iter or theta.size >= op.size:
+    grow = res_vecs[0]
+    if res[0] <= exact * scale:
+      ok, grow = _beyond_eigenvector(q, w, s, tol * scale, exact * scale, op.dtype)
+      ok = ok or (grow is None and randomised)
+    full = theta.size >= op.size
+    if ok or full or used >= max_iter:
+      ok = ok or full
       break
-    v, norm = _orthonormal(q, res_vecs[0])
-    if not float(norm) > tol_break * max(float(res[0]), float(np.finfo(np.float64).tiny)):
-      ok, err = True, res[0]  # an invariant subspace: the Ritz value is exact to the residual
+    v, fresh = _next_vector(op, q, grow, jax.random.fold_in(key, used), tol_break)
+    randomised = randomised or fresh
+    if v is None:
+      ok = True  # the subspace spans the space to rounding: the Ritz values are exact
       break
     q, w = jnp.concatenate([q, v[None]]), jnp.concatenate([w, op.matvec(v)[None]])
     used += 1
@@ -179,11 +217,24 @@ def _top(op, start: jax.Array, *, tol, max_iter, stop_on, keep) -> Sharpness:
   )
 
 
+def _beyond_eigenvector(q, w, s, tol, exact, dtype):
+  """For a top Ritz vector that is an eigenvector: whether the first Ritz vector that is not
+  (residual ``> exact``, descending ``θ``) meets ``tol``, and its residual to grow along
+  (``None`` when every Ritz vector is an eigenvector to rounding)."""
+  _, res_vecs, res = _ritz(q, w, jnp.asarray(s, dtype))
+  res = np.asarray(res, np.float64)
+  live = np.flatnonzero(res > exact)
+  if live.size == 0:
+    return False, None
+  return bool(res[live[0]] <= tol), res_vecs[live[0]]
+
+
 def _orthonormal_rows(v: jax.Array) -> jax.Array:
-  q, r = jnp.linalg.qr(v.T)
+  # The QR in at least float32 (LAPACK has no 16-bit routines), the rows in v's dtype.
+  q, r = jnp.linalg.qr(v.T.astype(jnp.promote_types(v.dtype, jnp.float32)))
   d = np.abs(np.diag(np.asarray(r)))
   good = d > breakdown_tolerance(v.shape[1], v.dtype) * d.max()
-  return q.T[good]
+  return q.T[good].astype(v.dtype)
 
 
 def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
@@ -217,7 +268,7 @@ def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size) -> Shar
     # scalar would promote a float32 probe under jax_enable_x64 (a FutureWarning, later an error).
     start = start[:block_size].astype(op.dtype)
     start = start.at[0].add(float(mix / np.sqrt(op.size)) * z)
-  return _top(op, start, tol=tol, max_iter=max_iter, stop_on=stop_on, keep=block_size)
+  return _top(op, start, key, tol=tol, max_iter=max_iter, stop_on=stop_on, keep=block_size)
 
 
 def track_curvature(
@@ -230,7 +281,7 @@ def track_curvature(
   max_iter: int = 200,
   stop_on: str = "eigenvalue",
   warm_mix: float = 0.01,
-  block_size: int = 2,
+  block_size: int | None = None,
   trace_matvecs: int = 0,
 ) -> CurvatureRecord:
   """Sharpness and preconditioned sharpness at ``op``'s point, warm-started from ``previous``.
@@ -269,6 +320,7 @@ def track_curvature(
       next start block (``b`` products up front). With ``b >= 2`` the block's
       second Ritz value gives the gap estimate from the first products; ``1``
       is a plain Lanczos warm start, guarded by the change of ``θ`` per step.
+      Default (``None``): 2, or ``op.size`` for a 1-parameter operator.
     trace_matvecs: If positive, also estimate the traces by XTrace with this
       many products each.
 
@@ -276,12 +328,16 @@ def track_curvature(
     A :class:`CurvatureRecord`.
 
   Raises:
+    ValueError: for an argument out of range, a ``previous`` record of another
+      model, or a preconditioner that is not positive and finite or not
+      shaped like the params (all refused before any product is spent).
     NonFiniteError: if a product is not finite (a diverged run): record
       ``nan`` and stop measuring, or measure before the divergence.
   """
   key = jax.random.key(0) if key is None else key
   k_plain, k_pre, k_tr, k_pre_tr = jax.random.split(key, 4)
   trace_matvecs = _checks.count("trace_matvecs", trace_matvecs, 0)
+  block_size = min(2, op.size) if block_size is None else block_size
   block_size = _checks.count("block_size", block_size, 1, op.size)
   max_iter = _checks.count("max_iter", max_iter, 1)
   tol = _checks.positive("tol", tol)
@@ -294,15 +350,17 @@ def track_curvature(
       f"previous must be the CurvatureRecord an earlier track_curvature call returned (or None), "
       f"got {type(previous).__name__}"
     )
-  # Both start blocks are checked before either measurement spends a product.
+  # Both start blocks and the preconditioner (building the operator checks it) are checked before
+  # either measurement spends a product.
   _check_start(previous and previous.sharpness, "sharpness", op.size)
+  pop = None
   if preconditioner is not None:
     _check_start(previous and previous.preconditioned, "preconditioned", op.size)
+    pop = preconditioned_operator(op, preconditioner)
   plain = _measure(op, previous and previous.sharpness, k_plain, *args)
   trace = None if trace_matvecs == 0 else xtrace(op, k_tr, trace_matvecs)
   pre = pre_trace = None
-  if preconditioner is not None:
-    pop = preconditioned_operator(op, preconditioner)
+  if pop is not None:
     pre = _measure(pop, previous and previous.preconditioned, k_pre, *args)
     pre_trace = None if trace_matvecs == 0 else xtrace(pop, k_pre_tr, trace_matvecs)
   spent = [plain, pre, trace, pre_trace]
