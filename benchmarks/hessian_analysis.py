@@ -169,6 +169,7 @@ def main():
   else:
     cfg = dict(hidden=24, examples=1000, steps=300, ks=[1, 5, 10], targets=[1e-3, 1e-8])
     cfg.update(repeats=5, budgets=[12, 24, 48, 96, 192], seeds=40, tol_step=0.5)
+  load_start = os.getloadavg()  # time only on an idle machine: below 1
   loss_fn, params, batch = make_problem(cfg["hidden"], cfg["examples"], cfg["steps"])
   op = hessian.hessian_operator(loss_fn, params, batch)
   h = dense(op)
@@ -207,6 +208,8 @@ def main():
     device=str(jax.devices()[0]),
     machine=platform.machine(),
     cpu_count=os.cpu_count(),
+    loadavg_start=load_start,
+    loadavg_end=os.getloadavg(),
     seconds=time.perf_counter() - t0,
   )
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
