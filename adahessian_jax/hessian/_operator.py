@@ -91,7 +91,7 @@ class ParamLayout:
     """A flat ``(n,)`` array as given, or a pytree like the params raveled; else ``ValueError``.
 
     A pytree must have the params' structure and every leaf the shape of the
-    params' leaf at its path (:func:`~adahessian_jax.hessian._checks.like_params`);
+    params' leaf at its path (``_checks.like_params``);
     the message names ``what`` and the first leaf that differs.
     """
     if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
@@ -102,7 +102,7 @@ class ParamLayout:
       raise ValueError(
         f"{what} must have {size} entries (the params' size), got shape {np.shape(tree)}"
       )
-    return tree
+    return jnp.asarray(tree)
 
   def where(self, index: int) -> str:
     """The leaf path and position in the leaf of flat entry ``index``: ``['out']['bias'][1]``."""

@@ -134,7 +134,7 @@ def hutchinson_diagonal_estimate(
     error (the entry's variance is ``Σ_{j≠i} H_ij²`` per probe). The samples
     are in the operator's dtype; their sums and squared deviations (from the
     first sample, merged block by block, so equal samples give exactly zero)
-    are in :func:`~adahessian_jax.hessian._sketch.wide_dtype`: float32 for
+    are in ``_sketch.wide_dtype``: float32 for
     float16 and bfloat16 operators, whose results are float32.
 
   Raises:
@@ -158,6 +158,7 @@ def hutchinson_diagonal_estimate(
         mean_dev, m2, float(count), block_mean, block_m2, float(x.shape[0])
       )
     count += x.shape[0]
+  assert total is not None and m2 is not None  # num_samples >= 2: at least one block
   var = m2 / (num_samples - 1)
   return _result(op, total / num_samples, jnp.sqrt(var / num_samples), num_samples)
 
