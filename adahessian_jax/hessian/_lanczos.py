@@ -48,6 +48,7 @@ def breakdown_tolerance(n: int, dtype) -> float:
   return float(min(1e-3, 10.0 * np.sqrt(n) * jnp.finfo(dtype).eps))
 
 
+@functools.partial(jax.jit, static_argnames="axis")  # one compilation per shape, not one per op
 def norm(x: jax.Array, axis: int = -1) -> jax.Array:
   """``‖x‖₂`` along ``axis``, without underflow or overflow of the squares.
 

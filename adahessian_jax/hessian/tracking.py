@@ -102,11 +102,12 @@ class CurvatureRecord(NamedTuple):
   num_matvecs: int
 
 
+@jax.jit
 def _ritz(q, w, s):
   """Ritz vectors ``y = sᵀQ``, their products ``Hy = sᵀW`` (no new products) and residual norms.
 
-  Not jitted: the subspace grows by a row per product, and a compilation per size costs more than
-  the few array operations it would fuse.
+  Compiled once per subspace size: run op by op, each of its operations (and the scaled norm's)
+  would be compiled per size instead.
   """
   y, hy = s.T @ q, s.T @ w
   theta = jnp.sum(y * hy, axis=-1) / jnp.sum(y * y, axis=-1)
