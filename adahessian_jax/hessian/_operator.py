@@ -112,6 +112,13 @@ class ParamLayout:
     within = np.unravel_index(index - self.slices[i].start, np.shape(leaves[i][1]))
     return path + (f"[{', '.join(str(int(j)) for j in within)}]" if within else "")
 
+  def first_not_finite(self, flat: Any) -> str | None:
+    """``"nan at ['out']['bias'][1]"`` for the first non-finite entry of the flat ``(n,)``
+    array ``flat``; ``None`` if every entry is finite."""
+    host = np.asarray(flat)
+    bad = np.flatnonzero(~np.isfinite(host))
+    return f"{host[bad[0]]} at {self.where(int(bad[0]))}" if bad.size else None
+
   def index(self, leaf: int | str) -> int:
     """The position of a leaf given by index or by name."""
     if isinstance(leaf, str):

@@ -102,11 +102,10 @@ def _start_vector(op: HessianOperator, v0: Any, key: jax.Array | None) -> jax.Ar
   if v0 is None:
     return op.rademacher(jax.random.key(0) if key is None else key, 1)
   flat = jnp.asarray(op.layout.flatten(v0, "v0"), op.dtype)
-  host = np.asarray(flat)
-  if not np.all(np.isfinite(host)):
-    bad = int(np.flatnonzero(~np.isfinite(host))[0])
-    raise ValueError(f"v0 must be finite, got {host[bad]} at {op.layout.where(bad)}")
-  if not np.any(host):
+  bad = op.layout.first_not_finite(flat)
+  if bad is not None:
+    raise ValueError(f"v0 must be finite, got {bad}")
+  if not np.any(np.asarray(flat)):
     raise ValueError("v0 must be a nonzero vector")
   return flat[None]
 

@@ -178,11 +178,10 @@ def _check_normalize(normalize: Any) -> None:
 
 def _check_direction(op: HessianOperator, flat: jax.Array, what: str) -> None:
   """Raises ``ValueError`` for a direction with a non-finite entry (named) or no nonzero one."""
-  host = np.asarray(flat)
-  bad = np.flatnonzero(~np.isfinite(host))
-  if bad.size:
-    raise ValueError(f"{what} is not finite: {host[bad[0]]} at {op.layout.where(int(bad[0]))}.")
-  if not np.any(host):
+  bad = op.layout.first_not_finite(flat)
+  if bad is not None:
+    raise ValueError(f"{what} is not finite: {bad}.")
+  if not np.any(np.asarray(flat)):
     raise ValueError(f"{what} is zero: the loss along it is constant; give a nonzero direction.")
 
 
