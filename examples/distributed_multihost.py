@@ -13,16 +13,17 @@ devices); each loads only its own part of the batch
 ``axis_name`` is needed. Every process ends with the same parameters.
 """
 
-import os
 import socket
 import subprocess
 import sys
+
+import _devices
 
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
 
 
 def worker(process_id, port, steps=60):
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
+  _devices.force_host_devices(LOCAL_DEVICES, override=True)  # the layout needs exactly these
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -8,9 +8,9 @@ policy the result equals single-device training on the global batch.
 Run: ``python examples/distributed_pmap.py`` (forces 4 CPU devices).
 """
 
-import os
+import _devices
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+_devices.force_host_devices(4)  # unless XLA_FLAGS sets a device count
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

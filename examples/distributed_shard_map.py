@@ -10,9 +10,9 @@ parameters (the optimizer does the same for its Hessian-vector products).
 Run: ``python examples/distributed_shard_map.py`` (forces 4 CPU devices).
 """
 
-import os
+import _devices
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+_devices.force_host_devices(4)  # unless XLA_FLAGS sets a device count
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -68,7 +68,8 @@ def main(independent_probes=False, steps=100):
     params, state, loss = jax.block_until_ready(step(params, state, x, y))
     if i % 25 == 0 or i == steps - 1:
       print(f"step {i:3d}  loss {float(loss):.5f}")
-  print(f"max |difference| between replicas: {distributed.max_replica_difference(params)}")
+  n, drift = jax.device_count(), distributed.max_replica_difference(params)
+  print(f"max |difference| between the {n} replicas: {drift}")
   return params
 
 

@@ -50,9 +50,9 @@ from __future__ import annotations
 import os
 
 if __name__ == "__main__":  # must happen before JAX starts
-  _flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  import _devices
+
+  _devices.force_host_devices(8)
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
