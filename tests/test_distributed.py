@@ -21,10 +21,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import with_fast_compile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Optimisation level 0 halves XLA:CPU compile time; every run, reference included, uses it.
-XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
 TIMEOUT_S = 420
 
 F32_TOL, F64_TOL = 1e-6, 1e-12
@@ -33,7 +32,7 @@ TOL = {"float32_k1": F32_TOL, "float64_k1": F64_TOL, "float32_k2": F32_TOL}
 
 def _env(n_devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = XLA_FLAGS.format(n_devices)
+  env["XLA_FLAGS"] = with_fast_compile(f"--xla_force_host_platform_device_count={n_devices}")
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
   return env

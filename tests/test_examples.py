@@ -24,7 +24,6 @@ EXAMPLES = ("cv_digits", "nlp_charlm", "recsys_dlrm")
 def quick_runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("examples")
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   env.pop("JAX_ENABLE_X64", None)
   procs = {
     name: subprocess.Popen(

@@ -17,8 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_curvature_tracking_quick(tmp_path):
   env = dict(os.environ)
-  # Compile time dominates a smoke run; XLA's backend optimisation is not needed for it.
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   env.pop("JAX_ENABLE_X64", None)
   script = os.path.join(ROOT, "examples", "curvature_tracking.py")
   proc = subprocess.run(

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import with_fast_compile
 from hessian_problems import dense_hessian, mlp, mlp_hessian, mlp_loss
 
 from adahessian_jax import hessian, hutchinson
@@ -116,7 +117,8 @@ _SHARDED = textwrap.dedent(
 
 
 def test_batch_sharded_over_devices_gives_the_same_products():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  flags = with_fast_compile("--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   out = subprocess.run(
     [sys.executable, "-c", _SHARDED],
     cwd=os.path.dirname(__file__),

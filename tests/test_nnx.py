@@ -59,7 +59,9 @@ def test_value_fn_route_and_fused_route_agree_and_train():
     lb = fused_step(model_b, opt_b, x, y)
     np.testing.assert_allclose(la, lb, rtol=1e-11)
     losses.append(float(lb))
-  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-10, atol=1e-13)
+  # l1's bias feeds BatchNorm, which subtracts it again: its gradient is rounding noise and the
+  # bias stays ~1e-14, where only an absolute tolerance means anything (seen: 2.3e-13 apart).
+  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-10, atol=1e-12)
   assert losses[-1] < 0.5 * losses[0]
   # BatchNorm statistics moved (once per step, through the gradient/primal pass only).
   fresh = Net(nnx.Rngs(0))

@@ -44,9 +44,7 @@ def quick_runs(tmp_path_factory):
   the headline comparison).
   """
   out = tmp_path_factory.mktemp("paper")
-  # The smoke runs are tiny: compile them fast rather than well (most of their time is XLA's).
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags.strip())
+  env = dict(os.environ, PYTHONUNBUFFERED="1")  # with conftest's fast-compile XLA_FLAGS
   lanes = (("lr_robustness", "block_size"), ("hessian_frequency", "headline"))
 
   def start(name):

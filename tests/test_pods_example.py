@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import with_fast_compile
 
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
@@ -28,8 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("pods")
   env = dict(os.environ)
-  # Optimisation level 0 halves XLA:CPU compile time; the test checks behaviour, not speed.
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  env["XLA_FLAGS"] = with_fast_compile("--xla_force_host_platform_device_count=8")
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
   cmd = [

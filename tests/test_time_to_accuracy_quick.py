@@ -37,9 +37,7 @@ def quick(tmp_path_factory):
   one-task command keeps the other tasks' entries of the results file.
   """
   root = tmp_path_factory.mktemp("tta")
-  # The smoke runs are tiny: compile them fast rather than well (most of their time is XLA's).
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags.strip())
+  env = dict(os.environ, PYTHONUNBUFFERED="1")  # with conftest's fast-compile XLA_FLAGS
   script = os.path.join(ROOT, "benchmarks", "time_to_accuracy.py")
   lanes = {"lane1": ["lm"], "lane2": ["cnn", "dlrm"]}
 
