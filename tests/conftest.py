@@ -12,7 +12,7 @@ import sys
 # The tests spend most of their time compiling small programs, so XLA:CPU compiles them fast
 # rather than well: LLVM at optimisation level 0, and fusions through XLA's loop emitters instead
 # of its MLIR fusion emitters (2.7x less compile time for a CNN's and an MLP's AdaHessian steps;
-# the whole suite ~30 % less CPU time). Both choose how the same HLO becomes machine code, so
+# the whole suite about half the CPU time). Both choose how the same HLO becomes machine code, so
 # results agree to rounding; a comparison of two runs within the tests uses the same flags.
 _WANTED_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 # The flags this jaxlib accepts, found once per session and passed on to the workers.
