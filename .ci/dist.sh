@@ -25,12 +25,29 @@ export PATH="$work/tools/bin:$PATH"
 
 echo "== build"
 # From a copy of the checkout without its build outputs: .ci/run runs this lane while the tests'
-# `pip install -e .` writes the checkout's adahessian_jax.egg-info, which an sdist build writes
-# too; a copy also keeps a stale egg-info from adding files to the sdist.
-mkdir "$work/src"
-tar -C "$root" -cf - --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build \
-  --exclude=./dist --exclude="*.egg-info" --exclude=__pycache__ --exclude=.pytest_cache \
-  --exclude=.ruff_cache --exclude=./examples/figures/quick . | tar -C "$work/src" -xf -
+# `python3 -m venv .venv` and `pip install -e .` write into the checkout (.venv, and the
+# adahessian_jax.egg-info that an sdist build writes too); a copy also keeps a stale egg-info from
+# adding files to the sdist. Python's copytree, not tar: GNU tar exits 1 ("file changed as we
+# read it") when the checkout's top folder gains an entry mid-copy, though the entries that change
+# are all excluded.
+python3 - "$root" "$work/src" <<'PY'
+import os
+import shutil
+import sys
+
+root, dst = sys.argv[1:]
+excluded = {".git", ".venv", "venv", "build", "dist", os.path.join("examples", "figures", "quick")}
+ignore_anywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
+
+
+def ignore(folder, names):
+  here = os.path.relpath(folder, root)
+  skipped = {n for n in names if os.path.normpath(os.path.join(here, n)) in excluded}
+  return skipped | set(ignore_anywhere(folder, names))
+
+
+shutil.copytree(root, dst, ignore=ignore, symlinks=True)
+PY
 # With PYTHONDONTWRITEBYTECODE set (as on this machine) setuptools warns that it skips
 # byte-compiling, which is about the environment, not the package: build without it.
 if ! env -u PYTHONDONTWRITEBYTECODE python -m build --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1; then
