@@ -1,8 +1,15 @@
-"""Checks of hyperparameters, run at construction time.
+"""Checks of arguments, shared by the optimizer and :mod:`adahessian_jax.hessian`.
 
-Values that are traced (e.g. hyperparameters injected by
-``optax.inject_hyperparams`` inside ``jit``) cannot be checked and are let
-through; they were checked when the optimizer was first built.
+One wording for each kind of argument, naming it and the bad value:
+
+* a real number: ``"<name> must be a finite real number in [lo, hi), got <value>."``;
+* a count: ``"<name> must be an integer in [lo, hi], got <value>."``;
+* a pytree of parameters: ``"<what> must be real floating-point arrays, but the leaf at <path>
+  ..."``.
+
+A hyperparameter that is traced (injected by ``optax.inject_hyperparams`` inside ``jit``)
+cannot be checked: :func:`hyperparameter` lets it through, as it was checked when the
+optimizer was first built; the other checks, counts above all (they set shapes), refuse one.
 """
 
 from __future__ import annotations
@@ -12,64 +19,162 @@ from typing import Any
 
 import jax
 import jax.core
+import jax.numpy as jnp
 import numpy as np
 
 
-def concrete_float(value: Any) -> float | None:
-  """Returns ``value`` as a Python float, or ``None`` if it is traced."""
-  if isinstance(value, jax.core.Tracer):
+def _real_scalar(value: Any) -> float | None:
+  """``float(value)`` for a real scalar (a 0-d real array too), ``None`` for anything else.
+
+  Bools, strings, complex numbers and arrays with more than one entry are not real scalars.
+  """
+  if isinstance(value, bool | np.bool_ | str | bytes):
     return None
-  if isinstance(value, bool):
-    raise TypeError(f"expected a number, got the bool {value!r}")
-  if isinstance(value, str | bytes):
-    raise TypeError(f"expected a number, got the string {value!r}")
-  arr = np.asarray(value)
-  if arr.shape != ():
-    raise TypeError(f"expected a scalar, got an array of shape {arr.shape}")
+  try:
+    arr = np.asarray(value)
+  except (TypeError, ValueError):
+    return None
+  real = jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+  if arr.shape != () or not real or arr.dtype == np.bool_:
+    return None
   return float(arr)
 
 
-def in_interval(
-  name: str, value: Any, lo: float, hi: float, hi_open: bool = False, lo_open: bool = False
-) -> None:
-  """Raises ``ValueError`` unless ``lo <= value <= hi`` (strict at an open end)."""
-  try:
-    v = concrete_float(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name} must be a real scalar, got {value!r} ({e}).") from None
-  if v is None:
-    return
-  ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-  if not ok or np.isnan(v):
-    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-    raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}.")
+def _traced(name: str, value: Any, must: str) -> ValueError:
+  return ValueError(
+    f"{name} must be {must}, got a traced value ({value!r}): pass a concrete value, computed "
+    "outside jax.jit."
+  )
 
 
-def positive_int(name: str, value: Any, hi: int | None = None) -> int:
-  """``value`` as an ``int`` if it is an integer in ``[1, hi]``, else ``ValueError``."""
+def interval(
+  name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+  """Returns ``value`` as a ``float`` if it is a real number in the interval, else raises.
+
+  The interval is ``[lo, hi]``, open at an end whose flag is set. ``hi`` may be ``inf``:
+  ``inf`` itself is then allowed only if that end is closed. NaN never is.
+
+  Args:
+    name: The argument's name, as the caller spells it.
+    value: The value given: a Python number, a NumPy scalar or a 0-d array.
+    lo: Lower end.
+    hi: Upper end.
+    lo_open: Whether ``lo`` itself is excluded.
+    hi_open: Whether ``hi`` itself is excluded.
+
+  Returns:
+    ``float(value)``.
+
+  Raises:
+    ValueError: naming ``name`` and the value, for a value outside the interval, NaN, a bool,
+      a string, a complex number, an array with more than one entry or a traced value.
+  """
   if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-      f"{name} sets array shapes and control flow, so it must be a concrete Python int, "
-      f"got a traced value. With optax.inject_hyperparams pass "
-      f"static_args=adahessian_jax.STATIC_ARGS."
-    )
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral | np.ndarray | jax.Array):
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-  arr = np.asarray(value)
-  if arr.shape != () or not np.issubdtype(arr.dtype, np.integer) or int(arr) < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-  if hi is not None and int(arr) > hi:
-    raise ValueError(f"{name} must be an integer in [1, {hi}], got {value!r}.")
-  return int(arr)
+    raise _traced(name, value, "a concrete real number")
+  v = _real_scalar(value)
+  ok = (
+    v is not None
+    and (lo < v if lo_open else lo <= v)
+    and (v < hi if hi_open else v <= hi)
+    and not np.isnan(v)
+  )
+  if v is None or not ok:
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    if hi == np.inf:
+      where = f"{'>' if lo_open else '>='} {lo}" + ("" if hi_open else " (inf allowed)")
+    else:
+      where = f"in {left}{lo}, {hi}{right}"
+    kind = "a finite real number" if hi_open or hi != np.inf else "a real number"
+    shape = np.shape(value) if hasattr(value, "shape") else ()
+    what = f" (an array of shape {shape})" if shape != () else ""
+    raise ValueError(f"{name} must be {kind} {where}, got {value!r}{what}.")
+  return v
+
+
+def hyperparameter(
+  name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
+  """:func:`interval`'s check of an optimizer hyperparameter, which lets a traced value through.
+
+  ``optax.inject_hyperparams`` traces the values it injects inside ``jit``; they cannot be
+  checked there, and were checked when the optimizer was first built.
+  """
+  if not isinstance(value, jax.core.Tracer):
+    interval(name, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def positive(name: str, value: Any, allow_zero: bool = False) -> float:
+  """Returns ``value`` as a ``float`` if it is finite and ``> 0`` (``>= 0`` if ``allow_zero``).
+
+  Raises:
+    ValueError: as :func:`interval` does.
+  """
+  return interval(name, value, 0.0, np.inf, lo_open=not allow_zero, hi_open=True)
+
+
+def count(name: str, value: Any, lo: int = 1, hi: int | None = None, *, fix: str = "") -> int:
+  """Returns ``value`` as an ``int`` if it is an integer in ``[lo, hi]``, else raises.
+
+  Args:
+    name: The argument's name, as the caller spells it.
+    value: The value given: a Python or NumPy integer, or a 0-d integer array.
+    lo: Smallest allowed value.
+    hi: Largest allowed value (``None``: no upper bound).
+    fix: A sentence appended to the error for a traced value, saying how to pass a
+      concrete one.
+
+  Returns:
+    ``int(value)``.
+
+  Raises:
+    ValueError: for a traced value (a count sets shapes and control flow), a bool, a
+      non-integer (``2.5``, ``"3"``, an integer array that is not a scalar) or a value
+      outside the range.
+  """
+  if isinstance(value, jax.core.Tracer):
+    err = _traced(name, value, "a concrete Python int (it sets array shapes and control flow)")
+    raise ValueError(f"{err} {fix}".rstrip()) from None
+  ok = not isinstance(value, bool | np.bool_) and isinstance(
+    value, numbers.Integral | np.integer | np.ndarray | jax.Array
+  )
+  if ok:
+    arr = np.asarray(value)
+    ok = arr.shape == () and jnp.issubdtype(arr.dtype, jnp.integer) and arr.dtype != np.bool_
+  if ok:
+    ok = int(value) >= lo and (hi is None or int(value) <= hi)
+  if not ok:
+    where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    raise ValueError(f"{name} must be an integer {where}, got {value!r}.")
+  return int(value)
 
 
 def integer(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an integer (traced values pass)."""
+  """Raises ``ValueError`` unless ``value`` is an integer of any sign (traced values pass)."""
   if isinstance(value, jax.core.Tracer):
     return
   arr = np.asarray(value)
   if isinstance(value, bool) or arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"{name} must be an integer, got {value!r}.")
+
+
+def float_leaves(tree: Any, what: str, fix: str) -> None:
+  """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array.
+
+  Args:
+    tree: The pytree to check (parameters).
+    what: What the leaves are, as the caller names them (``"the params"``).
+    fix: A sentence appended to the error, saying what to do instead.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    where = jax.tree_util.keystr(path)
+    must = f"{what} must be real floating-point arrays, but the leaf at {where}"
+    try:
+      dtype = jnp.result_type(leaf)
+    except TypeError:
+      raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{must} has dtype {dtype}. {fix}")
 
 
 def is_static_zero(value: Any) -> bool:

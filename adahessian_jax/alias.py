@@ -108,9 +108,9 @@ def adahessian(
     Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
     Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
   """
-  _validation.in_interval("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
+  _validation.hyperparameter("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
   if not callable(learning_rate):  # a schedule's values are not known here
-    _validation.in_interval("learning_rate", learning_rate, 0.0, float("inf"), hi_open=True)
+    _validation.hyperparameter("learning_rate", learning_rate, 0.0, float("inf"), hi_open=True)
   return optax.chain(
     scale_by_adahessian(
       b1,

@@ -202,5 +202,5 @@ def hutchinson_diagonal(
   Returns:
     The signed estimate, a pytree like ``params``.
   """
-  n_samples = _validation.positive_int("n_samples", n_samples)
+  n_samples = _validation.count("n_samples", n_samples)
   return value_grad_and_diagonal(fn, params, jax.random.split(key, n_samples))[2]

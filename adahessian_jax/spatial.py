@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 
 from adahessian_jax import layout
-from adahessian_jax._validation import positive_int
+from adahessian_jax._validation import count
 from adahessian_jax.layout import AxisNames
 
 __all__ = [
@@ -501,7 +501,7 @@ def blocks(block_size: int, axis: int = 0) -> Rule:
   Returns:
     A :class:`Rule`.
   """
-  return BlockMean(positive_int("block_size", block_size), int(axis))
+  return BlockMean(count("block_size", block_size), int(axis))
 
 
 def mean_over(axes: int | Sequence[int]) -> Rule:
@@ -538,7 +538,7 @@ def per_layer(inner: Rule, n_axes: int = 1, *, axes: int | Sequence[int] | None 
   if not isinstance(inner, Rule):
     raise TypeError(f"per_layer needs an adahessian_jax.spatial rule, got {inner!r}.")
   if axes is None:
-    axes = tuple(range(positive_int("n_axes", n_axes)))
+    axes = tuple(range(count("n_axes", n_axes)))
   elif isinstance(axes, int):
     axes = (axes,)
   return PerLayer(inner, tuple(int(a) for a in axes))
@@ -562,7 +562,7 @@ def flax_default(
   Returns:
     A :class:`Rule`.
   """
-  block_size = positive_int("block_size", block_size)
+  block_size = count("block_size", block_size)
   changes = dict(axis_roles or {})
   for name, role in changes.items():
     if role is not None and role not in ROLES:

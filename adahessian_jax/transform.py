@@ -46,24 +46,8 @@ def _float_dtype(name: str, dtype: Any) -> Any:
   return canonical
 
 
-def _check_real_float_params(params: Any) -> None:
-  def check(path, x):
-    try:
-      dtype = jnp.result_type(x)
-    except TypeError:
-      raise TypeError(
-        f"scale_by_adahessian needs arrays as parameters, but the leaf at "
-        f"{jax.tree_util.keystr(path)} is {type(x).__name__} {x!r}. Keep it out of the params "
-        f"(or exclude it with optax.masked or optax.multi_transform)."
-      ) from None
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f"scale_by_adahessian needs real floating-point parameters, but the leaf at "
-        f"{jax.tree_util.keystr(path)} has dtype {dtype}. Exclude non-float leaves with "
-        f"optax.masked or optax.multi_transform."
-      )
-
-  jax.tree_util.tree_map_with_path(check, params)
+# How to pass a count that optax.inject_hyperparams would otherwise trace.
+_STATIC_FIX = "With optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
 
 
 def _check_state(
@@ -478,18 +462,20 @@ def scale_by_adahessian(
     Second Order Optimizer for Machine Learning
     <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
   """
-  _validation.in_interval("b1", b1, 0.0, 1.0, hi_open=True)
-  _validation.in_interval("b2", b2, 0.0, 1.0, hi_open=True)
-  _validation.in_interval("eps", eps, 0.0, float("inf"), lo_open=True, hi_open=True)
-  _validation.in_interval("hessian_power", hessian_power, 0.0, 1.0)
-  _validation.in_interval("curvature_floor", curvature_floor, 0.0, float("inf"), hi_open=True)
+  _validation.hyperparameter("b1", b1, 0.0, 1.0, hi_open=True)
+  _validation.hyperparameter("b2", b2, 0.0, 1.0, hi_open=True)
+  _validation.hyperparameter("eps", eps, 0.0, float("inf"), lo_open=True, hi_open=True)
+  _validation.hyperparameter("hessian_power", hessian_power, 0.0, 1.0)
+  _validation.hyperparameter("curvature_floor", curvature_floor, 0.0, float("inf"), hi_open=True)
   if update_clip is not None:
-    _validation.in_interval("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
-  block_size = _validation.positive_int("block_size", 1 if block_size is None else block_size)
-  update_freq = _validation.positive_int(  # the state counts steps in int32
-    "update_freq", 1 if update_freq is None else update_freq, hi=2**31 - 1
+    _validation.hyperparameter("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
+  block_size = _validation.count(
+    "block_size", 1 if block_size is None else block_size, fix=_STATIC_FIX
   )
-  n_samples = _validation.positive_int("n_samples", 1 if n_samples is None else n_samples)
+  update_freq = _validation.count(  # the state counts steps in int32
+    "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=_STATIC_FIX
+  )
+  n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=_STATIC_FIX)
   seed = 0 if seed is None else seed
   _validation.integer("seed", seed)
   if independent_probes and axis_name is None:
@@ -502,7 +488,12 @@ def scale_by_adahessian(
   stores_d = lazy and lazy_moment == "repeat"
 
   def init_fn(params):
-    _check_real_float_params(params)
+    _validation.float_leaves(
+      params,
+      "scale_by_adahessian's params",
+      "Keep other leaves out of the params, or exclude them with optax.masked or "
+      "optax.multi_transform.",
+    )
     spatial.resolve_rules(averaging, params, block_size)  # fail early on a bad rule
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),

@@ -166,7 +166,9 @@ def test_batch_sizes_are_not_inferred_from_a_leaf_that_is_not_per_example():
 def test_non_float_leaves_are_refused_naming_the_leaf(leaf, dtype):
   params, batch = mlp()
   params = {**params, "extra": {"step": leaf}}
-  with pytest.raises(TypeError, match=rf"leaf at \['extra'\]\['step'\] is {dtype}.*close over"):
+  with pytest.raises(
+    TypeError, match=rf"leaf at \['extra'\]\['step'\] has dtype {dtype}.*close over"
+  ):
     hessian.hessian_operator(mlp_loss, params, batch)
 
 

@@ -1,81 +1,17 @@
-"""Argument checks and the non-finite guard of every analysis in :mod:`adahessian_jax.hessian`.
+"""The pytree check and the non-finite guard of every analysis in :mod:`adahessian_jax.hessian`.
 
-One wording for every size and count (``"<name> must be an integer in [lo, hi], got <value>"``)
-and one for a product or loss that is not finite, so that a bad argument or a diverged model
-fails the same way whichever function it reaches.
+One wording for a direction or preconditioner that does not match the params and one for a
+product or loss that is not finite, so that a bad argument or a diverged model fails the same
+way whichever function it reaches. Scalar arguments are checked by ``adahessian_jax._validation``,
+which the optimizer shares.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import numpy as np
-
-
-def count(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
-  """Returns ``value`` as an ``int`` if it is an integer in ``[lo, hi]``, else raises.
-
-  Args:
-    name: The argument's name, as the caller spells it.
-    value: The value given.
-    lo: Smallest allowed value.
-    hi: Largest allowed value (``None``: no upper bound).
-
-  Returns:
-    ``int(value)``.
-
-  Raises:
-    ValueError: for a bool, a non-integer (``2.5``, ``"3"``, an array that is
-      not a scalar integer) or a value outside the range.
-  """
-  ok = isinstance(value, numbers.Integral | np.integer) and not isinstance(value, bool | np.bool_)
-  if ok:
-    ok = int(value) >= lo and (hi is None or int(value) <= hi)
-  if not ok:
-    upper = "∞)" if hi is None else f"{hi}]"
-    raise ValueError(f"{name} must be an integer in [{lo}, {upper}, got {value!r}.")
-  return int(value)
-
-
-def _real(value: Any) -> float:
-  """``float(value)`` for a real number (a 0-d numeric array too); NaN for anything else."""
-  if isinstance(value, str | bytes | bool | np.bool_):
-    return float("nan")
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return float("nan")
-
-
-def positive(name: str, value: Any, allow_zero: bool = False) -> float:
-  """Returns ``value`` as a ``float`` if it is finite and ``> 0`` (``>= 0`` if ``allow_zero``).
-
-  A bool or a string (``"3"``) is refused like a non-number.
-  """
-  v = _real(value)
-  if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} must be a finite real number {bound}, got {value!r}.")
-  return v
-
-
-def interval(
-  name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
-) -> float:
-  """Returns ``value`` as a ``float`` if it is a real number in the interval, else raises.
-
-  The interval is ``[lo, hi]``, open at an end whose flag is set; ``hi`` may be ``inf``
-  (the value must still be finite).
-  """
-  v = _real(value)
-  ok = np.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-  if not ok:
-    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-    where = f"{'>' if lo_open else '>='} {lo}" if hi == np.inf else f"in {left}{lo}, {hi}{right}"
-    raise ValueError(f"{name} must be a finite real number {where}, got {value!r}.")
-  return v
 
 
 def _paths(tree: Any) -> dict[str, Any]:

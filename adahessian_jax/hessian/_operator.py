@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hutchinson import check_scalar_loss, hvp, rademacher_like
 
@@ -125,7 +126,7 @@ class ParamLayout:
       if leaf not in self.names:
         raise ValueError(f"no leaf named {leaf!r}; the leaves are {list(self.names)}")
       return self.names.index(leaf)
-    return _checks.count("leaf", leaf, 0, len(self.names) - 1)
+    return _validation.count("leaf", leaf, 0, len(self.names) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,21 +483,9 @@ def _weights(data: list[Any], batch_sizes: Any) -> np.ndarray:
     given = list(batch_sizes)
     if len(given) != len(data):
       raise ValueError(f"got {len(given)} batch_sizes for {len(data)} batches; give one per batch")
-    sizes = [_checks.positive(f"batch_sizes[{i}]", n) for i, n in enumerate(given)]
+    sizes = [_validation.positive(f"batch_sizes[{i}]", n) for i, n in enumerate(given)]
   sizes = np.asarray(sizes, dtype=np.float64)
   return sizes / sizes.sum()
-
-
-def _check_float_leaves(params: Any) -> None:
-  """Raises ``TypeError`` naming the first leaf of ``params`` that is not a real float array."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f"params must be real floating arrays; the leaf at {jax.tree_util.keystr(path)} is "
-        f"{dtype}. The Hessian is taken with respect to every leaf: keep integer, bool and "
-        "complex values out of params and close over them in loss_fn instead."
-      )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -574,8 +563,13 @@ def hessian_operator(
       the first batch's, or bad ``batch_sizes``; the message names the batch
       and leaf.
   """
-  block_size = _checks.count("block_size", block_size)
-  _check_float_leaves(params)
+  block_size = _validation.count("block_size", block_size)
+  _validation.float_leaves(
+    params,
+    "params",
+    "The Hessian is taken with respect to every leaf: keep integer, bool and complex values "
+    "out of params and close over them in loss_fn instead.",
+  )
   data = _batch_list(batch, batches)
   weights = _weights(data, batch_sizes)
   flat, _ = ravel_pytree(params)

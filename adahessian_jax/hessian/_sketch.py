@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator
 
@@ -173,7 +174,7 @@ def exchangeable_estimate(
     ValueError: if ``num_matvecs`` is not an integer >= 4.
     NonFiniteError: if a product is not finite.
   """
-  num_matvecs = _checks.count("num_matvecs", num_matvecs, 4)
+  num_matvecs = _validation.count("num_matvecs", num_matvecs, 4)
   wide = wide_dtype(op.dtype)
   if num_matvecs >= op.size:  # H e_j for every j: tr(H) and diag(H) exactly
     basis = jnp.eye(op.size, dtype=op.dtype)

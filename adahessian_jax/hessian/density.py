@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from adahessian_jax.hessian import _checks
+from adahessian_jax import _validation
 from adahessian_jax.hessian._lanczos import lanczos, tridiagonal_eigh
 from adahessian_jax.hessian._operator import HessianOperator
 
@@ -101,11 +101,11 @@ def spectral_density(
     ValueError: for a count or width out of range.
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
-  num_probes = _checks.count("num_probes", num_probes)
-  num_steps = _checks.count("num_steps", num_steps)
-  num_points = _checks.count("num_points", num_points, 2)
+  num_probes = _validation.count("num_probes", num_probes)
+  num_steps = _validation.count("num_steps", num_steps)
+  num_points = _validation.count("num_points", num_points, 2)
   if sigma is not None:
-    sigma = _checks.positive("sigma", sigma)
+    sigma = _validation.positive("sigma", sigma)
   dec = lanczos(op, op.rademacher(key, num_probes), num_steps)
   nodes, weights = [], []
   for a, b in zip(dec.alphas, dec.betas, strict=True):

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
 from adahessian_jax.hessian._sketch import (
@@ -141,8 +142,8 @@ def hutchinson_diagonal_estimate(
     ValueError: for a count that is not an integer in range.
     NonFiniteError: at the first non-finite sample (e.g. a NaN loss).
   """
-  num_samples = _checks.count("num_samples", num_samples, 2)
-  block_size = _checks.count("block_size", op.block_size if block_size is None else block_size)
+  num_samples = _validation.count("num_samples", num_samples, 2)
+  block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   total = shift = mean_dev = m2 = None
   count = 0
   for keys in key_blocks(key, num_samples, block_size):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import (
   blocks,
@@ -95,7 +96,7 @@ def _selector(k: int, which: str):
 def _check(k: Any, which: str, op: HessianOperator) -> int:
   if which not in _WHICH:
     raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-  return _checks.count("k", k, 1, op.size)
+  return _validation.count("k", k, 1, op.size)
 
 
 def _start_vector(op: HessianOperator, v0: Any, key: jax.Array | None) -> jax.Array:
@@ -191,8 +192,8 @@ def top_eigenvalues(
     NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
   """
   k = _check(k, which, op)
-  max_iter = _checks.count("max_iter", max_iter)
-  tol = _checks.positive("tol", tol)
+  max_iter = _validation.count("max_iter", max_iter)
+  tol = _validation.positive("tol", tol)
   select = _selector(k, which)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
@@ -314,8 +315,8 @@ def power_iteration(
     ``k`` extra products that are not counted in ``num_matvecs``.
   """
   k = _check(k, "LM", op)
-  max_iter = _checks.count("max_iter", max_iter)
-  tol = _checks.positive("tol", tol)
+  max_iter = _validation.count("max_iter", max_iter)
+  tol = _validation.positive("tol", tol)
   floor = breakdown_tolerance(op.size, op.dtype)
   key = jax.random.key(0) if key is None else key
   found = jnp.zeros((k, op.size), op.dtype)

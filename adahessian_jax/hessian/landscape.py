@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
@@ -119,7 +120,7 @@ def _layer_axes(op: HessianOperator, layer_axes: Any) -> list[tuple[int, ...]]:
       f"number of leading layer axes); broadcasting it to the params failed: {e}"
     ) from None
   return [
-    tuple(range(_checks.count(f"layer_axes at {jax.tree_util.keystr(p)}", n, 0, np.ndim(x))))
+    tuple(range(_validation.count(f"layer_axes at {jax.tree_util.keystr(p)}", n, 0, np.ndim(x))))
     for n, (p, x) in zip(counts, leaves, strict=True)
   ]
 
@@ -270,7 +271,7 @@ def _steps(name: str, values: Any) -> np.ndarray:
 
 def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chunk: int):
   data = op.require_data("a loss landscape")
-  chunk = _checks.count("chunk", chunk)
+  chunk = _validation.count("chunk", chunk)
   _checks.finite(op.loss(), "the loss at the operator's params")
   flat = op.ravel(op.params)
   if op.coordinates is not None:  # a step d in the operator's coordinates moves θ by S d

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax.hessian import _checks
+from adahessian_jax import _validation
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
 from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide
@@ -112,8 +112,8 @@ def layer_breakdown(
     ValueError: for a count out of range.
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
-  num_samples = _checks.count("num_samples", num_samples, 2)
-  block_size = _checks.count("block_size", op.block_size if block_size is None else block_size)
+  num_samples = _validation.count("num_samples", num_samples, 2)
+  block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   k_trace, k_eig = jax.random.split(key)
   blocks = key_blocks(k_trace, num_samples, block_size)
   seg = np.concatenate(

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adahessian_jax.hessian import _checks
+from adahessian_jax import _validation
 from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_operator"]
@@ -145,12 +145,14 @@ def adahessian_preconditioner(
 
   state = adahessian_jax.find_adahessian_state(opt_state)
   injected = _injected(opt_state, state)
-  b2 = _checks.interval("b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True)
-  eps = _checks.interval(
-    "eps", _hyperparameter("eps", eps, injected, 1e-4), 0.0, np.inf, lo_open=True
+  b2 = _validation.interval(
+    "b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True
+  )
+  eps = _validation.interval(
+    "eps", _hyperparameter("eps", eps, injected, 1e-4), 0.0, np.inf, lo_open=True, hi_open=True
   )
   power = _hyperparameter("hessian_power", hessian_power, injected, 1.0)
-  half = _checks.interval("hessian_power", power, 0.0, 1.0) / 2
+  half = _validation.interval("hessian_power", power, 0.0, 1.0) / 2
   _check_unmasked(state.nu, "AdaHessian")
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
@@ -192,10 +194,14 @@ def adam_preconditioner(
       f"expected exactly one optax.ScaleByAdamState in the optimizer state, found {len(found)}."
     )
   injected = _injected(opt_state, found[0])
-  b2 = _checks.interval("b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True)
-  eps = _checks.interval("eps", _hyperparameter("eps", eps, injected, 1e-8), 0.0, np.inf)
+  b2 = _validation.interval(
+    "b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True
+  )
+  eps = _validation.interval(
+    "eps", _hyperparameter("eps", eps, injected, 1e-8), 0.0, np.inf, hi_open=True
+  )
   eps_root = _hyperparameter("eps_root", eps_root, injected, 0.0)
-  eps_root = _checks.interval("eps_root", eps_root, 0.0, np.inf)
+  eps_root = _validation.interval("eps_root", eps_root, 0.0, np.inf, hi_open=True)
   _check_unmasked(found[0].nu, "Adam")
   nu_hat = _bias_corrected(found[0].nu, found[0].count, b2, "Adam")
   return jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)

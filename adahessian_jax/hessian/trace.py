@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
 from adahessian_jax.hessian._sketch import (
@@ -78,11 +79,11 @@ def _sampled_trace(op, key, offset, rtol, atol, min_samples, max_samples, block_
   a non-finite sample. The samples are averaged in float64 on the host, whatever
   the operator's dtype. Returns the estimate with ``num_matvecs`` the samples drawn.
   """
-  rtol = _checks.positive("rtol", rtol, allow_zero=True)
-  atol = _checks.positive("atol", atol, allow_zero=True)
-  max_samples = _checks.count("max_samples", max_samples, 2)
-  min_samples = _checks.count("min_samples", min_samples, 1, max_samples)
-  block_size = _checks.count("block_size", op.block_size if block_size is None else block_size)
+  rtol = _validation.positive("rtol", rtol, allow_zero=True)
+  atol = _validation.positive("atol", atol, allow_zero=True)
+  max_samples = _validation.count("max_samples", max_samples, 2)
+  min_samples = _validation.count("min_samples", min_samples, 1, max_samples)
+  block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   samples = []
   for keys in key_blocks(key, max_samples, block_size):
     z = op.probes(keys)
@@ -182,7 +183,7 @@ def hutchpp_trace(
   if unknown:
     raise TypeError(f"hutchpp_trace got unknown arguments {sorted(unknown)}; see hutchinson_trace")
   args.update(stopping)
-  s = min(_checks.count("sketch_size", sketch_size, 0), op.size)
+  s = min(_validation.count("sketch_size", sketch_size, 0), op.size)
   k_sketch, k_res = jax.random.split(key)
   q, exact = jnp.zeros((0, op.size), wide_dtype(op.dtype)), 0.0
   if s > 0:

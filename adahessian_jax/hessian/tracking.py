@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import breakdown_tolerance, norm
 from adahessian_jax.hessian._operator import HessianOperator
@@ -337,14 +338,14 @@ def track_curvature(
   """
   key = jax.random.key(0) if key is None else key
   k_plain, k_pre, k_tr, k_pre_tr = jax.random.split(key, 4)
-  trace_matvecs = _checks.count("trace_matvecs", trace_matvecs, 0)
+  trace_matvecs = _validation.count("trace_matvecs", trace_matvecs, 0)
   block_size = min(2, op.size) if block_size is None else block_size
-  block_size = _checks.count("block_size", block_size, 1, op.size)
-  max_iter = _checks.count("max_iter", max_iter, 1)
-  tol = _checks.positive("tol", tol)
+  block_size = _validation.count("block_size", block_size, 1, op.size)
+  max_iter = _validation.count("max_iter", max_iter, 1)
+  tol = _validation.positive("tol", tol)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
-  mix = _checks.positive("warm_mix", warm_mix, allow_zero=True)
+  mix = _validation.positive("warm_mix", warm_mix, allow_zero=True)
   args = (tol, max(max_iter, block_size), stop_on, mix, block_size)
   if previous is not None and not isinstance(previous, CurvatureRecord):
     raise TypeError(
