@@ -73,9 +73,24 @@ def _as_names(spec: Any) -> AxisNames | None:
   if isinstance(spec, str):
     return (spec,)
   try:
-    return tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+    names = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
   except TypeError:
     return None
+  return names or None  # P() (what nn.get_partition_spec gives an unboxed leaf) names nothing
+
+
+def _spec_of(node: Any) -> Any:
+  """The object ``node``'s names are read from (a spec, a box's names, a variable's metadata)."""
+  if _is_spec(node):
+    return node
+  variable = _nnx_variable_class()
+  if variable is not None and isinstance(node, variable):
+    metadata = node.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+      if metadata.get(key) is not None:
+        return metadata[key]
+    return None
+  return getattr(node, "names", None)
 
 
 def axis_names_of(node: Any) -> AxisNames | None:
@@ -89,16 +104,12 @@ def axis_names_of(node: Any) -> AxisNames | None:
   Returns:
     A tuple with one entry per axis, or ``None`` when the node carries no names.
   """
-  if _is_spec(node):
-    return _as_names(node)
-  variable = _nnx_variable_class()
-  if variable is not None and isinstance(node, variable):
-    metadata = node.get_metadata()
-    for key in ("out_sharding", "sharding_names", "sharding"):
-      if metadata.get(key) is not None:
-        return _as_names(metadata[key])
-    return None
-  return _as_names(getattr(node, "names", None))
+  return _as_names(_spec_of(node))
+
+
+def _short_ok(node: Any) -> bool:
+  """Whether ``node``'s names are a ``PartitionSpec``, which leaves trailing axes unnamed."""
+  return _is_spec(getattr(_spec_of(node), "spec", _spec_of(node)))
 
 
 class LeafLayout(NamedTuple):
@@ -108,11 +119,14 @@ class LeafLayout(NamedTuple):
     path: The canonical path (the box's ``.value`` step removed).
     leaf: The leaf (an array, a shape-dtype struct or a ``PartitionSpec``).
     names: Its axis names, or ``None``.
+    from_spec: Whether the names come from a ``PartitionSpec``, which may be
+      shorter than the rank: its trailing axes are unnamed, as JAX reads it.
   """
 
   path: tuple[Any, ...]
   leaf: Any
   names: AxisNames | None
+  from_spec: bool = False
 
 
 def leaves(tree: Any) -> list[LeafLayout]:
@@ -131,12 +145,13 @@ def leaves(tree: Any) -> list[LeafLayout]:
   nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_annotated)[0]
   for path, node in nodes:
     if _is_spec(node) or not is_annotated(node):
-      out.append(LeafLayout(tuple(path), node, axis_names_of(node) if _is_spec(node) else None))
+      spec = _is_spec(node)
+      out.append(LeafLayout(tuple(path), node, axis_names_of(node) if spec else None, spec))
       continue
     names = axis_names_of(node)
     inner = jax.tree_util.tree_flatten_with_path(node)[0]
     if len(inner) == 1:
-      out.append(LeafLayout(tuple(path), inner[0][1], names))
+      out.append(LeafLayout(tuple(path), inner[0][1], names, _short_ok(node)))
     else:  # a box around a tree: its names describe no single leaf
       out.extend(LeafLayout(tuple(path) + tuple(p), x, None) for p, x in inner)
   return out

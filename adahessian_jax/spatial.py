@@ -72,12 +72,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
+import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adahessian_jax import layout
 from adahessian_jax._validation import count
@@ -179,12 +182,17 @@ class Rule(abc.ABC):
     return ()
 
 
-def _normalize_axis(axis: int, ndim: int, where: str, rule: Rule) -> int:
+def _normalize_axis(
+  axis: int, ndim: int, where: str, rule: Rule, verb: str = "averages over"
+) -> int:
   if not -ndim <= axis < ndim:
-    raise ValueError(
-      f"{rule!r} averages over axis {axis}, but the leaf at {where} has rank {ndim}."
-    )
+    raise ValueError(f"{rule!r} {verb} axis {axis}, but the leaf at {where} has rank {ndim}.")
   return axis % ndim
+
+
+def _slice_where(where: str, axes: tuple[int, ...]) -> str:
+  """``where`` for the rule applied to each layer of a leaf (``per_layer``'s inner rule)."""
+  return f"{where} (one layer's slice, stacked axes {axes} set apart)"
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -292,7 +300,7 @@ class PerLayer(Rule):
 
   def _split(self, shape, where="the leaf"):
     ndim = len(shape)
-    axes = tuple(_normalize_axis(a, ndim, where, self) for a in self.axes)
+    axes = tuple(_normalize_axis(a, ndim, where, self, "keeps apart stacked") for a in self.axes)
     if len(set(axes)) != len(axes):
       raise ValueError(f"{self!r} names a stacked axis twice (at {where}).")
     keep = tuple(i for i in range(ndim) if i not in axes)
@@ -300,7 +308,7 @@ class PerLayer(Rule):
 
   def check(self, shape, where):
     axes, keep = self._split(shape, where)
-    self.inner.check(tuple(shape[i] for i in keep), where)
+    self.inner.check(tuple(shape[i] for i in keep), _slice_where(where, axes))
 
   def bind(self, names):
     try:
@@ -320,7 +328,9 @@ class PerLayer(Rule):
     return jnp.transpose(x, [(axes + keep).index(i) for i in range(d.ndim)])
 
   def _own_layer_axes(self, shape):
-    return self._split(shape)[0]
+    axes, keep = self._split(shape)
+    inner = self.inner.layer_axes(tuple(shape[i] for i in keep))  # a nested stack's axes
+    return tuple(sorted(axes + tuple(keep[i] for i in inner)))
 
   def explain(self, shape):
     axes, keep = self._split(shape)
@@ -481,6 +491,22 @@ class FlaxDefault(Rule):
     return f"flax_default({self.block_size})"
 
 
+def _axis_arg(name: str, axis: Any) -> int:
+  """``axis`` as an ``int`` if it is an integer (negative counts from the end), else raises."""
+  if isinstance(axis, bool | np.bool_) or not isinstance(axis, numbers.Integral | np.integer):
+    raise ValueError(f"{name} must be an integer (an axis of the leaf), got {axis!r}.")
+  return int(axis)
+
+
+def _axes_arg(name: str, axes: Any) -> tuple[int, ...]:
+  """``axes`` (an axis or a sequence of them) as a tuple of ``int``, else raises."""
+  if isinstance(axes, numbers.Integral | np.integer) and not isinstance(axes, bool | np.bool_):
+    return (int(axes),)
+  if not isinstance(axes, Sequence) or isinstance(axes, str):
+    raise ValueError(f"{name} must be an integer or a sequence of integers, got {axes!r}.")
+  return tuple(_axis_arg(f"{name}[{i}]", a) for i, a in enumerate(axes))
+
+
 def none() -> Rule:
   """No averaging."""
   return NoAveraging()
@@ -501,7 +527,7 @@ def blocks(block_size: int, axis: int = 0) -> Rule:
   Returns:
     A :class:`Rule`.
   """
-  return BlockMean(count("block_size", block_size), int(axis))
+  return BlockMean(count("block_size", block_size), _axis_arg("axis", axis))
 
 
 def mean_over(axes: int | Sequence[int]) -> Rule:
@@ -513,9 +539,7 @@ def mean_over(axes: int | Sequence[int]) -> Rule:
   Returns:
     A :class:`Rule`.
   """
-  if isinstance(axes, int):
-    axes = (axes,)
-  return AxesMean(tuple(int(a) for a in axes))
+  return AxesMean(_axes_arg("axes", axes))
 
 
 def per_layer(inner: Rule, n_axes: int = 1, *, axes: int | Sequence[int] | None = None) -> Rule:
@@ -538,10 +562,8 @@ def per_layer(inner: Rule, n_axes: int = 1, *, axes: int | Sequence[int] | None 
   if not isinstance(inner, Rule):
     raise TypeError(f"per_layer needs an adahessian_jax.spatial rule, got {inner!r}.")
   if axes is None:
-    axes = tuple(range(count("n_axes", n_axes)))
-  elif isinstance(axes, int):
-    axes = (axes,)
-  return PerLayer(inner, tuple(int(a) for a in axes))
+    return PerLayer(inner, tuple(range(count("n_axes", n_axes))))
+  return PerLayer(inner, _axes_arg("axes", axes))
 
 
 def flax_default(
@@ -588,11 +610,14 @@ class Averaging:
     names: ``(path string, axis names)`` pairs for leaves that carry no names of
       their own (see :func:`named`), or ``None``.
     strict: Refuse ambiguous leaves (see :func:`strict`).
+    from_spec: The paths among ``names`` whose names come from a
+      ``PartitionSpec`` (trailing axes unnamed when it is shorter than the rank).
   """
 
   rules: Any = None
   names: tuple[tuple[str, AxisNames | None], ...] | None = None
   strict: bool = False
+  from_spec: frozenset[str] = frozenset()
 
 
 def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
@@ -623,7 +648,8 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   Raises:
     ValueError: if ``source`` carries no axis names at all.
   """
-  names = layout.names_by_path(source)
+  infos = layout.leaves(source)
+  names = {jax.tree_util.keystr(x.path): x.names for x in infos}
   if all(n is None for n in names.values()):
     raise ValueError(
       "spatial.named got a tree without axis names: pass boxed Linen params (from init with "
@@ -632,9 +658,10 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
       "(nn.get_partition_spec(boxed_params))."
     )
   pairs = tuple(names.items())
+  from_spec = frozenset(jax.tree_util.keystr(x.path) for x in infos if x.from_spec)
   if isinstance(averaging, Averaging):
-    return dataclasses.replace(averaging, names=pairs)
-  return Averaging(averaging, names=pairs)
+    return dataclasses.replace(averaging, names=pairs, from_spec=from_spec)
+  return Averaging(averaging, names=pairs, from_spec=from_spec)
 
 
 def strict(averaging: AveragingSpec = None) -> Averaging:
@@ -666,6 +693,27 @@ def _rule_or_none(x: Any) -> bool:
   return x is None or isinstance(x, Rule)
 
 
+def _prefix_mismatch(prefix: Any, params: Any, error: Exception) -> str:
+  """Which entries of a prefix of rules and which leaves of ``params`` do not match, in words."""
+  keys = lambda path: tuple(str(k) for k in path)
+  entries = [
+    keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(prefix, is_leaf=_rule_or_none)[0]
+  ]
+  leaves = [keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  covers = lambda entry, leaf: leaf[: len(entry)] == entry
+  uncovered = ["".join(leaf) for leaf in leaves if not any(covers(e, leaf) for e in entries)]
+  unused = ["".join(e) for e in entries if not any(covers(e, leaf) for leaf in leaves)]
+  said = []
+  if uncovered:
+    said.append(
+      f"it has no entry for the params' leaves {', '.join(uncovered[:4])} (give each a rule, or "
+      "None for the default)"
+    )
+  if unused:
+    said.append(f"its entries {', '.join(unused[:4])} are not in the params")
+  return "; ".join(said) if said else f"broadcasting failed: {error}"
+
+
 def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> list[Rule]:
   """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
   if averaging is None:
@@ -688,9 +736,10 @@ def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> 
   try:
     rules = jax.tree.broadcast(averaging, params, is_leaf=_rule_or_none)
   except (ValueError, TypeError) as e:
+    # JAX's own message can name the wrong entry (it ignores is_leaf): say what does not match.
     raise ValueError(
       "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
-      f"pytree prefix of params with rules as leaves; broadcasting failed: {e}"
+      f"pytree prefix of params with rules as leaves; {_prefix_mismatch(averaging, params, e)}"
     ) from e
   out = [default if r is None else r for r in jax.tree.leaves(rules, is_leaf=_rule_or_none)]
   for r in out:
@@ -785,36 +834,120 @@ def _ambiguity_error(rows: Sequence[Row]) -> ValueError:
   )
 
 
+def _leaf_names(info: layout.LeafLayout, where: str, shape, spec: Averaging) -> AxisNames | None:
+  """The axis names of one leaf: its own, else those :func:`named` gave for its path."""
+  names, from_spec = info.names, info.from_spec
+  if names is None and spec.names is not None:
+    given = dict(spec.names)
+    if where not in given:
+      raise ValueError(
+        f"spatial.named has no entry for the leaf at {where}; its source has "
+        f"{len(given)} leaves, e.g. {list(given)[:3]}. Pass names for the same tree the "
+        "optimizer sees (same paths)."
+      )
+    names, from_spec = given[where], where in spec.from_spec
+  if names is None:
+    return None
+  if from_spec and len(names) < len(shape):  # P("layers") on (layers, in, out): the rest unnamed
+    names = tuple(names) + (None,) * (len(shape) - len(names))
+  if len(names) != len(shape):
+    raise ValueError(
+      f"the axis names {names} of the leaf at {where} have {len(names)} entries, but its "
+      f"shape {shape} has rank {len(shape)}."
+    )
+  return names
+
+
+def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
+  return tuple(
+    (i, names[i], shape[i]) for i in range(len(shape)) if _role(names[i], roles) == STACKED
+  )
+
+
+def _in_named_stacks(
+  paths, shapes, names, rules
+) -> tuple[dict[int, tuple[AxisNames, int]], set[int]]:
+  """Stacked axes for unnamed leaves that sit in a stack of layers whose other leaves are named.
+
+  ``nn.scan``/``nn.vmap``/``nnx.vmap`` stack every parameter of the module they
+  transform, but only boxed parameters get the stacked axis' name: a LayerNorm
+  scale or a bias left unboxed comes out as a plain ``(layers, features)``
+  array, which the rank alone would take for a ``Dense`` kernel and average
+  across layers. An unnamed leaf under the default rule takes the stacked axes
+  of its nearest named relatives (the named leaves sharing the longest path
+  prefix with it) when they all have the same stacked axes and its shape has
+  their sizes there. A leaf taken for stacked when it is not is averaged less,
+  never across layers.
+
+  Returns:
+    ``{leaf index: (inferred names, index of a relative)}``, and the indices of
+    the unnamed leaves that stay ambiguous: those whose relatives disagree while
+    one's stack fits the leaf, and those inferred from relatives that share no
+    key with them (a stack at the root, or a leaf of another module that
+    happens to have the stack's sizes). Strict mode refuses these.
+  """
+  keys = [tuple(str(k) for k in p) for p in paths]
+  named = [j for j, n in enumerate(names) if n is not None]
+  inferred, unsure = {}, set()
+  for i, rule in enumerate(rules):
+    if names[i] is not None or not isinstance(rule, FlaxDefault) or not named:
+      continue
+    common = [len(os.path.commonprefix([keys[i], keys[j]])) for j in named]
+    nearest = [j for j, c in zip(named, common, strict=True) if c == max(common)]
+    roles = rule.roles()
+    stacks = {j: _stacked_axes(names[j], shapes[j], roles) for j in nearest}
+    fits = [
+      bool(st) and all(a < len(shapes[i]) and shapes[i][a] == size for a, _, size in st)
+      for st in stacks.values()
+    ]
+    if len({tuple((a, size) for a, _, size in st) for st in stacks.values()}) == 1 and all(fits):
+      own = [None] * len(shapes[i])
+      for a, name, _ in stacks[nearest[0]]:
+        own[a] = name
+      inferred[i] = (tuple(own), nearest[0])
+      if max(common) == 0:
+        unsure.add(i)
+    elif any(fits):
+      unsure.add(i)
+  return inferred, unsure
+
+
 def _plan(averaging, params, block_size, strict_mode):
   spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
   infos = layout.leaves(params)
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
-  given = dict(spec.names) if spec.names is not None else None
+  wheres = [jax.tree_util.keystr(info.path) for info in infos]
+  shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
+  names = [_leaf_names(*args, spec) for args in zip(infos, wheres, shapes, strict=True)]
+  inferred, unsure = _in_named_stacks([x.path for x in infos], shapes, names, unbound)
   bound, rows = [], []
-  for rule, info in zip(unbound, infos, strict=True):
-    where = jax.tree_util.keystr(info.path)
-    shape = tuple(jnp.shape(info.leaf))
-    names = info.names
-    if names is None and given is not None:
-      if where not in given:
-        raise ValueError(
-          f"spatial.named has no entry for the leaf at {where}; its source has "
-          f"{len(given)} leaves, e.g. {list(given)[:3]}. Pass names for the same tree the "
-          "optimizer sees (same paths)."
-        )
-      names = given[where]
-    if names is not None:
-      if len(names) != len(shape):
-        raise ValueError(
-          f"the axis names {names} of the leaf at {where} have {len(names)} entries, but its "
-          f"shape {shape} has rank {len(shape)}."
-        )
-      rule = rule.bind(names)
+  for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
+    leaf_names, note = names[i], ""
+    if i in inferred:
+      leaf_names, relative = inferred[i]
+      note = f" (stacked axes taken from its named relative {wheres[relative]})"
+      if i in unsure:
+        note += "; AMBIGUOUS (it shares no module with that relative)"
+    elif i in unsure:
+      note = (
+        "; AMBIGUOUS (its nearest named relatives disagree on whether it is part of a stack "
+        "of layers)"
+      )
+    if leaf_names is not None:
+      rule = rule.bind(leaf_names)
     rule.check(shape, where)
     choice = rule.explain(shape)
     bound.append(rule)
     rows.append(
-      Row(where, shape, names, choice.rule, choice.why, rule.groups(shape), choice.ambiguous)
+      Row(
+        where,
+        shape,
+        leaf_names,
+        choice.rule,
+        choice.why + note,
+        rule.groups(shape),
+        choice.ambiguous or i in unsure,
+      )
     )
   if strict_mode or spec.strict:
     ambiguous = [r for r in rows if r.ambiguous]

@@ -375,9 +375,25 @@ def test_named_errors_name_the_problem():
   names = spatial.named({"v": jax.sharding.PartitionSpec("layers", None, None)})
   with pytest.raises(ValueError, match=r"no entry for the leaf at \['w'\]"):
     spatial.resolve_rules(names, plain)
-  wrong_rank = spatial.named({"w": jax.sharding.PartitionSpec("layers", None)})
-  with pytest.raises(ValueError, match=r"\('layers', None\) of the leaf at \['w'\] have 2"):
-    spatial.resolve_rules(wrong_rank, plain)
+  too_long = spatial.named({"w": jax.sharding.PartitionSpec("layers", None, None, "mlp")})
+  with pytest.raises(
+    ValueError, match=r"\('layers', None, None, 'mlp'\) of the leaf at \['w'\] have 4"
+  ):
+    spatial.resolve_rules(too_long, plain)
+
+
+def test_a_partition_spec_names_its_leading_axes_and_p_empty_names_none():
+  # As JAX reads a spec: P("layers") on a rank-3 leaf leaves its last two axes unnamed, and
+  # P() (what nn.get_partition_spec gives a leaf without a box) names no axis at all.
+  plain = {"w": jnp.zeros((2, 3, 4)), "scale": jnp.zeros(4)}
+  specs = {"w": jax.sharding.PartitionSpec("layers"), "scale": jax.sharding.PartitionSpec()}
+  rows = spatial.describe(plain, spatial.named(specs), block_size=3).rows
+  assert [r.names for r in rows] == [None, ("layers", None, None)]  # leaves in key order
+  assert rows[1].rule == spatial.per_layer(spatial.blocks(3))
+  # A box's names must match its rank exactly: only specs are padded.
+  boxed = {"w": nn.LogicallyPartitioned(jnp.zeros((2, 3, 4)), ("layers", "embed"))}
+  with pytest.raises(ValueError, match=r"\('layers', 'embed'\) of the leaf at \['w'\] have 2"):
+    spatial.describe(boxed, block_size=3)
 
 
 class HandStacked(nn.Module):
@@ -471,3 +487,133 @@ def test_the_guide_shows_what_describe_prints():
   assert table == listing.table(why=False) + "\n"
   out = "['blocks']['MultiHeadDotProductAttention_0']['out']['kernel']"
   assert why == next(r.why for r in listing.rows if r.path == out) + "\n"
+
+
+def _nu_after_one_step(tx, params, hessian_diag):
+  """``sqrt(nu / (1 - b2))`` after one update: the averaged |D| the state took (b2 = 0.5)."""
+  state = tx.init(params)
+  _, state = tx.update(
+    jax.tree.map(jnp.ones_like, params), state, params, hessian_diag=hessian_diag
+  )
+  return jax.tree.map(lambda v: np.sqrt(np.asarray(v) / 0.5), ah.find_adahessian_state(state).nu)
+
+
+class ScannedBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    kernel = P(lecun, ("embed", "mlp"))  # boxed; the LayerNorm and the bias are not
+    return nn.Dense(4, kernel_init=kernel)(nn.LayerNorm()(x)), None
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
+  # nn.scan names the stacked axis of boxed params only: the LayerNorm scale and the Dense bias
+  # come out as plain (layers, features) arrays, which by rank look like Dense kernels.
+  stack = nn.scan(
+    ScannedBlock,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    length=4,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  params = stack().init(jax.random.key(0), jnp.ones((1, 4)), None)["params"]
+  if nested:  # the stack under a key, beside an unboxed head of another shape
+    params = {"blocks": params, "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  plain = nn.unbox(params)
+  per_layer = jnp.asarray(10.0 ** np.arange(4))[:, None] * jnp.ones((4, 4))
+  hessian_diag = jax.tree.map(jnp.ones_like, plain)
+  ln = hessian_diag["blocks"]["LayerNorm_0"] if nested else hessian_diag["LayerNorm_0"]
+  ln["scale"] = per_layer
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=spatial.named(params))
+  nu = _nu_after_one_step(tx, plain, hessian_diag)
+  got = nu["blocks"]["LayerNorm_0"]["scale"] if nested else nu["LayerNorm_0"]["scale"]
+  np.testing.assert_allclose(got, per_layer, rtol=1e-6)  # rank 1 per layer: nothing averaged
+  rows = {r.path: r for r in spatial.describe(plain, spatial.named(params), 2).rows}
+  scale = rows["['blocks']['LayerNorm_0']['scale']" if nested else "['LayerNorm_0']['scale']"]
+  assert scale.names == ("layers", None)
+  assert "stacked axes taken from its named relative" in scale.why
+  # With the stack under a key, its leaves' inference is sure; at the root, or for the head
+  # that shares no key with the stack but happens to have its 4 rows, strict mode refuses.
+  ambiguous = [r.path for r in spatial.describe(plain, spatial.named(params), 2).ambiguous]
+  if nested:
+    assert ambiguous == ["['head']['kernel']"]
+    assert rows["['head']['kernel']"].rule == spatial.per_layer(spatial.none())  # less, not across
+  else:
+    # The Dense bias shares its module with the named kernel; the LayerNorm shares none.
+    assert ambiguous == ["['LayerNorm_0']['bias']", "['LayerNorm_0']['scale']"]
+  with pytest.raises(ValueError, match="ambiguous"):
+    spatial.describe(plain, spatial.strict(spatial.named(params)), 2)
+
+
+def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():
+  params = {
+    "stack": nn.LogicallyPartitioned(jnp.zeros((4, 8, 8)), ("layers", "embed", "mlp")),
+    "embed": nn.LogicallyPartitioned(jnp.zeros((10, 8)), ("vocab", "embed")),
+    "scale": jnp.zeros((4, 8)),  # stacked, or a Dense kernel (4, 8)? its relatives disagree
+  }
+  assert [r.path for r in spatial.describe(params, block_size=2).ambiguous] == ["['scale']"]
+  with pytest.raises(ValueError, match=r"\['scale'\]: shape \(4, 8\)"):
+    spatial.describe(params, spatial.strict(), block_size=2)
+
+
+@pytest.mark.parametrize(
+  "averaging,names",
+  [
+    (spatial.per_layer(spatial.flax_default()), ("stage", "layers", "embed", "mlp")),
+    (spatial.per_layer(spatial.per_layer(spatial.none())), None),
+    (spatial.per_layer(spatial.none(), 2), None),
+  ],
+)
+def test_the_curvature_floor_is_per_layer_under_nested_stacks(averaging, names):
+  d = jnp.asarray(10.0 ** np.arange(4)).reshape(2, 2, 1, 1) * jnp.ones((2, 2, 3, 4))
+  box = (lambda x: nn.LogicallyPartitioned(x, names)) if names else (lambda x: x)
+  params = {"w": box(jnp.zeros((2, 2, 3, 4)))}
+  tx = ah.scale_by_adahessian(b2=0.5, curvature_floor=0.5, averaging=averaging)
+  got = _nu_after_one_step(tx, params, {"w": box(d)})["w"]
+  got = got.value if names else got
+  # Each (stage, layer) slice's own mean is its constant value, so no floor rises above it.
+  np.testing.assert_allclose(got, d, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "make,message",
+  [
+    (
+      lambda: spatial.blocks(2, axis=1.9),
+      r"axis must be an integer \(an axis of the leaf\), got 1.9",
+    ),
+    (
+      lambda: spatial.mean_over(["0"]),
+      r"axes\[0\] must be an integer \(an axis of the leaf\), got '0'",
+    ),
+    (lambda: spatial.mean_over(1.5), "axes must be an integer or a sequence of integers, got 1.5"),
+    (lambda: spatial.per_layer(spatial.none(), axes=True), "axes must be an integer or a sequence"),
+  ],
+)
+def test_rule_axes_must_be_integers(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_rule_errors_name_the_entry_and_the_slice():
+  params = {"stack": {"w": jnp.ones((2, 3, 4)), "b": jnp.ones((2, 4))}, "head": jnp.ones((4, 3))}
+  with pytest.raises(ValueError, match=r"no entry for the params' leaves \['stack'\]\['b'\]"):
+    spatial.describe(params, {"stack": {"w": spatial.per_layer(spatial.none())}, "head": None})
+  with pytest.raises(ValueError, match=r"its entries \['stack'\]\['c'\] are not in the params"):
+    spatial.describe(params, {"stack": {"w": None, "b": None, "c": spatial.none()}, "head": None})
+  inner_axis = {
+    "stack": {"w": spatial.per_layer(spatial.blocks(2, axis=2)), "b": None},
+    "head": None,
+  }
+  with pytest.raises(
+    ValueError, match=r"\['stack'\]\['w'\] \(one layer's slice, stacked axes \(0,\)"
+  ):
+    spatial.describe(params, inner_axis)
+  stacked_axis = {
+    "stack": {"w": spatial.per_layer(spatial.none(), axes=5), "b": None},
+    "head": None,
+  }
+  with pytest.raises(
+    ValueError, match=r"keeps apart stacked axis 5, but the leaf at \['stack'\]\['w'\] has rank 3"
+  ):
+    spatial.describe(params, stacked_axis)
