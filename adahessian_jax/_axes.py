@@ -40,6 +40,24 @@ def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   return jax.lax.pvary(x, axes)  # pyright: ignore[reportAttributeAccessIssue]
 
 
+def check_bound(axis_name: Any) -> tuple[Any, ...]:
+  """``axis_name`` as a tuple of names, if an enclosing ``pmap``/``shard_map`` binds them all.
+
+  Raises:
+    ValueError: naming ``axis_name`` if it is not bound (JAX's own error is a ``NameError``
+      from deep inside the step).
+  """
+  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+  try:
+    jax.lax.psum(1, axes)  # a constant: only checks that the axes are bound
+  except NameError as e:
+    raise ValueError(
+      f"axis_name={axis_name!r} is not an axis of the enclosing pmap or shard_map ({e}). Pass "
+      "the axis name the step is mapped over, or axis_name=None under jax.jit with sharded arrays."
+    ) from None
+  return axes
+
+
 def device_varying(tree: Any, axis_name: Any) -> Any:
   """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
 
@@ -59,14 +77,7 @@ def device_varying(tree: Any, axis_name: Any) -> Any:
   Raises:
     ValueError: if ``axis_name`` is not bound by an enclosing map.
   """
-  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
-  try:
-    jax.lax.psum(1, axes)  # a constant: only checks that the axes are bound
-  except NameError as e:
-    raise ValueError(
-      f"axis_name={axis_name!r} is not an axis of the enclosing pmap or shard_map ({e}). Pass "
-      "the axis name the step is mapped over, or axis_name=None under jax.jit with sharded arrays."
-    ) from None
+  axes = check_bound(axis_name)
 
   def one(x):
     missing = tuple(a for a in axes if a not in _varying_axes(x))

@@ -149,15 +149,6 @@ def count(name: str, value: Any, lo: int = 1, hi: int | None = None, *, fix: str
   return int(value)
 
 
-def integer(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an integer of any sign (traced values pass)."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value)
-  if isinstance(value, bool) or arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"{name} must be an integer, got {value!r}.")
-
-
 def float_leaves(tree: Any, what: str, fix: str) -> None:
   """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array.
 

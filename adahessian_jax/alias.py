@@ -99,7 +99,8 @@ def adahessian(
       (lower variance, no longer the exact single-device result).
     averaging: Spatial-averaging rules (see :func:`scale_by_adahessian`).
     mu_dtype: Floating dtype of the first moment.
-    nu_dtype: Floating dtype of the second moment and the stored Hessian diagonal.
+    nu_dtype: Floating dtype of the second moment and the stored Hessian diagonal
+      (see :func:`scale_by_adahessian`; not float16).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

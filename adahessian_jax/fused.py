@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import optax
 
-from adahessian_jax import hutchinson
+from adahessian_jax import hutchinson, masking
 from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refresh, probe_keys
 
 __all__ = ["value_grad_and_hessian_diag"]
@@ -50,6 +50,16 @@ def _mark_not_finite(grads: Any, estimate: Any, owned: Any) -> Any:
   return jax.tree.unflatten(treedef, flat)
 
 
+def _owned(params: Any, mu: Any) -> Any:
+  """``mu`` if it marks leaves of ``params`` that other transforms own (``optax.masked``,
+  ``multi_transform``), else ``None``: then the probes skip those leaves, as the masked
+  ``value_fn`` route's do."""
+  slots = jax.tree.leaves(mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  if len(slots) != len(jax.tree.leaves(params)) or not masking.has_masked_nodes(mu):
+    return None
+  return mu
+
+
 def value_grad_and_hessian_diag(
   fun: Callable[..., Any], has_aux: bool = False, *, refresh: bool | None = None
 ) -> Callable[..., tuple[Any, Any, Any]]:
@@ -66,7 +76,10 @@ def value_grad_and_hessian_diag(
       return optax.apply_updates(params, updates), opt_state, loss
 
   The probes come from the AdaHessian state's key exactly as in the closure
-  route, so both routes give the same trajectory for the same seed. On steps
+  route, so both routes give the same trajectory for the same seed; inside
+  :func:`optax.masked` or :func:`optax.multi_transform` they are zero on the
+  leaves of other transforms, as :func:`adahessian_jax.masked_value_fn` holds
+  those fixed. On steps
   that refresh the Hessian (every step when ``update_freq == 1``) the cost is
   one forward-over-reverse pass; on the other steps (chosen with ``lax.cond``
   from the state under ``jit``) one ``jax.value_and_grad``, and the returned
@@ -133,7 +146,7 @@ def value_grad_and_hessian_diag(
     def with_hessian():
       keys, _ = probe_keys(state)
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
-        loss, params, keys, has_aux, name="fun"
+        loss, params, keys, has_aux, name="fun", owned=_owned(params, state.mu)
       )
       return value, _mark_not_finite(grads, estimate, state.mu), estimate
 

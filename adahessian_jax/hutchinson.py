@@ -137,7 +137,13 @@ def value_grad_hvp(
 
 
 def value_grad_and_diagonal(
-  fn: Callable[..., Any], params: Any, keys: jax.Array, has_aux: bool = False, *, name: str = "fn"
+  fn: Callable[..., Any],
+  params: Any,
+  keys: jax.Array,
+  has_aux: bool = False,
+  *,
+  name: str = "fn",
+  owned: Any = None,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hutchinson's diagonal estimate, all in one pass.
 
@@ -152,14 +158,32 @@ def value_grad_and_diagonal(
     keys: 1-D array of PRNG keys, one per probe.
     has_aux: Whether ``fn`` returns ``(loss, aux)``.
     name: How error messages about ``fn`` call it.
+    owned: ``None``, or a tree like ``params`` with an :class:`optax.MaskedNode`
+      at each leaf another transform owns (an AdaHessian state's ``mu`` inside
+      ``optax.masked``): the probes are drawn as for the tree of the other
+      leaves alone and are zero on these, so the estimate on the owned leaves
+      is the one of the loss as a function of them alone (the other leaves
+      held fixed), as the ``value_fn`` route computes it.
 
   Returns:
     ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
     over the probes, a pytree like ``params``.
   """
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
+  def probe(key):
+    if owned is None:
+      return rademacher_like(key, params)
+    mine = jax.tree.map(lambda m, p: m if masked(m) else p, owned, params, is_leaf=masked)
+    return jax.tree.map(
+      lambda z, p: jnp.zeros_like(p) if masked(z) else z,
+      rademacher_like(key, mine),
+      params,
+      is_leaf=masked,
+    )
 
   def one(key):
-    z = rademacher_like(key, params)
+    z = probe(key)
     value, grad, hz = value_grad_hvp(fn, params, z, has_aux, name=name)
     return value, grad, jax.tree.map(jnp.multiply, z, hz)
 

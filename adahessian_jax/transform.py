@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
-from adahessian_jax._axes import device_varying
+from adahessian_jax._axes import check_bound, device_varying
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
   is_refresh_step,
@@ -179,6 +179,7 @@ def _estimate(
           f"{jax.tree.structure(estimate)}."
         ) from None
     _check_estimate(estimate, like)
+    estimate = jax.tree.map(jnp.asarray, estimate)  # a Python float for a 0-d leaf too
   # Average in the moments' dtype (e.g. float32 for bfloat16 params).
   estimate = optax.tree.cast_like(estimate, like)
   if axis_name is not None:
@@ -253,11 +254,14 @@ def _second_moment(
 
   def moment(d, decay):  # d is finite
     nu = optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2)
-    return optax.tree.cast_like(nu, state.nu)
+    # |nu| clears the mark of "no curvature yet" (-0.0): the sum b2 · (-0.0) + (1 - b2) D² = +0
+    # does not when D is a constant zero under jit (a parameter the loss is linear in), as XLA
+    # simplifies x + 0 to x, which keeps the sign.
+    return jax.tree.map(jnp.abs, optax.tree.cast_like(nu, state.nu))
 
   def moment_of_stored(d):  # a marked stored D (-0.0) keeps nu marked
     marked = lambda x, n: jnp.where(jnp.signbit(x), jnp.full_like(n, -0.0), n)
-    return jax.tree.map(marked, d, moment(d, b2))
+    return jax.tree.map(marked, d, _keep_curvature(d, moment(d, b2), state.nu, state.nu))
 
   if update_freq == 1:
     d, finite = curvature()
@@ -282,18 +286,22 @@ def _second_moment(
 
 
 def _keep_curvature(test: Any, new: Any, old: Any, nu: Any) -> Any:
-  """``new`` where ``test`` is finite; elsewhere ``old``, or ``-0.0`` where ``nu`` is zero.
+  """``new`` where ``test`` and ``new`` are finite; elsewhere ``old``, or ``-0.0`` where ``nu``
+  is zero.
 
   Elementwise on values the step reads anyway, so it fuses into the moment updates. The sign of
   zero marks an entry that has had no curvature yet and whose estimate is not finite (e.g. a
   float16 overflow of ``Hz`` on the first refresh): it stays marked on the steps without refresh,
   the update leaves it where it is (:func:`_unmarked`), and the next finite estimate clears the
-  mark (``b2 · (-0.0) + (1 - b2) D² ≥ +0``). Without the mark such an entry would move by
-  ``m / eps`` on the steps between refreshes, as if its curvature were zero.
+  mark. Without the mark such an entry would move by ``m / eps`` on the steps between refreshes,
+  as if its curvature were zero. A ``new`` that is not finite although ``test`` is (``D²``
+  beyond the range of ``nu``'s dtype) is dropped like a non-finite estimate, so ``nu`` never
+  holds ``inf``.
   """
 
   def keep(t, n, o, v):
-    return jnp.where(jnp.isfinite(t), n, jnp.where(v == 0, jnp.full_like(o, -0.0), o))
+    ok = jnp.isfinite(t) & jnp.isfinite(n)
+    return jnp.where(ok, n, jnp.where(v == 0, jnp.full_like(o, -0.0), o))
 
   return jax.tree.map(keep, test, new, old, nu)
 
@@ -302,8 +310,8 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
   """The initial ``nu`` (and stored ``D``): ``-0.0``, the mark of an entry that has had no
   curvature estimate yet (:func:`_keep_curvature`), so that a step before the first estimate
   (e.g. a host-decided ``refresh=False`` on step 0, which ``jit`` cannot check) leaves the
-  parameters where they are instead of moving them by ``m / eps``. The first estimate clears it,
-  a zero one too (``-0.0 + 0.0 = +0.0``), so the paper's rule is unchanged.
+  parameters where they are instead of moving them by ``m / eps``. The first finite estimate
+  clears it, a zero one too, so the paper's rule is unchanged.
 
   In ``nu_dtype``, by default the parameter's, but float32 for float16 parameters: float16
   (largest value 65504) cannot hold ``D²`` for a curvature over 256, nor (below 6e-8) for one
@@ -315,6 +323,17 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
     return jnp.full(jnp.shape(p), -0.0, dtype)
 
   return jax.tree.map(mark, params)
+
+
+def _to_float16(u: jax.Array) -> jax.Array:
+  """``u`` in float16, saturated at its largest value (65504) instead of overflowing to ``inf``.
+
+  Before the learning rate scales it, ``m̂ / (√v̂ + eps)`` passes 65504 where the curvature is
+  near zero (``g / eps``); the chain keeps the gradients' dtype (``optax.apply_if_finite`` and
+  ``MultiSteps`` need it), so the step saturates rather than turning the parameter into ``inf``.
+  """
+  big = float(jnp.finfo(jnp.float16).max)
+  return jnp.clip(u, -big, big).astype(jnp.float16)
 
 
 def _unmarked(updates: Any, nu: Any) -> Any:
@@ -419,7 +438,8 @@ def scale_by_adahessian(
       ``1 - b2**(update_freq·refreshes)``, storing no ``D``: the state is then
       as small as Adam's.
     n_samples: Number of Rademacher probes averaged per refresh (``None``: 1).
-    seed: Seed of the PRNG key kept in the state (``None``: 0).
+    seed: Seed of the PRNG key kept in the state, an integer in
+      ``[-2**31, 2**32 - 1]`` (``None``: 0).
     axis_name: If given, the estimate is averaged over this mapped axis
       (``pmap``/``shard_map``), like gradients are. ``value_fn`` is then this
       device's loss on its local batch (differentiated locally, also under
@@ -444,7 +464,9 @@ def scale_by_adahessian(
     mu_dtype: Floating dtype of the first moment (default: the gradient's).
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters', but float32 for float16 parameters, whose
-      range cannot hold ``D²`` for curvatures over 256).
+      range cannot hold ``D²`` for curvatures over 256; float16 is refused).
+      Float16 gradients get float16 updates, saturated at ±65504 (before the
+      learning rate scales them they can pass float16's range).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -476,12 +498,19 @@ def scale_by_adahessian(
     "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=_STATIC_FIX
   )
   n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=_STATIC_FIX)
-  seed = 0 if seed is None else seed
-  _validation.integer("seed", seed)
+  # A 32-bit seed: without jax_enable_x64 JAX truncates a larger one (2**32 gave seed 0's keys).
+  seed = _validation.count(
+    "seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=_STATIC_FIX
+  )
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)
   nu_dtype = _float_dtype("nu_dtype", nu_dtype)
+  if nu_dtype == jnp.float16:
+    raise ValueError(
+      "nu_dtype=float16 cannot hold D² for a curvature over 256 (float16's largest value is "
+      "65504) nor under 2.4e-4: pass float32 (the default for float16 params) or bfloat16."
+    )
   if lazy_moment not in ("repeat", "refresh"):
     raise ValueError(f"lazy_moment must be 'repeat' or 'refresh', got {lazy_moment!r}.")
   lazy = update_freq > 1
@@ -511,6 +540,8 @@ def scale_by_adahessian(
     del extra_args
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
+    if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
+      check_bound(axis_name)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy)
@@ -534,7 +565,7 @@ def scale_by_adahessian(
     updates = _unmarked(updates, nu)
     if nu_dtype is None:  # float16 gradients stay float16 (their default nu is float32)
       updates = jax.tree.map(
-        lambda u, g: u.astype(g.dtype) if g.dtype == jnp.float16 else u, updates, grads
+        lambda u, g: _to_float16(u) if g.dtype == jnp.float16 else u, updates, grads
       )
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction

@@ -127,6 +127,9 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(nu_dtype=jnp.asarray(0.0)), "static_args=adahessian_jax.STATIC_ARGS"),
     (dict(mu_dtype=jnp.int32), "mu_dtype must be a real floating"),
     (dict(nu_dtype=jnp.complex64), "nu_dtype must be a real floating"),
+    (dict(nu_dtype=jnp.float16), "nu_dtype=float16 cannot hold D²"),
+    (dict(seed=2**32), r"seed must be an integer in \[-2147483648, 4294967295\], got 4294967296"),
+    (dict(seed=1.0), "seed must be an integer"),
     (dict(curvature_floor=-0.1), "curvature_floor"),
     (dict(update_clip=0.0), "update_clip"),
   ],
@@ -159,6 +162,14 @@ def test_an_axis_name_the_step_is_not_mapped_over_is_named():
   assert np.all(np.isfinite(np.asarray(updates["w"])))
   with pytest.raises(ValueError, match="axis_name='batch' is not an axis of the enclosing"):
     step(params, tx.init(params), "data")  # was a bare AssertionError from jax
+  # The hessian_diag route and independent probes met the unbound name in a collective first.
+  grads = jax.grad(small_loss)(params)
+  for tx in (
+    ah.adahessian(0.1, axis_name="batch"),
+    ah.adahessian(0.1, axis_name="batch", independent_probes=True),
+  ):
+    with pytest.raises(ValueError, match="axis_name='batch' is not an axis of the enclosing"):
+      tx.update(grads, tx.init(params), params, hessian_diag=grads)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +302,10 @@ def test_fused_mark_stays_in_the_leaves_adahessian_owns(overflow):
   )
   state = tx.init(params)
   _, grads, hdiag = jax.jit(ah.value_grad_and_hessian_diag(loss))(params, state)
-  assert not bool(jnp.all(jnp.isfinite(hdiag[overflow])))
+  if overflow == "w":
+    assert not bool(jnp.all(jnp.isfinite(hdiag["w"])))
+  else:  # SGD's leaf gets no probe (as on the closure route), so nothing overflows there
+    np.testing.assert_array_equal(np.asarray(hdiag["a_bias"]), 0.0)
   plain = jax.grad(loss)(params)
   np.testing.assert_array_equal(np.asarray(grads["a_bias"]), np.asarray(plain["a_bias"]))
   marked = np.isnan(np.asarray(grads["w"]))
@@ -572,3 +586,70 @@ def test_curvature_floor_falls_back_to_the_model_mean_for_a_leaf_without_curvatu
   updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
   np.testing.assert_allclose(np.asarray(updates["flat"]), 1 / (0.5 + 1e-4), rtol=1e-12)
   np.testing.assert_allclose(np.asarray(updates["curved"]), 1 / (np.array([1.0, 3.0]) + 1e-4))
+
+
+def test_a_constant_zero_curvature_clears_the_first_step_mark_under_jit():
+  # The loss is linear in b: its Hessian-diagonal estimate is a constant zero, which XLA folds;
+  # the mark of "no curvature yet" (nu = -0.0) was cleared by -0.0 + 0.0 = +0.0, an addition
+  # XLA simplifies away, so under jit b never moved.
+  loss = lambda p: jnp.sum(p["w"] ** 2) + 0.7 * jnp.sum(p["b"])
+  params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+  tx = ah.adahessian(0.1)
+
+  def step(params, state):
+    ones = jax.tree.map(jnp.ones_like, params)
+    hdiag = jax.jvp(jax.grad(loss), (params,), (ones,))[1]  # exact: the Hessian is diagonal
+    updates, state = tx.update(jax.grad(loss)(params), state, params, hessian_diag=hdiag)
+    return optax.apply_updates(params, updates), state
+
+  eager, compiled = (params, tx.init(params)), (params, tx.init(params))
+  for _ in range(2):
+    eager, compiled = step(*eager), jax.jit(step)(*compiled)
+  # Algorithm 1 for b: g = 0.7, D = 0, so each step moves it by lr · m̂ / eps = 0.1 · 0.7 / 1e-4.
+  np.testing.assert_allclose(compiled[0]["b"], 1 - 2 * 700.0, rtol=1e-6)
+  np.testing.assert_allclose(compiled[0]["b"], eager[0]["b"], rtol=1e-6)
+  assert not np.any(np.signbit(np.asarray(ah.find_adahessian_state(compiled[1]).nu["b"])))
+
+
+def test_a_second_moment_that_would_overflow_keeps_its_previous_value():
+  # D = 1e200 is finite in float64, D² is not: nu became inf and froze the entry for good.
+  params = {"w": jnp.ones(2)}
+  tx = ah.scale_by_adahessian(b2=0.5)
+  state = tx.init(params)
+  grads = {"w": jnp.ones(2)}
+  _, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([2.0, 2.0])})
+  updates, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([1e200, 2.0])})
+  nu = np.asarray(state.nu["w"])
+  np.testing.assert_allclose(nu, [0.5 * 4.0, 0.75 * 4.0])  # entry 0 kept step 1's nu
+  assert np.all(np.isfinite(np.asarray(updates["w"])))
+  _, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([2.0, 2.0])})
+  np.testing.assert_allclose(np.asarray(state.nu["w"]), [0.75 * 4.0, 0.875 * 4.0])
+
+
+def test_float16_updates_larger_than_65504_before_the_learning_rate_saturate():
+  # No curvature (a linear loss): the paper's step is lr · g / eps = 0.1 · 7 / 1e-4 = 7000, but
+  # g / eps = 70000 passes float16's range before the learning rate scales it: it became inf
+  # (and the parameter -inf); it now saturates at 65504, a step of 6550.4.
+  params = {"a": jnp.ones(2, jnp.float16)}
+  tx = ah.adahessian(0.1)
+  grads = {"a": jnp.full(2, 7.0, jnp.float16)}
+  updates, _ = tx.update(
+    grads, tx.init(params), params, hessian_diag={"a": jnp.zeros(2, jnp.float16)}
+  )
+  new = optax.apply_updates(params, updates)
+  assert new["a"].dtype == jnp.float16
+  assert updates["a"].dtype == jnp.float16
+  np.testing.assert_allclose(np.asarray(new["a"], np.float64), 1 - 6550.4, rtol=1e-3)
+
+
+def test_a_python_float_estimate_for_a_scalar_parameter():
+  params = {"s": jnp.asarray(1.0), "w": jnp.ones(2)}
+  tx = ah.scale_by_adahessian(b2=0.5)
+  grads = {"s": jnp.asarray(1.0), "w": jnp.ones(2)}
+  hdiag = {"s": 4.0, "w": np.full(2, 4.0)}
+  eager, _ = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  compiled, _ = jax.jit(tx.update)(grads, tx.init(params), params, hessian_diag=hdiag)
+  # m̂ = 1, v̂ = 16: 1 / (4 + 1e-4) everywhere.
+  for u in (eager, compiled):
+    np.testing.assert_allclose(np.asarray(u["s"]), 1 / (4 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["w"]), 1 / (4 + 1e-4), rtol=1e-6)
