@@ -120,6 +120,54 @@ def test_counts_may_be_integer_arrays_and_reals_may_not_be_traced(ops):
     jax.jit(lambda t: hessian.top_eigenvalues(good, 1, tol=t).eigenvalues)(1e-3)
 
 
+def test_a_nan_loss_with_finite_curvature_stops_every_analysis():
+  # log(p0 - 1) at p0 = 0 is NaN while its curvature, -1/(p0 - 1)², is finite: the products
+  # were finite, so the analyses reported the Hessian of a point where the loss is undefined.
+  loss = lambda p, b: jnp.sum(p["w"] ** 2) + jnp.log(p["w"][0] - 1.0) * b
+  op = hessian.hessian_operator(loss, {"w": jnp.zeros(3)}, 1.0)
+  for analyse in (
+    lambda: hessian.top_eigenvalues(op, 1),
+    lambda: hessian.hutchinson_trace(op, jax.random.key(0)),
+    lambda: hessian.track_curvature(op),
+  ):
+    with pytest.raises(hessian.NonFiniteError, match="not finite"):
+      analyse()
+
+
+def test_params_that_are_not_finite_or_empty_are_refused_at_once():
+  params, batch = mlp()
+  params = {**params, "out": {**params["out"], "bias": params["out"]["bias"].at[1].set(jnp.nan)}}
+  with pytest.raises(
+    hessian.NonFiniteError, match=r"params are not finite: nan at \['out'\]\['bias'\]\[1\]"
+  ):
+    hessian.hessian_operator(mlp_loss, params, batch)
+  with pytest.raises(ValueError, match="params has no entries"):
+    hessian.hessian_operator(lambda p, b: jnp.asarray(0.0), {}, jnp.ones(1))
+
+
+@pytest.mark.parametrize(
+  "grid,message",
+  [
+    (np.zeros((2, 3)), r"nonempty 1-D sequence of numbers, got shape \(2, 3\)"),
+    ([0.0, np.nan], r"grid must be finite, got nan at grid\[1\]"),
+    (["a"], "grid must be a 1-D sequence of numbers"),
+  ],
+)
+def test_a_bad_density_grid_is_refused_before_any_product(ops, grid, message):
+  good, _, _ = ops
+  with pytest.raises(ValueError, match=message):
+    hessian.spectral_density(
+      dataclasses.replace(good, matmat_fn=None), jax.random.key(0), grid=grid
+    )
+
+
+def test_tracking_max_iter_counts_the_start_block(ops):
+  good, _, _ = ops
+  with pytest.raises(ValueError, match=r"max_iter must be an integer >= 2, got 1"):
+    hessian.track_curvature(good, max_iter=1)  # spent 2 products
+  assert hessian.track_curvature(good, max_iter=3, block_size=2).sharpness.num_matvecs <= 3
+
+
 def test_hutchpp_rejects_unknown_stopping_arguments(ops):
   with pytest.raises(TypeError, match=r"unknown arguments \['max_sample'\]"):
     hessian.hutchpp_trace(ops[0], jax.random.key(0), max_sample=3)

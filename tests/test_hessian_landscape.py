@@ -223,3 +223,17 @@ def test_filter_normalisation_reads_layer_axes_from_axis_names():
   d = hessian.random_direction(op, jax.random.key(0))
   nd = nn.unbox(op.unravel(hessian.normalize_direction(op, d, "filter")))
   _check_per_layer_filters(params, nd)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_normalising_a_direction_of_huge_or_tiny_entries_in_float32(scale):
+  # The squares of 1e20 overflow float32 and those of 1e-25 underflow: "unit" gave zeros or inf
+  # (a flat landscape), "filter" refused the direction as zero.
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)
+  op = hessian.hessian_operator(lambda p, b: jnp.sum(p["w"] ** 2 * b), {"w": w}, jnp.ones(1))
+  d = np.random.default_rng(1).normal(size=6).astype(np.float32)
+  unit = hessian.normalize_direction(op, jnp.asarray(d * scale, jnp.float32), "unit")
+  np.testing.assert_allclose(unit, d / np.linalg.norm(d), rtol=1e-6)
+  filt = np.asarray(hessian.normalize_direction(op, jnp.asarray(d * scale, jnp.float32), "filter"))
+  want = d.reshape(3, 2) / np.linalg.norm(d.reshape(3, 2), axis=0) * np.linalg.norm(w, axis=0)
+  np.testing.assert_allclose(filt.reshape(3, 2), want, rtol=1e-5)

@@ -54,6 +54,13 @@ def test_explicit_batch_sizes_weight_the_batches():
   np.testing.assert_allclose(_dense(op), want, atol=1e-13)
 
 
+def test_batch_sizes_near_the_float_limit_keep_their_ratio():
+  params, (x, y) = mlp()
+  b1, b2 = (x[:20], y[:20]), (x[20:], y[20:])
+  op = hessian.hessian_operator(mlp_loss, params, batches=[b1, b2], batch_sizes=[0.5e308, 1.5e308])
+  assert op.data.weights == pytest.approx((0.25, 0.75), rel=1e-15)  # the sum overflowed: (0, 0)
+
+
 def test_block_is_the_diagonal_block_of_a_leaf():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)

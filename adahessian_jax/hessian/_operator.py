@@ -12,7 +12,7 @@ rest is context the analyses need: how flat vectors map to the params' leaves
 (:class:`ParamLayout`), how probes are drawn, and the loss and data it came
 from (:class:`WeightedData`), which the landscapes evaluate.
 
-The per-batch product reuses :func:`adahessian_jax.hutchinson.hvp`
+The per-batch product reuses :func:`adahessian_jax.hutchinson.value_grad_hvp`
 (forward-over-reverse), ``vmap``-ed over a block of vectors and jit-compiled once
 per batch shape and block size; the batch is an argument of the compiled
 function, not a constant baked into it, so one compilation serves every batch
@@ -35,7 +35,8 @@ from jax.flatten_util import ravel_pytree
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hutchinson import check_scalar_loss, hvp, rademacher_like
+from adahessian_jax.hessian._checks import NonFiniteError
+from adahessian_jax.hutchinson import check_scalar_loss, rademacher_like, value_grad_hvp
 
 __all__ = [
   "HessianOperator",
@@ -324,11 +325,17 @@ def _rademacher_rows(key_data, params):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_matmat(loss_fn, params, batch, vs):
-  """``(H_b v)`` for every row ``v`` of ``vs``: the per-batch block product."""
+  """``(H_b v)`` for every row ``v`` of ``vs``: the per-batch block product.
+
+  NaN where the loss itself is not finite (computed by the same pass, which evaluates it
+  anyway), so that the analyses' check of each product also stops on a loss that is NaN while
+  its curvature is finite (e.g. the log of a negative number).
+  """
   _, unravel = ravel_pytree(params)
 
   def one(v):
-    return ravel_pytree(hvp(lambda q: loss_fn(q, batch), params, unravel(v)))[0]
+    loss, _, hv = value_grad_hvp(lambda q: loss_fn(q, batch), params, unravel(v))
+    return jnp.where(jnp.isfinite(loss), ravel_pytree(hv)[0], jnp.nan)
 
   return jax.vmap(one)(vs)
 
@@ -485,6 +492,7 @@ def _weights(data: list[Any], batch_sizes: Any) -> np.ndarray:
       raise ValueError(f"got {len(given)} batch_sizes for {len(data)} batches; give one per batch")
     sizes = [_validation.positive(f"batch_sizes[{i}]", n) for i, n in enumerate(given)]
   sizes = np.asarray(sizes, dtype=np.float64)
+  sizes = sizes / sizes.max()  # first: a sum of sizes near 1e308 would overflow
   return sizes / sizes.sum()
 
 
@@ -530,7 +538,10 @@ def hessian_operator(
   batch, the Hessian of the mean loss over all examples.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    loss_fn: ``loss_fn(params, batch) -> scalar``, a pure function: its
+      compilation is reused, so state it reads from outside its arguments
+      (a global, BatchNorm statistics) is fixed at its first call; pass such
+      state in ``batch``.
     params: Point of evaluation, a pytree of real floating arrays (close over
       integer or bool leaves, such as step counters, in ``loss_fn``).
     batch: A single batch (any pytree ``loss_fn`` accepts).
@@ -558,10 +569,13 @@ def hessian_operator(
   Raises:
     TypeError: if a leaf of ``params`` is not a real floating array (named by
       its path), or ``loss_fn`` does not return a real scalar.
-    ValueError: for an empty batch (a leaf with a leading axis of length 0), a
-      batch whose structure or leaf shapes past the leading axis differ from
-      the first batch's, or bad ``batch_sizes``; the message names the batch
-      and leaf.
+    NonFiniteError: if an entry of ``params`` is not finite (named by its
+      path). A loss that is not finite makes every product NaN, so the
+      analyses stop on it at their first product.
+    ValueError: for params without entries, an empty batch (a leaf with a
+      leading axis of length 0), a batch whose structure or leaf shapes past
+      the leading axis differ from the first batch's, or bad ``batch_sizes``;
+      the message names the batch and leaf.
   """
   block_size = _validation.count("block_size", block_size)
   _validation.float_leaves(
@@ -573,6 +587,12 @@ def hessian_operator(
   data = _batch_list(batch, batches)
   weights = _weights(data, batch_sizes)
   flat, _ = ravel_pytree(params)
+  if flat.size == 0:
+    raise ValueError("params has no entries: there is no Hessian to analyse.")
+  layout = ParamLayout.of(params)
+  bad = layout.first_not_finite(flat)
+  if bad is not None:
+    raise NonFiniteError(f"params are not finite: {bad}. Analyse a point the loss is defined at.")
   check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn")
   loss_fn = _static(loss_fn)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
@@ -588,7 +608,7 @@ def hessian_operator(
     matmat_fn=lambda vs: map_row_blocks(block_product, jnp.asarray(vs, flat.dtype), block_size),
     size=int(flat.size),
     dtype=flat.dtype,
-    layout=ParamLayout.of(params),
+    layout=layout,
     probes_fn=probes,
     data=weighted,
     block_size=block_size,

@@ -23,7 +23,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -68,6 +68,20 @@ def gaussian_mixture(
   return np.exp(-0.5 * z * z) @ weights / (sigma * np.sqrt(2.0 * np.pi))
 
 
+def _grid(grid: Any) -> np.ndarray:
+  """``grid`` as a 1-D float64 array, else ``ValueError`` naming what is wrong."""
+  try:
+    out = np.asarray(grid, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"grid must be a 1-D sequence of numbers, got {grid!r}") from None
+  if out.ndim != 1 or out.size == 0:
+    raise ValueError(f"grid must be a nonempty 1-D sequence of numbers, got shape {out.shape}")
+  if not np.all(np.isfinite(out)):
+    bad = int(np.flatnonzero(~np.isfinite(out))[0])
+    raise ValueError(f"grid must be finite, got {out[bad]} at grid[{bad}]")
+  return out
+
+
 def spectral_density(
   op: HessianOperator,
   key: jax.Array,
@@ -90,17 +104,21 @@ def spectral_density(
     num_steps: Lanczos steps per probe ``m`` (clipped to ``n``); memory is
       ``p·(m+1)·n`` values.
     sigma: Gaussian width; by default 1% of the spread of the nodes.
-    grid: Evaluation points; by default ``num_points`` points spanning the
-      nodes plus ``6σ`` on each side (so the density integrates to 1 on it).
+    grid: Evaluation points, a 1-D sequence of finite numbers; by default
+      ``num_points`` points spanning the nodes plus ``6σ`` on each side (so
+      the density integrates to 1 on it).
     num_points: Size of the default grid.
 
   Returns:
     A :class:`SpectralDensity`.
 
   Raises:
-    ValueError: for a count or width out of range.
+    ValueError: for a count or width out of range, or a grid that is not a
+      1-D sequence of finite numbers (checked before any product is spent).
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
+  if grid is not None:
+    _grid(grid)
   num_probes = _validation.count("num_probes", num_probes)
   num_steps = _validation.count("num_steps", num_steps)
   num_points = _validation.count("num_points", num_points, 2)
@@ -119,6 +137,6 @@ def spectral_density(
     sigma = 0.01 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 1e-3
   if grid is None:
     grid = np.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points)
-  grid = np.asarray(grid, dtype=np.float64)
+  grid = _grid(grid)
   density = gaussian_mixture(grid, nodes, weights, sigma)
   return SpectralDensity(grid, density, nodes, weights, float(sigma), num_probes * dec.num_steps)

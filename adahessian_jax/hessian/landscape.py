@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
-from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian import _checks, _lanczos
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
 
@@ -166,10 +166,17 @@ def _groups(op: HessianOperator, normalize: str, layer_axes: Any) -> tuple[np.nd
 def _rescale_groups(direction, params, ids, num_groups):
   """``direction`` with each group scaled to the norm of the same group of ``params``."""
   seg = jnp.where(ids < 0, num_groups, ids)  # zeroed entries: an extra group, dropped
-  norm = lambda x: jnp.sqrt(jax.ops.segment_sum(x * x, seg, num_groups + 1))
-  scale = norm(params) / norm(direction)
-  scale = jnp.where(jnp.isfinite(scale), scale, 0.0).at[num_groups].set(0.0)
-  return direction * scale[seg]
+
+  def norm(x):  # per group, each scaled by a power of two near its largest entry: no overflow
+    peak = jax.ops.segment_max(jnp.abs(x), seg, num_groups + 1)
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0))
+    s = jnp.ldexp(jnp.ones_like(peak), e)
+    return s * jnp.sqrt(jax.ops.segment_sum(jnp.square(x / s[seg]), seg, num_groups + 1))
+
+  to, of = norm(params), norm(direction)
+  keep = (of > 0) & (jnp.arange(num_groups + 1) < num_groups)
+  out = direction / jnp.where(keep, of, 1.0)[seg] * to[seg]  # no ratio of norms to overflow
+  return jnp.where(keep[seg], out, 0.0)
 
 
 def _check_normalize(normalize: Any) -> None:
@@ -225,7 +232,7 @@ def normalize_direction(
   if normalize is None:
     return flat
   if normalize == "unit":
-    return flat / jnp.linalg.norm(flat)
+    return flat / _lanczos.norm(flat)  # scaled: entries of 1e20 or 1e-25 in float32 too
   if op.coordinates is not None:
     raise ValueError(
       f"normalize={normalize!r} compares a direction with the params, which a rescaled "

@@ -311,7 +311,8 @@ def track_curvature(
     tol: Tolerance of each run, relative to the tracked eigenvalue ``|θ₁|`` (a
       top eigenvalue near zero next to large negative ones may then take up to
       ``max_iter`` products; ``converged`` says whether it was met).
-    max_iter: Maximum Hessian-vector products per run (the block's included).
+    max_iter: Maximum Hessian-vector products per run (the block's included,
+      so at least ``block_size``).
     stop_on: ``"eigenvalue"`` stops when the estimated eigenvalue error
       ``min(r, r²/gap)`` is below ``tol·|θ₁|`` (the default: tracking wants the
       eigenvalue); ``"residual"`` when the residual ``r`` is, which bounds the
@@ -341,12 +342,12 @@ def track_curvature(
   trace_matvecs = _validation.count("trace_matvecs", trace_matvecs, 0)
   block_size = min(2, op.size) if block_size is None else block_size
   block_size = _validation.count("block_size", block_size, 1, op.size)
-  max_iter = _validation.count("max_iter", max_iter, 1)
+  max_iter = _validation.count("max_iter", max_iter, block_size)  # the block's products count
   tol = _validation.positive("tol", tol)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
   mix = _validation.positive("warm_mix", warm_mix, allow_zero=True)
-  args = (tol, max(max_iter, block_size), stop_on, mix, block_size)
+  args = (tol, max_iter, stop_on, mix, block_size)
   if previous is not None and not isinstance(previous, CurvatureRecord):
     raise TypeError(
       f"previous must be the CurvatureRecord an earlier track_curvature call returned (or None), "
