@@ -212,6 +212,16 @@ class HessianOperator:
     """One Rademacher probe per key, as rows of a ``(len(keys), n)`` array."""
     return self.probes_fn(keys)
 
+  def gaussian(self, key: jax.Array, num: int) -> jax.Array:
+    """``num`` standard normal vectors as rows: the start vectors of the eigensolvers.
+
+    Unlike a Rademacher vector, which has no component along ``e_a − e_b`` whenever its
+    entries ``a`` and ``b`` agree (probability 1/2), a normal vector has a component along
+    every direction almost surely: the top eigenvector of a pair of symmetric parameters is
+    then not invisible to a Krylov space started from it.
+    """
+    return jax.random.normal(key, (num, self.size), self.dtype)
+
   def rademacher(self, key: jax.Array, num: int) -> jax.Array:
     """``num`` Rademacher probes as rows, probe ``i`` from ``jax.random.split(key, num)[i]``.
 

@@ -101,7 +101,7 @@ def _check(k: Any, which: str, op: HessianOperator) -> int:
 
 def _start_vector(op: HessianOperator, v0: Any, key: jax.Array | None) -> jax.Array:
   if v0 is None:
-    return op.rademacher(jax.random.key(0) if key is None else key, 1)
+    return op.gaussian(jax.random.key(0) if key is None else key, 1)
   flat = jnp.asarray(op.layout.flatten(v0, "v0"), op.dtype)
   bad = op.layout.first_not_finite(flat)
   if bad is not None:
@@ -154,23 +154,28 @@ def top_eigenvalues(
   eigenvalues matter (the eigenvectors are then accurate to about
   ``residual / gap``).
 
-  When the Krylov space becomes invariant (``β_j = 0``: e.g. the start vector
-  is an eigenvector, or has no component along the top one, as for a pair of
-  symmetric parameters), the run continues from a fresh random vector
+  The default start vector is normal (:meth:`HessianOperator.gaussian`), so
+  it has a component along every eigenvector almost surely; a Rademacher one
+  misses the top eigenvector of a pair of symmetric parameters half the time.
+  When the Krylov space becomes invariant (``β_j = 0``: e.g. a given ``v0``
+  is an eigenvector, or has no component along the top one), the run
+  continues from a fresh random vector
   orthogonal to it; the pairs found so far are exact, and the stopping test
   then applies to the new block's own wanted pairs (a pair from an earlier
   block only counts as converged once that test is met), so an eigenvalue the
   start vector missed is still found, and an exactly repeated one is found
   once per block that reaches it. Without a breakdown, a single Krylov space
-  holds one copy of a repeated eigenvalue; neural-network Hessians' top
-  eigenvalues are distinct in practice.
+  holds one copy of a repeated eigenvalue, and from a normal start vector
+  rounding rarely lets ``β`` reach exactly zero: a repeated eigenvalue is
+  then found once (neural-network Hessians' top eigenvalues are distinct in
+  practice).
 
   Args:
     op: The Hessian operator (:func:`~adahessian_jax.hessian.hessian_operator`).
     k: Number of eigenpairs.
     which: ``"LA"`` largest algebraic, ``"LM"`` largest magnitude, ``"SA"``
       smallest algebraic (the most negative curvature).
-    key: PRNG key of the Rademacher start vector (default ``jax.random.key(0)``).
+    key: PRNG key of the normal start vector (default ``jax.random.key(0)``).
     v0: A start vector instead (flat ``(n,)`` or a pytree like the params),
       e.g. the previous eigenvector for a warm start
       (:func:`~adahessian_jax.hessian.track_curvature` does this). A warm
@@ -322,7 +327,7 @@ def power_iteration(
   found = jnp.zeros((k, op.size), op.dtype)
   values, converged, matvecs = [], [], 0
   for i, ki in enumerate(jax.random.split(key, k)):
-    v = _deflated(op.rademacher(ki, 1)[0], found)
+    v = _deflated(op.gaussian(ki, 1)[0], found)
     for step in range(max_iter):
       theta, residual, scale, nxt = _power_step(v, op.matvec(v), found)
       matvecs += 1

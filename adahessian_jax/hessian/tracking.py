@@ -258,14 +258,14 @@ def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
 
 def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size) -> Sharpness:
   if previous is None:
-    start = op.rademacher(key, 1)
+    start = op.gaussian(key, 1)
   else:
     # A little of a fresh random probe in the first vector: previous Ritz vectors can span an
     # invariant subspace of the new Hessian (e.g. dead units: Hv = 0) that the subspace would
     # never leave; with the probe no direction is invisible, and the top Ritz vector, whose
     # residual the stopping rule tests, keeps the probe's image in that residual.
     start = jnp.asarray(previous.ritz_vectors)
-    z = op.rademacher(key, 1)[0]
+    z = op.gaussian(key, 1)[0]
     # The probe's scale as a Python float and the block in the operator's dtype: a NumPy float64
     # scalar would promote a float32 probe under jax_enable_x64 (a FutureWarning, later an error).
     start = start[:block_size].astype(op.dtype)
@@ -317,7 +317,7 @@ def track_curvature(
       ``min(r, r²/gap)`` is below ``tol·|θ₁|`` (the default: tracking wants the
       eigenvalue); ``"residual"`` when the residual ``r`` is, which bounds the
       error (costs more products).
-    warm_mix: Norm of the random probe added to a warm start's first vector
+    warm_mix: Norm (about) of the normal random probe added to a warm start's first vector
       (whose norm is 1), so that no direction is invisible to it.
     block_size: Number ``b`` of Ritz vectors kept in the record and used as the
       next start block (``b`` products up front). With ``b >= 2`` the block's
