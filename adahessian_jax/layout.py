@@ -107,11 +107,6 @@ def axis_names_of(node: Any) -> AxisNames | None:
   return _as_names(_spec_of(node))
 
 
-def _short_ok(node: Any) -> bool:
-  """Whether ``node``'s names are a ``PartitionSpec``, which leaves trailing axes unnamed."""
-  return _is_spec(getattr(_spec_of(node), "spec", _spec_of(node)))
-
-
 class LeafLayout(NamedTuple):
   """One array leaf of a parameter tree and what is known about its axes.
 
@@ -119,14 +114,11 @@ class LeafLayout(NamedTuple):
     path: The canonical path (the box's ``.value`` step removed).
     leaf: The leaf (an array, a shape-dtype struct or a ``PartitionSpec``).
     names: Its axis names, or ``None``.
-    from_spec: Whether the names come from a ``PartitionSpec``, which may be
-      shorter than the rank: its trailing axes are unnamed, as JAX reads it.
   """
 
   path: tuple[Any, ...]
   leaf: Any
   names: AxisNames | None
-  from_spec: bool = False
 
 
 def leaves(tree: Any) -> list[LeafLayout]:
@@ -145,13 +137,12 @@ def leaves(tree: Any) -> list[LeafLayout]:
   nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_annotated)[0]
   for path, node in nodes:
     if _is_spec(node) or not is_annotated(node):
-      spec = _is_spec(node)
-      out.append(LeafLayout(tuple(path), node, axis_names_of(node) if spec else None, spec))
+      out.append(LeafLayout(tuple(path), node, axis_names_of(node) if _is_spec(node) else None))
       continue
     names = axis_names_of(node)
     inner = jax.tree_util.tree_flatten_with_path(node)[0]
     if len(inner) == 1:
-      out.append(LeafLayout(tuple(path), inner[0][1], names, _short_ok(node)))
+      out.append(LeafLayout(tuple(path), inner[0][1], names))
     else:  # a box around a tree: its names describe no single leaf
       out.extend(LeafLayout(tuple(path) + tuple(p), x, None) for p, x in inner)
   return out

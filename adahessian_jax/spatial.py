@@ -610,14 +610,11 @@ class Averaging:
     names: ``(path string, axis names)`` pairs for leaves that carry no names of
       their own (see :func:`named`), or ``None``.
     strict: Refuse ambiguous leaves (see :func:`strict`).
-    from_spec: The paths among ``names`` whose names come from a
-      ``PartitionSpec`` (trailing axes unnamed when it is shorter than the rank).
   """
 
   rules: Any = None
   names: tuple[tuple[str, AxisNames | None], ...] | None = None
   strict: bool = False
-  from_spec: frozenset[str] = frozenset()
 
 
 def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
@@ -648,8 +645,7 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   Raises:
     ValueError: if ``source`` carries no axis names at all.
   """
-  infos = layout.leaves(source)
-  names = {jax.tree_util.keystr(x.path): x.names for x in infos}
+  names = layout.names_by_path(source)
   if all(n is None for n in names.values()):
     raise ValueError(
       "spatial.named got a tree without axis names: pass boxed Linen params (from init with "
@@ -658,10 +654,9 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
       "(nn.get_partition_spec(boxed_params))."
     )
   pairs = tuple(names.items())
-  from_spec = frozenset(jax.tree_util.keystr(x.path) for x in infos if x.from_spec)
   if isinstance(averaging, Averaging):
-    return dataclasses.replace(averaging, names=pairs, from_spec=from_spec)
-  return Averaging(averaging, names=pairs, from_spec=from_spec)
+    return dataclasses.replace(averaging, names=pairs)
+  return Averaging(averaging, names=pairs)
 
 
 def strict(averaging: AveragingSpec = None) -> Averaging:
@@ -841,7 +836,7 @@ def _ambiguity_error(rows: Sequence[Row]) -> ValueError:
 
 def _leaf_names(info: layout.LeafLayout, where: str, shape, spec: Averaging) -> AxisNames | None:
   """The axis names of one leaf: its own, else those :func:`named` gave for its path."""
-  names, from_spec = info.names, info.from_spec
+  names = info.names
   if names is None and spec.names is not None:
     given = dict(spec.names)
     if where not in given:
@@ -850,15 +845,22 @@ def _leaf_names(info: layout.LeafLayout, where: str, shape, spec: Averaging) -> 
         f"{len(given)} leaves, e.g. {list(given)[:3]}. Pass names for the same tree the "
         "optimizer sees (same paths)."
       )
-    names, from_spec = given[where], where in spec.from_spec
+    names = given[where]
   if names is None:
     return None
-  if from_spec and len(names) < len(shape):  # P("layers") on (layers, in, out): the rest unnamed
-    names = tuple(names) + (None,) * (len(shape) - len(names))
+  # By position, one entry per axis: a spec shorter than the rank is refused, not padded, since
+  # names one short are also what a stack whose transform did not add the stacked axis carries.
   if len(names) != len(shape):
+    stale = (
+      " Names one short of the rank are those of one layer of a stack whose transform did not "
+      "add the stacked axis: nnx.vmap/nnx.scan need transform_metadata={nnx.PARTITION_NAME: "
+      "'layers'}, nn.scan/nn.vmap metadata_params={nn.PARTITION_NAME: 'layers'}."
+      if len(names) == len(shape) - 1
+      else ""
+    )
     raise ValueError(
       f"the axis names {names} of the leaf at {where} have {len(names)} entries, but its "
-      f"shape {shape} has rank {len(shape)}."
+      f"shape {shape} has rank {len(shape)}.{stale}"
     )
   return names
 

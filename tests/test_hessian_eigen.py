@@ -221,6 +221,14 @@ def test_power_iteration_judges_convergence_by_the_residual():
   assert got.residuals[0] > 1.0
 
 
+def test_power_iteration_after_an_unconverged_value_claims_nothing():
+  """Eigenvalues ±5 and 1: the first iteration cannot settle; deflating its vector, not an
+  eigenvector, left the second to settle on a value that is no eigenvalue (1.0, marked
+  converged, where ±5 are the next largest in magnitude)."""
+  got = hessian.power_iteration(_matrix_operator(np.diag([5.0, -5.0, 1.0, 0.5])), 2, max_iter=200)
+  assert not got.converged.any()
+
+
 def test_power_iteration_on_zero_and_deflated_null_spaces():
   """A rank-1 ``H = uuᵀ`` (eigenvalues 55, 0, 0, 0, 0): the deflated second iteration normalised
   rounding noise and returned 31.1; a zero Hessian divided 0 by 0 (NonFiniteError)."""

@@ -382,18 +382,22 @@ def test_named_errors_name_the_problem():
     spatial.resolve_rules(too_long, plain)
 
 
-def test_a_partition_spec_names_its_leading_axes_and_p_empty_names_none():
-  # As JAX reads a spec: P("layers") on a rank-3 leaf leaves its last two axes unnamed, and
-  # P() (what nn.get_partition_spec gives a leaf without a box) names no axis at all.
+def test_an_empty_partition_spec_names_nothing_and_a_short_one_is_refused():
+  # P() is what nn.get_partition_spec gives a leaf without a box: no names, not a rank mismatch.
   plain = {"w": jnp.zeros((2, 3, 4)), "scale": jnp.zeros(4)}
-  specs = {"w": jax.sharding.PartitionSpec("layers"), "scale": jax.sharding.PartitionSpec()}
+  specs = {
+    "w": jax.sharding.PartitionSpec("layers", None, None),
+    "scale": jax.sharding.PartitionSpec(),
+  }
   rows = spatial.describe(plain, spatial.named(specs), block_size=3).rows
   assert [r.names for r in rows] == [None, ("layers", None, None)]  # leaves in key order
   assert rows[1].rule == spatial.per_layer(spatial.blocks(3))
-  # A box's names must match its rank exactly: only specs are padded.
-  boxed = {"w": nn.LogicallyPartitioned(jnp.zeros((2, 3, 4)), ("layers", "embed"))}
-  with pytest.raises(ValueError, match=r"\('layers', 'embed'\) of the leaf at \['w'\] have 2"):
-    spatial.describe(boxed, block_size=3)
+  # Names go by position; one short is also what a stale stack carries, so it is not padded.
+  short = spatial.named({"w": jax.sharding.PartitionSpec("embed", "mlp"), "scale": specs["scale"]})
+  with pytest.raises(
+    ValueError, match=r"have 2 entries, but its shape \(2, 3, 4\) has rank 3\. Names one short"
+  ):
+    spatial.describe(plain, short, block_size=3)
 
 
 class HandStacked(nn.Module):

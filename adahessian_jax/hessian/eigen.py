@@ -317,7 +317,9 @@ def power_iteration(
   Returns:
     An :class:`Eigen`; each eigenvalue is the Rayleigh quotient of its
     returned vector; ``residuals`` are measured (on ``H``, not deflated) with
-    ``k`` extra products that are not counted in ``num_matvecs``.
+    ``k`` extra products that are not counted in ``num_matvecs``. A value
+    after one that did not converge is not marked converged either: it was
+    found with a deflation by a vector that is not an eigenvector.
   """
   k = _check(k, "LM", op)
   max_iter = _validation.count("max_iter", max_iter)
@@ -341,7 +343,9 @@ def power_iteration(
       v = nxt
     found = found.at[i].set(v)
     values.append(lam)
-    converged.append(ok)
+    # Deflating a vector that is not an eigenvector leaves its eigenvector's component in the
+    # operator the later iterations see: their values are not eigenvalues even if they settle.
+    converged.append(ok and all(converged))
   values = np.asarray(values)
   residuals = np.linalg.norm(
     np.asarray(op.matmat(found), np.float64) - values[:, None] * np.asarray(found, np.float64),
