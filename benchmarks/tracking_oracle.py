@@ -7,7 +7,7 @@ rates) and, at every step, for the Hessian ``H`` and the preconditioned ``P^{-1/
 * the *oracle* count of a run: the fewest products after which its top Ritz value is within
   ``--target`` (1e-4) relative of the reference, read off ``Sharpness.history`` (a stopping rule
   can only stop later: it must also see that it has converged);
-* runs of ``track_curvature``'s iteration from a Rademacher vector (cold), and from the previous
+* runs of ``track_curvature``'s iteration from a normal random vector (cold), and from the previous
   reference eigenvector (``block_size=1``, plain Lanczos) or the previous top-2 reference vectors
   (``block_size=2``, the default), taken ``s`` steps before, for spacings ``s`` in 1, 3, 10, and
   ``s = 0`` (the step's own reference vectors: the floor, an eigenvector that did not move).
