@@ -73,7 +73,6 @@ import abc
 import dataclasses
 import math
 import numbers
-import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -894,13 +893,19 @@ def _in_named_stacks(
     happens to have the stack's sizes). Strict mode refuses these.
   """
   keys = [tuple(str(k) for k in p) for p in paths]
-  named = [j for j, n in enumerate(names) if n is not None]
+  below: dict[tuple, list[int]] = {}  # every path prefix -> the named leaves under it
+  for j, n in enumerate(names):
+    if n is not None:
+      for depth in range(len(keys[j]) + 1):
+        below.setdefault(keys[j][:depth], []).append(j)
   inferred, unsure = {}, set()
   for i, rule in enumerate(rules):
-    if names[i] is not None or not isinstance(rule, FlaxDefault) or not named:
+    if names[i] is not None or not isinstance(rule, FlaxDefault) or not below:
       continue
-    common = [len(os.path.commonprefix([keys[i], keys[j]])) for j in named]
-    nearest = [j for j, c in zip(named, common, strict=True) if c == max(common)]
+    # The named leaves sharing the longest prefix with leaf i: those under its deepest ancestor
+    # that has any (the root, shared by all, at worst).
+    depth = next(d for d in range(len(keys[i]), -1, -1) if keys[i][:d] in below)
+    nearest = below[keys[i][:depth]]
     roles = rule.roles()
     stacks = {j: _stacked_axes(names[j], shapes[j], roles) for j in nearest}
     fits = [
@@ -912,7 +917,7 @@ def _in_named_stacks(
       for a, name, _ in stacks[nearest[0]]:
         own[a] = name
       inferred[i] = (tuple(own), nearest[0])
-      if max(common) == 0:
+      if depth == 0:
         unsure.add(i)
     elif any(fits):
       unsure.add(i)
