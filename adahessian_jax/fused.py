@@ -25,22 +25,23 @@ from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refr
 __all__ = ["value_grad_and_hessian_diag"]
 
 
-def _mark_not_finite(grads: Any, estimate: Any, owned: Any) -> Any:
+def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
   """``grads`` with one entry NaN if ``estimate`` has a non-finite entry where AdaHessian uses it
   (for ``optax.apply_if_finite``): a sum over the estimate and a one-entry update, no pass over
   ``grads``.
 
-  ``owned`` is the AdaHessian state's ``mu``: inside ``optax.masked`` or ``multi_transform`` it
-  has a ``MaskedNode`` at each leaf another transform owns. Those leaves' estimates are not used,
-  and their gradients go to that transform, which would apply a NaN: the mark goes in the first
-  non-empty leaf AdaHessian owns, and only its own leaves' estimates can set it.
+  ``owned`` is :func:`_owned`'s: inside ``optax.masked`` or ``multi_transform`` the AdaHessian
+  state's ``mu``, with a ``MaskedNode`` at each leaf another transform owns. Those leaves'
+  estimates are not used, and their gradients go to that transform, which would apply a NaN: the
+  mark goes in the first non-empty leaf AdaHessian owns, and only its own leaves' estimates can
+  set it. ``None``: AdaHessian owns every leaf.
   """
   flat, treedef = jax.tree.flatten(grads)
   estimates = jax.tree.leaves(estimate)
-  slots = jax.tree.leaves(owned, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  mine = [i for i, m in enumerate(slots) if not isinstance(m, optax.MaskedNode)]
-  if len(slots) != len(flat):  # not the params' tree: AdaHessian owns every leaf
-    mine = list(range(len(flat)))
+  mine = list(range(len(flat)))
+  if owned is not None:
+    slots = jax.tree.leaves(owned, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    mine = [i for i, m in enumerate(slots) if not isinstance(m, optax.MaskedNode)]
   target = next((i for i in mine if flat[i].size > 0), None)
   if target is None:  # nothing AdaHessian owns has an entry to mark
     return grads
@@ -145,10 +146,11 @@ def value_grad_and_hessian_diag(
 
     def with_hessian():
       keys, _ = probe_keys(state)
+      owned = _owned(params, state.mu)
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
-        loss, params, keys, has_aux, name="fun", owned=_owned(params, state.mu)
+        loss, params, keys, has_aux, name="fun", owned=owned
       )
-      return value, _mark_not_finite(grads, estimate, state.mu), estimate
+      return value, _mark_not_finite(grads, estimate, owned), estimate
 
     def without_hessian():
       value, grads = jax.value_and_grad(loss, has_aux=has_aux)(params)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adahessian_jax import _validation
+from adahessian_jax import _validation, masking
 from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
@@ -169,18 +169,12 @@ def value_grad_and_diagonal(
     ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
     over the probes, a pytree like ``params``.
   """
-  masked = lambda x: isinstance(x, optax.MaskedNode)
 
   def probe(key):
     if owned is None:
       return rademacher_like(key, params)
-    mine = jax.tree.map(lambda m, p: m if masked(m) else p, owned, params, is_leaf=masked)
-    return jax.tree.map(
-      lambda z, p: jnp.zeros_like(p) if masked(z) else z,
-      rademacher_like(key, mine),
-      params,
-      is_leaf=masked,
-    )
+    mine = rademacher_like(key, masking.restrict_to(params, owned))
+    return masking.fill_masked(mine, params, jnp.zeros_like)
 
   def one(key):
     z = probe(key)

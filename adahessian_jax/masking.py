@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["MaskedValueFn", "has_masked_nodes", "masked_value_fn", "restrict_to"]
+__all__ = ["MaskedValueFn", "fill_masked", "has_masked_nodes", "masked_value_fn", "restrict_to"]
 
 _is_masked = lambda x: isinstance(x, optax.MaskedNode)
 
@@ -34,6 +34,13 @@ def restrict_to(full: Any, masked_like: Any) -> Any:
   return jax.tree.map(lambda m, x: m if _is_masked(m) else x, masked_like, full, is_leaf=_is_masked)
 
 
+def fill_masked(masked: Any, full: Any, fill: Callable[[Any], Any]) -> Any:
+  """``masked`` with each ``MaskedNode`` replaced by ``fill`` of the leaf of ``full`` there."""
+  return jax.tree.map(
+    lambda m, x: fill(x) if _is_masked(m) else m, masked, full, is_leaf=_is_masked
+  )
+
+
 class MaskedValueFn:
   """A whole-model loss evaluated on a masked parameter tree (see :func:`masked_value_fn`)."""
 
@@ -42,10 +49,7 @@ class MaskedValueFn:
     self.full_params = full_params
 
   def __call__(self, params: Any) -> jax.Array:
-    filled = jax.tree.map(
-      lambda p, full: full if _is_masked(p) else p, params, self.full_params, is_leaf=_is_masked
-    )
-    return self.value_fn(filled)
+    return self.value_fn(fill_masked(params, self.full_params, lambda full: full))
 
 
 def masked_value_fn(value_fn: Callable[[Any], jax.Array], full_params: Any) -> MaskedValueFn:

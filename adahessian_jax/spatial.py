@@ -833,11 +833,12 @@ def _ambiguity_error(rows: Sequence[Row]) -> ValueError:
   )
 
 
-def _leaf_names(info: layout.LeafLayout, where: str, shape, spec: Averaging) -> AxisNames | None:
+def _leaf_names(
+  info: layout.LeafLayout, where: str, shape, given: dict[str, AxisNames | None] | None
+) -> AxisNames | None:
   """The axis names of one leaf: its own, else those :func:`named` gave for its path."""
   names = info.names
-  if names is None and spec.names is not None:
-    given = dict(spec.names)
+  if names is None and given is not None:
     if where not in given:
       raise ValueError(
         f"spatial.named has no entry for the leaf at {where}; its source has "
@@ -930,7 +931,8 @@ def _plan(averaging, params, block_size, strict_mode):
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
-  names = [_leaf_names(*args, spec) for args in zip(infos, wheres, shapes, strict=True)]
+  given = dict(spec.names) if spec.names is not None else None
+  names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   inferred, unsure = _in_named_stacks([x.path for x in infos], shapes, names, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):

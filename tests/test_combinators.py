@@ -12,6 +12,19 @@ import adahessian_jax as ah
 LABELS = {"hidden": {"kernel": "ada", "bias": "ada"}, "out": {"kernel": "sgd", "bias": "sgd"}}
 
 
+def closure_step(tx, loss_fn, batch):
+  """A jitted step of ``tx`` by the closure route, the whole-model loss wrapped for the mask."""
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    value_fn = ah.masked_value_fn(lambda p: loss_fn(p, batch), params)
+    updates, state = tx.update(grads, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 def test_multi_transform_with_whole_model_closure_equals_adahessian_on_the_subtree(mlp_problem):
   params, loss_fn, batch = mlp_problem
   tx = optax.multi_transform({"ada": ah.adahessian(0.1), "sgd": optax.sgd(0.05)}, LABELS)
@@ -21,13 +34,7 @@ def test_multi_transform_with_whole_model_closure_equals_adahessian_on_the_subtr
   ref_tx = ah.adahessian(0.1)
   ref_state = ref_tx.init(params["hidden"])
   ref = params
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(loss_fn)(params, batch)
-    value_fn = ah.masked_value_fn(lambda p: loss_fn(p, batch), params)
-    updates, state = tx.update(grads, state, params, value_fn=value_fn)
-    return optax.apply_updates(params, updates), state
+  step = closure_step(tx, loss_fn, batch)
 
   for _ in range(4):
     params, state = step(params, state)
@@ -50,13 +57,7 @@ def test_inside_multi_transform_the_fused_route_follows_the_closure_route(mlp_pr
     {"ada": ah.adahessian(0.1, update_freq=update_freq), "sgd": optax.sgd(0.05)}, LABELS
   )
   vgh = ah.value_grad_and_hessian_diag(loss_fn)
-
-  @jax.jit
-  def closure(params, state):
-    grads = jax.grad(loss_fn)(params, batch)
-    value_fn = ah.masked_value_fn(lambda p: loss_fn(p, batch), params)
-    updates, state = tx.update(grads, state, params, value_fn=value_fn)
-    return optax.apply_updates(params, updates), state
+  closure = closure_step(tx, loss_fn, batch)
 
   @jax.jit
   def fused(params, state):

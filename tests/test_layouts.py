@@ -29,6 +29,17 @@ def per_layer_constants(tree):
   )
 
 
+def scan_layers(layer, length=4):
+  """``layer`` scanned ``length`` times, its boxed params' stacked axis named "layers"."""
+  return nn.scan(
+    layer,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
 def linen_stack(box, kernel_names=("embed", "mlp"), bias_names=("mlp",)):
   """4 scanned layers: kernel (4, 16, 32) named ('layers', *kernel_names), bias (4, 32)."""
 
@@ -42,14 +53,7 @@ def linen_stack(box, kernel_names=("embed", "mlp"), bias_names=("mlp",)):
   class Stack(nn.Module):
     @nn.compact
     def __call__(self, x):
-      scan = nn.scan(
-        Layer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        length=4,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-      )
-      return scan(name="layers")(x, None)[0]
+      return scan_layers(Layer)(name="layers")(x, None)[0]
 
   # Only shapes and names matter here: trace init abstractly, then fill with zeros.
   shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((2, 16)))["params"]
@@ -230,14 +234,7 @@ class TinyLM(nn.Module):
       out_bias_init=P(zeros, ("embed",)),
       param_dtype=jnp.float64,
     )(x)
-    stack = nn.scan(
-      MLPLayer,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      length=3,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x = stack(name="stack")(x, None)[0]
+    x = scan_layers(MLPLayer, 3)(name="stack")(x, None)[0]
     return nn.Dense(
       11,
       kernel_init=P(lecun, ("embed", "vocab")),
@@ -513,18 +510,11 @@ class ScannedBlock(nn.Module):
 def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
   # nn.scan names the stacked axis of boxed params only: the LayerNorm scale and the Dense bias
   # come out as plain (layers, features) arrays, which by rank look like Dense kernels.
-  stack = nn.scan(
-    ScannedBlock,
-    variable_axes={"params": 0},
-    split_rngs={"params": True},
-    length=4,
-    metadata_params={nn.PARTITION_NAME: "layers"},
-  )
-  params = stack().init(jax.random.key(0), jnp.ones((1, 4)), None)["params"]
+  params = scan_layers(ScannedBlock)().init(jax.random.key(0), jnp.ones((1, 4)), None)["params"]
   if nested:  # the stack under a key, beside an unboxed head of another shape
     params = {"blocks": params, "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
   plain = nn.unbox(params)
-  per_layer = jnp.asarray(10.0 ** np.arange(4))[:, None] * jnp.ones((4, 4))
+  per_layer = per_layer_constants(jnp.zeros((4, 4)))
   hessian_diag = jax.tree.map(jnp.ones_like, plain)
   ln = hessian_diag["blocks"]["LayerNorm_0"] if nested else hessian_diag["LayerNorm_0"]
   ln["scale"] = per_layer
@@ -532,13 +522,14 @@ def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
   nu = _nu_after_one_step(tx, plain, hessian_diag)
   got = nu["blocks"]["LayerNorm_0"]["scale"] if nested else nu["LayerNorm_0"]["scale"]
   np.testing.assert_allclose(got, per_layer, rtol=1e-6)  # rank 1 per layer: nothing averaged
-  rows = {r.path: r for r in spatial.describe(plain, spatial.named(params), 2).rows}
+  listing = spatial.describe(plain, spatial.named(params), 2)
+  rows = {r.path: r for r in listing.rows}
   scale = rows["['blocks']['LayerNorm_0']['scale']" if nested else "['LayerNorm_0']['scale']"]
   assert scale.names == ("layers", None)
   assert "stacked axes taken from its named relative" in scale.why
   # With the stack under a key, its leaves' inference is sure; at the root, or for the head
   # that shares no key with the stack but happens to have its 4 rows, strict mode refuses.
-  ambiguous = [r.path for r in spatial.describe(plain, spatial.named(params), 2).ambiguous]
+  ambiguous = [r.path for r in listing.ambiguous]
   if nested:
     assert ambiguous == ["['head']['kernel']"]
     assert rows["['head']['kernel']"].rule == spatial.per_layer(spatial.none())  # less, not across

@@ -117,8 +117,7 @@ def spectral_density(
       1-D sequence of finite numbers (checked before any product is spent).
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
-  if grid is not None:
-    _grid(grid)
+  grid = None if grid is None else _grid(grid)
   num_probes = _validation.count("num_probes", num_probes)
   num_steps = _validation.count("num_steps", num_steps)
   num_points = _validation.count("num_points", num_points, 2)
@@ -137,6 +136,5 @@ def spectral_density(
     sigma = 0.01 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 1e-3
   if grid is None:
     grid = np.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points)
-  grid = _grid(grid)
   density = gaussian_mixture(grid, nodes, weights, sigma)
   return SpectralDensity(grid, density, nodes, weights, float(sigma), num_probes * dec.num_steps)
