@@ -153,7 +153,7 @@ def lanczos(
       break
     dead = c[1, :, -1] == 0
     if restart is not None and dead.any() and j + 1 < m:
-      z = jax.random.normal(jax.random.fold_in(restart, j), (b, n), op.dtype)
+      z = op.gaussian(jax.random.fold_in(restart, j), b)
       basis, v, fresh = _restart(basis, v, z, j, jnp.asarray(dead), tol)
       dead = dead & ~np.asarray(fresh)
     if np.all(dead):

@@ -222,7 +222,7 @@ def top_eigenvalues(
     # of T. A closed one started from a normal random vector has almost surely seen every
     # distinct eigenvalue left outside the earlier blocks, and every eigenvalue left outside it
     # is one of its values: none may beat the k-th wanted one. A closed first block (from the
-    # start vector, which may be structured: a Rademacher vector, a v0) proves nothing.
+    # start vector, which may be structured, e.g. a given v0) proves nothing.
     j = alphas.shape[0]
     live = blocks(betas, j)[-1]
     if betas[-1] == 0:
