@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["MaskedValueFn", "fill_masked", "has_masked_nodes", "masked_value_fn", "restrict_to"]
+__all__ = ["MaskedValueFn", "has_masked_nodes", "masked_value_fn", "restrict_to"]
 
 _is_masked = lambda x: isinstance(x, optax.MaskedNode)
 
