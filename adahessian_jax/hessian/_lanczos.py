@@ -62,10 +62,14 @@ def norm(x: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.squeeze(s, axis) * jnp.linalg.norm(x / s, axis=axis)
 
 
-def _orthogonalise(basis, w):
-  """``w`` minus its projection on the rows of ``basis``, twice ("twice is enough", Parlett)."""
+def orthogonalise(basis, w):
+  """``w`` minus its projection on the rows of ``basis``, twice ("twice is enough", Parlett).
+
+  ``basis`` is ``(..., m, n)`` with orthonormal (or zero) rows, ``w`` is ``(..., n)``; leading
+  axes are batch axes.
+  """
   for _ in range(2):
-    w = w - jnp.einsum("bm,bmn->bn", jnp.einsum("bmn,bn->bm", basis, w), basis)
+    w = w - jnp.einsum("...m,...mn->...n", jnp.einsum("...mn,...n->...m", basis, w), basis)
   return w
 
 
@@ -76,7 +80,7 @@ def _extend(basis, v, w, j, tol):
   raw = norm(w)
   # Full reorthogonalisation: classical Gram-Schmidt against every stored vector, which also
   # removes the three-term recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows are 0.
-  w = _orthogonalise(basis, w)
+  w = orthogonalise(basis, w)
   beta = norm(w)
   ok = beta > tol * raw
   beta = jnp.where(ok, beta, 0.0)
@@ -91,7 +95,7 @@ def _restart(basis, v, z, j, dead, tol):
   Returns the basis with the new ``v_{j+1}``, it, and per row whether the fresh vector kept more
   than ``tol`` of its norm (it always does unless the basis already spans the space).
   """
-  fresh = _orthogonalise(basis, z)
+  fresh = orthogonalise(basis, z)
   size = norm(fresh)
   ok = dead & (size > tol * norm(z))
   nxt = jnp.where(ok[:, None], fresh / jnp.where(ok, size, 1.0)[:, None], v)
