@@ -96,6 +96,27 @@ def test_xtrace_is_exact_for_low_rank():
   assert est.stderr == 0.0
 
 
+def test_hutchpp_is_exact_when_the_sketch_would_cost_n_products(op):
+  # n = 75: a sketch of 38 probes costs 76 products, more than the 75 products H e_j.
+  truth = np.trace(mlp_hessian())
+  est = hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=38)
+  assert est.trace == pytest.approx(truth, rel=1e-10)
+  assert (est.stderr, est.num_matvecs, est.num_samples) == (0.0, 75, 0)
+  below = hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=37, min_samples=4, max_samples=4)
+  assert (below.num_matvecs, below.num_samples) == (74 + 4, 4) and below.stderr > 0
+
+
+def test_hutchpp_is_exact_for_low_rank():
+  # Rank 4 < 6 probes: the sketch captures H, and no residual sample (all zero) is drawn.
+  ev = np.zeros(30)
+  ev[:4] = [3.0, -1.0, 0.5, 2.0]
+  params, a = quadratic(ev)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  est = hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=6)
+  assert est.trace == pytest.approx(4.5, rel=1e-10)
+  assert (est.stderr, est.num_matvecs, est.num_samples) == (0.0, 12, 0)
+
+
 def test_stopping_rule_stops_on_the_standard_error(op):
   truth = np.trace(mlp_hessian())
   est = hessian.hutchinson_trace(op, jax.random.key(0), rtol=0.05, max_samples=5000)

@@ -20,6 +20,7 @@ from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = [
   "Sketch",
+  "basis_products",
   "exchangeable_estimate",
   "exchangeable_sketch",
   "independent_probes",
@@ -138,6 +139,22 @@ def leave_one_out_directions(r: jax.Array) -> jax.Array:
   return s / jnp.linalg.norm(s, axis=0, keepdims=True)
 
 
+def basis_products(op: HessianOperator) -> tuple[jax.Array, jax.Array]:
+  """The ``n`` unit vectors ``e_j`` and the products ``H e_j``, as rows in :func:`wide_dtype`.
+
+  ``n`` products give ``H`` itself: estimators whose sketch would cost as many compute their
+  value exactly from these instead.
+
+  Raises:
+    NonFiniteError: if a product is not finite.
+  """
+  wide = wide_dtype(op.dtype)
+  basis = jnp.eye(op.size, dtype=op.dtype)
+  products = op.matmat(basis)
+  _checks.finite(products, "the Hessian-vector product of a basis vector")
+  return basis.astype(wide), products.astype(wide)
+
+
 def exchangeable_estimate(
   op: HessianOperator,
   key: jax.Array,
@@ -175,12 +192,8 @@ def exchangeable_estimate(
     NonFiniteError: if a product is not finite.
   """
   num_matvecs = _validation.count("num_matvecs", num_matvecs, 4)
-  wide = wide_dtype(op.dtype)
   if num_matvecs >= op.size:  # H e_j for every j: tr(H) and diag(H) exactly
-    basis = jnp.eye(op.size, dtype=op.dtype)
-    products = op.matmat(basis)
-    _checks.finite(products, "the Hessian-vector product of a basis vector")
-    value = exact(basis.astype(wide), products.astype(wide))
+    value = exact(*basis_products(op))
     return value, jnp.zeros_like(value), op.size, 0
   sk = exchangeable_sketch(op, key, num_matvecs // 2)
   s = sk.num_probes

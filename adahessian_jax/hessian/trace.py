@@ -36,9 +36,12 @@ import numpy as np
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian._lanczos import orthogonalise
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks
 from adahessian_jax.hessian._sketch import (
+  basis_products,
   exchangeable_estimate,
+  exchangeable_sketch,
   leave_one_out_directions,
   wide_dtype,
 )
@@ -137,16 +140,7 @@ def hutchinson_trace(
   return _sampled_trace(op, key, 0.0, rtol, atol, min_samples, max_samples, block_size)
 
 
-@jax.jit
-def _orthonormal_rows(y):
-  """An orthonormal basis of the rows of ``y``, as rows in :func:`wide_dtype`."""
-  q, _ = jnp.linalg.qr(y.astype(wide_dtype(y.dtype)).T)
-  return q.T
-
-
-@jax.jit
-def _deflate(q, vs):
-  return vs - (vs @ q.T) @ q
+_deflate = jax.jit(orthogonalise)  # (I − QQᵀ) applied to rows
 
 
 def hutchpp_trace(
@@ -154,12 +148,17 @@ def hutchpp_trace(
 ) -> TraceEstimate:
   """Hutch++: exact trace on a sketched subspace plus Hutchinson on the rest.
 
-  With ``Q`` an orthonormal basis of ``H S`` (``S`` ``sketch_size`` Rademacher
-  probes), ``tr(H) = tr(QᵀHQ) + tr((I−QQᵀ) H (I−QQᵀ))``; the first term is
-  computed exactly (``sketch_size`` products), the second by
-  :func:`hutchinson_trace` on the deflated operator (probes ``(I−QQᵀ)z``), with
-  its stopping rule. The classic fixed-budget Hutch++ with ``m`` products is
-  ``sketch_size = min_samples = max_samples = m/3``.
+  With ``Q`` an orthonormal basis of ``H S`` (``S`` ``sketch_size`` linearly
+  independent Rademacher probes), ``tr(H) = tr(QᵀHQ) + tr((I−QQᵀ) H (I−QQᵀ))``;
+  the first term is computed exactly (``2·sketch_size`` products: ``HS`` and
+  ``HQ``), the second by :func:`hutchinson_trace` on the deflated operator
+  (probes ``(I−QQᵀ)z``), with its stopping rule. The classic fixed-budget
+  Hutch++ with ``m`` products is ``sketch_size = min_samples = max_samples = m/3``.
+
+  Exact cases, returned with a zero error and no samples: a sketch that would
+  cost at least ``n`` products (``2·sketch_size >= n``; the trace of the ``n``
+  products ``H e_j`` is taken instead, ``n`` spent), and an ``H`` the sketch
+  captures (rank below ``sketch_size``; no residual sample is drawn).
 
   Args:
     op: The Hessian operator.
@@ -183,15 +182,19 @@ def hutchpp_trace(
   if unknown:
     raise TypeError(f"hutchpp_trace got unknown arguments {sorted(unknown)}; see hutchinson_trace")
   args.update(stopping)
-  s = min(_validation.count("sketch_size", sketch_size, 0), op.size)
+  s = _validation.count("sketch_size", sketch_size, 0)
+  if s > 0 and 2 * s >= op.size:  # the sketch alone would cost n products: take H e_j
+    basis, products = basis_products(op)
+    return TraceEstimate(float(jnp.sum(_quadratic_forms(basis, products))), 0.0, op.size, 0)
   k_sketch, k_res = jax.random.split(key)
   q, exact = jnp.zeros((0, op.size), wide_dtype(op.dtype)), 0.0
   if s > 0:
-    y = op.matmat(op.rademacher(k_sketch, s))
-    _checks.finite(y, "the Hessian-vector product of a sketch probe")
-    q = _orthonormal_rows(y)
-    exact = float(jnp.sum(_quadratic_forms(q, op.matmat(q))))
+    sketch = exchangeable_sketch(op, k_sketch, s)
+    q = sketch.q
+    exact = float(jnp.sum(_quadratic_forms(q, sketch.z)))
     _checks.finite(exact, "the trace on the sketched subspace")
+    if sketch.low_rank:  # H = QQᵀH: the remainder is zero, no sample can change the value
+      return TraceEstimate(exact, 0.0, 2 * s, 0)
   full_probes = op.probes_fn
   # zᵀHz with deflated probes z = (I−QQᵀ)z₀: Hutchinson on (I−QQᵀ)H(I−QQᵀ).
   deflated = dataclasses.replace(op, probes_fn=lambda keys: _deflate(q, full_probes(keys)))
