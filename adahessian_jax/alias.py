@@ -31,6 +31,25 @@ STATIC_ARGS = (
 )
 
 
+def _check_mask(mask: Any) -> None:
+  """Raises for a ``weight_decay_mask`` that is a single boolean or array instead of a tree.
+
+  ``optax.inject_hyperparams`` calls a callable argument that is not static as a schedule, with
+  the step count: a mask function given the count returns one boolean (e.g. ``False`` from
+  ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``), which would silently decay no leaf, or
+  every one.
+  """
+  if mask is None or callable(mask) or not jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+    return
+  raise ValueError(
+    f"weight_decay_mask must be a pytree of booleans like the params, or a callable returning "
+    f"one, got the single value {mask!r}. With optax.inject_hyperparams a mask function that is "
+    "not static is called as a schedule with the step count: pass "
+    "static_args=adahessian_jax.STATIC_ARGS. To decay every leaf or none, leave the mask None "
+    "and set weight_decay (0 for none)."
+  )
+
+
 def adahessian(
   learning_rate: optax.ScalarOrSchedule = 0.15,
   b1: jax.typing.ArrayLike = 0.9,
@@ -110,6 +129,7 @@ def adahessian(
     Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
   """
   _validation.hyperparameter("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
+  _check_mask(weight_decay_mask)
   if not callable(learning_rate):  # a schedule's values are not known here
     _validation.hyperparameter("learning_rate", learning_rate, 0.0, float("inf"), hi_open=True)
   return optax.chain(

@@ -222,6 +222,23 @@ def test_inject_hyperparams_plain_call_trains_under_jit():
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(schedule(19)))
 
 
+def test_inject_hyperparams_mask_function_must_be_static():
+  params = {"w": jnp.asarray([[0.5, -1.0]]), "b": jnp.asarray([0.1])}
+  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
+  kernels = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  make = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)
+  losses, _ = run(make(0.1, weight_decay=0.5, weight_decay_mask=kernels), loss, params, 5)
+  mask = {"w": True, "b": False}
+  direct, _ = run(ah.adahessian(0.1, weight_decay=0.5, weight_decay_mask=mask), loss, params, 5)
+  np.testing.assert_allclose(losses, direct, rtol=1e-6)
+  undecayed, _ = run(ah.adahessian(0.1), loss, params, 5)
+  assert np.max(np.abs(direct - undecayed)) > 1e-3  # the decay matters on this problem
+  # Not static, the mask function is called with the step count and returns False: no decay.
+  tx = optax.inject_hyperparams(ah.adahessian)(0.1, weight_decay=0.5, weight_decay_mask=kernels)
+  with pytest.raises(ValueError, match="weight_decay_mask .* got the single value False.*STATIC"):
+    tx.init(params)
+
+
 # ---------------------------------------------------------------- non-finite estimates
 
 
