@@ -100,8 +100,19 @@ def hyperparameter(
   ``optax.inject_hyperparams`` traces the values it injects inside ``jit``; they cannot be
   checked there, and were checked when the optimizer was first built.
   """
-  if not isinstance(value, jax.core.Tracer):
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
     interval(name, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+  except ValueError as e:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits >= 32:
+      raise
+    # e.g. b2=0.999 rounds to 1.0 in bfloat16, the dtype inject_hyperparams gives it by default.
+    raise ValueError(
+      f"{e} optax.inject_hyperparams casts hyperparameters to the params' dtype ({dtype}), "
+      "which may round them out of range: pass hyperparam_dtype=jnp.float32."
+    ) from None
 
 
 def positive(name: str, value: Any, allow_zero: bool = False) -> float:

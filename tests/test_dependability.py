@@ -239,6 +239,18 @@ def test_inject_hyperparams_mask_function_must_be_static():
     tx.init(params)
 
 
+def test_inject_hyperparams_rounding_to_bfloat16_params_names_hyperparam_dtype():
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)}
+  loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)
+  with pytest.raises(ValueError, match=r"b2 .* got Array\(1, .*hyperparam_dtype=jnp.float32"):
+    optax.inject_hyperparams(ah.adahessian)(0.1).init(params)  # b2=0.999 is 1.0 in bfloat16
+  tx = optax.inject_hyperparams(ah.adahessian, hyperparam_dtype=jnp.float32)(0.1)
+  losses, _ = run(tx, loss, params, 5)
+  # The float32 run of the same problem, within bfloat16's precision.
+  reference, _ = run(ah.adahessian(0.1), loss, jax.tree.map(jnp.float32, params), 5)
+  np.testing.assert_allclose(losses, reference, rtol=0.03)
+
+
 # ---------------------------------------------------------------- non-finite estimates
 
 
