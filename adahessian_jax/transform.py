@@ -575,7 +575,7 @@ def scale_by_adahessian(
     new_state = ScaleByAdaHessianState(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
-      mu=optax.tree.cast(mu, mu_dtype),
+      mu=optax.tree.cast_like(mu, state.mu),  # its dtype from init on, whatever b1's dtype
       nu=nu,
       hessian=d,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,

@@ -51,3 +51,31 @@ def test_bf16_tracks_f32():
   # The bf16 curve follows the f32 one: within 10% + 0.01 over the last third.
   tail = slice(40, None)
   np.testing.assert_allclose(l16[tail], l32[tail], rtol=0.1, atol=0.01)
+
+
+def test_moments_keep_their_dtype_with_float32_hyperparameters():
+  """inject_hyperparams(hyperparam_dtype=float32) makes b1 a float32 array; the bfloat16 first
+  moment must stay bfloat16 (a state whose dtypes change breaks lax.scan and checkpoints)."""
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)}
+  loss = lambda p: jnp.sum(jnp.asarray([1.0, 3.0, 0.5]) * p["w"].astype(jnp.float32) ** 2)
+  tx = optax.inject_hyperparams(ah.adahessian, hyperparam_dtype=jnp.float32)(0.1)
+
+  def body(carry, _):
+    p, s = carry
+    u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+    p = optax.apply_updates(p, u)
+    return (p, s), loss(p)
+
+  state = tx.init(params)
+  (_, end), losses = jax.lax.scan(body, (params, state), None, length=8)
+  dtypes = lambda s: jax.tree.map(lambda x: x.dtype, s)
+  assert dtypes(end) == dtypes(state)
+  # The float32 run of the same problem, within bfloat16's precision.
+  ref, p32, s32 = [], {"w": params["w"].astype(jnp.float32)}, None
+  ref_tx = ah.adahessian(0.1)
+  s32 = ref_tx.init(p32)
+  for _ in range(8):
+    u, s32 = ref_tx.update(jax.grad(loss)(p32), s32, p32, value_fn=loss)
+    p32 = optax.apply_updates(p32, u)
+    ref.append(float(loss(p32)))
+  np.testing.assert_allclose(np.asarray(losses), ref, rtol=0.05)
