@@ -32,6 +32,30 @@ def _varying_axes(x: Any) -> frozenset:
   return frozenset(varying)
 
 
+def fold_in_shard_index(key: jax.Array, like: Any) -> jax.Array:
+  """``key`` folded with this device's index along the axes ``like`` varies over and it does not.
+
+  Inside ``shard_map`` a parameter sharded over a mesh axis (tensor parallelism) varies over it;
+  a probe drawn for it from a replicated key would be the same block on every shard, so the
+  global probe would repeat and Hutchinson's estimate would pick up the Hessian entries between
+  the repeats (and its tangent would not vary like the parameter, which JAX refuses). Folding in
+  the index along those axes draws an independent block per shard. Axes the key already varies
+  over (the data axis with ``independent_probes``) are left alone, as is everything outside
+  ``shard_map`` (``pmap``, ``jit``), where nothing varies.
+
+  Args:
+    key: A typed PRNG key.
+    like: The array the key's probe is for.
+
+  Returns:
+    A typed PRNG key, ``key`` itself if ``like`` varies over no axis that ``key`` does not.
+  """
+  axes = tuple(sorted(_varying_axes(like) - _varying_axes(key), key=str))
+  if not axes:
+    return key
+  return jax.random.fold_in(key, jax.lax.axis_index(axes))
+
+
 def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   cast = getattr(jax.lax, "pcast", None)
   if cast is not None:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, masking
+from adahessian_jax._axes import fold_in_shard_index
 from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
@@ -106,7 +107,11 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
     independent key per leaf.
   """
   keys = optax.tree.split_key_like(key, tree)
-  return jax.tree.map(lambda k, x: rademacher(k, jnp.shape(x), jnp.result_type(x)), keys, tree)
+  return jax.tree.map(
+    lambda k, x: rademacher(fold_in_shard_index(k, x), jnp.shape(x), jnp.result_type(x)),
+    keys,
+    tree,
+  )
 
 
 def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:

@@ -190,3 +190,23 @@ def test_two_processes_identical_and_equal_single_device(single_host, multi_host
     config, _, leaf = name.split("/")
     diff = np.max(np.abs(value.astype(np.float64) - reference[f"{config}/{leaf}"]))
     assert diff <= TOL[config], (name, diff)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tensor_parallel")
+  _run_all([["_tensor_parallel_worker.py", str(out)]], 4, TIMEOUT_S, str(out))
+  with open(out / "results.json") as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("route", ["fused", "value_fn"])
+def test_tensor_parallel_probes_independent_across_shards(tensor_parallel, route):
+  """Kernels split over a ``model`` axis under ``shard_map``: each shard draws its own probe.
+
+  A probe drawn from the replicated key alone repeats on every shard (JAX refused the tangent,
+  which did not vary like the kernel; with ``check_vma=False`` the estimate was biased by the
+  Hessian entries between the repeats: errors of 0.19-0.48 against a noise of 0.006-0.009 with
+  20000 probes). Unbiased: within 6 standard deviations of the exact diagonal everywhere.
+  """
+  assert tensor_parallel[f"{route}_z"] <= 6.0, tensor_parallel
