@@ -56,6 +56,16 @@ def fold_in_shard_index(key: jax.Array, like: Any) -> jax.Array:
   return jax.random.fold_in(key, jax.lax.axis_index(axes))
 
 
+def sum_over_shards(x: jax.Array) -> jax.Array:
+  """``x`` summed over the mesh axes it varies over inside ``shard_map``; else ``x`` itself.
+
+  For a quantity every shard must agree on (whether the whole estimate is finite) when the
+  parameters are split over mesh axes (tensor parallelism): each shard sees only its block.
+  """
+  axes = tuple(sorted(_varying_axes(x), key=str))
+  return jax.lax.psum(x, axes) if axes else x
+
+
 def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   cast = getattr(jax.lax, "pcast", None)
   if cast is not None:

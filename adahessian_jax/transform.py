@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
-from adahessian_jax._axes import check_bound, device_varying
+from adahessian_jax._axes import check_bound, device_varying, sum_over_shards
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
   is_refresh_step,
@@ -190,7 +190,9 @@ def _estimate(
 def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, jax.Array]:
   """``(D, whether every entry of the estimate is finite)``: ``D`` is the estimate's absolute
   value, spatially averaged, floored per leaf (or layer)."""
-  finite = jnp.isfinite(hutchinson.not_finite_mark(estimate))
+  # Under shard_map with split kernels each shard sees its block: a NaN on one skips the step on
+  # all, or the replicated leaves' updates would differ between shards.
+  finite = jnp.isfinite(sum_over_shards(hutchinson.not_finite_mark(estimate)))
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
     return d, finite

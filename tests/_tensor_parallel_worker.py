@@ -65,17 +65,46 @@ def exact_diagonal_and_sigma(params, x, y):
   return unravel(diag), unravel(np.sqrt(off.sum(axis=1) / N_SAMPLES))
 
 
+def state_specs(mesh, tx, params):
+  """The optimizer state's ``PartitionSpec``s: the moments split like the params."""
+  abstract = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, SPECS[k]))
+    for k, v in params.items()
+  }
+  return jax.tree.map(lambda s: s.spec, distributed.state_shardings(tx, abstract))
+
+
+def given_diagonal_updates(mesh, x, y, params, diag):
+  """Updates from the exact diagonal given as ``hessian_diag``, against one device's.
+
+  Also with a NaN in one entry of ``w1``, which only the first ``model`` shard holds: the step
+  is skipped on every shard (and on one device), the replicated ``b2`` included.
+  """
+  tx = ah.adahessian(0.1, block_size=2, seed=5, axis_name="data")
+  single = ah.adahessian(0.1, block_size=2, seed=5)
+  state = tx.init(params)
+  grads = jax.grad(global_loss)(params, x, y)
+  specs = (SPECS, state_specs(mesh, tx, params), SPECS, SPECS)
+
+  def step(grads, state, params, hdiag):
+    return tx.update(grads, state, params, hessian_diag=hdiag)[0]
+
+  mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=SPECS))
+  out = {}
+  for name, bad in (("diag", diag), ("nan", {**diag, "w1": diag["w1"].at[0, 0].set(np.nan)})):
+    got = mapped(grads, state, params, bad)
+    want = single.update(grads, state, params, hessian_diag=bad)[0]
+    out[f"{name}_vs_single"] = max(float(np.max(np.abs(got[k] - want[k]))) for k in params)
+    out[f"{name}_max_update"] = max(float(np.max(np.abs(got[k]))) for k in params)
+  return out
+
+
 def main(out_dir):
   mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   x, y, params = make_problem()
   diag, sigma = exact_diagonal_and_sigma(params, x, y)
   # b2=0 and block_size=1: after one step nu is the squared (averaged) estimate.
   tx = ah.adahessian(0.1, b2=0.0, block_size=1, n_samples=N_SAMPLES, seed=5, axis_name="data")
-  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
-  abstract = {
-    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in params.items()
-  }
-  state_specs = jax.tree.map(lambda s: s.spec, distributed.state_shardings(tx, abstract))
   state = tx.init(params)
 
   def fused(params, state, x, y):
@@ -89,18 +118,19 @@ def main(out_dir):
     return tx.update(grads, state, params, value_fn=loss)[1]
 
   def run(step, out_specs):
-    in_specs = (SPECS, state_specs, P("data"), P("data"))
+    in_specs = (SPECS, state_specs(mesh, tx, params), P("data"), P("data"))
     mapped = jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     return jax.jit(mapped)(params, state, x, y)
 
   estimate = run(fused, SPECS)
-  nu = ah.find_adahessian_state(run(value_fn, state_specs)).nu
+  nu = ah.find_adahessian_state(run(value_fn, state_specs(mesh, tx, params))).nu
   # |estimate| against |diagonal| differs by at most |estimate - diagonal|.
   z = lambda e, f: max(float(np.max(np.abs(f(e[k]) - f(diag[k])) / sigma[k])) for k in params)
   results = {
     "fused_z": z(estimate, np.asarray),
     "value_fn_z": z(jax.tree.map(np.sqrt, nu), np.abs),
   }
+  results.update(given_diagonal_updates(mesh, x, y, params, diag))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f)
   print(results)

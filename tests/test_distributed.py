@@ -210,3 +210,15 @@ def test_tensor_parallel_probes_independent_across_shards(tensor_parallel, route
   20000 probes). Unbiased: within 6 standard deviations of the exact diagonal everywhere.
   """
   assert tensor_parallel[f"{route}_z"] <= 6.0, tensor_parallel
+
+
+def test_tensor_parallel_given_diagonal_equals_single_device(tensor_parallel):
+  """The exact diagonal given to the split step: the updates are one device's, to rounding.
+
+  Each shard decided alone whether the estimate was finite, so the replicated bias's update
+  depended on the shard (``shard_map`` refused it as replicated output; with ``check_vma=False``
+  a NaN in one shard's block zeroed the bias's update there only, 0.029 elsewhere).
+  """
+  r = tensor_parallel
+  assert r["diag_vs_single"] <= 1e-12 and r["diag_max_update"] > 0.01, r
+  assert r["nan_vs_single"] == 0.0 and r["nan_max_update"] == 0.0, r
