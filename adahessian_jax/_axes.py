@@ -18,9 +18,12 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
 
   Returns:
     Raw key data of the same shape, different on every device of the axis.
+
+  Raises:
+    ValueError: naming ``axis_name`` if it is not bound by an enclosing map.
   """
   keys = jax.random.wrap_key_data(key_data)
-  index = jax.lax.axis_index(axis_name)
+  index = jax.lax.axis_index(check_bound(axis_name))
   return jax.random.key_data(jax.vmap(jax.random.fold_in, (0, None))(keys, index))
 
 

@@ -45,7 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adahessian_jax._axes import device_varying, fold_in_axis_index
-from adahessian_jax.state import map_adahessian_state
+from adahessian_jax.state import ScaleByAdaHessianState, map_adahessian_state
 
 __all__ = [
   "device_varying",
@@ -82,10 +82,25 @@ def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
   Returns:
     ``opt_state`` with the ``key`` of every :class:`ScaleByAdaHessianState`
     replaced by its per-device fold.
+
+  Raises:
+    ValueError: if ``axis_name`` is not bound by an enclosing map, or ``opt_state``
+      holds no AdaHessian state.
   """
+  if not any(isinstance(x, ScaleByAdaHessianState) for x in _nodes(opt_state)):
+    raise ValueError(
+      "per_device_probe_state found no AdaHessian state (ScaleByAdaHessianState) in opt_state, "
+      f"a {type(opt_state).__name__}: pass the state of an optimizer built with "
+      "adahessian_jax.adahessian or scale_by_adahessian."
+    )
   return map_adahessian_state(
     lambda s: s._replace(key=fold_in_axis_index(s.key, axis_name)), opt_state
   )
+
+
+def _nodes(opt_state: Any) -> list[Any]:
+  """The leaves of ``opt_state``, with every AdaHessian state as one leaf."""
+  return jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByAdaHessianState))
 
 
 def _sharding_of(x: Any) -> Sharding:
@@ -177,6 +192,10 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
   Returns:
     The maximum absolute difference over all leaves (0.0 without replicas);
     NaN if a replica holds NaN.
+
+  Raises:
+    TypeError: with ``stacked=False``, for a leaf that is not a ``jax.Array``.
+    ValueError: with ``stacked=True``, for a scalar leaf.
   """
   diffs = [0.0]
 
@@ -186,14 +205,27 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     if a.size:
       diffs.append(float(np.max(np.abs(a - b))))
 
-  for leaf in jax.tree.leaves(tree):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if stacked:
       values = np.asarray(leaf)
+      if values.ndim == 0:
+        raise ValueError(
+          f"max_replica_difference(stacked=True) needs a leading replica axis on every leaf; "
+          f"the leaf at {jax.tree_util.keystr(path)} is a scalar. Pass pmap outputs, or "
+          "stacked=False for jax.Arrays replicated over devices."
+        )
       for replica in values[1:]:
         compare(replica, values[0])
       continue
+    if not isinstance(leaf, jax.Array):
+      raise TypeError(
+        f"max_replica_difference(stacked=False) compares the device copies of jax.Arrays; the "
+        f"leaf at {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, which has none (0.0 "
+        "would say nothing). For values with a leading replica axis (pmap outputs, also after "
+        "jax.device_get) pass stacked=True."
+      )
     first: dict[Any, Any] = {}
-    for shard in getattr(leaf, "addressable_shards", ()):
+    for shard in leaf.addressable_shards:
       index = tuple((s.start, s.stop, s.step) for s in shard.index)
       if index in first:
         compare(shard.data, first[index])

@@ -222,3 +222,35 @@ def test_tensor_parallel_given_diagonal_equals_single_device(tensor_parallel):
   r = tensor_parallel
   assert r["diag_vs_single"] <= 1e-12 and r["diag_max_update"] > 0.01, r
   assert r["nan_vs_single"] == 0.0 and r["nan_max_update"] == 0.0, r
+
+
+def test_max_replica_difference_refuses_leaves_it_cannot_compare():
+  """NumPy or Python leaves without ``stacked=True`` (e.g. ``jax.device_get`` of pmap outputs)
+  returned 0.0, "bit-identical", whatever they held; a scalar with ``stacked=True`` raised an
+  IndexError."""
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  drifted = np.array([[1.0, 2.0], [1.0, 3.5]])
+  assert distributed.max_replica_difference({"a": drifted}, stacked=True) == 1.5
+  with pytest.raises(TypeError, match=r"leaf at \['a'\] is a ndarray.*stacked=True"):
+    distributed.max_replica_difference({"a": drifted})
+  with pytest.raises(ValueError, match=r"leaf at \['b'\] is a scalar"):
+    distributed.max_replica_difference({"a": drifted, "b": jnp.float32(1.0)}, stacked=True)
+  assert distributed.max_replica_difference({"a": jnp.asarray(drifted)}) == 0.0  # one copy
+
+
+def test_per_device_probe_state_errors_name_the_problem():
+  """Outside a map JAX's NameError came from ``axis_index``; a state without AdaHessian came
+  back unchanged, so the "independent" probes were not."""
+  import optax
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  params = {"w": np.ones((2, 2), np.float32)}
+  with pytest.raises(ValueError, match=r"axis_name='data' is not an axis"):
+    distributed.per_device_probe_state(ah.adahessian(0.1).init(params), "data")
+  with pytest.raises(ValueError, match="no AdaHessian state"):
+    distributed.per_device_probe_state(optax.adam(0.1).init(params), "data")
