@@ -103,12 +103,13 @@ def _nodes(opt_state: Any) -> list[Any]:
   return jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByAdaHessianState))
 
 
-def _sharding_of(x: Any) -> Sharding:
+def _sharding_of(path: Any, x: Any) -> Sharding:
   sharding = getattr(x, "sharding", None)
   if not isinstance(sharding, Sharding):
     raise TypeError(
       "state_shardings needs params as sharded jax.Arrays (or ShapeDtypeStructs with a "
-      f"sharding), got a leaf of type {type(x).__name__}."
+      f"sharding), got a {type(x).__name__} without one at {jax.tree_util.keystr(path)}: "
+      "jax.device_put the params with their shardings first."
     )
   return sharding
 
@@ -148,7 +149,7 @@ def state_shardings(
     ValueError: if ``replicated`` is not given and the parameters have no
       ``NamedSharding`` to take the mesh from.
   """
-  param_shardings = jax.tree.map(_sharding_of, params)
+  param_shardings = jax.tree_util.tree_map_with_path(_sharding_of, params)
   if replicated is None:
     named = [s for s in jax.tree.leaves(param_shardings) if isinstance(s, NamedSharding)]
     if not named:

@@ -254,3 +254,15 @@ def test_per_device_probe_state_errors_name_the_problem():
     distributed.per_device_probe_state(ah.adahessian(0.1).init(params), "data")
   with pytest.raises(ValueError, match="no AdaHessian state"):
     distributed.per_device_probe_state(optax.adam(0.1).init(params), "data")
+
+
+def test_state_shardings_names_the_leaf_without_a_sharding():
+  import jax
+  import jax.numpy as jnp
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  params = {"a": jnp.ones(2), "b": {"c": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  with pytest.raises(TypeError, match=r"ShapeDtypeStruct without one at \['b'\]\['c'\]"):
+    distributed.state_shardings(ah.adahessian(0.1), params)
