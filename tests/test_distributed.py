@@ -266,3 +266,11 @@ def test_state_shardings_names_the_leaf_without_a_sharding():
   params = {"a": jnp.ones(2), "b": {"c": jax.ShapeDtypeStruct((2,), jnp.float32)}}
   with pytest.raises(TypeError, match=r"ShapeDtypeStruct without one at \['b'\]\['c'\]"):
     distributed.state_shardings(ah.adahessian(0.1), params)
+
+
+def test_tensor_parallel_fused_route_equals_value_fn_route(tensor_parallel):
+  """The same probes, so the same updates; the replicated leaf flattens first and receives the
+  fused route's NaN mark, which was computed per shard (``shard_map`` refused the replicated
+  bias's update as output)."""
+  r = tensor_parallel
+  assert r["fused_vs_value_fn_update"] <= 1e-12 and r["fused_max_update"] > 0.01, r
