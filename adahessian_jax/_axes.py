@@ -69,6 +69,15 @@ def sum_over_shards(x: jax.Array) -> jax.Array:
   return jax.lax.psum(x, axes) if axes else x
 
 
+def shard_count(x: jax.Array) -> Any:
+  """How many different blocks of ``x`` the mesh axes it varies over hold (inside ``shard_map``).
+
+  1 outside ``shard_map`` and for a value the same on every device.
+  """
+  axes = tuple(sorted(_varying_axes(x), key=str))
+  return jax.lax.psum(1, axes) if axes else 1
+
+
 def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   cast = getattr(jax.lax, "pcast", None)
   if cast is not None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
-from adahessian_jax._axes import check_bound, device_varying, sum_over_shards
+from adahessian_jax._axes import check_bound, device_varying, shard_count, sum_over_shards
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
   is_refresh_step,
@@ -209,8 +209,11 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, ja
     estimate,
     is_leaf=is_rule,
   )
-  size = sum(e.size for e in jax.tree.leaves(estimate))
-  model_mean = sum(jnp.sum(s) for s in jax.tree.leaves(sums)) / max(1, size)
+  # Over the whole model, split kernels' other shards included (shard_map), so that the floor of
+  # a replicated leaf is the same on every shard.
+  size = sum(e.size * shard_count(e) for e in jax.tree.leaves(estimate))
+  total = sum(sum_over_shards(jnp.sum(s)) for s in jax.tree.leaves(sums))
+  model_mean = total / jnp.maximum(1, size)
 
   def floored(r, x, s):
     mean = s / math.prod(x.shape[i] for i in mean_axes(r, x))

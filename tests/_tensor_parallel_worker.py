@@ -75,6 +75,25 @@ def state_specs(mesh, tx, params):
   return jax.tree.map(lambda s: s.spec, distributed.state_shardings(tx, abstract))
 
 
+def floored_bias_update(mesh, params, diag, grads):
+  """``curvature_floor`` on a leaf without curvature (``b0``) floors it by the model-wide mean,
+  which takes in every shard of the split kernels: the update is one device's."""
+  hparams = {"learning_rate": 0.1, "block_size": 2, "seed": 5, "curvature_floor": 0.5}
+  tx = ah.adahessian(**hparams, axis_name="data")
+  state = tx.init(params)
+  flat = {**diag, "b0": jnp.zeros_like(diag["b0"])}
+
+  def step(grads, state, params, hdiag):
+    return tx.update(grads, state, params, hessian_diag=hdiag)[0]["b0"]
+
+  specs = (SPECS, state_specs(mesh, tx, params), SPECS, SPECS)
+  got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P()))(
+    grads, state, params, flat
+  )
+  want = ah.adahessian(**hparams).update(grads, state, params, hessian_diag=flat)[0]["b0"]
+  return {"floored_b0_vs_single": float(np.max(np.abs(got - want))), "floored_b0": float(got[0])}
+
+
 def given_diagonal_updates(mesh, x, y, params, diag):
   """Updates from the exact diagonal given as ``hessian_diag``, against one device's.
 
@@ -85,13 +104,13 @@ def given_diagonal_updates(mesh, x, y, params, diag):
   single = ah.adahessian(0.1, block_size=2, seed=5)
   state = tx.init(params)
   grads = jax.grad(global_loss)(params, x, y)
+  out = floored_bias_update(mesh, params, diag, grads)
   specs = (SPECS, state_specs(mesh, tx, params), SPECS, SPECS)
 
   def step(grads, state, params, hdiag):
     return tx.update(grads, state, params, hessian_diag=hdiag)[0]
 
   mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=SPECS))
-  out = {}
   for name, bad in (("diag", diag), ("nan", {**diag, "w1": diag["w1"].at[0, 0].set(np.nan)})):
     got = mapped(grads, state, params, bad)
     want = single.update(grads, state, params, hessian_diag=bad)[0]

@@ -274,3 +274,10 @@ def test_tensor_parallel_fused_route_equals_value_fn_route(tensor_parallel):
   bias's update as output)."""
   r = tensor_parallel
   assert r["fused_vs_value_fn_update"] <= 1e-12 and r["fused_max_update"] > 0.01, r
+
+
+def test_tensor_parallel_curvature_floor_uses_the_whole_model(tensor_parallel):
+  """A leaf without curvature is floored by the model-wide mean; it was each shard's own (the
+  replicated bias's update varied over the model axis, and ``shard_map`` refused it)."""
+  r = tensor_parallel
+  assert r["floored_b0_vs_single"] <= 1e-12 and abs(r["floored_b0"]) > 1e-3, r
