@@ -211,12 +211,13 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, ja
   )
   # Over the whole model, split kernels' other shards included (shard_map), so that the floor of
   # a replicated leaf is the same on every shard.
-  size = sum(e.size * shard_count(e) for e in jax.tree.leaves(estimate))
+  # Counted in floats: an int32 count overflows beyond 2**31 - 1 parameters.
+  size = sum(float(e.size) * shard_count(e) for e in jax.tree.leaves(estimate))
   total = sum(sum_over_shards(jnp.sum(s)) for s in jax.tree.leaves(sums))
-  model_mean = total / jnp.maximum(1, size)
+  model_mean = total / jnp.maximum(size, 1.0)
 
   def floored(r, x, s):
-    mean = s / math.prod(x.shape[i] for i in mean_axes(r, x))
+    mean = s / float(math.prod(x.shape[i] for i in mean_axes(r, x)))  # int32 overflows
     floor = curvature_floor * jnp.where(mean > 0, mean, model_mean)
     return jnp.maximum(x, floor.astype(x.dtype))
 

@@ -682,3 +682,13 @@ def test_a_python_float_estimate_for_a_scalar_parameter():
   for u in (eager, compiled):
     np.testing.assert_allclose(np.asarray(u["s"]), 1 / (4 + 1e-4), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(u["w"]), 1 / (4 + 1e-4), rtol=1e-6)
+
+
+def test_curvature_floor_traces_for_leaves_beyond_int32_counts():
+  # The floor's per-leaf and model-wide means divided by Python int counts, which JAX passes as
+  # int32: a leaf of 2**31 entries or more raised OverflowError. Abstract shapes only (eval_shape).
+  params = {"w": jax.ShapeDtypeStruct((2**16, 2**15 + 1), jnp.float32)}
+  tx = ah.adahessian(0.1, curvature_floor=0.3)
+  state = jax.eval_shape(tx.init, params)
+  updates, _ = jax.eval_shape(lambda p, s: tx.update(p, s, p, hessian_diag=p), params, state)
+  assert updates["w"].shape == (2**16, 2**15 + 1) and updates["w"].dtype == jnp.float32
