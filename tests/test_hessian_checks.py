@@ -86,6 +86,10 @@ def test_top_eigenvalues_of_a_nan_loss_is_no_longer_converged_nan():
     ),
     (lambda op: hessian.hutchinson_trace(op, jax.random.key(0), rtol=np.nan), "rtol"),
     (lambda op: hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=-1), "sketch_size"),
+    (  # checked also where the sketch alone gives the exact trace
+      lambda op: hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=10**6, rtol=-1.0),
+      "rtol",
+    ),
     (
       lambda op: hessian.xtrace(op, jax.random.key(0), 3),
       "num_matvecs must be an integer >= 4, got 3",

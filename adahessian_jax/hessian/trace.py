@@ -74,19 +74,26 @@ def _quadratic_forms(z, hz):
   return jnp.sum(z.astype(wide) * hz.astype(wide), axis=-1)
 
 
-def _sampled_trace(op, key, offset, rtol, atol, min_samples, max_samples, block_size):
-  """``offset`` + Hutchinson's estimate on ``op``, drawn in blocks until the stopping rule holds.
-
-  Stops after at least ``min_samples`` when the standard error is at most
-  ``max(atol, rtol·|offset + mean|)``, at ``max_samples``, or with an error on
-  a non-finite sample. The samples are averaged in float64 on the host, whatever
-  the operator's dtype. Returns the estimate with ``num_matvecs`` the samples drawn.
-  """
+def _stopping(op, rtol, atol, min_samples, max_samples, block_size):
+  """The sampling arguments of :func:`_sampled_trace`, checked (``block_size`` defaulted)."""
   rtol = _validation.positive("rtol", rtol, allow_zero=True)
   atol = _validation.positive("atol", atol, allow_zero=True)
   max_samples = _validation.count("max_samples", max_samples, 2)
   min_samples = _validation.count("min_samples", min_samples, 1, max_samples)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
+  return rtol, atol, min_samples, max_samples, block_size
+
+
+def _sampled_trace(op, key, offset, *stopping):
+  """``offset`` + Hutchinson's estimate on ``op``, drawn in blocks until the stopping rule holds.
+
+  ``stopping``: ``rtol, atol, min_samples, max_samples, block_size``. Stops after at least
+  ``min_samples`` when the standard error is at most ``max(atol, rtol·|offset + mean|)``, at
+  ``max_samples``, or with an error on a non-finite sample. The samples are averaged in float64
+  on the host, whatever the operator's dtype. Returns the estimate with ``num_matvecs`` the
+  samples drawn.
+  """
+  rtol, atol, min_samples, max_samples, block_size = _stopping(op, *stopping)
   samples = []
   for keys in key_blocks(key, max_samples, block_size):
     z = op.probes(keys)
@@ -182,6 +189,7 @@ def hutchpp_trace(
   if unknown:
     raise TypeError(f"hutchpp_trace got unknown arguments {sorted(unknown)}; see hutchinson_trace")
   args.update(stopping)
+  checked = _stopping(op, **args)  # before any exact case returns
   s = _validation.count("sketch_size", sketch_size, 0)
   if s > 0 and 2 * s >= op.size:  # the sketch alone would cost n products: take H e_j
     basis, products = basis_products(op)
@@ -198,7 +206,7 @@ def hutchpp_trace(
   full_probes = op.probes_fn
   # zᵀHz with deflated probes z = (I−QQᵀ)z₀: Hutchinson on (I−QQᵀ)H(I−QQᵀ).
   deflated = dataclasses.replace(op, probes_fn=lambda keys: _deflate(q, full_probes(keys)))
-  est = _sampled_trace(deflated, k_res, exact, **args)
+  est = _sampled_trace(deflated, k_res, exact, *checked)
   return est._replace(num_matvecs=2 * s + est.num_matvecs)
 
 
