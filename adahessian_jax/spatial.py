@@ -53,6 +53,13 @@ rank         Flax meaning                averaging
              (``*spatial, in, out``)     ``0 .. rank-3``, broadcast back
 ===========  ==========================  =======================================
 
+Whatever the names and rank, a leaf whose Flax name (last path key) is
+``bias`` is not averaged (a ``DenseGeneral`` ``(*features)``, attention
+``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), and an
+unnamed rank-2 ``embedding`` (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
+features)``) keeps its rows apart: blocks along axis 1, ambiguous when
+``block_size > 1`` (a kernel could have that name).
+
 Rank >= 3 without names is ambiguous: a ``Conv`` 1-D kernel ``(width, in,
 out)``, a ``DenseGeneral`` attention kernel ``(embed, heads, head_dim)`` and a
 stack of ``Dense`` kernels ``(layers, in, out)`` share it. The default treats
@@ -179,6 +186,11 @@ class Rule(abc.ABC):
   def _own_layer_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     del shape
     return ()
+
+  def for_param(self, param: str | None) -> Rule:
+    """This rule for a leaf whose Flax parameter name (last path key) is ``param``."""
+    del param
+    return self
 
 
 def _normalize_axis(
@@ -316,6 +328,9 @@ class PerLayer(Rule):
       return self
     return dataclasses.replace(self, inner=self.inner.bind(tuple(names[i] for i in keep)))
 
+  def for_param(self, param):
+    return dataclasses.replace(self, inner=self.inner.for_param(param))
+
   def __call__(self, d):
     if d.size == 0:
       return d
@@ -364,10 +379,28 @@ def _blocks_text(block_size: int) -> str:
   return f"blocks of {block_size}" if block_size > 1 else "blocks of 1 (block_size 1: none)"
 
 
-def _by_rank(shape, block_size, names, note) -> Choice:
+#: The Flax parameter names (last path keys) that :func:`flax_default` reads.
+_PARAMS_READ = ("bias", "embedding")
+
+
+def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   ndim = len(shape)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
+  if ndim == 2 and param == "embedding":
+    # nn.Embed/nnx.Embed (num_embeddings, features): blocks along axis 0 would mix tokens' rows.
+    return Choice(
+      BlockMean(block_size, 1),
+      f"rank 2{note}, Flax name 'embedding': taken for an Embed table (num_embeddings, "
+      f"features), rows kept apart, {_blocks_text(block_size)} along axis {_axis(1, names)}"
+      + (
+        "; AMBIGUOUS (a (in, out) kernel named 'embedding' has this layout too: name its axes, "
+        "e.g. ('vocab', 'embed'), or pass spatial.blocks(block_size, axis=1))"
+        if block_size > 1
+        else ""
+      ),
+      ambiguous=block_size > 1,
+    )
   if ndim == 2:
     return Choice(
       BlockMean(block_size, 0),
@@ -383,26 +416,36 @@ def _by_rank(shape, block_size, names, note) -> Choice:
   )
 
 
-def _decide(shape, names, block_size, roles) -> Choice:
-  """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``)."""
+def _decide(shape, names, block_size, roles, param=None) -> Choice:
+  """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
+
+  ``param`` is the leaf's Flax parameter name (its last path key): a ``bias``
+  of any rank is never averaged (paper), an unnamed rank-2 ``embedding`` keeps
+  its rows (tokens) apart.
+  """
   ndim = len(shape)
-  if names is None:
-    return _by_rank(shape, block_size, None, " without axis names")
-  kinds = [_role(n, roles) for n in names]
-  stacked = tuple(i for i, k in enumerate(kinds) if k == STACKED)
+  kinds = None if names is None else [_role(n, roles) for n in names]
+  stacked = () if kinds is None else tuple(i for i, k in enumerate(kinds) if k == STACKED)
   if stacked:
     keep = tuple(i for i in range(ndim) if i not in stacked)
-    inner = _decide(tuple(shape[i] for i in keep), tuple(names[i] for i in keep), block_size, roles)
+    inner = _decide(
+      tuple(shape[i] for i in keep), tuple(names[i] for i in keep), block_size, roles, param
+    )
     where = ", ".join(_axis(i, names) for i in stacked)
     return Choice(
       PerLayer(inner.rule, stacked),
       f"stacked axis {where} kept apart; per layer: {inner.why}",
       inner.ambiguous,
     )
+  if ndim >= 2 and param == "bias":
+    # DenseGeneral (*features), attention (heads, head_dim) and Einsum biases: one per output.
+    return Choice(NoAveraging(), f"rank {ndim}, Flax name 'bias': a bias (one per output), none")
+  if names is None:
+    return _by_rank(shape, block_size, None, " without axis names", param)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}: a bias or scale, none")
   if all(k is None for k in kinds):
-    return _by_rank(shape, block_size, names, f", names {names} of no known role")
+    return _by_rank(shape, block_size, names, f", names {names} of no known role", param)
   spatial = tuple(i for i, k in enumerate(kinds) if k == SPATIAL)
   if spatial:
     where = ", ".join(_axis(i, names) for i in spatial)
@@ -436,7 +479,7 @@ def _decide(shape, names, block_size, roles) -> Choice:
       f"{_axis(0, names)}",
     )
   unknown = tuple(n for n, k in zip(names, kinds, strict=True) if k is None)
-  return _by_rank(shape, block_size, names, f", names {unknown} of no known role")
+  return _by_rank(shape, block_size, names, f", names {unknown} of no known role", param)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,11 +492,14 @@ class FlaxDefault(Rule):
       pairs; a role ``None`` removes the name.
     names: The leaf's axis names once bound by :func:`resolve_rules`, else
       ``None`` (then the rank decides).
+    param: The leaf's Flax parameter name (last path key, e.g. ``"bias"``,
+      ``"embedding"``) once set by :func:`resolve_rules`, else ``None``.
   """
 
   block_size: int = 1
   axis_roles: tuple[tuple[str, str | None], ...] = ()
   names: AxisNames | None = None
+  param: str | None = None
 
   def roles(self) -> dict[str, str]:
     """The name-to-role mapping in force."""
@@ -468,9 +514,13 @@ class FlaxDefault(Rule):
   def bind(self, names):
     return dataclasses.replace(self, names=tuple(names))
 
+  def for_param(self, param):
+    # Only the names the default reads are kept, so other leaves' rules stay flax_default(...).
+    return dataclasses.replace(self, param=param) if param in _PARAMS_READ else self
+
   def explain(self, shape):
     names = self.names if self.names is not None and len(self.names) == len(shape) else None
-    return _decide(tuple(shape), names, self.block_size, self.roles())
+    return _decide(tuple(shape), names, self.block_size, self.roles(), self.param)
 
   def check(self, shape, where):
     if self.names is not None and len(self.names) != len(shape):
@@ -925,10 +975,18 @@ def _in_named_stacks(
   return inferred, unsure
 
 
+def _param_name(path) -> str | None:
+  """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name."""
+  last = path[-1] if path else None
+  name = getattr(last, "key", getattr(last, "name", None))
+  return name if isinstance(name, str) else None
+
+
 def _plan(averaging, params, block_size, strict_mode):
   spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
   infos = layout.leaves(params)
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
+  unbound = [r.for_param(_param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   given = dict(spec.names) if spec.names is not None else None

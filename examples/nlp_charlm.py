@@ -74,7 +74,8 @@ def averaging_rules(block):
     i.e. consecutive inputs from one head (a block never spans two heads);
   - embedding tables ``(vocab, width)`` and ``pos_embed``: blocks along the width (axis 1), the
     way the reference fairseq code averages PyTorch's 2-D ``(num, dim)`` weights; the default
-    rank-2 rule would average over axis 0, i.e. across different characters;
+    rank-2 rule would average ``pos_embed`` over axis 0, i.e. across positions (an
+    ``embedding`` it keeps row by row by its name, but lists that as a guess);
   - everything else: the default (rank-2 ``Dense`` kernels ``(in, out)``: blocks of
     ``block_size`` inputs; biases and LayerNorm scales: none).
   """

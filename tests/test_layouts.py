@@ -154,9 +154,9 @@ def test_stacked_bias_is_not_blocked_along_the_layer_axis(rng):
   h["layers"]["bias"] = h["layers"]["bias"].replace_boxed(jnp.asarray(bias))
   got = spatial.apply_rules(spatial.resolve_rules(None, params, block_size=4), h)
   np.testing.assert_array_equal(got["layers"]["bias"].value, bias)  # rank 1 per layer: none
-  # Unnamed, the same (layers, features) leaf is taken for a Dense kernel: blocks across layers.
+  # Unnamed, the same (layers, features) leaf is still a Flax 'bias': none, not blocks of layers.
   plain = spatial.apply_rules(spatial.resolve_rules(None, nn.unbox(params), 4), nn.unbox(h))
-  np.testing.assert_allclose(plain["layers"]["bias"], block_average(bias, 4, axis=0))
+  np.testing.assert_array_equal(plain["layers"]["bias"], bias)
 
 
 @pytest.mark.parametrize("transform", ["vmap", "scan"])
@@ -261,6 +261,7 @@ EXPECTED = {
 }
 AMBIGUOUS_UNNAMED = [
   "['Conv_0']['kernel']",
+  "['Embed_0']['embedding']",  # rows kept apart, but an (in, out) kernel could be so named
   *(f"{q}['kernel']" for q in QKV),
   f"{ATTN}['out']['kernel']",
   "['stack']['Dense_0']['kernel']",
@@ -326,7 +327,7 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
   plain = nn.unbox(tiny_lm)
   listing = spatial.describe(plain, block_size=3)
   assert sorted(r.path for r in listing.ambiguous) == sorted(AMBIGUOUS_UNNAMED)
-  with pytest.raises(ValueError, match="6 leaves are ambiguous") as err:
+  with pytest.raises(ValueError, match="7 leaves are ambiguous") as err:
     spatial.describe(plain, block_size=3, strict=True)
   for path in AMBIGUOUS_UNNAMED:
     assert path + ": shape" in str(err.value)
@@ -340,7 +341,7 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
     key = jax.tree_util.keystr(path)
     if key == "['Conv_0']['kernel']":
       return spatial.mean_over(0)
-    if key == "['Embed_0']['embedding']":  # not ambiguous, but rank 2 means (in, out) unnamed
+    if key == "['Embed_0']['embedding']":  # the default's guess, given explicitly
       return spatial.blocks(3, axis=1)
     if key.startswith("['stack']"):  # kernels and biases, one layer at a time
       return spatial.per_layer(spatial.flax_default(3))
@@ -455,10 +456,11 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
     for u, v in zip(leaf_values(b), leaf_values(p), strict=True):
       np.testing.assert_array_equal(u, v)
   assert optax.tree.norm(plain_updates[-1]) > 0
-  # Without the names the unboxed run would differ: blocks of 3 across the 3 layers of the bias.
-  assert spatial.resolve_rules(None, plain, 3)["bias"] == spatial.flax_default(3)
+  # Without the names the unboxed run would differ: the kernel averaged across its 3 layers.
+  assert spatial.resolve_rules(None, plain, 3)["kernel"] == spatial.flax_default(3)
   unnamed = {r.path: r.rule for r in spatial.describe(plain, None, 3).rows}
-  assert unnamed["['bias']"] == spatial.blocks(3, axis=0)
+  assert unnamed["['kernel']"] == spatial.mean_over(0)
+  assert unnamed["['bias']"] == spatial.none()  # a Flax 'bias' is never averaged, named or not
 
   # The state carries the params' metadata: its moments shard like the params.
   inner = ah.find_adahessian_state(boxed_state)
@@ -612,3 +614,47 @@ def test_rule_errors_name_the_entry_and_the_slice():
     ValueError, match=r"keeps apart stacked axis 5, but the leaf at \['stack'\]\['w'\] has rank 3"
   ):
     spatial.describe(params, stacked_axis)
+
+
+def _flax_leaf_modules():
+  """Unnamed params of Linen and NNX modules whose rank-2 leaves are not (in, out) kernels."""
+  r = nnx.Rngs(0)
+  linen = {
+    "dense_general": (nn.DenseGeneral((4, 3)), jnp.ones((1, 6))),
+    "attention": (nn.MultiHeadDotProductAttention(2, qkv_features=8), jnp.ones((1, 3, 6))),
+    "einsum": (nn.Einsum((3, 4, 5), "abc,cde->abde"), jnp.ones((1, 2, 3))),
+    "embed": (nn.Embed(10, 6), jnp.ones((1,), jnp.int32)),
+  }
+  params = {k: m.init(jax.random.key(0), x)["params"] for k, (m, x) in linen.items()}
+  nnx_modules = {
+    "nnx_linear_general": nnx.LinearGeneral(6, (4, 3), rngs=r),
+    "nnx_attention": nnx.MultiHeadAttention(2, 6, 8, decode=False, rngs=r),
+    "nnx_einsum": nnx.Einsum("abc,cde->abde", (3, 4, 5), (4, 5), rngs=r),
+    "nnx_embed": nnx.Embed(10, 6, rngs=r),
+  }
+  params.update({k: nnx.as_pure(nnx.state(m, nnx.Param)) for k, m in nnx_modules.items()})
+  return params
+
+
+def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
+  params = _flax_leaf_modules()
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=2)
+  got = _nu_after_one_step(tx, params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  biases = 0
+  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
+  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
+    where, d = jax.tree_util.keystr(path), np.asarray(d)
+    if where.endswith("['bias']"):  # (*features), (heads, head_dim), Einsum: one per output
+      biases += d.ndim == 2
+      np.testing.assert_allclose(value, d, rtol=1e-6)
+      assert rows[where].rule == spatial.none() and not rows[where].ambiguous
+    elif where.endswith("['embedding']"):  # (num_embeddings, features): each token's row alone
+      np.testing.assert_allclose(value, block_average(d, 2, axis=1), rtol=1e-6)
+      assert rows[where].rule == spatial.blocks(2, axis=1) and rows[where].ambiguous
+  assert biases == 10  # rank 2: 1 DenseGeneral + 3 attention + 1 Einsum, Linen and NNX
+  # block_size 1 averages nothing either way: the embedding is then not refused by strict.
+  assert not any("embedding" in r.path for r in spatial.describe(params).ambiguous)
+  with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]: shape \(10, 6\)"):
+    spatial.describe(params, block_size=2, strict=True)
