@@ -197,7 +197,10 @@ def _normalize_axis(
   axis: int, ndim: int, where: str, rule: Rule, verb: str = "averages over"
 ) -> int:
   if not -ndim <= axis < ndim:
-    raise ValueError(f"{rule!r} {verb} axis {axis}, but the leaf at {where} has rank {ndim}.")
+    raise ValueError(
+      f"{rule} {verb} axis {axis}, but the leaf at {where} has rank {ndim}: give that leaf a "
+      f"rule whose axes lie in {-ndim}..{ndim - 1} (or None for the default)."
+    )
   return axis % ndim
 
 

@@ -120,7 +120,10 @@ def test_bad_rules_fail_at_init():
   params = {"w": jnp.zeros((4, 3))}
   with pytest.raises(ValueError, match=r"axis 2.*\['w'\].*rank 2"):
     ah.scale_by_adahessian(averaging=spatial.blocks(2, axis=2)).init(params)
-  with pytest.raises(ValueError, match="rank 2"):
+  # The rule as the user wrote it, and the axes that would fit.
+  with pytest.raises(
+    ValueError, match=r"mean_over\(\(0, 5\)\) averages over axis 5.*rank 2.*-2\.\.1"
+  ):
     ah.scale_by_adahessian(averaging=spatial.mean_over((0, 5))).init(params)
   with pytest.raises(ValueError, match=r"mean_over\(\(1, -1\)\) names an axis twice.*\['w'\]"):
     ah.scale_by_adahessian(averaging=spatial.mean_over((1, -1))).init(params)  # failed in update
