@@ -429,7 +429,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   ndim = len(shape)
   kinds = None if names is None else [_role(n, roles) for n in names]
   stacked = () if kinds is None else tuple(i for i, k in enumerate(kinds) if k == STACKED)
-  if stacked:
+  if stacked and names is not None:
     keep = tuple(i for i in range(ndim) if i not in stacked)
     inner = _decide(
       tuple(shape[i] for i in keep), tuple(names[i] for i in keep), block_size, roles, param
@@ -443,7 +443,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   if ndim >= 2 and param == "bias":
     # DenseGeneral (*features), attention (heads, head_dim) and Einsum biases: one per output.
     return Choice(NoAveraging(), f"rank {ndim}, Flax name 'bias': a bias (one per output), none")
-  if names is None:
+  if names is None or kinds is None:  # both or neither
     return _by_rank(shape, block_size, None, " without axis names", param)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}: a bias or scale, none")
