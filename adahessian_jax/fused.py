@@ -20,7 +20,6 @@ import jax
 import optax
 
 from adahessian_jax import hutchinson, masking
-from adahessian_jax._axes import sum_over_shards
 from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refresh, probe_keys
 
 __all__ = ["value_grad_and_hessian_diag"]
@@ -46,9 +45,7 @@ def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
   target = next((i for i in mine if flat[i].size > 0), None)
   if target is None:  # nothing AdaHessian owns has an entry to mark
     return grads
-  # Over all shards of split kernels (shard_map): every shard's gradients, the replicated leaves'
-  # included, agree whether the step is finite.
-  poison = sum_over_shards(hutchinson.not_finite_mark([estimates[i] for i in mine]))
+  poison = hutchinson.not_finite_mark([estimates[i] for i in mine])
   first = flat[target]
   flat[target] = first.at[(0,) * first.ndim].add(poison.astype(first.dtype))
   return jax.tree.unflatten(treedef, flat)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, masking
-from adahessian_jax._axes import fold_in_shard_index
+from adahessian_jax._axes import fold_in_shard_index, sum_over_shards
 from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
@@ -196,12 +196,15 @@ def not_finite_mark(tree: Any) -> jax.Array:
   """A float32 scalar: 0 if every entry of ``tree`` is finite, NaN otherwise.
 
   One reduction over the tree (``0·x`` cannot overflow, unlike a sum of ``x``). The fused route
-  and the transform compute it on the same estimate, so XLA keeps one copy of it.
+  and the transform compute it on the same estimate, so XLA keeps one copy of it. Under
+  ``shard_map`` with parameters split over mesh axes it covers every shard's block, so that all
+  shards agree whether a step is finite (else a replicated leaf's update would differ by shard).
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves)  # type: ignore[return-value]
+  mark = sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves)
+  return sum_over_shards(mark)  # type: ignore[arg-type]  # (sum's start 0 never remains)
 
 
 def hutchinson_diagonal(

@@ -190,9 +190,7 @@ def _estimate(
 def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, jax.Array]:
   """``(D, whether every entry of the estimate is finite)``: ``D`` is the estimate's absolute
   value, spatially averaged, floored per leaf (or layer)."""
-  # Under shard_map with split kernels each shard sees its block: a NaN on one skips the step on
-  # all, or the replicated leaves' updates would differ between shards.
-  finite = jnp.isfinite(sum_over_shards(hutchinson.not_finite_mark(estimate)))
+  finite = jnp.isfinite(hutchinson.not_finite_mark(estimate))
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
     return d, finite
