@@ -35,6 +35,11 @@ def _varying_axes(x: Any) -> frozenset:
   return frozenset(varying)
 
 
+def _in_order(axes: frozenset) -> tuple[Any, ...]:
+  """``axes`` as a tuple in a fixed order, the same on every device (names may be any hashable)."""
+  return tuple(sorted(axes, key=str))
+
+
 def fold_in_shard_index(key: jax.Array, like: Any) -> jax.Array:
   """``key`` folded with this device's index along the axes ``like`` varies over and it does not.
 
@@ -53,7 +58,7 @@ def fold_in_shard_index(key: jax.Array, like: Any) -> jax.Array:
   Returns:
     A typed PRNG key, ``key`` itself if ``like`` varies over no axis that ``key`` does not.
   """
-  axes = tuple(sorted(_varying_axes(like) - _varying_axes(key), key=str))
+  axes = _in_order(_varying_axes(like) - _varying_axes(key))
   if not axes:
     return key
   return jax.random.fold_in(key, jax.lax.axis_index(axes))
@@ -65,7 +70,7 @@ def sum_over_shards(x: jax.Array) -> jax.Array:
   For a quantity every shard must agree on (whether the whole estimate is finite) when the
   parameters are split over mesh axes (tensor parallelism): each shard sees only its block.
   """
-  axes = tuple(sorted(_varying_axes(x), key=str))
+  axes = _in_order(_varying_axes(x))
   return jax.lax.psum(x, axes) if axes else x
 
 
@@ -74,7 +79,7 @@ def shard_count(x: jax.Array) -> Any:
 
   1 outside ``shard_map`` and for a value the same on every device.
   """
-  axes = tuple(sorted(_varying_axes(x), key=str))
+  axes = _in_order(_varying_axes(x))
   return jax.lax.psum(1, axes) if axes else 1
 
 

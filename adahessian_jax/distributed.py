@@ -45,7 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adahessian_jax._axes import device_varying, fold_in_axis_index
-from adahessian_jax.state import ScaleByAdaHessianState, map_adahessian_state
+from adahessian_jax.state import adahessian_states, map_adahessian_state
 
 __all__ = [
   "device_varying",
@@ -87,7 +87,7 @@ def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
     ValueError: if ``axis_name`` is not bound by an enclosing map, or ``opt_state``
       holds no AdaHessian state.
   """
-  if not any(isinstance(x, ScaleByAdaHessianState) for x in _nodes(opt_state)):
+  if not adahessian_states(opt_state):
     raise ValueError(
       "per_device_probe_state found no AdaHessian state (ScaleByAdaHessianState) in opt_state, "
       f"a {type(opt_state).__name__}: pass the state of an optimizer built with "
@@ -96,11 +96,6 @@ def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
   return map_adahessian_state(
     lambda s: s._replace(key=fold_in_axis_index(s.key, axis_name)), opt_state
   )
-
-
-def _nodes(opt_state: Any) -> list[Any]:
-  """The leaves of ``opt_state``, with every AdaHessian state as one leaf."""
-  return jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByAdaHessianState))
 
 
 def _sharding_of(path: Any, x: Any) -> Sharding:

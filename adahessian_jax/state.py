@@ -64,6 +64,11 @@ def _is_state(x: Any) -> bool:
   return isinstance(x, ScaleByAdaHessianState)
 
 
+def adahessian_states(opt_state: Any) -> list[ScaleByAdaHessianState]:
+  """Every :class:`ScaleByAdaHessianState` inside ``opt_state``, in tree order."""
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
+
+
 def find_adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
   """Returns the single :class:`ScaleByAdaHessianState` inside ``opt_state``.
 
@@ -79,7 +84,7 @@ def find_adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
   Raises:
     ValueError: if there is none or more than one.
   """
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
+  found = adahessian_states(opt_state)
   if len(found) != 1:
     raise ValueError(
       f"expected exactly one ScaleByAdaHessianState in the optimizer state, found {len(found)}."
