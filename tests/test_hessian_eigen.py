@@ -209,6 +209,22 @@ def test_float32_eigenvalues_at_extreme_scales(scale):
   assert abs(pw.eigenvalues[0] - 50.0 * scale) <= pw.residuals[0] * 1.001
 
 
+def test_float16_lanczos_survives_a_residual_below_the_smallest_normal_number():
+  """``H = diag(1, 2, 3)`` in float16: after 3 steps the orthogonalised residual is at rounding
+  level, below float16's smallest normal number (6.1e-5). Its norm divided it by a subnormal
+  power of two, which XLA computes as a product with the reciprocal (2^19 > 65504): ``inf``, and
+  Lanczos raised NonFiniteError blaming the loss; power iteration and the density too."""
+  from adahessian_jax.hessian._lanczos import norm
+
+  tiny = jnp.asarray([[1e-6, 5e-7, 0.0]], jnp.float16)
+  assert float(norm(tiny)[0]) == pytest.approx(np.hypot(1e-6, 5e-7), rel=2e-2)
+  op = _matrix_operator(np.diag([1.0, 2.0, 3.0]), jnp.float16)
+  top = hessian.top_eigenvalues(op, 3)
+  np.testing.assert_allclose(top.eigenvalues, [3.0, 2.0, 1.0], rtol=5e-3)
+  spectrum = hessian.spectral_density(op, jax.random.key(0), num_probes=2)
+  np.testing.assert_allclose(np.sort(spectrum.nodes, axis=1), [[1.0, 2.0, 3.0]] * 2, rtol=5e-3)
+
+
 def test_power_iteration_judges_convergence_by_the_residual():
   """Eigenvalues ±3: the iterates alternate with the Rayleigh quotient 0 unchanged, which the
   relative-change test took for converged although the residual is 3."""

@@ -54,10 +54,13 @@ def norm(x: jax.Array, axis: int = -1) -> jax.Array:
 
   ``x`` is divided by ``2^e`` with ``2^(e-1) <= max|x| < 2^e`` before squaring and the norm
   multiplied back; scaling by a power of two is exact, so the result is bit-for-bit
-  ``jnp.linalg.norm(x)`` wherever that does not under- or overflow.
+  ``jnp.linalg.norm(x)`` wherever that does not under- or overflow. ``2^e`` is at least the
+  smallest normal number of the dtype: XLA divides by a subnormal one as a product with its
+  reciprocal, which overflows (float16: a peak below ``6.1e-5`` gave ``inf``).
   """
   peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   _, e = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1.0))
+  e = jnp.maximum(e, jnp.finfo(x.dtype).minexp)
   s = jnp.ldexp(jnp.ones_like(peak), e)
   return jnp.squeeze(s, axis) * jnp.linalg.norm(x / s, axis=axis)
 
