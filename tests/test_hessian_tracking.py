@@ -188,6 +188,18 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
   assert counter[0] == before
 
 
+@pytest.mark.parametrize("budget", [1, 3])
+def test_a_trace_budget_below_xtraces_least_is_refused_before_any_product(budget):
+  """XTrace needs 4 products: ``trace_matvecs=3`` ran both sharpness measurements, then failed
+  in xtrace with "num_matvecs must be an integer in [4, ...]", an argument the caller never
+  passed."""
+  counter = [0]
+  op = _operator(_family(1, drift=0.0)[0], counter)
+  with pytest.raises(ValueError, match=f"trace_matvecs must be 0.*>= 4.*got {budget}"):
+    hessian.track_curvature(op, preconditioner=jnp.ones(N), trace_matvecs=budget)
+  assert counter[0] == 0
+
+
 def test_a_float32_model_under_x64_tracks_without_promotion_warnings():
   """The warm start's probe is added in the operator's dtype (a NumPy float64 scale promoted a
   float32 probe: a FutureWarning in jax 0.10, an error in later releases)."""

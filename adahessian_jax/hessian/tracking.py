@@ -324,7 +324,7 @@ def track_curvature(
       is a plain Lanczos warm start, guarded by the change of ``θ`` per step.
       Default (``None``): 2, or ``op.size`` for a 1-parameter operator.
     trace_matvecs: If positive, also estimate the traces by XTrace with this
-      many products each.
+      many products each (at least 4).
 
   Returns:
     A :class:`CurvatureRecord`.
@@ -339,6 +339,11 @@ def track_curvature(
   key = jax.random.key(0) if key is None else key
   k_plain, k_pre, k_tr, k_pre_tr = jax.random.split(key, 4)
   trace_matvecs = _validation.count("trace_matvecs", trace_matvecs, 0)
+  if 0 < trace_matvecs < 4:  # XTrace's least budget, checked before the measurements spend any
+    raise ValueError(
+      f"trace_matvecs must be 0 (no traces) or an integer >= 4 (XTrace's budget), got "
+      f"{trace_matvecs}."
+    )
   block_size = min(2, op.size) if block_size is None else block_size
   block_size = _validation.count("block_size", block_size, 1, op.size)
   max_iter = _validation.count("max_iter", max_iter, block_size)  # the block's products count
