@@ -183,3 +183,26 @@ def test_derived_operators_without_data_say_so(ops):
     hessian.loss_landscape_1d(good.masked(0), [0.0])
   with pytest.raises(ValueError, match="needs the loss and data"):
     good.block(1).loss()
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda op, d: hessian.loss_landscape_1d(op, [0.0, 1.0], d),
+    lambda op, d: hessian.normalize_direction(op, d, "unit"),
+    lambda op, d: hessian.top_eigenvalues(op, v0=d),
+    lambda op, d: hessian.preconditioned_operator(op, d),
+  ],
+)
+def test_complex_vectors_are_refused_not_cast_to_real(ops, call):
+  # Cast to the params' float64, the imaginary part was dropped with a ComplexWarning: a direction
+  # 1 + 1j gave the landscape of 1, and v0 = 1j was "not a nonzero vector".
+  good, _, _ = ops
+  flat = jnp.ones(good.size) * (1.0 + 1.0j)
+  tree = jax.tree.map(lambda x: x.astype(jnp.complex64), good.params)
+  with pytest.raises(ValueError, match=r"must be real, but it has dtype complex128"):
+    call(good, flat)
+  with pytest.raises(ValueError, match=r"real, but its leaf at \['hidden'\]\['bias'\] has dtype"):
+    call(good, tree)
+  with pytest.raises(ValueError, match=r"real, but its leaf at \['hidden'\]\['bias'\] has dtype"):
+    good.ravel(tree)

@@ -52,6 +52,28 @@ def like_params(tree: Any, params: Any, what: str) -> None:
         f"{must}: its leaf at {path} has "
         f"shape {np.shape(leaf)}, the params' leaf there has shape {np.shape(want[path])}."
       )
+  real(tree, what)
+
+
+def real(tree: Any, what: str) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``tree`` with a complex dtype.
+
+  The Hessian acts on real vectors: cast to the params' dtype, a complex direction or
+  preconditioner would silently lose its imaginary part.
+
+  Args:
+    tree: A pytree of arrays, or one array.
+    what: What ``tree`` is, as the caller names it.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+    if np.issubdtype(dtype, np.complexfloating):
+      whose = f"its leaf at {jax.tree_util.keystr(path)}" if path else "it"
+      raise ValueError(
+        f"{what} must be real, but {whose} has dtype {dtype}: the Hessian acts on real "
+        "vectors, and a cast to the params' dtype would drop the imaginary part. Pass the real "
+        "part (or the parts) explicitly."
+      )
 
 
 class NonFiniteError(FloatingPointError):

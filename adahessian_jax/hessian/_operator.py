@@ -93,12 +93,14 @@ class ParamLayout:
     """A flat ``(n,)`` array as given, or a pytree like the params raveled; else ``ValueError``.
 
     A pytree must have the params' structure and every leaf the shape of the
-    params' leaf at its path (``_checks.like_params``);
+    params' leaf at its path (``_checks.like_params``), and no leaf may be complex;
     the message names ``what`` and the first leaf that differs.
     """
     if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
       _checks.like_params(tree, self.params, what)
       tree = self.ravel(tree)
+    else:
+      _checks.real(tree, what)
     size = self.slices[-1].stop if self.slices else 0
     if np.shape(tree) != (size,):
       raise ValueError(

@@ -223,8 +223,8 @@ def normalize_direction(
 
   Raises:
     ValueError: for an unknown ``normalize``, a pytree unlike the params or a
-      flat array of another size, a non-finite entry (named by leaf path), a
-      zero direction, or one that ``normalize`` zeroes.
+      flat array of another size, a complex or non-finite entry (named by leaf
+      path), a zero direction, or one that ``normalize`` zeroes.
   """
   _check_normalize(normalize)
   flat = jnp.asarray(op.layout.flatten(direction, what), op.dtype)

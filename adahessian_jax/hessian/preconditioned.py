@@ -233,8 +233,8 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
 
   Raises:
     ValueError: if ``P`` is a pytree of another structure or leaf shapes than
-      the params, a flat array of another size, or has an entry that is not
-      positive and finite (named by leaf path and index in the leaf).
+      the params, a flat array of another size, complex, or has an entry that
+      is not positive and finite (named by leaf path and index in the leaf).
   """
   flat = op.layout.flatten(preconditioner, "the preconditioner")
   flat = jnp.asarray(flat, op.dtype)
