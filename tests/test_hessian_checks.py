@@ -206,3 +206,13 @@ def test_complex_vectors_are_refused_not_cast_to_real(ops, call):
     call(good, tree)
   with pytest.raises(ValueError, match=r"real, but its leaf at \['hidden'\]\['bias'\] has dtype"):
     good.ravel(tree)
+
+
+def test_an_array_of_another_rank_is_named_as_one(ops):
+  # A (1, n) array or a scalar read as a pytree: "it lacks the leaves ... and has none that the
+  # params do not", which says nothing of the shape that is wrong.
+  good, _, _ = ops
+  with pytest.raises(ValueError, match=r"single value of shape \(1, 75\).*shape \(75,\)"):
+    hessian.loss_landscape_1d(good, [0.0], np.ones((1, good.size)))
+  with pytest.raises(ValueError, match=r"single value of shape \(\).*shape \(75,\)"):
+    hessian.preconditioned_operator(good, 2.0)

@@ -37,7 +37,13 @@ def like_params(tree: Any, params: Any, what: str) -> None:
   if jax.tree.structure(tree) != jax.tree.structure(params):
     missing = [p for p in want if p not in got]
     extra = [p for p in got if p not in want]
-    if missing or extra:
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+      size = sum(int(np.size(x)) for x in want.values())
+      detail = (
+        f"it is a single value of shape {np.shape(tree)}, not a pytree; a flat array must have "
+        f"shape ({size},)"
+      )
+    elif missing or extra:
       lacks = f"it lacks the leaves {', '.join(missing[:4]) or '(none)'}"
       detail = f"{lacks} and has {', '.join(extra[:4]) or 'none'} that the params do not"
     else:
