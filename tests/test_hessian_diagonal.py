@@ -124,6 +124,30 @@ def test_bfloat16_diagonal_is_accumulated_in_float32():
   np.testing.assert_allclose(est.stderr_flat, x.std(0, ddof=1) / np.sqrt(300), rtol=1e-4)
 
 
+def test_a_bfloat16_leaf_of_a_float32_model_keeps_its_float32_estimate():
+  # The operator's dtype is float32, so the pytree estimates were cast to each leaf's dtype: the
+  # bfloat16 leaf's mean of 300 samples (and its error) rounded to 3 significant digits, unlike
+  # diagonal_flat and unlike the same leaf in an all-bfloat16 model.
+  params, batch = mlp()
+  params = {**params, "hidden": jax.tree.map(lambda a: a.astype(jnp.bfloat16), params["hidden"])}
+  params = jax.tree.map(lambda a: a if a.dtype == jnp.bfloat16 else a.astype(jnp.float32), params)
+  op = hessian.hessian_operator(
+    mlp_loss, params, jax.tree.map(lambda a: a.astype(jnp.float32), batch)
+  )
+  kernel = op.leaf_slices[op.leaf_names.index("hidden/kernel")]
+  est = hessian.hutchinson_diagonal_estimate(op, jax.random.key(0), 300)
+  xd = hessian.xdiag(op, jax.random.key(0), 40)
+  per_leaf = hessian.layer_breakdown(op, jax.random.key(0), num_samples=300, eigenvalues=False)
+  for tree, flat in [
+    (est.diagonal, est.diagonal_flat),
+    (est.stderr, est.stderr_flat),
+    (xd.diagonal, xd.diagonal_flat),
+  ]:
+    assert tree["hidden"]["kernel"].dtype == jnp.float32
+    np.testing.assert_array_equal(tree["hidden"]["kernel"].ravel(), flat[kernel])
+  assert per_leaf["hidden/kernel"].diagonal.dtype == jnp.float32
+
+
 def test_xdiag_is_exact_with_a_budget_of_n_products():
   # n = 6 <= num_matvecs: diag(H) from H e_j with a zero error (the leave-one-out mean was not).
   ev = np.array([3.0, -1.0, 0.5, 2.0, 7.0, 0.1])

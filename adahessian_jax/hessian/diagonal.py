@@ -78,13 +78,12 @@ def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
 
 
 def unravel_wide(op: HessianOperator, v: jax.Array) -> Any:
-  """``op.unravel(v)``, except that a ``v`` wider than ``op.dtype`` keeps its dtype in every leaf.
+  """``op.unravel(v)``, except that every leaf keeps ``v``'s dtype.
 
   (``op.unravel`` casts to the params' dtypes, which would round a float32
-  estimate of a bfloat16 model back to bfloat16.)
+  estimate of a bfloat16 model back to bfloat16, and, in a model that mixes
+  dtypes, the float32 estimate of its bfloat16 leaves.)
   """
-  if v.dtype == op.dtype:
-    return op.unravel(v)
   leaves, treedef = jax.tree.flatten(op.params)
   parts = [jnp.reshape(v[sl], jnp.shape(x)) for x, sl in zip(leaves, op.leaf_slices, strict=True)]
   return jax.tree.unflatten(treedef, parts)
@@ -136,7 +135,9 @@ def hutchinson_diagonal_estimate(
     are in the operator's dtype; their sums and squared deviations (from the
     first sample, merged block by block, so equal samples give exactly zero)
     are in ``_sketch.wide_dtype``: float32 for
-    float16 and bfloat16 operators, whose results are float32.
+    float16 and bfloat16 operators, whose results are float32. Every leaf
+    of the pytrees has the flat arrays' dtype (a bfloat16 leaf of a model
+    that mixes dtypes is not rounded to bfloat16).
 
   Raises:
     ValueError: for a count that is not an integer in range.

@@ -106,7 +106,9 @@ def layer_breakdown(
     trace 0 with error 0, an empty diagonal and a ``nan`` top eigenvalue. The
     samples are in the operator's dtype; their per-leaf sums are in float32
     (or the operator's dtype, if wider) and averaged in float64; the diagonal
-    of a float16 or bfloat16 operator is float32.
+    of a float16 or bfloat16 operator is float32, and that of every leaf has
+    the operator's dtype or float32, whichever is wider (a bfloat16 leaf of a
+    float32 model too).
 
   Raises:
     ValueError: for a count out of range.
