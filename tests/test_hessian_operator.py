@@ -71,6 +71,17 @@ def test_block_is_the_diagonal_block_of_a_leaf():
   np.testing.assert_allclose(_dense(blk), mlp_hessian()[sl, sl], atol=1e-13)
 
 
+def test_the_block_of_a_leaf_without_entries_is_refused_by_name():
+  # A (0, 3) leaf's block is an operator of size 0, on which the analyses failed with NumPy's
+  # and JAX's own errors ("zero-size array to reduction operation max", "Need at least one array
+  # to concatenate", "k must be an integer in [1, 0]").
+  loss = lambda p, b: jnp.sum(p["v"] ** 2) + jnp.sum(p["e"])
+  op = hessian.hessian_operator(loss, {"e": jnp.zeros((0, 3)), "v": jnp.ones(4)}, jnp.ones(1))
+  with pytest.raises(ValueError, match=r"leaf 'e' has no entries \(shape \(0, 3\)\)"):
+    op.block("e")
+  assert op.block("v").size == 4
+
+
 def test_masked_is_the_block_embedded_in_the_full_space():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch, block_size=5)

@@ -289,9 +289,18 @@ class HessianOperator:
     Returns:
       A :class:`HessianOperator` of size ``leaf.size`` whose products cost one
       full Hessian-vector product each (the vector is zero outside the leaf).
+
+    Raises:
+      ValueError: for an unknown leaf, or one of size 0 (as
+        :func:`hessian_operator` refuses params without entries).
     """
     index = self.layout.index(leaf)
     start, stop = self.leaf_slices[index].start, self.leaf_slices[index].stop
+    if stop == start:
+      raise ValueError(
+        f"the leaf {self.leaf_names[index]!r} has no entries (shape "
+        f"{jnp.shape(jax.tree.leaves(self.params)[index])}): its block has no Hessian to analyse."
+      )
     width, n, full, full_probes = stop - start, self.size, self.matmat_fn, self.probes_fn
     leaf_params = jax.tree.leaves(self.params)[index]
     shape = jnp.shape(leaf_params)
