@@ -237,3 +237,14 @@ def test_normalising_a_direction_of_huge_or_tiny_entries_in_float32(scale):
   filt = np.asarray(hessian.normalize_direction(op, jnp.asarray(d * scale, jnp.float32), "filter"))
   want = d.reshape(3, 2) / np.linalg.norm(d.reshape(3, 2), axis=0) * np.linalg.norm(w, axis=0)
   np.testing.assert_allclose(filt.reshape(3, 2), want, rtol=1e-5)
+
+
+def test_a_2d_landscape_of_one_parameter_without_directions_says_why():
+  # It asked top_eigenvalues for k=2, whose error "k must be an integer in [1, 1], got 2" named
+  # an argument the caller never passed.
+  op = hessian.hessian_operator(lambda p, b: p["x"] ** 4 * b, {"x": jnp.asarray(1.0)}, 1.0)
+  with pytest.raises(
+    ValueError, match=r"top 2 eigenvectors.*1 parameter\(s\); pass the directions"
+  ):
+    hessian.loss_landscape_2d(op, [0.0], [0.0])
+  np.testing.assert_allclose(hessian.loss_landscape_1d(op, [0.0, 1.0]).losses, [1.0, 16.0])

@@ -299,6 +299,11 @@ def _directions(op, directions, k, key, normalize, layer_axes, names):
         f"normalize={normalize!r} applies to a given direction; without one the directions are "
         "the Hessian's top eigenvectors, of unit norm. Pass a direction or leave normalize out."
       )
+    if k > op.size:
+      raise ValueError(
+        f"the default directions are the Hessian's top {k} eigenvectors, but the operator has "
+        f"{op.size} parameter(s); pass the directions (a 1-D landscape needs one)."
+      )
     eig = top_eigenvalues(op, k, key=key)
     return eig.eigenvectors_flat
   return jnp.stack(
