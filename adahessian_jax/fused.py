@@ -54,9 +54,25 @@ def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
 def _owned(params: Any, mu: Any) -> Any:
   """``mu`` if it marks leaves of ``params`` that other transforms own (``optax.masked``,
   ``multi_transform``), else ``None``: then the probes skip those leaves, as the masked
-  ``value_fn`` route's do."""
-  slots = jax.tree.leaves(mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  if len(slots) != len(jax.tree.leaves(params)) or not masking.has_masked_nodes(mu):
+  ``value_fn`` route's do.
+
+  A mask or labels given as a prefix of the params put one ``MaskedNode`` in ``mu`` for a whole
+  subtree; it becomes one per leaf of that subtree, so that ``mu``'s slots line up with
+  ``params``' leaves."""
+  if not masking.has_masked_nodes(mu):
+    return None
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  try:
+    mu = jax.tree.map(
+      lambda m, p: jax.tree.map(lambda _: optax.MaskedNode(), p) if is_masked(m) else m,
+      mu,
+      params,
+      is_leaf=is_masked,
+    )
+  except ValueError:  # params is not the tree mu was made for
+    return None
+  slots = jax.tree.leaves(mu, is_leaf=is_masked)
+  if len(slots) != len(jax.tree.leaves(params)):
     return None
   return mu
 

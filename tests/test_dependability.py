@@ -348,6 +348,24 @@ def test_fused_mark_stays_in_the_leaves_adahessian_owns(overflow):
     assert bool(jnp.all(new["w"] < params["w"]))
 
 
+def test_fused_mark_stays_in_the_leaves_adahessian_owns_with_prefix_labels():
+  # Labels given per subtree: SGD's subtree comes first and must not receive the NaN mark.
+  params = {"a": {"bias": jnp.ones(2, jnp.float16)}, "w": jnp.full(3, 1e-3, jnp.float16)}
+  loss = lambda p: 0.5 * jnp.sum(p["a"]["bias"] ** 2) + 0.5 * jnp.sum((p["w"] * 300) ** 2)
+  tx = optax.multi_transform(
+    {"ada": ah.adahessian(0.01), "sgd": optax.sgd(0.01)}, {"a": "sgd", "w": "ada"}
+  )
+  state = tx.init(params)
+  _, grads, hdiag = jax.jit(ah.value_grad_and_hessian_diag(loss))(params, state)
+  np.testing.assert_array_equal(np.asarray(hdiag["a"]["bias"]), 0.0)  # no probe on SGD's leaf
+  np.testing.assert_array_equal(np.asarray(grads["a"]["bias"]), 1.0)
+  np.testing.assert_array_equal(np.isnan(np.asarray(grads["w"])), [True, False, False])
+  updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(new["a"]["bias"]), np.float16(0.99))
+  np.testing.assert_array_equal(np.asarray(new["w"]), np.asarray(params["w"]))
+
+
 def test_fused_route_with_an_empty_first_leaf():
   params = {"a_unused": jnp.zeros((0, 4)), "w": jnp.asarray([1.0, 2.0])}
   loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["a_unused"])
