@@ -569,7 +569,7 @@ def scale_by_adahessian(
     updates = _unmarked(updates, nu)
     if nu_dtype is None:  # float16 gradients stay float16 (their default nu is float32)
       updates = jax.tree.map(
-        lambda u, g: _to_float16(u) if g.dtype == jnp.float16 else u, updates, grads
+        lambda u, g: _to_float16(u) if jnp.result_type(g) == jnp.float16 else u, updates, grads
       )
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction

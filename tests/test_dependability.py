@@ -702,6 +702,20 @@ def test_a_python_float_estimate_for_a_scalar_parameter():
     np.testing.assert_allclose(np.asarray(u["w"]), 1 / (4 + 1e-4), rtol=1e-6)
 
 
+def test_a_python_float_gradient_for_a_scalar_parameter():
+  # Like optax's own transforms, a gradient leaf may be a Python number (it had no .dtype).
+  params = {"s": jnp.asarray(1.0), "w": jnp.ones(2)}
+  tx = ah.scale_by_adahessian(b2=0.5)
+  updates, _ = tx.update(
+    {"s": 1.0, "w": np.ones(2)},
+    tx.init(params),
+    params,
+    hessian_diag={"s": 4.0, "w": np.full(2, 4.0)},
+  )
+  np.testing.assert_allclose(np.asarray(updates["s"]), 1 / (4 + 1e-4), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates["w"]), 1 / (4 + 1e-4), rtol=1e-6)
+
+
 def test_curvature_floor_traces_for_leaves_beyond_int32_counts():
   # The floor's per-leaf and model-wide means divided by Python int counts, which JAX passes as
   # int32: a leaf of 2**31 entries or more raised OverflowError. Abstract shapes only (eval_shape).
