@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import optax
 
-from adahessian_jax import hutchinson, masking
+from adahessian_jax import _validation, hutchinson, masking
 from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refresh, probe_keys
 
 __all__ = ["value_grad_and_hessian_diag"]
@@ -154,9 +154,22 @@ def value_grad_and_hessian_diag(
     ``opt_state`` contains one :class:`ScaleByAdaHessianState` (found with
     :func:`adahessian_jax.find_adahessian_state`). Pass ``hessian_diag`` to
     ``tx.update``.
+
+  Raises:
+    TypeError: when the returned function is called with a leaf of ``params``
+      that is not a real floating array (naming its path): it differentiates
+      every leaf, also one that ``optax.masked`` keeps from AdaHessian.
   """
 
   def wrapped(params, opt_state, *args, **kwargs):
+    # Inside optax.masked another transform may own an integer leaf (a step counter), which
+    # jax.jvp then refused with an error about float0 tangents.
+    _validation.float_leaves(
+      params,
+      "value_grad_and_hessian_diag differentiates every leaf of params, so they",
+      "Pass other leaves to the loss as arguments after opt_state, or use the value_fn route "
+      "with adahessian_jax.masked_value_fn.",
+    )
     state = find_adahessian_state(opt_state)
     loss = lambda p: fun(p, *args, **kwargs)
 

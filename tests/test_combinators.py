@@ -87,6 +87,20 @@ def test_masked_needs_the_wrapper_and_says_so(mlp_problem):
     tx.update(params, state, params, value_fn=lambda p: loss_fn(p, batch))
 
 
+def test_an_integer_leaf_masked_out_trains_by_the_closure_route_and_is_named_by_the_fused():
+  # A step counter in the params, kept from AdaHessian by the mask: the closure route trains;
+  # the fused route differentiates every leaf and failed inside jax.jvp on float0 tangents.
+  params = {"step": jnp.asarray(3, jnp.int32), "w": jnp.full(3, 0.5)}
+  loss = lambda p: jnp.sum(jnp.cos(p["w"]) * p["step"] + p["w"] ** 4)
+  tx = optax.masked(ah.adahessian(0.1), {"step": False, "w": True})
+  state = tx.init(params)
+  grads = jax.grad(loss, allow_int=True)(params)
+  updates, _ = tx.update(grads, state, params, value_fn=ah.masked_value_fn(loss, params))
+  assert bool(jnp.all(updates["w"] != 0))
+  with pytest.raises(TypeError, match=r"leaf at \['step'\] has dtype int32.*masked_value_fn"):
+    ah.value_grad_and_hessian_diag(loss)(params, state)
+
+
 def test_masked_with_whole_model_hessian_diag_from_the_fused_route(mlp_problem):
   params, loss_fn, batch = mlp_problem
   mask = jax.tree.map(lambda label: label == "ada", LABELS)
