@@ -20,7 +20,7 @@ import jax
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking
-from adahessian_jax.state import find_adahessian_state, is_refresh_step, on_refresh, probe_keys
+from adahessian_jax.state import adahessian_states, is_refresh_step, on_refresh, probe_keys
 
 __all__ = ["value_grad_and_hessian_diag"]
 
@@ -75,6 +75,25 @@ def _owned(params: Any, mu: Any) -> Any:
   if len(slots) != len(jax.tree.leaves(params)):
     return None
   return mu
+
+
+def _the_adahessian_state(opt_state: Any) -> Any:
+  """The one AdaHessian state in ``opt_state``, whose probes the fused route draws."""
+  found = adahessian_states(opt_state)
+  if len(found) == 1:
+    return found[0]
+  what = "value_grad_and_hessian_diag draws its probes from the AdaHessian state in opt_state"
+  if not found:
+    raise ValueError(
+      f"{what}, but opt_state holds none: pass the state of the optimizer built with "
+      "adahessian_jax.adahessian or scale_by_adahessian, after params."
+    )
+  raise ValueError(
+    f"{what}, but opt_state holds {len(found)} (e.g. one per optax.multi_transform group), "
+    "which would each draw other probes. Use one AdaHessian transform with per-group learning "
+    "rates after it (optax.multi_transform over optax.scale_by_learning_rate), or the value_fn "
+    "route with adahessian_jax.masked_value_fn."
+  )
 
 
 def value_grad_and_hessian_diag(
@@ -170,7 +189,7 @@ def value_grad_and_hessian_diag(
       "Pass other leaves to the loss as arguments after opt_state, or use the value_fn route "
       "with adahessian_jax.masked_value_fn.",
     )
-    state = find_adahessian_state(opt_state)
+    state = _the_adahessian_state(opt_state)
     loss = lambda p: fun(p, *args, **kwargs)
 
     def with_hessian():

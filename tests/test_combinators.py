@@ -101,6 +101,16 @@ def test_an_integer_leaf_masked_out_trains_by_the_closure_route_and_is_named_by_
     ah.value_grad_and_hessian_diag(loss)(params, state)
 
 
+def test_fused_route_with_two_adahessian_members_says_what_to_do_instead(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = optax.multi_transform({"ada": ah.adahessian(0.1), "sgd": ah.adahessian(0.01)}, LABELS)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+  with pytest.raises(ValueError, match="holds 2 .*scale_by_learning_rate.*masked_value_fn"):
+    vgh(params, tx.init(params), batch)
+  with pytest.raises(ValueError, match="holds none: pass the state of the optimizer"):
+    vgh(params, optax.adam(0.1).init(params), batch)
+
+
 def test_masked_with_whole_model_hessian_diag_from_the_fused_route(mlp_problem):
   params, loss_fn, batch = mlp_problem
   mask = jax.tree.map(lambda label: label == "ada", LABELS)
