@@ -86,6 +86,21 @@ def _check_state(
     )
 
 
+def _tree_difference(tree: Any, ref: Any) -> str:
+  """Where ``tree`` first differs from ``ref``, named by a leaf path where one has a leaf the
+  other has not (a model's whole tree structure is too long to read)."""
+  paths = lambda t: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)]
+  mine, theirs = paths(tree), paths(ref)
+  mine_set, theirs_set = set(mine), set(theirs)
+  extra = next((p for p in mine if p not in theirs_set), None)
+  if extra is not None:
+    return f"it has a leaf at {extra}, where the state's parameters have none"
+  missing = next((p for p in theirs if p not in mine_set), None)
+  if missing is not None:
+    return f"it has no leaf at {missing}, where the state's parameters have one"
+  return f"its nodes differ, {jax.tree.structure(tree)} against {jax.tree.structure(ref)}"
+
+
 def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
   """Raises unless ``updates`` (and ``params``, if given) have the tree and shapes of the
   parameters the state was made for (``mu``'s): a mismatched leaf would broadcast into the
@@ -94,10 +109,14 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
     if tree is None:
       continue
     if jax.tree.structure(tree) != jax.tree.structure(mu):
+      fix = (
+        "Pass updates with the tree of the params, and the state made by init on them."
+        if name == "updates"
+        else "Pass the state made by init on these parameters (or restore the matching checkpoint)."
+      )
       raise ValueError(
-        f"scale_by_adahessian: the {name} tree {jax.tree.structure(tree)} is not the tree of "
-        f"the parameters the state was made for, {jax.tree.structure(mu)}. Pass the state "
-        "made by init on these parameters (or restore the matching checkpoint)."
+        f"scale_by_adahessian: the {name} tree is not the tree of the parameters the state was "
+        f"made for: {_tree_difference(tree, mu)}. {fix}"
       )
 
     def check(path, x, m, name=name):
@@ -112,10 +131,15 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
           f"{jnp.shape(x)}, but the state was made for a parameter of shape {jnp.shape(m)} "
           f"({fix})."
         )
-      if name == "updates" and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        expected = (
+          "gradients of real floating-point parameters are expected"
+          if name == "updates"
+          else "the state was made for real floating-point parameters"
+        )
         raise TypeError(
-          f"scale_by_adahessian: updates leaf at {jax.tree_util.keystr(path)} has dtype "
-          f"{jnp.result_type(x)}; gradients of real floating-point parameters are expected."
+          f"scale_by_adahessian: {name} leaf at {jax.tree_util.keystr(path)} has dtype "
+          f"{jnp.result_type(x)}; {expected}."
         )
 
     jax.tree_util.tree_map_with_path(check, tree, mu)
@@ -478,9 +502,11 @@ def scale_by_adahessian(
   Raises:
     ValueError: at construction, for a hyperparameter out of range, naming it;
       at ``update`` for a state made with another ``update_freq`` or
-      ``n_samples``, or a ``hessian_diag`` leaf whose shape or dtype does not
-      fit its parameter (naming its path).
-    TypeError: at ``init`` for non-float parameter leaves; at ``update`` for a
+      ``n_samples``, ``updates`` or ``params`` whose tree or shapes are not
+      those the state was made for, or a ``hessian_diag`` leaf whose shape or
+      dtype does not fit its parameter (naming a leaf path).
+    TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
+      non-float ``updates`` or ``params`` leaves (naming their path), or a
       ``value_fn`` that does not return a real scalar.
 
   References:
