@@ -149,8 +149,7 @@ def _check_estimate(estimate: Any, like: Any) -> None:
   """Raises unless ``hessian_diag`` has the structure, shapes and a float dtype of ``like``."""
   if jax.tree.structure(estimate) != jax.tree.structure(like):
     raise ValueError(
-      "hessian_diag must have the structure of params; got "
-      f"{jax.tree.structure(estimate)}, expected {jax.tree.structure(like)}."
+      f"hessian_diag must have the structure of params: {_tree_difference(estimate, like)}."
     )
 
   def check(path, e, x):
