@@ -17,7 +17,7 @@ products never update them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
@@ -29,6 +29,15 @@ try:
   from flax.training import train_state
 except ImportError as e:
   raise missing_extra("flax", "adahessian_jax.linen", e) from e
+
+# Flax's collection for values that the gradient overwrites instead of the optimizer updating them
+# (fp8 scales and amax histories); TrainState.create keeps it out of the optimizer state.
+_OWG = train_state.OVERWRITE_WITH_GRADIENT
+
+
+def _has_owg(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and _OWG in tree
+
 
 __all__ = ["TrainState"]
 
@@ -62,6 +71,11 @@ class TrainState(train_state.TrainState):
   def apply_gradients(self, *, grads, value_fn=None, hessian_diag=None, **kwargs):
     """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
 
+    As in Flax, params with an ``_overwrite_with_gradient`` collection (fp8
+    training) are ``{"params": ..., "_overwrite_with_gradient": ...}``: the
+    optimizer steps ``params["params"]`` (so ``value_fn`` and ``hessian_diag``
+    are of those only), and the other collection is replaced by its gradient.
+
     Args:
       grads: Gradients with the structure of ``params``.
       value_fn: The loss as a function of the params only (closure route).
@@ -76,13 +90,13 @@ class TrainState(train_state.TrainState):
       extra["value_fn"] = value_fn
     if hessian_diag is not None:
       extra["hessian_diag"] = hessian_diag
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
-    return self.replace(
-      step=self.step + 1,
-      params=optax.apply_updates(self.params, updates),
-      opt_state=opt_state,
-      **kwargs,
-    )
+    owg = _has_owg(grads)
+    trained, params = (grads["params"], self.params["params"]) if owg else (grads, self.params)
+    updates, opt_state = self.tx.update(trained, self.opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    if owg:
+      params = {"params": params, _OWG: grads[_OWG]}
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
   def apply_loss(
     self, loss_fn: Callable[..., Any], *args, has_aux: bool = False, **kwargs
@@ -102,7 +116,20 @@ class TrainState(train_state.TrainState):
     Returns:
       ``(new_state, value)`` where ``value`` is the loss (or ``(loss, aux)``)
       at the parameters before the step.
+
+    Raises:
+      ValueError: for params with an ``_overwrite_with_gradient`` collection
+        (fp8 training), which this route would precondition like the
+        parameters; use :meth:`apply_gradients` with ``value_fn``.
     """
+    if _has_owg(self.params):
+      raise ValueError(
+        f"TrainState.apply_loss: params hold a {_OWG!r} collection (fp8 training), whose "
+        "gradients are new values that overwrite it, not directions to precondition, but the "
+        "fused route takes the Hessian of every leaf it is given. Compute the gradient of the "
+        "whole params yourself and call apply_gradients(grads=grads, value_fn=...) with value_fn "
+        f"a function of params['params'] (with params[{_OWG!r}] held fixed)."
+      )
     vgh = value_grad_and_hessian_diag(loss_fn, has_aux=has_aux)
     value, grads, hdiag = vgh(self.params, self.opt_state, *args, **kwargs)
     return self.apply_gradients(grads=grads, hessian_diag=hdiag), value

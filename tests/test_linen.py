@@ -116,3 +116,29 @@ def test_apply_loss_with_batchnorm_and_dropout_matches_closure_route(setup, upda
   assert_trees_allclose(fused_state.params, closure_state.params, rtol=1e-11, atol=1e-12)
   assert_trees_allclose(fused_state.batch_stats, closure_state.batch_stats, rtol=1e-11)
   assert eval_loss(fused_state) < (0.7 if update_freq == 1 else 0.95) * initial
+
+
+def test_overwrite_with_gradient_collection_is_replaced_not_stepped():
+  # fp8 training keeps scales and amax histories in Flax's '_overwrite_with_gradient' collection:
+  # Flax's TrainState.create makes the optimizer state for params['params'] only, and
+  # apply_gradients replaces that collection by its gradient (the new values).
+  owg = flax_train_state.OVERWRITE_WITH_GRADIENT
+  params = {"params": {"w": jnp.ones((3, 2))}, owg: {"amax": jnp.zeros(4)}}
+
+  def loss(p):
+    return jnp.sum((p["params"]["w"].sum(0) - 1.0) ** 2) + jnp.sum(p[owg]["amax"] * 2.0)
+
+  tx = ah.adahessian(0.1)
+  state = TrainState.create(apply_fn=None, params=params, tx=tx)
+  grads = jax.grad(loss)(params)
+  value_fn = lambda w: loss({"params": w, owg: params[owg]})
+  stepped = state.apply_gradients(grads=grads, value_fn=value_fn)
+  updates, opt_state = tx.update(
+    grads["params"], tx.init(params["params"]), params["params"], value_fn=value_fn
+  )
+  assert_trees_allclose(stepped.params["params"], optax.apply_updates(params["params"], updates))
+  assert_trees_allclose(stepped.opt_state, opt_state)
+  np.testing.assert_array_equal(stepped.params[owg]["amax"], np.full(4, 2.0))
+  # The fused route would precondition the collection like parameters: refused, saying what to do.
+  with pytest.raises(ValueError, match="_overwrite_with_gradient.*apply_gradients"):
+    state.apply_loss(loss)
