@@ -32,7 +32,7 @@ except ImportError as e:
 
 # Flax's collection for values that the gradient overwrites instead of the optimizer updating them
 # (fp8 scales and amax histories); TrainState.create keeps it out of the optimizer state.
-_OWG = train_state.OVERWRITE_WITH_GRADIENT
+_OWG = "_overwrite_with_gradient"  # flax.training.train_state.OVERWRITE_WITH_GRADIENT
 
 
 def _has_owg(tree: Any) -> bool:
