@@ -54,11 +54,28 @@ def sink_transposes(fun: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   def wrapped(*args):
+    if _explicitly_sharded(args):
+      return fun(*args)
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
     out = jcore.jaxpr_as_fun(_rewrite_closed(closed)[0])(*jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return wrapped
+
+
+def _explicitly_sharded(args: Any) -> bool:
+  """Whether a leaf of ``args`` is typed with a sharding over a mesh with ``Explicit`` axes.
+
+  The jaxpr of such arguments, traced with :func:`jax.make_jaxpr`, does not evaluate: its
+  ``add_any`` of a gradient term typed with the sharding and one typed without fails JAX's type
+  check with a bare ``AssertionError`` (seen under ``jax.jit`` with FSDP-sharded parameters on a
+  ``jax.make_mesh`` mesh, whose axes are ``Explicit`` by default). ``fun`` then runs as it is.
+  """
+  for leaf in jax.tree.leaves(args):
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    if mesh is not None and not mesh.empty and mesh._any_axis_explicit:
+      return True
+  return False
 
 
 def _rewrite_closed(closed: jcore.ClosedJaxpr) -> tuple[jcore.ClosedJaxpr, bool]:

@@ -281,3 +281,19 @@ def test_tensor_parallel_curvature_floor_uses_the_whole_model(tensor_parallel):
   replicated bias's update varied over the model axis, and ``shard_map`` refused it)."""
   r = tensor_parallel
   assert r["floored_b0_vs_single"] <= 1e-12 and abs(r["floored_b0"]) > 1e-3, r
+
+
+def test_jit_fsdp_on_a_mesh_with_explicit_axes():
+  # jax.make_mesh gives Explicit axes by default; with a kernel sharded over one, the
+  # Hessian-vector product used to fail inside JAX with a bare AssertionError.
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, "_explicit_mesh_worker.py")],
+    env={**_env(4), "JAX_ENABLE_X64": "1"},
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  diffs = dict(line.split() for line in proc.stdout.splitlines())
+  assert set(diffs) == {"value_fn", "fused"}
+  assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
