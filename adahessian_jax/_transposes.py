@@ -73,7 +73,8 @@ def _explicitly_sharded(args: Any) -> bool:
   """
   for leaf in jax.tree.leaves(args):
     mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-    if mesh is not None and not mesh.empty and mesh._any_axis_explicit:
+    types = getattr(mesh, "axis_types", ())
+    if mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in types:
       return True
   return False
 
