@@ -121,7 +121,9 @@ def state_shardings(
   :func:`optax.tree.map_params`, so it works for every state layout) gets the
   parameters' shardings, leaf by leaf where the shapes agree; every other leaf
   (step counts, PRNG keys, or a leaf whose shape differs from its
-  parameter's) gets ``replicated``.
+  parameter's) gets ``replicated``. Where ``optax.masked`` (or
+  ``optax.multi_transform``) leaves parameters out of a state, the
+  ``optax.MaskedNode`` stays, so the result has the state's structure.
 
   Needed because under ``jax.jit`` with automatic axes ``jit(tx.init)(params)``
   returns the zeros replicated, whatever the parameters' shardings (the zeros
@@ -159,6 +161,8 @@ def state_shardings(
   abstract_state = jax.eval_shape(init, shapes)
 
   def follow(leaf, sharding, param):
+    if isinstance(leaf, optax.MaskedNode):  # a leaf (or subtree) that optax.masked leaves out
+      return leaf
     return sharding if tuple(leaf.shape) == tuple(param.shape) else replicated
 
   return optax.tree.map_params(
@@ -168,6 +172,7 @@ def state_shardings(
     param_shardings,
     shapes,
     transform_non_params=lambda leaf: replicated,
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
   )
 
 

@@ -268,6 +268,36 @@ def test_state_shardings_names_the_leaf_without_a_sharding():
     distributed.state_shardings(ah.adahessian(0.1), params)
 
 
+def test_state_shardings_of_a_state_with_masked_out_parameters():
+  """``optax.masked`` (a leaf mask, or a prefix standing for a subtree) puts ``MaskedNode`` where
+  parameters are left out; state_shardings failed on it with optax's tree-structure error."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  split, whole = NamedSharding(mesh, PartitionSpec(None, "d")), NamedSharding(mesh, PartitionSpec())
+  sds = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)
+  params = {"w": sds((4, 6), split), "head": {"k": sds((6, 2), split), "b": sds((2,), whole)}}
+  for mask in ({"w": True, "head": {"k": False, "b": False}}, {"w": True, "head": False}):
+    tx = optax.chain(optax.masked(ah.scale_by_adahessian(), mask), optax.scale(-0.1))
+    shardings = distributed.state_shardings(tx, params)
+    abstract = jax.eval_shape(tx.init, params)
+    assert jax.tree.structure(shardings) == jax.tree.structure(abstract), mask
+    inner = shardings[0].inner_state
+    assert inner.mu["w"] == split and inner.nu["w"] == split
+    assert isinstance(inner.mu["head"], optax.MaskedNode) or isinstance(
+      inner.mu["head"]["k"], optax.MaskedNode
+    )
+    concrete = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    state = jax.jit(tx.init, out_shardings=shardings)(concrete)
+    assert state[0].inner_state.mu["w"].sharding == split
+
+
 def test_tensor_parallel_fused_route_equals_value_fn_route(tensor_parallel):
   """The same probes, so the same updates; the replicated leaf flattens first and receives the
   fused route's NaN mark, which was computed per shard (``shard_map`` refused the replicated
