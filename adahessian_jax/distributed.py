@@ -183,7 +183,8 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
   bit-identical values.
 
   Args:
-    tree: A pytree of arrays. With ``stacked=False``, ``jax.Array``s whose
+    tree: A pytree of arrays (typed PRNG keys are compared by their key
+      data). With ``stacked=False``, ``jax.Array``s whose
       addressable shards are compared with the other shards covering the same
       index (the copies of replicated or partially replicated arrays). With
       ``stacked=True``, arrays with a leading replica axis (``pmap`` outputs),
@@ -207,6 +208,8 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
       diffs.append(float(np.max(np.abs(a - b))))
 
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)  # a typed PRNG key (a dropout key): compare its bits
     if stacked:
       values = np.asarray(leaf)
       if values.ndim == 0:

@@ -268,6 +268,21 @@ def test_state_shardings_names_the_leaf_without_a_sharding():
     distributed.state_shardings(ah.adahessian(0.1), params)
 
 
+def test_max_replica_difference_compares_typed_prng_keys_by_their_data():
+  """A typed key in a user's state (a dropout key) raised JAX's 'PRNGKey dtype cannot be
+  converted to a NumPy array' without naming anything."""
+  import jax
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  same = jnp.stack([jax.random.key(3)] * 2)
+  assert distributed.max_replica_difference({"k": same, "x": jnp.ones((2, 3))}, stacked=True) == 0
+  apart = jax.random.split(jax.random.key(3), 2)
+  assert distributed.max_replica_difference({"k": apart}, stacked=True) > 0
+  assert distributed.max_replica_difference({"k": jax.random.key(3)}) == 0.0
+
+
 def test_state_shardings_of_a_state_with_masked_out_parameters():
   """``optax.masked`` (a leaf mask, or a prefix standing for a subtree) puts ``MaskedNode`` where
   parameters are left out; state_shardings failed on it with optax's tree-structure error."""
