@@ -24,6 +24,12 @@ OPTIMIZERS = {
     optax.scale_by_adam(b2=0.99, eps=1e-6, eps_root=1e-9),
     lambda s: hessian.adam_preconditioner(s, b2=0.99, eps=1e-6, eps_root=1e-9),
   ),
+  # b2 small, so that the bias-corrected nu falls as the gradients shrink and the running
+  # maximum AMSGrad divides by differs from it (asserted below).
+  "amsgrad": (
+    optax.scale_by_amsgrad(b2=0.5, eps=1e-6, eps_root=1e-9),
+    lambda s: hessian.adam_preconditioner(s, eps=1e-6, eps_root=1e-9),
+  ),
 }
 
 
@@ -54,10 +60,15 @@ def _train(name, steps=3, lr=0.05):
 def test_preconditioner_is_the_denominator_of_the_last_update(name):
   _, _, state, updates = _train(name)
   p = OPTIMIZERS[name][1]((optax.EmptyState(), state))  # found inside any container
-  inner = adahessian_jax.find_adahessian_state(state) if name != "adam" else state
+  adahessian = name.startswith("adahessian")
+  inner = adahessian_jax.find_adahessian_state(state) if adahessian else state
   mu_hat = jax.tree.map(lambda m: m / (1 - 0.9 ** int(inner.count)), inner.mu)
   want = jax.tree.map(lambda m, d: m / d, mu_hat, p)
   jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-12), updates, want)
+  if name == "amsgrad":  # not Adam's P of the same moments
+    nu_hat = jax.tree.map(lambda v: v / (1 - 0.5 ** int(inner.count)), inner.nu)
+    gap = jax.tree.map(lambda a, b: np.max(np.abs(a - b) / b), inner.nu_max, nu_hat)
+    assert max(jax.tree.leaves(gap)) > 0.1
 
 
 @pytest.mark.parametrize("name", ["adahessian", "adam"])
@@ -90,8 +101,14 @@ def test_preconditioner_checks():
   op = hessian.hessian_operator(mlp_loss, params, batch)
   with pytest.raises(ValueError, match="count 0"):
     hessian.adahessian_preconditioner(adahessian_jax.adahessian(0.1).init(params))
-  with pytest.raises(ValueError, match="ScaleByAdamState"):
+  with pytest.raises(ValueError, match="ScaleByAdamState or ScaleByAmsgradState .* found 0"):
     hessian.adam_preconditioner(optax.sgd(0.1).init(params))
+  two = optax.multi_transform(
+    {"a": optax.adam(0.1), "b": optax.amsgrad(0.1)},
+    {"hidden": "a", "out": "b"},
+  )
+  with pytest.raises(ValueError, match=r"found 2 \(ScaleByAdamState, ScaleByAmsgradState\)"):
+    hessian.adam_preconditioner(two.init(params))
   with pytest.raises(ValueError, match="positive and finite"):
     hessian.preconditioned_operator(op, jnp.zeros(op.size).at[3].set(-1.0))
   with pytest.raises(ValueError, match="structure"):
@@ -216,10 +233,28 @@ def test_preconditioner_hyperparameters_are_checked(call, message):
     call(ada_state, _stepped(optax.adam(1e-3), params))
 
 
+def test_a_state_replicated_across_devices_is_refused_with_the_way_out():
+  params, batch = mlp()
+  ada = adahessian_jax.adahessian(0.1, update_freq=2, lazy_moment="refresh")
+  _, ada_state = ada.update(
+    params, ada.init(params), params, value_fn=lambda p: mlp_loss(p, batch)
+  )
+  adam_state = _stepped(optax.adam(1e-3), params)
+  for state, call in [
+    (ada_state, hessian.adahessian_preconditioner),
+    (adam_state, hessian.adam_preconditioner),
+  ]:
+    replicated = jax.tree.map(lambda x: jnp.stack([x, x]), state)  # what jax.pmap keeps
+    with pytest.raises(ValueError, match=r"count has shape \(2,\).* x\[0\]"):
+      call(replicated)
+    one = jax.tree.map(lambda x: x[0], replicated)
+    jax.tree.map(np.testing.assert_array_equal, call(one), call(state))
+
+
 def test_a_masked_adam_state_is_refused_naming_the_masked_leaves():
   params, _ = mlp()
   mask = jax.tree.map(lambda _: True, params)
   mask["out"]["bias"] = False
   state = _stepped(optax.masked(optax.adam(1e-3), mask), params)
-  with pytest.raises(ValueError, match=r"inside optax.masked: the leaves \['out'\]\['bias'\]"):
+  with pytest.raises(ValueError, match=r"inside optax.masked .*: the leaves \['out'\]\['bias'\]"):
     hessian.adam_preconditioner(state)

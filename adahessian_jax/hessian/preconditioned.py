@@ -21,7 +21,8 @@ The diagonals:
   ``v̂ = nu / (1 − b2^count)`` from AdaHessian's state, exactly the
   denominator of its last update;
 * :func:`adam_preconditioner`: ``P = sqrt(v̂ + eps_root) + eps`` from optax
-  Adam's ``ScaleByAdamState``, for comparison.
+  Adam's ``ScaleByAdamState`` (or AMSGrad's running maximum of ``v̂``), for
+  comparison.
 
 References:
   Cohen, Ghorbani, Krishnan, Agarwal, Medapati, Badura, Suo, Cardoze, Nado,
@@ -48,14 +49,26 @@ __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_o
 _INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
-def _bias_corrected(nu: Any, count: Any, b2: float, what: str, every: int = 1) -> Any:
-  """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` rounded up to ``every``."""
-  count = int(np.asarray(count))
-  if count < 1:
+def _steps(count: Any, what: str) -> int:
+  """The state's step ``count`` as an int; an error before the first update or if replicated."""
+  count = np.asarray(count)
+  if count.ndim:
     raise ValueError(
-      f"the {what} state has count {count}: no update has been applied yet, so its second "
+      f"the {what} state's count has shape {count.shape}, not a scalar: a state replicated "
+      "across devices (jax.pmap) holds one copy per device. Pass one replica, e.g. "
+      "jax.tree.map(lambda x: x[0], opt_state)."
+    )
+  if int(count) < 1:
+    raise ValueError(
+      f"the {what} state has count {int(count)}: no update has been applied yet, so its second "
       "moment is zero and the preconditioner undefined. Measure after the first step."
     )
+  return int(count)
+
+
+def _bias_corrected(nu: Any, count: Any, b2: float, what: str, every: int = 1) -> Any:
+  """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` rounded up to ``every``."""
+  count = _steps(count, what)
   correction = 1.0 - float(b2) ** (every * -(-count // every))
   return jax.tree.map(lambda v: v / jnp.asarray(correction, jnp.result_type(v)), nu)
 
@@ -98,7 +111,8 @@ def _check_unmasked(nu: Any, what: str) -> None:
   masked = [jax.tree_util.keystr(p) for p, x in leaves if is_masked(x)]
   if masked:
     raise ValueError(
-      f"the {what} state is inside optax.masked: the leaves {', '.join(masked)} are masked "
+      f"the {what} state is inside optax.masked (or is one group of optax.multi_transform): "
+      f"the leaves {', '.join(masked)} are masked "
       "out, so it holds no second moment (and no preconditioner) for them. Build P yourself: "
       "take this function on an unmasked state, or fill those leaves in with the scale their "
       "updates get."
@@ -154,6 +168,7 @@ def adahessian_preconditioner(
   power = _hyperparameter("hessian_power", hessian_power, injected, 1.0)
   half = _validation.interval("hessian_power", power, 0.0, 1.0) / 2
   _check_unmasked(state.nu, "AdaHessian")
+  _steps(state.count, "AdaHessian")
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
   nu_hat = _bias_corrected(state.nu, state.count, b2, "AdaHessian", every)
@@ -169,13 +184,22 @@ def adam_preconditioner(
 ) -> Any:
   """Adam's diagonal ``P = sqrt(v̂ + eps_root) + eps``, ``v̂ = nu / (1 − b2^count)``.
 
+  For ``optax.amsgrad``'s state, ``v̂`` is its running maximum ``nu_max``
+  (already bias-corrected), the denominator of its last update. optax's
+  ``adam``, ``adamw``, ``nadam`` and ``yogi`` divide by this ``P``; ``radam``,
+  ``adamax`` and ``lamb`` hold the same ``ScaleByAdamState`` but divide
+  differently (rectification, an infinity norm, a trust ratio), so for them
+  this is not their ``P``: build it yourself.
+
   Inside an ``optax.inject_hyperparams`` state the injected values are read
   from the state; passing a different value raises.
 
   Args:
-    opt_state: Any optax state holding one :class:`optax.ScaleByAdamState`
-      (``optax.adam``, ``optax.adamw``, in a chain or ``inject_hyperparams``).
+    opt_state: Any optax state holding one :class:`optax.ScaleByAdamState` or
+      ``ScaleByAmsgradState`` (``optax.adam``, ``optax.adamw``,
+      ``optax.amsgrad``, in a chain or ``inject_hyperparams``).
     b2: Adam's ``b2``, in ``[0, 1)``; default the injected value, else 0.999.
+      Unused for AMSGrad, whose ``nu_max`` is already corrected.
     eps: Adam's ``eps``, ``>= 0``; default the injected value, else 1e-8.
     eps_root: Adam's ``eps_root``, ``>= 0``; default the injected value, else 0.
 
@@ -184,14 +208,20 @@ def adam_preconditioner(
 
   Raises:
     ValueError: for a hyperparameter out of range (named), one that conflicts
-      with the state's injected value, not exactly one Adam state, a state
-      before its first update, or a state inside ``optax.masked``.
+      with the state's injected value, not exactly one Adam or AMSGrad state,
+      a state before its first update, replicated across devices, or inside
+      ``optax.masked``.
   """
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByAmsgradState))
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
   if len(found) != 1:
+    kinds = sorted({type(x).__name__ for x in found})
     raise ValueError(
-      f"expected exactly one optax.ScaleByAdamState in the optimizer state, found {len(found)}."
+      "expected exactly one optax.ScaleByAdamState or ScaleByAmsgradState in the optimizer "
+      f"state, found {len(found)}{' (' + ', '.join(kinds) + ')' if kinds else ''}. For another "
+      "optimizer, build its diagonal P as a pytree like the params and pass it to "
+      "preconditioned_operator; for several Adam groups (optax.multi_transform), combine "
+      "their P yourself."
     )
   injected = _injected(opt_state, found[0])
   b2 = _validation.interval(
@@ -202,8 +232,15 @@ def adam_preconditioner(
   )
   eps_root = _hyperparameter("eps_root", eps_root, injected, 0.0)
   eps_root = _validation.interval("eps_root", eps_root, 0.0, np.inf, hi_open=True)
-  _check_unmasked(found[0].nu, "Adam")
-  nu_hat = _bias_corrected(found[0].nu, found[0].count, b2, "Adam")
+  state = found[0]
+  amsgrad = isinstance(state, optax.ScaleByAmsgradState)
+  what = "AMSGrad" if amsgrad else "Adam"
+  _check_unmasked(state.nu, what)
+  if amsgrad:  # the running maximum of the corrected nu: corrected already
+    _steps(state.count, what)
+    nu_hat = state.nu_max
+  else:
+    nu_hat = _bias_corrected(state.nu, state.count, b2, what)
   return jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
 
 
