@@ -225,6 +225,26 @@ def test_float16_lanczos_survives_a_residual_below_the_smallest_normal_number():
   np.testing.assert_allclose(np.sort(spectrum.nodes, axis=1), [[1.0, 2.0, 3.0]] * 2, rtol=5e-3)
 
 
+def test_float16_curvature_below_the_smallest_normal_number_is_measured():
+  """``H = 1e-5·diag(1, 2, 3, 5, 7)`` in float16: Hessian-vector products, Lanczos residuals and
+  power iterates have norms below 6.1e-5, and dividing by such a norm overflowed (XLA multiplies
+  by its reciprocal): ``inf`` in the next product, and NonFiniteError blaming the loss from
+  Lanczos, the density, power iteration and tracking. Vectors are now normalised after scaling
+  by a power of two, so the divisor is never subnormal."""
+  d = np.array([1.0, 2.0, 3.0, 5.0, 7.0])
+  # float16 holds 1e-6 as 17 times its smallest subnormal number, 6e-8: about 4 bits.
+  for scale, rtol in [(1e-5, 2e-2), (1e-6, 0.15)]:
+    op = _matrix_operator(scale * np.diag(d), jnp.float16)
+    top = hessian.top_eigenvalues(op, 2)
+    np.testing.assert_allclose(top.eigenvalues / scale, [7.0, 5.0], rtol=rtol)
+    spectrum = hessian.spectral_density(op, jax.random.key(0), num_probes=2, num_steps=5)
+    np.testing.assert_allclose(np.sort(spectrum.nodes, axis=1) / scale, [d] * 2, rtol=rtol)
+    pw = hessian.power_iteration(op, 1, tol=1e-2)
+    assert pw.eigenvalues[0] / scale == pytest.approx(7.0, rel=rtol)
+    tracked = hessian.track_curvature(op, None, tol=1e-2)
+    assert tracked.sharpness.eigenvalue / scale == pytest.approx(7.0, rel=rtol)
+
+
 def test_power_iteration_judges_convergence_by_the_residual():
   """Eigenvalues ±3: the iterates alternate with the Rayleigh quotient 0 unchanged, which the
   relative-change test took for converged although the residual is 3."""

@@ -236,9 +236,7 @@ def test_preconditioner_hyperparameters_are_checked(call, message):
 def test_a_state_replicated_across_devices_is_refused_with_the_way_out():
   params, batch = mlp()
   ada = adahessian_jax.adahessian(0.1, update_freq=2, lazy_moment="refresh")
-  _, ada_state = ada.update(
-    params, ada.init(params), params, value_fn=lambda p: mlp_loss(p, batch)
-  )
+  _, ada_state = ada.update(params, ada.init(params), params, value_fn=lambda p: mlp_loss(p, batch))
   adam_state = _stepped(optax.adam(1e-3), params)
   for state, call in [
     (ada_state, hessian.adahessian_preconditioner),

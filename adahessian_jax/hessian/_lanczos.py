@@ -49,20 +49,38 @@ def breakdown_tolerance(n: int, dtype) -> float:
 
 
 @functools.partial(jax.jit, static_argnames="axis")  # one compilation per shape, not one per op
-def norm(x: jax.Array, axis: int = -1) -> jax.Array:
-  """``‖x‖₂`` along ``axis``, without underflow or overflow of the squares.
-
-  ``x`` is divided by ``2^e`` with ``2^(e-1) <= max|x| < 2^e`` before squaring and the norm
-  multiplied back; scaling by a power of two is exact, so the result is bit-for-bit
-  ``jnp.linalg.norm(x)`` wherever that does not under- or overflow. ``2^e`` is at least the
-  smallest normal number of the dtype: XLA divides by a subnormal one as a product with its
-  reciprocal, which overflows (float16: a peak below ``6.1e-5`` gave ``inf``).
-  """
+def _power_of_two_scale(x: jax.Array, axis: int) -> jax.Array:
+  """``2^e`` with ``2^(e-1) <= max|x| < 2^e`` along ``axis`` (kept), at least the smallest normal
+  number of the dtype: XLA divides by a subnormal one as a product with its reciprocal, which
+  overflows (float16: a peak below ``6.1e-5`` gave ``inf``)."""
   peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   _, e = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1.0))
   e = jnp.maximum(e, jnp.finfo(x.dtype).minexp)
-  s = jnp.ldexp(jnp.ones_like(peak), e)
+  return jnp.ldexp(jnp.ones_like(peak), e)
+
+
+def norm(x: jax.Array, axis: int = -1) -> jax.Array:
+  """``‖x‖₂`` along ``axis``, without underflow or overflow of the squares.
+
+  ``x`` is divided by a power of two ``s`` near ``max|x|`` before squaring and the norm
+  multiplied back; scaling by a power of two is exact, so the result is bit-for-bit
+  ``jnp.linalg.norm(x)`` wherever that does not under- or overflow.
+  """
+  s = _power_of_two_scale(x, axis)
   return jnp.squeeze(s, axis) * jnp.linalg.norm(x / s, axis=axis)
+
+
+def unit(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """``x / ‖x‖`` along ``axis`` (zero stays zero) and ``‖x‖`` (as :func:`norm`).
+
+  Divides ``x / s`` by its norm, which is at least 1/2 for a nonzero ``x``: never by a
+  subnormal number, which XLA turns into a product with an overflowing reciprocal (float16
+  vectors of norm below ``6.1e-5`` became ``inf``). Bit-for-bit ``x / norm(x)`` otherwise.
+  """
+  s = _power_of_two_scale(x, axis)
+  y = x / s
+  size = jnp.linalg.norm(y, axis=axis, keepdims=True)
+  return y / jnp.where(size > 0, size, 1.0), jnp.squeeze(s * size, axis)
 
 
 def orthogonalise(basis, w):
@@ -83,11 +101,10 @@ def _extend(basis, v, w, j, tol):
   raw = norm(w)
   # Full reorthogonalisation: classical Gram-Schmidt against every stored vector, which also
   # removes the three-term recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows are 0.
-  w = orthogonalise(basis, w)
-  beta = norm(w)
+  direction, beta = unit(orthogonalise(basis, w))
   ok = beta > tol * raw
   beta = jnp.where(ok, beta, 0.0)
-  nxt = jnp.where(ok[:, None], w / jnp.where(ok, beta, 1.0)[:, None], 0.0)
+  nxt = jnp.where(ok[:, None], direction, 0.0)
   return basis.at[:, j + 1].set(nxt), nxt, jnp.stack([alpha, beta])
 
 
@@ -98,16 +115,15 @@ def _restart(basis, v, z, j, dead, tol):
   Returns the basis with the new ``v_{j+1}``, it, and per row whether the fresh vector kept more
   than ``tol`` of its norm (it always does unless the basis already spans the space).
   """
-  fresh = orthogonalise(basis, z)
-  size = norm(fresh)
+  fresh, size = unit(orthogonalise(basis, z))
   ok = dead & (size > tol * norm(z))
-  nxt = jnp.where(ok[:, None], fresh / jnp.where(ok, size, 1.0)[:, None], v)
+  nxt = jnp.where(ok[:, None], fresh, v)
   return basis.at[:, j + 1].set(nxt), nxt, ok
 
 
 @jax.jit
 def _first(v0):
-  return v0 / norm(v0)[:, None]
+  return unit(v0)[0]
 
 
 def lanczos(

@@ -39,6 +39,7 @@ from adahessian_jax.hessian._lanczos import (
   norm,
   ritz_pairs,
   tridiagonal_eigh,
+  unit,
 )
 from adahessian_jax.hessian._operator import HessianOperator
 
@@ -251,7 +252,7 @@ def top_eigenvalues(
   # The Ritz pairs, derived once from the final decomposition.
   ritz, errors = ritz_and_errors(alphas, betas)
   vecs = jnp.asarray(ritz.coefficients.T, op.dtype) @ dec.basis[0, :j]
-  vecs = vecs / norm(vecs)[:, None]
+  vecs = unit(vecs)[0]
   exhausted = j == op.size  # T is H in an orthonormal basis: every Ritz value is exact
   errors = np.where(exhausted or betas[-1] == 0, ritz.residuals, errors)  # exact Ritz values
   # Pairs of an open last block are judged one by one; those of closed blocks, exact, are the
@@ -269,9 +270,7 @@ def _deflated(v, found):
 
   A ``v`` inside their span (or zero) comes back as zero.
   """
-  v = v - (found @ v) @ found
-  size = norm(v[None])[0]
-  return v / jnp.where(size > 0, size, 1.0)
+  return unit(v - (found @ v) @ found)[0]
 
 
 @jax.jit
@@ -282,8 +281,7 @@ def _power_step(v, hv, found):
   hv = hv - (found @ hv) @ found
   theta = jnp.vdot(v, hv)
   residual = norm((hv - theta * v)[None])[0]
-  size = norm(hv[None])[0]
-  return theta, residual, scale, hv / jnp.where(size > 0, size, 1.0)
+  return theta, residual, scale, unit(hv)[0]
 
 
 def power_iteration(

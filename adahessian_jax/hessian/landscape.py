@@ -232,7 +232,7 @@ def normalize_direction(
   if normalize is None:
     return flat
   if normalize == "unit":
-    return flat / _lanczos.norm(flat)  # scaled: entries of 1e20 or 1e-25 in float32 too
+    return _lanczos.unit(flat)[0]  # scaled: entries of 1e20 or 1e-25 in float32 too
   if op.coordinates is not None:
     raise ValueError(
       f"normalize={normalize!r} compares a direction with the params, which a rescaled "

@@ -44,7 +44,7 @@ import numpy as np
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._lanczos import breakdown_tolerance, norm, orthogonalise
+from adahessian_jax.hessian._lanczos import breakdown_tolerance, norm, orthogonalise, unit
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.preconditioned import preconditioned_operator
 from adahessian_jax.hessian.trace import TraceEstimate, xtrace
@@ -118,9 +118,7 @@ def _ritz(q, w, s):
 
 def _orthonormal(q, v):
   """``v`` orthogonalised against the rows of ``q``, normalised, and its norm before that."""
-  v = orthogonalise(q, v)
-  size = norm(v)
-  return v / jnp.where(size > 0, size, 1.0), size
+  return unit(orthogonalise(q, v))
 
 
 def _next_vector(op, q, grow, key, tol_break):
