@@ -18,7 +18,8 @@ Usage::
   python benchmarks/hessian_analysis.py          # full (a few minutes on 2 CPU cores)
   python benchmarks/hessian_analysis.py --quick  # < 30 s
 
-Writes ``benchmarks/results/hessian_analysis.json`` (``--out`` to change).
+Writes ``benchmarks/results/hessian_analysis.json`` (``--out`` to change; ``--quick`` does not
+write unless ``--out`` is given).
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ def trace_benchmark(op, exact_trace, budgets, seeds):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="small model, few repeats (< 30 s)")
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "hessian_analysis.json"))
+  parser.add_argument("--out", default=None, help="JSON file (default: results/; none if --quick)")
   args = parser.parse_args()
+  if args.out is None and not args.quick:
+    args.out = os.path.join(HERE, "results", "hessian_analysis.json")
   t0 = time.perf_counter()
   if args.quick:
     cfg = dict(hidden=8, examples=300, steps=100, ks=[1, 5], targets=[1e-3, 1e-8], repeats=3)
@@ -212,7 +215,10 @@ def main():
     loadavg_end=os.getloadavg(),
     seconds=time.perf_counter() - t0,
   )
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  if args.out is None:
+    print(f"\n({result['seconds']:.0f} s; --quick writes nothing unless --out is given)")
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
