@@ -1,8 +1,9 @@
 """Hessian analysis of a small CNN on handwritten digits: AdaHessian vs Adam minima.
 
 Trains the same Flax CNN on scikit-learn's 8x8 digits with AdaHessian and with
-Adam, then analyses the Hessian of the full training loss (three batches,
-batch-size weighted) at initialisation and at both solutions: top
+Adam, then analyses the Hessian of the training loss (512 training digits as
+two batches; ``--long``: all 1500 as three, batch-size weighted) at
+initialisation and at both solutions: top
 eigenvalues (Lanczos), trace (Hutch++), eigenvalue density (stochastic Lanczos
 quadrature), per-layer curvature, and the loss along the top eigenvectors.
 

@@ -193,7 +193,7 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
   Args:
     op: The Hessian operator.
     key: PRNG key of the probes.
-    num_matvecs: Product budget (even; at least 4), as for XTrace.
+    num_matvecs: Product budget (at least 4; an odd one spends one less), as for XTrace.
 
   Returns:
     A :class:`DiagonalEstimate`, exact with a zero error when

@@ -193,8 +193,10 @@ def top_eigenvalues(
     An :class:`Eigen`.
 
   Raises:
-    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, or
-      if no fresh vector can extend a basis of fewer than ``k`` vectors.
+    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, a
+      bad ``which``, ``tol``, ``stop_on`` or ``v0`` (unlike the params, not
+      finite, or zero), or if no fresh vector can extend a basis of fewer than
+      ``k`` vectors.
     NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
   """
   k = _check(k, which, op)
@@ -318,6 +320,11 @@ def power_iteration(
     ``k`` extra products that are not counted in ``num_matvecs``. A value
     after one that did not converge is not marked converged either: it was
     found with a deflation by a vector that is not an eigenvector.
+
+  Raises:
+    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range,
+      or a ``tol`` that is not positive.
+    NonFiniteError: if a Rayleigh quotient is not finite (e.g. a NaN loss).
   """
   k = _check(k, "LM", op)
   max_iter = _validation.count("max_iter", max_iter)

@@ -6,9 +6,9 @@ For a leaf ``l`` (a kernel, a bias, ...) with diagonal Hessian block ``H_ll``:
   summing the Hutchinson diagonal samples of all leaves at once (one probe
   serves every leaf), with a standard error per leaf;
 * the diagonal is the Hutchinson diagonal restricted to the leaf;
-* the top eigenvalue of ``H_ll`` comes from Lanczos on the masked operator
-  (:meth:`~adahessian_jax.hessian.HessianOperator.masked`), whose shapes are
-  the full operator's, so one compilation serves every leaf.
+* the top eigenvalue of ``H_ll`` comes from Lanczos on the block operator
+  (:meth:`~adahessian_jax.hessian.HessianOperator.block`), each of whose
+  products costs one full Hessian-vector product.
 
 References:
   Yao, Gholami, Keutzer, Mahoney, `PyHessian: Neural Networks Through the Lens

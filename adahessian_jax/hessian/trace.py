@@ -182,6 +182,7 @@ def hutchpp_trace(
 
   Raises:
     ValueError: for a size, tolerance or count out of range.
+    TypeError: for a keyword argument that is not one of ``stopping``'s.
     NonFiniteError: at the first non-finite product.
   """
   args = dict(rtol=1e-2, atol=0.0, min_samples=10, max_samples=1000, block_size=None)
@@ -253,7 +254,7 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
   Args:
     op: The Hessian operator.
     key: PRNG key of the probes.
-    num_matvecs: Product budget (even; at least 4).
+    num_matvecs: Product budget (at least 4; an odd one spends one less).
 
   Returns:
     A :class:`TraceEstimate`.

@@ -10,11 +10,11 @@ vector, the Lanczos space). It runs on the host between training steps and costs
 between.
 
 What a warm start saves depends on how far the top eigenvector moves between measurements:
-while it moves little a measurement costs 2-4 products against a cold start's ~7 (tested on a
-slowly rotating family), but on the digits CNN measured every 10 steps consecutive top
-eigenvectors are far apart for most of the run and a warm start saves only ~0-7 % (~25 %
+while it moves little a measurement costs ~4 products per eigenvalue against a cold start's ~10
+(tested on a slowly rotating family), but on the digits CNN measured every 10 steps consecutive top
+eigenvectors are far apart for most of the run and a warm start saves only ~0-8 % (~25 %
 measuring every step). No stopping rule could do much better: even from the previous *converged*
-eigenvector, the fewest products to 1e-4 are 0.62-0.94 of a cold start's over a run
+eigenvector, the fewest products to 1e-4 are 0.62-0.93 of a cold start's over a run
 (``benchmarks/tracking_oracle.py``; docs/hessian_analysis.md has the counts and the misses of
 close top pairs).
 
@@ -299,8 +299,8 @@ def track_curvature(
   Args:
     op: The Hessian operator at the current params (a fixed batch, or the
       batches, whose Hessian is tracked).
-    previous: The last record, whose eigenvectors start this measurement's
-      Lanczos runs (``None``: random starts).
+    previous: The last record, whose top Ritz vectors start this
+      measurement's runs (``None``: random starts).
     preconditioner: The optimizer's ``P`` (a pytree like the params or a flat
       array), e.g. from :func:`~adahessian_jax.hessian.adahessian_preconditioner`;
       ``None`` skips the preconditioned quantities.
