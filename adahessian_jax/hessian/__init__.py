@@ -11,9 +11,9 @@ per-layer curvature and loss landscapes, over one batch or a whole data set.
   esd = hessian.spectral_density(op, jax.random.key(1))   # SLQ density
   per_layer = hessian.layer_breakdown(op, jax.random.key(2))
 
-Every function takes a :class:`HessianOperator`; products are counted in each
-result's ``num_matvecs``, and a non-finite product or loss raises
-:class:`NonFiniteError` as soon as it is seen. Plot helpers live in
+Every analysis takes a :class:`HessianOperator`; products are counted in each
+result's ``num_matvecs`` (landscapes aside), and a non-finite product or loss
+raises :class:`NonFiniteError` as soon as it is seen. Plot helpers live in
 :mod:`adahessian_jax.hessian.plot` (they need matplotlib) and are re-exported here.
 """
 
