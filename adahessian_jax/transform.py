@@ -428,8 +428,9 @@ def scale_by_adahessian(
   skips and counts the whole step.
 
   The returned transform's update is
-  ``update(updates, state, params, *, value_fn=None, hessian_diag=None, **extra_args)``.
-  Other extra arguments are ignored, so it composes in :func:`optax.chain`.
+  ``update(updates, state, params, *, value_fn=None, hessian_diag=None, refresh=None,
+  **extra_args)`` (``refresh``: see ``update_freq``). Other extra arguments are ignored, so it
+  composes in :func:`optax.chain`.
 
   Args:
     b1: Decay rate of the gradient's moving average, in [0, 1).
@@ -488,22 +489,24 @@ def scale_by_adahessian(
       :func:`adahessian_jax.spatial.named` / :func:`adahessian_jax.spatial.strict`.
       Axis names on boxed Linen or NNX params are read automatically
       (``docs/layouts.md``).
-    mu_dtype: Floating dtype of the first moment (default: the gradient's).
+    mu_dtype: Floating dtype of the first moment (default: the parameters').
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters', but float32 for float16 parameters, whose
       range cannot hold ``D²`` for curvatures over 256; float16 is refused).
-      Float16 gradients get float16 updates, saturated at ±65504 (before the
-      learning rate scales them they can pass float16's range).
+      With the default, float16 gradients get float16 updates, saturated at
+      ±65504 (before the learning rate scales them they can pass float16's range).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
     ValueError: at construction, for a hyperparameter out of range, naming it;
-      at ``update`` for a state made with another ``update_freq`` or
-      ``n_samples``, ``updates`` or ``params`` whose tree or shapes are not
-      those the state was made for, or a ``hessian_diag`` leaf whose shape or
-      dtype does not fit its parameter (naming a leaf path).
+      at ``update`` for a state made with another ``update_freq``,
+      ``n_samples`` or ``lazy_moment``, ``updates`` or ``params`` whose tree or
+      shapes are not those the state was made for, a ``hessian_diag`` leaf
+      whose shape or dtype does not fit its parameter (naming a leaf path),
+      both ``value_fn`` and ``hessian_diag``, neither on a step that may
+      refresh, or an ``axis_name`` that no enclosing map binds.
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), or a
       ``value_fn`` that does not return a real scalar.
