@@ -14,9 +14,9 @@ from adahessian_jax.transform import scale_by_adahessian
 __all__ = ["STATIC_ARGS", "adahessian"]
 
 #: Arguments of :func:`adahessian` that fix shapes, control flow or are
-#: callables. With their defaults (``None``) :func:`optax.inject_hyperparams`
-#: already treats them as static; when you give them values, pass these names
-#: as ``static_args``.
+#: callables. With their defaults (``None``, ``"repeat"``, ``False``)
+#: :func:`optax.inject_hyperparams` already treats them as static; when you give
+#: them values, pass these names as ``static_args``.
 STATIC_ARGS = (
   "block_size",
   "update_freq",

@@ -145,6 +145,7 @@ def state_shardings(
   Raises:
     ValueError: if ``replicated`` is not given and the parameters have no
       ``NamedSharding`` to take the mesh from.
+    TypeError: for a leaf of ``params`` without a sharding (naming its path).
   """
   param_shardings = jax.tree_util.tree_map_with_path(_sharding_of, params)
   if replicated is None:

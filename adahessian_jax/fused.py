@@ -178,6 +178,9 @@ def value_grad_and_hessian_diag(
     TypeError: when the returned function is called with a leaf of ``params``
       that is not a real floating array (naming its path): it differentiates
       every leaf, also one that ``optax.masked`` keeps from AdaHessian.
+    ValueError: when it is called with an ``opt_state`` that holds no
+      AdaHessian state, or more than one; and for ``refresh`` as
+      :func:`adahessian_jax.is_refresh_step` does.
   """
 
   def wrapped(params, opt_state, *args, **kwargs):

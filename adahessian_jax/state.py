@@ -41,7 +41,7 @@ class ScaleByAdaHessianState(NamedTuple):
     mu: First moment of the gradient.
     nu: Second moment of the spatially averaged Hessian diagonal ``D``.
     hessian: The last ``D``, reused between refreshes; ``None`` when
-      ``update_freq == 1`` (then the state is Adam's plus ``count`` and ``key``)
+      ``update_freq == 1`` (then the state is Adam's plus ``key``)
       and with ``lazy_moment="refresh"`` (``nu`` then moves on refresh steps
       only, with decay ``b2**update_freq`` and bias correction
       ``1 - b2**(update_freq·refreshes)``, ``refreshes = ceil(count /
