@@ -139,8 +139,8 @@ class Choice(NamedTuple):
   Attributes:
     rule: The rule applied to the leaf (never :func:`flax_default` itself).
     why: A sentence saying why.
-    ambiguous: Whether the rule is a guess from the rank alone (rank >= 3
-      without names that say what the axes are); :func:`strict` refuses these.
+    ambiguous: Whether the rule is a guess (see :func:`strict`, which refuses
+      these).
   """
 
   rule: Rule
@@ -716,8 +716,11 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
 
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
-  attention kernel and a stack of ``Dense`` kernels look alike. Name its axes
-  or give it an explicit rule. Use it as
+  attention kernel and a stack of ``Dense`` kernels look alike. So is an
+  unnamed rank-2 ``embedding`` with ``block_size > 1``, and an unnamed leaf
+  whose stacked axes are taken from named leaves that share no module with it,
+  or whose nearest named relatives disagree on them. Name its axes or give it
+  an explicit rule. Use it as
   ``adahessian_jax.adahessian(lr, averaging=spatial.strict(rules))``.
 
   Args:
@@ -811,7 +814,7 @@ class Row(NamedTuple):
     why: Why that rule.
     groups: ``{group size: number of groups}``; the sizes times the counts add
       up to the leaf's size. ``None`` for a custom rule without ``groups``.
-    ambiguous: Whether the rule is a guess from the rank (see :func:`strict`).
+    ambiguous: Whether the rule is a guess (see :func:`strict`).
   """
 
   path: str
@@ -841,7 +844,7 @@ class Listing:
 
   @property
   def ambiguous(self) -> tuple[Row, ...]:
-    """The rows whose rule is a guess from the rank alone."""
+    """The rows whose rule is a guess (see :func:`strict`)."""
     return tuple(r for r in self.rows if r.ambiguous)
 
   def __str__(self) -> str:
