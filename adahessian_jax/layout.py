@@ -12,9 +12,9 @@ This module finds them, in:
   ``metadata_params={nn.PARTITION_NAME: "layers"}``. The boxes are pytree
   nodes, so ``jax.tree`` functions (and the optimizer state built from the
   parameters) keep them;
-* NNX variables (``nnx.Param(..., out_sharding=...)``, formerly ``sharding`` /
-  ``sharding_names``, and ``nnx.with_partitioning``), including the axis that
-  ``nnx.scan``/``nnx.vmap`` insert with
+* NNX variables (``nnx.Param(..., out_sharding=...)`` or its deprecated aliases
+  ``sharding`` / ``sharding_names``, and ``nnx.with_partitioning``), including
+  the axis that ``nnx.scan``/``nnx.vmap`` insert with
   ``transform_metadata={nnx.PARTITION_NAME: "layers"}``;
 * trees of :class:`jax.sharding.PartitionSpec`, e.g. from
   ``nn.get_partition_spec(boxed_params)``.
