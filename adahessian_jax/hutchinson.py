@@ -5,7 +5,8 @@ For a scalar function ``f`` of a pytree ``params`` and a Rademacher probe ``z``
 product ``Hz`` is computed forward-over-reverse, ``jax.jvp`` of ``jax.grad``,
 which returns the gradient as its primal output in the same pass; the pass is
 traced once and rewritten so that XLA reads its result without transposes
-(``adahessian_jax._transposes``).
+(``adahessian_jax._transposes``; arguments sharded over ``Explicit`` mesh axes
+run it as it is).
 
 Everything here is shared by the optimizer (:mod:`adahessian_jax.transform`)
 and the Hessian-analysis tools.
