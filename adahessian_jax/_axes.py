@@ -14,7 +14,8 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
 
   Args:
     key_data: Raw PRNG key data (``jax.random.key_data``), one key per row.
-    axis_name: A mapped axis name bound by the enclosing ``pmap``/``shard_map``.
+    axis_name: A mapped axis name (or a tuple of them) bound by the enclosing
+      ``pmap``/``shard_map``.
 
   Returns:
     Raw key data of the same shape, different on every device of the axis.

@@ -46,7 +46,8 @@ __all__ = [
 
 
 def check_scalar_loss(value: Any, what: str = "value_fn") -> None:
-  """Raises ``TypeError`` unless ``value`` is a real floating scalar."""
+  """Raises ``TypeError`` unless ``value`` is a real floating scalar; the error calls its
+  function ``what``."""
   if not hasattr(value, "shape") and not isinstance(value, float | int):
     raise TypeError(
       f"{what} must return a real floating-point scalar loss, got {type(value).__name__}. "
