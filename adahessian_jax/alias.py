@@ -85,7 +85,8 @@ def adahessian(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  Every update needs the loss: pass ``value_fn=lambda p: loss_fn(p, batch)``
+  Every update needs the loss (except one passed ``refresh=False``, with
+  ``update_freq > 1``): pass ``value_fn=lambda p: loss_fn(p, batch)``
   (or a precomputed ``hessian_diag``) to ``update``; see
   :func:`adahessian_jax.scale_by_adahessian`.
 
