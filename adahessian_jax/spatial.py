@@ -875,11 +875,11 @@ class Listing:
 
 
 def _ambiguity_error(rows: Sequence[Row]) -> ValueError:
-  listed = "\n".join(f"  {r.path}: shape {r.shape}, axis names {r.names}" for r in rows)
+  listed = "\n".join(f"  {r.path}: shape {r.shape}, axis names {r.names}: {r.why}" for r in rows)
   return ValueError(
     f"strict spatial averaging: {len(rows)} {'leaf is' if len(rows) == 1 else 'leaves are'} "
-    "ambiguous (rank >= 3, no axis names "
-    "that say what each axis is, no explicit rule):\n"
+    "ambiguous (the rule is a guess: no axis names that say what each axis is, no explicit "
+    "rule):\n"
     f"{listed}\n"
     "Name their axes (nn.with_logical_partitioning, nnx sharding metadata, or "
     "spatial.named(partition_specs)), or give each a rule through averaging=, e.g. "

@@ -331,6 +331,10 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
     spatial.describe(plain, block_size=3, strict=True)
   for path in AMBIGUOUS_UNNAMED:
     assert path + ": shape" in str(err.value)
+  # Each with the reason its rule is a guess (the rank-2 embedding's is its name, not its rank).
+  for r in listing.ambiguous:
+    assert f"{r.path}: shape {r.shape}, axis names None: {r.why}" in str(err.value)
+  assert any(r.shape and len(r.shape) == 2 for r in listing.ambiguous)
   # Boxed: nothing to refuse; unboxed with the names given: the same rules as boxed.
   spatial.resolve_rules(spatial.strict(), tiny_lm, 3)
   named = spatial.describe(plain, spatial.strict(spatial.named(nn.get_partition_spec(tiny_lm))), 3)
