@@ -22,11 +22,16 @@ The script prints, for a small softmax MLP and ``P`` in (2, 4, 8):
    ``n_samples=P`` probes on one device (the costly way to get the same
    variance reduction).
 
-Run: ``python benchmarks/probe_policy.py`` (CPU, about a minute).
+Run: ``python benchmarks/probe_policy.py`` (CPU, about a minute); writes
+``benchmarks/results/probe_policy.json`` (``--out`` to change).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import time
 
 import jax
@@ -138,8 +143,15 @@ def train(x, y, n_dev, policy, seed, steps, lr=0.1):
   return float(loss_fn(run(params, state), x, y))
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=os.path.join(HERE, "results", "probe_policy.json"))
+  args = parser.parse_args()
   t0 = time.time()
+  result = {"variance": [], "training": []}
   x, y = make_data()
   params0 = init_params(0)
   # A point later in training, where the loss is smaller and curvature different.
@@ -162,6 +174,7 @@ def main():
   for name, pt in points.items():
     for n_dev in (2, 4, 8):
       r = variance_report(pt, x, y, n_dev)
+      result["variance"].append({"point": name, "replicas": n_dev, **r})
       print(
         f"{name:>16} {n_dev:>2} {r['var_same']:10.3e} {r['var_independent']:10.3e} "
         f"{r['var_same'] / r['var_independent']:6.2f} {r['mc_var_same']:10.3e} "
@@ -178,12 +191,23 @@ def main():
       losses = [train(x, y, 8, policy, sd, steps) for sd in seeds]
       row[policy] = losses
     for policy, losses in row.items():
+      result["training"].append({"steps": steps, "policy": policy, "losses": losses})
       print(
         f"  steps={steps:>3} {policy:>11}: mean {np.mean(losses):.6f}  "
-        f"std over seeds {np.std(losses):.2e}  "
+        f"median {np.median(losses):.6f}  std over seeds {np.std(losses):.2e}  "
         f"[{', '.join(f'{v:.5f}' for v in losses)}]"
       )
-  print(f"\n({time.time() - t0:.0f} s)")
+  result.update(
+    replicas_for_training=8,
+    seeds=list(seeds),
+    jax=jax.__version__,
+    machine=platform.machine(),
+    seconds=time.time() - t0,
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
