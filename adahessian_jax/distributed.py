@@ -126,8 +126,9 @@ def state_shardings(
   ``optax.MaskedNode`` stays, so the result has the state's structure.
 
   Needed because under ``jax.jit`` with automatic axes ``jit(tx.init)(params)``
-  returns the zeros replicated, whatever the parameters' shardings (the zeros
-  do not depend on the parameters' values). Use it as
+  does not shard the zeros like the parameters, whatever their shardings (the
+  zeros do not depend on the parameters' values): they come back replicated
+  under ``jax.set_mesh``, else on one device. Use it as
   ``jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)`` or
   ``jax.device_put(state, state_shardings(tx, params))``, and as
   ``in_shardings``/``out_shardings`` of the training step.
