@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Where ``--quick`` writes without ``--out``: never over the committed results and figures.
+QUICK_DIR = os.path.join(tempfile.gettempdir(), "adahessian_jax_paper_quick")
 SEEDS, QUICK_SEEDS = 4, 2  # 4 seeds: the same vmapped shape as the 4-value LR sweep
 EXACT, CONFIGURED = "adahessian", "adahessian_config"  # result keys of the AdaHessian rows
 CONFIG_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:pink")
@@ -52,8 +55,14 @@ def parse_args(
   if add_arguments is not None:
     add_arguments(p)
   p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-  p.add_argument("--out", default=None, help="results directory (default: results/)")
-  p.add_argument("--figures", default=None, help="figures directory (default: figures/)")
+  p.add_argument(
+    "--out",
+    default=None,
+    help=f"results directory (default: results/; --quick: {QUICK_DIR})",
+  )
+  p.add_argument(
+    "--figures", default=None, help="figures directory (default: figures/, or --out if given)"
+  )
   p.add_argument(
     "--seeds",
     type=int,
@@ -75,9 +84,9 @@ def parse_args(
   enable_compilation_cache()
   explicit_out = args.out is not None
   if args.out is None:
-    args.out = os.path.join(HERE, "results")
+    args.out = QUICK_DIR if args.quick else os.path.join(HERE, "results")
   if args.figures is None:
-    args.figures = args.out if explicit_out else os.path.join(HERE, "figures")
+    args.figures = args.out if explicit_out or args.quick else os.path.join(HERE, "figures")
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.figures, exist_ok=True)
   args.seeds = tuple(range(args.seeds or (QUICK_SEEDS if args.quick else SEEDS)))
