@@ -33,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
+from _args import comma_list, positive_int  # noqa: E402  (examples/_args.py: no JAX import)
 
 SETTINGS = ("default", "keep", "single-arena", "calling-thread")
 
@@ -83,9 +84,18 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny MLP, one round, nothing written")
   ap.add_argument("--model", default="transformer", help="a model of models.py")
-  ap.add_argument("--rounds", type=int, default=3, help="processes per setting (default 3)")
-  ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
-  ap.add_argument("--steps", type=int, default=80, help="timed steps per optimizer and process")
+  ap.add_argument(
+    "--rounds", type=positive_int, default=3, help="processes per setting (default 3)"
+  )
+  ap.add_argument(
+    "--settings",
+    type=comma_list(SETTINGS),
+    default=list(SETTINGS),
+    help=f"comma-separated subset of {','.join(SETTINGS)}",
+  )
+  ap.add_argument(
+    "--steps", type=positive_int, default=80, help="timed steps per optimizer and process"
+  )
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   size = "tiny" if args.quick else "full"
@@ -95,11 +105,13 @@ def main(argv=None) -> int:
   if args.child:
     print(json.dumps(measure(model, args.child, size, args.steps)))
     return 0
+  import models  # here, not at the top: a child sets up malloc before it imports JAX
+
+  if model not in models.MODELS:
+    ap.error(f"--model {model!r}: choose from {', '.join(models.MODELS)}")
   load = os.getloadavg()
   print(f"load average {load}")
-  settings = args.settings.split(",")
-  if unknown := sorted(set(settings) - set(SETTINGS)):
-    ap.error(f"unknown --settings {unknown}; choose from {', '.join(SETTINGS)}")
+  settings = args.settings
   runs = []
   for p in range(args.rounds):
     for mode in settings[p % len(settings) :] + settings[: p % len(settings)]:

@@ -52,6 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _args import positive_int  # noqa: E402
 from pods_transformer import CharLM, adahessian_config, cross_entropy  # noqa: E402
 
 import adahessian_jax  # noqa: E402
@@ -177,12 +178,12 @@ def print_table(result):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--layers", type=int, default=14)
-  p.add_argument("--width", type=int, default=768)
-  p.add_argument("--heads", type=int, default=12)
-  p.add_argument("--context", type=int, default=512)
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--block-size", type=int, default=32, help="AdaHessian's averaging block")
+  p.add_argument("--layers", type=positive_int, default=14)
+  p.add_argument("--width", type=positive_int, default=768)
+  p.add_argument("--heads", type=positive_int, default=12)
+  p.add_argument("--context", type=positive_int, default=512)
+  p.add_argument("--batch-size", type=positive_int, default=8)
+  p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
   p.add_argument("--quick", action="store_true", help="a ~1M-parameter model (smoke test)")
   p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
   args = p.parse_args()

@@ -90,6 +90,7 @@ import adahessian_jax
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
+from _args import comma_list, nonnegative_int, positive_int  # noqa: E402  (examples/_args.py)
 from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, make_step, set_malloc  # noqa: E402  (shared with examples)
 
 RESULTS_DIR = HERE / "results"
@@ -368,6 +369,9 @@ def run_group(
   return rows
 
 
+GROUPS = ("main", "freq", "lazy", "stabilized", "n_samples")
+
+
 def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, list[Config]]:
   main = [Config("sgd"), Config("adam"), Config("closure"), Config("fused"), Config("sophia")]
   stabilized = [Config("adam"), Config("fused"), Config("fused", stabilized=True)]
@@ -528,16 +532,38 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
   ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the JSON output")
   ap.add_argument(
-    "--models", default=None, help="comma-separated subset (default: all; with --quick: mlp)"
+    "--models",
+    type=comma_list(list(models.MODELS)),
+    default=None,
+    help="comma-separated subset (default: all; with --quick: mlp)",
   )
   ap.add_argument(
-    "--groups", default="main,freq,lazy,stabilized,n_samples", help="comma-separated subset"
+    "--groups",
+    type=comma_list(GROUPS),
+    default=list(GROUPS),
+    help=f"comma-separated subset of {','.join(GROUPS)}",
   )
-  ap.add_argument("--units", type=int, default=None, help="timed units (cycles) per optimizer")
-  ap.add_argument("--sweep-units", type=int, default=None, help="timed units in the sweeps")
-  ap.add_argument("--warmup", type=int, default=None, help="untimed units per optimizer")
-  ap.add_argument("--freqs", default="1,2,3,4,5", help="refresh intervals of the freq sweep")
-  ap.add_argument("--ns", default="1,2,3,4", help="probe counts of the n_samples sweep")
+  ap.add_argument(
+    "--units", type=positive_int, default=None, help="timed units (cycles) per optimizer"
+  )
+  ap.add_argument(
+    "--sweep-units", type=positive_int, default=None, help="timed units in the sweeps"
+  )
+  ap.add_argument(
+    "--warmup", type=nonnegative_int, default=None, help="untimed units per optimizer"
+  )
+  ap.add_argument(
+    "--freqs",
+    type=comma_list(positive_int),
+    default=[1, 2, 3, 4, 5],
+    help="refresh intervals of the freq sweep (default 1,2,3,4,5)",
+  )
+  ap.add_argument(
+    "--ns",
+    type=comma_list(positive_int),
+    default=[1, 2, 3, 4],
+    help="probe counts of the n_samples sweep (default 1,2,3,4)",
+  )
   ap.add_argument("--tag", default="", help="suffix of the JSON file name")
   add_malloc_flag(ap)
   ap.add_argument(
@@ -549,7 +575,7 @@ def main(argv=None) -> int:
     return 0
 
   if args.models is None:
-    args.models = "mlp" if args.quick else "mlp,transformer,cnn"
+    args.models = ["mlp"] if args.quick else ["mlp", "transformer", "cnn"]
   size = "tiny" if args.quick else "full"
   units = args.units or (5 if args.quick else 30)
   sweep_units = args.sweep_units or (3 if args.quick else 30)
@@ -562,18 +588,16 @@ def main(argv=None) -> int:
   info["allocator"] = allocator
   log(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, load {info['loadavg_start']}")
   log(f"allocator: {allocator}")
-  wanted_groups = args.groups.split(",")
+  wanted_groups = args.groups
   results = {}
   t_start = time.perf_counter()
-  for name in args.models.split(","):
+  for name in args.models:
     problem = models.MODELS[name](size)
     n_params = sum(x.size for x in jax.tree.leaves(problem.params))
     log(f"\n== {name}: {problem.description}; {n_params:,} parameters")
     model_res = {"description": problem.description, "n_params": int(n_params), "groups": {}}
     cache: dict = {}
-    freqs = [int(k) for k in args.freqs.split(",")]
-    ns = [int(n) for n in args.ns.split(",")]
-    for gname, configs in groups(args.quick, freqs, ns).items():
+    for gname, configs in groups(args.quick, args.freqs, args.ns).items():
       if gname not in wanted_groups or (args.quick and gname != "main" and name != "mlp"):
         continue
       n_units = units if gname == "main" else sweep_units

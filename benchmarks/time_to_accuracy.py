@@ -71,6 +71,7 @@ PAPER = os.path.join(HERE, "paper")
 sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
+from _args import json_object, positive_float, positive_int  # noqa: E402  (examples/_args.py)
 from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, set_malloc  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
@@ -495,15 +496,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--tasks", default=",".join(TASK_NAMES), help=f"comma-separated subset of {TASK_NAMES}"
   )
-  p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {SEEDS})")
-  p.add_argument("--steps", type=int, default=None, help="override the step budget (smoke runs)")
-  p.add_argument("--time-budget", type=float, default=None, help="seconds per run (a cap)")
+  p.add_argument("--seeds", type=positive_int, default=None, help=f"seeds 0..N-1 (default {SEEDS})")
+  p.add_argument(
+    "--steps", type=positive_int, default=None, help="override the step budget (smoke runs)"
+  )
+  p.add_argument("--time-budget", type=positive_float, default=None, help="seconds per run (a cap)")
   p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
   p.add_argument("--figures", default=None, help="figures directory (default benchmarks/figures)")
   add_malloc_flag(p)
   p.add_argument(
     "--adahessian-config",
-    type=json.loads,
+    type=json_object,
     default=RECOMMENDED_STABILIZERS,
     metavar="JSON",
     help=f"adahessian() arguments of the AdaHessian rows (default: the README's recommended "

@@ -44,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 import curvature_tracking as ct  # noqa: E402  (examples/: the model, data and optimizers)
+from _args import positive_float, positive_int  # noqa: E402
 
 from adahessian_jax import hessian  # noqa: E402
 
@@ -161,9 +162,11 @@ def print_table(name, summary):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model, 12 steps: seconds")
-  parser.add_argument("--only", default=None, help="one optimizer: AdaHessian or Adam")
-  parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-  parser.add_argument("--target", type=float, default=1e-4, help="relative accuracy")
+  parser.add_argument("--only", default=None, choices=list(ct.TUNED), help="one optimizer")
+  parser.add_argument(
+    "--steps", type=positive_int, default=None, help="training steps (default 300)"
+  )
+  parser.add_argument("--target", type=positive_float, default=1e-4, help="relative accuracy")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   cfg = dict(steps=300, width=16, batch=32, probe=256, seed=0, target=args.target)

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from _args import nonnegative_int, positive_float, positive_int
 
 import adahessian_jax
 
@@ -178,8 +179,12 @@ def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentP
   p = argparse.ArgumentParser(
     description=description, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps})")
-  p.add_argument("--seed", type=int, default=0, help="seed of data split, init and batches")
+  p.add_argument(
+    "--steps", type=positive_int, default=None, help=f"training steps (default {steps})"
+  )
+  p.add_argument(
+    "--seed", type=nonnegative_int, default=0, help="seed of data split, init and batches"
+  )
   p.add_argument(
     "--quick",
     action="store_true",
@@ -221,13 +226,44 @@ def resolve_steps(args) -> int:
   return args.quick_steps if args.quick else args.default_steps
 
 
-def apply_lr_overrides(optimizers: list[Optimizer], overrides: Sequence[str]) -> None:
-  by_name = {o.name.lower(): o for o in optimizers}
+def lr_overrides(names: Sequence[str], overrides: Sequence[str]) -> dict[str, float]:
+  """The learning rates of ``--lr NAME=LR`` (names matched case-insensitively) by name.
+
+  Raises:
+    SystemExit: On an unknown name or a learning rate that is not a positive number.
+  """
+  by_name = {n.lower(): n for n in names}
+  rates = {}
   for item in overrides:
     name, _, value = item.partition("=")
     if name.lower() not in by_name or not value:
-      raise SystemExit(f"--lr expects NAME=LR with NAME in {[o.name for o in optimizers]}")
-    by_name[name.lower()].lr = float(value)
+      raise SystemExit(f"--lr expects NAME=LR with NAME in {list(names)}, got {item!r}")
+    try:
+      rates[by_name[name.lower()]] = positive_float(value)
+    except argparse.ArgumentTypeError as e:
+      raise SystemExit(f"--lr {item}: the learning rate {e}") from None
+  return rates
+
+
+def only(names: Sequence[str], text: str | None) -> list[str]:
+  """The names that ``--only NAME[,NAME]`` keeps (all for ``None``), case-insensitively.
+
+  Raises:
+    SystemExit: When a name matches no optimizer.
+  """
+  if text is None:
+    return list(names)
+  keep = {n.strip().lower() for n in text.split(",")}
+  unknown = keep - {n.lower() for n in names}
+  if unknown or not keep:
+    raise SystemExit(f"--only {text!r}: choose from {list(names)}")
+  return [n for n in names if n.lower() in keep]
+
+
+def apply_lr_overrides(optimizers: list[Optimizer], overrides: Sequence[str]) -> None:
+  by_name = {o.name: o for o in optimizers}
+  for name, lr in lr_overrides(list(by_name), overrides).items():
+    by_name[name].lr = lr
 
 
 class _Bar:
@@ -541,11 +577,8 @@ def param_count(params) -> int:
 def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args):
   """Optionally tunes, then trains every optimizer; returns (runs, tuning table or None)."""
   apply_lr_overrides(optimizers, args.lr)
-  if args.only:
-    keep = {n.strip().lower() for n in args.only.split(",")}
-    optimizers = [o for o in optimizers if o.name.lower() in keep]
-    if not optimizers:
-      raise SystemExit(f"--only {args.only!r} matches no optimizer")
+  keep = only([o.name for o in optimizers], args.only)
+  optimizers = [o for o in optimizers if o.name in keep]
   tuning = None
   progress = not args.no_progress
   if args.tune:
@@ -581,8 +614,14 @@ def pydoc_text(val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, list[
 
 def shuffled_batches(rng: np.random.Generator, arrays: Sequence[np.ndarray], batch_size: int):
   """Yields mini-batches of ``arrays`` forever, reshuffled every epoch (the last partial batch
-  of an epoch is dropped)."""
+  of an epoch is dropped).
+
+  Raises:
+    ValueError: When ``batch_size`` exceeds the number of examples (no batch would come).
+  """
   n = len(arrays[0])
+  if batch_size > n:
+    raise ValueError(f"--batch-size {batch_size} exceeds the {n} training examples")
   while True:
     perm = rng.permutation(n)
     for i in range(0, n - batch_size + 1, batch_size):

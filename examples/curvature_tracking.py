@@ -40,6 +40,7 @@ import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _args import nonnegative_float, nonnegative_int, positive_int  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import adahessian_jax  # noqa: E402
@@ -228,15 +229,23 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model, few steps: seconds")
   parser.add_argument("--compare-cold", action="store_true", help="also measure from cold starts")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-  parser.add_argument("--every", type=int, default=None, help="steps between measurements")
-  parser.add_argument("--only", default=None, help="one optimizer: AdaHessian or Adam")
+  parser.add_argument("--seed", type=nonnegative_int, default=0)
   parser.add_argument(
-    "--curvature-floor", type=float, default=0.0, help="AdaHessian's stabilizer (default: off)"
+    "--steps", type=positive_int, default=None, help="training steps (default 300)"
+  )
+  parser.add_argument("--every", type=positive_int, default=None, help="steps between measurements")
+  parser.add_argument("--only", default=None, choices=list(TUNED), help="one optimizer")
+  parser.add_argument(
+    "--curvature-floor",
+    type=nonnegative_float,
+    default=0.0,
+    help="AdaHessian's stabilizer (default: off)",
   )
   parser.add_argument(
-    "--block-size", type=int, default=2, help="Ritz vectors per warm start (track_curvature)"
+    "--block-size",
+    type=positive_int,
+    default=2,
+    help="Ritz vectors per warm start (track_curvature)",
   )
   parser.add_argument("--out", default=None)
   args = parser.parse_args()

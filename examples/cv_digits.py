@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _args import positive_int
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -66,7 +67,7 @@ def optimizers():
 
 def main():
   p = _common.parser(__doc__, steps=1000, quick_steps=60)
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--batch-size", type=positive_int, default=64)
   args = p.parse_args()
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (6 if args.quick else 40), 1)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _args import positive_int
 
 import adahessian_jax
 from adahessian_jax import spatial
@@ -122,13 +123,13 @@ def optimizers(block):
 
 def main():
   p = _common.parser(__doc__, steps=600, quick_steps=30)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--context", type=int, default=64)
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--block-size", type=int, default=32, help="AdaHessian's averaging block")
-  p.add_argument("--eval-windows", type=int, default=256)
+  p.add_argument("--batch-size", type=positive_int, default=32)
+  p.add_argument("--context", type=positive_int, default=64)
+  p.add_argument("--width", type=positive_int, default=64)
+  p.add_argument("--layers", type=positive_int, default=2)
+  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
+  p.add_argument("--eval-windows", type=positive_int, default=256)
   args = p.parse_args()
   if args.quick:
     args.context, args.width, args.layers, args.heads, args.block_size = 32, 32, 1, 2, 16

@@ -68,6 +68,7 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _args import nonnegative_int, positive_int  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -540,14 +541,18 @@ def plot(runs, memory, title, out):
 
 def main():
   p = _common.parser(__doc__, steps=200, quick_steps=30)
-  p.add_argument("--batch-size", type=int, default=32, help="a multiple of the device count")
-  p.add_argument("--context", type=int, default=64)
-  p.add_argument("--width", type=int, default=128, help="a multiple of the device count")
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--block-size", type=int, default=32, help="AdaHessian's averaging block")
-  p.add_argument("--eval-windows", type=int, default=256)
-  p.add_argument("--check-steps", type=int, default=20, help="steps of the layout check (0: off)")
+  p.add_argument(
+    "--batch-size", type=positive_int, default=32, help="a multiple of the device count"
+  )
+  p.add_argument("--context", type=positive_int, default=64)
+  p.add_argument("--width", type=positive_int, default=128, help="a multiple of the device count")
+  p.add_argument("--layers", type=positive_int, default=4)
+  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
+  p.add_argument("--eval-windows", type=positive_int, default=256)
+  p.add_argument(
+    "--check-steps", type=nonnegative_int, default=20, help="steps of the layout check (0: off)"
+  )
   p.add_argument(
     "--check-dtype",
     choices=("float32", "float64"),
@@ -611,14 +616,9 @@ def main():
 
   optimizers = {"AdaHessian": (make_adahessian, 0.15), "AdamW": (make_adamw, 3e-3)}
   lrs = {k: lr for k, (_, lr) in optimizers.items()}
-  for item in args.lr:
-    name, _, value = item.partition("=")
-    if name not in lrs or not value:
-      raise SystemExit(f"--lr expects NAME=LR with NAME in {list(lrs)}")
-    lrs[name] = float(value)
-  if args.only:
-    keep = {n.strip() for n in args.only.split(",")}
-    optimizers = {k: v for k, v in optimizers.items() if k in keep}
+  lrs.update(_common.lr_overrides(list(lrs), args.lr))
+  keep = _common.only(list(optimizers), args.only)
+  optimizers = {k: v for k, v in optimizers.items() if k in keep}
 
   check = None
   if args.check_steps and "AdaHessian" in optimizers:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _args import positive_int
 from sklearn.metrics import roc_auc_score
 
 import adahessian_jax
@@ -146,8 +147,10 @@ def optimizers():
 
 def main():
   p = _common.parser(__doc__, steps=1500, quick_steps=40)
-  p.add_argument("--batch-size", type=int, default=512)
-  p.add_argument("--impressions", type=int, default=1_000_000, help="train + validation size")
+  p.add_argument("--batch-size", type=positive_int, default=512)
+  p.add_argument(
+    "--impressions", type=positive_int, default=1_000_000, help="train + validation size"
+  )
   args = p.parse_args()
   cards = CARDINALITIES
   if args.quick:

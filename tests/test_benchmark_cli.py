@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,3 +29,72 @@ def test_paper_quick_run_does_not_write_over_the_committed_results(paper_cli, tm
     assert not os.path.abspath(d).startswith(os.path.join(PAPER, "")), d
   args = paper_cli.parse_args("test", ["--quick", "--out", str(tmp_path)])
   assert (args.out, args.figures) == (str(tmp_path), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def examples_path():
+  examples = os.path.join(ROOT, "examples")
+  sys.path.insert(0, examples)
+  yield
+  sys.path.remove(examples)
+
+
+@pytest.mark.parametrize(
+  "kind, flag, value, message",
+  [
+    ("positive_int", "--steps", "0", "must be a positive integer, got '0'"),
+    ("positive_int", "--steps", "2.5", "must be a positive integer, got '2.5'"),
+    ("nonnegative_int", "--seed", "-1", "must be a non-negative integer, got '-1'"),
+    ("positive_float", "--lr", "nan", "must be a positive number, got 'nan'"),
+    ("positive_float", "--lr", "-0.1", "must be a positive number, got '-0.1'"),
+    ("nonnegative_float", "--floor", "inf", "must be a non-negative number, got 'inf'"),
+    ("json_object", "--config", "[1]", "expected a JSON object of keyword arguments, got '[1]'"),
+  ],
+)
+def test_bad_values_are_usage_errors_naming_the_flag(
+  examples_path, capsys, kind, flag, value, message
+):
+  import _args
+
+  p = argparse.ArgumentParser()
+  p.add_argument(flag, type=getattr(_args, kind))
+  with pytest.raises(SystemExit) as e:
+    p.parse_args([flag, value])
+  assert e.value.code == 2
+  assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_good_values_parse(examples_path):
+  import _args
+
+  assert _args.positive_int("3") == 3 and _args.nonnegative_int("0") == 0
+  assert _args.positive_float("1e-3") == 1e-3 and _args.nonnegative_float("0") == 0.0
+  assert _args.json_object('{"update_clip": 0.05}') == {"update_clip": 0.05}
+  assert _args.comma_list(("a", "b"))(" b,a ") == ["b", "a"]
+  assert _args.comma_list(_args.positive_int)("1,2") == [1, 2]
+  for text in ("a,c", ","):
+    with pytest.raises(argparse.ArgumentTypeError):
+      _args.comma_list(("a", "b"))(text)
+
+
+def test_lr_overrides_and_only(examples_path):
+  import _common
+
+  names = ["AdaHessian", "AdamW"]
+  assert _common.lr_overrides(names, ["adahessian=0.3"]) == {"AdaHessian": 0.3}
+  for bad in ("AdaHessian=-0.1", "AdaHessian=x", "Adam=0.1", "AdaHessian"):
+    with pytest.raises(SystemExit, match="--lr"):
+      _common.lr_overrides(names, [bad])
+  assert _common.only(names, None) == names
+  assert _common.only(names, "adamw") == ["AdamW"]
+  for bad in ("Adam", "AdamW,Adam", ""):
+    with pytest.raises(SystemExit, match="--only"):
+      _common.only(names, bad)
+
+
+def test_a_batch_larger_than_the_data_is_an_error_not_a_hang(examples_path):
+  import _common
+
+  stream = _common.shuffled_batches(np.random.default_rng(0), (np.zeros(5),), 6)
+  with pytest.raises(ValueError, match="--batch-size 6 exceeds the 5 training examples"):
+    next(stream)

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,10 @@ import numpy as np
 import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
+
+from _args import json_object, positive_int  # noqa: E402  (examples/_args.py)
+
 #: Where ``--quick`` writes without ``--out``: never over the committed results and figures.
 QUICK_DIR = os.path.join(tempfile.gettempdir(), "adahessian_jax_paper_quick")
 SEEDS, QUICK_SEEDS = 4, 2  # 4 seeds: the same vmapped shape as the 4-value LR sweep
@@ -34,16 +39,6 @@ def enable_compilation_cache() -> None:
   )
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from None
-  if not isinstance(value, dict):
-    raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments, got {text!r}")
-  return value
 
 
 def parse_args(
@@ -65,14 +60,14 @@ def parse_args(
   )
   p.add_argument(
     "--seeds",
-    type=int,
+    type=positive_int,
     default=None,
     help=f"evaluation seeds 0..N-1 per configuration (default {SEEDS}; --quick: {QUICK_SEEDS})",
   )
   p.add_argument(
     "--adahessian-config",
     dest="adahessian_configs",
-    type=_json_object,
+    type=json_object,
     action="append",
     default=[],
     metavar="JSON",

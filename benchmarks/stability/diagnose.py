@@ -246,6 +246,8 @@ def main():
   import sys
 
   only = sys.argv[1:] or list(CASES)
+  if unknown := [name for name in only if name not in CASES]:
+    raise SystemExit(f"unknown case {unknown}; choose from {', '.join(CASES)}")
   out = {
     "experiment": "diagnosis",
     "seeds": list(SEEDS),

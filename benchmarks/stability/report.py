@@ -15,6 +15,7 @@ import json
 import os
 
 import common as C
+from _args import positive_int  # (examples/_args.py, on the path from common)
 
 ORDER = ["exact", "floor", "floor_g", "clip", "warmup", "floor_clip", "floor_g_clip",
          "floor_warmup", "floor_g_clip_warmup"]  # fmt: skip
@@ -87,7 +88,7 @@ def diagnosis_table(name: str = "diagnosis") -> str:
 
 if __name__ == "__main__":
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--seeds", type=int, default=4)
+  p.add_argument("--seeds", type=positive_int, default=4)
   p.add_argument("--diagnosis", action="store_true", help="the diagnosis table instead")
   a = p.parse_args()
   print(diagnosis_table() if a.diagnosis else tables(a.seeds))

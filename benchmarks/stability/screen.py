@@ -20,6 +20,7 @@ import time
 
 import common as C
 import numpy as np
+from _args import positive_int  # (examples/_args.py, on the path from common)
 
 # Named configurations of the prototypes (common.py); update_freq is set per cell.
 CONFIGS = {
@@ -54,9 +55,11 @@ CELLS = {
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tasks", nargs="+", default=["cnn"])
-  p.add_argument("--configs", nargs="+", default=["exact", "floor", "clip", "warmup"])
-  p.add_argument("--seeds", type=int, default=4, help="seeds 0..n-1")
+  p.add_argument("--tasks", nargs="+", choices=list(CELLS), default=["cnn"])
+  p.add_argument(
+    "--configs", nargs="+", choices=list(CONFIGS), default=["exact", "floor", "clip", "warmup"]
+  )
+  p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1")
   p.add_argument("--cells", default=None, help="JSON list of [update_freq, scale] pairs")
   p.add_argument("--out", default="screen")
   args = p.parse_args()
