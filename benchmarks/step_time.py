@@ -3,7 +3,7 @@
 One command::
 
   python benchmarks/step_time.py          # full run: benchmarks/results/step_time_full.json
-  python benchmarks/step_time.py --quick  # smoke run on tiny models in seconds (CI)
+  python benchmarks/step_time.py --quick  # smoke run on tiny models in seconds (CI), to a temp dir
 
 For each model (a Flax MLP 784-1024-1024-10 at batch 128, a ResNet-style CNN on
 32x32x3 at batch 64, a small transformer LM; see ``models.py``) and each group
@@ -74,6 +74,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ from _args import comma_list, nonnegative_int, positive_int  # noqa: E402  (exam
 from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, make_step, set_malloc  # noqa: E402  (shared with examples)
 
 RESULTS_DIR = HERE / "results"
+QUICK_DIR = Path(tempfile.gettempdir()) / "adahessian_jax_step_time_quick"  # not over results/
 # What each kind's tx.update gets besides the gradient (see examples/_common.make_step).
 ROUTES = {
   "sgd": "plain",
@@ -530,7 +532,12 @@ def save(args, argv, mode, info, results, units, sweep_units, warmup, t_start):
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
-  ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the JSON output")
+  ap.add_argument(
+    "--out",
+    type=Path,
+    default=None,
+    help="directory of the JSON output (default benchmarks/results; --quick: a temporary one)",
+  )
   ap.add_argument(
     "--models",
     type=comma_list(list(models.MODELS)),
@@ -574,6 +581,8 @@ def main(argv=None) -> int:
     print(report(json.loads(args.report.read_text())))
     return 0
 
+  if args.out is None:
+    args.out = QUICK_DIR if args.quick else RESULTS_DIR
   if args.models is None:
     args.models = ["mlp"] if args.quick else ["mlp", "transformer", "cnn"]
   size = "tiny" if args.quick else "full"
