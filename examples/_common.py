@@ -38,6 +38,9 @@ except ImportError:  # tqdm is optional: fall back to a plain printed bar
   tqdm = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The 1-, 5- and 15-minute load averages when the example started (its timings mean something
+#: only on an idle machine), recorded in its JSON with those at the end.
+LOAD_AVERAGE_AT_START = list(os.getloadavg())
 #: The README's recommended AdaHessian stabilizers (docs/stability.md), shared by the benchmarks.
 RECOMMENDED_STABILIZERS = {"curvature_floor": 0.3, "update_clip": 0.05}
 DEFAULT_OUT = os.path.join(HERE, "figures")
@@ -452,6 +455,8 @@ def summarize(
     "steps": runs[0].steps[-1],
     "seed": args.seed,
     "quick": bool(args.quick),
+    "load_average_at_start": LOAD_AVERAGE_AT_START,
+    "load_average_at_end": list(os.getloadavg()),
     "metric": metric,
     "optimizers": {},
   }

@@ -65,6 +65,7 @@ def test_example_quick(quick_runs, name):
   with open(summary_path) as f:
     summary = json.load(f)
   assert summary["quick"] is True
+  assert len(summary["load_average_at_start"]) == len(summary["load_average_at_end"]) == 3
   ada = summary["optimizers"]["AdaHessian"]
   assert not ada["diverged"]
   assert ada["final_train_loss"] < ada["first_train_loss"], ada
