@@ -129,8 +129,10 @@ def main(argv=None) -> int:
       )
   if args.quick:
     return 0
+  from _common import command_line
+
   payload = {
-    "command": "python benchmarks/allocator.py " + " ".join(argv or sys.argv[1:]),
+    "command": command_line(argv),
     "model": model,
     "loadavg_start": load,
     "loadavg_end": os.getloadavg(),

@@ -77,10 +77,6 @@ def make_step(model, tx, hessian):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def tree_bytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
 def measure(model, tx, hessian, params, batch):
   """Compiles one step from shapes only; returns memory_analysis's bytes and the peak."""
   state = jax.eval_shape(tx.init, params)
@@ -93,7 +89,7 @@ def measure(model, tx, hessian, params, batch):
     "output_bytes": int(mem.output_size_in_bytes),
     "alias_bytes": int(mem.alias_size_in_bytes),
     "temp_bytes": int(mem.temp_size_in_bytes),
-    "state_bytes": tree_bytes(state),
+    "state_bytes": _common.tree_bytes(state),
     "compile_s": round(compile_s, 1),
   }
   row["peak_bytes"] = (
@@ -199,7 +195,7 @@ def main():
       VOCAB, args.context, args.width, args.layers, args.heads, 4 * args.width, remat=remat
     )
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-    param_bytes = tree_bytes(nn.unbox(params))
+    param_bytes = _common.tree_bytes(nn.unbox(params))
     for name, (tx, hessian) in optimizers(args.block_size).items():
       row = {"optimizer": name, "remat": remat, **measure(model, tx, hessian, params, batch)}
       rows.append(row)
@@ -220,7 +216,7 @@ def main():
       }
     )
   result = {
-    "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    "command": _common.command_line(),
     "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))),
     "param_bytes": param_bytes,
     "layers": args.layers,

@@ -78,7 +78,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +91,14 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
 from _args import comma_list, nonnegative_int, positive_int  # noqa: E402  (examples/_args.py)
-from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, make_step, set_malloc  # noqa: E402  (shared with examples)
+from _common import (  # noqa: E402  (shared with examples)
+  RECOMMENDED_STABILIZERS,
+  add_malloc_flag,
+  command_line,
+  make_step,
+  set_malloc,
+  tree_bytes,
+)
 
 RESULTS_DIR = HERE / "results"
 QUICK_DIR = Path(tempfile.gettempdir()) / "adahessian_jax_step_time_quick"  # not over results/
@@ -167,10 +173,6 @@ def make_tx(cfg: Config) -> optax.GradientTransformation:
       hessian_diagonal_fn=hutchinson_estimator_diag_hessian(jax.random.PRNGKey(0)),
     )
   raise ValueError(cfg.kind)
-
-
-def tree_bytes(tree: Any) -> int:
-  return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
 def _flops(compiled) -> float:
@@ -512,9 +514,8 @@ def save(args, argv, mode, info, results, units, sweep_units, warmup, t_start):
     info["loadavg_end"] = os.getloadavg()
   except OSError:
     pass
-  cmd = "python benchmarks/step_time.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
   payload = {
-    "command": cmd,
+    "command": command_line(argv),
     "mode": mode,
     "machine": info,
     "elapsed_s": time.perf_counter() - t_start,

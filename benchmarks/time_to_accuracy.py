@@ -72,7 +72,7 @@ sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
 from _args import json_object, positive_float, positive_int  # noqa: E402  (examples/_args.py)
-from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, set_malloc  # noqa: E402  (examples/_common.py)
+from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, command_line, set_malloc  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
 from tuning import tune  # noqa: E402
@@ -551,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tasks[name] = run_task(
       name, args.quick, args.seeds, args.time_budget, args.steps, args.adahessian_config
     )
-    tasks[name]["command"] = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    tasks[name]["command"] = command_line()
     tasks[name]["environment"] = environment
     tasks[name]["wall_s"] = round(time.perf_counter() - t_start, 1)
   tasks = {n: tasks[n] for n in TASK_NAMES if n in tasks}

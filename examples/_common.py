@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -451,7 +452,7 @@ def summarize(
   print("\n" + header + "\n" + "-" * len(header))
   summary = {
     "example": example,
-    "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    "command": command_line(),
     "steps": runs[0].steps[-1],
     "seed": args.seed,
     "quick": bool(args.quick),
@@ -577,6 +578,22 @@ def _zoom(ax, series, high=95):
 
 def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def tree_bytes(tree) -> int:
+  """The bytes of a pytree's arrays (or ``jax.ShapeDtypeStruct`` leaves)."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+  """The command that ran this script, for its results file: shell-quoted (a JSON argument
+  pastes back as it was given), the script's path from the repository root.
+
+  Args:
+    argv: The arguments (default ``sys.argv[1:]``).
+  """
+  script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(HERE))
+  return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args):

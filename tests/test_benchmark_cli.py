@@ -98,3 +98,13 @@ def test_a_batch_larger_than_the_data_is_an_error_not_a_hang(examples_path):
   stream = _common.shuffled_batches(np.random.default_rng(0), (np.zeros(5),), 6)
   with pytest.raises(ValueError, match="--batch-size 6 exceeds the 5 training examples"):
     next(stream)
+
+
+def test_command_line_pastes_back(examples_path, monkeypatch):
+  import _common
+
+  script = os.path.join(ROOT, "benchmarks", "paper", "headline.py")
+  monkeypatch.setattr(sys, "argv", [script, "--adahessian-config", '{"curvature_floor": 0.1}'])
+  expected = "python benchmarks/paper/headline.py --adahessian-config '{\"curvature_floor\": 0.1}'"
+  assert _common.command_line() == expected
+  assert _common.command_line(["--quick"]) == "python benchmarks/paper/headline.py --quick"
