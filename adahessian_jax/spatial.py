@@ -55,7 +55,8 @@ rank         Flax meaning                averaging
 
 Whatever the names and rank, a leaf whose Flax name (last path key) is
 ``bias`` is not averaged (a ``DenseGeneral`` ``(*features)``, attention
-``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), and an
+``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
+named ``scale`` (a norm's scale, stacked or over several feature axes), and an
 unnamed rank-2 ``embedding`` (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
 features)``) keeps its rows apart: blocks along axis 1, ambiguous when
 ``block_size > 1`` (a kernel could have that name).
@@ -383,7 +384,7 @@ def _blocks_text(block_size: int) -> str:
 
 
 #: The Flax parameter names (last path keys) that :func:`flax_default` reads.
-_PARAMS_READ = ("bias", "embedding")
+_PARAMS_READ = ("bias", "scale", "embedding")
 
 
 def _by_rank(shape, block_size, names, note, param=None) -> Choice:
@@ -423,7 +424,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
 
   ``param`` is the leaf's Flax parameter name (its last path key): a ``bias``
-  of any rank is never averaged (paper), an unnamed rank-2 ``embedding`` keeps
+  or ``scale`` of any rank is never averaged (paper), an unnamed rank-2 ``embedding`` keeps
   its rows (tokens) apart.
   """
   ndim = len(shape)
@@ -443,6 +444,12 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   if ndim >= 2 and param == "bias":
     # DenseGeneral (*features), attention (heads, head_dim) and Einsum biases: one per output.
     return Choice(NoAveraging(), f"rank {ndim}, Flax name 'bias': a bias (one per output), none")
+  if ndim >= 2 and param == "scale":
+    # A norm's scale over several feature axes (LayerNorm(feature_axes=(-2, -1))), or a stack's
+    # (layers, features) scale without names: one entry per feature, like a bias.
+    return Choice(
+      NoAveraging(), f"rank {ndim}, Flax name 'scale': a norm's scale (one per feature), none"
+    )
   if names is None or kinds is None:  # both or neither
     return _by_rank(shape, block_size, None, " without axis names", param)
   if ndim <= 1:

@@ -662,3 +662,44 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
   assert not any("embedding" in r.path for r in spatial.describe(params).ambiguous)
   with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]: shape \(10, 6\)"):
     spatial.describe(params, block_size=2, strict=True)
+
+
+class _NormStack(nn.Module):
+  """4 scanned LayerNorms (no names: scale and bias come out as (4, 6)) and a 2-D LayerNorm."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Norm(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return nn.LayerNorm()(x), None
+
+    stack = nn.scan(Norm, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+    x = stack(name="stack")(x, None)[0]
+    return nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1), name="norm_2d")(x)
+
+
+def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
+  # nn.scan/nnx.vmap without names stack a LayerNorm scale into (layers, features), and a
+  # LayerNorm over two feature axes has a (4, 6) scale: by rank both look like Dense kernels.
+  params = jax.eval_shape(_NormStack().init, jax.random.key(0), jnp.ones((1, 4, 6)))["params"]
+  layer = nnx.vmap(lambda r: nnx.LayerNorm(6, rngs=r), in_axes=0, out_axes=0)(nnx.Rngs(0).split(4))
+  params["nnx_stack"] = nnx.as_pure(nnx.state(layer, nnx.Param))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape), params)
+  hessian_diag = per_layer_constants(params)
+  hessian_diag["norm_2d"]["scale"] = jnp.asarray(rng.random((4, 6)))  # one entry per feature
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
+  np.testing.assert_allclose(
+    got["stack"]["LayerNorm_0"]["scale"], hessian_diag["stack"]["LayerNorm_0"]["scale"], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    got["nnx_stack"]["scale"], hessian_diag["nnx_stack"]["scale"], rtol=1e-6
+  )
+  np.testing.assert_allclose(got["norm_2d"]["scale"], hessian_diag["norm_2d"]["scale"], rtol=1e-6)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  for path in (
+    "['stack']['LayerNorm_0']['scale']",
+    "['nnx_stack']['scale']",
+    "['norm_2d']['scale']",
+  ):
+    assert rows[path].rule == spatial.none() and not rows[path].ambiguous, rows[path]
