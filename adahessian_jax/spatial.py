@@ -56,9 +56,10 @@ rank         Flax meaning                averaging
 Whatever the names and rank, a leaf whose Flax name (last path key) is
 ``bias`` is not averaged (a ``DenseGeneral`` ``(*features)``, attention
 ``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
-named ``scale`` (a norm's scale, stacked or over several feature axes), and an
-unnamed rank-2 ``embedding`` (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
-features)``) keeps its rows apart: blocks along axis 1, ambiguous when
+named ``scale`` (a norm's scale, stacked or over several feature axes), and a
+rank-2 ``embedding`` without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed``
+``(num_embeddings, features)``, unnamed or e.g. ``(None, "embed")``) keeps its
+rows apart: blocks along axis 1, ambiguous when
 ``block_size > 1`` (a kernel could have that name).
 
 Rank >= 3 without names is ambiguous: a ``Conv`` 1-D kernel ``(width, in,
@@ -424,8 +425,8 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
 
   ``param`` is the leaf's Flax parameter name (its last path key): a ``bias``
-  or ``scale`` of any rank is never averaged (paper), an unnamed rank-2 ``embedding`` keeps
-  its rows (tokens) apart.
+  or ``scale`` of any rank is never averaged (paper), a rank-2 ``embedding``
+  without a ``vocab`` axis name keeps its rows (tokens) apart.
   """
   ndim = len(shape)
   kinds = None if names is None else [_role(n, roles) for n in names]
@@ -481,7 +482,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
       f"input axis {_axis(other[0], names)}",
     )
   if ndim == 2:
-    return _by_rank(shape, block_size, names, "")
+    return _by_rank(shape, block_size, names, "", param)
   if all(k == FEATURES for k in kinds):
     return Choice(
       BlockMean(block_size, 0),
@@ -723,8 +724,8 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
 
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
-  attention kernel and a stack of ``Dense`` kernels look alike. So is an
-  unnamed rank-2 ``embedding`` with ``block_size > 1``, and an unnamed leaf
+  attention kernel and a stack of ``Dense`` kernels look alike. So is a
+  rank-2 ``embedding`` without a ``vocab`` axis name with ``block_size > 1``, and an unnamed leaf
   whose stacked axes are taken from named leaves that share no module with it,
   or whose nearest named relatives disagree on them. Name its axes or give it
   an explicit rule. Use it as

@@ -703,3 +703,29 @@ def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
     "['norm_2d']['scale']",
   ):
     assert rows[path].rule == spatial.none() and not rows[path].ambiguous, rows[path]
+
+
+def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
+  # Only the embed axis named (the vocab axis left unsharded): by rank a Dense kernel, whose
+  # blocks along axis 0 would average the curvature of different tokens.
+  init = nn.initializers.normal(1.0)
+  table = nn.Embed(8, 6, embedding_init=P(init, (None, "embed")))
+  params = jax.eval_shape(table.init, jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
+  with nnx.use_eager_sharding(False):  # names only, no mesh
+    layer = nnx.Embed(
+      8, 6, embedding_init=nnx.with_partitioning(init, (None, "embed")), rngs=nnx.Rngs(0)
+    )
+  names = {"linen": params, "nnx": nnx.state(layer, nnx.Param)}
+  plain = jax.tree.map(
+    lambda s: jnp.zeros(s.shape), {"linen": nn.unbox(params), "nnx": nnx.as_pure(names["nnx"])}
+  )
+  per_token = jnp.broadcast_to(10.0 ** jnp.arange(8.0)[:, None], (8, 6))  # one value per row
+  hessian_diag = jax.tree.map(lambda _: per_token, plain)
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=4, averaging=spatial.named(names))
+  got = _nu_after_one_step(tx, plain, hessian_diag)
+  np.testing.assert_allclose(got["linen"]["embedding"], per_token, rtol=1e-6)
+  np.testing.assert_allclose(got["nnx"]["embedding"], per_token, rtol=1e-6)
+  # Rows apart, blocks along the features; the vocab axis is still unnamed, so strict refuses.
+  listing = spatial.describe(plain, spatial.named(names), 4)
+  assert [r.rule for r in listing.rows] == [spatial.blocks(4, axis=1)] * 2
+  assert len(listing.ambiguous) == 2
