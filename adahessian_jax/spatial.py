@@ -39,8 +39,10 @@ features     embed, mlp, kv, head_dim,   ``Dense``/``DenseGeneral`` axes: blocks
 
 The checks run in this order: stacked axes are split off first, then rank
 <= 1 (none), spatial, vocab, heads, rank 2 (blocks along axis 0), all axes
-``features`` (blocks along axis 0). What remains, and every leaf without names,
-follows the rank:
+``features`` (blocks along axis 0). Vocab and heads blocks along an axis of no
+known role, where another axis could be the input, are a guess (ambiguous with
+``block_size > 1``). What remains, and every leaf without names, follows the
+rank:
 
 ===========  ==========================  =======================================
 rank         Flax meaning                averaging
@@ -421,6 +423,22 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   )
 
 
+def _unknown_block_axis(other: list[int], kinds: list[str | None], block_size: int) -> str:
+  """Why blocks along ``other[0]`` are a guess ("" if they are not).
+
+  They are when that axis has no known role and another axis could have been
+  the input: e.g. axis 0 of a ``kv_einsum`` kernel ``(2, kv_heads, embed,
+  head_dim)`` tells the key kernel from the value kernel.
+  """
+  if block_size == 1 or len(other) < 2 or kinds[other[0]] is not None:
+    return ""
+  return (
+    "; AMBIGUOUS (that axis has no name of a known role, so whether it is the input is a "
+    "guess: name it, e.g. 'embed', add its name with flax_default(axis_roles=...), or give "
+    "the leaf a rule)"
+  )
+
+
 def _decide(shape, names, block_size, roles, param=None) -> Choice:
   """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
 
@@ -466,20 +484,24 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
     other = [i for i, k in enumerate(kinds) if k not in (VOCAB, HEADS)]
     if not other:
       return Choice(NoAveraging(), f"one entry per row of axis {rows}: none")
+    guess = _unknown_block_axis(other, kinds, block_size)
     return Choice(
       BlockMean(block_size, other[0]),
       f"a table with a row per token (axis {rows}): rows kept apart, "
-      f"{_blocks_text(block_size)} along axis {_axis(other[0], names)}",
+      f"{_blocks_text(block_size)} along axis {_axis(other[0], names)}{guess}",
+      ambiguous=bool(guess),
     )
   if HEADS in kinds:
     heads = ", ".join(_axis(i, names) for i, k in enumerate(kinds) if k == HEADS)
     other = [i for i, k in enumerate(kinds) if k != HEADS]
     if len(other) <= 1:
       return Choice(NoAveraging(), f"a per-head bias or scale (heads: axis {heads}): none")
+    guess = _unknown_block_axis(other, kinds, block_size)
     return Choice(
       BlockMean(block_size, other[0]),
       f"an attention kernel: heads (axis {heads}) kept apart, {_blocks_text(block_size)} along "
-      f"input axis {_axis(other[0], names)}",
+      f"input axis {_axis(other[0], names)}{guess}",
+      ambiguous=bool(guess),
     )
   if ndim == 2:
     return _by_rank(shape, block_size, names, "", param)
@@ -724,8 +746,10 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
 
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
-  attention kernel and a stack of ``Dense`` kernels look alike. So is a
-  rank-2 ``embedding`` without a ``vocab`` axis name with ``block_size > 1``, and an unnamed leaf
+  attention kernel and a stack of ``Dense`` kernels look alike. So, with
+  ``block_size > 1``, are a rank-2 ``embedding`` without a ``vocab`` axis name
+  and a leaf with a heads or vocab axis whose blocks would go along an axis of
+  no known role while another axis could be the input; and so is an unnamed leaf
   whose stacked axes are taken from named leaves that share no module with it,
   or whose nearest named relatives disagree on them. Name its axes or give it
   an explicit rule. Use it as

@@ -214,3 +214,26 @@ def test_describe_plain_rules_and_groups():
   assert listing.ambiguous == (rows["['conv']"],)  # rank 4, no names: a guess
   lines = str(listing).splitlines()
   assert lines[0].split()[:3] == ["path", "shape", "axis", "names"][:3] and len(lines) == 5
+
+
+@pytest.mark.parametrize(
+  "names,axis",
+  [
+    ((None, "kv_heads", "embed", "head_dim"), 0),  # Gemma's kv_einsum: axis 0 is key vs value
+    ((None, "heads", "kv"), 0),  # a query kernel whose input is not named
+    (("heads", "q_lora", "kv"), 1),  # an input axis whose name has no role
+    (("vocab", None, "embed"), 1),
+  ],
+)
+def test_blocks_along_an_axis_of_no_known_role_are_a_guess(names, axis):
+  # Heads or vocab rows are kept apart, but the first other axis, where the blocks go, says
+  # nothing of what it is: for kv_einsum (2, kv_heads, embed, head_dim) the blocks would average
+  # the key kernel's curvature with the value kernel's.
+  params = {"w": jnp.zeros((2, 3, 8, 4)[: len(names)])}
+  by_names = spatial.named({"w": jax.sharding.PartitionSpec(*names)})
+  (row,) = spatial.describe(params, by_names, 4).rows
+  assert row.rule == spatial.blocks(4, axis=axis)
+  assert row.ambiguous and "AMBIGUOUS" in row.why, row
+  with pytest.raises(ValueError, match=r"\['w'\]: shape"):
+    spatial.describe(params, spatial.strict(by_names), 4)
+  assert not spatial.describe(params, by_names, 1).ambiguous  # blocks of 1 average nothing
