@@ -40,8 +40,9 @@ features     embed, mlp, kv, head_dim,   ``Dense``/``DenseGeneral`` axes: blocks
 The checks run in this order: stacked axes are split off first, then rank
 <= 1 (none), spatial, vocab, heads, rank 2 (blocks along axis 0), all axes
 ``features`` (blocks along axis 0). Vocab and heads blocks along an axis of no
-known role, where another axis could be the input, are a guess (ambiguous with
-``block_size > 1``). What remains, and every leaf without names, follows the
+known role, where another axis could be the input, and rank-2 blocks along an
+axis 0 whose name has no known role (``(experts, embed)``) are a guess
+(ambiguous with ``block_size > 1``). What remains, and every leaf without names, follows the
 rank:
 
 ===========  ==========================  =======================================
@@ -504,7 +505,18 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
       ambiguous=bool(guess),
     )
   if ndim == 2:
-    return _by_rank(shape, block_size, names, "", param)
+    choice = _by_rank(shape, block_size, names, "", param)
+    unknown_input = kinds[0] is None and names[0] is not None
+    if block_size > 1 and unknown_input and choice.rule == BlockMean(block_size, 0):
+      # A name of no known role on the axis the blocks go along (not None, an unsharded axis, as
+      # a Dense kernel's input often is), e.g. an nn.vmap over "experts": (experts, features).
+      return choice._replace(
+        why=f"{choice.why}; AMBIGUOUS (axis 0 has a name of no known role: it may be a stack "
+        "of experts or layers; name it, e.g. 'embed', add its name with "
+        "flax_default(axis_roles=...), or give the leaf a rule)",
+        ambiguous=True,
+      )
+    return choice
   if all(k == FEATURES for k in kinds):
     return Choice(
       BlockMean(block_size, 0),
@@ -748,8 +760,9 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
   attention kernel and a stack of ``Dense`` kernels look alike. So, with
   ``block_size > 1``, are a rank-2 ``embedding`` without a ``vocab`` axis name
-  and a leaf with a heads or vocab axis whose blocks would go along an axis of
-  no known role while another axis could be the input; and so is an unnamed leaf
+  a leaf with a heads or vocab axis whose blocks would go along an axis of no
+  known role while another axis could be the input, and a rank-2 leaf whose
+  axis 0 has a name of no known role; and so is an unnamed leaf
   whose stacked axes are taken from named leaves that share no module with it,
   or whose nearest named relatives disagree on them. Name its axes or give it
   an explicit rule. Use it as

@@ -729,3 +729,31 @@ def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
   listing = spatial.describe(plain, spatial.named(names), 4)
   assert [r.rule for r in listing.rows] == [spatial.blocks(4, axis=1)] * 2
   assert len(listing.ambiguous) == 2
+
+
+def test_a_rank_2_leaf_blocked_along_a_name_of_no_known_role_is_a_guess():
+  # nn.vmap over experts names its axis "experts", a name of no known role: a per-expert gain
+  # (experts, embed) looked like a Dense kernel (in, out), blocked across experts unflagged.
+  class Expert(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param("gain", P(nn.initializers.ones, ("embed",)), (6,))
+
+  experts = nn.vmap(
+    Expert,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=None,
+    axis_size=4,
+    metadata_params={nn.PARTITION_NAME: "experts"},
+  )
+  params = jax.eval_shape(experts().init, jax.random.key(0), jnp.ones((2, 6)))["params"]
+  params["dense"] = nn.Partitioned(jnp.zeros((6, 3)), (None, "mlp"))  # an unnamed input: Dense
+  (dense, gain) = spatial.describe(params, block_size=4).rows
+  assert gain.rule == spatial.blocks(4) and gain.ambiguous and "AMBIGUOUS" in gain.why
+  assert dense.rule == spatial.blocks(4) and not dense.ambiguous
+  with pytest.raises(ValueError, match=r"\['gain'\]: shape \(4, 6\)"):
+    spatial.describe(params, spatial.strict(), 4)
+  # Named a stacked axis, it is kept apart: the gain is one entry per expert and feature.
+  roles = spatial.flax_default(4, axis_roles={"experts": "stacked"})
+  assert spatial.describe(params, roles).rows[1].rule == spatial.per_layer(spatial.none())
