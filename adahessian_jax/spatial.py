@@ -16,9 +16,11 @@ extensible with ``flax_default(axis_roles=...)``):
 ===========  ==========================  ========================================
 role         default names               averaging
 ===========  ==========================  ========================================
-stacked      layers, layer, stage,       never across: each slice (one layer) is
-             stages, scan, repeat,       averaged on its own by the rules below
-             block, blocks
+stacked      layers, layer, stage,       never across: each slice (one layer, one
+             stages, scan, repeat,       expert) is averaged on its own by the
+             block, blocks, exp,         rules below
+             expert, experts,
+             num_experts
 spatial      height, width, time,        mean over these axes (``Conv`` kernel)
              spatial, window,
              conv_window, kernel_size
@@ -41,7 +43,7 @@ The checks run in this order: stacked axes are split off first, then rank
 <= 1 (none), spatial, vocab, heads, rank 2 (blocks along axis 0), all axes
 ``features`` (blocks along axis 0). Vocab and heads blocks along an axis of no
 known role, where another axis could be the input, and rank-2 blocks along an
-axis 0 whose name has no known role (``(experts, embed)``) are a guess
+axis 0 whose name has no known role (``(members, embed)``) are a guess
 (ambiguous with ``block_size > 1``). What remains, and every leaf without names, follows the
 rank:
 
@@ -123,7 +125,11 @@ ROLES = (STACKED, SPATIAL, HEADS, VOCAB, FEATURES)
 AXIS_ROLES: Mapping[str, str] = MappingProxyType(
   {
     **dict.fromkeys(
-      ("layers", "layer", "stage", "stages", "scan", "repeat", "block", "blocks"), STACKED
+      (
+        *("layers", "layer", "stage", "stages", "scan", "repeat", "block", "blocks"),
+        *("exp", "expert", "experts", "num_experts"),  # a mixture's experts: stacked kernels
+      ),
+      STACKED,
     ),
     **dict.fromkeys(
       ("height", "width", "time", "spatial", "window", "conv_window", "kernel_size"), SPATIAL
@@ -509,7 +515,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
     unknown_input = kinds[0] is None and names[0] is not None
     if block_size > 1 and unknown_input and choice.rule == BlockMean(block_size, 0):
       # A name of no known role on the axis the blocks go along (not None, an unsharded axis, as
-      # a Dense kernel's input often is), e.g. an nn.vmap over "experts": (experts, features).
+      # a Dense kernel's input often is), e.g. an nn.vmap over "members": (members, features).
       return choice._replace(
         why=f"{choice.why}; AMBIGUOUS (axis 0 has a name of no known role: it may be a stack "
         "of experts or layers; name it, e.g. 'embed', add its name with "
@@ -758,14 +764,14 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
 
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
-  attention kernel and a stack of ``Dense`` kernels look alike. So, with
-  ``block_size > 1``, are a rank-2 ``embedding`` without a ``vocab`` axis name
-  a leaf with a heads or vocab axis whose blocks would go along an axis of no
-  known role while another axis could be the input, and a rank-2 leaf whose
-  axis 0 has a name of no known role; and so is an unnamed leaf
-  whose stacked axes are taken from named leaves that share no module with it,
-  or whose nearest named relatives disagree on them. Name its axes or give it
-  an explicit rule. Use it as
+  attention kernel and a stack of ``Dense`` kernels look alike. With
+  ``block_size > 1`` so are: a rank-2 ``embedding`` without a ``vocab`` axis
+  name; a leaf with a heads or vocab axis whose blocks would go along an axis
+  of no known role while another axis could be the input; a rank-2 leaf whose
+  axis 0 has a name of no known role. And so is an unnamed leaf whose stacked
+  axes are taken from named leaves that share no module with it, or whose
+  nearest named relatives disagree on them. Name its axes or give it an
+  explicit rule. Use it as
   ``adahessian_jax.adahessian(lr, averaging=spatial.strict(rules))``.
 
   Args:

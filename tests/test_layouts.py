@@ -732,28 +732,49 @@ def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
 
 
 def test_a_rank_2_leaf_blocked_along_a_name_of_no_known_role_is_a_guess():
-  # nn.vmap over experts names its axis "experts", a name of no known role: a per-expert gain
-  # (experts, embed) looked like a Dense kernel (in, out), blocked across experts unflagged.
+  # nn.vmap over an ensemble names its axis "members", a name of no known role: a per-member gain
+  # (members, embed) looked like a Dense kernel (in, out), blocked across members unflagged.
   class Expert(nn.Module):
     @nn.compact
     def __call__(self, x):
       return x * self.param("gain", P(nn.initializers.ones, ("embed",)), (6,))
 
-  experts = nn.vmap(
+  members = nn.vmap(
     Expert,
     variable_axes={"params": 0},
     split_rngs={"params": True},
     in_axes=None,
     axis_size=4,
-    metadata_params={nn.PARTITION_NAME: "experts"},
+    metadata_params={nn.PARTITION_NAME: "members"},
   )
-  params = jax.eval_shape(experts().init, jax.random.key(0), jnp.ones((2, 6)))["params"]
+  params = jax.eval_shape(members().init, jax.random.key(0), jnp.ones((2, 6)))["params"]
   params["dense"] = nn.Partitioned(jnp.zeros((6, 3)), (None, "mlp"))  # an unnamed input: Dense
   (dense, gain) = spatial.describe(params, block_size=4).rows
   assert gain.rule == spatial.blocks(4) and gain.ambiguous and "AMBIGUOUS" in gain.why
   assert dense.rule == spatial.blocks(4) and not dense.ambiguous
   with pytest.raises(ValueError, match=r"\['gain'\]: shape \(4, 6\)"):
     spatial.describe(params, spatial.strict(), 4)
-  # Named a stacked axis, it is kept apart: the gain is one entry per expert and feature.
-  roles = spatial.flax_default(4, axis_roles={"experts": "stacked"})
+  # Named a stacked axis, it is kept apart: the gain is one entry per member and feature.
+  roles = spatial.flax_default(4, axis_roles={"members": "stacked"})
   assert spatial.describe(params, roles).rows[1].rule == spatial.per_layer(spatial.none())
+
+
+def test_a_mixture_of_experts_is_averaged_per_expert():
+  # A MoE layer's kernels (exp, embed, mlp) and router (embed, exp), named as MaxText names them:
+  # every expert is a Dense kernel of its own (blocks of inputs within one expert), never a
+  # mean across experts; strict mode accepts them. Curvature 10^e for expert e.
+  params = {
+    "wi": nn.Partitioned(jnp.zeros((3, 8, 2)), ("exp", "embed", "mlp")),
+    "router": nn.Partitioned(jnp.zeros((8, 3)), ("embed", "exp")),
+  }
+  h = {
+    "wi": jnp.broadcast_to(10.0 ** jnp.arange(3.0)[:, None, None], (3, 8, 2)),
+    "router": jnp.broadcast_to(10.0 ** jnp.arange(3.0), (8, 3)),
+  }
+  h["wi"] = h["wi"] * (1.0 + jnp.arange(8.0)[None, :, None])  # differs along embed
+  rules = spatial.resolve_rules(spatial.strict(spatial.named(params)), nn.unbox(params), 4)
+  got = spatial.apply_rules(rules, h)
+  blocks = h["wi"].reshape(3, 2, 4, 2).mean(2, keepdims=True)  # per expert, 2 blocks of 4 inputs
+  np.testing.assert_allclose(got["wi"], jnp.broadcast_to(blocks, (3, 2, 4, 2)).reshape(3, 8, 2))
+  np.testing.assert_allclose(got["router"], h["router"])  # one entry per expert and input
+  assert not spatial.describe(params, block_size=4).ambiguous
