@@ -169,8 +169,11 @@ def run(name, scale, init, loss_fn, train, probe_batch, cfg, compare_cold):
 
 
 def plot_tracking(runs, cfg, path):
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-  for col, name in enumerate(TUNED):
+  names = [n for n in TUNED if any(r["name"] == n for r in runs)]  # one with --only
+  fig, axes = plt.subplots(
+    2, len(names), figsize=(11 if len(names) > 1 else 8, 7), sharex=True, squeeze=False
+  )
+  for col, name in enumerate(names):
     top, bottom = axes[0, col], axes[1, col]
     for r in (r for r in runs if r["name"] == name):
       style = "-" if r["scale"] == 1 else "--"
@@ -192,11 +195,15 @@ def plot_tracking(runs, cfg, path):
     top.legend(fontsize=8)
     bottom.set_yscale("log")
     bottom.set_xlabel("step")
-    bottom.set_title(f"{name}: sharpness (gray), preconditioned (color); thin: 38/lr")
+    bottom.set_title(
+      f"{name}: sharpness (gray), preconditioned (color); thin: 38/lr",
+      fontsize=12 if len(names) > 1 else 10,
+    )
     bottom.legend(fontsize=6, ncol=2)
   fig.suptitle(
     f"Digits CNN, {cfg['num_params']:,} params; curvature of the loss on {cfg['probe']} "
-    "training digits"
+    "training digits",
+    fontsize=12 if len(names) > 1 else 10,
   )
   fig.tight_layout()
   fig.savefig(path, dpi=90)
