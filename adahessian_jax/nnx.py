@@ -74,7 +74,8 @@ def value_grad_and_hessian_diag(
   One forward-over-reverse pass (see
   :func:`adahessian_jax.value_grad_and_hessian_diag`), with the probes of the
   optimizer's AdaHessian state. The module's non-parameter state mutated by the
-  loss (BatchNorm statistics, RNG counters) is written back to ``model`` once.
+  loss (BatchNorm statistics, RNG counters, and Variables the call creates, such
+  as ``Module.sow``'s intermediates) is written back to ``model`` once.
 
   Args:
     loss_fn: ``loss_fn(module, *args, **kwargs)``, a scalar (or ``(loss, aux)``
@@ -96,7 +97,8 @@ def value_grad_and_hessian_diag(
     out = loss_fn(module, *args, **kwargs)
     _, _, new_rest = nnx.split(module, optimizer.wrt, ...)
     loss, aux = out if has_aux else (out, None)
-    return loss, (aux, nnx.as_pure(new_rest))
+    # Variables, not plain values: nnx.update can only add a Variable the call created (sow).
+    return loss, (aux, new_rest)
 
   vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
   (loss, (aux, new_rest)), grads, hdiag = vgh(params, nnx.as_pure(optimizer.opt_state))

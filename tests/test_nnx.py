@@ -89,3 +89,37 @@ def test_has_aux():
   assert set(aux) == {"mean_pred"} and np.isfinite(float(loss))
   optimizer.update(model, grads, hessian_diag=hdiag)
   assert jax.tree.structure(hdiag) == jax.tree.structure(nnx.as_pure(nnx.state(model, nnx.Param)))
+
+
+class Sowing(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, param_dtype=jnp.float64, rngs=rngs)
+    self.l2 = nnx.Linear(8, 1, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.l1(x))
+    self.sow(nnx.Intermediate, "h_mean", h.mean())  # a Variable the call itself creates
+    return self.l2(h)
+
+
+def test_fused_route_keeps_variables_the_loss_creates():
+  # Module.sow adds an nnx.Intermediate during the call; the fused route writes it back once per
+  # step, as nnx.value_and_grad in the closure route does.
+  x, y = data()
+  model_a, model_b = Sowing(nnx.Rngs(0)), Sowing(nnx.Rngs(0))
+  opt_a = nnx.Optimizer(model_a, ah.adahessian(0.1), wrt=nnx.Param)
+  opt_b = nnx.Optimizer(model_b, ah.adahessian(0.1), wrt=nnx.Param)
+
+  @nnx.jit
+  def steps(model_a, opt_a, model_b, opt_b):
+    for _ in range(2):
+      value_fn = ah_nnx.value_fn(model_a, loss_fn, x, y)
+      _, grads = nnx.value_and_grad(loss_fn)(model_a, x, y)
+      opt_a.update(model_a, grads, value_fn=value_fn)
+      _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model_b, opt_b, x, y)
+      opt_b.update(model_b, grads, hessian_diag=hdiag)
+
+  steps(model_a, opt_a, model_b, opt_b)
+  assert isinstance(model_b.h_mean, nnx.Intermediate)
+  assert len(jax.tree.leaves(nnx.state(model_b, nnx.Intermediate))) == 2  # one per step
+  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-12)
