@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from adahessian_jax import fused
 from adahessian_jax._extras import missing_extra
 
@@ -42,6 +44,60 @@ def _split(model, wrt):
   return graphdef, params, nnx.as_pure(rest)
 
 
+def _paths(tree: Any) -> list[str]:
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _listing(paths: list[str]) -> str:
+  return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
+  """Raises ``ValueError`` if ``given`` (the state ``value_fn`` is called with) holds other
+  variables than ``expected`` (those ``wrt`` selected when it was built), naming them."""
+  expected, given = nnx.as_pure(expected), nnx.as_pure(given)
+  if jax.tree.structure(expected) == jax.tree.structure(given):
+    return
+  want, got = _paths(expected), _paths(given)
+  missing = [p for p in want if p not in set(got)]
+  extra = [p for p in got if p not in set(want)]
+  diff = "; ".join(
+    f"{what}: {_listing(paths)}"
+    for what, paths in (("only in value_fn's", missing), ("only in the given", extra))
+    if paths
+  )
+  diff = diff or "the same paths, another structure"
+  name = wrt.__name__ if isinstance(wrt, type) else repr(wrt)
+  raise ValueError(
+    f"adahessian_jax.nnx.value_fn was built for the variables that wrt={name} selects "
+    f"({len(want)} leaves), but was called with a state of {len(got)} leaves ({diff}). Build "
+    "it with the nnx.Optimizer's filter: value_fn(model, loss_fn, ..., wrt=optimizer.wrt)."
+  )
+
+
+def _loss_and_aux(out: Any, has_aux: bool, fix: str) -> tuple[Any, Any]:
+  """Splits ``loss_fn``'s output into ``(loss, aux)``, refusing a tuple where ``has_aux`` says
+  there is none (``fix`` says what to do then) and a lone value where it says there is one."""
+  if has_aux:
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+      shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+      what = f"a {type(out).__name__} of {len(out)}" if isinstance(out, tuple | list) else None
+      what = what or (
+        f"an array of shape {shape} and dtype {dtype}" if dtype else type(out).__name__
+      )
+      raise TypeError(
+        f"loss_fn was given has_aux=True, so it must return (loss, aux); it returned {what}. "
+        "Drop has_aux=True for a loss without auxiliary output."
+      )
+    return out[0], out[1]
+  if isinstance(out, tuple | list):
+    raise TypeError(
+      f"loss_fn returned a {type(out).__name__} of {len(out)} where a scalar loss is expected. "
+      f"If it returns (loss, aux), {fix}"
+    )
+  return out, None
+
+
 def value_fn(
   model: nnx.Module, loss_fn: Callable[..., Any], *args, wrt: Any = nnx.Param, **kwargs
 ) -> Callable[[Any], Any]:
@@ -56,9 +112,19 @@ def value_fn(
 
   Returns:
     A function of the (pure) parameter state, as ``nnx.Optimizer`` passes it.
+    Called with the state of other variables than ``wrt`` selects in ``model``
+    (the optimizer's ``wrt`` is another filter), it raises a ``ValueError``
+    naming them; for a ``loss_fn`` returning a tuple, a ``TypeError``.
   """
-  graphdef, _, rest = _split(model, wrt)
-  return lambda params: loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
+  graphdef, expected, rest = _split(model, wrt)
+
+  def value(params):
+    _check_same_variables(expected, params, wrt)
+    out = loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
+    fix = "give value_fn the loss alone: lambda module, *a, **k: loss_fn(module, *a, **k)[0]."
+    return _loss_and_aux(out, False, fix)[0]
+
+  return value
 
 
 def value_grad_and_hessian_diag(
@@ -89,14 +155,24 @@ def value_grad_and_hessian_diag(
   Returns:
     ``(value, grads, hessian_diag)``: pass ``grads`` and
     ``hessian_diag=hessian_diag`` to ``optimizer.update(model, ...)``.
+
+  Raises:
+    TypeError: if ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
+      output does not match ``has_aux`` (a tuple without it, a lone value with
+      it).
   """
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+      "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, *args) takes "
+      f"the nnx.Optimizer after the model, got {type(optimizer).__name__} there."
+    )
   graphdef, params, rest = _split(model, optimizer.wrt)
 
   def loss_of(p):
     module = nnx.merge(graphdef, p, rest)
     out = loss_fn(module, *args, **kwargs)
     _, _, new_rest = nnx.split(module, optimizer.wrt, ...)
-    loss, aux = out if has_aux else (out, None)
+    loss, aux = _loss_and_aux(out, has_aux, "pass has_aux=True.")
     # Variables, not plain values: nnx.update can only add a Variable the call created (sow).
     return loss, (aux, new_rest)
 

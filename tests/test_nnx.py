@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import assert_trees_allclose
 from flax import nnx
 
@@ -123,3 +124,40 @@ def test_fused_route_keeps_variables_the_loss_creates():
   assert isinstance(model_b.h_mean, nnx.Intermediate)
   assert len(jax.tree.leaves(nnx.state(model_b, nnx.Intermediate))) == 2  # one per step
   assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-12)
+
+
+class Adapted(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.LoRALinear(4, 8, lora_rank=2, param_dtype=jnp.float64, rngs=rngs)
+    self.l2 = nnx.Linear(8, 1, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+
+def test_value_fn_built_for_another_filter_than_the_optimizers_says_so():
+  x, y = data()
+  model = Adapted(nnx.Rngs(0))
+  # nnx.Optimizer(model, tx, wrt=nnx.LoRAParam) hands value_fn the adapters' state only.
+  adapters = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  value_fn = ah_nnx.value_fn(model, loss_fn, x, y)  # wrt=nnx.Param: every parameter
+  with pytest.raises(ValueError, match=r"wrt=Param .*\['l1'\]\['kernel'\].*wrt=optimizer\.wrt"):
+    value_fn(adapters)
+  value_fn = ah_nnx.value_fn(model, loss_fn, x, y, wrt=nnx.LoRAParam)
+  np.testing.assert_allclose(value_fn(adapters), loss_fn(model, x, y), rtol=1e-14)
+
+
+def test_loss_with_aux_or_without_it_against_has_aux_says_so():
+  x, y = data()
+  model = Adapted(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  aux_loss = lambda m, x, y: (loss_fn(m, x, y), m(x).mean())
+  vgh = ah_nnx.value_grad_and_hessian_diag
+  with pytest.raises(TypeError, match="loss_fn returned a tuple.*has_aux=True"):
+    vgh(aux_loss, model, optimizer, x, y)
+  with pytest.raises(TypeError, match=r"has_aux=True.*\(loss, aux\).*array of shape \(\)"):
+    vgh(loss_fn, model, optimizer, x, y, has_aux=True)
+  with pytest.raises(TypeError, match=r"loss_fn returned a tuple.*\[0\]"):
+    ah_nnx.value_fn(model, aux_loss, x, y)(nnx.as_pure(nnx.state(model, nnx.Param)))
+  with pytest.raises(TypeError, match="nnx.Optimizer.*Array"):
+    vgh(loss_fn, model, x, y)  # the optimizer forgotten
