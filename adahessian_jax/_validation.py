@@ -184,3 +184,39 @@ def is_static_zero(value: Any) -> bool:
   if isinstance(value, jax.core.Tracer):
     return False
   return bool(np.all(np.asarray(value) == 0))
+
+
+def loss_and_aux(out: Any, has_aux: bool, fix: str) -> tuple[Any, Any]:
+  """Splits the output of a user's ``loss_fn`` into ``(loss, aux)`` (``aux`` ``None`` without
+  ``has_aux``).
+
+  Args:
+    out: What ``loss_fn`` returned.
+    has_aux: Whether it should be ``(loss, aux)``.
+    fix: What to do if it is a tuple although ``has_aux`` is false, completing "If it returns
+      (loss, aux), ...".
+
+  Returns:
+    ``(loss, aux)``.
+
+  Raises:
+    TypeError: for a tuple or list without ``has_aux``, and for anything but a pair with it.
+  """
+  if has_aux:
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+      shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+      what = f"a {type(out).__name__} of {len(out)}" if isinstance(out, tuple | list) else None
+      what = what or (
+        f"an array of shape {shape} and dtype {dtype}" if dtype else type(out).__name__
+      )
+      raise TypeError(
+        f"loss_fn was given has_aux=True, so it must return (loss, aux); it returned {what}. "
+        "Drop has_aux=True for a loss without auxiliary output."
+      )
+    return out[0], out[1]
+  if isinstance(out, tuple | list):
+    raise TypeError(
+      f"loss_fn returned a {type(out).__name__} of {len(out)} where a scalar loss is expected. "
+      f"If it returns (loss, aux), {fix}"
+    )
+  return out, None

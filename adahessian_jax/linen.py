@@ -22,6 +22,7 @@ from typing import Any
 
 import optax
 
+from adahessian_jax import _validation
 from adahessian_jax._extras import missing_extra
 from adahessian_jax.fused import value_grad_and_hessian_diag
 
@@ -118,6 +119,8 @@ class TrainState(train_state.TrainState):
       at the parameters before the step.
 
     Raises:
+      TypeError: if ``loss_fn``'s output does not match ``has_aux`` (a tuple
+        without it, a lone value with it).
       ValueError: for params with an ``_overwrite_with_gradient`` collection
         (fp8 training), which this route would precondition like the
         parameters; use :meth:`apply_gradients` with ``value_fn``.
@@ -130,6 +133,12 @@ class TrainState(train_state.TrainState):
         "whole params yourself and call apply_gradients(grads=grads, value_fn=...) with value_fn "
         f"a function of params['params'] (with params[{_OWG!r}] held fixed)."
       )
-    vgh = value_grad_and_hessian_diag(loss_fn, has_aux=has_aux)
+
+    def checked(params, *args, **kwargs):
+      out = loss_fn(params, *args, **kwargs)
+      loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
+      return (loss, aux) if has_aux else loss
+
+    vgh = value_grad_and_hessian_diag(checked, has_aux=has_aux)
     value, grads, hdiag = vgh(self.params, self.opt_state, *args, **kwargs)
     return self.apply_gradients(grads=grads, hessian_diag=hdiag), value

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from adahessian_jax import fused
+from adahessian_jax import _validation, fused
 from adahessian_jax._extras import missing_extra
 
 try:
@@ -75,29 +75,6 @@ def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
   )
 
 
-def _loss_and_aux(out: Any, has_aux: bool, fix: str) -> tuple[Any, Any]:
-  """Splits ``loss_fn``'s output into ``(loss, aux)``, refusing a tuple where ``has_aux`` says
-  there is none (``fix`` says what to do then) and a lone value where it says there is one."""
-  if has_aux:
-    if not (isinstance(out, tuple | list) and len(out) == 2):
-      shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
-      what = f"a {type(out).__name__} of {len(out)}" if isinstance(out, tuple | list) else None
-      what = what or (
-        f"an array of shape {shape} and dtype {dtype}" if dtype else type(out).__name__
-      )
-      raise TypeError(
-        f"loss_fn was given has_aux=True, so it must return (loss, aux); it returned {what}. "
-        "Drop has_aux=True for a loss without auxiliary output."
-      )
-    return out[0], out[1]
-  if isinstance(out, tuple | list):
-    raise TypeError(
-      f"loss_fn returned a {type(out).__name__} of {len(out)} where a scalar loss is expected. "
-      f"If it returns (loss, aux), {fix}"
-    )
-  return out, None
-
-
 def value_fn(
   model: nnx.Module, loss_fn: Callable[..., Any], *args, wrt: Any = nnx.Param, **kwargs
 ) -> Callable[[Any], Any]:
@@ -122,7 +99,7 @@ def value_fn(
     _check_same_variables(expected, params, wrt)
     out = loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
     fix = "give value_fn the loss alone: lambda module, *a, **k: loss_fn(module, *a, **k)[0]."
-    return _loss_and_aux(out, False, fix)[0]
+    return _validation.loss_and_aux(out, False, fix)[0]
 
   return value
 
@@ -172,7 +149,7 @@ def value_grad_and_hessian_diag(
     module = nnx.merge(graphdef, p, rest)
     out = loss_fn(module, *args, **kwargs)
     _, _, new_rest = nnx.split(module, optimizer.wrt, ...)
-    loss, aux = _loss_and_aux(out, has_aux, "pass has_aux=True.")
+    loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
     # Variables, not plain values: nnx.update can only add a Variable the call created (sow).
     return loss, (aux, new_rest)
 

@@ -142,3 +142,12 @@ def test_overwrite_with_gradient_collection_is_replaced_not_stepped():
   # The fused route would precondition the collection like parameters: refused, saying what to do.
   with pytest.raises(ValueError, match="_overwrite_with_gradient.*apply_gradients"):
     state.apply_loss(loss)
+
+
+def test_apply_loss_with_aux_or_without_it_against_has_aux_says_so():
+  state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  with pytest.raises(TypeError, match="loss_fn returned a tuple.*has_aux=True"):
+    state.apply_loss(lambda p: (loss(p), p["w"].mean()))
+  with pytest.raises(TypeError, match=r"has_aux=True.*\(loss, aux\).*array of shape \(\)"):
+    state.apply_loss(loss, has_aux=True)
