@@ -14,9 +14,11 @@ to ``tx.update``, but a ``value_fn`` then receives the parameters as an
         loss_fn, model, optimizer, x, y)
     optimizer.update(model, grads, hessian_diag=hdiag)
 
-Both evaluate ``loss_fn(module, ...)`` on a copy of ``model`` rebuilt from the
-given parameters; the module's other state (BatchNorm statistics, RNG counters)
-is read, and only the fused route writes it back, once, from its primal pass.
+Both evaluate ``loss_fn(module, ...)`` on a copy of ``model`` (and of NNX
+objects among the arguments, such as an ``nnx.Rngs`` for dropout at call time)
+rebuilt from the given parameters; the other state (BatchNorm statistics, RNG
+counters) is read, and only the fused route writes it back, once, from its
+primal pass.
 Build the closure before computing the gradient so both see the same dropout
 RNG state (the same mask).
 """
@@ -39,9 +41,25 @@ except ImportError as e:
 __all__ = ["value_fn", "value_grad_and_hessian_diag"]
 
 
-def _split(model, wrt):
-  graphdef, params, rest = nnx.split(model, wrt, ...)
-  return graphdef, params, nnx.as_pure(rest)
+def _split(model, wrt, args, kwargs):
+  """Splits ``(model, args, kwargs)`` as one graph (NNX objects among the arguments, such as an
+  ``nnx.Rngs`` for dropout at call time, may share Variables with the model) into its graphdef,
+  the state of the model's variables that ``wrt`` selects (nested as in ``nnx.state(model,
+  wrt)``) and the rest as plain values."""
+  selects = nnx.filterlib.to_predicate(wrt)
+  graphdef, params, rest = nnx.split((model, args, kwargs), _trained(selects), ...)
+  return graphdef, params.get(0, nnx.State({})), nnx.as_pure(rest)
+
+
+def _trained(selects: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+  """The filter of ``(model, args, kwargs)`` for the model's variables that ``selects``."""
+  return lambda path, x: len(path) > 0 and path[0] == 0 and selects(path[1:], x)
+
+
+def _merge(graphdef, params, rest):
+  """``(model, args, kwargs)`` rebuilt from :func:`_split`'s parts, with ``params`` (in the shape
+  of ``nnx.state(model, wrt)``) for the trained variables."""
+  return nnx.merge(graphdef, nnx.State({0: params}), rest)
 
 
 def _paths(tree: Any) -> list[str]:
@@ -83,7 +101,8 @@ def value_fn(
   Args:
     model: The module.
     loss_fn: ``loss_fn(module, *args, **kwargs)`` returning a scalar.
-    *args: Positional arguments after the module.
+    *args: Positional arguments after the module; NNX objects among them (an
+      ``nnx.Rngs``) are read, not advanced, as the module's own state is.
     wrt: The optimizer's ``wrt`` filter (default ``nnx.Param``).
     **kwargs: Keyword arguments of ``loss_fn``.
 
@@ -93,11 +112,12 @@ def value_fn(
     (the optimizer's ``wrt`` is another filter), it raises a ``ValueError``
     naming them; for a ``loss_fn`` returning a tuple, a ``TypeError``.
   """
-  graphdef, expected, rest = _split(model, wrt)
+  graphdef, expected, rest = _split(model, wrt, args, kwargs)
 
   def value(params):
     _check_same_variables(expected, params, wrt)
-    out = loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
+    module, a, k = _merge(graphdef, params, rest)
+    out = loss_fn(module, *a, **k)
     fix = "give value_fn the loss alone: lambda module, *a, **k: loss_fn(module, *a, **k)[0]."
     return _validation.loss_and_aux(out, False, fix)[0]
 
@@ -125,7 +145,9 @@ def value_grad_and_hessian_diag(
       if ``has_aux``).
     model: The module.
     optimizer: The ``nnx.Optimizer`` holding the AdaHessian state.
-    *args: Positional arguments of ``loss_fn`` after the module.
+    *args: Positional arguments of ``loss_fn`` after the module; the state of
+      NNX objects among them (an ``nnx.Rngs``) is written back like the
+      module's.
     has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
     **kwargs: Keyword arguments of ``loss_fn``.
 
@@ -143,17 +165,19 @@ def value_grad_and_hessian_diag(
       "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, *args) takes "
       f"the nnx.Optimizer after the model, got {type(optimizer).__name__} there."
     )
-  graphdef, params, rest = _split(model, optimizer.wrt)
+  graphdef, params, rest = _split(model, optimizer.wrt, args, kwargs)
+  trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
   def loss_of(p):
-    module = nnx.merge(graphdef, p, rest)
-    out = loss_fn(module, *args, **kwargs)
-    _, _, new_rest = nnx.split(module, optimizer.wrt, ...)
+    graph = _merge(graphdef, p, rest)
+    out = loss_fn(graph[0], *graph[1], **graph[2])
+    # The other Variables of the model and of NNX objects among the arguments, as Variables, not
+    # plain values: nnx.update can only add a Variable the call created (Module.sow) as one.
+    _, _, new_state, _ = nnx.split(graph, trained, nnx.Variable, ...)
     loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
-    # Variables, not plain values: nnx.update can only add a Variable the call created (sow).
-    return loss, (aux, new_rest)
+    return loss, (aux, new_state)
 
   vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
   (loss, (aux, new_rest)), grads, hdiag = vgh(params, nnx.as_pure(optimizer.opt_state))
-  nnx.update(model, new_rest)
+  nnx.update((model, args, kwargs), new_rest)
   return ((loss, aux) if has_aux else loss), grads, nnx.as_pure(hdiag)

@@ -161,3 +161,41 @@ def test_loss_with_aux_or_without_it_against_has_aux_says_so():
     ah_nnx.value_fn(model, aux_loss, x, y)(nnx.as_pure(nnx.state(model, nnx.Param)))
   with pytest.raises(TypeError, match="nnx.Optimizer.*Array"):
     vgh(loss_fn, model, x, y)  # the optimizer forgotten
+
+
+class CallTimeDropout(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, param_dtype=jnp.float64, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5)  # its rngs come with each call
+    self.l2 = nnx.Linear(8, 1, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x, rngs):
+    return self.l2(self.dropout(jnp.tanh(self.l1(x)), rngs=rngs))
+
+
+def test_graph_nodes_among_the_arguments_are_state_too():
+  # nnx.Rngs passed to the loss (Dropout's rngs at call time), as nnx.value_and_grad allows: the
+  # fused route advances it once per step, like nnx.value_and_grad, and both routes use one mask
+  # for the gradient and the Hessian products.
+  x, y = data()
+  dropout_loss = lambda model, x, y, rngs: jnp.mean((model(x, rngs) - y) ** 2)
+  model_a, model_b = CallTimeDropout(nnx.Rngs(0)), CallTimeDropout(nnx.Rngs(0))
+  rngs_a, rngs_b = nnx.Rngs(dropout=1), nnx.Rngs(dropout=1)
+  opt_a = nnx.Optimizer(model_a, ah.adahessian(0.1), wrt=nnx.Param)
+  opt_b = nnx.Optimizer(model_b, ah.adahessian(0.1), wrt=nnx.Param)
+
+  @nnx.jit
+  def steps(model_a, opt_a, rngs_a, model_b, opt_b, rngs_b):
+    for _ in range(2):
+      value_fn = ah_nnx.value_fn(model_a, dropout_loss, x, y, rngs_a)
+      _, grads = nnx.value_and_grad(dropout_loss)(model_a, x, y, rngs_a)
+      opt_a.update(model_a, grads, value_fn=value_fn)
+      _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
+        dropout_loss, model_b, opt_b, x, y, rngs=rngs_b
+      )
+      opt_b.update(model_b, grads, hessian_diag=hdiag)
+
+  steps(model_a, opt_a, rngs_a, model_b, opt_b, rngs_b)
+  assert int(rngs_a.dropout.count[...]) == int(rngs_b.dropout.count[...]) == 2
+  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-12)
+  assert_trees_allclose(nnx.state(opt_a), nnx.state(opt_b), rtol=1e-12)
