@@ -552,8 +552,8 @@ def scale_by_adahessian(
     _validation.float_leaves(
       params,
       "scale_by_adahessian's params",
-      "Keep other leaves out of the params, or exclude them with optax.masked or "
-      "optax.multi_transform.",
+      "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter), or "
+      "exclude them with optax.masked or optax.multi_transform.",
     )
     spatial.resolve_rules(averaging, params, block_size)  # fail early on a bad rule
     return ScaleByAdaHessianState(

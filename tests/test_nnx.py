@@ -202,3 +202,13 @@ def test_graph_nodes_among_the_arguments_are_state_too():
   assert int(rngs_a.dropout.count[...]) == int(rngs_b.dropout.count[...]) == 2
   assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-12)
   assert_trees_allclose(nnx.state(opt_a), nnx.state(opt_b), rtol=1e-12)
+
+
+def test_an_integer_variable_in_wrt_is_refused_naming_it_and_the_filter_fix():
+  class Counted(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=rngs)
+      self.count = nnx.Param(jnp.zeros((), jnp.int32))  # an integer among the trained variables
+
+  with pytest.raises(TypeError, match=r"\['count'\][\s\S]*a narrower wrt= filter"):
+    nnx.Optimizer(Counted(nnx.Rngs(0)), ah.adahessian(0.1), wrt=nnx.Param)
