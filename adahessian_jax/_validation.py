@@ -186,7 +186,7 @@ def is_static_zero(value: Any) -> bool:
   return bool(np.all(np.asarray(value) == 0))
 
 
-def loss_and_aux(out: Any, has_aux: bool, fix: str) -> tuple[Any, Any]:
+def loss_and_aux(out: Any, has_aux: bool, fix: str, what: str = "loss_fn") -> tuple[Any, Any]:
   """Splits the output of a user's ``loss_fn`` into ``(loss, aux)`` (``aux`` ``None`` without
   ``has_aux``).
 
@@ -195,6 +195,7 @@ def loss_and_aux(out: Any, has_aux: bool, fix: str) -> tuple[Any, Any]:
     has_aux: Whether it should be ``(loss, aux)``.
     fix: What to do if it is a tuple although ``has_aux`` is false, completing "If it returns
       (loss, aux), ...".
+    what: How the error calls the function.
 
   Returns:
     ``(loss, aux)``.
@@ -205,18 +206,16 @@ def loss_and_aux(out: Any, has_aux: bool, fix: str) -> tuple[Any, Any]:
   if has_aux:
     if not (isinstance(out, tuple | list) and len(out) == 2):
       shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
-      what = f"a {type(out).__name__} of {len(out)}" if isinstance(out, tuple | list) else None
-      what = what or (
-        f"an array of shape {shape} and dtype {dtype}" if dtype else type(out).__name__
-      )
+      got = f"a {type(out).__name__} of {len(out)}" if isinstance(out, tuple | list) else None
+      got = got or (f"an array of shape {shape} and dtype {dtype}" if dtype else type(out).__name__)
       raise TypeError(
-        f"loss_fn was given has_aux=True, so it must return (loss, aux); it returned {what}. "
+        f"{what} was given has_aux=True, so it must return (loss, aux); it returned {got}. "
         "Drop has_aux=True for a loss without auxiliary output."
       )
     return out[0], out[1]
   if isinstance(out, tuple | list):
     raise TypeError(
-      f"loss_fn returned a {type(out).__name__} of {len(out)} where a scalar loss is expected. "
+      f"{what} returned a {type(out).__name__} of {len(out)} where a scalar loss is expected. "
       f"If it returns (loss, aux), {fix}"
     )
   return out, None

@@ -96,6 +96,11 @@ def _the_adahessian_state(opt_state: Any) -> Any:
   )
 
 
+#: How errors about the loss given to :func:`value_grad_and_hessian_diag` call it, and their fix.
+_NAME = "the loss given to value_grad_and_hessian_diag"
+_FIX = "pass has_aux=True to value_grad_and_hessian_diag."
+
+
 def value_grad_and_hessian_diag(
   fun: Callable[..., Any], has_aux: bool = False, *, refresh: bool | None = None
 ) -> Callable[..., tuple[Any, Any, Any]]:
@@ -199,12 +204,13 @@ def value_grad_and_hessian_diag(
       keys, _ = probe_keys(state)
       owned = _owned(params, state.mu)
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
-        loss, params, keys, has_aux, name="fun", owned=owned
+        loss, params, keys, has_aux, name=_NAME, fix=_FIX, owned=owned
       )
       return value, _mark_not_finite(grads, estimate, owned), estimate
 
     def without_hessian():
-      value, grads = jax.value_and_grad(loss, has_aux=has_aux)(params)
+      checked = hutchinson.checked_loss(loss, _NAME, has_aux, _FIX)
+      value, grads = jax.value_and_grad(checked, has_aux=has_aux)(params)
       return value, grads, optax.tree.zeros_like(params)
 
     return on_refresh(is_refresh_step(state, refresh), with_hessian, without_hessian)

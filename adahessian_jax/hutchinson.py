@@ -45,30 +45,51 @@ __all__ = [
 ]
 
 
-def check_scalar_loss(value: Any, what: str = "value_fn") -> None:
-  """Raises ``TypeError`` unless ``value`` is a real floating scalar; the error calls its
-  function ``what``."""
+_WRAP = "wrap it: lambda p: f(p)[0]."
+
+
+def check_scalar_loss(value: Any, what: str = "value_fn", fix: str = _WRAP) -> None:
+  """Raises ``TypeError`` unless ``value`` is a real floating scalar.
+
+  Args:
+    value: What the loss function returned.
+    what: How the error calls the function.
+    fix: What to do if it returns ``(loss, aux)``, completing "If it returns (loss, aux), ...".
+  """
+  value = _validation.loss_and_aux(value, False, fix, what)[0]  # a tuple: the has_aux error
   if not hasattr(value, "shape") and not isinstance(value, float | int):
     raise TypeError(
       f"{what} must return a real floating-point scalar loss, got {type(value).__name__}. "
-      "If it returns (loss, aux), wrap it: lambda p: f(p)[0]."
+      f"If it returns (loss, aux), {fix}"
     )
   shape = jnp.shape(value)
   dtype = jnp.result_type(value)
   if shape != () or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
       f"{what} must return a real floating-point scalar loss, got shape {shape} and dtype "
-      f"{dtype}. Reduce the loss (e.g. .mean()) and, if it returns (loss, aux), wrap it: "
-      f"lambda p: f(p)[0]."
+      f"{dtype}. Reduce the loss (e.g. .mean())."
     )
 
 
-def _checked(fn: Callable[..., Any], what: str, has_aux: bool = False) -> Callable[..., Any]:
+def checked_loss(
+  fn: Callable[..., Any], what: str, has_aux: bool = False, fix: str = _WRAP
+) -> Callable[..., Any]:
+  """``fn`` checked to return a real floating scalar (or ``(scalar, aux)`` with ``has_aux``).
+
+  Args:
+    fn: The loss function of the params.
+    what: How errors call it.
+    has_aux: Whether it returns ``(loss, aux)``.
+    fix: What to do if it returns ``(loss, aux)`` without ``has_aux``.
+
+  Returns:
+    ``fn`` with the check, raising ``TypeError`` (at trace time) naming ``what`` and ``fix``.
+  """
+
   def wrapped(params):
     out = fn(params)
-    if has_aux and not (isinstance(out, tuple | list) and len(out) == 2):
-      raise TypeError(f"{what} has has_aux=True, so it must return (loss, aux); got {out!r}.")
-    check_scalar_loss(out[0] if has_aux else out, what)
+    loss, _ = _validation.loss_and_aux(out, has_aux, fix, what)
+    check_scalar_loss(loss, what, fix)
     return out
 
   return wrapped
@@ -118,12 +139,18 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
 
 def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
   """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse)."""
-  grad = jax.grad(_checked(fn, "fn"))
+  grad = jax.grad(checked_loss(fn, "fn"))
   return sink_transposes(lambda p, t: jax.jvp(grad, (p,), (t,))[1])(params, tangents)
 
 
 def value_grad_hvp(
-  fn: Callable[..., Any], params: Any, tangents: Any, has_aux: bool = False, *, name: str = "fn"
+  fn: Callable[..., Any],
+  params: Any,
+  tangents: Any,
+  has_aux: bool = False,
+  *,
+  name: str = "fn",
+  fix: str = _WRAP,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hessian-vector product of ``fn`` in one forward-over-reverse pass.
 
@@ -133,11 +160,13 @@ def value_grad_hvp(
     tangents: Vector (pytree like ``params``) the Hessian is applied to.
     has_aux: Whether ``fn`` returns ``(loss, aux)``.
     name: How error messages about ``fn`` call it (e.g. ``"value_fn"``).
+    fix: What the error for an ``fn`` returning ``(loss, aux)`` without
+      ``has_aux`` suggests (default: wrap it, ``lambda p: f(p)[0]``).
 
   Returns:
     ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
   """
-  value_and_grad = jax.value_and_grad(_checked(fn, name, has_aux), has_aux=has_aux)
+  value_and_grad = jax.value_and_grad(checked_loss(fn, name, has_aux, fix), has_aux=has_aux)
   jvp = sink_transposes(lambda p, t: jax.jvp(value_and_grad, (p,), (t,)))
   (value, grad), (_, hz) = jvp(params, tangents)
   return value, grad, hz
@@ -150,6 +179,7 @@ def value_grad_and_diagonal(
   has_aux: bool = False,
   *,
   name: str = "fn",
+  fix: str = _WRAP,
   owned: Any = None,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hutchinson's diagonal estimate, all in one pass.
@@ -165,6 +195,7 @@ def value_grad_and_diagonal(
     keys: 1-D array of PRNG keys, one per probe.
     has_aux: Whether ``fn`` returns ``(loss, aux)``.
     name: How error messages about ``fn`` call it.
+    fix: As for :func:`value_grad_hvp`.
     owned: ``None``, or a tree like ``params`` with an :class:`optax.MaskedNode`
       at each leaf another transform owns (an AdaHessian state's ``mu`` inside
       ``optax.masked``): the probes are drawn as for the tree of the other
@@ -185,7 +216,7 @@ def value_grad_and_diagonal(
 
   def one(key):
     z = probe(key)
-    value, grad, hz = value_grad_hvp(fn, params, z, has_aux, name=name)
+    value, grad, hz = value_grad_hvp(fn, params, z, has_aux, name=name, fix=fix)
     return value, grad, jax.tree.map(jnp.multiply, z, hz)
 
   if keys.shape[0] == 1:

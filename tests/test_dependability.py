@@ -219,6 +219,30 @@ def test_bad_value_fn_is_called_value_fn():
     tx.update(grads, tx.init(params), params, value_fn=lambda p: p["w"])
 
 
+def test_bad_fused_loss_is_named_with_the_has_aux_fix_on_every_step():
+  # A (loss, aux) loss without has_aux got "wrap it: lambda p: f(p)[0]" (which drops aux) on
+  # refresh steps and JAX's "Gradient only defined for scalar-output functions" between them.
+  params = small_params()
+  tx = ah.adahessian(0.1, update_freq=2)
+  state = tx.init(params)
+  _, state = tx.update(jax.grad(small_loss)(params), state, params, value_fn=small_loss)
+  for s in (tx.init(params), state):  # a refresh step, then a step between refreshes
+    vgh = ah.value_grad_and_hessian_diag(lambda p: (small_loss(p), 1.0))
+    with pytest.raises(
+      TypeError,
+      match=r"loss given to value_grad_and_hessian_diag returned a "
+      r"tuple of 2 .* pass has_aux=True",
+    ):
+      vgh(params, s)
+    vgh = ah.value_grad_and_hessian_diag(lambda p: p["w"])
+    with pytest.raises(
+      TypeError,
+      match=r"must return a real floating-point scalar loss, got "
+      r"shape \(3,\)",
+    ):
+      vgh(params, s)
+
+
 def test_inject_hyperparams_plain_call_trains_under_jit():
   params = small_params()
   schedule = optax.linear_schedule(0.2, 0.05, 20)
