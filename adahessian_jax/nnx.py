@@ -156,6 +156,8 @@ def value_grad_and_hessian_diag(
     ``hessian_diag=hessian_diag`` to ``optimizer.update(model, ...)``.
 
   Raises:
+    ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
+      selects.
     TypeError: if ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it).
@@ -166,6 +168,13 @@ def value_grad_and_hessian_diag(
       f"the nnx.Optimizer after the model, got {type(optimizer).__name__} there."
     )
   graphdef, params, rest = _split(model, optimizer.wrt, args, kwargs)
+  if not jax.tree.leaves(params):
+    wrt = optimizer.wrt
+    name = wrt.__name__ if isinstance(wrt, type) else repr(wrt)
+    raise ValueError(
+      f"the model holds no variables that the optimizer's wrt={name} selects, so there is "
+      "nothing to differentiate: pass the model the nnx.Optimizer was built for."
+    )
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
   def loss_of(p):

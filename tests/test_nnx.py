@@ -212,3 +212,12 @@ def test_an_integer_variable_in_wrt_is_refused_naming_it_and_the_filter_fix():
 
   with pytest.raises(TypeError, match=r"\['count'\][\s\S]*a narrower wrt= filter"):
     nnx.Optimizer(Counted(nnx.Rngs(0)), ah.adahessian(0.1), wrt=nnx.Param)
+
+
+def test_a_model_without_the_optimizers_variables_is_refused_early():
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  frozen = nnx.BatchNorm(4, use_bias=False, use_scale=False, rngs=nnx.Rngs(1))  # no nnx.Param
+  with pytest.raises(ValueError, match=r"no variables that the optimizer's wrt=Param selects"):
+    ah_nnx.value_grad_and_hessian_diag(loss_fn, frozen, optimizer, x, y)
