@@ -179,6 +179,19 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
       raise TypeError(f"{must} has dtype {dtype}. {fix}")
 
 
+def leaf_paths(tree: Any) -> list[str]:
+  """The paths of ``tree``'s leaves as :func:`jax.tree_util.keystr` writes them, in order."""
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def unshared_leaf_paths(tree: Any, ref: Any) -> tuple[list[str], list[str]]:
+  """The leaf paths of ``tree`` that ``ref`` has not, and those of ``ref`` that ``tree`` has not
+  (both in tree order): where two trees that should match differ, for an error to name."""
+  mine, theirs = leaf_paths(tree), leaf_paths(ref)
+  mine_set, theirs_set = set(mine), set(theirs)
+  return [p for p in mine if p not in theirs_set], [p for p in theirs if p not in mine_set]
+
+
 def is_static_zero(value: Any) -> bool:
   """Whether ``value`` is a concrete zero (so a term it scales can be left out of the graph)."""
   if isinstance(value, jax.core.Tracer):

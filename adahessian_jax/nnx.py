@@ -62,10 +62,6 @@ def _merge(graphdef, params, rest):
   return nnx.merge(graphdef, nnx.State({0: params}), rest)
 
 
-def _paths(tree: Any) -> list[str]:
-  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
 def _listing(paths: list[str]) -> str:
   return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
@@ -76,9 +72,7 @@ def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
   expected, given = nnx.as_pure(expected), nnx.as_pure(given)
   if jax.tree.structure(expected) == jax.tree.structure(given):
     return
-  want, got = _paths(expected), _paths(given)
-  missing = [p for p in want if p not in set(got)]
-  extra = [p for p in got if p not in set(want)]
+  extra, missing = _validation.unshared_leaf_paths(given, expected)
   diff = "; ".join(
     f"{what}: {_listing(paths)}"
     for what, paths in (("only in value_fn's", missing), ("only in the given", extra))
@@ -88,7 +82,8 @@ def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
   name = wrt.__name__ if isinstance(wrt, type) else repr(wrt)
   raise ValueError(
     f"adahessian_jax.nnx.value_fn was built for the variables that wrt={name} selects "
-    f"({len(want)} leaves), but was called with a state of {len(got)} leaves ({diff}). Build "
+    f"({len(jax.tree.leaves(expected))} leaves), but was called with a state of "
+    f"{len(jax.tree.leaves(given))} leaves ({diff}). Build "
     "it with the nnx.Optimizer's filter: value_fn(model, loss_fn, ..., wrt=optimizer.wrt)."
   )
 

@@ -89,15 +89,11 @@ def _check_state(
 def _tree_difference(tree: Any, ref: Any) -> str:
   """Where ``tree`` first differs from ``ref``, named by a leaf path where one has a leaf the
   other has not (a model's whole tree structure is too long to read)."""
-  paths = lambda t: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)]
-  mine, theirs = paths(tree), paths(ref)
-  mine_set, theirs_set = set(mine), set(theirs)
-  extra = next((p for p in mine if p not in theirs_set), None)
-  if extra is not None:
-    return f"it has a leaf at {extra}, where the state's parameters have none"
-  missing = next((p for p in theirs if p not in mine_set), None)
-  if missing is not None:
-    return f"it has no leaf at {missing}, where the state's parameters have one"
+  extra, missing = _validation.unshared_leaf_paths(tree, ref)
+  if extra:
+    return f"it has a leaf at {extra[0]}, where the state's parameters have none"
+  if missing:
+    return f"it has no leaf at {missing[0]}, where the state's parameters have one"
   return f"its nodes differ, {jax.tree.structure(tree)} against {jax.tree.structure(ref)}"
 
 

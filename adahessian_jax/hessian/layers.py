@@ -70,7 +70,7 @@ def _unique_names(op: HessianOperator) -> tuple[str, ...]:
   names = op.leaf_names
   if len(set(names)) == len(names):
     return names
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(op.params)]
+  paths = _validation.leaf_paths(op.params)
   return tuple(p if names.count(n) > 1 else n for n, p in zip(names, paths, strict=True))
 
 
