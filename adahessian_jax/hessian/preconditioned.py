@@ -66,9 +66,9 @@ def _steps(count: Any, what: str) -> int:
   return int(count)
 
 
-def _bias_corrected(nu: Any, count: Any, b2: float, what: str, every: int = 1) -> Any:
-  """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` rounded up to ``every``."""
-  count = _steps(count, what)
+def _bias_corrected(nu: Any, count: int, b2: float, every: int = 1) -> Any:
+  """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` (from :func:`_steps`)
+  rounded up to ``every``."""
   correction = 1.0 - float(b2) ** (every * -(-count // every))
   return jax.tree.map(lambda v: v / jnp.asarray(correction, jnp.result_type(v)), nu)
 
@@ -168,10 +168,10 @@ def adahessian_preconditioner(
   power = _hyperparameter("hessian_power", hessian_power, injected, 1.0)
   half = _validation.interval("hessian_power", power, 0.0, 1.0) / 2
   _check_unmasked(state.nu, "AdaHessian")
-  _steps(state.count, "AdaHessian")
+  count = _steps(state.count, "AdaHessian")
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
-  nu_hat = _bias_corrected(state.nu, state.count, b2, "AdaHessian", every)
+  nu_hat = _bias_corrected(state.nu, count, b2, every)
   return jax.tree.map(lambda v: v**half + eps, nu_hat)
 
 
@@ -236,11 +236,9 @@ def adam_preconditioner(
   amsgrad = isinstance(state, optax.ScaleByAmsgradState)
   what = "AMSGrad" if amsgrad else "Adam"
   _check_unmasked(state.nu, what)
-  if amsgrad:  # the running maximum of the corrected nu: corrected already
-    _steps(state.count, what)
-    nu_hat = state.nu_max
-  else:
-    nu_hat = _bias_corrected(state.nu, state.count, b2, what)
+  count = _steps(state.count, what)
+  # AMSGrad divides by the running maximum of the corrected nu: corrected already.
+  nu_hat = state.nu_max if amsgrad else _bias_corrected(state.nu, count, b2)
   return jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
 
 
