@@ -430,6 +430,12 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   )
 
 
+#: The way out of a guess about an axis whose name has no known role.
+_NAME_THE_AXIS = (
+  "name it, e.g. 'embed', add its name with flax_default(axis_roles=...), or give the leaf a rule"
+)
+
+
 def _unknown_block_axis(other: list[int], kinds: list[str | None], block_size: int) -> str:
   """Why blocks along ``other[0]`` are a guess ("" if they are not).
 
@@ -441,8 +447,7 @@ def _unknown_block_axis(other: list[int], kinds: list[str | None], block_size: i
     return ""
   return (
     "; AMBIGUOUS (that axis has no name of a known role, so whether it is the input is a "
-    "guess: name it, e.g. 'embed', add its name with flax_default(axis_roles=...), or give "
-    "the leaf a rule)"
+    f"guess: {_NAME_THE_AXIS})"
   )
 
 
@@ -518,8 +523,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
       # a Dense kernel's input often is), e.g. an nn.vmap over "members": (members, features).
       return choice._replace(
         why=f"{choice.why}; AMBIGUOUS (axis 0 has a name of no known role: it may be a stack "
-        "of experts or layers; name it, e.g. 'embed', add its name with "
-        "flax_default(axis_roles=...), or give the leaf a rule)",
+        f"of experts or layers; {_NAME_THE_AXIS})",
         ambiguous=True,
       )
     return choice

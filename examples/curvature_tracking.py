@@ -170,6 +170,7 @@ def run(name, scale, init, loss_fn, train, probe_batch, cfg, compare_cold):
 
 def plot_tracking(runs, cfg, path):
   names = [n for n in TUNED if any(r["name"] == n for r in runs)]  # one with --only
+  title_size = 12 if len(names) > 1 else 10  # one column is narrower
   fig, axes = plt.subplots(
     2, len(names), figsize=(11 if len(names) > 1 else 8, 7), sharex=True, squeeze=False
   )
@@ -197,13 +198,13 @@ def plot_tracking(runs, cfg, path):
     bottom.set_xlabel("step")
     bottom.set_title(
       f"{name}: sharpness (gray), preconditioned (color); thin: 38/lr",
-      fontsize=12 if len(names) > 1 else 10,
+      fontsize=title_size,
     )
     bottom.legend(fontsize=6, ncol=2)
   fig.suptitle(
     f"Digits CNN, {cfg['num_params']:,} params; curvature of the loss on {cfg['probe']} "
     "training digits",
-    fontsize=12 if len(names) > 1 else 10,
+    fontsize=title_size,
   )
   fig.tight_layout()
   fig.savefig(path, dpi=90)
