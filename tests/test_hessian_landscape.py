@@ -105,6 +105,34 @@ def test_filter_normalisation_gives_every_filter_its_weight_filters_norm():
   np.testing.assert_allclose(plane.directions[0], ls.direction, rtol=1e-14)
 
 
+def _sin_op(params):
+  """An operator on ``params`` whose loss is smooth in every entry (for the directions only)."""
+  loss_fn = lambda p, b: b * sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))
+  return hessian.hessian_operator(loss_fn, params, 1.0)
+
+
+def test_filter_normalisation_zeroes_biases_and_scales_of_any_rank():
+  # Flax names them: a DenseGeneral/Einsum bias (*features), an attention bias (heads, head_dim),
+  # a LayerNorm scale over two feature axes, a stack's unnamed bias (layers, out). Read by rank they
+  # were kernels, rescaled per last-axis column, across heads and layers.
+  r = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(r.normal(size=shape))
+  params = {
+    "query": {"kernel": normal(6, 5), "bias": normal(2, 5)},
+    "ln": {"scale": normal(3, 4), "bias": normal(3, 4)},
+    "stack": {"kernel": normal(2, 4, 4), "bias": normal(2, 4)},
+  }
+  op = _sin_op(params)
+  nd = op.unravel(
+    hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
+  )
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nd):
+    if path[-1].key != "kernel":
+      np.testing.assert_array_equal(leaf, 0.0, err_msg=jax.tree_util.keystr(path))
+  want = np.linalg.norm(np.asarray(params["query"]["kernel"]), axis=0)
+  np.testing.assert_allclose(np.linalg.norm(nd["query"]["kernel"], axis=0), want, rtol=1e-12)
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

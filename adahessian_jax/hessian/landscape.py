@@ -15,10 +15,13 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   weight filter, a filter being one output unit of a Dense kernel or one output
   channel of a Conv kernel. In Flax layouts the output is the kernel's last axis
   (``(in, out)``, ``(h, w, in, out)``), so a filter is a slice along the last
-  axis of any leaf with two or more axes. Leaves with fewer axes (biases,
-  normalisation scales) get a zero direction, as in Li et al.'s
-  experiments: a per-entry rescaling would give ``±|b_i|``, which is zero for
-  zero-initialised biases anyway and carries no filter structure.
+  axis of any leaf with two or more axes. Biases and normalisation scales get
+  a zero direction, as in Li et al.'s experiments: a per-entry rescaling would
+  give ``±|b_i|``, which is zero for zero-initialised biases anyway and carries
+  no filter structure. They are the leaves with fewer than two axes and those
+  whose Flax name (last path key) is ``bias`` or ``scale``, whatever their rank
+  (a ``DenseGeneral`` bias ``(heads, head_dim)``, a ``LayerNorm`` scale over
+  two feature axes), as :mod:`adahessian_jax.spatial` reads them.
 
 Layers stacked in one leaf (``nn.scan``, ``nnx.vmap``: a kernel ``(layers, in,
 out)``, a bias ``(layers, out)``) are told apart by their *layer axes*: each
@@ -103,26 +106,53 @@ class Landscape2D(NamedTuple):
   directions: jax.Array
 
 
-def _layer_axes(op: HessianOperator, layer_axes: Any) -> list[tuple[int, ...]]:
-  """The stacked-layer axes of every leaf of the params, from ``layer_axes`` or axis names."""
-  leaves = jax.tree_util.tree_leaves_with_path(op.params)
-  if layer_axes is None:
-    from adahessian_jax import spatial  # the optimizer package imports this one
+class _LeafAxes(NamedTuple):
+  """What filter normalisation needs to know about one leaf of the params."""
 
+  shape: tuple[int, ...]
+  layer: tuple[int, ...]  # its stacked-layer axes
+  param: str | None  # its Flax name (last path key): "kernel", "bias", "scale", ...
+
+
+def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
+  """Every leaf of the params with its stacked-layer axes (``layer_axes`` or axis names)."""
+  from adahessian_jax import layout, spatial  # the optimizer package imports this one
+
+  infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
+  shapes = [tuple(np.shape(x.leaf)) for x in infos]
+  params = [spatial._param_name(x.path) for x in infos]
+  if layer_axes is None:
     is_rule = lambda x: isinstance(x, spatial.Rule)
     rules = jax.tree.leaves(spatial.resolve_rules(None, op.params), is_leaf=is_rule)
-    return [tuple(r.layer_axes(np.shape(x))) for r, (_, x) in zip(rules, leaves, strict=True)]
-  try:
-    counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, op.params))
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-      "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
-      f"number of leading layer axes); broadcasting it to the params failed: {e}"
-    ) from None
-  return [
-    tuple(range(_validation.count(f"layer_axes at {jax.tree_util.keystr(p)}", n, 0, np.ndim(x))))
-    for n, (p, x) in zip(counts, leaves, strict=True)
-  ]
+    layers = [tuple(r.layer_axes(s)) for r, s in zip(rules, shapes, strict=True)]
+  else:
+    try:
+      counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, op.params))
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+        "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
+        f"number of leading layer axes); broadcasting it to the params failed: {e}"
+      ) from None
+    paths = _validation.leaf_paths(op.params)
+    layers = [
+      tuple(range(_validation.count(f"layer_axes at {p}", n, 0, len(s))))
+      for n, p, s in zip(counts, paths, shapes, strict=True)
+    ]
+  return [_LeafAxes(*a) for a in zip(shapes, layers, params, strict=True)]
+
+
+def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
+  """The axes that index one filter of a leaf besides its layer axes; ``None``: zeroed.
+
+  A ``bias`` or ``scale`` of any rank (a ``DenseGeneral``/attention ``(heads, head_dim)`` bias,
+  a ``LayerNorm`` scale over two feature axes, a stack's unnamed ``(layers, features)`` bias) is
+  zeroed like a 1-D one, as are leaves with fewer than two axes besides their layer axes.
+  Otherwise a filter is a slice along the last other axis (the output).
+  """
+  rest = [a for a in range(len(leaf.shape)) if a not in leaf.layer]
+  if leaf.param in ("bias", "scale") or len(rest) < 2:
+    return None
+  return (rest[-1],)
 
 
 def _axis_index(shape: tuple[int, ...], axis: int) -> np.ndarray:
@@ -132,31 +162,29 @@ def _axis_index(shape: tuple[int, ...], axis: int) -> np.ndarray:
   )
 
 
-def _leaf_groups(shape: tuple[int, ...], layer: tuple[int, ...], normalize: str):
+def _leaf_groups(leaf: _LeafAxes, normalize: str):
   """Group ids from 0 (``-1``: zeroed) of a leaf's entries, row-major, and their count.
 
-  ``"layer"``: one group per layer (index along the ``layer`` axes). ``"filter"``: one
-  per layer and index of the last other axis, if at least two other axes remain; else
-  the leaf is bias-like and zeroed.
+  ``"layer"``: one group per layer (index along the layer axes). ``"filter"``: one per layer
+  and filter (index along :func:`_filter_axes`), or none if that zeroes the leaf.
   """
-  layer_id, num_layers = np.zeros([1] * len(shape), np.int64), 1
-  for a in layer:
-    layer_id, num_layers = layer_id * shape[a] + _axis_index(shape, a), num_layers * shape[a]
-  rest = [a for a in range(len(shape)) if a not in layer]
-  if normalize == "layer":
-    return np.broadcast_to(layer_id, shape).ravel(), num_layers
-  if len(rest) < 2:
+  shape = leaf.shape
+  by = leaf.layer if normalize == "layer" else _filter_axes(leaf)
+  if by is None:
     return np.full(int(np.prod(shape)), -1), 0
-  out = rest[-1]
-  ids = layer_id * shape[out] + _axis_index(shape, out)
-  return np.broadcast_to(ids, shape).ravel(), num_layers * shape[out]
+  if normalize != "layer":
+    by = leaf.layer + by
+  ids, count = np.zeros([1] * len(shape), np.int64), 1
+  for a in by:
+    ids, count = ids * shape[a] + _axis_index(shape, a), count * shape[a]
+  return np.broadcast_to(ids, shape).ravel(), count
 
 
 def _groups(op: HessianOperator, normalize: str, layer_axes: Any) -> tuple[np.ndarray, int]:
   """Group id of every flat entry (``-1``: zeroed) for per-leaf or per-filter scaling."""
   ids, offset = [], 0
-  for leaf, layer in zip(jax.tree.leaves(op.params), _layer_axes(op, layer_axes), strict=True):
-    leaf_ids, count = _leaf_groups(tuple(np.shape(leaf)), layer, normalize)
+  for leaf in _leaf_axes(op, layer_axes):
+    leaf_ids, count = _leaf_groups(leaf, normalize)
     ids.append(np.where(leaf_ids < 0, -1, leaf_ids + offset))
     offset += count
   return np.concatenate(ids).astype(np.int32), offset
@@ -209,8 +237,9 @@ def normalize_direction(
       flat ``(n,)`` array; finite and nonzero.
     normalize: ``None`` (as given), ``"unit"`` (unit norm), ``"layer"`` (each
       leaf to the norm of that leaf of the params) or ``"filter"`` (each
-      filter to the norm of that weight filter; leaves with fewer than two axes
-      besides their layer axes zeroed; see the module docstring).
+      filter to the norm of that weight filter; biases, scales and leaves with
+      fewer than two axes besides their layer axes zeroed; see the module
+      docstring).
     layer_axes: For ``"layer"`` and ``"filter"``: the number of leading
       stacked-layer axes of each leaf, as an int or a pytree prefix of the
       params with ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
@@ -243,8 +272,8 @@ def normalize_direction(
   if not np.any(np.asarray(out)):
     raise ValueError(
       f"normalize={normalize!r} zeroes {what}: it is nonzero only on leaves that rule zeroes "
-      "(biases and other leaves with fewer than two axes besides their layer axes) or where "
-      "the params are zero."
+      "(biases, scales and other leaves with fewer than two axes besides their layer axes) or "
+      "where the params are zero."
     )
   return out
 
