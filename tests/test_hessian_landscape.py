@@ -133,6 +133,38 @@ def test_filter_normalisation_zeroes_biases_and_scales_of_any_rank():
   np.testing.assert_allclose(np.linalg.norm(nd["query"]["kernel"], axis=0), want, rtol=1e-12)
 
 
+def _filter_norms(x, axes):
+  """The norm of every filter of ``x``, a filter indexed by ``axes`` (numpy, for the tests)."""
+  x = np.moveaxis(np.asarray(x), axes, range(len(axes)))
+  return np.linalg.norm(x.reshape(int(np.prod(x.shape[: len(axes)])), -1), axis=1)
+
+
+def test_filter_normalisation_keeps_attention_heads_apart():
+  # A query/key/value kernel (embed, heads, head_dim) has a filter per output unit (head, head_dim
+  # entry); the last axis alone pooled each head_dim entry across heads. The output kernel
+  # (heads, head_dim, embed) has one per embed entry. Flax's module names tell them apart without
+  # axis names; axis names (a "heads" role) do under any module name, in a stack too.
+  import flax.linen as nn
+
+  r = np.random.default_rng(0)
+  heads_scale = np.array([1.0, 100.0])  # head 1 a hundred times larger
+  q = r.normal(size=(6, 2, 3)) * heads_scale[:, None]
+  out = r.normal(size=(2, 3, 6)) * heads_scale[:, None, None]
+  op = _sin_op({"query": {"kernel": jnp.asarray(q)}, "out": {"kernel": jnp.asarray(out)}})
+  d = hessian.random_direction(op, jax.random.key(0))
+  nd = op.unravel(hessian.normalize_direction(op, d, "filter"))
+  np.testing.assert_allclose(_filter_norms(nd["query"]["kernel"], (1, 2)), _filter_norms(q, (1, 2)))
+  np.testing.assert_allclose(_filter_norms(nd["out"]["kernel"], (2,)), _filter_norms(out, (2,)))
+
+  stack = {"proj": np.stack([q, 10 * q]), "o": np.stack([out, -out])}  # two layers each
+  names = {"proj": ("layers", "embed", "heads", "kv"), "o": ("layers", "heads", "kv", "embed")}
+  op = _sin_op({k: nn.LogicallyPartitioned(jnp.asarray(stack[k]), names[k]) for k in stack})
+  d = hessian.random_direction(op, jax.random.key(1))
+  nd = nn.unbox(op.unravel(hessian.normalize_direction(op, d, "filter")))
+  for k, axes in (("proj", (0, 2, 3)), ("o", (0, 3))):
+    np.testing.assert_allclose(_filter_norms(nd[k], axes), _filter_norms(stack[k], axes))
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

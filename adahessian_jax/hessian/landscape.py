@@ -15,7 +15,12 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   weight filter, a filter being one output unit of a Dense kernel or one output
   channel of a Conv kernel. In Flax layouts the output is the kernel's last axis
   (``(in, out)``, ``(h, w, in, out)``), so a filter is a slice along the last
-  axis of any leaf with two or more axes. Biases and normalisation scales get
+  axis of any leaf with two or more axes, except attention projections, whose
+  output has two axes: a query/key/value kernel ``(embed, heads, head_dim)``
+  has a filter per head and ``head_dim`` entry, never pooled across heads (the
+  heads axis found by its name, e.g. ``"heads"``, or, without axis names, by
+  Flax's module name ``query``/``key``/``value``); the output kernel ``(heads,
+  head_dim, embed)`` one per ``embed`` entry. Biases and normalisation scales get
   a zero direction, as in Li et al.'s experiments: a per-entry rescaling would
   give ``±|b_i|``, which is zero for zero-initialised biases anyway and carries
   no filter structure. They are the leaves with fewer than two axes and those
@@ -112,6 +117,8 @@ class _LeafAxes(NamedTuple):
   shape: tuple[int, ...]
   layer: tuple[int, ...]  # its stacked-layer axes
   param: str | None  # its Flax name (last path key): "kernel", "bias", "scale", ...
+  module: str | None  # the path key before it: "query", "Dense_0", ...
+  roles: tuple[str | None, ...] | None  # each axis' role from its name (spatial), if named
 
 
 def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
@@ -121,9 +128,14 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   params = [spatial._param_name(x.path) for x in infos]
+  modules = [spatial._param_name(x.path[:-1]) for x in infos]
+  is_rule = lambda x: isinstance(x, spatial.Rule)
+  rules = jax.tree.leaves(spatial.resolve_rules(None, op.params), is_leaf=is_rule)
+  roles = []
+  for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
+    names, mapping = getattr(r, "names", None), r.roles() if hasattr(r, "roles") else {}
+    roles.append(None if names is None else tuple(spatial._role(n, mapping) for n in names))
   if layer_axes is None:
-    is_rule = lambda x: isinstance(x, spatial.Rule)
-    rules = jax.tree.leaves(spatial.resolve_rules(None, op.params), is_leaf=is_rule)
     layers = [tuple(r.layer_axes(s)) for r, s in zip(rules, shapes, strict=True)]
   else:
     try:
@@ -138,7 +150,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
       tuple(range(_validation.count(f"layer_axes at {p}", n, 0, len(s))))
       for n, p, s in zip(counts, paths, shapes, strict=True)
     ]
-  return [_LeafAxes(*a) for a in zip(shapes, layers, params, strict=True)]
+  return [_LeafAxes(*a) for a in zip(shapes, layers, params, modules, roles, strict=True)]
 
 
 def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
@@ -147,11 +159,25 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   A ``bias`` or ``scale`` of any rank (a ``DenseGeneral``/attention ``(heads, head_dim)`` bias,
   a ``LayerNorm`` scale over two feature axes, a stack's unnamed ``(layers, features)`` bias) is
   zeroed like a 1-D one, as are leaves with fewer than two axes besides their layer axes.
-  Otherwise a filter is a slice along the last other axis (the output).
+  An attention projection (a ``DenseGeneral`` kernel ``(*in, *out)`` with a heads axis) has a
+  filter per output unit: per head and ``head_dim`` entry for a query/key/value kernel ``(embed,
+  heads, head_dim)``, per ``embed`` entry for the output kernel ``(heads, head_dim, embed)``. Its
+  input axes end at the one :mod:`adahessian_jax.spatial` blocks along (the first that is not a
+  heads axis); without axis names, a rank-3 ``kernel`` of a Flax ``query``, ``key`` or ``value``
+  module is taken for ``(embed, heads, head_dim)``. Otherwise a filter is a slice along the last
+  other axis (the output).
   """
   rest = [a for a in range(len(leaf.shape)) if a not in leaf.layer]
   if leaf.param in ("bias", "scale") or len(rest) < 2:
     return None
+  heads = [a for a in rest if leaf.roles is not None and leaf.roles[a] == "heads"]
+  if heads:
+    first_input = next((a for a in rest if a not in heads), None)
+    outputs = tuple(a for a in rest if first_input is not None and a > first_input)
+    if outputs:
+      return outputs
+  elif leaf.module in ("query", "key", "value") and leaf.param == "kernel" and len(rest) == 3:
+    return tuple(rest[1:])  # Flax's attention: (embed, heads, head_dim), heads never pooled
   return (rest[-1],)
 
 
