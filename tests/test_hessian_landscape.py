@@ -165,6 +165,30 @@ def test_filter_normalisation_keeps_attention_heads_apart():
     np.testing.assert_allclose(_filter_norms(nd[k], axes), _filter_norms(stack[k], axes))
 
 
+def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():
+  # An Embed table (num_embeddings, features) has a filter per token (row), as the reference code
+  # rescales PyTorch's (num, dim) tables; per feature column, a rare token's small row got the
+  # column's scale. Axis names ("vocab") say the same, and mark an unembedding's tokens too.
+  import flax.linen as nn
+
+  r = np.random.default_rng(0)
+  table = r.normal(size=(5, 3)) * np.array([1e-3, 1.0, 1.0, 10.0, 1.0])[:, None]
+  unembed = r.normal(size=(3, 5))
+  named = {
+    "tok": nn.LogicallyPartitioned(jnp.asarray(table), ("vocab", "embed")),
+    "head": nn.LogicallyPartitioned(jnp.asarray(unembed), ("embed", "vocab")),
+  }
+  for params in ({"Embed_0": {"embedding": jnp.asarray(table)}}, named):
+    op = _sin_op(params)
+    nd = op.unravel(
+      hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
+    )
+    got = jax.tree.leaves(nn.unbox(nd))
+    np.testing.assert_allclose(np.linalg.norm(got[-1], axis=1), np.linalg.norm(table, axis=1))
+    if len(got) == 2:  # the unembedding (embed, vocab): per token column
+      np.testing.assert_allclose(np.linalg.norm(got[0], axis=0), np.linalg.norm(unembed, axis=0))
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

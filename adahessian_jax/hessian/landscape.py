@@ -20,7 +20,10 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   has a filter per head and ``head_dim`` entry, never pooled across heads (the
   heads axis found by its name, e.g. ``"heads"``, or, without axis names, by
   Flax's module name ``query``/``key``/``value``); the output kernel ``(heads,
-  head_dim, embed)`` one per ``embed`` entry. Biases and normalisation scales get
+  head_dim, embed)`` one per ``embed`` entry; and embedding tables ``(num_embeddings,
+  features)`` (a Flax ``embedding``, or a ``"vocab"`` axis name), which have a
+  filter per row (token), as Li et al.'s code rescales PyTorch's ``(num, dim)``
+  tables row by row. Biases and normalisation scales get
   a zero direction, as in Li et al.'s experiments: a per-entry rescaling would
   give ``±|b_i|``, which is zero for zero-initialised biases anyway and carries
   no filter structure. They are the leaves with fewer than two axes and those
@@ -165,12 +168,21 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   input axes end at the one :mod:`adahessian_jax.spatial` blocks along (the first that is not a
   heads axis); without axis names, a rank-3 ``kernel`` of a Flax ``query``, ``key`` or ``value``
   module is taken for ``(embed, heads, head_dim)``. Otherwise a filter is a slice along the last
-  other axis (the output).
+  other axis (the output), but an embedding table ``(num_embeddings, features)`` (a Flax
+  ``embedding``, or axes named ``"vocab"``...) has a filter per row (token), as the reference
+  code does with PyTorch's ``(num, dim)`` tables, and an unembedding ``(embed, vocab)`` one per
+  token too.
   """
   rest = [a for a in range(len(leaf.shape)) if a not in leaf.layer]
   if leaf.param in ("bias", "scale") or len(rest) < 2:
     return None
-  heads = [a for a in rest if leaf.roles is not None and leaf.roles[a] == "heads"]
+  roles = leaf.roles or (None,) * len(leaf.shape)
+  vocab = tuple(a for a in rest if roles[a] == "vocab")
+  if vocab:  # a table (vocab, embed) or an unembedding (embed, vocab): a filter per token
+    return vocab
+  if leaf.param == "embedding" and len(rest) == 2:  # nn.Embed (num_embeddings, features)
+    return (rest[0],)
+  heads = [a for a in rest if roles[a] == "heads"]
   if heads:
     first_input = next((a for a in rest if a not in heads), None)
     outputs = tuple(a for a in rest if first_input is not None and a > first_input)
