@@ -258,3 +258,24 @@ def test_leaf_names_that_would_read_alike_keep_their_full_paths():
     np.testing.assert_allclose(np.asarray(block.matvec(jnp.ones(size))), curvature * np.ones(size))
   with pytest.raises(ValueError, match="no leaf named 'a/b'"):
     op.block("a/b")
+
+
+def test_leaf_names_of_boxed_params_read_as_their_dict_keys():
+  import flax.linen as nn
+  from flax import nnx
+
+  kernel = nn.Partitioned(jnp.full((2, 3), 0.5), names=(None, "mlp"))
+  linen = {"Dense_0": {"kernel": kernel, "bias": jnp.zeros(3)}}
+
+  def loss(p, x):
+    p = nn.unbox(p)["Dense_0"]
+    return jnp.sum((x @ p["kernel"] + p["bias"]) ** 2)
+
+  op = hessian.hessian_operator(loss, linen, jnp.ones((1, 2)))
+  # Was "Dense_0/kernel/value": the box's own step, and block("Dense_0/kernel") failed.
+  assert op.leaf_names == ("Dense_0/bias", "Dense_0/kernel")
+  # d^2/dK_ij dK_kl = 2 x_i x_k [j == l] with x = (1, 1): every row sum is 4.
+  np.testing.assert_allclose(np.asarray(op.block("Dense_0/kernel").matvec(jnp.ones(6))), 4.0)
+  state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+  op = hessian.hessian_operator(lambda s, x: jnp.sum(s["kernel"][...] ** 2) * x, state, 1.0)
+  assert op.leaf_names == ("bias", "kernel")

@@ -37,6 +37,7 @@ from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._checks import NonFiniteError
 from adahessian_jax.hutchinson import check_scalar_loss, rademacher_like, value_grad_hvp
+from adahessian_jax.layout import leaves as canonical_leaves
 
 __all__ = [
   "HessianOperator",
@@ -72,15 +73,17 @@ class ParamLayout:
   def of(cls, params: Any) -> ParamLayout:
     """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order)."""
     _, unravel = ravel_pytree(params)
-    paths_leaves = jax.tree_util.tree_leaves_with_path(params)
-    short = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves]
+    # Canonical paths: a Linen box's or NNX variable's own ``.value`` step is not part of the
+    # name ("Dense_0/kernel", not "Dense_0/kernel/value"), as the params' dict keys read.
+    infos = canonical_leaves(params)
+    short = [jax.tree_util.keystr(x.path, simple=True, separator="/") for x in infos]
     # Paths that read alike ({"a/b": x, "a": {"b": y}}) keep their full keystr, so no leaf is
     # hidden behind another's name.
     names = tuple(
-      n if short.count(n) == 1 else jax.tree_util.keystr(p)
-      for n, (p, _) in zip(short, paths_leaves, strict=True)
+      n if short.count(n) == 1 else jax.tree_util.keystr(x.path)
+      for n, x in zip(short, infos, strict=True)
     )
-    offsets = np.cumsum([0] + [int(np.size(x)) for _, x in paths_leaves])
+    offsets = np.cumsum([0] + [int(np.size(x.leaf)) for x in infos])
     slices = tuple(slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
     return cls(params, names, slices, unravel)
 
