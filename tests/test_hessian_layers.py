@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hessian_problems import mlp, mlp_hessian, mlp_loss
+from hessian_problems import dense_hessian, mlp, mlp_hessian, mlp_loss
 
 from adahessian_jax import hessian
 
@@ -76,3 +76,79 @@ def test_bfloat16_traces_are_accumulated_in_float64():
   assert lc.trace == pytest.approx(exact.sum(), rel=1e-7) and lc.trace_stderr == 0.0
   assert lc.diagonal.dtype == jnp.float32
   np.testing.assert_allclose(lc.diagonal, exact, rtol=1e-6)
+
+
+def _stacked_problem(layer_axis):
+  """A residual stack of three tanh layers whose kernels share one leaf, stacked along
+  ``layer_axis`` (0 or 1) of a boxed ``(layers, 3, 3)`` / ``(3, layers, 3)`` kernel."""
+  import flax.linen as nn
+
+  r = np.random.default_rng(1)
+  kernel = r.normal(size=(3, 3, 3)) * 0.6
+  names = ["layers", None, "mlp"]
+  if layer_axis == 1:
+    kernel, names = np.moveaxis(kernel, 0, 1), [None, "layers", "mlp"]
+  params = {"stack": {"kernel": nn.Partitioned(jnp.asarray(kernel), names=tuple(names))}}
+  x = jnp.asarray(r.normal(size=(8, 3)))
+
+  def loss_fn(p, xb):
+    k = jnp.moveaxis(nn.unbox(p)["stack"]["kernel"], layer_axis, 0)
+    for i in range(3):
+      xb = xb + jnp.tanh(xb @ k[i])
+    return jnp.mean(xb**2)
+
+  return params, loss_fn, x
+
+
+@pytest.mark.parametrize("layer_axis", [0, 1])
+def test_stacked_layers_get_an_entry_each_matching_their_dense_blocks(layer_axis):
+  params, loss_fn, x = _stacked_problem(layer_axis)
+  op = hessian.hessian_operator(loss_fn, params, x)
+  h = dense_hessian(loss_fn, params, x)  # flat order: the leaf's row-major entries
+  out = hessian.layer_breakdown(op, jax.random.key(0), num_samples=8, tol=1e-10)
+  names = ["stack/kernel[0]", "stack/kernel[1]", "stack/kernel[2]"]
+  if layer_axis == 1:
+    names = ["stack/kernel[:, 0]", "stack/kernel[:, 1]", "stack/kernel[:, 2]"]
+  assert list(out) == names  # was one entry, "stack/kernel/value", pooling the three layers
+  whole = hessian.layer_breakdown(op, jax.random.key(0), num_samples=8, layer_axes=0, tol=1e-10)
+  (whole,) = whole.values()
+  flat = np.arange(27).reshape(np.shape(np.moveaxis(np.zeros((3, 3, 3)), 0, layer_axis)))
+  for i, lc in enumerate(out.values()):
+    idx = np.take(flat, i, axis=layer_axis).ravel()
+    assert lc.size == 9 and lc.diagonal.shape == (3, 3)
+    blk = h[np.ix_(idx, idx)]
+    assert lc.top_eigenvalue == pytest.approx(np.linalg.eigvalsh(blk)[-1], rel=1e-8)
+    # The same probes as the unsplit leaf: its diagonal, cut into layers.
+    np.testing.assert_allclose(np.ravel(lc.diagonal), np.ravel(whole.diagonal)[idx], rtol=1e-12)
+  assert sum(lc.trace for lc in out.values()) == pytest.approx(whole.trace, rel=1e-12)
+  # Plain arrays carry no names: layer_axes says the leaf is stacked.
+  if layer_axis == 0:
+    import flax.linen as nn
+
+    plain = hessian.hessian_operator(loss_fn, nn.unbox(params), x)
+    split = hessian.layer_breakdown(plain, jax.random.key(0), num_samples=8, layer_axes=1)
+    assert list(split) == names
+    assert [lc.top_eigenvalue for lc in split.values()] == pytest.approx(
+      [lc.top_eigenvalue for lc in out.values()], rel=1e-8
+    )
+
+
+def test_block_of_part_of_a_leaf():
+  params, loss_fn, x = _stacked_problem(1)
+  op = hessian.hessian_operator(loss_fn, params, x)
+  h = dense_hessian(loss_fn, params, x)
+  blk = op.block("stack/kernel", (slice(None), 2))
+  assert blk.leaf_names == ("stack/kernel[:, 2]",) and blk.size == 9
+  idx = np.arange(27).reshape(3, 3, 3)[:, 2].ravel()
+  v = np.arange(1.0, 10.0)
+  np.testing.assert_allclose(
+    np.asarray(blk.matvec(jnp.asarray(v))), h[np.ix_(idx, idx)] @ v, rtol=1e-12
+  )
+  with pytest.raises(
+    ValueError, match=r"block\('stack/kernel', where=\(5,\)\) needs a NumPy basic"
+  ):
+    op.block("stack/kernel", (5,))
+  with pytest.raises(ValueError, match=r"'x' is not an int or a slice"):
+    op.block("stack/kernel", ("x",))  # type: ignore[arg-type]
+  with pytest.raises(ValueError, match=r"has no entries at \(slice\(0, 0, None\),\)"):
+    op.block("stack/kernel", (slice(0, 0),))

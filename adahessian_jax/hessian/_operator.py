@@ -283,43 +283,72 @@ class HessianOperator:
       )
     return self.data
 
-  def block(self, leaf: int | str) -> HessianOperator:
-    """The diagonal block ``H_ll`` of one leaf, as an operator on that leaf alone.
+  def block(self, leaf: int | str, where: tuple[int | slice, ...] = ()) -> HessianOperator:
+    """The diagonal block ``H_ll`` of one leaf, or of part of it, as an operator on it alone.
 
     Args:
       leaf: Index into :attr:`leaf_names`, or the name itself.
+      where: A NumPy basic index into the leaf (ints and slices) selecting part of it, e.g.
+        ``(3,)`` for layer 3 of a stacked kernel ``(layers, in, out)``; ``()`` (the default)
+        for the whole leaf.
 
     Returns:
-      A :class:`HessianOperator` of size ``leaf.size`` whose products cost one
-      full Hessian-vector product each (the vector is zero outside the leaf).
+      A :class:`HessianOperator` on the selected entries (size ``leaf[where].size``, params
+      ``leaf[where]``) whose products cost one full Hessian-vector product each (the vector
+      is zero outside the selection).
 
     Raises:
-      ValueError: for an unknown leaf, or one of size 0 (as
-        :func:`hessian_operator` refuses params without entries).
+      ValueError: for an unknown leaf, an index that is not ints and slices or lies outside
+        the leaf, or a selection of size 0 (as :func:`hessian_operator` refuses params
+        without entries).
     """
     index = self.layout.index(leaf)
-    start, stop = self.leaf_slices[index].start, self.leaf_slices[index].stop
-    if stop == start:
+    name, leaf_params = self.leaf_names[index], jax.tree.leaves(self.params)[index]
+    start, n, full, full_probes = (
+      self.leaf_slices[index].start,
+      self.size,
+      self.matmat_fn,
+      self.probes_fn,
+    )
+    where = where if isinstance(where, tuple) else (where,)
+    bad = [w for w in where if not isinstance(w, (int, np.integer, slice)) or isinstance(w, bool)]
+    try:
+      if bad:
+        raise IndexError(f"{bad[0]!r} is not an int or a slice")
+      flat = np.arange(int(np.size(leaf_params))).reshape(jnp.shape(leaf_params))[where]
+    except IndexError as e:
       raise ValueError(
-        f"the leaf {self.leaf_names[index]!r} has no entries (shape "
-        f"{jnp.shape(jax.tree.leaves(self.params)[index])}): its block has no Hessian to analyse."
+        f"block({name!r}, where={where!r}) needs a NumPy basic index (ints and slices) into the "
+        f"leaf of shape {jnp.shape(leaf_params)}: {e}"
+      ) from None
+    if flat.size == 0:
+      raise ValueError(
+        f"the leaf {name!r} has no entries {'' if not where else f'at {where!r} '}(shape "
+        f"{np.shape(flat)}): its block has no Hessian to analyse."
       )
-    width, n, full, full_probes = stop - start, self.size, self.matmat_fn, self.probes_fn
-    leaf_params = jax.tree.leaves(self.params)[index]
-    shape = jnp.shape(leaf_params)
+    name = part_name(name, where)
+    shape, flat, width = np.shape(flat), flat.ravel() + start, flat.size
+    if flat[-1] - flat[0] + 1 == width:  # contiguous (a whole leaf, a leading-axis layer)
+      first = int(flat[0])
+      take = lambda vs: _take_cols(vs, first, width)
+      embed = lambda vs: _embed_cols(vs, first, n)
+    else:
+      cols = jnp.asarray(flat)
+      take = lambda vs: _take_idx(vs, cols)
+      embed = lambda vs: _embed_idx(vs, cols, n)
     layout = ParamLayout(
-      params=leaf_params,
-      names=(self.leaf_names[index],),
+      params=leaf_params[where],
+      names=(name,),
       slices=(slice(0, width),),
       unravel=lambda v: jnp.reshape(v, shape),
     )
     return HessianOperator(
-      matmat_fn=lambda vs: _take_cols(full(_embed_cols(vs, start, n)), start, width),
+      matmat_fn=lambda vs: take(full(embed(vs))),
       size=width,
       dtype=self.dtype,
       layout=layout,
-      probes_fn=lambda keys: _take_cols(full_probes(keys), start, width),
-      coordinates=None if self.coordinates is None else self.coordinates[start:stop],
+      probes_fn=lambda keys: take(full_probes(keys)),
+      coordinates=None if self.coordinates is None else self.coordinates[flat],
       block_size=self.block_size,
     )
 
@@ -397,6 +426,35 @@ def _embed_cols(vs, start, n):
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _take_cols(vs, start, size):
   return vs[:, start : start + size]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _embed_idx(vs, cols, n):
+  return jnp.zeros((vs.shape[0], n), vs.dtype).at[:, cols].set(vs)
+
+
+@jax.jit
+def _take_idx(vs, cols):
+  return vs[:, cols]
+
+
+def part_name(name: str, where: tuple[int | slice, ...]) -> str:
+  """The name of part ``where`` of the leaf ``name``, in NumPy syntax: ``"kernel[:, 3]"``.
+
+  Trailing full slices are left out (``"kernel[3]"`` for ``(3, :, :)``); ``()`` is the leaf.
+  """
+  where = tuple(where)
+  while where and where[-1] == slice(None):
+    where = where[:-1]
+  return f"{name}[{', '.join(_index_str(w) for w in where)}]" if where else name
+
+
+def _index_str(w: int | slice) -> str:
+  """An index as NumPy syntax: ``3``, ``:``, ``1:4``, ``::2``."""
+  if not isinstance(w, slice):
+    return str(int(w))
+  parts = ["" if x is None else str(x) for x in (w.start, w.stop, w.step)]
+  return ":".join(parts[:2] if w.step is None else parts)
 
 
 def map_row_blocks(fn: Callable[[jax.Array], jax.Array], rows: Any, block_size: int) -> jax.Array:

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
-from adahessian_jax.hessian import _checks, _lanczos
+from adahessian_jax.hessian import _checks, _lanczos, _stacks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
 
@@ -138,21 +138,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
     names, mapping = getattr(r, "names", None), r.roles() if hasattr(r, "roles") else {}
     roles.append(None if names is None else tuple(spatial._role(n, mapping) for n in names))
-  if layer_axes is None:
-    layers = [tuple(r.layer_axes(s)) for r, s in zip(rules, shapes, strict=True)]
-  else:
-    try:
-      counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, op.params))
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-        "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
-        f"number of leading layer axes); broadcasting it to the params failed: {e}"
-      ) from None
-    paths = _validation.leaf_paths(op.params)
-    layers = [
-      tuple(range(_validation.count(f"layer_axes at {p}", n, 0, len(s))))
-      for n, p, s in zip(counts, paths, shapes, strict=True)
-    ]
+  layers = _stacks.layer_axes_of(op.params, layer_axes)
   return [_LeafAxes(*a) for a in zip(shapes, layers, params, modules, roles, strict=True)]
 
 

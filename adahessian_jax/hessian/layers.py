@@ -1,4 +1,7 @@
-"""Per-leaf (per-layer) curvature: trace, diagonal and top eigenvalue of each block.
+"""Per-layer curvature: trace, diagonal and top eigenvalue of each leaf's block, or each layer's.
+
+A leaf holding layers stacked along some axes (``nn.scan``, ``nnx.vmap``; see
+``layer_axes`` of :func:`layer_breakdown`) is split into its layers, each a block of its own.
 
 For a leaf ``l`` (a kernel, a bias, ...) with diagonal Hessian block ``H_ll``:
 
@@ -18,15 +21,16 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
-from adahessian_jax.hessian._operator import HessianOperator, key_blocks
+from adahessian_jax.hessian._operator import HessianOperator, key_blocks, part_name
 from adahessian_jax.hessian._sketch import wide_dtype
+from adahessian_jax.hessian._stacks import layer_axes_of, layer_slices
 from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide
 from adahessian_jax.hessian.eigen import top_eigenvalues
 
@@ -74,6 +78,28 @@ def _unique_names(op: HessianOperator) -> tuple[str, ...]:
   return tuple(p if names.count(n) > 1 else n for n, p in zip(names, paths, strict=True))
 
 
+class _Part(NamedTuple):
+  """A leaf, or one layer of a stacked leaf: what gets an entry of the breakdown."""
+
+  name: str
+  leaf: int  # its leaf's index
+  where: tuple[Any, ...]  # its index into the leaf (``()``: the whole leaf)
+  entries: np.ndarray  # its entries' positions in the operator's flat vector
+
+
+def _parts(op: HessianOperator, layer_axes: Any) -> list[_Part]:
+  """Every leaf of ``op``'s params, a stacked one split into its layers."""
+  axes = layer_axes_of(op.params, layer_axes)
+  parts = []
+  names, leaves = _unique_names(op), jax.tree.leaves(op.params)
+  for i, (name, x, sl) in enumerate(zip(names, leaves, op.leaf_slices, strict=True)):
+    flat = np.arange(sl.start, sl.stop).reshape(np.shape(x))
+    layers = layer_slices(np.shape(x), axes[i]) if flat.size else [((), ())]
+    for _, where in layers:
+      parts.append(_Part(part_name(name, where), i, where, flat[where].ravel()))
+  return parts
+
+
 def layer_breakdown(
   op: HessianOperator,
   key: jax.Array,
@@ -84,6 +110,7 @@ def layer_breakdown(
   which: str = "LA",
   tol: float = 1e-6,
   max_iter: int = 100,
+  layer_axes: Any = None,
 ) -> dict[str, LayerCurvature]:
   """Trace, diagonal and top eigenvalue of every leaf's diagonal Hessian block.
 
@@ -97,10 +124,20 @@ def layer_breakdown(
     which: Which eigenvalue, as in :func:`~adahessian_jax.hessian.top_eigenvalues`.
     tol: Lanczos residual tolerance.
     max_iter: Lanczos step limit per leaf.
+    layer_axes: Layers stacked in one leaf (``nn.scan``, ``nnx.vmap``: a kernel
+      ``(layers, in, out)``) get an entry each. ``None`` (the default) finds the
+      layer axes from the params' axis names (boxed Linen params, NNX state with
+      sharding metadata; as the optimizer's spatial averaging reads them); plain
+      arrays carry none, so pass the number of leading layer axes of each leaf,
+      as an int or a pytree prefix of the params (e.g. ``{"ScanBlock_0": 1,
+      "head": 0}``); ``0`` keeps every leaf whole.
 
   Returns:
     A dict from leaf name (``op.leaf_names``, e.g. ``"Conv_0/kernel"``) to
-    :class:`LayerCurvature`, in flattening order. Leaves whose names coincide
+    :class:`LayerCurvature`, in flattening order; a stacked leaf has one entry
+    per layer, named by its index (``"layers/Dense_0/kernel[3]"``, ``"...[:, 3]"``
+    for a layer axis 1, as :meth:`~adahessian_jax.hessian.HessianOperator.block`
+    names them), its diagonal shaped like one layer. Leaves whose names coincide
     (``{"a/b": x, "a": {"b": y}}``) are keyed by their full paths instead
     (``"['a/b']"``, ``"['a']['b']"``), so none is lost. A leaf of size 0 has
     trace 0 with error 0, an empty diagonal and a ``nan`` top eigenvalue. The
@@ -111,42 +148,42 @@ def layer_breakdown(
     float32 model too).
 
   Raises:
-    ValueError: for a count out of range.
+    ValueError: for a count out of range or a ``layer_axes`` that does not fit the
+      params (naming the leaf).
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
   num_samples = _validation.count("num_samples", num_samples, 2)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
+  parts = _parts(op, layer_axes)
   k_trace, k_eig = jax.random.split(key)
   blocks = key_blocks(k_trace, num_samples, block_size)
-  seg = np.concatenate(
-    [np.full(sl.stop - sl.start, i) for i, sl in enumerate(op.leaf_slices)]
-  ).astype(np.int32)
-  num_leaves = len(op.leaf_slices)
+  seg = np.empty(op.size, np.int32)
+  for i, part in enumerate(parts):
+    seg[part.entries] = i
   wide = wide_dtype(op.dtype)
   diag_sum = jnp.zeros(op.size, wide)
   traces = []
   for keys in blocks:
     x = hutchinson_samples(op, keys)
     diag_sum = diag_sum + x.astype(wide).sum(0)
-    traces.append(np.asarray(_leaf_sums(x, seg, num_leaves), dtype=np.float64))
+    traces.append(np.asarray(_leaf_sums(x, seg, len(parts)), dtype=np.float64))
   traces = np.concatenate(traces)
-  diag = unravel_wide(op, diag_sum / num_samples)
+  diag = jax.tree.leaves(unravel_wide(op, diag_sum / num_samples))
   out = {}
-  eig_keys = jax.random.split(k_eig, num_leaves)
-  names = _unique_names(op)
-  for i, (name, leaf_diag) in enumerate(zip(names, jax.tree.leaves(diag), strict=True)):
+  eig_keys = jax.random.split(k_eig, len(parts))
+  for i, part in enumerate(parts):
     top, spent = float("nan"), 0
-    if eigenvalues and np.size(leaf_diag) > 0:
+    if eigenvalues and part.entries.size > 0:
       eig = top_eigenvalues(
-        op.block(i), 1, which=which, key=eig_keys[i], tol=tol, max_iter=max_iter
+        op.block(part.leaf, part.where), 1, which=which, key=eig_keys[i], tol=tol, max_iter=max_iter
       )
       top, spent = float(eig.eigenvalues[0]), eig.num_matvecs
     t = traces[:, i]
-    out[name] = LayerCurvature(
-      size=int(np.size(leaf_diag)),
+    out[part.name] = LayerCurvature(
+      size=int(part.entries.size),
       trace=float(t.mean()),
       trace_stderr=float(t.std(ddof=1) / np.sqrt(num_samples)),
-      diagonal=leaf_diag,
+      diagonal=diag[part.leaf][part.where],
       top_eigenvalue=top,
       num_matvecs=spent,
     )
