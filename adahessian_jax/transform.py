@@ -348,15 +348,22 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
   return jax.tree.map(mark, params)
 
 
-def _to_float16(u: jax.Array) -> jax.Array:
-  """``u`` in float16, saturated at its largest value (65504) instead of overflowing to ``inf``.
+def _like_gradient(u: jax.Array, g: Any) -> jax.Array:
+  """``u`` in the dtype of the gradient ``g`` (unchanged for a Python number ``g``); float16
+  saturated at its largest value (65504) instead of overflowing to ``inf``.
 
-  Before the learning rate scales it, ``m̂ / (√v̂ + eps)`` passes 65504 where the curvature is
-  near zero (``g / eps``); the chain keeps the gradients' dtype (``optax.apply_if_finite`` and
-  ``MultiSteps`` need it), so the step saturates rather than turning the parameter into ``inf``.
+  The chain keeps the gradients' dtypes: ``optax.apply_if_finite`` puts the update in a
+  ``lax.cond`` with zeros like the gradient, which fails on float32 updates of bfloat16 gradients
+  (moments in float32, or hyperparameters injected as float32). Before the learning rate scales
+  it, ``m̂ / (√v̂ + eps)`` passes 65504 where the curvature is near zero (``g / eps``), so a
+  float16 step saturates rather than turning the parameter into ``inf``.
   """
-  big = float(jnp.finfo(jnp.float16).max)
-  return jnp.clip(u, -big, big).astype(jnp.float16)
+  if not hasattr(g, "dtype"):
+    return u
+  if g.dtype == jnp.float16:
+    big = float(jnp.finfo(jnp.float16).max)
+    return jnp.clip(u, -big, big).astype(jnp.float16)
+  return u.astype(g.dtype)
 
 
 def _unmarked(updates: Any, nu: Any) -> Any:
@@ -489,8 +496,9 @@ def scale_by_adahessian(
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters', but float32 for float16 parameters, whose
       range cannot hold ``D²`` for curvatures over 256; float16 is refused).
-      With the default, float16 gradients get float16 updates, saturated at
-      ±65504 (before the learning rate scales them they can pass float16's range).
+      Whatever the moments' dtypes, the updates have the gradients' dtypes
+      (as ``optax.apply_if_finite`` needs); float16 ones saturate at ±65504
+      (before the learning rate scales them they can pass float16's range).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -591,13 +599,10 @@ def scale_by_adahessian(
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
     updates = _unmarked(updates, nu)
-    if nu_dtype is None:  # float16 gradients stay float16 (their default nu is float32)
-      updates = jax.tree.map(
-        lambda u, g: _to_float16(u) if jnp.result_type(g) == jnp.float16 else u, updates, grads
-      )
     if update_clip is not None:
       rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
       updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
+    updates = jax.tree.map(_like_gradient, updates, grads)
     if finite is not None:  # a step whose estimate is not finite does not move the params
       updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
     new_state = ScaleByAdaHessianState(

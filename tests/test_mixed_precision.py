@@ -79,3 +79,23 @@ def test_moments_keep_their_dtype_with_float32_hyperparameters():
     p32 = optax.apply_updates(p32, u)
     ref.append(float(loss(p32)))
   np.testing.assert_allclose(np.asarray(losses), ref, rtol=0.05)
+
+
+def test_apply_if_finite_around_float32_moments_of_bfloat16_params():
+  """The recommended bfloat16 setup (float32 moments) gave float32 updates, and
+  optax.apply_if_finite's lax.cond (zeros like the bfloat16 gradient) failed: 'cond branches must
+  have equal output types'. The updates keep the gradients' dtype; a NaN step is still skipped."""
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)}
+  loss = lambda p: jnp.sum(jnp.asarray([1.0, 3.0, 0.5]) * p["w"].astype(jnp.float32) ** 2)
+  inner = ah.adahessian(0.1, mu_dtype=jnp.float32, nu_dtype=jnp.float32, update_clip=1e3)
+  tx = optax.apply_if_finite(inner, max_consecutive_errors=2)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  updates, state = tx.update(grads, state, params, value_fn=loss)
+  assert updates["w"].dtype == jnp.bfloat16
+  # Step 1 is -lr · g / (|h| + eps), g = 2·c·w and h = 2·c: -0.1 · w, rounded to bfloat16.
+  expected = -0.1 * np.asarray(params["w"], np.float64) * (1 - 5e-5)
+  np.testing.assert_allclose(np.asarray(updates["w"], np.float64), expected, rtol=2**-8)
+  bad = {"w": grads["w"].at[0].set(jnp.nan)}
+  updates, state = tx.update(bad, state, params, value_fn=loss)
+  assert int(state.notfinite_count) == 1 and not np.any(np.asarray(updates["w"], np.float32))
