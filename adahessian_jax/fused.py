@@ -140,7 +140,10 @@ def value_grad_and_hessian_diag(
   ``refresh=True`` and one with ``refresh=False`` (passing the same value to
   ``tx.update``), compile both, and call the first when
   ``step % update_freq == 0``. Neither program has a conditional, so a
-  non-refresh step costs what an Adam step costs::
+  non-refresh step costs what an Adam step costs. The step is the
+  optimizer's, which :func:`optax.apply_if_finite` (on a skipped step) and
+  :func:`optax.MultiSteps` (on a micro-step) do not advance: with those, follow
+  the state's schedule (``refresh=None``)::
 
     def make_step(refresh):
       vgh = adahessian_jax.value_grad_and_hessian_diag(loss_fn, refresh=refresh)
