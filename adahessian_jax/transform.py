@@ -236,6 +236,9 @@ def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, ja
   def floored(r, x, s):
     mean = s / float(math.prod(x.shape[i] for i in mean_axes(r, x)))  # int32 overflows
     floor = curvature_floor * jnp.where(mean > 0, mean, model_mean)
+    # A traced floor of 0 (optax.inject_hyperparams injects the default) leaves D as a static 0
+    # does: 0 times a leaf's non-finite mean would make the whole leaf's D non-finite.
+    floor = jnp.where(curvature_floor > 0, floor, 0)
     return jnp.maximum(x, floor.astype(x.dtype))
 
   return jax.tree.map(floored, rules, d, sums, is_leaf=is_rule), finite

@@ -667,6 +667,21 @@ def test_curvature_floor_falls_back_to_the_model_mean_for_a_leaf_without_curvatu
   np.testing.assert_allclose(np.asarray(updates["curved"]), 1 / (np.array([1.0, 3.0]) + 1e-4))
 
 
+def test_a_traced_zero_floor_keeps_only_the_non_finite_entries_curvature():
+  # optax.inject_hyperparams injects the default curvature_floor=0.0, traced under jit: 0 times
+  # the leaf's NaN mean made the whole leaf's D NaN, so every entry kept its old curvature.
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+  grads = {"w": jnp.ones(3)}
+  tx = optax.inject_hyperparams(ah.adahessian)(0.1)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  _, state = update(grads, state, params, hessian_diag={"w": jnp.asarray([2.0, 3.0, 4.0])})
+  _, state = update(grads, state, params, hessian_diag={"w": jnp.asarray([jnp.nan, 5.0, 6.0])})
+  nu = np.asarray(ah.find_adahessian_state(state).nu["w"])
+  # Entry 0 keeps step 1's 0.001·2²; the others move on: 0.999·0.001·D₁² + 0.001·D₂².
+  np.testing.assert_allclose(nu, [0.004, 0.999 * 0.009 + 0.025, 0.999 * 0.016 + 0.036])
+
+
 def test_a_constant_zero_curvature_clears_the_first_step_mark_under_jit():
   # The loss is linear in b: its Hessian-diagonal estimate is a constant zero, which XLA folds;
   # the mark of "no curvature yet" (nu = -0.0) was cleared by -0.0 + 0.0 = +0.0, an addition
