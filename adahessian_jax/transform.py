@@ -339,13 +339,16 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
   parameters where they are instead of moving them by ``m / eps``. The first finite estimate
   clears it, a zero one too, so the paper's rule is unchanged.
 
-  In ``nu_dtype``, by default the parameter's, but float32 for float16 parameters: float16
-  (largest value 65504) cannot hold ``D²`` for a curvature over 256, nor (below 6e-8) for one
-  under 2.4e-4.
+  In ``nu_dtype``, by default the parameter's, but float32 for float16 and bfloat16 parameters:
+  float16 (largest value 65504) cannot hold ``D²`` for a curvature over 256, nor (below 6e-8)
+  for one under 2.4e-4; bfloat16 (8 significant bits) rounds ``b2 = 0.999`` to 1 and drops
+  ``(1 - b2)·D²`` once it is under half a unit in the last place of ``nu``, so that ``nu`` stops
+  following the curvature (with ``D = 1``, frozen at 0.5 from step ~700 on).
   """
 
   def mark(p):
-    dtype = nu_dtype or (jnp.float32 if jnp.result_type(p) == jnp.float16 else jnp.result_type(p))
+    dtype = jnp.result_type(p)
+    dtype = nu_dtype or (jnp.float32 if dtype in (jnp.float16, jnp.bfloat16) else dtype)
     return jnp.full(jnp.shape(p), -0.0, dtype)
 
   return jax.tree.map(mark, params)
@@ -498,7 +501,8 @@ def scale_by_adahessian(
     mu_dtype: Floating dtype of the first moment (default: the parameters').
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters', but float32 for float16 parameters, whose
-      range cannot hold ``D²`` for curvatures over 256; float16 is refused).
+      range cannot hold ``D²`` for curvatures over 256, and for bfloat16 ones,
+      whose precision freezes ``nu`` after a few hundred steps; float16 is refused).
       Whatever the moments' dtypes, the updates have the gradients' dtypes
       (as ``optax.apply_if_finite`` needs); float16 ones saturate at ±65504
       (before the learning rate scales them they can pass float16's range).

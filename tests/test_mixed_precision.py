@@ -99,3 +99,21 @@ def test_apply_if_finite_around_float32_moments_of_bfloat16_params():
   bad = {"w": grads["w"].at[0].set(jnp.nan)}
   updates, state = tx.update(bad, state, params, value_fn=loss)
   assert int(state.notfinite_count) == 1 and not np.any(np.asarray(updates["w"], np.float32))
+
+
+def test_bfloat16_params_keep_their_second_moment_in_float32_by_default():
+  """A bfloat16 nu rounded b2 = 0.999 to 1 and dropped (1 - b2)·D² once it was under half a unit
+  in nu's last place: with D = 1 it froze at 0.5 (step ~700), where Algorithm 1 has
+  1 - 0.999^t, so v̂ no longer followed the curvature."""
+  params = {"w": jnp.ones(2, jnp.bfloat16)}
+  tx = ah.scale_by_adahessian()
+  grads, hdiag = {"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2, jnp.bfloat16)}
+
+  def body(state, _):
+    return tx.update(grads, state, params, hessian_diag=hdiag)[1], None
+
+  state, _ = jax.lax.scan(body, tx.init(params), None, length=1500)
+  assert state.nu["w"].dtype == jnp.float32 and state.mu["w"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(state.nu["w"]), 1 - 0.999**1500, rtol=1e-3)
+  updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
+  assert updates["w"].dtype == jnp.bfloat16
