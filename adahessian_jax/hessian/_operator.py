@@ -675,7 +675,9 @@ def hessian_operator(
   bad = layout.first_not_finite(flat)
   if bad is not None:
     raise NonFiniteError(f"params are not finite: {bad}. Analyse a point the loss is defined at.")
-  check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn")
+  # loss_fn takes the batch too: the way out of (loss, aux) is not the optimizer's lambda p.
+  fix = "wrap it: lambda p, b: loss_fn(p, b)[0]."
+  check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn", fix)
   loss_fn = _static(loss_fn)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
 
