@@ -114,6 +114,9 @@ def test_bad_arguments_raise():
     hessian.hessian_operator(mlp_loss, params, batches=[batch], batch_sizes=[1, 2])
   with pytest.raises(TypeError, match="scalar"):
     hessian.hessian_operator(lambda p, b: mlp_loss(p, b) * jnp.ones(2), params, batch)
+  # One dict batch passed as batches= would be read as the batches "x" and "y", its keys.
+  with pytest.raises(ValueError, match=r"got a dict with keys \['x', 'y'\].* batch="):
+    hessian.hessian_operator(mlp_loss, params, batches={"x": batch[0], "y": batch[1]})
   # The way out of a (loss, aux) loss takes the batch too, as loss_fn does.
   with pytest.raises(TypeError, match=r"tuple of 2 .* lambda p, b: loss_fn\(p, b\)\[0\]"):
     hessian.hessian_operator(lambda p, b: (mlp_loss(p, b), {"aux": 1.0}), params, batch)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -551,6 +551,12 @@ def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
     _check_not_empty(batch, "batch")
     return [batch]
   assert batches is not None  # one of the two is given (checked above)
+  if isinstance(batches, Mapping):  # iterating it would give its keys, not batches
+    raise ValueError(
+      f"batches must be an iterable of batches (a list, a generator), got a "
+      f"{type(batches).__name__} with keys {list(batches)[:4]}, whose iteration gives its keys. "
+      "For a single batch pass batch=... (or batches=[...] holding it)."
+    )
   data = list(batches)  # a sequence's elements, held by reference; an iterator read once
   if not data:
     raise ValueError("batches is empty; give at least one batch")
@@ -629,7 +635,8 @@ def hessian_operator(
     batch: A single batch (any pytree ``loss_fn`` accepts).
     batches: An iterable of batches. A sequence (list, tuple) is kept as is; any
       other iterable is read once into a list (the batches are held by
-      reference: device arrays stay where they are).
+      reference: device arrays stay where they are). Not a mapping: a dict
+      batch goes in ``batch`` (or in a list).
     batch_sizes: Example counts ``n_b`` of the batches, finite positive
       numbers. By default the leading dimension that all leaves of a batch
       with an axis share; a batch whose leaves disagree (e.g. a per-class
@@ -654,7 +661,8 @@ def hessian_operator(
     NonFiniteError: if an entry of ``params`` is not finite (named by its
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
-    ValueError: for params without entries, an empty batch (a leaf with a
+    ValueError: for params without entries, ``batches`` that is a mapping (whose
+      iteration gives its keys), an empty batch (a leaf with a
       leading axis of length 0), a batch whose structure or leaf shapes past
       the leading axis differ from the first batch's, or bad ``batch_sizes``;
       the message names the batch and leaf.
