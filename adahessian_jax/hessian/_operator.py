@@ -150,10 +150,17 @@ class WeightedData:
   batches: tuple[Any, ...]
 
   def weighted_sum(self, per_batch: Callable[[Any], Any]) -> Any:
-    """``Σ_b w_b · per_batch(batch_b)``: the one loop over batches every full-data quantity uses."""
+    """``Σ_b w_b · per_batch(batch_b)``: the one loop over batches every full-data quantity uses.
+
+    Over several batches, float16 and bfloat16 parts are summed in float32 (the result's dtype):
+    summed in bfloat16, 256 products or losses were off by 1.2 %, one by 0.3 %.
+    """
+    if len(self.batches) == 1:
+      return self.weights[0] * per_batch(self.batches[0])
     total = None
     for w, batch in zip(self.weights, self.batches, strict=True):
-      part = w * per_batch(batch)
+      part = per_batch(batch)
+      part = w * part.astype(jnp.promote_types(part.dtype, jnp.float32))
       total = part if total is None else total + part
     return total
 
@@ -650,9 +657,10 @@ def hessian_operator(
 
   Returns:
     A :class:`HessianOperator`. Its block product is ``jax.jit``-compiled and
-    reused by every product (over several batches, 16-bit products are summed in
-    float32 and rounded once); compilations are shared between operators built
-    from the same ``loss_fn`` object with the same shapes. An unhashable
+    reused by every product; compilations are shared between operators built
+    from the same ``loss_fn`` object with the same shapes. Over several batches,
+    16-bit products and losses are summed in float32 (the products then rounded
+    once, the loss kept in float32). An unhashable
     ``loss_fn`` (e.g. an instance of a plain ``@dataclass``) is held in a
     wrapper hashed by identity, which is what ``op.data.loss_fn`` then is.
 
@@ -690,13 +698,8 @@ def hessian_operator(
   loss_fn = _static(loss_fn)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
 
-  # A sum over several batches of 16-bit products is taken in float32 and rounded once: summed in
-  # bfloat16, its error grew with the number of batches (1.2 % over 256, against 0.3 % for one).
-  wide = jnp.promote_types(flat.dtype, jnp.float32) if len(data) > 1 else flat.dtype
-
-  def block_product(vs):
-    total = weighted.weighted_sum(lambda b: _batch_matmat(loss_fn, params, b, vs).astype(wide))
-    return total.astype(flat.dtype)
+  def block_product(vs):  # 16-bit products over several batches: summed wide, rounded once
+    return weighted.weighted_sum(lambda b: _batch_matmat(loss_fn, params, b, vs)).astype(flat.dtype)
 
   def probes(keys):
     key_data = jax.random.key_data(keys)
