@@ -186,7 +186,8 @@ def top_eigenvalues(
       values (``k`` wanted eigenvalues all near zero may then take up to
       ``max_iter`` products; ``converged`` says whether it was met).
     max_iter: Maximum Lanczos steps (Hessian products); memory is
-      ``max_iter · n`` values. Clipped to ``n``.
+      ``max_iter · n`` values. Raised to ``k`` (``k`` Ritz pairs need ``k``
+      steps; ``converged`` then says whether they are eigenpairs), clipped to ``n``.
     stop_on: ``"residual"`` (a bound) or ``"eigenvalue"`` (the gap estimate).
 
   Returns:
