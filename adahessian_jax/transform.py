@@ -566,7 +566,11 @@ def scale_by_adahessian(
       "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter), or "
       "exclude them with optax.masked or optax.multi_transform.",
     )
-    spatial.resolve_rules(averaging, params, block_size)  # fail early on a bad rule
+    # Fail early on a bad rule; update checks again. Not on a tree without leaves:
+    # optax.tree.map_params (so distributed.state_shardings) calls init on a leafless placeholder
+    # to find the parameter-shaped fields, which a pytree-prefix averaging does not fit.
+    if jax.tree.leaves(params):
+      spatial.resolve_rules(averaging, params, block_size)
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
