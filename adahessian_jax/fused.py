@@ -47,7 +47,12 @@ def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
     return grads
   poison = hutchinson.not_finite_mark([estimates[i] for i in mine])
   first = flat[target]
-  flat[target] = first.at[(0,) * first.ndim].add(poison.astype(first.dtype))
+  # A dynamic_update_slice, not first.at[0].add: XLA's SPMD partitioner (jax 0.10) compiles that
+  # scatter wrongly for a leaf sharded over one axis of a 2-D mesh under jax.jit, writing the
+  # first entry into every shard's first entry.
+  corner = (0,) * first.ndim
+  entry = jax.lax.slice(first, corner, (1,) * first.ndim) + poison.astype(first.dtype)
+  flat[target] = jax.lax.dynamic_update_slice(first, entry, corner)
   return jax.tree.unflatten(treedef, flat)
 
 
