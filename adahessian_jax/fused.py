@@ -13,13 +13,16 @@ do not refresh the Hessian only ``jax.value_and_grad``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking
+from adahessian_jax._transposes import _explicitly_sharded
 from adahessian_jax.state import adahessian_states, is_refresh_step, on_refresh, probe_keys
 
 __all__ = ["value_grad_and_hessian_diag"]
@@ -27,8 +30,8 @@ __all__ = ["value_grad_and_hessian_diag"]
 
 def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
   """``grads`` with one entry NaN if ``estimate`` has a non-finite entry where AdaHessian uses it
-  (for ``optax.apply_if_finite``): a sum over the estimate and a one-entry update, no pass over
-  ``grads``.
+  (for ``optax.apply_if_finite``): a sum over the estimate and a one-entry update
+  (:func:`_add_to_first_entry`), no pass over ``grads``.
 
   ``owned`` is :func:`_owned`'s: inside ``optax.masked`` or ``multi_transform`` the AdaHessian
   state's ``mu``, with a ``MaskedNode`` at each leaf another transform owns. Those leaves'
@@ -46,14 +49,29 @@ def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
   if target is None:  # nothing AdaHessian owns has an entry to mark
     return grads
   poison = hutchinson.not_finite_mark([estimates[i] for i in mine])
-  first = flat[target]
-  # A dynamic_update_slice, not first.at[0].add: XLA's SPMD partitioner (jax 0.10) compiles that
-  # scatter wrongly for a leaf sharded over one axis of a 2-D mesh under jax.jit, writing the
-  # first entry into every shard's first entry.
-  corner = (0,) * first.ndim
-  entry = jax.lax.slice(first, corner, (1,) * first.ndim) + poison.astype(first.dtype)
-  flat[target] = jax.lax.dynamic_update_slice(first, entry, corner)
+  flat[target] = _add_to_first_entry(flat[target], poison)
   return jax.tree.unflatten(treedef, flat)
+
+
+def _add_to_first_entry(x: jax.Array, value: jax.Array) -> jax.Array:
+  """``x`` with the scalar ``value`` added to its first entry, under any sharding of ``x``.
+
+  Not ``x.at[0].add(value)``: XLA's SPMD partitioner (jax 0.10) compiles that scatter wrongly under
+  ``jax.jit`` for a leaf split over one axis of a 2-D mesh (the first entry was written into the
+  first entry of every shard), and JAX refuses it, like any one-entry slice, for a leaf typed with
+  a split over ``Explicit`` mesh axes; there a select against an iota typed like ``x`` does it.
+  """
+  value = value.astype(x.dtype)
+  if _explicitly_sharded(x):
+    sharding = jax.typeof(x).sharding
+    at_first = [
+      jax.lax.broadcasted_iota(jnp.int32, x.shape, i, out_sharding=sharding) == 0
+      for i in range(x.ndim)
+    ]
+    return jnp.where(functools.reduce(jnp.logical_and, at_first, jnp.bool_(True)), x + value, x)
+  corner = (0,) * x.ndim
+  entry = jax.lax.slice(x, corner, (1,) * x.ndim) + value
+  return jax.lax.dynamic_update_slice(x, entry, corner)
 
 
 def _owned(params: Any, mu: Any) -> Any:

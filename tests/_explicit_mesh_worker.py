@@ -1,8 +1,9 @@
 """Subprocess worker for test_distributed.py: FSDP under jax.jit on a mesh with Explicit axes.
 
 ``jax.make_mesh``'s axes are ``Explicit`` by default. Prints the largest parameter difference
-from an unsharded run after 3 steps of each route (value_fn, fused); then ``fused_2d``: the fused
-route on a ``(data, model)`` mesh with ``Auto`` axes, the first leaf split over ``model``.
+from an unsharded run after 3 steps of each route (value_fn, fused); then ``fused_2d_*``: the fused
+route on a ``(data, model)`` mesh with ``Auto``, then ``Explicit`` axes, the first leaf split over
+``model``.
 """
 
 import jax
@@ -47,10 +48,10 @@ for fused in (False, True):
   print("fused" if fused else "value_fn", float(jnp.abs(p["w"] - q["w"]).max()))
 
 
-# The fused route marks a non-finite estimate in the first entry of the first leaf (b). On a 2-D
-# mesh, with b split over one axis, XLA compiled that one-entry scatter wrongly: b's gradient got
-# its first entry also at the first entry of its other shard (updates off by 1e-2).
-mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+# The fused route marks a non-finite estimate in the first entry of the first leaf (b), here split
+# over the model axis of a (data, model) mesh. With Auto axes XLA compiled that one-entry scatter
+# wrongly (b's gradient got its first entry also at the first entry of its other shard: updates
+# off by 6e-3); with Explicit axes JAX refused it (a ShardingTypeError about the scatter).
 host = {"w": jnp.asarray(r.normal(size=(8, 4))), "b": jnp.asarray(r.normal(size=4))}
 x = jnp.asarray(r.normal(size=(8, 8)))
 loss = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
@@ -58,18 +59,22 @@ vgh = ah.value_grad_and_hessian_diag(loss)
 tx = ah.adahessian(0.1, hessian_power=0.5)
 
 
-@jax.jit
 def fused_step(p, s, x):
   _, g, h = vgh(p, s, x)
   u, s = tx.update(g, s, p, hessian_diag=h)
   return optax.apply_updates(p, u), s
 
 
-specs = {"w": P(None, "model"), "b": P("model")}
-p = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
-s = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, p))(p)
 q, t = host, tx.init(host)
 for _ in range(3):
-  p, s = fused_step(p, s, jax.device_put(x, NamedSharding(mesh, P(("data", "model")))))
-  q, t = fused_step(q, t, x)
-print("fused_2d", max(float(jnp.abs(p[k] - q[k]).max()) for k in host))
+  q, t = jax.jit(fused_step)(q, t, x)
+for axis_type in (AxisType.Auto, AxisType.Explicit):
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  specs = {"w": P(None, "model"), "b": P("model")}
+  # The batch over both axes (Explicit axes refuse that split in x @ w).
+  batch = P(("data", "model")) if axis_type == AxisType.Auto else P("data")
+  p = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
+  s = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, p))(p)
+  for _ in range(3):
+    p, s = jax.jit(fused_step)(p, s, jax.device_put(x, NamedSharding(mesh, batch)))
+  print(f"fused_2d_{axis_type.name}", max(float(jnp.abs(p[k] - q[k]).max()) for k in host))
