@@ -109,8 +109,10 @@ def test_preconditioner_checks():
   )
   with pytest.raises(ValueError, match=r"found 2 \(ScaleByAdamState, ScaleByAmsgradState\)"):
     hessian.adam_preconditioner(two.init(params))
-  with pytest.raises(ValueError, match="positive and finite"):
+  with pytest.raises(ValueError, match=r"must be positive \(inf for a coordinate"):
     hessian.preconditioned_operator(op, jnp.zeros(op.size).at[3].set(-1.0))
+  with pytest.raises(ValueError, match="got nan at"):
+    hessian.preconditioned_operator(op, jnp.ones(op.size).at[3].set(jnp.nan))
   with pytest.raises(ValueError, match="structure"):
     hessian.preconditioned_operator(op, {"x": jnp.ones(3)})
 
@@ -256,3 +258,26 @@ def test_a_masked_adam_state_is_refused_naming_the_masked_leaves():
   state = _stepped(optax.masked(optax.adam(1e-3), mask), params)
   with pytest.raises(ValueError, match=r"inside optax.masked .*: the leaves \['out'\]\['bias'\]"):
     hessian.adam_preconditioner(state)
+
+
+def test_entries_without_curvature_yet_are_held_still():
+  # The first estimate is NaN at one entry: the update leaves it where it is (its nu stays marked
+  # -0.0) while a stored-D step moves the others. P is inf there, not eps (which made
+  # lambda_max(P^-1 H) about H_ii / 1e-4), and the operator is the dense one on the others.
+  params, batch = mlp()
+  tx = adahessian_jax.scale_by_adahessian(update_freq=2)
+  state = tx.init(params)
+  grads = jax.grad(mlp_loss)(params, batch)
+  diag = jax.tree.map(lambda g: jnp.abs(g) + 1.0, grads)
+  diag["out"]["kernel"] = diag["out"]["kernel"].at[1, 2].set(jnp.nan)
+  _, state = tx.update(grads, state, params, hessian_diag=diag)
+  updates, state = tx.update(grads, state, params)  # the stored D: no refresh
+  assert float(updates["out"]["kernel"][1, 2]) == 0.0 and float(updates["out"]["kernel"][0, 2]) != 0
+  p = hessian.adahessian_preconditioner(state)
+  assert float(p["out"]["kernel"][1, 2]) == np.inf
+  assert np.all(np.isfinite(np.asarray(p["out"]["kernel"]).ravel()[np.arange(24) != 5]))
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  scale = 1 / np.sqrt(np.asarray(op.ravel(p)))  # 0 at the held entry
+  dense = scale[:, None] * dense_hessian(mlp_loss, params, batch) * scale[None, :]
+  top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 1, tol=1e-10)
+  assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)

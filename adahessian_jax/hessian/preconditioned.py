@@ -148,7 +148,9 @@ def adahessian_preconditioner(
       default the injected value, else 1.
 
   Returns:
-    ``P`` as a pytree like the params.
+    ``P`` as a pytree like the params; ``inf`` on entries that have no curvature
+    yet (every estimate of them so far was not finite), which the updates leave
+    where they are, and which :func:`preconditioned_operator` therefore holds still.
 
   Raises:
     ValueError: for a hyperparameter out of range (named), one that conflicts
@@ -172,7 +174,8 @@ def adahessian_preconditioner(
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
   nu_hat = _bias_corrected(state.nu, count, b2, every)
-  return jax.tree.map(lambda v: v**half + eps, nu_hat)
+  # An entry without curvature yet (nu marked -0.0) is not moved by the updates: P = inf there.
+  return jax.tree.map(lambda v: jnp.where(jnp.signbit(v), jnp.inf, v**half + eps), nu_hat)
 
 
 def adam_preconditioner(
@@ -258,7 +261,8 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
     op: A Hessian operator (any: full, block or masked, over any data).
     preconditioner: ``P``, positive, as a pytree like the params (from
       :func:`adahessian_preconditioner`, :func:`adam_preconditioner`, or your
-      own) or a flat ``(n,)`` array.
+      own) or a flat ``(n,)`` array. An ``inf`` entry is a coordinate the
+      optimizer does not move: ``P^{-1/2}`` is 0 there.
 
   Returns:
     A :class:`~adahessian_jax.hessian.HessianOperator` with the same layout,
@@ -269,16 +273,17 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
   Raises:
     ValueError: if ``P`` is a pytree of another structure or leaf shapes than
       the params, a flat array of another size, complex, or has an entry that
-      is not positive and finite (named by leaf path and index in the leaf).
+      is not positive (NaN, 0, negative or ``-inf``; named by leaf path and
+      index in the leaf).
   """
   flat = op.layout.flatten(preconditioner, "the preconditioner")
   flat = jnp.asarray(flat, op.dtype)
   host = np.asarray(flat)
-  if not np.all(np.isfinite(host) & (host > 0)):
-    bad = int(np.argmin(np.where(np.isfinite(host), host, -np.inf)))
+  if not np.all(host > 0):  # NaN compares False
+    bad = int(np.argmin(np.where(np.isnan(host), -np.inf, host)))
     raise ValueError(
-      f"the preconditioner must be positive and finite, got {host[bad]} at "
-      f"{op.layout.where(bad)}; an optimizer's P is positive when its eps is."
+      f"the preconditioner must be positive (inf for a coordinate the optimizer does not move), "
+      f"got {host[bad]} at {op.layout.where(bad)}; an optimizer's P is positive when its eps is."
     )
   scale = 1.0 / jnp.sqrt(flat)
   full = op.matmat_fn
