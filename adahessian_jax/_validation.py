@@ -14,6 +14,7 @@ optimizer was first built; the other checks, counts above all (they set shapes),
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any
 
@@ -177,6 +178,31 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
       raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}") from None
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{must} has dtype {dtype}. {fix}")
+
+
+def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> None:
+  """Raises ``TypeError`` if ``fn``'s signature cannot take ``fn(*args, **kwargs)``.
+
+  Python's own error, raised from deep inside a trace, names neither the argument the function
+  was given as nor how to fix the call. A function without a signature (a builtin) is let through.
+
+  Args:
+    fn: The user's function.
+    args: The positional arguments it will be called with.
+    kwargs: The keyword arguments it will be called with.
+    call: How the function is called, e.g. ``"value_fn(params)"``.
+    fix: A sentence appended to the error, saying what to do instead.
+  """
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(*args, **kwargs)
+  except TypeError as e:
+    raise TypeError(
+      f"{call.split('(')[0]} is called as {call}, but its signature is {signature}: {e}. {fix}"
+    ) from None
 
 
 def leaf_paths(tree: Any) -> list[str]:

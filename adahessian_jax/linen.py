@@ -119,8 +119,9 @@ class TrainState(train_state.TrainState):
       at the parameters before the step.
 
     Raises:
-      TypeError: if ``loss_fn``'s output does not match ``has_aux`` (a tuple
-        without it, a lone value with it).
+      TypeError: if ``loss_fn``'s signature cannot take the arguments given,
+        or its output does not match ``has_aux`` (a tuple without it, a lone
+        value with it).
       ValueError: for params with an ``_overwrite_with_gradient`` collection
         (fp8 training), which this route would precondition like the
         parameters; use :meth:`apply_gradients` with ``value_fn``.
@@ -133,6 +134,16 @@ class TrainState(train_state.TrainState):
         "whole params yourself and call apply_gradients(grads=grads, value_fn=...) with value_fn "
         f"a function of params['params'] (with params[{_OWG!r}] held fixed)."
       )
+
+    _validation.callable_with(
+      loss_fn,
+      (self.params, *args),
+      kwargs,
+      f"loss_fn(params, *args, **kwargs) with the {len(args)} positional and {len(kwargs)} keyword "
+      "arguments given to TrainState.apply_loss after loss_fn",
+      "Pass the loss's other arguments there (state.apply_loss(loss_fn, batch)), or close over "
+      "them.",
+    )
 
     def checked(params, *args, **kwargs):
       out = loss_fn(params, *args, **kwargs)

@@ -175,6 +175,13 @@ def _estimate(
   if value_fn is not None:
     if params is None:
       raise ValueError("scale_by_adahessian needs params to evaluate value_fn at.")
+    _validation.callable_with(
+      value_fn,
+      (params,),
+      {},
+      "value_fn(params)",
+      "Close over the other arguments: value_fn=lambda p: loss_fn(p, batch).",
+    )
     if masking.has_masked_nodes(params) and not isinstance(value_fn, masking.MaskedValueFn):
       raise ValueError(
         "scale_by_adahessian got masked params (inside optax.masked or multi_transform), which "
@@ -520,7 +527,8 @@ def scale_by_adahessian(
       refresh, or an ``axis_name`` that no enclosing map binds.
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), or a
-      ``value_fn`` that does not return a real scalar.
+      ``value_fn`` that cannot be called as ``value_fn(params)`` or does not
+      return a real scalar.
 
   References:
     Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, `ADAHESSIAN: An Adaptive

@@ -151,3 +151,18 @@ def test_apply_loss_with_aux_or_without_it_against_has_aux_says_so():
     state.apply_loss(lambda p: (loss(p), p["w"].mean()))
   with pytest.raises(TypeError, match=r"has_aux=True.*\(loss, aux\).*array of shape \(\)"):
     state.apply_loss(loss, has_aux=True)
+
+
+def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
+  state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
+  loss = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
+  grads = {"w": jnp.ones(3)}
+  # Python's own error, raised inside the transform's trace, named neither value_fn nor the fix.
+  with pytest.raises(TypeError, match=r"value_fn\(params\).*'batch'.*lambda p: loss_fn\(p, batch"):
+    state.apply_gradients(grads=grads, value_fn=loss)
+  with pytest.raises(TypeError, match=r"0 positional.*'batch'.*apply_loss\(loss_fn, batch\)"):
+    state.apply_loss(loss)
+  with pytest.raises(TypeError, match=r"1 positional and 1 keyword.*unexpected keyword.*'scale'"):
+    state.apply_loss(loss, jnp.zeros(3), scale=2.0)
+  _, value = state.apply_loss(loss, jnp.zeros(3))
+  assert float(value) == 3.0
