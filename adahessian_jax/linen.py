@@ -17,9 +17,11 @@ products never update them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import optax
 
 from adahessian_jax import _validation
@@ -38,6 +40,44 @@ _OWG = "_overwrite_with_gradient"  # flax.training.train_state.OVERWRITE_WITH_GR
 
 def _has_owg(tree: Any) -> bool:
   return isinstance(tree, Mapping) and _OWG in tree
+
+
+def _check_batch_stats(old: Any, new: Any) -> None:
+  """Raises unless ``new`` has the leaves (by path) of ``old``, the running statistics it
+  replaces.
+
+  The usual slip is to store the whole dict of mutated collections (``{"batch_stats": {...}}``)
+  or of variables: the next ``apply`` finds no statistics where the model looks for them and,
+  with ``mutable=["batch_stats"]``, silently starts them afresh every step (the tree nesting one
+  level deeper each time, so ``jax.jit`` retraces every step), and evaluation later fails
+  naming a missing variable.
+  """
+  if old is None or new is None or not jax.tree.leaves(old):
+    return
+  extra, missing = _validation.unshared_leaf_paths(new, old)
+  if not extra and not missing:
+    return
+  where = (
+    f"it has a leaf at {extra[0]}, where the old has none"
+    if extra
+    else f"it has no leaf at {missing[0]}, where the old has one"
+  )
+  raise ValueError(
+    f"TrainState: the new batch_stats does not have the tree of the old one ({where}). Running "
+    "statistics keep their tree from step to step. Pass the collection itself, not the dict of "
+    "collections: TrainState.create(..., batch_stats=variables['batch_stats']) and "
+    "state.replace(batch_stats=mutated['batch_stats']) with mutated from "
+    "apply(..., mutable=['batch_stats']). For another model, build a new state with "
+    "TrainState.create."
+  )
+
+
+def _replace(self: Any, **updates: Any) -> Any:
+  """Returns a new object replacing the specified fields with new values (``batch_stats`` only
+  by one with the tree of the old)."""
+  if "batch_stats" in updates:
+    _check_batch_stats(self.batch_stats, updates["batch_stats"])
+  return dataclasses.replace(self, **updates)
 
 
 __all__ = ["TrainState"]
@@ -64,10 +104,17 @@ class TrainState(train_state.TrainState):
 
   Attributes:
     batch_stats: Optional non-trainable collection (e.g. BatchNorm running
-      averages); ``None`` for models without one.
+      averages); ``None`` for models without one. ``replace`` (and
+      ``apply_gradients``' keyword arguments) refuse one with other leaf paths
+      than the current one, e.g. the whole dict of mutated collections.
   """
 
   batch_stats: Any = None
+
+  def __init_subclass__(cls, **kwargs):
+    # Flax makes every subclass a dataclass with its own unchecked ``replace``.
+    super().__init_subclass__(**kwargs)
+    cls.replace = _replace
 
   def apply_gradients(self, *, grads, value_fn=None, hessian_diag=None, **kwargs):
     """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
@@ -153,3 +200,6 @@ class TrainState(train_state.TrainState):
     vgh = value_grad_and_hessian_diag(checked, has_aux=has_aux)
     value, grads, hdiag = vgh(self.params, self.opt_state, *args, **kwargs)
     return self.apply_gradients(grads=grads, hessian_diag=hdiag), value
+
+
+TrainState.replace = _replace  # Flax set its own, unchecked

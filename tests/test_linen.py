@@ -166,3 +166,40 @@ def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
     state.apply_loss(loss, jnp.zeros(3), scale=2.0)
   _, value = state.apply_loss(loss, jnp.zeros(3))
   assert float(value) == 3.0
+
+
+def test_batch_stats_replaced_by_another_tree_says_to_pass_the_collection(setup):
+  model, variables, x, _ = setup
+  _, mutated = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+  )
+  state = TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=ah.adahessian(0.1),
+  )
+  # The whole dict of mutated collections: the next apply found no statistics at
+  # ['BatchNorm_0'] and, being mutable, started them afresh every step, silently.
+  fix = r"batch_stats=mutated\['batch_stats'\]"
+  with pytest.raises(ValueError, match=r"leaf at \['batch_stats'\]\['BatchNorm_0'\].*" + fix):
+    state.replace(batch_stats=mutated)
+  with pytest.raises(ValueError, match=fix):
+    zeros = optax.tree.zeros_like(variables["params"])
+    state.apply_gradients(grads=zeros, hessian_diag=zeros, batch_stats=mutated)
+  # A state made with all variables as batch_stats is caught at the first correct replace.
+  wrong = state.replace(batch_stats=None).replace(batch_stats=variables)
+  with pytest.raises(ValueError, match=r"leaf at \['BatchNorm_0'\].*batch_stats=variables"):
+    wrong.replace(batch_stats=mutated["batch_stats"])
+  stepped = state.replace(batch_stats=mutated["batch_stats"])
+  assert stepped.batch_stats is mutated["batch_stats"]
+
+  class WithExtra(TrainState):  # Flax gives every subclass its own replace
+    extra: int = 0
+
+  sub = WithExtra.create(
+    apply_fn=None, params={}, batch_stats=variables["batch_stats"], tx=optax.identity()
+  )
+  assert sub.replace(extra=1).extra == 1
+  with pytest.raises(ValueError, match=fix):
+    sub.replace(batch_stats=mutated)
