@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from adahessian_jax import _validation
+
 
 def _paths(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
@@ -35,8 +37,7 @@ def like_params(tree: Any, params: Any, what: str) -> None:
     f"{what} must be a pytree with the structure and leaf shapes of the params (or a flat array)"
   )
   if jax.tree.structure(tree) != jax.tree.structure(params):
-    missing = [p for p in want if p not in got]
-    extra = [p for p in got if p not in want]
+    extra, missing = _validation.unshared_leaf_paths(tree, params)
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
       size = sum(int(np.size(x)) for x in want.values())
       detail = (
