@@ -65,19 +65,6 @@ def _leaf_sums(x, seg, num_leaves):
   return jax.vmap(lambda r: jax.ops.segment_sum(r, seg, num_leaves))(x)
 
 
-def _unique_names(op: HessianOperator) -> tuple[str, ...]:
-  """``op.leaf_names``, with every name shared by several leaves replaced by its full path.
-
-  ``{"a/b": x, "a": {"b": y}}`` has two leaves named ``"a/b"``; they become
-  ``"['a/b']"`` and ``"['a']['b']"`` (:func:`jax.tree_util.keystr`).
-  """
-  names = op.leaf_names
-  if len(set(names)) == len(names):
-    return names
-  paths = _validation.leaf_paths(op.params)
-  return tuple(p if names.count(n) > 1 else n for n, p in zip(names, paths, strict=True))
-
-
 class _Part(NamedTuple):
   """A leaf, or one layer of a stacked leaf: what gets an entry of the breakdown."""
 
@@ -88,11 +75,15 @@ class _Part(NamedTuple):
 
 
 def _parts(op: HessianOperator, layer_axes: Any) -> list[_Part]:
-  """Every leaf of ``op``'s params, a stacked one split into its layers."""
+  """Every leaf of ``op``'s params, a stacked one split into its layers.
+
+  Named by ``op.leaf_names``, which are unique: :class:`~adahessian_jax.hessian.ParamLayout`
+  gives names that would read alike (``{"a/b": x, "a": {"b": y}}``) their full paths.
+  """
   axes = layer_axes_of(op.params, layer_axes)
   parts = []
-  names, leaves = _unique_names(op), jax.tree.leaves(op.params)
-  for i, (name, x, sl) in enumerate(zip(names, leaves, op.leaf_slices, strict=True)):
+  leaves = jax.tree.leaves(op.params)
+  for i, (name, x, sl) in enumerate(zip(op.leaf_names, leaves, op.leaf_slices, strict=True)):
     flat = np.arange(sl.start, sl.stop).reshape(np.shape(x))
     layers = layer_slices(np.shape(x), axes[i]) if flat.size else [((), ())]
     for _, where in layers:
