@@ -31,7 +31,7 @@ import jax
 import jax.extend.core as jcore
 from jax.extend.core import primitives
 
-__all__ = ["sink_transposes"]
+__all__ = ["explicitly_sharded", "sink_transposes"]
 
 _ADD_ANY = primitives.add_jaxvals_p
 _TRANSPOSE = primitives.transpose_p
@@ -54,7 +54,7 @@ def sink_transposes(fun: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   def wrapped(*args):
-    if _explicitly_sharded(args):
+    if explicitly_sharded(args):
       return fun(*args)
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
     out = jcore.jaxpr_as_fun(_rewrite_closed(closed)[0])(*jax.tree.leaves(args))
@@ -63,13 +63,14 @@ def sink_transposes(fun: Callable[..., Any]) -> Callable[..., Any]:
   return wrapped
 
 
-def _explicitly_sharded(args: Any) -> bool:
+def explicitly_sharded(args: Any) -> bool:
   """Whether a leaf of ``args`` is typed with a sharding over a mesh with ``Explicit`` axes.
 
   The jaxpr of such arguments, traced with :func:`jax.make_jaxpr`, does not evaluate: its
   ``add_any`` of a gradient term typed with the sharding and one typed without fails JAX's type
   check with a bare ``AssertionError`` (seen under ``jax.jit`` with FSDP-sharded parameters on a
-  ``jax.make_mesh`` mesh, whose axes are ``Explicit`` by default). ``fun`` then runs as it is.
+  ``jax.make_mesh`` mesh, whose axes are ``Explicit`` by default). :func:`sink_transposes` then
+  runs ``fun`` as it is.
   """
   for leaf in jax.tree.leaves(args):
     mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)

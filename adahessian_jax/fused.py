@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking
-from adahessian_jax._transposes import _explicitly_sharded
+from adahessian_jax._transposes import explicitly_sharded
 from adahessian_jax.state import adahessian_states, is_refresh_step, on_refresh, probe_keys
 
 __all__ = ["value_grad_and_hessian_diag"]
@@ -62,7 +62,7 @@ def _add_to_first_entry(x: jax.Array, value: jax.Array) -> jax.Array:
   a split over ``Explicit`` mesh axes; there a select against an iota typed like ``x`` does it.
   """
   value = value.astype(x.dtype)
-  if _explicitly_sharded(x):
+  if explicitly_sharded(x):
     sharding = jax.typeof(x).sharding
     at_first = [
       jax.lax.broadcasted_iota(jnp.int32, x.shape, i, out_sharding=sharding) == 0
