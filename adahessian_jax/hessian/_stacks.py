@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from adahessian_jax import _validation
+from adahessian_jax import _validation, spatial
 
 
 def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
@@ -36,8 +36,6 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
     ValueError: for a ``layer_axes`` that is not such a prefix, or a count that is
       negative, not an int, or above the leaf's rank (naming the leaf).
   """
-  from adahessian_jax import spatial  # the optimizer package imports this one
-
   shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
   if layer_axes is None:
     is_rule = lambda x: isinstance(x, spatial.Rule)

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _validation
+from adahessian_jax import _validation, layout, spatial
 from adahessian_jax.hessian import _checks, _lanczos, _stacks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
@@ -126,8 +126,6 @@ class _LeafAxes(NamedTuple):
 
 def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   """Every leaf of the params with its stacked-layer axes (``layer_axes`` or axis names)."""
-  from adahessian_jax import layout, spatial  # the optimizer package imports this one
-
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   params = [spatial._param_name(x.path) for x in infos]

@@ -42,6 +42,7 @@ import optax
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.state import find_adahessian_state
 
 __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_operator"]
 
@@ -157,9 +158,7 @@ def adahessian_preconditioner(
       with the state's injected value, a state before its first update, or a
       state inside ``optax.masked``.
   """
-  import adahessian_jax  # the optimizer package imports this one: look it up at call time
-
-  state = adahessian_jax.find_adahessian_state(opt_state)
+  state = find_adahessian_state(opt_state)
   injected = _injected(opt_state, state)
   b2 = _validation.interval(
     "b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True
