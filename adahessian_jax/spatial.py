@@ -379,9 +379,10 @@ class PerLayer(Rule):
     return f"per_layer({self.inner}, axes={self.axes})"
 
 
-def _role(name: Any, roles: Mapping[str, str]) -> str | None:
+def axis_role(name: Any, roles: Mapping[str, str]) -> str | None:
+  """The role in ``roles`` of an axis name (of a tuple of names: the first known), or ``None``."""
   if isinstance(name, tuple):  # an axis sharded over several mesh axes
-    return next((r for r in (_role(n, roles) for n in name) if r), None)
+    return next((r for r in (axis_role(n, roles) for n in name) if r), None)
   return roles.get(name) if isinstance(name, str) else None
 
 
@@ -459,7 +460,7 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   without a ``vocab`` axis name keeps its rows (tokens) apart.
   """
   ndim = len(shape)
-  kinds = None if names is None else [_role(n, roles) for n in names]
+  kinds = None if names is None else [axis_role(n, roles) for n in names]
   stacked = () if kinds is None else tuple(i for i, k in enumerate(kinds) if k == STACKED)
   if stacked and names is not None:
     keep = tuple(i for i in range(ndim) if i not in stacked)
@@ -978,7 +979,7 @@ def _leaf_names(
 
 def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
   return tuple(
-    (i, names[i], shape[i]) for i in range(len(shape)) if _role(names[i], roles) == STACKED
+    (i, names[i], shape[i]) for i in range(len(shape)) if axis_role(names[i], roles) == STACKED
   )
 
 
@@ -1036,7 +1037,7 @@ def _in_named_stacks(
   return inferred, unsure
 
 
-def _param_name(path) -> str | None:
+def param_name(path) -> str | None:
   """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name."""
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
@@ -1047,7 +1048,7 @@ def _plan(averaging, params, block_size, strict_mode):
   spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
   infos = layout.leaves(params)
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
-  unbound = [r.for_param(_param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
+  unbound = [r.for_param(param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   given = dict(spec.names) if spec.names is not None else None

@@ -128,14 +128,14 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   """Every leaf of the params with its stacked-layer axes (``layer_axes`` or axis names)."""
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
-  params = [spatial._param_name(x.path) for x in infos]
-  modules = [spatial._param_name(x.path[:-1]) for x in infos]
+  params = [spatial.param_name(x.path) for x in infos]
+  modules = [spatial.param_name(x.path[:-1]) for x in infos]
   is_rule = lambda x: isinstance(x, spatial.Rule)
   rules = jax.tree.leaves(spatial.resolve_rules(None, op.params), is_leaf=is_rule)
   roles = []
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
     names, mapping = getattr(r, "names", None), r.roles() if hasattr(r, "roles") else {}
-    roles.append(None if names is None else tuple(spatial._role(n, mapping) for n in names))
+    roles.append(None if names is None else tuple(spatial.axis_role(n, mapping) for n in names))
   layers = _stacks.layer_axes_of(op.params, layer_axes)
   return [_LeafAxes(*a) for a in zip(shapes, layers, params, modules, roles, strict=True)]
 
