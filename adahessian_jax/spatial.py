@@ -1121,6 +1121,11 @@ def resolve_rules(
   return jax.tree.unflatten(jax.tree.structure(params), bound)
 
 
+def leaf_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) -> list[Rule]:
+  """:func:`resolve_rules`'s rules as a list, one per leaf in ``jax.tree.leaves`` order."""
+  return _plan(averaging, params, block_size, False)[0]
+
+
 def apply_rules(rules: Any, tree: Any) -> Any:
   """Applies a tree of rules (from :func:`resolve_rules`) leaf by leaf."""
   return jax.tree.map(lambda rule, d: rule(d), rules, tree, is_leaf=_is_rule)

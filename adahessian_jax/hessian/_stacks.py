@@ -38,8 +38,7 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
   """
   shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
   if layer_axes is None:
-    is_rule = lambda x: isinstance(x, spatial.Rule)
-    rules = jax.tree.leaves(spatial.resolve_rules(None, params), is_leaf=is_rule)
+    rules = spatial.leaf_rules(None, params)
     return [tuple(r.layer_axes(s)) for r, s in zip(rules, shapes, strict=True)]
   try:
     counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, params))

@@ -130,12 +130,13 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   params = [spatial.param_name(x.path) for x in infos]
   modules = [spatial.param_name(x.path[:-1]) for x in infos]
-  is_rule = lambda x: isinstance(x, spatial.Rule)
-  rules = jax.tree.leaves(spatial.resolve_rules(None, op.params), is_leaf=is_rule)
+  rules = spatial.leaf_rules(None, op.params)
   roles = []
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
-    names, mapping = getattr(r, "names", None), r.roles() if hasattr(r, "roles") else {}
-    roles.append(None if names is None else tuple(spatial.axis_role(n, mapping) for n in names))
+    if isinstance(r, spatial.FlaxDefault) and r.names is not None:
+      roles.append(tuple(spatial.axis_role(n, r.roles()) for n in r.names))
+    else:
+      roles.append(None)
   layers = _stacks.layer_axes_of(op.params, layer_axes)
   return [_LeafAxes(*a) for a in zip(shapes, layers, params, modules, roles, strict=True)]
 
