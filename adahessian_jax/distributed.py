@@ -44,6 +44,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from adahessian_jax import masking
 from adahessian_jax._axes import device_varying, fold_in_axis_index
 from adahessian_jax.state import adahessian_states, map_adahessian_state
 
@@ -163,7 +164,7 @@ def state_shardings(
   abstract_state = jax.eval_shape(init, shapes)
 
   def follow(leaf, sharding, param):
-    if isinstance(leaf, optax.MaskedNode):  # a leaf (or subtree) that optax.masked leaves out
+    if masking.is_masked(leaf):  # a leaf (or subtree) that optax.masked leaves out
       return leaf
     return sharding if tuple(leaf.shape) == tuple(param.shape) else replicated
 
@@ -174,7 +175,7 @@ def state_shardings(
     param_shardings,
     shapes,
     transform_non_params=lambda leaf: replicated,
-    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    is_leaf=masking.is_masked,
   )
 
 

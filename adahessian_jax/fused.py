@@ -43,8 +43,8 @@ def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
   estimates = jax.tree.leaves(estimate)
   mine = list(range(len(flat)))
   if owned is not None:
-    slots = jax.tree.leaves(owned, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    mine = [i for i, m in enumerate(slots) if not isinstance(m, optax.MaskedNode)]
+    slots = jax.tree.leaves(owned, is_leaf=masking.is_masked)
+    mine = [i for i, m in enumerate(slots) if not masking.is_masked(m)]
   target = next((i for i in mine if flat[i].size > 0), None)
   if target is None:  # nothing AdaHessian owns has an entry to mark
     return grads
@@ -84,17 +84,16 @@ def _owned(params: Any, mu: Any) -> Any:
   ``params``' leaves."""
   if not masking.has_masked_nodes(mu):
     return None
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
   try:
     mu = jax.tree.map(
-      lambda m, p: jax.tree.map(lambda _: optax.MaskedNode(), p) if is_masked(m) else m,
+      lambda m, p: jax.tree.map(lambda _: optax.MaskedNode(), p) if masking.is_masked(m) else m,
       mu,
       params,
-      is_leaf=is_masked,
+      is_leaf=masking.is_masked,
     )
   except ValueError:  # params is not the tree mu was made for
     return None
-  slots = jax.tree.leaves(mu, is_leaf=is_masked)
+  slots = jax.tree.leaves(mu, is_leaf=masking.is_masked)
   if len(slots) != len(jax.tree.leaves(params)):
     return None
   return mu

@@ -19,26 +19,27 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["MaskedValueFn", "has_masked_nodes", "masked_value_fn", "restrict_to"]
+__all__ = ["MaskedValueFn", "has_masked_nodes", "is_masked", "masked_value_fn", "restrict_to"]
 
-_is_masked = lambda x: isinstance(x, optax.MaskedNode)
+
+def is_masked(x: Any) -> bool:
+  """Whether ``x`` is an :class:`optax.MaskedNode`: a leaf (or subtree) another transform owns."""
+  return isinstance(x, optax.MaskedNode)
 
 
 def has_masked_nodes(tree: Any) -> bool:
   """Whether ``tree`` contains :class:`optax.MaskedNode` entries."""
-  return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+  return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
 
 
 def restrict_to(full: Any, masked_like: Any) -> Any:
   """Keeps the leaves of ``full`` where ``masked_like`` is not a ``MaskedNode``."""
-  return jax.tree.map(lambda m, x: m if _is_masked(m) else x, masked_like, full, is_leaf=_is_masked)
+  return jax.tree.map(lambda m, x: m if is_masked(m) else x, masked_like, full, is_leaf=is_masked)
 
 
 def fill_masked(masked: Any, full: Any, fill: Callable[[Any], Any]) -> Any:
   """``masked`` with each ``MaskedNode`` replaced by ``fill`` of the leaf of ``full`` there."""
-  return jax.tree.map(
-    lambda m, x: fill(x) if _is_masked(m) else m, masked, full, is_leaf=_is_masked
-  )
+  return jax.tree.map(lambda m, x: fill(x) if is_masked(m) else m, masked, full, is_leaf=is_masked)
 
 
 class MaskedValueFn:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adahessian_jax import _validation
+from adahessian_jax import _validation, masking
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.state import find_adahessian_state
 
@@ -107,9 +107,8 @@ def _hyperparameter(name: str, given: Any, injected: dict[str, Any], default: fl
 
 def _check_unmasked(nu: Any, what: str) -> None:
   """Raises ``ValueError`` naming the leaves ``optax.masked`` left out of ``nu``."""
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=is_masked)
-  masked = [jax.tree_util.keystr(p) for p, x in leaves if is_masked(x)]
+  leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=masking.is_masked)
+  masked = [jax.tree_util.keystr(p) for p, x in leaves if masking.is_masked(x)]
   if masked:
     raise ValueError(
       f"the {what} state is inside optax.masked (or is one group of optax.multi_transform): "
