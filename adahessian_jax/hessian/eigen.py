@@ -100,9 +100,10 @@ def _check(k: Any, which: str, op: HessianOperator) -> int:
   return _validation.count("k", k, 1, op.size)
 
 
-def _start_vector(op: HessianOperator, v0: Any, key: jax.Array | None) -> jax.Array:
+def _start_vector(op: HessianOperator, v0: Any, key: jax.Array) -> jax.Array:
+  """``v0`` as a ``(1, n)`` row, checked finite and nonzero; by default a normal row from key."""
   if v0 is None:
-    return op.gaussian(jax.random.key(0) if key is None else key, 1)
+    return op.gaussian(key, 1)
   flat = jnp.asarray(op.layout.flatten(v0, "v0"), op.dtype)
   bad = op.layout.first_not_finite(flat)
   if bad is not None:
