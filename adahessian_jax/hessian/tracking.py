@@ -105,7 +105,9 @@ class CurvatureRecord(NamedTuple):
 
 @jax.jit
 def _ritz(q, w, s):
-  """Ritz vectors ``y = sᵀQ``, their products ``Hy = sᵀW`` (no new products) and residual norms.
+  """Ritz vectors ``y = sᵀQ``, their residuals ``Hy − θy`` and the residuals' norms.
+
+  ``Hy = sᵀW`` comes from the stored products: no new ones.
 
   Compiled once per subspace size: run op by op, each of its operations (and the scaled norm's)
   would be compiled per size instead.
