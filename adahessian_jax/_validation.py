@@ -23,6 +23,10 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 
+#: The fix for an argument that ``optax.inject_hyperparams`` traced (a count, a dtype, rules): it
+#: must be static.
+STATIC_FIX = "With optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
+
 
 def _real_scalar(value: Any) -> float | None:
   """``float(value)`` for a real scalar (a 0-d real array too), ``None`` for anything else.

@@ -96,7 +96,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import layout
-from adahessian_jax._validation import count
+from adahessian_jax._validation import STATIC_FIX, count
 from adahessian_jax.layout import AxisNames
 
 __all__ = [
@@ -850,11 +850,8 @@ def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> 
   out = [default if r is None else r for r in jax.tree.leaves(rules, is_leaf=_rule_or_none)]
   for r in out:
     if not _is_rule(r):
-      hint = (  # what optax.inject_hyperparams makes of a tree of rules it traces
-        " With optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
-        if isinstance(r, jax.Array)
-        else ""
-      )
+      # What optax.inject_hyperparams makes of a tree of rules it traces.
+      hint = f" {STATIC_FIX}" if isinstance(r, jax.Array) else ""
       raise TypeError(f"averaging tree contains {r!r}, which is not a spatial rule.{hint}")
   return out
 

@@ -12,6 +12,7 @@ import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
 from adahessian_jax._axes import check_bound, device_varying, shard_count, sum_over_shards
+from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
   is_refresh_step,
@@ -34,8 +35,7 @@ def _float_dtype(name: str, dtype: Any) -> Any:
     return None
   if isinstance(dtype, jax.Array):  # what optax.inject_hyperparams makes of a non-static arg
     raise ValueError(
-      f"{name} must be a floating-point dtype, got the array {dtype!r}. With "
-      "optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
+      f"{name} must be a floating-point dtype, got the array {dtype!r}. {STATIC_FIX}"
     )
   try:
     canonical = jax.dtypes.canonicalize_dtype(dtype)
@@ -44,10 +44,6 @@ def _float_dtype(name: str, dtype: Any) -> Any:
   if not jnp.issubdtype(canonical, jnp.floating):
     raise ValueError(f"{name} must be a real floating-point dtype, got {dtype!r}.")
   return canonical
-
-
-# How to pass a count that optax.inject_hyperparams would otherwise trace.
-_STATIC_FIX = "With optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
 
 
 def _check_state(
@@ -543,16 +539,14 @@ def scale_by_adahessian(
   if update_clip is not None:
     _validation.hyperparameter("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
   block_size = _validation.count(
-    "block_size", 1 if block_size is None else block_size, fix=_STATIC_FIX
+    "block_size", 1 if block_size is None else block_size, fix=STATIC_FIX
   )
   update_freq = _validation.count(  # the state counts steps in int32
-    "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=_STATIC_FIX
+    "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=STATIC_FIX
   )
-  n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=_STATIC_FIX)
+  n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=STATIC_FIX)
   # A 32-bit seed: without jax_enable_x64 JAX truncates a larger one (2**32 gave seed 0's keys).
-  seed = _validation.count(
-    "seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=_STATIC_FIX
-  )
+  seed = _validation.count("seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)
