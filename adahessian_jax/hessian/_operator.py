@@ -311,30 +311,11 @@ class HessianOperator:
     """
     index = self.layout.index(leaf)
     name, leaf_params = self.leaf_names[index], jax.tree.leaves(self.params)[index]
-    start, n, full, full_probes = (
-      self.leaf_slices[index].start,
-      self.size,
-      self.matmat_fn,
-      self.probes_fn,
-    )
     where = where if isinstance(where, tuple) else (where,)
-    bad = [w for w in where if not isinstance(w, (int, np.integer, slice)) or isinstance(w, bool)]
-    try:
-      if bad:
-        raise IndexError(f"{bad[0]!r} is not an int or a slice")
-      flat = np.arange(int(np.size(leaf_params))).reshape(jnp.shape(leaf_params))[where]
-    except IndexError as e:
-      raise ValueError(
-        f"block({name!r}, where={where!r}) needs a NumPy basic index (ints and slices) into the "
-        f"leaf of shape {jnp.shape(leaf_params)}: {e}"
-      ) from None
-    if flat.size == 0:
-      raise ValueError(
-        f"the leaf {name!r} has no entries {'' if not where else f'at {where!r} '}(shape "
-        f"{np.shape(flat)}): its block has no Hessian to analyse."
-      )
+    flat = _part_entries(name, leaf_params, where) + self.leaf_slices[index].start
+    n, full, full_probes = self.size, self.matmat_fn, self.probes_fn
     name = part_name(name, where)
-    shape, flat, width = np.shape(flat), flat.ravel() + start, flat.size
+    shape, flat, width = np.shape(flat), flat.ravel(), flat.size
     if flat[-1] - flat[0] + 1 == width:  # contiguous (a whole leaf, a leading-axis layer)
       first = int(flat[0])
       take = lambda vs: _take_cols(vs, first, width)
@@ -375,6 +356,31 @@ class HessianOperator:
       probes_fn=lambda keys: _mask_rows(full_probes(keys), mask),
       data=None,
     )
+
+
+def _part_entries(name: str, leaf: Any, where: tuple[Any, ...]) -> np.ndarray:
+  """The positions in ``leaf`` (flattened) of its part ``leaf[where]``, shaped like that part.
+
+  Raises:
+    ValueError: for a ``where`` that is not a NumPy basic index (ints and slices) into ``leaf``,
+      or that selects no entries.
+  """
+  bad = [w for w in where if not isinstance(w, (int, np.integer, slice)) or isinstance(w, bool)]
+  try:
+    if bad:
+      raise IndexError(f"{bad[0]!r} is not an int or a slice")
+    entries = np.arange(int(np.size(leaf))).reshape(jnp.shape(leaf))[where]
+  except IndexError as e:
+    raise ValueError(
+      f"block({name!r}, where={where!r}) needs a NumPy basic index (ints and slices) into the "
+      f"leaf of shape {jnp.shape(leaf)}: {e}"
+    ) from None
+  if entries.size == 0:
+    raise ValueError(
+      f"the leaf {name!r} has no entries {'' if not where else f'at {where!r} '}(shape "
+      f"{np.shape(entries)}): its block has no Hessian to analyse."
+    )
+  return entries
 
 
 @jax.jit
