@@ -62,6 +62,11 @@ def _merge(graphdef, params, rest):
   return nnx.merge(graphdef, nnx.State({0: params}), rest)
 
 
+def _filter_name(wrt: Any) -> str:
+  """An NNX filter as an error names it: ``Param`` for a type, else its ``repr``."""
+  return wrt.__name__ if isinstance(wrt, type) else repr(wrt)
+
+
 def _listing(paths: list[str]) -> str:
   return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
@@ -79,9 +84,8 @@ def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
     if paths
   )
   diff = diff or "the same paths, another structure"
-  name = wrt.__name__ if isinstance(wrt, type) else repr(wrt)
   raise ValueError(
-    f"adahessian_jax.nnx.value_fn was built for the variables that wrt={name} selects "
+    f"adahessian_jax.nnx.value_fn was built for the variables that wrt={_filter_name(wrt)} selects "
     f"({len(jax.tree.leaves(expected))} leaves), but was called with a state of "
     f"{len(jax.tree.leaves(given))} leaves ({diff}). Build "
     "it with the nnx.Optimizer's filter: value_fn(model, loss_fn, ..., wrt=optimizer.wrt)."
@@ -164,11 +168,10 @@ def value_grad_and_hessian_diag(
     )
   graphdef, params, rest = _split(model, optimizer.wrt, args, kwargs)
   if not jax.tree.leaves(params):
-    wrt = optimizer.wrt
-    name = wrt.__name__ if isinstance(wrt, type) else repr(wrt)
     raise ValueError(
-      f"the model holds no variables that the optimizer's wrt={name} selects, so there is "
-      "nothing to differentiate: pass the model the nnx.Optimizer was built for."
+      f"the model holds no variables that the optimizer's wrt={_filter_name(optimizer.wrt)} "
+      "selects, so there is nothing to differentiate: pass the model the nnx.Optimizer was "
+      "built for."
     )
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
