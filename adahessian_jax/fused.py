@@ -31,7 +31,8 @@ __all__ = ["value_grad_and_hessian_diag"]
 def _mark_not_finite(grads: Any, estimate: Any, owned: Any | None) -> Any:
   """``grads`` with one entry NaN if ``estimate`` has a non-finite entry where AdaHessian uses it
   (for ``optax.apply_if_finite``): a sum over the estimate and a one-entry update
-  (:func:`_add_to_first_entry`), no pass over ``grads``.
+  (:func:`_add_to_first_entry`; a select over that one leaf where it is typed with a split over
+  ``Explicit`` mesh axes), no pass over the other leaves of ``grads``.
 
   ``owned`` is :func:`_owned`'s: inside ``optax.masked`` or ``multi_transform`` the AdaHessian
   state's ``mu``, with a ``MaskedNode`` at each leaf another transform owns. Those leaves'
