@@ -152,3 +152,15 @@ def test_block_of_part_of_a_leaf():
     op.block("stack/kernel", ("x",))  # type: ignore[arg-type]
   with pytest.raises(ValueError, match=r"has no entries at \(slice\(0, 0, None\),\)"):
     op.block("stack/kernel", (slice(0, 0),))
+
+
+def test_a_python_float_leaf_is_a_block_of_its_own():
+  # Its block's params were taken as leaf[()], which a Python float does not support.
+  op = _operator(
+    lambda p, b: 3.0 * p["a"] ** 2 + jnp.sum(p["b"] ** 2), {"a": 2.0, "b": jnp.ones(2)}
+  )
+  np.testing.assert_allclose(np.asarray(op.block("a").matvec(jnp.ones(1))), [6.0])
+  out = hessian.layer_breakdown(op, jax.random.key(0), num_samples=4, tol=1e-10)
+  assert out["a"].top_eigenvalue == pytest.approx(6.0) and out["b"].top_eigenvalue == pytest.approx(
+    2.0
+  )

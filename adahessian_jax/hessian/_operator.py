@@ -325,7 +325,7 @@ class HessianOperator:
       take = lambda vs: _take_idx(vs, cols)
       embed = lambda vs: _embed_idx(vs, cols, n)
     layout = ParamLayout(
-      params=leaf_params[where],
+      params=leaf_params[where] if where else leaf_params,  # a Python float leaf too
       names=(name,),
       slices=(slice(0, width),),
       unravel=lambda v: jnp.reshape(v, shape),
