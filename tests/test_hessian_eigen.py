@@ -172,10 +172,15 @@ def test_a_start_vector_in_an_invariant_subspace_restarts():
   one = hessian.top_eigenvalues(op, 1, v0=v0, max_iter=1)
   assert one.eigenvalues[0] == pytest.approx(1.0, rel=1e-12) and not one.converged[0]
   # A rank-1 Hessian: the Krylov space is invariant after 2 steps; a fresh random vector, which
-  # H maps to 0, ends the run at the third step instead of at max_iter.
-  low = hessian.top_eigenvalues(_matrix_operator(np.diag([3.0] + [0.0] * 99)), 2)
+  # H maps to 0, ends the run at the third step instead of at max_iter (without the check for
+  # repeated eigenvalues, which spends 3 more to see nothing beyond 0).
+  low_op = _matrix_operator(np.diag([3.0] + [0.0] * 99))
+  low = hessian.top_eigenvalues(low_op, 2, check_repeated=False)
   np.testing.assert_allclose(low.eigenvalues, [3.0, 0.0], rtol=1e-12, atol=1e-12)
   assert low.converged.all() and low.num_matvecs == 3
+  checked = hessian.top_eigenvalues(low_op, 2)
+  np.testing.assert_allclose(checked.eigenvalues, [3.0, 0.0], rtol=1e-12, atol=1e-12)
+  assert checked.converged.all() and checked.num_matvecs == 6
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -183,7 +188,7 @@ def test_a_repeated_top_eigenvalue_is_found_with_its_multiplicity(k):
   """``H = diag(5, 5, 5, 1, 0.5, 0.2)``: a Krylov space holds one copy of 5 and is invariant after
   4 steps; ``k = 2`` gave ``[5, 1]``, converged. The restarts find the other copies. The start
   vector of ones makes the breakdown exact (``β_4 = 0``); from a normal one, rounding leaves
-  ``β_4`` near 1e-14, and the space's one copy of 5 is what it finds."""
+  ``β_4`` near 1e-14, and the check for repeated eigenvalues finds the others (next test)."""
   ev = np.array([5.0, 5.0, 5.0, 1.0, 0.5, 0.2])
   op = _matrix_operator(np.diag(ev))
   got = hessian.top_eigenvalues(op, k, v0=np.ones(6))
@@ -301,3 +306,32 @@ def test_the_top_eigenvector_of_a_symmetric_pair_is_found_from_any_key():
     assert power.eigenvalues[0] == pytest.approx(top, rel=1e-6)
     tracked = hessian.track_curvature(op, key=key, tol=1e-8)
     assert tracked.sharpness.eigenvalue == pytest.approx(top, rel=1e-6)
+
+
+def test_repeated_eigenvalues_are_found_from_a_normal_start():
+  """A linear model with 3 outputs under the mean squared error: ``H = kron(2XᵀX/m, I₃)``, every
+  eigenvalue threefold. One Krylov space holds one copy of each: ``k = 5`` returned the five
+  largest distinct values, all converged. The deflated runs of ``check_repeated`` find the
+  copies, for every ``which``; without copies the check costs about 2 products."""
+  r = np.random.default_rng(0)
+  x = r.normal(size=(50, 6))
+  h = np.kron(2 * x.T @ x / 50, np.eye(3))
+  ev = np.linalg.eigvalsh(h)
+  op = _matrix_operator(h)
+  plain = hessian.top_eigenvalues(op, 5, tol=1e-10, check_repeated=False)
+  assert plain.converged.all()
+  distinct_ev = np.linalg.eigvalsh(2 * x.T @ x / 50)[::-1]  # each value once
+  np.testing.assert_allclose(plain.eigenvalues, distinct_ev[:5], rtol=1e-8)
+  expect = {"LA": ev[::-1][:5], "SA": ev[:5], "LM": ev[np.argsort(-np.abs(ev))][:5]}
+  for which, want in expect.items():
+    got = hessian.top_eigenvalues(op, 5, which=which, tol=1e-10)
+    np.testing.assert_allclose(got.eigenvalues, want, rtol=1e-8, err_msg=which)
+    assert got.converged.all() and got.num_matvecs > plain.num_matvecs
+    vecs = np.asarray(got.eigenvectors_flat)
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(5), atol=1e-8)
+    np.testing.assert_allclose(vecs @ h, got.eigenvalues[:, None] * vecs, atol=1e-7)
+  distinct = _matrix_operator(np.diag(np.arange(30.0, 0.0, -1.0)))
+  cheap = hessian.top_eigenvalues(distinct, 3, tol=1e-10)
+  np.testing.assert_allclose(cheap.eigenvalues, [30.0, 29.0, 28.0], rtol=1e-8)
+  base = hessian.top_eigenvalues(distinct, 3, tol=1e-10, check_repeated=False).num_matvecs
+  assert base < cheap.num_matvecs <= base + 4

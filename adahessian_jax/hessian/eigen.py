@@ -3,9 +3,11 @@
 :func:`top_eigenvalues` runs Lanczos with full reorthogonalisation from one
 random start vector and stops as soon as the wanted Ritz pairs have converged
 (a residual test that costs no extra products). All ``k`` pairs come out of a
-single Krylov space, so they cost far fewer Hessian-vector products than
-:func:`power_iteration`, the power method with deflation (one eigenvalue at a
-time, each restarted from scratch), kept here as the baseline PyHessian uses.
+single Krylov space, plus a short deflated run that checks for copies of
+repeated eigenvalues (which one space cannot hold), so they cost far fewer
+Hessian-vector products than :func:`power_iteration`, the power method with
+deflation (one eigenvalue at a time, each restarted from scratch), kept here as
+the baseline PyHessian uses.
 
 Neither adds an epsilon to vector norms: PyHessian normalises by
 ``‖v‖ + 1e-6``, which biases its eigenvalue estimates low.
@@ -24,6 +26,9 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -143,6 +148,7 @@ def top_eigenvalues(
   tol: float = 1e-6,
   max_iter: int = 200,
   stop_on: str = "residual",
+  check_repeated: bool = True,
 ) -> Eigen:
   """The ``k`` extreme eigenpairs of the Hessian by Lanczos.
 
@@ -168,9 +174,18 @@ def top_eigenvalues(
   start vector missed is still found, and an exactly repeated one is found
   once per block that reaches it. Without a breakdown, a single Krylov space
   holds one copy of a repeated eigenvalue, and from a normal start vector
-  rounding rarely lets ``β`` reach exactly zero: a repeated eigenvalue is
-  then found once (neural-network Hessians' top eigenvalues are distinct in
-  practice).
+  rounding rarely lets ``β`` reach exactly zero: a repeated eigenvalue (a
+  symmetry: the output-kernel block ``kron(I, hᵀh)`` of an MSE head, a
+  linear model with several outputs) would be found once. So for ``k ≥ 2``,
+  once the pairs have converged, ``check_repeated`` runs Lanczos again on the
+  Hessian deflated by the eigenvectors found, from a fresh random vector, for
+  one pair. It stops as soon as its top Ritz value, give or take its estimated
+  error, cannot beat the ``k``-th value by more than the tolerance (a few
+  products when the spectrum has no copies); a value it finds beyond (another
+  copy, or any eigenvalue the first space missed) takes the ``k``-th's place
+  once converged, and the check repeats until none does. Its products are
+  counted in ``num_matvecs``; if a check reaches ``max_iter`` undecided, the
+  ``k``-th pair is reported not converged.
 
   Args:
     op: The Hessian operator (:func:`~adahessian_jax.hessian.hessian_operator`).
@@ -190,6 +205,8 @@ def top_eigenvalues(
       ``max_iter · n`` values. Raised to ``k`` (``k`` Ritz pairs need ``k``
       steps; ``converged`` then says whether they are eigenpairs), clipped to ``n``.
     stop_on: ``"residual"`` (a bound) or ``"eigenvalue"`` (the gap estimate).
+    check_repeated: For ``k ≥ 2``, check for eigenvalues the Krylov space
+      could not hold (above); ``False`` skips the check and its products.
 
   Returns:
     An :class:`Eigen`.
@@ -204,9 +221,122 @@ def top_eigenvalues(
   k = _check(k, which, op)
   max_iter = _validation.count("max_iter", max_iter)
   tol = _validation.positive("tol", tol)
-  select = _selector(k, which)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
+  key = jax.random.key(0) if key is None else key
+  eig = _lanczos_eigen(op, k, which, key, v0, tol, max_iter, stop_on)
+  if not (check_repeated and k >= 2 and k < op.size and np.all(eig.converged)):
+    return eig
+  return _with_repeated(op, eig, which, key, tol, max_iter, stop_on)
+
+
+def _deflated_operator(op: HessianOperator, basis: jax.Array, shift: float) -> HessianOperator:
+  """``H`` on the complement of ``basis`` (orthonormal rows), ``shift`` on their span."""
+  full = op.matmat_fn
+
+  def matmat(vs):
+    w, c = _project_out(vs, basis)
+    return _recombine(full(w), c, basis, shift)
+
+  return dataclasses.replace(op, matmat_fn=matmat, data=None)
+
+
+@jax.jit
+def _project_out(vs, basis):
+  c = vs @ basis.T
+  return vs - c @ basis, c
+
+
+@jax.jit
+def _recombine(hw, c, basis, shift):
+  return hw - (hw @ basis.T) @ basis + shift * (c @ basis)
+
+
+def _beyond(which: str, kth: float, margin: float, theta: float, error: float) -> bool:
+  """Whether an eigenvalue within ``error`` of ``theta`` may beat ``kth`` by over ``margin``."""
+  if which == "LA":
+    return theta + error > kth + margin
+  if which == "SA":
+    return theta - error < kth - margin
+  return abs(theta) + error > abs(kth) + margin
+
+
+def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
+  """``eig`` with every eigenvalue a deflated run finds beyond its ``k``-th taken in (see
+  :func:`top_eigenvalues`' ``check_repeated``)."""
+  k = len(eig.eigenvalues)
+  values, vecs = list(np.asarray(eig.eigenvalues)), eig.eigenvectors_flat
+  residuals, errors = list(eig.residuals), list(eig.errors)
+  known, matvecs = vecs, eig.num_matvecs
+  scale = float(max(np.max(np.abs(values)), np.finfo(np.float64).tiny))
+  order, checked = _ORDER[which], True
+  for attempt in range(k):
+    if known.shape[0] >= op.size:
+      break
+    # Orthonormal rows spanning what is known (QR has no 16-bit kernels: in float32 there).
+    wide = jnp.promote_types(op.dtype, jnp.float32)
+    basis = jnp.linalg.qr(known.T.astype(wide))[0].T.astype(op.dtype)
+    # The span of what is known gets a value that is never wanted: below the k-th for "LA",
+    # above it for "SA", zero (the smallest magnitude) for "LM".
+    # A Python float: a NumPy one would promote a 16-bit operator's products to float64.
+    shift = float({"LA": values[-1] - 2 * scale, "SA": values[-1] + 2 * scale, "LM": 0.0}[which])
+    # The run stops as soon as its top Ritz value, even moved by its estimated error, cannot
+    # beat the k-th by more than the tolerance: the k values then stand (a copy within it would
+    # change none of them by more than that). The error estimate includes the change over the
+    # last step; a residual alone would not do: it bounds the distance to some eigenvalue, not
+    # to the top one, and a first Ritz value far below the top has one that looks small.
+    kth, margin = values[-1], tol * scale
+    beyond = functools.partial(_beyond, which, kth, margin)
+    probe = _lanczos_eigen(
+      _deflated_operator(op, basis, shift),
+      1,
+      which,
+      jax.random.fold_in(key, 2 + attempt),
+      None,
+      tol,
+      max_iter,
+      stop_on,
+      min_scale=scale,
+      below=lambda t, r, beyond=beyond: not beyond(t, r),
+    )
+    matvecs += probe.num_matvecs
+    theta, err = float(probe.eigenvalues[0]), float(probe.errors[0])
+    if not beyond(theta, err):
+      break
+    if not probe.converged[0]:  # out of max_iter: the k-th value cannot be vouched for
+      checked = False
+      break
+    if not order(theta) < order(kth) - margin:  # converged within the tolerance of the k-th
+      break
+    new = probe.eigenvectors_flat
+    known = jnp.concatenate([known, new])
+    values.append(theta)
+    residuals.append(float(probe.residuals[0]))
+    errors.append(float(probe.errors[0]))
+    vecs = jnp.concatenate([vecs, new])
+    keep = np.argsort(order(np.asarray(values)), kind="stable")[:k]
+    values = [values[i] for i in keep]
+    residuals, errors = [residuals[i] for i in keep], [errors[i] for i in keep]
+    vecs = vecs[jnp.asarray(keep)]
+  return _finish(op, values, vecs, residuals, errors, matvecs, np.arange(k) < k - 1 + checked)
+
+
+def _lanczos_eigen(
+  op: HessianOperator,
+  k: int,
+  which: str,
+  key: jax.Array,
+  v0: Any,
+  tol: float,
+  max_iter: int,
+  stop_on: str,
+  min_scale: float = 0.0,
+  below: Callable[[float, float], bool] | None = None,
+) -> Eigen:
+  """:func:`top_eigenvalues` without the check for repeated eigenvalues; the tolerance is
+  relative to at least ``min_scale``, and the run also stops once ``below(θ, e)`` holds for
+  the top Ritz value ``θ`` and its estimated error ``e`` (:attr:`Eigen.errors`)."""
+  select = _selector(k, which)
 
   def ritz_and_errors(alphas, betas):
     ritz = ritz_pairs(alphas, betas, select)
@@ -217,7 +347,7 @@ def top_eigenvalues(
 
   def met(ritz, errors, scale):
     err = ritz.residuals if stop_on == "residual" else errors
-    return err <= tol * scale
+    return err <= tol * max(scale, min_scale)
 
   def live_converged(alphas, betas):
     # Whether the wanted pairs of all of T are the wanted eigenpairs of H. Earlier blocks are
@@ -245,9 +375,12 @@ def top_eigenvalues(
     return bool(np.all(met(ritz, errors, scale)))
 
   def converged(alphas, betas):
+    if below is not None and alphas.shape[1] > k:  # the change over a step is known
+      ritz, errors = ritz_and_errors(alphas[0], betas[0])
+      if below(float(ritz.values[0]), float(errors[0])):
+        return True
     return live_converged(alphas[0], betas[0])
 
-  key = jax.random.key(0) if key is None else key
   restart = jax.random.fold_in(key, 1)
   dec = lanczos(op, _start_vector(op, v0, key), max(max_iter, k), converged, restart)
   j, alphas, betas = dec.num_steps, dec.alphas[0], dec.betas[0]
