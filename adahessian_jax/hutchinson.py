@@ -46,6 +46,10 @@ __all__ = [
 
 
 _WRAP = "wrap it: lambda p: f(p)[0]."
+_FLOAT_FIX = (
+  "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
+  "params and close over them in fn instead."
+)
 
 
 def check_scalar_loss(value: Any, what: str = "value_fn", fix: str = _WRAP) -> None:
@@ -138,7 +142,11 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
 
 
 def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
-  """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse)."""
+  """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse).
+
+  Raises ``TypeError`` naming the first leaf of ``params`` that is not a real floating array.
+  """
+  _validation.float_leaves(params, "hvp's params", _FLOAT_FIX)
   grad = jax.grad(checked_loss(fn, "fn"))
   return sink_transposes(lambda p, t: jax.jvp(grad, (p,), (t,))[1])(params, tangents)
 
@@ -260,6 +268,12 @@ def hutchinson_diagonal(
 
   Returns:
     The signed estimate, a pytree like ``params``.
+
+  Raises:
+    TypeError: naming the first leaf of ``params`` that is not a real floating array (an
+      integer leaf has no Hessian; for a complex one the real probe misses the imaginary part).
+    ValueError: for an ``n_samples`` that is not an integer >= 1.
   """
+  _validation.float_leaves(params, "hutchinson_diagonal's params", _FLOAT_FIX)
   n_samples = _validation.count("n_samples", n_samples)
   return value_grad_and_diagonal(fn, params, jax.random.split(key, n_samples))[2]

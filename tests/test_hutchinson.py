@@ -90,3 +90,20 @@ def test_bit_packed_rademacher_is_uniform_and_uncorrelated():
   # Odd sizes and scalars work.
   assert rademacher(jax.random.key(0), (), jnp.float32).shape == ()
   assert rademacher(jax.random.key(0), (3, 0)).shape == (3, 0)
+
+
+@pytest.mark.parametrize(
+  "leaf, message",
+  [
+    (jnp.ones(2, jnp.int32), r"leaf at \['b'\] has dtype int32"),
+    # A real probe misses the imaginary part's curvature: (1+1j) gave 2 here, not 2 and 6.
+    (jnp.ones(2, jnp.complex64), r"leaf at \['b'\] has dtype complex64"),
+  ],
+)
+def test_non_float_params_are_named(leaf, message):
+  params = {"a": jnp.ones(3), "b": leaf}
+  f = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.real(p["b"]) ** 2 + 3 * jnp.imag(p["b"]) ** 2)
+  with pytest.raises(TypeError, match=f"hutchinson_diagonal's params .*{message}.*close over"):
+    ah.hutchinson_diagonal(f, params, jax.random.key(0))
+  with pytest.raises(TypeError, match=f"hvp's params .*{message}"):
+    ah.hvp(f, params, params)
