@@ -206,6 +206,26 @@ def test_plots(op):
   plt.close(fig)
 
 
+def test_plot_landscape_2d_refuses_what_it_cannot_draw():
+  matplotlib = pytest.importorskip("matplotlib")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  a, b = np.linspace(-1, 1, 3), np.linspace(-2, 2, 5)
+  losses = np.add.outer(a**2, b**2)  # 0 at the centre: log10 gave -300 there, one flat colour
+  plane = hessian.Landscape2D(a, b, losses, jnp.zeros((2, 1)))
+  with pytest.raises(ValueError, match=r"positive losses, got 0.0 at alpha=0.0, beta=0.0"):
+    hessian.plot_landscape_2d(plane, log=True)
+  with pytest.raises(ValueError, match="at least 2 alphas and 2 betas .* got 1 and 5"):
+    hessian.plot_landscape_2d(plane._replace(alphas=a[:1], losses=losses[:1]))
+  diverged = losses + 1.0
+  diverged[0, 0], diverged[2, 4] = np.nan, np.inf
+  ax = hessian.plot_landscape_2d(plane._replace(losses=diverged), log=True)
+  lo, hi = ax.figure.axes[-1].get_ylim()  # the colour bar: non-finite losses are left blank
+  assert 0.0 <= lo and hi <= np.log10(6.0) + 0.1
+  plt.close(ax.figure)
+
+
 @pytest.mark.parametrize(
   "kwargs, message",
   [

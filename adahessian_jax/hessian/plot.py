@@ -95,12 +95,31 @@ def plot_landscape_2d(
     **contour_kwargs: Passed to ``ax.contourf``.
 
   Returns:
-    The axes.
+    The axes. Non-finite losses (a diverged loss far along a direction) are left blank.
+
+  Raises:
+    ValueError: for a grid with fewer than 2 points along a direction, and with ``log`` for a
+      loss ``<= 0`` (naming the first one).
   """
+  alphas, betas = np.asarray(landscape.alphas), np.asarray(landscape.betas)
+  losses = np.asarray(landscape.losses)
+  if alphas.size < 2 or betas.size < 2:
+    raise ValueError(
+      f"plot_landscape_2d needs at least 2 alphas and 2 betas for a contour plot, got "
+      f"{alphas.size} and {betas.size}: evaluate the plane on longer grids, or plot a line with "
+      "plot_landscape_1d."
+    )
+  if log and np.any(losses <= 0):
+    i, j = np.argwhere(losses <= 0)[0]
+    raise ValueError(
+      f"plot_landscape_2d(log=True) needs positive losses, got {float(losses[i, j])} at "
+      f"alpha={float(alphas[i])}, beta={float(betas[j])}: pass log=False, or plot a shifted "
+      "landscape, landscape._replace(losses=landscape.losses - np.nanmin(landscape.losses) + 1e-3)."
+    )
   ax = _axes(ax)
-  z = np.log10(np.maximum(landscape.losses, 1e-300)) if log else landscape.losses
-  cs = ax.contourf(landscape.alphas, landscape.betas, z.T, levels=levels, **contour_kwargs)
-  ax.contour(landscape.alphas, landscape.betas, z.T, levels=levels, colors="k", linewidths=0.3)
+  z = np.log10(losses) if log else losses
+  cs = ax.contourf(alphas, betas, z.T, levels=levels, **contour_kwargs)
+  ax.contour(alphas, betas, z.T, levels=levels, colors="k", linewidths=0.3)
   ax.plot([0], [0], "w+", markersize=10)
   ax.set_xlabel("direction 1")
   ax.set_ylabel("direction 2")
