@@ -69,9 +69,14 @@ def check_scalar_loss(value: Any, what: str = "value_fn", fix: str = _WRAP) -> N
   shape = jnp.shape(value)
   dtype = jnp.result_type(value)
   if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+    hint = (
+      "Reduce the loss (e.g. .mean())."
+      if shape != ()
+      else "Return a float: an integer or complex loss has no real Hessian."
+    )
     raise TypeError(
       f"{what} must return a real floating-point scalar loss, got shape {shape} and dtype "
-      f"{dtype}. Reduce the loss (e.g. .mean())."
+      f"{dtype}. {hint}"
     )
 
 

@@ -1,5 +1,7 @@
 """Hessian-vector products and Hutchinson's diagonal estimate against exact values."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +109,22 @@ def test_non_float_params_are_named(leaf, message):
     ah.hutchinson_diagonal(f, params, jax.random.key(0))
   with pytest.raises(TypeError, match=f"hvp's params .*{message}"):
     ah.hvp(f, params, params)
+
+
+@pytest.mark.parametrize(
+  "loss, message",
+  [
+    (jnp.ones(3, jnp.float32), "shape (3,) and dtype float32. Reduce the loss"),
+    (
+      jnp.int32(3),
+      "shape () and dtype int32. Return a float: an integer or complex loss has no real Hessian",
+    ),
+    (
+      jnp.complex64(3),
+      "dtype complex64. Return a float: an integer or complex loss has no real Hessian",
+    ),
+  ],
+)
+def test_check_scalar_loss_says_what_to_do(loss, message):
+  with pytest.raises(TypeError, match=re.escape(message)):
+    hutchinson.check_scalar_loss(loss)
