@@ -219,7 +219,16 @@ def value_grad_and_diagonal(
   Returns:
     ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
     over the probes, a pytree like ``params``.
+
+  Raises:
+    ValueError: for ``keys`` that are not a 1-D array of at least one key.
   """
+  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+  if (keys.ndim if typed else keys.ndim - 1) != 1 or keys.shape[0] == 0:
+    raise ValueError(
+      f"keys must be a 1-D array of at least one PRNG key, one per probe, got shape {keys.shape} "
+      f"and dtype {keys.dtype}: pass jax.random.split(key, n_samples) (key[None] for one probe)."
+    )
 
   def probe(key):
     if owned is None:

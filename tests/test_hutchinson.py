@@ -128,3 +128,17 @@ def test_non_float_params_are_named(leaf, message):
 def test_check_scalar_loss_says_what_to_do(loss, message):
   with pytest.raises(TypeError, match=re.escape(message)):
     hutchinson.check_scalar_loss(loss)
+
+
+@pytest.mark.parametrize(
+  "keys, shape",
+  [
+    (jax.random.key(0), "()"),  # an IndexError
+    (jax.random.PRNGKey(0), "(2,)"),  # raw key data of one key, not two keys
+    (jax.random.split(jax.random.key(0), 0), "(0,)"),  # the mean of no probes: NaN
+  ],
+)
+def test_value_grad_and_diagonal_names_bad_keys(keys, shape):
+  message = rf"1-D array of at least one PRNG key, .* got shape {re.escape(shape)} .*split\(key"
+  with pytest.raises(ValueError, match=message):
+    hutchinson.value_grad_and_diagonal(lambda p: jnp.sum(p**3), jnp.ones(3), keys)
