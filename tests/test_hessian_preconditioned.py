@@ -8,6 +8,7 @@ import pytest
 from hessian_problems import dense_hessian, mlp, mlp_loss
 
 import adahessian_jax
+import adahessian_jax.nnx
 from adahessian_jax import hessian
 
 OPTIMIZERS = {
@@ -281,3 +282,52 @@ def test_entries_without_curvature_yet_are_held_still():
   dense = scale[:, None] * dense_hessian(mlp_loss, params, batch) * scale[None, :]
   top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 1, tol=1e-10)
   assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)
+
+
+def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
+  """P from nnx.Optimizer's state (OptVariable leaves) for params from nnx.split (Param leaves),
+  and an unboxed Linen P for boxed params: boxes aside, the same leaves."""
+  import flax.linen as nn
+  from flax import nnx
+
+  x = jax.random.normal(jax.random.key(1), (12, 3))
+  y = jax.random.normal(jax.random.key(2), (12, 2))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
+      self.l2 = nnx.Linear(4, 2, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, adahessian_jax.adahessian(0.05, eps=1e-3), wrt=nnx.Param)
+  model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
+  grads = nnx.grad(model_loss)(model)
+  optimizer.update(model, grads, value_fn=adahessian_jax.nnx.value_fn(model, model_loss))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss_fn = lambda p, b: jnp.mean((nnx.merge(graphdef, p, rest)(b[0]) - b[1]) ** 2)
+  op = hessian.hessian_operator(loss_fn, params, (x, y))
+  p = hessian.adahessian_preconditioner(optimizer.opt_state, eps=1e-3)
+  nu = adahessian_jax.find_adahessian_state(optimizer.opt_state).nu
+  nu_hat = np.concatenate([np.ravel(v) for v in jax.tree.leaves(nu)]) / (1 - 0.999)
+  s = 1.0 / np.sqrt(np.sqrt(nu_hat) + 1e-3)  # P = sqrt(nu_hat) + eps after one step
+  dense = s[:, None] * dense_hessian(loss_fn, params, (x, y)) * s[None, :]
+  top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 2, tol=1e-10)
+  np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-8)
+  assert top.eigenvalues[0] > 5 * hessian.top_eigenvalues(op).eigenvalues[0]  # P is applied
+
+  kernel_init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "m"))
+  module = nn.Dense(2, kernel_init=kernel_init)
+  boxed = module.init(jax.random.key(0), x)["params"]
+  linen_loss = lambda q, b: jnp.mean((module.apply({"params": q}, b[0]) - b[1]) ** 2)
+  state = _stepped(optax.adam(0.1), nn.unbox(boxed))
+  unboxed_p = hessian.adam_preconditioner(state)
+  boxed_op = hessian.hessian_operator(linen_loss, boxed, (x, y))
+  plain_op = hessian.hessian_operator(linen_loss, nn.unbox(boxed), (x, y))
+  got = hessian.preconditioned_operator(boxed_op, unboxed_p).matmat(jnp.eye(boxed_op.size))
+  want = hessian.preconditioned_operator(plain_op, unboxed_p).matmat(jnp.eye(boxed_op.size))
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  with pytest.raises(ValueError, match=r"lacks the leaves \['bias'\] and has none"):
+    hessian.preconditioned_operator(boxed_op, {"kernel": unboxed_p["kernel"]})

@@ -13,11 +13,26 @@ from typing import Any
 import jax
 import numpy as np
 
-from adahessian_jax import _validation
+from adahessian_jax.layout import leaves as canonical_leaves
 
 
 def _paths(tree: Any) -> dict[str, Any]:
-  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  """``{canonical path: leaf}``: a Linen box's or NNX variable's ``.value`` step left out."""
+  return {jax.tree_util.keystr(x.path): x.leaf for x in canonical_leaves(tree)}
+
+
+def _same_leaves(tree: Any, params: Any) -> bool:
+  """Whether ``tree`` and ``params`` have the same leaves in the same order, boxes aside.
+
+  A tree of the params' structure, or one that differs only by Linen boxes or NNX variables
+  (``nnx.Optimizer``'s ``OptVariable`` where the params hold ``nnx.Param``, unboxed where they
+  are boxed): both flatten to the same canonical paths in the same order, so they ravel alike.
+  """
+  if jax.tree.structure(tree) == jax.tree.structure(params):
+    return True
+  return list(_paths(tree)) == list(_paths(params)) and len(jax.tree.leaves(tree)) == len(
+    jax.tree.leaves(params)
+  )
 
 
 def like_params(tree: Any, params: Any, what: str) -> None:
@@ -25,7 +40,10 @@ def like_params(tree: Any, params: Any, what: str) -> None:
 
   Two trees of the same total size but other leaves (another model's, or a
   transposed kernel) would otherwise flatten to vectors of the right length
-  with every entry in the wrong place.
+  with every entry in the wrong place. Linen boxes and NNX variables do not count: a
+  tree that has the params' leaves at the same paths once they are unboxed matches (e.g. a
+  preconditioner from ``nnx.Optimizer``'s state, whose leaves are ``OptVariable``, for params
+  from ``nnx.state(model, nnx.Param)``).
 
   Args:
     tree: The pytree given, e.g. a direction or a preconditioner.
@@ -36,8 +54,8 @@ def like_params(tree: Any, params: Any, what: str) -> None:
   must = (
     f"{what} must be a pytree with the structure and leaf shapes of the params (or a flat array)"
   )
-  if jax.tree.structure(tree) != jax.tree.structure(params):
-    extra, missing = _validation.unshared_leaf_paths(tree, params)
+  if not _same_leaves(tree, params):
+    extra, missing = [p for p in got if p not in want], [p for p in want if p not in got]
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
       size = sum(int(np.size(x)) for x in want.values())
       detail = (

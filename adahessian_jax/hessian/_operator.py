@@ -95,8 +95,9 @@ class ParamLayout:
   def flatten(self, tree: Any, what: str = "the tree") -> jax.Array:
     """A flat ``(n,)`` array as given, or a pytree like the params raveled; else ``ValueError``.
 
-    A pytree must have the params' structure and every leaf the shape of the
-    params' leaf at its path (``_checks.like_params``), and no leaf may be complex;
+    A pytree must have the params' leaves (Linen boxes and NNX variables aside) and every
+    leaf the shape of the params' leaf at its path (``_checks.like_params``), and no leaf may
+    be complex;
     the message names ``what`` and the first leaf that differs.
     """
     if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
@@ -260,7 +261,7 @@ class HessianOperator:
     return self.layout.slices
 
   def ravel(self, tree: Any, what: str = "the tree") -> jax.Array:
-    """``pytree -> (n,)`` for a pytree like the params; another structure or leaf shape raises.
+    """``pytree -> (n,)`` for a pytree like the params (boxes aside); other leaves raise.
 
     The ``ValueError`` names ``what`` and the first leaf path that differs (two
     trees of the same size but other leaves would flatten to the right length).

@@ -259,8 +259,10 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
     op: A Hessian operator (any: full, block or masked, over any data).
     preconditioner: ``P``, positive, as a pytree like the params (from
       :func:`adahessian_preconditioner`, :func:`adam_preconditioner`, or your
-      own) or a flat ``(n,)`` array. An ``inf`` entry is a coordinate the
-      optimizer does not move: ``P^{-1/2}`` is 0 there.
+      own) or a flat ``(n,)`` array. Linen boxes and NNX variables aside: ``P``
+      from ``nnx.Optimizer``'s ``opt_state`` serves params from
+      ``nnx.split(model, nnx.Param, ...)``, an unboxed ``P`` boxed params. An
+      ``inf`` entry is a coordinate the optimizer does not move: ``P^{-1/2}`` is 0 there.
 
   Returns:
     A :class:`~adahessian_jax.hessian.HessianOperator` with the same layout,
@@ -269,8 +271,8 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
     product costs one product of ``op``.
 
   Raises:
-    ValueError: if ``P`` is a pytree of another structure or leaf shapes than
-      the params, a flat array of another size, complex, or has an entry that
+    ValueError: if ``P`` is a pytree of other leaves (paths, boxes aside) or leaf
+      shapes than the params, a flat array of another size, complex, or has an entry that
       is not positive (NaN, 0, negative or ``-inf``; named by leaf path and
       index in the leaf).
   """
