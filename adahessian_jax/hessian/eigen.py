@@ -175,7 +175,7 @@ def top_eigenvalues(
   once per block that reaches it. Without a breakdown, a single Krylov space
   holds one copy of a repeated eigenvalue, and from a normal start vector
   rounding rarely lets ``β`` reach exactly zero: a repeated eigenvalue (a
-  symmetry: the output-kernel block ``kron(I, hᵀh)`` of an MSE head, a
+  symmetry: the output-kernel block ``kron(hᵀh, I)`` of an MSE head, a
   linear model with several outputs) would be found once. So for ``k ≥ 2``,
   once the pairs have converged, ``check_repeated`` runs Lanczos again on the
   Hessian deflated by the eigenvectors found, from a fresh random vector, for
