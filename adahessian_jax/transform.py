@@ -346,7 +346,7 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
   float16 (largest value 65504) cannot hold ``D²`` for a curvature over 256, nor (below 6e-8)
   for one under 2.4e-4; bfloat16 (8 significant bits) rounds ``b2 = 0.999`` to 1 and drops
   ``(1 - b2)·D²`` once it is under half a unit in the last place of ``nu``, so that ``nu`` stops
-  following the curvature (with ``D = 1``, frozen at 0.5 from step ~700 on).
+  following the curvature (with ``D = 1``, frozen at 0.5 from step ~400 on).
   """
 
   def mark(p):

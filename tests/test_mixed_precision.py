@@ -103,7 +103,7 @@ def test_apply_if_finite_around_float32_moments_of_bfloat16_params():
 
 def test_bfloat16_params_keep_their_second_moment_in_float32_by_default():
   """A bfloat16 nu rounded b2 = 0.999 to 1 and dropped (1 - b2)·D² once it was under half a unit
-  in nu's last place: with D = 1 it froze at 0.5 (step ~700), where Algorithm 1 has
+  in nu's last place: with D = 1 it froze at 0.5 (from step ~400), where Algorithm 1 has
   1 - 0.999^t, so v̂ no longer followed the curvature."""
   params = {"w": jnp.ones(2, jnp.bfloat16)}
   tx = ah.scale_by_adahessian()
