@@ -166,10 +166,13 @@ def test_a_python_float_leaf_is_a_block_of_its_own():
   )
 
 
-def test_a_leaf_of_another_module_named_like_a_stacked_one_is_kept_whole():
+@pytest.mark.parametrize("wrapper", [None, "Encoder"])
+def test_a_leaf_of_another_module_named_like_a_stacked_one_is_kept_whole(wrapper):
   """Flax names a head "Dense_0" like the Dense inside an nn.scan block; only the stack is boxed.
   The head kernel (2, 3) has the stack's leading size but is no stack: it stays one leaf, and its
-  filters get their norms. The stack's unboxed bias (its own module) is split."""
+  filters get their norms. The stack's unboxed bias (its own module) is split. Inside a wrapper
+  module ("Encoder") too: there the first path key, shared by head and stack, told them apart
+  no more."""
   import flax.linen as nn
 
   r = np.random.default_rng(0)
@@ -178,13 +181,18 @@ def test_a_leaf_of_another_module_named_like_a_stacked_one_is_kept_whole():
     "Dense_0": {"kernel": jnp.asarray(r.normal(size=(2, 3))), "bias": jnp.ones(3)},
     "ScanBlock_0": {"Dense_0": {"kernel": kernel, "bias": jnp.asarray(r.normal(size=(2, 3)))}},
   }
+  prefix = ""
+  if wrapper is not None:
+    params, prefix = {wrapper: params}, f"{wrapper}/"
   loss_fn = lambda p, b: sum(jnp.sum(jnp.tanh(b * a) ** 2) for a in jax.tree.leaves(p))
   op = hessian.hessian_operator(loss_fn, params, jnp.float64(0.5))
   layers = hessian.layer_breakdown(op, jax.random.key(0), num_samples=2, eigenvalues=False)
-  stack = [f"ScanBlock_0/Dense_0/{leaf}[{i}]" for leaf in ("bias", "kernel") for i in (0, 1)]
-  assert list(layers) == ["Dense_0/bias", "Dense_0/kernel", *stack]
+  stack = [
+    f"{prefix}ScanBlock_0/Dense_0/{leaf}[{i}]" for leaf in ("bias", "kernel") for i in (0, 1)
+  ]
+  assert list(layers) == [f"{prefix}Dense_0/bias", f"{prefix}Dense_0/kernel", *stack]
   d = hessian.random_direction(op, jax.random.key(1))
-  head = op.unravel(hessian.normalize_direction(op, d, "filter"))["Dense_0"]["kernel"]
-  np.testing.assert_allclose(
-    np.linalg.norm(head, axis=0), np.linalg.norm(params["Dense_0"]["kernel"], axis=0), rtol=1e-12
-  )
+  head = op.unravel(hessian.normalize_direction(op, d, "filter"))
+  head = head[wrapper]["Dense_0"]["kernel"] if wrapper else head["Dense_0"]["kernel"]
+  want = params[wrapper]["Dense_0"]["kernel"] if wrapper else params["Dense_0"]["kernel"]
+  np.testing.assert_allclose(np.linalg.norm(head, axis=0), np.linalg.norm(want, axis=0), rtol=1e-12)

@@ -26,8 +26,9 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
   Args:
     params: The params (a pytree, possibly of Linen boxes or NNX variables).
     layer_axes: ``None`` (from the params' axis names; an unnamed leaf takes the
-      stack of its named relatives in the same module, not of a leaf of another
-      module that merely shares its name), or the number of leading
+      stack of its named relatives only inside their block, the module that holds
+      a named leaf's module, not that of a leaf elsewhere that merely shares its
+      name), or the number of leading
       layer axes of each leaf, as an int or a pytree prefix of the params with
       ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
 
@@ -44,11 +45,13 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
     # The optimizer's rules give an unnamed leaf the stack of its nearest named relatives even
     # when they share no module with it (a head "Dense_0/kernel" (3, 2) next to a stack
     # "ScanBlock_0/Dense_0/kernel" (3, 3, 3)), which only averages it less; split into layers it
-    # would be misnamed and its filters lost. Such a guess keeps the leaf whole (layer_axes= says
-    # otherwise), unless the leaf sits at the root, in the module the stack may be.
+    # would be misnamed and its filters lost. An unnamed leaf keeps such a guess only inside the
+    # module that holds a named leaf's module (the scanned block: "ScanBlock_0" for
+    # "ScanBlock_0/Dense_0/kernel", at any depth); elsewhere it stays whole (layer_axes= says
+    # otherwise).
     infos = layout.leaves(params)
-    named_tops = {x.path[:1] for x in infos if x.names is not None}
-    keep = [x.names is not None or len(x.path) < 2 or x.path[:1] in named_tops for x in infos]
+    blocks = {x.path[:-2] for x in infos if x.names is not None}
+    keep = [x.names is not None or any(x.path[: len(b)] == b for b in blocks) for x in infos]
     return [
       tuple(r.layer_axes(s)) if k else () for r, s, k in zip(rules, shapes, keep, strict=True)
     ]
