@@ -288,12 +288,14 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
     # returned e.g. [3, 2] for eigenvalues (3, 3, 2, ...), converged, a third of such problems.
     kth, margin = values[-1], tol * scale
     beyond = functools.partial(_beyond, which, kth, margin)
+    # From a normal vector with the known span projected out: the run never sees the shift.
+    start = _project_out(op.gaussian(jax.random.fold_in(key, 2 + attempt), 1), basis)[0][0]
     probe = _lanczos_eigen(
       _deflated_operator(op, basis, shift),
       1,
       which,
       jax.random.fold_in(key, 2 + attempt),
-      None,
+      start,
       tol,
       max_iter,
       stop_on,
@@ -308,7 +310,8 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
       break
     if not order(theta) < order(kth) - margin:  # converged within the tolerance of the k-th
       break
-    new = probe.eigenvectors_flat
+    # Orthogonal to the pairs found to rounding, not only to the run's residual.
+    new = unit(_project_out(probe.eigenvectors_flat, basis)[0])[0]
     known = jnp.concatenate([known, new])
     values.append(theta)
     residuals.append(float(probe.residuals[0]))
