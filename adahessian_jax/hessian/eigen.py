@@ -197,13 +197,16 @@ def top_eigenvalues(
       e.g. the previous eigenvector for a warm start
       (:func:`~adahessian_jax.hessian.track_curvature` does this). A warm
       start converges in fewer steps when it is close to the wanted
-      eigenvector, but an eigenvector it is orthogonal to stays invisible.
+      eigenvector, but an eigenvector it is orthogonal to stays invisible to
+      that run (for ``k ≥ 2`` the check for repeated eigenvalues may find it).
     tol: Tolerance relative to the largest magnitude among the wanted Ritz
       values (``k`` wanted eigenvalues all near zero may then take up to
       ``max_iter`` products; ``converged`` says whether it was met).
-    max_iter: Maximum Lanczos steps (Hessian products); memory is
+    max_iter: Maximum Lanczos steps (Hessian products) of a run; memory is
       ``max_iter · n`` values. Raised to ``k`` (``k`` Ritz pairs need ``k``
       steps; ``converged`` then says whether they are eigenpairs), clipped to ``n``.
+      Each deflated run of the check for repeated eigenvalues has the same limit,
+      so ``num_matvecs`` can exceed it.
     stop_on: ``"residual"`` (a bound) or ``"eigenvalue"`` (the gap estimate).
     check_repeated: For ``k ≥ 2``, check for eigenvalues the Krylov space
       could not hold (above); ``False`` skips the check and its products.
