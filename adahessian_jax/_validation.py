@@ -222,6 +222,17 @@ def unshared_leaf_paths(tree: Any, ref: Any) -> tuple[list[str], list[str]]:
   return [p for p in mine if p not in theirs_set], [p for p in theirs if p not in mine_set]
 
 
+def tree_difference(tree: Any, ref: Any, ref_name: str) -> str:
+  """Where ``tree`` first differs from ``ref`` (called ``ref_name``), named by a leaf path where
+  one has a leaf the other has not (a model's whole tree structure is too long to read)."""
+  extra, missing = unshared_leaf_paths(tree, ref)
+  if extra:
+    return f"it has a leaf at {extra[0]}, where {ref_name} has none"
+  if missing:
+    return f"it has no leaf at {missing[0]}, where {ref_name} has one"
+  return f"its nodes differ, {jax.tree.structure(tree)} against {jax.tree.structure(ref)}"
+
+
 def is_static_zero(value: Any) -> bool:
   """Whether ``value`` is a concrete zero (so a term it scales can be left out of the graph)."""
   if isinstance(value, jax.core.Tracer):

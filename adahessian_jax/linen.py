@@ -54,14 +54,9 @@ def _check_batch_stats(old: Any, new: Any) -> None:
   """
   if old is None or new is None or not jax.tree.leaves(old):
     return
-  extra, missing = _validation.unshared_leaf_paths(new, old)
-  if not extra and not missing:
+  if set(_validation.leaf_paths(new)) == set(_validation.leaf_paths(old)):
     return
-  where = (
-    f"it has a leaf at {extra[0]}, where the old has none"
-    if extra
-    else f"it has no leaf at {missing[0]}, where the old has one"
-  )
+  where = _validation.tree_difference(new, old, "the old one")
   raise ValueError(
     f"TrainState: the new batch_stats does not have the tree of the old one ({where}). Running "
     "statistics keep their tree from step to step. Pass the collection itself, not the dict of "

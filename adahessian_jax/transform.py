@@ -82,15 +82,7 @@ def _check_state(
     )
 
 
-def _tree_difference(tree: Any, ref: Any) -> str:
-  """Where ``tree`` first differs from ``ref``, named by a leaf path where one has a leaf the
-  other has not (a model's whole tree structure is too long to read)."""
-  extra, missing = _validation.unshared_leaf_paths(tree, ref)
-  if extra:
-    return f"it has a leaf at {extra[0]}, where the state's parameters have none"
-  if missing:
-    return f"it has no leaf at {missing[0]}, where the state's parameters have one"
-  return f"its nodes differ, {jax.tree.structure(tree)} against {jax.tree.structure(ref)}"
+_STATE_PARAMS = "the state's parameters"
 
 
 def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
@@ -108,7 +100,7 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
       )
       raise ValueError(
         f"scale_by_adahessian: the {name} tree is not the tree of the parameters the state was "
-        f"made for: {_tree_difference(tree, mu)}. {fix}"
+        f"made for: {_validation.tree_difference(tree, mu, _STATE_PARAMS)}. {fix}"
       )
 
     def check(path, x, m, name=name):
@@ -140,9 +132,8 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
 def _check_estimate(estimate: Any, like: Any) -> None:
   """Raises unless ``hessian_diag`` has the structure, shapes and a float dtype of ``like``."""
   if jax.tree.structure(estimate) != jax.tree.structure(like):
-    raise ValueError(
-      f"hessian_diag must have the structure of params: {_tree_difference(estimate, like)}."
-    )
+    where = _validation.tree_difference(estimate, like, _STATE_PARAMS)
+    raise ValueError(f"hessian_diag must have the structure of params: {where}.")
 
   def check(path, e, x):
     if jnp.shape(e) != jnp.shape(x) or not jnp.issubdtype(jnp.result_type(e), jnp.floating):
