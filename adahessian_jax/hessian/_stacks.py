@@ -20,7 +20,9 @@ import numpy as np
 from adahessian_jax import _validation, layout, spatial
 
 
-def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
+def layer_axes_of(
+  params: Any, layer_axes: Any = None, rules: list[spatial.Rule] | None = None
+) -> list[tuple[int, ...]]:
   """The stacked-layer axes of every leaf of ``params``, in ``jax.tree.leaves`` order.
 
   Args:
@@ -31,6 +33,7 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
       name), or the number of leading
       layer axes of each leaf, as an int or a pytree prefix of the params with
       ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
+    rules: ``spatial.leaf_rules(None, params)`` if the caller has them already.
 
   Returns:
     One tuple of axes per leaf (empty for a leaf that is one layer).
@@ -41,7 +44,7 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
   """
   shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
   if layer_axes is None:
-    rules = spatial.leaf_rules(None, params)
+    rules = spatial.leaf_rules(None, params) if rules is None else rules
     # The optimizer's rules give an unnamed leaf the stack of its nearest named relatives even
     # when they share no module with it (a head "Dense_0/kernel" (3, 2) next to a stack
     # "ScanBlock_0/Dense_0/kernel" (3, 3, 3)), which only averages it less; split into layers it
@@ -69,17 +72,15 @@ def layer_axes_of(params: Any, layer_axes: Any = None) -> list[tuple[int, ...]]:
   ]
 
 
-def layer_slices(
-  shape: tuple[int, ...], axes: tuple[int, ...]
-) -> list[tuple[tuple[int, ...], tuple[Any, ...]]]:
-  """Every layer of a leaf of ``shape`` stacked along ``axes``: its index and its slice.
+def layer_slices(shape: tuple[int, ...], axes: tuple[int, ...]) -> list[tuple[Any, ...]]:
+  """Every layer of a leaf of ``shape`` stacked along ``axes``, as its index into the leaf.
 
-  The slice, an index into the leaf, keeps the other axes in order. A leaf with no
-  layer axes is one layer, with index ``()`` and the whole leaf as its slice.
+  The index keeps the other axes in order (slices). A leaf with no layer axes is one layer,
+  indexed by ``()``: the whole leaf.
   """
   counts = [shape[a] for a in axes]
   out = []
   for index in np.ndindex(*counts):
-    where = dict(zip(axes, index, strict=True))
-    out.append((index, tuple(where.get(a, slice(None)) for a in range(len(shape)))))
+    at = dict(zip(axes, index, strict=True))
+    out.append(tuple(at.get(a, slice(None)) for a in range(len(shape))))
   return out

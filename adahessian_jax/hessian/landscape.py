@@ -137,7 +137,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
       roles.append(tuple(spatial.axis_role(n, r.roles()) for n in r.names))
     else:
       roles.append(None)
-  layers = _stacks.layer_axes_of(op.params, layer_axes)
+  layers = _stacks.layer_axes_of(op.params, layer_axes, rules)
   return [_LeafAxes(*a) for a in zip(shapes, layers, params, modules, roles, strict=True)]
 
 

@@ -85,8 +85,8 @@ def _parts(op: HessianOperator, layer_axes: Any) -> list[_Part]:
   leaves = jax.tree.leaves(op.params)
   for i, (name, x, sl) in enumerate(zip(op.leaf_names, leaves, op.leaf_slices, strict=True)):
     flat = np.arange(sl.start, sl.stop).reshape(np.shape(x))
-    layers = layer_slices(np.shape(x), axes[i]) if flat.size else [((), ())]
-    for _, where in layers:
+    layers = layer_slices(np.shape(x), axes[i]) if flat.size else [()]
+    for where in layers:
       parts.append(_Part(part_name(name, where), i, where, flat[where].ravel()))
   return parts
 
