@@ -273,11 +273,11 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
   known, matvecs = vecs, eig.num_matvecs
   scale = float(max(np.max(np.abs(values)), np.finfo(np.float64).tiny))
   order, checked = _ORDER[which], True
+  wide = jnp.promote_types(op.dtype, jnp.float32)  # QR has no 16-bit kernels
   for attempt in range(k):
     if known.shape[0] >= op.size:
       break
-    # Orthonormal rows spanning what is known (QR has no 16-bit kernels: in float32 there).
-    wide = jnp.promote_types(op.dtype, jnp.float32)
+    # Orthonormal rows spanning what is known.
     basis = jnp.linalg.qr(known.T.astype(wide))[0].T.astype(op.dtype)
     # The span of what is known gets a value that is never wanted: below the k-th for "LA",
     # above it for "SA", zero (the smallest magnitude) for "LM".
@@ -292,12 +292,13 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
     kth, margin = values[-1], tol * scale
     beyond = functools.partial(_beyond, which, kth, margin)
     # From a normal vector with the known span projected out: the run never sees the shift.
-    start = _project_out(op.gaussian(jax.random.fold_in(key, 2 + attempt), 1), basis)[0][0]
+    probe_key = jax.random.fold_in(key, 2 + attempt)
+    start = _project_out(op.gaussian(probe_key, 1), basis)[0][0]
     probe = _lanczos_eigen(
       _deflated_operator(op, basis, shift),
       1,
       which,
-      jax.random.fold_in(key, 2 + attempt),
+      probe_key,
       start,
       tol,
       max_iter,
