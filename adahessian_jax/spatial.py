@@ -990,46 +990,59 @@ def _in_named_stacks(
   scale or a bias left unboxed comes out as a plain ``(layers, features)``
   array, which the rank alone would take for a ``Dense`` kernel and average
   across layers. An unnamed leaf under the default rule takes the stacked axes
-  of its nearest named relatives (the named leaves sharing the longest path
-  prefix with it) when they all have the same stacked axes and its shape has
-  their sizes there. A leaf taken for stacked when it is not is averaged less,
-  never across layers.
+  of its nearest named relatives (the named leaves under its deepest ancestor
+  that holds any) when they all have the same stacked axes and every leaf under
+  that ancestor has their sizes there: the transform stacks *every* parameter of
+  the module, so an ancestor holding a leaf without them (a head's bias beside a
+  scanned block) is above the stack, and a leaf of another module that merely
+  has the stack's sizes (a 3x3 ``Conv`` kernel beside a stack of 3) keeps its own
+  rule.
 
   Returns:
     ``{leaf index: (inferred names, index of a relative)}``, and the indices of
     the unnamed leaves that stay ambiguous: those whose relatives disagree while
-    one's stack fits the leaf, and those inferred from relatives that share no
-    key with them (a stack at the root, or a leaf of another module that
-    happens to have the stack's sizes). Strict mode refuses these.
+    one's stack fits the leaf, and those inferred at the root, sharing no key
+    with their relatives (a stack at the root, or a leaf of another module that
+    happens to have the stack's sizes, in a tree that holds nothing else).
+    Strict mode refuses these.
   """
   keys = [tuple(str(k) for k in p) for p in paths]
-  below: dict[tuple, list[int]] = {}  # every path prefix -> the named leaves under it
-  for j, n in enumerate(names):
-    if n is not None:
-      for depth in range(len(keys[j]) + 1):
-        below.setdefault(keys[j][:depth], []).append(j)
+  below: dict[tuple, list[int]] = {}  # every path prefix -> the leaves under it
+  named_below: dict[tuple, list[int]] = {}  # ... and the named ones among them
+  for j, key in enumerate(keys):
+    for depth in range(len(key) + 1):
+      below.setdefault(key[:depth], []).append(j)
+      if names[j] is not None:
+        named_below.setdefault(key[:depth], []).append(j)
+
+  def fits(stack, shape) -> bool:
+    return bool(stack) and all(a < len(shape) and shape[a] == size for a, _, size in stack)
+
+  all_fit: dict[tuple, bool] = {}  # (prefix, stack) -> every leaf under the prefix fits it
   inferred, unsure = {}, set()
   for i, rule in enumerate(rules):
-    if names[i] is not None or not isinstance(rule, FlaxDefault) or not below:
+    if names[i] is not None or not isinstance(rule, FlaxDefault) or not named_below:
       continue
-    # The named leaves sharing the longest prefix with leaf i: those under its deepest ancestor
-    # that has any (the root, shared by all, at worst).
-    depth = next(d for d in range(len(keys[i]), -1, -1) if keys[i][:d] in below)
-    nearest = below[keys[i][:depth]]
+    # The named leaves under its deepest ancestor that holds any (the root, at worst).
+    depth = next(d for d in range(len(keys[i]), -1, -1) if keys[i][:d] in named_below)
+    ancestor = keys[i][:depth]
+    nearest = named_below[ancestor]
     roles = rule.roles()
     stacks = {j: _stacked_axes(names[j], shapes[j], roles) for j in nearest}
-    fits = [
-      bool(st) and all(a < len(shapes[i]) and shapes[i][a] == size for a, _, size in st)
-      for st in stacks.values()
-    ]
-    if len({tuple((a, size) for a, _, size in st) for st in stacks.values()}) == 1 and all(fits):
-      own = [None] * len(shapes[i])
-      for a, name, _ in stacks[nearest[0]]:
-        own[a] = name
-      inferred[i] = (tuple(own), nearest[0])
-      if depth == 0:
-        unsure.add(i)
-    elif any(fits):
+    signatures = {tuple((a, size) for a, _, size in st) for st in stacks.values()}
+    stack = stacks[nearest[0]]
+    if len(signatures) == 1 and fits(stack, shapes[i]):
+      memo = (ancestor, stack)
+      if memo not in all_fit:
+        all_fit[memo] = all(fits(stack, shapes[k]) for k in below[ancestor])
+      if all_fit[memo]:
+        own = [None] * len(shapes[i])
+        for a, name, _ in stack:
+          own[a] = name
+        inferred[i] = (tuple(own), nearest[0])
+        if depth == 0:
+          unsure.add(i)
+    elif len(signatures) > 1 and any(fits(st, shapes[i]) for st in stacks.values()):
       unsure.add(i)
   return inferred, unsure
 

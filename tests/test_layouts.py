@@ -533,17 +533,63 @@ def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
   scale = rows["['blocks']['LayerNorm_0']['scale']" if nested else "['LayerNorm_0']['scale']"]
   assert scale.names == ("layers", None)
   assert "stacked axes taken from its named relative" in scale.why
-  # With the stack under a key, its leaves' inference is sure; at the root, or for the head
-  # that shares no key with the stack but happens to have its 4 rows, strict mode refuses.
+  # With the stack under a key, its leaves' inference is sure; at the root strict mode refuses.
+  # The head shares no key with the stack and, though its kernel has the stack's 4 rows, its
+  # bias has not: the root, which holds both, is no stack, and the kernel is a Dense kernel.
   ambiguous = [r.path for r in listing.ambiguous]
   if nested:
-    assert ambiguous == ["['head']['kernel']"]
-    assert rows["['head']['kernel']"].rule == spatial.per_layer(spatial.none())  # less, not across
+    assert ambiguous == []
+    assert rows["['head']['kernel']"].rule == spatial.blocks(2)
   else:
     # The Dense bias shares its module with the named kernel; the LayerNorm shares none.
     assert ambiguous == ["['LayerNorm_0']['bias']", "['LayerNorm_0']['scale']"]
-  with pytest.raises(ValueError, match="ambiguous"):
+  if nested:
     spatial.describe(plain, spatial.strict(spatial.named(params)), 2)
+  else:
+    with pytest.raises(ValueError, match="ambiguous"):
+      spatial.describe(plain, spatial.strict(spatial.named(params)), 2)
+
+
+class ConvThenScannedBlocks(nn.Module):
+  """A 3x3 Conv stem, then 3 scanned blocks: the stem's kernel (3, 3, 3, 8) has the stack's 3
+  rows and a boxed stack holds the only named leaves."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x).mean(axis=(1, 2))
+    return scan_layers(ScannedBlock, length=3)()(x[:, :4], None)[0]
+
+
+class Wrapped(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return ConvThenScannedBlocks()(x)
+
+
+@pytest.mark.parametrize("model", [ConvThenScannedBlocks, Wrapped])
+def test_a_conv_kernel_beside_a_stack_of_its_height_keeps_its_spatial_average(model):
+  # Its nearest named relatives (the stack's kernel) shared the root, or the wrapper module, with
+  # it, and its axis 0 had the stack's size, so it was taken for a stack of 3 and averaged over
+  # its width alone, per row: groups of 3 instead of the 3x3 window. The Conv's bias (8,) has no
+  # such axis, so the module holding both is no stack (a transform stacks every leaf under it).
+  params = model().init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
+  plain = nn.unbox(params)
+  hessian_diag = jax.tree.map(
+    lambda x: jnp.asarray(np.random.default_rng(x.size).uniform(1, 2, x.shape)), plain
+  )
+  tx = ah.scale_by_adahessian(b2=0.5, averaging=spatial.named(params))
+  nu = _nu_after_one_step(tx, plain, hessian_diag)
+  inner = (lambda t: t["ConvThenScannedBlocks_0"]) if model is Wrapped else (lambda t: t)
+  d = np.asarray(inner(hessian_diag)["Conv_0"]["kernel"])
+  want = np.broadcast_to(d.mean(axis=(0, 1), keepdims=True), d.shape)
+  np.testing.assert_allclose(inner(nu)["Conv_0"]["kernel"], want, rtol=1e-6)
+  # The stack's unboxed leaves still take its stacked axis: nothing averaged across layers.
+  ln = np.asarray(inner(hessian_diag)["ScanScannedBlock_0"]["LayerNorm_0"]["scale"])
+  np.testing.assert_allclose(inner(nu)["ScanScannedBlock_0"]["LayerNorm_0"]["scale"], ln, rtol=1e-6)
+  rows = {r.path: r for r in spatial.describe(plain, spatial.named(params)).rows}
+  prefix = "['ConvThenScannedBlocks_0']" if model is Wrapped else ""
+  assert rows[f"{prefix}['Conv_0']['kernel']"].names is None
+  assert rows[f"{prefix}['ScanScannedBlock_0']['LayerNorm_0']['scale']"].names == ("layers", None)
 
 
 def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():

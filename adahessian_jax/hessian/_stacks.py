@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from adahessian_jax import _validation, layout, spatial
+from adahessian_jax import _validation, spatial
 
 
 def layer_axes_of(
@@ -28,9 +28,8 @@ def layer_axes_of(
   Args:
     params: The params (a pytree, possibly of Linen boxes or NNX variables).
     layer_axes: ``None`` (from the params' axis names; an unnamed leaf takes the
-      stack of its named relatives only inside their block, the module that holds
-      a named leaf's module, not that of a leaf elsewhere that merely shares its
-      name), or the number of leading
+      stack of its named relatives as the optimizer's averaging does, see
+      :mod:`adahessian_jax.spatial`), or the number of leading
       layer axes of each leaf, as an int or a pytree prefix of the params with
       ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
     rules: ``spatial.leaf_rules(None, params)`` if the caller has them already.
@@ -45,19 +44,7 @@ def layer_axes_of(
   shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
   if layer_axes is None:
     rules = spatial.leaf_rules(None, params) if rules is None else rules
-    # The optimizer's rules give an unnamed leaf the stack of its nearest named relatives even
-    # when they share no module with it (a head "Dense_0/kernel" (3, 2) next to a stack
-    # "ScanBlock_0/Dense_0/kernel" (3, 3, 3)), which only averages it less; split into layers it
-    # would be misnamed and its filters lost. An unnamed leaf keeps such a guess only inside the
-    # module that holds a named leaf's module (the scanned block: "ScanBlock_0" for
-    # "ScanBlock_0/Dense_0/kernel", at any depth); elsewhere it stays whole (layer_axes= says
-    # otherwise).
-    infos = layout.leaves(params)
-    blocks = {x.path[:-2] for x in infos if x.names is not None}
-    keep = [x.names is not None or any(x.path[: len(b)] == b for b in blocks) for x in infos]
-    return [
-      tuple(r.layer_axes(s)) if k else () for r, s, k in zip(rules, shapes, keep, strict=True)
-    ]
+    return [tuple(r.layer_axes(s)) for r, s in zip(rules, shapes, strict=True)]
   try:
     counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, params))
   except (ValueError, TypeError) as e:

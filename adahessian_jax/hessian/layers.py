@@ -118,9 +118,8 @@ def layer_breakdown(
     layer_axes: Layers stacked in one leaf (``nn.scan``, ``nnx.vmap``: a kernel
       ``(layers, in, out)``) get an entry each. ``None`` (the default) finds the
       layer axes from the params' axis names (boxed Linen params, NNX state with
-      sharding metadata; as the optimizer's spatial averaging reads them, but an
-      unnamed leaf takes a stack only inside the stacked block, the module that
-      holds a named leaf's module); plain
+      sharding metadata; as the optimizer's spatial averaging reads them, an
+      unnamed leaf of a named stack included: docs/layouts.md); plain
       arrays carry none, so pass the number of leading layer axes of each leaf,
       as an int or a pytree prefix of the params (e.g. ``{"ScanBlock_0": 1,
       "head": 0}``); ``0`` keeps every leaf whole.
