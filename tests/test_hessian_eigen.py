@@ -347,3 +347,18 @@ def test_the_check_for_repeated_eigenvalues_does_not_stop_before_a_copy_shows():
   got = hessian.top_eigenvalues(op, 2, tol=1e-10)
   np.testing.assert_allclose(got.eigenvalues, [3.0, 3.0], rtol=1e-9)
   assert got.converged.all()
+
+
+def test_a_check_out_of_max_iter_vouches_for_nothing():
+  """Eigenvalues (10, 9) above a dense bulk in [0, 1]: the pairs converge in a few products, the
+  deflated run on the bulk does not within max_iter = 10. Its top Ritz value, far below 9, was
+  taken for 'nothing beyond the k-th value' and the 9 reported converged; the run had not shown
+  that (a copy with a small component in the start vector shows up late)."""
+  ev = np.concatenate([[10.0, 9.0], np.linspace(0.0, 1.0, 120)])
+  op = hessian.hessian_operator(quadratic_loss, *quadratic(ev))
+  plain = hessian.top_eigenvalues(op, 2, tol=1e-8, check_repeated=False, max_iter=10)
+  assert plain.converged.all() and plain.num_matvecs == 10
+  short = hessian.top_eigenvalues(op, 2, tol=1e-8, max_iter=10)
+  np.testing.assert_allclose(short.eigenvalues, [10.0, 9.0], rtol=1e-9)
+  assert short.converged.tolist() == [True, False] and short.num_matvecs == 20
+  assert hessian.top_eigenvalues(op, 2, tol=1e-8).converged.all()  # the default max_iter: checked

@@ -184,8 +184,8 @@ def top_eigenvalues(
   value it finds beyond the ``k``-th by more than the tolerance (another copy,
   or any eigenvalue the first space missed) takes the ``k``-th's place, and the
   check repeats until none does. Its products are
-  counted in ``num_matvecs``; if a check reaches ``max_iter`` undecided, the
-  ``k``-th pair is reported not converged.
+  counted in ``num_matvecs``; if a check reaches ``max_iter`` before its pair
+  converges, the ``k``-th pair is reported not converged.
 
   Args:
     op: The Hessian operator (:func:`~adahessian_jax.hessian.hessian_operator`).
@@ -307,10 +307,13 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
     )
     matvecs += probe.num_matvecs
     theta, err = float(probe.eigenvalues[0]), float(probe.errors[0])
-    if not beyond(theta, err):
-      break
-    if not probe.converged[0]:  # out of max_iter: the k-th value cannot be vouched for
+    # Out of max_iter before converging: the k-th value cannot be vouched for, even with the
+    # top Ritz value far below it (a copy with a small component in the start vector shows up
+    # late; see above).
+    if not probe.converged[0]:
       checked = False
+      break
+    if not beyond(theta, err):
       break
     if not order(theta) < order(kth) - margin:  # converged within the tolerance of the k-th
       break
