@@ -1,9 +1,10 @@
-"""The three benchmark models (Flax linen) and synthetic batches of the right shapes.
+"""The benchmark models (Flax linen) and synthetic batches of the right shapes.
 
 Each ``make_*`` returns a :class:`Problem`: initial parameters, a scalar loss
 ``loss_fn(params, batch)`` and a list of synthetic batches (fixed seeds). The
 ``size`` argument is ``"full"`` (the sizes of the benchmark table) or
-``"tiny"`` (the ``--quick`` smoke run).
+``"tiny"`` (the ``--quick`` smoke run). ``gpt`` is the accelerator-sized model
+(a GPT-2-small-shaped LM, 98M parameters), too large to time on the CPU.
 """
 
 from __future__ import annotations
@@ -162,10 +163,14 @@ class TransformerLM(nn.Module):
     return nn.Dense(self.vocab)(x)
 
 
-def make_transformer(size: str = "full", n_batches: int = 4, seed: int = 0) -> Problem:
+def make_transformer(
+  size: str = "full", n_batches: int = 4, seed: int = 0, name: str = "transformer"
+) -> Problem:
   """Decoder-only LM: 2 pre-LN layers, d_model 128, 4 heads, vocab 512, seq 64, batch 8."""
   if size == "full":
     vocab, seq, d, heads, layers, mlp, batch = 512, 64, 128, 4, 2, 512, 8
+  elif size == "gpt":
+    vocab, seq, d, heads, layers, mlp, batch = 8192, 512, 768, 12, 12, 3072, 16
   else:
     vocab, seq, d, heads, layers, mlp, batch = 32, 8, 16, 2, 1, 32, 2
   model = TransformerLM(vocab, seq, d, heads, layers, mlp)
@@ -182,7 +187,13 @@ def make_transformer(size: str = "full", n_batches: int = 4, seed: int = 0) -> P
     f"Flax decoder-only transformer LM: {layers} pre-LN layers, d_model {d}, {heads} heads, "
     f"MLP {mlp}, vocab {vocab}, sequence {seq}, batch {batch}"
   )
-  return Problem("transformer", desc, params, loss_fn, batches)
+  return Problem(name, desc, params, loss_fn, batches)
 
 
-MODELS = {"mlp": make_mlp, "cnn": make_cnn, "transformer": make_transformer}
+def make_gpt(size: str = "full", n_batches: int = 4, seed: int = 0) -> Problem:
+  """The transformer LM at GPT-2 small's shape (12 layers, d_model 768, 12 heads, MLP 3072;
+  vocab 8192, sequence 512, batch 16: 98M parameters), for accelerators; ``"tiny"`` as above."""
+  return make_transformer("gpt" if size == "full" else size, n_batches, seed, name="gpt")
+
+
+MODELS = {"mlp": make_mlp, "cnn": make_cnn, "transformer": make_transformer, "gpt": make_gpt}

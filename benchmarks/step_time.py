@@ -480,6 +480,7 @@ def machine() -> dict:
     "optax": optax.__version__,
     "flax": __import__("flax").__version__,
     "device": str(jax.devices()[0]),
+    "device_kind": jax.devices()[0].device_kind,
     "loadavg_start": load,
   }
 
