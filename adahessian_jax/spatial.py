@@ -982,7 +982,7 @@ def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
 
 def _in_named_stacks(
   paths, shapes, names, rules
-) -> tuple[dict[int, tuple[AxisNames, int]], set[int]]:
+) -> tuple[dict[int, tuple[AxisNames, int]], dict[int, str]]:
   """Stacked axes for unnamed leaves that sit in a stack of layers whose other leaves are named.
 
   ``nn.scan``/``nn.vmap``/``nnx.vmap`` stack every parameter of the module they
@@ -991,20 +991,22 @@ def _in_named_stacks(
   array, which the rank alone would take for a ``Dense`` kernel and average
   across layers. An unnamed leaf under the default rule takes the stacked axes
   of its nearest named relatives (the named leaves under its deepest ancestor
-  that holds any) when they all have the same stacked axes and every leaf under
-  that ancestor has their sizes there: the transform stacks *every* parameter of
+  that holds any) that they all have and every leaf under that ancestor has the
+  sizes of (an inner stack's or a mixture's axes, which some relatives add below
+  the ancestor, are left out): the transform stacks *every* parameter of
   the module, so an ancestor holding a leaf without them (a head's bias beside a
   scanned block) is above the stack, and a leaf of another module that merely
   has the stack's sizes (a 3x3 ``Conv`` kernel beside a stack of 3) keeps its own
   rule.
 
   Returns:
-    ``{leaf index: (inferred names, index of a relative)}``, and the indices of
-    the unnamed leaves that stay ambiguous: those whose relatives disagree while
-    one's stack fits the leaf, and those inferred at the root, sharing no key
-    with their relatives (a stack at the root, or a leaf of another module that
-    happens to have the stack's sizes, in a tree that holds nothing else).
-    Strict mode refuses these.
+    ``{leaf index: (inferred names, index of a relative)}``, and ``{leaf index:
+    why}`` for the unnamed leaves that stay ambiguous: those that fit a
+    relative's stacked axes beyond the ones inferred (their relatives
+    disagree), and those inferred at the root, sharing no key with their
+    relatives (a stack at the root, or a leaf of another module that happens to
+    have the stack's sizes, in a tree that holds nothing else). Strict mode
+    refuses these.
   """
   keys = [tuple(str(k) for k in p) for p in paths]
   below: dict[tuple, list[int]] = {}  # every path prefix -> the leaves under it
@@ -1018,8 +1020,9 @@ def _in_named_stacks(
   def fits(stack, shape) -> bool:
     return bool(stack) and all(a < len(shape) and shape[a] == size for a, _, size in stack)
 
-  all_fit: dict[tuple, bool] = {}  # (prefix, stack) -> every leaf under the prefix fits it
-  inferred, unsure = {}, set()
+  kept_at: dict[tuple, tuple] = {}  # (prefix, axes) -> those axes every leaf under it has
+  inferred: dict[int, tuple[AxisNames, int]] = {}
+  unsure: dict[int, str] = {}  # leaf index -> why its inference is a guess
   for i, rule in enumerate(rules):
     if names[i] is not None or not isinstance(rule, FlaxDefault) or not named_below:
       continue
@@ -1030,20 +1033,28 @@ def _in_named_stacks(
     roles = rule.roles()
     stacks = {j: _stacked_axes(names[j], shapes[j], roles) for j in nearest}
     signatures = {tuple((a, size) for a, _, size in st) for st in stacks.values()}
-    stack = stacks[nearest[0]]
-    if len(signatures) == 1 and fits(stack, shapes[i]):
-      memo = (ancestor, stack)
-      if memo not in all_fit:
-        all_fit[memo] = all(fits(stack, shapes[k]) for k in below[ancestor])
-      if all_fit[memo]:
-        own = [None] * len(shapes[i])
-        for a, name, _ in stack:
-          own[a] = name
-        inferred[i] = (tuple(own), nearest[0])
-        if depth == 0:
-          unsure.add(i)
-    elif len(signatures) > 1 and any(fits(st, shapes[i]) for st in stacks.values()):
-      unsure.add(i)
+    # The stacked axes all of them have: a stack of stacks or a mixture's experts inside a
+    # scanned block add axes of their own to the leaves below them, not to the block's.
+    common = tuple(x for x in stacks[nearest[0]] if all((x[0], x[2]) in sig for sig in signatures))
+    memo = (ancestor, common)
+    if memo not in kept_at:
+      kept_at[memo] = tuple(
+        x for x in common if all(fits((x,), shapes[k]) for k in below[ancestor])
+      )
+    kept = kept_at[memo]
+    if kept:
+      own = [None] * len(shapes[i])
+      for a, name, _ in kept:
+        own[a] = name
+      inferred[i] = (tuple(own), nearest[0])
+      if depth == 0:
+        unsure[i] = "it shares no module with that relative"
+    if len(signatures) > 1 and any(
+      fits(st, shapes[i]) and len(st) > len(kept) for st in stacks.values()
+    ):
+      unsure[i] = "its nearest named relatives disagree on whether " + (
+        "more of its axes are stacked" if kept else "it is part of a stack of layers"
+      )
   return inferred, unsure
 
 
@@ -1070,13 +1081,8 @@ def _plan(averaging, params, block_size, strict_mode):
     if i in inferred:
       leaf_names, relative = inferred[i]
       note = f" (stacked axes taken from its named relative {wheres[relative]})"
-      if i in unsure:
-        note += "; AMBIGUOUS (it shares no module with that relative)"
-    elif i in unsure:
-      note = (
-        "; AMBIGUOUS (its nearest named relatives disagree on whether it is part of a stack "
-        "of layers)"
-      )
+    if i in unsure:
+      note += f"; AMBIGUOUS ({unsure[i]})"
     if leaf_names is not None:
       rule = rule.bind(leaf_names)
     rule.check(shape, where)

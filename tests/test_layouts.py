@@ -15,6 +15,7 @@ from numpy_reference import block_average
 
 import adahessian_jax as ah
 from adahessian_jax import layout, spatial
+from adahessian_jax.hessian._stacks import layer_axes_of
 
 EPS = 1e-4
 LAYER_CURVATURE = np.array([1.0, 10.0, 100.0, 1000.0])  # the Hessian diagonal on layers 0-3
@@ -590,6 +591,68 @@ def test_a_conv_kernel_beside_a_stack_of_its_height_keeps_its_spatial_average(mo
   prefix = "['ConvThenScannedBlocks_0']" if model is Wrapped else ""
   assert rows[f"{prefix}['Conv_0']['kernel']"].names is None
   assert rows[f"{prefix}['ScanScannedBlock_0']['LayerNorm_0']['scale']"].names == ("layers", None)
+
+
+class _ScaledDense(nn.Module):
+  """An unboxed Dense and an unboxed layer scale ``gamma`` (4,): no names of their own."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="proj")(x) * self.param("gamma", nn.initializers.ones, (4,))
+
+
+class _StageOfLayers(nn.Module):
+  """A stage of a stack of stacks: 2 scanned layers (boxed), then an unboxed Dense and scale."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    return _ScaledDense(name="out")(
+      scan_layers(ScannedBlock, length=2)(name="inner")(x, None)[0]
+    ), None
+
+
+class _MoEBlock(nn.Module):
+  """A block whose only boxed params are a mixture's experts (exp, embed, mlp)."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    wi = self.param("wi", P(lecun, ("exp", "embed", "mlp")), (2, 4, 4))
+    return _ScaledDense(name="out")(jnp.einsum("bd,edm->bm", x, wi)), None
+
+
+class _BlocksOf(nn.Module):
+  block: type
+
+  @nn.compact
+  def __call__(self, x):
+    return scan_layers(self.block)(name="blocks")(x, None)[0]
+
+
+@pytest.mark.parametrize("block", [_StageOfLayers, _MoEBlock])
+def test_unboxed_leaves_beside_a_deeper_stack_are_kept_per_layer(block):
+  # 4 scanned blocks; the block's named leaves are stacked twice, by the outer scan and by an
+  # inner scan or the experts, so they disagreed with the block's own unboxed leaves, which have
+  # the outer axis only: those were read by rank, the Dense kernel (4, 4, 4) averaged across
+  # layers as a 1-D Conv kernel and the scale (4, 4) in blocks of 2 layers.
+  model = _BlocksOf(block)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4)))["params"]
+  plain = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float64), nn.unbox(params))
+  hessian_diag = per_layer_constants(plain)
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=spatial.named(params))
+  nu = _nu_after_one_step(tx, plain, hessian_diag)
+  for path in (("out", "proj", "kernel"), ("out", "gamma")):
+    got, want = nu["blocks"], hessian_diag["blocks"]
+    for key in path:
+      got, want = got[key], want[key]
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(path))  # constant per layer
+  rows = {r.path: r for r in spatial.describe(plain, spatial.named(params), 2).rows}
+  kernel = rows["['blocks']['out']['proj']['kernel']"]
+  assert kernel.names == ("layers", None, None) and not kernel.ambiguous
+  assert kernel.rule == spatial.per_layer(spatial.blocks(2))
+  assert rows["['blocks']['out']['gamma']"].rule == spatial.per_layer(spatial.none())
+  # The per-layer Hessian analyses read the same layers.
+  axes = dict(zip(rows, layer_axes_of(params), strict=True))
+  assert axes["['blocks']['out']['proj']['kernel']"] == axes["['blocks']['out']['gamma']"] == (0,)
 
 
 def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():
