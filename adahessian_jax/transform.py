@@ -243,13 +243,24 @@ def _sum_dtype(x: jax.Array) -> Any:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+#: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
+_DROPPED = (
+  "If you passed one, a wrapper dropped it on the way: optax passes extra arguments only through "
+  "optax.GradientTransformationExtraArgs, which optax.MultiSteps is not (put it outermost, "
+  "optax.MultiSteps(optax.chain(..., adahessian), k), not inside optax.chain or "
+  "optax.apply_if_finite), and Flax's TrainState.apply_gradients passes none (use "
+  "adahessian_jax.linen.TrainState)."
+)
+
+
 def _check_call(value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool) -> None:
   if value_fn is not None and hessian_diag is not None:
     raise ValueError(f"scale_by_adahessian takes value_fn or hessian_diag, not both. {HINT}")
   if value_fn is None and hessian_diag is None and refresh is not False:
     under_jit = " (under jit every step may refresh it)" if lazy else ""
     raise ValueError(
-      f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}. {HINT}"
+      f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}. {HINT} "
+      f"{_DROPPED}"
     )
 
 

@@ -165,6 +165,20 @@ def test_multi_steps_cost_and_semantics(mlp_problem):
   assert_trees_allclose(p, optax.apply_updates(params, u), rtol=1e-10, atol=1e-14)
 
 
+def test_multi_steps_inside_another_combinator_drops_the_loss_and_the_error_says_where():
+  # optax.MultiSteps is no GradientTransformationExtraArgs, so optax.chain (and apply_if_finite)
+  # drop value_fn before it: the error asked for the value_fn the caller had passed.
+  params = {"w": jnp.full(3, 0.5)}
+  loss = lambda p: jnp.sum(p["w"] ** 4)
+  grads = jax.grad(loss)(params)
+  inner = optax.MultiSteps(ah.adahessian(0.1), every_k_schedule=2)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), inner)
+  with pytest.raises(ValueError, match=r"wrapper dropped it.*MultiSteps is not \(put it outermost"):
+    tx.update(grads, tx.init(params), params, value_fn=loss)
+  outer = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), ah.adahessian(0.1)), 2)
+  outer.update(grads, outer.init(params), params, value_fn=loss)  # the order that works
+
+
 def test_exact_gradient_accumulation_with_the_fused_route(mlp_problem):
   """The documented alternative to MultiSteps: accumulate the fused route's gradient AND
   estimate over equal micro-batches (same probes: same opt_state), then update once.
