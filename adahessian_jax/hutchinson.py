@@ -146,12 +146,41 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
   )
 
 
+def check_tangents(tangents: Any, params: Any, what: str) -> None:
+  """Raises ``ValueError`` unless ``tangents`` has the tree of ``params`` and each leaf the shape
+  and dtype of the param at its path, as ``jax.jvp`` needs (its own error names no leaf).
+
+  Args:
+    tangents: The vector the Hessian is applied to.
+    params: The point of evaluation.
+    what: How the error calls ``tangents`` (``"hvp's tangents"``).
+  """
+  if jax.tree.structure(tangents) != jax.tree.structure(params):
+    where = _validation.tree_difference(tangents, params, "the params tree")
+    raise ValueError(
+      f"{what} must be a pytree like the params: {where}. Build it from the params, e.g. "
+      "jax.tree.map(jnp.ones_like, params)."
+    )
+  pairs = zip(jax.tree_util.tree_leaves_with_path(tangents), jax.tree.leaves(params), strict=True)
+  for (path, t), p in pairs:
+    got, want = (jnp.shape(t), jnp.result_type(t)), (jnp.shape(p), jnp.result_type(p))
+    if got != want:
+      raise ValueError(
+        f"{what} must have the shape and dtype of the params leaf by leaf, but its leaf at "
+        f"{jax.tree_util.keystr(path)} has shape {got[0]} and dtype {got[1]}, the param there "
+        f"shape {want[0]} and dtype {want[1]}. Reshape or cast it (x.astype(param.dtype))."
+      )
+
+
 def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
   """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse).
 
-  Raises ``TypeError`` naming the first leaf of ``params`` that is not a real floating array.
+  Raises ``TypeError`` naming the first leaf of ``params`` that is not a real floating array, and
+  ``ValueError`` naming the first leaf of ``tangents`` whose path, shape or dtype is not the
+  param's.
   """
   _validation.float_leaves(params, "hvp's params", _FLOAT_FIX)
+  check_tangents(tangents, params, "hvp's tangents")
   grad = jax.grad(checked_loss(fn, "fn"))
   return sink_transposes(lambda p, t: jax.jvp(grad, (p,), (t,))[1])(params, tangents)
 
@@ -178,7 +207,12 @@ def value_grad_hvp(
 
   Returns:
     ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
+
+  Raises:
+    ValueError: naming the first leaf of ``tangents`` whose path, shape or dtype is not the
+      param's.
   """
+  check_tangents(tangents, params, "value_grad_hvp's tangents")
   value_and_grad = jax.value_and_grad(checked_loss(fn, name, has_aux, fix), has_aux=has_aux)
   jvp = sink_transposes(lambda p, t: jax.jvp(value_and_grad, (p,), (t,)))
   (value, grad), (_, hz) = jvp(params, tangents)

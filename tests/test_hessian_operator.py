@@ -258,6 +258,11 @@ def test_vector_sizes_are_checked_by_matvec_and_matmat():
     op.matvec(jnp.ones(74))
   with pytest.raises(ValueError, match=r"matmat needs .*\(b, 75\).*\(2, 76\)"):
     op.matmat(jnp.ones((2, 76)))
+  # Cast to the operator's dtype, a complex vector lost its imaginary part (with a warning).
+  with pytest.raises(ValueError, match=r"matvec's vector must be real, but it has dtype complex"):
+    op.matvec(jnp.ones(75) * (1 + 1j))
+  with pytest.raises(ValueError, match=r"matmat's vectors must be real, but it has dtype complex"):
+    op.matmat(jnp.ones((2, 75)) * 1j)
 
 
 def test_ravel_refuses_a_pytree_unlike_the_params():

@@ -142,3 +142,28 @@ def test_value_grad_and_diagonal_names_bad_keys(keys, shape):
   message = rf"1-D array of at least one PRNG key, .* got shape {re.escape(shape)} .*split\(key"
   with pytest.raises(ValueError, match=message):
     hutchinson.value_grad_and_diagonal(lambda p: jnp.sum(p**3), jnp.ones(3), keys)
+
+
+A = jnp.ones(3, jnp.float32)
+
+
+@pytest.mark.parametrize(
+  "tangents, message",
+  [
+    ({"a": A}, r"a pytree like the params: it has no leaf at \['b'\], where the params tree"),
+    ({"a": A, "b": jnp.ones((2, 1))}, r"leaf at \['b'\] has shape \(2, 1\) and dtype"),
+    (
+      {"a": A, "b": jnp.ones(2, jnp.float16)},
+      r"leaf at \['b'\] has shape \(2,\) and dtype float16, the param there shape \(2,\) and "
+      r"dtype float32. Reshape or cast",
+    ),
+  ],
+)
+def test_tangents_unlike_the_params_are_named(tangents, message):
+  # jax.jvp's own error names no leaf (and for a shape, no path at all).
+  params = {"a": A, "b": jnp.ones(2, jnp.float32)}
+  f = lambda p: jnp.sum(p["a"] ** 3) + jnp.sum(p["b"] ** 3)
+  with pytest.raises(ValueError, match="value_grad_hvp's tangents must .*" + message):
+    hutchinson.value_grad_hvp(f, params, tangents)
+  with pytest.raises(ValueError, match="hvp's tangents must .*" + message):
+    ah.hvp(f, params, tangents)

@@ -204,21 +204,23 @@ class HessianOperator:
   block_size: int = 8
 
   def matvec(self, v: jax.Array) -> jax.Array:
-    """``H v`` for a flat vector ``v`` of shape ``(n,)``; another shape is a ``ValueError``."""
+    """``H v`` for a real flat vector ``v`` of shape ``(n,)``; else a ``ValueError``."""
     if np.shape(v) != (self.size,):
       raise ValueError(
         f"matvec needs a flat vector of shape ({self.size},) (the operator's size), got shape "
         f"{np.shape(v)}; ravel a pytree like the params with op.ravel."
       )
+    _checks.real(v, "matvec's vector")  # cast to the operator's dtype, it would lose a part
     return self.matmat_fn(jnp.asarray(v)[None])[0]
 
   def matmat(self, vs: jax.Array) -> jax.Array:
-    """``H v`` for every row ``v`` of ``vs``, shape ``(b, n)``; another shape is an error."""
+    """``H v`` for every row ``v`` of ``vs``, real, shape ``(b, n)``; else a ``ValueError``."""
     if np.ndim(vs) != 2 or np.shape(vs)[1] != self.size:
       raise ValueError(
         f"matmat needs vectors as rows of a (b, {self.size}) array (the operator's size), got "
         f"shape {np.shape(vs)}."
       )
+    _checks.real(vs, "matmat's vectors")
     return self.matmat_fn(vs)
 
   def probes(self, keys: jax.Array) -> jax.Array:
