@@ -206,6 +206,29 @@ def test_plots(op):
   plt.close(fig)
 
 
+@pytest.mark.parametrize(
+  "losses, marker",
+  [
+    ([1.0], "o"),  # one point: a line of one point drew nothing
+    ([np.nan, 1.0, np.inf], "o"),  # a finite point between non-finite ones: the same
+    ([1.0, 2.0, np.nan], "None"),  # every finite point joined to another: a line alone
+  ],
+)
+def test_plot_landscape_1d_marks_points_a_line_cannot_show(losses, marker):
+  matplotlib = pytest.importorskip("matplotlib")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  alphas = np.linspace(-1, 1, len(losses))
+  line = hessian.Landscape1D(alphas, np.asarray(losses), jnp.zeros(2))
+  ax = hessian.plot_landscape_1d(line)
+  assert ax.lines[0].get_marker() == marker
+  np.testing.assert_array_equal(ax.lines[0].get_xdata(), alphas)
+  np.testing.assert_array_equal(ax.lines[0].get_ydata(), losses)
+  assert hessian.plot_landscape_1d(line, marker="x").lines[-1].get_marker() == "x"
+  plt.close("all")
+
+
 def test_plot_landscape_2d_refuses_what_it_cannot_draw():
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

@@ -66,9 +66,17 @@ def plot_landscape_1d(landscape: Landscape1D, ax: Any = None, **line_kwargs: Any
     **line_kwargs: Passed to ``ax.plot``.
 
   Returns:
-    The axes.
+    The axes. Where a finite loss has no finite neighbour (a landscape of one point, or one
+    between non-finite losses, which a line alone does not show), every point gets a marker,
+    unless ``line_kwargs`` sets ``marker``.
   """
   ax = _axes(ax)
+  finite = np.isfinite(np.asarray(landscape.losses, dtype=np.float64))
+  joined = np.zeros_like(finite)
+  joined[1:] |= finite[:-1]
+  joined[:-1] |= finite[1:]
+  if np.any(finite & ~joined):
+    line_kwargs = {"marker": "o", **line_kwargs}
   ax.plot(landscape.alphas, landscape.losses, **line_kwargs)
   ax.set_xlabel("step along direction")
   ax.set_ylabel("loss")
