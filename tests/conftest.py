@@ -169,3 +169,23 @@ def assert_trees_allclose(a, b, rtol=1e-12, atol=0.0):
     a,
     b,
   )
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (``jax.monitoring`` duration events) inside ``with``."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)

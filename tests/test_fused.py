@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_allclose
+from conftest import CompileCounter, assert_trees_allclose
 from jax.extend import core as jax_core
 
 import adahessian_jax as ah
@@ -195,26 +195,6 @@ def _replace_inner(opt_state, new_inner):
 # --------------------------------------------------------------------------- compile once
 
 
-class _CompileCounter:
-  """Counts XLA backend compilations (``jax.monitoring`` duration events)."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, event, duration, **kwargs):
-    if event == self.EVENT:
-      self.count += 1
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
-
-
 @pytest.mark.parametrize(
   "route,update_freq,n_samples",
   [("fused", 1, 1), ("fused", 3, 1), ("closure", 3, 2), ("closure", 1, 1)],
@@ -238,11 +218,11 @@ def test_train_step_compiles_once(mlp_problem, route, update_freq, n_samples):
 
   step = jax.jit(step)
   st = tx.init(params)
-  with _CompileCounter() as first:
+  with CompileCounter() as first:
     params, st = step(params, st, batches[0])
     jax.block_until_ready(params)
   assert first.count >= 1  # the counter sees compilations at all
-  with _CompileCounter() as later:
+  with CompileCounter() as later:
     for b in batches[1:]:
       params, st = step(params, st, b)
     jax.block_until_ready(params)

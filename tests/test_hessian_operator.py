@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import with_fast_compile
+from conftest import CompileCounter, with_fast_compile
 from hessian_problems import dense_hessian, mlp, mlp_hessian, mlp_loss
 
 from adahessian_jax import hessian, hutchinson
@@ -235,6 +235,59 @@ def test_an_unhashable_loss_callable_works():
   op = hessian.hessian_operator(Loss(2.0), params, batch)
   np.testing.assert_allclose(_dense(op), 2 * mlp_hessian(), atol=1e-12)
   assert float(op.loss()) == pytest.approx(2 * float(mlp_loss(params, batch)), rel=1e-14)
+
+
+def test_a_later_measurement_of_an_nnx_model_reuses_the_compilation():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l = nnx.Linear(3, 2, rngs=rngs)
+      self.bn = nnx.BatchNorm(2, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.l(x))
+
+  def nnx_loss(graphdef, rest, p, b):  # defined once; the state comes in the Partial's arrays
+    return jnp.mean((nnx.merge(graphdef, p, rest, copy=True)(b[0]) - b[1]) ** 2)
+
+  model = Net(nnx.Rngs(0))
+  batch = (jnp.linspace(-1, 1, 12).reshape(4, 3), jnp.ones((4, 2)))
+  alphas, v = np.linspace(-1, 1, 3), jnp.linspace(-1, 1, 12)
+
+  def measure():
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    op = hessian.hessian_operator(jax.tree_util.Partial(nnx_loss, graphdef, rest), params, batch)
+    land = hessian.loss_landscape_1d(op, alphas, v).losses
+    # The closure the docs once gave, new each measurement: compiled anew, the reference values.
+    ref = hessian.hessian_operator(lambda p, b: nnx_loss(graphdef, rest, p, b), params, batch)
+    want = (ref.matvec(v), ref.loss(), hessian.loss_landscape_1d(ref, alphas, v).losses)
+    return (op.matvec(v), op.loss(), land), want
+
+  measure()
+  model.l.kernel[...] = 2.0 * model.l.kernel[...]  # a later step: other params and statistics
+  model.bn.mean[...] = model.bn.mean[...] + 1.0
+  with CompileCounter() as later:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    op = hessian.hessian_operator(jax.tree_util.Partial(nnx_loss, graphdef, rest), params, batch)
+    got = (op.matvec(v), op.loss(), hessian.loss_landscape_1d(op, alphas, v).losses)
+  assert later.count == 0  # was a compilation of the product, of the loss and of the landscape
+  _, want = measure()
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation():
+  params, batch = mlp()
+  alphas, d = np.linspace(-1, 1, 3), jnp.linspace(-1, 1, 75)
+  hessian.loss_landscape_1d(hessian.hessian_operator(mlp_loss, params, batch), alphas, d)
+  later = jax.tree.map(lambda x: 2.0 * x, params)
+  op = hessian.hessian_operator(mlp_loss, later, batch)
+  with CompileCounter() as count:
+    got = hessian.loss_landscape_1d(op, alphas, d).losses
+  assert count.count == 0  # the landscape's compilation was keyed by the operator
+  want = [mlp_loss(op.unravel(op.ravel(later) + a * d), batch) for a in alphas]
+  np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("sizes", [[np.inf, 1], ["3", 7], [True, True], [1, -2]])

@@ -150,6 +150,11 @@ class WeightedData:
   weights: tuple[float, ...]
   batches: tuple[Any, ...]
 
+  @functools.cached_property
+  def _for_jit(self) -> _JitLoss:
+    """``loss_fn`` as the compiled functions take it (:func:`_jit_loss`)."""
+    return _jit_loss(self.loss_fn)
+
   def weighted_sum(self, per_batch: Callable[[Any], Any]) -> Any:
     """``Σ_b w_b · per_batch(batch_b)``: the one loop over batches every full-data quantity uses.
 
@@ -167,7 +172,7 @@ class WeightedData:
 
   def loss(self, params: Any) -> jax.Array:
     """The weighted loss at ``params``."""
-    return self.weighted_sum(lambda b: _batch_loss(self.loss_fn, params, b))
+    return self.weighted_sum(lambda b: _batch_loss(self._for_jit, params, b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +397,7 @@ def _rademacher_rows(key_data, params):
   return jax.vmap(lambda k: ravel_pytree(rademacher_like(k, params))[0])(keys)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jax.jit
 def _batch_matmat(loss_fn, params, batch, vs):
   """``(H_b v)`` for every row ``v`` of ``vs``: the per-batch block product.
 
@@ -409,7 +414,7 @@ def _batch_matmat(loss_fn, params, batch, vs):
   return jax.vmap(one)(vs)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jax.jit
 def _batch_loss(loss_fn, params, batch):
   return loss_fn(params, batch)
 
@@ -625,6 +630,46 @@ def _static(fn: LossFn) -> LossFn:
   return fn
 
 
+@jax.tree_util.register_pytree_node_class
+class _JitLoss:
+  """A ``loss_fn`` as an argument of the compiled functions: its static part (in their cache key)
+  and its arrays (arguments, not constants), from :func:`_jit_loss`."""
+
+  def __init__(self, static: Any, arrays: tuple[Any, ...]):
+    self.static, self.arrays = static, arrays
+
+  def __call__(self, params: Any, batch: Any) -> Any:
+    if isinstance(self.static, jax.tree_util.PyTreeDef):
+      return jax.tree.unflatten(self.static, self.arrays)(params, batch)
+    return self.static(params, batch)
+
+  def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
+    return self.arrays, self.static
+
+  @classmethod
+  def tree_unflatten(cls, static: Any, arrays: Any) -> _JitLoss:
+    return cls(static, tuple(arrays))
+
+
+def _jit_loss(loss_fn: LossFn) -> _JitLoss:
+  """``loss_fn`` split for ``jit``: a pytree of arrays (a ``jax.tree_util.Partial``) into its tree
+  structure, static (the function and e.g. an NNX graphdef, compared by value), and its arrays,
+  so that the same function with new arrays of the same shapes (a model's state at a later step)
+  reuses the compilation; anything else (a plain function, a pytree with other leaves) is static
+  as a whole, hashed (by identity if it is unhashable)."""
+  leaves, treedef = jax.tree.flatten(loss_fn)
+  if not jax.tree_util.treedef_is_leaf(treedef) and all(
+    isinstance(x, jax.Array | np.ndarray) for x in leaves
+  ):
+    try:
+      hash(treedef)
+    except TypeError:
+      pass
+    else:
+      return _JitLoss(treedef, tuple(leaves))
+  return _JitLoss(_static(loss_fn), ())
+
+
 def hessian_operator(
   loss_fn: LossFn,
   params: Any,
@@ -645,7 +690,10 @@ def hessian_operator(
     loss_fn: ``loss_fn(params, batch) -> scalar``, a pure function: its
       compilation is reused, so state it reads from outside its arguments
       (a global, BatchNorm statistics) is fixed at its first call; pass such
-      state in ``batch``.
+      state in ``batch``, or as the arrays of a ``jax.tree_util.Partial``
+      (e.g. ``Partial(f, graphdef, rest)`` for an NNX model, with ``f`` defined
+      once): the arrays of a pytree ``loss_fn`` are arguments of the compiled
+      functions, not constants.
     params: Point of evaluation, a pytree of real floating arrays (close over
       integer or bool leaves, such as step counters, in ``loss_fn``).
     batch: A single batch (any pytree ``loss_fn`` accepts).
@@ -667,11 +715,12 @@ def hessian_operator(
   Returns:
     A :class:`HessianOperator`. Its block product is ``jax.jit``-compiled and
     reused by every product; compilations are shared between operators built
-    from the same ``loss_fn`` object with the same shapes. Over several batches,
-    16-bit products and losses are summed in float32 (the products then rounded
-    once, the loss kept in float32). An unhashable
-    ``loss_fn`` (e.g. an instance of a plain ``@dataclass``) is held in a
-    wrapper hashed by identity, which is what ``op.data.loss_fn`` then is.
+    from the same ``loss_fn`` object, or from pytrees ``loss_fn`` of equal
+    structure (a ``Partial`` of the same function), with the same shapes. Over
+    several batches, 16-bit products and losses are summed in float32 (the
+    products then rounded once, the loss kept in float32). An unhashable
+    ``loss_fn`` (e.g. an instance of a plain ``@dataclass``) is compiled per
+    object (hashed by identity).
 
   Raises:
     TypeError: if a leaf of ``params`` is not a real floating array (named by
@@ -704,11 +753,13 @@ def hessian_operator(
   # loss_fn takes the batch too: the way out of (loss, aux) is not the optimizer's lambda p.
   fix = "wrap it: lambda p, b: loss_fn(p, b)[0]."
   check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn", fix)
-  loss_fn = _static(loss_fn)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
+  jit_loss = weighted._for_jit
 
   def block_product(vs):  # 16-bit products over several batches: summed wide, rounded once
-    return weighted.weighted_sum(lambda b: _batch_matmat(loss_fn, params, b, vs)).astype(flat.dtype)
+    return weighted.weighted_sum(lambda b: _batch_matmat(jit_loss, params, b, vs)).astype(
+      flat.dtype
+    )
 
   def probes(keys):
     key_data = jax.random.key_data(keys)

@@ -306,7 +306,7 @@ def random_direction(op: HessianOperator, key: jax.Array) -> jax.Array:
   return jax.random.normal(key, (op.size,), op.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+@functools.partial(jax.jit, static_argnums=(1, 6))
 def _grid_losses(loss_fn, unravel, flat, directions, coeffs, batch, chunk):
   def one(c):
     return loss_fn(unravel(flat + c @ directions), batch)
@@ -338,7 +338,7 @@ def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chun
   grid = jnp.asarray(coeffs, op.dtype)
   chunk = int(min(chunk, grid.shape[0]))
   out = data.weighted_sum(
-    lambda b: _grid_losses(data.loss_fn, op.unravel, flat, directions, grid, b, chunk)
+    lambda b: _grid_losses(data._for_jit, op.layout.unravel, flat, directions, grid, b, chunk)
   )
   return np.asarray(out)
 
