@@ -166,7 +166,8 @@ def count(name: str, value: Any, lo: int = 1, hi: int | None = None, *, fix: str
 
 
 def float_leaves(tree: Any, what: str, fix: str) -> None:
-  """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array.
+  """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array
+  of 16 bits or more.
 
   Args:
     tree: The pytree to check (parameters).
@@ -182,6 +183,12 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
       raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}") from None
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{must} has dtype {dtype}. {fix}")
+    if jnp.finfo(dtype).bits < 16:  # JAX's sign, sqrt and Hessian products stop at 16 bits
+      raise TypeError(
+        f"{what} must be floating-point arrays of 16 bits or more, but the leaf at {where} has "
+        f"dtype {dtype}: 8-bit floats hold neither the curvature nor small updates. "
+        "Keep parameters in float32 or bfloat16 (8-bit formats are for matmul inputs, scaled)."
+      )
 
 
 def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> None:

@@ -351,6 +351,14 @@ def test_non_float_leaves_rejected_at_init():
     ah.adahessian(0.1).init({"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)})
 
 
+def test_8_bit_float_leaves_rejected_at_init():
+  # They passed init and the update failed inside jnp.signbit ("only supports 16, 32, and 64-bit
+  # types"), naming no leaf.
+  params = {"w": jnp.ones(3), "q": jnp.ones(2, jnp.float8_e4m3fn)}
+  with pytest.raises(TypeError, match=r"16 bits or more.*\['q'\] has dtype float8_e4m3fn"):
+    ah.adahessian(0.1).init(params)
+
+
 def test_hessian_diag_structure_checked(mlp_problem):
   params, _, _ = mlp_problem
   tx = ah.scale_by_adahessian()
