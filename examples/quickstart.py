@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _args import positive_float, positive_int  # argparse types: a bad flag is a usage error
 from sklearn.datasets import load_digits
 
 import adahessian_jax
@@ -28,9 +29,9 @@ class MLP(nn.Module):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--lr", type=float, default=0.15)
+  parser.add_argument("--steps", type=positive_int, default=300)
+  parser.add_argument("--batch-size", type=positive_int, default=128)
+  parser.add_argument("--lr", type=positive_float, default=0.15)
   args = parser.parse_args()
 
   digits = load_digits()

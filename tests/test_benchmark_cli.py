@@ -108,3 +108,12 @@ def test_command_line_pastes_back(examples_path, monkeypatch):
   expected = "python benchmarks/paper/headline.py --adahessian-config '{\"curvature_floor\": 0.1}'"
   assert _common.command_line() == expected
   assert _common.command_line(["--quick"]) == "python benchmarks/paper/headline.py --quick"
+
+
+def test_quickstart_refuses_a_bad_flag_before_training():
+  # A negative rate trained uphill; --batch-size 0 failed inside the first jitted step.
+  import subprocess
+
+  script = os.path.join(ROOT, "examples", "quickstart.py")
+  run = subprocess.run([sys.executable, script, "--lr", "-1"], capture_output=True, text=True)
+  assert run.returncode == 2 and "argument --lr: must be a positive number, got '-1'" in run.stderr
