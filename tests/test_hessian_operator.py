@@ -277,6 +277,25 @@ def test_a_later_measurement_of_an_nnx_model_reuses_the_compilation():
     np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["boolean mask", "string array"])
+def test_a_partial_whose_arrays_must_stay_concrete_is_static(kind):
+  # NumPy arrays a loss uses as Python values: traced as arguments they failed at the first product
+  # (NonConcreteBooleanIndexError; a string array is no JAX type); static, as before the Partial's
+  # arrays became arguments, they work.
+  params, (x, y) = mlp()
+  first = np.arange(40) < 25
+  arg = first if kind == "boolean mask" else np.array(["first"])
+
+  def loss(a, p, b):
+    keep = a if a.dtype == bool else first
+    return mlp_loss(p, (b[0][keep], b[1][keep]))
+
+  op = hessian.hessian_operator(jax.tree_util.Partial(loss, arg), params, (x, y))
+  want = dense_hessian(mlp_loss, params, (x[:25], y[:25]))
+  np.testing.assert_allclose(_dense(op), want, atol=1e-13)
+  assert float(op.loss()) == pytest.approx(float(mlp_loss(params, (x[:25], y[:25]))), rel=1e-14)
+
+
 def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation():
   params, batch = mlp()
   alphas, d = np.linspace(-1, 1, 3), jnp.linspace(-1, 1, 75)

@@ -651,12 +651,16 @@ class _JitLoss:
     return cls(static, tuple(arrays))
 
 
-def _jit_loss(loss_fn: LossFn) -> _JitLoss:
+def _jit_loss(loss_fn: LossFn, probe: tuple[Any, Any] | None = None) -> _JitLoss:
   """``loss_fn`` split for ``jit``: a pytree of arrays (a ``jax.tree_util.Partial``) into its tree
   structure, static (the function and e.g. an NNX graphdef, compared by value), and its arrays,
   so that the same function with new arrays of the same shapes (a model's state at a later step)
   reuses the compilation; anything else (a plain function, a pytree with other leaves) is static
-  as a whole, hashed (by identity if it is unhashable)."""
+  as a whole, hashed (by identity if it is unhashable).
+
+  With ``probe`` (params and a batch), a pytree whose arrays do not trace as arguments is static
+  as a whole too: a NumPy boolean mask or a size its function needs concrete, or a string array.
+  """
   leaves, treedef = jax.tree.flatten(loss_fn)
   if not jax.tree_util.treedef_is_leaf(treedef) and all(
     isinstance(x, jax.Array | np.ndarray) for x in leaves
@@ -666,7 +670,14 @@ def _jit_loss(loss_fn: LossFn) -> _JitLoss:
     except TypeError:
       pass
     else:
-      return _JitLoss(treedef, tuple(leaves))
+      split = _JitLoss(treedef, tuple(leaves))
+      try:
+        if probe is not None:
+          jax.eval_shape(_batch_loss, split, *probe)  # the trace the compilations make
+      except Exception:  # loss_fn traced with its arrays concrete (checked by the caller)
+        pass
+      else:
+        return split
   return _JitLoss(_static(loss_fn), ())
 
 
@@ -693,7 +704,8 @@ def hessian_operator(
       state in ``batch``, or as the arrays of a ``jax.tree_util.Partial``
       (e.g. ``Partial(f, graphdef, rest)`` for an NNX model, with ``f`` defined
       once): the arrays of a pytree ``loss_fn`` are arguments of the compiled
-      functions, not constants.
+      functions, not constants (unless its function needs one concrete, e.g. a
+      NumPy boolean mask: then it is static as a whole).
     params: Point of evaluation, a pytree of real floating arrays (close over
       integer or bool leaves, such as step counters, in ``loss_fn``).
     batch: A single batch (any pytree ``loss_fn`` accepts).
@@ -754,7 +766,8 @@ def hessian_operator(
   fix = "wrap it: lambda p, b: loss_fn(p, b)[0]."
   check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn", fix)
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
-  jit_loss = weighted._for_jit
+  jit_loss = _jit_loss(loss_fn, (params, data[0]))
+  weighted.__dict__["_for_jit"] = jit_loss  # its cached property, as the probe chose it
 
   def block_product(vs):  # 16-bit products over several batches: summed wide, rounded once
     return weighted.weighted_sum(lambda b: _batch_matmat(jit_loss, params, b, vs)).astype(
