@@ -144,16 +144,20 @@ class WeightedData:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
     weights: ``w_b``, one per batch.
     batches: The batches (held by reference).
+    jit_loss: ``loss_fn`` as the compiled functions take it: static, or, for a
+      pytree of arrays (a ``jax.tree_util.Partial``), its tree structure static
+      and its arrays arguments (see :func:`hessian_operator`); derived from
+      ``loss_fn`` if not given.
   """
 
   loss_fn: LossFn
   weights: tuple[float, ...]
   batches: tuple[Any, ...]
+  jit_loss: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-  @functools.cached_property
-  def _for_jit(self) -> _JitLoss:
-    """``loss_fn`` as the compiled functions take it (:func:`_jit_loss`)."""
-    return _jit_loss(self.loss_fn)
+  def __post_init__(self):
+    if self.jit_loss is None:
+      object.__setattr__(self, "jit_loss", _jit_loss(self.loss_fn))
 
   def weighted_sum(self, per_batch: Callable[[Any], Any]) -> Any:
     """``Σ_b w_b · per_batch(batch_b)``: the one loop over batches every full-data quantity uses.
@@ -172,7 +176,7 @@ class WeightedData:
 
   def loss(self, params: Any) -> jax.Array:
     """The weighted loss at ``params``."""
-    return self.weighted_sum(lambda b: _batch_loss(self._for_jit, params, b))
+    return self.weighted_sum(lambda b: _batch_loss(self.jit_loss, params, b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -765,9 +769,8 @@ def hessian_operator(
   # loss_fn takes the batch too: the way out of (loss, aux) is not the optimizer's lambda p.
   fix = "wrap it: lambda p, b: loss_fn(p, b)[0]."
   check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn", fix)
-  weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data))
   jit_loss = _jit_loss(loss_fn, (params, data[0]))
-  weighted.__dict__["_for_jit"] = jit_loss  # its cached property, as the probe chose it
+  weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data), jit_loss)
 
   def block_product(vs):  # 16-bit products over several batches: summed wide, rounded once
     return weighted.weighted_sum(lambda b: _batch_matmat(jit_loss, params, b, vs)).astype(

@@ -338,7 +338,7 @@ def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chun
   grid = jnp.asarray(coeffs, op.dtype)
   chunk = int(min(chunk, grid.shape[0]))
   out = data.weighted_sum(
-    lambda b: _grid_losses(data._for_jit, op.layout.unravel, flat, directions, grid, b, chunk)
+    lambda b: _grid_losses(data.jit_loss, op.layout.unravel, flat, directions, grid, b, chunk)
   )
   return np.asarray(out)
 
