@@ -71,6 +71,30 @@ def _listing(paths: list[str]) -> str:
   return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
+def _check_arguments(model: Any, loss_fn: Any, call: str) -> None:
+  """Raises ``TypeError`` unless ``model`` is an NNX graph node and ``loss_fn`` is callable: the
+  two helpers take them in opposite orders, so swapping them is the likely slip."""
+  if nnx.graphlib.is_graph_node(model) and callable(loss_fn):
+    return
+  raise TypeError(
+    f"{call} takes the module as model and the loss as loss_fn, got a "
+    f"{type(model).__name__} as the model and a {type(loss_fn).__name__} as loss_fn. The orders "
+    "differ: value_fn(model, loss_fn, *args) but value_grad_and_hessian_diag(loss_fn, model, "
+    "optimizer, *args)."
+  )
+
+
+def _check_selects(params: Any, wrt: Any, whose: str) -> None:
+  """Raises ``ValueError`` if ``params`` (the model's variables that ``wrt`` selects) is empty."""
+  if not jax.tree.leaves(params):
+    raise ValueError(
+      f"the model holds no variables that {whose}wrt={_filter_name(wrt)} selects, so there is "
+      "nothing to differentiate: pass the model the nnx.Optimizer was built for, with the "
+      "optimizer's filter (a filter that selects none of the model's nnx.Param, such as a "
+      "misspelt nnx.PathContains, would train nothing)."
+    )
+
+
 def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
   """Raises ``ValueError`` if ``given`` (the state ``value_fn`` is called with) holds other
   variables than ``expected`` (those ``wrt`` selected when it was built), naming them."""
@@ -110,7 +134,12 @@ def value_fn(
     Called with the state of other variables than ``wrt`` selects in ``model``
     (the optimizer's ``wrt`` is another filter), it raises a ``ValueError``
     naming them; for a ``loss_fn`` returning a tuple, a ``TypeError``.
+
+  Raises:
+    TypeError: if ``model`` is not an NNX module or ``loss_fn`` not callable
+      (e.g. the two swapped).
   """
+  _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
   graphdef, expected, rest = _split(model, wrt, args, kwargs)
 
   def value(params):
@@ -157,7 +186,8 @@ def value_grad_and_hessian_diag(
   Raises:
     ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
       selects.
-    TypeError: if ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
+    TypeError: if ``model`` is not an NNX module or ``loss_fn`` not callable
+      (e.g. the two swapped), ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it).
   """
@@ -166,13 +196,11 @@ def value_grad_and_hessian_diag(
       "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, *args) takes "
       f"the nnx.Optimizer after the model, got {type(optimizer).__name__} there."
     )
+  _check_arguments(
+    model, loss_fn, "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer)"
+  )
   graphdef, params, rest = _split(model, optimizer.wrt, args, kwargs)
-  if not jax.tree.leaves(params):
-    raise ValueError(
-      f"the model holds no variables that the optimizer's wrt={_filter_name(optimizer.wrt)} "
-      "selects, so there is nothing to differentiate: pass the model the nnx.Optimizer was "
-      "built for."
-    )
+  _check_selects(params, optimizer.wrt, "the optimizer's ")
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
   def loss_of(p):

@@ -221,3 +221,16 @@ def test_a_model_without_the_optimizers_variables_is_refused_early():
   frozen = nnx.BatchNorm(4, use_bias=False, use_scale=False, rngs=nnx.Rngs(1))  # no nnx.Param
   with pytest.raises(ValueError, match=r"no variables that the optimizer's wrt=Param selects"):
     ah_nnx.value_grad_and_hessian_diag(loss_fn, frozen, optimizer, x, y)
+
+
+def test_model_and_loss_swapped_say_the_order_of_each_helper():
+  # value_fn takes the model first, the fused route the loss first: the swap is easy to make, and
+  # used to fail naming a filter (value_fn: 0 leaves selected; fused: "no variables").
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  order = r"got a function as the model and a Net as loss_fn.*value_fn\(model, loss_fn"
+  with pytest.raises(TypeError, match=order):
+    ah_nnx.value_fn(loss_fn, model, x, y)
+  with pytest.raises(TypeError, match=order):
+    ah_nnx.value_grad_and_hessian_diag(model, loss_fn, optimizer, x, y)
