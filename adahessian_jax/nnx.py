@@ -138,9 +138,11 @@ def value_fn(
   Raises:
     TypeError: if ``model`` is not an NNX module or ``loss_fn`` not callable
       (e.g. the two swapped).
+    ValueError: if ``model`` holds none of the variables ``wrt`` selects.
   """
   _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
   graphdef, expected, rest = _split(model, wrt, args, kwargs)
+  _check_selects(expected, wrt, "")
 
   def value(params):
     _check_same_variables(expected, params, wrt)

@@ -234,3 +234,13 @@ def test_model_and_loss_swapped_say_the_order_of_each_helper():
     ah_nnx.value_fn(loss_fn, model, x, y)
   with pytest.raises(TypeError, match=order):
     ah_nnx.value_grad_and_hessian_diag(model, loss_fn, optimizer, x, y)
+
+
+def test_value_fn_for_a_filter_selecting_nothing_is_refused_early():
+  # A filter that matches no variable trains nothing; the closure route used to run such steps
+  # silently as no-ops (the fused route already refused it).
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  typo = nnx.All(nnx.Param, nnx.PathContains("l3"))
+  with pytest.raises(ValueError, match=r"no variables that wrt=All\(.*l3.*selects"):
+    ah_nnx.value_fn(model, loss_fn, x, y, wrt=typo)
