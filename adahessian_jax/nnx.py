@@ -72,9 +72,10 @@ def _listing(paths: list[str]) -> str:
 
 
 def _check_arguments(model: Any, loss_fn: Any, call: str) -> None:
-  """Raises ``TypeError`` unless ``model`` is an NNX graph node and ``loss_fn`` is callable: the
-  two helpers take them in opposite orders, so swapping them is the likely slip."""
-  if nnx.graphlib.is_graph_node(model) and callable(loss_fn):
+  """Raises ``TypeError`` if ``loss_fn`` is not callable or ``model`` is a function rather than a
+  module (or pytree of modules): the two helpers take them in opposite orders, so swapping them is
+  the likely slip."""
+  if callable(loss_fn) and not (callable(model) and not nnx.graphlib.is_graph_node(model)):
     return
   raise TypeError(
     f"{call} takes the module as model and the loss as loss_fn, got a "
@@ -136,8 +137,8 @@ def value_fn(
     naming them; for a ``loss_fn`` returning a tuple, a ``TypeError``.
 
   Raises:
-    TypeError: if ``model`` is not an NNX module or ``loss_fn`` not callable
-      (e.g. the two swapped).
+    TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
+      the two swapped).
     ValueError: if ``model`` holds none of the variables ``wrt`` selects.
   """
   _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
@@ -188,8 +189,8 @@ def value_grad_and_hessian_diag(
   Raises:
     ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
       selects.
-    TypeError: if ``model`` is not an NNX module or ``loss_fn`` not callable
-      (e.g. the two swapped), ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
+    TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
+      the two swapped), ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it).
   """

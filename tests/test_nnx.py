@@ -234,6 +234,13 @@ def test_model_and_loss_swapped_say_the_order_of_each_helper():
     ah_nnx.value_fn(loss_fn, model, x, y)
   with pytest.raises(TypeError, match=order):
     ah_nnx.value_grad_and_hessian_diag(model, loss_fn, optimizer, x, y)
+  # A pytree of modules is a model too.
+  pair = (nnx.Linear(4, 3, rngs=nnx.Rngs(1)), nnx.Linear(3, 1, rngs=nnx.Rngs(2)))
+  pair_loss = lambda m, x, y: jnp.mean((m[1](jnp.tanh(m[0](x))) - y) ** 2)
+  pair_optimizer = nnx.Optimizer(pair, ah.adahessian(0.1), wrt=nnx.Param)
+  value, _, _ = ah_nnx.value_grad_and_hessian_diag(pair_loss, pair, pair_optimizer, x, y)
+  value_fn = ah_nnx.value_fn(pair, pair_loss, x, y)
+  np.testing.assert_allclose(value_fn(nnx.as_pure(nnx.state(pair, nnx.Param))), value, rtol=1e-6)
 
 
 def test_value_fn_for_a_filter_selecting_nothing_is_refused_early():
