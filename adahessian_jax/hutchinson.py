@@ -46,6 +46,11 @@ __all__ = [
 
 
 _WRAP = "wrap it: lambda p: f(p)[0]."
+_NNX_STATE = (
+  "adahessian_jax: the loss was called with an nnx.State (the variables an nnx.Optimizer "
+  "trains), not with the module. Build it with adahessian_jax.nnx.value_fn(model, loss_fn, "
+  "*args), or use adahessian_jax.nnx.value_grad_and_hessian_diag."
+)
 _FLOAT_FIX = (
   "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
   "params and close over them in fn instead."
@@ -96,7 +101,14 @@ def checked_loss(
   """
 
   def wrapped(params):
-    out = fn(params)
+    try:
+      out = fn(params)
+    except Exception as e:
+      # An nnx.Optimizer's update calls value_fn with an nnx.State; a loss written for the module
+      # fails on it ("'State' object is not callable"), far from the cause.
+      if type(params).__module__.startswith("flax.nnx") and "'State'" in str(e):
+        e.add_note(_NNX_STATE)
+      raise
     loss, _ = _validation.loss_and_aux(out, has_aux, fix, what)
     check_scalar_loss(loss, what, fix)
     return out

@@ -251,3 +251,15 @@ def test_value_fn_for_a_filter_selecting_nothing_is_refused_early():
   typo = nnx.All(nnx.Param, nnx.PathContains("l3"))
   with pytest.raises(ValueError, match=r"no variables that wrt=All\(.*l3.*selects"):
     ah_nnx.value_fn(model, loss_fn, x, y, wrt=typo)
+
+
+def test_a_loss_of_the_module_given_as_value_fn_gets_a_note_naming_the_helper():
+  # optimizer.update calls value_fn with the nnx.State it trains; a loss of the module failed
+  # inside the user's code with "'State' object is not callable" and nothing more.
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  grads = nnx.grad(loss_fn)(model, x, y)
+  with pytest.raises(TypeError, match="'State' object is not callable") as e:
+    optimizer.update(model, grads, value_fn=lambda m: loss_fn(m, x, y))
+  assert any("adahessian_jax.nnx.value_fn(model, loss_fn" in n for n in e.value.__notes__)
