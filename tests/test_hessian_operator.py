@@ -183,6 +183,62 @@ def test_batch_sharded_over_devices_gives_the_same_products():
   assert err < 1e-12
 
 
+_FSDP_EXPLICIT = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np
+  jax.config.update("jax_enable_x64", True)
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from hessian_problems import mlp, mlp_loss, mlp_hessian
+  import adahessian_jax
+  from adahessian_jax import distributed, hessian
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,))
+  at = lambda *spec: NamedSharding(mesh, P(*spec))
+  params, batch = mlp()
+  specs = {"hidden": {"kernel": at(None, "data"), "bias": at("data")},
+           "out": {"kernel": at("data", None), "bias": at()}}
+  sharded = jax.device_put(params, specs)
+  gather = lambda p: jax.tree.map(lambda a: jax.sharding.reshard(a, at()), p)
+  loss = lambda p, b: mlp_loss(gather(p), b)  # an FSDP model gathers its params
+  op = hessian.hessian_operator(loss, sharded, jax.device_put(batch, at("data")))
+  ref = hessian.hessian_operator(mlp_loss, params, batch)
+  h = np.asarray(op.matmat(jnp.eye(op.size)))
+  print("ERR", np.abs(h - mlp_hessian()).max())
+  key = jax.random.key(0)
+  print("PROBES", np.abs(op.rademacher(key, 3) - ref.rademacher(key, 3)).max())
+  d = op.ravel(sharded)
+  line = lambda o: hessian.loss_landscape_1d(o, jnp.array([0.5]), d).losses
+  print("LINE", np.abs(line(op) - line(ref)).max())
+  tx = adahessian_jax.adahessian(0.1)
+  state = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, sharded))(sharded)
+  update = lambda p, s: tx.update(jax.grad(loss)(p, batch), s, p, value_fn=lambda q: loss(q, batch))
+  _, state = jax.jit(update)(sharded, state)
+  assert state[0].nu["hidden"]["kernel"].sharding.spec == P(None, "data")
+  pre = lambda o, s: hessian.preconditioned_operator(o, hessian.adahessian_preconditioner(s))
+  v = jnp.linspace(-1.0, 1.0, op.size)
+  print("PRE", np.abs(pre(op, state).matvec(v) - pre(ref, jax.device_get(state)).matvec(v)).max())
+  """
+)
+
+
+def test_params_sharded_over_explicit_mesh_axes_give_the_same_analyses():
+  # jax.make_mesh's axes are Explicit by default; ravel_pytree of a leaf split over one raised
+  # a ShardingTypeError ("This reshape is not supported") in hessian_operator.
+  flags = with_fast_compile("--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", _FSDP_EXPLICIT],
+    cwd=os.path.dirname(__file__),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = {k: float(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+  assert got["ERR"] < 1e-12 and got["PROBES"] == 0.0 and got["LINE"] < 1e-12, got
+  assert got["PRE"] < 1e-12, got
+
+
 def test_a_single_empty_batch_is_refused_not_a_zero_hessian():
   params, (x, y) = mlp()
   with pytest.raises(ValueError, match=r"batch is empty: its leaf at batch\[0\]"):

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
@@ -72,7 +74,7 @@ class ParamLayout:
   @classmethod
   def of(cls, params: Any) -> ParamLayout:
     """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order)."""
-    _, unravel = ravel_pytree(params)
+    _, unravel = ravel(params)
     # Canonical paths: a Linen box's or NNX variable's own ``.value`` step is not part of the
     # name ("Dense_0/kernel", not "Dense_0/kernel/value"), as the params' dict keys read.
     infos = canonical_leaves(params)
@@ -90,7 +92,7 @@ class ParamLayout:
   @staticmethod
   def ravel(tree: Any) -> jax.Array:
     """``pytree -> (n,)``, unchecked (see :meth:`flatten`)."""
-    return ravel_pytree(tree)[0]
+    return ravel(tree)[0]
 
   def flatten(self, tree: Any, what: str = "the tree") -> jax.Array:
     """A flat ``(n,)`` array as given, or a pytree like the params raveled; else ``ValueError``.
@@ -395,10 +397,30 @@ def _part_entries(name: str, leaf: Any, where: tuple[Any, ...]) -> np.ndarray:
   return entries
 
 
+def ravel(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+  """``jax.flatten_util.ravel_pytree``, also of leaves split over ``Explicit`` mesh axes.
+
+  JAX types the flat vector of such a leaf (``float32[8,16@data]``) with no sharding, so
+  ``ravel_pytree`` raises a ``ShardingTypeError`` (``jax.make_mesh``'s axes are ``Explicit`` by
+  default: FSDP-sharded params). Such leaves are resharded to replicated on their mesh first: the
+  flat vectors of the analyses are replicated over the devices, as XLA makes them for params
+  sharded over ``Auto`` axes. ``unravel`` gives replicated leaves.
+  """
+  return ravel_pytree(jax.tree.map(_replicated, tree))
+
+
+def _replicated(x: Any) -> Any:
+  """``x`` replicated on its mesh if its type has a split over a mesh axis, else ``x`` itself."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if sharding is None or all(axis is None for axis in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
+
+
 @jax.jit
 def _rademacher_rows(key_data, params):
   keys = jax.random.wrap_key_data(key_data)
-  return jax.vmap(lambda k: ravel_pytree(rademacher_like(k, params))[0])(keys)
+  return jax.vmap(lambda k: ravel(rademacher_like(k, params))[0])(keys)
 
 
 @jax.jit
@@ -409,11 +431,11 @@ def _batch_matmat(loss_fn, params, batch, vs):
   anyway), so that the analyses' check of each product also stops on a loss that is NaN while
   its curvature is finite (e.g. the log of a negative number).
   """
-  _, unravel = ravel_pytree(params)
+  _, unravel = ravel(params)
 
   def one(v):
     loss, _, hv = value_grad_hvp(lambda q: loss_fn(q, batch), params, unravel(v))
-    return jnp.where(jnp.isfinite(loss), ravel_pytree(hv)[0], jnp.nan)
+    return jnp.where(jnp.isfinite(loss), ravel(hv)[0], jnp.nan)
 
   return jax.vmap(one)(vs)
 
@@ -759,7 +781,7 @@ def hessian_operator(
   )
   data = _batch_list(batch, batches)
   weights = _weights(data, batch_sizes)
-  flat, _ = ravel_pytree(params)
+  flat, _ = ravel(params)
   if flat.size == 0:
     raise ValueError("params has no entries: there is no Hessian to analyse.")
   layout = ParamLayout.of(params)
