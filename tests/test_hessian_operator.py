@@ -239,6 +239,24 @@ def test_params_sharded_over_explicit_mesh_axes_give_the_same_analyses():
   assert got["PRE"] < 1e-12, got
 
 
+def test_pmap_replicated_params_are_refused_naming_the_fix():
+  # A loss that broadcasts over the device axis (x @ w with w (devices, in, out)) averaged the
+  # replicas' losses: on P devices every eigenvalue came out divided by P, with no error.
+  params, (x, y) = mlp()
+  devices = jax.local_device_count()
+  stacked = jax.pmap(lambda p: p)(jax.tree.map(lambda a: jnp.stack([a] * devices), params))
+  with pytest.raises(
+    ValueError,
+    match=r"leaf at \['hidden'\]\['bias'\] \(shape \(\d+, 8\)\) is a "
+    r"jax.pmap output.*jax.tree.map\(lambda x: x\[0\], params\)",
+  ):
+    hessian.hessian_operator(mlp_loss, stacked, (x, y))
+  one = jax.tree.map(lambda a: a[0], stacked)  # the documented way: one replica
+  v = jnp.linspace(-1.0, 1.0, 75)
+  got = hessian.hessian_operator(mlp_loss, one, (x, y)).matvec(v)
+  np.testing.assert_allclose(got, hessian.hessian_operator(mlp_loss, params, (x, y)).matvec(v))
+
+
 def test_a_single_empty_batch_is_refused_not_a_zero_hessian():
   params, (x, y) = mlp()
   with pytest.raises(ValueError, match=r"batch is empty: its leaf at batch\[0\]"):

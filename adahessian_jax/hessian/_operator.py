@@ -409,6 +409,27 @@ def ravel(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   return ravel_pytree(jax.tree.map(_replicated, tree))
 
 
+def _check_not_pmapped(params: Any) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``params`` that is a ``jax.pmap`` output.
+
+  Such a leaf holds one copy of the parameter per device along a leading axis; the Hessian with
+  respect to all copies is not the model's (a loss that broadcasts over the extra axis averages
+  the copies' losses: its eigenvalues come out divided by the device count, with no error).
+  """
+  pmap_sharding = getattr(jax.sharding, "PmapSharding", None)  # jax < 0.8
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    sharding = getattr(leaf, "sharding", None)
+    spec = getattr(sharding, "spec", None) or (None,)
+    from_pmap = pmap_sharding is not None and isinstance(sharding, pmap_sharding)
+    if from_pmap or spec[0] == "_internal_pmap_axis_name":
+      raise ValueError(
+        f"the params leaf at {jax.tree_util.keystr(path)} (shape {np.shape(leaf)}) is a "
+        "jax.pmap output: one copy per device along its leading axis. Analyse one replica, "
+        "jax.tree.map(lambda x: x[0], params) (and opt_state likewise for a preconditioner), "
+        "with the batch's device axis merged into its example axis."
+      )
+
+
 def _replicated(x: Any) -> Any:
   """``x`` replicated on its mesh if its type has a split over a mesh axis, else ``x`` itself."""
   sharding = getattr(jax.typeof(x), "sharding", None)
@@ -766,7 +787,8 @@ def hessian_operator(
     NonFiniteError: if an entry of ``params`` is not finite (named by its
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
-    ValueError: for params without entries, ``batches`` that is a mapping (whose
+    ValueError: for params without entries or with a ``jax.pmap`` output's device axis (a
+      leaf of stacked replicas: pass one replica), ``batches`` that is a mapping (whose
       iteration gives its keys), an empty batch (a leaf with a
       leading axis of length 0), a batch whose structure or leaf shapes past
       the leading axis differ from the first batch's, or bad ``batch_sizes``;
@@ -779,6 +801,7 @@ def hessian_operator(
     "The Hessian is taken with respect to every leaf: keep integer, bool and complex values "
     "out of params and close over them in loss_fn instead.",
   )
+  _check_not_pmapped(params)
   data = _batch_list(batch, batches)
   weights = _weights(data, batch_sizes)
   flat, _ = ravel(params)
