@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adahessian_jax import masking
 from adahessian_jax._axes import device_varying, fold_in_axis_index
-from adahessian_jax.state import adahessian_states, map_adahessian_state
+from adahessian_jax.state import adahessian_states, map_adahessian_state, untyped_state_hint
 
 __all__ = [
   "device_varying",
@@ -92,7 +92,7 @@ def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
     raise ValueError(
       "per_device_probe_state found no AdaHessian state (ScaleByAdaHessianState) in opt_state, "
       f"a {type(opt_state).__name__}: pass the state of an optimizer built with "
-      "adahessian_jax.adahessian or scale_by_adahessian."
+      "adahessian_jax.adahessian or scale_by_adahessian." + untyped_state_hint(opt_state)
     )
   return map_adahessian_state(
     lambda s: s._replace(key=fold_in_axis_index(s.key, axis_name)), opt_state

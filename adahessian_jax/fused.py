@@ -23,7 +23,13 @@ import optax
 
 from adahessian_jax import _validation, hutchinson, masking
 from adahessian_jax._transposes import explicitly_sharded
-from adahessian_jax.state import adahessian_states, is_refresh_step, on_refresh, probe_keys
+from adahessian_jax.state import (
+  adahessian_states,
+  is_refresh_step,
+  on_refresh,
+  probe_keys,
+  untyped_state_hint,
+)
 
 __all__ = ["value_grad_and_hessian_diag"]
 
@@ -110,6 +116,7 @@ def _the_adahessian_state(opt_state: Any) -> Any:
     raise ValueError(
       f"{what}, but opt_state holds none: pass the state of the optimizer built with "
       "adahessian_jax.adahessian or scale_by_adahessian, after params."
+      + untyped_state_hint(opt_state)
     )
   raise ValueError(
     f"{what}, but opt_state holds {len(found)} (e.g. one per optax.multi_transform group), "

@@ -64,6 +64,29 @@ def _is_state(x: Any) -> bool:
   return isinstance(x, ScaleByAdaHessianState)
 
 
+_FIELDS = frozenset(ScaleByAdaHessianState._fields)
+_RESTORE_FIX = (
+  "A checkpoint restored without a target (orbax's checkpointer.restore(path)) holds dicts and "
+  "lists in place of the optimizer's NamedTuples: restore with the abstract state as target, "
+  "checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state))."
+)
+
+
+def untyped_state_hint(opt_state: Any) -> str:
+  """``" " + the fix`` if ``opt_state`` holds an AdaHessian state as a plain ``dict`` (a
+  checkpoint restored without a target), else ``""``."""
+  found = []
+
+  def visit(x):
+    if isinstance(x, dict) and {"count", "key", "mu", "nu"} <= set(x) <= _FIELDS:
+      found.append(x)
+      return True
+    return False
+
+  jax.tree.leaves(opt_state, is_leaf=visit)
+  return " " + _RESTORE_FIX if found else ""
+
+
 def adahessian_states(opt_state: Any) -> list[ScaleByAdaHessianState]:
   """Every :class:`ScaleByAdaHessianState` inside ``opt_state``, in tree order."""
   return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
@@ -88,6 +111,7 @@ def find_adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
   if len(found) != 1:
     raise ValueError(
       f"expected exactly one ScaleByAdaHessianState in the optimizer state, found {len(found)}."
+      + untyped_state_hint(opt_state)
     )
   return found[0]
 

@@ -19,6 +19,7 @@ from adahessian_jax.state import (
   on_refresh,
   probe_keys,
   refresh_key,
+  untyped_state_hint,
 )
 
 __all__ = ["scale_by_adahessian"]
@@ -51,6 +52,12 @@ def _check_state(
 ) -> None:
   """Raises if ``state`` was made by a transform with another ``update_freq``, ``n_samples``
   or ``lazy_moment``."""
+  if not isinstance(state, ScaleByAdaHessianState):
+    kind = f"a dict with keys {sorted(state)}" if isinstance(state, dict) else type(state).__name__
+    raise TypeError(
+      f"scale_by_adahessian's update got {kind} as its state, not the ScaleByAdaHessianState its "
+      "init returns." + (untyped_state_hint(state) or " Pass the state made by tx.init.")
+    )
   fix = " Build the transform with the arguments the state was made with, or start a new state."
   if state.key.shape[0] != n_samples:
     raise ValueError(
