@@ -255,6 +255,14 @@ class BlockMean(Rule):
     if self.block_size == 1 or d.ndim == 0 or d.size == 0:
       return d
     axis = self.axis % d.ndim
+    sharding = getattr(jax.typeof(d), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    if sharding is not None and axis < len(spec) and spec[axis] is not None:
+      # Split over Explicit mesh axes (FSDP on a jax.make_mesh mesh): JAX refuses the reshape into
+      # blocks, which may straddle shards. Gather that axis (what XLA does under Auto axes).
+      whole = tuple(None if i == axis else a for i, a in enumerate(spec))
+      gathered = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*whole))
+      return jax.sharding.reshard(self(jax.sharding.reshard(d, gathered)), sharding)
     x = jnp.moveaxis(d, axis, 0)
     n, rest = x.shape[0], x.shape[1:]
     b = min(self.block_size, n)

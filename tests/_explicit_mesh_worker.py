@@ -1,9 +1,9 @@
 """Subprocess worker for test_distributed.py: FSDP under jax.jit on a mesh with Explicit axes.
 
 ``jax.make_mesh``'s axes are ``Explicit`` by default. Prints the largest parameter difference
-from an unsharded run after 3 steps of each route (value_fn, fused); then ``fused_2d_*``: the fused
-route on a ``(data, model)`` mesh with ``Auto``, then ``Explicit`` axes, the first leaf split over
-``model``.
+from an unsharded run after 3 steps of each route (value_fn, fused), then of ``block_size=3``
+over split axes (blocks); then ``fused_2d_*``: the fused route on a ``(data, model)`` mesh with
+``Auto``, then ``Explicit`` axes, the first leaf split over ``model``.
 """
 
 import jax
@@ -46,6 +46,27 @@ for fused in (False, True):
     q, t = train(q, t)
   assert s[0].mu["w"].sharding.spec == P("d", None), s[0].mu["w"].sharding
   print("fused" if fused else "value_fn", float(jnp.abs(p["w"] - q["w"]).max()))
+
+
+# block_size=3 averages D over blocks that straddle the shards (2 rows or columns each) of
+# leaves split over the Explicit axis: JAX refused the reshape into blocks (ShardingTypeError).
+blocks = {
+  "w": jnp.asarray(r.normal(size=(8, 8))),
+  "v": jnp.asarray(r.normal(size=(8, 8))),
+  "b": jnp.asarray(r.normal(size=8)),
+}
+specs = {"w": P("d", None), "v": P(None, "d"), "b": P()}
+p = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in blocks.items()}
+loss = lambda p: jnp.sum(jnp.tanh((p["w"] @ p["b"]) * (p["b"] @ p["v"])) ** 2)
+tx = ah.adahessian(0.1, block_size=3, hessian_power=0.5)
+train = jax.jit(lambda p, s: step(p, s, False))
+s = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, p))(p)
+q, t = blocks, tx.init(blocks)
+for _ in range(3):
+  p, s = train(p, s)
+  q, t = train(q, t)
+assert s[0].nu["v"].sharding.spec == P(None, "d"), s[0].nu["v"].sharding
+print("blocks", max(float(jnp.abs(p[k] - q[k]).max()) for k in blocks))
 
 
 # The fused route marks a non-finite estimate in the first entry of the first leaf (b), here split

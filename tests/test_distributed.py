@@ -355,7 +355,8 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes():
   # jax.make_mesh gives Explicit axes by default; with a kernel sharded over one, the
   # Hessian-vector product used to fail inside JAX with a bare AssertionError. fused_2d_*: on a
   # (data, model) mesh the fused route's gradient of a split bias was wrong (Auto axes: XLA
-  # miscompiled a scatter) or failed to trace (Explicit axes).
+  # miscompiled a scatter) or failed to trace (Explicit axes). blocks: block_size over a split
+  # axis failed to trace.
   proc = subprocess.run(
     [sys.executable, os.path.join(HERE, "_explicit_mesh_worker.py")],
     env={**_env(4), "JAX_ENABLE_X64": "1"},
@@ -365,5 +366,5 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   diffs = dict(line.split() for line in proc.stdout.splitlines())
-  assert set(diffs) == {"value_fn", "fused", "fused_2d_Auto", "fused_2d_Explicit"}
+  assert set(diffs) == {"value_fn", "fused", "blocks", "fused_2d_Auto", "fused_2d_Explicit"}
   assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
