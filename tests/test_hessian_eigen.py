@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CompileCounter
 from hessian_problems import mlp, mlp_hessian, mlp_loss, quadratic, quadratic_loss
 
 from adahessian_jax import hessian
@@ -362,3 +363,25 @@ def test_a_check_out_of_max_iter_vouches_for_nothing():
   np.testing.assert_allclose(short.eigenvalues, [10.0, 9.0], rtol=1e-9)
   assert short.converged.tolist() == [True, False] and short.num_matvecs == 20
   assert hessian.top_eigenvalues(op, 2, tol=1e-8).converged.all()  # the default max_iter: checked
+
+
+def test_a_later_measurement_compiles_nothing_whatever_its_step_count():
+  # A training run measures the same loss_fn at new params, and the number of Lanczos steps
+  # changes from one measurement to the next. The Ritz vectors came from the basis sliced to the
+  # steps taken: a slice, a product and a squeeze were compiled anew for every new step count
+  # (3 programs per run, 6 for k = 3 with its deflated check). A size no other test uses (29), so
+  # that no earlier test has compiled these shapes.
+  ev = np.concatenate([[9.0, 8.5, 8.0, 3.0], np.linspace(-1.0, 2.0, 25)])
+  hessian.top_eigenvalues(hessian.hessian_operator(quadratic_loss, *quadratic(ev)), 1, tol=1e-2)
+  hessian.top_eigenvalues(hessian.hessian_operator(quadratic_loss, *quadratic(ev)), 3, tol=1e-2)
+  steps = set()
+  for seed, tol in [(1, 1e-5), (2, 1e-8), (3, 1e-11)]:
+    op = hessian.hessian_operator(quadratic_loss, *quadratic(ev * (1 + 0.1 * seed), seed))
+    with CompileCounter() as count:
+      one = hessian.top_eigenvalues(op, 1, key=jax.random.key(seed), tol=tol)
+      three = hessian.top_eigenvalues(op, 3, key=jax.random.key(seed), tol=tol)
+    assert count.count == 0
+    np.testing.assert_allclose(one.eigenvalues, 9.0 * (1 + 0.1 * seed), rtol=1e-6)
+    np.testing.assert_allclose(three.eigenvalues, ev[:3] * (1 + 0.1 * seed), rtol=1e-6)
+    steps |= {one.num_matvecs, three.num_matvecs}
+  assert len(steps) >= 4  # the step counts differ from measurement to measurement

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CompileCounter
 from hessian_problems import dense_hessian, mlp, mlp_hessian, mlp_loss
 
 from adahessian_jax import hessian
@@ -196,3 +197,26 @@ def test_a_leaf_of_another_module_named_like_a_stacked_one_is_kept_whole(wrapper
   head = head[wrapper]["Dense_0"]["kernel"] if wrapper else head["Dense_0"]["kernel"]
   want = params[wrapper]["Dense_0"]["kernel"] if wrapper else params["Dense_0"]["kernel"]
   np.testing.assert_allclose(np.linalg.norm(head, axis=0), np.linalg.norm(want, axis=0), rtol=1e-12)
+
+
+def test_a_later_breakdown_compiles_nothing_whatever_its_step_counts():
+  # Each leaf's eigenvalue sliced its Lanczos basis to the steps taken: every new step count
+  # compiled a slice, a product and a squeeze (the 4-6 programs a measurement compiled). A
+  # max_iter no other test uses (23), so that no earlier test has compiled these shapes.
+  params, batch = mlp()
+  hessian.layer_breakdown(
+    hessian.hessian_operator(mlp_loss, params, batch),
+    jax.random.key(0),
+    num_samples=2,
+    tol=1e-3,
+    max_iter=23,
+  )
+  for seed, tol in [(1, 1e-6), (2, 1e-10)]:
+    later = jax.tree.map(lambda x, s=1 + 0.2 * seed: x * s, params)
+    op = hessian.hessian_operator(mlp_loss, later, batch)
+    with CompileCounter() as count:
+      got = hessian.layer_breakdown(op, jax.random.key(seed), num_samples=2, tol=tol, max_iter=23)
+    assert count.count == 0
+    name = op.leaf_names[0]
+    want = np.linalg.eigvalsh(np.asarray(op.block(name).matmat(jnp.eye(op.block(name).size))))
+    np.testing.assert_allclose(got[name].top_eigenvalue, want[-1], rtol=1e-5)

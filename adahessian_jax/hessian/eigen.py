@@ -392,8 +392,7 @@ def _lanczos_eigen(
     raise ValueError(f"the Krylov space is invariant after {j} steps, fewer than k={k}")
   # The Ritz pairs, derived once from the final decomposition.
   ritz, errors = ritz_and_errors(alphas, betas)
-  vecs = jnp.asarray(ritz.coefficients.T, op.dtype) @ dec.basis[0, :j]
-  vecs = unit(vecs)[0]
+  vecs = _ritz_vectors(_padded_coefficients(ritz.coefficients, dec.basis.shape[1]), dec.basis)
   exhausted = j == op.size  # T is H in an orthonormal basis: every Ritz value is exact
   errors = np.where(exhausted or betas[-1] == 0, ritz.residuals, errors)  # exact Ritz values
   # Pairs of an open last block are judged one by one; those of closed blocks, exact, are the
@@ -403,6 +402,26 @@ def _lanczos_eigen(
   trusted = exhausted or live_converged(alphas, betas)
   conv = (met(ritz, errors, ritz.scale) & (from_live | trusted)) | exhausted
   return _finish(op, ritz.values, vecs, ritz.residuals, errors, j, conv)
+
+
+def _padded_coefficients(coefficients: np.ndarray, rows: int) -> np.ndarray:
+  """The ``(j, k)`` coefficients as ``(k, rows)`` rows, zero past ``j``: the products with the
+  whole ``(rows, n)`` basis then have one shape whatever the number of steps ``j``."""
+  padded = np.zeros((coefficients.shape[1], rows), coefficients.dtype)
+  padded[:, : coefficients.shape[0]] = coefficients.T
+  return padded
+
+
+@jax.jit
+def _ritz_vectors(coefficients, basis):
+  """Unit Ritz vectors ``s_i^T V`` of the first run of a Lanczos ``basis`` ``(b, m + 1, n)`` from
+  zero-padded ``(k, m + 1)`` ``coefficients``.
+
+  Compiled once per ``k`` and basis shape: sliced to the ``j`` steps taken (``basis[0, :j]``),
+  the slice and the product would be compiled anew for every step count, i.e. at nearly every
+  measurement of a training run. The basis rows past ``j`` are zero.
+  """
+  return unit(coefficients.astype(basis.dtype) @ basis[0])[0]
 
 
 @jax.jit
