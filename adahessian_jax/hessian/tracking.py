@@ -103,24 +103,56 @@ class CurvatureRecord(NamedTuple):
   num_matvecs: int
 
 
+# Rows of the subspace buffers at first (a measurement on the digits CNN takes 5-25 products); a
+# subspace that outgrows them doubles them (up to max_iter). Every array of a run has the
+# buffers' shape, zero rows past the subspace, so its programs are compiled once per buffer size,
+# not once per subspace size: after the first measurement of a training run, later ones compile
+# nothing unless one needs more products than any before it had buffer rows for (then ~7 small
+# programs, once).
+_FIRST_ROWS = 32
+
+
 @jax.jit
 def _ritz(q, w, s):
   """Ritz vectors ``y = sᵀQ``, their residuals ``Hy − θy`` and the residuals' norms.
 
-  ``Hy = sᵀW`` comes from the stored products: no new ones.
-
-  Compiled once per subspace size: run op by op, each of its operations (and the scaled norm's)
-  would be compiled per size instead.
+  ``Hy = sᵀW`` comes from the stored products: no new ones. Zero rows of ``q``, ``w`` and ``s``
+  (past the subspace) are inert.
   """
   y, hy = s.T @ q, s.T @ w
-  theta = jnp.sum(y * hy, axis=-1) / jnp.sum(y * y, axis=-1)
+  size = jnp.sum(y * y, axis=-1)
+  theta = jnp.sum(y * hy, axis=-1) / jnp.where(size > 0, size, 1.0)  # zero columns of s: 0
   r = hy - theta[:, None] * y
   return y, r, norm(r)
 
 
+@jax.jit
 def _orthonormal(q, v):
   """``v`` orthogonalised against the rows of ``q``, normalised, and its norm before that."""
   return unit(orthogonalise(q, v))
+
+
+@jax.jit
+def _rayleigh(q, w):
+  """The Rayleigh-Ritz matrix ``Q Wᵀ`` (zero past the subspace)."""
+  return q @ w.T
+
+
+@jax.jit
+def _set_row(x, i, row):
+  return x.at[i].set(row)
+
+
+def _with_rows(x: jax.Array, rows: int) -> jax.Array:
+  """``x`` with zero rows appended up to ``rows``."""
+  return jnp.zeros((rows, x.shape[1]), x.dtype).at[: x.shape[0]].set(x)
+
+
+def _padded(s: np.ndarray, rows: int, dtype) -> jax.Array:
+  """The host matrix ``s`` with zero rows appended up to ``rows``, in ``dtype``."""
+  out = np.zeros((rows, s.shape[1]), np.float64)
+  out[: s.shape[0]] = s
+  return jnp.asarray(out, dtype)
 
 
 def _next_vector(op, q, grow, key, tol_break):
@@ -166,19 +198,21 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
   q = _orthonormal_rows(start)
   w = op.matmat(q)
   used, b, history, randomised = q.shape[0], q.shape[0], [], False
+  rows = min(max(_FIRST_ROWS, b), max_iter, op.size)  # the buffers' rows; used <= all three
+  q, w = _with_rows(q, rows), _with_rows(w, rows)
   tol_break = breakdown_tolerance(op.size, op.dtype)
   # A residual this small is an eigenvector's to rounding. Well below tol: in float32 the
   # breakdown tolerance (up to 1e-3) can exceed tol, and a run converging normally must not be
   # taken for one stuck in an invariant subspace.
   exact = min(tol_break, 0.01 * tol)
   while True:
-    t = np.asarray(q @ w.T, np.float64)
+    t = np.asarray(_rayleigh(q, w), np.float64)[:used, :used]
     _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products")
     theta, s = np.linalg.eigh(0.5 * (t + t.T))
     theta, s = theta[::-1], s[:, ::-1]
     history.append(float(theta[0]))
     m = min(max(keep, 2), theta.size)
-    y, res_vecs, res = _ritz(q, w, jnp.asarray(s[:, :m], op.dtype))
+    y, res_vecs, res = _ritz(q, w, _padded(s[:, :m], rows, op.dtype))
     res = np.asarray(res, np.float64)
     err = res[0]
     if theta.size > 1:
@@ -204,7 +238,10 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
     if v is None:
       ok = True  # the subspace spans the space to rounding: the Ritz values are exact
       break
-    q, w = jnp.concatenate([q, v[None]]), jnp.concatenate([w, op.matvec(v)[None]])
+    if used == rows:
+      rows = min(2 * rows, max_iter, op.size)
+      q, w = _with_rows(q, rows), _with_rows(w, rows)
+    q, w = _set_row(q, used, v), _set_row(w, used, op.matvec(v))
     used += 1
   return Sharpness(
     eigenvalue=float(theta[0]),
@@ -222,8 +259,10 @@ def _beyond_eigenvector(q, w, s, tol, exact, dtype):
   """For a top Ritz vector that is an eigenvector: whether the first Ritz vector that is not
   (residual ``> exact``, descending ``θ``) meets ``tol``, and its residual to grow along
   (``None`` when every Ritz vector is an eigenvector to rounding)."""
-  _, res_vecs, res = _ritz(q, w, jnp.asarray(s, dtype))
-  res = np.asarray(res, np.float64)
+  # s padded to the buffers' rows and columns (its zero columns give zero, dropped).
+  rows = q.shape[0]
+  _, res_vecs, res = _ritz(q, w, _padded(np.pad(s, ((0, 0), (0, rows - s.shape[1]))), rows, dtype))
+  res = np.asarray(res, np.float64)[: s.shape[1]]
   live = np.flatnonzero(res > exact)
   if live.size == 0:
     return False, None
