@@ -350,7 +350,8 @@ def track_curvature(
       top eigenvalue near zero next to large negative ones may then take up to
       ``max_iter`` products; ``converged`` says whether it was met).
     max_iter: Maximum Hessian-vector products per run (the block's included,
-      so at least ``block_size``).
+      so at least ``block_size``). Memory is ``2·r·n`` values, ``r`` = 32 rows (at most
+      ``max_iter`` and ``n``), doubled when a run needs more products.
     stop_on: ``"eigenvalue"`` stops when the estimated eigenvalue error
       ``min(r, r²/gap)`` is below ``tol·|θ₁|`` (the default: tracking wants the
       eigenvalue); ``"residual"`` when the residual ``r`` is, which bounds the
