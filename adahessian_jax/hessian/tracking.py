@@ -109,7 +109,7 @@ class CurvatureRecord(NamedTuple):
 # not once per subspace size: after the first measurement of a training run, later ones compile
 # nothing unless one needs more products than any before it had buffer rows for (then ~7 small
 # programs, once).
-_FIRST_ROWS = 32
+_FIRST_ROWS = 16
 
 
 @jax.jit
@@ -350,7 +350,7 @@ def track_curvature(
       top eigenvalue near zero next to large negative ones may then take up to
       ``max_iter`` products; ``converged`` says whether it was met).
     max_iter: Maximum Hessian-vector products per run (the block's included,
-      so at least ``block_size``). Memory is ``2·r·n`` values, ``r`` = 32 rows (at most
+      so at least ``block_size``). Memory is ``2·r·n`` values, ``r`` = 16 rows (at most
       ``max_iter`` and ``n``), doubled when a run needs more products.
     stop_on: ``"eigenvalue"`` stops when the estimated eigenvalue error
       ``min(r, r²/gap)`` is below ``tol·|θ₁|`` (the default: tracking wants the
