@@ -351,6 +351,22 @@ def test_a_later_measurement_of_an_nnx_model_reuses_the_compilation():
     np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
+def test_a_partial_without_arrays_does_not_lend_its_compilation_to_another_loss():
+  # JAX takes a tree structure holding a PyTreeDef (the static part of a Partial without arrays,
+  # e.g. over an NNX graphdef alone) for equal to one holding any other object: a plain function
+  # of the same shapes then ran the Partial's compiled product and loss.
+  def loss(p, b):
+    return jnp.sum(p["x"] ** 2 * b)
+
+  params, batch = {"x": jnp.array([0.5, -1.0, 2.0])}, jnp.array([1.0, 2.0, 3.0])
+  first = hessian.hessian_operator(jax.tree_util.Partial(loss), params, batch)
+  second = hessian.hessian_operator(lambda p, b: 3.0 * loss(p, b), params, batch)
+  ones = jnp.ones(3)
+  np.testing.assert_allclose(first.matvec(ones), [2.0, 4.0, 6.0], rtol=1e-14)
+  np.testing.assert_allclose(second.matvec(ones), [6.0, 12.0, 18.0], rtol=1e-14)  # was the first's
+  assert float(second.loss()) == pytest.approx(3 * float(first.loss()), rel=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["boolean mask", "string array"])
 def test_a_partial_whose_arrays_must_stay_concrete_is_static(kind):
   # NumPy arrays a loss uses as Python values: traced as arguments they failed at the first product

@@ -691,11 +691,14 @@ class _JitLoss:
     return self.static(params, batch)
 
   def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
-    return self.arrays, self.static
+    # Tagged with the kind of static part: JAX compares a PyTreeDef with any other object as
+    # equal inside a tree structure (and hashes them alike), so a Partial without arrays and a
+    # later plain function shared the jit cache entry, and the second loss ran the first's Hessian.
+    return self.arrays, (isinstance(self.static, jax.tree_util.PyTreeDef), self.static)
 
   @classmethod
-  def tree_unflatten(cls, static: Any, arrays: Any) -> _JitLoss:
-    return cls(static, tuple(arrays))
+  def tree_unflatten(cls, aux: Any, arrays: Any) -> _JitLoss:
+    return cls(aux[1], tuple(arrays))
 
 
 def _jit_loss(loss_fn: LossFn, probe: tuple[Any, Any] | None = None) -> _JitLoss:
