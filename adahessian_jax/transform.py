@@ -361,7 +361,7 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
   def mark(p):
     dtype = jnp.result_type(p)
     dtype = nu_dtype or (jnp.float32 if dtype in (jnp.float16, jnp.bfloat16) else dtype)
-    return jnp.full(jnp.shape(p), -0.0, dtype)
+    return jnp.full_like(p, -0.0, dtype)  # full_like: with p's sharding (Explicit mesh axes)
 
   return jax.tree.map(mark, params)
 

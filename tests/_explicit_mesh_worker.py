@@ -1,7 +1,8 @@
 """Subprocess worker for test_distributed.py: FSDP under jax.jit on a mesh with Explicit axes.
 
 ``jax.make_mesh``'s axes are ``Explicit`` by default. Prints the largest parameter difference
-from an unsharded run after 3 steps of each route (value_fn, fused), then of ``block_size=3``
+from an unsharded run after 3 steps of each route (value_fn, fused), from a state made by a plain
+``tx.init(params)`` (plain_init), then of ``block_size=3``
 over split axes (blocks); then ``fused_2d_*``: the fused route on a ``(data, model)`` mesh with
 ``Auto``, then ``Explicit`` axes, the first leaf split over ``model``.
 """
@@ -46,6 +47,19 @@ for fused in (False, True):
     q, t = train(q, t)
   assert s[0].mu["w"].sharding.spec == P("d", None), s[0].mu["w"].sharding
   print("fused" if fused else "value_fn", float(jnp.abs(p["w"] - q["w"]).max()))
+
+# The state from a plain tx.init(params) under jax.set_mesh, as most training loops make it: nu
+# (and the stored D of update_freq=2) came out replicated while the moments took the params'
+# shardings, and every update failed with "select cases must have the same shardings".
+train = jax.jit(lambda p, s: step(p, s, False))
+with jax.set_mesh(mesh):
+  p, s = params, tx.init(params)
+  q, t = host, tx.init(host)
+  for _ in range(3):
+    p, s = train(p, s)
+    q, t = train(q, t)
+assert s[0].nu["w"].sharding.spec == P("d", None), s[0].nu["w"].sharding
+print("plain_init", float(jnp.abs(p["w"] - q["w"]).max()))
 
 
 # block_size=3 averages D over blocks that straddle the shards (2 rows or columns each) of

@@ -356,7 +356,8 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes():
   # Hessian-vector product used to fail inside JAX with a bare AssertionError. fused_2d_*: on a
   # (data, model) mesh the fused route's gradient of a split bias was wrong (Auto axes: XLA
   # miscompiled a scatter) or failed to trace (Explicit axes). blocks: block_size over a split
-  # axis failed to trace.
+  # axis failed to trace. plain_init: a state from tx.init(params) had nu without the params'
+  # shardings, and every update failed.
   proc = subprocess.run(
     [sys.executable, os.path.join(HERE, "_explicit_mesh_worker.py")],
     env={**_env(4), "JAX_ENABLE_X64": "1"},
@@ -366,5 +367,12 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   diffs = dict(line.split() for line in proc.stdout.splitlines())
-  assert set(diffs) == {"value_fn", "fused", "blocks", "fused_2d_Auto", "fused_2d_Explicit"}
+  assert set(diffs) == {
+    "value_fn",
+    "fused",
+    "plain_init",
+    "blocks",
+    "fused_2d_Auto",
+    "fused_2d_Explicit",
+  }
   assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
