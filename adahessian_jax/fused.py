@@ -66,10 +66,12 @@ def _add_to_first_entry(x: jax.Array, value: jax.Array) -> jax.Array:
   Not ``x.at[0].add(value)``: XLA's SPMD partitioner (jax 0.10) compiles that scatter wrongly under
   ``jax.jit`` for a leaf split over one axis of a 2-D mesh (the first entry was written into the
   first entry of every shard), and JAX refuses it, like any one-entry slice, for a leaf typed with
-  a split over ``Explicit`` mesh axes; there a select against an iota typed like ``x`` does it.
+  a split over ``Explicit`` mesh axes; there a select against an iota typed like ``x`` does it. So
+  too where only ``value`` is typed over such a mesh (``x`` unsharded under ``jax.set_mesh``, the
+  estimate from a batch split over the mesh): the one-entry update then fails for the same reason.
   """
   value = value.astype(x.dtype)
-  if explicitly_sharded(x):
+  if explicitly_sharded((x, value)):
     sharding = jax.typeof(x).sharding
     at_first = [
       jax.lax.broadcasted_iota(jnp.int32, x.shape, i, out_sharding=sharding) == 0

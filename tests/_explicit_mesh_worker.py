@@ -4,7 +4,8 @@
 from an unsharded run after 3 steps of each route (value_fn, fused), from a state made by a plain
 ``tx.init(params)`` (plain_init), then of ``block_size=3``
 over split axes (blocks); then ``fused_2d_*``: the fused route on a ``(data, model)`` mesh with
-``Auto``, then ``Explicit`` axes, the first leaf split over ``model``.
+``Auto``, then ``Explicit`` axes, the first leaf split over ``model``; ``fused_bf16_dp``: the
+fused route against the value_fn route with unsharded bf16 params and a batch split over the mesh.
 """
 
 import jax
@@ -29,12 +30,13 @@ loss = lambda p: jnp.sum(jnp.tanh(p["w"] @ p["b"]) ** 2)
 vgh = ah.value_grad_and_hessian_diag(loss)
 
 
-def step(p, s, fused):
+def step(p, s, fused, loss_fn=None):
+  loss_fn = loss_fn or loss
   if fused:
     _, g, h = vgh(p, s)
     u, s = tx.update(g, s, p, hessian_diag=h)
   else:
-    u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+    u, s = tx.update(jax.grad(loss_fn)(p), s, p, value_fn=loss_fn)
   return optax.apply_updates(p, u), s
 
 
@@ -113,3 +115,21 @@ for axis_type in (AxisType.Auto, AxisType.Explicit):
   for _ in range(3):
     p, s = jax.jit(fused_step)(p, s, jax.device_put(x, NamedSharding(mesh, batch)))
   print(f"fused_2d_{axis_type.name}", max(float(jnp.abs(p[k] - q[k]).max()) for k in host))
+
+
+# Data parallelism: bf16 params left unsharded under jax.set_mesh, the batch split over the mesh.
+# The fused route's non-finite mark (typed over the mesh, from the batch) went into the first
+# entry of b's unsharded gradient by a one-entry update, which JAX refused (a ShardingTypeError
+# about dynamic_update_slice). The value_fn route under the same mesh is the reference.
+mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
+host = jax.tree.map(lambda v: v.astype(jnp.bfloat16), host)
+tx = ah.adahessian(0.1)
+with jax.set_mesh(mesh):
+  x = jax.device_put(x.astype(jnp.float32), NamedSharding(mesh, P("d")))
+  ends = []
+  for step_fn in (fused_step, lambda p, s, x: step(p, s, False, lambda p: loss(p, x))):
+    p, s = host, tx.init(host)
+    for _ in range(2):
+      p, s = jax.jit(step_fn)(p, s, x)
+    ends.append(p)
+print("fused_bf16_dp", max(float(jnp.abs(ends[0][k] - ends[1][k]).max()) for k in host))

@@ -374,5 +374,6 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes():
     "blocks",
     "fused_2d_Auto",
     "fused_2d_Explicit",
+    "fused_bf16_dp",
   }
   assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
