@@ -74,7 +74,9 @@ def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
     updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
 
   Must be called inside a mapped context (``pmap``, ``shard_map``, ``vmap``)
-  that binds ``axis_name``.
+  that binds ``axis_name``. Under ``shard_map`` pass ``vgh`` the parameters as
+  :func:`device_varying` returns them (as for any gradient there): probes that vary
+  over the axis at invariant parameters fail JAX's check (an error about ``pvary``).
 
   Args:
     opt_state: An optimizer state containing AdaHessian states.
