@@ -167,11 +167,12 @@ _SHARDED = textwrap.dedent(
 )
 
 
-def test_batch_sharded_over_devices_gives_the_same_products():
+def _on_two_cpu_devices(script: str) -> str:
+  """The output of ``script`` run in a Python process that sees two CPU devices."""
   flags = with_fast_compile("--xla_force_host_platform_device_count=2")
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   out = subprocess.run(
-    [sys.executable, "-c", _SHARDED],
+    [sys.executable, "-c", script],
     cwd=os.path.dirname(__file__),
     env=env,
     capture_output=True,
@@ -179,7 +180,11 @@ def test_batch_sharded_over_devices_gives_the_same_products():
     timeout=120,
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  err = float(out.stdout.split("ERR")[1])
+  return out.stdout
+
+
+def test_batch_sharded_over_devices_gives_the_same_products():
+  err = float(_on_two_cpu_devices(_SHARDED).split("ERR")[1])
   assert err < 1e-12
 
 
@@ -223,18 +228,8 @@ _FSDP_EXPLICIT = textwrap.dedent(
 def test_params_sharded_over_explicit_mesh_axes_give_the_same_analyses():
   # jax.make_mesh's axes are Explicit by default; ravel_pytree of a leaf split over one raised
   # a ShardingTypeError ("This reshape is not supported") in hessian_operator.
-  flags = with_fast_compile("--xla_force_host_platform_device_count=2")
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-    [sys.executable, "-c", _FSDP_EXPLICIT],
-    cwd=os.path.dirname(__file__),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
-  got = {k: float(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+  out = _on_two_cpu_devices(_FSDP_EXPLICIT)
+  got = {k: float(v) for k, v in (line.split() for line in out.splitlines())}
   assert got["ERR"] < 1e-12 and got["PROBES"] == 0.0 and got["LINE"] < 1e-12, got
   assert got["PRE"] < 1e-12, got
 
