@@ -148,10 +148,10 @@ def _with_rows(x: jax.Array, rows: int) -> jax.Array:
   return jnp.zeros((rows, x.shape[1]), x.dtype).at[: x.shape[0]].set(x)
 
 
-def _padded(s: np.ndarray, rows: int, dtype) -> jax.Array:
-  """The host matrix ``s`` with zero rows appended up to ``rows``, in ``dtype``."""
-  out = np.zeros((rows, s.shape[1]), np.float64)
-  out[: s.shape[0]] = s
+def _padded(s: np.ndarray, shape: tuple[int, int], dtype) -> jax.Array:
+  """The host matrix ``s`` with zero rows and columns appended up to ``shape``, in ``dtype``."""
+  out = np.zeros(shape, np.float64)
+  out[: s.shape[0], : s.shape[1]] = s
   return jnp.asarray(out, dtype)
 
 
@@ -212,7 +212,7 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
     theta, s = theta[::-1], s[:, ::-1]
     history.append(float(theta[0]))
     m = min(max(keep, 2), theta.size)
-    y, res_vecs, res = _ritz(q, w, _padded(s[:, :m], rows, op.dtype))
+    y, res_vecs, res = _ritz(q, w, _padded(s[:, :m], (rows, m), op.dtype))
     res = np.asarray(res, np.float64)
     err = res[0]
     if theta.size > 1:
@@ -261,7 +261,7 @@ def _beyond_eigenvector(q, w, s, tol, exact, dtype):
   (``None`` when every Ritz vector is an eigenvector to rounding)."""
   # s padded to the buffers' rows and columns (its zero columns give zero, dropped).
   rows = q.shape[0]
-  _, res_vecs, res = _ritz(q, w, _padded(np.pad(s, ((0, 0), (0, rows - s.shape[1]))), rows, dtype))
+  _, res_vecs, res = _ritz(q, w, _padded(s, (rows, rows), dtype))
   res = np.asarray(res, np.float64)[: s.shape[1]]
   live = np.flatnonzero(res > exact)
   if live.size == 0:
