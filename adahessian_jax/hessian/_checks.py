@@ -21,8 +21,9 @@ def _paths(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(x.path): x.leaf for x in canonical_leaves(tree)}
 
 
-def _same_leaves(tree: Any, params: Any) -> bool:
-  """Whether ``tree`` and ``params`` have the same leaves in the same order, boxes aside.
+def _same_leaves(tree: Any, params: Any, got: dict[str, Any], want: dict[str, Any]) -> bool:
+  """Whether ``tree`` and ``params`` (whose :func:`_paths` are ``got`` and ``want``) have the same
+  leaves in the same order, boxes aside.
 
   A tree of the params' structure, or one that differs only by Linen boxes or NNX variables
   (``nnx.Optimizer``'s ``OptVariable`` where the params hold ``nnx.Param``, unboxed where they
@@ -30,9 +31,7 @@ def _same_leaves(tree: Any, params: Any) -> bool:
   """
   if jax.tree.structure(tree) == jax.tree.structure(params):
     return True
-  return list(_paths(tree)) == list(_paths(params)) and len(jax.tree.leaves(tree)) == len(
-    jax.tree.leaves(params)
-  )
+  return list(got) == list(want) and len(jax.tree.leaves(tree)) == len(jax.tree.leaves(params))
 
 
 def like_params(tree: Any, params: Any, what: str) -> None:
@@ -54,7 +53,7 @@ def like_params(tree: Any, params: Any, what: str) -> None:
   must = (
     f"{what} must be a pytree with the structure and leaf shapes of the params (or a flat array)"
   )
-  if not _same_leaves(tree, params):
+  if not _same_leaves(tree, params, got, want):
     extra, missing = [p for p in got if p not in want], [p for p in want if p not in got]
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
       size = sum(int(np.size(x)) for x in want.values())
