@@ -2,10 +2,10 @@
 
 ``jax.make_mesh``'s axes are ``Explicit`` by default. Prints the largest parameter difference
 from an unsharded run after 3 steps of each route (value_fn, fused), from a state made by a plain
-``tx.init(params)`` (plain_init), then of ``block_size=3``
-over split axes (blocks); then ``fused_2d_*``: the fused route on a ``(data, model)`` mesh with
-``Auto``, then ``Explicit`` axes, the first leaf split over ``model``; ``fused_bf16_dp``: the
-fused route against the value_fn route with unsharded bf16 params and a batch split over the mesh.
+``tx.init(params)`` (plain_init), then of ``block_size=3`` over split axes (blocks); then
+``fused_2d_*``: the fused route on a ``(data, model)`` mesh with ``Auto``, then ``Explicit`` axes,
+the first leaf split over ``model``; ``fused_bf16_dp``: the fused route against the value_fn route
+with unsharded bf16 params and a batch split over the mesh.
 """
 
 import jax
