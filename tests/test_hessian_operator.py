@@ -252,6 +252,17 @@ def test_pmap_replicated_params_are_refused_naming_the_fix():
   np.testing.assert_allclose(got, hessian.hessian_operator(mlp_loss, params, (x, y)).matvec(v))
 
 
+def test_a_batch_leaf_that_is_not_an_array_or_a_number_is_named():
+  # It reached jit, whose error advised static_argnums, which the caller cannot pass.
+  params, (x, y) = mlp()
+  batch = {"x": x, "y": y, "scale": 2, "name": "train"}
+  loss = lambda p, b: mlp_loss(p, (b["x"], b["y"])) * b["scale"]
+  with pytest.raises(TypeError, match=r"leaf at batches\[0\]\['name'\] is a str \('train'\)"):
+    hessian.hessian_operator(loss, params, batches=[batch, batch])
+  with pytest.raises(TypeError, match=r"leaf at batch\['name'\].*functools.partial"):
+    hessian.hessian_operator(loss, params, batch)
+
+
 def test_a_single_empty_batch_is_refused_not_a_zero_hessian():
   params, (x, y) = mlp()
   with pytest.raises(ValueError, match=r"batch is empty: its leaf at batch\[0\]"):

@@ -566,6 +566,22 @@ def _leading_sizes(batch: Any) -> dict[str, int]:
   return {jax.tree_util.keystr(p): int(np.shape(x)[0]) for p, x in leaves if np.ndim(x) >= 1}
 
 
+def _check_array_leaves(batch: Any, where: str) -> None:
+  """Raises ``TypeError`` naming the first leaf of ``batch`` that is not an array or a number.
+
+  The batch is an argument of the compiled functions, where such a leaf (a string, a dataset
+  name) fails with JAX's advice to mark it static, which a caller of the analyses cannot do.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+    if not isinstance(leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
+      raise TypeError(
+        f"the leaf at {where}{jax.tree_util.keystr(path)} is a {type(leaf).__name__} "
+        f"({leaf!r:.40}): a batch is an argument of the compiled Hessian products, so its leaves "
+        "must be arrays or numbers. Close over other values in loss_fn (e.g. "
+        "functools.partial(loss_fn, name=...)) and leave them out of the batch."
+      )
+
+
 def _check_not_empty(batch: Any, where: str) -> None:
   """Raises ``ValueError`` if a leaf of ``batch`` has a leading axis of length 0 (no examples)."""
   empty = [path for path, size in _leading_sizes(batch).items() if size == 0]
@@ -616,6 +632,7 @@ def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
   if (batch is None) == (batches is None):
     raise ValueError("give exactly one of batch= or batches=")
   if batch is not None:
+    _check_array_leaves(batch, "batch")
     _check_not_empty(batch, "batch")
     return [batch]
   assert batches is not None  # one of the two is given (checked above)
@@ -630,6 +647,7 @@ def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
     raise ValueError("batches is empty; give at least one batch")
   for i, b in enumerate(data):
     _check_like_first(b, data[0], f"batches[{i}]")
+    _check_array_leaves(b, f"batches[{i}]")
     _check_not_empty(b, f"batches[{i}]")
   return data
 
@@ -758,7 +776,8 @@ def hessian_operator(
       NumPy boolean mask: then it is static as a whole).
     params: Point of evaluation, a pytree of real floating arrays (close over
       integer or bool leaves, such as step counters, in ``loss_fn``).
-    batch: A single batch (any pytree ``loss_fn`` accepts).
+    batch: A single batch: a pytree ``loss_fn`` accepts whose leaves are arrays or numbers
+      (close over strings and other values in ``loss_fn``).
     batches: An iterable of batches. A sequence (list, tuple) is kept as is; any
       other iterable is read once into a list (the batches are held by
       reference: device arrays stay where they are). Not a mapping: a dict
@@ -786,7 +805,8 @@ def hessian_operator(
 
   Raises:
     TypeError: if a leaf of ``params`` is not a real floating array (named by
-      its path), or ``loss_fn`` does not return a real scalar.
+      its path), a leaf of a batch is not an array or a number (named), or ``loss_fn`` does
+      not return a real scalar.
     NonFiniteError: if an entry of ``params`` is not finite (named by its
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
