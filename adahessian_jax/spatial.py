@@ -61,7 +61,8 @@ rank         Flax meaning                averaging
 Whatever the names and rank, a leaf whose Flax name (last path key) is
 ``bias`` is not averaged (a ``DenseGeneral`` ``(*features)``, attention
 ``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
-named ``scale`` (a norm's scale, stacked or over several feature axes), and a
+named ``scale`` (a norm's scale, stacked or over several feature axes; also
+``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and a
 rank-2 ``embedding`` without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed``
 ``(num_embeddings, features)``, unnamed or e.g. ``(None, "embed")``) keeps its
 rows apart: blocks along axis 1, ambiguous when
@@ -1067,10 +1068,16 @@ def _in_named_stacks(
 
 
 def param_name(path) -> str | None:
-  """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name."""
+  """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
+
+  ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
+  one entry per feature like a norm's: for those this is ``"scale"``.
+  """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
-  return name if isinstance(name, str) else None
+  if not isinstance(name, str):
+    return None
+  return "scale" if name.endswith("/scale") else name
 
 
 def _plan(averaging, params, block_size, strict_mode):

@@ -774,14 +774,15 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
 
 
 class _NormStack(nn.Module):
-  """4 scanned LayerNorms (no names: scale and bias come out as (4, 6)) and a 2-D LayerNorm."""
+  """4 scanned LayerNorms and weight-normed Dense layers (no names: the scales come out as
+  (4, 6)) and a 2-D LayerNorm."""
 
   @nn.compact
   def __call__(self, x):
     class Norm(nn.Module):
       @nn.compact
       def __call__(self, x, _):
-        return nn.LayerNorm()(x), None
+        return nn.WeightNorm(nn.Dense(6))(nn.LayerNorm()(x)), None
 
     stack = nn.scan(Norm, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
     x = stack(name="stack")(x, None)[0]
@@ -801,6 +802,8 @@ def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
   np.testing.assert_allclose(
     got["stack"]["LayerNorm_0"]["scale"], hessian_diag["stack"]["LayerNorm_0"]["scale"], rtol=1e-6
   )
+  weight_norm = got["stack"]["WeightNorm_0"]["Dense_0/kernel/scale"]  # Flax's name for it
+  np.testing.assert_allclose(weight_norm, np.repeat(LAYER_CURVATURE[:, None], 6, 1), rtol=1e-6)
   np.testing.assert_allclose(
     got["nnx_stack"]["scale"], hessian_diag["nnx_stack"]["scale"], rtol=1e-6
   )
@@ -808,6 +811,7 @@ def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   for path in (
     "['stack']['LayerNorm_0']['scale']",
+    "['stack']['WeightNorm_0']['Dense_0/kernel/scale']",
     "['nnx_stack']['scale']",
     "['norm_2d']['scale']",
   ):
