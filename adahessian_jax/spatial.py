@@ -856,7 +856,9 @@ def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> 
       "averaging must be None, a spatial rule, a callable (path, leaf) -> rule, or a "
       f"pytree prefix of params with rules as leaves; {_prefix_mismatch(averaging, params, e)}"
     ) from e
-  out = [default if r is None else r for r in jax.tree.leaves(rules, is_leaf=_rule_or_none)]
+  # One entry per leaf of params: a None in the prefix over a None subtree of params (a leafless
+  # node) comes out as None, which is_leaf=_rule_or_none would count as a leaf.
+  out = [default if r is None else r for r in jax.tree.structure(params).flatten_up_to(rules)]
   for r in out:
     if not _is_rule(r):
       # What optax.inject_hyperparams makes of a tree of rules it traces.

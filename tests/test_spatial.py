@@ -95,6 +95,23 @@ def test_resolve_rules_prefix_callable_and_single(rng):
   assert len(leaves) == 4 and all(r == spatial.none() for r in leaves)
 
 
+def test_a_prefix_of_rules_over_params_with_empty_and_none_subtrees():
+  # A module's params may hold None or {} entries: a prefix built by jax.tree.map over the params
+  # has None there too, which once counted as an extra leaf (zip() argument 2 is shorter...).
+  params = {"gone": None, "empty": {}, "dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
+  prefix = jax.tree.map(lambda _: None, params)
+  prefix["dense"]["kernel"] = spatial.blocks(2)
+  rules = spatial.resolve_rules(prefix, params, block_size=4)
+  assert rules["dense"]["kernel"] == spatial.blocks(2)
+  assert isinstance(rules["dense"]["bias"], spatial.FlaxDefault)  # None: the default
+  grads = {"gone": None, "empty": {}, "dense": {"kernel": jnp.arange(8.0).reshape(4, 2) + 1}}
+  grads["dense"]["bias"] = jnp.ones(2)
+  tx = ah.scale_by_adahessian(averaging=prefix)
+  u, _ = tx.update(grads, tx.init(params), params, hessian_diag=grads)
+  d = block_average(np.asarray(grads["dense"]["kernel"]), 2)
+  np.testing.assert_allclose(u["dense"]["kernel"], grads["dense"]["kernel"] / (d + 1e-4), 1e-6)
+
+
 def test_override_changes_the_optimizer_update(rng):
   kernel = jnp.asarray(rng.normal(size=(8, 2, 4)))
   params = {"q": kernel}
