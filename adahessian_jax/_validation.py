@@ -23,6 +23,8 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 
+from adahessian_jax import layout
+
 #: The fix for an argument that ``optax.inject_hyperparams`` traced (a count, a dtype, rules): it
 #: must be static.
 STATIC_FIX = "With optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
@@ -229,10 +231,27 @@ def unshared_leaf_paths(tree: Any, ref: Any) -> tuple[list[str], list[str]]:
   return [p for p in mine if p not in theirs_set], [p for p in theirs if p not in mine_set]
 
 
+def _boxed(tree: Any) -> tuple[list[str], set[str]]:
+  """The canonical leaf paths of ``tree`` (a box's ``.value`` step removed), and those of the
+  leaves that sit in a Flax box or NNX variable."""
+  canonical = [jax.tree_util.keystr(x.path) for x in layout.leaves(tree)]
+  return canonical, {c for c, p in zip(canonical, leaf_paths(tree), strict=True) if c != p}
+
+
 def tree_difference(tree: Any, ref: Any, ref_name: str) -> str:
   """Where ``tree`` first differs from ``ref`` (called ``ref_name``), named by a leaf path where
-  one has a leaf the other has not (a model's whole tree structure is too long to read)."""
+  one has a leaf the other has not (a model's whole tree structure is too long to read), or
+  where one has a Flax box (or NNX variable) around a leaf and the other a plain array."""
   extra, missing = unshared_leaf_paths(tree, ref)
+  (mine, mine_boxed), (theirs, theirs_boxed) = _boxed(tree), _boxed(ref)
+  path = next((p for p in mine if (p in mine_boxed) != (p in theirs_boxed)), None)
+  if (extra or missing) and mine == theirs and path is not None:  # boxed in one tree only
+    box = "a Flax metadata box (nn.Partitioned, nn.LogicallyPartitioned) or NNX variable"
+    return (
+      f"it has a plain array at {path}, where {ref_name} has {box}"
+      if path in theirs_boxed
+      else f"it has {box} at {path}, where {ref_name} has a plain array"
+    ) + " (box both or neither: nn.unbox, nnx.as_pure)"
   if extra:
     return f"it has a leaf at {extra[0]}, where {ref_name} has none"
   if missing:

@@ -482,6 +482,22 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
   assert kernel.value.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
 
 
+def test_boxed_state_with_unboxed_params_says_which_has_the_box():
+  # init on boxed params, update with nn.unbox'ed ones: the same leaves, one tree boxed.
+  boxed = HandStacked().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  plain = nn.unbox(boxed)
+  tx = ah.adahessian(0.1)
+  box = r"a Flax metadata box \(nn.Partitioned, nn.LogicallyPartitioned\) or NNX variable"
+  with pytest.raises(
+    ValueError,
+    match=rf"params tree .* plain array at \['Dense_0'\]\['bias'\], "
+    rf"where the state's parameters has {box} \(box both or neither: nn.unbox",
+  ):
+    tx.update(plain, tx.init(boxed), plain, hessian_diag=plain)
+  with pytest.raises(ValueError, match=rf"hessian_diag .* has {box} at \['Dense_0'\]\['bias'\]"):
+    tx.update(plain, tx.init(plain), plain, hessian_diag=boxed)
+
+
 def test_the_guide_shows_what_describe_prints():
   import pathlib
 
