@@ -21,6 +21,12 @@ counters) is read, and only the fused route writes it back, once, from its
 primal pass.
 Build the closure before computing the gradient so both see the same dropout
 RNG state (the same mask).
+
+A loss that writes its own parameters (``nnx.WeightNorm`` and
+``nnx.SpectralNorm`` store the normalised kernel in its ``nnx.Param``) keeps
+the write, as ``nnx.value_and_grad`` does; the fused route then takes the
+Hessian where the gradient was taken, the closure route at the written
+parameters (those the optimizer holds), so there the routes differ.
 """
 
 from __future__ import annotations
@@ -167,9 +173,11 @@ def value_grad_and_hessian_diag(
 
   One forward-over-reverse pass (see
   :func:`adahessian_jax.value_grad_and_hessian_diag`), with the probes of the
-  optimizer's AdaHessian state. The module's non-parameter state mutated by the
-  loss (BatchNorm statistics, RNG counters, and Variables the call creates, such
-  as ``Module.sow``'s intermediates) is written back to ``model`` once.
+  optimizer's AdaHessian state. The module's state mutated by the loss
+  (BatchNorm statistics, RNG counters, Variables the call creates, such as
+  ``Module.sow``'s intermediates, and parameters it writes, such as
+  ``nnx.WeightNorm``'s kernel) is written back to ``model`` once, as
+  ``nnx.value_and_grad`` does.
 
   Args:
     loss_fn: ``loss_fn(module, *args, **kwargs)``, a scalar (or ``(loss, aux)``
@@ -209,13 +217,15 @@ def value_grad_and_hessian_diag(
   def loss_of(p):
     graph = _merge(graphdef, p, rest)
     out = loss_fn(graph[0], *graph[1], **graph[2])
-    # The other Variables of the model and of NNX objects among the arguments, as Variables, not
-    # plain values: nnx.update can only add a Variable the call created (Module.sow) as one.
-    _, _, new_state, _ = nnx.split(graph, trained, nnx.Variable, ...)
+    # The Variables of the model and of NNX objects among the arguments, as Variables, not plain
+    # values: nnx.update can only add a Variable the call created (Module.sow) as one. The trained
+    # ones too, as nnx.value_and_grad keeps them: nnx.WeightNorm and nnx.SpectralNorm write the
+    # normalised kernel into its nnx.Param during the call.
+    _, new_params, new_state, _ = nnx.split(graph, trained, nnx.Variable, ...)
     loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
-    return loss, (aux, new_state)
+    return loss, (aux, new_params, new_state)
 
   vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
-  (loss, (aux, new_rest)), grads, hdiag = vgh(params, nnx.as_pure(optimizer.opt_state))
-  nnx.update((model, args, kwargs), new_rest)
+  (loss, (aux, *new)), grads, hdiag = vgh(params, nnx.as_pure(optimizer.opt_state))
+  nnx.update((model, args, kwargs), *new)
   return ((loss, aux) if has_aux else loss), grads, nnx.as_pure(hdiag)

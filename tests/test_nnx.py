@@ -129,6 +129,35 @@ def test_fused_route_keeps_variables_the_loss_creates():
   assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-12)
 
 
+class WeightNormed(nnx.Module):
+  def __init__(self, rngs):
+    linear = nnx.Linear(4, 8, param_dtype=jnp.float64, rngs=rngs)
+    self.l1 = nnx.WeightNorm(linear, param_dtype=jnp.float64, rngs=rngs)
+    self.l2 = nnx.Linear(8, 1, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+
+def test_fused_route_keeps_the_parameters_the_loss_writes_as_nnx_value_and_grad_does():
+  # nnx.WeightNorm writes the normalised kernel into its nnx.Param during the call, and
+  # nnx.value_and_grad keeps that write; the fused route dropped it, so the optimizer stepped from
+  # the unnormalised kernel (another trajectory than nnx.value_and_grad's, silently).
+  x, y = data()
+  model_a, model_b = WeightNormed(nnx.Rngs(0)), WeightNormed(nnx.Rngs(0))
+  opt_a = nnx.Optimizer(model_a, ah.adahessian(0.1), wrt=nnx.Param)
+  opt_b = nnx.Optimizer(model_b, ah.adahessian(0.1), wrt=nnx.Param)
+  graphdef, params, rest = nnx.split(model_a, nnx.Param, ...)
+  pure = lambda p: loss_fn(nnx.merge(graphdef, p, rest, copy=True), x, y)
+  state = nnx.as_pure(opt_a.opt_state)
+  _, _, hdiag = ah.value_grad_and_hessian_diag(pure)(nnx.as_pure(params), state)
+  _, grads = nnx.value_and_grad(loss_fn)(model_a, x, y)
+  opt_a.update(model_a, grads, hessian_diag=hdiag)
+  _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model_b, opt_b, x, y)
+  opt_b.update(model_b, grads, hessian_diag=hdiag)
+  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-13)
+
+
 class Adapted(nnx.Module):
   def __init__(self, rngs):
     self.l1 = nnx.LoRALinear(4, 8, lora_rank=2, param_dtype=jnp.float64, rngs=rngs)
