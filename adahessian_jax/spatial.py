@@ -68,8 +68,14 @@ rank-2 ``embedding`` without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed``
 rows apart: blocks along axis 1, ambiguous when
 ``block_size > 1`` (a kernel could have that name).
 
-Rank >= 3 without names is ambiguous: a ``Conv`` 1-D kernel ``(width, in,
-out)``, a ``DenseGeneral`` attention kernel ``(embed, heads, head_dim)`` and a
+The projections of Flax's attention modules (``nn.MultiHeadDotProductAttention``,
+``nnx.MultiHeadAttention``) are recognised without names by their module names and
+shapes: a module holding a rank-3 ``query`` kernel ``(embed, heads, head_dim)``
+and a rank-3 ``out`` kernel ``(heads, head_dim, embed)`` gives these and its
+``key``/``value`` kernels of the same heads and head size those axis names.
+
+Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
+``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
 stack of ``Dense`` kernels ``(layers, in, out)`` share it. The default treats
 it as a convolution; :func:`describe` lists every leaf with the rule chosen and
 why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
@@ -1069,6 +1075,51 @@ def _in_named_stacks(
   return inferred, unsure
 
 
+#: The axis names of the projection kernels of Flax's attention modules, by module name.
+_ATTENTION_AXES = {
+  "query": ("embed", "heads", "head_dim"),
+  "key": ("embed", "heads", "head_dim"),
+  "value": ("embed", "heads", "head_dim"),
+  "out": ("heads", "head_dim", "embed"),
+}
+
+
+def _in_flax_attention(paths, shapes, names, rules) -> dict[int, AxisNames]:
+  """Axis names for the unnamed projection kernels of Flax attention modules.
+
+  ``nn.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention`` project with
+  ``DenseGeneral``/``LinearGeneral`` submodules named ``query``, ``key``, ``value``
+  (kernels ``(embed, heads, head_dim)``) and ``out`` (``(heads, head_dim, embed)``).
+  Unboxed, the rank would take these for 1-D ``Conv`` kernels: the query kernel
+  averaged over all its inputs, the output kernel across heads. A module is taken for
+  attention when it holds a rank-3 ``query`` and a rank-3 ``out`` kernel whose first
+  two axes are the query's last two (heads, head size), so a lone ``Conv`` named
+  ``out`` or ``value`` keeps the rank's guess; its ``key`` and ``value`` kernels
+  (another ``embed`` for cross-attention) when their last two axes are those too.
+
+  Returns:
+    ``{leaf index: axis names}`` for the unnamed leaves under the default rule.
+  """
+  kernels: dict[tuple[tuple[str, ...], str], int] = {}  # (module's path, projection) -> leaf
+  for i, path in enumerate(paths):
+    if names[i] is not None or not isinstance(rules[i], FlaxDefault) or len(shapes[i]) != 3:
+      continue
+    projection = param_name(path[:-1])
+    if param_name(path) == "kernel" and projection in _ATTENTION_AXES:
+      kernels[tuple(str(k) for k in path[:-2]), projection] = i
+  found: dict[int, AxisNames] = {}
+  for (module, projection), out in kernels.items():
+    query = kernels.get((module, "query"))
+    if projection != "out" or query is None or shapes[query][1:] != shapes[out][:2]:
+      continue
+    found[out] = _ATTENTION_AXES["out"]
+    for name in ("query", "key", "value"):
+      j = kernels.get((module, name))
+      if j is not None and shapes[j][1:] == shapes[out][:2]:
+        found[j] = _ATTENTION_AXES[name]
+  return found
+
+
 def param_name(path) -> str | None:
   """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
 
@@ -1091,13 +1142,18 @@ def _plan(averaging, params, block_size, strict_mode):
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
-  inferred, unsure = _in_named_stacks([x.path for x in infos], shapes, names, unbound)
+  paths = [x.path for x in infos]
+  inferred, unsure = _in_named_stacks(paths, shapes, names, unbound)
+  attention = _in_flax_attention(paths, shapes, names, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     leaf_names, note = names[i], ""
     if i in inferred:
       leaf_names, relative = inferred[i]
       note = f" (stacked axes taken from its named relative {wheres[relative]})"
+    elif i in attention:
+      leaf_names = attention[i]
+      note = " (axis names of a Flax attention projection: its module's query/out kernels)"
     if i in unsure:
       note += f"; AMBIGUOUS ({unsure[i]})"
     if leaf_names is not None:

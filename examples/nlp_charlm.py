@@ -3,11 +3,10 @@
 The paper's NLP setting in miniature: a pre-LayerNorm causal transformer trained with AdaHessian
 and with AdamW, both with betas (0.9, 0.98), weight decay 1e-4 and the same linear warm-up plus
 inverse-square-root decay; AdaHessian averages the Hessian diagonal over blocks of 32 inputs
-(paper Table 5). Flax's attention kernels are rank 3, ``(embed, heads, head_dim)`` for the
-query/key/value projections and ``(heads, head_dim, embed)`` for the output projection, which
-the default rule would treat as 1-D convolutions, so the example passes an ``averaging=``
-callable that puts blocks on their input axes (see ``averaging_rules``); rank-2 ``Dense``
-kernels get blocks of ``block_size`` inputs from the default rule.
+(paper Table 5). The default rule puts the blocks on the input axes of the rank-2 ``Dense``
+kernels and of the attention projections (``(embed, heads, head_dim)`` for query/key/value,
+``(heads, head_dim, embed)`` for the output, never across heads); the example passes an
+``averaging=`` callable for the two embedding tables (see ``averaging_rules``).
 
 Data: the text of ``pydoc_data.topics`` (the ~465 KB of help texts that ship with CPython,
 ``help('topics')``), topics concatenated in sorted order; the first 90 % of the characters
@@ -69,22 +68,18 @@ class CharLM(nn.Module):
 def averaging_rules(block):
   """AdaHessian's spatial averaging for this model (``None`` = the default rule).
 
-  - attention query/key/value kernels ``(embed, heads, head_dim)``: blocks of ``block``
-    consecutive embedding inputs of each output unit (axis 0);
-  - attention output kernel ``(heads, head_dim, embed)``: blocks along ``head_dim`` (axis 1),
-    i.e. consecutive inputs from one head (a block never spans two heads);
   - embedding tables ``(vocab, width)`` and ``pos_embed``: blocks along the width (axis 1), the
     way the reference fairseq code averages PyTorch's 2-D ``(num, dim)`` weights; the default
     rank-2 rule would average ``pos_embed`` over axis 0, i.e. across positions (an
     ``embedding`` it keeps row by row by its name, but lists that as a guess);
   - everything else: the default (rank-2 ``Dense`` kernels ``(in, out)``: blocks of
-    ``block_size`` inputs; biases and LayerNorm scales: none).
+    ``block_size`` inputs; attention query/key/value kernels ``(embed, heads, head_dim)``:
+    blocks along ``embed``, output kernel ``(heads, head_dim, embed)``: blocks along
+    ``head_dim`` within each head; biases and LayerNorm scales: none).
   """
 
   def rule(path, leaf):
     names = [str(getattr(k, "key", k)) for k in path]
-    if "attention" in names and names[-1] == "kernel":
-      return spatial.blocks(block, axis=1 if names[-2] == "out" else 0)
     if names[-1] == "embedding" or names[-1] == "pos_embed":
       return spatial.blocks(block, axis=1)
     return None

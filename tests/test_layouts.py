@@ -263,8 +263,6 @@ EXPECTED = {
 AMBIGUOUS_UNNAMED = [
   "['Conv_0']['kernel']",
   "['Embed_0']['embedding']",  # rows kept apart, but an (in, out) kernel could be so named
-  *(f"{q}['kernel']" for q in QKV),
-  f"{ATTN}['out']['kernel']",
   "['stack']['Dense_0']['kernel']",
 ]
 
@@ -328,7 +326,12 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
   plain = nn.unbox(tiny_lm)
   listing = spatial.describe(plain, block_size=3)
   assert sorted(r.path for r in listing.ambiguous) == sorted(AMBIGUOUS_UNNAMED)
-  with pytest.raises(ValueError, match="7 leaves are ambiguous") as err:
+  # The attention projections are told by their module names and shapes: the boxed rules.
+  rows = {r.path: r for r in listing.rows}
+  for path in [f"{q}['kernel']" for q in QKV] + [f"{ATTN}['out']['kernel']"]:
+    assert rows[path].rule == EXPECTED[path][1], rows[path]
+    assert "Flax attention projection" in rows[path].why
+  with pytest.raises(ValueError, match="3 leaves are ambiguous") as err:
     spatial.describe(plain, block_size=3, strict=True)
   for path in AMBIGUOUS_UNNAMED:
     assert path + ": shape" in str(err.value)
@@ -350,10 +353,6 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
       return spatial.blocks(3, axis=1)
     if key.startswith("['stack']"):  # kernels and biases, one layer at a time
       return spatial.per_layer(spatial.flax_default(3))
-    if key.startswith(ATTN) and leaf.ndim == 3:
-      return spatial.blocks(3, axis=1 if "out" in key else 0)
-    if key.startswith(ATTN) and leaf.ndim == 2:  # bias (heads, head_dim), not a Dense kernel
-      return spatial.none()
     return None
 
   rows = spatial.describe(plain, spatial.strict(explicit), 3).rows
@@ -787,6 +786,44 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
   assert not any("embedding" in r.path for r in spatial.describe(params).ambiguous)
   with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]: shape \(10, 6\)"):
     spatial.describe(params, block_size=2, strict=True)
+
+
+def test_unboxed_flax_attention_keeps_heads_apart_and_blocks_its_inputs(rng):
+  # Unboxed, the projections (embed, heads, head_dim) and (heads, head_dim, embed) have a 1-D Conv
+  # kernel's rank: the query kernel was averaged over all its inputs, the output kernel across
+  # heads. Their module names and shapes tell them apart (cross-attention: key/value with
+  # another embed), in Linen and NNX alike; a lone Conv named "out" or "value" does not qualify.
+  params = {
+    "linen": nn.MultiHeadDotProductAttention(2, qkv_features=8, out_features=6).init(
+      jax.random.key(0), jnp.ones((1, 3, 5)), jnp.ones((1, 4, 7))
+    )["params"],
+    "nnx": nnx.as_pure(
+      nnx.state(nnx.MultiHeadAttention(2, 5, 8, 6, decode=False, rngs=nnx.Rngs(0)), nnx.Param)
+    ),
+    "decoder": {  # a 1-D Conv named "out" beside a query kernel of other sizes, and one "value"
+      "query": {"kernel": jnp.ones((3, 4, 5))},
+      "out": {"kernel": jnp.ones((3, 5, 6))},
+    },
+    "value": {"kernel": jnp.ones((3, 5, 6))},
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
+  checked = 0
+  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
+    where, d = jax.tree_util.keystr(path), np.asarray(d)
+    if not where.endswith("['kernel']") or d.ndim != 3:
+      continue
+    if where.startswith(("['linen']", "['nnx']")):
+      axis = 1 if "['out']" in where else 0  # head_dim within a head, else embed
+      np.testing.assert_allclose(value, block_average(d, 2, axis=axis), rtol=1e-6, err_msg=where)
+      assert rows[where].rule == spatial.blocks(2, axis=axis) and not rows[where].ambiguous
+      checked += 1
+    else:  # the rank's guess, flagged
+      np.testing.assert_allclose(value, np.broadcast_to(d.mean(0), d.shape), rtol=1e-6)
+      assert rows[where].rule == spatial.mean_over(0) and rows[where].ambiguous, where
+  assert checked == 8
 
 
 class _NormStack(nn.Module):

@@ -18,8 +18,8 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   axis of any leaf with two or more axes, except attention projections, whose
   output has two axes: a query/key/value kernel ``(embed, heads, head_dim)``
   has a filter per head and ``head_dim`` entry, never pooled across heads (the
-  heads axis found by its name, e.g. ``"heads"``, or, without axis names, by
-  Flax's module name ``query``/``key``/``value``); the output kernel ``(heads,
+  heads axis found by its name, e.g. ``"heads"``, or, without axis names, in
+  Flax's attention modules as the optimizer's averaging finds it); the output kernel ``(heads,
   head_dim, embed)`` one per ``embed`` entry; and embedding tables ``(num_embeddings,
   features)`` (a Flax ``embedding``, or a ``"vocab"`` axis name), which have a
   filter per row (token), as Li et al.'s code rescales PyTorch's ``(num, dim)``
@@ -120,7 +120,6 @@ class _LeafAxes(NamedTuple):
   shape: tuple[int, ...]
   layer: tuple[int, ...]  # its stacked-layer axes
   param: str | None  # its Flax name (last path key): "kernel", "bias", "scale", ...
-  module: str | None  # the path key before it: "query", "Dense_0", ...
   roles: tuple[str | None, ...] | None  # each axis' role from its name (spatial), if named
 
 
@@ -129,7 +128,6 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   params = [spatial.param_name(x.path) for x in infos]
-  modules = [spatial.param_name(x.path[:-1]) for x in infos]
   rules = spatial.leaf_rules(None, op.params)
   roles = []
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
@@ -138,7 +136,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     else:
       roles.append(None)
   layers = _stacks.layer_axes_of(op.params, layer_axes, rules)
-  return [_LeafAxes(*a) for a in zip(shapes, layers, params, modules, roles, strict=True)]
+  return [_LeafAxes(*a) for a in zip(shapes, layers, params, roles, strict=True)]
 
 
 def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
@@ -151,8 +149,8 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   filter per output unit: per head and ``head_dim`` entry for a query/key/value kernel ``(embed,
   heads, head_dim)``, per ``embed`` entry for the output kernel ``(heads, head_dim, embed)``. Its
   input axes end at the one :mod:`adahessian_jax.spatial` blocks along (the first that is not a
-  heads axis); without axis names, a rank-3 ``kernel`` of a Flax ``query``, ``key`` or ``value``
-  module is taken for ``(embed, heads, head_dim)``. Otherwise a filter is a slice along the last
+  heads axis); the projections of Flax's attention modules have these names without boxes too
+  (:mod:`adahessian_jax.spatial` finds them). Otherwise a filter is a slice along the last
   other axis (the output), but an embedding table ``(num_embeddings, features)`` (a Flax
   ``embedding``, or axes named ``"vocab"``...) has a filter per row (token), as the reference
   code does with PyTorch's ``(num, dim)`` tables, and an unembedding ``(embed, vocab)`` one per
@@ -173,8 +171,6 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
     outputs = tuple(a for a in rest if first_input is not None and a > first_input)
     if outputs:
       return outputs
-  elif leaf.module in ("query", "key", "value") and leaf.param == "kernel" and len(rest) == 3:
-    return tuple(rest[1:])  # Flax's attention: (embed, heads, head_dim), heads never pooled
   return (rest[-1],)
 
 
