@@ -101,8 +101,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from adahessian_jax import layout
+from adahessian_jax import layout, masking
 from adahessian_jax._validation import STATIC_FIX, count
 from adahessian_jax.layout import AxisNames
 
@@ -835,6 +836,27 @@ def _prefix_mismatch(prefix: Any, params: Any, error: Exception) -> str:
   return "; ".join(said) if said else f"broadcasting failed: {error}"
 
 
+def _expand_masked(prefix: Any, params: Any) -> Any:
+  """``params`` with each :class:`optax.MaskedNode` that stands where ``prefix`` has a subtree
+  replaced by that subtree, a ``MaskedNode`` at each of its entries.
+
+  A mask or labels given as a prefix of the params (``optax.masked(tx, {"head": False, ...})``)
+  hand the inner transform one ``MaskedNode`` for a whole subtree another transform owns; a tree
+  of rules written for the whole model has entries inside it, and is a prefix of the result.
+  """
+  if _rule_or_none(prefix):
+    return params
+  if masking.is_masked(params):
+    return jax.tree.map(lambda _: optax.MaskedNode(), prefix, is_leaf=_rule_or_none)
+  one_level = lambda tree: jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+  prefix_children, prefix_def = one_level(prefix)
+  children, treedef = one_level(params)
+  if prefix_def != treedef:  # not a prefix: the caller's error says where
+    return params
+  pairs = zip(prefix_children, children, strict=True)
+  return treedef.unflatten([_expand_masked(p, c) for p, c in pairs])
+
+
 def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> list[Rule]:
   """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
   if averaging is None:
@@ -854,6 +876,8 @@ def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> 
         )
       out.append(rule)
     return out
+  if masking.has_masked_nodes(params):
+    params = _expand_masked(averaging, params)
   try:
     rules = jax.tree.broadcast(averaging, params, is_leaf=_rule_or_none)
   except (ValueError, TypeError) as e:

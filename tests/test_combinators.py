@@ -78,6 +78,34 @@ def test_inside_multi_transform_the_fused_route_follows_the_closure_route(
   assert not np.allclose(a[0]["hidden"]["kernel"], params["hidden"]["kernel"])  # it trained
 
 
+def test_rules_for_the_whole_model_with_labels_given_as_a_prefix(mlp_problem):
+  # Labels as a prefix hand AdaHessian one MaskedNode for all of "out"; a tree of rules written for
+  # the whole model has entries inside it, and init refused them as "not in the params".
+  params, loss_fn, batch = mlp_problem
+  rules = {
+    "hidden": {"kernel": ah.spatial.blocks(2, axis=0), "bias": None},
+    "out": {"kernel": ah.spatial.blocks(2, axis=0), "bias": None},
+  }
+  tx = optax.multi_transform(
+    {"ada": ah.adahessian(0.1, averaging=rules), "sgd": optax.set_to_zero()},
+    {"hidden": "ada", "out": "sgd"},
+  )
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, batch)
+  value_fn = ah.masked_value_fn(lambda p: loss_fn(p, batch), params)
+  updates, _ = tx.update(grads, state, params, value_fn=value_fn)
+  ref_tx = ah.adahessian(0.1, averaging=rules["hidden"])
+  sub_loss = lambda h: loss_fn({"hidden": h, "out": params["out"]}, batch)
+  expected, _ = ref_tx.update(
+    grads["hidden"], ref_tx.init(params["hidden"]), params["hidden"], value_fn=sub_loss
+  )
+  assert_trees_allclose(updates["hidden"], expected, rtol=1e-12, atol=1e-15)
+  unaveraged, _ = ah.adahessian(0.1).update(
+    grads["hidden"], ref_tx.init(params["hidden"]), params["hidden"], value_fn=sub_loss
+  )
+  assert not np.allclose(expected["kernel"], unaveraged["kernel"])  # the rules were applied
+
+
 def test_masked_needs_the_wrapper_and_says_so(mlp_problem):
   params, loss_fn, batch = mlp_problem
   mask = jax.tree.map(lambda label: label == "ada", LABELS)
