@@ -140,7 +140,17 @@ def _check_estimate(estimate: Any, like: Any) -> None:
   """Raises unless ``hessian_diag`` has the structure, shapes and a float dtype of ``like``."""
   if jax.tree.structure(estimate) != jax.tree.structure(like):
     where = _validation.tree_difference(estimate, like, _STATE_PARAMS)
-    raise ValueError(f"hessian_diag must have the structure of params: {where}.")
+    flat = jax.tree.leaves(like)
+    sizes = [jnp.size(e) for e in jax.tree.leaves(estimate)]
+    flattened = len(flat) == 1 and jnp.ndim(flat[0]) == 1 and sum(sizes) == jnp.size(flat[0])
+    hint = (
+      " Inside optax.flatten the parameters are one vector, and spatial averaging then sees one "
+      "rank-1 leaf: keep AdaHessian outside optax.flatten, or pass hessian_diag flattened like "
+      "the params (jnp.concatenate([x.ravel() for x in jax.tree.leaves(hessian_diag)]))."
+      if flattened and len(sizes) > 1
+      else ""
+    )
+    raise ValueError(f"hessian_diag must have the structure of params: {where}.{hint}")
 
   def check(path, e, x):
     if jnp.shape(e) != jnp.shape(x) or not jnp.issubdtype(jnp.result_type(e), jnp.floating):

@@ -106,6 +106,15 @@ def test_rules_for_the_whole_model_with_labels_given_as_a_prefix(mlp_problem):
   assert not np.allclose(expected["kernel"], unaveraged["kernel"])  # the rules were applied
 
 
+def test_a_whole_model_hessian_diag_inside_optax_flatten_says_why_it_does_not_fit(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  tx = optax.flatten(ah.adahessian(0.1))
+  state = tx.init(params)
+  loss, grads, hdiag = ah.value_grad_and_hessian_diag(loss_fn)(params, state, batch)
+  with pytest.raises(ValueError, match=r"Inside optax.flatten .* keep AdaHessian outside"):
+    tx.update(grads, state, params, hessian_diag=hdiag)
+
+
 def test_masked_needs_the_wrapper_and_says_so(mlp_problem):
   params, loss_fn, batch = mlp_problem
   mask = jax.tree.map(lambda label: label == "ada", LABELS)
