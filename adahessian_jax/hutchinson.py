@@ -187,9 +187,20 @@ def check_tangents(tangents: Any, params: Any, what: str) -> None:
 def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
   """The Hessian of ``fn`` at ``params`` applied to ``tangents`` (forward-over-reverse).
 
-  Raises ``TypeError`` naming the first leaf of ``params`` that is not a real floating array, and
-  ``ValueError`` naming the first leaf of ``tangents`` whose path, shape or dtype is not the
-  param's.
+  Args:
+    fn: Scalar function of ``params`` (e.g. the loss on a batch), a real floating scalar.
+    params: Point of evaluation, a pytree of real floating arrays.
+    tangents: Vector the Hessian is applied to, a pytree with the structure, shapes and dtypes
+      of ``params``.
+
+  Returns:
+    ``H @ tangents``, a pytree like ``params``.
+
+  Raises:
+    TypeError: naming the first leaf of ``params`` that is not a real floating array, or for an
+      ``fn`` that does not return a real floating scalar.
+    ValueError: naming the first leaf of ``tangents`` whose path, shape or dtype is not the
+      param's.
   """
   _validation.float_leaves(params, "hvp's params", _FLOAT_FIX)
   check_tangents(tangents, params, "hvp's tangents")

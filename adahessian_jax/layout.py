@@ -56,7 +56,14 @@ def _is_spec(x: Any) -> bool:
 
 
 def is_annotated(x: Any) -> bool:
-  """Whether ``x`` is a Linen metadata box, an NNX variable or a partition spec."""
+  """Whether ``x`` is a Linen metadata box, an NNX variable or a partition spec.
+
+  Args:
+    x: A node of a pytree (usable as ``is_leaf``).
+
+  Returns:
+    ``True`` for such a node, which :func:`leaves` reads axis names from (it may carry none).
+  """
   if _is_spec(x):
     return True
   linen = _linen_metadata_class()

@@ -23,17 +23,40 @@ __all__ = ["MaskedValueFn", "has_masked_nodes", "is_masked", "masked_value_fn", 
 
 
 def is_masked(x: Any) -> bool:
-  """Whether ``x`` is an :class:`optax.MaskedNode`: a leaf (or subtree) another transform owns."""
+  """Whether ``x`` is an :class:`optax.MaskedNode`: a leaf (or subtree) another transform owns.
+
+  Args:
+    x: A node of a pytree (pass this function as ``is_leaf`` to stop at masked nodes).
+
+  Returns:
+    ``True`` for an :class:`optax.MaskedNode`.
+  """
   return isinstance(x, optax.MaskedNode)
 
 
 def has_masked_nodes(tree: Any) -> bool:
-  """Whether ``tree`` contains :class:`optax.MaskedNode` entries."""
+  """Whether ``tree`` contains :class:`optax.MaskedNode` entries.
+
+  Args:
+    tree: A pytree, e.g. the params an inner transform of ``optax.masked`` receives.
+
+  Returns:
+    ``True`` if any node of ``tree`` is an :class:`optax.MaskedNode`.
+  """
   return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
 
 
 def restrict_to(full: Any, masked_like: Any) -> Any:
-  """Keeps the leaves of ``full`` where ``masked_like`` is not a ``MaskedNode``."""
+  """Keeps the leaves of ``full`` where ``masked_like`` is not a ``MaskedNode``.
+
+  Args:
+    full: A pytree like the whole model's params (e.g. a whole-model ``hessian_diag``).
+    masked_like: The masked tree whose ``MaskedNode`` entries to copy (e.g. masked params).
+
+  Returns:
+    A tree with the structure of ``masked_like``: its ``MaskedNode`` entries, and the leaves of
+    ``full`` elsewhere.
+  """
   return jax.tree.map(lambda m, x: m if is_masked(m) else x, masked_like, full, is_leaf=is_masked)
 
 

@@ -1240,7 +1240,15 @@ def leaf_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) -> li
 
 
 def apply_rules(rules: Any, tree: Any) -> Any:
-  """Applies a tree of rules (from :func:`resolve_rules`) leaf by leaf."""
+  """Applies a tree of rules (from :func:`resolve_rules`) leaf by leaf.
+
+  Args:
+    rules: A pytree whose leaves are :class:`Rule` objects, from :func:`resolve_rules`.
+    tree: A pytree like the params, e.g. ``|Hessian diagonal estimate|``.
+
+  Returns:
+    ``tree`` with every leaf replaced by its rule's average of it.
+  """
   return jax.tree.map(lambda rule, d: rule(d), rules, tree, is_leaf=_is_rule)
 
 

@@ -68,6 +68,13 @@ def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
   :func:`adahessian_jax.hutchinson.hutchinson_diagonal` draws for that key, so
   the rows are the optimizer's one-probe estimates of the full-data diagonal.
 
+  Args:
+    op: The operator.
+    keys: PRNG keys, one per sample.
+
+  Returns:
+    A ``(len(keys), n)`` array, row ``i`` the estimate ``z_i ⊙ H z_i``.
+
   Raises:
     NonFiniteError: if a sample is not finite.
   """

@@ -298,7 +298,15 @@ def normalize_direction(
 
 
 def random_direction(op: HessianOperator, key: jax.Array) -> jax.Array:
-  """A standard Gaussian direction, flat ``(n,)`` (normalise it with ``normalize="filter"``)."""
+  """A standard Gaussian direction, flat ``(n,)`` (normalise it with ``normalize="filter"``).
+
+  Args:
+    op: The operator whose size and dtype the direction takes.
+    key: PRNG key.
+
+  Returns:
+    An ``(n,)`` array of independent standard normal entries in ``op.dtype``.
+  """
   return jax.random.normal(key, (op.size,), op.dtype)
 
 
