@@ -29,13 +29,14 @@ from adahessian_jax._extras import missing_extra
 from adahessian_jax.fused import value_grad_and_hessian_diag
 
 try:
+  from flax.linen import fp8_ops
   from flax.training import train_state
 except ImportError as e:
   raise missing_extra("flax", "adahessian_jax.linen", e) from e
 
 # Flax's collection for values that the gradient overwrites instead of the optimizer updating them
 # (fp8 scales and amax histories); TrainState.create keeps it out of the optimizer state.
-_OWG = "_overwrite_with_gradient"  # flax.training.train_state.OVERWRITE_WITH_GRADIENT
+_OWG = fp8_ops.OVERWRITE_WITH_GRADIENT
 
 
 def _has_owg(tree: Any) -> bool:
