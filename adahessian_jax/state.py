@@ -217,6 +217,23 @@ def on_refresh(refresh: jax.Array | bool, fresh: Callable[[], T], stale: Callabl
   return fresh() if refresh else stale()
 
 
+def moment_steps(count: Any, update_freq: int) -> Any:
+  """The steps ``nu`` has averaged after ``count >= 1`` updates, for its bias correction
+  ``1 - b2**steps``: ``count`` rounded up to a multiple of ``update_freq``.
+
+  With ``lazy_moment="refresh"`` ``nu`` moves on refresh steps only, by ``b2**update_freq`` for
+  the ``update_freq`` steps each refresh stands for; with ``update_freq=1`` this is ``count``.
+
+  Args:
+    count: The step count after the update, a Python int or an integer array.
+    update_freq: The refresh interval ``k >= 1``.
+
+  Returns:
+    ``update_freq · ceil(count / update_freq)``, of the type of ``count``.
+  """
+  return update_freq * ((count - 1) // update_freq + 1)
+
+
 def refresh_key(state: ScaleByAdaHessianState, refresh: jax.Array | bool, next_key: jax.Array):
   """The key data to store: ``next_key`` on refresh steps, the current one otherwise."""
   if isinstance(refresh, jax.core.Tracer):

@@ -16,6 +16,7 @@ from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
   is_refresh_step,
+  moment_steps,
   on_refresh,
   probe_keys,
   refresh_key,
@@ -321,7 +322,7 @@ def _second_moment(
     d = _keep_curvature(d, d, state.hessian, state.nu)
     return moment_of_stored(d), d, count, finite
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
-  nu_count = update_freq * ((count - 1) // update_freq + 1)
+  nu_count = moment_steps(count, update_freq)
   if refresh is False:
     return state.nu, None, nu_count, None
 

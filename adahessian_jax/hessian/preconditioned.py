@@ -42,7 +42,7 @@ import optax
 
 from adahessian_jax import _validation, masking
 from adahessian_jax.hessian._operator import HessianOperator
-from adahessian_jax.state import find_adahessian_state
+from adahessian_jax.state import find_adahessian_state, moment_steps
 
 __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_operator"]
 
@@ -70,7 +70,7 @@ def _steps(count: Any, what: str) -> int:
 def _bias_corrected(nu: Any, count: int, b2: float, every: int = 1) -> Any:
   """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` (from :func:`_steps`)
   rounded up to ``every``."""
-  correction = 1.0 - float(b2) ** (every * -(-count // every))
+  correction = 1.0 - float(b2) ** moment_steps(count, every)
   return jax.tree.map(lambda v: v / jnp.asarray(correction, jnp.result_type(v)), nu)
 
 
