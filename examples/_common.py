@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -613,6 +614,33 @@ def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, a
       train(opt, opt.lr, params, loss_fn, batches, evaluate, steps, eval_every, args.seed, progress)
     )
   return runs, tuning
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's handwritten digits as images (``load_digits``, bundled with it).
+
+  Returns:
+    ``(x, y)``: ``x`` float32 ``(1797, 8, 8, 1)`` in ``[0, 1]``, ``y`` the int32 labels 0-9.
+  """
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  return (digits.images / 16.0).astype(np.float32)[..., None], digits.target.astype(np.int32)
+
+
+class DigitsCNN(nn.Module):
+  """The digits CNN of the vision examples: two 3x3 convolutions (``width`` and ``2·width``
+  channels, ReLU), 2x2 average pooling, a dense layer of 64 and the 10 logits."""
+
+  width: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(self.width, (3, 3))(x))
+    x = nn.relu(nn.Conv(2 * self.width, (3, 3))(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))  # 8x8 -> 4x4
+    x = nn.relu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(x)
 
 
 def pydoc_text(val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, list[str]]:

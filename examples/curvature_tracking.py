@@ -30,7 +30,6 @@ import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -41,7 +40,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _args import nonnegative_float, nonnegative_int, positive_int  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
 import adahessian_jax  # noqa: E402
 from adahessian_jax import hessian  # noqa: E402
@@ -50,18 +48,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 B1 = 0.9  # both optimizers' momentum
 TUNED = {"AdaHessian": 0.47, "Adam": 0.03}
 COLORS = {"AdaHessian": "tab:red", "Adam": "tab:blue"}
-
-
-class CNN(nn.Module):
-  width: int = 16
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(self.width, (3, 3))(x))
-    x = nn.relu(nn.Conv(2 * self.width, (3, 3))(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(64)(x))
-    return nn.Dense(10)(x)
 
 
 def schedule(lr, steps):
@@ -78,9 +64,7 @@ def optimizer(name, lr, steps, curvature_floor=0.0):
 
 
 def load(seed):
-  digits = load_digits()
-  x = (digits.images / 16.0).astype(np.float32)[..., None]
-  y = digits.target.astype(np.int32)
+  x, y = _common.digits_images()
   perm = np.random.default_rng(seed).permutation(len(y))
   val, train = perm[: len(y) // 4], perm[len(y) // 4 :]
   return (x[train], y[train]), (x[val], y[val])
@@ -89,7 +73,7 @@ def load(seed):
 def problem(seed, width, probe):
   """What every run shares: training data, initial params, loss and the probe batch measured on."""
   train, _ = load(seed)
-  model = CNN(width)
+  model = _common.DigitsCNN(width)
   init = model.init(jax.random.key(seed), train[0][:1])["params"]
   probe_batch = (jnp.asarray(train[0][:probe]), jnp.asarray(train[1][:probe]))
 

@@ -17,28 +17,13 @@ Writes examples/figures/cv_digits.{png,json} (``--out`` to change).
 """
 
 import _common
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from _args import positive_int
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import adahessian_jax
-
-
-class CNN(nn.Module):
-  width: int = 16
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(self.width, (3, 3))(x))
-    x = nn.relu(nn.Conv(2 * self.width, (3, 3))(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))  # 8x8 -> 4x4
-    x = nn.relu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
-    return nn.Dense(10)(x)
 
 
 def optimizers():
@@ -72,15 +57,13 @@ def main():
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (6 if args.quick else 40), 1)
 
-  digits = load_digits()
-  x = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
-  y = digits.target.astype(np.int32)
+  x, y = _common.digits_images()  # (1797, 8, 8, 1), labels
   x_tr, x_val, y_tr, y_val = train_test_split(
     x, y, test_size=0.25, stratify=y, random_state=args.seed
   )
   print(f"digits: {len(x_tr)} train / {len(x_val)} validation images of 8x8, 10 classes")
 
-  model = CNN(width=8 if args.quick else 16)
+  model = _common.DigitsCNN(width=8 if args.quick else 16)
   params = model.init(jax.random.key(args.seed), x_tr[:1])["params"]
   print(f"CNN with {_common.param_count(params):,} parameters; {steps} steps of {args.batch_size}")
 

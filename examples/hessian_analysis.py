@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
 import adahessian_jax  # noqa: E402
 from adahessian_jax import hessian  # noqa: E402
@@ -44,9 +44,7 @@ class CNN(nn.Module):
 
 
 def load_data():
-  digits = load_digits()
-  x = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
-  y = digits.target.astype(np.int32)
+  x, y = _common.digits_images()  # (1797, 8, 8, 1), labels
   perm = np.random.default_rng(0).permutation(len(x))
   x, y = x[perm], y[perm]
   return (x[:1500], y[:1500]), (x[1500:], y[1500:])
