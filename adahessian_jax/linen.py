@@ -148,7 +148,9 @@ class TrainState(train_state.TrainState):
     """One optimizer step from the loss, by the fused one-pass route.
 
     Computes loss, gradient and the Hessian-diagonal estimate with
-    :func:`adahessian_jax.value_grad_and_hessian_diag` and applies them.
+    :func:`adahessian_jax.value_grad_and_hessian_diag` and applies them. It averages
+    nothing over devices: under ``pmap`` or ``shard_map`` call that function, ``pmean``
+    the gradients and pass both to :meth:`apply_gradients` (``docs/distributed.md``).
 
     Args:
       loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar (or
