@@ -357,6 +357,24 @@ def test_a_later_measurement_of_an_nnx_model_reuses_the_compilation():
     np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
+def test_nnx_state_that_is_not_trained_is_refused_naming_the_split():
+  # nnx.state(model) or the module itself (a pytree) as params: BatchNorm's statistics were taken
+  # for parameters, and in eval mode, where they move the loss, the top eigenvalue was not the
+  # parameters' (a Linear-BatchNorm-Linear MLP: 2.34 for 2.14), with no error.
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+  model.eval()
+  loss = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+  batch = (jnp.linspace(-1, 1, 12).reshape(4, 3), jnp.ones((4, 2)))
+  graphdef = nnx.graphdef(model)
+  merged = lambda s, b: loss(nnx.merge(graphdef, s), b)
+  fix = r"nnx\.BatchStat, not a parameter.*nnx\.split\(model, nnx\.Param, \.\.\.\)"
+  with pytest.raises(ValueError, match=r"leaf at \['layers'\]\[1\]\['mean'\] is an " + fix):
+    hessian.hessian_operator(merged, nnx.state(model), batch)
+  with pytest.raises(ValueError, match=r"leaf at \.layers\[1\]\.mean is an " + fix):
+    hessian.hessian_operator(loss, model, batch)
+
+
 def test_a_partial_without_arrays_does_not_lend_its_compilation_to_another_loss():
   # JAX takes a tree structure holding a PyTreeDef (the static part of a Partial without arrays,
   # e.g. over an NNX graphdef alone) for equal to one holding any other object: a plain function

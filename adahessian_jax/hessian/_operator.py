@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -407,6 +408,33 @@ def ravel(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   sharded over ``Auto`` axes. ``unravel`` gives replicated leaves.
   """
   return ravel_pytree(jax.tree.map(_replicated, tree))
+
+
+def _check_no_nnx_state(params: Any) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``params`` that is an NNX variable no optimizer
+  trains: BatchNorm statistics, RNG state, a cache or an intermediate.
+
+  Such leaves come with ``nnx.state(model)`` or the module itself as params. The Hessian is taken
+  with respect to every leaf, so with BatchNorm statistics among them it is not the parameters'
+  (in eval mode the statistics move the loss: a larger top eigenvalue, with no error).
+  """
+  nnx = sys.modules.get("flax.nnx")
+  kinds = tuple(
+    getattr(nnx, n) for n in ("BatchStat", "RngState", "Cache", "Intermediate") if hasattr(nnx, n)
+  )
+  if not kinds:
+    return
+  is_kind = lambda x: isinstance(x, kinds)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_kind):
+    if is_kind(leaf):
+      raise ValueError(
+        f"the params leaf at {jax.tree_util.keystr(path)} is an nnx.{type(leaf).__name__}, not a "
+        "parameter: the Hessian is taken with respect to every leaf of params. Pass the trained "
+        "variables alone, graphdef, params, rest = nnx.split(model, nnx.Param, ...) (or the "
+        "nnx.Optimizer's wrt filter), with loss_fn = jax.tree_util.Partial(nnx_loss, graphdef, "
+        "rest) where nnx_loss(graphdef, rest, p, b) merges nnx.merge(graphdef, p, rest, "
+        "copy=True) (docs/hessian_analysis.md)."
+      )
 
 
 def _check_not_pmapped(params: Any) -> None:
@@ -811,13 +839,16 @@ def hessian_operator(
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
     ValueError: for params without entries or with a ``jax.pmap`` output's device axis (a
-      leaf of stacked replicas: pass one replica), ``batches`` that is a mapping (whose
+      leaf of stacked replicas: pass one replica), with an NNX variable no optimizer trains
+      (``nnx.BatchStat``, RNG state, a cache: ``nnx.state(model)`` or the module itself, not
+      its ``nnx.Param``; named), ``batches`` that is a mapping (whose
       iteration gives its keys), an empty batch (a leaf with a
       leading axis of length 0), a batch whose structure or leaf shapes past
       the leading axis differ from the first batch's, or bad ``batch_sizes``;
       the message names the batch and leaf.
   """
   block_size = _validation.count("block_size", block_size)
+  _check_no_nnx_state(params)
   _validation.float_leaves(
     params,
     "params",
