@@ -375,6 +375,23 @@ def test_nnx_state_that_is_not_trained_is_refused_naming_the_split():
     hessian.hessian_operator(loss, model, batch)
 
 
+def test_an_nnx_loss_that_writes_the_models_state_gets_the_copy_fix():
+  # Without copy=True, a training-mode merge updates BatchNorm statistics and the dropout RNG count
+  # of `rest` from inside the trace; NNX's error said only "Cannot mutate ... from a different trace
+  # level".
+  nnx = pytest.importorskip("flax.nnx")
+  from flax.errors import TraceContextError
+
+  batch = (jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(4, 3), jnp.ones((4, 2), jnp.float32))
+  for norm in (nnx.BatchNorm(2, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1))):
+    model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), norm)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    merged = lambda g, r, p, b: jnp.mean((nnx.merge(g, p, r)(b[0]) - b[1]) ** 2)
+    with pytest.raises(TraceContextError) as e:
+      hessian.hessian_operator(jax.tree_util.Partial(merged, graphdef, rest), params, batch)
+    assert "nnx.merge(graphdef, p, rest, copy=True)" in "".join(getattr(e.value, "__notes__", []))
+
+
 def test_a_partial_without_arrays_does_not_lend_its_compilation_to_another_loss():
   # JAX takes a tree structure holding a PyTreeDef (the static part of a Partial without arrays,
   # e.g. over an NNX graphdef alone) for equal to one holding any other object: a plain function

@@ -437,6 +437,19 @@ def _check_no_nnx_state(params: Any) -> None:
       )
 
 
+def _note_nnx_mutation(error: Exception) -> None:
+  """Adds the fix to NNX's ``TraceContextError`` from a ``loss_fn`` that writes state of a model
+  built outside it ("Cannot mutate BatchStat from a different trace level")."""
+  errors = sys.modules.get("flax.errors")
+  kind = getattr(errors, "TraceContextError", None)
+  if kind is not None and isinstance(error, kind):
+    error.add_note(
+      "hessian_operator: loss_fn writes NNX variables made outside it (BatchNorm statistics in "
+      "training mode, a Dropout's RNG count): build the model on copies, nnx.merge(graphdef, p, "
+      "rest, copy=True), as docs/hessian_analysis.md's NNX recipe does."
+    )
+
+
 def _check_not_pmapped(params: Any) -> None:
   """Raises ``ValueError`` naming the first leaf of ``params`` that is a ``jax.pmap`` output.
 
@@ -867,7 +880,12 @@ def hessian_operator(
     raise NonFiniteError(f"params are not finite: {bad}. Analyse a point the loss is defined at.")
   # loss_fn takes the batch too: the way out of (loss, aux) is not the optimizer's lambda p.
   fix = "wrap it: lambda p, b: loss_fn(p, b)[0]."
-  check_scalar_loss(jax.eval_shape(loss_fn, params, data[0]), "loss_fn", fix)
+  try:
+    value = jax.eval_shape(loss_fn, params, data[0])
+  except Exception as e:
+    _note_nnx_mutation(e)
+    raise
+  check_scalar_loss(value, "loss_fn", fix)
   jit_loss = _jit_loss(loss_fn, (params, data[0]))
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data), jit_loss)
 
