@@ -1108,7 +1108,7 @@ _ATTENTION_AXES = {
 }
 
 
-def _in_flax_attention(paths, shapes, names, rules) -> dict[int, AxisNames]:
+def flax_attention_names(paths, shapes, names, rules) -> dict[int, AxisNames]:
   """Axis names for the unnamed projection kernels of Flax attention modules.
 
   ``nn.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention`` project with
@@ -1168,7 +1168,7 @@ def _plan(averaging, params, block_size, strict_mode):
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   paths = [x.path for x in infos]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound)
-  attention = _in_flax_attention(paths, shapes, names, unbound)
+  attention = flax_attention_names(paths, shapes, names, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     leaf_names, note = names[i], ""

@@ -164,6 +164,15 @@ def test_filter_normalisation_keeps_attention_heads_apart():
   for k, axes in (("proj", (0, 2, 3)), ("o", (0, 3))):
     np.testing.assert_allclose(_filter_norms(nd[k], axes), _filter_norms(stack[k], axes))
 
+  # Unnamed, stacked by layer_axes= (nnx.vmap without sharding metadata): Flax's module names
+  # find the heads in each layer, as they do unstacked; a filter of the stacked query kernel
+  # pooled both heads' head_dim entries (norms off by up to 61x here).
+  op = _sin_op({"query": {"kernel": stack["proj"]}, "out": {"kernel": stack["o"]}})
+  d = hessian.random_direction(op, jax.random.key(2))
+  nd = op.unravel(hessian.normalize_direction(op, d, "filter", layer_axes=1))
+  for k, w, axes in (("query", "proj", (0, 2, 3)), ("out", "o", (0, 3))):
+    np.testing.assert_allclose(_filter_norms(nd[k]["kernel"], axes), _filter_norms(stack[w], axes))
+
 
 def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():
   # An Embed table (num_embeddings, features) has a filter per token (row), as the reference code

@@ -19,7 +19,8 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   output has two axes: a query/key/value kernel ``(embed, heads, head_dim)``
   has a filter per head and ``head_dim`` entry, never pooled across heads (the
   heads axis found by its name, e.g. ``"heads"``, or, without axis names, in
-  Flax's attention modules as the optimizer's averaging finds it); the output kernel ``(heads,
+  Flax's attention modules as the optimizer's averaging finds it, in each layer of a stack
+  given by ``layer_axes=`` too); the output kernel ``(heads,
   head_dim, embed)`` one per ``embed`` entry; and embedding tables ``(num_embeddings,
   features)`` (a Flax ``embedding``, or a ``"vocab"`` axis name), which have a
   filter per row (token), as Li et al.'s code rescales PyTorch's ``(num, dim)``
@@ -136,6 +137,20 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     else:
       roles.append(None)
   layers = _stacks.layer_axes_of(op.params, layer_axes, rules)
+  # Unnamed attention projections stacked by layer_axes= (a (layers, embed, heads, head_dim)
+  # kernel): their heads as the optimizer's averaging finds them in one layer's kernels.
+  one_layer = [
+    tuple(n for a, n in enumerate(s) if a not in ax) for s, ax in zip(shapes, layers, strict=True)
+  ]
+  unnamed = [None] * len(infos)
+  paths = [x.path for x in infos]
+  for i, names in spatial.flax_attention_names(paths, one_layer, unnamed, rules).items():
+    rule = rules[i]
+    if roles[i] is None and layers[i] and isinstance(rule, spatial.FlaxDefault):
+      per_axis = iter(spatial.axis_role(n, rule.roles()) for n in names)
+      roles[i] = tuple(
+        "stacked" if a in layers[i] else next(per_axis) for a in range(len(shapes[i]))
+      )
   return [_LeafAxes(*a) for a in zip(shapes, layers, params, roles, strict=True)]
 
 
