@@ -392,6 +392,27 @@ def test_an_nnx_loss_that_writes_the_models_state_gets_the_copy_fix():
     assert "nnx.merge(graphdef, p, rest, copy=True)" in "".join(getattr(e.value, "__notes__", []))
 
 
+def test_an_operator_on_an_nnx_split_stays_at_its_point_while_the_model_trains():
+  # nnx.split's state holds the model's own Variables, which nnx.Optimizer.update writes in place:
+  # an operator kept from an earlier step followed the model to its new params (while the Partial's
+  # BatchNorm statistics stayed), its products, loss and eigenvalues silently another point's.
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  batch = (jnp.linspace(-1, 1, 12).reshape(4, 3), jnp.ones((4, 2)))
+
+  def nnx_loss(graphdef, rest, p, b):
+    return jnp.mean(jnp.tanh(nnx.merge(graphdef, p, rest, copy=True)(b[0]) - b[1]) ** 2)
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  op = hessian.hessian_operator(jax.tree_util.Partial(nnx_loss, graphdef, rest), params, batch)
+  v = jnp.linspace(-1, 1, op.size)
+  want = (np.asarray(op.matvec(v)), float(op.loss()), np.asarray(op.ravel(op.params)))
+  model.kernel[...] = 2.0 * model.kernel[...]  # a training step, in place
+  np.testing.assert_array_equal(op.matvec(v), want[0])
+  assert float(op.loss()) == want[1]
+  np.testing.assert_array_equal(op.ravel(op.params), want[2])
+
+
 def test_a_partial_without_arrays_does_not_lend_its_compilation_to_another_loss():
   # JAX takes a tree structure holding a PyTreeDef (the static part of a Partial without arrays,
   # e.g. over an NNX graphdef alone) for equal to one holding any other object: a plain function

@@ -816,7 +816,9 @@ def hessian_operator(
       functions, not constants (unless its function needs one concrete, e.g. a
       NumPy boolean mask: then it is static as a whole).
     params: Point of evaluation, a pytree of real floating arrays (close over
-      integer or bool leaves, such as step counters, in ``loss_fn``).
+      integer or bool leaves, such as step counters, in ``loss_fn``). The operator keeps
+      its own tree over these arrays: an NNX state's Variables, shared with the model,
+      that later training steps write in place do not move it.
     batch: A single batch: a pytree ``loss_fn`` accepts whose leaves are arrays or numbers
       (close over strings and other values in ``loss_fn``).
     batches: An iterable of batches. A sequence (list, tuple) is kept as is; any
@@ -869,6 +871,9 @@ def hessian_operator(
     "out of params and close over them in loss_fn instead.",
   )
   _check_not_pmapped(params)
+  # A copy of the tree over the same arrays: an NNX state from nnx.split holds the model's own
+  # Variables, which later training steps write in place; the operator stays at its point.
+  params = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(params))
   data = _batch_list(batch, batches)
   weights = _weights(data, batch_sizes)
   flat, _ = ravel(params)
