@@ -35,6 +35,7 @@ production training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -185,13 +186,17 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
   """The largest absolute difference between replicas of the same values.
 
   A check for drift in data-parallel training: 0.0 means every replica holds
-  bit-identical values.
+  bit-identical values. For arrays spread over several processes
+  (``jax.distributed``) the copies other processes hold are compared too, so
+  there it is a collective: call it on every process, as any computation on
+  those arrays (each gets the same result).
 
   Args:
     tree: A pytree of arrays (typed PRNG keys are compared by their key
-      data). With ``stacked=False``, ``jax.Array``s whose
-      addressable shards are compared with the other shards covering the same
-      index (the copies of replicated or partially replicated arrays). With
+      data). With ``stacked=False``, ``jax.Array``s whose shards are compared
+      with the other shards covering the same index, on this process's devices
+      and on other processes' (the copies of replicated or partially replicated
+      arrays). With
       ``stacked=True``, arrays with a leading replica axis (``pmap`` outputs),
       each slice compared with the first.
     stacked: Whether the leaves carry a leading replica axis.
@@ -235,9 +240,53 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
       )
     first: dict[Any, Any] = {}
     for shard in leaf.addressable_shards:
-      index = tuple((s.start, s.stop, s.step) for s in shard.index)
+      index = _index_key(shard.index)
       if index in first:
         compare(shard.data, first[index])
       else:
         first[index] = shard.data
+    if not leaf.is_fully_addressable:  # copies on other processes too
+      _compare_across_processes(leaf, first, compare)
   return float(np.max(diffs))
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple[Any, ...]:
+  return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _compare_across_processes(leaf: jax.Array, local: dict[Any, Any], compare: Any) -> None:
+  """Compares the blocks of ``leaf`` that several processes hold with the first holder's copy.
+
+  A collective (one ``process_allgather`` per leaf that has such blocks): the blocks, their
+  order and sizes follow from the global sharding alone, so every process gathers the same.
+  """
+  from jax.experimental import multihost_utils
+
+  holders: dict[Any, list[int]] = {}
+  sizes: dict[Any, int] = {}
+  for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+    key = _index_key(index)
+    holders.setdefault(key, [])
+    if device.process_index not in holders[key]:
+      holders[key].append(device.process_index)
+    sizes[key] = math.prod(
+      len(range(*s.indices(n))) for s, n in zip(index, leaf.shape, strict=True)
+    )
+  shared = [key for key, procs in holders.items() if len(procs) > 1]
+  if not shared:
+    return
+  mine = [
+    np.asarray(local[key]).ravel() if key in local else np.zeros(sizes[key], leaf.dtype)
+    for key in shared
+  ]
+  gathered = np.asarray(multihost_utils.process_allgather(np.concatenate(mine)))
+  # The row of each process (JAX stacks them in its device order).
+  order = np.asarray(multihost_utils.process_allgather(np.int32(jax.process_index()))).ravel()
+  row = {int(p): r for r, p in enumerate(order)}
+  start = 0
+  for key in shared:
+    block = gathered[:, start : start + sizes[key]]
+    start += sizes[key]
+    reference, *others = holders[key]
+    for proc in others:
+      compare(block[row[proc]], block[row[reference]])

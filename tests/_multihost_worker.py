@@ -32,6 +32,8 @@ from _distributed_common import (  # noqa: E402
   train_jit,
   train_shard_map,
 )
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from adahessian_jax import distributed  # noqa: E402
 
@@ -69,6 +71,12 @@ def main(process_id, num_processes, port, out_dir):
         info[f"{key}/local_replica_diff"] = distributed.max_replica_difference((params, state))
         for leaf, value in to_numpy(params).items():
           arrays[f"{key}/{leaf}"] = value
+    # A "replicated" array that the processes built from different values: only the copies
+    # on the other process show it.
+    drifted = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P()), np.full(3, float(jax.process_index())), (3,)
+    )
+    info["drift_across_processes"] = distributed.max_replica_difference({"b": drifted})
     info["seconds"] = time.time() - t0
     np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **arrays)
     with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:

@@ -184,6 +184,7 @@ def test_two_processes_identical_and_equal_single_device(single_host, multi_host
   for info in (info0, info1):
     assert info["device_count"] == 4 and info["local_device_count"] == 2
     assert all(v == 0.0 for k, v in info.items() if k.endswith("replica_diff"))
+    assert info["drift_across_processes"] == 1.0  # process 1's copy vs process 0's
   assert sorted(params0) == sorted(params1) and len(params0) == 4 * 5
   for name, value in params0.items():
     assert np.array_equal(value, params1[name]), name
