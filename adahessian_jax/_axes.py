@@ -110,6 +110,33 @@ def check_bound(axis_name: Any) -> tuple[Any, ...]:
   return axes
 
 
+def check_not_split_over(moments: Any, axis_name: Any) -> None:
+  """Refuses a parameter split over one of ``axes``, the axes the estimate is averaged over.
+
+  Args:
+    moments: The optimizer state's moments (shaped like the parameters, split like them).
+    axis_name: The optimizer's ``axis_name`` (bound: see :func:`check_bound`).
+
+  Raises:
+    ValueError: naming the leaf and the axis, inside ``shard_map`` (elsewhere nothing varies).
+  """
+
+  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+  def check(path, x):
+    split = [a for a in axes if a in _varying_axes(x)]
+    if split:
+      raise ValueError(
+        f"scale_by_adahessian: the parameter at {jax.tree_util.keystr(path)} is split over mesh "
+        f"axis {split[0]!r}, which axis_name={axis_name!r} also names: the estimate is pmean-ed "
+        "over axis_name, which would average different blocks of it. Pass axis_name the axes only "
+        "the batch is split over (docs/distributed.md, tensor parallelism), or use jax.jit "
+        "with sharded arrays for parameters split over the batch's axes (FSDP)."
+      )
+
+  jax.tree_util.tree_map_with_path(check, moments)
+
+
 def device_varying(tree: Any, axis_name: Any) -> Any:
   """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
 

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
-from adahessian_jax._axes import check_bound, device_varying, shard_count, sum_over_shards
+from adahessian_jax._axes import (
+  check_bound,
+  check_not_split_over,
+  device_varying,
+  shard_count,
+  sum_over_shards,
+)
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
@@ -540,7 +546,8 @@ def scale_by_adahessian(
       shapes are not those the state was made for, a ``hessian_diag`` leaf
       whose shape or dtype does not fit its parameter (naming a leaf path),
       both ``value_fn`` and ``hessian_diag``, neither on a step that may
-      refresh, or an ``axis_name`` that no enclosing map binds.
+      refresh, an ``axis_name`` that no enclosing map binds, or one that names
+      a mesh axis a parameter is split over (inside ``shard_map``).
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), or a
       ``value_fn`` that cannot be called as ``value_fn(params)`` or does not
@@ -611,6 +618,7 @@ def scale_by_adahessian(
     _check_state(state, update_freq, n_samples, stores_d)
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
       check_bound(axis_name)
+      check_not_split_over(state.mu, axis_name)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy)

@@ -225,6 +225,45 @@ def test_tensor_parallel_given_diagonal_equals_single_device(tensor_parallel):
   assert r["nan_vs_single"] == 0.0 and r["nan_max_update"] == 0.0, r
 
 
+def test_axis_name_naming_an_axis_the_params_are_split_over_is_refused():
+  """The estimate is ``pmean``-ed over ``axis_name``: over an axis a parameter is split over it
+  would average different blocks (silently, or a cond type error with ``update_freq > 1``)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
+  params = {"b": jnp.zeros(2), "w": jnp.ones((4, 2))}
+  specs = {"b": P(), "w": P(None, "model")}  # w split over model (FSDP/tensor parallel)
+  for axis_name in (("data", "model"), "model"):
+    tx = ah.adahessian(0.1, axis_name=axis_name)
+    state = tx.init(params)
+    state_specs = jax.tree.map(lambda _: P(), state)
+    state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
+
+    def step(p, s, x, tx=tx, axis_name=axis_name):
+      loss = lambda q: jnp.sum(jnp.tanh(x @ q["w"] + q["b"]) ** 2)
+      grads = jax.lax.pmean(jax.grad(loss)(distributed.device_varying(p, axis_name)), axis_name)
+      updates, s = tx.update(grads, s, p, value_fn=loss)
+      return optax.apply_updates(p, updates), s
+
+    mapped = jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(specs, state_specs, P(("data", "model"))),
+      out_specs=(specs, state_specs),
+    )
+    with pytest.raises(
+      ValueError, match=r"\['w'\] is split over mesh axis 'model', which axis_name"
+    ):
+      jax.jit(mapped)(params, state, jnp.ones((2, 4)))
+
+
 def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   """NumPy or Python leaves without ``stacked=True`` (e.g. ``jax.device_get`` of pmap outputs)
   returned 0.0, "bit-identical", whatever they held; a scalar with ``stacked=True`` raised an
