@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -796,7 +796,7 @@ def hessian_operator(
   batch: Any = None,
   *,
   batches: Iterable[Any] | None = None,
-  batch_sizes: Sequence[float] | None = None,
+  batch_sizes: Iterable[float] | None = None,
   block_size: int = 8,
 ) -> HessianOperator:
   """The Hessian of ``loss_fn(params, batch)`` at ``params``, as an operator.

@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -89,7 +90,7 @@ def spectral_density(
   num_probes: int = 8,
   num_steps: int = 80,
   sigma: float | None = None,
-  grid: np.ndarray | None = None,
+  grid: jax.typing.ArrayLike | Sequence[float] | None = None,
   num_points: int = 1000,
 ) -> SpectralDensity:
   """Stochastic Lanczos quadrature estimate of the eigenvalue density.

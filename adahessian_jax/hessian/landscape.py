@@ -387,7 +387,7 @@ def _directions(op, directions, k, key, normalize, layer_axes, names):
 
 def loss_landscape_1d(
   op: HessianOperator,
-  alphas: Sequence[float] | np.ndarray,
+  alphas: jax.typing.ArrayLike | Sequence[float],
   direction: Any = None,
   *,
   normalize: str | None = None,
@@ -429,8 +429,8 @@ def loss_landscape_1d(
 
 def loss_landscape_2d(
   op: HessianOperator,
-  alphas: Sequence[float] | np.ndarray,
-  betas: Sequence[float] | np.ndarray,
+  alphas: jax.typing.ArrayLike | Sequence[float],
+  betas: jax.typing.ArrayLike | Sequence[float],
   directions: tuple[Any, Any] | None = None,
   *,
   normalize: str | None = None,
