@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import jax
 import optax
@@ -107,12 +107,23 @@ class TrainState(train_state.TrainState):
 
   batch_stats: Any = None
 
-  def __init_subclass__(cls, **kwargs):
+  if TYPE_CHECKING:  # set below (and for every subclass) to the checked _replace
+
+    def replace(self, **updates: Any) -> Self: ...
+
+  def __init_subclass__(cls, **kwargs: Any) -> None:
     # Flax makes every subclass a dataclass with its own unchecked ``replace``.
     super().__init_subclass__(**kwargs)
     cls.replace = _replace
 
-  def apply_gradients(self, *, grads, value_fn=None, hessian_diag=None, **kwargs):
+  def apply_gradients(
+    self,
+    *,
+    grads: Any,
+    value_fn: Callable[[Any], Any] | None = None,
+    hessian_diag: Any = None,
+    **kwargs: Any,
+  ) -> Self:
     """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
 
     As in Flax, params with an ``_overwrite_with_gradient`` collection (fp8
@@ -143,8 +154,8 @@ class TrainState(train_state.TrainState):
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
   def apply_loss(
-    self, loss_fn: Callable[..., Any], *args, has_aux: bool = False, **kwargs
-  ) -> tuple[TrainState, Any]:
+    self, loss_fn: Callable[..., Any], *args: Any, has_aux: bool = False, **kwargs: Any
+  ) -> tuple[Self, Any]:
     """One optimizer step from the loss, by the fused one-pass route.
 
     Computes loss, gradient and the Hessian-diagonal estimate with
