@@ -124,7 +124,11 @@ def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
 
 
 def value_fn(
-  model: nnx.Module, loss_fn: Callable[..., Any], *args, wrt: Any = nnx.Param, **kwargs
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  **kwargs: Any,
 ) -> Callable[[Any], Any]:
   """The loss as a function of the parameter state, for ``Optimizer.update(value_fn=...)``.
 
@@ -164,10 +168,10 @@ def value_fn(
 def value_grad_and_hessian_diag(
   loss_fn: Callable[..., Any],
   model: nnx.Module,
-  optimizer: nnx.Optimizer,
-  *args,
+  optimizer: nnx.Optimizer[Any],
+  *args: Any,
   has_aux: bool = False,
-  **kwargs,
+  **kwargs: Any,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and AdaHessian's Hessian-diagonal estimate of an NNX module.
 
