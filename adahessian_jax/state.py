@@ -234,7 +234,9 @@ def moment_steps(count: Any, update_freq: int) -> Any:
   return update_freq * ((count - 1) // update_freq + 1)
 
 
-def refresh_key(state: ScaleByAdaHessianState, refresh: jax.Array | bool, next_key: jax.Array):
+def refresh_key(
+  state: ScaleByAdaHessianState, refresh: jax.Array | bool, next_key: jax.Array
+) -> jax.Array:
   """The key data to store: ``next_key`` on refresh steps, the current one otherwise."""
   if isinstance(refresh, jax.core.Tracer):
     return jnp.where(refresh, next_key, state.key)

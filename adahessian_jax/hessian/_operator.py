@@ -158,7 +158,7 @@ class WeightedData:
   batches: tuple[Any, ...]
   jit_loss: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.jit_loss is None:
       object.__setattr__(self, "jit_loss", _jit_loss(self.loss_fn))
 
@@ -208,7 +208,7 @@ class HessianOperator:
 
   matmat_fn: Callable[[jax.Array], jax.Array]
   size: int
-  dtype: Any
+  dtype: np.dtype[Any]
   layout: ParamLayout
   probes_fn: Callable[[jax.Array], jax.Array]
   data: WeightedData | None = None
