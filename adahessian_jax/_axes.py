@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 
 __all__ = ["device_varying", "fold_in_axis_index"]
+
+T = TypeVar("T")
 
 
 def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
@@ -137,7 +139,7 @@ def check_not_split_over(moments: Any, axis_name: Any) -> None:
   jax.tree_util.tree_map_with_path(check, moments)
 
 
-def device_varying(tree: Any, axis_name: Any) -> Any:
+def device_varying(tree: T, axis_name: Any) -> T:
   """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
 
   Under ``shard_map`` (with its default ``check_vma=True``), differentiating a

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,10 @@ __all__ = [
   "state_shardings",
 ]
 
+T = TypeVar("T")
 
-def per_device_probe_state(opt_state: Any, axis_name: Any) -> Any:
+
+def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
   """``opt_state`` with this device's index folded into the AdaHessian key.
 
   For the fused route with independent probes: the probes that
