@@ -6,7 +6,7 @@ returns the axes, so figures compose; matplotlib is imported on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,10 +14,13 @@ from adahessian_jax._extras import missing_extra
 from adahessian_jax.hessian.density import SpectralDensity
 from adahessian_jax.hessian.landscape import Landscape1D, Landscape2D
 
+if TYPE_CHECKING:  # matplotlib is optional: imported on first use
+  import matplotlib.axes
+
 __all__ = ["plot_landscape_1d", "plot_landscape_2d", "plot_spectral_density"]
 
 
-def _axes(ax):
+def _axes(ax: matplotlib.axes.Axes | None) -> matplotlib.axes.Axes:
   if ax is not None:
     return ax
   try:
@@ -29,12 +32,12 @@ def _axes(ax):
 
 def plot_spectral_density(
   density: SpectralDensity,
-  ax: Any = None,
+  ax: matplotlib.axes.Axes | None = None,
   *,
   log: bool = True,
   floor: float = 1e-8,
   **line_kwargs: Any,
-) -> Any:
+) -> matplotlib.axes.Axes:
   """Plots an eigenvalue density (log scale by default, as the bulk dwarfs the outliers).
 
   Args:
@@ -57,7 +60,9 @@ def plot_spectral_density(
   return ax
 
 
-def plot_landscape_1d(landscape: Landscape1D, ax: Any = None, **line_kwargs: Any) -> Any:
+def plot_landscape_1d(
+  landscape: Landscape1D, ax: matplotlib.axes.Axes | None = None, **line_kwargs: Any
+) -> matplotlib.axes.Axes:
   """Plots ``loss(θ + α d)`` against ``α``.
 
   Args:
@@ -85,13 +90,13 @@ def plot_landscape_1d(landscape: Landscape1D, ax: Any = None, **line_kwargs: Any
 
 def plot_landscape_2d(
   landscape: Landscape2D,
-  ax: Any = None,
+  ax: matplotlib.axes.Axes | None = None,
   *,
   levels: int = 30,
   log: bool = False,
   colorbar: bool = True,
   **contour_kwargs: Any,
-) -> Any:
+) -> matplotlib.axes.Axes:
   """Contour plot of ``loss(θ + α d₁ + β d₂)``.
 
   Args:
