@@ -94,7 +94,7 @@ import abc
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -715,9 +715,6 @@ def flax_default(
   return FlaxDefault(block_size, tuple(sorted(changes.items(), key=lambda kv: kv[0])))
 
 
-AveragingSpec = Any  # Rule | Callable[[path, leaf], Rule | None] | pytree prefix | Averaging | None
-
-
 @dataclasses.dataclass(frozen=True)
 class Averaging:
   """An averaging specification with what the resolver needs besides the rules.
@@ -736,6 +733,11 @@ class Averaging:
   rules: Any = None
   names: tuple[tuple[str, AxisNames | None], ...] | None = None
   strict: bool = False
+
+
+# The callable is spelled out so that type checkers infer a lambda's (path, leaf) arguments; a
+# pytree prefix of rules (or None) has no type of its own, hence Any.
+AveragingSpec = Rule | Averaging | Callable[[tuple[Any, ...], Any], Rule | None] | Any
 
 
 def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
@@ -857,7 +859,7 @@ def _expand_masked(prefix: Any, params: Any) -> Any:
   return treedef.unflatten([_expand_masked(p, c) for p, c in pairs])
 
 
-def _spec_rules(averaging: AveragingSpec, params: Any, infos, default: Rule) -> list[Rule]:
+def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]:
   """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
   if averaging is None:
     return [default] * len(infos)
