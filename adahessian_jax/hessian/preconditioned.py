@@ -122,9 +122,9 @@ def _check_unmasked(nu: Any, what: str) -> None:
 def adahessian_preconditioner(
   opt_state: Any,
   *,
-  b2: float | None = None,
-  eps: float | None = None,
-  hessian_power: float | None = None,
+  b2: jax.typing.ArrayLike | None = None,
+  eps: jax.typing.ArrayLike | None = None,
+  hessian_power: jax.typing.ArrayLike | None = None,
 ) -> Any:
   """AdaHessian's diagonal ``P = v̂^{k/2} + eps``, ``v̂ = nu / (1 − b2^count)``.
 
@@ -179,9 +179,9 @@ def adahessian_preconditioner(
 def adam_preconditioner(
   opt_state: Any,
   *,
-  b2: float | None = None,
-  eps: float | None = None,
-  eps_root: float | None = None,
+  b2: jax.typing.ArrayLike | None = None,
+  eps: jax.typing.ArrayLike | None = None,
+  eps_root: jax.typing.ArrayLike | None = None,
 ) -> Any:
   """Adam's diagonal ``P = sqrt(v̂ + eps_root) + eps``, ``v̂ = nu / (1 − b2^count)``.
 
