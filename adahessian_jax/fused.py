@@ -108,6 +108,13 @@ def _owned(params: Any, mu: Any) -> Any:
   return mu
 
 
+def _accumulates_gradients(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds an :class:`optax.MultiStepsState`: its gradient accumulator keeps
+  a NaN for good (it is reset by multiplying with zero), so the fused route must not mark there."""
+  is_multi = lambda x: isinstance(x, optax.MultiStepsState)
+  return any(is_multi(x) for x in jax.tree.leaves(opt_state, is_leaf=is_multi))
+
+
 def _the_adahessian_state(opt_state: Any) -> Any:
   """The one AdaHessian state in ``opt_state``, whose probes the fused route draws."""
   found = adahessian_states(opt_state)
@@ -166,6 +173,12 @@ def value_grad_and_hessian_diag(
   :func:`optax.apply_if_finite` sees and counts the step. Without it,
   :func:`adahessian_jax.scale_by_adahessian` keeps that entry's momentum and
   the non-finite entries' curvature, so nothing non-finite reaches the state.
+  Not when ``opt_state`` holds an :class:`optax.MultiSteps` state: its
+  accumulator would keep the NaN on every later step (and that entry would
+  never train again), so the gradient is returned as it is; the transform
+  still keeps the non-finite entries' curvature and does not move the
+  parameters on an optimizer step whose (last micro-batch's) estimate is
+  not finite.
 
   With ``update_freq > 1`` a training loop that knows its step number can
   take the refresh decision on the host instead: build one step with
@@ -233,6 +246,7 @@ def value_grad_and_hessian_diag(
       "with adahessian_jax.masked_value_fn.",
     )
     state = _the_adahessian_state(opt_state)
+    accumulated = _accumulates_gradients(opt_state)
     loss = lambda p: fun(p, *args, **kwargs)
 
     def with_hessian():
@@ -241,6 +255,8 @@ def value_grad_and_hessian_diag(
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
         loss, params, keys, has_aux, name=_NAME, fix=_FIX, owned=owned
       )
+      if accumulated:  # the transform keeps the curvature of non-finite entries itself
+        return value, grads, estimate
       return value, _mark_not_finite(grads, estimate, owned), estimate
 
     def without_hessian():

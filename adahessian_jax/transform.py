@@ -463,7 +463,7 @@ def scale_by_adahessian(
   so the whole leaf's ``D``, non-finite for the step. The fused route,
   :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes such a step's
   gradient non-finite in one entry, so that :func:`optax.apply_if_finite`
-  skips and counts the whole step.
+  skips and counts the whole step (not inside :func:`optax.MultiSteps`).
 
   The returned transform's update is
   ``update(updates, state, params, *, value_fn=None, hessian_diag=None, refresh=None,

@@ -202,6 +202,33 @@ def test_multi_steps_cost_and_semantics(mlp_problem):
   assert_trees_allclose(p, optax.apply_updates(params, u), rtol=1e-10, atol=1e-14)
 
 
+def test_fused_route_inside_multi_steps_does_not_poison_the_accumulator():
+  """A non-finite estimate on one micro-step made the fused route mark a gradient entry NaN (for
+  optax.apply_if_finite); MultiSteps' accumulator, reset by multiplying with zero, kept that NaN
+  for good, and the entry never trained again. Inside MultiSteps nothing is marked."""
+  params = {"a": jnp.ones(3, jnp.float32), "b": jnp.full((2,), 1e-36, jnp.float32)}
+
+  def loss(p, c):  # c = 1.5e19: b's Hessian-vector product (2c²) overflows, its gradient does not
+    return jnp.sum(p["a"] ** 2) + jnp.sum((c * p["b"]) ** 2)
+
+  tx = optax.MultiSteps(ah.adahessian(0.1), every_k_schedule=2)
+  vgh = ah.value_grad_and_hessian_diag(loss)
+
+  @jax.jit
+  def micro_step(params, state, c):
+    _, grads, hdiag = vgh(params, state, c)
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for c in [1.5e19, 1.0, 1.0, 1.0]:  # the overflowing estimate is a discarded micro-step's
+    params, state = micro_step(params, state, jnp.float32(c))
+  for leaf in jax.tree.leaves((params, state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+  np.testing.assert_array_less(np.asarray(params["a"]), 0.95)  # a[0], the marked entry, too
+
+
 def test_multi_steps_inside_another_combinator_drops_the_loss_and_the_error_says_where():
   # optax.MultiSteps is no GradientTransformationExtraArgs, so optax.chain (and apply_if_finite)
   # drop value_fn before it: the error asked for the value_fn the caller had passed.
