@@ -117,3 +117,26 @@ def test_quickstart_refuses_a_bad_flag_before_training():
   script = os.path.join(ROOT, "examples", "quickstart.py")
   run = subprocess.run([sys.executable, script, "--lr", "-1"], capture_output=True, text=True)
   assert run.returncode == 2 and "argument --lr: must be a positive number, got '-1'" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def diagnose():
+  stability = os.path.join(ROOT, "benchmarks", "stability")
+  sys.path.insert(0, stability)
+  try:
+    import diagnose
+  finally:
+    sys.path.remove(stability)
+  return diagnose
+
+
+def test_diagnose_runs_the_four_exact_rule_cases_of_its_file_by_default(diagnose, capsys):
+  # With no argument it ran all five cases into results/diagnosis.json, the DLRM floor + clip
+  # case (results/diagnosis_dlrm.json) included; `--help` was an unknown case.
+  args = diagnose.parse_args([])
+  assert (args.cases, args.name) == (["cnn_k4", "cnn_2x", "mlp_l1", "linear_hinge"], "diagnosis")
+  args = diagnose.parse_args(["dlrm_k4_floor_clip", "--name", "diagnosis_dlrm"])
+  assert (args.cases, args.name) == (["dlrm_k4_floor_clip"], "diagnosis_dlrm")
+  with pytest.raises(SystemExit) as e:
+    diagnose.parse_args(["cnn_4k"])
+  assert e.value.code == 2 and "unknown case ['cnn_4k']; choose from" in capsys.readouterr().err
