@@ -498,7 +498,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--seeds", type=positive_int, default=None, help=f"seeds 0..N-1 (default {SEEDS})")
   p.add_argument(
-    "--steps", type=positive_int, default=None, help="override the step budget (smoke runs)"
+    "--steps",
+    type=positive_int,
+    default=None,
+    help="override the step budget (smoke runs; a multiple of each task's chunk: 12 steps, DLRM "
+    "60; --quick: 8)",
   )
   p.add_argument("--time-budget", type=positive_float, default=None, help="seconds per run (a cap)")
   p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
@@ -517,6 +521,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   unknown = sorted(set(args.tasks) - set(TASK_NAMES))
   if unknown or not args.tasks:
     p.error(f"--tasks: unknown {unknown}; choose from {TASK_NAMES}")
+  chunks = {t: (QUICK_SETUP if args.quick else SETUP)[t]["chunk"] for t in args.tasks}
+  if args.steps is not None and any(args.steps % c for c in chunks.values()):
+    # Checked here, not when the task's turn comes: a later task's failure lost the earlier ones.
+    p.error(
+      f"argument --steps: must be a multiple of each task's chunk of steps {chunks}, "
+      f"got {args.steps}"
+    )
   if args.quick and (args.out is None or args.figures is None):
     quick_dir = os.path.join(tempfile.gettempdir(), "adahessian_jax_time_to_accuracy_quick")
     args.out = args.out or quick_dir

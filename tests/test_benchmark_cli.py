@@ -140,3 +140,28 @@ def test_diagnose_runs_the_four_exact_rule_cases_of_its_file_by_default(diagnose
   with pytest.raises(SystemExit) as e:
     diagnose.parse_args(["cnn_4k"])
   assert e.value.code == 2 and "unknown case ['cnn_4k']; choose from" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def time_to_accuracy():
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  sys.path.insert(0, benchmarks)
+  try:
+    import time_to_accuracy
+  finally:
+    sys.path.remove(benchmarks)
+  return time_to_accuracy
+
+
+def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_accuracy, capsys):
+  # --tasks cnn,dlrm --steps 36 trained the CNN (chunk 12), then failed on the DLRM (chunk 60)
+  # with a traceback, and the CNN's results were not written.
+  tta = time_to_accuracy
+  assert tta.parse_args(["--tasks", "cnn,lm", "--steps", "36"]).steps == 36
+  assert tta.parse_args(["--quick", "--steps", "16"]).steps == 16
+  with pytest.raises(SystemExit) as e:
+    tta.parse_args(["--tasks", "cnn,dlrm", "--steps", "36"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert "argument --steps: must be a multiple of each task's chunk of steps" in err
+  assert "{'cnn': 12, 'dlrm': 60}, got 36" in err
