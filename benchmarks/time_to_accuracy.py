@@ -521,6 +521,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   unknown = sorted(set(args.tasks) - set(TASK_NAMES))
   if unknown or not args.tasks:
     p.error(f"--tasks: unknown {unknown}; choose from {TASK_NAMES}")
+  cli.check_adahessian_config(p, args.adahessian_config)
   chunks = {t: (QUICK_SETUP if args.quick else SETUP)[t]["chunk"] for t in args.tasks}
   if args.steps is not None and any(args.steps % c for c in chunks.values()):
     # Checked here, not when the task's turn comes: a later task's failure lost the earlier ones.

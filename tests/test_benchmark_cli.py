@@ -153,6 +153,29 @@ def time_to_accuracy():
   return time_to_accuracy
 
 
+def test_adahessian_config_is_checked_before_anything_trains(paper_cli, time_to_accuracy, capsys):
+  # Both failed with a traceback when the AdaHessian rows came, after the other optimizers ran.
+  config = '{"curvature_floor": 0.3, "update_clip": 0.05}'
+  args = time_to_accuracy.parse_args(["--quick", "--adahessian-config", config])
+  assert args.adahessian_config == {"curvature_floor": 0.3, "update_clip": 0.05}
+  for parse, argv, message in [
+    (
+      lambda argv: paper_cli.parse_args("test", argv),
+      ["--quick", "--adahessian-config", "{}", "--adahessian-config", '{"curvature_flor": 0.3}'],
+      'argument --adahessian-config: {"curvature_flor": 0.3}: adahessian() got an unexpected '
+      "keyword argument 'curvature_flor'",
+    ),
+    (
+      time_to_accuracy.parse_args,
+      ["--quick", "--adahessian-config", '{"update_clip": 0}'],
+      'argument --adahessian-config: {"update_clip": 0}: update_clip must be a real number > 0.0',
+    ),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_accuracy, capsys):
   # --tasks cnn,dlrm --steps 36 trained the CNN (chunk 12), then failed on the DLRM (chunk 60)
   # with a traceback, and the CNN's results were not written.

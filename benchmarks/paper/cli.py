@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import optax
 
+import adahessian_jax
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
 
@@ -39,6 +41,22 @@ def enable_compilation_cache() -> None:
   )
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def check_adahessian_config(p: argparse.ArgumentParser, config: dict[str, Any]) -> None:
+  """Refuses, as a usage error, an ``--adahessian-config`` that ``adahessian()`` does not take.
+
+  Checked before anything trains: otherwise an unknown name or a bad value failed only when the
+  AdaHessian rows came, after the other optimizers (and their sweeps) had run.
+
+  Args:
+    p: The parser (its ``error`` exits with status 2).
+    config: The keyword arguments given.
+  """
+  try:
+    adahessian_jax.adahessian(0.1, **config)
+  except (TypeError, ValueError) as e:
+    p.error(f"argument --adahessian-config: {json.dumps(config)}: {e}")
 
 
 def parse_args(
@@ -76,6 +94,8 @@ def parse_args(
     "tuned learning rate; repeat for more rows",
   )
   args = p.parse_args(argv)
+  for config in args.adahessian_configs:
+    check_adahessian_config(p, config)
   enable_compilation_cache()
   explicit_out = args.out is not None
   if args.out is None:
