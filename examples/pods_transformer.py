@@ -539,6 +539,18 @@ def plot(runs, memory, title, out):
   return path
 
 
+def check_device_multiples(p, args, n_devices: int) -> None:
+  """Refuses, as a usage error, a size the FSDP mesh cannot split: the batch and the validation
+  windows are split over the devices, and so is the ``'embed'`` axis of every parameter."""
+  for flag, value in (
+    ("--batch-size", args.batch_size),
+    ("--width", args.width),
+    ("--eval-windows", args.eval_windows),
+  ):
+    if value % n_devices:
+      p.error(f"argument {flag}: must be a multiple of the {n_devices} devices, got {value}")
+
+
 def main():
   p = _common.parser(__doc__, steps=200, quick_steps=30)
   p.add_argument(
@@ -549,7 +561,9 @@ def main():
   p.add_argument("--layers", type=positive_int, default=4)
   p.add_argument("--heads", type=positive_int, default=4)
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
-  p.add_argument("--eval-windows", type=positive_int, default=256)
+  p.add_argument(
+    "--eval-windows", type=positive_int, default=256, help="a multiple of the device count"
+  )
   p.add_argument(
     "--check-steps", type=nonnegative_int, default=20, help="steps of the layout check (0: off)"
   )
@@ -575,6 +589,7 @@ def main():
   eval_every = max(steps // (6 if args.quick else 30), 1)
 
   devices = jax.devices()
+  check_device_multiples(p, args, len(devices))
   mesh = jax.make_mesh((len(devices),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
   train_data, val_data, chars = _common.pydoc_text()
   ctx = args.context

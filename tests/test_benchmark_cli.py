@@ -188,3 +188,20 @@ def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_acc
   assert e.value.code == 2
   assert "argument --steps: must be a multiple of each task's chunk of steps" in err
   assert "{'cnn': 12, 'dlrm': 60}, got 36" in err
+
+
+def test_pods_sizes_the_mesh_cannot_split_are_usage_errors(examples_path, capsys):
+  # They failed with jax's IndivisibleError traceback after the model was built.
+  pytest.importorskip("flax")
+  import pods_transformer
+
+  p = argparse.ArgumentParser(prog="pods_transformer.py")
+  ok = argparse.Namespace(batch_size=32, width=128, eval_windows=256)
+  pods_transformer.check_device_multiples(p, ok, 8)
+  for name in ("batch_size", "width", "eval_windows"):
+    args = argparse.Namespace(**{**vars(ok), name: 12})
+    with pytest.raises(SystemExit) as e:
+      pods_transformer.check_device_multiples(p, args, 8)
+    flag, err = "--" + name.replace("_", "-"), capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"argument {flag}: must be a multiple of the 8 devices, got 12" in err
