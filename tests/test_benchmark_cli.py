@@ -205,3 +205,17 @@ def test_pods_sizes_the_mesh_cannot_split_are_usage_errors(examples_path, capsys
     flag, err = "--" + name.replace("_", "-"), capsys.readouterr().err
     assert e.value.code == 2
     assert f"argument {flag}: must be a multiple of the 8 devices, got 12" in err
+
+
+def test_screen_cells_is_checked_when_parsed():
+  # A bad --cells failed with a JSONDecodeError or unpacking traceback after the task was built.
+  stability = os.path.join(ROOT, "benchmarks", "stability")
+  sys.path.insert(0, stability)
+  try:
+    import screen
+  finally:
+    sys.path.remove(stability)
+  assert screen.cell_list("[[4, 1], [1, 0.5]]") == [(4, 1), (1, 0.5)]
+  for bad in ("foo", "[]", "[[1]]", "[[0, 1]]", "[[1, -1]]", "[[1.5, 1]]", "[[1, 1e999]]"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"JSON list of \[update_freq, lr"):
+      screen.cell_list(bad)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -53,6 +54,29 @@ CELLS = {
 }
 
 
+def cell_list(text: str) -> list[tuple[int, float]]:
+  """``--cells``: a JSON list of ``[update_freq, lr scale]`` pairs, e.g. ``'[[4, 1], [1, 2]]'``."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError:
+    value = None
+
+  def is_cell(c) -> bool:
+    if not (isinstance(c, list) and len(c) == 2) or any(isinstance(x, bool) for x in c):
+      return False
+    k, scale = c
+    if not (isinstance(k, int) and isinstance(scale, (int, float))):
+      return False
+    return k > 0 and math.isfinite(scale) and scale > 0
+
+  if not (isinstance(value, list) and value and all(is_cell(c) for c in value)):
+    raise argparse.ArgumentTypeError(
+      "expected a JSON list of [update_freq, lr scale] pairs (a positive integer and a positive "
+      f"number), e.g. '[[4, 1], [1, 2]]', got {text!r}"
+    )
+  return [(k, scale) for k, scale in value]
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tasks", nargs="+", choices=list(CELLS), default=["cnn"])
@@ -60,7 +84,9 @@ def main():
     "--configs", nargs="+", choices=list(CONFIGS), default=["exact", "floor", "clip", "warmup"]
   )
   p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1")
-  p.add_argument("--cells", default=None, help="JSON list of [update_freq, scale] pairs")
+  p.add_argument(
+    "--cells", type=cell_list, default=None, help="JSON list of [update_freq, scale] pairs"
+  )
   p.add_argument("--out", default="screen")
   args = p.parse_args()
   path = os.path.join(C.RESULTS, f"{args.out}.json")
@@ -78,7 +104,7 @@ def main():
   seeds = list(range(args.seeds))
   for tname in args.tasks:
     task = C.get_task(tname)
-    cells = json.loads(args.cells) if args.cells else CELLS[tname]
+    cells = args.cells or CELLS[tname]
     for cname in args.configs:
       for k, scale in cells:
         key = f"{tname}/{cname}/k={k}/x{scale}/seeds={len(seeds)}"
