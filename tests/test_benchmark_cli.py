@@ -219,3 +219,16 @@ def test_screen_cells_is_checked_when_parsed():
   for bad in ("foo", "[]", "[[1]]", "[[0, 1]]", "[[1, -1]]", "[[1.5, 1]]", "[[1, 1e999]]"):
     with pytest.raises(argparse.ArgumentTypeError, match=r"JSON list of \[update_freq, lr"):
       screen.cell_list(bad)
+
+
+def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
+  # `report.py --seeds 8` (its docstring's example) printed an empty line: no 8-seed cells are kept.
+  stability = os.path.join(ROOT, "benchmarks", "stability")
+  sys.path.insert(0, stability)
+  try:
+    import report
+  finally:
+    sys.path.remove(stability)
+  with pytest.raises(SystemExit) as e:
+    report.main(["--seeds", "3"])
+  assert e.value.code == 1 and "no cells screened with 3 seeds in" in capsys.readouterr().err

@@ -3,8 +3,9 @@
 Summaries are recomputed from the stored runs with ``common.summarize`` (so every table uses the
 same failure rule: diverged, or collapsed to the level of a model that learned nothing).
 
-  python benchmarks/stability/report.py            # all screening files, 4-seed cells
-  python benchmarks/stability/report.py --seeds 8  # the 8-seed cells
+  python benchmarks/stability/report.py             # all screening files, 4-seed cells
+  python benchmarks/stability/report.py --seeds 8   # cells screened with --seeds 8 (none kept)
+  python benchmarks/stability/report.py --diagnosis # the table of results/diagnosis.json
 """
 
 from __future__ import annotations
@@ -86,9 +87,16 @@ def diagnosis_table(name: str = "diagnosis") -> str:
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> str:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--seeds", type=positive_int, default=4)
+  p.add_argument("--seeds", type=positive_int, default=4, help="the cells screened with N seeds")
   p.add_argument("--diagnosis", action="store_true", help="the diagnosis table instead")
-  a = p.parse_args()
-  print(diagnosis_table() if a.diagnosis else tables(a.seeds))
+  a = p.parse_args(argv)
+  text = diagnosis_table() if a.diagnosis else tables(a.seeds)
+  if not text:  # printed nothing, as if the tables were empty
+    p.exit(1, f"no cells screened with {a.seeds} seeds in {C.RESULTS}/screen*.json\n")
+  return text
+
+
+if __name__ == "__main__":
+  print(main())
