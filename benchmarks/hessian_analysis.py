@@ -160,7 +160,11 @@ def trace_benchmark(op, exact_trace, budgets, seeds):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="small model, few repeats (< 30 s)")
-  parser.add_argument("--out", default=None, help="JSON file (default: results/; none if --quick)")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="JSON file (default: results/hessian_analysis.json; none with --quick)",
+  )
   args = parser.parse_args()
   if args.out is None and not args.quick:
     args.out = os.path.join(HERE, "results", "hessian_analysis.json")
