@@ -544,7 +544,8 @@ def main(argv=None) -> int:
     "--models",
     type=comma_list(list(models.MODELS)),
     default=None,
-    help="comma-separated subset (default: all; with --quick: mlp)",
+    help="comma-separated subset (default: mlp,transformer,cnn; gpt, the accelerator-sized "
+    "model, only when named; with --quick: mlp)",
   )
   ap.add_argument(
     "--groups",
@@ -553,13 +554,22 @@ def main(argv=None) -> int:
     help=f"comma-separated subset of {','.join(GROUPS)}",
   )
   ap.add_argument(
-    "--units", type=positive_int, default=None, help="timed units (cycles) per optimizer"
+    "--units",
+    type=positive_int,
+    default=None,
+    help="timed units (cycles) per optimizer (default 30; --quick: 5)",
   )
   ap.add_argument(
-    "--sweep-units", type=positive_int, default=None, help="timed units in the sweeps"
+    "--sweep-units",
+    type=positive_int,
+    default=None,
+    help="timed units in the sweeps (default 30; --quick: 3)",
   )
   ap.add_argument(
-    "--warmup", type=nonnegative_int, default=None, help="untimed units per optimizer"
+    "--warmup",
+    type=nonnegative_int,
+    default=None,
+    help="untimed units per optimizer (default 3; --quick: 1)",
   )
   ap.add_argument(
     "--freqs",
@@ -579,6 +589,8 @@ def main(argv=None) -> int:
     "--report", type=Path, default=None, help="print the markdown tables of a results JSON; no run"
   )
   args = ap.parse_args(argv)
+  if args.report is not None and not args.report.is_file():
+    ap.error(f"argument --report: no such file: {str(args.report)!r}")
   if args.report is not None:
     print(report(json.loads(args.report.read_text())))
     return 0

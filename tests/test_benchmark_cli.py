@@ -232,3 +232,19 @@ def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
   with pytest.raises(SystemExit) as e:
     report.main(["--seeds", "3"])
   assert e.value.code == 1 and "no cells screened with 3 seeds in" in capsys.readouterr().err
+
+
+def test_step_time_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
+  # It failed with a FileNotFoundError traceback.
+  pytest.importorskip("flax")
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  sys.path.insert(0, benchmarks)
+  try:
+    import step_time
+  finally:
+    sys.path.remove(benchmarks)
+  missing = str(tmp_path / "step_time_ful.json")
+  with pytest.raises(SystemExit) as e:
+    step_time.main(["--report", missing])
+  assert e.value.code == 2
+  assert f"argument --report: no such file: {missing!r}" in capsys.readouterr().err
