@@ -301,10 +301,10 @@ def _second_moment(
 
   ``curvature()`` computes this step's ``(D, whether the estimate is finite)``; it runs only on
   refresh steps. Entries whose new ``D`` is not finite keep their previous curvature: their
-  ``nu``, or with ``lazy_moment="repeat"`` their stored ``D``, which then enters ``nu`` as on a
-  step without refresh. Such an entry that has no curvature yet (``nu`` zero) is marked instead
-  (:func:`_keep_curvature`). ``finite`` is ``None`` when the host decided that this step does not
-  refresh.
+  bias-corrected ``nu`` (:func:`_kept`), or with ``lazy_moment="repeat"`` their stored ``D``,
+  which then enters ``nu`` as on a step without refresh. Such an entry that has no curvature yet
+  (``nu`` zero) is marked instead (:func:`_keep_curvature`). ``finite`` is ``None`` when the
+  host decided that this step does not refresh.
   """
 
   def moment(d, decay):  # d is finite
@@ -320,7 +320,8 @@ def _second_moment(
 
   if update_freq == 1:
     d, finite = curvature()
-    return _keep_curvature(d, moment(d, b2), state.nu, state.nu), None, count, finite
+    kept = _kept(state.nu, b2, count, count - 1)
+    return _keep_curvature(d, moment(d, b2), kept, state.nu), None, count, finite
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     if refresh is False:  # decided on the host: the stored D, which is finite
       return moment_of_stored(state.hessian), state.hessian, count, None
@@ -334,10 +335,23 @@ def _second_moment(
 
   def fresh():
     d, finite = curvature()
-    return _keep_curvature(d, moment(d, b2**update_freq), state.nu, state.nu), finite
+    kept = _kept(state.nu, b2, nu_count, nu_count - update_freq)
+    return _keep_curvature(d, moment(d, b2**update_freq), kept, state.nu), finite
 
   nu, finite = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True)))
   return nu, None, nu_count, finite
+
+
+def _kept(nu: Any, b2: Any, steps: jax.Array, previous: jax.Array) -> Any:
+  """``nu`` rescaled so that its bias-corrected value ``nu / (1 − b2^steps)`` is the one it had
+  after ``previous`` steps: what an entry whose new estimate is not finite keeps.
+
+  Keeping ``nu`` itself would lower the corrected curvature as the count advances, and enlarge
+  that entry's later steps (by √2 after a non-finite estimate on step 2, fading over ``1/(1 −
+  b2)`` steps). ``nu`` as it is when ``previous`` is 0 (then it is the mark of no curvature yet).
+  """
+  ratio = (1 - b2**steps) / (1 - b2 ** jnp.maximum(previous, 1))
+  return jax.tree.map(lambda v: jnp.where(previous > 0, v * ratio.astype(v.dtype), v), nu)
 
 
 def _keep_curvature(test: Any, new: Any, old: Any, nu: Any) -> Any:

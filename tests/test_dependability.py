@@ -450,6 +450,23 @@ def test_host_refresh_false_before_any_estimate_does_not_move_the_params(lazy_mo
   assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize(
+  "kw", [{}, {"update_freq": 2, "lazy_moment": "refresh"}, {"update_freq": 2}], ids=str
+)
+def test_an_entry_keeps_its_bias_corrected_curvature_past_a_non_finite_estimate(kw):
+  # Curvature 1 everywhere but one inf estimate on step 3: the entry must step like its finite
+  # neighbour afterwards. Keeping nu itself while the count advanced lowered its corrected
+  # curvature: steps 1.22, 1.15, 1.12... times the neighbour's (1.41, 1.22... refreshing lazily).
+  tx = ah.scale_by_adahessian(b1=0.0, eps=1e-12, **kw)
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  for step in range(8):
+    h = {"w": jnp.asarray([1.0, jnp.inf if step == 2 else 1.0])}
+    updates, state = tx.update({"w": jnp.ones(2)}, state, params, hessian_diag=h)
+    want = [0.0, 0.0] if step == 2 else [1.0, 1.0]  # that step does not move the params
+    np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-6, err_msg=str(step))
+
+
 def test_user_hessian_diag_with_nan_keeps_those_entries_curvature_and_stops_the_step():
   params = small_params()
   tx = ah.scale_by_adahessian(update_freq=2)
@@ -678,8 +695,9 @@ def test_a_traced_zero_floor_keeps_only_the_non_finite_entries_curvature():
   _, state = update(grads, state, params, hessian_diag={"w": jnp.asarray([2.0, 3.0, 4.0])})
   _, state = update(grads, state, params, hessian_diag={"w": jnp.asarray([jnp.nan, 5.0, 6.0])})
   nu = np.asarray(ah.find_adahessian_state(state).nu["w"])
-  # Entry 0 keeps step 1's 0.001·2²; the others move on: 0.999·0.001·D₁² + 0.001·D₂².
-  np.testing.assert_allclose(nu, [0.004, 0.999 * 0.009 + 0.025, 0.999 * 0.016 + 0.036])
+  # Entry 0 keeps step 1's corrected curvature 2² (nu = 0.001·2²·(1 − 0.999²)/(1 − 0.999)); the
+  # others move on: 0.999·0.001·D₁² + 0.001·D₂².
+  np.testing.assert_allclose(nu, [0.004 * 1.999, 0.999 * 0.009 + 0.025, 0.999 * 0.016 + 0.036])
 
 
 def test_a_constant_zero_curvature_clears_the_first_step_mark_under_jit():
@@ -714,10 +732,12 @@ def test_a_second_moment_that_would_overflow_keeps_its_previous_value():
   _, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([2.0, 2.0])})
   updates, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([1e200, 2.0])})
   nu = np.asarray(state.nu["w"])
-  np.testing.assert_allclose(nu, [0.5 * 4.0, 0.75 * 4.0])  # entry 0 kept step 1's nu
+  # Entry 0 keeps step 1's corrected curvature 2² (its nu rescaled to step 2's bias correction),
+  # so with the same D as its neighbour it has the same nu.
+  np.testing.assert_allclose(nu, [0.75 * 4.0, 0.75 * 4.0])
   assert np.all(np.isfinite(np.asarray(updates["w"])))
   _, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([2.0, 2.0])})
-  np.testing.assert_allclose(np.asarray(state.nu["w"]), [0.75 * 4.0, 0.875 * 4.0])
+  np.testing.assert_allclose(np.asarray(state.nu["w"]), [0.875 * 4.0, 0.875 * 4.0])
 
 
 def test_float16_updates_larger_than_65504_before_the_learning_rate_saturate():
