@@ -1111,6 +1111,11 @@ _ATTENTION_AXES = {
 
 
 def flax_attention_names(paths, shapes, names, rules) -> dict[int, AxisNames]:
+  """:func:`_flax_attention`'s axis names (see there)."""
+  return _flax_attention(paths, shapes, names, rules)[0]
+
+
+def _flax_attention(paths, shapes, names, rules) -> tuple[dict[int, AxisNames], set[int]]:
   """Axis names for the unnamed projection kernels of Flax attention modules.
 
   ``nn.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention`` project with
@@ -1123,8 +1128,13 @@ def flax_attention_names(paths, shapes, names, rules) -> dict[int, AxisNames]:
   ``out`` or ``value`` keeps the rank's guess; its ``key`` and ``value`` kernels
   (another ``embed`` for cross-attention) when their last two axes are those too.
 
+  A query kernel whose first two axes have one size (embed = heads) is also what an
+  ``nn.scan`` stack of ``Dense`` kernels ``(layers, in, out)`` named ``query`` and ``out`` is
+  when ``in`` = ``layers``: its module's kernels are taken for attention but listed as unsure.
+
   Returns:
-    ``{leaf index: axis names}`` for the unnamed leaves under the default rule.
+    ``{leaf index: axis names}`` for the unnamed leaves under the default rule, and the
+    indices among them whose module could be such a stack.
   """
   kernels: dict[tuple[tuple[str, ...], str], int] = {}  # (module's path, projection) -> leaf
   for i, path in enumerate(paths):
@@ -1134,16 +1144,21 @@ def flax_attention_names(paths, shapes, names, rules) -> dict[int, AxisNames]:
     if param_name(path) == "kernel" and projection in _ATTENTION_AXES:
       kernels[tuple(str(k) for k in path[:-2]), projection] = i
   found: dict[int, AxisNames] = {}
+  unsure: set[int] = set()
   for (module, projection), out in kernels.items():
     query = kernels.get((module, "query"))
     if projection != "out" or query is None or shapes[query][1:] != shapes[out][:2]:
       continue
+    members = [out]
     found[out] = _ATTENTION_AXES["out"]
     for name in ("query", "key", "value"):
       j = kernels.get((module, name))
       if j is not None and shapes[j][1:] == shapes[out][:2]:
         found[j] = _ATTENTION_AXES[name]
-  return found
+        members.append(j)
+    if shapes[query][0] == shapes[query][1]:
+      unsure.update(members)
+  return found, unsure
 
 
 def param_name(path) -> str | None:
@@ -1170,7 +1185,7 @@ def _plan(averaging, params, block_size, strict_mode):
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   paths = [x.path for x in infos]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound)
-  attention = flax_attention_names(paths, shapes, names, unbound)
+  attention, attention_unsure = _flax_attention(paths, shapes, names, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     leaf_names, note = names[i], ""
@@ -1180,6 +1195,12 @@ def _plan(averaging, params, block_size, strict_mode):
     elif i in attention:
       leaf_names = attention[i]
       note = " (axis names of a Flax attention projection: its module's query/out kernels)"
+      if i in attention_unsure:
+        unsure[i] = (
+          "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "
+          "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
+          "name its axes"
+        )
     if i in unsure:
       note += f"; AMBIGUOUS ({unsure[i]})"
     if leaf_names is not None:

@@ -826,6 +826,27 @@ def test_unboxed_flax_attention_keeps_heads_apart_and_blocks_its_inputs(rng):
   assert checked == 8
 
 
+def test_unboxed_attention_that_could_be_a_scanned_dense_stack_is_ambiguous():
+  # An nn.scan stack of 8 Dense layers of width 8 named query/value/out has kernels (8, 8, 8):
+  # the attention shapes with embed = heads. Taken for attention, blocks along axis 0 span
+  # layers, so strict mode must refuse it; embed != heads (real attention) stays unflagged.
+  stack = {m: {"kernel": jax.ShapeDtypeStruct((8, 8, 8), jnp.float32)} for m in ("query", "out")}
+  attention = {
+    "query": {"kernel": jax.ShapeDtypeStruct((16, 8, 8), jnp.float32)},
+    "out": {"kernel": jax.ShapeDtypeStruct((8, 8, 16), jnp.float32)},
+  }
+  rows = spatial.describe({"stack": stack, "attn": attention}, block_size=4).rows
+  assert [(r.path, r.ambiguous) for r in rows] == [
+    ("['attn']['out']['kernel']", False),
+    ("['attn']['query']['kernel']", False),
+    ("['stack']['out']['kernel']", True),
+    ("['stack']['query']['kernel']", True),
+  ]
+  assert "embed and heads axes have one size" in rows[3].why
+  with pytest.raises(ValueError, match=r"\['stack'\]\['query'\]\['kernel'\]"):
+    spatial.describe({"stack": stack}, spatial.strict(), block_size=4)
+
+
 class _NormStack(nn.Module):
   """4 scanned LayerNorms and weight-normed Dense layers (no names: the scales come out as
   (4, 6)) and a 2-D LayerNorm."""
