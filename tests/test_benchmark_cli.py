@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -11,16 +12,21 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "benchmarks", "paper")
+STABILITY = os.path.join(ROOT, "benchmarks", "stability")
+
+
+def _script(directory: str, name: str):
+  """The module ``name`` of a scripts folder (imported with that folder on ``sys.path``)."""
+  sys.path.insert(0, directory)
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(directory)
 
 
 @pytest.fixture(scope="module")
 def paper_cli():
-  sys.path.insert(0, PAPER)
-  try:
-    import cli
-  finally:
-    sys.path.remove(PAPER)
-  return cli
+  return _script(PAPER, "cli")
 
 
 def test_paper_quick_run_does_not_write_over_the_committed_results(paper_cli, tmp_path):
@@ -121,13 +127,7 @@ def test_quickstart_refuses_a_bad_flag_before_training():
 
 @pytest.fixture(scope="module")
 def diagnose():
-  stability = os.path.join(ROOT, "benchmarks", "stability")
-  sys.path.insert(0, stability)
-  try:
-    import diagnose
-  finally:
-    sys.path.remove(stability)
-  return diagnose
+  return _script(STABILITY, "diagnose")
 
 
 def test_diagnose_runs_the_four_exact_rule_cases_of_its_file_by_default(diagnose, capsys):
@@ -144,13 +144,7 @@ def test_diagnose_runs_the_four_exact_rule_cases_of_its_file_by_default(diagnose
 
 @pytest.fixture(scope="module")
 def time_to_accuracy():
-  benchmarks = os.path.join(ROOT, "benchmarks")
-  sys.path.insert(0, benchmarks)
-  try:
-    import time_to_accuracy
-  finally:
-    sys.path.remove(benchmarks)
-  return time_to_accuracy
+  return _script(os.path.join(ROOT, "benchmarks"), "time_to_accuracy")
 
 
 def test_adahessian_config_is_checked_before_anything_trains(paper_cli, time_to_accuracy, capsys):
@@ -209,12 +203,7 @@ def test_pods_sizes_the_mesh_cannot_split_are_usage_errors(examples_path, capsys
 
 def test_screen_cells_is_checked_when_parsed():
   # A bad --cells failed with a JSONDecodeError or unpacking traceback after the task was built.
-  stability = os.path.join(ROOT, "benchmarks", "stability")
-  sys.path.insert(0, stability)
-  try:
-    import screen
-  finally:
-    sys.path.remove(stability)
+  screen = _script(STABILITY, "screen")
   assert screen.cell_list("[[4, 1], [1, 0.5]]") == [(4, 1), (1, 0.5)]
   for bad in ("foo", "[]", "[[1]]", "[[0, 1]]", "[[1, -1]]", "[[1.5, 1]]", "[[1, 1e999]]"):
     with pytest.raises(argparse.ArgumentTypeError, match=r"JSON list of \[update_freq, lr"):
@@ -223,12 +212,7 @@ def test_screen_cells_is_checked_when_parsed():
 
 def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
   # `report.py --seeds 8` (its docstring's example) printed an empty line: no 8-seed cells are kept.
-  stability = os.path.join(ROOT, "benchmarks", "stability")
-  sys.path.insert(0, stability)
-  try:
-    import report
-  finally:
-    sys.path.remove(stability)
+  report = _script(STABILITY, "report")
   with pytest.raises(SystemExit) as e:
     report.main(["--seeds", "3"])
   assert e.value.code == 1 and "no cells screened with 3 seeds in" in capsys.readouterr().err
@@ -237,12 +221,7 @@ def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
 def test_step_time_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
   # It failed with a FileNotFoundError traceback.
   pytest.importorskip("flax")
-  benchmarks = os.path.join(ROOT, "benchmarks")
-  sys.path.insert(0, benchmarks)
-  try:
-    import step_time
-  finally:
-    sys.path.remove(benchmarks)
+  step_time = _script(os.path.join(ROOT, "benchmarks"), "step_time")
   missing = str(tmp_path / "step_time_ful.json")
   with pytest.raises(SystemExit) as e:
     step_time.main(["--report", missing])
