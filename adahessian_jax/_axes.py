@@ -113,17 +113,18 @@ def check_bound(axis_name: Any) -> tuple[Any, ...]:
 
 
 def check_not_split_over(moments: Any, axis_name: Any) -> None:
-  """Refuses a parameter split over one of ``axes``, the axes the estimate is averaged over.
+  """Refuses an ``axis_name`` that is not bound (:func:`check_bound`), or that names a mesh axis
+  a parameter is split over: the estimate is averaged over it.
 
   Args:
     moments: The optimizer state's moments (shaped like the parameters, split like them).
-    axis_name: The optimizer's ``axis_name`` (bound: see :func:`check_bound`).
+    axis_name: The optimizer's ``axis_name``.
 
   Raises:
-    ValueError: naming the leaf and the axis, inside ``shard_map`` (elsewhere nothing varies).
+    ValueError: naming ``axis_name`` if it is not bound; naming the leaf and the axis, inside
+      ``shard_map`` (elsewhere nothing varies), if a parameter is split over it.
   """
-
-  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+  axes = check_bound(axis_name)
 
   def check(path, x):
     split = [a for a in axes if a in _varying_axes(x)]

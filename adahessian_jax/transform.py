@@ -11,13 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
-from adahessian_jax._axes import (
-  check_bound,
-  check_not_split_over,
-  device_varying,
-  shard_count,
-  sum_over_shards,
-)
+from adahessian_jax._axes import check_not_split_over, device_varying, shard_count, sum_over_shards
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
@@ -631,7 +625,6 @@ def scale_by_adahessian(
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
-      check_bound(axis_name)
       check_not_split_over(state.mu, axis_name)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
