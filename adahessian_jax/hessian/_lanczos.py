@@ -43,6 +43,15 @@ class Lanczos(NamedTuple):
   num_steps: int
 
 
+def padded(s: np.ndarray, shape: tuple[int, int], dtype) -> jax.Array:
+  """The host matrix ``s`` with zero rows and columns appended up to ``shape``, in ``dtype``: the
+  coefficients of Ritz vectors in a basis of fixed size, so that their products with it compile
+  once whatever the number of steps taken."""
+  out = np.zeros(shape, np.float64)
+  out[: s.shape[0], : s.shape[1]] = s
+  return jnp.asarray(out, dtype)
+
+
 def breakdown_tolerance(n: int, dtype) -> float:
   """Relative size of ``β_j`` below which the Krylov space is taken to be invariant."""
   return float(min(1e-3, 10.0 * np.sqrt(n) * jnp.finfo(dtype).eps))

@@ -41,6 +41,7 @@ from adahessian_jax.hessian._lanczos import (
   breakdown_tolerance,
   lanczos,
   norm,
+  padded,
   ritz_pairs,
   tridiagonal_eigh,
   unit,
@@ -392,7 +393,8 @@ def _lanczos_eigen(
     raise ValueError(f"the Krylov space is invariant after {j} steps, fewer than k={k}")
   # The Ritz pairs, derived once from the final decomposition.
   ritz, errors = ritz_and_errors(alphas, betas)
-  vecs = _ritz_vectors(_padded_coefficients(ritz.coefficients, dec.basis.shape[1]), dec.basis)
+  k_found, rows = ritz.coefficients.shape[1], dec.basis.shape[1]
+  vecs = _ritz_vectors(padded(ritz.coefficients.T, (k_found, rows), dec.basis.dtype), dec.basis)
   exhausted = j == op.size  # T is H in an orthonormal basis: every Ritz value is exact
   errors = np.where(exhausted or betas[-1] == 0, ritz.residuals, errors)  # exact Ritz values
   # Pairs of an open last block are judged one by one; those of closed blocks, exact, are the
@@ -404,24 +406,16 @@ def _lanczos_eigen(
   return _finish(op, ritz.values, vecs, ritz.residuals, errors, j, conv)
 
 
-def _padded_coefficients(coefficients: np.ndarray, rows: int) -> np.ndarray:
-  """The ``(j, k)`` coefficients as ``(k, rows)`` rows, zero past ``j``: the products with the
-  whole ``(rows, n)`` basis then have one shape whatever the number of steps ``j``."""
-  padded = np.zeros((coefficients.shape[1], rows), coefficients.dtype)
-  padded[:, : coefficients.shape[0]] = coefficients.T
-  return padded
-
-
 @jax.jit
 def _ritz_vectors(coefficients, basis):
   """Unit Ritz vectors ``s_i^T V`` of the first run of a Lanczos ``basis`` ``(b, m + 1, n)`` from
-  zero-padded ``(k, m + 1)`` ``coefficients``.
+  zero-padded ``(k, m + 1)`` ``coefficients`` (:func:`padded`).
 
   Compiled once per ``k`` and basis shape: sliced to the ``j`` steps taken (``basis[0, :j]``),
   the slice and the product would be compiled anew for every step count, i.e. at nearly every
   measurement of a training run. The basis rows past ``j`` are zero.
   """
-  return unit(coefficients.astype(basis.dtype) @ basis[0])[0]
+  return unit(coefficients @ basis[0])[0]
 
 
 @jax.jit

@@ -44,7 +44,13 @@ import numpy as np
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._lanczos import breakdown_tolerance, norm, orthogonalise, unit
+from adahessian_jax.hessian._lanczos import (
+  breakdown_tolerance,
+  norm,
+  orthogonalise,
+  padded,
+  unit,
+)
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.preconditioned import preconditioned_operator
 from adahessian_jax.hessian.trace import TraceEstimate, xtrace
@@ -149,13 +155,6 @@ def _with_rows(x: jax.Array, rows: int) -> jax.Array:
   return jnp.zeros((rows, x.shape[1]), x.dtype).at[: x.shape[0]].set(x)
 
 
-def _padded(s: np.ndarray, shape: tuple[int, int], dtype) -> jax.Array:
-  """The host matrix ``s`` with zero rows and columns appended up to ``shape``, in ``dtype``."""
-  out = np.zeros(shape, np.float64)
-  out[: s.shape[0], : s.shape[1]] = s
-  return jnp.asarray(out, dtype)
-
-
 def _next_vector(op, q, grow, key, tol_break):
   """The unit vector that extends the subspace ``q``: ``grow`` orthogonalised against it, or,
   when there is no ``grow`` or nothing of it is left, a normal random vector drawn from ``key``
@@ -213,7 +212,7 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
     theta, s = theta[::-1], s[:, ::-1]
     history.append(float(theta[0]))
     m = min(max(keep, 2), theta.size)
-    y, res_vecs, res = _ritz(q, w, _padded(s[:, :m], (rows, m), op.dtype))
+    y, res_vecs, res = _ritz(q, w, padded(s[:, :m], (rows, m), op.dtype))
     res = np.asarray(res, np.float64)
     err = res[0]
     if theta.size > 1:
@@ -283,7 +282,7 @@ def _beyond_eigenvector(q, w, s, tol, exact, dtype):
   (``None`` when every Ritz vector is an eigenvector to rounding)."""
   # s padded to the buffers' rows and columns (its zero columns give zero, dropped).
   rows = q.shape[0]
-  _, res_vecs, res = _ritz(q, w, _padded(s, (rows, rows), dtype))
+  _, res_vecs, res = _ritz(q, w, padded(s, (rows, rows), dtype))
   res = np.asarray(res, np.float64)[: s.shape[1]]
   live = np.flatnonzero(res > exact)
   if live.size == 0:
