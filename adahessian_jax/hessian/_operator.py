@@ -73,9 +73,11 @@ class ParamLayout:
   unravel: Callable[[jax.Array], Any]
 
   @classmethod
-  def of(cls, params: Any) -> ParamLayout:
-    """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order)."""
-    _, unravel = ravel(params)
+  def of(cls, params: Any, unravel: Callable[[jax.Array], Any] | None = None) -> ParamLayout:
+    """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order); ``unravel``
+    from :func:`ravel` of ``params`` if the caller has raveled them already."""
+    if unravel is None:
+      _, unravel = ravel(params)
     # Canonical paths: a Linen box's or NNX variable's own ``.value`` step is not part of the
     # name ("Dense_0/kernel", not "Dense_0/kernel/value"), as the params' dict keys read.
     infos = canonical_leaves(params)
@@ -876,10 +878,10 @@ def hessian_operator(
   params = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(params))
   data = _batch_list(batch, batches)
   weights = _weights(data, batch_sizes)
-  flat, _ = ravel(params)
+  flat, unravel = ravel(params)
   if flat.size == 0:
     raise ValueError("params has no entries: there is no Hessian to analyse.")
-  layout = ParamLayout.of(params)
+  layout = ParamLayout.of(params, unravel)
   bad = layout.first_not_finite(flat)
   if bad is not None:
     raise NonFiniteError(f"params are not finite: {bad}. Analyse a point the loss is defined at.")
