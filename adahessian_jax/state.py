@@ -75,15 +75,8 @@ _RESTORE_FIX = (
 def untyped_state_hint(opt_state: Any) -> str:
   """``" " + the fix`` if ``opt_state`` holds an AdaHessian state as a plain ``dict`` (a
   checkpoint restored without a target), else ``""``."""
-  found = []
-
-  def visit(x):
-    if isinstance(x, dict) and {"count", "key", "mu", "nu"} <= set(x) <= _FIELDS:
-      found.append(x)
-      return True
-    return False
-
-  jax.tree.leaves(opt_state, is_leaf=visit)
+  untyped = lambda x: isinstance(x, dict) and {"count", "key", "mu", "nu"} <= set(x) <= _FIELDS
+  found = any(untyped(x) for x in jax.tree.leaves(opt_state, is_leaf=untyped))
   return " " + _RESTORE_FIX if found else ""
 
 
