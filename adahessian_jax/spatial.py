@@ -1110,12 +1110,7 @@ _ATTENTION_AXES = {
 }
 
 
-def flax_attention_names(paths, shapes, names, rules) -> dict[int, AxisNames]:
-  """:func:`_flax_attention`'s axis names (see there)."""
-  return _flax_attention(paths, shapes, names, rules)[0]
-
-
-def _flax_attention(paths, shapes, names, rules) -> tuple[dict[int, AxisNames], set[int]]:
+def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNames], set[int]]:
   """Axis names for the unnamed projection kernels of Flax attention modules.
 
   ``nn.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention`` project with
@@ -1185,7 +1180,7 @@ def _plan(averaging, params, block_size, strict_mode):
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   paths = [x.path for x in infos]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound)
-  attention, attention_unsure = _flax_attention(paths, shapes, names, unbound)
+  attention, attention_unsure = flax_attention_names(paths, shapes, names, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     leaf_names, note = names[i], ""

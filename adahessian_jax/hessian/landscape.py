@@ -144,7 +144,8 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   ]
   unnamed = [None] * len(infos)
   paths = [x.path for x in infos]
-  for i, names in spatial.flax_attention_names(paths, one_layer, unnamed, rules).items():
+  attention, _ = spatial.flax_attention_names(paths, one_layer, unnamed, rules)
+  for i, names in attention.items():
     rule = rules[i]
     if roles[i] is None and layers[i] and isinstance(rule, spatial.FlaxDefault):
       per_axis = iter(spatial.axis_role(n, rule.roles()) for n in names)
