@@ -74,9 +74,15 @@ shapes: a module holding a rank-3 ``query`` kernel ``(embed, heads, head_dim)``
 and a rank-3 ``out`` kernel ``(heads, head_dim, embed)`` gives these and its
 ``key``/``value`` kernels of the same heads and head size those axis names.
 
+A stack of layers without names (``nn.scan``/``nnx.vmap`` without axis metadata) is found
+from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``, bias
+``(layers, out)``) or from Linen's automatic module name (``Dense_0``: a kernel of rank 2);
+the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
+A Linen ``Conv_0`` kernel beside its bias is a convolution's for sure.
+
 Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
 ``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
-stack of ``Dense`` kernels ``(layers, in, out)`` share it. The default treats
+stack of ``Dense`` kernels ``(layers, in, out)`` without a bias share it. The default treats
 it as a convolution; :func:`describe` lists every leaf with the rule chosen and
 why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
 leaves with an error naming them all. Explicit rules always win: pass a rule, a
@@ -476,6 +482,8 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   without a ``vocab`` axis name keeps its rows (tokens) apart.
   """
   ndim = len(shape)
+  if names is not None and all(n is None for n in names):  # one layer of an unnamed stack
+    names = None
   kinds = None if names is None else [axis_role(n, roles) for n in names]
   stacked = () if kinds is None else tuple(i for i, k in enumerate(kinds) if k == STACKED)
   if stacked and names is not None:
@@ -1101,6 +1109,132 @@ def _in_named_stacks(
   return inferred, unsure
 
 
+#: Linen's automatic module names (``Dense_0``) give the module's class, which fixes the rank of
+#: some of its parameters: ``(class, parameter name) -> rank``.
+_CLASS_RANKS = {
+  ("Dense", "kernel"): 2,
+  ("Dense", "bias"): 1,
+  ("Embed", "embedding"): 2,
+  ("Conv", "bias"): 1,
+  ("ConvTranspose", "bias"): 1,
+}
+#: The (kernel, bias) pairs a module holds: Flax's names, and Haiku's.
+_KERNEL_BIAS = (("kernel", "bias"), ("w", "b"))
+
+
+def _key_name(key: Any) -> Any:
+  return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+
+def _stack_count(module: tuple, members: dict[str, int], shapes) -> tuple[tuple[int, ...], str]:
+  """How many leading axes of a module's unnamed leaves stack layers, by its own evidence.
+
+  Two kinds: Linen's automatic name (``Dense_3``) fixes the rank of a ``Dense`` kernel (2) and
+  bias (1), so more axes are stacked; and a bias that repeats its kernel's leading axes (kernel
+  ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's trailing
+  axes (``(out,)``; ``(heads, head_dim)`` for an attention projection).
+
+  Returns:
+    The sizes of the stacked axes (``()``: no evidence) and why.
+  """
+  linen = _linen_class(module)
+  for (cls, param), rank in _CLASS_RANKS.items():
+    i = members.get(param) if cls == linen else None
+    if i is not None and len(shapes[i]) > rank:
+      return shapes[i][: len(shapes[i]) - rank], (
+        f"Linen's name {module[-1]!r} makes it a {cls}, whose {param} has rank {rank}"
+      )
+  for kernel, bias in _KERNEL_BIAS:
+    if kernel not in members or bias not in members:
+      continue
+    k, b = shapes[members[kernel]], shapes[members[bias]]
+    if len(k) < 3 or not 2 <= len(b) < len(k) or b == k[len(k) - len(b) :]:
+      continue  # one layer's bias is its kernel's output axes
+    for n in range(1, len(b)):
+      if b == k[:n] + k[len(k) - len(b) + n :]:
+        return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+  return (), ""
+
+
+def _stacks_by_evidence(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str]]:
+  """Stacked axes for unnamed leaves whose own module shows it is a stack of layers.
+
+  ``nn.scan``/``nn.vmap``/``nnx.vmap`` without axis names (no boxes, no transform metadata)
+  leave plain arrays: a ``Dense`` kernel ``(layers, in, out)``, which the rank alone would take
+  for a 1-D ``Conv`` kernel and average across layers. A module whose automatic Linen name or
+  whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
+  for every unnamed leaf under the default rule that has them; :func:`_in_named_stacks` then
+  passes them to the module's unnamed relatives in the stack, as it does real names.
+
+  Returns:
+    ``{leaf index: (names with the stacked axes, None elsewhere; why)}``.
+  """
+  modules: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if names[i] is None and isinstance(rules[i], FlaxDefault) and param is not None:
+      modules.setdefault(tuple(_key_name(k) for k in path[:-1]), {})[param] = i
+  found: dict[int, tuple[AxisNames, str]] = {}
+  for module, members in modules.items():
+    lead, why = _stack_count(module, members, shapes)
+    n = len(lead)
+    if not n:
+      continue
+    for i in members.values():
+      stacked = [x for x, role in rules[i].roles().items() if role == STACKED]
+      if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
+        found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
+  return found
+
+
+def _linen_class(module: tuple) -> str | None:
+  """The class a Linen automatic module name (``Conv_2``: ``Conv``) gives, else ``None``."""
+  name = module[-1] if module else None
+  parts = name.rsplit("_", 1) if isinstance(name, str) else []
+  return parts[0] if len(parts) == 2 and parts[1].isdigit() and parts[0] else None
+
+
+def _conv_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
+  """Axis names for the unnamed kernels of Linen ``Conv``/``ConvTranspose`` modules.
+
+  A kernel ``(*spatial, in, out)`` under Linen's automatic name (``Conv_0``) beside its bias
+  ``(out,)`` is a convolution's: its leading axes are spatial, which the rank alone could only
+  guess. A kernel whose only names are leading stacked axes (a stack found from its bias
+  ``(layers, out)``) is read past them. Without a bias the stacked axes are unknown, and the
+  rank's guess stays.
+
+  Returns:
+    ``{leaf index: axis names}``.
+  """
+  kernels: dict[tuple, int] = {}
+  biases: dict[tuple, int] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if param in ("kernel", "bias"):
+      (kernels if param == "kernel" else biases)[tuple(_key_name(k) for k in path[:-1])] = i
+  found: dict[int, AxisNames] = {}
+  for module, i in kernels.items():
+    rule, b = rules[i], biases.get(module)
+    if b is None or not isinstance(rule, FlaxDefault):
+      continue
+    if _linen_class(module) not in ("Conv", "ConvTranspose"):
+      continue
+    roles = rule.roles()
+    lead = _leading_stack(names[i], roles)
+    spatial = sorted((x != "spatial", x) for x, role in roles.items() if role == SPATIAL)
+    k, bias = shapes[i], shapes[b]
+    if lead is None or not spatial or len(k) - lead < 3:
+      continue
+    if bias != k[:lead] + k[-1:]:
+      continue
+    found[i] = (
+      tuple(names[i][:lead] if names[i] else ())
+      + (spatial[0][1],) * (len(k) - lead - 2)
+      + (None, None)
+    )
+  return found
+
+
 #: The axis names of the projection kernels of Flax's attention modules, by module name.
 _ATTENTION_AXES = {
   "query": ("embed", "heads", "head_dim"),
@@ -1108,6 +1242,16 @@ _ATTENTION_AXES = {
   "value": ("embed", "heads", "head_dim"),
   "out": ("heads", "head_dim", "embed"),
 }
+
+
+def _leading_stack(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
+  """The number of leading stacked axes of a leaf with no other names, else ``None``."""
+  if names is None:
+    return 0
+  n = 0
+  while n < len(names) and names[n] is not None and axis_role(names[n], roles) == STACKED:
+    n += 1
+  return n if n and all(x is None for x in names[n:]) else None
 
 
 def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNames], set[int]]:
@@ -1122,6 +1266,9 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
   two axes are the query's last two (heads, head size), so a lone ``Conv`` named
   ``out`` or ``value`` keeps the rank's guess; its ``key`` and ``value`` kernels
   (another ``embed`` for cross-attention) when their last two axes are those too.
+  Kernels whose only names are leading stacked axes (a stack found by
+  :func:`_stacks_by_evidence` or from named relatives) are read past those axes, the
+  stack the same for all of the module's kernels.
 
   A query kernel whose first two axes have one size (embed = heads) is also what an
   ``nn.scan`` stack of ``Dense`` kernels ``(layers, in, out)`` named ``query`` and ``out`` is
@@ -1131,27 +1278,36 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
     ``{leaf index: axis names}`` for the unnamed leaves under the default rule, and the
     indices among them whose module could be such a stack.
   """
-  kernels: dict[tuple[tuple[str, ...], str], int] = {}  # (module's path, projection) -> leaf
+  kernels: dict[tuple[tuple[str, ...], str], tuple[int, int]] = {}  # -> (leaf, stacked axes)
   for i, path in enumerate(paths):
-    if names[i] is not None or not isinstance(rules[i], FlaxDefault) or len(shapes[i]) != 3:
+    rule = rules[i]
+    if not isinstance(rule, FlaxDefault):
+      continue
+    lead = _leading_stack(names[i], rule.roles())
+    if lead is None or len(shapes[i]) != lead + 3:
       continue
     projection = param_name(path[:-1])
     if param_name(path) == "kernel" and projection in _ATTENTION_AXES:
-      kernels[tuple(str(k) for k in path[:-2]), projection] = i
+      kernels[tuple(str(k) for k in path[:-2]), projection] = (i, lead)
   found: dict[int, AxisNames] = {}
   unsure: set[int] = set()
-  for (module, projection), out in kernels.items():
-    query = kernels.get((module, "query"))
-    if projection != "out" or query is None or shapes[query][1:] != shapes[out][:2]:
+  for (module, projection), (out, lead) in kernels.items():
+    query, q_lead = kernels.get((module, "query"), (None, None))
+    if projection != "out" or query is None or q_lead != lead:
       continue
-    members = [out]
-    found[out] = _ATTENTION_AXES["out"]
-    for name in ("query", "key", "value"):
-      j = kernels.get((module, name))
-      if j is not None and shapes[j][1:] == shapes[out][:2]:
-        found[j] = _ATTENTION_AXES[name]
+    stack, one = shapes[out][:lead], shapes[query][lead:]
+    if shapes[query][:lead] != stack or one[1:] != shapes[out][lead : lead + 2]:
+      continue
+    members = []
+    for name in ("query", "key", "value", "out"):
+      j, j_lead = kernels.get((module, name), (None, None))
+      if j is None or j_lead != lead or shapes[j][:lead] != stack:
+        continue
+      heads = shapes[j][lead : lead + 2] if name == "out" else shapes[j][lead + 1 :]
+      if heads == one[1:]:
+        found[j] = tuple(names[j][:lead] if names[j] else ()) + _ATTENTION_AXES[name]
         members.append(j)
-    if shapes[query][0] == shapes[query][1]:
+    if one[0] == one[1]:
       unsure.update(members)
   return found, unsure
 
@@ -1169,6 +1325,14 @@ def param_name(path) -> str | None:
   return "scale" if name.endswith("/scale") else name
 
 
+def _averages_nothing(rule: Rule, shape) -> bool:
+  """Whether ``rule`` leaves every entry of a leaf of ``shape`` alone (groups of one)."""
+  try:
+    return rule.groups(shape) == {1: _size(shape)}
+  except ValueError:
+    return False
+
+
 def _plan(averaging, params, block_size, strict_mode):
   spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
   infos = layout.leaves(params)
@@ -1179,29 +1343,42 @@ def _plan(averaging, params, block_size, strict_mode):
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   paths = [x.path for x in infos]
+  evident = _stacks_by_evidence(paths, shapes, names, unbound)
+  own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound)
-  attention, attention_unsure = flax_attention_names(paths, shapes, names, unbound)
+  stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
+  attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
+  convs = _conv_kernels(paths, shapes, stacked, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
-    leaf_names, note = names[i], ""
-    if i in inferred:
-      leaf_names, relative = inferred[i]
-      note = f" (stacked axes taken from its named relative {wheres[relative]})"
-    elif i in attention:
+    leaf_names, note = stacked[i], ""
+    if i in evident:
+      note = f" (stacked axes inferred: {evident[i][1]})"
+    elif i in inferred:
+      note = f" (stacked axes taken from its named relative {wheres[inferred[i][1]]})"
+    if i in convs:
+      leaf_names = convs[i]
+      note += " (a Linen Conv kernel by its module's name and bias: spatial axes named)"
+    if i in attention:
       leaf_names = attention[i]
-      note = " (axis names of a Flax attention projection: its module's query/out kernels)"
+      note += " (axis names of a Flax attention projection: its module's query/out kernels)"
       if i in attention_unsure:
         unsure[i] = (
           "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "
           "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
           "name its axes"
         )
-    if i in unsure:
-      note += f"; AMBIGUOUS ({unsure[i]})"
     if leaf_names is not None:
       rule = rule.bind(leaf_names)
     rule.check(shape, where)
     choice = rule.explain(shape)
+    if i in unsure and _averages_nothing(rule, shape):
+      given_names = own[i]
+      alone = unbound[i] if given_names is None else unbound[i].bind(given_names)
+      if _averages_nothing(alone, shape):  # a bias or scale: none, stacked or not
+        del unsure[i]
+    if i in unsure:
+      note += f"; AMBIGUOUS ({unsure[i]})"
     bound.append(rule)
     rows.append(
       Row(

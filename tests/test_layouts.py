@@ -61,7 +61,7 @@ def linen_stack(box, kernel_names=("embed", "mlp"), bias_names=("mlp",)):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def nnx_stack(transform):
+def nnx_stack(transform, use_bias=True):
   """The same stack from nnx.vmap or nnx.scan with sharding metadata on the variables."""
 
   class Layer(nnx.Module):
@@ -71,6 +71,7 @@ def nnx_stack(transform):
         32,
         kernel_init=nnx.with_partitioning(lecun, ("embed", "mlp")),
         bias_init=nnx.with_partitioning(zeros, ("mlp",)),
+        use_bias=use_bias,
         param_dtype=jnp.float64,
         rngs=rngs,
       )
@@ -129,23 +130,34 @@ def test_linen_scan_stack_keeps_each_layer(box, kernel_names, bias_names, block_
     np.testing.assert_allclose(u, np.broadcast_to(want, u.shape), rtol=1e-14)
 
 
-def test_without_names_the_default_averages_across_layers_and_strict_says_so():
+def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
   boxed = linen_stack(nn.with_logical_partitioning)
   plain = nn.unbox(boxed)
   h = per_layer_constants(plain)
-  # The defect this module fixes, kept for unnamed leaves: rank 3 is taken for a 1-D conv.
-  got = spatial.apply_rules(spatial.resolve_rules(None, plain), h)
-  np.testing.assert_allclose(got["layers"]["kernel"], LAYER_CURVATURE.mean())  # 277.75
+  # Unnamed, the kernel (4, 16, 32) has a 1-D Conv kernel's rank; its bias (4, 32) repeats the
+  # kernel's leading axis (one layer's bias would be (32,)), so the module is a stack of layers.
+  check_layers_kept(spatial.apply_rules(spatial.resolve_rules(None, plain), h))
+  row = spatial.describe(plain).rows[1]
+  assert row.rule == spatial.per_layer(spatial.blocks(1)) and not row.ambiguous
+  assert "bias (4, 32) repeats the kernel's leading axes (4,)" in row.why
+  spatial.resolve_rules(None, plain, strict=True)  # nothing left to guess
+  # Without its bias nothing tells the stack from a 1-D conv: the rank decides (277.75 on every
+  # layer, the mean of 1, 10, 100 and 1000), and strict mode refuses the guess.
+  kernel_only = {"layers": {"kernel": plain["layers"]["kernel"]}}
+  h_kernel = {"layers": {"kernel": h["layers"]["kernel"]}}
+  got = spatial.apply_rules(spatial.resolve_rules(None, kernel_only), h_kernel)
+  np.testing.assert_allclose(got["layers"]["kernel"], LAYER_CURVATURE.mean())
   with pytest.raises(ValueError, match=r"1 leaf is ambiguous[\s\S]*\['layers'\]\['kernel'\]"):
-    spatial.resolve_rules(None, plain, strict=True)
+    spatial.resolve_rules(None, kernel_only, strict=True)
   with pytest.raises(ValueError, match="ambiguous"):
-    ah.scale_by_adahessian(averaging=spatial.strict()).init(plain)
+    ah.scale_by_adahessian(averaging=spatial.strict()).init(kernel_only)
   # Names from the boxes (or their partition specs) restore the per-layer rule.
   for source in (boxed, nn.get_partition_spec(boxed)):
-    check_layers_kept(spatial.apply_rules(spatial.resolve_rules(spatial.named(source), plain), h))
+    rules = spatial.resolve_rules(spatial.named(source), kernel_only)
+    check_layers_kept(spatial.apply_rules(rules, h_kernel))
   # And so does the explicit modifier.
-  rules = spatial.resolve_rules(spatial.per_layer(spatial.flax_default(4)), plain)
-  check_layers_kept(spatial.apply_rules(rules, h))
+  rules = spatial.resolve_rules(spatial.per_layer(spatial.flax_default(4)), kernel_only)
+  check_layers_kept(spatial.apply_rules(rules, h_kernel))
 
 
 def test_stacked_bias_is_not_blocked_along_the_layer_axis(rng):
@@ -184,8 +196,21 @@ def test_nnx_stacks_keep_each_layer(transform):
     np.testing.assert_allclose(step, np.broadcast_to(want, step.shape), rtol=1e-12)
 
 
-def test_nnx_optimizer_without_names_is_caught_by_strict_mode():
+def test_nnx_optimizer_without_names_keeps_layers_by_the_bias_else_strict_refuses():
+  # nnx.Optimizer hands the transform plain arrays; the Linear's bias (4, 32) still tells the
+  # stack of kernels (4, 16, 32) from a 1-D conv, so even strict mode keeps each layer alone.
   model = nnx_stack("vmap")
+  tx = ah.scale_by_adahessian(block_size=4, averaging=spatial.strict())
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  optimizer.update(model, grads, hessian_diag=per_layer_constants(before))
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  for step in leaf_values(jax.tree.map(jnp.subtract, after, before)):
+    want = (1 / (LAYER_CURVATURE + EPS)).reshape((4,) + (1,) * (step.ndim - 1))
+    np.testing.assert_allclose(step, np.broadcast_to(want, step.shape), rtol=1e-12)
+  # Without a bias nothing does: strict mode refuses the rank's guess.
+  model = nnx_stack("vmap", use_bias=False)
   optimizer = nnx.Optimizer(
     model, ah.scale_by_adahessian(averaging=spatial.strict()), wrt=nnx.Param
   )
@@ -261,9 +286,7 @@ EXPECTED = {
   "['Dense_0']['bias']": ((11,), spatial.none()),
 }
 AMBIGUOUS_UNNAMED = [
-  "['Conv_0']['kernel']",
   "['Embed_0']['embedding']",  # rows kept apart, but an (in, out) kernel could be so named
-  "['stack']['Dense_0']['kernel']",
 ]
 
 
@@ -331,7 +354,14 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
   for path in [f"{q}['kernel']" for q in QKV] + [f"{ATTN}['out']['kernel']"]:
     assert rows[path].rule == EXPECTED[path][1], rows[path]
     assert "Flax attention projection" in rows[path].why
-  with pytest.raises(ValueError, match="3 leaves are ambiguous") as err:
+  # The scanned Dense is told by Linen's name for it and by its bias (3, 8), the Conv by its
+  # name and its bias (8,): the boxed rules.
+  for path in ("['stack']['Dense_0']['kernel']", "['stack']['Dense_0']['bias']"):
+    assert rows[path].rule == EXPECTED[path][1], rows[path]
+    assert "Linen's name 'Dense_0' makes it a Dense" in rows[path].why
+  assert rows["['Conv_0']['kernel']"].rule == EXPECTED["['Conv_0']['kernel']"][1]
+  assert "a Linen Conv kernel by its module's name and bias" in rows["['Conv_0']['kernel']"].why
+  with pytest.raises(ValueError, match="1 leaf is ambiguous") as err:
     spatial.describe(plain, block_size=3, strict=True)
   for path in AMBIGUOUS_UNNAMED:
     assert path + ": shape" in str(err.value)
@@ -460,11 +490,10 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
     for u, v in zip(leaf_values(b), leaf_values(p), strict=True):
       np.testing.assert_array_equal(u, v)
   assert optax.tree.norm(plain_updates[-1]) > 0
-  # Without the names the unboxed run would differ: the kernel averaged across its 3 layers.
-  assert spatial.resolve_rules(None, plain, 3)["kernel"] == spatial.flax_default(3)
+  # Without the names, the bias (3, 4) repeating the kernel's leading axis says it is a stack.
   unnamed = {r.path: r.rule for r in spatial.describe(plain, None, 3).rows}
-  assert unnamed["['kernel']"] == spatial.mean_over(0)
-  assert unnamed["['bias']"] == spatial.none()  # a Flax 'bias' is never averaged, named or not
+  assert unnamed["['kernel']"] == spatial.per_layer(spatial.blocks(3))
+  assert unnamed["['bias']"] == spatial.per_layer(spatial.none())
 
   # The state carries the params' metadata: its moments shard like the params.
   inner = ah.find_adahessian_state(boxed_state)
@@ -549,21 +578,16 @@ def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
   scale = rows["['blocks']['LayerNorm_0']['scale']" if nested else "['LayerNorm_0']['scale']"]
   assert scale.names == ("layers", None)
   assert "stacked axes taken from its named relative" in scale.why
-  # With the stack under a key, its leaves' inference is sure; at the root strict mode refuses.
-  # The head shares no key with the stack and, though its kernel has the stack's 4 rows, its
-  # bias has not: the root, which holds both, is no stack, and the kernel is a Dense kernel.
-  ambiguous = [r.path for r in listing.ambiguous]
+  # With the stack under a key, its leaves' inference is sure. At the root the LayerNorm shares
+  # no module with the named kernel, a guess, but a scale or bias is averaged by no rule, stacked
+  # or not: nothing for strict mode to refuse (test_an_unnamed_leaf_between_... has a leaf
+  # where it matters). The head shares no key with the stack and, though its kernel has the
+  # stack's 4 rows, its bias has not: the root, which holds both, is no stack, and the kernel is
+  # a Dense kernel.
+  assert listing.ambiguous == ()
   if nested:
-    assert ambiguous == []
     assert rows["['head']['kernel']"].rule == spatial.blocks(2)
-  else:
-    # The Dense bias shares its module with the named kernel; the LayerNorm shares none.
-    assert ambiguous == ["['LayerNorm_0']['bias']", "['LayerNorm_0']['scale']"]
-  if nested:
-    spatial.describe(plain, spatial.strict(spatial.named(params)), 2)
-  else:
-    with pytest.raises(ValueError, match="ambiguous"):
-      spatial.describe(plain, spatial.strict(spatial.named(params)), 2)
+  spatial.describe(plain, spatial.strict(spatial.named(params)), 2)
 
 
 class ConvThenScannedBlocks(nn.Module):
@@ -604,7 +628,8 @@ def test_a_conv_kernel_beside_a_stack_of_its_height_keeps_its_spatial_average(mo
   np.testing.assert_allclose(inner(nu)["ScanScannedBlock_0"]["LayerNorm_0"]["scale"], ln, rtol=1e-6)
   rows = {r.path: r for r in spatial.describe(plain, spatial.named(params)).rows}
   prefix = "['ConvThenScannedBlocks_0']" if model is Wrapped else ""
-  assert rows[f"{prefix}['Conv_0']['kernel']"].names is None
+  # Its names are a Conv kernel's (Linen's name 'Conv_0' and its bias (8,)), not the stack's.
+  assert rows[f"{prefix}['Conv_0']['kernel']"].names == ("spatial", "spatial", None, None)
   assert rows[f"{prefix}['ScanScannedBlock_0']['LayerNorm_0']['scale']"].names == ("layers", None)
 
 
@@ -674,10 +699,11 @@ def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():
   params = {
     "stack": nn.LogicallyPartitioned(jnp.zeros((4, 8, 8)), ("layers", "embed", "mlp")),
     "embed": nn.LogicallyPartitioned(jnp.zeros((10, 8)), ("vocab", "embed")),
-    "scale": jnp.zeros((4, 8)),  # stacked, or a Dense kernel (4, 8)? its relatives disagree
+    "gamma": jnp.zeros((4, 8)),  # stacked, or a Dense kernel (4, 8)? its relatives disagree
+    "scale": jnp.zeros((4, 8)),  # the same question, but a 'scale' is never averaged
   }
-  assert [r.path for r in spatial.describe(params, block_size=2).ambiguous] == ["['scale']"]
-  with pytest.raises(ValueError, match=r"\['scale'\]: shape \(4, 8\)"):
+  assert [r.path for r in spatial.describe(params, block_size=2).ambiguous] == ["['gamma']"]
+  with pytest.raises(ValueError, match=r"1 leaf is ambiguous[\s\S]*\['gamma'\]: shape \(4, 8\)"):
     spatial.describe(params, spatial.strict(), block_size=2)
 
 
@@ -889,7 +915,7 @@ def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
     "['nnx_stack']['scale']",
     "['norm_2d']['scale']",
   ):
-    assert rows[path].rule == spatial.none() and not rows[path].ambiguous, rows[path]
+    assert rows[path].groups == {1: 24} and not rows[path].ambiguous, rows[path]
 
 
 def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
@@ -965,3 +991,107 @@ def test_a_mixture_of_experts_is_averaged_per_expert():
   np.testing.assert_allclose(got["wi"], jnp.broadcast_to(blocks, (3, 2, 4, 2)).reshape(3, 8, 2))
   np.testing.assert_allclose(got["router"], h["router"])  # one entry per expert and input
   assert not spatial.describe(params, block_size=4).ambiguous
+
+
+class UnnamedBlock(nn.Module):
+  """A transformer-style block with no axis names at all, as most Linen code writes one."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(nn.LayerNorm()(x))
+    x = x + h
+    h = nn.Dense(16, use_bias=False, name="up")(x)  # a name of its own, no bias
+    h = nn.Conv(16, (3,), padding="SAME")(h)  # a 1-D Conv kernel per layer: (3, 16, 16)
+    return x + nn.Dense(6, use_bias=False)(nn.relu(h)), None  # Linen's name, no bias
+
+
+class UnnamedStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(UnnamedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return nn.Dense(2)(scan()(x, None)[0])
+
+
+def test_an_unnamed_linen_scan_keeps_its_layers_apart(rng):
+  # Plain nn.scan without metadata_params: every leaf is a plain array with a leading axis of 3
+  # layers. By rank, the Dense kernels (3, in, out) were 1-D Conv kernels averaged across layers
+  # (even at block_size 1) and the attention kernels (3, embed, heads, head_dim) 2-D ones. A
+  # bias repeating its kernel's leading axis, or Linen's name 'Dense_0' (a Dense kernel has rank
+  # 2), shows the stack; the leaves beside them ('up', the LayerNorm) take it from them, and the
+  # attention and Conv kernels are then read per layer by their module names.
+  params = UnnamedStack().init(jax.random.key(0), jnp.ones((1, 5, 6)))["params"]
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert not any(r.ambiguous for r in rows.values()), [r.path for r in rows.values() if r.ambiguous]
+  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
+  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
+    where, d = jax.tree_util.keystr(path), np.asarray(d)
+    if not where.startswith("['ScanUnnamedBlock_0']"):  # the head: a Dense kernel and its bias
+      want = block_average(d, 2) if d.ndim == 2 else d
+    elif not where.endswith("['kernel']"):  # biases and LayerNorm: nothing averaged
+      want = d
+    elif "['Conv_0']" in where:  # per layer, the mean over the 3 positions of the window
+      want = np.broadcast_to(d.mean(axis=1, keepdims=True), d.shape)
+    else:  # per layer: inputs in blocks of 2; the output projection's inputs within one head
+      axis = 1 if "['out']" in where else 0
+      want = np.stack([block_average(layer, 2, axis=axis) for layer in d])
+    np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=where)
+    if where.startswith("['ScanUnnamedBlock_0']"):
+      assert rows[where].names[0] == "layers", rows[where]
+  # The per-layer Hessian analyses read the same layers.
+  axes = dict(zip(rows, layer_axes_of(params), strict=True))
+  assert (
+    axes["['ScanUnnamedBlock_0']['up']['kernel']"] == (0,) and axes["['Dense_0']['kernel']"] == ()
+  )
+  assert (
+    "Linen's name 'Dense_0' makes it a Dense"
+    in rows["['ScanUnnamedBlock_0']['Dense_0']['kernel']"].why
+  )
+  assert "taken from its named relative" in rows["['ScanUnnamedBlock_0']['up']['kernel']"].why
+
+
+def test_what_tells_a_stack_without_names_and_what_does_not():
+  def rows(tree, block_size=2):
+    shapes = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+    listing = spatial.describe(shapes, block_size=block_size)
+    return {r.path: (r.rule, r.ambiguous) for r in listing.rows}
+
+  # A bias repeating the kernel's leading axes: a stack of layers, under any module name, with
+  # Haiku's w/b too; a stack of stacks (2, 3, ...) by its bias (2, 3, out).
+  got = rows(
+    {
+      "mlp": {"kernel": (4, 6, 8), "bias": (4, 8)},
+      "hk": {"w": (4, 6, 8), "b": (4, 8)},
+      "deep": {"kernel": (2, 3, 6, 8), "bias": (2, 3, 8)},
+    }
+  )
+  assert got["['mlp']['kernel']"] == (spatial.per_layer(spatial.blocks(2)), False)
+  assert got["['hk']['w']"] == (spatial.per_layer(spatial.blocks(2)), False)
+  assert got["['hk']['b']"] == (spatial.per_layer(spatial.none()), False)
+  assert got["['deep']['kernel']"] == (spatial.per_layer(spatial.blocks(2), axes=(0, 1)), False)
+  # One layer's bias is its kernel's output axes: a DenseGeneral (in, heads, head_dim) with its
+  # (heads, head_dim) bias and a 1-D Conv (3, in, out) with its (out,) bias are no stacks, and a
+  # kernel without a bias says nothing: the rank's guess, flagged.
+  got = rows(
+    {
+      "general": {"kernel": (6, 2, 4), "bias": (2, 4)},
+      "conv": {"kernel": (3, 6, 8), "bias": (8,)},
+      "alone": {"kernel": (4, 6, 8)},
+      "Dense_1": {"kernel": (6, 6, 8), "bias": (6, 8)},  # layers = inputs: only the name tells
+      "Conv_0": {"kernel": (3, 3, 6, 8)},  # a Conv without a bias: stacked or 2-D, unknown
+    }
+  )
+  for leaf in ("general", "conv", "alone", "Conv_0"):
+    rule, ambiguous = got[f"['{leaf}']['kernel']"]
+    assert rule == spatial.mean_over(tuple(range(2 if leaf == "Conv_0" else 1))) and ambiguous
+  assert got["['Dense_1']['kernel']"] == (spatial.per_layer(spatial.blocks(2)), False)
+  # A Linen Conv with its bias: the spatial axes are sure, stacked (bias (layers, out)) or not.
+  got = rows(
+    {
+      "Conv_0": {"kernel": (3, 6, 8), "bias": (8,)},
+      "Conv_1": {"kernel": (4, 3, 6, 8), "bias": (4, 8)},
+    }
+  )
+  assert got["['Conv_0']['kernel']"] == (spatial.mean_over(0), False)
+  assert got["['Conv_1']['kernel']"] == (spatial.per_layer(spatial.mean_over(0)), False)
