@@ -129,6 +129,34 @@ def map_adahessian_state(
   return jax.tree.map(lambda x: fn(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
 
 
+def _check_is_state(state: Any, call: str) -> None:
+  """Raises ``TypeError`` unless ``state`` is a :class:`ScaleByAdaHessianState` (not, e.g., the
+  whole optimizer state of :func:`adahessian_jax.adahessian`, a tuple around it)."""
+  if not _is_state(state):
+    raise TypeError(
+      f"{call} takes the AdaHessian state itself, got {type(state).__name__}: pass "
+      "adahessian_jax.find_adahessian_state(opt_state)." + untyped_state_hint(state)
+    )
+
+
+def check_key_data(key: Any) -> None:
+  """Raises ``ValueError`` unless the state's ``key`` field is raw key data, one row per probe.
+
+  ``map_adahessian_state(lambda s: s._replace(key=...), opt_state)`` lets a user put in a typed
+  key (``jax.random.key``), a single key or one without the probe axis: they failed deep inside
+  JAX, or a single raw key of shape ``(2,)`` read as two probes' keys.
+  """
+  typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+  if not typed and jnp.ndim(key) == 2 and jnp.result_type(key) == jnp.uint32:
+    return
+  what = "typed PRNG keys" if typed else f"an array of dtype {jnp.result_type(key)}"
+  raise ValueError(
+    f"the AdaHessian state's key must be raw key data, one row per probe (shape (n_samples, "
+    f"key size), uint32), got {what} of shape {jnp.shape(key)}. Replace it with "
+    "jax.random.key_data(jax.random.split(key, n_samples))."
+  )
+
+
 def probe_keys(state: ScaleByAdaHessianState, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
   """The keys of this step's probes, and the state's key data after a refresh.
 
@@ -142,7 +170,13 @@ def probe_keys(state: ScaleByAdaHessianState, axis_name: Any = None) -> tuple[ja
   Returns:
     ``(keys, next_key_data)``: a 1-D array of ``n_samples`` PRNG keys for the
     probes, and the raw key data to store if this step refreshes.
+
+  Raises:
+    TypeError: for a ``state`` that is not a :class:`ScaleByAdaHessianState`.
+    ValueError: for a ``key`` field that is not raw key data of shape ``(n_samples, key size)``.
   """
+  _check_is_state(state, "probe_keys")
+  check_key_data(state.key)
   keys = jax.random.wrap_key_data(state.key)
   next_key = jax.random.key_data(jax.vmap(lambda k: jax.random.split(k)[0])(keys))
   source = state.key if axis_name is None else fold_in_axis_index(state.key, axis_name)
@@ -168,8 +202,10 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
   Raises:
     ValueError: for ``refresh=False`` with ``update_freq == 1``, or a
       ``refresh`` that contradicts a concrete state's schedule.
-    TypeError: for a ``refresh`` that is not a Python bool.
+    TypeError: for a ``refresh`` that is not a Python bool, or a ``state`` that is not a
+      :class:`ScaleByAdaHessianState`.
   """
+  _check_is_state(state, "is_refresh_step")
   if refresh is not None and not isinstance(refresh, bool):
     raise TypeError(
       f"refresh must be a Python bool decided on the host (one compiled program per value), "

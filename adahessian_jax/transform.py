@@ -15,6 +15,7 @@ from adahessian_jax._axes import check_not_split_over, device_varying, shard_cou
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
+  check_key_data,
   is_refresh_step,
   moment_steps,
   on_refresh,
@@ -59,6 +60,7 @@ def _check_state(
       f"scale_by_adahessian's update got {kind} as its state, not the ScaleByAdaHessianState its "
       "init returns." + (untyped_state_hint(state) or " Pass the state made by tx.init.")
     )
+  check_key_data(state.key)  # a single raw key of shape (2,) would read as two probes' keys
   fix = " Build the transform with the arguments the state was made with, or start a new state."
   if state.key.shape[0] != n_samples:
     raise ValueError(
@@ -550,7 +552,8 @@ def scale_by_adahessian(
   Raises:
     ValueError: at construction, for a hyperparameter out of range, naming it;
       at ``update`` for a state made with another ``update_freq``,
-      ``n_samples`` or ``lazy_moment``, ``updates`` or ``params`` whose tree or
+      ``n_samples`` or ``lazy_moment`` (or whose ``key`` is not raw key data, one row
+      per probe), ``updates`` or ``params`` whose tree or
       shapes are not those the state was made for, a ``hessian_diag`` leaf
       whose shape or dtype does not fit its parameter (naming a leaf path),
       both ``value_fn`` and ``hessian_diag``, neither on a step that may

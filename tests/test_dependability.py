@@ -211,6 +211,37 @@ def test_lazy_state_with_another_frequency_is_switched_under_jit():
   assert int(ah.find_adahessian_state(new_state).count) == 1
 
 
+@pytest.mark.parametrize("route", ["value_fn", "fused"])
+@pytest.mark.parametrize(
+  "key,got",
+  [
+    (jax.random.split(jax.random.key(1), 2), r"typed PRNG keys of shape \(2,\)"),
+    (jax.random.PRNGKey(1), r"dtype uint32 of shape \(2,\)"),  # read as 2 probes' keys
+    (jax.random.key(1), r"typed PRNG keys of shape \(\)"),
+  ],
+)
+def test_a_replaced_key_that_is_not_raw_key_data_per_probe_is_named(route, key, got):
+  params = small_params()
+  state = ah.map_adahessian_state(
+    lambda s: s._replace(key=key), ah.adahessian(0.1, n_samples=2).init(params)
+  )
+  tx = ah.adahessian(0.1, n_samples=2)
+  grads = jax.grad(small_loss)(params)
+  match = r"state's key must be raw key data, one row per probe.*" + got
+  with pytest.raises(ValueError, match=match):
+    if route == "value_fn":
+      jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=small_loss))(grads, state, params)
+    else:
+      jax.jit(ah.value_grad_and_hessian_diag(small_loss))(params, state)
+
+
+@pytest.mark.parametrize("fn", [ah.is_refresh_step, ah.probe_keys])
+def test_state_helpers_given_the_whole_optimizer_state_name_find_adahessian_state(fn):
+  opt_state = ah.adahessian(0.1, update_freq=2).init(small_params())
+  with pytest.raises(TypeError, match=r"got tuple: pass adahessian_jax.find_adahessian_state"):
+    fn(opt_state)
+
+
 def test_bad_value_fn_is_called_value_fn():
   params = small_params()
   tx = ah.adahessian(0.1)
