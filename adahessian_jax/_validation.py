@@ -156,9 +156,9 @@ def count(name: str, value: Any, lo: int = 1, hi: int | None = None, *, fix: str
   ok = not isinstance(value, bool | np.bool_) and isinstance(
     value, numbers.Integral | np.integer | np.ndarray | jax.Array
   )
-  if ok:
-    arr = np.asarray(value)
-    ok = arr.shape == () and jnp.issubdtype(arr.dtype, jnp.integer) and arr.dtype != np.bool_
+  if ok:  # dtype and shape before np.asarray, which refuses typed PRNG keys (seed=key(0))
+    dtype, shape = jnp.result_type(value), getattr(value, "shape", ())
+    ok = shape == () and jnp.issubdtype(dtype, jnp.integer) and dtype != np.bool_
   if ok:
     ok = int(value) >= lo and (hi is None or int(value) <= hi)
   if not ok:

@@ -49,6 +49,24 @@ def _float_dtype(name: str, dtype: Any) -> Any:
   return canonical
 
 
+def _seed(seed: Any) -> int:
+  """``seed`` (``None``: 0) as an ``int``, checked; a PRNG key given as the seed is named with the
+  way to use it."""
+  try:
+    return _validation.count(
+      "seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX
+    )
+  except ValueError as e:
+    dtype = jnp.result_type(seed) if hasattr(seed, "dtype") else None
+    if dtype is None or not (jnp.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32):
+      raise
+    raise ValueError(
+      f"{e} It looks like a PRNG key: pass an int seed, or put probe keys of your own in the "
+      "state: adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
+      "jax.random.split(key, n_samples))), opt_state)."
+    ) from None
+
+
 def _check_state(
   state: ScaleByAdaHessianState, update_freq: int, n_samples: int, stores_d: bool
 ) -> None:
@@ -584,7 +602,7 @@ def scale_by_adahessian(
   )
   n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=STATIC_FIX)
   # A 32-bit seed: without jax_enable_x64 JAX truncates a larger one (2**32 gave seed 0's keys).
-  seed = _validation.count("seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX)
+  seed = _seed(seed)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)

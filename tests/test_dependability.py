@@ -138,6 +138,8 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(nu_dtype=jnp.float16), "nu_dtype=float16 cannot hold D²"),
     (dict(seed=2**32), r"seed must be an integer in \[-2147483648, 4294967295\], got 4294967296"),
     (dict(seed=1.0), "seed must be an integer"),
+    (dict(seed=jax.random.key(0)), r"(?s)seed must be an integer.*PRNG key: pass an int seed"),
+    (dict(seed=jax.random.PRNGKey(0)), r"seed must be an integer.*like a PRNG key"),
     (dict(curvature_floor=-0.1), "curvature_floor"),
     (dict(update_clip=0.0), "update_clip"),
   ],
