@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 
 __all__ = ["device_varying", "fold_in_axis_index"]
 
@@ -94,6 +95,24 @@ def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   return jax.lax.pvary(x, axes)  # pyright: ignore[reportAttributeAccessIssue]
 
 
+def check_names(axis_name: Any) -> tuple[Any, ...]:
+  """``axis_name`` as a tuple of names; raises ``ValueError`` for an integer among them.
+
+  JAX's collectives read an integer as a positional array axis (``psum(x, 0)`` sums over axis 0 of
+  ``x``), so ``axis_name=0``, written for the mapped axis's index, failed with "axis 0 is out of
+  bounds for array of dimension 0" inside the step.
+  """
+  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+  for a in axes:
+    if isinstance(a, int | np.integer):
+      raise ValueError(
+        f"axis_name={axis_name!r}: {a!r} is an integer, which JAX's collectives read as an array "
+        "axis, not a mapped one. Pass the name the step is mapped over (jax.pmap(..., "
+        "axis_name='batch'), or a mesh axis name under shard_map)."
+      )
+  return axes
+
+
 def check_bound(axis_name: Any) -> tuple[Any, ...]:
   """``axis_name`` as a tuple of names, if an enclosing ``pmap``/``shard_map`` binds them all.
 
@@ -101,7 +120,7 @@ def check_bound(axis_name: Any) -> tuple[Any, ...]:
     ValueError: naming ``axis_name`` if it is not bound (JAX's own error is a ``NameError``
       from deep inside the step).
   """
-  axes = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+  axes = check_names(axis_name)
   try:
     jax.lax.psum(1, axes)  # a constant: only checks that the axes are bound
   except NameError as e:

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, hutchinson, masking, spatial
-from adahessian_jax._axes import check_not_split_over, device_varying, shard_count, sum_over_shards
+from adahessian_jax._axes import (
+  check_names,
+  check_not_split_over,
+  device_varying,
+  shard_count,
+  sum_over_shards,
+)
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   ScaleByAdaHessianState,
@@ -568,7 +574,8 @@ def scale_by_adahessian(
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: at construction, for a hyperparameter out of range, naming it;
+    ValueError: at construction, for a hyperparameter out of range, naming it, or an
+      integer ``axis_name`` (JAX reads it as an array axis);
       at ``update`` for a state made with another ``update_freq``,
       ``n_samples`` or ``lazy_moment`` (or whose ``key`` is not raw key data, one row
       per probe), ``updates`` or ``params`` whose tree or
@@ -603,6 +610,8 @@ def scale_by_adahessian(
   n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=STATIC_FIX)
   # A 32-bit seed: without jax_enable_x64 JAX truncates a larger one (2**32 gave seed 0's keys).
   seed = _seed(seed)
+  if axis_name is not None:
+    check_names(axis_name)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)

@@ -182,6 +182,18 @@ def test_an_axis_name_the_step_is_not_mapped_over_is_named():
       tx.update(grads, tx.init(params), params, hessian_diag=grads)
 
 
+def test_an_integer_axis_name_is_refused_at_construction():
+  # JAX's collectives read an integer as an array axis: the step failed with "axis 0 is out of
+  # bounds for array of dimension 0".
+  for axis_name in (0, ("batch", 1)):
+    with pytest.raises(ValueError, match=r"is an integer, which JAX's collectives read as an arr"):
+      ah.adahessian(0.1, axis_name=axis_name)
+  state = ah.adahessian(0.1).init(small_params())
+  stacked = jax.tree.map(lambda x: x[None], state)
+  with pytest.raises(ValueError, match=r"axis_name=0: 0 is an integer"):
+    jax.vmap(lambda s: ah.distributed.per_device_probe_state(s, 0), axis_name=0)(stacked)
+
+
 @pytest.mark.parametrize(
   "made,used,match",
   [
