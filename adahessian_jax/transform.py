@@ -123,6 +123,11 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
   """Raises unless ``updates`` (and ``params``, if given) have the tree and shapes of the
   parameters the state was made for (``mu``'s): a mismatched leaf would broadcast into the
   moments, and the update into the parameters, instead of failing."""
+  if updates is None:  # was a pytree-prefix error from a tree_map further on
+    raise ValueError(
+      "scale_by_adahessian's update got updates=None: pass the gradients first, "
+      "tx.update(grads, opt_state, params, value_fn=...)."
+    )
   for name, tree in (("params", params), ("updates", updates)):  # a stale state shows in params
     if tree is None:
       continue

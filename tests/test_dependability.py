@@ -103,6 +103,13 @@ def test_updates_and_params_that_do_not_fit_the_state_are_rejected_by_leaf(jit, 
     update(grads, state, params, hessian_diag=jax.tree.map(jnp.ones_like, params))
 
 
+def test_updates_none_is_named():
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  with pytest.raises(ValueError, match=r"got updates=None: pass the gradients first"):
+    tx.update(None, tx.init(params), params, value_fn=small_loss)
+
+
 def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
   params = small_params()
   tx = optax.masked(ah.adahessian(0.1), {"w": True, "b": False})
