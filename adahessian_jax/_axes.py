@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from adahessian_jax import _validation
+
 __all__ = ["device_varying", "fold_in_axis_index"]
 
 T = TypeVar("T")
@@ -149,7 +151,7 @@ def check_not_split_over(moments: Any, axis_name: Any) -> None:
     split = [a for a in axes if a in _varying_axes(x)]
     if split:
       raise ValueError(
-        f"scale_by_adahessian: the parameter at {jax.tree_util.keystr(path)} is split over mesh "
+        f"scale_by_adahessian: the parameter at {_validation.path_str(path)} is split over mesh "
         f"axis {split[0]!r}, which axis_name={axis_name!r} also names: the estimate is pmean-ed "
         "over axis_name, which would average different blocks of it. Pass axis_name the axes only "
         "the batch is split over (docs/distributed.md, tensor parallelism), or use jax.jit "

@@ -167,6 +167,23 @@ def count(name: str, value: Any, lo: int = 1, hi: int | None = None, *, fix: str
   return int(value)
 
 
+#: How an error names the one leaf of a tree that is a single array (its path is empty).
+ROOT = "the root (the tree is a single array)"
+
+
+def path_str(path: Any) -> str:
+  """``path`` as :func:`jax.tree_util.keystr` writes it (``['linear']['w']``), or :data:`ROOT`
+  for the empty path of a tree that is a single array, which ``keystr`` writes as ``''``.
+
+  Args:
+    path: A key path, from :func:`jax.tree_util.tree_leaves_with_path` or the like.
+
+  Returns:
+    The text for an error message's "the leaf at ...".
+  """
+  return jax.tree_util.keystr(path) or ROOT
+
+
 def float_leaves(tree: Any, what: str, fix: str) -> None:
   """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array
   of 16 bits or more.
@@ -177,7 +194,7 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
     fix: A sentence appended to the error, saying what to do instead.
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    where = jax.tree_util.keystr(path)
+    where = path_str(path)
     must = f"{what} must be real floating-point arrays, but the leaf at {where}"
     try:
       dtype = jnp.result_type(leaf)
@@ -253,9 +270,9 @@ def tree_difference(tree: Any, ref: Any, ref_name: str) -> str:
       else f"it has {box} at {path}, where {ref_name} has a plain array"
     ) + " (box both or neither: nn.unbox, nnx.as_pure)"
   if extra:
-    return f"it has a leaf at {extra[0]}, where {ref_name} has none"
+    return f"it has a leaf at {extra[0] or ROOT}, where {ref_name} has none"
   if missing:
-    return f"it has no leaf at {missing[0]}, where {ref_name} has one"
+    return f"it has no leaf at {missing[0] or ROOT}, where {ref_name} has one"
   return f"its nodes differ, {jax.tree.structure(tree)} against {jax.tree.structure(ref)}"
 
 

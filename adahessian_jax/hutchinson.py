@@ -179,7 +179,7 @@ def check_tangents(tangents: Any, params: Any, what: str) -> None:
     if got != want:
       raise ValueError(
         f"{what} must have the shape and dtype of the params leaf by leaf, but its leaf at "
-        f"{jax.tree_util.keystr(path)} has shape {got[0]} and dtype {got[1]}, the param there "
+        f"{_validation.path_str(path)} has shape {got[0]} and dtype {got[1]}, the param there "
         f"shape {want[0]} and dtype {want[1]}. Reshape or cast it (x.astype(param.dtype))."
       )
 

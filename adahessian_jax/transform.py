@@ -150,7 +150,7 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
           else "pass the state made by init on these parameters"
         )
         raise ValueError(
-          f"scale_by_adahessian: {name} leaf at {jax.tree_util.keystr(path)} has shape "
+          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} has shape "
           f"{jnp.shape(x)}, but the state was made for a parameter of shape {jnp.shape(m)} "
           f"({fix})."
         )
@@ -161,7 +161,7 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
           else "the state was made for real floating-point parameters"
         )
         raise TypeError(
-          f"scale_by_adahessian: {name} leaf at {jax.tree_util.keystr(path)} has dtype "
+          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} has dtype "
           f"{jnp.result_type(x)}; {expected}."
         )
 
@@ -187,7 +187,7 @@ def _check_estimate(estimate: Any, like: Any) -> None:
   def check(path, e, x):
     if jnp.shape(e) != jnp.shape(x) or not jnp.issubdtype(jnp.result_type(e), jnp.floating):
       raise ValueError(
-        f"hessian_diag at {jax.tree_util.keystr(path)} must be a real floating array of shape "
+        f"hessian_diag at {_validation.path_str(path)} must be a real floating array of shape "
         f"{jnp.shape(x)} like the parameter; got shape {jnp.shape(e)} and dtype "
         f"{jnp.result_type(e)}."
       )

@@ -216,3 +216,15 @@ def test_an_array_of_another_rank_is_named_as_one(ops):
     hessian.loss_landscape_1d(good, [0.0], np.ones((1, good.size)))
   with pytest.raises(ValueError, match=r"single value of shape \(\).*shape \(75,\)"):
     hessian.preconditioned_operator(good, 2.0)
+
+
+def test_a_single_array_as_params_is_named_in_errors():
+  # Params that are one array have the empty key path, which the errors printed as "the leaf at
+  # has dtype int32" and "its leaf at  has shape (2, 3)".
+  root = r"the root \(the tree is a single array\)"
+  loss = lambda p, b: jnp.sum(p**2 * b)
+  with pytest.raises(TypeError, match=rf"leaf at {root} has dtype int32"):
+    hessian.hessian_operator(loss, jnp.ones(3, jnp.int32), jnp.ones((2, 3)))
+  op = hessian.hessian_operator(loss, jnp.ones((3, 2)), jnp.ones((2, 3, 2)))
+  with pytest.raises(ValueError, match=rf"leaf at {root} has shape \(2, 3\), the params' leaf"):
+    hessian.preconditioned_operator(op, jnp.ones((2, 3)))

@@ -351,6 +351,24 @@ def test_non_float_leaves_rejected_at_init():
     ah.adahessian(0.1).init({"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)})
 
 
+def test_a_single_array_as_params_is_named_in_errors():
+  # Params that are one array, not a tree, have the empty key path: the errors read "the leaf at
+  # has dtype int32", naming nothing.
+  root = r"the root \(the tree is a single array\)"
+  with pytest.raises(TypeError, match=rf"leaf at {root} has dtype int32"):
+    ah.adahessian(0.1).init(jnp.zeros(3, jnp.int32))
+  params = jnp.ones((3, 2))
+  tx = ah.scale_by_adahessian()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=rf"hessian_diag at {root} must be .* shape \(3, 2\)"):
+    tx.update(params, state, params, hessian_diag=jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match=rf"updates leaf at {root} has shape \(4, 3, 2\)"):
+    tx.update(jnp.ones((4, 3, 2)), state, params, hessian_diag=params)
+  tree_state = tx.init({"w": params})
+  with pytest.raises(ValueError, match=rf"it has a leaf at {root}, where"):
+    tx.update({"w": params}, tree_state, {"w": params}, hessian_diag=params)
+
+
 def test_8_bit_float_leaves_rejected_at_init():
   # They passed init and the update failed inside jnp.signbit ("only supports 16, 32, and 64-bit
   # types"), naming no leaf.

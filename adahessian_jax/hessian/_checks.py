@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax.layout import leaves as canonical_leaves
 
 
@@ -73,7 +74,7 @@ def like_params(tree: Any, params: Any, what: str) -> None:
   for path, leaf in got.items():
     if np.shape(leaf) != np.shape(want[path]):
       raise ValueError(
-        f"{must}: its leaf at {path} has "
+        f"{must}: its leaf at {path or _validation.ROOT} has "
         f"shape {np.shape(leaf)}, the params' leaf there has shape {np.shape(want[path])}."
       )
   real(tree, what)

@@ -430,7 +430,7 @@ def _check_no_nnx_state(params: Any) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_kind):
     if is_kind(leaf):
       raise ValueError(
-        f"the params leaf at {jax.tree_util.keystr(path)} is an nnx.{type(leaf).__name__}, not a "
+        f"the params leaf at {_validation.path_str(path)} is an nnx.{type(leaf).__name__}, not a "
         "parameter: the Hessian is taken with respect to every leaf of params. Pass the trained "
         "variables alone, graphdef, params, rest = nnx.split(model, nnx.Param, ...) (or the "
         "nnx.Optimizer's wrt filter), with loss_fn = jax.tree_util.Partial(nnx_loss, graphdef, "
@@ -466,7 +466,7 @@ def _check_not_pmapped(params: Any) -> None:
     from_pmap = pmap_sharding is not None and isinstance(sharding, pmap_sharding)
     if from_pmap or spec[0] == "_internal_pmap_axis_name":
       raise ValueError(
-        f"the params leaf at {jax.tree_util.keystr(path)} (shape {np.shape(leaf)}) is a "
+        f"the params leaf at {_validation.path_str(path)} (shape {np.shape(leaf)}) is a "
         "jax.pmap output: one copy per device along its leading axis. Analyse one replica, "
         "jax.tree.map(lambda x: x[0], params) (and opt_state likewise for a preconditioner), "
         "with the batch's device axis merged into its example axis."
