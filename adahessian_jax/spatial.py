@@ -64,9 +64,11 @@ Whatever the names and rank, a leaf whose Flax name (last path key) is
 named ``scale`` (a norm's scale, stacked or over several feature axes; also
 ``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and a
 rank-2 ``embedding`` without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed``
-``(num_embeddings, features)``, unnamed or e.g. ``(None, "embed")``) keeps its
-rows apart: blocks along axis 1, ambiguous when
-``block_size > 1`` (a kernel could have that name).
+``(num_embeddings, features)``, unnamed or e.g. ``(None, "embed")``; Haiku's
+``embeddings``) keeps its rows apart: blocks along axis 1, ambiguous when
+``block_size > 1`` (a kernel could have that name). An unnamed ``weight`` is taken for a
+PyTorch/Equinox weight, output axis first: ``(out, in)`` blocks along axis 1, ``(out, in,
+*spatial)`` the mean over axes ``2 ..`` (ambiguous where the layout matters).
 
 The projections of Flax's attention modules (``nn.MultiHeadDotProductAttention``,
 ``nnx.MultiHeadAttention``) are recognised without names by their module names and
@@ -417,13 +419,43 @@ def _blocks_text(block_size: int) -> str:
 
 
 #: The Flax parameter names (last path keys) that :func:`flax_default` reads.
-_PARAMS_READ = ("bias", "scale", "embedding")
+_PARAMS_READ = ("bias", "scale", "embedding", "weight")
+
+
+def _torch_layout(ndim: int, block_size: int, names, note: str) -> Choice:
+  """An unnamed ``weight``: PyTorch's and Equinox's layouts, the output axis first.
+
+  ``Linear`` ``(out, in)`` (and ``Embedding`` ``(num, dim)``): blocks along axis 1, one output
+  unit's (row's) inputs; ``Conv`` ``(out, in, *spatial)``: the mean over axes ``2 ..``. Flax
+  names its kernels ``kernel``, so ``weight`` is such a port's, but the name is only a name:
+  ambiguous where the layout matters.
+  """
+  guess = (
+    "AMBIGUOUS (a Flax-layout kernel (in, out) named 'weight' has this rank too: name its axes)"
+  )
+  if ndim == 2:
+    return Choice(
+      BlockMean(block_size, 1),
+      f"rank 2{note}, name 'weight': taken for a PyTorch/Equinox Linear weight (out, in), "
+      f"{_blocks_text(block_size)} along input axis {_axis(1, names)}"
+      + (f"; {guess}" if block_size > 1 else ""),
+      ambiguous=block_size > 1,
+    )
+  spatial = tuple(range(2, ndim))
+  return Choice(
+    AxesMean(spatial),
+    f"rank {ndim}{note}, name 'weight': taken for a PyTorch/Equinox Conv weight (out, in, "
+    f"*spatial), mean over axes {spatial}; {guess.replace('(in, out)', '(*spatial, in, out)')}",
+    ambiguous=True,
+  )
 
 
 def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   ndim = len(shape)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
+  if param == "weight" and ndim >= 2:
+    return _torch_layout(ndim, block_size, names, note)
   if ndim == 2 and param == "embedding":
     # nn.Embed/nnx.Embed (num_embeddings, features): blocks along axis 0 would mix tokens' rows.
     return Choice(
@@ -1316,12 +1348,15 @@ def param_name(path) -> str | None:
   """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
 
   ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
-  one entry per feature like a norm's: for those this is ``"scale"``.
+  one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
+  table ``"embeddings"`` is an ``"embedding"``.
   """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
   if not isinstance(name, str):
     return None
+  if name == "embeddings":
+    return "embedding"
   return "scale" if name.endswith("/scale") else name
 
 

@@ -198,6 +198,29 @@ def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():
       np.testing.assert_allclose(np.linalg.norm(got[0], axis=0), np.linalg.norm(unembed, axis=0))
 
 
+def test_filter_normalisation_of_pytorch_layouts_and_haiku_tables():
+  # Equinox and PyTorch ports name their weights "weight", output axis first: a Linear (out, in)
+  # and a Conv (out, in, kh, kw) have a filter per output unit along axis 0, and Haiku's table
+  # "embeddings" (vocab, dim) one per token; by Flax's layouts the filters ran along the last axis.
+  r = np.random.default_rng(1)
+  scales = np.array([1e-3, 1.0, 10.0, 1.0])
+  linear = r.normal(size=(4, 3)) * scales[:, None]
+  conv = r.normal(size=(4, 2, 3, 3)) * scales[:, None, None, None]
+  table = r.normal(size=(4, 3)) * scales[:, None]
+  params = {
+    "lin": {"weight": jnp.asarray(linear)},
+    "conv": {"weight": jnp.asarray(conv)},
+    "embed": {"embeddings": jnp.asarray(table)},
+  }
+  op = _sin_op(params)
+  nd = op.unravel(
+    hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
+  )
+  for got, want in ((nd["lin"]["weight"], linear), (nd["embed"]["embeddings"], table)):
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1))
+  np.testing.assert_allclose(_filter_norms(nd["conv"]["weight"], (0,)), _filter_norms(conv, (0,)))
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

@@ -1095,3 +1095,35 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
   )
   assert got["['Conv_0']['kernel']"] == (spatial.mean_over(0), False)
   assert got["['Conv_1']['kernel']"] == (spatial.per_layer(spatial.mean_over(0)), False)
+
+
+def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(rng):
+  # Equinox (and PyTorch ports) name their weights "weight", output axis first: Linear (out, in),
+  # Conv (out, in, kh, kw) with a bias (out, 1, 1). By Flax's layouts the Conv weight was averaged
+  # over its output and input channels (even at block_size 1) and the Linear blocked across
+  # outputs; Haiku's "embeddings" table (vocab, dim) across tokens.
+  params = {
+    "conv": {"weight": jnp.zeros((4, 3, 3, 3)), "bias": jnp.zeros((4, 1, 1))},
+    "linear": {"weight": jnp.zeros((5, 6)), "bias": jnp.zeros(5)},
+    "embed": {"embeddings": jnp.zeros((7, 4))},
+    "norm": {"weight": jnp.zeros(6)},
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  conv = np.broadcast_to(d["conv"]["weight"].mean(axis=(2, 3), keepdims=True), (4, 3, 3, 3))
+  np.testing.assert_allclose(got["conv"]["weight"], conv, rtol=1e-6)
+  np.testing.assert_allclose(got["conv"]["bias"], d["conv"]["bias"], rtol=1e-6)
+  for leaf, key in (("linear", "weight"), ("embed", "embeddings")):
+    want = block_average(d[leaf][key], 2, axis=1)
+    np.testing.assert_allclose(got[leaf][key], want, rtol=1e-6)
+  np.testing.assert_allclose(got["norm"]["weight"], d["norm"]["weight"], rtol=1e-6)
+  # A guess from a name where the layout matters: strict mode refuses it, naming the fix.
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert [p for p, r in rows.items() if r.ambiguous] == [
+    "['conv']['weight']",
+    "['embed']['embeddings']",
+    "['linear']['weight']",
+  ]
+  assert "PyTorch/Equinox Conv weight (out, in, *spatial)" in rows["['conv']['weight']"].why
+  assert not spatial.describe(params, block_size=1).rows[4].ambiguous  # Linear, block_size 1

@@ -181,6 +181,8 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
     return vocab
   if leaf.param == "embedding" and len(rest) == 2:  # nn.Embed (num_embeddings, features)
     return (rest[0],)
+  if leaf.param == "weight" and leaf.roles is None:  # PyTorch/Equinox: (out, in, *spatial)
+    return (rest[0],)
   heads = [a for a in rest if roles[a] == "heads"]
   if heads:
     first_input = next((a for a in rest if a not in heads), None)
