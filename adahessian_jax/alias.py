@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import jax
+import numpy as np
 import optax
 
-from adahessian_jax import _validation, spatial
+from adahessian_jax import _validation, masking, spatial
 from adahessian_jax.transform import scale_by_adahessian
 
 __all__ = ["STATIC_ARGS", "adahessian"]
@@ -48,6 +49,55 @@ def _check_mask(mask: Any) -> None:
     "static_args=adahessian_jax.STATIC_ARGS. To decay every leaf or none, leave the mask None "
     "and set weight_decay (0 for none)."
   )
+
+
+def _check_mask_tree(mask: Any, params: Any) -> None:
+  """Raises unless ``mask`` (a tree, or a callable's result) is a pytree prefix of ``params``
+  with booleans as leaves, naming the first entry that is not: ``optax.masked``'s own errors
+  name no argument (a pytree-prefix dump, "the truth value of an array ... is ambiguous"), and a
+  string or number leaf passed as true or false silently."""
+  masks = jax.tree_util.tree_leaves_with_path(mask)
+  for path, leaf in masks:
+    if not (isinstance(leaf, bool | np.bool_) or (np.ndim(leaf) == 0 and _is_bool_array(leaf))):
+      kind = f"an array of shape {np.shape(leaf)}" if np.ndim(leaf) else repr(leaf)
+      raise TypeError(
+        f"weight_decay_mask's leaf at {_validation.path_str(path)} is {kind}, not a boolean: "
+        "the mask says per leaf of the params whether it is decayed (True or False; a mask per "
+        "entry of a leaf is not supported)."
+      )
+  # A MaskedNode (inside optax.masked/multi_transform: a leaf another transform owns) counts.
+  nodes = jax.tree_util.tree_leaves_with_path(params, is_leaf=masking.is_masked)
+  param_paths = [p for p, _ in nodes]
+  covered = [m for m, _ in masks]
+  for path in covered:
+    if not any(p[: len(path)] == path for p in param_paths):
+      raise ValueError(
+        f"weight_decay_mask has an entry at {_validation.path_str(path)}, where the params have "
+        "none: the mask must be a pytree of booleans like the params (or a prefix of them)."
+      )
+  for path in param_paths:
+    if not any(path[: len(m)] == m for m in covered):
+      raise ValueError(
+        f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(path)}: the "
+        "mask must be a pytree of booleans like the params (or a prefix of them)."
+      )
+
+
+def _is_bool_array(x: Any) -> bool:
+  return isinstance(x, np.ndarray | jax.Array) and x.dtype == np.bool_
+
+
+def _decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights``, its mask checked against the params at ``init``."""
+  inner = optax.add_decayed_weights(weight_decay, mask)
+  if mask is None:
+    return inner
+
+  def init_fn(params):
+    _check_mask_tree(mask(params) if callable(mask) else mask, params)
+    return inner.init(params)
+
+  return inner._replace(init=init_fn)
 
 
 def adahessian(
@@ -105,8 +155,9 @@ def adahessian(
       (0: the paper's rule); see :func:`adahessian_jax.scale_by_adahessian`.
     update_clip: Elementwise bound ``ρ`` of the preconditioned update before
       the learning rate (``None``: the paper's rule).
-    weight_decay_mask: A pytree of booleans like the params, or a callable
-      returning one, selecting which leaves are decayed.
+    weight_decay_mask: A pytree of booleans like the params (or a prefix of
+      them), or a callable returning one, selecting which leaves are decayed;
+      ``init`` checks it against the params, naming an entry that does not fit.
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (``None``: 1, no blocks).
     update_freq: Refresh the Hessian every ``update_freq`` steps (``None``: 1).
@@ -153,6 +204,6 @@ def adahessian(
       nu_dtype=nu_dtype,
     ),
     # A real scalar (checked above); optax names float | Array | schedule, and multiplies.
-    optax.add_decayed_weights(cast(float | jax.Array, weight_decay), weight_decay_mask),
+    _decayed_weights(cast(float | jax.Array, weight_decay), weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -323,6 +323,30 @@ def test_inject_hyperparams_mask_function_must_be_static():
     tx.init(params)
 
 
+def test_a_weight_decay_mask_that_does_not_fit_the_params_is_named_at_init():
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "head": {"w": jnp.ones(3)}}
+  bad = [
+    ({"w": True, "b": False}, ValueError, r"no entry for the params leaf at \['head'\]\['w'\]"),
+    ({"w": True, "b": False, "head": True, "x": False}, ValueError, r"an entry at \['x'\]"),
+    ({"w": jnp.ones((2, 2), bool), "b": False, "head": True}, TypeError, r"\['w'\] is an array"),
+    ({"w": "yes", "b": False, "head": True}, TypeError, r"\['w'\] is 'yes', not a boolean"),
+    (lambda p: {"w": True}, ValueError, r"no entry for the params leaf at \['b'\]"),
+  ]
+  for mask, error, match in bad:  # optax: a prefix dump, an ambiguous truth value, or silence
+    with pytest.raises(error, match="weight_decay_mask.*" + match):
+      ah.adahessian(0.1, weight_decay=0.5, weight_decay_mask=mask).init(params)
+  # A prefix of the params, NumPy booleans and 0-d boolean arrays are masks optax takes.
+  mask = {"w": np.True_, "b": jnp.asarray(False), "head": True}
+  tx = ah.adahessian(1.0, weight_decay=0.5, weight_decay_mask=mask)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params, hessian_diag=zeros)
+  assert [float(u.max()) for u in jax.tree.leaves(updates)] == [0.0, -0.5, -0.5]  # b, head, w
+  # Inside optax.masked the params the mask is checked against hold MaskedNodes.
+  outer = optax.masked(tx, {"w": True, "b": True, "head": False})
+  updates, _ = outer.update(zeros, outer.init(params), params, hessian_diag=zeros)
+  assert [float(u.max()) for u in jax.tree.leaves(updates)] == [0.0, 0.0, -0.5]  # head: zeros
+
+
 def test_inject_hyperparams_rounding_to_bfloat16_params_names_hyperparam_dtype():
   params = {"w": jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)}
   loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)
