@@ -211,7 +211,8 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
 
 
 def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> None:
-  """Raises ``TypeError`` if ``fn``'s signature cannot take ``fn(*args, **kwargs)``.
+  """Raises ``TypeError`` if ``fn`` is not callable or its signature cannot take ``fn(*args,
+  **kwargs)``.
 
   Python's own error, raised from deep inside a trace, names neither the argument the function
   was given as nor how to fix the call. A function without a signature (a builtin) is let through.
@@ -223,6 +224,8 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
     call: How the function is called, e.g. ``"value_fn(params)"``.
     fix: A sentence appended to the error, saying what to do instead.
   """
+  if not callable(fn):  # Python's "'str' object is not callable" names no argument
+    raise TypeError(f"{call.split('(')[0]} must be a function, called as {call}; got {fn!r}. {fix}")
   try:
     signature = inspect.signature(fn)
   except (TypeError, ValueError):

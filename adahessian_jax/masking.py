@@ -94,5 +94,13 @@ def masked_value_fn(value_fn: Callable[[Any], jax.Array], full_params: Any) -> M
   Returns:
     A callable accepted as ``value_fn`` by :func:`scale_by_adahessian`, both on
     masked trees and on full ones.
+
+  Raises:
+    TypeError: for a ``value_fn`` that is not callable.
   """
+  if not callable(value_fn):
+    raise TypeError(
+      f"masked_value_fn's value_fn must be the loss as a function of the full params, got "
+      f"{value_fn!r}: masked_value_fn(lambda p: loss_fn(p, batch), params)."
+    )
   return MaskedValueFn(value_fn, full_params)

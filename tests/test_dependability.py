@@ -269,6 +269,11 @@ def test_bad_value_fn_is_called_value_fn():
   grads = jax.grad(small_loss)(params)
   with pytest.raises(TypeError, match="value_fn must return a real floating-point scalar"):
     tx.update(grads, tx.init(params), params, value_fn=lambda p: p["w"])
+  # Not a function at all (Python's "'str' object is not callable" named no argument).
+  with pytest.raises(TypeError, match="value_fn must be a function, .* got 'loss'"):
+    tx.update(grads, tx.init(params), params, value_fn="loss")
+  with pytest.raises(TypeError, match="masked_value_fn's value_fn must be the loss .* got None"):
+    ah.masked_value_fn(None, params)
 
 
 def test_bad_fused_loss_is_named_with_the_has_aux_fix_on_every_step():
