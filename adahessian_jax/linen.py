@@ -122,6 +122,7 @@ class TrainState(train_state.TrainState):
     grads: Any,
     value_fn: Callable[[Any], Any] | None = None,
     hessian_diag: Any = None,
+    refresh: bool | None = None,
     **kwargs: Any,
   ) -> Self:
     """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
@@ -135,6 +136,9 @@ class TrainState(train_state.TrainState):
       grads: Gradients with the structure of ``params``.
       value_fn: The loss as a function of the params only (closure route).
       hessian_diag: A precomputed Hessian-diagonal estimate (fused route).
+      refresh: A refresh decision taken on the host, passed to ``tx.update``
+        (see :func:`adahessian_jax.value_grad_and_hessian_diag`); ``None``
+        follows the schedule in the state.
       **kwargs: Other attributes to ``.replace()``, as in Flax.
 
     Returns:
@@ -145,6 +149,8 @@ class TrainState(train_state.TrainState):
       extra["value_fn"] = value_fn
     if hessian_diag is not None:
       extra["hessian_diag"] = hessian_diag
+    if refresh is not None:
+      extra["refresh"] = refresh
     owg = _has_owg(grads)
     trained, params = (grads["params"], self.params["params"]) if owg else (grads, self.params)
     updates, opt_state = self.tx.update(trained, self.opt_state, params, **extra)
@@ -154,7 +160,12 @@ class TrainState(train_state.TrainState):
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
   def apply_loss(
-    self, loss_fn: Callable[..., Any], *args: Any, has_aux: bool = False, **kwargs: Any
+    self,
+    loss_fn: Callable[..., Any],
+    *args: Any,
+    has_aux: bool = False,
+    refresh: bool | None = None,
+    **kwargs: Any,
   ) -> tuple[Self, Any]:
     """One optimizer step from the loss, by the fused one-pass route.
 
@@ -168,7 +179,11 @@ class TrainState(train_state.TrainState):
         ``(loss, aux)`` if ``has_aux``).
       *args: Positional arguments of ``loss_fn`` after ``params``.
       has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
-      **kwargs: Keyword arguments of ``loss_fn``.
+      refresh: A refresh decision taken on the host, for both the fused pass
+        and ``tx.update`` (see :func:`adahessian_jax.value_grad_and_hessian_diag`);
+        ``None`` follows the schedule in the state.
+      **kwargs: Keyword arguments of ``loss_fn`` (other than ``has_aux`` and
+        ``refresh``, which this method takes).
 
     Returns:
       ``(new_state, value)`` where ``value`` is the loss (or ``(loss, aux)``)
@@ -206,9 +221,9 @@ class TrainState(train_state.TrainState):
       loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
       return (loss, aux) if has_aux else loss
 
-    vgh = value_grad_and_hessian_diag(checked, has_aux=has_aux)
+    vgh = value_grad_and_hessian_diag(checked, has_aux=has_aux, refresh=refresh)
     value, grads, hdiag = vgh(self.params, self.opt_state, *args, **kwargs)
-    return self.apply_gradients(grads=grads, hessian_diag=hdiag), value
+    return self.apply_gradients(grads=grads, hessian_diag=hdiag, refresh=refresh), value
 
 
 TrainState.replace = _replace  # Flax set its own, unchecked
