@@ -68,15 +68,16 @@ def _check_mask_tree(mask: Any, params: Any) -> None:
   # A MaskedNode (inside optax.masked/multi_transform: a leaf another transform owns) counts.
   nodes = jax.tree_util.tree_leaves_with_path(params, is_leaf=masking.is_masked)
   param_paths = [p for p, _ in nodes]
-  covered = [m for m, _ in masks]
-  for path in covered:
-    if not any(p[: len(path)] == path for p in param_paths):
+  covered = {m for m, _ in masks}
+  prefixes = {p[:depth] for p in param_paths for depth in range(len(p) + 1)}
+  for path, _ in masks:
+    if path not in prefixes:
       raise ValueError(
         f"weight_decay_mask has an entry at {_validation.path_str(path)}, where the params have "
         "none: the mask must be a pytree of booleans like the params (or a prefix of them)."
       )
   for path in param_paths:
-    if not any(path[: len(m)] == m for m in covered):
+    if not any(path[:depth] in covered for depth in range(len(path) + 1)):
       raise ValueError(
         f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(path)}: the "
         "mask must be a pytree of booleans like the params (or a prefix of them)."
