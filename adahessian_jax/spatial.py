@@ -1064,7 +1064,7 @@ def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
 
 
 def _in_named_stacks(
-  paths, shapes, names, rules
+  paths, shapes, names, rules, alone: frozenset[int] | set[int] = frozenset()
 ) -> tuple[dict[int, tuple[AxisNames, int]], dict[int, str]]:
   """Stacked axes for unnamed leaves that sit in a stack of layers whose other leaves are named.
 
@@ -1080,7 +1080,9 @@ def _in_named_stacks(
   the module, so an ancestor holding a leaf without them (a head's bias beside a
   scanned block) is above the stack, and a leaf of another module that merely
   has the stack's sizes (a 3x3 ``Conv`` kernel beside a stack of 3) keeps its own
-  rule.
+  rule. The leaves in ``alone`` (of modules that show they are one layer, from
+  :func:`_stacks_by_evidence`) take no stacked axes and are not listed, and an ancestor
+  holding any is above the stack.
 
   Returns:
     ``{leaf index: (inferred names, index of a relative)}``, and ``{leaf index:
@@ -1107,7 +1109,7 @@ def _in_named_stacks(
   inferred: dict[int, tuple[AxisNames, int]] = {}
   unsure: dict[int, str] = {}  # leaf index -> why its inference is a guess
   for i, rule in enumerate(rules):
-    if names[i] is not None or not isinstance(rule, FlaxDefault) or not named_below:
+    if names[i] is not None or i in alone or not isinstance(rule, FlaxDefault) or not named_below:
       continue
     # The named leaves under its deepest ancestor that holds any (the root, at worst).
     depth = next(d for d in range(len(keys[i]), -1, -1) if keys[i][:d] in named_below)
@@ -1122,7 +1124,7 @@ def _in_named_stacks(
     memo = (ancestor, common)
     if memo not in kept_at:
       kept_at[memo] = tuple(
-        x for x in common if all(fits((x,), shapes[k]) for k in below[ancestor])
+        x for x in common if all(fits((x,), shapes[k]) and k not in alone for k in below[ancestor])
       )
     kept = kept_at[memo]
     if kept:
@@ -1158,21 +1160,25 @@ def _key_name(key: Any) -> Any:
   return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
 
 
-def _stack_count(module: tuple, members: dict[str, int], shapes) -> tuple[tuple[int, ...], str]:
+def _stack_count(
+  module: tuple, members: dict[str, int], shapes
+) -> tuple[tuple[int, ...] | None, str]:
   """How many leading axes of a module's unnamed leaves stack layers, by its own evidence.
 
   Two kinds: Linen's automatic name (``Dense_3``) fixes the rank of a ``Dense`` kernel (2) and
   bias (1), so more axes are stacked; and a bias that repeats its kernel's leading axes (kernel
   ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's trailing
-  axes (``(out,)``; ``(heads, head_dim)`` for an attention projection).
+  axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a module
+  that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias that is
+  its kernel's trailing axes and cannot be read as repeating its leading ones.
 
   Returns:
-    The sizes of the stacked axes (``()``: no evidence) and why.
+    The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
   """
   linen = _linen_class(module)
   for (cls, param), rank in _CLASS_RANKS.items():
     i = members.get(param) if cls == linen else None
-    if i is not None and len(shapes[i]) > rank:
+    if i is not None and len(shapes[i]) >= rank:
       return shapes[i][: len(shapes[i]) - rank], (
         f"Linen's name {module[-1]!r} makes it a {cls}, whose {param} has rank {rank}"
       )
@@ -1180,15 +1186,21 @@ def _stack_count(module: tuple, members: dict[str, int], shapes) -> tuple[tuple[
     if kernel not in members or bias not in members:
       continue
     k, b = shapes[members[kernel]], shapes[members[bias]]
-    if len(k) < 3 or not 2 <= len(b) < len(k) or b == k[len(k) - len(b) :]:
-      continue  # one layer's bias is its kernel's output axes
-    for n in range(1, len(b)):
-      if b == k[:n] + k[len(k) - len(b) + n :]:
-        return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
-  return (), ""
+    if not 1 <= len(b) < len(k):
+      continue
+    stacks = [n for n in range(1, len(b)) if b == k[:n] + k[len(k) - len(b) + n :]]
+    if b == k[len(k) - len(b) :]:  # one layer's bias is its kernel's output axes
+      if not stacks:
+        return (), f"its {bias} {b} is its {kernel}'s trailing axes: one layer"
+    elif stacks:
+      n = stacks[0]
+      return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+  return None, ""
 
 
-def _stacks_by_evidence(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str]]:
+def _stacks_by_evidence(
+  paths, shapes, names, rules
+) -> tuple[dict[int, tuple[AxisNames, str]], set[int]]:
   """Stacked axes for unnamed leaves whose own module shows it is a stack of layers.
 
   ``nn.scan``/``nn.vmap``/``nnx.vmap`` without axis names (no boxes, no transform metadata)
@@ -1196,10 +1208,13 @@ def _stacks_by_evidence(paths, shapes, names, rules) -> dict[int, tuple[AxisName
   for a 1-D ``Conv`` kernel and average across layers. A module whose automatic Linen name or
   whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
   for every unnamed leaf under the default rule that has them; :func:`_in_named_stacks` then
-  passes them to the module's unnamed relatives in the stack, as it does real names.
+  passes them to the module's unnamed relatives in the stack, as it does real names. A module
+  that shows it is one layer (a ``Conv_0`` beside a stack of as many layers as its kernel is
+  wide) takes no stacked axes from its relatives.
 
   Returns:
-    ``{leaf index: (names with the stacked axes, None elsewhere; why)}``.
+    ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, and the unnamed
+    leaves of the modules that are one layer for sure.
   """
   modules: dict[tuple, dict[str, int]] = {}
   for i, path in enumerate(paths):
@@ -1207,16 +1222,19 @@ def _stacks_by_evidence(paths, shapes, names, rules) -> dict[int, tuple[AxisName
     if names[i] is None and isinstance(rules[i], FlaxDefault) and param is not None:
       modules.setdefault(tuple(_key_name(k) for k in path[:-1]), {})[param] = i
   found: dict[int, tuple[AxisNames, str]] = {}
+  alone: set[int] = set()
   for module, members in modules.items():
     lead, why = _stack_count(module, members, shapes)
-    n = len(lead)
+    if lead == ():
+      alone.update(members.values())
+    n = len(lead or ())
     if not n:
       continue
     for i in members.values():
       stacked = [x for x, role in rules[i].roles().items() if role == STACKED]
       if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
-  return found
+  return found, alone
 
 
 def _linen_class(module: tuple) -> str | None:
@@ -1378,9 +1396,9 @@ def _plan(averaging, params, block_size, strict_mode):
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   paths = [x.path for x in infos]
-  evident = _stacks_by_evidence(paths, shapes, names, unbound)
+  evident, alone = _stacks_by_evidence(paths, shapes, names, unbound)
   own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
-  inferred, unsure = _in_named_stacks(paths, shapes, names, unbound)
+  inferred, unsure = _in_named_stacks(paths, shapes, names, unbound, alone)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
   convs = _conv_kernels(paths, shapes, stacked, unbound)

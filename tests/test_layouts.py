@@ -1097,6 +1097,48 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
   assert got["['Conv_1']['kernel']"] == (spatial.per_layer(spatial.mean_over(0)), False)
 
 
+def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
+  def rows(tree):
+    shapes = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+    listing = spatial.describe(shapes, block_size=2)
+    axes = dict(zip([r.path for r in listing.rows], layer_axes_of(shapes), strict=True))
+    return {r.path: (r.rule, r.groups, r.ambiguous, axes[r.path]) for r in listing.rows}
+
+  # Stages of 2 and 3 scanned conv blocks beside a 3x3 stem and a 2x2 downsampling Conv (with
+  # their biases (8,): one layer each, for sure): the stages disagreed, and each Conv kernel with
+  # a stage's size on axis 0 was listed as ambiguous, so strict mode refused a plain CNN.
+  stage = lambda n: {"Conv_0": {"kernel": (n, 3, 3, 8, 8), "bias": (n, 8)}}
+  got = rows(
+    {
+      "Conv_0": {"kernel": (3, 3, 3, 8), "bias": (8,)},
+      "stage1": stage(2),
+      "Conv_1": {"kernel": (2, 2, 8, 8), "bias": (8,)},
+      "stage2": stage(3),
+    }
+  )
+  assert got["['Conv_0']['kernel']"] == (spatial.mean_over((0, 1)), {9: 24}, False, ())
+  assert got["['Conv_1']['kernel']"] == (spatial.mean_over((0, 1)), {4: 64}, False, ())
+  # A Conv to 3 channels beside a stack of 3 in one module: every leaf there had the stack's size
+  # on axis 0, so the Conv's kernel (3, 3, 8, 3) was taken for 3 layers and averaged over its
+  # width alone, and the bias-less Dense beside it was not blocked. Its bias (3,) shows the Conv
+  # is one layer, so the module holding it is above the stack.
+  got = rows(
+    {
+      "m": {
+        "layers": stage(3),
+        "Conv_0": {"kernel": (3, 3, 8, 3), "bias": (3,)},
+        "proj": {"kernel": (3, 6)},
+      }
+    }
+  )
+  assert got["['m']['Conv_0']['kernel']"] == (spatial.mean_over((0, 1)), {9: 24}, False, ())
+  assert got["['m']['Conv_0']['bias']"] == (spatial.none(), {1: 3}, False, ())
+  assert got["['m']['proj']['kernel']"] == (spatial.blocks(2), {2: 6, 1: 6}, False, ())
+  assert got["['m']['layers']['Conv_0']['kernel']"][0] == spatial.per_layer(
+    spatial.mean_over((0, 1))
+  )
+
+
 def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(rng):
   # Equinox (and PyTorch ports) name their weights "weight", output axis first: Linear (out, in),
   # Conv (out, in, kh, kw) with a bias (out, 1, 1). By Flax's layouts the Conv weight was averaged
