@@ -1367,7 +1367,8 @@ def param_name(path) -> str | None:
 
   ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
   one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
-  table ``"embeddings"`` is an ``"embedding"``.
+  table ``"embeddings"`` is an ``"embedding"``, and the ``"offset"`` of its norms
+  (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``.
   """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
@@ -1375,6 +1376,8 @@ def param_name(path) -> str | None:
     return None
   if name == "embeddings":
     return "embedding"
+  if name == "offset":
+    return "bias"
   return "scale" if name.endswith("/scale") else name
 
 

@@ -1169,3 +1169,19 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   ]
   assert "PyTorch/Equinox Conv weight (out, in, *spatial)" in rows["['conv']['weight']"].why
   assert not spatial.describe(params, block_size=1).rows[4].ambiguous  # Linear, block_size 1
+
+
+def test_a_haiku_norm_offset_is_a_bias_never_blocked_across_layers(rng):
+  # An hk.layer_stack gives its LayerNorm an offset (layers, features) under a flat module name
+  # beside the stack's other modules: taken for a Dense kernel, it was blocked across layers.
+  params = {
+    "stack/~/linear": {"w": jnp.zeros((4, 6, 6)), "b": jnp.zeros((4, 6))},
+    "stack/~/layer_norm": {"scale": jnp.zeros((4, 6)), "offset": jnp.zeros((4, 6))},
+    "embed": {"embeddings": jnp.zeros((9, 6))},
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  offset = np.asarray(hessian_diag["stack/~/layer_norm"]["offset"])
+  np.testing.assert_allclose(got["stack/~/layer_norm"]["offset"], offset, rtol=1e-6)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert rows["['stack/~/layer_norm']['offset']"].rule == spatial.none()
