@@ -78,7 +78,8 @@ and a rank-3 ``out`` kernel ``(heads, head_dim, embed)`` gives these and its
 
 A stack of layers without names (``nn.scan``/``nnx.vmap`` without axis metadata) is found
 from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``, bias
-``(layers, out)``) or from Linen's automatic module name (``Dense_0``: a kernel of rank 2);
+``(layers, out)``), from Linen's automatic module name (``Dense_0``: a kernel of rank 2) or from
+a Flax attention module's rank-4 ``query`` and ``out`` kernels (one layer's have rank 3);
 the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
 A Linen ``Conv_0`` kernel beside its bias is a convolution's for sure.
 
@@ -1207,7 +1208,8 @@ def _stacks_by_evidence(
   leave plain arrays: a ``Dense`` kernel ``(layers, in, out)``, which the rank alone would take
   for a 1-D ``Conv`` kernel and average across layers. A module whose automatic Linen name or
   whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
-  for every unnamed leaf under the default rule that has them; :func:`_in_named_stacks` then
+  for every unnamed leaf under the default rule that has them, and so has a Flax attention
+  module's stack that its kernels show (:func:`_attention_stacks`); :func:`_in_named_stacks` then
   passes them to the module's unnamed relatives in the stack, as it does real names. A module
   that shows it is one layer (a ``Conv_0`` beside a stack of as many layers as its kernel is
   wide) takes no stacked axes from its relatives.
@@ -1223,8 +1225,11 @@ def _stacks_by_evidence(
       modules.setdefault(tuple(_key_name(k) for k in path[:-1]), {})[param] = i
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
+  counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
+  unknown = {module: members for module, members in modules.items() if counts[module][0] is None}
+  counts.update(_attention_stacks(unknown, shapes))
   for module, members in modules.items():
-    lead, why = _stack_count(module, members, shapes)
+    lead, why = counts[module]
     if lead == ():
       alone.update(members.values())
     n = len(lead or ())
@@ -1235,6 +1240,51 @@ def _stacks_by_evidence(
       if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
   return found, alone
+
+
+def _attention_stacks(
+  modules: dict[tuple, dict[str, int]], shapes
+) -> dict[tuple, tuple[tuple[int, ...], str]]:
+  """The stack of layers that a Flax attention module's rank-4 kernels show, without a bias.
+
+  One layer's query kernel is ``(embed, heads, head_dim)`` and its output kernel ``(heads,
+  head_dim, embed)`` (rank 3, :func:`flax_attention_names`); an ``nn.scan`` adds a leading
+  ``layers`` axis to both. A module with a rank-4 ``query`` kernel ``(layers, embed, heads,
+  head_dim)`` and a rank-4 ``out`` kernel ``(layers, heads, head_dim, embed)`` (and no other
+  evidence, as with ``use_bias=False``) is taken for one stacked by that axis, and so are its
+  ``key``/``value`` kernels of the same layers, heads and head size. Where embed = heads the same
+  shapes are also those of 2-D ``Conv`` kernels or a stack of stacks of ``Dense`` kernels named
+  ``query``/``out``: no evidence.
+
+  Args:
+    modules: ``{module path: {parameter name: leaf index}}`` of the modules without evidence of
+      their own (:func:`_stack_count`).
+    shapes: The leaves' shapes.
+
+  Returns:
+    ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
+  """
+  kernels = {m: ms["kernel"] for m, ms in modules.items() if "kernel" in ms}
+  kernels = {m: i for m, i in kernels.items() if len(shapes[i]) == 4}
+  found: dict[tuple, tuple[tuple[int, ...], str]] = {}
+  for (*parent, projection), out in kernels.items():
+    query = kernels.get((*parent, "query"))
+    if projection != "out" or query is None:
+      continue
+    q, o = shapes[query], shapes[out]
+    if q[0] != o[0] or q[2:] != o[1:3] or q[1] != o[3] or q[1] == q[2]:
+      continue
+    why = (
+      f"its attention module's query kernel {q} and out kernel {o} are those of one layer "
+      f"(embed, heads, head_dim) and (heads, head_dim, embed) with a leading axis {q[:1]}"
+    )
+    for name in ("query", "key", "value", "out"):
+      j = kernels.get((*parent, name))
+      if j is None or shapes[j][0] != q[0]:
+        continue
+      if (shapes[j][1:3] if name == "out" else shapes[j][2:]) == q[2:]:
+        found[(*parent, name)] = (q[:1], why)
+  return found
 
 
 def _linen_class(module: tuple) -> str | None:

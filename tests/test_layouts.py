@@ -1185,3 +1185,44 @@ def test_a_haiku_norm_offset_is_a_bias_never_blocked_across_layers(rng):
   np.testing.assert_allclose(got["stack/~/layer_norm"]["offset"], offset, rtol=1e-6)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert rows["['stack/~/layer_norm']['offset']"].rule == spatial.none()
+
+
+class _BiaslessBlock(nn.Module):
+  """A block whose only evidence of the scan is its attention's rank-4 kernels: no bias, no
+  Dense_N (the Dense has a name of the user's own), a LayerNorm."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    attention = nn.MultiHeadDotProductAttention(2, qkv_features=8, use_bias=False, name="attn")
+    x = x + attention(nn.LayerNorm(name="norm")(x))
+    return x + nn.Dense(6, use_bias=False, name="up")(x), None
+
+
+def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
+  # nn.scan without names over attention built with use_bias=False: the kernels (3, 6, 2, 4) and
+  # (3, 2, 4, 6) were taken for 2-D Conv kernels, averaged across the 3 layers (even at block_size
+  # 1), and the Dense 'up' (3, 6, 6) across layers too. One layer's query and out kernels are
+  # (embed, heads, head_dim) and (heads, head_dim, embed): the leading axis of both is a stack.
+  scan = nn.scan(_BiaslessBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+  params = {"blocks": scan().init(jax.random.key(0), jnp.ones((1, 5, 6)), None)["params"]}
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert not [p for p, r in rows.items() if r.ambiguous]
+  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
+  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
+    where, d = jax.tree_util.keystr(path), np.asarray(d)
+    if "['norm']" in where:
+      want = d
+    else:  # per layer: inputs in blocks of 2; the output projection's inputs within one head
+      axis = 1 if "['out']" in where else 0
+      want = np.stack([block_average(layer, 2, axis=axis) for layer in d])
+    np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=where)
+    assert rows[where].names[0] == "layers", rows[where]
+  assert layer_axes_of(params) == [(0,)] * 7
+  # Where embed = heads, the shapes are also those of 2-D Conv kernels named query/out (or of a
+  # stack of stacks of Dense kernels): still the rank's guess, listed as ambiguous.
+  same = {"query": {"kernel": jnp.zeros((3, 2, 2, 4))}, "out": {"kernel": jnp.zeros((3, 2, 4, 2))}}
+  listing = spatial.describe({"attn": same}, block_size=2)
+  assert [r.ambiguous for r in listing.rows] == [True, True]
+  assert [r.rule for r in listing.rows] == [spatial.mean_over((0, 1))] * 2
