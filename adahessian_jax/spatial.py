@@ -68,7 +68,9 @@ rank-2 ``embedding`` without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed``
 ``embeddings``) keeps its rows apart: blocks along axis 1, ambiguous when
 ``block_size > 1`` (a kernel could have that name). An unnamed ``weight`` is taken for a
 PyTorch/Equinox weight, output axis first: ``(out, in)`` blocks along axis 1, ``(out, in,
-*spatial)`` the mean over axes ``2 ..`` (ambiguous where the layout matters).
+*spatial)`` the mean over axes ``2 ..`` (ambiguous where the layout matters); its ``bias``
+(``(out,)``, Equinox's ``Conv`` ``(out, 1, ..., 1)``) shows the stacked axes of an
+``eqx.filter_vmap`` ensemble (weight ``(members, out, in)``, bias ``(members, out)``).
 
 The projections of Flax's attention modules (``nn.MultiHeadDotProductAttention``,
 ``nnx.MultiHeadAttention``) are recognised without names by their module names and
@@ -1171,7 +1173,8 @@ def _stack_count(
   ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's trailing
   axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a module
   that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias that is
-  its kernel's trailing axes and cannot be read as repeating its leading ones.
+  its kernel's trailing axes and cannot be read as repeating its leading ones. A PyTorch-layout
+  ``weight`` and its ``bias`` tell the same by the output axis (:func:`_torch_stacks`).
 
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
@@ -1196,7 +1199,35 @@ def _stack_count(
     elif stacks:
       n = stacks[0]
       return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+  if "weight" in members and "bias" in members:
+    w, b = shapes[members["weight"]], shapes[members["bias"]]
+    readings = _torch_stacks(w, b)
+    if readings == [0]:
+      return (), f"its bias {b} is its weight's output axis (PyTorch/Equinox layout): one layer"
+    if len(readings) == 1:
+      n = readings[0]
+      return w[:n], (
+        f"its bias {b} repeats its weight's leading axes {w[:n]} before its output axis "
+        "(PyTorch/Equinox layout): one per layer"
+      )
   return None, ""
+
+
+def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+  """The numbers of leading stacked axes with which ``w``, ``b`` are a PyTorch-layout pair.
+
+  One layer's weight has its output axis first: ``Linear`` ``(out, in)`` with bias ``(out,)``,
+  Equinox's ``Conv`` ``(out, in, *spatial)`` with bias ``(out, 1, ..., 1)`` (PyTorch's
+  ``(out,)``); ``eqx.filter_vmap`` adds the stacked axes to both. More than one reading (an
+  output or input axis of size 1) leaves the stack unknown.
+  """
+  found = []
+  for n in range(len(w) - 1):
+    if len(b) == len(w) - 1 and b[: n + 1] == w[: n + 1] and all(x == 1 for x in b[n + 1 :]):
+      found.append(n)
+  if len(w) >= 3 and b == w[:1]:  # PyTorch's Conv bias (out,)
+    found.insert(0, 0)
+  return found
 
 
 def _stacks_by_evidence(

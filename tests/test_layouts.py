@@ -1226,3 +1226,51 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   listing = spatial.describe({"attn": same}, block_size=2)
   assert [r.ambiguous for r in listing.rows] == [True, True]
   assert [r.rule for r in listing.rows] == [spatial.mean_over((0, 1))] * 2
+
+
+def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
+  # eqx.filter_vmap stacks every leaf of a model: a Linear weight (3, out, in) with bias (3, out),
+  # a Conv weight (3, out, in, kh, kw) with bias (3, out, 1, 1). Taken for one layer's Conv
+  # weights, they were averaged over all their inputs (even at block_size 1) and the members'
+  # norm weights (3, 6) blocked across members. One layer's bias is its weight's output axis
+  # ((out,) or (out, 1, 1)), so the axes before it are stacked; a head whose bias is (out,) is one
+  # layer and takes no stack from the ensemble beside it.
+  shapes = {
+    "ensemble": {
+      "linear": {"weight": (3, 5, 6), "bias": (3, 5)},
+      "conv": {"weight": (3, 4, 2, 3, 3), "bias": (3, 4, 1, 1)},
+      "norm": {"weight": (3, 6)},
+    },
+    "m": {"stack": {"weight": (3, 5, 6), "bias": (3, 5)}, "head": {"weight": (3, 6), "bias": (3,)}},
+  }
+  params = jax.tree.map(jnp.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  per_member = lambda x: np.stack([block_average(layer, 2, axis=1) for layer in x])
+  want = {
+    "ensemble": {
+      "linear": {"weight": per_member(d["ensemble"]["linear"]["weight"])},
+      "conv": {"weight": d["ensemble"]["conv"]["weight"].mean(axis=(3, 4), keepdims=True)},
+      "norm": {"weight": d["ensemble"]["norm"]["weight"]},
+    },
+    "m": {
+      "stack": {"weight": per_member(d["m"]["stack"]["weight"])},
+      "head": {"weight": block_average(d["m"]["head"]["weight"], 2, axis=1)},
+    },
+  }
+  for module in ("ensemble", "m"):
+    for leaf, value in want[module].items():
+      expected = np.broadcast_to(value["weight"], d[module][leaf]["weight"].shape)
+      np.testing.assert_allclose(got[module][leaf]["weight"], expected, rtol=1e-6, err_msg=leaf)
+      if "bias" in d[module][leaf]:
+        np.testing.assert_allclose(got[module][leaf]["bias"], d[module][leaf]["bias"], rtol=1e-6)
+  rows = [r.path for r in spatial.describe(params).rows]
+  axes = dict(zip(rows, layer_axes_of(params), strict=True))
+  assert [p for p, a in axes.items() if a != (0,)] == [
+    "['m']['head']['bias']",
+    "['m']['head']['weight']",
+  ]
+  # An output of size 1 lets the bias (3, 1) be a 1-D Conv's (out, 1) too: the stack is unknown.
+  one = spatial.describe({"weight": jnp.zeros((3, 1, 6)), "bias": jnp.zeros((3, 1))}).rows
+  assert (one[1].rule, one[1].ambiguous) == (spatial.mean_over((2,)), True)
