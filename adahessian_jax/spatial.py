@@ -83,7 +83,8 @@ from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``
 ``(layers, out)``), from Linen's automatic module name (``Dense_0``: a kernel of rank 2) or from
 a Flax attention module's rank-4 ``query`` and ``out`` kernels (one layer's have rank 3);
 the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
-A Linen ``Conv_0`` kernel beside its bias is a convolution's for sure.
+A Linen ``Conv_0`` kernel beside its bias is a convolution's for sure, and a ``DenseGeneral_0``
+kernel beside a bias that is its trailing axes a ``DenseGeneral``'s (blocks along axis 0).
 
 Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
 ``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
@@ -1366,6 +1367,43 @@ def _conv_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
   return found
 
 
+def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
+  """Axis names for the unnamed kernels of Linen ``DenseGeneral`` modules beside their bias.
+
+  A kernel ``(*batch, *in, *out)`` under Linen's automatic name (``DenseGeneral_0``) whose bias
+  ``(*batch, *out)`` fits it one way only, with as many ``batch`` axes as the kernel's leading
+  stacked axes (none for one layer; a stack found from that bias otherwise), is a
+  ``DenseGeneral``'s: the rest of its axes are named ``features`` (blocks along the first
+  input axis), where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that
+  fits two ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6) leaves the
+  rank's guess.
+
+  Returns:
+    ``{leaf index: axis names}``.
+  """
+  kernels: dict[tuple, int] = {}
+  biases: dict[tuple, int] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if param in ("kernel", "bias"):
+      (kernels if param == "kernel" else biases)[tuple(_key_name(k) for k in path[:-1])] = i
+  found: dict[int, AxisNames] = {}
+  for module, i in kernels.items():
+    rule, b = rules[i], biases.get(module)
+    if b is None or not isinstance(rule, FlaxDefault) or _linen_class(module) != "DenseGeneral":
+      continue
+    roles = rule.roles()
+    lead = _leading_stack(names[i], roles)
+    features = sorted((x != "features", x) for x, role in roles.items() if role == FEATURES)
+    k, bias = shapes[i], shapes[b]
+    if lead is None or not features or len(k) - lead < 3 or len(k) <= len(bias):
+      continue
+    fits = [n for n in range(len(bias)) if bias == k[:n] + k[len(k) - len(bias) + n :]]
+    if fits == [lead]:
+      found[i] = tuple(names[i][:lead] if names[i] else ()) + (features[0][1],) * (len(k) - lead)
+  return found
+
+
 #: The axis names of the projection kernels of Flax's attention modules, by module name.
 _ATTENTION_AXES = {
   "query": ("embed", "heads", "head_dim"),
@@ -1486,6 +1524,7 @@ def _plan(averaging, params, block_size, strict_mode):
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
   convs = _conv_kernels(paths, shapes, stacked, unbound)
+  generals = _dense_general_kernels(paths, shapes, stacked, unbound)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     leaf_names, note = stacked[i], ""
@@ -1496,6 +1535,9 @@ def _plan(averaging, params, block_size, strict_mode):
     if i in convs:
       leaf_names = convs[i]
       note += " (a Linen Conv kernel by its module's name and bias: spatial axes named)"
+    if i in generals:
+      leaf_names = generals[i]
+      note += " (a Linen DenseGeneral kernel by its module's name and bias: features axes named)"
     if i in attention:
       leaf_names = attention[i]
       note += " (axis names of a Flax attention projection: its module's query/out kernels)"

@@ -1274,3 +1274,37 @@ def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
   # An output of size 1 lets the bias (3, 1) be a 1-D Conv's (out, 1) too: the stack is unknown.
   one = spatial.describe({"weight": jnp.zeros((3, 1, 6)), "bias": jnp.zeros((3, 1))}).rows
   assert (one[1].rule, one[1].ambiguous) == (spatial.mean_over((2,)), True)
+
+
+class _DenseGenerals(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # x: (3, 2, 6)
+    heads = nn.DenseGeneral((2, 4))(x)  # kernel (6, 2, 4), bias (2, 4)
+    joined = nn.DenseGeneral(5, axis=(-2, -1))(heads)  # kernel (2, 4, 5), bias (5,)
+    batched = nn.DenseGeneral((2, 4), batch_dims=0)(x)  # kernel (3, 6, 2, 4), bias (3, 2, 4)
+    return joined.sum() + batched.sum()
+
+
+def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
+  # Linen's name DenseGeneral_N with a bias that is its kernel's trailing axes (the output axes)
+  # shows a DenseGeneral kernel (*in, *out): blocks along the first input axis, as the features
+  # rule does for named axes. By rank these were taken for Conv kernels, averaged over all their
+  # inputs (even at block_size 1) and listed as ambiguous; a batch_dims kernel per batch slice.
+  params = _DenseGenerals().init(jax.random.key(0), jnp.ones((3, 2, 6)))["params"]
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  for name in ("DenseGeneral_0", "DenseGeneral_1"):
+    want = block_average(d[name]["kernel"], 4)
+    np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(got[name]["bias"], d[name]["bias"], rtol=1e-6)
+  batched = np.stack([block_average(x, 4) for x in d["DenseGeneral_2"]["kernel"]])
+  np.testing.assert_allclose(got["DenseGeneral_2"]["kernel"], batched, rtol=1e-6)
+  listing = spatial.describe(params, block_size=4)
+  assert not listing.ambiguous
+  assert layer_axes_of(params) == [(), (), (), (), (0,), (0,)]
+  # A bias that fits two ways (kernel (6, 6, 4), bias (6, 4): one layer, or a batch of 6 Dense
+  # kernels (6, 4)) leaves the rank's guess, listed as ambiguous.
+  two = {"DenseGeneral_0": {"kernel": jnp.zeros((6, 6, 4)), "bias": jnp.zeros((6, 4))}}
+  row = spatial.describe(two).rows[1]
+  assert (row.rule, row.ambiguous) == (spatial.mean_over((0,)), True)
