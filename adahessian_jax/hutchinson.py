@@ -233,13 +233,43 @@ def value_grad_hvp(
 
   Raises:
     ValueError: naming the first leaf of ``tangents`` whose path, shape or dtype is not the
-      param's.
+      param's, or for an ``fn`` whose loss does not depend on ``params`` (a closure over other
+      params), at trace time.
   """
   check_tangents(tangents, params, "value_grad_hvp's tangents")
-  value_and_grad = jax.value_and_grad(checked_loss(fn, name, has_aux, fix), has_aux=has_aux)
+  checked = checked_loss(fn, name, has_aux, fix)
+  perturbed: list[bool] = []
+
+  @jax.custom_jvp
+  def mark(loss):
+    return loss
+
+  @mark.defjvp
+  def _(primals, tangents):
+    # Called only where differentiation reaches the loss, i.e. where it depends on the params.
+    perturbed.append(True)
+    return primals[0], tangents[0]
+
+  def marked(p):
+    out = checked(p)
+    return (mark(out[0]), out[1]) if has_aux else mark(out)
+
+  value_and_grad = jax.value_and_grad(marked, has_aux=has_aux)
   jvp = sink_transposes(lambda p, t: jax.jvp(value_and_grad, (p,), (t,)))
   (value, grad), (_, hz) = jvp(params, tangents)
+  if not perturbed and jax.tree.leaves(params):
+    raise ValueError(_constant_loss_message(name))
   return value, grad, hz
+
+
+def _constant_loss_message(name: str) -> str:
+  return (
+    f"{name} returned a loss that does not depend on the params it was called with, so its "
+    "gradient and Hessian there are zero (a zero Hessian estimate makes every step lr·g/eps). "
+    "It probably uses other params than its argument: write lambda p: loss_fn(p, batch), not "
+    "lambda p: loss_fn(params, batch); for an nnx.Optimizer, build it with "
+    "adahessian_jax.nnx.value_fn(model, loss_fn, *args), not lambda state: loss_fn(model, ...)."
+  )
 
 
 def value_grad_and_diagonal(

@@ -587,7 +587,8 @@ def scale_by_adahessian(
       shapes are not those the state was made for, a ``hessian_diag`` leaf
       whose shape or dtype does not fit its parameter (naming a leaf path),
       both ``value_fn`` and ``hessian_diag``, neither on a step that may
-      refresh, an ``axis_name`` that no enclosing map binds, or one that names
+      refresh, a ``value_fn`` whose loss does not depend on its argument (a
+      closure over other params), an ``axis_name`` that no enclosing map binds, or one that names
       a mesh axis a parameter is split over (inside ``shard_map``).
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), or a

@@ -292,3 +292,14 @@ def test_a_loss_of_the_module_given_as_value_fn_gets_a_note_naming_the_helper():
   with pytest.raises(TypeError, match="'State' object is not callable") as e:
     optimizer.update(model, grads, value_fn=lambda m: loss_fn(m, x, y))
   assert any("adahessian_jax.nnx.value_fn(model, loss_fn" in n for n in e.value.__notes__)
+
+
+def test_a_value_fn_closing_over_the_module_is_refused():
+  # lambda state: loss_fn(model, x, y) ignores the state the optimizer passes: the Hessian
+  # estimate was zero and the step lr·g/eps, silently.
+  x, y = data()
+  model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  grads = nnx.grad(loss_fn)(model, x, y)
+  with pytest.raises(ValueError, match=r"adahessian_jax.nnx.value_fn\(model, loss_fn, \*args\)"):
+    optimizer.update(model, grads, value_fn=lambda state: loss_fn(model, x, y))

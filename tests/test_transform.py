@@ -346,6 +346,25 @@ def test_value_fn_must_return_real_scalar(mlp_problem):
     tx.update(params, state, params, value_fn=lambda p: (loss_fn(p, batch), 0))
 
 
+def test_value_fn_ignoring_its_argument_is_refused(mlp_problem):
+  # value_fn=lambda p: loss_fn(params, batch) (the outer params, not p) has a zero Hessian
+  # estimate: the parameters moved by lr·g/eps and the loss went from 0.8 to 6e15 in 3 steps.
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    return tx.update(grads, state, params, value_fn=lambda p: loss_fn(params, batch))
+
+  with pytest.raises(ValueError, match=r"value_fn returned a loss that does not depend on the"):
+    step(params, state)
+  # A loss that depends on the params only linearly has a zero Hessian, and is not refused.
+  zero = tx.update(params, state, params, value_fn=lambda p: jnp.sum(p["out"]["bias"]))[1]
+  assert float(jnp.abs(ah.find_adahessian_state(zero).nu["out"]["bias"]).max()) == 0.0
+
+
 def test_non_float_leaves_rejected_at_init():
   with pytest.raises(TypeError, match=r"\['step'\].*int"):
     ah.adahessian(0.1).init({"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)})
