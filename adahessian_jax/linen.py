@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 import jax
 import optax
 
-from adahessian_jax import _validation
+from adahessian_jax import _validation, state
 from adahessian_jax._extras import missing_extra
 from adahessian_jax.fused import value_grad_and_hessian_diag
 
@@ -195,7 +195,8 @@ class TrainState(train_state.TrainState):
         value with it).
       ValueError: for params with an ``_overwrite_with_gradient`` collection
         (fp8 training), which this route would precondition like the
-        parameters; use :meth:`apply_gradients` with ``value_fn``.
+        parameters; use :meth:`apply_gradients` with ``value_fn``. For a ``tx``
+        without an AdaHessian transform.
     """
     if _has_owg(self.params):
       raise ValueError(
@@ -206,6 +207,13 @@ class TrainState(train_state.TrainState):
         f"a function of params['params'] (with params[{_OWG!r}] held fixed)."
       )
 
+    if not state.adahessian_states(self.opt_state) and not state.untyped_state_hint(self.opt_state):
+      raise ValueError(
+        "TrainState.apply_loss is AdaHessian's fused route, but this TrainState's tx holds no "
+        "AdaHessian transform (its opt_state has no ScaleByAdaHessianState). Create it with "
+        "tx=adahessian_jax.adahessian(...), or for another optimizer compute the gradients "
+        "yourself and call apply_gradients(grads=grads)."
+      )
     _validation.callable_with(
       loss_fn,
       (self.params, *args),

@@ -153,6 +153,14 @@ def test_apply_loss_with_aux_or_without_it_against_has_aux_says_so():
     state.apply_loss(loss, has_aux=True)
 
 
+def test_apply_loss_with_another_optimizer_says_to_use_apply_gradients():
+  # It failed inside value_grad_and_hessian_diag, telling a TrainState user to pass a state
+  # "after params" to a function they had not called.
+  state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=optax.adam(0.1))
+  with pytest.raises(ValueError, match=r"tx holds no AdaHessian.*apply_gradients\(grads=grads\)"):
+    state.apply_loss(lambda p: jnp.sum(p["w"] ** 2))
+
+
 def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
   state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
   loss = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
