@@ -210,7 +210,10 @@ def _estimate(
   """
   if value_fn is not None:
     if params is None:
-      raise ValueError("scale_by_adahessian needs params to evaluate value_fn at.")
+      raise ValueError(
+        "scale_by_adahessian needs params to evaluate value_fn at, got params=None: call "
+        "tx.update(grads, opt_state, params, value_fn=...)."
+      )
     _validation.callable_with(
       value_fn,
       (params,),

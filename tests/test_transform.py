@@ -365,6 +365,14 @@ def test_value_fn_ignoring_its_argument_is_refused(mlp_problem):
   assert float(jnp.abs(ah.find_adahessian_state(zero).nu["out"]["bias"]).max()) == 0.0
 
 
+def test_value_fn_without_params_shows_the_call(mlp_problem):
+  # The message named what was missing but not the call to make.
+  params, loss_fn, batch = mlp_problem
+  tx = ah.adahessian(0.1)
+  with pytest.raises(ValueError, match=r"params=None: call tx.update\(grads, opt_state, params,"):
+    tx.update(params, tx.init(params), value_fn=lambda p: loss_fn(p, batch))
+
+
 def test_non_float_leaves_rejected_at_init():
   with pytest.raises(TypeError, match=r"\['step'\].*int"):
     ah.adahessian(0.1).init({"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)})
