@@ -209,7 +209,9 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
   if refresh is not None and not isinstance(refresh, bool):
     raise TypeError(
       f"refresh must be a Python bool decided on the host (one compiled program per value), "
-      f"got {refresh!r}."
+      f"got {refresh!r}. Make it a static argument of the jitted step "
+      "(jax.jit(step, static_argnames='refresh')) and pass bool(step % update_freq == 0) from "
+      "a Python step counter, or leave it None to follow the state's schedule under jit."
     )
   if state.update_freq is None:
     if refresh is False:

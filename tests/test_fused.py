@@ -291,6 +291,10 @@ def test_host_side_refresh_is_checked_against_the_schedule_outside_jit(mlp_probl
     )
   with pytest.raises(TypeError, match="Python bool"):
     ah.value_grad_and_hessian_diag(loss_fn, refresh=jnp.asarray(True))(params, st, batch)
+  # Passed through a jitted step it arrives traced; the message said only what it must be.
+  step = jax.jit(lambda p, s, r: ah.value_grad_and_hessian_diag(loss_fn, refresh=r)(p, s, batch))
+  with pytest.raises(TypeError, match=r"got JitTracer.*static_argnames='refresh'"):
+    step(params, st, True)
 
 
 def test_refresh_moment_state_is_adams_size(mlp_problem):
