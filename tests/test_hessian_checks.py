@@ -149,6 +149,14 @@ def test_params_that_are_not_finite_or_empty_are_refused_at_once():
     hessian.hessian_operator(lambda p, b: jnp.asarray(0.0), {}, jnp.ones(1))
 
 
+def test_a_loss_of_the_params_alone_says_to_take_the_batch():
+  # The optimizer's value_fn, lambda p: loss(p, batch), failed with Python's bare "takes 1
+  # positional argument but 2 were given".
+  params, batch = mlp()
+  with pytest.raises(TypeError, match=r"loss_fn\(params, batch\).*lambda p, b: loss\(p, b\)"):
+    hessian.hessian_operator(lambda p: mlp_loss(p, batch), params, batch)
+
+
 @pytest.mark.parametrize(
   "grid,message",
   [

@@ -850,8 +850,8 @@ def hessian_operator(
 
   Raises:
     TypeError: if a leaf of ``params`` is not a real floating array (named by
-      its path), a leaf of a batch is not an array or a number (named), or ``loss_fn`` does
-      not return a real scalar.
+      its path), a leaf of a batch is not an array or a number (named), or ``loss_fn`` cannot
+      be called as ``loss_fn(params, batch)`` or does not return a real scalar.
     NonFiniteError: if an entry of ``params`` is not finite (named by its
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
@@ -887,6 +887,16 @@ def hessian_operator(
     raise NonFiniteError(f"params are not finite: {bad}. Analyse a point the loss is defined at.")
   # loss_fn takes the batch too: the way out of (loss, aux) is not the optimizer's lambda p.
   fix = "wrap it: lambda p, b: loss_fn(p, b)[0]."
+  # A loss of the params alone (the optimizer's value_fn) failed with Python's bare "takes 1
+  # positional argument but 2 were given".
+  _validation.callable_with(
+    loss_fn,
+    (params, data[0]),
+    {},
+    "loss_fn(params, batch)",
+    "The operator evaluates it on each batch: give it the batch as its second argument, "
+    "lambda p, b: loss(p, b) (not the optimizer's value_fn, lambda p: loss(p, batch)).",
+  )
   try:
     value = jax.eval_shape(loss_fn, params, data[0])
   except Exception as e:
