@@ -195,8 +195,8 @@ class TrainState(train_state.TrainState):
         value with it).
       ValueError: for params with an ``_overwrite_with_gradient`` collection
         (fp8 training), which this route would precondition like the
-        parameters; use :meth:`apply_gradients` with ``value_fn``. For a ``tx``
-        without an AdaHessian transform.
+        parameters (use :meth:`apply_gradients` with ``value_fn``), or for a
+        ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`).
     """
     if _has_owg(self.params):
       raise ValueError(
