@@ -104,6 +104,11 @@ def test_preconditioner_checks():
     hessian.adahessian_preconditioner(adahessian_jax.adahessian(0.1).init(params))
   with pytest.raises(ValueError, match="ScaleByAdamState or ScaleByAmsgradState .* found 0"):
     hessian.adam_preconditioner(optax.sgd(0.1).init(params))
+  # The other optimizer's state is named with the function that reads it.
+  with pytest.raises(ValueError, match=r"found 0\..*its P is hessian.adahessian_preconditioner"):
+    hessian.adam_preconditioner(adahessian_jax.adahessian(0.1).init(params))
+  with pytest.raises(ValueError, match=r"found 0\. .* its P is hessian.adam_preconditioner"):
+    hessian.adahessian_preconditioner(optax.adam(0.1).init(params))
   two = optax.multi_transform(
     {"a": optax.adam(0.1), "b": optax.amsgrad(0.1)},
     {"hidden": "a", "out": "b"},

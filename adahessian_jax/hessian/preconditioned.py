@@ -42,7 +42,7 @@ import optax
 
 from adahessian_jax import _validation, masking
 from adahessian_jax.hessian._operator import HessianOperator
-from adahessian_jax.state import find_adahessian_state, moment_steps
+from adahessian_jax.state import adahessian_states, find_adahessian_state, moment_steps
 
 __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_operator"]
 
@@ -119,6 +119,12 @@ def _check_unmasked(nu: Any, what: str) -> None:
     )
 
 
+def _adam_states(opt_state: Any) -> list[Any]:
+  """The optax Adam and AMSGrad states in ``opt_state``."""
+  is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByAmsgradState))
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+
+
 def adahessian_preconditioner(
   opt_state: Any,
   *,
@@ -157,7 +163,15 @@ def adahessian_preconditioner(
       with the state's injected value, a state before its first update, or a
       state inside ``optax.masked``.
   """
-  state = find_adahessian_state(opt_state)
+  try:
+    state = find_adahessian_state(opt_state)
+  except ValueError as e:
+    if _adam_states(opt_state):
+      raise ValueError(
+        f"{e} The state holds an optax Adam/AMSGrad state: its P is "
+        "hessian.adam_preconditioner(opt_state)."
+      ) from None
+    raise
   injected = _injected(opt_state, state)
   b2 = _validation.interval(
     "b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True
@@ -213,16 +227,20 @@ def adam_preconditioner(
       a state before its first update, replicated across devices, or inside
       ``optax.masked``.
   """
-  is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByAmsgradState))
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+  found = _adam_states(opt_state)
   if len(found) != 1:
     kinds = sorted({type(x).__name__ for x in found})
+    ada = (
+      " It holds an AdaHessian state: its P is hessian.adahessian_preconditioner(opt_state)."
+      if not found and adahessian_states(opt_state)
+      else ""
+    )
     raise ValueError(
       "expected exactly one optax.ScaleByAdamState or ScaleByAmsgradState in the optimizer "
       f"state, found {len(found)}{' (' + ', '.join(kinds) + ')' if kinds else ''}. For another "
       "optimizer, build its diagonal P as a pytree like the params and pass it to "
       "preconditioned_operator; for several Adam groups (optax.multi_transform), combine "
-      "their P yourself."
+      f"their P yourself.{ada}"
     )
   injected = _injected(opt_state, found[0])
   b2 = _validation.interval(
