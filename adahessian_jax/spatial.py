@@ -460,15 +460,18 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
   if param == "weight" and ndim >= 2:
     return _torch_layout(ndim, block_size, names, note)
-  if ndim == 2 and param == "embedding":
-    # nn.Embed/nnx.Embed (num_embeddings, features): blocks along axis 0 would mix tokens' rows.
+  if param == "embedding":
+    # nn.Embed/nnx.Embed (num_embeddings, features), a learned position table (1, length,
+    # features): blocks along axis 0 would mix tokens' (positions') rows.
+    last = ndim - 1
     return Choice(
-      BlockMean(block_size, 1),
-      f"rank 2{note}, Flax name 'embedding': taken for an Embed table (num_embeddings, "
-      f"features), rows kept apart, {_blocks_text(block_size)} along axis {_axis(1, names)}"
+      BlockMean(block_size, last),
+      f"rank {ndim}{note}, name of a table (Flax's 'embedding', or 'pos'/'position'/'embed' in "
+      f"it): taken for an Embed table (..., num_embeddings, features), rows kept apart, "
+      f"{_blocks_text(block_size)} along axis {_axis(last, names)}"
       + (
-        "; AMBIGUOUS (a (in, out) kernel named 'embedding' has this layout too: name its axes, "
-        "e.g. ('vocab', 'embed'), or pass spatial.blocks(block_size, axis=1))"
+        "; AMBIGUOUS (a kernel (in, out) so named has this layout too: name its axes, "
+        f"e.g. ('vocab', 'embed'), or pass spatial.blocks(block_size, axis={last}))"
         if block_size > 1
         else ""
       ),
@@ -1481,19 +1484,27 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
   return found, unsure
 
 
+#: Words (of a name split at "_") that make a leaf a table with a row per token or position:
+#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``.
+_TABLE_WORDS = frozenset(
+  ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
+)
+
+
 def param_name(path) -> str | None:
   """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
 
   ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
   one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
-  table ``"embeddings"`` is an ``"embedding"``, and the ``"offset"`` of its norms
+  table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
+  table (``pos_embedding``, ``position_embeddings``, ``pos_emb``), and the ``"offset"`` of its norms
   (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``.
   """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
   if not isinstance(name, str):
     return None
-  if name == "embeddings":
+  if _TABLE_WORDS & set(name.lower().split("_")):
     return "embedding"
   if name == "offset":
     return "bias"

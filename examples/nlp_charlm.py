@@ -5,8 +5,8 @@ and with AdamW, both with betas (0.9, 0.98), weight decay 1e-4 and the same line
 inverse-square-root decay; AdaHessian averages the Hessian diagonal over blocks of 32 inputs
 (paper Table 5). The default rule puts the blocks on the input axes of the rank-2 ``Dense``
 kernels and of the attention projections (``(embed, heads, head_dim)`` for query/key/value,
-``(heads, head_dim, embed)`` for the output, never across heads); the example passes an
-``averaging=`` callable for the two embedding tables (see ``averaging_rules``).
+``(heads, head_dim, embed)`` for the output, never across heads) and along the features of
+the token and position tables ``(vocab, width)`` and ``pos_embed`` (each row apart).
 
 Data: the text of ``pydoc_data.topics`` (the ~465 KB of help texts that ship with CPython,
 ``help('topics')``), topics concatenated in sorted order; the first 90 % of the characters
@@ -31,7 +31,6 @@ import optax
 from _args import positive_int
 
 import adahessian_jax
-from adahessian_jax import spatial
 
 
 class Block(nn.Module):
@@ -65,28 +64,6 @@ class CharLM(nn.Module):
     return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
 
 
-def averaging_rules(block):
-  """AdaHessian's spatial averaging for this model (``None`` = the default rule).
-
-  - embedding tables ``(vocab, width)`` and ``pos_embed``: blocks along the width (axis 1), the
-    way the reference fairseq code averages PyTorch's 2-D ``(num, dim)`` weights; the default
-    rank-2 rule would average ``pos_embed`` over axis 0, i.e. across positions (an
-    ``embedding`` it keeps row by row by its name, but lists that as a guess);
-  - everything else: the default (rank-2 ``Dense`` kernels ``(in, out)``: blocks of
-    ``block_size`` inputs; attention query/key/value kernels ``(embed, heads, head_dim)``:
-    blocks along ``embed``, output kernel ``(heads, head_dim, embed)``: blocks along
-    ``head_dim`` within each head; biases and LayerNorm scales: none).
-  """
-
-  def rule(path, leaf):
-    names = [str(getattr(k, "key", k)) for k in path]
-    if names[-1] == "embedding" or names[-1] == "pos_embed":
-      return spatial.blocks(block, axis=1)
-    return None
-
-  return rule
-
-
 def optimizers(block):
   def schedule(lr, n):  # the same for both: 10 % linear warm-up, then inverse square root
     warm = max(n // 10, 1)
@@ -101,7 +78,6 @@ def optimizers(block):
         b2=0.98,
         weight_decay=1e-4,
         block_size=block,
-        averaging=averaging_rules(block),
       ),
       lr=0.47,
       grid=(0.15, 0.47, 1.5),

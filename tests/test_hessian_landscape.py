@@ -198,7 +198,7 @@ def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():
       np.testing.assert_allclose(np.linalg.norm(got[0], axis=0), np.linalg.norm(unembed, axis=0))
 
 
-def test_filter_normalisation_of_pytorch_layouts_and_haiku_tables():
+def test_filter_normalisation_of_pytorch_layouts_and_tables():
   # Equinox and PyTorch ports name their weights "weight", output axis first: a Linear (out, in)
   # and a Conv (out, in, kh, kw) have a filter per output unit along axis 0, and Haiku's table
   # "embeddings" (vocab, dim) one per token; by Flax's layouts the filters ran along the last axis.
@@ -207,10 +207,12 @@ def test_filter_normalisation_of_pytorch_layouts_and_haiku_tables():
   linear = r.normal(size=(4, 3)) * scales[:, None]
   conv = r.normal(size=(4, 2, 3, 3)) * scales[:, None, None, None]
   table = r.normal(size=(4, 3)) * scales[:, None]
+  positions = r.normal(size=(1, 4, 3)) * scales[:, None]  # ViT's (1, length, features)
   params = {
     "lin": {"weight": jnp.asarray(linear)},
     "conv": {"weight": jnp.asarray(conv)},
     "embed": {"embeddings": jnp.asarray(table)},
+    "pos_embedding": jnp.asarray(positions),
   }
   op = _sin_op(params)
   nd = op.unravel(
@@ -219,6 +221,8 @@ def test_filter_normalisation_of_pytorch_layouts_and_haiku_tables():
   for got, want in ((nd["lin"]["weight"], linear), (nd["embed"]["embeddings"], table)):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1))
   np.testing.assert_allclose(_filter_norms(nd["conv"]["weight"], (0,)), _filter_norms(conv, (0,)))
+  got = np.linalg.norm(nd["pos_embedding"], axis=2)  # a filter per position
+  np.testing.assert_allclose(got, np.linalg.norm(positions, axis=2))
 
 
 def test_plots(op):

@@ -1308,3 +1308,28 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   two = {"DenseGeneral_0": {"kernel": jnp.zeros((6, 6, 4)), "bias": jnp.zeros((6, 4))}}
   row = spatial.describe(two).rows[1]
   assert (row.rule, row.ambiguous) == (spatial.mean_over((0,)), True)
+
+
+def test_learned_position_tables_keep_their_rows_apart(rng):
+  # A learned position table is a raw param (an nnx.Param, self.param in Linen), not an Embed:
+  # by rank a (length, features) table was a Dense kernel, blocked across positions, and ViT's
+  # (1, length, features) a 1-D Conv kernel. A word of a table in the name keeps rows apart.
+  params = {
+    "pos": jnp.zeros((6, 4)),
+    "pos_embedding": jnp.zeros((1, 6, 4)),
+    "position_embeddings": jnp.zeros((6, 4)),
+    "proj": {"kernel": jnp.zeros((6, 4))},  # a Dense kernel: blocks of inputs, as before
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  for key in ("pos", "position_embeddings"):
+    np.testing.assert_allclose(got[key], block_average(d[key], 2, axis=1), rtol=1e-6)
+  want = block_average(d["pos_embedding"], 2, axis=2)
+  np.testing.assert_allclose(got["pos_embedding"], want, rtol=1e-6)
+  np.testing.assert_allclose(
+    got["proj"]["kernel"], block_average(d["proj"]["kernel"], 2), rtol=1e-6
+  )
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert rows["['pos']"].ambiguous and not rows["['proj']['kernel']"].ambiguous
+  assert not spatial.describe(params, block_size=1).ambiguous  # nothing averaged: no guess

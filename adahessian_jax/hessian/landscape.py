@@ -179,8 +179,8 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   vocab = tuple(a for a in rest if roles[a] == "vocab")
   if vocab:  # a table (vocab, embed) or an unembedding (embed, vocab): a filter per token
     return vocab
-  if leaf.param == "embedding" and len(rest) == 2:  # nn.Embed (num_embeddings, features)
-    return (rest[0],)
+  if leaf.param == "embedding":  # nn.Embed (num_embeddings, features), positions (1, L, D)
+    return tuple(rest[:-1])
   if leaf.param == "weight" and leaf.roles is None:  # PyTorch/Equinox: (out, in, *spatial)
     return (rest[0],)
   heads = [a for a in rest if roles[a] == "heads"]

@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adahessian_jax import spatial
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
@@ -124,20 +122,12 @@ def lm_task(quick: bool = False) -> Task:
   def evaluate(params, data):
     return {"loss": xent(params, data["val"])}
 
-  def averaging(block_size):
-    # Embedding tables are (vocab or position, feature): average blocks of features of one row,
-    # as the fairseq reference does for its (num_embeddings, dim) weights. Dense kernels (in, out)
-    # get the Flax default: blocks of `block_size` inputs of each output unit.
-    def rule(path, leaf):
-      if "embed" in jax.tree_util.keystr(path) and leaf.ndim == 2:
-        return spatial.blocks(block_size, axis=1)
-      return None
-
-    return rule
-
   data = {"train": jnp.asarray(train), "val": jnp.asarray(val_windows)}
   cfg.update(train_chars=int(len(train)), val_chars_evaluated=int(val_windows[:, 1:].size))
-  return Task("lm", init, xent, sample, evaluate, data, averaging, "loss", False, cfg)
+  # Flax default averaging: embedding and position tables (vocab or position, feature) in blocks
+  # of features of one row, as the fairseq reference does for its (num_embeddings, dim) weights;
+  # Dense kernels (in, out) in blocks of inputs; attention projections within each head.
+  return Task("lm", init, xent, sample, evaluate, data, lambda b: None, "loss", False, cfg)
 
 
 # Digits CNN -----------------------------------------------------------------------------------
