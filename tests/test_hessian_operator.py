@@ -475,6 +475,24 @@ def test_every_batch_is_checked_against_the_first_at_construction():
     hessian.hessian_operator(mlp_loss, params, batches=[(x, y), bad])
 
 
+def test_one_batch_passed_as_batches_is_told_to_use_batch():
+  # batches=(x, y) reads x and y as two batches; the errors said nothing of batch=(x, y).
+  params, (x, y) = mlp()
+  hint = r"parts of one batch, e.g. \(x, y\), pass it as batch=\(x, y\)"
+  with pytest.raises(ValueError, match=r"leaf at batches\[1\] has shape .*" + hint):
+    hessian.hessian_operator(mlp_loss, params, batches=(x, y))
+  with pytest.raises(ValueError, match=r"batches\[1\] has the structure .*" + hint):
+    hessian.hessian_operator(mlp_loss, params, batches=(x, {"y": y}))
+  # Parts of equal shapes pass the check; the loss fails on the bare array x.
+  with pytest.raises(ValueError) as e:
+    hessian.hessian_operator(mlp_loss, params, batches=(x, x))
+  assert "pass it as batch=(x, y)" in "".join(e.value.__notes__)
+  # Batches of the same kind that differ get no such hint.
+  with pytest.raises(ValueError) as e:
+    hessian.hessian_operator(mlp_loss, params, batches=[(x, y), (x[:, :2], y)])
+  assert "batch=(x, y)" not in str(e.value)
+
+
 def test_vector_sizes_are_checked_by_matvec_and_matmat():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)

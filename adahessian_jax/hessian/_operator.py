@@ -636,12 +636,25 @@ def _check_not_empty(batch: Any, where: str) -> None:
     )
 
 
+def _is_array(x: Any) -> bool:
+  return isinstance(x, jax.Array | np.ndarray)
+
+
+# batches=(x, y), meant as one batch, is read as the batches x and y.
+_ONE_BATCH_HINT = (
+  " If batches= holds the parts of one batch, e.g. (x, y), pass it as batch=(x, y) instead: "
+  "batches= takes a sequence of batches."
+)
+
+
 def _check_like_first(batch: Any, first: Any, where: str) -> None:
   """Raises ``ValueError`` unless ``batch`` has ``first``'s structure and shapes past axis 0."""
+  # The batches differ as the parts of one batch do: the hint to pass batch= applies.
+  hint = _ONE_BATCH_HINT if _is_array(batch) or _is_array(first) else ""
   if jax.tree.structure(batch) != jax.tree.structure(first):
     raise ValueError(
       f"{where} has the structure {jax.tree.structure(batch)}, batches[0] has "
-      f"{jax.tree.structure(first)}; every batch must be a pytree like the first."
+      f"{jax.tree.structure(first)}; every batch must be a pytree like the first.{hint}"
     )
   pairs = zip(jax.tree_util.tree_leaves_with_path(batch), jax.tree.leaves(first), strict=True)
   for (path, leaf), ref in pairs:
@@ -649,7 +662,7 @@ def _check_like_first(batch: Any, first: Any, where: str) -> None:
     if len(got) != len(want) or got[1:] != want[1:]:
       raise ValueError(
         f"the leaf at {where}{jax.tree_util.keystr(path)} has shape {got}, that of batches[0] "
-        f"{want}; batches may differ in the leading (example) axis only."
+        f"{want}; batches may differ in the leading (example) axis only.{hint}"
       )
 
 
@@ -901,6 +914,8 @@ def hessian_operator(
     value = jax.eval_shape(loss_fn, params, data[0])
   except Exception as e:
     _note_nnx_mutation(e)
+    if batches is not None and all(_is_array(b) for b in data):
+      e.add_note(f"hessian_operator: loss_fn was called on batches[0], an array.{_ONE_BATCH_HINT}")
     raise
   check_scalar_loss(value, "loss_fn", fix)
   jit_loss = _jit_loss(loss_fn, (params, data[0]))
