@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,13 @@ _NNX_STATE = (
   "adahessian_jax: the loss was called with an nnx.State (the variables an nnx.Optimizer "
   "trains), not with the module. Build it with adahessian_jax.nnx.value_fn(model, loss_fn, "
   "*args), or use adahessian_jax.nnx.value_grad_and_hessian_diag."
+)
+_NNX_CLOSURE = (
+  "adahessian_jax: the loss writes NNX variables made outside it (BatchNorm statistics in "
+  "training mode, a Dropout's RNG count), likely those of a model it closes over, which leaves "
+  "the params it is given unused. Build it with adahessian_jax.nnx.value_fn(model, loss_fn, "
+  "*args), not lambda state: loss_fn(model, ...), or use "
+  "adahessian_jax.nnx.value_grad_and_hessian_diag."
 )
 _FLOAT_FIX = (
   "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
@@ -108,6 +116,10 @@ def checked_loss(
       # fails on it ("'State' object is not callable"), far from the cause.
       if type(params).__module__.startswith("flax.nnx") and "'State'" in str(e):
         e.add_note(_NNX_STATE)
+      # Flax's "Cannot mutate BatchStat from a different trace level" names no fix.
+      trace_context = getattr(sys.modules.get("flax.errors"), "TraceContextError", None)
+      if trace_context is not None and isinstance(e, trace_context):
+        e.add_note(_NNX_CLOSURE)
       raise
     loss, _ = _validation.loss_and_aux(out, has_aux, fix, what)
     check_scalar_loss(loss, what, fix)

@@ -303,3 +303,18 @@ def test_a_value_fn_closing_over_the_module_is_refused():
   grads = nnx.grad(loss_fn)(model, x, y)
   with pytest.raises(ValueError, match=r"adahessian_jax.nnx.value_fn\(model, loss_fn, \*args\)"):
     optimizer.update(model, grads, value_fn=lambda state: loss_fn(model, x, y))
+
+
+def test_a_value_fn_closing_over_a_module_with_batchnorm_gets_a_note_naming_the_helper():
+  # Its BatchNorm writes the model's statistics from inside the optimizer's trace: Flax's
+  # TraceContextError ("Cannot mutate BatchStat from a different trace level") came first and
+  # named no fix.
+  from flax.errors import TraceContextError
+
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  grads = nnx.grad(loss_fn)(model, x, y)
+  with pytest.raises(TraceContextError) as e:
+    optimizer.update(model, grads, value_fn=lambda state: loss_fn(model, x, y))
+  assert any("adahessian_jax.nnx.value_fn(model, loss_fn" in n for n in e.value.__notes__)
