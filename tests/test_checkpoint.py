@@ -70,3 +70,110 @@ def test_state_restored_without_target_is_refused_with_the_fix(tmp_path):
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(params))
   state = checkpointer.restore(tmp_path / "ckpt", target)
   tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+
+
+def _leaves_equal(a, b):
+  import jax
+
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+    np.array_equal(p, q) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def test_whole_linen_train_state_round_trips_and_resumes_identically(tmp_path):
+  # The README says a whole adahessian_jax.linen.TrainState (batch_stats and the optimizer's
+  # NamedTuples inside) checkpoints with orbax; apply_fn and tx come back from the target.
+  ocp = pytest.importorskip("orbax.checkpoint")
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  import adahessian_jax as ah
+  from adahessian_jax.linen import TrainState
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      return nn.Dense(1)(nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))))
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+  y = jnp.sin(x[:, :1])
+  net = Net()
+  variables = net.init(jax.random.key(0), x, train=False)
+  state = TrainState.create(
+    apply_fn=net.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=ah.adahessian(0.1, update_freq=2),
+  )
+
+  @jax.jit
+  def step(state):
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      pred, mutated = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+      return jnp.mean((pred - y) ** 2), mutated["batch_stats"]
+
+    state, (_, batch_stats) = state.apply_loss(loss_fn, has_aux=True)
+    return state.replace(batch_stats=batch_stats)
+
+  start = state
+  state = step(step(step(state)))  # odd: the lazy Hessian is one step old at the checkpoint
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, start)
+  restored = checkpointer.restore(tmp_path / "ckpt", target)
+  assert type(restored) is TrainState and restored.tx is start.tx and int(restored.step) == 3
+  assert _leaves_equal(restored, state) and not _leaves_equal(restored, start)
+  assert _leaves_equal(step(step(restored)), step(step(state)))
+
+
+def test_nnx_model_and_optimizer_state_round_trips_and_resumes_identically(tmp_path):
+  # The README's NNX checkpoint: nnx.state((model, optimizer)) saved, restored into fresh ones.
+  ocp = pytest.importorskip("orbax.checkpoint")
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import adahessian_jax as ah
+  import adahessian_jax.nnx as ah_nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.bn = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+      self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+  def loss_fn(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+  y = jnp.sin(x[:, :1])
+
+  def make(seed):
+    model = Net(nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, ah.adahessian(0.1, update_freq=2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+    optimizer.update(model, grads, hessian_diag=hdiag)
+
+  model, optimizer = make(0)
+  for _ in range(3):
+    step(model, optimizer)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", nnx.state((model, optimizer)))
+  checkpointer.wait_until_finished()
+  fresh = make(1)
+  assert not _leaves_equal(nnx.state(fresh), nnx.state((model, optimizer)))
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(fresh))
+  nnx.update(fresh, checkpointer.restore(tmp_path / "ckpt", target))
+  assert _leaves_equal(nnx.state(fresh), nnx.state((model, optimizer)))
+  for _ in range(2):
+    step(model, optimizer)
+    step(*fresh)
+  assert _leaves_equal(nnx.state(fresh), nnx.state((model, optimizer)))
