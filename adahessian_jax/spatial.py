@@ -1376,10 +1376,12 @@ def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
   A kernel ``(*batch, *in, *out)`` under Linen's automatic name (``DenseGeneral_0``) whose bias
   ``(*batch, *out)`` fits it one way only, with as many ``batch`` axes as the kernel's leading
   stacked axes (none for one layer; a stack found from that bias otherwise), is a
-  ``DenseGeneral``'s: the rest of its axes are named ``features`` (blocks along the first
-  input axis), where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that
-  fits two ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6) leaves the
-  rank's guess.
+  ``DenseGeneral``'s: its last input axis and its output axes are named ``features`` (blocks
+  along that input axis, consecutive inputs of the flattened ``Dense``), and its other input
+  axes ``heads`` (kept apart: ``axis=(-2, -1)`` over ``(heads, head_dim)`` is an attention's
+  output projection), where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A
+  bias that fits two ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6)
+  leaves the rank's guess.
 
   Returns:
     ``{leaf index: axis names}``.
@@ -1398,12 +1400,18 @@ def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
     roles = rule.roles()
     lead = _leading_stack(names[i], roles)
     features = sorted((x != "features", x) for x, role in roles.items() if role == FEATURES)
+    heads = sorted((x != "heads", x) for x, role in roles.items() if role == HEADS)
     k, bias = shapes[i], shapes[b]
-    if lead is None or not features or len(k) - lead < 3 or len(k) <= len(bias):
+    if lead is None or not features or not heads or len(k) - lead < 3 or len(k) <= len(bias):
       continue
     fits = [n for n in range(len(bias)) if bias == k[:n] + k[len(k) - len(bias) + n :]]
     if fits == [lead]:
-      found[i] = tuple(names[i][:lead] if names[i] else ()) + (features[0][1],) * (len(k) - lead)
+      n_in = len(k) - len(bias)  # the bias is (*batch, *out)
+      found[i] = (
+        tuple(names[i][:lead] if names[i] else ())
+        + (heads[0][1],) * (n_in - 1)
+        + (features[0][1],) * (len(k) - lead - n_in + 1)
+      )
   return found
 
 
@@ -1548,7 +1556,10 @@ def _plan(averaging, params, block_size, strict_mode):
       note += " (a Linen Conv kernel by its module's name and bias: spatial axes named)"
     if i in generals:
       leaf_names = generals[i]
-      note += " (a Linen DenseGeneral kernel by its module's name and bias: features axes named)"
+      note += (
+        " (a Linen DenseGeneral kernel by its module's name and bias: its last input axis and "
+        "output axes named features, any input axes before it heads)"
+      )
     if i in attention:
       leaf_names = attention[i]
       note += " (axis names of a Flax attention projection: its module's query/out kernels)"

@@ -1287,15 +1287,16 @@ class _DenseGenerals(nn.Module):
 
 def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   # Linen's name DenseGeneral_N with a bias that is its kernel's trailing axes (the output axes)
-  # shows a DenseGeneral kernel (*in, *out): blocks along the first input axis, as the features
-  # rule does for named axes. By rank these were taken for Conv kernels, averaged over all their
-  # inputs (even at block_size 1) and listed as ambiguous; a batch_dims kernel per batch slice.
+  # shows a DenseGeneral kernel (*in, *out): blocks along its last input axis, as for the
+  # flattened Dense, so axis=(-2, -1) over (heads, head_dim) keeps each head apart. By rank these
+  # were taken for Conv kernels, averaged over all their inputs (even at block_size 1) and listed
+  # as ambiguous; a batch_dims kernel per batch slice.
   params = _DenseGenerals().init(jax.random.key(0), jnp.ones((3, 2, 6)))["params"]
   hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
-  for name in ("DenseGeneral_0", "DenseGeneral_1"):
-    want = block_average(d[name]["kernel"], 4)
+  for name, axis in (("DenseGeneral_0", 0), ("DenseGeneral_1", 1)):
+    want = block_average(d[name]["kernel"], 4, axis=axis)
     np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
     np.testing.assert_allclose(got[name]["bias"], d[name]["bias"], rtol=1e-6)
   batched = np.stack([block_average(x, 4) for x in d["DenseGeneral_2"]["kernel"]])
@@ -1303,6 +1304,14 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   listing = spatial.describe(params, block_size=4)
   assert not listing.ambiguous
   assert layer_axes_of(params) == [(), (), (), (), (0,), (0,)]
+  # A custom attention's output projection: 4 heads of 8, never averaged across heads.
+  out = {"DenseGeneral_3": {"kernel": jnp.zeros((4, 8, 16)), "bias": jnp.zeros((16,))}}
+  row = spatial.describe(out, block_size=8).rows[1]
+  assert (row.names, row.rule, row.ambiguous) == (
+    ("heads", "features", "features"),
+    spatial.blocks(8, axis=1),
+    False,
+  )
   # A bias that fits two ways (kernel (6, 6, 4), bias (6, 4): one layer, or a batch of 6 Dense
   # kernels (6, 4)) leaves the rank's guess, listed as ambiguous.
   two = {"DenseGeneral_0": {"kernel": jnp.zeros((6, 6, 4)), "bias": jnp.zeros((6, 4))}}
