@@ -1184,6 +1184,10 @@ def _stack_count(
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
   """
   linen = _linen_class(module)
+  if linen == "Dense" and "kernel" in members and "bias" in members:
+    k, b = shapes[members["kernel"]], shapes[members["bias"]]
+    if len(k) < 2 or b != k[:-2] + k[-1:]:  # not stacked in front (nn.vmap variable_axes=1)
+      linen = None
   for (cls, param), rank in _CLASS_RANKS.items():
     i = members.get(param) if cls == linen else None
     if i is not None and len(shapes[i]) >= rank:

@@ -1086,6 +1086,10 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
     rule, ambiguous = got[f"['{leaf}']['kernel']"]
     assert rule == spatial.mean_over(tuple(range(2 if leaf == "Conv_0" else 1))) and ambiguous
   assert got["['Dense_1']['kernel']"] == (spatial.per_layer(spatial.blocks(2)), False)
+  # nn.vmap with variable_axes={"params": 1} stacks 3 members on axis 1: kernel (in, 3, out),
+  # bias (out, 3). The name's leading stack would block (3, out) across members; the bias belies it.
+  got = rows({"Dense_0": {"kernel": (6, 3, 8), "bias": (8, 3)}})
+  assert got["['Dense_0']['kernel']"] == (spatial.mean_over(0), True)
   # A Linen Conv with its bias: the spatial axes are sure, stacked (bias (layers, out)) or not.
   got = rows(
     {
