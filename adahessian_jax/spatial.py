@@ -1304,7 +1304,7 @@ def _attention_stacks(
     ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
   """
   kernels = {m: ms["kernel"] for m, ms in modules.items() if "kernel" in ms}
-  kernels = {m: i for m, i in kernels.items() if len(shapes[i]) == 4}
+  kernels = {m: i for m, i in kernels.items() if m and len(shapes[i]) == 4}  # m: (*parent, name)
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
   for (*parent, projection), out in kernels.items():
     query = kernels.get((*parent, "query"))

@@ -1230,6 +1230,9 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   listing = spatial.describe({"attn": same}, block_size=2)
   assert [r.ambiguous for r in listing.rows] == [True, True]
   assert [r.rule for r in listing.rows] == [spatial.mean_over((0, 1))] * 2
+  # A bias-less Conv initialised on its own holds its rank-4 kernel at the root (no module).
+  alone = nn.Conv(4, (3, 3), use_bias=False).init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+  assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
 
 
 def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
