@@ -484,6 +484,13 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
       f"{_axis(0, names)}",
     )
   spatial = tuple(range(ndim - 2))
+  if all(size == 1 for size in shape[:-1]):
+    # A ViT class token (1, 1, features): every reading averages or blocks along axes of size 1.
+    return Choice(
+      NoAveraging(),
+      f"rank {ndim}{note}: every axis but the last has size 1, so no reading (Conv kernel, "
+      "DenseGeneral kernel, stack of layers) averages anything: none",
+    )
   return Choice(
     AxesMean(spatial),
     f"rank {ndim}{note}: taken for a Conv kernel (*spatial, in, out), mean over axes {spatial}; "

@@ -1349,3 +1349,13 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert rows["['pos']"].ambiguous and not rows["['proj']['kernel']"].ambiguous
   assert not spatial.describe(params, block_size=1).ambiguous  # nothing averaged: no guess
+
+
+def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
+  # ViT's class token (1, 1, features): a Conv kernel, a DenseGeneral kernel and a stack of layers
+  # all average nothing there, but strict mode refused it as a guess, even at block_size 1.
+  params = {"cls": jnp.zeros((1, 1, 8)), "kernel": jnp.zeros((1, 3, 8))}
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  assert rows["['cls']"].rule == spatial.none() and not rows["['cls']"].ambiguous
+  assert rows["['kernel']"].ambiguous  # (1, 3, 8): a stack's blocks along the 3 would average
+  spatial.describe({"cls": params["cls"]}, spatial.strict(), block_size=4)
