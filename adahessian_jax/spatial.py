@@ -43,9 +43,9 @@ The checks run in this order: stacked axes are split off first, then rank
 <= 1 (none), spatial, vocab, heads, rank 2 (blocks along axis 0), all axes
 ``features`` (blocks along axis 0). Vocab and heads blocks along an axis of no
 known role, where another axis could be the input, and rank-2 blocks along an
-axis 0 whose name has no known role (``(members, embed)``) are a guess
-(ambiguous with ``block_size > 1``). What remains, and every leaf without names, follows the
-rank:
+axis 0 whose name has no known role beside one that has (``(members, embed)``) are
+a guess (ambiguous with ``block_size > 1``). What remains, and every leaf without
+names or with names of no known role, follows the rank:
 
 ===========  ==========================  =======================================
 rank         Flax meaning                averaging
@@ -54,23 +54,24 @@ rank         Flax meaning                averaging
 2            ``Dense`` kernel (in, out)  blocks of ``block_size`` consecutive
                                          inputs (axis 0) of each output unit;
                                          ``block_size=1`` means none
-3, 4, 5      ``Conv`` kernel             mean over the spatial axes
+3 or more    ``Conv`` kernel             mean over the spatial axes
              (``*spatial, in, out``)     ``0 .. rank-3``, broadcast back
 ===========  ==========================  =======================================
 
 Whatever the names and rank, a leaf whose Flax name (last path key) is
-``bias`` is not averaged (a ``DenseGeneral`` ``(*features)``, attention
-``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
+``bias`` (or Haiku's ``offset``) is not averaged (a ``DenseGeneral`` ``(*features)``,
+attention ``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
 named ``scale`` (a norm's scale, stacked or over several feature axes; also
-``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and a
-rank-2 ``embedding`` without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed``
-``(num_embeddings, features)``, unnamed or e.g. ``(None, "embed")``; Haiku's
-``embeddings``) keeps its rows apart: blocks along axis 1, ambiguous when
-``block_size > 1`` (a kernel could have that name). An unnamed ``weight`` is taken for a
-PyTorch/Equinox weight, output axis first: ``(out, in)`` blocks along axis 1, ``(out, in,
-*spatial)`` the mean over axes ``2 ..`` (ambiguous where the layout matters); its ``bias``
-(``(out,)``, Equinox's ``Conv`` ``(out, 1, ..., 1)``) shows the stacked axes of an
-``eqx.filter_vmap`` ensemble (weight ``(members, out, in)``, bias ``(members, out)``).
+``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and an ``embedding`` of rank >= 2
+without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
+features)``, unnamed or e.g. ``(None, "embed")``; any name with a word of a table:
+Haiku's ``embeddings``, ``pos_embed``, ``position_embeddings``) keeps its rows apart:
+blocks along its last axis, ambiguous when ``block_size > 1`` (a kernel could have that
+name). An unnamed ``weight`` is taken for a PyTorch/Equinox weight, output axis first:
+``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
+(ambiguous where the layout matters); its ``bias`` (``(out,)``, Equinox's ``Conv``
+``(out, 1, ..., 1)``) shows the stacked axes of an ``eqx.filter_vmap`` ensemble (weight
+``(members, out, in)``, bias ``(members, out)``).
 
 The projections of Flax's attention modules (``nn.MultiHeadDotProductAttention``,
 ``nnx.MultiHeadAttention``) are recognised without names by their module names and
@@ -84,13 +85,14 @@ from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``
 a Flax attention module's rank-4 ``query`` and ``out`` kernels (one layer's have rank 3);
 the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
 A Linen ``Conv_0`` kernel beside its bias is a convolution's for sure, and a ``DenseGeneral_0``
-kernel beside a bias that is its trailing axes a ``DenseGeneral``'s (blocks along axis 0).
+kernel beside a bias that is its trailing axes a ``DenseGeneral``'s (blocks along its last input
+axis, the input axes before it kept apart as heads).
 
 Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
 ``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
-stack of ``Dense`` kernels ``(layers, in, out)`` without a bias share it. The default treats
-it as a convolution; :func:`describe` lists every leaf with the rule chosen and
-why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
+bias-less stack of ``Dense`` kernels ``(layers, in, out)``, under names you chose, share it.
+The default treats it as a convolution; :func:`describe` lists every leaf with the rule
+chosen and why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
 leaves with an error naming them all. Explicit rules always win: pass a rule, a
 pytree prefix of rules, or a callable on ``(path, leaf)`` through the
 ``averaging`` argument of :func:`adahessian_jax.scale_by_adahessian`;
@@ -524,8 +526,8 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
 
   ``param`` is the leaf's Flax parameter name (its last path key): a ``bias``
-  or ``scale`` of any rank is never averaged (paper), a rank-2 ``embedding``
-  without a ``vocab`` axis name keeps its rows (tokens) apart.
+  or ``scale`` of any rank is never averaged (paper), an ``embedding`` (a table's name) of
+  rank >= 2 without a ``vocab`` axis name keeps its rows (tokens, positions) apart.
   """
   ndim = len(shape)
   if names is not None and all(n is None for n in names):  # one layer of an unnamed stack
@@ -842,8 +844,8 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
   attention kernel and a stack of ``Dense`` kernels look alike. With
-  ``block_size > 1`` so are: a rank-2 ``embedding`` without a ``vocab`` axis
-  name; a leaf with a heads or vocab axis whose blocks would go along an axis
+  ``block_size > 1`` so are: an ``embedding`` (a table's name) without a ``vocab``
+  axis name; a leaf with a heads or vocab axis whose blocks would go along an axis
   of no known role while another axis could be the input; a rank-2 leaf whose
   axis 0 has a name of no known role. And so is an unnamed leaf whose stacked
   axes are taken from named leaves that share no module with it, or whose
@@ -1180,12 +1182,15 @@ def _stack_count(
   """How many leading axes of a module's unnamed leaves stack layers, by its own evidence.
 
   Two kinds: Linen's automatic name (``Dense_3``) fixes the rank of a ``Dense`` kernel (2) and
-  bias (1), so more axes are stacked; and a bias that repeats its kernel's leading axes (kernel
-  ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's trailing
-  axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a module
-  that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias that is
-  its kernel's trailing axes and cannot be read as repeating its leading ones. A PyTorch-layout
-  ``weight`` and its ``bias`` tell the same by the output axis (:func:`_torch_stacks`).
+  bias (1), so more axes are stacked (where it has a bias, only if that is the kernel's leading
+  axes and output: not for ``nn.vmap`` with ``variable_axes={"params": 1}``, kernel ``(in,
+  members, out)``, bias ``(out, members)``); and a bias that repeats its kernel's leading axes
+  (kernel ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's
+  trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a
+  module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
+  that is its kernel's trailing axes and cannot be read as repeating its leading ones. A
+  PyTorch-layout ``weight`` and its ``bias`` tell the same by the output axis
+  (:func:`_torch_stacks`).
 
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
