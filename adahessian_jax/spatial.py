@@ -1345,6 +1345,35 @@ def _linen_class(module: tuple) -> str | None:
   return parts[0] if len(parts) == 2 and parts[1].isdigit() and parts[0] else None
 
 
+def _role_name(roles: Mapping[str, str], role: str) -> str | None:
+  """A name of ``role`` in ``roles``: the role's own word if it is a name (``"spatial"``)."""
+  found = sorted((x != role, x) for x, r in roles.items() if r == role)
+  return found[0][1] if found else None
+
+
+def _linen_kernels(paths, names, rules, classes: tuple[str, ...]):
+  """The unnamed kernels of Linen modules of ``classes`` (by automatic name) beside their bias.
+
+  Yields:
+    ``(kernel index, bias index, leading stacked axes, roles)`` for each kernel under the default
+    rule whose only names are leading stacked axes (:func:`_leading_stack`), if any.
+  """
+  kernels: dict[tuple, int] = {}
+  biases: dict[tuple, int] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if param in ("kernel", "bias"):
+      (kernels if param == "kernel" else biases)[tuple(_key_name(k) for k in path[:-1])] = i
+  for module, i in kernels.items():
+    rule, b = rules[i], biases.get(module)
+    if b is None or not isinstance(rule, FlaxDefault) or _linen_class(module) not in classes:
+      continue
+    roles = rule.roles()
+    lead = _leading_stack(names[i], roles)
+    if lead is not None:
+      yield i, b, lead, roles
+
+
 def _conv_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
   """Axis names for the unnamed kernels of Linen ``Conv``/``ConvTranspose`` modules.
 
@@ -1357,32 +1386,14 @@ def _conv_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
   Returns:
     ``{leaf index: axis names}``.
   """
-  kernels: dict[tuple, int] = {}
-  biases: dict[tuple, int] = {}
-  for i, path in enumerate(paths):
-    param = param_name(path)
-    if param in ("kernel", "bias"):
-      (kernels if param == "kernel" else biases)[tuple(_key_name(k) for k in path[:-1])] = i
   found: dict[int, AxisNames] = {}
-  for module, i in kernels.items():
-    rule, b = rules[i], biases.get(module)
-    if b is None or not isinstance(rule, FlaxDefault):
-      continue
-    if _linen_class(module) not in ("Conv", "ConvTranspose"):
-      continue
-    roles = rule.roles()
-    lead = _leading_stack(names[i], roles)
-    spatial = sorted((x != "spatial", x) for x, role in roles.items() if role == SPATIAL)
+  for i, b, lead, roles in _linen_kernels(paths, names, rules, ("Conv", "ConvTranspose")):
+    spatial = _role_name(roles, SPATIAL)
     k, bias = shapes[i], shapes[b]
-    if lead is None or not spatial or len(k) - lead < 3:
+    if spatial is None or len(k) - lead < 3 or bias != k[:lead] + k[-1:]:
       continue
-    if bias != k[:lead] + k[-1:]:
-      continue
-    found[i] = (
-      tuple(names[i][:lead] if names[i] else ())
-      + (spatial[0][1],) * (len(k) - lead - 2)
-      + (None, None)
-    )
+    stacked = tuple(names[i][:lead] if names[i] else ())
+    found[i] = stacked + (spatial,) * (len(k) - lead - 2) + (None, None)
   return found
 
 
@@ -1402,32 +1413,17 @@ def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
   Returns:
     ``{leaf index: axis names}``.
   """
-  kernels: dict[tuple, int] = {}
-  biases: dict[tuple, int] = {}
-  for i, path in enumerate(paths):
-    param = param_name(path)
-    if param in ("kernel", "bias"):
-      (kernels if param == "kernel" else biases)[tuple(_key_name(k) for k in path[:-1])] = i
   found: dict[int, AxisNames] = {}
-  for module, i in kernels.items():
-    rule, b = rules[i], biases.get(module)
-    if b is None or not isinstance(rule, FlaxDefault) or _linen_class(module) != "DenseGeneral":
-      continue
-    roles = rule.roles()
-    lead = _leading_stack(names[i], roles)
-    features = sorted((x != "features", x) for x, role in roles.items() if role == FEATURES)
-    heads = sorted((x != "heads", x) for x, role in roles.items() if role == HEADS)
+  for i, b, lead, roles in _linen_kernels(paths, names, rules, ("DenseGeneral",)):
+    features, heads = _role_name(roles, FEATURES), _role_name(roles, HEADS)
     k, bias = shapes[i], shapes[b]
-    if lead is None or not features or not heads or len(k) - lead < 3 or len(k) <= len(bias):
+    if features is None or heads is None or len(k) - lead < 3 or len(k) <= len(bias):
       continue
     fits = [n for n in range(len(bias)) if bias == k[:n] + k[len(k) - len(bias) + n :]]
     if fits == [lead]:
       n_in = len(k) - len(bias)  # the bias is (*batch, *out)
-      found[i] = (
-        tuple(names[i][:lead] if names[i] else ())
-        + (heads[0][1],) * (n_in - 1)
-        + (features[0][1],) * (len(k) - lead - n_in + 1)
-      )
+      stacked = tuple(names[i][:lead] if names[i] else ())
+      found[i] = stacked + (heads,) * (n_in - 1) + (features,) * (len(k) - lead - n_in + 1)
   return found
 
 
