@@ -225,6 +225,21 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
   np.testing.assert_allclose(got, np.linalg.norm(positions, axis=2))
 
 
+def test_filter_normalisation_of_an_unnamed_equinox_ensemble():
+  # An eqx.filter_vmap ensemble's weight (members, out, in), its stack found from its bias
+  # (members, out): each member's filters are its output rows. The stack's inferred axis names
+  # hid the PyTorch layout, and the filters ran along the input axis.
+  r = np.random.default_rng(2)
+  weight = r.normal(size=(3, 4, 2)) * np.array([1e-3, 1.0, 10.0, 1.0])[:, None]
+  params = {"weight": jnp.asarray(weight), "bias": jnp.asarray(r.normal(size=(3, 4)))}
+  op = _sin_op(params)
+  nd = op.unravel(
+    hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
+  )
+  np.testing.assert_allclose(np.linalg.norm(nd["weight"], axis=2), np.linalg.norm(weight, axis=2))
+  np.testing.assert_array_equal(nd["bias"], 0.0)
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

@@ -6,8 +6,9 @@ analyses (:func:`~adahessian_jax.hessian.layer_breakdown`, the ``"layer"`` and
 layer's slice as a leaf of its own. The layer axes of a leaf are those its axis
 names mark as stacked (``"layers"``, ``"layer"``, ``"scan"``... in boxed Linen params
 or NNX state with sharding metadata), read by the same rules as the optimizer's
-spatial averaging (:mod:`adahessian_jax.spatial`); plain arrays carry no names, so
-``layer_axes=`` says which leaves are stacked.
+spatial averaging (:mod:`adahessian_jax.spatial`), which finds the stacks of plain arrays
+from their biases, Linen module names and attention kernels; ``layer_axes=`` says which
+leaves are stacked where nothing shows it.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   head_dim, embed)`` one per ``embed`` entry; and embedding tables ``(num_embeddings,
   features)`` (a Flax ``embedding``, or a ``"vocab"`` axis name), which have a
   filter per row (token), as Li et al.'s code rescales PyTorch's ``(num, dim)``
-  tables row by row. Biases and normalisation scales get
+  tables row by row; a PyTorch/Equinox ``weight`` ``(out, in, *spatial)`` (unnamed
+  axes, each member of an ensemble's ``(members, out, in)`` too) has one per slice along
+  its output axis. Biases and normalisation scales get
   a zero direction, as in Li et al.'s experiments: a per-entry rescaling would
   give ``±|b_i|``, which is zero for zero-initialised biases anyway and carries
   no filter structure. They are the leaves with fewer than two axes and those
@@ -38,9 +40,11 @@ layer's slice is a leaf of its own for both rules above (its own norm for
 ``"layer"``; its own filters, and a zero direction for a per-layer bias, for
 ``"filter"``). By default the layer axes are those the params' axis names
 mark as stacked (``"layers"``, ``"layer"``, ``"scan"``... in boxed Linen params
-or NNX state with sharding metadata; see :mod:`adahessian_jax.spatial`); plain
-arrays carry no names, so a stacked leaf is then taken for one layer: pass
-``layer_axes=`` to say which leaves are stacked.
+or NNX state with sharding metadata), or, in plain arrays, those the optimizer's
+averaging finds from a stack's biases, Linen module names and attention kernels
+(:mod:`adahessian_jax.spatial`, docs/layouts.md); a stack nothing shows (a bias-less
+kernel under a name you chose) is taken for one layer: pass ``layer_axes=`` to say
+which leaves are stacked.
 
 The loss at the operator's point must be finite: a non-finite one raises
 :class:`~adahessian_jax.hessian.NonFiniteError` before the grid is evaluated.
@@ -181,7 +185,8 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
     return vocab
   if leaf.param == "embedding":  # nn.Embed (num_embeddings, features), positions (1, L, D)
     return tuple(rest[:-1])
-  if leaf.param == "weight" and leaf.roles is None:  # PyTorch/Equinox: (out, in, *spatial)
+  # PyTorch/Equinox (out, in, *spatial), one layer's axes unnamed (a stack found without names too)
+  if leaf.param == "weight" and all(roles[a] is None for a in rest):
     return (rest[0],)
   heads = [a for a in rest if roles[a] == "heads"]
   if heads:
@@ -280,8 +285,8 @@ def normalize_direction(
     layer_axes: For ``"layer"`` and ``"filter"``: the number of leading
       stacked-layer axes of each leaf, as an int or a pytree prefix of the
       params with ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
-      ``None``: the axes the params' axis names mark as stacked (see the
-      module docstring), none for plain arrays.
+      ``None``: the axes the params' axis names mark as stacked or, in plain
+      arrays, the optimizer's averaging finds stacked (see the module docstring).
     what: The direction's name in error messages.
 
   Returns:

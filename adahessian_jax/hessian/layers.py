@@ -118,9 +118,10 @@ def layer_breakdown(
     layer_axes: Layers stacked in one leaf (``nn.scan``, ``nnx.vmap``: a kernel
       ``(layers, in, out)``) get an entry each. ``None`` (the default) finds the
       layer axes from the params' axis names (boxed Linen params, NNX state with
-      sharding metadata; as the optimizer's spatial averaging reads them, an
-      unnamed leaf of a named stack included: docs/layouts.md); plain
-      arrays carry none, so pass the number of leading layer axes of each leaf,
+      sharding metadata) as the optimizer's spatial averaging reads them, an
+      unnamed leaf of a named stack included, and in plain arrays from a stack's
+      biases, Linen module names and attention kernels (docs/layouts.md); where
+      nothing shows a stack, pass the number of leading layer axes of each leaf,
       as an int or a pytree prefix of the params (e.g. ``{"ScanBlock_0": 1,
       "head": 0}``); ``0`` keeps every leaf whole.
 
