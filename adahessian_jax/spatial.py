@@ -1518,17 +1518,18 @@ def param_name(path) -> str | None:
   one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
   table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
   table (``pos_embedding``, ``position_embeddings``, ``pos_emb``), and the ``"offset"`` of its norms
-  (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``.
+  (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A key of a flattened tree
+  is read by its last part: ``"blocks.0.fc.weight"`` (a PyTorch state dict) is a ``"weight"``,
+  ``"Dense_0/bias"`` (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
   """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
   if not isinstance(name, str):
     return None
+  name = name.replace("/", ".").rsplit(".", 1)[-1] or name
   if _TABLE_WORDS & set(name.lower().split("_")):
     return "embedding"
-  if name == "offset":
-    return "bias"
-  return "scale" if name.endswith("/scale") else name
+  return "bias" if name == "offset" else name
 
 
 def _averages_nothing(rule: Rule, shape) -> bool:

@@ -1359,3 +1359,20 @@ def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
   assert rows["['cls']"].rule == spatial.none() and not rows["['cls']"].ambiguous
   assert rows["['kernel']"].ambiguous  # (1, 3, 8): a stack's blocks along the 3 would average
   spatial.describe({"cls": params["cls"]}, spatial.strict(), block_size=4)
+
+
+def test_keys_of_a_flattened_tree_are_read_by_their_last_part(rng):
+  # A PyTorch state dict loaded as a flat dict ('blocks.0.fc.weight') and a Flax tree flattened
+  # with sep="/" ('attn/query/bias') kept their whole keys as names, so neither the PyTorch
+  # layout nor the never-averaged bias was recognised: the (out, in) weight was blocked across
+  # its outputs and the (heads, head_dim) bias across heads, unflagged.
+  params = {
+    "blocks.0.fc.weight": jnp.zeros((4, 6)),
+    "attn/query/bias": jnp.zeros((2, 4)),
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  want = block_average(d["blocks.0.fc.weight"], 2, axis=1)
+  np.testing.assert_allclose(got["blocks.0.fc.weight"], want, rtol=1e-6)
+  np.testing.assert_allclose(got["attn/query/bias"], d["attn/query/bias"], rtol=1e-6)
