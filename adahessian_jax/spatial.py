@@ -436,9 +436,8 @@ def _torch_layout(ndim: int, block_size: int, names, note: str) -> Choice:
   names its kernels ``kernel``, so ``weight`` is such a port's, but the name is only a name:
   ambiguous where the layout matters.
   """
-  guess = (
-    "AMBIGUOUS (a Flax-layout kernel (in, out) named 'weight' has this rank too: name its axes)"
-  )
+  flax = "(in, out)" if ndim == 2 else "(*spatial, in, out)"
+  guess = f"AMBIGUOUS (a Flax-layout kernel {flax} named 'weight' has this rank too: name its axes)"
   if ndim == 2:
     return Choice(
       BlockMean(block_size, 1),
@@ -451,7 +450,7 @@ def _torch_layout(ndim: int, block_size: int, names, note: str) -> Choice:
   return Choice(
     AxesMean(spatial),
     f"rank {ndim}{note}, name 'weight': taken for a PyTorch/Equinox Conv weight (out, in, "
-    f"*spatial), mean over axes {spatial}; {guess.replace('(in, out)', '(*spatial, in, out)')}",
+    f"*spatial), mean over axes {spatial}; {guess}",
     ambiguous=True,
   )
 
@@ -1176,6 +1175,18 @@ def _key_name(key: Any) -> Any:
   return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
 
 
+def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tuple, dict[str, int]]:
+  """``{module path: {parameter name: leaf index}}`` of the leaves ``keep`` selects that have a
+  parameter name (:func:`param_name`); a module's path is its leaves' path without the last key.
+  """
+  modules: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if param is not None and keep(i):
+      modules.setdefault(tuple(_key_name(k) for k in path[:-1]), {})[param] = i
+  return modules
+
+
 def _stack_count(
   module: tuple, members: dict[str, int], shapes
 ) -> tuple[tuple[int, ...] | None, str]:
@@ -1269,11 +1280,7 @@ def _stacks_by_evidence(
     ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, and the unnamed
     leaves of the modules that are one layer for sure.
   """
-  modules: dict[tuple, dict[str, int]] = {}
-  for i, path in enumerate(paths):
-    param = param_name(path)
-    if names[i] is None and isinstance(rules[i], FlaxDefault) and param is not None:
-      modules.setdefault(tuple(_key_name(k) for k in path[:-1]), {})[param] = i
+  modules = _by_module(paths, lambda i: names[i] is None and isinstance(rules[i], FlaxDefault))
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
@@ -1358,15 +1365,12 @@ def _linen_kernels(paths, names, rules, classes: tuple[str, ...]):
     ``(kernel index, bias index, leading stacked axes, roles)`` for each kernel under the default
     rule whose only names are leading stacked axes (:func:`_leading_stack`), if any.
   """
-  kernels: dict[tuple, int] = {}
-  biases: dict[tuple, int] = {}
-  for i, path in enumerate(paths):
-    param = param_name(path)
-    if param in ("kernel", "bias"):
-      (kernels if param == "kernel" else biases)[tuple(_key_name(k) for k in path[:-1])] = i
-  for module, i in kernels.items():
-    rule, b = rules[i], biases.get(module)
-    if b is None or not isinstance(rule, FlaxDefault) or _linen_class(module) not in classes:
+  for module, members in _by_module(paths).items():
+    i, b = members.get("kernel"), members.get("bias")
+    if i is None or b is None or _linen_class(module) not in classes:
+      continue
+    rule = rules[i]
+    if not isinstance(rule, FlaxDefault):
       continue
     roles = rule.roles()
     lead = _leading_stack(names[i], roles)
@@ -1588,8 +1592,8 @@ def _plan(averaging, params, block_size, strict_mode):
     choice = rule.explain(shape)
     if i in unsure and _averages_nothing(rule, shape):
       given_names = own[i]
-      alone = unbound[i] if given_names is None else unbound[i].bind(given_names)
-      if _averages_nothing(alone, shape):  # a bias or scale: none, stacked or not
+      unstacked = unbound[i] if given_names is None else unbound[i].bind(given_names)
+      if _averages_nothing(unstacked, shape):  # a bias or scale: none, stacked or not
         del unsure[i]
     if i in unsure:
       note += f"; AMBIGUOUS ({unsure[i]})"
