@@ -17,7 +17,26 @@ Extras (``pyproject.toml`` declares them):
 
 from __future__ import annotations
 
-__all__ = ["missing_extra"]
+import sys
+from typing import Any
+
+__all__ = ["loaded", "missing_extra"]
+
+
+def loaded(module: str, name: str) -> Any:
+  """``module.name`` if ``module`` has been imported, else ``None``, without importing it.
+
+  A Flax box, variable or error can only be met once Flax was imported, so the checks that
+  recognise them look them up here and Flax stays optional.
+
+  Args:
+    module: A module's full name, e.g. ``"flax.nnx"``.
+    name: An attribute of it, e.g. ``"Variable"``.
+
+  Returns:
+    The attribute, or ``None`` if the module is not imported or has no such attribute.
+  """
+  return getattr(sys.modules.get(module), name, None)
 
 
 def missing_extra(extra: str, feature: str, error: ImportError) -> ImportError:

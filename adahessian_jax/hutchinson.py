@@ -23,7 +23,6 @@ References:
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ import optax
 
 from adahessian_jax import _validation, masking
 from adahessian_jax._axes import fold_in_shard_index, sum_over_shards
+from adahessian_jax._extras import loaded
 from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
@@ -117,7 +117,7 @@ def checked_loss(
       if type(params).__module__.startswith("flax.nnx") and "'State'" in str(e):
         e.add_note(_NNX_STATE)
       # Flax's "Cannot mutate BatchStat from a different trace level" names no fix.
-      trace_context = getattr(sys.modules.get("flax.errors"), "TraceContextError", None)
+      trace_context = loaded("flax.errors", "TraceContextError")
       if trace_context is not None and isinstance(e, trace_context):
         e.add_note(_NNX_CLOSURE)
       raise

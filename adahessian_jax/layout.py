@@ -20,7 +20,8 @@ This module finds them, in:
   ``nn.get_partition_spec(boxed_params)``.
 
 Flax stays an optional dependency: a box or variable can only exist if its
-module was imported, so the checks look the classes up in ``sys.modules``.
+module was imported, so the checks look the classes up without importing it
+(:func:`adahessian_jax._extras.loaded`).
 
 Every leaf gets a *canonical path*: its path with the box's own ``.value``
 step removed, so a boxed tree, its unboxed twin (``nn.unbox``, ``nnx.as_pure``)
@@ -29,10 +30,11 @@ and its tree of partition specs give the same paths.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, NamedTuple
 
 import jax
+
+from adahessian_jax._extras import loaded
 
 __all__ = ["AxisNames", "LeafLayout", "axis_names_of", "is_annotated", "leaves", "names_by_path"]
 
@@ -42,13 +44,11 @@ AxisNames = tuple[Any, ...]
 
 
 def _linen_metadata_class():
-  meta = sys.modules.get("flax.core.meta")
-  return getattr(meta, "AxisMetadata", None)
+  return loaded("flax.core.meta", "AxisMetadata")
 
 
 def _nnx_variable_class():
-  nnx = sys.modules.get("flax.nnx")
-  return getattr(nnx, "Variable", None)
+  return loaded("flax.nnx", "Variable")
 
 
 def _is_spec(x: Any) -> bool:

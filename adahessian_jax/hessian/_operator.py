@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adahessian_jax import _validation
+from adahessian_jax._extras import loaded
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._checks import NonFiniteError
 from adahessian_jax.hutchinson import check_scalar_loss, rademacher_like, value_grad_hvp
@@ -420,10 +420,8 @@ def _check_no_nnx_state(params: Any) -> None:
   with respect to every leaf, so with BatchNorm statistics among them it is not the parameters'
   (in eval mode the statistics move the loss: a larger top eigenvalue, with no error).
   """
-  nnx = sys.modules.get("flax.nnx")
-  kinds = tuple(
-    getattr(nnx, n) for n in ("BatchStat", "RngState", "Cache", "Intermediate") if hasattr(nnx, n)
-  )
+  found = (loaded("flax.nnx", n) for n in ("BatchStat", "RngState", "Cache", "Intermediate"))
+  kinds = tuple(kind for kind in found if kind is not None)
   if not kinds:
     return
   is_kind = lambda x: isinstance(x, kinds)
@@ -442,8 +440,7 @@ def _check_no_nnx_state(params: Any) -> None:
 def _note_nnx_mutation(error: Exception) -> None:
   """Adds the fix to NNX's ``TraceContextError`` from a ``loss_fn`` that writes state of a model
   built outside it ("Cannot mutate BatchStat from a different trace level")."""
-  errors = sys.modules.get("flax.errors")
-  kind = getattr(errors, "TraceContextError", None)
+  kind = loaded("flax.errors", "TraceContextError")
   if kind is not None and isinstance(error, kind):
     error.add_note(
       "hessian_operator: loss_fn writes NNX variables made outside it (BatchNorm statistics in "
