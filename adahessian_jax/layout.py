@@ -20,8 +20,8 @@ This module finds them, in:
   ``nn.get_partition_spec(boxed_params)``.
 
 Flax stays an optional dependency: a box or variable can only exist if its
-module was imported, so the checks look the classes up without importing it
-(:func:`adahessian_jax._extras.loaded`).
+module was imported, so the checks look the classes up in ``sys.modules``
+without importing it.
 
 Every leaf gets a *canonical path*: its path with the box's own ``.value``
 step removed, so a boxed tree, its unboxed twin (``nn.unbox``, ``nnx.as_pure``)
