@@ -77,16 +77,22 @@ The projections of Flax's attention modules (``nn.MultiHeadDotProductAttention``
 ``nnx.MultiHeadAttention``) are recognised without names by their module names and
 shapes: a module holding a rank-3 ``query`` kernel ``(embed, heads, head_dim)``
 and a rank-3 ``out`` kernel ``(heads, head_dim, embed)`` gives these and its
-``key``/``value`` kernels of the same heads and head size those axis names.
+``key``/``value`` kernels of the same head size (and as many heads, or a divisor of them)
+those axis names. Attention of other names (``q_proj``/``o_proj``, ``wq``/``wo``) is told by
+the same shapes where ``embed`` differs from ``heads`` and ``head_dim``. A mixture's weights
+``(experts, in, out)`` under a path with a word ``moe``, ``expert`` or ``experts`` keep each
+expert apart.
 
 A stack of layers without names (``nn.scan``/``nnx.vmap`` without axis metadata) is found
 from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``, bias
 ``(layers, out)``), from Linen's automatic module name (``Dense_0``: a kernel of rank 2) or from
 a Flax attention module's rank-4 ``query`` and ``out`` kernels (one layer's have rank 3);
 the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
-A Linen ``Conv_0`` kernel beside its bias is a convolution's for sure, and a ``DenseGeneral_0``
-kernel beside a bias that is its trailing axes a ``DenseGeneral``'s (blocks along its last input
-axis, the input axes before it kept apart as heads).
+A kernel with two spatial axes or more beside its bias ``(out,)``, or under a convolution's name
+(``Conv_0``, ``conv2_d``, ``conv1``), is a convolution's for sure, and a kernel beside a bias
+that is its trailing axes, two or more (``(heads, head_dim)``; any under Linen's name
+``DenseGeneral_0``), a ``DenseGeneral``'s (blocks along its last input axis, the input axes
+before it kept apart as heads).
 
 Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
 ``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
@@ -108,6 +114,7 @@ import abc
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -1352,82 +1359,185 @@ def _linen_class(module: tuple) -> str | None:
   return parts[0] if len(parts) == 2 and parts[1].isdigit() and parts[0] else None
 
 
+def _words(name: Any) -> set[str]:
+  """The words of a name, split at all but letters and before capitals (``MoeBlock_0``: moe,
+  block), in lower case."""
+  found = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name) if isinstance(name, str) else []
+  return {w.lower() for w in found}
+
+
+#: Words (of a module name, :func:`_words`) that make a module a convolution: Linen's ``Conv_0``
+#: and ``ConvTranspose_0``, Haiku's ``conv2_d``, ``conv1``, ``conv_proj``, ``Conv2d``.
+_CONV_WORDS = frozenset(("conv", "convolution", "deconv"))
+
+
+def _is_conv_module(module: tuple) -> bool:
+  """Whether a module's name is a convolution's (a word of :data:`_CONV_WORDS` in it)."""
+  name = module[-1] if module else None
+  return bool(_CONV_WORDS & _words(name))
+
+
 def _role_name(roles: Mapping[str, str], role: str) -> str | None:
   """A name of ``role`` in ``roles``: the role's own word if it is a name (``"spatial"``)."""
   found = sorted((x != role, x) for x, r in roles.items() if r == role)
   return found[0][1] if found else None
 
 
-def _linen_kernels(paths, names, rules, classes: tuple[str, ...]):
-  """The unnamed kernels of Linen modules of ``classes`` (by automatic name) beside their bias.
+class _Kernel(NamedTuple):
+  """An unnamed kernel under the default rule, past its leading stacked axes."""
+
+  index: int
+  module: tuple
+  bias: tuple[int, ...] | None  # its module's bias's shape, if it has one
+  lead: int  # how many leading axes are stacked (named so)
+  roles: Mapping[str, str]
+
+
+def _kernels(paths, shapes, names, rules):
+  """The kernels (Flax's ``kernel``, Haiku's ``w``) under the default rule whose only names are
+  leading stacked axes (:func:`_leading_stack`), if any, with their module's bias.
 
   Yields:
-    ``(kernel index, bias index, leading stacked axes, roles)`` for each kernel under the default
-    rule whose only names are leading stacked axes (:func:`_leading_stack`), if any.
+    A :class:`_Kernel` for each.
   """
   for module, members in _by_module(paths).items():
-    i, b = members.get("kernel"), members.get("bias")
-    if i is None or b is None or _linen_class(module) not in classes:
-      continue
-    rule = rules[i]
-    if not isinstance(rule, FlaxDefault):
-      continue
-    roles = rule.roles()
-    lead = _leading_stack(names[i], roles)
-    if lead is not None:
-      yield i, b, lead, roles
+    for kernel, bias in _KERNEL_BIAS:
+      i, b = members.get(kernel), members.get(bias)
+      if i is None or not isinstance(rules[i], FlaxDefault):
+        continue
+      roles = rules[i].roles()
+      lead = _leading_stack(names[i], roles)
+      if lead is not None:
+        yield _Kernel(i, module, None if b is None else shapes[b], lead, roles)
 
 
-def _conv_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
-  """Axis names for the unnamed kernels of Linen ``Conv``/``ConvTranspose`` modules.
+def _conv_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str]]:
+  """Axis names for the unnamed kernels that are a convolution's for sure.
 
-  A kernel ``(*spatial, in, out)`` under Linen's automatic name (``Conv_0``) beside its bias
-  ``(out,)`` is a convolution's: its leading axes are spatial, which the rank alone could only
-  guess. A kernel whose only names are leading stacked axes (a stack found from its bias
-  ``(layers, out)``) is read past them. Without a bias the stacked axes are unknown, and the
-  rank's guess stays.
+  A kernel ``(*spatial, in, out)`` (past its leading stacked axes, a stack found from its bias
+  ``(layers, out)``) is a convolution's, its leading axes spatial, which the rank alone could
+  only guess:
+
+  - beside a bias ``(out,)`` when it has two spatial axes or more (rank >= 4): no other layer
+    has such a kernel and bias but a ``DenseGeneral`` over three input axes, which the mean over
+    the leading axes also averages only over inputs of one output unit (a rank-3 kernel beside
+    such a bias is also an attention's output projection ``(heads, head_dim, embed)``);
+  - under a convolution's name (Linen's ``Conv_0``/``ConvTranspose_0``, Haiku's ``conv2_d``,
+    ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
+    (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
+    no leaf of the tree is known to be stacked (an ``nn.scan`` of 1-D convolutions without a
+    bias would leave no evidence).
 
   Returns:
-    ``{leaf index: axis names}``.
+    ``{leaf index: (axis names, why)}``.
   """
-  found: dict[int, AxisNames] = {}
-  for i, b, lead, roles in _linen_kernels(paths, names, rules, ("Conv", "ConvTranspose")):
-    spatial = _role_name(roles, SPATIAL)
-    k, bias = shapes[i], shapes[b]
-    if spatial is None or len(k) - lead < 3 or bias != k[:lead] + k[-1:]:
+  found: dict[int, tuple[AxisNames, str]] = {}
+  kernels = list(_kernels(paths, shapes, names, rules))
+  stacks_known = any(k.lead for k in kernels) or any(
+    n is not None and any(axis_role(x, r.roles()) == STACKED for x in n)
+    for n, r in zip(names, rules, strict=True)
+    if isinstance(r, FlaxDefault)
+  )
+  for k in kernels:
+    spatial = _role_name(k.roles, SPATIAL)
+    shape = shapes[k.index]
+    rank = len(shape) - k.lead
+    if spatial is None or rank < 3:
       continue
-    stacked = tuple(names[i][:lead] if names[i] else ())
-    found[i] = stacked + (spatial,) * (len(k) - lead - 2) + (None, None)
+    named = _is_conv_module(k.module)
+    beside_bias = k.bias == shape[: k.lead] + shape[-1:]
+    if beside_bias and rank >= 4:
+      why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
+    elif named and (beside_bias or (k.bias is None and (rank == 3 or not stacks_known))):
+      why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
+    else:
+      continue
+    stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
+    found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
   return found
 
 
-def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, AxisNames]:
-  """Axis names for the unnamed kernels of Linen ``DenseGeneral`` modules beside their bias.
+def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str]]:
+  """Axis names for the unnamed kernels of ``DenseGeneral`` layers, by their bias.
 
-  A kernel ``(*batch, *in, *out)`` under Linen's automatic name (``DenseGeneral_0``) whose bias
-  ``(*batch, *out)`` fits it one way only, with as many ``batch`` axes as the kernel's leading
-  stacked axes (none for one layer; a stack found from that bias otherwise), is a
-  ``DenseGeneral``'s: its last input axis and its output axes are named ``features`` (blocks
-  along that input axis, consecutive inputs of the flattened ``Dense``), and its other input
-  axes ``heads`` (kept apart: ``axis=(-2, -1)`` over ``(heads, head_dim)`` is an attention's
-  output projection), where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A
-  bias that fits two ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6)
-  leaves the rank's guess.
+  A kernel ``(*batch, *in, *out)`` whose bias ``(*batch, *out)`` fits it one way only, with as
+  many ``batch`` axes as the kernel's leading stacked axes (none for one layer; a stack found
+  from that bias otherwise), is a ``DenseGeneral``'s (``nnx.LinearGeneral``'s, an ``Einsum``'s
+  with that layout) when the bias has two output axes or more (``(heads, head_dim)``: a
+  convolution's bias has one), or under Linen's automatic name (``DenseGeneral_0``). Its last
+  input axis and its output axes are named ``features`` (blocks along that input axis,
+  consecutive inputs of the flattened ``Dense``), and its other input axes ``heads`` (kept
+  apart: ``axis=(-2, -1)`` over ``(heads, head_dim)`` is an attention's output projection),
+  where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that fits two
+  ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6) leaves the
+  rank's guess.
 
   Returns:
-    ``{leaf index: axis names}``.
+    ``{leaf index: (axis names, why)}``.
   """
-  found: dict[int, AxisNames] = {}
-  for i, b, lead, roles in _linen_kernels(paths, names, rules, ("DenseGeneral",)):
-    features, heads = _role_name(roles, FEATURES), _role_name(roles, HEADS)
-    k, bias = shapes[i], shapes[b]
-    if features is None or heads is None or len(k) - lead < 3 or len(k) <= len(bias):
+  found: dict[int, tuple[AxisNames, str]] = {}
+  for k in _kernels(paths, shapes, names, rules):
+    features, heads = _role_name(k.roles, FEATURES), _role_name(k.roles, HEADS)
+    shape, bias = shapes[k.index], k.bias
+    if features is None or heads is None or bias is None or len(shape) - k.lead < 3:
       continue
-    fits = [n for n in range(len(bias)) if bias == k[:n] + k[len(k) - len(bias) + n :]]
-    if fits == [lead]:
-      n_in = len(k) - len(bias)  # the bias is (*batch, *out)
-      stacked = tuple(names[i][:lead] if names[i] else ())
-      found[i] = stacked + (heads,) * (n_in - 1) + (features,) * (len(k) - lead - n_in + 1)
+    if len(shape) <= len(bias):
+      continue
+    named = _linen_class(k.module) == "DenseGeneral"
+    if not named and len(bias) - k.lead < 2:
+      continue
+    fits = [n for n in range(len(bias)) if bias == shape[:n] + shape[len(shape) - len(bias) + n :]]
+    if fits == [k.lead]:
+      n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
+      stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
+      found[k.index] = (
+        stacked + (heads,) * (n_in - 1) + (features,) * (len(shape) - k.lead - n_in + 1),
+        (f"by its module's name {k.module[-1]!r}" if named else f"by its bias {bias}")
+        + ": a DenseGeneral kernel, its last input axis and output axes named features, any "
+        "input axes before it heads",
+      )
+  return found
+
+
+#: Words (of a module or parameter name, :func:`_words`) that stack a leaf's experts.
+_EXPERT_WORDS = frozenset(("moe", "expert", "experts"))
+
+
+def _expert_stacks(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str]]:
+  """Axis names for the unnamed kernels of a mixture of experts, by the names on their path.
+
+  A mixture's experts are often one array per weight, ``(experts, in, out)`` (a raw
+  ``self.param`` in a module ``moe``, MaxText's ``MoeBlock_0``/``wi``), which the rank alone
+  would take for a 1-D ``Conv`` kernel and average across experts. A leaf of rank >= 3 (past
+  its leading stacked axes) with a word of :data:`_EXPERT_WORDS` in a key of its path has its
+  first axis (after the stacked ones) named a stacked axis; its bias, scale or table are not
+  touched, nor is the module of one expert (``experts_3``, ``experts/3/...``).
+
+  Returns:
+    ``{leaf index: (axis names, why)}``.
+  """
+  found: dict[int, tuple[AxisNames, str]] = {}
+  for i, path in enumerate(paths):
+    rule, param = rules[i], param_name(path)
+    if not isinstance(rule, FlaxDefault) or param in _PARAMS_READ:
+      continue
+    roles = rule.roles()
+    lead = _leading_stack(names[i], roles)
+    stacked = _role_name(roles, STACKED)
+    if lead is None or stacked is None or len(shapes[i]) - lead < 3:
+      continue
+    keys = [_key_name(k) for k in path]
+    at = [j for j, k in enumerate(keys) if _EXPERT_WORDS & _words(k)]
+    if not at:
+      continue
+    j = at[-1]
+    one = "moe" not in _words(keys[j]) and keys[j][-1].isdigit()  # experts_3: one expert
+    if one or any(not isinstance(k, str) or k.isdigit() for k in keys[j + 1 :]):
+      continue
+    name = "experts" if roles.get("experts") == STACKED else stacked
+    own = list(names[i]) if names[i] else [None] * len(shapes[i])
+    own[lead] = name
+    found[i] = (tuple(own), f"axis {lead} taken for a mixture's experts: {keys[j]!r} in its path")
   return found
 
 
@@ -1499,13 +1609,66 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
       j, j_lead = kernels.get((module, name), (None, None))
       if j is None or j_lead != lead or shapes[j][:lead] != stack:
         continue
-      heads = shapes[j][lead : lead + 2] if name == "out" else shapes[j][lead + 1 :]
-      if heads == one[1:]:
-        found[j] = tuple(names[j][:lead] if names[j] else ()) + _ATTENTION_AXES[name]
-        members.append(j)
+      if name == "out" and shapes[j][lead : lead + 2] != one[1:]:
+        continue
+      if name != "out" and not _fewer_heads(shapes[j][lead + 1 :], one[1:]):
+        continue
+      found[j] = tuple(names[j][:lead] if names[j] else ()) + _ATTENTION_AXES[name]
+      members.append(j)
     if one[0] == one[1]:
       unsure.update(members)
+  found.update(_attention_by_shapes(paths, shapes, names, rules, set(found)))
   return found, unsure
+
+
+def _fewer_heads(kv: tuple[int, ...], q: tuple[int, ...]) -> bool:
+  """Whether a key/value kernel's ``(heads, head_dim)`` fit a query's ``q``: the same head size
+  and a number of heads that divides the query's (grouped-query and multi-query attention)."""
+  return len(kv) == 2 and kv[1] == q[1] and kv[0] >= 1 and q[0] % kv[0] == 0
+
+
+def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[int, AxisNames]:
+  """Axis names for the projection kernels of attention modules of other names, by shapes.
+
+  Beside an output kernel ``(heads, head_dim, embed)`` (``o_proj``, ``wo``), an input kernel
+  ``(embed, heads, head_dim)`` (``q_proj``, ``wq``) with ``embed`` not the size of ``heads``
+  or ``head_dim`` shows an attention: ``Conv`` kernels or stacks of ``Dense`` kernels have
+  such shapes only by a coincidence of sizes that this excludes. So are its other input kernels
+  ``(embed, kv_heads, head_dim)``, whose heads divide the query's. Kernels are grouped by
+  module: Flax's ``kernel`` and Haiku's ``w`` by the module above theirs (``attn/q_proj/kernel``),
+  other names by their own (``attn/wq``). Kernels whose only names are leading stacked axes are
+  read past them, the stack the same for all of the module's kernels.
+
+  Returns:
+    ``{leaf index: axis names}``, for the leaves not in ``done``.
+  """
+  groups: dict[tuple, list[tuple[int, int]]] = {}
+  for i, path in enumerate(paths):
+    rule, param = rules[i], param_name(path)
+    if i in done or not isinstance(rule, FlaxDefault) or param in (*_PARAMS_READ, None):
+      continue
+    lead = _leading_stack(names[i], rule.roles())
+    if lead is not None and len(shapes[i]) == lead + 3:
+      up = 2 if param in ("kernel", "w") else 1
+      groups.setdefault(tuple(str(_key_name(k)) for k in path[:-up]), []).append((i, lead))
+  found: dict[int, AxisNames] = {}
+  for members in groups.values():
+    for out, lead in members:
+      stack, (heads, head_dim, embed) = shapes[out][:lead], shapes[out][lead:]
+      if embed in (heads, head_dim):
+        continue
+      same = [j for j, j_lead in members if j_lead == lead and shapes[j][:lead] == stack]
+      inputs = [
+        j
+        for j in same
+        if shapes[j][lead] == embed and _fewer_heads(shapes[j][lead + 1 :], (heads, head_dim))
+      ]
+      if not any(shapes[j][lead + 1] == heads for j in inputs):
+        continue
+      for j in (out, *inputs):
+        axes = _ATTENTION_AXES["out" if j == out else "query"]
+        found[j] = tuple(names[j][:lead] if names[j] else ()) + axes
+  return found
 
 
 #: Words (of a name split at "_") that make a leaf a table with a row per token or position:
@@ -1558,6 +1721,8 @@ def _plan(averaging, params, block_size, strict_mode):
   own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound, alone)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
+  experts = _expert_stacks(paths, shapes, stacked, unbound)
+  stacked = [experts[i][0] if i in experts else n for i, n in enumerate(stacked)]
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
   convs = _conv_kernels(paths, shapes, stacked, unbound)
   generals = _dense_general_kernels(paths, shapes, stacked, unbound)
@@ -1568,18 +1733,16 @@ def _plan(averaging, params, block_size, strict_mode):
       note = f" (stacked axes inferred: {evident[i][1]})"
     elif i in inferred:
       note = f" (stacked axes taken from its named relative {wheres[inferred[i][1]]})"
-    if i in convs:
-      leaf_names = convs[i]
-      note += " (a Linen Conv kernel by its module's name and bias: spatial axes named)"
-    if i in generals:
-      leaf_names = generals[i]
-      note += (
-        " (a Linen DenseGeneral kernel by its module's name and bias: its last input axis and "
-        "output axes named features, any input axes before it heads)"
-      )
+    for found in (experts, convs, generals):
+      if i in found and (found is experts or i not in attention):
+        leaf_names = found[i][0]
+        note += f" ({found[i][1]})"
     if i in attention:
       leaf_names = attention[i]
-      note += " (axis names of a Flax attention projection: its module's query/out kernels)"
+      note += (
+        " (an attention projection: its module's query and output kernels, by their names or "
+        "shapes)"
+      )
       if i in attention_unsure:
         unsure[i] = (
           "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "

@@ -4,6 +4,8 @@ References are NumPy loops over layers and blocks (numpy_reference.block_average
 and hand-written tables of what each leaf of a small model is.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -353,14 +355,14 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
   rows = {r.path: r for r in listing.rows}
   for path in [f"{q}['kernel']" for q in QKV] + [f"{ATTN}['out']['kernel']"]:
     assert rows[path].rule == EXPECTED[path][1], rows[path]
-    assert "Flax attention projection" in rows[path].why
+    assert "an attention projection" in rows[path].why
   # The scanned Dense is told by Linen's name for it and by its bias (3, 8), the Conv by its
   # name and its bias (8,): the boxed rules.
   for path in ("['stack']['Dense_0']['kernel']", "['stack']['Dense_0']['bias']"):
     assert rows[path].rule == EXPECTED[path][1], rows[path]
     assert "Linen's name 'Dense_0' makes it a Dense" in rows[path].why
   assert rows["['Conv_0']['kernel']"].rule == EXPECTED["['Conv_0']['kernel']"][1]
-  assert "a Linen Conv kernel by its module's name and bias" in rows["['Conv_0']['kernel']"].why
+  assert "by its module's name 'Conv_0': a Conv kernel" in rows["['Conv_0']['kernel']"].why
   with pytest.raises(ValueError, match="1 leaf is ambiguous") as err:
     spatial.describe(plain, block_size=3, strict=True)
   for path in AMBIGUOUS_UNNAMED:
@@ -1071,21 +1073,43 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
   assert got["['hk']['b']"] == (spatial.per_layer(spatial.none()), False)
   assert got["['deep']['kernel']"] == (spatial.per_layer(spatial.blocks(2), axes=(0, 1)), False)
   # One layer's bias is its kernel's output axes: a DenseGeneral (in, heads, head_dim) with its
-  # (heads, head_dim) bias and a 1-D Conv (3, in, out) with its (out,) bias are no stacks, and a
-  # kernel without a bias says nothing: the rank's guess, flagged.
+  # (heads, head_dim) bias (two output axes: no convolution's) is read so; a (3, in, out) kernel
+  # with its (out,) bias (a 1-D Conv or an attention's output projection (heads, head_dim,
+  # embed)) and a kernel without a bias stay the rank's guess, flagged; so does a Conv_0 without
+  # a bias where the tree holds a stack (a 2-D Conv, or a scan of 1-D ones).
   got = rows(
     {
       "general": {"kernel": (6, 2, 4), "bias": (2, 4)},
-      "conv": {"kernel": (3, 6, 8), "bias": (8,)},
+      "proj": {"kernel": (3, 6, 8), "bias": (8,)},
       "alone": {"kernel": (4, 6, 8)},
       "Dense_1": {"kernel": (6, 6, 8), "bias": (6, 8)},  # layers = inputs: only the name tells
       "Conv_0": {"kernel": (3, 3, 6, 8)},  # a Conv without a bias: stacked or 2-D, unknown
     }
   )
-  for leaf in ("general", "conv", "alone", "Conv_0"):
+  assert got["['general']['kernel']"] == (spatial.blocks(2), False)
+  for leaf in ("proj", "alone", "Conv_0"):
     rule, ambiguous = got[f"['{leaf}']['kernel']"]
     assert rule == spatial.mean_over(tuple(range(2 if leaf == "Conv_0" else 1))) and ambiguous
   assert got["['Dense_1']['kernel']"] == (spatial.per_layer(spatial.blocks(2)), False)
+  # Where nothing in the tree is stacked, a convolution's name settles a kernel without a bias
+  # (Linen's Conv_0, Haiku's conv2_d, a user's conv1), and any (kh, kw, in, out) kernel beside
+  # its (out,) bias is a Conv's; a rank-3 kernel under a convolution's name is one, bias or none.
+  got = rows(
+    {
+      "Conv_0": {"kernel": (3, 3, 6, 8)},
+      "conv2_d": {"w": (3, 3, 6, 8)},
+      "conv1": {"kernel": (5, 8, 8)},
+      "stem": {"kernel": (7, 7, 3, 6), "bias": (6,)},
+      "Dense_0": {"kernel": (6, 8), "bias": (8,)},
+    }
+  )
+  for where, axes in [
+    ("['Conv_0']['kernel']", (0, 1)),
+    ("['conv2_d']['w']", (0, 1)),
+    ("['conv1']['kernel']", (0,)),
+    ("['stem']['kernel']", (0, 1)),
+  ]:
+    assert got[where] == (spatial.mean_over(axes), False), where
   # nn.vmap with variable_axes={"params": 1} stacks 3 members on axis 1: kernel (in, 3, out),
   # bias (out, 3). The name's leading stack would block (3, out) across members; the bias belies it.
   got = rows({"Dense_0": {"kernel": (6, 3, 8), "bias": (8, 3)}})
@@ -1376,3 +1400,94 @@ def test_keys_of_a_flattened_tree_are_read_by_their_last_part(rng):
   want = block_average(d["blocks.0.fc.weight"], 2, axis=1)
   np.testing.assert_allclose(got["blocks.0.fc.weight"], want, rtol=1e-6)
   np.testing.assert_allclose(got["attn/query/bias"], d["attn/query/bias"], rtol=1e-6)
+
+
+class _CustomAttention(nn.Module):
+  """An attention written with DenseGeneral layers of its own names, grouped-query."""
+
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, x):
+    general = functools.partial(nn.DenseGeneral, use_bias=self.use_bias)
+    q = general((4, 3), name="q_proj")(x)
+    k = general((2, 3), name="k_proj")(x)  # 2 key/value heads for 4 query heads
+    v = general((2, 3), name="v_proj")(x)
+    k, v = jnp.repeat(k, 2, axis=-2), jnp.repeat(v, 2, axis=-2)
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k))
+    return general(10, axis=(-2, -1), name="o_proj")(jnp.einsum("bhqk,bkhd->bqhd", w, v))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_bias):
+  # q_proj (embed, heads, head_dim), k_proj/v_proj with 2 of the 4 heads, o_proj (heads,
+  # head_dim, embed): by rank 1-D Conv kernels, averaged over all of q's inputs and o's heads. The
+  # module's shapes show an attention, with or without biases, as for Flax's own module names.
+  params = _CustomAttention(use_bias).init(jax.random.key(0), jnp.ones((1, 5, 10)))["params"]
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  assert not [r.path for r in rows.values() if r.ambiguous]
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    d = np.asarray(hessian_diag[name]["kernel"])
+    axis = 1 if name == "o_proj" else 0  # head_dim within one head, else embed
+    want = block_average(d, 4, axis=axis)
+    np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
+    want_names = (
+      ("heads", "head_dim", "embed") if name == "o_proj" else ("embed", "heads", "head_dim")
+    )
+    assert rows[f"['{name}']['kernel']"].names == want_names
+  # The same projections as raw params of one module (wq, wk, wv, wo) and Haiku-style w's.
+  raw = {"attn": {"wq": (10, 4, 3), "wk": (10, 2, 3), "wv": (10, 2, 3), "wo": (4, 3, 10)}}
+  raw["hk"] = {f"{n}_proj": {"w": s} for n, s in zip("qkvo", raw["attn"].values(), strict=True)}
+  raw = jax.tree.map(jnp.zeros, raw, is_leaf=lambda x: isinstance(x, tuple))
+  for row in spatial.describe(raw, block_size=4).rows:
+    axis = 1 if row.path.endswith(("['wo']", "['o_proj']['w']")) else 0
+    assert (row.rule, row.ambiguous) == (spatial.blocks(4, axis=axis), False), row
+  # Sizes that allow other readings stay the rank's guess: embed = head_dim (a 1-D Conv of
+  # width 3 beside one of width 4 would have these shapes), and an out kernel alone.
+  for tree in (
+    {"wq": (3, 4, 3), "wo": (4, 3, 3)},
+    {"wo": (4, 3, 10)},
+  ):
+    tree = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+    assert all(r.ambiguous for r in spatial.describe(tree, block_size=4).rows)
+
+
+def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
+  # A mixture's weights as raw params (experts, in, out): by rank 1-D Conv kernels, averaged
+  # across the experts even at block_size 1. A word of a mixture on the path (moe, experts,
+  # MaxText's MoeBlock_0) keeps each expert apart, inside a stack of layers too; a module of one
+  # expert (experts_1, experts/0) and a leaf off such a path keep the rank's reading.
+  tree = {
+    "moe": {"w1": (4, 6, 8), "w2": (4, 8, 6), "gate": {"kernel": (6, 4)}},
+    "MoeBlock_0": {"wi": (4, 6, 8)},
+    "layers": {"experts": {"kernel": (3, 4, 6, 8)}, "bias": (3, 8)},
+    "experts_1": {"kernel": (5, 6, 8)},
+    "per_expert": {"experts": [{"kernel": (5, 6, 8)}]},
+    "mlp": {"kernel": (5, 6, 8)},
+  }
+  tree["layers"] = {"Dense_0": {"kernel": (3, 6, 8), "bias": (3, 8)}, **tree["layers"]}
+  params = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  d, got = jax.tree.map(np.asarray, hessian_diag), jax.tree.map(np.asarray, got)
+
+  def per_expert(x):  # NumPy loops: blocks of 2 inputs within each (layer's) expert's kernel
+    flat = x.reshape(-1, *x.shape[-2:])
+    return np.stack([block_average(e, 2) for e in flat]).reshape(x.shape)
+
+  def at(tree, keys):
+    return tree if not keys else at(tree[keys[0]], keys[1:])
+
+  for leaf in (("moe", "w1"), ("moe", "w2"), ("MoeBlock_0", "wi"), ("layers", "experts", "kernel")):
+    where = "".join(f"['{key}']" for key in leaf)
+    np.testing.assert_allclose(at(got, leaf), per_expert(at(d, leaf)), rtol=1e-6, err_msg=where)
+    assert not rows[where].ambiguous and "a mixture's experts" in rows[where].why, rows[where]
+  for where in ("['experts_1']['kernel']", "['per_expert']['experts'][0]['kernel']"):
+    assert (rows[where].rule, rows[where].ambiguous) == (spatial.mean_over(0), True), where
+  assert rows["['mlp']['kernel']"].ambiguous
+  np.testing.assert_allclose(
+    got["moe"]["gate"]["kernel"], block_average(d["moe"]["gate"]["kernel"], 2)
+  )
