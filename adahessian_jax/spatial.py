@@ -64,10 +64,11 @@ attention ``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor
 named ``scale`` (a norm's scale, stacked or over several feature axes; also
 ``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and an ``embedding`` of rank >= 2
 without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
-features)``, unnamed or e.g. ``(None, "embed")``; any name with a word of a table:
-Haiku's ``embeddings``, ``pos_embed``, ``position_embeddings``) keeps its rows apart:
-blocks along its last axis, ambiguous when ``block_size > 1`` (a kernel could have that
-name). An unnamed ``weight`` is taken for a PyTorch/Equinox weight, output axis first:
+features)``, unnamed or e.g. ``(None, "embed")``; Haiku's ``embeddings``; any name with a
+word of a table: ``pos_embed``, ``position_embeddings``) keeps its rows apart: blocks along
+its last axis, ambiguous when ``block_size > 1`` under a name other than Flax's and
+Haiku's (a kernel could have that name). An unnamed ``weight`` (also ``in_proj_weight``,
+``weight_ih_l0``) is taken for a PyTorch/Equinox weight, output axis first:
 ``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
 (ambiguous where the layout matters); its ``bias`` (``(out,)``, Equinox's ``Conv``
 ``(out, 1, ..., 1)``) shows the stacked axes of an ``eqx.filter_vmap`` ensemble (weight
@@ -432,7 +433,7 @@ def _blocks_text(block_size: int) -> str:
 
 
 #: The Flax parameter names (last path keys) that :func:`flax_default` reads.
-_PARAMS_READ = ("bias", "scale", "embedding", "weight")
+_PARAMS_READ = ("bias", "scale", "embedding", "table", "weight")
 
 
 def _torch_layout(ndim: int, block_size: int, names, note: str) -> Choice:
@@ -468,22 +469,28 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
   if param == "weight" and ndim >= 2:
     return _torch_layout(ndim, block_size, names, note)
-  if param == "embedding":
+  if param in ("embedding", "table"):
     # nn.Embed/nnx.Embed (num_embeddings, features), a learned position table (1, length,
     # features): blocks along axis 0 would mix tokens' (positions') rows.
     last = ndim - 1
+    guess = param == "table" and block_size > 1
     return Choice(
       BlockMean(block_size, last),
-      f"rank {ndim}{note}, name of a table (Flax's 'embedding', or 'pos'/'position'/'embed' in "
-      f"it): taken for an Embed table (..., num_embeddings, features), rows kept apart, "
+      f"rank {ndim}{note}, "
+      + (
+        "Flax's (Haiku's) name of an Embed table"
+        if param == "embedding"
+        else "a name with a word of a table ('pos', 'position', 'embed', 'emb')"
+      )
+      + ": taken for an Embed table (..., num_embeddings, features), rows kept apart, "
       f"{_blocks_text(block_size)} along axis {_axis(last, names)}"
       + (
         "; AMBIGUOUS (a kernel (in, out) so named has this layout too: name its axes, "
         f"e.g. ('vocab', 'embed'), or pass spatial.blocks(block_size, axis={last}))"
-        if block_size > 1
+        if guess
         else ""
       ),
-      ambiguous=block_size > 1,
+      ambiguous=guess,
     )
   if ndim == 2:
     return Choice(
@@ -1683,19 +1690,27 @@ def param_name(path) -> str | None:
 
   ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
   one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
-  table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
-  table (``pos_embedding``, ``position_embeddings``, ``pos_emb``), and the ``"offset"`` of its norms
-  (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A key of a flattened tree
-  is read by its last part: ``"blocks.0.fc.weight"`` (a PyTorch state dict) is a ``"weight"``,
-  ``"Dense_0/bias"`` (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
+  table ``"embeddings"`` is an ``"embedding"``; any other name with a word (split at ``_``) of a
+  table (``pos_embedding``, ``position_embeddings``, ``pos_emb``) is a ``"table"`` (a name of
+  your own, which a kernel could have too), and the ``"offset"`` of Haiku's norms
+  (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with the word
+  ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's ``weight_ih_l0``). A key
+  of a flattened tree is read by its last part: ``"blocks.0.fc.weight"`` (a PyTorch state dict)
+  is a ``"weight"``, ``"Dense_0/bias"`` (``flax.traverse_util.flatten_dict(..., sep="/")``) a
+  ``"bias"``.
   """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
   if not isinstance(name, str):
     return None
   name = name.replace("/", ".").rsplit(".", 1)[-1] or name
-  if _TABLE_WORDS & set(name.lower().split("_")):
+  words = set(name.lower().split("_"))
+  if name in ("embedding", "embeddings"):
     return "embedding"
+  if _TABLE_WORDS & words:
+    return "table"
+  if "weight" in words:
+    return "weight"
   return "bias" if name == "offset" else name
 
 

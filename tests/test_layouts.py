@@ -287,9 +287,11 @@ EXPECTED = {
   "['Dense_0']['kernel']": ((8, 11), spatial.blocks(3, axis=0)),  # unembedding: embed inputs
   "['Dense_0']['bias']": ((11,), spatial.none()),
 }
-AMBIGUOUS_UNNAMED = [
-  "['Embed_0']['embedding']",  # rows kept apart, but an (in, out) kernel could be so named
-]
+#: Leaves of names of one's own added to the unboxed model: their rules are guesses.
+AMBIGUOUS_UNNAMED = {
+  "['adapters']['kernel']": (4, 8, 8),  # a stack of 4 Dense kernels, or a 1-D Conv of width 4?
+  "['w_embed']": (8, 11),  # a table (rows apart), or a kernel (in, out) so named?
+}
 
 
 def numpy_average(path, d):
@@ -350,7 +352,7 @@ def test_describe_lists_every_kind_of_leaf(tiny_lm, rng):
 def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
   plain = nn.unbox(tiny_lm)
   listing = spatial.describe(plain, block_size=3)
-  assert sorted(r.path for r in listing.ambiguous) == sorted(AMBIGUOUS_UNNAMED)
+  assert not listing.ambiguous  # Flax's own names and shapes settle every leaf
   # The attention projections are told by their module names and shapes: the boxed rules.
   rows = {r.path: r for r in listing.rows}
   for path in [f"{q}['kernel']" for q in QKV] + [f"{ATTN}['out']['kernel']"]:
@@ -363,14 +365,19 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
     assert "Linen's name 'Dense_0' makes it a Dense" in rows[path].why
   assert rows["['Conv_0']['kernel']"].rule == EXPECTED["['Conv_0']['kernel']"][1]
   assert "by its module's name 'Conv_0': a Conv kernel" in rows["['Conv_0']['kernel']"].why
-  with pytest.raises(ValueError, match="1 leaf is ambiguous") as err:
-    spatial.describe(plain, block_size=3, strict=True)
-  for path in AMBIGUOUS_UNNAMED:
-    assert path + ": shape" in str(err.value)
-  # Each with the reason its rule is a guess (the rank-2 embedding's is its name, not its rank).
-  for r in listing.ambiguous:
+  # Leaves of names of one's own whose layout nothing shows: strict mode names every one.
+  odd = {
+    **plain,
+    "adapters": {"kernel": jax.ShapeDtypeStruct((4, 8, 8), jnp.float32)},
+    "w_embed": jax.ShapeDtypeStruct((8, 11), jnp.float32),
+  }
+  with pytest.raises(ValueError, match="2 leaves are ambiguous") as err:
+    spatial.describe(odd, block_size=3, strict=True)
+  guesses = spatial.describe(odd, block_size=3).ambiguous
+  assert {r.path: r.shape for r in guesses} == AMBIGUOUS_UNNAMED
+  # Each with the reason its rule is a guess (the rank-2 table's is its name, not its rank).
+  for r in guesses:
     assert f"{r.path}: shape {r.shape}, axis names None: {r.why}" in str(err.value)
-  assert any(r.shape and len(r.shape) == 2 for r in listing.ambiguous)
   # Boxed: nothing to refuse; unboxed with the names given: the same rules as boxed.
   spatial.resolve_rules(spatial.strict(), tiny_lm, 3)
   named = spatial.describe(plain, spatial.strict(spatial.named(nn.get_partition_spec(tiny_lm))), 3)
@@ -808,12 +815,16 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
       assert rows[where].rule == spatial.none() and not rows[where].ambiguous
     elif where.endswith("['embedding']"):  # (num_embeddings, features): each token's row alone
       np.testing.assert_allclose(value, block_average(d, 2, axis=1), rtol=1e-6)
-      assert rows[where].rule == spatial.blocks(2, axis=1) and rows[where].ambiguous
+      assert rows[where].rule == spatial.blocks(2, axis=1) and not rows[where].ambiguous
   assert biases == 10  # rank 2: 1 DenseGeneral + 3 attention + 1 Einsum, Linen and NNX
-  # block_size 1 averages nothing either way: the embedding is then not refused by strict.
-  assert not any("embedding" in r.path for r in spatial.describe(params).ambiguous)
-  with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]: shape \(10, 6\)"):
-    spatial.describe(params, block_size=2, strict=True)
+  # Flax's name for a table is no guess; a name of one's own with a word of a table is, with
+  # block_size > 1 (a kernel (in, out) could be called so), and not at 1 (nothing averaged).
+  spatial.describe(params, block_size=2, strict=True)
+  mine = {"w_embed": jnp.zeros((10, 6))}
+  assert spatial.describe(mine, block_size=2).rows[0].rule == spatial.blocks(2, axis=1)
+  assert not spatial.describe(mine).ambiguous
+  with pytest.raises(ValueError, match=r"\['w_embed'\]: shape \(10, 6\)"):
+    spatial.describe(mine, block_size=2, strict=True)
 
 
 def test_unboxed_flax_attention_keeps_heads_apart_and_blocks_its_inputs(rng):
@@ -940,10 +951,10 @@ def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
   got = _nu_after_one_step(tx, plain, hessian_diag)
   np.testing.assert_allclose(got["linen"]["embedding"], per_token, rtol=1e-6)
   np.testing.assert_allclose(got["nnx"]["embedding"], per_token, rtol=1e-6)
-  # Rows apart, blocks along the features; the vocab axis is still unnamed, so strict refuses.
+  # Rows apart, blocks along the features: Flax's name for a table, no guess.
   listing = spatial.describe(plain, spatial.named(names), 4)
   assert [r.rule for r in listing.rows] == [spatial.blocks(4, axis=1)] * 2
-  assert len(listing.ambiguous) == 2
+  assert not listing.ambiguous
 
 
 def test_a_rank_2_leaf_blocked_along_a_name_of_no_known_role_is_a_guess():
@@ -1192,10 +1203,13 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert [p for p, r in rows.items() if r.ambiguous] == [
     "['conv']['weight']",
-    "['embed']['embeddings']",
     "['linear']['weight']",
   ]
   assert "PyTorch/Equinox Conv weight (out, in, *spatial)" in rows["['conv']['weight']"].why
+  # PyTorch's other weights (a packed q/k/v projection, an LSTM's) are (out, in) too.
+  torch = {"in_proj_weight": jnp.zeros((12, 4)), "weight_ih_l0": jnp.zeros((16, 4))}
+  for row in spatial.describe(torch, block_size=2).rows:
+    assert row.rule == spatial.blocks(2, axis=1), row
   assert not spatial.describe(params, block_size=1).rows[4].ambiguous  # Linear, block_size 1
 
 

@@ -183,7 +183,7 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   vocab = tuple(a for a in rest if roles[a] == "vocab")
   if vocab:  # a table (vocab, embed) or an unembedding (embed, vocab): a filter per token
     return vocab
-  if leaf.param == "embedding":  # nn.Embed (num_embeddings, features), positions (1, L, D)
+  if leaf.param in ("embedding", "table"):  # nn.Embed (num, features), positions (1, L, D)
     return tuple(rest[:-1])
   # PyTorch/Equinox (out, in, *spatial), one layer's axes unnamed (a stack found without names too)
   if leaf.param == "weight" and all(roles[a] is None for a in rest):
