@@ -66,8 +66,8 @@ named ``scale`` (a norm's scale, stacked or over several feature axes; also
 without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
 features)``, unnamed or e.g. ``(None, "embed")``; Haiku's ``embeddings``; any name with a
 word of a table: ``pos_embed``, ``position_embeddings``) keeps its rows apart: blocks along
-its last axis, ambiguous when ``block_size > 1`` under a name other than Flax's and
-Haiku's (a kernel could have that name). An unnamed ``weight`` (also ``in_proj_weight``,
+its last axis, ambiguous when ``block_size > 1`` for a name with other words too
+(``w_embed``: a kernel could have that name). An unnamed ``weight`` (also ``in_proj_weight``,
 ``weight_ih_l0``) is taken for a PyTorch/Equinox weight, output axis first:
 ``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
 (ambiguous where the layout matters); its ``bias`` (``(out,)``, Equinox's ``Conv``
@@ -116,6 +116,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -133,6 +134,7 @@ __all__ = [
   "AXIS_ROLES",
   "Averaging",
   "Choice",
+  "LayoutGuessWarning",
   "Listing",
   "Row",
   "Rule",
@@ -478,9 +480,9 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
       BlockMean(block_size, last),
       f"rank {ndim}{note}, "
       + (
-        "Flax's (Haiku's) name of an Embed table"
+        "a table's name (Flax's 'embedding', 'pos_embedding', ...)"
         if param == "embedding"
-        else "a name with a word of a table ('pos', 'position', 'embed', 'emb')"
+        else "a name with a word of a table ('embed', 'pos', ...) and others"
       )
       + ": taken for an Embed table (..., num_embeddings, features), rows kept apart, "
       f"{_blocks_text(block_size)} along axis {_axis(last, names)}"
@@ -857,9 +859,10 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
   attention kernel and a stack of ``Dense`` kernels look alike. With
-  ``block_size > 1`` so are: an ``embedding`` (a table's name) without a ``vocab``
-  axis name; a leaf with a heads or vocab axis whose blocks would go along an axis
-  of no known role while another axis could be the input; a rank-2 leaf whose
+  ``block_size > 1`` so are: a leaf whose name of your own has a word of a table
+  (``pos_embed``) without a ``vocab`` axis name; a leaf with a heads or vocab axis
+  whose blocks would go along an axis of no known role while another axis could be
+  the input; a rank-2 leaf whose
   axis 0 has a name of no known role. And so is an unnamed leaf whose stacked
   axes are taken from named leaves that share no module with it, or whose
   nearest named relatives disagree on them. Name its axes or give it an
@@ -1051,6 +1054,37 @@ def _ambiguity_error(rows: Sequence[Row]) -> ValueError:
     "spatial.mean_over(0) for a 1-D Conv kernel, spatial.blocks(32, axis=0) for an attention "
     "kernel (embed, heads, head_dim), spatial.per_layer(spatial.flax_default(32)) for a stack "
     "of Dense kernels (layers, in, out). spatial.describe(params) lists every leaf."
+  )
+
+
+class LayoutGuessWarning(UserWarning):
+  """The default averaging guessed what the axes of some leaves are.
+
+  Issued by the optimizer's ``init`` (``scale_by_adahessian``, ``adahessian``), once per tree,
+  naming the leaves (see :func:`strict`). Where a guessed axis stacks layers or experts, the
+  guess averages the curvature across them. Say what the axes are (axis names, or rules through
+  ``averaging=``), make it an error with ``averaging=spatial.strict()``, or silence it with
+  ``warnings.filterwarnings("ignore", category=spatial.LayoutGuessWarning)``.
+  """
+
+
+#: How many guessed leaves the warning names (the others are counted).
+_WARN_LEAVES = 5
+
+
+def _guess_warning(rows: Sequence[Row]) -> str:
+  listed = "".join(f"\n  {r.path}: shape {r.shape}, {r.rule}: {r.why}" for r in rows[:_WARN_LEAVES])
+  more = f"\n  ... and {len(rows) - _WARN_LEAVES} more" if len(rows) > _WARN_LEAVES else ""
+  return (
+    f"the spatial averaging of {len(rows)} {'leaf' if len(rows) == 1 else 'leaves'} is a "
+    "guess (no axis names, module names or shapes say what their axes are):"
+    f"{listed}{more}\n"
+    "If a guessed axis stacks layers or experts, the curvature is averaged across them. Say "
+    "what the axes are (nn.with_partitioning/nn.with_logical_partitioning, NNX sharding "
+    "metadata, spatial.named(partition_specs)) or give rules through averaging=; "
+    "spatial.describe(params, block_size=...) lists every leaf and why, and "
+    "averaging=spatial.strict() makes guesses an error. If the guesses are right: "
+    "warnings.filterwarnings('ignore', category=adahessian_jax.spatial.LayoutGuessWarning)."
   )
 
 
@@ -1510,7 +1544,7 @@ def _dense_general_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisN
 _EXPERT_WORDS = frozenset(("moe", "expert", "experts"))
 
 
-def _expert_stacks(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str]]:
+def _expert_stacks(paths, shapes, names, rules, read: set[int]) -> dict[int, tuple[AxisNames, str]]:
   """Axis names for the unnamed kernels of a mixture of experts, by the names on their path.
 
   A mixture's experts are often one array per weight, ``(experts, in, out)`` (a raw
@@ -1518,7 +1552,8 @@ def _expert_stacks(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, st
   would take for a 1-D ``Conv`` kernel and average across experts. A leaf of rank >= 3 (past
   its leading stacked axes) with a word of :data:`_EXPERT_WORDS` in a key of its path has its
   first axis (after the stacked ones) named a stacked axis; its bias, scale or table are not
-  touched, nor is the module of one expert (``experts_3``, ``experts/3/...``).
+  touched, nor is the module of one expert (``experts_3``, ``experts/3/...``), nor the leaves
+  in ``read`` (kernels already read by their shapes: an attention, a convolution).
 
   Returns:
     ``{leaf index: (axis names, why)}``.
@@ -1526,7 +1561,7 @@ def _expert_stacks(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, st
   found: dict[int, tuple[AxisNames, str]] = {}
   for i, path in enumerate(paths):
     rule, param = rules[i], param_name(path)
-    if not isinstance(rule, FlaxDefault) or param in _PARAMS_READ:
+    if i in read or not isinstance(rule, FlaxDefault) or param in _PARAMS_READ:
       continue
     roles = rule.roles()
     lead = _leading_stack(names[i], roles)
@@ -1538,11 +1573,12 @@ def _expert_stacks(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, st
     if not at:
       continue
     j = at[-1]
-    one = "moe" not in _words(keys[j]) and keys[j][-1].isdigit()  # experts_3: one expert
+    # A module experts_3 is one expert (a parameter experts_w1 is not).
+    one = j < len(keys) - 1 and "moe" not in _words(keys[j]) and keys[j][-1].isdigit()
     if one or any(not isinstance(k, str) or k.isdigit() for k in keys[j + 1 :]):
       continue
     name = "experts" if roles.get("experts") == STACKED else stacked
-    own = list(names[i]) if names[i] else [None] * len(shapes[i])
+    own: list[str | None] = list(names[i]) if names[i] else [None] * len(shapes[i])
     own[lead] = name
     found[i] = (tuple(own), f"axis {lead} taken for a mixture's experts: {keys[j]!r} in its path")
   return found
@@ -1685,19 +1721,28 @@ _TABLE_WORDS = frozenset(
 )
 
 
+#: The words a table's name is made of (``pos_embedding``, ``token_embeddings``, ``wpe``): a name
+#: with a word of :data:`_TABLE_WORDS` and others too (``w_embed``) could be a kernel's.
+_TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
+  ("", "token", "tokens", "tok", "word", "words", "patch", "type", "segment", "vocab", "learned")
+  + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "wte")
+  + ("wpe", "pe", "te", "lookup")
+)
+
+
 def param_name(path) -> str | None:
   """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
 
   ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
   one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
-  table ``"embeddings"`` is an ``"embedding"``; any other name with a word (split at ``_``) of a
-  table (``pos_embedding``, ``position_embeddings``, ``pos_emb``) is a ``"table"`` (a name of
-  your own, which a kernel could have too), and the ``"offset"`` of Haiku's norms
-  (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with the word
-  ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's ``weight_ih_l0``). A key
-  of a flattened tree is read by its last part: ``"blocks.0.fc.weight"`` (a PyTorch state dict)
-  is a ``"weight"``, ``"Dense_0/bias"`` (``flax.traverse_util.flatten_dict(..., sep="/")``) a
-  ``"bias"``.
+  table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
+  table made of such words (``pos_embedding``, ``token_embeddings``, ``pos_emb``); one with other
+  words too (``w_embed``, which a kernel could have) is a ``"table"``, and the ``"offset"`` of
+  Haiku's norms (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with
+  the word ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's
+  ``weight_ih_l0``). A key of a flattened tree is read by its last part: ``"blocks.0.fc.weight"``
+  (a PyTorch state dict) is a ``"weight"``, ``"Dense_0/bias"``
+  (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
   """
   last = path[-1] if path else None
   name = getattr(last, "key", getattr(last, "name", None))
@@ -1705,10 +1750,8 @@ def param_name(path) -> str | None:
     return None
   name = name.replace("/", ".").rsplit(".", 1)[-1] or name
   words = set(name.lower().split("_"))
-  if name in ("embedding", "embeddings"):
-    return "embedding"
-  if _TABLE_WORDS & words:
-    return "table"
+  if _TABLE_WORDS & words:  # a table's name; with another word (w_embed), maybe a kernel's
+    return "embedding" if words <= _TABLE_NAME_WORDS else "table"
   if "weight" in words:
     return "weight"
   return "bias" if name == "offset" else name
@@ -1736,11 +1779,11 @@ def _plan(averaging, params, block_size, strict_mode):
   own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound, alone)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
-  experts = _expert_stacks(paths, shapes, stacked, unbound)
-  stacked = [experts[i][0] if i in experts else n for i, n in enumerate(stacked)]
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
   convs = _conv_kernels(paths, shapes, stacked, unbound)
   generals = _dense_general_kernels(paths, shapes, stacked, unbound)
+  read = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
+  experts = _expert_stacks(paths, shapes, stacked, unbound, read)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     leaf_names, note = stacked[i], ""
@@ -1749,7 +1792,7 @@ def _plan(averaging, params, block_size, strict_mode):
     elif i in inferred:
       note = f" (stacked axes taken from its named relative {wheres[inferred[i][1]]})"
     for found in (experts, convs, generals):
-      if i in found and (found is experts or i not in attention):
+      if i in found and i not in attention:
         leaf_names = found[i][0]
         note += f" ({found[i][1]})"
     if i in attention:
@@ -1795,7 +1838,12 @@ def _plan(averaging, params, block_size, strict_mode):
 
 
 def resolve_rules(
-  averaging: AveragingSpec, params: Any, block_size: int = 1, *, strict: bool = False
+  averaging: AveragingSpec,
+  params: Any,
+  block_size: int = 1,
+  *,
+  strict: bool = False,
+  warn: bool = False,
 ) -> Any:
   """Assigns a :class:`Rule` to every leaf of ``params``.
 
@@ -1812,6 +1860,8 @@ def resolve_rules(
     params: The parameter pytree (arrays or shape-dtype structs), boxed or not.
     block_size: The block size of the default rule.
     strict: Refuse ambiguous leaves (as :func:`strict` does).
+    warn: Issue a :class:`LayoutGuessWarning` naming the ambiguous leaves, if any (the
+      optimizer's ``init`` does).
 
   Returns:
     A pytree with the structure of ``params`` (boxes included) whose leaves are
@@ -1821,7 +1871,10 @@ def resolve_rules(
     ValueError: if a rule or axis names do not fit their leaf, ``averaging``
       has another structure, or (strict) some leaves are ambiguous, naming them.
   """
-  bound, _ = _plan(averaging, params, block_size, strict)
+  bound, rows = _plan(averaging, params, block_size, strict)
+  guesses = [r for r in rows if r.ambiguous]
+  if warn and guesses:
+    warnings.warn(_guess_warning(guesses), LayoutGuessWarning, stacklevel=3)
   return jax.tree.unflatten(jax.tree.structure(params), bound)
 
 

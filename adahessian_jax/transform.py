@@ -646,7 +646,7 @@ def scale_by_adahessian(
     # optax.tree.map_params (so distributed.state_shardings) calls init on a leafless placeholder
     # to find the parameter-shaped fields, which a pytree-prefix averaging does not fit.
     if jax.tree.leaves(params):
-      spatial.resolve_rules(averaging, params, block_size)
+      spatial.resolve_rules(averaging, params, block_size, warn=True)
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),

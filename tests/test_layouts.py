@@ -5,6 +5,7 @@ and hand-written tables of what each leaf of a small model is.
 """
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -827,6 +828,9 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
     spatial.describe(mine, block_size=2, strict=True)
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_unboxed_flax_attention_keeps_heads_apart_and_blocks_its_inputs(rng):
   # Unboxed, the projections (embed, heads, head_dim) and (heads, head_dim, embed) have a 1-D Conv
   # kernel's rank: the query kernel was averaged over all its inputs, the output kernel across
@@ -1178,6 +1182,9 @@ def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives()
   )
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(rng):
   # Equinox (and PyTorch ports) name their weights "weight", output axis first: Linear (out, in),
   # Conv (out, in, kh, kw) with a bias (out, 1, 1). By Flax's layouts the Conv weight was averaged
@@ -1273,6 +1280,9 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
   # eqx.filter_vmap stacks every leaf of a model: a Linear weight (3, out, in) with bias (3, out),
   # a Conv weight (3, out, in, kh, kw) with bias (3, out, 1, 1). Taken for one layer's Conv
@@ -1364,6 +1374,9 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   assert (row.rule, row.ambiguous) == (spatial.mean_over((0,)), True)
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_learned_position_tables_keep_their_rows_apart(rng):
   # A learned position table is a raw param (an nnx.Param, self.param in Linen), not an Embed:
   # by rank a (length, features) table was a Dense kernel, blocked across positions, and ViT's
@@ -1372,12 +1385,13 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
     "pos": jnp.zeros((6, 4)),
     "pos_embedding": jnp.zeros((1, 6, 4)),
     "position_embeddings": jnp.zeros((6, 4)),
+    "embed_w": jnp.zeros((6, 4)),  # a table, or a kernel so named: a guess
     "proj": {"kernel": jnp.zeros((6, 4))},  # a Dense kernel: blocks of inputs, as before
   }
   hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
-  for key in ("pos", "position_embeddings"):
+  for key in ("pos", "position_embeddings", "embed_w"):
     np.testing.assert_allclose(got[key], block_average(d[key], 2, axis=1), rtol=1e-6)
   want = block_average(d["pos_embedding"], 2, axis=2)
   np.testing.assert_allclose(got["pos_embedding"], want, rtol=1e-6)
@@ -1385,7 +1399,7 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
     got["proj"]["kernel"], block_average(d["proj"]["kernel"], 2), rtol=1e-6
   )
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
-  assert rows["['pos']"].ambiguous and not rows["['proj']['kernel']"].ambiguous
+  assert [path for path, row in rows.items() if row.ambiguous] == ["['embed_w']"]
   assert not spatial.describe(params, block_size=1).ambiguous  # nothing averaged: no guess
 
 
@@ -1399,6 +1413,9 @@ def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
   spatial.describe({"cls": params["cls"]}, spatial.strict(), block_size=4)
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_keys_of_a_flattened_tree_are_read_by_their_last_part(rng):
   # A PyTorch state dict loaded as a flat dict ('blocks.0.fc.weight') and a Flax tree flattened
   # with sep="/" ('attn/query/bias') kept their whole keys as names, so neither the PyTorch
@@ -1468,6 +1485,9 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
     assert all(r.ambiguous for r in spatial.describe(tree, block_size=4).rows)
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
   # A mixture's weights as raw params (experts, in, out): by rank 1-D Conv kernels, averaged
   # across the experts even at block_size 1. A word of a mixture on the path (moe, experts,
@@ -1475,7 +1495,7 @@ def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
   # expert (experts_1, experts/0) and a leaf off such a path keep the rank's reading.
   tree = {
     "moe": {"w1": (4, 6, 8), "w2": (4, 8, 6), "gate": {"kernel": (6, 4)}},
-    "MoeBlock_0": {"wi": (4, 6, 8)},
+    "MoeBlock_0": {"wi": (4, 6, 8), "experts_w1": (4, 6, 8)},
     "layers": {"experts": {"kernel": (3, 4, 6, 8)}, "bias": (3, 8)},
     "experts_1": {"kernel": (5, 6, 8)},
     "per_expert": {"experts": [{"kernel": (5, 6, 8)}]},
@@ -1495,13 +1515,115 @@ def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
   def at(tree, keys):
     return tree if not keys else at(tree[keys[0]], keys[1:])
 
-  for leaf in (("moe", "w1"), ("moe", "w2"), ("MoeBlock_0", "wi"), ("layers", "experts", "kernel")):
+  for leaf in (
+    ("moe", "w1"),
+    ("moe", "w2"),
+    ("MoeBlock_0", "wi"),
+    ("MoeBlock_0", "experts_w1"),
+    ("layers", "experts", "kernel"),
+  ):
     where = "".join(f"['{key}']" for key in leaf)
     np.testing.assert_allclose(at(got, leaf), per_expert(at(d, leaf)), rtol=1e-6, err_msg=where)
     assert not rows[where].ambiguous and "a mixture's experts" in rows[where].why, rows[where]
   for where in ("['experts_1']['kernel']", "['per_expert']['experts'][0]['kernel']"):
     assert (rows[where].rule, rows[where].ambiguous) == (spatial.mean_over(0), True), where
   assert rows["['mlp']['kernel']"].ambiguous
+  # An attention's kernels under an expert's path are read as an attention's first.
+  attention = {"expert_attn": {"wq": jnp.zeros((10, 4, 3)), "wo": jnp.zeros((4, 3, 10))}}
+  assert [r.names for r in spatial.describe(attention).rows] == [
+    ("heads", "head_dim", "embed"),
+    ("embed", "heads", "head_dim"),
+  ]
   np.testing.assert_allclose(
     got["moe"]["gate"]["kernel"], block_average(d["moe"]["gate"]["kernel"], 2)
   )
+
+
+class _ResNetBlock(nn.Module):
+  """A ResNet block as Flax's example writes it: convolutions without biases, BatchNorm."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False)
+    y = nn.BatchNorm(use_running_average=True)(conv(self.features, (3, 3))(x))
+    y = nn.BatchNorm(use_running_average=True)(conv(self.features, (3, 3))(nn.relu(y)))
+    return nn.relu(y + conv(self.features, (1, 1), name="conv_proj")(x))
+
+
+class _ResNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (7, 7), use_bias=False, name="conv_init")(x)
+    x = _ResNetBlock(16)(_ResNetBlock(8)(x))
+    return nn.Dense(10)(x.mean((1, 2)))
+
+
+class _NNXNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(16, 16, (3,), rngs=rngs)
+    self.emb = nnx.Embed(100, 16, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(4, 16, decode=False, rngs=rngs)
+    self.head = nnx.Linear(16, 10, rngs=rngs)
+
+
+Spec = jax.sharding.PartitionSpec
+
+
+def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm):
+  # A guess that could average across stacked layers is said at init, not only in describe.
+  params = {
+    "adapters": {"kernel": jnp.zeros((4, 8, 8))},  # 4 stacked Dense kernels, or a 1-D Conv?
+    "head": {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)},
+  }
+  with pytest.warns(spatial.LayoutGuessWarning, match="averaging of 1 leaf is a guess") as record:
+    state = ah.adahessian(0.1).init(params)
+  text = str(record[0].message)
+  assert "['adapters']['kernel']: shape (4, 8, 8), mean_over((0,))" in text and "head" not in text
+  assert "spatial.strict()" in text and "filterwarnings" in text
+  with warnings.catch_warnings():  # update resolves the rules again, silently
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    ah.adahessian(0.1).update(params, state, params, hessian_diag=params)
+  many = {f"a{i}": jnp.zeros((2, 3, 3)) for i in range(7)}
+  with pytest.warns(spatial.LayoutGuessWarning, match="7 leaves is a guess") as record:
+    ah.scale_by_adahessian().init(many)
+  assert "['a4']" in str(record[0].message) and "... and 2 more" in str(record[0].message)
+  with pytest.raises(ValueError, match="1 leaf is ambiguous"):
+    ah.adahessian(0.1, averaging=spatial.strict()).init(params)
+
+  # No warning where names, rules, module names or shapes say what the axes are.
+  def stack_rule(path, leaf):
+    return spatial.per_layer(spatial.flax_default()) if leaf.ndim == 3 else None
+
+  models = {
+    "explicit rules": (params, stack_rule),
+    "names": (
+      params,
+      spatial.named(
+        {
+          "adapters": {"kernel": Spec("layers", None, None)},
+          "head": {"kernel": Spec(), "bias": Spec()},
+        }
+      ),
+    ),
+    "Linen LM, unboxed": (nn.unbox(tiny_lm), None),
+    "ResNet": (_ResNet().init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))["params"], None),
+    "NNX": (nnx.state(_NNXNet(nnx.Rngs(0)), nnx.Param), None),
+    "attention": (
+      _CustomAttention(False).init(jax.random.key(0), jnp.ones((1, 5, 10)))["params"],
+      None,
+    ),
+    "mixture": ({"moe": {"w1": jnp.zeros((4, 6, 8)), "w2": jnp.zeros((4, 8, 6))}}, None),
+  }
+  for name, (tree, averaging) in models.items():
+    for block_size in (1, 32):
+      with warnings.catch_warnings():
+        warnings.simplefilter("error", spatial.LayoutGuessWarning)
+        tx = ah.scale_by_adahessian(block_size=block_size, averaging=averaging)
+        try:
+          jax.eval_shape(tx.init, tree)  # init in a trace warns the same way
+          tx.init(tree)
+        except spatial.LayoutGuessWarning as e:
+          pytest.fail(f"{name}, block_size {block_size}: {e}")

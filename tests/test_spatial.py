@@ -112,6 +112,9 @@ def test_a_prefix_of_rules_over_params_with_empty_and_none_subtrees():
   np.testing.assert_allclose(u["dense"]["kernel"], grads["dense"]["kernel"] / (d + 1e-4), 1e-6)
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_override_changes_the_optimizer_update(rng):
   kernel = jnp.asarray(rng.normal(size=(8, 2, 4)))
   params = {"q": kernel}
