@@ -70,9 +70,9 @@ its last axis, ambiguous when ``block_size > 1`` for a name with other words too
 (``w_embed``: a kernel could have that name). An unnamed ``weight`` (also ``in_proj_weight``,
 ``weight_ih_l0``) is taken for a PyTorch/Equinox weight, output axis first:
 ``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
-(ambiguous where the layout matters); its ``bias`` (``(out,)``, Equinox's ``Conv``
-``(out, 1, ..., 1)``) shows the stacked axes of an ``eqx.filter_vmap`` ensemble (weight
-``(members, out, in)``, bias ``(members, out)``).
+(ambiguous where the layout matters, unless its bias is its first axis); its ``bias``
+(``(out,)``, Equinox's ``Conv`` ``(out, 1, ..., 1)``) shows the stacked axes of an
+``eqx.filter_vmap`` ensemble (weight ``(members, out, in)``, bias ``(members, out)``).
 
 The projections of Flax's attention modules (``nn.MultiHeadDotProductAttention``,
 ``nnx.MultiHeadAttention``) are recognised without names by their module names and
@@ -434,34 +434,43 @@ def _blocks_text(block_size: int) -> str:
   return f"blocks of {block_size}" if block_size > 1 else "blocks of 1 (block_size 1: none)"
 
 
+#: The parameter name :func:`resolve_rules` gives a ``weight`` whose bias shows its output axis
+#: first (:func:`_weights_by_bias`).
+_WEIGHT_BY_BIAS = "weight, by its bias"
 #: The Flax parameter names (last path keys) that :func:`flax_default` reads.
-_PARAMS_READ = ("bias", "scale", "embedding", "table", "weight")
+_PARAMS_READ = ("bias", "scale", "embedding", "table", "weight", _WEIGHT_BY_BIAS)
 
 
-def _torch_layout(ndim: int, block_size: int, names, note: str) -> Choice:
+def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -> Choice:
   """An unnamed ``weight``: PyTorch's and Equinox's layouts, the output axis first.
 
   ``Linear`` ``(out, in)`` (and ``Embedding`` ``(num, dim)``): blocks along axis 1, one output
   unit's (row's) inputs; ``Conv`` ``(out, in, *spatial)``: the mean over axes ``2 ..``. Flax
   names its kernels ``kernel``, so ``weight`` is such a port's, but the name is only a name:
-  ambiguous where the layout matters.
+  ambiguous where the layout matters, unless its bias has ``settled`` it.
   """
   flax = "(in, out)" if ndim == 2 else "(*spatial, in, out)"
-  guess = f"AMBIGUOUS (a Flax-layout kernel {flax} named 'weight' has this rank too: name its axes)"
+  if settled:
+    guess, ambiguous = "its bias shows the output axis first", False
+  else:
+    guess = (
+      f"AMBIGUOUS (a Flax-layout kernel {flax} named 'weight' has this rank too: name its axes)"
+    )
+    ambiguous = ndim > 2 or block_size > 1
   if ndim == 2:
     return Choice(
       BlockMean(block_size, 1),
       f"rank 2{note}, name 'weight': taken for a PyTorch/Equinox Linear weight (out, in), "
       f"{_blocks_text(block_size)} along input axis {_axis(1, names)}"
-      + (f"; {guess}" if block_size > 1 else ""),
-      ambiguous=block_size > 1,
+      + (f"; {guess}" if settled or block_size > 1 else ""),
+      ambiguous=ambiguous,
     )
   spatial = tuple(range(2, ndim))
   return Choice(
     AxesMean(spatial),
     f"rank {ndim}{note}, name 'weight': taken for a PyTorch/Equinox Conv weight (out, in, "
     f"*spatial), mean over axes {spatial}; {guess}",
-    ambiguous=True,
+    ambiguous=ambiguous,
   )
 
 
@@ -469,8 +478,8 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   ndim = len(shape)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
-  if param == "weight" and ndim >= 2:
-    return _torch_layout(ndim, block_size, names, note)
+  if param in ("weight", _WEIGHT_BY_BIAS) and ndim >= 2:
+    return _torch_layout(ndim, block_size, names, note, param == _WEIGHT_BY_BIAS)
   if param in ("embedding", "table"):
     # nn.Embed/nnx.Embed (num_embeddings, features), a learned position table (1, length,
     # features): blocks along axis 0 would mix tokens' (positions') rows.
@@ -1309,6 +1318,26 @@ def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
   return found
 
 
+def _weights_by_bias(paths, shapes, rules) -> set[int]:
+  """The ``weight`` leaves under the default rule whose ``bias`` settles the PyTorch layout.
+
+  A bias that is the weight's output axis first (``Linear`` ``(out, in)`` beside ``(out,)``;
+  Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any stacked axes, one
+  way only (:func:`_torch_stacks`), and that is not the weight's last axis as a Flax kernel's
+  bias would be (a square ``(6, 6)`` beside ``(6,)`` is either), shows the layout.
+  """
+  found = set()
+  for members in _by_module(paths).values():
+    w, b = members.get("weight"), members.get("bias")
+    if w is None or b is None or not isinstance(rules[w], FlaxDefault):
+      continue
+    weight, bias = shapes[w], shapes[b]
+    flax = any(bias == weight[:n] + weight[-1:] for n in range(len(weight) - 1))
+    if len(_torch_stacks(weight, bias)) == 1 and not flax:
+      found.add(w)
+  return found
+
+
 def _stacks_by_evidence(
   paths, shapes, names, rules
 ) -> tuple[dict[int, tuple[AxisNames, str]], set[int]]:
@@ -1772,9 +1801,11 @@ def _plan(averaging, params, block_size, strict_mode):
   unbound = [r.for_param(param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
+  paths = [x.path for x in infos]
+  for i in _weights_by_bias(paths, shapes, unbound):
+    unbound[i] = unbound[i].for_param(_WEIGHT_BY_BIAS)
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
-  paths = [x.path for x in infos]
   evident, alone = _stacks_by_evidence(paths, shapes, names, unbound)
   own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound, alone)

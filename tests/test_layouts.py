@@ -1182,9 +1182,6 @@ def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives()
   )
 
 
-@pytest.mark.filterwarnings(
-  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
-)  # guesses on purpose
 def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(rng):
   # Equinox (and PyTorch ports) name their weights "weight", output axis first: Linear (out, in),
   # Conv (out, in, kh, kw) with a bias (out, 1, 1). By Flax's layouts the Conv weight was averaged
@@ -1206,13 +1203,22 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
     want = block_average(d[leaf][key], 2, axis=1)
     np.testing.assert_allclose(got[leaf][key], want, rtol=1e-6)
   np.testing.assert_allclose(got["norm"]["weight"], d["norm"]["weight"], rtol=1e-6)
-  # A guess from a name where the layout matters: strict mode refuses it, naming the fix.
+  # The biases show the output axis first: no guess. Without a bias, or beside one that fits
+  # both layouts (a square weight), it is a guess from a name where the layout matters: strict
+  # mode refuses it, naming the fix.
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
-  assert [p for p, r in rows.items() if r.ambiguous] == [
-    "['conv']['weight']",
-    "['linear']['weight']",
-  ]
+  assert not [p for p, r in rows.items() if r.ambiguous]
   assert "PyTorch/Equinox Conv weight (out, in, *spatial)" in rows["['conv']['weight']"].why
+  assert "its bias shows the output axis first" in rows["['linear']['weight']"].why
+  guesses = {
+    "conv": {"weight": jnp.zeros((4, 3, 3, 3))},
+    "square": {"weight": jnp.zeros((6, 6)), "bias": jnp.zeros(6)},
+  }
+  rows = spatial.describe(guesses, block_size=2).rows
+  assert [(r.path, r.ambiguous) for r in rows if "weight" in r.path] == [
+    ("['conv']['weight']", True),
+    ("['square']['weight']", True),
+  ]
   # PyTorch's other weights (a packed q/k/v projection, an LSTM's) are (out, in) too.
   torch = {"in_proj_weight": jnp.zeros((12, 4)), "weight_ih_l0": jnp.zeros((16, 4))}
   for row in spatial.describe(torch, block_size=2).rows:
@@ -1280,9 +1286,6 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
 
 
-@pytest.mark.filterwarnings(
-  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
-)  # guesses on purpose
 def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
   # eqx.filter_vmap stacks every leaf of a model: a Linear weight (3, out, in) with bias (3, out),
   # a Conv weight (3, out, in, kh, kw) with bias (3, out, 1, 1). Taken for one layer's Conv
