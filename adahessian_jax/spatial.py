@@ -1223,6 +1223,8 @@ _CLASS_RANKS = {
   ("Embed", "embedding"): 2,
   ("Conv", "bias"): 1,
   ("ConvTranspose", "bias"): 1,
+  ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
+  ("GroupNorm", "bias"): 1,
 }
 #: The (kernel, bias) pairs a module holds: Flax's names, and Haiku's.
 _KERNEL_BIAS = (("kernel", "bias"), ("w", "b"))
@@ -1496,7 +1498,9 @@ def _conv_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str
     ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
     (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
     no leaf of the tree is known to be stacked (an ``nn.scan`` of 1-D convolutions without a
-    bias would leave no evidence).
+    bias would leave no evidence) and no unnamed ``scale`` or ``bias`` of rank >= 2 in the
+    module above it has the kernel's first size (a norm's ``(layers, channels)`` in a scanned
+    block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no 3-D kernel).
 
   Returns:
     ``{leaf index: (axis names, why)}``.
@@ -1508,6 +1512,12 @@ def _conv_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str
     for n, r in zip(names, rules, strict=True)
     if isinstance(r, FlaxDefault)
   )
+  # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
+  stacked_norms: dict[tuple, set[int]] = {}
+  for i, path in enumerate(paths):
+    if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
+      parent = tuple(_key_name(x) for x in path[:-2])
+      stacked_norms.setdefault(parent, set()).add(shapes[i][0])
   for k in kernels:
     spatial = _role_name(k.roles, SPATIAL)
     shape = shapes[k.index]
@@ -1516,9 +1526,10 @@ def _conv_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str
       continue
     named = _is_conv_module(k.module)
     beside_bias = k.bias == shape[: k.lead] + shape[-1:]
+    stack_sign = stacks_known or shape[0] in stacked_norms.get(k.module[:-1], ())
     if beside_bias and rank >= 4:
       why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
-    elif named and (beside_bias or (k.bias is None and (rank == 3 or not stacks_known))):
+    elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):
       why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
     else:
       continue

@@ -6,6 +6,7 @@ and hand-written tables of what each leaf of a small model is.
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -1138,6 +1139,35 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
   )
   assert got["['Conv_0']['kernel']"] == (spatial.mean_over(0), False)
   assert got["['Conv_1']['kernel']"] == (spatial.per_layer(spatial.mean_over(0)), False)
+
+
+class ScannedConvNormBlock(nn.Module):
+  """A residual block of bias-less Convs and norms, as BatchNorm/GroupNorm nets write them."""
+
+  norm: Callable[[], nn.Module]
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + self.norm()(nn.Conv(x.shape[-1], (3,) * (x.ndim - 2), use_bias=False)(x)), None
+
+
+@pytest.mark.parametrize("norm", ["GroupNorm", "LayerNorm"])
+def test_a_bias_less_conv_in_an_unnamed_scan_is_not_averaged_across_layers(norm):
+  # nn.scan of 4 blocks without names: the Conv_0 kernel (4, 3, 3, 8, 8) was taken for a 3-D
+  # Conv's by its name, for sure, and averaged over the 4 layers. A GroupNorm's scale and bias
+  # are one per channel, so (4, 8) shows the stack; a LayerNorm's (4, 8) may (feature_axes).
+  make = (lambda: nn.GroupNorm(num_groups=2)) if norm == "GroupNorm" else nn.LayerNorm
+  stack = nn.scan(
+    ScannedConvNormBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=4
+  )
+  x = jnp.ones((1, 6, 6, 8))
+  params = jax.eval_shape(stack(make).init, jax.random.key(0), x, None)["params"]
+  row = {r.path: r for r in spatial.describe(params, block_size=2).rows}["['Conv_0']['kernel']"]
+  if norm == "GroupNorm":
+    assert row.rule == spatial.per_layer(spatial.mean_over((0, 1)))
+    assert row.groups == {9: 4 * 64}
+  else:  # a guess: the stack or a 3-D Conv
+    assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
 
 
 def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
