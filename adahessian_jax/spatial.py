@@ -1433,8 +1433,10 @@ def _linen_class(module: tuple) -> str | None:
 
 def _words(name: Any) -> set[str]:
   """The words of a name, split at all but letters and before capitals (``MoeBlock_0``: moe,
-  block), in lower case."""
-  found = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name) if isinstance(name, str) else []
+  block; ``MoELayer_0``, as mixtures are often spelt: moe, layer), in lower case."""
+  if not isinstance(name, str):
+    return set()
+  found = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name.replace("MoE", "Moe"))
   return {w.lower() for w in found}
 
 

@@ -1524,11 +1524,13 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
 def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
   # A mixture's weights as raw params (experts, in, out): by rank 1-D Conv kernels, averaged
   # across the experts even at block_size 1. A word of a mixture on the path (moe, experts,
-  # MaxText's MoeBlock_0) keeps each expert apart, inside a stack of layers too; a module of one
-  # expert (experts_1, experts/0) and a leaf off such a path keep the rank's reading.
+  # MaxText's MoeBlock_0, a MoELayer_0 spelt as mixtures often are) keeps each expert apart,
+  # inside a stack of layers too; a module of one expert (experts_1, experts/0) and a leaf off
+  # such a path keep the rank's reading.
   tree = {
     "moe": {"w1": (4, 6, 8), "w2": (4, 8, 6), "gate": {"kernel": (6, 4)}},
     "MoeBlock_0": {"wi": (4, 6, 8), "experts_w1": (4, 6, 8)},
+    "MoELayer_0": {"wo": (4, 8, 6)},
     "layers": {"experts": {"kernel": (3, 4, 6, 8)}, "bias": (3, 8)},
     "experts_1": {"kernel": (5, 6, 8)},
     "per_expert": {"experts": [{"kernel": (5, 6, 8)}]},
@@ -1553,6 +1555,7 @@ def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
     ("moe", "w2"),
     ("MoeBlock_0", "wi"),
     ("MoeBlock_0", "experts_w1"),
+    ("MoELayer_0", "wo"),
     ("layers", "experts", "kernel"),
   ):
     where = "".join(f"['{key}']" for key in leaf)
