@@ -220,3 +220,25 @@ def test_a_later_breakdown_compiles_nothing_whatever_its_step_counts():
     name = op.leaf_names[0]
     want = np.linalg.eigvalsh(np.asarray(op.block(name).matmat(jnp.eye(op.block(name).size))))
     np.testing.assert_allclose(got[name].top_eigenvalue, want[-1], rtol=1e-5)
+
+
+def test_a_mixture_without_names_gets_an_entry_per_expert():
+  # Raw (experts, in, out) weights under a "moe" path: an entry per expert, each the dense
+  # Hessian's block of that expert's entries (before, one entry pooled the three experts).
+  rng = np.random.default_rng(0)
+  params = {"moe": {"w": jnp.asarray(rng.normal(size=(3, 2, 2)) * 0.5)}}
+  x = jnp.asarray(rng.normal(size=(5, 2)))
+
+  def loss_fn(p, xb):
+    gates = jax.nn.softmax(xb @ jnp.ones((2, 3)) * jnp.arange(3.0), axis=-1)
+    outs = jnp.tanh(jnp.einsum("bi,eio->beo", xb, p["moe"]["w"]))
+    return jnp.mean(jnp.einsum("be,beo->bo", gates, outs) ** 2)
+
+  op = hessian.hessian_operator(loss_fn, params, x)
+  h = dense_hessian(loss_fn, params, x)
+  out = hessian.layer_breakdown(op, jax.random.key(0), num_samples=8, tol=1e-10)
+  assert list(out) == ["moe/w[0]", "moe/w[1]", "moe/w[2]"]
+  for e, lc in enumerate(out.values()):
+    idx = np.arange(4 * e, 4 * e + 4)
+    blk = h[np.ix_(idx, idx)]
+    assert lc.top_eigenvalue == pytest.approx(np.linalg.eigvalsh(blk)[-1], rel=1e-8)
