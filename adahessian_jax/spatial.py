@@ -70,7 +70,8 @@ its last axis, ambiguous when ``block_size > 1`` for a name with other words too
 (``w_embed``: a kernel could have that name). An unnamed ``weight`` (also ``in_proj_weight``,
 ``weight_ih_l0``) is taken for a PyTorch/Equinox weight, output axis first:
 ``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
-(ambiguous where the layout matters, unless its bias is its first axis); its ``bias``
+(ambiguous where the layout matters, unless its bias is its first axis, which also makes a
+rank-2 ``kernel`` ``(out, in)``: Hugging Face's ``FlaxConv1D``); its ``bias``
 (``(out,)``, Equinox's ``Conv`` ``(out, 1, ..., 1)``) shows the stacked axes of an
 ``eqx.filter_vmap`` ensemble (weight ``(members, out, in)``, bias ``(members, out)``).
 
@@ -434,8 +435,8 @@ def _blocks_text(block_size: int) -> str:
   return f"blocks of {block_size}" if block_size > 1 else "blocks of 1 (block_size 1: none)"
 
 
-#: The parameter name :func:`resolve_rules` gives a ``weight`` whose bias shows its output axis
-#: first (:func:`_weights_by_bias`).
+#: The parameter name :func:`resolve_rules` gives a ``weight`` (or a rank-2 ``kernel``) whose bias
+#: shows its output axis first (:func:`_weights_by_bias`).
 _WEIGHT_BY_BIAS = "weight, by its bias"
 #: The Flax parameter names (last path keys) that :func:`flax_default` reads.
 _PARAMS_READ = ("bias", "scale", "embedding", "table", "weight", _WEIGHT_BY_BIAS)
@@ -451,25 +452,25 @@ def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -
   """
   flax = "(in, out)" if ndim == 2 else "(*spatial, in, out)"
   if settled:
-    guess, ambiguous = "its bias shows the output axis first", False
+    why, guess, ambiguous = "a bias of its first axis", "", False
   else:
+    why, ambiguous = "name 'weight'", ndim > 2 or block_size > 1
     guess = (
-      f"AMBIGUOUS (a Flax-layout kernel {flax} named 'weight' has this rank too: name its axes)"
+      f"; AMBIGUOUS (a Flax-layout kernel {flax} named 'weight' has this rank too: name its axes)"
     )
-    ambiguous = ndim > 2 or block_size > 1
   if ndim == 2:
     return Choice(
       BlockMean(block_size, 1),
-      f"rank 2{note}, name 'weight': taken for a PyTorch/Equinox Linear weight (out, in), "
-      f"{_blocks_text(block_size)} along input axis {_axis(1, names)}"
-      + (f"; {guess}" if settled or block_size > 1 else ""),
+      f"rank 2{note}, {why}: taken for a PyTorch-layout Linear weight (out, in) (PyTorch, "
+      f"Equinox, Hugging Face's Conv1D), {_blocks_text(block_size)} along input axis "
+      f"{_axis(1, names)}" + (guess if block_size > 1 else ""),
       ambiguous=ambiguous,
     )
   spatial = tuple(range(2, ndim))
   return Choice(
     AxesMean(spatial),
-    f"rank {ndim}{note}, name 'weight': taken for a PyTorch/Equinox Conv weight (out, in, "
-    f"*spatial), mean over axes {spatial}; {guess}",
+    f"rank {ndim}{note}, {why}: taken for a PyTorch/Equinox Conv weight (out, in, *spatial), "
+    f"mean over axes {spatial}{guess}",
     ambiguous=ambiguous,
   )
 
@@ -1321,23 +1322,43 @@ def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
 
 
 def _weights_by_bias(paths, shapes, rules) -> set[int]:
-  """The ``weight`` leaves under the default rule whose ``bias`` settles the PyTorch layout.
+  """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
 
-  A bias that is the weight's output axis first (``Linear`` ``(out, in)`` beside ``(out,)``;
-  Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any stacked axes, one
-  way only (:func:`_torch_stacks`), and that is not the weight's last axis as a Flax kernel's
-  bias would be (a square ``(6, 6)`` beside ``(6,)`` is either), shows the layout.
+  A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
+  ``(out,)``; Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any
+  stacked axes, one way only (:func:`_torch_stacks`), and that is not its last axis as a Flax
+  kernel's bias would be (a square ``(6, 6)`` beside ``(6,)`` is either). And a rank-2
+  ``kernel`` (Haiku's ``w``) beside a bias of its first axis and not its last: Hugging Face's
+  ``FlaxConv1D`` (GPT-2's ``c_attn``, ``c_fc``, ``c_proj``) keeps a kernel ``(out, in)``. A
+  square one beside its bias fits both layouts; it is read as the tree's other kernels show,
+  where some show PyTorch's layout and none Flax's (a rank-2 kernel beside a bias of its last
+  axis and not its first).
   """
-  found = set()
+  found, square = set(), set()
+  flax_kernels = False
   for members in _by_module(paths).values():
-    w, b = members.get("weight"), members.get("bias")
-    if w is None or b is None or not isinstance(rules[w], FlaxDefault):
-      continue
-    weight, bias = shapes[w], shapes[b]
-    flax = any(bias == weight[:n] + weight[-1:] for n in range(len(weight) - 1))
-    if len(_torch_stacks(weight, bias)) == 1 and not flax:
-      found.add(w)
-  return found
+    for weight, bias in (("weight", "bias"), *_KERNEL_BIAS):
+      w, b = members.get(weight), members.get(bias)
+      if w is None or b is None or not isinstance(rules[w], FlaxDefault):
+        continue
+      k, v = shapes[w], shapes[b]
+      if len(k) == 2 and v == k[:1] and k[0] == k[1]:
+        square.add(w)
+        continue
+      if weight != "weight" and len(k) == 2 and v == k[1:]:
+        flax_kernels = True
+      if weight != "weight" and (len(k) != 2 or v != k[:1]):
+        continue
+      flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
+      if len(_torch_stacks(k, v)) == 1 and not flax:
+        found.add(w)
+  return found | square if found and not flax_kernels else found
+
+
+def reads_output_first(rule: Rule) -> bool:
+  """Whether a rule from :func:`leaf_rules` reads its leaf in PyTorch's layout, output axis first
+  (a ``weight``, or a kernel whose bias shows it: :func:`_weights_by_bias`)."""
+  return isinstance(rule, FlaxDefault) and rule.param in ("weight", _WEIGHT_BY_BIAS)
 
 
 def _stacks_by_evidence(

@@ -240,6 +240,27 @@ def test_filter_normalisation_of_an_unnamed_equinox_ensemble():
   np.testing.assert_array_equal(nd["bias"], 0.0)
 
 
+def test_filter_normalisation_of_hugging_face_conv1d_kernels():
+  # GPT-2's FlaxConv1D keeps a kernel (out, in) beside its bias (out,): a filter per row, the
+  # square c_proj too (the tree's other kernels show the layout). By Flax's (in, out) the filters
+  # ran along the inputs.
+  r = np.random.default_rng(3)
+  scales = np.array([1e-3, 1.0, 10.0, 1.0])
+  fc = r.normal(size=(4, 3)) * scales[:, None]
+  proj = r.normal(size=(4, 4)) * scales[:, None]
+  params = {
+    "c_fc": {"kernel": jnp.asarray(fc), "bias": jnp.zeros(4)},
+    "c_proj": {"kernel": jnp.asarray(proj), "bias": jnp.zeros(4)},
+  }
+  op = _sin_op(params)
+  nd = op.unravel(
+    hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
+  )
+  for name, want in (("c_fc", fc), ("c_proj", proj)):
+    got = np.linalg.norm(nd[name]["kernel"], axis=1)
+    np.testing.assert_allclose(got, np.linalg.norm(want, axis=1), err_msg=name)
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

@@ -1239,7 +1239,7 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert not [p for p, r in rows.items() if r.ambiguous]
   assert "PyTorch/Equinox Conv weight (out, in, *spatial)" in rows["['conv']['weight']"].why
-  assert "its bias shows the output axis first" in rows["['linear']['weight']"].why
+  assert "a bias of its first axis" in rows["['linear']['weight']"].why
   guesses = {
     "conv": {"weight": jnp.zeros((4, 3, 3, 3))},
     "square": {"weight": jnp.zeros((6, 6)), "bias": jnp.zeros(6)},
@@ -1249,6 +1249,23 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
     ("['conv']['weight']", True),
     ("['square']['weight']", True),
   ]
+  # Hugging Face's FlaxConv1D (GPT-2) keeps a kernel (out, in) beside its bias (out,): blocks
+  # along its inputs, the square c_proj too (the tree's other kernels show the layout); a
+  # Flax Dense kernel (in, out) beside its bias (out,) in the same tree keeps Flax's reading.
+  gpt = {
+    "c_attn": {"kernel": jnp.zeros((12, 4)), "bias": jnp.zeros(12)},
+    "c_proj": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), gpt)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), gpt, hessian_diag)
+  for name in gpt:
+    want = block_average(np.asarray(hessian_diag[name]["kernel"]), 2, axis=1)
+    np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
+  assert not spatial.describe(gpt, block_size=2).ambiguous
+  mixed = {**gpt, "head": {"kernel": jnp.zeros((4, 10)), "bias": jnp.zeros(10)}}
+  rules = {r.path: r.rule for r in spatial.describe(mixed, block_size=2).rows}
+  assert rules["['c_attn']['kernel']"] == spatial.blocks(2, axis=1)
+  assert rules["['c_proj']['kernel']"] == rules["['head']['kernel']"] == spatial.blocks(2, axis=0)
   # PyTorch's other weights (a packed q/k/v projection, an LSTM's) are (out, in) too.
   torch = {"in_proj_weight": jnp.zeros((12, 4)), "weight_ih_l0": jnp.zeros((16, 4))}
   for row in spatial.describe(torch, block_size=2).rows:

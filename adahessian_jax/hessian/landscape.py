@@ -132,8 +132,12 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   """Every leaf of the params with its stacked-layer axes (``layer_axes`` or axis names)."""
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
-  params = [spatial.param_name(x.path) for x in infos]
   rules = spatial.leaf_rules(None, op.params)
+  # A weight, or a kernel whose bias shows PyTorch's layout (Hugging Face's Conv1D (out, in)).
+  params = [
+    "weight" if spatial.reads_output_first(r) else spatial.param_name(x.path)
+    for x, r in zip(infos, rules, strict=True)
+  ]
   roles = []
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
     if isinstance(r, spatial.FlaxDefault) and r.names is not None:
