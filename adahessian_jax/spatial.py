@@ -1410,9 +1410,13 @@ def _attention_stacks(
   ``layers`` axis to both. A module with a rank-4 ``query`` kernel ``(layers, embed, heads,
   head_dim)`` and a rank-4 ``out`` kernel ``(layers, heads, head_dim, embed)`` (and no other
   evidence, as with ``use_bias=False``) is taken for one stacked by that axis, and so are its
-  ``key``/``value`` kernels of the same layers, heads and head size. Where embed = heads the same
-  shapes are also those of 2-D ``Conv`` kernels or a stack of stacks of ``Dense`` kernels named
-  ``query``/``out``: no evidence.
+  ``key``/``value`` kernels of the same layers and head size (their heads as many as the
+  query's, or a divisor). Where embed = heads the same shapes are also those of 2-D ``Conv``
+  kernels or a stack of stacks of ``Dense`` kernels named ``query``/``out``: no evidence. Under
+  other names (``q_proj``/``o_proj``), a module's rank-4 output kernel ``(layers, heads,
+  head_dim, embed)`` beside an input kernel ``(layers, embed, heads, head_dim)`` of the same
+  layers, with ``embed`` not the size of ``heads`` or ``head_dim``
+  (:func:`_attention_by_shapes`), shows the same stack.
 
   Args:
     modules: ``{module path: {parameter name: leaf index}}`` of the modules without evidence of
@@ -1422,10 +1426,10 @@ def _attention_stacks(
   Returns:
     ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
   """
-  kernels = {m: ms["kernel"] for m, ms in modules.items() if "kernel" in ms}
-  kernels = {m: i for m, i in kernels.items() if m and len(shapes[i]) == 4}  # m: (*parent, name)
+  kernels = {m: ms.get("kernel", ms.get("w")) for m, ms in modules.items()}
+  kernels = {m: i for m, i in kernels.items() if m and i is not None and len(shapes[i]) == 4}
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
-  for (*parent, projection), out in kernels.items():
+  for (*parent, projection), out in kernels.items():  # a module's path: (*parent, name)
     query = kernels.get((*parent, "query"))
     if projection != "out" or query is None:
       continue
@@ -1440,8 +1444,31 @@ def _attention_stacks(
       j = kernels.get((*parent, name))
       if j is None or shapes[j][0] != q[0]:
         continue
-      if (shapes[j][1:3] if name == "out" else shapes[j][2:]) == q[2:]:
+      if shapes[j][1:3] == q[2:] if name == "out" else _fewer_heads(shapes[j][2:], q[2:]):
         found[(*parent, name)] = (q[:1], why)
+  by_parent: dict[tuple, list[tuple]] = {}
+  for module in kernels:
+    if module not in found:
+      by_parent.setdefault(module[:-1], []).append(module)
+  for members in by_parent.values():
+    for out in members:
+      layers, heads, head_dim, embed = shapes[kernels[out]]
+      if embed in (heads, head_dim):
+        continue
+      inputs = [
+        m
+        for m in members
+        if shapes[kernels[m]][:2] == (layers, embed)
+        and _fewer_heads(shapes[kernels[m]][2:], (heads, head_dim))
+      ]
+      if m_q := next((m for m in inputs if shapes[kernels[m]][2] == heads), None):
+        why = (
+          f"its attention's kernels {out[-1]!r} {shapes[kernels[out]]} and {m_q[-1]!r} "
+          f"{shapes[kernels[m_q]]} are those of one layer (heads, head_dim, embed) and (embed, "
+          f"heads, head_dim) with a leading axis {(layers,)}"
+        )
+        for m in (out, *inputs):
+          found[m] = ((layers,), why)
   return found
 
 

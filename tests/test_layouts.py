@@ -1333,6 +1333,40 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
 
 
+class _LlamaBlock(nn.Module):
+  """A bias-less block of attention with names of its own (grouped-query) and an MLP."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    x = x + _CustomAttention(use_bias=False, name="attn")(nn.RMSNorm()(x))
+    up = nn.Dense(16, use_bias=False, name="up")(nn.RMSNorm()(x))
+    return x + nn.Dense(10, use_bias=False, name="down")(nn.silu(up)), None
+
+
+def test_a_scan_of_biasless_attention_of_other_names_keeps_its_layers_apart(rng):
+  # nn.scan without names over a Llama-style block: every kernel bias-less, under names of its
+  # own. The attention's rank-4 kernels (3, 10, 4, 3) and (3, 4, 3, 10) were 2-D Conv kernels by
+  # rank, averaged across the 3 layers (at block_size 1 too), and so were up/down (3, 10, 16).
+  # Their shapes show one layer's attention under a leading axis: a stack, which the block's
+  # other kernels then share.
+  scan = nn.scan(_LlamaBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+  params = {"blocks": scan().init(jax.random.key(0), jnp.ones((1, 5, 10)), None)["params"]}
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert not [p for p, r in rows.items() if r.ambiguous]
+  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
+  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
+    where, d = jax.tree_util.keystr(path), np.asarray(d)
+    if "RMSNorm" in where:
+      want = d
+    else:  # per layer: inputs in blocks of 2; the output projection's inputs within one head
+      axis = 1 if "['o_proj']" in where else 0
+      want = np.stack([block_average(layer, 2, axis=axis) for layer in d])
+    np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=where)
+    assert rows[where].names[0] == "layers", rows[where]
+
+
 def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
   # eqx.filter_vmap stacks every leaf of a model: a Linear weight (3, out, in) with bias (3, out),
   # a Conv weight (3, out, in, kh, kw) with bias (3, out, 1, 1). Taken for one layer's Conv
