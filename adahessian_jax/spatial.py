@@ -1760,17 +1760,38 @@ def _fewer_heads(kv: tuple[int, ...], q: tuple[int, ...]) -> bool:
   return len(kv) == 2 and kv[1] == q[1] and kv[0] >= 1 and q[0] % kv[0] == 0
 
 
+def _input_axes(shape: tuple[int, ...], embed: int, query: tuple[int, int]) -> AxisNames | None:
+  """The axis names of an attention's input kernel ``shape`` (past its stacked axes) beside an
+  output kernel ``(*query, embed)``, or ``None`` if it is none: ``(embed, heads, head_dim)``
+  (Flax's), ``(heads, embed, head_dim)`` (Gemma's ``q_einsum``), either after a leading axis of
+  2 or 3 packed projections (Gemma's ``kv_einsum`` ``(2, kv_heads, embed, head_dim)``, kept
+  apart as a stack), with as many heads as the query or a divisor (grouped-query attention) and
+  ``embed`` not their number (where both orders fit).
+  """
+  packed = len(shape) == 4 and shape[0] in (2, 3)
+  one = shape[1:] if packed else shape
+  if len(one) != 3 or one[2] != query[1]:
+    return None
+  lead: AxisNames = (STACKED,) if packed else ()
+  if one[0] == embed and one[1] != embed and _fewer_heads(one[1:], query):
+    return lead + ("embed", "heads", "head_dim")
+  if one[1] == embed and one[0] != embed and _fewer_heads((one[0], one[2]), query):
+    return lead + ("heads", "embed", "head_dim")
+  return None
+
+
 def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[int, AxisNames]:
   """Axis names for the projection kernels of attention modules of other names, by shapes.
 
-  Beside an output kernel ``(heads, head_dim, embed)`` (``o_proj``, ``wo``), an input kernel
-  ``(embed, heads, head_dim)`` (``q_proj``, ``wq``) with ``embed`` not the size of ``heads``
-  or ``head_dim`` shows an attention: ``Conv`` kernels or stacks of ``Dense`` kernels have
-  such shapes only by a coincidence of sizes that this excludes. So are its other input kernels
-  ``(embed, kv_heads, head_dim)``, whose heads divide the query's. Kernels are grouped by
-  module: Flax's ``kernel`` and Haiku's ``w`` by the module above theirs (``attn/q_proj/kernel``),
-  other names by their own (``attn/wq``). Kernels whose only names are leading stacked axes are
-  read past them, the stack the same for all of the module's kernels.
+  Beside an output kernel ``(heads, head_dim, embed)`` (``o_proj``, ``wo``, Gemma's
+  ``attn_vec_einsum``), an input kernel ``(embed, heads, head_dim)`` (``q_proj``, ``wq``) or
+  ``(heads, embed, head_dim)`` (Gemma's ``q_einsum``) with ``embed`` not the size of ``heads``
+  or ``head_dim`` shows an attention: ``Conv`` kernels or stacks of ``Dense`` kernels have such
+  shapes only by a coincidence of sizes that this excludes. So are its other input kernels, with
+  fewer heads or packed (:func:`_input_axes`). Kernels are grouped by module: Flax's ``kernel``
+  and Haiku's ``w`` by the module above theirs (``attn/q_proj/kernel``), other names by their
+  own (``attn/wq``). Kernels whose only names are leading stacked axes are read past them, the
+  stack the same for all of the module's kernels.
 
   Returns:
     ``{leaf index: axis names}``, for the leaves not in ``done``.
@@ -1781,26 +1802,40 @@ def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[in
     if i in done or not isinstance(rule, FlaxDefault) or param in (*_PARAMS_READ, None):
       continue
     lead = _leading_stack(names[i], rule.roles())
-    if lead is not None and len(shapes[i]) == lead + 3:
+    if lead is not None and len(shapes[i]) - lead in (3, 4):
       up = 2 if param in ("kernel", "w") else 1
       groups.setdefault(tuple(str(_key_name(k)) for k in path[:-up]), []).append((i, lead))
   found: dict[int, AxisNames] = {}
   for members in groups.values():
+    readings = []  # one per output kernel that fits: {leaf: its axes past the stacked ones}
     for out, lead in members:
-      stack, (heads, head_dim, embed) = shapes[out][:lead], shapes[out][lead:]
-      if embed in (heads, head_dim):
+      stack, one = shapes[out][:lead], shapes[out][lead:]
+      if len(one) != 3 or one[2] in one[:2]:
         continue
-      same = [j for j, j_lead in members if j_lead == lead and shapes[j][:lead] == stack]
-      inputs = [
-        j
-        for j in same
-        if shapes[j][lead] == embed and _fewer_heads(shapes[j][lead + 1 :], (heads, head_dim))
-      ]
-      if not any(shapes[j][lead + 1] == heads for j in inputs):
-        continue
-      for j in (out, *inputs):
-        axes = _ATTENTION_AXES["out" if j == out else "query"]
-        found[j] = tuple(names[j][:lead] if names[j] else ()) + axes
+      heads, head_dim, embed = one
+      inputs = {
+        j: axes
+        for j, j_lead in members
+        if j != out and j_lead == lead and shapes[j][:lead] == stack
+        if (axes := _input_axes(shapes[j][lead:], embed, (heads, head_dim))) is not None
+      }
+      if any(shapes[j][lead + axes.index("heads")] == heads for j, axes in inputs.items()):
+        readings.append({out: _ATTENTION_AXES["out"], **inputs})
+    # A heads-first query kernel (heads, embed, head_dim) and the output kernel (heads, head_dim,
+    # embed) fit each other both ways round: the reading that explains the most kernels wins (a
+    # Gemma kv_einsum fits one way only); a tie leaves the rank's guess.
+    best = [r for r in readings if len(r) == max(map(len, readings))]
+    merged: dict[int, AxisNames] = {}
+    for reading in best:
+      for j, axes in reading.items():
+        merged[j] = axes if merged.get(j, axes) == axes else ()
+    if any(axes == () for axes in merged.values()):
+      continue
+    for j, axes in merged.items():
+      if axes[0] == STACKED:  # packed projections: kept apart, as a stack
+        axes = (_role_name(rules[j].roles(), STACKED),) + axes[1:]
+      lead = len(shapes[j]) - len(axes)
+      found[j] = tuple(names[j][:lead] if names[j] else ()) + axes
   return found
 
 

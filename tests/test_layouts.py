@@ -1559,11 +1559,35 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
   for row in spatial.describe(raw, block_size=4).rows:
     axis = 1 if row.path.endswith(("['wo']", "['o_proj']['w']")) else 0
     assert (row.rule, row.ambiguous) == (spatial.blocks(4, axis=axis), False), row
+  # Gemma's einsum layouts: q_einsum (heads, embed, head_dim), kv_einsum (2, kv_heads, embed,
+  # head_dim), attn_vec_einsum (heads, head_dim, embed); qkv_einsum (3, heads, embed, head_dim)
+  # without grouped queries. Each packed projection is kept apart, blocks along embed.
+  gemma = {
+    "gqa": {"q_einsum": (8, 12, 4), "kv_einsum": (2, 2, 12, 4), "attn_vec_einsum": (8, 4, 12)},
+    "mha": {"qkv_einsum": (3, 8, 12, 4), "attn_vec_einsum": (8, 4, 12)},
+  }
+  gemma = jax.tree.map(lambda s: {"w": jnp.zeros(s)}, gemma, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), gemma)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), gemma, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  for group, leaf, axis in [
+    ("gqa", "q_einsum", 1),
+    ("gqa", "attn_vec_einsum", 1),
+    ("mha", "attn_vec_einsum", 1),
+  ]:
+    want = block_average(d[group][leaf]["w"], 4, axis=axis)
+    np.testing.assert_allclose(got[group][leaf]["w"], want, rtol=1e-6, err_msg=leaf)
+  for group, leaf in [("gqa", "kv_einsum"), ("mha", "qkv_einsum")]:
+    want = np.stack([block_average(x, 4, axis=1) for x in d[group][leaf]["w"]])
+    np.testing.assert_allclose(got[group][leaf]["w"], want, rtol=1e-6, err_msg=leaf)
+  assert not spatial.describe(gemma, block_size=4).ambiguous
   # Sizes that allow other readings stay the rank's guess: embed = head_dim (a 1-D Conv of
-  # width 3 beside one of width 4 would have these shapes), and an out kernel alone.
+  # width 3 beside one of width 4 would have these shapes), an out kernel alone, and a
+  # heads-first query beside the output kernel with nothing else: each fits the other's place.
   for tree in (
     {"wq": (3, 4, 3), "wo": (4, 3, 3)},
     {"wo": (4, 3, 10)},
+    {"wq": (4, 10, 3), "wo": (4, 3, 10)},
   ):
     tree = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
     assert all(r.ambiguous for r in spatial.describe(tree, block_size=4).rows)
