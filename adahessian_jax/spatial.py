@@ -1235,15 +1235,29 @@ def _key_name(key: Any) -> Any:
   return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
 
 
+def _module_keys(path) -> tuple:
+  """The keys of a leaf's module: its path without the last key, and the leading parts of a
+  flattened last key (``"Dense_0/kernel"``: ``Dense_0``; ``"blocks.0.fc.weight"``: ``blocks``,
+  ``0``, ``fc``), which :func:`param_name` reads by its last part."""
+  keys = tuple(_key_name(k) for k in path[:-1])
+  last = _key_name(path[-1]) if path else None
+  if isinstance(last, str):
+    head, _, tail = last.replace("/", ".").rpartition(".")
+    if head and tail:
+      keys += tuple(head.split("."))
+  return keys
+
+
 def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tuple, dict[str, int]]:
   """``{module path: {parameter name: leaf index}}`` of the leaves ``keep`` selects that have a
-  parameter name (:func:`param_name`); a module's path is its leaves' path without the last key.
+  parameter name (:func:`param_name`); a module's path is its leaves' path without the last key
+  (:func:`_module_keys`: the leaves of a flattened tree are not all one module's).
   """
   modules: dict[tuple, dict[str, int]] = {}
   for i, path in enumerate(paths):
     param = param_name(path)
     if param is not None and keep(i):
-      modules.setdefault(tuple(_key_name(k) for k in path[:-1]), {})[param] = i
+      modules.setdefault(_module_keys(path), {})[param] = i
   return modules
 
 
@@ -1803,8 +1817,9 @@ def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[in
       continue
     lead = _leading_stack(names[i], rule.roles())
     if lead is not None and len(shapes[i]) - lead in (3, 4):
-      up = 2 if param in ("kernel", "w") else 1
-      groups.setdefault(tuple(str(_key_name(k)) for k in path[:-up]), []).append((i, lead))
+      module = _module_keys(path)
+      group = module[:-1] if param in ("kernel", "w") else module
+      groups.setdefault(tuple(map(str, group)), []).append((i, lead))
   found: dict[int, AxisNames] = {}
   for members in groups.values():
     readings = []  # one per output kernel that fits: {leaf: its axes past the stacked ones}

@@ -1517,6 +1517,23 @@ def test_keys_of_a_flattened_tree_are_read_by_their_last_part(rng):
   np.testing.assert_allclose(got["attn/query/bias"], d["attn/query/bias"], rtol=1e-6)
 
 
+def test_a_flattened_tree_pairs_each_kernel_with_its_own_modules_bias(rng):
+  # Every leaf of a flat dict had the same module (its path without the last key: none), so a
+  # kernel was paired with another module's bias: the Dense kernel (8, 4) beside the norm's bias
+  # (8,) was taken for Hugging Face's (out, in) and blocked across its 4 outputs, unflagged.
+  params = {
+    "dense/kernel": jnp.zeros((8, 4)),
+    "dense/bias": jnp.zeros(4),
+    "norm/bias": jnp.zeros(8),
+    "norm/scale": jnp.zeros(8),
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  want = block_average(np.asarray(hessian_diag["dense/kernel"]), 2, axis=0)
+  np.testing.assert_allclose(got["dense/kernel"], want, rtol=1e-6)
+  assert not spatial.describe(params, block_size=2).ambiguous
+
+
 class _CustomAttention(nn.Module):
   """An attention written with DenseGeneral layers of its own names, grouped-query."""
 
