@@ -1335,7 +1335,7 @@ def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
   return found
 
 
-def _weights_by_bias(paths, shapes, rules) -> set[int]:
+def _weights_by_bias(paths, shapes, rules) -> tuple[set[int], set[int]]:
   """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
 
   A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
@@ -1344,29 +1344,46 @@ def _weights_by_bias(paths, shapes, rules) -> set[int]:
   kernel's bias would be (a square ``(6, 6)`` beside ``(6,)`` is either). And a rank-2
   ``kernel`` (Haiku's ``w``) beside a bias of its first axis and not its last: Hugging Face's
   ``FlaxConv1D`` (GPT-2's ``c_attn``, ``c_fc``, ``c_proj``) keeps a kernel ``(out, in)``. A
-  square one beside its bias fits both layouts; it is read as the tree's other kernels show,
-  where some show PyTorch's layout and none Flax's (a rank-2 kernel beside a bias of its last
-  axis and not its first).
+  square one beside its bias fits both layouts; it is read as the nearest others show (those
+  under the nearest module above it that holds any that show a layout): PyTorch's where some
+  show it and none Flax's (a rank-2 kernel beside a bias of its last axis and not its first). A
+  ``weight``'s layout is not a kernel's: only kernels show it for a square kernel.
+
+  Returns:
+    The leaves read output axis first, and the square kernels whose nearest others show both
+    layouts (a guess).
   """
-  found, square = set(), set()
-  flax_kernels = False
-  for members in _by_module(paths).values():
+  found, square = set(), {}
+  shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
+  for module, members in _by_module(paths).items():
     for weight, bias in (("weight", "bias"), *_KERNEL_BIAS):
       w, b = members.get(weight), members.get(bias)
       if w is None or b is None or not isinstance(rules[w], FlaxDefault):
         continue
       k, v = shapes[w], shapes[b]
       if len(k) == 2 and v == k[:1] and k[0] == k[1]:
-        square.add(w)
+        square[w] = (module, weight == "weight")
         continue
       if weight != "weight" and len(k) == 2 and v == k[1:]:
-        flax_kernels = True
+        shown.append((module, "flax"))
       if weight != "weight" and (len(k) != 2 or v != k[:1]):
         continue
       flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
       if len(_torch_stacks(k, v)) == 1 and not flax:
         found.add(w)
-  return found | square if found and not flax_kernels else found
+        shown.append((module, "weight" if weight == "weight" else "torch"))
+  unsure = set()
+  for w, (module, is_weight) in square.items():
+    layouts: set[str] = set()
+    for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
+      layouts = {x for m, x in shown if m[:n] == module[:n] and (is_weight or x != "weight")}
+      if layouts:
+        break
+    if layouts and "flax" not in layouts:
+      found.add(w)
+    elif len(layouts) > 1 and not is_weight:
+      unsure.add(w)
+  return found, unsure
 
 
 def reads_output_first(rule: Rule) -> bool:
@@ -1913,13 +1930,21 @@ def _plan(averaging, params, block_size, strict_mode):
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   paths = [x.path for x in infos]
-  for i in _weights_by_bias(paths, shapes, unbound):
+  by_bias, square_unsure = _weights_by_bias(paths, shapes, unbound)
+  for i in by_bias:
     unbound[i] = unbound[i].for_param(_WEIGHT_BY_BIAS)
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
   evident, alone = _stacks_by_evidence(paths, shapes, names, unbound)
   own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = _in_named_stacks(paths, shapes, names, unbound, alone)
+  for i in square_unsure:
+    unsure.setdefault(
+      i,
+      "a square kernel beside a bias that fits both layouts, Flax's (in, out) and Hugging "
+      "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
+      "name its axes or give it a rule",
+    )
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
   convs = _conv_kernels(paths, shapes, stacked, unbound)

@@ -1273,6 +1273,47 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   assert not spatial.describe(params, block_size=1).rows[4].ambiguous  # Linear, block_size 1
 
 
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
+def test_a_square_kernel_reads_its_layout_from_the_nearest_kernels(rng):
+  # A square kernel beside its bias fits both layouts. It followed the whole tree: a GPT-2 with a
+  # Flax Dense value head (kernel (in, out) beside its bias) had its square attention c_proj
+  # (out, in) read (in, out), blocked across its outputs, unflagged; and a Flax Dense (16, 16)
+  # beside a raw PyTorch-layout `weight` was read (out, in). Now the kernels of the nearest module
+  # above it that shows a layout decide (a `weight` is no kernel), and where they show both it is
+  # a guess.
+  block = {
+    "c_attn": {"kernel": jnp.zeros((12, 4)), "bias": jnp.zeros(12)},
+    "c_proj": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+  }
+  params = {
+    "h": {"0": {"attn": block}},
+    "value_head": {"kernel": jnp.zeros((4, 1)), "bias": jnp.zeros(1)},
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  for name in block:
+    want = block_average(np.asarray(hessian_diag["h"]["0"]["attn"][name]["kernel"]), 2, axis=1)
+    np.testing.assert_allclose(got["h"]["0"]["attn"][name]["kernel"], want, rtol=1e-6)
+  want = block_average(np.asarray(hessian_diag["value_head"]["kernel"]), 2, axis=0)
+  np.testing.assert_allclose(got["value_head"]["kernel"], want, rtol=1e-6)
+  assert not spatial.describe(params, block_size=2).ambiguous
+  flax = {
+    "Dense_0": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+    "proj": {"weight": jnp.zeros((2, 4)), "bias": jnp.zeros(2)},
+  }
+  rows = {r.path: r for r in spatial.describe(flax, block_size=2).rows}
+  assert rows["['Dense_0']['kernel']"].rule == spatial.blocks(2, axis=0)
+  assert not rows["['Dense_0']['kernel']"].ambiguous
+  # Side by side, a FlaxConv1D (12, 4) and a Dense (4, 10) leave the square one a guess.
+  mixed = {**block, "head": {"kernel": jnp.zeros((4, 10)), "bias": jnp.zeros(10)}}
+  rows = {r.path: r for r in spatial.describe(mixed, block_size=2).rows}
+  assert [p for p, r in rows.items() if r.ambiguous] == ["['c_proj']['kernel']"]
+  assert "show both" in rows["['c_proj']['kernel']"].why
+  assert not spatial.describe(mixed, block_size=1).ambiguous
+
+
 def test_a_haiku_norm_offset_is_a_bias_never_blocked_across_layers(rng):
   # An hk.layer_stack gives its LayerNorm an offset (layers, features) under a flat module name
   # beside the stack's other modules: taken for a Dense kernel, it was blocked across layers.
