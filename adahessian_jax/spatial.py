@@ -1781,7 +1781,8 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
       members.append(j)
     if one[0] == one[1]:
       unsure.update(members)
-  found.update(_attention_by_shapes(paths, shapes, names, rules, set(found)))
+  convs = _conv_kernels(paths, shapes, names, rules)  # no attention's, by their names or biases
+  found.update(_attention_by_shapes(paths, shapes, names, rules, {*found, *convs}))
   return found, unsure
 
 
@@ -1819,14 +1820,23 @@ def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[in
   ``(heads, embed, head_dim)`` (Gemma's ``q_einsum``) with ``embed`` not the size of ``heads``
   or ``head_dim`` shows an attention: ``Conv`` kernels or stacks of ``Dense`` kernels have such
   shapes only by a coincidence of sizes that this excludes. So are its other input kernels, with
-  fewer heads or packed (:func:`_input_axes`). Kernels are grouped by module: Flax's ``kernel``
-  and Haiku's ``w`` by the module above theirs (``attn/q_proj/kernel``), other names by their
-  own (``attn/wq``). Kernels whose only names are leading stacked axes are read past them, the
-  stack the same for all of the module's kernels.
+  fewer heads or packed (:func:`_input_axes`), but for one beside a bias of one axis (a
+  convolution's ``(out,)``; an input projection's is ``(heads, head_dim)``). Kernels are
+  grouped by module: Flax's ``kernel`` and Haiku's ``w`` by the module above theirs
+  (``attn/q_proj/kernel``), other names by their own (``attn/wq``). Kernels whose only names are
+  leading stacked axes are read past them, the stack the same for all of the module's kernels.
 
   Returns:
-    ``{leaf index: axis names}``, for the leaves not in ``done``.
+    ``{leaf index: axis names}``, for the leaves not in ``done`` (those read already, and the
+    kernels that are a convolution's for sure: :func:`_conv_kernels`).
   """
+  biases = {
+    members[kernel]: shapes[members[bias]]
+    for members in _by_module(paths).values()
+    for kernel, bias in _KERNEL_BIAS
+    if kernel in members and bias in members
+  }
+  one_axis_bias = set()  # beside a bias (out,), as a Conv: no input projection's (heads, head_dim)
   groups: dict[tuple, list[tuple[int, int]]] = {}
   for i, path in enumerate(paths):
     rule, param = rules[i], param_name(path)
@@ -1836,6 +1846,8 @@ def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[in
     if lead is not None and len(shapes[i]) - lead in (3, 4):
       module = _module_keys(path)
       group = module[:-1] if param in ("kernel", "w") else module
+      if i in biases and len(biases[i]) <= lead + 1:
+        one_axis_bias.add(i)
       groups.setdefault(tuple(map(str, group)), []).append((i, lead))
   found: dict[int, AxisNames] = {}
   for members in groups.values():
@@ -1848,7 +1860,7 @@ def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[in
       inputs = {
         j: axes
         for j, j_lead in members
-        if j != out and j_lead == lead and shapes[j][:lead] == stack
+        if j != out and j_lead == lead and shapes[j][:lead] == stack and j not in one_axis_bias
         if (axes := _input_axes(shapes[j][lead:], embed, (heads, head_dim))) is not None
       }
       if any(shapes[j][lead + axes.index("heads")] == heads for j, axes in inputs.items()):

@@ -1654,6 +1654,39 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
 @pytest.mark.filterwarnings(
   "ignore::adahessian_jax.spatial.LayoutGuessWarning"
 )  # guesses on purpose
+def test_a_convolution_beside_an_attention_of_other_names_stays_a_convolution(rng):
+  # A block's Conv with as many outputs as the attention's head size and as many inputs as its
+  # embed fits an input projection's shape: (2, 8, 4) a heads-first (heads, embed, head_dim),
+  # (2, 2, 8, 4) a packed one. Read so, unflagged, it was blocked along its input channels and
+  # kept apart along its width instead of averaged over its spatial axes. A convolution's name
+  # or a bias of one axis (an input projection's is (heads, head_dim)) rules that out.
+  params = {
+    "q_proj": {"kernel": jnp.zeros((8, 2, 4))},
+    "o_proj": {"kernel": jnp.zeros((2, 4, 8))},
+    "Conv_0": {"kernel": jnp.zeros((2, 2, 8, 4)), "bias": jnp.zeros(4)},
+    "conv": {"kernel": jnp.zeros((2, 8, 4))},
+  }
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  for name, axes in (("Conv_0", (0, 1)), ("conv", (0,))):
+    want = np.broadcast_to(
+      d[name]["kernel"].mean(axis=axes, keepdims=True), d[name]["kernel"].shape
+    )
+    np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
+  for name, axis in (("q_proj", 0), ("o_proj", 1)):
+    want = block_average(d[name]["kernel"], 2, axis=axis)
+    np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
+  # Under a name of no convolution, beside its bias (4,): no attention's, the rank's guess.
+  other = {**params, "proj": {"kernel": jnp.zeros((2, 8, 4)), "bias": jnp.zeros(4)}}
+  rows = {r.path: r for r in spatial.describe(other, block_size=2).rows}
+  assert rows["['proj']['kernel']"].rule == spatial.mean_over(0)
+  assert rows["['proj']['kernel']"].ambiguous
+
+
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
   # A mixture's weights as raw params (experts, in, out): by rank 1-D Conv kernels, averaged
   # across the experts even at block_size 1. A word of a mixture on the path (moe, experts,
