@@ -261,6 +261,32 @@ def test_filter_normalisation_of_hugging_face_conv1d_kernels():
     np.testing.assert_allclose(got, np.linalg.norm(want, axis=1), err_msg=name)
 
 
+def test_filter_normalisation_of_a_square_conv1d_kernel_beside_a_flax_dense_head():
+  # A GPT-2 with a Flax Dense value head (kernel (in, out) beside its bias): the square
+  # attention c_proj (out, in), beside its c_attn (out, in), followed the whole tree, where the
+  # head shows Flax's layout, and its filters ran along its inputs. Its nearest kernels decide.
+  r = np.random.default_rng(4)
+  scales = np.array([1e-3, 1.0, 10.0, 1.0])
+  attn = r.normal(size=(12, 4))
+  proj = r.normal(size=(4, 4)) * scales[:, None]
+  head = r.normal(size=(4, 1))
+  params = {
+    "attn": {
+      "c_attn": {"kernel": jnp.asarray(attn), "bias": jnp.zeros(12)},
+      "c_proj": {"kernel": jnp.asarray(proj), "bias": jnp.zeros(4)},
+    },
+    "value_head": {"kernel": jnp.asarray(head), "bias": jnp.zeros(1)},
+  }
+  op = _sin_op(params)
+  nd = op.unravel(
+    hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
+  )
+  got = np.linalg.norm(nd["attn"]["c_proj"]["kernel"], axis=1)  # a filter per output row
+  np.testing.assert_allclose(got, np.linalg.norm(proj, axis=1))
+  got = np.linalg.norm(nd["value_head"]["kernel"], axis=0)  # Flax's (in, out): per column
+  np.testing.assert_allclose(got, np.linalg.norm(head, axis=0))
+
+
 def test_plots(op):
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")
