@@ -1597,7 +1597,7 @@ def _conv_kernels(paths, shapes, names, rules) -> dict[int, tuple[AxisNames, str
   stacked_norms: dict[tuple, set[int]] = {}
   for i, path in enumerate(paths):
     if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
-      parent = tuple(_key_name(x) for x in path[:-2])
+      parent = _module_keys(path)[:-1]
       stacked_norms.setdefault(parent, set()).add(shapes[i][0])
   for k in kernels:
     spatial = _role_name(k.roles, SPATIAL)

@@ -1573,6 +1573,16 @@ def test_a_flattened_tree_pairs_each_kernel_with_its_own_modules_bias(rng):
   want = block_average(np.asarray(hessian_diag["dense/kernel"]), 2, axis=0)
   np.testing.assert_allclose(got["dense/kernel"], want, rtol=1e-6)
   assert not spatial.describe(params, block_size=2).ambiguous
+  # Its leading parts name its module everywhere: a scanned block's bias-less Conv beside a norm's
+  # (layers, channels) scale stays a guess, as in the nested tree.
+  nested = {
+    "Conv_0": {"kernel": jnp.zeros((3, 3, 3, 4, 4))},
+    "norm": {"scale": jnp.zeros((3, 4)), "bias": jnp.zeros((3, 4))},
+  }
+  flat = {f"blk/{m}/{p}": x for m, leaves in nested.items() for p, x in leaves.items()}
+  want = [(r.rule, r.ambiguous) for r in spatial.describe({"blk": nested}, block_size=2).rows]
+  assert [(r.rule, r.ambiguous) for r in spatial.describe(flat, block_size=2).rows] == want
+  assert want[0] == (spatial.mean_over((0, 1, 2)), True)
 
 
 class _CustomAttention(nn.Module):
