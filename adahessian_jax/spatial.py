@@ -1372,11 +1372,17 @@ def _weights_by_bias(paths, shapes, rules) -> tuple[set[int], set[int]]:
       if len(_torch_stacks(k, v)) == 1 and not flax:
         found.add(w)
         shown.append((module, "weight" if weight == "weight" else "torch"))
+  below: dict[tuple[tuple, bool], set[str]] = {}  # (module prefix, kernels only) -> layouts
+  for m, x in shown:
+    for n in range(len(m) + 1):
+      below.setdefault((m[:n], False), set()).add(x)
+      if x != "weight":
+        below.setdefault((m[:n], True), set()).add(x)
   unsure = set()
   for w, (module, is_weight) in square.items():
     layouts: set[str] = set()
     for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
-      layouts = {x for m, x in shown if m[:n] == module[:n] and (is_weight or x != "weight")}
+      layouts = below.get((module[:n], not is_weight), set())
       if layouts:
         break
     if layouts and "flax" not in layouts:
