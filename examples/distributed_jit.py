@@ -16,8 +16,8 @@ _devices.force_host_devices(4)  # unless XLA_FLAGS sets a device count
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _toy import loss_fn, problem  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -25,22 +25,9 @@ import adahessian_jax as ah  # noqa: E402
 from adahessian_jax import distributed  # noqa: E402
 
 
-def loss_fn(params, x, y):
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
-
-
 def train(fsdp, steps=60):
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(256, 8)).astype(np.float32)
-  y = np.sin(x[:, :2]).astype(np.float32)
-  params = {
-    "w1": (rng.normal(size=(8, 32)) / np.sqrt(8)).astype(np.float32),
-    "b1": np.zeros(32, np.float32),
-    "w2": (rng.normal(size=(32, 2)) / np.sqrt(32)).astype(np.float32),
-    "b2": np.zeros(2, np.float32),
-  }
+  x, y, params = problem(256)
   # (a) params replicated; (b) FSDP: each kernel split over the devices.
   specs = {"w1": P(None, "data"), "b1": P("data"), "w2": P("data", None), "b2": P()}
   if not fsdp:

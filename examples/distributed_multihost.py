@@ -25,9 +25,9 @@ NUM_PROCESSES, LOCAL_DEVICES = 2, 2
 def worker(process_id, port, steps=60):
   _devices.force_host_devices(LOCAL_DEVICES, override=True)  # the layout needs exactly these
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
+  from _toy import loss_fn, problem
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -42,15 +42,7 @@ def worker(process_id, port, steps=60):
   )
   try:
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    rng = np.random.default_rng(0)  # the same data and init everywhere (a real job reads files)
-    x = rng.normal(size=(256, 8)).astype(np.float32)
-    y = np.sin(x[:, :2]).astype(np.float32)
-    init = {
-      "w1": (rng.normal(size=(8, 32)) / np.sqrt(8)).astype(np.float32),
-      "b1": np.zeros(32, np.float32),
-      "w2": (rng.normal(size=(32, 2)) / np.sqrt(32)).astype(np.float32),
-      "b2": np.zeros(2, np.float32),
-    }
+    x, y, init = problem(256)  # the same data and init everywhere (a real job reads files)
     # This process's rows of the global batch.
     rows = slice(jax.process_index() * 128, (jax.process_index() + 1) * 128)
     batch = NamedSharding(mesh, P("data"))
@@ -60,10 +52,6 @@ def worker(process_id, port, steps=60):
     params = jax.tree.map(
       lambda a: jax.make_array_from_process_local_data(replicated, a, a.shape), init
     )
-
-    def loss_fn(params, x, y):
-      h = jnp.tanh(x @ params["w1"] + params["b1"])
-      return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
 
     tx = ah.adahessian(0.05)
     state = jax.jit(tx.init, out_shardings=replicated)(params)

@@ -13,30 +13,17 @@ import _devices
 _devices.force_host_devices(4)  # unless XLA_FLAGS sets a device count
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _toy import loss_fn, problem  # noqa: E402
 
 import adahessian_jax as ah  # noqa: E402
 from adahessian_jax import distributed  # noqa: E402
 
 
-def loss_fn(params, x, y):
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
-
-
 def main(independent_probes=False, steps=100):
   n = jax.local_device_count()
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(64 * n, 8)).astype(np.float32)
-  y = np.sin(x[:, :2]).astype(np.float32)
-  params = {
-    "w1": (rng.normal(size=(8, 32)) / np.sqrt(8)).astype(np.float32),
-    "b1": np.zeros(32, np.float32),
-    "w2": (rng.normal(size=(32, 2)) / np.sqrt(32)).astype(np.float32),
-    "b2": np.zeros(2, np.float32),
-  }
+  x, y, params = problem(64 * n)
   tx = ah.adahessian(0.05, axis_name="batch", independent_probes=independent_probes)
   state = tx.init(params)
 
