@@ -117,6 +117,7 @@ import dataclasses
 import math
 import numbers
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -1076,6 +1077,22 @@ class LayoutGuessWarning(UserWarning):
   ``averaging=``), make it an error with ``averaging=spatial.strict()``, or silence it with
   ``warnings.filterwarnings("ignore", category=spatial.LayoutGuessWarning)``.
   """
+
+
+#: The packages whose frames a warning skips to point at the line of the user's code.
+_LIBRARY_PACKAGES = frozenset(("adahessian_jax", "optax", "jax", "jaxlib", "flax"))
+
+
+def _caller_level() -> int:
+  """The ``stacklevel`` of the first frame outside :data:`_LIBRARY_PACKAGES`, for
+  ``warnings.warn`` called by the caller of this function: the user's ``tx.init(params)``, also
+  through ``optax.chain``, ``nnx.Optimizer`` or ``jax.eval_shape``."""
+  frame, level = sys._getframe(2), 2
+  while (
+    frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES
+  ):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 #: How many guessed leaves the warning names (the others are counted).
@@ -2059,7 +2076,7 @@ def resolve_rules(
   bound, rows = _plan(averaging, params, block_size, strict)
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
-    warnings.warn(_guess_warning(guesses), LayoutGuessWarning, stacklevel=3)
+    warnings.warn(_guess_warning(guesses), LayoutGuessWarning, stacklevel=_caller_level())
   return jax.tree.unflatten(jax.tree.structure(params), bound)
 
 

@@ -1794,6 +1794,7 @@ def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm)
     state = ah.adahessian(0.1).init(params)
   text = str(record[0].message)
   assert "['adapters']['kernel']: shape (4, 8, 8), mean_over((0,))" in text and "head" not in text
+  assert record[0].filename == __file__  # the user's init line, not optax.chain's
   assert "spatial.strict()" in text and "filterwarnings" in text
   with warnings.catch_warnings():  # update resolves the rules again, silently
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
