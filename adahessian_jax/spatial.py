@@ -99,8 +99,9 @@ before it kept apart as heads).
 Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
 ``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
 bias-less stack of ``Dense`` kernels ``(layers, in, out)``, under names you chose, share it.
-The default treats it as a convolution; :func:`describe` lists every leaf with the rule
-chosen and why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
+The default treats it as a convolution, and the optimizer's ``init`` warns
+(:class:`LayoutGuessWarning`) naming such leaves; :func:`describe` lists every leaf with the
+rule chosen and why, and :func:`strict` (or ``resolve_rules(..., strict=True)``) refuses such
 leaves with an error naming them all. Explicit rules always win: pass a rule, a
 pytree prefix of rules, or a callable on ``(path, leaf)`` through the
 ``averaging`` argument of :func:`adahessian_jax.scale_by_adahessian`;
