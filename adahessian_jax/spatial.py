@@ -1748,7 +1748,9 @@ def _leading_stack(names: AxisNames | None, roles: Mapping[str, str]) -> int | N
   return n if n and all(x is None for x in names[n:]) else None
 
 
-def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNames], set[int]]:
+def flax_attention_names(
+  paths, shapes, names, rules, convs: Mapping[int, Any] | None = None
+) -> tuple[dict[int, AxisNames], set[int]]:
   """Axis names for the unnamed projection kernels of Flax attention modules.
 
   ``nn.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention`` project with
@@ -1767,6 +1769,11 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
   A query kernel whose first two axes have one size (embed = heads) is also what an
   ``nn.scan`` stack of ``Dense`` kernels ``(layers, in, out)`` named ``query`` and ``out`` is
   when ``in`` = ``layers``: its module's kernels are taken for attention but listed as unsure.
+
+  Args:
+    paths, shapes, names, rules: The leaves' paths, shapes, axis names and unbound rules.
+    convs: The kernels that are a convolution's for sure (:func:`_conv_kernels`), which are no
+      attention's, if the caller has them already.
 
   Returns:
     ``{leaf index: axis names}`` for the unnamed leaves under the default rule, and the
@@ -1805,7 +1812,8 @@ def flax_attention_names(paths, shapes, names, rules) -> tuple[dict[int, AxisNam
       members.append(j)
     if one[0] == one[1]:
       unsure.update(members)
-  convs = _conv_kernels(paths, shapes, names, rules)  # no attention's, by their names or biases
+  if convs is None:  # no attention's, by their names or biases
+    convs = _conv_kernels(paths, shapes, names, rules)
   found.update(_attention_by_shapes(paths, shapes, names, rules, {*found, *convs}))
   return found, unsure
 
@@ -1854,12 +1862,7 @@ def _attention_by_shapes(paths, shapes, names, rules, done: set[int]) -> dict[in
     ``{leaf index: axis names}``, for the leaves not in ``done`` (those read already, and the
     kernels that are a convolution's for sure: :func:`_conv_kernels`).
   """
-  biases = {
-    members[kernel]: shapes[members[bias]]
-    for members in _by_module(paths).values()
-    for kernel, bias in _KERNEL_BIAS
-    if kernel in members and bias in members
-  }
+  biases = {k.index: k.bias for k in _kernels(paths, shapes, names, rules) if k.bias is not None}
   one_axis_bias = set()  # beside a bias (out,), as a Conv: no input projection's (heads, head_dim)
   groups: dict[tuple, list[tuple[int, int]]] = {}
   for i, path in enumerate(paths):
@@ -1982,8 +1985,8 @@ def _plan(averaging, params, block_size, strict_mode):
       "name its axes or give it a rule",
     )
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
-  attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound)
   convs = _conv_kernels(paths, shapes, stacked, unbound)
+  attention, attention_unsure = flax_attention_names(paths, shapes, stacked, unbound, convs)
   generals = _dense_general_kernels(paths, shapes, stacked, unbound)
   read = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = _expert_stacks(paths, shapes, stacked, unbound, read)
