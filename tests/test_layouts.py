@@ -1341,13 +1341,13 @@ class _BiaslessBlock(nn.Module):
     return x + nn.Dense(6, use_bias=False, name="up")(x), None
 
 
-def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
-  # nn.scan without names over attention built with use_bias=False: the kernels (3, 6, 2, 4) and
-  # (3, 2, 4, 6) were taken for 2-D Conv kernels, averaged across the 3 layers (even at block_size
-  # 1), and the Dense 'up' (3, 6, 6) across layers too. One layer's query and out kernels are
-  # (embed, heads, head_dim) and (heads, head_dim, embed): the leading axis of both is a stack.
-  scan = nn.scan(_BiaslessBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-  params = {"blocks": scan().init(jax.random.key(0), jnp.ones((1, 5, 6)), None)["params"]}
+def _check_scan_per_layer(block, features, norm, out, rng):
+  """Checks one step on an ``nn.scan`` of 3 ``block`` layers without names, ``block_size=2``:
+  no leaf is a guess, every leaf's axis 0 is named layers, the norms (paths with ``norm``) are
+  not averaged, and every kernel is, per layer, in blocks of 2 inputs (the output projection's,
+  paths with ``out``, within one head), against NumPy loops. Returns the params."""
+  scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+  params = {"blocks": scan().init(jax.random.key(0), jnp.ones((1, 5, features)), None)["params"]}
   hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
@@ -1355,13 +1355,22 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
   for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
     where, d = jax.tree_util.keystr(path), np.asarray(d)
-    if "['norm']" in where:
+    if norm in where:
       want = d
-    else:  # per layer: inputs in blocks of 2; the output projection's inputs within one head
-      axis = 1 if "['out']" in where else 0
+    else:
+      axis = 1 if out in where else 0
       want = np.stack([block_average(layer, 2, axis=axis) for layer in d])
     np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=where)
     assert rows[where].names[0] == "layers", rows[where]
+  return params
+
+
+def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
+  # nn.scan without names over attention built with use_bias=False: the kernels (3, 6, 2, 4) and
+  # (3, 2, 4, 6) were taken for 2-D Conv kernels, averaged across the 3 layers (even at block_size
+  # 1), and the Dense 'up' (3, 6, 6) across layers too. One layer's query and out kernels are
+  # (embed, heads, head_dim) and (heads, head_dim, embed): the leading axis of both is a stack.
+  params = _check_scan_per_layer(_BiaslessBlock, 6, "['norm']", "['out']", rng)
   assert layer_axes_of(params) == [(0,)] * 7
   # Where embed = heads, the shapes are also those of 2-D Conv kernels named query/out (or of a
   # stack of stacks of Dense kernels): still the rank's guess, listed as ambiguous.
@@ -1390,22 +1399,7 @@ def test_a_scan_of_biasless_attention_of_other_names_keeps_its_layers_apart(rng)
   # rank, averaged across the 3 layers (at block_size 1 too), and so were up/down (3, 10, 16).
   # Their shapes show one layer's attention under a leading axis: a stack, which the block's
   # other kernels then share.
-  scan = nn.scan(_LlamaBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-  params = {"blocks": scan().init(jax.random.key(0), jnp.ones((1, 5, 10)), None)["params"]}
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
-  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
-  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
-  assert not [p for p, r in rows.items() if r.ambiguous]
-  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
-  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
-    where, d = jax.tree_util.keystr(path), np.asarray(d)
-    if "RMSNorm" in where:
-      want = d
-    else:  # per layer: inputs in blocks of 2; the output projection's inputs within one head
-      axis = 1 if "['o_proj']" in where else 0
-      want = np.stack([block_average(layer, 2, axis=axis) for layer in d])
-    np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=where)
-    assert rows[where].names[0] == "layers", rows[where]
+  _check_scan_per_layer(_LlamaBlock, 10, "RMSNorm", "['o_proj']", rng)
 
 
 def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
