@@ -30,6 +30,7 @@ and its tree of partition specs give the same paths.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +42,19 @@ __all__ = ["AxisNames", "LeafLayout", "axis_names_of", "is_annotated", "leaves",
 #: The axis names of one leaf, one entry per axis (a ``str``, ``None``, or a
 #: tuple of names for an axis sharded over several mesh axes).
 AxisNames = tuple[Any, ...]
+
+#: The roles an axis name can have (:data:`adahessian_jax.spatial.AXIS_ROLES` maps names to them):
+#: a stack of layers or experts, a convolution's spatial axis, attention heads, a table's rows,
+#: and the features of a ``Dense``/``DenseGeneral`` kernel.
+STACKED, SPATIAL, HEADS, VOCAB, FEATURES = "stacked", "spatial", "heads", "vocab", "features"
+ROLES = (STACKED, SPATIAL, HEADS, VOCAB, FEATURES)
+
+
+def axis_role(name: Any, roles: Mapping[str, str]) -> str | None:
+  """The role in ``roles`` of an axis name (of a tuple of names: the first known), or ``None``."""
+  if isinstance(name, tuple):  # an axis sharded over several mesh axes
+    return next((r for r in (axis_role(n, roles) for n in name) if r), None)
+  return roles.get(name) if isinstance(name, str) else None
 
 
 def _linen_metadata_class():

@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _validation, layout, spatial
+from adahessian_jax import _evidence, _validation, layout, spatial
 from adahessian_jax.hessian import _checks, _lanczos, _stacks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
@@ -135,13 +135,13 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   rules = spatial.leaf_rules(None, op.params)
   # A weight, or a kernel whose bias shows PyTorch's layout (Hugging Face's Conv1D (out, in)).
   params = [
-    "weight" if spatial.reads_output_first(r) else spatial.param_name(x.path)
+    "weight" if spatial.reads_output_first(r) else _evidence.param_name(x.path)
     for x, r in zip(infos, rules, strict=True)
   ]
   roles = []
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
     if isinstance(r, spatial.FlaxDefault) and r.names is not None:
-      roles.append(tuple(spatial.axis_role(n, r.roles()) for n in r.names))
+      roles.append(tuple(layout.axis_role(n, r.roles()) for n in r.names))
     else:
       roles.append(None)
   layers = _stacks.layer_axes_of(op.params, layer_axes, rules)
@@ -152,11 +152,12 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   ]
   unnamed = [None] * len(infos)
   paths = [x.path for x in infos]
-  attention, _ = spatial.flax_attention_names(paths, one_layer, unnamed, rules)
+  defaults = [r.roles() if isinstance(r, spatial.FlaxDefault) else None for r in rules]
+  attention, _ = _evidence.flax_attention_names(paths, one_layer, unnamed, defaults)
   for i, names in attention.items():
-    rule = rules[i]
-    if roles[i] is None and layers[i] and isinstance(rule, spatial.FlaxDefault):
-      per_axis = iter(spatial.axis_role(n, rule.roles()) for n in names)
+    leaf_roles = defaults[i]
+    if roles[i] is None and layers[i] and leaf_roles is not None:
+      per_axis = iter(layout.axis_role(n, leaf_roles) for n in names)
       roles[i] = tuple(
         "stacked" if a in layers[i] else next(per_axis) for a in range(len(shapes[i]))
       )

@@ -1,0 +1,822 @@
+"""Reading a parameter tree for what the axes of its unnamed leaves are.
+
+Flax's default layouts leave most parameters without axis names, and the rank
+alone cannot tell a ``Conv`` kernel ``(width, in, out)`` from an attention's
+``DenseGeneral`` kernel ``(embed, heads, head_dim)`` or a stack of ``Dense``
+kernels ``(layers, in, out)``. The tree around a leaf often can: its module's
+name (Linen's ``Dense_0``, ``conv1``, ``q_proj``, ``moe``), its bias's shape, the
+shapes of its module's other kernels, its named relatives in a stack. This module
+reads that evidence and gives such leaves the axis names it shows, which
+:mod:`adahessian_jax.spatial` then binds into the default rule like names the
+user gave. Every reader takes the leaves as parallel lists (paths, shapes, axis
+names, and the axis roles of each leaf's default rule, ``None`` for a leaf with a
+rule of its own, which no reader touches) and returns ``{leaf index: ...}``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from adahessian_jax.layout import FEATURES, HEADS, SPATIAL, STACKED, AxisNames, axis_role
+
+#: The parameter names (from :func:`param_name`) the default rule reads by name, never as a
+#: kernel: a bias, a norm's scale, a table and a PyTorch-layout weight.
+READ_BY_NAME = ("bias", "scale", "embedding", "table", "weight")
+
+
+def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
+  return tuple(
+    (i, names[i], shape[i]) for i in range(len(shape)) if axis_role(names[i], roles) == STACKED
+  )
+
+
+def in_named_stacks(
+  paths, shapes, names, roles, alone: frozenset[int] | set[int] = frozenset()
+) -> tuple[dict[int, tuple[AxisNames, int]], dict[int, str]]:
+  """Stacked axes for unnamed leaves that sit in a stack of layers whose other leaves are named.
+
+  ``nn.scan``/``nn.vmap``/``nnx.vmap`` stack every parameter of the module they
+  transform, but only boxed parameters get the stacked axis' name: a LayerNorm
+  scale or a bias left unboxed comes out as a plain ``(layers, features)``
+  array, which the rank alone would take for a ``Dense`` kernel and average
+  across layers. An unnamed leaf under the default rule takes the stacked axes
+  of its nearest named relatives (the named leaves under its deepest ancestor
+  that holds any) that they all have and every leaf under that ancestor has the
+  sizes of (an inner stack's or a mixture's axes, which some relatives add below
+  the ancestor, are left out): the transform stacks *every* parameter of
+  the module, so an ancestor holding a leaf without them (a head's bias beside a
+  scanned block) is above the stack, and a leaf of another module that merely
+  has the stack's sizes (a 3x3 ``Conv`` kernel beside a stack of 3) keeps its own
+  rule. The leaves in ``alone`` (of modules that show they are one layer, from
+  :func:`stacks_by_evidence`) take no stacked axes and are not listed, and an ancestor
+  holding any is above the stack.
+
+  Returns:
+    ``{leaf index: (inferred names, index of a relative)}``, and ``{leaf index:
+    why}`` for the unnamed leaves that stay ambiguous: those that fit a
+    relative's stacked axes beyond the ones inferred (their relatives
+    disagree), and those inferred at the root, sharing no key with their
+    relatives (a stack at the root, or a leaf of another module that happens to
+    have the stack's sizes, in a tree that holds nothing else). Strict mode
+    refuses these.
+  """
+  keys = [tuple(str(k) for k in p) for p in paths]
+  below: dict[tuple, list[int]] = {}  # every path prefix -> the leaves under it
+  named_below: dict[tuple, list[int]] = {}  # ... and the named ones among them
+  for j, key in enumerate(keys):
+    for depth in range(len(key) + 1):
+      below.setdefault(key[:depth], []).append(j)
+      if names[j] is not None:
+        named_below.setdefault(key[:depth], []).append(j)
+
+  def fits(stack, shape) -> bool:
+    return bool(stack) and all(a < len(shape) and shape[a] == size for a, _, size in stack)
+
+  kept_at: dict[tuple, tuple] = {}  # (prefix, axes) -> those axes every leaf under it has
+  inferred: dict[int, tuple[AxisNames, int]] = {}
+  unsure: dict[int, str] = {}  # leaf index -> why its inference is a guess
+  for i, leaf_roles in enumerate(roles):
+    if names[i] is not None or i in alone or leaf_roles is None or not named_below:
+      continue
+    # The named leaves under its deepest ancestor that holds any (the root, at worst).
+    depth = next(d for d in range(len(keys[i]), -1, -1) if keys[i][:d] in named_below)
+    ancestor = keys[i][:depth]
+    nearest = named_below[ancestor]
+    stacks = {j: _stacked_axes(names[j], shapes[j], leaf_roles) for j in nearest}
+    signatures = {tuple((a, size) for a, _, size in st) for st in stacks.values()}
+    # The stacked axes all of them have: a stack of stacks or a mixture's experts inside a
+    # scanned block add axes of their own to the leaves below them, not to the block's.
+    common = tuple(x for x in stacks[nearest[0]] if all((x[0], x[2]) in sig for sig in signatures))
+    memo = (ancestor, common)
+    if memo not in kept_at:
+      kept_at[memo] = tuple(
+        x for x in common if all(fits((x,), shapes[k]) and k not in alone for k in below[ancestor])
+      )
+    kept = kept_at[memo]
+    if kept:
+      own = [None] * len(shapes[i])
+      for a, name, _ in kept:
+        own[a] = name
+      inferred[i] = (tuple(own), nearest[0])
+      if depth == 0:
+        unsure[i] = "it shares no module with that relative"
+    if len(signatures) > 1 and any(
+      fits(st, shapes[i]) and len(st) > len(kept) for st in stacks.values()
+    ):
+      unsure[i] = "its nearest named relatives disagree on whether " + (
+        "more of its axes are stacked" if kept else "it is part of a stack of layers"
+      )
+  return inferred, unsure
+
+
+#: Linen's automatic module names (``Dense_0``) give the module's class, which fixes the rank of
+#: some of its parameters: ``(class, parameter name) -> rank``.
+_CLASS_RANKS = {
+  ("Dense", "kernel"): 2,
+  ("Dense", "bias"): 1,
+  ("Embed", "embedding"): 2,
+  ("Conv", "bias"): 1,
+  ("ConvTranspose", "bias"): 1,
+  ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
+  ("GroupNorm", "bias"): 1,
+}
+#: The (kernel, bias) pairs a module holds: Flax's names, and Haiku's.
+_KERNEL_BIAS = (("kernel", "bias"), ("w", "b"))
+
+
+def _key_name(key: Any) -> Any:
+  return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+
+def _module_keys(path) -> tuple:
+  """The keys of a leaf's module: its path without the last key, and the leading parts of a
+  flattened last key (``"Dense_0/kernel"``: ``Dense_0``; ``"blocks.0.fc.weight"``: ``blocks``,
+  ``0``, ``fc``), which :func:`param_name` reads by its last part."""
+  keys = tuple(_key_name(k) for k in path[:-1])
+  last = _key_name(path[-1]) if path else None
+  if isinstance(last, str):
+    head, _, tail = last.replace("/", ".").rpartition(".")
+    if head and tail:
+      keys += tuple(head.split("."))
+  return keys
+
+
+def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tuple, dict[str, int]]:
+  """``{module path: {parameter name: leaf index}}`` of the leaves ``keep`` selects that have a
+  parameter name (:func:`param_name`); a module's path is its leaves' path without the last key
+  (:func:`_module_keys`: the leaves of a flattened tree are not all one module's).
+  """
+  modules: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if param is not None and keep(i):
+      modules.setdefault(_module_keys(path), {})[param] = i
+  return modules
+
+
+def _stack_count(
+  module: tuple, members: dict[str, int], shapes
+) -> tuple[tuple[int, ...] | None, str]:
+  """How many leading axes of a module's unnamed leaves stack layers, by its own evidence.
+
+  Two kinds: Linen's automatic name (``Dense_3``) fixes the rank of a ``Dense`` kernel (2) and
+  bias (1), so more axes are stacked (where it has a bias, only if that is the kernel's leading
+  axes and output: not for ``nn.vmap`` with ``variable_axes={"params": 1}``, kernel ``(in,
+  members, out)``, bias ``(out, members)``); and a bias that repeats its kernel's leading axes
+  (kernel ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's
+  trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a
+  module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
+  that is its kernel's trailing axes and cannot be read as repeating its leading ones. A
+  PyTorch-layout ``weight`` and its ``bias`` tell the same by the output axis
+  (:func:`_torch_stacks`).
+
+  Returns:
+    The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
+  """
+  linen = _linen_class(module)
+  if linen == "Dense" and "kernel" in members and "bias" in members:
+    k, b = shapes[members["kernel"]], shapes[members["bias"]]
+    if len(k) < 2 or b != k[:-2] + k[-1:]:  # not stacked in front (nn.vmap variable_axes=1)
+      linen = None
+  for (cls, param), rank in _CLASS_RANKS.items():
+    i = members.get(param) if cls == linen else None
+    if i is not None and len(shapes[i]) >= rank:
+      return shapes[i][: len(shapes[i]) - rank], (
+        f"Linen's name {module[-1]!r} makes it a {cls}, whose {param} has rank {rank}"
+      )
+  for kernel, bias in _KERNEL_BIAS:
+    if kernel not in members or bias not in members:
+      continue
+    k, b = shapes[members[kernel]], shapes[members[bias]]
+    if not 1 <= len(b) < len(k):
+      continue
+    stacks = [n for n in range(1, len(b)) if b == k[:n] + k[len(k) - len(b) + n :]]
+    if b == k[len(k) - len(b) :]:  # one layer's bias is its kernel's output axes
+      if not stacks:
+        return (), f"its {bias} {b} is its {kernel}'s trailing axes: one layer"
+    elif stacks:
+      n = stacks[0]
+      return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+  if "weight" in members and "bias" in members:
+    w, b = shapes[members["weight"]], shapes[members["bias"]]
+    readings = _torch_stacks(w, b)
+    if readings == [0]:
+      return (), f"its bias {b} is its weight's output axis (PyTorch/Equinox layout): one layer"
+    if len(readings) == 1:
+      n = readings[0]
+      return w[:n], (
+        f"its bias {b} repeats its weight's leading axes {w[:n]} before its output axis "
+        "(PyTorch/Equinox layout): one per layer"
+      )
+  return None, ""
+
+
+def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+  """The numbers of leading stacked axes with which ``w``, ``b`` are a PyTorch-layout pair.
+
+  One layer's weight has its output axis first: ``Linear`` ``(out, in)`` with bias ``(out,)``,
+  Equinox's ``Conv`` ``(out, in, *spatial)`` with bias ``(out, 1, ..., 1)`` (PyTorch's
+  ``(out,)``); ``eqx.filter_vmap`` adds the stacked axes to both. More than one reading (an
+  output or input axis of size 1) leaves the stack unknown.
+  """
+  found = []
+  for n in range(len(w) - 1):
+    if len(b) == len(w) - 1 and b[: n + 1] == w[: n + 1] and all(x == 1 for x in b[n + 1 :]):
+      found.append(n)
+  if len(w) >= 3 and b == w[:1]:  # PyTorch's Conv bias (out,)
+    found.insert(0, 0)
+  return found
+
+
+def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
+  """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
+
+  A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
+  ``(out,)``; Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any
+  stacked axes, one way only (:func:`_torch_stacks`), and that is not its last axis as a Flax
+  kernel's bias would be (a square ``(6, 6)`` beside ``(6,)`` is either). And a rank-2
+  ``kernel`` (Haiku's ``w``) beside a bias of its first axis and not its last: Hugging Face's
+  ``FlaxConv1D`` (GPT-2's ``c_attn``, ``c_fc``, ``c_proj``) keeps a kernel ``(out, in)``. A
+  square one beside its bias fits both layouts; it is read as the nearest others show (those
+  under the nearest module above it that holds any that show a layout): PyTorch's where some
+  show it and none Flax's (a rank-2 kernel beside a bias of its last axis and not its first). A
+  ``weight``'s layout is not a kernel's: only kernels show it for a square kernel.
+
+  Returns:
+    The leaves read output axis first, and the square kernels whose nearest others show both
+    layouts (a guess).
+  """
+  found, square = set(), {}
+  shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
+  for module, members in _by_module(paths).items():
+    for weight, bias in (("weight", "bias"), *_KERNEL_BIAS):
+      w, b = members.get(weight), members.get(bias)
+      if w is None or b is None or roles[w] is None:
+        continue
+      k, v = shapes[w], shapes[b]
+      if len(k) == 2 and v == k[:1] and k[0] == k[1]:
+        square[w] = (module, weight == "weight")
+        continue
+      if weight != "weight" and len(k) == 2 and v == k[1:]:
+        shown.append((module, "flax"))
+      if weight != "weight" and (len(k) != 2 or v != k[:1]):
+        continue
+      flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
+      if len(_torch_stacks(k, v)) == 1 and not flax:
+        found.add(w)
+        shown.append((module, "weight" if weight == "weight" else "torch"))
+  below: dict[tuple[tuple, bool], set[str]] = {}  # (module prefix, kernels only) -> layouts
+  for m, x in shown:
+    for n in range(len(m) + 1):
+      below.setdefault((m[:n], False), set()).add(x)
+      if x != "weight":
+        below.setdefault((m[:n], True), set()).add(x)
+  unsure = set()
+  for w, (module, is_weight) in square.items():
+    layouts: set[str] = set()
+    for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
+      layouts = below.get((module[:n], not is_weight), set())
+      if layouts:
+        break
+    if layouts and "flax" not in layouts:
+      found.add(w)
+    elif len(layouts) > 1 and not is_weight:
+      unsure.add(w)
+  return found, unsure
+
+
+def stacks_by_evidence(
+  paths, shapes, names, roles
+) -> tuple[dict[int, tuple[AxisNames, str]], set[int]]:
+  """Stacked axes for unnamed leaves whose own module shows it is a stack of layers.
+
+  ``nn.scan``/``nn.vmap``/``nnx.vmap`` without axis names (no boxes, no transform metadata)
+  leave plain arrays: a ``Dense`` kernel ``(layers, in, out)``, which the rank alone would take
+  for a 1-D ``Conv`` kernel and average across layers. A module whose automatic Linen name or
+  whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
+  for every unnamed leaf under the default rule that has them, and so has a Flax attention
+  module's stack that its kernels show (:func:`_attention_stacks`); :func:`in_named_stacks` then
+  passes them to the module's unnamed relatives in the stack, as it does real names. A module
+  that shows it is one layer (a ``Conv_0`` beside a stack of as many layers as its kernel is
+  wide) takes no stacked axes from its relatives.
+
+  Returns:
+    ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, and the unnamed
+    leaves of the modules that are one layer for sure.
+  """
+  modules = _by_module(paths, lambda i: names[i] is None and roles[i] is not None)
+  found: dict[int, tuple[AxisNames, str]] = {}
+  alone: set[int] = set()
+  counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
+  unknown = {module: members for module, members in modules.items() if counts[module][0] is None}
+  counts.update(_attention_stacks(unknown, shapes))
+  for module, members in modules.items():
+    lead, why = counts[module]
+    if lead == ():
+      alone.update(members.values())
+    n = len(lead or ())
+    if not n:
+      continue
+    for i in members.values():
+      stacked = [x for x, role in roles[i].items() if role == STACKED]
+      if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
+        found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
+  return found, alone
+
+
+def _attention_stacks(
+  modules: dict[tuple, dict[str, int]], shapes
+) -> dict[tuple, tuple[tuple[int, ...], str]]:
+  """The stack of layers that a Flax attention module's rank-4 kernels show, without a bias.
+
+  One layer's query kernel is ``(embed, heads, head_dim)`` and its output kernel ``(heads,
+  head_dim, embed)`` (rank 3, :func:`flax_attention_names`); an ``nn.scan`` adds a leading
+  ``layers`` axis to both. A module with a rank-4 ``query`` kernel ``(layers, embed, heads,
+  head_dim)`` and a rank-4 ``out`` kernel ``(layers, heads, head_dim, embed)`` (and no other
+  evidence, as with ``use_bias=False``) is taken for one stacked by that axis, and so are its
+  ``key``/``value`` kernels of the same layers and head size (their heads as many as the
+  query's, or a divisor). Where embed = heads the same shapes are also those of 2-D ``Conv``
+  kernels or a stack of stacks of ``Dense`` kernels named ``query``/``out``: no evidence. Under
+  other names (``q_proj``/``o_proj``), a module's rank-4 output kernel ``(layers, heads,
+  head_dim, embed)`` beside an input kernel ``(layers, embed, heads, head_dim)`` of the same
+  layers, with ``embed`` not the size of ``heads`` or ``head_dim``
+  (:func:`_attention_by_shapes`), shows the same stack.
+
+  Args:
+    modules: ``{module path: {parameter name: leaf index}}`` of the modules without evidence of
+      their own (:func:`_stack_count`).
+    shapes: The leaves' shapes.
+
+  Returns:
+    ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
+  """
+  kernels = {m: ms.get("kernel", ms.get("w")) for m, ms in modules.items()}
+  kernels = {m: i for m, i in kernels.items() if m and i is not None and len(shapes[i]) == 4}
+  found: dict[tuple, tuple[tuple[int, ...], str]] = {}
+  for (*parent, projection), out in kernels.items():  # a module's path: (*parent, name)
+    query = kernels.get((*parent, "query"))
+    if projection != "out" or query is None:
+      continue
+    q, o = shapes[query], shapes[out]
+    if q[0] != o[0] or q[2:] != o[1:3] or q[1] != o[3] or q[1] == q[2]:
+      continue
+    why = (
+      f"its attention module's query kernel {q} and out kernel {o} are those of one layer "
+      f"(embed, heads, head_dim) and (heads, head_dim, embed) with a leading axis {q[:1]}"
+    )
+    for name in ("query", "key", "value", "out"):
+      j = kernels.get((*parent, name))
+      if j is None or shapes[j][0] != q[0]:
+        continue
+      if shapes[j][1:3] == q[2:] if name == "out" else _fewer_heads(shapes[j][2:], q[2:]):
+        found[(*parent, name)] = (q[:1], why)
+  by_parent: dict[tuple, list[tuple]] = {}
+  for module in kernels:
+    if module not in found:
+      by_parent.setdefault(module[:-1], []).append(module)
+  for members in by_parent.values():
+    for out in members:
+      layers, heads, head_dim, embed = shapes[kernels[out]]
+      if embed in (heads, head_dim):
+        continue
+      inputs = [
+        m
+        for m in members
+        if shapes[kernels[m]][:2] == (layers, embed)
+        and _fewer_heads(shapes[kernels[m]][2:], (heads, head_dim))
+      ]
+      if m_q := next((m for m in inputs if shapes[kernels[m]][2] == heads), None):
+        why = (
+          f"its attention's kernels {out[-1]!r} {shapes[kernels[out]]} and {m_q[-1]!r} "
+          f"{shapes[kernels[m_q]]} are those of one layer (heads, head_dim, embed) and (embed, "
+          f"heads, head_dim) with a leading axis {(layers,)}"
+        )
+        for m in (out, *inputs):
+          found[m] = ((layers,), why)
+  return found
+
+
+def _linen_class(module: tuple) -> str | None:
+  """The class a Linen automatic module name (``Conv_2``: ``Conv``) gives, else ``None``."""
+  name = module[-1] if module else None
+  parts = name.rsplit("_", 1) if isinstance(name, str) else []
+  return parts[0] if len(parts) == 2 and parts[1].isdigit() and parts[0] else None
+
+
+def _words(name: Any) -> set[str]:
+  """The words of a name, split at all but letters and before capitals (``MoeBlock_0``: moe,
+  block; ``MoELayer_0``, as mixtures are often spelt: moe, layer), in lower case."""
+  if not isinstance(name, str):
+    return set()
+  found = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name.replace("MoE", "Moe"))
+  return {w.lower() for w in found}
+
+
+#: Words (of a module name, :func:`_words`) that make a module a convolution: Linen's ``Conv_0``
+#: and ``ConvTranspose_0``, Haiku's ``conv2_d``, ``conv1``, ``conv_proj``, ``Conv2d``.
+_CONV_WORDS = frozenset(("conv", "convolution", "deconv"))
+
+
+def _is_conv_module(module: tuple) -> bool:
+  """Whether a module's name is a convolution's (a word of :data:`_CONV_WORDS` in it)."""
+  name = module[-1] if module else None
+  return bool(_CONV_WORDS & _words(name))
+
+
+def _role_name(roles: Mapping[str, str], role: str) -> str | None:
+  """A name of ``role`` in ``roles``: the role's own word if it is a name (``"spatial"``)."""
+  found = sorted((x != role, x) for x, r in roles.items() if r == role)
+  return found[0][1] if found else None
+
+
+class _Kernel(NamedTuple):
+  """An unnamed kernel under the default rule, past its leading stacked axes."""
+
+  index: int
+  module: tuple
+  bias: tuple[int, ...] | None  # its module's bias's shape, if it has one
+  lead: int  # how many leading axes are stacked (named so)
+  roles: Mapping[str, str]
+
+
+def _kernels(paths, shapes, names, roles):
+  """The kernels (Flax's ``kernel``, Haiku's ``w``) under the default rule whose only names are
+  leading stacked axes (:func:`_leading_stack`), if any, with their module's bias.
+
+  Yields:
+    A :class:`_Kernel` for each.
+  """
+  for module, members in _by_module(paths).items():
+    for kernel, bias in _KERNEL_BIAS:
+      i, b = members.get(kernel), members.get(bias)
+      if i is None or roles[i] is None:
+        continue
+      lead = _leading_stack(names[i], roles[i])
+      if lead is not None:
+        yield _Kernel(i, module, None if b is None else shapes[b], lead, roles[i])
+
+
+def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]]:
+  """Axis names for the unnamed kernels that are a convolution's for sure.
+
+  A kernel ``(*spatial, in, out)`` (past its leading stacked axes, a stack found from its bias
+  ``(layers, out)``) is a convolution's, its leading axes spatial, which the rank alone could
+  only guess:
+
+  - beside a bias ``(out,)`` when it has two spatial axes or more (rank >= 4): no other layer
+    has such a kernel and bias but a ``DenseGeneral`` over three input axes, which the mean over
+    the leading axes also averages only over inputs of one output unit (a rank-3 kernel beside
+    such a bias is also an attention's output projection ``(heads, head_dim, embed)``);
+  - under a convolution's name (Linen's ``Conv_0``/``ConvTranspose_0``, Haiku's ``conv2_d``,
+    ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
+    (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
+    no leaf of the tree is known to be stacked (an ``nn.scan`` of 1-D convolutions without a
+    bias would leave no evidence) and no unnamed ``scale`` or ``bias`` of rank >= 2 in the
+    module above it has the kernel's first size (a norm's ``(layers, channels)`` in a scanned
+    block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no 3-D kernel).
+
+  Returns:
+    ``{leaf index: (axis names, why)}``.
+  """
+  found: dict[int, tuple[AxisNames, str]] = {}
+  kernels = list(_kernels(paths, shapes, names, roles))
+  stacks_known = any(k.lead for k in kernels) or any(
+    n is not None and any(axis_role(x, r) == STACKED for x in n)
+    for n, r in zip(names, roles, strict=True)
+    if r is not None
+  )
+  # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
+  stacked_norms: dict[tuple, set[int]] = {}
+  for i, path in enumerate(paths):
+    if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
+      parent = _module_keys(path)[:-1]
+      stacked_norms.setdefault(parent, set()).add(shapes[i][0])
+  for k in kernels:
+    spatial = _role_name(k.roles, SPATIAL)
+    shape = shapes[k.index]
+    rank = len(shape) - k.lead
+    if spatial is None or rank < 3:
+      continue
+    named = _is_conv_module(k.module)
+    beside_bias = k.bias == shape[: k.lead] + shape[-1:]
+    stack_sign = stacks_known or shape[0] in stacked_norms.get(k.module[:-1], ())
+    if beside_bias and rank >= 4:
+      why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
+    elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):
+      why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
+    else:
+      continue
+    stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
+    found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
+  return found
+
+
+def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]]:
+  """Axis names for the unnamed kernels of ``DenseGeneral`` layers, by their bias.
+
+  A kernel ``(*batch, *in, *out)`` whose bias ``(*batch, *out)`` fits it one way only, with as
+  many ``batch`` axes as the kernel's leading stacked axes (none for one layer; a stack found
+  from that bias otherwise), is a ``DenseGeneral``'s (``nnx.LinearGeneral``'s, an ``Einsum``'s
+  with that layout) when the bias has two output axes or more (``(heads, head_dim)``: a
+  convolution's bias has one), or under Linen's automatic name (``DenseGeneral_0``). Its last
+  input axis and its output axes are named ``features`` (blocks along that input axis,
+  consecutive inputs of the flattened ``Dense``), and its other input axes ``heads`` (kept
+  apart: ``axis=(-2, -1)`` over ``(heads, head_dim)`` is an attention's output projection),
+  where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that fits two
+  ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6) leaves the
+  rank's guess.
+
+  Returns:
+    ``{leaf index: (axis names, why)}``.
+  """
+  found: dict[int, tuple[AxisNames, str]] = {}
+  for k in _kernels(paths, shapes, names, roles):
+    features, heads = _role_name(k.roles, FEATURES), _role_name(k.roles, HEADS)
+    shape, bias = shapes[k.index], k.bias
+    if features is None or heads is None or bias is None or len(shape) - k.lead < 3:
+      continue
+    if len(shape) <= len(bias):
+      continue
+    named = _linen_class(k.module) == "DenseGeneral"
+    if not named and len(bias) - k.lead < 2:
+      continue
+    fits = [n for n in range(len(bias)) if bias == shape[:n] + shape[len(shape) - len(bias) + n :]]
+    if fits == [k.lead]:
+      n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
+      stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
+      found[k.index] = (
+        stacked + (heads,) * (n_in - 1) + (features,) * (len(shape) - k.lead - n_in + 1),
+        (f"by its module's name {k.module[-1]!r}" if named else f"by its bias {bias}")
+        + ": a DenseGeneral kernel, its last input axis and output axes named features, any "
+        "input axes before it heads",
+      )
+  return found
+
+
+#: Words (of a module or parameter name, :func:`_words`) that stack a leaf's experts.
+_EXPERT_WORDS = frozenset(("moe", "expert", "experts"))
+
+
+def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tuple[AxisNames, str]]:
+  """Axis names for the unnamed kernels of a mixture of experts, by the names on their path.
+
+  A mixture's experts are often one array per weight, ``(experts, in, out)`` (a raw
+  ``self.param`` in a module ``moe``, MaxText's ``MoeBlock_0``/``wi``), which the rank alone
+  would take for a 1-D ``Conv`` kernel and average across experts. A leaf of rank >= 3 (past
+  its leading stacked axes) with a word of :data:`_EXPERT_WORDS` in a key of its path has its
+  first axis (after the stacked ones) named a stacked axis; its bias, scale or table are not
+  touched, nor is the module of one expert (``experts_3``, ``experts/3/...``), nor the leaves
+  in ``read`` (kernels already read by their shapes: an attention, a convolution).
+
+  Returns:
+    ``{leaf index: (axis names, why)}``.
+  """
+  found: dict[int, tuple[AxisNames, str]] = {}
+  for i, path in enumerate(paths):
+    leaf_roles, param = roles[i], param_name(path)
+    if i in read or leaf_roles is None or param in READ_BY_NAME:
+      continue
+    lead = _leading_stack(names[i], leaf_roles)
+    stacked = _role_name(leaf_roles, STACKED)
+    if lead is None or stacked is None or len(shapes[i]) - lead < 3:
+      continue
+    keys = [_key_name(k) for k in path]
+    at = [j for j, k in enumerate(keys) if _EXPERT_WORDS & _words(k)]
+    if not at:
+      continue
+    j = at[-1]
+    # A module experts_3 is one expert (a parameter experts_w1 is not).
+    one = j < len(keys) - 1 and "moe" not in _words(keys[j]) and keys[j][-1].isdigit()
+    if one or any(not isinstance(k, str) or k.isdigit() for k in keys[j + 1 :]):
+      continue
+    name = "experts" if leaf_roles.get("experts") == STACKED else stacked
+    own: list[str | None] = list(names[i]) if names[i] else [None] * len(shapes[i])
+    own[lead] = name
+    found[i] = (tuple(own), f"axis {lead} taken for a mixture's experts: {keys[j]!r} in its path")
+  return found
+
+
+#: The axis names of the projection kernels of Flax's attention modules, by module name.
+_ATTENTION_AXES = {
+  "query": ("embed", "heads", "head_dim"),
+  "key": ("embed", "heads", "head_dim"),
+  "value": ("embed", "heads", "head_dim"),
+  "out": ("heads", "head_dim", "embed"),
+}
+
+
+def _leading_stack(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
+  """The number of leading stacked axes of a leaf with no other names, else ``None``."""
+  if names is None:
+    return 0
+  n = 0
+  while n < len(names) and names[n] is not None and axis_role(names[n], roles) == STACKED:
+    n += 1
+  return n if n and all(x is None for x in names[n:]) else None
+
+
+def flax_attention_names(
+  paths, shapes, names, roles, convs: Mapping[int, Any] | None = None
+) -> tuple[dict[int, AxisNames], set[int]]:
+  """Axis names for the unnamed projection kernels of Flax attention modules.
+
+  ``nn.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention`` project with
+  ``DenseGeneral``/``LinearGeneral`` submodules named ``query``, ``key``, ``value``
+  (kernels ``(embed, heads, head_dim)``) and ``out`` (``(heads, head_dim, embed)``).
+  Unboxed, the rank would take these for 1-D ``Conv`` kernels: the query kernel
+  averaged over all its inputs, the output kernel across heads. A module is taken for
+  attention when it holds a rank-3 ``query`` and a rank-3 ``out`` kernel whose first
+  two axes are the query's last two (heads, head size), so a lone ``Conv`` named
+  ``out`` or ``value`` keeps the rank's guess; its ``key`` and ``value`` kernels
+  (another ``embed`` for cross-attention) when their last two axes are those too.
+  Kernels whose only names are leading stacked axes (a stack found by
+  :func:`stacks_by_evidence` or from named relatives) are read past those axes, the
+  stack the same for all of the module's kernels.
+
+  A query kernel whose first two axes have one size (embed = heads) is also what an
+  ``nn.scan`` stack of ``Dense`` kernels ``(layers, in, out)`` named ``query`` and ``out`` is
+  when ``in`` = ``layers``: its module's kernels are taken for attention but listed as unsure.
+
+  Args:
+    paths, shapes, names, roles: The leaves' paths, shapes and axis names, and the axis roles of
+      each leaf's default rule (``None`` for a leaf with a rule of its own).
+    convs: The kernels that are a convolution's for sure (:func:`conv_kernels`), which are no
+      attention's, if the caller has them already.
+
+  Returns:
+    ``{leaf index: axis names}`` for the unnamed leaves under the default rule, and the
+    indices among them whose module could be such a stack.
+  """
+  kernels: dict[tuple[tuple[str, ...], str], tuple[int, int]] = {}  # -> (leaf, stacked axes)
+  for i, path in enumerate(paths):
+    if roles[i] is None:
+      continue
+    lead = _leading_stack(names[i], roles[i])
+    if lead is None or len(shapes[i]) != lead + 3:
+      continue
+    projection = param_name(path[:-1])
+    if param_name(path) == "kernel" and projection in _ATTENTION_AXES:
+      kernels[tuple(str(k) for k in path[:-2]), projection] = (i, lead)
+  found: dict[int, AxisNames] = {}
+  unsure: set[int] = set()
+  for (module, projection), (out, lead) in kernels.items():
+    query, q_lead = kernels.get((module, "query"), (None, None))
+    if projection != "out" or query is None or q_lead != lead:
+      continue
+    stack, one = shapes[out][:lead], shapes[query][lead:]
+    if shapes[query][:lead] != stack or one[1:] != shapes[out][lead : lead + 2]:
+      continue
+    members = []
+    for name in ("query", "key", "value", "out"):
+      j, j_lead = kernels.get((module, name), (None, None))
+      if j is None or j_lead != lead or shapes[j][:lead] != stack:
+        continue
+      if name == "out" and shapes[j][lead : lead + 2] != one[1:]:
+        continue
+      if name != "out" and not _fewer_heads(shapes[j][lead + 1 :], one[1:]):
+        continue
+      found[j] = tuple(names[j][:lead] if names[j] else ()) + _ATTENTION_AXES[name]
+      members.append(j)
+    if one[0] == one[1]:
+      unsure.update(members)
+  if convs is None:  # no attention's, by their names or biases
+    convs = conv_kernels(paths, shapes, names, roles)
+  found.update(_attention_by_shapes(paths, shapes, names, roles, {*found, *convs}))
+  return found, unsure
+
+
+def _fewer_heads(kv: tuple[int, ...], q: tuple[int, ...]) -> bool:
+  """Whether a key/value kernel's ``(heads, head_dim)`` fit a query's ``q``: the same head size
+  and a number of heads that divides the query's (grouped-query and multi-query attention)."""
+  return len(kv) == 2 and kv[1] == q[1] and kv[0] >= 1 and q[0] % kv[0] == 0
+
+
+def _input_axes(shape: tuple[int, ...], embed: int, query: tuple[int, int]) -> AxisNames | None:
+  """The axis names of an attention's input kernel ``shape`` (past its stacked axes) beside an
+  output kernel ``(*query, embed)``, or ``None`` if it is none: ``(embed, heads, head_dim)``
+  (Flax's), ``(heads, embed, head_dim)`` (Gemma's ``q_einsum``), either after a leading axis of
+  2 or 3 packed projections (Gemma's ``kv_einsum`` ``(2, kv_heads, embed, head_dim)``, kept
+  apart as a stack), with as many heads as the query or a divisor (grouped-query attention) and
+  ``embed`` not their number (where both orders fit).
+  """
+  packed = len(shape) == 4 and shape[0] in (2, 3)
+  one = shape[1:] if packed else shape
+  if len(one) != 3 or one[2] != query[1]:
+    return None
+  lead: AxisNames = (STACKED,) if packed else ()
+  if one[0] == embed and one[1] != embed and _fewer_heads(one[1:], query):
+    return lead + ("embed", "heads", "head_dim")
+  if one[1] == embed and one[0] != embed and _fewer_heads((one[0], one[2]), query):
+    return lead + ("heads", "embed", "head_dim")
+  return None
+
+
+def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[int, AxisNames]:
+  """Axis names for the projection kernels of attention modules of other names, by shapes.
+
+  Beside an output kernel ``(heads, head_dim, embed)`` (``o_proj``, ``wo``, Gemma's
+  ``attn_vec_einsum``), an input kernel ``(embed, heads, head_dim)`` (``q_proj``, ``wq``) or
+  ``(heads, embed, head_dim)`` (Gemma's ``q_einsum``) with ``embed`` not the size of ``heads``
+  or ``head_dim`` shows an attention: ``Conv`` kernels or stacks of ``Dense`` kernels have such
+  shapes only by a coincidence of sizes that this excludes. So are its other input kernels, with
+  fewer heads or packed (:func:`_input_axes`), but for one beside a bias of one axis (a
+  convolution's ``(out,)``; an input projection's is ``(heads, head_dim)``). Kernels are
+  grouped by module: Flax's ``kernel`` and Haiku's ``w`` by the module above theirs
+  (``attn/q_proj/kernel``), other names by their own (``attn/wq``). Kernels whose only names are
+  leading stacked axes are read past them, the stack the same for all of the module's kernels.
+
+  Returns:
+    ``{leaf index: axis names}``, for the leaves not in ``done`` (those read already, and the
+    kernels that are a convolution's for sure: :func:`conv_kernels`).
+  """
+  biases = {k.index: k.bias for k in _kernels(paths, shapes, names, roles) if k.bias is not None}
+  one_axis_bias = set()  # beside a bias (out,), as a Conv: no input projection's (heads, head_dim)
+  groups: dict[tuple, list[tuple[int, int]]] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if i in done or roles[i] is None or param in (*READ_BY_NAME, None):
+      continue
+    lead = _leading_stack(names[i], roles[i])
+    if lead is not None and len(shapes[i]) - lead in (3, 4):
+      module = _module_keys(path)
+      group = module[:-1] if param in ("kernel", "w") else module
+      if i in biases and len(biases[i]) <= lead + 1:
+        one_axis_bias.add(i)
+      groups.setdefault(tuple(map(str, group)), []).append((i, lead))
+  found: dict[int, AxisNames] = {}
+  for members in groups.values():
+    readings = []  # one per output kernel that fits: {leaf: its axes past the stacked ones}
+    for out, lead in members:
+      stack, one = shapes[out][:lead], shapes[out][lead:]
+      if len(one) != 3 or one[2] in one[:2]:
+        continue
+      heads, head_dim, embed = one
+      inputs = {
+        j: axes
+        for j, j_lead in members
+        if j != out and j_lead == lead and shapes[j][:lead] == stack and j not in one_axis_bias
+        if (axes := _input_axes(shapes[j][lead:], embed, (heads, head_dim))) is not None
+      }
+      if any(shapes[j][lead + axes.index("heads")] == heads for j, axes in inputs.items()):
+        readings.append({out: _ATTENTION_AXES["out"], **inputs})
+    # A heads-first query kernel (heads, embed, head_dim) and the output kernel (heads, head_dim,
+    # embed) fit each other both ways round: the reading that explains the most kernels wins (a
+    # Gemma kv_einsum fits one way only); a tie leaves the rank's guess.
+    best = [r for r in readings if len(r) == max(map(len, readings))]
+    merged: dict[int, AxisNames] = {}
+    for reading in best:
+      for j, axes in reading.items():
+        merged[j] = axes if merged.get(j, axes) == axes else ()
+    if any(axes == () for axes in merged.values()):
+      continue
+    for j, axes in merged.items():
+      if axes[0] == STACKED:  # packed projections: kept apart, as a stack
+        axes = (_role_name(roles[j], STACKED),) + axes[1:]
+      lead = len(shapes[j]) - len(axes)
+      found[j] = tuple(names[j][:lead] if names[j] else ()) + axes
+  return found
+
+
+#: Words (of a name split at "_") that make a leaf a table with a row per token or position:
+#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``.
+_TABLE_WORDS = frozenset(
+  ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
+)
+
+
+#: The words a table's name is made of (``pos_embedding``, ``token_embeddings``, ``wpe``): a name
+#: with a word of :data:`_TABLE_WORDS` and others too (``w_embed``) could be a kernel's.
+_TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
+  ("", "token", "tokens", "tok", "word", "words", "patch", "type", "segment", "vocab", "learned")
+  + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "wte")
+  + ("wpe", "pe", "te", "lookup")
+)
+
+
+def param_name(path) -> str | None:
+  """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
+
+  ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
+  one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
+  table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
+  table made of such words (``pos_embedding``, ``token_embeddings``, ``pos_emb``); one with other
+  words too (``w_embed``, which a kernel could have) is a ``"table"``, and the ``"offset"`` of
+  Haiku's norms (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with
+  the word ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's
+  ``weight_ih_l0``). A key of a flattened tree is read by its last part: ``"blocks.0.fc.weight"``
+  (a PyTorch state dict) is a ``"weight"``, ``"Dense_0/bias"``
+  (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
+  """
+  last = path[-1] if path else None
+  name = getattr(last, "key", getattr(last, "name", None))
+  if not isinstance(name, str):
+    return None
+  name = name.replace("/", ".").rsplit(".", 1)[-1] or name
+  words = set(name.lower().split("_"))
+  if _TABLE_WORDS & words:  # a table's name; with another word (w_embed), maybe a kernel's
+    return "embedding" if words <= _TABLE_NAME_WORDS else "table"
+  if "weight" in words:
+    return "weight"
+  return "bias" if name == "offset" else name
