@@ -10,16 +10,107 @@ reads that evidence and gives such leaves the axis names it shows, which
 :mod:`adahessian_jax.spatial` then binds into the default rule like names the
 user gave. Every reader takes the leaves as parallel lists (paths, shapes, axis
 names, and the axis roles of each leaf's default rule, ``None`` for a leaf with a
-rule of its own, which no reader touches) and returns ``{leaf index: ...}``.
+rule of its own, which no reader touches) and returns ``{leaf index: ...}``;
+:func:`read` runs them in order and gives every leaf a :class:`Reading`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
+
 from adahessian_jax.layout import FEATURES, HEADS, SPATIAL, STACKED, AxisNames, axis_role
+
+
+class Reading(NamedTuple):
+  """What the tree shows about one leaf (:func:`read`).
+
+  Attributes:
+    names: Its axis names: its own, or those the evidence gives it (``None``: neither).
+    note: How the evidence read it, to append to :func:`adahessian_jax.spatial.describe`'s
+      reason (``""`` if it did not).
+    unsure: Why that reading is a guess, if it is, else ``None``.
+    output_first: Whether its bias shows PyTorch's layout, output axis first
+      (:func:`weights_by_bias`).
+  """
+
+  names: AxisNames | None
+  note: str
+  unsure: str | None
+  output_first: bool
+
+
+def read(
+  paths: Sequence[Any],
+  shapes: Sequence[tuple[int, ...]],
+  names: Sequence[AxisNames | None],
+  roles: Sequence[Mapping[str, str] | None],
+) -> list[Reading]:
+  """Reads the tree for what the axes of its unnamed leaves are, in order of trust.
+
+  First the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
+  a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
+  (:func:`in_named_stacks`); then, past any stacked axes, convolutions (:func:`conv_kernels`),
+  attention projections (:func:`flax_attention_names`, which wins over the others), DenseGeneral
+  kernels (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`).
+
+  Args:
+    paths: Each leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
+    shapes: Each leaf's shape.
+    names: Each leaf's own axis names (annotated or given), or ``None``.
+    roles: The axis roles of each leaf's default rule (``None`` for a leaf with a rule of its own,
+      which is not read).
+
+  Returns:
+    A :class:`Reading` per leaf, in order.
+  """
+  by_bias, square_unsure = weights_by_bias(paths, shapes, roles)
+  evident, alone = stacks_by_evidence(paths, shapes, names, roles)
+  names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
+  inferred, unsure = in_named_stacks(paths, shapes, names, roles, alone)
+  for i in square_unsure:
+    unsure.setdefault(
+      i,
+      "a square kernel beside a bias that fits both layouts, Flax's (in, out) and Hugging "
+      "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
+      "name its axes or give it a rule",
+    )
+  stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
+  convs = conv_kernels(paths, shapes, stacked, roles)
+  attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
+  generals = dense_general_kernels(paths, shapes, stacked, roles)
+  done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
+  experts = expert_stacks(paths, shapes, stacked, roles, done)
+  readings = []
+  for i in range(len(paths)):
+    leaf_names, note = stacked[i], ""
+    if i in evident:
+      note = f" (stacked axes inferred: {evident[i][1]})"
+    elif i in inferred:
+      relative = jax.tree_util.keystr(tuple(paths[inferred[i][1]]))
+      note = f" (stacked axes taken from its named relative {relative})"
+    for found in (experts, convs, generals):
+      if i in found and i not in attention:
+        leaf_names = found[i][0]
+        note += f" ({found[i][1]})"
+    if i in attention:
+      leaf_names = attention[i]
+      note += (
+        " (an attention projection: its module's query and output kernels, by their names or "
+        "shapes)"
+      )
+      if i in attention_unsure:
+        unsure[i] = (
+          "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "
+          "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
+          "name its axes"
+        )
+    readings.append(Reading(leaf_names, note, unsure.get(i), i in by_bias))
+  return readings
+
 
 #: The parameter names (from :func:`param_name`) the default rule reads by name, never as a
 #: kernel: a bias, a norm's scale, a table and a PyTorch-layout weight.

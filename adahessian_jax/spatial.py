@@ -1168,73 +1168,35 @@ def _plan(averaging, params, block_size, strict_mode):
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   paths = [x.path for x in infos]
-  # The axis roles of each leaf's default rule, for the readers of the tree's evidence.
-  roles = [r.roles() if isinstance(r, FlaxDefault) else None for r in unbound]
-  by_bias, square_unsure = _evidence.weights_by_bias(paths, shapes, roles)
-  for i in by_bias:
-    unbound[i] = unbound[i].for_param(_WEIGHT_BY_BIAS)
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
-  evident, alone = _evidence.stacks_by_evidence(paths, shapes, names, roles)
-  own, names = names, [evident[i][0] if i in evident else n for i, n in enumerate(names)]
-  inferred, unsure = _evidence.in_named_stacks(paths, shapes, names, roles, alone)
-  for i in square_unsure:
-    unsure.setdefault(
-      i,
-      "a square kernel beside a bias that fits both layouts, Flax's (in, out) and Hugging "
-      "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
-      "name its axes or give it a rule",
-    )
-  stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
-  convs = _evidence.conv_kernels(paths, shapes, stacked, roles)
-  attention, attention_unsure = _evidence.flax_attention_names(paths, shapes, stacked, roles, convs)
-  generals = _evidence.dense_general_kernels(paths, shapes, stacked, roles)
-  read = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
-  experts = _evidence.expert_stacks(paths, shapes, stacked, roles, read)
+  # What the tree shows about the leaves under the default rule, given the axis roles it knows.
+  roles = [r.roles() if isinstance(r, FlaxDefault) else None for r in unbound]
+  readings = _evidence.read(paths, shapes, names, roles)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
-    leaf_names, note = stacked[i], ""
-    if i in evident:
-      note = f" (stacked axes inferred: {evident[i][1]})"
-    elif i in inferred:
-      note = f" (stacked axes taken from its named relative {wheres[inferred[i][1]]})"
-    for found in (experts, convs, generals):
-      if i in found and i not in attention:
-        leaf_names = found[i][0]
-        note += f" ({found[i][1]})"
-    if i in attention:
-      leaf_names = attention[i]
-      note += (
-        " (an attention projection: its module's query and output kernels, by their names or "
-        "shapes)"
-      )
-      if i in attention_unsure:
-        unsure[i] = (
-          "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "
-          "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
-          "name its axes"
-        )
-    if leaf_names is not None:
-      rule = rule.bind(leaf_names)
+    reading = readings[i]
+    unread = rule.for_param(_WEIGHT_BY_BIAS) if reading.output_first else rule
+    rule = unread if reading.names is None else unread.bind(reading.names)
     rule.check(shape, where)
     choice = rule.explain(shape)
-    if i in unsure and _averages_nothing(rule, shape):
-      given_names = own[i]
-      unstacked = unbound[i] if given_names is None else unbound[i].bind(given_names)
-      if _averages_nothing(unstacked, shape):  # a bias or scale: none, stacked or not
-        del unsure[i]
-    if i in unsure:
-      note += f"; AMBIGUOUS ({unsure[i]})"
+    unsure = reading.unsure
+    if unsure is not None and _averages_nothing(rule, shape):
+      own_names = names[i]
+      own = unread if own_names is None else unread.bind(own_names)
+      if _averages_nothing(own, shape):  # a bias or scale: none, stacked or not
+        unsure = None
+    note = reading.note + (f"; AMBIGUOUS ({unsure})" if unsure is not None else "")
     bound.append(rule)
     rows.append(
       Row(
         where,
         shape,
-        leaf_names,
+        reading.names,
         choice.rule,
         choice.why + note,
         rule.groups(shape),
-        choice.ambiguous or i in unsure,
+        choice.ambiguous or unsure is not None,
       )
     )
   if strict_mode or spec.strict:
