@@ -747,9 +747,9 @@ def flax_attention_names(
     lead = _leading_stack(names[i], roles[i])
     if lead is None or len(shapes[i]) != lead + 3:
       continue
-    projection = param_name(path[:-1])
-    if param_name(path) == "kernel" and projection in _ATTENTION_AXES:
-      kernels[tuple(str(k) for k in path[:-2]), projection] = (i, lead)
+    module = tuple(map(str, _module_keys(path)))  # also a flattened key's ("attn/query/kernel")
+    if param_name(path) == "kernel" and module and module[-1] in _ATTENTION_AXES:
+      kernels[module[:-1], module[-1]] = (i, lead)
   found: dict[int, AxisNames] = {}
   unsure: set[int] = set()
   for (module, projection), (out, lead) in kernels.items():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from numpy_reference import block_average
 
 import adahessian_jax as ah
@@ -1577,6 +1577,21 @@ def test_a_flattened_tree_pairs_each_kernel_with_its_own_modules_bias(rng):
   want = [(r.rule, r.ambiguous) for r in spatial.describe({"blk": nested}, block_size=2).rows]
   assert [(r.rule, r.ambiguous) for r in spatial.describe(flat, block_size=2).rows] == want
   assert want[0] == (spatial.mean_over((0, 1, 2)), True)
+
+
+def test_a_flattened_tree_keeps_flax_attention_names():
+  # flax.traverse_util.flatten_dict(params, sep="/") gives keys "attn/query/kernel": the module
+  # names query/out were not read from them, so a bias-less attention whose sizes defeat the
+  # reading by shapes (embed = head_dim = 4) was averaged over all the query's inputs and across
+  # the output kernel's heads, a guess.
+  attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, use_bias=False)
+  nested = {"attn": attention.init(jax.random.key(0), jnp.ones((1, 3, 4)))["params"]}
+  flat = traverse_util.flatten_dict(nested, sep="/")
+  want = {r.path.replace("']['", "/"): r.rule for r in spatial.describe(nested, block_size=2).rows}
+  listing = spatial.describe(flat, block_size=2)
+  assert {r.path: r.rule for r in listing.rows} == want
+  assert want["['attn/out/kernel']"] == spatial.blocks(2, axis=1)
+  assert not listing.ambiguous
 
 
 class _CustomAttention(nn.Module):
