@@ -219,6 +219,23 @@ def test_injected_adahessian_hyperparameters_are_read_from_the_state():
     hessian.adahessian_preconditioner(state, hessian_power=1.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_a_passed_hyperparameter_that_rounds_to_the_injected_one_agrees_with_it(dtype):
+  # inject_hyperparams stores 16-bit params' hyperparameters in their dtype (float16 0.999 as
+  # 0.99902): the user's own value, passed again, was refused as a conflict.
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0], dtype)}
+  loss = lambda p: jnp.sum(jnp.cos(p["w"].astype(jnp.float32)))
+  tx = optax.inject_hyperparams(adahessian_jax.adahessian, hyperparam_dtype=dtype)(
+    learning_rate=0.1, b2=0.99, eps=1e-3
+  )
+  state = tx.init(params)
+  _, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  got = hessian.adahessian_preconditioner(state, b2=0.99, eps=1e-3)
+  np.testing.assert_array_equal(got["w"], hessian.adahessian_preconditioner(state)["w"])
+  with pytest.raises(ValueError, match=r"eps=0.002 was passed, but .* holds eps=0\.00"):
+    hessian.adahessian_preconditioner(state, eps=2e-3)
+
+
 @pytest.mark.parametrize(
   "call, message",
   [

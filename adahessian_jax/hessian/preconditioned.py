@@ -93,11 +93,19 @@ def _injected(opt_state: Any, target: Any) -> dict[str, Any]:
 
 
 def _hyperparameter(name: str, given: Any, injected: dict[str, Any], default: float) -> Any:
-  """``given``, else the state's injected value, else ``default``; a conflict is an error."""
+  """``given``, else the state's injected value, else ``default``; a conflict is an error.
+
+  ``given`` agrees with the state's value if it rounds to it in the state's dtype:
+  ``inject_hyperparams`` stores float16 params' hyperparameters in float16 (0.999 as 0.99902).
+  """
   if name not in injected:
     return default if given is None else given
-  stored = float(np.asarray(injected[name]))
-  if given is not None and not np.isclose(float(given), stored, rtol=1e-6, atol=0.0):
+  held = np.asarray(injected[name])
+  stored = float(held)
+  rounded = float(np.asarray(given, held.dtype)) if given is not None else None
+  if given is not None and not (
+    rounded == stored or np.isclose(float(given), stored, rtol=1e-6, atol=0.0)
+  ):
     raise ValueError(
       f"{name}={given!r} was passed, but the optimizer state (optax.inject_hyperparams) holds "
       f"{name}={stored!r}, the value its updates used; leave {name} out to use the state's."
