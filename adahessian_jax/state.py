@@ -65,6 +65,7 @@ def _is_state(x: Any) -> bool:
 
 
 _FIELDS = frozenset(ScaleByAdaHessianState._fields)
+_OPTIONAL = frozenset({"hessian", "update_freq"})
 _RESTORE_FIX = (
   "A checkpoint restored without a target (orbax's checkpointer.restore(path)) holds dicts and "
   "lists in place of the optimizer's NamedTuples: restore with the abstract state as target, "
@@ -72,10 +73,13 @@ _RESTORE_FIX = (
 )
 
 
-def untyped_state_hint(opt_state: Any) -> str:
-  """``" " + the fix`` if ``opt_state`` holds an AdaHessian state as a plain ``dict`` (a
-  checkpoint restored without a target), else ``""``."""
-  untyped = lambda x: isinstance(x, dict) and {"count", "key", "mu", "nu"} <= set(x) <= _FIELDS
+def untyped_state_hint(
+  opt_state: Any, fields: frozenset[str] = _FIELDS, required: frozenset[str] = _FIELDS - _OPTIONAL
+) -> str:
+  """``" " + the fix`` if ``opt_state`` holds a state as a plain ``dict`` (a checkpoint restored
+  without a target), else ``""``: by default an AdaHessian state, else a dict with the keys
+  ``required`` and no others than ``fields`` (a NamedTuple's field names)."""
+  untyped = lambda x: isinstance(x, dict) and required <= set(x) <= fields
   found = any(untyped(x) for x in jax.tree.leaves(opt_state, is_leaf=untyped))
   return " " + _RESTORE_FIX if found else ""
 

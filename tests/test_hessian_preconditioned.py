@@ -283,6 +283,17 @@ def test_a_masked_adam_state_is_refused_naming_the_masked_leaves():
     hessian.adam_preconditioner(state)
 
 
+@pytest.mark.parametrize("tx", [optax.adamw(1e-3), optax.amsgrad(1e-3)], ids=["adamw", "amsgrad"])
+def test_an_adam_state_restored_without_a_target_gets_the_restore_fix(tx):
+  # orbax's restore(path) without a target gives dicts for the NamedTuples: the message said only
+  # "found 0" and to build P for "another optimizer".
+  params, _ = mlp()
+  state = _stepped(tx, params)
+  untyped = [x._asdict() if hasattr(x, "_asdict") else x for x in state]
+  with pytest.raises(ValueError, match=r"found 0\..*restore with the abstract state as target"):
+    hessian.adam_preconditioner(untyped)
+
+
 def test_entries_without_curvature_yet_are_held_still():
   # The first estimate is NaN at one entry: the update leaves it where it is (its nu stays marked
   # -0.0) while a stored-D step moves the others. P is inf there, not eps (which made

@@ -42,7 +42,12 @@ import optax
 
 from adahessian_jax import _validation, masking
 from adahessian_jax.hessian._operator import HessianOperator
-from adahessian_jax.state import adahessian_states, find_adahessian_state, moment_steps
+from adahessian_jax.state import (
+  adahessian_states,
+  find_adahessian_state,
+  moment_steps,
+  untyped_state_hint,
+)
 
 __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_operator"]
 
@@ -238,17 +243,20 @@ def adam_preconditioner(
   found = _adam_states(opt_state)
   if len(found) != 1:
     kinds = sorted({type(x).__name__ for x in found})
-    ada = (
+    hint = (
       " It holds an AdaHessian state: its P is hessian.adahessian_preconditioner(opt_state)."
       if not found and adahessian_states(opt_state)
       else ""
     )
+    if not found:  # {"count", "mu", "nu"}: an Adam state restored without a target
+      fields = frozenset(optax.ScaleByAmsgradState._fields)
+      hint += untyped_state_hint(opt_state, fields, frozenset({"count", "mu", "nu"}))
     raise ValueError(
       "expected exactly one optax.ScaleByAdamState or ScaleByAmsgradState in the optimizer "
       f"state, found {len(found)}{' (' + ', '.join(kinds) + ')' if kinds else ''}. For another "
       "optimizer, build its diagonal P as a pytree like the params and pass it to "
       "preconditioned_operator; for several Adam groups (optax.multi_transform), combine "
-      f"their P yourself.{ada}"
+      f"their P yourself.{hint}"
     )
   injected = _injected(opt_state, found[0])
   b2 = _validation.interval(
