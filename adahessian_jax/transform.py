@@ -305,14 +305,26 @@ _DROPPED = (
 )
 
 
-def _check_call(value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool) -> None:
+def _check_call(
+  value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool, others: Any = ()
+) -> None:
+  """Raises unless the step has exactly what it needs: ``value_fn`` or ``hessian_diag`` (not
+  both; neither only on a step that does not refresh). ``others`` are the names of the other
+  extra arguments, named in the error for a missing loss (a misspelled ``value_fn``, or optax's
+  Sophia's ``obj_fn``, lands there)."""
   if value_fn is not None and hessian_diag is not None:
     raise ValueError(f"scale_by_adahessian takes value_fn or hessian_diag, not both. {HINT}")
   if value_fn is None and hessian_diag is None and refresh is not False:
     under_jit = " (under jit every step may refresh it)" if lazy else ""
+    got = (
+      f" It got other extra arguments ({', '.join(sorted(others))}), which it does not read: "
+      "the loss goes in value_fn, an estimate in hessian_diag."
+      if others
+      else ""
+    )
     raise ValueError(
-      f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}. {HINT} "
-      f"{_DROPPED}"
+      f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}.{got} "
+      f"{HINT} {_DROPPED}"
     )
 
 
@@ -660,14 +672,13 @@ def scale_by_adahessian(
   def update_fn(
     updates, state, params=None, *, value_fn=None, hessian_diag=None, refresh=None, **extra_args
   ):
-    del extra_args
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
       check_not_split_over(state.mu, axis_name)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
-    _check_call(value_fn, hessian_diag, refresh, lazy)
+    _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
     rules = spatial.resolve_rules(averaging, updates, block_size)
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(

@@ -323,6 +323,9 @@ def test_missing_or_double_closure_raise(mlp_problem):
     tx.update(params, state, params)
   with pytest.raises(ValueError, match="not both"):
     tx.update(params, state, params, value_fn=lambda p: loss_fn(p, batch), hessian_diag=params)
+  # A misspelled name (or optax Sophia's obj_fn) is named, not only "a wrapper dropped it".
+  with pytest.raises(ValueError, match=r"other extra arguments \(obj_fn, value\)"):
+    tx.update(params, state, params, obj_fn=lambda p: loss_fn(p, batch), value=1.0)
   # Lazy: under jit every step may refresh, so the closure is always required...
   lazy = ah.adahessian(0.1, update_freq=2)
   lstate = lazy.init(params)
