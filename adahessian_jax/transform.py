@@ -55,22 +55,33 @@ def _float_dtype(name: str, dtype: Any) -> Any:
   return canonical
 
 
+_OWN_KEYS = (
+  "adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
+  "jax.random.split(key, n_samples))), opt_state)"
+)
+
+
 def _seed(seed: Any) -> int:
-  """``seed`` (``None``: 0) as an ``int``, checked; a PRNG key given as the seed is named with the
-  way to use it."""
+  """``seed`` (``None``: 0) as an ``int``, checked; a PRNG key given as the seed, or a seed traced
+  by ``jax.vmap`` (a sweep over seeds), is named with the way to get those probes."""
   try:
     return _validation.count(
       "seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX
     )
   except ValueError as e:
     dtype = jnp.result_type(seed) if hasattr(seed, "dtype") else None
-    if dtype is None or not (jnp.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32):
-      raise
-    raise ValueError(
-      f"{e} It looks like a PRNG key: pass an int seed, or put probe keys of your own in the "
-      "state: adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
-      "jax.random.split(key, n_samples))), opt_state)."
-    ) from None
+    if dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32):
+      raise ValueError(
+        f"{e} It looks like a PRNG key: pass an int seed, or put probe keys of your own in the "
+        f"state: {_OWN_KEYS}."
+      ) from None
+    if isinstance(seed, jax.core.Tracer):
+      raise ValueError(
+        f"{e} To give each member of a jax.vmap its own probes, build the optimizer with an int "
+        f"seed and replace the key in each member's state, inside the vmap: {_OWN_KEYS} with "
+        "key = jax.random.key(seed) draws exactly the probes of adahessian(seed=seed)."
+      ) from None
+    raise
 
 
 def _check_state(

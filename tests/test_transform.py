@@ -176,6 +176,33 @@ def test_same_seed_identical_different_seed_differs(mlp_problem):
   assert max(jax.tree.leaves(diff)) > 1e-6
 
 
+def test_a_vmapped_sweep_over_seeds_and_learning_rates_equals_single_runs(mlp_problem):
+  params, loss_fn, batch = mlp_problem
+  seeds, lrs = jnp.array([3, 8]), jnp.array([0.02, 0.05])
+  with pytest.raises(ValueError, match=r"(?s)traced.*each member of a jax.vmap its own probes"):
+    jax.vmap(lambda s: ah.adahessian(seed=s).init(params))(seeds)
+  tx = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)(0.1, update_freq=2)
+
+  def run(seed, lr):  # the recipe the error gives: the same probes as adahessian(seed=seed)
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = lr
+    key = jax.random.key_data(jax.random.split(jax.random.key(seed), 1))
+    state = ah.map_adahessian_state(lambda s: s._replace(key=key), state)
+    p = params
+    for _ in range(3):
+      grads = jax.grad(loss_fn)(p, batch)
+      updates, state = tx.update(grads, state, p, value_fn=lambda q: loss_fn(q, batch))
+      p = optax.apply_updates(p, updates)
+    return p
+
+  swept = jax.jit(jax.vmap(run))(seeds, lrs)
+  for i in range(2):
+    single, _ = _run(
+      ah.adahessian(float(lrs[i]), update_freq=2, seed=int(seeds[i])), params, loss_fn, batch, 3
+    )
+    assert_trees_allclose(jax.tree.map(lambda x, i=i: x[i], swept), single, rtol=1e-10, atol=1e-12)
+
+
 def test_probes_differ_across_leaves_and_steps():
   params = {"a": jnp.zeros(64), "b": jnp.zeros(64)}
   tx = ah.scale_by_adahessian(update_freq=1)
