@@ -95,7 +95,10 @@ def _decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransformati
     return inner
 
   def init_fn(params):
-    _check_mask_tree(mask(params) if callable(mask) else mask, params)
+    # Not on a tree without leaves: optax.tree.map_params (so distributed.state_shardings) calls
+    # init on a leafless placeholder to find the parameter-shaped fields, which a mask does not fit.
+    if jax.tree.leaves(params):
+      _check_mask_tree(mask(params) if callable(mask) else mask, params)
     return inner.init(params)
 
   return inner._replace(init=init_fn)

@@ -376,6 +376,29 @@ def test_state_shardings_with_averaging_given_per_leaf():
     ah.adahessian(0.1, averaging={"v": None}).init(params)  # a real tree is still checked
 
 
+def test_state_shardings_with_a_weight_decay_mask_given_as_a_tree():
+  """``weight_decay_mask`` as a pytree of booleans: init checked it against the leafless
+  placeholder that ``optax.tree.map_params`` passes, and state_shardings raised "weight_decay_mask
+  has an entry at ['b'], where the params have none" (``optax.adamw`` with the mask works)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  split, whole = NamedSharding(mesh, PartitionSpec(None, "d")), NamedSharding(mesh, PartitionSpec())
+  params = {"w": jax.device_put(jnp.ones((4, 6)), split), "b": jax.device_put(jnp.ones(6), whole)}
+  tx = ah.adahessian(0.1, weight_decay=0.1, weight_decay_mask={"w": True, "b": False})
+  shardings = distributed.state_shardings(tx, params)
+  assert shardings[0].mu == {"w": split, "b": whole} and shardings[0].key == whole
+  assert optax.tree.map_params(tx, jnp.shape, tx.init(params))[0].nu == {"w": (4, 6), "b": (6,)}
+  with pytest.raises(ValueError, match=r"weight_decay_mask has an entry at \['v'\]"):
+    ah.adahessian(0.1, weight_decay_mask={"v": True, "w": True, "b": False}).init(params)
+
+
 def test_tensor_parallel_fused_route_equals_value_fn_route(tensor_parallel):
   """The same probes, so the same updates; the replicated leaf flattens first and receives the
   fused route's NaN mark, which was computed per shard (``shard_map`` refused the replicated
