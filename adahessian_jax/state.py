@@ -154,10 +154,16 @@ def check_key_data(key: Any) -> None:
   if not typed and jnp.ndim(key) == 2 and jnp.result_type(key) == jnp.uint32:
     return
   what = "typed PRNG keys" if typed else f"an array of dtype {jnp.result_type(key)}"
+  stacked = not typed and jnp.ndim(key) > 2 and jnp.result_type(key) == jnp.uint32
+  fix = (
+    "A state with leading axes (jax.vmap(tx.init) over an ensemble or a sweep) holds one state "
+    "per member: update it inside jax.vmap, with the state's axis mapped (in_axes=0)."
+    if stacked
+    else "Replace it with jax.random.key_data(jax.random.split(key, n_samples))."
+  )
   raise ValueError(
     f"the AdaHessian state's key must be raw key data, one row per probe (shape (n_samples, "
-    f"key size), uint32), got {what} of shape {jnp.shape(key)}. Replace it with "
-    "jax.random.key_data(jax.random.split(key, n_samples))."
+    f"key size), uint32), got {what} of shape {jnp.shape(key)}. {fix}"
   )
 
 

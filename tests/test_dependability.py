@@ -256,6 +256,19 @@ def test_a_replaced_key_that_is_not_raw_key_data_per_probe_is_named(route, key, 
       jax.jit(ah.value_grad_and_hessian_diag(small_loss))(params, state)
 
 
+@pytest.mark.parametrize("route", ["value_fn", "fused"])
+def test_a_state_stacked_by_vmap_updated_outside_vmap_says_to_map_it(route):
+  # Was "Replace it with jax.random.key_data(...)", which would break the ensemble's state.
+  tx = ah.adahessian(0.1)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), small_params())
+  state = jax.vmap(tx.init)(stacked)
+  with pytest.raises(ValueError, match=r"shape \(2, 1, 2\)\. A state with leading axes.*in_axes"):
+    if route == "value_fn":
+      tx.update(stacked, state, stacked, value_fn=small_loss)
+    else:
+      ah.value_grad_and_hessian_diag(small_loss)(stacked, state)
+
+
 @pytest.mark.parametrize("fn", [ah.is_refresh_step, ah.probe_keys])
 def test_state_helpers_given_the_whole_optimizer_state_name_find_adahessian_state(fn):
   opt_state = ah.adahessian(0.1, update_freq=2).init(small_params())
