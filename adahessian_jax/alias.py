@@ -76,7 +76,9 @@ def _check_mask_tree(mask: Any, params: Any) -> None:
         f"weight_decay_mask has an entry at {_validation.path_str(path)}, where the params have "
         "none: the mask must be a pytree of booleans like the params (or a prefix of them)."
       )
-  for path in param_paths:
+  # A MaskedNode needs no entry: a mask function sees it as an empty node and returns one.
+  owned = [p for p, x in nodes if not masking.is_masked(x)]
+  for path in owned:
     if not any(path[:depth] in covered for depth in range(len(path) + 1)):
       raise ValueError(
         f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(path)}: the "

@@ -363,6 +363,13 @@ def test_a_weight_decay_mask_that_does_not_fit_the_params_is_named_at_init():
   outer = optax.masked(tx, {"w": True, "b": True, "head": False})
   updates, _ = outer.update(zeros, outer.init(params), params, hessian_diag=zeros)
   assert [float(u.max()) for u in jax.tree.leaves(updates)] == [0.0, 0.0, -0.5]  # head: zeros
+  # A mask function sees them as empty nodes and returns none there, as with optax.adamw (it
+  # raised "no entry for the params leaf at ['head']['w']").
+  kernels = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  inner = ah.adahessian(1.0, weight_decay=0.5, weight_decay_mask=kernels)
+  outer = optax.masked(inner, {"w": True, "b": True, "head": False})
+  updates, _ = outer.update(zeros, outer.init(params), params, hessian_diag=zeros)
+  assert [float(u.max()) for u in jax.tree.leaves(updates)] == [0.0, 0.0, -0.5]
 
 
 def test_inject_hyperparams_rounding_to_bfloat16_params_names_hyperparam_dtype():
