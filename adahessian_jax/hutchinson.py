@@ -57,7 +57,8 @@ _NNX_CLOSURE = (
   "training mode, a Dropout's RNG count), likely those of a model it closes over, which leaves "
   "the params it is given unused. Build it with adahessian_jax.nnx.value_fn(model, loss_fn, "
   "*args), not lambda state: loss_fn(model, ...), or use "
-  "adahessian_jax.nnx.value_grad_and_hessian_diag."
+  "adahessian_jax.nnx.value_grad_and_hessian_diag. With those helpers, loss_fn(module, *args) "
+  "must use the module it is passed (its first argument), not a model it closes over."
 )
 _FLOAT_FIX = (
   "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
@@ -280,7 +281,9 @@ def _constant_loss_message(name: str) -> str:
     "gradient and Hessian there are zero (a zero Hessian estimate makes every step lr·g/eps). "
     "It probably uses other params than its argument: write lambda p: loss_fn(p, batch), not "
     "lambda p: loss_fn(params, batch); for an nnx.Optimizer, build it with "
-    "adahessian_jax.nnx.value_fn(model, loss_fn, *args), not lambda state: loss_fn(model, ...)."
+    "adahessian_jax.nnx.value_fn(model, loss_fn, *args), not lambda state: loss_fn(model, ...). "
+    "With adahessian_jax.nnx's helpers, loss_fn(module, *args) must use the module it is passed "
+    "(its first argument), not a model it closes over."
   )
 
 

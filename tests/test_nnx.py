@@ -318,3 +318,29 @@ def test_a_value_fn_closing_over_a_module_with_batchnorm_gets_a_note_naming_the_
   with pytest.raises(TraceContextError) as e:
     optimizer.update(model, grads, value_fn=lambda state: loss_fn(model, x, y))
   assert any("adahessian_jax.nnx.value_fn(model, loss_fn" in n for n in e.value.__notes__)
+
+
+@pytest.mark.parametrize("with_batchnorm", [False, True])
+def test_a_loss_of_the_helpers_closing_over_the_model_says_to_use_the_module_it_is_passed(
+  with_batchnorm,
+):
+  # loss_fn given to the helpers used the outer model, not its module argument: the errors told
+  # the user to build the closure with adahessian_jax.nnx.value_fn, the helper already in use.
+  x, y = data()
+  model = Net(nnx.Rngs(0)) if with_batchnorm else nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  closing = lambda module, x, y: loss_fn(model, x, y)  # noqa: E731
+  fix = "must use the module it is passed (its first argument), not a model it closes over"
+  grads = nnx.grad(loss_fn)(model, x, y)
+  # With BatchNorm the loss writes the outer model's statistics from inside a trace (Flax's
+  # TraceContextError, with a note); without, the loss does not depend on the params given.
+  from flax.errors import TraceContextError
+
+  error = TraceContextError if with_batchnorm else ValueError
+  for call in (
+    lambda: ah_nnx.value_grad_and_hessian_diag(closing, model, optimizer, x, y),
+    lambda: optimizer.update(model, grads, value_fn=ah_nnx.value_fn(model, closing, x, y)),
+  ):
+    with pytest.raises(error) as e:
+      call()
+    assert fix in " ".join([str(e.value), *getattr(e.value, "__notes__", [])])
