@@ -303,6 +303,10 @@ def loss_and_aux(out: Any, has_aux: bool, fix: str, what: str = "loss_fn") -> tu
   Raises:
     TypeError: for a tuple or list without ``has_aux``, and for anything but a pair with it.
   """
+  # A loss returning (loss, aux1, aux2) needs has_aux and its auxiliary values packed into one
+  # (where the fix is to index the loss out, [0] takes it from any tuple).
+  several = isinstance(out, tuple | list) and len(out) > 2
+  pack = "Pack the auxiliary values into one: return loss, (aux1, aux2, ...)."
   if has_aux:
     if not (isinstance(out, tuple | list) and len(out) == 2):
       shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
@@ -310,12 +314,12 @@ def loss_and_aux(out: Any, has_aux: bool, fix: str, what: str = "loss_fn") -> tu
       got = got or (f"an array of shape {shape} and dtype {dtype}" if dtype else type(out).__name__)
       raise TypeError(
         f"{what} was given has_aux=True, so it must return (loss, aux); it returned {got}. "
-        "Drop has_aux=True for a loss without auxiliary output."
+        + (pack if several else "Drop has_aux=True for a loss without auxiliary output.")
       )
     return out[0], out[1]
   if isinstance(out, tuple | list):
     raise TypeError(
       f"{what} returned a {type(out).__name__} of {len(out)} where a scalar loss is expected. "
-      f"If it returns (loss, aux), {fix}"
+      f"If it returns (loss, aux), {fix}" + (f" {pack}" if several and "has_aux" in fix else "")
     )
   return out, None

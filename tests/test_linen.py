@@ -151,6 +151,12 @@ def test_apply_loss_with_aux_or_without_it_against_has_aux_says_so():
     state.apply_loss(lambda p: (loss(p), p["w"].mean()))
   with pytest.raises(TypeError, match=r"has_aux=True.*\(loss, aux\).*array of shape \(\)"):
     state.apply_loss(loss, has_aux=True)
+  # (loss, aux1, aux2): the errors told to pass has_aux=True, then to drop it.
+  three = lambda p: (loss(p), p["w"].mean(), p["w"].max())  # noqa: E731
+  pack = r"tuple of 3.*Pack the auxiliary values into one: return loss, \(aux1, aux2, ...\)"
+  for has_aux in (False, True):
+    with pytest.raises(TypeError, match=pack):
+      state.apply_loss(three, has_aux=has_aux)
 
 
 def test_apply_loss_with_another_optimizer_says_to_use_apply_gradients():
