@@ -563,21 +563,25 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
   - under a convolution's name (Linen's ``Conv_0``/``ConvTranspose_0``, Haiku's ``conv2_d``,
     ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
     (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
-    no leaf of the tree is known to be stacked (an ``nn.scan`` of 1-D convolutions without a
-    bias would leave no evidence) and no unnamed ``scale`` or ``bias`` of rank >= 2 in the
-    module above it has the kernel's first size (a norm's ``(layers, channels)`` in a scanned
-    block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no 3-D kernel).
+    the kernel's first size is not that of a stack of layers known in the tree (an ``nn.scan``
+    of 1-D convolutions without a bias would leave no evidence of its own) nor of an unnamed
+    ``scale`` or ``bias`` of rank >= 2 in the module above it (a norm's ``(layers, channels)``
+    in a scanned block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no
+    3-D kernel).
 
   Returns:
     ``{leaf index: (axis names, why)}``.
   """
   found: dict[int, tuple[AxisNames, str]] = {}
   kernels = list(_kernels(paths, shapes, names, roles))
-  stacks_known = any(k.lead for k in kernels) or any(
-    n is not None and any(axis_role(x, r) == STACKED for x in n)
-    for n, r in zip(names, roles, strict=True)
-    if r is not None
-  )
+  # The sizes of the stacks of layers known in the tree (named, or found from the evidence).
+  stack_sizes = {
+    shape[a]
+    for n, r, shape in zip(names, roles, shapes, strict=True)
+    if n is not None and r is not None
+    for a, x in enumerate(n)
+    if axis_role(x, r) == STACKED
+  }
   # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
   stacked_norms: dict[tuple, set[int]] = {}
   for i, path in enumerate(paths):
@@ -592,7 +596,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       continue
     named = _is_conv_module(k.module)
     beside_bias = k.bias == shape[: k.lead] + shape[-1:]
-    stack_sign = stacks_known or shape[0] in stacked_norms.get(k.module[:-1], ())
+    stack_sign = shape[0] in stack_sizes or shape[0] in stacked_norms.get(k.module[:-1], ())
     if beside_bias and rank >= 4:
       why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
     elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):

@@ -1092,14 +1092,14 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
   # (heads, head_dim) bias (two output axes: no convolution's) is read so; a (3, in, out) kernel
   # with its (out,) bias (a 1-D Conv or an attention's output projection (heads, head_dim,
   # embed)) and a kernel without a bias stay the rank's guess, flagged; so does a Conv_0 without
-  # a bias where the tree holds a stack (a 2-D Conv, or a scan of 1-D ones).
+  # a bias whose first size is a stack's in the tree (a 2-D Conv, or a scan of 1-D ones).
   got = rows(
     {
       "general": {"kernel": (6, 2, 4), "bias": (2, 4)},
       "proj": {"kernel": (3, 6, 8), "bias": (8,)},
       "alone": {"kernel": (4, 6, 8)},
       "Dense_1": {"kernel": (6, 6, 8), "bias": (6, 8)},  # layers = inputs: only the name tells
-      "Conv_0": {"kernel": (3, 3, 6, 8)},  # a Conv without a bias: stacked or 2-D, unknown
+      "Conv_0": {"kernel": (6, 3, 6, 8)},  # a Conv without a bias: stacked or 2-D, unknown
     }
   )
   assert got["['general']['kernel']"] == (spatial.blocks(2), False)
@@ -1168,6 +1168,21 @@ def test_a_bias_less_conv_in_an_unnamed_scan_is_not_averaged_across_layers(norm)
     assert row.groups == {9: 4 * 64}
   else:  # a guess: the stack or a 3-D Conv
     assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
+
+
+@pytest.mark.parametrize("layers", [3, 4])
+def test_a_bias_less_conv_beside_a_stack_of_another_size_is_no_guess(layers):
+  # A ViT's bias-less patch Conv (4, 4, 3, 16) beside an unnamed nn.scan of its blocks (whose
+  # Dense bias (layers, 16) shows the stack): any known stack in the tree made the Conv's kernel
+  # a guess (a stack of 1-D Convs (layers, w, in, out)?), so init warned on a plain ViT. Only a
+  # stack of the kernel's first size can hold it.
+  block = {"Dense_0": {"kernel": jnp.zeros((layers, 16, 16)), "bias": jnp.zeros((layers, 16))}}
+  params = {"Conv_0": {"kernel": jnp.zeros((4, 4, 3, 16))}, "ScanBlock_0": block}
+  row = {r.path: r for r in spatial.describe(params, block_size=2).rows}["['Conv_0']['kernel']"]
+  if layers == 3:
+    assert row.rule == spatial.mean_over((0, 1)) and not row.ambiguous
+  else:  # a stack of 4 1-D Convs has this kernel too: a guess
+    assert row.ambiguous
 
 
 def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
