@@ -1161,6 +1161,8 @@ def _averages_nothing(rule: Rule, shape) -> bool:
 
 
 def _plan(averaging, params, block_size, strict_mode):
+  """Every leaf's rule, bound to its axis names (its own, given, or read from the tree by
+  :mod:`adahessian_jax._evidence`), and :func:`describe`'s row for it."""
   spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
   infos = layout.leaves(params)
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
@@ -1182,9 +1184,11 @@ def _plan(averaging, params, block_size, strict_mode):
     choice = rule.explain(shape)
     unsure = reading.unsure
     if unsure is not None and _averages_nothing(rule, shape):
+      # A leaf that averages nothing with or without the reading (a bias or scale, stacked or
+      # not) is no guess.
       own_names = names[i]
       own = unread if own_names is None else unread.bind(own_names)
-      if _averages_nothing(own, shape):  # a bias or scale: none, stacked or not
+      if _averages_nothing(own, shape):
         unsure = None
     note = reading.note + (f"; AMBIGUOUS ({unsure})" if unsure is not None else "")
     bound.append(rule)
