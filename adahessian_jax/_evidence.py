@@ -35,12 +35,14 @@ class Reading(NamedTuple):
     unsure: Why that reading is a guess, if it is, else ``None``.
     output_first: Whether its bias shows PyTorch's layout, output axis first
       (:func:`weights_by_bias`).
+    bias_table: Whether it is a table of attention biases (:func:`bias_tables`).
   """
 
   names: AxisNames | None
   note: str
   unsure: str | None
   output_first: bool
+  bias_table: bool = False
 
 
 def read(
@@ -53,7 +55,8 @@ def read(
 
   First the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
   a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
-  (:func:`in_named_stacks`); then, past any stacked axes, convolutions (:func:`conv_kernels`),
+  (:func:`in_named_stacks`); the tables of attention biases (:func:`bias_tables`); then, past
+  any stacked axes, convolutions (:func:`conv_kernels`),
   attention projections (:func:`flax_attention_names`, which wins over the others), DenseGeneral
   kernels (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`).
 
@@ -79,6 +82,7 @@ def read(
       "name its axes or give it a rule",
     )
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
+  tables = bias_tables(paths, roles)
   convs = conv_kernels(paths, shapes, stacked, roles)
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
   generals = dense_general_kernels(paths, shapes, stacked, roles)
@@ -108,7 +112,7 @@ def read(
           "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
           "name its axes"
         )
-    readings.append(Reading(leaf_names, note, unsure.get(i), i in by_bias))
+    readings.append(Reading(leaf_names, note, unsure.get(i), i in by_bias, i in tables))
   return readings
 
 
@@ -200,6 +204,31 @@ def in_named_stacks(
         "more of its axes are stacked" if kept else "it is part of a stack of layers"
       )
   return inferred, unsure
+
+
+def bias_tables(paths, roles) -> set[int]:
+  """The tables of attention biases: a ``(num_buckets, heads)`` table of relative positions.
+
+  Hugging Face's Flax T5 keeps its relative position biases in an ``nn.Embed(num_buckets,
+  heads)`` named ``relative_attention_bias``, BEiT in a raw ``relative_position_bias_table``
+  ``(num_distances, heads)``: tables (:func:`param_name`) whose rows are positions and whose
+  columns are heads, one bias per entry, that the table rule (blocks along the last axis) would
+  average across heads. A table with the word ``bias`` in its name or its module's name is one.
+
+  Returns:
+    The indices of these leaves under the default rule.
+  """
+  found = set()
+  for i, path in enumerate(paths):
+    if roles[i] is None or param_name(path) not in ("embedding", "table"):
+      continue
+    module = _module_keys(path)
+    words = {*str(_key_name(path[-1])).lower().replace("/", ".").split(".")[-1].split("_")}
+    if module:
+      words |= set(str(module[-1]).lower().split("_"))
+    if "bias" in words:
+      found.add(i)
+  return found
 
 
 #: Linen's automatic module names (``Dense_0``) give the module's class, which fixes the rank of

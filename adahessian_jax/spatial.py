@@ -67,7 +67,9 @@ without a ``vocab`` axis name (``nn.Embed``/``nnx.Embed`` ``(num_embeddings,
 features)``, unnamed or e.g. ``(None, "embed")``; Haiku's ``embeddings``; any name with a
 word of a table: ``pos_embed``, ``position_embeddings``) keeps its rows apart: blocks along
 its last axis, ambiguous when ``block_size > 1`` for a name with other words too
-(``w_embed``: a kernel could have that name). An unnamed ``weight`` (also ``in_proj_weight``,
+(``w_embed``: a kernel could have that name); one with the word ``bias`` in its name or its
+module's (T5's ``relative_attention_bias`` ``(num_buckets, heads)``) is not averaged. An
+unnamed ``weight`` (also ``in_proj_weight``,
 ``weight_ih_l0``) is taken for a PyTorch/Equinox weight, output axis first:
 ``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
 (ambiguous where the layout matters, unless its bias is its first axis, which also makes a
@@ -438,8 +440,11 @@ def _blocks_text(block_size: int) -> str:
 #: The parameter name :func:`resolve_rules` gives a ``weight`` (or a rank-2 ``kernel``) whose bias
 #: shows its output axis first (``_evidence.weights_by_bias``).
 _WEIGHT_BY_BIAS = "weight, by its bias"
+#: The parameter name :func:`resolve_rules` gives a table of attention biases
+#: (``_evidence.bias_tables``): T5's ``relative_attention_bias`` ``(num_buckets, heads)``.
+_BIAS_TABLE = "a table of attention biases"
 #: The Flax parameter names (last path keys) that :func:`flax_default` reads.
-_PARAMS_READ = (*_evidence.READ_BY_NAME, _WEIGHT_BY_BIAS)
+_PARAMS_READ = (*_evidence.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE)
 
 
 def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -> Choice:
@@ -481,6 +486,13 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
   if param in ("weight", _WEIGHT_BY_BIAS) and ndim >= 2:
     return _torch_layout(ndim, block_size, names, note, param == _WEIGHT_BY_BIAS)
+  if param == _BIAS_TABLE:
+    # T5's relative_attention_bias (num_buckets, heads): rows (positions) and heads kept apart.
+    return Choice(
+      NoAveraging(),
+      f"rank {ndim}{note}, a table's name with the word 'bias': a table of attention biases "
+      "(positions, heads), one per position and head: none",
+    )
   if param in ("embedding", "table"):
     # nn.Embed/nnx.Embed (num_embeddings, features), a learned position table (1, length,
     # features): blocks along axis 0 would mix tokens' (positions') rows.
@@ -1179,6 +1191,7 @@ def _plan(averaging, params, block_size, strict_mode):
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     reading = readings[i]
     unread = rule.for_param(_WEIGHT_BY_BIAS) if reading.output_first else rule
+    unread = unread.for_param(_BIAS_TABLE) if reading.bias_table else unread
     rule = unread if reading.names is None else unread.bind(reading.names)
     rule.check(shape, where)
     choice = rule.explain(shape)

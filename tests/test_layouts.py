@@ -1864,3 +1864,28 @@ def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm)
           tx.init(tree)
         except spatial.LayoutGuessWarning as e:
           pytest.fail(f"{name}, block_size {block_size}: {e}")
+
+
+def test_relative_position_bias_tables_keep_heads_and_positions_apart():
+  # Hugging Face's Flax T5 keeps its relative position biases in nn.Embed(num_buckets, heads)
+  # named relative_attention_bias, t5x in a raw rel_embedding (heads, buckets) under relpos_bias,
+  # BEiT in a raw relative_position_bias_table (distances, heads). Read as tables (blocks along
+  # the last axis), T5's was averaged across its heads, unflagged: one bias per position and head.
+  S = jax.ShapeDtypeStruct
+  params = {
+    "SelfAttention": {"relative_attention_bias": {"embedding": S((32, 4), jnp.float32)}},
+    "relpos_bias": {"rel_embedding": S((4, 32), jnp.float32)},
+    "relative_position_bias_table": S((49, 4), jnp.float32),
+    "Embed_0": {"embedding": S((40, 8), jnp.float32)},  # a token table: blocks along features
+  }
+  for block_size in (1, 32):
+    rows = {r.path: r for r in spatial.describe(params, block_size=block_size).rows}
+    assert not [r.path for r in rows.values() if r.ambiguous]
+    assert rows["['Embed_0']['embedding']"].rule == spatial.blocks(block_size, axis=1)
+    for path in (
+      "['SelfAttention']['relative_attention_bias']['embedding']",
+      "['relpos_bias']['rel_embedding']",
+      "['relative_position_bias_table']",
+    ):
+      assert rows[path].rule == spatial.none(), path
+      assert "attention biases" in rows[path].why
