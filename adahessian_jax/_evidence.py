@@ -55,10 +55,11 @@ def read(
 
   First the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
   a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
-  (:func:`in_named_stacks`); the tables of attention biases (:func:`bias_tables`); then, past
-  any stacked axes, convolutions (:func:`conv_kernels`),
-  attention projections (:func:`flax_attention_names`, which wins over the others), DenseGeneral
-  kernels (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`).
+  (:func:`in_named_stacks`), and the vectors of a stack that nothing names
+  (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`);
+  then, past any stacked axes, convolutions (:func:`conv_kernels`), attention projections
+  (:func:`flax_attention_names`, which wins over the others), DenseGeneral kernels
+  (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`).
 
   Args:
     paths: Each leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
@@ -82,6 +83,8 @@ def read(
       "name its axes or give it a rule",
     )
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
+  for i, why in vectors_in_stacks(paths, shapes, stacked, roles).items():
+    unsure.setdefault(i, why)
   tables = bias_tables(paths, roles)
   convs = conv_kernels(paths, shapes, stacked, roles)
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
@@ -204,6 +207,49 @@ def in_named_stacks(
         "more of its axes are stacked" if kept else "it is part of a stack of layers"
       )
   return inferred, unsure
+
+
+def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
+  """The unnamed rank-2 leaves that may be one vector per layer of a stack nothing names.
+
+  ``nn.scan`` over a block without biases (RWKV's, a Llama-style one) leaves no evidence of its
+  stack (:func:`stacks_by_evidence`): its kernels ``(layers, in, out)`` keep the rank's guess,
+  flagged, but a raw vector parameter of each layer (RWKV's ``time_decay``, a layer scale
+  ``gamma``) comes out as ``(layers, features)``, which the rank takes for a ``Dense`` kernel and
+  blocks across the layers. A norm's unnamed ``scale`` of rank 2 is such a stack's sign (one
+  layer's has rank 1 but over several feature axes): a rank-2 leaf read by rank (no name that
+  the default reads, no names) under an ancestor that holds such a scale of its first size,
+  every leaf under which has that first size, is a guess.
+
+  Returns:
+    ``{leaf index: why its reading is a guess}``.
+  """
+  keys = [tuple(str(k) for k in p) for p in paths]
+  firsts: dict[tuple, set[int | None]] = {}  # ancestor -> the first sizes of the leaves under it
+  scales: dict[tuple, set[int]] = {}  # ancestor -> first sizes of unnamed rank-2 scales under it
+  for j, key in enumerate(keys):
+    first = shapes[j][0] if len(shapes[j]) >= 2 else None
+    is_scale = names[j] is None and len(shapes[j]) == 2 and param_name(paths[j]) == "scale"
+    for depth in range(len(key)):
+      firsts.setdefault(key[:depth], set()).add(first)
+      if is_scale:
+        scales.setdefault(key[:depth], set()).add(shapes[j][0])
+  found: dict[int, str] = {}
+  for i, key in enumerate(keys):
+    if roles[i] is None or names[i] is not None or len(shapes[i]) != 2:
+      continue
+    if param_name(paths[i]) in (*READ_BY_NAME, "kernel", "w"):
+      continue
+    for depth in range(len(key) - 1, -1, -1):
+      if shapes[i][0] in scales.get(key[:depth], ()) and firsts[key[:depth]] == {shapes[i][0]}:
+        where = jax.tree_util.keystr(tuple(paths[i][:depth])) or "the root"
+        found[i] = (
+          f"every leaf under {where} has a first axis of {shapes[i][0]}, as has a norm's "
+          "rank-2 scale there: it may be one vector per layer of a stack of layers (nn.scan "
+          "without axis names), which these blocks would mix: name its axes or give it a rule"
+        )
+        break
+  return found
 
 
 def bias_tables(paths, roles) -> set[int]:

@@ -1889,3 +1889,39 @@ def test_relative_position_bias_tables_keep_heads_and_positions_apart():
     ):
       assert rows[path].rule == spatial.none(), path
       assert "attention biases" in rows[path].why
+
+
+def test_a_vector_per_layer_of_an_unnamed_stack_beside_stacked_norm_scales_is_a_guess():
+  # nn.scan over an RWKV block without biases: no evidence names the stack, so its kernels
+  # (layers, in, out) are flagged guesses, but a raw vector per layer (time_decay (layers,
+  # features)) was read as a Dense kernel and blocked across the layers, unflagged. The norms'
+  # (layers, features) scales beside it show the possible stack: it is listed as ambiguous.
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      decay = self.param("time_decay", nn.initializers.zeros, (x.shape[-1],))
+      h = nn.LayerNorm(name="ln1")(x) * decay
+      return x + nn.Dense(x.shape[-1], use_bias=False, name="key")(h), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+      return scan(name="blocks")(x, None)[0]
+
+  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.zeros((1, 8)))["params"]
+  rows = {r.path: r for r in spatial.describe(params, block_size=32).rows}
+  decay = rows["['blocks']['time_decay']"]
+  assert decay.rule == spatial.blocks(32) and decay.ambiguous  # blocks along the 3 layers
+  assert "['blocks'] has a first axis of 3" in decay.why
+  assert rows["['blocks']['key']['kernel']"].ambiguous  # as before
+  assert not rows["['blocks']['ln1']['scale']"].ambiguous  # a scale: none either way
+  # At block_size 1 nothing is averaged: no guess. A (6, 4) raw matrix beside a norm of other
+  # sizes, or one whose relatives do not all have its first size, stays a Dense kernel.
+  assert not spatial.describe(params, block_size=1).rows[-1].ambiguous
+  other = {
+    "latents": jnp.zeros((6, 4)),
+    "norm": {"scale": jnp.zeros((6, 4)), "bias": jnp.zeros((6, 4))},
+    "head": {"kernel": jnp.zeros((4, 10))},
+  }
+  assert not spatial.describe(other, block_size=32).ambiguous
