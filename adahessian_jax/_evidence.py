@@ -581,8 +581,11 @@ def _words(name: Any) -> set[str]:
 
 
 #: Words (of a module name, :func:`_words`) that make a module a convolution: Linen's ``Conv_0``
-#: and ``ConvTranspose_0``, Haiku's ``conv2_d``, ``conv1``, ``conv_proj``, ``Conv2d``.
-_CONV_WORDS = frozenset(("conv", "convolution", "deconv"))
+#: and ``ConvTranspose_0``, Haiku's ``conv2_d``, ``conv1``, ``conv_proj``, ``Conv2d``; the
+#: depthwise and pointwise ones of MobileNets and ConvNeXts (``depthwise``, ``dwconv``).
+_CONV_WORDS = frozenset(
+  ("conv", "convolution", "deconv", "dwconv", "pwconv", "depthwise", "pointwise", "sepconv")
+)
 
 
 def _is_conv_module(module: tuple) -> bool:

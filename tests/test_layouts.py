@@ -1117,6 +1117,10 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
       "conv1": {"kernel": (5, 8, 8)},
       "stem": {"kernel": (7, 7, 3, 6), "bias": (6,)},
       "Dense_0": {"kernel": (6, 8), "bias": (8,)},
+      # A MobileNet's bias-less depthwise and pointwise Convs, a ConvNeXt's dwconv.
+      "depthwise": {"kernel": (3, 3, 1, 8)},
+      "pointwise": {"kernel": (1, 1, 8, 6)},
+      "dwconv": {"kernel": (7, 7, 1, 8)},
     }
   )
   for where, axes in [
@@ -1124,6 +1128,9 @@ def test_what_tells_a_stack_without_names_and_what_does_not():
     ("['conv2_d']['w']", (0, 1)),
     ("['conv1']['kernel']", (0,)),
     ("['stem']['kernel']", (0, 1)),
+    ("['depthwise']['kernel']", (0, 1)),
+    ("['pointwise']['kernel']", (0, 1)),
+    ("['dwconv']['kernel']", (0, 1)),
   ]:
     assert got[where] == (spatial.mean_over(axes), False), where
   # nn.vmap with variable_axes={"params": 1} stacks 3 members on axis 1: kernel (in, 3, out),
