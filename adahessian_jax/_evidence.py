@@ -36,6 +36,7 @@ class Reading(NamedTuple):
     output_first: Whether its bias shows PyTorch's layout, output axis first
       (:func:`weights_by_bias`).
     bias_table: Whether it is a table of attention biases (:func:`bias_tables`).
+    bias: Whether it is a Haiku-style bias by its name and its kernel's (:func:`haiku_biases`).
   """
 
   names: AxisNames | None
@@ -43,6 +44,7 @@ class Reading(NamedTuple):
   unsure: str | None
   output_first: bool
   bias_table: bool = False
+  bias: bool = False
 
 
 def read(
@@ -56,7 +58,8 @@ def read(
   First the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
   a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
   (:func:`in_named_stacks`), and the vectors of a stack that nothing names
-  (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`);
+  (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`)
+  and Haiku's biases (:func:`haiku_biases`);
   then, past any stacked axes, convolutions (:func:`conv_kernels`), attention projections
   (:func:`flax_attention_names`, which wins over the others), DenseGeneral kernels
   (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`).
@@ -86,6 +89,7 @@ def read(
   for i, why in vectors_in_stacks(paths, shapes, stacked, roles).items():
     unsure.setdefault(i, why)
   tables = bias_tables(paths, roles)
+  biases = haiku_biases(paths, roles)
   convs = conv_kernels(paths, shapes, stacked, roles)
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
   generals = dense_general_kernels(paths, shapes, stacked, roles)
@@ -115,7 +119,9 @@ def read(
           "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
           "name its axes"
         )
-    readings.append(Reading(leaf_names, note, unsure.get(i), i in by_bias, i in tables))
+    readings.append(
+      Reading(leaf_names, note, unsure.get(i), i in by_bias, i in tables, i in biases)
+    )
   return readings
 
 
@@ -273,6 +279,33 @@ def bias_tables(paths, roles) -> set[int]:
     if module:
       words |= set(str(module[-1]).lower().split("_"))
     if "bias" in words:
+      found.add(i)
+  return found
+
+
+def haiku_biases(paths, roles) -> set[int]:
+  """Haiku's biases: a ``b`` beside its ``w``, and a raw ``<name>_b`` beside its ``<name>_w``.
+
+  ``hk.Linear`` and ``hk.Conv`` name theirs ``w``/``b``, and Haiku code that makes its own
+  parameters often follows suit: AlphaFold's attention holds ``gating_w`` ``(channels, heads,
+  head_dim)`` beside ``gating_b`` ``(heads, head_dim)``, and its ``Linear`` of several outputs a
+  bias ``(heads, head_dim)``. One entry per output unit, like a Flax ``bias``: read as a
+  ``Dense`` kernel, it would be blocked across heads.
+
+  Returns:
+    The indices of these leaves under the default rule.
+  """
+  named: dict[tuple, set[str]] = {}
+  for path in paths:
+    last = _key_name(path[-1]) if path else None
+    if isinstance(last, str):
+      named.setdefault(tuple(_key_name(k) for k in path[:-1]), set()).add(last)
+  found = set()
+  for i, path in enumerate(paths):
+    last = _key_name(path[-1]) if path else None
+    if roles[i] is None or not isinstance(last, str) or not (last == "b" or last.endswith("_b")):
+      continue
+    if last[:-1] + "w" in named[tuple(_key_name(k) for k in path[:-1])]:
       found.add(i)
   return found
 

@@ -59,7 +59,8 @@ rank         Flax meaning                averaging
 ===========  ==========================  =======================================
 
 Whatever the names and rank, a leaf whose Flax name (last path key) is
-``bias`` (or Haiku's ``offset``) is not averaged (a ``DenseGeneral`` ``(*features)``,
+``bias`` (or Haiku's ``offset``; a ``b`` or ``<name>_b`` beside its ``w`` or ``<name>_w``) is
+not averaged (a ``DenseGeneral`` ``(*features)``,
 attention ``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
 named ``scale`` (a norm's scale, stacked or over several feature axes; also
 ``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and an ``embedding`` of rank >= 2
@@ -1192,6 +1193,7 @@ def _plan(averaging, params, block_size, strict_mode):
     reading = readings[i]
     unread = rule.for_param(_WEIGHT_BY_BIAS) if reading.output_first else rule
     unread = unread.for_param(_BIAS_TABLE) if reading.bias_table else unread
+    unread = unread.for_param("bias") if reading.bias else unread
     rule = unread if reading.names is None else unread.bind(reading.names)
     rule.check(shape, where)
     choice = rule.explain(shape)

@@ -1898,6 +1898,34 @@ def test_relative_position_bias_tables_keep_heads_and_positions_apart():
       assert "attention biases" in rows[path].why
 
 
+def test_haiku_biases_beside_their_kernels_are_not_averaged():
+  # AlphaFold's Haiku attention makes its own gating_w (channels, heads, head_dim) and gating_b
+  # (heads, head_dim); a Linear of several outputs has w (in, heads, head_dim), b (heads,
+  # head_dim). Read as Dense kernels, the biases were blocked along axis 0, across the heads,
+  # unflagged: gating_b[h, d] came out as the mean over all heads h.
+  S = jax.ShapeDtypeStruct
+  attention = {
+    "query_w": S((64, 8, 8), jnp.float32),
+    "gating_w": S((64, 8, 8), jnp.float32),
+    "gating_b": S((8, 8), jnp.float32),
+    "output_w": S((8, 8, 64), jnp.float32),
+    "output_b": S((64,), jnp.float32),
+  }
+  q_scalar = {"w": S((48, 12, 16), jnp.float32), "b": S((12, 16), jnp.float32)}
+  params = {"attention": attention, "q_scalar": q_scalar, "lora": {"b": S((4, 16), jnp.float32)}}
+  for block_size in (1, 32):
+    rows = {r.path: r for r in spatial.describe(params, block_size=block_size).rows}
+    for path in ("['attention']['gating_b']", "['q_scalar']['b']"):
+      assert rows[path].rule == spatial.none(), (block_size, path, rows[path].rule)
+      assert not rows[path].ambiguous
+    # A "b" without its "w" (a LoRA factor) is no Haiku bias: read by its rank as before.
+    assert rows["['lora']['b']"].rule == spatial.blocks(block_size, axis=0)
+  d = jnp.arange(64.0).reshape(8, 8)
+  stacked = {"w": S((3, 64, 8, 8), jnp.float32), "b": S((3, 8, 8), jnp.float32)}  # layer_stack
+  rule = spatial.resolve_rules(None, stacked, 32)["b"]
+  np.testing.assert_array_equal(rule(jnp.stack([d, d, d])), jnp.stack([d, d, d]))
+
+
 def test_a_vector_per_layer_of_an_unnamed_stack_beside_stacked_norm_scales_is_a_guess():
   # nn.scan over an RWKV block without biases: no evidence names the stack, so its kernels
   # (layers, in, out) are flagged guesses, but a raw vector per layer (time_decay (layers,
