@@ -33,18 +33,15 @@ class Reading(NamedTuple):
     note: How the evidence read it, to append to :func:`adahessian_jax.spatial.describe`'s
       reason (``""`` if it did not).
     unsure: Why that reading is a guess, if it is, else ``None``.
-    output_first: Whether its bias shows PyTorch's layout, output axis first
-      (:func:`weights_by_bias`).
-    bias_table: Whether it is a table of attention biases (:func:`bias_tables`).
-    bias: Whether it is a Haiku-style bias by its name and its kernel's (:func:`haiku_biases`).
+    param: What the evidence says the leaf is, where its own name (:func:`param_name`) does not:
+      :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`BIAS_TABLE`
+      (:func:`bias_tables`) or ``"bias"`` (:func:`haiku_biases`); else ``None``.
   """
 
   names: AxisNames | None
   note: str
   unsure: str | None
-  output_first: bool
-  bias_table: bool = False
-  bias: bool = False
+  param: str | None
 
 
 def read(
@@ -95,6 +92,9 @@ def read(
   generals = dense_general_kernels(paths, shapes, stacked, roles)
   done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = expert_stacks(paths, shapes, stacked, roles, done)
+  # Three disjoint sets: a weight or kernel, a table, a b or <name>_b.
+  params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
+  params |= {i: "bias" for i in biases}
   readings = []
   for i in range(len(paths)):
     leaf_names, note = stacked[i], ""
@@ -119,15 +119,19 @@ def read(
           "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
           "name its axes"
         )
-    readings.append(
-      Reading(leaf_names, note, unsure.get(i), i in by_bias, i in tables, i in biases)
-    )
+    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i)))
   return readings
 
 
 #: The parameter names (from :func:`param_name`) the default rule reads by name, never as a
 #: kernel: a bias, a norm's scale, a table and a PyTorch-layout weight.
 READ_BY_NAME = ("bias", "scale", "embedding", "table", "weight")
+#: What :func:`read` calls a ``weight`` (or a rank-2 ``kernel``) whose bias shows its output axis
+#: first (:func:`weights_by_bias`).
+WEIGHT_BY_BIAS = "weight, by its bias"
+#: What :func:`read` calls a table of attention biases (:func:`bias_tables`): T5's
+#: ``relative_attention_bias`` ``(num_buckets, heads)``.
+BIAS_TABLE = "a table of attention biases"
 
 
 def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:

@@ -438,13 +438,9 @@ def _blocks_text(block_size: int) -> str:
   return f"blocks of {block_size}" if block_size > 1 else "blocks of 1 (block_size 1: none)"
 
 
-#: The parameter name :func:`resolve_rules` gives a ``weight`` (or a rank-2 ``kernel``) whose bias
-#: shows its output axis first (``_evidence.weights_by_bias``).
-_WEIGHT_BY_BIAS = "weight, by its bias"
-#: The parameter name :func:`resolve_rules` gives a table of attention biases
-#: (``_evidence.bias_tables``): T5's ``relative_attention_bias`` ``(num_buckets, heads)``.
-_BIAS_TABLE = "a table of attention biases"
-#: The Flax parameter names (last path keys) that :func:`flax_default` reads.
+_WEIGHT_BY_BIAS, _BIAS_TABLE = _evidence.WEIGHT_BY_BIAS, _evidence.BIAS_TABLE
+#: The parameter names (last path keys, or what the tree shows a leaf is) that
+#: :func:`flax_default` reads.
 _PARAMS_READ = (*_evidence.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE)
 
 
@@ -1191,9 +1187,7 @@ def _plan(averaging, params, block_size, strict_mode):
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     reading = readings[i]
-    unread = rule.for_param(_WEIGHT_BY_BIAS) if reading.output_first else rule
-    unread = unread.for_param(_BIAS_TABLE) if reading.bias_table else unread
-    unread = unread.for_param("bias") if reading.bias else unread
+    unread = rule if reading.param is None else rule.for_param(reading.param)
     rule = unread if reading.names is None else unread.bind(reading.names)
     rule.check(shape, where)
     choice = rule.explain(shape)

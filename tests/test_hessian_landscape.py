@@ -121,13 +121,15 @@ def test_filter_normalisation_zeroes_biases_and_scales_of_any_rank():
     "query": {"kernel": normal(6, 5), "bias": normal(2, 5)},
     "ln": {"scale": normal(3, 4), "bias": normal(3, 4)},
     "stack": {"kernel": normal(2, 4, 4), "bias": normal(2, 4)},
+    # Haiku's names: AlphaFold's gating bias (heads, head_dim) beside its gating_w.
+    "attention": {"gating_w": normal(6, 2, 5), "gating_b": normal(2, 5)},
   }
   op = _sin_op(params)
   nd = op.unravel(
     hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
   )
   for path, leaf in jax.tree_util.tree_leaves_with_path(nd):
-    if path[-1].key != "kernel":
+    if path[-1].key not in ("kernel", "gating_w"):
       np.testing.assert_array_equal(leaf, 0.0, err_msg=jax.tree_util.keystr(path))
   want = np.linalg.norm(np.asarray(params["query"]["kernel"]), axis=0)
   np.testing.assert_allclose(np.linalg.norm(nd["query"]["kernel"], axis=0), want, rtol=1e-12)

@@ -133,9 +133,14 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   rules = spatial.leaf_rules(None, op.params)
-  # A weight, or a kernel whose bias shows PyTorch's layout (Hugging Face's Conv1D (out, in)).
+  # As the averaging reads them: a weight, or a kernel whose bias shows PyTorch's layout (Hugging
+  # Face's Conv1D (out, in)), output axis first; a Haiku b beside its w, a bias.
   params = [
-    "weight" if spatial.reads_output_first(r) else _evidence.param_name(x.path)
+    "weight"
+    if spatial.reads_output_first(r)
+    else "bias"
+    if isinstance(r, spatial.FlaxDefault) and r.param == "bias"
+    else _evidence.param_name(x.path)
     for x, r in zip(infos, rules, strict=True)
   ]
   roles = []
@@ -168,8 +173,9 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   """The axes that index one filter of a leaf besides its layer axes; ``None``: zeroed.
 
   A ``bias`` or ``scale`` of any rank (a ``DenseGeneral``/attention ``(heads, head_dim)`` bias,
-  a ``LayerNorm`` scale over two feature axes, a stack's unnamed ``(layers, features)`` bias) is
-  zeroed like a 1-D one, as are leaves with fewer than two axes besides their layer axes.
+  a ``LayerNorm`` scale over two feature axes, a stack's unnamed ``(layers, features)`` bias;
+  Haiku's ``b`` or ``<name>_b`` beside its ``w`` or ``<name>_w``) is zeroed like a 1-D one, as
+  are leaves with fewer than two axes besides their layer axes.
   An attention projection (a ``DenseGeneral`` kernel ``(*in, *out)`` with a heads axis) has a
   filter per output unit: per head and ``head_dim`` entry for a query/key/value kernel ``(embed,
   heads, head_dim)``, per ``embed`` entry for the output kernel ``(heads, head_dim, embed)``. Its
