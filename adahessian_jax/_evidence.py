@@ -990,9 +990,12 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
 
 
 #: Words (of a name split at "_") that make a leaf a table with a row per token or position:
-#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``.
+#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``; and
+#: learned rows of other kinds: a Perceiver's ``latents``, a DETR's ``queries``, prefix- and
+#: prompt-tuning's ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``.
 _TABLE_WORDS = frozenset(
   ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
+  + ("latent", "latents", "queries", "prefix", "prompt", "prompts", "registers", "codebook")
 )
 
 

@@ -1544,6 +1544,24 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
   assert not spatial.describe(params, block_size=1).ambiguous  # nothing averaged: no guess
 
 
+def test_learned_rows_of_other_kinds_keep_their_rows_apart():
+  # A Perceiver's latents (num_latents, d), a DETR's raw queries, prefix tuning's prefix, a
+  # VQ-VAE's codebook: by rank each was a Dense kernel, blocked along axis 0, across the rows,
+  # unflagged.
+  params = {
+    "latents": jnp.zeros((6, 8)),
+    "queries": jnp.zeros((5, 8)),
+    "prefix": jnp.zeros((4, 8)),
+    "codebook": jnp.zeros((16, 8)),
+    "proj": {"kernel": jnp.zeros((8, 8))},
+  }
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  for key in ("latents", "queries", "prefix", "codebook"):
+    row = rows[f"['{key}']"]
+    assert row.rule == spatial.blocks(4, axis=1) and not row.ambiguous, key
+  assert rows["['proj']['kernel']"].rule == spatial.blocks(4, axis=0)
+
+
 def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
   # ViT's class token (1, 1, features): a Conv kernel, a DenseGeneral kernel and a stack of layers
   # all average nothing there, but strict mode refused it as a guess, even at block_size 1.
