@@ -279,7 +279,7 @@ def bias_tables(paths, roles) -> set[int]:
     if roles[i] is None or param_name(path) not in ("embedding", "table"):
       continue
     module = _module_keys(path)
-    words = {*str(_key_name(path[-1])).lower().replace("/", ".").split(".")[-1].split("_")}
+    words = set(str(_leaf_name(path)).lower().split("_"))
     if module:
       words |= set(str(module[-1]).lower().split("_"))
     if "bias" in words:
@@ -301,15 +301,15 @@ def haiku_biases(paths, roles) -> set[int]:
   """
   named: dict[tuple, set[str]] = {}
   for path in paths:
-    last = _key_name(path[-1]) if path else None
-    if isinstance(last, str):
-      named.setdefault(tuple(_key_name(k) for k in path[:-1]), set()).add(last)
+    last = _leaf_name(path)
+    if last is not None:
+      named.setdefault(_module_keys(path), set()).add(last)
   found = set()
   for i, path in enumerate(paths):
-    last = _key_name(path[-1]) if path else None
-    if roles[i] is None or not isinstance(last, str) or not (last == "b" or last.endswith("_b")):
+    last = _leaf_name(path)
+    if roles[i] is None or last is None or not (last == "b" or last.endswith("_b")):
       continue
-    if last[:-1] + "w" in named[tuple(_key_name(k) for k in path[:-1])]:
+    if last[:-1] + "w" in named[_module_keys(path)]:
       found.add(i)
   return found
 
@@ -331,6 +331,15 @@ _KERNEL_BIAS = (("kernel", "bias"), ("w", "b"))
 
 def _key_name(key: Any) -> Any:
   return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+
+def _leaf_name(path) -> str | None:
+  """A leaf's name: its last key, if a string; of a flattened key (``"Dense_0/kernel"``,
+  ``"blocks.0.fc.weight"``), its last part."""
+  last = _key_name(path[-1]) if path else None
+  if not isinstance(last, str):
+    return None
+  return last.replace("/", ".").rsplit(".", 1)[-1] or last
 
 
 def _module_keys(path) -> tuple:
@@ -433,6 +442,26 @@ def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
   return found
 
 
+def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
+  """``(module, weight, bias, True)`` for each leaf whose name has the word ``weight`` and other
+  words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
+  ``weight`` (``in_proj_bias``, ``bias_ih_l0``)."""
+  by_name: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    name = _leaf_name(path)
+    if name is not None:
+      by_name.setdefault(_module_keys(path), {})[name] = i
+  pairs = []
+  for module, members in by_name.items():
+    for name, w in members.items():
+      words = name.split("_")
+      if "weight" in words and len(words) > 1:
+        bias = "_".join("bias" if x == "weight" else x for x in words)
+        if bias in members:
+          pairs.append((module, w, members[bias], True))
+  return pairs
+
+
 def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
   """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
 
@@ -445,31 +474,37 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
   square one beside its bias fits both layouts; it is read as the nearest others show (those
   under the nearest module above it that holds any that show a layout): PyTorch's where some
   show it and none Flax's (a rank-2 kernel beside a bias of its last axis and not its first). A
-  ``weight``'s layout is not a kernel's: only kernels show it for a square kernel.
+  ``weight``'s layout is not a kernel's: only kernels show it for a square kernel. A name with
+  the word ``weight`` pairs with the same name with ``bias`` for it (PyTorch's ``in_proj_weight``
+  and ``in_proj_bias``, an LSTM's ``weight_ih_l0`` and ``bias_ih_l0``).
 
   Returns:
     The leaves read output axis first, and the square kernels whose nearest others show both
     layouts (a guess).
   """
-  found, square = set(), {}
-  shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
+  pairs = []  # (module, weight or kernel, its bias, whether a weight)
   for module, members in _by_module(paths).items():
     for weight, bias in (("weight", "bias"), *_KERNEL_BIAS):
-      w, b = members.get(weight), members.get(bias)
-      if w is None or b is None or roles[w] is None:
-        continue
-      k, v = shapes[w], shapes[b]
-      if len(k) == 2 and v == k[:1] and k[0] == k[1]:
-        square[w] = (module, weight == "weight")
-        continue
-      if weight != "weight" and len(k) == 2 and v == k[1:]:
-        shown.append((module, "flax"))
-      if weight != "weight" and (len(k) != 2 or v != k[:1]):
-        continue
-      flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
-      if len(_torch_stacks(k, v)) == 1 and not flax:
-        found.add(w)
-        shown.append((module, "weight" if weight == "weight" else "torch"))
+      if weight in members and bias in members:
+        pairs.append((module, members[weight], members[bias], weight == "weight"))
+  pairs += _named_weight_pairs(paths)
+  found, square = set(), {}
+  shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
+  for module, w, b, is_weight in pairs:
+    if roles[w] is None:
+      continue
+    k, v = shapes[w], shapes[b]
+    if len(k) == 2 and v == k[:1] and k[0] == k[1]:
+      square[w] = (module, is_weight)
+      continue
+    if not is_weight and len(k) == 2 and v == k[1:]:
+      shown.append((module, "flax"))
+    if not is_weight and (len(k) != 2 or v != k[:1]):
+      continue
+    flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
+    if len(_torch_stacks(k, v)) == 1 and not flax:
+      found.add(w)
+      shown.append((module, "weight" if is_weight else "torch"))
   below: dict[tuple[tuple, bool], set[str]] = {}  # (module prefix, kernels only) -> layouts
   for m, x in shown:
     for n in range(len(m) + 1):
@@ -1022,11 +1057,9 @@ def param_name(path) -> str | None:
   (a PyTorch state dict) is a ``"weight"``, ``"Dense_0/bias"``
   (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
   """
-  last = path[-1] if path else None
-  name = getattr(last, "key", getattr(last, "name", None))
-  if not isinstance(name, str):
+  name = _leaf_name(path)
+  if name is None:
     return None
-  name = name.replace("/", ".").rsplit(".", 1)[-1] or name
   words = set(name.lower().split("_"))
   if _TABLE_WORDS & words:  # a table's name; with another word (w_embed), maybe a kernel's
     return "embedding" if words <= _TABLE_NAME_WORDS else "table"

@@ -1544,6 +1544,34 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
   assert not spatial.describe(params, block_size=1).ambiguous  # nothing averaged: no guess
 
 
+def test_a_pytorch_weight_of_another_name_is_settled_by_its_bias_of_that_name():
+  # torch.nn.MultiheadAttention's in_proj_weight (3E, E) beside in_proj_bias (3E,), an LSTM's
+  # weight_ih_l0 beside bias_ih_l0: only a plain weight was paired with a plain bias, so these
+  # stayed guesses at block_size > 1 (their reading, blocks along axis 1, was right) and init
+  # warned on every converted PyTorch transformer or LSTM. Flattened keys pair the same way.
+  params = {
+    "attn": {"in_proj_weight": jnp.zeros((24, 8)), "in_proj_bias": jnp.zeros(24)},
+    "lstm": {
+      "weight_ih_l0": jnp.zeros((16, 6)),
+      "bias_ih_l0": jnp.zeros(16),
+      "weight_hh_l0": jnp.zeros((16, 4)),
+      "bias_hh_l0": jnp.zeros(16),
+    },
+    "rnn.weight_ih_l0": jnp.zeros((16, 6)),
+    "rnn.bias_ih_l0": jnp.zeros(16),
+    "alone": {"in_proj_weight": jnp.zeros((24, 8))},  # no bias: still a guess
+  }
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  for path in (
+    "['attn']['in_proj_weight']",
+    "['lstm']['weight_ih_l0']",
+    "['lstm']['weight_hh_l0']",
+    "['rnn.weight_ih_l0']",
+  ):
+    assert rows[path].rule == spatial.blocks(2, axis=1) and not rows[path].ambiguous, path
+  assert rows["['alone']['in_proj_weight']"].ambiguous
+
+
 def test_learned_rows_of_other_kinds_keep_their_rows_apart():
   # A Perceiver's latents (num_latents, d), a DETR's raw queries, prefix tuning's prefix, a
   # VQ-VAE's codebook: by rank each was a Dense kernel, blocked along axis 0, across the rows,
