@@ -49,7 +49,9 @@ def main():
     logits = model.apply({"params": params}, xb)
     return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
-  tx = adahessian_jax.adahessian(learning_rate=args.lr, weight_decay=1e-4)
+  # The recommended configuration (README). With the paper's exact rule (no floor, no clip) this
+  # run's loss rose from 2.3 to a mean of 27 over its first 10 steps before it fell.
+  tx = adahessian_jax.adahessian(args.lr, weight_decay=1e-4, curvature_floor=0.3, update_clip=0.05)
   opt_state = tx.init(params)
   # The fused route: loss, gradient and Hessian-diagonal estimate in one pass.
   value_grad_hdiag = adahessian_jax.value_grad_and_hessian_diag(loss_fn)
