@@ -146,6 +146,20 @@ def adahessian(
   (or a precomputed ``hessian_diag``) to ``update``; see
   :func:`adahessian_jax.scale_by_adahessian`.
 
+  Example, with the recommended stabilizers (the README's configuration; the
+  defaults are the paper's exact rule, which a near-zero curvature estimate can
+  send to a step of ``lr·g/eps``)::
+
+    tx = adahessian_jax.adahessian(0.15, curvature_floor=0.3, update_clip=0.05)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = tx.update(
+          grads, opt_state, params, value_fn=lambda p: loss_fn(p, batch))
+      return optax.apply_updates(params, updates), opt_state, loss
+
   Args:
     learning_rate: A finite float >= 0 or an optax schedule. The default 0.15 is the
       official image-classification code's; the paper used 0.047 with
@@ -158,9 +172,10 @@ def adahessian(
       finite and >= 0.
     hessian_power: The power ``k`` in [0, 1] of the Hessian-diagonal term.
     curvature_floor: Per-leaf relative floor ``α`` of the Hessian diagonal
-      (0: the paper's rule); see :func:`adahessian_jax.scale_by_adahessian`.
+      (0: the paper's rule; recommended 0.3); see
+      :func:`adahessian_jax.scale_by_adahessian`.
     update_clip: Elementwise bound ``ρ`` of the preconditioned update before
-      the learning rate (``None``: the paper's rule).
+      the learning rate (``None``: the paper's rule; recommended 0.05).
     weight_decay_mask: A pytree of booleans like the params (or a prefix of
       them), or a callable returning one, selecting which leaves are decayed;
       ``init`` checks it against the params, naming an entry that does not fit.
