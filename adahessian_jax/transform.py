@@ -307,6 +307,10 @@ def _sum_dtype(x: jax.Array) -> Any:
 
 
 #: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
+_NNX = (
+  "With an nnx.Optimizer, whose value_fn receives an nnx.State: optimizer.update(model, grads, "
+  "value_fn=adahessian_jax.nnx.value_fn(model, loss_fn, *args))."
+)
 _DROPPED = (
   "If you passed one, a wrapper dropped it on the way: optax passes extra arguments only through "
   "optax.GradientTransformationExtraArgs, which optax.MultiSteps is not (put it outermost, "
@@ -335,7 +339,7 @@ def _check_call(
     )
     raise ValueError(
       f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}.{got} "
-      f"{HINT} {_DROPPED}"
+      f"{HINT} {_NNX} {_DROPPED}"
     )
 
 

@@ -344,3 +344,15 @@ def test_a_loss_of_the_helpers_closing_over_the_model_says_to_use_the_module_it_
     with pytest.raises(error) as e:
       call()
     assert fix in " ".join([str(e.value), *getattr(e.value, "__notes__", [])])
+
+
+def test_an_update_without_the_loss_names_the_nnx_helper():
+  # optimizer.update(model, grads), Adam's call, was told to call tx.update(grads, opt_state,
+  # params, value_fn=lambda p: loss_fn(p, batch)), which an nnx.Optimizer user cannot write.
+  x, y = data()
+  model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  grads = nnx.grad(loss_fn)(model, x, y)
+  fix = r"optimizer.update\(model, grads, value_fn=adahessian_jax.nnx.value_fn\(model, loss_fn"
+  with pytest.raises(ValueError, match=fix):
+    optimizer.update(model, grads)
