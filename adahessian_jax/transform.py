@@ -306,11 +306,12 @@ def _sum_dtype(x: jax.Array) -> Any:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-#: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
+#: The call for an ``nnx.Optimizer``, whose ``value_fn`` takes an ``nnx.State``.
 _NNX = (
   "With an nnx.Optimizer, whose value_fn receives an nnx.State: optimizer.update(model, grads, "
   "value_fn=adahessian_jax.nnx.value_fn(model, loss_fn, *args))."
 )
+#: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
 _DROPPED = (
   "If you passed one, a wrapper dropped it on the way: optax passes extra arguments only through "
   "optax.GradientTransformationExtraArgs, which optax.MultiSteps is not (put it outermost, "
