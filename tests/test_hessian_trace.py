@@ -128,6 +128,15 @@ def test_stopping_rule_stops_on_the_standard_error(op):
   # Hutch++ reaches the same target with fewer products here.
   pp = hessian.hutchpp_trace(op, jax.random.key(0), sketch_size=20, rtol=0.05, max_samples=5000)
   assert pp.stderr <= 0.05 * abs(pp.trace) and abs(pp.trace - truth) < 4 * pp.stderr
+  assert est.converged and tight.converged and pp.converged
+  # A budget that runs out before the target says so (it returned the same fields as a success).
+  short = hessian.hutchinson_trace(op, jax.random.key(0), rtol=0.02, max_samples=12)
+  assert short.num_samples == 12 and short.stderr > 0.02 * abs(short.trace)
+  assert not short.converged
+  short_pp = hessian.hutchpp_trace(
+    op, jax.random.key(0), sketch_size=2, rtol=1e-4, min_samples=4, max_samples=4
+  )
+  assert not short_pp.converged
 
 
 def test_zero_variance_stops_at_min_samples():

@@ -59,12 +59,17 @@ class TraceEstimate(NamedTuple):
     num_samples: Hutchinson samples averaged (the residual ones for Hutch++,
       the leave-one-out estimates for XTrace; 0 when XTrace computes the
       trace exactly from the ``n`` products ``H e_j``).
+    converged: Whether the standard error met the target ``max(atol, rtol·|trace|)`` of
+      :func:`hutchinson_trace` and :func:`hutchpp_trace` (``False``: the sample budget
+      ``max_samples`` ran out first); ``True`` for exact results and for :func:`xtrace`, which
+      has a budget and no target.
   """
 
   trace: float
   stderr: float
   num_matvecs: int
   num_samples: int
+  converged: bool = True
 
 
 @jax.jit
@@ -94,7 +99,7 @@ def _sampled_trace(op, key, offset, *stopping):
   samples drawn.
   """
   rtol, atol, min_samples, max_samples, block_size = _stopping(op, *stopping)
-  samples = []
+  samples, met = [], False
   for keys in key_blocks(key, max_samples, block_size):
     z = op.probes(keys)
     samples.append(np.asarray(_quadratic_forms(z, op.matmat(z)), dtype=np.float64))
@@ -102,10 +107,11 @@ def _sampled_trace(op, key, offset, *stopping):
     _checks.finite(samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)")
     if x.size >= max(min_samples, 2):
       se = x.std(ddof=1) / np.sqrt(x.size)
-      if se <= max(atol, rtol * abs(offset + x.mean())):
+      met = bool(se <= max(atol, rtol * abs(offset + x.mean())))
+      if met:
         break
   m = x.size
-  return TraceEstimate(offset + float(x.mean()), float(x.std(ddof=1) / np.sqrt(m)), m, m)
+  return TraceEstimate(offset + float(x.mean()), float(x.std(ddof=1) / np.sqrt(m)), m, m, met)
 
 
 def hutchinson_trace(
@@ -138,7 +144,8 @@ def hutchinson_trace(
     block_size: Probes per block product (default ``op.block_size``).
 
   Returns:
-    A :class:`TraceEstimate`; ``stderr`` is the sample standard error.
+    A :class:`TraceEstimate`; ``stderr`` is the sample standard error, ``converged`` whether it
+    met the target before ``max_samples``.
 
   Raises:
     ValueError: for a tolerance or count out of range.
