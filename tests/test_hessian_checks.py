@@ -155,6 +155,10 @@ def test_a_loss_of_the_params_alone_says_to_take_the_batch():
   params, batch = mlp()
   with pytest.raises(TypeError, match=r"loss_fn\(params, batch\).*lambda p, b: loss\(p, b\)"):
     hessian.hessian_operator(lambda p: mlp_loss(p, batch), params, batch)
+  # A loss(params, x, y) given the batch (x, y): the fix unpacks it.
+  x, y = batch
+  with pytest.raises(TypeError, match=r"lambda p, b: loss\(p, \*b\) for a loss\(params, x, y\)"):
+    hessian.hessian_operator(lambda p, xb, yb: mlp_loss(p, (xb, yb)), params, (x, y))
 
 
 @pytest.mark.parametrize(

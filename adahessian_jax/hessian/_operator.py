@@ -905,7 +905,8 @@ def hessian_operator(
     {},
     "loss_fn(params, batch)",
     "The operator evaluates it on each batch: give it the batch as its second argument, "
-    "lambda p, b: loss(p, b) (not the optimizer's value_fn, lambda p: loss(p, batch)).",
+    "lambda p, b: loss(p, b), or lambda p, b: loss(p, *b) for a loss(params, x, y) and a batch "
+    "(x, y) (not the optimizer's value_fn, lambda p: loss(p, batch)).",
   )
   try:
     value = jax.eval_shape(loss_fn, params, data[0])
