@@ -719,7 +719,11 @@ def _axes_arg(name: str, axes: Any) -> tuple[int, ...]:
 
 
 def none() -> Rule:
-  """No averaging."""
+  """No averaging: every entry keeps its own estimate (the rule of biases and scales).
+
+  Returns:
+    A :class:`Rule` that returns its input unchanged.
+  """
   return NoAveraging()
 
 
