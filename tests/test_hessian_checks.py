@@ -114,6 +114,44 @@ def test_counts_and_sizes_are_checked_with_one_wording(ops, call, message):
     call(good)
 
 
+KEYED = {
+  "top_eigenvalues": lambda op, key: hessian.top_eigenvalues(op, key=key),
+  "power_iteration": lambda op, key: hessian.power_iteration(op, key=key),
+  "hutchinson_trace": hessian.hutchinson_trace,
+  "hutchpp_trace": hessian.hutchpp_trace,
+  "xtrace": hessian.xtrace,
+  "hutchinson_diagonal_estimate": hessian.hutchinson_diagonal_estimate,
+  "xdiag": hessian.xdiag,
+  "spectral_density": hessian.spectral_density,
+  "layer_breakdown": hessian.layer_breakdown,
+  "track_curvature": lambda op, key: hessian.track_curvature(op, key=key),
+  "random_direction": hessian.random_direction,
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEYED))
+def test_a_key_that_is_not_one_prng_key_is_named_before_any_product(ops, name):
+  # An int seed failed deep in jax.random ("invalid PRNG key data ... Got 0"), a batch of keys
+  # with "split accepts a single key": neither named the argument or the fix.
+  _, bad, calls = ops
+  calls.clear()
+  with pytest.raises(ValueError, match=r"key must be a single PRNG key, got 0 of type int; pass "):
+    KEYED[name](bad, 0)
+  keys = jax.random.split(jax.random.key(0), 3)
+  with pytest.raises(ValueError, match=r"got a batch of typed keys of shape \(3,\); pass one key"):
+    KEYED[name](bad, keys)
+  with pytest.raises(ValueError, match=r"a batch of raw keys of shape \(3, 2\)"):
+    KEYED[name](bad, jax.random.key_data(keys))
+  assert calls == []
+
+
+def test_a_raw_key_is_the_typed_key_it_holds(ops):
+  good, _, _ = ops
+  raw = jax.random.PRNGKey(3)
+  typed = hessian.xtrace(good, jax.random.wrap_key_data(raw), 8)
+  assert hessian.xtrace(good, raw, 8) == typed
+
+
 def test_counts_may_be_integer_arrays_and_reals_may_not_be_traced(ops):
   good, _, _ = ops
   # A 0-d integer array is a count like the int it holds; a traced real cannot be checked.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
@@ -99,6 +100,35 @@ def real(tree: Any, what: str) -> None:
         "vectors, and a cast to the params' dtype would drop the imaginary part. Pass the real "
         "part (or the parts) explicitly."
       )
+
+
+def prng_key(key: Any, what: str = "key") -> jax.Array:
+  """Returns ``key`` if it is one PRNG key, typed (``jax.random.key``) or raw
+  (``jax.random.PRNGKey``); else raises ``ValueError`` naming ``what``, the value and the fix.
+
+  Without it an int seed, a batch of keys or raw data of another dtype failed deep inside
+  ``jax.random`` ("invalid PRNG key data ... Got 0", "split accepts a single key"), naming
+  neither the argument nor the fix.
+  """
+  dtype, many = getattr(key, "dtype", None), False
+  if dtype is None:
+    got = f"{key!r} of type {type(key).__name__}"
+  elif jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if np.shape(key) == ():
+      return key
+    many, got = True, f"a batch of typed keys of shape {np.shape(key)}"
+  else:
+    shape, raw = tuple(np.shape(key)), tuple(np.shape(jax.random.key_data(jax.random.key(0))))
+    if shape == raw and dtype == np.uint32:
+      return key
+    many = dtype == np.uint32 and len(shape) > len(raw) and shape[-len(raw) :] == raw
+    got = f"{'a batch of raw keys' if many else 'an array'} of shape {shape} and dtype {dtype}"
+  fix = (
+    "pass one key: the function splits it into as many as it needs"
+    if many
+    else "pass jax.random.key(seed)"
+  )
+  raise ValueError(f"{what} must be a single PRNG key, got {got}; {fix}.")
 
 
 class NonFiniteError(FloatingPointError):

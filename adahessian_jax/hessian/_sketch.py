@@ -192,6 +192,7 @@ def exchangeable_estimate(
     NonFiniteError: if a product is not finite.
   """
   num_matvecs = _validation.count("num_matvecs", num_matvecs, 4)
+  key = _checks.prng_key(key)
   if num_matvecs >= op.size:  # H e_j for every j: tr(H) and diag(H) exactly
     value = exact(*basis_products(op))
     return value, jnp.zeros_like(value), op.size, 0

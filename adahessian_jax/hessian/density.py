@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from adahessian_jax import _validation
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import lanczos, tridiagonal_eigh
 from adahessian_jax.hessian._operator import HessianOperator
 
@@ -124,6 +125,7 @@ def spectral_density(
   num_points = _validation.count("num_points", num_points, 2)
   if sigma is not None:
     sigma = _validation.positive("sigma", sigma)
+  key = _checks.prng_key(key)
   dec = lanczos(op, op.rademacher(key, num_probes), num_steps)
   nodes, weights = [], []
   for a, b in zip(dec.alphas, dec.betas, strict=True):

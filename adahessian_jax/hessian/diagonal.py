@@ -154,6 +154,7 @@ def hutchinson_diagonal_estimate(
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   total = shift = mean_dev = m2 = None
   count = 0
+  key = _checks.prng_key(key)
   for keys in key_blocks(key, num_samples, block_size):
     x = hutchinson_samples(op, keys)
     if shift is None:

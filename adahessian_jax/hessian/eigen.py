@@ -227,7 +227,7 @@ def top_eigenvalues(
   tol = _validation.positive("tol", tol)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
-  key = jax.random.key(0) if key is None else key
+  key = _checks.prng_key(jax.random.key(0) if key is None else key)
   eig = _lanczos_eigen(op, k, which, key, v0, tol, max_iter, stop_on)
   if not (check_repeated and k >= 2 and k < op.size and np.all(eig.converged)):
     return eig
@@ -482,7 +482,7 @@ def power_iteration(
   max_iter = _validation.count("max_iter", max_iter)
   tol = _validation.positive("tol", tol)
   floor = breakdown_tolerance(op.size, op.dtype)
-  key = jax.random.key(0) if key is None else key
+  key = _checks.prng_key(jax.random.key(0) if key is None else key)
   found = jnp.zeros((k, op.size), op.dtype)
   values, converged, matvecs = [], [], 0
   for i, ki in enumerate(jax.random.split(key, k)):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator, key_blocks, part_name
 from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian._stacks import layer_axes_of, layer_slices
@@ -148,7 +149,7 @@ def layer_breakdown(
   num_samples = _validation.count("num_samples", num_samples, 2)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   parts = _parts(op, layer_axes)
-  k_trace, k_eig = jax.random.split(key)
+  k_trace, k_eig = jax.random.split(_checks.prng_key(key))
   blocks = key_blocks(k_trace, num_samples, block_size)
   seg = np.empty(op.size, np.int32)
   for i, part in enumerate(parts):

@@ -151,6 +151,7 @@ def hutchinson_trace(
     ValueError: for a tolerance or count out of range.
     NonFiniteError: at the first non-finite sample (e.g. a NaN loss).
   """
+  key = _checks.prng_key(key)
   return _sampled_trace(op, key, 0.0, rtol, atol, min_samples, max_samples, block_size)
 
 
@@ -197,6 +198,7 @@ def hutchpp_trace(
   if unknown:
     raise TypeError(f"hutchpp_trace got unknown arguments {sorted(unknown)}; see hutchinson_trace")
   args.update(stopping)
+  key = _checks.prng_key(key)
   checked = _stopping(op, **args)  # before any exact case returns
   s = _validation.count("sketch_size", sketch_size, 0)
   if s > 0 and 2 * s >= op.size:  # the sketch alone would cost n products: take H e_j
