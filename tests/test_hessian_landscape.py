@@ -383,6 +383,28 @@ def test_bad_steps_and_directions_are_refused(op, kwargs, message):
     hessian.loss_landscape_1d(op, **kwargs)
 
 
+def test_2d_directions_that_are_not_a_pair_are_named(op):
+  # The MLP's params have two top-level entries: one direction like them has length 2, and its
+  # keys were read as the two directions ("directions[0] ... is a single value of shape ()").
+  params, _ = mlp()
+  d = jax.tree.map(jnp.ones_like, params)
+  one = "got one direction shaped like the params; for the loss along one direction use loss_"
+  for bad, message in [
+    (d, one),
+    (jnp.ones(op.size), one),
+    ((d, d, d), "got a tuple of 3"),
+    ((x for x in (d, d)), "got a generator"),
+    (jnp.ones((3, op.size)), r"got an array of shape \(3, 75\)"),
+  ]:
+    with pytest.raises(ValueError, match=r"directions must be a pair \(d1, d2\) .*" + message):
+      hessian.loss_landscape_2d(op, [0.0], [0.0], bad)
+  # A pair of either kind, a list or an array of 2 rows, is the same plane.
+  rows = jnp.stack([jnp.ones(op.size), op.ravel(d) * 0.5])
+  want = hessian.loss_landscape_2d(op, [0.5], [1.0], (d, rows[1])).losses
+  np.testing.assert_allclose(hessian.loss_landscape_2d(op, [0.5], [1.0], rows).losses, want)
+  np.testing.assert_allclose(hessian.loss_landscape_2d(op, [0.5], [1.0], [d, rows[1]]).losses, want)
+
+
 def test_a_nan_loss_at_the_point_is_a_non_finite_error():
   params, batch = mlp()
   nan_op = hessian.hessian_operator(lambda p, b: mlp_loss(p, b) * jnp.nan, params, batch)

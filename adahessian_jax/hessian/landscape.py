@@ -404,6 +404,37 @@ def _directions(op, directions, k, key, normalize, layer_axes, names):
   )
 
 
+def _check_pair(op: HessianOperator, directions: Any) -> None:
+  """Raises ``ValueError`` unless ``directions`` is ``None`` or a pair ``(d1, d2)``.
+
+  A single direction shaped like params with two top-level entries has length 2 too: its
+  entries were read as the two directions, and the error named ``directions[0]`` a single value.
+  """
+  if directions is None:
+    return
+  one = isinstance(directions, jax.Array | np.ndarray) and np.shape(directions) == (op.size,)
+  if not one:
+    try:
+      _checks.like_params(directions, op.params, "directions")
+      one = True
+    except ValueError:
+      pass
+  pair = isinstance(directions, tuple | list) or (
+    isinstance(directions, jax.Array | np.ndarray) and np.ndim(directions) >= 2
+  )
+  if one or not pair or len(directions) != 2:
+    if one:
+      got = "one direction shaped like the params"
+    elif isinstance(directions, jax.Array | np.ndarray):
+      got = f"an array of shape {np.shape(directions)}"
+    else:
+      got = f"a {type(directions).__name__}" + (f" of {len(directions)}" if pair else "")
+    raise ValueError(
+      f"directions must be a pair (d1, d2) of directions (a tuple or list, or an array of 2 rows), "
+      f"got {got}; for the loss along one direction use loss_landscape_1d."
+    )
+
+
 def loss_landscape_1d(
   op: HessianOperator,
   alphas: jax.typing.ArrayLike | Sequence[float],
@@ -463,7 +494,8 @@ def loss_landscape_2d(
     op: The Hessian operator.
     alphas: Coordinates along ``d₁``.
     betas: Coordinates along ``d₂``.
-    directions: Two directions (pytrees or flat arrays); by default the top
+    directions: A pair ``(d1, d2)`` (a tuple or list, or an array of 2 rows) of
+      directions, each a pytree like the params or a flat array; by default the top
       two Hessian eigenvectors (orthonormal).
     normalize: As in :func:`loss_landscape_1d`.
     layer_axes: As in :func:`loss_landscape_1d`.
@@ -479,8 +511,7 @@ def loss_landscape_2d(
   """
   alphas = _steps("alphas", alphas)
   betas = _steps("betas", betas)
-  if directions is not None and len(directions) != 2:
-    raise ValueError("directions must be a pair")
+  _check_pair(op, directions)
   names = ["directions[0]", "directions[1]"]
   dirs = _directions(op, directions, 2, key, normalize, layer_axes, names)
   aa, bb = np.meshgrid(alphas, betas, indexing="ij")
