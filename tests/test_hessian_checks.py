@@ -145,6 +145,23 @@ def test_a_key_that_is_not_one_prng_key_is_named_before_any_product(ops, name):
   assert calls == []
 
 
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"which": "la"}, r"which must be one of \('LA', 'LM', 'SA'\), got 'la'"),
+    ({"tol": 0.0}, "tol must be a finite real number > 0.0, got 0.0"),
+    ({"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
+  ],
+)
+def test_layer_breakdown_checks_its_eigen_arguments_before_the_trace_probes(ops, kwargs, message):
+  # They were checked by the first eigen solve, after num_samples products on every probe.
+  _, bad, calls = ops
+  calls.clear()
+  with pytest.raises(ValueError, match=message):
+    hessian.layer_breakdown(bad, jax.random.key(0), **kwargs)
+  assert calls == []
+
+
 def test_a_raw_key_is_the_typed_key_it_holds(ops):
   good, _, _ = ops
   raw = jax.random.PRNGKey(3)
