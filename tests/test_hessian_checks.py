@@ -162,6 +162,24 @@ def test_layer_breakdown_checks_its_eigen_arguments_before_the_trace_probes(ops,
   assert calls == []
 
 
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (lambda op: hessian.loss_landscape_1d(op, [0.0], chunk=0), "chunk must be an integer"),
+    (lambda op: hessian.loss_landscape_2d(op, [0.0], [0.0], chunk=0), "chunk must be an integer"),
+    (lambda op: hessian.loss_landscape_1d(op.block(3), [0.0]), "needs the loss and data"),
+    (lambda op: hessian.loss_landscape_2d(op.masked(3), [0.0], [0.0]), "needs the loss and data"),
+  ],
+)
+def test_landscapes_check_chunk_and_data_before_the_default_directions(ops, call, message):
+  # They were checked after the top eigenvectors, the default directions, were computed.
+  _, bad, calls = ops
+  calls.clear()
+  with pytest.raises(ValueError, match=message):
+    call(bad)
+  assert calls == []
+
+
 def test_a_raw_key_is_the_typed_key_it_holds(ops):
   good, _, _ = ops
   raw = jax.random.PRNGKey(3)

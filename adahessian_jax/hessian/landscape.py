@@ -368,7 +368,6 @@ def _steps(name: str, values: Any) -> np.ndarray:
 
 def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chunk: int):
   data = op.require_data("a loss landscape")
-  chunk = _validation.count("chunk", chunk)
   _checks.finite(op.loss(), "the loss at the operator's params")
   flat = op.ravel(op.params)
   if op.coordinates is not None:  # a step d in the operator's coordinates moves θ by S d
@@ -468,9 +467,13 @@ def loss_landscape_1d(
 
   Raises:
     NonFiniteError: if the loss at the operator's params is not finite.
-    ValueError: for bad steps, directions or ``normalize`` (see the module docstring).
+    ValueError: for bad steps, directions, ``normalize`` or ``chunk`` (see the module
+      docstring), or an operator without data (a block or masked one), before any product.
   """
   alphas = _steps("alphas", alphas)
+  # Checked before the default direction spends products.
+  op.require_data("a loss landscape")
+  chunk = _validation.count("chunk", chunk)
   given = None if direction is None else [direction]
   dirs = _directions(op, given, 1, key, normalize, layer_axes, ["the direction"])
   losses = _losses(op, dirs, alphas[:, None], chunk)
@@ -507,10 +510,14 @@ def loss_landscape_2d(
 
   Raises:
     NonFiniteError: if the loss at the operator's params is not finite.
-    ValueError: for bad steps, directions or ``normalize`` (see the module docstring).
+    ValueError: for bad steps, directions, ``normalize`` or ``chunk`` (see the module
+      docstring), or an operator without data (a block or masked one), before any product.
   """
   alphas = _steps("alphas", alphas)
   betas = _steps("betas", betas)
+  # Checked before the default directions spend products.
+  op.require_data("a loss landscape")
+  chunk = _validation.count("chunk", chunk)
   _check_pair(op, directions)
   names = ["directions[0]", "directions[1]"]
   dirs = _directions(op, directions, 2, key, normalize, layer_axes, names)
