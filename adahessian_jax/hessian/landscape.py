@@ -65,7 +65,7 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -412,7 +412,7 @@ def _check_pair(op: HessianOperator, directions: Any) -> None:
   if directions is None:
     return
   one = isinstance(directions, jax.Array | np.ndarray) and np.shape(directions) == (op.size,)
-  if not one:
+  if not one and not isinstance(directions, Iterator):  # JAX takes a generator for a leaf
     try:
       _checks.like_params(directions, op.params, "directions")
       one = True
