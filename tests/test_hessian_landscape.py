@@ -329,6 +329,30 @@ def test_plot_landscape_1d_marks_points_a_line_cannot_show(losses, marker):
   plt.close("all")
 
 
+def test_plots_draw_grids_given_in_any_order_in_order():
+  # Grids are the user's: unsorted alphas drew a zig-zag line, and unsorted alphas or betas a
+  # folded contour plot, with no error.
+  matplotlib = pytest.importorskip("matplotlib")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  a, b = np.linspace(-1, 1, 4), np.linspace(-2, 2, 5)
+  losses = np.add.outer(a**2, 0.5 * b**2 + b) + 3.0
+  pa, pb = np.array([2, 0, 3, 1]), np.array([4, 1, 0, 3, 2])
+  line = hessian.plot_landscape_1d(hessian.Landscape1D(a[pa], losses[pa, 0], jnp.zeros(2)))
+  np.testing.assert_array_equal(line.lines[0].get_xdata(), a)
+  np.testing.assert_array_equal(line.lines[0].get_ydata(), losses[:, 0])
+
+  def contours(alphas, betas, z):
+    ax = hessian.plot_landscape_2d(hessian.Landscape2D(alphas, betas, z, jnp.zeros((2, 1))))
+    return [p.vertices for c in ax.collections for p in c.get_paths()]
+
+  want = contours(a, b, losses)
+  got = contours(a[pa], b[pb], losses[np.ix_(pa, pb)])
+  assert len(got) == len(want) and all(np.allclose(x, y) for x, y in zip(got, want, strict=True))
+  plt.close("all")
+
+
 def test_plot_landscape_2d_refuses_what_it_cannot_draw():
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

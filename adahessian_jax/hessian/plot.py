@@ -71,18 +71,21 @@ def plot_landscape_1d(
     **line_kwargs: Passed to ``ax.plot``.
 
   Returns:
-    The axes. Where a finite loss has no finite neighbour (a landscape of one point, or one
+    The axes. The points are joined in order of ``α`` (a grid in another order would draw a
+    zig-zag). Where a finite loss has no finite neighbour (a landscape of one point, or one
     between non-finite losses, which a line alone does not show), every point gets a marker,
     unless ``line_kwargs`` sets ``marker``.
   """
   ax = _axes(ax)
-  finite = np.isfinite(np.asarray(landscape.losses, dtype=np.float64))
+  order = np.argsort(np.asarray(landscape.alphas), kind="stable")
+  alphas, losses = np.asarray(landscape.alphas)[order], np.asarray(landscape.losses)[order]
+  finite = np.isfinite(np.asarray(losses, dtype=np.float64))
   joined = np.zeros_like(finite)
   joined[1:] |= finite[:-1]
   joined[:-1] |= finite[1:]
   if np.any(finite & ~joined):
     line_kwargs = {"marker": "o", **line_kwargs}
-  ax.plot(landscape.alphas, landscape.losses, **line_kwargs)
+  ax.plot(alphas, losses, **line_kwargs)
   ax.set_xlabel("step along direction")
   ax.set_ylabel("loss")
   return ax
@@ -108,14 +111,16 @@ def plot_landscape_2d(
     **contour_kwargs: Passed to ``ax.contourf``.
 
   Returns:
-    The axes. Non-finite losses (a diverged loss far along a direction) are left blank.
+    The axes. Non-finite losses (a diverged loss far along a direction) are left blank; grids
+    in any order are drawn in order of ``α`` and ``β`` (contours of an unsorted grid fold).
 
   Raises:
     ValueError: for a grid with fewer than 2 points along a direction, and with ``log`` for a
       loss ``<= 0`` (naming the first one).
   """
-  alphas, betas = np.asarray(landscape.alphas), np.asarray(landscape.betas)
-  losses = np.asarray(landscape.losses)
+  a, b = np.argsort(landscape.alphas, kind="stable"), np.argsort(landscape.betas, kind="stable")
+  alphas, betas = np.asarray(landscape.alphas)[a], np.asarray(landscape.betas)[b]
+  losses = np.asarray(landscape.losses)[np.ix_(a, b)]
   if alphas.size < 2 or betas.size < 2:
     raise ValueError(
       f"plot_landscape_2d needs at least 2 alphas and 2 betas for a contour plot, got "
