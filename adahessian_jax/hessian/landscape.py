@@ -412,7 +412,8 @@ def _check_pair(op: HessianOperator, directions: Any) -> None:
   if directions is None:
     return
   one = isinstance(directions, jax.Array | np.ndarray) and np.shape(directions) == (op.size,)
-  if not one and not isinstance(directions, Iterator):  # JAX takes a generator for a leaf
+  generator = isinstance(directions, Iterator)  # which JAX's tree functions take for a leaf
+  if not one and not generator:
     try:
       _checks.like_params(directions, op.params, "directions")
       one = True
