@@ -321,6 +321,9 @@ _CLASS_RANKS = {
   ("Dense", "bias"): 1,
   ("Embed", "embedding"): 2,
   ("Conv", "bias"): 1,
+  # One (window * in, out) kernel and one bias (out,) per output position: kept apart, as layers.
+  ("ConvLocal", "kernel"): 2,
+  ("ConvLocal", "bias"): 1,
   ("ConvTranspose", "bias"): 1,
   ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
   ("GroupNorm", "bias"): 1,

@@ -1177,6 +1177,34 @@ def test_a_bias_less_conv_in_an_unnamed_scan_is_not_averaged_across_layers(norm)
     assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_bias_less_conv_local_keeps_its_output_positions_apart(stacked):
+  # nn.ConvLocal's kernel (*out_positions, window * in, out) holds one filter per output
+  # position. Without a bias, its name 'ConvLocal_0' (a word 'conv') made it a Conv kernel for
+  # sure: the mean over axis 0 averaged the filters of all 8 output positions (and of the 3
+  # layers of a scan). One position's kernel has rank 2, as a Dense's.
+  layer = functools.partial(nn.ConvLocal, 6, (3,), use_bias=False)
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      layer()(x)
+      return x, None
+
+  model = Block()
+  if stacked:
+    model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 4)), None)["params"]
+  (row,) = spatial.describe(params, block_size=4).rows
+  assert row.path == "['ConvLocal_0']['kernel']"
+  assert row.shape == (3,) * stacked + (8, 12, 6)
+  assert row.rule == spatial.per_layer(spatial.blocks(4), axes=tuple(range(1 + stacked)))
+  assert row.groups == {4: 3**stacked * 8 * 3 * 6} and not row.ambiguous
+  # The Hessian diagonal of one output position is averaged with no other position's.
+  d = jnp.broadcast_to(jnp.arange(8.0).reshape(8, 1, 1), row.shape)
+  np.testing.assert_array_equal(row.rule(d), d)
+
+
 @pytest.mark.parametrize("layers", [3, 4])
 def test_a_bias_less_conv_beside_a_stack_of_another_size_is_no_guess(layers):
   # A ViT's bias-less patch Conv (4, 4, 3, 16) beside an unnamed nn.scan of its blocks (whose
