@@ -385,7 +385,8 @@ def _stack_count(
   module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
   that is its kernel's trailing axes and cannot be read as repeating its leading ones. A
   PyTorch-layout ``weight`` and its ``bias`` tell the same by the output axis
-  (:func:`_torch_stacks`).
+  (:func:`_torch_stacks`), and ``nnx.LoRA``'s ``lora_a`` ``(in, rank)`` and ``lora_b`` ``(rank,
+  out)`` by their shared rank.
 
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
@@ -401,6 +402,10 @@ def _stack_count(
       return shapes[i][: len(shapes[i]) - rank], (
         f"Linen's name {module[-1]!r} makes it a {cls}, whose {param} has rank {rank}"
       )
+  if "lora_a" in members and "lora_b" in members:  # nnx.LoRA: (in, rank) and (rank, out)
+    a, b = shapes[members["lora_a"]], shapes[members["lora_b"]]
+    if len(a) == len(b) >= 2 and a[:-2] == b[:-2] and a[-1] == b[-2]:
+      return a[:-2], f"its lora_a {a} and lora_b {b} are nnx.LoRA's (in, rank) and (rank, out)"
   for kernel, bias in _KERNEL_BIAS:
     if kernel not in members or bias not in members:
       continue

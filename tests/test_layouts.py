@@ -1415,6 +1415,21 @@ def _check_scan_per_layer(block, features, norm, out, rng):
   return params
 
 
+def test_an_nnx_vmap_of_lora_keeps_its_layers_apart():
+  # nnx.vmap of nnx.LoRA without names: lora_a (layers, in, rank) and lora_b (layers, rank, out)
+  # had no evidence and were taken for 1-D Conv kernels, averaged across the 3 layers (flagged).
+  # One layer's lora_a and lora_b are (in, rank) and (rank, out): the rest is stacked.
+  make = nnx.vmap(lambda r: nnx.LoRA(5, 2, 6, rngs=r), in_axes=0, out_axes=0)
+  lora = nnx.eval_shape(lambda: make(nnx.Rngs(0).split(3)))
+  params = nnx.as_pure(nnx.state(lora, nnx.Param))
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  assert [r.ambiguous for r in rows.values()] == [False, False]
+  assert rows["['lora_a']"].rule == rows["['lora_b']"].rule == spatial.per_layer(spatial.blocks(4))
+  assert rows["['lora_a']"].groups == {4: 3 * 2, 1: 3 * 2}  # inputs 0-3 and 4 of each rank unit
+  single = nnx.as_pure(nnx.state(nnx.eval_shape(lambda: nnx.LoRA(5, 2, 6, rngs=nnx.Rngs(0)))))
+  assert spatial.describe(single, block_size=4).rows[0].rule == spatial.blocks(4)
+
+
 def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   # nn.scan without names over attention built with use_bias=False: the kernels (3, 6, 2, 4) and
   # (3, 2, 4, 6) were taken for 2-D Conv kernels, averaged across the 3 layers (even at block_size
