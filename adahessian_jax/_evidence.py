@@ -543,10 +543,11 @@ def stacks_by_evidence(
   for a 1-D ``Conv`` kernel and average across layers. A module whose automatic Linen name or
   whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
   for every unnamed leaf under the default rule that has them, and so has a Flax attention
-  module's stack that its kernels show (:func:`_attention_stacks`); :func:`in_named_stacks` then
-  passes them to the module's unnamed relatives in the stack, as it does real names. A module
-  that shows it is one layer (a ``Conv_0`` beside a stack of as many layers as its kernel is
-  wide) takes no stacked axes from its relatives.
+  module's stack that its kernels show (:func:`_attention_stacks`), and a module under Linen's
+  automatic name of an ``nn.scan`` (:func:`_scan_stacks`);
+  :func:`in_named_stacks` then passes them to the module's unnamed relatives in the stack, as it
+  does real names. A module that shows it is one layer (a ``Conv_0`` beside a stack of as many
+  layers as its kernel is wide) takes no stacked axes from its relatives.
 
   Returns:
     ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, and the unnamed
@@ -558,6 +559,8 @@ def stacks_by_evidence(
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
   unknown = {module: members for module, members in modules.items() if counts[module][0] is None}
   counts.update(_attention_stacks(unknown, shapes))
+  unknown = {module: members for module, members in unknown.items() if counts[module][0] is None}
+  counts.update(_scan_stacks(unknown, paths, shapes))
   for module, members in modules.items():
     lead, why = counts[module]
     if lead == ():
@@ -570,6 +573,47 @@ def stacks_by_evidence(
       if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
   return found, alone
+
+
+def _is_scan(key: Any) -> bool:
+  """Whether a module key is Linen's automatic name of an ``nn.scan`` of a class
+  (``nn.scan(Block)`` is named ``ScanBlock_0``)."""
+  cls = _linen_class((key,))
+  return cls is not None and cls.startswith("Scan") and cls[4:5].isupper()
+
+
+def _scan_stacks(
+  modules: dict[tuple, dict[str, int]], paths, shapes
+) -> dict[tuple, tuple[tuple[int, ...], str]]:
+  """Stacks shown by Linen's automatic name of the ``nn.scan`` a module sits in.
+
+  ``nn.scan(Block)`` names its instance ``ScanBlock_0`` and stacks every parameter under it
+  along the axis of ``variable_axes`` (0, as scans of layers are written): a block of nothing but
+  bias-less convolutions leaves no other trace, and its ``(layers, kh, kw, in, out)`` kernel
+  would be read as a 3-D convolution's. A module under exactly one such name, every leaf under
+  which has the same first size, has that axis stacked. (``nn.vmap``'s ``VmapBlock_0`` is no
+  such sign: ensembles are also mapped over other axes, ``(in, members, out)``.)
+
+  Returns:
+    ``{module: (the stacked axis's size, why)}`` for the modules in ``modules`` so placed.
+  """
+  keys = [_module_keys(p) for p in paths]
+  found: dict[tuple, tuple[tuple[int, ...], str]] = {}
+  for module in modules:
+    at = [d for d in range(1, len(module) + 1) if _is_scan(module[d - 1])]
+    if len(at) != 1:  # none, or a scan inside a scan: which axes, unknown
+      continue
+    prefix = module[: at[0]]
+    under = [shapes[j] for j, k in enumerate(keys) if k[: len(prefix)] == prefix]
+    firsts = {shape[0] for shape in under if shape}
+    if len(firsts) == 1 and all(under):
+      size = firsts.pop()
+      why = (
+        f"under {prefix[-1]!r}, Linen's name of an nn.scan, whose leaves all have a "
+        f"first axis of {size}: one per layer"
+      )
+      found[module] = ((size,), why)
+  return found
 
 
 def _attention_stacks(
@@ -754,7 +798,8 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       continue
     named = _is_conv_module(k.module)
     beside_bias = k.bias == shape[: k.lead] + shape[-1:]
-    stack_sign = shape[0] in stack_sizes or shape[0] in stacked_norms.get(k.module[:-1], ())
+    first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
+    stack_sign = first in stack_sizes or first in stacked_norms.get(k.module[:-1], ())
     if beside_bias and rank >= 4:
       why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
     elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):

@@ -1066,7 +1066,12 @@ def test_an_unnamed_linen_scan_keeps_its_layers_apart(rng):
     "Linen's name 'Dense_0' makes it a Dense"
     in rows["['ScanUnnamedBlock_0']['Dense_0']['kernel']"].why
   )
-  assert "taken from its named relative" in rows["['ScanUnnamedBlock_0']['up']['kernel']"].why
+  assert "Linen's name of an nn.scan" in rows["['ScanUnnamedBlock_0']['up']['kernel']"].why
+  # Under a name of your own, the scan's name says nothing: 'up' takes the stack from Dense_0.
+  renamed = {"blocks": params["ScanUnnamedBlock_0"], "Dense_0": params["Dense_0"]}
+  rows = {r.path: r for r in spatial.describe(renamed, block_size=2).rows}
+  assert "taken from its named relative" in rows["['blocks']['up']['kernel']"].why
+  assert rows["['blocks']['up']['kernel']"].rule == spatial.per_layer(spatial.blocks(2))
 
 
 def test_what_tells_a_stack_without_names_and_what_does_not():
@@ -1218,6 +1223,36 @@ def test_a_bias_less_conv_beside_a_stack_of_another_size_is_no_guess(layers):
     assert row.rule == spatial.mean_over((0, 1)) and not row.ambiguous
   else:  # a stack of 4 1-D Convs has this kernel too: a guess
     assert row.ambiguous
+
+
+class BiasLessConvBlock(nn.Module):
+  """A residual block of nothing but a bias-less Conv."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Conv(x.shape[-1], (3, 3), use_bias=False)(x), None
+
+
+def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
+  # nn.scan(Block) of nothing but a bias-less Conv: no bias, norm or name showed the stack, so its
+  # kernel (4, 3, 3, 8, 8) was a 3-D Conv kernel by its name, averaged across the 4 layers,
+  # unflagged. Linen names the scan ScanBiasLessConvBlock_0.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(
+        BiasLessConvBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=4
+      )
+      return scan()(x, None)[0]
+
+  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
+  (row,) = spatial.describe(params, block_size=2).rows
+  assert row.rule == spatial.per_layer(spatial.mean_over((0, 1))) and not row.ambiguous
+  assert row.groups == {9: 4 * 64}
+  # Under a name you chose the scan leaves no trace: the 3-D reading, as documented.
+  renamed = {"blocks": params["ScanBiasLessConvBlock_0"]}
+  (row,) = spatial.describe(renamed, block_size=2).rows
+  assert row.rule == spatial.mean_over((0, 1, 2))
 
 
 def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
