@@ -299,18 +299,12 @@ def haiku_biases(paths, roles) -> set[int]:
   Returns:
     The indices of these leaves under the default rule.
   """
-  named: dict[tuple, set[str]] = {}
-  for path in paths:
-    last = _leaf_name(path)
-    if last is not None:
-      named.setdefault(_module_keys(path), set()).add(last)
   found = set()
-  for i, path in enumerate(paths):
-    last = _leaf_name(path)
-    if roles[i] is None or last is None or not (last == "b" or last.endswith("_b")):
-      continue
-    if last[:-1] + "w" in named[_module_keys(path)]:
-      found.add(i)
+  for members in _by_leaf_name(paths).values():
+    for name, i in members.items():
+      if roles[i] is not None and (name == "b" or name.endswith("_b")):
+        if name[:-1] + "w" in members:
+          found.add(i)
   return found
 
 
@@ -356,6 +350,17 @@ def _module_keys(path) -> tuple:
     if head and tail:
       keys += tuple(head.split("."))
   return keys
+
+
+def _by_leaf_name(paths) -> dict[tuple, dict[str, int]]:
+  """``{module path: {leaf name: leaf index}}`` by the leaves' own names (:func:`_leaf_name`),
+  where :func:`_by_module` keys them by what :func:`param_name` reads them as."""
+  modules: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    name = _leaf_name(path)
+    if name is not None:
+      modules.setdefault(_module_keys(path), {})[name] = i
+  return modules
 
 
 def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tuple, dict[str, int]]:
@@ -454,13 +459,8 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
   """``(module, weight, bias, True)`` for each leaf whose name has the word ``weight`` and other
   words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
   ``weight`` (``in_proj_bias``, ``bias_ih_l0``)."""
-  by_name: dict[tuple, dict[str, int]] = {}
-  for i, path in enumerate(paths):
-    name = _leaf_name(path)
-    if name is not None:
-      by_name.setdefault(_module_keys(path), {})[name] = i
   pairs = []
-  for module, members in by_name.items():
+  for module, members in _by_leaf_name(paths).items():
     for name, w in members.items():
       words = name.split("_")
       if "weight" in words and len(words) > 1:
@@ -598,16 +598,19 @@ def _scan_stacks(
     ``{module: (the stacked axis's size, why)}`` for the modules in ``modules`` so placed.
   """
   keys = [_module_keys(p) for p in paths]
+  sizes: dict[tuple, int | None] = {}  # scan's module path -> the first size all its leaves share
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
   for module in modules:
     at = [d for d in range(1, len(module) + 1) if _is_scan(module[d - 1])]
     if len(at) != 1:  # none, or a scan inside a scan: which axes, unknown
       continue
     prefix = module[: at[0]]
-    under = [shapes[j] for j, k in enumerate(keys) if k[: len(prefix)] == prefix]
-    firsts = {shape[0] for shape in under if shape}
-    if len(firsts) == 1 and all(under):
-      size = firsts.pop()
+    if prefix not in sizes:
+      under = [shapes[j] for j, k in enumerate(keys) if k[: len(prefix)] == prefix]
+      firsts = {shape[0] for shape in under if shape}
+      sizes[prefix] = firsts.pop() if len(firsts) == 1 and all(under) else None
+    size = sizes[prefix]
+    if size is not None:
       why = (
         f"under {prefix[-1]!r}, Linen's name of an nn.scan, whose leaves all have a "
         f"first axis of {size}: one per layer"
