@@ -385,3 +385,19 @@ def test_a_later_measurement_compiles_nothing_whatever_its_step_count():
     np.testing.assert_allclose(three.eigenvalues, ev[:3] * (1 + 0.1 * seed), rtol=1e-6)
     steps |= {one.num_matvecs, three.num_matvecs}
   assert len(steps) >= 4  # the step counts differ from measurement to measurement
+
+
+def test_a_pair_the_check_for_repeated_eigenvalues_adds_reports_its_residual_on_h():
+  """Eigenvalue 5 threefold above 12 in about [-2, 2], k = 5 by magnitude at tol = 1e-5: the
+  copies of 5 come from the deflated runs, whose residual is that of the deflated Hessian and
+  misses the part of H y along the pairs found (their residuals, up to tol·5). It was reported
+  10x below the true ‖H y − θ y‖."""
+  ev = np.concatenate([[5.0, 5.0, 5.0], np.random.default_rng(0).normal(size=12)])
+  params, a = quadratic(ev, 0)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  got = hessian.top_eigenvalues(op, 5, which="LM", tol=1e-5)
+  np.testing.assert_allclose(got.eigenvalues[:3], 5.0, rtol=1e-8)
+  vecs = np.asarray(got.eigenvectors_flat)
+  true = np.linalg.norm(vecs @ np.asarray(a) - got.eigenvalues[:, None] * vecs, axis=1)
+  np.testing.assert_allclose(got.residuals, true, rtol=1e-6, atol=1e-13)
+  assert np.all(true[got.converged] <= 1e-5 * 5.0)
