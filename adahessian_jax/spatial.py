@@ -1128,6 +1128,25 @@ def _guess_warning(rows: Sequence[Row]) -> str:
   )
 
 
+def _masked_hint(params: Any, block_size: int) -> str:
+  """For a tree with :class:`optax.MaskedNode` s (inside ``optax.masked``/``multi_transform``), how
+  to read it with the leaves of the other transforms in view, or ``""``."""
+  hidden = sum(
+    isinstance(x, optax.MaskedNode)
+    for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  )
+  if not hidden:
+    return ""
+  size = f", block_size={block_size}" if block_size != 1 else ""
+  return (
+    f"\nThis transform runs inside optax.masked or optax.multi_transform and does not see the "
+    f"{hidden} {'leaf' if hidden == 1 else 'leaves'} of the other transforms, whose shapes (a "
+    "bias beside its kernel) often say what the axes are. Read the whole tree instead: "
+    f"averaging=adahessian_jax.spatial.resolve_rules(None, params{size}, warn=True), with params "
+    "the whole model's."
+  )
+
+
 def _leaf_names(
   info: layout.LeafLayout, where: str, shape, given: dict[str, AxisNames | None] | None
 ) -> AxisNames | None:
@@ -1261,7 +1280,8 @@ def resolve_rules(
   bound, rows = _plan(averaging, params, block_size, strict)
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
-    warnings.warn(_guess_warning(guesses), LayoutGuessWarning, stacklevel=_caller_level())
+    message = _guess_warning(guesses) + _masked_hint(params, block_size)
+    warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
   return jax.tree.unflatten(jax.tree.structure(params), bound)
 
 

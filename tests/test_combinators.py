@@ -106,6 +106,33 @@ def test_rules_for_the_whole_model_with_labels_given_as_a_prefix(mlp_problem):
   assert not np.allclose(expected["kernel"], unaveraged["kernel"])  # the rules were applied
 
 
+def test_a_stack_whose_biases_another_transform_owns_is_read_with_them_in_view():
+  # Kernels to AdaHessian, biases to SGD (the labels above): the bias (layers, out) that shows the
+  # kernel's leading axis to be a stack is a MaskedNode to AdaHessian, so its kernel (layers, in,
+  # out) reads as a convolution, averaged across the layers. The warning says how to read the
+  # whole tree, and those rules keep the layers apart as on the whole model.
+  params = {"mlp": {"kernel": jnp.ones((3, 4, 5)), "bias": jnp.zeros((3, 5))}}
+  labels = {"mlp": {"kernel": "ada", "bias": "sgd"}}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+  est = {"mlp": {"kernel": jnp.arange(60.0).reshape(3, 4, 5) + 1, "bias": jnp.ones((3, 5))}}
+  expected, _ = ah.adahessian(0.1).update(
+    grads, ah.adahessian(0.1).init(params), params, hessian_diag=est
+  )
+
+  def kernel_update(averaging):
+    tx = optax.multi_transform(
+      {"ada": ah.adahessian(0.1, averaging=averaging), "sgd": optax.sgd(0.01)}, labels
+    )
+    updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=est)
+    return updates["mlp"]["kernel"]
+
+  with pytest.warns(ah.spatial.LayoutGuessWarning, match=r"the 1 leaf of the other transforms"):
+    guessed = kernel_update(None)
+  assert not np.allclose(guessed, expected["mlp"]["kernel"])  # averaged across the layers
+  rules = ah.spatial.resolve_rules(None, params, warn=True)
+  np.testing.assert_allclose(kernel_update(rules), expected["mlp"]["kernel"], rtol=1e-6)
+
+
 def test_a_whole_model_hessian_diag_inside_optax_flatten_says_why_it_does_not_fit(mlp_problem):
   params, loss_fn, batch = mlp_problem
   tx = optax.flatten(ah.adahessian(0.1))
