@@ -80,6 +80,17 @@ def sum_over_shards(x: jax.Array) -> jax.Array:
   return jax.lax.psum(x, axes) if axes else x
 
 
+def split_leaves(tree: Any) -> dict[str, tuple[Any, ...]]:
+  """The leaves of ``tree`` that vary over mesh axes (inside ``shard_map``: split parameters,
+  or moments split like them), by path, with those axes; empty elsewhere."""
+  split = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    axes = _in_order(_varying_axes(x))
+    if axes:
+      split[_validation.path_str(path)] = axes
+  return split
+
+
 def shard_count(x: jax.Array) -> Any:
   """How many different blocks of ``x`` the mesh axes it varies over hold (inside ``shard_map``).
 

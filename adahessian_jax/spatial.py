@@ -125,7 +125,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -657,12 +657,17 @@ class FlaxDefault(Rule):
       ``None`` (then the rank decides).
     param: The leaf's Flax parameter name (last path key, e.g. ``"bias"``,
       ``"embedding"``) once set by :func:`resolve_rules`, else ``None``.
+    resolved: Whether :func:`resolve_rules` has read the tree for this leaf. A
+      resolved rule is not read again: its reading stays that of the tree it was
+      resolved on (the whole model's, not a ``shard_map`` shard's or an
+      ``optax.masked`` part's).
   """
 
   block_size: int = 1
   axis_roles: tuple[tuple[str, str | None], ...] = ()
   names: AxisNames | None = None
   param: str | None = None
+  resolved: bool = False
 
   def roles(self) -> dict[str, str]:
     """The name-to-role mapping in force."""
@@ -1193,26 +1198,62 @@ def _averages_nothing(rule: Rule, shape) -> bool:
     return False
 
 
-def _plan(averaging, params, block_size, strict_mode):
-  """Every leaf's rule, bound to its axis names (its own, given, or read from the tree by
-  :mod:`adahessian_jax._evidence`), and :func:`describe`'s row for it."""
+def _unread(averaging, params, block_size):
+  """The spec, the leaves, their rules before the tree is read, paths as text, shapes and the
+  axis names each leaf carries or is given."""
   spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
   infos = layout.leaves(params)
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
   unbound = [r.for_param(_evidence.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
-  paths = [x.path for x in infos]
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
+  return spec, infos, unbound, wheres, shapes, names
+
+
+def _shape_read_leaves(averaging: AveragingSpec, params: Any, block_size: int = 1) -> list[str]:
+  """The leaves whose rule the default reads off shapes: no axis names, no rule of their own.
+
+  Their reading can change when the shapes do, e.g. inside ``shard_map``, where the
+  optimizer sees each shard's block of a split parameter.
+
+  Args:
+    averaging: As for :func:`resolve_rules`.
+    params: The parameter pytree.
+    block_size: The block size of the default rule.
+
+  Returns:
+    The paths (``jax.tree_util.keystr``) of those leaves, in tree order.
+  """
+  _, _, unbound, wheres, _, names = _unread(averaging, params, block_size)
+  return [
+    where
+    for rule, where, own in zip(unbound, wheres, names, strict=True)
+    if _unresolved(rule) and own is None
+  ]
+
+
+def _unresolved(rule: Rule) -> TypeGuard[FlaxDefault]:
+  """Whether ``rule`` is the default rule, not yet resolved on a tree."""
+  return isinstance(rule, FlaxDefault) and not rule.resolved
+
+
+def _plan(averaging, params, block_size, strict_mode):
+  """Every leaf's rule, bound to its axis names (its own, given, or read from the tree by
+  :mod:`adahessian_jax._evidence`), and :func:`describe`'s row for it."""
+  spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size)
+  paths = [x.path for x in infos]
   # What the tree shows about the leaves under the default rule, given the axis roles it knows.
-  roles = [r.roles() if isinstance(r, FlaxDefault) else None for r in unbound]
+  roles = [r.roles() if _unresolved(r) else None for r in unbound]
   readings = _evidence.read(paths, shapes, names, roles)
   bound, rows = [], []
   for i, (rule, where, shape) in enumerate(zip(unbound, wheres, shapes, strict=True)):
     reading = readings[i]
     unread = rule if reading.param is None else rule.for_param(reading.param)
     rule = unread if reading.names is None else unread.bind(reading.names)
+    if isinstance(rule, FlaxDefault):
+      rule = dataclasses.replace(rule, resolved=True)
     rule.check(shape, where)
     choice = rule.explain(shape)
     unsure = reading.unsure

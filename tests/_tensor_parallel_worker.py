@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import jax
 
@@ -25,12 +26,18 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import adahessian_jax as ah  # noqa: E402
-from adahessian_jax import distributed  # noqa: E402
+from adahessian_jax import distributed, spatial  # noqa: E402
 
 N, D_IN, HIDDEN, D_OUT = 16, 4, 8, 2
 N_SAMPLES = 4096
 # The replicated output bias is b0, the first leaf: the fused route puts its NaN mark there.
 SPECS = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b0": P()}
+
+
+def whole_model_rules(params, block_size):
+  """The default rules read on the whole model: inside shard_map the transform sees the shards'
+  shapes, off which the default would read the layouts (and warns)."""
+  return spatial.resolve_rules(None, params, block_size)
 
 
 def make_problem():
@@ -79,7 +86,7 @@ def floored_bias_update(mesh, params, diag, grads):
   """``curvature_floor`` on a leaf without curvature (``b0``) floors it by the model-wide mean,
   which takes in every shard of the split kernels: the update is one device's."""
   hparams = {"learning_rate": 0.1, "block_size": 2, "seed": 5, "curvature_floor": 0.5}
-  tx = ah.adahessian(**hparams, axis_name="data")
+  tx = ah.adahessian(**hparams, axis_name="data", averaging=whole_model_rules(params, 2))
   state = tx.init(params)
   flat = {**diag, "b0": jnp.zeros_like(diag["b0"])}
 
@@ -111,6 +118,12 @@ def given_diagonal_updates(mesh, x, y, params, diag):
     return tx.update(grads, state, params, hessian_diag=hdiag)[0]
 
   mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=SPECS))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mapped.lower(grads, state, params, diag)
+  out["default_rules_warning"] = [
+    str(w.message) for w in caught if issubclass(w.category, spatial.LayoutGuessWarning)
+  ]
   for name, bad in (("diag", diag), ("nan", {**diag, "w1": diag["w1"].at[0, 0].set(np.nan)})):
     got = mapped(grads, state, params, bad)
     want = single.update(grads, state, params, hessian_diag=bad)[0]
@@ -124,7 +137,15 @@ def main(out_dir):
   x, y, params = make_problem()
   diag, sigma = exact_diagonal_and_sigma(params, x, y)
   # b2=0 and block_size=1: after one step nu is the squared (averaged) estimate.
-  tx = ah.adahessian(0.1, b2=0.0, block_size=1, n_samples=N_SAMPLES, seed=5, axis_name="data")
+  tx = ah.adahessian(
+    0.1,
+    b2=0.0,
+    block_size=1,
+    n_samples=N_SAMPLES,
+    seed=5,
+    axis_name="data",
+    averaging=whole_model_rules(params, 1),
+  )
   state = tx.init(params)
 
   def fused(params, state, x, y):
@@ -152,14 +173,18 @@ def main(out_dir):
     grads = jax.lax.pmean(jax.grad(loss)(distributed.device_varying(params, "data")), "data")
     return tx.update(grads, state, params, value_fn=loss)[0]
 
-  fused_u, value_fn_u = run(fused_update, SPECS), run(value_fn_update, SPECS)
-  estimate = run(fused, SPECS)
-  nu = ah.find_adahessian_state(run(value_fn, state_specs(mesh, tx, params))).nu
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fused_u, value_fn_u = run(fused_update, SPECS), run(value_fn_update, SPECS)
+    estimate = run(fused, SPECS)
+    nu = ah.find_adahessian_state(run(value_fn, state_specs(mesh, tx, params))).nu
+  guesses = [w for w in caught if issubclass(w.category, spatial.LayoutGuessWarning)]
   # |estimate| against |diagonal| differs by at most |estimate - diagonal|.
   z = lambda e, f: max(float(np.max(np.abs(f(e[k]) - f(diag[k])) / sigma[k])) for k in params)
   results = {
     "fused_z": z(estimate, np.asarray),
     "value_fn_z": z(jax.tree.map(np.sqrt, nu), np.abs),
+    "whole_model_rules_warnings": len(guesses),
   }
   results["fused_vs_value_fn_update"] = max(
     float(np.max(np.abs(fused_u[k] - value_fn_u[k]))) for k in params

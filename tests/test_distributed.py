@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -223,6 +224,11 @@ def test_tensor_parallel_given_diagonal_equals_single_device(tensor_parallel):
   r = tensor_parallel
   assert r["diag_vs_single"] <= 1e-12 and r["diag_max_update"] > 0.01, r
   assert r["nan_vs_single"] == 0.0 and r["nan_max_update"] == 0.0, r
+  # Its default rules, read off the shards, are flagged; those read on the whole model are not.
+  assert (
+    len(r["default_rules_warning"]) == 1 and "inside shard_map" in r["default_rules_warning"][0]
+  )
+  assert r["whole_model_rules_warnings"] == 0, r
 
 
 def test_axis_name_naming_an_axis_the_params_are_split_over_is_refused():
@@ -262,6 +268,43 @@ def test_axis_name_naming_an_axis_the_params_are_split_over_is_refused():
       ValueError, match=r"\['w'\] is split over mesh axis 'model', which axis_name"
     ):
       jax.jit(mapped)(params, state, jnp.ones((2, 4)))
+
+
+def test_split_parameters_under_shard_map_warn_unless_the_rules_are_the_whole_models():
+  """Inside shard_map the transform sees a split parameter's shard, and the default rule reads
+  layouts off shapes (an nn.scan's layer axis split: averaged as a convolution across the layers,
+  updates off by 11 where one device's were at most 0.92). It warns, naming the fix; rules read
+  on the whole model do not warn."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import spatial
+
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
+  params = {"b": jnp.zeros(2), "w": jnp.ones((4, 2))}
+  specs = {"b": P(), "w": P(None, "model")}
+  diag = jax.tree.map(jnp.ones_like, params)
+  for averaging, expected in ((None, 1), (spatial.resolve_rules(None, params), 0)):
+    tx = ah.adahessian(0.1, axis_name="data", averaging=averaging)
+    state = tx.init(params)
+    state_specs = jax.tree.map(lambda _: P(), state)
+    state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
+
+    def step(g, s, p, tx=tx):
+      return tx.update(g, s, p, hessian_diag=diag)[0]
+
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      jax.jit(mapped).lower(params, state, params)
+    messages = [str(w.message) for w in caught if w.category is spatial.LayoutGuessWarning]
+    assert len(messages) == expected, messages
+    if expected:
+      assert "(['w']) are split over mesh axes ['model']" in messages[0], messages
+      assert "averaging=adahessian_jax.spatial.resolve_rules(None, params" in messages[0]
 
 
 def test_max_replica_difference_refuses_leaves_it_cannot_compare():
