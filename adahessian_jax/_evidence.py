@@ -71,6 +71,7 @@ def read(
   Returns:
     A :class:`Reading` per leaf, in order.
   """
+  names, leading = _unnamed_leading_stacks(paths, shapes, names, roles)
   by_bias, square_unsure = weights_by_bias(paths, shapes, roles)
   evident, alone = stacks_by_evidence(paths, shapes, names, roles)
   names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
@@ -97,7 +98,7 @@ def read(
   params |= {i: "bias" for i in biases}
   readings = []
   for i in range(len(paths)):
-    leaf_names, note = stacked[i], ""
+    leaf_names, note = stacked[i], leading.get(i, "")
     if i in evident:
       note = f" (stacked axes inferred: {evident[i][1]})"
     elif i in inferred:
@@ -121,6 +122,48 @@ def read(
         )
     readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i)))
   return readings
+
+
+def _unnamed_leading_stacks(
+  paths, shapes, names, roles
+) -> tuple[list[AxisNames | None], dict[int, str]]:
+  """``names`` with the stack named in leaves whose leading axes have no names and the rest do,
+  and why, by leaf.
+
+  Boxed params of an ``nn.scan`` with ``metadata_params={nn.PARTITION_NAME: None}`` carry a
+  ``None`` for the stacked axis: a kernel ``(None, "embed", "mlp")``, its bias
+  ``(None, "mlp")``. By the names alone the kernel is a 1-D convolution's (a guess, averaged
+  across the layers), though the same tree unboxed shows the stack. Such leaves are read as
+  unnamed ones are, among themselves (:func:`stacks_by_evidence`: a bias that repeats its
+  kernel's leading axes, Linen's name of the scan): where exactly their unnamed leading axes are
+  found stacked, those take the stacked name (the others, a convolution's window in a stack,
+  keep theirs). A convolution's kernel ``(None, None, "embed",
+  "mlp")`` beside its bias ``("mlp",)`` shows no stack and keeps its names.
+  """
+
+  def leading(n):
+    k = next((j for j, x in enumerate(n) if x is not None), len(n))
+    return k if 0 < k < len(n) and all(x is not None for x in n[k:]) else 0
+
+  partial = {
+    i: leading(n) for i, n in enumerate(names) if n is not None and roles[i] is not None
+  }
+  partial = {i: k for i, k in partial.items() if k}
+  if not partial:
+    return list(names), {}
+  hidden = [None if i in partial else n for i, n in enumerate(names)]
+  only = [roles[i] if i in partial else None for i in range(len(names))]
+  evident, _ = stacks_by_evidence(paths, shapes, hidden, only)
+  out, why = list(names), {}
+  for i, k in partial.items():
+    if i not in evident:
+      continue
+    found = evident[i][0]
+    n = sum(x is not None for x in found)  # the stacked axes lead (stacks_by_evidence)
+    if 0 < n <= k:  # a stack under a scan's unnamed convolution (layers, kh, kw, in, out) too
+      out[i] = tuple(found[:n]) + tuple(names[i][n:])
+      why[i] = f" (its unnamed leading axes stacked: {evident[i][1]})"
+  return out, why
 
 
 #: The parameter names (from :func:`param_name`) the default rule reads by name, never as a

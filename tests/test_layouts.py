@@ -134,6 +134,48 @@ def test_linen_scan_stack_keeps_each_layer(box, kernel_names, bias_names, block_
     np.testing.assert_allclose(u, np.broadcast_to(want, u.shape), rtol=1e-14)
 
 
+def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apart():
+  """``nn.scan(..., metadata_params={nn.PARTITION_NAME: None})`` boxes the kernel as
+  ``(None, "embed", "mlp")``: by its names a 1-D convolution's kernel, averaged across the 4
+  layers (a flagged guess), and the Hessian tools' layers were one entry, though the same tree
+  unboxed shows the stack by its bias ``(None, "mlp")``. Unnamed leading axes are read like
+  unboxed ones; a convolution's unnamed window keeps its names."""
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      box = nn.with_logical_partitioning
+      k = self.param("kernel", box(lecun, ("embed", "mlp")), (16, 32), jnp.float64)
+      b = self.param("bias", box(zeros, ("mlp",)), (32,), jnp.float64)
+      conv = self.param("conv", box(lecun, (None, None, "embed", "mlp")), (3, 3, 16, 32))
+      return jnp.tanh(x @ k + b + conv[0, 0, 0])[..., :16], None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(
+        Layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=4,
+        metadata_params={nn.PARTITION_NAME: None},
+      )
+      return scan(name="blocks")(x, None)[0]
+
+  shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((2, 16)))["params"]
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  assert params["blocks"]["kernel"].names == (None, "embed", "mlp")
+  rules = spatial.resolve_rules(None, params, 4)
+  check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  assert not rows["['blocks']['kernel']"].ambiguous and not rows["['blocks']['bias']"].ambiguous
+  assert rows["['blocks']['kernel']"].names == ("layers", "embed", "mlp")
+  assert rows["['blocks']['conv']"].names == ("layers", None, None, "embed", "mlp")
+  assert rows["['blocks']['conv']"].rule == spatial.per_layer(spatial.mean_over((0, 1)))
+  assert "its unnamed leading axes stacked" in rows["['blocks']['kernel']"].why
+  assert layer_axes_of(params) == [(0,), (0,), (0,)]
+
+
 def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
   boxed = linen_stack(nn.with_logical_partitioning)
   plain = nn.unbox(boxed)
