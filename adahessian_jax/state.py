@@ -67,9 +67,11 @@ def _is_state(x: Any) -> bool:
 _FIELDS = frozenset(ScaleByAdaHessianState._fields)
 _OPTIONAL = frozenset({"hessian", "update_freq"})
 _RESTORE_FIX = (
-  "A checkpoint restored without a target (orbax's checkpointer.restore(path)) holds dicts and "
-  "lists in place of the optimizer's NamedTuples: restore with the abstract state as target, "
-  "checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state))."
+  "A checkpoint restored without a target (orbax's checkpointer.restore(path), Flax's "
+  "serialization.msgpack_restore or checkpoints.restore_checkpoint(path, None)) holds dicts and "
+  "lists in place of the optimizer's NamedTuples and tuples: restore with the abstract state as "
+  "target, checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state)), "
+  "or with Flax flax.serialization.from_state_dict(opt_state, restored)."
 )
 
 

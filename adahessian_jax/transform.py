@@ -22,6 +22,7 @@ from adahessian_jax._axes import (
 )
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
+  _RESTORE_FIX,
   ScaleByAdaHessianState,
   check_key_data,
   is_refresh_step,
@@ -92,10 +93,18 @@ def _check_state(
   """Raises if ``state`` was made by a transform with another ``update_freq``, ``n_samples``
   or ``lazy_moment``."""
   if not isinstance(state, ScaleByAdaHessianState):
-    kind = f"a dict with keys {sorted(state)}" if isinstance(state, dict) else type(state).__name__
+    kind, hint = type(state).__name__, untyped_state_hint(state)
+    if isinstance(state, dict):
+      kind = f"a dict with keys {sorted(state)}"
+    elif isinstance(state, str):  # Flax restores a tuple as {"0": ..., "1": ...} without a target
+      kind = (
+        f"the string {state!r} (optax.chain passes on the keys of a dict found in place of its "
+        "tuple of states)"
+      )
+      hint = " " + _RESTORE_FIX
     raise TypeError(
       f"scale_by_adahessian's update got {kind} as its state, not the ScaleByAdaHessianState its "
-      "init returns." + (untyped_state_hint(state) or " Pass the state made by tx.init.")
+      "init returns." + (hint or " Pass the state made by tx.init.")
     )
   check_key_data(state.key)  # a single raw key of shape (2,) would read as two probes' keys
   fix = " Build the transform with the arguments the state was made with, or start a new state."

@@ -72,6 +72,31 @@ def test_state_restored_without_target_is_refused_with_the_fix(tmp_path):
   tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
 
 
+def test_flax_state_dict_restored_without_target_is_refused_with_the_fix():
+  # Flax's serialization restores a tuple of states without a target as {"0": ..., "1": ...};
+  # optax.chain then iterates over the dict's keys, and the update said it "got str as its state".
+  import flax.serialization
+  import jax
+  import jax.numpy as jnp
+
+  import adahessian_jax as ah
+
+  params = {"w": jnp.ones((2, 3))}
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  tx = ah.adahessian(0.1, update_freq=2)
+  data = flax.serialization.to_bytes(tx.init(params))
+  restored = flax.serialization.msgpack_restore(data)
+  assert set(restored) == {"0", "1", "2"}  # what Flax gives without a target
+  fix = r"restore with the abstract state as target.*from_state_dict\(opt_state, restored\)"
+  with pytest.raises(TypeError, match=r"got the string '0' .*" + fix):
+    tx.update(jax.grad(loss)(params), restored, params, value_fn=loss)
+  with pytest.raises(ValueError, match=fix):
+    ah.value_grad_and_hessian_diag(loss)(params, restored)
+  # The fix the message gives: the state dict restored into the state's own tree.
+  state = flax.serialization.from_state_dict(tx.init(params), restored)
+  tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+
+
 def _leaves_equal(a, b):
   import jax
 
