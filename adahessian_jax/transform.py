@@ -115,7 +115,10 @@ def _check_state(
     )
   lazy_state = state.update_freq is not None
   if lazy_state != (update_freq > 1):
-    made = "update_freq > 1 (it stores D)" if lazy_state else "update_freq=1 (no stored D)"
+    made, stored = "update_freq=1", state.update_freq
+    if stored is not None:  # known outside jit (a lazy_moment="refresh" state stores no D)
+      traced = isinstance(stored, jax.core.Tracer)
+      made = "update_freq > 1" if traced else f"update_freq={int(stored)}"
     raise ValueError(
       f"the AdaHessian state was made with {made} but the transform has "
       f"update_freq={update_freq}." + fix

@@ -204,7 +204,12 @@ def test_an_integer_axis_name_is_refused_at_construction():
 @pytest.mark.parametrize(
   "made,used,match",
   [
-    (dict(update_freq=3), dict(update_freq=1), r"made with update_freq > 1"),
+    (dict(update_freq=3), dict(update_freq=1), r"made with update_freq=3 but the transform has"),
+    (  # was "update_freq > 1 (it stores D)", which a lazy_moment="refresh" state does not
+      dict(update_freq=2, lazy_moment="refresh"),
+      dict(update_freq=1),
+      r"made with update_freq=2 but the transform has update_freq=1\.",
+    ),
     (dict(update_freq=1), dict(update_freq=3), r"made with update_freq=1"),
     (dict(update_freq=3), dict(update_freq=4), r"made with update_freq=3"),
     (dict(n_samples=2), dict(n_samples=1), r"2 probe keys but the transform has n_samples=1"),
