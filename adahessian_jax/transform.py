@@ -402,21 +402,34 @@ def _second_moment(
   host decided that this step does not refresh.
   """
 
-  def moment(d, decay):  # d is finite
-    nu = optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2)
-    # |nu| clears the mark of "no curvature yet" (-0.0): the sum b2 · (-0.0) + (1 - b2) D² = +0
-    # does not when D is a constant zero under jit (a parameter the loss is linear in), as XLA
-    # simplifies x + 0 to x, which keeps the sign.
-    return jax.tree.map(jnp.abs, optax.tree.cast_like(nu, state.nu))
+  def moment(d, decay, steps, first=1):
+    """nu once D (finite) enters it; ``steps``: nu's bias-correction count after this step,
+    ``first`` that count on the first moment step."""
+    nu = optax.tree.cast_like(
+      optax.tree.update_moment_per_elem_norm(d, state.nu, decay, 2), state.nu
+    )
+    # An entry with no curvature yet (-0.0) after the first moment step (its first estimates were
+    # not finite) takes its first D as if it had entered every earlier step, (1 - b2^steps) D²,
+    # so that its bias-corrected nu is D², as on the first step: counted as one of `steps`, it
+    # stepped sqrt(steps) times too far. (On the first step the usual sum is that already.)
+    # |nu| clears the mark: the sum b2 · (-0.0) + (1 - b2) D² = +0 does not when D is a constant
+    # zero under jit (a parameter the loss is linear in), as XLA simplifies x + 0 to x.
+    weight, late = 1 - b2**steps, steps > first  # weight: as optax.tree.bias_correction divides
+
+    def entered(n, e, old):
+      late_first = jnp.signbit(old) & late
+      return jnp.abs(jnp.where(late_first, (weight * jnp.square(e)).astype(n.dtype), n))
+
+    return jax.tree.map(entered, nu, d, state.nu)
 
   def moment_of_stored(d):  # a marked stored D (-0.0) keeps nu marked
     marked = lambda x, n: jnp.where(jnp.signbit(x), jnp.full_like(n, -0.0), n)
-    return jax.tree.map(marked, d, _keep_curvature(d, moment(d, b2), state.nu, state.nu))
+    return jax.tree.map(marked, d, _keep_curvature(d, moment(d, b2, count), state.nu, state.nu))
 
   if update_freq == 1:
     d, finite = curvature()
     kept = _kept(state.nu, b2, count, count - 1)
-    return _keep_curvature(d, moment(d, b2), kept, state.nu), None, count, finite
+    return _keep_curvature(d, moment(d, b2, count), kept, state.nu), None, count, finite
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     if refresh is False:  # decided on the host: the stored D, which is finite
       return moment_of_stored(state.hessian), state.hessian, count, None
@@ -431,7 +444,9 @@ def _second_moment(
   def fresh():
     d, finite = curvature()
     kept = _kept(state.nu, b2, nu_count, nu_count - update_freq)
-    return _keep_curvature(d, moment(d, b2**update_freq), kept, state.nu), finite
+    return _keep_curvature(
+      d, moment(d, b2**update_freq, nu_count, update_freq), kept, state.nu
+    ), finite
 
   nu, finite = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True)))
   return nu, None, nu_count, finite

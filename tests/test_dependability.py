@@ -630,6 +630,28 @@ def test_entry_without_curvature_whose_estimate_is_not_finite_waits_for_a_finite
   assert float(jnp.min(state.nu["w"])) > 0
 
 
+@pytest.mark.parametrize(
+  "update_freq,lazy_moment", [(1, "refresh"), (2, "refresh"), (2, "repeat")], ids=str
+)
+def test_an_entry_whose_first_finite_estimate_comes_late_steps_as_on_a_first_step(
+  update_freq, lazy_moment
+):
+  """An entry whose estimates are not finite on the first refreshes and then D: its first
+  corrected nu is D², as an entry's whose first estimate was D. Counted as one of the steps' it
+  was D² (1 - b2) / (1 - b2^t): the step was sqrt(t) too long (2.0x at t = 4)."""
+  params = {"w": jnp.ones(2, jnp.float32)}
+  grads = {"w": jnp.full(2, 0.5, jnp.float32)}
+  tx = ah.scale_by_adahessian(b2=0.9, update_freq=update_freq, lazy_moment=lazy_moment, eps=1e-12)
+  update = jax.jit(lambda s, h: tx.update(grads, s, params, hessian_diag=h))
+  state = tx.init(params)
+  late = 3 * update_freq  # the step (from 0) of the entry's first finite estimate
+  for step in range(late + 1):
+    estimate = [2.0, jnp.nan if step < late else 2.0]
+    updates, state = update(state, {"w": jnp.asarray(estimate, jnp.float32)})
+  # m̂ = g = 0.5 for a constant gradient, D = 2: both entries step by 0.25.
+  np.testing.assert_allclose(np.asarray(updates["w"]), [0.25, 0.25], rtol=1e-5)
+
+
 # ---------------------------------------------------------------- stabilizers
 
 
