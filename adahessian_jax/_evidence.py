@@ -145,9 +145,7 @@ def _unnamed_leading_stacks(
     k = next((j for j, x in enumerate(n) if x is not None), len(n))
     return k if 0 < k < len(n) and all(x is not None for x in n[k:]) else 0
 
-  partial = {
-    i: leading(n) for i, n in enumerate(names) if n is not None and roles[i] is not None
-  }
+  partial = {i: leading(n) for i, n in enumerate(names) if n is not None and roles[i] is not None}
   partial = {i: k for i, k in partial.items() if k}
   if not partial:
     return list(names), {}
