@@ -813,7 +813,9 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     of 1-D convolutions without a bias would leave no evidence of its own) nor of an unnamed
     ``scale`` or ``bias`` of rank >= 2 in the module above it (a norm's ``(layers, channels)``
     in a scanned block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no
-    3-D kernel).
+    3-D kernel), nor the first size of every leaf under the module above it where one of them is
+    no convolution's (a mixture's raw ``(layers, experts, in, out)`` beside the kernel in an
+    ``nn.vmap`` or ``nnx.vmap`` block: a stack's leaves all have its size first).
 
   Returns:
     ``{leaf index: (axis names, why)}``.
@@ -834,6 +836,20 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
       parent = _module_keys(path)[:-1]
       stacked_norms.setdefault(parent, set()).add(shapes[i][0])
+  # The first sizes (past ``lead`` stacked axes) of the leaves under a module, and whether one
+  # of them is outside a convolution's module: a stack shows as one size in front of them all.
+  firsts: dict[tuple[tuple, int], set[int | None]] = {}
+  other: set[tuple[tuple, int]] = set()
+  for k in kernels:
+    firsts[(k.module[:-1], k.lead)] = set()
+  for i, path in enumerate(paths):
+    module = _module_keys(path)
+    for parent, lead in firsts:
+      if module[: len(parent)] == parent:
+        shape = shapes[i]
+        firsts[(parent, lead)].add(shape[lead] if len(shape) > lead + 1 else None)
+        if not _is_conv_module(module):
+          other.add((parent, lead))
   for k in kernels:
     spatial = _role_name(k.roles, SPATIAL)
     shape = shapes[k.index]
@@ -843,7 +859,12 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     named = _is_conv_module(k.module)
     beside_bias = k.bias == shape[: k.lead] + shape[-1:]
     first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
-    stack_sign = first in stack_sizes or first in stacked_norms.get(k.module[:-1], ())
+    parent = (k.module[:-1], k.lead)
+    stack_sign = (
+      first in stack_sizes
+      or first in stacked_norms.get(k.module[:-1], ())
+      or (parent in other and firsts[parent] == {first})
+    )
     if beside_bias and rank >= 4:
       why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
     elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):

@@ -1297,6 +1297,38 @@ def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
   assert row.rule == spatial.mean_over((0, 1, 2))
 
 
+class ConvMoeBlock(nn.Module):
+  """A bias-less 1-D Conv beside a mixture's raw weights (experts, in, out)."""
+
+  @nn.compact
+  def __call__(self, x):
+    wi = self.param("wi", nn.initializers.lecun_normal(), (4, x.shape[-1], 3))
+    return nn.Conv(3, (3,), use_bias=False)(x) + jnp.einsum("btd,edf->btf", x, wi)
+
+
+def test_a_bias_less_conv_beside_a_mixture_in_an_unnamed_vmap_is_a_guess():
+  # nn.vmap of 3 such blocks, without names: nothing names the stack (VmapConvMoeBlock_0 is no
+  # sign, the mixture's weights (3, 4, 8, 3) have no bias), so the Conv_0 kernel (3, 3, 8, 3) was
+  # a 2-D Conv's for sure by its name: averaged across the 3 layers, unflagged. Every leaf of the
+  # block has the stack's size first: a guess now, named in init's warning.
+  vmap = nn.vmap(
+    ConvMoeBlock,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=None,
+    axis_size=3,
+  )
+  params = jax.eval_shape(vmap().init, jax.random.key(0), jnp.ones((1, 5, 8)))["params"]
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  assert rows["['Conv_0']['kernel']"].ambiguous
+  with pytest.warns(spatial.LayoutGuessWarning, match=r"\['Conv_0'\]\['kernel'\]"):
+    ah.adahessian(0.1, block_size=2).init(params)
+  # A block of bias-less Convs alone, all 3x3, is no stack: for sure, unflagged.
+  convs = {f"Conv_{i}": {"kernel": jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)} for i in (0, 1)}
+  (row, _) = spatial.describe({"block": convs}, block_size=2).rows
+  assert row.rule == spatial.mean_over((0, 1)) and not row.ambiguous
+
+
 def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
   def rows(tree):
     shapes = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
