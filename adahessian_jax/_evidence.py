@@ -138,7 +138,9 @@ def _unnamed_leading_stacks(
   kernel's leading axes, Linen's name of the scan): where exactly their unnamed leading axes are
   found stacked, those take the stacked name (the others, a convolution's window in a stack,
   keep theirs). A convolution's kernel ``(None, None, "embed",
-  "mlp")`` beside its bias ``("mlp",)`` shows no stack and keeps its names.
+  "mlp")`` beside its bias ``("mlp",)`` shows no stack and keeps its names. Unnamed axes in
+  front of a stacked one (a mixture's raw bias ``(None, "exp", "mlp")``, which no bias or module
+  name shows) are stacked too: a layer's own axes come after its experts, a transform's before.
   """
 
   def leading(n):
@@ -154,6 +156,10 @@ def _unnamed_leading_stacks(
   evident, _ = stacks_by_evidence(paths, shapes, hidden, only)
   out, why = list(names), {}
   for i, k in partial.items():
+    stacked = _role_name(roles[i], STACKED)
+    if i not in evident and stacked is not None and axis_role(names[i][k], roles[i]) == STACKED:
+      out[i] = (stacked,) * k + tuple(names[i][k:])
+      why[i] = f" (its unnamed leading axes stacked: in front of the stacked axis {names[i][k]!r})"
     if i not in evident:
       continue
     found = evident[i][0]

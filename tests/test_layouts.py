@@ -1329,6 +1329,37 @@ def test_a_bias_less_conv_beside_a_mixture_in_an_unnamed_vmap_is_a_guess():
   assert row.rule == spatial.mean_over((0, 1)) and not row.ambiguous
 
 
+class NamedMoe(nn.Module):
+  """A mixture's raw weights and biases, boxed with logical names."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    wi = self.param("wi", P(nn.initializers.lecun_normal(), ("exp", "embed", "mlp")), (3, 4, 8))
+    bi = self.param("bi", P(nn.initializers.zeros, ("exp", "mlp")), (3, 8))
+    return x + 0 * (wi.mean() + bi.mean()), None
+
+
+def test_unnamed_axes_in_front_of_a_mixture_s_experts_are_a_stack():
+  # nn.scan with PARTITION_NAME None leaves the layer axis unnamed: the mixture's bias (4, 3, 8)
+  # ('bi', no 'bias' name or kernel beside it to show the stack) was (None, 'exp', 'mlp'), per
+  # expert a Dense kernel (None, 'mlp') blocked along the 4 layers, unflagged.
+  def rows(meta):
+    scan = nn.scan(
+      NamedMoe,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=4,
+      metadata_params={nn.PARTITION_NAME: meta},
+    )
+    params = jax.eval_shape(scan().init, jax.random.key(0), jnp.ones((2, 4)), None)["params"]
+    return [(r.rule, r.groups, r.ambiguous) for r in spatial.describe(params, block_size=2).rows]
+
+  bi, wi = rows(None)
+  assert bi == (spatial.per_layer(spatial.none(), axes=(0, 1)), {1: 96}, False)
+  assert wi == (spatial.per_layer(spatial.blocks(2), axes=(0, 1)), {2: 192}, False)
+  assert rows(None) == rows("layers")
+
+
 def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
   def rows(tree):
     shapes = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
