@@ -137,10 +137,10 @@ def _unnamed_leading_stacks(
   unnamed ones are, among themselves (:func:`stacks_by_evidence`: a bias that repeats its
   kernel's leading axes, Linen's name of the scan): where exactly their unnamed leading axes are
   found stacked, those take the stacked name (the others, a convolution's window in a stack,
-  keep theirs). A convolution's kernel ``(None, None, "embed",
-  "mlp")`` beside its bias ``("mlp",)`` shows no stack and keeps its names. Unnamed axes in
-  front of a stacked one (a mixture's raw bias ``(None, "exp", "mlp")``, which no bias or module
-  name shows) are stacked too: a layer's own axes come after its experts, a transform's before.
+  keep theirs). A convolution's kernel ``(None, None, "embed", "mlp")`` beside its bias
+  ``("mlp",)`` shows no stack and keeps its names. Unnamed axes in front of a stacked one (a
+  mixture's raw bias ``(None, "exp", "mlp")``, which no bias or module name shows) are stacked
+  too: a layer's own axes come after its experts, a transform's before.
   """
 
   def leading(n):
