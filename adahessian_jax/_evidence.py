@@ -22,7 +22,15 @@ from typing import Any, NamedTuple
 
 import jax
 
-from adahessian_jax.layout import FEATURES, HEADS, SPATIAL, STACKED, AxisNames, axis_role
+from adahessian_jax.layout import (
+  EXPERT_AXES,
+  FEATURES,
+  HEADS,
+  SPATIAL,
+  STACKED,
+  AxisNames,
+  axis_role,
+)
 
 
 class Reading(NamedTuple):
@@ -140,7 +148,8 @@ def _unnamed_leading_stacks(
   keep theirs). A convolution's kernel ``(None, None, "embed", "mlp")`` beside its bias
   ``("mlp",)`` shows no stack and keeps its names. Unnamed axes in front of a stacked one (a
   mixture's raw bias ``(None, "exp", "mlp")``, which no bias or module name shows) are stacked
-  too: a layer's own axes come after its experts, a transform's before.
+  too: a layer's own axes come after its experts, a transform's before. (Not in front of a
+  stack of layers: an ``nn.vmap`` over axis 1 gives a kernel ``(in, layers, out)``.)
   """
 
   def leading(n):
@@ -157,7 +166,9 @@ def _unnamed_leading_stacks(
   out, why = list(names), {}
   for i, k in partial.items():
     stacked = _role_name(roles[i], STACKED)
-    if i not in evident and stacked is not None and axis_role(names[i][k], roles[i]) == STACKED:
+    # Only in front of experts: a kernel (in, layers, out) of an nn.vmap over axis 1 has an
+    # unnamed axis in front of its stacked one too, its input.
+    if i not in evident and stacked is not None and names[i][k] in EXPERT_AXES:
       out[i] = (stacked,) * k + tuple(names[i][k:])
       why[i] = f" (its unnamed leading axes stacked: in front of the stacked axis {names[i][k]!r})"
     if i not in evident:

@@ -47,6 +47,8 @@ AxisNames = tuple[Any, ...]
 #: a stack of layers or experts, a convolution's spatial axis, attention heads, a table's rows,
 #: and the features of a ``Dense``/``DenseGeneral`` kernel.
 STACKED, SPATIAL, HEADS, VOCAB, FEATURES = "stacked", "spatial", "heads", "vocab", "features"
+#: Axis names of a mixture's experts (stacked, like layers): a layer's own axes come after them.
+EXPERT_AXES = ("exp", "expert", "experts", "num_experts")
 ROLES = (STACKED, SPATIAL, HEADS, VOCAB, FEATURES)
 
 

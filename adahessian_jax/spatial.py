@@ -171,7 +171,7 @@ AXIS_ROLES: Mapping[str, str] = MappingProxyType(
     **dict.fromkeys(
       (
         *("layers", "layer", "stage", "stages", "scan", "repeat", "block", "blocks"),
-        *("exp", "expert", "experts", "num_experts"),  # a mixture's experts: stacked kernels
+        *layout.EXPERT_AXES,  # a mixture's experts: stacked kernels
       ),
       STACKED,
     ),
