@@ -1133,7 +1133,14 @@ def _guess_warning(rows: Sequence[Row]) -> str:
   )
 
 
-def _masked_hint(params: Any, block_size: int) -> str:
+def _resolve_fix(averaging: Any, block_size: int) -> str:
+  """The ``averaging=`` that reads the rules on the whole model, for a warning's text."""
+  given = "None" if averaging is None else "averaging"
+  size = f", block_size={block_size}" if block_size != 1 else ""
+  return f"averaging=adahessian_jax.spatial.resolve_rules({given}, params{size}, warn=True)"
+
+
+def _masked_hint(averaging: Any, params: Any, block_size: int) -> str:
   """For a tree with :class:`optax.MaskedNode` s (inside ``optax.masked``/``multi_transform``), how
   to read it with the leaves of the other transforms in view, or ``""``."""
   hidden = sum(
@@ -1142,13 +1149,35 @@ def _masked_hint(params: Any, block_size: int) -> str:
   )
   if not hidden:
     return ""
-  size = f", block_size={block_size}" if block_size != 1 else ""
   return (
     f"\nThis transform runs inside optax.masked or optax.multi_transform and does not see the "
     f"{hidden} {'leaf' if hidden == 1 else 'leaves'} of the other transforms, whose shapes (a "
     "bias beside its kernel) often say what the axes are. Read the whole tree instead: "
-    f"averaging=adahessian_jax.spatial.resolve_rules(None, params{size}, warn=True), with params "
-    "the whole model's."
+    f"{_resolve_fix(averaging, block_size)}, with params the whole model's."
+  )
+
+
+def _warn_shard_shapes(
+  averaging: AveragingSpec, params: Any, block_size: int, split: Mapping[str, tuple[Any, ...]]
+) -> None:
+  """Warns when parameters are split over mesh axes (``split``: their paths and axes, inside
+  ``shard_map``) and the default rule reads some layouts off shapes: it sees the shards' shapes
+  there, not the whole model's."""
+  if not split:
+    return
+  read = _shape_read_leaves(averaging, params, block_size)
+  if not read:
+    return
+  listed = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
+  warnings.warn(
+    f"scale_by_adahessian inside shard_map: {len(split)} parameter(s) ({listed(split)}) are "
+    f"split over mesh axes {sorted(set().union(*split.values()), key=str)}, so the transform "
+    f"sees their shards' shapes, and the default averaging reads the layout of {len(read)} "
+    f"leaf(s) ({listed(read)}) off shapes: a stack of layers, a convolution or a PyTorch "
+    "(out, in) kernel can be read otherwise than on the whole model. Resolve the rules on the "
+    f"whole model's params and pass them: {_resolve_fix(averaging, block_size)}.",
+    LayoutGuessWarning,
+    stacklevel=_caller_level(),
   )
 
 
@@ -1321,7 +1350,7 @@ def resolve_rules(
   bound, rows = _plan(averaging, params, block_size, strict)
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
-    message = _guess_warning(guesses) + _masked_hint(params, block_size)
+    message = _guess_warning(guesses) + _masked_hint(averaging, params, block_size)
     warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
   return jax.tree.unflatten(jax.tree.structure(params), bound)
 

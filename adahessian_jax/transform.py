@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, cast
 
 import jax
@@ -139,31 +138,6 @@ def _check_state(
       f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
       f"transform has update_freq={update_freq}." + fix
     )
-
-
-def _warn_shard_shapes(averaging: Any, updates: Any, block_size: int, mu: Any) -> None:
-  """Warns inside ``shard_map`` when parameters are split over mesh axes and the default rule
-  reads some layouts off shapes: it sees the shards' shapes there, not the whole model's."""
-  split = split_leaves(mu)  # the moments are split like the parameters
-  if not split:
-    return
-  read = spatial._shape_read_leaves(averaging, updates, block_size)
-  if not read:
-    return
-  given = "None" if averaging is None else "averaging"
-  size = f", block_size={block_size}" if block_size != 1 else ""
-  listed = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
-  warnings.warn(
-    f"scale_by_adahessian inside shard_map: {len(split)} parameter(s) ({listed(split)}) are "
-    f"split over mesh axes {sorted(set().union(*split.values()), key=str)}, so the transform "
-    f"sees their shards' shapes, and the default averaging reads the layout of {len(read)} "
-    f"leaf(s) ({listed(read)}) off shapes: a stack of layers, a convolution or a PyTorch "
-    "(out, in) kernel can be read otherwise than on the whole model. Resolve the rules on the "
-    f"whole model's params and pass them: averaging=adahessian_jax.spatial.resolve_rules("
-    f"{given}, params{size}, warn=True).",
-    spatial.LayoutGuessWarning,
-    stacklevel=spatial._caller_level(),
-  )
 
 
 _STATE_PARAMS = "the state's parameters"
@@ -750,7 +724,8 @@ def scale_by_adahessian(
     refresh = is_refresh_step(state, refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
     rules = spatial.resolve_rules(averaging, updates, block_size)
-    _warn_shard_shapes(averaging, updates, block_size, state.mu)
+    # Inside shard_map the moments are split like the parameters.
+    spatial._warn_shard_shapes(averaging, updates, block_size, split_leaves(state.mu))
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
       _estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name), rules, curvature_floor
