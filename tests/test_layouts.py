@@ -34,14 +34,15 @@ def per_layer_constants(tree):
   )
 
 
-def scan_layers(layer, length=4):
-  """``layer`` scanned ``length`` times, its boxed params' stacked axis named "layers"."""
+def scan_layers(layer, length=4, partition_name="layers"):
+  """``layer`` scanned ``length`` times, its boxed params' stacked axis named
+  ``partition_name`` (``None``: left unnamed)."""
   return nn.scan(
     layer,
     variable_axes={"params": 0},
     split_rngs={"params": True},
     length=length,
-    metadata_params={nn.PARTITION_NAME: "layers"},
+    metadata_params={nn.PARTITION_NAME: partition_name},
   )
 
 
@@ -153,14 +154,7 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
   class Stack(nn.Module):
     @nn.compact
     def __call__(self, x):
-      scan = nn.scan(
-        Layer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        length=4,
-        metadata_params={nn.PARTITION_NAME: None},
-      )
-      return scan(name="blocks")(x, None)[0]
+      return scan_layers(Layer, partition_name=None)(name="blocks")(x, None)[0]
 
   shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((2, 16)))["params"]
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -1344,13 +1338,7 @@ def test_unnamed_axes_in_front_of_a_mixture_s_experts_are_a_stack():
   # ('bi', no 'bias' name or kernel beside it to show the stack) was (None, 'exp', 'mlp'), per
   # expert a Dense kernel (None, 'mlp') blocked along the 4 layers, unflagged.
   def rows(meta):
-    scan = nn.scan(
-      NamedMoe,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      length=4,
-      metadata_params={nn.PARTITION_NAME: meta},
-    )
+    scan = scan_layers(NamedMoe, partition_name=meta)
     params = jax.eval_shape(scan().init, jax.random.key(0), jnp.ones((2, 4)), None)["params"]
     return [(r.rule, r.groups, r.ambiguous) for r in spatial.describe(params, block_size=2).rows]
 
