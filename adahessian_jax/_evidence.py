@@ -165,19 +165,17 @@ def _unnamed_leading_stacks(
   evident, _ = stacks_by_evidence(paths, shapes, hidden, only)
   out, why = list(names), {}
   for i, k in partial.items():
-    stacked = _role_name(roles[i], STACKED)
+    if i in evident:
+      found = evident[i][0]
+      n = sum(x is not None for x in found)  # the stacked axes lead (stacks_by_evidence)
+      if 0 < n <= k:  # a stack under a scan's unnamed convolution (layers, kh, kw, in, out) too
+        out[i] = tuple(found[:n]) + tuple(names[i][n:])
+        why[i] = f" (its unnamed leading axes stacked: {evident[i][1]})"
     # Only in front of experts: a kernel (in, layers, out) of an nn.vmap over axis 1 has an
     # unnamed axis in front of its stacked one too, its input.
-    if i not in evident and stacked is not None and names[i][k] in EXPERT_AXES:
+    elif names[i][k] in EXPERT_AXES and (stacked := _role_name(roles[i], STACKED)) is not None:
       out[i] = (stacked,) * k + tuple(names[i][k:])
       why[i] = f" (its unnamed leading axes stacked: in front of the stacked axis {names[i][k]!r})"
-    if i not in evident:
-      continue
-    found = evident[i][0]
-    n = sum(x is not None for x in found)  # the stacked axes lead (stacks_by_evidence)
-    if 0 < n <= k:  # a stack under a scan's unnamed convolution (layers, kh, kw, in, out) too
-      out[i] = tuple(found[:n]) + tuple(names[i][n:])
-      why[i] = f" (its unnamed leading axes stacked: {evident[i][1]})"
   return out, why
 
 
