@@ -211,6 +211,29 @@ def test_a_nan_loss_with_finite_curvature_stops_every_analysis():
       analyse()
 
 
+def test_a_non_finite_batch_among_several_is_named_with_its_entry():
+  # One NaN input among five batches made every analysis fail with "check op.loss() and the
+  # params", both of which look fine batch by batch: the message did not say which batch.
+  params, batch = mlp()
+  batches = [jax.tree.map(lambda x, i=i: x + 0.1 * i, batch) for i in range(5)]
+  batches[3] = (batches[3][0].at[2, 1].set(jnp.nan), batches[3][1])
+  op = hessian.hessian_operator(mlp_loss, params, batches=batches)
+  named = r"The loss on batches\[3\] is nan; batches\[3\]\[0\]\[2, 1\] is nan\."
+  for analyse in (
+    lambda: hessian.top_eigenvalues(op, 1),
+    lambda: hessian.hutchinson_trace(op, jax.random.key(0)),
+    lambda: hessian.hutchinson_diagonal_estimate(op, jax.random.key(0)),
+  ):
+    with pytest.raises(hessian.NonFiniteError, match=named):
+      analyse()
+  # One batch: named as the batch; a NaN loss from finite data says so.
+  with pytest.raises(hessian.NonFiniteError, match=r"The loss on the batch is nan; batch\[0\]"):
+    hessian.top_eigenvalues(hessian.hessian_operator(mlp_loss, params, batches[3]), 1)
+  log = lambda p, b: jnp.sum(p["w"] ** 2) + jnp.log(p["w"][0] - 1.0) * b
+  with pytest.raises(hessian.NonFiniteError, match=r"is nan \(its entries are all finite\)"):
+    hessian.top_eigenvalues(hessian.hessian_operator(log, {"w": jnp.zeros(3)}, 1.0), 1)
+
+
 def test_params_that_are_not_finite_or_empty_are_refused_at_once():
   params, batch = mlp()
   params = {**params, "out": {**params["out"], "bias": params["out"]["bias"].at[1].set(jnp.nan)}}

@@ -140,7 +140,7 @@ class NonFiniteError(FloatingPointError):
   """
 
 
-def finite(values: Any, what: str) -> None:
+def finite(values: Any, what: str, op: Any = None) -> None:
   """Raises :class:`NonFiniteError` if any entry of ``values`` is NaN or infinite.
 
   Args:
@@ -148,12 +148,17 @@ def finite(values: Any, what: str) -> None:
       caller synchronises anyway).
     what: Where the values come from, e.g. ``"the Hessian-vector product at
       Lanczos step 3"``.
+    op: The operator the values come from; if it has data, the message names
+      the first batch whose loss is not finite and that batch's first
+      non-finite entry (one loss per batch, spent only on the way to the error).
   """
   arr = np.asarray(values)
   if not np.all(np.isfinite(arr)):
     bad = "nan" if np.any(np.isnan(arr)) else "inf"
+    data = getattr(op, "data", None)
+    where = "" if data is None else data.not_finite(op.params)
     raise NonFiniteError(
       f"{what} is not finite ({bad}). The loss or its curvature at the operator's params is "
       "not finite: check op.loss() and the params (a diverged run, an overflow in low "
-      "precision, a log of zero) before analysing this point."
+      f"precision, a log of zero) before analysing this point.{where}"
     )

@@ -179,7 +179,7 @@ def lanczos(
   for j in range(m):
     basis, v, coef = _extend(basis, v, op.matmat(v), j, tol)
     coefs.append(np.asarray(coef, np.float64))
-    _checks.finite(coefs[-1], f"the Hessian-vector product at Lanczos step {j + 1}")
+    _checks.finite(coefs[-1], f"the Hessian-vector product at Lanczos step {j + 1}", op)
     c = np.stack(coefs, axis=2)
     if stop is not None and stop(c[0], c[1]):
       break

@@ -183,6 +183,24 @@ class WeightedData:
     """The weighted loss at ``params``."""
     return self.weighted_sum(lambda b: _batch_loss(self.jit_loss, params, b))
 
+  def not_finite(self, params: Any) -> str:
+    """The first batch whose loss at ``params`` is not finite, and its first non-finite entry,
+    as a sentence for an error message (or that every batch's loss is finite).
+
+    Costs one loss per batch up to that one: call it only once something is known not finite.
+    """
+    many = len(self.batches) > 1
+    for i, batch in enumerate(self.batches):
+      value = np.asarray(_batch_loss(self.jit_loss, params, batch))
+      if np.all(np.isfinite(value)):
+        continue
+      name, on = (f"batches[{i}]", f"batches[{i}]") if many else ("batch", "the batch")
+      entry = _first_not_finite_entry(batch)
+      return f" The loss on {on} is {value}" + (
+        f"; {name}{entry[0]} is {entry[1]}." if entry else " (its entries are all finite)."
+      )
+    return " The loss is finite on every batch; its curvature is not (e.g. sqrt or |x| at 0)."
+
 
 @dataclasses.dataclass(frozen=True)
 class HessianOperator:
@@ -504,6 +522,20 @@ def _batch_matmat(loss_fn, params, batch, vs):
 @jax.jit
 def _batch_loss(loss_fn, params, batch):
   return loss_fn(params, batch)
+
+
+def _first_not_finite_entry(batch: Any) -> tuple[str, Any] | None:
+  """``("[0][2, 1]", nan)``: where the first NaN or infinite entry of a batch's floating
+  leaves is, and its value."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+    host = np.asarray(leaf)
+    if not np.issubdtype(host.dtype, np.inexact):
+      continue
+    bad = np.argwhere(~np.isfinite(host))
+    if bad.size:
+      index = f"[{', '.join(str(int(j)) for j in bad[0])}]" if host.ndim else ""
+      return jax.tree_util.keystr(path) + index, host[tuple(bad[0])]
+  return None
 
 
 @functools.partial(jax.jit, static_argnums=1)

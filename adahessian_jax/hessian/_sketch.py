@@ -117,13 +117,13 @@ def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) ->
   """
   omega = independent_probes(op, key, num_probes)
   y = op.matmat(omega)
-  _checks.finite(y, "the Hessian-vector product of a sketch probe")
+  _checks.finite(y, "the Hessian-vector product of a sketch probe", op)
   wide = wide_dtype(op.dtype)
   omega, y = omega.astype(wide), y.astype(wide)
   qt, r = jnp.linalg.qr(y.T)
   q = qt.T
   z = op.matmat(q).astype(wide)
-  _checks.finite(z, "the Hessian-vector product of a sketch basis vector")
+  _checks.finite(z, "the Hessian-vector product of a sketch basis vector", op)
   singular = _singular(r)
   captured = singular and float(_outside_residual(omega, y, q, z)) <= np.sqrt(np.finfo(wide).eps)
   return Sketch(num_probes, omega, y, q, r, z, captured, singular and not captured)
@@ -151,7 +151,7 @@ def basis_products(op: HessianOperator) -> tuple[jax.Array, jax.Array]:
   wide = wide_dtype(op.dtype)
   basis = jnp.eye(op.size, dtype=op.dtype)
   products = op.matmat(basis)
-  _checks.finite(products, "the Hessian-vector product of a basis vector")
+  _checks.finite(products, "the Hessian-vector product of a basis vector", op)
   return basis.astype(wide), products.astype(wide)
 
 

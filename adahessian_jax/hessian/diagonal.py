@@ -80,7 +80,7 @@ def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
   """
   z = op.probes(keys)
   x = _probe_products(z, op.matmat(z))
-  _checks.finite(x, "the Hutchinson diagonal sample z ⊙ Hz")
+  _checks.finite(x, "the Hutchinson diagonal sample z ⊙ Hz", op)
   return x
 
 

@@ -327,7 +327,7 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
     # span (up to the known pairs' residuals), 20x the reported one on a triple eigenvalue with
     # tol=1e-5. Measured on H instead, one product.
     residual = float(jnp.linalg.norm(op.matvec(new[0]) - theta * new[0]))
-    _checks.finite(residual, "the residual of a pair the check for repeated eigenvalues found")
+    _checks.finite(residual, "the residual of a pair the check for repeated eigenvalues found", op)
     matvecs += 1
     known = jnp.concatenate([known, new])
     values.append(theta)
@@ -503,7 +503,7 @@ def power_iteration(
       theta, residual, scale, nxt = _power_step(v, op.matvec(v), found)
       matvecs += 1
       lam = float(theta)
-      _checks.finite(lam, f"the Rayleigh quotient at power step {matvecs}")
+      _checks.finite(lam, f"the Rayleigh quotient at power step {matvecs}", op)
       residual = float(residual)
       reference = max(float(scale), abs(values[0]) if values else 0.0)
       ok = residual <= tol * abs(lam) or residual <= floor * reference

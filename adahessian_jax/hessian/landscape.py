@@ -368,7 +368,7 @@ def _steps(name: str, values: Any) -> np.ndarray:
 
 def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chunk: int):
   data = op.require_data("a loss landscape")
-  _checks.finite(op.loss(), "the loss at the operator's params")
+  _checks.finite(op.loss(), "the loss at the operator's params", op)
   flat = op.ravel(op.params)
   if op.coordinates is not None:  # a step d in the operator's coordinates moves θ by S d
     directions = directions * op.coordinates

@@ -104,7 +104,9 @@ def _sampled_trace(op, key, offset, *stopping):
     z = op.probes(keys)
     samples.append(np.asarray(_quadratic_forms(z, op.matmat(z)), dtype=np.float64))
     x = np.concatenate(samples)
-    _checks.finite(samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)")
+    _checks.finite(
+      samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)", op
+    )
     if x.size >= max(min_samples, 2):
       se = x.std(ddof=1) / np.sqrt(x.size)
       met = bool(se <= max(atol, rtol * abs(offset + x.mean())))
@@ -210,7 +212,7 @@ def hutchpp_trace(
     sketch = exchangeable_sketch(op, k_sketch, s)
     q = sketch.q
     exact = float(jnp.sum(_quadratic_forms(q, sketch.z)))
-    _checks.finite(exact, "the trace on the sketched subspace")
+    _checks.finite(exact, "the trace on the sketched subspace", op)
     if sketch.low_rank:  # H = QQᵀH: the remainder is zero, no sample can change the value
       return TraceEstimate(exact, 0.0, 2 * s, 0)
   full_probes = op.probes_fn

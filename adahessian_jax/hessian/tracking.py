@@ -207,7 +207,7 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
   exact = min(tol_break, 0.01 * tol)
   while True:
     t = np.asarray(_rayleigh(q, w), np.float64)[:used, :used]
-    _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products")
+    _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products", op)
     theta, s = _ritz_values(0.5 * (t + t.T), q, used)
     theta, s = theta[::-1], s[:, ::-1]
     history.append(float(theta[0]))
