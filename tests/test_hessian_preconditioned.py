@@ -364,3 +364,19 @@ def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
   np.testing.assert_allclose(got, want, atol=1e-12)
   with pytest.raises(ValueError, match=r"lacks the leaves \['bias'\] and has none"):
     hessian.preconditioned_operator(boxed_op, {"kernel": unboxed_p["kernel"]})
+
+
+def test_a_block_operator_takes_the_blocks_part_of_the_preconditioner():
+  # The whole P for a block operator said "it lacks the leaves (none)": the block's params are one
+  # array, whose path is empty. Its part of P gives the block of the dense P^-1/2 H P^-1/2.
+  params, batch, state, _ = _train("adam")
+  p = OPTIMIZERS["adam"][1](state)
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  block = op.block("hidden/kernel", where=(slice(1, 3),))
+  with pytest.raises(ValueError, match=r"has the leaves \['hidden'\]\['bias'\], .* single array "):
+    hessian.preconditioned_operator(block, p)
+  got = hessian.preconditioned_operator(block, p["hidden"]["kernel"][1:3]).matmat(jnp.eye(16))
+  s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
+  dense = s[:, None] * dense_hessian(mlp_loss, params, batch) * s[None, :]
+  cols = op.leaf_slices[op.layout.index("hidden/kernel")].start + 8 + np.arange(16)
+  np.testing.assert_allclose(got, dense[np.ix_(cols, cols)], atol=1e-12)

@@ -63,6 +63,13 @@ def like_params(tree: Any, params: Any, what: str) -> None:
         f"it is a single value of shape {np.shape(tree)}, not a pytree; a flat array must have "
         f"shape ({size},)"
       )
+    elif jax.tree_util.treedef_is_leaf(jax.tree.structure(params)):
+      # A block operator's params are one array, whose path is "": "lacks the leaves (none)".
+      detail = (
+        f"it has the leaves {', '.join(list(got)[:4])}, but the params are a single array of "
+        f"shape {np.shape(params)} (a block operator's, from op.block): pass the part of it for "
+        "that block, e.g. its leaf at the block's path, indexed by the block's where"
+      )
     elif missing or extra:
       lacks = f"it lacks the leaves {', '.join(missing[:4]) or '(none)'}"
       detail = f"{lacks} and has {', '.join(extra[:4]) or 'none'} that the params do not"

@@ -293,8 +293,9 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
     op: A Hessian operator (any: full, block or masked, over any data).
     preconditioner: ``P``, positive, as a pytree like the params (from
       :func:`adahessian_preconditioner`, :func:`adam_preconditioner`, or your
-      own) or a flat ``(n,)`` array. Linen boxes and NNX variables aside: ``P``
-      from ``nnx.Optimizer``'s ``opt_state`` serves params from
+      own) or a flat ``(n,)`` array; for a block operator (``op.block(leaf, where)``)
+      its part, ``P``'s leaf at that path indexed by ``where``. Linen boxes and NNX
+      variables aside: ``P`` from ``nnx.Optimizer``'s ``opt_state`` serves params from
       ``nnx.split(model, nnx.Param, ...)``, an unboxed ``P`` boxed params. An
       ``inf`` entry is a coordinate the optimizer does not move: ``P^{-1/2}`` is 0 there.
 
