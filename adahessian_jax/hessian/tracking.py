@@ -392,7 +392,7 @@ def track_curvature(
 
   Raises:
     ValueError: for an argument out of range, a ``previous`` record of another
-      model, or a preconditioner that is not positive and finite or not
+      model, or a preconditioner that is not positive (``inf`` allowed) or not
       shaped like the params (all refused before any product is spent).
     NonFiniteError: if a product is not finite (a diverged run): record
       ``nan`` and stop measuring, or measure before the divergence.
