@@ -67,8 +67,8 @@ def like_params(tree: Any, params: Any, what: str) -> None:
       # A block operator's params are one array, whose path is "": "lacks the leaves (none)".
       detail = (
         f"it has the leaves {', '.join(list(got)[:4])}, but the params are a single array of "
-        f"shape {np.shape(params)} (a block operator's, from op.block): pass the part of it for "
-        "that block, e.g. its leaf at the block's path, indexed by the block's where"
+        f"shape {np.shape(params)} (e.g. those of op.block(leaf, where)): pass its part for them, "
+        "e.g. its leaf at that path indexed by where"
       )
     elif missing or extra:
       lacks = f"it lacks the leaves {', '.join(missing[:4]) or '(none)'}"
