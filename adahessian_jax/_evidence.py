@@ -747,11 +747,26 @@ def _attention_stacks(
   return found
 
 
+#: The prefixes Linen's lifted transforms that keep a module's parameters as they are add to its
+#: class's name: ``nn.remat(nn.ConvLocal)`` is named ``CheckpointConvLocal_0``, ``nn.jit(nn.Dense)``
+#: ``JitDense_0``.
+_SHAPE_KEEPING_TRANSFORMS = ("Checkpoint", "Jit")
+
+
 def _linen_class(module: tuple) -> str | None:
-  """The class a Linen automatic module name (``Conv_2``: ``Conv``) gives, else ``None``."""
+  """The class a Linen automatic module name (``Conv_2``: ``Conv``) gives, else ``None``; past
+  the prefixes of :data:`_SHAPE_KEEPING_TRANSFORMS` (``CheckpointJitConv_0``: ``Conv``)."""
   name = module[-1] if module else None
   parts = name.rsplit("_", 1) if isinstance(name, str) else []
-  return parts[0] if len(parts) == 2 and parts[1].isdigit() and parts[0] else None
+  if len(parts) != 2 or not parts[1].isdigit() or not parts[0]:
+    return None
+  cls, stripped = parts[0], True
+  while stripped:
+    stripped = False
+    for prefix in _SHAPE_KEEPING_TRANSFORMS:
+      if cls.startswith(prefix) and cls[len(prefix) : len(prefix) + 1].isupper():
+        cls, stripped = cls[len(prefix) :], True
+  return cls
 
 
 def _words(name: Any) -> set[str]:

@@ -1218,13 +1218,23 @@ def test_a_bias_less_conv_in_an_unnamed_scan_is_not_averaged_across_layers(norm)
     assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_a_bias_less_conv_local_keeps_its_output_positions_apart(stacked):
+@pytest.mark.parametrize(
+  ("stacked", "wrap", "name"),
+  [
+    (False, None, "ConvLocal_0"),
+    (True, None, "ConvLocal_0"),
+    (False, nn.remat, "CheckpointConvLocal_0"),
+    (True, nn.jit, "JitConvLocal_0"),
+  ],
+)
+def test_a_bias_less_conv_local_keeps_its_output_positions_apart(stacked, wrap, name):
   # nn.ConvLocal's kernel (*out_positions, window * in, out) holds one filter per output
   # position. Without a bias, its name 'ConvLocal_0' (a word 'conv') made it a Conv kernel for
   # sure: the mean over axis 0 averaged the filters of all 8 output positions (and of the 3
-  # layers of a scan). One position's kernel has rank 2, as a Dense's.
-  layer = functools.partial(nn.ConvLocal, 6, (3,), use_bias=False)
+  # layers of a scan). One position's kernel has rank 2, as a Dense's. nn.remat and nn.jit keep
+  # the parameters as they are but prefix the class's name ('CheckpointConvLocal_0'), which was
+  # then no ConvLocal's name, only a convolution's.
+  layer = functools.partial(wrap(nn.ConvLocal) if wrap else nn.ConvLocal, 6, (3,), use_bias=False)
 
   class Block(nn.Module):
     @nn.compact
@@ -1237,7 +1247,7 @@ def test_a_bias_less_conv_local_keeps_its_output_positions_apart(stacked):
     model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 4)), None)["params"]
   (row,) = spatial.describe(params, block_size=4).rows
-  assert row.path == "['ConvLocal_0']['kernel']"
+  assert row.path == f"['{name}']['kernel']"
   assert row.shape == (3,) * stacked + (8, 12, 6)
   assert row.rule == spatial.per_layer(spatial.blocks(4), axes=tuple(range(1 + stacked)))
   assert row.groups == {4: 3**stacked * 8 * 3 * 6} and not row.ambiguous
