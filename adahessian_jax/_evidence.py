@@ -808,21 +808,37 @@ class _Kernel(NamedTuple):
   roles: Mapping[str, str]
 
 
-def _kernels(paths, shapes, names, roles):
+def _kernels(paths, shapes, names, roles, lead_of=None):
   """The kernels (Flax's ``kernel``, Haiku's ``w``) under the default rule whose only names are
-  leading stacked axes (:func:`_leading_stack`), if any, with their module's bias.
+  leading stacked axes (:func:`_leading_stack`, or ``lead_of``), if any, with their module's bias.
 
   Yields:
     A :class:`_Kernel` for each.
   """
+  lead_of = lead_of or _leading_stack
   for module, members in _by_module(paths).items():
     for kernel, bias in _KERNEL_BIAS:
       i, b = members.get(kernel), members.get(bias)
       if i is None or roles[i] is None:
         continue
-      lead = _leading_stack(names[i], roles[i])
+      lead = lead_of(names[i], roles[i])
       if lead is not None:
         yield _Kernel(i, module, None if b is None else shapes[b], lead, roles[i])
+
+
+def _unnamed_spatial(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
+  """For a boxed kernel whose leading axes are unnamed and its last two named as features,
+  ``(*stacked, None, ..., "embed", "mlp")`` (a ``Conv`` kernel whose spatial axes the model left
+  unnamed), the number of leading stacked axes; else ``None``."""
+  if names is None or len(names) < 3:
+    return None
+  if any(x is None or axis_role(x, roles) not in (FEATURES, None) for x in names[-2:]):
+    return None
+  n = 0
+  while names[n] is not None and axis_role(names[n], roles) == STACKED:
+    n += 1
+  middle = names[n:-2]
+  return n if middle and all(x is None for x in middle) else None
 
 
 def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]]:
@@ -903,6 +919,17 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       continue
     stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
     found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
+  # Boxed with only the spatial axes unnamed, (None, None, "embed", "mlp"): the same evidence
+  # from the bias, which a stack of layers' kernel would not sit beside ((layers, out) is its).
+  for k in _kernels(paths, shapes, names, roles, _unnamed_spatial):
+    spatial = _role_name(k.roles, SPATIAL)
+    shape, own = shapes[k.index], names[k.index]
+    rank = len(shape) - k.lead
+    if spatial is None or k.bias != shape[: k.lead] + shape[-1:]:
+      continue
+    if rank >= 4 or _is_conv_module(k.module):
+      why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
+      found[k.index] = (tuple(own[: k.lead]) + (spatial,) * (rank - 2) + tuple(own[-2:]), why)
   return found
 
 

@@ -170,6 +170,54 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
   assert layer_axes_of(params) == [(0,), (0,), (0,)]
 
 
+def test_a_boxed_conv_whose_spatial_axes_are_unnamed_is_read_by_its_bias():
+  """A boxed ``Conv`` kernel ``(None, None, "embed", "mlp")`` beside its bias ``("mlp",)`` was a
+  flagged guess (a ``LayoutGuessWarning``), though the same tree unboxed is read as a
+  convolution by its bias: the bias shows one layer, so the unnamed axes are its window. Without
+  a bias nothing does, and the guess stays flagged."""
+  box = nn.with_logical_partitioning
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      x = nn.Conv(
+        16, (3,), kernel_init=box(lecun, (None, "embed", "mlp")), bias_init=box(zeros, ("mlp",))
+      )(x)
+      return x, None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(
+        16,
+        (3, 3),
+        kernel_init=box(lecun, (None, None, "embed", "mlp")),
+        bias_init=box(zeros, ("mlp",)),
+      )(x)
+      x = x.reshape(x.shape[0], -1, 16)
+      x = nn.Conv(
+        16, (3,), kernel_init=box(lecun, (None, "embed", "mlp")), bias_init=box(zeros, ("mlp",))
+      )(x)
+      return scan_layers(Layer)(name="blocks")(x, None)[0]
+
+  params = jax.eval_shape(Model().init, jax.random.key(0), jnp.ones((1, 6, 6, 4)))["params"]
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  want = {
+    "['Conv_0']['kernel']": spatial.mean_over((0, 1)),
+    "['Conv_1']['kernel']": spatial.mean_over(0),
+    "['blocks']['Conv_0']['kernel']": spatial.per_layer(spatial.mean_over(0)),
+  }
+  for path, rule in want.items():
+    assert rows[path].rule == rule and not rows[path].ambiguous, rows[path]
+  assert "beside its bias (16,)" in rows["['Conv_0']['kernel']"].why
+  assert rows["['Conv_0']['kernel']"].names == ("spatial", "spatial", "embed", "mlp")
+  spatial.resolve_rules(None, params, 4, strict=True)  # nothing left to guess
+  # Without the bias, (None, None, "embed", "mlp") could as well be a stack's: still a guess.
+  bare = {"Conv_0": {"kernel": params["Conv_0"]["kernel"]}}
+  (row,) = spatial.describe(bare, block_size=4).rows
+  assert row.rule == spatial.mean_over((0, 1)) and row.ambiguous
+
+
 def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
   boxed = linen_stack(nn.with_logical_partitioning)
   plain = nn.unbox(boxed)
