@@ -353,7 +353,8 @@ def not_finite_mark(tree: Any) -> jax.Array:
   """A float32 scalar: 0 if every entry of ``tree`` is finite, NaN otherwise.
 
   One reduction over the tree (``0·x`` cannot overflow, unlike a sum of ``x``). The fused route
-  and the transform compute it on the same estimate, so XLA keeps one copy of it. Under
+  and the transform compute it on the same estimate (the transform before casting it to wider
+  moments), so XLA keeps one copy of it. Under
   ``shard_map`` with parameters split over mesh axes it covers every shard's block, so that all
   shards agree whether a step is finite (else a replicated leaf's update would differ by shard).
   """

@@ -226,8 +226,9 @@ def _estimate(
   keys: jax.Array,
   like: Any,
   axis_name: Any,
-) -> Any:
-  """The signed Hessian-diagonal estimate of this step, in the dtypes of ``like``.
+) -> tuple[Any, jax.Array]:
+  """``(the signed Hessian-diagonal estimate of this step in the dtypes of ``like``, whether
+  every entry of it is finite)``.
 
   From ``value_fn`` by Hutchinson's method with the probes of ``keys``, or the
   given ``hessian_diag``; averaged over ``axis_name`` when it is set.
@@ -269,17 +270,29 @@ def _estimate(
         ) from None
     _check_estimate(estimate, like)
     estimate = jax.tree.map(jnp.asarray, estimate)  # a Python float for a 0-d leaf too
+  # Tested before a cast that keeps every value (bfloat16 params, float32 moments): the same
+  # reduction as the fused route's mark on hessian_diag, which XLA then computes once (after the
+  # cast it was a second pass over the estimate). After the average over axis_name, on which
+  # every device agrees.
+  widening = all(
+    jnp.promote_types(jnp.result_type(e), jnp.result_type(x)) == jnp.result_type(x)
+    for e, x in zip(jax.tree.leaves(estimate), jax.tree.leaves(like), strict=True)
+  )
+  mark = hutchinson.not_finite_mark(estimate) if widening and axis_name is None else None
   # Average in the moments' dtype (e.g. float32 for bfloat16 params).
   estimate = optax.tree.cast_like(estimate, like)
   if axis_name is not None:
     estimate = jax.lax.pmean(estimate, axis_name)
-  return estimate
+  if mark is None:
+    mark = hutchinson.not_finite_mark(estimate)
+  return estimate, jnp.isfinite(mark)
 
 
-def _curvature(estimate: Any, rules: Any, curvature_floor: Any) -> tuple[Any, jax.Array]:
-  """``(D, whether every entry of the estimate is finite)``: ``D`` is the estimate's absolute
-  value, spatially averaged, floored per leaf (or layer)."""
-  finite = jnp.isfinite(hutchinson.not_finite_mark(estimate))
+def _curvature(
+  estimate: Any, finite: jax.Array, rules: Any, curvature_floor: Any
+) -> tuple[Any, jax.Array]:
+  """``(D, finite)``: ``D`` is the estimate's absolute value, spatially averaged, floored per
+  leaf (or layer); ``finite`` whether every entry of the estimate is (from :func:`_estimate`)."""
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
   if _validation.is_static_zero(curvature_floor):
     return d, finite
@@ -728,7 +741,9 @@ def scale_by_adahessian(
     spatial._warn_shard_shapes(averaging, updates, block_size, split_leaves(state.mu))
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
-      _estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name), rules, curvature_floor
+      *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name),
+      rules,
+      curvature_floor,
     )
     # optax annotates the result as any array-like; it is a jax.Array like state.count.
     count_inc = cast(jax.Array, optax.safe_increment(state.count))

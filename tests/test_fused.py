@@ -187,6 +187,32 @@ def test_fused_step_on_a_non_refresh_step_costs_one_value_and_grad(mlp_problem):
   assert refresh > 1.8 * vg
 
 
+def test_fused_step_tests_a_half_precision_estimate_for_finiteness_once(mlp_problem):
+  """The fused route marks a non-finite estimate in the gradient and the transform tests the same
+  estimate: with bfloat16 params (float32 moments) XLA computes that test once, as in the closure
+  route, not a second time on the estimate cast to float32 (a pass over it, one reduce a leaf)."""
+  params, loss_fn, batch = mlp_problem
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  batch = jax.tree.map(lambda x: x.astype(jnp.bfloat16), batch)
+  tx = ah.adahessian(0.05)
+  st = tx.init(params)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  def fused(p, s, b):
+    _, g, h = vgh(p, s, b)
+    return tx.update(g, s, p, hessian_diag=h)
+
+  def closure(p, s, b):
+    g = jax.grad(loss_fn)(p, b)
+    return tx.update(g, s, p, value_fn=lambda q: loss_fn(q, b))
+
+  def reduces(fn):
+    text = jax.jit(fn).lower(params, st, batch).compile().as_text()
+    return text.count(" reduce(")
+
+  assert reduces(fused) == reduces(closure)
+
+
 def _replace_inner(opt_state, new_inner):
   is_state = lambda x: isinstance(x, ah.ScaleByAdaHessianState)
   return jax.tree.map(lambda x: new_inner if is_state(x) else x, opt_state, is_leaf=is_state)
