@@ -8,7 +8,7 @@ with the two usual first-order choices. Data: the 1,797 real 8x8 grey-scale digi
 Every optimizer uses the same cosine-decay schedule, batch size, initialisation and batches.
 
 Run:
-  python examples/cv_digits.py              # default, ~1-2 minutes on a laptop CPU
+  python examples/cv_digits.py              # default, under a minute on 2 CPU cores
   python examples/cv_digits.py --quick      # seconds (smoke test)
   python examples/cv_digits.py --tune       # learning-rate sweep first (4 values each)
   python examples/cv_digits.py --steps 3000 # longer

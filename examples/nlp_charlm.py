@@ -14,7 +14,7 @@ train, the last 10 % are the held-out validation text. Metrics: validation cross
 nats per character (bits per character = nats / ln 2) and next-character accuracy.
 
 Run:
-  python examples/nlp_charlm.py              # default, ~3 minutes on a laptop CPU
+  python examples/nlp_charlm.py              # default, ~1-1.5 minutes on 2 CPU cores
   python examples/nlp_charlm.py --quick      # seconds (smoke test)
   python examples/nlp_charlm.py --tune       # learning-rate sweep first (3 values each)
   python examples/nlp_charlm.py --steps 3000 --layers 4 --width 128   # longer, larger

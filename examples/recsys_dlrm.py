@@ -31,7 +31,7 @@ AUC of the true click probabilities (the best any model can do on these labels).
 impressions overfits the embedding tables).
 
 Run:
-  python examples/recsys_dlrm.py              # default, ~1-2 minutes on a laptop CPU
+  python examples/recsys_dlrm.py              # default, under a minute on 2 CPU cores
   python examples/recsys_dlrm.py --quick      # seconds (smoke test)
   python examples/recsys_dlrm.py --tune       # learning-rate sweep first (4 values each)
   python examples/recsys_dlrm.py --steps 5000 # longer
