@@ -149,6 +149,9 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(seed=jax.random.PRNGKey(0)), r"seed must be an integer.*like a PRNG key"),
     (dict(curvature_floor=-0.1), "curvature_floor"),
     (dict(update_clip=0.0), "update_clip"),
+    (dict(mu_dtype="float33"), r"mu_dtype must be a floating-point dtype, got 'float33' \("),
+    (dict(lazy_moment="refreshed"), r"lazy_moment must be 'repeat' or 'refresh', got 'refreshed'"),
+    (dict(independent_probes=True), r"independent_probes=True needs axis_name"),
   ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match):
@@ -213,6 +216,16 @@ def test_an_integer_axis_name_is_refused_at_construction():
     (dict(update_freq=1), dict(update_freq=3), r"made with update_freq=1"),
     (dict(update_freq=3), dict(update_freq=4), r"made with update_freq=3"),
     (dict(n_samples=2), dict(n_samples=1), r"2 probe keys but the transform has n_samples=1"),
+    (
+      dict(update_freq=2),
+      dict(update_freq=2, lazy_moment="refresh"),
+      r"made with lazy_moment='repeat' but the transform has lazy_moment='refresh'\.",
+    ),
+    (
+      dict(update_freq=2, lazy_moment="refresh"),
+      dict(update_freq=3),
+      r"made with lazy_moment='refresh' but the transform has lazy_moment='repeat'\.",
+    ),
   ],
 )
 def test_state_from_another_configuration_is_rejected(made, used, match):
