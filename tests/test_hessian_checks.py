@@ -234,6 +234,22 @@ def test_a_non_finite_batch_among_several_is_named_with_its_entry():
     hessian.top_eigenvalues(hessian.hessian_operator(log, {"w": jnp.zeros(3)}, 1.0), 1)
 
 
+def test_a_finite_loss_with_non_finite_curvature_and_integer_batch_leaves_are_told_apart():
+  # sqrt(|w|) at w = 0: the loss is finite, its curvature infinite.
+  root = lambda p, b: jnp.sum(jnp.sqrt(jnp.abs(p["w"]))) * b
+  op = hessian.hessian_operator(root, {"w": jnp.array([0.0, 1.0])}, 1.0)
+  with pytest.raises(hessian.NonFiniteError, match="finite on every batch; its curvature is not"):
+    hessian.top_eigenvalues(op, 1)
+  # An integer leaf (labels) before the NaN one is passed over, not searched for a NaN.
+  scaled = lambda p, b: jnp.sum(p["w"] ** 2) * jnp.mean(b["x"]) + 0.0 * jnp.sum(b["a"])
+  batch = {"a": jnp.arange(3), "x": jnp.array([1.0, jnp.nan, 1.0])}
+  op = hessian.hessian_operator(scaled, {"w": jnp.ones(2)}, batch)
+  with pytest.raises(
+    hessian.NonFiniteError, match=r"The loss on the batch is nan; batch\['x'\]\[1\]"
+  ):
+    hessian.top_eigenvalues(op, 1)
+
+
 def test_params_that_are_not_finite_or_empty_are_refused_at_once():
   params, batch = mlp()
   params = {**params, "out": {**params["out"], "bias": params["out"]["bias"].at[1].set(jnp.nan)}}

@@ -1,6 +1,7 @@
 """Tests of adahessian_jax.hessian.density (stochastic Lanczos quadrature)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hessian_problems import mlp, mlp_hessian, mlp_loss, quadratic, quadratic_loss
@@ -37,6 +38,17 @@ def test_first_moment_is_hutchinson_with_the_same_probes(op):
   sd = hessian.spectral_density(op, key, num_probes=8, num_steps=10)
   tr = hessian.hutchinson_trace(op, key, min_samples=8, max_samples=8, block_size=8)
   assert sd.moment(1) == pytest.approx(tr.trace / op.size, rel=1e-10)
+
+
+def test_a_given_grid_is_where_the_density_is_evaluated():
+  # A diagonal Hessian: every Rademacher probe puts weight 1/3 on each eigenvalue.
+  params = {"x": jnp.ones(3)}
+  op = hessian.hessian_operator(quadratic_loss, params, jnp.diag(jnp.array([1.0, 2.0, 3.0])))
+  grid = [0.0, 1.0, 2.0, 3.0]
+  sd = hessian.spectral_density(op, jax.random.key(0), num_probes=2, num_steps=3, grid=grid)
+  np.testing.assert_array_equal(sd.grid, grid)
+  peak = (1 / 3) / (sd.sigma * np.sqrt(2 * np.pi))  # sigma: 1 % of the spectrum's width, 0.02
+  np.testing.assert_allclose(sd.density, [0.0, peak, peak, peak], rtol=1e-10, atol=1e-300)
 
 
 def test_few_distinct_eigenvalues_are_found_exactly():

@@ -461,6 +461,20 @@ def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation(
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_bad_batch_lists_and_batch_sizes_are_named():
+  params, batch = mlp()
+  with pytest.raises(ValueError, match="batches is empty; give at least one batch"):
+    hessian.hessian_operator(mlp_loss, params, batches=[])
+  for sizes in (3, "13"):  # a str is iterable, its characters no sizes
+    with pytest.raises(
+      ValueError, match=f"batch_sizes must be a sequence of numbers, got {sizes!r}"
+    ):
+      hessian.hessian_operator(mlp_loss, params, batches=[batch, batch], batch_sizes=sizes)
+  scalar_batches = [jnp.asarray(1.0), jnp.asarray(2.0)]  # no leaf to count examples on
+  with pytest.raises(ValueError, match=r"size of batches\[0\] \(no leaf with a leading axis\)"):
+    hessian.hessian_operator(lambda p, b: mlp_loss(p, batch) * b, params, batches=scalar_batches)
+
+
 @pytest.mark.parametrize("sizes", [[np.inf, 1], ["3", 7], [True, True], [1, -2]])
 def test_batch_sizes_must_be_finite_positive_numbers(sizes):
   params, (x, y) = mlp()
