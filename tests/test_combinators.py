@@ -78,6 +78,25 @@ def test_inside_multi_transform_the_fused_route_follows_the_closure_route(
   assert not np.allclose(a[0]["hidden"]["kernel"], params["hidden"]["kernel"])  # it trained
 
 
+def test_an_adahessian_that_owns_no_leaf_leaves_the_other_transform_alone(mlp_problem):
+  # A label that no leaf carries (all "sgd" for now): AdaHessian's estimate and its mark are over
+  # no leaf, and the fused route has no leaf of its own to mark.
+  params, loss_fn, batch = mlp_problem
+  tx = optax.multi_transform({"ada": ah.adahessian(0.1), "sgd": optax.sgd(0.05)}, "sgd")
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  @jax.jit
+  def fused(params, state):
+    _, grads, hdiag = vgh(params, state, batch)
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    return optax.apply_updates(params, updates), state
+
+  want = jax.tree.map(lambda p, g: p - 0.05 * g, params, jax.grad(loss_fn)(params, batch))
+  for step in (closure_step(tx, loss_fn, batch), fused):
+    got, _ = step(params, tx.init(params))
+    assert_trees_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
 def test_rules_for_the_whole_model_with_labels_given_as_a_prefix(mlp_problem):
   # Labels as a prefix hand AdaHessian one MaskedNode for all of "out"; a tree of rules written for
   # the whole model has entries inside it, and init refused them as "not in the params".
