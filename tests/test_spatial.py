@@ -239,6 +239,26 @@ def test_describe_plain_rules_and_groups():
   assert lines[0].split()[:3] == ["path", "shape", "axis", "names"][:3] and len(lines) == 5
 
 
+def test_a_rule_of_ones_own_needs_only_call():
+  # The Rule base class's defaults: bind keeps the rule, groups are unknown ("?" in describe).
+  @dataclasses.dataclass(frozen=True)
+  class ColumnMax(spatial.Rule):
+    def __call__(self, d):
+      return jnp.broadcast_to(d.max(axis=0, keepdims=True), d.shape)
+
+  params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.ones(3)}
+  averaging = {"w": ColumnMax(), "b": None}
+  row = {r.path: r for r in spatial.describe(params, averaging).rows}["['w']"]
+  assert row.groups is None and str(spatial.describe(params, averaging)).count(" ? ") == 1
+  # A diagonal Hessian h = 1..6 (Hutchinson exact), b1 = b2 = 0: the update is g / max_col(h).
+  h = jnp.arange(1.0, 7.0).reshape(2, 3)
+  loss = lambda p: 0.5 * jnp.sum(h * p["w"] ** 2) + jnp.sum(p["b"] ** 2)
+  tx = ah.scale_by_adahessian(b1=0.0, b2=0.0, eps=1e-300, averaging=averaging)
+  u, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+  np.testing.assert_allclose(u["w"], h * params["w"] / jnp.array([4.0, 5.0, 6.0]), rtol=1e-14)
+  np.testing.assert_allclose(u["b"], 1.0, rtol=1e-14)
+
+
 @pytest.mark.parametrize(
   "names,axis",
   [
