@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CompileCounter, with_fast_compile
+from conftest import CompileCounter, assert_trees_allclose, with_fast_compile
 from hessian_problems import dense_hessian, mlp, mlp_hessian, mlp_loss
 
 from adahessian_jax import hessian, hutchinson
@@ -459,6 +459,19 @@ def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation(
   assert count.count == 0  # the landscape's compilation was keyed by the operator
   want = [mlp_loss(op.unravel(op.ravel(later) + a * d), batch) for a in alphas]
   np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_the_public_layout_and_data_classes_build_on_their_own():
+  # ParamLayout.of without unravel and WeightedData without jit_loss derive what the operator
+  # passes them.
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batches=[batch, batch], batch_sizes=[1, 3])
+  layout = hessian.ParamLayout.of(params)
+  assert layout.names == op.layout.names and layout.slices == op.layout.slices
+  flat = op.ravel(params)
+  assert_trees_allclose(layout.unravel(flat), params, rtol=0, atol=0)
+  data = hessian.WeightedData(mlp_loss, (0.25, 0.75), (batch, batch))
+  assert float(data.loss(params)) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
 
 
 def test_bad_batch_lists_and_batch_sizes_are_named():
