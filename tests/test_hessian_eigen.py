@@ -401,3 +401,32 @@ def test_a_pair_the_check_for_repeated_eigenvalues_adds_reports_its_residual_on_
   true = np.linalg.norm(vecs @ np.asarray(a) - got.eigenvalues[:, None] * vecs, axis=1)
   np.testing.assert_allclose(got.residuals, true, rtol=1e-6, atol=1e-13)
   assert np.all(true[got.converged] <= 1e-5 * 5.0)
+
+
+def test_float32_does_not_claim_a_tolerance_below_its_rounding():
+  """The 75-parameter MLP in float32 with ``tol=1e-9``: float32 products hold the eigenvalues to
+  ~1e-7 of ``‖H‖``, but the Lanczos estimate ``|β_j s_j|`` kept falling, and the run returned
+  ``converged`` with ``errors`` of ~1e-15 and residuals of 1e-11 to 1e-9 of ``‖H‖``, 1e7 and
+  100-10,000 times below the true error and residual against the float64 Hessian. The part of
+  the products that ``T`` does not hold (their rounding) now counts in both, and ``converged``
+  says no."""
+  params, batch = mlp()
+  op = hessian.hessian_operator(
+    mlp_loss,
+    jax.tree.map(lambda x: x.astype(jnp.float32), params),
+    jax.tree.map(lambda x: x.astype(jnp.float32), batch),
+  )
+  h = mlp_hessian()
+  ev = np.linalg.eigvalsh(h)
+  for which, want in [("LA", ev[::-1][:2]), ("SA", ev[:2])]:
+    got = hessian.top_eigenvalues(op, 2, which=which, tol=1e-9)
+    vecs = np.asarray(got.eigenvectors_flat, np.float64)
+    true_residuals = np.linalg.norm(vecs @ h - got.eigenvalues[:, None] * vecs, axis=1)
+    assert not got.converged.any(), which
+    assert np.all(got.errors >= np.abs(got.eigenvalues - want) / 10), which
+    assert np.all(got.residuals >= true_residuals / 10), which
+    assert np.all(got.errors <= 1e-5 * np.max(np.abs(ev))), which  # the rounding, no more
+    # A tolerance float32 reaches converges as before, in as many products.
+    ok = hessian.top_eigenvalues(op, 2, which=which, tol=1e-4)
+    assert ok.converged.all(), which
+    np.testing.assert_allclose(ok.eigenvalues, want, rtol=1e-4)

@@ -35,12 +35,18 @@ class Lanczos(NamedTuple):
       block diagonal there (:func:`blocks`).
     basis: ``(b, m + 1, n)`` orthonormal Lanczos vectors (rows past ``j`` are 0).
     num_steps: ``j``, the number of Hessian products per start vector.
+    offsets: ``(b, j + 1, j)`` what the products hold beyond ``T``: column ``i`` is ``H v_i``'s
+      coefficients on ``v_0, ..., v_i`` less ``T``'s (``β_{i-1}``, ``α_i``), and below them a
+      ``β_i`` a breakdown set to 0. ``H V_jᵀ s = V_jᵀ T s + β_j s_j v_j + V_{j+1}ᵀ offsets s``:
+      zero in exact arithmetic, the rounding and asymmetry of the products otherwise (float32
+      products near a minimum: 1e-5 of ``‖H‖`` where ``|β_j s_j|`` fell to 1e-10).
   """
 
   alphas: np.ndarray
   betas: np.ndarray
   basis: jax.Array
   num_steps: int
+  offsets: np.ndarray
 
 
 def padded(s: np.ndarray, shape: tuple[int, int], dtype) -> jax.Array:
@@ -105,16 +111,24 @@ def orthogonalise(basis, w):
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _extend(basis, v, w, j, tol):
-  """One Lanczos step given ``w = H v_j``; returns the basis with ``v_{j+1}``, it, α_j, β_j."""
+  """One Lanczos step given ``w = H v_j``; returns the basis with ``v_{j+1}``, it, α_j, β_j, the
+  ``β_j`` a breakdown set to 0 (else 0) and ``w``'s ``(b, m + 1)`` coefficients on the basis."""
   alpha = jnp.sum(w * v, axis=-1)
   raw = norm(w)
-  # Full reorthogonalisation: classical Gram-Schmidt against every stored vector, which also
-  # removes the three-term recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows are 0.
-  direction, beta = unit(orthogonalise(basis, w))
+  # Full reorthogonalisation: classical Gram-Schmidt against every stored vector, twice, which
+  # also removes the three-term recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows
+  # are 0. The coefficients removed are kept: beyond those two, they are what T misses.
+  coefs = jnp.zeros(basis.shape[:2], w.dtype)
+  rest = w
+  for _ in range(2):
+    c = jnp.einsum("bmn,bn->bm", basis, rest)
+    rest, coefs = rest - jnp.einsum("bm,bmn->bn", c, basis), coefs + c
+  direction, beta = unit(rest)
   ok = beta > tol * raw
+  dropped = jnp.where(ok, 0.0, beta)
   beta = jnp.where(ok, beta, 0.0)
   nxt = jnp.where(ok[:, None], direction, 0.0)
-  return basis.at[:, j + 1].set(nxt), nxt, jnp.stack([alpha, beta])
+  return basis.at[:, j + 1].set(nxt), nxt, jnp.stack([alpha, beta, dropped]), coefs
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -139,7 +153,7 @@ def lanczos(
   op: HessianOperator,
   v0: jax.Array,
   num_steps: int,
-  stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
+  stop: Callable[[np.ndarray, np.ndarray, np.ndarray], bool] | None = None,
   restart: jax.Array | None = None,
 ) -> Lanczos:
   """Runs up to ``num_steps`` Lanczos steps from each row of ``v0``.
@@ -149,9 +163,9 @@ def lanczos(
     v0: ``(b, n)`` start vectors (normalised here, exactly: no epsilon).
     num_steps: Maximum number of steps (Hessian products per start vector);
       clipped to ``n``.
-    stop: Optional ``stop(alphas, betas) -> bool`` called on the host after
-      every step (before a restart) with the ``(b, j)`` coefficients so far;
-      ``True`` stops.
+    stop: Optional ``stop(alphas, betas, offsets) -> bool`` called on the host
+      after every step (before a restart) with the ``(b, j)`` coefficients and
+      the ``(b, j + 1, j)`` offsets (:class:`Lanczos`) so far; ``True`` stops.
     restart: PRNG key, or ``None``. With a key, a breakdown (``β_j = 0``: the
       Krylov space is invariant) before the last step continues from a normal
       random vector (key ``fold_in(restart, j)``) orthogonalised against the
@@ -175,13 +189,19 @@ def lanczos(
   v = _first(jnp.asarray(v0, op.dtype))
   basis = jnp.zeros((b, m + 1, n), op.dtype).at[:, 0].set(v)
   tol = jnp.asarray(breakdown_tolerance(n, op.dtype), op.dtype)
-  coefs = []
+  coefs, offsets = [], np.zeros((b, m + 1, m))
   for j in range(m):
-    basis, v, coef = _extend(basis, v, op.matmat(v), j, tol)
+    basis, v, coef, proj = _extend(basis, v, op.matmat(v), j, tol)
     coefs.append(np.asarray(coef, np.float64))
     _checks.finite(coefs[-1], f"the Hessian-vector product at Lanczos step {j + 1}", op)
     c = np.stack(coefs, axis=2)
-    if stop is not None and stop(c[0], c[1]):
+    # Column j of the offsets: H v_j's coefficients less T's α_j and β_{j-1}, and a dropped β_j.
+    offsets[:, : j + 1, j] = np.asarray(proj, np.float64)[:, : j + 1]
+    offsets[:, j, j] -= c[0, :, j]
+    if j > 0:
+      offsets[:, j - 1, j] -= c[1, :, j - 1]
+    offsets[:, j + 1, j] = c[2, :, j]
+    if stop is not None and stop(c[0], c[1], offsets[:, : j + 2, : j + 1]):
       break
     dead = c[1, :, -1] == 0
     if restart is not None and dead.any() and j + 1 < m:
@@ -191,7 +211,8 @@ def lanczos(
     if np.all(dead):
       break
   c = np.stack(coefs, axis=2)
-  return Lanczos(alphas=c[0], betas=c[1], basis=basis, num_steps=c.shape[2])
+  j = c.shape[2]
+  return Lanczos(alphas=c[0], betas=c[1], basis=basis, num_steps=j, offsets=offsets[:, : j + 1, :j])
 
 
 def blocks(betas: np.ndarray, j: int) -> list[slice]:
@@ -231,12 +252,17 @@ class RitzPairs(NamedTuple):
   Attributes:
     values: ``(k,)`` Ritz values ``θ``, in the order selected.
     coefficients: ``(j, k)`` their eigenvectors ``s`` in the Lanczos basis.
-    residuals: ``(k,)`` residual norms ``‖H y − θ y‖ = β_j |s_j|``: an
-      eigenvalue of ``H`` lies within the residual of ``θ``.
+    residuals: ``(k,)`` residual norms ``‖H y − θ y‖``: ``β_j |s_j|`` and,
+      given offsets, the rounding ``‖offsets s‖`` (:class:`Lanczos`) with it
+      (root of the sum of squares); an eigenvalue of ``H`` lies within the
+      residual of ``θ``.
     errors: ``(k,)`` estimated eigenvalue errors ``min(r, r²/gap)``, ``gap``
       the distance from ``θ`` to the nearest other Ritz value (the gap
       theorem's bound with the Ritz values standing in for the unknown
-      eigenvalues; an estimate, not a bound; ``r`` with a single Ritz value).
+      eigenvalues; an estimate, not a bound; ``r`` with a single Ritz value),
+      and at least the rounding, which moves ``θ`` to first order.
+    rounding: ``(k,)`` ``‖offsets s‖``, the part of the residual that more
+      steps do not reduce (0 without offsets).
     scale: ``max|θ|`` over the selected Ritz values (the tolerance's
       reference; over all of them, a large unwanted one, e.g. a negative
       eigenvalue next to the wanted top one, let a top Ritz value that had not
@@ -248,19 +274,27 @@ class RitzPairs(NamedTuple):
   residuals: np.ndarray
   errors: np.ndarray
   scale: float
+  rounding: np.ndarray
 
 
-def ritz_pairs(alphas: np.ndarray, betas: np.ndarray, select) -> RitzPairs:
+def ritz_pairs(
+  alphas: np.ndarray, betas: np.ndarray, select, offsets: np.ndarray | None = None
+) -> RitzPairs:
   """The Ritz pairs ``select(theta)`` picks, from one run's coefficients ``(j,)``.
 
   Args:
     alphas: ``(j,)`` diagonal of ``T``.
     betas: ``(j,)`` off-diagonal; ``betas[-1]`` couples to the next vector.
     select: ``theta -> indices`` of the wanted pairs (ascending ``theta``).
+    offsets: ``(r, j)`` the run's offsets (:class:`Lanczos`) in these steps' columns, or
+      ``None`` for exact products.
   """
   theta, s = tridiagonal_eigh(alphas, betas)
   sel = select(theta)
-  res = np.abs(betas[-1] * s[-1, sel])
+  rounding = np.zeros(sel.size)
+  if offsets is not None:
+    rounding = np.linalg.norm(offsets @ s[:, sel], axis=0)
+  res = np.hypot(betas[-1] * s[-1, sel], rounding)
   dist = np.abs(theta[sel][:, None] - theta[None, :])
   dist[np.arange(sel.size), sel] = np.inf
   gap = dist.min(axis=1)
@@ -270,6 +304,7 @@ def ritz_pairs(alphas: np.ndarray, betas: np.ndarray, select) -> RitzPairs:
     values=theta[sel],
     coefficients=s[:, sel],
     residuals=res,
-    errors=errors,
+    errors=np.maximum(errors, rounding),
     scale=float(max(np.max(np.abs(theta[sel])), np.finfo(np.float64).tiny)),
+    rounding=rounding,
   )
