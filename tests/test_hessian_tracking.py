@@ -308,6 +308,19 @@ def test_a_bfloat16_run_to_a_tight_tol_is_not_off_when_its_subspace_is_the_whole
   np.testing.assert_allclose(sharpness.eigenvalue, exact, rtol=5e-3)
 
 
+def test_a_bfloat16_run_past_what_16_bits_resolve_stops_unconverged():
+  # tol=1e-6 in bfloat16 grows the subspace by rounding noise: the Gram matrix of its rows went
+  # ill-conditioned (a spurious Ritz value 80x the top eigenvalue, then error 266) and then
+  # indefinite, and its Cholesky factor raised LinAlgError. Dependent rows now end the run.
+  params, batch = mlp(num=40)
+  low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), (params, batch))
+  at = jax.tree.map(lambda x: x.astype(jnp.float64), low)
+  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, *at))[-1]
+  sharpness = hessian.track_curvature(hessian.hessian_operator(mlp_loss, *low), tol=1e-6).sharpness
+  assert not sharpness.converged
+  assert abs(sharpness.eigenvalue - exact) <= min(sharpness.error, 1e-2 * exact)
+
+
 def test_a_later_measurement_compiles_nothing_whatever_its_product_count():
   # The subspace grew by concatenation, and its Rayleigh-Ritz matrix, Ritz vectors and
   # orthogonalisations were compiled once per subspace size: a measurement that needed more

@@ -70,7 +70,9 @@ class Sharpness(NamedTuple):
       estimate).
     num_matvecs: Hessian-vector products spent.
     converged: Whether the stopping rule was met within ``max_iter`` (or the
-      subspace grew to the whole space, where the Ritz values are exact).
+      subspace grew to the whole space, where the Ritz values are exact);
+      a 16-bit run stops unconverged where its rows become linearly
+      dependent to their rounding (a ``tol`` past what 16 bits resolve).
     eigenvector: The flat unit Ritz vector ``y``.
     ritz_vectors: ``(b, n)`` the top ``b`` (``block_size``) unit Ritz vectors,
       ``eigenvector`` first: the next measurement's start block.
@@ -230,7 +232,8 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
       ok, grow = _beyond_eigenvector(q, w, s, tol * scale, exact * scale, op.dtype)
       ok = ok or (grow is None and randomised)
     full = theta.size >= op.size
-    if ok or full or used >= max_iter:
+    dependent = theta.size < used  # 16-bit rows dependent to rounding: no growth is left
+    if ok or full or dependent or used >= max_iter:
       ok = ok or full
       break
     v, fresh = _next_vector(op, q, grow, jax.random.fold_in(key, used), tol_break)
@@ -264,16 +267,23 @@ def _ritz_values(t: np.ndarray, q: jax.Array, used: int) -> tuple[np.ndarray, np
   Ritz value of a bfloat16 MLP 5 % above the operator's top eigenvalue once the subspace was the
   whole space (and called it exact). There the Ritz pairs solve ``t s = θ G s`` with the Gram
   matrix ``G`` of the rows as stored, so that each Ritz vector ``sᵀQ`` has unit norm and its
-  Rayleigh quotient is ``θ``.
+  Rayleigh quotient is ``θ``. Rows that are linearly dependent to that rounding (``G`` not
+  positive definite: a run asked for more than 16 bits resolve, e.g. ``tol=1e-6``, grows
+  its subspace by rounding noise) are dropped, the directions of ``G``'s eigenvalues below
+  ``eps·max``: fewer columns than ``used`` then say that the subspace has stopped growing.
   """
   if jnp.finfo(q.dtype).bits >= 32:
     return np.linalg.eigh(t)
   g = np.asarray(_rayleigh(q, q), np.float64)[:used, :used]
-  # G = L Lᵀ: the pencil (t, G) has the eigenvalues of L⁻¹ t L⁻ᵀ, whose eigenvectors z give s.
-  chol = np.linalg.cholesky(0.5 * (g + g.T))
-  inner = np.linalg.solve(chol, np.linalg.solve(chol, t).T)
+  # G = U Λ Uᵀ: the pencil (t, G) on G's range has the eigenvalues of Xᵀ t X, X = U Λ^{-1/2},
+  # whose eigenvectors z give s = X z. A Cholesky factor of G failed on dependent rows and,
+  # before that, an ill-conditioned one gave spurious Ritz values (80x the top eigenvalue).
+  lam, u = np.linalg.eigh(0.5 * (g + g.T))
+  keep = lam > float(jnp.finfo(q.dtype).eps) * lam[-1]
+  x = u[:, keep] / np.sqrt(lam[keep])
+  inner = x.T @ t @ x
   theta, z = np.linalg.eigh(0.5 * (inner + inner.T))
-  return theta, np.linalg.solve(chol.T, z)
+  return theta, x @ z
 
 
 def _beyond_eigenvector(q, w, s, tol, exact, dtype):
