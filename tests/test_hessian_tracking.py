@@ -304,8 +304,12 @@ def test_a_bfloat16_run_to_a_tight_tol_is_not_off_when_its_subspace_is_the_whole
   at = jax.tree.map(lambda x: x.astype(jnp.float64), low)  # the point the operator is at
   exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, *at))[-1]
   sharpness = hessian.track_curvature(hessian.hessian_operator(mlp_loss, *low)).sharpness
-  assert sharpness.converged
   np.testing.assert_allclose(sharpness.eigenvalue, exact, rtol=5e-3)
+  # The default tol (1e-4) is past bfloat16's products, asymmetric at 2e-3 of θ: this run was
+  # marked converged with error 3.3e-4, 29x below its true error (9.5e-3). The asymmetry now
+  # floors the error, and the run stops unconverged.
+  assert not sharpness.converged
+  assert sharpness.error >= abs(sharpness.eigenvalue - exact) / 10
 
 
 def test_a_bfloat16_run_past_what_16_bits_resolve_stops_unconverged():
