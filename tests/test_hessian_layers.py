@@ -32,6 +32,28 @@ def test_layer_breakdown_matches_dense_blocks():
   )
 
 
+def test_each_leaf_says_whether_its_eigenvalue_converged_and_its_error():
+  # The breakdown dropped each Lanczos run's converged flag and error: a leaf eigenvalue cut
+  # off by max_iter was reported like an exact one.
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  h = mlp_hessian()
+  good = hessian.layer_breakdown(op, jax.random.key(0), num_samples=2, tol=1e-10)
+  short = hessian.layer_breakdown(op, jax.random.key(0), num_samples=2, tol=1e-10, max_iter=2)
+  for name, sl in zip(op.leaf_names, op.leaf_slices, strict=True):
+    exact = np.linalg.eigvalsh(h[sl, sl])[-1]
+    assert good[name].converged and good[name].top_eigenvalue_error <= 1e-10 * abs(exact)
+    assert abs(good[name].top_eigenvalue - exact) <= 1e-8 * abs(exact)
+    cut = short[name]
+    if cut.converged:  # out/bias: its block is a multiple of I, exact after one step
+      assert abs(cut.top_eigenvalue - exact) <= 1e-8 * abs(exact)
+    else:  # the estimate is of the order of the true error (0.5-4.5x of it here)
+      assert cut.top_eigenvalue_error >= 0.1 * abs(cut.top_eigenvalue - exact) > 0
+  assert sum(not lc.converged for lc in short.values()) == 3
+  off = hessian.layer_breakdown(op, jax.random.key(0), num_samples=2, eigenvalues=False)
+  assert all(np.isnan(lc.top_eigenvalue_error) and not lc.converged for lc in off.values())
+
+
 def test_without_eigenvalues():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)

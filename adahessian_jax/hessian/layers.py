@@ -49,6 +49,10 @@ class LayerCurvature(NamedTuple):
     top_eigenvalue: Largest eigenvalue of ``H_ll`` (``nan`` if not computed,
       or for a leaf of size 0, which has none).
     num_matvecs: Products spent on the eigenvalue.
+    top_eigenvalue_error: Its estimated error (``Eigen.errors``; ``nan`` if not
+      computed).
+    converged: Whether its Lanczos run met ``tol`` within ``max_iter``
+      (``Eigen.converged``; ``False`` if not computed).
   """
 
   size: int
@@ -57,6 +61,8 @@ class LayerCurvature(NamedTuple):
   diagonal: jax.Array
   top_eigenvalue: float
   num_matvecs: int
+  top_eigenvalue_error: float = float("nan")
+  converged: bool = False
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -171,12 +177,13 @@ def layer_breakdown(
   out = {}
   eig_keys = jax.random.split(k_eig, len(parts))
   for i, part in enumerate(parts):
-    top, spent = float("nan"), 0
+    top, spent, error, converged = float("nan"), 0, float("nan"), False
     if eigenvalues and part.entries.size > 0:
       eig = top_eigenvalues(
         op.block(part.leaf, part.where), 1, which=which, key=eig_keys[i], tol=tol, max_iter=max_iter
       )
       top, spent = float(eig.eigenvalues[0]), eig.num_matvecs
+      error, converged = float(eig.errors[0]), bool(eig.converged[0])
     t = traces[:, i]
     out[part.name] = LayerCurvature(
       size=int(part.entries.size),
@@ -185,5 +192,7 @@ def layer_breakdown(
       diagonal=diag[part.leaf][part.where],
       top_eigenvalue=top,
       num_matvecs=spent,
+      top_eigenvalue_error=error,
+      converged=converged,
     )
   return out
