@@ -98,15 +98,23 @@ def unit(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
   return y / jnp.where(size > 0, size, 1.0), jnp.squeeze(s * size, axis)
 
 
-def orthogonalise(basis, w):
-  """``w`` minus its projection on the rows of ``basis``, twice ("twice is enough", Parlett).
+def project_out(basis, w):
+  """``(w less its projection on the rows of basis, the coefficients removed)``, projected
+  twice ("twice is enough", Parlett); the coefficients ``(..., m)`` are both passes' together.
 
   ``basis`` is ``(..., m, n)`` with orthonormal (or zero) rows, ``w`` is ``(..., n)``; leading
   axes are batch axes.
   """
+  coefs = jnp.zeros(basis.shape[:-1], w.dtype)
   for _ in range(2):
-    w = w - jnp.einsum("...m,...mn->...n", jnp.einsum("...mn,...n->...m", basis, w), basis)
-  return w
+    c = jnp.einsum("...mn,...n->...m", basis, w)
+    w, coefs = w - jnp.einsum("...m,...mn->...n", c, basis), coefs + c
+  return w, coefs
+
+
+def orthogonalise(basis, w):
+  """``w`` minus its projection on the rows of ``basis`` (:func:`project_out`)."""
+  return project_out(basis, w)[0]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -118,11 +126,7 @@ def _extend(basis, v, w, j, tol):
   # Full reorthogonalisation: classical Gram-Schmidt against every stored vector, twice, which
   # also removes the three-term recurrence components α_j v_j and β_{j-1} v_{j-1}. Unused rows
   # are 0. The coefficients removed are kept: beyond those two, they are what T misses.
-  coefs = jnp.zeros(basis.shape[:2], w.dtype)
-  rest = w
-  for _ in range(2):
-    c = jnp.einsum("bmn,bn->bm", basis, rest)
-    rest, coefs = rest - jnp.einsum("bm,bmn->bn", c, basis), coefs + c
+  rest, coefs = project_out(basis, w)
   direction, beta = unit(rest)
   ok = beta > tol * raw
   dropped = jnp.where(ok, 0.0, beta)
