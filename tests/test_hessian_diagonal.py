@@ -158,3 +158,28 @@ def test_xdiag_is_exact_with_a_budget_of_n_products():
     np.testing.assert_allclose(est.diagonal_flat, np.diag(np.asarray(a)), rtol=1e-12)
     np.testing.assert_array_equal(est.stderr_flat, np.zeros(6))
     assert est.num_matvecs == 6
+
+
+def _float32_gapped(small):
+  """A float32 quadratic (n = 400): 10 eigenvalues in [1, 2], 390 of ``small``; float64 truth."""
+  ev = np.full(400, small)
+  ev[:10] = np.linspace(1.0, 2.0, 10)
+  params, a = quadratic(ev)
+  a32 = jnp.asarray(a, jnp.float32)
+  op = hessian.hessian_operator(quadratic_loss, {"x": params["x"].astype(jnp.float32)}, a32)
+  return op, np.diag(np.asarray(a32, np.float64))
+
+
+@pytest.mark.parametrize("small", [1e-5, 1e-4])
+def test_xdiag_error_covers_a_float32_sketch_with_a_singular_factor(small):
+  # R is singular to float32. 1e-5: taken for a captured H, stderr 0 for an error 1e-5 of the
+  # entries; 1e-4: the remainder ω_i ⊙ (I − QQᵀ)Hω_i was zero by construction (Hω_i is in the
+  # sketch), stderr 1.2e-8 for an error 1e-4.
+  op, truth = _float32_gapped(small)
+  cover = []
+  for s in range(5):
+    est = hessian.xdiag(op, jax.random.key(s), 32)
+    err, se = np.asarray(est.diagonal_flat, np.float64) - truth, np.asarray(est.stderr_flat)
+    assert np.all(se > 0)
+    cover.append(np.mean(np.abs(err) < 1.96 * se))
+  assert np.mean(cover) >= 0.75, cover

@@ -251,3 +251,46 @@ def test_xtrace_with_a_budget_of_n_products_is_exact():
   one = _diagonal_operator([3.0], jnp.float64)  # n = 1: the error was nan
   est = hessian.xtrace(one, jax.random.key(0), 4)
   assert est.trace == 3.0 and est.stderr == 0.0 and est.num_matvecs == 1
+
+
+def _float32_gapped(small, seed=0):
+  """A float32 quadratic (n = 400): 10 eigenvalues in [1, 2], 390 of ``small``; float64 truth."""
+  ev = np.full(400, small)
+  ev[:10] = np.linspace(1.0, 2.0, 10)
+  params, a = quadratic(ev, seed)
+  a32 = jnp.asarray(a, jnp.float32)
+  op = hessian.hessian_operator(quadratic_loss, {"x": params["x"].astype(jnp.float32)}, a32)
+  return op, np.asarray(a32, np.float64)
+
+
+def test_float32_sketch_is_exact_only_below_the_rounding():
+  # 390 eigenvalues of 1e-5 are 2.6e-4 of the trace, far above float32's rounding: the sketch's
+  # residual passed the √eps test, and Hutch++ and XTrace returned stderr 0 that far off.
+  op, a = _float32_gapped(1e-5)
+  truth = np.trace(a)
+  for s in range(3):
+    key = jax.random.key(s)
+    for est in [
+      hessian.xtrace(op, key, 32),
+      hessian.hutchpp_trace(op, key, sketch_size=16, min_samples=16, max_samples=16),
+    ]:
+      assert 0 < est.stderr < 1e-5 * truth and abs(est.trace - truth) < 4 * est.stderr, (s, est)
+  # No eigenvalue outside the sketch: exact, to float32's rounding.
+  op, a = _float32_gapped(0.0)
+  est = hessian.xtrace(op, jax.random.key(0), 32)
+  assert est.stderr == 0.0 and est.trace == pytest.approx(np.trace(a), rel=1e-6)
+
+
+def test_xtrace_error_covers_a_float32_sketch_with_a_singular_factor():
+  # Eigenvalues 1e-4 of the top ones make R singular to float32: every estimate took the whole
+  # sketch with its own probe reused as residual probe, 9.5e-4 low with an error 11x smaller
+  # (coverage 0 of 30).
+  op, a = _float32_gapped(1e-4)
+  truth = np.trace(a)
+  z = np.array(
+    [
+      (e.trace - truth) / e.stderr
+      for e in (hessian.xtrace(op, jax.random.key(s), 32) for s in range(30))
+    ]
+  )
+  assert np.mean(np.abs(z) < 1.96) >= 0.8, z

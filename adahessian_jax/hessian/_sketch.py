@@ -25,6 +25,7 @@ __all__ = [
   "exchangeable_sketch",
   "independent_probes",
   "leave_one_out_directions",
+  "leave_one_out_projectors",
   "wide_dtype",
 ]
 
@@ -53,11 +54,13 @@ class Sketch(NamedTuple):
     q: ``(s, n)`` orthonormal basis ``Q`` of ``HΩ`` (``Y = QR``).
     r: ``(s, s)`` the triangular factor ``R``.
     z: ``(s, n)`` products ``HQ``.
-    low_rank: Whether ``R`` is numerically singular and ``H(I − QQᵀ)Ω = 0``:
-      the sketch has captured ``H`` (``QQᵀH = H``, as when ``H`` has rank below ``s``).
+    low_rank: Whether ``R`` is numerically singular and what the sketch leaves out is below
+      the rounding of the products' dtype: the sketch has captured ``H`` (``QQᵀH = H``, as
+      when ``H`` has rank below ``s``).
     degenerate: Whether ``R`` is numerically singular but the sketch has not
-      captured ``H`` (``H`` has a null vector in the span of the probes): the
-      leave-one-out directions are then undefined.
+      captured ``H`` (``H`` has a null vector in the span of the probes, or small
+      eigenvalues that a float32 sketch does not resolve): the leave-one-out
+      directions ``R⁻ᵀeᵢ`` are then inaccurate (:func:`leave_one_out_projectors`).
   """
 
   num_probes: int
@@ -98,19 +101,29 @@ def independent_probes(op: HessianOperator, key: jax.Array, s: int) -> jax.Array
 
 
 @jax.jit
-def _outside_residual(omega, y, q, z):
-  """``‖H(I − QQᵀ)Ω‖_F / ‖HΩ‖_F`` from ``Y = HΩ`` and ``Z = HQ`` (rows)."""
-  res = y - (q @ omega.T).T @ z
-  return jnp.linalg.norm(res) / jnp.linalg.norm(y)
+def _outside(omega, y, q, z):
+  """What the sketch leaves out, on the trace's scale: ``(rms_i tᵢ, Σ|eig(QᵀHQ)|)``.
+
+  ``tᵢ = ωᵢᵀ(I − QQᵀ) H (I − QQᵀ)ωᵢ`` from ``Y = HΩ`` and ``Z = HQ`` (rows) is the probe's
+  sample of the trace outside the sketch; the second value, the scale at which ``tr(QᵀHQ)`` is
+  computed, does not cancel for an indefinite ``H``.
+  """
+  w = omega @ q.T  # (s, s): Qᵀω_i as rows
+  t = jnp.sum((omega - w @ q) * (y - w @ z), axis=1)
+  a = q @ z.T
+  scale = jnp.sum(jnp.abs(jnp.linalg.eigvalsh(0.5 * (a + a.T))))
+  return jnp.sqrt(jnp.mean(t**2)), scale
 
 
 def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) -> Sketch:
   """Independent probes ``Ω`` (``num_probes`` of them), ``Y = HΩ = QR`` and ``Z = HQ``.
 
   The products are computed in the operator's dtype, everything else in
-  :func:`wide_dtype`. ``low_rank`` needs both a singular ``R`` and a zero
-  ``H(I − QQᵀ)Ω`` (up to ``√eps``), so that probes or a null space of ``H``
-  that make ``R`` singular are not taken for a captured ``H``.
+  :func:`wide_dtype`. ``low_rank`` needs both a singular ``R`` and samples ``tᵢ`` of the trace
+  outside the sketch (:func:`_outside`) below the products' ``eps`` times the sketched trace's
+  scale, so that probes or a null space of ``H`` that make ``R`` singular, or eigenvalues too
+  small for the sketch but not for the trace (float32: a few hundred of 1e-5 of the top one),
+  are not taken for a captured ``H``.
 
   Raises:
     NonFiniteError: if a product is not finite.
@@ -125,7 +138,10 @@ def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) ->
   z = op.matmat(q).astype(wide)
   _checks.finite(z, "the Hessian-vector product of a sketch basis vector", op)
   singular = _singular(r)
-  captured = singular and float(_outside_residual(omega, y, q, z)) <= np.sqrt(np.finfo(wide).eps)
+  captured = False
+  if singular:
+    outside, scale = (float(x) for x in _outside(omega, y, q, z))
+    captured = outside <= float(jnp.finfo(op.dtype).eps) * scale
   return Sketch(num_probes, omega, y, q, r, z, captured, singular and not captured)
 
 
@@ -137,6 +153,26 @@ def leave_one_out_directions(r: jax.Array) -> jax.Array:
   """
   s = jnp.linalg.inv(r).T
   return s / jnp.linalg.norm(s, axis=0, keepdims=True)
+
+
+def leave_one_out_projectors(r: jax.Array) -> jax.Array:
+  """``(s, s, s)`` projectors ``M_i`` with ``P_i = Q M_i Qᵀ`` onto the sketch without probe ``i``.
+
+  For a numerically singular ``R``, where the directions of
+  :func:`leave_one_out_directions` are lost to rounding: ``M_i`` projects on the left singular
+  vectors of ``R`` with column ``i`` zeroed (the coordinates of ``HΩ`` without column ``i`` in
+  ``Q``) whose singular values exceed the threshold of a singular ``R``. Both depend on the other
+  probes alone, so that estimate ``i``, with residual probe ``ω_i``, stays unbiased.
+  """
+  s = r.shape[0]
+  tol = 1e3 * jnp.finfo(r.dtype).eps * s * jnp.max(jnp.abs(jnp.diag(r)))
+
+  def projector(i):
+    u, sv, _ = jnp.linalg.svd(r.at[:, i].set(0.0))
+    u = u * (sv > tol)
+    return u @ u.T
+
+  return jax.vmap(projector)(jnp.arange(s))
 
 
 def basis_products(op: HessianOperator) -> tuple[jax.Array, jax.Array]:
@@ -167,10 +203,9 @@ def exchangeable_estimate(
   With a budget of at least ``n`` products the value is computed exactly from
   the ``n`` products ``H e_j`` (error zero). Otherwise the sketch has
   ``s = num_matvecs // 2`` independent probes (:func:`exchangeable_sketch`);
-  if it captures ``H`` the value is exact on it (error zero); if ``R`` is
-  singular without capturing ``H`` every estimate uses the whole sketch
-  (Hutch++ with the probes reused as residual probes, slightly biased);
-  otherwise the ``s`` leave-one-out estimates are averaged.
+  if it captures ``H`` the value is exact on it (error zero); otherwise the ``s``
+  leave-one-out estimates are averaged (for a singular ``R``, on the projectors of
+  :func:`leave_one_out_projectors`).
 
   Args:
     op: The operator.
@@ -179,7 +214,7 @@ def exchangeable_estimate(
     exact: ``(q, z) -> value`` from orthonormal rows ``Q`` and ``HQ`` alone,
       exact when ``QQᵀH = H``.
     leave_one_out: ``(omega, y, z, q, r, degenerate) -> (s, ...)`` the ``s``
-      estimates; ``degenerate`` (static) says to project on the whole sketch.
+      estimates; ``degenerate`` (static) says to use :func:`leave_one_out_projectors`.
 
   Returns:
     ``(mean, stderr, num_matvecs, num_samples)``: the estimate (in

@@ -31,6 +31,7 @@ from adahessian_jax.hessian._operator import HessianOperator, key_blocks
 from adahessian_jax.hessian._sketch import (
   exchangeable_estimate,
   leave_one_out_directions,
+  leave_one_out_projectors,
   wide_dtype,
 )
 
@@ -177,10 +178,15 @@ def hutchinson_diagonal_estimate(
 def _xdiag_estimates(omega, y, z, q, r, degenerate):
   """The ``(s, n)`` leave-one-out XDiag estimates (rows: Ω, Y = HΩ, Z = HQ, Q).
 
-  ``degenerate``: no direction is left out (``P_i = QQᵀ``), for a singular ``R``.
+  ``degenerate``: ``P_i`` from :func:`leave_one_out_projectors`, for a singular ``R``.
   """
   omega, y, q, z = omega.T, y.T, q.T, z.T
-  s = jnp.zeros_like(r) if degenerate else leave_one_out_directions(r)
+  if degenerate:  # P_i = Q M_i Qᵀ: diag(P_i H), then ω_i ⊙ (I − P_i) y_i
+    m = leave_one_out_projectors(r)
+    low_rank = jnp.einsum("ka,iab,kb->ik", q, m, z)
+    a = jnp.einsum("ijk,ki->ji", m, q.T @ y)  # M_i Qᵀy_i as columns
+    return low_rank + (omega * (y - q @ a)).T
+  s = leave_one_out_directions(r)
   qs, zs = q @ s, z @ s  # q_i = Q s_i and H q_i, as columns
   # diag(P_i H) with P_i = QQᵀ − q_i q_iᵀ, then ω_i ⊙ (I − P_i) H ω_i, where
   # (I − P_i) y_i = (y_i − QQᵀy_i) + q_i (q_iᵀ y_i).
@@ -206,7 +212,8 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
   Returns:
     A :class:`DiagonalEstimate`, exact with a zero error when
     ``num_matvecs >= n`` (the diagonal of the ``n`` products ``H e_j``, with
-    ``num_matvecs = n``) or when ``H`` has rank below ``num_matvecs // 2``.
+    ``num_matvecs = n``) or when ``H`` has rank below ``num_matvecs // 2`` (to the rounding
+    of the products, as for :func:`~adahessian_jax.hessian.xtrace`).
     Probes, degenerate sketches and 16-bit dtypes are handled as in
     :func:`~adahessian_jax.hessian.xtrace`.
 

@@ -43,6 +43,7 @@ from adahessian_jax.hessian._sketch import (
   exchangeable_estimate,
   exchangeable_sketch,
   leave_one_out_directions,
+  leave_one_out_projectors,
   wide_dtype,
 )
 
@@ -226,13 +227,18 @@ def hutchpp_trace(
 def _xtrace_estimates(omega, y, z, q, r, degenerate):
   """The ``s`` leave-one-out XTrace estimates; rows of ``omega, y = HΩ, z = HQ, q``.
 
-  ``degenerate``: no direction is left out (``P_i = QQᵀ``), for a singular ``R``.
+  ``degenerate``: ``P_i`` from :func:`leave_one_out_projectors`, for a singular ``R``.
   """
   # Column layout: Ω, Y, Q, Z are (n, s).
   omega, y, q, z = omega.T, y.T, q.T, z.T
   h = q.T @ z  # QᵀHQ
   w = q.T @ omega  # Qᵀω_i as columns
-  s = jnp.zeros_like(r) if degenerate else leave_one_out_directions(r)
+  if degenerate:  # P_i = Q M_i Qᵀ
+    m = leave_one_out_projectors(r)
+    low_rank = jnp.einsum("ijk,kj->i", m, h)  # tr(P_i H)
+    a = jnp.einsum("ijk,ki->ji", m, w)  # M_i Qᵀω_i as columns
+    return low_rank + jnp.sum((omega - q @ a) * (y - z @ a), axis=0)
+  s = leave_one_out_directions(r)
   c = jnp.sum(s * w, axis=0)  # s_iᵀ w_i
   # Leave-one-out projector P_i = QQᵀ − q_i q_iᵀ, q_i = Q s_i.
   low_rank = jnp.trace(h) - jnp.sum(s * (h @ s), axis=0)  # tr(P_i H)
@@ -256,8 +262,11 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
   and an ``H`` of rank below ``s``, which the sketch captures. Linearly
   dependent probes (likely for small ``n``) are drawn again, as a set, before
   any product. If ``R`` is singular although the sketch has not captured ``H``
-  (a null vector of ``H`` in the span of the probes), every estimate uses the
-  whole sketch as Hutch++ with the probes as residual probes.
+  (a null vector of ``H`` in the span of the probes, or in float32 eigenvalues
+  below ~1e-3 of the top ones), estimate ``i`` projects on the singular vectors
+  of the other probes' products above the rounding. "Captured" means that the
+  trace left outside the sketch is below the products' ``eps`` times the sketched
+  trace (float32: eigenvalues of 1e-5 of the top ones are not captured).
 
   Products are computed in the operator's dtype; for float16 and bfloat16
   operators the linear algebra and the averages are in float32.
