@@ -143,9 +143,10 @@ def _unnamed_leading_stacks(
   ``(None, "mlp")``. By the names alone the kernel is a 1-D convolution's (a guess, averaged
   across the layers), though the same tree unboxed shows the stack. Such leaves are read as
   unnamed ones are, among themselves (:func:`stacks_by_evidence`: a bias that repeats its
-  kernel's leading axes, Linen's name of the scan): where exactly their unnamed leading axes are
-  found stacked, those take the stacked name (the others, a convolution's window in a stack,
-  keep theirs). A convolution's kernel ``(None, None, "embed", "mlp")`` beside its bias
+  kernel's leading axes, Linen's name of the scan, then :func:`in_named_stacks` for their
+  relatives, a ``LayerNorm``'s ``(None, "embed")`` scale): where exactly their unnamed leading
+  axes are found stacked, those take the stacked name (the others, a convolution's window in a
+  stack, keep theirs). A convolution's kernel ``(None, None, "embed", "mlp")`` beside its bias
   ``("mlp",)`` shows no stack and keeps its names. Unnamed axes in front of a stacked one (a
   mixture's raw bias ``(None, "exp", "mlp")``, which no bias or module name shows) are stacked
   too: a layer's own axes come after its experts, a transform's before. (Not in front of a
@@ -162,15 +163,25 @@ def _unnamed_leading_stacks(
     return list(names), {}
   hidden = [None if i in partial else n for i, n in enumerate(names)]
   only = [roles[i] if i in partial else None for i in range(len(names))]
-  evident, _ = stacks_by_evidence(paths, shapes, hidden, only)
+  evident, alone = stacks_by_evidence(paths, shapes, hidden, only)
+  # ... and the stack passes to their relatives, as in plain arrays: a LayerNorm's (None,
+  # "embed") scale, a bias-less (None, "embed", "mlp") kernel beside attention that shows it.
+  shown = [evident[i][0] if i in evident else n for i, n in enumerate(hidden)]
+  related, unsure = in_named_stacks(paths, shapes, shown, only, alone)
+  related = {i: r for i, r in related.items() if i not in unsure}
   out, why = list(names), {}
   for i, k in partial.items():
-    if i in evident:
-      found = evident[i][0]
+    if i in evident or i in related:
+      found = evident[i][0] if i in evident else related[i][0]
       n = sum(x is not None for x in found)  # the stacked axes lead (stacks_by_evidence)
-      if 0 < n <= k:  # a stack under a scan's unnamed convolution (layers, kh, kw, in, out) too
+      # A stack under a scan's unnamed convolution (layers, kh, kw, in, out) too.
+      if 0 < n <= k and all(x is not None for x in found[:n]):
         out[i] = tuple(found[:n]) + tuple(names[i][n:])
-        why[i] = f" (its unnamed leading axes stacked: {evident[i][1]})"
+        if i in evident:
+          why[i] = f" (its unnamed leading axes stacked: {evident[i][1]})"
+        else:
+          relative = jax.tree_util.keystr(tuple(paths[related[i][1]]))
+          why[i] = f" (its unnamed leading axes stacked as in its relative {relative})"
     # Only in front of experts: a kernel (in, layers, out) of an nn.vmap over axis 1 has an
     # unnamed axis in front of its stacked one too, its input.
     elif names[i][k] in EXPERT_AXES and (stacked := _role_name(roles[i], STACKED)) is not None:

@@ -170,6 +170,51 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
   assert layer_axes_of(params) == [(0,), (0,), (0,)]
 
 
+def test_an_unnamed_stacked_axis_passes_to_its_relatives_as_in_plain_arrays():
+  """With ``{nn.PARTITION_NAME: None}`` a bias-less block's attention shows the stack, but its
+  ``LayerNorm`` scale ``(None, "embed")`` and bias-less ``Dense`` kernel ``(None, "embed",
+  "mlp")`` did not take it from their relatives, as the same arrays unboxed (an NNX model
+  through ``nnx.Optimizer``) do: the kernel was averaged across the 4 layers (a flagged guess)
+  and the scale's layers were one for the curvature floor and the Hessian tools."""
+  box = nn.with_logical_partitioning
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      h = nn.LayerNorm(use_bias=False, scale_init=box(nn.initializers.ones, ("embed",)))(x)
+      h = nn.MultiHeadDotProductAttention(
+        num_heads=2,
+        use_bias=False,
+        kernel_init=box(lecun, ("embed", "heads", "kv")),
+        out_kernel_init=box(lecun, ("heads", "kv", "embed")),
+        name="attn",
+      )(h)
+      return x + nn.Dense(8, use_bias=False, kernel_init=box(lecun, ("embed", "mlp")), name="up")(
+        h
+      ), None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return scan_layers(Layer, partition_name=None)(name="blocks")(x, None)[0]
+
+  shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 3, 8)))["params"]
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  assert params["blocks"]["up"]["kernel"].names == (None, "embed", "mlp")
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  plain = {r.path: r for r in spatial.describe(nn.unbox(params), block_size=4).rows}
+  assert [r.rule for r in rows.values()] == [r.rule for r in plain.values()]
+  assert not any(r.ambiguous for r in rows.values())
+  up, scale = rows["['blocks']['up']['kernel']"], rows["['blocks']['LayerNorm_0']['scale']"]
+  assert up.names == ("layers", "embed", "mlp")
+  assert up.rule == spatial.per_layer(spatial.blocks(4, axis=0))
+  assert "its unnamed leading axes stacked as in its relative" in scale.why
+  assert layer_axes_of(params) == [(0,)] * 6
+  check_layers_kept(
+    spatial.apply_rules(spatial.resolve_rules(None, params, 4), per_layer_constants(params))
+  )
+
+
 def test_a_boxed_conv_whose_spatial_axes_are_unnamed_is_read_by_its_bias():
   """A boxed ``Conv`` kernel ``(None, None, "embed", "mlp")`` beside its bias ``("mlp",)`` was a
   flagged guess (a ``LayoutGuessWarning``), though the same tree unboxed is read as a
