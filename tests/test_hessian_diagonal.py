@@ -46,13 +46,16 @@ def test_full_data_diagonal_uses_the_same_probes(op):
   np.testing.assert_allclose(a.diagonal_flat, b.diagonal_flat, atol=1e-13)
 
 
-def test_xdiag_is_exact_for_low_rank():
+@pytest.mark.parametrize("dtype, atol", [(jnp.float64, 1e-12), (jnp.float32, 1e-6)])
+def test_xdiag_is_exact_for_low_rank(dtype, atol):
   ev = np.zeros(40)
   ev[:5] = [4.0, 3.0, -2.0, 1.0, 0.5]
   params, a = quadratic(ev)
-  op = hessian.hessian_operator(quadratic_loss, params, a)
+  a = a.astype(dtype)
+  op = hessian.hessian_operator(quadratic_loss, {"x": params["x"].astype(dtype)}, a)
   est = hessian.xdiag(op, jax.random.key(0), 16)
-  np.testing.assert_allclose(est.diagonal_flat, np.diag(np.asarray(a)), atol=1e-12)
+  np.testing.assert_allclose(est.diagonal_flat, np.diag(np.asarray(a)), atol=atol)
+  np.testing.assert_array_equal(est.stderr_flat, np.zeros(40))
 
 
 def test_xdiag_beats_hutchinson_on_a_decaying_spectrum():
@@ -183,3 +186,25 @@ def test_xdiag_error_covers_a_float32_sketch_with_a_singular_factor(small):
     assert np.all(se > 0)
     cover.append(np.mean(np.abs(err) < 1.96 * se))
   assert np.mean(cover) >= 0.75, cover
+
+
+@pytest.mark.parametrize("big, small", [([3.0, 2.0, 1.0], 1e-8), ([3.0, -3.0, 1.0], -1e-8)])
+def test_xdiag_is_not_exact_for_entries_far_below_the_others(big, small):
+  # float32: a rank-3 block (20 params) and a block of 40 with curvature 1e-8 (``small < 0``:
+  # eigenvalues from -1e-8 to 1e-8). What the sketch leaves out of the trace (40e-8) is below
+  # float32's eps times the trace: the old code took H for captured and returned diag(QQᵀH),
+  # about 0 for the small block, with stderr 0.
+  _, a = quadratic(np.r_[big, np.zeros(17)])
+  _, b = quadratic(np.linspace(small, abs(small), 40), seed=1)
+  h = jax.scipy.linalg.block_diag(a, b).astype(jnp.float32)
+  op = hessian.hessian_operator(quadratic_loss, {"x": jnp.ones(60, jnp.float32)}, h)
+  truth = np.diag(np.asarray(h, np.float64))
+  cover = []
+  for s in range(3):
+    est = hessian.xdiag(op, jax.random.key(s), 16)
+    err = np.abs(np.asarray(est.diagonal_flat, np.float64) - truth)
+    se = np.asarray(est.stderr_flat, np.float64)
+    assert np.all(se[20:] > 0)
+    assert np.all(err[:20] < 1e-6)
+    cover.append(np.mean(err[20:] < 1.96 * se[20:]))
+  assert np.mean(cover) >= 0.65, cover

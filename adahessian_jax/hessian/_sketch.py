@@ -21,6 +21,7 @@ from adahessian_jax.hessian._operator import HessianOperator
 __all__ = [
   "Sketch",
   "basis_products",
+  "captures_columns",
   "exchangeable_estimate",
   "exchangeable_sketch",
   "independent_probes",
@@ -115,6 +116,37 @@ def _outside(omega, y, q, z):
   return jnp.sqrt(jnp.mean(t**2)), scale
 
 
+# Slack of :func:`captures_columns` over the rounding of the products' entry ``j`` (at most
+# ``eps·√n·‖(HQ)_j‖`` when ``H`` is captured): genuinely low-rank quadratics reach 40, an entry
+# 1e-8 of the top curvature in float32 1e7.
+_COLUMN_SLACK = 100.0
+
+
+@jax.jit
+def _outside_columns(omega, y, q, z):
+  """Per column ``j`` of ``H``, what the sketch leaves out: ``(rms_i (dᵢ)_j, ‖(HQ)_j‖)``.
+
+  ``dᵢ = H(I − QQᵀ)ωᵢ = yᵢ − Z Qᵀωᵢ`` samples the columns ``(I − QQᵀ)He_j`` outside the sketch;
+  it is computed from the products and ``s``-vectors alone, so an entry of ``H`` far below the
+  others keeps its own scale (``(I − QQᵀ)Hωᵢ`` has the projection's rounding, ``eps‖Hωᵢ‖``).
+  """
+  d = y - (omega @ q.T) @ z
+  return jnp.sqrt(jnp.mean(d**2, axis=0)), jnp.linalg.norm(z, axis=0)
+
+
+def captures_columns(sketch: Sketch, dtype: Any) -> bool:
+  """Whether the sketch captures every column of ``H`` to the rounding of that column's products.
+
+  :func:`exchangeable_sketch`'s ``low_rank`` tests the trace: a part of ``H`` far below its top
+  (float32: a layer with 1e-8 of the top curvature) passes it, and ``diag(QQᵀH)`` is then wrong
+  for that part's entries. This needs, for every ``j``, the samples of :func:`_outside_columns`
+  below ``_COLUMN_SLACK · eps·√n·‖(HQ)_j‖`` (``eps`` of the products' ``dtype``).
+  """
+  outside, scale = _outside_columns(sketch.omega, sketch.y, sketch.q, sketch.z)
+  tol = _COLUMN_SLACK * float(jnp.finfo(dtype).eps) * np.sqrt(sketch.y.shape[1])
+  return bool(jnp.all(outside <= tol * scale))
+
+
 def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) -> Sketch:
   """Independent probes ``Ω`` (``num_probes`` of them), ``Y = HΩ = QR`` and ``Z = HQ``.
 
@@ -197,13 +229,15 @@ def exchangeable_estimate(
   num_matvecs: int,
   exact: Callable[[jax.Array, jax.Array], jax.Array],
   leave_one_out: Callable[..., jax.Array],
+  per_entry: bool = False,
 ) -> tuple[Any, Any, int, int]:
   """The mean of the leave-one-out estimates of a sketch and their standard error.
 
   With a budget of at least ``n`` products the value is computed exactly from
   the ``n`` products ``H e_j`` (error zero). Otherwise the sketch has
   ``s = num_matvecs // 2`` independent probes (:func:`exchangeable_sketch`);
-  if it captures ``H`` the value is exact on it (error zero); otherwise the ``s``
+  if it captures ``H`` (``per_entry``: also :func:`captures_columns`) the value is exact on it
+  (error zero); otherwise the ``s``
   leave-one-out estimates are averaged (for a singular ``R``, on the projectors of
   :func:`leave_one_out_projectors`).
 
@@ -215,6 +249,8 @@ def exchangeable_estimate(
       exact when ``QQᵀH = H``.
     leave_one_out: ``(omega, y, z, q, r, degenerate) -> (s, ...)`` the ``s``
       estimates; ``degenerate`` (static) says to use :func:`leave_one_out_projectors`.
+    per_entry: Whether the value has an entry per coordinate (a diagonal), each of which
+      needs its column of ``H`` captured, rather than a sum over them (a trace).
 
   Returns:
     ``(mean, stderr, num_matvecs, num_samples)``: the estimate (in
@@ -233,6 +269,8 @@ def exchangeable_estimate(
     return value, jnp.zeros_like(value), op.size, 0
   sk = exchangeable_sketch(op, key, num_matvecs // 2)
   s = sk.num_probes
+  if sk.low_rank and per_entry and not captures_columns(sk, op.dtype):
+    sk = sk._replace(low_rank=False, degenerate=True)  # R is singular
   if sk.low_rank:  # H = QQᵀH exactly
     value = exact(sk.q, sk.z)
     return value, jnp.zeros_like(value), 2 * s, s

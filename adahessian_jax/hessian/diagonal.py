@@ -213,7 +213,9 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
     A :class:`DiagonalEstimate`, exact with a zero error when
     ``num_matvecs >= n`` (the diagonal of the ``n`` products ``H e_j``, with
     ``num_matvecs = n``) or when ``H`` has rank below ``num_matvecs // 2`` (to the rounding
-    of the products, as for :func:`~adahessian_jax.hessian.xtrace`).
+    of the products, as for :func:`~adahessian_jax.hessian.xtrace`, and for every column of
+    ``H`` to the rounding of its own entries: entries far below the others, e.g. a layer with
+    1e-8 of the top curvature in float32, get the leave-one-out estimates and their errors).
     Probes, degenerate sketches and 16-bit dtypes are handled as in
     :func:`~adahessian_jax.hessian.xtrace`.
 
@@ -221,6 +223,6 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
     ValueError: for a bad budget; NonFiniteError: for a non-finite product.
   """
   mean, se, spent, _ = exchangeable_estimate(
-    op, key, num_matvecs, lambda q, z: jnp.sum(q * z, axis=0), _xdiag_estimates
+    op, key, num_matvecs, lambda q, z: jnp.sum(q * z, axis=0), _xdiag_estimates, per_entry=True
   )
   return _result(op, mean, se, spent)
