@@ -1118,6 +1118,10 @@ def flax_attention_names(
   return found, unsure
 
 
+#: The axes of a heads-first input kernel (Gemma's ``q_einsum``), past any packed or stacked axes.
+_HEADS_FIRST = ("heads", "embed", "head_dim")
+
+
 def _fewer_heads(kv: tuple[int, ...], q: tuple[int, ...]) -> bool:
   """Whether a key/value kernel's ``(heads, head_dim)`` fit a query's ``q``: the same head size
   and a number of heads that divides the query's (grouped-query and multi-query attention)."""
@@ -1140,7 +1144,7 @@ def _input_axes(shape: tuple[int, ...], embed: int, query: tuple[int, int]) -> A
   if one[0] == embed and one[1] != embed and _fewer_heads(one[1:], query):
     return lead + ("embed", "heads", "head_dim")
   if one[1] == embed and one[0] != embed and _fewer_heads((one[0], one[2]), query):
-    return lead + ("heads", "embed", "head_dim")
+    return lead + _HEADS_FIRST
   return None
 
 
@@ -1201,6 +1205,11 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
       for j, axes in reading.items():
         merged[j] = axes if merged.get(j, axes) == axes else ()
     if any(axes == () for axes in merged.values()):
+      continue
+    # Alone, the pair fits the other way round whatever the sizes, though where embed is the
+    # size of heads or head_dim (a bias-less Dense stack (layers, in, out), (layers, out, in) of
+    # as many layers as in or out) that reading was excluded above: a tie all the same.
+    if len(merged) == 2 and _HEADS_FIRST in merged.values():
       continue
     for j, axes in merged.items():
       if axes[0] == STACKED:  # packed projections: kept apart, as a stack

@@ -2015,6 +2015,32 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
 @pytest.mark.filterwarnings(
   "ignore::adahessian_jax.spatial.LayoutGuessWarning"
 )  # guesses on purpose
+def test_a_heads_first_query_and_output_kernel_alone_stay_a_guess_whatever_their_sizes():
+  # An NNX stack of bias-less Linears (nnx.vmap, attributes fc1/fc2), as nnx.Optimizer passes it:
+  # (layers, embed, mlp) and (layers, mlp, embed) are also an output kernel (heads, head_dim,
+  # embed) beside a heads-first query (heads, embed, head_dim), and the other way round. With as
+  # many layers as embed (or mlp) the other way round was excluded (its embed is its heads), and
+  # the stack was read as an attention for sure: unflagged, its layers one for the curvature
+  # floor. Its Linen twin (Dense_0 in ScanBlock_0) shows the stack; this one, a guess as at any
+  # other number of layers.
+  for layers in (3, 8, 32):
+    stack = {"fc1": {"kernel": (layers, 8, 32)}, "fc2": {"kernel": (layers, 32, 8)}}
+    stack["norm"] = {"scale": (layers, 8)}
+    tree = jax.tree.map(jnp.zeros, {"layers": stack}, is_leaf=lambda x: isinstance(x, tuple))
+    rows = {r.path: r for r in spatial.describe(tree, block_size=4).rows}
+    for name in ("fc1", "fc2"):
+      row = rows[f"['layers']['{name}']['kernel']"]
+      assert (row.names, row.rule, row.ambiguous) == (None, spatial.mean_over(0), True), row
+  # The same pair under attention's names, heads = head_dim: a tie as for other sizes.
+  tree = jax.tree.map(
+    jnp.zeros, {"wq": (4, 10, 4), "wo": (4, 4, 10)}, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  assert all(r.ambiguous for r in spatial.describe(tree, block_size=4).rows)
+
+
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
 def test_a_convolution_beside_an_attention_of_other_names_stays_a_convolution(rng):
   # A block's Conv with as many outputs as the attention's head size and as many inputs as its
   # embed fits an input projection's shape: (2, 8, 4) a heads-first (heads, embed, head_dim),
