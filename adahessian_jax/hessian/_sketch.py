@@ -74,10 +74,15 @@ class Sketch(NamedTuple):
   degenerate: bool
 
 
+def _singular_threshold(r: jax.Array) -> jax.Array:
+  """The size at or below which a diagonal entry (or singular value) of the triangular factor
+  ``r`` counts as zero: rounding of the largest one, with room (traceable)."""
+  return 1e3 * jnp.finfo(r.dtype).eps * r.shape[0] * jnp.max(jnp.abs(jnp.diag(r)))
+
+
 def _singular(r: jax.Array) -> bool:
   """Whether the triangular factor ``r`` is numerically singular."""
-  diag = np.abs(np.diag(np.asarray(r)))
-  return bool(diag.min() <= 1e3 * np.finfo(diag.dtype).eps * diag.size * diag.max())
+  return bool(np.abs(np.diag(np.asarray(r))).min() <= float(_singular_threshold(r)))
 
 
 @jax.jit
@@ -193,11 +198,12 @@ def leave_one_out_projectors(r: jax.Array) -> jax.Array:
   For a numerically singular ``R``, where the directions of
   :func:`leave_one_out_directions` are lost to rounding: ``M_i`` projects on the left singular
   vectors of ``R`` with column ``i`` zeroed (the coordinates of ``HΩ`` without column ``i`` in
-  ``Q``) whose singular values exceed the threshold of a singular ``R``. Both depend on the other
-  probes alone, so that estimate ``i``, with residual probe ``ω_i``, stays unbiased.
+  ``Q``) whose singular values exceed the threshold of a singular ``R``
+  (:func:`_singular_threshold`). Both depend on the other probes alone, so that estimate ``i``,
+  with residual probe ``ω_i``, stays unbiased.
   """
   s = r.shape[0]
-  tol = 1e3 * jnp.finfo(r.dtype).eps * s * jnp.max(jnp.abs(jnp.diag(r)))
+  tol = _singular_threshold(r)
 
   def projector(i):
     u, sv, _ = jnp.linalg.svd(r.at[:, i].set(0.0))
