@@ -1,10 +1,10 @@
 """Problem and training loops shared by the distributed test workers.
 
-Imported by ``_distributed_worker.py`` (one process, forced host devices) and
-``_multihost_worker.py`` (one of several ``jax.distributed`` processes); both
-are run as scripts by ``test_distributed.py``, never imported by pytest. Every
-loop trains the same tiny tanh MLP on the same global batch, so any two of them
-can be compared parameter by parameter.
+Imported by ``_distributed_worker.py`` (one process, forced host devices),
+``_multihost_worker.py`` and ``_multihost_checkpoint_worker.py`` (one of several
+``jax.distributed`` processes); all are run as scripts by ``test_distributed.py``,
+never imported by pytest. Every loop trains the same tiny tanh MLP on the same
+global batch, so any two of them can be compared parameter by parameter.
 """
 
 from __future__ import annotations
@@ -145,6 +145,17 @@ def train_pmap(dtype, update_freq, hessian_pmean=True, independent=False, fused=
   return run_steps(step, params, state, xs, ys)
 
 
+def join(process_id, num_processes, port):
+  """Joins ``jax.distributed`` as process ``process_id`` of ``num_processes``, coordinated on
+  ``127.0.0.1:port`` (gloo CPU collectives are set by the worker before any computation)."""
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
+
+
 def mesh_1d(devices=None):
   devices = np.asarray(devices if devices is not None else jax.devices())
   return jax.sharding.Mesh(devices, (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
@@ -236,13 +247,15 @@ def max_abs_diff(a, b):
   )
 
 
-def to_numpy(params):
-  """Full NumPy copies of (possibly sharded, possibly multi-process) params."""
+def gather(v):
+  """A full NumPy copy of a (possibly sharded, possibly multi-process) array."""
   from jax.experimental import multihost_utils
 
-  out = {}
-  for k, v in params.items():
-    if isinstance(v, jax.Array) and not v.is_fully_addressable:
-      v = multihost_utils.process_allgather(v, tiled=True)
-    out[k] = np.asarray(v)
-  return out
+  if isinstance(v, jax.Array) and not v.is_fully_addressable:
+    v = multihost_utils.process_allgather(v, tiled=True)
+  return np.asarray(v)
+
+
+def to_numpy(params):
+  """Full NumPy copies of (possibly sharded, possibly multi-process) params."""
+  return {k: gather(v) for k, v in params.items()}

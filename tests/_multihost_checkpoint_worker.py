@@ -32,12 +32,13 @@ import orbax.checkpoint as ocp  # noqa: E402
 from _distributed_common import (  # noqa: E402
   AXIS,
   FSDP_SPECS,
+  gather,
+  join,
   local_step,
   make_problem,
   mesh_1d,
   put_global,
 )
-from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import adahessian_jax as ah  # noqa: E402
@@ -87,12 +88,7 @@ def train(step, params, state, x, y):
 
 
 def main(process_id, num_processes, port, mode, ckpt_dir, out_dir):
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=num_processes,
-    process_id=process_id,
-    initialization_timeout=60,
-  )
+  join(process_id, num_processes, port)
   try:
     mesh = mesh_1d()
     x, y, _ = make_problem("float32")
@@ -117,9 +113,7 @@ def main(process_id, num_processes, port, mode, ckpt_dir, out_dir):
       leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt_state": state})[0]
       for path_, v in leaves:
         if v is not None:
-          arrays[name + jax.tree_util.keystr(path_)] = np.asarray(
-            multihost_utils.process_allgather(v, tiled=True)
-          )
+          arrays[name + jax.tree_util.keystr(path_)] = gather(v)
     np.savez(os.path.join(out_dir, f"{mode}_{process_id}.npz"), **arrays)
   finally:
     jax.distributed.shutdown()

@@ -27,6 +27,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 import numpy as np  # noqa: E402
 from _distributed_common import (  # noqa: E402
   config_name,
+  join,
   mesh_1d,
   to_numpy,
   train_jit,
@@ -43,12 +44,7 @@ DTYPES = ("float32", "float64")
 
 def main(process_id, num_processes, port, out_dir):
   t0 = time.time()
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=num_processes,
-    process_id=process_id,
-    initialization_timeout=60,
-  )
+  join(process_id, num_processes, port)
   try:
     mesh = mesh_1d()  # every process's devices: the global batch is split across processes
     arrays, info = (
