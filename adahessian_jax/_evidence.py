@@ -845,9 +845,7 @@ def _unnamed_spatial(names: AxisNames | None, roles: Mapping[str, str]) -> int |
     return None
   if any(x is None or axis_role(x, roles) not in (FEATURES, None) for x in names[-2:]):
     return None
-  n = 0
-  while names[n] is not None and axis_role(names[n], roles) == STACKED:
-    n += 1
+  n = _stacked_prefix(names, roles)
   middle = names[n:-2]
   return n if middle and all(x is None for x in middle) else None
 
@@ -1038,13 +1036,19 @@ _ATTENTION_AXES = {
 }
 
 
+def _stacked_prefix(names: AxisNames, roles: Mapping[str, str]) -> int:
+  """How many of ``names`` lead with a stacked role (``("layers", None, "mlp")``: 1)."""
+  n = 0
+  while n < len(names) and names[n] is not None and axis_role(names[n], roles) == STACKED:
+    n += 1
+  return n
+
+
 def _leading_stack(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
   """The number of leading stacked axes of a leaf with no other names, else ``None``."""
   if names is None:
     return 0
-  n = 0
-  while n < len(names) and names[n] is not None and axis_role(names[n], roles) == STACKED:
-    n += 1
+  n = _stacked_prefix(names, roles)
   return n if n and all(x is None for x in names[n:]) else None
 
 
