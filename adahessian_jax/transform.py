@@ -15,6 +15,7 @@ from adahessian_jax._axes import (
   check_names,
   check_not_split_over,
   device_varying,
+  nonnegative_total,
   shard_count,
   split_leaves,
   sum_over_shards,
@@ -313,7 +314,7 @@ def _curvature(
   # a replicated leaf is the same on every shard.
   # Counted in floats: an int32 count overflows beyond 2**31 - 1 parameters.
   size = sum(float(e.size) * shard_count(e) for e in jax.tree.leaves(estimate))
-  total = sum(sum_over_shards(jnp.sum(s)) for s in jax.tree.leaves(sums))
+  total = nonnegative_total([sum_over_shards(jnp.sum(s)) for s in jax.tree.leaves(sums)])
   model_mean = total / jnp.maximum(size, 1.0)
 
   def floored(r, x, s):

@@ -65,6 +65,32 @@ def test_rademacher_like_entries_shapes_dtypes():
   assert abs(float(z["a"].mean())) < 0.15
 
 
+@pytest.mark.parametrize(
+  "key",
+  [jax.random.key(3), jax.random.PRNGKey(5), jax.random.key(7, impl="rbg")],
+  ids=["typed", "raw", "rbg"],
+)
+def test_rademacher_like_draws_each_leaf_from_its_own_key(key):
+  # Leaves of one shape are drawn together (one vmapped draw); the numbers are each leaf's own
+  # draw from jax.random.split(key, n_leaves)[i], as optax.tree.split_key_like gives it.
+  tree = {
+    "a": jnp.zeros((3, 5)),
+    "b": [jnp.zeros(7, jnp.bfloat16), jnp.zeros((3, 5)), jnp.zeros(()), jnp.zeros((0, 4))],
+    "c": jnp.zeros(33),
+    "d": jnp.zeros((3, 5), jnp.float16),
+  }
+  keys = jax.random.split(key, len(jax.tree.leaves(tree)))
+  leaves, treedef = jax.tree.flatten(tree)
+  each = [hutchinson.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+  for got in (ah.rademacher_like(key, tree), jax.jit(ah.rademacher_like)(key, tree)):
+    assert jax.tree.structure(got) == treedef
+    for g, want in zip(jax.tree.leaves(got), each, strict=True):
+      assert g.dtype == want.dtype and g.shape == want.shape
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(want, np.float32))
+  # Leaves of one shape get different probes.
+  assert not np.array_equal(np.asarray(each[0]), np.asarray(each[2]))
+
+
 def test_value_grad_and_diagonal_has_aux(mlp_problem):
   params, loss_fn, batch = mlp_problem
   keys = jax.random.split(jax.random.key(0), 2)
