@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _validation
+from adahessian_jax import _keys, _validation
 
 __all__ = ["device_varying", "fold_in_axis_index"]
 
@@ -30,8 +30,7 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
     ValueError: naming ``axis_name`` if it is not bound by an enclosing map.
   """
   keys = jax.random.wrap_key_data(key_data)
-  index = jax.lax.axis_index(check_bound(axis_name))
-  return jax.random.key_data(jax.vmap(jax.random.fold_in, (0, None))(keys, index))
+  return jax.random.key_data(fold_in_shard_index(keys, check_bound(axis_name)))
 
 
 def _varying_axes(x: Any) -> frozenset:
@@ -77,8 +76,7 @@ def fold_in_shard_index(keys: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
     return keys
   index = jax.lax.axis_index(axes)
   fold = lambda k: jax.random.fold_in(k, index)
-  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-  for _ in range(keys.ndim if typed else keys.ndim - 1):
+  for _ in range(_keys.batch_ndim(keys)):
     fold = jax.vmap(fold)
   return fold(keys)
 

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from adahessian_jax import masking
+from adahessian_jax import _keys, masking
 from adahessian_jax._axes import device_varying, fold_in_axis_index
 from adahessian_jax.state import adahessian_states, map_adahessian_state, untyped_state_hint
 
@@ -220,7 +220,7 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
       diffs.append(float(np.max(np.abs(a - b))))
 
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if isinstance(leaf, jax.Array) and _keys.is_typed(leaf):
       leaf = jax.random.key_data(leaf)  # a typed PRNG key (a dropout key): compare its bits
     if stacked:
       values = np.asarray(leaf)

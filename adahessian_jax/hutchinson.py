@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _validation, masking
+from adahessian_jax import _keys, _validation, masking
 from adahessian_jax._axes import (
   fold_in_shard_index,
   nonnegative_total,
@@ -195,9 +195,7 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
 
 def _vmap_invariant(keys: jax.Array) -> bool:
   """Whether ``jax.vmap`` over ``keys`` draws what a loop over them does (threefry keys)."""
-  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-  impl = jax.random.key_impl(keys if typed else jax.random.wrap_key_data(keys))
-  return str(impl) == "threefry2x32"
+  return str(jax.random.key_impl(_keys.as_typed(keys))) == "threefry2x32"
 
 
 def check_tangents(tangents: Any, params: Any, what: str) -> None:
@@ -354,8 +352,7 @@ def value_grad_and_diagonal(
   Raises:
     ValueError: for ``keys`` that are not a 1-D array of at least one key.
   """
-  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-  if (keys.ndim if typed else keys.ndim - 1) != 1 or keys.shape[0] == 0:
+  if _keys.batch_ndim(keys) != 1 or keys.shape[0] == 0:
     raise ValueError(
       f"keys must be a 1-D array of at least one PRNG key, one per probe, got shape {keys.shape} "
       f"and dtype {keys.dtype}: pass jax.random.split(key, n_samples) (key[None] for one probe)."

@@ -17,6 +17,7 @@ import jax.core
 import jax.numpy as jnp
 import optax
 
+from adahessian_jax import _keys
 from adahessian_jax._axes import fold_in_axis_index
 
 __all__ = [
@@ -152,7 +153,7 @@ def check_key_data(key: Any) -> None:
   key (``jax.random.key``), a single key or one without the probe axis: they failed deep inside
   JAX, or a single raw key of shape ``(2,)`` read as two probes' keys.
   """
-  typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+  typed = _keys.is_typed(jnp.result_type(key))
   if not typed and jnp.ndim(key) == 2 and jnp.result_type(key) == jnp.uint32:
     return
   what = "typed PRNG keys" if typed else f"an array of dtype {jnp.result_type(key)}"

@@ -10,7 +10,7 @@ import jax.core
 import jax.numpy as jnp
 import optax
 
-from adahessian_jax import _validation, hutchinson, masking, spatial
+from adahessian_jax import _keys, _validation, hutchinson, masking, spatial
 from adahessian_jax._axes import (
   check_names,
   check_not_split_over,
@@ -73,7 +73,7 @@ def _seed(seed: Any) -> int:
     )
   except ValueError as e:
     dtype = jnp.result_type(seed) if hasattr(seed, "dtype") else None
-    if dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32):
+    if dtype is not None and (_keys.is_typed(dtype) or dtype == jnp.uint32):
       raise ValueError(
         f"{e} It looks like a PRNG key: pass an int seed, or put probe keys of your own in the "
         f"state: {_OWN_KEYS}."

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _validation
+from adahessian_jax import _keys, _validation
 from adahessian_jax.layout import leaves as canonical_leaves
 
 
@@ -120,7 +119,7 @@ def prng_key(key: Any, what: str = "key") -> jax.Array:
   dtype, many = getattr(key, "dtype", None), False
   if dtype is None:
     got = f"{key!r} of type {type(key).__name__}"
-  elif jnp.issubdtype(dtype, jax.dtypes.prng_key):
+  elif _keys.is_typed(dtype):
     if np.shape(key) == ():
       return key
     many, got = True, f"a batch of typed keys of shape {np.shape(key)}"
