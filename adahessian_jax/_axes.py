@@ -18,6 +18,8 @@ T = TypeVar("T")
 def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
   """Folds this device's index along ``axis_name`` into every key of raw ``key_data``.
 
+  Device 0 folds in the axis size instead (:func:`_device_tag`), which no device's index is.
+
   Args:
     key_data: Raw PRNG key data (``jax.random.key_data``), one key per row.
     axis_name: A mapped axis name (or a tuple of them) bound by the enclosing
@@ -30,7 +32,27 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
     ValueError: naming ``axis_name`` if it is not bound by an enclosing map.
   """
   keys = jax.random.wrap_key_data(key_data)
-  return jax.random.key_data(fold_in_shard_index(keys, check_bound(axis_name)))
+  return jax.random.key_data(_fold_in_each(keys, _device_tag(check_bound(axis_name))))
+
+
+def _device_tag(axes: tuple[Any, ...]) -> jax.Array:
+  """This device's index along ``axes``, except the axis size on device 0: never 0.
+
+  With threefry keys ``fold_in(key, i)`` is ``split(key, n)[i]``, so ``fold_in(key, 0)`` is
+  ``split(key)[0]``, the key an AdaHessian state moves on to after the step
+  (:func:`adahessian_jax.state.probe_keys`). Folding in 0 would make device 0's keys the next
+  step's: its probe key the next step's source of device 1's, and under ``shard_map`` the probe
+  block a shard folds in for a split leaf (:func:`fold_in_shard_index`) the next step's probe of
+  a replicated leaf of that shape on another device, the same numbers.
+
+  Args:
+    axes: Bound mapped axis names.
+
+  Returns:
+    An int32 scalar in ``1..size``, different on every device of ``axes``.
+  """
+  index = jax.lax.axis_index(axes)
+  return jnp.where(index == 0, jax.lax.psum(1, axes), index)
 
 
 def _varying_axes(x: Any) -> frozenset:
@@ -74,8 +96,13 @@ def fold_in_shard_index(keys: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
   """
   if not axes:
     return keys
-  index = jax.lax.axis_index(axes)
-  fold = lambda k: jax.random.fold_in(k, index)
+  return _fold_in_each(keys, jax.lax.axis_index(axes))
+
+
+def _fold_in_each(keys: jax.Array, data: jax.Array) -> jax.Array:
+  """``jax.random.fold_in(k, data)`` for every key ``k`` of ``keys`` (typed or raw, any batch
+  shape)."""
+  fold = lambda k: jax.random.fold_in(k, data)
   for _ in range(_keys.batch_ndim(keys)):
     fold = jax.vmap(fold)
   return fold(keys)

@@ -25,7 +25,8 @@ state, so by default every device draws the **same** probe ``z`` and the
 averaged estimate is ``z ⊙ (mean_i H_i) z``: exactly the single-device
 estimate on the global batch, hence single-device training reproduced to
 rounding. With ``independent_probes=True`` each device folds its
-``lax.axis_index`` into the key and draws its own probe; the average
+``lax.axis_index`` (device 0: the axis size, :func:`fold_in_axis_index`) into
+the key and draws its own probe; the average
 ``mean_i z_i ⊙ H_i z_i`` stays unbiased and has lower variance, for free,
 while the state stays replicated (measurements: ``docs/distributed.md``).
 Use the default where reproducibility against a single device matters (tests,

@@ -626,7 +626,8 @@ def scale_by_adahessian(
       single-device training on the global batch. Leave it ``None`` under
       ``jax.jit`` with sharded global arrays: the loss is global there.
     independent_probes: With ``axis_name``, draw a different probe on every
-      device (the state's key folded with ``lax.axis_index(axis_name)``) in the
+      device (the state's key folded with its index along ``axis_name``,
+      :func:`adahessian_jax.distributed.fold_in_axis_index`) in the
       ``value_fn`` route, while the state stays replicated. The averaged
       estimate keeps its mean and has lower variance, at no extra cost, but no
       longer equals the single-device result (see

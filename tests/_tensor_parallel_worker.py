@@ -5,7 +5,8 @@ Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _tensor_paral
 A tanh MLP on a ``(data=2, model=2)`` mesh, Megatron style: the first kernel split over
 its outputs, the second over its inputs, the batch over ``data``. Writes ``OUT/results.json``:
 for each route, the largest error of the averaged Hutchinson estimate against the exact Hessian
-diagonal of the global loss, in units of the estimator's own standard deviation.
+diagonal of the global loss, in units of the estimator's own standard deviation; and how often
+a probe block repeats across devices and steps with independent probes (``repeated_blocks``).
 """
 
 from __future__ import annotations
@@ -132,6 +133,57 @@ def given_diagonal_updates(mesh, x, y, params, diag):
   return out
 
 
+def repeated_probe_blocks(mesh, steps=3):
+  """How many probe blocks repeat (up to sign) over ``steps`` steps of the fused route with
+  independent probes (``per_device_probe_state``): a replicated ``(4, 4)`` leaf ``r`` first, a
+  ``(4, 8)`` leaf ``u`` split over ``model`` (blocks of ``r``'s shape) second.
+
+  The loss ``r[0, 0] · sum(all entries)`` has ``H = e₀1ᵀ + 1e₀ᵀ``, so off ``r[0, 0]`` a device's
+  estimate ``z ⊙ Hz`` is its probe times ``z`` at ``r[0, 0]``. Device 0 folded in index 0, which
+  made its key the state's next one: its block of ``u`` on model shard 0 was drawn again a step
+  later as ``r``'s probe on data device 1 (one repeat per step after the first).
+  """
+  specs = {"r": P(), "u": P(None, "model")}
+  rng = np.random.default_rng(1)
+  values = {"r": rng.normal(size=(4, 4)), "u": rng.normal(size=(4, 8))}
+  params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
+
+  def loss(p):
+    return p["r"][0, 0] * (jnp.sum(p["r"]) + jax.lax.psum(jnp.sum(p["u"]), "model"))
+
+  tx = ah.adahessian(
+    0.0, b2=0.0, seed=4, axis_name="data", independent_probes=True, averaging=spatial.none()
+  )
+  abstract = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in params.items()
+  }
+  state_spec = jax.tree.map(lambda s: s.spec, distributed.state_shardings(tx, abstract))
+
+  def step(params, state):
+    local = distributed.device_varying((params, state), "data")
+    probes = distributed.per_device_probe_state(local[1], "data")
+    _, grads, hdiag = ah.value_grad_and_hessian_diag(loss)(local[0], probes)
+    state = tx.update(jax.lax.pmean(grads, "data"), state, params, hessian_diag=hdiag)[1]
+    return jax.tree.map(lambda e: e[None], hdiag), state
+
+  out_specs = ({k: P("data", *v) for k, v in specs.items()}, state_spec)
+  mapped = jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(specs, state_spec), out_specs=out_specs)
+  )
+  state, blocks = tx.init(params), []
+  for _ in range(steps):
+    estimate, state = mapped(params, state)
+    for d in range(2):
+      u = np.asarray(estimate["u"][d])
+      blocks += [np.asarray(estimate["r"][d]), u[:, :4], u[:, 4:]]
+  signs = [b.ravel()[1:] for b in blocks]  # probe · z at r[0, 0], off r[0, 0]
+  return sum(
+    np.array_equal(a, b) or np.array_equal(a, -b)
+    for i, a in enumerate(signs)
+    for b in signs[i + 1 :]
+  )
+
+
 def main(out_dir):
   mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   x, y, params = make_problem()
@@ -191,6 +243,7 @@ def main(out_dir):
   )
   results["fused_max_update"] = max(float(np.max(np.abs(fused_u[k]))) for k in params)
   results.update(given_diagonal_updates(mesh, x, y, params, diag))
+  results["repeated_blocks"] = int(repeated_probe_blocks(mesh))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f)
   print(results)

@@ -216,6 +216,18 @@ def test_tensor_parallel_probes_independent_across_shards(tensor_parallel, route
   assert tensor_parallel[f"{route}_z"] <= 6.0, tensor_parallel
 
 
+def test_tensor_parallel_independent_probes_repeat_no_block_across_devices_and_steps(
+  tensor_parallel,
+):
+  """Independent probes with a kernel split over ``model``: no probe block is drawn twice.
+
+  Device 0 folded its index 0 into the key, and ``fold_in(key, 0)`` is ``split(key)[0]``, the
+  state's next key: the block device (data 0, model 0) drew for the split leaf at step t was the
+  probe of the replicated leaf of that shape on data device 1 at step t+1 (2 repeats in 3 steps).
+  """
+  assert tensor_parallel["repeated_blocks"] == 0, tensor_parallel
+
+
 def test_tensor_parallel_given_diagonal_equals_single_device(tensor_parallel):
   """The exact diagonal given to the split step: the updates are one device's, to rounding.
 

@@ -230,6 +230,31 @@ def test_probes_differ_across_leaves_and_steps():
   assert not np.array_equal(zs[0], zs[1]) and not np.array_equal(zs[1], zs[2])
 
 
+def test_independent_probes_never_reuse_a_key_across_devices_and_steps():
+  """With ``independent_probes`` no key is used twice: every device's source (the state's key
+  with its index folded in), its probe keys and the keys the state moves on to are all distinct
+  over several steps (``jax.vmap`` with an axis name stands in for ``pmap``).
+
+  With threefry ``fold_in(key, 0)`` is ``split(key)[0]``, the state's next key: device 0 folding
+  in its index 0 drew from the next step's key, and its probe key was device 1's next source.
+  """
+  state = ah.scale_by_adahessian(n_samples=2, seed=3).init({"w": jnp.zeros(3)})
+
+  def device(_, key_data):
+    source = ah.distributed.fold_in_axis_index(key_data, "i")
+    probes, next_data = ah.probe_keys(state._replace(key=key_data), axis_name="i")
+    return source, jax.random.key_data(probes), next_data
+
+  rows, key_data = [], state.key
+  for _ in range(3):
+    sources, probes, next_data = jax.vmap(device, (0, None), axis_name="i")(jnp.arange(4), key_data)
+    rows += [np.asarray(sources).reshape(-1, 2), np.asarray(probes).reshape(-1, 2)]
+    key_data = next_data[0]
+    rows.append(np.asarray(key_data))
+  rows = np.concatenate(rows)
+  assert len({tuple(r) for r in rows}) == len(rows) == 3 * (4 * 2 * 2 + 2)
+
+
 def test_lazy_hessian_runs_hvp_only_on_refresh_steps(mlp_problem):
   params, loss_fn, batch = mlp_problem
   calls = []
