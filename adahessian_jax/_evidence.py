@@ -664,18 +664,17 @@ def _scan_stacks(
   Returns:
     ``{module: (the stacked axis's size, why)}`` for the modules in ``modules`` so placed.
   """
-  keys = [_module_keys(p) for p in paths]
-  sizes: dict[tuple, int | None] = {}  # scan's module path -> the first size all its leaves share
-  found: dict[tuple, tuple[tuple[int, ...], str]] = {}
+  scans: dict[tuple, tuple] = {}  # module -> the path of the scan it sits in
   for module in modules:
     at = [d for d in range(1, len(module) + 1) if _is_scan(module[d - 1])]
-    if len(at) != 1:  # none, or a scan inside a scan: which axes, unknown
-      continue
-    prefix = module[: at[0]]
-    if prefix not in sizes:
-      under = [shapes[j] for j, k in enumerate(keys) if k[: len(prefix)] == prefix]
-      firsts = {shape[0] for shape in under if shape}
-      sizes[prefix] = firsts.pop() if len(firsts) == 1 and all(under) else None
+    if len(at) == 1:  # not none, nor a scan inside a scan (which axes, unknown)
+      scans[module] = module[: at[0]]
+  sizes: dict[tuple, int | None] = {}  # scan's module path -> the first size all its leaves share
+  for prefix, under in _shapes_under(set(scans.values()), paths, shapes).items():
+    firsts = {shape[0] for shape in under if shape}
+    sizes[prefix] = firsts.pop() if len(firsts) == 1 and all(under) else None
+  found: dict[tuple, tuple[tuple[int, ...], str]] = {}
+  for module, prefix in scans.items():
     size = sizes[prefix]
     if size is not None:
       why = (
@@ -684,6 +683,28 @@ def _scan_stacks(
       )
       found[module] = ((size,), why)
   return found
+
+
+def _shapes_under(modules: set[tuple], paths, shapes) -> dict[tuple, list[tuple[int, ...]]]:
+  """The shapes of the leaves under each of ``modules``, found by each leaf's module prefixes
+  (not by trying every module against every leaf: one scan per block would make that the square
+  of the leaves).
+
+  Args:
+    modules: Module paths (tuples of keys, as :func:`_module_keys` gives).
+    paths: The leaves' paths.
+    shapes: The leaves' shapes.
+
+  Returns:
+    ``{module: [the shapes of the leaves under it, in leaf order]}``, for every module.
+  """
+  under: dict[tuple, list[tuple[int, ...]]] = {module: [] for module in modules}
+  for path, shape in zip(paths, shapes, strict=True):
+    keys = _module_keys(path)
+    for depth in range(len(keys) + 1):
+      if keys[:depth] in under:
+        under[keys[:depth]].append(shape)
+  return under
 
 
 def _attention_stacks(
@@ -897,14 +918,19 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
   other: set[tuple[tuple, int]] = set()
   for k in kernels:
     firsts[(k.module[:-1], k.lead)] = set()
+  # Looked up by each of a leaf's module prefixes, not tried against every kernel's parent: one
+  # parent per block of a deep network would make that the square of the leaves.
+  leads_under: dict[tuple, list[int]] = {}
+  for parent, lead in firsts:
+    leads_under.setdefault(parent, []).append(lead)
   for i, path in enumerate(paths):
     module = _module_keys(path)
-    for parent, lead in firsts:
-      if module[: len(parent)] == parent:
+    for depth in range(len(module) + 1):
+      for lead in leads_under.get(module[:depth], ()):
         shape = shapes[i]
-        firsts[(parent, lead)].add(shape[lead] if len(shape) > lead + 1 else None)
+        firsts[(module[:depth], lead)].add(shape[lead] if len(shape) > lead + 1 else None)
         if not _is_conv_module(module):
-          other.add((parent, lead))
+          other.add((module[:depth], lead))
   for k in kernels:
     spatial = _role_name(k.roles, SPATIAL)
     shape = shapes[k.index]
