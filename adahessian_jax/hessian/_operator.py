@@ -558,14 +558,15 @@ def _mask_rows(vs, mask):
   return vs * mask
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+# ``start`` is traced: one program for every block of a width, not one per leaf or layer.
+@functools.partial(jax.jit, static_argnums=2)
 def _embed_cols(vs, start, n):
-  return jnp.zeros((vs.shape[0], n), vs.dtype).at[:, start : start + vs.shape[1]].set(vs)
+  return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((vs.shape[0], n), vs.dtype), vs, start, 1)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=2)
 def _take_cols(vs, start, size):
-  return vs[:, start : start + size]
+  return jax.lax.dynamic_slice_in_dim(vs, start, size, 1)
 
 
 @functools.partial(jax.jit, static_argnums=2)
