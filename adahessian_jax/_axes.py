@@ -18,7 +18,9 @@ T = TypeVar("T")
 def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
   """Folds this device's index along ``axis_name`` into every key of raw ``key_data``.
 
-  Device 0 folds in the axis size instead (:func:`_device_tag`), which no device's index is.
+  Device 0 folds in the axis size instead, which no device's index is: with threefry keys
+  ``fold_in(key, 0)`` is ``split(key)[0]``, the key the optimizer state moves on to after the
+  step, so device 0 would draw from the next step's key.
 
   Args:
     key_data: Raw PRNG key data (``jax.random.key_data``), one key per row.
