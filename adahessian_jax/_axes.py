@@ -40,12 +40,9 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
 def _device_tag(axes: tuple[Any, ...]) -> jax.Array:
   """This device's index along ``axes``, except the axis size on device 0: never 0.
 
-  With threefry keys ``fold_in(key, i)`` is ``split(key, n)[i]``, so ``fold_in(key, 0)`` is
-  ``split(key)[0]``, the key an AdaHessian state moves on to after the step
-  (:func:`adahessian_jax.state.probe_keys`). Folding in 0 would make device 0's keys the next
-  step's: its probe key the next step's source of device 1's, and under ``shard_map`` the probe
-  block a shard folds in for a split leaf (:func:`fold_in_shard_index`) the next step's probe of
-  a replicated leaf of that shape on another device, the same numbers.
+  Why not 0: :func:`fold_in_axis_index`. Under ``shard_map`` device 0's probe block for a split
+  leaf (:func:`fold_in_shard_index`) would also come back the next step as another device's
+  probe of a replicated leaf of that shape.
 
   Args:
     axes: Bound mapped axis names.

@@ -384,11 +384,9 @@ def not_finite_mark(tree: Any) -> jax.Array:
   ``shard_map`` with parameters split over mesh axes it covers every shard's block, so that all
   shards agree whether a step is finite (else a replicated leaf's update would differ by shard).
   """
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  # Each leaf's part is 0 or NaN; one reduction over them (nonnegative_total), not a chain.
-  mark = nonnegative_total([jnp.sum(x * 0, dtype=jnp.float32) for x in leaves])
+  # Each leaf's part is 0 or NaN; one reduction over them (nonnegative_total, float32 0 for an
+  # empty tree), not a chain.
+  mark = nonnegative_total([jnp.sum(x * 0, dtype=jnp.float32) for x in jax.tree.leaves(tree)])
   return sum_over_shards(mark)
 
 
