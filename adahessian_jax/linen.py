@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 import jax
 import optax
 
-from adahessian_jax import _validation, state
+from adahessian_jax import _validation, distributed, state
 from adahessian_jax._extras import missing_extra
 from adahessian_jax.fused import value_grad_and_hessian_diag
 
@@ -165,14 +165,32 @@ class TrainState(train_state.TrainState):
     *args: Any,
     has_aux: bool = False,
     refresh: bool | None = None,
+    axis_name: Any = None,
+    independent_probes: bool = False,
     **kwargs: Any,
   ) -> tuple[Self, Any]:
     """One optimizer step from the loss, by the fused one-pass route.
 
     Computes loss, gradient and the Hessian-diagonal estimate with
-    :func:`adahessian_jax.value_grad_and_hessian_diag` and applies them. It averages
-    nothing over devices: under ``pmap`` or ``shard_map`` call that function, ``pmean``
-    the gradients and pass both to :meth:`apply_gradients` (``docs/distributed.md``).
+    :func:`adahessian_jax.value_grad_and_hessian_diag` and applies them.
+
+    Data parallel under ``pmap`` or ``shard_map`` (each device a part of the
+    batch, the parameters replicated): pass the mapped ``axis_name``, and build
+    ``tx`` with the same ``axis_name`` (and ``independent_probes``), which
+    averages the estimate over it. This method differentiates the local loss at
+    device-varying parameters (:func:`adahessian_jax.distributed.device_varying`),
+    draws the probes from :func:`adahessian_jax.distributed.per_device_probe_state`
+    with ``independent_probes``, and ``pmean``-s the gradients and the returned
+    loss over ``axis_name``; ``aux`` stays each device's own (``pmean`` the
+    ``batch_stats`` in it yourself if the replicas should share them). The
+    estimate is averaged by ``tx`` alone: under ``pmap`` nothing can see a ``tx``
+    built without ``axis_name``, whose replicas then drift apart (``shard_map``
+    refuses the unreplicated result at its ``out_specs``)::
+
+      tx = adahessian_jax.adahessian(0.1, axis_name="batch")
+      state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+      step = jax.pmap(lambda s, b: s.apply_loss(loss_fn, b, axis_name="batch"),
+                      axis_name="batch")
 
     Args:
       loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar (or
@@ -182,12 +200,18 @@ class TrainState(train_state.TrainState):
       refresh: A refresh decision taken on the host, for both the fused pass
         and ``tx.update`` (see :func:`adahessian_jax.value_grad_and_hessian_diag`);
         ``None`` follows the schedule in the state.
-      **kwargs: Keyword arguments of ``loss_fn`` (other than ``has_aux`` and
-        ``refresh``, which this method takes).
+      axis_name: The ``pmap`` / ``shard_map`` axis (or tuple of axes) the batch
+        is split over, as given to ``tx``; ``None`` (the default) averages
+        nothing over devices (a single device, or ``jit`` with sharded arrays).
+      independent_probes: Each device draws its own probes, as ``tx`` built
+        with ``independent_probes=True`` does; needs ``axis_name``.
+      **kwargs: Keyword arguments of ``loss_fn`` (other than the four above,
+        which this method takes).
 
     Returns:
       ``(new_state, value)`` where ``value`` is the loss (or ``(loss, aux)``)
-      at the parameters before the step.
+      at the parameters before the step; with ``axis_name`` the loss is the
+      mean over the devices.
 
     Raises:
       TypeError: if ``loss_fn``'s signature cannot take the arguments given,
@@ -195,8 +219,10 @@ class TrainState(train_state.TrainState):
         value with it).
       ValueError: for params with an ``_overwrite_with_gradient`` collection
         (fp8 training), which this route would precondition like the
-        parameters (use :meth:`apply_gradients` with ``value_fn``), or for a
-        ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`).
+        parameters (use :meth:`apply_gradients` with ``value_fn``), for a
+        ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`),
+        for an ``axis_name`` that no enclosing map binds, or for
+        ``independent_probes`` without ``axis_name``.
     """
     if _has_owg(self.params):
       raise ValueError(
@@ -224,13 +250,31 @@ class TrainState(train_state.TrainState):
       "them.",
     )
 
+    params, opt_state = self.params, self.opt_state
+    if axis_name is not None:
+      params, opt_state = distributed.device_varying((params, opt_state), axis_name)
+      if independent_probes:
+        opt_state = distributed.per_device_probe_state(opt_state, axis_name)
+    elif independent_probes:
+      raise ValueError(
+        "TrainState.apply_loss: independent_probes=True draws each device's own probes, so it "
+        "needs the axis_name the step is mapped over (pmap or shard_map), as given to tx."
+      )
+
     def checked(params, *args, **kwargs):
       out = loss_fn(params, *args, **kwargs)
       loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
       return (loss, aux) if has_aux else loss
 
     vgh = value_grad_and_hessian_diag(checked, has_aux=has_aux, refresh=refresh)
-    value, grads, hdiag = vgh(self.params, self.opt_state, *args, **kwargs)
+    value, grads, hdiag = vgh(params, opt_state, *args, **kwargs)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      value = (
+        (jax.lax.pmean(value[0], axis_name), value[1])
+        if has_aux
+        else jax.lax.pmean(value, axis_name)
+      )
     return self.apply_gradients(grads=grads, hessian_diag=hdiag, refresh=refresh), value
 
 

@@ -95,6 +95,19 @@ def local_step(tx, axis_name=None, fused=False, per_device_probes=False):
   return step
 
 
+def train_state_step(tx, axis_name, independent=False):
+  """One step by ``linen.TrainState.apply_loss`` with ``axis_name`` (the fused route, with the
+  gradients averaged and the probes chosen by the method)."""
+  from adahessian_jax.linen import TrainState
+
+  def step(params, state, x, y):
+    ts = TrainState(step=0, apply_fn=None, params=params, tx=tx, opt_state=state)
+    ts, _ = ts.apply_loss(loss_fn, x, y, axis_name=axis_name, independent_probes=independent)
+    return ts.params, ts.opt_state
+
+  return step
+
+
 def run_steps(step, params, state, x, y):
   """``STEPS`` training steps, waiting for each before dispatching the next.
 
@@ -120,11 +133,14 @@ def train_single_device(dtype, update_freq, hparams=None, permute=False):
   return params
 
 
-def train_pmap(dtype, update_freq, hessian_pmean=True, independent=False, fused=False):
+def train_pmap(
+  dtype, update_freq, hessian_pmean=True, independent=False, fused=False, train_state=False
+):
   """``jax.pmap`` over the local devices; returns params and state with a leading device axis.
 
   ``hessian_pmean=False`` is the negative control: gradients averaged, the
-  Hessian estimate not (no ``axis_name`` for the optimizer).
+  Hessian estimate not (no ``axis_name`` for the optimizer). ``train_state``
+  steps by ``TrainState.apply_loss``.
   """
   n = jax.local_device_count()
   x, y, params = make_problem(dtype)
@@ -139,10 +155,11 @@ def train_pmap(dtype, update_freq, hessian_pmean=True, independent=False, fused=
   )
   # Eager init on one replica, broadcast: cheaper to run than a compiled pmap(tx.init).
   state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), tx.init(first_replica))
-  step = jax.pmap(
-    local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused), axis_name=AXIS
-  )
-  return run_steps(step, params, state, xs, ys)
+  if train_state:
+    local = train_state_step(tx, AXIS, independent)
+  else:
+    local = local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused)
+  return run_steps(jax.pmap(local, axis_name=AXIS), params, state, xs, ys)
 
 
 def join(process_id, num_processes, port):
@@ -217,8 +234,9 @@ def train_jit(mesh, dtype, update_freq, fsdp=False, hparams=None):
   return params, state, info
 
 
-def train_shard_map(mesh, dtype, update_freq, independent=False, fused=False):
-  """``jax.shard_map`` with ``axis_name``: params and state replicated, batch sharded."""
+def train_shard_map(mesh, dtype, update_freq, independent=False, fused=False, train_state=False):
+  """``jax.shard_map`` with ``axis_name``: params and state replicated, batch sharded;
+  ``train_state`` steps by ``TrainState.apply_loss``."""
   x, y, params = make_problem(dtype)
   x = put_global(mesh, x, P(AXIS))
   y = put_global(mesh, y, P(AXIS))
@@ -226,9 +244,13 @@ def train_shard_map(mesh, dtype, update_freq, independent=False, fused=False):
   params = jax.tree.map(lambda v: put_global(mesh, v, P()), params)
   tx = make_tx(update_freq, axis_name=AXIS, independent_probes=independent and not fused)
   state = put_tree(tx.init(params_np), NamedSharding(mesh, P()))
+  if train_state:
+    local = train_state_step(tx, AXIS, independent)
+  else:
+    local = local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused)
   step = jax.jit(
     jax.shard_map(
-      local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused),
+      local,
       mesh=mesh,
       in_specs=(P(), P(), P(AXIS), P(AXIS)),
       out_specs=(P(), P()),

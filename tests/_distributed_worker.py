@@ -50,10 +50,12 @@ PLAN = (
       "pmap_fused_independent",
       "shard_map_fused",
       "shard_map_independent",
+      "pmap_train_state",
+      "shard_map_train_state_independent",
     ),
   ),
-  ("float64", 1, EXACT_MODES),
-  ("float32", 2, ("pmap", "jit_fsdp", "shard_map_independent")),
+  ("float64", 1, (*EXACT_MODES, "shard_map_train_state")),
+  ("float32", 2, ("pmap", "jit_fsdp", "shard_map_independent", "pmap_train_state_independent")),
 )
 
 
@@ -61,14 +63,15 @@ def run_mode(mode, mesh, dtype, k):
   """Returns ``(params as NumPy, max difference between replicas, extra info)``."""
   independent = "independent" in mode
   fused = "fused" in mode
+  ts = "train_state" in mode  # linen.TrainState.apply_loss(axis_name=...): the fused route
   if mode.startswith("pmap"):
-    p, s = train_pmap(dtype, k, "no_hessian" not in mode, independent, fused)
+    p, s = train_pmap(dtype, k, "no_hessian" not in mode, independent, fused, ts)
     first = jax.tree.map(lambda a: np.asarray(a)[0], p)
     return first, distributed.max_replica_difference((p, s), stacked=True), None
   if mode.startswith("jit"):
     p, s, info = train_jit(mesh, dtype, k, fsdp=mode == "jit_fsdp")
     return to_numpy(p), distributed.max_replica_difference((p, s)), info
-  p, s = train_shard_map(mesh, dtype, k, independent, fused)
+  p, s = train_shard_map(mesh, dtype, k, independent, fused, ts)
   return to_numpy(p), distributed.max_replica_difference((p, s)), None
 
 
@@ -88,9 +91,10 @@ def main(out_dir):
       r[mode] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(params, ref)}
       if info is not None:
         r[mode]["sharding"] = info
-      independent_ref = outputs.get("pmap_independent")
-      if independent_ref is not None and "independent" in mode:
-        r[mode]["vs_pmap_independent"] = max_abs_diff(params, independent_ref)
+      # The independent-probe runs against the value_fn route's (pmap's, else shard_map's).
+      ref_mode = "pmap_independent" if "pmap_independent" in outputs else "shard_map_independent"
+      if "independent" in mode and mode != ref_mode and ref_mode in outputs:
+        r[mode][f"vs_{ref_mode}"] = max_abs_diff(params, outputs[ref_mode])
 
   # The optimizer's default hyperparameters in float32: the first step divides by
   # |D| + 1e-4, which amplifies rounding; compare with the single-device noise floor.

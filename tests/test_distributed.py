@@ -160,6 +160,19 @@ def test_independent_probes_differ_but_agree_across_routes(single_host):
   assert r["pmap_fused_independent"]["vs_pmap_independent"] <= F32_TOL
 
 
+def test_train_state_apply_loss_with_axis_name_steps_like_the_data_parallel_recipe(single_host):
+  """``linen.TrainState.apply_loss(..., axis_name=)`` under ``pmap`` and ``shard_map``: the same
+  probes give the single-device run on the global batch, independent probes the value_fn route's
+  independent estimator (also with update_freq=2); the replicas stay identical (checked above)."""
+  results, _ = single_host
+  assert results["float32_k1"]["pmap_train_state"]["vs_ref"] <= F32_TOL
+  assert results["float64_k1"]["shard_map_train_state"]["vs_ref"] <= F64_TOL
+  independent = results["float32_k1"]["shard_map_train_state_independent"]
+  assert independent["vs_ref"] > 1e-3 and independent["vs_pmap_independent"] <= F32_TOL
+  lazy = results["float32_k2"]["pmap_train_state_independent"]
+  assert lazy["vs_ref"] > 1e-3 and lazy["vs_shard_map_independent"] <= F32_TOL
+
+
 def test_jit_state_keeps_param_shardings(single_host):
   results, _ = single_host
   for config in ("float32_k1", "float64_k1"):

@@ -167,6 +167,16 @@ def test_apply_loss_with_another_optimizer_says_to_use_apply_gradients():
     state.apply_loss(lambda p: jnp.sum(p["w"] ** 2))
 
 
+def test_apply_loss_refuses_an_unbound_axis_name_and_independent_probes_without_one():
+  # The data-parallel form is checked numerically in test_distributed.py (pmap and shard_map).
+  state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
+  loss = lambda p: jnp.sum(p["w"] ** 4)
+  with pytest.raises(ValueError, match="independent_probes=True.*needs the axis_name"):
+    state.apply_loss(loss, independent_probes=True)
+  with pytest.raises(ValueError, match="axis_name='data' is not an axis of the enclosing pmap"):
+    state.apply_loss(loss, axis_name="data")
+
+
 def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
   state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
   loss = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
