@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
-from _args import comma_list, positive_int  # noqa: E402  (examples/_args.py: no JAX import)
+from _args import comma_list, parse_with_quick, positive_int  # noqa: E402  (examples/_args.py: no JAX import)
 
 SETTINGS = ("default", "keep", "single-arena", "calling-thread")
 
@@ -80,9 +80,13 @@ def measure(model: str, setting: str, size: str, steps: int) -> dict:
   return out
 
 
-def main(argv=None) -> int:
+#: The defaults that ``--quick`` changes (a flag given explicitly keeps its value).
+QUICK = dict(model="mlp", rounds=1, steps=6)
+
+
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--quick", action="store_true", help="tiny MLP, one round, nothing written")
+  ap.add_argument("--quick", action="store_true", help="tiny models, nothing written")
   ap.add_argument("--model", default="transformer", help="a model of models.py")
   ap.add_argument(
     "--rounds", type=positive_int, default=3, help="processes per setting (default 3)"
@@ -97,11 +101,13 @@ def main(argv=None) -> int:
     "--steps", type=positive_int, default=80, help="timed steps per optimizer and process"
   )
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+  return ap, parse_with_quick(ap, QUICK, argv)
+
+
+def main(argv=None) -> int:
+  ap, args = parse_args(argv)
   size = "tiny" if args.quick else "full"
-  model = "mlp" if args.quick else args.model
-  if args.quick:
-    args.rounds, args.steps = 1, 6
+  model = args.model
   if args.child:
     print(json.dumps(measure(model, args.child, size, args.steps)))
     return 0

@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import positive_int  # noqa: E402
+from _args import parse_with_quick, positive_int  # noqa: E402
 from pods_transformer import CharLM, adahessian_config, cross_entropy  # noqa: E402
 
 import adahessian_jax  # noqa: E402
@@ -172,7 +172,11 @@ def print_table(result):
     )
 
 
-def main():
+#: The defaults that ``--quick`` changes (a flag given explicitly keeps its value).
+QUICK = dict(layers=4, width=128, heads=4, context=64, batch_size=8)
+
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--layers", type=positive_int, default=14)
   p.add_argument("--width", type=positive_int, default=768)
@@ -182,9 +186,11 @@ def main():
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
   p.add_argument("--quick", action="store_true", help="a ~1M-parameter model (smoke test)")
   p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
-  args = p.parse_args()
-  if args.quick:
-    args.layers, args.width, args.heads, args.context, args.batch_size = 4, 128, 4, 64, 8
+  return parse_with_quick(p, QUICK, argv)
+
+
+def main():
+  args = parse_args()
   out = args.out or (None if args.quick else os.path.join(HERE, "results"))
 
   tokens = jax.ShapeDtypeStruct((args.batch_size, args.context), jnp.int32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -81,3 +81,39 @@ def comma_list(
     return parts
 
   return parse
+
+
+def parse_with_quick(
+  p: argparse.ArgumentParser, quick: Mapping[str, Any], argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+  """Parses a command line whose ``--quick`` changes the defaults of other flags.
+
+  ``--quick`` changes only the defaults: a flag given explicitly keeps its value (``--quick
+  --width 48`` is the quick setting with width 48), where a quick run used to overwrite it
+  silently. Each flag's help gets its quick default.
+
+  Args:
+    p: The parser; it has a ``--quick`` flag.
+    quick: The quick defaults by ``dest`` (e.g. ``{"width": 32}``).
+    argv: The arguments (default ``sys.argv[1:]``).
+
+  Returns:
+    The parsed arguments.
+  """
+  actions = {a.dest: a for a in p._actions}
+  for dest, value in quick.items():
+    action = actions[dest]  # a KeyError here is a typo in the script
+    shown = _shown(value)
+    if action.help is None:
+      action.help = f"default {_shown(action.default)}; --quick: {shown}"
+    elif action.help is not argparse.SUPPRESS:
+      action.help = f"{action.help} (--quick: {shown})"
+  args = p.parse_args(argv)
+  if args.quick:
+    p.set_defaults(**quick)  # parsed again: the values given on the command line win
+    args = p.parse_args(argv)
+  return args
+
+
+def _shown(value: Any) -> str:
+  return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)

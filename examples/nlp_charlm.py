@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _args import positive_int
+from _args import parse_with_quick, positive_int
 
 import adahessian_jax
 
@@ -92,7 +92,11 @@ def optimizers(block):
   ]
 
 
-def main():
+#: The defaults that ``--quick`` changes (a flag given explicitly keeps its value).
+QUICK = dict(context=32, width=32, layers=1, heads=2, block_size=16, eval_windows=32)
+
+
+def parse_args(argv=None):
   p = _common.parser(__doc__, steps=600, quick_steps=30)
   p.add_argument("--batch-size", type=positive_int, default=32)
   p.add_argument("--context", type=positive_int, default=64)
@@ -101,10 +105,11 @@ def main():
   p.add_argument("--heads", type=positive_int, default=4)
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
   p.add_argument("--eval-windows", type=positive_int, default=256)
-  args = p.parse_args()
-  if args.quick:
-    args.context, args.width, args.layers, args.heads, args.block_size = 32, 32, 1, 2, 16
-    args.eval_windows = 32
+  return parse_with_quick(p, QUICK, argv)
+
+
+def main():
+  args = parse_args()
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (6 if args.quick else 30), 1)
 

@@ -68,7 +68,7 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import nonnegative_int, positive_int  # noqa: E402
+from _args import nonnegative_int, parse_with_quick, positive_int  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -551,7 +551,12 @@ def check_device_multiples(p, args, n_devices: int) -> None:
       p.error(f"argument {flag}: must be a multiple of the {n_devices} devices, got {value}")
 
 
-def main():
+#: The defaults that ``--quick`` changes (a flag given explicitly keeps its value).
+QUICK = dict(context=32, width=32, layers=2, heads=2, block_size=8, batch_size=16, eval_windows=32)
+
+
+def parse_args(argv=None):
+  """The command line's arguments; a size the device mesh cannot split is a usage error."""
   p = _common.parser(__doc__, steps=200, quick_steps=30)
   p.add_argument(
     "--batch-size", type=positive_int, default=32, help="a multiple of the device count"
@@ -579,17 +584,19 @@ def main():
     "--describe", action="store_true", help="list AdaHessian's averaging of every leaf, then stop"
   )
   p.add_argument("--no-remat", action="store_true", help="do not rematerialise the blocks")
-  args = p.parse_args()
+  args = parse_with_quick(p, QUICK, argv)
+  check_device_multiples(p, args, len(jax.devices()))
+  return args
+
+
+def main():
+  args = parse_args()
   if args.check_dtype == "float64":
     jax.config.update("jax_enable_x64", True)
-  if args.quick:
-    args.context, args.width, args.layers, args.heads, args.block_size = 32, 32, 2, 2, 8
-    args.batch_size, args.eval_windows = 16, 32
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (6 if args.quick else 30), 1)
 
   devices = jax.devices()
-  check_device_multiples(p, args, len(devices))
   mesh = jax.make_mesh((len(devices),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
   train_data, val_data, chars = _common.pydoc_text()
   ctx = args.context

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _args import positive_int
+from _args import parse_with_quick, positive_int
 from sklearn.metrics import roc_auc_score
 
 import adahessian_jax
@@ -145,16 +145,21 @@ def optimizers():
   ]
 
 
-def main():
+def parse_args(argv=None):
   p = _common.parser(__doc__, steps=1500, quick_steps=40)
   p.add_argument("--batch-size", type=positive_int, default=512)
   p.add_argument(
     "--impressions", type=positive_int, default=1_000_000, help="train + validation size"
   )
-  args = p.parse_args()
+  # --quick: fewer impressions (unless --impressions is given) and the cardinalities cut to 500
+  return parse_with_quick(p, {"impressions": 20_000}, argv)
+
+
+def main():
+  args = parse_args()
   cards = CARDINALITIES
   if args.quick:
-    args.impressions, cards = 20_000, tuple(min(c, 500) for c in CARDINALITIES)
+    cards = tuple(min(c, 500) for c in CARDINALITIES)
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (4 if args.quick else 30), 1)
 

@@ -227,3 +227,40 @@ def test_step_time_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
     step_time.main(["--report", missing])
   assert e.value.code == 2
   assert f"argument --report: no such file: {missing!r}" in capsys.readouterr().err
+
+
+def test_quick_keeps_the_values_given_explicitly(examples_path, paper_cli, capsys):
+  # --quick overwrote them silently: `nlp_charlm.py --quick --width 48` trained width 32.
+  pytest.importorskip("flax")
+  import nlp_charlm
+  import pods_transformer
+  import recsys_dlrm
+
+  args = nlp_charlm.parse_args(["--quick", "--width", "48", "--steps", "50"])
+  assert (args.width, args.layers, args.context, args.steps) == (48, 1, 32, 50)
+  assert nlp_charlm.parse_args(["--width", "48"]).layers == 2  # no --quick: the full defaults
+  assert recsys_dlrm.parse_args(["--quick", "--impressions", "30000"]).impressions == 30_000
+  assert recsys_dlrm.parse_args(["--quick"]).impressions == 20_000
+  args = pods_transformer.parse_args(["--quick", "--width", "64", "--batch-size", "32"])
+  assert (args.width, args.batch_size, args.layers) == (64, 32, 2)
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  memory = _script(benchmarks, "memory")
+  assert (memory.parse_args(["--quick", "--layers", "2"]).layers, memory.QUICK["width"]) == (2, 128)
+  _, args = _script(benchmarks, "allocator").parse_args(["--quick", "--model", "cnn"])
+  assert (args.model, args.rounds, args.steps) == ("cnn", 1, 6)
+  args = _script(benchmarks, "compile_time").parse_args(["--quick", "--transformer"])
+  assert (args.depths, args.transformer) == ("1,2", True)
+  lr_robustness = _script(PAPER, "lr_robustness")
+  args = paper_cli.parse_args(
+    "test", ["--quick", "--tasks", "cnn", "--scales", "1", "3"], lr_robustness.add_arguments,
+    lr_robustness.QUICK,
+  )  # fmt: skip
+  assert (args.tasks, args.scales) == (["cnn"], [1.0, 3.0])
+  hessian_frequency = _script(PAPER, "hessian_frequency")
+  parse = lambda *a: paper_cli.parse_args(
+    "test", ["--quick", *a], hessian_frequency.add_arguments, hessian_frequency.QUICK
+  )
+  assert (parse().tasks, parse("--tasks", "lm").tasks) == (["cnn"], ["lm"])
+  with pytest.raises(SystemExit):  # each flag's help says what --quick makes of it
+    nlp_charlm.parse_args(["--help"])
+  assert "--quick: 32" in " ".join(capsys.readouterr().out.split())

@@ -13,7 +13,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ import adahessian_jax
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
 
-from _args import json_object, positive_int  # noqa: E402  (examples/_args.py)
+from _args import json_object, parse_with_quick, positive_int  # noqa: E402  (examples/_args.py)
 
 #: Where ``--quick`` writes without ``--out``: never over the committed results and figures.
 QUICK_DIR = os.path.join(tempfile.gettempdir(), "adahessian_jax_paper_quick")
@@ -63,7 +63,17 @@ def parse_args(
   description: str,
   argv: Sequence[str] | None = None,
   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+  quick: Mapping[str, Any] | None = None,
 ) -> argparse.Namespace:
+  """Parses an experiment's command line.
+
+  Args:
+    description: The command's help text.
+    argv: The arguments (default ``sys.argv[1:]``).
+    add_arguments: Adds the experiment's own options to the parser.
+    quick: The defaults of the experiment's own options that ``--quick`` changes (a flag given
+      explicitly keeps its value).
+  """
   p = argparse.ArgumentParser(description=description)
   if add_arguments is not None:
     add_arguments(p)
@@ -93,7 +103,7 @@ def parse_args(
     "AdaHessian is then also trained with them, beside the exact rule, at the exact rule's "
     "tuned learning rate; repeat for more rows",
   )
-  args = p.parse_args(argv)
+  args = parse_with_quick(p, quick or {}, argv)
   for config in args.adahessian_configs:
     check_adahessian_config(p, config)
   enable_compilation_cache()
@@ -212,6 +222,7 @@ def main(
   plot: Callable[[dict[str, Any], Any], Any],
   paper: dict[str, Any],
   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+  quick: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Parses the command line, runs the experiment, writes its JSON and figure.
 
@@ -222,11 +233,12 @@ def main(
     plot: ``plot(out, plt)`` returns the matplotlib figure (not called without matplotlib).
     paper: The paper's numbers the experiment compares with.
     add_arguments: Adds the experiment's own options to the parser.
+    quick: The defaults of those options that ``--quick`` changes.
 
   Returns:
     The payload written to the JSON.
   """
-  args = parse_args(description, add_arguments=add_arguments)
+  args = parse_args(description, add_arguments=add_arguments, quick=quick)
   t_start = time.perf_counter()
   out = {"experiment": experiment, "quick": args.quick, "seeds": list(args.seeds)}
   out["adahessian_configs"] = config_keys(args)
