@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import models  # noqa: E402
-from _args import parse_with_quick  # noqa: E402
+from _args import comma_list, parse_with_quick, positive_int  # noqa: E402
 from _common import command_line, make_step  # noqa: E402
 from step_time import machine  # noqa: E402
 
@@ -150,19 +150,24 @@ def table(results: dict) -> str:
 
 
 #: The defaults that ``--quick`` changes (a flag given explicitly keeps its value).
-QUICK = dict(depths="1,2", transformer=False)
+QUICK = dict(depths=[1, 2], transformer=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  p.add_argument("--depths", default="8,24,48", help="depths of the residual stacks")
+  p.add_argument(
+    "--depths",
+    type=comma_list(positive_int),
+    default=[8, 24, 48],
+    help="comma-separated depths of the residual stacks",
+  )
   p.add_argument(
     "--transformer",
     action=argparse.BooleanOptionalAction,
     default=True,
     help="also the transformer of models.py",
   )
-  p.add_argument("--repeats", type=int, default=1, help="compiles per step (median)")
+  p.add_argument("--repeats", type=positive_int, default=1, help="compiles per step (median)")
   p.add_argument("--quick", action="store_true", help="small problems")
   p.add_argument("--out", type=Path, default=None, help="result file or directory")
   return parse_with_quick(p, QUICK, argv)
@@ -170,7 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  problems = [deep_problem(int(d)) for d in args.depths.split(",") if d]
+  problems = [deep_problem(d) for d in args.depths]
   if args.transformer:
     problems.append(models.make_transformer())
   info = machine()
