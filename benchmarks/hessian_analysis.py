@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -40,6 +41,9 @@ import optax  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from adahessian_jax import hessian  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from _args import out_file  # noqa: E402  (examples/_args.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -162,6 +166,7 @@ def main():
   parser.add_argument("--quick", action="store_true", help="small model, few repeats (< 30 s)")
   parser.add_argument(
     "--out",
+    type=out_file,
     default=None,
     help="JSON file (default: results/hessian_analysis.json; none with --quick)",
   )

@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import parse_with_quick, positive_int  # noqa: E402
+from _args import out_dir, parse_with_quick, positive_int  # noqa: E402
 from pods_transformer import CharLM, adahessian_config, cross_entropy  # noqa: E402
 
 import adahessian_jax  # noqa: E402
@@ -185,7 +185,12 @@ def parse_args(argv=None):
   p.add_argument("--batch-size", type=positive_int, default=8)
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
   p.add_argument("--quick", action="store_true", help="a ~1M-parameter model (smoke test)")
-  p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
+  p.add_argument(
+    "--out",
+    type=out_dir,
+    default=None,
+    help="directory of memory.json (default benchmarks/results; --quick: none, nothing written)",
+  )
   return parse_with_quick(p, QUICK, argv)
 
 

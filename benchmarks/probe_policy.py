@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -41,6 +42,9 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import adahessian_jax as ah
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from _args import out_file  # noqa: E402  (examples/_args.py)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -148,7 +152,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "probe_policy.json"))
+  parser.add_argument(
+    "--out",
+    type=out_file,
+    default=os.path.join(HERE, "results", "probe_policy.json"),
+    help="JSON file (default benchmarks/results/probe_policy.json)",
+  )
   args = parser.parse_args()
   t0 = time.time()
   result = {"variance": [], "training": []}

@@ -90,7 +90,7 @@ import adahessian_jax
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
-from _args import comma_list, nonnegative_int, positive_int  # noqa: E402  (examples/_args.py)
+from _args import comma_list, nonnegative_int, out_dir, positive_int  # noqa: E402  (examples/_args.py)
 from _common import (  # noqa: E402  (shared with examples)
   RECOMMENDED_STABILIZERS,
   add_malloc_flag,
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
   ap.add_argument(
     "--out",
-    type=Path,
+    type=lambda text: Path(out_dir(text)),
     default=None,
     help="directory of the JSON output (default benchmarks/results; --quick: a temporary one)",
   )

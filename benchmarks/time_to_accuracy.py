@@ -71,7 +71,7 @@ PAPER = os.path.join(HERE, "paper")
 sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
-from _args import json_object, positive_float, positive_int  # noqa: E402  (examples/_args.py)
+from _args import json_object, out_dir, positive_float, positive_int  # noqa: E402  (examples/_args.py)
 from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, command_line, set_malloc  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
@@ -505,8 +505,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "60; --quick: 8)",
   )
   p.add_argument("--time-budget", type=positive_float, default=None, help="seconds per run (a cap)")
-  p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-  p.add_argument("--figures", default=None, help="figures directory (default benchmarks/figures)")
+  quick_dir = os.path.join(tempfile.gettempdir(), "adahessian_jax_time_to_accuracy_quick")
+  p.add_argument(
+    "--out",
+    type=out_dir,
+    default=None,
+    help=f"results directory (default benchmarks/results; --quick: {quick_dir})",
+  )
+  p.add_argument(
+    "--figures",
+    type=out_dir,
+    default=None,
+    help=f"figures directory (default benchmarks/figures; --quick: {quick_dir})",
+  )
   add_malloc_flag(p)
   p.add_argument(
     "--adahessian-config",
@@ -530,7 +541,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       f"got {args.steps}"
     )
   if args.quick and (args.out is None or args.figures is None):
-    quick_dir = os.path.join(tempfile.gettempdir(), "adahessian_jax_time_to_accuracy_quick")
     args.out = args.out or quick_dir
     args.figures = args.figures or quick_dir
   args.out = args.out or DEFAULT_OUT

@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 import curvature_tracking as ct  # noqa: E402  (examples/: the model, data and optimizers)
-from _args import positive_float, positive_int  # noqa: E402
+from _args import out_file, positive_float, positive_int  # noqa: E402
 
 from adahessian_jax import hessian  # noqa: E402
 
@@ -167,7 +167,12 @@ def main():
     "--steps", type=positive_int, default=None, help="training steps (default 300)"
   )
   parser.add_argument("--target", type=positive_float, default=1e-4, help="relative accuracy")
-  parser.add_argument("--out", default=None)
+  parser.add_argument(
+    "--out",
+    type=out_file,
+    default=None,
+    help="JSON file (default benchmarks/results/tracking_oracle.json; --quick: none)",
+  )
   args = parser.parse_args()
   cfg = dict(steps=300, width=16, batch=32, probe=256, seed=0, target=args.target)
   cfg.update(ref_tol=1e-6, run_tol=1e-6, max_iter=40)
@@ -185,6 +190,7 @@ def main():
     result["runs"][name] = dict(summary=summary, rows=rows)
   result["seconds"] = time.perf_counter() - start
   if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       json.dump(result, f, indent=1)
     print(f"wrote {out} ({result['seconds']:.0f} s)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,25 @@ def json_object(text: str) -> dict[str, Any]:
   if not isinstance(value, dict):
     raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments, got {text!r}")
   return value
+
+
+def out_dir(text: str) -> str:
+  """An output directory: one that exists, or a path where one can be made (not a file)."""
+  if os.path.exists(text) and not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f"is a file, not a directory: {text!r}")
+  return text
+
+
+def out_file(text: str) -> str:
+  """An output file: not a directory, and not under a file."""
+  if os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f"is a directory, not a file: {text!r}")
+  parent = os.path.dirname(os.path.abspath(text))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise argparse.ArgumentTypeError(f"{parent!r} is a file, not a directory: {text!r}")
+  return text
 
 
 def comma_list(

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from _args import nonnegative_int, positive_float, positive_int
+from _args import nonnegative_int, out_dir, positive_float, positive_int
 
 import adahessian_jax
 
@@ -197,6 +197,7 @@ def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentP
   )
   p.add_argument(
     "--out",
+    type=out_dir,
     default=None,
     help="directory for the PNG and JSON summary (default examples/figures/, with --quick "
     "examples/figures/quick/ so the committed figures are not overwritten)",

@@ -39,7 +39,7 @@ import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import nonnegative_float, nonnegative_int, positive_int  # noqa: E402
+from _args import nonnegative_float, nonnegative_int, out_dir, positive_int  # noqa: E402
 
 import adahessian_jax  # noqa: E402
 from adahessian_jax import hessian  # noqa: E402
@@ -239,7 +239,13 @@ def main():
     default=2,
     help="Ritz vectors per warm start (track_curvature)",
   )
-  parser.add_argument("--out", default=None)
+  parser.add_argument(
+    "--out",
+    type=out_dir,
+    default=None,
+    help="directory of the figures and JSON (default examples/figures/; --quick: "
+    "examples/figures/quick/)",
+  )
   args = parser.parse_args()
   cfg = dict(steps=300, every=10, width=16, batch=32, probe=256, tol=1e-4, grid_1d=41, grid_2d=21)
   cfg.update(scales=(1, 2))
@@ -249,8 +255,8 @@ def main():
   cfg["seed"], cfg["curvature_floor"] = args.seed, args.curvature_floor
   cfg["block_size"] = args.block_size
   cfg["reference"] = not args.quick  # converged starts to check both against (--compare-cold)
-  out_dir = args.out or os.path.join(HERE, "figures", "quick" if args.quick else "")
-  os.makedirs(out_dir, exist_ok=True)
+  folder = args.out or os.path.join(HERE, "figures", "quick" if args.quick else "")
+  os.makedirs(folder, exist_ok=True)
   start = time.perf_counter()
 
   train, init, loss_fn, probe_batch = problem(args.seed, cfg["width"], cfg["probe"])
@@ -282,13 +288,13 @@ def main():
           )
         )
 
-  plot_tracking(runs, cfg, os.path.join(out_dir, "curvature_tracking.png"))
-  landscapes = os.path.join(out_dir, "curvature_landscapes.png")
+  plot_tracking(runs, cfg, os.path.join(folder, "curvature_tracking.png"))
+  landscapes = os.path.join(folder, "curvature_landscapes.png")
   plot_landscapes(runs, loss_fn, probe_batch, cfg, landscapes)
   summary = [{k: v for k, v in r.items() if k != "final_params"} for r in runs]
-  with open(os.path.join(out_dir, "curvature_tracking.json"), "w") as f:
+  with open(os.path.join(folder, "curvature_tracking.json"), "w") as f:
     json.dump(dict(config=cfg, runs=summary), f, indent=1)
-  print(f"figures and JSON in {out_dir} ({time.perf_counter() - start:.0f} s in all)")
+  print(f"figures and JSON in {folder} ({time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _args import out_dir  # noqa: E402
 
 import adahessian_jax  # noqa: E402
 from adahessian_jax import hessian  # noqa: E402
@@ -103,7 +104,12 @@ def accuracy(model, params, data):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--long", action="store_true", help="train longer, more probes")
-  parser.add_argument("--out", default=os.path.join(HERE, "figures"))
+  parser.add_argument(
+    "--out",
+    type=out_dir,
+    default=os.path.join(HERE, "figures"),
+    help="directory of the figures (default examples/figures/)",
+  )
   args = parser.parse_args()
   cfg = dict(steps=1000, k=5, sketch=20, probes=8, lanczos_steps=50, layer_samples=30, grid=21)
   cfg.update(hessian_examples=512, hessian_batch=256, layer_iter=30, trace_samples=100)

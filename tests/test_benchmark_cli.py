@@ -277,3 +277,48 @@ def test_compile_time_refuses_bad_depths_and_repeats(capsys):
     assert e.value.code == 2 and f"argument {flag}: must be a positive integer" in (
       capsys.readouterr().err
     )
+
+
+def test_an_out_of_the_wrong_kind_is_a_usage_error(
+  examples_path, paper_cli, time_to_accuracy, tmp_path, monkeypatch, capsys
+):
+  # An existing file as --out failed only when the results were written (a FileExistsError or
+  # NotADirectoryError traceback after the training), and a directory as a JSON file's --out
+  # with an IsADirectoryError; tracking_oracle's --out in a new directory with FileNotFoundError.
+  pytest.importorskip("flax")
+  import _args
+  import _common
+  import curvature_tracking
+  import hessian_analysis
+
+  file = tmp_path / "taken"
+  file.write_text("")
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  tracking_oracle = _script(benchmarks, "tracking_oracle")
+  directory_flags = [
+    lambda a: _common.parser("test", 10, 2).parse_args(a),
+    lambda a: paper_cli.parse_args("test", a),
+    time_to_accuracy.parse_args,
+    _script(benchmarks, "memory").parse_args,
+    _script(benchmarks, "step_time").main,
+  ]
+  mains = [curvature_tracking.main, hessian_analysis.main]
+  for parse in directory_flags + mains:
+    monkeypatch.setattr(sys, "argv", ["script", "--out", str(file)])
+    with pytest.raises(SystemExit) as e:
+      parse(["--out", str(file)]) if parse not in mains else parse()
+    assert e.value.code == 2
+    assert f"argument --out: is a file, not a directory: {str(file)!r}" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    paper_cli.parse_args("test", ["--figures", str(file)])
+  assert "argument --figures: is a file" in capsys.readouterr().err
+  monkeypatch.setattr(sys, "argv", ["tracking_oracle.py", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit) as e:
+    tracking_oracle.main()
+  assert e.value.code == 2
+  assert f"argument --out: is a directory, not a file: {str(tmp_path)!r}" in (
+    capsys.readouterr().err
+  )
+  assert _args.out_file(str(tmp_path / "new" / "x.json")) == str(tmp_path / "new" / "x.json")
+  with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
+    _args.out_file(str(file / "x.json"))

@@ -25,7 +25,7 @@ import adahessian_jax
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
 
-from _args import json_object, parse_with_quick, positive_int  # noqa: E402  (examples/_args.py)
+from _args import json_object, out_dir, parse_with_quick, positive_int  # noqa: E402  (examples/_args.py)
 
 #: Where ``--quick`` writes without ``--out``: never over the committed results and figures.
 QUICK_DIR = os.path.join(tempfile.gettempdir(), "adahessian_jax_paper_quick")
@@ -80,11 +80,15 @@ def parse_args(
   p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
   p.add_argument(
     "--out",
+    type=out_dir,
     default=None,
     help=f"results directory (default: results/; --quick: {QUICK_DIR})",
   )
   p.add_argument(
-    "--figures", default=None, help="figures directory (default: figures/, or --out if given)"
+    "--figures",
+    type=out_dir,
+    default=None,
+    help="figures directory (default: figures/, or --out if given)",
   )
   p.add_argument(
     "--seeds",
