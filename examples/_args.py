@@ -103,6 +103,16 @@ def comma_list(
   return parse
 
 
+def no_options(description: str | None, argv: Sequence[str] | None = None) -> None:
+  """The command line of a script without options: ``--help`` prints ``description``, and any
+  argument is a usage error (rather than ignored while the script runs).
+  """
+  p = argparse.ArgumentParser(
+    description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.parse_args(argv)
+
+
 def parse_with_quick(
   p: argparse.ArgumentParser, quick: Mapping[str, Any], argv: Sequence[str] | None = None
 ) -> argparse.Namespace:

@@ -13,11 +13,13 @@ devices); each loads only its own part of the batch
 ``axis_name`` is needed. Every process ends with the same parameters.
 """
 
+import argparse
 import socket
 import subprocess
 import sys
 
 import _devices
+from _args import nonnegative_int
 
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
 
@@ -82,7 +84,9 @@ def launch():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [
-    subprocess.Popen([sys.executable, __file__, str(i), str(port)], start_new_session=True)
+    subprocess.Popen(
+      [sys.executable, __file__, "--worker", str(i), str(port)], start_new_session=True
+    )
     for i in range(NUM_PROCESSES)
   ]
   try:
@@ -95,8 +99,18 @@ def launch():
   sys.exit(max(codes))
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  # How launch() starts each process: its process id and the coordinator's port.
+  p.add_argument("--worker", nargs=2, type=nonnegative_int, default=None, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-  if len(sys.argv) == 3:
-    worker(int(sys.argv[1]), int(sys.argv[2]))
+  args = parse_args()
+  if args.worker is not None:
+    worker(*args.worker)
   else:
     launch()

@@ -11,7 +11,10 @@ Run: ``python examples/distributed_shard_map.py`` (forces 4 CPU devices).
 """
 
 import _devices
+from _args import no_options
 
+if __name__ == "__main__":  # before JAX starts: --help and a bad argument answer at once
+  no_options(__doc__)
 _devices.force_host_devices(4)  # unless XLA_FLAGS sets a device count
 
 import jax  # noqa: E402

@@ -87,3 +87,22 @@ def test_quickstart_loss_falls_from_its_first_printed_value(monkeypatch, capsys)
   printed = capsys.readouterr().out
   losses = [float(line.split()[-1]) for line in printed.splitlines() if " train loss " in line]
   assert len(losses) == 2 and losses[1] < 0.5 * losses[0], printed
+
+
+def test_distributed_examples_take_no_arguments_and_have_help(tmp_path):
+  # They ignored their command line: `--help` ran the whole example (distributed_multihost.py
+  # launched its 2 processes), and a mistyped flag was silently ignored (or, two of them for
+  # distributed_multihost.py, an int() traceback).
+  run = lambda name, *args: subprocess.run(
+    [sys.executable, os.path.join(ROOT, "examples", f"distributed_{name}.py"), *args],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    cwd=tmp_path,
+  )
+  helped = run("multihost", "--help")
+  assert helped.returncode == 0 and "usage: distributed_multihost.py" in helped.stdout
+  assert "process 0" not in helped.stdout + helped.stderr  # nothing launched
+  for name in ("multihost", "pmap", "jit", "shard_map"):
+    refused = run(name, "--steps", "5")
+    assert refused.returncode == 2 and "unrecognized arguments: --steps 5" in refused.stderr
