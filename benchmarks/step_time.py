@@ -531,7 +531,14 @@ def save(args, argv, mode, info, results, units, sweep_units, warmup, t_start):
   return path
 
 
-def main(argv=None) -> int:
+def planned(args: argparse.Namespace, name: str) -> dict[str, list[Config]]:
+  """The groups of optimizers to time on model ``name``: ``--groups``, by default every group
+  (with ``--quick`` the sweeps on the MLP only)."""
+  wanted = args.groups or [g for g in GROUPS if not args.quick or g == "main" or name == "mlp"]
+  return {g: c for g, c in groups(args.quick, args.freqs, args.ns).items() if g in wanted}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="tiny models, few steps (CI smoke)")
   ap.add_argument(
@@ -550,8 +557,9 @@ def main(argv=None) -> int:
   ap.add_argument(
     "--groups",
     type=comma_list(GROUPS),
-    default=list(GROUPS),
-    help=f"comma-separated subset of {','.join(GROUPS)}",
+    default=None,
+    help=f"comma-separated subset of {','.join(GROUPS)} (default: all; with --quick the sweeps "
+    "on the MLP only)",
   )
   ap.add_argument(
     "--units",
@@ -591,6 +599,11 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.report is not None and not args.report.is_file():
     ap.error(f"argument --report: no such file: {str(args.report)!r}")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
   if args.report is not None:
     print(report(json.loads(args.report.read_text())))
     return 0
@@ -611,7 +624,6 @@ def main(argv=None) -> int:
   info["allocator"] = allocator
   log(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, load {info['loadavg_start']}")
   log(f"allocator: {allocator}")
-  wanted_groups = args.groups
   results = {}
   t_start = time.perf_counter()
   for name in args.models:
@@ -620,9 +632,7 @@ def main(argv=None) -> int:
     log(f"\n== {name}: {problem.description}; {n_params:,} parameters")
     model_res = {"description": problem.description, "n_params": int(n_params), "groups": {}}
     cache: dict = {}
-    for gname, configs in groups(args.quick, args.freqs, args.ns).items():
-      if gname not in wanted_groups or (args.quick and gname != "main" and name != "mlp"):
-        continue
+    for gname, configs in planned(args, name).items():
       n_units = units if gname == "main" else sweep_units
       log(f"  group {gname}: {len(configs)} optimizers, {n_units} timed units each")
       rows = run_group(problem, configs, n_units, warmup, cache, log, sweep=gname != "main")

@@ -322,3 +322,16 @@ def test_an_out_of_the_wrong_kind_is_a_usage_error(
   assert _args.out_file(str(tmp_path / "new" / "x.json")) == str(tmp_path / "new" / "x.json")
   with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
     _args.out_file(str(file / "x.json"))
+
+
+def test_step_time_quick_times_the_groups_asked_for_on_every_model():
+  # `--quick --models transformer --groups freq` timed nothing and wrote an empty result: quick
+  # mode dropped every sweep of a model other than the MLP, even the ones named in --groups.
+  pytest.importorskip("flax")
+  step_time = _script(os.path.join(ROOT, "benchmarks"), "step_time")
+  args = step_time.parse_args(["--quick", "--models", "transformer", "--groups", "freq"])
+  assert list(step_time.planned(args, "transformer")) == ["freq"]
+  args = step_time.parse_args(["--quick"])
+  assert list(step_time.planned(args, "transformer")) == ["main"]
+  assert list(step_time.planned(args, "mlp")) == list(step_time.GROUPS)
+  assert list(step_time.planned(step_time.parse_args([]), "cnn")) == list(step_time.GROUPS)
