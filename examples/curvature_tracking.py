@@ -217,15 +217,21 @@ def plot_landscapes(runs, loss_fn, probe_batch, cfg, path):
   plt.close(fig)
 
 
-def main():
+def configure(argv=None) -> tuple[argparse.Namespace, dict]:
+  """The command line's arguments and the run's configuration."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model, few steps: seconds")
   parser.add_argument("--compare-cold", action="store_true", help="also measure from cold starts")
   parser.add_argument("--seed", type=nonnegative_int, default=0)
   parser.add_argument(
-    "--steps", type=positive_int, default=None, help="training steps (default 300)"
+    "--steps", type=positive_int, default=None, help="training steps (default 300; --quick: 8)"
   )
-  parser.add_argument("--every", type=positive_int, default=None, help="steps between measurements")
+  parser.add_argument(
+    "--every",
+    type=positive_int,
+    default=None,
+    help="steps between measurements (default 10; --quick: 4)",
+  )
   parser.add_argument("--only", default=None, choices=list(TUNED), help="one optimizer")
   parser.add_argument(
     "--curvature-floor",
@@ -246,15 +252,25 @@ def main():
     help="directory of the figures and JSON (default examples/figures/; --quick: "
     "examples/figures/quick/)",
   )
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   cfg = dict(steps=300, every=10, width=16, batch=32, probe=256, tol=1e-4, grid_1d=41, grid_2d=21)
   cfg.update(scales=(1, 2))
   if args.quick:  # the 1x runs only, each measured twice
     cfg.update(steps=8, every=4, width=2, probe=32, grid_1d=5, grid_2d=4, scales=(1,))
   cfg.update({k: v for k, v in (("steps", args.steps), ("every", args.every)) if v is not None})
+  if cfg["every"] > cfg["steps"]:  # no measurement to plot: it failed after all the training
+    parser.error(
+      f"argument --every: must be at most the {cfg['steps']} training steps, got {cfg['every']}"
+      + ("" if args.every else " (the default)")
+    )
   cfg["seed"], cfg["curvature_floor"] = args.seed, args.curvature_floor
   cfg["block_size"] = args.block_size
   cfg["reference"] = not args.quick  # converged starts to check both against (--compare-cold)
+  return args, cfg
+
+
+def main():
+  args, cfg = configure()
   folder = args.out or os.path.join(HERE, "figures", "quick" if args.quick else "")
   os.makedirs(folder, exist_ok=True)
   start = time.perf_counter()
