@@ -136,6 +136,8 @@ def parse_with_quick(
     shown = _shown(value)
     if action.help is None:
       action.help = f"default {_shown(action.default)}; --quick: {shown}"
+    elif action.help.endswith(")"):  # "... (default 3)" -> "... (default 3; --quick: 1)"
+      action.help = f"{action.help[:-1]}; --quick: {shown})"
     elif action.help is not argparse.SUPPRESS:
       action.help = f"{action.help} (--quick: {shown})"
   args = p.parse_args(argv)
