@@ -29,9 +29,15 @@ class MLP(nn.Module):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--steps", type=positive_int, default=300)
-  parser.add_argument("--batch-size", type=positive_int, default=128)
-  parser.add_argument("--lr", type=positive_float, default=0.15)
+  parser.add_argument(
+    "--steps", type=positive_int, default=300, help="training steps (default 300)"
+  )
+  parser.add_argument(
+    "--batch-size", type=positive_int, default=128, help="examples per step (default 128)"
+  )
+  parser.add_argument(
+    "--lr", type=positive_float, default=0.15, help="AdaHessian's learning rate (default 0.15)"
+  )
   args = parser.parse_args()
 
   digits = load_digits()
