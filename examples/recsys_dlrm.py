@@ -152,7 +152,19 @@ def parse_args(argv=None):
     "--impressions", type=positive_int, default=1_000_000, help="train + validation size"
   )
   # --quick: fewer impressions (unless --impressions is given) and the cardinalities cut to 500
-  return parse_with_quick(p, {"impressions": 20_000}, argv)
+  args = parse_with_quick(p, {"impressions": 20_000}, argv)
+  n_train = args.impressions - validation_size(args.impressions)
+  if n_train < args.batch_size:
+    p.error(
+      f"argument --impressions: {args.impressions:,} impressions leave {n_train:,} for training, "
+      f"fewer than one batch (--batch-size {args.batch_size})"
+    )
+  return args
+
+
+def validation_size(impressions):
+  """The held-out impressions: a fifth, at most 50,000."""
+  return min(impressions // 5, 50_000)
 
 
 def main():
@@ -164,7 +176,7 @@ def main():
   eval_every = max(steps // (4 if args.quick else 30), 1)
 
   dense, cats, clicks, p_true = generate(args.impressions, seed=args.seed, cardinalities=cards)
-  n_val = min(args.impressions // 5, 50_000)
+  n_val = validation_size(args.impressions)
   tr = dense[n_val:], cats[n_val:], clicks[n_val:]
   va = dense[:n_val], cats[:n_val], clicks[:n_val]
   p_val = np.clip(p_true[:n_val], 1e-7, 1 - 1e-7)

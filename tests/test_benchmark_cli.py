@@ -266,6 +266,18 @@ def test_quick_keeps_the_values_given_explicitly(examples_path, paper_cli, capsy
   assert "--quick: 32" in " ".join(capsys.readouterr().out.split())
 
 
+def test_recsys_refuses_impressions_that_leave_no_training_batch(examples_path, capsys):
+  # --quick --impressions 10 built the data, then raised a ValueError traceback from the batches.
+  pytest.importorskip("flax")
+  import recsys_dlrm
+
+  with pytest.raises(SystemExit) as e:
+    recsys_dlrm.parse_args(["--quick", "--impressions", "10"])
+  assert e.value.code == 2
+  assert "--impressions: 10 impressions leave 8 for training" in capsys.readouterr().err
+  assert recsys_dlrm.parse_args(["--impressions", "640"]).impressions == 640  # 512 train
+
+
 def test_compile_time_refuses_bad_depths_and_repeats(capsys):
   # --repeats 0 failed in statistics.median once the problems were built; --depths 8,x with a
   # ValueError traceback.
