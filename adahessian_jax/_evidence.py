@@ -670,7 +670,9 @@ def _scan_stacks(
     if len(at) == 1:  # not none, nor a scan inside a scan (which axes, unknown)
       scans[module] = module[: at[0]]
   sizes: dict[tuple, int | None] = {}  # scan's module path -> the first size all its leaves share
-  for prefix, under in _shapes_under(set(scans.values()), paths, shapes).items():
+  leaf_modules = [_module_keys(path) for path in paths]
+  for prefix, leaves in _leaves_under(set(scans.values()), leaf_modules).items():
+    under = [shapes[i] for i in leaves]
     firsts = {shape[0] for shape in under if shape}
     sizes[prefix] = firsts.pop() if len(firsts) == 1 and all(under) else None
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
@@ -685,25 +687,23 @@ def _scan_stacks(
   return found
 
 
-def _shapes_under(modules: set[tuple], paths, shapes) -> dict[tuple, list[tuple[int, ...]]]:
-  """The shapes of the leaves under each of ``modules``, found by each leaf's module prefixes
-  (not by trying every module against every leaf: one scan per block would make that the square
-  of the leaves).
+def _leaves_under(modules: set[tuple], leaf_modules: list[tuple]) -> dict[tuple, list[int]]:
+  """The leaves under each of ``modules``, found by looking up each leaf's module prefixes (not
+  by trying every module against every leaf: one module per block of a deep network would make
+  that the square of the leaves).
 
   Args:
     modules: Module paths (tuples of keys, as :func:`_module_keys` gives).
-    paths: The leaves' paths.
-    shapes: The leaves' shapes.
+    leaf_modules: Each leaf's module path.
 
   Returns:
-    ``{module: [the shapes of the leaves under it, in leaf order]}``, for every module.
+    ``{module: [the indices of the leaves under it, in order]}``, for every module.
   """
-  under: dict[tuple, list[tuple[int, ...]]] = {module: [] for module in modules}
-  for path, shape in zip(paths, shapes, strict=True):
-    keys = _module_keys(path)
+  under: dict[tuple, list[int]] = {module: [] for module in modules}
+  for i, keys in enumerate(leaf_modules):
     for depth in range(len(keys) + 1):
       if keys[:depth] in under:
-        under[keys[:depth]].append(shape)
+        under[keys[:depth]].append(i)
   return under
 
 
@@ -907,30 +907,23 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     if axis_role(x, r) == STACKED
   }
   # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
+  leaf_modules = [_module_keys(path) for path in paths]
   stacked_norms: dict[tuple, set[int]] = {}
   for i, path in enumerate(paths):
     if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
-      parent = _module_keys(path)[:-1]
-      stacked_norms.setdefault(parent, set()).add(shapes[i][0])
+      stacked_norms.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][0])
   # The first sizes (past ``lead`` stacked axes) of the leaves under a module, and whether one
   # of them is outside a convolution's module: a stack shows as one size in front of them all.
-  firsts: dict[tuple[tuple, int], set[int | None]] = {}
+  firsts: dict[tuple[tuple, int], set[int | None]] = {
+    (k.module[:-1], k.lead): set() for k in kernels
+  }
   other: set[tuple[tuple, int]] = set()
-  for k in kernels:
-    firsts[(k.module[:-1], k.lead)] = set()
-  # Looked up by each of a leaf's module prefixes, not tried against every kernel's parent: one
-  # parent per block of a deep network would make that the square of the leaves.
-  leads_under: dict[tuple, list[int]] = {}
-  for parent, lead in firsts:
-    leads_under.setdefault(parent, []).append(lead)
-  for i, path in enumerate(paths):
-    module = _module_keys(path)
-    for depth in range(len(module) + 1):
-      for lead in leads_under.get(module[:depth], ()):
-        shape = shapes[i]
-        firsts[(module[:depth], lead)].add(shape[lead] if len(shape) > lead + 1 else None)
-        if not _is_conv_module(module):
-          other.add((module[:depth], lead))
+  under = _leaves_under({parent for parent, _ in firsts}, leaf_modules)
+  for (parent, lead), sizes in firsts.items():
+    for i in under[parent]:
+      sizes.add(shapes[i][lead] if len(shapes[i]) > lead + 1 else None)
+      if not _is_conv_module(leaf_modules[i]):
+        other.add((parent, lead))
   for k in kernels:
     spatial = _role_name(k.roles, SPATIAL)
     shape = shapes[k.index]
