@@ -42,10 +42,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from adahessian_jax import hessian  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from _args import out_file  # noqa: E402  (examples/_args.py)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+from _args import out_file  # noqa: E402  (examples/_args.py)
 
 
 def make_problem(hidden: int, num_examples: int, train_steps: int, seed: int = 0):

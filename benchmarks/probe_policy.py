@@ -43,7 +43,8 @@ from jax.flatten_util import ravel_pytree
 
 import adahessian_jax as ah
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from _args import out_file  # noqa: E402  (examples/_args.py)
 
 jax.config.update("jax_enable_x64", True)
@@ -145,9 +146,6 @@ def train(x, y, n_dev, policy, seed, steps, lr=0.1):
     return params
 
   return float(loss_fn(run(params, state), x, y))
-
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
