@@ -108,14 +108,12 @@ def test_distributed_examples_take_no_arguments_and_have_help(tmp_path):
     assert refused.returncode == 2 and "unrecognized arguments: --steps 5" in refused.stderr
 
 
-def test_curvature_tracking_refuses_fewer_steps_than_between_measurements(capsys):
+def test_curvature_tracking_refuses_fewer_steps_than_between_measurements(monkeypatch, capsys):
   # `--quick --steps 3` (--every 4) trained, then failed in the plot with matplotlib's "Data
   # cannot be log-scaled" ValueError: no step after the first had been measured; nothing written.
-  sys.path.insert(0, os.path.join(ROOT, "examples"))
-  try:
-    import curvature_tracking
-  finally:
-    sys.path.pop(0)
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+  import curvature_tracking
+
   cases = (
     (["--quick", "--steps", "3"], "at most the 3 training steps, got 4 (the default)"),
     (["--every", "301"], "at most the 300 training steps, got 301"),
