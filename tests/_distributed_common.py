@@ -108,6 +108,15 @@ def train_state_step(tx, axis_name, independent=False):
   return step
 
 
+def mapped_step(tx, independent, fused, train_state):
+  """The per-device step of ``pmap`` and ``shard_map`` over ``AXIS``: by ``TrainState.apply_loss``
+  if ``train_state``, else :func:`local_step` (per-device probes with ``independent`` and
+  ``fused``, the optimizer's otherwise)."""
+  if train_state:
+    return train_state_step(tx, AXIS, independent)
+  return local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused)
+
+
 def run_steps(step, params, state, x, y):
   """``STEPS`` training steps, waiting for each before dispatching the next.
 
@@ -155,10 +164,7 @@ def train_pmap(
   )
   # Eager init on one replica, broadcast: cheaper to run than a compiled pmap(tx.init).
   state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), tx.init(first_replica))
-  if train_state:
-    local = train_state_step(tx, AXIS, independent)
-  else:
-    local = local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused)
+  local = mapped_step(tx, independent, fused, train_state)
   return run_steps(jax.pmap(local, axis_name=AXIS), params, state, xs, ys)
 
 
@@ -244,10 +250,7 @@ def train_shard_map(mesh, dtype, update_freq, independent=False, fused=False, tr
   params = jax.tree.map(lambda v: put_global(mesh, v, P()), params)
   tx = make_tx(update_freq, axis_name=AXIS, independent_probes=independent and not fused)
   state = put_tree(tx.init(params_np), NamedSharding(mesh, P()))
-  if train_state:
-    local = train_state_step(tx, AXIS, independent)
-  else:
-    local = local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused)
+  local = mapped_step(tx, independent, fused, train_state)
   step = jax.jit(
     jax.shard_map(
       local,
