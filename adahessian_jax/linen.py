@@ -149,8 +149,12 @@ class TrainState(train_state.TrainState):
       extra["value_fn"] = value_fn
     if hessian_diag is not None:
       extra["hessian_diag"] = hessian_diag
+    return self._step(grads, extra, refresh, **kwargs)
+
+  def _step(self, grads: Any, extra: dict[str, Any], refresh: bool | None, **kwargs: Any) -> Self:
+    """One ``tx.update`` with the extra arguments ``extra`` (and ``refresh``), applied."""
     if refresh is not None:
-      extra["refresh"] = refresh
+      extra = {**extra, "refresh": refresh}
     owg = _has_owg(grads)
     trained, params = (grads["params"], self.params["params"]) if owg else (grads, self.params)
     updates, opt_state = self.tx.update(trained, self.opt_state, params, **extra)
@@ -183,9 +187,10 @@ class TrainState(train_state.TrainState):
     with ``independent_probes``, and ``pmean``-s the gradients and the returned
     loss over ``axis_name``; ``aux`` stays each device's own (``pmean`` the
     ``batch_stats`` in it yourself if the replicas should share them). The
-    estimate is averaged by ``tx`` alone: under ``pmap`` nothing can see a ``tx``
-    built without ``axis_name``, whose replicas then drift apart (``shard_map``
-    refuses the unreplicated result at its ``out_specs``)::
+    estimate is averaged by ``tx`` alone, so ``tx.update`` gets
+    ``expected_axis_name=axis_name`` and raises unless its ``axis_name`` is the
+    same (a ``tx`` that averaged the estimate over another axis, or over none,
+    would let the replicas drift apart)::
 
       tx = adahessian_jax.adahessian(0.1, axis_name="batch")
       state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
@@ -221,8 +226,8 @@ class TrainState(train_state.TrainState):
         (fp8 training), which this route would precondition like the
         parameters (use :meth:`apply_gradients` with ``value_fn``), for a
         ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`),
-        for an ``axis_name`` that no enclosing map binds, or for
-        ``independent_probes`` without ``axis_name``.
+        for an ``axis_name`` that no enclosing map binds or that is not
+        ``tx``'s, or for ``independent_probes`` without ``axis_name``.
     """
     if _has_owg(self.params):
       raise ValueError(
@@ -275,7 +280,11 @@ class TrainState(train_state.TrainState):
         if has_aux
         else jax.lax.pmean(value, axis_name)
       )
-    return self.apply_gradients(grads=grads, hessian_diag=hdiag, refresh=refresh), value
+    # tx raises unless it averages the estimate over the same axis (None too) as the gradients.
+    extra = {"expected_axis_name": axis_name}
+    if hdiag is not None:
+      extra["hessian_diag"] = hdiag
+    return self._step(grads, extra, refresh), value
 
 
 TrainState.replace = _replace  # Flax set its own, unchecked

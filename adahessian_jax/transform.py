@@ -348,6 +348,35 @@ _DROPPED = (
 )
 
 
+_EXPECTED_AXIS = "expected_axis_name"
+
+
+def _axes_of(axis_name: Any) -> tuple[Any, ...]:
+  return () if axis_name is None else check_names(axis_name)
+
+
+def _check_expected_axis(expected: Any, axis_name: Any) -> None:
+  """Raises unless the caller's ``expected_axis_name`` names the axes of ``axis_name``."""
+  if _axes_of(expected) == _axes_of(axis_name):
+    return
+  if expected is None:
+    problem = (
+      f"this scale_by_adahessian averages the estimate over axis_name={axis_name!r}, but its "
+      "caller averaged the gradients over no axis (expected_axis_name=None): each device would "
+      f"step with its own gradient. Pass axis_name={axis_name!r} to the caller too "
+      f"(TrainState.apply_loss(..., axis_name={axis_name!r}))"
+    )
+  else:
+    problem = (
+      f"its caller averaged the gradients over {expected!r} and gave each device's own "
+      f"estimate (expected_axis_name={expected!r}), but this scale_by_adahessian averages the "
+      f"estimate over axis_name={axis_name!r}: the devices' second moments would differ and the "
+      f"replicas drift apart. Build tx with axis_name={expected!r} "
+      f"(adahessian_jax.adahessian(..., axis_name={expected!r}))"
+    )
+  raise ValueError(f"scale_by_adahessian: {problem}.")
+
+
 def _check_call(
   value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool, others: Any = ()
 ) -> None:
@@ -580,7 +609,11 @@ def scale_by_adahessian(
   The returned transform's update is
   ``update(updates, state, params, *, value_fn=None, hessian_diag=None, refresh=None,
   **extra_args)`` (``refresh``: see ``update_freq``). Other extra arguments are ignored, so it
-  composes in :func:`optax.chain`.
+  composes in :func:`optax.chain`, except ``expected_axis_name``: a caller that averaged the
+  gradients over a mapped axis (or over none: ``None``) and passes each device's own
+  ``hessian_diag`` names that axis there, and the update raises unless ``axis_name`` is the
+  same (:meth:`adahessian_jax.linen.TrainState.apply_loss` passes it). A transform that does
+  not average the estimate the gradients were averaged with would let the replicas drift apart.
 
   Args:
     b1: Decay rate of the gradient's moving average, in [0, 1).
@@ -663,7 +696,8 @@ def scale_by_adahessian(
       both ``value_fn`` and ``hessian_diag``, neither on a step that may
       refresh, a ``value_fn`` whose loss does not depend on its argument (a
       closure over other params), an ``axis_name`` that no enclosing map binds, or one that names
-      a mesh axis a parameter is split over (inside ``shard_map``).
+      a mesh axis a parameter is split over (inside ``shard_map``), or an
+      ``expected_axis_name`` other than ``axis_name``.
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), or a
       ``value_fn`` that cannot be called as ``value_fn(params)`` or does not
@@ -733,6 +767,8 @@ def scale_by_adahessian(
   ):
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
+    if _EXPECTED_AXIS in extra_args:
+      _check_expected_axis(extra_args.pop(_EXPECTED_AXIS), axis_name)
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
       check_not_split_over(state.mu, axis_name)
     _check_against_state(updates, params, state.mu)

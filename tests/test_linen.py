@@ -177,6 +177,47 @@ def test_apply_loss_refuses_an_unbound_axis_name_and_independent_probes_without_
     state.apply_loss(loss, axis_name="data")
 
 
+def test_apply_loss_refuses_a_tx_that_averages_the_estimate_over_another_axis():
+  # Under a map (vmap binds axis names like pmap) a tx that does not average the estimate over
+  # the axis apply_loss averaged the gradients over stepped each replica with its own second
+  # moment, silently: the replicas drifted apart.
+  params = {"w": jnp.ones(3)}
+  batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
+  loss = lambda p, b: jnp.sum(b * p["w"] ** 4)
+
+  def run(tx, **kw):
+    state = TrainState.create(apply_fn=None, params=params, tx=tx)
+    step = lambda b: state.apply_loss(loss, b, **kw)[0].params["w"]
+    return jax.vmap(step, axis_name="data")(batches)
+
+  with pytest.raises(
+    ValueError,
+    match=r"averages the estimate over axis_name=None.*"
+    r"axis_name='data'\)\)",
+  ):
+    run(ah.adahessian(0.1), axis_name="data")
+  with pytest.raises(
+    ValueError,
+    match=r"over axis_name='data'.*expected_axis_name=None.*"
+    r"apply_loss\(\.\.\., axis_name='data'\)",
+  ):
+    run(ah.adahessian(0.1, axis_name="data"))
+  with pytest.raises(ValueError, match=r"averages the estimate over axis_name='other'"):
+    jax.vmap(
+      lambda: run(ah.adahessian(0.1, axis_name="other"), axis_name="data"),
+      axis_name="other",
+      axis_size=2,
+    )()
+  # The same axis, spelled as a tuple: the replicas agree, with the estimate of the whole batch.
+  w = run(ah.adahessian(0.1, axis_name=("data",)), axis_name="data")
+  mean = jnp.mean(batches, axis=0)
+  tx = ah.adahessian(0.1)
+  single = TrainState.create(apply_fn=None, params=params, tx=tx)
+  single = single.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0]
+  np.testing.assert_allclose(w[0], w[1], rtol=0, atol=0)
+  np.testing.assert_allclose(w[0], single.params["w"], rtol=1e-6)
+
+
 def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
   state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
   loss = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
