@@ -767,10 +767,10 @@ def scale_by_adahessian(
   ):
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
-    if _EXPECTED_AXIS in extra_args:
-      _check_expected_axis(extra_args.pop(_EXPECTED_AXIS), axis_name)
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
       check_not_split_over(state.mu, axis_name)
+    if _EXPECTED_AXIS in extra_args:
+      _check_expected_axis(extra_args.pop(_EXPECTED_AXIS), axis_name)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
