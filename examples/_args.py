@@ -77,28 +77,87 @@ def out_file(text: str) -> str:
 
 
 def comma_list(
-  item: Callable[[str], Any] | Sequence[str],
+  item: Callable[[str], Any] | Sequence[str], ignore_case: bool = False
 ) -> Callable[[str], list[Any]]:
   """A type for a non-empty comma-separated list.
 
   Args:
     item: The names allowed (a sequence of strings), or the type of each item (e.g.
       :func:`positive_int`).
+    ignore_case: Match names case-insensitively (see :func:`one_of`).
 
   Returns:
     The ``type=`` function: text -> the list of items.
   """
+  names = None if callable(item) else list(item)
+  convert = item if callable(item) else one_of(item, ignore_case)
 
   def parse(text: str) -> list[Any]:
     parts = [t.strip() for t in text.split(",") if t.strip()]
     if not parts:
-      raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    if callable(item):
-      return [item(t) for t in parts]
-    unknown = [t for t in parts if t not in item]
+      of = "" if names is None else f" of {', '.join(names)}"
+      raise argparse.ArgumentTypeError(f"expected a comma-separated list{of}, got {text!r}")
+    if names is None:
+      return [convert(t) for t in parts]
+    found, unknown = [], []
+    for t in parts:
+      try:
+        found.append(convert(t))
+      except argparse.ArgumentTypeError:
+        unknown.append(t)
     if unknown:
-      raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(item)}")
-    return parts
+      raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(names)}")
+    return found
+
+  return parse
+
+
+def one_of(names: Sequence[str], ignore_case: bool = False) -> Callable[[str], str]:
+  """A type for one of ``names`` (an optimizer, a task, a model), checked when parsed.
+
+  Args:
+    names: The names allowed.
+    ignore_case: Match case-insensitively; the name is returned as ``names`` spells it.
+
+  Returns:
+    The ``type=`` function: text -> the name.
+  """
+  spelled = {(n.lower() if ignore_case else n): n for n in names}
+
+  def parse(text: str) -> str:
+    name = spelled.get(text.strip().lower() if ignore_case else text.strip())
+    if name is None:
+      raise argparse.ArgumentTypeError(f"unknown {text!r}; choose from {', '.join(names)}")
+    return name
+
+  return parse
+
+
+def name_value(
+  names: Sequence[str], value: Callable[[str], Any], ignore_case: bool = False
+) -> Callable[[str], tuple[str, Any]]:
+  """A type for ``NAME=VALUE`` (e.g. ``--lr AdaHessian=0.1``), both parts checked when parsed.
+
+  Args:
+    names: The names allowed (see :func:`one_of`).
+    value: The type of the value (e.g. :func:`positive_float`).
+    ignore_case: Match the name case-insensitively.
+
+  Returns:
+    The ``type=`` function: text -> ``(name, value)``.
+  """
+  name_of = one_of(names, ignore_case)
+
+  def parse(text: str) -> tuple[str, Any]:
+    name, equals, rest = text.partition("=")
+    if not equals:
+      raise argparse.ArgumentTypeError(
+        f"expected NAME=VALUE with NAME one of {', '.join(names)}, got {text!r}"
+      )
+    try:
+      return name_of(name), value(rest)
+    except argparse.ArgumentTypeError as e:
+      raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
   return parse
 

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from _args import nonnegative_int, out_dir, positive_float, positive_int
+from _args import comma_list, name_value, nonnegative_int, out_dir, positive_float, positive_int
 
 import adahessian_jax
 
@@ -180,7 +180,15 @@ def set_malloc(args: argparse.Namespace) -> str:
   return "default" if args.default_malloc else keep_freed_memory()
 
 
-def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentParser:
+def parser(
+  description: str, steps: int, quick_steps: int, names: Sequence[str], tune: bool = True
+) -> argparse.ArgumentParser:
+  """The command line of an example that compares the optimizers ``names``.
+
+  ``--lr NAME=LR`` and ``--only NAME[,NAME]`` are checked against ``names`` when parsed
+  (case-insensitively): ``args.lr`` is a list of ``(name, lr)``, ``args.only`` a list of names or
+  ``None`` (all). ``tune=False`` leaves out ``--tune`` (an example that has no grids to sweep).
+  """
   p = argparse.ArgumentParser(
     description=description, formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -205,18 +213,25 @@ def parser(description: str, steps: int, quick_steps: int) -> argparse.ArgumentP
   p.add_argument(
     "--lr",
     action="append",
+    type=name_value(names, positive_float, ignore_case=True),
     default=[],
     metavar="NAME=LR",
-    help="override an optimizer's learning rate, e.g. --lr AdaHessian=0.1 (repeatable)",
+    help=f"override an optimizer's learning rate, e.g. --lr {names[0]}=0.1 (repeatable; NAME "
+    f"one of {', '.join(names)})",
   )
+  if tune:
+    p.add_argument(
+      "--tune",
+      action="store_true",
+      help="first sweep every optimizer's learning-rate grid (same budget each) and use the "
+      "learning rate with the lowest final validation loss",
+    )
   p.add_argument(
-    "--tune",
-    action="store_true",
-    help="first sweep every optimizer's learning-rate grid (same budget each) and use the "
-    "learning rate with the lowest final validation loss",
-  )
-  p.add_argument(
-    "--only", default=None, metavar="NAME[,NAME]", help="run only these optimizers (by name)"
+    "--only",
+    type=comma_list(names, ignore_case=True),
+    default=None,
+    metavar="NAME[,NAME]",
+    help=f"run only these optimizers (of {', '.join(names)})",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(default_steps=steps, quick_steps=quick_steps)
@@ -230,46 +245,6 @@ def resolve_steps(args) -> int:
   if args.steps is not None:
     return args.steps
   return args.quick_steps if args.quick else args.default_steps
-
-
-def lr_overrides(names: Sequence[str], overrides: Sequence[str]) -> dict[str, float]:
-  """The learning rates of ``--lr NAME=LR`` (names matched case-insensitively) by name.
-
-  Raises:
-    SystemExit: On an unknown name or a learning rate that is not a positive number.
-  """
-  by_name = {n.lower(): n for n in names}
-  rates = {}
-  for item in overrides:
-    name, _, value = item.partition("=")
-    if name.lower() not in by_name or not value:
-      raise SystemExit(f"--lr expects NAME=LR with NAME in {list(names)}, got {item!r}")
-    try:
-      rates[by_name[name.lower()]] = positive_float(value)
-    except argparse.ArgumentTypeError as e:
-      raise SystemExit(f"--lr {item}: the learning rate {e}") from None
-  return rates
-
-
-def only(names: Sequence[str], text: str | None) -> list[str]:
-  """The names that ``--only NAME[,NAME]`` keeps (all for ``None``), case-insensitively.
-
-  Raises:
-    SystemExit: When a name matches no optimizer.
-  """
-  if text is None:
-    return list(names)
-  keep = {n.strip().lower() for n in text.split(",")}
-  unknown = keep - {n.lower() for n in names}
-  if unknown or not keep:
-    raise SystemExit(f"--only {text!r}: choose from {list(names)}")
-  return [n for n in names if n.lower() in keep]
-
-
-def apply_lr_overrides(optimizers: list[Optimizer], overrides: Sequence[str]) -> None:
-  by_name = {o.name: o for o in optimizers}
-  for name, lr in lr_overrides(list(by_name), overrides).items():
-    by_name[name].lr = lr
 
 
 class _Bar:
@@ -600,9 +575,10 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args):
   """Optionally tunes, then trains every optimizer; returns (runs, tuning table or None)."""
-  apply_lr_overrides(optimizers, args.lr)
-  keep = only([o.name for o in optimizers], args.only)
-  optimizers = [o for o in optimizers if o.name in keep]
+  by_name = {o.name: o for o in optimizers}
+  for name, lr in args.lr:  # checked against the names when parsed
+    by_name[name].lr = lr
+  optimizers = [o for o in optimizers if args.only is None or o.name in args.only]
   tuning = None
   progress = not args.no_progress
   if args.tune:

@@ -50,10 +50,15 @@ def optimizers():
   ]
 
 
-def main():
-  p = _common.parser(__doc__, steps=1000, quick_steps=60)
+def parse_args(argv=None):
+  names = [o.name for o in optimizers()]
+  p = _common.parser(__doc__, steps=1000, quick_steps=60, names=names)
   p.add_argument("--batch-size", type=positive_int, default=64)
-  args = p.parse_args()
+  return p.parse_args(argv)
+
+
+def main():
+  args = parse_args()
   steps = _common.resolve_steps(args)
   eval_every = max(steps // (6 if args.quick else 40), 1)
 

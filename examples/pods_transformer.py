@@ -305,6 +305,10 @@ def make_adamw(lr: float, steps: int, block: int) -> optax.GradientTransformatio
   return optax.adamw(schedule(lr, steps), **ADAMW_CONFIG)
 
 
+#: The optimizers compared: name -> (constructor, default learning rate).
+OPTIMIZERS = {"AdaHessian": (make_adahessian, 0.15), "AdamW": (make_adamw, 3e-3)}
+
+
 def cross_entropy(model, params, windows):
   logits = model.apply({"params": params}, windows[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
@@ -557,7 +561,7 @@ QUICK = dict(context=32, width=32, layers=2, heads=2, block_size=8, batch_size=1
 
 def parse_args(argv=None):
   """The command line's arguments; a size the device mesh cannot split is a usage error."""
-  p = _common.parser(__doc__, steps=200, quick_steps=30)
+  p = _common.parser(__doc__, steps=200, quick_steps=30, names=list(OPTIMIZERS))
   p.add_argument(
     "--batch-size", type=positive_int, default=32, help="a multiple of the device count"
   )
@@ -636,11 +640,9 @@ def main():
     f"{devices[0].platform.upper()} devices; {steps} steps of {args.batch_size} windows"
   )
 
-  optimizers = {"AdaHessian": (make_adahessian, 0.15), "AdamW": (make_adamw, 3e-3)}
-  lrs = {k: lr for k, (_, lr) in optimizers.items()}
-  lrs.update(_common.lr_overrides(list(lrs), args.lr))
-  keep = _common.only(list(optimizers), args.only)
-  optimizers = {k: v for k, v in optimizers.items() if k in keep}
+  lrs = {k: lr for k, (_, lr) in OPTIMIZERS.items()}
+  lrs.update(args.lr)  # checked against the names when parsed
+  optimizers = {k: v for k, v in OPTIMIZERS.items() if args.only is None or k in args.only}
 
   check = None
   if args.check_steps and "AdaHessian" in optimizers:

@@ -83,19 +83,77 @@ def test_good_values_parse(examples_path):
       _args.comma_list(("a", "b"))(text)
 
 
-def test_lr_overrides_and_only(examples_path):
-  import _common
+def test_names_are_checked_when_parsed(examples_path):
+  import _args
 
-  names = ["AdaHessian", "AdamW"]
-  assert _common.lr_overrides(names, ["adahessian=0.3"]) == {"AdaHessian": 0.3}
-  for bad in ("AdaHessian=-0.1", "AdaHessian=x", "Adam=0.1", "AdaHessian"):
-    with pytest.raises(SystemExit, match="--lr"):
-      _common.lr_overrides(names, [bad])
-  assert _common.only(names, None) == names
-  assert _common.only(names, "adamw") == ["AdamW"]
-  for bad in ("Adam", "AdamW,Adam", ""):
-    with pytest.raises(SystemExit, match="--only"):
-      _common.only(names, bad)
+  names = ("AdaHessian", "AdamW")
+  assert _args.one_of(names, ignore_case=True)("adamw") == "AdamW"
+  assert _args.name_value(names, _args.positive_float, True)("adahessian=0.3") == (
+    "AdaHessian",
+    0.3,
+  )
+  assert _args.comma_list(names, ignore_case=True)("adamw, ADAHESSIAN") == ["AdamW", "AdaHessian"]
+  for parse, bad, message in [
+    (_args.one_of(names), "adamw", "unknown 'adamw'; choose from AdaHessian, AdamW"),
+    (
+      _args.comma_list(names),
+      "AdamW,Adam,x",
+      "unknown ['Adam', 'x']; choose from AdaHessian, AdamW",
+    ),
+    (_args.comma_list(names), ",", "expected a comma-separated list of AdaHessian, AdamW, got ','"),
+    (
+      _args.name_value(names, _args.positive_float),
+      "AdaHessian",
+      "expected NAME=VALUE with NAME one of AdaHessian, AdamW, got 'AdaHessian'",
+    ),
+    (
+      _args.name_value(names, _args.positive_float),
+      "Adam=0.1",
+      "'Adam=0.1': unknown 'Adam'; choose from AdaHessian, AdamW",
+    ),
+    (
+      _args.name_value(names, _args.positive_float),
+      "AdamW=-0.1",
+      "'AdamW=-0.1': must be a positive number, got '-0.1'",
+    ),
+  ]:
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+      parse(bad)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+  "script, names",
+  [
+    ("cv_digits", "AdaHessian, Adam, SGD+momentum"),
+    ("nlp_charlm", "AdaHessian, AdamW"),
+    ("recsys_dlrm", "AdaHessian, Adagrad"),
+    ("pods_transformer", "AdaHessian, AdamW"),
+  ],
+)
+def test_examples_check_lr_and_only_when_parsed(examples_path, capsys, script, names):
+  # A wrong name or rate (`--only adahesian`, `--lr foo=0.1`, `--lr adam=x`) exited 1 without a
+  # usage line, and only once the data was loaded and the model built.
+  pytest.importorskip("flax")
+  pytest.importorskip("sklearn")
+  parse = importlib.import_module(script).parse_args
+  args = parse(["--lr", "ADAHESSIAN=0.3", "--only", "adahessian"])
+  assert (args.lr, args.only) == ([("AdaHessian", 0.3)], ["AdaHessian"])
+  assert (parse([]).lr, parse([]).only) == ([], None)
+  for argv, message in [
+    (["--only", "adahesian"], f"--only: unknown ['adahesian']; choose from {names}"),
+    (["--only", ","], f"--only: expected a comma-separated list of {names}, got ','"),
+    (["--lr", "foo=0.1"], f"--lr: 'foo=0.1': unknown 'foo'; choose from {names}"),
+    (["--lr", "adahessian=x"], "--lr: 'adahessian=x': must be a positive number, got 'x'"),
+    (
+      ["--lr", "adahessian"],
+      f"--lr: expected NAME=VALUE with NAME one of {names}, got 'adahessian'",
+    ),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: ") and f"argument {message}" in err
 
 
 def test_a_batch_larger_than_the_data_is_an_error_not_a_hang(examples_path):
@@ -308,7 +366,7 @@ def test_an_out_of_the_wrong_kind_is_a_usage_error(
   benchmarks = os.path.join(ROOT, "benchmarks")
   tracking_oracle = _script(benchmarks, "tracking_oracle")
   directory_flags = [
-    lambda a: _common.parser("test", 10, 2).parse_args(a),
+    lambda a: _common.parser("test", 10, 2, ["AdaHessian"]).parse_args(a),
     lambda a: paper_cli.parse_args("test", a),
     time_to_accuracy.parse_args,
     _script(benchmarks, "memory").parse_args,
