@@ -561,7 +561,7 @@ QUICK = dict(context=32, width=32, layers=2, heads=2, block_size=8, batch_size=1
 
 def parse_args(argv=None):
   """The command line's arguments; a size the device mesh cannot split is a usage error."""
-  p = _common.parser(__doc__, steps=200, quick_steps=30, names=list(OPTIMIZERS))
+  p = _common.parser(__doc__, steps=200, quick_steps=30, names=list(OPTIMIZERS), tune=False)
   p.add_argument(
     "--batch-size", type=positive_int, default=32, help="a multiple of the device count"
   )

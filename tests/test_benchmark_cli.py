@@ -156,6 +156,17 @@ def test_examples_check_lr_and_only_when_parsed(examples_path, capsys, script, n
     assert e.value.code == 2 and err.startswith("usage: ") and f"argument {message}" in err
 
 
+def test_pods_has_no_tune_flag(examples_path, capsys):
+  # `pods_transformer.py --tune` was accepted and ignored: it has no learning-rate grids to sweep.
+  pytest.importorskip("flax")
+  import pods_transformer
+
+  with pytest.raises(SystemExit) as e:
+    pods_transformer.parse_args(["--tune"])
+  assert e.value.code == 2 and "unrecognized arguments: --tune" in capsys.readouterr().err
+  assert not hasattr(pods_transformer.parse_args([]), "tune")
+
+
 def test_a_batch_larger_than_the_data_is_an_error_not_a_hang(examples_path):
   import _common
 
