@@ -71,7 +71,7 @@ PAPER = os.path.join(HERE, "paper")
 sys.path[:0] = [PAPER, os.path.join(HERE, "..", "examples")]
 
 import cli  # noqa: E402
-from _args import json_object, out_dir, positive_float, positive_int  # noqa: E402  (examples/_args.py)
+from _args import comma_list, json_object, out_dir, positive_float, positive_int  # noqa: E402  (examples/_args.py)
 from _common import RECOMMENDED_STABILIZERS, add_malloc_flag, command_line, set_malloc  # noqa: E402  (examples/_common.py)
 from tasks import Task, get_task  # noqa: E402
 from training import make_optimizer, make_step, reseed_probes  # noqa: E402
@@ -494,7 +494,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--quick", action="store_true", help="tiny tasks, 24 steps, 1 seed (seconds)")
   p.add_argument(
-    "--tasks", default=",".join(TASK_NAMES), help=f"comma-separated subset of {TASK_NAMES}"
+    "--tasks",
+    type=comma_list(TASK_NAMES),
+    default=list(TASK_NAMES),
+    help=f"comma-separated subset of {','.join(TASK_NAMES)}",
   )
   p.add_argument("--seeds", type=positive_int, default=None, help=f"seeds 0..N-1 (default {SEEDS})")
   p.add_argument(
@@ -528,10 +531,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     f"{json.dumps(RECOMMENDED_STABILIZERS)}; '{{}}' for the paper's exact rule)",
   )
   args = p.parse_args(argv)
-  args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-  unknown = sorted(set(args.tasks) - set(TASK_NAMES))
-  if unknown or not args.tasks:
-    p.error(f"--tasks: unknown {unknown}; choose from {TASK_NAMES}")
   cli.check_adahessian_config(p, args.adahessian_config)
   chunks = {t: (QUICK_SETUP if args.quick else SETUP)[t]["chunk"] for t in args.tasks}
   if args.steps is not None and any(args.steps % c for c in chunks.values()):

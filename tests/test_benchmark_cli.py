@@ -239,6 +239,17 @@ def test_adahessian_config_is_checked_before_anything_trains(paper_cli, time_to_
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_time_to_accuracy_tasks_are_checked_like_every_other_name_list(time_to_accuracy, capsys):
+  # Its own check said `--tasks: unknown ['cnnn']; choose from ('cnn', 'lm', 'dlrm')`, not in the
+  # `argument --tasks:` form of argparse's other errors.
+  assert time_to_accuracy.parse_args(["--tasks", "lm, cnn"]).tasks == ["lm", "cnn"]
+  assert time_to_accuracy.parse_args([]).tasks == ["cnn", "lm", "dlrm"]
+  with pytest.raises(SystemExit) as e:
+    time_to_accuracy.parse_args(["--tasks", "cnnn,lm"])
+  assert e.value.code == 2
+  assert "argument --tasks: unknown ['cnnn']; choose from cnn, lm, dlrm" in capsys.readouterr().err
+
+
 def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_accuracy, capsys):
   # --tasks cnn,dlrm --steps 36 trained the CNN (chunk 12), then failed on the DLRM (chunk 60)
   # with a traceback, and the CNN's results were not written.
