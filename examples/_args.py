@@ -162,14 +162,29 @@ def name_value(
   return parse
 
 
-def no_options(description: str | None, argv: Sequence[str] | None = None) -> None:
+def no_options(
+  description: str | None,
+  argv: Sequence[str] | None = None,
+  hidden: Callable[[argparse.ArgumentParser], Any] | None = None,
+) -> argparse.Namespace:
   """The command line of a script without options: ``--help`` prints ``description``, and any
   argument is a usage error (rather than ignored while the script runs).
+
+  Args:
+    description: The help text.
+    argv: The arguments (default ``sys.argv[1:]``).
+    hidden: Adds the script's internal arguments (``help=argparse.SUPPRESS``), e.g. the one
+      with which it starts copies of itself.
+
+  Returns:
+    The parsed arguments (only the hidden ones).
   """
   p = argparse.ArgumentParser(
     description=description, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.parse_args(argv)
+  if hidden is not None:
+    hidden(p)
+  return p.parse_args(argv)
 
 
 def parse_with_quick(

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import _devices
-from _args import nonnegative_int
+from _args import no_options, nonnegative_int
 
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
 
@@ -100,12 +100,15 @@ def launch():
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  # No options but the hidden one with which launch() starts each process: its process id and
+  # the coordinator's port.
+  return no_options(
+    __doc__,
+    argv,
+    lambda p: p.add_argument(
+      "--worker", nargs=2, type=nonnegative_int, default=None, help=argparse.SUPPRESS
+    ),
   )
-  # How launch() starts each process: its process id and the coordinator's port.
-  p.add_argument("--worker", nargs=2, type=nonnegative_int, default=None, help=argparse.SUPPRESS)
-  return p.parse_args(argv)
 
 
 if __name__ == "__main__":
