@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import out_dir, parse_with_quick, positive_int  # noqa: E402
+from _args import check_heads, out_dir, parse_with_quick, positive_int  # noqa: E402
 from pods_transformer import CharLM, adahessian_config, cross_entropy  # noqa: E402
 
 import adahessian_jax  # noqa: E402
@@ -180,7 +180,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--layers", type=positive_int, default=14)
   p.add_argument("--width", type=positive_int, default=768)
-  p.add_argument("--heads", type=positive_int, default=12)
+  p.add_argument("--heads", type=positive_int, default=12, help="a divisor of --width")
   p.add_argument("--context", type=positive_int, default=512)
   p.add_argument("--batch-size", type=positive_int, default=8)
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
@@ -191,7 +191,9 @@ def parse_args(argv=None):
     default=None,
     help="directory of memory.json (default benchmarks/results; --quick: none, nothing written)",
   )
-  return parse_with_quick(p, QUICK, argv)
+  args = parse_with_quick(p, QUICK, argv)
+  check_heads(p, args)
+  return args
 
 
 def main():

@@ -187,6 +187,16 @@ def no_options(
   return p.parse_args(argv)
 
 
+def check_heads(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Refuses, as a usage error, ``--heads`` that does not divide ``--width`` (each attention head
+  gets ``width / heads`` features), before the model is built."""
+  if args.width % args.heads:
+    p.error(
+      f"argument --heads: must divide --width {args.width}, got {args.heads} (width / heads "
+      "features per head)"
+    )
+
+
 def parse_with_quick(
   p: argparse.ArgumentParser, quick: Mapping[str, Any], argv: Sequence[str] | None = None
 ) -> argparse.Namespace:

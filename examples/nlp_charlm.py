@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _args import parse_with_quick, positive_int
+from _args import check_heads, parse_with_quick, positive_int
 
 import adahessian_jax
 
@@ -103,10 +103,12 @@ def parse_args(argv=None):
   p.add_argument("--context", type=positive_int, default=64)
   p.add_argument("--width", type=positive_int, default=64)
   p.add_argument("--layers", type=positive_int, default=2)
-  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--heads", type=positive_int, default=4, help="a divisor of --width")
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
   p.add_argument("--eval-windows", type=positive_int, default=256)
-  return parse_with_quick(p, QUICK, argv)
+  args = parse_with_quick(p, QUICK, argv)
+  check_heads(p, args)
+  return args
 
 
 def main():

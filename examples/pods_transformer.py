@@ -68,7 +68,7 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import nonnegative_int, parse_with_quick, positive_int  # noqa: E402
+from _args import check_heads, nonnegative_int, parse_with_quick, positive_int  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -568,7 +568,7 @@ def parse_args(argv=None):
   p.add_argument("--context", type=positive_int, default=64)
   p.add_argument("--width", type=positive_int, default=128, help="a multiple of the device count")
   p.add_argument("--layers", type=positive_int, default=4)
-  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--heads", type=positive_int, default=4, help="a divisor of --width")
   p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
   p.add_argument(
     "--eval-windows", type=positive_int, default=256, help="a multiple of the device count"
@@ -589,6 +589,7 @@ def parse_args(argv=None):
   )
   p.add_argument("--no-remat", action="store_true", help="do not rematerialise the blocks")
   args = parse_with_quick(p, QUICK, argv)
+  check_heads(p, args)
   check_device_multiples(p, args, len(jax.devices()))
   return args
 

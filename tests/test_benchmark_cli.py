@@ -156,6 +156,32 @@ def test_examples_check_lr_and_only_when_parsed(examples_path, capsys, script, n
     assert e.value.code == 2 and err.startswith("usage: ") and f"argument {message}" in err
 
 
+def test_heads_that_do_not_divide_the_width_are_usage_errors(examples_path, capsys):
+  # nlp_charlm.py --heads 5 failed with flax's ValueError traceback once the text was loaded and
+  # the model initialised; pods_transformer.py and benchmarks/memory.py built attention with
+  # width // heads features per head: fewer than the width in all, none for more heads than the
+  # width (the attention then added only its output bias).
+  pytest.importorskip("flax")
+  import nlp_charlm
+  import pods_transformer
+
+  memory = _script(os.path.join(ROOT, "benchmarks"), "memory")
+  for parse, argv, width in [
+    (nlp_charlm.parse_args, ["--heads", "5"], 64),
+    (nlp_charlm.parse_args, ["--quick", "--heads", "3"], 32),
+    (pods_transformer.parse_args, ["--heads", "256"], 128),
+    (memory.parse_args, ["--quick", "--heads", "5"], 128),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      parse(argv)
+    assert e.value.code == 2
+    heads = argv[-1]
+    assert f"argument --heads: must divide --width {width}, got {heads}" in capsys.readouterr().err
+  assert nlp_charlm.parse_args(["--heads", "8"]).heads == 8
+  assert pods_transformer.parse_args(["--heads", "128"]).heads == 128
+  assert memory.parse_args(["--heads", "6"]).heads == 6
+
+
 def test_pods_has_no_tune_flag(examples_path, capsys):
   # `pods_transformer.py --tune` was accepted and ignored: it has no learning-rate grids to sweep.
   pytest.importorskip("flax")
