@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import models  # noqa: E402
-from _args import comma_list, parse_with_quick, positive_int  # noqa: E402
+from _args import comma_list, out_dir, out_file, parse_with_quick, positive_int  # noqa: E402
 from _common import command_line, make_step  # noqa: E402
 from step_time import machine  # noqa: E402
 
@@ -169,7 +169,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--repeats", type=positive_int, default=1, help="compiles per step (median)")
   p.add_argument("--quick", action="store_true", help="small problems")
-  p.add_argument("--out", type=Path, default=None, help="result file or directory")
+  p.add_argument(
+    "--out",
+    type=lambda text: Path(out_file(text) if text.endswith(".json") else out_dir(text)),
+    default=None,
+    help="result file (*.json) or directory",
+  )
   return parse_with_quick(p, QUICK, argv)
 
 

@@ -442,6 +442,22 @@ def test_an_out_of_the_wrong_kind_is_a_usage_error(
     _args.out_file(str(file / "x.json"))
 
 
+def test_compile_time_out_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys):
+  # An existing file as its directory failed with FileExistsError, and a directory named *.json
+  # with IsADirectoryError, when the result was written, after every problem had compiled.
+  pytest.importorskip("flax")
+  compile_time = _script(os.path.join(ROOT, "benchmarks"), "compile_time")
+  file, directory = tmp_path / "taken", tmp_path / "taken.json"
+  file.write_text("")
+  directory.mkdir()
+  for value, message in ((file, "is a file, not a directory"), (directory, "is a directory")):
+    with pytest.raises(SystemExit) as e:
+      compile_time.parse_args(["--out", str(value)])
+    assert e.value.code == 2
+    assert f"argument --out: {message}" in capsys.readouterr().err
+  assert compile_time.parse_args(["--out", str(tmp_path / "new.json")]).out == tmp_path / "new.json"
+
+
 def test_step_time_quick_times_the_groups_asked_for_on_every_model():
   # `--quick --models transformer --groups freq` timed nothing and wrote an empty result: quick
   # mode dropped every sweep of a model other than the MLP, even the ones named in --groups.
