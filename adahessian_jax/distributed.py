@@ -48,7 +48,12 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adahessian_jax import _keys, masking
 from adahessian_jax._axes import device_varying, fold_in_axis_index
-from adahessian_jax.state import adahessian_states, map_adahessian_state, untyped_state_hint
+from adahessian_jax.state import (
+  adahessian_states,
+  check_key_data,
+  map_adahessian_state,
+  untyped_state_hint,
+)
 
 __all__ = [
   "device_varying",
@@ -91,8 +96,9 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
     replaced by its per-device fold.
 
   Raises:
-    ValueError: if ``axis_name`` is not bound by an enclosing map, or ``opt_state``
-      holds no AdaHessian state.
+    ValueError: if ``axis_name`` is not bound by an enclosing map, ``opt_state``
+      holds no AdaHessian state, or one whose key is not raw key data of JAX's default PRNG
+      implementation (e.g. a checkpoint made under another ``jax_default_prng_impl``).
   """
   if not adahessian_states(opt_state):
     raise ValueError(
@@ -100,9 +106,12 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
       f"a {type(opt_state).__name__}: pass the state of an optimizer built with "
       "adahessian_jax.adahessian or scale_by_adahessian." + untyped_state_hint(opt_state)
     )
-  return map_adahessian_state(
-    lambda s: s._replace(key=fold_in_axis_index(s.key, axis_name)), opt_state
-  )
+
+  def fold(s):
+    check_key_data(s.key)  # e.g. made under another PRNG implementation
+    return s._replace(key=fold_in_axis_index(s.key, axis_name))
+
+  return map_adahessian_state(fold, opt_state)
 
 
 def _sharding_of(path: Any, x: Any) -> Sharding:

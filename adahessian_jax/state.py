@@ -146,16 +146,43 @@ def _check_is_state(state: Any, call: str) -> None:
     )
 
 
+_NEW_KEYS = (
+  "adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
+  "jax.random.split(jax.random.key(seed), n_samples))), opt_state)"
+)
+
+
+def default_key_size() -> int:
+  """The number of ``uint32`` words of a key of JAX's default PRNG implementation."""
+  return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
+
+
 def check_key_data(key: Any) -> None:
   """Raises ``ValueError`` unless the state's ``key`` field is raw key data, one row per probe.
 
   ``map_adahessian_state(lambda s: s._replace(key=...), opt_state)`` lets a user put in a typed
   key (``jax.random.key``), a single key or one without the probe axis: they failed deep inside
-  JAX, or a single raw key of shape ``(2,)`` read as two probes' keys.
+  JAX, or a single raw key of shape ``(2,)`` read as two probes' keys. Raw data of another
+  size per key than the default PRNG implementation's (a state made under another
+  ``jax_default_prng_impl``) failed in JAX's ``wrap_key_data`` without naming the state.
   """
   typed = _keys.is_typed(jnp.result_type(key))
   if not typed and jnp.ndim(key) == 2 and jnp.result_type(key) == jnp.uint32:
-    return
+    size = default_key_size()
+    if jnp.shape(key)[1] == size:
+      return
+    # A checkpoint resumed under another jax_default_prng_impl: JAX's wrap_key_data failed with
+    # "invalid PRNG key data" and no word of the state or of the fix.
+    raise ValueError(
+      f"the AdaHessian state's key holds key data of {jnp.shape(key)[1]} words per probe (shape "
+      f"{jnp.shape(key)}), but keys of JAX's default PRNG implementation "
+      f"(jax_default_prng_impl={str(jax.random.key_impl(jax.random.key(0)))!r}) have {size}: the "
+      "state was "
+      "made under another implementation (threefry2x32 keys have 2 words, rbg and unsafe_rbg "
+      "keys 4), e.g. a checkpoint resumed with another JAX_DEFAULT_PRNG_IMPL. Resume under the "
+      "implementation it was made with (jax.config.update('jax_default_prng_impl', ...)), or "
+      f"give the state new probe keys: {_NEW_KEYS}."
+    )
   what = "typed PRNG keys" if typed else f"an array of dtype {jnp.result_type(key)}"
   stacked = not typed and jnp.ndim(key) > 2 and jnp.result_type(key) == jnp.uint32
   fix = (
@@ -186,7 +213,8 @@ def probe_keys(state: ScaleByAdaHessianState, axis_name: Any = None) -> tuple[ja
 
   Raises:
     TypeError: for a ``state`` that is not a :class:`ScaleByAdaHessianState`.
-    ValueError: for a ``key`` field that is not raw key data of shape ``(n_samples, key size)``.
+    ValueError: for a ``key`` field that is not raw key data of shape ``(n_samples, key size)``,
+      the key size of JAX's default PRNG implementation.
   """
   _check_is_state(state, "probe_keys")
   check_key_data(state.key)

@@ -202,3 +202,47 @@ def test_nnx_model_and_optimizer_state_round_trips_and_resumes_identically(tmp_p
     step(model, optimizer)
     step(*fresh)
   assert _leaves_equal(nnx.state(fresh), nnx.state((model, optimizer)))
+
+
+@pytest.mark.parametrize(
+  "made_under,resumed_under", [("rbg", "threefry2x32"), ("threefry2x32", "rbg")]
+)
+def test_state_made_under_another_prng_impl_is_refused_with_the_fix(made_under, resumed_under):
+  # The state's key is raw key data, whose size per key is the PRNG implementation's (2 words for
+  # threefry2x32, 4 for rbg); resumed under another jax_default_prng_impl, every route failed in
+  # JAX's wrap_key_data ("invalid PRNG key data"), naming neither the state nor the fix.
+  import jax
+  import jax.numpy as jnp
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  params = {"w": jnp.arange(6.0).reshape(2, 3) / 6}
+  loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2)
+  tx = ah.adahessian(0.1, update_freq=2, n_samples=2)
+  with jax.default_prng_impl(made_under):
+    saved = jax.device_get(tx.init(params))  # as pickled, or restored with its own target
+    straight = tx.update(jax.grad(loss)(params), saved, params, value_fn=loss)
+  size = {"threefry2x32": 2, "rbg": 4}
+  match = (
+    rf"key holds key data of {size[made_under]} words per probe .*"
+    rf"jax_default_prng_impl='{resumed_under}'\) have {size[resumed_under]}: the state was made "
+    r"under another implementation.*jax.config.update\('jax_default_prng_impl'"
+  )
+  with jax.default_prng_impl(resumed_under):
+    step = lambda s: tx.update(jax.grad(loss)(params), s, params, value_fn=loss)
+    with pytest.raises(ValueError, match=match):
+      step(saved)
+    with pytest.raises(ValueError, match=match):
+      jax.jit(step)(saved)
+    with pytest.raises(ValueError, match=match):
+      jax.jit(ah.value_grad_and_hessian_diag(loss))(params, saved)
+    fold = lambda s: distributed.per_device_probe_state(s, "i")
+    with pytest.raises(ValueError, match=match):
+      jax.vmap(fold, axis_name="i")(jax.tree.map(lambda x: x[None], saved))
+  # The fix the message gives first: back under the implementation it was made with.
+  with jax.default_prng_impl(made_under):
+    resumed = jax.jit(step)(saved)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert float(jnp.abs(resumed[0]["w"]).max()) > 1e-3
