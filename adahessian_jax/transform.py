@@ -141,6 +141,29 @@ def _check_state(
     )
 
 
+def _check_state_dtypes(state: ScaleByAdaHessianState, mu_dtype: Any, nu_dtype: Any) -> None:
+  """Raises if the transform has a ``mu_dtype`` or ``nu_dtype`` other than the dtypes of the
+  state's moments (a state made with other ones, e.g. a resumed checkpoint): the update keeps the
+  state's dtypes, so the transform's were ignored for good."""
+  fields = (("mu", state.mu, mu_dtype), ("nu", state.nu, nu_dtype))
+  fields += (("hessian", state.hessian, nu_dtype),) if state.hessian is not None else ()
+  for field, tree, dtype in fields:
+    if dtype is None:
+      continue
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      if jnp.result_type(x) != dtype:
+        arg = "mu_dtype" if field == "mu" else "nu_dtype"
+        raise ValueError(
+          f"the AdaHessian state's {field} at {_validation.path_str(path)} has dtype "
+          f"{jnp.result_type(x)} but the transform has {arg}={jnp.dtype(dtype).name}, which the "
+          "update would ignore (it keeps the state's dtypes). Build the transform with the "
+          "arguments the state was made with, or cast the state's moments: "
+          "adahessian_jax.map_adahessian_state(lambda s: s._replace(mu=optax.tree.cast(s.mu, "
+          "mu_dtype), nu=optax.tree.cast(s.nu, nu_dtype), hessian=optax.tree.cast(s.hessian, "
+          "nu_dtype)), opt_state)."
+        )
+
+
 _STATE_PARAMS = "the state's parameters"
 
 
@@ -689,7 +712,8 @@ def scale_by_adahessian(
     ValueError: at construction, for a hyperparameter out of range, naming it, or an
       integer ``axis_name`` (JAX reads it as an array axis);
       at ``update`` for a state made with another ``update_freq``,
-      ``n_samples`` or ``lazy_moment`` (or whose ``key`` is not raw key data, one row
+      ``n_samples`` or ``lazy_moment``, moments of other dtypes than a given ``mu_dtype`` or
+      ``nu_dtype`` (or whose ``key`` is not raw key data, one row
       per probe), ``updates`` or ``params`` whose tree or
       shapes are not those the state was made for, a ``hessian_diag`` leaf
       whose shape or dtype does not fit its parameter (naming a leaf path),
@@ -767,6 +791,7 @@ def scale_by_adahessian(
   ):
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
+    _check_state_dtypes(state, mu_dtype, nu_dtype)
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
       check_not_split_over(state.mu, axis_name)
     if _EXPECTED_AXIS in extra_args:

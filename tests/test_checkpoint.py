@@ -246,3 +246,51 @@ def test_state_made_under_another_prng_impl_is_refused_with_the_fix(made_under, 
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert float(jnp.abs(resumed[0]["w"]).max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+  "made,used,match",
+  [
+    (dict(), dict(mu_dtype="bfloat16"), r"mu at \['b'\] has dtype float32 .* mu_dtype=bfloat16"),
+    (dict(mu_dtype="bfloat16"), dict(mu_dtype="float32"), r"mu at \['b'\] has dtype bfloat16"),
+    (dict(), dict(nu_dtype="bfloat16"), r"nu at \['b'\] has dtype float32 .* nu_dtype=bfloat16"),
+  ],
+)
+def test_state_with_other_moment_dtypes_is_refused_with_the_fix(made, used, match):
+  # The update keeps the state's dtypes (cast_like), so a checkpoint resumed with another
+  # mu_dtype / nu_dtype silently kept the old ones for good: no memory saved, or no precision won.
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import adahessian_jax as ah
+
+  params = {"b": jnp.ones(3, jnp.float32), "w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 6}
+  loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2 * p["b"])
+  grads = jax.grad(loss)(params)
+  old = ah.adahessian(0.1, update_freq=2, **made)
+  step = lambda tx, s: tx.update(grads, s, params, value_fn=loss)
+  state = step(old, step(old, old.init(params))[1])[1]
+  tx = ah.adahessian(0.1, update_freq=2, **used)
+  match += r".*, which the update would ignore .*map_adahessian_state"
+  with pytest.raises(ValueError, match=match):
+    step(tx, state)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(step, static_argnums=0)(tx, state)
+  # The cast the message gives: the update then has the transform's dtypes and the old numbers.
+  mu_dtype, nu_dtype = used.get("mu_dtype", "float32"), used.get("nu_dtype", "float32")
+  cast = ah.map_adahessian_state(
+    lambda s: s._replace(
+      mu=optax.tree.cast(s.mu, mu_dtype),
+      nu=optax.tree.cast(s.nu, nu_dtype),
+      hessian=optax.tree.cast(s.hessian, nu_dtype),
+    ),
+    state,
+  )
+  updates, new = step(tx, cast)
+  new = ah.find_adahessian_state(new)
+  assert new.mu["w"].dtype == jnp.dtype(mu_dtype) and new.nu["w"].dtype == jnp.dtype(nu_dtype)
+  expected = step(old, state)[0]
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3)
+  assert float(jnp.abs(updates["w"]).max()) > 1e-3
