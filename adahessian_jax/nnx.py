@@ -35,8 +35,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from adahessian_jax import _validation, fused
+from adahessian_jax import _validation, distributed, fused
 from adahessian_jax._extras import missing_extra
 
 try:
@@ -171,6 +172,8 @@ def value_grad_and_hessian_diag(
   optimizer: nnx.Optimizer[Any],
   *args: Any,
   has_aux: bool = False,
+  axis_name: Any = None,
+  independent_probes: bool = False,
   **kwargs: Any,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and AdaHessian's Hessian-diagonal estimate of an NNX module.
@@ -183,6 +186,36 @@ def value_grad_and_hessian_diag(
   ``nnx.WeightNorm``'s kernel) is written back to ``model`` once, as
   ``nnx.value_and_grad`` does.
 
+  Data parallel under ``pmap`` or ``shard_map`` (each device a part of the
+  batch, the model and optimizer replicated: ``nnx.shard_map``, or a
+  ``jax.pmap`` of a step that ``nnx.merge``-s them): pass the mapped
+  ``axis_name``, and build the optimizer's ``tx`` with the same ``axis_name``
+  (and ``independent_probes``), which averages the estimate over it. This
+  function differentiates the local loss at device-varying parameters
+  (:func:`adahessian_jax.distributed.device_varying`), draws the probes from
+  :func:`adahessian_jax.distributed.per_device_probe_state` with
+  ``independent_probes`` (the optimizer's state is not changed), and
+  ``pmean``-s over ``axis_name`` the returned gradients and loss and the
+  parameters the loss writes (``nnx.WeightNorm``'s kernel). The other state it
+  writes (BatchNorm statistics) and ``aux`` stay each device's own: ``pmean``
+  them yourself if the replicas should share them (``shard_map`` refuses them
+  otherwise at a replicated ``out_specs``), e.g.
+  ``nnx.update(model, jax.lax.pmean(nnx.state(model, nnx.BatchStat), "data"))``.
+  The estimate is averaged by ``tx`` alone; pass ``expected_axis_name`` to
+  ``optimizer.update`` as below, which makes a ``tx`` with another ``axis_name``
+  (or none, whose replicas would drift apart) raise::
+
+    optimizer = nnx.Optimizer(model, adahessian_jax.adahessian(0.1, axis_name="data"),
+                              wrt=nnx.Param)
+
+    @nnx.jit
+    @nnx.shard_map(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P())
+    def train_step(model, optimizer, x, y):
+      loss, grads, hdiag = adahessian_jax.nnx.value_grad_and_hessian_diag(
+          loss_fn, model, optimizer, x, y, axis_name="data")
+      optimizer.update(model, grads, hessian_diag=hdiag, expected_axis_name="data")
+      return loss
+
   Args:
     loss_fn: ``loss_fn(module, *args, **kwargs)``, a scalar (or ``(loss, aux)``
       if ``has_aux``).
@@ -192,15 +225,25 @@ def value_grad_and_hessian_diag(
       NNX objects among them (an ``nnx.Rngs``) is written back like the
       module's.
     has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
-    **kwargs: Keyword arguments of ``loss_fn``.
+    axis_name: The ``pmap`` / ``shard_map`` axis (or tuple of axes) the batch
+      is split over, as given to the optimizer's ``tx``; ``None`` (the default)
+      averages nothing over devices (a single device, or ``jit`` with sharded
+      arrays).
+    independent_probes: Each device draws its own probes, as ``tx`` built
+      with ``independent_probes=True`` does; needs ``axis_name``.
+    **kwargs: Keyword arguments of ``loss_fn`` (other than the three above,
+      which this function takes).
 
   Returns:
     ``(value, grads, hessian_diag)``: pass ``grads`` and
-    ``hessian_diag=hessian_diag`` to ``optimizer.update(model, ...)``.
+    ``hessian_diag=hessian_diag`` to ``optimizer.update(model, ...)``. With
+    ``axis_name`` the loss in ``value`` and ``grads`` are the means over the
+    devices, ``hessian_diag`` this device's estimate.
 
   Raises:
     ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
-      selects.
+      selects, for an ``axis_name`` that no enclosing map binds, or for
+      ``independent_probes`` without ``axis_name``.
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
@@ -218,18 +261,48 @@ def value_grad_and_hessian_diag(
   _check_selects(params, optimizer.wrt, "the optimizer's ")
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  if axis_name is not None:
+    # This device's own gradient and estimate: under shard_map, differentiating at the replicated
+    # (invariant) parameters would sum them over the axis; the probes must vary like them.
+    params, opt_state = distributed.device_varying((params, opt_state), axis_name)
+    if independent_probes:
+      opt_state = distributed.per_device_probe_state(opt_state, axis_name)
+  elif independent_probes:
+    raise ValueError(
+      "adahessian_jax.nnx.value_grad_and_hessian_diag: independent_probes=True draws each "
+      "device's own probes, so it needs the axis_name the step is mapped over (pmap or "
+      "shard_map), as given to the optimizer's tx."
+    )
+
   def loss_of(p):
+    given = dict(nnx.as_pure(p).flat_state())
     graph = _merge(graphdef, p, rest)
     out = loss_fn(graph[0], *graph[1], **graph[2])
-    # The Variables of the model and of NNX objects among the arguments, as Variables, not plain
-    # values: nnx.update can only add a Variable the call created (Module.sow) as one. The trained
-    # ones too, as nnx.value_and_grad keeps them: nnx.WeightNorm and nnx.SpectralNorm write the
-    # normalised kernel into its nnx.Param during the call.
-    _, new_params, new_state, _ = nnx.split(graph, trained, nnx.Variable, ...)
+    # The trained variables the call wrote (nnx.WeightNorm and nnx.SpectralNorm write the
+    # normalised kernel into its nnx.Param; nnx.value_and_grad keeps the write) or created, and
+    # the other Variables of the model and of NNX objects among the arguments, as Variables, not
+    # plain values: nnx.update can only add a Variable the call created (Module.sow) as one. The
+    # trained ones it did not write are left out: under shard_map with axis_name they are the
+    # device-varying copies of the replicated parameters.
+    now = nnx.as_pure(nnx.state(graph, trained)).flat_state()
+    written = {path for path, v in now if given.get(path[1:]) is not v}
+    _, new_params, _, new_state, _ = nnx.split(
+      graph, lambda path, x: path in written and trained(path, x), trained, nnx.Variable, ...
+    )
     loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
     return loss, (aux, new_params, new_state)
 
   vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
-  (loss, (aux, *new)), grads, hdiag = vgh(params, nnx.as_pure(optimizer.opt_state))
-  nnx.update((model, args, kwargs), *new)
+  (loss, (aux, new_params, new_state)), grads, hdiag = vgh(params, opt_state)
+  if axis_name is not None:
+    grads, loss = jax.lax.pmean((grads, loss), axis_name)
+    # The trained variables the loss wrote, the same on every device (as the gradient).
+    new_params = jax.tree.map(
+      lambda x: (
+        jax.lax.pmean(x, axis_name) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x
+      ),
+      new_params,
+    )
+  nnx.update((model, args, kwargs), new_params, new_state)
   return ((loss, aux) if has_aux else loss), grads, nnx.as_pure(hdiag)

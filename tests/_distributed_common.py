@@ -284,3 +284,131 @@ def gather(v):
 def to_numpy(params):
   """Full NumPy copies of (possibly sharded, possibly multi-process) params."""
   return {k: gather(v) for k, v in params.items()}
+
+
+# Flax NNX: adahessian_jax.nnx.value_grad_and_hessian_diag with axis_name, a few steps each.
+NNX_STEPS = 4
+
+
+def nnx_model(dtype, weight_norm=False):
+  """An NNX tanh MLP holding :func:`make_problem`'s params (``nnx.WeightNorm`` around its first
+  layer if ``weight_norm``: the loss writes that layer's kernel)."""
+  from flax import nnx
+
+  _, _, params = make_problem(dtype)
+
+  def linear(d_in, d_out, w, b, rngs):
+    layer = nnx.Linear(d_in, d_out, param_dtype=dtype, rngs=rngs)
+    layer.kernel[...], layer.bias[...] = params[w], params[b]
+    return layer
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = linear(D_IN, HIDDEN, "w1", "b1", rngs)
+      self.l2 = linear(HIDDEN, D_OUT, "w2", "b2", rngs)
+      if weight_norm:
+        self.l1 = nnx.WeightNorm(self.l1, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  return MLP(nnx.Rngs(0))
+
+
+def nnx_loss(model, x, y):
+  return jnp.mean((model(x) - y) ** 2)
+
+
+def nnx_step(axis_name=None, independent=False, value_fn=False):
+  """One NNX step: the fused route (``axis_name`` and ``independent_probes`` passed on), or with
+  ``value_fn`` the closure route (gradients ``pmean``-ed by hand; under ``pmap`` only)."""
+  from flax import nnx
+
+  import adahessian_jax.nnx as ah_nnx
+
+  def step(model, optimizer, x, y):
+    if value_fn:
+      value = ah_nnx.value_fn(model, nnx_loss, x, y)
+      loss, grads = nnx.value_and_grad(nnx_loss)(model, x, y)
+      if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+      optimizer.update(model, grads, value_fn=value)
+      return loss
+    loss, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
+      nnx_loss, model, optimizer, x, y, axis_name=axis_name, independent_probes=independent
+    )
+    # As the docstring shows: tx raises unless it averages the estimate over the same axis.
+    optimizer.update(model, grads, hessian_diag=hdiag, expected_axis_name=axis_name)
+    return loss
+
+  return step
+
+
+def nnx_params(model):
+  """The model's ``nnx.Param`` values as NumPy arrays, by path."""
+  from flax import nnx
+
+  state = nnx.as_pure(nnx.state(model, nnx.Param))
+  return {"/".join(map(str, path)): gather(v) for path, v in state.flat_state()}
+
+
+def train_nnx_single_device(dtype, weight_norm=False):
+  """The NNX reference: one device, the whole global batch, ``nnx.jit``."""
+  from flax import nnx
+
+  x, y, _ = make_problem(dtype)
+  model = nnx_model(dtype, weight_norm)
+  optimizer = nnx.Optimizer(model, make_tx(1), wrt=nnx.Param)
+  step = nnx.jit(nnx_step())
+  for _ in range(NNX_STEPS):
+    jax.block_until_ready(step(model, optimizer, x, y))
+  return nnx_params(model)
+
+
+def train_nnx_pmap(dtype, independent=False, value_fn=False):
+  """``jax.pmap`` of a step that ``nnx.merge``-s the replicated model and optimizer; returns the
+  first replica's params and the largest difference between the replicas' states."""
+  from flax import nnx
+
+  n = jax.local_device_count()
+  x, y, _ = make_problem(dtype)
+  xs, ys = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
+  model = nnx_model(dtype)
+  optimizer = nnx.Optimizer(model, make_tx(1, AXIS, independent), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), nnx.as_pure(state))
+  local = nnx_step(AXIS, independent, value_fn)
+
+  def mapped(state, x, y):
+    model, optimizer = nnx.merge(graphdef, state)
+    local(model, optimizer, x, y)
+    return nnx.as_pure(nnx.state((model, optimizer)))
+
+  step = jax.pmap(mapped, axis_name=AXIS)
+  for _ in range(NNX_STEPS):
+    state = jax.block_until_ready(step(state, xs, ys))
+  first, _ = nnx.merge(graphdef, jax.tree.map(lambda a: np.asarray(a)[0], state))
+  return nnx_params(first), distributed.max_replica_difference(state, stacked=True)
+
+
+def train_nnx_shard_map(dtype, independent=False, weight_norm=False):
+  """``nnx.shard_map`` (under ``nnx.jit``) of the fused step, the model and optimizer replicated
+  and the batch split; returns the params and the largest difference between device copies."""
+  from flax import nnx
+
+  mesh = mesh_1d()
+  x, y, _ = make_problem(dtype)
+  model = nnx_model(dtype, weight_norm)
+  optimizer = nnx.Optimizer(model, make_tx(1, AXIS, independent), wrt=nnx.Param)
+  step = nnx.jit(
+    nnx.shard_map(
+      nnx_step(AXIS, independent),
+      mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P(AXIS)),
+      out_specs=P(),
+    )
+  )
+  for _ in range(NNX_STEPS):
+    jax.block_until_ready(step(model, optimizer, x, y))
+  state = nnx.as_pure(nnx.state((model, optimizer)))
+  return nnx_params(model), distributed.max_replica_difference(state)

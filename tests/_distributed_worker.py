@@ -1,6 +1,8 @@
 """Single-host distributed checks, run by ``test_distributed.py`` in a subprocess.
 
 Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _distributed_worker.py OUT_DIR``
+(or ``... OUT_DIR nnx_same`` / ``nnx_independent`` for the Flax NNX checks alone,
+:func:`main_nnx`)
 
 Trains the shared problem for ``STEPS`` steps in each mode (``pmap``, ``jit``
 data-parallel and FSDP, ``shard_map``; both probe policies; the ``value_fn``
@@ -24,12 +26,16 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 from _distributed_common import (  # noqa: E402
   DEFAULT_HPARAMS,
+  NNX_STEPS,
   STEPS,
   config_name,
   max_abs_diff,
   mesh_1d,
   to_numpy,
   train_jit,
+  train_nnx_pmap,
+  train_nnx_shard_map,
+  train_nnx_single_device,
   train_pmap,
   train_shard_map,
   train_single_device,
@@ -115,5 +121,43 @@ def main(out_dir):
     json.dump(results, f, indent=1)
 
 
+def main_nnx(out_dir, probes):
+  """``adahessian_jax.nnx.value_grad_and_hessian_diag(..., axis_name=)`` in float64, under
+  ``jax.pmap`` (of a step that ``nnx.merge``-s the model and optimizer) and ``nnx.shard_map``.
+
+  ``probes="same"``: each mapped run's params against the single-device run on the global batch
+  (also with ``nnx.WeightNorm``, which writes a parameter in the loss). ``"independent"``:
+  under ``nnx.shard_map`` against the value_fn route's independent estimator (under ``pmap``) and
+  the single-device run.
+  Both with the largest difference between the replicas; written to ``OUT_DIR/nnx_PROBES.json``.
+  """
+  ref = train_nnx_single_device("float64")
+  results = {"steps": NNX_STEPS}
+  if probes == "same":
+    runs = {"pmap": train_nnx_pmap("float64"), "shard_map": train_nnx_shard_map("float64")}
+    for mode, (params, replica_diff) in runs.items():
+      results[mode] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(params, ref)}
+    params, replica_diff = train_nnx_shard_map("float64", weight_norm=True)
+    ref = train_nnx_single_device("float64", weight_norm=True)
+    results["shard_map_weight_norm"] = {
+      "replica_diff": replica_diff,
+      "vs_ref": max_abs_diff(params, ref),
+    }
+  else:
+    value_fn, replica_diff = train_nnx_pmap("float64", True, value_fn=True)
+    results["pmap_value_fn"] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(value_fn, ref)}
+    params, replica_diff = train_nnx_shard_map("float64", True)
+    results["shard_map"] = {
+      "replica_diff": replica_diff,
+      "vs_ref": max_abs_diff(params, ref),
+      "vs_value_fn": max_abs_diff(params, value_fn),
+    }
+  with open(os.path.join(out_dir, f"nnx_{probes}.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if len(sys.argv) > 2:
+    main_nnx(sys.argv[1], sys.argv[2].removeprefix("nnx_"))
+  else:
+    main(sys.argv[1])

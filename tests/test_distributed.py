@@ -173,6 +173,40 @@ def test_train_state_apply_loss_with_axis_name_steps_like_the_data_parallel_reci
   assert lazy["vs_ref"] > 1e-3 and lazy["vs_shard_map_independent"] <= F32_TOL
 
 
+def _nnx_worker(tmp_path, probes):
+  """Runs ``_distributed_worker.py OUT nnx_PROBES`` (4 devices) and returns its results."""
+  _run_all(
+    [["_distributed_worker.py", str(tmp_path), f"nnx_{probes}"]], 4, TIMEOUT_S, str(tmp_path)
+  )
+  with open(tmp_path / f"nnx_{probes}.json") as f:
+    return json.load(f)
+
+
+def test_nnx_value_grad_and_hessian_diag_with_axis_name_steps_like_one_device(tmp_path):
+  """``adahessian_jax.nnx.value_grad_and_hessian_diag(..., axis_name=)`` under ``jax.pmap``
+  (``nnx.merge`` inside) and ``nnx.shard_map``, float64: the same probes give the single-device
+  run on the global batch, also where the loss writes a parameter (``nnx.WeightNorm``); the
+  replicas stay identical."""
+  results = _nnx_worker(tmp_path, "same")
+  assert results["steps"] >= 3
+  for mode in ("pmap", "shard_map", "shard_map_weight_norm"):
+    r = results[mode]
+    assert r["vs_ref"] <= F64_TOL and r["replica_diff"] == 0.0, (mode, r)
+
+
+def test_nnx_independent_probes_equal_the_value_fn_routes_independent_estimator(tmp_path):
+  """With ``independent_probes=True`` the fused NNX route under ``nnx.shard_map`` steps like the
+  ``value_fn`` route (under ``jax.pmap``) with a ``tx`` built with ``independent_probes=True``;
+  that estimator is another than the same-probe one (which equals one device's, above), and the
+  replicas (the probe key in the optimizer's state included) stay identical."""
+  results = _nnx_worker(tmp_path, "independent")
+  assert results["pmap_value_fn"]["replica_diff"] == 0.0
+  assert results["pmap_value_fn"]["vs_ref"] > 1e-3
+  r = results["shard_map"]
+  assert r["vs_value_fn"] <= F64_TOL and r["replica_diff"] == 0.0, r
+  assert r["vs_ref"] > 1e-3, r
+
+
 def test_jit_state_keeps_param_shardings(single_host):
   results, _ = single_host
   for config in ("float32_k1", "float64_k1"):

@@ -356,3 +356,26 @@ def test_an_update_without_the_loss_names_the_nnx_helper():
   fix = r"optimizer.update\(model, grads, value_fn=adahessian_jax.nnx.value_fn\(model, loss_fn"
   with pytest.raises(ValueError, match=fix):
     optimizer.update(model, grads)
+
+
+def test_axis_name_and_independent_probes_are_refused_where_no_map_binds_them():
+  """The data-parallel keywords of the fused route (stepped under pmap and shard_map in
+  test_distributed.py) refuse an axis_name no enclosing map binds (JAX's own error is a NameError
+  from deep inside the step) and independent_probes without an axis_name, before anything runs:
+  the model and the optimizer are unchanged."""
+  x, y = data()
+  model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1, axis_name="data"), wrt=nnx.Param)
+  before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state((model, optimizer))))
+  vgh = ah_nnx.value_grad_and_hessian_diag
+  with pytest.raises(ValueError, match="axis_name='data' is not an axis of the enclosing pmap"):
+    vgh(loss_fn, model, optimizer, x, y, axis_name="data")
+  with pytest.raises(ValueError, match="axis_name='data' is not an axis of the enclosing pmap"):
+    # Under a map that binds another name.
+    jax.vmap(lambda x, y: vgh(loss_fn, model, optimizer, x, y, axis_name="data"), axis_name="b")(
+      x.reshape(4, 8, 4), y.reshape(4, 8, 1)
+    )
+  with pytest.raises(ValueError, match="independent_probes=True .* needs the axis_name"):
+    vgh(loss_fn, model, optimizer, x, y, independent_probes=True)
+  after = jax.tree.map(np.asarray, nnx.as_pure(nnx.state((model, optimizer))))
+  assert_trees_allclose(after, before, rtol=0, atol=0)
