@@ -276,7 +276,7 @@ def value_grad_and_hessian_diag(
     )
 
   def loss_of(p):
-    given = dict(nnx.as_pure(p).flat_state())
+    given = dict(nnx.to_flat_state(nnx.as_pure(p)))
     graph = _merge(graphdef, p, rest)
     out = loss_fn(graph[0], *graph[1], **graph[2])
     # The trained variables the call wrote (nnx.WeightNorm and nnx.SpectralNorm write the
@@ -285,7 +285,7 @@ def value_grad_and_hessian_diag(
     # plain values: nnx.update can only add a Variable the call created (Module.sow) as one. The
     # trained ones it did not write are left out: under shard_map with axis_name they are the
     # device-varying copies of the replicated parameters.
-    now = nnx.as_pure(nnx.state(graph, trained)).flat_state()
+    now = nnx.to_flat_state(nnx.as_pure(nnx.state(graph, trained)))
     written = {path for path, v in now if given.get(path[1:]) is not v}
     _, new_params, _, new_state, _ = nnx.split(
       graph, lambda path, x: path in written and trained(path, x), trained, nnx.Variable, ...

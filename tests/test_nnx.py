@@ -379,3 +379,30 @@ def test_axis_name_and_independent_probes_are_refused_where_no_map_binds_them():
     vgh(loss_fn, model, optimizer, x, y, independent_probes=True)
   after = jax.tree.map(np.asarray, nnx.as_pure(nnx.state((model, optimizer))))
   assert_trees_allclose(after, before, rtol=0, atol=0)
+
+
+def test_update_with_expected_axis_name_refuses_a_tx_that_averages_over_another_axis():
+  """optimizer.update forwards expected_axis_name to tx.update: a tx that does not average the
+  estimate over the axis the gradients were averaged over (here none) raises, naming the fix,
+  before anything is written; with the same axis the step is the plain one."""
+  x, y = data()
+  model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+  before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state((model, optimizer))))
+  with pytest.raises(ValueError, match=r"averages the estimate over axis_name=None.*axis_name='da"):
+    optimizer.update(model, grads, hessian_diag=hdiag, expected_axis_name="data")
+  after = jax.tree.map(np.asarray, nnx.as_pure(nnx.state((model, optimizer))))
+  assert_trees_allclose(after, before, rtol=0, atol=0)
+  twin = nnx.clone(model)
+  twin_kernel = np.asarray(twin.kernel[...])
+  plain = nnx.Optimizer(twin, ah.adahessian(0.1), wrt=nnx.Param)
+  plain.update(twin, grads, hessian_diag=hdiag)
+  optimizer.update(model, grads, hessian_diag=hdiag, expected_axis_name=None)
+  assert np.max(np.abs(np.asarray(model.kernel[...]) - np.asarray(twin_kernel))) > 1e-3
+  assert_trees_allclose(
+    nnx.as_pure(nnx.state(model, nnx.Param)),
+    nnx.as_pure(nnx.state(twin, nnx.Param)),
+    rtol=0,
+    atol=0,
+  )
