@@ -547,6 +547,15 @@ def _no_curvature_yet(params: Any, nu_dtype: Any) -> Any:
   return jax.tree.map(mark, params)
 
 
+def _first_moment(params: Any, mu_dtype: Any) -> Any:
+  """The initial ``mu``: zeros in ``mu_dtype``, by default each parameter's, strongly typed.
+
+  A Python float parameter (or a weakly typed array) would otherwise give a weakly typed ``mu``,
+  which the first update makes strong: a state whose types change recompiles a jitted step.
+  """
+  return jax.tree.map(lambda p: jnp.zeros_like(p, mu_dtype or jnp.result_type(p)), params)
+
+
 def _like_gradient(u: jax.Array, g: Any) -> jax.Array:
   """``u`` in the dtype of the gradient ``g`` (unchanged for a Python number ``g``); float16
   saturated at its largest value (65504) instead of overflowing to ``inf``.
@@ -779,7 +788,7 @@ def scale_by_adahessian(
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
-      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      mu=_first_moment(params, mu_dtype),
       nu=_no_curvature_yet(params, nu_dtype),
       # A buffer of its own: donating a state whose leaves alias fails.
       hessian=_no_curvature_yet(params, nu_dtype) if stores_d else None,

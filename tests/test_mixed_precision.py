@@ -117,3 +117,22 @@ def test_bfloat16_params_keep_their_second_moment_in_float32_by_default():
   np.testing.assert_allclose(np.asarray(state.nu["w"]), 1 - 0.999**1500, rtol=1e-3)
   updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
   assert updates["w"].dtype == jnp.bfloat16
+
+
+def test_state_of_weakly_typed_params_keeps_its_types_across_updates():
+  """A Python float param (or a weakly typed 0-d array) gave a weakly typed first moment at init,
+  which the first update made strong: a state whose types change recompiles a jitted step once
+  more. Numbers as for a strongly typed param: step 1 is g / (|h| + eps)."""
+  params = {"a": 1.5, "b": jnp.asarray(2.0)}
+  loss = lambda p: p["a"] ** 2 + 3 * p["b"] ** 2
+  for tx in (ah.scale_by_adahessian(), ah.scale_by_adahessian(update_freq=2)):
+    state = tx.init(params)
+    updates, new = jax.jit(
+      lambda s, tx=tx: tx.update(jax.grad(loss)(params), s, params, value_fn=loss)
+    )(state)
+    assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
+    np.testing.assert_allclose(
+      [float(updates["a"]), float(updates["b"])],
+      [3.0 / (2.0 + 1e-4), 12.0 / (6.0 + 1e-4)],
+      rtol=1e-12,
+    )
