@@ -556,6 +556,16 @@ def _first_moment(params: Any, mu_dtype: Any) -> Any:
   return jax.tree.map(lambda p: jnp.zeros_like(p, mu_dtype or jnp.result_type(p)), params)
 
 
+def _stored_like(m: jax.Array, old: jax.Array) -> jax.Array:
+  """The new first moment ``m`` in the dtype of the stored one, ``old``; a float16 ``mu`` (of
+  wider gradients, ``mu_dtype=float16``) saturated at its largest value (65504) rather than
+  stored as ``inf``, which would make every later update of that entry ``inf``."""
+  if old.dtype == jnp.float16 and m.dtype != jnp.float16:
+    big = float(jnp.finfo(jnp.float16).max)
+    m = jnp.clip(m, -big, big)
+  return m.astype(old.dtype)
+
+
 def _like_gradient(u: jax.Array, g: Any) -> jax.Array:
   """``u`` in the dtype of the gradient ``g`` (unchanged for a Python number ``g``); float16
   saturated at its largest value (65504) instead of overflowing to ``inf``.
@@ -705,7 +715,8 @@ def scale_by_adahessian(
       :func:`adahessian_jax.spatial.named` / :func:`adahessian_jax.spatial.strict`.
       Axis names on boxed Linen or NNX params are read automatically
       (``docs/layouts.md``).
-    mu_dtype: Floating dtype of the first moment (default: the parameters').
+    mu_dtype: Floating dtype of the first moment (default: the parameters'). A float16
+      ``mu`` of wider gradients saturates at ±65504 instead of overflowing to ``inf``.
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters', but float32 for float16 parameters, whose
       range cannot hold ``D²`` for curvatures over 256, and for bfloat16 ones,
@@ -839,7 +850,7 @@ def scale_by_adahessian(
     new_state = ScaleByAdaHessianState(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
-      mu=optax.tree.cast_like(mu, state.mu),  # its dtype from init on, whatever b1's dtype
+      mu=jax.tree.map(_stored_like, mu, state.mu),  # its dtype from init on, whatever b1's dtype
       nu=nu,
       hessian=d,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,

@@ -136,3 +136,24 @@ def test_state_of_weakly_typed_params_keeps_its_types_across_updates():
       [3.0 / (2.0 + 1e-4), 12.0 / (6.0 + 1e-4)],
       rtol=1e-12,
     )
+
+
+def test_float16_first_moment_of_wider_gradients_saturates_instead_of_overflowing():
+  """mu_dtype=float16 with float32 gradients beyond float16's range (65504) stored mu = inf: the
+  update was inf and the parameters became inf, though every input was finite. mu now saturates
+  at ±65504, as float16 updates do; the update of each step uses the unrounded mu."""
+  params = {"w": jnp.ones(2, jnp.float32)}
+  tx = ah.scale_by_adahessian(mu_dtype=jnp.float16)
+  grads, hdiag = {"w": jnp.asarray([1e5, -1e5], jnp.float32)}, {"w": jnp.full(2, 1e5, jnp.float32)}
+  step = jax.jit(lambda s: tx.update(grads, s, params, hessian_diag=hdiag))
+  state, mu = tx.init(params), 0.0
+  for t in range(1, 31):
+    updates, state = step(state)
+    assert state.mu["w"].dtype == jnp.float16
+    # The reference: optax's rule on the stored (saturated) moment, in float64.
+    mu_full = 0.9 * mu + 0.1 * 1e5
+    nu_hat = 1e10  # D² with D = 1e5, bias-corrected
+    expected = mu_full / (1 - 0.9**t) / (np.sqrt(nu_hat) + 1e-4)
+    np.testing.assert_allclose(np.asarray(updates["w"]), [expected, -expected], rtol=1e-3)
+    mu = float(np.float16(min(mu_full, 65504.0)))
+  np.testing.assert_array_equal(np.asarray(state.mu["w"], np.float64), [65504.0, -65504.0])
