@@ -374,12 +374,15 @@ _DROPPED = (
 _EXPECTED_AXIS = "expected_axis_name"
 
 
-def _axes_of(axis_name: Any) -> tuple[Any, ...]:
-  return () if axis_name is None else check_names(axis_name)
+def _axes_of(axis_name: Any) -> frozenset[Any]:
+  """The axes ``axis_name`` averages over: a set, as a mean over ``("a", "b")`` is one over
+  ``("b", "a")``."""
+  return frozenset(() if axis_name is None else check_names(axis_name))
 
 
 def _check_expected_axis(expected: Any, axis_name: Any) -> None:
-  """Raises unless the caller's ``expected_axis_name`` names the axes of ``axis_name``."""
+  """Raises unless the caller's ``expected_axis_name`` names the axes of ``axis_name`` (in any
+  order)."""
   if _axes_of(expected) == _axes_of(axis_name):
     return
   if expected is None:
@@ -653,9 +656,10 @@ def scale_by_adahessian(
   **extra_args)`` (``refresh``: see ``update_freq``). Other extra arguments are ignored, so it
   composes in :func:`optax.chain`, except ``expected_axis_name``: a caller that averaged the
   gradients over a mapped axis (or over none: ``None``) and passes each device's own
-  ``hessian_diag`` names that axis there, and the update raises unless ``axis_name`` is the
-  same (:meth:`adahessian_jax.linen.TrainState.apply_loss` passes it). A transform that does
-  not average the estimate the gradients were averaged with would let the replicas drift apart.
+  ``hessian_diag`` names that axis there, and the update raises unless ``axis_name`` names the
+  same axes, in any order (:meth:`adahessian_jax.linen.TrainState.apply_loss` passes it). A
+  transform that does not average the estimate the gradients were averaged with would let the
+  replicas drift apart.
 
   Args:
     b1: Decay rate of the gradient's moving average, in [0, 1).

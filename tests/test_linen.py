@@ -218,6 +218,25 @@ def test_apply_loss_refuses_a_tx_that_averages_the_estimate_over_another_axis():
   np.testing.assert_allclose(w[0], single.params["w"], rtol=1e-6)
 
 
+def test_apply_loss_accepts_the_axes_of_tx_in_another_order():
+  """axis_name=("a", "b") and ("b", "a") average over the same devices, but the check of the
+  expected axis compared the tuples and refused the step. Each replica now steps like one device
+  on the mean of all four batches."""
+  params = {"w": jnp.ones(3)}
+  batches = jnp.array([[[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]], [[0.5, 1.0, -1.0], [3.0, 2.0, 1.0]]])
+  loss = lambda p, b: jnp.sum(b * p["w"] ** 4)
+  state = TrainState.create(
+    apply_fn=None, params=params, tx=ah.adahessian(0.1, axis_name=("a", "b"))
+  )
+  step = lambda b: state.apply_loss(loss, b, axis_name=("b", "a"))[0].params["w"]
+  w = jax.vmap(jax.vmap(step, axis_name="b"), axis_name="a")(batches).reshape(4, 3)
+  mean = jnp.mean(batches, axis=(0, 1))
+  single = TrainState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1))
+  single = single.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0]
+  for replica in w:
+    np.testing.assert_allclose(replica, single.params["w"], rtol=1e-6)
+
+
 def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
   state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
   loss = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
