@@ -37,6 +37,7 @@ except ImportError as e:
 # Flax's collection for values that the gradient overwrites instead of the optimizer updating them
 # (fp8 scales and amax histories); TrainState.create keeps it out of the optimizer state.
 _OWG = fp8_ops.OVERWRITE_WITH_GRADIENT
+_NOT_GIVEN: Any = object()  # apply_gradients' expected_axis_name when the caller names no axis
 
 
 def _has_owg(tree: Any) -> bool:
@@ -123,6 +124,7 @@ class TrainState(train_state.TrainState):
     value_fn: Callable[[Any], Any] | None = None,
     hessian_diag: Any = None,
     refresh: bool | None = None,
+    expected_axis_name: Any = _NOT_GIVEN,
     **kwargs: Any,
   ) -> Self:
     """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
@@ -139,6 +141,12 @@ class TrainState(train_state.TrainState):
       refresh: A refresh decision taken on the host, passed to ``tx.update``
         (see :func:`adahessian_jax.value_grad_and_hessian_diag`); ``None``
         follows the schedule in the state.
+      expected_axis_name: If given, passed to ``tx.update``: the axis (or
+        ``None``) the gradients were averaged over, which ``tx`` must average
+        the estimate over (see :func:`adahessian_jax.scale_by_adahessian`).
+        :meth:`apply_loss` passes its ``axis_name`` through this method, so a
+        subclass that overrides it (e.g. to update an EMA of the params) applies
+        to both routes.
       **kwargs: Other attributes to ``.replace()``, as in Flax.
 
     Returns:
@@ -149,12 +157,10 @@ class TrainState(train_state.TrainState):
       extra["value_fn"] = value_fn
     if hessian_diag is not None:
       extra["hessian_diag"] = hessian_diag
-    return self._step(grads, extra, refresh, **kwargs)
-
-  def _step(self, grads: Any, extra: dict[str, Any], refresh: bool | None, **kwargs: Any) -> Self:
-    """One ``tx.update`` with the extra arguments ``extra`` (and ``refresh``), applied."""
     if refresh is not None:
-      extra = {**extra, "refresh": refresh}
+      extra["refresh"] = refresh
+    if expected_axis_name is not _NOT_GIVEN:
+      extra["expected_axis_name"] = expected_axis_name
     owg = _has_owg(grads)
     trained, params = (grads["params"], self.params["params"]) if owg else (grads, self.params)
     updates, opt_state = self.tx.update(trained, self.opt_state, params, **extra)
@@ -281,10 +287,11 @@ class TrainState(train_state.TrainState):
         else jax.lax.pmean(value, axis_name)
       )
     # tx raises unless it averages the estimate over the same axis (None too) as the gradients.
-    extra = {"expected_axis_name": axis_name}
-    if hdiag is not None:
-      extra["hessian_diag"] = hdiag
-    return self._step(grads, extra, refresh), value
+    # Through apply_gradients, which a subclass may override.
+    new = self.apply_gradients(
+      grads=grads, hessian_diag=hdiag, refresh=refresh, expected_axis_name=axis_name
+    )
+    return new, value
 
 
 TrainState.replace = _replace  # Flax set its own, unchecked

@@ -1,5 +1,7 @@
 """Flax Linen: TrainState forwards the loss; BatchNorm + dropout semantics."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -235,6 +237,34 @@ def test_apply_loss_accepts_the_axes_of_tx_in_another_order():
   single = single.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0]
   for replica in w:
     np.testing.assert_allclose(replica, single.params["w"], rtol=1e-6)
+
+
+class _EMAState(TrainState):
+  """The usual Flax pattern: a subclass whose apply_gradients also keeps an EMA of the params."""
+
+  ema: Any = None
+
+  def apply_gradients(self, *, grads, **kwargs):
+    new = super().apply_gradients(grads=grads, **kwargs)
+    return new.replace(ema=jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, self.ema, new.params))
+
+
+def test_apply_loss_steps_through_an_overridden_apply_gradients():
+  """apply_loss stepped tx itself, past a subclass's apply_gradients: the EMA of the pattern above
+  silently stopped moving. It now goes through apply_gradients, with expected_axis_name still
+  checked (a tx with another axis is refused)."""
+  params = {"w": jnp.asarray([1.0, 2.0])}
+  loss = lambda p: jnp.sum(p["w"] ** 4)
+  state = _EMAState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1), ema=params)
+  new, _ = state.apply_loss(loss)
+  # Whatever the step, the EMA is the mean of the old and the new params.
+  np.testing.assert_allclose(new.ema["w"], 0.5 * (params["w"] + new.params["w"]), rtol=1e-6)
+  assert np.max(np.abs(np.asarray(new.params["w"] - params["w"]))) > 1e-3
+  bad = _EMAState.create(
+    apply_fn=None, params=params, tx=ah.adahessian(0.1, axis_name="b"), ema=params
+  )
+  with pytest.raises(ValueError, match=r"averages the estimate over axis_name='b'"):
+    jax.vmap(lambda _: bad.apply_loss(loss)[0].params, axis_name="b")(jnp.arange(2))
 
 
 def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
