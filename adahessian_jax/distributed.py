@@ -114,6 +114,35 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
   return map_adahessian_state(fold, opt_state)
 
 
+def _fused_pass_inputs(
+  params: Any, opt_state: Any, axis_name: Any, independent_probes: bool, caller: str, tx: str
+) -> tuple[Any, Any]:
+  """The ``(params, opt_state)`` at which a data-parallel fused pass takes this device's own
+  gradient and estimate (the Flax helpers' ``axis_name`` / ``independent_probes``).
+
+  With ``axis_name``, both are marked device-varying (under ``shard_map``, differentiating at the
+  replicated, invariant, parameters would sum the gradient over the axis, and the probes must vary
+  like them), and with ``independent_probes`` the state's keys are folded per device
+  (:func:`per_device_probe_state`; pass the original state to ``tx.update``). Without
+  ``axis_name`` they are returned as they are.
+
+  Raises:
+    ValueError: for ``independent_probes`` without ``axis_name``, naming ``caller`` and ``tx``
+      (how the caller's optimizer transform is called).
+  """
+  if axis_name is None:
+    if independent_probes:
+      raise ValueError(
+        f"{caller}: independent_probes=True draws each device's own probes, so it needs the "
+        f"axis_name the step is mapped over (pmap or shard_map), as given to {tx}."
+      )
+    return params, opt_state
+  params, opt_state = device_varying((params, opt_state), axis_name)
+  if independent_probes:
+    opt_state = per_device_probe_state(opt_state, axis_name)
+  return params, opt_state
+
+
 def _sharding_of(path: Any, x: Any) -> Sharding:
   sharding = getattr(x, "sharding", None)
   if not isinstance(sharding, Sharding):

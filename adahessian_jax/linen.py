@@ -261,16 +261,9 @@ class TrainState(train_state.TrainState):
       "them.",
     )
 
-    params, opt_state = self.params, self.opt_state
-    if axis_name is not None:
-      params, opt_state = distributed.device_varying((params, opt_state), axis_name)
-      if independent_probes:
-        opt_state = distributed.per_device_probe_state(opt_state, axis_name)
-    elif independent_probes:
-      raise ValueError(
-        "TrainState.apply_loss: independent_probes=True draws each device's own probes, so it "
-        "needs the axis_name the step is mapped over (pmap or shard_map), as given to tx."
-      )
+    params, opt_state = distributed._fused_pass_inputs(
+      self.params, self.opt_state, axis_name, independent_probes, "TrainState.apply_loss", "tx"
+    )
 
     def checked(params, *args, **kwargs):
       out = loss_fn(params, *args, **kwargs)

@@ -261,19 +261,14 @@ def value_grad_and_hessian_diag(
   _check_selects(params, optimizer.wrt, "the optimizer's ")
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
-  opt_state = nnx.as_pure(optimizer.opt_state)
-  if axis_name is not None:
-    # This device's own gradient and estimate: under shard_map, differentiating at the replicated
-    # (invariant) parameters would sum them over the axis; the probes must vary like them.
-    params, opt_state = distributed.device_varying((params, opt_state), axis_name)
-    if independent_probes:
-      opt_state = distributed.per_device_probe_state(opt_state, axis_name)
-  elif independent_probes:
-    raise ValueError(
-      "adahessian_jax.nnx.value_grad_and_hessian_diag: independent_probes=True draws each "
-      "device's own probes, so it needs the axis_name the step is mapped over (pmap or "
-      "shard_map), as given to the optimizer's tx."
-    )
+  params, opt_state = distributed._fused_pass_inputs(
+    params,
+    nnx.as_pure(optimizer.opt_state),
+    axis_name,
+    independent_probes,
+    "adahessian_jax.nnx.value_grad_and_hessian_diag",
+    "the optimizer's tx",
+  )
 
   def loss_of(p):
     given = dict(nnx.to_flat_state(nnx.as_pure(p)))

@@ -349,7 +349,7 @@ def nnx_params(model):
   from flax import nnx
 
   state = nnx.as_pure(nnx.state(model, nnx.Param))
-  return {"/".join(map(str, path)): gather(v) for path, v in state.flat_state()}
+  return {"/".join(map(str, path)): gather(v) for path, v in nnx.to_flat_state(state)}
 
 
 def train_nnx_single_device(dtype, weight_norm=False):
