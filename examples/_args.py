@@ -79,7 +79,7 @@ def out_file(text: str) -> str:
 def comma_list(
   item: Callable[[str], Any] | Sequence[str], ignore_case: bool = False
 ) -> Callable[[str], list[Any]]:
-  """A type for a non-empty comma-separated list.
+  """A type for a non-empty comma-separated list (of names: each at most once).
 
   Args:
     item: The names allowed (a sequence of strings), or the type of each item (e.g.
@@ -107,6 +107,9 @@ def comma_list(
         unknown.append(t)
     if unknown:
       raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(names)}")
+    repeated = sorted({n for n in found if found.count(n) > 1})
+    if repeated:
+      raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once in {text!r}")
     return found
 
   return parse

@@ -16,6 +16,8 @@ Run:
 Writes examples/figures/cv_digits.{png,json} (``--out`` to change).
 """
 
+import math
+
 import _common
 import jax
 import jax.numpy as jnp
@@ -50,11 +52,19 @@ def optimizers():
   ]
 
 
+VAL_FRACTION = 0.25  # held out, stratified (train_test_split rounds the validation count up)
+
+
 def parse_args(argv=None):
   names = [o.name for o in optimizers()]
   p = _common.parser(__doc__, steps=1000, quick_steps=60, names=names)
   p.add_argument("--batch-size", type=positive_int, default=64)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  n = len(_common.digits_images()[1])
+  n_train = n - math.ceil(VAL_FRACTION * n)
+  if args.batch_size > n_train:  # no batch would come; say so before building anything
+    p.error(f"argument --batch-size: {args.batch_size} exceeds the {n_train} training images")
+  return args
 
 
 def main():
@@ -64,7 +74,7 @@ def main():
 
   x, y = _common.digits_images()  # (1797, 8, 8, 1), labels
   x_tr, x_val, y_tr, y_val = train_test_split(
-    x, y, test_size=0.25, stratify=y, random_state=args.seed
+    x, y, test_size=VAL_FRACTION, stratify=y, random_state=args.seed
   )
   print(f"digits: {len(x_tr)} train / {len(x_val)} validation images of 8x8, 10 classes")
 

@@ -102,6 +102,11 @@ def test_names_are_checked_when_parsed(examples_path):
     ),
     (_args.comma_list(names), ",", "expected a comma-separated list of AdaHessian, AdamW, got ','"),
     (
+      _args.comma_list(names, ignore_case=True),
+      "adamw,AdaHessian,AdamW",
+      "AdamW given more than once in 'adamw,AdaHessian,AdamW'",
+    ),
+    (
       _args.name_value(names, _args.positive_float),
       "AdaHessian",
       "expected NAME=VALUE with NAME one of AdaHessian, AdamW, got 'AdaHessian'",
@@ -154,6 +159,20 @@ def test_examples_check_lr_and_only_when_parsed(examples_path, capsys, script, n
       parse(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("usage: ") and f"argument {message}" in err
+
+
+def test_cv_digits_batch_size_beyond_the_training_images_is_a_usage_error(examples_path, capsys):
+  # --batch-size 2000 exited 1 with a ValueError once the model was built, not with a usage line.
+  pytest.importorskip("flax")
+  pytest.importorskip("sklearn")
+  import cv_digits
+
+  assert cv_digits.parse_args(["--batch-size", "1347"]).batch_size == 1347  # 1797 - ceil(449.25)
+  with pytest.raises(SystemExit) as e:
+    cv_digits.parse_args(["--batch-size", "1348"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith("usage: ")
+  assert "argument --batch-size: 1348 exceeds the 1347 training images" in err
 
 
 def test_heads_that_do_not_divide_the_width_are_usage_errors(examples_path, capsys):
@@ -274,6 +293,11 @@ def test_time_to_accuracy_tasks_are_checked_like_every_other_name_list(time_to_a
     time_to_accuracy.parse_args(["--tasks", "cnnn,lm"])
   assert e.value.code == 2
   assert "argument --tasks: unknown ['cnnn']; choose from cnn, lm, dlrm" in capsys.readouterr().err
+  # --tasks cnn,cnn trained the CNN twice and wrote one entry.
+  with pytest.raises(SystemExit) as e:
+    time_to_accuracy.parse_args(["--tasks", "cnn,lm,cnn"])
+  assert e.value.code == 2
+  assert "argument --tasks: cnn given more than once in 'cnn,lm,cnn'" in capsys.readouterr().err
 
 
 def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_accuracy, capsys):
