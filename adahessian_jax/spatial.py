@@ -1094,6 +1094,9 @@ class LayoutGuessWarning(UserWarning):
   guess averages the curvature across them. Say what the axes are (axis names, or rules through
   ``averaging=``), make it an error with ``averaging=spatial.strict()``, or silence it with
   ``warnings.filterwarnings("ignore", category=spatial.LayoutGuessWarning)``.
+
+  Also issued when NNX variables' axis names decide some leaves' rules that the plain arrays
+  ``nnx.Optimizer.update`` passes would not (pass ``averaging=spatial.named(...)``).
   """
 
 
@@ -1352,7 +1355,72 @@ def resolve_rules(
   if warn and guesses:
     message = _guess_warning(guesses) + _masked_hint(averaging, params, block_size)
     warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
+  if warn:
+    _warn_nnx_names_dropped(averaging, params, block_size, rows)
   return jax.tree.unflatten(jax.tree.structure(params), bound)
+
+
+def _pure_nnx_twin(params: Any) -> Any | None:
+  """``params`` with every NNX variable replaced by its value (what ``nnx.as_pure`` gives), or
+  ``None`` if no NNX variable in it carries axis names."""
+  variable = layout._nnx_variable_class()
+  if variable is None:
+    return None
+  is_variable = lambda x: isinstance(x, variable)
+  nodes = jax.tree.leaves(params, is_leaf=is_variable)
+  if not any(is_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
+    return None
+
+  def value(x):
+    inner = jax.tree.leaves(x)
+    return inner[0] if len(inner) == 1 else x
+
+  return jax.tree.map(lambda x: value(x) if is_variable(x) else x, params, is_leaf=is_variable)
+
+
+def _warn_nnx_names_dropped(
+  averaging: AveragingSpec, params: Any, block_size: int, rows: Sequence[Row]
+) -> None:
+  """Warns when ``params`` holds NNX variables whose axis names decide a leaf's rule that the
+  plain arrays (``nnx.as_pure``) would not: ``nnx.Optimizer`` calls ``init`` on the variables
+  but ``update`` on the plain arrays, where the names are gone. A stack of layers without biases
+  (kernels ``(layers, in, out)``) was then averaged across its layers at every update, though
+  ``init`` had read the names and warned of nothing."""
+  twin = _pure_nnx_twin(params)
+  if twin is None:
+    return
+  spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
+  try:  # the plain arrays' reading, never refused here (strict mode refuses it at update)
+    _, plain = _plan(dataclasses.replace(spec, strict=False), twin, block_size, False)
+  except ValueError:
+    return
+  if len(plain) != len(rows):
+    return
+  # In strict mode update refuses an ambiguous plain reading itself.
+  lost = [
+    (r, p)
+    for r, p in zip(rows, plain, strict=True)
+    if r.rule != p.rule and not (spec.strict and p.ambiguous)
+  ]
+  if not lost:
+    return
+  listed = "".join(
+    f"\n  {r.path}: shape {r.shape}, names {r.names}: {r.rule} by its names, {p.rule} without"
+    for r, p in lost[:_WARN_LEAVES]
+  )
+  more = f"\n  ... and {len(lost) - _WARN_LEAVES} more" if len(lost) > _WARN_LEAVES else ""
+  n = f"{len(lost)} {'leaf' if len(lost) == 1 else 'leaves'}"
+  warnings.warn(
+    f"the axis names of the NNX variables decide the spatial averaging of {n}, but "
+    "nnx.Optimizer.update hands the transform plain arrays (nnx.as_pure), without the names, "
+    f"and there the default rule reads them otherwise:{listed}{more}\n"
+    "Give the optimizer the names: adahessian(..., averaging=spatial.named(nnx.state(model, "
+    "wrt))), with the nnx.Optimizer's wrt filter (e.g. nnx.Param). (A tx.update called with "
+    "the variables themselves, not through nnx.Optimizer, does see the names; named() is "
+    "right there too.)",
+    LayoutGuessWarning,
+    stacklevel=_caller_level(),
+  )
 
 
 def leaf_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) -> list[Rule]:
