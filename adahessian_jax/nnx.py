@@ -41,6 +41,7 @@ from adahessian_jax import _validation, distributed, fused
 from adahessian_jax._extras import missing_extra
 
 try:
+  import flax.linen
   from flax import nnx
 except ImportError as e:
   raise missing_extra("flax", "adahessian_jax.nnx", e) from e
@@ -81,9 +82,21 @@ def _listing(paths: list[str]) -> str:
 def _check_arguments(model: Any, loss_fn: Any, call: str) -> None:
   """Raises ``TypeError`` if ``loss_fn`` is not callable or ``model`` is a function rather than a
   module (or pytree of modules): the two helpers take them in opposite orders, so swapping them is
-  the likely slip."""
+  the likely slip; where neither is an NNX module (a Linen module as the model), says that."""
   if callable(loss_fn) and not (callable(model) and not nnx.graphlib.is_graph_node(model)):
     return
+  if callable(loss_fn) and not nnx.graphlib.is_graph_node(loss_fn):  # not swapped: no NNX module
+    linen = isinstance(model, flax.linen.Module)
+    fix = (
+      "A Flax Linen module takes adahessian_jax.linen.TrainState (or "
+      "adahessian_jax.value_grad_and_hessian_diag of a loss of its params)."
+      if linen
+      else "Pass the nnx.Module (or a pytree of them) the loss takes as its first argument."
+    )
+    raise TypeError(
+      f"{call} takes an nnx.Module (or a pytree of them) as model, got a "
+      f"{type(model).__module__}.{type(model).__qualname__}, which is no NNX module. {fix}"
+    )
   raise TypeError(
     f"{call} takes the module as model and the loss as loss_fn, got a "
     f"{type(model).__name__} as the model and a {type(loss_fn).__name__} as loss_fn. The orders "
@@ -149,7 +162,7 @@ def value_fn(
 
   Raises:
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
-      the two swapped).
+      the two swapped), or ``model`` is no NNX module (a Linen module).
     ValueError: if ``model`` holds none of the variables ``wrt`` selects.
   """
   _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
@@ -245,7 +258,8 @@ def value_grad_and_hessian_diag(
       selects, for an ``axis_name`` that no enclosing map binds, or for
       ``independent_probes`` without ``axis_name``.
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
-      the two swapped), ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
+      the two swapped), ``model`` is no NNX module (a Linen module), ``optimizer``
+      is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it).
   """

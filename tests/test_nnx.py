@@ -444,3 +444,18 @@ def test_axis_names_that_update_does_not_see_are_warned_of_at_init():
   by_hand = np.abs(np.asarray(estimate)).reshape(3, 2, 8, 16).mean(axis=2, keepdims=True)
   by_hand = np.broadcast_to(by_hand, (3, 2, 8, 16)).reshape(3, 16, 16)  # per layer, 8 inputs
   np.testing.assert_allclose(np.sqrt(nu["layers"]["dense"]["kernel"] / 0.5), by_hand, rtol=1e-6)
+
+
+def test_a_linen_module_as_the_model_is_refused_naming_the_linen_route():
+  """A Linen module is callable and no NNX graph node: the helpers said the model and the loss
+  were swapped (they were not) instead of that the model is no NNX module."""
+  import flax.linen as nn
+
+  x, y = data()
+  dense = nn.Dense(1)
+  optimizer = nnx.Optimizer(Net(nnx.Rngs(0)), ah.adahessian(0.1), wrt=nnx.Param)
+  fix = r"got a flax\.linen\.linear\.Dense, which is no NNX module.*linen\.TrainState"
+  with pytest.raises(TypeError, match=fix):
+    ah_nnx.value_fn(dense, loss_fn, x, y)
+  with pytest.raises(TypeError, match=fix):
+    ah_nnx.value_grad_and_hessian_diag(loss_fn, dense, optimizer, x, y)
