@@ -443,6 +443,17 @@ def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tupl
   return modules
 
 
+def kernel_biases(paths) -> dict[int, int]:
+  """``{kernel leaf index: bias leaf index}`` for the modules holding both (Flax's ``kernel`` and
+  ``bias``, Haiku's ``w`` and ``b``)."""
+  found: dict[int, int] = {}
+  for members in _by_module(paths).values():
+    for kernel, bias in _KERNEL_BIAS:
+      if kernel in members and bias in members:
+        found[members[kernel]] = members[bias]
+  return found
+
+
 def _stack_count(
   module: tuple, members: dict[str, int], shapes
 ) -> tuple[tuple[int, ...] | None, str]:

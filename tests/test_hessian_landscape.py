@@ -176,6 +176,35 @@ def test_filter_normalisation_keeps_attention_heads_apart():
     np.testing.assert_allclose(_filter_norms(nd[k]["kernel"], axes), _filter_norms(stack[w], axes))
 
 
+def test_filter_normalisation_gives_each_output_unit_of_a_dense_general_its_own_filter():
+  # A DenseGeneral/nnx.LinearGeneral with features (3, 5) (kernel (6, 3, 5), bias (3, 5)), or an
+  # Einsum with a bias, has 15 output units, each a filter, as its bias shows under any name; the
+  # last axis alone pooled each column across the 3 units of the first output axis (norms off by
+  # up to 69x here). Without a bias, nothing shows the output axes: the last axis stays the filter.
+  r = np.random.default_rng(0)
+  scale = np.array([1.0, 10.0, 100.0])[:, None]  # the first output axis' units differ in scale
+  k = r.normal(size=(6, 3, 5)) * scale
+  params = {
+    "DenseGeneral_0": {"kernel": jnp.asarray(k), "bias": jnp.zeros((3, 5))},
+    "proj": {"kernel": jnp.asarray(-k), "bias": jnp.ones((3, 5))},
+    "no_bias": {"kernel": jnp.asarray(k)},
+    # A bias that fits two ways (one layer with outputs (6, 4), or a batch of 6): the rank's guess.
+    "batched": {"kernel": jnp.asarray(r.normal(size=(6, 6, 4))), "bias": jnp.zeros((6, 4))},
+  }
+  op = _sin_op(params)
+  d = hessian.random_direction(op, jax.random.key(0))
+  nd = op.unravel(hessian.normalize_direction(op, d, "filter"))
+  for name, axes in (("DenseGeneral_0", (1, 2)), ("proj", (1, 2)), ("no_bias", (2,))):
+    np.testing.assert_allclose(
+      _filter_norms(nd[name]["kernel"], axes), _filter_norms(k, axes), rtol=1e-12, err_msg=name
+    )
+  np.testing.assert_allclose(
+    _filter_norms(nd["batched"]["kernel"], (2,)),
+    _filter_norms(params["batched"]["kernel"], (2,)),
+    rtol=1e-12,
+  )
+
+
 def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():
   # An Embed table (num_embeddings, features) has a filter per token (row), as the reference code
   # rescales PyTorch's (num, dim) tables; per feature column, a rare token's small row got the

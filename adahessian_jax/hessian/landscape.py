@@ -21,7 +21,10 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   heads axis found by its name, e.g. ``"heads"``, or, without axis names, in
   Flax's attention modules as the optimizer's averaging finds it, in each layer of a stack
   given by ``layer_axes=`` too); the output kernel ``(heads,
-  head_dim, embed)`` one per ``embed`` entry; and embedding tables ``(num_embeddings,
+  head_dim, embed)`` one per ``embed`` entry; a kernel whose bias has two axes or more
+  and is its trailing axes (a ``DenseGeneral`` or ``nnx.LinearGeneral`` with several output
+  axes, an ``Einsum`` with a bias) one per output unit, i.e. per entry of its bias (without a
+  bias nothing shows its output axes: the last axis); and embedding tables ``(num_embeddings,
   features)`` (a Flax ``embedding``, or a ``"vocab"`` axis name), which have a
   filter per row (token), as Li et al.'s code rescales PyTorch's ``(num, dim)``
   tables row by row; a PyTorch/Equinox ``weight`` ``(out, in, *spatial)`` (unnamed
@@ -126,6 +129,7 @@ class _LeafAxes(NamedTuple):
   layer: tuple[int, ...]  # its stacked-layer axes
   param: str | None  # its Flax name (last path key): "kernel", "bias", "scale", ...
   roles: tuple[str | None, ...] | None  # each axis' role from its name (spatial), if named
+  outputs: tuple[int, ...]  # a kernel's output axes its bias of two axes or more shows, else ()
 
 
 def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
@@ -166,7 +170,31 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
       roles[i] = tuple(
         "stacked" if a in layers[i] else next(per_axis) for a in range(len(shapes[i]))
       )
-  return [_LeafAxes(*a) for a in zip(shapes, layers, params, roles, strict=True)]
+  outputs = _bias_outputs(paths, shapes, layers)
+  return [_LeafAxes(*a) for a in zip(shapes, layers, params, roles, outputs, strict=True)]
+
+
+def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
+  """For each kernel whose module's bias has two axes or more besides its layer axes and is the
+  kernel's trailing axes one way only (a ``DenseGeneral``/``nnx.LinearGeneral`` with several
+  output axes, an ``Einsum`` with a bias, an attention projection ``(embed, heads, head_dim)``):
+  those trailing axes, one filter per output unit. ``()`` for every other leaf."""
+  outputs: list[tuple[int, ...]] = [()] * len(shapes)
+  for i, j in _evidence.kernel_biases(paths).items():
+    if len(layers[i]) != len(layers[j]):
+      continue
+    rest = [a for a in range(len(shapes[i])) if a not in layers[i]]
+    kernel = tuple(shapes[i][a] for a in rest)
+    bias = tuple(shapes[j][a] for a in range(len(shapes[j])) if a not in layers[j])
+    if not 2 <= len(bias) < len(kernel):
+      continue
+    # As the averaging reads DenseGeneral kernels: a bias that fits two ways ((6, 6, 4) beside
+    # (6, 4): a batch of 6, or two output axes) says nothing.
+    cut = len(kernel) - len(bias)
+    fits = [n for n in range(len(bias)) if bias == kernel[:n] + kernel[cut + n :]]
+    if fits == [0]:
+      outputs[i] = tuple(rest[-len(bias) :])
+  return outputs
 
 
 def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
@@ -190,6 +218,8 @@ def _filter_axes(leaf: _LeafAxes) -> tuple[int, ...] | None:
   rest = [a for a in range(len(leaf.shape)) if a not in leaf.layer]
   if leaf.param in ("bias", "scale") or len(rest) < 2:
     return None
+  if leaf.outputs:  # its bias shows its output axes: a filter per output unit
+    return leaf.outputs
   roles = leaf.roles or (None,) * len(leaf.shape)
   vocab = tuple(a for a in rest if roles[a] == "vocab")
   if vocab:  # a table (vocab, embed) or an unembedding (embed, vocab): a filter per token
