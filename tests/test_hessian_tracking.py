@@ -180,6 +180,10 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
     hessian.track_curvature(op, bad)
   with pytest.raises(TypeError, match="CurvatureRecord.*got Sharpness"):
     hessian.track_curvature(op, record.sharpness)
+  # A record from a checkpoint restored without a target (orbax: a dict of its fields).
+  untyped = {k: (v._asdict() if k == "sharpness" else v) for k, v in record._asdict().items()}
+  with pytest.raises(TypeError, match="got dict: its keys are a CurvatureRecord's.*as the target"):
+    hessian.track_curvature(op, untyped)
   # A broken preconditioned block is refused before the plain measurement spends a product.
   pre = hessian.track_curvature(op, preconditioner=jnp.ones(N), tol=1e-4)
   pre = pre._replace(preconditioned=pre.preconditioned._replace(ritz_vectors=jnp.ones((2, 3))))

@@ -432,9 +432,18 @@ def track_curvature(
   mix = _validation.positive("warm_mix", warm_mix, allow_zero=True)
   args = (tol, max_iter, stop_on, mix, block_size)
   if previous is not None and not isinstance(previous, CurvatureRecord):
+    # A checkpoint (orbax) restored without a target gives the record's fields as a dict.
+    untyped = isinstance(previous, dict) and set(previous) == set(CurvatureRecord._fields)
+    hint = (
+      ": its keys are a CurvatureRecord's, as a checkpoint restored without a target gives "
+      "them; restore it with a record of this model as the target (e.g. one measurement with "
+      "previous=None), or pass previous=None for a cold start"
+      if untyped
+      else ""
+    )
     raise TypeError(
       f"previous must be the CurvatureRecord an earlier track_curvature call returned (or None), "
-      f"got {type(previous).__name__}"
+      f"got {type(previous).__name__}{hint}"
     )
   # Both start blocks and the preconditioner (building the operator checks it) are checked before
   # either measurement spends a product.
