@@ -219,8 +219,10 @@ def adam_preconditioner(
   differently (rectification, an infinity norm, a trust ratio), so for them
   this is not their ``P``: build it yourself.
 
-  Inside an ``optax.inject_hyperparams`` state the injected values are read
-  from the state; passing a different value raises.
+  The plain state does not hold the hyperparameters: pass the transform's
+  (``yogi``'s ``eps`` is 1e-3, which the default 1e-8 would miss by a few
+  percent of ``λ_max(P⁻¹H)``). Inside an ``optax.inject_hyperparams`` state
+  the injected values are read from the state; passing a different value raises.
 
   Args:
     opt_state: Any optax state holding one :class:`optax.ScaleByAdamState` or
