@@ -175,8 +175,11 @@ def test_a_preconditioner_unlike_the_params_is_refused_naming_the_leaf():
     hessian.preconditioned_operator(
       op, hessian.adam_preconditioner(_stepped(optax.adam(1.0), other))
     )
-  with pytest.raises(ValueError, match=r"leaf at \['hidden'\]\['bias'\] has shape \(\)"):
-    hessian.preconditioned_operator(op, jax.tree.map(lambda a: jnp.float64(2.0), params))
+  with pytest.raises(ValueError, match=r"leaf at \['hidden'\]\['bias'\] has shape \(1,\)"):
+    hessian.preconditioned_operator(op, jax.tree.map(lambda a: jnp.ones(1), params))
+  # A scalar leaf stands for its whole leaf.
+  scalars = hessian.preconditioned_operator(op, jax.tree.map(lambda a: jnp.float64(4.0), params))
+  np.testing.assert_allclose(scalars.matvec(jnp.ones(op.size)), op.matvec(jnp.ones(op.size)) / 4)
 
 
 def test_a_bad_preconditioner_entry_is_named_by_leaf_path_and_index():
@@ -281,6 +284,57 @@ def test_a_masked_adam_state_is_refused_naming_the_masked_leaves():
   state = _stepped(optax.masked(optax.adam(1e-3), mask), params)
   with pytest.raises(ValueError, match=r"inside optax.masked .*: the leaves \['out'\]\['bias'\]"):
     hessian.adam_preconditioner(state)
+
+
+@pytest.mark.parametrize(
+  "labels",
+  [{"hidden": "ada", "out": "adam"}, {"hidden": {"kernel": "ada", "bias": "adam"}, "out": "ada"}],
+  ids=["prefix", "leaves"],
+)
+def test_groups_of_adahessian_and_adam_combine_their_preconditioners(labels):
+  # Each group's state leaves the other's leaves out (optax.MaskedNode): neither function could
+  # give P, and the message's "take this function on an unmasked state" could not be followed.
+  tx = optax.multi_transform(
+    {"ada": adahessian_jax.scale_by_adahessian(b2=0.99), "adam": optax.scale_by_adam(b2=0.99)},
+    labels,
+  )
+  params, batch = mlp()
+  state = tx.init(params)
+  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
+  for _ in range(3):
+    updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
+    params = jax.tree.map(lambda p, u: p - 0.05 * u, params, updates)
+  with pytest.raises(ValueError, match=r"masked out.*Pass fill=.*fill=hessian.adam_precond"):
+    hessian.adahessian_preconditioner(state, b2=0.99)
+  adam = hessian.adam_preconditioner(state, b2=0.99, fill=jnp.inf)
+  p = hessian.adahessian_preconditioner(state, b2=0.99, fill=adam)
+  # P is the denominator of the last update of whichever group owns the leaf.
+  owner = jax.tree.map(lambda label, sub: jax.tree.map(lambda _: label, sub), labels, params)
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  mu = {
+    "ada": adahessian_jax.find_adahessian_state(state).mu,
+    "adam": next(x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x)).mu,
+  }
+  by_path = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  for path, label in by_path(owner).items():
+    want = by_path(mu[label])[path] / (1 - 0.9**3) / by_path(updates)[path]
+    np.testing.assert_allclose(by_path(p)[path], want, rtol=1e-10)
+  # The combined P and one group's alone (the rest held still, P = inf) against dense matrices.
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  dense = dense_hessian(mlp_loss, params, batch)
+  alone = hessian.adahessian_preconditioner(state, b2=0.99, fill=jnp.inf)
+  for given in (p, alone):
+    full = jax.tree.map(lambda w, sub: jax.tree.map(lambda x: w + 0 * x, sub), given, params)
+    s = 1.0 / np.sqrt(np.asarray(op.ravel(full)))
+    want = np.linalg.eigvalsh(s[:, None] * dense * s[None, :])[-1]
+    got = hessian.top_eigenvalues(hessian.preconditioned_operator(op, given), tol=1e-10)
+    assert got.eigenvalues[0] == pytest.approx(want, rel=1e-8)
+    if given is alone:  # held still: Adam's leaves, exactly
+      held = [bool(np.isinf(w).all()) for w in jax.tree.leaves(full)]
+      assert held == [label == "adam" for label in jax.tree.leaves(owner)]
+  for fill, message in [(0.0, "fill"), ({"x": 1.0}, r"fill has no entry at \['")]:
+    with pytest.raises(ValueError, match=message):
+      hessian.adahessian_preconditioner(state, b2=0.99, fill=fill)
 
 
 @pytest.mark.parametrize("tx", [optax.adamw(1e-3), optax.amsgrad(1e-3)], ids=["adamw", "amsgrad"])

@@ -118,18 +118,54 @@ def _hyperparameter(name: str, given: Any, injected: dict[str, Any], default: fl
   return stored
 
 
-def _check_unmasked(nu: Any, what: str) -> None:
-  """Raises ``ValueError`` naming the leaves ``optax.masked`` left out of ``nu``."""
+def _subtree_at(tree: Any, path: tuple[Any, ...], where: str) -> Any:
+  """The node of ``tree`` at ``path`` (keys of ``jax.tree_util``); ``ValueError`` if none."""
+  node = tree
+  for key in path:
+    try:
+      if isinstance(key, jax.tree_util.DictKey):
+        node = node[key.key]
+      elif isinstance(key, jax.tree_util.SequenceKey):
+        node = node[key.idx]
+      elif isinstance(key, jax.tree_util.GetAttrKey):
+        node = getattr(node, key.name)
+      else:
+        raise TypeError(key)
+    except (KeyError, IndexError, TypeError, AttributeError):
+      raise ValueError(
+        f"fill has no entry at {where}, a leaf the state leaves out: give a scalar, or a pytree "
+        "like the params (another group's P)"
+      ) from None
+  return node
+
+
+def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
+  """``p`` with the leaves ``optax.masked`` left out of ``nu`` taken from ``fill`` (a scalar, or
+  a pytree like the params: its node at each such path).
+
+  Raises ``ValueError`` naming those leaves when ``fill`` is ``None``.
+  """
   leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=masking.is_masked)
   masked = [jax.tree_util.keystr(p) for p, x in leaves if masking.is_masked(x)]
-  if masked:
+  if not masked:
+    return p
+  if fill is None:
     raise ValueError(
       f"the {what} state is inside optax.masked (or is one group of optax.multi_transform): "
       f"the leaves {', '.join(masked)} are masked "
-      "out, so it holds no second moment (and no preconditioner) for them. Build P yourself: "
-      "take this function on an unmasked state, or fill those leaves in with the scale their "
-      "updates get."
+      "out, so it holds no second moment (and no preconditioner) for them. Pass fill=: "
+      "fill=jnp.inf holds them still (the part of the Hessian this state preconditions); "
+      "another group's P fills them with its own, e.g. "
+      f"hessian.{call}(opt_state, fill=hessian.adam_preconditioner(opt_state, fill=jnp.inf))."
     )
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(fill)):
+    value = jnp.asarray(_validation.interval("fill", fill, 0.0, np.inf, lo_open=True), float)
+    at = lambda path: value
+  else:
+    at = lambda path: _subtree_at(fill, path, jax.tree_util.keystr(path))
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: at(path) if masking.is_masked(x) else x, p, is_leaf=masking.is_masked
+  )
 
 
 def _adam_states(opt_state: Any) -> list[Any]:
@@ -144,6 +180,7 @@ def adahessian_preconditioner(
   b2: jax.typing.ArrayLike | None = None,
   eps: jax.typing.ArrayLike | None = None,
   hessian_power: jax.typing.ArrayLike | None = None,
+  fill: jax.typing.ArrayLike | None = None,
 ) -> Any:
   """AdaHessian's diagonal ``P = v̂^{k/2} + eps``, ``v̂ = nu / (1 − b2^count)``.
 
@@ -165,6 +202,13 @@ def adahessian_preconditioner(
     eps: The transform's ``eps``, ``> 0``; default the injected value, else 1e-4.
     hessian_power: The transform's ``hessian_power`` ``k``, in ``[0, 1]``;
       default the injected value, else 1.
+    fill: ``P`` on the leaves ``optax.masked`` or ``optax.multi_transform``
+      leaves out of the state: a scalar ``> 0`` for each such leaf (``jnp.inf``
+      holds them still: the part of the Hessian this state preconditions), or a
+      pytree like the params whose entries there are taken, e.g. the other
+      group's ``P``: ``adahessian_preconditioner(s, fill=adam_preconditioner(s,
+      fill=jnp.inf))`` for AdaHessian on some leaves and Adam on the others.
+      ``None`` (default) raises where leaves are left out.
 
   Returns:
     ``P`` as a pytree like the params; ``inf`` on entries that have no curvature
@@ -174,7 +218,7 @@ def adahessian_preconditioner(
   Raises:
     ValueError: for a hyperparameter out of range (named), one that conflicts
       with the state's injected value, a state before its first update, or a
-      state inside ``optax.masked``.
+      state inside ``optax.masked`` without ``fill``.
   """
   try:
     state = find_adahessian_state(opt_state)
@@ -194,13 +238,13 @@ def adahessian_preconditioner(
   )
   power = _hyperparameter("hessian_power", hessian_power, injected, 1.0)
   half = _validation.interval("hessian_power", power, 0.0, 1.0) / 2
-  _check_unmasked(state.nu, "AdaHessian")
   count = _steps(state.count, "AdaHessian")
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
   nu_hat = _bias_corrected(state.nu, count, b2, every)
   # An entry without curvature yet (nu marked -0.0) is not moved by the updates: P = inf there.
-  return jax.tree.map(lambda v: jnp.where(jnp.signbit(v), jnp.inf, v**half + eps), nu_hat)
+  p = jax.tree.map(lambda v: jnp.where(jnp.signbit(v), jnp.inf, v**half + eps), nu_hat)
+  return _masked_filled(p, state.nu, fill, "AdaHessian", "adahessian_preconditioner")
 
 
 def adam_preconditioner(
@@ -209,6 +253,7 @@ def adam_preconditioner(
   b2: jax.typing.ArrayLike | None = None,
   eps: jax.typing.ArrayLike | None = None,
   eps_root: jax.typing.ArrayLike | None = None,
+  fill: jax.typing.ArrayLike | None = None,
 ) -> Any:
   """Adam's diagonal ``P = sqrt(v̂ + eps_root) + eps``, ``v̂ = nu / (1 − b2^count)``.
 
@@ -232,6 +277,8 @@ def adam_preconditioner(
       Unused for AMSGrad, whose ``nu_max`` is already corrected.
     eps: Adam's ``eps``, ``>= 0``; default the injected value, else 1e-8.
     eps_root: Adam's ``eps_root``, ``>= 0``; default the injected value, else 0.
+    fill: ``P`` on the leaves ``optax.masked`` or ``optax.multi_transform``
+      leaves out of the state, as for :func:`adahessian_preconditioner`.
 
   Returns:
     ``P`` as a pytree like the params.
@@ -240,7 +287,7 @@ def adam_preconditioner(
     ValueError: for a hyperparameter out of range (named), one that conflicts
       with the state's injected value, not exactly one Adam or AMSGrad state,
       a state before its first update, replicated across devices, or inside
-      ``optax.masked``.
+      ``optax.masked`` without ``fill``.
   """
   found = _adam_states(opt_state)
   if len(found) != 1:
@@ -272,11 +319,30 @@ def adam_preconditioner(
   state = found[0]
   amsgrad = isinstance(state, optax.ScaleByAmsgradState)
   what = "AMSGrad" if amsgrad else "Adam"
-  _check_unmasked(state.nu, what)
   count = _steps(state.count, what)
   # AMSGrad divides by the running maximum of the corrected nu: corrected already.
   nu_hat = state.nu_max if amsgrad else _bias_corrected(state.nu, count, b2)
-  return jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
+  p = jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
+  return _masked_filled(p, state.nu, fill, what, "adam_preconditioner")
+
+
+def _scalars_broadcast(p: Any, params: Any) -> Any:
+  """``p`` with each scalar leaf (a masked group's ``fill``) broadcast to the params under it:
+  their leaf at that path, or every leaf of the subtree a prefix mask left out. ``p`` as given
+  if it is one array or its structure is no prefix of the params' (the check then names it)."""
+  leaves = jax.tree.leaves(p)
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(p)) or all(np.ndim(x) for x in leaves):
+    return p
+
+  def broadcast(x, under):
+    if np.ndim(x):
+      return x
+    return jax.tree.map(lambda w: jnp.broadcast_to(jnp.asarray(x), np.shape(w)), under)
+
+  try:
+    return jax.tree.map(broadcast, p, params)
+  except (ValueError, TypeError):
+    return p
 
 
 @jax.jit
@@ -295,7 +361,8 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
     op: A Hessian operator (any: full, block or masked, over any data).
     preconditioner: ``P``, positive, as a pytree like the params (from
       :func:`adahessian_preconditioner`, :func:`adam_preconditioner`, or your
-      own) or a flat ``(n,)`` array; for a block operator (``op.block(leaf, where)``)
+      own) or a flat ``(n,)`` array; a scalar leaf stands for every entry of the params'
+      leaf (or subtree) at its path; for a block operator (``op.block(leaf, where)``)
       its part, ``P``'s leaf at that path indexed by ``where``. Linen boxes and NNX
       variables aside: ``P`` from ``nnx.Optimizer``'s ``opt_state`` serves params from
       ``nnx.split(model, nnx.Param, ...)``, an unboxed ``P`` boxed params. An
@@ -313,7 +380,7 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
       is not positive (NaN, 0, negative or ``-inf``; named by leaf path and
       index in the leaf).
   """
-  flat = op.layout.flatten(preconditioner, "the preconditioner")
+  flat = op.layout.flatten(_scalars_broadcast(preconditioner, op.params), "the preconditioner")
   flat = jnp.asarray(flat, op.dtype)
   host = np.asarray(flat)
   if not np.all(host > 0):  # NaN compares False
