@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, TypeVar
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -261,3 +263,166 @@ def device_varying(tree: T, axis_name: Any) -> T:
       return x
 
   return jax.tree.map(one, tree)
+
+
+# Collectives that move values between devices (pvary/pcast and axis_index move nothing).
+_COMMUNICATING = frozenset(
+  {
+    "psum",
+    "psum2",
+    "psum_invariant",
+    "pmax",
+    "pmin",
+    "all_gather",
+    "all_gather_invariant",
+    "ppermute",
+    "all_to_all",
+    "ragged_all_to_all",
+    "reduce_scatter",
+    "psum_scatter",
+  }
+)
+# Linear in every operand that depends on the parameters, if only one does (for the products);
+# a value that other devices' parameters reach only through these enters the loss linearly.
+_LINEAR = frozenset(
+  {
+    "add",
+    "add_any",
+    "sub",
+    "neg",
+    "reduce_sum",
+    "convert_element_type",
+    "reshape",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "transpose",
+    "slice",
+    "dynamic_slice",
+    "concatenate",
+    "pad",
+    "rev",
+    "copy",
+    "copy_p",
+    "gather",
+    "select_n",
+    "cumsum",
+    "pvary",
+    "pcast",
+    "mul",
+    "div",
+    "dot_general",
+  }
+)
+_PRODUCTS = frozenset({"mul", "div", "dot_general", "select_n"})
+
+
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+  subs = []
+  for value in eqn.params.values():
+    for v in value if isinstance(value, tuple | list) else (value,):
+      if isinstance(v, jax.extend.core.ClosedJaxpr):
+        subs.append(v.jaxpr)
+      elif isinstance(v, jax.extend.core.Jaxpr):
+        subs.append(v)
+  return subs
+
+
+def _named_axes(eqn: Any) -> frozenset:
+  named = eqn.params.get("axes", eqn.params.get("axis_name", ()))
+  return frozenset(named if isinstance(named, tuple | list) else (named,))
+
+
+def _couples(jaxpr: Any, dep: list[bool], crossed: list[bool], axes: frozenset) -> Any:
+  """Walks ``jaxpr`` from its inputs that depend on this device's parameters (``dep``) and those
+  that other devices' parameters reach (``crossed``).
+
+  Returns:
+    ``(name, out_dep, out_crossed)``: the name of the first operation that takes the result of a
+    collective over ``axes`` other than linearly (``None`` if there is none), and the two flags
+    of the outputs.
+  """
+  is_var = lambda v: not isinstance(v, jax.extend.core.Literal)
+  deps = {v for v, d in zip(jaxpr.invars, dep, strict=True) if d}
+  cross = {v for v, c in zip(jaxpr.invars, crossed, strict=True) if c}
+  for eqn in jaxpr.eqns:
+    d_in = [is_var(v) and v in deps for v in eqn.invars]
+    c_in = [is_var(v) and v in cross for v in eqn.invars]
+    if not any(d_in) and not any(c_in):
+      continue
+    name = eqn.primitive.name
+    out_crossed = any(c_in)
+    if name in _COMMUNICATING and (_named_axes(eqn) & axes):
+      out_crossed = out_crossed or any(d_in)
+    elif any(c_in):
+      nonlinear = name not in _LINEAR or (name in _PRODUCTS and sum(d_in) > 1)
+      subs = _sub_jaxprs(eqn)
+      if subs:
+        for sub in subs:
+          n = len(sub.invars)
+          one_to_one = n == len(eqn.invars)
+          sub_dep = d_in if one_to_one else [any(d_in)] * n
+          sub_cross = c_in if one_to_one else [any(c_in)] * n
+          found = _couples(sub, sub_dep, sub_cross, axes)[0]
+          if found:
+            return found, [], []
+      elif nonlinear:
+        return name, [], []
+    else:  # parameter-dependent inputs only: a collective inside a sub-jaxpr?
+      for sub in _sub_jaxprs(eqn):
+        n = len(sub.invars)
+        sub_dep = d_in if n == len(eqn.invars) else [any(d_in)] * n
+        found, _, sub_crossed = _couples(sub, sub_dep, [False] * n, axes)
+        if found:
+          return found, [], []
+        out_crossed = out_crossed or any(sub_crossed)
+    deps.update(eqn.outvars)
+    if out_crossed:
+      cross.update(eqn.outvars)
+  return (
+    None,
+    [is_var(v) and v in deps for v in jaxpr.outvars],
+    [is_var(v) and v in cross for v in jaxpr.outvars],
+  )
+
+
+def loss_couples_devices(fn: Any, params: Any, args: Any, kwargs: Any, axis_name: Any) -> Any:
+  """Whether ``fn(params, *args, **kwargs)`` (this device's loss, traced inside the map) lets
+  other devices' parameters reach it other than linearly, through a collective over
+  ``axis_name`` (a BatchNorm synchronised over the batch axis).
+
+  Then the loss of each device depends on every device's parameters, and Hutchinson's estimate
+  with a probe per device misses the Hessian blocks between devices. A collective whose result
+  enters the loss linearly (a ``pmean`` of the loss) or that sees no parameter (a token count)
+  couples nothing.
+
+  Returns:
+    The name of the operation that takes the collective's result nonlinearly, or ``None``.
+  """
+  closed = jax.make_jaxpr(lambda p: fn(p, *args, **kwargs))(params)
+  n = len(closed.jaxpr.invars)
+  return _couples(closed.jaxpr, [True] * n, [False] * n, frozenset(check_names(axis_name)))[0]
+
+
+def warn_if_loss_couples_devices(
+  fn: Any, params: Any, args: Any, kwargs: Any, axis_name: Any, caller: str
+) -> None:
+  """Warns if independent probes would bias the estimate of ``fn`` (:func:`loss_couples_devices`).
+
+  Measured (a Dense-BatchNorm-tanh-Dense model, BatchNorm synchronised over 4 devices, 4096
+  probes): entries off by up to 12 standard deviations of the estimator, and the bias before
+  the BatchNorm, whose Hessian is exactly 0, estimated at -0.07.
+  """
+  found = loss_couples_devices(fn, params, args, kwargs, axis_name)
+  if found:
+    warnings.warn(
+      f"{caller}: independent_probes=True, but the loss reads other devices' parameters through "
+      f"a collective over axis_name={axis_name!r} whose result it takes nonlinearly ({found!r}; "
+      "e.g. BatchNorm(axis_name=...), which synchronises the batch statistics): each device's "
+      "loss then depends on every device's probe, and the averaged estimate misses the Hessian "
+      "between devices (biased). Use the same probes on every device "
+      "(independent_probes=False, the default), which give the single-device estimate on the "
+      "global batch exactly.",
+      UserWarning,
+      stacklevel=4,
+    )

@@ -47,7 +47,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adahessian_jax import _keys, masking
-from adahessian_jax._axes import device_varying, fold_in_axis_index
+from adahessian_jax._axes import device_varying, fold_in_axis_index, warn_if_loss_couples_devices
 from adahessian_jax.state import (
   adahessian_states,
   check_key_data,
@@ -115,7 +115,13 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
 
 
 def _fused_pass_inputs(
-  params: Any, opt_state: Any, axis_name: Any, independent_probes: bool, caller: str, tx: str
+  params: Any,
+  opt_state: Any,
+  axis_name: Any,
+  independent_probes: bool,
+  caller: str,
+  tx: str,
+  loss: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> tuple[Any, Any]:
   """The ``(params, opt_state)`` at which a data-parallel fused pass takes this device's own
   gradient and estimate (the Flax helpers' ``axis_name`` / ``independent_probes``).
@@ -125,6 +131,10 @@ def _fused_pass_inputs(
   like them), and with ``independent_probes`` the state's keys are folded per device
   (:func:`per_device_probe_state`; pass the original state to ``tx.update``). Without
   ``axis_name`` they are returned as they are.
+
+  With ``independent_probes`` and ``loss``, ``(loss_fn, args, kwargs)``, warns if the loss reads
+  other devices' parameters through a collective over ``axis_name`` (a synchronised BatchNorm),
+  which would bias the estimate.
 
   Raises:
     ValueError: for ``independent_probes`` without ``axis_name``, naming ``caller`` and ``tx``
@@ -139,6 +149,9 @@ def _fused_pass_inputs(
     return params, opt_state
   params, opt_state = device_varying((params, opt_state), axis_name)
   if independent_probes:
+    if loss is not None:
+      fn, args, kwargs = loss
+      warn_if_loss_couples_devices(fn, params, args, kwargs, axis_name, caller)
     opt_state = per_device_probe_state(opt_state, axis_name)
   return params, opt_state
 

@@ -192,7 +192,8 @@ class TrainState(train_state.TrainState):
     draws the probes from :func:`adahessian_jax.distributed.per_device_probe_state`
     with ``independent_probes``, and ``pmean``-s the gradients and the returned
     loss over ``axis_name``; ``aux`` stays each device's own (``pmean`` the
-    ``batch_stats`` in it yourself if the replicas should share them). The
+    ``batch_stats`` in it yourself if the replicas should share them; a
+    BatchNorm synchronised over ``axis_name`` shares them already). The
     estimate is averaged by ``tx`` alone, so ``tx.update`` gets
     ``expected_axis_name=axis_name`` and raises unless its ``axis_name`` is the
     same (a ``tx`` that averaged the estimate over another axis, or over none,
@@ -215,7 +216,9 @@ class TrainState(train_state.TrainState):
         is split over, as given to ``tx``; ``None`` (the default) averages
         nothing over devices (a single device, or ``jit`` with sharded arrays).
       independent_probes: Each device draws its own probes, as ``tx`` built
-        with ``independent_probes=True`` does; needs ``axis_name``.
+        with ``independent_probes=True`` does; needs ``axis_name``. Warns if
+        ``loss_fn`` reads other devices' parameters through a collective over
+        ``axis_name`` (``nn.BatchNorm(axis_name=...)``), which biases the estimate.
       **kwargs: Keyword arguments of ``loss_fn`` (other than the four above,
         which this method takes).
 
@@ -262,7 +265,13 @@ class TrainState(train_state.TrainState):
     )
 
     params, opt_state = distributed._fused_pass_inputs(
-      self.params, self.opt_state, axis_name, independent_probes, "TrainState.apply_loss", "tx"
+      self.params,
+      self.opt_state,
+      axis_name,
+      independent_probes,
+      "TrainState.apply_loss",
+      "tx",
+      loss=(loss_fn, args, kwargs),
     )
 
     def checked(params, *args, **kwargs):

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adahessian_jax import _validation, distributed, fused
+from adahessian_jax import _axes, _validation, distributed, fused
 from adahessian_jax._extras import missing_extra
 
 try:
@@ -243,7 +243,9 @@ def value_grad_and_hessian_diag(
       averages nothing over devices (a single device, or ``jit`` with sharded
       arrays).
     independent_probes: Each device draws its own probes, as ``tx`` built
-      with ``independent_probes=True`` does; needs ``axis_name``.
+      with ``independent_probes=True`` does; needs ``axis_name``. Warns if
+      ``loss_fn`` reads other devices' parameters through a collective over
+      ``axis_name`` (``nnx.BatchNorm(axis_name=...)``), which biases the estimate.
     **kwargs: Keyword arguments of ``loss_fn`` (other than the three above,
       which this function takes).
 
@@ -302,6 +304,10 @@ def value_grad_and_hessian_diag(
     loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
     return loss, (aux, new_params, new_state)
 
+  if independent_probes:  # axis_name is set: _fused_pass_inputs refuses it otherwise
+    _axes.warn_if_loss_couples_devices(
+      loss_of, params, (), {}, axis_name, "adahessian_jax.nnx.value_grad_and_hessian_diag"
+    )
   vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
   (loss, (aux, new_params, new_state)), grads, hdiag = vgh(params, opt_state)
   if axis_name is not None:

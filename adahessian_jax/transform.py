@@ -19,6 +19,7 @@ from adahessian_jax._axes import (
   shard_count,
   split_leaves,
   sum_over_shards,
+  warn_if_loss_couples_devices,
 )
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
@@ -710,8 +711,10 @@ def scale_by_adahessian(
       ``value_fn`` route, while the state stays replicated. The averaged
       estimate keeps its mean and has lower variance, at no extra cost, but no
       longer equals the single-device result (see
-      :mod:`adahessian_jax.distributed`). Default ``False``: the same probe
-      everywhere, exact.
+      :mod:`adahessian_jax.distributed`); unless ``value_fn`` reads other
+      devices' parameters through a collective over ``axis_name`` (a
+      synchronised BatchNorm), which biases it: the update warns then.
+      Default ``False``: the same probe everywhere, exact.
     averaging: Spatial-averaging rules: ``None`` for
       :func:`adahessian_jax.spatial.flax_default` with ``block_size``, a rule,
       a pytree prefix of rules (``None`` inside it meaning the default), a
@@ -826,6 +829,10 @@ def scale_by_adahessian(
     rules = spatial.resolve_rules(averaging, updates, block_size)
     # Inside shard_map the moments are split like the parameters.
     spatial._warn_shard_shapes(averaging, updates, block_size, split_leaves(state.mu))
+    if independent_probes and value_fn is not None and params is not None:
+      warn_if_loss_couples_devices(
+        value_fn, device_varying(params, axis_name), (), {}, axis_name, "scale_by_adahessian"
+      )
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
       *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name),

@@ -2,7 +2,7 @@
 
 Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _distributed_worker.py OUT_DIR``
 (or ``... OUT_DIR nnx_same`` / ``nnx_independent`` for the Flax NNX checks alone,
-:func:`main_nnx`)
+:func:`main_nnx`, or ``... OUT_DIR sync_bn`` for a synchronised BatchNorm, :func:`main_sync_bn`)
 
 Trains the shared problem for ``STEPS`` steps in each mode (``pmap``, ``jit``
 data-parallel and FSDP, ``shard_map``; both probe policies; the ``value_fn``
@@ -156,8 +156,129 @@ def main_nnx(out_dir, probes):
     json.dump(results, f, indent=1)
 
 
+def main_sync_bn(out_dir):
+  """``linen.TrainState.apply_loss(..., axis_name=)`` of a Linen model whose BatchNorm is
+  synchronised over the batch axis (``nn.BatchNorm(axis_name=...)``), float64, under ``jax.pmap``
+  and ``jax.shard_map``, against one device on the global batch (params and ``batch_stats``).
+
+  And with ``independent_probes=True``, whether ``apply_loss`` and ``tx.update(value_fn=...)``
+  warn that the estimate is biased (they must for the synchronised BatchNorm, not for a per-device
+  one). Written to ``OUT_DIR/sync_bn.json``.
+  """
+  import warnings
+
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax.linen import TrainState
+
+  n, steps, axis = jax.local_device_count(), 3, "batch"
+
+  class Model(nn.Module):
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(8, param_dtype=jnp.float64)(x)
+      x = nn.BatchNorm(False, momentum=0.9, axis_name=self.axis_name, param_dtype=jnp.float64)(x)
+      return nn.Dense(2, param_dtype=jnp.float64)(jnp.tanh(x))
+
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(4 * n, 4)), rng.normal(size=(4 * n, 2))
+  variables = Model().init(jax.random.key(0), x)
+
+  def make_state(axis_name, independent=False, sync=True):
+    model = Model(axis_name if sync else None)
+    tx = ah.adahessian(
+      0.05,
+      hessian_power=0.5,
+      block_size=4,
+      seed=1,
+      axis_name=axis_name,
+      independent_probes=independent,
+    )
+    return TrainState.create(
+      apply_fn=model.apply,
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      tx=tx,
+    )
+
+  def make_loss(state):
+    def loss_fn(params, x, y):
+      out, mutated = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, x, mutable=["batch_stats"]
+      )
+      return jnp.mean((out - y) ** 2), mutated["batch_stats"]
+
+    return loss_fn
+
+  def step_fn(axis_name, independent=False):
+    def step(state, x, y):
+      state, (_, stats) = state.apply_loss(
+        make_loss(state),
+        x,
+        y,
+        has_aux=True,
+        axis_name=axis_name,
+        independent_probes=independent,
+      )
+      return state.replace(batch_stats=stats)
+
+    return step
+
+  def value_fn_step(state, x, y):  # the value_fn route (tx.update), stats left as they are
+    loss = lambda p: make_loss(state)(p, x, y)[0]
+    grads = jax.lax.pmean(jax.grad(loss)(state.params), axis)
+    return state.apply_gradients(grads=grads, value_fn=loss)
+
+  def train(step, state, *batch):
+    for _ in range(steps):
+      state = jax.block_until_ready(step(state, *batch))
+    return jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+
+  def flat(tree):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(tree)}
+
+  stacked = lambda t: jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n, *np.shape(a))), t)
+  ref = flat(train(jax.jit(step_fn(None)), make_state(None), x, y))
+  xs, ys = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
+  pmapped = train(jax.pmap(step_fn(axis), axis_name=axis), stacked(make_state(axis)), xs, ys)
+  results = {
+    "pmap": {
+      "vs_ref": max_abs_diff({k: v[0] for k, v in flat(pmapped).items()}, ref),
+      "replica_diff": distributed.max_replica_difference(pmapped, stacked=True),
+    }
+  }
+  mesh = jax.make_mesh((n,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.shard_map(step_fn(axis), mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=P())
+  batch = jax.device_put((x, y), NamedSharding(mesh, P(axis)))
+  state = jax.device_put(make_state(axis), NamedSharding(mesh, P()))
+  results["shard_map"] = {"vs_ref": max_abs_diff(flat(train(jax.jit(sharded), state, *batch)), ref)}
+
+  def warned(step, state):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      jax.pmap(step, axis_name=axis).lower(stacked(state), xs, ys)
+    return [str(w.message) for w in caught if "independent_probes" in str(w.message)]
+
+  results["warnings"] = {
+    "apply_loss_sync": warned(step_fn(axis, True), make_state(axis, True)),
+    "value_fn_sync": warned(value_fn_step, make_state(axis, True)),
+    "apply_loss_local": warned(step_fn(axis, True), make_state(axis, True, sync=False)),
+    "value_fn_local": warned(value_fn_step, make_state(axis, True, sync=False)),
+  }
+  with open(os.path.join(out_dir, "sync_bn.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
 if __name__ == "__main__":
-  if len(sys.argv) > 2:
+  if len(sys.argv) > 2 and sys.argv[2] == "sync_bn":
+    main_sync_bn(sys.argv[1])
+  elif len(sys.argv) > 2:
     main_nnx(sys.argv[1], sys.argv[2].removeprefix("nnx_"))
   else:
     main(sys.argv[1])

@@ -207,6 +207,30 @@ def test_nnx_independent_probes_equal_the_value_fn_routes_independent_estimator(
   assert r["vs_ref"] > 1e-3, r
 
 
+def test_synchronised_batchnorm_apply_loss_steps_like_one_device(tmp_path):
+  """A Linen model with ``nn.BatchNorm(axis_name="batch")`` trained by
+  ``TrainState.apply_loss(..., axis_name="batch")`` under ``pmap`` and ``shard_map`` (4 devices,
+  float64, 3 steps): params and ``batch_stats`` equal one device's on the global batch. With
+  ``independent_probes=True`` each device's loss reads every device's probe through the
+  synchronised statistics, which biases the estimate: ``apply_loss`` and ``tx.update(value_fn=)``
+  warn, and do not for a BatchNorm that is not synchronised."""
+  _run_all([["_distributed_worker.py", str(tmp_path), "sync_bn"]], 4, TIMEOUT_S, str(tmp_path))
+  with open(tmp_path / "sync_bn.json") as f:
+    results = json.load(f)
+  assert results["pmap"]["vs_ref"] <= F64_TOL and results["pmap"]["replica_diff"] == 0.0
+  assert results["shard_map"]["vs_ref"] <= F64_TOL
+  caught = results["warnings"]
+  for route, caller in (
+    ("apply_loss", "TrainState.apply_loss"),
+    ("value_fn", "scale_by_adahessian"),
+  ):
+    assert len(caught[f"{route}_sync"]) == 1, caught
+    message = caught[f"{route}_sync"][0]
+    assert message.startswith(caller) and "axis_name='batch'" in message, message
+    assert "independent_probes=False" in message, message
+    assert caught[f"{route}_local"] == [], caught
+
+
 def test_jit_state_keeps_param_shardings(single_host):
   results, _ = single_host
   for config in ("float32_k1", "float64_k1"):
