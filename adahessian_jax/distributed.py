@@ -256,8 +256,9 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     stacked: Whether the leaves carry a leading replica axis.
 
   Returns:
-    The maximum absolute difference over all leaves (0.0 without replicas);
-    NaN if a replica holds NaN.
+    The maximum absolute difference over all leaves (0.0 without replicas,
+    or where the replicas are equal: equal infinities too; complex values
+    compared as complex); NaN if a replica holds NaN.
 
   Raises:
     TypeError: with ``stacked=False``, for a leaf that is not a ``jax.Array``.
@@ -266,10 +267,8 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
   diffs = [0.0]
 
   def compare(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.size:
-      diffs.append(float(np.max(np.abs(a - b))))
+    if np.size(a):
+      diffs.append(_difference(np.asarray(a), np.asarray(b)))
 
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if isinstance(leaf, jax.Array) and _keys.is_typed(leaf):
@@ -302,6 +301,22 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     if not leaf.is_fully_addressable:  # copies on other processes too
       _compare_across_processes(leaf, first, compare)
   return float(np.max(diffs))
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> float:
+  """``max |a - b|`` of two copies, 0.0 only if they are equal entry by entry.
+
+  Complex values are compared as complex (cast to float64, their imaginary parts were dropped),
+  equal infinities differ by 0 (``inf - inf`` is NaN), and integers that differ by at least 1
+  (in float64, ``2**53`` and ``2**53 + 1`` are equal). NaN in either copy gives NaN.
+  """
+  wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+  with np.errstate(invalid="ignore"):
+    diff = np.abs(a.astype(wide) - b.astype(wide))
+  equal = a == b
+  if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:  # any inequality is >= 1
+    diff = np.maximum(diff, 1.0)
+  return float(np.max(np.where(equal, 0.0, diff)))
 
 
 def _index_key(index: tuple[slice, ...]) -> tuple[Any, ...]:

@@ -409,6 +409,26 @@ def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   assert distributed.max_replica_difference({"a": jnp.asarray(drifted)}) == 0.0  # one copy
 
 
+def test_max_replica_difference_of_complex_infinite_and_large_integer_values():
+  """Cast to float64, a complex leaf lost its imaginary part (drift there gave 0.0,
+  "bit-identical"), equal infinities gave NaN (``inf - inf``), and int64 values past 2**53 that
+  differ compared equal."""
+  from adahessian_jax import distributed
+
+  mrd = lambda x: distributed.max_replica_difference({"a": x}, stacked=True)
+  assert mrd(np.array([[1 + 1j], [1 + 3j]])) == 2.0
+  assert mrd(np.array([[np.inf, -np.inf, 1.0], [np.inf, -np.inf, 1.0]])) == 0.0
+  assert mrd(np.array([[np.inf, 1.0], [np.inf, 1.5]])) == 0.5
+  assert mrd(np.array([[np.inf], [-np.inf]])) == np.inf
+  assert np.isnan(mrd(np.array([[np.nan], [np.nan]])))
+  assert mrd(np.array([[2**53], [2**53 + 1]], np.int64)) == 1.0
+  assert mrd(np.array([[-128, 3], [127, 3]], np.int8)) == 255.0
+  assert mrd(np.array([[True], [True]])) == 0.0
+  import jax.numpy as jnp
+
+  assert mrd(np.array([[1.0], [1.25]], jnp.bfloat16)) == 0.25
+
+
 def test_per_device_probe_state_errors_name_the_problem():
   """Outside a map JAX's NameError came from ``axis_index``; a state without AdaHessian came
   back unchanged, so the "independent" probes were not."""
