@@ -125,6 +125,7 @@ class TrainState(train_state.TrainState):
     hessian_diag: Any = None,
     refresh: bool | None = None,
     expected_axis_name: Any = _NOT_GIVEN,
+    expected_independent_probes: Any = _NOT_GIVEN,
     **kwargs: Any,
   ) -> Self:
     """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
@@ -147,6 +148,9 @@ class TrainState(train_state.TrainState):
         :meth:`apply_loss` passes its ``axis_name`` through this method, so a
         subclass that overrides it (e.g. to update an EMA of the params) applies
         to both routes.
+      expected_independent_probes: If given, passed to ``tx.update``: whether
+        the probes of ``hessian_diag`` were each device's own, which ``tx``'s
+        ``independent_probes`` must match (:meth:`apply_loss` passes it).
       **kwargs: Other attributes to ``.replace()``, as in Flax.
 
     Returns:
@@ -161,6 +165,8 @@ class TrainState(train_state.TrainState):
       extra["refresh"] = refresh
     if expected_axis_name is not _NOT_GIVEN:
       extra["expected_axis_name"] = expected_axis_name
+    if expected_independent_probes is not _NOT_GIVEN:
+      extra["expected_independent_probes"] = expected_independent_probes
     owg = _has_owg(grads)
     trained, params = (grads["params"], self.params["params"]) if owg else (grads, self.params)
     updates, opt_state = self.tx.update(trained, self.opt_state, params, **extra)
@@ -195,7 +201,8 @@ class TrainState(train_state.TrainState):
     ``batch_stats`` in it yourself if the replicas should share them; a
     BatchNorm synchronised over ``axis_name`` shares them already). The
     estimate is averaged by ``tx`` alone, so ``tx.update`` gets
-    ``expected_axis_name=axis_name`` and raises unless its ``axis_name`` is the
+    ``expected_axis_name=axis_name`` (and ``expected_independent_probes``) and
+    raises unless its ``axis_name`` (and ``independent_probes``) is the
     same (a ``tx`` that averaged the estimate over another axis, or over none,
     would let the replicas drift apart)::
 
@@ -236,7 +243,8 @@ class TrainState(train_state.TrainState):
         parameters (use :meth:`apply_gradients` with ``value_fn``), for a
         ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`),
         for an ``axis_name`` that no enclosing map binds or that is not
-        ``tx``'s, or for ``independent_probes`` without ``axis_name``.
+        ``tx``'s, for ``independent_probes`` without ``axis_name``, or other
+        than ``tx``'s.
     """
     if _has_owg(self.params):
       raise ValueError(
@@ -291,7 +299,11 @@ class TrainState(train_state.TrainState):
     # tx raises unless it averages the estimate over the same axis (None too) as the gradients.
     # Through apply_gradients, which a subclass may override.
     new = self.apply_gradients(
-      grads=grads, hessian_diag=hdiag, refresh=refresh, expected_axis_name=axis_name
+      grads=grads,
+      hessian_diag=hdiag,
+      refresh=refresh,
+      expected_axis_name=axis_name,
+      expected_independent_probes=independent_probes,
     )
     return new, value
 

@@ -373,6 +373,23 @@ _DROPPED = (
 
 
 _EXPECTED_AXIS = "expected_axis_name"
+_EXPECTED_PROBES = "expected_independent_probes"
+
+
+def _check_expected_probes(expected: Any, independent_probes: bool) -> None:
+  """Raises unless the caller that drew the probes of ``hessian_diag`` drew them as this transform
+  would (``expected_independent_probes``): in the fused route the caller's choice is the one
+  that counts, and a ``tx`` built with the other one would be silently ignored."""
+  if bool(expected) == independent_probes:
+    return
+  raise ValueError(
+    f"scale_by_adahessian: its caller drew {'each device its own' if expected else 'the same'} "
+    f"probes (independent_probes={bool(expected)}), but this scale_by_adahessian was built with "
+    f"independent_probes={independent_probes}, which the estimate it was given does not follow. "
+    "Pass the same independent_probes to both (adahessian_jax.adahessian(..., "
+    f"independent_probes={bool(expected)}) or TrainState.apply_loss(..., "
+    f"independent_probes={independent_probes}))."
+  )
 
 
 def _axes_of(axis_name: Any) -> frozenset[Any]:
@@ -660,7 +677,9 @@ def scale_by_adahessian(
   ``hessian_diag`` names that axis there, and the update raises unless ``axis_name`` names the
   same axes, in any order (:meth:`adahessian_jax.linen.TrainState.apply_loss` passes it). A
   transform that does not average the estimate the gradients were averaged with would let the
-  replicas drift apart.
+  replicas drift apart. Likewise ``expected_independent_probes``: a caller that drew the probes
+  of ``hessian_diag`` itself says how, and the update raises unless ``independent_probes`` is
+  the same (``apply_loss`` passes it).
 
   Args:
     b1: Decay rate of the gradient's moving average, in [0, 1).
@@ -747,8 +766,9 @@ def scale_by_adahessian(
       both ``value_fn`` and ``hessian_diag``, neither on a step that may
       refresh, a ``value_fn`` whose loss does not depend on its argument (a
       closure over other params), an ``axis_name`` that no enclosing map binds, or one that names
-      a mesh axis a parameter is split over (inside ``shard_map``), or an
-      ``expected_axis_name`` other than ``axis_name``.
+      a mesh axis a parameter is split over (inside ``shard_map``), an
+      ``expected_axis_name`` other than ``axis_name``, or an ``expected_independent_probes``
+      other than ``independent_probes``.
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), or a
       ``value_fn`` that cannot be called as ``value_fn(params)`` or does not
@@ -823,6 +843,8 @@ def scale_by_adahessian(
       check_not_split_over(state.mu, axis_name)
     if _EXPECTED_AXIS in extra_args:
       _check_expected_axis(extra_args.pop(_EXPECTED_AXIS), axis_name)
+    if _EXPECTED_PROBES in extra_args:
+      _check_expected_probes(extra_args.pop(_EXPECTED_PROBES), independent_probes)
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(state, refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)

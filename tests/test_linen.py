@@ -220,6 +220,31 @@ def test_apply_loss_refuses_a_tx_that_averages_the_estimate_over_another_axis():
   np.testing.assert_allclose(w[0], single.params["w"], rtol=1e-6)
 
 
+def test_apply_loss_refuses_a_tx_built_with_other_independent_probes():
+  """In the fused route apply_loss draws the probes, so a tx built with independent_probes=True
+  under apply_loss without it stepped with the same probes on every device (and the reverse
+  with independent ones), silently ignoring tx's setting."""
+  params = {"w": jnp.ones(3)}
+  batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
+  loss = lambda p, b: jnp.tanh(jnp.dot(b, p["w"])) ** 2  # a Hessian with off-diagonal entries
+
+  def run(tx_independent, independent):
+    tx = ah.adahessian(0.1, axis_name="data", independent_probes=tx_independent)
+    state = TrainState.create(apply_fn=None, params=params, tx=tx)
+    step = lambda b: state.apply_loss(loss, b, axis_name="data", independent_probes=independent)
+    return jax.vmap(lambda b: step(b)[0].params["w"], axis_name="data")(batches)
+
+  for tx_independent in (True, False):
+    with pytest.raises(
+      ValueError,
+      match=rf"built with independent_probes={tx_independent}.*"
+      rf"apply_loss\(\.\.\., independent_probes={tx_independent}\)",
+    ):
+      run(tx_independent, not tx_independent)
+  same, independent = run(False, False), run(True, True)
+  assert not np.allclose(same, independent)  # both policies run, and differ
+
+
 def test_apply_loss_accepts_the_axes_of_tx_in_another_order():
   """axis_name=("a", "b") and ("b", "a") average over the same devices, but the check of the
   expected axis compared the tuples and refused the step. Each replica now steps like one device
