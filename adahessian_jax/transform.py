@@ -251,12 +251,15 @@ def _estimate(
   keys: jax.Array,
   like: Any,
   axis_name: Any,
+  independent_probes: bool = False,
 ) -> tuple[Any, jax.Array]:
   """``(the signed Hessian-diagonal estimate of this step in the dtypes of ``like``, whether
   every entry of it is finite)``.
 
   From ``value_fn`` by Hutchinson's method with the probes of ``keys``, or the
-  given ``hessian_diag``; averaged over ``axis_name`` when it is set.
+  given ``hessian_diag``; averaged over ``axis_name`` when it is set. With
+  ``independent_probes``, warns if ``value_fn`` couples the devices (after ``value_fn`` and
+  ``params`` have passed the checks, so that they are traced only as they will be called).
   """
   if value_fn is not None:
     if params is None:
@@ -281,6 +284,8 @@ def _estimate(
     if axis_name is not None:
       # value_fn is this device's loss; its local estimate is averaged below.
       params, keys = device_varying((params, keys), axis_name)
+      if independent_probes:
+        warn_if_loss_couples_devices(value_fn, params, (), {}, axis_name, "scale_by_adahessian")
     estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")[2]
   else:
     estimate = hessian_diag
@@ -851,13 +856,9 @@ def scale_by_adahessian(
     rules = spatial.resolve_rules(averaging, updates, block_size)
     # Inside shard_map the moments are split like the parameters.
     spatial._warn_shard_shapes(averaging, updates, block_size, split_leaves(state.mu))
-    if independent_probes and value_fn is not None and params is not None:
-      warn_if_loss_couples_devices(
-        value_fn, device_varying(params, axis_name), (), {}, axis_name, "scale_by_adahessian"
-      )
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
-      *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name),
+      *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name, independent_probes),
       rules,
       curvature_floor,
     )

@@ -489,3 +489,31 @@ def test_state_can_be_donated(mlp_problem):
   for _ in range(3):
     _, state = step(params, state)
   assert int(ah.find_adahessian_state(state).count) == 3
+
+
+@pytest.mark.parametrize("independent_probes", [False, True])
+def test_independent_probes_keep_value_fn_errors(independent_probes):
+  """With ``independent_probes`` the check for a loss that couples the devices traced
+  ``value_fn`` before its own checks: a whole-model ``value_fn`` inside ``optax.masked`` failed
+  with a bare ``TypeError`` (tuple indices) and one of the wrong signature with Python's message,
+  instead of the errors that name the fix (``vmap`` with an axis name stands in for ``pmap``)."""
+  params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+  loss = lambda p, x: jnp.sum(jnp.tanh(x * (p["a"] + p["b"])) ** 2)
+  ada = lambda: ah.adahessian(0.1, axis_name="i", independent_probes=independent_probes)
+
+  def step(tx, value_fn):
+    state = tx.init(params)
+
+    def device(x):
+      return tx.update(params, state, params, value_fn=value_fn(x))[0]
+
+    return jax.vmap(device, axis_name="i")(jnp.ones((2, 3)))
+
+  masked = optax.masked(ada(), {"a": True, "b": False})
+  with pytest.raises(ValueError, match="masked params.*masked_value_fn"):
+    step(masked, lambda x: lambda p: loss(p, x))
+  with pytest.raises(TypeError, match=r"value_fn\(params\).*Close over"):
+    step(ada(), lambda x: lambda p, y: loss(p, x))
+  # And the masked_value_fn it asks for runs.
+  updates = step(masked, lambda x: ah.masked_value_fn(lambda p: loss(p, x), params))
+  assert np.all(np.isfinite(updates["a"])) and np.all(updates["b"] == 1.0)
