@@ -314,7 +314,9 @@ _LINEAR = frozenset(
     "dot_general",
   }
 )
-_PRODUCTS = frozenset({"mul", "div", "dot_general", "select_n"})
+# Linear in each operand alone; a product of two that depend on the parameters is not. (select_n
+# is not one: it picks between its operands, by a predicate that carries no derivative.)
+_PRODUCTS = frozenset({"mul", "div", "dot_general"})
 
 
 def _sub_jaxprs(eqn: Any) -> list[Any]:
@@ -333,29 +335,64 @@ def _named_axes(eqn: Any) -> frozenset:
   return frozenset(named if isinstance(named, tuple | list) else (named,))
 
 
-def _couples(jaxpr: Any, dep: list[bool], crossed: list[bool], axes: frozenset) -> Any:
+def _is_var(v: Any) -> bool:
+  return not isinstance(v, jax.extend.core.Literal)
+
+
+def _carries_derivative(v: Any) -> bool:
+  """Whether ``v`` can carry a derivative: a float or complex value (not a comparison's boolean,
+  an index or a count)."""
+  aval = getattr(v, "aval", None)
+  return aval is None or not hasattr(aval, "dtype") or jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _feeding_first_output(jaxpr: Any) -> set[int]:
+  """The indices of the equations of ``jaxpr`` its first output (the loss, before any aux)
+  depends on."""
+  needed = {jaxpr.outvars[0]} if jaxpr.outvars and _is_var(jaxpr.outvars[0]) else set()
+  live = set()
+  for i in reversed(range(len(jaxpr.eqns))):
+    eqn = jaxpr.eqns[i]
+    if any(v in needed for v in eqn.outvars):
+      live.add(i)
+      needed.update(v for v in eqn.invars if _is_var(v))
+  return live
+
+
+def _couples(
+  jaxpr: Any, dep: list[bool], crossed: list[bool], axes: frozenset, live: set[int] | None = None
+) -> Any:
   """Walks ``jaxpr`` from its inputs that depend on this device's parameters (``dep``) and those
-  that other devices' parameters reach (``crossed``).
+  that other devices' parameters reach (``crossed``), through the equations ``live`` (all if
+  ``None``).
 
   Returns:
     ``(name, out_dep, out_crossed)``: the name of the first operation that takes the result of a
     collective over ``axes`` other than linearly (``None`` if there is none), and the two flags
     of the outputs.
   """
-  is_var = lambda v: not isinstance(v, jax.extend.core.Literal)
+  is_var = _is_var
   deps = {v for v, d in zip(jaxpr.invars, dep, strict=True) if d}
   cross = {v for v, c in zip(jaxpr.invars, crossed, strict=True) if c}
-  for eqn in jaxpr.eqns:
+  for i, eqn in enumerate(jaxpr.eqns):
+    if live is not None and i not in live:  # computes only the aux (a metric), not the loss
+      continue
     d_in = [is_var(v) and v in deps for v in eqn.invars]
     c_in = [is_var(v) and v in cross for v in eqn.invars]
     if not any(d_in) and not any(c_in):
       continue
     name = eqn.primitive.name
+    if name == "stop_gradient" or not any(_carries_derivative(v) for v in eqn.outvars):
+      continue  # no derivative passes (a comparison, an argmax, a value held constant)
     out_crossed = any(c_in)
     if name in _COMMUNICATING and (_named_axes(eqn) & axes):
       out_crossed = out_crossed or any(d_in)
     elif any(c_in):
-      nonlinear = name not in _LINEAR or (name in _PRODUCTS and sum(d_in) > 1)
+      nonlinear = (
+        name not in _LINEAR
+        or (name in _PRODUCTS and sum(d_in) > 1)
+        or (name == "div" and d_in[1])  # 1 / x is not linear in x
+      )
       subs = _sub_jaxprs(eqn)
       if subs:
         for sub in subs:
@@ -393,15 +430,17 @@ def loss_couples_devices(fn: Any, params: Any, args: Any, kwargs: Any, axis_name
 
   Then the loss of each device depends on every device's parameters, and Hutchinson's estimate
   with a probe per device misses the Hessian blocks between devices. A collective whose result
-  enters the loss linearly (a ``pmean`` of the loss) or that sees no parameter (a token count)
-  couples nothing.
+  enters the loss linearly (a ``pmean`` of the loss), that sees no parameter (a token count),
+  that only a comparison or ``stop_gradient`` takes, or that only the aux after the loss (the
+  first output: ``(loss, aux)``) reads (a metric) couples nothing.
 
   Returns:
     The name of the operation that takes the collective's result nonlinearly, or ``None``.
   """
   closed = jax.make_jaxpr(lambda p: fn(p, *args, **kwargs))(params)
-  n = len(closed.jaxpr.invars)
-  return _couples(closed.jaxpr, [True] * n, [False] * n, frozenset(check_names(axis_name)))[0]
+  jaxpr, n = closed.jaxpr, len(closed.jaxpr.invars)
+  axes = frozenset(check_names(axis_name))
+  return _couples(jaxpr, [True] * n, [False] * n, axes, _feeding_first_output(jaxpr))[0]
 
 
 def warn_if_loss_couples_devices(

@@ -1,5 +1,6 @@
 """Flax Linen: TrainState forwards the loss; BatchNorm + dropout semantics."""
 
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -243,6 +244,43 @@ def test_apply_loss_refuses_a_tx_built_with_other_independent_probes():
       run(tx_independent, not tx_independent)
   same, independent = run(False, False), run(True, True)
   assert not np.allclose(same, independent)  # both policies run, and differ
+
+
+def test_apply_loss_coupling_warning_reads_only_what_couples_the_loss():
+  """With independent probes apply_loss warns when the loss takes a collective's result over
+  ``axis_name`` nonlinearly. It warned for a metric in the aux (a perplexity ``exp`` of the
+  ``pmean``-ed loss), a comparison of it (``jnp.where(pmean(loss) > 1, ...)``) and a
+  ``stop_gradient``-ed normaliser, none of which carries other devices' parameters into the
+  loss's Hessian; and missed a loss divided by a ``pmean`` of the parameters."""
+  params = {"w": jnp.ones(3)}
+  batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
+  local = lambda p, b: jnp.tanh(jnp.dot(b, p["w"])) ** 2
+  mean = lambda p, b: jax.lax.pmean(local(p, b), "data")
+
+  def warned(loss, has_aux=False):
+    tx = ah.adahessian(0.1, axis_name="data", independent_probes=True)
+    state = TrainState.create(apply_fn=None, params=params, tx=tx)
+    step = lambda b: state.apply_loss(
+      loss, b, axis_name="data", independent_probes=True, has_aux=has_aux
+    )[0].params["w"]
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      w = jax.vmap(step, axis_name="data")(batches)
+    assert np.all(np.isfinite(w))
+    return [str(c.message) for c in caught if "other devices' parameters" in str(c.message)]
+
+  fine = {
+    "aux metric": (lambda p, b: (local(p, b), jnp.exp(mean(p, b))), True),
+    "comparison": (lambda p, b: jnp.where(mean(p, b) > 1.0, 2.0, 1.0) * local(p, b), False),
+    "stop_gradient": (lambda p, b: local(p, b) / jax.lax.stop_gradient(mean(p, b)), False),
+  }
+  for name, (loss, has_aux) in fine.items():
+    assert warned(loss, has_aux) == [], name
+  coupled = lambda p, b: local(p, b) / jax.lax.pmean(jnp.sum(p["w"] ** 2), "data")
+  (message,) = warned(coupled)
+  assert "'div'" in message and "independent_probes=False" in message
+  # The synchronised statistic taken nonlinearly still warns.
+  assert len(warned(lambda p, b: jnp.tanh(local(p, b) - mean(p, b)))) == 1
 
 
 def test_apply_loss_accepts_the_axes_of_tx_in_another_order():
