@@ -434,3 +434,67 @@ def test_a_block_operator_takes_the_blocks_part_of_the_preconditioner():
   dense = s[:, None] * dense_hessian(mlp_loss, params, batch) * s[None, :]
   cols = op.leaf_slices[op.layout.index("hidden/kernel")].start + 8 + np.arange(16)
   np.testing.assert_allclose(got, dense[np.ix_(cols, cols)], atol=1e-12)
+
+
+def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
+  """A scalar ``fill`` in ``P`` from ``nnx.Optimizer``'s state (``OptVariable`` leaves, params
+  from ``nnx.split`` holding ``nnx.Param``) was refused as a leaf of shape ``()``: the scalar
+  was broadcast only where the two trees had the same boxes. And a group's ``P`` filled with a
+  scalar at a prefix (a nested ``multi_transform``'s outer group) gave another group's ``fill``
+  "no entry" at the leaves under that prefix."""
+  from flax import nnx
+
+  x = jax.random.normal(jax.random.key(1), (12, 3))
+  y = jax.random.normal(jax.random.key(2), (12, 2))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
+      self.l2 = nnx.Linear(4, 2, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  model = Net(nnx.Rngs(0))
+  labels = lambda s: jax.tree_util.tree_map_with_path(
+    lambda path, _: "ada" if path[0].key == "l1" else "adam", s
+  )
+  tx = optax.multi_transform(
+    {"ada": adahessian_jax.adahessian(0.05, eps=1e-3), "adam": optax.adam(1e-2)}, labels
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
+  _, grads, hdiag = adahessian_jax.nnx.value_grad_and_hessian_diag(model_loss, model, optimizer)
+  optimizer.update(model, grads, hessian_diag=hdiag)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss_fn = lambda p, b: jnp.mean((nnx.merge(graphdef, p, rest)(b[0]) - b[1]) ** 2)
+  op = hessian.hessian_operator(loss_fn, params, (x, y))
+  p = hessian.adahessian_preconditioner(optimizer.opt_state, eps=1e-3, fill=jnp.inf)
+  nu = adahessian_jax.find_adahessian_state(optimizer.opt_state).nu
+  l1 = [np.ravel(v) for v in jax.tree.leaves(nu["l1"])]  # bias, kernel: ravel order
+  s = np.concatenate([1.0 / np.sqrt(np.sqrt(v / (1 - 0.999)) + 1e-3) for v in l1] + [np.zeros(10)])
+  dense = s[:, None] * dense_hessian(loss_fn, params, (x, y)) * s[None, :]
+  top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 1, tol=1e-10)
+  assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)
+
+  # Nested groups: AdaHessian on the hidden kernel, SGD on its bias, Adam on the output layer.
+  params, batch = mlp()
+  inner = optax.multi_transform(
+    {"ada": adahessian_jax.scale_by_adahessian(b2=0.99), "sgd": optax.sgd(0.1)},
+    lambda q: jax.tree_util.tree_map_with_path(
+      lambda path, _: "ada" if path[-1].key == "kernel" else "sgd", q
+    ),
+  )
+  tx = optax.multi_transform(
+    {"in": inner, "adam": optax.scale_by_adam(b2=0.99)}, {"hidden": "in", "out": "adam"}
+  )
+  state = tx.init(params)
+  grads = jax.grad(mlp_loss)(params, batch)
+  _, state = tx.update(grads, state, params, hessian_diag=grads)
+  adam = hessian.adam_preconditioner(state, b2=0.99, fill=3.0)  # a scalar at ['hidden']
+  p = hessian.adahessian_preconditioner(state, b2=0.99, fill=adam)
+  assert float(p["hidden"]["bias"]) == 3.0  # the SGD leaf: the scalar under Adam's prefix
+  np.testing.assert_allclose(p["out"]["kernel"], adam["out"]["kernel"], rtol=0)
+  assert np.all(np.asarray(p["hidden"]["kernel"]) < 1.0)  # AdaHessian's own
+  got = hessian.preconditioned_operator(hessian.hessian_operator(mlp_loss, params, batch), p)
+  assert got.size == sum(np.size(v) for v in jax.tree.leaves(params))

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adahessian_jax import _validation, masking
+from adahessian_jax import _validation, layout, masking
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.state import (
   adahessian_states,
@@ -119,9 +119,12 @@ def _hyperparameter(name: str, given: Any, injected: dict[str, Any], default: fl
 
 
 def _subtree_at(tree: Any, path: tuple[Any, ...], where: str) -> Any:
-  """The node of ``tree`` at ``path`` (keys of ``jax.tree_util``); ``ValueError`` if none."""
+  """The node of ``tree`` at ``path`` (keys of ``jax.tree_util``); ``ValueError`` if none. A
+  scalar leaf on the way stands for its whole subtree (a prefix mask's fill)."""
   node = tree
   for key in path:
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(node)) and np.ndim(node) == 0:
+      return node
     try:
       if isinstance(key, jax.tree_util.DictKey):
         node = node[key.key]
@@ -333,16 +336,30 @@ def _scalars_broadcast(p: Any, params: Any) -> Any:
   leaves = jax.tree.leaves(p)
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(p)) or all(np.ndim(x) for x in leaves):
     return p
+  # Unboxed (Linen boxes, NNX variables: nnx.Optimizer's OptVariable where the params hold
+  # nnx.Param), so that the paths of the two agree; the operator ravels either alike.
+  p, params = _unboxed(p), _unboxed(params)
 
-  def broadcast(x, under):
+  def broadcast(path, x):
     if np.ndim(x):
+      return x
+    try:
+      under = _subtree_at(params, path, jax.tree_util.keystr(path))
+    except ValueError:
       return x
     return jax.tree.map(lambda w: jnp.broadcast_to(jnp.asarray(x), np.shape(w)), under)
 
-  try:
-    return jax.tree.map(broadcast, p, params)
-  except (ValueError, TypeError):
-    return p
+  return jax.tree_util.tree_map_with_path(broadcast, p)
+
+
+def _unboxed(tree: Any) -> Any:
+  """``tree`` with each Linen box or NNX variable around one array replaced by the array."""
+
+  def value(x):
+    inner = jax.tree.leaves(x)
+    return inner[0] if layout.is_annotated(x) and len(inner) == 1 else x
+
+  return jax.tree.map(value, tree, is_leaf=layout.is_annotated)
 
 
 @jax.jit
