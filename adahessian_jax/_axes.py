@@ -312,6 +312,20 @@ _LINEAR = frozenset(
     "mul",
     "div",
     "dot_general",
+    # Piecewise linear (or constant) in their operands, as pmax is: no second derivative.
+    "max",
+    "min",
+    "reduce_max",
+    "reduce_min",
+    "cummax",
+    "cummin",
+    "sort",
+    "abs",
+    "clamp",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
   }
 )
 # Linear in each operand alone; a product of two that depend on the parameters is not. (select_n

@@ -251,7 +251,8 @@ def test_apply_loss_coupling_warning_reads_only_what_couples_the_loss():
   ``axis_name`` nonlinearly. It warned for a metric in the aux (a perplexity ``exp`` of the
   ``pmean``-ed loss), a comparison of it (``jnp.where(pmean(loss) > 1, ...)``) and a
   ``stop_gradient``-ed normaliser, none of which carries other devices' parameters into the
-  loss's Hessian; and missed a loss divided by a ``pmean`` of the parameters."""
+  loss's Hessian, a max or sort of gathered values (piecewise linear, as ``pmax``); and missed a
+  loss divided by a ``pmean`` of the parameters."""
   params = {"w": jnp.ones(3)}
   batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
   local = lambda p, b: jnp.tanh(jnp.dot(b, p["w"])) ** 2
@@ -273,6 +274,15 @@ def test_apply_loss_coupling_warning_reads_only_what_couples_the_loss():
     "aux metric": (lambda p, b: (local(p, b), jnp.exp(mean(p, b))), True),
     "comparison": (lambda p, b: jnp.where(mean(p, b) > 1.0, 2.0, 1.0) * local(p, b), False),
     "stop_gradient": (lambda p, b: local(p, b) / jax.lax.stop_gradient(mean(p, b)), False),
+    # Piecewise linear, like pmax: a max or sort of gathered values has no second derivative.
+    "max of all_gather": (
+      lambda p, b: local(p, b) + jnp.max(jax.lax.all_gather(jnp.dot(b, p["w"]), "data")),
+      False,
+    ),
+    "sort of all_gather": (
+      lambda p, b: local(p, b) + jnp.sort(jax.lax.all_gather(jnp.dot(b, p["w"]), "data"))[-1],
+      False,
+    ),
   }
   for name, (loss, has_aux) in fine.items():
     assert warned(loss, has_aux) == [], name
