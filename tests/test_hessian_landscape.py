@@ -205,6 +205,33 @@ def test_filter_normalisation_gives_each_output_unit_of_a_dense_general_its_own_
   )
 
 
+def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter():
+  # An Einsum's bias is its output's kernel axes in the output's order: "bd,dhk->bkh" has a kernel
+  # (d, h, k) and a bias (k, h), 6 output units; the last axis alone pooled each k across both h
+  # (norms off by up to 7x here). A batched kernel (batch, in, out) beside its bias (batch, out)
+  # under layer_axes=0 has a filter per batch entry and output too, as its bias shows.
+  import flax.linen as nn
+
+  r = np.random.default_rng(0)
+  einsum = nn.Einsum((4, 2, 3), "bd,dhk->bkh").init(jax.random.key(0), jnp.ones((1, 4)))
+  k = r.normal(size=(4, 2, 3)) * np.array([1.0, 30.0])[:, None]  # the two h differ in scale
+  batched = r.normal(size=(2, 4, 3)) * np.array([1.0, 30.0])[:, None, None]
+  params = {
+    "Einsum_0": {"kernel": jnp.asarray(k), "bias": einsum["params"]["bias"]},
+    "batched": {"kernel": jnp.asarray(batched), "bias": jnp.zeros((2, 3))},
+  }
+  assert params["Einsum_0"]["bias"].shape == (3, 2)
+  op = _sin_op(params)
+  d = hessian.random_direction(op, jax.random.key(0))
+  nd = op.unravel(hessian.normalize_direction(op, d, "filter", layer_axes=0))
+  np.testing.assert_allclose(
+    _filter_norms(nd["Einsum_0"]["kernel"], (1, 2)), _filter_norms(k, (1, 2)), rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    _filter_norms(nd["batched"]["kernel"], (0, 2)), _filter_norms(batched, (0, 2)), rtol=1e-12
+  )
+
+
 def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():
   # An Embed table (num_embeddings, features) has a filter per token (row), as the reference code
   # rescales PyTorch's (num, dim) tables; per feature column, a rare token's small row got the

@@ -21,10 +21,12 @@ landscapes of differently scaled networks comparable (Li et al. 2018):
   heads axis found by its name, e.g. ``"heads"``, or, without axis names, in
   Flax's attention modules as the optimizer's averaging finds it, in each layer of a stack
   given by ``layer_axes=`` too); the output kernel ``(heads,
-  head_dim, embed)`` one per ``embed`` entry; a kernel whose bias has two axes or more
-  and is its trailing axes (a ``DenseGeneral`` or ``nnx.LinearGeneral`` with several output
-  axes, an ``Einsum`` with a bias) one per output unit, i.e. per entry of its bias (without a
-  bias nothing shows its output axes: the last axis); and embedding tables ``(num_embeddings,
+  head_dim, embed)`` one per ``embed`` entry; a kernel whose bias has two axes or more and
+  shows which of its axes are the outputs (a ``DenseGeneral`` or ``nnx.LinearGeneral`` with
+  several output axes, an ``Einsum`` with a bias, its output in any order) one per output unit,
+  i.e. per entry of its bias (without a bias, or with one that fits the kernel's axes two ways,
+  ``(6, 6, 4)`` beside ``(6, 4)``, nothing shows its output axes: the last axis); and embedding
+  tables ``(num_embeddings,
   features)`` (a Flax ``embedding``, or a ``"vocab"`` axis name), which have a
   filter per row (token), as Li et al.'s code rescales PyTorch's ``(num, dim)``
   tables row by row; a PyTorch/Equinox ``weight`` ``(out, in, *spatial)`` (unnamed
@@ -68,6 +70,7 @@ References:
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -175,10 +178,16 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
 
 
 def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
-  """For each kernel whose module's bias has two axes or more besides its layer axes and is the
-  kernel's trailing axes one way only (a ``DenseGeneral``/``nnx.LinearGeneral`` with several
-  output axes, an ``Einsum`` with a bias, an attention projection ``(embed, heads, head_dim)``):
-  those trailing axes, one filter per output unit. ``()`` for every other leaf."""
+  """For each kernel whose module's bias has two axes or more besides its layer axes, each
+  the size of a kernel axis, and names which kernel axes they are one way only: those axes,
+  one filter per output unit (per entry of the bias). ``()`` for every other leaf.
+
+  The bias is read first as the kernel's axes in order, ``(*batch, *out)`` of a kernel ``(*batch,
+  *in, *out)`` (a ``DenseGeneral``/``nnx.LinearGeneral`` with several output axes, an attention
+  projection ``(embed, heads, head_dim)``, an ``Einsum`` whose output keeps the kernel's order);
+  where no such reading fits, as the kernel's axes in any order (an ``Einsum`` whose output
+  reorders them, ``"bd,dhk->bkh"``: kernel ``(d, h, k)``, bias ``(k, h)``). Every reading is one
+  filter per bias entry; a bias that two readings fit on different axes says nothing."""
   outputs: list[tuple[int, ...]] = [()] * len(shapes)
   for i, j in _evidence.kernel_biases(paths).items():
     if len(layers[i]) != len(layers[j]):
@@ -191,9 +200,19 @@ def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
     # As the averaging reads DenseGeneral kernels: a bias that fits two ways ((6, 6, 4) beside
     # (6, 4): a batch of 6, or two output axes) says nothing.
     cut = len(kernel) - len(bias)
-    fits = [n for n in range(len(bias)) if bias == kernel[:n] + kernel[cut + n :]]
-    if fits == [0]:
-      outputs[i] = tuple(rest[-len(bias) :])
+    fits = [
+      tuple(range(n)) + tuple(range(cut + n, len(kernel)))
+      for n in range(len(bias))
+      if bias == kernel[:n] + kernel[cut + n :]
+    ]
+    if not fits:  # an Einsum's output in another order than its kernel's axes
+      fits = [
+        axes
+        for axes in itertools.combinations(range(len(kernel)), len(bias))
+        if sorted(bias) == sorted(kernel[a] for a in axes)
+      ]
+    if len(fits) == 1:
+      outputs[i] = tuple(rest[a] for a in fits[0])
   return outputs
 
 
