@@ -209,16 +209,23 @@ def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter
   # An Einsum's bias is its output's kernel axes in the output's order: "bd,dhk->bkh" has a kernel
   # (d, h, k) and a bias (k, h), 6 output units; the last axis alone pooled each k across both h
   # (norms off by up to 7x here). A batched kernel (batch, in, out) beside its bias (batch, out)
-  # under layer_axes=0 has a filter per batch entry and output too, as its bias shows.
+  # under layer_axes=0 has a filter per batch entry and output too, as its bias shows, and so has
+  # an nn.vmap ensemble with variable_axes={"params": 1}: kernel (in, members, out), bias (out,
+  # members) (per output across members, norms were off by up to 124x).
   import flax.linen as nn
 
   r = np.random.default_rng(0)
   einsum = nn.Einsum((4, 2, 3), "bd,dhk->bkh").init(jax.random.key(0), jnp.ones((1, 4)))
   k = r.normal(size=(4, 2, 3)) * np.array([1.0, 30.0])[:, None]  # the two h differ in scale
   batched = r.normal(size=(2, 4, 3)) * np.array([1.0, 30.0])[:, None, None]
+  ens = nn.vmap(
+    nn.Dense, variable_axes={"params": 1}, split_rngs={"params": True}, in_axes=None, axis_size=3
+  )(4).init(jax.random.key(1), jnp.ones((1, 6)))["params"]
+  members = np.asarray(ens["kernel"]) * np.array([1.0, 10.0, 100.0])[:, None]
   params = {
     "Einsum_0": {"kernel": jnp.asarray(k), "bias": einsum["params"]["bias"]},
     "batched": {"kernel": jnp.asarray(batched), "bias": jnp.zeros((2, 3))},
+    "ensemble": {"kernel": jnp.asarray(members), "bias": ens["bias"]},
   }
   assert params["Einsum_0"]["bias"].shape == (3, 2)
   op = _sin_op(params)
@@ -229,6 +236,10 @@ def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter
   )
   np.testing.assert_allclose(
     _filter_norms(nd["batched"]["kernel"], (0, 2)), _filter_norms(batched, (0, 2)), rtol=1e-12
+  )
+  assert members.shape == (6, 3, 4) and ens["bias"].shape == (4, 3)
+  np.testing.assert_allclose(
+    _filter_norms(nd["ensemble"]["kernel"], (1, 2)), _filter_norms(members, (1, 2)), rtol=1e-12
   )
 
 
