@@ -385,60 +385,50 @@ def _couples(
     collective over ``axes`` other than linearly (``None`` if there is none), and the two flags
     of the outputs.
   """
-  is_var = _is_var
   deps = {v for v, d in zip(jaxpr.invars, dep, strict=True) if d}
   cross = {v for v, c in zip(jaxpr.invars, crossed, strict=True) if c}
   for i, eqn in enumerate(jaxpr.eqns):
     if live is not None and i not in live:  # computes only the aux (a metric), not the loss
       continue
-    d_in = [is_var(v) and v in deps for v in eqn.invars]
-    c_in = [is_var(v) and v in cross for v in eqn.invars]
+    d_in = [_is_var(v) and v in deps for v in eqn.invars]
+    c_in = [_is_var(v) and v in cross for v in eqn.invars]
     if not any(d_in) and not any(c_in):
       continue
     name = eqn.primitive.name
     if name == "stop_gradient" or not any(_carries_derivative(v) for v in eqn.outvars):
       continue  # no derivative passes (a comparison, an argmax, a value held constant)
     out_crossed = any(c_in)
+    subs = _sub_jaxprs(eqn)
     if name in _COMMUNICATING and (_named_axes(eqn) & axes):
       out_crossed = out_crossed or any(d_in)
-    elif any(c_in):
-      nonlinear = (
-        name not in _LINEAR
-        or (name in _PRODUCTS and sum(d_in) > 1)
-        or (name == "div" and d_in[1])  # 1 / x is not linear in x
-      )
-      subs = _sub_jaxprs(eqn)
-      if subs:
-        for sub in subs:
-          n = len(sub.invars)
-          one_to_one = n == len(eqn.invars)
-          sub_dep = d_in if one_to_one else [any(d_in)] * n
-          sub_cross = c_in if one_to_one else [any(c_in)] * n
-          found = _couples(sub, sub_dep, sub_cross, axes)[0]
-          if found:
-            return found, [], []
-      elif nonlinear:
-        return name, [], []
-    else:  # parameter-dependent inputs only: a collective inside a sub-jaxpr?
-      for sub in _sub_jaxprs(eqn):
+    elif subs:  # walk the body: a collective inside, or a crossed input taken nonlinearly there
+      for sub in subs:
         n = len(sub.invars)
-        sub_dep = d_in if n == len(eqn.invars) else [any(d_in)] * n
-        found, _, sub_crossed = _couples(sub, sub_dep, [False] * n, axes)
+        one_to_one = n == len(eqn.invars)
+        sub_dep = d_in if one_to_one else [any(d_in)] * n
+        sub_cross = c_in if one_to_one else [any(c_in)] * n
+        found, _, sub_crossed = _couples(sub, sub_dep, sub_cross, axes)
         if found:
           return found, [], []
         out_crossed = out_crossed or any(sub_crossed)
+    elif any(c_in) and (
+      name not in _LINEAR
+      or (name in _PRODUCTS and sum(d_in) > 1)
+      or (name == "div" and d_in[1])  # 1 / x is not linear in x
+    ):
+      return name, [], []
     deps.update(eqn.outvars)
     if out_crossed:
       cross.update(eqn.outvars)
   return (
     None,
-    [is_var(v) and v in deps for v in jaxpr.outvars],
-    [is_var(v) and v in cross for v in jaxpr.outvars],
+    [_is_var(v) and v in deps for v in jaxpr.outvars],
+    [_is_var(v) and v in cross for v in jaxpr.outvars],
   )
 
 
-def loss_couples_devices(fn: Any, params: Any, args: Any, kwargs: Any, axis_name: Any) -> Any:
-  """Whether ``fn(params, *args, **kwargs)`` (this device's loss, traced inside the map) lets
+def loss_couples_devices(fn: Any, params: Any, axis_name: Any) -> Any:
+  """Whether ``fn(params)`` (this device's loss, traced inside the map) lets
   other devices' parameters reach it other than linearly, through a collective over
   ``axis_name`` (a BatchNorm synchronised over the batch axis).
 
@@ -451,22 +441,20 @@ def loss_couples_devices(fn: Any, params: Any, args: Any, kwargs: Any, axis_name
   Returns:
     The name of the operation that takes the collective's result nonlinearly, or ``None``.
   """
-  closed = jax.make_jaxpr(lambda p: fn(p, *args, **kwargs))(params)
+  closed = jax.make_jaxpr(fn)(params)
   jaxpr, n = closed.jaxpr, len(closed.jaxpr.invars)
   axes = frozenset(check_names(axis_name))
   return _couples(jaxpr, [True] * n, [False] * n, axes, _feeding_first_output(jaxpr))[0]
 
 
-def warn_if_loss_couples_devices(
-  fn: Any, params: Any, args: Any, kwargs: Any, axis_name: Any, caller: str
-) -> None:
+def warn_if_loss_couples_devices(fn: Any, params: Any, axis_name: Any, caller: str) -> None:
   """Warns if independent probes would bias the estimate of ``fn`` (:func:`loss_couples_devices`).
 
   Measured (a Dense-BatchNorm-tanh-Dense model, BatchNorm synchronised over 4 devices, 4096
   probes): entries off by up to 12 standard deviations of the estimator, and the bias before
   the BatchNorm, whose Hessian is exactly 0, estimated at -0.07.
   """
-  found = loss_couples_devices(fn, params, args, kwargs, axis_name)
+  found = loss_couples_devices(fn, params, axis_name)
   if found:
     warnings.warn(
       f"{caller}: independent_probes=True, but the loss reads other devices' parameters through "

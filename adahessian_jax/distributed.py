@@ -121,7 +121,7 @@ def _fused_pass_inputs(
   independent_probes: bool,
   caller: str,
   tx: str,
-  loss: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None,
+  loss: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, Any]:
   """The ``(params, opt_state)`` at which a data-parallel fused pass takes this device's own
   gradient and estimate (the Flax helpers' ``axis_name`` / ``independent_probes``).
@@ -132,7 +132,7 @@ def _fused_pass_inputs(
   (:func:`per_device_probe_state`; pass the original state to ``tx.update``). Without
   ``axis_name`` they are returned as they are.
 
-  With ``independent_probes`` and ``loss``, ``(loss_fn, args, kwargs)``, warns if the loss reads
+  With ``independent_probes`` and ``loss`` (this device's loss of the params), warns if it reads
   other devices' parameters through a collective over ``axis_name`` (a synchronised BatchNorm),
   which would bias the estimate.
 
@@ -150,8 +150,7 @@ def _fused_pass_inputs(
   params, opt_state = device_varying((params, opt_state), axis_name)
   if independent_probes:
     if loss is not None:
-      fn, args, kwargs = loss
-      warn_if_loss_couples_devices(fn, params, args, kwargs, axis_name, caller)
+      warn_if_loss_couples_devices(loss, params, axis_name, caller)
     opt_state = per_device_probe_state(opt_state, axis_name)
   return params, opt_state
 

@@ -279,7 +279,7 @@ class TrainState(train_state.TrainState):
       independent_probes,
       "TrainState.apply_loss",
       "tx",
-      loss=(loss_fn, args, kwargs),
+      loss=lambda p: loss_fn(p, *args, **kwargs),
     )
 
     def checked(params, *args, **kwargs):

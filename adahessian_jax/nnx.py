@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adahessian_jax import _axes, _validation, distributed, fused
+from adahessian_jax import _validation, distributed, fused
 from adahessian_jax._extras import missing_extra
 
 try:
@@ -277,15 +277,6 @@ def value_grad_and_hessian_diag(
   _check_selects(params, optimizer.wrt, "the optimizer's ")
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
-  params, opt_state = distributed._fused_pass_inputs(
-    params,
-    nnx.as_pure(optimizer.opt_state),
-    axis_name,
-    independent_probes,
-    "adahessian_jax.nnx.value_grad_and_hessian_diag",
-    "the optimizer's tx",
-  )
-
   def loss_of(p):
     given = dict(nnx.to_flat_state(nnx.as_pure(p)))
     graph = _merge(graphdef, p, rest)
@@ -304,10 +295,16 @@ def value_grad_and_hessian_diag(
     loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
     return loss, (aux, new_params, new_state)
 
-  if independent_probes:  # axis_name is set: _fused_pass_inputs refuses it otherwise
-    _axes.warn_if_loss_couples_devices(
-      loss_of, params, (), {}, axis_name, "adahessian_jax.nnx.value_grad_and_hessian_diag"
-    )
+  params, opt_state = distributed._fused_pass_inputs(
+    params,
+    nnx.as_pure(optimizer.opt_state),
+    axis_name,
+    independent_probes,
+    "adahessian_jax.nnx.value_grad_and_hessian_diag",
+    "the optimizer's tx",
+    loss=lambda p: loss_of(p)[0],
+  )
+
   vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
   (loss, (aux, new_params, new_state)), grads, hdiag = vgh(params, opt_state)
   if axis_name is not None:

@@ -285,7 +285,7 @@ def _estimate(
       # value_fn is this device's loss; its local estimate is averaged below.
       params, keys = device_varying((params, keys), axis_name)
       if independent_probes:
-        warn_if_loss_couples_devices(value_fn, params, (), {}, axis_name, "scale_by_adahessian")
+        warn_if_loss_couples_devices(value_fn, params, axis_name, "scale_by_adahessian")
     estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")[2]
   else:
     estimate = hessian_diag
