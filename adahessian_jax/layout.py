@@ -30,7 +30,7 @@ and its tree of partition specs give the same paths.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -87,6 +87,25 @@ def is_annotated(x: Any) -> bool:
     return True
   variable = _nnx_variable_class()
   return variable is not None and isinstance(x, variable)
+
+
+def unboxed(tree: Any, is_box: Callable[[Any], bool] = is_annotated) -> Any:
+  """``tree`` with each box around one array (a Linen metadata box, an NNX variable: what
+  ``is_box`` accepts) replaced by the array, as ``nnx.as_pure`` and ``nn.unbox`` give it.
+
+  Args:
+    tree: A pytree.
+    is_box: Which nodes are boxes; default :func:`is_annotated`.
+
+  Returns:
+    The tree with plain arrays in place of those boxes.
+  """
+
+  def value(x):
+    inner = jax.tree.leaves(x)
+    return inner[0] if is_box(x) and len(inner) == 1 else x
+
+  return jax.tree.map(value, tree, is_leaf=is_box)
 
 
 def _as_names(spec: Any) -> AxisNames | None:

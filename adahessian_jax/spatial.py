@@ -1370,12 +1370,7 @@ def _pure_nnx_twin(params: Any) -> Any | None:
   nodes = jax.tree.leaves(params, is_leaf=is_variable)
   if not any(is_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
     return None
-
-  def value(x):
-    inner = jax.tree.leaves(x)
-    return inner[0] if len(inner) == 1 else x
-
-  return jax.tree.map(lambda x: value(x) if is_variable(x) else x, params, is_leaf=is_variable)
+  return layout.unboxed(params, is_variable)
 
 
 def _warn_nnx_names_dropped(

@@ -338,7 +338,7 @@ def _scalars_broadcast(p: Any, params: Any) -> Any:
     return p
   # Unboxed (Linen boxes, NNX variables: nnx.Optimizer's OptVariable where the params hold
   # nnx.Param), so that the paths of the two agree; the operator ravels either alike.
-  p, params = _unboxed(p), _unboxed(params)
+  p, params = layout.unboxed(p), layout.unboxed(params)
 
   def broadcast(path, x):
     if np.ndim(x):
@@ -350,16 +350,6 @@ def _scalars_broadcast(p: Any, params: Any) -> Any:
     return jax.tree.map(lambda w: jnp.broadcast_to(jnp.asarray(x), np.shape(w)), under)
 
   return jax.tree_util.tree_map_with_path(broadcast, p)
-
-
-def _unboxed(tree: Any) -> Any:
-  """``tree`` with each Linen box or NNX variable around one array replaced by the array."""
-
-  def value(x):
-    inner = jax.tree.leaves(x)
-    return inner[0] if layout.is_annotated(x) and len(inner) == 1 else x
-
-  return jax.tree.map(value, tree, is_leaf=layout.is_annotated)
 
 
 @jax.jit
