@@ -371,14 +371,9 @@ def test_entries_without_curvature_yet_are_held_still():
   assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)
 
 
-def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
-  """P from nnx.Optimizer's state (OptVariable leaves) for params from nnx.split (Param leaves),
-  and an unboxed Linen P for boxed params: boxes aside, the same leaves."""
-  import flax.linen as nn
+def _nnx_net():
+  """A float64 two-layer NNX MLP (``l1``, ``l2``) and a regression batch ``(x, y)``."""
   from flax import nnx
-
-  x = jax.random.normal(jax.random.key(1), (12, 3))
-  y = jax.random.normal(jax.random.key(2), (12, 2))
 
   class Net(nnx.Module):
     def __init__(self, rngs):
@@ -388,7 +383,18 @@ def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
     def __call__(self, x):
       return self.l2(jnp.tanh(self.l1(x)))
 
-  model = Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (12, 3))
+  y = jax.random.normal(jax.random.key(2), (12, 2))
+  return Net(nnx.Rngs(0)), x, y
+
+
+def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
+  """P from nnx.Optimizer's state (OptVariable leaves) for params from nnx.split (Param leaves),
+  and an unboxed Linen P for boxed params: boxes aside, the same leaves."""
+  import flax.linen as nn
+  from flax import nnx
+
+  model, x, y = _nnx_net()
   optimizer = nnx.Optimizer(model, adahessian_jax.adahessian(0.05, eps=1e-3), wrt=nnx.Param)
   model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
   grads = nnx.grad(model_loss)(model)
@@ -444,18 +450,7 @@ def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
   "no entry" at the leaves under that prefix."""
   from flax import nnx
 
-  x = jax.random.normal(jax.random.key(1), (12, 3))
-  y = jax.random.normal(jax.random.key(2), (12, 2))
-
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
-      self.l2 = nnx.Linear(4, 2, param_dtype=jnp.float64, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(jnp.tanh(self.l1(x)))
-
-  model = Net(nnx.Rngs(0))
+  model, x, y = _nnx_net()
   labels = lambda s: jax.tree_util.tree_map_with_path(
     lambda path, _: "ada" if path[0].key == "l1" else "adam", s
   )
