@@ -1,6 +1,7 @@
 """The README's code runs (so the documentation cannot rot), and CI runs its test command."""
 
 import pathlib
+import re
 
 from _markdown import bash_blocks, python_blocks, run_python_blocks
 
@@ -22,3 +23,10 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
   assert "examples/cv_digits.py --quick" in commands[0]
   ci = (ROOT / ".ci" / "run").read_text()
   assert commands[1] in ci
+
+
+def test_quoted_length_of_quickstart_script_is_its_length():
+  quoted = re.search(r"`examples/quickstart\.py` is the smallest .*?\((\d+) lines\)", README, re.S)
+  assert quoted, "the README no longer quotes the quickstart script's length"
+  lines = (ROOT / "examples" / "quickstart.py").read_text().splitlines()
+  assert int(quoted.group(1)) == len(lines), (quoted.group(1), len(lines))
