@@ -223,7 +223,9 @@ def plot(out, path):
   fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 9), squeeze=False)
   for j, name in enumerate(names):
     res = out["cases"][name]
-    n_show = min(res["steps"], 120)
+    # The first 120 steps, or up to a little past the last seed's spike where that is later.
+    spikes = [s["spike_step"] for s in res["seeds"] if s["spike_step"] is not None]
+    n_show = min(res["steps"], max([120] + [t + 40 for t in spikes]))
     for s in res["seeds"]:
       c = "tab:red" if s["failed"] else "tab:blue"
       lab = f"seed {s['seed']} ({'failed' if s['failed'] else 'ok'})"
@@ -233,7 +235,9 @@ def plot(out, path):
       axes[1, j].plot(np.arange(n_show), mu, color=c, lw=1, alpha=0.8)
       zf = np.asarray(s["max_frac_D_below_1pct_per_step"][:n_show], float)
       axes[2, j].plot(np.arange(n_show), 100 * zf, color=c, lw=1, alpha=0.8)
-    axes[0, j].set_title(f"{name} (lr {res['lr_peak']:.3g}, k={res['case']['update_freq']})")
+    case = res["case"]
+    extra = "".join(f", {k} {case[k]:g}" for k in ("floor", "clip") if k in case)
+    axes[0, j].set_title(f"{name}\n(lr {res['lr_peak']:.3g}, k={case['update_freq']}{extra})")
     axes[0, j].set_yscale("log")
     axes[0, j].set_ylabel("training loss")
     axes[0, j].legend(fontsize=7)
@@ -245,7 +249,9 @@ def plot(out, path):
     axes[2, j].set_xlabel("step")
     for a in axes[:, j]:
       a.grid(alpha=0.3)
-  fig.suptitle("AdaHessian (exact rule): failed seeds (red) vs healthy seeds (blue)")
+  exact = not any("floor" in r["case"] or "clip" in r["case"] for r in out["cases"].values())
+  rule = "exact rule" if exact else "with the floor and clip prototypes"
+  fig.suptitle(f"AdaHessian ({rule}):\nfailed seeds (red) vs healthy seeds (blue)")
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
