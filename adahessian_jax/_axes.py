@@ -360,66 +360,128 @@ def _carries_derivative(v: Any) -> bool:
   return aval is None or not hasattr(aval, "dtype") or jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
-def _feeding_first_output(jaxpr: Any) -> set[int]:
-  """The indices of the equations of ``jaxpr`` its first output (the loss, before any aux)
-  depends on."""
-  needed = {jaxpr.outvars[0]} if jaxpr.outvars and _is_var(jaxpr.outvars[0]) else set()
+def _passes_derivative(eqn: Any) -> bool:
+  """Whether a derivative can pass through ``eqn`` to its outputs (not a ``stop_gradient``, a
+  comparison, an argmax: a value held constant, or one without a derivative)."""
+  return eqn.primitive.name != "stop_gradient" and any(_carries_derivative(v) for v in eqn.outvars)
+
+
+def _feeding(jaxpr: Any, outputs: Any = None) -> set[int]:
+  """The indices of the equations of ``jaxpr`` whose derivative reaches its ``outputs`` (indices;
+  ``None``: all of them).
+
+  A value reached only through one without a derivative (a comparison's predicate, a
+  ``stop_gradient``) is not followed: how it is computed changes no derivative of the outputs.
+  """
+  outvars = jaxpr.outvars if outputs is None else [jaxpr.outvars[i] for i in outputs]
+  needed = {v for v in outvars if _is_var(v)}
   live = set()
   for i in reversed(range(len(jaxpr.eqns))):
     eqn = jaxpr.eqns[i]
-    if any(v in needed for v in eqn.outvars):
+    if any(v in needed for v in eqn.outvars) and _passes_derivative(eqn):
       live.add(i)
       needed.update(v for v in eqn.invars if _is_var(v))
   return live
+
+
+def _sub_flags(eqn: Any, sub: Any, flags: list[bool]) -> list[bool]:
+  """``flags`` of ``eqn``'s operands, as the inputs of its sub-jaxpr ``sub``: one to one (a
+  ``jit``, a ``custom_jvp``), a ``cond`` branch's without the branch index, else any of them."""
+  n = len(sub.invars)
+  if n == len(eqn.invars):
+    return list(flags)
+  if eqn.primitive.name == "cond" and n == len(eqn.invars) - 1:
+    return list(flags[1:])
+  return [any(flags)] * n
+
+
+def _loop(eqn: Any, dep: list[bool], crossed: list[bool], axes: frozenset) -> Any:
+  """:func:`_couples` for a ``scan`` or ``while`` equation: its body walked until the flags of
+  the loop carry stop growing.
+
+  A value a collective makes in one iteration reaches the next through the carry (``c =
+  pmean(p)``, then ``c * c``), so one walk of the body with the flags of the initial carry misses
+  it. The flags only grow, so this ends after at most twice as many walks as carried values. A
+  ``while``'s condition is not walked: its predicate carries no derivative.
+
+  Returns:
+    ``(name, out_dep, out_crossed)`` as :func:`_couples`, for the equation's outputs.
+  """
+  if eqn.primitive.name == "scan":
+    body = eqn.params["jaxpr"].jaxpr
+    start, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+  else:  # while: operands are the condition's constants, the body's, then the carry
+    body = eqn.params["body_jaxpr"].jaxpr
+    skip = eqn.params["cond_nconsts"]
+    dep, crossed = dep[skip:], crossed[skip:]
+    start = eqn.params["body_nconsts"]
+    n_carry = len(dep) - start
+  carry = slice(start, start + n_carry)
+  dep, crossed = list(dep), list(crossed)
+  live = _feeding(body)
+  while True:
+    found, out_dep, out_crossed = _couples(body, dep, crossed, axes, live)
+    if found:
+      return found, [], []
+    grown_dep = [a or b for a, b in zip(dep[carry], out_dep[:n_carry], strict=True)]
+    grown_crossed = [a or b for a, b in zip(crossed[carry], out_crossed[:n_carry], strict=True)]
+    if grown_dep == dep[carry] and grown_crossed == crossed[carry]:
+      # The carry out is the carry in after no iteration, the body's after some.
+      return None, grown_dep + out_dep[n_carry:], grown_crossed + out_crossed[n_carry:]
+    dep[carry], crossed[carry] = grown_dep, grown_crossed
 
 
 def _couples(
   jaxpr: Any, dep: list[bool], crossed: list[bool], axes: frozenset, live: set[int] | None = None
 ) -> Any:
   """Walks ``jaxpr`` from its inputs that depend on this device's parameters (``dep``) and those
-  that other devices' parameters reach (``crossed``), through the equations ``live`` (all if
-  ``None``).
+  that other devices' parameters reach (``crossed``), through the equations ``live`` (those whose
+  derivative reaches an output if ``None``: :func:`_feeding`).
 
   Returns:
     ``(name, out_dep, out_crossed)``: the name of the first operation that takes the result of a
     collective over ``axes`` other than linearly (``None`` if there is none), and the two flags
     of the outputs.
   """
+  if live is None:
+    live = _feeding(jaxpr)
   deps = {v for v, d in zip(jaxpr.invars, dep, strict=True) if d}
   cross = {v for v, c in zip(jaxpr.invars, crossed, strict=True) if c}
   for i, eqn in enumerate(jaxpr.eqns):
-    if live is not None and i not in live:  # computes only the aux (a metric), not the loss
+    if i not in live:  # computes only the aux (a metric) or a predicate, not the loss
       continue
     d_in = [_is_var(v) and v in deps for v in eqn.invars]
     c_in = [_is_var(v) and v in cross for v in eqn.invars]
     if not any(d_in) and not any(c_in):
       continue
     name = eqn.primitive.name
-    if name == "stop_gradient" or not any(_carries_derivative(v) for v in eqn.outvars):
-      continue  # no derivative passes (a comparison, an argmax, a value held constant)
-    out_crossed = any(c_in)
+    n_out = len(eqn.outvars)
+    out_dep, out_crossed = [True] * n_out, [any(c_in)] * n_out
     subs = _sub_jaxprs(eqn)
     if name in _COMMUNICATING and (_named_axes(eqn) & axes):
-      out_crossed = out_crossed or any(d_in)
+      out_crossed = [any(c_in) or any(d_in)] * n_out
+    elif name in ("scan", "while"):
+      found, out_dep, out_crossed = _loop(eqn, d_in, c_in, axes)
+      if found:
+        return found, [], []
     elif subs:  # walk the body: a collective inside, or a crossed input taken nonlinearly there
+      out_crossed = [False] * n_out
       for sub in subs:
-        n = len(sub.invars)
-        one_to_one = n == len(eqn.invars)
-        sub_dep = d_in if one_to_one else [any(d_in)] * n
-        sub_cross = c_in if one_to_one else [any(c_in)] * n
+        sub_dep, sub_cross = _sub_flags(eqn, sub, d_in), _sub_flags(eqn, sub, c_in)
         found, _, sub_crossed = _couples(sub, sub_dep, sub_cross, axes)
         if found:
           return found, [], []
-        out_crossed = out_crossed or any(sub_crossed)
+        if len(sub_crossed) != n_out:
+          sub_crossed = [any(sub_crossed)] * n_out
+        out_crossed = [a or b for a, b in zip(out_crossed, sub_crossed, strict=True)]
     elif any(c_in) and (
       name not in _LINEAR
       or (name in _PRODUCTS and sum(d_in) > 1)
       or (name == "div" and d_in[1])  # 1 / x is not linear in x
     ):
       return name, [], []
-    deps.update(eqn.outvars)
-    if out_crossed:
-      cross.update(eqn.outvars)
+    deps.update(v for v, d in zip(eqn.outvars, out_dep, strict=True) if d)
+    cross.update(v for v, c in zip(eqn.outvars, out_crossed, strict=True) if c)
   return (
     None,
     [_is_var(v) and v in deps for v in jaxpr.outvars],
@@ -444,7 +506,7 @@ def loss_couples_devices(fn: Any, params: Any, axis_name: Any) -> Any:
   closed = jax.make_jaxpr(fn)(params)
   jaxpr, n = closed.jaxpr, len(closed.jaxpr.invars)
   axes = frozenset(check_names(axis_name))
-  return _couples(jaxpr, [True] * n, [False] * n, axes, _feeding_first_output(jaxpr))[0]
+  return _couples(jaxpr, [True] * n, [False] * n, axes, _feeding(jaxpr, [0]))[0]
 
 
 def warn_if_loss_couples_devices(fn: Any, params: Any, axis_name: Any, caller: str) -> None:

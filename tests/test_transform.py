@@ -1,5 +1,7 @@
 """scale_by_adahessian / adahessian against an independent NumPy transcription."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -517,3 +519,55 @@ def test_independent_probes_keep_value_fn_errors(independent_probes):
   # And the masked_value_fn it asks for runs.
   updates = step(masked, lambda x: ah.masked_value_fn(lambda p: loss(p, x), params))
   assert np.all(np.isfinite(updates["a"])) and np.all(updates["b"] == 1.0)
+
+
+def test_coupling_warning_follows_a_collective_through_a_scan_carry():
+  """With independent probes the update warns when the loss takes a collective's result over
+  ``axis_name`` nonlinearly. The check walked a ``scan`` body once, with the flags of the initial
+  carry, so a ``pmean`` of the parameters carried into the next iteration and squared there was
+  missed; and a ``pmean`` that only decides a predicate (``jnp.where(m * m > 1, ...)``), which
+  carries no derivative, warned. The usual scans (an RNN with a ``pmean`` of its loss, a carry
+  that sums) still do not warn (``vmap`` with an axis name stands in for ``pmap``)."""
+  params = {"w": jnp.ones(3)}
+  batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
+  mean = lambda p, x: jax.lax.pmean(jnp.sum(p["w"] * x), "d")
+  steps = lambda x: jnp.stack([x, 0.5 * x, -x])
+
+  def squared_next_step(p, x):  # c = pmean(p·x); the next iteration adds c * c
+    body = lambda c, xt: (c * c + mean(p, xt), None)
+    return jax.lax.scan(body, 0.0, steps(x))[0]
+
+  def squared_output(p, x):  # the carry is squared as the output of the next iteration
+    body = lambda c, xt: (mean(p, xt), c * c)
+    return jnp.sum(jax.lax.scan(body, 0.0, steps(x))[1])
+
+  def rnn(p, x):
+    def body(h, xt):
+      h = jnp.tanh(p["w"] * h + xt)
+      return h, jnp.sum(h**2)
+
+    return jax.lax.pmean(jnp.sum(jax.lax.scan(body, jnp.zeros(3), steps(x))[1]), "d")
+
+  def summing(p, x):
+    body = lambda c, xt: (c + mean(p, xt) + jnp.sum(jnp.tanh(p["w"] * xt) ** 2), None)
+    return jax.lax.scan(body, 0.0, steps(x))[0]
+
+  def predicate(p, x):
+    m = mean(p, x)
+    return jnp.where(m * m > 1.0, 2.0, 1.0) * jnp.sum(jnp.tanh(p["w"] * x) ** 2)
+
+  def warned(loss):
+    tx = ah.adahessian(0.1, axis_name="d", independent_probes=True)
+    state = tx.init(params)
+    device = lambda x: tx.update(params, state, params, value_fn=lambda p: loss(p, x))[0]["w"]
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      updates = jax.vmap(device, axis_name="d")(batches)
+    assert np.all(np.isfinite(updates))
+    return [str(c.message) for c in caught if "other devices' parameters" in str(c.message)]
+
+  for loss in (squared_next_step, squared_output):
+    (message,) = warned(loss)
+    assert "'mul'" in message and "independent_probes=False" in message, loss.__name__
+  for loss in (rnn, summing, predicate):
+    assert warned(loss) == [], loss.__name__
