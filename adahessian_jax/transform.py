@@ -132,14 +132,29 @@ def _check_state(
       f"the AdaHessian state was made with lazy_moment={made!r} but the transform has "
       f"lazy_moment={used!r}." + fix
     )
-  # Under jit the stored value is unknown (a per-step host check would cost every step); the
-  # transform writes its own update_freq into the new state, so a resumed state with another
-  # frequency follows the transform's from its second step on, in both routes alike.
+  # Under jit the stored value is unknown (a per-step host check would cost every step). The
+  # value_fn route then refreshes on the transform's schedule from the first step
+  # (_schedule_of); a given hessian_diag was made on the state's schedule, which the transform
+  # follows on that step. It writes its own update_freq into the new state either way.
   if not isinstance(state.update_freq, jax.core.Tracer) and int(state.update_freq) != update_freq:
     raise ValueError(
       f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
       f"transform has update_freq={update_freq}." + fix
     )
+
+
+def _schedule_of(state: ScaleByAdaHessianState, update_freq: int, value_fn: Any) -> Any:
+  """``state`` with the transform's ``update_freq``, if the transform computes the estimate
+  (``value_fn``) of a lazy state: the schedule its refresh follows.
+
+  Under ``jit`` a resumed state made with another frequency (which :func:`_check_state` refuses
+  outside ``jit``) then refreshes on the transform's schedule from its first step, not on the
+  state's. A given ``hessian_diag`` was made on the state's schedule (the fused route reads it
+  from the state), so there the state's decides that step.
+  """
+  if value_fn is None or state.update_freq is None:
+    return state
+  return state._replace(update_freq=jnp.asarray(update_freq, jnp.int32))
 
 
 def _check_state_dtypes(state: ScaleByAdaHessianState, mu_dtype: Any, nu_dtype: Any) -> None:
@@ -851,7 +866,7 @@ def scale_by_adahessian(
     if _EXPECTED_PROBES in extra_args:
       _check_expected_probes(extra_args.pop(_EXPECTED_PROBES), independent_probes)
     _check_against_state(updates, params, state.mu)
-    refresh = is_refresh_step(state, refresh)
+    refresh = is_refresh_step(_schedule_of(state, update_freq, value_fn), refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
     rules = spatial.resolve_rules(averaging, updates, block_size)
     # Inside shard_map the moments are split like the parameters.

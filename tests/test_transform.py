@@ -571,3 +571,26 @@ def test_coupling_warning_follows_a_collective_through_a_scan_carry():
     assert "'mul'" in message and "independent_probes=False" in message, loss.__name__
   for loss in (rnn, summing, predicate):
     assert warned(loss) == [], loss.__name__
+
+
+def test_resumed_state_with_another_update_freq_follows_the_transform_under_jit():
+  """A lazy state resumed with another ``update_freq`` is refused outside ``jit``; under ``jit``
+  the stored frequency is not known when the step is traced, and the first step silently
+  refreshed on the state's schedule (``update_freq=3``: none at step 2) instead of the
+  transform's (``update_freq=2``: a refresh). The ``value_fn`` route now follows the transform's
+  from the first step: as the state with its frequency replaced does outside ``jit``."""
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  loss = lambda p: jnp.sum(jnp.tanh(p["w"]) ** 2 * jnp.arange(1.0, 4.0))
+  old_tx, new_tx = ah.adahessian(0.1, update_freq=3), ah.adahessian(0.1, update_freq=2)
+  state = old_tx.init(params)
+  for _ in range(2):
+    state = old_tx.update(params, state, params, value_fn=loss)[1]
+  with pytest.raises(
+    ValueError, match=r"made with update_freq=3 but the transform has update_freq=2"
+  ):
+    new_tx.update(params, state, params, value_fn=loss)
+  jitted = jax.jit(lambda s: new_tx.update(params, s, params, value_fn=loss))(state)
+  fixed = ah.map_adahessian_state(lambda s: s._replace(update_freq=jnp.asarray(2)), state)
+  eager = new_tx.update(params, fixed, params, value_fn=loss)
+  assert ah.is_refresh_step(ah.find_adahessian_state(fixed))  # step 2 refreshes at update_freq=2
+  assert_trees_allclose(jitted, eager, rtol=1e-6, atol=0)
