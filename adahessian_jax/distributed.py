@@ -80,7 +80,13 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
     probe_state = distributed.per_device_probe_state(opt_state, "batch")
     loss, grads, hdiag = vgh(params, probe_state, batch)
     grads = jax.lax.pmean(grads, "batch")
-    updates, opt_state = tx.update(grads, opt_state, params, hessian_diag=hdiag)
+    updates, opt_state = tx.update(
+        grads, opt_state, params, hessian_diag=hdiag,
+        expected_axis_name="batch", expected_independent_probes=True)
+
+  The last two arguments say how the gradients were averaged and the probes drawn: ``tx`` raises
+  unless it was built with ``axis_name="batch"`` and ``independent_probes=True`` (a ``tx``
+  without them would not average the estimate, or not as drawn, with no error).
 
   Must be called inside a mapped context (``pmap``, ``shard_map``, ``vmap``)
   that binds ``axis_name``. Under ``shard_map`` pass ``vgh`` the parameters as

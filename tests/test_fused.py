@@ -357,3 +357,40 @@ def test_benchmark_quick_mode_runs(tmp_path):
   for r in rows:
     assert r["ms_per_step_median"] > 0 and r["flops"] > 0 and r["peak_bytes"] > 0
     assert np.isfinite(r["final_loss"])
+
+
+def test_hand_written_data_parallel_fused_step_checks_tx_through_expected_args():
+  """The hand-written fused step of docs/distributed.md (``per_device_probe_state`` for
+  independent probes, ``pmean`` of the gradients) passes ``expected_axis_name`` and
+  ``expected_independent_probes`` to ``tx.update``: a ``tx`` built without the axis (which would
+  not average the estimate: the replicas drift) or without independent probes then raises, and
+  for the right ``tx`` the compiled step is the one without them (``vmap`` with an axis name
+  stands in for ``pmap``)."""
+  from adahessian_jax import distributed
+
+  params = {"w": jnp.ones(3)}
+  batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
+  loss_fn = lambda p, b: jnp.tanh(jnp.dot(b, p["w"])) ** 2
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  def run(tx, **expected):
+    opt_state = tx.init(params)
+
+    def step(batch):
+      probe_state = distributed.per_device_probe_state(opt_state, "batch")
+      _, grads, hdiag = vgh(params, probe_state, batch)
+      grads = jax.lax.pmean(grads, "batch")
+      updates, _ = tx.update(grads, opt_state, params, hessian_diag=hdiag, **expected)
+      return updates["w"]
+
+    return jax.jit(jax.vmap(step, axis_name="batch")).lower(batches)
+
+  expected = {"expected_axis_name": "batch", "expected_independent_probes": True}
+  with pytest.raises(ValueError, match=r"averaged the gradients over 'batch'.*axis_name=None"):
+    run(ah.adahessian(0.1), **expected)
+  with pytest.raises(ValueError, match=r"independent_probes=True\).*built with independent"):
+    run(ah.adahessian(0.1, axis_name="batch"), **expected)
+  tx = ah.adahessian(0.1, axis_name="batch", independent_probes=True)
+  assert run(tx, **expected).as_text() == run(tx).as_text()
+  updates = run(tx, **expected).compile()(batches)
+  np.testing.assert_array_equal(updates[0], updates[1])  # the replicas step alike
