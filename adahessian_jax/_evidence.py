@@ -43,7 +43,8 @@ class Reading(NamedTuple):
     unsure: Why that reading is a guess, if it is, else ``None``.
     param: What the evidence says the leaf is, where its own name (:func:`param_name`) does not:
       :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`BIAS_TABLE`
-      (:func:`bias_tables`) or ``"bias"`` (:func:`haiku_biases`); else ``None``.
+      (:func:`bias_tables`) or ``"bias"`` (:func:`haiku_biases`, :func:`named_biases`,
+      :func:`expert_biases`); else ``None``.
   """
 
   names: AxisNames | None
@@ -63,11 +64,12 @@ def read(
   First the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
   a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
   (:func:`in_named_stacks`), and the vectors of a stack that nothing names
-  (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`)
-  and Haiku's biases (:func:`haiku_biases`);
+  (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`),
+  Haiku's biases (:func:`haiku_biases`) and biases by their names (:func:`named_biases`);
   then, past any stacked axes, convolutions (:func:`conv_kernels`), attention projections
   (:func:`flax_attention_names`, which wins over the others), DenseGeneral kernels
-  (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`).
+  (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`), with their
+  biases (:func:`expert_biases`).
 
   Args:
     paths: Each leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
@@ -95,12 +97,13 @@ def read(
   for i, why in vectors_in_stacks(paths, shapes, stacked, roles).items():
     unsure.setdefault(i, why)
   tables = bias_tables(paths, roles)
-  biases = haiku_biases(paths, roles)
+  biases = haiku_biases(paths, roles) | named_biases(paths, roles)
   convs = conv_kernels(paths, shapes, stacked, roles)
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
   generals = dense_general_kernels(paths, shapes, stacked, roles)
   done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = expert_stacks(paths, shapes, stacked, roles, done)
+  biases |= expert_biases(paths, shapes, stacked, roles, experts)
   # Three disjoint sets: a weight or kernel, a table, a b or <name>_b.
   params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
   params |= {i: "bias" for i in biases}
@@ -372,6 +375,28 @@ def haiku_biases(paths, roles) -> set[int]:
       if roles[i] is not None and (name == "b" or name.endswith("_b")):
         if name[:-1] + "w" in members:
           found.add(i)
+  return found
+
+
+def named_biases(paths, roles) -> set[int]:
+  """Biases by their name: a leaf whose name has the word ``bias`` (split at ``_``).
+
+  A raw bias is often named after its kernel: a mixture's ``wi_0_bias`` or gpt-oss's
+  ``gate_up_proj_bias`` ``(experts, out)``, a custom attention's ``q_bias`` ``(heads,
+  head_dim)``. One entry per output unit, like a Flax ``bias``: read as a ``Dense`` kernel by its
+  rank, it was blocked across experts or heads. Tables (``relative_attention_bias``) and
+  weights are left to :func:`bias_tables` and :func:`weights_by_bias`.
+
+  Returns:
+    The indices of these leaves under the default rule.
+  """
+  found = set()
+  for i, path in enumerate(paths):
+    name = _leaf_name(path)
+    if roles[i] is None or name is None or param_name(path) in READ_BY_NAME:
+      continue
+    if {"bias", "biases"} & set(name.lower().split("_")):
+      found.add(i)
   return found
 
 
@@ -1054,6 +1079,34 @@ def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tupl
     own: list[str | None] = list(names[i]) if names[i] else [None] * len(shapes[i])
     own[lead] = name
     found[i] = (tuple(own), f"axis {lead} taken for a mixture's experts: {keys[j]!r} in its path")
+  return found
+
+
+def expert_biases(paths, shapes, names, roles, experts: Mapping[int, Any]) -> set[int]:
+  """The biases of a mixture's experts, by their shapes beside the experts' kernels.
+
+  A kernel ``(experts, in, out)`` that :func:`expert_stacks` found has its bias ``(experts,
+  out)`` beside it under a name of the author's (``b_in``, ``b1``, ``wi_b``), which the rank
+  would take for a ``Dense`` kernel and block across the experts. An unnamed leaf of the
+  kernel's module (its only names leading stacked ones) whose shape is the kernel's without its
+  input axis (``kernel.shape[:-2] + kernel.shape[-1:]``, rank >= 2; one of rank 3 is itself taken
+  for an expert's kernel) is such a bias: one entry per expert and output unit.
+
+  Returns:
+    The indices of these leaves under the default rule.
+  """
+  found = set()
+  for members in _by_leaf_name(paths).values():
+    kernels = [i for i in members.values() if i in experts]
+    for i in kernels:
+      bias_shape = tuple(shapes[i][:-2]) + tuple(shapes[i][-1:])
+      for j in members.values():
+        if j == i or roles[j] is None or param_name(paths[j]) in READ_BY_NAME:
+          continue
+        # A bias (layers, experts, out) of rank 3 is itself taken for an expert's kernel.
+        own = names[j] if j not in experts else None
+        if tuple(shapes[j]) == bias_shape and _leading_stack(own, roles[j]) is not None:
+          found.add(j)
   return found
 
 

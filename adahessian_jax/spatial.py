@@ -59,8 +59,9 @@ rank         Flax meaning                averaging
 ===========  ==========================  =======================================
 
 Whatever the names and rank, a leaf whose Flax name (last path key) is
-``bias`` (or Haiku's ``offset``; a ``b`` or ``<name>_b`` beside its ``w`` or ``<name>_w``) is
-not averaged (a ``DenseGeneral`` ``(*features)``,
+``bias`` (or Haiku's ``offset``; a ``b`` or ``<name>_b`` beside its ``w`` or ``<name>_w``; a
+name with the word ``bias``, ``q_bias``; a mixture's ``(experts, out)`` beside its ``(experts,
+in, out)`` kernel) is not averaged (a ``DenseGeneral`` ``(*features)``,
 attention ``(heads, head_dim)`` or ``Einsum`` bias is one entry per output), nor one
 named ``scale`` (a norm's scale, stacked or over several feature axes; also
 ``nn.WeightNorm``'s ``"<layer>/<path>/scale"``), and an ``embedding`` of rank >= 2

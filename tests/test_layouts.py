@@ -2337,3 +2337,71 @@ def test_reading_the_layout_grows_linearly_in_the_leaves(tree):
     return pstats.Stats(profile).total_calls  # pyright: ignore[reportAttributeAccessIssue]
 
   assert calls(100) < 4.1 * calls(25)
+
+
+class RawMixture(nn.Module):
+  """A mixture's weights as raw params, each expert's bias named after its kernel."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    self.param("w_in", lecun, (4, 6, 8))  # (experts, in, out)
+    self.param("b_in", zeros, (4, 8))  # (experts, out): a name of the author's
+    self.param("w_out", lecun, (4, 8, 6))
+    self.param("w_out_bias", zeros, (4, 6))
+    return x, None
+
+
+class ScannedRawMixture(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(RawMixture, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return stack(name="moe")(x, None)[0]
+
+
+def test_biases_of_experts_and_heads_under_names_of_their_own_are_not_averaged(rng):
+  # A raw bias named after its kernel (a mixture's b_in or w_out_bias (experts, out), gpt-oss's
+  # gate_up_proj_bias, a custom attention's q_bias (heads, head_dim)) was read by its rank as a
+  # Dense kernel and blocked along axis 0: across the experts or heads, beside kernels kept
+  # apart per expert and per head, with no warning. One entry per expert (head) and output unit.
+  x = jnp.ones((1, 6))
+  params = {
+    "moe": jax.eval_shape(RawMixture().init, jax.random.key(0), x)["params"],
+    "attn": {"wq": jnp.zeros((10, 2, 3)), "q_bias": jnp.zeros((2, 3)), "wo": jnp.zeros((2, 3, 10))},
+    "mlp": {
+      "experts": {"gate_up_proj": jnp.zeros((4, 10, 6)), "gate_up_proj_bias": jnp.zeros((4, 6))}
+    },
+  }
+  params = jax.tree.map(lambda p: jnp.zeros(p.shape), params)
+  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape)), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+
+  def per_expert(x):  # NumPy loops: blocks of 2 inputs within each (layer's) expert's kernel
+    flat = x.reshape(-1, *x.shape[-2:])
+    return np.stack([block_average(e, 2) for e in flat]).reshape(x.shape)
+
+  for group, name in [("moe", "b_in"), ("moe", "w_out_bias"), ("attn", "q_bias")]:
+    np.testing.assert_allclose(got[group][name], d[group][name], rtol=1e-6, err_msg=name)
+  experts = got["mlp"]["experts"]
+  np.testing.assert_allclose(
+    experts["gate_up_proj_bias"], d["mlp"]["experts"]["gate_up_proj_bias"], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    experts["gate_up_proj"], per_expert(d["mlp"]["experts"]["gate_up_proj"]), rtol=1e-6
+  )
+  for name in ("w_in", "w_out"):
+    np.testing.assert_allclose(got["moe"][name], per_expert(d["moe"][name]), rtol=1e-6)
+  # The attention's kernels: blocks of 2 embed inputs per head; 2 head_dim inputs of one head.
+  np.testing.assert_allclose(got["attn"]["wq"], block_average(d["attn"]["wq"], 2), rtol=1e-6)
+  np.testing.assert_allclose(got["attn"]["wo"], block_average(d["attn"]["wo"], 2, 1), rtol=1e-6)
+  # In an nn.scan the experts' kernels (layers, experts, in, out) stay a guess (flagged); their
+  # bias (layers, experts, out), one entry per layer, expert and output unit, is no guess.
+  scanned = jax.eval_shape(ScannedRawMixture().init, jax.random.key(1), x)["params"]
+  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape)), scanned)
+  with pytest.warns(spatial.LayoutGuessWarning) as caught:
+    rules = spatial.resolve_rules(None, scanned, block_size=2, warn=True)
+  got = spatial.apply_rules(rules, hessian_diag)
+  np.testing.assert_allclose(got["moe"]["b_in"], hessian_diag["moe"]["b_in"], rtol=1e-12)
+  assert "['b_in']" not in str(caught[0].message)
