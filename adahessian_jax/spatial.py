@@ -215,28 +215,71 @@ class Rule(abc.ABC):
 
   @abc.abstractmethod
   def __call__(self, d: jax.Array) -> jax.Array:
-    """Returns ``d`` with every entry replaced by the mean over its group."""
+    """Averages over the rule's groups.
+
+    Args:
+      d: The leaf's ``|estimate|``.
+
+    Returns:
+      ``d`` with every entry replaced by the mean over its group (same shape and dtype).
+    """
 
   def check(self, shape: tuple[int, ...], where: str) -> None:  # noqa: B027
-    """Raises ``ValueError`` if the rule cannot apply to ``shape``."""
+    """Checks that the rule can apply to a leaf (by default it can).
+
+    Args:
+      shape: The leaf's shape.
+      where: The leaf's path, for the error message.
+
+    Raises:
+      ValueError: naming ``where``, if the rule cannot apply to ``shape``.
+    """
 
   def bind(self, names: AxisNames) -> Rule:
-    """This rule for a leaf whose axes have ``names`` (one entry per axis)."""
+    """This rule for a leaf whose axes carry names (by default the rule itself).
+
+    Args:
+      names: One axis name (or ``None``) per axis of the leaf.
+
+    Returns:
+      The rule to apply to that leaf.
+    """
     del names
     return self
 
   def explain(self, shape: tuple[int, ...]) -> Choice:
-    """The concrete rule applied to a leaf of ``shape``, and why."""
+    """The concrete rule applied to a leaf, and why.
+
+    Args:
+      shape: The leaf's shape.
+
+    Returns:
+      A :class:`Choice` (for a rule given explicitly: itself, "given explicitly in averaging").
+    """
     del shape
     return Choice(self, "given explicitly in averaging")
 
   def groups(self, shape: tuple[int, ...]) -> dict[int, int] | None:
-    """``{group size: number of groups}`` on a leaf of ``shape``; ``None`` if unknown."""
+    """The sizes of the groups the rule averages over, for :func:`describe`.
+
+    Args:
+      shape: The leaf's shape.
+
+    Returns:
+      ``{group size: number of groups}`` on a leaf of ``shape``; ``None`` if unknown.
+    """
     del shape
     return None
 
   def layer_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The stacked-layer axes of a leaf of ``shape``, which leaf-wide statistics keep apart."""
+    """The stacked-layer axes of a leaf, which leaf-wide statistics keep apart.
+
+    Args:
+      shape: The leaf's shape.
+
+    Returns:
+      The axes (``()`` for a leaf of one layer).
+    """
     return self.explain(shape).rule._own_layer_axes(shape)
 
   def _own_layer_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -244,7 +287,14 @@ class Rule(abc.ABC):
     return ()
 
   def for_param(self, param: str | None) -> Rule:
-    """This rule for a leaf whose Flax parameter name (last path key) is ``param``."""
+    """This rule for a leaf with a Flax parameter name (by default the rule itself).
+
+    Args:
+      param: The leaf's last path key (``"kernel"``, ``"bias"``), or ``None``.
+
+    Returns:
+      The rule to apply to that leaf.
+    """
     del param
     return self
 
@@ -1049,7 +1099,14 @@ class Listing:
     return self.table()
 
   def table(self, why: bool = True) -> str:
-    """The rows as a text table, one line per leaf; ``why=False`` leaves the reasons out."""
+    """The rows as a text table.
+
+    Args:
+      why: Whether to include the column of reasons.
+
+    Returns:
+      The table, one line per leaf after a header (``str(listing)`` is it with the reasons).
+    """
     header = ("path", "shape", "axis names", "rule", "groups (count x size)", "why")
     cells = [header] + [
       (

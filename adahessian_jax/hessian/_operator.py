@@ -74,8 +74,16 @@ class ParamLayout:
 
   @classmethod
   def of(cls, params: Any, unravel: Callable[[jax.Array], Any] | None = None) -> ParamLayout:
-    """The layout of a pytree of arrays (``jax.flatten_util.ravel_pytree`` order); ``unravel``
-    from :func:`ravel` of ``params`` if the caller has raveled them already."""
+    """The layout of a pytree of arrays, in ``jax.flatten_util.ravel_pytree`` order.
+
+    Args:
+      params: The pytree (Linen boxes and NNX variables are read through).
+      unravel: ``(n,) -> pytree`` from :func:`ravel` of ``params``, if the caller has raveled
+        them already; ``None`` to ravel them here.
+
+    Returns:
+      A :class:`ParamLayout`.
+    """
     if unravel is None:
       _, unravel = ravel(params)
     # Canonical paths: a Linen box's or NNX variable's own ``.value`` step is not part of the
@@ -94,16 +102,30 @@ class ParamLayout:
 
   @staticmethod
   def ravel(tree: Any) -> jax.Array:
-    """``pytree -> (n,)``, unchecked (see :meth:`flatten`)."""
+    """Flattens a pytree, unchecked (:meth:`flatten` checks it against the params).
+
+    Args:
+      tree: A pytree of arrays.
+
+    Returns:
+      The ``(n,)`` concatenation of its raveled leaves.
+    """
     return ravel(tree)[0]
 
   def flatten(self, tree: Any, what: str = "the tree") -> jax.Array:
-    """A flat ``(n,)`` array as given, or a pytree like the params raveled; else ``ValueError``.
+    """A flat vector of the params' size, from a flat array or a pytree like the params.
 
-    A pytree must have the params' leaves (Linen boxes and NNX variables aside) and every
-    leaf the shape of the params' leaf at its path (``_checks.like_params``), and no leaf may
-    be complex;
-    the message names ``what`` and the first leaf that differs.
+    Args:
+      tree: A real ``(n,)`` array (returned as it is), or a pytree with the params' leaves
+        (Linen boxes and NNX variables aside), each of the shape of the params' leaf at its
+        path, none complex.
+      what: What ``tree`` is, for the error message.
+
+    Returns:
+      The ``(n,)`` array.
+
+    Raises:
+      ValueError: naming ``what`` and the first leaf that differs, or the size that does.
     """
     if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
       _checks.like_params(tree, self.params, what)
@@ -118,7 +140,14 @@ class ParamLayout:
     return jnp.asarray(tree)
 
   def where(self, index: int) -> str:
-    """The leaf path and position in the leaf of flat entry ``index``: ``['out']['bias'][1]``."""
+    """Where a flat entry lies in the params.
+
+    Args:
+      index: A position in the flat vector, ``0 <= index < n``.
+
+    Returns:
+      Its leaf path and position in the leaf, e.g. ``"['out']['bias'][1]"``.
+    """
     leaves = jax.tree_util.tree_leaves_with_path(self.params)
     i = next(i for i, sl in enumerate(self.slices) if sl.start <= index < sl.stop)
     path = jax.tree_util.keystr(leaves[i][0]) or self.names[i]
@@ -126,14 +155,31 @@ class ParamLayout:
     return path + (f"[{', '.join(str(int(j)) for j in within)}]" if within else "")
 
   def first_not_finite(self, flat: Any) -> str | None:
-    """``"nan at ['out']['bias'][1]"`` for the first non-finite entry of the flat ``(n,)``
-    array ``flat``; ``None`` if every entry is finite."""
+    """The first non-finite entry of a flat vector, for an error message.
+
+    Args:
+      flat: An ``(n,)`` array.
+
+    Returns:
+      ``"nan at ['out']['bias'][1]"`` for its first non-finite entry; ``None`` if every entry
+      is finite.
+    """
     host = np.asarray(flat)
     bad = np.flatnonzero(~np.isfinite(host))
     return f"{host[bad[0]]} at {self.where(int(bad[0]))}" if bad.size else None
 
   def index(self, leaf: int | str) -> int:
-    """The position of a leaf given by index or by name."""
+    """The position of a leaf in flattening order.
+
+    Args:
+      leaf: Its index, or its name (one of :attr:`names`).
+
+    Returns:
+      The index.
+
+    Raises:
+      ValueError: for an unknown name or an index out of range.
+    """
     if isinstance(leaf, str):
       if leaf not in self.names:
         raise ValueError(f"no leaf named {leaf!r}; the leaves are {list(self.names)}")
@@ -169,6 +215,12 @@ class WeightedData:
 
     Over several batches, float16 and bfloat16 parts are summed in float32 (the result's dtype):
     summed in bfloat16, 256 products were off by 1.2 % (one by 0.3 %), 256 losses by 1.3 %.
+
+    Args:
+      per_batch: ``batch -> array``, the quantity on one batch.
+
+    Returns:
+      The weighted sum over the batches.
     """
     if len(self.batches) == 1:
       return self.weights[0] * per_batch(self.batches[0])
@@ -180,14 +232,28 @@ class WeightedData:
     return total
 
   def loss(self, params: Any) -> jax.Array:
-    """The weighted loss at ``params``."""
+    """The weighted loss.
+
+    Args:
+      params: The point to evaluate it at.
+
+    Returns:
+      ``Σ_b w_b · loss_fn(params, batch_b)``.
+    """
     return self.weighted_sum(lambda b: _batch_loss(self.jit_loss, params, b))
 
   def not_finite(self, params: Any) -> str:
-    """The first batch whose loss at ``params`` is not finite, and its first non-finite entry,
-    as a sentence for an error message (or that every batch's loss is finite).
+    """Where a loss that is not finite comes from, as a sentence for an error message.
 
-    Costs one loss per batch up to that one: call it only once something is known not finite.
+    Costs one loss per batch up to the first one whose loss is not finite: call it only once
+    something is known not finite.
+
+    Args:
+      params: The point the loss was evaluated at.
+
+    Returns:
+      The first batch whose loss at ``params`` is not finite and its first non-finite entry,
+      or that every batch's loss is finite (then the curvature is what is not).
     """
     many = len(self.batches) > 1
     for i, batch in enumerate(self.batches):
@@ -236,7 +302,18 @@ class HessianOperator:
   block_size: int = 8
 
   def matvec(self, v: jax.Array) -> jax.Array:
-    """``H v`` for a real flat vector ``v`` of shape ``(n,)``; else a ``ValueError``."""
+    """The product ``H v``.
+
+    Args:
+      v: A real flat vector of shape ``(n,)`` (:meth:`ravel` turns a pytree like the params
+        into one).
+
+    Returns:
+      ``H v``, shape ``(n,)``.
+
+    Raises:
+      ValueError: for another shape or a complex vector.
+    """
     if np.shape(v) != (self.size,):
       raise ValueError(
         f"matvec needs a flat vector of shape ({self.size},) (the operator's size), got shape "
@@ -246,7 +323,17 @@ class HessianOperator:
     return self.matmat_fn(jnp.asarray(v)[None])[0]
 
   def matmat(self, vs: jax.Array) -> jax.Array:
-    """``H v`` for every row ``v`` of ``vs``, real, shape ``(b, n)``; else a ``ValueError``."""
+    """The products ``H v`` of several vectors at once.
+
+    Args:
+      vs: Real vectors as the rows of a ``(b, n)`` array.
+
+    Returns:
+      ``(b, n)``: row ``i`` is ``H vs[i]``.
+
+    Raises:
+      ValueError: for another shape or complex vectors.
+    """
     if np.ndim(vs) != 2 or np.shape(vs)[1] != self.size:
       raise ValueError(
         f"matmat needs vectors as rows of a (b, {self.size}) array (the operator's size), got "
@@ -256,25 +343,46 @@ class HessianOperator:
     return self.matmat_fn(vs)
 
   def probes(self, keys: jax.Array) -> jax.Array:
-    """One Rademacher probe per key, as rows of a ``(len(keys), n)`` array."""
+    """Rademacher probes, one per key.
+
+    Args:
+      keys: ``b`` PRNG keys, as ``jax.random.split(key, b)`` gives them.
+
+    Returns:
+      ``(b, n)``: row ``i`` the probe of ``keys[i]``.
+    """
     return self.probes_fn(keys)
 
   def gaussian(self, key: jax.Array, num: int) -> jax.Array:
-    """``num`` standard normal vectors as rows: the start vectors of the eigensolvers.
+    """Standard normal vectors: the start vectors of the eigensolvers.
 
     Unlike a Rademacher vector, which has no component along ``e_a − e_b`` whenever its
     entries ``a`` and ``b`` agree (probability 1/2), a normal vector has a component along
     every direction almost surely: the top eigenvector of a pair of symmetric parameters is
     then not invisible to a Krylov space started from it.
+
+    Args:
+      key: A PRNG key.
+      num: How many vectors.
+
+    Returns:
+      ``(num, n)`` of the operator's dtype.
     """
     return jax.random.normal(key, (num, self.size), self.dtype)
 
   def rademacher(self, key: jax.Array, num: int) -> jax.Array:
-    """``num`` Rademacher probes as rows, probe ``i`` from ``jax.random.split(key, num)[i]``.
+    """Rademacher probes, probe ``i`` from ``jax.random.split(key, num)[i]``.
 
     For an operator from :func:`hessian_operator` that probe is
     ``ravel(rademacher_like(key_i, params))``, the one
     :func:`adahessian_jax.hutchinson.hutchinson_diagonal` draws from the same key.
+
+    Args:
+      key: A PRNG key.
+      num: How many probes.
+
+    Returns:
+      ``(num, n)``, one probe per row.
     """
     return self.probes(jax.random.split(key, num))
 
@@ -295,16 +403,31 @@ class HessianOperator:
     return self.layout.slices
 
   def ravel(self, tree: Any, what: str = "the tree") -> jax.Array:
-    """``pytree -> (n,)`` for a pytree like the params (boxes aside); other leaves raise.
+    """Flattens a pytree like the params into a vector the operator takes.
 
-    The ``ValueError`` names ``what`` and the first leaf path that differs (two
-    trees of the same size but other leaves would flatten to the right length).
+    Args:
+      tree: A pytree with the params' leaves and shapes (Linen boxes and NNX variables aside).
+      what: What ``tree`` is, for the error message.
+
+    Returns:
+      The ``(n,)`` vector, in the operator's order.
+
+    Raises:
+      ValueError: naming ``what`` and the first leaf path that differs (two trees of the same
+        size but other leaves would flatten to the right length).
     """
     _checks.like_params(tree, self.params, what)
     return self.layout.ravel(tree)
 
   def unravel(self, v: jax.Array) -> Any:
-    """``(n,) -> pytree``."""
+    """The inverse of :meth:`ravel`.
+
+    Args:
+      v: A flat ``(n,)`` vector.
+
+    Returns:
+      A pytree like the params (plain arrays).
+    """
     return self.layout.unravel(v)
 
   @property
@@ -313,11 +436,31 @@ class HessianOperator:
     return 0 if self.data is None else len(self.data.batches)
 
   def loss(self, params: Any | None = None) -> jax.Array:
-    """The loss over all the data at ``params`` (default: the operator's point)."""
+    """The loss over all the operator's data.
+
+    Args:
+      params: Where to evaluate it; ``None`` for the operator's point.
+
+    Returns:
+      The weighted loss over the batches.
+
+    Raises:
+      ValueError: for an operator without data (a block or masked one).
+    """
     return self.require_data("the loss").loss(self.params if params is None else params)
 
   def require_data(self, what: str) -> WeightedData:
-    """The operator's :class:`WeightedData`, or a ``ValueError`` saying that ``what`` needs it."""
+    """The operator's loss and batches, for an analysis that needs them.
+
+    Args:
+      what: The analysis, for the error message.
+
+    Returns:
+      Its :class:`WeightedData`.
+
+    Raises:
+      ValueError: saying that ``what`` needs data, for a block or masked operator.
+    """
     if self.data is None:
       raise ValueError(
         f"{what} needs the loss and data of an operator from hessian_operator(); this one (a "
@@ -381,6 +524,12 @@ class HessianOperator:
     Same spectrum as :meth:`block` on the leaf (plus zeros off it), but with
     the shapes of the full operator, so solvers compiled for it are reused for
     every leaf. Its probes are the full probes, masked.
+
+    Args:
+      leaf: Index into :attr:`leaf_names`, or the name itself.
+
+    Returns:
+      A :class:`HessianOperator` of the full size, without data.
     """
     sl = self.leaf_slices[self.layout.index(leaf)]
     mask = jnp.zeros(self.size, self.dtype).at[sl].set(1.0)

@@ -57,7 +57,15 @@ class SpectralDensity(NamedTuple):
   num_matvecs: int
 
   def moment(self, order: int) -> float:
-    """``(1/p) Σ_probes Σ_j τ_j θ_j^order``, the quadrature estimate of ``tr(H^order)/n``."""
+    """A moment of the density: the quadrature estimate of ``tr(H^order)/n``.
+
+    Args:
+      order: The power, ``>= 0`` (0 gives the total weight, 1 the mean eigenvalue).
+
+    Returns:
+      ``(1/p) Σ_probes Σ_j τ_j θ_j^order`` over the ``p`` probes' nodes ``θ_j`` and weights
+      ``τ_j``.
+    """
     return float(np.mean(np.sum(self.weights * self.nodes**order, axis=1)))
 
 
