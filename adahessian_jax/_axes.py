@@ -360,28 +360,88 @@ def _carries_derivative(v: Any) -> bool:
   return aval is None or not hasattr(aval, "dtype") or jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
-def _passes_derivative(eqn: Any) -> bool:
-  """Whether a derivative can pass through ``eqn`` to its outputs (not a ``stop_gradient``, a
-  comparison, an argmax: a value held constant, or one without a derivative)."""
-  return eqn.primitive.name != "stop_gradient" and any(_carries_derivative(v) for v in eqn.outvars)
-
-
-def _feeding(jaxpr: Any, outputs: Any = None) -> set[int]:
-  """The indices of the equations of ``jaxpr`` whose derivative reaches its ``outputs`` (indices;
-  ``None``: all of them).
+def _live(jaxpr: Any, outputs: tuple[int, ...] | None, memo: dict) -> Any:
+  """What of ``jaxpr`` the derivative of its ``outputs`` (indices; ``None``: all) reads.
 
   A value reached only through one without a derivative (a comparison's predicate, a
   ``stop_gradient``) is not followed: how it is computed changes no derivative of the outputs.
+  Nor is an output of a nested ``jit``, ``scan``, ``cond``, ``custom_jvp`` or ``remat`` that
+  only the aux reads (a per-step metric): its body is read for the outputs used alone.
+
+  Returns:
+    ``(live, inputs)``: for each equation read, by index, the indices of its outputs read; and
+    for each input of ``jaxpr`` whether it is read.
   """
-  outvars = jaxpr.outvars if outputs is None else [jaxpr.outvars[i] for i in outputs]
-  needed = {v for v in outvars if _is_var(v)}
-  live = set()
-  for i in reversed(range(len(jaxpr.eqns))):
-    eqn = jaxpr.eqns[i]
-    if any(v in needed for v in eqn.outvars) and _passes_derivative(eqn):
-      live.add(i)
-      needed.update(v for v in eqn.invars if _is_var(v))
-  return live
+  key = (id(jaxpr), outputs)
+  if key not in memo:
+    outvars = jaxpr.outvars if outputs is None else [jaxpr.outvars[i] for i in outputs]
+    needed = {v for v in outvars if _is_var(v)}
+    live = {}
+    for i in reversed(range(len(jaxpr.eqns))):
+      eqn = jaxpr.eqns[i]
+      if eqn.primitive.name == "stop_gradient":  # a value held constant
+        continue
+      outs = tuple(  # not a comparison's predicate, an argmax: values without a derivative
+        j for j, v in enumerate(eqn.outvars) if v in needed and _carries_derivative(v)
+      )
+      if outs:
+        live[i] = outs
+        reads = _operands_read(eqn, outs, memo)
+        needed.update(v for v, r in zip(eqn.invars, reads, strict=True) if r and _is_var(v))
+    memo[key] = live, [_is_var(v) and v in needed for v in jaxpr.invars]
+  return memo[key]
+
+
+def _loop_parts(eqn: Any) -> tuple[Any, int, int, int]:
+  """``(body, skip, start, n_carry)`` of a ``scan`` or ``while`` equation: the body's jaxpr, the
+  operands before the body's (a ``while``'s condition constants), the body inputs before the
+  carry and the number of carried values (the first outputs of the body and of the equation)."""
+  if eqn.primitive.name == "scan":
+    return eqn.params["jaxpr"].jaxpr, 0, eqn.params["num_consts"], eqn.params["num_carry"]
+  # while: operands are the condition's constants, the body's, then the carry
+  skip, start = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+  return eqn.params["body_jaxpr"].jaxpr, skip, start, len(eqn.invars) - skip - start
+
+
+def _loop_outputs(eqn: Any, outs: tuple[int, ...], memo: dict) -> tuple[int, ...]:
+  """The outputs of a loop's body that the derivative of the loop's outputs ``outs`` reads:
+  those, and the carried values that the body reads for them in a later iteration (a fixed
+  point; a loss carry that adds a metric carry reads it, one beside it does not)."""
+  body, _, start, n_carry = _loop_parts(eqn)
+  needed = set(outs)
+  while True:
+    read = _live(body, tuple(sorted(needed)), memo)[1]
+    grown = needed | {j for j in range(n_carry) if read[start + j]}
+    if grown == needed:
+      return tuple(sorted(needed))
+    needed = grown
+
+
+def _operands_read(eqn: Any, outs: tuple[int, ...], memo: dict) -> list[bool]:
+  """For each operand of ``eqn``, whether the derivative of its outputs ``outs`` reads it."""
+  n_in = len(eqn.invars)
+  if eqn.primitive.name in ("scan", "while"):
+    body, skip, start, n_carry = _loop_parts(eqn)
+    read = list(_live(body, _loop_outputs(eqn, outs, memo), memo)[1])
+    for j in outs:
+      if j < n_carry:  # after no iteration, the carry out is the carry in
+        read[start + j] = True
+    return [False] * skip + read
+  subs = _sub_jaxprs(eqn)
+  if not subs:
+    return [True] * n_in
+  read = [False] * n_in
+  for sub in subs:
+    if len(sub.outvars) != len(eqn.outvars):
+      return [True] * n_in
+    sub_read = _live(sub, outs, memo)[1]
+    if len(sub_read) == n_in:  # a jit, a custom_jvp, a remat
+      read = [a or b for a, b in zip(read, sub_read, strict=True)]
+    elif eqn.primitive.name == "cond" and len(sub_read) == n_in - 1:  # not the branch index
+      read = [a or b for a, b in zip(read, [False, *sub_read], strict=True)]
+    else:
+      return [True] * n_in
+  return read
 
 
 def _sub_flags(eqn: Any, sub: Any, flags: list[bool]) -> list[bool]:
@@ -395,9 +455,11 @@ def _sub_flags(eqn: Any, sub: Any, flags: list[bool]) -> list[bool]:
   return [any(flags)] * n
 
 
-def _loop(eqn: Any, dep: list[bool], crossed: list[bool], axes: frozenset) -> Any:
-  """:func:`_couples` for a ``scan`` or ``while`` equation: its body walked until the flags of
-  the loop carry stop growing.
+def _loop(
+  eqn: Any, dep: list[bool], crossed: list[bool], axes: frozenset, outs: tuple[int, ...], memo: dict
+) -> Any:
+  """:func:`_couples` for a ``scan`` or ``while`` equation whose outputs ``outs`` are read: its
+  body walked until the flags of the loop carry stop growing.
 
   A value a collective makes in one iteration reaches the next through the carry (``c =
   pmean(p)``, then ``c * c``), so one walk of the body with the flags of the initial carry misses
@@ -407,20 +469,12 @@ def _loop(eqn: Any, dep: list[bool], crossed: list[bool], axes: frozenset) -> An
   Returns:
     ``(name, out_dep, out_crossed)`` as :func:`_couples`, for the equation's outputs.
   """
-  if eqn.primitive.name == "scan":
-    body = eqn.params["jaxpr"].jaxpr
-    start, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-  else:  # while: operands are the condition's constants, the body's, then the carry
-    body = eqn.params["body_jaxpr"].jaxpr
-    skip = eqn.params["cond_nconsts"]
-    dep, crossed = dep[skip:], crossed[skip:]
-    start = eqn.params["body_nconsts"]
-    n_carry = len(dep) - start
+  body, skip, start, n_carry = _loop_parts(eqn)
   carry = slice(start, start + n_carry)
-  dep, crossed = list(dep), list(crossed)
-  live = _feeding(body)
+  dep, crossed = list(dep[skip:]), list(crossed[skip:])
+  body_outs = _loop_outputs(eqn, outs, memo)
   while True:
-    found, out_dep, out_crossed = _couples(body, dep, crossed, axes, live)
+    found, out_dep, out_crossed = _couples(body, dep, crossed, axes, body_outs, memo)
     if found:
       return found, [], []
     grown_dep = [a or b for a, b in zip(dep[carry], out_dep[:n_carry], strict=True)]
@@ -432,23 +486,28 @@ def _loop(eqn: Any, dep: list[bool], crossed: list[bool], axes: frozenset) -> An
 
 
 def _couples(
-  jaxpr: Any, dep: list[bool], crossed: list[bool], axes: frozenset, live: set[int] | None = None
+  jaxpr: Any,
+  dep: list[bool],
+  crossed: list[bool],
+  axes: frozenset,
+  outputs: tuple[int, ...] | None,
+  memo: dict,
 ) -> Any:
   """Walks ``jaxpr`` from its inputs that depend on this device's parameters (``dep``) and those
-  that other devices' parameters reach (``crossed``), through the equations ``live`` (those whose
-  derivative reaches an output if ``None``: :func:`_feeding`).
+  that other devices' parameters reach (``crossed``), through the equations whose derivative
+  reaches its ``outputs`` (indices; ``None``: all of them; :func:`_live`, cached in ``memo``).
 
   Returns:
     ``(name, out_dep, out_crossed)``: the name of the first operation that takes the result of a
     collective over ``axes`` other than linearly (``None`` if there is none), and the two flags
-    of the outputs.
+    of the outputs (of those read; the others' are not computed).
   """
-  if live is None:
-    live = _feeding(jaxpr)
+  live = _live(jaxpr, outputs, memo)[0]
   deps = {v for v, d in zip(jaxpr.invars, dep, strict=True) if d}
   cross = {v for v, c in zip(jaxpr.invars, crossed, strict=True) if c}
   for i, eqn in enumerate(jaxpr.eqns):
-    if i not in live:  # computes only the aux (a metric) or a predicate, not the loss
+    outs = live.get(i)
+    if outs is None:  # computes only the aux (a metric) or a predicate, not the loss
       continue
     d_in = [_is_var(v) and v in deps for v in eqn.invars]
     c_in = [_is_var(v) and v in cross for v in eqn.invars]
@@ -461,14 +520,15 @@ def _couples(
     if name in _COMMUNICATING and (_named_axes(eqn) & axes):
       out_crossed = [any(c_in) or any(d_in)] * n_out
     elif name in ("scan", "while"):
-      found, out_dep, out_crossed = _loop(eqn, d_in, c_in, axes)
+      found, out_dep, out_crossed = _loop(eqn, d_in, c_in, axes, outs, memo)
       if found:
         return found, [], []
     elif subs:  # walk the body: a collective inside, or a crossed input taken nonlinearly there
       out_crossed = [False] * n_out
       for sub in subs:
         sub_dep, sub_cross = _sub_flags(eqn, sub, d_in), _sub_flags(eqn, sub, c_in)
-        found, _, sub_crossed = _couples(sub, sub_dep, sub_cross, axes)
+        sub_outs = outs if len(sub.outvars) == n_out else None
+        found, _, sub_crossed = _couples(sub, sub_dep, sub_cross, axes, sub_outs, memo)
         if found:
           return found, [], []
         if len(sub_crossed) != n_out:
@@ -498,7 +558,8 @@ def loss_couples_devices(fn: Any, params: Any, axis_name: Any) -> Any:
   with a probe per device misses the Hessian blocks between devices. A collective whose result
   enters the loss linearly (a ``pmean`` of the loss), that sees no parameter (a token count),
   that only a comparison or ``stop_gradient`` takes, or that only the aux after the loss (the
-  first output: ``(loss, aux)``) reads (a metric) couples nothing.
+  first output: ``(loss, aux)``) reads (a metric, also one a nested ``jit`` or ``scan`` body
+  returns beside the loss) couples nothing.
 
   Returns:
     The name of the operation that takes the collective's result nonlinearly, or ``None``.
@@ -506,7 +567,7 @@ def loss_couples_devices(fn: Any, params: Any, axis_name: Any) -> Any:
   closed = jax.make_jaxpr(fn)(params)
   jaxpr, n = closed.jaxpr, len(closed.jaxpr.invars)
   axes = frozenset(check_names(axis_name))
-  return _couples(jaxpr, [True] * n, [False] * n, axes, _feeding(jaxpr, [0]))[0]
+  return _couples(jaxpr, [True] * n, [False] * n, axes, (0,), {})[0]
 
 
 def warn_if_loss_couples_devices(fn: Any, params: Any, axis_name: Any, caller: str) -> None:

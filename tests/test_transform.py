@@ -573,6 +573,90 @@ def test_coupling_warning_follows_a_collective_through_a_scan_carry():
     assert warned(loss) == [], loss.__name__
 
 
+def test_coupling_warning_reads_only_the_outputs_of_a_nested_body_that_reach_the_loss():
+  """The check read every output of a nested ``jit``, ``scan``, ``cond``,
+  ``custom_jvp`` or ``remat`` body as part of the loss, so a metric computed there from a
+  ``pmean`` (a scan's per-step ``exp(pmean(loss_t))``, a jit returning ``(loss, pmean(l) ** 2)``)
+  warned on a correct program, an error under ``-W error``. Those bodies now read only what
+  reaches the loss; a collective taken nonlinearly in what does still warns (``vmap`` with an
+  axis name stands in for ``pmap``)."""
+  params = {"w": jnp.array([0.3, -0.2, 0.5])}
+  batches = jnp.array([[1.0, 2.0, 3.0], [-2.0, 0.5, 4.0]])  # one row per replica
+  local = lambda p, x: jnp.tanh(jnp.dot(x, p["w"])) ** 2
+  pmean = lambda v: jax.lax.pmean(v, "d")
+  steps = lambda x: jnp.stack([x, 0.5 * x, -x])
+
+  def scan_metric(p, x):  # per-step perplexity in the ys; a metric carry beside the loss's
+    def body(c, xt):
+      total, metric = c
+      return (total + local(p, xt), metric + jnp.exp(pmean(local(p, xt)))), jnp.exp(pmean(xt[0]))
+
+    return pmean(jax.lax.scan(body, (0.0, 0.0), steps(x))[0][0])
+
+  def jit_metric(p, x):
+    loss, _ = jax.jit(lambda p: (local(p, x), pmean(local(p, x)) ** 2))(p)
+    return pmean(loss)
+
+  def cond_metric(p, x):
+    both = lambda p: (local(p, x), pmean(local(p, x)) ** 2)
+    return pmean(jax.lax.cond(x[0] > 0, both, both, p)[0])
+
+  def remat_metric(p, x):
+    return pmean(jax.checkpoint(lambda p: (local(p, x), jnp.exp(pmean(local(p, x)))))(p)[0])
+
+  @jax.custom_jvp
+  def with_metric(v):
+    return v, pmean(v) ** 2
+
+  with_metric.defjvp(lambda v, t: (with_metric(*v), (t[0], 2 * pmean(v[0]) * pmean(t[0]))))
+
+  def custom_jvp_metric(p, x):
+    return pmean(with_metric(local(p, x))[0])
+
+  def map_metric(p, x):
+    losses, _ = jax.lax.map(lambda xt: (local(p, xt), jnp.exp(pmean(local(p, xt)))), steps(x))
+    return pmean(jnp.mean(losses))
+
+  def step(loss):
+    tx = ah.adahessian(0.1, axis_name="d", independent_probes=True)
+    state = tx.init(params)
+    device = lambda x: tx.update(params, state, params, value_fn=lambda p: loss(p, x))[0]["w"]
+    return jax.vmap(device, axis_name="d")(batches)
+
+  for loss in (
+    scan_metric,
+    jit_metric,
+    cond_metric,
+    remat_metric,
+    custom_jvp_metric,
+    map_metric,
+  ):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      assert np.all(np.isfinite(step(loss))), loss.__name__
+
+  def jit_squared(p, x):  # the same bodies, the collective's result taken into the loss
+    return jax.jit(lambda p: (local(p, x), pmean(local(p, x)) ** 2))(p)[1]
+
+  def scan_reads_metric(p, x):  # the loss's carry adds the metric's in the next step
+    def body(c, xt):
+      total, metric = c
+      return (total + local(p, xt) + metric, jnp.exp(pmean(local(p, xt)))), None
+
+    return jax.lax.scan(body, (0.0, 0.0), steps(x))[0][0]
+
+  def remat_squared(p, x):
+    return jax.checkpoint(lambda p: (local(p, x), jnp.exp(pmean(local(p, x)))))(p)[1]
+
+  for loss, name in (
+    (jit_squared, "integer_pow"),
+    (scan_reads_metric, "exp"),
+    (remat_squared, "exp"),
+  ):
+    with pytest.warns(UserWarning, match=rf"other devices' parameters.*'{name}'"):
+      step(loss)
+
+
 def test_resumed_state_with_another_update_freq_follows_the_transform_under_jit():
   """A lazy state resumed with another ``update_freq`` is refused outside ``jit``; under ``jit``
   the stored frequency is not known when the step is traced, and the first step silently
