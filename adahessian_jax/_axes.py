@@ -309,6 +309,18 @@ _LINEAR = frozenset(
     "cumsum",
     "pvary",
     "pcast",
+    "split",
+    "scatter",
+    "dynamic_update_slice",
+    "real",
+    "imag",
+    "conj",
+    "complex",
+    # Identities: placement, precision, scheduling.
+    "device_put",
+    "sharding_constraint",
+    "optimization_barrier",
+    "reduce_precision",
     "mul",
     "div",
     "dot_general",
@@ -517,8 +529,9 @@ def _couples(
     n_out = len(eqn.outvars)
     out_dep, out_crossed = [True] * n_out, [any(c_in)] * n_out
     subs = _sub_jaxprs(eqn)
-    if name in _COMMUNICATING and (_named_axes(eqn) & axes):
-      out_crossed = [any(c_in) or any(d_in)] * n_out
+    if name in _COMMUNICATING:  # linear (pmax: piecewise) in its operands, over any axis
+      if _named_axes(eqn) & axes:  # its result reads other devices' parameters
+        out_crossed = [any(c_in) or any(d_in)] * n_out
     elif name in ("scan", "while"):
       found, out_dep, out_crossed = _loop(eqn, d_in, c_in, axes, outs, memo)
       if found:

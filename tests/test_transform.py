@@ -657,6 +657,50 @@ def test_coupling_warning_reads_only_the_outputs_of_a_nested_body_that_reach_the
       step(loss)
 
 
+def test_coupling_warning_passes_linear_operations_and_collectives_over_other_axes():
+  """A collective over another mesh axis (``pmean`` over ``"model"`` of the loss already
+  ``pmean``-ed over ``"data"``) and linear operations the check did not list (``jnp.split``,
+  ``.at[].set``, ``dynamic_update_slice``, ``device_put``, ``optimization_barrier``) were taken
+  as nonlinear uses of a collective's result: a warning on a correct program, an error under
+  ``-W error`` (``vmap`` with axis names stands in for ``pmap`` over a 2 x 2 mesh;
+  ``axis_name="data"``)."""
+  params = {"w": jnp.array([0.3, -0.2, 0.5, 0.1])}
+  batches = jnp.arange(16.0).reshape(2, 2, 4) / 8 - 1  # (model, data, features)
+  local = lambda p, x: jnp.tanh(x * p["w"]) ** 2
+  gathered = lambda p, x: jax.lax.all_gather(local(p, x), "data").reshape(-1)  # (8,)
+  data_mean = lambda p, x: jax.lax.pmean(jnp.sum(local(p, x)), "data")
+
+  def step(loss):
+    tx = ah.adahessian(0.1, axis_name="data", independent_probes=True)
+    state = tx.init(params)
+    device = lambda x: tx.update(params, state, params, value_fn=lambda p: loss(p, x))[0]["w"]
+    return jax.vmap(jax.vmap(device, axis_name="data"), axis_name="model")(batches)
+
+  def other_axis(p, x):
+    return jax.lax.pmean(data_mean(p, x), "model") + jnp.mean(
+      jax.lax.all_gather(data_mean(p, x), "model")
+    )
+
+  def linear_operations(p, x):
+    g = gathered(p, x)
+    return (
+      jnp.sum(jnp.split(g, 2)[1])
+      + jnp.sum(jnp.zeros(10).at[1:9].set(g))
+      + jnp.sum(jax.lax.dynamic_update_slice(jnp.zeros(10), g, (2,)))
+      + jnp.sum(jax.device_put(g))
+      + jnp.sum(jax.lax.optimization_barrier(g))
+    )
+
+  for loss in (other_axis, linear_operations):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      assert np.all(np.isfinite(step(loss))), loss.__name__
+  # A nonlinear use after a collective over the other axis still warns, naming it.
+  exp = lambda p, x: jnp.exp(jax.lax.psum(data_mean(p, x), "model"))
+  with pytest.warns(UserWarning, match=r"other devices' parameters.*'exp'"):
+    step(exp)
+
+
 def test_resumed_state_with_another_update_freq_follows_the_transform_under_jit():
   """A lazy state resumed with another ``update_freq`` is refused outside ``jit``; under ``jit``
   the stored frequency is not known when the step is traced, and the first step silently
