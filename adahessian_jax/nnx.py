@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adahessian_jax import _validation, distributed, fused
+from adahessian_jax import _validation, distributed, fused, layout
 from adahessian_jax._extras import missing_extra
 
 try:
@@ -318,3 +318,136 @@ def value_grad_and_hessian_diag(
     )
   nnx.update((model, args, kwargs), new_params, new_state)
   return ((loss, aux) if has_aux else loss), grads, nnx.as_pure(hdiag)
+
+
+# What spatial.named(model) reads off an nnx.Module: each parameter's axis names by the type of
+# the module that holds it (docs/layouts.md, "The mapping").
+_STACKED = "layers"
+
+
+def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
+  """The axis names of an ``nnx.Einsum`` kernel of ``rank`` axes, where its einsum string lays
+  it out as a ``DenseGeneral`` kernel: axes mapped over (in the input, kernel and output:
+  stacked), then contracted inputs, then outputs; otherwise ``None`` (the string does not say
+  which axis is the input the default reading would block along)."""
+  spec = einsum_str.replace(" ", "")
+  if spec.count("->") != 1:
+    return None
+  operands, out = spec.split("->")
+  parts = operands.split(",")
+  if len(parts) != 2 or "." in parts[1] or len(parts[1]) != rank:
+    return None
+  x, kernel = parts
+  if len(set(kernel)) != len(kernel):
+    return None
+  kinds = []
+  for letter in kernel:
+    if letter in x and letter in out:
+      kinds.append(0)  # one kernel per entry of this axis: stacked
+    elif letter in x:
+      kinds.append(1)  # contracted: an input axis
+    elif letter in out:
+      kinds.append(2)  # an output axis
+    else:
+      return None
+  if 1 not in kinds or kinds != sorted(kinds):
+    return None
+  return tuple((_STACKED, "embed", "mlp")[k] for k in kinds)
+
+
+def _own_axes(module: Any) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]:
+  """For a module of a known type, its parameters' attribute names, each with the shape one
+  module (one layer) gives it and its axis names; ``{}`` for other modules."""
+  if isinstance(module, nnx.MultiHeadAttention):
+    return {}  # its projections are read as its children, below
+  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
+    shape = tuple(module.kernel_shape)
+    spatial = ("spatial",) * len(module.kernel_size)
+    return {
+      "kernel": (shape, (*spatial, "channels", "features")),
+      "bias": ((module.out_features,), ("features",)),
+    }
+  if isinstance(module, nnx.Linear):
+    return {
+      "kernel": ((module.in_features, module.out_features), ("embed", "mlp")),
+      "bias": ((module.out_features,), ("mlp",)),
+    }
+  if isinstance(module, nnx.LinearGeneral):
+    batch = tuple(module.batch_axis.values())
+    ins, outs = tuple(module.in_features), tuple(module.out_features)
+    stacked = (_STACKED,) * len(batch)
+    return {
+      "kernel": ((*batch, *ins, *outs), (*stacked, *("embed",) * len(ins), *("mlp",) * len(outs))),
+      "bias": ((*batch, *outs), (*stacked, *("mlp",) * len(outs))),
+    }
+  if isinstance(module, nnx.Embed):
+    return {"embedding": ((module.num_embeddings, module.features), ("vocab", "embed"))}
+  if isinstance(module, nnx.LoRA):
+    rank = int(module.lora_a.shape[-1])  # the one size not among the module's attributes
+    return {
+      "lora_a": ((module.in_features, rank), ("embed", "features")),
+      "lora_b": ((rank, module.out_features), ("features", "mlp")),
+    }
+  norms = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.InstanceNorm)
+  if isinstance(module, norms):
+    if isinstance(module, nnx.GroupNorm):
+      count = module.num_groups * module.group_size
+    else:
+      count = module.num_features
+    one = ((count,), ("features",))
+    return {"scale": one, "bias": one}
+  if isinstance(module, nnx.Einsum):
+    shape = tuple(module.kernel_shape)
+    names = _einsum_axes(module.einsum_str, len(shape))
+    return {} if names is None else {"kernel": (shape, names)}
+  return {}
+
+
+def _attention_axes(module: Any) -> dict[str, dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]]:
+  """The axes of an ``nnx.MultiHeadAttention``'s projections, by child and parameter: the query,
+  key and value kernels ``(embed, heads, head_dim)``, the output kernel ``(heads, head_dim,
+  embed)``, and their biases."""
+  out = {}
+  for child in ("query", "key", "value", "out"):
+    linear = getattr(module, child, None)
+    if not isinstance(linear, nnx.LinearGeneral) or linear.batch_axis:
+      continue
+    ins, outs = tuple(linear.in_features), tuple(linear.out_features)
+    if child != "out" and len(ins) == 1 and len(outs) == 2:
+      kernel, bias = ("embed", "heads", "head_dim"), ("heads", "head_dim")
+    elif child == "out" and len(ins) == 2 and len(outs) == 1:
+      kernel, bias = ("heads", "head_dim", "embed"), ("embed",)
+    else:
+      continue
+    out[child] = {"kernel": ((*ins, *outs), kernel), "bias": (outs, bias)}
+  return out
+
+
+def _module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
+  """The axis names of every variable of ``model``, keyed by ``jax.tree_util.keystr`` of its path
+  in ``nnx.state(model)``: its own (sharding metadata) where it has them, else those the type of
+  the module holding it gives (:func:`_own_axes`), with any leading axes beyond those named
+  ``"layers"`` (the stacked axes of ``nnx.vmap``/``nnx.scan``); ``None`` where neither says.
+  A parameter whose trailing shape is not what its module's attributes make is left unnamed."""
+  found = {jax.tree_util.keystr(x.path): x for x in layout.leaves(nnx.state(model))}
+  names = {key: x.names for key, x in found.items()}
+  iter_modules = getattr(nnx, "iter_modules", None)
+  modules = iter_modules(model) if iter_modules is not None else model.iter_modules()
+  by_type: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[Any, ...]]] = {}
+  for path, module in modules:
+    for attr, axes in _own_axes(module).items():
+      by_type[(*path, attr)] = axes
+    if isinstance(module, nnx.MultiHeadAttention):
+      for child, params in _attention_axes(module).items():
+        for attr, axes in params.items():
+          by_type[(*path, child, attr)] = axes
+  for path, (one, axes) in by_type.items():
+    key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
+    if key not in found or names[key] is not None:
+      continue  # no such variable (a module without a bias), or its own names win
+    shape = tuple(getattr(found[key].leaf, "shape", ()))
+    extra = len(shape) - len(one)
+    if extra < 0 or shape[extra:] != tuple(one):
+      continue
+    names[key] = (_STACKED,) * extra + tuple(axes)
+  return names

@@ -134,6 +134,7 @@ import numpy as np
 import optax
 
 from adahessian_jax import _evidence, layout, masking
+from adahessian_jax._extras import loaded
 from adahessian_jax._validation import STATIC_FIX, count
 from adahessian_jax.layout import (
   FEATURES,
@@ -900,16 +901,30 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
 
     # Linen: params = nn.unbox(boxed); names from the boxes or their specs
     tx = adahessian_jax.adahessian(lr, averaging=spatial.named(nn.get_partition_spec(boxed)))
-    # NNX, with nnx.scan/nnx.vmap stacks and sharding metadata
-    tx = adahessian_jax.adahessian(lr, averaging=spatial.named(nnx.state(model, nnx.Param)))
+    # NNX: the module itself (its variables' sharding metadata, else their modules' types)
+    tx = adahessian_jax.adahessian(lr, averaging=spatial.named(model))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  Given an ``nnx.Module``, each variable keeps the names of its sharding
+  metadata; one without them gets names from the type of the module holding
+  it: ``nnx.Conv``/``nnx.ConvTranspose`` kernels ``("spatial", ...,
+  "channels", "features")``, ``nnx.Linear`` ``("embed", "mlp")``,
+  ``nnx.LinearGeneral`` its input then output axes (``"embed"``, ``"mlp"``;
+  its batch axes ``"layers"``), ``nnx.MultiHeadAttention``'s query, key and
+  value ``("embed", "heads", "head_dim")`` and output ``("heads", "head_dim",
+  "embed")``, ``nnx.Embed`` ``("vocab", "embed")``, ``nnx.LoRA``, the norms'
+  scales and biases, and an ``nnx.Einsum`` whose string lays its kernel out
+  inputs first. Axes before those (the stack of ``nnx.vmap``/``nnx.scan``) are
+  named ``"layers"``. Variables of other modules get none (the default
+  reading).
 
   Leaves are matched by path (a box's ``.value`` step ignored); a leaf of the
   optimized tree that is not in ``source`` raises ``ValueError``. Only the
   names are kept, not the arrays.
 
   Args:
-    source: Boxed Linen params, an NNX state of variables, or a tree of
-      ``PartitionSpec`` (see :mod:`adahessian_jax.layout`).
+    source: An ``nnx.Module``, boxed Linen params, an NNX state of variables,
+      or a tree of ``PartitionSpec`` (see :mod:`adahessian_jax.layout`).
     averaging: The rules, as for :func:`resolve_rules` (``None``: the default),
       or an :class:`Averaging` to add the names to.
 
@@ -919,7 +934,19 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   Raises:
     ValueError: if ``source`` carries no axis names at all.
   """
-  names = layout.names_by_path(source)
+  if _is_nnx_module(source):
+    from adahessian_jax import nnx as nnx_support  # Flax is imported: source is its module
+
+    names = nnx_support._module_axis_names(source)
+    if all(n is None for n in names.values()):
+      raise ValueError(
+        f"spatial.named found no axis names in the {type(source).__qualname__}: none of its "
+        "variables has sharding metadata and none is held by a module whose layout it knows "
+        "(nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Embed, nnx.LoRA, "
+        "the norms). Name the axes (nnx.with_partitioning) or give rules through averaging=."
+      )
+  else:
+    names = layout.names_by_path(source)
   if all(n is None for n in names.values()):
     raise ValueError(
       "spatial.named got a tree without axis names: pass boxed Linen params (from init with "
@@ -931,6 +958,12 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   if isinstance(averaging, Averaging):
     return dataclasses.replace(averaging, names=pairs)
   return Averaging(averaging, names=pairs)
+
+
+def _is_nnx_module(x: Any) -> bool:
+  """Whether ``x`` is an ``nnx.Module`` (without importing Flax: one exists only once it is)."""
+  module = loaded("flax.nnx", "Module")
+  return module is not None and isinstance(x, module)
 
 
 def strict(averaging: AveragingSpec = None) -> Averaging:
@@ -1218,6 +1251,22 @@ def _masked_hint(averaging: Any, params: Any, block_size: int) -> str:
   )
 
 
+def _nnx_module_hint(averaging: Any, params: Any) -> str:
+  """For NNX variables without names given (``nnx.Optimizer``'s ``init`` sees the variables), the
+  fix that reads each layout from its module's type, or ``""``."""
+  variable = layout._nnx_variable_class()
+  if variable is None or (isinstance(averaging, Averaging) and averaging.names is not None):
+    return ""
+  is_variable = lambda x: isinstance(x, variable)
+  if not any(is_variable(x) for x in jax.tree.leaves(params, is_leaf=is_variable)):
+    return ""
+  return (
+    "\nThese are NNX variables: averaging=spatial.named(model), with the nnx.Module, names the "
+    "axes of the parameters of nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, "
+    "nnx.Embed and other known modules (and stacks of them) from the modules' types."
+  )
+
+
 def _warn_shard_shapes(
   averaging: AveragingSpec, params: Any, block_size: int, split: Mapping[str, tuple[Any, ...]]
 ) -> None:
@@ -1412,6 +1461,7 @@ def resolve_rules(
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
     message = _guess_warning(guesses) + _masked_hint(averaging, params, block_size)
+    message += _nnx_module_hint(averaging, params)
     warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
   if warn:
     _warn_nnx_names_dropped(averaging, params, block_size, rows)
@@ -1467,10 +1517,11 @@ def _warn_nnx_names_dropped(
     f"the axis names of the NNX variables decide the spatial averaging of {n}, but "
     "nnx.Optimizer.update hands the transform plain arrays (nnx.as_pure), without the names, "
     f"and there the default rule reads them otherwise:{listed}{more}\n"
-    "Give the optimizer the names: adahessian(..., averaging=spatial.named(nnx.state(model, "
-    "wrt))), with the nnx.Optimizer's wrt filter (e.g. nnx.Param). (A tx.update called with "
-    "the variables themselves, not through nnx.Optimizer, does see the names; named() is "
-    "right there too.)",
+    "Give the optimizer the names: adahessian(..., averaging=spatial.named(model)), with the "
+    "nnx.Module (its variables' names, and for those without, the layouts of their modules' "
+    "types), or spatial.named(nnx.state(model, wrt)) with the nnx.Optimizer's wrt filter. (A "
+    "tx.update called with the variables themselves, not through nnx.Optimizer, does see the "
+    "names; named() is right there too.)",
     LayoutGuessWarning,
     stacklevel=_caller_level(),
   )

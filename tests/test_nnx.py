@@ -459,3 +459,152 @@ def test_a_linen_module_as_the_model_is_refused_naming_the_linen_route():
     ah_nnx.value_fn(dense, loss_fn, x, y)
   with pytest.raises(TypeError, match=fix):
     ah_nnx.value_grad_and_hessian_diag(loss_fn, dense, optimizer, x, y)
+
+
+F64 = {"param_dtype": jnp.float64}
+
+
+class BiasFreeLinear(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 4, use_bias=False, **F64, rngs=rngs)
+
+
+class BiasFreeConv(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(4, 4, (3, 3), use_bias=False, **F64, rngs=rngs)
+
+
+class UserNamedCNN(nnx.Module):
+  """Modules under attribute names of the user's, no sharding metadata."""
+
+  def __init__(self, rngs):
+    self.dw = nnx.Conv(4, 4, (3, 3), feature_group_count=4, use_bias=False, **F64, rngs=rngs)
+    self.mixer = nnx.Conv(4, 4, 3, **F64, rngs=rngs)  # 1-D, kernel (3, 4, 4)
+    self.proj = nnx.LinearGeneral((2, 3, 4), 5, axis=(-3, -2, -1), **F64, rngs=rngs)
+    self.lins = nnx.vmap(BiasFreeLinear, in_axes=0, out_axes=0)(rngs.split(3))
+    self.convs = nnx.vmap(BiasFreeConv, in_axes=0, out_axes=0)(rngs.split(2))
+    self.mha = nnx.MultiHeadAttention(
+      num_heads=2, in_features=8, qkv_features=8, decode=False, **F64, rngs=rngs
+    )
+    self.emb = nnx.Embed(10, 8, **F64, rngs=rngs)
+
+
+def _block_mean(a, axis, size=2):
+  """The mean of blocks of ``size`` consecutive entries along ``axis``, broadcast back."""
+  a = np.moveaxis(a, axis, 0)
+  blocks = a.reshape(a.shape[0] // size, size, *a.shape[1:])
+  out = np.broadcast_to(blocks.mean(axis=1, keepdims=True), blocks.shape).reshape(a.shape)
+  return np.moveaxis(out, 0, axis)
+
+
+def _spatial_mean(a, axes):
+  return np.broadcast_to(a.mean(axis=axes, keepdims=True), a.shape)
+
+
+def test_named_model_reads_each_layout_from_its_module_type():
+  """NNX modules under names of the user's (self.dw, self.mixer, self.proj) and nnx.vmap stacks
+  without metadata: the default reading guessed the bias-less depthwise conv, the 1-D conv and
+  the stack of bias-less Linears (a LayoutGuessWarning), and silently read the LinearGeneral
+  with three input axes (2, 3, 4, 5) as a 2-D conv and the stack of bias-less 3x3 convs as a 3-D
+  conv, averaged across its 2 layers. spatial.named(model) names each axis by its module's type:
+  no warning, and the estimate is averaged per block by the documented rules."""
+  model = UserNamedCNN(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  # Without named: today's reading, unchanged (the guesses flagged, two misreadings silent).
+  plain = {r.path: r for r in ah.spatial.describe(params, block_size=2).rows}
+  assert plain["['proj']['kernel']"].rule == ah.spatial.mean_over((0, 1))
+  assert plain["['convs']['conv']['kernel']"].rule == ah.spatial.mean_over((0, 1, 2))
+  guessed = {p for p, r in plain.items() if r.ambiguous}
+  assert guessed == {"['dw']['kernel']", "['mixer']['kernel']", "['lins']['lin']['kernel']"}
+  with pytest.warns(ah.spatial.LayoutGuessWarning, match=r"averaging=spatial\.named\(model\)"):
+    nnx.Optimizer(model, ah.adahessian(0.1, block_size=2), wrt=nnx.Param)
+
+  named = ah.spatial.named(model)
+  rows = {r.path: r for r in ah.spatial.describe(params, named, block_size=2).rows}
+  assert not any(r.ambiguous for r in rows.values())
+  assert rows["['proj']['kernel']"].names == ("embed", "embed", "embed", "mlp")
+  assert rows["['convs']['conv']['kernel']"].names == (
+    "layers",
+    "spatial",
+    "spatial",
+    "channels",
+    "features",
+  )
+  assert rows["['mha']['out']['kernel']"].names == ("heads", "head_dim", "embed")
+  assert rows["['emb']['embedding']"].names == ("vocab", "embed")
+  tx = ah.adahessian(0.1, b2=0.5, block_size=2, averaging=named)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # no warning (an error in this suite)
+  pure = nnx.as_pure(params)
+  keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(pure)))
+  leaves, treedef = jax.tree.flatten(pure)
+  estimate = treedef.unflatten(
+    [jax.random.normal(k, x.shape, jnp.float64) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+  @nnx.jit  # one program: op by op, the update of these 20 leaves compiles for ~15 s
+  def step(model, optimizer, grads, estimate):
+    optimizer.update(model, grads, hessian_diag=estimate)
+
+  step(model, optimizer, jax.tree.map(jnp.ones_like, params), estimate)
+  nu = ah.find_adahessian_state(nnx.as_pure(optimizer.opt_state)).nu
+  d = jax.tree.map(lambda x: np.sqrt(np.asarray(x) / 0.5), nu)
+  h = jax.tree.map(lambda x: np.abs(np.asarray(x)), estimate)
+  expected = {
+    ("dw", "kernel"): _spatial_mean(h["dw"]["kernel"], (0, 1)),  # 3x3 per channel
+    ("mixer", "kernel"): _spatial_mean(h["mixer"]["kernel"], (0,)),  # width 3
+    ("proj", "kernel"): _block_mean(h["proj"]["kernel"], 0),  # DenseGeneral: inputs, axis 0
+    ("lins", "lin", "kernel"): _block_mean(h["lins"]["lin"]["kernel"], 1),  # per layer
+    ("convs", "conv", "kernel"): _spatial_mean(h["convs"]["conv"]["kernel"], (1, 2)),
+    ("emb", "embedding"): _block_mean(h["emb"]["embedding"], 1),  # each token's row apart
+    ("mha", "out", "kernel"): _block_mean(h["mha"]["out"]["kernel"], 1),  # head_dim, per head
+  }
+  for name in ("query", "key", "value"):  # (embed, heads, head_dim): blocks of embed inputs
+    expected["mha", name, "kernel"] = _block_mean(h["mha"][name]["kernel"], 0)
+  flat_h = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(h)[0]}
+  for path, value in jax.tree_util.tree_flatten_with_path(d)[0]:
+    keys = tuple(k.key for k in path)
+    want = expected.get(keys, flat_h[keys])  # biases: never averaged
+    np.testing.assert_allclose(value, want, rtol=1e-12, err_msg=str(keys))
+
+
+class Norm(nnx.Module):
+  def __init__(self, rngs):
+    self.norm = nnx.LayerNorm(4, **F64, rngs=rngs)
+
+
+class Mixed(nnx.Module):
+  def __init__(self, rngs):
+    named = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("mlp", "embed"))
+    self.own = nnx.Linear(4, 4, kernel_init=named, use_bias=False, **F64, rngs=rngs)
+    self.dense_like = nnx.Einsum("nd,dhk->nhk", (4, 2, 3), **F64, rngs=rngs)
+    self.heads_first = nnx.Einsum("btd,ndh->btnh", (2, 4, 3), **F64, rngs=rngs)
+    self.lora = nnx.LoRA(4, 2, 3, **F64, rngs=rngs)
+    self.norms = nnx.vmap(Norm, in_axes=0, out_axes=0)(rngs.split(3))
+    self.raw = nnx.Param(jnp.zeros((3, 4, 4), jnp.float64))
+
+
+def test_named_model_keeps_own_names_and_names_only_the_layouts_it_knows():
+  """Sharding metadata wins over the module's type; an nnx.Einsum is named only where its string
+  lays the kernel out inputs first; a raw parameter of the user's gets no names (the default
+  reading); a model with nothing to name is refused, saying why."""
+  with nnx.use_eager_sharding(False):
+    model = Mixed(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  rows = {r.path: r for r in ah.spatial.describe(params, ah.spatial.named(model), 2).rows}
+  assert rows["['own']['kernel']"].names == ("mlp", "embed")
+  assert rows["['dense_like']['kernel']"].names == ("embed", "mlp", "mlp")
+  assert rows["['dense_like']['kernel']"].rule == ah.spatial.blocks(2, axis=0)
+  assert rows["['heads_first']['kernel']"].names is None  # which axis is the input? unsaid
+  assert rows["['lora']['lora_a']"].names == ("embed", "features")
+  assert rows["['lora']['lora_b']"].names == ("features", "mlp")
+  assert rows["['norms']['norm']['scale']"].names == ("layers", "features")
+  assert rows["['raw']"].names is None
+  plain = {r.path: r for r in ah.spatial.describe(params, block_size=2).rows}
+  assert rows["['raw']"].rule == plain["['raw']"].rule == ah.spatial.mean_over((0,))
+  with pytest.raises(ValueError, match=r"found no axis names in the Raw.*nnx\.with_partitioning"):
+    ah.spatial.named(Raw())
+
+
+class Raw(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.zeros((3, 4, 4)))
