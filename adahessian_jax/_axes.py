@@ -160,6 +160,14 @@ def shard_count(x: jax.Array) -> Any:
   return jax.lax.psum(1, axes) if axes else 1
 
 
+def _manual_axes() -> frozenset[Any] | None:
+  """The mesh axes an enclosing ``shard_map`` (or ``pmap``) maps over; ``None`` where this JAX
+  does not say."""
+  get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+  manual = None if get_mesh is None else getattr(get_mesh(), "manual_axes", None)
+  return None if manual is None else frozenset(manual)
+
+
 def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   cast = getattr(jax.lax, "pcast", None)
   if cast is not None:
@@ -253,13 +261,19 @@ def device_varying(tree: T, axis_name: Any) -> T:
   """
   axes = check_bound(axis_name)
 
+  manual = _manual_axes()
+
   def one(x):
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    # Only shard_map's (manual) mesh axes track what varies: under vmap, even inside jit or
+    # shard_map, the values are per-device already (JAX asserts on a cast over a vmap axis).
+    missing = tuple(
+      a for a in axes if a not in _varying_axes(x) and (manual is None or a in manual)
+    )
     if not missing:
       return x
     try:
       return _cast_to_varying(x, missing)
-    except ValueError:  # not under shard_map (pmap, vmap): values are per-device already
+    except ValueError:  # not under shard_map (pmap): values are per-device already
       return x
 
   return jax.tree.map(one, tree)

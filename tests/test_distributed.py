@@ -444,6 +444,48 @@ def test_per_device_probe_state_errors_name_the_problem():
     distributed.per_device_probe_state(optax.adam(0.1).init(params), "data")
 
 
+def test_vmap_with_axis_name_under_jit_steps_like_one_device_on_the_global_batch():
+  """``jax.vmap(step, axis_name=)`` simulates data parallelism on one device; under ``jit`` (and
+  ``eval_shape``) ``device_varying`` failed with JAX's bare ``AssertionError`` from a cast over
+  the vmap axis, which is no mesh axis. Both routes, as the one-device step on the whole batch."""
+  import jax
+  import jax.numpy as jnp
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed, fused
+
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.zeros(2)}
+  x = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)  # 4 "devices" x 5 examples
+
+  def loss(p, xb):
+    return jnp.mean(jnp.tanh(xb @ p["w"] + p["b"]) ** 2)
+
+  def closure_step(xb):
+    tx = ah.adahessian(0.1, axis_name="d")
+    grads = jax.lax.pmean(jax.grad(loss)(params, xb), "d")
+    return tx.update(grads, tx.init(params), params, value_fn=lambda p: loss(p, xb))[0]
+
+  def fused_step(xb):
+    tx = ah.adahessian(0.1, axis_name="d")
+    state = tx.init(params)
+    vgh = fused.value_grad_and_hessian_diag(lambda p: loss(p, xb))
+    _, grads, hdiag = vgh(*distributed.device_varying((params, state), "d"))
+    grads = jax.lax.pmean(grads, "d")
+    return tx.update(grads, state, params, hessian_diag=hdiag, expected_axis_name="d")[0]
+
+  tx = ah.adahessian(0.1)
+  xs = x.reshape(20, 3)
+  grads = jax.grad(loss)(params, xs)
+  want = tx.update(grads, tx.init(params), params, value_fn=lambda p: loss(p, xs))[0]
+  for step in (closure_step, fused_step):
+    mapped = jax.vmap(step, axis_name="d")
+    for got in (mapped(x), jax.jit(mapped)(x)):
+      for k in want:
+        np.testing.assert_allclose(got[k], np.broadcast_to(want[k], got[k].shape), rtol=2e-5)
+    assert jax.eval_shape(mapped, x)["w"].shape == (4, 3, 2)
+
+
 def test_state_shardings_names_the_leaf_without_a_sharding():
   import jax
   import jax.numpy as jnp
