@@ -180,7 +180,8 @@ def adahessian(
       them), or a callable returning one, selecting which leaves are decayed;
       ``init`` checks it against the params, naming an entry that does not fit.
     block_size: Block size of the default spatial averaging of rank-2 kernels
-      (``None``: 1, no blocks).
+      (``None``: 1, no blocks); refused beside an ``averaging`` that is one rule
+      for every leaf (give that rule the block size).
     update_freq: Refresh the Hessian every ``update_freq`` steps (``None``: 1).
     lazy_moment: ``"repeat"`` (stored ``D`` enters ``nu`` every step) or
       ``"refresh"`` (``nu`` moves on refresh steps only; Adam-sized state).

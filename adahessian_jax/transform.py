@@ -88,6 +88,25 @@ def _seed(seed: Any) -> int:
     raise
 
 
+def _check_block_size_used(block_size: int, averaging: Any) -> None:
+  """Refuses a ``block_size`` no leaf would use: ``averaging`` gives every leaf one rule of its own.
+
+  ``block_size`` is the block size of the default rule only, so with a single rule (``none()``,
+  ``blocks(8)``, ``flax_default(axis_roles=...)``) it would be dropped without a word.
+  """
+  rule = averaging.rules if isinstance(averaging, spatial.Averaging) else averaging
+  if block_size == 1 or not isinstance(rule, spatial.Rule):
+    return
+  if isinstance(rule, spatial.FlaxDefault) and rule.block_size == block_size:
+    return
+  raise ValueError(
+    f"block_size={block_size} would not be used: averaging={rule} is one rule for every leaf, "
+    "and block_size sets only the default rule's blocks. Give the block size to the rule "
+    f"(spatial.flax_default({block_size}, axis_roles=...), spatial.blocks({block_size}, axis)), "
+    "or leave block_size out."
+  )
+
+
 def _check_state(
   state: ScaleByAdaHessianState, update_freq: int, n_samples: int, stores_d: bool
 ) -> None:
@@ -719,7 +738,9 @@ def scale_by_adahessian(
       entry of the preconditioned update to ``[-ρ, ρ]`` (as Sophia does), which
       bounds the step ``lr·ρ`` where the curvature is zero.
     block_size: Block size of the default spatial averaging of rank-2 kernels
-      (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none.
+      (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none. Refused
+      beside an ``averaging`` that is one rule for every leaf, which would not
+      use it (give that rule the block size).
     update_freq: Refresh the Hessian estimate at steps 1, 1+k, 1+2k, ...; on the
       other steps the last ``D`` enters the moving average again (timm's
       ``update_each``). Under ``jit`` the Hessian-vector product runs only on
@@ -775,8 +796,9 @@ def scale_by_adahessian(
     An :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: at construction, for a hyperparameter out of range, naming it, or an
-      integer ``axis_name`` (JAX reads it as an array axis);
+    ValueError: at construction, for a hyperparameter out of range, naming it, an
+      integer ``axis_name`` (JAX reads it as an array axis), or a ``block_size`` that
+      one rule for every leaf would not use;
       at ``update`` for a state made with another ``update_freq``,
       ``n_samples`` or ``lazy_moment``, moments of other dtypes than a given ``mu_dtype`` or
       ``nu_dtype`` (or whose ``key`` is not raw key data, one row
@@ -809,6 +831,7 @@ def scale_by_adahessian(
   block_size = _validation.count(
     "block_size", 1 if block_size is None else block_size, fix=STATIC_FIX
   )
+  _check_block_size_used(block_size, averaging)
   update_freq = _validation.count(  # the state counts steps in int32
     "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=STATIC_FIX
   )

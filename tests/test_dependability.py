@@ -152,6 +152,16 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(mu_dtype="float33"), r"mu_dtype must be a floating-point dtype, got 'float33' \("),
     (dict(lazy_moment="refreshed"), r"lazy_moment must be 'repeat' or 'refresh', got 'refreshed'"),
     (dict(independent_probes=True), r"independent_probes=True needs axis_name"),
+    # block_size is the default rule's: beside one rule for every leaf it would be dropped.
+    (
+      dict(block_size=4, averaging=ah.spatial.none()),
+      r"block_size=4 would not be used: averaging=none\(\) is one rule for every leaf.*"
+      r"spatial.flax_default\(4, axis_roles=...\)",
+    ),
+    (
+      dict(block_size=32, averaging=ah.spatial.strict(ah.spatial.flax_default(axis_roles={}))),
+      r"block_size=32 would not be used: averaging=flax_default\(1\)",
+    ),
   ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match):
@@ -932,3 +942,8 @@ def test_curvature_floor_traces_for_leaves_beyond_int32_counts():
   state = jax.eval_shape(tx.init, params)
   updates, _ = jax.eval_shape(lambda p, s: tx.update(p, s, p, hessian_diag=p), params, state)
   assert updates["w"].shape == (2**16, 2**15 + 1) and updates["w"].dtype == jnp.float32
+
+
+def test_block_size_beside_the_default_rule_or_rules_per_leaf_is_accepted():
+  for averaging in (None, ah.spatial.strict(), ah.spatial.flax_default(4), lambda path, leaf: None):
+    ah.adahessian(0.1, block_size=4, averaging=averaging)
