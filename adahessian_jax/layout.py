@@ -67,6 +67,12 @@ def _nnx_variable_class():
   return loaded("flax.nnx", "Variable")
 
 
+def _is_nnx_variable(x: Any) -> bool:
+  """Whether ``x`` is an NNX variable (never without Flax imported: none exists then)."""
+  variable = _nnx_variable_class()
+  return variable is not None and isinstance(x, variable)
+
+
 def _is_spec(x: Any) -> bool:
   return isinstance(x, jax.sharding.PartitionSpec)
 
@@ -85,8 +91,7 @@ def is_annotated(x: Any) -> bool:
   linen = _linen_metadata_class()
   if linen is not None and isinstance(x, linen):
     return True
-  variable = _nnx_variable_class()
-  return variable is not None and isinstance(x, variable)
+  return _is_nnx_variable(x)
 
 
 def unboxed(tree: Any, is_box: Callable[[Any], bool] = is_annotated) -> Any:
@@ -125,8 +130,7 @@ def _spec_of(node: Any) -> Any:
   """The object ``node``'s names are read from (a spec, a box's names, a variable's metadata)."""
   if _is_spec(node):
     return node
-  variable = _nnx_variable_class()
-  if variable is not None and isinstance(node, variable):
+  if _is_nnx_variable(node):
     metadata = node.get_metadata()
     for key in ("out_sharding", "sharding_names", "sharding"):
       if metadata.get(key) is not None:

@@ -1254,11 +1254,9 @@ def _masked_hint(averaging: Any, params: Any, block_size: int) -> str:
 def _nnx_module_hint(averaging: Any, params: Any) -> str:
   """For NNX variables without names given (``nnx.Optimizer``'s ``init`` sees the variables), the
   fix that reads each layout from its module's type, or ``""``."""
-  variable = layout._nnx_variable_class()
-  if variable is None or (isinstance(averaging, Averaging) and averaging.names is not None):
+  if isinstance(averaging, Averaging) and averaging.names is not None:
     return ""
-  is_variable = lambda x: isinstance(x, variable)
-  if not any(is_variable(x) for x in jax.tree.leaves(params, is_leaf=is_variable)):
+  if not any(map(layout._is_nnx_variable, _nnx_nodes(params))):
     return ""
   return (
     "\nThese are NNX variables: averaging=spatial.named(model), with the nnx.Module, names the "
@@ -1471,14 +1469,18 @@ def resolve_rules(
 def _pure_nnx_twin(params: Any) -> Any | None:
   """``params`` with every NNX variable replaced by its value (what ``nnx.as_pure`` gives), or
   ``None`` if no NNX variable in it carries axis names."""
-  variable = layout._nnx_variable_class()
-  if variable is None:
+  nodes = _nnx_nodes(params)
+  if not any(layout._is_nnx_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
     return None
-  is_variable = lambda x: isinstance(x, variable)
-  nodes = jax.tree.leaves(params, is_leaf=is_variable)
-  if not any(is_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
-    return None
-  return layout.unboxed(params, is_variable)
+  return layout.unboxed(params, layout._is_nnx_variable)
+
+
+def _nnx_nodes(params: Any) -> list[Any]:
+  """The leaves of ``params``, an NNX variable read as one; none without Flax imported (no NNX
+  variable exists then)."""
+  if layout._nnx_variable_class() is None:
+    return []
+  return jax.tree.leaves(params, is_leaf=layout._is_nnx_variable)
 
 
 def _warn_nnx_names_dropped(
