@@ -443,6 +443,18 @@ def _loop_outputs(eqn: Any, outs: tuple[int, ...], memo: dict) -> tuple[int, ...
     needed = grown
 
 
+def _sub_inputs(eqn: Any, sub: Any) -> list[int] | None:
+  """For each input of ``eqn``'s sub-jaxpr ``sub``, the index of the operand it is: one to one (a
+  ``jit``, a ``custom_jvp``, a ``remat``), a ``cond`` branch's without the branch index; ``None``
+  where they do not line up (any operand may be any input)."""
+  n, n_in = len(sub.invars), len(eqn.invars)
+  if n == n_in:
+    return list(range(n))
+  if eqn.primitive.name == "cond" and n == n_in - 1:
+    return list(range(1, n_in))
+  return None
+
+
 def _operands_read(eqn: Any, outs: tuple[int, ...], memo: dict) -> list[bool]:
   """For each operand of ``eqn``, whether the derivative of its outputs ``outs`` reads it."""
   n_in = len(eqn.invars)
@@ -458,27 +470,21 @@ def _operands_read(eqn: Any, outs: tuple[int, ...], memo: dict) -> list[bool]:
     return [True] * n_in
   read = [False] * n_in
   for sub in subs:
-    if len(sub.outvars) != len(eqn.outvars):
+    operands = _sub_inputs(eqn, sub)
+    if operands is None or len(sub.outvars) != len(eqn.outvars):
       return [True] * n_in
-    sub_read = _live(sub, outs, memo)[1]
-    if len(sub_read) == n_in:  # a jit, a custom_jvp, a remat
-      read = [a or b for a, b in zip(read, sub_read, strict=True)]
-    elif eqn.primitive.name == "cond" and len(sub_read) == n_in - 1:  # not the branch index
-      read = [a or b for a, b in zip(read, [False, *sub_read], strict=True)]
-    else:
-      return [True] * n_in
+    for k, r in zip(operands, _live(sub, outs, memo)[1], strict=True):
+      read[k] = read[k] or r
   return read
 
 
 def _sub_flags(eqn: Any, sub: Any, flags: list[bool]) -> list[bool]:
-  """``flags`` of ``eqn``'s operands, as the inputs of its sub-jaxpr ``sub``: one to one (a
-  ``jit``, a ``custom_jvp``), a ``cond`` branch's without the branch index, else any of them."""
-  n = len(sub.invars)
-  if n == len(eqn.invars):
-    return list(flags)
-  if eqn.primitive.name == "cond" and n == len(eqn.invars) - 1:
-    return list(flags[1:])
-  return [any(flags)] * n
+  """``flags`` of ``eqn``'s operands, as the inputs of its sub-jaxpr ``sub``
+  (:func:`_sub_inputs`; where they do not line up, any of them for each)."""
+  operands = _sub_inputs(eqn, sub)
+  if operands is None:
+    return [any(flags)] * len(sub.invars)
+  return [flags[k] for k in operands]
 
 
 def _loop(

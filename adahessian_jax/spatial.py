@@ -938,22 +938,22 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
     from adahessian_jax import nnx as nnx_support  # Flax is imported: source is its module
 
     names = nnx_support._module_axis_names(source)
-    if all(n is None for n in names.values()):
-      raise ValueError(
-        f"spatial.named found no axis names in the {type(source).__qualname__}: none of its "
-        "variables has sharding metadata and none is held by a module whose layout it knows "
-        "(nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Embed, nnx.LoRA, "
-        "the norms). Name the axes (nnx.with_partitioning) or give rules through averaging=."
-      )
+    missing = (
+      f"spatial.named found no axis names in the {type(source).__qualname__}: none of its "
+      "variables has sharding metadata and none is held by a module whose layout it knows "
+      "(nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Embed, nnx.LoRA, "
+      "the norms). Name the axes (nnx.with_partitioning) or give rules through averaging=."
+    )
   else:
     names = layout.names_by_path(source)
-  if all(n is None for n in names.values()):
-    raise ValueError(
+    missing = (
       "spatial.named got a tree without axis names: pass boxed Linen params (from init with "
       "nn.with_logical_partitioning/nn.with_partitioning), an NNX state of variables with "
       "sharding metadata (nnx.state(model, nnx.Param)), or a tree of PartitionSpec "
       "(nn.get_partition_spec(boxed_params))."
     )
+  if all(n is None for n in names.values()):
+    raise ValueError(missing)
   pairs = tuple(names.items())
   if isinstance(averaging, Averaging):
     return dataclasses.replace(averaging, names=pairs)
