@@ -88,23 +88,35 @@ def _seed(seed: Any) -> int:
     raise
 
 
-def _check_block_size_used(block_size: int, averaging: Any) -> None:
-  """Refuses a ``block_size`` no leaf would use: ``averaging`` gives every leaf one rule of its own.
+def _check_block_size_used(block_size: int, averaging: Any, params: Any = None) -> None:
+  """Refuses a ``block_size`` no leaf would use: ``averaging`` gives every leaf a rule of its own.
 
   ``block_size`` is the block size of the default rule only, so with a single rule (``none()``,
-  ``blocks(8)``, ``flax_default(axis_roles=...)``) it would be dropped without a word.
+  ``blocks(8)``, ``flax_default(axis_roles=...)``) it would be dropped without a word; so it
+  would with a callable or a pytree prefix that gives every leaf of ``params`` its own rule
+  (checked once ``params`` is given, at ``init``).
   """
+  if block_size == 1:
+    return
   rule = averaging.rules if isinstance(averaging, spatial.Averaging) else averaging
-  if block_size == 1 or not isinstance(rule, spatial.Rule):
-    return
-  if isinstance(rule, spatial.FlaxDefault) and rule.block_size == block_size:
-    return
-  raise ValueError(
-    f"block_size={block_size} would not be used: averaging={rule} is one rule for every leaf, "
-    "and block_size sets only the default rule's blocks. Give the block size to the rule "
+  fix = (
+    "and block_size sets only the default rule's blocks. Give the block size to the rules "
     f"(spatial.flax_default({block_size}, axis_roles=...), spatial.blocks({block_size}, axis)), "
     "or leave block_size out."
   )
+  if isinstance(rule, spatial.Rule):
+    if isinstance(rule, spatial.FlaxDefault) and rule.block_size == block_size:
+      return
+    raise ValueError(
+      f"block_size={block_size} would not be used: averaging={rule} is one rule for every leaf, "
+      + fix
+    )
+  if params is not None and not spatial._uses_default(averaging, params, block_size):
+    how = "callable returns None" if callable(rule) else "tree has None"
+    raise ValueError(
+      f"block_size={block_size} would not be used: the averaging gives every leaf of the params a "
+      f"rule of its own (for no leaf the {how}, which picks the default rule), " + fix
+    )
 
 
 def _check_state(
@@ -739,8 +751,9 @@ def scale_by_adahessian(
       bounds the step ``lr·ρ`` where the curvature is zero.
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none. Refused
-      beside an ``averaging`` that is one rule for every leaf, which would not
-      use it (give that rule the block size).
+      beside an ``averaging`` that is one rule for every leaf, or (at ``init``)
+      that gives every leaf a rule of its own, which would not use it (give the
+      rules the block size).
     update_freq: Refresh the Hessian estimate at steps 1, 1+k, 1+2k, ...; on the
       other steps the last ``D`` enters the moving average again (timm's
       ``update_each``). Under ``jit`` the Hessian-vector product runs only on
@@ -798,8 +811,8 @@ def scale_by_adahessian(
   Raises:
     ValueError: at construction, for a hyperparameter out of range, naming it, an
       integer ``axis_name`` (JAX reads it as an array axis), or a ``block_size`` that
-      one rule for every leaf would not use;
-      at ``update`` for a state made with another ``update_freq``,
+      one rule for every leaf would not use (at ``init``: that rules of the leaves' own would
+      not use); at ``update`` for a state made with another ``update_freq``,
       ``n_samples`` or ``lazy_moment``, moments of other dtypes than a given ``mu_dtype`` or
       ``nu_dtype`` (or whose ``key`` is not raw key data, one row
       per probe), ``updates`` or ``params`` whose tree or
@@ -866,6 +879,7 @@ def scale_by_adahessian(
     # to find the parameter-shaped fields, which a pytree-prefix averaging does not fit.
     if jax.tree.leaves(params):
       spatial.resolve_rules(averaging, params, block_size, warn=True)
+      _check_block_size_used(block_size, averaging, params)
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),

@@ -947,3 +947,24 @@ def test_curvature_floor_traces_for_leaves_beyond_int32_counts():
 def test_block_size_beside_the_default_rule_or_rules_per_leaf_is_accepted():
   for averaging in (None, ah.spatial.strict(), ah.spatial.flax_default(4), lambda path, leaf: None):
     ah.adahessian(0.1, block_size=4, averaging=averaging)
+
+
+def test_block_size_that_a_callable_or_tree_of_rules_would_drop_is_refused_at_init():
+  # block_size is the default rule's blocks; a callable or a prefix giving every leaf of the params
+  # a rule of its own trained with other blocks and no error. Only init sees the leaves.
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones((4,))}
+  own = ah.spatial.blocks(2, 0)
+  for averaging, how in (
+    (lambda path, leaf: own if leaf.ndim == 2 else ah.spatial.none(), "callable returns None"),
+    ({"w": own, "b": ah.spatial.none()}, "tree has None"),
+  ):
+    tx = ah.adahessian(0.1, block_size=4, averaging=averaging)
+    with pytest.raises(ValueError, match=rf"block_size=4 would not be used: .*the {how}"):
+      tx.init(params)
+  # One leaf left to the default uses block_size: its D is the mean over blocks of 4 inputs.
+  tx = ah.scale_by_adahessian(block_size=4, averaging={"w": None, "b": ah.spatial.none()})
+  state = tx.init(params)
+  hdiag = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.arange(4.0)}
+  _, state = tx.update(params, state, params, hessian_diag=hdiag)
+  expected = np.repeat(np.arange(32.0).reshape(2, 4, 4).mean(1), 4, axis=0)
+  np.testing.assert_allclose(np.sqrt(state.nu["w"] / (1 - 0.999)), expected, rtol=1e-5)
