@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, distributed, state
@@ -111,6 +112,26 @@ class TrainState(train_state.TrainState):
   if TYPE_CHECKING:  # set below (and for every subclass) to the checked _replace
 
     def replace(self, **updates: Any) -> Self: ...
+
+  @classmethod
+  def create(cls, *, apply_fn: Callable[..., Any], params: Any, tx: Any, **kwargs: Any) -> Self:
+    """Like Flax's, but ``step`` starts as an int32 array, not the Python int ``0``.
+
+    ``jax.jit`` keys its cache on a Python scalar apart from an array of the same
+    dtype, so a ``step=0`` compiled the training step twice, for the first
+    step and again for the ``step + 1`` array it returns.
+
+    Args:
+      apply_fn: The model's apply function.
+      params: The parameters (``tx.init`` initialises ``opt_state`` from them).
+      tx: The optimizer.
+      **kwargs: Further fields (``batch_stats``).
+
+    Returns:
+      A new :class:`TrainState` at step 0.
+    """
+    created = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+    return created.replace(step=jnp.zeros([], jnp.int32))
 
   def __init_subclass__(cls, **kwargs: Any) -> None:
     # Flax makes every subclass a dataclass with its own unchecked ``replace``.

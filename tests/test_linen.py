@@ -429,3 +429,28 @@ def test_a_refresh_decided_on_the_host_equals_the_schedule_in_the_state():
   )
   with pytest.raises(ValueError, match="refresh"):
     state.apply_loss(loss_fn, x, y, refresh=False)
+
+
+def test_a_jitted_step_compiles_once_from_create(setup):
+  # Flax's create sets step=0, a Python int that jit keys apart from the int32 array step + 1
+  # returns: the whole fused step compiled twice.
+  model, variables, x, y = setup
+  params = {"Dense_1": variables["params"]["Dense_1"]}
+  head = nn.Dense(3, param_dtype=jnp.float64)
+  state = TrainState.create(apply_fn=head.apply, params=params, tx=ah.adahessian(0.1))
+  assert state.step.dtype == jnp.int32 and int(state.step) == 0
+  traces = []
+
+  def loss_fn(params, x, y):
+    logits = head.apply({"params": params["Dense_1"]}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(state, x, y):
+    traces.append(1)
+    return state.apply_loss(loss_fn, x, y)[0]
+
+  features = jnp.tanh(x @ jnp.ones((5, 16)))
+  for _ in range(3):
+    state = step(state, features, y)
+  assert len(traces) == 1 and int(state.step) == 3 and state.step.dtype == jnp.int32
