@@ -212,6 +212,22 @@ def _check_state_dtypes(state: ScaleByAdaHessianState, mu_dtype: Any, nu_dtype: 
 
 
 _STATE_PARAMS = "the state's parameters"
+_NNX_PURE_GRADS = (
+  "The gradients have no leaves at all: nnx.Optimizer.update(model, grads) keeps only the "
+  "nnx.Variable leaves of grads that its wrt filter selects, and a plain dict or pure state of "
+  "arrays (nnx.to_pure_dict(grads), nnx.as_pure(grads)) has none. Pass the nnx.State of Variables "
+  "that nnx.grad(loss_fn)(model, ...) returns, as it is."
+)
+
+
+def _emptied_by_nnx_optimizer(updates: Any, mu: Any) -> bool:
+  """Whether ``updates`` is an empty ``nnx.State`` for a state of parameters with leaves: what
+  ``nnx.Optimizer.update`` passes on for gradients of plain arrays, which its filter drops."""
+  return (
+    type(updates).__module__.startswith("flax.nnx")
+    and not jax.tree.leaves(updates)
+    and bool(jax.tree.leaves(mu))
+  )
 
 
 def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
@@ -232,6 +248,8 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
         if name == "updates"
         else "Pass the state made by init on these parameters (or restore the matching checkpoint)."
       )
+      if name == "updates" and _emptied_by_nnx_optimizer(tree, mu):
+        fix = _NNX_PURE_GRADS
       raise ValueError(
         f"scale_by_adahessian: the {name} tree is not the tree of the parameters the state was "
         f"made for: {_validation.tree_difference(tree, mu, _STATE_PARAMS)}. {fix}"

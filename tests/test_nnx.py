@@ -608,3 +608,20 @@ def test_named_model_keeps_own_names_and_names_only_the_layouts_it_knows():
 class Raw(nnx.Module):
   def __init__(self):
     self.w = nnx.Param(jnp.zeros((3, 4, 4)))
+
+
+def test_pure_gradients_given_to_an_nnx_optimizer_are_refused_naming_nnx_grad():
+  """nnx.Optimizer.update keeps only the Variables of grads that its filter selects, so a pure
+  dict of gradients reached tx.update as an empty state: the error said to pass updates "with the
+  tree of the params", which the dict had."""
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  grads = nnx.grad(loss_fn)(model, x, y)  # moves the BatchNorm statistics
+  value_fn = ah_nnx.value_fn(model, loss_fn, x, y)
+  before = jax.tree.map(np.array, nnx.as_pure(nnx.state((model, optimizer))))
+  for pure in (nnx.to_pure_dict(grads), nnx.as_pure(grads)):
+    with pytest.raises(ValueError, match=r"no leaves at all: nnx\.Optimizer\.update.*nnx\.grad"):
+      optimizer.update(model, pure, value_fn=value_fn)
+  assert_trees_allclose(nnx.as_pure(nnx.state((model, optimizer))), before, rtol=0)
+
