@@ -79,11 +79,30 @@ def _listing(paths: list[str]) -> str:
   return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
+def _holds_a_module(tree: Any) -> bool:
+  """Whether ``tree`` is an NNX object (a module, not a Variable) or a pytree holding one: an
+  ``nnx.State`` (or a pure dict, or ``nnx.split``'s ``(graphdef, state)``) holds only Variables
+  or arrays."""
+  node = nnx.graphlib.is_graph_node
+  leaves = jax.tree.leaves(tree, is_leaf=node)
+  return any(node(x) and not isinstance(x, nnx.Variable) for x in leaves)
+
+
 def _check_arguments(model: Any, loss_fn: Any, call: str) -> None:
   """Raises ``TypeError`` if ``loss_fn`` is not callable or ``model`` is a function rather than a
   module (or pytree of modules): the two helpers take them in opposite orders, so swapping them is
-  the likely slip; where neither is an NNX module (a Linen module as the model), says that."""
+  the likely slip; where neither is an NNX module (a Linen module as the model), says that; and
+  for a model that is a module's state (``nnx.state``, ``nnx.split``, a pure dict), which
+  ``loss_fn`` would be called with in place of the module."""
   if callable(loss_fn) and not (callable(model) and not nnx.graphlib.is_graph_node(model)):
+    if not _holds_a_module(model):
+      raise TypeError(
+        f"{call} takes the nnx.Module (or a pytree of them) as model, got a "
+        f"{type(model).__qualname__} that holds no module, only its state (variables or "
+        "arrays, as nnx.state, nnx.split or nnx.to_pure_dict give them): loss_fn would be "
+        "called with that in place of the module. Pass the module itself (nnx.merge(graphdef, "
+        "state) rebuilds it from nnx.split's parts)."
+      )
     return
   if callable(loss_fn) and not nnx.graphlib.is_graph_node(loss_fn):  # not swapped: no NNX module
     linen = isinstance(model, flax.linen.Module)
@@ -162,7 +181,8 @@ def value_fn(
 
   Raises:
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
-      the two swapped), or ``model`` is no NNX module (a Linen module).
+      the two swapped), or ``model`` is no NNX module (a Linen module, or a
+      module's state: ``nnx.state``, ``nnx.split``, a pure dict).
     ValueError: if ``model`` holds none of the variables ``wrt`` selects.
   """
   _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
@@ -260,7 +280,8 @@ def value_grad_and_hessian_diag(
       selects, for an ``axis_name`` that no enclosing map binds, or for
       ``independent_probes`` without ``axis_name``.
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
-      the two swapped), ``model`` is no NNX module (a Linen module), ``optimizer``
+      the two swapped), ``model`` is no NNX module (a Linen module, or a module's
+      state: ``nnx.state``, ``nnx.split``, a pure dict), ``optimizer``
       is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it).

@@ -625,3 +625,18 @@ def test_pure_gradients_given_to_an_nnx_optimizer_are_refused_naming_nnx_grad():
       optimizer.update(model, pure, value_fn=value_fn)
   assert_trees_allclose(nnx.as_pure(nnx.state((model, optimizer))), before, rtol=0)
 
+
+def test_a_modules_state_as_the_model_is_refused_where_it_is_given():
+  """nnx.state(model), nnx.split(model) or a pure dict in place of the module: value_fn accepted
+  it and the loss failed at the update with "'State' object is not callable" and a note to use
+  value_fn (which was used); the fused route failed the same way, or said the filter selects
+  nothing."""
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  for state in (nnx.state(model), nnx.split(model), nnx.to_pure_dict(nnx.state(model))):
+    fix = rf"got a {type(state).__qualname__} that holds no module.*Pass the module itself"
+    with pytest.raises(TypeError, match=fix):
+      ah_nnx.value_fn(state, loss_fn, x, y)
+    with pytest.raises(TypeError, match=fix):
+      ah_nnx.value_grad_and_hessian_diag(loss_fn, state, optimizer, x, y)
