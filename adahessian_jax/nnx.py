@@ -135,12 +135,17 @@ def _check_selects(params: Any, wrt: Any, whose: str) -> None:
     )
 
 
-def _check_same_variables(expected: Any, given: Any, wrt: Any) -> None:
-  """Raises ``ValueError`` if ``given`` (the state ``value_fn`` is called with) holds other
-  variables than ``expected`` (those ``wrt`` selected when it was built), naming them."""
-  expected, given = nnx.as_pure(expected), nnx.as_pure(given)
-  if jax.tree.structure(expected) == jax.tree.structure(given):
-    return
+def _same_variables(expected: Any, given: Any, wrt: Any) -> Any:
+  """``given`` (the state ``value_fn`` is called with) as a state nested like ``expected`` (the
+  variables ``wrt`` selected when it was built): as it is, or rebuilt from a pure dict of the same
+  variables (``nnx.to_pure_dict``; the leaves of the same paths, in the same order). Raises
+  ``ValueError`` if it holds other variables, naming them."""
+  pure_expected, pure_given = nnx.as_pure(expected), nnx.as_pure(given)
+  if jax.tree.structure(pure_expected) == jax.tree.structure(pure_given):
+    return given
+  if _validation.leaf_paths(pure_given) == _validation.leaf_paths(pure_expected):
+    return jax.tree.unflatten(jax.tree.structure(pure_expected), jax.tree.leaves(pure_given))
+  expected, given = pure_expected, pure_given
   extra, missing = _validation.unshared_leaf_paths(given, expected)
   diff = "; ".join(
     f"{what}: {_listing(paths)}"
@@ -174,7 +179,8 @@ def value_fn(
     **kwargs: Keyword arguments of ``loss_fn``.
 
   Returns:
-    A function of the (pure) parameter state, as ``nnx.Optimizer`` passes it.
+    A function of the (pure) parameter state, as ``nnx.Optimizer`` passes it
+    (or of the same state as a pure dict, ``nnx.to_pure_dict(state)``).
     Called with the state of other variables than ``wrt`` selects in ``model``
     (the optimizer's ``wrt`` is another filter), it raises a ``ValueError``
     naming them; for a ``loss_fn`` returning a tuple, a ``TypeError``.
@@ -190,7 +196,7 @@ def value_fn(
   _check_selects(expected, wrt, "")
 
   def value(params):
-    _check_same_variables(expected, params, wrt)
+    params = _same_variables(expected, params, wrt)
     module, a, k = _merge(graphdef, params, rest)
     out = loss_fn(module, *a, **k)
     fix = "give value_fn the loss alone: lambda module, *a, **k: loss_fn(module, *a, **k)[0]."

@@ -640,3 +640,21 @@ def test_a_modules_state_as_the_model_is_refused_where_it_is_given():
       ah_nnx.value_fn(state, loss_fn, x, y)
     with pytest.raises(TypeError, match=fix):
       ah_nnx.value_grad_and_hessian_diag(loss_fn, state, optimizer, x, y)
+
+
+def test_value_fn_takes_the_parameters_as_a_pure_dict():
+  """Functional NNX code keeps parameters as pure dicts (nnx.to_pure_dict); value_fn refused
+  one of the very variables it was built for, saying to pass the optimizer's filter."""
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  value_fn = ah_nnx.value_fn(model, loss_fn, x, y)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  pure = nnx.to_pure_dict(params)
+  np.testing.assert_allclose(value_fn(pure), loss_fn(model, x, y), rtol=1e-12)
+  # The same step by optax on the pure dict as on the state.
+  tx = ah.adahessian(0.1)
+  grads = nnx.grad(loss_fn)(model, x, y)
+  updates, _ = tx.update(nnx.as_pure(grads), tx.init(params), params, value_fn=value_fn)
+  pure_grads = nnx.to_pure_dict(grads)
+  pure_updates, _ = tx.update(pure_grads, tx.init(pure), pure, value_fn=value_fn)
+  assert_trees_allclose(pure_updates, nnx.to_pure_dict(updates), rtol=1e-12)
