@@ -276,6 +276,12 @@ def tree_difference(tree: Any, ref: Any, ref_name: str) -> str:
     return f"it has a leaf at {extra[0] or ROOT}, where {ref_name} has none"
   if missing:
     return f"it has no leaf at {missing[0] or ROOT}, where {ref_name} has one"
+  if type(tree) is not type(ref) and mine == theirs:  # e.g. a dict for an nnx.State
+    return (
+      f"it has the same leaf paths, but is a {type(tree).__qualname__} where {ref_name} is a "
+      f"{type(ref).__qualname__} (jax.tree.unflatten(jax.tree.structure(params), "
+      "jax.tree.leaves(tree)) rebuilds it in the params' containers)"
+    )
   return f"its nodes differ, {jax.tree.structure(tree)} against {jax.tree.structure(ref)}"
 
 

@@ -658,3 +658,15 @@ def test_value_fn_takes_the_parameters_as_a_pure_dict():
   pure_grads = nnx.to_pure_dict(grads)
   pure_updates, _ = tx.update(pure_grads, tx.init(pure), pure, value_fn=value_fn)
   assert_trees_allclose(pure_updates, nnx.to_pure_dict(updates), rtol=1e-12)
+
+
+def test_a_pure_dict_hessian_diag_for_state_params_names_the_containers():
+  """A pure-dict estimate for an nnx.Optimizer (whose params are an nnx.State) was refused with
+  two tree structures to compare by eye."""
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  grads = nnx.grad(loss_fn)(model, x, y)
+  hdiag = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(grads))
+  with pytest.raises(ValueError, match=r"same leaf paths, but is a dict where .* is a State"):
+    optimizer.update(model, grads, hessian_diag=hdiag)
