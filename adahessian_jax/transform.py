@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, cast
 
 import jax
@@ -10,7 +11,7 @@ import jax.core
 import jax.numpy as jnp
 import optax
 
-from adahessian_jax import _keys, _validation, hutchinson, masking, spatial
+from adahessian_jax import _keys, _validation, _wrappers, hutchinson, masking, spatial
 from adahessian_jax._axes import (
   check_names,
   check_not_split_over,
@@ -350,7 +351,14 @@ def _estimate(
       params, keys = device_varying((params, keys), axis_name)
       if independent_probes:
         warn_if_loss_couples_devices(value_fn, params, axis_name, "scale_by_adahessian")
-    estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")[2]
+    try:
+      estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")[2]
+    except Exception as e:
+      # A loss written for the parameter tree fails on optax.flatten's vector ("JAX does not
+      # support string indexing"), which names neither the wrapper nor the fix.
+      if "optax.flatten" in _wrappers.calling():
+        e.add_note(_FLATTENED_VALUE_FN)
+      raise
   else:
     estimate = hessian_diag
     if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
@@ -430,6 +438,21 @@ def _sum_dtype(x: jax.Array) -> Any:
 _NNX = (
   "With an nnx.Optimizer, whose value_fn receives an nnx.State: optimizer.update(model, grads, "
   "value_fn=adahessian_jax.nnx.value_fn(model, loss_fn, *args))."
+)
+#: What ``optax.flatten`` does to AdaHessian, warned of at ``init``.
+_FLATTENED = (
+  "scale_by_adahessian is inside optax.flatten, which hands it all the parameters as one vector: "
+  "the spatial averaging sees a single rank-1 leaf (no block_size blocks, no mean over "
+  "convolution kernels' spatial axes, no averaging rules), curvature_floor's mean is the whole "
+  "model's, value_fn receives the flat vector and hessian_diag must be one. Keep AdaHessian "
+  "outside optax.flatten."
+)
+#: The note on an error of a ``value_fn`` inside ``optax.flatten``.
+_FLATTENED_VALUE_FN = (
+  "scale_by_adahessian is inside optax.flatten, which calls value_fn with all the parameters as "
+  "one vector, not their tree. Keep AdaHessian outside optax.flatten (it also loses the spatial "
+  "averaging there), or unflatten in the loss: flat, unravel = "
+  "jax.flatten_util.ravel_pytree(params); value_fn=lambda v: loss_fn(unravel(v), batch)."
 )
 #: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
 _DROPPED = (
@@ -898,6 +921,8 @@ def scale_by_adahessian(
     if jax.tree.leaves(params):
       spatial.resolve_rules(averaging, params, block_size, warn=True)
       _check_block_size_used(block_size, averaging, params)
+    if "optax.flatten" in _wrappers.calling():
+      warnings.warn(_FLATTENED, stacklevel=spatial._caller_level())
     return ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
