@@ -326,6 +326,27 @@ def test_multi_steps_inside_another_combinator_drops_the_loss_and_the_error_says
   outer.update(grads, outer.init(params), params, value_fn=loss)  # the order that works
 
 
+@pytest.mark.parametrize(
+  "wrap, name",
+  [
+    (lambda tx: optax.lookahead(tx, sync_period=2, slow_step_size=0.5), "optax.lookahead"),
+    (lambda tx: optax.contrib.sam(tx, optax.sgd(0.05)), "optax.contrib.sam"),
+    (lambda tx: optax.contrib.sam(optax.sgd(0.05), tx), "optax.contrib.sam"),
+  ],
+)
+def test_inside_lookahead_or_sam_the_error_names_the_wrapper(mlp_problem, wrap, name):
+  # Neither passes extra arguments on (and both refuse value_fn themselves), so AdaHessian got
+  # none; its error blamed optax.MultiSteps and Flax's TrainState, neither of them there.
+  params, loss_fn, batch = mlp_problem
+  tx = wrap(ah.adahessian(0.1))
+  grads = jax.grad(loss_fn)(params, batch)
+  if name == "optax.lookahead":  # its params are the fast and slow copies, its updates the fast
+    params = optax.LookaheadParams.init_synced(params)
+  with pytest.raises(ValueError, match=rf"called by {name}.*without {name}") as error:
+    jax.jit(tx.update)(grads, tx.init(params), params)
+  assert "MultiSteps" not in str(error.value)
+
+
 def test_exact_gradient_accumulation_with_the_fused_route(mlp_problem):
   """The documented alternative to MultiSteps: accumulate the fused route's gradient AND
   estimate over equal micro-batches (same probes: same opt_state), then update once.
