@@ -23,21 +23,22 @@ __all__ = ["calling"]
 def _codes() -> dict[types.CodeType, str]:
   """The code objects of the wrappers' ``init``/``update`` functions, and the wrappers' names."""
   inner = optax.identity()
-  named = {
-    "optax.flatten": [optax.flatten(inner)],
-    "optax.lookahead": [optax.lookahead(inner, sync_period=1, slow_step_size=1.0)],
-    "optax.contrib.sam": [
-      optax.contrib.sam(inner, inner),
-      optax.contrib.sam(inner, inner, opaque_mode=True),
-    ],
-  }
+  made = (
+    ("optax.flatten", lambda: optax.flatten(inner)),
+    ("optax.lookahead", lambda: optax.lookahead(inner, sync_period=1, slow_step_size=1.0)),
+    ("optax.contrib.sam", lambda: optax.contrib.sam(inner, inner)),
+    ("optax.contrib.sam", lambda: optax.contrib.sam(inner, inner, opaque_mode=True)),
+  )
   codes = {}
-  for name, transforms in named.items():
-    for tx in transforms:
-      for fn in (tx.init, tx.update):
-        code = getattr(fn, "__code__", None)
-        if code is not None:
-          codes[code] = name
+  for name, make in made:
+    try:
+      tx = make()
+    except (AttributeError, TypeError):  # an optax without this wrapper or argument
+      continue
+    for fn in (tx.init, tx.update):
+      code = getattr(fn, "__code__", None)
+      if code is not None:
+        codes[code] = name
   return codes
 
 
