@@ -358,13 +358,15 @@ def bias_tables(paths, roles) -> set[int]:
 
 
 def haiku_biases(paths, roles) -> set[int]:
-  """Haiku's biases: a ``b`` beside its ``w``, and a raw ``<name>_b`` beside its ``<name>_w``.
+  """Raw biases by name: Haiku's ``b`` beside its ``w``, a ``<name>_b`` beside its ``<name>_w``,
+  a ``b_<name>`` beside its ``w_<name>`` and a ``b<digits>`` beside its ``w<digits>``.
 
   ``hk.Linear`` and ``hk.Conv`` name theirs ``w``/``b``, and Haiku code that makes its own
   parameters often follows suit: AlphaFold's attention holds ``gating_w`` ``(channels, heads,
   head_dim)`` beside ``gating_b`` ``(heads, head_dim)``, and its ``Linear`` of several outputs a
-  bias ``(heads, head_dim)``. One entry per output unit, like a Flax ``bias``: read as a
-  ``Dense`` kernel, it would be blocked across heads.
+  bias ``(heads, head_dim)``; a mixture of raw params holds ``b_in`` ``(experts, out)`` beside
+  ``w_in`` ``(experts, in, out)`` (:func:`_raw_kernel_of`). One entry per output unit, like a
+  Flax ``bias``: read as a ``Dense`` kernel, it would be blocked across heads or experts.
 
   Returns:
     The indices of these leaves under the default rule.
@@ -372,10 +374,23 @@ def haiku_biases(paths, roles) -> set[int]:
   found = set()
   for members in _by_leaf_name(paths).values():
     for name, i in members.items():
-      if roles[i] is not None and (name == "b" or name.endswith("_b")):
-        if name[:-1] + "w" in members:
-          found.add(i)
+      if roles[i] is not None and _raw_kernel_of(name, members) is not None:
+        found.add(i)
   return found
+
+
+def _raw_kernel_of(bias: str, members: Mapping[str, Any]) -> str | None:
+  """The name of the raw kernel in ``members`` that a raw bias named ``bias`` goes with, if any:
+  Haiku's ``w`` for ``b``, ``<name>_w`` for ``<name>_b`` (AlphaFold's ``gating_w``), ``w_<name>``
+  for ``b_<name>`` (a mixture's ``w_in``/``b_in``) and ``w<digits>`` for ``b<digits>``
+  (``w1``/``b1``)."""
+  if bias == "b" or bias.endswith("_b"):
+    kernel = bias[:-1] + "w"
+  elif bias.startswith("b_") or re.fullmatch(r"b\d+", bias):
+    kernel = "w" + bias[1:]
+  else:
+    return None
+  return kernel if kernel in members else None
 
 
 def named_biases(paths, roles) -> set[int]:
@@ -527,6 +542,9 @@ def _stack_count(
     elif stacks:
       n = stacks[0]
       return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+  raw = _raw_pair_stacks(members, shapes)
+  if raw is not None:
+    return raw
   if "weight" in members and "bias" in members:
     w, b = shapes[members["weight"]], shapes[members["bias"]]
     readings = _torch_stacks(w, b)
@@ -539,6 +557,33 @@ def _stack_count(
         "(PyTorch/Equinox layout): one per layer"
       )
   return None, ""
+
+
+def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], str] | None:
+  """The stack that a module's raw kernels and biases paired by name (:func:`_raw_kernel_of`:
+  ``w_in``/``b_in``, ``w1``/``b1``, ``gating_w``/``gating_b``) show, where each pair that shows
+  any shows the same: a bias that repeats its kernel's leading axes and its output axis (``w_in``
+  ``(experts, in, out)`` beside ``b_in`` ``(experts, out)``) and could not be one layer's
+  (its kernel's trailing axes). Else ``None`` (a pair of one layer shows no stack here: such a
+  module may hold other raw leaves than its pairs).
+  """
+  leads, why = set(), ""
+  for name, j in members.items():
+    kernel = _raw_kernel_of(name, members)
+    if kernel is None or kernel == "w":  # Haiku's w/b: read as Flax's kernel/bias
+      continue
+    k, b = shapes[members[kernel]], shapes[j]
+    if not 1 <= len(b) < len(k):
+      continue
+    stacks = [n for n in range(1, len(b)) if b == k[:n] + k[len(k) - len(b) + n :]]
+    if b == k[len(k) - len(b) :] or not stacks:
+      leads.add(None)  # one layer's, or either: no stack shown
+      continue
+    leads.add(k[: stacks[0]])
+    why = f"its {name} {b} repeats its {kernel}'s leading axes {k[: stacks[0]]}: one per layer"
+  if len(leads) != 1 or None in leads:
+    return None
+  return leads.pop(), why
 
 
 def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:

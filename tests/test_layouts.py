@@ -2396,12 +2396,36 @@ def test_biases_of_experts_and_heads_under_names_of_their_own_are_not_averaged(r
   # The attention's kernels: blocks of 2 embed inputs per head; 2 head_dim inputs of one head.
   np.testing.assert_allclose(got["attn"]["wq"], block_average(d["attn"]["wq"], 2), rtol=1e-6)
   np.testing.assert_allclose(got["attn"]["wo"], block_average(d["attn"]["wo"], 2, 1), rtol=1e-6)
-  # In an nn.scan the experts' kernels (layers, experts, in, out) stay a guess (flagged); their
-  # bias (layers, experts, out), one entry per layer, expert and output unit, is no guess.
+  # In an nn.scan the bias b_in (layers, experts, out) repeats its kernel w_in's leading axes
+  # (layers, experts, in, out): both stacked, each (layer, expert) kernel kept apart.
   scanned = jax.eval_shape(ScannedRawMixture().init, jax.random.key(1), x)["params"]
   hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape)), scanned)
-  with pytest.warns(spatial.LayoutGuessWarning) as caught:
-    rules = spatial.resolve_rules(None, scanned, block_size=2, warn=True)
+  rules = spatial.resolve_rules(None, scanned, block_size=2, warn=True)
   got = spatial.apply_rules(rules, hessian_diag)
   np.testing.assert_allclose(got["moe"]["b_in"], hessian_diag["moe"]["b_in"], rtol=1e-12)
-  assert "['b_in']" not in str(caught[0].message)
+  for name in ("w_in", "w_out"):
+    want = per_expert(np.asarray(hessian_diag["moe"][name]))
+    np.testing.assert_allclose(got["moe"][name], want, rtol=1e-12)
+
+
+def test_raw_bias_paired_by_name_shows_the_experts_outside_a_mixture_name(rng):
+  # A mixture's raw b_in (experts, out) beside w_in (experts, in, out) in a module with no mixture
+  # word (FFN_0) was read by its rank as a Dense kernel: blocked across the experts, silently
+  # (the kernels beside it were warned of, the bias not listed). b_in repeats w_in's leading
+  # axis: one per expert, so both are kept apart per expert (b1/w1 likewise).
+  params = {
+    "FFN_0": {"w_in": jnp.zeros((4, 6, 8)), "b_in": jnp.zeros((4, 8))},
+    "block": {"w1": jnp.zeros((3, 8, 6)), "b1": jnp.zeros((3, 6))},
+  }
+  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  for module, w, b in (("FFN_0", "w_in", "b_in"), ("block", "w1", "b1")):
+    np.testing.assert_allclose(got[module][b], d[module][b], rtol=1e-12, err_msg=b)
+    want = np.stack([block_average(e, 2) for e in d[module][w]])
+    np.testing.assert_allclose(got[module][w], want, rtol=1e-12, err_msg=w)
+  # A bias of one layer (out,) beside a rank-3 w_in shows no stack: the kernel's guess stays.
+  one = {"FFN_0": {"w_in": jnp.zeros((4, 6, 8)), "b_in": jnp.zeros(8)}}
+  assert [r.path for r in spatial.describe(one, block_size=2).ambiguous] == ["['FFN_0']['w_in']"]
