@@ -692,7 +692,8 @@ def stacks_by_evidence(
   whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
   for every unnamed leaf under the default rule that has them, and so has a Flax attention
   module's stack that its kernels show (:func:`_attention_stacks`), and a module under Linen's
-  automatic name of an ``nn.scan`` (:func:`_scan_stacks`);
+  automatic name of an ``nn.scan`` (:func:`_scan_stacks`); bias-less ``Dense_N`` siblings whose
+  first sizes differ have their stacked axis where :func:`_dense_stacks_elsewhere` finds it;
   :func:`in_named_stacks` then passes them to the module's unnamed relatives in the stack, as it
   does real names. A module that shows it is one layer (a ``Conv_0`` beside a stack of as many
   layers as its kernel is wide) takes no stacked axes from its relatives.
@@ -705,12 +706,25 @@ def stacks_by_evidence(
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
+  moved = _dense_stacks_elsewhere(modules, counts, shapes)
+  for module, (axis, why) in moved.items():
+    counts[module] = (None, "") if axis is None else ((), why)
   unknown = {module: members for module, members in modules.items() if counts[module][0] is None}
+  unknown = {module: members for module, members in unknown.items() if module not in moved}
   counts.update(_attention_stacks(unknown, shapes))
   unknown = {module: members for module, members in unknown.items() if counts[module][0] is None}
   counts.update(_scan_stacks(unknown, paths, shapes))
   for module, members in modules.items():
     lead, why = counts[module]
+    axis = moved[module][0] if module in moved else None
+    if axis is not None:
+      for i in members.values():
+        stacked = [x for x, role in roles[i].items() if role == STACKED]
+        if stacked and len(shapes[i]) > axis:
+          own: list[str | None] = [None] * len(shapes[i])
+          own[axis] = stacked[0]
+          found[i] = (tuple(own), why)
+      continue
     if lead == ():
       alone.update(members.values())
     n = len(lead or ())
@@ -721,6 +735,46 @@ def stacks_by_evidence(
       if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
   return found, alone
+
+
+def _dense_stacks_elsewhere(
+  modules: dict[tuple, dict[str, int]], counts: dict[tuple, tuple], shapes
+) -> dict[tuple, tuple[int | None, str]]:
+  """Where the stacked axis of sibling ``Dense_N`` modules is, when it is not in front.
+
+  Linen's name ``Dense_0`` fixes its kernel's rank (2), and :func:`_stack_count` takes more axes
+  for stacked ones in front, as ``nn.scan`` and ``nn.vmap`` put them with ``variable_axes=
+  {"params": 0}``. With ``{"params": 1}`` (an ensemble stacked along another axis) a bias-less
+  ``Dense_0`` kernel is ``(in, members, out)``, and axis 0 would keep the inputs apart and
+  average across members. The ``Dense_N`` modules under one parent are all under the same
+  transforms, so their stacked axis has one size: where their kernels' first sizes differ, it
+  is not in front. It is the one other axis where all of them have one size (read there), or,
+  if none is or several are, unknown (the rank's guess stays, flagged).
+
+  Returns:
+    ``{module: (the stacked axis, or None if unknown; why)}`` for the modules so re-read.
+  """
+  by_parent: dict[tuple, list[tuple]] = {}
+  for module, members in modules.items():
+    lead = counts[module][0]
+    if lead and len(lead) == 1 and _linen_class(module) == "Dense" and "kernel" in members:
+      by_parent.setdefault(module[:-1], []).append(module)
+  found: dict[tuple, tuple[int | None, str]] = {}
+  for siblings in by_parent.values():
+    kernels = {m: shapes[modules[m]["kernel"]] for m in siblings}
+    if len({k[0] for k in kernels.values()}) < 2:
+      continue
+    ranks = {len(k) for k in kernels.values()}
+    axes = [a for a in range(1, min(ranks)) if len({k[a] for k in kernels.values()}) == 1]
+    axis = axes[0] if len(axes) == 1 and ranks == {3} else None
+    names = ", ".join(f"{m[-1]!r} {k}" for m, k in kernels.items())
+    why = (
+      f"the kernels of its sibling Dense layers ({names}) differ in their first size and share "
+      f"only axis {axis}'s: one per layer (nn.vmap over axis {axis})"
+    )
+    for module in siblings:
+      found[module] = (axis, why)
+  return found
 
 
 def _is_scan(key: Any) -> bool:

@@ -2429,3 +2429,41 @@ def test_raw_bias_paired_by_name_shows_the_experts_outside_a_mixture_name(rng):
   # A bias of one layer (out,) beside a rank-3 w_in shows no stack: the kernel's guess stays.
   one = {"FFN_0": {"w_in": jnp.zeros((4, 6, 8)), "b_in": jnp.zeros(8)}}
   assert [r.path for r in spatial.describe(one, block_size=2).ambiguous] == ["['FFN_0']['w_in']"]
+
+
+class _EnsembleMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8, use_bias=False, param_dtype=jnp.float64)(x)
+    return nn.Dense(4, use_bias=False, param_dtype=jnp.float64)(h)
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
+  # nn.vmap with variable_axes={"params": 1} stacks a bias-less Dense_0 kernel as (in, members,
+  # out). Linen's name Dense_0 (kernel rank 2) had the extra axis taken to lead: each input's
+  # slice kept apart and blocks of 2 along the members (axis 2: along the outputs), silently.
+  # Its sibling Dense_1 (8, 3, 4) has another first size, so the stack is not in front: it is the
+  # one axis where both kernels have one size.
+  ens = nn.vmap(
+    _EnsembleMLP,
+    variable_axes={"params": axis},
+    split_rngs={"params": True},
+    in_axes=None,
+    out_axes=0,
+    axis_size=3,
+  )
+  params = ens().init(jax.random.key(0), jnp.ones((2, 6)))["params"]
+  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  for name in ("Dense_0", "Dense_1"):
+    d = np.asarray(hessian_diag[name]["kernel"])
+    want = np.stack([block_average(np.take(d, m, axis), 2) for m in range(3)], axis=axis)
+    np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-12, err_msg=name)
+  # A lone bias-less Dense_0 in such an ensemble shows nothing and keeps the leading reading (as
+  # an nn.scan's does); siblings that share no other size leave the rank's guess, flagged.
+  odd = {"Dense_0": {"kernel": jnp.zeros((6, 3, 8))}, "Dense_1": {"kernel": jnp.zeros((8, 5, 4))}}
+  rows = spatial.describe({"ens": odd}, block_size=2).rows
+  assert [r.ambiguous for r in rows] == [True, True]
