@@ -1013,10 +1013,12 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
   ``(layers, out)``) is a convolution's, its leading axes spatial, which the rank alone could
   only guess:
 
-  - beside a bias ``(out,)`` when it has two spatial axes or more (rank >= 4): no other layer
-    has such a kernel and bias but a ``DenseGeneral`` over three input axes, which the mean over
-    the leading axes also averages only over inputs of one output unit (a rank-3 kernel beside
-    such a bias is also an attention's output projection ``(heads, head_dim, embed)``);
+  - beside a bias ``(out,)`` when it has two spatial axes or more (rank >= 4) of one size (a
+    square window): no other layer has such a kernel and bias but a ``DenseGeneral`` over three
+    input axes (a rank-3 kernel beside such a bias is also an attention's output projection
+    ``(heads, head_dim, embed)``), and one over a square patch ``(p, p, channels)`` is a patch
+    embedding's convolution written otherwise; a window of several sizes (``(4, 12, 3, 8)``)
+    is that only under a convolution's name (below);
   - under a convolution's name (Linen's ``Conv_0``/``ConvTranspose_0``, Haiku's ``conv2_d``,
     ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
     (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
@@ -1074,7 +1076,11 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       or first in stacked_norms.get(k.module[:-1], ())
       or (parent in other and firsts[parent] == {first})
     )
-    if beside_bias and rank >= 4:
+    # A window of one size (3x3, a 16x16 patch): a DenseGeneral kernel (a, b, c, out) over three
+    # input axes of other sizes beside its bias (out,) is no convolution's, where the mean over
+    # its leading axes would average a * b of its inputs even at block_size 1.
+    square = len(set(shape[k.lead : -2])) == 1
+    if beside_bias and rank >= 4 and (square or named):
       why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
     elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):
       why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"

@@ -2467,3 +2467,36 @@ def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
   odd = {"Dense_0": {"kernel": jnp.zeros((6, 3, 8))}, "Dense_1": {"kernel": jnp.zeros((8, 5, 4))}}
   rows = spatial.describe({"ens": odd}, block_size=2).rows
   assert [r.ambiguous for r in rows] == [True, True]
+
+
+def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rng):
+  # nn.DenseGeneral(8, axis=(-3, -2, -1), name="proj"): kernel (4, 12, 3, 8) beside its bias (8,)
+  # was taken for a 2-D Conv's for sure, its "window" (4, 12) averaged (48 inputs of one output
+  # unit) even at block_size=1, with no warning. A Conv's window has one size (3x3, a 16x16
+  # patch) unless its module's name says it is a convolution: the rank's guess, flagged.
+  class Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral(8, axis=(-3, -2, -1), name="proj", param_dtype=jnp.float64)(x)
+
+  params = Proj().init(jax.random.key(0), jnp.ones((1, 4, 12, 3)))["params"]
+  with pytest.warns(spatial.LayoutGuessWarning, match=r"\['proj'\]\['kernel'\]"):
+    ah.adahessian(0.1).init(params)
+  rows = {r.path: r for r in spatial.describe(params).rows}
+  assert rows["['proj']['kernel']"].ambiguous
+  # Named as its axes are, it is averaged over nothing at block_size=1.
+  spec = jax.sharding.PartitionSpec
+  names = {"proj": {"kernel": spec("embed", "embed", "embed", "mlp"), "bias": spec("mlp")}}
+  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
+  tx = ah.scale_by_adahessian(b2=0.5, averaging=spatial.named(names))
+  got = _nu_after_one_step(tx, params, hessian_diag)
+  d = np.asarray(hessian_diag["proj"]["kernel"])
+  np.testing.assert_allclose(got["proj"]["kernel"], d, rtol=1e-12)
+  # A square window beside its bias (a 7x7 stem, a patch embedding) stays a Conv's, as does any
+  # window under a convolution's name.
+  convs = {
+    "stem": {"kernel": jnp.zeros((7, 7, 3, 8)), "bias": jnp.zeros(8)},
+    "conv_a": {"kernel": jnp.zeros((1, 7, 3, 8)), "bias": jnp.zeros(8)},
+  }
+  rows = [r for r in spatial.describe(convs).rows if r.path.endswith("['kernel']")]
+  assert [(r.rule, r.ambiguous) for r in rows] == [(spatial.mean_over((0, 1)), False)] * 2
