@@ -400,3 +400,35 @@ def test_apply_if_finite_skips_bad_steps_without_touching_state(mlp_problem):
   assert_trees_allclose(ah.find_adahessian_state(state), before, rtol=0.0)
   updates, state = tx.update(grads, state, params, value_fn=value_fn)
   assert int(ah.find_adahessian_state(state).count) == 2
+
+
+@pytest.mark.parametrize("update_freq", [None, 2])
+def test_inject_hyperparams_changed_between_steps_as_an_array_compiles_once(
+  mlp_problem, update_freq
+):
+  """The README's way to change a hyperparameter between steps keeps one compiled step; a Python
+  float (the README's old example) is another input type to jit, which compiled it twice."""
+  params, loss_fn, batch = mlp_problem
+  make = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)
+  tx = make(learning_rate=optax.linear_schedule(0.1, 0.05, 10), update_freq=update_freq)
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state
+
+  def run(new_b1):
+    del traces[:]
+    p, s = params, tx.init(params)
+    for i in range(6):
+      p, s = step(p, s)
+      if i == 2:
+        s.hyperparams["b1"] = new_b1(s.hyperparams["b1"].dtype)
+    return len(traces), float(s.hyperparams["b1"])
+
+  assert run(lambda dtype: jnp.asarray(0.95, dtype)) == (1, 0.95)
+  step.clear_cache()
+  assert run(lambda dtype: 0.95) == (2, 0.95)
