@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from adahessian_jax import _validation, masking, spatial
+from adahessian_jax.state import placed_like_params
 from adahessian_jax.transform import scale_by_adahessian
 
 __all__ = ["STATIC_ARGS", "adahessian"]
@@ -206,7 +207,7 @@ def adahessian(
   _check_mask(weight_decay_mask)
   if not callable(learning_rate):  # a schedule's values are not known here
     _validation.hyperparameter("learning_rate", learning_rate, 0.0, float("inf"), hi_open=True)
-  return optax.chain(
+  chain = optax.chain(
     scale_by_adahessian(
       b1,
       b2,
@@ -229,3 +230,6 @@ def adahessian(
     _decayed_weights(cast(float | jax.Array, weight_decay), weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )
+  # A schedule's count too, committed where the params are: a jitted step compiles once.
+  init = lambda params: placed_like_params(chain.init(params), params)
+  return chain._replace(init=init)

@@ -119,7 +119,11 @@ class TrainState(train_state.TrainState):
 
     ``jax.jit`` keys its cache on a Python scalar apart from an array of the same
     dtype, so a ``step=0`` compiled the training step twice, for the first
-    step and again for the ``step + 1`` array it returns.
+    step and again for the ``step + 1`` array it returns. For the same reason,
+    with parameters committed to devices (``jax.device_put(params, device)``,
+    sharded arrays) the step and every uncommitted leaf of the optimizer state
+    (optax's step counts) are committed, replicated, to the parameters' devices:
+    ``jax.jit`` keys on committedness too, and commits its outputs.
 
     Args:
       apply_fn: The model's apply function.
@@ -131,7 +135,10 @@ class TrainState(train_state.TrainState):
       A new :class:`TrainState` at step 0.
     """
     created = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
-    return created.replace(step=jnp.zeros([], jnp.int32))
+    # With committed params, an uncommitted step or state leaf (optax's counts) also compiled the
+    # step twice: jit keys on it and commits its outputs (state.placed_like_params).
+    placed = state.placed_like_params((jnp.zeros([], jnp.int32), created.opt_state), created.params)
+    return created.replace(step=placed[0], opt_state=placed[1])
 
   def __init_subclass__(cls, **kwargs: Any) -> None:
     # Flax makes every subclass a dataclass with its own unchecked ``replace``.

@@ -136,6 +136,42 @@ def map_adahessian_state(
   return jax.tree.map(lambda x: fn(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
 
 
+def placed_like_params(tree: T, params: Any) -> T:
+  """``tree`` with its uncommitted arrays committed, replicated, to the devices of ``params``.
+
+  ``jnp.zeros_like`` gives the moments the parameters' placement, but a step count or a key made
+  with ``jnp.zeros`` is uncommitted. ``jax.jit`` keys its cache on whether an argument is
+  committed, and its outputs are committed where any input was: with committed parameters
+  (``jax.device_put(params, device)``, sharded arrays, a restored checkpoint) the whole training
+  step compiled twice, for the state from ``init`` and again for the one the step returns. A no-op
+  where no parameter is a committed concrete array (e.g. ``init`` traced under ``jax.jit``), and
+  where the parameters span other processes' devices or several sets of devices.
+  """
+  shardings = [
+    x.sharding
+    for x in jax.tree.leaves(params)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
+  ]
+  if not shardings or not shardings[0].is_fully_addressable:
+    return tree
+  first = shardings[0]
+  if any(s.device_set != first.device_set for s in shardings):
+    return tree
+  if isinstance(first, jax.sharding.NamedSharding):
+    target: Any = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+  elif len(first.device_set) == 1:
+    target = jax.sharding.SingleDeviceSharding(next(iter(first.device_set)))
+  else:
+    return tree
+
+  def place(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.committed:
+      return jax.device_put(x, target)
+    return x
+
+  return jax.tree.map(place, tree)
+
+
 def _check_is_state(state: Any, call: str) -> None:
   """Raises ``TypeError`` unless ``state`` is a :class:`ScaleByAdaHessianState` (not, e.g., the
   whole optimizer state of :func:`adahessian_jax.adahessian`, a tuple around it)."""

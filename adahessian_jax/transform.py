@@ -30,6 +30,7 @@ from adahessian_jax.state import (
   is_refresh_step,
   moment_steps,
   on_refresh,
+  placed_like_params,
   probe_keys,
   refresh_key,
   untyped_state_hint,
@@ -941,7 +942,8 @@ def scale_by_adahessian(
       _check_block_size_used(block_size, averaging, params)
     if "optax.flatten" in _wrappers.calling():
       warnings.warn(_FLATTENED, stacklevel=spatial._caller_level())
-    return ScaleByAdaHessianState(
+    # Committed where the params are, so that a jitted step compiles once (placed_like_params).
+    state = ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
       mu=_first_moment(params, mu_dtype),
@@ -950,6 +952,7 @@ def scale_by_adahessian(
       hessian=_no_curvature_yet(params, nu_dtype) if stores_d else None,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
+    return placed_like_params(state, params)
 
   def update_fn(
     updates, state, params=None, *, value_fn=None, hessian_diag=None, refresh=None, **extra_args

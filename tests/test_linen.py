@@ -454,3 +454,24 @@ def test_a_jitted_step_compiles_once_from_create(setup):
   for _ in range(3):
     state = step(state, features, y)
   assert len(traces) == 1 and int(state.step) == 3 and state.step.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("adahessian", [True, False])
+def test_a_jitted_step_of_committed_params_compiles_once_from_create(adahessian):
+  # jit keys its cache on whether an argument is committed and commits its outputs: with params
+  # put on a device, create's step and optax's counts (uncommitted) compiled the step twice.
+  params = jax.device_put({"w": jnp.ones((4, 3)) * 0.1, "b": jnp.zeros(3)}, jax.devices()[0])
+  loss_fn = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 2)
+  tx = ah.adahessian(optax.linear_schedule(0.1, 0.01, 10)) if adahessian else optax.adam(0.1)
+  state = TrainState.create(apply_fn=None, params=params, tx=tx)
+  assert all(x.committed for x in jax.tree.leaves(state))
+
+  @jax.jit
+  def step(state):
+    grads = jax.grad(loss_fn)(state.params)
+    extra = {"value_fn": loss_fn} if adahessian else {}
+    return state.apply_gradients(grads=grads, **extra)
+
+  for _ in range(5):
+    state = step(state)
+  assert step._cache_size() == 1 and int(state.step) == 5

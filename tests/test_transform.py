@@ -722,3 +722,33 @@ def test_resumed_state_with_another_update_freq_follows_the_transform_under_jit(
   eager = new_tx.update(params, fixed, params, value_fn=loss)
   assert ah.is_refresh_step(ah.find_adahessian_state(fixed))  # step 2 refreshes at update_freq=2
   assert_trees_allclose(jitted, eager, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("update_freq", [None, 3])
+def test_a_jitted_step_of_committed_params_compiles_once(update_freq):
+  # jit keys its cache on whether an argument is committed and commits its outputs: with params
+  # put on a device, the state's count and key (and a schedule's count), uncommitted from init,
+  # compiled the whole step a second time for the state the first step returns.
+  params = jax.device_put({"w": jnp.ones((4, 3)) * 0.1, "b": jnp.zeros(3)}, jax.devices()[0])
+  loss_fn = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 2)
+  lr = optax.linear_schedule(0.1, 0.01, 10)
+  for tx in [ah.adahessian(lr, update_freq=update_freq), ah.scale_by_adahessian()]:
+    state = tx.init(params)
+    assert all(x.committed for x in jax.tree.leaves(state))
+    vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+    @jax.jit
+    def step(params, state, tx=tx, vgh=vgh):
+      _, grads, hdiag = vgh(params, state)
+      updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+      return optax.apply_updates(params, updates), state
+
+    p = params
+    for _ in range(5):
+      p, state = step(p, state)
+    assert step._cache_size() == 1
+  # Uncommitted params (the usual case) leave the state as it was; under jit there is nothing
+  # to place.
+  loose = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  assert not any(x.committed for x in jax.tree.leaves(ah.adahessian(0.1).init(loose)))
+  jax.jit(ah.adahessian(0.1).init)(params)
