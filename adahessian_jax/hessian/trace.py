@@ -55,7 +55,9 @@ class TraceEstimate(NamedTuple):
 
   Attributes:
     trace: The estimate.
-    stderr: Its standard error (see each estimator for what it covers).
+    stderr: Its standard error (see each estimator for what it covers): ``trace ±
+      1.96·stderr`` is a 95 % interval for :func:`hutchinson_trace` and :func:`hutchpp_trace`
+      (Student-t scaled for few samples), and covers less for :func:`xtrace`.
     num_matvecs: Hessian-vector products spent.
     num_samples: Hutchinson samples averaged (the residual ones for Hutch++,
       the leave-one-out estimates for XTrace; 0 when XTrace computes the
@@ -90,6 +92,36 @@ def _stopping(op, rtol, atol, min_samples, max_samples, block_size):
   return rtol, atol, min_samples, max_samples, block_size
 
 
+# The 0.975 quantile of Student's t for 1-4 degrees of freedom; :func:`_t_factor` expands it above.
+_T975 = (12.706204736174694, 4.302652729749462, 3.182446305283708, 2.7764451051977934)
+_Z975 = 1.959963984540054
+
+
+def _t_factor(num_samples: int) -> float:
+  """``t_{m−1}(0.975) / z(0.975)`` for ``m = num_samples``: the factor that makes ``±1.96·stderr``
+  the Student-t 95 % interval of a mean of ``m`` samples (1.087 at 16, 1.019 at 64).
+
+  Cornish-Fisher expansion of the quantile in ``1/ν`` above 4 degrees of freedom (relative error
+  below 1.1e-4 at ν = 5, 4e-7 at 15), the exact value below.
+  """
+  nu = num_samples - 1
+  if nu <= len(_T975):
+    return _T975[nu - 1] / _Z975
+  z = _Z975
+  g = (
+    (z**3 + z) / 4,
+    (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+    (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+    (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+  )
+  return 1.0 + sum(gk / nu ** (k + 1) for k, gk in enumerate(g)) / z
+
+
+def _stderr(x: np.ndarray) -> float:
+  """The standard error of the mean of the samples ``x``, Student-t scaled (:func:`_t_factor`)."""
+  return float(x.std(ddof=1) / np.sqrt(x.size)) * _t_factor(x.size)
+
+
 def _sampled_trace(op, key, offset, *stopping):
   """``offset`` + Hutchinson's estimate on ``op``, drawn in blocks until the stopping rule holds.
 
@@ -109,12 +141,11 @@ def _sampled_trace(op, key, offset, *stopping):
       samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)", op
     )
     if x.size >= max(min_samples, 2):
-      se = x.std(ddof=1) / np.sqrt(x.size)
-      met = bool(se <= max(atol, rtol * abs(offset + x.mean())))
+      met = bool(_stderr(x) <= max(atol, rtol * abs(offset + x.mean())))
       if met:
         break
   m = x.size
-  return TraceEstimate(offset + float(x.mean()), float(x.std(ddof=1) / np.sqrt(m)), m, m, met)
+  return TraceEstimate(offset + float(x.mean()), _stderr(x), m, m, met)
 
 
 def hutchinson_trace(
@@ -131,9 +162,15 @@ def hutchinson_trace(
 
   Probes are drawn ``block_size`` at a time (one vectorised block product);
   after at least ``min_samples`` it stops as soon as the standard error
-  ``s/√m`` (``s`` the sample standard deviation of ``zᵀHz``) is at most
+  ``c_m·s/√m`` (``s`` the sample standard deviation of the ``m`` samples ``zᵀHz``,
+  ``c_m = t_{m−1}(0.975)/1.96`` the Student-t factor: 1.09 at 16 samples, 1.02 at 64) is at most
   ``max(atol, rtol·|estimate|)``, or at ``max_samples``. Set
   ``min_samples = max_samples`` for a fixed budget.
+
+  With ``c_m``, ``estimate ± 1.96·stderr`` is the Student-t 95 % interval, which the plain
+  ``s/√m`` undercovers for few samples (93 % at 16, 85 % at 4). Its coverage still assumes
+  roughly normal samples: for a spectrum dominated by a few eigenvalues ``zᵀHz`` is skewed and
+  16 samples cover 89 % (a quadratic with eigenvalues ``1/i²``; Hutch++ removes the top ones).
 
   Args:
     op: The Hessian operator.
@@ -147,8 +184,8 @@ def hutchinson_trace(
     block_size: Probes per block product (default ``op.block_size``).
 
   Returns:
-    A :class:`TraceEstimate`; ``stderr`` is the sample standard error, ``converged`` whether it
-    met the target before ``max_samples``.
+    A :class:`TraceEstimate`; ``stderr`` is the Student-t scaled sample standard error
+    ``c_m·s/√m``, ``converged`` whether it met the target before ``max_samples``.
 
   Raises:
     ValueError: for a tolerance or count out of range.
@@ -187,9 +224,9 @@ def hutchpp_trace(
       ``rtol`` is relative to the whole estimate.
 
   Returns:
-    A :class:`TraceEstimate`; ``stderr`` is the sample standard error of the
-    residual term (the sketched term is exact given the sketch), so it is
-    calibrated conditionally on the sketch.
+    A :class:`TraceEstimate`; ``stderr`` is the Student-t scaled sample standard error of the
+    residual term, as in :func:`hutchinson_trace` (the sketched term is exact given the sketch,
+    and the residual probes are independent of it, so the error is the residual's alone).
 
   Raises:
     ValueError: for a size, tolerance or count out of range.
@@ -254,8 +291,11 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
   ``Q R = Y`` and ``Z = HQ``; estimate ``i`` is Hutch++ with the sketch of every
   probe but ``i`` and the residual probe ``ω_i``, all in closed form from
   ``Ω, Y, Q, R, Z``. The result is their mean; the error estimate is their
-  standard deviation over ``√s`` (the paper's estimate; the ``s`` estimates are
-  exchangeable but not independent, so this is a heuristic).
+  standard deviation over ``√s`` (the paper's estimate). The ``s`` estimates are
+  exchangeable but share the sketch, so this is a heuristic that tends to be low:
+  ``±1.96·stderr`` covered the true trace 74-88 % of the time over 1,000 seeds at 16, 32 and
+  64 products (a 75-parameter MLP, quadratics with flat, ``1/i²``, three-spike and normal
+  spectra).
 
   Exact cases, returned with a zero error: a budget ``num_matvecs >= n``
   (the trace of the ``n`` products ``H e_j``; ``num_matvecs = n`` are spent),
