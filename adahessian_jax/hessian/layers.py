@@ -34,6 +34,7 @@ from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian._stacks import layer_axes_of, layer_slices
 from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide
 from adahessian_jax.hessian.eigen import _WHICH, top_eigenvalues
+from adahessian_jax.hessian.trace import _stderr
 
 __all__ = ["LayerCurvature", "layer_breakdown"]
 
@@ -44,7 +45,9 @@ class LayerCurvature(NamedTuple):
   Attributes:
     size: Number of parameters in the leaf.
     trace: Estimate of ``tr(H_ll)``.
-    trace_stderr: Its standard error.
+    trace_stderr: Its standard error, Student-t scaled as
+      :func:`adahessian_jax.hessian.hutchinson_trace`'s: ``trace ± 1.96·trace_stderr`` is a
+      95 % interval.
     diagonal: Estimate of ``diag(H_ll)``, shaped like the leaf.
     top_eigenvalue: Largest eigenvalue of ``H_ll`` (``nan`` if not computed,
       or for a leaf of size 0, which has none).
@@ -188,7 +191,7 @@ def layer_breakdown(
     out[part.name] = LayerCurvature(
       size=int(part.entries.size),
       trace=float(t.mean()),
-      trace_stderr=float(t.std(ddof=1) / np.sqrt(num_samples)),
+      trace_stderr=_stderr(np.asarray(t)),
       diagonal=diag[part.leaf][part.where],
       top_eigenvalue=top,
       num_matvecs=spent,
