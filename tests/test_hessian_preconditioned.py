@@ -155,9 +155,10 @@ def test_warm_started_tracking_is_cheaper_and_as_accurate():
     warm.append(record.sharpness.num_matvecs + record.preconditioned.num_matvecs)
     cold.append(fresh.num_matvecs)
   assert warm[0] == cold[0]  # the first measurement is a cold start
-  # Measured 32 vs 48 products here (params move fast on this tiny model); the CNN
-  # measurement over a training run is in docs/hessian_analysis.md.
-  assert sum(warm[1:]) < 0.7 * sum(cold[1:]), (warm, cold)
+  # Measured 36 vs 49 products here (params move fast on this tiny model; 32 vs 48 before the
+  # error estimate capped the gap at 1 % of the eigenvalue); the CNN measurement over a training
+  # run is in docs/hessian_analysis.md.
+  assert sum(warm[1:]) < 0.8 * sum(cold[1:]), (warm, cold)
 
 
 def _stepped(tx, params):
