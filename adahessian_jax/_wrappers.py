@@ -1,11 +1,14 @@
-"""Which of optax's wrappers is calling AdaHessian, for errors and warnings that name it.
+"""Which of optax's wrappers is calling AdaHessian, or holds its state, for errors that name it.
 
 Some wrappers change what the transform is given without a sign in its arguments:
 ``optax.flatten`` hands it one vector of all the parameters (so the spatial averaging sees no
-layout and ``value_fn`` receives that vector), and ``optax.lookahead`` and ``optax.contrib.sam``
-pass it no ``value_fn`` or ``hessian_diag`` at all. Their functions are found on the Python stack
-(at trace time, also under ``jax.jit``) by their code objects, so a renamed optax file does not
-break the check: a wrapper that cannot be found is simply not named.
+layout and ``value_fn`` receives that vector), and ``optax.lookahead``, ``optax.contrib.sam`` and
+``optax.contrib.galore`` pass it no ``value_fn`` or ``hessian_diag`` at all. Their functions are
+found on the Python stack (at trace time, also under ``jax.jit``) by their code objects, so a
+renamed optax file does not break the check: a wrapper that cannot be found is simply not named.
+The fused route, which is given the whole optimizer state instead, finds the wrappers that pass
+no extra arguments by their states' types (:func:`holding`): one table, :data:`NO_EXTRA_ARGS`,
+says for both which wrappers these are and what to do.
 """
 
 from __future__ import annotations
@@ -13,10 +16,72 @@ from __future__ import annotations
 import functools
 import sys
 import types
+from collections.abc import Callable
+from typing import Any
 
+import jax
 import optax
 
-__all__ = ["calling"]
+__all__ = ["NO_EXTRA_ARGS", "calling", "holding"]
+
+#: The wrappers whose ``update`` passes their inner transforms no extra arguments, so that
+#: neither ``value_fn`` nor ``hessian_diag`` can reach AdaHessian inside them, and what to do.
+NO_EXTRA_ARGS = {
+  "optax.lookahead": (
+    "optax.lookahead, whose update passes its fast optimizer no extra arguments (and refuses "
+    "value_fn and hessian_diag itself), so AdaHessian cannot run inside it in either route: "
+    "train with AdaHessian without optax.lookahead."
+  ),
+  "optax.contrib.sam": (
+    "optax.contrib.sam, whose update takes no extra argument but its own grad_fn and passes none "
+    "on, so AdaHessian can be neither its optimizer nor its adv_optimizer, in either route: train "
+    "with AdaHessian without optax.contrib.sam."
+  ),
+  "optax.contrib.galore": (
+    "optax.contrib.galore (scale_by_galore), whose update passes its base_optimizer no extra "
+    "arguments (and gradients projected to a low rank, not the parameters' shapes), so AdaHessian "
+    "cannot be its base_optimizer, in either route: train with AdaHessian without GaLore."
+  ),
+}
+
+
+def _state_types() -> dict[type, str]:
+  """The state types of the wrappers in :data:`NO_EXTRA_ARGS` (those this optax has)."""
+  found = {
+    "optax.lookahead": getattr(optax, "LookaheadState", None),
+    "optax.contrib.sam": getattr(optax.contrib, "SAMState", None),
+    "optax.contrib.galore": getattr(optax.contrib, "GaLoreState", None),
+  }
+  return {t: name for name, t in found.items() if isinstance(t, type)}
+
+
+def holding(opt_state: Any, holds: Callable[[Any], bool]) -> list[str]:
+  """The names of the wrappers in :data:`NO_EXTRA_ARGS` whose states inside ``opt_state`` hold a
+  node for which ``holds`` is true (an AdaHessian state), outermost first, each once.
+
+  Args:
+    opt_state: Any optax state.
+    holds: Whether a node of the tree (tested as a leaf) is the one looked for.
+
+  Returns:
+    E.g. ``["optax.lookahead"]`` for the state of ``optax.lookahead(adahessian(...), ...)``;
+    ``[]`` when no such wrapper's state holds one.
+  """
+  wrappers = _state_types()
+  found: list[str] = []
+
+  def visit(tree: Any) -> None:
+    is_wrapper = lambda x: type(x) in wrappers and x is not tree
+    for node in jax.tree.leaves(tree, is_leaf=lambda x: is_wrapper(x) or holds(x)):
+      if is_wrapper(node):
+        if any(holds(x) for x in jax.tree.leaves(node, is_leaf=holds)):
+          name = wrappers[type(node)]
+          if name not in found:
+            found.append(name)
+        visit(node)
+
+  visit((opt_state,))  # a tuple around it, so that a wrapper's state at the root is visited too
+  return found
 
 
 @functools.cache
@@ -28,6 +93,7 @@ def _codes() -> dict[types.CodeType, str]:
     ("optax.lookahead", lambda: optax.lookahead(inner, sync_period=1, slow_step_size=1.0)),
     ("optax.contrib.sam", lambda: optax.contrib.sam(inner, inner)),
     ("optax.contrib.sam", lambda: optax.contrib.sam(inner, inner, opaque_mode=True)),
+    ("optax.contrib.galore", lambda: optax.contrib.scale_by_galore(base_optimizer=inner)),
   )
   codes = {}
   for name, make in made:

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adahessian_jax import _validation, hutchinson, masking
+from adahessian_jax import _validation, _wrappers, hutchinson, masking
 from adahessian_jax._transposes import explicitly_sharded
 from adahessian_jax.state import (
   adahessian_states,
+  is_adahessian_state,
   is_refresh_step,
   on_refresh,
   probe_keys,
@@ -118,9 +119,20 @@ def _accumulates_gradients(opt_state: Any) -> bool:
 def _the_adahessian_state(opt_state: Any) -> Any:
   """The one AdaHessian state in ``opt_state``, whose probes the fused route draws."""
   found = adahessian_states(opt_state)
+  what = "value_grad_and_hessian_diag draws its probes from the AdaHessian state in opt_state"
+  # The wrappers that pass the transform no hessian_diag: refused here, before the product is
+  # spent, with the transform's own words (_wrappers.NO_EXTRA_ARGS).
+  wrapped = "".join(
+    f" Its state is inside that of {_wrappers.NO_EXTRA_ARGS[w]}"
+    for w in _wrappers.holding(opt_state, is_adahessian_state)
+  )
+  if found and wrapped:
+    raise ValueError(
+      f"value_grad_and_hessian_diag was given an AdaHessian state that no hessian_diag can reach."
+      f"{wrapped}"
+    )
   if len(found) == 1:
     return found[0]
-  what = "value_grad_and_hessian_diag draws its probes from the AdaHessian state in opt_state"
   if not found:
     raise ValueError(
       f"{what}, but opt_state holds none: pass the state of the optimizer built with "

@@ -61,8 +61,12 @@ class ScaleByAdaHessianState(NamedTuple):
   update_freq: jax.Array | None = None
 
 
-def _is_state(x: Any) -> bool:
+def is_adahessian_state(x: Any) -> bool:
+  """Whether ``x`` is a :class:`ScaleByAdaHessianState` (an ``is_leaf`` for optax states)."""
   return isinstance(x, ScaleByAdaHessianState)
+
+
+_is_state = is_adahessian_state
 
 
 _FIELDS = frozenset(ScaleByAdaHessianState._fields)

@@ -455,19 +455,6 @@ _FLATTENED_VALUE_FN = (
   "averaging there), or unflatten in the loss: flat, unravel = "
   "jax.flatten_util.ravel_pytree(params); value_fn=lambda v: loss_fn(unravel(v), batch)."
 )
-#: Wrappers that pass their inner transforms no extra arguments at all, and what to do.
-_NO_EXTRA_ARGS = {
-  "optax.lookahead": (
-    "It is called by optax.lookahead, whose update passes its fast optimizer no extra arguments "
-    "(and refuses value_fn and hessian_diag itself), so AdaHessian cannot run inside it in either "
-    "route: train with AdaHessian without optax.lookahead."
-  ),
-  "optax.contrib.sam": (
-    "It is called by optax.contrib.sam, whose update takes no extra argument but its own grad_fn "
-    "and passes none on, so AdaHessian can be neither its optimizer nor its adv_optimizer, in "
-    "either route: train with AdaHessian without optax.contrib.sam."
-  ),
-}
 #: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
 _DROPPED = (
   "If you passed one, a wrapper dropped it on the way: optax passes extra arguments only through "
@@ -544,7 +531,11 @@ def _check_call(
       if others
       else ""
     )
-    wrapped = "".join(f" {_NO_EXTRA_ARGS[w]}" for w in _wrappers.calling() if w in _NO_EXTRA_ARGS)
+    wrapped = "".join(
+      f" It is called by {_wrappers.NO_EXTRA_ARGS[w]}"
+      for w in _wrappers.calling()
+      if w in _wrappers.NO_EXTRA_ARGS
+    )
     if wrapped:  # no call of the user's can pass the loss: the other fixes do not apply
       raise ValueError(
         f"scale_by_adahessian needs the loss to estimate the Hessian on this step.{wrapped}"

@@ -332,19 +332,35 @@ def test_multi_steps_inside_another_combinator_drops_the_loss_and_the_error_says
     (lambda tx: optax.lookahead(tx, sync_period=2, slow_step_size=0.5), "optax.lookahead"),
     (lambda tx: optax.contrib.sam(tx, optax.sgd(0.05)), "optax.contrib.sam"),
     (lambda tx: optax.contrib.sam(optax.sgd(0.05), tx), "optax.contrib.sam"),
+    (lambda tx: optax.contrib.scale_by_galore(rank=2, base_optimizer=tx), "optax.contrib.galore"),
   ],
 )
-def test_inside_lookahead_or_sam_the_error_names_the_wrapper(mlp_problem, wrap, name):
-  # Neither passes extra arguments on (and both refuse value_fn themselves), so AdaHessian got
-  # none; its error blamed optax.MultiSteps and Flax's TrainState, neither of them there.
+def test_inside_lookahead_sam_or_galore_both_routes_name_the_wrapper(mlp_problem, wrap, name):
+  # None of them passes extra arguments on (lookahead and sam refuse value_fn themselves), so
+  # AdaHessian got none; its error blamed optax.MultiSteps and Flax's TrainState, neither of them
+  # there (GaLore's still did). The fused route found the state inside theirs, spent the
+  # Hessian-vector product, and only the tx.update after it failed: it now refuses at once.
   params, loss_fn, batch = mlp_problem
   tx = wrap(ah.adahessian(0.1))
   grads = jax.grad(loss_fn)(params, batch)
+  tx_params = params
   if name == "optax.lookahead":  # its params are the fast and slow copies, its updates the fast
-    params = optax.LookaheadParams.init_synced(params)
-  with pytest.raises(ValueError, match=rf"called by {name}.*without {name}") as error:
-    jax.jit(tx.update)(grads, tx.init(params), params)
+    tx_params = optax.LookaheadParams.init_synced(params)
+  state = tx.init(tx_params)
+  with pytest.raises(ValueError, match=rf"called by {name}.*without ") as error:
+    jax.jit(tx.update)(grads, state, tx_params)
   assert "MultiSteps" not in str(error.value)
+  products = []
+
+  def counted(p, b):
+    products.append(1)  # a Python side effect: once per trace of the loss
+    return loss_fn(p, b)
+
+  vgh = jax.jit(ah.value_grad_and_hessian_diag(counted))
+  reach = rf"no hessian_diag can reach.*inside that of {name}.*without "
+  with pytest.raises(ValueError, match=reach):
+    vgh(params, state, batch)
+  assert not products  # refused before the loss was traced
 
 
 def test_exact_gradient_accumulation_with_the_fused_route(mlp_problem):
