@@ -109,6 +109,16 @@ def _owned(params: Any, mu: Any) -> Any:
   return mu
 
 
+def _flattened(params: Any, mu: Any) -> bool:
+  """Whether the AdaHessian state (its ``mu``) was made for ``params`` flattened into one vector,
+  by ``optax.flatten``: then the probes are drawn for that vector, as the ``value_fn`` route
+  draws them there, and split into ``params``' leaves."""
+  leaves, mine = jax.tree.leaves(params), jax.tree.leaves(mu, is_leaf=masking.is_masked)
+  if len(leaves) < 2 or len(mine) != 1 or masking.is_masked(mine[0]):
+    return False  # one leaf: its probe is the vector's, reshaped
+  return jnp.ndim(mine[0]) == 1 and jnp.size(mine[0]) == sum(jnp.size(x) for x in leaves)
+
+
 def _accumulates_gradients(opt_state: Any) -> bool:
   """Whether ``opt_state`` holds an :class:`optax.MultiStepsState`: its gradient accumulator keeps
   a NaN for good (it is reset by multiplying with zero), so the fused route must not mark there."""
@@ -171,7 +181,8 @@ def value_grad_and_hessian_diag(
   route, so both routes give the same trajectory for the same seed; inside
   :func:`optax.masked` or :func:`optax.multi_transform` they are zero on the
   leaves of other transforms, as :func:`adahessian_jax.masked_value_fn` holds
-  those fixed. On steps
+  those fixed; inside :func:`optax.flatten` they are drawn for the one vector
+  it hands the transform (pass the estimate raveled likewise). On steps
   that refresh the Hessian (every step when ``update_freq == 1``) the cost is
   one forward-over-reverse pass; on the other steps (chosen with ``lax.cond``
   from the state under ``jit``) one ``jax.value_and_grad``, and the returned
@@ -264,8 +275,9 @@ def value_grad_and_hessian_diag(
     def with_hessian():
       keys, _ = probe_keys(state)
       owned = _owned(params, state.mu)
+      flat = _flattened(params, state.mu)
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
-        loss, params, keys, has_aux, name=_NAME, fix=_FIX, owned=owned
+        loss, params, keys, has_aux, name=_NAME, fix=_FIX, owned=owned, flat=flat
       )
       if accumulated:  # the transform keeps the curvature of non-finite entries itself
         return value, grads, estimate

@@ -323,6 +323,7 @@ def value_grad_and_diagonal(
   name: str = "fn",
   fix: str = _WRAP,
   owned: Any = None,
+  flat: bool = False,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hutchinson's diagonal estimate, all in one pass.
 
@@ -344,6 +345,9 @@ def value_grad_and_diagonal(
       leaves alone and are zero on these, so the estimate on the owned leaves
       is the one of the loss as a function of them alone (the other leaves
       held fixed), as the ``value_fn`` route computes it.
+    flat: Draw each probe as for the leaves of ``params`` concatenated into one
+      vector (as ``optax.flatten`` hands them to the transform inside it), split
+      back into the leaves: the probes the ``value_fn`` route draws there.
 
   Returns:
     ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
@@ -359,6 +363,8 @@ def value_grad_and_diagonal(
     )
 
   def probe(key):
+    if flat:
+      return _split_like(rademacher_like(key, _concatenated(params)), params)
     if owned is None:
       return rademacher_like(key, params)
     mine = rademacher_like(key, masking.restrict_to(params, owned))
@@ -373,6 +379,22 @@ def value_grad_and_diagonal(
     return one(keys[0])
   value, grad, estimates = jax.vmap(one, out_axes=(None, None, 0))(keys)
   return value, grad, jax.tree.map(lambda e: e.mean(axis=0), estimates)
+
+
+def _concatenated(tree: Any) -> jax.Array:
+  """The leaves of ``tree`` raveled and concatenated, as ``optax.flatten`` hands them on."""
+  return jnp.concatenate([jnp.reshape(x, [-1]) for x in jax.tree.leaves(tree)])
+
+
+def _split_like(vector: jax.Array, tree: Any) -> Any:
+  """``vector`` (of :func:`_concatenated`'s layout) split into a tree like ``tree``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  offsets = np.cumsum([np.size(x) for x in leaves])[:-1]
+  parts = jnp.split(vector, offsets)
+  split = zip(parts, leaves, strict=True)
+  return treedef.unflatten(
+    [jnp.reshape(v, jnp.shape(x)).astype(jnp.result_type(x)) for v, x in split]
+  )
 
 
 def not_finite_mark(tree: Any) -> jax.Array:
