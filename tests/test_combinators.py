@@ -395,6 +395,48 @@ def test_inside_lookahead_sam_or_galore_both_routes_name_the_wrapper(mlp_problem
   assert not products  # refused before the loss was traced
 
 
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda tx: optax.contrib.schedule_free(tx, learning_rate=1.0),
+    lambda tx: optax.contrib.mechanize(tx),
+    lambda tx: optax.conditionally_transform(tx, lambda step: step % 2 == 0),
+  ],
+  ids=["schedule_free", "mechanize", "conditionally_transform"],
+)
+def test_wrappers_that_pass_the_arguments_on_give_both_routes_one_trajectory(mlp_problem, wrap):
+  # What the README says of them: the inner AdaHessian's first step is the unwrapped one, and the
+  # value_fn and fused routes follow one trajectory (the fused route's product on a step that
+  # conditionally_transform skips is discarded).
+  params, loss_fn, batch = mlp_problem
+  inner = ah.adahessian(0.1, update_freq=2)
+  tx = wrap(inner)
+  vgh = ah.value_grad_and_hessian_diag(loss_fn)
+
+  @jax.jit
+  def closure(params, state):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value_fn=lambda p: loss_fn(p, batch))
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def fused(params, state):
+    _, grads, hdiag = vgh(params, state, batch)
+    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    return optax.apply_updates(params, updates), state
+
+  a = b = (params, tx.init(params))
+  a = closure(*a)
+  grads = jax.grad(loss_fn)(params, batch)
+  _, alone = inner.update(grads, inner.init(params), params, value_fn=lambda p: loss_fn(p, batch))
+  found = ah.find_adahessian_state
+  assert_trees_allclose(found(a[1]), found(alone), rtol=1e-12, atol=1e-15)
+  for _ in range(3):
+    a, b = closure(*a), fused(*b)
+  b = fused(*b)
+  assert_trees_allclose(b, a, rtol=1e-12, atol=1e-15)
+
+
 def test_exact_gradient_accumulation_with_the_fused_route(mlp_problem):
   """The documented alternative to MultiSteps: accumulate the fused route's gradient AND
   estimate over equal micro-batches (same probes: same opt_state), then update once.
