@@ -66,9 +66,6 @@ def is_adahessian_state(x: Any) -> bool:
   return isinstance(x, ScaleByAdaHessianState)
 
 
-_is_state = is_adahessian_state
-
-
 _FIELDS = frozenset(ScaleByAdaHessianState._fields)
 _OPTIONAL = frozenset({"hessian", "update_freq"})
 _RESTORE_FIX = (
@@ -93,7 +90,9 @@ def untyped_state_hint(
 
 def adahessian_states(opt_state: Any) -> list[ScaleByAdaHessianState]:
   """Every :class:`ScaleByAdaHessianState` inside ``opt_state``, in tree order."""
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
+  return [
+    x for x in jax.tree.leaves(opt_state, is_leaf=is_adahessian_state) if is_adahessian_state(x)
+  ]
 
 
 def find_adahessian_state(opt_state: Any) -> ScaleByAdaHessianState:
@@ -137,7 +136,9 @@ def map_adahessian_state(
   Returns:
     ``opt_state`` with its AdaHessian states replaced.
   """
-  return jax.tree.map(lambda x: fn(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
+  return jax.tree.map(
+    lambda x: fn(x) if is_adahessian_state(x) else x, opt_state, is_leaf=is_adahessian_state
+  )
 
 
 def placed_like_params(tree: T, params: Any) -> T:
@@ -179,7 +180,7 @@ def placed_like_params(tree: T, params: Any) -> T:
 def _check_is_state(state: Any, call: str) -> None:
   """Raises ``TypeError`` unless ``state`` is a :class:`ScaleByAdaHessianState` (not, e.g., the
   whole optimizer state of :func:`adahessian_jax.adahessian`, a tuple around it)."""
-  if not _is_state(state):
+  if not is_adahessian_state(state):
     raise TypeError(
       f"{call} takes the AdaHessian state itself, got {type(state).__name__}: pass "
       "adahessian_jax.find_adahessian_state(opt_state)." + untyped_state_hint(state)
