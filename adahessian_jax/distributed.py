@@ -37,7 +37,7 @@ production training.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import jax
@@ -60,6 +60,7 @@ __all__ = [
   "fold_in_axis_index",
   "max_replica_difference",
   "per_device_probe_state",
+  "replicate",
   "state_shardings",
 ]
 
@@ -239,6 +240,48 @@ def state_shardings(
     transform_non_params=lambda leaf: replicated,
     is_leaf=masking.is_masked,
   )
+
+
+def _pick_tree(_: Any, tree: Any) -> Any:
+  return tree
+
+
+def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> T:
+  """``tree`` with a leading device axis, placed as ``jax.pmap`` places its outputs.
+
+  For the parameters and optimizer state of a ``jax.pmap``-ed training step::
+
+    params, opt_state = distributed.replicate((params, tx.init(params)), "batch")
+    step = jax.pmap(step, axis_name="batch")
+
+  ``pmap`` keys its compiled programs on where its inputs are placed, and on recent JAX (0.10)
+  places its outputs as a ``NamedSharding`` over a mesh whose one axis is named
+  ``axis_name``. Inputs placed otherwise (host or one-device arrays stacked with
+  ``np.broadcast_to`` or ``jnp.broadcast_to``, or a mesh axis of another name, as
+  ``flax.jax_utils.replicate`` gives by default) compiled the step twice, for the first inputs
+  and again for the outputs of the first step, for any optimizer (``optax.adam`` too). This
+  copies ``tree`` through an identity ``pmap`` with the step's ``axis_name`` and ``devices``,
+  so its arrays are placed exactly as the step's outputs on every JAX version, and the step
+  compiles once.
+
+  Args:
+    tree: A pytree of arrays (or values ``jnp.asarray`` accepts), one device's copy.
+    axis_name: The ``axis_name`` of the ``pmap``-ed step.
+    devices: The ``devices`` of the ``pmap``-ed step, if it names them; default: ``pmap``'s
+      (this process's devices).
+
+  Returns:
+    ``tree`` with every leaf stacked ``n`` times along a new leading axis, ``n`` the number of
+    this process's devices among ``devices`` (default: :func:`jax.local_device_count`), one copy
+    on each device.
+  """
+  if devices is None:
+    n = jax.local_device_count()
+  else:
+    devices = tuple(devices)
+    n = sum(d.process_index == jax.process_index() for d in devices)
+  mapped = jax.pmap(_pick_tree, axis_name=axis_name, in_axes=(0, None), devices=devices)
+  return mapped(np.zeros(n, np.int8), tree)
 
 
 def max_replica_difference(tree: Any, stacked: bool = False) -> float:

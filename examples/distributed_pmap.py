@@ -16,7 +16,6 @@ if __name__ == "__main__":  # before JAX starts: --help and a bad argument answe
 _devices.force_host_devices(4)  # unless XLA_FLAGS sets a device count
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _toy import loss_fn, problem  # noqa: E402
 
@@ -30,9 +29,9 @@ def main(independent_probes=False, steps=100):
   tx = ah.adahessian(0.05, axis_name="batch", independent_probes=independent_probes)
   state = tx.init(params)
 
-  # Replicate params and state (leading device axis), shard the batch.
-  replicate = lambda tree: jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), tree)
-  params, state = replicate(params), replicate(state)
+  # Replicate params and state (leading device axis, placed as pmap places its outputs, so the
+  # step compiles once), shard the batch.
+  params, state = distributed.replicate((params, state), "batch")
   xs, ys = x.reshape(n, -1, 8), y.reshape(n, -1, 2)
 
   def step(params, state, x, y):

@@ -657,3 +657,63 @@ def test_multi_process_orbax_checkpoint_resumes_bit_identically_in_fresh_process
   assert straight[0]["jit_fsdp['opt_state'][0].count"] == 10
   assert np.abs(straight[0]["jit_fsdp['opt_state'][0].hessian['b1']"]).max() > 0
   assert straight[0]["shard_map_independent['opt_state'][0].key"].shape == (1, 2)
+
+
+_REPLICATE_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from conftest import CompileCounter
+import adahessian_jax as ah
+from adahessian_jax import distributed
+
+n = jax.local_device_count()
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 1))
+params = {"w": jnp.asarray(rng.normal(size=(3, 1))), "b": jnp.zeros(1)}
+shard = lambda a: a.reshape(n, -1, *a.shape[1:])
+stack = lambda t: jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), t)
+for name, tx in [("adahessian", ah.adahessian(0.1, update_freq=2, axis_name="batch")),
+                 ("adam", optax.adam(0.1))]:
+  def step(p, s, x, y, tx=tx, name=name):
+    loss = lambda q: jnp.mean((x @ q["w"] + q["b"] - y) ** 2)
+    g = jax.lax.pmean(jax.grad(loss)(p), "batch")
+    kw = {"value_fn": loss} if name == "adahessian" else {}
+    u, s = tx.update(g, s, p, **kw)
+    return optax.apply_updates(p, u), s
+  pstep = jax.pmap(step, axis_name="batch")
+  state = tx.init(params)
+  p, s = distributed.replicate((params, state), "batch")
+  assert jax.tree.structure((p, s)) == jax.tree.structure((params, state))
+  jax.tree.map(np.testing.assert_array_equal, (p, s), stack((params, state)))
+  p, s = pstep(p, s, shard(x), shard(y))
+  with CompileCounter() as compiles:  # steps 2..5: the first step's outputs, nothing new
+    for _ in range(4):
+      p, s = jax.block_until_ready(pstep(p, s, shard(x), shard(y)))
+  q, t = stack((params, state))  # the same numbers placed otherwise: the same result
+  for _ in range(5):
+    q, t = jax.block_until_ready(pstep(q, t, shard(x), shard(y)))
+  same = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))
+  print(name, compiles.count, same, distributed.max_replica_difference((p, s), stacked=True))
+"""
+
+
+def test_replicated_params_and_state_compile_the_pmapped_step_once():
+  # pmap keys its programs on its inputs' placement. On recent JAX (0.10) it places its outputs
+  # as a NamedSharding over a mesh axis named axis_name, so copies stacked with np/jnp
+  # broadcast_to (the README's recipe) compiled the step again at its second call.
+  # distributed.replicate places them as pmap does. Needs jax.monitoring's listener removal
+  # (newer than the jax 0.7.0 floor) through CompileCounter.
+  proc = subprocess.run(
+    [sys.executable, "-c", _REPLICATE_SCRIPT],
+    cwd=HERE,
+    env=_env(2),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {name: rest for name, *rest in map(str.split, proc.stdout.splitlines())}
+  assert set(rows) == {"adahessian", "adam"}, proc.stdout
+  for name, (compiles, same, drift) in rows.items():
+    assert int(compiles) == 0, (name, proc.stdout)
+    assert float(same) == 0.0 and float(drift) == 0.0, (name, proc.stdout)
