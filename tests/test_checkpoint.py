@@ -294,3 +294,47 @@ def test_state_with_other_moment_dtypes_is_refused_with_the_fix(made, used, matc
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3)
   assert float(jnp.abs(updates["w"]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_restore_in_the_training_process_compiles_the_step_at_most_once_more(tmp_path, committed):
+  # What the README says: restored arrays are committed to the target's devices, so a step that
+  # ran on uncommitted arrays compiles once more at the first step after the restore, and not
+  # again; on committed params (jax.device_put) it does not compile again at all.
+  ocp = pytest.importorskip("orbax.checkpoint")
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from conftest import CompileCounter
+
+  import adahessian_jax as ah
+
+  params = {"w": jnp.ones((3, 2)) * 0.1, "b": jnp.zeros(2)}
+  if committed:
+    params = jax.device_put(params, jax.devices()[0])
+  loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 2)
+  tx = ah.adahessian(0.1, update_freq=2)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+  tree = {"params": params, "opt_state": state}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", tree)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(
+    tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  )
+  assert all(leaf.committed for leaf in jax.tree.leaves(restored))
+  with CompileCounter() as first:
+    params, state = step(restored["params"], restored["opt_state"])
+  with CompileCounter() as later:
+    for _ in range(3):
+      params, state = step(params, state)
+  assert (first.count, later.count) == ((0, 0) if committed else (1, 0))
+  assert int(ah.find_adahessian_state(state).count) == 7

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_allclose
+from conftest import CompileCounter, assert_trees_allclose
 from flax import nnx
 
 import adahessian_jax as ah
@@ -672,3 +672,26 @@ def test_a_pure_dict_hessian_diag_for_state_params_names_the_containers():
   hdiag = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(grads))
   with pytest.raises(ValueError, match=r"same leaf paths, but is a dict where .* is a State"):
     optimizer.update(model, grads, hessian_diag=hdiag)
+
+
+def test_model_and_optimizer_placed_together_compile_the_jitted_step_once():
+  # The README's recipe for training on a device chosen with jax.device_put. Placing only the
+  # model left nnx.Optimizer's own step count uncommitted (AdaHessian's state follows the
+  # params), and nnx.jit compiled the step again at its second call, for any optimizer.
+  x, y = jax.device_put(data(), jax.devices()[0])
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.05, update_freq=2), wrt=nnx.Param)
+  nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)), jax.devices()[0]))
+  assert all(leaf.committed for leaf in jax.tree.leaves(nnx.state((model, optimizer))))
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    loss, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+    optimizer.update(model, grads, hessian_diag=hdiag)
+    return loss
+
+  losses = [step(model, optimizer, x, y)]
+  with CompileCounter() as compiles:  # the state the first step returns: nothing new
+    losses += [step(model, optimizer, x, y) for _ in range(4)]
+  assert compiles.count == 0 and int(optimizer.step[...]) == 5
+  assert float(losses[-1]) < float(losses[0])
