@@ -219,7 +219,9 @@ class TrainState(train_state.TrainState):
     :func:`adahessian_jax.value_grad_and_hessian_diag` and applies them.
 
     Data parallel under ``pmap`` or ``shard_map`` (each device a part of the
-    batch, the parameters replicated): pass the mapped ``axis_name``, and build
+    batch, the parameters replicated; for ``pmap``,
+    ``distributed.replicate(state, axis_name)``, so that the step compiles
+    once): pass the mapped ``axis_name``, and build
     ``tx`` with the same ``axis_name`` (and ``independent_probes``), which
     averages the estimate over it. This method differentiates the local loss at
     device-varying parameters (:func:`adahessian_jax.distributed.device_varying`),
