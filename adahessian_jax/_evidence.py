@@ -533,14 +533,11 @@ def _stack_count(
     if kernel not in members or bias not in members:
       continue
     k, b = shapes[members[kernel]], shapes[members[bias]]
-    if not 1 <= len(b) < len(k):
-      continue
-    stacks = [n for n in range(1, len(b)) if b == k[:n] + k[len(k) - len(b) + n :]]
-    if b == k[len(k) - len(b) :]:  # one layer's bias is its kernel's output axes
-      if not stacks:
-        return (), f"its {bias} {b} is its {kernel}'s trailing axes: one layer"
-    elif stacks:
-      n = stacks[0]
+    fits = _bias_fits(k, b)
+    if fits == [0]:  # one layer's bias is its kernel's output axes, and nothing else
+      return (), f"its {bias} {b} is its {kernel}'s trailing axes: one layer"
+    if fits and fits[0] > 0:
+      n = fits[0]
       return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
   raw = _raw_pair_stacks(members, shapes)
   if raw is not None:
@@ -559,6 +556,22 @@ def _stack_count(
   return None, ""
 
 
+def _bias_fits(kernel: tuple[int, ...], bias: tuple[int, ...]) -> list[int] | None:
+  """How a bias can sit beside its kernel: the numbers ``n`` of the kernel's leading axes that it
+  repeats before the kernel's trailing axes (``bias == kernel[:n] + kernel[-(len(bias) - n):]``),
+  in increasing order.
+
+  ``0`` is one layer's bias, the kernel's trailing axes (``(out,)``; ``(heads, head_dim)`` for an
+  attention projection); ``n > 0`` a stack of ``n`` axes (kernel ``(layers, in, out)``, bias
+  ``(layers, out)``), or a ``DenseGeneral``'s batch axes. Both can fit (kernel ``(6, 6, 4)``, bias
+  ``(6, 4)``). ``None`` where the bias has no axes or no fewer than the kernel: no such pair.
+  """
+  if not 1 <= len(bias) < len(kernel):
+    return None
+  cut = len(kernel) - len(bias)
+  return [n for n in range(len(bias)) if bias == kernel[:n] + kernel[cut + n :]]
+
+
 def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], str] | None:
   """The stack that a module's raw kernels and biases paired by name (:func:`_raw_kernel_of`:
   ``w_in``/``b_in``, ``w1``/``b1``, ``gating_w``/``gating_b``) show, where each pair that shows
@@ -573,14 +586,14 @@ def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], 
     if kernel is None or kernel == "w":  # Haiku's w/b: read as Flax's kernel/bias
       continue
     k, b = shapes[members[kernel]], shapes[j]
-    if not 1 <= len(b) < len(k):
+    fits = _bias_fits(k, b)
+    if fits is None:
       continue
-    stacks = [n for n in range(1, len(b)) if b == k[:n] + k[len(k) - len(b) + n :]]
-    if b == k[len(k) - len(b) :] or not stacks:
+    if not fits or fits[0] == 0:
       leads.add(None)  # one layer's, or either: no stack shown
       continue
-    leads.add(k[: stacks[0]])
-    why = f"its {name} {b} repeats its {kernel}'s leading axes {k[: stacks[0]]}: one per layer"
+    leads.add(k[: fits[0]])
+    why = f"its {name} {b} repeats its {kernel}'s leading axes {k[: fits[0]]}: one per layer"
   if len(leads) != 1 or None in leads:
     return None
   return leads.pop(), why
@@ -1131,8 +1144,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
     named = _linen_class(k.module) == "DenseGeneral"
     if not named and len(bias) - k.lead < 2:
       continue
-    fits = [n for n in range(len(bias)) if bias == shape[:n] + shape[len(shape) - len(bias) + n :]]
-    if fits == [k.lead]:
+    if _bias_fits(shape, bias) == [k.lead]:
       n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
       stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
       found[k.index] = (
