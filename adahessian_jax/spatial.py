@@ -1349,14 +1349,6 @@ def _unread(averaging, params, block_size):
   return spec, infos, unbound, wheres, shapes, names
 
 
-def _uses_default(averaging: AveragingSpec, params: Any, block_size: int) -> bool:
-  """Whether some leaf of ``params`` takes the default rule with ``block_size``'s blocks (a
-  callable or a prefix may give every leaf a rule of its own)."""
-  spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
-  rules = _spec_rules(spec.rules, params, layout.leaves(params), flax_default(block_size))
-  return any(isinstance(r, FlaxDefault) and r.block_size == block_size for r in rules)
-
-
 def _shape_read_leaves(averaging: AveragingSpec, params: Any, block_size: int = 1) -> list[str]:
   """The leaves whose rule the default reads off shapes: no axis names, no rule of their own.
 

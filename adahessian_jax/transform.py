@@ -90,13 +90,14 @@ def _seed(seed: Any) -> int:
     raise
 
 
-def _check_block_size_used(block_size: int, averaging: Any, params: Any = None) -> None:
+def _check_block_size_used(block_size: int, averaging: Any, rules: Any = None) -> None:
   """Refuses a ``block_size`` no leaf would use: ``averaging`` gives every leaf a rule of its own.
 
   ``block_size`` is the block size of the default rule only, so with a single rule (``none()``,
   ``blocks(8)``, ``flax_default(axis_roles=...)``) it would be dropped without a word; so it
-  would with a callable or a pytree prefix that gives every leaf of ``params`` its own rule
-  (checked once ``params`` is given, at ``init``).
+  would with a callable or a pytree prefix that gives every leaf of the params its own rule
+  (checked once ``rules``, what :func:`spatial.resolve_rules` gave the params, are known at
+  ``init``: no leaf's rule is the default with ``block_size``).
   """
   if block_size == 1:
     return
@@ -113,7 +114,10 @@ def _check_block_size_used(block_size: int, averaging: Any, params: Any = None) 
       f"block_size={block_size} would not be used: averaging={rule} is one rule for every leaf, "
       + fix
     )
-  if params is not None and not spatial._uses_default(averaging, params, block_size):
+  if rules is not None and not any(
+    isinstance(r, spatial.FlaxDefault) and r.block_size == block_size
+    for r in jax.tree.leaves(rules, is_leaf=spatial._is_rule)
+  ):
     how = "callable returns None" if callable(rule) else "tree has None"
     raise ValueError(
       f"block_size={block_size} would not be used: the averaging gives every leaf of the params a "
@@ -929,8 +933,8 @@ def scale_by_adahessian(
     # optax.tree.map_params (so distributed.state_shardings) calls init on a leafless placeholder
     # to find the parameter-shaped fields, which a pytree-prefix averaging does not fit.
     if jax.tree.leaves(params):
-      spatial.resolve_rules(averaging, params, block_size, warn=True)
-      _check_block_size_used(block_size, averaging, params)
+      rules = spatial.resolve_rules(averaging, params, block_size, warn=True)
+      _check_block_size_used(block_size, averaging, rules)
     if "optax.flatten" in _wrappers.calling():
       warnings.warn(_FLATTENED, stacklevel=spatial._caller_level())
     # Committed where the params are, so that a jitted step compiles once (placed_like_params).

@@ -1,5 +1,6 @@
 """Hostile inputs, non-finite estimates and the stabilizers, each on a problem where it matters."""
 
+import collections
 from typing import NamedTuple
 
 import jax
@@ -968,3 +969,23 @@ def test_block_size_that_a_callable_or_tree_of_rules_would_drop_is_refused_at_in
   _, state = tx.update(params, state, params, hessian_diag=hdiag)
   expected = np.repeat(np.arange(32.0).reshape(2, 4, 4).mean(1), 4, axis=0)
   np.testing.assert_allclose(np.sqrt(state.nu["w"] / (1 - 0.999)), expected, rtol=1e-5)
+
+
+def test_init_calls_an_averaging_callable_once_per_leaf():
+  # init resolved the rules, then resolved every leaf's rule again to check that block_size is
+  # used: a callable (path, leaf) -> rule ran twice per leaf.
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones((4,)), "deep": {"k": jnp.ones((3, 5))}}
+  calls = collections.Counter()
+
+  def averaging(path, leaf):
+    calls[jax.tree_util.keystr(path)] += 1
+    return None if leaf.ndim == 2 else ah.spatial.none()
+
+  ah.scale_by_adahessian(block_size=4, averaging=averaging).init(params)
+  assert calls == {"['w']": 1, "['b']": 1, "['deep']['k']": 1}
+  # The check still refuses a block_size that no leaf's rule uses, on the same single reading.
+  calls.clear()
+  every = lambda path, leaf: calls.update([jax.tree_util.keystr(path)]) or ah.spatial.none()
+  with pytest.raises(ValueError, match="block_size=4 would not be used"):
+    ah.scale_by_adahessian(block_size=4, averaging=every).init(params)
+  assert calls == {"['w']": 1, "['b']": 1, "['deep']['k']": 1}
