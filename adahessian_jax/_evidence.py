@@ -8,10 +8,11 @@ name (Linen's ``Dense_0``, ``conv1``, ``q_proj``, ``moe``), its bias's shape, th
 shapes of its module's other kernels, its named relatives in a stack. This module
 reads that evidence and gives such leaves the axis names it shows, which
 :mod:`adahessian_jax.spatial` then binds into the default rule like names the
-user gave. Every reader takes the leaves as parallel lists (paths, shapes, axis
-names, and the axis roles of each leaf's default rule, ``None`` for a leaf with a
-rule of its own, which no reader touches) and returns ``{leaf index: ...}``;
-:func:`read` runs them in order and gives every leaf a :class:`Reading`.
+user gave. Every reader takes the leaves as parallel lists (those of paths, shapes,
+axis names, and the axis roles of each leaf's default rule, ``None`` for a leaf with a
+rule of its own, which no reader touches, that it needs) and returns what it found by
+leaf index (``{leaf index: ...}``, or a set of indices); :func:`read` runs them in
+order and gives every leaf a :class:`Reading`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def read(
 ) -> list[Reading]:
   """Reads the tree for what the axes of its unnamed leaves are, in order of trust.
 
-  First the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
+  First the stacked axes that boxed leaves left unnamed (:func:`_unnamed_leading_stacks`), then
+  the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
   a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
   (:func:`in_named_stacks`), and the vectors of a stack that nothing names
   (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`),
@@ -204,6 +206,11 @@ WEIGHT_BY_BIAS = "weight, by its bias"
 BIAS_TABLE = "a table of attention biases"
 
 
+def _key_strings(paths) -> list[tuple[str, ...]]:
+  """Each path as a tuple of its keys' ``str``, whose prefixes are its ancestors."""
+  return [tuple(str(k) for k in p) for p in paths]
+
+
 def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
   return tuple(
     (i, names[i], shape[i]) for i in range(len(shape)) if axis_role(names[i], roles) == STACKED
@@ -240,7 +247,7 @@ def in_named_stacks(
     have the stack's sizes, in a tree that holds nothing else). Strict mode
     refuses these.
   """
-  keys = [tuple(str(k) for k in p) for p in paths]
+  keys = _key_strings(paths)
   below: dict[tuple, list[int]] = {}  # every path prefix -> the leaves under it
   named_below: dict[tuple, list[int]] = {}  # ... and the named ones among them
   for j, key in enumerate(keys):
@@ -304,7 +311,7 @@ def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
   Returns:
     ``{leaf index: why its reading is a guess}``.
   """
-  keys = [tuple(str(k) for k in p) for p in paths]
+  keys = _key_strings(paths)
   firsts: dict[tuple, set[int | None]] = {}  # ancestor -> the first sizes of the leaves under it
   scales: dict[tuple, set[int]] = {}  # ancestor -> first sizes of unnamed rank-2 scales under it
   for j, key in enumerate(keys):
@@ -506,10 +513,11 @@ def _stack_count(
   (kernel ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's
   trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a
   module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
-  that is its kernel's trailing axes and cannot be read as repeating its leading ones. A
-  PyTorch-layout ``weight`` and its ``bias`` tell the same by the output axis
-  (:func:`_torch_stacks`), and ``nnx.LoRA``'s ``lora_a`` ``(in, rank)`` and ``lora_b`` ``(rank,
-  out)`` by their shared rank.
+  that is its kernel's trailing axes and cannot be read as repeating its leading ones
+  (:func:`_bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack
+  the same way (:func:`_raw_pair_stacks`), a PyTorch-layout ``weight`` and its ``bias`` by the
+  output axis (:func:`_torch_stacks`), and ``nnx.LoRA``'s ``lora_a`` ``(in, rank)`` and
+  ``lora_b`` ``(rank, out)`` by their shared rank.
 
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
@@ -732,10 +740,10 @@ def stacks_by_evidence(
     axis = moved[module][0] if module in moved else None
     if axis is not None:
       for i in members.values():
-        stacked = [x for x, role in roles[i].items() if role == STACKED]
-        if stacked and len(shapes[i]) > axis:
+        stacked = _first_stacked_name(roles[i])
+        if stacked is not None and len(shapes[i]) > axis:
           own: list[str | None] = [None] * len(shapes[i])
-          own[axis] = stacked[0]
+          own[axis] = stacked
           found[i] = (tuple(own), why)
       continue
     if lead == ():
@@ -744,10 +752,17 @@ def stacks_by_evidence(
     if not n:
       continue
     for i in members.values():
-      stacked = [x for x, role in roles[i].items() if role == STACKED]
-      if stacked and len(shapes[i]) > n and shapes[i][:n] == lead:
-        found[i] = ((stacked[0],) * n + (None,) * (len(shapes[i]) - n), why)
+      stacked = _first_stacked_name(roles[i])
+      if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
+        found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
   return found, alone
+
+
+def _first_stacked_name(roles: Mapping[str, str]) -> str | None:
+  """The first name of the stacked role in ``roles``' order (``"layers"`` by default), the name
+  :func:`stacks_by_evidence` gives the stacked axes it finds; ``None`` if no name has that role.
+  (:func:`_role_name`, which other readers use, prefers another: ``"block"`` by default.)"""
+  return next((x for x, role in roles.items() if role == STACKED), None)
 
 
 def _dense_stacks_elsewhere(

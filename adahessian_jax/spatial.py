@@ -1335,10 +1335,15 @@ def _averages_nothing(rule: Rule, shape) -> bool:
     return False
 
 
+def _as_spec(averaging: AveragingSpec) -> Averaging:
+  """``averaging`` as an :class:`Averaging` (rules without names or strict mode, if not one)."""
+  return averaging if isinstance(averaging, Averaging) else Averaging(averaging)
+
+
 def _unread(averaging, params, block_size):
   """The spec, the leaves, their rules before the tree is read, paths as text, shapes and the
   axis names each leaf carries or is given."""
-  spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
+  spec = _as_spec(averaging)
   infos = layout.leaves(params)
   unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
   unbound = [r.for_param(_evidence.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
@@ -1494,7 +1499,7 @@ def _warn_nnx_names_dropped(
   twin = _pure_nnx_twin(params)
   if twin is None:
     return
-  spec = averaging if isinstance(averaging, Averaging) else Averaging(averaging)
+  spec = _as_spec(averaging)
   try:  # the plain arrays' reading, never refused here (strict mode refuses it at update)
     _, plain = _plan(dataclasses.replace(spec, strict=False), twin, block_size, False)
   except ValueError:

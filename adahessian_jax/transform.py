@@ -101,7 +101,7 @@ def _check_block_size_used(block_size: int, averaging: Any, rules: Any = None) -
   """
   if block_size == 1:
     return
-  rule = averaging.rules if isinstance(averaging, spatial.Averaging) else averaging
+  rule = spatial._as_spec(averaging).rules
   fix = (
     "and block_size sets only the default rule's blocks. Give the block size to the rules "
     f"(spatial.flax_default({block_size}, axis_roles=...), spatial.blocks({block_size}, axis)), "
