@@ -246,6 +246,67 @@ def _pick_tree(_: Any, tree: Any) -> Any:
   return tree
 
 
+def _replica_count(devices: Sequence[Any] | None) -> int:
+  """The number of this process's devices among ``devices`` (all of them if ``None``).
+
+  Raises:
+    TypeError: for an entry of ``devices`` that is not a ``jax.Device``.
+    ValueError: if ``devices`` repeats a device or holds none of this process's.
+  """
+  if devices is None:
+    return jax.local_device_count()
+  seen = set()
+  for i, device in enumerate(devices):
+    if not isinstance(device, jax.Device):
+      raise TypeError(
+        f"replicate: devices[{i}] is {device!r}, a {type(device).__name__}, not a jax.Device: "
+        "pass the devices the pmap-ed step is given (e.g. jax.devices()[:2])."
+      )
+    if device in seen:
+      raise ValueError(
+        f"replicate: devices[{i}], {device}, is listed twice in devices={list(devices)}: pmap "
+        "maps over distinct devices, so pass each once."
+      )
+    seen.add(device)
+  n = sum(d.process_index == jax.process_index() for d in devices)
+  if n == 0:
+    raise ValueError(
+      f"replicate: none of devices={list(devices)} belongs to this process (process "
+      f"{jax.process_index()}, devices {jax.local_devices()}), so it would hold no copy: pass "
+      "the devices the pmap-ed step maps over, which must include this process's."
+    )
+  return n
+
+
+def _one_copy(axis_name: Any) -> Callable[[Any, Any], Any]:
+  """The check of one leaf of ``replicate``'s tree: an array or Python scalar, one device's copy.
+
+  Python scalars (and weakly typed arrays, ``jnp.asarray(1.0)``) become strongly typed arrays of
+  their dtype: ``pmap`` keeps them weakly typed, and the step's outputs, computed from them with
+  strongly typed values, are not, so the step would compile again for its own outputs.
+  """
+
+  def check(path: Any, leaf: Any) -> Any:
+    if isinstance(leaf, (bool, int, float, complex)):
+      return jnp.asarray(leaf, dtype=jnp.result_type(leaf))
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(leaf, jax.Array) or not isinstance(sharding, Sharding):
+      return leaf
+    spec = getattr(sharding, "spec", ())
+    stacked = axis_name is not None and len(spec) > 0 and spec[0] == axis_name
+    if stacked or not sharding.is_fully_replicated:
+      raise ValueError(
+        f"replicate: the leaf at {jax.tree_util.keystr(path)} (shape {leaf.shape}) is "
+        f"{'stacked over ' + repr(axis_name) if stacked else 'split over devices'} ({sharding}); "
+        "replicate stacks one device's copy of each leaf. If the tree is already replicate's "
+        "(or the pmap-ed step's) output, pass it to the step as it is; otherwise pass one copy "
+        "(jax.device_get(x), or x[0] of a stacked x)."
+      )
+    return jnp.asarray(leaf, dtype=leaf.dtype) if leaf.aval.weak_type else leaf
+
+  return check
+
+
 def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> T:
   """``tree`` with a leading device axis, placed as ``jax.pmap`` places its outputs.
 
@@ -262,11 +323,15 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
   and again for the outputs of the first step, for any optimizer (``optax.adam`` too). This
   copies ``tree`` through an identity ``pmap`` with the step's ``axis_name`` and ``devices``,
   so its arrays are placed exactly as the step's outputs on every JAX version, and the step
-  compiles once.
+  compiles once, provided ``tree`` has the structure of the step's output (with Flax NNX,
+  replicate ``nnx.as_pure(state)`` if the step returns ``nnx.as_pure(...)``). Python scalar
+  (weakly typed) leaves become strongly typed arrays of their default dtype, as the step's
+  outputs are. Under ``jax.distributed`` each process calls it with the same ``tree``
+  and gets the copies on its own devices, as the step takes its inputs there.
 
   Args:
     tree: A pytree of arrays (or values ``jnp.asarray`` accepts), one device's copy.
-    axis_name: The ``axis_name`` of the ``pmap``-ed step.
+    axis_name: The ``axis_name`` of the ``pmap``-ed step (``None`` if it has none).
     devices: The ``devices`` of the ``pmap``-ed step, if it names them; default: ``pmap``'s
       (this process's devices).
 
@@ -274,12 +339,25 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
     ``tree`` with every leaf stacked ``n`` times along a new leading axis, ``n`` the number of
     this process's devices among ``devices`` (default: :func:`jax.local_device_count`), one copy
     on each device.
+
+  Raises:
+    TypeError: for an ``axis_name`` that is not hashable, or an entry of ``devices`` that is
+      not a ``jax.Device``.
+    ValueError: for ``devices`` that repeat a device or hold none of this process's, or a leaf
+      of ``tree`` that is already stacked over ``axis_name`` (``replicate``'s or the step's
+      output) or split over devices (naming its path).
   """
-  if devices is None:
-    n = jax.local_device_count()
-  else:
+  try:
+    hash(axis_name)
+  except TypeError:
+    raise TypeError(
+      f"replicate: axis_name={axis_name!r} is a {type(axis_name).__name__}, not hashable; pass "
+      "the axis_name of the pmap-ed step (a str such as 'batch')."
+    ) from None
+  if devices is not None:
     devices = tuple(devices)
-    n = sum(d.process_index == jax.process_index() for d in devices)
+  n = _replica_count(devices)
+  tree = jax.tree_util.tree_map_with_path(_one_copy(axis_name), tree)
   mapped = jax.pmap(_pick_tree, axis_name=axis_name, in_axes=(0, None), devices=devices)
   return mapped(np.zeros(n, np.int8), tree)
 

@@ -694,6 +694,13 @@ for name, tx in [("adahessian", ah.adahessian(0.1, update_freq=2, axis_name="bat
   same = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))
   print(name, compiles.count, same, distributed.max_replica_difference((p, s), stacked=True))
+mesh = jax.make_mesh((n,), ("data",))
+split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+split = jax.device_put(jnp.arange(4.0), split)
+try:  # was a KeyError: 'data'
+  distributed.replicate({"w": split}, "batch")
+except ValueError as e:
+  print("split", "leaf at ['w'] (shape (4,)) is split over devices" in str(e))
 """
 
 
@@ -713,7 +720,75 @@ def test_replicated_params_and_state_compile_the_pmapped_step_once():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {name: rest for name, *rest in map(str.split, proc.stdout.splitlines())}
+  assert rows.pop("split") == ["True"], proc.stdout  # a leaf split over devices: refused
   assert set(rows) == {"adahessian", "adam"}, proc.stdout
   for name, (compiles, same, drift) in rows.items():
     assert int(compiles) == 0, (name, proc.stdout)
     assert float(same) == 0.0 and float(drift) == 0.0, (name, proc.stdout)
+
+
+def test_replicate_refuses_bad_axis_names_and_devices_naming_them():
+  import jax
+
+  from adahessian_jax import distributed
+
+  tree = {"w": np.ones(3)}
+  device = jax.devices()[0]
+  # Was "unhashable type: 'list'" from inside pmap, without the value.
+  with pytest.raises(TypeError, match=r"axis_name=\['batch'\] is a list, not hashable"):
+    distributed.replicate(tree, ["batch"])
+  # Was an AttributeError ('str' object has no attribute 'process_index').
+  with pytest.raises(TypeError, match=r"devices\[0\] is 'cpu:0', a str, not a jax.Device"):
+    distributed.replicate(tree, "batch", devices=["cpu:0"])
+  # Was "the input arrays must be from distinct devices", from inside pmap.
+  with pytest.raises(ValueError, match=r"devices\[1\], .* is listed twice"):
+    distributed.replicate(tree, "batch", devices=[device, device])
+  with pytest.raises(ValueError, match=r"none of devices=\[\] belongs to this process"):
+    distributed.replicate(tree, "batch", devices=[])
+
+
+def test_replicate_refuses_a_tree_it_already_stacked_naming_the_leaf():
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  once = distributed.replicate({"w": jnp.ones(3), "b": None}, "batch")
+  assert once["w"].shape == (1, 3) and once["b"] is None
+  # On one device the second call stacked again, (1, 1, 3), with no error.
+  with pytest.raises(ValueError, match=r"leaf at \['w'\] \(shape \(1, 3\)\) is stacked over"):
+    distributed.replicate(once, "batch")
+
+
+def test_replicate_makes_python_scalars_strongly_typed_so_the_step_compiles_once():
+  """A Python float parameter (and adam's zeros like it) stayed weakly typed through replicate;
+  the step's outputs are not, so the pmapped step compiled again at its second call."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from conftest import CompileCounter
+
+  from adahessian_jax import distributed
+
+  tx = optax.adam(0.1)
+  params = {"w": jnp.ones(3), "s": 1.0}
+
+  def step(p, s, x):
+    g = jax.lax.pmean(jax.grad(lambda q: jnp.sum((x * q["w"] * q["s"]) ** 2))(p), "batch")
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  pstep = jax.pmap(step, axis_name="batch")
+  p, s = distributed.replicate((params, tx.init(params)), "batch")
+  assert p["s"].dtype == jnp.result_type(1.0) and not p["s"].aval.weak_type
+  x = jnp.ones((1, 3))
+  p, s = jax.block_until_ready(pstep(p, s, x))
+  with CompileCounter() as compiles:
+    for _ in range(3):
+      p, s = jax.block_until_ready(pstep(p, s, x))
+  assert compiles.count == 0
+  # The same 4 steps under vmap, on host copies: the same numbers.
+  q, t = jax.tree.map(lambda a: np.stack([np.asarray(a)]), (params, tx.init(params)))
+  for _ in range(4):
+    q, t = jax.vmap(step, axis_name="batch")(q, t, x)
+  np.testing.assert_allclose(np.asarray(p["s"]), np.asarray(q["s"]), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(q["w"]), rtol=1e-12)
