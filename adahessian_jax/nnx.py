@@ -227,7 +227,9 @@ def value_grad_and_hessian_diag(
 
   Data parallel under ``pmap`` or ``shard_map`` (each device a part of the
   batch, the model and optimizer replicated: ``nnx.shard_map``, or a
-  ``jax.pmap`` of a step that ``nnx.merge``-s them): pass the mapped
+  ``jax.pmap`` of a step that ``nnx.merge``-s them, copied by
+  ``distributed.replicate(nnx.as_pure(state), axis_name)`` if the step returns
+  ``nnx.as_pure`` state, so that it compiles once): pass the mapped
   ``axis_name``, and build the optimizer's ``tx`` with the same ``axis_name``
   (and ``independent_probes``), which averages the estimate over it. This
   function differentiates the local loss at device-varying parameters

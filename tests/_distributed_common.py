@@ -117,16 +117,28 @@ def mapped_step(tx, independent, fused, train_state):
   return local_step(tx, AXIS, fused=fused, per_device_probes=independent and fused)
 
 
-def run_steps(step, params, state, x, y):
-  """``STEPS`` training steps, waiting for each before dispatching the next.
+def run_steps(step, params, state, x, y, steps=STEPS):
+  """``steps`` training steps, waiting for each before dispatching the next.
 
   Waiting matters on small CPU hosts: with several forced host devices and
   async dispatch, XLA:CPU's in-process collectives can deadlock when queued
   executions starve the thread pool (seen on a loaded 2-core machine).
   """
-  for _ in range(STEPS):
+  for _ in range(steps):
     params, state = jax.block_until_ready(step(params, state, x, y))
   return params, state
+
+
+def run_pmap_steps(step, state, x, y):
+  """``STEPS`` calls ``state = step(state, x, y)``; returns the last state and the number of
+  compiles after the first call (0: the inputs were placed as ``pmap`` places its outputs)."""
+  from conftest import CompileCounter
+
+  state = jax.block_until_ready(step(state, x, y))
+  with CompileCounter() as compiles:
+    for _ in range(STEPS - 1):
+      state = jax.block_until_ready(step(state, x, y))
+  return state, compiles.count
 
 
 def train_single_device(dtype, update_freq, hparams=None, permute=False):
@@ -145,7 +157,9 @@ def train_single_device(dtype, update_freq, hparams=None, permute=False):
 def train_pmap(
   dtype, update_freq, hessian_pmean=True, independent=False, fused=False, train_state=False
 ):
-  """``jax.pmap`` over the local devices; returns params and state with a leading device axis.
+  """``jax.pmap`` over all devices (every process's), the params and state copied by
+  ``distributed.replicate``; returns params and state with a leading device axis (this process's
+  devices) and the number of compiles after the first step.
 
   ``hessian_pmean=False`` is the negative control: gradients averaged, the
   Hessian estimate not (no ``axis_name`` for the optimizer). ``train_state``
@@ -153,19 +167,20 @@ def train_pmap(
   """
   n = jax.local_device_count()
   x, y, params = make_problem(dtype)
+  # This process's part of the global batch (all of it in one process), a slice per device.
+  x, y = (np.split(a, jax.process_count())[jax.process_index()] for a in (x, y))
   xs = x.reshape(n, -1, x.shape[-1])
   ys = y.reshape(n, -1, y.shape[-1])
-  first_replica = params
-  params = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), params)
   tx = make_tx(
     update_freq,
     axis_name=AXIS if hessian_pmean else None,
     independent_probes=independent and not fused,
   )
-  # Eager init on one replica, broadcast: cheaper to run than a compiled pmap(tx.init).
-  state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), tx.init(first_replica))
+  params, state = distributed.replicate((params, tx.init(params)), AXIS)
   local = mapped_step(tx, independent, fused, train_state)
-  return run_steps(jax.pmap(local, axis_name=AXIS), params, state, xs, ys)
+  step = jax.pmap(lambda ps, x, y: local(*ps, x, y), axis_name=AXIS)
+  (params, state), compiles = run_pmap_steps(step, (params, state), xs, ys)
+  return params, state, compiles
 
 
 def join(process_id, num_processes, port):
@@ -367,7 +382,9 @@ def train_nnx_single_device(dtype, weight_norm=False):
 
 def train_nnx_pmap(dtype, independent=False, value_fn=False):
   """``jax.pmap`` of a step that ``nnx.merge``-s the replicated model and optimizer; returns the
-  first replica's params and the largest difference between the replicas' states."""
+  first replica's params, the largest difference between the replicas' states and the number of
+  compiles after the first step."""
+  from conftest import CompileCounter
   from flax import nnx
 
   n = jax.local_device_count()
@@ -376,7 +393,8 @@ def train_nnx_pmap(dtype, independent=False, value_fn=False):
   model = nnx_model(dtype)
   optimizer = nnx.Optimizer(model, make_tx(1, AXIS, independent), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
-  state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), nnx.as_pure(state))
+  # The step returns the pure state, so replicate the pure state (the same pytree in and out).
+  state = distributed.replicate(nnx.as_pure(state), AXIS)
   local = nnx_step(AXIS, independent, value_fn)
 
   def mapped(state, x, y):
@@ -385,10 +403,12 @@ def train_nnx_pmap(dtype, independent=False, value_fn=False):
     return nnx.as_pure(nnx.state((model, optimizer)))
 
   step = jax.pmap(mapped, axis_name=AXIS)
-  for _ in range(NNX_STEPS):
-    state = jax.block_until_ready(step(state, xs, ys))
+  state = jax.block_until_ready(step(state, xs, ys))
+  with CompileCounter() as compiles:
+    for _ in range(NNX_STEPS - 1):
+      state = jax.block_until_ready(step(state, xs, ys))
   first, _ = nnx.merge(graphdef, jax.tree.map(lambda a: np.asarray(a)[0], state))
-  return nnx_params(first), distributed.max_replica_difference(state, stacked=True)
+  return nnx_params(first), distributed.max_replica_difference(state, stacked=True), compiles.count
 
 
 def train_nnx_shard_map(dtype, independent=False, weight_norm=False):

@@ -66,19 +66,21 @@ PLAN = (
 
 
 def run_mode(mode, mesh, dtype, k):
-  """Returns ``(params as NumPy, max difference between replicas, extra info)``."""
+  """Returns ``(params as NumPy, max difference between replicas, extra results)``: the
+  compiles after the first step (``pmap``), the shardings (``jit``)."""
   independent = "independent" in mode
   fused = "fused" in mode
   ts = "train_state" in mode  # linen.TrainState.apply_loss(axis_name=...): the fused route
   if mode.startswith("pmap"):
-    p, s = train_pmap(dtype, k, "no_hessian" not in mode, independent, fused, ts)
+    p, s, compiles = train_pmap(dtype, k, "no_hessian" not in mode, independent, fused, ts)
     first = jax.tree.map(lambda a: np.asarray(a)[0], p)
-    return first, distributed.max_replica_difference((p, s), stacked=True), None
+    diff = distributed.max_replica_difference((p, s), stacked=True)
+    return first, diff, {"compiles_after_first": compiles}
   if mode.startswith("jit"):
     p, s, info = train_jit(mesh, dtype, k, fsdp=mode == "jit_fsdp")
-    return to_numpy(p), distributed.max_replica_difference((p, s)), info
+    return to_numpy(p), distributed.max_replica_difference((p, s)), {"sharding": info}
   p, s = train_shard_map(mesh, dtype, k, independent, fused, ts)
-  return to_numpy(p), distributed.max_replica_difference((p, s)), None
+  return to_numpy(p), distributed.max_replica_difference((p, s)), {}
 
 
 def main(out_dir):
@@ -92,11 +94,9 @@ def main(out_dir):
     ref = references[name] = to_numpy(train_single_device(dtype, k))
     outputs = {}
     for mode in modes:
-      params, replica_diff, info = run_mode(mode, mesh, dtype, k)
+      params, replica_diff, extra = run_mode(mode, mesh, dtype, k)
       outputs[mode] = params
-      r[mode] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(params, ref)}
-      if info is not None:
-        r[mode]["sharding"] = info
+      r[mode] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(params, ref), **extra}
       # The independent-probe runs against the value_fn route's (pmap's, else shard_map's).
       ref_mode = "pmap_independent" if "pmap_independent" in outputs else "shard_map_independent"
       if "independent" in mode and mode != ref_mode and ref_mode in outputs:
@@ -135,6 +135,9 @@ def main_nnx(out_dir, probes):
   results = {"steps": NNX_STEPS}
   if probes == "same":
     runs = {"pmap": train_nnx_pmap("float64"), "shard_map": train_nnx_shard_map("float64")}
+    params, replica_diff, compiles = runs["pmap"]
+    runs["pmap"] = params, replica_diff
+    results["pmap_compiles_after_first"] = compiles
     for mode, (params, replica_diff) in runs.items():
       results[mode] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(params, ref)}
     params, replica_diff = train_nnx_shard_map("float64", weight_norm=True)
@@ -144,7 +147,7 @@ def main_nnx(out_dir, probes):
       "vs_ref": max_abs_diff(params, ref),
     }
   else:
-    value_fn, replica_diff = train_nnx_pmap("float64", True, value_fn=True)
+    value_fn, replica_diff, _ = train_nnx_pmap("float64", True, value_fn=True)
     results["pmap_value_fn"] = {"replica_diff": replica_diff, "vs_ref": max_abs_diff(value_fn, ref)}
     params, replica_diff = train_nnx_shard_map("float64", True)
     results["shard_map"] = {

@@ -7,7 +7,8 @@ Usage (one per process, 2 local CPU devices each)::
 
 Joins ``jax.distributed`` on ``127.0.0.1:PORT`` with gloo CPU collectives,
 trains the shared problem over the global mesh of all processes' devices with
-``jax.jit`` (data-parallel and FSDP) and ``shard_map``, and writes the full
+``jax.jit`` (data-parallel and FSDP), ``shard_map`` and ``jax.pmap`` (of all processes'
+devices, params and state copied by ``distributed.replicate``), and writes the full
 final params to ``OUT_DIR/process_<id>.npz`` for the test to compare across
 processes and with the single-device reference.
 """
@@ -31,6 +32,7 @@ from _distributed_common import (  # noqa: E402
   mesh_1d,
   to_numpy,
   train_jit,
+  train_pmap,
   train_shard_map,
 )
 from jax.sharding import NamedSharding  # noqa: E402
@@ -38,7 +40,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from adahessian_jax import distributed  # noqa: E402
 
-MODES = ("jit_dp", "jit_fsdp", "shard_map")
+MODES = ("jit_dp", "jit_fsdp", "shard_map", "pmap")
 DTYPES = ("float32", "float64")
 
 
@@ -59,11 +61,19 @@ def main(process_id, num_processes, port, out_dir):
       for mode in MODES:
         if mode == "jit_fsdp" and dtype == "float64":
           continue  # keep the run short; FSDP across processes is checked in float32
+        key = f"{config_name(dtype, 1)}/{mode}"
+        if mode == "pmap":  # this process's copies, on its devices
+          params, state, info[f"{key}/compiles_after_first"] = train_pmap(dtype, 1)
+          info[f"{key}/local_replica_diff"] = distributed.max_replica_difference(
+            (params, state), stacked=True
+          )
+          for leaf, value in params.items():
+            arrays[f"{key}/{leaf}"] = np.asarray(value)[0]
+          continue
         if mode == "shard_map":
           params, state = train_shard_map(mesh, dtype, 1)
         else:
           params, state, _ = train_jit(mesh, dtype, 1, fsdp=mode == "jit_fsdp")
-        key = f"{config_name(dtype, 1)}/{mode}"
         info[f"{key}/local_replica_diff"] = distributed.max_replica_difference((params, state))
         for leaf, value in to_numpy(params).items():
           arrays[f"{key}/{leaf}"] = value
@@ -73,6 +83,11 @@ def main(process_id, num_processes, port, out_dir):
       NamedSharding(mesh, P()), np.full(3, float(jax.process_index())), (3,)
     )
     info["drift_across_processes"] = distributed.max_replica_difference({"b": drifted})
+    other = [d for d in jax.devices() if d.process_index != jax.process_index()]
+    try:  # a pmap over the other process's devices only: no copy here
+      distributed.replicate({"w": np.ones(2)}, "data", devices=other)
+    except ValueError as e:
+      info["replicate_on_other_devices"] = str(e)
     info["seconds"] = time.time() - t0
     np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **arrays)
     with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:

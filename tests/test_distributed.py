@@ -129,6 +129,16 @@ def test_replicas_identical_after_50_steps(single_host):
   assert checked >= 15
 
 
+def test_pmapped_steps_compile_once_on_replicated_params_and_state(single_host):
+  """Every pmap mode (value_fn and fused routes, Linen's TrainState.apply_loss, lazy refresh)
+  copies params and state with distributed.replicate: no compile after the first step."""
+  results, _ = single_host
+  compiles = {
+    (c, m): r["compiles_after_first"] for c, m, r in _config_modes(results) if "pmap" in m
+  }
+  assert len(compiles) == 8 and set(compiles.values()) == {0}, compiles
+
+
 def test_without_hessian_averaging_replicas_drift(single_host):
   """The negative control (optax Sophia's behaviour): the check above can fail."""
   results, _ = single_host
@@ -189,6 +199,8 @@ def test_nnx_value_grad_and_hessian_diag_with_axis_name_steps_like_one_device(tm
   replicas stay identical."""
   results = _nnx_worker(tmp_path, "same")
   assert results["steps"] >= 3
+  # replicate(nnx.as_pure(state)), as the step returns it: one compile (np.broadcast_to: two).
+  assert results["pmap_compiles_after_first"] == 0
   for mode in ("pmap", "shard_map", "shard_map_weight_norm"):
     r = results[mode]
     assert r["vs_ref"] <= F64_TOL and r["replica_diff"] == 0.0, (mode, r)
@@ -252,6 +264,10 @@ def test_default_hparams_float32_within_rounding_noise(single_host):
 
 
 def test_two_processes_identical_and_equal_single_device(single_host, multi_host):
+  """jit (data parallel, FSDP), shard_map and pmap over 2 processes x 2 devices: the processes'
+  params are bit-identical and equal one device's; pmap's params and state, copied by
+  distributed.replicate on each process, compile the step once (it was not run across
+  processes before) and stay bit-identical across the replicas."""
   _, reference = single_host
   (info0, params0), (info1, params1) = multi_host
   assert {info0["process_index"], info1["process_index"]} == {0, 1}
@@ -259,7 +275,14 @@ def test_two_processes_identical_and_equal_single_device(single_host, multi_host
     assert info["device_count"] == 4 and info["local_device_count"] == 2
     assert all(v == 0.0 for k, v in info.items() if k.endswith("replica_diff"))
     assert info["drift_across_processes"] == 1.0  # process 1's copy vs process 0's
-  assert sorted(params0) == sorted(params1) and len(params0) == 4 * 5
+    compiles = {k: v for k, v in info.items() if k.endswith("compiles_after_first")}
+    assert compiles == {
+      "float32_k1/pmap/compiles_after_first": 0,
+      "float64_k1/pmap/compiles_after_first": 0,
+    }
+    message = info["replicate_on_other_devices"]
+    assert f"belongs to this process (process {info['process_index']}" in message, message
+  assert sorted(params0) == sorted(params1) and len(params0) == 4 * 7
   for name, value in params0.items():
     assert np.array_equal(value, params1[name]), name
     config, _, leaf = name.split("/")
