@@ -1340,13 +1340,17 @@ def _as_spec(averaging: AveragingSpec) -> Averaging:
   return averaging if isinstance(averaging, Averaging) else Averaging(averaging)
 
 
-def _unread(averaging, params, block_size):
-  """The spec, the leaves, their rules before the tree is read, paths as text, shapes and the
-  axis names each leaf carries or is given."""
+def _unread(averaging, params, block_size, given_rules=None):
+  """The spec, the leaves, their rules before the tree is read (``given_rules`` if known), paths
+  as text, shapes and the axis names each leaf carries or is given."""
   spec = _as_spec(averaging)
   infos = layout.leaves(params)
-  unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
-  unbound = [r.for_param(_evidence.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)]
+  unbound = given_rules
+  if unbound is None:
+    unbound = _spec_rules(spec.rules, params, infos, flax_default(block_size))
+    unbound = [
+      r.for_param(_evidence.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)
+    ]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   given = dict(spec.names) if spec.names is not None else None
@@ -1381,10 +1385,12 @@ def _unresolved(rule: Rule) -> TypeGuard[FlaxDefault]:
   return isinstance(rule, FlaxDefault) and not rule.resolved
 
 
-def _plan(averaging, params, block_size, strict_mode):
+def _plan(averaging, params, block_size, strict_mode, given_rules=None):
   """Every leaf's rule, bound to its axis names (its own, given, or read from the tree by
-  :mod:`adahessian_jax._evidence`), and :func:`describe`'s row for it."""
-  spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size)
+  :mod:`adahessian_jax._evidence`), :func:`describe`'s row for it, and the rule ``averaging``
+  gave it before the tree was read (pass those as ``given_rules`` to read a tree with the same
+  paths again without calling a user's callable again)."""
+  spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size, given_rules)
   paths = [x.path for x in infos]
   # What the tree shows about the leaves under the default rule, given the axis roles it knows.
   roles = [r.roles() if _unresolved(r) else None for r in unbound]
@@ -1423,7 +1429,7 @@ def _plan(averaging, params, block_size, strict_mode):
     ambiguous = [r for r in rows if r.ambiguous]
     if ambiguous:
       raise _ambiguity_error(ambiguous)
-  return bound, rows
+  return bound, rows, unbound
 
 
 def resolve_rules(
@@ -1460,14 +1466,14 @@ def resolve_rules(
     ValueError: if a rule or axis names do not fit their leaf, ``averaging``
       has another structure, or (strict) some leaves are ambiguous, naming them.
   """
-  bound, rows = _plan(averaging, params, block_size, strict)
+  bound, rows, given_rules = _plan(averaging, params, block_size, strict)
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
     message = _guess_warning(guesses) + _masked_hint(averaging, params, block_size)
     message += _nnx_module_hint(averaging, params)
     warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
   if warn:
-    _warn_nnx_names_dropped(averaging, params, block_size, rows)
+    _warn_nnx_names_dropped(averaging, params, block_size, rows, given_rules)
   return jax.tree.unflatten(jax.tree.structure(params), bound)
 
 
@@ -1489,22 +1495,30 @@ def _nnx_nodes(params: Any) -> list[Any]:
 
 
 def _warn_nnx_names_dropped(
-  averaging: AveragingSpec, params: Any, block_size: int, rows: Sequence[Row]
+  averaging: AveragingSpec,
+  params: Any,
+  block_size: int,
+  rows: Sequence[Row],
+  given_rules: Sequence[Rule],
 ) -> None:
   """Warns when ``params`` holds NNX variables whose axis names decide a leaf's rule that the
   plain arrays (``nnx.as_pure``) would not: ``nnx.Optimizer`` calls ``init`` on the variables
   but ``update`` on the plain arrays, where the names are gone. A stack of layers without biases
   (kernels ``(layers, in, out)``) was then averaged across its layers at every update, though
-  ``init`` had read the names and warned of nothing."""
+  ``init`` had read the names and warned of nothing.
+
+  ``rows`` and ``given_rules`` are :func:`_plan`'s for ``params``. The plain arrays have the same
+  canonical paths and leaves, so ``averaging`` gives them the same rules: the plain reading
+  reuses ``given_rules`` (an averaging callable runs once per leaf at ``init``)."""
   twin = _pure_nnx_twin(params)
-  if twin is None:
+  if twin is None or len(layout.leaves(twin)) != len(rows):
     return
   spec = _as_spec(averaging)
   try:  # the plain arrays' reading, never refused here (strict mode refuses it at update)
-    _, plain = _plan(dataclasses.replace(spec, strict=False), twin, block_size, False)
+    _, plain, _ = _plan(
+      dataclasses.replace(spec, strict=False), twin, block_size, False, given_rules
+    )
   except ValueError:
-    return
-  if len(plain) != len(rows):
     return
   # In strict mode update refuses an ambiguous plain reading itself.
   lost = [
@@ -1572,5 +1586,5 @@ def describe(
     A :class:`Listing`; ``str()`` of it is a table, ``.rows`` the rows and
     ``.ambiguous`` the rows :func:`strict` would refuse.
   """
-  _, rows = _plan(averaging, params, block_size, strict)
+  _, rows, _ = _plan(averaging, params, block_size, strict)
   return Listing(tuple(rows))

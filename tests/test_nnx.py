@@ -446,6 +446,29 @@ def test_axis_names_that_update_does_not_see_are_warned_of_at_init():
   np.testing.assert_allclose(np.sqrt(nu["layers"]["dense"]["kernel"] / 0.5), by_hand, rtol=1e-6)
 
 
+def test_init_calls_an_averaging_callable_once_per_leaf_of_named_variables():
+  """To warn of names that update does not see, init reads the plain arrays too; it called the
+  averaging callable again for every leaf there (same path, same leaf). The plain reading now
+  reuses the rules the callable gave, and still warns of the named stack."""
+  with nnx.use_eager_sharding(False):
+    stack = BiasFreeStack(nnx.Rngs(0))
+  calls = []
+
+  def averaging(path, leaf):
+    calls.append(jax.tree_util.keystr(path))
+    return None
+
+  leaf = r"\['layers'\]\['dense'\]\['kernel'\]: shape \(3, 16, 16\)"
+  with pytest.warns(ah.spatial.LayoutGuessWarning, match=leaf + r"[\s\S]*spatial\.named\(nnx"):
+    nnx.Optimizer(stack, ah.adahessian(0.1, block_size=8, averaging=averaging), wrt=nnx.Param)
+  assert calls == ["['layers']['dense']['kernel']"]
+  # A rule the callable gives is the plain arrays' rule too: nothing lost, no warning.
+  calls.clear()
+  per_layer = lambda path, leaf: calls.append(path) or ah.spatial.per_layer(ah.spatial.blocks(8))
+  nnx.Optimizer(stack, ah.adahessian(0.1, averaging=per_layer), wrt=nnx.Param)
+  assert len(calls) == 1
+
+
 def test_a_linen_module_as_the_model_is_refused_naming_the_linen_route():
   """A Linen module is callable and no NNX graph node: the helpers said the model and the loss
   were swapped (they were not) instead of that the model is no NNX module."""
