@@ -740,7 +740,7 @@ def stacks_by_evidence(
     axis = moved[module][0] if module in moved else None
     if axis is not None:
       for i in members.values():
-        stacked = _first_stacked_name(roles[i])
+        stacked = _role_name(roles[i], STACKED)
         if stacked is not None and len(shapes[i]) > axis:
           own: list[str | None] = [None] * len(shapes[i])
           own[axis] = stacked
@@ -752,17 +752,10 @@ def stacks_by_evidence(
     if not n:
       continue
     for i in members.values():
-      stacked = _first_stacked_name(roles[i])
+      stacked = _role_name(roles[i], STACKED)
       if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
   return found, alone
-
-
-def _first_stacked_name(roles: Mapping[str, str]) -> str | None:
-  """The first name of the stacked role in ``roles``' order (``"layers"`` by default), the name
-  :func:`stacks_by_evidence` gives the stacked axes it finds; ``None`` if no name has that role.
-  (:func:`_role_name`, which other readers use, prefers another: ``"block"`` by default.)"""
-  return next((x for x, role in roles.items() if role == STACKED), None)
 
 
 def _dense_stacks_elsewhere(
@@ -988,9 +981,13 @@ def _is_conv_module(module: tuple) -> bool:
 
 
 def _role_name(roles: Mapping[str, str], role: str) -> str | None:
-  """A name of ``role`` in ``roles``: the role's own word if it is a name (``"spatial"``)."""
-  found = sorted((x != role, x) for x, r in roles.items() if r == role)
-  return found[0][1] if found else None
+  """The name every reader gives an axis it finds to have ``role``: the role's own word if it is
+  a name in ``roles`` (``"spatial"``, ``"heads"``, ``"features"``, ``"vocab"``), else the first
+  name of that role in ``roles``' order (``"layers"`` for a stacked axis, by
+  :data:`~adahessian_jax.spatial.AXIS_ROLES`); ``None`` if no name has the role."""
+  if roles.get(role) == role:
+    return role
+  return next((x for x, r in roles.items() if r == role), None)
 
 
 class _Kernel(NamedTuple):

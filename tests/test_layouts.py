@@ -2500,3 +2500,25 @@ def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rn
   }
   rows = [r for r in spatial.describe(convs).rows if r.path.endswith("['kernel']")]
   assert [(r.rule, r.ambiguous) for r in rows] == [(spatial.mean_over((0, 1)), False)] * 2
+
+
+def test_describe_names_every_axis_it_finds_stacked_layers():
+  # The readers named an unnamed stacked axis differently: 'layers' for a stack a bias shows,
+  # but 'block' (the first stacked name alphabetically) in front of named experts and for packed
+  # attention projections. One name per role now: 'layers' (a mixture's experts stay 'experts').
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  spec = jax.sharding.PartitionSpec
+  experts = {"wi": spec(None, "exp", "embed", "mlp"), "bi": spec(None, "exp", "mlp")}
+  cases = [  # (params, averaging, the kernel with a stacked axis 0 found)
+    ({"Dense_0": {"kernel": s(3, 4, 5), "bias": s(3, 5)}}, None, "['Dense_0']['kernel']"),
+    # raw packed projections (2, heads, embed, head_dim) beside their bias
+    ({"mlp": {"w_in": s(2, 2, 3, 2), "b_in": s(2, 2, 3)}}, None, "['mlp']['w_in']"),
+    # an unnamed axis in front of named experts
+    ({"wi": s(4, 3, 4, 8), "bi": s(4, 3, 8)}, spatial.named(experts), "['wi']"),
+  ]
+  for params, averaging, kernel in cases:
+    rows = {r.path: r for r in spatial.describe(params, averaging, block_size=2).rows}
+    assert rows[kernel].names[0] == "layers", rows[kernel]
+    assert "stacked axis 0 ('layers')" in rows[kernel].why, rows[kernel]
+  moe = {"moe": {"wi": s(4, 6, 8)}}
+  assert spatial.describe(moe, block_size=2).rows[0].names == ("experts", None, None)
