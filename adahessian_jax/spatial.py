@@ -1266,14 +1266,18 @@ def _nnx_module_hint(averaging: Any, params: Any) -> str:
 
 
 def _warn_shard_shapes(
-  averaging: AveragingSpec, params: Any, block_size: int, split: Mapping[str, tuple[Any, ...]]
+  averaging: AveragingSpec,
+  params: Any,
+  block_size: int,
+  split: Mapping[str, tuple[Any, ...]],
+  given_rules: Sequence[Rule],
 ) -> None:
   """Warns when parameters are split over mesh axes (``split``: their paths and axes, inside
   ``shard_map``) and the default rule reads some layouts off shapes: it sees the shards' shapes
-  there, not the whole model's."""
+  there, not the whole model's. ``given_rules``: :func:`_resolve`'s for ``params``."""
   if not split:
     return
-  read = _shape_read_leaves(averaging, params, block_size)
+  read = _shape_read_leaves(averaging, params, block_size, given_rules)
   if not read:
     return
   listed = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
@@ -1358,7 +1362,12 @@ def _unread(averaging, params, block_size, given_rules=None):
   return spec, infos, unbound, wheres, shapes, names
 
 
-def _shape_read_leaves(averaging: AveragingSpec, params: Any, block_size: int = 1) -> list[str]:
+def _shape_read_leaves(
+  averaging: AveragingSpec,
+  params: Any,
+  block_size: int = 1,
+  given_rules: Sequence[Rule] | None = None,
+) -> list[str]:
   """The leaves whose rule the default reads off shapes: no axis names, no rule of their own.
 
   Their reading can change when the shapes do, e.g. inside ``shard_map``, where the
@@ -1368,11 +1377,12 @@ def _shape_read_leaves(averaging: AveragingSpec, params: Any, block_size: int = 
     averaging: As for :func:`resolve_rules`.
     params: The parameter pytree.
     block_size: The block size of the default rule.
+    given_rules: The rules ``averaging`` gives the leaves, if known (from :func:`_plan`).
 
   Returns:
     The paths (``jax.tree_util.keystr``) of those leaves, in tree order.
   """
-  _, _, unbound, wheres, _, names = _unread(averaging, params, block_size)
+  _, _, unbound, wheres, _, names = _unread(averaging, params, block_size, given_rules)
   return [
     where
     for rule, where, own in zip(unbound, wheres, names, strict=True)
@@ -1466,6 +1476,14 @@ def resolve_rules(
     ValueError: if a rule or axis names do not fit their leaf, ``averaging``
       has another structure, or (strict) some leaves are ambiguous, naming them.
   """
+  return _resolve(averaging, params, block_size, strict, warn)[0]
+
+
+def _resolve(
+  averaging: AveragingSpec, params: Any, block_size: int, strict: bool = False, warn: bool = False
+) -> tuple[Any, list[Rule]]:
+  """:func:`resolve_rules`'s tree of rules, and the rules ``averaging`` gave each leaf before the
+  tree was read, for the checks that read the tree again (so a user's callable runs once)."""
   bound, rows, given_rules = _plan(averaging, params, block_size, strict)
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
@@ -1474,7 +1492,7 @@ def resolve_rules(
     warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
   if warn:
     _warn_nnx_names_dropped(averaging, params, block_size, rows, given_rules)
-  return jax.tree.unflatten(jax.tree.structure(params), bound)
+  return jax.tree.unflatten(jax.tree.structure(params), bound), given_rules
 
 
 def _pure_nnx_twin(params: Any) -> Any | None:

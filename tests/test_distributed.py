@@ -415,6 +415,44 @@ def test_split_parameters_under_shard_map_warn_unless_the_rules_are_the_whole_mo
       assert "averaging=adahessian_jax.spatial.resolve_rules(None, params" in messages[0]
 
 
+def test_update_under_shard_map_calls_an_averaging_callable_once_per_leaf():
+  """To warn of shards read off their shapes, update read which leaves the default reads off
+  shapes by calling the averaging callable again for every leaf (twice per leaf per trace); it
+  reuses the rules the callable gave now, and still warns."""
+  import collections
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import spatial
+
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
+  params = {"b": jnp.zeros(2), "w": jnp.ones((4, 2))}
+  specs = {"b": P(), "w": P(None, "model")}
+  calls = collections.Counter()
+
+  def averaging(path, leaf):
+    calls[jax.tree_util.keystr(path)] += 1
+    return spatial.none() if leaf.ndim == 1 else None
+
+  tx = ah.adahessian(0.1, axis_name="data", averaging=averaging)
+  state = tx.init(params)
+  state_specs = jax.tree.map(lambda _: P(), state)
+  state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
+  step = lambda g, s, p: tx.update(g, s, p, hessian_diag=jax.tree.map(jnp.ones_like, p))[0]
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
+  calls.clear()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(mapped).lower(params, state, params)
+  assert calls == {"['b']": 1, "['w']": 1}
+  messages = [str(w.message) for w in caught if w.category is spatial.LayoutGuessWarning]
+  assert len(messages) == 1 and "(['w']) are split over mesh axes ['model']" in messages[0]
+
+
 def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   """NumPy or Python leaves without ``stacked=True`` (e.g. ``jax.device_get`` of pmap outputs)
   returned 0.0, "bit-identical", whatever they held; a scalar with ``stacked=True`` raised an
