@@ -12,9 +12,9 @@ between.
 What a warm start saves depends on how far the top eigenvector moves between measurements:
 while it moves little a measurement costs ~4 products per eigenvalue against a cold start's ~10
 (tested on a slowly rotating family), but on the digits CNN measured every 10 steps consecutive top
-eigenvectors are far apart for most of the run and a warm start saves only ~0-8 % (~25 %
+eigenvectors are far apart for most of the run and a warm start saves only ~2-10 % (~25 %
 measuring every step). No stopping rule could do much better: even from the previous *converged*
-eigenvector, the fewest products to 1e-4 are 0.62-0.93 of a cold start's over a run
+eigenvector, the fewest products to 1e-4 are 0.62-0.89 of a cold start's over a run
 (``benchmarks/tracking_oracle.py``; docs/hessian_analysis.md has the counts and the misses of
 close top pairs).
 
