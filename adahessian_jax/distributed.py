@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from adahessian_jax import _keys, masking
+from adahessian_jax import _keys, _validation, masking
 from adahessian_jax._axes import device_varying, fold_in_axis_index, warn_if_loss_couples_devices
 from adahessian_jax.state import (
   adahessian_states,
@@ -296,7 +296,7 @@ def _one_copy(axis_name: Any) -> Callable[[Any, Any], Any]:
     stacked = axis_name is not None and len(spec) > 0 and spec[0] == axis_name
     if stacked or not sharding.is_fully_replicated:
       raise ValueError(
-        f"replicate: the leaf at {jax.tree_util.keystr(path)} (shape {leaf.shape}) is "
+        f"replicate: the leaf at {_validation.path_str(path)} (shape {leaf.shape}) is "
         f"{'stacked over ' + repr(axis_name) if stacked else 'split over devices'} ({sharding}); "
         "replicate stacks one device's copy of each leaf. If the tree is already replicate's "
         "(or the pmap-ed step's) output, pass it to the step as it is; otherwise pass one copy "

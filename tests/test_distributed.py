@@ -818,6 +818,9 @@ def test_replicate_refuses_a_tree_it_already_stacked_naming_the_leaf():
   # On one device the second call stacked again, (1, 1, 3), with no error.
   with pytest.raises(ValueError, match=r"leaf at \['w'\] \(shape \(1, 3\)\) is stacked over"):
     distributed.replicate(once, "batch")
+  # A tree that is one array names the root, as every error of the project does.
+  with pytest.raises(ValueError, match=r"leaf at the root \(the tree is a single array\) \(shape"):
+    distributed.replicate(distributed.replicate(jnp.ones(3), "batch"), "batch")
 
 
 def test_replicate_makes_python_scalars_strongly_typed_so_the_step_compiles_once():
