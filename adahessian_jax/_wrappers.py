@@ -7,8 +7,9 @@ layout and ``value_fn`` receives that vector), and ``optax.lookahead``, ``optax.
 found on the Python stack (at trace time, also under ``jax.jit``) by their code objects, so a
 renamed optax file does not break the check: a wrapper that cannot be found is simply not named.
 The fused route, which is given the whole optimizer state instead, finds the wrappers that pass
-no extra arguments by their states' types (:func:`holding`): one table, :data:`NO_EXTRA_ARGS`,
-says for both which wrappers these are and what to do.
+no extra arguments by their states' types (:func:`holding`). One table, :data:`WRAPPERS`, has an
+entry per wrapper; :data:`NO_EXTRA_ARGS` (which wrappers pass no extra arguments, and what to do),
+:func:`holding` and :func:`calling` all read it.
 """
 
 from __future__ import annotations
@@ -17,42 +18,91 @@ import functools
 import sys
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
-__all__ = ["NO_EXTRA_ARGS", "calling", "holding"]
+__all__ = ["NO_EXTRA_ARGS", "WRAPPERS", "calling", "holding"]
+
+
+class Wrapper(NamedTuple):
+  """One optax wrapper that AdaHessian's errors name.
+
+  Attributes:
+    name: How errors name it, e.g. ``"optax.lookahead"``.
+    message: For a wrapper whose ``update`` passes its inner transforms no extra arguments, the
+      clause that says so and what to do (it goes into :data:`NO_EXTRA_ARGS`); ``None`` for one
+      named for another reason (``optax.flatten``).
+    state_type: Looks its state's class up in this optax (``None`` where it has none), for
+      :func:`holding`; ``None`` for a wrapper without a message, which :func:`holding` skips.
+    samples: Constructions of it around a given inner transform, one per code path (SAM's opaque
+      mode has its own), whose ``init``/``update`` code objects :func:`calling` looks for.
+  """
+
+  name: str
+  message: str | None
+  state_type: Callable[[], Any] | None
+  samples: tuple[Callable[[optax.GradientTransformation], Any], ...]
+
+
+#: Every wrapper named, one entry each: adding one is one edit here.
+WRAPPERS = (
+  Wrapper(
+    name="optax.flatten",
+    message=None,
+    state_type=None,
+    samples=(lambda inner: optax.flatten(inner),),
+  ),
+  Wrapper(
+    name="optax.lookahead",
+    message=(
+      "optax.lookahead, whose update passes its fast optimizer no extra arguments (and refuses "
+      "value_fn and hessian_diag itself), so AdaHessian cannot run inside it in either route: "
+      "train with AdaHessian without optax.lookahead."
+    ),
+    state_type=lambda: getattr(optax, "LookaheadState", None),
+    samples=(lambda inner: optax.lookahead(inner, sync_period=1, slow_step_size=1.0),),
+  ),
+  Wrapper(
+    name="optax.contrib.sam",
+    message=(
+      "optax.contrib.sam, whose update takes no extra argument but its own grad_fn and passes "
+      "none on, so AdaHessian can be neither its optimizer nor its adv_optimizer, in either "
+      "route: train with AdaHessian without optax.contrib.sam."
+    ),
+    state_type=lambda: getattr(optax.contrib, "SAMState", None),
+    samples=(
+      lambda inner: optax.contrib.sam(inner, inner),
+      lambda inner: optax.contrib.sam(inner, inner, opaque_mode=True),
+    ),
+  ),
+  Wrapper(
+    name="optax.contrib.galore",
+    message=(
+      "optax.contrib.galore (scale_by_galore), whose update passes its base_optimizer no extra "
+      "arguments (and gradients projected to a low rank, not the parameters' shapes), so "
+      "AdaHessian cannot be its base_optimizer, in either route: train with AdaHessian without "
+      "GaLore."
+    ),
+    state_type=lambda: getattr(optax.contrib, "GaLoreState", None),
+    samples=(lambda inner: optax.contrib.scale_by_galore(base_optimizer=inner),),
+  ),
+)
 
 #: The wrappers whose ``update`` passes their inner transforms no extra arguments, so that
 #: neither ``value_fn`` nor ``hessian_diag`` can reach AdaHessian inside them, and what to do.
-NO_EXTRA_ARGS = {
-  "optax.lookahead": (
-    "optax.lookahead, whose update passes its fast optimizer no extra arguments (and refuses "
-    "value_fn and hessian_diag itself), so AdaHessian cannot run inside it in either route: "
-    "train with AdaHessian without optax.lookahead."
-  ),
-  "optax.contrib.sam": (
-    "optax.contrib.sam, whose update takes no extra argument but its own grad_fn and passes none "
-    "on, so AdaHessian can be neither its optimizer nor its adv_optimizer, in either route: train "
-    "with AdaHessian without optax.contrib.sam."
-  ),
-  "optax.contrib.galore": (
-    "optax.contrib.galore (scale_by_galore), whose update passes its base_optimizer no extra "
-    "arguments (and gradients projected to a low rank, not the parameters' shapes), so AdaHessian "
-    "cannot be its base_optimizer, in either route: train with AdaHessian without GaLore."
-  ),
-}
+NO_EXTRA_ARGS = {w.name: w.message for w in WRAPPERS if w.message is not None}
 
 
 def _state_types() -> dict[type, str]:
   """The state types of the wrappers in :data:`NO_EXTRA_ARGS` (those this optax has)."""
-  found = {
-    "optax.lookahead": getattr(optax, "LookaheadState", None),
-    "optax.contrib.sam": getattr(optax.contrib, "SAMState", None),
-    "optax.contrib.galore": getattr(optax.contrib, "GaLoreState", None),
-  }
-  return {t: name for name, t in found.items() if isinstance(t, type)}
+  found = {}
+  for w in WRAPPERS:
+    state_type = w.state_type() if w.message is not None and w.state_type is not None else None
+    if isinstance(state_type, type):
+      found[state_type] = w.name
+  return found
 
 
 def holding(opt_state: Any, holds: Callable[[Any], bool]) -> list[str]:
@@ -88,23 +138,17 @@ def holding(opt_state: Any, holds: Callable[[Any], bool]) -> list[str]:
 def _codes() -> dict[types.CodeType, str]:
   """The code objects of the wrappers' ``init``/``update`` functions, and the wrappers' names."""
   inner = optax.identity()
-  made = (
-    ("optax.flatten", lambda: optax.flatten(inner)),
-    ("optax.lookahead", lambda: optax.lookahead(inner, sync_period=1, slow_step_size=1.0)),
-    ("optax.contrib.sam", lambda: optax.contrib.sam(inner, inner)),
-    ("optax.contrib.sam", lambda: optax.contrib.sam(inner, inner, opaque_mode=True)),
-    ("optax.contrib.galore", lambda: optax.contrib.scale_by_galore(base_optimizer=inner)),
-  )
   codes = {}
-  for name, make in made:
-    try:
-      tx = make()
-    except (AttributeError, TypeError):  # an optax without this wrapper or argument
-      continue
-    for fn in (tx.init, tx.update):
-      code = getattr(fn, "__code__", None)
-      if code is not None:
-        codes[code] = name
+  for w in WRAPPERS:
+    for make in w.samples:
+      try:
+        tx = make(inner)
+      except (AttributeError, TypeError):  # an optax without this wrapper or argument
+        continue
+      for fn in (tx.init, tx.update):
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+          codes[code] = w.name
   return codes
 
 
