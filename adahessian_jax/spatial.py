@@ -1267,18 +1267,14 @@ def _nnx_module_hint(averaging: Any, params: Any) -> str:
 
 def _warn_shard_shapes(
   averaging: AveragingSpec,
-  params: Any,
   block_size: int,
   split: Mapping[str, tuple[Any, ...]],
-  given_rules: Sequence[Rule],
+  read: Sequence[str],
 ) -> None:
   """Warns when parameters are split over mesh axes (``split``: their paths and axes, inside
-  ``shard_map``) and the default rule reads some layouts off shapes: it sees the shards' shapes
-  there, not the whole model's. ``given_rules``: :func:`_resolve`'s for ``params``."""
-  if not split:
-    return
-  read = _shape_read_leaves(averaging, params, block_size, given_rules)
-  if not read:
+  ``shard_map``) and the default rule reads some layouts off shapes (``read``: those leaves'
+  paths, :func:`_resolve`'s): it sees the shards' shapes there, not the whole model's."""
+  if not split or not read:
     return
   listed = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
   warnings.warn(
@@ -1362,44 +1358,34 @@ def _unread(averaging, params, block_size, given_rules=None):
   return spec, infos, unbound, wheres, shapes, names
 
 
-def _shape_read_leaves(
-  averaging: AveragingSpec,
-  params: Any,
-  block_size: int = 1,
-  given_rules: Sequence[Rule] | None = None,
-) -> list[str]:
-  """The leaves whose rule the default reads off shapes: no axis names, no rule of their own.
-
-  Their reading can change when the shapes do, e.g. inside ``shard_map``, where the
-  optimizer sees each shard's block of a split parameter.
-
-  Args:
-    averaging: As for :func:`resolve_rules`.
-    params: The parameter pytree.
-    block_size: The block size of the default rule.
-    given_rules: The rules ``averaging`` gives the leaves, if known (from :func:`_plan`).
-
-  Returns:
-    The paths (``jax.tree_util.keystr``) of those leaves, in tree order.
-  """
-  _, _, unbound, wheres, _, names = _unread(averaging, params, block_size, given_rules)
-  return [
-    where
-    for rule, where, own in zip(unbound, wheres, names, strict=True)
-    if _unresolved(rule) and own is None
-  ]
-
-
 def _unresolved(rule: Rule) -> TypeGuard[FlaxDefault]:
   """Whether ``rule`` is the default rule, not yet resolved on a tree."""
   return isinstance(rule, FlaxDefault) and not rule.resolved
 
 
-def _plan(averaging, params, block_size, strict_mode, given_rules=None):
-  """Every leaf's rule, bound to its axis names (its own, given, or read from the tree by
-  :mod:`adahessian_jax._evidence`), :func:`describe`'s row for it, and the rule ``averaging``
-  gave it before the tree was read (pass those as ``given_rules`` to read a tree with the same
-  paths again without calling a user's callable again)."""
+class _Plan(NamedTuple):
+  """:func:`_plan`'s reading of a tree, one entry per leaf in ``jax.tree.leaves`` order.
+
+  Attributes:
+    rules: Every leaf's rule, bound to its axis names (its own, given, or read from the tree by
+      :mod:`adahessian_jax._evidence`).
+    rows: :func:`describe`'s row for every leaf.
+    given_rules: The rule ``averaging`` gave each leaf before the tree was read (pass those as
+      ``given_rules`` to read a tree with the same paths again without calling a user's
+      callable again).
+    read_off_shapes: The paths of the leaves whose rule the default reads off their shapes (no
+      axis names, no rule of their own), whose reading can change when the shapes do, e.g.
+      inside ``shard_map``, where the optimizer sees each shard's block of a split parameter.
+  """
+
+  rules: list[Rule]
+  rows: list[Row]
+  given_rules: list[Rule]
+  read_off_shapes: list[str]
+
+
+def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan:
+  """Reads every leaf's rule off ``averaging`` and the tree (see :class:`_Plan`)."""
   spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size, given_rules)
   paths = [x.path for x in infos]
   # What the tree shows about the leaves under the default rule, given the axis roles it knows.
@@ -1439,7 +1425,12 @@ def _plan(averaging, params, block_size, strict_mode, given_rules=None):
     ambiguous = [r for r in rows if r.ambiguous]
     if ambiguous:
       raise _ambiguity_error(ambiguous)
-  return bound, rows, unbound
+  read_off_shapes = [
+    where
+    for rule, where, own in zip(unbound, wheres, names, strict=True)
+    if _unresolved(rule) and own is None
+  ]
+  return _Plan(bound, rows, unbound, read_off_shapes)
 
 
 def resolve_rules(
@@ -1481,18 +1472,19 @@ def resolve_rules(
 
 def _resolve(
   averaging: AveragingSpec, params: Any, block_size: int, strict: bool = False, warn: bool = False
-) -> tuple[Any, list[Rule]]:
-  """:func:`resolve_rules`'s tree of rules, and the rules ``averaging`` gave each leaf before the
-  tree was read, for the checks that read the tree again (so a user's callable runs once)."""
-  bound, rows, given_rules = _plan(averaging, params, block_size, strict)
+) -> tuple[Any, list[str]]:
+  """:func:`resolve_rules`'s tree of rules, and the paths of the leaves read off their shapes
+  (:attr:`_Plan.read_off_shapes`, for :func:`_warn_shard_shapes`: so the tree is read once)."""
+  plan = _plan(averaging, params, block_size, strict)
+  rows = plan.rows
   guesses = [r for r in rows if r.ambiguous]
   if warn and guesses:
     message = _guess_warning(guesses) + _masked_hint(averaging, params, block_size)
     message += _nnx_module_hint(averaging, params)
     warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
   if warn:
-    _warn_nnx_names_dropped(averaging, params, block_size, rows, given_rules)
-  return jax.tree.unflatten(jax.tree.structure(params), bound), given_rules
+    _warn_nnx_names_dropped(averaging, params, block_size, rows, plan.given_rules)
+  return jax.tree.unflatten(jax.tree.structure(params), plan.rules), plan.read_off_shapes
 
 
 def _pure_nnx_twin(params: Any) -> Any | None:
@@ -1533,9 +1525,9 @@ def _warn_nnx_names_dropped(
     return
   spec = _as_spec(averaging)
   try:  # the plain arrays' reading, never refused here (strict mode refuses it at update)
-    _, plain, _ = _plan(
+    plain = _plan(
       dataclasses.replace(spec, strict=False), twin, block_size, False, given_rules
-    )
+    ).rows
   except ValueError:
     return
   # In strict mode update refuses an ambiguous plain reading itself.
@@ -1568,7 +1560,7 @@ def _warn_nnx_names_dropped(
 
 def leaf_rules(averaging: AveragingSpec, params: Any, block_size: int = 1) -> list[Rule]:
   """:func:`resolve_rules`'s rules as a list, one per leaf in ``jax.tree.leaves`` order."""
-  return _plan(averaging, params, block_size, False)[0]
+  return _plan(averaging, params, block_size, False).rules
 
 
 def apply_rules(rules: Any, tree: Any) -> Any:
@@ -1604,5 +1596,4 @@ def describe(
     A :class:`Listing`; ``str()`` of it is a table, ``.rows`` the rows and
     ``.ambiguous`` the rows :func:`strict` would refuse.
   """
-  _, rows, _ = _plan(averaging, params, block_size, strict)
-  return Listing(tuple(rows))
+  return Listing(tuple(_plan(averaging, params, block_size, strict).rows))

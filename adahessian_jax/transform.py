@@ -964,10 +964,10 @@ def scale_by_adahessian(
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(_schedule_of(state, update_freq, value_fn), refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
-    rules, given_rules = spatial._resolve(averaging, updates, block_size)
+    rules, read_off_shapes = spatial._resolve(averaging, updates, block_size)
     # Inside shard_map the moments are split like the parameters.
     split = split_leaves(state.mu)
-    spatial._warn_shard_shapes(averaging, updates, block_size, split, given_rules)
+    spatial._warn_shard_shapes(averaging, block_size, split, read_off_shapes)
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
       *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name, independent_probes),

@@ -453,6 +453,40 @@ def test_update_under_shard_map_calls_an_averaging_callable_once_per_leaf():
   assert len(messages) == 1 and "(['w']) are split over mesh axes ['model']" in messages[0]
 
 
+def test_update_under_shard_map_reads_the_tree_once(monkeypatch):
+  """The check for leaves read off their shards' shapes read the leaves' paths and axis names
+  again (spatial._unread), after the rules had just read them at the same trace: it now takes
+  the leaves that reading found read off shapes, and still warns of them."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import spatial
+
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
+  params = {"b": jnp.zeros(2), "w": jnp.ones((4, 2)), "v": jnp.ones((3, 2))}
+  specs = {"b": P(), "w": P(None, "model"), "v": P()}
+  tx = ah.adahessian(0.1, axis_name="data")
+  state = tx.init(params)
+  state_specs = jax.tree.map(lambda _: P(), state)
+  state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
+  step = lambda g, s, p: tx.update(g, s, p, hessian_diag=jax.tree.map(jnp.ones_like, p))[0]
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
+  reads = []
+  unread = spatial._unread
+  monkeypatch.setattr(spatial, "_unread", lambda *a, **k: reads.append(1) or unread(*a, **k))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(mapped).lower(params, state, params)
+  assert len(reads) == 1
+  messages = [str(w.message) for w in caught if w.category is spatial.LayoutGuessWarning]
+  assert len(messages) == 1, messages
+  assert "1 parameter(s) (['w']) are split over mesh axes ['model']" in messages[0]
+  assert "reads the layout of 3 leaf(s) (['b'], ['v'], ['w'])" in messages[0]
+
+
 def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   """NumPy or Python leaves without ``stacked=True`` (e.g. ``jax.device_get`` of pmap outputs)
   returned 0.0, "bit-identical", whatever they held; a scalar with ``stacked=True`` raised an
