@@ -230,6 +230,7 @@ def adahessian(
     _decayed_weights(cast(float | jax.Array, weight_decay), weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )
-  # A schedule's count too, committed where the params are: a jitted step compiles once.
+  # The other members' state too (a schedule's count; scale_by_adahessian's init commits only its
+  # own), committed where the params are: a jitted step compiles once.
   init = lambda params: placed_like_params(chain.init(params), params)
   return chain._replace(init=init)

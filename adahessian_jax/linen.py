@@ -135,8 +135,9 @@ class TrainState(train_state.TrainState):
       A new :class:`TrainState` at step 0.
     """
     created = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
-    # With committed params, an uncommitted step or state leaf (optax's counts) also compiled the
-    # step twice: jit keys on it and commits its outputs (state.placed_like_params).
+    # With committed params, an uncommitted step or state leaf (optax's counts, of any tx, not
+    # only adahessian's, whose init commits its own) also compiled the step twice: jit keys on it
+    # and commits its outputs (state.placed_like_params).
     placed = state.placed_like_params((jnp.zeros([], jnp.int32), created.opt_state), created.params)
     return created.replace(step=placed[0], opt_state=placed[1])
 

@@ -937,7 +937,9 @@ def scale_by_adahessian(
       _check_block_size_used(block_size, averaging, rules)
     if "optax.flatten" in _wrappers.calling():
       warnings.warn(_FLATTENED, stacklevel=spatial._caller_level())
-    # Committed where the params are, so that a jitted step compiles once (placed_like_params).
+    # Committed where the params are, so that a jitted step compiles once (placed_like_params),
+    # also for scale_by_adahessian alone or in a chain of one's own (adahessian's init and
+    # linen.TrainState.create commit only the rest: these are committed by then).
     state = ScaleByAdaHessianState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.key_data(jax.random.split(jax.random.key(seed), n_samples)),
