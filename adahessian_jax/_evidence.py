@@ -106,7 +106,9 @@ def read(
   done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = expert_stacks(paths, shapes, stacked, roles, done)
   biases |= expert_biases(paths, shapes, stacked, roles, experts)
-  # Three disjoint sets: a weight or kernel, a table, a b or <name>_b.
+  # A weight or kernel, a table, a b or <name>_b. Names can put a leaf in two (a table's word
+  # and a bias's under a module named with 'bias': pos_b beside pos_w, emb_weight beside
+  # emb_bias): the later wins, a bias over a table over a weight.
   params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
   params |= {i: "bias" for i in biases}
   readings = []

@@ -643,8 +643,8 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
     )
   if names is None or kinds is None:  # both or neither
     return _by_rank(shape, block_size, None, " without axis names", param)
-  if ndim <= 1:
-    return Choice(NoAveraging(), f"rank {ndim}: a bias or scale, none")
+  if ndim <= 1:  # named, whatever the names: _by_rank's bias or scale
+    return _by_rank(shape, block_size, names, "", param)
   if all(k is None for k in kinds):
     return _by_rank(shape, block_size, names, f", names {names} of no known role", param)
   spatial = tuple(i for i, k in enumerate(kinds) if k == SPATIAL)
