@@ -46,12 +46,15 @@ class Reading(NamedTuple):
       :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`BIAS_TABLE`
       (:func:`bias_tables`) or ``"bias"`` (:func:`haiku_biases`, :func:`named_biases`,
       :func:`expert_biases`); else ``None``.
+    moot: Whether the guess is only of where a ``Dense`` kernel's stacked axis is, which no
+      rule that averages nothing depends on.
   """
 
   names: AxisNames | None
   note: str
   unsure: str | None
   param: str | None
+  moot: bool = False
 
 
 def read(
@@ -85,9 +88,13 @@ def read(
   """
   names, leading = _unnamed_leading_stacks(paths, shapes, names, roles)
   by_bias, square_unsure = weights_by_bias(paths, shapes, roles)
-  evident, alone = stacks_by_evidence(paths, shapes, names, roles)
+  evident, alone, unplaced = stacks_by_evidence(paths, shapes, names, roles)
   names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = in_named_stacks(paths, shapes, names, roles, alone)
+  # Unsure only of where a Dense kernel's stacked axis is: moot where its rule averages nothing.
+  placement = set(_unplaced_stacks(paths, shapes, names, roles, alone, unplaced)) - set(unsure)
+  for i in placement:
+    unsure[i] = _UNPLACED
   for i in square_unsure:
     unsure.setdefault(
       i,
@@ -135,7 +142,8 @@ def read(
           "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
           "name its axes"
         )
-    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i)))
+    moot = i in placement and unsure.get(i) == _UNPLACED
+    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), moot))
   return readings
 
 
@@ -170,7 +178,7 @@ def _unnamed_leading_stacks(
     return list(names), {}
   hidden = [None if i in partial else n for i, n in enumerate(names)]
   only = [roles[i] if i in partial else None for i in range(len(names))]
-  evident, alone = stacks_by_evidence(paths, shapes, hidden, only)
+  evident, alone, _ = stacks_by_evidence(paths, shapes, hidden, only)
   # ... and the stack passes to their relatives, as in plain arrays: a LayerNorm's (None,
   # "embed") scale, a bias-less (None, "embed", "mlp") kernel beside attention that shows it.
   shown = [evident[i][0] if i in evident else n for i, n in enumerate(hidden)]
@@ -206,6 +214,26 @@ WEIGHT_BY_BIAS = "weight, by its bias"
 #: What :func:`read` calls a table of attention biases (:func:`bias_tables`): T5's
 #: ``relative_attention_bias`` ``(num_buckets, heads)``.
 BIAS_TABLE = "a table of attention biases"
+
+
+#: Why a bias-less ``Dense_N`` kernel read with its stack in front is a guess (:func:`read`).
+_UNPLACED = (
+  "Linen's name makes it a Dense kernel, but not which axis is stacked: nn.scan and nn.vmap "
+  "put it in front, nn.vmap with variable_axes={'params': 1} behind the input; name its axes "
+  "or give it spatial.per_layer(spatial.blocks(block_size), axes=(<the stacked axis>,))"
+)
+
+
+def _unplaced_stacks(paths, shapes, names, roles, alone, unplaced: set[int]) -> set[int]:
+  """The leaves in ``unplaced`` (bias-less ``Dense_N`` kernels read with their stack in front by
+  their name alone, :func:`stacks_by_evidence`) that stay a guess: those whose stacked relatives
+  do not show the stack there (read without it, :func:`in_named_stacks` does not give them the
+  same axes, surely)."""
+  if not unplaced:
+    return set()
+  hidden = [None if i in unplaced else n for i, n in enumerate(names)]
+  inferred, unsure = in_named_stacks(paths, shapes, hidden, roles, alone)
+  return {i for i in unplaced if i not in inferred or i in unsure or inferred[i][0] != names[i]}
 
 
 def _key_strings(paths) -> list[tuple[str, ...]]:
@@ -706,7 +734,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
 
 def stacks_by_evidence(
   paths, shapes, names, roles
-) -> tuple[dict[int, tuple[AxisNames, str]], set[int]]:
+) -> tuple[dict[int, tuple[AxisNames, str]], set[int], set[int]]:
   """Stacked axes for unnamed leaves whose own module shows it is a stack of layers.
 
   ``nn.scan``/``nn.vmap``/``nnx.vmap`` without axis names (no boxes, no transform metadata)
@@ -722,14 +750,19 @@ def stacks_by_evidence(
   layers as its kernel is wide) takes no stacked axes from its relatives.
 
   Returns:
-    ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, and the unnamed
-    leaves of the modules that are one layer for sure.
+    ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, the unnamed
+    leaves of the modules that are one layer for sure, and the leaves read with the stack in
+    front by a bias-less ``Dense_N``'s name alone, where it may be elsewhere
+    (:func:`_dense_stacks_elsewhere`: ``nn.vmap`` with ``variable_axes={"params": 1}``).
   """
   modules = _by_module(paths, lambda i: names[i] is None and roles[i] is not None)
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
-  moved = _dense_stacks_elsewhere(modules, counts, shapes)
+  moved, unplaced = _dense_stacks_elsewhere(modules, counts, shapes)
+  # An nn.scan's name over them shows the stack in front (as scans of layers put it).
+  shown = _scan_stacks({m: modules[m] for m in unplaced}, paths, shapes)
+  unplaced = {m for m in unplaced if shown.get(m, (None,))[0] != counts[m][0]}
   for module, (axis, why) in moved.items():
     counts[module] = (None, "") if axis is None else ((), why)
   unknown = {module: members for module, members in modules.items() if counts[module][0] is None}
@@ -757,12 +790,13 @@ def stacks_by_evidence(
       stacked = _role_name(roles[i], STACKED)
       if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
-  return found, alone
+  unsure = {i for module in unplaced for i in modules[module].values() if i in found}
+  return found, alone, unsure
 
 
 def _dense_stacks_elsewhere(
   modules: dict[tuple, dict[str, int]], counts: dict[tuple, tuple], shapes
-) -> dict[tuple, tuple[int | None, str]]:
+) -> tuple[dict[tuple, tuple[int | None, str]], set[tuple]]:
   """Where the stacked axis of sibling ``Dense_N`` modules is, when it is not in front.
 
   Linen's name ``Dense_0`` fixes its kernel's rank (2), and :func:`_stack_count` takes more axes
@@ -772,10 +806,13 @@ def _dense_stacks_elsewhere(
   average across members. The ``Dense_N`` modules under one parent are all under the same
   transforms, so their stacked axis has one size: where their kernels' first sizes differ, it
   is not in front. It is the one other axis where all of them have one size (read there), or,
-  if none is or several are, unknown (the rank's guess stays, flagged).
+  if none is or several are, unknown (the rank's guess stays, flagged). Where their first sizes
+  agree but another axis's do too (a lone ``Dense_0`` ``(in, members, out)``), and no bias shows
+  the stack in front, it is there or elsewhere: unplaced.
 
   Returns:
-    ``{module: (the stacked axis, or None if unknown; why)}`` for the modules so re-read.
+    ``{module: (the stacked axis, or None if unknown; why)}`` for the modules so re-read, and the
+    unplaced modules (read with the stack in front, unless other evidence shows it there).
   """
   by_parent: dict[tuple, list[tuple]] = {}
   for module, members in modules.items():
@@ -783,9 +820,15 @@ def _dense_stacks_elsewhere(
     if lead and len(lead) == 1 and _linen_class(module) == "Dense" and "kernel" in members:
       by_parent.setdefault(module[:-1], []).append(module)
   found: dict[tuple, tuple[int | None, str]] = {}
+  unplaced: set[tuple] = set()
   for siblings in by_parent.values():
     kernels = {m: shapes[modules[m]["kernel"]] for m in siblings}
     if len({k[0] for k in kernels.values()}) < 2:
+      # In front, unless none has a bias that shows it and the kernels share another size too
+      # (a lone Dense_0 (in, members, out) shares all of its own): then where is unsure.
+      shared = [a for a in (1, 2) if len({k[a] for k in kernels.values()}) == 1]
+      if shared and not any("bias" in modules[m] for m in siblings):
+        unplaced.update(siblings)
       continue
     ranks = {len(k) for k in kernels.values()}
     axes = [a for a in range(1, min(ranks)) if len({k[a] for k in kernels.values()}) == 1]
@@ -797,7 +840,7 @@ def _dense_stacks_elsewhere(
     )
     for module in siblings:
       found[module] = (axis, why)
-  return found
+  return found, unplaced
 
 
 def _is_scan(key: Any) -> bool:

@@ -1406,7 +1406,7 @@ def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan
       # not) is no guess.
       own_names = names[i]
       own = unread if own_names is None else unread.bind(own_names)
-      if _averages_nothing(own, shape):
+      if reading.moot or _averages_nothing(own, shape):
         unsure = None
     note = reading.note + (f"; AMBIGUOUS ({unsure})" if unsure is not None else "")
     bound.append(rule)

@@ -2469,6 +2469,72 @@ def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
   assert [r.ambiguous for r in rows] == [True, True]
 
 
+class OneDenseBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _=None):
+    return nn.Dense(x.shape[-1], use_bias=False)(x), None
+
+
+class AttentionDenseBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _=None):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2)(x, x)
+    return OneDenseBlock()(x)[0], None
+
+
+def _init_inside(transformed, name, x):
+  """The params' shapes of ``transformed`` (an ``nn.scan``/``nn.vmap`` of a block) inside a
+  model, under Linen's automatic name (``name=None``) or ``name``."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return transformed(name=name)(x, None)[0]
+
+  return jax.eval_shape(Model().init, jax.random.key(0), x)["params"]
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_lone_bias_less_dense_under_vmap_is_a_guess_where_its_stack_matters(axis):
+  # nn.vmap of a module holding one bias-less Dense: with variable_axes={"params": 1} its kernel
+  # is (in, members, out) = (8, 3, 8). Linen's name Dense_0 alone had the stack read in front,
+  # silently: each input's slice kept apart, blocks of 2 along the members. Nothing shows where
+  # the stacked axis is (VmapOneDense_0 is no sign: ensembles map over other axes too), so with
+  # block_size > 1 the reading is a guess; with 1 no reading averages anything.
+  ens = nn.vmap(
+    OneDenseBlock,
+    variable_axes={"params": axis},
+    split_rngs={"params": True},
+    in_axes=None,
+    out_axes=0,
+    axis_size=3,
+  )
+  params = _init_inside(ens, None, jnp.ones((2, 8)))
+  (row,) = spatial.describe(params, block_size=2).rows
+  assert row.path == "['VmapOneDenseBlock_0']['Dense_0']['kernel']"
+  assert row.shape == (8,) * axis + (3,) + (8,) * (2 - axis)
+  assert row.rule == spatial.per_layer(spatial.blocks(2))  # the stack in front, as before
+  assert row.ambiguous and "not which axis is stacked" in row.why
+  assert spatial.describe(params, block_size=1).ambiguous == ()
+  refused = r"(?s)1 leaf is ambiguous.*\['Dense_0'\]\['kernel'\].*not which axis is stacked"
+  with pytest.raises(ValueError, match=refused):
+    spatial.describe(params, spatial.strict(), block_size=2)
+
+
+@pytest.mark.parametrize("block", [OneDenseBlock, AttentionDenseBlock])
+def test_a_lone_bias_less_dense_in_a_scan_takes_its_stack_from_the_scan_or_relatives(block):
+  # The same kernel (3, 8, 8) where the stack shows in front: under nn.scan's name ScanOneDense_0,
+  # or, under a name of the user's, beside attention whose biases (3, 2, 4) show the stack.
+  stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+  for name in (None, "blocks") if block is AttentionDenseBlock else (None,):
+    params = _init_inside(stack, name, jnp.ones((1, 4, 8)))
+    rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+    (where,) = [p for p in rows if p.endswith("['Dense_0']['kernel']")]
+    assert rows[where].shape == (3, 8, 8)
+    assert rows[where].rule == spatial.per_layer(spatial.blocks(2))
+    assert not any(r.ambiguous for r in rows.values()), where
+
+
 def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rng):
   # nn.DenseGeneral(8, axis=(-3, -2, -1), name="proj"): kernel (4, 12, 3, 8) beside its bias (8,)
   # was taken for a 2-D Conv's for sure, its "window" (4, 12) averaged (48 inputs of one output
