@@ -354,11 +354,17 @@ def value_grad_and_hessian_diag(
 _STACKED = "layers"
 
 
+def _input_names(n: int) -> tuple[str, ...]:
+  """The names of a kernel's ``n`` input axes: the last one blocked along (``embed``), any before
+  it kept apart (``heads``), as Linen's ``DenseGeneral`` kernels are read (docs/layouts.md)."""
+  return ("heads",) * (n - 1) + ("embed",)
+
+
 def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
   """The axis names of an ``nnx.Einsum`` kernel of ``rank`` axes, where its einsum string lays
   it out as a ``DenseGeneral`` kernel: axes mapped over (in the input, kernel and output:
-  stacked), then contracted inputs, then outputs; otherwise ``None`` (the string does not say
-  which axis is the input the default reading would block along)."""
+  stacked), then contracted inputs (:func:`_input_names`), then outputs; otherwise ``None``
+  (the string does not say which axis is the input the default reading would block along)."""
   spec = einsum_str.replace(" ", "")
   if spec.count("->") != 1:
     return None
@@ -381,7 +387,8 @@ def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
       return None
   if 1 not in kinds or kinds != sorted(kinds):
     return None
-  return tuple((_STACKED, "embed", "mlp")[k] for k in kinds)
+  stacked, outputs = kinds.count(0), kinds.count(2)
+  return (_STACKED,) * stacked + _input_names(kinds.count(1)) + ("mlp",) * outputs
 
 
 def _own_axes(module: Any) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]:
@@ -406,7 +413,7 @@ def _own_axes(module: Any) -> dict[str, tuple[tuple[int, ...], tuple[Any, ...]]]
     ins, outs = tuple(module.in_features), tuple(module.out_features)
     stacked = (_STACKED,) * len(batch)
     return {
-      "kernel": ((*batch, *ins, *outs), (*stacked, *("embed",) * len(ins), *("mlp",) * len(outs))),
+      "kernel": ((*batch, *ins, *outs), (*stacked, *_input_names(len(ins)), *("mlp",) * len(outs))),
       "bias": ((*batch, *outs), (*stacked, *("mlp",) * len(outs))),
     }
   if isinstance(module, nnx.Embed):

@@ -547,7 +547,9 @@ def test_named_model_reads_each_layout_from_its_module_type():
   named = ah.spatial.named(model)
   rows = {r.path: r for r in ah.spatial.describe(params, named, block_size=2).rows}
   assert not any(r.ambiguous for r in rows.values())
-  assert rows["['proj']['kernel']"].names == ("embed", "embed", "embed", "mlp")
+  # Its input axes as Linen's DenseGeneral_0 is read: blocks along the last, the others apart.
+  assert rows["['proj']['kernel']"].names == ("heads", "heads", "embed", "mlp")
+  assert rows["['proj']['kernel']"].rule == ah.spatial.blocks(2, axis=2)
   assert rows["['convs']['conv']['kernel']"].names == (
     "layers",
     "spatial",
@@ -577,7 +579,7 @@ def test_named_model_reads_each_layout_from_its_module_type():
   expected = {
     ("dw", "kernel"): _spatial_mean(h["dw"]["kernel"], (0, 1)),  # 3x3 per channel
     ("mixer", "kernel"): _spatial_mean(h["mixer"]["kernel"], (0,)),  # width 3
-    ("proj", "kernel"): _block_mean(h["proj"]["kernel"], 0),  # DenseGeneral: inputs, axis 0
+    ("proj", "kernel"): _block_mean(h["proj"]["kernel"], 2),  # DenseGeneral: the last input
     ("lins", "lin", "kernel"): _block_mean(h["lins"]["lin"]["kernel"], 1),  # per layer
     ("convs", "conv", "kernel"): _spatial_mean(h["convs"]["conv"]["kernel"], (1, 2)),
     ("emb", "embedding"): _block_mean(h["emb"]["embedding"], 1),  # each token's row apart
@@ -603,6 +605,7 @@ class Mixed(nnx.Module):
     self.own = nnx.Linear(4, 4, kernel_init=named, use_bias=False, **F64, rngs=rngs)
     self.dense_like = nnx.Einsum("nd,dhk->nhk", (4, 2, 3), **F64, rngs=rngs)
     self.heads_first = nnx.Einsum("btd,ndh->btnh", (2, 4, 3), **F64, rngs=rngs)
+    self.out_like = nnx.Einsum("bthk,hkd->btd", (2, 4, 3), **F64, rngs=rngs)
     self.lora = nnx.LoRA(4, 2, 3, **F64, rngs=rngs)
     self.norms = nnx.vmap(Norm, in_axes=0, out_axes=0)(rngs.split(3))
     self.raw = nnx.Param(jnp.zeros((3, 4, 4), jnp.float64))
@@ -620,6 +623,9 @@ def test_named_model_keeps_own_names_and_names_only_the_layouts_it_knows():
   assert rows["['dense_like']['kernel']"].names == ("embed", "mlp", "mlp")
   assert rows["['dense_like']['kernel']"].rule == ah.spatial.blocks(2, axis=0)
   assert rows["['heads_first']['kernel']"].names is None  # which axis is the input? unsaid
+  # Two contracted axes (an attention output projection's): blocks along the last, per head.
+  assert rows["['out_like']['kernel']"].names == ("heads", "embed", "mlp")
+  assert rows["['out_like']['kernel']"].rule == ah.spatial.blocks(2, axis=1)
   assert rows["['lora']['lora_a']"].names == ("embed", "features")
   assert rows["['lora']['lora_b']"].names == ("features", "mlp")
   assert rows["['norms']['norm']['scale']"].names == ("layers", "features")
