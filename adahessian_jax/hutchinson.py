@@ -178,7 +178,7 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
   """
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  together = _vmap_invariant(keys)
+  together = vmap_invariant(keys)
   groups: dict[tuple[Any, ...], list[int]] = {}
   for i, x in enumerate(leaves):
     kind = (jnp.shape(x), jnp.result_type(x), unshared_axes(key, x), None if together else i)
@@ -193,7 +193,7 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
   return jax.tree.unflatten(treedef, probes)
 
 
-def _vmap_invariant(keys: jax.Array) -> bool:
+def vmap_invariant(keys: jax.Array) -> bool:
   """Whether ``jax.vmap`` over ``keys`` draws what a loop over them does (threefry keys)."""
   return str(jax.random.key_impl(_keys.as_typed(keys))) == "threefry2x32"
 

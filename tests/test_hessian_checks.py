@@ -9,6 +9,7 @@ import pytest
 from hessian_problems import mlp, mlp_loss
 
 from adahessian_jax import hessian
+from adahessian_jax.hutchinson import rademacher_like
 
 
 def nan_loss(p, batch):
@@ -185,6 +186,33 @@ def test_a_raw_key_is_the_typed_key_it_holds(ops):
   raw = jax.random.PRNGKey(3)
   typed = hessian.xtrace(good, jax.random.wrap_key_data(raw), 8)
   assert hessian.xtrace(good, raw, 8) == typed
+
+
+@pytest.mark.parametrize("name", sorted(KEYED))
+def test_a_typed_key_of_another_implementation_draws_its_own_probes(ops, name):
+  # The key check accepts a typed rbg key, but the probes' key data were wrapped as the default
+  # threefry: every probe-drawing analysis failed inside JAX ("invalid PRNG key data: expected
+  # key_data.shape to end with (2,); got shape=(8, 4)").
+  good, _, _ = ops
+  out = KEYED[name](good, jax.random.key(3, impl="rbg"))
+  assert all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(out))
+
+
+def test_an_rbg_probe_is_the_one_rademacher_like_draws_from_its_key(ops):
+  # Row i is the probe of key i, as the optimizer draws it (rbg draws other bits under vmap).
+  good, _, _ = ops
+  keys = jax.random.split(jax.random.key(3, impl="rbg"), 5)
+  want = [good.ravel(rademacher_like(k, good.params)) for k in keys]
+  np.testing.assert_array_equal(good.probes(keys), np.stack(want))
+  estimate = hessian.hutchinson_diagonal_estimate(good, jax.random.key(4, impl="rbg"), 6)
+  sampled = [
+    good.ravel(rademacher_like(k, good.params))
+    for k in jax.random.split(jax.random.key(4, impl="rbg"), 6)
+  ]
+  z = np.stack(sampled)
+  np.testing.assert_allclose(
+    good.ravel(estimate.diagonal), np.mean(z * np.asarray(good.matmat(z)), axis=0), rtol=1e-12
+  )
 
 
 def test_counts_may_be_integer_arrays_and_reals_may_not_be_traced(ops):

@@ -39,7 +39,12 @@ from adahessian_jax import _validation
 from adahessian_jax._extras import loaded
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._checks import NonFiniteError
-from adahessian_jax.hutchinson import check_scalar_loss, rademacher_like, value_grad_hvp
+from adahessian_jax.hutchinson import (
+  check_scalar_loss,
+  rademacher_like,
+  value_grad_hvp,
+  vmap_invariant,
+)
 from adahessian_jax.layout import leaves as canonical_leaves
 
 __all__ = [
@@ -645,10 +650,15 @@ def _replicated(x: Any) -> Any:
   return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
 
 
-@jax.jit
-def _rademacher_rows(key_data, params):
-  keys = jax.random.wrap_key_data(key_data)
-  return jax.vmap(lambda k: ravel(rademacher_like(k, params))[0])(keys)
+@functools.partial(jax.jit, static_argnums=2)
+def _rademacher_rows(key_data, params, impl):
+  """The probe ``ravel(rademacher_like(key, params))`` of each key, whose data are the rows of
+  ``key_data`` and whose implementation is ``impl`` (its name: ``"rbg"`` keys wrapped as the
+  default threefry failed inside JAX)."""
+  keys = jax.random.wrap_key_data(key_data, impl=impl)
+  one = lambda k: ravel(rademacher_like(k, params))[0]
+  # Keys that draw other numbers under vmap (rbg) go one by one: each row stays its key's probe.
+  return jax.vmap(one)(keys) if vmap_invariant(keys) else jax.lax.map(one, keys)
 
 
 @jax.jit
@@ -779,7 +789,8 @@ def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
   """
   data = np.asarray(jax.random.key_data(jax.random.split(key, num)))
   blocks = (jnp.asarray(data[i : i + block_size]) for i in range(0, num, block_size))
-  return [jax.random.wrap_key_data(b) for b in blocks]
+  impl = jax.random.key_impl(key)  # wrapped as the default implementation, rbg data failed
+  return [jax.random.wrap_key_data(b, impl=impl) for b in blocks]
 
 
 def _leading_sizes(batch: Any) -> dict[str, int]:
@@ -1107,8 +1118,8 @@ def hessian_operator(
     )
 
   def probes(keys):
-    key_data = jax.random.key_data(keys)
-    return map_row_blocks(lambda d: _rademacher_rows(d, params), key_data, block_size)
+    key_data, impl = jax.random.key_data(keys), str(jax.random.key_impl(keys))
+    return map_row_blocks(lambda d: _rademacher_rows(d, params, impl), key_data, block_size)
 
   return HessianOperator(
     matmat_fn=lambda vs: map_row_blocks(block_product, jnp.asarray(vs, flat.dtype), block_size),
