@@ -256,6 +256,7 @@ def value_grad_hvp(
   *,
   name: str = "fn",
   fix: str = _WRAP,
+  constant_fix: str | None = None,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hessian-vector product of ``fn`` in one forward-over-reverse pass.
 
@@ -267,6 +268,8 @@ def value_grad_hvp(
     name: How error messages about ``fn`` call it (e.g. ``"value_fn"``).
     fix: What the error for an ``fn`` returning ``(loss, aux)`` without
       ``has_aux`` suggests (default: wrap it, ``lambda p: f(p)[0]``).
+    constant_fix: What the error for an ``fn`` whose loss does not depend on ``params``
+      suggests (default: the optimizer's ``value_fn`` advice).
 
   Returns:
     ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
@@ -298,14 +301,19 @@ def value_grad_hvp(
   jvp = sink_transposes(lambda p, t: jax.jvp(value_and_grad, (p,), (t,)))
   (value, grad), (_, hz) = jvp(params, tangents)
   if not perturbed and jax.tree.leaves(params):
-    raise ValueError(_constant_loss_message(name))
+    raise ValueError(_constant_loss_message(name, constant_fix))
   return value, grad, hz
 
 
-def _constant_loss_message(name: str) -> str:
-  return (
+def _constant_loss_message(name: str, fix: str | None = None) -> str:
+  what = (
     f"{name} returned a loss that does not depend on the params it was called with, so its "
-    "gradient and Hessian there are zero (a zero Hessian estimate makes every step lr·g/eps). "
+    "gradient and Hessian there are zero"
+  )
+  if fix is not None:
+    return f"{what}. {fix}"
+  return (
+    f"{what} (a zero Hessian estimate makes every step lr·g/eps). "
     "It probably uses other params than its argument: write lambda p: loss_fn(p, batch), not "
     "lambda p: loss_fn(params, batch); for an nnx.Optimizer, build it with "
     "adahessian_jax.nnx.value_fn(model, loss_fn, *args), not lambda state: loss_fn(model, ...). "

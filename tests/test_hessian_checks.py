@@ -301,6 +301,25 @@ def test_a_loss_of_the_params_alone_says_to_take_the_batch():
     hessian.hessian_operator(lambda p, xb, yb: mlp_loss(p, (xb, yb)), params, (x, y))
 
 
+def test_a_loss_that_ignores_its_params_gets_the_analyses_fix():
+  # A loss_fn closing over the outer params got the optimizer's advice ("fn returned ...", "every
+  # step lr·g/eps", "write lambda p: loss_fn(p, batch)", nnx.Optimizer), not the analyses'.
+  params, batch = mlp()
+  op = hessian.hessian_operator(lambda p, b: mlp_loss(params, b), params, batch)
+  message = (
+    r"^loss_fn returned a loss that does not depend on the params it was called with, so its "
+    r"gradient and Hessian there are zero\. It probably uses other params than its argument: "
+    r"write lambda p, b: loss\(p, b\), not lambda p, b: loss\(params, b\); for NNX"
+  )
+  for analyse in (
+    lambda: hessian.top_eigenvalues(op),
+    lambda: hessian.hutchinson_trace(op, jax.random.key(0)),
+  ):
+    with pytest.raises(ValueError, match=message) as info:
+      analyse()
+    assert "lr·g/eps" not in str(info.value) and "value_fn" not in str(info.value)
+
+
 @pytest.mark.parametrize(
   "grid,message",
   [

@@ -650,6 +650,15 @@ def _replicated(x: Any) -> Any:
   return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
 
 
+# What the error for a loss_fn that ignores the params it is given says (the optimizer's advice is
+# about its value_fn and steps).
+_CONSTANT_FIX = (
+  "It probably uses other params than its argument: write lambda p, b: loss(p, b), not "
+  "lambda p, b: loss(params, b); for NNX, merge the params it is passed, nnx.merge(graphdef, p, "
+  "rest, copy=True), not a model it closes over (docs/hessian_analysis.md)."
+)
+
+
 @functools.partial(jax.jit, static_argnums=2)
 def _rademacher_rows(key_data, params, impl):
   """The probe ``ravel(rademacher_like(key, params))`` of each key, whose data are the rows of
@@ -672,7 +681,9 @@ def _batch_matmat(loss_fn, params, batch, vs):
   _, unravel = ravel(params)
 
   def one(v):
-    loss, _, hv = value_grad_hvp(lambda q: loss_fn(q, batch), params, unravel(v))
+    loss, _, hv = value_grad_hvp(
+      lambda q: loss_fn(q, batch), params, unravel(v), name="loss_fn", constant_fix=_CONSTANT_FIX
+    )
     return jnp.where(jnp.isfinite(loss), ravel(hv)[0], jnp.nan)
 
   return jax.vmap(one)(vs)
