@@ -21,9 +21,11 @@ close top pairs).
 A small random probe is mixed into the start block (``warm_mix``): without it, old Ritz vectors
 that the new Hessian maps into their own span (e.g. dead units, ``Hv = 0``) are an invariant
 subspace the iteration never leaves. A new eigenvalue that overtakes the tracked one along a
-direction orthogonal to the block is still found later than from a random start (or, with
-``block_size=1``, can be missed: measured once on the CNN); pass ``previous=None`` now and then
-when that matters.
+direction orthogonal to the block is seen only through that probe, and is usually missed: the
+tracked pair, still an eigenpair, converges first and is returned ``converged`` (a 50-parameter
+quadratic whose bulk eigenvalue rose from below 1 to 6 above the tracked 5: 5 returned in 17-19
+of 20 seeds (two eigenbases), with ``block_size`` 1 or 2; ``warm_mix=0.3`` found 6 in 19-20 of 20,
+cold starts in all 20, at 7 products); pass ``previous=None`` now and then when that matters.
 
 References:
   Cohen, Kaur, Li, Kolter, Talwalkar, `Gradient Descent on Neural Networks
