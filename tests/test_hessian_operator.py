@@ -474,6 +474,27 @@ def test_the_public_layout_and_data_classes_build_on_their_own():
   assert float(data.loss(params)) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
 
 
+def test_weighted_data_refuses_weights_that_are_no_weighted_mean():
+  """WeightedData built by hand: a weight per batch, finite, non-negative, summing to 1 (a length
+  mismatch raised zip()'s error at the first product; NaN, negative or unnormalised weights gave
+  a wrong loss silently)."""
+  params, batch = mlp()
+  bad = {
+    (0.5,): r"one weight per batch.*got 1 weights for 2 batches",
+    (0.5, float("nan")): r"weights\[1\].*nan",
+    (1.5, -0.5): r"weights\[1\].*-0\.5",
+    (1.0, 1.0): r"must sum to 1.*sum 2\.0.*divide them by their sum",
+  }
+  for weights, match in bad.items():
+    with pytest.raises(ValueError, match=match):
+      hessian.WeightedData(mlp_loss, weights, (batch, batch))
+  with pytest.raises(ValueError, match=r"at least one batch"):
+    hessian.WeightedData(mlp_loss, (), ())
+  data = hessian.WeightedData(mlp_loss, [0.0, 1.0], [batch, batch])  # lists: kept as tuples
+  assert data.weights == (0.0, 1.0) and isinstance(data.batches, tuple)
+  assert float(data.loss(params)) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
+
+
 def test_bad_batch_lists_and_batch_sizes_are_named():
   params, batch = mlp()
   with pytest.raises(ValueError, match="batches is empty; give at least one batch"):

@@ -188,6 +188,18 @@ def test_zero_variance_stops_at_min_samples():
   assert est.num_samples == 10 and est.trace == pytest.approx(21.0) and est.stderr == 0.0
 
 
+def test_a_budget_below_the_default_min_samples_is_the_min_samples():
+  """max_samples=4 alone: min_samples defaults to the budget (it was refused, naming the default
+  min_samples=10 the caller never passed); zero variance stops there, 4 samples, the exact trace."""
+  params = {"x": np.ones(6)}
+  op = hessian.hessian_operator(quadratic_loss, params, np.diag(np.arange(1.0, 7.0)))
+  for fn in (hessian.hutchinson_trace, functools.partial(hessian.hutchpp_trace, sketch_size=0)):
+    est = fn(op, jax.random.key(0), max_samples=4)
+    assert est.num_samples == 4 and est.trace == pytest.approx(21.0) and est.stderr == 0.0
+  with pytest.raises(ValueError, match=r"min_samples.*\[1, 4\].*5"):
+    hessian.hutchinson_trace(op, jax.random.key(0), min_samples=5, max_samples=4)
+
+
 def test_bad_arguments(op):
   with pytest.raises(ValueError):
     hessian.hutchinson_trace(op, jax.random.key(0), min_samples=5, max_samples=2)

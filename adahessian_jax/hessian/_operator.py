@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -212,6 +213,23 @@ class WeightedData:
   jit_loss: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   def __post_init__(self) -> None:
+    weights, batches = tuple(self.weights), tuple(self.batches)
+    if not batches or len(weights) != len(batches):
+      raise ValueError(
+        f"WeightedData needs one weight per batch and at least one batch, got {len(weights)} "
+        f"weights for {len(batches)} batches."
+      )
+    weights = tuple(
+      _validation.positive(f"weights[{i}]", w, allow_zero=True) for i, w in enumerate(weights)
+    )
+    if not math.isclose(math.fsum(weights), 1.0, rel_tol=1e-6):
+      raise ValueError(
+        f"WeightedData's weights must sum to 1 (the loss is their weighted mean), got "
+        f"{weights} (sum {math.fsum(weights)!r}): divide them by their sum, or let "
+        "hessian_operator(..., batches=, batch_sizes=) weigh the batches."
+      )
+    object.__setattr__(self, "weights", weights)
+    object.__setattr__(self, "batches", batches)
     if self.jit_loss is None:
       object.__setattr__(self, "jit_loss", _jit_loss(self.loss_fn))
 

@@ -87,6 +87,8 @@ def _stopping(op, rtol, atol, min_samples, max_samples, block_size):
   rtol = _validation.positive("rtol", rtol, allow_zero=True)
   atol = _validation.positive("atol", atol, allow_zero=True)
   max_samples = _validation.count("max_samples", max_samples, 2)
+  if min_samples is None:  # a default that never exceeds the budget given
+    min_samples = min(10, max_samples)
   min_samples = _validation.count("min_samples", min_samples, 1, max_samples)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   return rtol, atol, min_samples, max_samples, block_size
@@ -154,7 +156,7 @@ def hutchinson_trace(
   *,
   rtol: float = 1e-2,
   atol: float = 0.0,
-  min_samples: int = 10,
+  min_samples: int | None = None,
   max_samples: int = 1000,
   block_size: int | None = None,
 ) -> TraceEstimate:
@@ -179,7 +181,8 @@ def hutchinson_trace(
       for that key).
     rtol: Relative standard-error target.
     atol: Absolute standard-error target.
-    min_samples: Samples before the rule is checked.
+    min_samples: Samples before the rule is checked (default 10, or ``max_samples`` if
+      that is fewer).
     max_samples: Sample budget (at least 2).
     block_size: Probes per block product (default ``op.block_size``).
 
@@ -233,7 +236,7 @@ def hutchpp_trace(
     TypeError: for a keyword argument that is not one of ``stopping``'s.
     NonFiniteError: at the first non-finite product.
   """
-  args = dict(rtol=1e-2, atol=0.0, min_samples=10, max_samples=1000, block_size=None)
+  args = dict(rtol=1e-2, atol=0.0, min_samples=None, max_samples=1000, block_size=None)
   unknown = set(stopping) - set(args)
   if unknown:
     raise TypeError(f"hutchpp_trace got unknown arguments {sorted(unknown)}; see hutchinson_trace")
