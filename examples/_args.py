@@ -206,8 +206,7 @@ def parse_with_quick(
   """Parses a command line whose ``--quick`` changes the defaults of other flags.
 
   ``--quick`` changes only the defaults: a flag given explicitly keeps its value (``--quick
-  --width 48`` is the quick setting with width 48), where a quick run used to overwrite it
-  silently. Each flag's help gets its quick default.
+  --width 48`` is the quick setting with width 48). Each flag's help gets its quick default.
 
   Args:
     p: The parser; it has a ``--quick`` flag.
