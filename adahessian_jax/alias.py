@@ -6,6 +6,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import jax
+import jax.core
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -107,6 +109,61 @@ def _decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransformati
   return inner._replace(init=init_fn)
 
 
+_SCHEDULE_FIX = (
+  "A schedule takes optax's step count (0 on the first update) and returns that step's rate, as "
+  "optax.linear_schedule and optax.warmup_cosine_decay_schedule do."
+)
+
+
+def _checked_schedule(schedule: Callable[[Any], Any]) -> optax.Schedule:
+  """``schedule`` with its rates checked: called now with step 0 (the first update's rate), and
+  where :func:`optax.scale_by_learning_rate` calls it.
+
+  optax multiplies the updates by the rate as it is: a schedule's ``inf`` at step 0 (an inverse
+  square root of the count) made every parameter infinite, and a rate of shape ``(2,)`` broadcast
+  scalar parameters to that shape, both without an error. Under ``jit`` a rate's value is not
+  known, so there only its shape and dtype are checked.
+  """
+  _validation.callable_with(schedule, (0,), {}, "learning_rate(count)", _SCHEDULE_FIX)
+
+  def checked(count: Any) -> Any:
+    rate = schedule(count)
+    _check_rate(rate, count)
+    return rate
+
+  checked(jnp.zeros([], jnp.int32))  # as optax calls it on the first update
+  return checked
+
+
+def _check_rate(rate: Any, count: Any) -> None:
+  """Raises unless the learning-rate schedule's ``rate`` at ``count`` is a real scalar (and,
+  where it is concrete, finite and >= 0)."""
+  if isinstance(rate, jax.core.Tracer):
+    dtype = rate.dtype
+    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if rate.shape != () or not real:
+      raise ValueError(
+        f"learning_rate's schedule must return a real scalar, got an array of shape {rate.shape} "
+        f"and dtype {dtype}: the updates are multiplied by it, so a vector would broadcast the "
+        f"parameters to its shape. {_SCHEDULE_FIX}"
+      )
+    return
+  step = "count" if isinstance(count, jax.core.Tracer) else int(count)
+  try:
+    _validation.interval(
+      f"learning_rate's schedule at step {step}", rate, 0.0, float("inf"), hi_open=True
+    )
+  except ValueError as e:
+    value = _validation._real_scalar(rate)  # inf or NaN (0 · inf) where the count is 0
+    zero = step == 0 and value is not None and not np.isfinite(value)
+    raise ValueError(
+      f"{e} optax's count is 0 on the first update: a schedule that divides by it (an inverse "
+      "square root) is infinite there; shift it: lambda count: lr * jax.lax.rsqrt(count + 1.0)."
+      if zero
+      else f"{e} {_SCHEDULE_FIX}"
+    ) from None
+
+
 def adahessian(
   learning_rate: optax.ScalarOrSchedule = 0.15,
   b1: jax.typing.ArrayLike = 0.9,
@@ -164,7 +221,9 @@ def adahessian(
   Args:
     learning_rate: A finite float >= 0 or an optax schedule. The default 0.15 is the
       official image-classification code's; the paper used 0.047 with
-      inverse-sqrt warm-up for translation.
+      inverse-sqrt warm-up for translation. A schedule is called here with step
+      0 (the first update's), and must return a real scalar, finite and >= 0
+      (checked where its value is concrete, and its shape under ``jit`` too).
     b1: Decay rate of the gradient's moving average.
     b2: Decay rate of the moving average of the squared Hessian diagonal.
     eps: Added to the denominator outside the power (official default 1e-4),
@@ -205,7 +264,9 @@ def adahessian(
   """
   _validation.hyperparameter("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
   _check_mask(weight_decay_mask)
-  if not callable(learning_rate):  # a schedule's values are not known here
+  if callable(learning_rate):
+    learning_rate = _checked_schedule(learning_rate)
+  else:
     _validation.hyperparameter("learning_rate", learning_rate, 0.0, float("inf"), hi_open=True)
   chain = optax.chain(
     scale_by_adahessian(

@@ -171,6 +171,36 @@ def test_bad_hyperparameters_are_rejected(kwargs, match):
     ah.adahessian(**kwargs)
 
 
+def test_a_learning_rate_schedule_is_checked_where_it_is_given_and_where_it_is_called():
+  """optax multiplies the updates by a schedule's rate as it is: an inverse square root of the
+  count, infinite at step 0, made every parameter -inf on the first step, and a rate of shape (2,)
+  broadcast the scalar parameter ['b'] to shape (2,), both silently; a schedule of no argument
+  failed inside optax's update with Python's error, which names no argument."""
+  with pytest.raises(ValueError, match=r"schedule at step 0 must be .* got Array\(inf.*rsqrt"):
+    ah.adahessian(lambda count: 0.1 * jax.lax.rsqrt(count.astype(jnp.float32)))
+  with pytest.raises(ValueError, match=r"schedule at step 0 .* \(an array of shape \(2,\)\)"):
+    ah.adahessian(lambda count: jnp.full(2, 0.1))
+  with pytest.raises(ValueError, match=r"schedule at step 0 .* got -0.1\. A schedule takes"):
+    ah.adahessian(lambda count: -0.1)
+  with pytest.raises(TypeError, match=r"learning_rate is called as learning_rate\(count\), but"):
+    ah.adahessian(lambda: 0.1)
+  # Under jit the rate's value is unknown, its shape is not; eager updates check the value.
+  params, grads = small_params(), jax.grad(small_loss)(small_params())
+  vector = lambda count: jnp.full(2, 0.1) if isinstance(count, jax.core.Tracer) else 0.1
+  tx = ah.adahessian(vector)
+  step = jax.jit(lambda s: tx.update(grads, s, params, value_fn=small_loss))
+  with pytest.raises(ValueError, match=r"must return a real scalar, got an array of shape \(2,\)"):
+    step(tx.init(params))
+  tx = ah.adahessian(lambda count: jnp.where(count < 1, 0.1, jnp.nan))
+  state = tx.update(grads, tx.init(params), params, value_fn=small_loss)[1]
+  with pytest.raises(ValueError, match=r"schedule at step 1 must be a finite real number"):
+    tx.update(grads, state, params, value_fn=small_loss)
+  # optax's schedules pass, and follow their values.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10)
+  _, state = run(ah.adahessian(schedule), small_loss, params, 3)
+  assert int(state[2].count) == 3
+
+
 def test_a_leaf_that_is_not_an_array_and_a_bad_probe_count_are_named():
   with pytest.raises(TypeError, match=r"the leaf at \['name'\] is str 'dense'"):
     ah.adahessian(0.1).init({"w": jnp.ones(3), "name": "dense"})
