@@ -47,7 +47,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adahessian_jax import _keys, _validation, masking
-from adahessian_jax._axes import device_varying, fold_in_axis_index, warn_if_loss_couples_devices
+from adahessian_jax._axes import (
+  check_names,
+  device_varying,
+  fold_in_axis_index,
+  warn_if_loss_couples_devices,
+)
 from adahessian_jax.state import (
   adahessian_states,
   check_key_data,
@@ -278,6 +283,14 @@ def _replica_count(devices: Sequence[Any] | None) -> int:
   return n
 
 
+def _is_value(leaf: Any) -> bool:
+  """Whether ``pmap`` takes ``leaf`` (not a Python scalar): a ``jax.Array``, a NumPy array or
+  scalar of a numeric or boolean dtype, or an object JAX converts itself (``__jax_array__``)."""
+  if isinstance(leaf, np.ndarray | np.generic):
+    return leaf.dtype == np.bool_ or bool(jnp.issubdtype(leaf.dtype, jnp.number))
+  return isinstance(leaf, jax.Array) or hasattr(leaf, "__jax_array__")
+
+
 def _one_copy(axis_name: Any) -> Callable[[Any, Any], Any]:
   """The check of one leaf of ``replicate``'s tree: an array or Python scalar, one device's copy.
 
@@ -289,6 +302,12 @@ def _one_copy(axis_name: Any) -> Callable[[Any, Any], Any]:
   def check(path: Any, leaf: Any) -> Any:
     if isinstance(leaf, (bool, int, float, complex)):
       return jnp.asarray(leaf, dtype=jnp.result_type(leaf))
+    if not _is_value(leaf):  # pmap's error named "flat_args[1]", not the leaf
+      raise TypeError(
+        f"replicate: the leaf at {_validation.path_str(path)} is {type(leaf).__name__} {leaf!r}, "
+        "not an array or number, which pmap cannot pass to the step. Keep it out of the tree "
+        "(close over it in the step, or make it a static argument)."
+      )
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(leaf, jax.Array) or not isinstance(sharding, Sharding):
       return leaf
@@ -341,9 +360,11 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
     on each device.
 
   Raises:
-    TypeError: for an ``axis_name`` that is not hashable, or an entry of ``devices`` that is
-      not a ``jax.Device``.
-    ValueError: for ``devices`` that repeat a device or hold none of this process's, or a leaf
+    TypeError: for an ``axis_name`` that is not hashable, an entry of ``devices`` that is
+      not a ``jax.Device``, or a leaf of ``tree`` that is not an array or number (naming its
+      path).
+    ValueError: for an ``axis_name`` that is a tuple or an integer (``pmap``'s collectives
+      cannot use it), ``devices`` that repeat a device or hold none of this process's, or a leaf
       of ``tree`` that is already stacked over ``axis_name`` (``replicate``'s or the step's
       output) or split over devices (naming its path).
   """
@@ -354,6 +375,12 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
       f"replicate: axis_name={axis_name!r} is a {type(axis_name).__name__}, not hashable; pass "
       "the axis_name of the pmap-ed step (a str such as 'batch')."
     ) from None
+  if isinstance(axis_name, tuple):  # pmap binds one axis; its collectives read a tuple as several
+    raise ValueError(
+      f"replicate: axis_name={axis_name!r} is a tuple, but a pmap-ed step maps over one axis: "
+      "pass the axis_name its jax.pmap is given (a str such as 'batch')."
+    )
+  check_names(axis_name)  # an integer, which collectives read as an array axis
   if devices is not None:
     devices = tuple(devices)
   n = _replica_count(devices)

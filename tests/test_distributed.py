@@ -842,6 +842,33 @@ def test_replicate_refuses_bad_axis_names_and_devices_naming_them():
     distributed.replicate(tree, "batch", devices=[])
 
 
+def test_replicate_refuses_axis_names_and_leaves_pmap_cannot_use_naming_them():
+  """An integer or tuple axis_name failed inside pmap with an MLIR "get(): incompatible function
+  arguments" or "Resource axis: a of P(('a', 'b'),) is not found in mesh", and a str leaf with
+  "... passed to the function at path flat_args[1]", naming neither the argument nor the leaf."""
+  import jax
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  tree = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"axis_name=0: 0 is an integer, which JAX's collectives"):
+    distributed.replicate(tree, 0)
+  with pytest.raises(ValueError, match=r"axis_name=\('a', 'b'\) is a tuple, but a pmap-ed step"):
+    distributed.replicate(tree, ("a", "b"))
+  with pytest.raises(TypeError, match=r"leaf at \['cfg'\]\['act'\] is str 'relu', not an array"):
+    distributed.replicate({**tree, "cfg": {"act": "relu"}}, "batch")
+  abstract = jax.ShapeDtypeStruct((2,), jnp.float32)
+  with pytest.raises(TypeError, match=r"leaf at the root \(the tree is a single array\) is Shape"):
+    distributed.replicate(abstract, "batch")
+  with pytest.raises(TypeError, match=r"leaf at \[0\] is ndarray array\(\['a'\]"):
+    distributed.replicate([np.array(["a"])], "batch")
+  # What pmap takes still passes: NumPy arrays and scalars of numeric or boolean dtypes.
+  out = distributed.replicate([np.ones(2, np.float32), np.int32(3), np.bool_(True)], "batch")
+  n = jax.local_device_count()
+  assert [x.shape for x in out] == [(n, 2), (n,), (n,)]
+
+
 def test_replicate_refuses_a_tree_it_already_stacked_naming_the_leaf():
   import jax.numpy as jnp
 
