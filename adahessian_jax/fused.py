@@ -251,15 +251,31 @@ def value_grad_and_hessian_diag(
     ``tx.update``.
 
   Raises:
-    TypeError: when the returned function is called with a leaf of ``params``
-      that is not a real floating array (naming its path): it differentiates
-      every leaf, also one that ``optax.masked`` keeps from AdaHessian.
+    TypeError: for a ``fun`` that is not callable; when the returned function is
+      called with arguments ``fun``'s signature cannot take after ``params``, or a
+      leaf of ``params`` that is not a real floating array (naming its path): it
+      differentiates every leaf, also one that ``optax.masked`` keeps from AdaHessian.
     ValueError: when it is called with an ``opt_state`` that holds no
       AdaHessian state, or more than one; and for ``refresh`` as
       :func:`adahessian_jax.is_refresh_step` does.
   """
 
+  if not callable(fun):  # was Python's "'...' object is not callable" at the first call
+    raise TypeError(
+      f"value_grad_and_hessian_diag takes the loss function, fun(params, *args, **kwargs); got "
+      f"{fun!r}. Pass the function itself: value_grad_and_hessian_diag(loss_fn)."
+    )
+
   def wrapped(params, opt_state, *args, **kwargs):
+    # Python's own error, from inside the trace, named neither the loss nor the fix.
+    _validation.callable_with(
+      fun,
+      (params, *args),
+      kwargs,
+      "fun(params, *args, **kwargs)",
+      "value_grad_and_hessian_diag(fun)(params, opt_state, *args, **kwargs) calls "
+      "fun(params, *args, **kwargs): pass the loss's other arguments after opt_state.",
+    )
     # Inside optax.masked another transform may own an integer leaf (a step counter), which
     # jax.jvp then refused with an error about float0 tangents.
     _validation.float_leaves(

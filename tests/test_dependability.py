@@ -201,6 +201,27 @@ def test_a_learning_rate_schedule_is_checked_where_it_is_given_and_where_it_is_c
   assert int(state[2].count) == 3
 
 
+def test_the_fused_route_names_a_loss_it_cannot_call():
+  """A loss's value for the loss (value_grad_and_hessian_diag(loss_fn(params))) was taken and
+  failed at the first call with "'Array' object is not callable"; a call without the loss's batch
+  failed inside the trace with Python's "missing 1 required positional argument", naming neither
+  the fused route nor where the batch goes."""
+  params = small_params()
+  loss = lambda p, scale: scale * small_loss(p)
+  with pytest.raises(TypeError, match=r"takes the loss function, .*; got Array\(5\.26"):
+    ah.value_grad_and_hessian_diag(small_loss(params))
+  vgh = ah.value_grad_and_hessian_diag(loss)
+  state = ah.adahessian(0.1).init(params)
+  with pytest.raises(
+    TypeError,
+    match=r"signature is \(p, scale\): missing a required argument: "
+    r"'scale'\. .* pass the loss's other arguments after opt_state",
+  ):
+    jax.jit(vgh)(params, state)
+  value, _, _ = vgh(params, state, 2.0)
+  assert float(value) == pytest.approx(2.0 * float(small_loss(params)))
+
+
 def test_a_leaf_that_is_not_an_array_and_a_bad_probe_count_are_named():
   with pytest.raises(TypeError, match=r"the leaf at \['name'\] is str 'dense'"):
     ah.adahessian(0.1).init({"w": jnp.ones(3), "name": "dense"})
