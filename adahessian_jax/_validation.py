@@ -197,6 +197,9 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
     where = path_str(path)
     must = f"{what} must be real floating-point arrays, but the leaf at {where}"
     try:
+      # result_type reads a str ("float32", "f"), a scalar type or a dtype as the dtype it names.
+      if isinstance(leaf, str | bytes | type | np.dtype):
+        raise TypeError
       dtype = jnp.result_type(leaf)
     except TypeError:
       raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}") from None

@@ -225,6 +225,12 @@ def test_the_fused_route_names_a_loss_it_cannot_call():
 def test_a_leaf_that_is_not_an_array_and_a_bad_probe_count_are_named():
   with pytest.raises(TypeError, match=r"the leaf at \['name'\] is str 'dense'"):
     ah.adahessian(0.1).init({"w": jnp.ones(3), "name": "dense"})
+  # A str that names a dtype was read as that dtype: init made it a float32 state entry, and the
+  # update failed with "Argument 'float32' of type <class 'str'> is not a valid JAX type".
+  with pytest.raises(TypeError, match=r"the leaf at \['dtype'\] is str 'float32'"):
+    ah.adahessian(0.1).init({"w": jnp.ones(3), "dtype": "float32"})
+  with pytest.raises(TypeError, match=r"the leaf at \['dtype'\] is _ScalarMeta"):
+    ah.adahessian(0.1).init({"w": jnp.ones(3), "dtype": jnp.float32})
   for n in (0, -1):  # gave NaN and an MLIR error
     with pytest.raises(ValueError, match=f"n_samples must be an integer >= 1, got {n}"):
       ah.hutchinson_diagonal(small_loss, small_params(), jax.random.key(0), n_samples=n)
