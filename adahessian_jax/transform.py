@@ -9,6 +9,7 @@ from typing import Any, cast
 import jax
 import jax.core
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adahessian_jax import _keys, _validation, _wrappers, hutchinson, masking, spatial
@@ -865,7 +866,8 @@ def scale_by_adahessian(
 
   Raises:
     ValueError: at construction, for a hyperparameter out of range, naming it, an
-      integer ``axis_name`` (JAX reads it as an array axis), or a ``block_size`` that
+      integer ``axis_name`` (JAX reads it as an array axis), an ``independent_probes`` that is
+      not a bool, or a ``block_size`` that
       one rule for every leaf would not use (at ``init``: that rules of the leaves' own would
       not use); at ``update`` for a state made with another ``update_freq``,
       ``n_samples`` or ``lazy_moment``, moments of other dtypes than a given ``mu_dtype`` or
@@ -908,6 +910,9 @@ def scale_by_adahessian(
   seed = _seed(seed)
   if axis_name is not None:
     check_names(axis_name)
+  if not isinstance(independent_probes, bool | np.bool_):  # "False" (a config's str) is truthy
+    raise ValueError(f"independent_probes must be True or False, got {independent_probes!r}.")
+  independent_probes = bool(independent_probes)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)

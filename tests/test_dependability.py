@@ -153,6 +153,8 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(mu_dtype="float33"), r"mu_dtype must be a floating-point dtype, got 'float33' \("),
     (dict(lazy_moment="refreshed"), r"lazy_moment must be 'repeat' or 'refresh', got 'refreshed'"),
     (dict(independent_probes=True), r"independent_probes=True needs axis_name"),
+    # A str from a config was truthy: "False" drew each device its own probes.
+    (dict(independent_probes="False", axis_name="b"), r"must be True or False, got 'False'\."),
     # block_size is the default rule's: beside one rule for every leaf it would be dropped.
     (
       dict(block_size=4, averaging=ah.spatial.none()),
