@@ -39,10 +39,38 @@ except ImportError as e:
 # (fp8 scales and amax histories); TrainState.create keeps it out of the optimizer state.
 _OWG = fp8_ops.OVERWRITE_WITH_GRADIENT
 _NOT_GIVEN: Any = object()  # apply_gradients' expected_axis_name when the caller names no axis
+# Flax's collections that hold state, not parameters: BatchNorm's (and SpectralNorm's) running
+# statistics, a decoder's cache and Module.sow's intermediates. Beside "params" in the params
+# given to create, they are a whole variables dict, whose statistics the optimizer would step.
+_NOT_TRAINED = ("batch_stats", "cache", "intermediates")
 
 
 def _has_owg(tree: Any) -> bool:
   return isinstance(tree, Mapping) and _OWG in tree
+
+
+def _check_params(params: Any) -> None:
+  """Raises unless ``params`` is free of Flax's non-trainable collections beside ``"params"``.
+
+  ``TrainState.create(params=model.init(key, x))`` passes the whole variables dict; with a
+  BatchNorm the loss (``apply_fn(params, x)``) then reads the running statistics from ``params``,
+  and the optimizer steps them as parameters (by their gradient, its curvature estimate and the
+  weight decay), silently.
+  """
+  if not isinstance(params, Mapping) or "params" not in params:
+    return
+  held = [name for name in _NOT_TRAINED if name in params]
+  if not held:
+    return
+  stats = ", batch_stats=variables['batch_stats']" if "batch_stats" in held else ""
+  raise ValueError(
+    f"TrainState.create: params holds the collection(s) {held} beside 'params', as the whole "
+    "variables dict of model.init does, so the optimizer would step them as parameters (by "
+    "their gradient, curvature and weight decay): BatchNorm's running statistics would drift "
+    f"silently. Pass the collections apart: TrainState.create(params=variables['params']{stats}"
+    ", ...), with the loss applying {'params': params, 'batch_stats': state.batch_stats}; "
+    "apply(..., mutable=[...]) returns a cache or intermediates afresh."
+  )
 
 
 def _check_batch_stats(old: Any, new: Any) -> None:
@@ -133,7 +161,13 @@ class TrainState(train_state.TrainState):
 
     Returns:
       A new :class:`TrainState` at step 0.
+
+    Raises:
+      ValueError: for ``params`` holding ``batch_stats``, ``cache`` or
+        ``intermediates`` beside ``params`` (the whole variables dict of
+        ``model.init``), which the optimizer would step as parameters.
     """
+    _check_params(params)
     created = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
     # With committed params, an uncommitted step or state leaf (optax's counts, of any tx, not
     # only adahessian's, whose init commits its own) also compiled the step twice: jit keys on it

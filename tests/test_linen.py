@@ -121,6 +121,24 @@ def test_apply_loss_with_batchnorm_and_dropout_matches_closure_route(setup, upda
   assert eval_loss(fused_state) < (0.7 if update_freq == 1 else 0.95) * initial
 
 
+def test_create_refuses_the_whole_variables_dict_as_params(setup):
+  # params=model.init(...) holds batch_stats beside params: a loss of apply_fn(params, x) read the
+  # running statistics from params and the optimizer stepped them (here weight decay and the
+  # gradient moved BatchNorm's mean and var), silently.
+  model, variables, x, y = setup
+  tx = ah.adahessian(0.1, weight_decay=0.1)
+  fix = r"params=variables\['params'\], batch_stats=variables\['batch_stats'\]"
+  with pytest.raises(ValueError, match=r"holds the collection\(s\) \['batch_stats'\] .*" + fix):
+    TrainState.create(apply_fn=model.apply, params=variables, tx=tx)
+  with pytest.raises(ValueError, match=r"\['cache', 'intermediates'\]"):
+    wrapped = {"params": variables["params"], "cache": {}, "intermediates": {}}
+    TrainState.create(apply_fn=model.apply, params=wrapped, tx=tx)
+  # The variables dict of a model with parameters only, and the parameters, are parameters.
+  for params in ({"params": variables["params"]}, variables["params"]):
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    assert jax.tree.structure(state.params) == jax.tree.structure(params)
+
+
 def test_overwrite_with_gradient_collection_is_replaced_not_stepped():
   # fp8 training keeps scales and amax histories in Flax's '_overwrite_with_gradient' collection:
   # Flax's TrainState.create makes the optimizer state for params['params'] only, and
