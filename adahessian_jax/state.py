@@ -206,7 +206,17 @@ def check_key_data(key: Any) -> None:
   JAX, or a single raw key of shape ``(2,)`` read as two probes' keys. Raw data of another
   size per key than the default PRNG implementation's (a state made under another
   ``jax_default_prng_impl``) failed in JAX's ``wrap_key_data`` without naming the state.
+  The state of an ``nnx.Optimizer`` (``optimizer.opt_state``, its arrays in ``nnx.OptArray``
+  Variables) failed there too, with JAX's "Triggering __jax_array__() during abstractification".
   """
+  if hasattr(key, "__jax_array__") and not isinstance(key, jax.Array):
+    raise ValueError(
+      f"the AdaHessian state's key is a {type(key).__module__}.{type(key).__qualname__} that "
+      "wraps the key data, not the array itself: the state of an nnx.Optimizer "
+      "(optimizer.opt_state holds its arrays in Variables), which JAX's PRNG functions refuse. "
+      "Pass the pure state, nnx.as_pure(optimizer.opt_state), or use "
+      "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, ...)."
+    )
   typed = _keys.is_typed(jnp.result_type(key))
   if not typed and jnp.ndim(key) == 2 and jnp.result_type(key) == jnp.uint32:
     size = default_key_size()

@@ -724,3 +724,24 @@ def test_model_and_optimizer_placed_together_compile_the_jitted_step_once():
     losses += [step(model, optimizer, x, y) for _ in range(4)]
   assert compiles.count == 0 and int(optimizer.step[...]) == 5
   assert float(losses[-1]) < float(losses[0])
+
+
+def test_an_nnx_optimizers_opt_state_with_its_variables_is_refused_naming_as_pure():
+  """optimizer.opt_state holds its arrays in nnx.OptArray Variables: the package's own fused route
+  and probe_keys given it failed in JAX's wrap_key_data with "Triggering __jax_array__() during
+  abstractification", naming neither the state nor nnx.as_pure."""
+  x, y = data()
+  model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  graphdef, params = nnx.split(model, nnx.Param)
+  loss = lambda p: loss_fn(nnx.merge(graphdef, p), x, y)
+  fix = r"key is a flax\.nnx\..*OptArray .*nnx\.as_pure\(optimizer\.opt_state\)"
+  with pytest.raises(ValueError, match=fix):
+    ah.value_grad_and_hessian_diag(loss)(params, optimizer.opt_state)
+  with pytest.raises(ValueError, match=fix):
+    ah.probe_keys(ah.find_adahessian_state(optimizer.opt_state))
+  # The fix the message gives: the same step as the nnx helper's.
+  pure = ah.value_grad_and_hessian_diag(loss)(params, nnx.as_pure(optimizer.opt_state))
+  helper = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+  assert_trees_allclose(nnx.as_pure(pure[2]), nnx.as_pure(helper[2]), rtol=1e-12)
+  np.testing.assert_allclose(pure[0], helper[0], rtol=1e-12)
