@@ -447,6 +447,12 @@ def test_plot_landscape_2d_refuses_what_it_cannot_draw():
     ({"alphas": [0.0, np.inf]}, "alphas must be finite, got inf at index 1"),
     ({"alphas": np.zeros((2, 2))}, r"alphas must be a 1-D array .* shape \(2, 2\)"),
     ({"alphas": 0.5}, r"alphas must be a 1-D array .* shape \(\)"),
+    # Bools were read as 1.0 and 0.0, strings as the numbers they spell.
+    (
+      {"alphas": [True, False]},
+      r"alphas must be .* finite numbers, got \[True, False\] \(dtype bool",
+    ),
+    ({"alphas": ["0", "1"]}, r"alphas must be a 1-D array of finite numbers, got \['0', '1'\]"),
     ({"direction": "zeros", "normalize": "unit"}, "the direction is zero"),
     ({"direction": "nan"}, r"the direction is not finite: nan at \['out'\]\['bias'\]\[1\]"),
     ({"direction": "transposed"}, r"leaf at \['hidden'\]\['kernel'\] has shape \(8, 5\)"),

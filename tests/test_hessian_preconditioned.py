@@ -194,6 +194,22 @@ def test_a_bad_preconditioner_entry_is_named_by_leaf_path_and_index():
     hessian.preconditioned_operator(op, jnp.ones(op.size).at[3].set(-1.0))
 
 
+def test_a_preconditioner_that_is_not_of_a_float_dtype_is_refused_naming_the_leaf():
+  params, batch = mlp()
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  # A bool P (a mask given where P was meant) was read as P = 1 and 0.
+  with pytest.raises(
+    ValueError, match=r"must hold real floating-point values, but it has dtype bool"
+  ):
+    hessian.preconditioned_operator(op, jnp.ones(op.size, bool))
+  p = jax.tree.map(jnp.ones_like, params)
+  p["out"]["bias"] = jnp.ones_like(p["out"]["bias"], jnp.int32)
+  with pytest.raises(ValueError, match=r"its leaf at \['out'\]\['bias'\] has dtype int32"):
+    hessian.preconditioned_operator(op, p)
+  with pytest.raises(ValueError, match=r"must be an array or a pytree of arrays, .* str 'ones'"):
+    hessian.preconditioned_operator(op, "ones")
+
+
 def test_injected_hyperparameters_are_read_from_the_state():
   params, _ = mlp()
   state = _stepped(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b2=0.9), params)

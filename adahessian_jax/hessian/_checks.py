@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _keys, _validation
@@ -87,24 +88,42 @@ def like_params(tree: Any, params: Any, what: str) -> None:
   real(tree, what)
 
 
-def real(tree: Any, what: str) -> None:
-  """Raises ``ValueError`` naming the first leaf of ``tree`` with a complex dtype.
+def real(tree: Any, what: str, *, floating: bool = False) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``tree`` with a complex dtype (with
+  ``floating``, any dtype that is not a real floating one: a bool or an integer too).
 
   The Hessian acts on real vectors: cast to the params' dtype, a complex direction or
-  preconditioner would silently lose its imaginary part.
+  preconditioner would silently lose its imaginary part, and a bool one would be read as 1.0
+  and 0.0.
 
   Args:
     tree: A pytree of arrays, or one array.
     what: What ``tree`` is, as the caller names it.
+    floating: Whether only real floating dtypes are allowed (a preconditioner, whose bool or
+      integer entries are no optimizer's).
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+    whose = f"its leaf at {jax.tree_util.keystr(path)}" if path else "it"
+    try:  # np.result_type reads a str ("ones", "f") as the dtype it names, or fails
+      if isinstance(leaf, str | bytes):
+        raise TypeError
+      dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+    except TypeError:
+      raise ValueError(
+        f"{what} must be an array or a pytree of arrays, but {whose} is "
+        f"{type(leaf).__name__} {leaf!r}."
+      ) from None
     if np.issubdtype(dtype, np.complexfloating):
-      whose = f"its leaf at {jax.tree_util.keystr(path)}" if path else "it"
       raise ValueError(
         f"{what} must be real, but {whose} has dtype {dtype}: the Hessian acts on real "
         "vectors, and a cast to the params' dtype would drop the imaginary part. Pass the real "
         "part (or the parts) explicitly."
+      )
+    if floating and not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 too
+      raise ValueError(
+        f"{what} must hold real floating-point values, but {whose} has dtype {dtype} (a bool "
+        "would be read as 1.0 and 0.0). Pass floats, e.g. jnp.asarray(x, jnp.float32) (1.0, "
+        "not 1, for a scalar)."
       )
 
 

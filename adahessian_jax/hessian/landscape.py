@@ -402,11 +402,17 @@ def _grid_losses(loss_fn, unravel, flat, directions, coeffs, batch, chunk):
 
 
 def _steps(name: str, values: Any) -> np.ndarray:
-  """``values`` as a float64 array if it is 1-D and finite, else ``ValueError``."""
+  """``values`` as a float64 array if it is 1-D, real (not bool) and finite, else ``ValueError``."""
   try:
-    arr = np.asarray(values, dtype=np.float64)
+    given = np.asarray(values)
   except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a 1-D array of finite numbers, got {values!r}") from None
+    given = np.asarray(None)  # a ragged list: an object array, refused below
+  real = jnp.issubdtype(given.dtype, jnp.floating) or jnp.issubdtype(given.dtype, jnp.integer)
+  if not real or given.dtype == np.bool_:  # bools were read as 1.0 and 0.0, strings as numbers
+    raise ValueError(
+      f"{name} must be a 1-D array of finite numbers, got {values!r} (dtype {given.dtype})"
+    )
+  arr = given.astype(np.float64)
   if arr.ndim != 1:
     raise ValueError(f"{name} must be a 1-D array of finite numbers, got shape {arr.shape}")
   bad = np.flatnonzero(~np.isfinite(arr))

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from adahessian_jax import _validation, layout, masking
+from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.state import (
   adahessian_states,
@@ -383,10 +384,12 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
 
   Raises:
     ValueError: if ``P`` is a pytree of other leaves (paths, boxes aside) or leaf
-      shapes than the params, a flat array of another size, complex, or has an entry that
+      shapes than the params, a flat array of another size, not of a real floating dtype
+      (complex, bool or integer; named by leaf path), or has an entry that
       is not positive (NaN, 0, negative or ``-inf``; named by leaf path and
       index in the leaf).
   """
+  _checks.real(preconditioner, "the preconditioner", floating=True)  # a bool one read as 1, 0
   flat = op.layout.flatten(_scalars_broadcast(preconditioner, op.params), "the preconditioner")
   flat = jnp.asarray(flat, op.dtype)
   host = np.asarray(flat)
