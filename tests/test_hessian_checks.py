@@ -170,9 +170,14 @@ def test_layer_breakdown_checks_its_eigen_arguments_before_the_trace_probes(ops,
     (lambda op: hessian.loss_landscape_2d(op, [0.0], [0.0], chunk=0), "chunk must be an integer"),
     (lambda op: hessian.loss_landscape_1d(op.block(3), [0.0]), "needs the loss and data"),
     (lambda op: hessian.loss_landscape_2d(op.masked(3), [0.0], [0.0]), "needs the loss and data"),
+    # An empty grid spent the eigenvectors' products, then gave an empty landscape.
+    (lambda op: hessian.loss_landscape_1d(op, []), "alphas is empty: give at least one step"),
+    (lambda op: hessian.loss_landscape_2d(op, [], [0.0]), "alphas is empty"),
+    (lambda op: hessian.loss_landscape_2d(op, [0.0], np.zeros(0)), "betas is empty"),
+    (lambda op: hessian.loss_landscape_2d(op, [0.0], [np.inf]), "betas must be finite, got inf"),
   ],
 )
-def test_landscapes_check_chunk_and_data_before_the_default_directions(ops, call, message):
+def test_landscapes_check_steps_chunk_and_data_before_the_default_directions(ops, call, message):
   # They were checked after the top eigenvectors, the default directions, were computed.
   _, bad, calls = ops
   calls.clear()

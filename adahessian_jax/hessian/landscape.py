@@ -54,8 +54,8 @@ which leaves are stacked.
 The loss at the operator's point must be finite: a non-finite one raises
 :class:`~adahessian_jax.hessian.NonFiniteError` before the grid is evaluated.
 Away from it, a non-finite loss (an overflow far along a direction) is part of
-the landscape and returned as it is. Steps must be finite and directions finite
-and nonzero (``ValueError`` otherwise).
+the landscape and returned as it is. Steps must be finite (at least one along each
+direction) and directions finite and nonzero (``ValueError`` otherwise).
 
 :func:`random_direction` draws the Gaussian directions those papers normalise.
 
@@ -402,7 +402,8 @@ def _grid_losses(loss_fn, unravel, flat, directions, coeffs, batch, chunk):
 
 
 def _steps(name: str, values: Any) -> np.ndarray:
-  """``values`` as a float64 array if it is 1-D, real (not bool) and finite, else ``ValueError``."""
+  """``values`` as a float64 array if it is 1-D, nonempty, real (not bool) and finite, else
+  ``ValueError``."""
   try:
     given = np.asarray(values)
   except (TypeError, ValueError):
@@ -415,6 +416,8 @@ def _steps(name: str, values: Any) -> np.ndarray:
   arr = given.astype(np.float64)
   if arr.ndim != 1:
     raise ValueError(f"{name} must be a 1-D array of finite numbers, got shape {arr.shape}")
+  if not arr.size:  # refused before the default directions spend their products
+    raise ValueError(f"{name} is empty: give at least one step (an empty grid has no losses)")
   bad = np.flatnonzero(~np.isfinite(arr))
   if bad.size:
     raise ValueError(f"{name} must be finite, got {arr[bad[0]]} at index {int(bad[0])}")
@@ -504,7 +507,7 @@ def loss_landscape_1d(
 
   Args:
     op: The Hessian operator (its params ``θ`` and data define the loss).
-    alphas: Step sizes, a 1-D array of finite numbers.
+    alphas: Step sizes, a nonempty 1-D array of finite numbers.
     direction: A pytree like the params or a flat ``(n,)`` array, finite and
       nonzero; by default
       the top Hessian eigenvector (unit norm, so ``α`` is a Euclidean distance;
