@@ -594,3 +594,23 @@ def test_a_2d_landscape_of_one_parameter_without_directions_says_why():
   ):
     hessian.loss_landscape_2d(op, [0.0], [0.0])
   np.testing.assert_allclose(hessian.loss_landscape_1d(op, [0.0, 1.0]).losses, [1.0, 16.0])
+
+
+def test_each_plot_refuses_another_result_naming_the_function_that_plots_it():
+  # plot_landscape_1d drew a Landscape2D as one line per column of its losses; the other
+  # mix-ups failed with an AttributeError. Refused before matplotlib is imported or a figure made.
+  line = hessian.Landscape1D(np.zeros(2), np.ones(2), jnp.zeros(2))
+  plane = hessian.Landscape2D(np.zeros(2), np.zeros(2), np.ones((2, 2)), jnp.zeros((2, 1)))
+  density = hessian.SpectralDensity(
+    np.zeros(3), np.ones(3), np.zeros((1, 1)), np.ones((1, 1)), 0.1, 1
+  )
+  cases = [
+    (hessian.plot_landscape_1d, plane, "Landscape1D .* got .* Landscape2D: .* plot_landscape_2d"),
+    (hessian.plot_landscape_2d, density, "Landscape2D .* SpectralDensity: .* plot_spectral_dens"),
+    (hessian.plot_landscape_2d, line, "Landscape2D .* Landscape1D: plot it with plot_landscape_1d"),
+    (hessian.plot_spectral_density, line, "SpectralDensity .* Landscape1D: .* plot_landscape_1d"),
+    (hessian.plot_spectral_density, {"grid": 0}, r"SpectralDensity .* of type dict\.$"),
+  ]
+  for plot, result, message in cases:
+    with pytest.raises(TypeError, match=rf"^{plot.__name__} plots a {message}"):
+      plot(result)

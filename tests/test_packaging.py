@@ -139,8 +139,9 @@ for info in pkgutil.walk_packages(adahessian_jax.__path__, "adahessian_jax."):
     importlib.import_module(info.name)
   except ImportError as e:
     errors[info.name] = str(e)
-try:
-  adahessian_jax.hessian.plot_landscape_1d(None)
+try:  # a landscape of the right type: the plots check it before importing matplotlib
+  line = adahessian_jax.hessian.Landscape1D([0.0], [1.0], None)
+  adahessian_jax.hessian.plot_landscape_1d(line)
 except ImportError as e:
   errors["plot_landscape_1d"] = str(e)
 print(json.dumps(errors))

@@ -20,6 +20,32 @@ if TYPE_CHECKING:  # matplotlib is optional: imported on first use
 __all__ = ["plot_landscape_1d", "plot_landscape_2d", "plot_spectral_density"]
 
 
+#: Each result the plots draw: the analysis that returns it and the function that plots it.
+_PLOTS = {
+  SpectralDensity: ("spectral_density", "plot_spectral_density"),
+  Landscape1D: ("loss_landscape_1d", "plot_landscape_1d"),
+  Landscape2D: ("loss_landscape_2d", "plot_landscape_2d"),
+}
+
+
+def _check_result(result: Any, expected: type) -> None:
+  """Raises ``TypeError`` unless ``result`` is an ``expected``, naming the type given and, for
+  another analysis's result, the function that plots that.
+
+  A ``Landscape2D`` given to ``plot_landscape_1d`` drew one line per column of its losses, and
+  the other mix-ups failed on a missing attribute.
+  """
+  if isinstance(result, expected):
+    return
+  source, call = _PLOTS[expected]
+  other = next((fn for kind, (_, fn) in _PLOTS.items() if isinstance(result, kind)), None)
+  fix = f": plot it with {other}" if other else ""
+  raise TypeError(
+    f"{call} plots a {expected.__name__} (from {source}), got an object of type "
+    f"{type(result).__qualname__}{fix}."
+  )
+
+
 def _axes(ax: matplotlib.axes.Axes | None) -> matplotlib.axes.Axes:
   if ax is not None:
     return ax
@@ -49,7 +75,11 @@ def plot_spectral_density(
 
   Returns:
     The axes.
+
+  Raises:
+    TypeError: for a ``density`` that is no ``SpectralDensity`` (naming what plots it).
   """
+  _check_result(density, SpectralDensity)
   ax = _axes(ax)
   y = np.maximum(density.density, floor) if log else density.density
   ax.plot(density.grid, y, **line_kwargs)
@@ -75,7 +105,12 @@ def plot_landscape_1d(
     zig-zag). Where a finite loss has no finite neighbour (a landscape of one point, or one
     between non-finite losses, which a line alone does not show), every point gets a marker,
     unless ``line_kwargs`` sets ``marker``.
+
+  Raises:
+    TypeError: for a ``landscape`` that is no ``Landscape1D`` (a ``Landscape2D``: use
+      :func:`plot_landscape_2d`).
   """
+  _check_result(landscape, Landscape1D)
   ax = _axes(ax)
   order = np.argsort(np.asarray(landscape.alphas), kind="stable")
   alphas, losses = np.asarray(landscape.alphas)[order], np.asarray(landscape.losses)[order]
@@ -115,9 +150,12 @@ def plot_landscape_2d(
     in any order are drawn in order of ``α`` and ``β`` (contours of an unsorted grid fold).
 
   Raises:
+    TypeError: for a ``landscape`` that is no ``Landscape2D`` (a ``Landscape1D``: use
+      :func:`plot_landscape_1d`).
     ValueError: for a grid with fewer than 2 points along a direction, and with ``log`` for a
       loss ``<= 0`` (naming the first one).
   """
+  _check_result(landscape, Landscape2D)
   a, b = np.argsort(landscape.alphas, kind="stable"), np.argsort(landscape.betas, kind="stable")
   alphas, betas = np.asarray(landscape.alphas)[a], np.asarray(landscape.betas)[b]
   losses = np.asarray(landscape.losses)[np.ix_(a, b)]
