@@ -497,8 +497,17 @@ def test_weighted_data_refuses_weights_that_are_no_weighted_mean():
 
 def test_bad_batch_lists_and_batch_sizes_are_named():
   params, batch = mlp()
-  with pytest.raises(ValueError, match="batches is empty; give at least one batch"):
+  with pytest.raises(ValueError, match=r"batches is empty; give at least one batch\.$"):
     hessian.hessian_operator(mlp_loss, params, batches=[])
+  # A generator given again, read to its end by the first call: it said only "empty".
+  gen = (b for b in [batch])
+  hessian.hessian_operator(mlp_loss, params, batches=gen)
+  with pytest.raises(
+    ValueError,
+    match=r"batches is empty; .* It is a generator, which an earlier call given it may have "
+    r"consumed already .* pass a list, or a fresh iterator\.",
+  ):
+    hessian.hessian_operator(mlp_loss, params, batches=gen)
   for sizes in (3, "13"):  # a str is iterable, its characters no sizes
     with pytest.raises(
       ValueError, match=f"batch_sizes must be a sequence of numbers, got {sizes!r}"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -919,7 +919,15 @@ def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
     )
   data = list(batches)  # a sequence's elements, held by reference; an iterator read once
   if not data:
-    raise ValueError("batches is empty; give at least one batch")
+    # A generator (any iterator) is read once: one that yields nothing was most likely read
+    # to its end already, by an earlier call given it too.
+    consumed = (
+      f" It is a {type(batches).__name__}, which an earlier call given it may have consumed "
+      "already (an iterator yields its batches once): pass a list, or a fresh iterator."
+      if isinstance(batches, Iterator)
+      else ""
+    )
+    raise ValueError(f"batches is empty; give at least one batch.{consumed}")
   for i, b in enumerate(data):
     _check_like_first(b, data[0], f"batches[{i}]")
     _check_array_leaves(b, f"batches[{i}]")
