@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from adahessian_jax import _validation, distributed, fused, layout
+from adahessian_jax import state as state_lib
 from adahessian_jax._extras import missing_extra
 
 try:
@@ -132,6 +133,40 @@ def _check_selects(params: Any, wrt: Any, whose: str) -> None:
       "nothing to differentiate: pass the model the nnx.Optimizer was built for, with the "
       "optimizer's filter (a filter that selects none of the model's nnx.Param, such as a "
       "misspelt nnx.PathContains, would train nothing)."
+    )
+
+
+def _check_against_optimizer(params: Any, opt_state: Any) -> None:
+  """Raises ``ValueError`` if the model's trained variables ``params`` are not those the
+  optimizer's AdaHessian state (in the pure ``opt_state``) was made for: a leaf of another shape
+  at the same path, or a leaf of the state at a path where the model has none (another model).
+
+  Shapes and paths only (trace time): the pass itself ran on another model's parameters, and
+  ``optimizer.update`` then failed, with a hint about averaging per-example gradients where the
+  gradients were those of the other model. Leaves the state holds no moment for (``optax.masked``)
+  and a state made for the parameters flattened into one vector (``optax.flatten``) are passed.
+  """
+  found = state_lib.adahessian_states(opt_state)
+  if len(found) != 1:  # none or several: the fused pass names that
+    return
+  held = {jax.tree_util.keystr(x.path): jnp.shape(x.leaf) for x in layout.leaves(found[0].mu)}
+  model = {jax.tree_util.keystr(x.path): jnp.shape(x.leaf) for x in layout.leaves(params)}
+  fix = (
+    "Pass the model the nnx.Optimizer was built for (nnx.Optimizer(model, tx, wrt=...)), or "
+    "build the optimizer on this model."
+  )
+  call = "adahessian_jax.nnx.value_grad_and_hessian_diag"
+  for path, shape in model.items():
+    if path in held and held[path] != shape:
+      raise ValueError(
+        f"{call}: the model's parameter at {path} has shape {shape}, but the optimizer's state "
+        f"was made for a parameter of shape {held[path]} there. {fix}"
+      )
+  missing = [path for path in held if path and path not in model]  # "": optax.flatten's vector
+  if missing:
+    raise ValueError(
+      f"{call}: the optimizer's state holds a parameter at {missing[0]}, where the model has "
+      f"none that the optimizer's wrt selects. {fix}"
     )
 
 
@@ -285,8 +320,10 @@ def value_grad_and_hessian_diag(
 
   Raises:
     ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
-      selects, for an ``axis_name`` that no enclosing map binds, or for
-      ``independent_probes`` without ``axis_name``.
+      selects, or other ones than the optimizer's state was made for (a leaf of
+      another shape, or none where the state has one: another model), for an
+      ``axis_name`` that no enclosing map binds, or for ``independent_probes``
+      without ``axis_name``.
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``model`` is no NNX module (a Linen module, or a module's
       state: ``nnx.state``, ``nnx.split``, a pure dict), ``optimizer``
@@ -304,6 +341,8 @@ def value_grad_and_hessian_diag(
   )
   graphdef, params, rest = _split(model, optimizer.wrt, args, kwargs)
   _check_selects(params, optimizer.wrt, "the optimizer's ")
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  _check_against_optimizer(nnx.as_pure(params), opt_state)
   trained = _trained(nnx.filterlib.to_predicate(optimizer.wrt))
 
   def loss_of(p):
@@ -326,7 +365,7 @@ def value_grad_and_hessian_diag(
 
   params, opt_state = distributed._fused_pass_inputs(
     params,
-    nnx.as_pure(optimizer.opt_state),
+    opt_state,
     axis_name,
     independent_probes,
     "adahessian_jax.nnx.value_grad_and_hessian_diag",

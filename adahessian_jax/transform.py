@@ -265,7 +265,8 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
     def check(path, x, m, name=name):
       if jnp.shape(x) != jnp.shape(m):
         fix = (
-          "a gradient has its parameter's shape: average per-example gradients first"
+          "a gradient has its parameter's shape: average per-example gradients first, and take "
+          "them of the parameters the state was made for, not another model's"
           if name == "updates"
           else "pass the state made by init on these parameters"
         )

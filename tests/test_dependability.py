@@ -72,7 +72,12 @@ def test_hessian_diag_integer_leaf_is_rejected():
   "case,error,match",
   [
     ("state of other params", ValueError, r"params leaf at \['w'\] has shape \(3,\).*\(4,\)"),
-    ("per-example grads", ValueError, r"updates leaf at \['w'\] has shape \(2, 3\).*average"),
+    (
+      "per-example grads",
+      ValueError,
+      r"updates leaf at \['w'\] has shape \(2, 3\).*average .*, and take them of the "
+      r"parameters the state was made for, not another model's",
+    ),
     ("grads missing a leaf", ValueError, r"the updates tree .* no leaf at \['b'\]"),
     ("params with another leaf", ValueError, r"the params tree .* a leaf at \['c'\]"),
     ("complex grads", TypeError, r"updates leaf at \['w'\] has dtype complex"),

@@ -252,6 +252,25 @@ def test_a_model_without_the_optimizers_variables_is_refused_early():
     ah_nnx.value_grad_and_hessian_diag(loss_fn, frozen, optimizer, x, y)
 
 
+def test_a_model_of_other_parameters_than_the_optimizers_is_refused_naming_the_leaf():
+  # The fused pass ran on the other model, and optimizer.update then failed (for the optimizer's
+  # own model, with a hint about averaging per-example gradients).
+  x, y = data()
+  linear = lambda n: nnx.Linear(4, n, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(linear(1), ah.adahessian(0.1), wrt=nnx.Param)
+  with pytest.raises(
+    ValueError,
+    match=r"the model's parameter at \['bias'\] has shape \(2,\), but the optimizer's state was "
+    r"made for a parameter of shape \(1,\) there\. Pass the model the nnx.Optimizer was built for",
+  ):
+    ah_nnx.value_grad_and_hessian_diag(loss_fn, linear(2), optimizer, x, y)
+  net_optimizer = nnx.Optimizer(Net(nnx.Rngs(0)), ah.adahessian(0.1), wrt=nnx.Param)
+  with pytest.raises(
+    ValueError, match=r"the optimizer's state holds a parameter at \['bn'\]\['bias'\], where"
+  ):
+    ah_nnx.value_grad_and_hessian_diag(loss_fn, linear(1), net_optimizer, x, y)
+
+
 def test_model_and_loss_swapped_say_the_order_of_each_helper():
   # value_fn takes the model first, the fused route the loss first: the swap is easy to make, and
   # used to fail naming a filter (value_fn: 0 leaves selected; fused: "no variables").
