@@ -135,7 +135,7 @@ import optax
 
 from adahessian_jax import _evidence, layout, masking
 from adahessian_jax._extras import loaded
-from adahessian_jax._validation import STATIC_FIX, count
+from adahessian_jax._validation import STATIC_FIX, count, path_str
 from adahessian_jax.layout import (
   FEATURES,
   HEADS,
@@ -304,11 +304,21 @@ def _normalize_axis(
   axis: int, ndim: int, where: str, rule: Rule, verb: str = "averages over"
 ) -> int:
   if not -ndim <= axis < ndim:
+    fits = f"whose axes lie in {-ndim}..{ndim - 1}" if ndim else "without axes, spatial.none()"
     raise ValueError(
-      f"{rule} {verb} axis {axis}, but the leaf at {where} has rank {ndim}: give that leaf a "
-      f"rule whose axes lie in {-ndim}..{ndim - 1} (or None for the default)."
+      f"{rule} {verb} axis {axis}, but {_leaf_at(where)} has rank {ndim}: give that leaf a "
+      f"rule {fits} (or None for the default)."
     )
   return axis % ndim
+
+
+#: How a rule called on an array directly (not through :func:`resolve_rules`) names it.
+_APPLIED = "the array it is applied to"
+
+
+def _leaf_at(where: str) -> str:
+  """The subject of an error about the leaf at ``where`` (a path, or :data:`_APPLIED`)."""
+  return where if where == _APPLIED else f"the leaf at {where}"
 
 
 def _slice_where(where: str, axes: tuple[int, ...]) -> str:
@@ -350,7 +360,8 @@ class BlockMean(Rule):
   def __call__(self, d):
     if self.block_size == 1 or d.ndim == 0 or d.size == 0:
       return d
-    axis = self.axis % d.ndim
+    # Not self.axis % d.ndim: an axis beyond the rank would silently pick another axis.
+    axis = _normalize_axis(self.axis, d.ndim, _APPLIED, self)
     sharding = getattr(jax.typeof(d), "sharding", None)
     spec = getattr(sharding, "spec", ())
     if sharding is not None and axis < len(spec) and spec[axis] is not None:
@@ -400,11 +411,12 @@ class AxesMean(Rule):
   def check(self, shape, where):
     axes = [_normalize_axis(a, len(shape), where, self) for a in self.axes]
     if len(set(axes)) != len(axes):
-      raise ValueError(f"{self} names an axis twice for the rank-{len(shape)} leaf at {where}.")
+      raise ValueError(f"{self} names an axis twice for {_leaf_at(where)} (rank {len(shape)}).")
 
   def __call__(self, d):
     if not self.axes:
       return d
+    self.check(d.shape, _APPLIED)
     return jnp.broadcast_to(d.mean(axis=self.axes, keepdims=True), d.shape)
 
   def groups(self, shape):
@@ -427,7 +439,7 @@ class PerLayer(Rule):
   inner: Rule
   axes: tuple[int, ...] = (0,)
 
-  def _split(self, shape, where="the leaf"):
+  def _split(self, shape, where=_APPLIED):
     ndim = len(shape)
     axes = tuple(_normalize_axis(a, ndim, where, self, "keeps apart stacked") for a in self.axes)
     if len(set(axes)) != len(axes):
@@ -1572,8 +1584,16 @@ def apply_rules(rules: Any, tree: Any) -> Any:
 
   Returns:
     ``tree`` with every leaf replaced by its rule's average of it.
+
+  Raises:
+    ValueError: naming the leaf's path, if a rule does not fit its leaf (an axis beyond its rank).
   """
-  return jax.tree.map(lambda rule, d: rule(d), rules, tree, is_leaf=_is_rule)
+
+  def apply(path, rule, d):
+    rule.check(tuple(jnp.shape(d)), path_str(path))
+    return rule(d)
+
+  return jax.tree_util.tree_map_with_path(apply, rules, tree, is_leaf=_is_rule)
 
 
 def describe(

@@ -280,3 +280,24 @@ def test_blocks_along_an_axis_of_no_known_role_are_a_guess(names, axis):
   with pytest.raises(ValueError, match=r"\['w'\]: shape"):
     spatial.describe(params, spatial.strict(by_names), 4)
   assert not spatial.describe(params, by_names, 1).ambiguous  # blocks of 1 average nothing
+
+
+def test_a_rule_applied_by_hand_refuses_an_axis_beyond_the_rank():
+  # apply_rules and a rule called on an array took the axis modulo the rank: blocks(2, axis=5)
+  # on a (2, 3) leaf averaged along axis 1, silently.
+  d = jnp.arange(6.0).reshape(2, 3)
+  with pytest.raises(
+    ValueError, match=r"blocks\(2, axis=5\) averages over axis 5, but the leaf at "
+  ):
+    spatial.apply_rules({"w": spatial.blocks(2, axis=5)}, {"w": d})
+  with pytest.raises(ValueError, match=r"\['w'\] has rank 2: .* axes lie in -2\.\.1"):
+    spatial.apply_rules({"w": spatial.blocks(2, axis=5)}, {"w": d})
+  with pytest.raises(ValueError, match="the array it is applied to has rank 2"):
+    spatial.blocks(2, axis=5)(d)
+  with pytest.raises(ValueError, match=r"mean_over\(\(5,\)\) .* the array it is applied to"):
+    spatial.mean_over(5)(d)
+  with pytest.raises(ValueError, match=r"\['s'\] has rank 0: give that leaf a rule without axes"):
+    spatial.resolve_rules(spatial.mean_over(0), {"s": jnp.ones(())})
+  # In range, negative axes included, the averages are those along the axis named.
+  got = spatial.apply_rules({"w": spatial.blocks(2, axis=-1)}, {"w": d})["w"]
+  np.testing.assert_allclose(got, [[0.5, 0.5, 2.0], [3.5, 3.5, 5.0]])
