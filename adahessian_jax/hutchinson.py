@@ -175,7 +175,22 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
 
   Returns:
     A pytree like ``tree`` of ``±1`` entries, one independent key per leaf.
+
+  Raises:
+    ValueError: for a ``key`` that is not one PRNG key (an int seed, a batch of keys).
+    TypeError: naming the first leaf whose dtype holds no ``-1`` (bool, unsigned integers).
   """
+  key = _keys.prng_key(key, "rademacher_like's key")
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(x)
+    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.unsignedinteger):
+      # -1 wrapped around to 255 in uint8; a bool leaf got int32 entries.
+      raise TypeError(
+        f"rademacher_like draws ±1 entries in each leaf's dtype, but the leaf at "
+        f"{_validation.path_str(path)} has dtype {dtype}, which holds no -1. Draw the probe for "
+        "the floating-point params (cast the tree: jax.tree.map(lambda x: "
+        "x.astype(jnp.float32), tree))."
+      )
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
   together = vmap_invariant(keys)
@@ -444,8 +459,10 @@ def hutchinson_diagonal(
   Raises:
     TypeError: naming the first leaf of ``params`` that is not a real floating array (an
       integer leaf has no Hessian; for a complex one the real probe misses the imaginary part).
-    ValueError: for an ``n_samples`` that is not an integer >= 1.
+    ValueError: for an ``n_samples`` that is not an integer >= 1, or a ``key`` that is not one
+      PRNG key (an int seed, a batch of keys).
   """
   _validation.float_leaves(params, "hutchinson_diagonal's params", _FLOAT_FIX)
+  key = _keys.prng_key(key, "hutchinson_diagonal's key")
   n_samples = _validation.count("n_samples", n_samples)
   return value_grad_and_diagonal(fn, params, jax.random.split(key, n_samples))[2]

@@ -193,3 +193,26 @@ def test_tangents_unlike_the_params_are_named(tangents, message):
     hutchinson.value_grad_hvp(f, params, tangents)
   with pytest.raises(ValueError, match="hvp's tangents must .*" + message):
     ah.hvp(f, params, tangents)
+
+
+def test_a_key_that_is_not_one_prng_key_and_leaves_that_hold_no_minus_one_are_named():
+  # An int seed failed deep in jax.random ("invalid PRNG key data ... Got 0"), a batch of keys
+  # with "split accepts a single key"; an unsigned leaf's probe had 255 for -1, silently.
+  params = {"w": jnp.ones(3)}
+  f = lambda p: jnp.sum(p["w"] ** 2)
+  with pytest.raises(
+    ValueError, match=r"hutchinson_diagonal's key must be a single PRNG key, got 0"
+  ):
+    ah.hutchinson_diagonal(f, params, 0)
+  keys = jax.random.split(jax.random.key(0), 2)
+  with pytest.raises(ValueError, match=r"rademacher_like's key .* batch of typed keys of shape"):
+    ah.rademacher_like(keys, params)
+  for dtype in (jnp.uint8, jnp.uint32, jnp.bool_):
+    tree = {"w": jnp.ones(3), "i": jnp.ones(2, dtype)}
+    with pytest.raises(
+      TypeError, match=rf"leaf at \['i'\] has dtype {jnp.dtype(dtype)}, which holds no -1"
+    ):
+      ah.rademacher_like(jax.random.key(0), tree)
+  z = ah.rademacher_like(jax.random.PRNGKey(0), {"i": jnp.ones(64, jnp.int8)})["i"]  # raw key
+  assert z.dtype == jnp.int8 and set(np.unique(np.asarray(z))) == {-1, 1}
+  np.testing.assert_allclose(ah.hutchinson_diagonal(f, params, jax.random.PRNGKey(0))["w"], 2.0)

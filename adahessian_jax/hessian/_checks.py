@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _keys, _validation
+from adahessian_jax import _validation
+from adahessian_jax._keys import prng_key as prng_key  # the analyses' check of their key
 from adahessian_jax.layout import leaves as canonical_leaves
 
 
@@ -125,35 +126,6 @@ def real(tree: Any, what: str, *, floating: bool = False) -> None:
         "would be read as 1.0 and 0.0). Pass floats, e.g. jnp.asarray(x, jnp.float32) (1.0, "
         "not 1, for a scalar)."
       )
-
-
-def prng_key(key: Any, what: str = "key") -> jax.Array:
-  """Returns ``key`` if it is one PRNG key, typed (``jax.random.key``) or raw
-  (``jax.random.PRNGKey``); else raises ``ValueError`` naming ``what``, the value and the fix.
-
-  Without it an int seed, a batch of keys or raw data of another dtype failed deep inside
-  ``jax.random`` ("invalid PRNG key data ... Got 0", "split accepts a single key"), naming
-  neither the argument nor the fix.
-  """
-  dtype, many = getattr(key, "dtype", None), False
-  if dtype is None:
-    got = f"{key!r} of type {type(key).__name__}"
-  elif _keys.is_typed(dtype):
-    if np.shape(key) == ():
-      return key
-    many, got = True, f"a batch of typed keys of shape {np.shape(key)}"
-  else:
-    shape, raw = tuple(np.shape(key)), tuple(np.shape(jax.random.key_data(jax.random.key(0))))
-    if shape == raw and dtype == np.uint32:
-      return key
-    many = dtype == np.uint32 and len(shape) > len(raw) and shape[-len(raw) :] == raw
-    got = f"{'a batch of raw keys' if many else 'an array'} of shape {shape} and dtype {dtype}"
-  fix = (
-    "pass one key: the function splits it into as many as it needs"
-    if many
-    else "pass jax.random.key(seed)"
-  )
-  raise ValueError(f"{what} must be a single PRNG key, got {got}; {fix}.")
 
 
 class NonFiniteError(FloatingPointError):
