@@ -868,10 +868,25 @@ def flax_default(
 
   Returns:
     A :class:`Rule`.
+
+  Raises:
+    ValueError: for a ``block_size`` that is not an integer >= 1, an ``axis_roles`` that is not
+      a mapping, a key of it that is not a string (an axis name) or a role not listed above.
   """
   block_size = count("block_size", block_size)
+  if axis_roles is not None and not isinstance(axis_roles, Mapping):
+    raise ValueError(
+      f"axis_roles must be a mapping {{axis name: role}}, got {axis_roles!r}: e.g. "
+      "axis_roles={'depth': 'stacked'}."
+    )
   changes = dict(axis_roles or {})
   for name, role in changes.items():
+    if not isinstance(name, str):
+      # Axis names are strings: another key would match no axis, and the role be dropped.
+      raise ValueError(
+        f"axis_roles has the key {name!r} ({type(name).__name__}); the keys are axis names, "
+        f"strings as in nn.with_logical_partitioning: e.g. {{'depth': {role!r}}}."
+      )
     if role is not None and role not in ROLES:
       raise ValueError(
         f"axis_roles[{name!r}] is {role!r}; a role must be one of {ROLES} or None (forget it)."

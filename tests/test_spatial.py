@@ -301,3 +301,21 @@ def test_a_rule_applied_by_hand_refuses_an_axis_beyond_the_rank():
   # In range, negative axes included, the averages are those along the axis named.
   got = spatial.apply_rules({"w": spatial.blocks(2, axis=-1)}, {"w": d})["w"]
   np.testing.assert_allclose(got, [[0.5, 0.5, 2.0], [3.5, 3.5, 5.0]])
+
+
+@pytest.mark.parametrize(
+  "axis_roles, message",
+  [
+    ({1: "stacked"}, r"axis_roles has the key 1 \(int\); the keys are axis names, strings"),
+    ({("layers", "pipe"): "stacked"}, r"the key \('layers', 'pipe'\) \(tuple\)"),
+    ("layers", r"axis_roles must be a mapping \{axis name: role\}, got 'layers'"),
+    ([("depth", "stacked")], r"must be a mapping .* e\.g\. axis_roles=\{'depth': 'stacked'\}"),
+  ],
+)
+def test_axis_roles_that_no_axis_name_can_match_are_refused(axis_roles, message):
+  # A key other than a string matched no axis, so its role was dropped silently; a str gave
+  # "dictionary update sequence element #0 has length 1; 2 is required".
+  with pytest.raises(ValueError, match=message):
+    spatial.flax_default(2, axis_roles=axis_roles)
+  depth = spatial.flax_default(2, axis_roles={"depth": "stacked"}).bind(("depth", "embed", "mlp"))
+  assert depth.explain((4, 6, 3)).rule == spatial.per_layer(spatial.blocks(2))
