@@ -135,7 +135,7 @@ import optax
 
 from adahessian_jax import _evidence, layout, masking
 from adahessian_jax._extras import loaded
-from adahessian_jax._validation import STATIC_FIX, count, path_str
+from adahessian_jax._validation import STATIC_FIX, callable_with, count, path_str
 from adahessian_jax.layout import (
   FEATURES,
   HEADS,
@@ -1071,6 +1071,67 @@ def _expand_masked(prefix: Any, params: Any) -> Any:
   return treedef.unflatten([_expand_masked(p, c) for p, c in pairs])
 
 
+def _not_a_rule(value: Any, where: str | None = None) -> TypeError:
+  """The error for an entry of a tree of rules (at ``where``, a path, ``""`` for the root) that
+  is not a rule."""
+  if isinstance(value, jax.Array):  # what optax.inject_hyperparams makes of a tree it traces
+    hint = f" {STATIC_FIX}"
+  elif isinstance(value, bool | np.bool_):
+    hint = (
+      " averaging takes rules, not a mask: spatial.none() where a leaf is not to be averaged, "
+      "None for the default."
+    )
+  else:
+    hint = ""
+  if where == "":
+    return TypeError(
+      f"averaging is {value!r}, which is none of: None, a spatial rule, a pytree prefix of the "
+      f"params with rules as leaves, a callable (path, leaf) -> rule | None.{hint}"
+    )
+  at = "" if where is None else f" at {where}"
+  return TypeError(f"averaging tree contains {value!r}{at}, which is not a spatial rule.{hint}")
+
+
+#: The functions that make rules: given uncalled as averaging, each was called on (path, leaf).
+_CONSTRUCTORS = ("none", "blocks", "mean_over", "per_layer", "flax_default", "named", "strict")
+
+
+def check_averaging(averaging: AveragingSpec) -> None:
+  """Refuses, when the optimizer is built, an ``averaging`` that no tree of params could take.
+
+  A rule constructor given uncalled (``averaging=spatial.blocks``), a callable that cannot be
+  called as ``(path, leaf)``, and a tree with an entry that is neither a rule nor ``None`` (a
+  str, a number, a mask's bools) failed only at ``init``, or with Python's own error.
+
+  Args:
+    averaging: As for :func:`resolve_rules`.
+
+  Raises:
+    TypeError: naming the bad value (and its entry's path in a tree) and the fix.
+  """
+  rules = _as_spec(averaging).rules
+  if rules is None or _is_rule(rules):
+    return
+  name = next((n for n in _CONSTRUCTORS if rules is globals()[n]), None)
+  if name is not None:
+    raise TypeError(
+      f"averaging=spatial.{name} is the function that makes a rule, not a rule: call it, e.g. "
+      f"averaging=spatial.{name}(...), or give a callable (path, leaf) -> rule | None."
+    )
+  if callable(rules):
+    callable_with(
+      rules,
+      ((), None),
+      {},
+      "averaging(path, leaf)",
+      "Give a function of a leaf's key path and the leaf, returning a spatial rule or None.",
+    )
+    return
+  for path, value in jax.tree_util.tree_flatten_with_path(rules, is_leaf=_rule_or_none)[0]:
+    if not _rule_or_none(value):
+      raise _not_a_rule(value, jax.tree_util.keystr(path))
+
+
 def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]:
   """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
   if averaging is None:
@@ -1080,7 +1141,14 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
   if callable(averaging):
     out = []
     for info in infos:
-      rule = averaging(info.path, info.leaf)
+      try:
+        rule = averaging(info.path, info.leaf)
+      except Exception as e:
+        e.add_note(
+          f"adahessian_jax: raised by the averaging callable for the leaf at "
+          f"{jax.tree_util.keystr(info.path)}."
+        )
+        raise
       if rule is None:
         rule = default
       if not _is_rule(rule):
@@ -1105,9 +1173,7 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
   out = [default if r is None else r for r in jax.tree.structure(params).flatten_up_to(rules)]
   for r in out:
     if not _is_rule(r):
-      # What optax.inject_hyperparams makes of a tree of rules it traces.
-      hint = f" {STATIC_FIX}" if isinstance(r, jax.Array) else ""
-      raise TypeError(f"averaging tree contains {r!r}, which is not a spatial rule.{hint}")
+      raise _not_a_rule(r)
   return out
 
 

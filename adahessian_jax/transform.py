@@ -902,6 +902,7 @@ def scale_by_adahessian(
   block_size = _validation.count(
     "block_size", 1 if block_size is None else block_size, fix=STATIC_FIX
   )
+  spatial.check_averaging(averaging)
   _check_block_size_used(block_size, averaging)
   update_freq = _validation.count(  # the state counts steps in int32
     "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=STATIC_FIX

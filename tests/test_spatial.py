@@ -319,3 +319,39 @@ def test_axis_roles_that_no_axis_name_can_match_are_refused(axis_roles, message)
     spatial.flax_default(2, axis_roles=axis_roles)
   depth = spatial.flax_default(2, axis_roles={"depth": "stacked"}).bind(("depth", "embed", "mlp"))
   assert depth.explain((4, 6, 3)).rule == spatial.per_layer(spatial.blocks(2))
+
+
+@pytest.mark.parametrize(
+  "averaging, error, message",
+  [
+    (spatial.blocks, TypeError, r"averaging=spatial\.blocks is the function that makes a rule"),
+    (spatial.strict(spatial.none), TypeError, r"averaging=spatial\.none is the function"),
+    (lambda path: None, TypeError, r"averaging\(path, leaf\), but its signature is \(path\)"),
+    ("blocks", TypeError, r"averaging is 'blocks', which is none of: None, a spatial rule"),
+    (
+      {"w": True, "b": False},
+      TypeError,
+      r"contains False at \['b'\].*not a mask: spatial\.none\(\)",
+    ),
+    ({"w": {"x": 2}}, TypeError, r"averaging tree contains 2 at \['w'\]\['x'\]"),
+  ],
+)
+def test_an_averaging_no_params_could_take_is_refused_when_the_optimizer_is_built(
+  averaging, error, message
+):
+  # These failed at init, passing spatial.blocks uncalled with "block_size must be an integer >=
+  # 1, got (DictKey(key='b'), ...)" and a one-argument callable with Python's own TypeError.
+  with pytest.raises(error, match=message):
+    ah.scale_by_adahessian(averaging=averaging)
+
+
+def test_an_error_raised_by_an_averaging_callable_names_the_leaf():
+  def rules(path, leaf):
+    return spatial.blocks(2) if leaf.ndim == 2 else {"oops": 1}["bias"]
+
+  tx = ah.scale_by_adahessian(averaging=rules)
+  with pytest.raises(KeyError) as info:
+    tx.init({"b": jnp.ones(3), "w": jnp.ones((4, 3))})
+  assert info.value.__notes__ == [
+    "adahessian_jax: raised by the averaging callable for the leaf at ['b']."
+  ]
