@@ -843,9 +843,19 @@ def per_layer(inner: Rule, n_axes: int = 1, *, axes: int | Sequence[int] | None 
 
   Returns:
     A :class:`Rule`.
+
+  Raises:
+    TypeError: for an ``inner`` that is not a rule.
+    ValueError: for an ``n_axes`` that is not an integer >= 1, ``axes`` that are not integers
+      or name one twice, or both ``n_axes`` (other than 1) and ``axes``.
   """
   if not isinstance(inner, Rule):
     raise TypeError(f"per_layer needs an adahessian_jax.spatial rule, got {inner!r}.")
+  if axes is not None and (isinstance(n_axes, bool | np.bool_) or n_axes != 1):  # 1: the default
+    raise ValueError(
+      f"per_layer was given n_axes={n_axes!r} and axes={axes!r}: give one, the leading n_axes "
+      "or the stacked axes themselves."
+    )
   if axes is None:
     return PerLayer(inner, tuple(range(count("n_axes", n_axes))))
   return PerLayer(inner, _axes_arg("axes", axes))

@@ -355,3 +355,11 @@ def test_an_error_raised_by_an_averaging_callable_names_the_leaf():
   assert info.value.__notes__ == [
     "adahessian_jax: raised by the averaging callable for the leaf at ['b']."
   ]
+
+
+def test_per_layer_given_both_n_axes_and_axes_is_refused():
+  # axes won and n_axes was dropped, silently: per_layer(none(), 2, axes=1) kept only axis 1.
+  with pytest.raises(ValueError, match=r"per_layer was given n_axes=2 and axes=1: give one"):
+    spatial.per_layer(spatial.none(), 2, axes=1)
+  assert spatial.per_layer(spatial.none(), 1, axes=1) == spatial.per_layer(spatial.none(), axes=1)
+  assert spatial.per_layer(spatial.none(), 2) == spatial.per_layer(spatial.none(), axes=(0, 1))
