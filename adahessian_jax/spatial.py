@@ -785,7 +785,11 @@ def _axes_arg(name: str, axes: Any) -> tuple[int, ...]:
     return (int(axes),)
   if not isinstance(axes, Sequence) or isinstance(axes, str):
     raise ValueError(f"{name} must be an integer or a sequence of integers, got {axes!r}.")
-  return tuple(_axis_arg(f"{name}[{i}]", a) for i, a in enumerate(axes))
+  out = tuple(_axis_arg(f"{name}[{i}]", a) for i, a in enumerate(axes))
+  twice = sorted({a for a in out if out.count(a) > 1})
+  if twice:  # (0, -1) on a rank-2 leaf is found once the rank is known (check)
+    raise ValueError(f"{name} names axis {twice[0]} twice, got {axes!r}: give each axis once.")
+  return out
 
 
 def none() -> Rule:
@@ -819,10 +823,13 @@ def mean_over(axes: int | Sequence[int]) -> Rule:
   """Mean over ``axes`` (e.g. a convolution's spatial axes), broadcast back.
 
   Args:
-    axes: An axis or a sequence of axes.
+    axes: An axis or a sequence of axes, each once.
 
   Returns:
     A :class:`Rule`.
+
+  Raises:
+    ValueError: for an axis that is not an integer, or one given twice.
   """
   return AxesMean(_axes_arg("axes", axes))
 

@@ -363,3 +363,13 @@ def test_per_layer_given_both_n_axes_and_axes_is_refused():
     spatial.per_layer(spatial.none(), 2, axes=1)
   assert spatial.per_layer(spatial.none(), 1, axes=1) == spatial.per_layer(spatial.none(), axes=1)
   assert spatial.per_layer(spatial.none(), 2) == spatial.per_layer(spatial.none(), axes=(0, 1))
+
+
+@pytest.mark.parametrize(
+  "make",
+  [lambda: spatial.mean_over((1, 0, 1)), lambda: spatial.per_layer(spatial.none(), axes=[1, 1])],
+)
+def test_an_axis_given_twice_is_refused_when_the_rule_is_made(make):
+  # Refused only at init before (or, for a rule applied by hand, by jnp.mean's own error).
+  with pytest.raises(ValueError, match=r"axes names axis 1 twice, got .*: give each axis once"):
+    make()
