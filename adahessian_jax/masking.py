@@ -17,7 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from adahessian_jax import _validation
 
 __all__ = ["MaskedValueFn", "has_masked_nodes", "is_masked", "masked_value_fn", "restrict_to"]
 
@@ -73,7 +76,38 @@ class MaskedValueFn:
     self.full_params = full_params
 
   def __call__(self, params: Any) -> jax.Array:
+    self._check_full(params)
     return self.value_fn(fill_masked(params, self.full_params, lambda full: full))
+
+  def _check_full(self, params: Any) -> None:
+    """Raises ``ValueError`` naming a leaf if ``full_params`` are not a model of ``params``'s
+    tree (JAX's tree error named no leaf), or have other shapes where ``params`` has leaves: a
+    tree for another model, whose held leaves would enter the loss silently."""
+    fix = (
+      "Pass the whole model's current params, those the optimizer updates: "
+      "masked_value_fn(lambda p: loss_fn(p, batch), params)."
+    )
+    try:
+      jax.tree.map(lambda m, x: None, params, self.full_params, is_leaf=is_masked)
+    except (ValueError, TypeError):
+      _, missing = _validation.unshared_leaf_paths(self.full_params, params)
+      where = (
+        f"they have no leaf at {missing[0] or _validation.ROOT}, where the params have one"
+        if missing
+        else "their tree is not the params' (with the leaves another transform owns)"
+      )
+      raise ValueError(
+        f"masked_value_fn's full_params do not fit the params: {where}. {fix}"
+      ) from None
+    owned = jax.tree_util.tree_leaves_with_path(params)
+    full = dict(jax.tree_util.tree_leaves_with_path(restrict_to(self.full_params, params)))
+    for path, x in owned:
+      if jnp.shape(full[path]) != jnp.shape(x):
+        raise ValueError(
+          f"masked_value_fn's full_params do not fit the params: their leaf at "
+          f"{_validation.path_str(path)} has shape {jnp.shape(full[path])}, the param there "
+          f"{jnp.shape(x)}. {fix}"
+        )
 
 
 def masked_value_fn(value_fn: Callable[[Any], jax.Array], full_params: Any) -> MaskedValueFn:

@@ -522,3 +522,20 @@ def test_inject_hyperparams_changed_between_steps_as_an_array_compiles_once(
   assert run(lambda dtype: jnp.asarray(0.95, dtype)) == (1, 0.95)
   step.clear_cache()
   assert run(lambda dtype: 0.95) == (2, 0.95)
+
+
+def test_masked_value_fn_full_params_of_another_model_are_named():
+  # Another tree failed with JAX's tree_map error, which names no leaf; a tree of other shapes
+  # filled the leaves another transform owns with its own, silently.
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 3)
+  tx = optax.masked(ah.adahessian(0.1), {"a": True, "b": False})
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  step = lambda full: tx.update(grads, state, params, value_fn=ah.masked_value_fn(loss, full))
+  with pytest.raises(ValueError, match=r"full_params do not fit the params: they have no leaf at"):
+    step({"x": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"their leaf at \['a'\] has shape \(4,\), the param there"):
+    step({"a": jnp.ones(4), "b": jnp.ones(2)})
+  # The whole model's params: the first step on the owned leaf is -lr * g / H = -0.1 * 2a / 2.
+  np.testing.assert_allclose(step(params)[0]["a"], -0.1, rtol=1e-3)
