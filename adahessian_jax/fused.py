@@ -25,6 +25,7 @@ from adahessian_jax import _validation, _wrappers, hutchinson, masking
 from adahessian_jax._transposes import explicitly_sharded
 from adahessian_jax.state import (
   adahessian_states,
+  check_key_data,
   is_adahessian_state,
   is_refresh_step,
   on_refresh,
@@ -285,6 +286,7 @@ def value_grad_and_hessian_diag(
       "with adahessian_jax.masked_value_fn.",
     )
     state = _the_adahessian_state(opt_state)
+    check_key_data(state.key)  # first: a stacked state's key says to update it inside jax.vmap
     accumulated = _accumulates_gradients(opt_state)
     loss = lambda p: fun(p, *args, **kwargs)
 

@@ -15,9 +15,10 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.core
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from adahessian_jax import _keys
+from adahessian_jax import _keys, _validation
 from adahessian_jax._axes import fold_in_axis_index
 
 __all__ = [
@@ -135,10 +136,125 @@ def map_adahessian_state(
 
   Returns:
     ``opt_state`` with its AdaHessian states replaced.
+
+  Raises:
+    TypeError: if ``fn`` returns anything but a :class:`ScaleByAdaHessianState`, or one whose
+      ``count`` is not an integer array of the old one's shape or whose moments (``mu``, ``nu``,
+      ``hessian``) are not real floating-point arrays.
+    ValueError: if ``fn``'s state has a negative ``count``, or ``nu`` or ``hessian`` of another
+      tree or shapes than its ``mu`` (naming the leaf).
   """
-  return jax.tree.map(
-    lambda x: fn(x) if is_adahessian_state(x) else x, opt_state, is_leaf=is_adahessian_state
-  )
+
+  def replace(x: Any) -> Any:
+    if not is_adahessian_state(x):
+      return x
+    new = fn(x)
+    if not is_adahessian_state(new):  # it replaced the state, and update failed much later
+      raise TypeError(
+        f"map_adahessian_state: fn returned {type(new).__name__} {str(new)[:80]}, not a "
+        "ScaleByAdaHessianState: return the state it is given with fields replaced, "
+        "s._replace(key=...)."
+      )
+    check_fields(new, "map_adahessian_state: fn returned a state whose", jnp.shape(x.count))
+    return new
+
+  return jax.tree.map(replace, opt_state, is_leaf=is_adahessian_state)
+
+
+_STACKED_FIX = (
+  "A state with leading axes (jax.vmap(tx.init) over an ensemble or a sweep) holds one state "
+  "per member: update it inside jax.vmap, with the state's axis mapped (in_axes=0)."
+)
+_FIELDS_FIX = (
+  "Replace fields with what tx.init makes of them (count the int32 step count, update_freq "
+  "None or the refresh interval > 1, mu, nu and hessian floating-point arrays shaped like the "
+  "parameters, e.g. nu=jax.tree.map(jnp.zeros_like, s.mu)), or start again from tx.init(params)."
+)
+
+
+def _unwrapped(x: Any) -> Any:
+  """``x``'s array where ``x`` wraps one (an ``nnx.Optimizer``'s Variables), else ``x``."""
+  return x.__jax_array__() if hasattr(x, "__jax_array__") and not isinstance(x, jax.Array) else x
+
+
+def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
+  """Raises unless ``state.count`` (and ``update_freq`` where set) are integer arrays of shape
+  ``count_shape``, and, where known (outside ``jit``), ``count >= 0`` and ``update_freq >= 2``.
+
+  A float count drifted (float32 stops counting at 2**24) and a negative one flipped the sign of
+  the bias correction, a step that ran away; ``update_freq`` 0 or 1 made every step a refresh
+  step, all silently.
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState`.
+    what: The start of the error, completed by ``" count ..."`` (e.g. ``"the AdaHessian
+      state's"``).
+    count_shape: Their shape (``()``; a stacked state's leading axes).
+  """
+  counters: tuple[tuple[str, Any, int], ...] = (("count", state.count, 0),)
+  if state.update_freq is not None:
+    counters += (("update_freq", state.update_freq, 2),)
+  for name, value, lo in counters:
+    dtype, shape = None, None
+    if value is not None and not isinstance(value, str | bytes):  # result_type reads "3" as a type
+      try:
+        dtype, shape = jnp.result_type(value), jnp.shape(value)
+      except TypeError:
+        pass
+    integer = dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+    if not integer or shape != tuple(count_shape):
+      got = f"is a {type(value).__name__}" if dtype is None else f"has dtype {dtype}, shape {shape}"
+      error = TypeError if not integer else ValueError
+      stacked = integer and shape is not None and len(shape) > len(tuple(count_shape))
+      raise error(
+        f"{what} {name} {got}, not an integer array of shape {tuple(count_shape)}. "
+        + (_STACKED_FIX if stacked else _FIELDS_FIX)
+      )
+    value = _unwrapped(value)
+    concrete = isinstance(value, int | np.integer | np.ndarray) or (
+      isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+    )  # not a traced value, nor a ShapeDtypeStruct (an abstract state, a checkpoint's target)
+    if shape == () and concrete and int(value) < lo:
+      raise ValueError(f"{what} {name} is {int(value)}, not >= {lo}. " + _FIELDS_FIX)
+
+
+def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
+  """Raises unless ``state``'s fields are of the kinds ``init`` makes: :func:`check_counters`,
+  and ``mu``, ``nu`` and ``hessian`` real floating-point arrays, ``nu`` and ``hessian`` with
+  ``mu``'s tree and shapes.
+
+  The update broadcast a ``nu`` of shape ``(1, n)`` to its ``mu``'s ``(m, n)`` and kept integer
+  moments (truncating them every step), without an error.
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState`.
+    what: The start of the error, completed by ``" nu at ['w'] ..."``.
+    count_shape: The shape of ``count`` (``()``; a stacked state's leading axes).
+
+  Raises:
+    TypeError: for a counter or moment of the wrong dtype.
+    ValueError: for a counter of another shape or out of range, or a ``nu`` or ``hessian`` of
+      another tree or shapes than ``mu``, naming the leaf.
+  """
+  check_counters(state, what, count_shape)
+  mu = jax.tree_util.tree_leaves_with_path(state.mu)
+  for field in ("mu", "nu", "hessian"):
+    tree = getattr(state, field)
+    if tree is None and field == "hessian":
+      continue
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if field != "mu" and jax.tree.structure(tree) != jax.tree.structure(state.mu):
+      where = _validation.tree_difference(tree, state.mu, "its mu")
+      raise ValueError(f"{what} {field} is not of its mu's tree: {where}. " + _FIELDS_FIX)
+    for (path, x), (_, m) in zip(leaves, mu, strict=True):
+      where = f"{what} {field} at {_validation.path_str(path)}"
+      if jnp.shape(x) != jnp.shape(m):
+        raise ValueError(
+          f"{where} has shape {jnp.shape(x)}, but its mu there has shape {jnp.shape(m)} (the "
+          "update would broadcast it). " + _FIELDS_FIX
+        )
+      if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"{where} has dtype {jnp.result_type(x)}. " + _FIELDS_FIX)
 
 
 def placed_like_params(tree: T, params: Any) -> T:
@@ -237,8 +353,7 @@ def check_key_data(key: Any) -> None:
   what = "typed PRNG keys" if typed else f"an array of dtype {jnp.result_type(key)}"
   stacked = not typed and jnp.ndim(key) > 2 and jnp.result_type(key) == jnp.uint32
   fix = (
-    "A state with leading axes (jax.vmap(tx.init) over an ensemble or a sweep) holds one state "
-    "per member: update it inside jax.vmap, with the state's axis mapped (in_axes=0)."
+    _STACKED_FIX
     if stacked
     else "Replace it with jax.random.key_data(jax.random.split(key, n_samples))."
   )
@@ -292,12 +407,14 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
     traced boolean scalar.
 
   Raises:
-    ValueError: for ``refresh=False`` with ``update_freq == 1``, or a
-      ``refresh`` that contradicts a concrete state's schedule.
-    TypeError: for a ``refresh`` that is not a Python bool, or a ``state`` that is not a
-      :class:`ScaleByAdaHessianState`.
+    ValueError: for ``refresh=False`` with ``update_freq == 1``, a
+      ``refresh`` that contradicts a concrete state's schedule, or a state's ``count`` that is
+      negative or ``update_freq`` below 2 (or either not a scalar).
+    TypeError: for a ``refresh`` that is not a Python bool, a ``state`` that is not a
+      :class:`ScaleByAdaHessianState`, or one whose ``count`` or ``update_freq`` is not an integer.
   """
   _check_is_state(state, "is_refresh_step")
+  check_counters(state, "is_refresh_step: the AdaHessian state's")
   if refresh is not None and not isinstance(refresh, bool):
     raise TypeError(
       f"refresh must be a Python bool decided on the host (one compiled program per value), "

@@ -27,6 +27,7 @@ from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   _RESTORE_FIX,
   ScaleByAdaHessianState,
+  check_fields,
   check_key_data,
   is_refresh_step,
   moment_steps,
@@ -146,6 +147,7 @@ def _check_state(
       "init returns." + (hint or " Pass the state made by tx.init.")
     )
   check_key_data(state.key)  # a single raw key of shape (2,) would read as two probes' keys
+  check_fields(state, "scale_by_adahessian's update got a state whose")  # e.g. a nu broadcast
   fix = " Build the transform with the arguments the state was made with, or start a new state."
   if state.key.shape[0] != n_samples:
     raise ValueError(

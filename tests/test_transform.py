@@ -724,6 +724,54 @@ def test_resumed_state_with_another_update_freq_follows_the_transform_under_jit(
   assert_trees_allclose(jitted, eager, rtol=1e-6, atol=0)
 
 
+def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
+  """``map_adahessian_state`` (or a hand-built state) could give the update a ``nu`` or stored
+  ``hessian`` of shape (1, 2) for a (3, 2) parameter, which it broadcast; integer moments, which
+  it kept (truncated every step); a float count; or an ``fn`` result that is no state at all, all
+  without an error (the last one failed at the next update, naming no ``fn``)."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
+  tx = ah.adahessian(0.1, update_freq=3)
+  state = tx.init(params)
+  bad = {
+    "nu": ({"w": jnp.ones((1, 2)), "b": jnp.zeros(2)}, r"nu at \['w'\] has shape \(1, 2\), but"),
+    "hessian": ({"w": jnp.ones((1, 2)), "b": jnp.zeros(2)}, r"hessian at \['w'\] has shape"),
+    "mu": ({"w": jnp.ones((3, 2), jnp.int32), "b": jnp.zeros(2)}, r"mu at \['w'\] has dtype int32"),
+    "count": (jnp.float32(0.0), r"count has dtype float32, shape \(\), not an integer"),
+  }
+  for field, (value, match) in bad.items():
+    error = TypeError if field in ("mu", "count") else ValueError
+    with pytest.raises(error, match=r"map_adahessian_state: fn returned a state whose " + match):
+      ah.map_adahessian_state(lambda s, f=field, v=value: s._replace(**{f: v}), state)
+    direct = (ah.find_adahessian_state(state)._replace(**{field: value}),) + state[1:]
+    with pytest.raises(error, match=r"update got a state whose " + match):
+      tx.update(params, direct, params, value_fn=loss)
+  with pytest.raises(TypeError, match=r"fn returned NoneType None, not a ScaleByAdaHessianState"):
+    ah.map_adahessian_state(lambda s: None, state)
+  # What init makes passes, also for a state stacked by jax.vmap (an ensemble), inside jit.
+  stacked = jax.vmap(tx.init)({"w": jnp.ones((4, 3, 2)), "b": jnp.zeros((4, 2))})
+  bumped = jax.jit(lambda s: ah.map_adahessian_state(lambda a: a._replace(count=a.count + 1), s))
+  assert ah.find_adahessian_state(bumped(stacked)).count.tolist() == [1, 1, 1, 1]
+
+
+def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
+  """A negative count (-1 % 3 == 2: "no refresh") and update_freq 0 or 1 (every step refreshed)
+  were read without an error; a float count counted on (float32 stops at 2**24)."""
+  state = ah.find_adahessian_state(ah.adahessian(0.1, update_freq=3).init({"w": jnp.ones(2)}))
+  cases = [
+    ({"count": jnp.int32(-1)}, ValueError, r"count is -1, not >= 0"),
+    ({"update_freq": jnp.int32(1)}, ValueError, r"update_freq is 1, not >= 2"),
+    ({"update_freq": jnp.int32(0)}, ValueError, r"update_freq is 0, not >= 2"),
+    ({"count": jnp.float32(3.0)}, TypeError, r"count has dtype float32, shape \(\)"),
+    ({"count": jnp.zeros(2, jnp.int32)}, ValueError, r"count has .* \(2,\), not .*inside jax.vmap"),
+  ]
+  for fields, error, match in cases:
+    with pytest.raises(error, match=r"is_refresh_step: the AdaHessian state's " + match):
+      ah.is_refresh_step(state._replace(**fields))
+  assert ah.is_refresh_step(state._replace(count=jnp.int32(3))) is True
+  assert ah.is_refresh_step(state._replace(count=jnp.int32(4))) is False
+
+
 @pytest.mark.parametrize("update_freq", [None, 3])
 def test_a_jitted_step_of_committed_params_compiles_once(update_freq):
   # jit keys its cache on whether an argument is committed and commits its outputs: with params
