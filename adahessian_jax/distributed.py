@@ -178,10 +178,35 @@ def _sharding_of(path: Any, x: Any) -> Sharding:
   return sharding
 
 
+def _check_replicated(replicated: Any) -> None:
+  """Raises unless ``replicated`` is a :class:`jax.sharding.Sharding` (or, for ``jit`` under
+  ``jax.set_mesh``, a ``PartitionSpec``) that replicates a value: it was put into the result as
+  given, and ``jit`` or ``device_put`` failed on it later, naming the step count's path."""
+  if isinstance(replicated, PartitionSpec):
+    replicates = all(axis is None for axis in replicated)
+  elif isinstance(replicated, Sharding):
+    replicates = replicated.is_fully_replicated
+  else:
+    wrap = " (wrap it: NamedSharding(mesh, PartitionSpec()))"
+    raise TypeError(
+      f"state_shardings: replicated={replicated!r} is a {type(replicated).__name__}, not a "
+      "jax.sharding.Sharding"
+      + (wrap if isinstance(replicated, jax.sharding.Mesh) else "")
+      + ": pass NamedSharding(mesh, PartitionSpec()), or leave it None to replicate over the "
+      "parameters' mesh."
+    )
+  if not replicates:  # the step count and keys, scalars, cannot be split
+    raise ValueError(
+      f"state_shardings: replicated={replicated} splits values over devices, but it is the "
+      "sharding of the step count and the PRNG keys, which every device holds whole: pass "
+      "NamedSharding(mesh, PartitionSpec()), or leave it None."
+    )
+
+
 def state_shardings(
   tx: optax.GradientTransformation | Callable[[Any], Any],
   params: Any,
-  replicated: Sharding | None = None,
+  replicated: Sharding | PartitionSpec | None = None,
 ) -> Any:
   """Shardings for an optimizer state that follow the parameters' (FSDP style).
 
@@ -206,7 +231,8 @@ def state_shardings(
     tx: The optimizer (or its ``init`` function).
     params: The parameters as sharded :class:`jax.Array` values (or
       :class:`jax.ShapeDtypeStruct` values with shardings).
-    replicated: Sharding of the non-parameter leaves. Default: replicated over
+    replicated: Sharding of the non-parameter leaves, one that replicates them (or
+      ``PartitionSpec()`` under :func:`jax.set_mesh`). Default: replicated over
       the mesh of the first parameter's :class:`jax.sharding.NamedSharding`.
 
   Returns:
@@ -214,9 +240,30 @@ def state_shardings(
 
   Raises:
     ValueError: if ``replicated`` is not given and the parameters have no
-      ``NamedSharding`` to take the mesh from.
-    TypeError: for a leaf of ``params`` without a sharding (naming its path).
+      ``NamedSharding`` to take the mesh from, or is one that splits values.
+    TypeError: for a ``replicated`` that is neither a :class:`jax.sharding.Sharding` nor a
+      ``PartitionSpec``, a ``tx``
+      whose ``init`` cannot take ``params``, or a leaf of ``params`` without a sharding (naming
+      its path).
   """
+  # An optimizer (then its init) or, as the docstring allows, its init function itself.
+  init = cast(Callable[[Any], Any], getattr(tx, "init", tx))
+  if not callable(init):  # e.g. the optimizer's state: "the first argument must be callable"
+    raise TypeError(
+      f"state_shardings: tx is a {type(tx).__name__}, not an optimizer (an "
+      "optax.GradientTransformation) or its init function. Pass the optimizer first, then the "
+      "params: state_shardings(tx, params)."
+    )
+  _validation.callable_with(
+    init,
+    (params,),
+    {},
+    "tx.init(params)",
+    "Pass the optimizer (or its init function) first, then the params: "
+    "state_shardings(tx, params).",
+  )
+  if replicated is not None:
+    _check_replicated(replicated)
   param_shardings = jax.tree_util.tree_map_with_path(_sharding_of, params)
   if replicated is None:
     named = [s for s in jax.tree.leaves(param_shardings) if isinstance(s, NamedSharding)]
@@ -227,8 +274,6 @@ def state_shardings(
       )
     replicated = NamedSharding(named[0].mesh, PartitionSpec())
   shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), params)
-  # An optimizer (then its init) or, as the docstring allows, its init function itself.
-  init = cast(Callable[[Any], Any], getattr(tx, "init", tx))
   abstract_state = jax.eval_shape(init, shapes)
 
   def follow(leaf, sharding, param):

@@ -593,6 +593,37 @@ def test_state_shardings_names_the_leaf_without_a_sharding():
     distributed.state_shardings(ah.adahessian(0.1), params)
 
 
+def test_state_shardings_refuses_a_replicated_or_tx_it_cannot_use_naming_it():
+  """``replicated=`` was put into the result as given: a string or a Mesh became the step count's
+  "sharding" (``jit`` failed later naming ``result[0].count``), and ``PartitionSpec('d')`` split
+  the scalars; the optimizer's state in place of ``tx`` failed with "the first argument must be
+  callable"."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  params = {"w": jax.device_put(jnp.ones((4, 6)), NamedSharding(mesh, PartitionSpec(None, "d")))}
+  tx = ah.adahessian(0.1)
+  with pytest.raises(TypeError, match=r"replicated='replicated' is a str, not a jax.sharding"):
+    distributed.state_shardings(tx, params, replicated="replicated")
+  with pytest.raises(TypeError, match=r"is a Mesh, .*\(wrap it: NamedSharding\(mesh, Partition"):
+    distributed.state_shardings(tx, params, replicated=mesh)
+  with pytest.raises(ValueError, match=r"replicated=P\('d',\) splits values"):
+    distributed.state_shardings(tx, params, replicated=PartitionSpec("d"))
+  with pytest.raises(
+    TypeError, match=r"tx is a tuple, not an optimizer .* state_shardings\(tx, params"
+  ):
+    distributed.state_shardings(tx.init(params), params)
+  # A PartitionSpec that replicates is what jit takes under jax.set_mesh.
+  assert distributed.state_shardings(tx, params, replicated=PartitionSpec())[0].count == (
+    PartitionSpec()
+  )
+
+
 def test_max_replica_difference_compares_typed_prng_keys_by_their_data():
   """A typed key in a user's state (a dropout key) raised JAX's 'PRNGKey dtype cannot be
   converted to a NumPy array' without naming anything."""
