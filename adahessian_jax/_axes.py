@@ -33,8 +33,23 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
     Raw key data of the same shape, different on every device of the axis.
 
   Raises:
+    TypeError: for ``key_data`` that is not a ``uint32`` array (typed keys, an optimizer state).
     ValueError: naming ``axis_name`` if it is not bound by an enclosing map.
   """
+  dtype = getattr(key_data, "dtype", None)
+  if dtype is None or _keys.is_typed(dtype) or dtype != np.uint32:
+    # JAX's "invalid PRNG key data: expected key_data.ndim >= 1" named neither the argument nor
+    # the fix, and for a whole state printed it.
+    got = f"dtype {dtype}" if dtype is not None else f"a {type(key_data).__name__}"
+    fix = (
+      "pass jax.random.key_data(keys)"
+      if dtype is not None and _keys.is_typed(dtype)
+      else "pass the AdaHessian state's key (state.key), or jax.random.key_data(keys)"
+    )
+    raise TypeError(
+      f"fold_in_axis_index takes raw PRNG key data (uint32, one key per row), got {got}: {fix}; "
+      "distributed.per_device_probe_state(opt_state, axis_name) folds a whole optimizer state's."
+    )
   keys = jax.random.wrap_key_data(key_data)
   return jax.random.key_data(_fold_in_each(keys, _device_tag(check_bound(axis_name))))
 

@@ -539,6 +539,28 @@ def test_per_device_probe_state_errors_name_the_problem():
     distributed.per_device_probe_state(optax.adam(0.1).init(params), "data")
 
 
+def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
+  """A typed key failed with JAX's "invalid PRNG key data: expected key_data.ndim >= 1", an int32
+  array with "expected key_data.dtype = uint32", and a whole optimizer state printed the state."""
+  import jax
+  import jax.numpy as jnp
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  state = ah.adahessian(0.1).init({"w": jnp.ones(2)})
+  with pytest.raises(TypeError, match=r"got dtype key<\w+>: pass jax.random.key_data\(keys\)"):
+    distributed.fold_in_axis_index(jax.random.key(0), "data")
+  with pytest.raises(TypeError, match=r"got dtype int32: pass the AdaHessian state's key"):
+    distributed.fold_in_axis_index(jnp.zeros((1, 2), jnp.int32), "data")
+  with pytest.raises(TypeError, match=r"got a tuple: .*per_device_probe_state\(opt_state, axis"):
+    distributed.fold_in_axis_index(state, "data")
+  folded = jax.vmap(
+    lambda _: distributed.fold_in_axis_index(state[0].key, "data"), axis_name="data"
+  )
+  assert len({tuple(k.ravel().tolist()) for k in folded(jnp.arange(3))}) == 3
+
+
 def test_vmap_with_axis_name_under_jit_steps_like_one_device_on_the_global_batch():
   """``jax.vmap(step, axis_name=)`` simulates data parallelism on one device; under ``jit`` (and
   ``eval_shape``) ``device_varying`` failed with JAX's bare ``AssertionError`` from a cast over
