@@ -172,9 +172,14 @@ _FIELDS_FIX = (
 )
 
 
+def _wraps_array(x: Any) -> bool:
+  """Whether ``x`` wraps an array without being one (an ``nnx.Optimizer``'s Variables)."""
+  return hasattr(x, "__jax_array__") and not isinstance(x, jax.Array)
+
+
 def _unwrapped(x: Any) -> Any:
-  """``x``'s array where ``x`` wraps one (an ``nnx.Optimizer``'s Variables), else ``x``."""
-  return x.__jax_array__() if hasattr(x, "__jax_array__") and not isinstance(x, jax.Array) else x
+  """``x``'s array where it wraps one (:func:`_wraps_array`), else ``x``."""
+  return x.__jax_array__() if _wraps_array(x) else x
 
 
 def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
@@ -325,7 +330,7 @@ def check_key_data(key: Any) -> None:
   The state of an ``nnx.Optimizer`` (``optimizer.opt_state``, its arrays in ``nnx.OptArray``
   Variables) failed there too, with JAX's "Triggering __jax_array__() during abstractification".
   """
-  if hasattr(key, "__jax_array__") and not isinstance(key, jax.Array):
+  if _wraps_array(key):
     raise ValueError(
       f"the AdaHessian state's key is a {type(key).__module__}.{type(key).__qualname__} that "
       "wraps the key data, not the array itself: the state of an nnx.Optimizer "
