@@ -1162,15 +1162,14 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
         rule = averaging(info.path, info.leaf)
       except Exception as e:
         e.add_note(
-          f"adahessian_jax: raised by the averaging callable for the leaf at "
-          f"{jax.tree_util.keystr(info.path)}."
+          f"adahessian_jax: raised by the averaging callable for the leaf at {path_str(info.path)}."
         )
         raise
       if rule is None:
         rule = default
       if not _is_rule(rule):
         raise TypeError(
-          f"averaging callable returned {rule!r} for {jax.tree_util.keystr(info.path)}; "
+          f"averaging callable returned {rule!r} for {path_str(info.path)}; "
           "expected an adahessian_jax.spatial rule or None."
         )
       out.append(rule)

@@ -355,6 +355,14 @@ def test_an_error_raised_by_an_averaging_callable_names_the_leaf():
   assert info.value.__notes__ == [
     "adahessian_jax: raised by the averaging callable for the leaf at ['b']."
   ]
+  # A tree that is one array: its leaf is named as every error names it (keystr wrote '').
+  with pytest.raises(KeyError) as info:
+    tx.init(jnp.ones(3))
+  assert info.value.__notes__ == [
+    f"adahessian_jax: raised by the averaging callable for the leaf at {ah._validation.ROOT}."
+  ]
+  with pytest.raises(TypeError, match=r"returned 'x' for the root \(the tree is a single array\)"):
+    ah.scale_by_adahessian(averaging=lambda path, leaf: "x").init(jnp.ones(3))
 
 
 def test_per_layer_given_both_n_axes_and_axes_is_refused():
