@@ -2438,6 +2438,19 @@ class _EnsembleMLP(nn.Module):
     return nn.Dense(4, use_bias=False, param_dtype=jnp.float64)(h)
 
 
+def _ensemble_of(block, axis):
+  """``nn.vmap`` of ``block`` over 3 members, its params stacked along ``axis``
+  (``variable_axes={"params": axis}``), the input shared."""
+  return nn.vmap(
+    block,
+    variable_axes={"params": axis},
+    split_rngs={"params": True},
+    in_axes=None,
+    out_axes=0,
+    axis_size=3,
+  )
+
+
 @pytest.mark.parametrize("axis", [1, 2])
 def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
   # nn.vmap with variable_axes={"params": 1} stacks a bias-less Dense_0 kernel as (in, members,
@@ -2445,14 +2458,7 @@ def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
   # slice kept apart and blocks of 2 along the members (axis 2: along the outputs), silently.
   # Its sibling Dense_1 (8, 3, 4) has another first size, so the stack is not in front: it is the
   # one axis where both kernels have one size.
-  ens = nn.vmap(
-    _EnsembleMLP,
-    variable_axes={"params": axis},
-    split_rngs={"params": True},
-    in_axes=None,
-    out_axes=0,
-    axis_size=3,
-  )
+  ens = _ensemble_of(_EnsembleMLP, axis)
   params = ens().init(jax.random.key(0), jnp.ones((2, 6)))["params"]
   hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
   with warnings.catch_warnings():
@@ -2501,14 +2507,7 @@ def test_a_lone_bias_less_dense_under_vmap_is_a_guess_where_its_stack_matters(ax
   # silently: each input's slice kept apart, blocks of 2 along the members. Nothing shows where
   # the stacked axis is (VmapOneDense_0 is no sign: ensembles map over other axes too), so with
   # block_size > 1 the reading is a guess; with 1 no reading averages anything.
-  ens = nn.vmap(
-    OneDenseBlock,
-    variable_axes={"params": axis},
-    split_rngs={"params": True},
-    in_axes=None,
-    out_axes=0,
-    axis_size=3,
-  )
+  ens = _ensemble_of(OneDenseBlock, axis)
   params = _init_inside(ens, None, jnp.ones((2, 8)))
   (row,) = spatial.describe(params, block_size=2).rows
   assert row.path == "['VmapOneDenseBlock_0']['Dense_0']['kernel']"
