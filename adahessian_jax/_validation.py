@@ -184,6 +184,27 @@ def path_str(path: Any) -> str:
   return jax.tree_util.keystr(path) or ROOT
 
 
+def array_dtype(leaf: Any) -> Any:
+  """The dtype of ``leaf`` as JAX reads an array (a Python or NumPy scalar too), or ``None`` for
+  a leaf that is no array: the rule of every check that refuses such leaves, naming them.
+
+  :func:`jax.numpy.result_type` reads a ``str`` (``"float32"``, ``"f"``), a scalar type
+  (``jnp.float32``) or a dtype as the dtype it names: those are no arrays.
+
+  Args:
+    leaf: A pytree leaf.
+
+  Returns:
+    Its dtype, or ``None``.
+  """
+  if isinstance(leaf, str | bytes | type | np.dtype):
+    return None
+  try:
+    return jnp.result_type(leaf)
+  except TypeError:
+    return None
+
+
 def float_leaves(tree: Any, what: str, fix: str) -> None:
   """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array
   of 16 bits or more.
@@ -196,13 +217,9 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     where = path_str(path)
     must = f"{what} must be real floating-point arrays, but the leaf at {where}"
-    try:
-      # result_type reads a str ("float32", "f"), a scalar type or a dtype as the dtype it names.
-      if isinstance(leaf, str | bytes | type | np.dtype):
-        raise TypeError
-      dtype = jnp.result_type(leaf)
-    except TypeError:
-      raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}") from None
+    dtype = array_dtype(leaf)
+    if dtype is None:
+      raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}")
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{must} has dtype {dtype}. {fix}")
     if jnp.finfo(dtype).bits < 16:  # JAX's sign, sqrt and Hessian products stop at 16 bits

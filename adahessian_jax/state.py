@@ -200,12 +200,8 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
   if state.update_freq is not None:
     counters += (("update_freq", state.update_freq, 2),)
   for name, value, lo in counters:
-    dtype, shape = None, None
-    if value is not None and not isinstance(value, str | bytes):  # result_type reads "3" as a type
-      try:
-        dtype, shape = jnp.result_type(value), jnp.shape(value)
-      except TypeError:
-        pass
+    dtype = None if value is None else _validation.array_dtype(value)
+    shape = None if dtype is None else jnp.shape(value)
     integer = dtype is not None and jnp.issubdtype(dtype, jnp.integer)
     if not integer or shape != tuple(count_shape):
       got = f"is a {type(value).__name__}" if dtype is None else f"has dtype {dtype}, shape {shape}"

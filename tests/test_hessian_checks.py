@@ -384,6 +384,29 @@ def test_complex_vectors_are_refused_not_cast_to_real(ops, call):
     good.ravel(tree)
 
 
+def test_a_scalar_type_or_dtype_leaf_is_refused_as_no_array():
+  # jnp.float32 and np.dtype("float32") have a dtype, so they passed the check of real values as
+  # float32 arrays and failed later in JAX ("JAX scalar type ... cannot be interpreted as a JAX
+  # array"), naming neither the argument nor the leaf; np.float32's class attribute .dtype
+  # failed inside the check ("Cannot interpret '<attribute 'dtype' ...'").
+  params = {"a": jnp.array(2.0), "b": jnp.ones(3)}
+  op = hessian.hessian_operator(lambda p, b: p["a"] ** 2 * jnp.sum(p["b"] ** 2) * b, params, 1.0)
+  for leaf, kind in ((jnp.float32, "_ScalarMeta"), (np.dtype("float32"), "Float32DType")):
+    tree = {"a": leaf, "b": jnp.ones(3)}
+    for call, what in (
+      (lambda t: hessian.preconditioned_operator(op, t), "the preconditioner"),
+      (lambda t: hessian.normalize_direction(op, t, "unit"), "the direction"),
+      (op.ravel, "the tree"),
+    ):
+      with pytest.raises(
+        ValueError,
+        match=rf"^{what} must be an array or a pytree of arrays, but its leaf at \['a'\] is {kind}",
+      ):
+        call(tree)
+  with pytest.raises(ValueError, match=r"its leaf at \['a'\] is type <class 'numpy.float32'>"):
+    hessian.preconditioned_operator(op, {"a": np.float32, "b": jnp.ones(3)})
+
+
 def test_an_array_of_another_rank_is_named_as_one(ops):
   # A (1, n) array or a scalar read as a pytree: "it lacks the leaves ... and has none that the
   # params do not", which says nothing of the shape that is wrong.

@@ -764,6 +764,8 @@ def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
     ({"update_freq": jnp.int32(0)}, ValueError, r"update_freq is 0, not >= 2"),
     ({"count": jnp.float32(3.0)}, TypeError, r"count has dtype float32, shape \(\)"),
     ({"count": jnp.zeros(2, jnp.int32)}, ValueError, r"count has .* \(2,\), not .*inside jax.vmap"),
+    # A scalar type, which jnp.result_type reads as the dtype it names, is no integer array.
+    ({"count": jnp.int32}, TypeError, r"count is a _ScalarMeta, not an integer array of shape"),
   ]
   for fields, error, match in cases:
     with pytest.raises(error, match=r"is_refresh_step: the AdaHessian state's " + match):

@@ -105,15 +105,12 @@ def real(tree: Any, what: str, *, floating: bool = False) -> None:
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     whose = f"its leaf at {jax.tree_util.keystr(path)}" if path else "it"
-    try:  # np.result_type reads a str ("ones", "f") as the dtype it names, or fails
-      if isinstance(leaf, str | bytes):
-        raise TypeError
-      dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
-    except TypeError:
+    dtype = _validation.array_dtype(leaf)
+    if dtype is None:
       raise ValueError(
         f"{what} must be an array or a pytree of arrays, but {whose} is "
         f"{type(leaf).__name__} {leaf!r}."
-      ) from None
+      )
     if np.issubdtype(dtype, np.complexfloating):
       raise ValueError(
         f"{what} must be real, but {whose} has dtype {dtype}: the Hessian acts on real "
