@@ -30,7 +30,12 @@ from adahessian_jax import layout
 STATIC_FIX = "With optax.inject_hyperparams pass static_args=adahessian_jax.STATIC_ARGS."
 
 
-def _real_scalar(value: Any) -> float | None:
+def real_dtype(dtype: Any) -> bool:
+  """Whether ``dtype`` holds real numbers: a floating or integer dtype (not bool or complex)."""
+  return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
+def real_scalar(value: Any) -> float | None:
   """``float(value)`` for a real scalar (a 0-d real array too), ``None`` for anything else.
 
   Bools, strings, complex numbers and arrays with more than one entry are not real scalars.
@@ -41,8 +46,7 @@ def _real_scalar(value: Any) -> float | None:
     arr = np.asarray(value)
   except (TypeError, ValueError):
     return None
-  real = jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
-  if arr.shape != () or not real or arr.dtype == np.bool_:
+  if arr.shape != () or not real_dtype(arr.dtype):
     return None
   return float(arr)
 
@@ -79,7 +83,7 @@ def interval(
   """
   if isinstance(value, jax.core.Tracer):
     raise _traced(name, value, "a concrete real number")
-  v = _real_scalar(value)
+  v = real_scalar(value)
   ok = (
     v is not None
     and (lo < v if lo_open else lo <= v)

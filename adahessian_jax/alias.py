@@ -140,8 +140,7 @@ def _check_rate(rate: Any, count: Any) -> None:
   where it is concrete, finite and >= 0)."""
   if isinstance(rate, jax.core.Tracer):
     dtype = rate.dtype
-    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-    if rate.shape != () or not real:
+    if rate.shape != () or not _validation.real_dtype(dtype):
       raise ValueError(
         f"learning_rate's schedule must return a real scalar, got an array of shape {rate.shape} "
         f"and dtype {dtype}: the updates are multiplied by it, so a vector would broadcast the "
@@ -154,7 +153,7 @@ def _check_rate(rate: Any, count: Any) -> None:
       f"learning_rate's schedule at step {step}", rate, 0.0, float("inf"), hi_open=True
     )
   except ValueError as e:
-    value = _validation._real_scalar(rate)  # inf or NaN (0 · inf) where the count is 0
+    value = _validation.real_scalar(rate)  # inf or NaN (0 · inf) where the count is 0
     zero = step == 0 and value is not None and not np.isfinite(value)
     raise ValueError(
       f"{e} optax's count is 0 on the first update: a schedule that divides by it (an inverse "
