@@ -687,13 +687,18 @@ def _first_moment(params: Any, mu_dtype: Any) -> Any:
   return jax.tree.map(lambda p: jnp.zeros_like(p, mu_dtype or jnp.result_type(p)), params)
 
 
+def _saturated_float16(x: jax.Array) -> jax.Array:
+  """``x`` in float16, saturated at its largest value (65504) rather than overflowing to ``inf``."""
+  big = float(jnp.finfo(jnp.float16).max)
+  return jnp.clip(x, -big, big).astype(jnp.float16)
+
+
 def _stored_like(m: jax.Array, old: jax.Array) -> jax.Array:
   """The new first moment ``m`` in the dtype of the stored one, ``old``; a float16 ``mu`` (of
   wider gradients, ``mu_dtype=float16``) saturated at its largest value (65504) rather than
   stored as ``inf``, which would make every later update of that entry ``inf``."""
   if old.dtype == jnp.float16 and m.dtype != jnp.float16:
-    big = float(jnp.finfo(jnp.float16).max)
-    m = jnp.clip(m, -big, big)
+    return _saturated_float16(m)
   return m.astype(old.dtype)
 
 
@@ -710,8 +715,7 @@ def _like_gradient(u: jax.Array, g: Any) -> jax.Array:
   if not hasattr(g, "dtype"):
     return u
   if g.dtype == jnp.float16:
-    big = float(jnp.finfo(jnp.float16).max)
-    return jnp.clip(u, -big, big).astype(jnp.float16)
+    return _saturated_float16(u)
   return u.astype(g.dtype)
 
 
