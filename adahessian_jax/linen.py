@@ -106,6 +106,28 @@ def _replace(self: Any, **updates: Any) -> Any:
   return dataclasses.replace(self, **updates)
 
 
+def _check_fields(state: Any, kwargs: Mapping[str, Any]) -> None:
+  """Raises unless every keyword of ``apply_gradients``' ``kwargs`` names a field of ``state``.
+
+  They replace fields, as in Flax, and reach no optimizer: an extra argument of another member
+  of ``tx`` (``optax.contrib.reduce_on_plateau``'s ``value``) failed in ``tx.update`` as missing,
+  although it had been passed.
+  """
+  unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(state)})
+  if not unknown:
+    return
+  names = ", ".join(f"{name}=" for name in unknown)
+  raise TypeError(
+    f"TrainState.apply_gradients got {names}, not a field of {type(state).__name__}: its keyword "
+    "arguments other than value_fn, hessian_diag and refresh replace fields, as in Flax, and "
+    "reach no optimizer. To give tx.update other extra arguments "
+    "(optax.contrib.reduce_on_plateau's value), call it yourself: updates, opt_state = "
+    "state.tx.update(grads, state.opt_state, state.params, value_fn=value_fn, value=loss); "
+    "state = state.replace(step=state.step + 1, "
+    "params=optax.apply_updates(state.params, updates), opt_state=opt_state)."
+  )
+
+
 __all__ = ["TrainState"]
 
 
@@ -218,7 +240,13 @@ class TrainState(train_state.TrainState):
 
     Returns:
       The state after one step.
+
+    Raises:
+      TypeError: for a keyword in ``kwargs`` that names no field of the state (an extra argument
+        meant for ``tx.update``, such as ``optax.contrib.reduce_on_plateau``'s ``value``, which
+        this method does not forward), before ``tx.update`` runs.
     """
+    _check_fields(self, kwargs)
     extra = {}
     if value_fn is not None:
       extra["value_fn"] = value_fn

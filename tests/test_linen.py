@@ -495,3 +495,25 @@ def test_a_jitted_step_of_committed_params_compiles_once_from_create(adahessian)
     for _ in range(4):
       state = step(state)
   assert compiles.count == 0 and int(state.step) == 5
+
+
+def test_apply_gradients_names_a_keyword_that_is_no_field_before_tx_update_runs():
+  # Its keyword arguments replace fields, as in Flax: reduce_on_plateau's value= reached no
+  # optimizer, and optax said value was missing, although it had been passed.
+  params = {"w": jnp.array([1.0, -2.0])}
+  loss_fn = lambda p: jnp.sum(p["w"] ** 4)
+  tx = optax.chain(ah.adahessian(0.1), optax.contrib.reduce_on_plateau(patience=1))
+  state = TrainState.create(apply_fn=None, params=params, tx=tx)
+  grads = jax.grad(loss_fn)(params)
+  with pytest.raises(TypeError, match=r"got value=, not a field of TrainState.*state\.tx\.update"):
+    state.apply_gradients(grads=grads, value_fn=loss_fn, value=loss_fn(params))
+  # The call the message shows steps as apply_gradients does, scaled by reduce_on_plateau.
+  updates, opt_state = state.tx.update(
+    grads, state.opt_state, state.params, value_fn=loss_fn, value=loss_fn(params)
+  )
+  stepped = state.replace(
+    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+  )
+  alone = TrainState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1))
+  assert_trees_allclose(stepped.params, alone.apply_gradients(grads=grads, value_fn=loss_fn).params)
+  assert int(stepped.step) == 1
