@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -207,6 +208,27 @@ def array_dtype(leaf: Any) -> Any:
     return jnp.result_type(leaf)
   except TypeError:
     return None
+
+
+# Flax's collections that hold state, not parameters: BatchNorm's (and SpectralNorm's) running
+# statistics, a decoder's cache and Module.sow's intermediates.
+_FLAX_STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates")
+
+
+def flax_state_collections(tree: Any) -> list[str]:
+  """The Flax state collections ``tree`` holds beside ``"params"``: a whole Linen variables dict
+  (``model.init``'s), not its parameters.
+
+  Args:
+    tree: A pytree given as parameters.
+
+  Returns:
+    The names of those collections among its top-level keys (``["batch_stats"]``); empty unless
+    ``tree`` is a mapping with a ``"params"`` key.
+  """
+  if not isinstance(tree, Mapping) or "params" not in tree:
+    return []
+  return [name for name in _FLAX_STATE_COLLECTIONS if name in tree]
 
 
 def float_leaves(tree: Any, what: str, fix: str) -> None:

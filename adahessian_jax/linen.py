@@ -39,10 +39,6 @@ except ImportError as e:
 # (fp8 scales and amax histories); TrainState.create keeps it out of the optimizer state.
 _OWG = fp8_ops.OVERWRITE_WITH_GRADIENT
 _NOT_GIVEN: Any = object()  # apply_gradients' expected_axis_name when the caller names no axis
-# Flax's collections that hold state, not parameters: BatchNorm's (and SpectralNorm's) running
-# statistics, a decoder's cache and Module.sow's intermediates. Beside "params" in the params
-# given to create, they are a whole variables dict, whose statistics the optimizer would step.
-_NOT_TRAINED = ("batch_stats", "cache", "intermediates")
 
 
 def _has_owg(tree: Any) -> bool:
@@ -57,9 +53,7 @@ def _check_params(params: Any) -> None:
   and the optimizer steps them as parameters (by their gradient, its curvature estimate and the
   weight decay), silently.
   """
-  if not isinstance(params, Mapping) or "params" not in params:
-    return
-  held = [name for name in _NOT_TRAINED if name in params]
+  held = _validation.flax_state_collections(params)
   if not held:
     return
   stats = ", batch_stats=variables['batch_stats']" if "batch_stats" in held else ""

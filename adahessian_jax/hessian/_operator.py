@@ -627,6 +627,25 @@ def _check_no_nnx_state(params: Any) -> None:
       )
 
 
+def _check_no_linen_state(params: Any) -> None:
+  """Raises ``ValueError`` for a whole Linen variables dict as params: ``"params"`` beside
+  ``batch_stats``, a cache or intermediates.
+
+  The Hessian would be taken with respect to the running statistics too: in eval mode they move
+  the loss (a BatchNorm CNN's top eigenvalue 1.23 for its parameters' 0.99, with no error).
+  """
+  held = _validation.flax_state_collections(params)
+  if held:
+    raise ValueError(
+      f"params holds the Flax collection(s) {held} beside 'params', as the whole variables dict "
+      "of model.init does: the Hessian is taken with respect to every leaf of params, so it "
+      "would include the running statistics. Pass variables['params'] as params and the rest "
+      "to loss_fn in the batch or as the arrays of a Partial: loss_fn = "
+      "jax.tree_util.Partial(f, variables['batch_stats']) with f(stats, p, b) applying "
+      "{'params': p, 'batch_stats': stats} (docs/hessian_analysis.md)."
+    )
+
+
 def _note_nnx_mutation(error: Exception) -> None:
   """Adds the fix to NNX's ``TraceContextError`` from a ``loss_fn`` that writes state of a model
   built outside it ("Cannot mutate BatchStat from a different trace level")."""
@@ -1098,7 +1117,8 @@ def hessian_operator(
     ValueError: for params without entries or with a ``jax.pmap`` output's device axis (a
       leaf of stacked replicas: pass one replica), with an NNX variable no optimizer trains
       (``nnx.BatchStat``, RNG state, a cache: ``nnx.state(model)`` or the module itself, not
-      its ``nnx.Param``; named), ``batches`` that is a mapping (whose
+      its ``nnx.Param``; named), a whole Linen variables dict (``batch_stats``, a cache or
+      intermediates beside ``"params"``), ``batches`` that is a mapping (whose
       iteration gives its keys), an empty batch (a leaf with a
       leading axis of length 0), a batch whose structure or leaf shapes past
       the leading axis differ from the first batch's, or bad ``batch_sizes``;
@@ -1106,6 +1126,7 @@ def hessian_operator(
   """
   block_size = _validation.count("block_size", block_size)
   _check_no_nnx_state(params)
+  _check_no_linen_state(params)
   _validation.float_leaves(
     params,
     "params",
