@@ -354,6 +354,48 @@ def test_groups_of_adahessian_and_adam_combine_their_preconditioners(labels):
       hessian.adahessian_preconditioner(state, b2=0.99, fill=fill)
 
 
+@pytest.mark.parametrize("kind", ["adahessian", "adam"])
+def test_two_groups_of_one_kind_are_built_one_group_at_a_time(kind):
+  # Two groups of one kind (optax.multi_transform): the error said only "found 2" (AdaHessian) or
+  # "combine their P yourself" (Adam); a masked Adam state's example filled it with its own P.
+  make, build = {
+    "adahessian": (adahessian_jax.scale_by_adahessian, hessian.adahessian_preconditioner),
+    "adam": (optax.scale_by_adam, hessian.adam_preconditioner),
+  }[kind]
+  labels = {"hidden": "a", "out": {"kernel": "a", "bias": "b"}}
+  tx = optax.multi_transform({"a": make(b2=0.99), "b": make(b2=0.9)}, labels)
+  params, batch = mlp()
+  state = tx.init(params)
+  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
+  for _ in range(3):
+    updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
+    params = jax.tree.map(lambda p, u: p - 0.05 * u, params, updates)
+  call = build.__name__
+  with pytest.raises(ValueError, match=rf"found 2.*inner_states\[label\].*hessian\.{call}\("):
+    build(state)
+  other = "adahessian_preconditioner" if kind == "adam" else "adam_preconditioner"
+  with pytest.raises(ValueError, match=rf"masked out.*fill=hessian\.{other}\(opt_state, fill="):
+    build(state.inner_states["a"], b2=0.99)
+  p = build(state.inner_states["a"], b2=0.99, fill=build(state.inner_states["b"], b2=0.9, fill=1.0))
+  # P is the denominator of the last update of the group that owns the leaf (b1 = 0.9 in both).
+  owner = jax.tree.map(lambda label, sub: jax.tree.map(lambda _: label, sub), labels, params)
+  by_path = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  has_mu = lambda x: hasattr(x, "mu")
+  mu = {
+    g: by_path(next(x for x in jax.tree.leaves(sub, is_leaf=has_mu) if has_mu(x)).mu)
+    for g, sub in state.inner_states.items()
+  }
+  for path, label in by_path(owner).items():
+    want = mu[label][path] / (1 - 0.9**3) / by_path(updates)[path]
+    np.testing.assert_allclose(by_path(p)[path], want, rtol=1e-10)
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
+  dense = dense_hessian(mlp_loss, params, batch)
+  want = np.linalg.eigvalsh(s[:, None] * dense * s[None, :])[::-1][:2]
+  got = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 2, tol=1e-10)
+  np.testing.assert_allclose(got.eigenvalues, want, rtol=1e-8)
+
+
 @pytest.mark.parametrize("tx", [optax.adamw(1e-3), optax.amsgrad(1e-3)], ids=["adamw", "amsgrad"])
 def test_an_adam_state_restored_without_a_target_gets_the_restore_fix(tx):
   # orbax's restore(path) without a target gives dicts for the NamedTuples: the message said only

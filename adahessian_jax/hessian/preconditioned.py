@@ -143,11 +143,30 @@ def _subtree_at(tree: Any, path: tuple[Any, ...], where: str) -> Any:
   return node
 
 
+# Each builder of P and the other, whose P fills the leaves the first one's group leaves out.
+_OTHER = {
+  "adahessian_preconditioner": "adam_preconditioner",
+  "adam_preconditioner": "adahessian_preconditioner",
+}
+
+
+def _groups_hint(call: str) -> str:
+  """How to build ``P`` from a state with several groups of one kind (``optax.multi_transform``):
+  one group's state at a time, each filling the leaves the other leaves out."""
+  return (
+    " For several groups (optax.multi_transform), pass each group's own state, its "
+    "opt_state.inner_states[label], and fill the leaves it leaves out with the other's P: "
+    f"hessian.{call}(opt_state.inner_states['a'], fill=hessian.{call}("
+    "opt_state.inner_states['b'], fill=jnp.inf))."
+  )
+
+
 def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
   """``p`` with the leaves ``optax.masked`` left out of ``nu`` taken from ``fill`` (a scalar, or
   a pytree like the params: its node at each such path).
 
-  Raises ``ValueError`` naming those leaves when ``fill`` is ``None``.
+  Raises ``ValueError`` naming those leaves when ``fill`` is ``None``; ``call`` is the public
+  function that built ``p``, which its example names.
   """
   leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=masking.is_masked)
   masked = [jax.tree_util.keystr(p) for p, x in leaves if masking.is_masked(x)]
@@ -160,7 +179,7 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
       "out, so it holds no second moment (and no preconditioner) for them. Pass fill=: "
       "fill=jnp.inf holds them still (the part of the Hessian this state preconditions); "
       "another group's P fills them with its own, e.g. "
-      f"hessian.{call}(opt_state, fill=hessian.adam_preconditioner(opt_state, fill=jnp.inf))."
+      f"hessian.{call}(opt_state, fill=hessian.{_OTHER[call]}(opt_state, fill=jnp.inf))."
     )
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(fill)):
     value = jnp.asarray(_validation.interval("fill", fill, 0.0, np.inf, lo_open=True), float)
@@ -227,6 +246,8 @@ def adahessian_preconditioner(
   try:
     state = find_adahessian_state(opt_state)
   except ValueError as e:
+    if len(adahessian_states(opt_state)) > 1:
+      raise ValueError(f"{e}{_groups_hint('adahessian_preconditioner')}") from None
     if _adam_states(opt_state):
       raise ValueError(
         f"{e} The state holds an optax Adam/AMSGrad state: its P is "
@@ -308,8 +329,7 @@ def adam_preconditioner(
       "expected exactly one optax.ScaleByAdamState or ScaleByAmsgradState in the optimizer "
       f"state, found {len(found)}{' (' + ', '.join(kinds) + ')' if kinds else ''}. For another "
       "optimizer, build its diagonal P as a pytree like the params and pass it to "
-      "preconditioned_operator; for several Adam groups (optax.multi_transform), combine "
-      f"their P yourself.{hint}"
+      f"preconditioned_operator.{_groups_hint('adam_preconditioner') if found else ''}{hint}"
     )
   injected = _injected(opt_state, found[0])
   b2 = _validation.interval(
