@@ -114,8 +114,9 @@ def read(
   experts = expert_stacks(paths, shapes, stacked, roles, done)
   biases |= expert_biases(paths, shapes, stacked, roles, experts)
   # A weight or kernel, a table, a b or <name>_b. Names can put a leaf in two (a table's word
-  # and a bias's under a module named with 'bias': pos_b beside pos_w, emb_weight beside
-  # emb_bias): the later wins, a bias over a table over a weight.
+  # and a bias's: pos_b beside pos_w, emb_bias beside emb_weight): the later wins, a bias over a
+  # table over a weight. A leaf with a bias paired by name (pos_w, emb_weight) is no table of
+  # biases under a module named with 'bias' (bias_tables): a weight by its bias or a table.
   params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
   params |= {i: "bias" for i in biases}
   readings = []
@@ -376,14 +377,17 @@ def bias_tables(paths, roles) -> set[int]:
   heads)`` named ``relative_attention_bias``, BEiT in a raw ``relative_position_bias_table``
   ``(num_distances, heads)``: tables (:func:`param_name`) whose rows are positions and whose
   columns are heads, one bias per entry, that the table rule (blocks along the last axis) would
-  average across heads. A table with the word ``bias`` in its name or its module's name is one.
+  average across heads. A table with the word ``bias`` in its name or its module's name is one,
+  but for a leaf paired by name with a bias of its own (``emb_weight`` beside ``emb_bias``,
+  ``pos_w`` beside ``pos_b``, under a module ``pos_bias``): a layer's weight, not a table of
+  biases, which has none (:func:`_paired_with_biases`).
 
   Returns:
     The indices of these leaves under the default rule.
   """
-  found = set()
+  found, paired = set(), _paired_with_biases(paths)
   for i, path in enumerate(paths):
-    if roles[i] is None or param_name(path) not in ("embedding", "table"):
+    if roles[i] is None or i in paired or param_name(path) not in ("embedding", "table"):
       continue
     module = _module_keys(path)
     words = set(str(_leaf_name(path)).lower().split("_"))
@@ -391,6 +395,19 @@ def bias_tables(paths, roles) -> set[int]:
       words |= set(str(module[-1]).lower().split("_"))
     if "bias" in words:
       found.add(i)
+  return found
+
+
+def _paired_with_biases(paths) -> set[int]:
+  """The leaves that a bias beside them is paired with by name: a ``<name>_weight`` with its
+  ``<name>_bias`` (:func:`_named_weight_pairs`), a raw kernel with its raw bias
+  (:func:`_raw_kernel_of`: ``pos_w`` with ``pos_b``, ``w_in`` with ``b_in``)."""
+  found = {w for _, w, _, _ in _named_weight_pairs(paths)}
+  for members in _by_leaf_name(paths).values():
+    for name in members:
+      kernel = _raw_kernel_of(name, members)
+      if kernel is not None:
+        found.add(members[kernel])
   return found
 
 

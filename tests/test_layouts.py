@@ -2246,6 +2246,31 @@ def test_relative_position_bias_tables_keep_heads_and_positions_apart():
       assert "attention biases" in rows[path].why
 
 
+def test_a_weight_paired_with_its_bias_is_no_table_of_attention_biases():
+  # A table's word and a module named with 'bias' made emb_weight (out, in) beside its emb_bias
+  # (out,) a table of attention biases (none, unflagged), though such a table has no bias of its
+  # own: a Linear weight, its bias says which axis is its output. pos_w beside pos_b is a
+  # kernel of a layout its name leaves open: a guess. A weight without a bias stays a table.
+  S = jax.ShapeDtypeStruct
+  params = {
+    "pos_bias": {"emb_weight": S((8, 16), jnp.float32), "emb_bias": S((8,), jnp.float32)},
+    "rel_bias": {"pos_w": S((8, 16), jnp.float32), "pos_b": S((16,), jnp.float32)},
+    "relpos_bias": {"emb_weight": S((32, 4), jnp.float32)},
+  }
+  for block_size in (2, 3):
+    rows = {r.path: r for r in spatial.describe(params, block_size=block_size).rows}
+    weight = rows["['pos_bias']['emb_weight']"]
+    assert (weight.rule, weight.ambiguous) == (spatial.blocks(block_size, axis=1), False)
+    assert "a bias of its first axis" in weight.why
+    kernel = rows["['rel_bias']['pos_w']"]
+    assert (kernel.rule, kernel.ambiguous) == (spatial.blocks(block_size, axis=1), True)
+    table = rows["['relpos_bias']['emb_weight']"]
+    assert (table.rule, table.ambiguous) == (spatial.none(), False)
+    assert "attention biases" in table.why
+    for bias in ("['pos_bias']['emb_bias']", "['rel_bias']['pos_b']"):
+      assert rows[bias].rule == spatial.none(), bias
+
+
 def test_haiku_biases_beside_their_kernels_are_not_averaged():
   # AlphaFold's Haiku attention makes its own gating_w (channels, heads, head_dim) and gating_b
   # (heads, head_dim); a Linear of several outputs has w (in, heads, head_dim), b (heads,
