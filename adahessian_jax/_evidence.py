@@ -1498,12 +1498,15 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
 
 
 #: Words (of a name split at "_") that make a leaf a table with a row per token or position:
-#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``; and
-#: learned rows of other kinds: a Perceiver's ``latents``, a DETR's ``queries``, prefix- and
-#: prompt-tuning's ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``.
+#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``,
+#: GPT-2's ``wte`` and ``wpe`` (raw ``(vocab, embed)`` and ``(positions, embed)`` arrays in a
+#: hand-written port); and learned rows of other kinds: a Perceiver's ``latents``, a DETR's
+#: ``queries``, prefix- and prompt-tuning's ``prefix``/``prompt``, a ViT's ``registers``, a
+#: VQ-VAE's ``codebook``.
 _TABLE_WORDS = frozenset(
   ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
-  + ("latent", "latents", "queries", "prefix", "prompt", "prompts", "registers", "codebook")
+  + ("wte", "wpe", "latent", "latents", "queries", "prefix", "prompt", "prompts", "registers")
+  + ("codebook",)
 )
 
 
@@ -1511,8 +1514,8 @@ _TABLE_WORDS = frozenset(
 #: with a word of :data:`_TABLE_WORDS` and others too (``w_embed``) could be a kernel's.
 _TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
   ("", "token", "tokens", "tok", "word", "words", "patch", "type", "segment", "vocab", "learned")
-  + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "wte")
-  + ("wpe", "pe", "te", "lookup")
+  + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "pe")
+  + ("te", "lookup")
 )
 
 

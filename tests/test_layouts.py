@@ -1797,9 +1797,12 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
 def test_learned_position_tables_keep_their_rows_apart(rng):
   # A learned position table is a raw param (an nnx.Param, self.param in Linen), not an Embed:
   # by rank a (length, features) table was a Dense kernel, blocked across positions, and ViT's
-  # (1, length, features) a 1-D Conv kernel. A word of a table in the name keeps rows apart.
+  # (1, length, features) a 1-D Conv kernel. A word of a table in the name keeps rows apart:
+  # also GPT-2's raw wte (vocab, embed) and wpe (positions, embed), blocked across tokens before.
   params = {
     "pos": jnp.zeros((6, 4)),
+    "wte": jnp.zeros((6, 4)),
+    "wpe": jnp.zeros((6, 4)),
     "pos_embedding": jnp.zeros((1, 6, 4)),
     "position_embeddings": jnp.zeros((6, 4)),
     "embed_w": jnp.zeros((6, 4)),  # a table, or a kernel so named: a guess
@@ -1808,7 +1811,7 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
   hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
-  for key in ("pos", "position_embeddings", "embed_w"):
+  for key in ("pos", "wte", "wpe", "position_embeddings", "embed_w"):
     np.testing.assert_allclose(got[key], block_average(d[key], 2, axis=1), rtol=1e-6)
   want = block_average(d["pos_embedding"], 2, axis=2)
   np.testing.assert_allclose(got["pos_embedding"], want, rtol=1e-6)
