@@ -169,9 +169,9 @@ def _unnamed_leading_stacks(
   stack of layers: an ``nn.vmap`` over axis 1 gives a kernel ``(in, layers, out)``.)
   """
 
-  def leading(n):
+  def leading(n):  # unnamed axes after a named one too: a depthwise kernel's (h, w, None, out)
     k = next((j for j, x in enumerate(n) if x is not None), len(n))
-    return k if 0 < k < len(n) and all(x is not None for x in n[k:]) else 0
+    return k if 0 < k < len(n) else 0
 
   partial = {i: leading(n) for i, n in enumerate(names) if n is not None and roles[i] is not None}
   partial = {i: k for i, k in partial.items() if k}

@@ -172,6 +172,43 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
   assert layer_axes_of(params) == [(0,), (0,), (0,)]
 
 
+def test_an_unnamed_stacked_axis_is_found_in_leaves_with_an_unnamed_axis_after_their_names():
+  # A ConvNeXt block under nn.scan with PARTITION_NAME None: its depthwise kernel (None, "height",
+  # "width", None, "embed") (the grouped input axis left unnamed) was taken for named, so its
+  # layer scale gamma (None, "embed") got no stack from its relatives and was blocked across the
+  # 4 layers as a Dense kernel, unflagged; LoRA's (None, "embed", None) factors were flagged.
+  # Read as the same block scanned with the axis named.
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      box = nn.with_logical_partitioning
+      names = ("height", "width", None, "embed")
+      dw = nn.Conv(8, (3, 3), feature_group_count=8, kernel_init=box(lecun, names), name="dwconv")
+      y = nn.Dense(8, kernel_init=box(lecun, ("embed", "mlp")), bias_init=box(zeros, ("mlp",)))
+      a = self.param("lora_a", box(lecun, ("embed", None)), (8, 2))
+      b = self.param("lora_b", box(zeros, (None, "mlp")), (2, 8))
+      gamma = self.param("gamma", box(zeros, ("embed",)), (8,))
+      return x + gamma * y(dw(x)) + x @ a @ b, None
+
+  def rows(partition_name):
+    class Stack(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return scan_layers(Block, partition_name=partition_name)(name="blocks")(x, None)[0]
+
+    shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 5, 5, 8)))["params"]
+    return {r.path: r for r in spatial.describe(shapes, block_size=2).rows}
+
+  unnamed, named = rows(None), rows("layers")
+  assert [(r.rule, r.ambiguous) for r in unnamed.values()] == [
+    (r.rule, r.ambiguous) for r in named.values()
+  ]
+  assert unnamed["['blocks']['gamma']"].rule == spatial.per_layer(spatial.none())
+  assert unnamed["['blocks']['dwconv']['kernel']"].names == (
+    ("layers", "height", "width", None, "embed")
+  )
+
+
 def test_an_unnamed_stacked_axis_passes_to_its_relatives_as_in_plain_arrays():
   """With ``{nn.PARTITION_NAME: None}`` a bias-less block's attention shows the stack, but its
   ``LayerNorm`` scale ``(None, "embed")`` and bias-less ``Dense`` kernel ``(None, "embed",
