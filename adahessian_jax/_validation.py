@@ -136,6 +136,26 @@ def positive(name: str, value: Any, allow_zero: bool = False) -> float:
   return interval(name, value, 0.0, np.inf, lo_open=not allow_zero, hi_open=True)
 
 
+def flag(name: str, value: Any) -> bool:
+  """Returns ``value`` as a ``bool`` if it is one (a Python or NumPy bool), else raises.
+
+  A string from a config (``"False"``) or a number is truthy, and was read as ``True``.
+
+  Args:
+    name: The argument's name, as the caller spells it.
+    value: The value given.
+
+  Returns:
+    ``bool(value)``.
+
+  Raises:
+    ValueError: for anything but a Python or NumPy bool.
+  """
+  if not isinstance(value, bool | np.bool_):
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
+  return bool(value)
+
+
 def count(name: str, value: Any, lo: int = 1, hi: int | None = None, *, fix: str = "") -> int:
   """Returns ``value`` as an ``int`` if it is an integer in ``[lo, hi]``, else raises.
 

@@ -152,6 +152,7 @@ def _fused_pass_inputs(
     ValueError: for ``independent_probes`` without ``axis_name``, naming ``caller`` and ``tx``
       (how the caller's optimizer transform is called).
   """
+  independent_probes = _validation.flag(f"{caller}: independent_probes", independent_probes)
   if axis_name is None:
     if independent_probes:
       raise ValueError(
@@ -460,8 +461,10 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
 
   Raises:
     TypeError: with ``stacked=False``, for a leaf that is not a ``jax.Array``.
-    ValueError: with ``stacked=True``, for a scalar leaf.
+    ValueError: for a ``stacked`` that is not a bool (a str ``"False"`` is truthy); with
+      ``stacked=True``, for a scalar leaf.
   """
+  stacked = _validation.flag("max_replica_difference: stacked", stacked)
   diffs = [0.0]
 
   def compare(a, b):

@@ -256,11 +256,12 @@ def value_grad_and_hessian_diag(
       called with arguments ``fun``'s signature cannot take after ``params``, or a
       leaf of ``params`` that is not a real floating array (naming its path): it
       differentiates every leaf, also one that ``optax.masked`` keeps from AdaHessian.
-    ValueError: when it is called with an ``opt_state`` that holds no
-      AdaHessian state, or more than one; and for ``refresh`` as
+    ValueError: for a ``has_aux`` that is not a bool; when it is called with an ``opt_state``
+      that holds no AdaHessian state, or more than one; and for ``refresh`` as
       :func:`adahessian_jax.is_refresh_step` does.
   """
 
+  has_aux = _validation.flag("value_grad_and_hessian_diag: has_aux", has_aux)
   if not callable(fun):  # was Python's "'...' object is not callable" at the first call
     raise TypeError(
       f"value_grad_and_hessian_diag takes the loss function, fun(params, *args, **kwargs); got "

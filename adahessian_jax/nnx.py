@@ -322,8 +322,8 @@ def value_grad_and_hessian_diag(
     ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
       selects, or other ones than the optimizer's state was made for (a leaf of
       another shape, or none where the state has one: another model), for an
-      ``axis_name`` that no enclosing map binds, or for ``independent_probes``
-      without ``axis_name``.
+      ``axis_name`` that no enclosing map binds, for ``independent_probes``
+      without ``axis_name``, or for a ``has_aux`` or ``independent_probes`` that is not a bool.
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``model`` is no NNX module (a Linen module, or a module's
       state: ``nnx.state``, ``nnx.split``, a pure dict), ``optimizer``
@@ -331,6 +331,7 @@ def value_grad_and_hessian_diag(
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it).
   """
+  has_aux = _validation.flag("adahessian_jax.nnx.value_grad_and_hessian_diag: has_aux", has_aux)
   if not isinstance(optimizer, nnx.Optimizer):
     raise TypeError(
       "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, *args) takes "

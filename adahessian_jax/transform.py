@@ -9,7 +9,6 @@ from typing import Any, cast
 import jax
 import jax.core
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adahessian_jax import _keys, _validation, _wrappers, hutchinson, masking, spatial
@@ -481,14 +480,15 @@ def _check_expected_probes(expected: Any, independent_probes: bool) -> None:
   """Raises unless the caller that drew the probes of ``hessian_diag`` drew them as this transform
   would (``expected_independent_probes``): in the fused route the caller's choice is the one
   that counts, and a ``tx`` built with the other one would be silently ignored."""
-  if bool(expected) == independent_probes:
+  expected = _validation.flag(_EXPECTED_PROBES, expected)
+  if expected == independent_probes:
     return
   raise ValueError(
     f"scale_by_adahessian: its caller drew {'each device its own' if expected else 'the same'} "
-    f"probes (independent_probes={bool(expected)}), but this scale_by_adahessian was built with "
+    f"probes (independent_probes={expected}), but this scale_by_adahessian was built with "
     f"independent_probes={independent_probes}, which the estimate it was given does not follow. "
     "Pass the same independent_probes to both (adahessian_jax.adahessian(..., "
-    f"independent_probes={bool(expected)}) or TrainState.apply_loss(..., "
+    f"independent_probes={expected}) or TrainState.apply_loss(..., "
     f"independent_probes={independent_probes}))."
   )
 
@@ -918,9 +918,7 @@ def scale_by_adahessian(
   seed = _seed(seed)
   if axis_name is not None:
     check_names(axis_name)
-  if not isinstance(independent_probes, bool | np.bool_):  # "False" (a config's str) is truthy
-    raise ValueError(f"independent_probes must be True or False, got {independent_probes!r}.")
-  independent_probes = bool(independent_probes)
+  independent_probes = _validation.flag("independent_probes", independent_probes)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
   mu_dtype = _float_dtype("mu_dtype", mu_dtype)

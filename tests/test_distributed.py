@@ -504,6 +504,21 @@ def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   assert distributed.max_replica_difference({"a": jnp.asarray(drifted)}) == 0.0  # one copy
 
 
+def test_max_replica_difference_refuses_a_stacked_that_is_no_bool():
+  """A str from a config is truthy: stacked="False" compared the entries of one copy, [1, 2, 3.5],
+  with its first and reported drift of 2.5 where there was none."""
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  one_copy = {"a": jnp.array([1.0, 2.0, 3.5])}
+  assert distributed.max_replica_difference(one_copy, stacked=False) == 0.0
+  for bad in ("False", "no", 1, None):
+    with pytest.raises(ValueError, match=rf"stacked must be True or False, got {bad!r}\."):
+      distributed.max_replica_difference(one_copy, stacked=bad)
+  assert distributed.max_replica_difference(one_copy, stacked=np.bool_(True)) == 2.5
+
+
 def test_max_replica_difference_of_complex_infinite_and_large_integer_values():
   """Cast to float64, a complex leaf lost its imaginary part (drift there gave 0.0,
   "bit-identical"), equal infinities gave NaN (``inf - inf``), and int64 values past 2**53 that

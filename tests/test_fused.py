@@ -394,3 +394,10 @@ def test_hand_written_data_parallel_fused_step_checks_tx_through_expected_args()
   assert run(tx, **expected).as_text() == run(tx).as_text()
   updates = run(tx, **expected).compile()(batches)
   np.testing.assert_array_equal(updates[0], updates[1])  # the replicas step alike
+
+
+def test_a_has_aux_that_is_no_bool_is_refused():
+  """A str from a config is truthy: has_aux="False" was read as True, and the error at the first
+  call said the loss "was given has_aux=True"."""
+  with pytest.raises(ValueError, match=r"diag: has_aux must be True or False, got 'False'\."):
+    ah.value_grad_and_hessian_diag(lambda p: jnp.sum(p), has_aux="False")

@@ -180,6 +180,24 @@ def test_apply_loss_with_aux_or_without_it_against_has_aux_says_so():
       state.apply_loss(three, has_aux=has_aux)
 
 
+def test_apply_loss_refuses_flags_that_are_no_bool():
+  """A str from a config is truthy: has_aux="False" and independent_probes="False" were read as
+  True, and the errors said "has_aux=True" and "independent_probes=True" of values the caller had
+  not given; expected_independent_probes="False" of apply_gradients refused a tx that matched."""
+  state = TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=ah.adahessian(0.1))
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  for flag in ("has_aux", "independent_probes"):
+    with pytest.raises(ValueError, match=rf"apply_loss: {flag} must be True or False, got 'False'"):
+      state.apply_loss(loss, **{flag: "False"})
+  with pytest.raises(ValueError, match=r"apply_loss: independent_probes must be .*, got 0\."):
+    state.apply_loss(loss, independent_probes=0)
+  grads = {"w": jnp.ones(3)}
+  kw = dict(grads=grads, value_fn=loss)
+  with pytest.raises(ValueError, match=r"expected_independent_probes must be .*, got 'False'"):
+    state.apply_gradients(**kw, expected_independent_probes="False")
+  assert state.apply_gradients(**kw, expected_independent_probes=False).step == 1
+
+
 def test_apply_loss_with_another_optimizer_says_to_use_apply_gradients():
   # It failed inside value_grad_and_hessian_diag, telling a TrainState user to pass a state
   # "after params" to a function they had not called.

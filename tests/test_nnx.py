@@ -377,6 +377,19 @@ def test_an_update_without_the_loss_names_the_nnx_helper():
     optimizer.update(model, grads)
 
 
+def test_flags_that_are_no_bool_are_refused():
+  """A str from a config is truthy: has_aux="False" and independent_probes="False" were read as
+  True, and the errors said "has_aux=True" and "independent_probes=True" of values the caller had
+  not given; independent_probes=0 was let through."""
+  x, y = data()
+  model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  vgh = ah_nnx.value_grad_and_hessian_diag
+  for flag, bad in (("has_aux", "False"), ("independent_probes", "False"), ("has_aux", 0)):
+    with pytest.raises(ValueError, match=rf"diag: {flag} must be True or False, got {bad!r}\."):
+      vgh(loss_fn, model, optimizer, x, y, **{flag: bad})
+
+
 def test_axis_name_and_independent_probes_are_refused_where_no_map_binds_them():
   """The data-parallel keywords of the fused route (stepped under pmap and shard_map in
   test_distributed.py) refuse an axis_name no enclosing map binds (JAX's own error is a NameError
