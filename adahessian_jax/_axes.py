@@ -273,17 +273,23 @@ def device_varying(tree: T, axis_name: Any) -> T:
 
   Raises:
     ValueError: if ``axis_name`` is not bound by an enclosing map.
+    TypeError: for a leaf that is not an array or number (naming its path).
   """
   axes = check_bound(axis_name)
 
   manual = _manual_axes()
 
-  def one(x):
+  def one(path, x):
+    try:
+      varying = _varying_axes(x)
+    except TypeError:  # JAX's "Argument 'relu' of type <class 'str'> is not a valid JAX type"
+      raise TypeError(
+        f"device_varying: the leaf at {_validation.path_str(path)} is {type(x).__name__} {x!r}, "
+        "not an array or number. Keep it out of the tree (close over it in the step)."
+      ) from None
     # Only shard_map's (manual) mesh axes track what varies: under vmap, even inside jit or
     # shard_map, the values are per-device already (JAX asserts on a cast over a vmap axis).
-    missing = tuple(
-      a for a in axes if a not in _varying_axes(x) and (manual is None or a in manual)
-    )
+    missing = tuple(a for a in axes if a not in varying and (manual is None or a in manual))
     if not missing:
       return x
     try:
@@ -291,7 +297,7 @@ def device_varying(tree: T, axis_name: Any) -> T:
     except ValueError:  # not under shard_map (pmap): values are per-device already
       return x
 
-  return jax.tree.map(one, tree)
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 # Collectives that move values between devices (pvary/pcast and axis_index move nothing).

@@ -173,7 +173,7 @@ def _sharding_of(path: Any, x: Any) -> Sharding:
   if not isinstance(sharding, Sharding):
     raise TypeError(
       "state_shardings needs params as sharded jax.Arrays (or ShapeDtypeStructs with a "
-      f"sharding), got a {type(x).__name__} without one at {jax.tree_util.keystr(path)}: "
+      f"sharding), got a {type(x).__name__} without one at {_validation.path_str(path)}: "
       "jax.device_put the params with their shardings first."
     )
   return sharding
@@ -479,7 +479,7 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
       if values.ndim == 0:
         raise ValueError(
           f"max_replica_difference(stacked=True) needs a leading replica axis on every leaf; "
-          f"the leaf at {jax.tree_util.keystr(path)} is a scalar. Pass pmap outputs, or "
+          f"the leaf at {_validation.path_str(path)} is a scalar. Pass pmap outputs, or "
           "stacked=False for jax.Arrays replicated over devices."
         )
       for replica in values[1:]:
@@ -488,7 +488,7 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     if not isinstance(leaf, jax.Array):
       raise TypeError(
         f"max_replica_difference(stacked=False) compares the device copies of jax.Arrays; the "
-        f"leaf at {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, which has none (0.0 "
+        f"leaf at {_validation.path_str(path)} is a {type(leaf).__name__}, which has none (0.0 "
         "would say nothing). For values with a leading replica axis (pmap outputs, also after "
         "jax.device_get) pass stacked=True."
       )

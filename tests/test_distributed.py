@@ -504,6 +504,34 @@ def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   assert distributed.max_replica_difference({"a": jnp.asarray(drifted)}) == 0.0  # one copy
 
 
+def test_device_varying_and_max_replica_difference_name_a_bad_leaf_by_its_path():
+  """A str leaf failed inside JAX ("Argument 'relu' of type <class 'str'> is not a valid JAX
+  type"), naming no leaf; a tree that is one array was named 'the leaf at ' (keystr's '')."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  from adahessian_jax import distributed
+
+  tree = {"x": jnp.ones(3), "act": {"name": "relu"}}
+  match = r"device_varying: the leaf at \['act'\]\['name'\] is str 'relu', not an array"
+  with pytest.raises(TypeError, match=match):
+    jax.vmap(lambda x: distributed.device_varying({**tree, "x": x}, "i")["x"], axis_name="i")(
+      jnp.ones((2, 3))
+    )
+  mesh = jax.make_mesh((1,), ("i",))
+  step = jax.shard_map(
+    lambda x: distributed.device_varying({**tree, "x": x}, "i")["x"],
+    mesh=mesh,
+    in_specs=P(),
+    out_specs=P("i"),
+  )
+  with pytest.raises(TypeError, match=match):
+    step(jnp.ones(3))
+  with pytest.raises(TypeError, match=r"the leaf at the root \(the tree is a single array\) is"):
+    distributed.max_replica_difference(np.ones(3))
+
+
 def test_max_replica_difference_refuses_a_stacked_that_is_no_bool():
   """A str from a config is truthy: stacked="False" compared the entries of one copy, [1, 2, 3.5],
   with its first and reported drift of 2.5 where there was none."""
