@@ -412,7 +412,8 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
       ``refresh`` that contradicts a concrete state's schedule, or a state's ``count`` that is
       negative or ``update_freq`` below 2 (or either not a scalar).
     TypeError: for a ``refresh`` that is not a Python bool, a ``state`` that is not a
-      :class:`ScaleByAdaHessianState`, or one whose ``count`` or ``update_freq`` is not an integer.
+      :class:`ScaleByAdaHessianState`, or one whose ``count`` or ``update_freq`` is not an integer,
+      or, with ``update_freq`` set, an abstract ``jax.ShapeDtypeStruct`` (``jax.eval_shape``).
   """
   _check_is_state(state, "is_refresh_step")
   check_counters(state, "is_refresh_step: the AdaHessian state's")
@@ -427,6 +428,16 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
     if refresh is False:
       raise ValueError("refresh=False needs a lazy state (update_freq > 1); every step refreshes.")
     return True
+  abstract = [
+    n for n in ("count", "update_freq") if isinstance(getattr(state, n), jax.ShapeDtypeStruct)
+  ]
+  if abstract:  # the schedule needs values: % failed with "unsupported operand type(s)"
+    raise TypeError(
+      f"is_refresh_step reads the step from the state's values, concrete or traced (inside "
+      f"jax.jit), but its {abstract[0]} is a jax.ShapeDtypeStruct: an abstract state, e.g. from "
+      "jax.eval_shape(tx.init, params) or a checkpoint's restore target. Pass the state "
+      "tx.init returns or the restored one."
+    )
   scheduled = state.count % state.update_freq == 0
   if isinstance(scheduled, jax.core.Tracer):
     return scheduled if refresh is None else refresh

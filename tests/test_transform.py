@@ -774,6 +774,19 @@ def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
   assert ah.is_refresh_step(state._replace(count=jnp.int32(4))) is False
 
 
+def test_is_refresh_step_of_an_abstract_state_says_it_needs_values():
+  """A state from jax.eval_shape(tx.init, params) failed with Python's "unsupported operand
+  type(s) for %: 'ShapeDtypeStruct' and 'ShapeDtypeStruct'"; every step refreshes with
+  update_freq=1, which needs no values."""
+  params = {"w": jnp.ones(2)}
+  abstract = lambda tx: ah.find_adahessian_state(jax.eval_shape(tx.init, params))
+  match = r"is_refresh_step reads .* but its count is a jax.ShapeDtypeStruct: an abstract state"
+  for refresh in (None, True):
+    with pytest.raises(TypeError, match=match):
+      ah.is_refresh_step(abstract(ah.adahessian(0.1, update_freq=3)), refresh)
+  assert ah.is_refresh_step(abstract(ah.adahessian(0.1))) is True
+
+
 @pytest.mark.parametrize("update_freq", [None, 3])
 def test_a_jitted_step_of_committed_params_compiles_once(update_freq):
   # jit keys its cache on whether an argument is committed and commits its outputs: with params
