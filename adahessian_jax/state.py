@@ -222,7 +222,7 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
 def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
   """Raises unless ``state``'s fields are of the kinds ``init`` makes: :func:`check_counters`,
   and ``mu``, ``nu`` and ``hessian`` real floating-point arrays, ``nu`` and ``hessian`` with
-  ``mu``'s tree and shapes.
+  ``mu``'s tree, all three of the same shapes.
 
   The update broadcast a ``nu`` of shape ``(1, n)`` to its ``mu``'s ``(m, n)`` and kept integer
   moments (truncating them every step), without an error.
@@ -234,28 +234,33 @@ def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()
 
   Raises:
     TypeError: for a counter or moment of the wrong dtype.
-    ValueError: for a counter of another shape or out of range, or a ``nu`` or ``hessian`` of
-      another tree or shapes than ``mu``, naming the leaf.
+    ValueError: for a counter of another shape or out of range, a ``nu`` or ``hessian`` of
+      another tree than ``mu``, or moments of different shapes, naming the leaf and each shape.
   """
   check_counters(state, what, count_shape)
-  mu = jax.tree_util.tree_leaves_with_path(state.mu)
-  for field in ("mu", "nu", "hessian"):
-    tree = getattr(state, field)
-    if tree is None and field == "hessian":
-      continue
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
+  fields = {f: getattr(state, f) for f in ("mu", "nu", "hessian")}
+  if fields["hessian"] is None:
+    del fields["hessian"]
+  for field, tree in fields.items():
     if field != "mu" and jax.tree.structure(tree) != jax.tree.structure(state.mu):
       where = _validation.tree_difference(tree, state.mu, "its mu")
       raise ValueError(f"{what} {field} is not of its mu's tree: {where}. " + _FIELDS_FIX)
-    for (path, x), (_, m) in zip(leaves, mu, strict=True):
-      where = f"{what} {field} at {_validation.path_str(path)}"
-      if jnp.shape(x) != jnp.shape(m):
-        raise ValueError(
-          f"{where} has shape {jnp.shape(x)}, but its mu there has shape {jnp.shape(m)} (the "
-          "update would broadcast it). " + _FIELDS_FIX
-        )
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
       if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"{where} has dtype {jnp.result_type(x)}. " + _FIELDS_FIX)
+        raise TypeError(
+          f"{what} {field} at {_validation.path_str(path)} has dtype {jnp.result_type(x)}. "
+          + _FIELDS_FIX
+        )
+  # Every field's shape, not each against mu's: a mu alone of another shape blamed nu.
+  leaves = [jax.tree_util.tree_leaves_with_path(tree) for tree in fields.values()]
+  for at in zip(*leaves, strict=True):
+    shapes = [jnp.shape(x) for _, x in at]
+    if len(set(shapes)) > 1:
+      listed = ", ".join(f"{f} {s}" for f, s in zip(fields, shapes, strict=True))
+      raise ValueError(
+        f"{what} moments differ in shape at {_validation.path_str(at[0][0])}: {listed} (the "
+        "update would broadcast them). " + _FIELDS_FIX
+      )
 
 
 def placed_like_params(tree: T, params: Any) -> T:

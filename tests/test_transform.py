@@ -728,19 +728,23 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
   """``map_adahessian_state`` (or a hand-built state) could give the update a ``nu`` or stored
   ``hessian`` of shape (1, 2) for a (3, 2) parameter, which it broadcast; integer moments, which
   it kept (truncated every step); a float count; or an ``fn`` result that is no state at all, all
-  without an error (the last one failed at the next update, naming no ``fn``)."""
+  without an error (the last one failed at the next update, naming no ``fn``). A ``mu`` alone of
+  another shape was reported as ``nu`` of another shape than ``mu``: each field's shape is named."""
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
   loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
   tx = ah.adahessian(0.1, update_freq=3)
   state = tx.init(params)
-  bad = {
-    "nu": ({"w": jnp.ones((1, 2)), "b": jnp.zeros(2)}, r"nu at \['w'\] has shape \(1, 2\), but"),
-    "hessian": ({"w": jnp.ones((1, 2)), "b": jnp.zeros(2)}, r"hessian at \['w'\] has shape"),
-    "mu": ({"w": jnp.ones((3, 2), jnp.int32), "b": jnp.zeros(2)}, r"mu at \['w'\] has dtype int32"),
-    "count": (jnp.float32(0.0), r"count has dtype float32, shape \(\), not an integer"),
-  }
-  for field, (value, match) in bad.items():
-    error = TypeError if field in ("mu", "count") else ValueError
+  small = {"w": jnp.ones((1, 2)), "b": jnp.zeros(2)}
+  at_w = r"moments differ in shape at \['w'\]: "
+  bad = [
+    ("nu", small, at_w + r"mu \(3, 2\), nu \(1, 2\), hessian \(3, 2\) \(the update"),
+    ("hessian", small, at_w + r"mu \(3, 2\), nu \(3, 2\), hessian \(1, 2\) \("),
+    ("mu", small, at_w + r"mu \(1, 2\), nu \(3, 2\), hessian \(3, 2\) \("),
+    ("mu", {"w": jnp.ones((3, 2), jnp.int32), "b": jnp.zeros(2)}, r"mu at \['w'\] has dtype int32"),
+    ("count", jnp.float32(0.0), r"count has dtype float32, shape \(\), not an integer"),
+  ]
+  for field, value, match in bad:
+    error = TypeError if "dtype" in match else ValueError
     with pytest.raises(error, match=r"map_adahessian_state: fn returned a state whose " + match):
       ah.map_adahessian_state(lambda s, f=field, v=value: s._replace(**{f: v}), state)
     direct = (ah.find_adahessian_state(state)._replace(**{field: value}),) + state[1:]
