@@ -410,7 +410,8 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
       not a ``jax.Device``, or a leaf of ``tree`` that is not an array or number (naming its
       path).
     ValueError: for an ``axis_name`` that is a tuple or an integer (``pmap``'s collectives
-      cannot use it), ``devices`` that repeat a device or hold none of this process's, or a leaf
+      cannot use it) or, where ``pmap`` names a mesh axis with it (JAX 0.8 on), not a str,
+      ``devices`` that repeat a device or hold none of this process's, or a leaf
       of ``tree`` that is already stacked over ``axis_name`` (``replicate``'s or the step's
       output) or split over devices (naming its path).
   """
@@ -427,6 +428,13 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
       "pass the axis_name its jax.pmap is given (a str such as 'batch')."
     )
   check_names(axis_name)  # an integer, which collectives read as an array axis
+  # pmap merged with shard_map (JAX 0.8 on, the only pmap from 0.10) names a mesh axis with it.
+  if not isinstance(axis_name, str | None) and getattr(jax.config, "jax_pmap_shmap_merge", True):
+    raise ValueError(  # was an MLIR "get(): incompatible function arguments" from pmap
+      f"replicate: axis_name={axis_name!r} is a {type(axis_name).__name__}, but jax.pmap names a "
+      "mesh axis with it, which must be a str: pass a str such as 'batch', to the step's "
+      "jax.pmap too."
+    )
   if devices is not None:
     devices = tuple(devices)
   n = _replica_count(devices)

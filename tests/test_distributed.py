@@ -939,8 +939,9 @@ def test_replicate_refuses_bad_axis_names_and_devices_naming_them():
 
 
 def test_replicate_refuses_axis_names_and_leaves_pmap_cannot_use_naming_them():
-  """An integer or tuple axis_name failed inside pmap with an MLIR "get(): incompatible function
-  arguments" or "Resource axis: a of P(('a', 'b'),) is not found in mesh", and a str leaf with
+  """An integer, tuple or other non-str axis_name failed inside pmap with an MLIR "get():
+  incompatible function arguments" or "Resource axis: a of P(('a', 'b'),) is not found in mesh",
+  and a str leaf with
   "... passed to the function at path flat_args[1]", naming neither the argument nor the leaf."""
   import jax
   import jax.numpy as jnp
@@ -952,6 +953,12 @@ def test_replicate_refuses_axis_names_and_leaves_pmap_cannot_use_naming_them():
     distributed.replicate(tree, 0)
   with pytest.raises(ValueError, match=r"axis_name=\('a', 'b'\) is a tuple, but a pmap-ed step"):
     distributed.replicate(tree, ("a", "b"))
+  # The same MLIR error for any name but a str, where pmap names a mesh axis with it (JAX 0.10).
+  if getattr(jax.config, "jax_pmap_shmap_merge", True):
+    for name in (1.5, b"batch"):
+      match = rf"axis_name={name!r} is a {type(name).__name__}, but jax.pmap names a mesh axis"
+      with pytest.raises(ValueError, match=match + " with it, which must be a str"):
+        distributed.replicate(tree, name)
   with pytest.raises(TypeError, match=r"leaf at \['cfg'\]\['act'\] is str 'relu', not an array"):
     distributed.replicate({**tree, "cfg": {"act": "relu"}}, "batch")
   abstract = jax.ShapeDtypeStruct((2,), jnp.float32)
