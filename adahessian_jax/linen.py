@@ -103,9 +103,8 @@ def _replace(self: Any, **updates: Any) -> Any:
 def _check_fields(state: Any, kwargs: Mapping[str, Any]) -> None:
   """Raises unless every keyword of ``apply_gradients``' ``kwargs`` names a field of ``state``.
 
-  They replace fields, as in Flax, and reach no optimizer: an extra argument of another member
-  of ``tx`` (``optax.contrib.reduce_on_plateau``'s ``value``) failed in ``tx.update`` as missing,
-  although it had been passed.
+  They replace fields, as in Flax, and reach no optimizer: an extra argument meant for a member
+  of ``tx`` failed in ``tx.update`` as missing, although it had been passed.
   """
   unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(state)})
   if not unknown:
@@ -113,11 +112,10 @@ def _check_fields(state: Any, kwargs: Mapping[str, Any]) -> None:
   names = ", ".join(f"{name}=" for name in unknown)
   raise TypeError(
     f"TrainState.apply_gradients got {names}, not a field of {type(state).__name__}: its keyword "
-    "arguments other than value_fn, hessian_diag and refresh replace fields, as in Flax, and "
-    "reach no optimizer. To give tx.update other extra arguments "
-    "(optax.contrib.reduce_on_plateau's value), call it yourself: updates, opt_state = "
-    "state.tx.update(grads, state.opt_state, state.params, value_fn=value_fn, value=loss); "
-    "state = state.replace(step=state.step + 1, "
+    "arguments other than value_fn, hessian_diag, refresh and value replace fields, as in Flax, "
+    "and reach no optimizer. To give tx.update other extra arguments, call it yourself: "
+    "updates, opt_state = state.tx.update(grads, state.opt_state, state.params, "
+    "value_fn=value_fn, **extra); state = state.replace(step=state.step + 1, "
     "params=optax.apply_updates(state.params, updates), opt_state=opt_state)."
   )
 
@@ -205,9 +203,10 @@ class TrainState(train_state.TrainState):
     refresh: bool | None = None,
     expected_axis_name: Any = _NOT_GIVEN,
     expected_independent_probes: Any = _NOT_GIVEN,
+    value: Any = None,
     **kwargs: Any,
   ) -> Self:
-    """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` to ``tx.update``.
+    """Like Flax's, but forwards ``value_fn`` / ``hessian_diag`` (and ``value``) to ``tx.update``.
 
     As in Flax, params with an ``_overwrite_with_gradient`` collection (fp8
     training) are ``{"params": ..., "_overwrite_with_gradient": ...}``: the
@@ -230,15 +229,18 @@ class TrainState(train_state.TrainState):
       expected_independent_probes: If given, passed to ``tx.update``: whether
         the probes of ``hessian_diag`` were each device's own, which ``tx``'s
         ``independent_probes`` must match (:meth:`apply_loss` passes it).
+      value: The loss at the current params, passed to ``tx.update`` as optax's extra argument
+        ``value``, which members of ``tx`` such as ``optax.contrib.reduce_on_plateau`` need
+        (AdaHessian ignores it); :meth:`apply_loss` passes the loss it computes.
       **kwargs: Other attributes to ``.replace()``, as in Flax.
 
     Returns:
       The state after one step.
 
     Raises:
-      TypeError: for a keyword in ``kwargs`` that names no field of the state (an extra argument
-        meant for ``tx.update``, such as ``optax.contrib.reduce_on_plateau``'s ``value``, which
-        this method does not forward), before ``tx.update`` runs.
+      TypeError: for a keyword in ``kwargs`` that names no field of the state (another extra
+        argument meant for ``tx.update``, which this method does not forward), before
+        ``tx.update`` runs.
     """
     _check_fields(self, kwargs)
     extra = {}
@@ -252,6 +254,8 @@ class TrainState(train_state.TrainState):
       extra["expected_axis_name"] = expected_axis_name
     if expected_independent_probes is not _NOT_GIVEN:
       extra["expected_independent_probes"] = expected_independent_probes
+    if value is not None:
+      extra["value"] = value
     owg = _has_owg(grads)
     trained, params = (grads["params"], self.params["params"]) if owg else (grads, self.params)
     updates, opt_state = self.tx.update(trained, self.opt_state, params, **extra)
@@ -392,6 +396,7 @@ class TrainState(train_state.TrainState):
       refresh=refresh,
       expected_axis_name=axis_name,
       expected_independent_probes=independent_probes,
+      value=value[0] if has_aux else value,  # optax's extra argument (reduce_on_plateau's)
     )
     return new, value
 

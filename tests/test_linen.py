@@ -515,23 +515,42 @@ def test_a_jitted_step_of_committed_params_compiles_once_from_create(adahessian)
   assert compiles.count == 0 and int(state.step) == 5
 
 
-def test_apply_gradients_names_a_keyword_that_is_no_field_before_tx_update_runs():
-  # Its keyword arguments replace fields, as in Flax: reduce_on_plateau's value= reached no
-  # optimizer, and optax said value was missing, although it had been passed.
+def test_apply_gradients_and_apply_loss_pass_the_loss_to_tx_update_as_optaxs_value():
+  # reduce_on_plateau after adahessian needs optax's extra argument value: apply_loss, which
+  # computes the loss, failed in tx.update with "missing ... 'value'", and apply_gradients put a
+  # value= among the fields to replace. Both steps equal a loop calling tx.update by hand.
   params = {"w": jnp.array([1.0, -2.0])}
   loss_fn = lambda p: jnp.sum(p["w"] ** 4)
-  tx = optax.chain(ah.adahessian(0.1), optax.contrib.reduce_on_plateau(patience=1))
-  state = TrainState.create(apply_fn=None, params=params, tx=tx)
+  # rtol=0.99: no step counts as an improvement, so the scale halves after each step but the first.
+  plateau = optax.contrib.reduce_on_plateau(patience=1, factor=0.5, rtol=0.99)
+  tx = optax.chain(ah.adahessian(0.1), plateau)
+  fused = by_grads = TrainState.create(apply_fn=None, params=params, tx=tx)
+  p, opt_state = params, tx.init(params)
+  for _ in range(4):
+    updates, opt_state = tx.update(
+      jax.grad(loss_fn)(p), opt_state, p, value_fn=loss_fn, value=loss_fn(p)
+    )
+    by_grads = by_grads.apply_gradients(
+      grads=jax.grad(loss_fn)(by_grads.params), value_fn=loss_fn, value=loss_fn(by_grads.params)
+    )
+    fused, loss = fused.apply_loss(loss_fn)
+    np.testing.assert_allclose(loss, loss_fn(p), rtol=1e-6)
+    p = optax.apply_updates(p, updates)
+    assert_trees_allclose(by_grads.params, p)
+    assert_trees_allclose(fused.params, p)
+  np.testing.assert_allclose(fused.opt_state[1].scale, 0.125)
+  np.testing.assert_allclose(by_grads.opt_state[1].scale, 0.125)
+
+
+def test_apply_gradients_names_a_keyword_that_is_no_field_before_tx_update_runs():
+  # Its other keyword arguments replace fields, as in Flax: an extra argument meant for tx.update
+  # reached no optimizer, and optax said it was missing, although it had been passed.
+  params = {"w": jnp.array([1.0, -2.0])}
+  loss_fn = lambda p: jnp.sum(p["w"] ** 4)
+  state = TrainState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1))
   grads = jax.grad(loss_fn)(params)
-  with pytest.raises(TypeError, match=r"got value=, not a field of TrainState.*state\.tx\.update"):
-    state.apply_gradients(grads=grads, value_fn=loss_fn, value=loss_fn(params))
-  # The call the message shows steps as apply_gradients does, scaled by reduce_on_plateau.
-  updates, opt_state = state.tx.update(
-    grads, state.opt_state, state.params, value_fn=loss_fn, value=loss_fn(params)
-  )
-  stepped = state.replace(
-    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-  )
-  alone = TrainState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1))
-  assert_trees_allclose(stepped.params, alone.apply_gradients(grads=grads, value_fn=loss_fn).params)
-  assert int(stepped.step) == 1
+  with pytest.raises(TypeError, match=r"got grad=, not a field of TrainState.*state\.tx\.update"):
+    state.apply_gradients(grads=grads, value_fn=loss_fn, grad=grads)
+  # A field is replaced, as in Flax.
+  stepped = state.apply_gradients(grads=grads, value_fn=loss_fn, batch_stats={"m": jnp.ones(2)})
+  np.testing.assert_array_equal(stepped.batch_stats["m"], jnp.ones(2))
