@@ -290,10 +290,11 @@ def value_grad_hvp(
     ``(value, grad, hvp)``; ``value`` is ``(loss, aux)`` if ``has_aux``.
 
   Raises:
-    ValueError: naming the first leaf of ``tangents`` whose path, shape or dtype is not the
-      param's, or for an ``fn`` whose loss does not depend on ``params`` (a closure over other
-      params), at trace time.
+    ValueError: for a ``has_aux`` that is not a bool, naming the first leaf of ``tangents`` whose
+      path, shape or dtype is not the param's, or for an ``fn`` whose loss does not depend on
+      ``params`` (a closure over other params), at trace time.
   """
+  has_aux = _validation.flag("has_aux", has_aux)
   check_tangents(tangents, params, "value_grad_hvp's tangents")
   checked = checked_loss(fn, name, has_aux, fix)
   perturbed: list[bool] = []
@@ -377,8 +378,10 @@ def value_grad_and_diagonal(
     over the probes, a pytree like ``params``.
 
   Raises:
-    ValueError: for ``keys`` that are not a 1-D array of at least one key.
+    ValueError: for ``keys`` that are not a 1-D array of at least one key, or a ``has_aux`` or
+      ``flat`` that is not a bool.
   """
+  has_aux, flat = _validation.flag("has_aux", has_aux), _validation.flag("flat", flat)
   if _keys.batch_ndim(keys) != 1 or keys.shape[0] == 0:
     raise ValueError(
       f"keys must be a 1-D array of at least one PRNG key, one per probe, got shape {keys.shape} "

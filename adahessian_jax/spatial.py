@@ -135,7 +135,7 @@ import optax
 
 from adahessian_jax import _evidence, layout, masking
 from adahessian_jax._extras import loaded
-from adahessian_jax._validation import STATIC_FIX, callable_with, count, path_str
+from adahessian_jax._validation import STATIC_FIX, callable_with, count, flag, path_str
 from adahessian_jax.layout import (
   FEATURES,
   HEADS,
@@ -930,6 +930,9 @@ class Averaging:
   names: tuple[tuple[str, AxisNames | None], ...] | None = None
   strict: bool = False
 
+  def __post_init__(self) -> None:
+    flag("Averaging: strict", self.strict)  # a config's "False" is truthy: it was strict
+
 
 # The callable is spelled out so that type checkers infer a lambda's (path, leaf) arguments; a
 # pytree prefix of rules (or None) has no type of its own, hence Any.
@@ -1248,7 +1251,11 @@ class Listing:
 
     Returns:
       The table, one line per leaf after a header (``str(listing)`` is it with the reasons).
+
+    Raises:
+      ValueError: for a ``why`` that is not a bool.
     """
+    why = flag("why", why)
     header = ("path", "shape", "axis names", "rule", "groups (count x size)", "why")
     cells = [header] + [
       (
@@ -1495,6 +1502,7 @@ class _Plan(NamedTuple):
 
 def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan:
   """Reads every leaf's rule off ``averaging`` and the tree (see :class:`_Plan`)."""
+  strict_mode = flag("strict", strict_mode)  # describe's and resolve_rules'
   spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size, given_rules)
   paths = [x.path for x in infos]
   # What the tree shows about the leaves under the default rule, given the axis roles it knows.
@@ -1574,7 +1582,8 @@ def resolve_rules(
 
   Raises:
     ValueError: if a rule or axis names do not fit their leaf, ``averaging``
-      has another structure, or (strict) some leaves are ambiguous, naming them.
+      has another structure, or (strict) some leaves are ambiguous, naming them; for a
+      ``strict`` or ``warn`` that is not a bool.
   """
   return _resolve(averaging, params, block_size, strict, warn)[0]
 
@@ -1584,6 +1593,7 @@ def _resolve(
 ) -> tuple[Any, list[str]]:
   """:func:`resolve_rules`'s tree of rules, and the paths of the leaves read off their shapes
   (:attr:`_Plan.read_off_shapes`, for :func:`_warn_shard_shapes`: so the tree is read once)."""
+  warn = flag("warn", warn)
   plan = _plan(averaging, params, block_size, strict)
   rows = plan.rows
   guesses = [r for r in rows if r.ambiguous]

@@ -1053,3 +1053,71 @@ def test_init_calls_an_averaging_callable_once_per_leaf():
   with pytest.raises(ValueError, match="block_size=4 would not be used"):
     ah.scale_by_adahessian(block_size=4, averaging=every).init(params)
   assert calls == {"['w']": 1, "['b']": 1, "['deep']['k']": 1}
+
+
+@pytest.fixture(scope="module")
+def flag_calls():
+  """For every bool parameter of the Hessian tools, hutchinson and spatial, by the name of its
+  function: ``(parameter, call(value))``, a call that passes ``value`` as that parameter and
+  nothing else wrong."""
+  from adahessian_jax import hessian, hutchinson, spatial
+
+  params = {"x": jnp.asarray([1.0, -2.0, 0.5]), "y": jnp.asarray([0.3, 0.7])}
+  loss = lambda p, batch: jnp.sum(p["x"] ** 2 * batch) + jnp.sum(p["y"] ** 4)
+  op = hessian.hessian_operator(loss, params, jnp.asarray([1.0, 2.0, 3.0]))
+  key = jax.random.key(0)
+  fn = lambda p: loss(p, 1.0)
+  density = hessian.spectral_density(op, key, num_probes=1, num_steps=4, num_points=8)
+  plane = hessian.loss_landscape_2d(op, [-1.0, 1.0], [-1.0, 1.0], key=key)
+  conv = {"w": jnp.zeros((3, 3, 4, 4))}  # an unnamed rank-4 kernel: its rule is a guess
+  return {
+    "value_grad_hvp": ("has_aux", lambda v: hutchinson.value_grad_hvp(fn, params, params, v)),
+    "value_grad_and_diagonal": (
+      "has_aux",
+      lambda v: hutchinson.value_grad_and_diagonal(fn, params, key[None], v),
+    ),
+    "value_grad_and_diagonal(flat)": (
+      "flat",
+      lambda v: hutchinson.value_grad_and_diagonal(fn, params, key[None], flat=v),
+    ),
+    "layer_breakdown": (
+      "eigenvalues",
+      lambda v: hessian.layer_breakdown(op, key, num_samples=2, eigenvalues=v),
+    ),
+    "top_eigenvalues": (
+      "check_repeated",
+      lambda v: hessian.top_eigenvalues(op, 2, check_repeated=v),
+    ),
+    "plot_spectral_density": ("log", lambda v: hessian.plot_spectral_density(density, log=v)),
+    "plot_landscape_2d": ("log", lambda v: hessian.plot_landscape_2d(plane, log=v)),
+    "plot_landscape_2d(colorbar)": (
+      "colorbar",
+      lambda v: hessian.plot_landscape_2d(plane, colorbar=v),
+    ),
+    "describe": ("strict", lambda v: spatial.describe(conv, strict=v)),
+    "resolve_rules": ("strict", lambda v: spatial.resolve_rules(None, conv, strict=v)),
+    "resolve_rules(warn)": ("warn", lambda v: spatial.resolve_rules(None, conv, warn=v)),
+    "Averaging": ("Averaging: strict", lambda v: spatial.Averaging(strict=v)),
+    "Listing.table": ("why", lambda v: spatial.describe(conv).table(why=v)),
+  }
+
+
+_FLAG_CALLS = (
+  "value_grad_hvp value_grad_and_diagonal value_grad_and_diagonal(flat) layer_breakdown "
+  "top_eigenvalues plot_spectral_density plot_landscape_2d plot_landscape_2d(colorbar) describe "
+  "resolve_rules resolve_rules(warn) Averaging Listing.table"
+).split()
+
+
+@pytest.mark.parametrize("value", ["False", 0])
+@pytest.mark.parametrize("function", _FLAG_CALLS)
+def test_the_bool_flags_of_the_hessian_tools_and_spatial_refuse_other_values(
+  flag_calls, function, value
+):
+  """A str from a config is truthy: log="False" drew a log scale, strict="False" refused the
+  guessed leaves, warn="False" warned, eigenvalues="False" ran Lanczos, has_aux="False" failed
+  saying "has_aux=True"; 0 and None were read as False. Each is refused before any work, naming
+  the parameter (the plots before matplotlib is imported)."""
+  name, call = flag_calls[function]
+  with pytest.raises(ValueError, match=rf"^{name} must be True or False, got {value!r}\.$"):
+    call(value)

@@ -225,9 +225,9 @@ def top_eigenvalues(
 
   Raises:
     ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, a
-      bad ``which``, ``tol``, ``stop_on`` or ``v0`` (unlike the params, not
-      finite, or zero), or if no fresh vector can extend a basis of fewer than
-      ``k`` vectors.
+      bad ``which``, ``tol``, ``stop_on``, ``check_repeated`` (not a bool) or ``v0``
+      (unlike the params, not finite, or zero), or if no fresh vector can extend a basis
+      of fewer than ``k`` vectors.
     NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
   """
   k = _check(k, which, op)
@@ -235,6 +235,7 @@ def top_eigenvalues(
   tol = _validation.positive("tol", tol)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
+  check_repeated = _validation.flag("check_repeated", check_repeated)
   key = _checks.prng_key(jax.random.key(0) if key is None else key)
   eig = _lanczos_eigen(op, k, which, key, v0, tol, max_iter, stop_on)
   if not (check_repeated and k >= 2 and k < op.size and np.all(eig.converged)):

@@ -151,10 +151,12 @@ def layer_breakdown(
     float32 model too).
 
   Raises:
-    ValueError: for a count, ``which`` or ``tol`` out of range or a ``layer_axes`` that
-      does not fit the params (naming the leaf), before any product is spent.
+    ValueError: for a count, ``which`` or ``tol`` out of range, an ``eigenvalues`` that is not
+      a bool or a ``layer_axes`` that does not fit the params (naming the leaf), before any
+      product is spent.
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
+  eigenvalues = _validation.flag("eigenvalues", eigenvalues)
   num_samples = _validation.count("num_samples", num_samples, 2)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   if eigenvalues:  # the eigen solves' arguments, before the trace probes spend any product

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adahessian_jax import _validation
 from adahessian_jax._extras import missing_extra
 from adahessian_jax.hessian.density import SpectralDensity
 from adahessian_jax.hessian.landscape import Landscape1D, Landscape2D
@@ -78,8 +79,10 @@ def plot_spectral_density(
 
   Raises:
     TypeError: for a ``density`` that is no ``SpectralDensity`` (naming what plots it).
+    ValueError: for a ``log`` that is not a bool.
   """
   _check_result(density, SpectralDensity)
+  log = _validation.flag("log", log)
   ax = _axes(ax)
   y = np.maximum(density.density, floor) if log else density.density
   ax.plot(density.grid, y, **line_kwargs)
@@ -152,10 +155,11 @@ def plot_landscape_2d(
   Raises:
     TypeError: for a ``landscape`` that is no ``Landscape2D`` (a ``Landscape1D``: use
       :func:`plot_landscape_1d`).
-    ValueError: for a grid with fewer than 2 points along a direction, and with ``log`` for a
-      loss ``<= 0`` (naming the first one).
+    ValueError: for a ``log`` or ``colorbar`` that is not a bool, a grid with fewer than 2 points
+      along a direction, and with ``log`` for a loss ``<= 0`` (naming the first one).
   """
   _check_result(landscape, Landscape2D)
+  log, colorbar = _validation.flag("log", log), _validation.flag("colorbar", colorbar)
   a, b = np.argsort(landscape.alphas, kind="stable"), np.argsort(landscape.betas, kind="stable")
   alphas, betas = np.asarray(landscape.alphas)[a], np.asarray(landscape.betas)[b]
   losses = np.asarray(landscape.losses)[np.ix_(a, b)]
