@@ -468,7 +468,8 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     compared as complex); NaN if a replica holds NaN.
 
   Raises:
-    TypeError: with ``stacked=False``, for a leaf that is not a ``jax.Array``.
+    TypeError: with ``stacked=False``, for a leaf that is not a ``jax.Array``; with
+      ``stacked=True``, for one that is no array (a str, a ``ShapeDtypeStruct``).
     ValueError: for a ``stacked`` that is not a bool (a str ``"False"`` is truthy); with
       ``stacked=True``, for a scalar leaf.
   """
@@ -483,7 +484,14 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     if isinstance(leaf, jax.Array) and _keys.is_typed(leaf):
       leaf = jax.random.key_data(leaf)  # a typed PRNG key (a dropout key): compare its bits
     if stacked:
-      values = np.asarray(leaf)
+      values = None if _validation.array_dtype(leaf) is None else np.asarray(leaf)
+      if values is None or values.dtype == object:  # a str, a dtype, a ShapeDtypeStruct
+        raise TypeError(
+          "max_replica_difference(stacked=True) compares the slices of arrays along their "
+          f"leading replica axis; the leaf at {_validation.path_str(path)} is "
+          f"{type(leaf).__name__} {leaf!r}, not an array of numbers. Pass pmap outputs (arrays, "
+          "also after jax.device_get), with other values out of the tree."
+        )
       if values.ndim == 0:
         raise ValueError(
           f"max_replica_difference(stacked=True) needs a leading replica axis on every leaf; "

@@ -504,6 +504,25 @@ def test_max_replica_difference_refuses_leaves_it_cannot_compare():
   assert distributed.max_replica_difference({"a": jnp.asarray(drifted)}) == 0.0  # one copy
 
 
+def test_max_replica_difference_stacked_names_a_leaf_that_is_no_array():
+  """With stacked=True a str leaf (a config's activation name) was said to be "a scalar", and a
+  NumPy array of strs failed in NumPy with "could not convert string to float"."""
+  import jax
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  stacked = np.array([[1.0, 2.0], [1.0, 2.0]])
+  for leaf, shown in [
+    ("relu", "str 'relu'"),
+    (np.array(["a", "b"]), r"ndarray array\(\['a', 'b'\], dtype='<U1'\)"),
+    (jax.ShapeDtypeStruct((2, 3), jnp.float32), "ShapeDtypeStruct ShapeDtypeStruct"),
+  ]:
+    with pytest.raises(TypeError, match=rf"the leaf at \['act'\] is {shown}.*, not an array of"):
+      distributed.max_replica_difference({"w": stacked, "act": leaf}, stacked=True)
+  assert distributed.max_replica_difference({"w": stacked}, stacked=True) == 0.0
+
+
 def test_device_varying_and_max_replica_difference_name_a_bad_leaf_by_its_path():
   """A str leaf failed inside JAX ("Argument 'relu' of type <class 'str'> is not a valid JAX
   type"), naming no leaf; a tree that is one array was named 'the leaf at ' (keystr's '')."""
