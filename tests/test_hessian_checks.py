@@ -388,10 +388,13 @@ def test_a_scalar_type_or_dtype_leaf_is_refused_as_no_array():
   # jnp.float32 and np.dtype("float32") have a dtype, so they passed the check of real values as
   # float32 arrays and failed later in JAX ("JAX scalar type ... cannot be interpreted as a JAX
   # array"), naming neither the argument nor the leaf; np.float32's class attribute .dtype
-  # failed inside the check ("Cannot interpret '<attribute 'dtype' ...'").
+  # failed inside the check ("Cannot interpret '<attribute 'dtype' ...'"), and op.ravel and
+  # normalize_direction said it "has shape <attribute 'shape' of 'numpy.generic' objects>" (np.shape
+  # reads the class's attribute), as a whole tree "a single value of shape <attribute ...>".
   params = {"a": jnp.array(2.0), "b": jnp.ones(3)}
   op = hessian.hessian_operator(lambda p, b: p["a"] ** 2 * jnp.sum(p["b"] ** 2) * b, params, 1.0)
-  for leaf, kind in ((jnp.float32, "_ScalarMeta"), (np.dtype("float32"), "Float32DType")):
+  kinds = (jnp.float32, "_ScalarMeta"), (np.dtype("float32"), "Float32DType"), (np.float32, "type")
+  for leaf, kind in kinds:
     tree = {"a": leaf, "b": jnp.ones(3)}
     for call, what in (
       (lambda t: hessian.preconditioned_operator(op, t), "the preconditioner"),
@@ -403,8 +406,9 @@ def test_a_scalar_type_or_dtype_leaf_is_refused_as_no_array():
         match=rf"^{what} must be an array or a pytree of arrays, but its leaf at \['a'\] is {kind}",
       ):
         call(tree)
-  with pytest.raises(ValueError, match=r"its leaf at \['a'\] is type <class 'numpy.float32'>"):
-    hessian.preconditioned_operator(op, {"a": np.float32, "b": jnp.ones(3)})
+  for call in (op.ravel, lambda t: hessian.normalize_direction(op, t, None)):
+    with pytest.raises(ValueError, match=r"arrays, but it is type <class 'numpy.float32'>\.$"):
+      call(np.float32)
 
 
 def test_an_array_of_another_rank_is_named_as_one(ops):

@@ -38,7 +38,8 @@ def _same_leaves(tree: Any, params: Any, got: dict[str, Any], want: dict[str, An
 
 
 def like_params(tree: Any, params: Any, what: str) -> None:
-  """Raises ``ValueError`` unless ``tree`` has the structure of ``params`` and its leaves' shapes.
+  """Raises ``ValueError`` unless ``tree`` has the structure of ``params`` and its leaves' shapes,
+  its leaves being real arrays (as :func:`real` checks).
 
   Two trees of the same total size but other leaves (another model's, or a
   transposed kernel) would otherwise flatten to vectors of the right length
@@ -52,6 +53,9 @@ def like_params(tree: Any, params: Any, what: str) -> None:
     params: The parameter pytree it must match.
     what: What ``tree`` is, as the caller names it (``"the preconditioner"``).
   """
+  # First: np.shape of a leaf that is a scalar type (np.float32, not np.float32(1.0)) is the
+  # class's attribute, "<attribute 'shape' of 'numpy.generic' objects>".
+  real(tree, what)
   got, want = _paths(tree), _paths(params)
   must = (
     f"{what} must be a pytree with the structure and leaf shapes of the params (or a flat array)"
@@ -86,7 +90,6 @@ def like_params(tree: Any, params: Any, what: str) -> None:
         f"{must}: its leaf at {path or _validation.ROOT} has "
         f"shape {np.shape(leaf)}, the params' leaf there has shape {np.shape(want[path])}."
       )
-  real(tree, what)
 
 
 def real(tree: Any, what: str, *, floating: bool = False) -> None:
