@@ -309,10 +309,16 @@ def _check_is_state(state: Any, call: str) -> None:
     )
 
 
-_NEW_KEYS = (
-  "adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
-  "jax.random.split(jax.random.key(seed), n_samples))), opt_state)"
-)
+def new_keys_fix(key: str) -> str:
+  """The code, for an error message, that gives an optimizer state new probe keys split from
+  ``key`` (the expression of one PRNG key, e.g. ``"jax.random.key(seed)"``)."""
+  return (
+    "adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
+    f"jax.random.split({key}, n_samples))), opt_state)"
+  )
+
+
+_NEW_KEYS = new_keys_fix("jax.random.key(seed)")
 
 
 def default_key_size() -> int:

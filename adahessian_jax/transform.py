@@ -30,6 +30,7 @@ from adahessian_jax.state import (
   check_key_data,
   is_refresh_step,
   moment_steps,
+  new_keys_fix,
   on_refresh,
   placed_like_params,
   probe_keys,
@@ -62,10 +63,7 @@ def _float_dtype(name: str, dtype: Any) -> Any:
   return canonical
 
 
-_OWN_KEYS = (
-  "adahessian_jax.map_adahessian_state(lambda s: s._replace(key=jax.random.key_data("
-  "jax.random.split(key, n_samples))), opt_state)"
-)
+_OWN_KEYS = new_keys_fix("key")
 
 
 def _seed(seed: Any) -> int:
