@@ -103,6 +103,15 @@ def read(
       "name its axes or give it a rule",
     )
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
+  # A kernel (layers, out, in) is read output axis first per layer only where its leading axes
+  # are found stacked: else the rank's guess stays, flagged.
+  by_bias = {
+    i
+    for i in by_bias
+    if len(shapes[i]) == 2
+    or param_name(paths[i]) == "weight"
+    or _stacked_prefix(stacked[i] or (), roles[i] or {}) == len(shapes[i]) - 2
+  }
   for i, why in vectors_in_stacks(paths, shapes, stacked, roles).items():
     unsure.setdefault(i, why)
   tables = bias_tables(paths, roles)
@@ -563,8 +572,10 @@ def _stack_count(
   that is its kernel's trailing axes and cannot be read as repeating its leading ones
   (:func:`_bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack
   the same way (:func:`_raw_pair_stacks`), a PyTorch-layout ``weight`` and its ``bias`` by the
-  output axis (:func:`_torch_stacks`), and ``nnx.LoRA``'s ``lora_a`` ``(in, rank)`` and
-  ``lora_b`` ``(rank, out)`` by their shared rank.
+  output axis (:func:`_torch_stacks`), as does a ``kernel`` whose bias is its first axis past the
+  stacked ones and fits no Flax layout (Hugging Face's ``FlaxConv1D`` ``(layers, out, in)``
+  beside ``(layers, out)``: :func:`_torch_kernel`, :func:`_flax_fits`), and ``nnx.LoRA``'s
+  ``lora_a`` ``(in, rank)`` and ``lora_b`` ``(rank, out)`` by their shared rank.
 
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
@@ -594,6 +605,11 @@ def _stack_count(
     if fits and fits[0] > 0:
       n = fits[0]
       return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+    if _torch_kernel(k, b) and not _flax_fits(k, b):  # FlaxConv1D's (out, in), stacked
+      return k[:-2], (
+        f"its {bias} {b} repeats the {kernel}'s leading axes {k[:-2]} before its output axis "
+        "(Hugging Face's FlaxConv1D layout (out, in)): one per layer"
+      )
   raw = _raw_pair_stacks(members, shapes)
   if raw is not None:
     return raw
@@ -654,6 +670,28 @@ def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], 
   return leads.pop(), why
 
 
+def _torch_kernel(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
+  """Whether a bias is its kernel's first axis past any stacked ones, as a ``Linear``'s
+  ``(out, in)`` beside ``(out,)`` (Hugging Face's ``FlaxConv1D``): ``b == k[:-1]``, rank 2 or
+  more (a stack ``(layers, out, in)`` beside ``(layers, out)``)."""
+  return len(k) >= 2 and b == k[:-1]
+
+
+def _flax_fits(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
+  """Whether a bias fits its kernel as Flax lays them out: its kernel's trailing (output) axes
+  after any stacked ones in front (:func:`_bias_fits`: a ``Dense``'s ``(in, out)`` beside
+  ``(out,)``, a stack's ``(layers, in, out)`` beside ``(layers, out)``, a ``DenseGeneral``'s
+  ``(embed, heads, head_dim)`` beside ``(heads, head_dim)``), or with a stacked axis behind the
+  input, at the same place in both (``nn.vmap`` with ``variable_axes={"params": 1}``: kernel
+  ``(in, members, out)``, bias ``(out, members)``)."""
+  if _bias_fits(k, b):
+    return True
+  return any(
+    k[p] == b[p] and _flax_fits(k[:p] + k[p + 1 :], b[:p] + b[p + 1 :])
+    for p in range(1, min(len(k) - 1, len(b)))
+  )
+
+
 def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
   """The numbers of leading stacked axes with which ``w``, ``b`` are a PyTorch-layout pair.
 
@@ -692,13 +730,18 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
   A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
   ``(out,)``; Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any
   stacked axes, one way only (:func:`_torch_stacks`), and that is not its last axis as a Flax
-  kernel's bias would be (a square ``(6, 6)`` beside ``(6,)`` is either). And a rank-2
-  ``kernel`` (Haiku's ``w``) beside a bias of its first axis and not its last: Hugging Face's
-  ``FlaxConv1D`` (GPT-2's ``c_attn``, ``c_fc``, ``c_proj``) keeps a kernel ``(out, in)``. A
-  square one beside its bias fits both layouts; it is read as the nearest others show (those
-  under the nearest module above it that holds any that show a layout): PyTorch's where some
-  show it and none Flax's (a rank-2 kernel beside a bias of its last axis and not its first). A
-  ``weight``'s layout is not a kernel's: only kernels show it for a square kernel. A name with
+  kernel's bias would be (a square ``(6, 6)`` beside ``(6,)`` is either). And a ``kernel``
+  (Haiku's ``w``) beside a bias of its first axis past any stacked ones (:func:`_torch_kernel`)
+  that fits no Flax layout (:func:`_flax_fits`): Hugging Face's ``FlaxConv1D`` (GPT-2's
+  ``c_attn``, ``c_fc``, ``c_proj``) keeps a kernel ``(out, in)``, scanned ``(layers, out, in)``
+  beside ``(layers, out)``. A square one (``(d, d)``, ``(layers, d, d)``; also a stacked
+  ``weight``) beside its bias fits both layouts, as does a kernel that ``nn.vmap`` over axis 1
+  gives a square ``Dense`` (``(in, members, out)`` beside ``(out, members)``); it is read as the
+  nearest others show (those under the nearest module above it that holds any that show a
+  layout): PyTorch's where some show it and none Flax's (a kernel beside a bias of its last axis
+  past stacked ones, and not its first). A ``weight``'s layout is not a kernel's: only kernels
+  show it for a square kernel. (:func:`read` takes a kernel of rank 3 or more output axis first
+  only where its leading axes are found stacked.) A name with
   the word ``weight`` pairs with the same name with ``bias`` for it (PyTorch's ``in_proj_weight``
   and ``in_proj_bias``, an LSTM's ``weight_ih_l0`` and ``bias_ih_l0``).
 
@@ -718,17 +761,24 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
     if roles[w] is None:
       continue
     k, v = shapes[w], shapes[b]
-    if len(k) == 2 and v == k[:1] and k[0] == k[1]:
+    dense = len(k) >= 2 and v == k[:-2] + k[-1:]  # Flax's (in, out) beside (out,), stacked or not
+    if is_weight:
+      if _torch_kernel(k, v) and dense and len(_torch_stacks(k, v)) == 1:  # (*stack, d, d)
+        square[w] = (module, is_weight)
+      elif len(_torch_stacks(k, v)) == 1 and not any(
+        v == k[:n] + k[-1:] for n in range(len(k) - 1)
+      ):
+        found.add(w)
+        shown.append((module, "weight"))
+      continue
+    if not _torch_kernel(k, v):
+      if dense:
+        shown.append((module, "flax"))
+    elif _flax_fits(k, v):  # (*stack, d, d) beside (*stack, d), or a Flax nn.vmap's over axis 1
       square[w] = (module, is_weight)
-      continue
-    if not is_weight and len(k) == 2 and v == k[1:]:
-      shown.append((module, "flax"))
-    if not is_weight and (len(k) != 2 or v != k[:1]):
-      continue
-    flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
-    if len(_torch_stacks(k, v)) == 1 and not flax:
+    else:
       found.add(w)
-      shown.append((module, "weight" if is_weight else "torch"))
+      shown.append((module, "torch"))
   below: dict[tuple[tuple, bool], set[str]] = {}  # (module prefix, kernels only) -> layouts
   for m, x in shown:
     for n in range(len(m) + 1):

@@ -75,7 +75,7 @@ unnamed ``weight`` (also ``in_proj_weight``,
 ``weight_ih_l0``) is taken for a PyTorch/Equinox weight, output axis first:
 ``(out, in)`` blocks along axis 1, ``(out, in, *spatial)`` the mean over axes ``2 ..``
 (ambiguous where the layout matters, unless its bias is its first axis, which also makes a
-rank-2 ``kernel`` ``(out, in)``: Hugging Face's ``FlaxConv1D``); its ``bias``
+``kernel`` ``(out, in)``, past any stacked axes: Hugging Face's ``FlaxConv1D``); its ``bias``
 (``(out,)``, Equinox's ``Conv`` ``(out, 1, ..., 1)``) shows the stacked axes of an
 ``eqx.filter_vmap`` ensemble (weight ``(members, out, in)``, bias ``(members, out)``).
 

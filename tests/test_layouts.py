@@ -1634,6 +1634,88 @@ def test_a_square_kernel_reads_its_layout_from_the_nearest_kernels(rng):
   assert not spatial.describe(mixed, block_size=1).ambiguous
 
 
+def _scanned_gpt2(layers, d, kernel="kernel", flax=False):
+  """A GPT-2 block stacked by a scan, raw: FlaxConv1D kernels (layers, out, in) beside their
+  biases (layers, out), or Flax Dense kernels (layers, in, out) with ``flax``."""
+
+  def linear(n_in, n_out):
+    shape = (layers, n_in, n_out) if flax else (layers, n_out, n_in)
+    return {kernel: jnp.zeros(shape), "bias": jnp.zeros((layers, n_out))}
+
+  norm = {"scale": jnp.zeros((layers, d)), "bias": jnp.zeros((layers, d))}
+  return {
+    "wte": jnp.zeros((50, d)),
+    "wpe": jnp.zeros((16, d)),
+    "h": {
+      "attn": {"c_attn": linear(d, 3 * d), "c_proj": linear(d, d)},
+      "mlp": {"c_fc": linear(d, 4 * d), "c_proj": linear(4 * d, d)},
+      "ln_1": norm,
+      "ln_2": norm,
+    },
+    "ln_f": {"scale": jnp.zeros(d), "bias": jnp.zeros(d)},
+  }
+
+
+def test_a_scanned_flaxconv1d_kernel_is_read_output_axis_first_per_layer(rng):
+  # GPT-2's FlaxConv1D kernels (out, in), scanned: (layers, out, in) beside biases (layers,
+  # out). The bias settled only rank-2 kernels, so these were read as Flax's (in, out) per
+  # layer, blocked across their output units, unflagged.
+  params = _scanned_gpt2(3, 8)
+  kernels = [
+    "['h']['attn']['c_attn']['kernel']",
+    "['h']['attn']['c_proj']['kernel']",  # square, (3, 8, 8): as its neighbours show
+    "['h']['mlp']['c_fc']['kernel']",
+    "['h']['mlp']['c_proj']['kernel']",
+  ]
+  for block_size in (2, 3):
+    rows = {r.path: r for r in spatial.describe(params, block_size=block_size).rows}
+    assert not [p for p, r in rows.items() if r.ambiguous]
+    for path in kernels:
+      assert rows[path].rule == spatial.per_layer(spatial.blocks(block_size, axis=1)), path
+    assert "a bias of its first axis" in rows[kernels[0]].why
+  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  for module, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc")):
+    want = block_average(np.asarray(hessian_diag["h"][module][name]["kernel"]), 2, axis=2)
+    np.testing.assert_allclose(got["h"][module][name]["kernel"], want, rtol=1e-6, err_msg=name)
+  # Flax's Dense twin (layers, in, out) keeps Flax's reading, and PyTorch's names read as the
+  # kernels do, the square c_proj weight no guess now.
+  flax_rows = spatial.describe(_scanned_gpt2(3, 8, flax=True), block_size=2).rows
+  torch_rows = spatial.describe(_scanned_gpt2(3, 8, kernel="weight"), block_size=2).rows
+  assert not [r.path for r in (*flax_rows, *torch_rows) if r.ambiguous]
+  for row in flax_rows:
+    if row.path.endswith("['kernel']"):
+      assert row.rule == spatial.per_layer(spatial.blocks(2, axis=0)), row.path
+  for row in torch_rows:
+    if row.path.endswith("['weight']"):
+      assert row.rule == spatial.per_layer(spatial.blocks(2, axis=1)), row.path
+  # Each square c_proj follows the kernels of its own block; beside both layouts, a guess.
+  both = {"gpt": _scanned_gpt2(3, 8)["h"], "dense": _scanned_gpt2(3, 8, flax=True)["h"]}
+  rows = {r.path: r for r in spatial.describe(both, block_size=2).rows}
+  assert not [p for p, r in rows.items() if r.ambiguous]
+  for block, axis in (("gpt", 1), ("dense", 0)):
+    for module, name in (("attn", "c_proj"), ("mlp", "c_fc")):
+      rule = rows[f"['{block}']['{module}']['{name}']['kernel']"].rule
+      assert rule == spatial.per_layer(spatial.blocks(2, axis)), (block, name)
+  head = {"kernel": jnp.zeros((3, 8, 10)), "bias": jnp.zeros((3, 10))}  # Flax (layers, in, out)
+  mixed = {**_scanned_gpt2(3, 8)["h"]["attn"], "head": head}
+  rows = {r.path: r for r in spatial.describe(mixed, block_size=2).rows}
+  assert [p for p, r in rows.items() if r.ambiguous] == ["['c_proj']['kernel']"]
+  assert "show both" in rows["['c_proj']['kernel']"].why
+
+
+@pytest.mark.filterwarnings(
+  "ignore::adahessian_jax.spatial.LayoutGuessWarning"
+)  # guesses on purpose
+def test_a_flax_vmap_over_axis_1_is_not_read_output_axis_first():
+  # nn.vmap with variable_axes={"params": 1} over a square Dense: kernel (in, members, out),
+  # bias (out, members), which is also the kernel's leading axes, as a scanned FlaxConv1D's
+  # (layers, out, in) beside (layers, out) is. Two readings: the rank's guess stays, flagged.
+  ensemble = {"ff": {"kernel": jnp.zeros((8, 4, 8)), "bias": jnp.zeros((8, 4))}}
+  (row,) = [r for r in spatial.describe(ensemble, block_size=2).rows if "kernel" in r.path]
+  assert row.ambiguous and row.rule == spatial.mean_over((0,))
+
+
 def test_a_haiku_norm_offset_is_a_bias_never_blocked_across_layers(rng):
   # An hk.layer_stack gives its LayerNorm an offset (layers, features) under a flat module name
   # beside the stack's other modules: taken for a Dense kernel, it was blocked across layers.
