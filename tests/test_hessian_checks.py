@@ -421,6 +421,28 @@ def test_an_array_of_another_rank_is_named_as_one(ops):
     hessian.preconditioned_operator(good, 2.0)
 
 
+def test_only_the_functions_that_take_a_flat_array_offer_one():
+  # op.ravel takes pytrees only, yet given a flat array it said the tree "must be a pytree ... (or
+  # a flat array): it is a single value of shape (3,), not a pytree; a flat array must have shape
+  # (3,)", the shape it had. normalize_direction (op.layout.flatten) does take one.
+  op = hessian.hessian_operator(lambda p, b: jnp.sum(p["x"] ** 2) * b, {"x": jnp.ones(3)}, 1.0)
+  with pytest.raises(ValueError) as err:
+    op.ravel(np.ones(3))
+  assert str(err.value) == (
+    "the tree must be a pytree with the structure and leaf shapes of the params: it is a single "
+    "value of shape (3,), not a pytree."
+  )
+  with pytest.raises(ValueError, match=r"^the tree must be .* of the params: it lacks"):
+    op.ravel({"y": jnp.ones(3)})
+  with pytest.raises(ValueError) as err:
+    hessian.normalize_direction(op, np.ones((3, 1)), None)
+  assert str(err.value) == (
+    "the direction must be a pytree with the structure and leaf shapes of the params (or a flat "
+    "array): it is a single value of shape (3, 1), not a pytree; a flat array must have shape (3,)."
+  )
+  np.testing.assert_array_equal(hessian.normalize_direction(op, np.arange(3.0), None), [0, 1, 2])
+
+
 def test_a_single_array_as_params_is_named_in_errors():
   # Params that are one array have the empty key path, which the errors printed as "the leaf at
   # has dtype int32" and "its leaf at  has shape (2, 3)".

@@ -37,7 +37,7 @@ def _same_leaves(tree: Any, params: Any, got: dict[str, Any], want: dict[str, An
   return list(got) == list(want) and len(jax.tree.leaves(tree)) == len(jax.tree.leaves(params))
 
 
-def like_params(tree: Any, params: Any, what: str) -> None:
+def like_params(tree: Any, params: Any, what: str, *, flat: bool = False) -> None:
   """Raises ``ValueError`` unless ``tree`` has the structure of ``params`` and its leaves' shapes,
   its leaves being real arrays (as :func:`real` checks).
 
@@ -52,22 +52,20 @@ def like_params(tree: Any, params: Any, what: str) -> None:
     tree: The pytree given, e.g. a direction or a preconditioner.
     params: The parameter pytree it must match.
     what: What ``tree`` is, as the caller names it (``"the preconditioner"``).
+    flat: Whether the caller also takes a flat ``(n,)`` array (then the message offers one).
   """
   # First: np.shape of a leaf that is a scalar type (np.float32, not np.float32(1.0)) is the
   # class's attribute, "<attribute 'shape' of 'numpy.generic' objects>".
   real(tree, what)
   got, want = _paths(tree), _paths(params)
-  must = (
-    f"{what} must be a pytree with the structure and leaf shapes of the params (or a flat array)"
-  )
+  must = f"{what} must be a pytree with the structure and leaf shapes of the params"
+  must += " (or a flat array)" if flat else ""
   if not _same_leaves(tree, params, got, want):
     extra, missing = [p for p in got if p not in want], [p for p in want if p not in got]
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
       size = sum(int(np.size(x)) for x in want.values())
-      detail = (
-        f"it is a single value of shape {np.shape(tree)}, not a pytree; a flat array must have "
-        f"shape ({size},)"
-      )
+      detail = f"it is a single value of shape {np.shape(tree)}, not a pytree"
+      detail += f"; a flat array must have shape ({size},)" if flat else ""
     elif jax.tree_util.treedef_is_leaf(jax.tree.structure(params)):
       # A block operator's params are one array, whose path is "": "lacks the leaves (none)".
       detail = (

@@ -134,7 +134,7 @@ class ParamLayout:
       ValueError: naming ``what`` and the first leaf that differs, or the size that does.
     """
     if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
-      _checks.like_params(tree, self.params, what)
+      _checks.like_params(tree, self.params, what, flat=True)
       tree = self.ravel(tree)
     else:
       _checks.real(tree, what)
