@@ -384,8 +384,9 @@ def test_plots(op):
 
   sd = hessian.spectral_density(op, jax.random.key(0), num_probes=2, num_steps=10)
   fig, axes = plt.subplots(1, 3)
-  ax = hessian.plot_spectral_density(sd, axes[0], label="esd")
+  ax = hessian.plot_spectral_density(sd, axes[0], label="esd", floor=1e-3)
   assert ax.get_yscale() == "log" and len(ax.lines[0].get_xdata()) == sd.grid.size
+  np.testing.assert_array_equal(ax.lines[0].get_ydata(), np.maximum(sd.density, 1e-3))
   ls1 = hessian.loss_landscape_1d(op, np.linspace(-1, 1, 5))
   hessian.plot_landscape_1d(ls1, axes[1])
   np.testing.assert_allclose(axes[1].lines[0].get_ydata(), ls1.losses)
@@ -615,6 +616,19 @@ def test_a_2d_landscape_of_one_parameter_without_directions_says_why():
   ):
     hessian.loss_landscape_2d(op, [0.0], [0.0])
   np.testing.assert_allclose(hessian.loss_landscape_1d(op, [0.0, 1.0]).losses, [1.0, 16.0])
+
+
+def test_plot_spectral_density_refuses_a_floor_that_is_no_finite_positive_number():
+  # A floor <= 0 left the zeros of the density, which the log scale drops without a word; NaN
+  # or inf made every value NaN or inf (an empty plot), True a flat line at 1, and a str failed
+  # in np.maximum ("ufunc 'maximum' did not contain a loop"), naming no argument. Refused
+  # before matplotlib is imported or a figure made.
+  density = hessian.SpectralDensity(
+    np.zeros(3), np.array([0.0, 1.0, 0.0]), np.zeros((1, 1)), np.ones((1, 1)), 0.1, 1
+  )
+  for floor in ("1e-8", -1.0, 0.0, np.nan, np.inf, True):
+    with pytest.raises(ValueError, match=r"^floor must be a finite real number > 0\.0, got "):
+      hessian.plot_spectral_density(density, floor=floor)
 
 
 def test_each_plot_refuses_another_result_naming_the_function_that_plots_it():

@@ -71,7 +71,8 @@ def plot_spectral_density(
     density: A :class:`~adahessian_jax.hessian.SpectralDensity`.
     ax: Axes to draw on (default: a new figure's).
     log: Logarithmic density axis.
-    floor: Values below this are clipped (for the log scale).
+    floor: Values below this are raised to it on the log scale (which leaves out zeros); a
+      finite number ``> 0``.
     **line_kwargs: Passed to ``ax.plot`` (``label=...``, ``color=...``).
 
   Returns:
@@ -79,10 +80,14 @@ def plot_spectral_density(
 
   Raises:
     TypeError: for a ``density`` that is no ``SpectralDensity`` (naming what plots it).
-    ValueError: for a ``log`` that is not a bool.
+    ValueError: for a ``log`` that is not a bool, or a ``floor`` that is not a finite number
+      ``> 0``.
   """
   _check_result(density, SpectralDensity)
   log = _validation.flag("log", log)
+  # A floor <= 0 left zeros that the log scale drops, NaN or inf drew nothing, a str failed in
+  # np.maximum without naming it.
+  floor = _validation.positive("floor", floor)
   ax = _axes(ax)
   y = np.maximum(density.density, floor) if log else density.density
   ax.plot(density.grid, y, **line_kwargs)
