@@ -309,46 +309,27 @@ def test_filter_normalisation_of_an_unnamed_equinox_ensemble():
   np.testing.assert_array_equal(nd["bias"], 0.0)
 
 
-def test_filter_normalisation_of_hugging_face_conv1d_kernels():
+@pytest.mark.parametrize("layers", [(), (2,)], ids=["one-layer", "scanned"])
+def test_filter_normalisation_of_hugging_face_conv1d_kernels(layers):
   # GPT-2's FlaxConv1D keeps a kernel (out, in) beside its bias (out,): a filter per row, the
   # square c_proj too (the tree's other kernels show the layout). By Flax's (in, out) the filters
-  # ran along the inputs.
+  # ran along the inputs. Scanned, (layers, out, in) beside (layers, out): a filter per layer and
+  # row; the bias settled only rank-2 kernels, so the filters ran along each layer's inputs.
   r = np.random.default_rng(3)
-  scales = np.array([1e-3, 1.0, 10.0, 1.0])
-  fc = r.normal(size=(4, 3)) * scales[:, None]
-  proj = r.normal(size=(4, 4)) * scales[:, None]
+  scales = np.array([1e-3, 1.0, 10.0, 1.0])[:, None]
+  fc = r.normal(size=(*layers, 4, 3)) * scales
+  proj = r.normal(size=(*layers, 4, 4)) * scales  # square: as its neighbour shows
   params = {
-    "c_fc": {"kernel": jnp.asarray(fc), "bias": jnp.zeros(4)},
-    "c_proj": {"kernel": jnp.asarray(proj), "bias": jnp.zeros(4)},
+    "c_fc": {"kernel": jnp.asarray(fc), "bias": jnp.zeros((*layers, 4))},
+    "c_proj": {"kernel": jnp.asarray(proj), "bias": jnp.zeros((*layers, 4))},
   }
   op = _sin_op(params)
   nd = op.unravel(
     hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
   )
   for name, want in (("c_fc", fc), ("c_proj", proj)):
-    got = np.linalg.norm(nd[name]["kernel"], axis=1)
-    np.testing.assert_allclose(got, np.linalg.norm(want, axis=1), err_msg=name)
-
-
-def test_filter_normalisation_of_scanned_hugging_face_conv1d_kernels():
-  # Scanned, GPT-2's FlaxConv1D kernels are (layers, out, in) beside biases (layers, out): a
-  # filter per layer and row. The bias settled only rank-2 kernels, so the filters ran along the
-  # inputs of each layer.
-  r = np.random.default_rng(3)
-  scales = np.array([1e-3, 1.0, 10.0, 1.0])
-  fc = r.normal(size=(2, 4, 3)) * scales[None, :, None]
-  proj = r.normal(size=(2, 4, 4)) * scales[None, :, None]  # square: as its neighbour shows
-  params = {
-    "c_fc": {"kernel": jnp.asarray(fc), "bias": jnp.zeros((2, 4))},
-    "c_proj": {"kernel": jnp.asarray(proj), "bias": jnp.zeros((2, 4))},
-  }
-  op = _sin_op(params)
-  nd = op.unravel(
-    hessian.normalize_direction(op, hessian.random_direction(op, jax.random.key(0)), "filter")
-  )
-  for name, want in (("c_fc", fc), ("c_proj", proj)):
-    got = np.linalg.norm(nd[name]["kernel"], axis=2)
-    np.testing.assert_allclose(got, np.linalg.norm(want, axis=2), err_msg=name)
+    got = np.linalg.norm(nd[name]["kernel"], axis=-1)
+    np.testing.assert_allclose(got, np.linalg.norm(want, axis=-1), err_msg=name)
 
 
 def test_filter_normalisation_of_a_square_conv1d_kernel_beside_a_flax_dense_head():

@@ -57,6 +57,37 @@ def _train(name, steps=3, lr=0.05):
   return params, batch, state, updates
 
 
+def _train_groups(tx, steps=3, lr=0.05):
+  """A few steps of an ``optax.multi_transform`` of scaling transforms, its loss masked to the
+  AdaHessian groups' leaves; returns params, batch, state and the last scaled update."""
+  params, batch = mlp()
+  state = tx.init(params)
+  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
+  for _ in range(steps):
+    updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+  return params, batch, state, updates
+
+
+def _owners(labels, params):
+  """The group label of every leaf of ``params`` (``labels`` a prefix of it)."""
+  return jax.tree.map(lambda label, sub: jax.tree.map(lambda _: label, sub), labels, params)
+
+
+def _assert_each_groups_denominator(p, labels, params, state, updates, steps=3):
+  """``p`` is, at each leaf, the denominator of the last update of the group that owns it
+  (``b1 = 0.9``, after ``steps`` steps): its bias-corrected ``mu`` over the update."""
+  by_path = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  has_mu = lambda x: hasattr(x, "mu")
+  mu = {
+    g: by_path(next(x for x in jax.tree.leaves(sub, is_leaf=has_mu) if has_mu(x)).mu)
+    for g, sub in state.inner_states.items()
+  }
+  for path, label in by_path(_owners(labels, params)).items():
+    want = mu[label][path] / (1 - 0.9**steps) / by_path(updates)[path]
+    np.testing.assert_allclose(by_path(p)[path], want, rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_preconditioner_is_the_denominator_of_the_last_update(name):
   _, _, state, updates = _train(name)
@@ -315,27 +346,13 @@ def test_groups_of_adahessian_and_adam_combine_their_preconditioners(labels):
     {"ada": adahessian_jax.scale_by_adahessian(b2=0.99), "adam": optax.scale_by_adam(b2=0.99)},
     labels,
   )
-  params, batch = mlp()
-  state = tx.init(params)
-  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
-  for _ in range(3):
-    updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
-    params = jax.tree.map(lambda p, u: p - 0.05 * u, params, updates)
+  params, batch, state, updates = _train_groups(tx)
   with pytest.raises(ValueError, match=r"masked out.*Pass fill=.*fill=hessian.adam_precond"):
     hessian.adahessian_preconditioner(state, b2=0.99)
   adam = hessian.adam_preconditioner(state, b2=0.99, fill=jnp.inf)
   p = hessian.adahessian_preconditioner(state, b2=0.99, fill=adam)
   # P is the denominator of the last update of whichever group owns the leaf.
-  owner = jax.tree.map(lambda label, sub: jax.tree.map(lambda _: label, sub), labels, params)
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  mu = {
-    "ada": adahessian_jax.find_adahessian_state(state).mu,
-    "adam": next(x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x)).mu,
-  }
-  by_path = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
-  for path, label in by_path(owner).items():
-    want = by_path(mu[label])[path] / (1 - 0.9**3) / by_path(updates)[path]
-    np.testing.assert_allclose(by_path(p)[path], want, rtol=1e-10)
+  _assert_each_groups_denominator(p, labels, params, state, updates)
   # The combined P and one group's alone (the rest held still, P = inf) against dense matrices.
   op = hessian.hessian_operator(mlp_loss, params, batch)
   dense = dense_hessian(mlp_loss, params, batch)
@@ -348,7 +365,7 @@ def test_groups_of_adahessian_and_adam_combine_their_preconditioners(labels):
     assert got.eigenvalues[0] == pytest.approx(want, rel=1e-8)
     if given is alone:  # held still: Adam's leaves, exactly
       held = [bool(np.isinf(w).all()) for w in jax.tree.leaves(full)]
-      assert held == [label == "adam" for label in jax.tree.leaves(owner)]
+      assert held == [label == "adam" for label in jax.tree.leaves(_owners(labels, params))]
   for fill, message in [(0.0, "fill"), ({"x": 1.0}, r"fill has no entry at \['")]:
     with pytest.raises(ValueError, match=message):
       hessian.adahessian_preconditioner(state, b2=0.99, fill=fill)
@@ -364,12 +381,7 @@ def test_two_groups_of_one_kind_are_built_one_group_at_a_time(kind):
   }[kind]
   labels = {"hidden": "a", "out": {"kernel": "a", "bias": "b"}}
   tx = optax.multi_transform({"a": make(b2=0.99), "b": make(b2=0.9)}, labels)
-  params, batch = mlp()
-  state = tx.init(params)
-  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
-  for _ in range(3):
-    updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
-    params = jax.tree.map(lambda p, u: p - 0.05 * u, params, updates)
+  params, batch, state, updates = _train_groups(tx)
   call = build.__name__
   with pytest.raises(ValueError, match=rf"found 2.*inner_states\[label\].*hessian\.{call}\("):
     build(state)
@@ -378,16 +390,7 @@ def test_two_groups_of_one_kind_are_built_one_group_at_a_time(kind):
     build(state.inner_states["a"], b2=0.99)
   p = build(state.inner_states["a"], b2=0.99, fill=build(state.inner_states["b"], b2=0.9, fill=1.0))
   # P is the denominator of the last update of the group that owns the leaf (b1 = 0.9 in both).
-  owner = jax.tree.map(lambda label, sub: jax.tree.map(lambda _: label, sub), labels, params)
-  by_path = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
-  has_mu = lambda x: hasattr(x, "mu")
-  mu = {
-    g: by_path(next(x for x in jax.tree.leaves(sub, is_leaf=has_mu) if has_mu(x)).mu)
-    for g, sub in state.inner_states.items()
-  }
-  for path, label in by_path(owner).items():
-    want = mu[label][path] / (1 - 0.9**3) / by_path(updates)[path]
-    np.testing.assert_allclose(by_path(p)[path], want, rtol=1e-10)
+  _assert_each_groups_denominator(p, labels, params, state, updates)
   op = hessian.hessian_operator(mlp_loss, params, batch)
   s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
   dense = dense_hessian(mlp_loss, params, batch)
