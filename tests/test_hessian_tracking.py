@@ -172,7 +172,12 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
   op = _operator(_family(1, drift=0.0)[0], counter)
   record = hessian.track_curvature(op, tol=1e-4)
   small = hessian.hessian_operator(quadratic_loss, {"x": jnp.zeros(5)}, jnp.eye(5))
-  shape = r"sharpness Ritz vectors have shape \(2, 60\).*5 parameters"
+  # Both sizes, and the likely causes: another model or another selection of its leaves.
+  shape = (
+    r"sharpness Ritz vectors have shape \(2, 60\), rows of 60 parameters, but the operator has "
+    r"5: the params are not the ones the record measured \(another model, or other leaves: layers "
+    r"frozen or unfrozen, a changed nnx.split or partition filter\)"
+  )
   with pytest.raises(ValueError, match=shape):
     hessian.track_curvature(small, record)
   bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=jnp.full((2, N), jnp.nan)))

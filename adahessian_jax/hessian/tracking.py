@@ -335,11 +335,19 @@ def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
   if previous is None:
     return
   start = np.asarray(previous.ritz_vectors)
-  if start.ndim != 2 or start.shape[0] < 1 or start.shape[1] != n:
+  if start.ndim != 2 or start.shape[0] < 1:
     raise ValueError(
       f"previous: its {what} Ritz vectors have shape {start.shape}, but the operator has {n} "
       f"parameters (one row of {n} per vector); pass the record of an earlier measurement of the "
       "same model, or previous=None for a cold start"
+    )
+  if start.shape[1] != n:
+    raise ValueError(
+      f"previous: its {what} Ritz vectors have shape {start.shape}, rows of {start.shape[1]} "
+      f"parameters, but the operator has {n}: the params are not the ones the record measured "
+      "(another model, or other leaves: layers frozen or unfrozen, a changed nnx.split or "
+      "partition filter). Pass a record of these params, or previous=None for a cold start (once, "
+      "after changing which parameters are measured)"
     )
   if not np.all(np.isfinite(start)):
     raise ValueError(
