@@ -283,6 +283,25 @@ def test_a_one_parameter_model_tracks_with_the_default_block_size():
     hessian.track_curvature(op, None, block_size=2)
 
 
+@pytest.mark.parametrize(
+  "eigenvalues",
+  [[3.0, -1.0], [5.0, 1.0, 1e-3], list(-np.logspace(-2, 2, 20))],
+  ids=["two", "three", "negative-definite"],
+)
+def test_an_exact_value_from_the_whole_space_reports_a_rounding_level_error(eigenvalues):
+  """Once the subspace is the whole space the top Ritz value is exact and marked converged, but
+  its error was still the change over the last product: 3.99 for the exact 3 of a two-parameter
+  Hessian, 1.3e-3 (130x tol·|θ|) for the top -0.01 of a negative-definite one."""
+  params, a = quadratic(eigenvalues)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  got = hessian.track_curvature(op, tol=1e-4).sharpness
+  top = max(eigenvalues)
+  assert got.num_matvecs == len(eigenvalues) and got.converged
+  assert got.eigenvalue == pytest.approx(top, rel=1e-12, abs=1e-14)
+  assert abs(got.eigenvalue - top) <= got.error + 1e-14 * np.max(np.abs(eigenvalues))
+  assert got.error <= 1e-13 * np.max(np.abs(eigenvalues))
+
+
 def test_a_bad_preconditioner_is_refused_before_any_product():
   counter = [0]
   op = _operator(_family(1, drift=0.0)[0], counter)

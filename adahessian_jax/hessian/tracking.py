@@ -70,7 +70,8 @@ class Sharpness(NamedTuple):
       (a pair of top eigenvalues closer than that that the subspace has not
       split shows no second Ritz value near ``θ``), at least
       the rounding the products' asymmetry shows (a ``tol`` below it stops
-      the run unconverged: bfloat16's ~1e-3 of ``θ``).
+      the run unconverged: bfloat16's ~1e-3 of ``θ``); once the subspace is the
+      whole space, where ``θ`` is exact, at most the larger of ``r`` and that rounding.
     residual: ``r = ‖H y − θ y‖`` for the Ritz vector ``y``: some eigenvalue
       of ``H`` lies within ``r`` of ``θ`` (a bound, where ``error`` is an
       estimate).
@@ -254,14 +255,18 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
       ok, grow = _beyond_eigenvector(q, w, s, tol * scale, exact * scale, op.dtype)
       ok = ok or (grow is None and randomised)
     full = theta.size >= op.size
+    # Once the subspace is the whole space the Ritz values are exact: the residual (rounding)
+    # bounds the error, where the change over the last product (up to |λ₁ − λ_n|) would not.
+    exact_err = min(err, max(float(res[0]), rounding))
     dependent = theta.size < used  # 16-bit rows dependent to rounding: no growth is left
     if ok or stuck or full or dependent or used >= max_iter:
       ok = ok or full
+      err = exact_err if full else err
       break
     v, fresh = _next_vector(op, q, grow, jax.random.fold_in(key, used), tol_break)
     randomised = randomised or fresh
     if v is None:
-      ok = True  # the subspace spans the space to rounding: the Ritz values are exact
+      ok, err = True, exact_err  # the subspace spans the space to rounding: the values are exact
       break
     if used == rows:
       rows = min(2 * rows, max_iter, op.size)
