@@ -146,6 +146,43 @@ def test_a_key_that_is_not_one_prng_key_is_named_before_any_product(ops, name):
   assert calls == []
 
 
+@pytest.mark.parametrize("name", sorted(set(KEYED) - {"random_direction"}))
+def test_an_analysis_under_jit_is_refused_naming_its_traced_key(ops, name):
+  """A traced key failed at the first value read on the host with JAX's
+  TracerArrayConversionError on an internal array, naming no argument."""
+  _, bad, calls = ops
+  calls.clear()
+  with pytest.raises(
+    ValueError, match=r"key must be a concrete PRNG key, got a traced one.*outside"
+  ):
+    jax.jit(lambda k: KEYED[name](bad, k))(jax.random.key(0))
+  assert calls == []
+
+
+def test_random_direction_may_be_traced(ops):
+  good, _, _ = ops
+  key = jax.random.key(3)
+  traced = jax.jit(lambda k: hessian.random_direction(good, k))(key)
+  np.testing.assert_array_equal(traced, hessian.random_direction(good, key))
+
+
+def test_an_operator_built_under_a_transformation_names_the_traced_leaf():
+  params, batch = mlp()
+  host = r" is traced \(float64\[8\]\): the analyses are host loops .* outside jax.jit"
+  with pytest.raises(
+    ValueError, match=r"params must be concrete arrays.*\['hidden'\]\['bias'\]" + host
+  ):
+    jax.jit(lambda p: hessian.hessian_operator(mlp_loss, p, batch).size)(params)
+  with pytest.raises(ValueError, match=r"params must be concrete.*\['hidden'\]\['bias'\]"):
+    jax.grad(lambda p: hessian.top_eigenvalues(hessian.hessian_operator(mlp_loss, p, batch)))(
+      params
+    )
+  with pytest.raises(
+    ValueError, match=r"^batches\[1\] must be concrete arrays, but its leaf at \[0\]"
+  ):
+    jax.jit(lambda b: hessian.hessian_operator(mlp_loss, params, batches=[batch, b]).size)(batch)
+
+
 @pytest.mark.parametrize(
   "kwargs, message",
   [

@@ -11,12 +11,38 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _validation
-from adahessian_jax._keys import prng_key as prng_key  # the analyses' check of their key
+from adahessian_jax import _keys, _validation
 from adahessian_jax.layout import leaves as canonical_leaves
+
+# Why an analysis refuses a traced argument; shared by the operator's params and batch checks.
+HOST_LOOP = (
+  "the analyses are host loops that read each product's value to decide the next step: build the "
+  "operator and run them outside jax.jit, vmap, grad and lax loops, e.g. between jitted training "
+  "steps."
+)
+
+
+def prng_key(key: Any, *, traced: bool = False) -> jax.Array:
+  """The analyses' check of their ``key``: one PRNG key (``adahessian_jax._keys.prng_key``) and,
+  unless ``traced``, a concrete one.
+
+  A traced key (an analysis called inside ``jax.jit``) failed at the first value read on the host
+  with JAX's ``TracerArrayConversionError`` on some internal array, naming no argument.
+
+  Args:
+    key: The key given.
+    traced: Whether the caller runs under a transformation too (``random_direction``).
+
+  Returns:
+    ``key``.
+  """
+  if not traced and isinstance(key, jax.core.Tracer):
+    raise ValueError(f"key must be a concrete PRNG key, got a traced one ({key.aval}): {HOST_LOOP}")
+  return _keys.prng_key(key)
 
 
 def _paths(tree: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
@@ -658,6 +659,21 @@ def _note_nnx_mutation(error: Exception) -> None:
     )
 
 
+def _check_concrete(tree: Any, what: str) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``tree`` that is traced (``hessian_operator``
+  called inside ``jax.jit``, ``vmap``, ``grad`` or a ``lax`` loop).
+
+  It failed at the first value read on the host with JAX's ``TracerArrayConversionError``,
+  naming no argument and no fix.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.core.Tracer):
+      raise ValueError(
+        f"{what} must be concrete arrays, but its leaf at {_validation.path_str(path)} is traced "
+        f"({leaf.aval}): {_checks.HOST_LOOP}"
+      )
+
+
 def _check_not_pmapped(params: Any) -> None:
   """Raises ``ValueError`` naming the first leaf of ``params`` that is a ``jax.pmap`` output.
 
@@ -1114,7 +1130,8 @@ def hessian_operator(
     NonFiniteError: if an entry of ``params`` is not finite (named by its
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
-    ValueError: for params without entries or with a ``jax.pmap`` output's device axis (a
+    ValueError: for params or a batch that is traced (a call inside ``jax.jit``: the analyses
+      run on the host), params without entries or with a ``jax.pmap`` output's device axis (a
       leaf of stacked replicas: pass one replica), with an NNX variable no optimizer trains
       (``nnx.BatchStat``, RNG state, a cache: ``nnx.state(model)`` or the module itself, not
       its ``nnx.Param``; named), a whole Linen variables dict (``batch_stats``, a cache or
@@ -1125,6 +1142,7 @@ def hessian_operator(
       the message names the batch and leaf.
   """
   block_size = _validation.count("block_size", block_size)
+  _check_concrete(params, "params")
   _check_no_nnx_state(params)
   _check_no_linen_state(params)
   _validation.float_leaves(
@@ -1138,6 +1156,8 @@ def hessian_operator(
   # Variables, which later training steps write in place; the operator stays at its point.
   params = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(params))
   data = _batch_list(batch, batches)
+  for i, b in enumerate(data):
+    _check_concrete(b, "the batch" if batches is None else f"batches[{i}]")
   weights = _weights(data, batch_sizes)
   flat, unravel = ravel(params)
   if flat.size == 0:

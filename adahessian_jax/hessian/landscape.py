@@ -390,7 +390,7 @@ def random_direction(op: HessianOperator, key: jax.Array) -> jax.Array:
   Returns:
     An ``(n,)`` array of independent standard normal entries in ``op.dtype``.
   """
-  return jax.random.normal(_checks.prng_key(key), (op.size,), op.dtype)
+  return jax.random.normal(_checks.prng_key(key, traced=True), (op.size,), op.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6))
