@@ -1067,7 +1067,7 @@ def flag_calls():
   op = hessian.hessian_operator(loss, params, jnp.asarray([1.0, 2.0, 3.0]))
   key = jax.random.key(0)
   fn = lambda p: loss(p, 1.0)
-  density = hessian.spectral_density(op, key, num_probes=1, num_steps=4, num_points=8)
+  density = hessian.spectral_density(op, key, num_probes=1, num_steps=4, num_points=200)
   plane = hessian.loss_landscape_2d(op, [-1.0, 1.0], [-1.0, 1.0], key=key)
   conv = {"w": jnp.zeros((3, 3, 4, 4))}  # an unnamed rank-4 kernel: its rule is a guess
   return {

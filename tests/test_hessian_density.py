@@ -51,6 +51,26 @@ def test_a_given_grid_is_where_the_density_is_evaluated():
   np.testing.assert_allclose(sd.density, [0.0, peak, peak, peak], rtol=1e-10, atol=1e-300)
 
 
+@pytest.mark.parametrize(
+  "kwargs, step, need",
+  [({"sigma": 1e-4}, "0.00401", 40013), ({"num_points": 8}, "0.64", 114)],
+  ids=["narrow-sigma", "few-points"],
+)
+def test_a_default_grid_coarser_than_sigma_is_refused(kwargs, step, need):
+  """A step wider than σ stepped over the Gaussians' peaks: the density integrated to 7e-8 at
+  σ = 1e-4 (step 0.004) and to 0.86 with 8 points, documented as integrating to 1."""
+  params, a = quadratic([3.0, -1.0, 0.5, 2.0])
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  message = rf"default grid's step {step}.* wider than sigma.*Pass num_points >= {need},"
+  with pytest.raises(ValueError, match=message):
+    hessian.spectral_density(op, jax.random.key(1), num_probes=2, num_steps=4, **kwargs)
+  # The num_points the message asks for is enough.
+  fine = hessian.spectral_density(
+    op, jax.random.key(1), num_probes=2, num_steps=4, **{**kwargs, "num_points": need}
+  )
+  assert np.trapezoid(fine.density, fine.grid) == pytest.approx(1.0, abs=1e-8)
+
+
 def test_few_distinct_eigenvalues_are_found_exactly():
   ev = np.repeat([1.0, 2.0, 5.0], [10, 20, 30])
   params, a = quadratic(ev)
