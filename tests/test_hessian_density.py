@@ -52,16 +52,21 @@ def test_a_given_grid_is_where_the_density_is_evaluated():
 
 
 @pytest.mark.parametrize(
-  "kwargs, step, need",
-  [({"sigma": 1e-4}, "0.00401", 40013), ({"num_points": 8}, "0.64", 114)],
-  ids=["narrow-sigma", "few-points"],
+  "kwargs, message, need",
+  [
+    ({"sigma": 1e-4}, r"default grid's step 0.00401 .* wider than sigma", 40013),
+    ({"sigma": 0.5, "num_points": 8}, r"default grid's step 1.43 .* wider than sigma", 21),
+    # With the default σ the count is known before any product is spent.
+    ({"num_points": 8}, r"num_points=8 is too few .* default sigma", 113),
+  ],
+  ids=["narrow-sigma", "few-points", "few-points-default-sigma"],
 )
-def test_a_default_grid_coarser_than_sigma_is_refused(kwargs, step, need):
+def test_a_default_grid_coarser_than_sigma_is_refused(kwargs, message, need):
   """A step wider than σ stepped over the Gaussians' peaks: the density integrated to 7e-8 at
   σ = 1e-4 (step 0.004) and to 0.86 with 8 points, documented as integrating to 1."""
   params, a = quadratic([3.0, -1.0, 0.5, 2.0])
   op = hessian.hessian_operator(quadratic_loss, params, a)
-  message = rf"default grid's step {step}.* wider than sigma.*Pass num_points >= {need},"
+  message = rf"{message}.*Pass num_points >= {need},"
   with pytest.raises(ValueError, match=message):
     hessian.spectral_density(op, jax.random.key(1), num_probes=2, num_steps=4, **kwargs)
   # The num_points the message asks for is enough.

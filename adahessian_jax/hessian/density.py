@@ -93,6 +93,11 @@ def _grid(grid: Any) -> np.ndarray:
   return out
 
 
+# The default grid spans the nodes' spread (100σ for the default σ) plus 6σ on each side: 112
+# steps of σ.
+_DEFAULT_SIGMA_POINTS = 113
+
+
 def spectral_density(
   op: HessianOperator,
   key: jax.Array,
@@ -126,7 +131,9 @@ def spectral_density(
   Raises:
     ValueError: for a count or width out of range, or a grid that is not a
       1-D sequence of finite numbers (checked before any product is spent), or
-      a default grid whose step is wider than ``σ`` (known once the nodes are).
+      a default grid whose step is wider than ``σ`` (known before any product
+      is spent for the default ``σ``, which needs ``num_points >= 113``;
+      otherwise once the nodes are).
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
   grid = None if grid is None else _grid(grid)
@@ -135,6 +142,12 @@ def spectral_density(
   num_points = _validation.count("num_points", num_points, 2)
   if sigma is not None:
     sigma = _validation.positive("sigma", sigma)
+  elif grid is None and num_points < _DEFAULT_SIGMA_POINTS:
+    raise ValueError(
+      f"num_points={num_points} is too few for the default grid with the default sigma (1% of "
+      "the nodes' spread): its step would be wider than sigma, and the density would not integrate "
+      f"to 1 on it. Pass num_points >= {_DEFAULT_SIGMA_POINTS}, a sigma, or a grid."
+    )
   key = _checks.prng_key(key)
   dec = lanczos(op, op.rademacher(key, num_probes), num_steps)
   nodes, weights = [], []
@@ -152,8 +165,8 @@ def spectral_density(
     # Wider steps than σ step over the Gaussians' peaks: the density no longer integrates to 1
     # (0.69 at 4σ, 7e-8 at 40σ); at σ its trapezoid integral is within 1e-8 of 1.
     step = float(grid[1] - grid[0])
-    if step > sigma:
-      need = math.ceil((hi - lo + 12 * sigma) / sigma) + 1
+    if step > sigma * (1 + 1e-9):
+      need = math.ceil((hi - lo + 12 * sigma) / sigma * (1 - 1e-9)) + 1
       raise ValueError(
         f"the default grid's step {step:.3g} ((max − min node + 12σ)/(num_points − 1), "
         f"num_points={num_points}) is wider than sigma={sigma:.3g}: the density would not "
