@@ -910,11 +910,19 @@ def _dense_stacks_elsewhere(
   return found, unplaced
 
 
+def _named_by(key: Any, prefixes: tuple[str, ...]) -> bool:
+  """Whether a module key is Linen's automatic name of a transform (one of ``prefixes``) of a
+  class (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.scan(_Block)`` ``Scan_Block_0``)."""
+  cls = _linen_class((key,))
+  return cls is not None and any(
+    cls.startswith(p) and cls[len(p) :].lstrip("_")[:1].isupper() for p in prefixes
+  )
+
+
 def _is_scan(key: Any) -> bool:
   """Whether a module key is Linen's automatic name of an ``nn.scan`` of a class
-  (``nn.scan(Block)`` is named ``ScanBlock_0``)."""
-  cls = _linen_class((key,))
-  return cls is not None and cls.startswith("Scan") and cls[4:5].isupper()
+  (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.remat_scan(Block)`` ``Remat_scanBlock_0``)."""
+  return _named_by(key, ("Scan", "Remat_scan"))
 
 
 def _scan_stacks(
@@ -922,8 +930,9 @@ def _scan_stacks(
 ) -> dict[tuple, tuple[tuple[int, ...], str]]:
   """Stacks shown by Linen's automatic name of the ``nn.scan`` a module sits in.
 
-  ``nn.scan(Block)`` names its instance ``ScanBlock_0`` and stacks every parameter under it
-  along the axis of ``variable_axes`` (0, as scans of layers are written): a block of nothing but
+  ``nn.scan(Block)`` names its instance ``ScanBlock_0`` (``nn.remat_scan(Block)``
+  ``Remat_scanBlock_0``) and stacks every parameter under it along the axis of
+  ``variable_axes`` (0, as scans of layers are written): a block of nothing but
   bias-less convolutions leaves no other trace, and its ``(layers, kh, kw, in, out)`` kernel
   would be read as a 3-D convolution's. A module under exactly one such name, every leaf under
   which has the same first size, has that axis stacked. (``nn.vmap``'s ``VmapBlock_0`` is no

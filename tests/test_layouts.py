@@ -1433,6 +1433,44 @@ def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
   assert row.rule == spatial.mean_over((0, 1, 2))
 
 
+class BiasLessConv(nn.Module):
+  """BiasLessConvBlock for nn.remat_scan and nn.vmap: the carry alone."""
+
+  @nn.compact
+  def __call__(self, x):
+    return BiasLessConvBlock()(x, None)[0]
+
+
+class _PrivateConvBlock(BiasLessConvBlock):
+  """A class whose name starts with '_': Linen names its nn.scan 'Scan_PrivateConvBlock_0'."""
+
+
+@pytest.mark.parametrize(
+  ("transform", "scan_name"),
+  [("remat_scan", "Remat_scanBiasLessConv_0"), ("scan", "Scan_PrivateConvBlock_0")],
+)
+def test_an_unnamed_remat_scan_of_bias_less_convs_is_found_by_its_linen_name(transform, scan_name):
+  # nn.remat_scan(Block) names its instance Remat_scanBlock_0, and nn.scan of a class _Block
+  # Scan_Block_0: neither was a scan's name to the reader, so the kernel (4, 3, 3, 8, 8) of a
+  # block of nothing but a bias-less Conv was a 3-D Conv's by its name, averaged across the 4
+  # layers, unflagged (layer 3's diagonal of 1000 came out as 277.75).
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      if transform == "remat_scan":
+        return nn.remat_scan(BiasLessConv, lengths=(4,))()(x)
+      stacked = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
+      return nn.scan(_PrivateConvBlock, length=4, **stacked)()(x, None)[0]
+
+  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
+  (row,) = spatial.describe(params, block_size=2).rows
+  assert row.path.startswith(f"['{scan_name}']") and row.path.endswith("['Conv_0']['kernel']")
+  assert row.rule == spatial.per_layer(spatial.mean_over((0, 1))) and not row.ambiguous
+  assert row.groups == {9: 4 * 64}
+  rules = spatial.resolve_rules(None, params, 2)
+  check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
+
+
 class ConvMoeBlock(nn.Module):
   """A bias-less 1-D Conv beside a mixture's raw weights (experts, in, out)."""
 
