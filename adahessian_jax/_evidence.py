@@ -1174,7 +1174,9 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     in a scanned block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no
     3-D kernel), nor the first size of every leaf under the module above it where one of them is
     no convolution's (a mixture's raw ``(layers, experts, in, out)`` beside the kernel in an
-    ``nn.vmap`` or ``nnx.vmap`` block: a stack's leaves all have its size first).
+    ``nn.vmap`` or ``nnx.vmap`` block: a stack's leaves all have its size first), and that is
+    not under Linen's name of an ``nn.vmap`` (``VmapBlock_0``: its members stacked in front or
+    elsewhere, or not at all, the params broadcast).
 
   Returns:
     ``{leaf index: (axis names, why)}``.
@@ -1215,6 +1217,10 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       continue
     named = _is_conv_module(k.module)
     beside_bias = k.bias == shape[: k.lead] + shape[-1:]
+    # Under Linen's name of an nn.vmap (VmapBlock_0, VmapConv_0), a bias-less kernel with a
+    # spatial axis to spare may have the vmap's axis in front ((members, kh, kw, in, out)) or
+    # none (params broadcast): the rank's guess, flagged.
+    vmapped = any(_named_by(key, ("Vmap",)) for key in k.module)
     first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
     parent = (k.module[:-1], k.lead)
     stack_sign = (
@@ -1228,7 +1234,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     square = len(set(shape[k.lead : -2])) == 1
     if beside_bias and rank >= 4 and (square or named):
       why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
-    elif named and (beside_bias or (k.bias is None and (rank == 3 or not stack_sign))):
+    elif named and (beside_bias or (k.bias is None and (rank == 3 or not (stack_sign or vmapped)))):
       why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
     else:
       continue

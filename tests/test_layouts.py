@@ -1471,6 +1471,40 @@ def test_an_unnamed_remat_scan_of_bias_less_convs_is_found_by_its_linen_name(tra
   check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
 
 
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_a_bias_less_conv_under_an_unnamed_vmap_is_a_guess(block_size):
+  # nn.vmap(Block) is named VmapBlock_0, but it may stack the params along axis 0, another axis,
+  # or not at all (broadcast): (4, 3, 3, 8, 8) is 4 members' 3x3 kernels or one 3-D kernel. By
+  # the Conv's name it was read as a 3-D one, for sure: averaged across the 4 members, at any
+  # block size, unflagged. Now it is the rank's guess, flagged, and strict mode refuses it.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      vmap = nn.vmap(
+        BiasLessConv,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        axis_size=4,
+      )
+      return vmap()(x)
+
+  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
+  (row,) = spatial.describe(params, block_size=block_size).rows
+  assert row.shape == (4, 3, 3, 8, 8)
+  assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
+  with pytest.raises(ValueError, match=r"(?s)1 leaf is ambiguous.*\['Conv_0'\]\['kernel'\]"):
+    spatial.describe(params, spatial.strict(), block_size=block_size)
+  # A 3x3 Conv_0 beside its bias, or a bias-less 1-D one (rank 3), stays a Conv's for sure.
+  shapes = {"VmapBlock_0": {"Conv_0": {"kernel": jnp.zeros((3, 3, 8, 8)), "bias": jnp.zeros(8)}}}
+  shapes["VmapBlock_0"]["Conv_1"] = {"kernel": jnp.zeros((3, 8, 8))}
+  rows = [r for r in spatial.describe(shapes, block_size=block_size).rows if r.shape != (8,)]
+  assert [(r.rule, r.ambiguous) for r in rows] == [
+    (spatial.mean_over((0, 1)), False),
+    (spatial.mean_over((0,)), False),
+  ]
+
+
 class ConvMoeBlock(nn.Module):
   """A bias-less 1-D Conv beside a mixture's raw weights (experts, in, out)."""
 
