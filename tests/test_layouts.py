@@ -1411,6 +1411,19 @@ class BiasLessConvBlock(nn.Module):
     return x + nn.Conv(x.shape[-1], (3, 3), use_bias=False)(x), None
 
 
+class _MaybeBoxedConvBlock(nn.Module):
+  """BiasLessConvBlock with its kernel boxed with logical names, or not."""
+
+  boxed: bool
+
+  @nn.compact
+  def __call__(self, x, _):
+    init = nn.initializers.lecun_normal()
+    if self.boxed:
+      init = nn.with_logical_partitioning(init, ("height", "width", "embed", "mlp"))
+    return x + nn.Conv(8, (3, 3), use_bias=False, kernel_init=init)(x), None
+
+
 def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
   # nn.scan(Block) of nothing but a bias-less Conv: no bias, norm or name showed the stack, so its
   # kernel (4, 3, 3, 8, 8) was a 3-D Conv kernel by its name, averaged across the 4 layers,
@@ -1428,9 +1441,22 @@ def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
   assert row.rule == spatial.per_layer(spatial.mean_over((0, 1))) and not row.ambiguous
   assert row.groups == {9: 4 * 64}
   # Under a name you chose the scan leaves no trace: the 3-D reading, as documented.
+  want_2d = spatial.mean_over((0, 1))
   renamed = {"blocks": params["ScanBiasLessConvBlock_0"]}
   (row,) = spatial.describe(renamed, block_size=2).rows
   assert row.rule == spatial.mean_over((0, 1, 2))
+  # The guide's ways out: metadata_params names boxed kernels only (the plain ones it leaves as
+  # they are, the 3-D reading), or an explicit rule.
+  for boxed, want in [(False, spatial.mean_over((0, 1, 2))), (True, spatial.per_layer(want_2d))]:
+    meta = {"metadata_params": {nn.PARTITION_NAME: "layers"}, "split_rngs": {"params": True}}
+    stack = nn.scan(_MaybeBoxedConvBlock, variable_axes={"params": 0}, length=4, **meta)
+    x = jnp.ones((1, 6, 6, 8))
+    shapes = jax.eval_shape(stack(boxed, name="blocks").init, jax.random.key(0), x, None)
+    (row,) = spatial.describe(shapes["params"], block_size=2).rows
+    assert row.rule == want, boxed
+  rule = {"blocks": {"Conv_0": {"kernel": spatial.per_layer(want_2d)}}}
+  (row,) = spatial.describe(renamed, rule, block_size=2).rows
+  assert row.rule == rule["blocks"]["Conv_0"]["kernel"] and row.groups == {9: 4 * 64}
 
 
 class BiasLessConv(nn.Module):
