@@ -2832,3 +2832,98 @@ def test_describe_names_every_axis_it_finds_stacked_layers():
     assert "stacked axis 0 ('layers')" in rows[kernel].why, rows[kernel]
   moe = {"moe": {"wi": s(4, 6, 8)}}
   assert spatial.describe(moe, block_size=2).rows[0].names == ("experts", None, None)
+
+
+#: Flax modules (features 3 -> 4, windows of 3) and an input, for the scanned-vs-unrolled test.
+_ONE_LAYER = {
+  "Dense": (lambda: nn.Dense(4), (1, 3)),
+  "Conv1D": (lambda: nn.Conv(4, (3,)), (1, 5, 3)),
+  "Conv2D": (lambda: nn.Conv(4, (3, 3)), (1, 5, 5, 3)),
+  "Depthwise": (lambda: nn.Conv(3, (3, 3), feature_group_count=3), (1, 5, 5, 3)),
+  "ConvLocal": (lambda: nn.ConvLocal(4, (3,)), (1, 5, 3)),
+  "Embed": (lambda: nn.Embed(5, 4), (1, 2)),
+  "Attention": (lambda: nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6), (1, 3, 4)),
+  "LayerNorm": (lambda: nn.LayerNorm(), (1, 3)),
+}
+
+
+class StackedOneLayer(nn.Module):
+  kind: str
+
+  @nn.compact
+  def __call__(self, c, _=None):
+    make, shape = _ONE_LAYER[self.kind]
+    make()(jnp.zeros(shape, jnp.int32) if self.kind == "Embed" else jnp.ones(shape))
+    return c, None
+
+
+def _one_layer_params(kind, scan=False):
+  """The params' shapes of a model holding one ``kind`` layer, or 3 stacked by ``nn.scan``,
+  beside a Dense head."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      if scan:
+        stacked = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
+        nn.scan(StackedOneLayer, length=3, **stacked)(kind)(jnp.zeros(()), None)
+      else:
+        StackedOneLayer(kind)(jnp.zeros(()))
+      return nn.Dense(2, name="head")(x)
+
+  return jax.eval_shape(Model().init, jax.random.key(0), jnp.ones((1, 5)))["params"]
+
+
+#: (use_bias, the stack's name, Linen's name of one layer) of the stacks compared with their
+#: layers: nn.scan's, nn.vmap's and nn.remat_scan's automatic names, and one of your own.
+_STACKINGS = [
+  (True, "ScanStackedOneLayer_0", "StackedOneLayer_0"),
+  (False, "ScanStackedOneLayer_0", "StackedOneLayer_0"),
+  (False, "VmapStackedOneLayer_0", "StackedOneLayer_0"),
+  (False, "Remat_scanStackedOneLayer_0", "StackedOneLayer_0"),
+  (False, "blocks", "blocks"),
+]
+
+
+def _stack_of(tree):
+  """``tree``'s leaves with 3 in front, as variable_axes={"params": 0} stacks them."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((3, *s.shape), s.dtype), tree)
+
+
+def _by_layer(shape):
+  """1, 10, 100 on layers 0-2 (axis 0) of a leaf of ``shape``."""
+  return 10.0 ** np.arange(3).reshape((3,) + (1,) * (len(shape) - 1))
+
+
+def _without_biases(tree):
+  """``tree`` as its modules built with ``use_bias=False`` make it."""
+  flat = traverse_util.flatten_dict(tree)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] != "bias"})
+
+
+@pytest.mark.parametrize("kind", list(_ONE_LAYER))
+def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
+  # The invariant behind every stack reading: the averaging of 3 stacked layers is, layer by
+  # layer, that of one layer on its own (or the leaf is flagged as a guess), with a diagonal of
+  # 1, 10, 100 times random on layers 0-2 and the stack as large as the input features and the
+  # window. Not here: an nn.scan under a name of your own of nothing but one bias-less
+  # convolution, which no evidence shows (docs/layouts.md).
+  one = _one_layer_params(kind)
+  layer = one["StackedOneLayer_0"]
+  assert _one_layer_params(kind, scan=True)["ScanStackedOneLayer_0"] == _stack_of(layer)
+  conv = kind in ("Conv1D", "Conv2D", "Depthwise")
+  for use_bias, top, own in _STACKINGS:
+    if not use_bias and (kind == "Embed" or top == "blocks" and conv):
+      continue
+    mine = layer if use_bias else _without_biases(layer)
+    stack = {"head": one["head"], top: _stack_of(mine)}
+    diag = jax.tree.map(lambda s: rng.uniform(1, 2, s.shape) * _by_layer(s.shape), stack[top])
+    rows = spatial.describe(stack, block_size=2).rows[: len(jax.tree.leaves(diag))]
+    if use_bias:  # the biases show the stack: no guess
+      assert not any(r.ambiguous for r in rows), top
+    one_rows = spatial.describe({"head": one["head"], own: mine}, block_size=2).rows
+    for row, one_row, d in zip(rows, one_rows, jax.tree.leaves(diag), strict=False):
+      assert row.path == one_row.path.replace(f"['{own}']", f"['{top}']", 1)
+      if not row.ambiguous:  # the rule the optimizer applies, against one layer's
+        want = np.stack([one_row.rule(d[i]) for i in range(3)])
+        np.testing.assert_allclose(row.rule(d), want, rtol=1e-12, err_msg=f"{top} {row}")
