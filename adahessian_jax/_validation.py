@@ -251,6 +251,20 @@ def flax_state_collections(tree: Any) -> list[str]:
   return [name for name in _FLAX_STATE_COLLECTIONS if name in tree]
 
 
+#: Why a real floating dtype of fewer than 16 bits (:func:`narrow_float`) is refused.
+NARROW_FLOAT = (
+  "8-bit floats hold neither the curvature nor small updates (and JAX promotes them to no other "
+  "dtype)"
+)
+
+
+def narrow_float(dtype: Any) -> bool:
+  """Whether ``dtype`` is a floating dtype of fewer than 16 bits (``float8_e4m3fn``, ...), which
+  parameters, moments and estimates must not have (:data:`NARROW_FLOAT`): JAX's sign, sqrt and
+  Hessian products stop at 16 bits."""
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 16
+
+
 def float_leaves(tree: Any, what: str, fix: str) -> None:
   """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array
   of 16 bits or more.
@@ -268,10 +282,10 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
       raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}")
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{must} has dtype {dtype}. {fix}")
-    if jnp.finfo(dtype).bits < 16:  # JAX's sign, sqrt and Hessian products stop at 16 bits
+    if narrow_float(dtype):
       raise TypeError(
         f"{what} must be floating-point arrays of 16 bits or more, but the leaf at {where} has "
-        f"dtype {dtype}: 8-bit floats hold neither the curvature nor small updates. "
+        f"dtype {dtype}: {NARROW_FLOAT}. "
         "Keep parameters in float32 or bfloat16 (8-bit formats are for matmul inputs, scaled)."
       )
 

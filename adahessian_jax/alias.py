@@ -250,9 +250,9 @@ def adahessian(
     independent_probes: With ``axis_name``, a different probe on every device
       (lower variance, no longer the exact single-device result).
     averaging: Spatial-averaging rules (see :func:`scale_by_adahessian`).
-    mu_dtype: Floating dtype of the first moment.
+    mu_dtype: Floating dtype of the first moment (16 bits or more).
     nu_dtype: Floating dtype of the second moment and the stored Hessian diagonal
-      (see :func:`scale_by_adahessian`; not float16).
+      (see :func:`scale_by_adahessian`; not float16, nor 8 bits).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

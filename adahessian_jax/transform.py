@@ -60,6 +60,11 @@ def _float_dtype(name: str, dtype: Any) -> Any:
     raise ValueError(f"{name} must be a floating-point dtype, got {dtype!r} ({e}).") from None
   if not jnp.issubdtype(canonical, jnp.floating):
     raise ValueError(f"{name} must be a real floating-point dtype, got {dtype!r}.")
+  if _validation.narrow_float(canonical):  # the first update failed in JAX's type promotion
+    raise ValueError(
+      f"{name} must be a floating-point dtype of 16 bits or more, got {canonical.name}: "
+      f"{_validation.NARROW_FLOAT}. Pass float32 or bfloat16."
+    )
   return canonical
 
 
@@ -856,12 +861,13 @@ def scale_by_adahessian(
       :func:`adahessian_jax.spatial.named` / :func:`adahessian_jax.spatial.strict`.
       Axis names on boxed Linen or NNX params are read automatically
       (``docs/layouts.md``).
-    mu_dtype: Floating dtype of the first moment (default: the parameters'). A float16
-      ``mu`` of wider gradients saturates at ±65504 instead of overflowing to ``inf``.
+    mu_dtype: Floating dtype of the first moment, 16 bits or more (default: the parameters').
+      A float16 ``mu`` of wider gradients saturates at ±65504 instead of overflowing to ``inf``.
     nu_dtype: Floating dtype of the second moment and of the stored ``D``
       (default: the parameters', but float32 for float16 parameters, whose
       range cannot hold ``D²`` for curvatures over 256, and for bfloat16 ones,
-      whose precision freezes ``nu`` after a few hundred steps; float16 is refused).
+      whose precision freezes ``nu`` after a few hundred steps; float16 and 8-bit floats are
+      refused).
       Whatever the moments' dtypes, the updates have the gradients' dtypes
       (as ``optax.apply_if_finite`` needs); float16 ones saturate at ±65504
       (before the learning rate scales them they can pass float16's range).
