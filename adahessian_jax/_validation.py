@@ -214,7 +214,8 @@ def array_dtype(leaf: Any) -> Any:
   a leaf that is no array: the rule of every check that refuses such leaves, naming them.
 
   :func:`jax.numpy.result_type` reads a ``str`` (``"float32"``, ``"f"``), a scalar type
-  (``jnp.float32``) or a dtype as the dtype it names: those are no arrays.
+  (``jnp.float32``) or a dtype as the dtype it names, and ``None`` (a field left empty) as the
+  default float dtype: those are no arrays.
 
   Args:
     leaf: A pytree leaf.
@@ -222,7 +223,7 @@ def array_dtype(leaf: Any) -> Any:
   Returns:
     Its dtype, or ``None``.
   """
-  if isinstance(leaf, str | bytes | type | np.dtype):
+  if leaf is None or isinstance(leaf, str | bytes | type | np.dtype):
     return None
   try:
     return jnp.result_type(leaf)

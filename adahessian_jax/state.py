@@ -200,7 +200,7 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
   if state.update_freq is not None:
     counters += (("update_freq", state.update_freq, 2),)
   for name, value, lo in counters:
-    dtype = None if value is None else _validation.array_dtype(value)
+    dtype = _validation.array_dtype(value)
     shape = None if dtype is None else jnp.shape(value)
     integer = dtype is not None and jnp.issubdtype(dtype, jnp.integer)
     if not integer or shape != tuple(count_shape):
@@ -221,11 +221,13 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
 
 def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
   """Raises unless ``state``'s fields are of the kinds ``init`` makes: :func:`check_counters`,
-  and ``mu``, ``nu`` and ``hessian`` real floating-point arrays, ``nu`` and ``hessian`` with
-  ``mu``'s tree, all three of the same shapes.
+  and ``mu``, ``nu`` and ``hessian`` real floating-point arrays of 16 bits or more, ``nu`` and
+  ``hessian`` with ``mu``'s tree, all three of the same shapes, ``hessian`` of ``nu``'s dtypes.
 
   The update broadcast a ``nu`` of shape ``(1, n)`` to its ``mu``'s ``(m, n)`` and kept integer
-  moments (truncating them every step), without an error.
+  moments (truncating them every step), without an error. A ``str`` leaf (``"float32"``, read as
+  the dtype it names) was blamed for a shape ``()``; 8-bit moments, and a lazy state's ``nu`` and
+  ``hessian`` of different dtypes (under ``jit``), failed inside JAX, naming no field.
 
   Args:
     state: A :class:`ScaleByAdaHessianState`.
@@ -233,7 +235,8 @@ def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()
     count_shape: The shape of ``count`` (``()``; a stacked state's leading axes).
 
   Raises:
-    TypeError: for a counter or moment of the wrong dtype.
+    TypeError: for a counter or moment of the wrong dtype, a moment leaf that is no array, or a
+      ``hessian`` of another dtype than its ``nu``.
     ValueError: for a counter of another shape or out of range, a ``nu`` or ``hessian`` of
       another tree than ``mu``, or moments of different shapes, naming the leaf and each shape.
   """
@@ -246,11 +249,13 @@ def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()
       where = _validation.tree_difference(tree, state.mu, "its mu")
       raise ValueError(f"{what} {field} is not of its mu's tree: {where}. " + _FIELDS_FIX)
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-      if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(
-          f"{what} {field} at {_validation.path_str(path)} has dtype {jnp.result_type(x)}. "
-          + _FIELDS_FIX
-        )
+      dtype, at = _validation.array_dtype(x), f"{what} {field} at {_validation.path_str(path)}"
+      if dtype is None:
+        raise TypeError(f"{at} is {type(x).__name__} {x!r}, not an array. " + _FIELDS_FIX)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{at} has dtype {dtype}. " + _FIELDS_FIX)
+      if _validation.narrow_float(dtype):
+        raise TypeError(f"{at} has dtype {dtype}: {_validation.NARROW_FLOAT}. " + _FIELDS_FIX)
   # Every field's shape, not each against mu's: a mu alone of another shape blamed nu.
   leaves = [jax.tree_util.tree_leaves_with_path(tree) for tree in fields.values()]
   for at in zip(*leaves, strict=True):
@@ -260,6 +265,14 @@ def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()
       raise ValueError(
         f"{what} moments differ in shape at {_validation.path_str(at[0][0])}: {listed} (the "
         "update would broadcast them). " + _FIELDS_FIX
+      )
+    # init makes both in nu_dtype; under jit the update's lax.cond refused branches of two dtypes.
+    if len(at) == 3 and jnp.result_type(at[1][1]) != jnp.result_type(at[2][1]):
+      raise TypeError(
+        f"{what} hessian at {_validation.path_str(at[0][0])} has dtype "
+        f"{jnp.result_type(at[2][1])}, but its nu {jnp.result_type(at[1][1])}: init makes both "
+        "in nu_dtype. Cast them alike, s._replace(nu=optax.tree.cast(s.nu, dtype), "
+        "hessian=optax.tree.cast(s.hessian, dtype)), or start again from tx.init(params)."
       )
 
 

@@ -972,6 +972,7 @@ def scale_by_adahessian(
     grads = updates
     _check_state(state, update_freq, n_samples, stores_d)
     _check_state_dtypes(state, mu_dtype, nu_dtype)
+    state = jax.tree.map(jnp.asarray, state)  # a Python float moment, as jit would read it
     if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
       check_not_split_over(state.mu, axis_name)
     if _EXPECTED_AXIS in extra_args:

@@ -1002,6 +1002,24 @@ def test_a_python_float_gradient_for_a_scalar_parameter():
   np.testing.assert_allclose(np.asarray(updates["w"]), 1 / (4 + 1e-4), rtol=1e-6)
 
 
+def test_python_float_moments_of_a_scalar_parameter_update_as_under_jit():
+  # A hand-built state with Python float moments: jit reads them as arrays, the eager update
+  # failed with "'float' object has no attribute 'dtype'".
+  params = {"s": jnp.asarray(1.0), "w": jnp.ones(2)}
+  tx = ah.scale_by_adahessian(b2=0.5)
+  state = tx.init(params)
+  floats = state._replace(
+    mu={**state.mu, "s": float(state.mu["s"])}, nu={**state.nu, "s": float(state.nu["s"])}
+  )
+  args = ({"s": jnp.asarray(1.0), "w": jnp.ones(2)},)
+  hdiag = {"s": jnp.asarray(4.0), "w": jnp.full(2, 4.0)}
+  eager = tx.update(*args, floats, params, hessian_diag=hdiag)
+  compiled = jax.jit(tx.update)(*args, floats, params, hessian_diag=hdiag)
+  assert_trees_allclose(eager, compiled, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(np.asarray(eager[0]["s"]), 1 / (4 + 1e-4), rtol=1e-6)
+  assert float(eager[1].nu["s"]) == 8.0  # (1 - 0.5)·4²
+
+
 def test_curvature_floor_traces_for_leaves_beyond_int32_counts():
   # The floor's per-leaf and model-wide means divided by Python int counts, which JAX passes as
   # int32: a leaf of 2**31 entries or more raised OverflowError. Abstract shapes only (eval_shape).

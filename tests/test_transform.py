@@ -729,7 +729,10 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
   ``hessian`` of shape (1, 2) for a (3, 2) parameter, which it broadcast; integer moments, which
   it kept (truncated every step); a float count; or an ``fn`` result that is no state at all, all
   without an error (the last one failed at the next update, naming no ``fn``). A ``mu`` alone of
-  another shape was reported as ``nu`` of another shape than ``mu``: each field's shape is named."""
+  another shape was reported as ``nu`` of another shape than ``mu``: each field's shape is named.
+  A str leaf (read as the dtype it names) was reported as a shape ``()``; 8-bit moments failed in
+  JAX's type promotion, and a ``nu`` cast without its ``hessian`` in the update's ``lax.cond``
+  under ``jit``, naming no field."""
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
   loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
   tx = ah.adahessian(0.1, update_freq=3)
@@ -742,14 +745,28 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
     ("mu", small, at_w + r"mu \(1, 2\), nu \(3, 2\), hessian \(3, 2\) \("),
     ("mu", {"w": jnp.ones((3, 2), jnp.int32), "b": jnp.zeros(2)}, r"mu at \['w'\] has dtype int32"),
     ("count", jnp.float32(0.0), r"count has dtype float32, shape \(\), not an integer"),
+    ("nu", {"w": "float32", "b": jnp.zeros(2)}, r"nu at \['w'\] is str 'float32', not an array\."),
+    (
+      "mu",
+      {"w": jnp.ones((3, 2), jnp.float8_e4m3fn), "b": jnp.zeros(2)},
+      r"mu at \['w'\] has dtype float8_e4m3fn: 8-bit floats hold neither",
+    ),
+    (
+      "nu",
+      {"w": jnp.zeros((3, 2), jnp.bfloat16), "b": jnp.zeros(2)},
+      r"hessian at \['w'\] has dtype float\d+, but its nu bfloat16: init makes both in nu_dtype",
+    ),
   ]
   for field, value, match in bad:
-    error = TypeError if "dtype" in match else ValueError
+    error = TypeError if "dtype" in match or "not an array" in match else ValueError
     with pytest.raises(error, match=r"map_adahessian_state: fn returned a state whose " + match):
       ah.map_adahessian_state(lambda s, f=field, v=value: s._replace(**{f: v}), state)
     direct = (ah.find_adahessian_state(state)._replace(**{field: value}),) + state[1:]
     with pytest.raises(error, match=r"update got a state whose " + match):
       tx.update(params, direct, params, value_fn=loss)
+  cast_nu = (ah.find_adahessian_state(state)._replace(nu=bad[-1][1]),) + state[1:]
+  with pytest.raises(TypeError, match=bad[-1][2]):  # was a lax.cond error naming no field
+    jax.jit(lambda s: tx.update(params, s, params, value_fn=loss))(cast_nu)
   with pytest.raises(TypeError, match=r"fn returned NoneType None, not a ScaleByAdaHessianState"):
     ah.map_adahessian_state(lambda s: None, state)
   # What init makes passes, also for a state stacked by jax.vmap (an ensemble), inside jit.
