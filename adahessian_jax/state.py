@@ -358,8 +358,9 @@ def check_key_data(key: Any) -> None:
       "Pass the pure state, nnx.as_pure(optimizer.opt_state), or use "
       "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, ...)."
     )
-  typed = _keys.is_typed(jnp.result_type(key))
-  if not typed and jnp.ndim(key) == 2 and jnp.result_type(key) == jnp.uint32:
+  dtype = _validation.array_dtype(key)  # None for a str, which jnp.result_type parsed, or None
+  typed = dtype is not None and _keys.is_typed(dtype)
+  if dtype == jnp.uint32 and jnp.ndim(key) == 2:
     size = default_key_size()
     if jnp.shape(key)[1] == size:
       return
@@ -375,8 +376,9 @@ def check_key_data(key: Any) -> None:
       "implementation it was made with (jax.config.update('jax_default_prng_impl', ...)), or "
       f"give the state new probe keys: {_NEW_KEYS}."
     )
-  what = "typed PRNG keys" if typed else f"an array of dtype {jnp.result_type(key)}"
-  stacked = not typed and jnp.ndim(key) > 2 and jnp.result_type(key) == jnp.uint32
+  kind = "typed PRNG keys" if typed else f"an array of dtype {dtype}"
+  what = f"{type(key).__name__} {key!r}" if dtype is None else f"{kind} of shape {jnp.shape(key)}"
+  stacked = dtype == jnp.uint32 and jnp.ndim(key) > 2
   fix = (
     _STACKED_FIX
     if stacked
@@ -384,7 +386,7 @@ def check_key_data(key: Any) -> None:
   )
   raise ValueError(
     f"the AdaHessian state's key must be raw key data, one row per probe (shape (n_samples, "
-    f"key size), uint32), got {what} of shape {jnp.shape(key)}. {fix}"
+    f"key size), uint32), got {what}. {fix}"
   )
 
 

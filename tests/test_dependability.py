@@ -335,6 +335,7 @@ def test_lazy_state_with_another_frequency_is_switched_under_jit():
     (jax.random.split(jax.random.key(1), 2), r"typed PRNG keys of shape \(2,\)"),
     (jax.random.PRNGKey(1), r"dtype uint32 of shape \(2,\)"),  # read as 2 probes' keys
     (jax.random.key(1), r"typed PRNG keys of shape \(\)"),
+    (None, r"NoneType None\."),  # was "an array of dtype float32 of shape ()"
   ],
 )
 def test_a_replaced_key_that_is_not_raw_key_data_per_probe_is_named(route, key, got):
@@ -350,6 +351,19 @@ def test_a_replaced_key_that_is_not_raw_key_data_per_probe_is_named(route, key, 
       jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=small_loss))(grads, state, params)
     else:
       jax.jit(ah.value_grad_and_hessian_diag(small_loss))(params, state)
+
+
+@pytest.mark.parametrize("route", ["value_fn", "fused"])
+def test_a_str_key_is_named_not_parsed_as_a_dtype(route):
+  # jnp.result_type("key") failed with numpy's "data type 'key' not understood".
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  state = ah.map_adahessian_state(lambda s: s._replace(key="key"), tx.init(params))
+  with pytest.raises(ValueError, match=r"state's key must be raw key data.*, got str 'key'\."):
+    if route == "value_fn":
+      tx.update(params, state, params, value_fn=small_loss)
+    else:
+      ah.value_grad_and_hessian_diag(small_loss)(params, state)
 
 
 @pytest.mark.parametrize("route", ["value_fn", "fused"])
