@@ -310,11 +310,20 @@ def _check_estimate(estimate: Any, like: Any) -> None:
     raise ValueError(f"hessian_diag must have the structure of params: {where}.{hint}")
 
   def check(path, e, x):
-    if jnp.shape(e) != jnp.shape(x) or not jnp.issubdtype(jnp.result_type(e), jnp.floating):
+    # array_dtype: a str leaf ("float32") was read as the dtype it names, reported as a shape ().
+    dtype = _validation.array_dtype(e)
+    narrow = dtype is not None and _validation.narrow_float(dtype)  # failed in type promotion
+    floating = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    if not floating or narrow or jnp.shape(e) != jnp.shape(x):
+      got = (
+        f"{type(e).__name__} {e!r}"
+        if dtype is None
+        else f"shape {jnp.shape(e)} and dtype {dtype}"
+        + (f": {_validation.NARROW_FLOAT}" if narrow else "")
+      )
       raise ValueError(
-        f"hessian_diag at {_validation.path_str(path)} must be a real floating array of shape "
-        f"{jnp.shape(x)} like the parameter; got shape {jnp.shape(e)} and dtype "
-        f"{jnp.result_type(e)}."
+        f"hessian_diag at {_validation.path_str(path)} must be a real floating array of 16 bits "
+        f"or more, of shape {jnp.shape(x)} like the parameter; got {got}."
       )
 
   jax.tree_util.tree_map_with_path(check, estimate, like)

@@ -67,6 +67,24 @@ def test_hessian_diag_integer_leaf_is_rejected():
     tx.update(grads, tx.init(params), params, hessian_diag=bad)
 
 
+@pytest.mark.parametrize(
+  "leaf,got",
+  [
+    # Was read as the dtype it names and reported as "got shape () and dtype float32".
+    ("float32", r"got str 'float32'\."),
+    # Failed in JAX's type promotion, naming no argument (also under jit).
+    (jnp.ones(3, jnp.float8_e4m3fn), r"got shape \(3,\) and dtype float8_e4m3fn: 8-bit floats"),
+  ],
+)
+def test_hessian_diag_leaf_that_is_no_array_or_of_8_bits_is_named(leaf, got):
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  grads = jax.grad(small_loss)(params)
+  bad = {"w": leaf, "b": jnp.asarray(1.0)}
+  with pytest.raises(ValueError, match=r"hessian_diag at \['w'\] must be .*16 bits .*; " + got):
+    tx.update(grads, tx.init(params), params, hessian_diag=bad)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize(
   "case,error,match",
