@@ -141,8 +141,9 @@ def map_adahessian_state(
     TypeError: if ``fn`` returns anything but a :class:`ScaleByAdaHessianState`, or one whose
       ``count`` is not an integer array of the old one's shape or whose moments (``mu``, ``nu``,
       ``hessian``) are not real floating-point arrays.
-    ValueError: if ``fn``'s state has a negative ``count``, or ``nu`` or ``hessian`` of another
-      tree or shapes than its ``mu`` (naming the leaf).
+    ValueError: if ``fn``'s state has a negative ``count``, ``nu`` or ``hessian`` of another
+      tree or shapes than its ``mu`` (naming the leaf), or a new ``key`` that is not raw key
+      data, one row per probe (``jax.random.key_data(jax.random.split(key, n_samples))``).
   """
 
   def replace(x: Any) -> Any:
@@ -156,6 +157,10 @@ def map_adahessian_state(
         "s._replace(key=...)."
       )
     check_fields(new, "map_adahessian_state: fn returned a state whose", jnp.shape(x.count))
+    # A replaced key (a typed key, a single one) failed only at the next update. A stacked
+    # state's keys have its leading axes: the update inside jax.vmap checks them.
+    if new.key is not x.key and jnp.shape(x.count) == ():
+      check_key_data(new.key)
     return new
 
   return jax.tree.map(replace, opt_state, is_leaf=is_adahessian_state)

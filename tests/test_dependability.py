@@ -358,12 +358,13 @@ def test_lazy_state_with_another_frequency_is_switched_under_jit():
 )
 def test_a_replaced_key_that_is_not_raw_key_data_per_probe_is_named(route, key, got):
   params = small_params()
-  state = ah.map_adahessian_state(
-    lambda s: s._replace(key=key), ah.adahessian(0.1, n_samples=2).init(params)
-  )
   tx = ah.adahessian(0.1, n_samples=2)
-  grads = jax.grad(small_loss)(params)
+  made = tx.init(params)
   match = r"state's key must be raw key data, one row per probe.*" + got
+  with pytest.raises(ValueError, match=match):  # where it is replaced: it was the next update
+    ah.map_adahessian_state(lambda s: s._replace(key=key), made)
+  state = (ah.find_adahessian_state(made)._replace(key=key),) + made[1:]  # built by hand
+  grads = jax.grad(small_loss)(params)
   with pytest.raises(ValueError, match=match):
     if route == "value_fn":
       jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=small_loss))(grads, state, params)
@@ -376,7 +377,8 @@ def test_a_str_key_is_named_not_parsed_as_a_dtype(route):
   # jnp.result_type("key") failed with numpy's "data type 'key' not understood".
   params = small_params()
   tx = ah.adahessian(0.1)
-  state = ah.map_adahessian_state(lambda s: s._replace(key="key"), tx.init(params))
+  made = tx.init(params)
+  state = (ah.find_adahessian_state(made)._replace(key="key"),) + made[1:]
   with pytest.raises(ValueError, match=r"state's key must be raw key data.*, got str 'key'\."):
     if route == "value_fn":
       tx.update(params, state, params, value_fn=small_loss)
