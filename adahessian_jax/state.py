@@ -189,11 +189,13 @@ def _unwrapped(x: Any) -> Any:
 
 def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
   """Raises unless ``state.count`` (and ``update_freq`` where set) are integer arrays of shape
-  ``count_shape``, and, where known (outside ``jit``), ``count >= 0`` and ``update_freq >= 2``.
+  ``count_shape`` (``count`` of 32 bits or more), and, where known (outside ``jit``),
+  ``count >= 0`` and ``update_freq >= 2``.
 
   A float count drifted (float32 stops counting at 2**24) and a negative one flipped the sign of
   the bias correction, a step that ran away; ``update_freq`` 0 or 1 made every step a refresh
-  step, all silently.
+  step; an 8- or 16-bit count stopped at its maximum, and with it the bias correction and the
+  refresh schedule (``update_freq`` steps apart), all silently.
 
   Args:
     state: A :class:`ScaleByAdaHessianState`.
@@ -215,6 +217,13 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
       raise error(
         f"{what} {name} {got}, not an integer array of shape {tuple(count_shape)}. "
         + (_STACKED_FIX if stacked else _FIELDS_FIX)
+      )
+    if name == "count" and jnp.iinfo(dtype).bits < 32:
+      raise TypeError(
+        f"{what} count has dtype {dtype}, fewer than 32 bits: it would stop at "
+        f"{jnp.iinfo(dtype).max} (optax.safe_increment), freezing the bias correction and the "
+        "refresh schedule there. Cast it, s._replace(count=s.count.astype(jnp.int32)), or start "
+        "again from tx.init(params)."
       )
     value = _unwrapped(value)
     concrete = isinstance(value, int | np.integer | np.ndarray) or (

@@ -777,7 +777,8 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
 
 def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
   """A negative count (-1 % 3 == 2: "no refresh") and update_freq 0 or 1 (every step refreshed)
-  were read without an error; a float count counted on (float32 stops at 2**24)."""
+  were read without an error; a float count counted on (float32 stops at 2**24), an int8 one
+  stopped at 127."""
   state = ah.find_adahessian_state(ah.adahessian(0.1, update_freq=3).init({"w": jnp.ones(2)}))
   cases = [
     ({"count": jnp.int32(-1)}, ValueError, r"count is -1, not >= 0"),
@@ -787,12 +788,23 @@ def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
     ({"count": jnp.zeros(2, jnp.int32)}, ValueError, r"count has .* \(2,\), not .*inside jax.vmap"),
     # A scalar type, which jnp.result_type reads as the dtype it names, is no integer array.
     ({"count": jnp.int32}, TypeError, r"count is a _ScalarMeta, not an integer array of shape"),
+    # optax.safe_increment stops an int8 count at 127: the bias correction and the refresh
+    # schedule (127 % 3 every step after) froze there.
+    ({"count": jnp.int8(5)}, TypeError, r"count has dtype int8, fewer than 32 bits: .* at 127"),
   ]
   for fields, error, match in cases:
     with pytest.raises(error, match=r"is_refresh_step: the AdaHessian state's " + match):
       ah.is_refresh_step(state._replace(**fields))
   assert ah.is_refresh_step(state._replace(count=jnp.int32(3))) is True
   assert ah.is_refresh_step(state._replace(count=jnp.int32(4))) is False
+  # The update and map_adahessian_state read the state with the same rule.
+  tx, params = ah.adahessian(0.1, update_freq=3), {"w": jnp.ones(2)}
+  first, *rest = tx.init(params)
+  narrow = (first._replace(count=jnp.int16(0)), *rest)
+  with pytest.raises(TypeError, match=r"count has dtype int16, fewer than 32 bits"):
+    tx.update(params, narrow, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+  with pytest.raises(TypeError, match=r"count has dtype int16, fewer than 32 bits"):
+    ah.map_adahessian_state(lambda s: s._replace(count=jnp.int16(0)), tx.init(params))
 
 
 def test_is_refresh_step_of_an_abstract_state_says_it_needs_values():
