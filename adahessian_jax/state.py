@@ -170,6 +170,11 @@ _STACKED_FIX = (
   "A state with leading axes (jax.vmap(tx.init) over an ensemble or a sweep) holds one state "
   "per member: update it inside jax.vmap, with the state's axis mapped (in_axes=0)."
 )
+#: Why ``nu`` and ``hessian`` (and so ``nu_dtype``) are never float16.
+FLOAT16_NU = (
+  "float16 cannot hold D² for a curvature over 256 (its largest value is 65504) nor under 2.4e-4"
+)
+
 _FIELDS_FIX = (
   "Replace fields with what tx.init makes of them (count the int32 step count, update_freq "
   "None or the refresh interval > 1, mu, nu and hessian floating-point arrays shaped like the "
@@ -235,8 +240,9 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
 
 def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
   """Raises unless ``state``'s fields are of the kinds ``init`` makes: :func:`check_counters`,
-  and ``mu``, ``nu`` and ``hessian`` real floating-point arrays of 16 bits or more, ``nu`` and
-  ``hessian`` with ``mu``'s tree, all three of the same shapes, ``hessian`` of ``nu``'s dtypes.
+  and ``mu``, ``nu`` and ``hessian`` real floating-point arrays of 16 bits or more (``nu`` and
+  ``hessian`` not float16, as ``nu_dtype``), ``nu`` and ``hessian`` with ``mu``'s tree, all
+  three of the same shapes, ``hessian`` of ``nu``'s dtypes.
 
   The update broadcast a ``nu`` of shape ``(1, n)`` to its ``mu``'s ``(m, n)`` and kept integer
   moments (truncating them every step), without an error. A ``str`` leaf (``"float32"``, read as
@@ -270,6 +276,12 @@ def check_fields(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()
         raise TypeError(f"{at} has dtype {dtype}. " + _FIELDS_FIX)
       if _validation.narrow_float(dtype):
         raise TypeError(f"{at} has dtype {dtype}: {_validation.NARROW_FLOAT}. " + _FIELDS_FIX)
+      if field != "mu" and dtype == jnp.float16:  # as nu_dtype=float16 is refused
+        raise TypeError(
+          f"{at} has dtype float16: {FLOAT16_NU}. Cast nu and hessian to float32, "
+          "s._replace(nu=optax.tree.cast(s.nu, jnp.float32), hessian=optax.tree.cast(s.hessian, "
+          "jnp.float32)), or start again from tx.init(params)."
+        )
   # Every field's shape, not each against mu's: a mu alone of another shape blamed nu.
   leaves = [jax.tree_util.tree_leaves_with_path(tree) for tree in fields.values()]
   for at in zip(*leaves, strict=True):

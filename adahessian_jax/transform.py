@@ -25,6 +25,7 @@ from adahessian_jax._axes import (
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   _RESTORE_FIX,
+  FLOAT16_NU,
   ScaleByAdaHessianState,
   check_fields,
   check_key_data,
@@ -938,8 +939,7 @@ def scale_by_adahessian(
   nu_dtype = _float_dtype("nu_dtype", nu_dtype)
   if nu_dtype == jnp.float16:
     raise ValueError(
-      "nu_dtype=float16 cannot hold D² for a curvature over 256 (float16's largest value is "
-      "65504) nor under 2.4e-4: pass float32 (the default for float16 params) or bfloat16."
+      f"nu_dtype=float16: {FLOAT16_NU}. Pass float32 (the default for float16 params) or bfloat16."
     )
   if lazy_moment not in ("repeat", "refresh"):
     raise ValueError(f"lazy_moment must be 'repeat' or 'refresh', got {lazy_moment!r}.")

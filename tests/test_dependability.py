@@ -166,7 +166,7 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(nu_dtype=jnp.asarray(0.0)), "static_args=adahessian_jax.STATIC_ARGS"),
     (dict(mu_dtype=jnp.int32), "mu_dtype must be a real floating"),
     (dict(nu_dtype=jnp.complex64), "nu_dtype must be a real floating"),
-    (dict(nu_dtype=jnp.float16), "nu_dtype=float16 cannot hold D²"),
+    (dict(nu_dtype=jnp.float16), "nu_dtype=float16: float16 cannot hold D²"),
     # Built, then the first update failed in JAX's type promotion, naming no argument.
     (dict(mu_dtype=jnp.float8_e4m3fn), r"mu_dtype must be .* 16 bits or more, got float8_e4m3fn"),
     (dict(nu_dtype="float8_e5m2"), r"nu_dtype must be .* 16 bits or more, got float8_e5m2: 8-bit"),

@@ -732,7 +732,7 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
   another shape was reported as ``nu`` of another shape than ``mu``: each field's shape is named.
   A str leaf (read as the dtype it names) was reported as a shape ``()``; 8-bit moments failed in
   JAX's type promotion, and a ``nu`` cast without its ``hessian`` in the update's ``lax.cond``
-  under ``jit``, naming no field."""
+  under ``jit``, naming no field; a float16 ``nu`` (refused as ``nu_dtype``) was taken."""
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
   loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
   tx = ah.adahessian(0.1, update_freq=3)
@@ -750,6 +750,12 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
       "mu",
       {"w": jnp.ones((3, 2), jnp.float8_e4m3fn), "b": jnp.zeros(2)},
       r"mu at \['w'\] has dtype float8_e4m3fn: 8-bit floats hold neither",
+    ),
+    # As nu_dtype=float16 is refused: D² overflows for curvatures over 256.
+    (
+      "nu",
+      {"w": jnp.zeros((3, 2), jnp.float16), "b": jnp.zeros(2)},
+      r"nu at \['w'\] has dtype float16: float16 cannot hold D² for a curvature over 256",
     ),
     (
       "nu",
