@@ -887,10 +887,10 @@ def scale_by_adahessian(
 
   Raises:
     ValueError: at construction, for a hyperparameter out of range, naming it, an
-      integer ``axis_name`` (JAX reads it as an array axis), an ``independent_probes`` that is
-      not a bool, or a ``block_size`` that
-      one rule for every leaf would not use (at ``init``: that rules of the leaves' own would
-      not use); at ``update`` for a state made with another ``update_freq``,
+      integer ``axis_name`` (JAX reads it as an array axis) or an array one, an
+      ``independent_probes`` that is not a bool, or a ``block_size`` that one rule for every
+      leaf would not use (at ``init``: that rules of the leaves' own would not use); at
+      ``update`` for a state made with another ``update_freq``,
       ``n_samples`` or ``lazy_moment``, moments of other dtypes than a given ``mu_dtype`` or
       ``nu_dtype`` (or whose ``key`` is not raw key data, one row
       per probe), ``updates`` or ``params`` whose tree or

@@ -288,7 +288,7 @@ def test_an_axis_name_the_step_is_not_mapped_over_is_named():
       tx.update(grads, tx.init(params), params, hessian_diag=grads)
 
 
-def test_an_integer_axis_name_is_refused_at_construction():
+def test_an_integer_or_array_axis_name_is_refused_at_construction():
   # JAX's collectives read an integer as an array axis: the step failed with "axis 0 is out of
   # bounds for array of dimension 0".
   for axis_name in (0, ("batch", 1)):
@@ -298,6 +298,10 @@ def test_an_integer_axis_name_is_refused_at_construction():
   stacked = jax.tree.map(lambda x: x[None], state)
   with pytest.raises(ValueError, match=r"axis_name=0: 0 is an integer"):
     jax.vmap(lambda s: ah.distributed.per_device_probe_state(s, 0), axis_name=0)(stacked)
+  # An array is no axis name: the step failed with a bare "unhashable type: 'numpy.ndarray'".
+  for axis_name in (np.array(["batch"]), ("batch", jnp.ones(2))):
+    with pytest.raises(ValueError, match=r"axis_name=.*is not hashable, so it cannot name a"):
+      ah.scale_by_adahessian(axis_name=axis_name)
 
 
 @pytest.mark.parametrize(
