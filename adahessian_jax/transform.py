@@ -941,7 +941,8 @@ def scale_by_adahessian(
     raise ValueError(
       f"nu_dtype=float16: {FLOAT16_NU}. Pass float32 (the default for float16 params) or bfloat16."
     )
-  if lazy_moment not in ("repeat", "refresh"):
+  # isinstance first: an array's `in` test raised NumPy's "truth value ... is ambiguous".
+  if not isinstance(lazy_moment, str) or lazy_moment not in ("repeat", "refresh"):
     raise ValueError(f"lazy_moment must be 'repeat' or 'refresh', got {lazy_moment!r}.")
   lazy = update_freq > 1
   stores_d = lazy and lazy_moment == "repeat"

@@ -353,6 +353,7 @@ def test_float32_params_keep_float32_state_and_updates():
     (dict(update_freq=True), "update_freq"),
     (dict(n_samples=0), "n_samples"),
     (dict(seed=1.5), "seed"),
+    (dict(lazy_moment=np.array(["repeat", "refresh"])), "lazy_moment"),
   ],
 )
 def test_invalid_hyperparameters_raise_at_construction(kwargs, name):
