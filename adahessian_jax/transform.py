@@ -268,6 +268,17 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
       )
 
     def check(path, x, m, name=name):
+      expected = (
+        "gradients of real floating-point parameters are expected"
+        if name == "updates"
+        else "the state was made for real floating-point parameters"
+      )
+      dtype = _validation.array_dtype(x)  # a str such as "float32" is no array of that dtype
+      if dtype is None:
+        raise TypeError(
+          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} is "
+          f"{type(x).__name__} {x!r}, not an array; {expected}."
+        )
       if jnp.shape(x) != jnp.shape(m):
         fix = (
           "a gradient has its parameter's shape: average per-example gradients first, and take "
@@ -280,15 +291,10 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
           f"{jnp.shape(x)}, but the state was made for a parameter of shape {jnp.shape(m)} "
           f"({fix})."
         )
-      if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        expected = (
-          "gradients of real floating-point parameters are expected"
-          if name == "updates"
-          else "the state was made for real floating-point parameters"
-        )
+      if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} has dtype "
-          f"{jnp.result_type(x)}; {expected}."
+          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} has dtype {dtype}; "
+          f"{expected}."
         )
 
     jax.tree_util.tree_map_with_path(check, tree, mu)

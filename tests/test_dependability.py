@@ -67,22 +67,34 @@ def test_hessian_diag_integer_leaf_is_rejected():
     tx.update(grads, tx.init(params), params, hessian_diag=bad)
 
 
-@pytest.mark.parametrize(
-  "leaf,got",
-  [
-    # Was read as the dtype it names and reported as "got shape () and dtype float32".
-    ("float32", r"got str 'float32'\."),
-    # Failed in JAX's type promotion, naming no argument (also under jit).
-    (jnp.ones(3, jnp.float8_e4m3fn), r"got shape \(3,\) and dtype float8_e4m3fn: 8-bit floats"),
-  ],
-)
-def test_hessian_diag_leaf_that_is_no_array_or_of_8_bits_is_named(leaf, got):
+def test_an_8_bit_hessian_diag_leaf_is_named():
+  # Failed in JAX's type promotion, naming no argument (also under jit).
   params = small_params()
   tx = ah.adahessian(0.1)
   grads = jax.grad(small_loss)(params)
-  bad = {"w": leaf, "b": jnp.asarray(1.0)}
+  bad = {"w": jnp.ones(3, jnp.float8_e4m3fn), "b": jnp.asarray(1.0)}
+  got = r"got shape \(3,\) and dtype float8_e4m3fn: 8-bit floats"
   with pytest.raises(ValueError, match=r"hessian_diag at \['w'\] must be .*16 bits .*; " + got):
     tx.update(grads, tx.init(params), params, hessian_diag=bad)
+
+
+@pytest.mark.parametrize("leaf", ["float32", "1.0", object()])
+def test_a_leaf_that_is_no_array_is_named_by_its_path(leaf):
+  # A str was read as the dtype it names: "float32" passed the checks and failed later ("could
+  # not convert string to float"), "1.0" with "data type '.0' not understood", naming neither the
+  # argument nor the leaf.
+  params = small_params()
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  grads = jax.grad(small_loss)(params)
+  bad = {**params, "b": leaf}
+  kind = type(leaf).__name__
+  with pytest.raises(ValueError, match=rf"hessian_diag at \['b'\] must .* \(\) .*; got {kind}"):
+    jax.jit(lambda: tx.update(grads, state, params, hessian_diag=bad))()
+  with pytest.raises(TypeError, match=rf"updates leaf at \['b'\] is {kind} .*, not an array; grad"):
+    tx.update(bad, state, params, value_fn=small_loss)
+  with pytest.raises(TypeError, match=rf"params leaf at \['b'\] is {kind} .*, not an array; the"):
+    tx.update(grads, state, bad, value_fn=small_loss)
 
 
 @pytest.mark.parametrize("jit", [False, True])
