@@ -348,6 +348,30 @@ def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
   assert e.value.code == 1 and "no cells screened with 3 seeds in" in capsys.readouterr().err
 
 
+def test_heldout_checks_its_tasks_and_a_quick_run_writes_to_a_temp_dir(capsys):
+  heldout = _script(STABILITY, "heldout")
+  assert heldout.parse_args([]).out_dir == os.path.join(STABILITY, "results")
+  args = heldout.parse_args(["--quick", "--tasks", "gru", "diabetes"])
+  assert args.tasks == ["gru", "diabetes"]
+  assert not os.path.abspath(args.out_dir).startswith(os.path.join(STABILITY, "")), args.out_dir
+  with pytest.raises(SystemExit) as e:
+    heldout.parse_args(["--tasks", "vit", "cnn"])
+  assert e.value.code == 2 and "invalid choice: 'cnn'" in capsys.readouterr().err
+  # Every row trains at a tuned rate of its task (the _k3 rows at their rule's).
+  rules = {row.removesuffix("_k3") for row in heldout.ROWS}
+  assert {task: set(lrs) for task, lrs in heldout.TUNED_LR.items()} == dict.fromkeys(
+    heldout.TASKS, rules
+  )
+
+
+def test_stability_report_tabulates_the_committed_heldout_check():
+  report = _script(STABILITY, "report")
+  lines = report.main(["--heldout"]).splitlines()
+  assert lines[0].startswith("| task (metric, steps) | rates: Adam / exact / rec. | AdamW 1x |")
+  assert [line.split(" (")[0] for line in lines[2:]] == ["| vit", "| gru", "| diabetes"]
+  assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
 def test_step_time_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
   # It failed with a FileNotFoundError traceback.
   pytest.importorskip("flax")

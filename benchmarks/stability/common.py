@@ -306,10 +306,10 @@ def summarize(records, metric: str, task_name: str) -> dict[str, Any]:
   }
 
 
-def write_json(name: str, payload: Any, compact: bool = False) -> str:
-  """Writes ``results/<name>.json`` (non-finite floats as ``null``)."""
-  os.makedirs(RESULTS, exist_ok=True)
-  path = os.path.join(RESULTS, f"{name}.json")
+def write_json(name: str, payload: Any, compact: bool = False, directory: str = RESULTS) -> str:
+  """Writes ``<directory>/<name>.json``, by default ``results/`` (non-finite floats as ``null``)."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{name}.json")
   fmt = {"separators": (",", ":")} if compact else {"indent": 1}
   with open(path + ".tmp", "w") as f:
     json.dump(paper_cli.finite(payload), f, allow_nan=False, default=paper_cli.json_default, **fmt)

@@ -6,6 +6,7 @@ same failure rule: diverged, or collapsed to the level of a model that learned n
   python benchmarks/stability/report.py             # all screening files, 4-seed cells
   python benchmarks/stability/report.py --seeds 8   # cells screened with --seeds 8 (none kept)
   python benchmarks/stability/report.py --diagnosis # the table of results/diagnosis.json
+  python benchmarks/stability/report.py --heldout   # the table of results/heldout.json
 """
 
 from __future__ import annotations
@@ -87,11 +88,36 @@ def diagnosis_table(name: str = "diagnosis") -> str:
   return "\n".join(lines)
 
 
+def heldout_table(name: str = "heldout") -> str:
+  """One row per task of ``results/<name>.json`` (``heldout.py``), one column per cell."""
+  with open(os.path.join(C.RESULTS, f"{name}.json")) as f:
+    store = json.load(f)
+  tasks = store["tasks"]
+  first = next(iter(tasks.values()))["cells"]
+  keys = list(first)
+  names = [first[k]["row"].replace("adam", "AdamW").replace("_k3", ", k=3") for k in keys]
+  labels = [f"{n} {first[k]['scale']:g}x" for n, k in zip(names, keys, strict=True)]
+  head = ["task (metric, steps)", "rates: Adam / exact / rec.", *labels]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for tname, t in tasks.items():
+    metric = "val. accuracy %" if t["metric"] == "acc" else f"{t['metric']}"
+    rates = " / ".join(f"{store['tuned_lr'][tname][r]:g}" for r in ("adam", "exact", "recommended"))
+    cells = [
+      C.cell(C.summarize(t["cells"][k]["runs"], t["metric"], tname), t["metric"], "**")
+      for k in keys
+    ]
+    lines.append(f"| {tname} ({metric}, {t['steps']}) | {rates} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> str:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", type=positive_int, default=4, help="the cells screened with N seeds")
   p.add_argument("--diagnosis", action="store_true", help="the diagnosis table instead")
+  p.add_argument("--heldout", action="store_true", help="the table of results/heldout.json")
   a = p.parse_args(argv)
+  if a.heldout:
+    return heldout_table()
   text = diagnosis_table() if a.diagnosis else tables(a.seeds)
   if not text:  # printed nothing, as if the tables were empty
     p.exit(1, f"no cells screened with {a.seeds} seeds in {C.RESULTS}/screen*.json\n")
