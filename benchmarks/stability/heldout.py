@@ -15,11 +15,15 @@ run, 10 % warm-up then cosine decay to a tenth, decoupled weight decay 1e-4, the
 
 Rows: AdamW, the exact rule and the recommended configuration at their tuned peak rates
 (``TUNED_LR``) and 2x, and both AdaHessian rules with ``update_freq=3`` at 1x; seeds 0..n-1.
+The ablation rows (``ABLATION``, a second table) take the recommended configuration apart at its
+tuned rate: the floor alone, the clip alone, the floor with a looser clip (0.2), and the
+recommended configuration itself at 4x.
 A seed *failed* if it diverged or collapsed (``paper/training.py``'s ``COLLAPSE`` levels: the
 ViT as the CNN, the GRU as the LM; the regression's final loss no lower than at the start).
 
   python benchmarks/stability/heldout.py              # all three tasks -> results/heldout.json
   python benchmarks/stability/heldout.py --tasks gru  # one task; keeps the others in the file
+  python benchmarks/stability/heldout.py --rows floor clip  # some rows; keeps the other cells
   python benchmarks/stability/heldout.py --quick      # a few steps each, to a temp dir
 """
 
@@ -45,7 +49,13 @@ ROWS = {
   "recommended": ("adahessian", RECOMMENDED, 1, (1, 2)),
   "exact_k3": ("adahessian", {}, 3, (1,)),
   "recommended_k3": ("adahessian", RECOMMENDED, 3, (1,)),
+  # The ablation: at the recommended configuration's tuned rate (rate_row).
+  "floor": ("adahessian", {"curvature_floor": 0.3}, 1, (1,)),
+  "clip": ("adahessian", {"update_clip": 0.05}, 1, (1,)),
+  "floor_clip.2": ("adahessian", {"curvature_floor": 0.3, "update_clip": 0.2}, 1, (1,)),
+  "recommended_x4": ("adahessian", RECOMMENDED, 1, (4,)),
 }
+ABLATION = ("floor", "clip", "floor_clip.2", "recommended_x4")
 # Peak rates: the best mean metric over GRID on seeds 100 and 101 of the rates at which no seed
 # failed. diabetes: `--tune` (this trainer; Adam's best is the grid's largest, results/heldout.json
 # 'tuning'). vit, gru: the first held-out check's tuning (the same models, grid and seeds, trained
@@ -168,6 +178,11 @@ def diabetes_task():
 TASKS = {"vit": vit_task, "gru": gru_task, "diabetes": diabetes_task}
 
 
+def rate_row(row: str) -> str:
+  """The row of ``TUNED_LR`` whose tuned rate ``row`` trains at (times its scales)."""
+  return "recommended" if row in ABLATION else row.removesuffix("_k3")
+
+
 def train_row(task, row: str, lrs, seeds, steps: int) -> list[dict]:
   """One row's runs at the pairs ``(lrs[i], seeds[i])``, all at once (one compiled program)."""
   optimizer, config, k, _ = ROWS[row]
@@ -205,11 +220,12 @@ def tune(task, seeds, steps: int) -> dict:
   return out
 
 
-def evaluate(task, seeds, steps: int) -> dict:
-  """Every row at each of its scales of the tuned rate; ``{"row/xscale": cell}``."""
+def evaluate(task, seeds, steps: int, rows=tuple(ROWS)) -> dict:
+  """Each of ``rows`` at each of its scales of its tuned rate; ``{"row/xscale": cell}``."""
   cells = {}
-  for row, (_, _, _, scales) in ROWS.items():
-    base = TUNED_LR[task.name][row.removesuffix("_k3")]
+  for row in rows:
+    scales = ROWS[row][3]
+    base = TUNED_LR[task.name][rate_row(row)]
     lrs = [base * scale for scale in scales for _ in seeds]
     recs = train_row(task, row, lrs, list(seeds) * len(scales), steps)
     runs = by_value(recs, "lr", [base * scale for scale in scales])
@@ -224,6 +240,12 @@ def evaluate(task, seeds, steps: int) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+  p.add_argument(
+    "--rows",
+    nargs="+",
+    choices=list(ROWS),
+    help="the rows to train (default: all; the ablation's: " + " ".join(ABLATION) + ")",
+  )
   p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1 (default: 4)")
   p.add_argument(
     "--tune",
@@ -234,6 +256,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default="heldout", help="results/OUT.json (default: heldout)")
   p.add_argument("--out-dir", default=None, help="directory of OUT.json (default: results/)")
   args = p.parse_args(argv)
+  if args.tune and args.rows is not None:
+    p.error("--rows does not go with --tune, which tunes the rates of TUNED_LR's rules")
+  if args.rows is None:
+    args.rows = list(ROWS)
   if args.out_dir is None:
     args.out_dir = QUICK_DIR if args.quick else C.RESULTS
   return args
@@ -247,7 +273,7 @@ def main(argv=None) -> dict:
   if os.path.exists(path):  # a run of some tasks keeps the others
     with open(path) as f:
       store = json.load(f)
-  store.update(recommended=RECOMMENDED, tuned_lr=TUNED_LR, rows=ROWS, note=NOTE)
+  store.update(recommended=RECOMMENDED, tuned_lr=TUNED_LR, rows=ROWS, ablation=ABLATION, note=NOTE)
   for tname in args.tasks:
     task = TASKS[tname]()
     steps = QUICK_STEPS if args.quick else STEPS[tname]
@@ -256,7 +282,7 @@ def main(argv=None) -> dict:
     if args.tune:
       out["tuning"] = tune(task, TUNE_SEEDS, steps)
     else:
-      out["cells"] = evaluate(task, range(args.seeds), steps)
+      out.setdefault("cells", {}).update(evaluate(task, range(args.seeds), steps, args.rows))
     C.write_json(args.out, store, directory=args.out_dir)
   return store
 

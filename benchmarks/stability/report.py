@@ -6,7 +6,7 @@ same failure rule: diverged, or collapsed to the level of a model that learned n
   python benchmarks/stability/report.py             # all screening files, 4-seed cells
   python benchmarks/stability/report.py --seeds 8   # cells screened with --seeds 8 (none kept)
   python benchmarks/stability/report.py --diagnosis # the table of results/diagnosis.json
-  python benchmarks/stability/report.py --heldout   # the table of results/heldout.json
+  python benchmarks/stability/report.py --heldout   # the tables of results/heldout.json
 """
 
 from __future__ import annotations
@@ -89,12 +89,16 @@ def diagnosis_table(name: str = "diagnosis") -> str:
 
 
 def heldout_table(name: str = "heldout") -> str:
-  """One row per task of ``results/<name>.json`` (``heldout.py``), one column per cell."""
+  """The tables of ``results/<name>.json`` (``heldout.py``): the main rows, then the ablation.
+
+  One row per task, one column per cell; the ablation's table has the tasks that have its cells.
+  """
   with open(os.path.join(C.RESULTS, f"{name}.json")) as f:
     store = json.load(f)
   tasks = store["tasks"]
+  ablation = store.get("ablation", [])
   first = next(iter(tasks.values()))["cells"]
-  keys = list(first)
+  keys = [k for k in first if first[k]["row"] not in ablation]
   names = [first[k]["row"].replace("adam", "AdamW").replace("_k3", ", k=3") for k in keys]
   labels = [f"{n} {first[k]['scale']:g}x" for n, k in zip(names, keys, strict=True)]
   head = ["task (metric, steps)", "rates: Adam / exact / rec.", *labels]
@@ -107,7 +111,32 @@ def heldout_table(name: str = "heldout") -> str:
       for k in keys
     ]
     lines.append(f"| {tname} ({metric}, {t['steps']}) | {rates} | " + " | ".join(cells) + " |")
+  abl = {k: c for t in tasks.values() for k, c in t["cells"].items() if c["row"] in ablation}
+  if not abl:
+    return "\n".join(lines)
+  head = ["task (metric, steps)", "rate (rec.)", *(_config_label(store, c) for c in abl.values())]
+  lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for tname, t in tasks.items():
+    if not any(k in t["cells"] for k in abl):
+      continue
+    metric = "val. accuracy %" if t["metric"] == "acc" else f"{t['metric']}"
+    cells = [
+      C.cell(C.summarize(t["cells"][k]["runs"], t["metric"], tname), t["metric"], "**")
+      if k in t["cells"]
+      else ""
+      for k in abl
+    ]
+    rate = f"{store['tuned_lr'][tname]['recommended']:g}"
+    lines.append(f"| {tname} ({metric}, {t['steps']}) | {rate} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _config_label(store: dict, cell: dict) -> str:
+  """``α 0.3, ρ 0.05 4x``: a held-out cell's curvature_floor, update_clip and rate scale."""
+  config = store["rows"][cell["row"]][1]
+  names = {"curvature_floor": "α", "update_clip": "ρ"}
+  parts = [f"{names.get(k, k)} {v:g}" for k, v in config.items()]
+  return f"{', '.join(parts) or 'exact'} {cell['scale']:g}x"
 
 
 def main(argv=None) -> str:
