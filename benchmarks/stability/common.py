@@ -64,7 +64,9 @@ def get_task(name: str, quick: bool = False):
 # Toy problems without curvature along some or all coordinates
 
 
-class _MLP(nn.Module):
+class ReluMLP(nn.Module):
+  """The toys' ReLU MLP, two hidden layers of 32, one output per example."""
+
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Dense(32)(x))
@@ -72,7 +74,10 @@ class _MLP(nn.Module):
     return nn.Dense(1)(x)[:, 0]
 
 
-def _toy(name, model, loss_on_output, x, y, batch, metric_loss_only=True):
+def toy_task(name, model, loss_on_output, x, y, batch, metric_loss_only=True):
+  """A ``paper_tasks.Task`` training ``model`` on ``(x, y)`` with ``loss_on_output(f(x), y)``
+  in batches of ``batch``, scored by its training-set loss (the toys' rule)."""
+
   def init(key):
     return model.init(key, x[:1])["params"]
 
@@ -104,7 +109,7 @@ def mlp_l1_task():
   r = np.random.default_rng(0)
   x = r.normal(size=(1024, 8)).astype(np.float32)
   y = (0.5 * np.sin(x @ r.normal(size=8) / np.sqrt(8) * 2)).astype(np.float32)
-  return _toy("mlp_l1", _MLP(), lambda f, t: jnp.abs(f - t).mean(), x, y, batch=64)
+  return toy_task("mlp_l1", ReluMLP(), lambda f, t: jnp.abs(f - t).mean(), x, y, batch=64)
 
 
 @functools.cache
@@ -115,7 +120,7 @@ def linear_hinge_task():
   w = r.normal(size=20)
   y = np.sign(x @ w + 0.5 * r.normal(size=1024)).astype(np.float32)
   hinge = lambda f, t: jnp.maximum(0.0, 1.0 - t * f).mean()
-  return _toy("linear_hinge", nn.Dense(1), lambda f, t: hinge(f[:, 0], t), x, y, batch=64)
+  return toy_task("linear_hinge", nn.Dense(1), lambda f, t: hinge(f[:, 0], t), x, y, batch=64)
 
 
 TOYS = {"mlp_l1": mlp_l1_task, "linear_hinge": linear_hinge_task}

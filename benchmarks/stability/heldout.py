@@ -166,13 +166,13 @@ def gru_task():
 
 
 def diabetes_task():
-  """The toys' ReLU MLP (``common._MLP``) on the standardised diabetes data, batch 64."""
+  """The toys' ReLU MLP (``common.ReluMLP``) on the standardised diabetes data, batch 64."""
   from sklearn.datasets import load_diabetes
 
   x, y = load_diabetes(return_X_y=True)
   x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
   y = ((y - y.mean()) / y.std()).astype(np.float32)
-  return C._toy("diabetes", C._MLP(), lambda f, t: jnp.mean((f - t) ** 2), x, y, batch=64)
+  return C.toy_task("diabetes", C.ReluMLP(), lambda f, t: jnp.mean((f - t) ** 2), x, y, batch=64)
 
 
 TASKS = {"vit": vit_task, "gru": gru_task, "diabetes": diabetes_task}
