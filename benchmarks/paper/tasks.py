@@ -94,6 +94,24 @@ class CharLM(nn.Module):
     return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
 
 
+def char_lm_functions(model: nn.Module, context: int):
+  """``(init, loss, evaluate)`` of a character model of ``context`` inputs on the LM task's data:
+  next-character cross-entropy on windows of ``context + 1`` ids, evaluated on the validation
+  windows (``data["val"]``)."""
+
+  def init(key):
+    return model.init(key, jnp.zeros((1, context), jnp.int32))["params"]
+
+  def xent(params, windows):
+    logits = model.apply({"params": params}, windows[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+  def evaluate(params, data):
+    return {"loss": xent(params, data["val"])}
+
+  return init, xent, evaluate
+
+
 def lm_task(quick: bool = False) -> Task:
   cfg = dict(d=32, layers=2, heads=4, context=32, batch=16, vocab=97, eval_windows=64)
   if quick:
@@ -106,21 +124,12 @@ def lm_task(quick: bool = False) -> Task:
   starts = np.linspace(0, len(val) - ctx - 2, cfg["eval_windows"]).astype(np.int64)
   val_windows = np.stack([val[s : s + ctx + 1] for s in starts])
   model = CharLM(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], ctx)
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, ctx), jnp.int32))["params"]
-
-  def xent(params, windows):
-    logits = model.apply({"params": params}, windows[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+  init, xent, evaluate = char_lm_functions(model, ctx)
 
   def sample(data, key):
     train_ids = data["train"]
     off = jax.random.randint(key, (cfg["batch"],), 0, train_ids.shape[0] - ctx - 1)
     return jax.vmap(lambda o: jax.lax.dynamic_slice(train_ids, (o,), (ctx + 1,)))(off)
-
-  def evaluate(params, data):
-    return {"loss": xent(params, data["val"])}
 
   data = {"train": jnp.asarray(train), "val": jnp.asarray(val_windows)}
   cfg.update(train_chars=int(len(train)), val_chars_evaluated=int(val_windows[:, 1:].size))
@@ -170,6 +179,27 @@ class DigitsCNN(nn.Module):
     return nn.Dense(10)(x)
 
 
+def digits_functions(model: nn.Module):
+  """``(init, loss, evaluate)`` of a 10-class classifier of the 8x8x1 digits on the CNN task's
+  data: cross-entropy on a batch ``(x, y)``, validation loss and accuracy on ``data["xv"]``,
+  ``data["yv"]``."""
+
+  def init(key):
+    return model.init(key, jnp.zeros((1, 8, 8, 1)))["params"]
+
+  def loss(params, batch):
+    xb, yb = batch
+    logits = model.apply({"params": params}, xb)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  def evaluate(params, data):
+    logits = model.apply({"params": params}, data["xv"])
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, data["yv"]).mean()
+    return {"loss": xent, "acc": jnp.mean(jnp.argmax(logits, -1) == data["yv"])}
+
+  return init, loss, evaluate
+
+
 def cnn_task(quick: bool = False) -> Task:
   from sklearn.datasets import load_digits
 
@@ -180,24 +210,11 @@ def cnn_task(quick: bool = False) -> Task:
   perm = np.random.default_rng(0).permutation(len(y))
   n_val = int(cfg["val_fraction"] * len(y))
   val_idx, train_idx = perm[:n_val], perm[n_val:]
-  model = DigitsCNN(cfg["width"])
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, 8, 8, 1)))["params"]
-
-  def loss(params, batch):
-    xb, yb = batch
-    logits = model.apply({"params": params}, xb)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+  init, loss, evaluate = digits_functions(DigitsCNN(cfg["width"]))
 
   def sample(data, key):
     idx = jax.random.randint(key, (cfg["batch"],), 0, data["x"].shape[0])
     return data["x"][idx], data["y"][idx]
-
-  def evaluate(params, data):
-    logits = model.apply({"params": params}, data["xv"])
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, data["yv"]).mean()
-    return {"loss": xent, "acc": jnp.mean(jnp.argmax(logits, -1) == data["yv"])}
 
   data = {
     "x": jnp.asarray(x[train_idx]),

@@ -38,7 +38,6 @@ import common as C
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import optax
 from _args import positive_int  # (examples/_args.py, on the path from common)
 
 RECOMMENDED = {"curvature_floor": 0.3, "update_clip": 0.05}
@@ -110,21 +109,7 @@ class TinyViT(nn.Module):
 def vit_task():
   """The ViT on the digits CNN's data, split and batch (``paper/tasks.py``)."""
   cnn = C.get_task("cnn")
-  model = TinyViT()
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, 8, 8, 1)))["params"]
-
-  def loss(params, batch):
-    x, y = batch
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  def evaluate(params, data):
-    logits = model.apply({"params": params}, data["xv"])
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, data["yv"]).mean()
-    return {"loss": xent, "acc": jnp.mean(jnp.argmax(logits, -1) == data["yv"])}
-
+  init, loss, evaluate = C.paper_tasks.digits_functions(TinyViT())
   cfg = {**cnn.config, "width": 32, "heads": 2, "depth": 2, "patch": 2}
   return C.paper_tasks.Task(
     "vit", init, loss, cnn.sample, evaluate, cnn.data, lambda b: None, "acc", True, cfg
@@ -145,19 +130,9 @@ class GRULM(nn.Module):
 def gru_task():
   """The GRU on the LM's text, split, context, batch and validation windows."""
   lm = C.get_task("lm")
-  model = GRULM(lm.config["vocab"])
-  ctx = lm.config["context"]
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, ctx), jnp.int32))["params"]
-
-  def xent(params, windows):
-    logits = model.apply({"params": params}, windows[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
-
-  def evaluate(params, data):
-    return {"loss": xent(params, data["val"])}
-
+  init, xent, evaluate = C.paper_tasks.char_lm_functions(
+    GRULM(lm.config["vocab"]), lm.config["context"]
+  )
   cfg = {**lm.config, "embed": 24, "hidden": 48}
   del cfg["d"], cfg["layers"], cfg["heads"]
   return C.paper_tasks.Task(
