@@ -267,12 +267,13 @@ def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
         f"made for: {_validation.tree_difference(tree, mu, _STATE_PARAMS)}. {fix}"
       )
 
-    def check(path, x, m, name=name):
-      expected = (
-        "gradients of real floating-point parameters are expected"
-        if name == "updates"
-        else "the state was made for real floating-point parameters"
-      )
+    expected = (
+      "gradients of real floating-point parameters are expected"
+      if name == "updates"
+      else "the state was made for real floating-point parameters"
+    )
+
+    def check(path, x, m, name=name, expected=expected):
       dtype = _validation.array_dtype(x)  # a str such as "float32" is no array of that dtype
       if dtype is None:
         raise TypeError(
