@@ -88,13 +88,15 @@ def read(
   """
   names, leading = _unnamed_leading_stacks(paths, shapes, names, roles)
   by_bias, square_unsure = weights_by_bias(paths, shapes, roles)
-  evident, alone, unplaced = stacks_by_evidence(paths, shapes, names, roles)
+  evident, alone, unplaced, guessed = stacks_by_evidence(paths, shapes, names, roles)
   names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = in_named_stacks(paths, shapes, names, roles, alone)
   # Unsure only of where a Dense kernel's stacked axis is: moot where its rule averages nothing.
   placement = set(_unplaced_stacks(paths, shapes, names, roles, alone, unplaced)) - set(unsure)
   for i in placement:
     unsure[i] = _UNPLACED
+  for i, why in guessed.items():  # how many axes an nn.remat_scan stacks
+    unsure.setdefault(i, why)
   for i in square_unsure:
     unsure.setdefault(
       i,
@@ -188,7 +190,7 @@ def _unnamed_leading_stacks(
     return list(names), {}
   hidden = [None if i in partial else n for i, n in enumerate(names)]
   only = [roles[i] if i in partial else None for i in range(len(names))]
-  evident, alone, _ = stacks_by_evidence(paths, shapes, hidden, only)
+  evident, alone, _, _ = stacks_by_evidence(paths, shapes, hidden, only)
   # ... and the stack passes to their relatives, as in plain arrays: a LayerNorm's (None,
   # "embed") scale, a bias-less (None, "embed", "mlp") kernel beside attention that shows it.
   shown = [evident[i][0] if i in evident else n for i, n in enumerate(hidden)]
@@ -801,7 +803,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
 
 def stacks_by_evidence(
   paths, shapes, names, roles
-) -> tuple[dict[int, tuple[AxisNames, str]], set[int], set[int]]:
+) -> tuple[dict[int, tuple[AxisNames, str]], set[int], set[int], dict[int, str]]:
   """Stacked axes for unnamed leaves whose own module shows it is a stack of layers.
 
   ``nn.scan``/``nn.vmap``/``nnx.vmap`` without axis names (no boxes, no transform metadata)
@@ -810,17 +812,19 @@ def stacks_by_evidence(
   whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
   for every unnamed leaf under the default rule that has them, and so has a Flax attention
   module's stack that its kernels show (:func:`_attention_stacks`), and a module under Linen's
-  automatic name of an ``nn.scan`` (:func:`_scan_stacks`); bias-less ``Dense_N`` siblings whose
-  first sizes differ have their stacked axis where :func:`_dense_stacks_elsewhere` finds it;
-  :func:`in_named_stacks` then passes them to the module's unnamed relatives in the stack, as it
-  does real names. A module that shows it is one layer (a ``Conv_0`` beside a stack of as many
-  layers as its kernel is wide) takes no stacked axes from its relatives.
+  automatic names of the scans above it (:func:`_scan_stacks`); bias-less ``Dense_N`` siblings
+  whose first sizes differ have their stacked axis where :func:`_dense_stacks_elsewhere` finds
+  it; :func:`in_named_stacks` then passes them to the module's unnamed relatives in the stack,
+  as it does real names. A module that shows it is one layer (a ``Conv_0`` beside a stack of as
+  many layers as its kernel is wide) takes no stacked axes from its relatives.
 
   Returns:
     ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, the unnamed
     leaves of the modules that are one layer for sure, and the leaves read with the stack in
     front by a bias-less ``Dense_N``'s name alone, where it may be elsewhere
-    (:func:`_dense_stacks_elsewhere`: ``nn.vmap`` with ``variable_axes={"params": 1}``).
+    (:func:`_dense_stacks_elsewhere`: ``nn.vmap`` with ``variable_axes={"params": 1}``), and
+    ``{leaf index: why}`` for those whose number of stacked axes is a guess (an
+    ``nn.remat_scan``'s, :func:`_scan_stacks`).
   """
   modules = _by_module(paths, lambda i: names[i] is None and roles[i] is not None)
   found: dict[int, tuple[AxisNames, str]] = {}
@@ -828,7 +832,7 @@ def stacks_by_evidence(
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
   moved, unplaced = _dense_stacks_elsewhere(modules, counts, shapes)
   # An nn.scan's name over them shows the stack in front (as scans of layers put it).
-  shown = _scan_stacks({m: modules[m] for m in unplaced}, paths, shapes)
+  shown, _ = _scan_stacks({m: modules[m] for m in unplaced}, paths, shapes, counts)
   unplaced = {m for m in unplaced if shown.get(m, (None,))[0] != counts[m][0]}
   for module, (axis, why) in moved.items():
     counts[module] = (None, "") if axis is None else ((), why)
@@ -836,7 +840,8 @@ def stacks_by_evidence(
   unknown = {module: members for module, members in unknown.items() if module not in moved}
   counts.update(_attention_stacks(unknown, shapes))
   unknown = {module: members for module, members in unknown.items() if counts[module][0] is None}
-  counts.update(_scan_stacks(unknown, paths, shapes))
+  by_scans, guessed_modules = _scan_stacks(unknown, paths, shapes, counts)
+  counts.update(by_scans)
   for module, members in modules.items():
     lead, why = counts[module]
     axis = moved[module][0] if module in moved else None
@@ -858,7 +863,10 @@ def stacks_by_evidence(
       if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
   unsure = {i for module in unplaced for i in modules[module].values() if i in found}
-  return found, alone, unsure
+  guessed = {
+    i: why for m, why in guessed_modules.items() for i in modules[m].values() if i in found
+  }
+  return found, alone, unsure, guessed
 
 
 def _dense_stacks_elsewhere(
@@ -926,42 +934,82 @@ def _is_scan(key: Any) -> bool:
 
 
 def _scan_stacks(
-  modules: dict[tuple, dict[str, int]], paths, shapes
-) -> dict[tuple, tuple[tuple[int, ...], str]]:
-  """Stacks shown by Linen's automatic name of the ``nn.scan`` a module sits in.
+  modules: dict[tuple, dict[str, int]], paths, shapes, counts: dict[tuple, tuple]
+) -> tuple[dict[tuple, tuple[tuple[int, ...], str]], dict[tuple, str]]:
+  """Stacks shown by Linen's automatic names of the scans a module sits in.
 
   ``nn.scan(Block)`` names its instance ``ScanBlock_0`` (``nn.remat_scan(Block)``
-  ``Remat_scanBlock_0``) and stacks every parameter under it along the axis of
-  ``variable_axes`` (0, as scans of layers are written): a block of nothing but
-  bias-less convolutions leaves no other trace, and its ``(layers, kh, kw, in, out)`` kernel
-  would be read as a 3-D convolution's. A module under exactly one such name, every leaf under
-  which has the same first size, has that axis stacked. (``nn.vmap``'s ``VmapBlock_0`` is no
-  such sign: ensembles are also mapped over other axes, ``(in, members, out)``.)
+  ``Remat_scanBlock_0``) and stacks every parameter under it along one more axis in front
+  (``variable_axes`` 0, as scans of layers are written): a block of nothing but bias-less
+  convolutions leaves no other trace, and its ``(layers, kh, kw, in, out)`` kernel would be read
+  as a 3-D convolution's. A module under ``n`` such names (a scan of a scan, ``ScanOuter_0`` /
+  ``ScanInner_0``) has ``n`` stacked axes, where every leaf under the ``j``-th name has the same
+  size on axis ``j``. ``nn.remat_scan`` stacks one axis per entry of its ``lengths``, and its
+  name does not say how many: where the modules under the innermost scan that show their stacks
+  themselves (``counts``: a bias, Linen's ``Dense_0``) show ``n`` axes, the names are right; where
+  they show another number (a remat_scan of several lengths, a scan under a name of your own
+  inside), the names say nothing and :func:`in_named_stacks` passes those modules' stacks on;
+  where none shows any and every leaf under the innermost scan has one size on axis ``n`` too, a
+  remat_scan's count is a guess. (``nn.vmap``'s ``VmapBlock_0`` is no such sign: ensembles are
+  also mapped over other axes, ``(in, members, out)``.)
+
+  Args:
+    modules: ``{module path: {parameter name: leaf index}}`` of the modules to read.
+    paths: The leaves' paths.
+    shapes: The leaves' shapes.
+    counts: ``{module path: (stacked sizes or None, why)}``, what each module shows itself
+      (:func:`_stack_count`).
 
   Returns:
-    ``{module: (the stacked axis's size, why)}`` for the modules in ``modules`` so placed.
+    ``{module: (the stacked axes' sizes, why)}`` for the modules in ``modules`` so placed, and
+    ``{module: why}`` for those among them whose number of stacked axes is a guess.
   """
-  scans: dict[tuple, tuple] = {}  # module -> the path of the scan it sits in
+  scans: dict[tuple, tuple[int, ...]] = {}  # module -> the depths of the scans it sits in
   for module in modules:
-    at = [d for d in range(1, len(module) + 1) if _is_scan(module[d - 1])]
-    if len(at) == 1:  # not none, nor a scan inside a scan (which axes, unknown)
-      scans[module] = module[: at[0]]
-  sizes: dict[tuple, int | None] = {}  # scan's module path -> the first size all its leaves share
-  leaf_modules = [_module_keys(path) for path in paths]
-  for prefix, leaves in _leaves_under(set(scans.values()), leaf_modules).items():
-    under = [shapes[i] for i in leaves]
-    firsts = {shape[0] for shape in under if shape}
-    sizes[prefix] = firsts.pop() if len(firsts) == 1 and all(under) else None
+    at = tuple(d for d in range(1, len(module) + 1) if _is_scan(module[d - 1]))
+    if at:
+      scans[module] = at
+  prefixes = {module[:d] for module, at in scans.items() for d in at}
+  under = _leaves_under(prefixes, [_module_keys(path) for path in paths])
+  shown: dict[tuple, set[int]] = {prefix: set() for prefix in prefixes}  # the counts shown there
+  for other, (lead, _) in counts.items():
+    for d in range(len(other) + 1):
+      if lead and other[:d] in shown:
+        shown[other[:d]].add(len(lead))
+
+  def shared(prefix: tuple, axis: int) -> int | None:
+    """The size every leaf under ``prefix`` has on ``axis``, if one."""
+    sizes = {shapes[i][axis] if len(shapes[i]) > axis else None for i in under[prefix]}
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
-  for module, prefix in scans.items():
-    size = sizes[prefix]
-    if size is not None:
+  guessed: dict[tuple, str] = {}
+  for module, at in scans.items():
+    sizes = [shared(module[:d], j) for j, d in enumerate(at)]
+    inner, n = module[: at[-1]], len(at)
+    if None in sizes or shown[inner] - {n}:
+      continue
+    lead = tuple(s for s in sizes if s is not None)
+    names = " in ".join(repr(module[d - 1]) for d in reversed(at))
+    if n == 1:
       why = (
-        f"under {prefix[-1]!r}, Linen's name of an nn.scan, whose leaves all have a "
-        f"first axis of {size}: one per layer"
+        f"under {names}, Linen's name of an nn.scan, whose leaves all have a first axis of "
+        f"{lead[0]}: one per layer"
       )
-      found[module] = ((size,), why)
-  return found
+    else:
+      why = (
+        f"under {names}, Linen's names of nn.scans (a scan of scans), whose leaves have "
+        f"leading axes {lead}: one per layer"
+      )
+    found[module] = (lead, why)
+    remat = any(_named_by(module[d - 1], ("Remat_scan",)) for d in at)
+    if remat and not shown[inner] and shared(inner, n) is not None:
+      guessed[module] = (
+        f"nn.remat_scan stacks one axis per entry of its lengths, and its leaves all have "
+        f"leading axes {(*lead, shared(inner, n))}: {n} of them read as stacked; name its axes "
+        "or give it spatial.per_layer(<its rule>, n_axes=len(lengths))"
+      )
+  return found, guessed
 
 
 def _leaves_under(modules: set[tuple], leaf_modules: list[tuple]) -> dict[tuple, list[int]]:
@@ -991,14 +1039,15 @@ def _attention_stacks(
 
   One layer's query kernel is ``(embed, heads, head_dim)`` and its output kernel ``(heads,
   head_dim, embed)`` (rank 3, :func:`flax_attention_names`); an ``nn.scan`` adds a leading
-  ``layers`` axis to both. A module with a rank-4 ``query`` kernel ``(layers, embed, heads,
-  head_dim)`` and a rank-4 ``out`` kernel ``(layers, heads, head_dim, embed)`` (and no other
-  evidence, as with ``use_bias=False``) is taken for one stacked by that axis, and so are its
+  ``layers`` axis to both (a scan of scans or an ``nn.remat_scan`` of several lengths, one per
+  scan or length). A module with a ``query`` kernel ``(*layers, embed, heads, head_dim)`` and an
+  ``out`` kernel ``(*layers, heads, head_dim, embed)`` (and no other evidence, as with
+  ``use_bias=False``) is taken for one stacked by those axes, and so are its
   ``key``/``value`` kernels of the same layers and head size (their heads as many as the
   query's, or a divisor). Where embed = heads the same shapes are also those of 2-D ``Conv``
   kernels or a stack of stacks of ``Dense`` kernels named ``query``/``out``: no evidence. Under
-  other names (``q_proj``/``o_proj``), a module's rank-4 output kernel ``(layers, heads,
-  head_dim, embed)`` beside an input kernel ``(layers, embed, heads, head_dim)`` of the same
+  other names (``q_proj``/``o_proj``), a module's output kernel ``(*layers, heads,
+  head_dim, embed)`` beside an input kernel ``(*layers, embed, heads, head_dim)`` of the same
   layers, with ``embed`` not the size of ``heads`` or ``head_dim``
   (:func:`_attention_by_shapes`), shows the same stack.
 
@@ -1011,48 +1060,56 @@ def _attention_stacks(
     ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
   """
   kernels = {m: ms.get("kernel", ms.get("w")) for m, ms in modules.items()}
-  kernels = {m: i for m, i in kernels.items() if m and i is not None and len(shapes[i]) == 4}
+  kernels = {m: i for m, i in kernels.items() if m and i is not None and len(shapes[i]) >= 4}
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
   for (*parent, projection), out in kernels.items():  # a module's path: (*parent, name)
     query = kernels.get((*parent, "query"))
     if projection != "out" or query is None:
       continue
     q, o = shapes[query], shapes[out]
-    if q[0] != o[0] or q[2:] != o[1:3] or q[1] != o[3] or q[1] == q[2]:
+    n = len(q) - 3  # the stacked axes
+    if len(o) != len(q) or q[:n] != o[:n] or q[n + 1 :] != o[n : n + 2] or q[n] != o[n + 2]:
+      continue
+    if q[n] == q[n + 1]:
       continue
     why = (
       f"its attention module's query kernel {q} and out kernel {o} are those of one layer "
-      f"(embed, heads, head_dim) and (heads, head_dim, embed) with a leading axis {q[:1]}"
+      f"(embed, heads, head_dim) and (heads, head_dim, embed) with leading axes {q[:n]}"
     )
     for name in ("query", "key", "value", "out"):
       j = kernels.get((*parent, name))
-      if j is None or shapes[j][0] != q[0]:
+      if j is None or len(shapes[j]) != len(q) or shapes[j][:n] != q[:n]:
         continue
-      if shapes[j][1:3] == q[2:] if name == "out" else _fewer_heads(shapes[j][2:], q[2:]):
-        found[(*parent, name)] = (q[:1], why)
+      if (
+        shapes[j][n : n + 2] == q[n + 1 :]
+        if name == "out"
+        else _fewer_heads(shapes[j][n + 1 :], q[n + 1 :])
+      ):
+        found[(*parent, name)] = (q[:n], why)
   by_parent: dict[tuple, list[tuple]] = {}
   for module in kernels:
     if module not in found:
       by_parent.setdefault(module[:-1], []).append(module)
   for members in by_parent.values():
     for out in members:
-      layers, heads, head_dim, embed = shapes[kernels[out]]
+      *layers, heads, head_dim, embed = shapes[kernels[out]]
       if embed in (heads, head_dim):
         continue
+      lead, n = tuple(layers), len(layers)
       inputs = [
         m
         for m in members
-        if shapes[kernels[m]][:2] == (layers, embed)
-        and _fewer_heads(shapes[kernels[m]][2:], (heads, head_dim))
+        if shapes[kernels[m]][: n + 1] == (*lead, embed)
+        and _fewer_heads(shapes[kernels[m]][n + 1 :], (heads, head_dim))
       ]
-      if m_q := next((m for m in inputs if shapes[kernels[m]][2] == heads), None):
+      if m_q := next((m for m in inputs if shapes[kernels[m]][n + 1] == heads), None):
         why = (
           f"its attention's kernels {out[-1]!r} {shapes[kernels[out]]} and {m_q[-1]!r} "
           f"{shapes[kernels[m_q]]} are those of one layer (heads, head_dim, embed) and (embed, "
-          f"heads, head_dim) with a leading axis {(layers,)}"
+          f"heads, head_dim) with leading axes {lead}"
         )
         for m in (out, *inputs):
-          found[m] = ((layers,), why)
+          found[m] = (lead, why)
   return found
 
 

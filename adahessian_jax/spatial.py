@@ -93,7 +93,7 @@ A stack of layers without names (``nn.scan``/``nnx.vmap`` without axis metadata)
 from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``, bias
 ``(layers, out)``), from Linen's automatic module name (``Dense_0``: a kernel of rank 2; an
 ``nn.scan``'s ``ScanBlock_0`` above it), from ``nnx.LoRA``'s ``lora_a`` and ``lora_b``, or from
-a Flax attention module's rank-4 ``query`` and ``out`` kernels (one layer's have rank 3);
+a Flax attention module's ``query`` and ``out`` kernels of rank 4 or more (one layer's have rank 3);
 the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
 A kernel with two spatial axes or more beside its bias ``(out,)``, or under a convolution's name
 (``Conv_0``, ``conv2_d``, ``conv1``), is a convolution's for sure, and a kernel beside a bias

@@ -1491,8 +1491,12 @@ def test_an_unnamed_remat_scan_of_bias_less_convs_is_found_by_its_linen_name(tra
   params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
   (row,) = spatial.describe(params, block_size=2).rows
   assert row.path.startswith(f"['{scan_name}']") and row.path.endswith("['Conv_0']['kernel']")
-  assert row.rule == spatial.per_layer(spatial.mean_over((0, 1))) and not row.ambiguous
+  assert row.rule == spatial.per_layer(spatial.mean_over((0, 1)))
   assert row.groups == {9: 4 * 64}
+  # nn.remat_scan stacks one axis per entry of its lengths, which its name does not say: the
+  # kernel is also lengths=(4, 3) over a 1-D Conv (3, 8, 8). Its first axis is kept apart either
+  # way, and the count is flagged.
+  assert row.ambiguous == (transform == "remat_scan"), row
   rules = spatial.resolve_rules(None, params, 2)
   check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
 
@@ -2849,24 +2853,60 @@ _ONE_LAYER = {
 
 class StackedOneLayer(nn.Module):
   kind: str
+  carry_only: bool = False  # nn.remat_scan's body returns its carry alone
 
   @nn.compact
   def __call__(self, c, _=None):
     make, shape = _ONE_LAYER[self.kind]
     make()(jnp.zeros(shape, jnp.int32) if self.kind == "Embed" else jnp.ones(shape))
+    return c if self.carry_only else (c, None)
+
+
+_SCANNED = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
+
+
+class StackedLayers(nn.Module):
+  """3 StackedOneLayer stacked by nn.scan, for an nn.scan of them: a scan of scans."""
+
+  kind: str
+
+  @nn.compact
+  def __call__(self, c, _=None):
+    nn.scan(StackedOneLayer, length=3, **_SCANNED)(self.kind)(c, None)
     return c, None
 
 
-def _one_layer_params(kind, scan=False):
-  """The params' shapes of a model holding one ``kind`` layer, or 3 stacked by ``nn.scan``,
-  beside a Dense head."""
+#: Linen's stacks of StackedOneLayer for the scanned-vs-unrolled test: (the stack's path, its
+#: layer axes, a function of the kind and a carry that builds it).
+_LINEN_STACKS = [
+  (
+    ("ScanStackedOneLayer_0",),
+    (3,),
+    lambda kind, c: nn.scan(StackedOneLayer, length=3, **_SCANNED)(kind)(c, None),
+  ),
+  (
+    ("Remat_scanStackedOneLayer_0",),
+    (2, 3),
+    lambda kind, c: nn.remat_scan(StackedOneLayer, lengths=(2, 3))(kind, True)(c),
+  ),
+  (
+    ("ScanStackedLayers_0", "ScanStackedOneLayer_0"),
+    (2, 3),
+    lambda kind, c: nn.scan(StackedLayers, length=2, **_SCANNED)(kind)(c, None),
+  ),
+]
+
+
+def _one_layer_params(kind, stack=None):
+  """The params' shapes of a model holding one ``kind`` layer, or the stack of them that
+  ``stack`` (a function of the kind and a carry, :data:`_LINEN_STACKS`) builds, beside a Dense
+  head."""
 
   class Model(nn.Module):
     @nn.compact
     def __call__(self, x):
-      if scan:
-        stacked = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
-        nn.scan(StackedOneLayer, length=3, **stacked)(kind)(jnp.zeros(()), None)
+      if stack is not None:
+        stack(kind, jnp.zeros(()))
       else:
         StackedOneLayer(kind)(jnp.zeros(()))
       return nn.Dense(2, name="head")(x)
@@ -2874,25 +2914,33 @@ def _one_layer_params(kind, scan=False):
   return jax.eval_shape(Model().init, jax.random.key(0), jnp.ones((1, 5)))["params"]
 
 
-#: (use_bias, the stack's name, Linen's name of one layer) of the stacks compared with their
-#: layers: nn.scan's, nn.vmap's and nn.remat_scan's automatic names, and one of your own.
+#: (use_bias, the stack's path, Linen's name of one layer, the layer axes) of the stacks compared
+#: with their layers: nn.scan's, nn.vmap's and nn.remat_scan's automatic names, one of your own,
+#: nn.remat_scan's of several lengths and an nn.scan of nn.scans.
 _STACKINGS = [
-  (True, "ScanStackedOneLayer_0", "StackedOneLayer_0"),
-  (False, "ScanStackedOneLayer_0", "StackedOneLayer_0"),
-  (False, "VmapStackedOneLayer_0", "StackedOneLayer_0"),
-  (False, "Remat_scanStackedOneLayer_0", "StackedOneLayer_0"),
-  (False, "blocks", "blocks"),
+  (True, ("ScanStackedOneLayer_0",), "StackedOneLayer_0", (3,)),
+  (False, ("ScanStackedOneLayer_0",), "StackedOneLayer_0", (3,)),
+  (False, ("VmapStackedOneLayer_0",), "StackedOneLayer_0", (3,)),
+  (False, ("Remat_scanStackedOneLayer_0",), "StackedOneLayer_0", (3,)),
+  (False, ("blocks",), "blocks", (3,)),
+  (True, ("Remat_scanStackedOneLayer_0",), "StackedOneLayer_0", (2, 3)),
+  (False, ("Remat_scanStackedOneLayer_0",), "StackedOneLayer_0", (2, 3)),
+  (False, ("Remat_scanStackedOneLayer_0",), "StackedOneLayer_0", (2, 2, 2)),
+  (True, ("ScanStackedLayers_0", "ScanStackedOneLayer_0"), "StackedOneLayer_0", (2, 3)),
+  (False, ("ScanStackedLayers_0", "ScanStackedOneLayer_0"), "StackedOneLayer_0", (2, 3)),
 ]
 
 
-def _stack_of(tree):
-  """``tree``'s leaves with 3 in front, as variable_axes={"params": 0} stacks them."""
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((3, *s.shape), s.dtype), tree)
+def _stack_of(tree, layers=(3,)):
+  """``tree``'s leaves with the ``layers`` axes in front, as variable_axes={"params": 0}
+  stacks them."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((*layers, *s.shape), s.dtype), tree)
 
 
-def _by_layer(shape):
-  """1, 10, 100 on layers 0-2 (axis 0) of a leaf of ``shape``."""
-  return 10.0 ** np.arange(3).reshape((3,) + (1,) * (len(shape) - 1))
+def _by_layer(shape, layers=(3,)):
+  """1, 10, 100, ... on the layers (the leading ``layers`` axes, in order) of a leaf of
+  ``shape``."""
+  return 10.0 ** np.arange(np.prod(layers)).reshape(layers + (1,) * (len(shape) - len(layers)))
 
 
 def _without_biases(tree):
@@ -2903,27 +2951,36 @@ def _without_biases(tree):
 
 @pytest.mark.parametrize("kind", list(_ONE_LAYER))
 def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
-  # The invariant behind every stack reading: the averaging of 3 stacked layers is, layer by
+  # The invariant behind every stack reading: the averaging of stacked layers is, layer by
   # layer, that of one layer on its own (or the leaf is flagged as a guess), with a diagonal of
-  # 1, 10, 100 times random on layers 0-2 and the stack as large as the input features and the
-  # window. Not here: an nn.scan under a name of your own of nothing but one bias-less
-  # convolution, which no evidence shows (docs/layouts.md).
+  # 1, 10, 100, ... times random on layers 0, 1, 2, ... and the stack as large as the input
+  # features and the window. Several layer axes too (nn.remat_scan's lengths=(2, 3), a scan of
+  # scans): each is kept apart. Not here: an nn.scan under a name of your own of nothing but one
+  # bias-less convolution, which no evidence shows (docs/layouts.md).
   one = _one_layer_params(kind)
   layer = one["StackedOneLayer_0"]
-  assert _one_layer_params(kind, scan=True)["ScanStackedOneLayer_0"] == _stack_of(layer)
+  for path, layers, stack in _LINEN_STACKS:  # what Linen makes, as _stack_of makes it
+    params = _one_layer_params(kind, stack)
+    assert functools.reduce(lambda t, k: t[k], path, params) == _stack_of(layer, layers), path
   conv = kind in ("Conv1D", "Conv2D", "Depthwise")
-  for use_bias, top, own in _STACKINGS:
-    if not use_bias and (kind == "Embed" or top == "blocks" and conv):
+  for use_bias, top, own, layers in _STACKINGS:
+    if not use_bias and (kind == "Embed" or top == ("blocks",) and conv):
       continue
     mine = layer if use_bias else _without_biases(layer)
-    stack = {"head": one["head"], top: _stack_of(mine)}
-    diag = jax.tree.map(lambda s: rng.uniform(1, 2, s.shape) * _by_layer(s.shape), stack[top])
-    rows = spatial.describe(stack, block_size=2).rows[: len(jax.tree.leaves(diag))]
+    stacked = _stack_of(mine, layers)
+    tree = functools.reduce(lambda t, k: {k: t}, reversed(top), stacked)
+    diag = jax.tree.map(
+      lambda s, n=layers: rng.uniform(1, 2, s.shape) * _by_layer(s.shape, n), stacked
+    )
+    rows = spatial.describe({"head": one["head"], **tree}, block_size=2).rows
+    rows = rows[: len(jax.tree.leaves(diag))]
     if use_bias:  # the biases show the stack: no guess
-      assert not any(r.ambiguous for r in rows), top
+      assert not any(r.ambiguous for r in rows), (top, layers)
     one_rows = spatial.describe({"head": one["head"], own: mine}, block_size=2).rows
+    where = "".join(f"['{k}']" for k in top)
     for row, one_row, d in zip(rows, one_rows, jax.tree.leaves(diag), strict=False):
-      assert row.path == one_row.path.replace(f"['{own}']", f"['{top}']", 1)
+      assert row.path == one_row.path.replace(f"['{own}']", where, 1)
       if not row.ambiguous:  # the rule the optimizer applies, against one layer's
-        want = np.stack([one_row.rule(d[i]) for i in range(3)])
+        each = d.reshape(-1, *d.shape[len(layers) :])
+        want = np.stack([one_row.rule(x) for x in each]).reshape(d.shape)
         np.testing.assert_allclose(row.rule(d), want, rtol=1e-12, err_msg=f"{top} {row}")
