@@ -1129,7 +1129,7 @@ def check_averaging(averaging: AveragingSpec) -> None:
   Raises:
     TypeError: naming the bad value (and its entry's path in a tree) and the fix.
   """
-  rules = _as_spec(averaging).rules
+  rules = as_averaging(averaging).rules
   if rules is None or _is_rule(rules):
     return
   name = next((n for n in _CONSTRUCTORS if rules is globals()[n]), None)
@@ -1311,10 +1311,14 @@ class LayoutGuessWarning(UserWarning):
 _LIBRARY_PACKAGES = frozenset(("adahessian_jax", "optax", "jax", "jaxlib", "flax"))
 
 
-def _caller_level() -> int:
+def user_stacklevel() -> int:
   """The ``stacklevel`` of the first frame outside :data:`_LIBRARY_PACKAGES`, for
   ``warnings.warn`` called by the caller of this function: the user's ``tx.init(params)``, also
-  through ``optax.chain``, ``nnx.Optimizer`` or ``jax.eval_shape``."""
+  through ``optax.chain``, ``nnx.Optimizer`` or ``jax.eval_shape``.
+
+  Returns:
+    The ``stacklevel`` to pass to ``warnings.warn`` in the function that calls this one.
+  """
   frame, level = sys._getframe(2), 2
   while (
     frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES
@@ -1381,15 +1385,22 @@ def _nnx_module_hint(averaging: Any, params: Any) -> str:
   )
 
 
-def _warn_shard_shapes(
+def warn_shard_shapes(
   averaging: AveragingSpec,
   block_size: int,
   split: Mapping[str, tuple[Any, ...]],
   read: Sequence[str],
 ) -> None:
-  """Warns when parameters are split over mesh axes (``split``: their paths and axes, inside
-  ``shard_map``) and the default rule reads some layouts off shapes (``read``: those leaves'
-  paths, :func:`_resolve`'s): it sees the shards' shapes there, not the whole model's."""
+  """Warns when parameters are split over mesh axes (inside ``shard_map``) and the default rule
+  reads some layouts off shapes: it sees the shards' shapes there, not the whole model's.
+
+  Args:
+    averaging: The optimizer's ``averaging``, for the fix the warning names.
+    block_size: The optimizer's ``block_size``, likewise.
+    split: The paths of the parameters split over mesh axes, and those axes.
+    read: The paths of the leaves whose layout was read off their shapes
+      (:func:`resolve_rules_and_read_off`'s).
+  """
   if not split or not read:
     return
   listed = lambda paths: ", ".join(list(paths)[:3]) + (", ..." if len(paths) > 3 else "")
@@ -1401,7 +1412,7 @@ def _warn_shard_shapes(
     "(out, in) kernel can be read otherwise than on the whole model. Resolve the rules on the "
     f"whole model's params and pass them: {_resolve_fix(averaging, block_size)}.",
     LayoutGuessWarning,
-    stacklevel=_caller_level(),
+    stacklevel=user_stacklevel(),
   )
 
 
@@ -1451,15 +1462,22 @@ def _averages_nothing(rule: Rule, shape) -> bool:
     return False
 
 
-def _as_spec(averaging: AveragingSpec) -> Averaging:
-  """``averaging`` as an :class:`Averaging` (rules without names or strict mode, if not one)."""
+def as_averaging(averaging: AveragingSpec) -> Averaging:
+  """``averaging`` as an :class:`Averaging` (rules without names or strict mode, if not one).
+
+  Args:
+    averaging: As for :func:`resolve_rules`.
+
+  Returns:
+    ``averaging`` itself if it is an :class:`Averaging`, else one that holds it as its rules.
+  """
   return averaging if isinstance(averaging, Averaging) else Averaging(averaging)
 
 
 def _unread(averaging, params, block_size, given_rules=None):
   """The spec, the leaves, their rules before the tree is read (``given_rules`` if known), paths
   as text, shapes and the axis names each leaf carries or is given."""
-  spec = _as_spec(averaging)
+  spec = as_averaging(averaging)
   infos = layout.leaves(params)
   unbound = given_rules
   if unbound is None:
@@ -1585,14 +1603,21 @@ def resolve_rules(
       has another structure, or (strict) some leaves are ambiguous, naming them; for a
       ``strict`` or ``warn`` that is not a bool.
   """
-  return _resolve(averaging, params, block_size, strict, warn)[0]
+  return resolve_rules_and_read_off(averaging, params, block_size, strict, warn)[0]
 
 
-def _resolve(
+def resolve_rules_and_read_off(
   averaging: AveragingSpec, params: Any, block_size: int, strict: bool = False, warn: bool = False
 ) -> tuple[Any, list[str]]:
   """:func:`resolve_rules`'s tree of rules, and the paths of the leaves read off their shapes
-  (:attr:`_Plan.read_off_shapes`, for :func:`_warn_shard_shapes`: so the tree is read once)."""
+  (:attr:`_Plan.read_off_shapes`, for :func:`warn_shard_shapes`: so the tree is read once).
+
+  Args:
+    averaging, params, block_size, strict, warn: As for :func:`resolve_rules`.
+
+  Returns:
+    ``(rules, read_off_shapes)``: the tree of rules and a list of leaf paths.
+  """
   warn = flag("warn", warn)
   plan = _plan(averaging, params, block_size, strict)
   rows = plan.rows
@@ -1600,7 +1625,7 @@ def _resolve(
   if warn and guesses:
     message = _guess_warning(guesses) + _masked_hint(averaging, params, block_size)
     message += _nnx_module_hint(averaging, params)
-    warnings.warn(message, LayoutGuessWarning, stacklevel=_caller_level())
+    warnings.warn(message, LayoutGuessWarning, stacklevel=user_stacklevel())
   if warn:
     _warn_nnx_names_dropped(averaging, params, block_size, rows, plan.given_rules)
   return jax.tree.unflatten(jax.tree.structure(params), plan.rules), plan.read_off_shapes
@@ -1642,7 +1667,7 @@ def _warn_nnx_names_dropped(
   twin = _pure_nnx_twin(params)
   if twin is None or len(layout.leaves(twin)) != len(rows):
     return
-  spec = _as_spec(averaging)
+  spec = as_averaging(averaging)
   try:  # the plain arrays' reading, never refused here (strict mode refuses it at update)
     plain = _plan(
       dataclasses.replace(spec, strict=False), twin, block_size, False, given_rules
@@ -1673,7 +1698,7 @@ def _warn_nnx_names_dropped(
     "tx.update called with the variables themselves, not through nnx.Optimizer, does see the "
     "names; named() is right there too.)",
     LayoutGuessWarning,
-    stacklevel=_caller_level(),
+    stacklevel=user_stacklevel(),
   )
 
 

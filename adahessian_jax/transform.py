@@ -106,7 +106,7 @@ def _check_block_size_used(block_size: int, averaging: Any, rules: Any = None) -
   """
   if block_size == 1:
     return
-  rule = spatial._as_spec(averaging).rules
+  rule = spatial.as_averaging(averaging).rules
   fix = (
     "and block_size sets only the default rule's blocks. Give the block size to the rules "
     f"(spatial.flax_default({block_size}, axis_roles=...), spatial.blocks({block_size}, axis)), "
@@ -121,7 +121,7 @@ def _check_block_size_used(block_size: int, averaging: Any, rules: Any = None) -
     )
   if rules is not None and not any(
     isinstance(r, spatial.FlaxDefault) and r.block_size == block_size
-    for r in jax.tree.leaves(rules, is_leaf=spatial._is_rule)
+    for r in jax.tree.leaves(rules, is_leaf=lambda x: isinstance(x, spatial.Rule))
   ):
     how = "callable returns None" if callable(rule) else "tree has None"
     raise ValueError(
@@ -968,7 +968,7 @@ def scale_by_adahessian(
       rules = spatial.resolve_rules(averaging, params, block_size, warn=True)
       _check_block_size_used(block_size, averaging, rules)
     if "optax.flatten" in _wrappers.calling():
-      warnings.warn(_FLATTENED, stacklevel=spatial._caller_level())
+      warnings.warn(_FLATTENED, stacklevel=spatial.user_stacklevel())
     # Committed where the params are, so that a jitted step compiles once (placed_like_params),
     # also for scale_by_adahessian alone or in a chain of one's own (adahessian's init and
     # linen.TrainState.create commit only the rest: these are committed by then).
@@ -999,10 +999,10 @@ def scale_by_adahessian(
     _check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(_schedule_of(state, update_freq, value_fn), refresh)
     _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
-    rules, read_off_shapes = spatial._resolve(averaging, updates, block_size)
+    rules, read_off_shapes = spatial.resolve_rules_and_read_off(averaging, updates, block_size)
     # Inside shard_map the moments are split like the parameters.
     split = split_leaves(state.mu)
-    spatial._warn_shard_shapes(averaging, block_size, split, read_off_shapes)
+    spatial.warn_shard_shapes(averaging, block_size, split, read_off_shapes)
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
       *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name, independent_probes),
