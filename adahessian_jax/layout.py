@@ -63,13 +63,26 @@ def _linen_metadata_class():
   return loaded("flax.core.meta", "AxisMetadata")
 
 
-def _nnx_variable_class():
+def nnx_variable_class():
+  """NNX's variable class, looked up without importing Flax.
+
+  Returns:
+    ``flax.nnx.Variable``, or ``None`` if ``flax.nnx`` is not imported (no NNX variable exists
+    then).
+  """
   return loaded("flax.nnx", "Variable")
 
 
-def _is_nnx_variable(x: Any) -> bool:
-  """Whether ``x`` is an NNX variable (never without Flax imported: none exists then)."""
-  variable = _nnx_variable_class()
+def is_nnx_variable(x: Any) -> bool:
+  """Whether ``x`` is an NNX variable (never without Flax imported: none exists then).
+
+  Args:
+    x: A node of a pytree (usable as ``is_leaf``).
+
+  Returns:
+    ``True`` for an NNX variable.
+  """
+  variable = nnx_variable_class()
   return variable is not None and isinstance(x, variable)
 
 
@@ -91,7 +104,7 @@ def is_annotated(x: Any) -> bool:
   linen = _linen_metadata_class()
   if linen is not None and isinstance(x, linen):
     return True
-  return _is_nnx_variable(x)
+  return is_nnx_variable(x)
 
 
 def unboxed(tree: Any, is_box: Callable[[Any], bool] = is_annotated) -> Any:
@@ -130,7 +143,7 @@ def _spec_of(node: Any) -> Any:
   """The object ``node``'s names are read from (a spec, a box's names, a variable's metadata)."""
   if _is_spec(node):
     return node
-  if _is_nnx_variable(node):
+  if is_nnx_variable(node):
     metadata = node.get_metadata()
     for key in ("out_sharding", "sharding_names", "sharding"):
       if metadata.get(key) is not None:

@@ -1376,7 +1376,7 @@ def _nnx_module_hint(averaging: Any, params: Any) -> str:
   fix that reads each layout from its module's type, or ``""``."""
   if isinstance(averaging, Averaging) and averaging.names is not None:
     return ""
-  if not any(map(layout._is_nnx_variable, _nnx_nodes(params))):
+  if not any(map(layout.is_nnx_variable, _nnx_nodes(params))):
     return ""
   return (
     "\nThese are NNX variables: averaging=spatial.named(model), with the nnx.Module, names the "
@@ -1635,17 +1635,17 @@ def _pure_nnx_twin(params: Any) -> Any | None:
   """``params`` with every NNX variable replaced by its value (what ``nnx.as_pure`` gives), or
   ``None`` if no NNX variable in it carries axis names."""
   nodes = _nnx_nodes(params)
-  if not any(layout._is_nnx_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
+  if not any(layout.is_nnx_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
     return None
-  return layout.unboxed(params, layout._is_nnx_variable)
+  return layout.unboxed(params, layout.is_nnx_variable)
 
 
 def _nnx_nodes(params: Any) -> list[Any]:
   """The leaves of ``params``, an NNX variable read as one; none without Flax imported (no NNX
   variable exists then)."""
-  if layout._nnx_variable_class() is None:
+  if layout.nnx_variable_class() is None:
     return []
-  return jax.tree.leaves(params, is_leaf=layout._is_nnx_variable)
+  return jax.tree.leaves(params, is_leaf=layout.is_nnx_variable)
 
 
 def _warn_nnx_names_dropped(
