@@ -69,7 +69,9 @@ def is_adahessian_state(x: Any) -> bool:
 
 _FIELDS = frozenset(ScaleByAdaHessianState._fields)
 _OPTIONAL = frozenset({"hessian", "update_freq"})
-_RESTORE_FIX = (
+#: What to do about a state restored from a checkpoint without a target (dicts in place of
+#: NamedTuples), for the errors that meet one.
+RESTORE_FIX = (
   "A checkpoint restored without a target (orbax's checkpointer.restore(path), Flax's "
   "serialization.msgpack_restore or checkpoints.restore_checkpoint(path, None)) holds dicts and "
   "lists in place of the optimizer's NamedTuples and tuples: restore with the abstract state as "
@@ -86,7 +88,7 @@ def untyped_state_hint(
   ``required`` and no others than ``fields`` (a NamedTuple's field names)."""
   untyped = lambda x: isinstance(x, dict) and required <= set(x) <= fields
   found = any(untyped(x) for x in jax.tree.leaves(opt_state, is_leaf=untyped))
-  return " " + _RESTORE_FIX if found else ""
+  return " " + RESTORE_FIX if found else ""
 
 
 def adahessian_states(opt_state: Any) -> list[ScaleByAdaHessianState]:

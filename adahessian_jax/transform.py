@@ -24,8 +24,8 @@ from adahessian_jax._axes import (
 )
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
-  _RESTORE_FIX,
   FLOAT16_NU,
+  RESTORE_FIX,
   ScaleByAdaHessianState,
   check_fields,
   check_key_data,
@@ -144,7 +144,7 @@ def _check_state(
         f"the string {state!r} (optax.chain passes on the keys of a dict found in place of its "
         "tuple of states)"
       )
-      hint = " " + _RESTORE_FIX
+      hint = " " + RESTORE_FIX
     raise TypeError(
       f"scale_by_adahessian's update got {kind} as its state, not the ScaleByAdaHessianState its "
       "init returns." + (hint or " Pass the state made by tx.init.")
