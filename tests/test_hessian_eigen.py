@@ -138,7 +138,7 @@ def test_lanczos_needs_fewer_products_than_power_iteration(op):
 
 
 def test_bad_arguments(op):
-  with pytest.raises(ValueError, match="which"):
+  with pytest.raises(ValueError, match=r"^which must be one of \('LA', 'LM', 'SA'\), got 'BE'$"):
     hessian.top_eigenvalues(op, 1, which="BE")
   with pytest.raises(ValueError, match="k must"):
     hessian.top_eigenvalues(op, 0)

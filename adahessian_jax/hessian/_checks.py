@@ -3,7 +3,7 @@
 One wording for a direction or preconditioner that does not match the params and one for a
 product or loss that is not finite, so that a bad argument or a diverged model fails the same
 way whichever function it reaches. Scalar arguments are checked by ``adahessian_jax._validation``,
-which the optimizer shares.
+which the optimizer shares; the eigen solves' ``which`` here (:func:`which`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,28 @@ def prng_key(key: Any, *, traced: bool = False) -> jax.Array:
   if not traced and isinstance(key, jax.core.Tracer):
     raise ValueError(f"key must be a concrete PRNG key, got a traced one ({key.aval}): {HOST_LOOP}")
   return _keys.prng_key(key)
+
+
+#: The eigenvalues an eigen solve can look for: largest algebraic, largest magnitude, smallest
+#: algebraic.
+_WHICH = ("LA", "LM", "SA")
+
+
+def which(which: str) -> str:
+  """The eigen solves' check of their ``which`` (``top_eigenvalues``, ``layer_breakdown``).
+
+  Args:
+    which: The value given.
+
+  Returns:
+    ``which``.
+
+  Raises:
+    ValueError: if it is not one of ``"LA"``, ``"LM"``, ``"SA"``, naming it.
+  """
+  if which not in _WHICH:
+    raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+  return which
 
 
 def _paths(tree: Any) -> dict[str, Any]:

@@ -50,8 +50,6 @@ from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = ["Eigen", "power_iteration", "top_eigenvalues"]
 
-_WHICH = ("LA", "LM", "SA")
-
 
 class Eigen(NamedTuple):
   """Eigenpairs of the Hessian.
@@ -103,8 +101,7 @@ def _selector(k: int, which: str):
 
 
 def _check(k: Any, which: str, op: HessianOperator) -> int:
-  if which not in _WHICH:
-    raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+  _checks.which(which)
   return _validation.count("k", k, 1, op.size)
 
 

@@ -33,7 +33,7 @@ from adahessian_jax.hessian._operator import HessianOperator, key_blocks, part_n
 from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian._stacks import layer_axes_of, layer_slices
 from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide
-from adahessian_jax.hessian.eigen import _WHICH, top_eigenvalues
+from adahessian_jax.hessian.eigen import top_eigenvalues
 from adahessian_jax.hessian.trace import _stderr
 
 __all__ = ["LayerCurvature", "layer_breakdown"]
@@ -160,8 +160,7 @@ def layer_breakdown(
   num_samples = _validation.count("num_samples", num_samples, 2)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   if eigenvalues:  # the eigen solves' arguments, before the trace probes spend any product
-    if which not in _WHICH:
-      raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    _checks.which(which)
     tol = _validation.positive("tol", tol)
     max_iter = _validation.count("max_iter", max_iter)
   parts = _parts(op, layer_axes)
