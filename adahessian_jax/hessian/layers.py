@@ -34,7 +34,7 @@ from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian._stacks import layer_axes_of, layer_slices
 from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide
 from adahessian_jax.hessian.eigen import top_eigenvalues
-from adahessian_jax.hessian.trace import _stderr
+from adahessian_jax.hessian.trace import t_scaled_stderr
 
 __all__ = ["LayerCurvature", "layer_breakdown"]
 
@@ -192,7 +192,7 @@ def layer_breakdown(
     out[part.name] = LayerCurvature(
       size=int(part.entries.size),
       trace=float(t.mean()),
-      trace_stderr=_stderr(np.asarray(t)),
+      trace_stderr=t_scaled_stderr(np.asarray(t)),
       diagonal=diag[part.leaf][part.where],
       top_eigenvalue=top,
       num_matvecs=spent,

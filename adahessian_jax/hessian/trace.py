@@ -119,8 +119,16 @@ def _t_factor(num_samples: int) -> float:
   return 1.0 + sum(gk / nu ** (k + 1) for k, gk in enumerate(g)) / z
 
 
-def _stderr(x: np.ndarray) -> float:
-  """The standard error of the mean of the samples ``x``, Student-t scaled (:func:`_t_factor`)."""
+def t_scaled_stderr(x: np.ndarray) -> float:
+  """The standard error of the mean of the samples ``x``, Student-t scaled (:func:`_t_factor`):
+  the ``stderr`` of :func:`hutchinson_trace`, and of ``layer_breakdown``'s per-layer traces.
+
+  Args:
+    x: ``(m,)`` samples, ``m >= 2``.
+
+  Returns:
+    ``std(x, ddof=1) / sqrt(m)`` times the factor that makes ``±1.96·stderr`` a 95 % interval.
+  """
   return float(x.std(ddof=1) / np.sqrt(x.size)) * _t_factor(x.size)
 
 
@@ -143,11 +151,11 @@ def _sampled_trace(op, key, offset, *stopping):
       samples[-1], f"the Hutchinson sample zᵀHz (samples {x.size - keys.shape[0]}+)", op
     )
     if x.size >= max(min_samples, 2):
-      met = bool(_stderr(x) <= max(atol, rtol * abs(offset + x.mean())))
+      met = bool(t_scaled_stderr(x) <= max(atol, rtol * abs(offset + x.mean())))
       if met:
         break
   m = x.size
-  return TraceEstimate(offset + float(x.mean()), _stderr(x), m, m, met)
+  return TraceEstimate(offset + float(x.mean()), t_scaled_stderr(x), m, m, met)
 
 
 def hutchinson_trace(
