@@ -126,7 +126,7 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
   return map_adahessian_state(fold, opt_state)
 
 
-def _fused_pass_inputs(
+def fused_pass_inputs(
   params: Any,
   opt_state: Any,
   axis_name: Any,
@@ -147,6 +147,18 @@ def _fused_pass_inputs(
   With ``independent_probes`` and ``loss`` (this device's loss of the params), warns if it reads
   other devices' parameters through a collective over ``axis_name`` (a synchronised BatchNorm),
   which would bias the estimate.
+
+  Args:
+    params: The parameters the pass differentiates at.
+    opt_state: The optimizer state whose AdaHessian keys draw the probes.
+    axis_name: The axis the step is mapped over, or ``None``.
+    independent_probes: Whether each device draws its own probes.
+    caller: The helper's name, for errors and warnings.
+    tx: How the caller's optimizer transform is called, for the error.
+    loss: This device's loss of the params, for the warning; ``None`` skips it.
+
+  Returns:
+    ``(params, opt_state)`` for the pass.
 
   Raises:
     ValueError: for ``independent_probes`` without ``axis_name``, naming ``caller`` and ``tx``

@@ -364,7 +364,7 @@ class TrainState(train_state.TrainState):
       "them.",
     )
 
-    params, opt_state = distributed._fused_pass_inputs(
+    params, opt_state = distributed.fused_pass_inputs(
       self.params,
       self.opt_state,
       axis_name,

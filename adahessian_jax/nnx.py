@@ -364,7 +364,7 @@ def value_grad_and_hessian_diag(
     loss, aux = _validation.loss_and_aux(out, has_aux, "pass has_aux=True.")
     return loss, (aux, new_params, new_state)
 
-  params, opt_state = distributed._fused_pass_inputs(
+  params, opt_state = distributed.fused_pass_inputs(
     params,
     opt_state,
     axis_name,
