@@ -499,12 +499,20 @@ def _attention_axes(module: Any) -> dict[str, dict[str, tuple[tuple[int, ...], t
   return out
 
 
-def _module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
-  """The axis names of every variable of ``model``, keyed by ``jax.tree_util.keystr`` of its path
-  in ``nnx.state(model)``: its own (sharding metadata) where it has them, else those the type of
-  the module holding it gives (:func:`_own_axes`), with any leading axes beyond those named
-  ``"layers"`` (the stacked axes of ``nnx.vmap``/``nnx.scan``); ``None`` where neither says.
-  A parameter whose trailing shape is not what its module's attributes make is left unnamed."""
+def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
+  """The axis names of every variable of ``model``, what ``spatial.named(model)`` reads: its own
+  (sharding metadata) where it has them, else those the type of the module holding it gives
+  (:func:`_own_axes`), with any leading axes beyond those named ``"layers"`` (the stacked axes of
+  ``nnx.vmap``/``nnx.scan``); ``None`` where neither says. A parameter whose trailing shape is
+  not what its module's attributes make is left unnamed.
+
+  Args:
+    model: An ``nnx.Module``.
+
+  Returns:
+    ``{path: axis names or None}``, keyed by ``jax.tree_util.keystr`` of each variable's path in
+    ``nnx.state(model)``.
+  """
   found = {jax.tree_util.keystr(x.path): x for x in layout.leaves(nnx.state(model))}
   names = {key: x.names for key, x in found.items()}
   iter_modules = getattr(nnx, "iter_modules", None)

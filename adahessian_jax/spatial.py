@@ -984,7 +984,7 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   if _is_nnx_module(source):
     from adahessian_jax import nnx as nnx_support  # Flax is imported: source is its module
 
-    names = nnx_support._module_axis_names(source)
+    names = nnx_support.module_axis_names(source)
     missing = (
       f"spatial.named found no axis names in the {type(source).__qualname__}: none of its "
       "variables has sharding metadata and none is held by a module whose layout it knows "
