@@ -5,6 +5,7 @@ The built wheel itself is checked by .ci/dist.sh and the floors by .ci/min_versi
 tests are the fast checks of the same promises on the source tree.
 """
 
+import ast
 import importlib.metadata
 import importlib.util
 import json
@@ -166,3 +167,38 @@ def test_core_imports_without_extras_and_helpers_name_their_extra():
     extra = "plot" if name.startswith("plot") else "flax"
     assert f'pip install "adahessian_jax[{extra}]"' in message, (name, message)
     assert "No module named" in message, (name, message)  # the original cause is kept
+
+
+def _private_names_used_across_modules(package: pathlib.Path) -> list[str]:
+  """Every use, in a module of ``package``, of another of its modules' underscore name
+  (``from adahessian_jax.x import _name``, ``x._name``), as ``file:line: what``. Underscore
+  modules (``_validation``) are the place for shared helpers, so importing them is not one."""
+  found = []
+  for path in sorted(package.rglob("*.py")):
+    tree, where_in = ast.parse(path.read_text()), path.relative_to(package.parent)
+    modules = set()  # the local names bound to a module of the package
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adahessian_jax"):
+        for alias in node.names:
+          where = package.joinpath(*node.module.split(".")[1:], alias.name)
+          if where.is_dir() or where.with_suffix(".py").is_file():
+            modules.add(alias.asname or alias.name)
+          elif alias.name.startswith("_") and not alias.name.startswith("__"):
+            found.append(f"{where_in}:{node.lineno}: from {node.module} import {alias.name}")
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in modules
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+      ):
+        found.append(f"{where_in}:{node.lineno}: {node.value.id}.{node.attr}")
+  return found
+
+
+def test_no_module_reads_another_modules_private_names():
+  # A helper shared across modules gets a plain name: in its own module (outside __all__) or in
+  # an underscore module (_validation, hessian/_checks). Private names stay private to one file.
+  package = pathlib.Path(adahessian_jax.__file__).parent
+  assert _private_names_used_across_modules(package) == []
