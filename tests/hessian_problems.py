@@ -53,3 +53,13 @@ def quadratic(eigenvalues, seed=0):
   a = (u * ev) @ u.T
   a = 0.5 * (a + a.T)
   return {"x": jnp.asarray(r.normal(size=ev.size))}, jnp.asarray(a)
+
+
+# Spectra on which a few Lanczos products leave the top Ritz value far from the top eigenvalue:
+# flat, a large negative part below the top, decaying, and a clear top.
+SLOW_SPECTRA = {
+  "flat": np.linspace(0.1, 1.0, 30),
+  "negative": np.r_[1.0, np.linspace(-3.0, 0.5, 29)],
+  "decaying": 1.0 / np.arange(1, 31) ** 2,
+  "spike": np.r_[10.0, np.linspace(0.0, 1.0, 29)],
+}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CompileCounter
-from hessian_problems import mlp, mlp_hessian, mlp_loss, quadratic, quadratic_loss
+from hessian_problems import SLOW_SPECTRA, mlp, mlp_hessian, mlp_loss, quadratic, quadratic_loss
 
 from adahessian_jax import hessian
 
@@ -442,3 +442,25 @@ def test_float32_does_not_claim_a_tolerance_below_its_rounding():
     ok = hessian.top_eigenvalues(op, 2, which=which, tol=1e-4)
     assert ok.converged.all(), which
     np.testing.assert_allclose(ok.eigenvalues, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stop_on", ["residual", "eigenvalue"])
+def test_a_run_out_of_max_iter_reports_an_infinite_error(stop_on):
+  # After 2-4 products the estimate (the change over the last product, the gap) was below the
+  # true error by up to 15x on these spectra, reported finite beside converged=False. Only a run
+  # whose stopping test was met (or that stopped at the products' rounding) reports one now.
+  finite = 0
+  for name, ev in SLOW_SPECTRA.items():
+    params, a = quadratic(ev, 0)
+    op = hessian.hessian_operator(quadratic_loss, params, batch=a)
+    top = np.sort(ev)[::-1][:2]
+    for max_iter in (2, 3, 4, 20):
+      for seed in range(3):
+        got = hessian.top_eigenvalues(
+          op, 2, key=jax.random.key(seed), max_iter=max_iter, tol=1e-4, stop_on=stop_on
+        )
+        where = (name, max_iter, seed, got.num_matvecs, got.errors)
+        assert np.all(got.errors[~got.converged] == np.inf), where
+        assert np.all(got.errors >= np.abs(got.eigenvalues - top) - 1e-14 * top[0]), where
+        finite += int(np.sum(np.isfinite(got.errors)))
+  assert finite >= 10  # converged pairs keep their estimate

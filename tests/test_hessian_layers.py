@@ -47,8 +47,8 @@ def test_each_leaf_says_whether_its_eigenvalue_converged_and_its_error():
     cut = short[name]
     if cut.converged:  # out/bias: its block is a multiple of I, exact after one step
       assert abs(cut.top_eigenvalue - exact) <= 1e-8 * abs(exact)
-    else:  # the estimate is of the order of the true error (0.5-4.5x of it here)
-      assert cut.top_eigenvalue_error >= 0.1 * abs(cut.top_eigenvalue - exact) > 0
+    else:  # cut off by max_iter: no estimate is vouched for (it was 0.5-4.5x the true error)
+      assert cut.top_eigenvalue_error == np.inf and abs(cut.top_eigenvalue - exact) > 0
   assert sum(not lc.converged for lc in short.values()) == 3
   off = hessian.layer_breakdown(op, jax.random.key(0), num_samples=2, eigenvalues=False)
   assert all(np.isnan(lc.top_eigenvalue_error) and not lc.converged for lc in off.values())

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 from conftest import CompileCounter
-from hessian_problems import dense_hessian, mlp, mlp_loss, quadratic, quadratic_loss
+from hessian_problems import (
+  SLOW_SPECTRA,
+  dense_hessian,
+  mlp,
+  mlp_loss,
+  quadratic,
+  quadratic_loss,
+)
 
 from adahessian_jax import hessian
 
@@ -410,3 +417,28 @@ def test_a_new_top_eigenvalue_outside_the_block_is_usually_missed_by_a_warm_star
   assert found(record) <= 3  # 17 of 20 missed here, 19 on another eigenbasis
   assert found(record, warm_mix=0.3) >= 19
   assert found(None) == 20
+
+
+def test_an_error_is_inf_unless_the_stopping_test_vouches_for_it():
+  # A run cut off by max_iter after 1-4 products reported a finite error that did not cover the
+  # true one: after one product the residual (0.5-0.7x the true error of a flat spectrum's top
+  # eigenvalue), after 2-4 the change guard, up to 15x below it on these spectra. It is inf now,
+  # as top_eigenvalues reports it; every finite error covers the true one.
+  finite = 0
+  for name, ev in SLOW_SPECTRA.items():
+    params, a = quadratic(ev, 0)
+    op = hessian.hessian_operator(quadratic_loss, params, batch=a)
+    prev = hessian.track_curvature(hessian.hessian_operator(quadratic_loss, *quadratic(ev, 1)))
+    for max_iter in (1, 2, 3, 4, 20):  # 20: enough for most runs to converge
+      for seed in range(3):
+        key = jax.random.key(seed)
+        runs = [hessian.track_curvature(op, key=key, max_iter=max_iter, block_size=1).sharpness]
+        if max_iter >= 2:  # warm, from another eigenbasis: the block's 2 products, then more
+          runs.append(hessian.track_curvature(op, prev, key=key, max_iter=max_iter).sharpness)
+        for got in runs:
+          where = (name, max_iter, seed, got.num_matvecs, got.error)
+          if not got.converged:
+            assert got.error == np.inf, where
+          assert got.error >= abs(got.eigenvalue - ev.max()) - 1e-14 * ev.max(), where
+          finite += bool(np.isfinite(got.error))
+  assert finite >= 20  # converged runs keep their estimate

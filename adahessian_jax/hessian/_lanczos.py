@@ -250,6 +250,35 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
   return theta[order], s[:, order]
 
 
+def change_guarded(
+  errors: np.ndarray | float, values: np.ndarray | float, previous: np.ndarray | float | None
+) -> np.ndarray:
+  """``errors`` of the Ritz ``values``, at least their change over the last product (``previous``,
+  the values one product earlier), and ``inf`` where there is no earlier value.
+
+  The gap estimate ``r²/gap`` assumes the other Ritz values near the unknown eigenvalues, which
+  they are not in the first products; the change guards it. From a single product nothing does:
+  its residual bounds the distance to *some* eigenvalue, not to the wanted one (a cold start's
+  one-product residual was 0.5-0.7x the true error of a flat spectrum's top eigenvalue).
+  """
+  if previous is None:
+    return np.full(np.shape(errors), np.inf)
+  return np.maximum(errors, np.abs(np.asarray(values) - np.asarray(previous)))
+
+
+def reported_errors(errors: np.ndarray | float, vouched: np.ndarray | bool) -> np.ndarray:
+  """``errors`` where ``vouched``, ``inf`` elsewhere: what the eigenvalue solvers report.
+
+  A value is vouched for when its run's stopping test was met, or when only the rounding of the
+  products kept it from being met (the error is then that rounding). A run cut short by its
+  budget (``max_iter``) has no such test behind its estimate, which on small quadratics was
+  below the true error by up to 100x after 2-6 products (flat spectra, a large negative
+  eigenvalue below the top one): an error that does not cover the true one is reported as
+  ``inf`` (not known), never as a smaller number.
+  """
+  return np.where(vouched, errors, np.inf)
+
+
 class RitzPairs(NamedTuple):
   """Selected Ritz pairs of one Lanczos run (host arrays).
 

@@ -39,9 +39,11 @@ from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import (
   blocks,
   breakdown_tolerance,
+  change_guarded,
   lanczos,
   norm,
   padded,
+  reported_errors,
   ritz_pairs,
   tridiagonal_eigh,
   unit,
@@ -71,8 +73,12 @@ class Eigen(NamedTuple):
       value: the gap theorem with Ritz values for the unknown eigenvalues), the
       rounding of the products, and
       the change of the Ritz value over the last step (which guards the gap
-      estimate in the first steps, when the other Ritz values are far off);
-      an estimate, not a bound. Power iteration: the residual.
+      estimate in the first steps, when the other Ritz values are far off;
+      ``inf`` after a single step);
+      an estimate, not a bound; ``inf`` for a pair not converged because the run (or the check
+      for repeated eigenvalues) ran out of ``max_iter``, whose estimate nothing vouches for
+      (finite only where the tolerance was met or the products' rounding stopped it).
+      Power iteration: the residual.
     num_matvecs: Hessian-vector products spent.
     converged: ``(k,)`` booleans, whether each pair met the tolerance (Lanczos:
       an exact pair of a Krylov space that became invariant counts only once
@@ -343,8 +349,9 @@ def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
     residuals, errors = [residuals[i] for i in keep], [errors[i] for i in keep]
     met = [met[i] for i in keep]
     vecs = vecs[jnp.asarray(keep)]
-  converged = (np.arange(k) < k - 1 + checked) & np.asarray(met)
-  return _finish(op, values, vecs, residuals, errors, matvecs, converged)
+  checked_pairs = np.arange(k) < k - 1 + checked  # an unchecked k-th: a copy may lie beyond it
+  errors = reported_errors(np.asarray(errors), checked_pairs)
+  return _finish(op, values, vecs, residuals, errors, matvecs, checked_pairs & np.asarray(met))
 
 
 def _lanczos_eigen(
@@ -364,10 +371,8 @@ def _lanczos_eigen(
 
   def ritz_and_errors(alphas, betas, offsets=None):
     ritz = ritz_pairs(alphas, betas, select, offsets)
-    change = np.full(k, np.inf)
-    if alphas.shape[0] > k:
-      change = np.abs(ritz.values - ritz_pairs(alphas[:-1], betas[:-1], select).values)
-    return ritz, np.maximum(ritz.errors, change)
+    before = None if alphas.shape[0] <= k else ritz_pairs(alphas[:-1], betas[:-1], select).values
+    return ritz, change_guarded(ritz.errors, ritz.values, before)
 
   def met(ritz, errors, scale):
     err = ritz.residuals if stop_on == "residual" else errors
@@ -424,6 +429,9 @@ def _lanczos_eigen(
   from_live = np.any(ritz.coefficients[live] != 0, axis=0) & (betas[-1] != 0)
   trusted = exhausted or live_converged(alphas, betas, dec.offsets[0])
   conv = (met(ritz, errors, ritz.scale) & (from_live | trusted)) | exhausted
+  # A trusted run met its stopping test: a pair of it that is not converged stopped at the
+  # products' rounding, which its error holds. The others ran out of max_iter.
+  errors = reported_errors(errors, conv | trusted)
   return _finish(op, ritz.values, vecs, ritz.residuals, errors, j, conv)
 
 

@@ -52,8 +52,8 @@ class LayerCurvature(NamedTuple):
     top_eigenvalue: Largest eigenvalue of ``H_ll`` (``nan`` if not computed,
       or for a leaf of size 0, which has none).
     num_matvecs: Products spent on the eigenvalue.
-    top_eigenvalue_error: Its estimated error (``Eigen.errors``; ``nan`` if not
-      computed).
+    top_eigenvalue_error: Its estimated error (``Eigen.errors``: ``inf`` if its run ran
+      out of ``max_iter``; ``nan`` if not computed).
     converged: Whether its Lanczos run met ``tol`` within ``max_iter``
       (``Eigen.converged``; ``False`` if not computed).
   """
