@@ -136,6 +136,29 @@ def positive(name: str, value: Any, allow_zero: bool = False) -> float:
   return interval(name, value, 0.0, np.inf, lo_open=not allow_zero, hi_open=True)
 
 
+def relative_tolerance(name: str, value: Any) -> float:
+  """Returns ``value`` as a ``float`` if it is in ``(0, 1)``: the check of every analysis's
+  relative tolerance (``tol`` of the eigenvalue solvers, ``track_curvature``, ``layer_breakdown``).
+
+  One of 1 or more is met by a first Ritz value: ``tol=1`` runs stopped after one product,
+  ``converged``, 43 % below a flat spectrum's top eigenvalue, or at a negative value for a top
+  eigenvalue of 1 above a bulk reaching -3.
+
+  Raises:
+    ValueError: naming ``name`` and the value, as :func:`interval` does, and the fix.
+  """
+  try:
+    return interval(name, value, 0.0, 1.0, lo_open=True, hi_open=True)
+  except ValueError as e:
+    v = real_scalar(value)
+    if v is None or not v >= 1:
+      raise
+    raise ValueError(
+      f"{e} It is relative to the estimated value, and one of 1 or more accepts an error as large "
+      f"as the value itself: pass a small fraction, e.g. {name}=1e-4."
+    ) from None
+
+
 def flag(name: str, value: Any) -> bool:
   """Returns ``value`` as a ``bool`` if it is one (a Python or NumPy bool), else raises.
 

@@ -187,7 +187,7 @@ def test_an_operator_built_under_a_transformation_names_the_traced_leaf():
   "kwargs, message",
   [
     ({"which": "la"}, r"which must be one of \('LA', 'LM', 'SA'\), got 'la'"),
-    ({"tol": 0.0}, "tol must be a finite real number > 0.0, got 0.0"),
+    ({"tol": 0.0}, r"tol must be a finite real number in \(0.0, 1.0\), got 0.0"),
     ({"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
   ],
 )
@@ -490,3 +490,35 @@ def test_a_single_array_as_params_is_named_in_errors():
   op = hessian.hessian_operator(loss, jnp.ones((3, 2)), jnp.ones((2, 3, 2)))
   with pytest.raises(ValueError, match=rf"leaf at {root} has shape \(2, 3\), the params' leaf"):
     hessian.preconditioned_operator(op, jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda op, tol: hessian.top_eigenvalues(op, tol=tol),
+    lambda op, tol: hessian.power_iteration(op, tol=tol),
+    lambda op, tol: hessian.track_curvature(op, tol=tol),
+    lambda op, tol: hessian.layer_breakdown(op, jax.random.key(0), tol=tol),
+  ],
+  ids=["top_eigenvalues", "power_iteration", "track_curvature", "layer_breakdown"],
+)
+@pytest.mark.parametrize("tol", [1.0, 2.0, np.inf])
+def test_a_relative_tolerance_of_one_or_more_is_refused_by_name_before_any_product(ops, call, tol):
+  # Accepted, it stopped a run at its first Ritz value, converged (tol=1 on a flat spectrum: 43 %
+  # below the top eigenvalue after one product).
+  good, _, _ = ops
+  calls = [0]
+
+  def matmat(vs):
+    calls[0] += 1
+    return good.matmat_fn(vs)
+
+  op = dataclasses.replace(good, matmat_fn=matmat)
+  with pytest.raises(ValueError) as e:
+    call(op, tol)
+  assert calls[0] == 0
+  assert str(e.value) == (
+    f"tol must be a finite real number in (0.0, 1.0), got {tol!r}. It is relative to the "
+    "estimated value, and one of 1 or more accepts an error as large as the value itself: pass a "
+    "small fraction, e.g. tol=1e-4."
+  )

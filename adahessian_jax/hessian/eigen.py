@@ -208,7 +208,7 @@ def top_eigenvalues(
       start converges in fewer steps when it is close to the wanted
       eigenvector, but an eigenvector it is orthogonal to stays invisible to
       that run (for ``k ≥ 2`` the check for repeated eigenvalues may find it).
-    tol: Tolerance relative to the largest magnitude among the wanted Ritz
+    tol: Tolerance in ``(0, 1)`` relative to the largest magnitude among the wanted Ritz
       values (``k`` wanted eigenvalues all near zero may then take up to
       ``max_iter`` products; ``converged`` says whether it was met). One below
       the rounding of the products (float32: about 1e-7 of ``‖H‖``, up to
@@ -235,7 +235,7 @@ def top_eigenvalues(
   """
   k = _check(k, which, op)
   max_iter = _validation.count("max_iter", max_iter)
-  tol = _validation.positive("tol", tol)
+  tol = _validation.relative_tolerance("tol", tol)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
   check_repeated = _validation.flag("check_repeated", check_repeated)
@@ -492,7 +492,7 @@ def power_iteration(
     op: The Hessian operator.
     k: Number of eigenpairs.
     key: PRNG key of the start vectors (default ``jax.random.key(0)``).
-    tol: Residual, relative to ``|θ|``, that stops an iteration.
+    tol: Residual, relative to ``|θ|``, that stops an iteration (in ``(0, 1)``).
     max_iter: Maximum products per eigenvalue.
 
   Returns:
@@ -504,12 +504,12 @@ def power_iteration(
 
   Raises:
     ValueError: for a ``k`` or ``max_iter`` that is not an integer in range,
-      or a ``tol`` that is not positive.
+      or a ``tol`` not in ``(0, 1)``.
     NonFiniteError: if a Rayleigh quotient is not finite (e.g. a NaN loss).
   """
   k = _check(k, "LM", op)
   max_iter = _validation.count("max_iter", max_iter)
-  tol = _validation.positive("tol", tol)
+  tol = _validation.relative_tolerance("tol", tol)
   floor = breakdown_tolerance(op.size, op.dtype)
   key = _checks.prng_key(jax.random.key(0) if key is None else key)
   found = jnp.zeros((k, op.size), op.dtype)

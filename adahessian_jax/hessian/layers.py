@@ -123,7 +123,7 @@ def layer_breakdown(
     eigenvalues: Whether to compute each block's top eigenvalue (Lanczos,
       one full Hessian product per step, per leaf).
     which: Which eigenvalue, as in :func:`~adahessian_jax.hessian.top_eigenvalues`.
-    tol: Lanczos residual tolerance.
+    tol: Lanczos residual tolerance, relative, in ``(0, 1)``.
     max_iter: Lanczos step limit per leaf.
     layer_axes: Layers stacked in one leaf (``nn.scan``, ``nnx.vmap``: a kernel
       ``(layers, in, out)``) get an entry each. ``None`` (the default) finds the
@@ -161,7 +161,7 @@ def layer_breakdown(
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   if eigenvalues:  # the eigen solves' arguments, before the trace probes spend any product
     _checks.which(which)
-    tol = _validation.positive("tol", tol)
+    tol = _validation.relative_tolerance("tol", tol)
     max_iter = _validation.count("max_iter", max_iter)
   parts = _parts(op, layer_axes)
   k_trace, k_eig = jax.random.split(_checks.prng_key(key))

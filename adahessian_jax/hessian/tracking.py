@@ -418,7 +418,7 @@ def track_curvature(
       array), e.g. from :func:`~adahessian_jax.hessian.adahessian_preconditioner`;
       ``None`` skips the preconditioned quantities.
     key: PRNG key of the random starts and trace probes (default ``key(0)``).
-    tol: Tolerance of each run, relative to the tracked eigenvalue ``|θ₁|`` (a
+    tol: Tolerance of each run in ``(0, 1)``, relative to the tracked eigenvalue ``|θ₁|`` (a
       top eigenvalue near zero next to large negative ones may then take up to
       ``max_iter`` products; ``converged`` says whether it was met).
     max_iter: Maximum Hessian-vector products per run (the block's included,
@@ -459,7 +459,7 @@ def track_curvature(
   block_size = min(2, op.size) if block_size is None else block_size
   block_size = _validation.count("block_size", block_size, 1, op.size)
   max_iter = _validation.count("max_iter", max_iter, block_size)  # the block's products count
-  tol = _validation.positive("tol", tol)
+  tol = _validation.relative_tolerance("tol", tol)
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
   mix = _validation.positive("warm_mix", warm_mix, allow_zero=True)
