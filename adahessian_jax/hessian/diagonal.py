@@ -34,6 +34,7 @@ from adahessian_jax.hessian._sketch import (
   leave_one_out_projectors,
   wide_dtype,
 )
+from adahessian_jax.hessian.trace import _t_factor
 
 __all__ = ["DiagonalEstimate", "hutchinson_diagonal_estimate", "hutchinson_samples", "xdiag"]
 
@@ -139,7 +140,10 @@ def hutchinson_diagonal_estimate(
 
   Returns:
     A :class:`DiagonalEstimate`; ``stderr`` is the per-entry sample standard
-    error (the entry's variance is ``Σ_{j≠i} H_ij²`` per probe). The samples
+    error (the entry's variance is ``Σ_{j≠i} H_ij²`` per probe) times the Student-t factor of
+    :func:`~adahessian_jax.hessian.hutchinson_trace`, so that ``diagonal ± 1.96·stderr`` is a
+    95 % interval per entry (the plain ``s/√m`` covered 70 % of the entries at 2 samples, 86 %
+    at 4, 92 % at 10). The samples
     are in the operator's dtype; their sums and squared deviations (from the
     first sample, merged block by block, so equal samples give exactly zero)
     are in ``_sketch.wide_dtype``: float32 for
@@ -171,7 +175,8 @@ def hutchinson_diagonal_estimate(
     count += x.shape[0]
   assert total is not None and m2 is not None  # num_samples >= 2: at least one block
   var = m2 / (num_samples - 1)
-  return _result(op, total / num_samples, jnp.sqrt(var / num_samples), num_samples)
+  se = jnp.sqrt(var / num_samples) * _t_factor(num_samples)  # a Python float: keeps the dtype
+  return _result(op, total / num_samples, se, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames="degenerate")
