@@ -464,3 +464,18 @@ def test_a_run_out_of_max_iter_reports_an_infinite_error(stop_on):
         assert np.all(got.errors >= np.abs(got.eigenvalues - top) - 1e-14 * top[0]), where
         finite += int(np.sum(np.isfinite(got.errors)))
   assert finite >= 10  # converged pairs keep their estimate
+
+
+def test_power_iteration_out_of_max_iter_reports_an_infinite_error():
+  # Its error was the residual whether converged or not: after 1-5 products below the distance
+  # to the largest-magnitude eigenvalue in 43 of 100 runs on these spectra.
+  for name, ev in SLOW_SPECTRA.items():
+    params, a = quadratic(ev, 0)
+    op = hessian.hessian_operator(quadratic_loss, params, batch=a)
+    top = ev[np.argmax(np.abs(ev))]
+    for max_iter in (1, 2, 3, 100):
+      for seed in range(3):
+        got = hessian.power_iteration(op, key=jax.random.key(seed), max_iter=max_iter)
+        where = (name, max_iter, seed, got.errors, got.converged)
+        assert got.errors[0] == (got.residuals[0] if got.converged[0] else np.inf), where
+        assert got.errors[0] >= abs(got.eigenvalues[0] - top), where

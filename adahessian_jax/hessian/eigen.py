@@ -78,7 +78,7 @@ class Eigen(NamedTuple):
       an estimate, not a bound; ``inf`` for a pair not converged because the run (or the check
       for repeated eigenvalues) ran out of ``max_iter``, whose estimate nothing vouches for
       (finite only where the tolerance was met or the products' rounding stopped it).
-      Power iteration: the residual.
+      Power iteration: the residual (``inf`` where not converged).
     num_matvecs: Hessian-vector products spent.
     converged: ``(k,)`` booleans, whether each pair met the tolerance (Lanczos:
       an exact pair of a Krylov space that became invariant counts only once
@@ -540,4 +540,5 @@ def power_iteration(
     np.asarray(op.matmat(found), np.float64) - values[:, None] * np.asarray(found, np.float64),
     axis=-1,
   )
-  return _finish(op, values, found, residuals, residuals, matvecs, converged)
+  errors = reported_errors(residuals, np.asarray(converged))  # the same rule as Lanczos'
+  return _finish(op, values, found, residuals, errors, matvecs, converged)
