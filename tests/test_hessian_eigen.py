@@ -447,7 +447,7 @@ def test_float32_does_not_claim_a_tolerance_below_its_rounding():
 @pytest.mark.parametrize("stop_on", ["residual", "eigenvalue"])
 def test_a_run_out_of_max_iter_reports_an_infinite_error(stop_on):
   # After 2-4 products the estimate (the change over the last product, the gap) was below the
-  # true error by up to 15x on these spectra, reported finite beside converged=False. Only a run
+  # true error by up to 34x on these spectra, reported finite beside converged=False. Only a run
   # whose stopping test was met (or that stopped at the products' rounding) reports one now.
   finite = 0
   for name, ev in SLOW_SPECTRA.items():

@@ -422,7 +422,7 @@ def test_a_new_top_eigenvalue_outside_the_block_is_usually_missed_by_a_warm_star
 def test_an_error_is_inf_unless_the_stopping_test_vouches_for_it():
   # A run cut off by max_iter after 1-4 products reported a finite error that did not cover the
   # true one: after one product the residual (0.5-0.7x the true error of a flat spectrum's top
-  # eigenvalue), after 2-4 the change guard, up to 15x below it on these spectra. It is inf now,
+  # eigenvalue), after 2-4 the change guard, up to 34x below it on these spectra. It is inf now,
   # as top_eigenvalues reports it; every finite error covers the true one.
   finite = 0
   for name, ev in SLOW_SPECTRA.items():
