@@ -34,7 +34,7 @@ from adahessian_jax.hessian._sketch import (
   leave_one_out_projectors,
   wide_dtype,
 )
-from adahessian_jax.hessian.trace import _t_factor
+from adahessian_jax.hessian.trace import t_factor
 
 __all__ = ["DiagonalEstimate", "hutchinson_diagonal_estimate", "hutchinson_samples", "xdiag"]
 
@@ -175,7 +175,7 @@ def hutchinson_diagonal_estimate(
     count += x.shape[0]
   assert total is not None and m2 is not None  # num_samples >= 2: at least one block
   var = m2 / (num_samples - 1)
-  se = jnp.sqrt(var / num_samples) * _t_factor(num_samples)  # a Python float: keeps the dtype
+  se = jnp.sqrt(var / num_samples) * t_factor(num_samples)  # a Python float: keeps the dtype
   return _result(op, total / num_samples, se, num_samples)
 
 

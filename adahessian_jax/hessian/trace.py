@@ -94,12 +94,12 @@ def _stopping(op, rtol, atol, min_samples, max_samples, block_size):
   return rtol, atol, min_samples, max_samples, block_size
 
 
-# The 0.975 quantile of Student's t for 1-4 degrees of freedom; :func:`_t_factor` expands it above.
+# The 0.975 quantile of Student's t for 1-4 degrees of freedom; :func:`t_factor` expands it above.
 _T975 = (12.706204736174694, 4.302652729749462, 3.182446305283708, 2.7764451051977934)
 _Z975 = 1.959963984540054
 
 
-def _t_factor(num_samples: int) -> float:
+def t_factor(num_samples: int) -> float:
   """``t_{m−1}(0.975) / z(0.975)`` for ``m = num_samples``: the factor that makes ``±1.96·stderr``
   the Student-t 95 % interval of a mean of ``m`` samples (1.087 at 16, 1.019 at 64).
 
@@ -120,7 +120,7 @@ def _t_factor(num_samples: int) -> float:
 
 
 def t_scaled_stderr(x: np.ndarray) -> float:
-  """The standard error of the mean of the samples ``x``, Student-t scaled (:func:`_t_factor`):
+  """The standard error of the mean of the samples ``x``, Student-t scaled (:func:`t_factor`):
   the ``stderr`` of :func:`hutchinson_trace`, and of ``layer_breakdown``'s per-layer traces.
 
   Args:
@@ -129,7 +129,7 @@ def t_scaled_stderr(x: np.ndarray) -> float:
   Returns:
     ``std(x, ddof=1) / sqrt(m)`` times the factor that makes ``±1.96·stderr`` a 95 % interval.
   """
-  return float(x.std(ddof=1) / np.sqrt(x.size)) * _t_factor(x.size)
+  return float(x.std(ddof=1) / np.sqrt(x.size)) * t_factor(x.size)
 
 
 def _sampled_trace(op, key, offset, *stopping):
