@@ -569,7 +569,9 @@ def _stack_count(
   axes and output: not for ``nn.vmap`` with ``variable_axes={"params": 1}``, kernel ``(in,
   members, out)``, bias ``(out, members)``); and a bias that repeats its kernel's leading axes
   (kernel ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's
-  trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection). Both also show a
+  trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection), and it fits one
+  way only (``(2, 3, 3, 4)`` beside ``(2, 3, 4)`` repeats 1 axis or 2: no count here, which
+  Linen's scan names give, else at least the fewest, :func:`_fewest_stacked`). Both also show a
   module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
   that is its kernel's trailing axes and cannot be read as repeating its leading ones
   (:func:`_bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack
@@ -604,7 +606,7 @@ def _stack_count(
     fits = _bias_fits(k, b)
     if fits == [0]:  # one layer's bias is its kernel's output axes, and nothing else
       return (), f"its {bias} {b} is its {kernel}'s trailing axes: one layer"
-    if fits and fits[0] > 0:
+    if fits and fits[0] > 0 and len(fits) == 1:  # (2, 3, 3, 4) beside (2, 3, 4): 1 or 2
       n = fits[0]
       return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
     if _torch_kernel(k, b) and not _flax_fits(k, b):  # FlaxConv1D's (out, in), stacked
@@ -627,6 +629,31 @@ def _stack_count(
         "(PyTorch/Equinox layout): one per layer"
       )
   return None, ""
+
+
+def _fewest_stacked(
+  members: dict[str, int], shapes, scanned: int | None
+) -> tuple[tuple[int, ...], str] | None:
+  """The stacked axes of a module whose bias can repeat several counts of its kernel's leading
+  axes (kernel ``(2, 3, 3, 4)``, bias ``(2, 3, 4)``: 1 or 2, a stack of 2 ``DenseGeneral((3,
+  4))`` or of 2 x 3 ``DenseGeneral(4)``; :func:`_bias_fits`), where the count of Linen's scan
+  names above it (``scanned``) is none of them: the fewest, stacked either way.
+
+  Returns:
+    The stacked axes' sizes and why, or ``None`` where it has no such bias or the scan names'
+    count is one of them.
+  """
+  for kernel, bias in _KERNEL_BIAS:
+    if kernel in members and bias in members:
+      k, b = shapes[members[kernel]], shapes[members[bias]]
+      fits = _bias_fits(k, b)
+      if fits and len(fits) > 1 and fits[0] > 0 and scanned not in fits:
+        n = fits[0]
+        return k[:n], (
+          f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]} or more: at least one "
+          "per layer"
+        )
+  return None
 
 
 def _bias_fits(kernel: tuple[int, ...], bias: tuple[int, ...]) -> list[int] | None:
@@ -842,6 +869,11 @@ def stacks_by_evidence(
   unknown = {module: members for module, members in unknown.items() if counts[module][0] is None}
   by_scans, guessed_modules = _scan_stacks(unknown, paths, shapes, counts)
   counts.update(by_scans)
+  for module, members in unknown.items():  # a bias's counts that no scan names pick: the fewest
+    lead = counts[module][0]
+    least = _fewest_stacked(members, shapes, None if lead is None else len(lead))
+    if least is not None:
+      counts[module] = least
   for module, members in modules.items():
     lead, why = counts[module]
     axis = moved[module][0] if module in moved else None
@@ -1314,17 +1346,19 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
 def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]]:
   """Axis names for the unnamed kernels of ``DenseGeneral`` layers, by their bias.
 
-  A kernel ``(*batch, *in, *out)`` whose bias ``(*batch, *out)`` fits it one way only, with as
-  many ``batch`` axes as the kernel's leading stacked axes (none for one layer; a stack found
-  from that bias otherwise), is a ``DenseGeneral``'s (``nnx.LinearGeneral``'s, an ``Einsum``'s
-  with that layout) when the bias has two output axes or more (``(heads, head_dim)``: a
-  convolution's bias has one), or under Linen's automatic name (``DenseGeneral_0``). Its last
+  A kernel ``(*batch, *in, *out)`` whose bias ``(*batch, *out)`` fits it with as many ``batch``
+  axes as the kernel's leading stacked axes and with no more (none for one layer; a stack found
+  from that bias, or by other evidence: under ``ScanBlock_0`` a kernel ``(3, 3, 2, 4)`` beside
+  ``(3, 2, 4)``, which alone could be one layer's with ``features=(3, 2, 4)``), is a
+  ``DenseGeneral``'s (``nnx.LinearGeneral``'s, an ``Einsum``'s with that layout) when the bias
+  has two output axes or more (``(heads, head_dim)``: a convolution's bias has one), or under
+  Linen's automatic name (``DenseGeneral_0``). Its last
   input axis and its output axes are named ``features`` (blocks along that input axis,
   consecutive inputs of the flattened ``Dense``), and its other input axes ``heads`` (kept
   apart: ``axis=(-2, -1)`` over ``(heads, head_dim)`` is an attention's output projection),
-  where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that fits two
-  ways (the kernel ``(6, 6, 4)``, bias ``(6, 4)``: one layer or a batch of 6) leaves the
-  rank's guess.
+  where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that fits with
+  more axes than the stacked ones (the kernel ``(6, 6, 4)``, bias ``(6, 4)``, no stack found: one
+  layer or a batch of 6) leaves the rank's guess.
 
   Returns:
     ``{leaf index: (axis names, why)}``.
@@ -1340,7 +1374,8 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
     named = _linen_class(k.module) == "DenseGeneral"
     if not named and len(bias) - k.lead < 2:
       continue
-    if _bias_fits(shape, bias) == [k.lead]:
+    fits = _bias_fits(shape, bias) or []
+    if k.lead in fits and fits[-1] == k.lead:  # more: a batch axis or a layer axis, unsure
       n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
       stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
       found[k.index] = (

@@ -2848,7 +2848,15 @@ _ONE_LAYER = {
   "Embed": (lambda: nn.Embed(5, 4), (1, 2)),
   "Attention": (lambda: nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6), (1, 3, 4)),
   "LayerNorm": (lambda: nn.LayerNorm(), (1, 3)),
+  "DenseGeneral": (lambda: nn.DenseGeneral((2, 4)), (1, 3)),
+  "DenseGeneralAxes": (lambda: nn.DenseGeneral(4, axis=(-2, -1)), (1, 2, 3)),
+  "Einsum": (lambda: nn.Einsum((3, 2, 4), "btd,dhk->bthk"), (1, 5, 3)),
 }
+
+#: The kinds whose kernel's rank Linen's name does not fix: under nn.remat_scan of lengths (2, 3)
+#: the kernel (2, 3, 3, *out) beside its bias (2, 3, *out) is also one remat layer's with outputs
+#: (3, *out), so the number of stacked axes is a guess (flagged), biases or not.
+_ANY_RANK = ("DenseGeneral", "DenseGeneralAxes", "Einsum")
 
 
 class StackedOneLayer(nn.Module):
@@ -2974,8 +2982,8 @@ def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
     )
     rows = spatial.describe({"head": one["head"], **tree}, block_size=2).rows
     rows = rows[: len(jax.tree.leaves(diag))]
-    if use_bias:  # the biases show the stack: no guess
-      assert not any(r.ambiguous for r in rows), (top, layers)
+    if use_bias and not (kind in _ANY_RANK and top[0].startswith("Remat") and len(layers) > 1):
+      assert not any(r.ambiguous for r in rows), (top, layers)  # the biases show the stack
     one_rows = spatial.describe({"head": one["head"], own: mine}, block_size=2).rows
     where = "".join(f"['{k}']" for k in top)
     for row, one_row, d in zip(rows, one_rows, jax.tree.leaves(diag), strict=False):
