@@ -47,6 +47,7 @@ import numpy as np
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import (
+  GAP_CAP,
   breakdown_tolerance,
   change_guarded,
   norm,
@@ -129,9 +130,6 @@ class CurvatureRecord(NamedTuple):
 # nothing unless one needs more products than any before it had buffer rows for (then ~7 small
 # programs, once).
 _FIRST_ROWS = 16
-
-# Largest gap, relative to |θ₁|, that the error estimate r²/gap assumes (see _top).
-_GAP_CAP = 0.01
 
 
 @jax.jit
@@ -242,7 +240,7 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
       # 0.99 above a bulk under 0.5: θ₁ = 0.991 after 7 products, r = 3e-3, estimate 6e-5, in
       # 5 of 40 cold starts). The gap is taken as at most 1 % of |θ₁|: the estimate then holds
       # for any λ₂ at least that far below, at about one product more per measurement.
-      gap = min(theta[0] - theta[1] - res[1], _GAP_CAP * abs(float(theta[0])))
+      gap = min(theta[0] - theta[1] - res[1], GAP_CAP * abs(float(theta[0])))
       err = min(err, err * err / gap) if gap > 0 else err
     if used > b:  # before that a warm block's gap estimate stands alone: it may stop at b products
       err = float(change_guarded(err, history[-1], history[-2]))
