@@ -1041,7 +1041,15 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
   return Averaging(averaging, strict=True)
 
 
-def _is_rule(x: Any) -> bool:
+def is_rule(x: Any) -> bool:
+  """Whether ``x`` is a :class:`Rule` (as ``is_leaf``: a tree of rules stops at them).
+
+  Args:
+    x: A node of a tree of rules.
+
+  Returns:
+    ``True`` for a :class:`Rule`.
+  """
   return isinstance(x, Rule)
 
 
@@ -1130,7 +1138,7 @@ def check_averaging(averaging: AveragingSpec) -> None:
     TypeError: naming the bad value (and its entry's path in a tree) and the fix.
   """
   rules = as_averaging(averaging).rules
-  if rules is None or _is_rule(rules):
+  if rules is None or is_rule(rules):
     return
   name = next((n for n in _CONSTRUCTORS if rules is globals()[n]), None)
   if name is not None:
@@ -1156,7 +1164,7 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
   """One (unbound) rule per leaf of ``params``, in ``jax.tree.leaves`` order."""
   if averaging is None:
     return [default] * len(infos)
-  if _is_rule(averaging):
+  if is_rule(averaging):
     return [averaging] * len(infos)
   if callable(averaging):
     out = []
@@ -1170,7 +1178,7 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
         raise
       if rule is None:
         rule = default
-      if not _is_rule(rule):
+      if not is_rule(rule):
         raise TypeError(
           f"averaging callable returned {rule!r} for {path_str(info.path)}; "
           "expected an adahessian_jax.spatial rule or None."
@@ -1191,7 +1199,7 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
   # node) comes out as None, which is_leaf=_rule_or_none would count as a leaf.
   out = [default if r is None else r for r in jax.tree.structure(params).flatten_up_to(rules)]
   for r in out:
-    if not _is_rule(r):
+    if not is_rule(r):
       raise _not_a_rule(r)
   return out
 
@@ -1725,7 +1733,7 @@ def apply_rules(rules: Any, tree: Any) -> Any:
     rule.check(tuple(jnp.shape(d)), path_str(path))
     return rule(d)
 
-  return jax.tree_util.tree_map_with_path(apply, rules, tree, is_leaf=_is_rule)
+  return jax.tree_util.tree_map_with_path(apply, rules, tree, is_leaf=is_rule)
 
 
 def describe(

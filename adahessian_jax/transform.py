@@ -121,7 +121,7 @@ def _check_block_size_used(block_size: int, averaging: Any, rules: Any = None) -
     )
   if rules is not None and not any(
     isinstance(r, spatial.FlaxDefault) and r.block_size == block_size
-    for r in jax.tree.leaves(rules, is_leaf=lambda x: isinstance(x, spatial.Rule))
+    for r in jax.tree.leaves(rules, is_leaf=spatial.is_rule)
   ):
     how = "callable returns None" if callable(rule) else "tree has None"
     raise ValueError(
@@ -431,13 +431,12 @@ def _curvature(
   # back (measured: +2 passes over the parameters).
   # Mapped over the rules, whose leaves are Rule objects: the estimate's own nodes (tuples,
   # NamedTuples, optax.MaskedNode) then stay nodes.
-  is_rule = lambda x: isinstance(x, spatial.Rule)
   mean_axes = lambda r, e: tuple(i for i in range(e.ndim) if i not in r.layer_axes(e.shape))
   sums = jax.tree.map(
     lambda r, e: jnp.sum(jnp.maximum(e, -e), mean_axes(r, e), keepdims=True, dtype=_sum_dtype(e)),
     rules,
     estimate,
-    is_leaf=is_rule,
+    is_leaf=spatial.is_rule,
   )
   # Over the whole model, split kernels' other shards included (shard_map), so that the floor of
   # a replicated leaf is the same on every shard.
@@ -454,7 +453,7 @@ def _curvature(
     floor = jnp.where(curvature_floor > 0, floor, 0)
     return jnp.maximum(x, floor.astype(x.dtype))
 
-  return jax.tree.map(floored, rules, d, sums, is_leaf=is_rule), finite
+  return jax.tree.map(floored, rules, d, sums, is_leaf=spatial.is_rule), finite
 
 
 def _sum_dtype(x: jax.Array) -> Any:
