@@ -587,7 +587,7 @@ def _stack_count(
   linen = _linen_class(module)
   if linen == "Dense" and "kernel" in members and "bias" in members:
     k, b = shapes[members["kernel"]], shapes[members["bias"]]
-    if len(k) < 2 or b != k[:-2] + k[-1:]:  # not stacked in front (nn.vmap variable_axes=1)
+    if not _dense_bias(k, b):  # not stacked in front (nn.vmap variable_axes=1)
       linen = None
   for (cls, param), rank in _CLASS_RANKS.items():
     i = members.get(param) if cls == linen else None
@@ -599,20 +599,16 @@ def _stack_count(
     a, b = shapes[members["lora_a"]], shapes[members["lora_b"]]
     if len(a) == len(b) >= 2 and a[:-2] == b[:-2] and a[-1] == b[-2]:
       return a[:-2], f"its lora_a {a} and lora_b {b} are nnx.LoRA's (in, rank) and (rank, out)"
-  for kernel, bias in _KERNEL_BIAS:
-    if kernel not in members or bias not in members:
-      continue
-    k, b = shapes[members[kernel]], shapes[members[bias]]
-    fits = _bias_fits(k, b)
-    if fits == [0]:  # one layer's bias is its kernel's output axes, and nothing else
-      return (), f"its {bias} {b} is its {kernel}'s trailing axes: one layer"
-    if fits and fits[0] > 0 and len(fits) == 1:  # (2, 3, 3, 4) beside (2, 3, 4): 1 or 2
-      n = fits[0]
-      return k[:n], f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]}: one per layer"
+  for pair in _bias_pairs(members, shapes):
+    k, b = pair.k, pair.b
+    if pair.counts == (0,):  # one layer's bias is its kernel's output axes, and nothing else
+      return (), f"its {pair.bias} {b} is its {pair.kernel}'s trailing axes: one layer"
+    if len(pair.counts) == 1:  # not several: (2, 3, 3, 4) beside (2, 3, 4) fits 1 or 2
+      n = pair.counts[0]
+      return k[:n], pair.repeats(n) + ": one per layer"
     if _torch_kernel(k, b) and not _flax_fits(k, b):  # FlaxConv1D's (out, in), stacked
-      return k[:-2], (
-        f"its {bias} {b} repeats the {kernel}'s leading axes {k[:-2]} before its output axis "
-        "(Hugging Face's FlaxConv1D layout (out, in)): one per layer"
+      return k[:-2], pair.repeats(len(k) - 2) + (
+        " before its output axis (Hugging Face's FlaxConv1D layout (out, in)): one per layer"
       )
   raw = _raw_pair_stacks(members, shapes)
   if raw is not None:
@@ -643,17 +639,45 @@ def _fewest_stacked(
     The stacked axes' sizes and why, or ``None`` where it has no such bias or the scan names'
     count is one of them.
   """
+  for pair in _bias_pairs(members, shapes):
+    if len(pair.counts) > 1 and pair.counts[0] > 0 and scanned not in pair.counts:
+      n = pair.counts[0]
+      return pair.k[:n], pair.repeats(n) + " or more: at least one per layer"
+  return None
+
+
+class _BiasPair(NamedTuple):
+  """A module's kernel and bias (:data:`_KERNEL_BIAS`), and how many of the kernel's leading axes
+  the bias can repeat (:func:`_bias_pairs`)."""
+
+  kernel: str  # its parameter names: "kernel" and "bias", or Haiku's "w" and "b"
+  bias: str
+  k: tuple[int, ...]  # their shapes
+  b: tuple[int, ...]
+  counts: tuple[int, ...]  # the numbers of stacked axes the bias fits (_bias_fits), () if none
+
+  def repeats(self, n: int) -> str:
+    """Why the bias shows ``n`` stacked axes: ``"its bias (3, 5) repeats the kernel's leading
+    axes (3,)"``."""
+    return f"its {self.bias} {self.b} repeats the {self.kernel}'s leading axes {self.k[:n]}"
+
+
+def _bias_pairs(members: Mapping[str, int], shapes) -> list[_BiasPair]:
+  """The kernel and bias pairs (:data:`_KERNEL_BIAS`) of a module's ``members`` (``{parameter
+  name: leaf index}``), in that order, each with every number of stacked axes its bias fits
+  (:func:`_bias_fits`): what :func:`_stack_count` and :func:`_fewest_stacked` read a stack by."""
+  pairs = []
   for kernel, bias in _KERNEL_BIAS:
     if kernel in members and bias in members:
       k, b = shapes[members[kernel]], shapes[members[bias]]
-      fits = _bias_fits(k, b)
-      if fits and len(fits) > 1 and fits[0] > 0 and scanned not in fits:
-        n = fits[0]
-        return k[:n], (
-          f"its {bias} {b} repeats the {kernel}'s leading axes {k[:n]} or more: at least one "
-          "per layer"
-        )
-  return None
+      pairs.append(_BiasPair(kernel, bias, k, b, tuple(_bias_fits(k, b) or ())))
+  return pairs
+
+
+def _dense_bias(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
+  """Whether a bias is its kernel without the input axis, as Flax lays out a ``Dense``: ``(in,
+  out)`` beside ``(out,)``, stacked or not (``(layers, in, out)`` beside ``(layers, out)``)."""
+  return len(k) >= 2 and b == k[:-2] + k[-1:]
 
 
 def _bias_fits(kernel: tuple[int, ...], bias: tuple[int, ...]) -> list[int] | None:
@@ -790,7 +814,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
     if roles[w] is None:
       continue
     k, v = shapes[w], shapes[b]
-    dense = len(k) >= 2 and v == k[:-2] + k[-1:]  # Flax's (in, out) beside (out,), stacked or not
+    dense = _dense_bias(k, v)
     if is_weight:
       if _torch_kernel(k, v) and dense and len(_torch_stacks(k, v)) == 1:  # (*stack, d, d)
         square[w] = (module, is_weight)
@@ -1327,7 +1351,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
     else:
       continue
-    stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
+    stacked = _lead_names(names[k.index], k.lead)
     found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
   # Boxed with only the spatial axes unnamed, (None, None, "embed", "mlp"): the same evidence
   # from the bias, which a stack of layers' kernel would not sit beside ((layers, out) is its).
@@ -1377,7 +1401,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
     fits = _bias_fits(shape, bias) or []
     if k.lead in fits and fits[-1] == k.lead:  # more: a batch axis or a layer axis, unsure
       n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
-      stacked = tuple(names[k.index][: k.lead] if names[k.index] else ())
+      stacked = _lead_names(names[k.index], k.lead)
       found[k.index] = (
         stacked + (heads,) * (n_in - 1) + (features,) * (len(shape) - k.lead - n_in + 1),
         (f"by its module's name {k.module[-1]!r}" if named else f"by its bias {bias}")
@@ -1447,13 +1471,12 @@ def expert_biases(paths, shapes, names, roles, experts: Mapping[int, Any]) -> se
   for members in _by_leaf_name(paths).values():
     kernels = [i for i in members.values() if i in experts]
     for i in kernels:
-      bias_shape = tuple(shapes[i][:-2]) + tuple(shapes[i][-1:])
       for j in members.values():
         if j == i or roles[j] is None or param_name(paths[j]) in READ_BY_NAME:
           continue
         # A bias (layers, experts, out) of rank 3 is itself taken for an expert's kernel.
         own = names[j] if j not in experts else None
-        if tuple(shapes[j]) == bias_shape and _leading_stack(own, roles[j]) is not None:
+        if _dense_bias(shapes[i], shapes[j]) and _leading_stack(own, roles[j]) is not None:
           found.add(j)
   return found
 
@@ -1473,6 +1496,12 @@ def _stacked_prefix(names: AxisNames, roles: Mapping[str, str]) -> int:
   while n < len(names) and names[n] is not None and axis_role(names[n], roles) == STACKED:
     n += 1
   return n
+
+
+def _lead_names(names: AxisNames | None, lead: int) -> AxisNames:
+  """The names of a leaf's ``lead`` leading (stacked) axes, ``()`` for a leaf without names
+  (:func:`_leading_stack`: its stack not named yet, or none)."""
+  return tuple(names[:lead] if names else ())
 
 
 def _leading_stack(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
@@ -1543,7 +1572,7 @@ def flax_attention_names(
         continue
       if name != "out" and not _fewer_heads(shapes[j][lead + 1 :], one[1:]):
         continue
-      found[j] = tuple(names[j][:lead] if names[j] else ()) + _ATTENTION_AXES[name]
+      found[j] = _lead_names(names[j], lead) + _ATTENTION_AXES[name]
       members.append(j)
     if one[0] == one[1]:
       unsure.update(members)
@@ -1650,7 +1679,7 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
       if axes[0] == STACKED:  # packed projections: kept apart, as a stack
         axes = (_role_name(roles[j], STACKED),) + axes[1:]
       lead = len(shapes[j]) - len(axes)
-      found[j] = tuple(names[j][:lead] if names[j] else ()) + axes
+      found[j] = _lead_names(names[j], lead) + axes
   return found
 
 
