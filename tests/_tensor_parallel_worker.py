@@ -66,12 +66,18 @@ def local_loss(params, x, y):
 
 
 def exact_diagonal_and_sigma(params, x, y):
-  """The Hessian diagonal and the per-entry standard deviation of ``N_SAMPLES`` probes."""
-  flat, unravel = ravel_pytree(params)
-  hessian = np.asarray(jax.hessian(lambda f: global_loss(unravel(f), x, y))(flat))
-  diag = np.diag(hessian)
-  off = hessian**2 - np.diag(diag**2)
-  return unravel(diag), unravel(np.sqrt(off.sum(axis=1) / N_SAMPLES))
+  """The Hessian diagonal and the per-entry standard deviation of ``N_SAMPLES`` probes, as NumPy
+  arrays (one compiled program: op by op, the Hessian compiled a program per operation)."""
+
+  @jax.jit
+  def exact(params):
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.hessian(lambda f: global_loss(unravel(f), x, y))(flat)
+    diag = jnp.diag(hessian)
+    off = hessian**2 - jnp.diag(diag**2)
+    return unravel(diag), unravel(jnp.sqrt(off.sum(axis=1) / N_SAMPLES))
+
+  return jax.tree.map(np.asarray, exact(params))
 
 
 def state_specs(mesh, tx, params):
@@ -83,13 +89,18 @@ def state_specs(mesh, tx, params):
   return jax.tree.map(lambda s: s.spec, distributed.state_shardings(tx, abstract))
 
 
+def step_on_one_device(tx):
+  """``tx``'s updates from a given diagonal, on one device (to be jitted: one program)."""
+  return lambda grads, state, params, hdiag: tx.update(grads, state, params, hessian_diag=hdiag)[0]
+
+
 def floored_bias_update(mesh, params, diag, grads):
   """``curvature_floor`` on a leaf without curvature (``b0``) floors it by the model-wide mean,
   which takes in every shard of the split kernels: the update is one device's."""
   hparams = {"learning_rate": 0.1, "block_size": 2, "seed": 5, "curvature_floor": 0.5}
   tx = ah.adahessian(**hparams, axis_name="data", averaging=whole_model_rules(params, 2))
-  state = tx.init(params)
-  flat = {**diag, "b0": jnp.zeros_like(diag["b0"])}
+  state = jax.jit(tx.init)(params)
+  flat = {**diag, "b0": np.zeros_like(diag["b0"])}
 
   def step(grads, state, params, hdiag):
     return tx.update(grads, state, params, hessian_diag=hdiag)[0]["b0"]
@@ -98,7 +109,8 @@ def floored_bias_update(mesh, params, diag, grads):
   got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P()))(
     grads, state, params, flat
   )
-  want = ah.adahessian(**hparams).update(grads, state, params, hessian_diag=flat)[0]["b0"]
+  want = jax.jit(step_on_one_device(ah.adahessian(**hparams)))(grads, state, params, flat)["b0"]
+  got, want = np.asarray(got), np.asarray(want)
   return {"floored_b0_vs_single": float(np.max(np.abs(got - want))), "floored_b0": float(got[0])}
 
 
@@ -109,9 +121,9 @@ def given_diagonal_updates(mesh, x, y, params, diag):
   is skipped on every shard (and on one device), the replicated ``b0`` included.
   """
   tx = ah.adahessian(0.1, block_size=2, seed=5, axis_name="data")
-  single = ah.adahessian(0.1, block_size=2, seed=5)
-  state = tx.init(params)
-  grads = jax.grad(global_loss)(params, x, y)
+  single = jax.jit(step_on_one_device(ah.adahessian(0.1, block_size=2, seed=5)))
+  state = jax.jit(tx.init)(params)
+  grads = jax.tree.map(np.asarray, jax.jit(jax.grad(global_loss))(params, x, y))
   out = floored_bias_update(mesh, params, diag, grads)
   specs = (SPECS, state_specs(mesh, tx, params), SPECS, SPECS)
 
@@ -125,9 +137,11 @@ def given_diagonal_updates(mesh, x, y, params, diag):
   out["default_rules_warning"] = [
     str(w.message) for w in caught if issubclass(w.category, spatial.LayoutGuessWarning)
   ]
-  for name, bad in (("diag", diag), ("nan", {**diag, "w1": diag["w1"].at[0, 0].set(np.nan)})):
-    got = mapped(grads, state, params, bad)
-    want = single.update(grads, state, params, hessian_diag=bad)[0]
+  w1_nan = diag["w1"].copy()
+  w1_nan[0, 0] = np.nan
+  for name, bad in (("diag", diag), ("nan", {**diag, "w1": w1_nan})):
+    got = jax.tree.map(np.asarray, mapped(grads, state, params, bad))
+    want = jax.tree.map(np.asarray, single(grads, state, params, bad))
     out[f"{name}_vs_single"] = max(float(np.max(np.abs(got[k] - want[k]))) for k in params)
     out[f"{name}_max_update"] = max(float(np.max(np.abs(got[k]))) for k in params)
   return out
@@ -157,7 +171,8 @@ def repeated_probe_blocks(mesh, steps=3):
   abstract = {
     k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in params.items()
   }
-  state_spec = jax.tree.map(lambda s: s.spec, distributed.state_shardings(tx, abstract))
+  shardings = distributed.state_shardings(tx, abstract)
+  state_spec = jax.tree.map(lambda s: s.spec, shardings)
 
   def step(params, state):
     local = distributed.device_varying((params, state), "data")
@@ -170,9 +185,10 @@ def repeated_probe_blocks(mesh, steps=3):
   mapped = jax.jit(
     jax.shard_map(step, mesh=mesh, in_specs=(specs, state_spec), out_specs=out_specs)
   )
-  state, blocks = tx.init(params), []
+  state, blocks = jax.jit(tx.init, out_shardings=shardings)(params), []
   for _ in range(steps):
     estimate, state = mapped(params, state)
+    estimate = jax.tree.map(np.asarray, estimate)
     for d in range(2):
       u = np.asarray(estimate["u"][d])
       blocks += [np.asarray(estimate["r"][d]), u[:, :4], u[:, 4:]]
@@ -198,7 +214,7 @@ def main(out_dir):
     axis_name="data",
     averaging=whole_model_rules(params, 1),
   )
-  state = tx.init(params)
+  state = jax.jit(tx.init)(params)
 
   def fused(params, state, x, y):
     local = distributed.device_varying((params, state), "data")
@@ -227,7 +243,9 @@ def main(out_dir):
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    fused_u, value_fn_u = run(fused_update, SPECS), run(value_fn_update, SPECS)
+    fused_u, value_fn_u = (
+      jax.tree.map(np.asarray, run(f, SPECS)) for f in (fused_update, value_fn_update)
+    )
     estimate = run(fused, SPECS)
     nu = ah.find_adahessian_state(run(value_fn, state_specs(mesh, tx, params))).nu
   guesses = [w for w in caught if issubclass(w.category, spatial.LayoutGuessWarning)]
