@@ -1,23 +1,34 @@
-"""Single-host distributed checks, run by ``test_distributed.py`` in a subprocess.
+"""Single-host distributed checks, run by ``test_distributed.py`` in one subprocess.
 
-Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _distributed_worker.py OUT_DIR``
-(or ``... OUT_DIR nnx_same`` / ``nnx_independent`` for the Flax NNX checks alone,
-:func:`main_nnx`, or ``... OUT_DIR sync_bn`` for a synchronised BatchNorm, :func:`main_sync_bn`)
+Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _distributed_worker.py OUT_DIR
+[SECTION ...]``
 
-Trains the shared problem for ``STEPS`` steps in each mode (``pmap``, ``jit``
-data-parallel and FSDP, ``shard_map``; both probe policies; the ``value_fn``
-and the fused ``hessian_diag`` routes) and writes ``OUT_DIR/results.json``
-(differences to the single-device reference, between replicas, and sharding
-facts) and ``OUT_DIR/reference.npz`` (the single-device params, for the
-multi-process test).
+Runs each of :data:`SECTIONS` (all of them if none is named) into ``OUT_DIR/<section>/``, with
+what it prints in ``stdout.txt`` there; a section that raises leaves its traceback in
+``OUT_DIR/<section>.error`` and the others still run, so that each test reads its own section's
+results or failure. One process for all: each would pay JAX's and Flax's import again.
+
+``single_host`` (:func:`main`) trains the shared problem for ``STEPS`` steps in each mode
+(``pmap``, ``jit`` data-parallel and FSDP, ``shard_map``; both probe policies; the ``value_fn``
+and the fused ``hessian_diag`` routes) and writes ``results.json`` (differences to the
+single-device reference, between replicas, and sharding facts) and ``reference.npz`` (the
+single-device params, for the multi-process test). ``nnx_same`` and ``nnx_independent``
+(:func:`main_nnx`): Flax NNX; ``sync_bn`` (:func:`main_sync_bn`): a synchronised BatchNorm;
+``replicate`` (:func:`main_replicate`): pmapped steps on ``distributed.replicate``-d copies;
+``tensor_parallel`` and ``explicit_mesh``: ``_tensor_parallel_worker.py`` and
+``_explicit_mesh_worker.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import runpy
 import sys
 import time
+import traceback
 
 import jax
 
@@ -129,7 +140,7 @@ def main_nnx(out_dir, probes):
   (also with ``nnx.WeightNorm``, which writes a parameter in the loss). ``"independent"``:
   under ``nnx.shard_map`` against the value_fn route's independent estimator (under ``pmap``) and
   the single-device run.
-  Both with the largest difference between the replicas; written to ``OUT_DIR/nnx_PROBES.json``.
+  Both with the largest difference between the replicas; written to ``OUT_DIR/results.json``.
   """
   ref = train_nnx_single_device("float64")
   results = {"steps": NNX_STEPS}
@@ -155,7 +166,7 @@ def main_nnx(out_dir, probes):
       "vs_ref": max_abs_diff(params, ref),
       "vs_value_fn": max_abs_diff(params, value_fn),
     }
-  with open(os.path.join(out_dir, f"nnx_{probes}.json"), "w") as f:
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
 
 
@@ -166,7 +177,7 @@ def main_sync_bn(out_dir):
 
   And with ``independent_probes=True``, whether ``apply_loss`` and ``tx.update(value_fn=...)``
   warn that the estimate is biased (they must for the synchronised BatchNorm, not for a per-device
-  one). Written to ``OUT_DIR/sync_bn.json``.
+  one). Written to ``OUT_DIR/results.json``.
   """
   import warnings
 
@@ -274,14 +285,105 @@ def main_sync_bn(out_dir):
     "apply_loss_local": warned(step_fn(axis, True), make_state(axis, True, sync=False)),
     "value_fn_local": warned(value_fn_step, make_state(axis, True, sync=False)),
   }
-  with open(os.path.join(out_dir, "sync_bn.json"), "w") as f:
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
 
 
+def main_replicate(out_dir):
+  """``jax.pmap``-ed steps (AdaHessian with ``update_freq=2`` and Adam, float32) on params and
+  state copied by ``distributed.replicate``: prints per optimizer the compiles of steps 2 to 5,
+  the largest difference from the same steps on ``np.broadcast_to`` copies and between replicas;
+  then whether ``replicate`` refuses a leaf split over devices."""
+  del out_dir  # what it prints is the result
+  import jax.numpy as jnp
+  import optax
+  from conftest import CompileCounter
+
+  import adahessian_jax as ah
+
+  n = jax.local_device_count()
+  rng = np.random.default_rng(0)
+  f32 = lambda a: np.asarray(a, np.float32)  # float32, as without jax_enable_x64
+  x, y = f32(rng.normal(size=(8, 3))), f32(rng.normal(size=(8, 1)))
+  params = {"w": jnp.asarray(f32(rng.normal(size=(3, 1)))), "b": jnp.zeros(1, jnp.float32)}
+  shard = lambda a: a.reshape(n, -1, *a.shape[1:])
+  stack = lambda t: jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), t)
+  for name, tx in [
+    ("adahessian", ah.adahessian(0.1, update_freq=2, axis_name="batch")),
+    ("adam", optax.adam(0.1)),
+  ]:
+
+    def step(p, s, x, y, tx=tx, name=name):
+      loss = lambda v: jnp.mean((x @ v["w"] + v["b"] - y) ** 2)
+      g = jax.lax.pmean(jax.grad(loss)(p), "batch")
+      kw = {"value_fn": loss} if name == "adahessian" else {}
+      u, s = tx.update(g, s, p, **kw)
+      return optax.apply_updates(p, u), s
+
+    pstep = jax.pmap(step, axis_name="batch")
+    state = tx.init(params)
+    p, s = distributed.replicate((params, state), "batch")
+    assert jax.tree.structure((p, s)) == jax.tree.structure((params, state))
+    jax.tree.map(np.testing.assert_array_equal, (p, s), stack((params, state)))
+    p, s = pstep(p, s, shard(x), shard(y))
+    with CompileCounter() as compiles:  # steps 2..5: the first step's outputs, nothing new
+      for _ in range(4):
+        p, s = jax.block_until_ready(pstep(p, s, shard(x), shard(y)))
+    q, t = stack((params, state))  # the same numbers placed otherwise: the same result
+    for _ in range(5):
+      q, t = jax.block_until_ready(pstep(q, t, shard(x), shard(y)))
+    same = max(
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True)
+    )
+    print(name, compiles.count, same, distributed.max_replica_difference((p, s), stacked=True))
+  mesh = jax.make_mesh((n,), ("data",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  split = jax.device_put(jnp.arange(4.0), split)
+  try:  # was a KeyError: 'data'
+    distributed.replicate({"w": split}, "batch")
+  except ValueError as e:
+    print("split", "leaf at ['w'] (shape (4,)) is split over devices" in str(e))
+
+
+def main_tensor_parallel(out_dir):
+  import _tensor_parallel_worker
+
+  _tensor_parallel_worker.main(out_dir)
+
+
+def main_explicit_mesh(out_dir):
+  del out_dir  # what it prints is the result
+  runpy.run_path(os.path.join(os.path.dirname(__file__), "_explicit_mesh_worker.py"))
+
+
+SECTIONS = {
+  "single_host": main,
+  "nnx_same": lambda out_dir: main_nnx(out_dir, "same"),
+  "nnx_independent": lambda out_dir: main_nnx(out_dir, "independent"),
+  "sync_bn": main_sync_bn,
+  "replicate": main_replicate,
+  "tensor_parallel": main_tensor_parallel,
+  "explicit_mesh": main_explicit_mesh,
+}
+
+
+def run_sections(out_dir, names):
+  """Runs the sections ``names`` into their own folders; a failure is written, not raised."""
+  for name in names:
+    print(f"section {name}", flush=True)  # in the log, should the process hang or crash
+    section_dir = os.path.join(out_dir, name)
+    os.makedirs(section_dir)
+    printed = io.StringIO()
+    try:
+      with contextlib.redirect_stdout(printed):
+        SECTIONS[name](section_dir)
+    except Exception:
+      with open(os.path.join(out_dir, f"{name}.error"), "w") as f:
+        f.write(traceback.format_exc())
+    with open(os.path.join(section_dir, "stdout.txt"), "w") as f:
+      f.write(printed.getvalue())
+
+
 if __name__ == "__main__":
-  if len(sys.argv) > 2 and sys.argv[2] == "sync_bn":
-    main_sync_bn(sys.argv[1])
-  elif len(sys.argv) > 2:
-    main_nnx(sys.argv[1], sys.argv[2].removeprefix("nnx_"))
-  else:
-    main(sys.argv[1])
+  run_sections(sys.argv[1], sys.argv[2:] or list(SECTIONS))

@@ -3,7 +3,8 @@
 The device count must be set before JAX starts, so every check runs in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``:
 ``_distributed_worker.py`` (one process, 4 devices: ``pmap``, ``jit`` with
-shardings, ``shard_map``) and ``_multihost_worker.py`` (2 processes x 2
+shardings, ``shard_map``; NNX, BatchNorm, tensor parallelism, Explicit mesh axes, each a
+section with its own results) and ``_multihost_worker.py`` (2 processes x 2
 devices joined by ``jax.distributed`` on loopback). Each is run once per
 module and the tests below read its results; ``_multihost_checkpoint_worker.py``
 (the same 2 processes, saving and resuming an orbax checkpoint) is run by its test.
@@ -91,12 +92,36 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def single_host(tmp_path_factory):
-  out = tmp_path_factory.mktemp("single_host")
-  _run_all([["_distributed_worker.py", str(out)]], 4, TIMEOUT_S, str(out))
-  with open(out / "results.json") as f:
-    results = json.load(f)
-  return results, dict(np.load(out / "reference.npz"))
+def four_devices(tmp_path_factory):
+  """The folder of ``_distributed_worker.py``'s sections (one process, 4 devices; the work of
+  seven processes, so twice the time limit)."""
+  out = tmp_path_factory.mktemp("four_devices")
+  _run_all([["_distributed_worker.py", str(out)]], 4, 2 * TIMEOUT_S, str(out))
+  return out
+
+
+def _section(four_devices, name):
+  """The folder of the worker's section ``name``; the test fails with its traceback if it
+  raised."""
+  error = four_devices / f"{name}.error"
+  if error.exists():
+    pytest.fail(f"section {name} of _distributed_worker.py raised:\n{error.read_text()}")
+  return four_devices / name
+
+
+def _section_json(four_devices, name):
+  with open(_section(four_devices, name) / "results.json") as f:
+    return json.load(f)
+
+
+def _section_stdout(four_devices, name):
+  return (_section(four_devices, name) / "stdout.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def single_host(four_devices):
+  out = _section(four_devices, "single_host")
+  return _section_json(four_devices, "single_host"), dict(np.load(out / "reference.npz"))
 
 
 @pytest.fixture(scope="module")
@@ -183,21 +208,12 @@ def test_train_state_apply_loss_with_axis_name_steps_like_the_data_parallel_reci
   assert lazy["vs_ref"] > 1e-3 and lazy["vs_shard_map_independent"] <= F32_TOL
 
 
-def _nnx_worker(tmp_path, probes):
-  """Runs ``_distributed_worker.py OUT nnx_PROBES`` (4 devices) and returns its results."""
-  _run_all(
-    [["_distributed_worker.py", str(tmp_path), f"nnx_{probes}"]], 4, TIMEOUT_S, str(tmp_path)
-  )
-  with open(tmp_path / f"nnx_{probes}.json") as f:
-    return json.load(f)
-
-
-def test_nnx_value_grad_and_hessian_diag_with_axis_name_steps_like_one_device(tmp_path):
+def test_nnx_value_grad_and_hessian_diag_with_axis_name_steps_like_one_device(four_devices):
   """``adahessian_jax.nnx.value_grad_and_hessian_diag(..., axis_name=)`` under ``jax.pmap``
   (``nnx.merge`` inside) and ``nnx.shard_map``, float64: the same probes give the single-device
   run on the global batch, also where the loss writes a parameter (``nnx.WeightNorm``); the
   replicas stay identical."""
-  results = _nnx_worker(tmp_path, "same")
+  results = _section_json(four_devices, "nnx_same")
   assert results["steps"] >= 3
   # replicate(nnx.as_pure(state)), as the step returns it: one compile (np.broadcast_to: two).
   assert results["pmap_compiles_after_first"] == 0
@@ -206,12 +222,12 @@ def test_nnx_value_grad_and_hessian_diag_with_axis_name_steps_like_one_device(tm
     assert r["vs_ref"] <= F64_TOL and r["replica_diff"] == 0.0, (mode, r)
 
 
-def test_nnx_independent_probes_equal_the_value_fn_routes_independent_estimator(tmp_path):
+def test_nnx_independent_probes_equal_the_value_fn_routes_independent_estimator(four_devices):
   """With ``independent_probes=True`` the fused NNX route under ``nnx.shard_map`` steps like the
   ``value_fn`` route (under ``jax.pmap``) with a ``tx`` built with ``independent_probes=True``;
   that estimator is another than the same-probe one (which equals one device's, above), and the
   replicas (the probe key in the optimizer's state included) stay identical."""
-  results = _nnx_worker(tmp_path, "independent")
+  results = _section_json(four_devices, "nnx_independent")
   assert results["pmap_value_fn"]["replica_diff"] == 0.0
   assert results["pmap_value_fn"]["vs_ref"] > 1e-3
   r = results["shard_map"]
@@ -219,16 +235,14 @@ def test_nnx_independent_probes_equal_the_value_fn_routes_independent_estimator(
   assert r["vs_ref"] > 1e-3, r
 
 
-def test_synchronised_batchnorm_apply_loss_steps_like_one_device(tmp_path):
+def test_synchronised_batchnorm_apply_loss_steps_like_one_device(four_devices):
   """A Linen model with ``nn.BatchNorm(axis_name="batch")`` trained by
   ``TrainState.apply_loss(..., axis_name="batch")`` under ``pmap`` and ``shard_map`` (4 devices,
   float64, 3 steps): params and ``batch_stats`` equal one device's on the global batch. With
   ``independent_probes=True`` each device's loss reads every device's probe through the
   synchronised statistics, which biases the estimate: ``apply_loss`` and ``tx.update(value_fn=)``
   warn, and do not for a BatchNorm that is not synchronised."""
-  _run_all([["_distributed_worker.py", str(tmp_path), "sync_bn"]], 4, TIMEOUT_S, str(tmp_path))
-  with open(tmp_path / "sync_bn.json") as f:
-    results = json.load(f)
+  results = _section_json(four_devices, "sync_bn")
   assert results["pmap"]["vs_ref"] <= F64_TOL and results["pmap"]["replica_diff"] == 0.0
   assert results["shard_map"]["vs_ref"] <= F64_TOL
   caught = results["warnings"]
@@ -291,11 +305,8 @@ def test_two_processes_identical_and_equal_single_device(single_host, multi_host
 
 
 @pytest.fixture(scope="module")
-def tensor_parallel(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tensor_parallel")
-  _run_all([["_tensor_parallel_worker.py", str(out)]], 4, TIMEOUT_S, str(out))
-  with open(out / "results.json") as f:
-    return json.load(f)
+def tensor_parallel(four_devices):
+  return _section_json(four_devices, "tensor_parallel")
 
 
 @pytest.mark.parametrize("route", ["fused", "value_fn"])
@@ -814,22 +825,14 @@ def test_tensor_parallel_curvature_floor_uses_the_whole_model(tensor_parallel):
   assert r["floored_b0_vs_single"] <= 1e-12 and abs(r["floored_b0"]) > 1e-3, r
 
 
-def test_jit_fsdp_on_a_mesh_with_explicit_axes():
+def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
   # jax.make_mesh gives Explicit axes by default; with a kernel sharded over one, the
   # Hessian-vector product used to fail inside JAX with a bare AssertionError. fused_2d_*: on a
   # (data, model) mesh the fused route's gradient of a split bias was wrong (Auto axes: XLA
   # miscompiled a scatter) or failed to trace (Explicit axes). blocks: block_size over a split
   # axis failed to trace. plain_init: a state from tx.init(params) had nu without the params'
-  # shardings, and every update failed.
-  proc = subprocess.run(
-    [sys.executable, os.path.join(HERE, "_explicit_mesh_worker.py")],
-    env={**_env(4), "JAX_ENABLE_X64": "1"},
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  diffs = dict(line.split() for line in proc.stdout.splitlines())
+  # shardings, and every update failed. (_explicit_mesh_worker.py, float64.)
+  diffs = dict(line.split() for line in _section_stdout(four_devices, "explicit_mesh").splitlines())
   assert set(diffs) == {
     "value_fn",
     "fused",
@@ -869,72 +872,19 @@ def test_multi_process_orbax_checkpoint_resumes_bit_identically_in_fresh_process
   assert straight[0]["shard_map_independent['opt_state'][0].key"].shape == (1, 2)
 
 
-_REPLICATE_SCRIPT = """
-import jax, jax.numpy as jnp, numpy as np, optax
-from conftest import CompileCounter
-import adahessian_jax as ah
-from adahessian_jax import distributed
-
-n = jax.local_device_count()
-rng = np.random.default_rng(0)
-x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 1))
-params = {"w": jnp.asarray(rng.normal(size=(3, 1))), "b": jnp.zeros(1)}
-shard = lambda a: a.reshape(n, -1, *a.shape[1:])
-stack = lambda t: jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), t)
-for name, tx in [("adahessian", ah.adahessian(0.1, update_freq=2, axis_name="batch")),
-                 ("adam", optax.adam(0.1))]:
-  def step(p, s, x, y, tx=tx, name=name):
-    loss = lambda q: jnp.mean((x @ q["w"] + q["b"] - y) ** 2)
-    g = jax.lax.pmean(jax.grad(loss)(p), "batch")
-    kw = {"value_fn": loss} if name == "adahessian" else {}
-    u, s = tx.update(g, s, p, **kw)
-    return optax.apply_updates(p, u), s
-  pstep = jax.pmap(step, axis_name="batch")
-  state = tx.init(params)
-  p, s = distributed.replicate((params, state), "batch")
-  assert jax.tree.structure((p, s)) == jax.tree.structure((params, state))
-  jax.tree.map(np.testing.assert_array_equal, (p, s), stack((params, state)))
-  p, s = pstep(p, s, shard(x), shard(y))
-  with CompileCounter() as compiles:  # steps 2..5: the first step's outputs, nothing new
-    for _ in range(4):
-      p, s = jax.block_until_ready(pstep(p, s, shard(x), shard(y)))
-  q, t = stack((params, state))  # the same numbers placed otherwise: the same result
-  for _ in range(5):
-    q, t = jax.block_until_ready(pstep(q, t, shard(x), shard(y)))
-  same = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-             for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))
-  print(name, compiles.count, same, distributed.max_replica_difference((p, s), stacked=True))
-mesh = jax.make_mesh((n,), ("data",))
-split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-split = jax.device_put(jnp.arange(4.0), split)
-try:  # was a KeyError: 'data'
-  distributed.replicate({"w": split}, "batch")
-except ValueError as e:
-  print("split", "leaf at ['w'] (shape (4,)) is split over devices" in str(e))
-"""
-
-
-def test_replicated_params_and_state_compile_the_pmapped_step_once():
+def test_replicated_params_and_state_compile_the_pmapped_step_once(four_devices):
   # pmap keys its programs on its inputs' placement. On recent JAX (0.10) it places its outputs
   # as a NamedSharding over a mesh axis named axis_name, so copies stacked with np/jnp
   # broadcast_to (the README's recipe) compiled the step again at its second call.
   # distributed.replicate places them as pmap does. Needs jax.monitoring's listener removal
-  # (newer than the jax 0.7.0 floor) through CompileCounter.
-  proc = subprocess.run(
-    [sys.executable, "-c", _REPLICATE_SCRIPT],
-    cwd=HERE,
-    env=_env(2),
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = {name: rest for name, *rest in map(str.split, proc.stdout.splitlines())}
-  assert rows.pop("split") == ["True"], proc.stdout  # a leaf split over devices: refused
-  assert set(rows) == {"adahessian", "adam"}, proc.stdout
+  # (newer than the jax 0.7.0 floor) through CompileCounter. (_distributed_worker.main_replicate.)
+  stdout = _section_stdout(four_devices, "replicate")
+  rows = {name: rest for name, *rest in map(str.split, stdout.splitlines())}
+  assert rows.pop("split") == ["True"], stdout  # a leaf split over devices: refused
+  assert set(rows) == {"adahessian", "adam"}, stdout
   for name, (compiles, same, drift) in rows.items():
-    assert int(compiles) == 0, (name, proc.stdout)
-    assert float(same) == 0.0 and float(drift) == 0.0, (name, proc.stdout)
+    assert int(compiles) == 0, (name, stdout)
+    assert float(same) == 0.0 and float(drift) == 0.0, (name, stdout)
 
 
 def test_replicate_refuses_bad_axis_names_and_devices_naming_them():
