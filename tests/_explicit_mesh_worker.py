@@ -1,4 +1,6 @@
-"""Subprocess worker for test_distributed.py: FSDP under jax.jit on a mesh with Explicit axes.
+"""FSDP under jax.jit on a mesh with Explicit axes: section ``explicit_mesh`` of
+``_distributed_worker.py`` (which runs this script, float64, 4 devices), or alone with
+``JAX_ENABLE_X64=1 XLA_FLAGS=--xla_force_host_platform_device_count=4``.
 
 ``jax.make_mesh``'s axes are ``Explicit`` by default. Prints the largest parameter difference
 from an unsharded run after 3 steps of each route (value_fn, fused), from a state made by a plain

@@ -1,6 +1,6 @@
-"""Tensor-parallel ``shard_map`` checks, run by ``test_distributed.py`` in a subprocess.
+"""Tensor-parallel ``shard_map`` checks: section ``tensor_parallel`` of ``_distributed_worker.py``.
 
-Usage: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _tensor_parallel_worker.py OUT``
+Alone: ``XLA_FLAGS=--xla_force_host_platform_device_count=4 python _tensor_parallel_worker.py OUT``
 
 A tanh MLP on a ``(data=2, model=2)`` mesh, Megatron style: the first kernel split over
 its outputs, the second over its inputs, the batch over ``data``. Writes ``OUT/results.json``:
