@@ -88,6 +88,7 @@ def test_quick_mode(quick_runs, name):
       assert all(r["config"] == config for row in rows[key] for r in row["runs"])
     for row in (r for key_rows in rows.values() for r in key_rows):
       assert row["cost_x_sgd"] > 0 and row["cost_x_adam"] > 0
+      assert row["update_freq"] > 1  # the refresh schedule, which the lazy moment acts on
   try:
     import matplotlib  # noqa: F401
   except ImportError:
