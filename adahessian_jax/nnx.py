@@ -525,13 +525,47 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
       for child, params in _attention_axes(module).items():
         for attr, axes in params.items():
           by_type[(*path, child, attr)] = axes
-  for path, (one, axes) in by_type.items():
+  leads: dict[tuple[Any, ...], tuple[int, ...] | None] = {}  # the stacked sizes; None: no fit
+  for path, (one, _) in by_type.items():
     key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
     if key not in found or names[key] is not None:
       continue  # no such variable (a module without a bias), or its own names win
     shape = tuple(getattr(found[key].leaf, "shape", ()))
     extra = len(shape) - len(one)
-    if extra < 0 or shape[extra:] != tuple(one):
+    leads[path] = shape[:extra] if extra >= 0 and shape[extra:] == tuple(one) else None
+  for path, lead in leads.items():
+    if lead is None or (lead and _stack_in_doubt(path, lead, leads)):
       continue
-    names[key] = (_STACKED,) * extra + tuple(axes)
+    key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
+    names[key] = (_STACKED,) * len(lead) + tuple(by_type[path][1])
   return names
+
+
+def _stack_in_doubt(
+  path: tuple[Any, ...], lead: tuple[int, ...], leads: dict[tuple[Any, ...], tuple[int, ...] | None]
+) -> bool:
+  """Whether the leading axes ``lead`` that the parameter at ``path`` has beyond its module's
+  one-layer shape may be no stack in front: where a parameter of its module or of a sibling
+  module (under its module's parent) does not fit its own one-layer shape after leading axes
+  (``nnx.vmap`` with ``out_axes=1`` stacks along axis 1: a ``Conv`` bias ``(out, layers)``), or
+  fits after other ones, a kernel that fits by a coincidence of sizes (``(kw, layers, in, out)``
+  with ``layers = kw``) may have its stack elsewhere.
+
+  Args:
+    path: The parameter's path, ``(*module path, attribute)``.
+    lead: Its leading sizes beyond the one-layer shape.
+    leads: Those of every parameter of a known module (``None`` for one that does not fit).
+
+  Returns:
+    ``True`` if some parameter under the module's parent shows another stacking.
+  """
+  block = path[:-2]
+  for other, theirs in leads.items():
+    if other[: len(block)] != block:
+      continue
+    if theirs is None:
+      return True
+    n = min(len(lead), len(theirs))
+    if lead[:n] != theirs[:n]:
+      return True
+  return False

@@ -962,8 +962,9 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   "embed")``, ``nnx.Embed`` ``("vocab", "embed")``, ``nnx.LoRA``, the norms'
   scales and biases, and an ``nnx.Einsum`` whose string lays its kernel out
   inputs first. Axes before those (the stack of ``nnx.vmap``/``nnx.scan``) are
-  named ``"layers"``. Variables of other modules get none (the default
-  reading).
+  named ``"layers"``, unless a parameter of the module or of a sibling module
+  does not fit its one-layer shape after the same axes (a stack along another
+  axis). Variables of other modules get none (the default reading).
 
   Leaves are matched by path (a box's ``.value`` step ignored); a leaf of the
   optimized tree that is not in ``source`` raises ``ValueError``. Only the

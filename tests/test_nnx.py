@@ -673,6 +673,46 @@ class Raw(nnx.Module):
     self.w = nnx.Param(jnp.zeros((3, 4, 4)))
 
 
+class ConvAndLinear(nnx.Module):
+  def __init__(self, rngs):
+    self.mixer = nnx.Conv(4, 5, (3,), use_bias=False, rngs=rngs)  # kernel (3, 4, 5)
+    self.lin = nnx.Linear(3, 6, rngs=rngs)  # kernel (3, 6), bias (6,)
+
+
+class ThreeLayers(nnx.Module):
+  def __init__(self, rngs, out_axes):
+    self.layers = nnx.vmap(ConvAndLinear, in_axes=0, out_axes=out_axes)(rngs.split(3))
+    self.head = nnx.Linear(6, 2, rngs=rngs)
+
+
+@pytest.mark.parametrize("out_axes", [0, 1])
+def test_named_model_names_no_stack_in_front_where_a_sibling_shows_it_elsewhere(out_axes):
+  """nnx.vmap(out_axes=1) stacks 3 layers along axis 1: the conv kernel (3, 3, 4, 5) is (width,
+  layers, in, out) and the Linear's (3, 3, 6) (in, layers, out), which fit their one-layer shapes
+  after a leading axis of 3 by a coincidence of sizes. spatial.named(model) named that axis
+  "layers", so the conv was averaged over axis 1 (its layers) and the Linear blocked along it,
+  silently. The Linear's bias (6, 3) shows the stack is not in front: the block's parameters
+  keep no names then, and the default reading flags them (as it would with other sizes; under a
+  convolution's name, "conv", it would take the bias-less kernel for a 2-D one: docs/layouts.md)."""
+  model = nnx.eval_shape(lambda: ThreeLayers(nnx.Rngs(0), out_axes))
+  params = nnx.state(model, nnx.Param)
+  rows = {r.path: r for r in ah.spatial.describe(params, ah.spatial.named(model), 2).rows}
+  conv, lin = rows["['layers']['mixer']['kernel']"], rows["['layers']['lin']['kernel']"]
+  if out_axes == 0:  # the stack in front: named and read per layer, nothing guessed
+    assert conv.names == ("layers", "spatial", "channels", "features")
+    assert conv.rule == ah.spatial.per_layer(ah.spatial.mean_over((0,)), axes=(0,))
+    assert lin.names == ("layers", "embed", "mlp")
+    assert not any(r.ambiguous for r in rows.values())
+    return
+  assert conv.shape == (3, 3, 4, 5) and lin.shape == (3, 3, 6)
+  assert rows["['layers']['lin']['bias']"].shape == (6, 3)
+  for row in (conv, lin):
+    assert row.names is None and row.ambiguous, row
+  assert rows["['head']['kernel']"].names == ("embed", "mlp")  # no stack: named as before
+  with pytest.raises(ValueError, match=r"2 leaves are ambiguous"):
+    ah.spatial.describe(params, ah.spatial.strict(ah.spatial.named(model)), 2)
+
+
 def test_pure_gradients_given_to_an_nnx_optimizer_are_refused_naming_nnx_grad():
   """nnx.Optimizer.update keeps only the Variables of grads that its filter selects, so a pure
   dict of gradients reached tx.update as an empty state: the error said to pass updates "with the
