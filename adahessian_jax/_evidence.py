@@ -1094,10 +1094,11 @@ def _attention_stacks(
   """The stack of layers that a Flax attention module's rank-4 kernels show, without a bias.
 
   One layer's query kernel is ``(embed, heads, head_dim)`` and its output kernel ``(heads,
-  head_dim, embed)`` (rank 3, :func:`flax_attention_names`); an ``nn.scan`` adds a leading
-  ``layers`` axis to both (a scan of scans or an ``nn.remat_scan`` of several lengths, one per
-  scan or length). A module with a ``query`` kernel ``(*layers, embed, heads, head_dim)`` and an
-  ``out`` kernel ``(*layers, heads, head_dim, embed)`` (and no other evidence, as with
+  head_dim, out_features)`` (rank 3, :func:`flax_attention_names`; ``out_features`` is ``embed``
+  unless given); an ``nn.scan`` adds a leading ``layers`` axis to both (a scan of scans or an
+  ``nn.remat_scan`` of several lengths, one per scan or length). A module with a ``query`` kernel
+  ``(*layers, embed, heads, head_dim)`` and an ``out`` kernel ``(*layers, heads, head_dim,
+  out_features)`` (and no other evidence, as with
   ``use_bias=False``) is taken for one stacked by those axes, and so are its
   ``key``/``value`` kernels of the same layers and head size (their heads as many as the
   query's, or a divisor). Where embed = heads the same shapes are also those of 2-D ``Conv``
@@ -1124,7 +1125,7 @@ def _attention_stacks(
       continue
     q, o = shapes[query], shapes[out]
     n = len(q) - 3  # the stacked axes
-    if len(o) != len(q) or q[:n] != o[:n] or q[n + 1 :] != o[n : n + 2] or q[n] != o[n + 2]:
+    if len(o) != len(q) or q[:n] != o[:n] or q[n + 1 :] != o[n : n + 2]:
       continue
     if q[n] == q[n + 1]:
       continue

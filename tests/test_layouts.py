@@ -1902,6 +1902,45 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
 
 
+class _CrossAttentionBlock(nn.Module):
+  """Bias-less cross-attention: queries of 8 features, keys and values of 5, outputs of 6."""
+
+  @nn.compact
+  def __call__(self, x, context):
+    attention = nn.MultiHeadDotProductAttention(
+      num_heads=2, qkv_features=12, out_features=6, use_bias=False
+    )
+    return x, attention(x, context)  # the carry unchanged: out_features differs
+
+
+def test_a_scan_of_biasless_attention_with_other_output_features_keeps_its_layers_apart():
+  # out_features (6) is not the query's input features (8): the out kernel (3, 2, 6, 6) ends in
+  # 6, and the stack showed only where it ended in the query's 8. The kernels were 2-D Conv
+  # kernels by rank, averaged across the 3 layers and the inputs (flagged: a LayoutGuessWarning).
+  # One layer's out kernel is (heads, head_dim, out_features), whatever out_features is.
+  scan = nn.scan(
+    _CrossAttentionBlock,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=nn.broadcast,
+    length=3,
+  )
+  x, context = jnp.zeros((1, 4, 8)), jnp.zeros((1, 7, 5))
+  params = jax.eval_shape(scan(name="blocks").init, jax.random.key(0), x, context)["params"]
+  listing = spatial.describe(params, spatial.strict(), block_size=2)
+  rows = {r.path.split("['")[-2].rstrip("']"): r for r in listing.rows}
+  assert {k: r.shape for k, r in rows.items()} == {
+    "key": (3, 5, 2, 6),
+    "out": (3, 2, 6, 6),
+    "query": (3, 8, 2, 6),
+    "value": (3, 5, 2, 6),
+  }
+  for name in ("query", "key", "value"):  # blocks of inputs, per head and layer
+    assert rows[name].rule == spatial.per_layer(spatial.blocks(2, axis=0), axes=(0,)), name
+  assert rows["out"].rule == spatial.per_layer(spatial.blocks(2, axis=1), axes=(0,))
+  assert rows["out"].groups == {2: 3 * 2 * 3 * 6}  # 3 layers x 2 heads x 3 blocks x 6 outputs
+
+
 class _LlamaBlock(nn.Module):
   """A bias-less block of attention with names of its own (grouped-query) and an MLP."""
 
