@@ -534,7 +534,7 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
     extra = len(shape) - len(one)
     leads[path] = shape[:extra] if extra >= 0 and shape[extra:] == tuple(one) else None
   for path, lead in leads.items():
-    if lead is None or (lead and _stack_in_doubt(path, lead, leads)):
+    if lead is None or (lead and _stack_in_doubt(path, leads)):
       continue
     key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
     names[key] = (_STACKED,) * len(lead) + tuple(by_type[path][1])
@@ -542,30 +542,24 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
 
 
 def _stack_in_doubt(
-  path: tuple[Any, ...], lead: tuple[int, ...], leads: dict[tuple[Any, ...], tuple[int, ...] | None]
+  path: tuple[Any, ...], leads: dict[tuple[Any, ...], tuple[int, ...] | None]
 ) -> bool:
-  """Whether the leading axes ``lead`` that the parameter at ``path`` has beyond its module's
-  one-layer shape may be no stack in front: where a parameter of its module or of a sibling
-  module (under its module's parent) does not fit its own one-layer shape after leading axes
-  (``nnx.vmap`` with ``out_axes=1`` stacks along axis 1: a ``Conv`` bias ``(out, layers)``), or
-  fits after other ones, a kernel that fits by a coincidence of sizes (``(kw, layers, in, out)``
-  with ``layers = kw``) may have its stack elsewhere.
+  """Whether the leading axes that the parameter at ``path`` has beyond its module's one-layer
+  shape may be no stack in front: where a parameter of its module or of a sibling module (under
+  its module's parent) does not fit its own one-layer shape after any leading axes (``nnx.vmap``
+  with ``out_axes=1`` stacks along axis 1: a ``Conv`` bias ``(out, layers)``), a kernel that fits
+  by a coincidence of sizes (``(kw, layers, in, out)`` with ``layers = kw``) may have its stack
+  elsewhere. Siblings that fit after other leading sizes are other stacks (an encoder's 3 layers
+  beside a decoder's 5), not a sign: one ``nnx.vmap`` stacking along another axis makes every
+  parameter that fits at all fit after the same ``(layers,)``.
 
   Args:
     path: The parameter's path, ``(*module path, attribute)``.
-    lead: Its leading sizes beyond the one-layer shape.
-    leads: Those of every parameter of a known module (``None`` for one that does not fit).
+    leads: The leading sizes of every parameter of a known module beyond its one-layer shape
+      (``None`` for one that does not fit).
 
   Returns:
-    ``True`` if some parameter under the module's parent shows another stacking.
+    ``True`` if some parameter under the module's parent does not fit.
   """
   block = path[:-2]
-  for other, theirs in leads.items():
-    if other[: len(block)] != block:
-      continue
-    if theirs is None:
-      return True
-    n = min(len(lead), len(theirs))
-    if lead[:n] != theirs[:n]:
-      return True
-  return False
+  return any(other[: len(block)] == block and lead is None for other, lead in leads.items())

@@ -713,6 +713,34 @@ def test_named_model_names_no_stack_in_front_where_a_sibling_shows_it_elsewhere(
     ah.spatial.describe(params, ah.spatial.strict(ah.spatial.named(model)), 2)
 
 
+class TwoStacks(nnx.Module):
+  """Bias-less Linears vmapped directly, an encoder of 3 beside a decoder of 5 (both stacked in
+  front), and a head."""
+
+  def __init__(self, rngs):
+    linear = lambda r: nnx.Linear(4, 4, use_bias=False, rngs=r)
+    self.enc = nnx.vmap(linear, in_axes=0, out_axes=0)(rngs.split(3))
+    self.dec = nnx.vmap(linear, in_axes=0, out_axes=0)(rngs.split(5))
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+
+def test_named_model_keeps_two_stacks_of_other_sizes_beside_each_other_per_layer():
+  """Two stacks under one parent whose sizes differ (3 and 5 layers) are no sign of a stack
+  along another axis: named(model) names both stacks' leading axes "layers" and keeps each layer
+  apart, unflagged (a rule that took any sibling of other leading sizes for such a sign left
+  these bias-less kernels to the default reading: averaged over their layers as a Conv's window,
+  a flagged guess)."""
+  model = nnx.eval_shape(lambda: TwoStacks(nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  averaging = ah.spatial.strict(ah.spatial.named(model))
+  rows = {r.path: r for r in ah.spatial.describe(params, averaging, 2).rows}
+  for path, n in (("['enc']['kernel']", 3), ("['dec']['kernel']", 5)):
+    assert rows[path].shape == (n, 4, 4)
+    assert rows[path].names == ("layers", "embed", "mlp"), rows[path]
+    assert rows[path].rule == ah.spatial.per_layer(ah.spatial.blocks(2, axis=0), axes=(0,))
+  assert not any(r.ambiguous for r in rows.values())
+
+
 def test_pure_gradients_given_to_an_nnx_optimizer_are_refused_naming_nnx_grad():
   """nnx.Optimizer.update keeps only the Variables of grads that its filter selects, so a pure
   dict of gradients reached tx.update as an empty state: the error said to pass updates "with the
