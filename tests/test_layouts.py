@@ -32,7 +32,7 @@ zeros = nn.initializers.zeros
 def per_layer_constants(tree):
   """A Hessian diagonal equal to 1, 10, 100, 1000 on layers 0-3 (leading axis) of every leaf."""
   return jax.tree.map(
-    lambda x: jnp.broadcast_to(LAYER_CURVATURE.reshape((4,) + (1,) * (x.ndim - 1)), x.shape), tree
+    lambda x: np.broadcast_to(LAYER_CURVATURE.reshape((4,) + (1,) * (x.ndim - 1)), x.shape), tree
   )
 
 
@@ -64,8 +64,8 @@ def linen_stack(box, kernel_names=("embed", "mlp"), bias_names=("mlp",)):
       return scan_layers(Layer)(name="layers")(x, None)[0]
 
   # Only shapes and names matter here: trace init abstractly, then fill with zeros.
-  shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((2, 16)))["params"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((2, 16)))["params"]
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def nnx_stack(transform, use_bias=True):
@@ -158,8 +158,8 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
     def __call__(self, x):
       return scan_layers(Layer, partition_name=None)(name="blocks")(x, None)[0]
 
-  shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((2, 16)))["params"]
-  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((2, 16)))["params"]
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   assert params["blocks"]["kernel"].names == (None, "embed", "mlp")
   rules = spatial.resolve_rules(None, params, 4)
   check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
@@ -196,7 +196,7 @@ def test_an_unnamed_stacked_axis_is_found_in_leaves_with_an_unnamed_axis_after_t
       def __call__(self, x):
         return scan_layers(Block, partition_name=partition_name)(name="blocks")(x, None)[0]
 
-    shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 5, 5, 8)))["params"]
+    shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((1, 5, 5, 8)))["params"]
     return {r.path: r for r in spatial.describe(shapes, block_size=2).rows}
 
   unnamed, named = rows(None), rows("layers")
@@ -237,8 +237,8 @@ def test_an_unnamed_stacked_axis_passes_to_its_relatives_as_in_plain_arrays():
     def __call__(self, x):
       return scan_layers(Layer, partition_name=None)(name="blocks")(x, None)[0]
 
-  shapes = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 3, 8)))["params"]
-  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((1, 3, 8)))["params"]
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   assert params["blocks"]["up"]["kernel"].names == (None, "embed", "mlp")
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   plain = {r.path: r for r in spatial.describe(nn.unbox(params), block_size=4).rows}
@@ -284,7 +284,7 @@ def test_a_boxed_conv_whose_spatial_axes_are_unnamed_is_read_by_its_bias():
       )(x)
       return scan_layers(Layer)(name="blocks")(x, None)[0]
 
-  params = jax.eval_shape(Model().init, jax.random.key(0), jnp.ones((1, 6, 6, 4)))["params"]
+  params = jax.eval_shape(Model().init, jax.random.key(0), np.ones((1, 6, 6, 4)))["params"]
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   want = {
     "['Conv_0']['kernel']": spatial.mean_over((0, 1)),
@@ -335,7 +335,7 @@ def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
 def test_stacked_bias_is_not_blocked_along_the_layer_axis(rng):
   params = linen_stack(nn.with_logical_partitioning)
   bias = rng.random((4, 32))
-  h = jax.tree.map(lambda x: jnp.zeros(x.shape), params)
+  h = jax.tree.map(lambda x: np.zeros(x.shape), params)
   h["layers"]["bias"] = h["layers"]["bias"].replace_boxed(jnp.asarray(bias))
   got = spatial.apply_rules(spatial.resolve_rules(None, params, block_size=4), h)
   np.testing.assert_array_equal(got["layers"]["bias"].value, bias)  # rank 1 per layer: none
@@ -482,7 +482,7 @@ def numpy_average(path, d):
 @pytest.fixture(scope="module")
 def tiny_lm():
   """Shapes (jax.ShapeDtypeStruct) in their boxes: the listing needs no values."""
-  tokens = jnp.zeros((2, 5), jnp.int32)
+  tokens = np.zeros((2, 5), np.int32)
   return jax.eval_shape(TinyLM().init, jax.random.key(0), tokens)["params"]
 
 
@@ -506,7 +506,7 @@ def test_describe_lists_every_kind_of_leaf(tiny_lm, rng):
   assert "per_layer(blocks(3, axis=0), axes=(0,))" in text and "groups (count x size)" in text
 
   # The rules the optimizer resolves do what the listing says (NumPy loops).
-  d = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), nn.unbox(tiny_lm))
+  d = jax.tree.map(lambda x: rng.random(x.shape), nn.unbox(tiny_lm))
   boxed_d = jax.tree.map(
     lambda box, x: box.replace_boxed(x),
     tiny_lm,
@@ -580,7 +580,7 @@ def test_axis_roles_can_be_changed():
 
 
 def test_named_errors_name_the_problem():
-  plain = {"w": jnp.zeros((2, 3, 4))}
+  plain = {"w": np.zeros((2, 3, 4))}
   with pytest.raises(ValueError, match="without axis names"):
     spatial.named(plain)
   names = spatial.named({"v": jax.sharding.PartitionSpec("layers", None, None)})
@@ -595,7 +595,7 @@ def test_named_errors_name_the_problem():
 
 def test_an_empty_partition_spec_names_nothing_and_a_short_one_is_refused():
   # P() is what nn.get_partition_spec gives a leaf without a box: no names, not a rank mismatch.
-  plain = {"w": jnp.zeros((2, 3, 4)), "scale": jnp.zeros(4)}
+  plain = {"w": np.zeros((2, 3, 4)), "scale": np.zeros(4)}
   specs = {
     "w": jax.sharding.PartitionSpec("layers", None, None),
     "scale": jax.sharding.PartitionSpec(),
@@ -691,7 +691,7 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
 
 def test_boxed_state_with_unboxed_params_says_which_has_the_box():
   # init on boxed params, update with nn.unbox'ed ones: the same leaves, one tree boxed.
-  boxed = HandStacked().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  boxed = HandStacked().init(jax.random.key(0), np.ones((1, 4)))["params"]
   plain = nn.unbox(boxed)
   tx = ah.adahessian(0.1)
   box = r"a Flax metadata box \(nn.Partitioned, nn.LogicallyPartitioned\) or NNX variable"
@@ -722,11 +722,14 @@ def test_the_guide_shows_what_describe_prints():
 
 def _nu_after_one_step(tx, params, hessian_diag):
   """``sqrt(nu / (1 - b2))`` after one update: the averaged |D| the state took (b2 = 0.5)."""
-  state = tx.init(params)
-  _, state = tx.update(
-    jax.tree.map(jnp.ones_like, params), state, params, hessian_diag=hessian_diag
-  )
-  return jax.tree.map(lambda v: np.sqrt(np.asarray(v) / 0.5), ah.find_adahessian_state(state).nu)
+
+  @jax.jit  # one program, not one per operation and leaf shape
+  def nu(params, hessian_diag):
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.update(grads, tx.init(params), params, hessian_diag=hessian_diag)
+    return ah.find_adahessian_state(state).nu
+
+  return jax.tree.map(lambda v: np.sqrt(np.asarray(v) / 0.5), nu(params, hessian_diag))
 
 
 class ScannedBlock(nn.Module):
@@ -740,11 +743,11 @@ class ScannedBlock(nn.Module):
 def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
   # nn.scan names the stacked axis of boxed params only: the LayerNorm scale and the Dense bias
   # come out as plain (layers, features) arrays, which by rank look like Dense kernels.
-  params = scan_layers(ScannedBlock)().init(jax.random.key(0), jnp.ones((1, 4)), None)["params"]
+  params = scan_layers(ScannedBlock)().init(jax.random.key(0), np.ones((1, 4)), None)["params"]
   if nested:  # the stack under a key, beside an unboxed head of another shape
-    params = {"blocks": params, "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+    params = {"blocks": params, "head": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}}
   plain = nn.unbox(params)
-  per_layer = per_layer_constants(jnp.zeros((4, 4)))
+  per_layer = per_layer_constants(np.zeros((4, 4)))
   hessian_diag = jax.tree.map(jnp.ones_like, plain)
   ln = hessian_diag["blocks"]["LayerNorm_0"] if nested else hessian_diag["LayerNorm_0"]
   ln["scale"] = per_layer
@@ -791,7 +794,7 @@ def test_a_conv_kernel_beside_a_stack_of_its_height_keeps_its_spatial_average(mo
   # it, and its axis 0 had the stack's size, so it was taken for a stack of 3 and averaged over
   # its width alone, per row: groups of 3 instead of the 3x3 window. The Conv's bias (8,) has no
   # such axis, so the module holding both is no stack (a transform stacks every leaf under it).
-  params = model().init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))["params"]
+  params = model().init(jax.random.key(0), np.ones((1, 5, 5, 3)))["params"]
   plain = nn.unbox(params)
   hessian_diag = jax.tree.map(
     lambda x: jnp.asarray(np.random.default_rng(x.size).uniform(1, 2, x.shape)), plain
@@ -854,8 +857,8 @@ def test_unboxed_leaves_beside_a_deeper_stack_are_kept_per_layer(block):
   # the outer axis only: those were read by rank, the Dense kernel (4, 4, 4) averaged across
   # layers as a 1-D Conv kernel and the scale (4, 4) in blocks of 2 layers.
   model = _BlocksOf(block)
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4)))["params"]
-  plain = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float64), nn.unbox(params))
+  params = jax.eval_shape(model.init, jax.random.key(0), np.ones((1, 4)))["params"]
+  plain = jax.tree.map(lambda s: np.zeros(s.shape, jnp.float64), nn.unbox(params))
   hessian_diag = per_layer_constants(plain)
   tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=spatial.named(params))
   nu = _nu_after_one_step(tx, plain, hessian_diag)
@@ -876,10 +879,10 @@ def test_unboxed_leaves_beside_a_deeper_stack_are_kept_per_layer(block):
 
 def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():
   params = {
-    "stack": nn.LogicallyPartitioned(jnp.zeros((4, 8, 8)), ("layers", "embed", "mlp")),
-    "embed": nn.LogicallyPartitioned(jnp.zeros((10, 8)), ("vocab", "embed")),
-    "gamma": jnp.zeros((4, 8)),  # stacked, or a Dense kernel (4, 8)? its relatives disagree
-    "scale": jnp.zeros((4, 8)),  # the same question, but a 'scale' is never averaged
+    "stack": nn.LogicallyPartitioned(np.zeros((4, 8, 8)), ("layers", "embed", "mlp")),
+    "embed": nn.LogicallyPartitioned(np.zeros((10, 8)), ("vocab", "embed")),
+    "gamma": np.zeros((4, 8)),  # stacked, or a Dense kernel (4, 8)? its relatives disagree
+    "scale": np.zeros((4, 8)),  # the same question, but a 'scale' is never averaged
   }
   assert [r.path for r in spatial.describe(params, block_size=2).ambiguous] == ["['gamma']"]
   with pytest.raises(ValueError, match=r"1 leaf is ambiguous[\s\S]*\['gamma'\]: shape \(4, 8\)"):
@@ -895,9 +898,9 @@ def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():
   ],
 )
 def test_the_curvature_floor_is_per_layer_under_nested_stacks(averaging, names):
-  d = jnp.asarray(10.0 ** np.arange(4)).reshape(2, 2, 1, 1) * jnp.ones((2, 2, 3, 4))
+  d = jnp.asarray(10.0 ** np.arange(4)).reshape(2, 2, 1, 1) * np.ones((2, 2, 3, 4))
   box = (lambda x: nn.LogicallyPartitioned(x, names)) if names else (lambda x: x)
-  params = {"w": box(jnp.zeros((2, 2, 3, 4)))}
+  params = {"w": box(np.zeros((2, 2, 3, 4)))}
   tx = ah.scale_by_adahessian(b2=0.5, curvature_floor=0.5, averaging=averaging)
   got = _nu_after_one_step(tx, params, {"w": box(d)})["w"]
   got = got.value if names else got
@@ -926,7 +929,7 @@ def test_rule_axes_must_be_integers(make, message):
 
 
 def test_rule_errors_name_the_entry_and_the_slice():
-  params = {"stack": {"w": jnp.ones((2, 3, 4)), "b": jnp.ones((2, 4))}, "head": jnp.ones((4, 3))}
+  params = {"stack": {"w": np.ones((2, 3, 4)), "b": np.ones((2, 4))}, "head": np.ones((4, 3))}
   with pytest.raises(ValueError, match=r"no entry for the params' leaves \['stack'\]\['b'\]"):
     spatial.describe(params, {"stack": {"w": spatial.per_layer(spatial.none())}, "head": None})
   with pytest.raises(ValueError, match=r"its entries \['stack'\]\['c'\] are not in the params"):
@@ -953,10 +956,10 @@ def _flax_leaf_modules():
   """Unnamed params of Linen and NNX modules whose rank-2 leaves are not (in, out) kernels."""
   r = nnx.Rngs(0)
   linen = {
-    "dense_general": (nn.DenseGeneral((4, 3)), jnp.ones((1, 6))),
-    "attention": (nn.MultiHeadDotProductAttention(2, qkv_features=8), jnp.ones((1, 3, 6))),
-    "einsum": (nn.Einsum((3, 4, 5), "abc,cde->abde"), jnp.ones((1, 2, 3))),
-    "embed": (nn.Embed(10, 6), jnp.ones((1,), jnp.int32)),
+    "dense_general": (nn.DenseGeneral((4, 3)), np.ones((1, 6))),
+    "attention": (nn.MultiHeadDotProductAttention(2, qkv_features=8), np.ones((1, 3, 6))),
+    "einsum": (nn.Einsum((3, 4, 5), "abc,cde->abde"), np.ones((1, 2, 3))),
+    "embed": (nn.Embed(10, 6), np.ones((1,), np.int32)),
   }
   params = {k: m.init(jax.random.key(0), x)["params"] for k, (m, x) in linen.items()}
   nnx_modules = {
@@ -971,7 +974,7 @@ def _flax_leaf_modules():
 
 def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
   params = _flax_leaf_modules()
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   tx = ah.scale_by_adahessian(b2=0.5, block_size=2)
   got = _nu_after_one_step(tx, params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
@@ -990,7 +993,7 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
   # Flax's name for a table is no guess; a name of one's own with a word of a table is, with
   # block_size > 1 (a kernel (in, out) could be called so), and not at 1 (nothing averaged).
   spatial.describe(params, block_size=2, strict=True)
-  mine = {"w_embed": jnp.zeros((10, 6))}
+  mine = {"w_embed": np.zeros((10, 6))}
   assert spatial.describe(mine, block_size=2).rows[0].rule == spatial.blocks(2, axis=1)
   assert not spatial.describe(mine).ambiguous
   with pytest.raises(ValueError, match=r"\['w_embed'\]: shape \(10, 6\)"):
@@ -1007,18 +1010,18 @@ def test_unboxed_flax_attention_keeps_heads_apart_and_blocks_its_inputs(rng):
   # another embed), in Linen and NNX alike; a lone Conv named "out" or "value" does not qualify.
   params = {
     "linen": nn.MultiHeadDotProductAttention(2, qkv_features=8, out_features=6).init(
-      jax.random.key(0), jnp.ones((1, 3, 5)), jnp.ones((1, 4, 7))
+      jax.random.key(0), np.ones((1, 3, 5)), np.ones((1, 4, 7))
     )["params"],
     "nnx": nnx.as_pure(
       nnx.state(nnx.MultiHeadAttention(2, 5, 8, 6, decode=False, rngs=nnx.Rngs(0)), nnx.Param)
     ),
     "decoder": {  # a 1-D Conv named "out" beside a query kernel of other sizes, and one "value"
-      "query": {"kernel": jnp.ones((3, 4, 5))},
-      "out": {"kernel": jnp.ones((3, 5, 6))},
+      "query": {"kernel": np.ones((3, 4, 5))},
+      "out": {"kernel": np.ones((3, 5, 6))},
     },
-    "value": {"kernel": jnp.ones((3, 5, 6))},
+    "value": {"kernel": np.ones((3, 5, 6))},
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
@@ -1078,10 +1081,10 @@ class _NormStack(nn.Module):
 def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
   # nn.scan/nnx.vmap without names stack a LayerNorm scale into (layers, features), and a
   # LayerNorm over two feature axes has a (4, 6) scale: by rank both look like Dense kernels.
-  params = jax.eval_shape(_NormStack().init, jax.random.key(0), jnp.ones((1, 4, 6)))["params"]
+  params = jax.eval_shape(_NormStack().init, jax.random.key(0), np.ones((1, 4, 6)))["params"]
   layer = nnx.vmap(lambda r: nnx.LayerNorm(6, rngs=r), in_axes=0, out_axes=0)(nnx.Rngs(0).split(4))
   params["nnx_stack"] = nnx.as_pure(nnx.state(layer, nnx.Param))
-  params = jax.tree.map(lambda s: jnp.zeros(s.shape), params)
+  params = jax.tree.map(lambda s: np.zeros(s.shape), params)
   hessian_diag = per_layer_constants(params)
   hessian_diag["norm_2d"]["scale"] = jnp.asarray(rng.random((4, 6)))  # one entry per feature
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
@@ -1109,14 +1112,14 @@ def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
   # blocks along axis 0 would average the curvature of different tokens.
   init = nn.initializers.normal(1.0)
   table = nn.Embed(8, 6, embedding_init=P(init, (None, "embed")))
-  params = jax.eval_shape(table.init, jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
+  params = jax.eval_shape(table.init, jax.random.key(0), np.zeros((1,), np.int32))["params"]
   with nnx.use_eager_sharding(False):  # names only, no mesh
     layer = nnx.Embed(
       8, 6, embedding_init=nnx.with_partitioning(init, (None, "embed")), rngs=nnx.Rngs(0)
     )
   names = {"linen": params, "nnx": nnx.state(layer, nnx.Param)}
   plain = jax.tree.map(
-    lambda s: jnp.zeros(s.shape), {"linen": nn.unbox(params), "nnx": nnx.as_pure(names["nnx"])}
+    lambda s: np.zeros(s.shape), {"linen": nn.unbox(params), "nnx": nnx.as_pure(names["nnx"])}
   )
   per_token = jnp.broadcast_to(10.0 ** jnp.arange(8.0)[:, None], (8, 6))  # one value per row
   hessian_diag = jax.tree.map(lambda _: per_token, plain)
@@ -1146,8 +1149,8 @@ def test_a_rank_2_leaf_blocked_along_a_name_of_no_known_role_is_a_guess():
     axis_size=4,
     metadata_params={nn.PARTITION_NAME: "members"},
   )
-  params = jax.eval_shape(members().init, jax.random.key(0), jnp.ones((2, 6)))["params"]
-  params["dense"] = nn.Partitioned(jnp.zeros((6, 3)), (None, "mlp"))  # an unnamed input: Dense
+  params = jax.eval_shape(members().init, jax.random.key(0), np.ones((2, 6)))["params"]
+  params["dense"] = nn.Partitioned(np.zeros((6, 3)), (None, "mlp"))  # an unnamed input: Dense
   (dense, gain) = spatial.describe(params, block_size=4).rows
   assert gain.rule == spatial.blocks(4) and gain.ambiguous and "AMBIGUOUS" in gain.why
   assert dense.rule == spatial.blocks(4) and not dense.ambiguous
@@ -1163,8 +1166,8 @@ def test_a_mixture_of_experts_is_averaged_per_expert():
   # every expert is a Dense kernel of its own (blocks of inputs within one expert), never a
   # mean across experts; strict mode accepts them. Curvature 10^e for expert e.
   params = {
-    "wi": nn.Partitioned(jnp.zeros((3, 8, 2)), ("exp", "embed", "mlp")),
-    "router": nn.Partitioned(jnp.zeros((8, 3)), ("embed", "exp")),
+    "wi": nn.Partitioned(np.zeros((3, 8, 2)), ("exp", "embed", "mlp")),
+    "router": nn.Partitioned(np.zeros((8, 3)), ("embed", "exp")),
   }
   h = {
     "wi": jnp.broadcast_to(10.0 ** jnp.arange(3.0)[:, None, None], (3, 8, 2)),
@@ -1205,8 +1208,8 @@ def test_an_unnamed_linen_scan_keeps_its_layers_apart(rng):
   # bias repeating its kernel's leading axis, or Linen's name 'Dense_0' (a Dense kernel has rank
   # 2), shows the stack; the leaves beside them ('up', the LayerNorm) take it from them, and the
   # attention and Conv kernels are then read per layer by their module names.
-  params = UnnamedStack().init(jax.random.key(0), jnp.ones((1, 5, 6)))["params"]
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  params = UnnamedStack().init(jax.random.key(0), np.ones((1, 5, 6)))["params"]
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert not any(r.ambiguous for r in rows.values()), [r.path for r in rows.values() if r.ambiguous]
@@ -1244,7 +1247,7 @@ def test_an_unnamed_linen_scan_keeps_its_layers_apart(rng):
 
 def test_what_tells_a_stack_without_names_and_what_does_not():
   def rows(tree, block_size=2):
-    shapes = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+    shapes = jax.tree.map(np.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
     listing = spatial.describe(shapes, block_size=block_size)
     return {r.path: (r.rule, r.ambiguous) for r in listing.rows}
 
@@ -1340,7 +1343,7 @@ def test_a_bias_less_conv_in_an_unnamed_scan_is_not_averaged_across_layers(norm)
   stack = nn.scan(
     ScannedConvNormBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=4
   )
-  x = jnp.ones((1, 6, 6, 8))
+  x = np.ones((1, 6, 6, 8))
   params = jax.eval_shape(stack(make).init, jax.random.key(0), x, None)["params"]
   row = {r.path: r for r in spatial.describe(params, block_size=2).rows}["['Conv_0']['kernel']"]
   if norm == "GroupNorm":
@@ -1377,7 +1380,7 @@ def test_a_bias_less_conv_local_keeps_its_output_positions_apart(stacked, wrap, 
   model = Block()
   if stacked:
     model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 4)), None)["params"]
+  params = jax.eval_shape(model.init, jax.random.key(0), np.ones((2, 8, 4)), None)["params"]
   (row,) = spatial.describe(params, block_size=4).rows
   assert row.path == f"['{name}']['kernel']"
   assert row.shape == (3,) * stacked + (8, 12, 6)
@@ -1394,8 +1397,8 @@ def test_a_bias_less_conv_beside_a_stack_of_another_size_is_no_guess(layers):
   # Dense bias (layers, 16) shows the stack): any known stack in the tree made the Conv's kernel
   # a guess (a stack of 1-D Convs (layers, w, in, out)?), so init warned on a plain ViT. Only a
   # stack of the kernel's first size can hold it.
-  block = {"Dense_0": {"kernel": jnp.zeros((layers, 16, 16)), "bias": jnp.zeros((layers, 16))}}
-  params = {"Conv_0": {"kernel": jnp.zeros((4, 4, 3, 16))}, "ScanBlock_0": block}
+  block = {"Dense_0": {"kernel": np.zeros((layers, 16, 16)), "bias": np.zeros((layers, 16))}}
+  params = {"Conv_0": {"kernel": np.zeros((4, 4, 3, 16))}, "ScanBlock_0": block}
   row = {r.path: r for r in spatial.describe(params, block_size=2).rows}["['Conv_0']['kernel']"]
   if layers == 3:
     assert row.rule == spatial.mean_over((0, 1)) and not row.ambiguous
@@ -1436,7 +1439,7 @@ def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
       )
       return scan()(x, None)[0]
 
-  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
+  params = jax.eval_shape(Net().init, jax.random.key(0), np.ones((1, 6, 6, 8)))["params"]
   (row,) = spatial.describe(params, block_size=2).rows
   assert row.rule == spatial.per_layer(spatial.mean_over((0, 1))) and not row.ambiguous
   assert row.groups == {9: 4 * 64}
@@ -1450,7 +1453,7 @@ def test_an_unnamed_scan_of_bias_less_convs_is_found_by_linen_s_scan_name():
   for boxed, want in [(False, spatial.mean_over((0, 1, 2))), (True, spatial.per_layer(want_2d))]:
     meta = {"metadata_params": {nn.PARTITION_NAME: "layers"}, "split_rngs": {"params": True}}
     stack = nn.scan(_MaybeBoxedConvBlock, variable_axes={"params": 0}, length=4, **meta)
-    x = jnp.ones((1, 6, 6, 8))
+    x = np.ones((1, 6, 6, 8))
     shapes = jax.eval_shape(stack(boxed, name="blocks").init, jax.random.key(0), x, None)
     (row,) = spatial.describe(shapes["params"], block_size=2).rows
     assert row.rule == want, boxed
@@ -1488,7 +1491,7 @@ def test_an_unnamed_remat_scan_of_bias_less_convs_is_found_by_its_linen_name(tra
       stacked = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
       return nn.scan(_PrivateConvBlock, length=4, **stacked)()(x, None)[0]
 
-  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
+  params = jax.eval_shape(Net().init, jax.random.key(0), np.ones((1, 6, 6, 8)))["params"]
   (row,) = spatial.describe(params, block_size=2).rows
   assert row.path.startswith(f"['{scan_name}']") and row.path.endswith("['Conv_0']['kernel']")
   assert row.rule == spatial.per_layer(spatial.mean_over((0, 1)))
@@ -1519,15 +1522,15 @@ def test_a_bias_less_conv_under_an_unnamed_vmap_is_a_guess(block_size):
       )
       return vmap()(x)
 
-  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 8)))["params"]
+  params = jax.eval_shape(Net().init, jax.random.key(0), np.ones((1, 6, 6, 8)))["params"]
   (row,) = spatial.describe(params, block_size=block_size).rows
   assert row.shape == (4, 3, 3, 8, 8)
   assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
   with pytest.raises(ValueError, match=r"(?s)1 leaf is ambiguous.*\['Conv_0'\]\['kernel'\]"):
     spatial.describe(params, spatial.strict(), block_size=block_size)
   # A 3x3 Conv_0 beside its bias, or a bias-less 1-D one (rank 3), stays a Conv's for sure.
-  shapes = {"VmapBlock_0": {"Conv_0": {"kernel": jnp.zeros((3, 3, 8, 8)), "bias": jnp.zeros(8)}}}
-  shapes["VmapBlock_0"]["Conv_1"] = {"kernel": jnp.zeros((3, 8, 8))}
+  shapes = {"VmapBlock_0": {"Conv_0": {"kernel": np.zeros((3, 3, 8, 8)), "bias": np.zeros(8)}}}
+  shapes["VmapBlock_0"]["Conv_1"] = {"kernel": np.zeros((3, 8, 8))}
   rows = [r for r in spatial.describe(shapes, block_size=block_size).rows if r.shape != (8,)]
   assert [(r.rule, r.ambiguous) for r in rows] == [
     (spatial.mean_over((0, 1)), False),
@@ -1556,7 +1559,7 @@ def test_a_bias_less_conv_beside_a_mixture_in_an_unnamed_vmap_is_a_guess():
     in_axes=None,
     axis_size=3,
   )
-  params = jax.eval_shape(vmap().init, jax.random.key(0), jnp.ones((1, 5, 8)))["params"]
+  params = jax.eval_shape(vmap().init, jax.random.key(0), np.ones((1, 5, 8)))["params"]
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert rows["['Conv_0']['kernel']"].ambiguous
   with pytest.warns(spatial.LayoutGuessWarning, match=r"\['Conv_0'\]\['kernel'\]"):
@@ -1583,7 +1586,7 @@ def test_unnamed_axes_in_front_of_a_mixture_s_experts_are_a_stack():
   # expert a Dense kernel (None, 'mlp') blocked along the 4 layers, unflagged.
   def rows(meta):
     scan = scan_layers(NamedMoe, partition_name=meta)
-    params = jax.eval_shape(scan().init, jax.random.key(0), jnp.ones((2, 4)), None)["params"]
+    params = jax.eval_shape(scan().init, jax.random.key(0), np.ones((2, 4)), None)["params"]
     return [(r.rule, r.groups, r.ambiguous) for r in spatial.describe(params, block_size=2).rows]
 
   bi, wi = rows(None)
@@ -1594,7 +1597,7 @@ def test_unnamed_axes_in_front_of_a_mixture_s_experts_are_a_stack():
 
 def test_a_module_that_shows_it_is_one_layer_takes_no_stack_from_its_relatives():
   def rows(tree):
-    shapes = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+    shapes = jax.tree.map(np.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
     listing = spatial.describe(shapes, block_size=2)
     axes = dict(zip([r.path for r in listing.rows], layer_axes_of(shapes), strict=True))
     return {r.path: (r.rule, r.groups, r.ambiguous, axes[r.path]) for r in listing.rows}
@@ -1640,12 +1643,12 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   # over its output and input channels (even at block_size 1) and the Linear blocked across
   # outputs; Haiku's "embeddings" table (vocab, dim) across tokens.
   params = {
-    "conv": {"weight": jnp.zeros((4, 3, 3, 3)), "bias": jnp.zeros((4, 1, 1))},
-    "linear": {"weight": jnp.zeros((5, 6)), "bias": jnp.zeros(5)},
-    "embed": {"embeddings": jnp.zeros((7, 4))},
-    "norm": {"weight": jnp.zeros(6)},
+    "conv": {"weight": np.zeros((4, 3, 3, 3)), "bias": np.zeros((4, 1, 1))},
+    "linear": {"weight": np.zeros((5, 6)), "bias": np.zeros(5)},
+    "embed": {"embeddings": np.zeros((7, 4))},
+    "norm": {"weight": np.zeros(6)},
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   conv = np.broadcast_to(d["conv"]["weight"].mean(axis=(2, 3), keepdims=True), (4, 3, 3, 3))
@@ -1663,8 +1666,8 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   assert "PyTorch/Equinox Conv weight (out, in, *spatial)" in rows["['conv']['weight']"].why
   assert "a bias of its first axis" in rows["['linear']['weight']"].why
   guesses = {
-    "conv": {"weight": jnp.zeros((4, 3, 3, 3))},
-    "square": {"weight": jnp.zeros((6, 6)), "bias": jnp.zeros(6)},
+    "conv": {"weight": np.zeros((4, 3, 3, 3))},
+    "square": {"weight": np.zeros((6, 6)), "bias": np.zeros(6)},
   }
   rows = spatial.describe(guesses, block_size=2).rows
   assert [(r.path, r.ambiguous) for r in rows if "weight" in r.path] == [
@@ -1675,21 +1678,21 @@ def test_pytorch_and_equinox_weights_and_haiku_tables_keep_their_outputs_apart(r
   # along its inputs, the square c_proj too (the tree's other kernels show the layout); a
   # Flax Dense kernel (in, out) beside its bias (out,) in the same tree keeps Flax's reading.
   gpt = {
-    "c_attn": {"kernel": jnp.zeros((12, 4)), "bias": jnp.zeros(12)},
-    "c_proj": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+    "c_attn": {"kernel": np.zeros((12, 4)), "bias": np.zeros(12)},
+    "c_proj": {"kernel": np.zeros((4, 4)), "bias": np.zeros(4)},
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), gpt)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), gpt)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), gpt, hessian_diag)
   for name in gpt:
     want = block_average(np.asarray(hessian_diag[name]["kernel"]), 2, axis=1)
     np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
   assert not spatial.describe(gpt, block_size=2).ambiguous
-  mixed = {**gpt, "head": {"kernel": jnp.zeros((4, 10)), "bias": jnp.zeros(10)}}
+  mixed = {**gpt, "head": {"kernel": np.zeros((4, 10)), "bias": np.zeros(10)}}
   rules = {r.path: r.rule for r in spatial.describe(mixed, block_size=2).rows}
   assert rules["['c_attn']['kernel']"] == spatial.blocks(2, axis=1)
   assert rules["['c_proj']['kernel']"] == rules["['head']['kernel']"] == spatial.blocks(2, axis=0)
   # PyTorch's other weights (a packed q/k/v projection, an LSTM's) are (out, in) too.
-  torch = {"in_proj_weight": jnp.zeros((12, 4)), "weight_ih_l0": jnp.zeros((16, 4))}
+  torch = {"in_proj_weight": np.zeros((12, 4)), "weight_ih_l0": np.zeros((16, 4))}
   for row in spatial.describe(torch, block_size=2).rows:
     assert row.rule == spatial.blocks(2, axis=1), row
   assert not spatial.describe(params, block_size=1).rows[4].ambiguous  # Linear, block_size 1
@@ -1706,14 +1709,14 @@ def test_a_square_kernel_reads_its_layout_from_the_nearest_kernels(rng):
   # above it that shows a layout decide (a `weight` is no kernel), and where they show both it is
   # a guess.
   block = {
-    "c_attn": {"kernel": jnp.zeros((12, 4)), "bias": jnp.zeros(12)},
-    "c_proj": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
+    "c_attn": {"kernel": np.zeros((12, 4)), "bias": np.zeros(12)},
+    "c_proj": {"kernel": np.zeros((4, 4)), "bias": np.zeros(4)},
   }
   params = {
     "h": {"0": {"attn": block}},
-    "value_head": {"kernel": jnp.zeros((4, 1)), "bias": jnp.zeros(1)},
+    "value_head": {"kernel": np.zeros((4, 1)), "bias": np.zeros(1)},
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   for name in block:
     want = block_average(np.asarray(hessian_diag["h"]["0"]["attn"][name]["kernel"]), 2, axis=1)
@@ -1722,14 +1725,14 @@ def test_a_square_kernel_reads_its_layout_from_the_nearest_kernels(rng):
   np.testing.assert_allclose(got["value_head"]["kernel"], want, rtol=1e-6)
   assert not spatial.describe(params, block_size=2).ambiguous
   flax = {
-    "Dense_0": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)},
-    "proj": {"weight": jnp.zeros((2, 4)), "bias": jnp.zeros(2)},
+    "Dense_0": {"kernel": np.zeros((4, 4)), "bias": np.zeros(4)},
+    "proj": {"weight": np.zeros((2, 4)), "bias": np.zeros(2)},
   }
   rows = {r.path: r for r in spatial.describe(flax, block_size=2).rows}
   assert rows["['Dense_0']['kernel']"].rule == spatial.blocks(2, axis=0)
   assert not rows["['Dense_0']['kernel']"].ambiguous
   # Side by side, a FlaxConv1D (12, 4) and a Dense (4, 10) leave the square one a guess.
-  mixed = {**block, "head": {"kernel": jnp.zeros((4, 10)), "bias": jnp.zeros(10)}}
+  mixed = {**block, "head": {"kernel": np.zeros((4, 10)), "bias": np.zeros(10)}}
   rows = {r.path: r for r in spatial.describe(mixed, block_size=2).rows}
   assert [p for p, r in rows.items() if r.ambiguous] == ["['c_proj']['kernel']"]
   assert "show both" in rows["['c_proj']['kernel']"].why
@@ -1742,19 +1745,19 @@ def _scanned_gpt2(layers, d, kernel="kernel", flax=False):
 
   def linear(n_in, n_out):
     shape = (layers, n_in, n_out) if flax else (layers, n_out, n_in)
-    return {kernel: jnp.zeros(shape), "bias": jnp.zeros((layers, n_out))}
+    return {kernel: np.zeros(shape), "bias": np.zeros((layers, n_out))}
 
-  norm = {"scale": jnp.zeros((layers, d)), "bias": jnp.zeros((layers, d))}
+  norm = {"scale": np.zeros((layers, d)), "bias": np.zeros((layers, d))}
   return {
-    "wte": jnp.zeros((50, d)),
-    "wpe": jnp.zeros((16, d)),
+    "wte": np.zeros((50, d)),
+    "wpe": np.zeros((16, d)),
     "h": {
       "attn": {"c_attn": linear(d, 3 * d), "c_proj": linear(d, d)},
       "mlp": {"c_fc": linear(d, 4 * d), "c_proj": linear(4 * d, d)},
       "ln_1": norm,
       "ln_2": norm,
     },
-    "ln_f": {"scale": jnp.zeros(d), "bias": jnp.zeros(d)},
+    "ln_f": {"scale": np.zeros(d), "bias": np.zeros(d)},
   }
 
 
@@ -1775,7 +1778,7 @@ def test_a_scanned_flaxconv1d_kernel_is_read_output_axis_first_per_layer(rng):
     for path in kernels:
       assert rows[path].rule == spatial.per_layer(spatial.blocks(block_size, axis=1)), path
     assert "a bias of its first axis" in rows[kernels[0]].why
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   for module, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc")):
     want = block_average(np.asarray(hessian_diag["h"][module][name]["kernel"]), 2, axis=2)
@@ -1799,7 +1802,7 @@ def test_a_scanned_flaxconv1d_kernel_is_read_output_axis_first_per_layer(rng):
     for module, name in (("attn", "c_proj"), ("mlp", "c_fc")):
       rule = rows[f"['{block}']['{module}']['{name}']['kernel']"].rule
       assert rule == spatial.per_layer(spatial.blocks(2, axis)), (block, name)
-  head = {"kernel": jnp.zeros((3, 8, 10)), "bias": jnp.zeros((3, 10))}  # Flax (layers, in, out)
+  head = {"kernel": np.zeros((3, 8, 10)), "bias": np.zeros((3, 10))}  # Flax (layers, in, out)
   mixed = {**_scanned_gpt2(3, 8)["h"]["attn"], "head": head}
   rows = {r.path: r for r in spatial.describe(mixed, block_size=2).rows}
   assert [p for p, r in rows.items() if r.ambiguous] == ["['c_proj']['kernel']"]
@@ -1813,7 +1816,7 @@ def test_a_flax_vmap_over_axis_1_is_not_read_output_axis_first():
   # nn.vmap with variable_axes={"params": 1} over a square Dense: kernel (in, members, out),
   # bias (out, members), which is also the kernel's leading axes, as a scanned FlaxConv1D's
   # (layers, out, in) beside (layers, out) is. Two readings: the rank's guess stays, flagged.
-  ensemble = {"ff": {"kernel": jnp.zeros((8, 4, 8)), "bias": jnp.zeros((8, 4))}}
+  ensemble = {"ff": {"kernel": np.zeros((8, 4, 8)), "bias": np.zeros((8, 4))}}
   (row,) = [r for r in spatial.describe(ensemble, block_size=2).rows if "kernel" in r.path]
   assert row.ambiguous and row.rule == spatial.mean_over((0,))
 
@@ -1822,11 +1825,11 @@ def test_a_haiku_norm_offset_is_a_bias_never_blocked_across_layers(rng):
   # An hk.layer_stack gives its LayerNorm an offset (layers, features) under a flat module name
   # beside the stack's other modules: taken for a Dense kernel, it was blocked across layers.
   params = {
-    "stack/~/linear": {"w": jnp.zeros((4, 6, 6)), "b": jnp.zeros((4, 6))},
-    "stack/~/layer_norm": {"scale": jnp.zeros((4, 6)), "offset": jnp.zeros((4, 6))},
-    "embed": {"embeddings": jnp.zeros((9, 6))},
+    "stack/~/linear": {"w": np.zeros((4, 6, 6)), "b": np.zeros((4, 6))},
+    "stack/~/layer_norm": {"scale": np.zeros((4, 6)), "offset": np.zeros((4, 6))},
+    "embed": {"embeddings": np.zeros((9, 6))},
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   offset = np.asarray(hessian_diag["stack/~/layer_norm"]["offset"])
   np.testing.assert_allclose(got["stack/~/layer_norm"]["offset"], offset, rtol=1e-6)
@@ -1851,8 +1854,8 @@ def _check_scan_per_layer(block, features, norm, out, rng):
   not averaged, and every kernel is, per layer, in blocks of 2 inputs (the output projection's,
   paths with ``out``, within one head), against NumPy loops. Returns the params."""
   scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-  params = {"blocks": scan().init(jax.random.key(0), jnp.ones((1, 5, features)), None)["params"]}
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  params = {"blocks": scan().init(jax.random.key(0), np.ones((1, 5, features)), None)["params"]}
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   assert not [p for p, r in rows.items() if r.ambiguous]
@@ -1893,12 +1896,12 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   assert layer_axes_of(params) == [(0,)] * 7
   # Where embed = heads, the shapes are also those of 2-D Conv kernels named query/out (or of a
   # stack of stacks of Dense kernels): still the rank's guess, listed as ambiguous.
-  same = {"query": {"kernel": jnp.zeros((3, 2, 2, 4))}, "out": {"kernel": jnp.zeros((3, 2, 4, 2))}}
+  same = {"query": {"kernel": np.zeros((3, 2, 2, 4))}, "out": {"kernel": np.zeros((3, 2, 4, 2))}}
   listing = spatial.describe({"attn": same}, block_size=2)
   assert [r.ambiguous for r in listing.rows] == [True, True]
   assert [r.rule for r in listing.rows] == [spatial.mean_over((0, 1))] * 2
   # A bias-less Conv initialised on its own holds its rank-4 kernel at the root (no module).
-  alone = nn.Conv(4, (3, 3), use_bias=False).init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+  alone = nn.Conv(4, (3, 3), use_bias=False).init(jax.random.key(0), np.ones((1, 5, 5, 2)))
   assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
 
 
@@ -1975,8 +1978,8 @@ def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
     },
     "m": {"stack": {"weight": (3, 5, 6), "bias": (3, 5)}, "head": {"weight": (3, 6), "bias": (3,)}},
   }
-  params = jax.tree.map(jnp.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  params = jax.tree.map(np.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   per_member = lambda x: np.stack([block_average(layer, 2, axis=1) for layer in x])
@@ -2004,7 +2007,7 @@ def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
     "['m']['head']['weight']",
   ]
   # An output of size 1 lets the bias (3, 1) be a 1-D Conv's (out, 1) too: the stack is unknown.
-  one = spatial.describe({"weight": jnp.zeros((3, 1, 6)), "bias": jnp.zeros((3, 1))}).rows
+  one = spatial.describe({"weight": np.zeros((3, 1, 6)), "bias": np.zeros((3, 1))}).rows
   assert (one[1].rule, one[1].ambiguous) == (spatial.mean_over((2,)), True)
 
 
@@ -2023,8 +2026,8 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   # flattened Dense, so axis=(-2, -1) over (heads, head_dim) keeps each head apart. By rank these
   # were taken for Conv kernels, averaged over all their inputs (even at block_size 1) and listed
   # as ambiguous; a batch_dims kernel per batch slice.
-  params = _DenseGenerals().init(jax.random.key(0), jnp.ones((3, 2, 6)))["params"]
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  params = _DenseGenerals().init(jax.random.key(0), np.ones((3, 2, 6)))["params"]
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   for name, axis in (("DenseGeneral_0", 0), ("DenseGeneral_1", 1)):
@@ -2037,7 +2040,7 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   assert not listing.ambiguous
   assert layer_axes_of(params) == [(), (), (), (), (0,), (0,)]
   # A custom attention's output projection: 4 heads of 8, never averaged across heads.
-  out = {"DenseGeneral_3": {"kernel": jnp.zeros((4, 8, 16)), "bias": jnp.zeros((16,))}}
+  out = {"DenseGeneral_3": {"kernel": np.zeros((4, 8, 16)), "bias": np.zeros((16,))}}
   row = spatial.describe(out, block_size=8).rows[1]
   assert (row.names, row.rule, row.ambiguous) == (
     ("heads", "features", "features"),
@@ -2046,7 +2049,7 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   )
   # A bias that fits two ways (kernel (6, 6, 4), bias (6, 4): one layer, or a batch of 6 Dense
   # kernels (6, 4)) leaves the rank's guess, listed as ambiguous.
-  two = {"DenseGeneral_0": {"kernel": jnp.zeros((6, 6, 4)), "bias": jnp.zeros((6, 4))}}
+  two = {"DenseGeneral_0": {"kernel": np.zeros((6, 6, 4)), "bias": np.zeros((6, 4))}}
   row = spatial.describe(two).rows[1]
   assert (row.rule, row.ambiguous) == (spatial.mean_over((0,)), True)
 
@@ -2060,15 +2063,15 @@ def test_learned_position_tables_keep_their_rows_apart(rng):
   # (1, length, features) a 1-D Conv kernel. A word of a table in the name keeps rows apart:
   # also GPT-2's raw wte (vocab, embed) and wpe (positions, embed), blocked across tokens before.
   params = {
-    "pos": jnp.zeros((6, 4)),
-    "wte": jnp.zeros((6, 4)),
-    "wpe": jnp.zeros((6, 4)),
-    "pos_embedding": jnp.zeros((1, 6, 4)),
-    "position_embeddings": jnp.zeros((6, 4)),
-    "embed_w": jnp.zeros((6, 4)),  # a table, or a kernel so named: a guess
-    "proj": {"kernel": jnp.zeros((6, 4))},  # a Dense kernel: blocks of inputs, as before
+    "pos": np.zeros((6, 4)),
+    "wte": np.zeros((6, 4)),
+    "wpe": np.zeros((6, 4)),
+    "pos_embedding": np.zeros((1, 6, 4)),
+    "position_embeddings": np.zeros((6, 4)),
+    "embed_w": np.zeros((6, 4)),  # a table, or a kernel so named: a guess
+    "proj": {"kernel": np.zeros((6, 4))},  # a Dense kernel: blocks of inputs, as before
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   for key in ("pos", "wte", "wpe", "position_embeddings", "embed_w"):
@@ -2089,16 +2092,16 @@ def test_a_pytorch_weight_of_another_name_is_settled_by_its_bias_of_that_name():
   # stayed guesses at block_size > 1 (their reading, blocks along axis 1, was right) and init
   # warned on every converted PyTorch transformer or LSTM. Flattened keys pair the same way.
   params = {
-    "attn": {"in_proj_weight": jnp.zeros((24, 8)), "in_proj_bias": jnp.zeros(24)},
+    "attn": {"in_proj_weight": np.zeros((24, 8)), "in_proj_bias": np.zeros(24)},
     "lstm": {
-      "weight_ih_l0": jnp.zeros((16, 6)),
-      "bias_ih_l0": jnp.zeros(16),
-      "weight_hh_l0": jnp.zeros((16, 4)),
-      "bias_hh_l0": jnp.zeros(16),
+      "weight_ih_l0": np.zeros((16, 6)),
+      "bias_ih_l0": np.zeros(16),
+      "weight_hh_l0": np.zeros((16, 4)),
+      "bias_hh_l0": np.zeros(16),
     },
-    "rnn.weight_ih_l0": jnp.zeros((16, 6)),
-    "rnn.bias_ih_l0": jnp.zeros(16),
-    "alone": {"in_proj_weight": jnp.zeros((24, 8))},  # no bias: still a guess
+    "rnn.weight_ih_l0": np.zeros((16, 6)),
+    "rnn.bias_ih_l0": np.zeros(16),
+    "alone": {"in_proj_weight": np.zeros((24, 8))},  # no bias: still a guess
   }
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   for path in (
@@ -2116,11 +2119,11 @@ def test_learned_rows_of_other_kinds_keep_their_rows_apart():
   # VQ-VAE's codebook: by rank each was a Dense kernel, blocked along axis 0, across the rows,
   # unflagged.
   params = {
-    "latents": jnp.zeros((6, 8)),
-    "queries": jnp.zeros((5, 8)),
-    "prefix": jnp.zeros((4, 8)),
-    "codebook": jnp.zeros((16, 8)),
-    "proj": {"kernel": jnp.zeros((8, 8))},
+    "latents": np.zeros((6, 8)),
+    "queries": np.zeros((5, 8)),
+    "prefix": np.zeros((4, 8)),
+    "codebook": np.zeros((16, 8)),
+    "proj": {"kernel": np.zeros((8, 8))},
   }
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   for key in ("latents", "queries", "prefix", "codebook"):
@@ -2132,7 +2135,7 @@ def test_learned_rows_of_other_kinds_keep_their_rows_apart():
 def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
   # ViT's class token (1, 1, features): a Conv kernel, a DenseGeneral kernel and a stack of layers
   # all average nothing there, but strict mode refused it as a guess, even at block_size 1.
-  params = {"cls": jnp.zeros((1, 1, 8)), "kernel": jnp.zeros((1, 3, 8))}
+  params = {"cls": np.zeros((1, 1, 8)), "kernel": np.zeros((1, 3, 8))}
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   assert rows["['cls']"].rule == spatial.none() and not rows["['cls']"].ambiguous
   assert rows["['kernel']"].ambiguous  # (1, 3, 8): a stack's blocks along the 3 would average
@@ -2148,10 +2151,10 @@ def test_keys_of_a_flattened_tree_are_read_by_their_last_part(rng):
   # layout nor the never-averaged bias was recognised: the (out, in) weight was blocked across
   # its outputs and the (heads, head_dim) bias across heads, unflagged.
   params = {
-    "blocks.0.fc.weight": jnp.zeros((4, 6)),
-    "attn/query/bias": jnp.zeros((2, 4)),
+    "blocks.0.fc.weight": np.zeros((4, 6)),
+    "attn/query/bias": np.zeros((2, 4)),
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   want = block_average(d["blocks.0.fc.weight"], 2, axis=1)
@@ -2164,12 +2167,12 @@ def test_a_flattened_tree_pairs_each_kernel_with_its_own_modules_bias(rng):
   # kernel was paired with another module's bias: the Dense kernel (8, 4) beside the norm's bias
   # (8,) was taken for Hugging Face's (out, in) and blocked across its 4 outputs, unflagged.
   params = {
-    "dense/kernel": jnp.zeros((8, 4)),
-    "dense/bias": jnp.zeros(4),
-    "norm/bias": jnp.zeros(8),
-    "norm/scale": jnp.zeros(8),
+    "dense/kernel": np.zeros((8, 4)),
+    "dense/bias": np.zeros(4),
+    "norm/bias": np.zeros(8),
+    "norm/scale": np.zeros(8),
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   want = block_average(np.asarray(hessian_diag["dense/kernel"]), 2, axis=0)
   np.testing.assert_allclose(got["dense/kernel"], want, rtol=1e-6)
@@ -2177,8 +2180,8 @@ def test_a_flattened_tree_pairs_each_kernel_with_its_own_modules_bias(rng):
   # Its leading parts name its module everywhere: a scanned block's bias-less Conv beside a norm's
   # (layers, channels) scale stays a guess, as in the nested tree.
   nested = {
-    "Conv_0": {"kernel": jnp.zeros((3, 3, 3, 4, 4))},
-    "norm": {"scale": jnp.zeros((3, 4)), "bias": jnp.zeros((3, 4))},
+    "Conv_0": {"kernel": np.zeros((3, 3, 3, 4, 4))},
+    "norm": {"scale": np.zeros((3, 4)), "bias": np.zeros((3, 4))},
   }
   flat = {f"blk/{m}/{p}": x for m, leaves in nested.items() for p, x in leaves.items()}
   want = [(r.rule, r.ambiguous) for r in spatial.describe({"blk": nested}, block_size=2).rows]
@@ -2192,7 +2195,7 @@ def test_a_flattened_tree_keeps_flax_attention_names():
   # reading by shapes (embed = head_dim = 4) was averaged over all the query's inputs and across
   # the output kernel's heads, a guess.
   attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, use_bias=False)
-  nested = {"attn": attention.init(jax.random.key(0), jnp.ones((1, 3, 4)))["params"]}
+  nested = {"attn": attention.init(jax.random.key(0), np.ones((1, 3, 4)))["params"]}
   flat = traverse_util.flatten_dict(nested, sep="/")
   want = {r.path.replace("']['", "/"): r.rule for r in spatial.describe(nested, block_size=2).rows}
   listing = spatial.describe(flat, block_size=2)
@@ -2222,8 +2225,8 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
   # q_proj (embed, heads, head_dim), k_proj/v_proj with 2 of the 4 heads, o_proj (heads,
   # head_dim, embed): by rank 1-D Conv kernels, averaged over all of q's inputs and o's heads. The
   # module's shapes show an attention, with or without biases, as for Flax's own module names.
-  params = _CustomAttention(use_bias).init(jax.random.key(0), jnp.ones((1, 5, 10)))["params"]
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  params = _CustomAttention(use_bias).init(jax.random.key(0), np.ones((1, 5, 10)))["params"]
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   assert not [r.path for r in rows.values() if r.ambiguous]
@@ -2239,7 +2242,7 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
   # The same projections as raw params of one module (wq, wk, wv, wo) and Haiku-style w's.
   raw = {"attn": {"wq": (10, 4, 3), "wk": (10, 2, 3), "wv": (10, 2, 3), "wo": (4, 3, 10)}}
   raw["hk"] = {f"{n}_proj": {"w": s} for n, s in zip("qkvo", raw["attn"].values(), strict=True)}
-  raw = jax.tree.map(jnp.zeros, raw, is_leaf=lambda x: isinstance(x, tuple))
+  raw = jax.tree.map(np.zeros, raw, is_leaf=lambda x: isinstance(x, tuple))
   for row in spatial.describe(raw, block_size=4).rows:
     axis = 1 if row.path.endswith(("['wo']", "['o_proj']['w']")) else 0
     assert (row.rule, row.ambiguous) == (spatial.blocks(4, axis=axis), False), row
@@ -2250,8 +2253,8 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
     "gqa": {"q_einsum": (8, 12, 4), "kv_einsum": (2, 2, 12, 4), "attn_vec_einsum": (8, 4, 12)},
     "mha": {"qkv_einsum": (3, 8, 12, 4), "attn_vec_einsum": (8, 4, 12)},
   }
-  gemma = jax.tree.map(lambda s: {"w": jnp.zeros(s)}, gemma, is_leaf=lambda x: isinstance(x, tuple))
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), gemma)
+  gemma = jax.tree.map(lambda s: {"w": np.zeros(s)}, gemma, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), gemma)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), gemma, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   for group, leaf, axis in [
@@ -2273,7 +2276,7 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
     {"wo": (4, 3, 10)},
     {"wq": (4, 10, 3), "wo": (4, 3, 10)},
   ):
-    tree = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+    tree = jax.tree.map(np.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
     assert all(r.ambiguous for r in spatial.describe(tree, block_size=4).rows)
 
 
@@ -2291,14 +2294,14 @@ def test_a_heads_first_query_and_output_kernel_alone_stay_a_guess_whatever_their
   for layers in (3, 8, 32):
     stack = {"fc1": {"kernel": (layers, 8, 32)}, "fc2": {"kernel": (layers, 32, 8)}}
     stack["norm"] = {"scale": (layers, 8)}
-    tree = jax.tree.map(jnp.zeros, {"layers": stack}, is_leaf=lambda x: isinstance(x, tuple))
+    tree = jax.tree.map(np.zeros, {"layers": stack}, is_leaf=lambda x: isinstance(x, tuple))
     rows = {r.path: r for r in spatial.describe(tree, block_size=4).rows}
     for name in ("fc1", "fc2"):
       row = rows[f"['layers']['{name}']['kernel']"]
       assert (row.names, row.rule, row.ambiguous) == (None, spatial.mean_over(0), True), row
   # The same pair under attention's names, heads = head_dim: a tie as for other sizes.
   tree = jax.tree.map(
-    jnp.zeros, {"wq": (4, 10, 4), "wo": (4, 4, 10)}, is_leaf=lambda x: isinstance(x, tuple)
+    np.zeros, {"wq": (4, 10, 4), "wo": (4, 4, 10)}, is_leaf=lambda x: isinstance(x, tuple)
   )
   assert all(r.ambiguous for r in spatial.describe(tree, block_size=4).rows)
 
@@ -2313,12 +2316,12 @@ def test_a_convolution_beside_an_attention_of_other_names_stays_a_convolution(rn
   # kept apart along its width instead of averaged over its spatial axes. A convolution's name
   # or a bias of one axis (an input projection's is (heads, head_dim)) rules that out.
   params = {
-    "q_proj": {"kernel": jnp.zeros((8, 2, 4))},
-    "o_proj": {"kernel": jnp.zeros((2, 4, 8))},
-    "Conv_0": {"kernel": jnp.zeros((2, 2, 8, 4)), "bias": jnp.zeros(4)},
-    "conv": {"kernel": jnp.zeros((2, 8, 4))},
+    "q_proj": {"kernel": np.zeros((8, 2, 4))},
+    "o_proj": {"kernel": np.zeros((2, 4, 8))},
+    "Conv_0": {"kernel": np.zeros((2, 2, 8, 4)), "bias": np.zeros(4)},
+    "conv": {"kernel": np.zeros((2, 8, 4))},
   }
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
   for name, axes in (("Conv_0", (0, 1)), ("conv", (0,))):
@@ -2330,7 +2333,7 @@ def test_a_convolution_beside_an_attention_of_other_names_stays_a_convolution(rn
     want = block_average(d[name]["kernel"], 2, axis=axis)
     np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-6, err_msg=name)
   # Under a name of no convolution, beside its bias (4,): no attention's, the rank's guess.
-  other = {**params, "proj": {"kernel": jnp.zeros((2, 8, 4)), "bias": jnp.zeros(4)}}
+  other = {**params, "proj": {"kernel": np.zeros((2, 8, 4)), "bias": np.zeros(4)}}
   rows = {r.path: r for r in spatial.describe(other, block_size=2).rows}
   assert rows["['proj']['kernel']"].rule == spatial.mean_over(0)
   assert rows["['proj']['kernel']"].ambiguous
@@ -2355,8 +2358,8 @@ def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
     "mlp": {"kernel": (5, 6, 8)},
   }
   tree["layers"] = {"Dense_0": {"kernel": (3, 6, 8), "bias": (3, 8)}, **tree["layers"]}
-  params = jax.tree.map(jnp.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
-  hessian_diag = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape)), params)
+  params = jax.tree.map(np.zeros, tree, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
   d, got = jax.tree.map(np.asarray, hessian_diag), jax.tree.map(np.asarray, got)
@@ -2383,7 +2386,7 @@ def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
     assert (rows[where].rule, rows[where].ambiguous) == (spatial.mean_over(0), True), where
   assert rows["['mlp']['kernel']"].ambiguous
   # An attention's kernels under an expert's path are read as an attention's first.
-  attention = {"expert_attn": {"wq": jnp.zeros((10, 4, 3)), "wo": jnp.zeros((4, 3, 10))}}
+  attention = {"expert_attn": {"wq": np.zeros((10, 4, 3)), "wo": np.zeros((4, 3, 10))}}
   assert [r.names for r in spatial.describe(attention).rows] == [
     ("heads", "head_dim", "embed"),
     ("embed", "heads", "head_dim"),
@@ -2429,8 +2432,8 @@ Spec = jax.sharding.PartitionSpec
 def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm):
   # A guess that could average across stacked layers is said at init, not only in describe.
   params = {
-    "adapters": {"kernel": jnp.zeros((4, 8, 8))},  # 4 stacked Dense kernels, or a 1-D Conv?
-    "head": {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)},
+    "adapters": {"kernel": np.zeros((4, 8, 8))},  # 4 stacked Dense kernels, or a 1-D Conv?
+    "head": {"kernel": np.zeros((8, 3)), "bias": np.zeros(3)},
   }
   with pytest.warns(spatial.LayoutGuessWarning, match="averaging of 1 leaf is a guess") as record:
     state = ah.adahessian(0.1).init(params)
@@ -2441,7 +2444,7 @@ def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm)
   with warnings.catch_warnings():  # update resolves the rules again, silently
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
     ah.adahessian(0.1).update(params, state, params, hessian_diag=params)
-  many = {f"a{i}": jnp.zeros((2, 3, 3)) for i in range(7)}
+  many = {f"a{i}": np.zeros((2, 3, 3)) for i in range(7)}
   with pytest.warns(spatial.LayoutGuessWarning, match="7 leaves is a guess") as record:
     ah.scale_by_adahessian().init(many)
   assert "['a4']" in str(record[0].message) and "... and 2 more" in str(record[0].message)
@@ -2464,13 +2467,13 @@ def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm)
       ),
     ),
     "Linen LM, unboxed": (nn.unbox(tiny_lm), None),
-    "ResNet": (_ResNet().init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))["params"], None),
+    "ResNet": (_ResNet().init(jax.random.key(0), np.ones((1, 16, 16, 3)))["params"], None),
     "NNX": (nnx.state(_NNXNet(nnx.Rngs(0)), nnx.Param), None),
     "attention": (
-      _CustomAttention(False).init(jax.random.key(0), jnp.ones((1, 5, 10)))["params"],
+      _CustomAttention(False).init(jax.random.key(0), np.ones((1, 5, 10)))["params"],
       None,
     ),
-    "mixture": ({"moe": {"w1": jnp.zeros((4, 6, 8)), "w2": jnp.zeros((4, 8, 6))}}, None),
+    "mixture": ({"moe": {"w1": np.zeros((4, 6, 8)), "w2": np.zeros((4, 8, 6))}}, None),
   }
   for name, (tree, averaging) in models.items():
     for block_size in (1, 32):
@@ -2580,7 +2583,7 @@ def test_a_vector_per_layer_of_an_unnamed_stack_beside_stacked_norm_scales_is_a_
       scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
       return scan(name="blocks")(x, None)[0]
 
-  params = jax.eval_shape(Net().init, jax.random.key(0), jnp.zeros((1, 8)))["params"]
+  params = jax.eval_shape(Net().init, jax.random.key(0), np.zeros((1, 8)))["params"]
   rows = {r.path: r for r in spatial.describe(params, block_size=32).rows}
   decay = rows["['blocks']['time_decay']"]
   assert decay.rule == spatial.blocks(32) and decay.ambiguous  # blocks along the 3 layers
@@ -2591,9 +2594,9 @@ def test_a_vector_per_layer_of_an_unnamed_stack_beside_stacked_norm_scales_is_a_
   # sizes, or one whose relatives do not all have its first size, stays a Dense kernel.
   assert not spatial.describe(params, block_size=1).rows[-1].ambiguous
   other = {
-    "latents": jnp.zeros((6, 4)),
-    "norm": {"scale": jnp.zeros((6, 4)), "bias": jnp.zeros((6, 4))},
-    "head": {"kernel": jnp.zeros((4, 10))},
+    "latents": np.zeros((6, 4)),
+    "norm": {"scale": np.zeros((6, 4)), "bias": np.zeros((6, 4))},
+    "head": {"kernel": np.zeros((4, 10))},
   }
   assert not spatial.describe(other, block_size=32).ambiguous
 
@@ -2601,15 +2604,15 @@ def test_a_vector_per_layer_of_an_unnamed_stack_beside_stacked_norm_scales_is_a_
 def _blocks_of_layers(n_blocks: int):
   """Flax-named blocks of a Dense and a norm each, the Dense's parent one module per block."""
   block = lambda: {
-    "Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
-    "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+    "Dense_0": {"kernel": np.ones((4, 4)), "bias": np.ones(4)},
+    "LayerNorm_0": {"scale": np.ones(4), "bias": np.ones(4)},
   }
   return {"params": {f"Block_{i}": block() for i in range(n_blocks)}}
 
 
 def _scans_of_convs(n_scans: int):
   """Linen scans of bias-less 2-D convolutions, one per block: ``(layers, kh, kw, in, out)``."""
-  scan = lambda: {"Conv_0": {"kernel": jnp.ones((2, 3, 3, 2, 2))}}
+  scan = lambda: {"Conv_0": {"kernel": np.ones((2, 3, 3, 2, 2))}}
   return {"params": {f"ScanBlock_{i}": scan() for i in range(n_scans)}}
 
 
@@ -2651,15 +2654,15 @@ def test_biases_of_experts_and_heads_under_names_of_their_own_are_not_averaged(r
   # gate_up_proj_bias, a custom attention's q_bias (heads, head_dim)) was read by its rank as a
   # Dense kernel and blocked along axis 0: across the experts or heads, beside kernels kept
   # apart per expert and per head, with no warning. One entry per expert (head) and output unit.
-  x = jnp.ones((1, 6))
+  x = np.ones((1, 6))
   params = {
     "moe": jax.eval_shape(RawMixture().init, jax.random.key(0), x)["params"],
-    "attn": {"wq": jnp.zeros((10, 2, 3)), "q_bias": jnp.zeros((2, 3)), "wo": jnp.zeros((2, 3, 10))},
+    "attn": {"wq": np.zeros((10, 2, 3)), "q_bias": np.zeros((2, 3)), "wo": np.zeros((2, 3, 10))},
     "mlp": {
-      "experts": {"gate_up_proj": jnp.zeros((4, 10, 6)), "gate_up_proj_bias": jnp.zeros((4, 6))}
+      "experts": {"gate_up_proj": np.zeros((4, 10, 6)), "gate_up_proj_bias": np.zeros((4, 6))}
     },
   }
-  params = jax.tree.map(lambda p: jnp.zeros(p.shape), params)
+  params = jax.tree.map(lambda p: np.zeros(p.shape), params)
   hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape)), params)
   with warnings.catch_warnings():
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
@@ -2702,8 +2705,8 @@ def test_raw_bias_paired_by_name_shows_the_experts_outside_a_mixture_name(rng):
   # (the kernels beside it were warned of, the bias not listed). b_in repeats w_in's leading
   # axis: one per expert, so both are kept apart per expert (b1/w1 likewise).
   params = {
-    "FFN_0": {"w_in": jnp.zeros((4, 6, 8)), "b_in": jnp.zeros((4, 8))},
-    "block": {"w1": jnp.zeros((3, 8, 6)), "b1": jnp.zeros((3, 6))},
+    "FFN_0": {"w_in": np.zeros((4, 6, 8)), "b_in": np.zeros((4, 8))},
+    "block": {"w1": np.zeros((3, 8, 6)), "b1": np.zeros((3, 6))},
   }
   hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
   with warnings.catch_warnings():
@@ -2715,7 +2718,7 @@ def test_raw_bias_paired_by_name_shows_the_experts_outside_a_mixture_name(rng):
     want = np.stack([block_average(e, 2) for e in d[module][w]])
     np.testing.assert_allclose(got[module][w], want, rtol=1e-12, err_msg=w)
   # A bias of one layer (out,) beside a rank-3 w_in shows no stack: the kernel's guess stays.
-  one = {"FFN_0": {"w_in": jnp.zeros((4, 6, 8)), "b_in": jnp.zeros(8)}}
+  one = {"FFN_0": {"w_in": np.zeros((4, 6, 8)), "b_in": np.zeros(8)}}
   assert [r.path for r in spatial.describe(one, block_size=2).ambiguous] == ["['FFN_0']['w_in']"]
 
 
@@ -2747,7 +2750,7 @@ def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
   # Its sibling Dense_1 (8, 3, 4) has another first size, so the stack is not in front: it is the
   # one axis where both kernels have one size.
   ens = _ensemble_of(_EnsembleMLP, axis)
-  params = ens().init(jax.random.key(0), jnp.ones((2, 6)))["params"]
+  params = ens().init(jax.random.key(0), np.ones((2, 6)))["params"]
   hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
   with warnings.catch_warnings():
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
@@ -2758,7 +2761,7 @@ def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
     np.testing.assert_allclose(got[name]["kernel"], want, rtol=1e-12, err_msg=name)
   # A lone bias-less Dense_0 in such an ensemble shows nothing and keeps the leading reading (as
   # an nn.scan's does); siblings that share no other size leave the rank's guess, flagged.
-  odd = {"Dense_0": {"kernel": jnp.zeros((6, 3, 8))}, "Dense_1": {"kernel": jnp.zeros((8, 5, 4))}}
+  odd = {"Dense_0": {"kernel": np.zeros((6, 3, 8))}, "Dense_1": {"kernel": np.zeros((8, 5, 4))}}
   rows = spatial.describe({"ens": odd}, block_size=2).rows
   assert [r.ambiguous for r in rows] == [True, True]
 
@@ -2796,7 +2799,7 @@ def test_a_lone_bias_less_dense_under_vmap_is_a_guess_where_its_stack_matters(ax
   # the stacked axis is (VmapOneDense_0 is no sign: ensembles map over other axes too), so with
   # block_size > 1 the reading is a guess; with 1 no reading averages anything.
   ens = _ensemble_of(OneDenseBlock, axis)
-  params = _init_inside(ens, None, jnp.ones((2, 8)))
+  params = _init_inside(ens, None, np.ones((2, 8)))
   (row,) = spatial.describe(params, block_size=2).rows
   assert row.path == "['VmapOneDenseBlock_0']['Dense_0']['kernel']"
   assert row.shape == (8,) * axis + (3,) + (8,) * (2 - axis)
@@ -2814,7 +2817,7 @@ def test_a_lone_bias_less_dense_in_a_scan_takes_its_stack_from_the_scan_or_relat
   # or, under a name of the user's, beside attention whose biases (3, 2, 4) show the stack.
   stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
   for name in (None, "blocks") if block is AttentionDenseBlock else (None,):
-    params = _init_inside(stack, name, jnp.ones((1, 4, 8)))
+    params = _init_inside(stack, name, np.ones((1, 4, 8)))
     rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
     (where,) = [p for p in rows if p.endswith("['Dense_0']['kernel']")]
     assert rows[where].shape == (3, 8, 8)
@@ -2832,7 +2835,7 @@ def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rn
     def __call__(self, x):
       return nn.DenseGeneral(8, axis=(-3, -2, -1), name="proj", param_dtype=jnp.float64)(x)
 
-  params = Proj().init(jax.random.key(0), jnp.ones((1, 4, 12, 3)))["params"]
+  params = Proj().init(jax.random.key(0), np.ones((1, 4, 12, 3)))["params"]
   with pytest.warns(spatial.LayoutGuessWarning, match=r"\['proj'\]\['kernel'\]"):
     ah.adahessian(0.1).init(params)
   rows = {r.path: r for r in spatial.describe(params).rows}
@@ -2848,8 +2851,8 @@ def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rn
   # A square window beside its bias (a 7x7 stem, a patch embedding) stays a Conv's, as does any
   # window under a convolution's name.
   convs = {
-    "stem": {"kernel": jnp.zeros((7, 7, 3, 8)), "bias": jnp.zeros(8)},
-    "conv_a": {"kernel": jnp.zeros((1, 7, 3, 8)), "bias": jnp.zeros(8)},
+    "stem": {"kernel": np.zeros((7, 7, 3, 8)), "bias": np.zeros(8)},
+    "conv_a": {"kernel": np.zeros((1, 7, 3, 8)), "bias": np.zeros(8)},
   }
   rows = [r for r in spatial.describe(convs).rows if r.path.endswith("['kernel']")]
   assert [(r.rule, r.ambiguous) for r in rows] == [(spatial.mean_over((0, 1)), False)] * 2
@@ -2905,7 +2908,7 @@ class StackedOneLayer(nn.Module):
   @nn.compact
   def __call__(self, c, _=None):
     make, shape = _ONE_LAYER[self.kind]
-    make()(jnp.zeros(shape, jnp.int32) if self.kind == "Embed" else jnp.ones(shape))
+    make()(np.zeros(shape, np.int32) if self.kind == "Embed" else np.ones(shape))
     return c if self.carry_only else (c, None)
 
 
@@ -2953,12 +2956,12 @@ def _one_layer_params(kind, stack=None):
     @nn.compact
     def __call__(self, x):
       if stack is not None:
-        stack(kind, jnp.zeros(()))
+        stack(kind, np.zeros(()))
       else:
-        StackedOneLayer(kind)(jnp.zeros(()))
+        StackedOneLayer(kind)(np.zeros(()))
       return nn.Dense(2, name="head")(x)
 
-  return jax.eval_shape(Model().init, jax.random.key(0), jnp.ones((1, 5)))["params"]
+  return jax.eval_shape(Model().init, jax.random.key(0), np.ones((1, 5)))["params"]
 
 
 #: (use_bias, the stack's path, Linen's name of one layer, the layer axes) of the stacks compared
