@@ -102,6 +102,27 @@ def nnx_stack(transform, use_bias=True):
     return Model()
 
 
+def zero_params(module, *inputs):
+  """``module.init(key, *inputs)["params"]`` as zeros in their boxes, traced abstractly
+  (``jax.eval_shape``): no program compiled, for tests where only shapes, names and boxes
+  matter."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def nnx_zero_params(make):
+  """The ``nnx.Param`` state (variables) of the NNX module ``make()`` builds, as zeros, built
+  abstractly (``nnx.eval_shape``)."""
+  state = nnx.state(nnx.eval_shape(make), nnx.Param)
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)
+
+
+def averaged(rules, hessian_diag):
+  """``averaged(rules, hessian_diag)`` as one jitted program, not one per operation
+  and leaf shape."""
+  return jax.jit(functools.partial(spatial.apply_rules, rules))(hessian_diag)
+
+
 def leaf_values(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
@@ -126,7 +147,7 @@ def test_linen_scan_stack_keeps_each_layer(box, kernel_names, bias_names, block_
   kernel = params["layers"]["kernel"]
   assert kernel.value.shape == (4, 16, 32) and kernel.names == ("layers", *kernel_names)
   h = per_layer_constants(params)
-  check_layers_kept(spatial.apply_rules(spatial.resolve_rules(None, params, block_size), h))
+  check_layers_kept(averaged(spatial.resolve_rules(None, params, block_size), h))
 
   # Through the optimizer: the first update is g / (D + eps) with D the averaged |diag|.
   tx = ah.scale_by_adahessian(block_size=block_size)
@@ -162,7 +183,7 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   assert params["blocks"]["kernel"].names == (None, "embed", "mlp")
   rules = spatial.resolve_rules(None, params, 4)
-  check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
+  check_layers_kept(averaged(rules, per_layer_constants(params)))
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   assert not rows["['blocks']['kernel']"].ambiguous and not rows["['blocks']['bias']"].ambiguous
   assert rows["['blocks']['kernel']"].names == ("layers", "embed", "mlp")
@@ -249,9 +270,7 @@ def test_an_unnamed_stacked_axis_passes_to_its_relatives_as_in_plain_arrays():
   assert up.rule == spatial.per_layer(spatial.blocks(4, axis=0))
   assert "its unnamed leading axes stacked as in its relative" in scale.why
   assert layer_axes_of(params) == [(0,)] * 6
-  check_layers_kept(
-    spatial.apply_rules(spatial.resolve_rules(None, params, 4), per_layer_constants(params))
-  )
+  check_layers_kept(averaged(spatial.resolve_rules(None, params, 4), per_layer_constants(params)))
 
 
 def test_a_boxed_conv_whose_spatial_axes_are_unnamed_is_read_by_its_bias():
@@ -308,7 +327,7 @@ def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
   h = per_layer_constants(plain)
   # Unnamed, the kernel (4, 16, 32) has a 1-D Conv kernel's rank; its bias (4, 32) repeats the
   # kernel's leading axis (one layer's bias would be (32,)), so the module is a stack of layers.
-  check_layers_kept(spatial.apply_rules(spatial.resolve_rules(None, plain), h))
+  check_layers_kept(averaged(spatial.resolve_rules(None, plain), h))
   row = spatial.describe(plain).rows[1]
   assert row.rule == spatial.per_layer(spatial.blocks(1)) and not row.ambiguous
   assert "bias (4, 32) repeats the kernel's leading axes (4,)" in row.why
@@ -317,7 +336,7 @@ def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
   # layer, the mean of 1, 10, 100 and 1000), and strict mode refuses the guess.
   kernel_only = {"layers": {"kernel": plain["layers"]["kernel"]}}
   h_kernel = {"layers": {"kernel": h["layers"]["kernel"]}}
-  got = spatial.apply_rules(spatial.resolve_rules(None, kernel_only), h_kernel)
+  got = averaged(spatial.resolve_rules(None, kernel_only), h_kernel)
   np.testing.assert_allclose(got["layers"]["kernel"], LAYER_CURVATURE.mean())
   with pytest.raises(ValueError, match=r"1 leaf is ambiguous[\s\S]*\['layers'\]\['kernel'\]"):
     spatial.resolve_rules(None, kernel_only, strict=True)
@@ -326,21 +345,21 @@ def test_without_names_a_stack_is_kept_apart_by_its_bias_else_strict_says_so():
   # Names from the boxes (or their partition specs) restore the per-layer rule.
   for source in (boxed, nn.get_partition_spec(boxed)):
     rules = spatial.resolve_rules(spatial.named(source), kernel_only)
-    check_layers_kept(spatial.apply_rules(rules, h_kernel))
+    check_layers_kept(averaged(rules, h_kernel))
   # And so does the explicit modifier.
   rules = spatial.resolve_rules(spatial.per_layer(spatial.flax_default(4)), kernel_only)
-  check_layers_kept(spatial.apply_rules(rules, h_kernel))
+  check_layers_kept(averaged(rules, h_kernel))
 
 
 def test_stacked_bias_is_not_blocked_along_the_layer_axis(rng):
   params = linen_stack(nn.with_logical_partitioning)
   bias = rng.random((4, 32))
   h = jax.tree.map(lambda x: np.zeros(x.shape), params)
-  h["layers"]["bias"] = h["layers"]["bias"].replace_boxed(jnp.asarray(bias))
-  got = spatial.apply_rules(spatial.resolve_rules(None, params, block_size=4), h)
+  h["layers"]["bias"] = h["layers"]["bias"].replace_boxed(bias)
+  got = averaged(spatial.resolve_rules(None, params, block_size=4), h)
   np.testing.assert_array_equal(got["layers"]["bias"].value, bias)  # rank 1 per layer: none
   # Unnamed, the same (layers, features) leaf is still a Flax 'bias': none, not blocks of layers.
-  plain = spatial.apply_rules(spatial.resolve_rules(None, nn.unbox(params), 4), nn.unbox(h))
+  plain = averaged(spatial.resolve_rules(None, nn.unbox(params), 4), nn.unbox(h))
   np.testing.assert_array_equal(plain["layers"]["bias"], bias)
 
 
@@ -354,7 +373,7 @@ def test_nnx_stacks_keep_each_layer(transform):
   }
   # Resolved on the state of variables, the names are read directly.
   h = per_layer_constants(state)
-  check_layers_kept(spatial.apply_rules(spatial.resolve_rules(None, state, 4), h))
+  check_layers_kept(averaged(spatial.resolve_rules(None, state, 4), h))
 
   # nnx.Optimizer hands the transform plain arrays: the names come through spatial.named.
   before = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -513,7 +532,7 @@ def test_describe_lists_every_kind_of_leaf(tiny_lm, rng):
     d,
     is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
   )
-  got = spatial.apply_rules(spatial.resolve_rules(None, tiny_lm, 3), boxed_d)
+  got = averaged(spatial.resolve_rules(None, tiny_lm, 3), boxed_d)
   for info, want in zip(layout.leaves(got), layout.leaves(d), strict=True):
     path = jax.tree_util.keystr(info.path)
     np.testing.assert_allclose(info.leaf, numpy_average(path, np.asarray(want.leaf)), rtol=1e-14)
@@ -633,7 +652,7 @@ class HandStacked(nn.Module):
 def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
   r = np.random.default_rng(1)
   x, y = jnp.asarray(r.normal(size=(6, 4))), jnp.asarray(r.normal(size=(6, 2)))
-  boxed = HandStacked().init(jax.random.key(0), x)["params"]
+  boxed = jax.jit(HandStacked().init)(jax.random.key(0), x)["params"]
   plain = nn.unbox(boxed)
 
   def loss_fn(params, batch):
@@ -691,7 +710,7 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
 
 def test_boxed_state_with_unboxed_params_says_which_has_the_box():
   # init on boxed params, update with nn.unbox'ed ones: the same leaves, one tree boxed.
-  boxed = HandStacked().init(jax.random.key(0), np.ones((1, 4)))["params"]
+  boxed = zero_params(HandStacked(), np.ones((1, 4)))
   plain = nn.unbox(boxed)
   tx = ah.adahessian(0.1)
   box = r"a Flax metadata box \(nn.Partitioned, nn.LogicallyPartitioned\) or NNX variable"
@@ -743,7 +762,7 @@ class ScannedBlock(nn.Module):
 def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
   # nn.scan names the stacked axis of boxed params only: the LayerNorm scale and the Dense bias
   # come out as plain (layers, features) arrays, which by rank look like Dense kernels.
-  params = scan_layers(ScannedBlock)().init(jax.random.key(0), np.ones((1, 4)), None)["params"]
+  params = zero_params(scan_layers(ScannedBlock)(), np.ones((1, 4)), None)
   if nested:  # the stack under a key, beside an unboxed head of another shape
     params = {"blocks": params, "head": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}}
   plain = nn.unbox(params)
@@ -794,11 +813,9 @@ def test_a_conv_kernel_beside_a_stack_of_its_height_keeps_its_spatial_average(mo
   # it, and its axis 0 had the stack's size, so it was taken for a stack of 3 and averaged over
   # its width alone, per row: groups of 3 instead of the 3x3 window. The Conv's bias (8,) has no
   # such axis, so the module holding both is no stack (a transform stacks every leaf under it).
-  params = model().init(jax.random.key(0), np.ones((1, 5, 5, 3)))["params"]
+  params = zero_params(model(), np.ones((1, 5, 5, 3)))
   plain = nn.unbox(params)
-  hessian_diag = jax.tree.map(
-    lambda x: jnp.asarray(np.random.default_rng(x.size).uniform(1, 2, x.shape)), plain
-  )
+  hessian_diag = jax.tree.map(lambda x: np.random.default_rng(x.size).uniform(1, 2, x.shape), plain)
   tx = ah.scale_by_adahessian(b2=0.5, averaging=spatial.named(params))
   nu = _nu_after_one_step(tx, plain, hessian_diag)
   inner = (lambda t: t["ConvThenScannedBlocks_0"]) if model is Wrapped else (lambda t: t)
@@ -954,21 +971,20 @@ def test_rule_errors_name_the_entry_and_the_slice():
 
 def _flax_leaf_modules():
   """Unnamed params of Linen and NNX modules whose rank-2 leaves are not (in, out) kernels."""
-  r = nnx.Rngs(0)
   linen = {
     "dense_general": (nn.DenseGeneral((4, 3)), np.ones((1, 6))),
     "attention": (nn.MultiHeadDotProductAttention(2, qkv_features=8), np.ones((1, 3, 6))),
     "einsum": (nn.Einsum((3, 4, 5), "abc,cde->abde"), np.ones((1, 2, 3))),
     "embed": (nn.Embed(10, 6), np.ones((1,), np.int32)),
   }
-  params = {k: m.init(jax.random.key(0), x)["params"] for k, (m, x) in linen.items()}
+  params = {k: zero_params(m, x) for k, (m, x) in linen.items()}
   nnx_modules = {
-    "nnx_linear_general": nnx.LinearGeneral(6, (4, 3), rngs=r),
-    "nnx_attention": nnx.MultiHeadAttention(2, 6, 8, decode=False, rngs=r),
-    "nnx_einsum": nnx.Einsum("abc,cde->abde", (3, 4, 5), (4, 5), rngs=r),
-    "nnx_embed": nnx.Embed(10, 6, rngs=r),
+    "nnx_linear_general": lambda: nnx.LinearGeneral(6, (4, 3), rngs=nnx.Rngs(0)),
+    "nnx_attention": lambda: nnx.MultiHeadAttention(2, 6, 8, decode=False, rngs=nnx.Rngs(0)),
+    "nnx_einsum": lambda: nnx.Einsum("abc,cde->abde", (3, 4, 5), (4, 5), rngs=nnx.Rngs(0)),
+    "nnx_embed": lambda: nnx.Embed(10, 6, rngs=nnx.Rngs(0)),
   }
-  params.update({k: nnx.as_pure(nnx.state(m, nnx.Param)) for k, m in nnx_modules.items()})
+  params.update({k: nnx.as_pure(nnx_zero_params(m)) for k, m in nnx_modules.items()})
   return params
 
 
@@ -1009,11 +1025,13 @@ def test_unboxed_flax_attention_keeps_heads_apart_and_blocks_its_inputs(rng):
   # heads. Their module names and shapes tell them apart (cross-attention: key/value with
   # another embed), in Linen and NNX alike; a lone Conv named "out" or "value" does not qualify.
   params = {
-    "linen": nn.MultiHeadDotProductAttention(2, qkv_features=8, out_features=6).init(
-      jax.random.key(0), np.ones((1, 3, 5)), np.ones((1, 4, 7))
-    )["params"],
+    "linen": zero_params(
+      nn.MultiHeadDotProductAttention(2, qkv_features=8, out_features=6),
+      np.ones((1, 3, 5)),
+      np.ones((1, 4, 7)),
+    ),
     "nnx": nnx.as_pure(
-      nnx.state(nnx.MultiHeadAttention(2, 5, 8, 6, decode=False, rngs=nnx.Rngs(0)), nnx.Param)
+      nnx_zero_params(lambda: nnx.MultiHeadAttention(2, 5, 8, 6, decode=False, rngs=nnx.Rngs(0)))
     ),
     "decoder": {  # a 1-D Conv named "out" beside a query kernel of other sizes, and one "value"
       "query": {"kernel": np.ones((3, 4, 5))},
@@ -1086,7 +1104,7 @@ def test_flax_norm_scales_are_not_averaged_at_any_rank(rng):
   params["nnx_stack"] = nnx.as_pure(nnx.state(layer, nnx.Param))
   params = jax.tree.map(lambda s: np.zeros(s.shape), params)
   hessian_diag = per_layer_constants(params)
-  hessian_diag["norm_2d"]["scale"] = jnp.asarray(rng.random((4, 6)))  # one entry per feature
+  hessian_diag["norm_2d"]["scale"] = rng.random((4, 6))  # one entry per feature
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
   np.testing.assert_allclose(
     got["stack"]["LayerNorm_0"]["scale"], hessian_diag["stack"]["LayerNorm_0"]["scale"], rtol=1e-6
@@ -1175,7 +1193,7 @@ def test_a_mixture_of_experts_is_averaged_per_expert():
   }
   h["wi"] = h["wi"] * (1.0 + jnp.arange(8.0)[None, :, None])  # differs along embed
   rules = spatial.resolve_rules(spatial.strict(spatial.named(params)), nn.unbox(params), 4)
-  got = spatial.apply_rules(rules, h)
+  got = averaged(rules, h)
   blocks = h["wi"].reshape(3, 2, 4, 2).mean(2, keepdims=True)  # per expert, 2 blocks of 4 inputs
   np.testing.assert_allclose(got["wi"], jnp.broadcast_to(blocks, (3, 2, 4, 2)).reshape(3, 8, 2))
   np.testing.assert_allclose(got["router"], h["router"])  # one entry per expert and input
@@ -1208,7 +1226,7 @@ def test_an_unnamed_linen_scan_keeps_its_layers_apart(rng):
   # bias repeating its kernel's leading axis, or Linen's name 'Dense_0' (a Dense kernel has rank
   # 2), shows the stack; the leaves beside them ('up', the LayerNorm) take it from them, and the
   # attention and Conv kernels are then read per layer by their module names.
-  params = UnnamedStack().init(jax.random.key(0), np.ones((1, 5, 6)))["params"]
+  params = zero_params(UnnamedStack(), np.ones((1, 5, 6)))
   hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
@@ -1501,7 +1519,7 @@ def test_an_unnamed_remat_scan_of_bias_less_convs_is_found_by_its_linen_name(tra
   # way, and the count is flagged.
   assert row.ambiguous == (transform == "remat_scan"), row
   rules = spatial.resolve_rules(None, params, 2)
-  check_layers_kept(spatial.apply_rules(rules, per_layer_constants(params)))
+  check_layers_kept(averaged(rules, per_layer_constants(params)))
 
 
 @pytest.mark.parametrize("block_size", [1, 2])
@@ -1854,7 +1872,7 @@ def _check_scan_per_layer(block, features, norm, out, rng):
   not averaged, and every kernel is, per layer, in blocks of 2 inputs (the output projection's,
   paths with ``out``, within one head), against NumPy loops. Returns the params."""
   scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-  params = {"blocks": scan().init(jax.random.key(0), np.ones((1, 5, features)), None)["params"]}
+  params = {"blocks": zero_params(scan(), np.ones((1, 5, features)), None)}
   hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
@@ -1901,8 +1919,8 @@ def test_a_scan_of_biasless_attention_is_shown_by_its_rank_4_kernels(rng):
   assert [r.ambiguous for r in listing.rows] == [True, True]
   assert [r.rule for r in listing.rows] == [spatial.mean_over((0, 1))] * 2
   # A bias-less Conv initialised on its own holds its rank-4 kernel at the root (no module).
-  alone = nn.Conv(4, (3, 3), use_bias=False).init(jax.random.key(0), np.ones((1, 5, 5, 2)))
-  assert spatial.describe(alone["params"]).rows[0].rule == spatial.mean_over((0, 1))
+  alone = zero_params(nn.Conv(4, (3, 3), use_bias=False), np.ones((1, 5, 5, 2)))
+  assert spatial.describe(alone).rows[0].rule == spatial.mean_over((0, 1))
 
 
 class _CrossAttentionBlock(nn.Module):
@@ -2026,7 +2044,7 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   # flattened Dense, so axis=(-2, -1) over (heads, head_dim) keeps each head apart. By rank these
   # were taken for Conv kernels, averaged over all their inputs (even at block_size 1) and listed
   # as ambiguous; a batch_dims kernel per batch slice.
-  params = _DenseGenerals().init(jax.random.key(0), np.ones((3, 2, 6)))["params"]
+  params = zero_params(_DenseGenerals(), np.ones((3, 2, 6)))
   hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
   d = jax.tree.map(np.asarray, hessian_diag)
@@ -2195,7 +2213,7 @@ def test_a_flattened_tree_keeps_flax_attention_names():
   # reading by shapes (embed = head_dim = 4) was averaged over all the query's inputs and across
   # the output kernel's heads, a guess.
   attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, use_bias=False)
-  nested = {"attn": attention.init(jax.random.key(0), np.ones((1, 3, 4)))["params"]}
+  nested = {"attn": zero_params(attention, np.ones((1, 3, 4)))}
   flat = traverse_util.flatten_dict(nested, sep="/")
   want = {r.path.replace("']['", "/"): r.rule for r in spatial.describe(nested, block_size=2).rows}
   listing = spatial.describe(flat, block_size=2)
@@ -2225,7 +2243,7 @@ def test_attention_of_other_names_and_grouped_query_keeps_heads_apart(rng, use_b
   # q_proj (embed, heads, head_dim), k_proj/v_proj with 2 of the 4 heads, o_proj (heads,
   # head_dim, embed): by rank 1-D Conv kernels, averaged over all of q's inputs and o's heads. The
   # module's shapes show an attention, with or without biases, as for Flax's own module names.
-  params = _CustomAttention(use_bias).init(jax.random.key(0), np.ones((1, 5, 10)))["params"]
+  params = zero_params(_CustomAttention(use_bias), np.ones((1, 5, 10)))
   hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
   got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, hessian_diag)
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
@@ -2467,10 +2485,10 @@ def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm)
       ),
     ),
     "Linen LM, unboxed": (nn.unbox(tiny_lm), None),
-    "ResNet": (_ResNet().init(jax.random.key(0), np.ones((1, 16, 16, 3)))["params"], None),
-    "NNX": (nnx.state(_NNXNet(nnx.Rngs(0)), nnx.Param), None),
+    "ResNet": (zero_params(_ResNet(), np.ones((1, 16, 16, 3))), None),
+    "NNX": (nnx_zero_params(lambda: _NNXNet(nnx.Rngs(0))), None),
     "attention": (
-      _CustomAttention(False).init(jax.random.key(0), np.ones((1, 5, 10)))["params"],
+      zero_params(_CustomAttention(False), np.ones((1, 5, 10))),
       None,
     ),
     "mixture": ({"moe": {"w1": np.zeros((4, 6, 8)), "w2": np.zeros((4, 8, 6))}}, None),
@@ -2663,7 +2681,7 @@ def test_biases_of_experts_and_heads_under_names_of_their_own_are_not_averaged(r
     },
   }
   params = jax.tree.map(lambda p: np.zeros(p.shape), params)
-  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape)), params)
+  hessian_diag = jax.tree.map(lambda p: rng.random(p.shape), params)
   with warnings.catch_warnings():
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
     got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
@@ -2690,9 +2708,9 @@ def test_biases_of_experts_and_heads_under_names_of_their_own_are_not_averaged(r
   # In an nn.scan the bias b_in (layers, experts, out) repeats its kernel w_in's leading axes
   # (layers, experts, in, out): both stacked, each (layer, expert) kernel kept apart.
   scanned = jax.eval_shape(ScannedRawMixture().init, jax.random.key(1), x)["params"]
-  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape)), scanned)
+  hessian_diag = jax.tree.map(lambda p: rng.random(p.shape), scanned)
   rules = spatial.resolve_rules(None, scanned, block_size=2, warn=True)
-  got = spatial.apply_rules(rules, hessian_diag)
+  got = averaged(rules, hessian_diag)
   np.testing.assert_allclose(got["moe"]["b_in"], hessian_diag["moe"]["b_in"], rtol=1e-12)
   for name in ("w_in", "w_out"):
     want = per_expert(np.asarray(hessian_diag["moe"][name]))
@@ -2708,7 +2726,7 @@ def test_raw_bias_paired_by_name_shows_the_experts_outside_a_mixture_name(rng):
     "FFN_0": {"w_in": np.zeros((4, 6, 8)), "b_in": np.zeros((4, 8))},
     "block": {"w1": np.zeros((3, 8, 6)), "b1": np.zeros((3, 6))},
   }
-  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
   with warnings.catch_warnings():
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
     got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
@@ -2750,8 +2768,8 @@ def test_bias_less_dense_siblings_under_vmap_over_a_later_axis(axis, rng):
   # Its sibling Dense_1 (8, 3, 4) has another first size, so the stack is not in front: it is the
   # one axis where both kernels have one size.
   ens = _ensemble_of(_EnsembleMLP, axis)
-  params = ens().init(jax.random.key(0), np.ones((2, 6)))["params"]
-  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
+  params = zero_params(ens(), np.ones((2, 6)))
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
   with warnings.catch_warnings():
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
     got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
@@ -2835,7 +2853,7 @@ def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rn
     def __call__(self, x):
       return nn.DenseGeneral(8, axis=(-3, -2, -1), name="proj", param_dtype=jnp.float64)(x)
 
-  params = Proj().init(jax.random.key(0), np.ones((1, 4, 12, 3)))["params"]
+  params = zero_params(Proj(), np.ones((1, 4, 12, 3)))
   with pytest.warns(spatial.LayoutGuessWarning, match=r"\['proj'\]\['kernel'\]"):
     ah.adahessian(0.1).init(params)
   rows = {r.path: r for r in spatial.describe(params).rows}
@@ -2843,7 +2861,7 @@ def test_dense_general_over_three_input_axes_of_several_sizes_is_no_sure_conv(rn
   # Named as its axes are, it is averaged over nothing at block_size=1.
   spec = jax.sharding.PartitionSpec
   names = {"proj": {"kernel": spec("embed", "embed", "embed", "mlp"), "bias": spec("mlp")}}
-  hessian_diag = jax.tree.map(lambda p: jnp.asarray(rng.uniform(1.0, 2.0, p.shape)), params)
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
   tx = ah.scale_by_adahessian(b2=0.5, averaging=spatial.named(names))
   got = _nu_after_one_step(tx, params, hessian_diag)
   d = np.asarray(hessian_diag["proj"]["kernel"])
