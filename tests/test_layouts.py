@@ -99,7 +99,15 @@ def nnx_stack(transform, use_bias=True):
         self.layers = make(0, nnx.Rngs(0))[1]
 
   with nnx.use_eager_sharding(False):
-    return Model()
+    model = nnx.eval_shape(Model)  # only shapes and names matter: zeros, no initializers run
+  nnx.update(model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.state(model)))
+  return model
+
+
+@nnx.jit
+def nnx_update(optimizer, model, grads, hessian_diag):
+  """``optimizer.update`` as one jitted program, not one per operation and leaf shape."""
+  optimizer.update(model, grads, hessian_diag=hessian_diag)
 
 
 def zero_params(module, *inputs):
@@ -151,9 +159,13 @@ def test_linen_scan_stack_keeps_each_layer(box, kernel_names, bias_names, block_
 
   # Through the optimizer: the first update is g / (D + eps) with D the averaged |diag|.
   tx = ah.scale_by_adahessian(block_size=block_size)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=h)
-  for u in leaf_values(updates):
+
+  @jax.jit  # one program, not one per operation and leaf shape
+  def first_update(params, h):
+    grads = jax.tree.map(jnp.ones_like, params)
+    return tx.update(grads, tx.init(params), params, hessian_diag=h)[0]
+
+  for u in leaf_values(first_update(params, h)):
     want = (1 / (LAYER_CURVATURE + EPS)).reshape((4,) + (1,) * (u.ndim - 1))
     np.testing.assert_allclose(u, np.broadcast_to(want, u.shape), rtol=1e-14)
 
@@ -379,10 +391,10 @@ def test_nnx_stacks_keep_each_layer(transform):
   before = nnx.as_pure(nnx.state(model, nnx.Param))
   tx = ah.scale_by_adahessian(block_size=4, averaging=spatial.named(state))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  grads = jax.tree.map(jnp.ones_like, state)  # variables, as nnx.grad returns them
-  optimizer.update(model, grads, hessian_diag=per_layer_constants(before))
+  grads = jax.tree.map(np.ones_like, state)  # variables, as nnx.grad returns them
+  nnx_update(optimizer, model, grads, per_layer_constants(before))
   after = nnx.as_pure(nnx.state(model, nnx.Param))
-  for step in leaf_values(jax.tree.map(jnp.subtract, after, before)):
+  for step in leaf_values(jax.tree.map(np.subtract, after, before)):
     want = (1 / (LAYER_CURVATURE + EPS)).reshape((4,) + (1,) * (step.ndim - 1))
     np.testing.assert_allclose(step, np.broadcast_to(want, step.shape), rtol=1e-12)
 
@@ -394,10 +406,10 @@ def test_nnx_optimizer_without_names_keeps_layers_by_the_bias_else_strict_refuse
   tx = ah.scale_by_adahessian(block_size=4, averaging=spatial.strict())
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   before = nnx.as_pure(nnx.state(model, nnx.Param))
-  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
-  optimizer.update(model, grads, hessian_diag=per_layer_constants(before))
+  grads = jax.tree.map(np.ones_like, nnx.state(model, nnx.Param))
+  nnx_update(optimizer, model, grads, per_layer_constants(before))
   after = nnx.as_pure(nnx.state(model, nnx.Param))
-  for step in leaf_values(jax.tree.map(jnp.subtract, after, before)):
+  for step in leaf_values(jax.tree.map(np.subtract, after, before)):
     want = (1 / (LAYER_CURVATURE + EPS)).reshape((4,) + (1,) * (step.ndim - 1))
     np.testing.assert_allclose(step, np.broadcast_to(want, step.shape), rtol=1e-12)
   # Without a bias nothing does: strict mode refuses the rank's guess.
@@ -407,7 +419,7 @@ def test_nnx_optimizer_without_names_keeps_layers_by_the_bias_else_strict_refuse
   )
   plain = nnx.as_pure(nnx.state(model, nnx.Param))
   with pytest.raises(ValueError, match=r"\['layers'\]\['dense'\]\['kernel'\]: shape \(4, 16, 32\)"):
-    optimizer.update(model, nnx.state(model, nnx.Param), hessian_diag=plain)
+    nnx_update(optimizer, model, nnx.state(model, nnx.Param), plain)
 
 
 # A small model with every kind of leaf, axes named as a pods-style codebase names them.
@@ -588,7 +600,7 @@ def test_strict_mode_names_every_ambiguous_leaf(tiny_lm):
 
 
 def test_axis_roles_can_be_changed():
-  d = jnp.asarray(np.arange(24.0).reshape(2, 3, 4))
+  d = np.arange(24.0).reshape(2, 3, 4)
   rule = spatial.flax_default(axis_roles={"depth": "stacked"}).bind(("depth", "embed", "mlp"))
   assert rule.explain(d.shape).rule == spatial.per_layer(spatial.blocks(1))
   np.testing.assert_array_equal(rule(d), d)
@@ -651,7 +663,7 @@ class HandStacked(nn.Module):
 @pytest.mark.parametrize("route", ["closure", "fused"])
 def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
   r = np.random.default_rng(1)
-  x, y = jnp.asarray(r.normal(size=(6, 4))), jnp.asarray(r.normal(size=(6, 2)))
+  x, y = r.normal(size=(6, 4)), r.normal(size=(6, 2))
   boxed = jax.jit(HandStacked().init)(jax.random.key(0), x)["params"]
   plain = nn.unbox(boxed)
 
@@ -661,7 +673,7 @@ def test_boxed_params_end_to_end_equal_the_unboxed_run(route):
 
   def run(params, averaging):
     tx = ah.adahessian(0.05, block_size=3, update_freq=2, weight_decay=1e-3, averaging=averaging)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     vgh = ah.value_grad_and_hessian_diag(loss_fn)
 
     @jax.jit
@@ -767,7 +779,7 @@ def test_unboxed_leaves_of_a_named_stack_are_kept_per_layer(nested):
     params = {"blocks": params, "head": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}}
   plain = nn.unbox(params)
   per_layer = per_layer_constants(np.zeros((4, 4)))
-  hessian_diag = jax.tree.map(jnp.ones_like, plain)
+  hessian_diag = jax.tree.map(np.ones_like, plain)
   ln = hessian_diag["blocks"]["LayerNorm_0"] if nested else hessian_diag["LayerNorm_0"]
   ln["scale"] = per_layer
   tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=spatial.named(params))
@@ -915,7 +927,7 @@ def test_an_unnamed_leaf_between_a_stack_and_other_named_leaves_is_ambiguous():
   ],
 )
 def test_the_curvature_floor_is_per_layer_under_nested_stacks(averaging, names):
-  d = jnp.asarray(10.0 ** np.arange(4)).reshape(2, 2, 1, 1) * np.ones((2, 2, 3, 4))
+  d = (10.0 ** np.arange(4)).reshape(2, 2, 1, 1) * np.ones((2, 2, 3, 4))
   box = (lambda x: nn.LogicallyPartitioned(x, names)) if names else (lambda x: x)
   params = {"w": box(np.zeros((2, 2, 3, 4)))}
   tx = ah.scale_by_adahessian(b2=0.5, curvature_floor=0.5, averaging=averaging)
@@ -1139,7 +1151,7 @@ def test_an_embedding_with_only_its_features_named_keeps_its_rows_apart():
   plain = jax.tree.map(
     lambda s: np.zeros(s.shape), {"linen": nn.unbox(params), "nnx": nnx.as_pure(names["nnx"])}
   )
-  per_token = jnp.broadcast_to(10.0 ** jnp.arange(8.0)[:, None], (8, 6))  # one value per row
+  per_token = np.broadcast_to(10.0 ** np.arange(8.0)[:, None], (8, 6))  # one value per row
   hessian_diag = jax.tree.map(lambda _: per_token, plain)
   tx = ah.scale_by_adahessian(b2=0.5, block_size=4, averaging=spatial.named(names))
   got = _nu_after_one_step(tx, plain, hessian_diag)
@@ -1188,14 +1200,14 @@ def test_a_mixture_of_experts_is_averaged_per_expert():
     "router": nn.Partitioned(np.zeros((8, 3)), ("embed", "exp")),
   }
   h = {
-    "wi": jnp.broadcast_to(10.0 ** jnp.arange(3.0)[:, None, None], (3, 8, 2)),
-    "router": jnp.broadcast_to(10.0 ** jnp.arange(3.0), (8, 3)),
+    "wi": np.broadcast_to(10.0 ** np.arange(3.0)[:, None, None], (3, 8, 2)),
+    "router": np.broadcast_to(10.0 ** np.arange(3.0), (8, 3)),
   }
-  h["wi"] = h["wi"] * (1.0 + jnp.arange(8.0)[None, :, None])  # differs along embed
+  h["wi"] = h["wi"] * (1.0 + np.arange(8.0)[None, :, None])  # differs along embed
   rules = spatial.resolve_rules(spatial.strict(spatial.named(params)), nn.unbox(params), 4)
   got = averaged(rules, h)
   blocks = h["wi"].reshape(3, 2, 4, 2).mean(2, keepdims=True)  # per expert, 2 blocks of 4 inputs
-  np.testing.assert_allclose(got["wi"], jnp.broadcast_to(blocks, (3, 2, 4, 2)).reshape(3, 8, 2))
+  np.testing.assert_allclose(got["wi"], np.broadcast_to(blocks, (3, 2, 4, 2)).reshape(3, 8, 2))
   np.testing.assert_allclose(got["router"], h["router"])  # one entry per expert and input
   assert not spatial.describe(params, block_size=4).ambiguous
 
@@ -1405,7 +1417,7 @@ def test_a_bias_less_conv_local_keeps_its_output_positions_apart(stacked, wrap, 
   assert row.rule == spatial.per_layer(spatial.blocks(4), axes=tuple(range(1 + stacked)))
   assert row.groups == {4: 3**stacked * 8 * 3 * 6} and not row.ambiguous
   # The Hessian diagonal of one output position is averaged with no other position's.
-  d = jnp.broadcast_to(jnp.arange(8.0).reshape(8, 1, 1), row.shape)
+  d = np.broadcast_to(np.arange(8.0).reshape(8, 1, 1), row.shape)
   np.testing.assert_array_equal(row.rule(d), d)
 
 
@@ -2461,7 +2473,7 @@ def test_init_warns_of_guessed_layouts_once_and_common_models_have_none(tiny_lm)
   assert "spatial.strict()" in text and "filterwarnings" in text
   with warnings.catch_warnings():  # update resolves the rules again, silently
     warnings.simplefilter("error", spatial.LayoutGuessWarning)
-    ah.adahessian(0.1).update(params, state, params, hessian_diag=params)
+    jax.jit(ah.adahessian(0.1).update)(params, state, params, hessian_diag=params)
   many = {f"a{i}": np.zeros((2, 3, 3)) for i in range(7)}
   with pytest.warns(spatial.LayoutGuessWarning, match="7 leaves is a guess") as record:
     ah.scale_by_adahessian().init(many)
@@ -2577,10 +2589,10 @@ def test_haiku_biases_beside_their_kernels_are_not_averaged():
       assert not rows[path].ambiguous
     # A "b" without its "w" (a LoRA factor) is no Haiku bias: read by its rank as before.
     assert rows["['lora']['b']"].rule == spatial.blocks(block_size, axis=0)
-  d = jnp.arange(64.0).reshape(8, 8)
+  d = np.arange(64.0).reshape(8, 8)
   stacked = {"w": S((3, 64, 8, 8), jnp.float32), "b": S((3, 8, 8), jnp.float32)}  # layer_stack
   rule = spatial.resolve_rules(None, stacked, 32)["b"]
-  np.testing.assert_array_equal(rule(jnp.stack([d, d, d])), jnp.stack([d, d, d]))
+  np.testing.assert_array_equal(rule(np.stack([d, d, d])), np.stack([d, d, d]))
 
 
 def test_a_vector_per_layer_of_an_unnamed_stack_beside_stacked_norm_scales_is_a_guess():
@@ -3031,6 +3043,7 @@ def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
     params = _one_layer_params(kind, stack)
     assert functools.reduce(lambda t, k: t[k], path, params) == _stack_of(layer, layers), path
   conv = kind in ("Conv1D", "Conv2D", "Depthwise")
+  checks = []  # (the case, the stack's rule, one layer's rule, its number of layer axes, diag)
   for use_bias, top, own, layers in _STACKINGS:
     if not use_bias and (kind == "Embed" or top == ("blocks",) and conv):
       continue
@@ -3049,6 +3062,16 @@ def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
     for row, one_row, d in zip(rows, one_rows, jax.tree.leaves(diag), strict=False):
       assert row.path == one_row.path.replace(f"['{own}']", where, 1)
       if not row.ambiguous:  # the rule the optimizer applies, against one layer's
-        each = d.reshape(-1, *d.shape[len(layers) :])
-        want = np.stack([one_row.rule(x) for x in each]).reshape(d.shape)
-        np.testing.assert_allclose(row.rule(d), want, rtol=1e-12, err_msg=f"{top} {row}")
+        checks.append((f"{top} {row}", row.rule, one_row.rule, len(layers), d))
+
+  @jax.jit  # every case in one program, not one per operation and leaf shape
+  def stack_and_layers(diags):
+    out = []
+    for (_, rule, one_rule, n, _), d in zip(checks, diags, strict=True):
+      each = d.reshape(-1, *d.shape[n:])
+      out.append((rule(d), jnp.stack([one_rule(x) for x in each]).reshape(d.shape)))
+    return out
+
+  results = stack_and_layers([d for *_, d in checks])
+  for (case, *_), (got, want) in zip(checks, results, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=case)
