@@ -63,9 +63,7 @@ def linen_stack(box, kernel_names=("embed", "mlp"), bias_names=("mlp",)):
     def __call__(self, x):
       return scan_layers(Layer)(name="layers")(x, None)[0]
 
-  # Only shapes and names matter here: trace init abstractly, then fill with zeros.
-  shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((2, 16)))["params"]
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  return zero_params(Stack(), np.ones((2, 16)))  # only shapes and names matter here
 
 
 def nnx_stack(transform, use_bias=True):
@@ -191,8 +189,7 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
     def __call__(self, x):
       return scan_layers(Layer, partition_name=None)(name="blocks")(x, None)[0]
 
-  shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((2, 16)))["params"]
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  params = zero_params(Stack(), np.ones((2, 16)))
   assert params["blocks"]["kernel"].names == (None, "embed", "mlp")
   rules = spatial.resolve_rules(None, params, 4)
   check_layers_kept(averaged(rules, per_layer_constants(params)))
@@ -270,8 +267,7 @@ def test_an_unnamed_stacked_axis_passes_to_its_relatives_as_in_plain_arrays():
     def __call__(self, x):
       return scan_layers(Layer, partition_name=None)(name="blocks")(x, None)[0]
 
-  shapes = jax.eval_shape(Stack().init, jax.random.key(0), np.ones((1, 3, 8)))["params"]
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  params = zero_params(Stack(), np.ones((1, 3, 8)))
   assert params["blocks"]["up"]["kernel"].names == (None, "embed", "mlp")
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   plain = {r.path: r for r in spatial.describe(nn.unbox(params), block_size=4).rows}
