@@ -2081,6 +2081,43 @@ def test_a_linen_dense_general_beside_its_bias_blocks_its_inputs(rng):
   assert (row.rule, row.ambiguous) == (spatial.mean_over((0,)), True)
 
 
+class _ScannedDenseGeneral(nn.Module):
+  """``nn.scan`` of 2 ``DenseGeneral((3, 4))`` under a name of your own: kernel (2, 3, 3, 4) beside
+  its bias (2, 3, 4), which fits 1 stacked axis or 2 (2 x 3 ``Dense(4)``), and no Linen scan name
+  says which."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return nn.DenseGeneral((3, 4), name="proj")(x)[..., 0, :3], None
+
+    return scan_layers(Layer, length=2, partition_name=None)(name="blocks")(x, None)[0]
+
+
+def test_a_bias_that_fits_several_stacks_keeps_at_least_the_fewest_apart():
+  # Kernel (2, 3, 3, 4) beside bias (2, 3, 4): a stack of 2 DenseGeneral((3, 4)) or of 2 x 3
+  # Dense(4); either way axis 0 is one per layer. It is kept apart, and the kernel's reading per
+  # layer is a flagged guess (strict refuses it). Read by rank alone, the kernel was a 2-D Conv's
+  # and averaged across its 2 layers, flagged too.
+  params = zero_params(_ScannedDenseGeneral(), np.ones((2, 3)))["blocks"]["proj"]
+  rows = {r.path: r for r in spatial.describe(params, block_size=2).rows}
+  kernel, bias = rows["['kernel']"], rows["['bias']"]
+  assert (kernel.shape, bias.shape) == ((2, 3, 3, 4), (2, 3, 4))
+  assert "repeats the kernel's leading axes (2,) or more: at least one per layer" in kernel.why
+  assert bias.rule == spatial.per_layer(spatial.none(), axes=(0,)) and not bias.ambiguous
+  assert kernel.rule.axes == (0,) and kernel.ambiguous
+  h = {"bias": np.ones((2, 3, 4)), "kernel": np.ones((2, 3, 3, 4))}
+  h = jax.tree.map(lambda x: x * np.array([1.0, 10.0]).reshape((2,) + (1,) * (x.ndim - 1)), h)
+  got = averaged(spatial.resolve_rules(None, params, 2), h)
+  for leaf in ("bias", "kernel"):
+    np.testing.assert_array_equal(np.asarray(got[leaf][0]), 1.0, err_msg=leaf)
+    np.testing.assert_array_equal(np.asarray(got[leaf][1]), 10.0, err_msg=leaf)
+  with pytest.raises(ValueError, match=r"1 leaf is ambiguous"):
+    spatial.describe(params, spatial.strict(), 2)
+
+
 @pytest.mark.filterwarnings(
   "ignore::adahessian_jax.spatial.LayoutGuessWarning"
 )  # guesses on purpose
