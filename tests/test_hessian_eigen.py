@@ -112,7 +112,7 @@ def test_flax_cnn_eigenvalues():
   x = jnp.asarray(r.normal(size=(6, 5, 5, 2)))
   labels = jnp.asarray(r.integers(0, 3, size=(6,)))
   model = CNN()
-  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
 
   def loss_fn(p, batch):
     logits = model.apply({"params": p}, batch[0])
@@ -313,7 +313,7 @@ def test_the_top_eigenvector_of_a_symmetric_pair_is_found_from_any_key():
 
   params = {"a": jnp.asarray(0.1), "b": jnp.asarray(0.1), "w": jnp.zeros(30)}
   op = hessian.hessian_operator(loss, params, jnp.ones(1))
-  dense = jax.hessian(lambda v: loss(op.unravel(v), None))(op.ravel(params))
+  dense = jax.jit(jax.hessian(lambda v: loss(op.unravel(v), None)))(op.ravel(params))
   top = np.linalg.eigvalsh(np.asarray(dense))[-1]
   assert top == pytest.approx(20.0, rel=1e-12)
   for seed in range(12):
