@@ -1,6 +1,7 @@
 """Hostile inputs, non-finite estimates and the stabilizers, each on a problem where it matters."""
 
 import collections
+import functools
 from typing import NamedTuple
 
 import jax
@@ -281,6 +282,7 @@ def test_an_axis_name_the_step_is_not_mapped_over_is_named():
   tx = ah.adahessian(0.1, axis_name="batch")
   stack = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
 
+  @functools.partial(jax.jit, static_argnums=2)  # vmap traces either way: one program, not ~120
   def step(p, s, axis):
     return jax.vmap(
       lambda p, s: tx.update(jax.grad(small_loss)(p), s, p, value_fn=small_loss), axis_name=axis
@@ -581,7 +583,7 @@ def test_fused_route_without_apply_if_finite_keeps_every_other_entry_training(up
   for i in range(3):
     _, grads, hdiag = step(params, state)
     assert bool(jnp.all(jnp.isfinite(hdiag["b"]))) == (i % update_freq != 0)  # refresh steps
-    updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
+    updates, state = jax.jit(tx.update)(grads, state, params, hessian_diag=hdiag)
     params = optax.apply_updates(params, updates)
     for leaf in jax.tree.leaves((params, state)):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -653,7 +655,7 @@ def test_fused_route_with_an_empty_first_leaf():
   _, grads, hdiag = jax.jit(ah.value_grad_and_hessian_diag(loss))(params, state)
   np.testing.assert_array_equal(np.asarray(grads["w"]), [2.0, 4.0])
   np.testing.assert_array_equal(np.asarray(hdiag["w"]), [2.0, 2.0])
-  updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
+  updates, _ = jax.jit(tx.update)(grads, state, params, hessian_diag=hdiag)
   np.testing.assert_allclose(np.asarray(updates["w"]), -0.1 * np.array([2, 4]) / (2 + 1e-4))
 
 
@@ -884,7 +886,7 @@ def test_curvature_floor_closed_form():
   grads = {"w": jnp.ones(4)}
   hdiag = {"w": jnp.asarray([0.0, -2.0, 6.0, 0.4])}  # |D| = 0, 2, 6, 0.4; mean 2.1
   tx = ah.scale_by_adahessian(curvature_floor=0.5)
-  updates, state = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params, hessian_diag=hdiag)
   floored = np.maximum([0.0, 2.0, 6.0, 0.4], 0.5 * 2.1)
   np.testing.assert_allclose(np.asarray(updates["w"]), 1 / (floored + 1e-4), rtol=1e-12)
   np.testing.assert_allclose(np.asarray(state.nu["w"]), 0.001 * floored**2, rtol=1e-12)
@@ -915,7 +917,7 @@ def test_curvature_floor_on_tuple_nodes_and_inside_optax_masks(tree):
       optax.multi_transform({"ah": tx, "sgd": optax.sgd(1.0)}, {"w": "ah", "b": "sgd"}),
       ["w"],
     )
-  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, hessian_diag=hdiag)
   got = dict(updates) if isinstance(updates, dict) else {"w": updates[0], "b": updates[1]}
   for k in owned:
     np.testing.assert_allclose(np.asarray(got[k]), 1 / (floored[k] + 1e-4), rtol=1e-12)
@@ -936,7 +938,9 @@ def test_curvature_floor_is_per_layer_on_stacked_leaves():
   tx = ah.scale_by_adahessian(
     curvature_floor=0.5, averaging=ah.spatial.per_layer(ah.spatial.none())
   )
-  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag={"stack": jnp.asarray(d)})
+  updates, _ = jax.jit(tx.update)(
+    grads, tx.init(params), params, hessian_diag={"stack": jnp.asarray(d)}
+  )
   layer_mean = d.mean(axis=1, keepdims=True)
   floored = np.maximum(d, 0.5 * layer_mean)
   np.testing.assert_allclose(np.asarray(updates["stack"]), 1 / (floored + 1e-4), rtol=1e-12)
@@ -948,7 +952,7 @@ def test_curvature_floor_falls_back_to_the_model_mean_for_a_leaf_without_curvatu
   grads = {"flat": jnp.ones(2), "curved": jnp.ones(2)}
   hdiag = {"flat": jnp.zeros(2), "curved": jnp.asarray([1.0, 3.0])}  # model mean 1.0
   tx = ah.scale_by_adahessian(curvature_floor=0.5)
-  updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, hessian_diag=hdiag)
   np.testing.assert_allclose(np.asarray(updates["flat"]), 1 / (0.5 + 1e-4), rtol=1e-12)
   np.testing.assert_allclose(np.asarray(updates["curved"]), 1 / (np.array([1.0, 3.0]) + 1e-4))
 
@@ -1101,7 +1105,7 @@ def test_block_size_that_a_callable_or_tree_of_rules_would_drop_is_refused_at_in
   tx = ah.scale_by_adahessian(block_size=4, averaging={"w": None, "b": ah.spatial.none()})
   state = tx.init(params)
   hdiag = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.arange(4.0)}
-  _, state = tx.update(params, state, params, hessian_diag=hdiag)
+  _, state = jax.jit(tx.update)(params, state, params, hessian_diag=hdiag)
   expected = np.repeat(np.arange(32.0).reshape(2, 4, 4).mean(1), 4, axis=0)
   np.testing.assert_allclose(np.sqrt(state.nu["w"] / (1 - 0.999)), expected, rtol=1e-5)
 
