@@ -2,6 +2,7 @@
 
 import warnings
 
+import hessian_problems
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +21,8 @@ def named(tree):
 
 
 def dense_hessian(loss_fn, params, batch):
-  flat, unravel = ravel_pytree(params)
-  h = jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
-  return np.asarray(h), unravel
+  """The dense Hessian (NumPy, one compiled program per ``loss_fn``) and ``unravel``."""
+  return hessian_problems.dense_hessian(loss_fn, params, batch), ravel_pytree(params)[1]
 
 
 def estimate_from_probes(h, unravel, probes):
@@ -32,6 +32,10 @@ def estimate_from_probes(h, unravel, probes):
     zf = np.asarray(ravel_pytree(z)[0])
     total = total + zf * (h @ zf)
   return unravel(jnp.asarray(total / len(probes)))
+
+
+# The transform's probes recovered for the NumPy reference: one program per params structure.
+rademacher_like = jax.jit(ah.rademacher_like)
 
 
 def closure_step(tx, loss_fn, batch):
@@ -112,7 +116,7 @@ def test_trajectory_matches_numpy_reference(name, problem, hp, route):
     else:
       # The transform's own probes, recovered through the public API.
       keys, _ = ah.probe_keys(ah.find_adahessian_state(state))
-      est = estimate_from_probes(h, unravel, [ah.rademacher_like(k, params) for k in keys])
+      est = estimate_from_probes(h, unravel, [rademacher_like(k, params) for k in keys])
       params, state, grads = step_closure(params, state)
     expected = ref.step(named(grads), named(est))
     got = named(params)
@@ -137,7 +141,7 @@ def test_schedule_and_inject_hyperparams_match_reference(mlp_problem):
   for i in range(5):
     h, unravel = dense_hessian(loss_fn, params, batch)
     keys, _ = ah.probe_keys(ah.find_adahessian_state(state))
-    est = estimate_from_probes(h, unravel, [ah.rademacher_like(k, params) for k in keys])
+    est = estimate_from_probes(h, unravel, [rademacher_like(k, params) for k in keys])
     params, state, grads = step(params, state)
     expected = ref.step(named(grads), named(est))
     for key, val in named(params).items():
@@ -314,12 +318,16 @@ def test_inside_chain_with_extra_args(mlp_problem):
   alias = ah.adahessian(lr, weight_decay=0.01)
 
   def run(tx):
+    @jax.jit
+    def step(p, state):
+      g = jax.grad(loss_fn)(p, batch)
+      u, state = tx.update(g, state, p, value_fn=lambda q: loss_fn(q, batch), unused=123)
+      return optax.apply_updates(p, u), state
+
     state = tx.init(params)
     p = params
     for _ in range(3):
-      g = jax.grad(loss_fn)(p, batch)
-      u, state = tx.update(g, state, p, value_fn=lambda q: loss_fn(q, batch), unused=123)
-      p = optax.apply_updates(p, u)
+      p, state = step(p, state)
     return p
 
   assert_trees_allclose(run(chained), run(alias))  # the clip never triggers at 10.0
@@ -510,7 +518,7 @@ def test_independent_probes_keep_value_fn_errors(independent_probes):
     def device(x):
       return tx.update(params, state, params, value_fn=value_fn(x))[0]
 
-    return jax.vmap(device, axis_name="i")(jnp.ones((2, 3)))
+    return jax.jit(jax.vmap(device, axis_name="i"))(jnp.ones((2, 3)))
 
   masked = optax.masked(ada(), {"a": True, "b": False})
   with pytest.raises(ValueError, match="masked params.*masked_value_fn"):
@@ -563,7 +571,7 @@ def test_coupling_warning_follows_a_collective_through_a_scan_carry():
     device = lambda x: tx.update(params, state, params, value_fn=lambda p: loss(p, x))[0]["w"]
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      updates = jax.vmap(device, axis_name="d")(batches)
+      updates = jax.jit(jax.vmap(device, axis_name="d"))(batches)
     assert np.all(np.isfinite(updates))
     return [str(c.message) for c in caught if "other devices' parameters" in str(c.message)]
 
@@ -622,7 +630,7 @@ def test_coupling_warning_reads_only_the_outputs_of_a_nested_body_that_reach_the
     tx = ah.adahessian(0.1, axis_name="d", independent_probes=True)
     state = tx.init(params)
     device = lambda x: tx.update(params, state, params, value_fn=lambda p: loss(p, x))[0]["w"]
-    return jax.vmap(device, axis_name="d")(batches)
+    return jax.jit(jax.vmap(device, axis_name="d"))(batches)
 
   for loss in (
     scan_metric,
@@ -675,7 +683,7 @@ def test_coupling_warning_passes_linear_operations_and_collectives_over_other_ax
     tx = ah.adahessian(0.1, axis_name="data", independent_probes=True)
     state = tx.init(params)
     device = lambda x: tx.update(params, state, params, value_fn=lambda p: loss(p, x))[0]["w"]
-    return jax.vmap(jax.vmap(device, axis_name="data"), axis_name="model")(batches)
+    return jax.jit(jax.vmap(jax.vmap(device, axis_name="data"), axis_name="model"))(batches)
 
   def other_axis(p, x):
     return jax.lax.pmean(data_mean(p, x), "model") + jnp.mean(
