@@ -22,7 +22,7 @@ def named(tree):
 
 def dense_hessian(loss_fn, params, batch):
   """The dense Hessian (NumPy, one compiled program per ``loss_fn``) and ``unravel``."""
-  return hessian_problems.dense_hessian(loss_fn, params, batch), ravel_pytree(params)[1]
+  return hessian_problems.dense_hessian(loss_fn, params, batch, jit=True), ravel_pytree(params)[1]
 
 
 def estimate_from_probes(h, unravel, probes):
