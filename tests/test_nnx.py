@@ -713,6 +713,22 @@ def test_named_model_names_no_stack_in_front_where_a_sibling_shows_it_elsewhere(
     ah.spatial.describe(params, ah.spatial.strict(ah.spatial.named(model)), 2)
 
 
+class OnlyAStackAlongAxis1(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.vmap(ConvAndLinear, in_axes=0, out_axes=1)(rngs.split(3))
+
+
+def test_named_model_whose_only_known_modules_are_stacked_along_axis_1_says_so():
+  """With nothing but an nnx.vmap(out_axes=1) stack, named(model) finds no names: its error
+  says the known modules must show their one-layer shape, alone or after a stack in front (it
+  read as if the model held no module of a known layout, though it holds a Conv and a Linear)."""
+  model = nnx.eval_shape(lambda: OnlyAStackAlongAxis1(nnx.Rngs(0)))
+  with pytest.raises(
+    ValueError, match=r"after a stack in front \(nnx\.vmap/nnx\.scan with out_axes=0\)"
+  ):
+    ah.spatial.named(model)
+
+
 class TwoStacks(nnx.Module):
   """Bias-less Linears vmapped directly, an encoder of 3 beside a decoder of 5 (both stacked in
   front), and a head."""
