@@ -140,13 +140,19 @@ def map_adahessian_state(
     ``opt_state`` with its AdaHessian states replaced.
 
   Raises:
-    TypeError: if ``fn`` returns anything but a :class:`ScaleByAdaHessianState`, or one whose
+    TypeError: if ``fn`` is not a function of one state (e.g. the two arguments swapped), or
+      returns anything but a :class:`ScaleByAdaHessianState`, or one whose
       ``count`` is not an integer array of the old one's shape or whose moments (``mu``, ``nu``,
       ``hessian``) are not real floating-point arrays.
     ValueError: if ``fn``'s state has a negative ``count``, ``nu`` or ``hessian`` of another
       tree or shapes than its ``mu`` (naming the leaf), or a new ``key`` that is not raw key
       data, one row per probe (``jax.random.key_data(jax.random.split(key, n_samples))``).
   """
+
+  fix = "map_adahessian_state(fn, opt_state) takes the function first: lambda s: s._replace(...)."
+  if not callable(fn):  # Python's "'tuple' object is not callable" named neither argument
+    raise TypeError(f"map_adahessian_state: fn must be a function, got {repr(fn)[:80]}. {fix}")
+  _validation.callable_with(fn, (opt_state,), {}, "fn(state)", fix)
 
   def replace(x: Any) -> Any:
     if not is_adahessian_state(x):

@@ -790,6 +790,20 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
   assert ah.find_adahessian_state(bumped(stacked)).count.tolist() == [1, 1, 1, 1]
 
 
+def test_map_adahessian_state_names_a_fn_that_is_no_function_of_one_state():
+  """The arguments swapped, or a string, failed with Python's "'tuple' object is not callable",
+  naming neither argument; a function of no arguments with "takes 0 positional arguments"."""
+  state = ah.adahessian(0.1).init({"w": jnp.ones(2)})
+  for fn, opt_state, got in [
+    ("x", state, "got 'x'"),
+    (state, lambda s: s, r"got \(ScaleByAdaHessianState\(count="),
+  ]:
+    with pytest.raises(TypeError, match=r"map_adahessian_state: fn must be a function, " + got):
+      ah.map_adahessian_state(fn, opt_state)
+  with pytest.raises(TypeError, match=r"called as fn\(state\), but its signature is \(\).*first"):
+    ah.map_adahessian_state(lambda: None, state)
+
+
 def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
   """A negative count (-1 % 3 == 2: "no refresh") and update_freq 0 or 1 (every step refreshed)
   were read without an error; a float count counted on (float32 stops at 2**24), an int8 one
