@@ -198,6 +198,20 @@ def _stepped(tx, params):
   return state
 
 
+@pytest.mark.parametrize("name", ["adahessian", "adam"])
+def test_a_bad_scalar_fill_is_refused_also_where_no_leaf_is_masked(name):
+  # fill was checked only where optax.masked left leaves out: NaN, 0 or -1 was taken without a
+  # word on a whole-model state (and stayed wrong once the optimizer was masked).
+  _, _, state, _ = _train(name)
+  build = getattr(hessian, f"{name}_preconditioner")
+  for fill, got in [(np.nan, "nan"), (0.0, "0.0"), (-1.0, "-1.0"), ("1", "'1'")]:
+    with pytest.raises(ValueError, match=rf"fill must be a real number > 0.0 .*, got {got}\."):
+      build(state, fill=fill)
+  for fill in (jnp.inf, 2.0, None, {"x": 1.0}):  # valid, or a tree: used only where masked
+    p = build(state, fill=fill)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(p))
+
+
 def test_a_preconditioner_unlike_the_params_is_refused_naming_the_leaf():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)

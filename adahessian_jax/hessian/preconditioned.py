@@ -168,6 +168,9 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
   Raises ``ValueError`` naming those leaves when ``fill`` is ``None``; ``call`` is the public
   function that built ``p``, which its example names.
   """
+  scalar = fill is not None and jax.tree_util.treedef_is_leaf(jax.tree.structure(fill))
+  # Checked also where no leaf is masked out: fill=nan or -1 was taken without a word there.
+  value = _validation.interval("fill", fill, 0.0, np.inf, lo_open=True) if scalar else None
   leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=masking.is_masked)
   masked = [jax.tree_util.keystr(p) for p, x in leaves if masking.is_masked(x)]
   if not masked:
@@ -181,9 +184,8 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
       "another group's P fills them with its own, e.g. "
       f"hessian.{call}(opt_state, fill=hessian.{_OTHER[call]}(opt_state, fill=jnp.inf))."
     )
-  if jax.tree_util.treedef_is_leaf(jax.tree.structure(fill)):
-    value = jnp.asarray(_validation.interval("fill", fill, 0.0, np.inf, lo_open=True), float)
-    at = lambda path: value
+  if scalar:
+    at = lambda path: jnp.asarray(value, float)
   else:
     at = lambda path: _subtree_at(fill, path, jax.tree_util.keystr(path))
   return jax.tree_util.tree_map_with_path(
@@ -240,8 +242,9 @@ def adahessian_preconditioner(
 
   Raises:
     ValueError: for a hyperparameter out of range (named), one that conflicts
-      with the state's injected value, a state before its first update, or a
-      state inside ``optax.masked`` without ``fill``.
+      with the state's injected value, a state before its first update, a
+      state inside ``optax.masked`` without ``fill``, or a scalar ``fill`` that is
+      not ``> 0`` (also where no leaf is masked out).
   """
   try:
     state = find_adahessian_state(opt_state)
@@ -312,7 +315,8 @@ def adam_preconditioner(
     ValueError: for a hyperparameter out of range (named), one that conflicts
       with the state's injected value, not exactly one Adam or AMSGrad state,
       a state before its first update, replicated across devices, or inside
-      ``optax.masked`` without ``fill``.
+      ``optax.masked`` without ``fill``, or a scalar ``fill`` that is not ``> 0``
+      (also where no leaf is masked out).
   """
   found = _adam_states(opt_state)
   if len(found) != 1:
