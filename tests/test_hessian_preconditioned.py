@@ -212,6 +212,16 @@ def test_a_bad_scalar_fill_is_refused_also_where_no_leaf_is_masked(name):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(p))
 
 
+@pytest.mark.parametrize("name", ["adahessian", "adam"])
+def test_a_negative_count_is_not_called_a_state_before_its_first_update(name):
+  # count -3 was reported as "no update has been applied yet ... Measure after the first step".
+  _, _, state, _ = _train(name)
+  bad = state._replace(count=jnp.asarray(-3, jnp.int32))
+  with pytest.raises(ValueError, match=r"state has count -3, which no optimizer makes") as e:
+    getattr(hessian, f"{name}_preconditioner")(bad)
+  assert "first update" not in str(e.value)
+
+
 def test_a_preconditioner_unlike_the_params_is_refused_naming_the_leaf():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)

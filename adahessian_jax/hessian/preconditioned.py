@@ -65,6 +65,12 @@ def _steps(count: Any, what: str) -> int:
       "across devices (jax.pmap) holds one copy per device. Pass one replica, e.g. "
       "jax.tree.map(lambda x: x[0], opt_state)."
     )
+  if int(count) < 0:  # was told "no update has been applied yet", which is not why
+    raise ValueError(
+      f"the {what} state has count {int(count)}, which no optimizer makes (init sets 0, each "
+      "update adds 1): the state was built or restored wrongly. Pass the state the optimizer "
+      "returned, or start again from tx.init(params)."
+    )
   if int(count) < 1:
     raise ValueError(
       f"the {what} state has count {int(count)}: no update has been applied yet, so its second "
