@@ -159,6 +159,29 @@ def test_an_analysis_under_jit_is_refused_naming_its_traced_key(ops, name):
   assert calls == []
 
 
+def test_a_traced_direction_preconditioner_or_grid_is_named_with_the_host_loop_fix(ops):
+  """A traced direction, v0 or preconditioner failed with NumPy's TracerArrayConversionError, a
+  traced grid of steps as "a 1-D array of finite numbers, got JitTracer(...) (dtype object)"."""
+  good, _, _ = ops
+  flat, steps = jnp.ones(good.size), jnp.asarray([0.0, 1.0])
+  host = r" is traced \(float64\[(75|2)\]\): the analyses are host loops .* outside jax.jit"
+  for name, call, arg in [
+    ("alphas", lambda a: hessian.loss_landscape_1d(good, a, flat).losses, steps),
+    ("betas", lambda b: hessian.loss_landscape_2d(good, [0.0], b, (flat, -flat)).losses, steps),
+    ("the direction", lambda d: hessian.loss_landscape_1d(good, [0.0], d).losses, flat),
+    ("the direction", lambda d: hessian.normalize_direction(good, d, "filter"), flat),
+    ("the preconditioner", lambda p: hessian.preconditioned_operator(good, p).size, flat),
+    ("grid", lambda g: hessian.spectral_density(good, jax.random.key(0), grid=g).density, steps),
+  ]:
+    with pytest.raises(ValueError, match=rf"^{name} must be a concrete array, but it" + host):
+      jax.jit(call)(arg)
+  tree, key = good.unravel(flat), jax.random.key(0)  # a pytree names the leaf
+  with pytest.raises(
+    ValueError, match=r"^v0 must be concrete arrays, but its leaf at \['hidden'\]"
+  ):
+    jax.jit(lambda v: hessian.top_eigenvalues(good, key=key, v0=v).eigenvalues)(tree)
+
+
 def test_random_direction_may_be_traced(ops):
   good, _, _ = ops
   key = jax.random.key(3)

@@ -26,6 +26,27 @@ HOST_LOOP = (
 )
 
 
+def concrete(tree: Any, what: str) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``tree`` that is traced (an analysis, or
+  ``hessian_operator``, called inside ``jax.jit``, ``vmap``, ``grad`` or a ``lax`` loop).
+
+  It failed at the first value read on the host with JAX's ``TracerArrayConversionError`` (or,
+  for a grid of steps, as "a 1-D array of finite numbers ... dtype object"), naming no argument
+  and no fix.
+
+  Args:
+    tree: The argument given: a pytree of arrays (the params, a batch, a direction) or one array.
+    what: Its name, for the error message.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.core.Tracer):
+      at = f"concrete arrays, but its leaf at {jax.tree_util.keystr(path)}"
+      raise ValueError(
+        f"{what} must be {at if path else 'a concrete array, but it'} is traced ({leaf.aval}): "
+        + HOST_LOOP
+      )
+
+
 def prng_key(key: Any, *, traced: bool = False) -> jax.Array:
   """The analyses' check of their ``key``: one PRNG key (``adahessian_jax._keys.prng_key``) and,
   unless ``traced``, a concrete one.

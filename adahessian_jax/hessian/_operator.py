@@ -132,8 +132,10 @@ class ParamLayout:
       The ``(n,)`` array.
 
     Raises:
-      ValueError: naming ``what`` and the first leaf that differs, or the size that does.
+      ValueError: naming ``what`` and the first leaf that differs or is traced (under
+        ``jax.jit``), or the size that does.
     """
+    _checks.concrete(tree, what)  # NumPy's TracerArrayConversionError named neither
     if not (isinstance(tree, jax.Array | np.ndarray) and np.ndim(tree) == 1):
       _checks.like_params(tree, self.params, what, flat=True)
       tree = self.ravel(tree)
@@ -659,21 +661,6 @@ def _note_nnx_mutation(error: Exception) -> None:
     )
 
 
-def _check_concrete(tree: Any, what: str) -> None:
-  """Raises ``ValueError`` naming the first leaf of ``tree`` that is traced (``hessian_operator``
-  called inside ``jax.jit``, ``vmap``, ``grad`` or a ``lax`` loop).
-
-  It failed at the first value read on the host with JAX's ``TracerArrayConversionError``,
-  naming no argument and no fix.
-  """
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if isinstance(leaf, jax.core.Tracer):
-      raise ValueError(
-        f"{what} must be concrete arrays, but its leaf at {_validation.path_str(path)} is traced "
-        f"({leaf.aval}): {_checks.HOST_LOOP}"
-      )
-
-
 def _check_not_pmapped(params: Any) -> None:
   """Raises ``ValueError`` naming the first leaf of ``params`` that is a ``jax.pmap`` output.
 
@@ -1142,7 +1129,7 @@ def hessian_operator(
       the message names the batch and leaf.
   """
   block_size = _validation.count("block_size", block_size)
-  _check_concrete(params, "params")
+  _checks.concrete(params, "params")
   _check_no_nnx_state(params)
   _check_no_linen_state(params)
   _validation.float_leaves(
@@ -1157,7 +1144,7 @@ def hessian_operator(
   params = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(params))
   data = _batch_list(batch, batches)
   for i, b in enumerate(data):
-    _check_concrete(b, "the batch" if batches is None else f"batches[{i}]")
+    _checks.concrete(b, "the batch" if batches is None else f"batches[{i}]")
   weights = _weights(data, batch_sizes)
   flat, unravel = ravel(params)
   if flat.size == 0:

@@ -81,6 +81,7 @@ def gaussian_mixture(
 
 def _grid(grid: Any) -> np.ndarray:
   """``grid`` as a 1-D float64 array, else ``ValueError`` naming what is wrong."""
+  _checks.concrete(grid, "grid")
   try:
     out = np.asarray(grid, dtype=np.float64)
   except (TypeError, ValueError):

@@ -404,6 +404,7 @@ def _grid_losses(loss_fn, unravel, flat, directions, coeffs, batch, chunk):
 def _steps(name: str, values: Any) -> np.ndarray:
   """``values`` as a float64 array if it is 1-D, nonempty, real (not bool) and finite, else
   ``ValueError``."""
+  _checks.concrete(values, name)
   try:
     given = np.asarray(values)
   except (TypeError, ValueError):
