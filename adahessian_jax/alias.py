@@ -106,8 +106,23 @@ def _decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransformati
       _check_mask_tree(mask(params) if callable(mask) else mask, params)
     return inner.init(params)
 
-  return inner._replace(init=init_fn)
+  def update_fn(updates, state, params=None):
+    if not isinstance(state, optax.MaskedState):  # optax: "'EmptyState' ... no 'inner_state'"
+      raise TypeError(
+        f"adahessian with a weight_decay_mask got {type(state).__name__} where its mask keeps an "
+        f"optax.MaskedState: {_OTHER_STATE}"
+      )
+    return inner.update(updates, state, params)
 
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+#: Why a member of adahessian's chain got another member's state: the optimizer state was made by
+#: an adahessian built otherwise (a schedule's count and a mask's state are kept only with them).
+_OTHER_STATE = (
+  "the optimizer state was made by an adahessian built otherwise (a constant learning_rate, or no "
+  "weight_decay_mask). Build the optimizer as the state was, or start again from tx.init(params)."
+)
 
 _SCHEDULE_FIX = (
   "A schedule takes optax's step count (0 on the first update) and returns that step's rate, as "
@@ -127,6 +142,11 @@ def _checked_schedule(schedule: Callable[[Any], Any]) -> optax.Schedule:
   _validation.callable_with(schedule, (0,), {}, "learning_rate(count)", _SCHEDULE_FIX)
 
   def checked(count: Any) -> Any:
+    if _validation.array_dtype(count) is None:  # EmptyState().count is tuple's count method
+      raise TypeError(
+        "adahessian with a learning_rate schedule got no step count in its state (the "
+        f"schedule's count was {count!r}): {_OTHER_STATE}"
+      )
     rate = schedule(count)
     _check_rate(rate, count)
     return rate

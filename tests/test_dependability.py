@@ -520,6 +520,32 @@ def test_a_weight_decay_mask_that_does_not_fit_the_params_is_named_at_init():
   assert [float(u.max()) for u in jax.tree.leaves(updates)] == [0.0, 0.0, -0.5]
 
 
+def test_a_state_of_an_adahessian_built_without_its_schedule_or_mask_is_named():
+  # A constant-rate adahessian's state (EmptyState where a schedule keeps its count) gave the
+  # schedule tuple's count method: "unsupported operand type(s) for -: 'builtin_function_or_method'
+  # and 'int'"; without a mask, optax.masked's "'EmptyState' object has no attribute
+  # 'inner_state'".
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  plain = ah.adahessian(0.1).init(params)
+  built = r"the optimizer state was made by an adahessian built otherwise .*tx.init\(params\)"
+  cases = [
+    (ah.adahessian(optax.linear_schedule(0.1, 0.0, 10)), r"schedule got no step count in its ", 0),
+    (
+      ah.adahessian(0.1, weight_decay=0.5, weight_decay_mask={"w": True, "b": False}),
+      "got EmptyState where its mask keeps an optax.MaskedState",
+      -0.05,  # lr · wd · w on w, nothing on b
+    ),
+  ]
+  for tx, got, decayed in cases:
+    for update in (tx.update, jax.jit(tx.update)):
+      with pytest.raises(TypeError, match=rf"^adahessian with a .*{got}.*" + built):
+        update(zeros, plain, params, hessian_diag=zeros)
+    updates, _ = tx.update(zeros, tx.init(params), params, hessian_diag=zeros)  # its own state
+    np.testing.assert_allclose(updates["w"], np.full((2, 2), decayed), rtol=1e-6)
+    np.testing.assert_array_equal(updates["b"], np.zeros(2))
+
+
 def test_inject_hyperparams_rounding_to_bfloat16_params_names_hyperparam_dtype():
   params = {"w": jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)}
   loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)
