@@ -65,6 +65,9 @@ _NNX_CLOSURE = (
   "adahessian_jax.nnx.value_grad_and_hessian_diag. With those helpers, loss_fn(module, *args) "
   "must use the module it is passed (its first argument), not a model it closes over."
 )
+#: How to call :func:`hvp` and :func:`hutchinson_diagonal` with a loss of more arguments.
+_FN_FIX = "fn is a function of the params alone: close over the rest, lambda p: loss_fn(p, batch)."
+
 _FLOAT_FIX = (
   "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
   "params and close over them in fn instead."
@@ -253,10 +256,11 @@ def hvp(fn: Callable[[Any], jax.Array], params: Any, tangents: Any) -> Any:
 
   Raises:
     TypeError: naming the first leaf of ``params`` that is not a real floating array, or for an
-      ``fn`` that does not return a real floating scalar.
+      ``fn`` that is not callable as ``fn(params)`` or does not return a real floating scalar.
     ValueError: naming the first leaf of ``tangents`` whose path, shape or dtype is not the
       param's.
   """
+  _validation.callable_with(fn, (params,), {}, "fn(params)", _FN_FIX)  # "'str' ... not callable"
   _validation.float_leaves(params, "hvp's params", _FLOAT_FIX)
   check_tangents(tangents, params, "hvp's tangents")
   grad = jax.grad(checked_loss(fn, "fn"))
@@ -461,10 +465,12 @@ def hutchinson_diagonal(
 
   Raises:
     TypeError: naming the first leaf of ``params`` that is not a real floating array (an
-      integer leaf has no Hessian; for a complex one the real probe misses the imaginary part).
+      integer leaf has no Hessian; for a complex one the real probe misses the imaginary part),
+      or for an ``fn`` that is not callable as ``fn(params)``.
     ValueError: for an ``n_samples`` that is not an integer >= 1, or a ``key`` that is not one
       PRNG key (an int seed, a batch of keys).
   """
+  _validation.callable_with(fn, (params,), {}, "fn(params)", _FN_FIX)
   _validation.float_leaves(params, "hutchinson_diagonal's params", _FLOAT_FIX)
   key = _keys.prng_key(key, "hutchinson_diagonal's key")
   n_samples = _validation.count("n_samples", n_samples)

@@ -137,6 +137,29 @@ def test_non_float_params_are_named(leaf, message):
     ah.hvp(f, params, params)
 
 
+@pytest.mark.parametrize("call", ["hvp", "hutchinson_diagonal"])
+def test_an_fn_that_is_no_function_of_the_params_is_named(call):
+  # Python's "'str' object is not callable", or "<lambda>() missing 1 required positional
+  # argument: 'b'" from inside the trace, named neither the argument nor the fix.
+  params = {"w": jnp.ones(3)}
+  run = {
+    "hvp": lambda fn: ah.hvp(fn, params, params),
+    "hutchinson_diagonal": lambda fn: ah.hutchinson_diagonal(fn, params, jax.random.key(0)),
+  }[call]
+  fix = r"fn is a function of the params alone: close over the rest, lambda p: loss_fn\(p, batch\)"
+  with pytest.raises(
+    TypeError, match=r"^fn must be a function, called as fn\(params\); got 'x'\. "
+  ):
+    run("x")
+  with pytest.raises(
+    TypeError, match=r"^fn is called as fn\(params\), but its signature is \(p, b\)"
+  ):
+    run(lambda p, b: jnp.sum(p["w"] ** 2))
+  with pytest.raises(TypeError, match=fix):
+    run(lambda p, b: jnp.sum(p["w"] ** 2))
+  assert_trees_allclose(run(lambda p: jnp.sum(p["w"] ** 2)), {"w": jnp.full(3, 2.0)})
+
+
 @pytest.mark.parametrize(
   "loss, message",
   [
