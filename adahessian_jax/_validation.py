@@ -329,7 +329,8 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
     fix: A sentence appended to the error, saying what to do instead.
   """
   if not callable(fn):  # Python's "'str' object is not callable" names no argument
-    raise TypeError(f"{call.split('(')[0]} must be a function, called as {call}; got {fn!r}. {fix}")
+    got = repr(fn) if len(repr(fn)) <= 80 else repr(fn)[:77] + "..."  # e.g. a whole state
+    raise TypeError(f"{call.split('(')[0]} must be a function, called as {call}; got {got}. {fix}")
   try:
     signature = inspect.signature(fn)
   except (TypeError, ValueError):

@@ -149,10 +149,12 @@ def map_adahessian_state(
       data, one row per probe (``jax.random.key_data(jax.random.split(key, n_samples))``).
   """
 
+  # Python's "'tuple' object is not callable" (the arguments swapped) named neither argument.
   fix = "map_adahessian_state(fn, opt_state) takes the function first: lambda s: s._replace(...)."
-  if not callable(fn):  # Python's "'tuple' object is not callable" named neither argument
-    raise TypeError(f"map_adahessian_state: fn must be a function, got {repr(fn)[:80]}. {fix}")
-  _validation.callable_with(fn, (opt_state,), {}, "fn(state)", fix)
+  try:
+    _validation.callable_with(fn, (opt_state,), {}, "fn(state)", fix)
+  except TypeError as e:
+    raise TypeError(f"map_adahessian_state: {e}") from None
 
   def replace(x: Any) -> Any:
     if not is_adahessian_state(x):

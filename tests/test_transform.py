@@ -798,7 +798,8 @@ def test_map_adahessian_state_names_a_fn_that_is_no_function_of_one_state():
     ("x", state, "got 'x'"),
     (state, lambda s: s, r"got \(ScaleByAdaHessianState\(count="),
   ]:
-    with pytest.raises(TypeError, match=r"map_adahessian_state: fn must be a function, " + got):
+    refused = r"map_adahessian_state: fn must be a function, called as fn\(state\); " + got
+    with pytest.raises(TypeError, match=refused):
       ah.map_adahessian_state(fn, opt_state)
   with pytest.raises(TypeError, match=r"called as fn\(state\), but its signature is \(\).*first"):
     ah.map_adahessian_state(lambda: None, state)
