@@ -459,7 +459,7 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
 
   Args:
     state: A :class:`ScaleByAdaHessianState`.
-    refresh: The caller's own decision, a Python ``bool`` taken on the host
+    refresh: The caller's own decision, a Python (or NumPy) ``bool`` taken on the host
       (e.g. ``step % update_freq == 0`` in a loop that runs two compiled step
       programs); it must follow the state's schedule, which is checked where
       the state is concrete. ``None``: read the schedule from the state.
@@ -473,16 +473,18 @@ def is_refresh_step(state: ScaleByAdaHessianState, refresh: bool | None = None) 
     ValueError: for ``refresh=False`` with ``update_freq == 1``, a
       ``refresh`` that contradicts a concrete state's schedule, or a state's ``count`` that is
       negative or ``update_freq`` below 2 (or either not a scalar).
-    TypeError: for a ``refresh`` that is not a Python bool, a ``state`` that is not a
+    TypeError: for a ``refresh`` that is not a Python or NumPy bool, a ``state`` that is not a
       :class:`ScaleByAdaHessianState`, or one whose ``count`` or ``update_freq`` is not an integer,
       or, with ``update_freq`` set, an abstract ``jax.ShapeDtypeStruct`` (``jax.eval_shape``).
   """
   _check_is_state(state, "is_refresh_step")
   check_counters(state, "is_refresh_step: the AdaHessian state's")
+  if isinstance(refresh, np.bool_):  # step % k == 0 on a NumPy step counter
+    refresh = bool(refresh)
   if refresh is not None and not isinstance(refresh, bool):
     raise TypeError(
-      f"refresh must be a Python bool decided on the host (one compiled program per value), "
-      f"got {refresh!r}. Make it a static argument of the jitted step "
+      "refresh must be a Python (or NumPy) bool decided on the host (one compiled program per "
+      f"value), got {refresh!r}. Make it a static argument of the jitted step "
       "(jax.jit(step, static_argnames='refresh')) and pass bool(step % update_freq == 0) from "
       "a Python step counter, or leave it None to follow the state's schedule under jit."
     )

@@ -315,7 +315,7 @@ def test_host_side_refresh_is_checked_against_the_schedule_outside_jit(mlp_probl
     ah.value_grad_and_hessian_diag(loss_fn, refresh=False)(
       params, ah.adahessian(0.05).init(params), batch
     )
-  with pytest.raises(TypeError, match="Python bool"):
+  with pytest.raises(TypeError, match=r"Python \(or NumPy\) bool"):
     ah.value_grad_and_hessian_diag(loss_fn, refresh=jnp.asarray(True))(params, st, batch)
   # Passed through a jitted step it arrives traced; the message said only what it must be.
   step = jax.jit(lambda p, s, r: ah.value_grad_and_hessian_diag(loss_fn, refresh=r)(p, s, batch))

@@ -805,6 +805,24 @@ def test_map_adahessian_state_names_a_fn_that_is_no_function_of_one_state():
     ah.map_adahessian_state(lambda: None, state)
 
 
+def test_refresh_decided_by_a_numpy_step_counter_is_taken_and_others_are_refused():
+  """step % k == 0 on a NumPy counter is a NumPy bool: it was refused as "not a Python bool"
+  (is_refresh_step, tx.update and the fused route alike); a number or string still is."""
+  tx, params = ah.adahessian(0.1, update_freq=3), {"w": jnp.ones(2)}
+  state = ah.find_adahessian_state(tx.init(params))
+  for count, decided in ((3, np.int64(6) % 3 == 0), (4, np.int64(7) % 3 == 0)):
+    assert isinstance(decided, np.bool_)
+    assert ah.is_refresh_step(state._replace(count=jnp.int32(count)), decided) is bool(decided)
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  grads = {"w": 2 * jnp.ones(2)}
+  for refresh in (np.True_, True):  # a refresh step: -lr g / (|D| + eps), D = 2 exactly
+    updates, _ = tx.update(grads, tx.init(params), params, value_fn=loss, refresh=refresh)
+    np.testing.assert_allclose(updates["w"], -0.1 * 2 / (2 + 1e-4) * np.ones(2), rtol=1e-6)
+  for refresh in (1, "True", np.array([True])):
+    with pytest.raises(TypeError, match=r"refresh must be a Python \(or NumPy\) bool .*got"):
+      ah.is_refresh_step(state, refresh)
+
+
 def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
   """A negative count (-1 % 3 == 2: "no refresh") and update_freq 0 or 1 (every step refreshed)
   were read without an error; a float count counted on (float32 stops at 2**24), an int8 one
