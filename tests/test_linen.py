@@ -55,7 +55,7 @@ def test_flax_train_state_cannot_forward_but_ours_can(setup):
   tx = ah.adahessian(0.1)
   loss_fn = make_loss(model, variables["batch_stats"], x, y, jax.random.key(1))
   value_fn = lambda p: loss_fn(p)[0]
-  grads = jax.grad(value_fn)(variables["params"])
+  grads = jax.jit(jax.grad(value_fn))(variables["params"])
   plain = flax_train_state.TrainState.create(
     apply_fn=model.apply, params=variables["params"], tx=tx
   )
@@ -63,7 +63,8 @@ def test_flax_train_state_cannot_forward_but_ours_can(setup):
   with pytest.raises(ValueError, match="needs the loss"):
     plain.apply_gradients(grads=grads, value_fn=value_fn)
   ours = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
-  stepped = ours.apply_gradients(grads=grads, value_fn=value_fn)
+  # Jitted: op by op, the step compiles each of its ~300 ops on its own.
+  stepped = jax.jit(lambda s, g: s.apply_gradients(grads=g, value_fn=value_fn))(ours, grads)
   assert int(stepped.step) == 1
   # Without the loss, the documented error, not a silent step.
   with pytest.raises(ValueError, match="value_fn"):
@@ -101,16 +102,20 @@ def test_apply_loss_with_batchnorm_and_dropout_matches_closure_route(setup, upda
     )
     return state, loss
 
+  @jax.jit  # one program, not op by op
+  def forward(params, batch_stats, key):
+    return make_loss(model, batch_stats, x, y, key)(params)
+
   def eval_loss(state):
     # Training-mode loss (batch statistics) with one fixed dropout mask: after 12 steps
     # the running averages (momentum 0.9) are still far from the batch statistics.
-    return float(make_loss(model, state.batch_stats, x, y, jax.random.key(7))(state.params)[0])
+    return float(forward(state.params, state.batch_stats, jax.random.key(7))[0])
 
   initial = eval_loss(fused_state)
   for i in range(12):
     key = jax.random.key(100 + i)
     # The running statistics move exactly once per step: as after one forward pass.
-    _, expected_stats = make_loss(model, fused_state.batch_stats, x, y, key)(fused_state.params)
+    _, expected_stats = forward(fused_state.params, fused_state.batch_stats, key)
     fused_state, loss = fused_step(fused_state, key)
     closure_state, _ = closure_step(closure_state, key)
     assert_trees_allclose(fused_state.batch_stats, expected_stats, rtol=1e-13)
@@ -151,11 +156,12 @@ def test_overwrite_with_gradient_collection_is_replaced_not_stepped():
 
   tx = ah.adahessian(0.1)
   state = TrainState.create(apply_fn=None, params=params, tx=tx)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   value_fn = lambda w: loss({"params": w, owg: params[owg]})
-  stepped = state.apply_gradients(grads=grads, value_fn=value_fn)
-  updates, opt_state = tx.update(
-    grads["params"], tx.init(params["params"]), params["params"], value_fn=value_fn
+  # Each step one program, not op by op.
+  stepped = jax.jit(lambda s, g: s.apply_gradients(grads=g, value_fn=value_fn))(state, grads)
+  updates, opt_state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, value_fn=value_fn))(
+    grads["params"], params["params"]
   )
   assert_trees_allclose(stepped.params["params"], optax.apply_updates(params["params"], updates))
   assert_trees_allclose(stepped.opt_state, opt_state)
@@ -227,7 +233,7 @@ def test_apply_loss_refuses_a_tx_that_averages_the_estimate_over_another_axis():
   def run(tx, **kw):
     state = TrainState.create(apply_fn=None, params=params, tx=tx)
     step = lambda b: state.apply_loss(loss, b, **kw)[0].params["w"]
-    return jax.vmap(step, axis_name="data")(batches)
+    return jax.jit(jax.vmap(step, axis_name="data"))(batches)  # one program, not op by op
 
   with pytest.raises(
     ValueError,
@@ -252,7 +258,7 @@ def test_apply_loss_refuses_a_tx_that_averages_the_estimate_over_another_axis():
   mean = jnp.mean(batches, axis=0)
   tx = ah.adahessian(0.1)
   single = TrainState.create(apply_fn=None, params=params, tx=tx)
-  single = single.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0]
+  single = jax.jit(lambda s: s.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0])(single)
   np.testing.assert_allclose(w[0], w[1], rtol=0, atol=0)
   np.testing.assert_allclose(w[0], single.params["w"], rtol=1e-6)
 
@@ -269,7 +275,8 @@ def test_apply_loss_refuses_a_tx_built_with_other_independent_probes():
     tx = ah.adahessian(0.1, axis_name="data", independent_probes=tx_independent)
     state = TrainState.create(apply_fn=None, params=params, tx=tx)
     step = lambda b: state.apply_loss(loss, b, axis_name="data", independent_probes=independent)
-    return jax.vmap(lambda b: step(b)[0].params["w"], axis_name="data")(batches)
+    # One program, not op by op.
+    return jax.jit(jax.vmap(lambda b: step(b)[0].params["w"], axis_name="data"))(batches)
 
   for tx_independent in (True, False):
     with pytest.raises(
@@ -302,7 +309,7 @@ def test_apply_loss_coupling_warning_reads_only_what_couples_the_loss():
     )[0].params["w"]
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      w = jax.vmap(step, axis_name="data")(batches)
+      w = jax.jit(jax.vmap(step, axis_name="data"))(batches)  # one program, not op by op
     assert np.all(np.isfinite(w))
     return [str(c.message) for c in caught if "other devices' parameters" in str(c.message)]
 
@@ -340,10 +347,10 @@ def test_apply_loss_accepts_the_axes_of_tx_in_another_order():
     apply_fn=None, params=params, tx=ah.adahessian(0.1, axis_name=("a", "b"))
   )
   step = lambda b: state.apply_loss(loss, b, axis_name=("b", "a"))[0].params["w"]
-  w = jax.vmap(jax.vmap(step, axis_name="b"), axis_name="a")(batches).reshape(4, 3)
+  w = jax.jit(jax.vmap(jax.vmap(step, axis_name="b"), axis_name="a"))(batches).reshape(4, 3)
   mean = jnp.mean(batches, axis=(0, 1))
   single = TrainState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1))
-  single = single.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0]
+  single = jax.jit(lambda s: s.apply_loss(lambda p: jnp.sum(mean * p["w"] ** 4))[0])(single)
   for replica in w:
     np.testing.assert_allclose(replica, single.params["w"], rtol=1e-6)
 
@@ -365,7 +372,7 @@ def test_apply_loss_steps_through_an_overridden_apply_gradients():
   params = {"w": jnp.asarray([1.0, 2.0])}
   loss = lambda p: jnp.sum(p["w"] ** 4)
   state = _EMAState.create(apply_fn=None, params=params, tx=ah.adahessian(0.1), ema=params)
-  new, _ = state.apply_loss(loss)
+  new, _ = jax.jit(lambda s: s.apply_loss(loss))(state)  # one program, not op by op
   # Whatever the step, the EMA is the mean of the old and the new params.
   np.testing.assert_allclose(new.ema["w"], 0.5 * (params["w"] + new.params["w"]), rtol=1e-6)
   assert np.max(np.abs(np.asarray(new.params["w"] - params["w"]))) > 1e-3
@@ -373,7 +380,7 @@ def test_apply_loss_steps_through_an_overridden_apply_gradients():
     apply_fn=None, params=params, tx=ah.adahessian(0.1, axis_name="b"), ema=params
   )
   with pytest.raises(ValueError, match=r"averages the estimate over axis_name='b'"):
-    jax.vmap(lambda _: bad.apply_loss(loss)[0].params, axis_name="b")(jnp.arange(2))
+    jax.jit(jax.vmap(lambda _: bad.apply_loss(loss)[0].params, axis_name="b"))(jnp.arange(2))
 
 
 def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
@@ -393,9 +400,11 @@ def test_loss_with_the_wrong_signature_says_how_to_pass_its_arguments():
 
 def test_batch_stats_replaced_by_another_tree_says_to_pass_the_collection(setup):
   model, variables, x, _ = setup
-  _, mutated = model.apply(
-    variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
-  )
+  _, mutated = jax.jit(  # one program, not op by op
+    lambda v: model.apply(
+      v, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+    )
+  )(variables)
   state = TrainState.create(
     apply_fn=model.apply,
     params=variables["params"],
@@ -526,14 +535,20 @@ def test_apply_gradients_and_apply_loss_pass_the_loss_to_tx_update_as_optaxs_val
   tx = optax.chain(ah.adahessian(0.1), plateau)
   fused = by_grads = TrainState.create(apply_fn=None, params=params, tx=tx)
   p, opt_state = params, tx.init(params)
+  # Each step one program, compiled once and reused (op by op, each op compiles on its own).
+  by_hand = jax.jit(
+    lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, value_fn=loss_fn, value=loss_fn(p))
+  )
+  by_grads_step = jax.jit(
+    lambda s: s.apply_gradients(
+      grads=jax.grad(loss_fn)(s.params), value_fn=loss_fn, value=loss_fn(s.params)
+    )
+  )
+  fused_step = jax.jit(lambda s: s.apply_loss(loss_fn))
   for _ in range(4):
-    updates, opt_state = tx.update(
-      jax.grad(loss_fn)(p), opt_state, p, value_fn=loss_fn, value=loss_fn(p)
-    )
-    by_grads = by_grads.apply_gradients(
-      grads=jax.grad(loss_fn)(by_grads.params), value_fn=loss_fn, value=loss_fn(by_grads.params)
-    )
-    fused, loss = fused.apply_loss(loss_fn)
+    updates, opt_state = by_hand(p, opt_state)
+    by_grads = by_grads_step(by_grads)
+    fused, loss = fused_step(fused)
     np.testing.assert_allclose(loss, loss_fn(p), rtol=1e-6)
     p = optax.apply_updates(p, updates)
     assert_trees_allclose(by_grads.params, p)
