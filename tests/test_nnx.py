@@ -29,6 +29,10 @@ def loss_fn(model, x, y):
   return jnp.mean((model(x) - y) ** 2)
 
 
+# nnx.grad of loss_fn as one program: op by op, a Net's backward pass compiles ~100 ops one by one.
+jitted_grad = nnx.jit(nnx.grad(loss_fn))
+
+
 def data():
   r = np.random.default_rng(0)
   x = jnp.asarray(r.normal(size=(32, 4)))
@@ -73,8 +77,10 @@ def test_fused_route_updates_batch_stats_once():
   x, y = data()
   model, reference = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1, n_samples=3), wrt=nnx.Param)
-  ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
-  loss_fn(reference, x, y)  # one forward pass in training mode
+  # Jitted (nnx.jit writes back what the call changed): op by op, the 3-probe estimate compiles
+  # each of its ~230 ops on its own.
+  nnx.jit(lambda m, o: ah_nnx.value_grad_and_hessian_diag(loss_fn, m, o, x, y))(model, optimizer)
+  nnx.jit(loss_fn)(reference, x, y)  # one forward pass in training mode
   np.testing.assert_allclose(model.bn.mean[...], reference.bn.mean[...], rtol=1e-13)
   np.testing.assert_allclose(model.bn.var[...], reference.bn.var[...], rtol=1e-13)
 
@@ -84,11 +90,17 @@ def test_has_aux():
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
   aux_loss = lambda m, x, y: (loss_fn(m, x, y), {"mean_pred": m(x).mean()})
-  (loss, aux), grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
-    aux_loss, model, optimizer, x, y, has_aux=True
-  )
+
+  @nnx.jit  # one program, not op by op
+  def step(model, optimizer):
+    (loss, aux), grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
+      aux_loss, model, optimizer, x, y, has_aux=True
+    )
+    optimizer.update(model, grads, hessian_diag=hdiag)
+    return loss, aux, hdiag
+
+  loss, aux, hdiag = step(model, optimizer)
   assert set(aux) == {"mean_pred"} and np.isfinite(float(loss))
-  optimizer.update(model, grads, hessian_diag=hdiag)
   assert jax.tree.structure(hdiag) == jax.tree.structure(nnx.as_pure(nnx.state(model, nnx.Param)))
 
 
@@ -147,14 +159,23 @@ def test_fused_route_keeps_the_parameters_the_loss_writes_as_nnx_value_and_grad_
   model_a, model_b = WeightNormed(nnx.Rngs(0)), WeightNormed(nnx.Rngs(0))
   opt_a = nnx.Optimizer(model_a, ah.adahessian(0.1), wrt=nnx.Param)
   opt_b = nnx.Optimizer(model_b, ah.adahessian(0.1), wrt=nnx.Param)
-  graphdef, params, rest = nnx.split(model_a, nnx.Param, ...)
-  pure = lambda p: loss_fn(nnx.merge(graphdef, p, rest, copy=True), x, y)
-  state = nnx.as_pure(opt_a.opt_state)
-  _, _, hdiag = ah.value_grad_and_hessian_diag(pure)(nnx.as_pure(params), state)
-  _, grads = nnx.value_and_grad(loss_fn)(model_a, x, y)
-  opt_a.update(model_a, grads, hessian_diag=hdiag)
-  _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model_b, opt_b, x, y)
-  opt_b.update(model_b, grads, hessian_diag=hdiag)
+
+  @nnx.jit  # each route one program, not op by op
+  def pure_route(model_a, opt_a):
+    graphdef, params, rest = nnx.split(model_a, nnx.Param, ...)
+    pure = lambda p: loss_fn(nnx.merge(graphdef, p, rest, copy=True), x, y)
+    state = nnx.as_pure(opt_a.opt_state)
+    _, _, hdiag = ah.value_grad_and_hessian_diag(pure)(nnx.as_pure(params), state)
+    _, grads = nnx.value_and_grad(loss_fn)(model_a, x, y)
+    opt_a.update(model_a, grads, hessian_diag=hdiag)
+
+  @nnx.jit
+  def fused_route(model_b, opt_b):
+    _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model_b, opt_b, x, y)
+    opt_b.update(model_b, grads, hessian_diag=hdiag)
+
+  pure_route(model_a, opt_a)
+  fused_route(model_b, opt_b)
   assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-13)
 
 
@@ -185,12 +206,13 @@ def test_loss_with_aux_or_without_it_against_has_aux_says_so():
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
   aux_loss = lambda m, x, y: (loss_fn(m, x, y), m(x).mean())
   vgh = ah_nnx.value_grad_and_hessian_diag
+  # Traced (nnx.jit): the errors come while tracing, with nothing compiled op by op.
   with pytest.raises(TypeError, match="loss_fn returned a tuple.*has_aux=True"):
-    vgh(aux_loss, model, optimizer, x, y)
+    nnx.jit(lambda m, o: vgh(aux_loss, m, o, x, y))(model, optimizer)
   with pytest.raises(TypeError, match=r"has_aux=True.*\(loss, aux\).*array of shape \(\)"):
-    vgh(loss_fn, model, optimizer, x, y, has_aux=True)
+    nnx.jit(lambda m, o: vgh(loss_fn, m, o, x, y, has_aux=True))(model, optimizer)
   with pytest.raises(TypeError, match=r"loss_fn returned a tuple.*\[0\]"):
-    ah_nnx.value_fn(model, aux_loss, x, y)(nnx.as_pure(nnx.state(model, nnx.Param)))
+    jax.jit(ah_nnx.value_fn(model, aux_loss, x, y))(nnx.as_pure(nnx.state(model, nnx.Param)))
   with pytest.raises(TypeError, match="nnx.Optimizer.*Array"):
     vgh(loss_fn, model, x, y)  # the optimizer forgotten
 
@@ -286,7 +308,8 @@ def test_model_and_loss_swapped_say_the_order_of_each_helper():
   pair = (nnx.Linear(4, 3, rngs=nnx.Rngs(1)), nnx.Linear(3, 1, rngs=nnx.Rngs(2)))
   pair_loss = lambda m, x, y: jnp.mean((m[1](jnp.tanh(m[0](x))) - y) ** 2)
   pair_optimizer = nnx.Optimizer(pair, ah.adahessian(0.1), wrt=nnx.Param)
-  value, _, _ = ah_nnx.value_grad_and_hessian_diag(pair_loss, pair, pair_optimizer, x, y)
+  fused = lambda m, o: ah_nnx.value_grad_and_hessian_diag(pair_loss, m, o, x, y)[0]
+  value = nnx.jit(fused)(pair, pair_optimizer)  # one program, not op by op
   value_fn = ah_nnx.value_fn(pair, pair_loss, x, y)
   np.testing.assert_allclose(value_fn(nnx.as_pure(nnx.state(pair, nnx.Param))), value, rtol=1e-6)
 
@@ -307,7 +330,7 @@ def test_a_loss_of_the_module_given_as_value_fn_gets_a_note_naming_the_helper():
   x, y = data()
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  grads = nnx.grad(loss_fn)(model, x, y)
+  grads = jitted_grad(model, x, y)
   with pytest.raises(TypeError, match="'State' object is not callable") as e:
     optimizer.update(model, grads, value_fn=lambda m: loss_fn(m, x, y))
   assert any("adahessian_jax.nnx.value_fn(model, loss_fn" in n for n in e.value.__notes__)
@@ -319,7 +342,7 @@ def test_a_value_fn_closing_over_the_module_is_refused():
   x, y = data()
   model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  grads = nnx.grad(loss_fn)(model, x, y)
+  grads = jitted_grad(model, x, y)
   with pytest.raises(ValueError, match=r"adahessian_jax.nnx.value_fn\(model, loss_fn, \*args\)"):
     optimizer.update(model, grads, value_fn=lambda state: loss_fn(model, x, y))
 
@@ -333,7 +356,7 @@ def test_a_value_fn_closing_over_a_module_with_batchnorm_gets_a_note_naming_the_
   x, y = data()
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  grads = nnx.grad(loss_fn)(model, x, y)
+  grads = jitted_grad(model, x, y)
   with pytest.raises(TraceContextError) as e:
     optimizer.update(model, grads, value_fn=lambda state: loss_fn(model, x, y))
   assert any("adahessian_jax.nnx.value_fn(model, loss_fn" in n for n in e.value.__notes__)
@@ -350,7 +373,7 @@ def test_a_loss_of_the_helpers_closing_over_the_model_says_to_use_the_module_it_
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
   closing = lambda module, x, y: loss_fn(model, x, y)  # noqa: E731
   fix = "must use the module it is passed (its first argument), not a model it closes over"
-  grads = nnx.grad(loss_fn)(model, x, y)
+  grads = jitted_grad(model, x, y)
   # With BatchNorm the loss writes the outer model's statistics from inside a trace (Flax's
   # TraceContextError, with a note); without, the loss does not depend on the params given.
   from flax.errors import TraceContextError
@@ -371,7 +394,7 @@ def test_an_update_without_the_loss_names_the_nnx_helper():
   x, y = data()
   model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  grads = nnx.grad(loss_fn)(model, x, y)
+  grads = jitted_grad(model, x, y)
   fix = r"optimizer.update\(model, grads, value_fn=adahessian_jax.nnx.value_fn\(model, loss_fn"
   with pytest.raises(ValueError, match=fix):
     optimizer.update(model, grads)
@@ -420,7 +443,8 @@ def test_update_with_expected_axis_name_refuses_a_tx_that_averages_over_another_
   x, y = data()
   model = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+  fused = lambda m, o: ah_nnx.value_grad_and_hessian_diag(loss_fn, m, o, x, y)[1:]
+  grads, hdiag = nnx.jit(fused)(model, optimizer)  # one program, not op by op
   before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state((model, optimizer))))
   with pytest.raises(ValueError, match=r"averages the estimate over axis_name=None.*axis_name='da"):
     optimizer.update(model, grads, hessian_diag=hdiag, expected_axis_name="data")
@@ -764,7 +788,7 @@ def test_pure_gradients_given_to_an_nnx_optimizer_are_refused_naming_nnx_grad():
   x, y = data()
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  grads = nnx.grad(loss_fn)(model, x, y)  # moves the BatchNorm statistics
+  grads = jitted_grad(model, x, y)  # moves the BatchNorm statistics
   value_fn = ah_nnx.value_fn(model, loss_fn, x, y)
   before = jax.tree.map(np.array, nnx.as_pure(nnx.state((model, optimizer))))
   for pure in (nnx.to_pure_dict(grads), nnx.as_pure(grads)):
@@ -798,12 +822,13 @@ def test_value_fn_takes_the_parameters_as_a_pure_dict():
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   pure = nnx.to_pure_dict(params)
   np.testing.assert_allclose(value_fn(pure), loss_fn(model, x, y), rtol=1e-12)
-  # The same step by optax on the pure dict as on the state.
+  # The same step by optax on the pure dict as on the state (each one program, not op by op).
   tx = ah.adahessian(0.1)
-  grads = nnx.grad(loss_fn)(model, x, y)
-  updates, _ = tx.update(nnx.as_pure(grads), tx.init(params), params, value_fn=value_fn)
+  step = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, value_fn=value_fn)[0])
+  grads = jitted_grad(model, x, y)
+  updates = step(nnx.as_pure(grads), params)
   pure_grads = nnx.to_pure_dict(grads)
-  pure_updates, _ = tx.update(pure_grads, tx.init(pure), pure, value_fn=value_fn)
+  pure_updates = step(pure_grads, pure)
   assert_trees_allclose(pure_updates, nnx.to_pure_dict(updates), rtol=1e-12)
 
 
@@ -813,7 +838,7 @@ def test_a_pure_dict_hessian_diag_for_state_params_names_the_containers():
   x, y = data()
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
-  grads = nnx.grad(loss_fn)(model, x, y)
+  grads = jitted_grad(model, x, y)
   hdiag = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(grads))
   with pytest.raises(ValueError, match=r"same leaf paths, but is a dict where .* is a State"):
     optimizer.update(model, grads, hessian_diag=hdiag)
