@@ -1,5 +1,7 @@
 """Tests of adahessian_jax.hessian.preconditioned and .tracking against dense matrices (float64)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,10 +64,15 @@ def _train_groups(tx, steps=3, lr=0.05):
   AdaHessian groups' leaves; returns params, batch, state and the last scaled update."""
   params, batch = mlp()
   state = tx.init(params)
-  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
-  for _ in range(steps):
+
+  @jax.jit  # one program for all steps, not op by op
+  def step(params, state):
+    value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
     updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
-    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+    return jax.tree.map(lambda p, u: p - lr * u, params, updates), state, updates
+
+  for _ in range(steps):
+    params, state, updates = step(params, state)
   return params, batch, state, updates
 
 
@@ -193,9 +200,9 @@ def test_warm_started_tracking_is_cheaper_and_as_accurate():
 
 
 def _stepped(tx, params):
-  state = tx.init(params)
-  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-  return state
+  """``tx``'s state after one update by gradients of ones (one program, not op by op)."""
+  step = lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p)[1]
+  return jax.jit(step)(params, tx.init(params))
 
 
 @pytest.mark.parametrize("name", ["adahessian", "adam"])
@@ -285,8 +292,10 @@ def test_injected_adahessian_hyperparameters_are_read_from_the_state():
   hyper = {"b2": 0.9, "eps": 1e-3, "hessian_power": 0.5}
   tx = optax.inject_hyperparams(adahessian_jax.adahessian)(learning_rate=0.1, **hyper)
   state = tx.init(params)
-  grads = jax.grad(mlp_loss)(params, batch)
-  _, state = tx.update(grads, state, params, value_fn=lambda p: mlp_loss(p, batch))
+  step = lambda s: tx.update(
+    jax.grad(mlp_loss)(params, batch), s, params, value_fn=lambda p: mlp_loss(p, batch)
+  )[1]
+  state = jax.jit(step)(state)  # one program, not op by op
   got = hessian.adahessian_preconditioner(state)
   want = hessian.adahessian_preconditioner(adahessian_jax.find_adahessian_state(state), **hyper)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
@@ -304,7 +313,8 @@ def test_a_passed_hyperparameter_that_rounds_to_the_injected_one_agrees_with_it(
     learning_rate=0.1, b2=0.99, eps=1e-3
   )
   state = tx.init(params)
-  _, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  step = lambda s: tx.update(jax.grad(loss)(params), s, params, value_fn=loss)[1]
+  state = jax.jit(step)(state)  # one program, not op by op
   got = hessian.adahessian_preconditioner(state, b2=0.99, eps=1e-3)
   np.testing.assert_array_equal(got["w"], hessian.adahessian_preconditioner(state)["w"])
   with pytest.raises(ValueError, match=r"eps=0.002 was passed, but .* holds eps=0\.00"):
@@ -325,18 +335,26 @@ def test_a_passed_hyperparameter_that_rounds_to_the_injected_one_agrees_with_it(
   ],
 )
 def test_preconditioner_hyperparameters_are_checked(call, message):
-  params, _ = mlp()
-  ada = adahessian_jax.scale_by_adahessian()
-  ada_state = ada.init(params)
-  _, ada_state = ada.update(params, ada_state, params, value_fn=lambda p: mlp_loss(p, mlp()[1]))
   with pytest.raises(ValueError, match=message):
-    call(ada_state, _stepped(optax.adam(1e-3), params))
+    call(*_one_step_states())
+
+
+@functools.cache
+def _one_step_states():
+  """An AdaHessian and an Adam state one step from ``mlp()``'s params, built once per process
+  (the cases above differ in the call only)."""
+  params, batch = mlp()
+  ada = adahessian_jax.scale_by_adahessian()
+  value_fn = lambda p: mlp_loss(p, batch)
+  ada_state = jax.jit(lambda p: ada.update(p, ada.init(p), p, value_fn=value_fn)[1])(params)
+  return ada_state, _stepped(optax.adam(1e-3), params)
 
 
 def test_a_state_replicated_across_devices_is_refused_with_the_way_out():
   params, batch = mlp()
   ada = adahessian_jax.adahessian(0.1, update_freq=2, lazy_moment="refresh")
-  _, ada_state = ada.update(params, ada.init(params), params, value_fn=lambda p: mlp_loss(p, batch))
+  value_fn = lambda p: mlp_loss(p, batch)
+  ada_state = jax.jit(lambda p: ada.update(p, ada.init(p), p, value_fn=value_fn)[1])(params)
   adam_state = _stepped(optax.adam(1e-3), params)
   for state, call in [
     (ada_state, hessian.adahessian_preconditioner),
@@ -483,8 +501,13 @@ def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
   model, x, y = _nnx_net()
   optimizer = nnx.Optimizer(model, adahessian_jax.adahessian(0.05, eps=1e-3), wrt=nnx.Param)
   model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
-  grads = nnx.grad(model_loss)(model)
-  optimizer.update(model, grads, value_fn=adahessian_jax.nnx.value_fn(model, model_loss))
+
+  @nnx.jit  # one program, not op by op
+  def step(model, optimizer):
+    grads = nnx.grad(model_loss)(model)
+    optimizer.update(model, grads, value_fn=adahessian_jax.nnx.value_fn(model, model_loss))
+
+  step(model, optimizer)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss_fn = lambda p, b: jnp.mean((nnx.merge(graphdef, p, rest)(b[0]) - b[1]) ** 2)
   op = hessian.hessian_operator(loss_fn, params, (x, y))
@@ -545,8 +568,13 @@ def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
-  _, grads, hdiag = adahessian_jax.nnx.value_grad_and_hessian_diag(model_loss, model, optimizer)
-  optimizer.update(model, grads, hessian_diag=hdiag)
+
+  @nnx.jit  # one program, not op by op
+  def step(model, optimizer):
+    _, grads, hdiag = adahessian_jax.nnx.value_grad_and_hessian_diag(model_loss, model, optimizer)
+    optimizer.update(model, grads, hessian_diag=hdiag)
+
+  step(model, optimizer)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss_fn = lambda p, b: jnp.mean((nnx.merge(graphdef, p, rest)(b[0]) - b[1]) ** 2)
   op = hessian.hessian_operator(loss_fn, params, (x, y))
@@ -569,9 +597,8 @@ def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
   tx = optax.multi_transform(
     {"in": inner, "adam": optax.scale_by_adam(b2=0.99)}, {"hidden": "in", "out": "adam"}
   )
-  state = tx.init(params)
   grads = jax.grad(mlp_loss)(params, batch)
-  _, state = tx.update(grads, state, params, hessian_diag=grads)
+  state = jax.jit(lambda g: tx.update(g, tx.init(params), params, hessian_diag=g)[1])(grads)
   adam = hessian.adam_preconditioner(state, b2=0.99, fill=3.0)  # a scalar at ['hidden']
   p = hessian.adahessian_preconditioner(state, b2=0.99, fill=adam)
   assert float(p["hidden"]["bias"]) == 3.0  # the SGD leaf: the scalar under Adam's prefix
