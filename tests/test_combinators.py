@@ -1,5 +1,6 @@
 """AdaHessian inside optax combinators: multi_transform, masked, MultiSteps, apply_if_finite."""
 
+import functools
 import warnings
 
 import jax
@@ -39,8 +40,8 @@ def test_multi_transform_with_whole_model_closure_equals_adahessian_on_the_subtr
   ref = params
   step = closure_step(tx, loss_fn, batch)
 
-  for _ in range(4):
-    params, state = step(params, state)
+  @jax.jit  # one program, not op by op
+  def ref_step(ref, ref_state):
     grads = jax.grad(loss_fn)(ref, batch)
     sub_loss = lambda h, out=ref["out"]: loss_fn({"hidden": h, "out": out}, batch)
     u, ref_state = ref_tx.update(grads["hidden"], ref_state, ref["hidden"], value_fn=sub_loss)
@@ -48,6 +49,11 @@ def test_multi_transform_with_whole_model_closure_equals_adahessian_on_the_subtr
       "hidden": optax.apply_updates(ref["hidden"], u),
       "out": jax.tree.map(lambda p, g: p - 0.05 * g, ref["out"], grads["out"]),
     }
+    return ref, ref_state
+
+  for _ in range(4):
+    params, state = step(params, state)
+    ref, ref_state = ref_step(ref, ref_state)
   assert_trees_allclose(params, ref, rtol=1e-12, atol=1e-15)
 
 
@@ -94,7 +100,7 @@ def test_an_adahessian_that_owns_no_leaf_leaves_the_other_transform_alone(mlp_pr
     updates, state = tx.update(grads, state, params, hessian_diag=hdiag)
     return optax.apply_updates(params, updates), state
 
-  want = jax.tree.map(lambda p, g: p - 0.05 * g, params, jax.grad(loss_fn)(params, batch))
+  want = jax.tree.map(lambda p, g: p - 0.05 * g, params, jax.jit(jax.grad(loss_fn))(params, batch))
   for step in (closure_step(tx, loss_fn, batch), fused):
     got, _ = step(params, tx.init(params))
     assert_trees_allclose(got, want, rtol=1e-13, atol=1e-15)
@@ -113,18 +119,21 @@ def test_rules_for_the_whole_model_with_labels_given_as_a_prefix(mlp_problem):
     {"hidden": "ada", "out": "sgd"},
   )
   state = tx.init(params)
-  grads = jax.grad(loss_fn)(params, batch)
+  grads = jax.jit(jax.grad(loss_fn))(params, batch)
   value_fn = ah.masked_value_fn(lambda p: loss_fn(p, batch), params)
-  updates, _ = tx.update(grads, state, params, value_fn=value_fn)
+  updates, _ = jax.jit(lambda: tx.update(grads, state, params, value_fn=value_fn))()
   ref_tx = ah.adahessian(0.1, averaging=rules["hidden"])
   sub_loss = lambda h: loss_fn({"hidden": h, "out": params["out"]}, batch)
-  expected, _ = ref_tx.update(
-    grads["hidden"], ref_tx.init(params["hidden"]), params["hidden"], value_fn=sub_loss
-  )
+
+  @functools.partial(jax.jit, static_argnums=0)  # each update one program, not op by op
+  def hidden_update(tx):
+    return tx.update(
+      grads["hidden"], ref_tx.init(params["hidden"]), params["hidden"], value_fn=sub_loss
+    )[0]
+
+  expected = hidden_update(ref_tx)
   assert_trees_allclose(updates["hidden"], expected, rtol=1e-12, atol=1e-15)
-  unaveraged, _ = ah.adahessian(0.1).update(
-    grads["hidden"], ref_tx.init(params["hidden"]), params["hidden"], value_fn=sub_loss
-  )
+  unaveraged = hidden_update(ah.adahessian(0.1))
   assert not np.allclose(expected["kernel"], unaveraged["kernel"])  # the rules were applied
 
 
@@ -137,15 +146,15 @@ def test_a_stack_whose_biases_another_transform_owns_is_read_with_them_in_view()
   labels = {"mlp": {"kernel": "ada", "bias": "sgd"}}
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
   est = {"mlp": {"kernel": jnp.arange(60.0).reshape(3, 4, 5) + 1, "bias": jnp.ones((3, 5))}}
-  expected, _ = ah.adahessian(0.1).update(
-    grads, ah.adahessian(0.1).init(params), params, hessian_diag=est
-  )
+  # Each update one program, not op by op.
+  one_step = lambda tx: jax.jit(lambda: tx.update(grads, tx.init(params), params, hessian_diag=est))
+  expected, _ = one_step(ah.adahessian(0.1))()
 
   def kernel_update(averaging):
     tx = optax.multi_transform(
       {"ada": ah.adahessian(0.1, averaging=averaging), "sgd": optax.sgd(0.01)}, labels
     )
-    updates, _ = tx.update(grads, tx.init(params), params, hessian_diag=est)
+    updates, _ = one_step(tx)()
     return updates["mlp"]["kernel"]
 
   with pytest.warns(ah.spatial.LayoutGuessWarning, match=r"the 1 leaf of the other transforms"):
@@ -160,7 +169,7 @@ def test_a_whole_model_hessian_diag_inside_optax_flatten_says_why_it_does_not_fi
   tx = optax.flatten(ah.adahessian(0.1))
   with pytest.warns(UserWarning, match="inside optax.flatten"):
     state = tx.init(params)
-  loss, grads, hdiag = ah.value_grad_and_hessian_diag(loss_fn)(params, state, batch)
+  loss, grads, hdiag = jax.jit(ah.value_grad_and_hessian_diag(loss_fn))(params, state, batch)
   with pytest.raises(ValueError, match=r"Inside optax.flatten .* keep AdaHessian outside"):
     tx.update(grads, state, params, hessian_diag=hdiag)
 
@@ -184,10 +193,14 @@ def test_inside_optax_flatten_init_warns_and_a_loss_of_the_tree_is_told_to_unfla
   _, unravel = jax.flatten_util.ravel_pytree(params)
   step(state, lambda v: loss_fn(unravel(v), batch))
   ref_tx = ah.adahessian(0.1)
-  _, _, hdiag = ah.value_grad_and_hessian_diag(loss_fn)(params, ref_tx.init(params), batch)
+  # Each one program, not op by op.
+  fused = jax.jit(ah.value_grad_and_hessian_diag(loss_fn))
+  _, _, hdiag = fused(params, ref_tx.init(params), batch)
   flat_hdiag = jnp.concatenate([h.ravel() for h in jax.tree.leaves(hdiag)])
-  updates, _ = tx.update(grads, state, params, hessian_diag=flat_hdiag)
-  expected, _ = ref_tx.update(grads, ref_tx.init(params), params, hessian_diag=hdiag)
+  updates, _ = jax.jit(lambda h: tx.update(grads, state, params, hessian_diag=h))(flat_hdiag)
+  expected, _ = jax.jit(
+    lambda h: ref_tx.update(grads, ref_tx.init(params), params, hessian_diag=h)
+  )(hdiag)
   assert_trees_allclose(updates, expected, rtol=1e-13, atol=1e-16)
 
 
@@ -246,9 +259,13 @@ def test_an_integer_leaf_masked_out_trains_by_the_closure_route_and_is_named_by_
   loss = lambda p: jnp.sum(jnp.cos(p["w"]) * p["step"] + p["w"] ** 4)
   tx = optax.masked(ah.adahessian(0.1), {"step": False, "w": True})
   state = tx.init(params)
-  grads = jax.grad(loss, allow_int=True)(params)
-  updates, _ = tx.update(grads, state, params, value_fn=ah.masked_value_fn(loss, params))
-  assert bool(jnp.all(updates["w"] != 0))
+
+  @jax.jit  # one program, not op by op
+  def w_update(params, state):
+    grads = jax.grad(loss, allow_int=True)(params)
+    return tx.update(grads, state, params, value_fn=ah.masked_value_fn(loss, params))[0]["w"]
+
+  assert bool(jnp.all(w_update(params, state) != 0))
   with pytest.raises(TypeError, match=r"leaf at \['step'\] has dtype int32.*masked_value_fn"):
     ah.value_grad_and_hessian_diag(loss)(params, state)
 
@@ -269,8 +286,13 @@ def test_masked_with_whole_model_hessian_diag_from_the_fused_route(mlp_problem):
   tx = optax.masked(ah.adahessian(0.1, seed=2), mask)
   state = tx.init(params)
   vgh = ah.value_grad_and_hessian_diag(loss_fn)  # finds the state inside MaskedState
-  loss, grads, hdiag = vgh(params, state, batch)
-  updates, new_state = tx.update(grads, state, params, hessian_diag=hdiag)
+
+  @jax.jit  # one program, not op by op
+  def fused(params, state):
+    _, grads, hdiag = vgh(params, state, batch)
+    return grads, hdiag, *tx.update(grads, state, params, hessian_diag=hdiag)
+
+  grads, hdiag, updates, new_state = fused(params, state)
   # Masked-out leaves pass through untouched; owned leaves get exactly AdaHessian's
   # first step on the restricted estimate: g / (|D| + eps) * (-lr).
   np.testing.assert_array_equal(updates["out"]["kernel"], grads["out"]["kernel"])
@@ -310,10 +332,15 @@ def test_multi_steps_cost_and_semantics(mlp_problem):
 
   # Equivalent: one AdaHessian step on the mean gradient with the last micro-batch's estimate.
   inner = ah.adahessian(0.1)
-  mean_grad = jax.tree.map(lambda *g: sum(g) / k, *[jax.grad(loss_fn)(params, b) for b in micro])
-  u, _ = inner.update(
-    mean_grad, inner.init(params), params, value_fn=lambda q: loss_fn(q, micro[-1])
-  )
+
+  @jax.jit  # one program, not op by op
+  def reference(params):
+    mean_grad = jax.tree.map(lambda *g: sum(g) / k, *[jax.grad(loss_fn)(params, b) for b in micro])
+    return inner.update(
+      mean_grad, inner.init(params), params, value_fn=lambda q: loss_fn(q, micro[-1])
+    )[0]
+
+  u = reference(params)
   assert_trees_allclose(p, optax.apply_updates(params, u), rtol=1e-10, atol=1e-14)
 
 
@@ -355,7 +382,8 @@ def test_multi_steps_inside_another_combinator_drops_the_loss_and_the_error_says
   with pytest.raises(ValueError, match=r"wrapper dropped it.*MultiSteps is not \(put it outermost"):
     tx.update(grads, tx.init(params), params, value_fn=loss)
   outer = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), ah.adahessian(0.1)), 2)
-  outer.update(grads, outer.init(params), params, value_fn=loss)  # the order that works
+  # The order that works (one program, not op by op).
+  jax.jit(lambda p: outer.update(grads, outer.init(p), p, value_fn=loss))(params)
 
 
 @pytest.mark.parametrize(
@@ -427,8 +455,11 @@ def test_wrappers_that_pass_the_arguments_on_give_both_routes_one_trajectory(mlp
 
   a = b = (params, tx.init(params))
   a = closure(*a)
-  grads = jax.grad(loss_fn)(params, batch)
-  _, alone = inner.update(grads, inner.init(params), params, value_fn=lambda p: loss_fn(p, batch))
+  grads = jax.jit(jax.grad(loss_fn))(params, batch)
+  value_fn = lambda p: loss_fn(p, batch)
+  alone = jax.jit(lambda g, p: inner.update(g, inner.init(p), p, value_fn=value_fn)[1])(
+    grads, params
+  )
   found = ah.find_adahessian_state
   assert_trees_allclose(found(a[1]), found(alone), rtol=1e-12, atol=1e-15)
   for _ in range(3):
@@ -532,7 +563,10 @@ def test_masked_value_fn_full_params_of_another_model_are_named():
   tx = optax.masked(ah.adahessian(0.1), {"a": True, "b": False})
   state = tx.init(params)
   grads = jax.grad(loss)(params)
-  step = lambda full: tx.update(grads, state, params, value_fn=ah.masked_value_fn(loss, full))
+  # One program (not op by op); the errors come while tracing.
+  step = jax.jit(
+    lambda full: tx.update(grads, state, params, value_fn=ah.masked_value_fn(loss, full))
+  )
   with pytest.raises(ValueError, match=r"full_params do not fit the params: they have no leaf at"):
     step({"x": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"their leaf at \['a'\] has shape \(4,\), the param there"):
