@@ -117,7 +117,7 @@ def test_preconditioned_eigenvalues_equal_dense(name):
   op = hessian.hessian_operator(mlp_loss, params, batch)
   pop = hessian.preconditioned_operator(op, p)
   s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
-  dense = s[:, None] * dense_hessian(mlp_loss, params, batch) * s[None, :]
+  dense = s[:, None] * dense_hessian(mlp_loss, params, batch, jit=True) * s[None, :]
   ev = np.linalg.eigvalsh(dense)
   top = hessian.top_eigenvalues(pop, 3, tol=1e-10)
   np.testing.assert_allclose(top.eigenvalues, ev[::-1][:3], rtol=1e-8)
@@ -174,7 +174,7 @@ def test_warm_started_tracking_is_cheaper_and_as_accurate():
     p = OPTIMIZERS["adahessian"][1](state)
     record = hessian.track_curvature(op, record, preconditioner=p, tol=1e-4, trace_matvecs=8)
     fresh = hessian.track_curvature(op, None, preconditioner=p, tol=1e-4)
-    h = dense_hessian(mlp_loss, params, batch)
+    h = dense_hessian(mlp_loss, params, batch, jit=True)
     s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
     for got, dense in [
       (record.sharpness, h),
@@ -397,7 +397,7 @@ def test_groups_of_adahessian_and_adam_combine_their_preconditioners(labels):
   _assert_each_groups_denominator(p, labels, params, state, updates)
   # The combined P and one group's alone (the rest held still, P = inf) against dense matrices.
   op = hessian.hessian_operator(mlp_loss, params, batch)
-  dense = dense_hessian(mlp_loss, params, batch)
+  dense = dense_hessian(mlp_loss, params, batch, jit=True)
   alone = hessian.adahessian_preconditioner(state, b2=0.99, fill=jnp.inf)
   for given in (p, alone):
     full = jax.tree.map(lambda w, sub: jax.tree.map(lambda x: w + 0 * x, sub), given, params)
@@ -435,7 +435,7 @@ def test_two_groups_of_one_kind_are_built_one_group_at_a_time(kind):
   _assert_each_groups_denominator(p, labels, params, state, updates)
   op = hessian.hessian_operator(mlp_loss, params, batch)
   s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
-  dense = dense_hessian(mlp_loss, params, batch)
+  dense = dense_hessian(mlp_loss, params, batch, jit=True)
   want = np.linalg.eigvalsh(s[:, None] * dense * s[None, :])[::-1][:2]
   got = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 2, tol=1e-10)
   np.testing.assert_allclose(got.eigenvalues, want, rtol=1e-8)
@@ -470,7 +470,7 @@ def test_entries_without_curvature_yet_are_held_still():
   assert np.all(np.isfinite(np.asarray(p["out"]["kernel"]).ravel()[np.arange(24) != 5]))
   op = hessian.hessian_operator(mlp_loss, params, batch)
   scale = 1 / np.sqrt(np.asarray(op.ravel(p)))  # 0 at the held entry
-  dense = scale[:, None] * dense_hessian(mlp_loss, params, batch) * scale[None, :]
+  dense = scale[:, None] * dense_hessian(mlp_loss, params, batch, jit=True) * scale[None, :]
   top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 1, tol=1e-10)
   assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)
 
@@ -515,7 +515,7 @@ def test_a_preconditioner_in_other_boxes_than_the_params_is_accepted():
   nu = adahessian_jax.find_adahessian_state(optimizer.opt_state).nu
   nu_hat = np.concatenate([np.ravel(v) for v in jax.tree.leaves(nu)]) / (1 - 0.999)
   s = 1.0 / np.sqrt(np.sqrt(nu_hat) + 1e-3)  # P = sqrt(nu_hat) + eps after one step
-  dense = s[:, None] * dense_hessian(loss_fn, params, (x, y)) * s[None, :]
+  dense = s[:, None] * dense_hessian(loss_fn, params, (x, y), jit=True) * s[None, :]
   top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 2, tol=1e-10)
   np.testing.assert_allclose(top.eigenvalues, np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-8)
   assert top.eigenvalues[0] > 5 * hessian.top_eigenvalues(op).eigenvalues[0]  # P is applied
@@ -546,7 +546,7 @@ def test_a_block_operator_takes_the_blocks_part_of_the_preconditioner():
     hessian.preconditioned_operator(block, p)
   got = hessian.preconditioned_operator(block, p["hidden"]["kernel"][1:3]).matmat(jnp.eye(16))
   s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
-  dense = s[:, None] * dense_hessian(mlp_loss, params, batch) * s[None, :]
+  dense = s[:, None] * dense_hessian(mlp_loss, params, batch, jit=True) * s[None, :]
   cols = op.leaf_slices[op.layout.index("hidden/kernel")].start + 8 + np.arange(16)
   np.testing.assert_allclose(got, dense[np.ix_(cols, cols)], atol=1e-12)
 
@@ -582,7 +582,7 @@ def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
   nu = adahessian_jax.find_adahessian_state(optimizer.opt_state).nu
   l1 = [np.ravel(v) for v in jax.tree.leaves(nu["l1"])]  # bias, kernel: ravel order
   s = np.concatenate([1.0 / np.sqrt(np.sqrt(v / (1 - 0.999)) + 1e-3) for v in l1] + [np.zeros(10)])
-  dense = s[:, None] * dense_hessian(loss_fn, params, (x, y)) * s[None, :]
+  dense = s[:, None] * dense_hessian(loss_fn, params, (x, y), jit=True) * s[None, :]
   top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 1, tol=1e-10)
   assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)
 
