@@ -147,15 +147,32 @@ def test_a_key_that_is_not_one_prng_key_is_named_before_any_product(ops, name):
 
 
 @pytest.mark.parametrize("name", sorted(set(KEYED) - {"random_direction"}))
-def test_an_analysis_under_jit_is_refused_naming_its_traced_key(ops, name):
+def test_an_analysis_under_jit_or_vmap_is_refused_before_any_product(ops, name):
   """A traced key failed at the first value read on the host with JAX's
-  TracerArrayConversionError on an internal array, naming no argument."""
+  TracerArrayConversionError on an internal array, naming no argument; so did a concrete key
+  given inside jax.jit, and the default key of the eigen solves (made inside the trace) was
+  blamed as a traced key the caller never passed. Under vmap, the key is what is traced."""
   _, bad, calls = ops
   calls.clear()
+  inside = r"this analysis was called inside a traced function: .*outside jax\.jit"
+  with pytest.raises(ValueError, match=inside):
+    jax.jit(lambda k: KEYED[name](bad, k))(jax.random.key(0))
+  with pytest.raises(ValueError, match=inside):
+    jax.jit(lambda s: KEYED[name](bad, jax.random.key(0)))(1.0)
   with pytest.raises(
     ValueError, match=r"key must be a concrete PRNG key, got a traced one.*outside"
   ):
-    jax.jit(lambda k: KEYED[name](bad, k))(jax.random.key(0))
+    jax.vmap(lambda k: KEYED[name](bad, k))(jax.random.split(jax.random.key(0), 2))
+  assert calls == []
+
+
+@pytest.mark.parametrize("analysis", ["top_eigenvalues", "power_iteration", "track_curvature"])
+def test_an_eigen_solve_under_jit_with_its_default_key_names_the_call_not_the_key(ops, analysis):
+  _, bad, calls = ops
+  calls.clear()
+  with pytest.raises(ValueError, match=r"called inside a traced function") as caught:
+    jax.jit(lambda s: getattr(hessian, analysis)(bad))(1.0)
+  assert "key" not in str(caught.value).split(":")[0]
   assert calls == []
 
 

@@ -47,20 +47,27 @@ def concrete(tree: Any, what: str) -> None:
       )
 
 
-def prng_key(key: Any, *, traced: bool = False) -> jax.Array:
+def prng_key(key: Any, *, traced: bool = False, default: int | None = None) -> jax.Array:
   """The analyses' check of their ``key``: one PRNG key (``adahessian_jax._keys.prng_key``) and,
-  unless ``traced``, a concrete one.
+  unless ``traced``, a concrete one, given on the host.
 
   A traced key (an analysis called inside ``jax.jit``) failed at the first value read on the host
-  with JAX's ``TracerArrayConversionError`` on some internal array, naming no argument.
+  with JAX's ``TracerArrayConversionError`` on some internal array, naming no argument; so did a
+  concrete key given inside ``jax.jit`` (the key's own operations are traced there), and the
+  default key, made inside the trace, was blamed as a traced key the caller never passed.
 
   Args:
     key: The key given.
     traced: Whether the caller runs under a transformation too (``random_direction``).
+    default: The seed of the key where ``key`` is ``None`` (``None``: a key is required).
 
   Returns:
-    ``key``.
+    ``key``, or ``jax.random.key(default)``.
   """
+  if not traced and isinstance(jnp.zeros(()), jax.core.Tracer):  # staged: inside jit or a loop
+    raise ValueError(f"this analysis was called inside a traced function: {HOST_LOOP}")
+  if key is None and default is not None:
+    key = jax.random.key(default)
   if not traced and isinstance(key, jax.core.Tracer):
     raise ValueError(f"key must be a concrete PRNG key, got a traced one ({key.aval}): {HOST_LOOP}")
   return _keys.prng_key(key)

@@ -245,7 +245,8 @@ def top_eigenvalues(
   if stop_on not in ("residual", "eigenvalue"):
     raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
   check_repeated = _validation.flag("check_repeated", check_repeated)
-  key = _checks.prng_key(jax.random.key(0) if key is None else key)
+  _checks.concrete(v0, "v0")  # a traced leaf named before the call inside a trace is
+  key = _checks.prng_key(key, default=0)
   eig = _lanczos_eigen(op, k, which, key, v0, tol, max_iter, stop_on)
   if not (check_repeated and k >= 2 and k < op.size and np.all(eig.converged)):
     return eig
@@ -517,7 +518,7 @@ def power_iteration(
   max_iter = _validation.count("max_iter", max_iter)
   tol = _validation.relative_tolerance("tol", tol)
   floor = breakdown_tolerance(op.size, op.dtype)
-  key = _checks.prng_key(jax.random.key(0) if key is None else key)
+  key = _checks.prng_key(key, default=0)
   found = jnp.zeros((k, op.size), op.dtype)
   values, converged, matvecs = [], [], 0
   for i, ki in enumerate(jax.random.split(key, k)):

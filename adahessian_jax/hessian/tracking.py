@@ -446,7 +446,7 @@ def track_curvature(
     NonFiniteError: if a product is not finite (a diverged run): record
       ``nan`` and stop measuring, or measure before the divergence.
   """
-  key = _checks.prng_key(jax.random.key(0) if key is None else key)
+  key = _checks.prng_key(key, default=0)
   k_plain, k_pre, k_tr, k_pre_tr = jax.random.split(key, 4)
   trace_matvecs = _validation.count("trace_matvecs", trace_matvecs, 0)
   if 0 < trace_matvecs < 4:  # XTrace's least budget, checked before the measurements spend any
