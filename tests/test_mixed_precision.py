@@ -70,14 +70,20 @@ def test_moments_keep_their_dtype_with_float32_hyperparameters():
   (_, end), losses = jax.lax.scan(body, (params, state), None, length=8)
   dtypes = lambda s: jax.tree.map(lambda x: x.dtype, s)
   assert dtypes(end) == dtypes(state)
-  # The float32 run of the same problem, within bfloat16's precision.
-  ref, p32, s32 = [], {"w": params["w"].astype(jnp.float32)}, None
+  # The float32 run of the same problem, within bfloat16's precision (one compiled step).
+  p32 = {"w": params["w"].astype(jnp.float32)}
   ref_tx = ah.adahessian(0.1)
-  s32 = ref_tx.init(p32)
+
+  @jax.jit
+  def ref_step(p, s):
+    u, s = ref_tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+    p = optax.apply_updates(p, u)
+    return p, s, loss(p)
+
+  ref, s32 = [], ref_tx.init(p32)
   for _ in range(8):
-    u, s32 = ref_tx.update(jax.grad(loss)(p32), s32, p32, value_fn=loss)
-    p32 = optax.apply_updates(p32, u)
-    ref.append(float(loss(p32)))
+    p32, s32, value = ref_step(p32, s32)
+    ref.append(float(value))
   np.testing.assert_allclose(np.asarray(losses), ref, rtol=0.05)
 
 
@@ -91,13 +97,14 @@ def test_apply_if_finite_around_float32_moments_of_bfloat16_params():
   tx = optax.apply_if_finite(inner, max_consecutive_errors=2)
   state = tx.init(params)
   grads = jax.grad(loss)(params)
-  updates, state = tx.update(grads, state, params, value_fn=loss)
+  update = jax.jit(lambda g, s: tx.update(g, s, params, value_fn=loss))  # one program, both steps
+  updates, state = update(grads, state)
   assert updates["w"].dtype == jnp.bfloat16
   # Step 1 is -lr · g / (|h| + eps), g = 2·c·w and h = 2·c: -0.1 · w, rounded to bfloat16.
   expected = -0.1 * np.asarray(params["w"], np.float64) * (1 - 5e-5)
   np.testing.assert_allclose(np.asarray(updates["w"], np.float64), expected, rtol=2**-8)
   bad = {"w": grads["w"].at[0].set(jnp.nan)}
-  updates, state = tx.update(bad, state, params, value_fn=loss)
+  updates, state = update(bad, state)
   assert int(state.notfinite_count) == 1 and not np.any(np.asarray(updates["w"], np.float32))
 
 
@@ -115,7 +122,7 @@ def test_bfloat16_params_keep_their_second_moment_in_float32_by_default():
   state, _ = jax.lax.scan(body, tx.init(params), None, length=1500)
   assert state.nu["w"].dtype == jnp.float32 and state.mu["w"].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(state.nu["w"]), 1 - 0.999**1500, rtol=1e-3)
-  updates, _ = tx.update(grads, state, params, hessian_diag=hdiag)
+  updates, _ = jax.jit(lambda s: tx.update(grads, s, params, hessian_diag=hdiag))(state)
   assert updates["w"].dtype == jnp.bfloat16
 
 
