@@ -9,15 +9,16 @@ import adahessian_jax as ah
 
 
 def _train(dtype, steps=60):
+  # Data and params built in NumPy (float32, then the dtype), not by eager jnp ops.
   r = np.random.default_rng(0)
-  x = jnp.asarray(r.normal(size=(64, 6)), jnp.float32)
-  y = jnp.sin(x[:, :1] * 2.0) + 0.5 * x[:, 1:2]
+  x32 = r.normal(size=(64, 6)).astype(np.float32)
+  x, y = jnp.asarray(x32), jnp.asarray(np.sin(x32[:, :1] * 2.0) + 0.5 * x32[:, 1:2])
   p32 = {
-    "w1": jnp.asarray(r.normal(size=(6, 32)) / np.sqrt(6), jnp.float32),
-    "b1": jnp.zeros(32, jnp.float32),
-    "w2": jnp.asarray(r.normal(size=(32, 1)) / np.sqrt(32), jnp.float32),
+    "w1": (r.normal(size=(6, 32)) / np.sqrt(6)).astype(np.float32),
+    "b1": np.zeros(32, np.float32),
+    "w2": (r.normal(size=(32, 1)) / np.sqrt(32)).astype(np.float32),
   }
-  params = jax.tree.map(lambda p: p.astype(dtype), p32)
+  params = jax.tree.map(lambda p: jnp.asarray(p, dtype), p32)
 
   def loss_fn(p):
     h = jnp.tanh(x.astype(dtype) @ p["w1"] + p["b1"])
