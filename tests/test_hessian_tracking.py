@@ -13,6 +13,7 @@ from hessian_problems import (
   SLOW_SPECTRA,
   dense_hessian,
   mlp,
+  mlp_hessian,
   mlp_loss,
   quadratic,
   quadratic_loss,
@@ -36,6 +37,12 @@ def _family(num, drift, seed=0):
     out.append((u * ev) @ u.T)
     u = rot @ u
   return [0.5 * (a + a.T) for a in out]
+
+
+@jax.jit(static_argnums=1)
+def _cast(tree, dtype):
+  """``tree``'s leaves cast to ``dtype``: one program, not one per leaf shape."""
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
 def _counted(op, counter):
@@ -322,8 +329,8 @@ def test_a_bad_preconditioner_is_refused_before_any_product():
 def test_16_bit_models_are_tracked(dtype, rtol):
   # The start block's QR ran in the model's dtype, which LAPACK does not have (a crash).
   params, batch = mlp()
-  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, params, batch))[-1]
-  low = jax.tree.map(lambda x: x.astype(dtype), (params, batch))
+  exact = np.linalg.eigvalsh(mlp_hessian())[-1]
+  low = _cast((params, batch), dtype)
   op = hessian.hessian_operator(mlp_loss, *low)
   record = hessian.track_curvature(op, tol=1e-2)
   record = hessian.track_curvature(op, record, tol=1e-2)  # warm, from 16-bit Ritz vectors
@@ -335,9 +342,9 @@ def test_a_bfloat16_run_to_a_tight_tol_is_not_off_when_its_subspace_is_the_whole
   # Its rows, orthonormal to bfloat16 rounding only, were taken as orthonormal: once the
   # subspace held all 75 parameters the run stopped as exact, 8 % above the top eigenvalue.
   params, batch = mlp()
-  low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), (params, batch))
-  at = jax.tree.map(lambda x: x.astype(jnp.float64), low)  # the point the operator is at
-  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, *at))[-1]
+  low = _cast((params, batch), jnp.bfloat16)
+  at = _cast(low, jnp.float64)  # the point the operator is at
+  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, *at, jit=True))[-1]
   sharpness = hessian.track_curvature(hessian.hessian_operator(mlp_loss, *low)).sharpness
   np.testing.assert_allclose(sharpness.eigenvalue, exact, rtol=5e-3)
   # The default tol (1e-4) is past bfloat16's products, asymmetric at 2e-3 of θ: this run was
@@ -352,9 +359,9 @@ def test_a_bfloat16_run_past_what_16_bits_resolve_stops_unconverged():
   # ill-conditioned (a spurious Ritz value 80x the top eigenvalue, then error 266) and then
   # indefinite, and its Cholesky factor raised LinAlgError. Dependent rows now end the run.
   params, batch = mlp(num=40)
-  low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), (params, batch))
-  at = jax.tree.map(lambda x: x.astype(jnp.float64), low)
-  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, *at))[-1]
+  low = _cast((params, batch), jnp.bfloat16)
+  at = _cast(low, jnp.float64)
+  exact = np.linalg.eigvalsh(dense_hessian(mlp_loss, *at, jit=True))[-1]
   sharpness = hessian.track_curvature(hessian.hessian_operator(mlp_loss, *low), tol=1e-6).sharpness
   assert not sharpness.converged
   assert abs(sharpness.eigenvalue - exact) <= min(sharpness.error, 1e-2 * exact)
