@@ -20,6 +20,10 @@ def _dense(op):
   return np.asarray(op.matmat(jnp.eye(op.size, dtype=op.dtype)))
 
 
+# The reference loss as one program per batch shape, not op by op.
+_mlp_loss = jax.jit(mlp_loss)
+
+
 def test_single_batch_equals_dense_hessian():
   params, batch = mlp()
   op = hessian.hessian_operator(mlp_loss, params, batch)
@@ -27,7 +31,7 @@ def test_single_batch_equals_dense_hessian():
   np.testing.assert_allclose(_dense(op), mlp_hessian(), atol=1e-13)
   v = jnp.asarray(np.random.default_rng(1).normal(size=75))
   np.testing.assert_allclose(op.matvec(v), mlp_hessian() @ np.asarray(v), atol=1e-13)
-  assert float(op.loss()) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
+  assert float(op.loss()) == pytest.approx(float(_mlp_loss(params, batch)), rel=1e-14)
 
 
 def test_full_data_mode_equals_dense_hessian_of_full_data_loss():
@@ -37,9 +41,9 @@ def test_full_data_mode_equals_dense_hessian_of_full_data_loss():
   op = hessian.hessian_operator(mlp_loss, params, batches=batches)
   assert op.num_batches == 4
   np.testing.assert_allclose(_dense(op), mlp_hessian(), atol=1e-13)
-  assert float(op.loss()) == pytest.approx(float(mlp_loss(params, (x, y))), rel=1e-14)
+  assert float(op.loss()) == pytest.approx(float(_mlp_loss(params, (x, y))), rel=1e-14)
   # An unweighted average of the batch Hessians would differ.
-  unweighted = np.mean([dense_hessian(mlp_loss, params, b) for b in batches], axis=0)
+  unweighted = np.mean([dense_hessian(mlp_loss, params, b, jit=True) for b in batches], axis=0)
   assert np.abs(unweighted - mlp_hessian()).max() > 1e-3
   # A one-shot iterator is read once and gives the same operator.
   op_iter = hessian.hessian_operator(mlp_loss, params, batches=iter(batches))
@@ -77,7 +81,8 @@ def test_explicit_batch_sizes_weight_the_batches():
   params, (x, y) = mlp()
   b1, b2 = (x[:20], y[:20]), (x[20:], y[20:])
   op = hessian.hessian_operator(mlp_loss, params, batches=[b1, b2], batch_sizes=[1, 3])
-  want = 0.25 * dense_hessian(mlp_loss, params, b1) + 0.75 * dense_hessian(mlp_loss, params, b2)
+  want = 0.25 * dense_hessian(mlp_loss, params, b1, jit=True)
+  want += 0.75 * dense_hessian(mlp_loss, params, b2, jit=True)
   np.testing.assert_allclose(_dense(op), want, atol=1e-13)
 
 
@@ -314,7 +319,7 @@ def test_an_unhashable_loss_callable_works():
   params, batch = mlp()
   op = hessian.hessian_operator(Loss(2.0), params, batch)
   np.testing.assert_allclose(_dense(op), 2 * mlp_hessian(), atol=1e-12)
-  assert float(op.loss()) == pytest.approx(2 * float(mlp_loss(params, batch)), rel=1e-14)
+  assert float(op.loss()) == pytest.approx(2 * float(_mlp_loss(params, batch)), rel=1e-14)
 
 
 def test_a_later_measurement_of_an_nnx_model_reuses_the_compilation():
@@ -390,7 +395,7 @@ def test_a_linen_variables_dict_is_refused_and_the_recipe_gives_the_params_hessi
 
   model = Net()
   batch = (jnp.linspace(-1, 1, 24, dtype=jnp.float64).reshape(8, 3), jnp.ones((8, 2)))
-  variables = model.init(jax.random.key(0), batch[0])
+  variables = jax.jit(model.init)(jax.random.key(0), batch[0])  # one program, not op by op
   stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])  # statistics that matter
   variables = {"params": variables["params"], "batch_stats": stats}
   loss = lambda v, b: jnp.mean((model.apply(v, b[0]) - b[1]) ** 2)
@@ -404,7 +409,7 @@ def test_a_linen_variables_dict_is_refused_and_the_recipe_gives_the_params_hessi
   want = np.linalg.eigvalsh(dense_hessian(lambda p, b: f(stats, p, b), variables["params"], batch))
   got = hessian.top_eigenvalues(op, 2, tol=1e-10).eigenvalues
   np.testing.assert_allclose(got, want[::-1][:2], rtol=1e-8)
-  wrong = np.linalg.eigvalsh(dense_hessian(loss, variables, batch))[-1]
+  wrong = np.linalg.eigvalsh(dense_hessian(loss, variables, batch, jit=True))[-1]
   assert wrong > 1.1 * want[-1]  # what the variables dict would have measured
 
 
@@ -476,9 +481,9 @@ def test_a_partial_whose_arrays_must_stay_concrete_is_static(kind):
     return mlp_loss(p, (b[0][keep], b[1][keep]))
 
   op = hessian.hessian_operator(jax.tree_util.Partial(loss, arg), params, (x, y))
-  want = dense_hessian(mlp_loss, params, (x[:25], y[:25]))
+  want = dense_hessian(mlp_loss, params, (x[:25], y[:25]), jit=True)
   np.testing.assert_allclose(_dense(op), want, atol=1e-13)
-  assert float(op.loss()) == pytest.approx(float(mlp_loss(params, (x[:25], y[:25]))), rel=1e-14)
+  assert float(op.loss()) == pytest.approx(float(_mlp_loss(params, (x[:25], y[:25]))), rel=1e-14)
 
 
 def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation():
@@ -504,7 +509,7 @@ def test_the_public_layout_and_data_classes_build_on_their_own():
   flat = op.ravel(params)
   assert_trees_allclose(layout.unravel(flat), params, rtol=0, atol=0)
   data = hessian.WeightedData(mlp_loss, (0.25, 0.75), (batch, batch))
-  assert float(data.loss(params)) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
+  assert float(data.loss(params)) == pytest.approx(float(_mlp_loss(params, batch)), rel=1e-14)
 
 
 def test_weighted_data_refuses_weights_that_are_no_weighted_mean():
@@ -525,7 +530,7 @@ def test_weighted_data_refuses_weights_that_are_no_weighted_mean():
     hessian.WeightedData(mlp_loss, (), ())
   data = hessian.WeightedData(mlp_loss, [0.0, 1.0], [batch, batch])  # lists: kept as tuples
   assert data.weights == (0.0, 1.0) and isinstance(data.batches, tuple)
-  assert float(data.loss(params)) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-14)
+  assert float(data.loss(params)) == pytest.approx(float(_mlp_loss(params, batch)), rel=1e-14)
 
 
 def test_bad_batch_lists_and_batch_sizes_are_named():
