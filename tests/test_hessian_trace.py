@@ -226,7 +226,7 @@ def test_bfloat16_samples_are_averaged_in_float64():
 
 def test_bfloat16_mlp_trace_is_the_float64_mean_of_the_samples():
   params, batch = mlp()
-  params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  params16 = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t))(params)
   op = hessian.hessian_operator(mlp_loss, params16, batch)
   m = 1000
   est = hessian.hutchinson_trace(op, jax.random.key(0), min_samples=m, max_samples=m)
@@ -311,9 +311,10 @@ def _float32_gapped(small, seed=0):
   ev = np.full(400, small)
   ev[:10] = np.linspace(1.0, 2.0, 10)
   params, a = quadratic(ev, seed)
-  a32 = jnp.asarray(a, jnp.float32)
-  op = hessian.hessian_operator(quadratic_loss, {"x": params["x"].astype(jnp.float32)}, a32)
-  return op, np.asarray(a32, np.float64)
+  a32 = np.asarray(a).astype(np.float32)  # cast in NumPy, not a program per shape
+  x32 = jnp.asarray(np.asarray(params["x"]).astype(np.float32))
+  op = hessian.hessian_operator(quadratic_loss, {"x": x32}, jnp.asarray(a32))
+  return op, a32.astype(np.float64)
 
 
 def test_float32_sketch_is_exact_only_below_the_rounding():
