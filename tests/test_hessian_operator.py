@@ -498,7 +498,7 @@ def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation(
   with CompileCounter() as count:
     got = hessian.loss_landscape_1d(op, alphas, d).losses
   assert count.count == 0  # the landscape's compilation was keyed by the operator
-  want = [mlp_loss(op.unravel(op.ravel(later) + a * d), batch) for a in alphas]
+  want = [_mlp_loss(op.unravel(op.ravel(later) + a * d), batch) for a in alphas]
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
