@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_trees_allclose
+from hessian_problems import dense_hessian
 from jax.flatten_util import ravel_pytree
 
 import adahessian_jax as ah
@@ -16,7 +17,7 @@ from adahessian_jax import hutchinson
 def test_hvp_equals_dense_hessian_product(mlp_problem, rng):
   params, loss_fn, batch = mlp_problem
   flat, unravel = ravel_pytree(params)
-  h = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat))
+  h = dense_hessian(loss_fn, params, batch, jit=True)  # one program, not ~80 op by op
   v = rng.normal(size=flat.shape)
   got = ravel_pytree(ah.hvp(lambda p: loss_fn(p, batch), params, unravel(jnp.asarray(v))))[0]
   np.testing.assert_allclose(got, h @ v, rtol=1e-10, atol=1e-12)
@@ -24,9 +25,8 @@ def test_hvp_equals_dense_hessian_product(mlp_problem, rng):
     lambda p: loss_fn(p, batch), params, unravel(jnp.asarray(v))
   )
   np.testing.assert_allclose(value, loss_fn(params, batch), rtol=1e-14)
-  np.testing.assert_allclose(
-    ravel_pytree(grad)[0], ravel_pytree(jax.grad(loss_fn)(params, batch))[0], rtol=1e-12
-  )
+  want_grad = jax.jit(jax.grad(loss_fn))(params, batch)
+  np.testing.assert_allclose(ravel_pytree(grad)[0], ravel_pytree(want_grad)[0], rtol=1e-12)
   np.testing.assert_allclose(ravel_pytree(hz)[0], h @ v, rtol=1e-10, atol=1e-12)
 
 
@@ -39,14 +39,18 @@ def test_quadratic_estimate_converges_with_known_variance():
   b = r.normal(size=(n, n))
   a = b @ b.T / n + np.diag(r.random(n))
   f = lambda x: 0.5 * x @ jnp.asarray(a) @ x
-  est = np.asarray(ah.hutchinson_diagonal(f, jnp.zeros(n), jax.random.key(1), n_probes))
+  # Jitted, one program per probe count (op by op it compiled some 50 primitives).
+  estimate = jax.jit(
+    lambda key, num: ah.hutchinson_diagonal(f, jnp.zeros(n), key, num), static_argnums=1
+  )
+  est = np.asarray(estimate(jax.random.key(1), n_probes))
   var = (a**2).sum(axis=1) - np.diag(a) ** 2
   zscores = (est - np.diag(a)) / np.sqrt(var / n_probes)
   assert np.max(np.abs(zscores)) < 5.0
   # Calibrated: the mean squared z-score is ~1 (chi^2_60 / 60 lies in [0.5, 1.6] w.p. > 0.999).
   assert 0.5 < np.mean(zscores**2) < 1.6
   # And it really is an estimate: with one probe the error is far larger.
-  one = np.asarray(ah.hutchinson_diagonal(f, jnp.zeros(n), jax.random.key(1), 1))
+  one = np.asarray(estimate(jax.random.key(1), 1))
   assert np.abs(one - np.diag(a)).mean() > 10 * np.abs(est - np.diag(a)).mean()
 
 
@@ -81,7 +85,8 @@ def test_rademacher_like_draws_each_leaf_from_its_own_key(key):
   }
   keys = jax.random.split(key, len(jax.tree.leaves(tree)))
   leaves, treedef = jax.tree.flatten(tree)
-  each = [hutchinson.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+  draw = jax.jit(hutchinson.rademacher, static_argnums=(1, 2))  # one program per shape and dtype
+  each = [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
   for got in (ah.rademacher_like(key, tree), jax.jit(ah.rademacher_like)(key, tree)):
     assert jax.tree.structure(got) == treedef
     for g, want in zip(jax.tree.leaves(got), each, strict=True):
@@ -99,7 +104,10 @@ def test_value_grad_and_diagonal_has_aux(mlp_problem):
   )
   assert aux == {"n": 3}
   np.testing.assert_allclose(value, loss_fn(params, batch), rtol=1e-14)
-  plain = hutchinson.value_grad_and_diagonal(lambda p: loss_fn(p, batch), params, keys)[2]
+  plain = jax.jit(
+    lambda p, k: hutchinson.value_grad_and_diagonal(lambda q: loss_fn(q, batch), p, k)
+  )
+  plain = plain(params, keys)[2]
   assert_trees_allclose(est, plain, rtol=1e-13)
   with pytest.raises(TypeError, match=r"\(loss, aux\)"):
     hutchinson.value_grad_and_diagonal(lambda p: loss_fn(p, batch), params, keys, has_aux=True)
