@@ -69,7 +69,7 @@ def test_state_restored_without_target_is_refused_with_the_fix(tmp_path):
   # The documented restore, with the abstract state as target, gives a state that works.
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(params))
   state = checkpointer.restore(tmp_path / "ckpt", target)
-  tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  jax.jit(lambda s: tx.update(jax.grad(loss)(params), s, params, value_fn=loss))(state)
 
 
 def test_flax_state_dict_restored_without_target_is_refused_with_the_fix():
@@ -94,7 +94,7 @@ def test_flax_state_dict_restored_without_target_is_refused_with_the_fix():
     ah.value_grad_and_hessian_diag(loss)(params, restored)
   # The fix the message gives: the state dict restored into the state's own tree.
   state = flax.serialization.from_state_dict(tx.init(params), restored)
-  tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  jax.jit(lambda s: tx.update(jax.grad(loss)(params), s, params, value_fn=loss))(state)
 
 
 def _leaves_equal(a, b):
@@ -220,9 +220,12 @@ def test_state_made_under_another_prng_impl_is_refused_with_the_fix(made_under, 
   params = {"w": jnp.arange(6.0).reshape(2, 3) / 6}
   loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2)
   tx = ah.adahessian(0.1, update_freq=2, n_samples=2)
+  step = lambda s: tx.update(jax.grad(loss)(params), s, params, value_fn=loss)
   with jax.default_prng_impl(made_under):
     saved = jax.device_get(tx.init(params))  # as pickled, or restored with its own target
-    straight = tx.update(jax.grad(loss)(params), saved, params, value_fn=loss)
+    # One program. Not jax.jit(step): jit's cache does not key on the PRNG impl, so the refusals
+    # below would reuse it and not trace.
+    straight = jax.jit(lambda s: step(s))(saved)
   size = {"threefry2x32": 2, "rbg": 4}
   match = (
     rf"key holds key data of {size[made_under]} words per probe .*"
@@ -230,7 +233,6 @@ def test_state_made_under_another_prng_impl_is_refused_with_the_fix(made_under, 
     r"under another implementation.*jax.config.update\('jax_default_prng_impl'"
   )
   with jax.default_prng_impl(resumed_under):
-    step = lambda s: tx.update(jax.grad(loss)(params), s, params, value_fn=loss)
     with pytest.raises(ValueError, match=match):
       step(saved)
     with pytest.raises(ValueError, match=match):
@@ -270,7 +272,8 @@ def test_state_with_other_moment_dtypes_is_refused_with_the_fix(made, used, matc
   grads = jax.grad(loss)(params)
   old = ah.adahessian(0.1, update_freq=2, **made)
   step = lambda tx, s: tx.update(grads, s, params, value_fn=loss)
-  state = step(old, step(old, old.init(params))[1])[1]
+  jitted = jax.jit(step, static_argnums=0)  # the steps that are no refusal: one program each
+  state = jitted(old, jitted(old, old.init(params))[1])[1]
   tx = ah.adahessian(0.1, update_freq=2, **used)
   match += r".*, which the update would ignore .*map_adahessian_state"
   with pytest.raises(ValueError, match=match):
@@ -287,10 +290,10 @@ def test_state_with_other_moment_dtypes_is_refused_with_the_fix(made, used, matc
     ),
     state,
   )
-  updates, new = step(tx, cast)
+  updates, new = jitted(tx, cast)
   new = ah.find_adahessian_state(new)
   assert new.mu["w"].dtype == jnp.dtype(mu_dtype) and new.nu["w"].dtype == jnp.dtype(nu_dtype)
-  expected = step(old, state)[0]
+  expected = jitted(old, state)[0]
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3)
   assert float(jnp.abs(updates["w"]).max()) > 1e-3
