@@ -1,5 +1,7 @@
 """The rewrite of Hessian-vector products: transpose(a + b) as transpose(a) + transpose(b)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.extend.core as jcore
@@ -66,10 +68,14 @@ class Attention(nn.Module):
 
 
 def flax_problem(module, x_shape):
-  key_x, key_y, key_p = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(key_x, x_shape)
-  y = jax.random.randint(key_y, (x_shape[0],), 0, 5)
-  params = module.init(key_p, x)["params"]
+  @jax.jit  # one program: op by op, Flax's init compiled each of its primitives on its own
+  def make():
+    key_x, key_y, key_p = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key_x, x_shape)
+    y = jax.random.randint(key_y, (x_shape[0],), 0, 5)
+    return x, y, module.init(key_p, x)["params"]
+
+  x, y, params = make()
 
   def loss(p):
     logits = module.apply({"params": p}, x)
@@ -113,10 +119,21 @@ PROBLEMS = {
 }
 
 
+@functools.cache
+def problem(name):
+  """``PROBLEMS[name]()``, built once: the tests only read it (the MLP is used by three)."""
+  return PROBLEMS[name]()
+
+
+# Probes drawn by one jitted program per params structure (test_hutchinson checks that it
+# draws what rademacher_like draws op by op).
+rademacher_like = jax.jit(ah.hutchinson.rademacher_like)
+
+
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_rewritten_product_equals_jvp_of_grad_and_has_no_transposed_sums(name, every_size):
-  params, loss = PROBLEMS[name]()
-  z = ah.hutchinson.rademacher_like(jax.random.key(3), params)
+  params, loss = problem(name)
+  z = rademacher_like(jax.random.key(3), params)
   plain = lambda p, t: jax.jvp(jax.value_and_grad(loss), (p,), (t,))
   expected = jax.jit(plain)(params, z)
   got = jax.jit(sink_transposes(plain))(params, z)
@@ -129,24 +146,24 @@ def test_rewritten_product_equals_jvp_of_grad_and_has_no_transposed_sums(name, e
 
 
 def test_library_products_use_the_rewrite(every_size):
-  params, loss = PROBLEMS["mlp"]()
-  z = ah.hutchinson.rademacher_like(jax.random.key(4), params)
+  params, loss = problem("mlp")
+  z = rademacher_like(jax.random.key(4), params)
   routes = {
     "hvp": lambda p, t: ah.hutchinson.hvp(loss, p, t),
     "value_grad_hvp": lambda p, t: ah.hutchinson.value_grad_hvp(loss, p, t),
   }
   for route in routes.values():
     assert transposed_sums(jax.make_jaxpr(route)(params, z).jaxpr) == 0
-  expected = jax.jvp(jax.grad(loss), (params,), (z,))[1]
+  expected = jax.jit(lambda p, t: jax.jvp(jax.grad(loss), (p,), (t,))[1])(params, z)
   assert_trees_allclose(jax.jit(routes["hvp"])(params, z), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_rewrite_under_vmap_and_with_closed_over_tracers(every_size):
   """Several probes (``vmap``) and a loss closing over a traced batch, as in a jitted step."""
-  params, _ = PROBLEMS["mlp"]()
+  params, _ = problem("mlp")
   module = MLP()
   x = jax.random.normal(jax.random.key(5), (9, 7))
-  zs = jax.vmap(lambda k: ah.hutchinson.rademacher_like(k, params))(
+  zs = jax.jit(jax.vmap(lambda k: ah.hutchinson.rademacher_like(k, params)))(
     jax.random.split(jax.random.key(6), 3)
   )
 
