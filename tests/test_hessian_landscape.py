@@ -15,9 +15,12 @@ def op():
   return hessian.hessian_operator(mlp_loss, params, batches=[(x[:15], y[:15]), (x[15:], y[15:])])
 
 
-def _direct(op, flat):
+@pytest.fixture(scope="module")
+def direct(op):
+  """The loss at the params moved by a flat step, evaluated directly (one jitted program)."""
   params, batch = mlp()
-  return float(mlp_loss(op.unravel(op.ravel(params) + flat), batch))
+  shifted = jax.jit(lambda flat: mlp_loss(op.unravel(op.ravel(params) + flat), batch))
+  return lambda flat: float(shifted(flat))
 
 
 def test_1d_along_the_top_eigenvector_has_its_curvature(op):
@@ -30,23 +33,23 @@ def test_1d_along_the_top_eigenvector_has_its_curvature(op):
   assert float(jnp.linalg.norm(ls.direction)) == pytest.approx(1.0)
 
 
-def test_1d_given_direction_matches_direct_evaluation(op):
+def test_1d_given_direction_matches_direct_evaluation(op, direct):
   d = op.unravel(jnp.asarray(np.random.default_rng(0).normal(size=op.size)))
   alphas = np.linspace(-1, 1, 7)
   ls = hessian.loss_landscape_1d(op, alphas, d, normalize="unit", chunk=3)
   unit = op.ravel(d) / jnp.linalg.norm(op.ravel(d))
-  want = [_direct(op, a * unit) for a in alphas]
+  want = [direct(a * unit) for a in alphas]
   np.testing.assert_allclose(ls.losses, want, rtol=1e-13)
 
 
-def test_2d_matches_direct_evaluation(op):
+def test_2d_matches_direct_evaluation(op, direct):
   rng = np.random.default_rng(1)
   d1, d2 = (jnp.asarray(rng.normal(size=op.size)) for _ in range(2))
   alphas, betas = np.linspace(-0.5, 0.5, 4), np.linspace(-1, 1, 3)
   ls = hessian.loss_landscape_2d(op, alphas, betas, (d1, d2))
   assert ls.losses.shape == (4, 3)
   for i, j in [(0, 0), (3, 1), (2, 2)]:
-    assert ls.losses[i, j] == pytest.approx(_direct(op, alphas[i] * d1 + betas[j] * d2), rel=1e-13)
+    assert ls.losses[i, j] == pytest.approx(direct(alphas[i] * d1 + betas[j] * d2), rel=1e-13)
   default = hessian.loss_landscape_2d(op, alphas, betas)
   np.testing.assert_allclose(default.directions @ default.directions.T, np.eye(2), atol=1e-10)
 
@@ -97,8 +100,8 @@ def test_filter_normalisation_gives_every_filter_its_weight_filters_norm():
           pytest.approx(1.0, rel=1e-12)
         )
     np.testing.assert_array_equal(got[layer]["bias"], 0.0)  # biases: zero direction
-  moved = jax.tree.map(lambda p, e: p + 0.5 * e, params, got)
-  assert ls.losses[1] == pytest.approx(float(loss_fn(moved, x)), rel=1e-13)
+  moved = jax.jit(lambda p, e: loss_fn(jax.tree.map(lambda a, b: a + 0.5 * b, p, e), x))
+  assert ls.losses[1] == pytest.approx(float(moved(params, got)), rel=1e-13)
   # 2-D with two filter-normalised random directions.
   d2 = hessian.random_direction(op, jax.random.key(1))
   plane = hessian.loss_landscape_2d(op, [0.0, 1.0], [0.0, 1.0], (d, d2), normalize="filter")
@@ -215,12 +218,14 @@ def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter
   import flax.linen as nn
 
   r = np.random.default_rng(0)
-  einsum = nn.Einsum((4, 2, 3), "bd,dhk->bkh").init(jax.random.key(0), jnp.ones((1, 4)))
+  # Flax's inits as one jitted program each (op by op each primitive compiled on its own).
+  einsum = jax.jit(nn.Einsum((4, 2, 3), "bd,dhk->bkh").init)(jax.random.key(0), jnp.ones((1, 4)))
   k = r.normal(size=(4, 2, 3)) * np.array([1.0, 30.0])[:, None]  # the two h differ in scale
   batched = r.normal(size=(2, 4, 3)) * np.array([1.0, 30.0])[:, None, None]
   ens = nn.vmap(
     nn.Dense, variable_axes={"params": 1}, split_rngs={"params": True}, in_axes=None, axis_size=3
-  )(4).init(jax.random.key(1), jnp.ones((1, 6)))["params"]
+  )(4)
+  ens = jax.jit(ens.init)(jax.random.key(1), jnp.ones((1, 6)))["params"]
   members = np.asarray(ens["kernel"]) * np.array([1.0, 10.0, 100.0])[:, None]
   params = {
     "Einsum_0": {"kernel": jnp.asarray(k), "bias": einsum["params"]["bias"]},
