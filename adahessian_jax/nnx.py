@@ -526,6 +526,7 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
         for attr, axes in params.items():
           by_type[(*path, child, attr)] = axes
   leads: dict[tuple[Any, ...], tuple[int, ...] | None] = {}  # the stacked sizes; None: no fit
+  keys: dict[tuple[Any, ...], str] = {}
   for path, (one, _) in by_type.items():
     key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
     if key not in found or names[key] is not None:
@@ -533,11 +534,11 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
     shape = tuple(getattr(found[key].leaf, "shape", ()))
     extra = len(shape) - len(one)
     leads[path] = shape[:extra] if extra >= 0 and shape[extra:] == tuple(one) else None
+    keys[path] = key
   for path, lead in leads.items():
     if lead is None or (lead and _stack_in_doubt(path, leads)):
       continue
-    key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
-    names[key] = (_STACKED,) * len(lead) + tuple(by_type[path][1])
+    names[keys[path]] = (_STACKED,) * len(lead) + tuple(by_type[path][1])
   return names
 
 

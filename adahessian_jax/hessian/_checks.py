@@ -3,7 +3,7 @@
 One wording for a direction or preconditioner that does not match the params and one for a
 product or loss that is not finite, so that a bad argument or a diverged model fails the same
 way whichever function it reaches. Scalar arguments are checked by ``adahessian_jax._validation``,
-which the optimizer shares; the eigen solves' ``which`` here (:func:`which`).
+which the optimizer shares; the Lanczos runs' ``which`` and ``stop_on`` here.
 """
 
 from __future__ import annotations
@@ -93,6 +93,23 @@ def which(which: str) -> str:
   if which not in _WHICH:
     raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
   return which
+
+
+def stop_on(stop_on: str) -> str:
+  """The Lanczos runs' check of their ``stop_on`` (``top_eigenvalues``, ``track_curvature``).
+
+  Args:
+    stop_on: The value given.
+
+  Returns:
+    ``stop_on``.
+
+  Raises:
+    ValueError: if it is not ``"residual"`` or ``"eigenvalue"``, naming it.
+  """
+  if stop_on not in ("residual", "eigenvalue"):
+    raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
+  return stop_on
 
 
 def _paths(tree: Any) -> dict[str, Any]:

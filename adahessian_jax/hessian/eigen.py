@@ -242,10 +242,9 @@ def top_eigenvalues(
   k = _check(k, which, op)
   max_iter = _validation.count("max_iter", max_iter)
   tol = _validation.relative_tolerance("tol", tol)
-  if stop_on not in ("residual", "eigenvalue"):
-    raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
+  _checks.stop_on(stop_on)
   check_repeated = _validation.flag("check_repeated", check_repeated)
-  _checks.concrete(v0, "v0")  # a traced leaf named before the call inside a trace is
+  _checks.concrete(v0, "v0")  # a traced v0 named by its leaf, before prng_key's general refusal
   key = _checks.prng_key(key, default=0)
   eig = _lanczos_eigen(op, k, which, key, v0, tol, max_iter, stop_on)
   if not (check_repeated and k >= 2 and k < op.size and np.all(eig.converged)):

@@ -191,7 +191,8 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
       f"hessian.{call}(opt_state, fill=hessian.{_OTHER[call]}(opt_state, fill=jnp.inf))."
     )
   if scalar:
-    at = lambda path: jnp.asarray(value, float)
+    filled = jnp.asarray(value, float)
+    at = lambda path: filled
   else:
     at = lambda path: _subtree_at(fill, path, jax.tree_util.keystr(path))
   return jax.tree_util.tree_map_with_path(

@@ -458,8 +458,7 @@ def track_curvature(
   block_size = _validation.count("block_size", block_size, 1, op.size)
   max_iter = _validation.count("max_iter", max_iter, block_size)  # the block's products count
   tol = _validation.relative_tolerance("tol", tol)
-  if stop_on not in ("residual", "eigenvalue"):
-    raise ValueError(f"stop_on must be 'residual' or 'eigenvalue', got {stop_on!r}")
+  _checks.stop_on(stop_on)
   mix = _validation.positive("warm_mix", warm_mix, allow_zero=True)
   args = (tol, max_iter, stop_on, mix, block_size)
   if previous is not None and not isinstance(previous, CurvatureRecord):
