@@ -881,9 +881,10 @@ def stacks_by_evidence(
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
+  unstacked = _not_stacked_in_front(modules, counts, shapes)
   moved, unplaced = _dense_stacks_elsewhere(modules, counts, shapes)
   # An nn.scan's name over them shows the stack in front (as scans of layers put it).
-  shown, _ = _scan_stacks({m: modules[m] for m in unplaced}, paths, shapes, counts)
+  shown, _ = _scan_stacks({m: modules[m] for m in unplaced}, paths, shapes, counts, unstacked)
   unplaced = {m for m in unplaced if shown.get(m, (None,))[0] != counts[m][0]}
   for module, (axis, why) in moved.items():
     counts[module] = (None, "") if axis is None else ((), why)
@@ -891,7 +892,7 @@ def stacks_by_evidence(
   unknown = {module: members for module, members in unknown.items() if module not in moved}
   counts.update(_attention_stacks(unknown, shapes))
   unknown = {module: members for module, members in unknown.items() if counts[module][0] is None}
-  by_scans, guessed_modules = _scan_stacks(unknown, paths, shapes, counts)
+  by_scans, guessed_modules = _scan_stacks(unknown, paths, shapes, counts, unstacked)
   counts.update(by_scans)
   for module, members in unknown.items():  # a bias's counts that no scan names pick: the fewest
     lead = counts[module][0]
@@ -989,8 +990,31 @@ def _is_scan(key: Any) -> bool:
   return _named_by(key, ("Scan", "Remat_scan"))
 
 
+def _not_stacked_in_front(
+  modules: dict[tuple, dict[str, int]], counts: dict[tuple, tuple], shapes
+) -> set[tuple]:
+  """The modules whose own evidence shows their parameters are stacked in front by no transform:
+  one layer for sure (``counts``, :func:`_stack_count`: a bias that is its kernel's trailing axes
+  only), or a kernel beside a bias that fits it in no layout (:func:`_bias_fits`: ``nn.scan`` with
+  ``variable_axes={"params": 1}``, kernel ``(in, layers, out)`` beside ``(out, layers)``).
+
+  Under Linen's name of an ``nn.scan`` such a module shows the scan stacks nothing in front: it
+  broadcasts its parameters (``variable_broadcast="params"``, a cell scanned over time) or stacks
+  them along another axis.
+  """
+  found = {module for module, (lead, _) in counts.items() if lead == ()}
+  for module, members in modules.items():
+    if any(1 <= len(p.b) < len(p.k) and not p.counts for p in _bias_pairs(members, shapes)):
+      found.add(module)
+  return found
+
+
 def _scan_stacks(
-  modules: dict[tuple, dict[str, int]], paths, shapes, counts: dict[tuple, tuple]
+  modules: dict[tuple, dict[str, int]],
+  paths,
+  shapes,
+  counts: dict[tuple, tuple],
+  unstacked: set[tuple] | frozenset[tuple] = frozenset(),
 ) -> tuple[dict[tuple, tuple[tuple[int, ...], str]], dict[tuple, str]]:
   """Stacks shown by Linen's automatic names of the scans a module sits in.
 
@@ -1015,6 +1039,8 @@ def _scan_stacks(
     shapes: The leaves' shapes.
     counts: ``{module path: (stacked sizes or None, why)}``, what each module shows itself
       (:func:`_stack_count`).
+    unstacked: The modules that show they are stacked in front by nothing
+      (:func:`_not_stacked_in_front`): a scan name above one of them shows no stack.
 
   Returns:
     ``{module: (the stacked axes' sizes, why)}`` for the modules in ``modules`` so placed, and
@@ -1045,6 +1071,8 @@ def _scan_stacks(
     inner, n = module[: at[-1]], len(at)
     if None in sizes or shown[inner] - {n}:
       continue
+    if any(other[: at[0]] == module[: at[0]] for other in unstacked):
+      continue  # the scan broadcasts its parameters or stacks them along another axis
     lead = tuple(s for s in sizes if s is not None)
     names = " in ".join(repr(module[d - 1]) for d in reversed(at))
     if n == 1:

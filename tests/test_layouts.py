@@ -3109,3 +3109,66 @@ def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
   results = stack_and_layers([d for *_, d in checks])
   for (case, *_), (got, want) in zip(checks, results, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=case)
+
+
+class _ResidualCell(nn.Module):
+  """A residual Dense + LayerNorm step whose carry is its input: every leaf's first size is
+  the features' (kernel (6, 6), bias and norm (6,))."""
+
+  @nn.compact
+  def __call__(self, c, x):
+    return c + nn.LayerNorm(param_dtype=jnp.float64)(nn.Dense(6, param_dtype=jnp.float64)(c)), x
+
+
+def _scanned_cells(**scan):
+  """``nn.scan`` of :class:`_ResidualCell` over 4 steps inside a model (Linen names it
+  ``Scan_ResidualCell_0``), its params as zeros."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      return nn.scan(_ResidualCell, length=4, **scan)()(xs[0], xs)[0]
+
+  return zero_params(Model(), np.ones((4, 2, 6)))
+
+
+def test_a_scan_name_shows_no_stack_where_its_modules_show_none_in_front(rng):
+  # Linen's scan name took the first axis for the stack where every leaf under it had one first
+  # size, as a residual block's leaves do. With variable_axes={"params": 1} the Dense_0 kernel is
+  # (in, layers, out) = (6, 4, 6): read per input with blocks of 4 along the layers, averaging
+  # the 4 layers together, unflagged. Its bias (out, layers) = (6, 4) fits no stack in front: the
+  # rank's guess now, flagged, and strict mode refuses it.
+  params = _scanned_cells(variable_axes={"params": 1}, split_rngs={"params": True})
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  kernel = rows["['Scan_ResidualCell_0']['Dense_0']['kernel']"]
+  assert kernel.shape == (6, 4, 6) and kernel.ambiguous
+  assert kernel.rule != spatial.per_layer(spatial.blocks(4))
+  with pytest.raises(ValueError, match=r"(?s)1 leaf is ambiguous.*\['Dense_0'\]\['kernel'\]"):
+    spatial.describe(params, spatial.strict(), block_size=4)
+  # A scan over time that broadcasts its params (variable_broadcast="params", as cells are
+  # scanned over a sequence) stacks nothing: its Dense_0 bias (6,) shows one layer. An LSTM
+  # cell's bias-less input kernels ii, if, ig, io (6, 6) beside its recurrent kernels and their
+  # biases were read as 6 layers of a vector each, blocks of 2 along the inputs replaced by none.
+  for scanned in (
+    _scanned_cells(variable_broadcast="params", split_rngs={"params": False}),
+    zero_params(
+      nn.scan(
+        nn.LSTMCell,
+        variable_broadcast="params",
+        split_rngs={"params": False},
+        in_axes=1,
+        out_axes=1,
+      )(6, param_dtype=jnp.float64),
+      (np.ones((2, 6)), np.ones((2, 6))),
+      np.ones((2, 5, 6)),
+    ),
+  ):
+    hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), scanned)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", spatial.LayoutGuessWarning)
+      got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), scanned, hessian_diag)
+    flat = traverse_util.flatten_dict(hessian_diag, sep="/")
+    for path, d in flat.items():
+      want = block_average(np.asarray(d), 2) if path.endswith("kernel") else np.asarray(d)
+      got_leaf = traverse_util.flatten_dict(got, sep="/")[path]
+      np.testing.assert_allclose(got_leaf, want, rtol=1e-12, err_msg=path)
