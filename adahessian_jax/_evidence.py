@@ -1336,9 +1336,14 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
   # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
   leaf_modules = [_module_keys(path) for path in paths]
   stacked_norms: dict[tuple, set[int]] = {}
+  # A norm's scale of rank >= 2 that nothing shows stacked: the members of an nn.vmap over
+  # another axis (variable_axes={"params": 1}: (channels, members)), whatever its first size.
+  scaled: set[tuple] = set()
   for i, path in enumerate(paths):
     if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
       stacked_norms.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][0])
+      if param_name(path) == "scale":
+        scaled.add(leaf_modules[i][:-1])
   # The first sizes (past ``lead`` stacked axes) of the leaves under a module, and whether one
   # of them is outside a convolution's module: a stack shows as one size in front of them all.
   firsts: dict[tuple[tuple, int], set[int | None]] = {
@@ -1368,6 +1373,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     stack_sign = (
       first in stack_sizes
       or first in stacked_norms.get(k.module[:-1], ())
+      or k.module[:-1] in scaled
       or (parent in other and firsts[parent] == {first})
     )
     # A window of one size (3x3, a 16x16 patch): a DenseGeneral kernel (a, b, c, out) over three

@@ -3172,3 +3172,49 @@ def test_a_scan_name_shows_no_stack_where_its_modules_show_none_in_front(rng):
       want = block_average(np.asarray(d), 2) if path.endswith("kernel") else np.asarray(d)
       got_leaf = traverse_util.flatten_dict(got, sep="/")[path]
       np.testing.assert_allclose(got_leaf, want, rtol=1e-12, err_msg=path)
+
+
+class _ConvNormHead(nn.Module):
+  """A bias-less 3x3 Conv, a BatchNorm and a Dense head, as CNN ensembles are written."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), use_bias=False, param_dtype=jnp.float64)(x)
+    x = nn.BatchNorm(use_running_average=True, param_dtype=jnp.float64)(x)
+    return nn.Dense(2, param_dtype=jnp.float64)(x.mean((-3, -2)))
+
+
+def _cnn_ensemble(axis, inside):
+  """``nn.vmap`` of :class:`_ConvNormHead` over 5 members along ``axis``, initialised on its own
+  (``inside=False``) or inside a model (Linen names it ``Vmap_ConvNormHead_0``)."""
+  ens = nn.vmap(
+    _ConvNormHead,
+    variable_axes={"params": axis, "batch_stats": axis},
+    split_rngs={"params": True},
+    in_axes=None,
+    axis_size=5,
+  )
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return ens()(x)
+
+  return zero_params(Model() if inside else ens(), np.ones((1, 6, 6, 3)))
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_a_bias_less_conv_beside_a_norm_stacked_behind_is_a_guess(axis):
+  # nn.vmap over 5 members along axis 1 (or -1), initialised on its own: the Conv_0 kernel is
+  # (3, 5, 3, 3, 4) (or (3, 3, 3, 4, 5)), the BatchNorm scale (4, 5). By Conv_0's name and no
+  # stack known, the kernel was a 3-D convolution's for sure, its mean over axes 0-2 taking in
+  # the 5 members (or the 3 input channels) at any block size, unflagged. A norm's unnamed scale
+  # of rank 2 beside it shows a stack somewhere: the rank's guess now, flagged; strict refuses.
+  params = _cnn_ensemble(axis, inside=False)
+  rows = {r.path: r for r in spatial.describe(params).rows}
+  kernel = rows["['Conv_0']['kernel']"]
+  assert kernel.shape == ((3, 5, 3, 3, 4) if axis == 1 else (3, 3, 3, 4, 5))
+  assert rows["['BatchNorm_0']['scale']"].shape == (4, 5)
+  assert kernel.ambiguous, kernel.why
+  with pytest.raises(ValueError, match=r"(?s)ambiguous.*\['Conv_0'\]\['kernel'\]"):
+    spatial.describe(params, spatial.strict())
