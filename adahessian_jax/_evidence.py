@@ -1417,7 +1417,10 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
   apart: ``axis=(-2, -1)`` over ``(heads, head_dim)`` is an attention's output projection),
   where the rank alone (rank >= 3) would take it for a ``Conv`` kernel. A bias that fits with
   more axes than the stacked ones (the kernel ``(6, 6, 4)``, bias ``(6, 4)``, no stack found: one
-  layer or a batch of 6) leaves the rank's guess.
+  layer or a batch of 6) leaves the rank's guess, and so does a bias of several axes beside a
+  convolution's kernel stacked behind (``nn.vmap`` over axis -1: ``(kh, kw, in, out, members)``
+  beside ``(out, members)``), known by its module's name or by two input axes or more before
+  the last of one size (a window, 3x3), unless Linen's name makes it a ``DenseGeneral``.
 
   Returns:
     ``{leaf index: (axis names, why)}``.
@@ -1433,9 +1436,14 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
     named = _linen_class(k.module) == "DenseGeneral"
     if not named and len(bias) - k.lead < 2:
       continue
+    n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
+    window = shape[k.lead : k.lead + n_in - 1]  # the input axes before the last
+    # A convolution stacked behind (nn.vmap over axis -1: (kh, kw, in, out, members) beside
+    # (out, members)), by its module's name or its window of one size (3x3).
+    if not named and (_is_conv_module(k.module) or (len(window) >= 2 and len(set(window)) == 1)):
+      continue
     fits = _bias_fits(shape, bias) or []
     if k.lead in fits and fits[-1] == k.lead:  # more: a batch axis or a layer axis, unsure
-      n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
       stacked = _lead_names(names[k.index], k.lead)
       found[k.index] = (
         stacked + (heads,) * (n_in - 1) + (features,) * (len(shape) - k.lead - n_in + 1),

@@ -3218,3 +3218,35 @@ def test_a_bias_less_conv_beside_a_norm_stacked_behind_is_a_guess(axis):
   assert kernel.ambiguous, kernel.why
   with pytest.raises(ValueError, match=r"(?s)ambiguous.*\['Conv_0'\]\['kernel'\]"):
     spatial.describe(params, spatial.strict())
+
+
+def test_an_ensemble_s_conv_with_its_bias_stacked_behind_is_no_dense_general():
+  # nn.vmap(variable_axes={"params": -1}) of a Conv with its bias: kernel (3, 3, 3, 4, members),
+  # bias (4, members). A bias of two axes made it a DenseGeneral's (blocks of 4 along the 3
+  # input channels, the 3x3 window kept apart), unflagged, where a Conv averages its window. Under
+  # a convolution's name such a bias shows a stack behind: the rank's guess, flagged.
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3))(x)
+
+  ens = nn.vmap(
+    Block, variable_axes={"params": -1}, split_rngs={"params": True}, in_axes=None, axis_size=5
+  )
+  params = zero_params(ens(), np.ones((1, 6, 6, 3)))
+  rows = spatial.describe(params, block_size=4).rows
+  kernel = next(r for r in rows if r.path == "['Conv_0']['kernel']")
+  assert kernel.shape == (3, 3, 3, 4, 5) and kernel.ambiguous, kernel.why
+  assert kernel.rule != spatial.blocks(4, axis=2)
+  # So is an nnx.vmap(out_axes=-1) of an nnx.Conv under a name of the user's: its 3x3 window.
+  plain = {"c1": {"kernel": np.zeros((3, 3, 3, 4, 5)), "bias": np.zeros((4, 5))}}
+  (_, kernel) = spatial.describe(plain, block_size=4).rows
+  assert kernel.ambiguous and kernel.rule != spatial.blocks(4, axis=2), kernel.why
+  # A Linen DenseGeneral_0 beside such a bias is a DenseGeneral's still (by its name), and so is
+  # a kernel of two input axes (heads, head_dim) beside its bias of two output axes.
+  named = {"DenseGeneral_0": {"kernel": np.zeros((3, 3, 3, 4, 5)), "bias": np.zeros((4, 5))}}
+  (_, general) = spatial.describe(named, block_size=4).rows
+  assert general.rule == spatial.blocks(4, axis=2) and not general.ambiguous
+  heads = {"proj": {"kernel": np.zeros((4, 4, 8, 2)), "bias": np.zeros((8, 2))}}
+  (_, general) = spatial.describe(heads, block_size=4).rows
+  assert general.rule == spatial.blocks(4, axis=1) and not general.ambiguous
