@@ -1367,7 +1367,8 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     # Under Linen's name of an nn.vmap (VmapBlock_0, VmapConv_0), a bias-less kernel with a
     # spatial axis to spare may have the vmap's axis in front ((members, kh, kw, in, out)) or
     # none (params broadcast): the rank's guess, flagged.
-    vmapped = any(_named_by(key, ("Vmap",)) for key in k.module)
+    # Where its stacked axes in front are known (from its relatives), the rest is one member's.
+    vmapped = not k.lead and any(_named_by(key, ("Vmap",)) for key in k.module)
     first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
     parent = (k.module[:-1], k.lead)
     stack_sign = (

@@ -3250,3 +3250,25 @@ def test_an_ensemble_s_conv_with_its_bias_stacked_behind_is_no_dense_general():
   heads = {"proj": {"kernel": np.zeros((4, 4, 8, 2)), "bias": np.zeros((8, 2))}}
   (_, general) = spatial.describe(heads, block_size=4).rows
   assert general.rule == spatial.blocks(4, axis=1) and not general.ambiguous
+
+
+def test_a_bias_less_conv_in_a_vmap_ensemble_whose_relatives_show_the_stack_is_no_guess(rng):
+  # nn.vmap over 5 members along axis 0 inside a model (Vmap_ConvNormHead_0): the Dense head's
+  # bias (5, 2) shows the stack in front, which the bias-less Conv_0 kernel (5, 3, 3, 3, 4) takes.
+  # Under nn.vmap's name its one member's (3, 3, 3, 4) was still the rank's guess: the init of
+  # every such ensemble warned. Each member's 3x3 window is averaged, with no warning.
+  params = _cnn_ensemble(0, inside=True)
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  ((name, block),) = hessian_diag.items()
+  conv = np.asarray(block["Conv_0"]["kernel"])
+  assert conv.shape == (5, 3, 3, 3, 4)
+  want = np.broadcast_to(conv.mean(axis=(1, 2), keepdims=True), conv.shape)
+  np.testing.assert_allclose(got[name]["Conv_0"]["kernel"], want, rtol=1e-12)
+  head = np.asarray(block["Dense_0"]["kernel"])  # (5, 4, 2): blocks of 2 inputs per member
+  want = np.stack([block_average(head[m], 2) for m in range(5)])
+  np.testing.assert_allclose(got[name]["Dense_0"]["kernel"], want, rtol=1e-12)
+  for norm in ("scale", "bias"):
+    np.testing.assert_allclose(got[name]["BatchNorm_0"][norm], block["BatchNorm_0"][norm])
