@@ -9,9 +9,10 @@ Joins ``jax.distributed`` like ``_multihost_worker.py`` and trains the shared pr
 global mesh for ``2 * STEPS`` steps in two ways:
 
 * ``straight``: ``STEPS`` steps, an orbax checkpoint of params and optimizer state into
-  ``CKPT_DIR``, ``STEPS`` more steps;
-* ``resume`` (fresh processes): restores ``CKPT_DIR`` with a target of ``ShapeDtypeStruct``s
-  carrying the shardings, then ``STEPS`` steps.
+  ``CKPT_DIR``, ``STEPS`` more steps (:func:`run`, called by ``_multihost_worker.py`` in its
+  processes; the script's ``straight`` mode does the same alone);
+* ``resume`` (fresh processes, this script): restores ``CKPT_DIR`` with a target of
+  ``ShapeDtypeStruct``s carrying the shardings, then ``STEPS`` steps.
 
 Both write every leaf of the final params and state, in full, to
 ``OUT_DIR/<MODE>_<process id>.npz``.
@@ -87,34 +88,40 @@ def train(step, params, state, x, y):
   return params, state
 
 
+def run(process_id, mode, ckpt_dir, out_dir):
+  """The ``mode`` run of this process (``jax.distributed`` joined, 32-bit JAX), written to
+  ``OUT_DIR/<MODE>_<process id>.npz``."""
+  mesh = mesh_1d()
+  x, y, _ = make_problem("float32")
+  x, y = put_global(mesh, x, P(AXIS)), put_global(mesh, y, P(AXIS))
+  checkpointer = ocp.StandardCheckpointer()
+  arrays = {}
+  for name, tx, step, params in setups(mesh):
+    state = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, params))(params)
+    tree = {"params": params, "opt_state": state}
+    path = os.path.join(ckpt_dir, name)
+    if mode == "straight":
+      tree["params"], tree["opt_state"] = train(step, params, state, x, y)
+      checkpointer.save(path, tree)
+      checkpointer.wait_until_finished()
+    else:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+      tree = checkpointer.restore(path, target)
+      same = jax.tree.map(lambda a, t: a.sharding == t.sharding, tree, target)
+      assert all(jax.tree.leaves(same)), same
+    params, state = train(step, tree["params"], tree["opt_state"], x, y)
+    assert distributed.max_replica_difference((params, state)) == 0.0
+    leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt_state": state})[0]
+    for path_, v in leaves:
+      if v is not None:
+        arrays[name + jax.tree_util.keystr(path_)] = gather(v)
+  np.savez(os.path.join(out_dir, f"{mode}_{process_id}.npz"), **arrays)
+
+
 def main(process_id, num_processes, port, mode, ckpt_dir, out_dir):
   join(process_id, num_processes, port)
   try:
-    mesh = mesh_1d()
-    x, y, _ = make_problem("float32")
-    x, y = put_global(mesh, x, P(AXIS)), put_global(mesh, y, P(AXIS))
-    checkpointer = ocp.StandardCheckpointer()
-    arrays = {}
-    for name, tx, step, params in setups(mesh):
-      state = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, params))(params)
-      tree = {"params": params, "opt_state": state}
-      path = os.path.join(ckpt_dir, name)
-      if mode == "straight":
-        tree["params"], tree["opt_state"] = train(step, params, state, x, y)
-        checkpointer.save(path, tree)
-        checkpointer.wait_until_finished()
-      else:
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-        tree = checkpointer.restore(path, target)
-        same = jax.tree.map(lambda a, t: a.sharding == t.sharding, tree, target)
-        assert all(jax.tree.leaves(same)), same
-      params, state = train(step, tree["params"], tree["opt_state"], x, y)
-      assert distributed.max_replica_difference((params, state)) == 0.0
-      leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt_state": state})[0]
-      for path_, v in leaves:
-        if v is not None:
-          arrays[name + jax.tree_util.keystr(path_)] = gather(v)
-    np.savez(os.path.join(out_dir, f"{mode}_{process_id}.npz"), **arrays)
+    run(process_id, mode, ckpt_dir, out_dir)
   finally:
     jax.distributed.shutdown()
 

@@ -5,15 +5,17 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``:
 ``_distributed_worker.py`` (one process, 4 devices: ``pmap``, ``jit`` with
 shardings, ``shard_map``; NNX, BatchNorm, tensor parallelism, Explicit mesh axes, each a
 section with its own results) and ``_multihost_worker.py`` (2 processes x 2
-devices joined by ``jax.distributed`` on loopback). Each is run once per
-module and the tests below read its results; ``_multihost_checkpoint_worker.py``
-(the same 2 processes, saving and resuming an orbax checkpoint) is run by its test.
+devices joined by ``jax.distributed`` on loopback; its processes also save the orbax
+checkpoint, a section before). Each is run once per module and the tests below read its
+results; ``_multihost_checkpoint_worker.py`` (2 fresh processes resuming that checkpoint) is run
+by its test.
 ``_distributed_common.py`` holds the shared problem: a tanh MLP trained for 50 steps
 on a 32-example batch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -124,16 +126,54 @@ def single_host(four_devices):
   return _section_json(four_devices, "single_host"), dict(np.load(out / "reference.npz"))
 
 
+def _has_orbax():
+  """Whether orbax-checkpoint is installed (without importing it here: only the workers use it)."""
+  try:
+    return importlib.util.find_spec("orbax.checkpoint") is not None
+  except ModuleNotFoundError:
+    return False
+
+
 @pytest.fixture(scope="module")
-def multi_host(tmp_path_factory):
+def multi_host_run(tmp_path_factory):
+  """The folder of ``_multihost_worker.py``'s two processes, and why they failed (``None`` if
+  they did not): the ``multi_host`` section's results and, where orbax is installed, the
+  ``checkpoint`` section's straight run and checkpoint (in ``ckpt/``)."""
   out = tmp_path_factory.mktemp("multi_host")
   port = str(_free_port())
   cmds = [["_multihost_worker.py", str(i), "2", port, str(out)] for i in range(2)]
-  _run_all(cmds, 2, TIMEOUT_S, str(out))
-  return [
-    (json.load(open(out / f"process_{i}.json")), dict(np.load(out / f"process_{i}.npz")))
-    for i in range(2)
-  ]
+  if _has_orbax():
+    (out / "ckpt").mkdir()
+    cmds = [[*cmd, str(out / "ckpt")] for cmd in cmds]
+  try:  # the two sections' time limits
+    _run_all(cmds, 2, 2 * TIMEOUT_S, str(out))
+  except AssertionError as e:
+    return out, str(e)
+  return out, None
+
+
+def _multi_host_section(multi_host_run, name, files):
+  """``OUT_DIR/<file>`` for each of ``files`` (one per process) written by the section ``name``
+  of ``_multihost_worker.py``; the test fails with the section's traceback if it raised, with the
+  processes' failure if they stopped before it finished."""
+  out, failure = multi_host_run
+  for i in range(2):
+    error = out / f"{name}_{i}.error"
+    if error.exists():
+      pytest.fail(f"section {name} of _multihost_worker.py raised on process {i}:\n"
+                  f"{error.read_text()}")  # fmt: skip
+  paths = [out / f for f in files]
+  missing = [p.name for p in paths if not p.exists()]
+  if missing:
+    pytest.fail(f"section {name} of _multihost_worker.py did not write {missing}:\n{failure}")
+  return paths
+
+
+@pytest.fixture(scope="module")
+def multi_host(multi_host_run):
+  files = [f"process_{i}.{ext}" for i in range(2) for ext in ("json", "npz")]
+  json0, npz0, json1, npz1 = _multi_host_section(multi_host_run, "multi_host", files)
+  return [(json.load(open(j)), dict(np.load(n))) for j, n in ((json0, npz0), (json1, npz1))]
 
 
 def _config_modes(results):
@@ -845,22 +885,27 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
   assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
 
 
-def test_multi_process_orbax_checkpoint_resumes_bit_identically_in_fresh_processes(tmp_path):
-  """2 processes x 2 devices save params and state with orbax after 5 steps (mid-way between lazy
-  refreshes); 2 fresh processes restore them with sharded ShapeDtypeStruct targets and train on:
-  every leaf (probe keys, stored Hessian, moments) equals the uninterrupted run's, bit for bit,
-  for FSDP under jit (stabilizers, schedule, 2 probes) and shard_map with independent probes."""
-  pytest.importorskip("orbax.checkpoint")
-  ckpt = tmp_path / "ckpt"
-  ckpt.mkdir()
-  for mode in ("straight", "resume"):
-    port = str(_free_port())
-    cmds = [
-      ["_multihost_checkpoint_worker.py", str(i), "2", port, mode, str(ckpt), str(tmp_path)]
-      for i in range(2)
-    ]
-    _run_all(cmds, 2, TIMEOUT_S, str(tmp_path))
-  straight = [np.load(tmp_path / f"straight_{i}.npz") for i in range(2)]
+def test_multi_process_orbax_checkpoint_resumes_bit_identically_in_fresh_processes(
+  multi_host_run, tmp_path
+):
+  """2 processes x 2 devices (those of the multi-host checks, in a section before them) save
+  params and state with orbax after 5 steps (mid-way between lazy refreshes); 2 fresh processes
+  restore them with sharded ShapeDtypeStruct targets and train on: every leaf (probe keys, stored
+  Hessian, moments) equals the uninterrupted run's, bit for bit, for FSDP under jit (stabilizers,
+  schedule, 2 probes) and shard_map with independent probes."""
+  if not _has_orbax():
+    pytest.skip("orbax-checkpoint is not installed")
+  straight = _multi_host_section(
+    multi_host_run, "checkpoint", [f"straight_{i}.npz" for i in range(2)]
+  )
+  ckpt = multi_host_run[0] / "ckpt"
+  port = str(_free_port())
+  cmds = [
+    ["_multihost_checkpoint_worker.py", str(i), "2", port, "resume", str(ckpt), str(tmp_path)]
+    for i in range(2)
+  ]
+  _run_all(cmds, 2, TIMEOUT_S, str(tmp_path))
+  straight = [np.load(path) for path in straight]
   resumed = [np.load(tmp_path / f"resume_{i}.npz") for i in range(2)]
   names = straight[0].files
   assert len(names) == 35 and all(sorted(r.files) == sorted(names) for r in (*straight, *resumed))
