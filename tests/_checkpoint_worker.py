@@ -1,8 +1,8 @@
 """Subprocess worker for test_checkpoint.py: train, checkpoint with orbax, resume.
 
 python _checkpoint_worker.py MODE STEPS CKPT_DIR OUT_NPZ
-  MODE = straight: train 2*STEPS steps, write params + state to OUT_NPZ
-  MODE = first:    train STEPS steps, save params + optimizer state to CKPT_DIR
+  MODE = straight: train STEPS steps, save params + optimizer state to CKPT_DIR, train STEPS
+                   more, write params + state to OUT_NPZ
   MODE = resume:   restore CKPT_DIR in this fresh process, train STEPS more, write OUT_NPZ
 """
 
@@ -48,23 +48,23 @@ def main():
     return optax.apply_updates(params, updates), opt_state
 
   checkpointer = ocp.StandardCheckpointer()
-  start, n = 0, steps
+  start = 0
   if mode == "straight":
-    n = 2 * steps
+    for i in range(steps):
+      params, opt_state = step(params, opt_state, i)
+    checkpointer.save(ckpt_dir, {"params": params, "opt": opt_state})
+    checkpointer.wait_until_finished()
+    start = steps
   elif mode == "resume":
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt": opt_state})
     restored = checkpointer.restore(ckpt_dir, target)
     params, opt_state, start = restored["params"], restored["opt"], steps
 
-  for i in range(start, start + n):
+  for i in range(start, start + steps):
     params, opt_state = step(params, opt_state, i)
 
-  if mode == "first":
-    checkpointer.save(ckpt_dir, {"params": params, "opt": opt_state})
-    checkpointer.wait_until_finished()
-  else:
-    leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt": opt_state})[0]
-    np.savez(out, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+  leaves = jax.tree_util.tree_flatten_with_path({"params": params, "opt": opt_state})[0]
+  np.savez(out, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
 
 
 if __name__ == "__main__":
