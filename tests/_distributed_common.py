@@ -147,11 +147,18 @@ def train_single_device(dtype, update_freq, hparams=None, permute=False):
   if permute:  # the same loss, summed in another order: float rounding only
     x, y = x[::-1], y[::-1]
   x, y, params = jax.device_put((x, y, params), jax.local_devices()[0])
-  tx = make_tx(update_freq, hparams=hparams)
+  key = (update_freq, None if hparams is None else tuple(sorted(hparams.items())))
+  if key not in _SINGLE_DEVICE_STEPS:  # the permuted batch's run reuses the compiled program
+    tx = make_tx(update_freq, hparams=hparams)
+    _SINGLE_DEVICE_STEPS[key] = tx, jax.jit(local_step(tx))
+  tx, step = _SINGLE_DEVICE_STEPS[key]
   state = tx.init(params)
-  step = jax.jit(local_step(tx))
   params, state = run_steps(step, params, state, x, y)
   return params
+
+
+#: ``(tx, jitted step)`` of :func:`train_single_device` by ``(update_freq, hparams)``.
+_SINGLE_DEVICE_STEPS = {}
 
 
 def train_pmap(
