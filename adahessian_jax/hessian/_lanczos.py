@@ -258,6 +258,13 @@ def tridiagonal_eigh(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
 GAP_CAP = 0.01
 
 
+def gap_error(residuals: np.ndarray, gap: np.ndarray) -> np.ndarray:
+  """The gap theorem's ``min(r, r²/gap)``: ``r`` where ``gap`` is 0 or not finite."""
+  with np.errstate(divide="ignore", invalid="ignore"):
+    quadratic = np.where(np.isfinite(gap) & (gap > 0), residuals * residuals / gap, np.inf)
+  return np.minimum(residuals, quadratic)
+
+
 def change_guarded(
   errors: np.ndarray | float, values: np.ndarray | float, previous: np.ndarray | float | None
 ) -> np.ndarray:
@@ -342,8 +349,7 @@ def ritz_pairs(
   dist[np.arange(sel.size), sel] = np.inf
   gap = dist.min(axis=1)
   gap = np.where(np.isfinite(gap), np.minimum(gap, GAP_CAP * scale), gap)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    errors = np.minimum(res, np.where(np.isfinite(gap) & (gap > 0), res * res / gap, np.inf))
+  errors = gap_error(res, gap)
   return RitzPairs(
     values=theta[sel],
     coefficients=s[:, sel],
