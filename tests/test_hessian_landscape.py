@@ -504,10 +504,37 @@ def test_2d_directions_that_are_not_a_pair_are_named(op):
     with pytest.raises(ValueError, match=r"directions must be a pair \(d1, d2\) .*" + message):
       hessian.loss_landscape_2d(op, [0.0], [0.0], bad)
   # A pair of either kind, a list or an array of 2 rows, is the same plane.
-  rows = jnp.stack([jnp.ones(op.size), op.ravel(d) * 0.5])
+  rows = jnp.stack([jnp.ones(op.size), jnp.linspace(-0.5, 0.5, op.size)])
   want = hessian.loss_landscape_2d(op, [0.5], [1.0], (d, rows[1])).losses
   np.testing.assert_allclose(hessian.loss_landscape_2d(op, [0.5], [1.0], rows).losses, want)
   np.testing.assert_allclose(hessian.loss_landscape_2d(op, [0.5], [1.0], [d, rows[1]]).losses, want)
+
+
+def test_2d_directions_parallel_once_normalised_are_refused(op):
+  # Two equal, opposite or proportional directions (or two that the normalisation makes so)
+  # span a line: the grid repeated its losses along it, without an error.
+  params, _ = mlp()
+  d = jax.tree.map(lambda a: jnp.linspace(1.0, 2.0, a.size).reshape(a.shape), params)
+  flat = op.ravel(d)
+  # d scaled by 3 on each filter of each kernel: not parallel to d, but after "filter" it is.
+  by_filter = jax.tree.map(lambda a: a * jnp.arange(1.0, a.shape[-1] + 1.0), d)
+  other = op.ravel(by_filter)
+  assert float(jnp.dot(flat, other) / jnp.linalg.norm(flat) / jnp.linalg.norm(other)) < 0.99
+  for pair, normalize, cosine in [
+    ((d, d), None, "1"),
+    ((flat, -2.0 * flat), None, "-1"),
+    ((d, flat * (1.0 + 1e-9)), "unit", "1 after normalize='unit'"),
+    ((d, by_filter), "filter", "1 after normalize='filter'"),
+  ]:
+    with pytest.raises(
+      ValueError,
+      match=rf"^directions\[0\] and directions\[1\] are parallel \(cosine {cosine}\): their "
+      r"plane is a line, .* Give two independent directions",
+    ):
+      hessian.loss_landscape_2d(op, [0.0, 1.0], [0.0, 1.0], pair, normalize=normalize)
+  # Nearly parallel, but not to float64's precision: a plane (here op is float64).
+  near = flat.at[0].add(1e-6)
+  assert hessian.loss_landscape_2d(op, [0.0], [1.0], (flat, near)).losses.shape == (1, 1)
 
 
 def test_a_nan_loss_at_the_point_is_a_non_finite_error():
@@ -516,7 +543,7 @@ def test_a_nan_loss_at_the_point_is_a_non_finite_error():
   with pytest.raises(hessian.NonFiniteError, match="the loss at the operator's params"):
     hessian.loss_landscape_1d(nan_op, [0.0, 1.0], jnp.ones(nan_op.size))
   with pytest.raises(hessian.NonFiniteError, match="the loss at the operator's params"):
-    hessian.loss_landscape_2d(nan_op, [0.0], [0.0], (jnp.ones(75), jnp.ones(75)))
+    hessian.loss_landscape_2d(nan_op, [0.0], [0.0], (jnp.ones(75), jnp.arange(75.0)))
 
 
 def _stacked():

@@ -55,7 +55,8 @@ The loss at the operator's point must be finite: a non-finite one raises
 :class:`~adahessian_jax.hessian.NonFiniteError` before the grid is evaluated.
 Away from it, a non-finite loss (an overflow far along a direction) is part of
 the landscape and returned as it is. Steps must be finite (at least one along each
-direction) and directions finite and nonzero (``ValueError`` otherwise).
+direction) and directions finite and nonzero, the two of a 2-D landscape not parallel once
+normalised (``ValueError`` otherwise).
 
 :func:`random_direction` draws the Gaussian directions those papers normalise.
 
@@ -462,6 +463,25 @@ def _directions(op, directions, k, key, normalize, layer_axes, names):
   )
 
 
+def _check_not_parallel(dirs: jax.Array, normalize: str | None) -> None:
+  """Raises ``ValueError`` if the two (normalised) rows of ``dirs`` are parallel to the
+  precision of their dtype (an angle under ``sqrt(eps)``: 3e-4 rad in float32, 1.5e-8 in
+  float64): the grid would lie on a line, each loss repeated along it, without an error."""
+  rows = np.asarray(dirs, np.float64)
+  rows = rows / np.max(np.abs(rows), axis=1, keepdims=True)  # nonzero rows: no overflow below
+  u, v = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  cos = float(u @ v)
+  angle = 2.0 * np.arcsin(min(np.linalg.norm(u - np.copysign(1.0, cos) * v) / 2.0, 1.0))
+  if angle <= np.sqrt(np.finfo(dirs.dtype).eps):  # from the difference: exact near 0
+    raise ValueError(
+      f"directions[0] and directions[1] are parallel (cosine {cos:.9g}"
+      + ("" if normalize is None else f" after normalize={normalize!r}")
+      + "): their plane is a line, so the grid would repeat the losses along it. Give two "
+      "independent directions (e.g. hessian.random_direction with two keys), or use "
+      "loss_landscape_1d for the loss along one."
+    )
+
+
 def _check_pair(op: HessianOperator, directions: Any) -> None:
   """Raises ``ValueError`` unless ``directions`` is ``None`` or a pair ``(d1, d2)``.
 
@@ -558,8 +578,8 @@ def loss_landscape_2d(
     alphas: Coordinates along ``d₁``.
     betas: Coordinates along ``d₂``.
     directions: A pair ``(d1, d2)`` (a tuple or list, or an array of 2 rows) of
-      directions, each a pytree like the params or a flat array; by default the top
-      two Hessian eigenvectors (orthonormal).
+      directions, each a pytree like the params or a flat array, not parallel once
+      normalised; by default the top two Hessian eigenvectors (orthonormal).
     normalize: As in :func:`loss_landscape_1d`.
     layer_axes: As in :func:`loss_landscape_1d`.
     key: PRNG key of the eigenvector computation.
@@ -581,6 +601,8 @@ def loss_landscape_2d(
   _check_pair(op, directions)
   names = ["directions[0]", "directions[1]"]
   dirs = _directions(op, directions, 2, key, normalize, layer_axes, names)
+  if directions is not None:  # the default, the top two eigenvectors, are orthonormal
+    _check_not_parallel(dirs, normalize)
   aa, bb = np.meshgrid(alphas, betas, indexing="ij")
   coeffs = np.stack([aa.ravel(), bb.ravel()], axis=1)
   losses = _losses(op, dirs, coeffs, chunk).reshape(aa.shape)
