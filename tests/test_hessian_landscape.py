@@ -591,6 +591,28 @@ def test_filter_normalisation_keeps_stacked_layers_apart_with_layer_axes():
     hessian.normalize_direction(op, d, "filter", layer_axes=2)
 
 
+def test_a_layer_axes_unlike_the_params_is_named_in_one_sentence():
+  # JAX's pytree-prefix error (both trees' key sets, several lines) was appended to the sentence.
+  params, loss_fn, x = _stacked()
+  op = hessian.hessian_operator(loss_fn, params, x)
+  d = hessian.random_direction(op, jax.random.key(0))
+  start = r"^layer_axes must be an int or a pytree prefix of the params .* but it "
+  for layer_axes, where in [
+    ({"stack": {"kernel": (1, 1), "bias": 1}, "head": 0}, r"has an entry at \['stack'\]\['kernel"),
+    ({"stack": 1, "head": 0, "tail": 0}, r"has an entry at \['tail'\], where the params have none"),
+    ({"stack": 1}, r"has no entry for the params leaf at \['head'\]\['bias'\]"),
+    ({"stack": 1, "head": None}, r"has no entry for the params leaf at \['head'\]\['bias'\]"),
+  ]:
+    with pytest.raises(ValueError, match=start + where) as caught:
+      hessian.normalize_direction(op, d, "filter", layer_axes=layer_axes)
+    assert "\n" not in str(caught.value) and "broadcast_prefix" not in str(caught.value)
+  with pytest.raises(
+    ValueError, match=r"\]\[0\], inside the params leaf at \['stack'\]\['kernel'\] of shape"
+  ):
+    bad = {"stack": {"kernel": (1, 1), "bias": 1}, "head": 0}
+    hessian.layer_breakdown(op, jax.random.key(0), layer_axes=bad)
+
+
 def test_filter_normalisation_reads_layer_axes_from_axis_names():
   import flax.linen as nn
 
