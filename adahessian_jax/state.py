@@ -202,6 +202,66 @@ def _unwrapped(x: Any) -> Any:
   return x.__jax_array__() if _wraps_array(x) else x
 
 
+def _concrete(value: Any) -> bool:
+  """Whether ``value`` (unwrapped) holds known values: not a traced value, nor a
+  ``ShapeDtypeStruct`` (an abstract state, a checkpoint's target)."""
+  return isinstance(value, int | np.integer | np.ndarray) or (
+    isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+  )
+
+
+_CORRUPT_FIX = (
+  "A moment restored from a corrupt checkpoint (or set by hand) would reach every later update: "
+  "restore an earlier checkpoint, or start again from tx.init(params). Under jax.jit the values "
+  "are not known when the step is traced and are not checked."
+)
+
+
+def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
+  """Raises ``ValueError`` where ``state``'s moments are known (outside ``jit``) and ``mu``,
+  ``nu`` or ``hessian`` has a non-finite entry, or ``nu`` a negative one, naming the field, leaf
+  and index.
+
+  The update never writes one (it keeps the previous value where an estimate or gradient is not
+  finite), so only a restored or hand-made state has one; it was taken silently: a NaN ``mu``
+  made that entry's updates NaN for good, an infinite ``nu`` froze it, a negative ``nu`` made
+  its denominator NaN. One reduction per leaf and one transfer of the results; nothing under
+  ``jit`` (traced values are skipped), so the compiled step is unchanged.
+
+  Args:
+    state: A :class:`ScaleByAdaHessianState` whose fields :func:`check_fields` accepted.
+    what: The start of the error, completed by ``" nu at ['w'] ..."``.
+  """
+  fields = {"mu": state.mu, "nu": state.nu, "hessian": state.hessian}
+  leaves = [
+    (field, path, _unwrapped(x))
+    for field, tree in fields.items()
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    if _concrete(_unwrapped(x))  # and all here: not an array with shards on other processes
+    and (not isinstance(_unwrapped(x), jax.Array) or _unwrapped(x).is_fully_addressable)
+  ]
+  with jax.ensure_compile_time_eval():  # a state closed over by a jitted step: run now, not staged
+    flags = [
+      jnp.all(jnp.isfinite(x) & (x >= 0)) if field == "nu" else jnp.all(jnp.isfinite(x))
+      for field, _, x in leaves
+    ]
+  ok = jax.device_get(flags)
+  for (field, path, x), good in zip(leaves, ok, strict=True):
+    if good:
+      continue
+    host = np.asarray(x)
+    bad = ~np.isfinite(host) | ((host < 0) if field == "nu" else False)
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    kind = "negative" if np.isfinite(host[index]) else "not finite"
+    raise ValueError(
+      f"{what} {field} at {_validation.path_str(path)} has {host[index]} at index {index}, "
+      f"{kind}"
+      + (" (nu holds squared curvatures: >= 0)" if kind == "negative" else "")
+      + ". "
+      + _CORRUPT_FIX
+    )
+
+
 def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = ()) -> None:
   """Raises unless ``state.count`` (and ``update_freq`` where set) are integer arrays of shape
   ``count_shape`` (``count`` of 32 bits or more), and, where known (outside ``jit``),
@@ -241,10 +301,7 @@ def check_counters(state: ScaleByAdaHessianState, what: str, count_shape: Any = 
         "again from tx.init(params)."
       )
     value = _unwrapped(value)
-    concrete = isinstance(value, int | np.integer | np.ndarray) or (
-      isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
-    )  # not a traced value, nor a ShapeDtypeStruct (an abstract state, a checkpoint's target)
-    if shape == () and concrete and int(value) < lo:
+    if shape == () and _concrete(value) and int(value) < lo:
       raise ValueError(f"{what} {name} is {int(value)}, not >= {lo}. " + _FIELDS_FIX)
 
 

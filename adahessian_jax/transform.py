@@ -29,6 +29,7 @@ from adahessian_jax.state import (
   ScaleByAdaHessianState,
   check_fields,
   check_key_data,
+  check_moment_values,
   is_refresh_step,
   moment_steps,
   new_keys_fix,
@@ -151,6 +152,7 @@ def _check_state(
     )
   check_key_data(state.key)  # a single raw key of shape (2,) would read as two probes' keys
   check_fields(state, "scale_by_adahessian's update got a state whose")  # e.g. a nu broadcast
+  check_moment_values(state, "scale_by_adahessian's update got a state whose")  # outside jit
   fix = " Build the transform with the arguments the state was made with, or start a new state."
   if state.key.shape[0] != n_samples:
     raise ValueError(

@@ -790,6 +790,52 @@ def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
   assert ah.find_adahessian_state(bumped(stacked)).count.tolist() == [1, 1, 1, 1]
 
 
+def test_a_state_with_corrupt_moment_values_is_refused_where_they_are_known():
+  """A state restored with NaN or inf in mu, nu or the stored D, or a negative nu, was taken: a
+  NaN mu made that entry's updates NaN for good, an inf nu froze it. Outside jit (values known)
+  the update names field, leaf and index; a negative count was refused already."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
+  fix = r"\. A moment restored from a corrupt checkpoint .* start again from tx\.init\(params\)"
+  for kwargs in ({}, {"update_freq": 3}):
+    tx = ah.adahessian(0.1, **kwargs)
+    state = tx.init(params)
+    bad = [
+      ("mu", "w", (1, 0), jnp.nan, r"mu at \['w'\] has nan at index \(1, 0\), not finite"),
+      ("nu", "b", (1,), jnp.inf, r"nu at \['b'\] has inf at index \(1,\), not finite"),
+      (
+        "nu",
+        "w",
+        (2, 1),
+        -1.5,
+        r"nu at \['w'\] has -1.5 at index \(2, 1\), negative \(nu holds squared curvatures: >= 0\)",
+      ),
+      ("mu", "b", (0,), -jnp.inf, r"mu at \['b'\] has -inf at index \(0,\), not finite"),
+    ]
+    if kwargs:
+      bad.append(
+        ("hessian", "b", (0,), jnp.nan, r"hessian at \['b'\] has nan at index \(0,\), not finite")
+      )
+    for field, leaf, index, value, match in bad:
+
+      def corrupt(s, field=field, leaf=leaf, index=index, value=value):
+        tree = dict(getattr(s, field))
+        tree[leaf] = tree[leaf].at[index].set(value)
+        return s._replace(**{field: tree})
+
+      restored = ah.map_adahessian_state(corrupt, state)
+      with pytest.raises(
+        ValueError, match=r"^scale_by_adahessian's update got a state whose " + match + fix
+      ):
+        tx.update(params, restored, params, value_fn=loss)
+    # A negative mu is a gradient's sign, and -0.0 in nu (init's mark of no curvature yet) no error.
+    fine = ah.map_adahessian_state(
+      lambda s: s._replace(mu=jax.tree.map(lambda m: m - 1.0, s.mu)), state
+    )
+    updates, _ = tx.update(params, fine, params, value_fn=loss)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
 def test_map_adahessian_state_names_a_fn_that_is_no_function_of_one_state():
   """The arguments swapped, or a string, failed with Python's "'tuple' object is not callable",
   naming neither argument; a function of no arguments with "takes 0 positional arguments"."""
