@@ -428,6 +428,45 @@ def test_plots_draw_grids_given_in_any_order_in_order():
   plt.close("all")
 
 
+def test_plots_refuse_losses_of_another_grid_than_their_steps():
+  # A landscape edited with _replace: the plots drew the entries the steps index and dropped the
+  # rest (5 losses on 2 alphas: a line of 2 points; 3x3 on a 2x2 grid: its top-left corner).
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  line = hessian.Landscape1D(np.array([0.0, 1.0]), np.ones(2), jnp.zeros(2))
+  plane = hessian.Landscape2D(np.array([0.0, 1.0]), np.array([0.0, 1.0, 2.0]), np.ones((2, 3)), 0)
+  one, two = r"^plot_landscape_1d: the landscape's ", r"^plot_landscape_2d: the landscape's "
+  figures = plt.get_fignums()
+  for call, landscape, match in [
+    (hessian.plot_landscape_1d, line._replace(losses=np.ones(5)), r"losses have shape \(5,\), "),
+    (hessian.plot_landscape_1d, line._replace(losses=np.ones((2, 1))), r"losses have shape \(2, 1"),
+    (hessian.plot_landscape_1d, line._replace(alphas=np.ones((2, 1))), r"alphas must be 1-D, got"),
+    (hessian.plot_landscape_1d, line._replace(losses=np.array(["a", "b"])), r"losses must be real"),
+    (
+      hessian.plot_landscape_2d,
+      plane._replace(losses=np.ones((3, 3))),
+      r"losses have shape \(3, 3",
+    ),
+    (
+      hessian.plot_landscape_2d,
+      plane._replace(losses=np.ones((3, 2))),
+      r"losses have shape \(3, 2",
+    ),
+    (hessian.plot_landscape_2d, plane._replace(betas=np.ones((3, 1))), r"betas must be 1-D, got"),
+  ]:
+    prefix = one if call is hessian.plot_landscape_1d else two
+    with pytest.raises(ValueError, match=prefix + match):
+      call(landscape)
+  with pytest.raises(ValueError, match=r"but its alphas \(2,\) and betas \(3,\) make a grid of"):
+    hessian.plot_landscape_2d(plane._replace(losses=np.ones((3, 2))))
+  assert plt.get_fignums() == figures  # refused before a figure was made
+  hessian.plot_landscape_2d(plane)  # the grid's own shape is drawn
+  plt.close("all")
+
+
 def test_plot_landscape_2d_refuses_what_it_cannot_draw():
   matplotlib = pytest.importorskip("matplotlib")
   matplotlib.use("Agg")

@@ -47,6 +47,38 @@ def _check_result(result: Any, expected: type) -> None:
   )
 
 
+def _grid(landscape: Landscape1D | Landscape2D, call: str) -> list[np.ndarray]:
+  """The landscape's steps and losses as float arrays, if each step array is 1-D and the losses
+  have one entry per grid point; ``ValueError`` naming the shapes otherwise.
+
+  A landscape edited with ``_replace`` (losses of another grid, steps of another length) was
+  drawn from the entries the steps index, the rest dropped, without an error.
+  """
+  names = ["alphas"] if isinstance(landscape, Landscape1D) else ["alphas", "betas"]
+  arrays = []
+  for name in [*names, "losses"]:
+    value = getattr(landscape, name)
+    try:
+      arrays.append(np.asarray(value, np.float64))
+    except (TypeError, ValueError):
+      raise ValueError(
+        f"{call}: the landscape's {name} must be real numbers, got {value!r:.80}"
+      ) from None
+  *steps, losses = arrays
+  for name, x in zip(names, steps, strict=True):
+    if x.ndim != 1:
+      raise ValueError(f"{call}: the landscape's {name} must be 1-D, got shape {x.shape}")
+  grid = tuple(x.size for x in steps)
+  if losses.shape != grid:
+    given = " and ".join(f"{n} {x.shape}" for n, x in zip(names, steps, strict=True))
+    raise ValueError(
+      f"{call}: the landscape's losses have shape {losses.shape}, but its {given} make a grid "
+      f"of shape {grid}: one loss per point (a landscape edited with _replace must keep them "
+      "alike)."
+    )
+  return arrays
+
+
 def _axes(ax: matplotlib.axes.Axes | None) -> matplotlib.axes.Axes:
   if ax is not None:
     return ax
@@ -117,12 +149,14 @@ def plot_landscape_1d(
   Raises:
     TypeError: for a ``landscape`` that is no ``Landscape1D`` (a ``Landscape2D``: use
       :func:`plot_landscape_2d`).
+    ValueError: for ``alphas`` that are not 1-D, or ``losses`` not of their shape (naming both).
   """
   _check_result(landscape, Landscape1D)
+  alphas, losses = _grid(landscape, "plot_landscape_1d")
   ax = _axes(ax)
-  order = np.argsort(np.asarray(landscape.alphas), kind="stable")
-  alphas, losses = np.asarray(landscape.alphas)[order], np.asarray(landscape.losses)[order]
-  finite = np.isfinite(np.asarray(losses, dtype=np.float64))
+  order = np.argsort(alphas, kind="stable")
+  alphas, losses = alphas[order], losses[order]
+  finite = np.isfinite(losses)
   joined = np.zeros_like(finite)
   joined[1:] |= finite[:-1]
   joined[:-1] |= finite[1:]
@@ -160,14 +194,15 @@ def plot_landscape_2d(
   Raises:
     TypeError: for a ``landscape`` that is no ``Landscape2D`` (a ``Landscape1D``: use
       :func:`plot_landscape_1d`).
-    ValueError: for a ``log`` or ``colorbar`` that is not a bool, a grid with fewer than 2 points
+    ValueError: for a ``log`` or ``colorbar`` that is not a bool, steps that are not 1-D,
+      ``losses`` not of shape ``(len(alphas), len(betas))``, a grid with fewer than 2 points
       along a direction, and with ``log`` for a loss ``<= 0`` (naming the first one).
   """
   _check_result(landscape, Landscape2D)
   log, colorbar = _validation.flag("log", log), _validation.flag("colorbar", colorbar)
-  a, b = np.argsort(landscape.alphas, kind="stable"), np.argsort(landscape.betas, kind="stable")
-  alphas, betas = np.asarray(landscape.alphas)[a], np.asarray(landscape.betas)[b]
-  losses = np.asarray(landscape.losses)[np.ix_(a, b)]
+  alphas, betas, losses = _grid(landscape, "plot_landscape_2d")
+  a, b = np.argsort(alphas, kind="stable"), np.argsort(betas, kind="stable")
+  alphas, betas, losses = alphas[a], betas[b], losses[np.ix_(a, b)]
   if alphas.size < 2 or betas.size < 2:
     raise ValueError(
       f"plot_landscape_2d needs at least 2 alphas and 2 betas for a contour plot, got "
