@@ -176,9 +176,21 @@ def _same_variables(expected: Any, given: Any, wrt: Any) -> Any:
   variables (``nnx.to_pure_dict``; the leaves of the same paths, in the same order). Raises
   ``ValueError`` if it holds other variables, naming them."""
   pure_expected, pure_given = nnx.as_pure(expected), nnx.as_pure(given)
-  if jax.tree.structure(pure_expected) == jax.tree.structure(pure_given):
-    return given
-  if _validation.leaf_paths(pure_given) == _validation.leaf_paths(pure_expected):
+  paths = _validation.leaf_paths(pure_expected)
+  same_tree = jax.tree.structure(pure_expected) == jax.tree.structure(pure_given)
+  if same_tree or _validation.leaf_paths(pure_given) == paths:
+    # The same paths, other shapes (another model's state): JAX's shape error named no variable.
+    for path, want, got in zip(
+      paths, jax.tree.leaves(pure_expected), jax.tree.leaves(pure_given), strict=True
+    ):
+      if jnp.shape(want) != jnp.shape(got):
+        raise ValueError(
+          f"adahessian_jax.nnx.value_fn was built for a model whose variable at {path} has shape "
+          f"{jnp.shape(want)}, but was called with a state where it has shape {jnp.shape(got)}. "
+          "Build it on the model the nnx.Optimizer updates: value_fn(model, loss_fn, ...)."
+        )
+    if same_tree:
+      return given
     return jax.tree.unflatten(jax.tree.structure(pure_expected), jax.tree.leaves(pure_given))
   expected, given = pure_expected, pure_given
   extra, missing = _validation.unshared_leaf_paths(given, expected)
@@ -217,8 +229,9 @@ def value_fn(
     A function of the (pure) parameter state, as ``nnx.Optimizer`` passes it
     (or of the same state as a pure dict, ``nnx.to_pure_dict(state)``).
     Called with the state of other variables than ``wrt`` selects in ``model``
-    (the optimizer's ``wrt`` is another filter), it raises a ``ValueError``
-    naming them; for a ``loss_fn`` returning a tuple, a ``TypeError``.
+    (the optimizer's ``wrt`` is another filter), or of other shapes (another
+    model's), it raises a ``ValueError`` naming them; for a ``loss_fn`` returning
+    a tuple, a ``TypeError``.
 
   Raises:
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.

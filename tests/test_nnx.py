@@ -200,6 +200,27 @@ def test_value_fn_built_for_another_filter_than_the_optimizers_says_so():
   np.testing.assert_allclose(value_fn(adapters), loss_fn(model, x, y), rtol=1e-14)
 
 
+def test_value_fn_called_with_another_models_state_names_the_variable():
+  """A state of the same paths but other shapes (a model of another width) failed in JAX's
+  dot_general ("contracting dimensions to have the same shape"), naming no variable."""
+  x, y = data()
+  value_fn = ah_nnx.value_fn(Net(nnx.Rngs(0)), loss_fn, x, y)
+
+  class Wider(Net):
+    def __init__(self, rngs):
+      super().__init__(rngs)
+      self.l2 = nnx.Linear(16, 3, param_dtype=jnp.float64, rngs=rngs)
+
+  wider = nnx.as_pure(nnx.state(Wider(nnx.Rngs(0)), nnx.Param))
+  match = r"variable at \['l2'\]\['bias'\] has shape \(1,\), but .* it has shape \(3,\)\. Build"
+  with pytest.raises(
+    ValueError, match=r"^adahessian_jax\.nnx\.value_fn was built for a model whose " + match
+  ):
+    jax.jit(value_fn)(wider)
+  with pytest.raises(ValueError, match=match):  # as a pure dict too
+    value_fn(nnx.to_pure_dict(wider))
+
+
 def test_loss_with_aux_or_without_it_against_has_aux_says_so():
   x, y = data()
   model = Adapted(nnx.Rngs(0))
