@@ -178,7 +178,9 @@ def map_adahessian_state(
 
 _STACKED_FIX = (
   "A state with leading axes (jax.vmap(tx.init) over an ensemble or a sweep) holds one state "
-  "per member: update it inside jax.vmap, with the state's axis mapped (in_axes=0)."
+  "per member: update it inside jax.vmap, with the state's axis mapped (in_axes=0). A state "
+  "replicated for jax.pmap (distributed.replicate) holds one copy per device: update it inside "
+  "the pmap-ed step, or take one copy for a jax.jit step, jax.tree.map(lambda x: x[0], state)."
 )
 #: Why ``nu`` and ``hessian`` (and so ``nu_dtype``) are never float16.
 FLOAT16_NU = (

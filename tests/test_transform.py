@@ -901,6 +901,27 @@ def test_is_refresh_step_refuses_a_count_or_update_freq_out_of_range():
     ah.map_adahessian_state(lambda s: s._replace(count=jnp.int16(0)), tx.init(params))
 
 
+def test_a_state_replicated_for_pmap_given_to_a_jit_step_says_how_to_use_it():
+  """A state from distributed.replicate (one copy per device) given to a jit step was told only
+  to update it inside jax.vmap, as an ensemble's; the pmap-ed step, or one copy, is the fix."""
+  from adahessian_jax import distributed
+
+  tx, params = ah.adahessian(0.1), {"w": jnp.ones(3)}
+  loss = lambda p: jnp.sum(p["w"] ** 4)
+  replicated = distributed.replicate(tx.init(params), "batch")
+  step = jax.jit(lambda s: tx.update(params, s, params, value_fn=loss)[0])
+  with pytest.raises(
+    ValueError,
+    match=r"key must be raw key data, .* got an array of dtype uint32 of shape \(\d, 1, 2\)\. "
+    r"A state with leading axes .* replicated for jax.pmap \(distributed.replicate\) holds one "
+    r"copy per device: update it inside the pmap-ed step, or take one copy for a jax.jit step, "
+    r"jax.tree.map\(lambda x: x\[0\], state\)\.",
+  ):
+    step(replicated)
+  one = step(jax.tree.map(lambda x: x[0], replicated))  # the fix it gives runs
+  np.testing.assert_allclose(one["w"], step(tx.init(params))["w"])
+
+
 def test_is_refresh_step_of_an_abstract_state_says_it_needs_values():
   """A state from jax.eval_shape(tx.init, params) failed with Python's "unsupported operand
   type(s) for %: 'ShapeDtypeStruct' and 'ShapeDtypeStruct'"; every step refreshes with
