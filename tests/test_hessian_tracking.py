@@ -197,6 +197,13 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
   bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=jnp.full((2, N), jnp.nan)))
   with pytest.raises(ValueError, match="sharpness Ritz vectors are not finite"):
     hessian.track_curvature(op, bad)
+  # Strings failed in NumPy's isfinite, naming nothing; complex vectors lost their imaginary part.
+  for vectors, dtype in [(np.full((2, N), "a"), "<U1"), (jnp.ones((2, N)) * 1j, "complex")]:
+    bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=vectors))
+    with pytest.raises(
+      ValueError, match=rf"^previous: its sharpness Ritz vectors have dtype {dtype}.*, not real"
+    ):
+      hessian.track_curvature(op, bad)
   with pytest.raises(TypeError, match="CurvatureRecord.*got Sharpness"):
     hessian.track_curvature(op, record.sharpness)
   # A record from a checkpoint restored without a target (orbax: a dict of its fields).

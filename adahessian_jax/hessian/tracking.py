@@ -344,6 +344,13 @@ def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
   if previous is None:
     return
   start = np.asarray(previous.ritz_vectors)
+  if not _validation.real_dtype(start.dtype):
+    # Strings failed in NumPy's isfinite ("ufunc 'isfinite' not supported"), complex vectors lost
+    # their imaginary part silently.
+    raise ValueError(
+      f"previous: its {what} Ritz vectors have dtype {start.dtype}, not real numbers; pass the "
+      "record of an earlier measurement of the same model, or previous=None for a cold start"
+    )
   if start.ndim != 2 or start.shape[0] < 1:
     raise ValueError(
       f"previous: its {what} Ritz vectors have shape {start.shape}, but the operator has {n} "
