@@ -219,6 +219,11 @@ _CORRUPT_FIX = (
 )
 
 
+def _bad_entries(field: str, host: np.ndarray) -> np.ndarray:
+  """Where a moment held on the host is not finite, or, for ``nu``, negative."""
+  return ~np.isfinite(host) | ((host < 0) if field == "nu" else False)
+
+
 def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
   """Raises ``ValueError`` where ``state``'s moments are known (outside ``jit``) and ``mu``,
   ``nu`` or ``hessian`` has a non-finite entry, or ``nu`` a negative one, naming the field, leaf
@@ -227,7 +232,8 @@ def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
   The update never writes one (it keeps the previous value where an estimate or gradient is not
   finite), so only a restored or hand-made state has one; it was taken silently: a NaN ``mu``
   made that entry's updates NaN for good, an infinite ``nu`` froze it, a negative ``nu`` made
-  its denominator NaN. One reduction per leaf and one transfer of the results; nothing under
+  its denominator NaN. Arrays on the CPU are read in place with NumPy (no program compiled);
+  on an accelerator, one reduction per leaf and one transfer of the results. Nothing under
   ``jit`` (traced values are skipped), so the compiled step is unchanged.
 
   Args:
@@ -242,18 +248,20 @@ def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
     if _concrete(_unwrapped(x))  # and all here: not an array with shards on other processes
     and (not isinstance(_unwrapped(x), jax.Array) or _unwrapped(x).is_fully_addressable)
   ]
-  with jax.ensure_compile_time_eval():  # a state closed over by a jitted step: run now, not staged
-    flags = [
-      jnp.all(jnp.isfinite(x) & (x >= 0)) if field == "nu" else jnp.all(jnp.isfinite(x))
-      for field, _, x in leaves
-    ]
-  ok = jax.device_get(flags)
+  flags: list[Any] = []
+  for field, _, x in leaves:
+    if isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices()):
+      flags.append(not np.any(_bad_entries(field, np.asarray(x))))  # a view: no copy, no program
+      continue
+    with jax.ensure_compile_time_eval():  # a state closed over by a jitted step: run, not staged
+      finite = jnp.isfinite(x) & (x >= 0) if field == "nu" else jnp.isfinite(x)
+      flags.append(jnp.all(finite))
+  ok = jax.device_get(flags)  # one transfer of the accelerators' flags
   for (field, path, x), good in zip(leaves, ok, strict=True):
     if good:
       continue
     host = np.asarray(x)
-    bad = ~np.isfinite(host) | ((host < 0) if field == "nu" else False)
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    index = tuple(int(i) for i in np.argwhere(_bad_entries(field, host))[0])
     kind = "negative" if np.isfinite(host[index]) else "not finite"
     raise ValueError(
       f"{what} {field} at {_validation.path_str(path)} has {host[index]} at index {index}, "
