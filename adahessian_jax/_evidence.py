@@ -95,7 +95,7 @@ def read(
   placement = set(_unplaced_stacks(paths, shapes, names, roles, alone, unplaced)) - set(unsure)
   for i in placement:
     unsure[i] = _UNPLACED
-  for i, why in guessed.items():  # how many axes an nn.remat_scan stacks
+  for i, why in guessed.items():  # how many axes an nn.remat_scan stacks, or where a scan does
     unsure.setdefault(i, why)
   for i in square_unsure:
     unsure.setdefault(
@@ -875,7 +875,7 @@ def stacks_by_evidence(
     front by a bias-less ``Dense_N``'s name alone, where it may be elsewhere
     (:func:`_dense_stacks_elsewhere`: ``nn.vmap`` with ``variable_axes={"params": 1}``), and
     ``{leaf index: why}`` for those whose number of stacked axes is a guess (an
-    ``nn.remat_scan``'s, :func:`_scan_stacks`).
+    ``nn.remat_scan``'s, :func:`_scan_stacks`), or whose place is (:func:`_scanned_behind`).
   """
   modules = _by_module(paths, lambda i: names[i] is None and roles[i] is not None)
   found: dict[int, tuple[AxisNames, str]] = {}
@@ -920,10 +920,55 @@ def stacks_by_evidence(
       if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
   unsure = {i for module in unplaced for i in modules[module].values() if i in found}
+  guessed_modules.update(_scanned_behind(modules, paths, shapes, counts))
   guessed = {
     i: why for m, why in guessed_modules.items() for i in modules[m].values() if i in found
   }
   return found, alone, unsure, guessed
+
+
+def _stacked_behind(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
+  """Whether a kernel and its bias fit one layer's stacked along their last axis (``nn.scan``
+  with ``variable_axes={"params": -1}``): a ``Dense`` kernel ``(in, out, layers)`` beside ``(out,
+  layers)``, one layer's bias its kernel's trailing axes (:func:`_bias_fits`)."""
+  return len(b) >= 2 and k[-1] == b[-1] and 0 in (_bias_fits(k[:-1], b[:-1]) or ())
+
+
+def _scanned_behind(
+  modules: dict[tuple, dict[str, int]], paths, shapes, counts: dict[tuple, tuple]
+) -> dict[tuple, str]:
+  """The modules under Linen's name of an ``nn.scan`` read with one stacked axis in front whose
+  kernel and bias fit a stack behind as well (:func:`_stacked_behind`), as every leaf under the
+  innermost scan does by its last size, their siblings there too: a residual block scanned with
+  ``variable_axes={"params": -1}``, kernel ``(in, out, layers)`` beside ``(out, layers)`` with
+  in = out and a norm's ``(out, layers)``, which Linen's ``Dense_0`` name or the scan's would
+  read as ``in`` layers, blocked across output units. (A module alone under the scan is read
+  stacked in front, as scans of layers are written: its shapes fit both ways alike.)
+
+  Returns:
+    ``{module: why its stack is a guess}``.
+  """
+  found: dict[tuple, str] = {}
+  leaf_modules = [_module_keys(path) for path in paths]
+  for module, members in modules.items():
+    depths = [d for d in range(1, len(module) + 1) if _is_scan(module[d - 1])]
+    lead = counts[module][0]
+    if not depths or not lead or len(lead) != 1:
+      continue
+    inner = module[: depths[-1]]
+    for pair in _bias_pairs(members, shapes):
+      if pair.k[:1] != lead or not _stacked_behind(pair.k, pair.b):
+        continue
+      under = [i for i, keys in enumerate(leaf_modules) if keys[: len(inner)] == inner]
+      siblings = set(under) - set(members.values())
+      if siblings and all(shapes[i] and shapes[i][-1] == pair.k[-1] for i in under):
+        found[module] = (
+          f"its {pair.bias} {pair.b} fits its {pair.kernel} {pair.k} stacked in front and "
+          f"behind (nn.scan with variable_axes={{'params': -1}}), and every leaf under "
+          f"{inner[-1]!r} has the last size {pair.k[-1]}: name its axes or give it a rule"
+        )
+        break
+  return found
 
 
 def _dense_stacks_elsewhere(

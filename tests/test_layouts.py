@@ -7,6 +7,7 @@ and hand-written tables of what each leaf of a small model is.
 import cProfile
 import functools
 import pstats
+import re
 import warnings
 from collections.abc import Callable
 
@@ -3113,21 +3114,28 @@ def test_a_stack_is_averaged_as_its_layers_are_one_by_one_or_flagged(kind, rng):
 
 class _ResidualCell(nn.Module):
   """A residual Dense + LayerNorm step whose carry is its input: every leaf's first size is
-  the features' (kernel (6, 6), bias and norm (6,))."""
+  the features' (kernel (6, 6), bias and norm (6,)); with ``features=8`` the kernel is (6, 8)
+  and the first 6 outputs are added; ``general`` makes the Dense a ``DenseGeneral``."""
+
+  features: int = 6
+  general: bool = False
 
   @nn.compact
   def __call__(self, c, x):
-    return c + nn.LayerNorm(param_dtype=jnp.float64)(nn.Dense(6, param_dtype=jnp.float64)(c)), x
+    dense = nn.DenseGeneral if self.general else nn.Dense
+    h = nn.LayerNorm(param_dtype=jnp.float64)(dense(self.features, param_dtype=jnp.float64)(c))
+    return c + h[..., :6], x
 
 
-def _scanned_cells(**scan):
+def _scanned_cells(features=6, general=False, **scan):
   """``nn.scan`` of :class:`_ResidualCell` over 4 steps inside a model (Linen names it
   ``Scan_ResidualCell_0``), its params as zeros."""
 
   class Model(nn.Module):
     @nn.compact
     def __call__(self, xs):
-      return nn.scan(_ResidualCell, length=4, **scan)()(xs[0], xs)[0]
+      cell = nn.scan(_ResidualCell, length=4, **scan)(features, general)
+      return cell(xs[0], xs)[0]
 
   return zero_params(Model(), np.ones((4, 2, 6)))
 
@@ -3172,6 +3180,47 @@ def test_a_scan_name_shows_no_stack_where_its_modules_show_none_in_front(rng):
       want = block_average(np.asarray(d), 2) if path.endswith("kernel") else np.asarray(d)
       got_leaf = traverse_util.flatten_dict(got, sep="/")[path]
       np.testing.assert_allclose(got_leaf, want, rtol=1e-12, err_msg=path)
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["Dense", "DenseGeneral"])
+def test_a_scan_that_may_stack_a_square_dense_behind_is_flagged(general, rng):
+  # nn.scan with variable_axes={"params": -1} of a residual Dense (in = out = 6) over 4 steps:
+  # kernel (in, out, layers) = (6, 6, 4) beside its bias (out, layers) = (6, 4) and the norm's
+  # (6, 4). That also fits the Dense stacked in front, 6 layers of (6, 4) beside (4,): it was
+  # read so, each "layer" blocked across 2 output units and the 4 real layers, unflagged. Every
+  # leaf's last size being the kernel's too, the shapes cannot tell: flagged, strict refuses.
+  cls = "DenseGeneral_0" if general else "Dense_0"
+  kernel_path = f"['Scan_ResidualCell_0']['{cls}']['kernel']"
+  scan = {"variable_axes": {"params": -1}, "split_rngs": {"params": True}}
+  behind = _scanned_cells(6, general, **scan)
+  rows = {r.path: r for r in spatial.describe(behind, block_size=2).rows}
+  assert rows[kernel_path].shape == (6, 6, 4) and rows[kernel_path].ambiguous
+  assert "variable_axes={'params': -1}" in rows[kernel_path].why
+  assert [p for p, r in rows.items() if r.ambiguous] == [kernel_path]
+  with pytest.raises(ValueError, match=rf"(?s)1 leaf is ambiguous.*\['{cls}'\]\['kernel'\]"):
+    spatial.describe(behind, spatial.strict(), block_size=2)
+  with pytest.warns(spatial.LayoutGuessWarning, match=re.escape(kernel_path)):
+    ah.scale_by_adahessian(block_size=2).init(behind)
+  # The same block scanned as usual (params axis 0; in = out, or in != out), and stacked behind
+  # with in != out (kernel (6, 8, 4) beside (8, 4): a DenseGeneral over two output axes, whose
+  # blocks of inputs keep layers and outputs apart either way), stay sure reads: blocks of 2
+  # inputs within each layer and output unit, no warning.
+  for features, axis in ((6, 0), (8, 0), (8, -1)):
+    scan = {"variable_axes": {"params": axis}, "split_rngs": {"params": True}}
+    params = _scanned_cells(features, general, **scan)
+    hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", spatial.LayoutGuessWarning)
+      got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+    got = traverse_util.flatten_dict(got, sep="/")
+    for path, d in traverse_util.flatten_dict(hessian_diag, sep="/").items():
+      d = np.asarray(d)
+      if path.endswith("kernel"):  # (layers, in, out) or (in, out, layers): blocks of inputs
+        in_axis = 1 if axis == 0 else 0
+        want = block_average(d, 2, axis=in_axis)
+      else:
+        want = d
+      np.testing.assert_allclose(got[path], want, rtol=1e-12, err_msg=f"{features} {axis} {path}")
 
 
 class _ConvNormHead(nn.Module):
