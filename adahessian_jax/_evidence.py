@@ -86,6 +86,9 @@ def read(
   Returns:
     A :class:`Reading` per leaf, in order.
   """
+  own = list(names)
+  names = [_roleless_unnamed(n, r) for n, r in zip(names, roles, strict=True)]
+  cleared = list(names)
   names, leading = _unnamed_leading_stacks(paths, shapes, names, roles)
   by_bias, square_unsure = weights_by_bias(paths, shapes, roles)
   evident, alone, unplaced, guessed = stacks_by_evidence(paths, shapes, names, roles)
@@ -154,9 +157,25 @@ def read(
           "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
           "name its axes"
         )
+    if leaf_names == cleared[i]:  # nothing read: its own names (mesh axes: no role), if any
+      leaf_names = own[i]
     moot = i in placement and unsure.get(i) == _UNPLACED
     readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), moot))
   return readings
+
+
+def _roleless_unnamed(names: AxisNames | None, roles: Mapping[str, str] | None) -> AxisNames | None:
+  """A leaf's names as the evidence reads them: where no name has a known role but ``stacked``
+  (``nn.with_partitioning``'s mesh axes: ``(None, None, None, "model")``; ``("layers", None,
+  "model")``), those of no role are ``None`` (all of them: no names), so the leaf gets the
+  evidence of an unboxed one; other names (``(None, "embed")``) as they are."""
+  if names is None or roles is None:
+    return names
+  known = [axis_role(x, roles) for x in names]
+  if any(r not in (None, STACKED) for r in known):
+    return names
+  kept = tuple(x if r == STACKED else None for x, r in zip(names, known, strict=True))
+  return None if all(x is None for x in kept) else kept
 
 
 def _unnamed_leading_stacks(

@@ -203,6 +203,69 @@ def test_a_scan_whose_boxes_leave_the_stacked_axis_unnamed_keeps_its_layers_apar
   assert layer_axes_of(params) == [(0,), (0,), (0,)]
 
 
+class _MeshBoxedConvBlock(nn.Module):
+  """A residual 3x3 Conv with its bias, boxed with mesh axis names only."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    P, init = nn.with_partitioning, nn.initializers.lecun_normal()
+    kernel, bias = P(init, (None, None, None, "model")), P(nn.initializers.zeros, ("model",))
+    conv = nn.Conv(8, (3, 3), kernel_init=kernel, bias_init=bias, param_dtype=jnp.float64)
+    return x + conv(x), None
+
+
+class _MeshBoxedModel(nn.Module):
+  """:class:`_MeshBoxedConvBlock`, an ``nn.scan`` of 3 of them (axis named ``layers``) and a
+  ``DenseGeneral`` query projection ``q`` (4 heads of 2) with its bias, boxed with mesh axis
+  names."""
+
+  @nn.compact
+  def __call__(self, x):
+    x, _ = _MeshBoxedConvBlock()(x)
+    meta = {"metadata_params": {nn.PARTITION_NAME: "layers"}}
+    x, _ = nn.scan(_MeshBoxedConvBlock, length=3, **_SCANNED, **meta)()(x, None)
+    P, init = nn.with_partitioning, nn.initializers.lecun_normal()
+    kernel, bias = P(init, (None, "model", None)), P(nn.initializers.zeros, ("model", None))
+    q = nn.DenseGeneral(
+      (4, 2), kernel_init=kernel, bias_init=bias, param_dtype=jnp.float64, name="q"
+    )
+    return q(x)
+
+
+def test_mesh_axis_names_leave_a_kernel_to_the_evidence_of_an_unboxed_one(rng):
+  # nn.with_partitioning's mesh axis names ("model", None) carry no role: a Conv_0 kernel (None,
+  # None, None, "model") beside its bias, its scanned twin ("layers", None, None, None, "model")
+  # and a DenseGeneral kernel (None, "model", None) beside its bias ("model", None) were the
+  # rank's guesses, flagged (mean over axis 0 for the query: across its embed inputs), while the
+  # same params unboxed are read for sure by their biases and names. Now as unboxed.
+  params = zero_params(_MeshBoxedModel(), np.ones((1, 5, 5, 8)))
+  boxed = spatial.describe(params, spatial.strict(), block_size=2).rows
+  plain = spatial.describe(nn.unbox(params), spatial.strict(), block_size=2).rows
+  assert [r.rule for r in boxed] == [r.rule for r in plain]
+  rows = {r.path: r for r in boxed}
+  assert rows["['_MeshBoxedConvBlock_0']['Conv_0']['bias']"].names == (
+    "model",
+  )  # its own names where nothing is read
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  got = traverse_util.flatten_dict(nn.unbox(got), sep="/")
+  kernels = 0
+  for path, d in traverse_util.flatten_dict(nn.unbox(hessian_diag), sep="/").items():
+    d = np.asarray(d)
+    if path == "q/kernel":  # (embed, heads, head_dim): blocks of 2 embed inputs
+      want = block_average(d, 2, axis=0)
+    elif path.endswith("kernel"):  # (*layers, 3, 3, in, out): the mean over the 3x3 window
+      window = (d.ndim - 4, d.ndim - 3)
+      want = np.broadcast_to(d.mean(axis=window, keepdims=True), d.shape)
+    else:
+      want = d
+    kernels += path.endswith("kernel")
+    np.testing.assert_allclose(got[path], want, rtol=1e-12, err_msg=path)
+  assert kernels == 3
+
+
 def test_an_unnamed_stacked_axis_is_found_in_leaves_with_an_unnamed_axis_after_their_names():
   # A ConvNeXt block under nn.scan with PARTITION_NAME None: its depthwise kernel (None, "height",
   # "width", None, "embed") (the grouped input axis left unnamed) was taken for named, so its
