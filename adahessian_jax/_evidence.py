@@ -386,7 +386,7 @@ def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
   for i, key in enumerate(keys):
     if roles[i] is None or names[i] is not None or len(shapes[i]) != 2:
       continue
-    if param_name(paths[i]) in (*READ_BY_NAME, "kernel", "w"):
+    if param_name(paths[i]) in (*READ_BY_NAME, *_KERNEL_NAMES):
       continue
     for depth in range(len(key) - 1, -1, -1):
       if shapes[i][0] in scales.get(key[:depth], ()) and firsts[key[:depth]] == {shapes[i][0]}:
@@ -513,8 +513,11 @@ _CLASS_RANKS = {
   ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
   ("GroupNorm", "bias"): 1,
 }
-#: The (kernel, bias) pairs a module holds: Flax's names, and Haiku's.
-_KERNEL_BIAS = (("kernel", "bias"), ("w", "b"))
+#: The (kernel, bias) pairs a module holds: Flax's names, Haiku's, and TensorFlow's ``filters``
+#: (``tf.nn.conv2d``'s, ``(*spatial, in, out)`` as Flax's ``kernel``) beside a ``bias``.
+_KERNEL_BIAS = (("kernel", "bias"), ("w", "b"), ("filters", "bias"))
+#: The kernels' names.
+_KERNEL_NAMES = tuple(dict.fromkeys(kernel for kernel, _ in _KERNEL_BIAS))
 
 
 def _key_name(key: Any) -> Any:
@@ -1208,7 +1211,7 @@ def _attention_stacks(
   Returns:
     ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
   """
-  kernels = {m: ms.get("kernel", ms.get("w")) for m, ms in modules.items()}
+  kernels = {m: next((ms[k] for k in _KERNEL_NAMES if k in ms), None) for m, ms in modules.items()}
   kernels = {m: i for m, i in kernels.items() if m and i is not None and len(shapes[i]) >= 4}
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
   for (*parent, projection), out in kernels.items():  # a module's path: (*parent, name)
@@ -1748,7 +1751,7 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
     lead = _leading_stack(names[i], roles[i])
     if lead is not None and len(shapes[i]) - lead in (3, 4):
       module = _module_keys(path)
-      group = module[:-1] if param in ("kernel", "w") else module
+      group = module[:-1] if param in _KERNEL_NAMES else module
       if i in biases and len(biases[i]) <= lead + 1:
         one_axis_bias.add(i)
       groups.setdefault(tuple(map(str, group)), []).append((i, lead))

@@ -266,6 +266,32 @@ def test_mesh_axis_names_leave_a_kernel_to_the_evidence_of_an_unboxed_one(rng):
   assert kernels == 3
 
 
+def test_tensorflow_s_filters_count_as_a_kernel(rng):
+  # tf.nn.conv2d's filters (kh, kw, in, out), Flax's kernel layout, kept as a raw param beside its
+  # bias: only kernel and w counted as kernel names, so (3, 3, 3, 8) beside (8,) under conv_layer
+  # and a 1-D (3, 8, 8) under conv1d were the rank's guesses, flagged, and a filter bank (16, 5)
+  # beside its bias (16,) (one bias per filter: its first axis, as a FlaxConv1D kernel's) was
+  # blocked across filters. Now each filter's window is averaged, and the bank's taps per filter.
+  params = {
+    "conv_layer": {"filters": np.zeros((3, 3, 3, 8)), "bias": np.zeros(8)},
+    "conv1d": {"filters": np.zeros((3, 8, 8)), "bias": np.zeros(8)},
+    "bank": {"filters": np.zeros((16, 5)), "bias": np.zeros(16)},
+  }
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  d = {m: np.asarray(v["filters"]) for m, v in hessian_diag.items()}
+  want = {
+    "conv_layer": np.broadcast_to(d["conv_layer"].mean((0, 1), keepdims=True), (3, 3, 3, 8)),
+    "conv1d": np.broadcast_to(d["conv1d"].mean(0, keepdims=True), (3, 8, 8)),
+    "bank": block_average(d["bank"], 2, axis=1),
+  }
+  for module, w in want.items():
+    np.testing.assert_allclose(got[module]["filters"], w, rtol=1e-12, err_msg=module)
+    np.testing.assert_allclose(got[module]["bias"], hessian_diag[module]["bias"], rtol=1e-12)
+
+
 def test_an_unnamed_stacked_axis_is_found_in_leaves_with_an_unnamed_axis_after_their_names():
   # A ConvNeXt block under nn.scan with PARTITION_NAME None: its depthwise kernel (None, "height",
   # "width", None, "embed") (the grouped input axis left unnamed) was taken for named, so its
