@@ -959,13 +959,14 @@ def _stacked_behind(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
 def _scanned_behind(
   modules: dict[tuple, dict[str, int]], paths, shapes, counts: dict[tuple, tuple]
 ) -> dict[tuple, str]:
-  """The modules under Linen's name of an ``nn.scan`` read with one stacked axis in front whose
-  kernel and bias fit a stack behind as well (:func:`_stacked_behind`), as every leaf under the
-  innermost scan does by its last size, their siblings there too: a residual block scanned with
-  ``variable_axes={"params": -1}``, kernel ``(in, out, layers)`` beside ``(out, layers)`` with
-  in = out and a norm's ``(out, layers)``, which Linen's ``Dense_0`` name or the scan's would
-  read as ``in`` layers, blocked across output units. (A module alone under the scan is read
-  stacked in front, as scans of layers are written: its shapes fit both ways alike.)
+  """The modules under Linen's name of an ``nn.scan`` or ``nn.vmap`` (:func:`_stacks_all`) read
+  with one stacked axis in front whose kernel and bias fit a stack behind as well
+  (:func:`_stacked_behind`), as every leaf under the innermost such name does by its last size,
+  their siblings there too: a residual block stacked with ``variable_axes={"params": -1}``,
+  kernel ``(in, out, layers)`` beside ``(out, layers)`` with in = out and a norm's ``(out,
+  layers)``, which Linen's ``Dense_0`` name or the scan's would read as ``in`` layers, blocked
+  across output units. (A module alone under the name is read stacked in front, as stacks of
+  layers are written: its shapes fit both ways alike.)
 
   Returns:
     ``{module: why its stack is a guess}``.
@@ -973,7 +974,7 @@ def _scanned_behind(
   found: dict[tuple, str] = {}
   leaf_modules = [_module_keys(path) for path in paths]
   for module, members in modules.items():
-    depths = [d for d in range(1, len(module) + 1) if _is_scan(module[d - 1])]
+    depths = [d for d in range(1, len(module) + 1) if _stacks_all(module[d - 1])]
     lead = counts[module][0]
     if not depths or not lead or len(lead) != 1:
       continue
@@ -986,7 +987,7 @@ def _scanned_behind(
       if siblings and all(shapes[i] and shapes[i][-1] == pair.k[-1] for i in under):
         found[module] = (
           f"its {pair.bias} {pair.b} fits its {pair.kernel} {pair.k} stacked in front and "
-          f"behind (nn.scan with variable_axes={{'params': -1}}), and every leaf under "
+          f"behind (nn.scan or nn.vmap with variable_axes={{'params': -1}}), and every leaf under "
           f"{inner[-1]!r} has the last size {pair.k[-1]}: name its axes or give it a rule"
         )
         break
@@ -1055,6 +1056,12 @@ def _is_scan(key: Any) -> bool:
   """Whether a module key is Linen's automatic name of an ``nn.scan`` of a class
   (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.remat_scan(Block)`` ``Remat_scanBlock_0``)."""
   return _named_by(key, ("Scan", "Remat_scan"))
+
+
+def _stacks_all(key: Any) -> bool:
+  """Whether a module key is Linen's automatic name of an ``nn.scan`` or ``nn.vmap`` of a class
+  (``ScanBlock_0``, ``VmapBlock_0``), which stack every parameter under it on one axis."""
+  return _is_scan(key) or _named_by(key, ("Vmap",))
 
 
 def _not_stacked_in_front(

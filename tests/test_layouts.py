@@ -3290,6 +3290,13 @@ def test_a_scan_that_may_stack_a_square_dense_behind_is_flagged(general, rng):
     spatial.describe(behind, spatial.strict(), block_size=2)
   with pytest.warns(spatial.LayoutGuessWarning, match=re.escape(kernel_path)):
     ah.scale_by_adahessian(block_size=2).init(behind)
+  # So under nn.vmap's name (an ensemble of 4 members stacked last), inside a model.
+  vmap = {"variable_axes": {"params": -1}, "split_rngs": {"params": True}, "axis_size": 4}
+  vmapped = nn.vmap(_ResidualCell, in_axes=None, **vmap)(6, general)
+  vmapped = {"outer": {"VmapBlock_0": zero_params(vmapped, np.ones((2, 6)), None)}}
+  rows = {r.path: r for r in spatial.describe(vmapped, block_size=2).rows}
+  kernel = rows[f"['outer']['VmapBlock_0']['{cls}']['kernel']"]
+  assert kernel.shape == (6, 6, 4) and kernel.ambiguous
   # The same block scanned as usual (params axis 0; in = out, or in != out), and stacked behind
   # with in != out (kernel (6, 8, 4) beside (8, 4): a DenseGeneral over two output axes, whose
   # blocks of inputs keep layers and outputs apart either way), stay sure reads: blocks of 2
