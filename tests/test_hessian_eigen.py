@@ -529,3 +529,38 @@ def test_a_close_pair_split_between_the_check_and_the_first_run_is_covered():
     matvecs += got.num_matvecs
   assert under == []
   assert matvecs == 137
+
+
+def test_a_single_top_value_checked_for_repeated_eigenvalues_covers_a_cluster():
+  """Top clusters of 3-4 eigenvalues within ``d`` (2e-5 to 5e-3) of 1 above a bulk under 0.5,
+  ``k = 1``, ``tol=1e-4``: one Krylov space cannot tell a cluster it has not split from an
+  isolated eigenvalue, the gap to the next Ritz value is the capped gap to the bulk, and
+  ``r²/gap`` under-covered all five (by 30-700x; 24 of 40 such starts). ``check_repeated=True``
+  runs the check for ``k = 1`` too (the default still skips it, with the same products): the
+  error is at least ``min(r, r²/gap)`` with the gap to the value the deflated run found, and a
+  value it found beyond by more than the tolerance replaces the first (seeds 22 and 25: errors
+  6.5e-4 and 4.3e-4 of the first run, 2e-7 and 1e-6 after). All five covered, about twice the
+  products (4 of the 40 starts, whose first value mixed the cluster, still by up to 1.6x).
+  """
+  n, under, checked_under, matvecs, checked_matvecs = 30, [], [], 0, 0
+  for seed in [0, 7, 9, 22, 25]:
+    r = np.random.default_rng([8, seed])
+    d = 10 ** r.uniform(-5, -2)
+    m = r.integers(3, 5)
+    top = np.r_[1.0, 1.0 - np.sort(r.uniform(0, d, m - 1))]
+    ev = np.sort(np.r_[top, r.uniform(0, 0.5, n - m)])[::-1]
+    u, _ = np.linalg.qr(r.normal(size=(n, n)))
+    op = _matrix_operator((u * ev) @ u.T)
+    for check, bad in (({}, under), ({"check_repeated": True}, checked_under)):
+      got = hessian.top_eigenvalues(op, 1, key=jax.random.key(seed), tol=1e-4, **check)
+      assert got.converged[0], (seed, check)
+      true = abs(got.eigenvalues[0] - 1.0)
+      if true > got.errors[0]:
+        bad.append((seed, true / got.errors[0]))
+      if check:
+        checked_matvecs += got.num_matvecs
+      else:
+        matvecs += got.num_matvecs
+  assert [seed for seed, _ in under] == [0, 7, 9, 22, 25]  # the default's estimate, unchanged
+  assert checked_under == []
+  assert (matvecs, checked_matvecs) == (34, 82)

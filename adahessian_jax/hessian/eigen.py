@@ -85,8 +85,11 @@ class Eigen(NamedTuple):
       before the space saw ``λ₁``, with errors below 1e-4 against a true 1e-2; a pair 0.1 %
       apart, closer than the cap, was under-covered in 34 of 36, by up to 200x; a top cluster
       of 3-4 within 1e-6..1e-2 above a bulk, ``tol=1e-4`` (``1e-8``: none), ``k=1``: 17 of
-      25, by up to 4000x, true errors up to 6x the tolerance; ``k=2..4``: 5 of 450 values, by
-      up to 3x, where the first run left a mixture of a close pair);
+      25, by up to 4000x, true errors up to 6x the tolerance, which no estimate from one Krylov
+      space can see (with ``check_repeated=True``: none, for 1.9x the products; with
+      ``stop_on="eigenvalue"`` 14 of 25 at ``tol`` 1e-4 and 1e-8, by up to 1e4x, with it 2, by
+      up to 3x); ``k=2..4``: 5 of 450 values, by up to 3x, where the first run left a mixture of
+      a close pair);
       ``inf`` for a pair not converged because the run (or the check
       for repeated eigenvalues) ran out of ``max_iter``, whose estimate nothing vouches for
       (finite only where the tolerance was met or the products' rounding stopped it).
@@ -166,7 +169,7 @@ def top_eigenvalues(
   tol: float = 1e-6,
   max_iter: int = 200,
   stop_on: str = "residual",
-  check_repeated: bool = True,
+  check_repeated: bool | None = None,
 ) -> Eigen:
   """The ``k`` extreme eigenpairs of the Hessian by Lanczos.
 
@@ -194,7 +197,8 @@ def top_eigenvalues(
   holds one copy of a repeated eigenvalue, and from a normal start vector
   rounding rarely lets ``β`` reach exactly zero: a repeated eigenvalue (a
   symmetry: the output-kernel block ``kron(hᵀh, I)`` of an MSE head, a
-  linear model with several outputs) would be found once. So for ``k ≥ 2``,
+  linear model with several outputs) would be found once. So for ``k ≥ 2``
+  (by default; for ``k = 1`` too with ``check_repeated=True``),
   once the pairs have converged, ``check_repeated`` runs Lanczos again on the
   Hessian deflated by the eigenvectors found, from a fresh random vector, for
   one pair, until that pair converges by the same test (about as many products
@@ -232,15 +236,17 @@ def top_eigenvalues(
       Each deflated run of the check for repeated eigenvalues has the same limit,
       so ``num_matvecs`` can exceed it.
     stop_on: ``"residual"`` (a bound) or ``"eigenvalue"`` (the gap estimate).
-    check_repeated: For ``k ≥ 2``, check for eigenvalues the Krylov space
-      could not hold (above); ``False`` skips the check and its products.
+    check_repeated: Whether to check for eigenvalues the Krylov space could not hold
+      (above); ``None`` (the default): for ``k ≥ 2``. ``True`` runs it for ``k = 1`` too, where
+      it makes the error honest on a top cluster the space has not split (which shows a gap
+      to the bulk: above), for about twice the products; ``False`` skips it and its products.
 
   Returns:
     An :class:`Eigen`.
 
   Raises:
     ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, a
-      bad ``which``, ``tol``, ``stop_on``, ``check_repeated`` (not a bool) or ``v0``
+      bad ``which``, ``tol``, ``stop_on``, ``check_repeated`` (not a bool or ``None``) or ``v0``
       (unlike the params, not finite, or zero), or if no fresh vector can extend a basis
       of fewer than ``k`` vectors.
     NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
@@ -249,11 +255,13 @@ def top_eigenvalues(
   max_iter = _validation.count("max_iter", max_iter)
   tol = _validation.relative_tolerance("tol", tol)
   _checks.stop_on(stop_on)
-  check_repeated = _validation.flag("check_repeated", check_repeated)
+  if check_repeated is not None:
+    check_repeated = _validation.flag("check_repeated", check_repeated)
   _checks.concrete(v0, "v0")  # a traced v0 named by its leaf, before prng_key's general refusal
   key = _checks.prng_key(key, default=0)
   eig = _lanczos_eigen(op, k, which, key, v0, tol, max_iter, stop_on)
-  if not (check_repeated and k >= 2 and k < op.size and np.all(eig.converged)):
+  check = k >= 2 if check_repeated is None else check_repeated
+  if not (check and k < op.size and np.all(eig.converged)):
     return eig
   return _with_repeated(op, eig, which, key, tol, max_iter, stop_on)
 

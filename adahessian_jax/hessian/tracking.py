@@ -71,7 +71,10 @@ class Sharpness(NamedTuple):
     error: Estimated error of ``θ``, ``min(r, r²/gap)`` from the residual
       ``r`` and the gap to the next Ritz value, taken as at most 1 % of ``|θ|``
       (a pair of top eigenvalues closer than that that the subspace has not
-      split shows no second Ritz value near ``θ``), at least
+      split shows no second Ritz value near ``θ``: on top clusters of 3-4 within 1e-6..1e-2
+      above a bulk, ``tol=1e-4``, the error was below the true one in 13 of 25 cold and 22 of
+      25 warm measurements, by up to 70x; no check like ``top_eigenvalues``'
+      ``check_repeated`` runs here), at least
       the rounding the products' asymmetry shows (a ``tol`` below it stops
       the run unconverged: bfloat16's ~1e-3 of ``θ``); once the subspace is the
       whole space, where ``θ`` is exact, at most the larger of ``r`` and that rounding;
