@@ -456,3 +456,71 @@ def test_an_error_is_inf_unless_the_stopping_test_vouches_for_it():
           assert got.error >= abs(got.eigenvalue - ev.max()) - 1e-14 * ev.max(), where
           finite += bool(np.isfinite(got.error))
   assert finite >= 20  # converged runs keep their estimate
+
+
+def _cluster(seed, n=30):
+  """A top cluster of 3 within 1e-5..1e-3 of 1 above a bulk under 0.5, as a Hessian operator."""
+  r = np.random.default_rng(seed)
+  d = 10 ** r.uniform(-5, -3)
+  ev = np.r_[1.0 - np.r_[0, np.sort(r.uniform(0, d, 2))], r.uniform(0, 0.5, n - 3)]
+  u, _ = np.linalg.qr(r.normal(size=(n, n)))
+  return hessian.hessian_operator(quadratic_loss, {"x": jnp.zeros(n)}, jnp.asarray((u * ev) @ u.T))
+
+
+@pytest.mark.parametrize(
+  "stop_on, seeds", [("eigenvalue", (4, 5, 6, 7, 8, 9)), ("residual", (0, 1, 3))]
+)
+def test_check_repeated_makes_the_error_honest_on_a_top_cluster(stop_on, seeds):
+  # One Krylov space cannot tell a top cluster it has not split from an isolated eigenvalue: the
+  # second Ritz value sits in the bulk, the gap is capped at 1 % and r²/gap passed far below the
+  # true error (here by 6-130x). The check (top_eigenvalues' deflated run) sees the cluster.
+  warm_under = 0
+  for seed in seeds:
+    op = _cluster(seed)
+    runs = [
+      hessian.track_curvature(op, key=jax.random.key(seed), stop_on=stop_on, check_repeated=c)
+      for c in (False, True)
+    ]
+    plain, checked = (r.sharpness for r in runs)
+    assert 1.0 - plain.eigenvalue > 2 * plain.error, (seed, plain.error)  # under-covered
+    assert checked.converged, seed
+    assert 1.0 - checked.eigenvalue <= checked.error, (seed, checked.eigenvalue, checked.error)
+    # The deflated run's products are counted (a cold start's again, about).
+    assert plain.num_matvecs + 5 <= checked.num_matvecs == runs[1].num_matvecs, seed
+    # The record starts the next measurement (seed 5's check found a value beyond the first run's
+    # top, which leads the block): orthonormal rows, the eigenvector first.
+    block = np.asarray(checked.ritz_vectors)
+    np.testing.assert_allclose(block @ block.T, np.eye(2), atol=1e-12, err_msg=str(seed))
+    np.testing.assert_array_equal(block[0], checked.eigenvector)
+    warm = [
+      hessian.track_curvature(
+        op, runs[1], key=jax.random.key(seed + 50), stop_on=stop_on, check_repeated=c
+      ).sharpness
+      for c in (False, True)
+    ]
+    assert 1.0 - warm[1].eigenvalue <= warm[1].error, (seed, warm[1].error)
+    warm_under += 1.0 - warm[0].eigenvalue > 2 * warm[0].error
+  # Without the check, warm starts from that record under-cover too (4 of 6 and 3 of 3 here).
+  assert warm_under >= len(seeds) // 2 + 1
+
+
+def test_check_repeated_off_changes_nothing_on_a_separated_top():
+  ev = np.r_[1.0, 0.5, np.random.default_rng(0).uniform(0.0, 0.4, 28)]
+  params, a = quadratic(ev)
+  op = hessian.hessian_operator(quadratic_loss, params, a)
+  key = jax.random.key(0)
+  plain = hessian.track_curvature(op, key=key).sharpness
+  off = hessian.track_curvature(op, key=key, check_repeated=False).sharpness
+  on = hessian.track_curvature(op, key=key, check_repeated=True).sharpness
+  assert plain.num_matvecs == off.num_matvecs == 7  # as before the option existed
+  assert (plain.eigenvalue, plain.error) == (off.eigenvalue, off.error)
+  # The check finds 0.5 below: the value and the block are kept, the error covers.
+  assert on.eigenvalue == plain.eigenvalue and on.num_matvecs > plain.num_matvecs
+  np.testing.assert_array_equal(on.ritz_vectors, plain.ritz_vectors)
+  assert abs(on.eigenvalue - 1.0) <= on.error <= 1e-4
+
+
+def test_check_repeated_must_be_a_bool():
+  op = _cluster(0)
+  with pytest.raises(ValueError, match="check_repeated"):
+    hessian.track_curvature(op, check_repeated="False")
