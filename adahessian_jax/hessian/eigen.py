@@ -263,7 +263,7 @@ def top_eigenvalues(
   check = k >= 2 if check_repeated is None else check_repeated
   if not (check and k < op.size and np.all(eig.converged)):
     return eig
-  return _with_repeated(op, eig, which, key, tol, max_iter, stop_on)
+  return with_repeated(op, eig, which, key, tol, max_iter, stop_on)
 
 
 def _deflated_operator(op: HessianOperator, basis: jax.Array, shift: float) -> HessianOperator:
@@ -323,7 +323,7 @@ def _neighbour_errors(values: list, residuals: list, errors: list, found: list) 
   return np.maximum(errors, gap_error(np.asarray(residuals), gap))
 
 
-def _with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
+def with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
   """``eig`` with every eigenvalue a deflated run finds beyond its ``k``-th taken in (see
   :func:`top_eigenvalues`' ``check_repeated``)."""
   k = len(eig.eigenvalues)

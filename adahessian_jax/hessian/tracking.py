@@ -413,7 +413,7 @@ def _checked(op, out: Sharpness, key, tol, max_iter, stop_on) -> Sharpness:
     num_matvecs=out.num_matvecs,
     converged=np.asarray([True]),
   )
-  c = eigen._with_repeated(op, one, "LA", key, tol, max_iter, stop_on)
+  c = eigen.with_repeated(op, one, "LA", key, tol, max_iter, stop_on)
   top = c.eigenvectors_flat[0]
   swapped = float(c.eigenvalues[0]) != out.eigenvalue
   block = out.ritz_vectors
