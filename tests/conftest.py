@@ -3,7 +3,6 @@ against exact references (dense Hessians, NumPy transcriptions) at 1e-10 and
 below; float32 behaviour is tested with explicitly float32 arrays."""
 
 import ast
-import collections
 import functools
 import os
 import pathlib
@@ -82,81 +81,25 @@ def _defines_shared_fixture(path):
   return False
 
 
-@functools.cache
-def _starts_subprocesses(path):
-  """Whether the test file at ``path`` imports :mod:`subprocess` (runs scripts or processes)."""
-  try:
-    tree = ast.parse(pathlib.Path(path).read_text())
-  except (OSError, SyntaxError):
-    return False
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Import) and any(a.name == "subprocess" for a in node.names):
-      return True
-  return False
-
-
-# A file of at least this many tests goes to one worker whole: its tests compile many of the same
-# programs (a reference, a step, the package's helpers at the same shapes), each once per worker
-# that runs them (one file's tests split over both workers compiled ~35 % more programs).
-_WHOLE_FILE_TESTS = 10
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-  """pytest-xdist's `--dist load` (what `-n 2` uses; CI runs `pytest -q -n 2`), scheduled so that
-  each compiled program and shared fixture is made once and both workers finish together:
-
-  * the tests of a file that defines a class- or module-scoped fixture (a subprocess run of an
-    example, a compile), or of a file of at least ``_WHOLE_FILE_TESTS`` tests, go to one worker
-    together; the tests of smaller files are scheduled one by one;
-  * files that start subprocesses or hold such a fixture (the long, few tests) go first, then the
-    others, each group largest file first, so that the last tests handed out are short ones and
-    neither worker waits long for the other at the end.
-
-  xdist's `--dist loadgroup` with xdist_group marks would group tests, but with pytest >= 9.2
-  xdist 3.8 cannot add the group to the test ids and falls back to plain load. optionalhook:
-  without pytest-xdist nothing here runs."""
+  """pytest-xdist's default `--dist load` (what `-n 2` uses; CI runs `pytest -q -n 2`), except
+  that the tests of a file that defines a class- or module-scoped fixture go to one worker
+  together, so that the fixture (a subprocess run of an example, a compile) runs once instead of
+  in every worker. Each other test is scheduled on its own and fills in around the groups
+  (xdist >= 3.6 sends the groups out first, largest first). xdist's `--dist loadgroup` with
+  xdist_group marks would do this, but with pytest >= 9.2 xdist 3.8 cannot add the group to the
+  test ids and falls back to plain load. optionalhook: without pytest-xdist nothing here runs."""
   if config.getoption("dist") != "load":
     return None
   from xdist.scheduler import LoadScopeScheduling
 
-  def path_of(nodeid):
-    return nodeid.split("::", 1)[0]
-
-  def shared(path):
-    return _defines_shared_fixture(config.rootpath / path)
-
-  class FileScheduling(LoadScopeScheduling):
-    ordered = False
-    counts = None
-
-    def tests_in(self, path):
-      if self.counts is None:  # self.collection is complete once scopes are asked for
-        self.counts = collections.Counter(map(path_of, self.collection))
-      return self.counts[path]
-
+  class SharedFixtureScheduling(LoadScopeScheduling):
     def _split_scope(self, nodeid):
-      path = path_of(nodeid)
-      whole = shared(path) or self.tests_in(path) >= _WHOLE_FILE_TESTS
-      return path if whole else nodeid
+      path = nodeid.split("::", 1)[0]
+      return path if _defines_shared_fixture(config.rootpath / path) else nodeid
 
-    def _assign_work_unit(self, node):
-      # The queue is complete when the first unit is handed out: put it in the order above
-      # (sorted is stable, so the tests of a file keep their order).
-      if not self.ordered:
-        self.ordered = True
-
-        def rank(scope):
-          path = path_of(scope)
-          long = shared(path) or _starts_subprocesses(config.rootpath / path)
-          return (not long, -self.tests_in(path), path)
-
-        self.workqueue = collections.OrderedDict(
-          (scope, self.workqueue[scope]) for scope in sorted(self.workqueue, key=rank)
-        )
-      super()._assign_work_unit(node)
-
-  return FileScheduling(config, log)
+  return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture
