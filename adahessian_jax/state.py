@@ -219,9 +219,11 @@ _CORRUPT_FIX = (
 )
 
 
-def _bad_entries(field: str, host: np.ndarray) -> np.ndarray:
-  """Where a moment held on the host is not finite, or, for ``nu``, negative."""
-  return ~np.isfinite(host) | ((host < 0) if field == "nu" else False)
+def _bad_entries(field: str, x: Any, xp: Any = np) -> Any:
+  """Where a moment is not finite, or, for ``nu``, negative; ``xp`` is ``np`` for an array read
+  on the host, ``jnp`` for one reduced where it lives."""
+  bad = ~xp.isfinite(x)
+  return bad | (x < 0) if field == "nu" else bad
 
 
 def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
@@ -242,11 +244,11 @@ def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
   """
   fields = {"mu": state.mu, "nu": state.nu, "hessian": state.hessian}
   leaves = [
-    (field, path, _unwrapped(x))
+    (field, path, x)
     for field, tree in fields.items()
-    for path, x in jax.tree_util.tree_leaves_with_path(tree)
-    if _concrete(_unwrapped(x))  # and all here: not an array with shards on other processes
-    and (not isinstance(_unwrapped(x), jax.Array) or _unwrapped(x).is_fully_addressable)
+    for path, x in jax.tree_util.tree_leaves_with_path(jax.tree.map(_unwrapped, tree))
+    if _concrete(x)  # and all here: not an array with shards on other processes
+    and (not isinstance(x, jax.Array) or x.is_fully_addressable)
   ]
   flags: list[Any] = []
   for field, _, x in leaves:
@@ -254,8 +256,7 @@ def check_moment_values(state: ScaleByAdaHessianState, what: str) -> None:
       flags.append(not np.any(_bad_entries(field, np.asarray(x))))  # a view: no copy, no program
       continue
     with jax.ensure_compile_time_eval():  # a state closed over by a jitted step: run, not staged
-      finite = jnp.isfinite(x) & (x >= 0) if field == "nu" else jnp.isfinite(x)
-      flags.append(jnp.all(finite))
+      flags.append(~jnp.any(_bad_entries(field, x, jnp)))
   ok = jax.device_get(flags)  # one transfer of the accelerators' flags
   for (field, path, x), good in zip(leaves, ok, strict=True):
     if good:
