@@ -98,7 +98,10 @@ class Eigen(NamedTuple):
     converged: ``(k,)`` booleans, whether each pair met the tolerance (Lanczos:
       an exact pair of a Krylov space that became invariant counts only once
       the run's stopping test is met, since a larger eigenvalue may lie
-      outside it).
+      outside it). The check for repeated eigenvalues can leave a converged pair's
+      ``errors`` above ``tol``: a value it found within the gap the stopping test assumed
+      raises the error and not ``converged`` (an exact repeat, whose own error stays small,
+      and a close pair look the same to it); read ``errors`` for the accuracy.
   """
 
   eigenvalues: np.ndarray
