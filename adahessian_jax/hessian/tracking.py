@@ -15,8 +15,8 @@ while it moves little a measurement costs ~4 products per eigenvalue against a c
 eigenvectors are far apart for most of the run and a warm start saves only ~2-10 % (~25 %
 measuring every step). No stopping rule could do much better: even from the previous *converged*
 eigenvector, the fewest products to 1e-4 are 0.62-0.89 of a cold start's over a run
-(``benchmarks/tracking_oracle.py``; docs/hessian_analysis.md has the counts and the misses of
-close top pairs).
+(``benchmarks/tracking_oracle.py``; docs/hessian_analysis.md has the counts and the runs that
+returned the second eigenvalue).
 
 A small random probe is mixed into the start block (``warm_mix``): without it, old Ritz vectors
 that the new Hessian maps into their own span (e.g. dead units, ``Hv = 0``) are an invariant
