@@ -105,7 +105,7 @@ def _leaves_equal(a, b):
 
 
 def test_whole_linen_train_state_round_trips_and_resumes_identically(tmp_path):
-  # The README says a whole adahessian_jax.linen.TrainState (batch_stats and the optimizer's
+  # docs/usage.md says a whole adahessian_jax.linen.TrainState (batch_stats and the optimizer's
   # NamedTuples inside) checkpoints with orbax; apply_fn and tx come back from the target.
   ocp = pytest.importorskip("orbax.checkpoint")
   import jax
@@ -154,7 +154,7 @@ def test_whole_linen_train_state_round_trips_and_resumes_identically(tmp_path):
 
 
 def test_nnx_model_and_optimizer_state_round_trips_and_resumes_identically(tmp_path):
-  # The README's NNX checkpoint: nnx.state((model, optimizer)) saved, restored into fresh ones.
+  # docs/usage.md's NNX checkpoint: nnx.state((model, optimizer)) saved, restored into fresh ones.
   ocp = pytest.importorskip("orbax.checkpoint")
   import jax
   import jax.numpy as jnp
@@ -300,7 +300,7 @@ def test_state_with_other_moment_dtypes_is_refused_with_the_fix(made, used, matc
 
 @pytest.mark.parametrize("committed", [False, True])
 def test_restore_in_the_training_process_compiles_the_step_at_most_once_more(tmp_path, committed):
-  # What the README says: restored arrays are committed to the target's devices, so a step that
+  # What docs/usage.md says: restored arrays are committed to the target's devices, so a step that
   # ran on uncommitted arrays compiles once more at the first step after the restore, and not
   # again; on committed params (jax.device_put) it does not compile again at all.
   ocp = pytest.importorskip("orbax.checkpoint")

@@ -433,7 +433,7 @@ def test_inside_lookahead_sam_or_galore_both_routes_name_the_wrapper(mlp_problem
   ids=["schedule_free", "mechanize", "conditionally_transform"],
 )
 def test_wrappers_that_pass_the_arguments_on_give_both_routes_one_trajectory(mlp_problem, wrap):
-  # What the README says of them: the inner AdaHessian's first step is the unwrapped one, and the
+  # What docs/usage.md says of them: the inner AdaHessian's first step is the unwrapped one, and the
   # value_fn and fused routes follow one trajectory (the fused route's product on a step that
   # conditionally_transform skips is discarded).
   params, loss_fn, batch = mlp_problem
@@ -527,7 +527,7 @@ def test_apply_if_finite_skips_bad_steps_without_touching_state(mlp_problem):
 def test_inject_hyperparams_changed_between_steps_as_an_array_compiles_once(
   mlp_problem, update_freq
 ):
-  """The README's way to change a hyperparameter between steps keeps one compiled step; a Python
+  """docs/usage.md's way to change a hyperparameter between steps keeps one compiled step; a Python
   float (the README's old example) is another input type to jit, which compiled it twice."""
   params, loss_fn, batch = mlp_problem
   make = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)

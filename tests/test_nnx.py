@@ -866,7 +866,7 @@ def test_a_pure_dict_hessian_diag_for_state_params_names_the_containers():
 
 
 def test_model_and_optimizer_placed_together_compile_the_jitted_step_once():
-  # The README's recipe for training on a device chosen with jax.device_put. Placing only the
+  # docs/usage.md's recipe for training on a device chosen with jax.device_put. Placing only the
   # model left nnx.Optimizer's own step count uncommitted (AdaHessian's state follows the
   # params), and nnx.jit compiled the step again at its second call, for any optimizer.
   x, y = jax.device_put(data(), jax.devices()[0])
