@@ -592,6 +592,14 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
       f"rank {ndim}{note}: every axis but the last has size 1, so no reading (Conv kernel, "
       "DenseGeneral kernel, stack of layers) averages anything: none",
     )
+  if block_size == 1 and all(shape[i] == 1 for i in spatial):
+    # Learned tokens (1, n, features): the Conv reading's mean is over axes of size 1, and the
+    # DenseGeneral's and a stack's blocks are of 1 entry.
+    return Choice(
+      NoAveraging(),
+      f"rank {ndim}{note}: axes {spatial} have size 1 and block_size is 1, so no reading (Conv "
+      "kernel, DenseGeneral kernel, stack of layers) averages anything: none",
+    )
   return Choice(
     AxesMean(spatial),
     f"rank {ndim}{note}: taken for a Conv kernel (*spatial, in, out), mean over axes {spatial}; "

@@ -2296,6 +2296,31 @@ def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
   spatial.describe({"cls": params["cls"]}, spatial.strict(), block_size=4)
 
 
+def test_size_one_leading_axes_are_no_guess_at_block_size_one():
+  # Learned memory tokens (1, 4, features), a position table under a name of no table's word
+  # (1, 1, length, features): every reading (a Conv kernel's mean over axis 0, a DenseGeneral's or
+  # a stack's blocks of 1) averages nothing at the default block_size 1, yet init warned
+  # (LayoutGuessWarning) and strict mode refused them. With blocks of 4 a stack's reading would
+  # average along axis 1, so the guess stays flagged there.
+  params = {
+    "memory": jnp.zeros((1, 4, 8)),
+    "pe": jnp.zeros((1, 1, 5, 8)),
+    "head": {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)},
+  }
+  rows = {r.path: r for r in spatial.describe(params, block_size=1).rows}
+  for key in ("memory", "pe"):
+    assert rows[f"['{key}']"].rule == spatial.none() and not rows[f"['{key}']"].ambiguous, key
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ah.adahessian(0.1, averaging=spatial.strict()).init(params)
+    ah.adahessian(0.1).init(params)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  assert rows["['memory']"].rule == spatial.mean_over((0,)) and rows["['memory']"].ambiguous
+  assert rows["['pe']"].rule == spatial.mean_over((0, 1)) and rows["['pe']"].ambiguous
+  with pytest.warns(spatial.LayoutGuessWarning, match=r"(?s)2 leaves.*\['memory'\].*\['pe'\]"):
+    ah.adahessian(0.1, block_size=4).init(params)
+
+
 @pytest.mark.filterwarnings(
   "ignore::adahessian_jax.spatial.LayoutGuessWarning"
 )  # guesses on purpose
