@@ -68,9 +68,13 @@ def _power_of_two_scale(x: jax.Array, axis: int) -> jax.Array:
   """``2^e`` with ``2^(e-1) <= max|x| < 2^e`` along ``axis`` (kept), at least the smallest normal
   number of the dtype: XLA divides by a subnormal one as a product with its reciprocal, which
   overflows (float16: a peak below ``6.1e-5`` gave ``inf``)."""
+  info = jnp.finfo(x.dtype)
   peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-  _, e = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1.0))
-  e = jnp.maximum(e, jnp.finfo(x.dtype).minexp)
+  peak = jnp.where(jnp.isfinite(peak), peak, 1.0)
+  # A subnormal peak takes the floor itself: from jax 0.12 on jnp.frexp flushes it to zero, whose
+  # exponent 0 gave the scale 1 and squares that underflowed (a float16 norm of 1e-6 was 0).
+  _, e = jnp.frexp(peak)
+  e = jnp.where(peak < info.smallest_normal, info.minexp, e)
   return jnp.ldexp(jnp.ones_like(peak), e)
 
 
