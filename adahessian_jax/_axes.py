@@ -453,7 +453,7 @@ def _loop_parts(eqn: Any) -> tuple[Any, int, int, int]:
   operands before the body's (a ``while``'s condition constants), the body inputs before the
   carry and the number of carried values (the first outputs of the body and of the equation)."""
   if eqn.primitive.name == "scan":
-    if "ft_in" in eqn.params:  # jax >= 0.12: the operands' groups (consts, carry, xs) as a tree
+    if "ft_in" in eqn.params:  # jax >= 0.11: the operands' groups (consts, carry, xs) as a tree
       consts, carry, _ = eqn.params["ft_in"].unpack()
       return eqn.params["jaxpr"].jaxpr, 0, len(consts), len(carry)
     return eqn.params["jaxpr"].jaxpr, 0, eqn.params["num_consts"], eqn.params["num_carry"]

@@ -723,3 +723,27 @@ def test_each_plot_refuses_another_result_naming_the_function_that_plots_it():
   for plot, result, message in cases:
     with pytest.raises(TypeError, match=rf"^{plot.__name__} plots a {message}"):
       plot(result)
+
+
+def test_filter_normalisation_of_float16_filters_below_the_smallest_normal_number():
+  # A float16 filter whose entries are all subnormal (below 6.1e-5): its norm is measured at the
+  # dtype's smallest normal scale (the Lanczos vectors' rule). From jax 0.12 on, jnp.frexp flushes
+  # a subnormal peak to 0, whose scale 1 let the squares underflow: the filter's norm came out 0.
+  kernel = np.array([[1.0, 3e-6], [-2.0, -4e-6], [0.5, 2e-6]], np.float16)
+  params = {"Dense_0": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(2, jnp.float16)}}
+  op = _sin_op(params)
+  d = {
+    "Dense_0": {
+      "kernel": jnp.asarray([[0.3, 5e-6], [0.1, -1e-6], [-0.2, 3e-6]], jnp.float16),
+      "bias": jnp.ones(2, jnp.float16),
+    }
+  }
+  got = op.unravel(hessian.normalize_direction(op, d, "filter"))["Dense_0"]["kernel"]
+  got = np.asarray(got, np.float64)
+  assert np.isfinite(got).all()
+  want = np.linalg.norm(kernel.astype(np.float64), axis=0)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=0), want, rtol=2e-2)
+  # Only rescaled: each filter keeps its direction.
+  d64 = np.asarray(d["Dense_0"]["kernel"], np.float64)
+  cos = np.sum(got * d64, axis=0) / (np.linalg.norm(got, axis=0) * np.linalg.norm(d64, axis=0))
+  np.testing.assert_allclose(cos, 1.0, rtol=1e-2)

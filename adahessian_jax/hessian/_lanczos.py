@@ -63,19 +63,24 @@ def breakdown_tolerance(n: int, dtype) -> float:
   return float(min(1e-3, 10.0 * np.sqrt(n) * jnp.finfo(dtype).eps))
 
 
-@functools.partial(jax.jit, static_argnames="axis")  # one compilation per shape, not one per op
-def _power_of_two_scale(x: jax.Array, axis: int) -> jax.Array:
-  """``2^e`` with ``2^(e-1) <= max|x| < 2^e`` along ``axis`` (kept), at least the smallest normal
-  number of the dtype: XLA divides by a subnormal one as a product with its reciprocal, which
-  overflows (float16: a peak below ``6.1e-5`` gave ``inf``)."""
-  info = jnp.finfo(x.dtype)
-  peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+def power_of_two_above(peak: jax.Array) -> jax.Array:
+  """``2^e`` with ``2^(e-1) <= peak < 2^e`` entrywise (``1`` for a non-finite peak), at least the
+  smallest normal number of the dtype: XLA divides by a subnormal one as a product with its
+  reciprocal, which overflows (float16: a peak below ``6.1e-5`` gave ``inf``). The scale that
+  keeps the squares of entries up to ``peak`` from overflowing or underflowing."""
+  info = jnp.finfo(peak.dtype)
   peak = jnp.where(jnp.isfinite(peak), peak, 1.0)
   # A subnormal peak takes the floor itself: from jax 0.12 on jnp.frexp flushes it to zero, whose
   # exponent 0 gave the scale 1 and squares that underflowed (a float16 norm of 1e-6 was 0).
   _, e = jnp.frexp(peak)
   e = jnp.where(peak < info.smallest_normal, info.minexp, e)
   return jnp.ldexp(jnp.ones_like(peak), e)
+
+
+@functools.partial(jax.jit, static_argnames="axis")  # one compilation per shape, not one per op
+def _power_of_two_scale(x: jax.Array, axis: int) -> jax.Array:
+  """:func:`power_of_two_above` of ``max|x|`` along ``axis`` (kept)."""
+  return power_of_two_above(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
 
 
 def norm(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -299,9 +299,7 @@ def _rescale_groups(direction, params, ids, num_groups):
   seg = jnp.where(ids < 0, num_groups, ids)  # zeroed entries: an extra group, dropped
 
   def norm(x):  # per group, each scaled by a power of two near its largest entry: no overflow
-    peak = jax.ops.segment_max(jnp.abs(x), seg, num_groups + 1)
-    _, e = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0))
-    s = jnp.ldexp(jnp.ones_like(peak), e)
+    s = _lanczos.power_of_two_above(jax.ops.segment_max(jnp.abs(x), seg, num_groups + 1))
     return s * jnp.sqrt(jax.ops.segment_sum(jnp.square(x / s[seg]), seg, num_groups + 1))
 
   to, of = norm(params), norm(direction)
