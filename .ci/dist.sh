@@ -3,6 +3,11 @@
 # complete), fails on any build warning, checks the metadata with twine, checks what the wheel
 # holds, then installs the wheel alone (core dependencies only) in a fresh virtual environment and
 # runs the core smoke test there, and finally adds the [flax] extra and imports the Flax helpers.
+# That environment runs the newest Python the classifiers name that this machine has, with the
+# newest releases pip finds: what a fresh machine installs. jax >= 0.11 needs Python >= 3.12, so
+# the tests' environment on python3 (3.11 here) never sees them, and jax 0.12 broke three things
+# the suite on jax 0.10 could not show (a scan's parameters, jnp.frexp of subnormal numbers, a
+# float32 mean). The oldest Python and releases are .ci/min_versions.sh's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -84,13 +89,32 @@ for name in ("LICENSE", "pyproject.toml", "adahessian_jax/py.typed"):
 print(f"wheel and sdist hold py.typed and LICENSE; metadata: Apache-2.0 by SPDX expression")
 EOF
 
-echo "== the wheel alone, core dependencies only"
-python3 -m venv --without-pip "$work/venv"
+. .ci/python.sh  # newest_python
+python=$(newest_python)
+echo "== the wheel alone, core dependencies only, on $("$python" --version 2>&1)"
+"$python" -m venv --without-pip "$work/venv"
 pip_into "$work/venv" "$wheel"
 (cd "$work" && "$work/venv/bin/python" "$root/.ci/smoke_core.py" "$version")
 
 echo "== the wheel with the [flax] extra"
 pip_into "$work/venv" "$wheel[flax]"
 (cd "$work" && "$work/venv/bin/python" -c "
-import adahessian_jax.linen, adahessian_jax.nnx, flax, orbax.checkpoint
-print('adahessian_jax.linen and .nnx import with flax', flax.__version__)")
+import adahessian_jax.linen, adahessian_jax.nnx, flax, jax, orbax.checkpoint
+print('adahessian_jax.linen and .nnx import with flax', flax.__version__, 'and jax', jax.__version__)")
+
+echo "== tests of the installed wheel on these releases"
+# The tests that reach into what changes between jax releases (the jaxprs the coupling check
+# walks, float16 and float32 rounding in the Hessian tools), a trajectory of the optimizer against
+# the NumPy reference and NNX's two routes; from outside the checkout, so that the installed wheel
+# is the one imported (pytest puts the tests' folder on sys.path, not the checkout). ~30 s of CPU.
+pip_into "$work/venv" pytest
+(cd "$work" && "$work/venv/bin/python" -m pytest -q -p no:cacheprovider \
+  "$root/tests/test_transform.py::test_trajectory_matches_numpy_reference[mlp-n2-closure]" \
+  "$root/tests/test_transform.py::test_coupling_warning_follows_a_collective_through_a_scan_carry" \
+  "$root/tests/test_transform.py::test_coupling_warning_reads_only_the_outputs_of_a_nested_body_that_reach_the_loss" \
+  "$root/tests/test_hessian_eigen.py::test_top_eigenvalues_match_dense_to_1e8" \
+  "$root/tests/test_hessian_eigen.py::test_float16_lanczos_survives_a_residual_below_the_smallest_normal_number" \
+  "$root/tests/test_hessian_eigen.py::test_float16_curvature_below_the_smallest_normal_number_is_measured" \
+  "$root/tests/test_hessian_landscape.py::test_filter_normalisation_of_float16_filters_below_the_smallest_normal_number" \
+  "$root/tests/test_hessian_diagonal.py::test_float32_standard_error_has_no_cancellation" \
+  "$root/tests/test_nnx.py::test_value_fn_route_and_fused_route_agree_and_train")

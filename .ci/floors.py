@@ -1,7 +1,8 @@
-"""Prints the declared minimum versions from pyproject.toml as pip pins.
+"""Prints the declared minimum versions from pyproject.toml as pip pins, or its Python versions.
 
   python .ci/floors.py [EXTRA ...] [--skip NAME ...]  ->  jax==0.7.0 optax==0.2.5 ... jaxlib==0.7.0
   python .ci/floors.py --python                        ->  3.11
+  python .ci/floors.py --pythons                       ->  3.13 3.12 3.11
 
 Reads the core dependencies and the named extras, and pins every requirement that has a
 ``>=`` lower bound to that bound; a package named twice (the core and an extra) gets the higher
@@ -68,13 +69,27 @@ def floors(project: dict, extras: list[str]) -> dict[str, str]:
   return result
 
 
+def pythons(project: dict) -> list[str]:
+  """The Python versions the classifiers name (``Programming Language :: Python :: 3.13``),
+  newest first."""
+  classifier = re.compile(r"^Programming Language :: Python :: (3\.[0-9]+)$")
+  found = [m.group(1) for c in project.get("classifiers", []) if (m := classifier.match(c))]
+  return sorted(found, key=_version_key, reverse=True)
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("extras", nargs="*", help="optional-dependency groups besides the core")
   parser.add_argument("--skip", action="append", default=[], help="a package not to pin")
   parser.add_argument("--python", action="store_true", help="print the requires-python floor")
+  parser.add_argument(
+    "--pythons", action="store_true", help="print the classifiers' Python versions, newest first"
+  )
   args = parser.parse_args(argv)
   project = tomllib.loads(PYPROJECT.read_text())["project"]
+  if args.pythons:
+    print(" ".join(pythons(project)))
+    return
   if args.python:
     floor = FLOOR.search(project["requires-python"])
     if floor is None:

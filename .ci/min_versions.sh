@@ -22,16 +22,7 @@ trap 'rm -rf "$work"' EXIT
 # The tests import this checkout (the current folder is on sys.path), also in their subprocesses.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# The interpreter for Python $1 if this machine has one (on PATH or through pyenv), else nothing.
-find_python() {
-  if command -v "python$1" >/dev/null 2>&1 && "python$1" -c "" >/dev/null 2>&1; then
-    echo "python$1"
-  elif command -v pyenv >/dev/null 2>&1; then
-    local version
-    version=$(pyenv versions --bare 2>/dev/null | grep -E "^$1\.[0-9]+$" | sort -V | tail -n 1 || true)
-    if [ -n "$version" ]; then echo "$(pyenv root)/versions/$version/bin/python$1"; fi
-  fi
-}
+. .ci/python.sh  # find_python
 
 # make_env DIR PYTHON PINS...: a fresh virtual environment with exactly PINS and pytest (not
 # byte-compiled: it lives for one run, and compiling all of jax and scipy costs more than it saves).

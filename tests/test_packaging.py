@@ -1,8 +1,8 @@
 """Packaging: one version, extras that say what they enable, floors the CI lane can read, and the
 release files (LICENSE, CHANGELOG.md, CITATION.cff, py.typed) consistent with the package.
 
-The built wheel itself is checked by .ci/dist.sh and the floors by .ci/min_versions.sh; these
-tests are the fast checks of the same promises on the source tree.
+The built wheel itself is checked by .ci/dist.sh (on the newest Python and releases) and the floors
+by .ci/min_versions.sh; these tests are the fast checks of the same promises on the source tree.
 """
 
 import ast
@@ -120,6 +120,21 @@ def test_floors_script_pins_the_highest_floor_and_jaxlib():
   # The real file: every core dependency has a floor, and jaxlib follows jax.
   real = floors(PROJECT, [])
   assert set(real) == CORE and real["jaxlib"] == real["jax"]
+
+
+def test_floors_script_lists_the_classifiers_pythons_newest_first():
+  # .ci/dist.sh tests the wheel on the first this machine has, .ci/min_versions.sh on the floor.
+  pythons = _load_floors_script().pythons
+  classifiers = [f"Programming Language :: Python :: {v}" for v in ("3.9", "3.12", "3.10", "3")]
+  assert pythons({"classifiers": [*classifiers, "Operating System :: OS Independent"]}) == [
+    "3.12",
+    "3.10",
+    "3.9",
+  ]
+  real = pythons(PROJECT)
+  assert real[-1] == PROJECT["requires-python"].removeprefix(">="), real  # the floor is named
+  minors = [int(v.split(".")[1]) for v in real]
+  assert minors == list(range(minors[0], minors[-1] - 1, -1)), real  # and every version above it
 
 
 # Blocks the optional packages, imports every module of the package, and reports what failed.
