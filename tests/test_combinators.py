@@ -528,7 +528,7 @@ def test_inject_hyperparams_changed_between_steps_as_an_array_compiles_once(
   mlp_problem, update_freq
 ):
   """docs/usage.md's way to change a hyperparameter between steps keeps one compiled step; a Python
-  float (the README's old example) is another input type to jit, which compiled it twice."""
+  float is another input type to jit, which compiles it twice."""
   params, loss_fn, batch = mlp_problem
   make = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)
   tx = make(learning_rate=optax.linear_schedule(0.1, 0.05, 10), update_freq=update_freq)
