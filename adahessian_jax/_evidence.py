@@ -90,7 +90,7 @@ def read(
   names = [_roleless_unnamed(n, r) for n, r in zip(names, roles, strict=True)]
   cleared = list(names)
   names, leading = _unnamed_leading_stacks(paths, shapes, names, roles)
-  by_bias, square_unsure = weights_by_bias(paths, shapes, roles)
+  by_bias, by_bias_unsure = weights_by_bias(paths, shapes, roles)
   evident, alone, unplaced, guessed = stacks_by_evidence(paths, shapes, names, roles)
   names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, unsure = in_named_stacks(paths, shapes, names, roles, alone)
@@ -100,13 +100,8 @@ def read(
     unsure[i] = _UNPLACED
   for i, why in guessed.items():  # how many axes an nn.remat_scan stacks, or where a scan does
     unsure.setdefault(i, why)
-  for i in square_unsure:
-    unsure.setdefault(
-      i,
-      "a square kernel beside a bias that fits both layouts, Flax's (in, out) and Hugging "
-      "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
-      "name its axes or give it a rule",
-    )
+  for i, why in by_bias_unsure.items():
+    unsure.setdefault(i, why)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
   # A kernel (layers, out, in) is read output axis first per layer only where its leading axes
   # are found stacked: else the rank's guess stays, flagged.
@@ -799,7 +794,7 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
   return pairs
 
 
-def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
+def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
   """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
 
   A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
@@ -818,11 +813,17 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
   show it for a square kernel. (:func:`read` takes a kernel of rank 3 or more output axis first
   only where its leading axes are found stacked.) A name with
   the word ``weight`` pairs with the same name with ``bias`` for it (PyTorch's ``in_proj_weight``
-  and ``in_proj_bias``, an LSTM's ``weight_ih_l0`` and ``bias_ih_l0``).
+  and ``in_proj_bias``, an LSTM's ``weight_ih_l0`` and ``bias_ih_l0``). A ``weight`` whose input
+  axis has size 1 fits one layer and a stack of layers of output size 1 (Equinox's ``Conv2d(1,
+  out)`` ``(out, 1, kh, kw)`` beside ``(out, 1, 1)``, or ``out`` stacked ``Conv1d(kh, 1)``): one
+  layer, output axis first, where it has 2 or more spatial axes and the nearest weights whose
+  biases show their stacks all show one layer; where they all show one stack, as they are read
+  (:func:`in_named_stacks`); else output axis first, a guess (also ``Conv1d(1, out)``, which
+  ``out`` stacked ``Linear(kw, 1)`` fit as well).
 
   Returns:
-    The leaves read output axis first, and the square kernels whose nearest others show both
-    layouts (a guess).
+    The leaves read output axis first, and why those of them and the square kernels beside a bias
+    that fits both layouts are guesses, by leaf.
   """
   pairs = []  # (module, weight or kernel, its bias, whether a weight)
   for module, members in _by_module(paths).items():
@@ -830,21 +831,25 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
       if weight in members and bias in members:
         pairs.append((module, members[weight], members[bias], weight == "weight"))
   pairs += _named_weight_pairs(paths)
-  found, square = set(), {}
+  found, square, several = set(), {}, {}
   shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
+  stacks: list[tuple[tuple, int]] = []  # (module, stacked axes) of each weight whose bias shows it
   for module, w, b, is_weight in pairs:
     if roles[w] is None:
       continue
     k, v = shapes[w], shapes[b]
     dense = _dense_bias(k, v)
     if is_weight:
-      if _torch_kernel(k, v) and dense and len(_torch_stacks(k, v)) == 1:  # (*stack, d, d)
+      readings = _torch_stacks(k, v)
+      flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
+      if _torch_kernel(k, v) and dense and len(readings) == 1:  # (*stack, d, d)
         square[w] = (module, is_weight)
-      elif len(_torch_stacks(k, v)) == 1 and not any(
-        v == k[:n] + k[-1:] for n in range(len(k) - 1)
-      ):
+      elif len(readings) == 1 and not flax:
         found.add(w)
         shown.append((module, "weight"))
+        stacks.append((module, readings[0]))
+      elif len(readings) > 1 and readings[0] == 0 and not flax:  # an input axis of size 1
+        several[w] = (module, k, v)
       continue
     if not _torch_kernel(k, v):
       if dense:
@@ -860,7 +865,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
       below.setdefault((m[:n], False), set()).add(x)
       if x != "weight":
         below.setdefault((m[:n], True), set()).add(x)
-  unsure = set()
+  unsure = {}
   for w, (module, is_weight) in square.items():
     layouts: set[str] = set()
     for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
@@ -870,7 +875,25 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], set[int]]:
     if layouts and "flax" not in layouts:
       found.add(w)
     elif len(layouts) > 1 and not is_weight:
-      unsure.add(w)
+      unsure[w] = (
+        "a square kernel beside a bias that fits both layouts, Flax's (in, out) and Hugging "
+        "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
+        "name its axes or give it a rule"
+      )
+  for w, (module, k, v) in several.items():
+    near: set[int] = set()
+    for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
+      near = {count for m, count in stacks if m[:n] == module[:n]}
+      if near:
+        break
+    if len(near) == 1 and 0 not in near:
+      continue  # the nearest show a stack: read as their relative (in_named_stacks)
+    found.add(w)
+    if near != {0} or len(k) < 4:  # one Conv1d(1, out) or out stacked Linear(in, 1): alike
+      unsure[w] = (
+        f"its bias {v} is one layer's, output axis first, and, its input axis having size 1, "
+        f"also a stack of {k[0]} layers' of output size 1 {k[1:]}: give it a rule"
+      )
   return found, unsure
 
 

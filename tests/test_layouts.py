@@ -2128,6 +2128,43 @@ def test_an_equinox_ensemble_keeps_its_members_apart_by_the_biases(rng):
   assert (one[1].rule, one[1].ambiguous) == (spatial.mean_over((2,)), True)
 
 
+def test_an_equinox_conv_of_one_input_channel_beside_single_layers_is_one_layer(rng):
+  # Equinox's MNIST tutorial CNN: eqx.nn.Conv2d(1, 3, 4), weight (3, 1, 4, 4), bias (3, 1, 1),
+  # then Linears in a list. The input axis of size 1 lets the bias also be 3 stacked Conv1d(4,
+  # 1)'s (1, 1), so the first layer of every grayscale Equinox CNN was a LayoutGuessWarning
+  # whose reason (a Flax kernel named 'weight') was not the ambiguity. The Linears beside it
+  # are one layer each: so is it.
+  shapes = {
+    "layers": [
+      {"weight": (3, 1, 4, 4), "bias": (3, 1, 1)},
+      {"weight": (5, 12), "bias": (5,)},
+      {"weight": (2, 5), "bias": (2,)},
+    ]
+  }
+  params = jax.tree.map(np.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda x: rng.normal(size=x.shape), params)
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=2)
+  got = _nu_after_one_step(tx, params, hessian_diag)  # no LayoutGuessWarning: an error here
+  d = np.abs(np.asarray(hessian_diag["layers"][0]["weight"]))
+  want = np.broadcast_to(d.mean(axis=(2, 3), keepdims=True), d.shape)
+  np.testing.assert_allclose(got["layers"][0]["weight"], want, rtol=1e-6)
+  row = spatial.describe(params, block_size=2).rows[1]
+  assert (row.path, row.rule, row.ambiguous) == (
+    "['layers'][0]['weight']",
+    spatial.mean_over((2, 3)),
+    False,
+  )
+  # Alone, or a Conv1d(1, 8) (8, 1, 3) beside one layer (8 stacked Linear(3, 1) fit as well, a
+  # shared trunk's ensemble of heads): still a guess, now saying which.
+  lone = {"weight": np.zeros((8, 1, 3, 3)), "bias": np.zeros((8, 1, 1))}
+  heads = {"heads": {"weight": np.zeros((8, 1, 3)), "bias": np.zeros((8, 1))}, **params}
+  for tree, path in ((lone, "['weight']"), (heads, "['heads']['weight']")):
+    row = next(r for r in spatial.describe(tree).rows if r.path == path)
+    assert row.ambiguous, path
+    assert "its input axis having size 1, also a stack of 8 layers' of output size 1" in row.why
+    assert "Flax-layout" not in row.why
+
+
 class _DenseGenerals(nn.Module):
   @nn.compact
   def __call__(self, x):  # x: (3, 2, 6)
