@@ -959,7 +959,8 @@ def scale_by_adahessian(
     _validation.float_leaves(
       params,
       "scale_by_adahessian's params",
-      "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter), or "
+      "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter; an "
+      "Equinox model: params, static = eqx.partition(model, eqx.is_inexact_array)), or "
       "exclude them with optax.masked or optax.multi_transform.",
     )
     # Fail early on a bad rule; update checks again. Not on a tree without leaves:

@@ -311,6 +311,14 @@ def test_non_float_leaves_are_refused_naming_the_leaf(leaf, dtype):
     hessian.hessian_operator(mlp_loss, params, batch)
 
 
+def test_a_whole_equinox_model_is_refused_saying_how_to_split_it():
+  # An Equinox model holds its activation function as a leaf: the error says how Equinox splits
+  # the arrays off.
+  params, batch = mlp()
+  with pytest.raises(TypeError, match=r"leaf at \['act'\] is .*eqx\.partition\(model, eqx\."):
+    hessian.hessian_operator(mlp_loss, {**params, "act": jax.nn.relu}, batch)
+
+
 def test_an_unhashable_loss_callable_works():
   @dataclasses.dataclass
   class Loss:  # eq=True: unhashable

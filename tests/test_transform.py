@@ -1,5 +1,6 @@
 """scale_by_adahessian / adahessian against an independent NumPy transcription."""
 
+import re
 import warnings
 
 import hessian_problems
@@ -442,6 +443,16 @@ def test_value_fn_without_params_shows_the_call(mlp_problem):
 def test_non_float_leaves_rejected_at_init():
   with pytest.raises(TypeError, match=r"\['step'\].*int"):
     ah.adahessian(0.1).init({"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)})
+  # A whole Equinox model holds its activation function (and ints) as leaves: the errors say how
+  # Equinox splits them off.
+  model = {"weight": jnp.ones((2, 3)), "activation": jax.nn.relu}
+  fix = re.escape("params, static = eqx.partition(model, eqx.is_inexact_array)")
+  tx = ah.adahessian(0.1)
+  with pytest.raises(TypeError, match=rf"leaf at \['activation'\] is [\s\S]*{fix}"):
+    tx.init(model)
+  vgh = ah.value_grad_and_hessian_diag(lambda p: jnp.sum(p["weight"]))
+  with pytest.raises(TypeError, match=rf"leaf at \['activation'\] is [\s\S]*{fix}"):
+    vgh(model, tx.init({"weight": model["weight"]}))
 
 
 def test_a_single_array_as_params_is_named_in_errors():
