@@ -18,7 +18,7 @@ order and gives every leaf a :class:`Reading`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -794,6 +794,25 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
   return pairs
 
 
+def _under_prefixes(items: Iterable[tuple[tuple, Any]]) -> dict[tuple, set]:
+  """``{module prefix: the values of the (module, value) items under it}``, a module under
+  itself."""
+  found: dict[tuple, set] = {}
+  for module, value in items:
+    for n in range(len(module) + 1):
+      found.setdefault(module[:n], set()).add(value)
+  return found
+
+
+def _nearest(under: dict[tuple, set], module: tuple) -> set:
+  """The values :func:`_under_prefixes` holds under the nearest module above ``module`` that
+  holds any (its parent first), the nearest relatives' evidence; empty if none does."""
+  for n in range(len(module) - 1, -1, -1):
+    if under.get(module[:n]):
+      return under[module[:n]]
+  return set()
+
+
 def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
   """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
 
@@ -859,19 +878,13 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
     else:
       found.add(w)
       shown.append((module, "torch"))
-  below: dict[tuple[tuple, bool], set[str]] = {}  # (module prefix, kernels only) -> layouts
-  for m, x in shown:
-    for n in range(len(m) + 1):
-      below.setdefault((m[:n], False), set()).add(x)
-      if x != "weight":
-        below.setdefault((m[:n], True), set()).add(x)
+  below = {  # kernels only: the layouts a Flax kernel's relatives show
+    False: _under_prefixes(shown),
+    True: _under_prefixes((m, x) for m, x in shown if x != "weight"),
+  }
   unsure = {}
   for w, (module, is_weight) in square.items():
-    layouts: set[str] = set()
-    for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
-      layouts = below.get((module[:n], not is_weight), set())
-      if layouts:
-        break
+    layouts = _nearest(below[not is_weight], module)
     if layouts and "flax" not in layouts:
       found.add(w)
     elif len(layouts) > 1 and not is_weight:
@@ -880,12 +893,9 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
         "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
         "name its axes or give it a rule"
       )
+  stacks_below = _under_prefixes(stacks) if several else {}
   for w, (module, k, v) in several.items():
-    near: set[int] = set()
-    for n in range(len(module) - 1, -1, -1):  # its parent module first, then the ones above
-      near = {count for m, count in stacks if m[:n] == module[:n]}
-      if near:
-        break
+    near = _nearest(stacks_below, module)
     if len(near) == 1 and 0 not in near:
       continue  # the nearest show a stack: read as their relative (in_named_stacks)
     found.add(w)
