@@ -2,12 +2,11 @@
 # Distribution lane: builds the sdist and the wheel (the wheel from the sdist, so the sdist is
 # complete), fails on any build warning, checks the metadata with twine, checks what the wheel
 # holds, then installs the wheel alone (core dependencies only) in a fresh virtual environment and
-# runs the core smoke test there, and finally adds the [flax] extra and imports the Flax helpers.
-# That environment runs the newest Python the classifiers name that this machine has, with the
-# newest releases pip finds: what a fresh machine installs. jax >= 0.11 needs Python >= 3.12, so
-# the tests' environment on python3 (3.11 here) never sees them, and jax 0.12 broke three things
-# the suite on jax 0.10 could not show (a scan's parameters, jnp.frexp of subnormal numbers, a
-# float32 mean). The oldest Python and releases are .ci/min_versions.sh's.
+# runs the core smoke test there, then adds the [flax] extra, imports the Flax helpers and runs the
+# tests of what changes between jax releases on the installed wheel. That environment runs the
+# newest Python the classifiers name that this machine has, with the newest releases pip finds:
+# what a fresh machine installs (jax >= 0.11 needs Python >= 3.12, so the tests' environment on
+# python3, 3.11 here, never sees them). The oldest Python and releases are .ci/min_versions.sh's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -97,7 +96,7 @@ pip_into "$work/venv" "$wheel"
 (cd "$work" && "$work/venv/bin/python" "$root/.ci/smoke_core.py" "$version")
 
 echo "== the wheel with the [flax] extra"
-pip_into "$work/venv" "$wheel[flax]"
+pip_into "$work/venv" "$wheel[flax]" pytest  # pytest for the tests below: one install
 (cd "$work" && "$work/venv/bin/python" -c "
 import adahessian_jax.linen, adahessian_jax.nnx, flax, jax, orbax.checkpoint
 print('adahessian_jax.linen and .nnx import with flax', flax.__version__, 'and jax', jax.__version__)")
@@ -107,7 +106,6 @@ echo "== tests of the installed wheel on these releases"
 # walks, float16 and float32 rounding in the Hessian tools), a trajectory of the optimizer against
 # the NumPy reference and NNX's two routes; from outside the checkout, so that the installed wheel
 # is the one imported (pytest puts the tests' folder on sys.path, not the checkout). ~30 s of CPU.
-pip_into "$work/venv" pytest
 (cd "$work" && "$work/venv/bin/python" -m pytest -q -p no:cacheprovider \
   "$root/tests/test_transform.py::test_trajectory_matches_numpy_reference[mlp-n2-closure]" \
   "$root/tests/test_transform.py::test_coupling_warning_follows_a_collective_through_a_scan_carry" \
