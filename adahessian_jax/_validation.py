@@ -289,6 +289,13 @@ def narrow_float(dtype: Any) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 16
 
 
+#: How an Equinox model, whose activation functions and other fields are leaves, gives its arrays.
+_EQUINOX_SPLIT = (
+  "An Equinox model: params, static = eqx.partition(model, eqx.is_inexact_array), and "
+  "eqx.combine(params, static) in the loss."
+)
+
+
 def float_leaves(tree: Any, what: str, fix: str) -> None:
   """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a real floating array
   of 16 bits or more.
@@ -296,16 +303,17 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
   Args:
     tree: The pytree to check (parameters).
     what: What the leaves are, as the caller names them (``"the params"``).
-    fix: A sentence appended to the error, saying what to do instead.
+    fix: A sentence appended to the error, saying what to do instead (followed, for a leaf
+      that is not a floating array, by how an Equinox model splits its arrays off).
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     where = path_str(path)
     must = f"{what} must be real floating-point arrays, but the leaf at {where}"
     dtype = array_dtype(leaf)
     if dtype is None:
-      raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix}")
+      raise TypeError(f"{must} is {type(leaf).__name__} {leaf!r}. {fix} {_EQUINOX_SPLIT}")
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"{must} has dtype {dtype}. {fix}")
+      raise TypeError(f"{must} has dtype {dtype}. {fix} {_EQUINOX_SPLIT}")
     if narrow_float(dtype):
       raise TypeError(
         f"{what} must be floating-point arrays of 16 bits or more, but the leaf at {where} has "

@@ -283,9 +283,8 @@ def value_grad_and_hessian_diag(
     _validation.float_leaves(
       params,
       "value_grad_and_hessian_diag differentiates every leaf of params, so they",
-      "Pass other leaves to the loss as arguments after opt_state (an Equinox model: params, "
-      "static = eqx.partition(model, eqx.is_inexact_array), static among them), or use the "
-      "value_fn route with adahessian_jax.masked_value_fn.",
+      "Pass other leaves to the loss as arguments after opt_state, or use the value_fn route "
+      "with adahessian_jax.masked_value_fn.",
     )
     state = _the_adahessian_state(opt_state)
     check_key_data(state.key)  # first: a stacked state's key says to update it inside jax.vmap

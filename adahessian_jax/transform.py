@@ -959,8 +959,7 @@ def scale_by_adahessian(
     _validation.float_leaves(
       params,
       "scale_by_adahessian's params",
-      "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter; an "
-      "Equinox model: params, static = eqx.partition(model, eqx.is_inexact_array)), or "
+      "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter), or "
       "exclude them with optax.masked or optax.multi_transform.",
     )
     # Fail early on a bad rule; update checks again. Not on a tree without leaves:

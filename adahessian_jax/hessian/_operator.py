@@ -1136,9 +1136,7 @@ def hessian_operator(
     params,
     "params",
     "The Hessian is taken with respect to every leaf: keep integer, bool and complex values "
-    "(and functions) out of params and close over them in loss_fn instead (an Equinox model: "
-    "params, static = eqx.partition(model, eqx.is_inexact_array), and eqx.combine(params, "
-    "static) in loss_fn).",
+    "(and functions) out of params and close over them in loss_fn instead.",
   )
   _check_not_pmapped(params)
   # A copy of the tree over the same arrays: an NNX state from nnx.split holds the model's own
