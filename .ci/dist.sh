@@ -103,13 +103,15 @@ print('adahessian_jax.linen and .nnx import with flax', flax.__version__, 'and j
 
 echo "== tests of the installed wheel on these releases"
 # The tests that reach into what changes between jax releases (the jaxprs the coupling check
-# walks, float16 and float32 rounding in the Hessian tools), a trajectory of the optimizer against
-# the NumPy reference and NNX's two routes; from outside the checkout, so that the installed wheel
-# is the one imported (pytest puts the tests' folder on sys.path, not the checkout). ~30 s of CPU.
+# walks, float16 and float32 rounding in the Hessian tools, the state's placement, which must not
+# warn), a trajectory of the optimizer against the NumPy reference and NNX's two routes; from
+# outside the checkout, so that the installed wheel is the one imported (pytest puts the tests'
+# folder on sys.path, not the checkout). ~30 s of CPU.
 (cd "$work" && "$work/venv/bin/python" -m pytest -q -p no:cacheprovider \
   "$root/tests/test_transform.py::test_trajectory_matches_numpy_reference[mlp-n2-closure]" \
   "$root/tests/test_transform.py::test_coupling_warning_follows_a_collective_through_a_scan_carry" \
   "$root/tests/test_transform.py::test_coupling_warning_reads_only_the_outputs_of_a_nested_body_that_reach_the_loss" \
+  "$root/tests/test_transform.py::test_a_jitted_step_of_committed_params_compiles_once[None]" \
   "$root/tests/test_hessian_eigen.py::test_top_eigenvalues_match_dense_to_1e8" \
   "$root/tests/test_hessian_eigen.py::test_float16_lanczos_survives_a_residual_below_the_smallest_normal_number" \
   "$root/tests/test_hessian_eigen.py::test_float16_curvature_below_the_smallest_normal_number_is_measured" \

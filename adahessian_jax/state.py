@@ -403,8 +403,8 @@ def placed_like_params(tree: T, params: Any) -> T:
     return tree
   if isinstance(first, jax.sharding.NamedSharding):
     target: Any = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
-  elif len(first.device_set) == 1:
-    target = jax.sharding.SingleDeviceSharding(next(iter(first.device_set)))
+  elif len(first.device_set) == 1:  # the device: SingleDeviceSharding(...) warns on jax >= 0.12
+    target = next(iter(first.device_set))
   else:
     return tree
 

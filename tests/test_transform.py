@@ -955,7 +955,9 @@ def test_a_jitted_step_of_committed_params_compiles_once(update_freq):
   loss_fn = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 2)
   lr = optax.linear_schedule(0.1, 0.01, 10)
   for tx in [ah.adahessian(lr, update_freq=update_freq), ah.scale_by_adahessian()]:
-    state = tx.init(params)
+    with warnings.catch_warnings():  # jax >= 0.12 deprecated the SingleDeviceSharding it made
+      warnings.simplefilter("error")
+      state = tx.init(params)
     assert all(x.committed for x in jax.tree.leaves(state))
     vgh = ah.value_grad_and_hessian_diag(loss_fn)
 
