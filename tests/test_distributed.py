@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import with_fast_compile
+from conftest import NO_COMPILATION_CACHE, with_fast_compile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 420
@@ -36,8 +36,8 @@ F32_TOL, F64_TOL = 1e-6, 1e-12
 TOL = {"float32_k1": F32_TOL, "float64_k1": F64_TOL, "float32_k2": F32_TOL}
 
 
-def _env(n_devices):
-  env = dict(os.environ)
+def _env(n_devices, processes=1):
+  env = dict(os.environ, **(NO_COMPILATION_CACHE if processes > 1 else {}))
   env["XLA_FLAGS"] = with_fast_compile(f"--xla_force_host_platform_device_count={n_devices}")
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
@@ -54,8 +54,12 @@ def _kill(proc):
 
 
 def _run_all(commands, n_devices, timeout, log_dir):
-  """Runs ``commands`` concurrently, each in its own process group; kills all on failure."""
-  procs, logs = [], []
+  """Runs ``commands`` concurrently, each in its own process group; kills all on failure.
+
+  Raises ``AssertionError`` with every process's exit status (``None``: still running when it was
+  stopped, because another one failed or the time limit passed) and the end of its output.
+  """
+  procs, logs, ended, timed_out = [], [], [], False
   try:
     for i, cmd in enumerate(commands):
       log = open(os.path.join(log_dir, f"log_{i}.txt"), "w+")
@@ -64,7 +68,7 @@ def _run_all(commands, n_devices, timeout, log_dir):
         subprocess.Popen(
           [sys.executable, *cmd],
           cwd=HERE,
-          env=_env(n_devices),
+          env=_env(n_devices, len(commands)),
           stdout=log,
           stderr=subprocess.STDOUT,
           start_new_session=True,
@@ -72,9 +76,11 @@ def _run_all(commands, n_devices, timeout, log_dir):
       )
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs):
-      if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+      timed_out = time.monotonic() > deadline
+      if timed_out or any(p.poll() not in (None, 0) for p in procs):
         break
       time.sleep(0.2)
+    ended = [p.poll() for p in procs]
   finally:
     for p in procs:
       _kill(p)
@@ -83,8 +89,13 @@ def _run_all(commands, n_devices, timeout, log_dir):
     log.seek(0)
     outputs.append(log.read()[-4000:])
     log.close()
-  for p, out in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, f"worker failed or timed out (rc={p.returncode}):\n{out}"
+  if ended != [0] * len(procs):
+    why = f"timed out after {timeout} s" if timed_out else "failed"
+    report = "".join(
+      f"\n--- {' '.join(cmd)}: exit status {rc}\n{out}"
+      for cmd, rc, out in zip(commands, ended, outputs, strict=True)
+    )
+    raise AssertionError(f"the workers {why}:{report}")
 
 
 def _free_port():
