@@ -3,14 +3,11 @@ against exact references (dense Hessians, NumPy transcriptions) at 1e-10 and
 below; float32 behaviour is tested with explicitly float32 arrays."""
 
 import ast
-import atexit
 import functools
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 
 # The tests spend most of their time compiling small programs, so XLA:CPU compiles them fast
 # rather than well: LLVM at optimisation level 0, and fusions through XLA's loop emitters instead
@@ -56,23 +53,6 @@ def with_fast_compile(flags: str = "") -> str:
 
 # Set before jax is imported; subprocesses inherit it.
 os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
-
-# One persistent compilation cache for the session's processes (the pytest-xdist workers and
-# the examples, benchmarks and multi-device workers the tests start): a program one of them has
-# compiled, another loads instead of compiling it again (the whole suite: about 10 % less CPU
-# time). Every program is kept, however fast it compiled. Made by the first process (pytest
-# itself), inherited by the others through the environment, removed when that process exits; a
-# cache directory the environment names already is used as it is.
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-  _cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ahj_tests_xla_")
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-
-#: For the environment of processes that join ``jax.distributed``: they compile without the cache.
-#: On jax 0.12 two such processes hang when one loads a program from the cache that the other
-#: compiles (the restarted processes of the multi-host checkpoint test did).
-NO_COMPILATION_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -192,29 +172,20 @@ def assert_trees_allclose(a, b, rtol=1e-12, atol=0.0):
 
 
 class CompileCounter:
-  """Counts the programs XLA compiles inside ``with``: backend compilations and the programs
-  loaded from the persistent compilation cache instead (``jax.monitoring`` events), so that a
-  recompilation counts whichever process compiled the program first."""
+  """Counts XLA backend compilations (``jax.monitoring`` duration events) inside ``with``."""
 
-  COMPILED = "/jax/core/compile/backend_compile_duration"
-  LOADED = "/jax/compilation_cache/cache_hits"
+  EVENT = "/jax/core/compile/backend_compile_duration"
 
   def __init__(self):
     self.count = 0
 
-  def _compiled(self, event, duration, **kwargs):
-    if event == self.COMPILED:
-      self.count += 1
-
-  def _loaded(self, event, **kwargs):
-    if event == self.LOADED:
+  def __call__(self, event, duration, **kwargs):
+    if event == self.EVENT:
       self.count += 1
 
   def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._compiled)
-    jax.monitoring.register_event_listener(self._loaded)
+    jax.monitoring.register_event_duration_secs_listener(self)
     return self
 
   def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._compiled)
-    jax.monitoring.unregister_event_listener(self._loaded)
+    jax.monitoring.unregister_event_duration_listener(self)

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import NO_COMPILATION_CACHE, with_fast_compile
+from conftest import with_fast_compile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 420
@@ -36,8 +36,8 @@ F32_TOL, F64_TOL = 1e-6, 1e-12
 TOL = {"float32_k1": F32_TOL, "float64_k1": F64_TOL, "float32_k2": F32_TOL}
 
 
-def _env(n_devices, processes=1):
-  env = dict(os.environ, **(NO_COMPILATION_CACHE if processes > 1 else {}))
+def _env(n_devices):
+  env = dict(os.environ)
   env["XLA_FLAGS"] = with_fast_compile(f"--xla_force_host_platform_device_count={n_devices}")
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
@@ -68,7 +68,7 @@ def _run_all(commands, n_devices, timeout, log_dir):
         subprocess.Popen(
           [sys.executable, *cmd],
           cwd=HERE,
-          env=_env(n_devices, len(commands)),
+          env=_env(n_devices),
           stdout=log,
           stderr=subprocess.STDOUT,
           start_new_session=True,

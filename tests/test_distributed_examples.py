@@ -1,13 +1,11 @@
 """The README's multi-device examples run (each sets its own forced host device count)."""
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import NO_COMPILATION_CACHE
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -19,7 +17,6 @@ def test_distributed_example_runs_and_replicas_agree(name):
     capture_output=True,
     text=True,
     timeout=300,
-    env=dict(os.environ, **(NO_COMPILATION_CACHE if name == "multihost" else {})),
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "LayoutGuessWarning" not in proc.stderr  # its model's averaging is no guess
