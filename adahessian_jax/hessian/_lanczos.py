@@ -64,10 +64,10 @@ def breakdown_tolerance(n: int, dtype) -> float:
 
 
 def power_of_two_above(peak: jax.Array) -> jax.Array:
-  """``2^e`` with ``2^(e-1) <= peak < 2^e`` entrywise (``1`` for a non-finite peak), at least the
-  smallest normal number of the dtype: XLA divides by a subnormal one as a product with its
-  reciprocal, which overflows (float16: a peak below ``6.1e-5`` gave ``inf``). The scale that
-  keeps the squares of entries up to ``peak`` from overflowing or underflowing."""
+  """``2^e`` with ``2^(e-1) <= peak < 2^e`` entrywise (``2`` for a non-finite peak, taken as 1),
+  at least the smallest normal number of the dtype: XLA divides by a subnormal one as a product
+  with its reciprocal, which overflows (float16: a peak below ``6.1e-5`` gave ``inf``). The scale
+  that keeps the squares of entries up to ``peak`` from overflowing or underflowing."""
   info = jnp.finfo(peak.dtype)
   peak = jnp.where(jnp.isfinite(peak), peak, 1.0)
   # A subnormal peak takes the floor itself: from jax 0.12 on jnp.frexp flushes it to zero, whose
