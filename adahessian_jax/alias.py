@@ -79,14 +79,24 @@ def _check_mask_tree(mask: Any, params: Any) -> None:
         f"weight_decay_mask has an entry at {_validation.path_str(path)}, where the params have "
         "none: the mask must be a pytree of booleans like the params (or a prefix of them)."
       )
-  # A MaskedNode needs no entry: a mask function sees it as an empty node and returns one.
-  owned = [p for p, x in nodes if not masking.is_masked(x)]
-  for path in owned:
-    if not any(path[:depth] in covered for depth in range(len(path) + 1)):
-      raise ValueError(
-        f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(path)}: the "
-        "mask must be a pytree of booleans like the params (or a prefix of them)."
-      )
+  # A MaskedNode needs an entry too, as optax.masked maps the mask over the params: a boolean
+  # above or at it, or the empty node a mask function returns for it (it sees an empty node).
+  empty = jax.tree_util.tree_leaves_with_path(mask, is_leaf=masking.is_masked)
+  covered |= {p for p, x in empty if masking.is_masked(x)}
+  for path, x in nodes:
+    if any(path[:depth] in covered for depth in range(len(path) + 1)):
+      continue
+    fix = (
+      ", which another transform of optax.masked or optax.multi_transform owns: the mask is "
+      "matched against the whole tree the optimizer is given, so give it an entry there too "
+      "(either boolean: this adahessian does not step that leaf), or make it a function of the "
+      "params."
+      if masking.is_masked(x)
+      else ": the mask must be a pytree of booleans like the params (or a prefix of them)."
+    )
+    raise ValueError(
+      f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(path)}{fix}"
+    )
 
 
 def _is_bool_array(x: Any) -> bool:
@@ -258,6 +268,8 @@ def adahessian(
     weight_decay_mask: A pytree of booleans like the params (or a prefix of
       them), or a callable returning one, selecting which leaves are decayed;
       ``init`` checks it against the params, naming an entry that does not fit.
+      Inside :func:`optax.masked` or :func:`optax.multi_transform` a tree needs
+      entries for the other transforms' leaves too (any boolean).
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (``None``: 1, no blocks); refused beside an ``averaging`` that is one rule
       for every leaf (give that rule the block size).

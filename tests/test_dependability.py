@@ -520,6 +520,29 @@ def test_a_weight_decay_mask_that_does_not_fit_the_params_is_named_at_init():
   assert [float(u.max()) for u in jax.tree.leaves(updates)] == [0.0, 0.0, -0.5]
 
 
+def test_a_weight_decay_mask_without_the_other_transforms_leaves_is_named_at_init():
+  # Inside multi_transform a mask of the group's own leaves raised optax's pytree-prefix dump
+  # ("different numbers of pytree children ... symmetric difference on key sets is k2").
+  params = {"k": jnp.ones((2, 2)), "b": jnp.ones(2), "k2": jnp.ones((2, 3))}
+  labels = {"k": "ada", "b": "ada", "k2": "sgd"}
+
+  def build(mask):
+    ada = ah.adahessian(1.0, weight_decay=0.5, weight_decay_mask=mask)
+    return optax.multi_transform({"ada": ada, "sgd": optax.sgd(0.1)}, labels)
+
+  other = r"no entry for the params leaf at \['k2'\], which another transform of optax.masked"
+  with pytest.raises(ValueError, match=r"^weight_decay_mask has " + other):
+    build({"k": True, "b": False}).init(params)
+  with pytest.raises(ValueError, match=r"^weight_decay_mask has " + other):
+    build(lambda p: {"k": True, "b": False}).init(params)  # a function that drops the node
+  # With an entry there (either boolean), or a mask function, the decay is the group's own.
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for mask in ({"k": True, "b": False, "k2": False}, {"k": True, "b": False, "k2": True}):
+    tx = build(mask)
+    updates, _ = tx.update(zeros, tx.init(params), params, hessian_diag=zeros)
+    assert [float(u.min()) for u in jax.tree.leaves(updates)] == [0.0, -0.5, 0.0]  # b, k, k2
+
+
 def test_a_state_of_an_adahessian_built_without_its_schedule_or_mask_is_named():
   # A constant-rate adahessian's state (EmptyState where a schedule keeps its count) gave the
   # schedule tuple's count method: "unsupported operand type(s) for -: 'builtin_function_or_method'
