@@ -109,10 +109,18 @@ def hyperparameter(
 ) -> None:
   """:func:`interval`'s check of an optimizer hyperparameter, which lets a traced value through.
 
-  ``optax.inject_hyperparams`` traces the values it injects inside ``jit``; they cannot be
-  checked there, and were checked when the optimizer was first built.
+  ``optax.inject_hyperparams`` traces the values it injects inside ``jit``; their values cannot
+  be checked there, and were checked when the optimizer was first built. Their shape and dtype
+  can: an array set in the state between steps (``jnp.asarray([0.9])``) broadcast a scalar
+  parameter, and its moments, to its shape, without an error.
   """
   if isinstance(value, jax.core.Tracer):
+    if value.shape != () or not real_dtype(value.dtype):
+      raise ValueError(
+        f"{name} must be a real scalar, got a traced array of shape {value.shape} and dtype "
+        f"{value.dtype}: a hyperparameter set in optax.inject_hyperparams's state must be one "
+        f"value, e.g. opt_state.hyperparams[{name!r}] = jnp.asarray(v, jnp.float32)."
+      )
     return
   try:
     interval(name, value, lo, hi, lo_open=lo_open, hi_open=hi_open)

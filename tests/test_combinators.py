@@ -555,6 +555,28 @@ def test_inject_hyperparams_changed_between_steps_as_an_array_compiles_once(
   assert run(lambda dtype: 0.95) == (2, 0.95)
 
 
+@pytest.mark.parametrize("name", ["b1", "b2", "eps", "weight_decay", "learning_rate"])
+def test_inject_hyperparams_set_to_a_vector_between_steps_is_refused_under_jit(name):
+  """Under jit only the values of injected hyperparameters go unchecked: one set to an array of
+  shape (1,) made the scalar parameter, and its moment, of shape (1,), without an error."""
+  params = {"s": jnp.asarray(1.0), "w": jnp.ones((2, 3))}
+  loss = lambda p: p["s"] ** 2 + jnp.sum(p["w"] ** 2)
+  tx = optax.inject_hyperparams(ah.adahessian)(learning_rate=0.1, weight_decay=0.01)
+  state = tx.init(params)
+  state.hyperparams[name] = jnp.full((1,), state.hyperparams[name])
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  with pytest.raises(ValueError, match=rf"^{name} must be a real scalar, got a traced array of "):
+    step(params, state)
+  state.hyperparams[name] = state.hyperparams[name][0]  # one value: trains as before
+  new_params, _ = step(params, state)
+  assert jax.tree.map(jnp.shape, new_params) == {"s": (), "w": (2, 3)}
+
+
 def test_masked_value_fn_full_params_of_another_model_are_named():
   # Another tree failed with JAX's tree_map error, which names no leaf; a tree of other shapes
   # filled the leaves another transform owns with its own, silently.
