@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from adahessian_jax import _validation, masking, spatial
-from adahessian_jax.state import placed_like_params
+from adahessian_jax.state import ScaleByAdaHessianState, placed_like_params
 from adahessian_jax.transform import scale_by_adahessian
 
 __all__ = ["STATIC_ARGS", "adahessian"]
@@ -325,4 +325,33 @@ def adahessian(
   # The other members' state too (a schedule's count; scale_by_adahessian's init commits only its
   # own), committed where the params are: a jitted step compiles once.
   init = lambda params: placed_like_params(chain.init(params), params)
-  return chain._replace(init=init)
+
+  def update(updates, state, params=None, **extra_args):
+    _check_chain_state(state)
+    return chain.update(updates, state, params, **extra_args)
+
+  return chain._replace(init=init, update=update)
+
+
+def _check_chain_state(state: Any) -> None:
+  """Raises unless ``state`` has the three members of ``adahessian``'s chain: optax's error for
+  another optimizer's state (Adam's pair, or ``scale_by_adahessian``'s own state, which
+  :func:`adahessian_jax.find_adahessian_state` returns) says to call ``init`` first."""
+  if isinstance(state, ScaleByAdaHessianState):
+    raise TypeError(
+      "adahessian's update got a ScaleByAdaHessianState, the state of scale_by_adahessian alone "
+      "(what find_adahessian_state returns): adahessian's state is the tuple of its chain's three "
+      "states that tx.init(params) returns. To change a field of the state, use "
+      "adahessian_jax.map_adahessian_state(fn, opt_state)."
+    )
+  if isinstance(state, tuple) and len(state) != 3:
+    got = (
+      f"an {type(state).__name__}"  # a NamedTuple: optax.inject_hyperparams's state, say
+      if hasattr(state, "_fields")
+      else f"a tuple of {len(state)} states ({', '.join(type(s).__name__ for s in state)})"
+    )
+    raise TypeError(
+      f"adahessian's update got {got} where its init makes a tuple of 3 (scale_by_adahessian's, "
+      "the weight decay's and the learning rate's): the state of another optimizer. Pass the "
+      "state tx.init(params) returns, or restore a checkpoint of this optimizer."
+    )

@@ -569,6 +569,27 @@ def test_a_state_of_an_adahessian_built_without_its_schedule_or_mask_is_named():
     np.testing.assert_array_equal(updates["b"], np.zeros(2))
 
 
+def test_a_state_of_another_optimizer_or_of_scale_by_adahessian_alone_is_named():
+  # optax.chain's "The number of updates and states has to be the same in chain! Make sure you
+  # have called init first!", although init had been called (of another optimizer).
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = ah.adahessian(0.1)
+  cases = [
+    (optax.adam(0.1).init(params), r"a tuple of 2 states \(ScaleByAdamState, EmptyState\)"),
+    (optax.inject_hyperparams(ah.adahessian)(0.1).init(params), "an InjectStatefulHyperparams"),
+  ]
+  for state, got in cases:
+    for update in (tx.update, jax.jit(tx.update)):
+      with pytest.raises(TypeError, match=rf"^adahessian's update got {got}.* another optimizer"):
+        update(zeros, state, params, hessian_diag=zeros)
+  alone = ah.find_adahessian_state(tx.init(params))
+  with pytest.raises(TypeError, match=r"got a ScaleByAdaHessianState, the state of scale_by_"):
+    tx.update(zeros, alone, params, hessian_diag=zeros)
+  updates, _ = tx.update(zeros, tx.init(params), params, hessian_diag=zeros)  # its own state
+  assert [float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)] == [0.0, 0.0]
+
+
 def test_inject_hyperparams_rounding_to_bfloat16_params_names_hyperparam_dtype():
   params = {"w": jnp.asarray([0.5, -1.0, 2.0], jnp.bfloat16)}
   loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2)
