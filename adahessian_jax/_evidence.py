@@ -462,14 +462,14 @@ def _raw_kernel_of(bias: str, members: Mapping[str, Any]) -> str | None:
   """The name of the raw kernel in ``members`` that a raw bias named ``bias`` goes with, if any:
   Haiku's ``w`` for ``b``, ``<name>_w`` for ``<name>_b`` (AlphaFold's ``gating_w``), ``w_<name>``
   for ``b_<name>`` (a mixture's ``w_in``/``b_in``) and ``w<digits>`` for ``b<digits>``
-  (``w1``/``b1``)."""
-  if bias == "b" or bias.endswith("_b"):
-    kernel = bias[:-1] + "w"
-  elif bias.startswith("b_") or re.fullmatch(r"b\d+", bias):
-    kernel = "w" + bias[1:]
+  (``w1``/``b1``); either letter in either case (TransformerLens's ``W_Q``/``b_Q``)."""
+  if bias in ("b", "B") or bias.endswith(("_b", "_B")):
+    kernels = [bias[:-1] + w for w in "wW"]
+  elif bias.startswith(("b_", "B_")) or re.fullmatch(r"[bB]\d+", bias):
+    kernels = [w + bias[1:] for w in "wW"]
   else:
     return None
-  return kernel if kernel in members else None
+  return next((kernel for kernel in kernels if kernel in members), None)
 
 
 def named_biases(paths, roles) -> set[int]:

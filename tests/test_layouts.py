@@ -2938,6 +2938,29 @@ def test_raw_bias_paired_by_name_shows_the_experts_outside_a_mixture_name(rng):
   assert [r.path for r in spatial.describe(one, block_size=2).ambiguous] == ["['FFN_0']['w_in']"]
 
 
+def test_a_raw_bias_pairs_with_a_kernel_named_in_capitals(rng):
+  # TransformerLens's layout (W_Q (heads, embed, head_dim) beside b_Q (heads, head_dim), W_O
+  # (heads, head_dim, embed) beside b_O (embed,)) and a mixture's W1 (experts, in, out) beside
+  # b1 (experts, out): the bias paired only with a lowercase w (w_Q, w1), so b_Q and b1 were
+  # read by their rank as Dense kernels and blocked along axis 0, across the heads (experts),
+  # with no warning, where the kernels beside them were kept apart per head (expert).
+  attn = {"W_Q": (4, 16, 8), "W_K": (4, 16, 8), "W_V": (4, 16, 8), "W_O": (4, 8, 16)}
+  attn |= {"b_Q": (4, 8), "b_K": (4, 8), "b_V": (4, 8), "b_O": (16,)}
+  params = {"attn": attn, "ffn": {"W1": (3, 8, 6), "b1": (3, 6)}}
+  params = jax.tree.map(np.zeros, params, is_leaf=lambda x: isinstance(x, tuple))
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=8), params, hessian_diag)
+  d = jax.tree.map(np.asarray, hessian_diag)
+  for module, name in [("attn", "b_Q"), ("attn", "b_K"), ("attn", "b_V"), ("ffn", "b1")]:
+    np.testing.assert_allclose(got[module][name], d[module][name], rtol=1e-12, err_msg=name)
+  # Each head's (expert's) kernel on its own: blocks of 8 inputs (embed, head_dim, in).
+  for module, name in [("attn", "W_Q"), ("attn", "W_O"), ("ffn", "W1")]:
+    want = np.stack([block_average(e, 8) for e in d[module][name]])
+    np.testing.assert_allclose(got[module][name], want, rtol=1e-12, err_msg=name)
+
+
 class _EnsembleMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
