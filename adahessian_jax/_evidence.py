@@ -1837,11 +1837,12 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
 #: Words (of a name split at "_") that make a leaf a table with a row per token or position:
 #: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``,
 #: GPT-2's ``wte`` and ``wpe`` (raw ``(vocab, embed)`` and ``(positions, embed)`` arrays in a
-#: hand-written port); and learned rows of other kinds: a Perceiver's ``latents``, a DETR's
-#: ``queries``, prefix- and prompt-tuning's ``prefix``/``prompt``, a ViT's ``registers``, a
-#: VQ-VAE's ``codebook``.
+#: hand-written port), a ``token_table``/``lookup_table``; and learned rows of other kinds: a
+#: Perceiver's ``latents``, a DETR's ``queries``, prefix- and prompt-tuning's
+#: ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``.
 _TABLE_WORDS = frozenset(
   ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
+  + ("table",)
   + ("wte", "wpe", "latent", "latents", "queries", "prefix", "prompt", "prompts", "registers")
   + ("codebook",)
 )

@@ -2323,6 +2323,30 @@ def test_learned_rows_of_other_kinds_keep_their_rows_apart():
   assert rows["['proj']['kernel']"].rule == spatial.blocks(4, axis=0)
 
 
+def test_a_table_named_a_table_keeps_its_rows_apart(rng):
+  # A raw token_table or lookup_table (vocab, embed) was a Dense kernel by rank: blocked along
+  # axis 0, averaging the curvature of 4 consecutive tokens, unflagged (a leaf named just
+  # 'table' was a flagged guess). Stacked per layer, each layer's table keeps its rows apart.
+  params = {
+    "token_table": np.zeros((10, 8)),
+    "lookup_table": np.zeros((10, 8)),
+    "blocks": {"rel_table": np.zeros((3, 10, 8))},
+    "q_table": np.zeros((10, 8)),  # another word too: a kernel's name, maybe
+  }
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  for key in ("['token_table']", "['lookup_table']"):
+    assert rows[key].rule == spatial.blocks(4, axis=1) and not rows[key].ambiguous, key
+  assert rows["['q_table']"].rule == spatial.blocks(4, axis=1) and rows["['q_table']"].ambiguous
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+  got = averaged(spatial.resolve_rules(None, params, block_size=4), hessian_diag)
+  d = hessian_diag["token_table"]
+  want = np.stack([block_average(row, 4) for row in d])  # each token's row on its own
+  np.testing.assert_allclose(got["token_table"], want, rtol=1e-12)
+  table = hessian_diag["blocks"]["rel_table"]
+  want = np.stack([[block_average(row, 4) for row in layer] for layer in table])
+  np.testing.assert_allclose(got["blocks"]["rel_table"], want, rtol=1e-12)
+
+
 def test_a_leaf_with_size_one_axes_but_the_last_is_no_guess():
   # ViT's class token (1, 1, features): a Conv kernel, a DenseGeneral kernel and a stack of layers
   # all average nothing there, but strict mode refused it as a guess, even at block_size 1.
