@@ -1418,30 +1418,41 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
     (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
     the kernel's first size is not that of a stack of layers known in the tree (an ``nn.scan``
-    of 1-D convolutions without a bias would leave no evidence of its own) nor of an unnamed
-    ``scale`` or ``bias`` of rank >= 2 in the module above it (a norm's ``(layers, channels)``
-    in a scanned block of bias-less convolutions and norms: ``(layers, kh, kw, in, out)`` is no
-    3-D kernel), nor the first size of every leaf under the module above it where one of them is
-    no convolution's (a mixture's raw ``(layers, experts, in, out)`` beside the kernel in an
-    ``nn.vmap`` or ``nnx.vmap`` block: a stack's leaves all have its size first), and that is
-    not under Linen's name of an ``nn.vmap`` (``VmapBlock_0``: its members stacked in front or
-    elsewhere, or not at all, the params broadcast).
+    of 1-D convolutions without a bias would leave no evidence of its own; past the kernel's own
+    stack, where a scale or bias beside its module shows that, only a stack known that deep) nor
+    of an unnamed ``scale`` or ``bias`` of rank >= 2 in the module above it (a norm's ``(layers,
+    channels)`` in a scanned block of bias-less convolutions and norms: ``(layers, kh, kw, in,
+    out)`` is no 3-D kernel), nor the first size of every leaf under the module above it where
+    one of them is no convolution's (a mixture's raw ``(layers, experts, in, out)`` beside the
+    kernel in an ``nn.vmap`` or ``nnx.vmap`` block: a stack's leaves all have its size first),
+    and that is not under Linen's name of an ``nn.vmap`` (``VmapBlock_0``: its members stacked
+    in front or elsewhere, or not at all, the params broadcast).
 
   Returns:
     ``{leaf index: (axis names, why)}``.
   """
   found: dict[int, tuple[AxisNames, str]] = {}
   kernels = list(_kernels(paths, shapes, names, roles))
-  # The sizes of the stacks of layers known in the tree (named, or found from the evidence).
-  stack_sizes = {
-    shape[a]
+  # The stacks of layers known in the tree (named, or found from the evidence): (axis, size).
+  stack_axes = {
+    (a, shape[a])
     for n, r, shape in zip(names, roles, shapes, strict=True)
     if n is not None and r is not None
     for a, x in enumerate(n)
     if axis_role(x, r) == STACKED
   }
-  # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
+  stack_sizes = {size for _, size in stack_axes}
   leaf_modules = [_module_keys(path) for path in paths]
+  # The stacks that a vector of one entry per channel shows for the modules beside its own: a
+  # norm's scale or a bias (layers, channels) found stacked, by the module above theirs.
+  shown: dict[tuple, set[tuple[int, ...]]] = {}
+  for i, path in enumerate(paths):
+    if names[i] is None or roles[i] is None or param_name(path) not in ("scale", "bias"):
+      continue
+    lead = _stacked_prefix(names[i], roles[i])
+    if lead and len(shapes[i]) == lead + 1:
+      shown.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][:lead])
+  # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
   stacked_norms: dict[tuple, set[int]] = {}
   # A norm's scale of rank >= 2 that nothing shows stacked: the members of an nn.vmap over
   # another axis (variable_axes={"params": 1}: (channels, members)), whatever its first size.
@@ -1478,8 +1489,16 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     vmapped = not k.lead and any(_named_by(key, ("Vmap",)) for key in k.module)
     first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
     parent = (k.module[:-1], k.lead)
+    # Its stacked axes known, shown beside it (a GroupNorm's (layers, channels) in its block: a
+    # stack of 3 bias-less 3x3 Convs), a size past them is another stack's only if one is known
+    # that deep (a stack of stacks), or if the kernel's own module is stacked (VmapConv_0).
+    own = k.lead and not (k.module and _stacks_all(k.module[-1]))
+    if own and shape[: k.lead] in shown.get(k.module[:-1], ()):
+      known = {size for a, size in stack_axes if a >= k.lead}
+    else:
+      known = stack_sizes
     stack_sign = (
-      first in stack_sizes
+      first in known
       or first in stacked_norms.get(k.module[:-1], ())
       or k.module[:-1] in scaled
       or (parent in other and firsts[parent] == {first})

@@ -1470,6 +1470,46 @@ def test_a_bias_less_conv_in_an_unnamed_scan_is_not_averaged_across_layers(norm)
     assert row.rule == spatial.mean_over((0, 1, 2)) and row.ambiguous
 
 
+def test_a_stack_as_long_as_its_convs_window_is_one_its_norms_show(rng):
+  # A named nn.scan of 3 blocks of a bias-less 3x3 Conv and a GroupNorm (a ResNet stage of 3):
+  # the GroupNorm's (3, 8) shows the stack, but the kernel's size past it, 3, was that of a
+  # stack known in the tree (its own), so its name 'Conv_0' no longer made it a convolution's:
+  # init warned (LayoutGuessWarning) and strict mode refused the model, for a rule it had right.
+  stack = nn.scan(
+    ScannedConvNormBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+  )
+
+  class Stage(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return stack(lambda: nn.GroupNorm(num_groups=2), name="stage")(x, None)[0]
+
+  params = jax.eval_shape(Stage().init, jax.random.key(0), np.ones((1, 6, 6, 8)))["params"]
+  params = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  (row,) = [r for r in spatial.describe(params, block_size=2).rows if "Conv_0" in r.path]
+  assert row.shape == (3, 3, 3, 8, 8)
+  assert row.rule == spatial.per_layer(spatial.mean_over((0, 1))) and not row.ambiguous
+  hessian_diag = jax.tree.map(lambda p: rng.uniform(1.0, 2.0, p.shape), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", spatial.LayoutGuessWarning)
+    tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=spatial.strict())
+    got = _nu_after_one_step(tx, params, hessian_diag)
+  d = hessian_diag["stage"]["Conv_0"]["kernel"]
+  want = np.broadcast_to(d.mean(axis=(1, 2), keepdims=True), d.shape)  # each layer's 3x3
+  np.testing.assert_allclose(got["stage"]["Conv_0"]["kernel"], want, rtol=1e-12)
+  # A Conv under a module of its own there may hold a stack of 3 of its own: still a guess.
+  inner = {"Conv_0": {"kernel": np.zeros((3, 3, 3, 3, 8, 8))}}
+  nested = {"stage": {"GroupNorm_0": params["stage"]["GroupNorm_0"], "inner": inner}}
+  assert [r.path for r in spatial.describe(nested, block_size=2).ambiguous] == [
+    "['stage']['inner']['Conv_0']['kernel']"
+  ]
+  # So does an nn.vmap of 3 Convs beside it (VmapConv_0 (3, 3, 3, 3, 8, 8)): 3 members or 3-D.
+  lifted = {"GroupNorm_0": params["stage"]["GroupNorm_0"], "VmapConv_0": inner["Conv_0"]}
+  assert [r.path for r in spatial.describe({"stage": lifted}, block_size=2).ambiguous] == [
+    "['stage']['VmapConv_0']['kernel']"
+  ]
+
+
 @pytest.mark.parametrize(
   ("stacked", "wrap", "name"),
   [
