@@ -1591,8 +1591,9 @@ def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tupl
   A mixture's experts are often one array per weight, ``(experts, in, out)`` (a raw
   ``self.param`` in a module ``moe``, MaxText's ``MoeBlock_0``/``wi``), which the rank alone
   would take for a 1-D ``Conv`` kernel and average across experts. A leaf of rank >= 3 (past
-  its leading stacked axes) with a word of :data:`_EXPERT_WORDS` in a key of its path has its
-  first axis (after the stacked ones) named a stacked axis; its bias, scale or table are not
+  its leading stacked axes) with a word of :data:`_EXPERT_WORDS` in its name or its module's
+  (not further up: a ``MoETransformer_0`` around a whole model) has its first axis (after the
+  stacked ones) named a stacked axis; its bias, scale or table are not
   touched, nor is the module of one expert (``experts_3``, ``experts/3/...``), nor the leaves
   in ``read`` (kernels already read by their shapes: an attention, a convolution).
 
@@ -1609,7 +1610,10 @@ def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tupl
     if lead is None or stacked is None or len(shapes[i]) - lead < 3:
       continue
     keys = [_key_name(k) for k in path]
-    at = [j for j, k in enumerate(keys) if _EXPERT_WORDS & _words(k)]
+    # Its own name or its module's: a word further up (a MoETransformer_0 around the whole
+    # model) says nothing of an attention's packed qkv (embed, 3, hidden) under it.
+    near = range(max(len(keys) - 2, 0), len(keys))
+    at = [j for j in near if _EXPERT_WORDS & _words(keys[j])]
     if not at:
       continue
     j = at[-1]

@@ -2674,6 +2674,15 @@ def test_the_experts_of_a_mixture_without_names_are_kept_apart(rng):
   np.testing.assert_allclose(
     got["moe"]["gate"]["kernel"], block_average(d["moe"]["gate"]["kernel"], 2)
   )
+  # The word counts in the leaf's name or its module's only: under a wrapper of the whole model
+  # (MoETransformer_0) a packed qkv (embed, 3, hidden) is no mixture (it would have averaged q,
+  # k and v), but the rank's flagged guess; the mixture itself is still kept apart.
+  wrapped = {"MoETransformer_0": {"attn": {"qkv": np.zeros((6, 3, 8))}, **params}}
+  rows = {r.path: r for r in spatial.describe(wrapped, block_size=2).rows}
+  qkv = rows["['MoETransformer_0']['attn']['qkv']"]
+  assert qkv.ambiguous and "a mixture's experts" not in qkv.why, qkv
+  for where in ("['MoETransformer_0']['moe']['w1']", "['MoETransformer_0']['MoeBlock_0']['wi']"):
+    assert not rows[where].ambiguous and "a mixture's experts" in rows[where].why, rows[where]
 
 
 class _ResNetBlock(nn.Module):
