@@ -310,3 +310,43 @@ def test_leaf_trace_stderr_is_student_t_scaled_as_hutchinson_traces():
     assert lc.trace == pytest.approx(x.mean(), rel=1e-10)
     expected = x.std(ddof=1) / 2 * 3.182446305283708 / 1.959963984540054
     assert lc.trace_stderr == pytest.approx(expected, rel=2e-4)
+
+
+def test_a_plain_dict_layer_axes_serves_nnx_params():
+  # nnx.split's params are an nnx.State of nnx.Param variables: a plain dict prefix, as the
+  # docstring's example reads, was refused ("has other containers than the params"), though a
+  # plain-dict direction was taken for the same params.
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self):
+      keys = jax.random.split(jax.random.key(0), 3)
+      make = nnx.vmap(lambda k: nnx.Linear(3, 3, use_bias=False, rngs=nnx.Rngs(k)))
+      self.blocks = make(keys)  # a stack without bias or names: nothing shows it
+      self.head = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+
+  _, params = nnx.split(Net(), nnx.Param)
+  loss_fn = lambda p, x: jnp.sum(jnp.tanh(x @ p["blocks"]["kernel"][1]) @ p["head"]["kernel"])
+  op = hessian.hessian_operator(lambda p, x: loss_fn(nnx.to_pure_dict(p), x), params, jnp.ones(3))
+  want = hessian.layer_breakdown(
+    op, jax.random.key(0), num_samples=4, layer_axes=nnx.State({"blocks": 1, "head": 0})
+  )
+  got = hessian.layer_breakdown(
+    op, jax.random.key(0), num_samples=4, layer_axes={"blocks": 1, "head": 0}
+  )
+  assert (
+    list(got)
+    == list(want)
+    == ["blocks/kernel[0]", "blocks/kernel[1]", "blocks/kernel[2]", "head/bias", "head/kernel"]
+  )
+  assert [lc.trace for lc in got.values()] == [lc.trace for lc in want.values()]
+  d = hessian.random_direction(op, jax.random.key(1))
+  nd = hessian.normalize_direction(op, d, "layer", layer_axes={"blocks": 1, "head": 0})
+  kernel = np.asarray(nnx.to_pure_dict(op.unravel(nd))["blocks"]["kernel"])
+  weights = np.asarray(nnx.to_pure_dict(params)["blocks"]["kernel"])
+  np.testing.assert_allclose(
+    np.linalg.norm(kernel, axis=(1, 2)), np.linalg.norm(weights, axis=(1, 2)), rtol=1e-6
+  )
+  # A dict that misses a leaf is still refused, naming it.
+  with pytest.raises(ValueError, match=r"has no entry for the params leaf at \['head'\]\['bias'\]"):
+    hessian.layer_breakdown(op, jax.random.key(0), layer_axes={"blocks": 1})

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from adahessian_jax import _validation, spatial
+from adahessian_jax import _validation, layout, spatial
 
 
 def layer_axes_of(
@@ -32,7 +32,8 @@ def layer_axes_of(
       stack of its named relatives as the optimizer's averaging does, see
       :mod:`adahessian_jax.spatial`), or the number of leading
       layer axes of each leaf, as an int or a pytree prefix of the params with
-      ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
+      ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``), matched by path where its
+      containers are not the params' (a plain dict for an NNX ``State``, boxes aside).
     rules: ``spatial.leaf_rules(None, params)`` if the caller has them already.
 
   Returns:
@@ -49,15 +50,37 @@ def layer_axes_of(
   try:
     counts = jax.tree.leaves(jax.tree.broadcast(layer_axes, params))
   except (ValueError, TypeError):
-    raise ValueError(
-      "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
-      f"number of leading layer axes of each leaf), but it {_not_a_prefix(layer_axes, params)}."
-    ) from None
+    counts = _by_path(layer_axes, params)
+    if counts is None:
+      raise ValueError(
+        "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
+        f"number of leading layer axes of each leaf), but it {_not_a_prefix(layer_axes, params)}."
+      ) from None
   paths = _validation.leaf_paths(params)
   return [
     tuple(range(_validation.count(f"layer_axes at {p}", n, 0, len(s))))
     for n, p, s in zip(counts, paths, shapes, strict=True)
   ]
+
+
+def _by_path(prefix: Any, params: Any) -> list[Any] | None:
+  """The entry of ``prefix`` over each leaf of ``params``, matched by path, boxes aside; ``None``
+  unless every leaf has one and every entry covers a leaf.
+
+  A prefix of other containers than the params' but the same keys (a plain dict for an NNX
+  ``State``, or for params in Linen boxes or NNX variables), as the directions and
+  preconditioners are taken: ``{"blocks": 1, "head": 0}`` was refused for ``nnx.split``'s
+  params, which only an ``nnx.State`` prefix matched.
+  """
+  entries = jax.tree_util.tree_leaves_with_path(prefix)
+  counts, used = [], set()
+  for info in layout.leaves(params):  # canonical paths: a box's ``.value`` step left out
+    over = [i for i, (p, _) in enumerate(entries) if tuple(info.path[: len(p)]) == tuple(p)]
+    if len(over) != 1:
+      return None
+    used.add(over[0])
+    counts.append(entries[over[0]][1])
+  return counts if len(used) == len(entries) else None
 
 
 def _not_a_prefix(prefix: Any, params: Any) -> str:

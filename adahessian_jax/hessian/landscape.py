@@ -343,7 +343,8 @@ def normalize_direction(
       docstring).
     layer_axes: For ``"layer"`` and ``"filter"``: the number of leading
       stacked-layer axes of each leaf, as an int or a pytree prefix of the
-      params with ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``).
+      params with ints as leaves (e.g. ``{"ScanBlock_0": 1, "head": 0}``; matched by
+      path, boxes aside: a plain dict serves ``nnx.split``'s ``State``).
       ``None``: the axes the params' axis names mark as stacked or, in plain
       arrays, the optimizer's averaging finds stacked (see the module docstring).
     what: The direction's name in error messages.

@@ -133,7 +133,8 @@ def layer_breakdown(
       biases, Linen module names and attention kernels (docs/layouts.md); where
       nothing shows a stack, pass the number of leading layer axes of each leaf,
       as an int or a pytree prefix of the params (e.g. ``{"ScanBlock_0": 1,
-      "head": 0}``); ``0`` keeps every leaf whole.
+      "head": 0}``; matched by path, boxes aside: a plain dict serves ``nnx.split``'s
+      ``State``); ``0`` keeps every leaf whole.
 
   Returns:
     A dict from leaf name (``op.leaf_names``, e.g. ``"Conv_0/kernel"``) to
