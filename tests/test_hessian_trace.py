@@ -348,3 +348,28 @@ def test_xtrace_error_covers_a_float32_sketch_with_a_singular_factor():
     ]
   )
   assert np.mean(np.abs(z) < 1.96) >= 0.8, z
+
+
+@pytest.mark.parametrize(
+  "dtype, scale, rtol",
+  [(jnp.float32, 1e-20, 1e-4), (jnp.float32, 1e20, 1e-4), (jnp.float16, 1e4, 1e-2)],
+)
+def test_sketches_at_extreme_scales_equal_the_scaled_unit_ones(dtype, scale, rtol):
+  """``s·A``, ``A`` of eigenvalues in ``[-1, 3]``: the products are finite, but the squares of
+  them (the leave-one-out directions' norms, the estimates' spread) under- or overflowed
+  float32: XTrace and XDiag returned NaN at 1e20, and at 1e-20 values off by a third with a
+  zero error, which says exact. (float16: products above 32768, whose power of two is inf.)"""
+  _, a = quadratic(np.r_[np.linspace(0.5, 2.0, 27), -1.0, 3.0, 0.0])
+  ops = [
+    hessian.hessian_operator(quadratic_loss, {"x": jnp.zeros(30, dtype)}, jnp.asarray(c * a, dtype))
+    for c in (1.0, scale)
+  ]
+  unit, scaled = (hessian.xtrace(o, jax.random.key(0), 16) for o in ops)
+  assert unit.stderr > 0  # not the exact case
+  assert scaled.trace / scale == pytest.approx(unit.trace, rel=rtol / 10)
+  assert scaled.stderr / scale == pytest.approx(unit.stderr, rel=rtol)
+  unit, scaled = (hessian.xdiag(o, jax.random.key(0), 16) for o in ops)
+  np.testing.assert_allclose(scaled.diagonal_flat / scale, unit.diagonal_flat, rtol=rtol, atol=rtol)
+  np.testing.assert_allclose(scaled.stderr_flat / scale, unit.stderr_flat, rtol=rtol, atol=rtol)
+  unit, scaled = (hessian.hutchpp_trace(o, jax.random.key(0), sketch_size=4) for o in ops)
+  assert scaled.trace / scale == pytest.approx(unit.trace, rel=rtol / 10)

@@ -16,6 +16,7 @@ import numpy as np
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian._lanczos import power_of_two_above
 from adahessian_jax.hessian._operator import HessianOperator
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
   "independent_probes",
   "leave_one_out_directions",
   "leave_one_out_projectors",
+  "scale_of",
   "wide_dtype",
 ]
 
@@ -48,13 +50,17 @@ def wide_dtype(dtype: Any) -> np.dtype:
 class Sketch(NamedTuple):
   """Probes, products and an orthonormal basis of the sketch, all as rows, in the wide dtype.
 
+  The products, and so ``R``, are divided by ``scale``: the Hessian's scale is taken out before
+  any square of them is formed (float32 products of 1e20 overflowed, and of 1e-20 underflowed,
+  in the leave-one-out directions and the spread of the estimates).
+
   Attributes:
     num_probes: ``s``, the number of probes (the sketch costs ``2s`` products).
     omega: ``(s, n)`` Rademacher probes ``Ω``.
-    y: ``(s, n)`` products ``HΩ``.
+    y: ``(s, n)`` products ``HΩ``, divided by ``scale``.
     q: ``(s, n)`` orthonormal basis ``Q`` of ``HΩ`` (``Y = QR``).
-    r: ``(s, s)`` the triangular factor ``R``.
-    z: ``(s, n)`` products ``HQ``.
+    r: ``(s, s)`` the triangular factor ``R`` (of the scaled ``Y``).
+    z: ``(s, n)`` products ``HQ``, divided by ``scale``.
     low_rank: Whether ``R`` is numerically singular and what the sketch leaves out is below
       the rounding of the products' dtype: the sketch has captured ``H`` (``QQᵀH = H``, as
       when ``H`` has rank below ``s``).
@@ -62,6 +68,8 @@ class Sketch(NamedTuple):
       captured ``H`` (``H`` has a null vector in the span of the probes, or small
       eigenvalues that a float32 sketch does not resolve): the leave-one-out
       directions ``R⁻ᵀeᵢ`` are then inaccurate (:func:`leave_one_out_projectors`).
+    scale: A power of two near ``max|HΩ|`` (1 for zero products): multiply a value linear in
+      ``y`` and ``z`` by it.
   """
 
   num_probes: int
@@ -72,6 +80,15 @@ class Sketch(NamedTuple):
   z: jax.Array
   low_rank: bool
   degenerate: bool
+  scale: float = 1.0
+
+
+def scale_of(x: jax.Array) -> float:
+  """A power of two near ``max|x|`` (1 if ``x`` is zero): dividing by it is exact, and leaves
+  the squares of ``x``'s entries neither overflowing nor underflowing. Found in
+  :func:`wide_dtype` (float16's power of two above 32768 is ``inf``)."""
+  peak = jnp.max(jnp.abs(x)).astype(wide_dtype(x.dtype))
+  return float(power_of_two_above(peak)) if float(peak) > 0 else 1.0
 
 
 def _singular_threshold(r: jax.Array) -> jax.Array:
@@ -169,17 +186,19 @@ def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) ->
   y = op.matmat(omega)
   _checks.finite(y, "the Hessian-vector product of a sketch probe", op)
   wide = wide_dtype(op.dtype)
-  omega, y = omega.astype(wide), y.astype(wide)
+  unit = scale_of(y)
+  omega, y = omega.astype(wide), y.astype(wide) / unit
   qt, r = jnp.linalg.qr(y.T)
   q = qt.T
-  z = op.matmat(q).astype(wide)
+  z = op.matmat(q)
   _checks.finite(z, "the Hessian-vector product of a sketch basis vector", op)
+  z = z.astype(wide) / unit
   singular = _singular(r)
   captured = False
   if singular:
     outside, scale = (float(x) for x in _outside(omega, y, q, z))
     captured = outside <= float(jnp.finfo(op.dtype).eps) * scale
-  return Sketch(num_probes, omega, y, q, r, z, captured, singular and not captured)
+  return Sketch(num_probes, omega, y, q, r, z, captured, singular and not captured, unit)
 
 
 def leave_one_out_directions(r: jax.Array) -> jax.Array:
@@ -278,7 +297,7 @@ def exchangeable_estimate(
   if sk.low_rank and per_entry and not captures_columns(sk, op.dtype):
     sk = sk._replace(low_rank=False, degenerate=True)  # R is singular
   if sk.low_rank:  # H = QQᵀH exactly
-    value = exact(sk.q, sk.z)
+    value = exact(sk.q, sk.z) * sk.scale
     return value, jnp.zeros_like(value), 2 * s, s
   ests = leave_one_out(sk.omega, sk.y, sk.z, sk.q, sk.r, sk.degenerate)
-  return ests.mean(0), ests.std(0, ddof=1) / np.sqrt(s), 2 * s, s
+  return ests.mean(0) * sk.scale, ests.std(0, ddof=1) / np.sqrt(s) * sk.scale, 2 * s, s

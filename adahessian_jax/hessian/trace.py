@@ -260,7 +260,7 @@ def hutchpp_trace(
   if s > 0:
     sketch = exchangeable_sketch(op, k_sketch, s)
     q = sketch.q
-    exact = float(jnp.sum(_quadratic_forms(q, sketch.z)))
+    exact = float(jnp.sum(_quadratic_forms(q, sketch.z))) * sketch.scale
     _checks.finite(exact, "the trace on the sketched subspace", op)
     if sketch.low_rank:  # H = QQᵀH: the remainder is zero, no sample can change the value
       return TraceEstimate(exact, 0.0, 2 * s, 0)
