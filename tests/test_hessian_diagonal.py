@@ -234,3 +234,21 @@ def test_diagonal_stderr_is_student_t_scaled_and_covers_95_percent_at_two_sample
     np.testing.assert_allclose(est.stderr_flat, x.std(0, ddof=1) / np.sqrt(2) * _t(2), rtol=1e-12)
     covered.append(np.abs(np.asarray(est.diagonal_flat) - truth) <= 1.96 * est.stderr_flat)
   assert 0.93 <= np.mean(covered) <= 0.97  # 0.949
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_float32_hutchinson_stderr_at_extreme_scales_is_the_scaled_unit_one(scale):
+  """``s·A`` in float32: the samples are finite, but their squared deviations under- or
+  overflowed float32: the stderr was inf at 1e20 and 0 at 1e-20 (exact, it said)."""
+  _, a = quadratic(np.linspace(-1.0, 3.0, 20))
+  unit, scaled = (
+    hessian.hutchinson_diagonal_estimate(
+      hessian.hessian_operator(quadratic_loss, {"x": jnp.zeros(20, jnp.float32)}, c * a),
+      jax.random.key(0),
+      8,
+    )
+    for c in (1.0, scale)
+  )
+  assert np.all(unit.stderr_flat > 0)
+  np.testing.assert_allclose(scaled.diagonal_flat / scale, unit.diagonal_flat, rtol=1e-5)
+  np.testing.assert_allclose(scaled.stderr_flat / scale, unit.stderr_flat, rtol=1e-5)

@@ -32,6 +32,7 @@ from adahessian_jax.hessian._sketch import (
   exchangeable_estimate,
   leave_one_out_directions,
   leave_one_out_projectors,
+  scale_of,
   wide_dtype,
 )
 from adahessian_jax.hessian.trace import t_factor
@@ -145,7 +146,9 @@ def hutchinson_diagonal_estimate(
     at 4, 92 % at 10). The samples
     are in the operator's dtype; their mean and squared deviations (from the
     first sample, merged block by block, so equal samples give exactly that
-    sample and a zero error) are in ``_sketch.wide_dtype``: float32 for
+    sample and a zero error; divided by a power of two near the largest first-block sample, so
+    that the squares of float32 samples of 1e20 or 1e-20 neither overflow nor underflow) are in
+    ``_sketch.wide_dtype``: float32 for
     float16 and bfloat16 operators, whose results are float32. Every leaf
     of the pytrees has the flat arrays' dtype (a bfloat16 leaf of a model
     that mixes dtypes is not rounded to bfloat16).
@@ -157,12 +160,16 @@ def hutchinson_diagonal_estimate(
   num_samples = _validation.count("num_samples", num_samples, 2)
   block_size = _validation.count("block_size", op.block_size if block_size is None else block_size)
   shift = mean_dev = m2 = None
-  count = 0
+  count, scale = 0, 1.0
   key = _checks.prng_key(key)
   for keys in key_blocks(key, num_samples, block_size):
-    x = hutchinson_samples(op, keys)
+    x = hutchinson_samples(op, keys).astype(wide_dtype(op.dtype))
     if shift is None:
-      shift = x[0].astype(wide_dtype(op.dtype))
+      # The Hessian's scale out of the squared deviations: float32 samples of 1e20 gave an
+      # infinite stderr, of 1e-20 a zero one (exact, it said).
+      scale = scale_of(x)
+      shift = x[0] / scale
+    x = x / scale
     block_mean, block_m2 = _block_moments(x, shift)
     if mean_dev is None:
       mean_dev, m2 = block_mean, block_m2
@@ -173,10 +180,10 @@ def hutchinson_diagonal_estimate(
     count += x.shape[0]
   assert shift is not None and mean_dev is not None and m2 is not None  # at least one block
   var = m2 / (num_samples - 1)
-  se = jnp.sqrt(var / num_samples) * t_factor(num_samples)  # a Python float: keeps the dtype
+  se = jnp.sqrt(var / num_samples) * (t_factor(num_samples) * scale)  # Python floats: keep dtype
   # The mean as the first sample plus the mean deviation from it: equal samples give exactly
   # that sample (a float32 sum of 1000 equal samples over the count was off by 1e-6).
-  return _result(op, shift + mean_dev, se, num_samples)
+  return _result(op, (shift + mean_dev) * scale, se, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames="degenerate")
