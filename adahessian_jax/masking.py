@@ -68,6 +68,16 @@ def fill_masked(masked: Any, full: Any, fill: Callable[[Any], Any]) -> Any:
   return jax.tree.map(lambda m, x: fill(x) if is_masked(m) else m, masked, full, is_leaf=is_masked)
 
 
+def _wraps_array(x: Any) -> bool:
+  """Whether ``x`` wraps an array without being one (an NNX Variable)."""
+  return hasattr(x, "__jax_array__") and not isinstance(x, jax.Array)
+
+
+def _holds_variables(tree: Any) -> bool:
+  """Whether ``tree`` holds arrays wrapped in NNX Variables (:func:`_wraps_array`)."""
+  return any(_wraps_array(x) for x in jax.tree.leaves(tree, is_leaf=_wraps_array))
+
+
 class MaskedValueFn:
   """A whole-model loss evaluated on a masked parameter tree (see :func:`masked_value_fn`)."""
 
@@ -87,6 +97,14 @@ class MaskedValueFn:
       "Pass the whole model's current params, those the optimizer updates: "
       "masked_value_fn(lambda p: loss_fn(p, batch), params)."
     )
+    # nnx.state(model) holds Variables, each a subtree around its array, where the params an
+    # nnx.Optimizer hands its tx are plain arrays: the lookup below failed with a bare KeyError.
+    if _holds_variables(self.full_params) and not _holds_variables(params):
+      raise ValueError(
+        "masked_value_fn's full_params hold NNX Variables (nnx.state(model) gives them), but "
+        "the params it is called with are plain arrays, as nnx.Optimizer hands them to its tx: "
+        "pass nnx.as_pure(nnx.state(model, optimizer.wrt))."
+      )
     try:
       jax.tree.map(lambda m, x: None, params, self.full_params, is_leaf=is_masked)
     except (ValueError, TypeError):

@@ -907,3 +907,29 @@ def test_an_nnx_optimizers_opt_state_with_its_variables_is_refused_naming_as_pur
   helper = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
   assert_trees_allclose(nnx.as_pure(pure[2]), nnx.as_pure(helper[2]), rtol=1e-12)
   np.testing.assert_allclose(pure[0], helper[0], rtol=1e-12)
+
+
+def test_masked_value_fn_given_the_variables_of_nnx_state_says_to_pass_them_pure():
+  # nnx.Optimizer hands its tx plain arrays; masked_value_fn's full_params from nnx.state(model)
+  # hold Variables, and the call failed with a bare KeyError ((DictKey('l2'), DictKey('bias'))).
+  import optax
+
+  model = Net(nnx.Rngs(0))
+  x, y = data()
+  labels = lambda p: jax.tree_util.tree_map_with_path(
+    lambda path, _: "ada" if "l2" in jax.tree_util.keystr(path) else "frozen", p
+  )
+  tx = optax.multi_transform({"ada": ah.adahessian(0.1), "frozen": optax.set_to_zero()}, labels)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = jitted_grad(model, x, y)
+  value_fn = ah_nnx.value_fn(model, loss_fn, x, y)
+  fix = r"hold NNX Variables .* pass nnx.as_pure\(nnx.state\(model, optimizer.wrt\)\)"
+  for held in (nnx.state(model, nnx.Param), nnx.state(model)):  # the BatchStats too
+    with pytest.raises(ValueError, match=fix):
+      optimizer.update(model, grads, value_fn=ah.masked_value_fn(value_fn, held))
+  # The fix the message gives trains the owned leaves only, as the fused route does.
+  frozen = nnx.as_pure(nnx.state(model.l1))
+  full = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  optimizer.update(model, grads, value_fn=ah.masked_value_fn(value_fn, full))
+  assert_trees_allclose(nnx.as_pure(nnx.state(model.l1)), frozen, rtol=0, atol=0)
+  assert not np.allclose(model.l2.kernel[...], full["l2"]["kernel"])
