@@ -143,7 +143,9 @@ def map_adahessian_state(
     TypeError: if ``fn`` is not a function of one state (e.g. the two arguments swapped), or
       returns anything but a :class:`ScaleByAdaHessianState`, or one whose
       ``count`` is not an integer array of the old one's shape or whose moments (``mu``, ``nu``,
-      ``hessian``) are not real floating-point arrays.
+      ``hessian``) are not real floating-point arrays, or one holding a plain array where the
+      state of an ``nnx.Optimizer`` (``optimizer.opt_state``) held a Variable, which its
+      ``update`` refuses (keep it: ``s._replace(key=s.key.replace(new_key_data))``).
     ValueError: if ``fn``'s state has a negative ``count``, ``nu`` or ``hessian`` of another
       tree or shapes than its ``mu`` (naming the leaf), or a new ``key`` that is not raw key
       data, one row per probe (``jax.random.key_data(jax.random.split(key, n_samples))``).
@@ -167,10 +169,12 @@ def map_adahessian_state(
         "s._replace(key=...)."
       )
     check_fields(new, "map_adahessian_state: fn returned a state whose", jnp.shape(x.count))
+    _check_still_wrapped(x, new)
     # A replaced key (a typed key, a single one) failed only at the next update. A stacked
-    # state's keys have its leading axes: the update inside jax.vmap checks them.
-    if new.key is not x.key and jnp.shape(x.count) == ():
-      check_key_data(new.key)
+    # state's keys have its leading axes: the update inside jax.vmap checks them. An
+    # nnx.Optimizer's key stays in its Variable (checked above): its data is checked.
+    if new.key is not x.key and jnp.shape(_unwrapped(x.count)) == ():
+      check_key_data(_unwrapped(new.key))
     return new
 
   return jax.tree.map(replace, opt_state, is_leaf=is_adahessian_state)
@@ -414,6 +418,28 @@ def placed_like_params(tree: T, params: Any) -> T:
     return x
 
   return jax.tree.map(place, tree)
+
+
+def _check_still_wrapped(old: ScaleByAdaHessianState, new: ScaleByAdaHessianState) -> None:
+  """Raises ``TypeError`` where ``new`` (``map_adahessian_state``'s ``fn`` of ``old``) holds a
+  plain array where ``old`` held one in a Variable: the state of an ``nnx.Optimizer``
+  (``optimizer.opt_state``), whose ``update`` then failed in Flax with "Cannot set key 'key' on
+  immutable node of type ScaleByAdaHessianState", naming no fix."""
+  for field in ScaleByAdaHessianState._fields:
+    before, after = getattr(old, field), getattr(new, field)
+    if after is before:
+      continue
+    wrapped = lambda tree: [_wraps_array(x) for x in jax.tree.leaves(tree, is_leaf=_wraps_array)]
+    if any(wrapped(before)) and not all(wrapped(after)):
+      kind = type(jax.tree.leaves(before, is_leaf=_wraps_array)[0]).__name__
+      raise TypeError(
+        f"map_adahessian_state: fn returned a state whose {field} holds a plain array where the "
+        f"given state's holds a Variable ({kind}): the state of an nnx.Optimizer "
+        "(optimizer.opt_state), whose update refuses plain arrays there. Keep the Variables, "
+        f"lambda s: s._replace({field}=s.{field}.replace(new_value)) (jax.tree.map over mu or "
+        "nu keeps them), or set the values in place: "
+        f"adahessian_jax.find_adahessian_state(optimizer.opt_state).{field}[...] = new_value."
+      )
 
 
 def _check_is_state(state: Any, call: str) -> None:

@@ -933,3 +933,35 @@ def test_masked_value_fn_given_the_variables_of_nnx_state_says_to_pass_them_pure
   optimizer.update(model, grads, value_fn=ah.masked_value_fn(value_fn, full))
   assert_trees_allclose(nnx.as_pure(nnx.state(model.l1)), frozen, rtol=0, atol=0)
   assert not np.allclose(model.l2.kernel[...], full["l2"]["kernel"])
+
+
+def test_map_adahessian_state_over_an_nnx_optimizers_state_keeps_its_variables():
+  # optimizer.opt_state holds its arrays in Variables. A fn putting a plain key in was taken, and
+  # the next optimizer.update failed in Flax ("Cannot set key 'key' on immutable node of type
+  # ScaleByAdaHessianState"); one keeping the Variable was refused as if it were no key data.
+  model = Net(nnx.Rngs(0))
+  x, y = data()
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1, update_freq=2), wrt=nnx.Param)
+  new_key = jax.random.key_data(jax.random.split(jax.random.key(7), 1))
+  with pytest.raises(
+    TypeError,
+    match=r"whose key holds a plain array where the given state's holds a Variable \(OptArray\)"
+    r".*s._replace\(key=s.key.replace\(new_value\)\).*find_adahessian_state\(optimizer.opt_state\)"
+    r".key\[...\] = new_value",
+  ):
+    ah.map_adahessian_state(lambda s: s._replace(key=new_key), optimizer.opt_state)
+  optimizer.opt_state = ah.map_adahessian_state(
+    lambda s: s._replace(key=s.key.replace(new_key)), optimizer.opt_state
+  )
+  np.testing.assert_array_equal(ah.find_adahessian_state(optimizer.opt_state).key[...], new_key)
+  # The update draws its probes from the new key, as after setting it in place.
+  other_model = Net(nnx.Rngs(0))
+  other = nnx.Optimizer(other_model, ah.adahessian(0.1, update_freq=2), wrt=nnx.Param)
+  hdiag_before = ah_nnx.value_grad_and_hessian_diag(loss_fn, other_model, other, x, y)[2]
+  ah.find_adahessian_state(other.opt_state).key[...] = new_key
+  expected = ah_nnx.value_grad_and_hessian_diag(loss_fn, other_model, other, x, y)[2]
+  _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, x, y)
+  assert_trees_allclose(hdiag, expected, rtol=0, atol=0)
+  assert not np.allclose(hdiag["l1"]["kernel"], hdiag_before["l1"]["kernel"])
+  optimizer.update(model, grads, hessian_diag=hdiag)
+  np.testing.assert_array_equal(optimizer.step[...], 1)
