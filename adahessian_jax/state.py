@@ -80,15 +80,29 @@ RESTORE_FIX = (
 )
 
 
+#: What to do about an optimizer's state taken from ``nnx.state``, which holds its NamedTuples as
+#: dicts too.
+NNX_STATE_FIX = (
+  "An nnx.State (nnx.state(optimizer), nnx.as_pure of one) holds the optimizer's NamedTuples as "
+  "dicts: pass the nnx.Optimizer's own state, optimizer.opt_state (its arrays in Variables), or "
+  "nnx.as_pure(optimizer.opt_state) (plain arrays)."
+)
+
+
 def untyped_state_hint(
   opt_state: Any, fields: frozenset[str] = _FIELDS, required: frozenset[str] = _FIELDS - _OPTIONAL
 ) -> str:
   """``" " + the fix`` if ``opt_state`` holds a state as a plain ``dict`` (a checkpoint restored
-  without a target), else ``""``: by default an AdaHessian state, else a dict with the keys
-  ``required`` and no others than ``fields`` (a NamedTuple's field names)."""
+  without a target, or an ``nnx.State`` of an ``nnx.Optimizer``), else ``""``: by default an
+  AdaHessian state, else a dict with the keys ``required`` and no others than ``fields`` (a
+  NamedTuple's field names)."""
   untyped = lambda x: isinstance(x, dict) and required <= set(x) <= fields
   found = any(untyped(x) for x in jax.tree.leaves(opt_state, is_leaf=untyped))
-  return " " + RESTORE_FIX if found else ""
+  if not found:
+    return ""
+  # No checkpoint: the state of an nnx.Optimizer taken with nnx.state (flax is not imported here).
+  nnx_state = type(opt_state).__module__.startswith("flax.nnx")
+  return " " + (NNX_STATE_FIX if nnx_state else RESTORE_FIX)
 
 
 def adahessian_states(opt_state: Any) -> list[ScaleByAdaHessianState]:

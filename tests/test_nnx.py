@@ -965,3 +965,15 @@ def test_map_adahessian_state_over_an_nnx_optimizers_state_keeps_its_variables()
   assert not np.allclose(hdiag["l1"]["kernel"], hdiag_before["l1"]["kernel"])
   optimizer.update(model, grads, hessian_diag=hdiag)
   np.testing.assert_array_equal(optimizer.step[...], 1)
+
+
+def test_find_adahessian_state_in_the_nnx_state_of_an_optimizer_names_its_opt_state():
+  # nnx.state(optimizer) holds the NamedTuples as dicts; the error blamed a checkpoint restored
+  # without a target, which there was none of.
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  for state in (nnx.state(optimizer), nnx.as_pure(nnx.state((model, optimizer)))):
+    with pytest.raises(ValueError, match=r"found 0\. An nnx.State .* optimizer.opt_state") as e:
+      ah.find_adahessian_state(state)
+    assert "checkpoint" not in str(e.value)
+  assert int(ah.find_adahessian_state(optimizer.opt_state).count[...]) == 0
