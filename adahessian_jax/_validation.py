@@ -240,6 +240,12 @@ def path_str(path: Any) -> str:
   return jax.tree_util.keystr(path) or ROOT
 
 
+def wraps_array(x: Any) -> bool:
+  """Whether ``x`` wraps an array without being one (an NNX Variable: ``nnx.state(model)``'s
+  leaves, an ``nnx.Optimizer``'s state)."""
+  return hasattr(x, "__jax_array__") and not isinstance(x, jax.Array)
+
+
 def array_dtype(leaf: Any) -> Any:
   """The dtype of ``leaf`` as JAX reads an array (a Python or NumPy scalar too), or ``None`` for
   a leaf that is no array: the rule of every check that refuses such leaves, naming them.

@@ -68,14 +68,10 @@ def fill_masked(masked: Any, full: Any, fill: Callable[[Any], Any]) -> Any:
   return jax.tree.map(lambda m, x: fill(x) if is_masked(m) else m, masked, full, is_leaf=is_masked)
 
 
-def _wraps_array(x: Any) -> bool:
-  """Whether ``x`` wraps an array without being one (an NNX Variable)."""
-  return hasattr(x, "__jax_array__") and not isinstance(x, jax.Array)
-
-
 def _holds_variables(tree: Any) -> bool:
-  """Whether ``tree`` holds arrays wrapped in NNX Variables (:func:`_wraps_array`)."""
-  return any(_wraps_array(x) for x in jax.tree.leaves(tree, is_leaf=_wraps_array))
+  """Whether ``tree`` holds arrays wrapped in NNX Variables (``_validation.wraps_array``)."""
+  wrapped = _validation.wraps_array
+  return any(wrapped(x) for x in jax.tree.leaves(tree, is_leaf=wrapped))
 
 
 class MaskedValueFn:

@@ -212,14 +212,9 @@ _FIELDS_FIX = (
 )
 
 
-def _wraps_array(x: Any) -> bool:
-  """Whether ``x`` wraps an array without being one (an ``nnx.Optimizer``'s Variables)."""
-  return hasattr(x, "__jax_array__") and not isinstance(x, jax.Array)
-
-
 def _unwrapped(x: Any) -> Any:
-  """``x``'s array where it wraps one (:func:`_wraps_array`), else ``x``."""
-  return x.__jax_array__() if _wraps_array(x) else x
+  """``x``'s array where it wraps one (``_validation.wraps_array``), else ``x``."""
+  return x.__jax_array__() if _validation.wraps_array(x) else x
 
 
 def _concrete(value: Any) -> bool:
@@ -439,13 +434,14 @@ def _check_still_wrapped(old: ScaleByAdaHessianState, new: ScaleByAdaHessianStat
   plain array where ``old`` held one in a Variable: the state of an ``nnx.Optimizer``
   (``optimizer.opt_state``), whose ``update`` then failed in Flax with "Cannot set key 'key' on
   immutable node of type ScaleByAdaHessianState", naming no fix."""
+  leaves = lambda tree: jax.tree.leaves(tree, is_leaf=_validation.wraps_array)
   for field in ScaleByAdaHessianState._fields:
     before, after = getattr(old, field), getattr(new, field)
     if after is before:
       continue
-    wrapped = lambda tree: [_wraps_array(x) for x in jax.tree.leaves(tree, is_leaf=_wraps_array)]
+    wrapped = lambda tree: [_validation.wraps_array(x) for x in leaves(tree)]
     if any(wrapped(before)) and not all(wrapped(after)):
-      kind = type(jax.tree.leaves(before, is_leaf=_wraps_array)[0]).__name__
+      kind = type(leaves(before)[0]).__name__
       raise TypeError(
         f"map_adahessian_state: fn returned a state whose {field} holds a plain array where the "
         f"given state's holds a Variable ({kind}): the state of an nnx.Optimizer "
@@ -494,7 +490,7 @@ def check_key_data(key: Any) -> None:
   The state of an ``nnx.Optimizer`` (``optimizer.opt_state``, its arrays in ``nnx.OptArray``
   Variables) failed there too, with JAX's "Triggering __jax_array__() during abstractification".
   """
-  if _wraps_array(key):
+  if _validation.wraps_array(key):
     raise ValueError(
       f"the AdaHessian state's key is a {type(key).__module__}.{type(key).__qualname__} that "
       "wraps the key data, not the array itself: the state of an nnx.Optimizer "
