@@ -641,6 +641,29 @@ def test_non_finite_estimate_from_the_fused_route_is_counted_by_apply_if_finite(
   assert not np.any(np.asarray(updates["w"], np.float64))
 
 
+def test_an_entry_whose_gradient_is_not_finite_keeps_its_momentum_and_moves_by_it():
+  """As docs/stability.md says: the entry keeps its mu and steps by lr·m̂/P with it (the count
+  advanced), nothing non-finite reaches the params or the state; apply_if_finite skips it."""
+  params = {"w": jnp.zeros(3)}
+  hdiag = {"w": jnp.full(3, 2.0)}
+  tx = ah.adahessian(0.1)
+  state = tx.init(params)
+  updates, state = tx.update({"w": jnp.ones(3)}, state, params, hessian_diag=hdiag)
+  params = optax.apply_updates(params, updates)
+  mu, nu = np.asarray(state[0].mu["w"]), np.asarray(state[0].nu["w"])
+  bad = {"w": jnp.asarray([1.0, jnp.inf, jnp.nan])}
+  updates, state = jax.jit(tx.update)(bad, state, params, hessian_diag=hdiag)
+  np.testing.assert_array_equal(np.asarray(state[0].mu["w"])[1:], mu[1:])
+  nu = 0.999 * nu + 0.001 * 4.0  # D² of the step's finite estimate
+  want = -0.1 * (mu / (1 - 0.9**2)) / (np.sqrt(nu / (1 - 0.999**2)) + 1e-4)
+  np.testing.assert_allclose(np.asarray(updates["w"])[1:], want[1:], rtol=1e-6)
+  skip = optax.apply_if_finite(tx, 1)
+  inner = skip.init(params)
+  updates, inner = skip.update(bad, inner, params, hessian_diag=hdiag)
+  np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
+  assert int(inner.notfinite_count) == 1
+
+
 @pytest.mark.parametrize("update_freq", [1, 2])
 def test_fused_route_without_apply_if_finite_keeps_every_other_entry_training(update_freq):
   """The gradient entry the fused route marks NaN (for apply_if_finite) keeps its momentum, so
