@@ -220,7 +220,8 @@ def top_eigenvalues(
     k: Number of eigenpairs.
     which: ``"LA"`` largest algebraic, ``"LM"`` largest magnitude, ``"SA"``
       smallest algebraic (the most negative curvature).
-    key: PRNG key of the normal start vector (default ``jax.random.key(0)``).
+    key: PRNG key of the normal start vector and of the fresh vectors a breakdown restarts
+      from (with ``v0`` too; default ``jax.random.key(0)``).
     v0: A start vector instead (flat ``(n,)`` or a pytree like the params),
       e.g. the previous eigenvector for a warm start
       (:func:`~adahessian_jax.hessian.track_curvature` does this). A warm
