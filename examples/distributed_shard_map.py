@@ -29,7 +29,7 @@ from adahessian_jax import distributed  # noqa: E402
 
 def main(independent_probes=False, steps=100):
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-  x, y, params = problem(256)
+  x, y, params = problem(64 * jax.device_count())  # rows split evenly over any device count
   tx = ah.adahessian(0.05, axis_name="data", independent_probes=independent_probes)
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = jax.device_put(params, replicated)
