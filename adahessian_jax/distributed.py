@@ -418,9 +418,9 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
     on each device.
 
   Raises:
-    TypeError: for an ``axis_name`` that is not hashable, an entry of ``devices`` that is
-      not a ``jax.Device``, or a leaf of ``tree`` that is not an array or number (naming its
-      path).
+    TypeError: for an ``axis_name`` that is not hashable, ``devices`` that are not a sequence
+      (one ``jax.Device``) or hold an entry that is not a ``jax.Device``, or a leaf of ``tree``
+      that is not an array or number (naming its path).
     ValueError: for an ``axis_name`` that is a tuple or an integer (``pmap``'s collectives
       cannot use it) or, where ``pmap`` names a mesh axis with it (JAX 0.8 on), not a str,
       ``devices`` that repeat a device or hold none of this process's, or a leaf
@@ -448,7 +448,14 @@ def replicate(tree: T, axis_name: Any, devices: Sequence[Any] | None = None) -> 
       "jax.pmap too."
     )
   if devices is not None:
-    devices = tuple(devices)
+    try:
+      devices = tuple(devices)
+    except TypeError:  # one jax.Device: "'Device' object is not iterable", naming no argument
+      raise TypeError(
+        f"replicate: devices={devices!r} is a {type(devices).__name__}, not a sequence of "
+        "jax.Devices: pass the devices the pmap-ed step is given (e.g. jax.devices()[:2], or "
+        "[device] for one)."
+      ) from None
   n = _replica_count(devices)
   tree = jax.tree_util.tree_map_with_path(_one_copy(axis_name), tree)
   mapped = jax.pmap(_pick_tree, axis_name=axis_name, in_axes=(0, None), devices=devices)

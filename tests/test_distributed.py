@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -961,6 +962,11 @@ def test_replicate_refuses_bad_axis_names_and_devices_naming_them():
     distributed.replicate(tree, "batch", devices=[device, device])
   with pytest.raises(ValueError, match=r"none of devices=\[\] belongs to this process"):
     distributed.replicate(tree, "batch", devices=[])
+  # Was "'Device' object is not iterable", naming no argument.
+  with pytest.raises(
+    TypeError, match=rf"devices={re.escape(repr(device))} is a \w+, not a sequence"
+  ):
+    distributed.replicate(tree, "batch", devices=device)
 
 
 def test_replicate_refuses_axis_names_and_leaves_pmap_cannot_use_naming_them():
