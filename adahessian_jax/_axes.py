@@ -226,6 +226,11 @@ def check_bound(axis_name: Any) -> tuple[Any, ...]:
       from deep inside the step).
   """
   axes = check_names(axis_name)
+  if None in axes:  # the error below advised axis_name=None, the value given
+    raise ValueError(
+      f"axis_name={axis_name!r} names no mapped axis: pass the axis name the step is mapped over "
+      "(jax.pmap(..., axis_name='batch'), or a mesh axis name under shard_map)."
+    )
   try:
     jax.lax.psum(1, axes)  # a constant: only checks that the axes are bound
   except NameError as e:

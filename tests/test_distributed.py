@@ -664,6 +664,26 @@ def test_per_device_probe_state_errors_name_the_problem():
     distributed.per_device_probe_state(optax.adam(0.1).init(params), "data")
 
 
+def test_device_varying_and_per_device_probe_state_refuse_axis_name_none():
+  """They said "axis_name=None is not an axis of the enclosing pmap or shard_map ... Pass the axis
+  name the step is mapped over, or axis_name=None under jax.jit", the value given."""
+  import jax
+  import jax.numpy as jnp
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  state = ah.adahessian(0.1).init({"w": jnp.ones(2)})
+  match = r"axis_name=None names no mapped axis: pass the axis name the step is mapped over"
+  for call in (
+    lambda x: distributed.device_varying(x, None),
+    lambda x: distributed.per_device_probe_state(state, None),
+  ):
+    with pytest.raises(ValueError, match=match) as caught:
+      jax.vmap(call, axis_name="batch")(jnp.ones((2, 3)))
+    assert "axis_name=None under jax.jit" not in str(caught.value)
+
+
 def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
   """A typed key failed with JAX's "invalid PRNG key data: expected key_data.ndim >= 1", an int32
   array with "expected key_data.dtype = uint32", and a whole optimizer state printed the state."""
