@@ -269,6 +269,38 @@ def check_not_split_over(moments: Any, axis_name: Any) -> None:
   jax.tree_util.tree_map_with_path(check, moments)
 
 
+def check_loss_varies(value: Any, params: Any, axis_name: Any) -> None:
+  """Refuses a ``value_fn`` that reduced the loss over ``axis_name`` inside ``shard_map``.
+
+  Its ``value`` at the device-varying ``params`` is then the same on every device of the axis
+  (with ``check_vma``; elsewhere nothing varies and nothing is checked). Under ``shard_map`` the
+  derivatives of a ``pmean``-ed loss at this device's parameters are 1/P of this device's share,
+  so the estimate averaged over the axis would be P times too small (measured: 1/4 of one
+  device's on 4 devices), silently; under ``pmap`` the same ``value_fn`` gives one device's.
+
+  Args:
+    value: ``value_fn(params)``.
+    params: The parameters ``value_fn`` was evaluated at, made varying over ``axis_name``.
+    axis_name: The optimizer's ``axis_name``.
+
+  Raises:
+    ValueError: naming the axis, if ``value`` does not vary over an axis of ``axis_name`` that
+      the parameters vary over.
+  """
+  varying = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(params)))
+  reduced = [a for a in check_names(axis_name) if a in varying and a not in _varying_axes(value)]
+  if reduced:
+    raise ValueError(
+      f"scale_by_adahessian: value_fn returns the same loss on every device of mesh axis "
+      f"{reduced[0]!r} (it is reduced over the axis, e.g. by jax.lax.pmean), but with "
+      f"axis_name={axis_name!r} value_fn must be this device's own loss: under shard_map the "
+      "derivatives of the reduced loss at this device's parameters are 1/P of its share, and the "
+      "estimate averaged over the axis would be P times too small (P devices). Pass this "
+      "device's loss (pmean only the loss you log), or, for a loss of the global batch, "
+      "axis_name=None."
+    )
+
+
 def device_varying(tree: T, axis_name: Any) -> T:
   """Marks ``tree`` as varying over ``axis_name`` inside ``shard_map``; else returns it as is.
 

@@ -13,6 +13,7 @@ import optax
 
 from adahessian_jax import _keys, _validation, _wrappers, hutchinson, masking, spatial
 from adahessian_jax._axes import (
+  check_loss_varies,
   check_names,
   check_not_split_over,
   device_varying,
@@ -382,13 +383,17 @@ def _estimate(
       if independent_probes:
         warn_if_loss_couples_devices(value_fn, params, axis_name, "scale_by_adahessian")
     try:
-      estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")[2]
+      value, _, estimate = hutchinson.value_grad_and_diagonal(
+        value_fn, params, keys, name="value_fn"
+      )
     except Exception as e:
       # A loss written for the parameter tree fails on optax.flatten's vector ("JAX does not
       # support string indexing"), which names neither the wrapper nor the fix.
       if "optax.flatten" in _wrappers.calling():
         e.add_note(_FLATTENED_VALUE_FN)
       raise
+    if axis_name is not None:
+      check_loss_varies(value, params, axis_name)
   else:
     estimate = hessian_diag
     if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
@@ -907,7 +912,8 @@ def scale_by_adahessian(
       both ``value_fn`` and ``hessian_diag``, neither on a step that may
       refresh, a ``value_fn`` whose loss does not depend on its argument (a
       closure over other params), an ``axis_name`` that no enclosing map binds, or one that names
-      a mesh axis a parameter is split over (inside ``shard_map``), an
+      a mesh axis a parameter is split over (inside ``shard_map``), a ``value_fn`` whose loss
+      is already reduced over ``axis_name`` (the same on every device inside ``shard_map``), an
       ``expected_axis_name`` other than ``axis_name``, or an ``expected_independent_probes``
       other than ``independent_probes``.
     TypeError: at ``init`` for non-float parameter leaves; at ``update`` for

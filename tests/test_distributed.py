@@ -684,6 +684,41 @@ def test_device_varying_and_per_device_probe_state_refuse_axis_name_none():
     assert "axis_name=None under jax.jit" not in str(caught.value)
 
 
+def test_value_fn_reduced_over_axis_name_is_refused_under_shard_map():
+  """Under shard_map the derivatives of a pmean-ed loss at this device's parameters are 1/P of
+  its share: with such a value_fn the averaged estimate was silently P times too small (4
+  devices: D 1/4 of one device's on the global batch, where pmap's was one device's)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  tx = ah.adahessian(0.1, axis_name="data")
+  params = {"w": jnp.ones((3, 2))}
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+
+  def run(reduce):
+    def step(params, state, x):
+      loss = lambda p: reduce(jnp.mean((x @ p["w"]) ** 2))
+      grads = jax.tree.map(jnp.zeros_like, params)
+      updates, state = tx.update(grads, state, params, value_fn=loss)
+      return optax.apply_updates(params, updates)
+
+    specs = (P(), P(), P("data"))
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P()))(
+      params, tx.init(params), x
+    )
+
+  run(lambda loss: loss)  # this device's loss
+  match = r"value_fn returns the same loss on every device of mesh axis 'data' \(it is reduced"
+  for reduce in (lambda loss: jax.lax.pmean(loss, "data"), lambda loss: jax.lax.psum(loss, "data")):
+    with pytest.raises(ValueError, match=match):
+      run(reduce)
+
+
 def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
   """A typed key failed with JAX's "invalid PRNG key data: expected key_data.ndim >= 1", an int32
   array with "expected key_data.dtype = uint32", and a whole optimizer state printed the state."""
