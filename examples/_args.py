@@ -58,9 +58,11 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 def out_dir(text: str) -> str:
-  """An output directory: one that exists, or a path where one can be made (not a file)."""
+  """An output directory: one that exists, or a path where one can be made (not a file, and not
+  under a file)."""
   if os.path.exists(text) and not os.path.isdir(text):
     raise argparse.ArgumentTypeError(f"is a file, not a directory: {text!r}")
+  _check_parent(text)
   return text
 
 
@@ -68,12 +70,17 @@ def out_file(text: str) -> str:
   """An output file: not a directory, and not under a file."""
   if os.path.isdir(text):
     raise argparse.ArgumentTypeError(f"is a directory, not a file: {text!r}")
+  _check_parent(text)
+  return text
+
+
+def _check_parent(text: str) -> None:
+  """Refuses a path whose closest existing ancestor is a file (``os.makedirs`` would fail)."""
   parent = os.path.dirname(os.path.abspath(text))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
     raise argparse.ArgumentTypeError(f"{parent!r} is a file, not a directory: {text!r}")
-  return text
 
 
 def comma_list(

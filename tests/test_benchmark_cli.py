@@ -525,6 +525,32 @@ def test_an_out_of_the_wrong_kind_is_a_usage_error(
     _args.out_file(str(file / "x.json"))
 
 
+def test_an_out_directory_under_a_file_is_a_usage_error(
+  examples_path, paper_cli, time_to_accuracy, tmp_path, capsys
+):
+  # `--out FILE/sub` (a directory that cannot be made) was accepted: the script trained for
+  # minutes, then failed with a NotADirectoryError traceback when it wrote its results.
+  pytest.importorskip("flax")
+  import _args
+  import _common
+
+  file = tmp_path / "taken"
+  file.write_text("")
+  under = str(file / "sub" / "dir")
+  for parse in (
+    lambda a: _common.parser("test", 10, 2, ["AdaHessian"]).parse_args(a),
+    lambda a: paper_cli.parse_args("test", a),
+    time_to_accuracy.parse_args,
+  ):
+    with pytest.raises(SystemExit) as e:
+      parse(["--out", under])
+    assert e.value.code == 2
+    assert f"argument --out: {str(file)!r} is a file, not a directory: {under!r}" in (
+      capsys.readouterr().err
+    )
+  assert _args.out_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
+
+
 def test_compile_time_out_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys):
   # An existing file as its directory failed with FileExistsError, and a directory named *.json
   # with IsADirectoryError, when the result was written, after every problem had compiled.
