@@ -639,6 +639,17 @@ def pydoc_text(val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, list[
   return data[:split], data[split:], chars
 
 
+def check_context(p: argparse.ArgumentParser, context: int) -> None:
+  """Refuses, as a usage error, a ``--context`` whose windows (``context + 1`` characters) the
+  validation text of :func:`pydoc_text` cannot hold, before the model is built."""
+  n = len(pydoc_text()[1])
+  if context > n - 2:  # windows start in [0, n - context - 1)
+    p.error(
+      f"argument --context: must be at most {n - 2:,} (the validation text has {n:,} "
+      f"characters), got {context:,}"
+    )
+
+
 def shuffled_batches(rng: np.random.Generator, arrays: Sequence[np.ndarray], batch_size: int):
   """Yields mini-batches of ``arrays`` forever, reshuffled every epoch (the last partial batch
   of an epoch is dropped).

@@ -108,6 +108,7 @@ def parse_args(argv=None):
   p.add_argument("--eval-windows", type=positive_int, default=256)
   args = parse_with_quick(p, QUICK, argv)
   check_heads(p, args)
+  _common.check_context(p, args.context)
   return args
 
 

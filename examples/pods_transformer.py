@@ -590,6 +590,7 @@ def parse_args(argv=None):
   p.add_argument("--no-remat", action="store_true", help="do not rematerialise the blocks")
   args = parse_with_quick(p, QUICK, argv)
   check_heads(p, args)
+  _common.check_context(p, args.context)
   check_device_multiples(p, args, len(jax.devices()))
   return args
 

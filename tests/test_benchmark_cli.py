@@ -314,6 +314,26 @@ def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_acc
   assert "{'cnn': 12, 'dlrm': 60}, got 36" in err
 
 
+def test_a_context_longer_than_the_validation_text_is_a_usage_error(examples_path, capsys):
+  # `--context 100000000` loaded the text, then raised numpy's "ValueError: high <= 0" traceback
+  # while drawing the validation windows.
+  pytest.importorskip("flax")
+  import _common
+  import nlp_charlm
+  import pods_transformer
+
+  n = len(_common.pydoc_text()[1])
+  for script in (nlp_charlm, pods_transformer):
+    with pytest.raises(SystemExit) as e:
+      script.parse_args(["--quick", "--context", str(n - 1)])
+    assert e.value.code == 2
+    assert (
+      f"argument --context: must be at most {n - 2:,} (the validation text has {n:,} "
+      f"characters), got {n - 1:,}"
+    ) in capsys.readouterr().err
+  assert nlp_charlm.parse_args(["--context", str(n - 2)]).context == n - 2
+
+
 def test_pods_sizes_the_mesh_cannot_split_are_usage_errors(examples_path, capsys):
   # They failed with jax's IndivisibleError traceback after the model was built.
   pytest.importorskip("flax")
