@@ -122,6 +122,19 @@ def comma_list(
   return parse
 
 
+class Distinct(argparse.Action):
+  """``action=`` of a list flag (``nargs="+"``) that refuses a value given twice (``--tasks cnn
+  cnn`` would train the task twice), as :func:`comma_list` does."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    values = list(values or ())  # nargs="+": a non-empty list
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+      shown = ", ".join(dict.fromkeys(map(str, repeated)))
+      raise argparse.ArgumentError(self, f"{shown} given more than once")
+    setattr(namespace, self.dest, values)
+
+
 def one_of(names: Sequence[str], ignore_case: bool = False) -> Callable[[str], str]:
   """A type for one of ``names`` (an optimizer, a task, a model), checked when parsed.
 

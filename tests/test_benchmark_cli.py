@@ -360,6 +360,39 @@ def test_screen_cells_is_checked_when_parsed():
       screen.cell_list(bad)
 
 
+def test_list_flags_refuse_a_value_given_twice(paper_cli, monkeypatch, capsys):
+  # `hessian_frequency.py --tasks cnn cnn` (and heldout's) trained the task twice,
+  # `lr_robustness.py --scales 1 1` each scale, `screen.py --configs exact exact` each config;
+  # the comma-separated lists (time_to_accuracy's --tasks) refused the repeat when parsed.
+  lr_robustness = _script(PAPER, "lr_robustness")
+  hessian_frequency = _script(PAPER, "hessian_frequency")
+  heldout = _script(STABILITY, "heldout")
+  screen = _script(STABILITY, "screen")
+  cases = [
+    (lr_robustness, ["--scales", "1", "0.5", "1.0"], "--scales: 1.0 given more than once"),
+    (lr_robustness, ["--tasks", "lm", "cnn", "lm"], "--tasks: lm given more than once"),
+    (hessian_frequency, ["--tasks", "cnn", "cnn"], "--tasks: cnn given more than once"),
+  ]
+  for script, argv, message in cases:
+    with pytest.raises(SystemExit) as e:
+      paper_cli.parse_args("test", argv, script.add_arguments, script.QUICK)
+    assert e.value.code == 2 and f"argument {message}" in capsys.readouterr().err
+  for argv, message in (
+    (["--tasks", "vit", "gru", "vit"], "--tasks: vit given more than once"),
+    (["--rows", "floor", "clip", "floor"], "--rows: floor given more than once"),
+  ):
+    with pytest.raises(SystemExit) as e:
+      heldout.parse_args(argv)
+    assert e.value.code == 2 and f"argument {message}" in capsys.readouterr().err
+  monkeypatch.setattr(sys, "argv", ["screen.py", "--configs", "exact", "floor", "exact"])
+  with pytest.raises(SystemExit) as e:
+    screen.main()
+  assert e.value.code == 2
+  assert "argument --configs: exact given more than once" in capsys.readouterr().err
+  assert heldout.parse_args(["--tasks", "gru", "vit"]).tasks == ["gru", "vit"]
+  assert heldout.parse_args([]).tasks == list(heldout.TASKS)
+
+
 def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
   # `report.py --seeds 8` (its docstring's example) printed an empty line: no 8-seed cells are kept.
   report = _script(STABILITY, "report")

@@ -23,6 +23,7 @@ import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _args import Distinct  # (examples/_args.py, on the path from cli)
 from tasks import get_task
 from training import compiled_run, fmt, freeze_config, summarize, train
 from tuning import tune
@@ -53,7 +54,7 @@ QUICK = {"tasks": ["cnn"]}
 
 
 def add_arguments(p):
-  p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+  p.add_argument("--tasks", nargs="+", action=Distinct, choices=TASKS, default=list(TASKS))
   p.add_argument("--no-timing", action="store_true", help="skip the cost measurement")
 
 

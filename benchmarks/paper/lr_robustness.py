@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import cli
 import numpy as np
-from _args import positive_float  # (examples/_args.py, on the path from cli)
+from _args import Distinct, positive_float  # (examples/_args.py, on the path from cli)
 from tasks import get_task
 from training import DIVERGE_FACTOR, fmt, summarize, train
 from tuning import tuned_rows
@@ -40,9 +40,14 @@ PAPER = {
 
 def add_arguments(p):
   p.add_argument(
-    "--scales", type=positive_float, nargs="+", default=list(SCALES), help="LR multiples"
+    "--scales",
+    type=positive_float,
+    nargs="+",
+    action=Distinct,
+    default=list(SCALES),
+    help="LR multiples",
   )
-  p.add_argument("--tasks", nargs="+", choices=list(STEPS), default=list(STEPS))
+  p.add_argument("--tasks", nargs="+", action=Distinct, choices=list(STEPS), default=list(STEPS))
 
 
 def run(args, out):

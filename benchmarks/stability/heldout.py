@@ -38,7 +38,7 @@ import common as C
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from _args import positive_int  # (examples/_args.py, on the path from common)
+from _args import Distinct, positive_int  # (examples/_args.py, on the path from common)
 
 RECOMMENDED = {"curvature_floor": 0.3, "update_clip": 0.05}
 # name: (optimizer, AdaHessian keyword arguments, update_freq, learning-rate scales)
@@ -214,10 +214,11 @@ def evaluate(task, seeds, steps: int, rows=tuple(ROWS)) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+  p.add_argument("--tasks", nargs="+", action=Distinct, choices=list(TASKS), default=list(TASKS))
   p.add_argument(
     "--rows",
     nargs="+",
+    action=Distinct,
     choices=list(ROWS),
     help="the rows to train (default: all; the ablation's: " + " ".join(ABLATION) + ")",
   )

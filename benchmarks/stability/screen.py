@@ -21,7 +21,7 @@ import time
 
 import common as C
 import numpy as np
-from _args import positive_int  # (examples/_args.py, on the path from common)
+from _args import Distinct, positive_int  # (examples/_args.py, on the path from common)
 
 # Named configurations of the prototypes (common.py); update_freq is set per cell.
 CONFIGS = {
@@ -79,9 +79,13 @@ def cell_list(text: str) -> list[tuple[int, float]]:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tasks", nargs="+", choices=list(CELLS), default=["cnn"])
+  p.add_argument("--tasks", nargs="+", action=Distinct, choices=list(CELLS), default=["cnn"])
   p.add_argument(
-    "--configs", nargs="+", choices=list(CONFIGS), default=["exact", "floor", "clip", "warmup"]
+    "--configs",
+    nargs="+",
+    action=Distinct,
+    choices=list(CONFIGS),
+    default=["exact", "floor", "clip", "warmup"],
   )
   p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1")
   p.add_argument(
