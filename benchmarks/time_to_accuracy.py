@@ -528,7 +528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=RECOMMENDED_STABILIZERS,
     metavar="JSON",
     help=f"adahessian() arguments of the AdaHessian rows (default: the README's recommended "
-    f"{json.dumps(RECOMMENDED_STABILIZERS)}; '{{}}' for the paper's exact rule)",
+    f"{json.dumps(RECOMMENDED_STABILIZERS)}; '{{}}' for the paper's exact rule; not "
+    f"{', '.join(cli.SET_BY_EXPERIMENT)}, which the benchmark sets)",
   )
   args = p.parse_args(argv)
   cli.check_adahessian_config(p, args.adahessian_config)

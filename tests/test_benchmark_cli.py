@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -282,6 +283,24 @@ def test_adahessian_config_is_checked_before_anything_trains(paper_cli, time_to_
     with pytest.raises(SystemExit) as e:
       parse(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_adahessian_config_may_not_set_what_the_experiment_sets(
+  paper_cli, time_to_accuracy, capsys
+):
+  # `hessian_frequency.py --adahessian-config '{"update_freq": 2}'` replaced every column's
+  # update_freq (1..5) by 2 under the columns' labels, `block_size.py` likewise with block_size;
+  # time_to_accuracy failed with "got multiple values for keyword argument 'update_freq'" after
+  # the other optimizers had compiled.
+  for key, value in (("update_freq", 2), ("block_size", 4), ("learning_rate", 0.3)):
+    config = json.dumps({"curvature_floor": 0.3, key: value})
+    for parse in (lambda argv: paper_cli.parse_args("test", argv), time_to_accuracy.parse_args):
+      with pytest.raises(SystemExit) as e:
+        parse(["--quick", "--adahessian-config", config])
+      assert e.value.code == 2
+      assert f"argument --adahessian-config: {config}: {key} set by the experiment" in (
+        capsys.readouterr().err
+      )
 
 
 def test_time_to_accuracy_tasks_are_checked_like_every_other_name_list(time_to_accuracy, capsys):

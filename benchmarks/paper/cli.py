@@ -43,8 +43,15 @@ def enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+#: ``adahessian()`` arguments that the experiments set for every row themselves: a config's value
+#: replaced theirs silently (``{"update_freq": 2}`` trained every column of Table 6 at 2) or
+#: clashed with them only when the AdaHessian rows came.
+SET_BY_EXPERIMENT = ("learning_rate", "block_size", "update_freq", "averaging")
+
+
 def check_adahessian_config(p: argparse.ArgumentParser, config: dict[str, Any]) -> None:
-  """Refuses, as a usage error, an ``--adahessian-config`` that ``adahessian()`` does not take.
+  """Refuses, as a usage error, an ``--adahessian-config`` that ``adahessian()`` does not take,
+  or that sets an argument in :data:`SET_BY_EXPERIMENT`.
 
   Checked before anything trains: otherwise an unknown name or a bad value failed only when the
   AdaHessian rows came, after the other optimizers (and their sweeps) had run.
@@ -53,6 +60,12 @@ def check_adahessian_config(p: argparse.ArgumentParser, config: dict[str, Any]) 
     p: The parser (its ``error`` exits with status 2).
     config: The keyword arguments given.
   """
+  if taken := [name for name in SET_BY_EXPERIMENT if name in config]:
+    p.error(
+      f"argument --adahessian-config: {json.dumps(config)}: {', '.join(taken)} "
+      "set by the experiment for every row (the tuned learning rate, the block sizes and "
+      "refresh intervals it compares, the task's averaging); give the other arguments"
+    )
   try:
     adahessian_jax.adahessian(0.1, **config)
   except (TypeError, ValueError) as e:
@@ -105,7 +118,8 @@ def parse_args(
     metavar="JSON",
     help="extra adahessian_jax.adahessian arguments, e.g. '{\"curvature_floor\": 0.1}': "
     "AdaHessian is then also trained with them, beside the exact rule, at the exact rule's "
-    "tuned learning rate; repeat for more rows",
+    "tuned learning rate (not the arguments the experiment sets: "
+    f"{', '.join(SET_BY_EXPERIMENT)}); repeat for more rows",
   )
   args = parse_with_quick(p, quick or {}, argv)
   for config in args.adahessian_configs:
