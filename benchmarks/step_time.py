@@ -90,7 +90,13 @@ import adahessian_jax
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import models  # noqa: E402
-from _args import comma_list, nonnegative_int, out_dir, positive_int  # noqa: E402  (examples/_args.py)
+from _args import (  # noqa: E402  (examples/_args.py)
+  comma_list,
+  file_name,
+  nonnegative_int,
+  out_dir,
+  positive_int,
+)
 from _common import (  # noqa: E402  (shared with examples)
   RECOMMENDED_STABILIZERS,
   add_malloc_flag,
@@ -591,7 +597,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=[1, 2, 3, 4],
     help="probe counts of the n_samples sweep (default 1,2,3,4)",
   )
-  ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+  ap.add_argument("--tag", type=file_name, default=None, help="suffix of the JSON file name")
   add_malloc_flag(ap)
   ap.add_argument(
     "--report", type=Path, default=None, help="print the markdown tables of a results JSON; no run"

@@ -83,6 +83,14 @@ def _check_parent(text: str) -> None:
     raise argparse.ArgumentTypeError(f"{parent!r} is a file, not a directory: {text!r}")
 
 
+def file_name(text: str) -> str:
+  """A part of a file name (``--tag``, ``--name``): not empty, no directory in it (the script
+  puts the file in its results directory)."""
+  if not text or os.sep in text or (os.altsep and os.altsep in text) or text in (".", ".."):
+    raise argparse.ArgumentTypeError(f"must be a file name without a directory, got {text!r}")
+  return text
+
+
 def comma_list(
   item: Callable[[str], Any] | Sequence[str], ignore_case: bool = False
 ) -> Callable[[str], list[Any]]:

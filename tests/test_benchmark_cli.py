@@ -412,6 +412,45 @@ def test_list_flags_refuse_a_value_given_twice(paper_cli, monkeypatch, capsys):
   assert heldout.parse_args([]).tasks == list(heldout.TASKS)
 
 
+def test_result_names_and_directories_are_checked_when_parsed(tmp_path, monkeypatch, capsys):
+  # `step_time.py --tag ../../x` timed every step, then raised FileNotFoundError writing
+  # results/step_time_full_../../x.json; diagnose's --name, heldout's and screen's --out
+  # (results/OUT.json) likewise, and `heldout.py --out-dir FILE` with FileExistsError after the
+  # first task had trained.
+  step_time = _script(os.path.join(ROOT, "benchmarks"), "step_time")
+  diagnose = _script(STABILITY, "diagnose")
+  heldout = _script(STABILITY, "heldout")
+  screen = _script(STABILITY, "screen")
+  file = tmp_path / "taken"
+  file.write_text("")
+  cases = [
+    (step_time.parse_args, ["--tag", "../x"], "--tag"),
+    (diagnose.parse_args, ["--name", "/tmp/x/y"], "--name"),
+    (heldout.parse_args, ["--out", "sub/x"], "--out"),
+    (heldout.parse_args, ["--out", ""], "--out"),
+  ]
+  for parse, argv, flag in cases:
+    with pytest.raises(SystemExit) as e:
+      parse(argv)
+    assert e.value.code == 2
+    message = f"argument {flag}: must be a file name without a directory, got {argv[1]!r}"
+    assert message in capsys.readouterr().err
+  monkeypatch.setattr(sys, "argv", ["screen.py", "--out", "a/b"])
+  with pytest.raises(SystemExit) as e:
+    screen.main()
+  assert e.value.code == 2 and "argument --out: must be a file name" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    heldout.parse_args(["--out-dir", str(file)])
+  assert e.value.code == 2
+  assert f"argument --out-dir: is a file, not a directory: {str(file)!r}" in (
+    capsys.readouterr().err
+  )
+  assert step_time.parse_args(["--tag", "k1"]).tag == "k1"
+  assert step_time.parse_args([]).tag is None
+  assert diagnose.parse_args([]).name == "diagnosis"
+  assert heldout.parse_args(["--out", "mine"]).out == "mine"
+
+
 def test_stability_report_says_when_no_cells_have_that_many_seeds(capsys):
   # `report.py --seeds 8` (its docstring's example) printed an empty line: no 8-seed cells are kept.
   report = _script(STABILITY, "report")

@@ -35,6 +35,7 @@ import common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _args import file_name  # (examples/_args.py, on the path from common)
 
 import adahessian_jax
 from adahessian_jax import spatial
@@ -267,6 +268,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument(
     "--name",
+    type=file_name,
     default="diagnosis",
     help="results/NAME.json and figures/stability_NAME.png (default: diagnosis)",
   )

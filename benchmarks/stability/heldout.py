@@ -38,7 +38,12 @@ import common as C
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from _args import Distinct, positive_int  # (examples/_args.py, on the path from common)
+from _args import (  # (examples/_args.py, on the path from common)
+  Distinct,
+  file_name,
+  out_dir,
+  positive_int,
+)
 
 RECOMMENDED = {"curvature_floor": 0.3, "update_clip": 0.05}
 # name: (optimizer, AdaHessian keyword arguments, update_freq, learning-rate scales)
@@ -229,8 +234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help=f"instead: the rate grid on seeds {TUNE_SEEDS}, stored under 'tuning' (TUNED_LR's source)",
   )
   p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run, to a temp dir")
-  p.add_argument("--out", default="heldout", help="results/OUT.json (default: heldout)")
-  p.add_argument("--out-dir", default=None, help="directory of OUT.json (default: results/)")
+  p.add_argument(
+    "--out", type=file_name, default="heldout", help="results/OUT.json (default: heldout)"
+  )
+  p.add_argument(
+    "--out-dir", type=out_dir, default=None, help="directory of OUT.json (default: results/)"
+  )
   args = p.parse_args(argv)
   if args.tune and args.rows is not None:
     p.error("--rows does not go with --tune, which tunes the rates of TUNED_LR's rules")

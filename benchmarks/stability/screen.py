@@ -21,7 +21,7 @@ import time
 
 import common as C
 import numpy as np
-from _args import Distinct, positive_int  # (examples/_args.py, on the path from common)
+from _args import Distinct, file_name, positive_int  # (examples/_args.py, on the path from common)
 
 # Named configurations of the prototypes (common.py); update_freq is set per cell.
 CONFIGS = {
@@ -91,7 +91,7 @@ def main():
   p.add_argument(
     "--cells", type=cell_list, default=None, help="JSON list of [update_freq, scale] pairs"
   )
-  p.add_argument("--out", default="screen")
+  p.add_argument("--out", type=file_name, default="screen", help="results/OUT.json")
   args = p.parse_args()
   path = os.path.join(C.RESULTS, f"{args.out}.json")
   store = {"cells": {}}
