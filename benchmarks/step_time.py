@@ -603,15 +603,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--report", type=Path, default=None, help="print the markdown tables of a results JSON; no run"
   )
   args = ap.parse_args(argv)
-  if args.report is not None and not args.report.is_file():
-    ap.error(f"argument --report: no such file: {str(args.report)!r}")
+  if args.report is not None:
+    if not args.report.is_file():
+      ap.error(f"argument --report: no such file: {str(args.report)!r}")
+    try:
+      args.report_payload = json.loads(args.report.read_text())
+      results = args.report_payload["results"]
+      if not all("groups" in res for res in results.values()):
+        raise KeyError("groups")
+    except (ValueError, KeyError, TypeError, AttributeError):  # JSON of another kind, or none
+      ap.error(
+        f"argument --report: not a step_time results JSON (models with their timed groups, as "
+        f"step_time_full.json): {str(args.report)!r}"
+      )
   return args
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.report is not None:
-    print(report(json.loads(args.report.read_text())))
+    print(report(args.report_payload))
     return 0
 
   if args.out is None:

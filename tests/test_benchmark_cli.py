@@ -518,7 +518,7 @@ def test_stability_report_tabulates_the_committed_heldout_check():
   assert [line.split(" (")[0] for line in lines[2:]] == ["| vit", "| gru", "| diabetes"]
 
 
-def test_step_time_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
+def test_step_time_report_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path, capsys):
   # It failed with a FileNotFoundError traceback.
   pytest.importorskip("flax")
   step_time = _script(os.path.join(ROOT, "benchmarks"), "step_time")
@@ -527,6 +527,18 @@ def test_step_time_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
     step_time.main(["--report", missing])
   assert e.value.code == 2
   assert f"argument --report: no such file: {missing!r}" in capsys.readouterr().err
+  # Another file failed with a JSONDecodeError (not JSON) or KeyError (another result) traceback.
+  not_json = tmp_path / "notes.txt"
+  not_json.write_text("timings")
+  other = os.path.join(ROOT, "benchmarks", "results", "memory.json")
+  for path in (str(not_json), other):
+    with pytest.raises(SystemExit) as e:
+      step_time.main(["--report", path])
+    assert e.value.code == 2
+    assert "argument --report: not a step_time results JSON" in capsys.readouterr().err
+  committed = os.path.join(ROOT, "benchmarks", "results", "step_time_full.json")
+  assert step_time.main(["--report", committed]) == 0
+  assert "#### mlp: Flax MLP" in capsys.readouterr().out
 
 
 def test_quick_keeps_the_values_given_explicitly(examples_path, paper_cli, capsys):
