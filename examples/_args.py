@@ -36,6 +36,15 @@ def nonnegative_int(text: str) -> int:
   return _number(text, int, 0, strict=False)
 
 
+def random_seed(text: str) -> int:
+  """A seed: an integer in ``[0, 2**32 - 1]``, the range that NumPy's and scikit-learn's
+  ``random_state`` and ``jax.random.key`` all take."""
+  value = _number(text, int, 0, strict=False)
+  if value > 2**32 - 1:
+    raise argparse.ArgumentTypeError(f"must be an integer in [0, {2**32 - 1}], got {text!r}")
+  return value
+
+
 def positive_float(text: str) -> float:
   """A finite number > 0."""
   return _number(text, float, 0.0, strict=True)

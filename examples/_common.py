@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from _args import comma_list, name_value, nonnegative_int, out_dir, positive_float, positive_int
+from _args import comma_list, name_value, out_dir, positive_float, positive_int, random_seed
 
 import adahessian_jax
 
@@ -195,9 +195,7 @@ def parser(
   p.add_argument(
     "--steps", type=positive_int, default=None, help=f"training steps (default {steps})"
   )
-  p.add_argument(
-    "--seed", type=nonnegative_int, default=0, help="seed of data split, init and batches"
-  )
+  p.add_argument("--seed", type=random_seed, default=0, help="seed of data split, init and batches")
   p.add_argument(
     "--quick",
     action="store_true",

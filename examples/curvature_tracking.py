@@ -39,7 +39,7 @@ import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import nonnegative_float, nonnegative_int, out_dir, positive_int  # noqa: E402
+from _args import nonnegative_float, out_dir, positive_int, random_seed  # noqa: E402
 
 import adahessian_jax  # noqa: E402
 from adahessian_jax import hessian  # noqa: E402
@@ -222,7 +222,7 @@ def configure(argv=None) -> tuple[argparse.Namespace, dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model, few steps: seconds")
   parser.add_argument("--compare-cold", action="store_true", help="also measure from cold starts")
-  parser.add_argument("--seed", type=nonnegative_int, default=0)
+  parser.add_argument("--seed", type=random_seed, default=0)
   parser.add_argument(
     "--steps", type=positive_int, default=None, help="training steps (default 300; --quick: 8)"
   )

@@ -333,6 +333,26 @@ def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_acc
   assert "{'cnn': 12, 'dlrm': 60}, got 36" in err
 
 
+def test_a_seed_beyond_32_bits_is_a_usage_error(examples_path, capsys):
+  # `cv_digits.py --seed 4294967296` failed with scikit-learn's InvalidParameterError traceback
+  # about `random_state`, not naming --seed; 2**64 and above overflow jax.random.key too.
+  pytest.importorskip("flax")
+  import _common
+  import curvature_tracking
+
+  for parse in (
+    _common.parser("test", 10, 2, ["AdaHessian"]).parse_args,
+    lambda a: curvature_tracking.configure(a)[0],
+  ):
+    for bad in ("4294967296", "18446744073709551616"):
+      with pytest.raises(SystemExit) as e:
+        parse(["--seed", bad])
+      assert e.value.code == 2
+      err = capsys.readouterr().err
+      assert f"argument --seed: must be an integer in [0, 4294967295], got {bad!r}" in err
+    assert parse(["--seed", "4294967295"]).seed == 2**32 - 1
+
+
 def test_a_context_longer_than_the_validation_text_is_a_usage_error(examples_path, capsys):
   # `--context 100000000` loaded the text, then raised numpy's "ValueError: high <= 0" traceback
   # while drawing the validation windows.
