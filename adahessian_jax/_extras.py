@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["loaded", "missing_extra"]
+__all__ = ["from_nnx", "loaded", "missing_extra"]
 
 
 def loaded(module: str, name: str) -> Any:
@@ -37,6 +37,12 @@ def loaded(module: str, name: str) -> Any:
     The attribute, or ``None`` if the module is not imported or has no such attribute.
   """
   return getattr(sys.modules.get(module), name, None)
+
+
+def from_nnx(x: Any) -> bool:
+  """Whether ``x`` is an object of Flax NNX (an ``nnx.State``, say), by its type's module,
+  without importing Flax (as :func:`loaded`)."""
+  return type(x).__module__.startswith("flax.nnx")
 
 
 def missing_extra(extra: str, feature: str, error: ImportError) -> ImportError:

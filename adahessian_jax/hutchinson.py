@@ -37,7 +37,7 @@ from adahessian_jax._axes import (
   sum_over_shards,
   unshared_axes,
 )
-from adahessian_jax._extras import loaded
+from adahessian_jax._extras import from_nnx, loaded
 from adahessian_jax._transposes import sink_transposes
 
 __all__ = [
@@ -123,7 +123,7 @@ def checked_loss(
     except Exception as e:
       # An nnx.Optimizer's update calls value_fn with an nnx.State; a loss written for the module
       # fails on it ("'State' object is not callable"), far from the cause.
-      if type(params).__module__.startswith("flax.nnx") and "'State'" in str(e):
+      if from_nnx(params) and "'State'" in str(e):
         e.add_note(_NNX_STATE)
       # Flax's "Cannot mutate BatchStat from a different trace level" names no fix.
       trace_context = loaded("flax.errors", "TraceContextError")

@@ -20,6 +20,7 @@ import optax
 
 from adahessian_jax import _keys, _validation
 from adahessian_jax._axes import fold_in_axis_index
+from adahessian_jax._extras import from_nnx
 
 __all__ = [
   "ScaleByAdaHessianState",
@@ -100,9 +101,8 @@ def untyped_state_hint(
   found = any(untyped(x) for x in jax.tree.leaves(opt_state, is_leaf=untyped))
   if not found:
     return ""
-  # No checkpoint: the state of an nnx.Optimizer taken with nnx.state (flax is not imported here).
-  nnx_state = type(opt_state).__module__.startswith("flax.nnx")
-  return " " + (NNX_STATE_FIX if nnx_state else RESTORE_FIX)
+  # No checkpoint: the state of an nnx.Optimizer taken with nnx.state.
+  return " " + (NNX_STATE_FIX if from_nnx(opt_state) else RESTORE_FIX)
 
 
 def adahessian_states(opt_state: Any) -> list[ScaleByAdaHessianState]:
@@ -435,11 +435,11 @@ def _check_still_wrapped(old: ScaleByAdaHessianState, new: ScaleByAdaHessianStat
   (``optimizer.opt_state``), whose ``update`` then failed in Flax with "Cannot set key 'key' on
   immutable node of type ScaleByAdaHessianState", naming no fix."""
   leaves = lambda tree: jax.tree.leaves(tree, is_leaf=_validation.wraps_array)
+  wrapped = lambda tree: [_validation.wraps_array(x) for x in leaves(tree)]
   for field in ScaleByAdaHessianState._fields:
     before, after = getattr(old, field), getattr(new, field)
     if after is before:
       continue
-    wrapped = lambda tree: [_validation.wraps_array(x) for x in leaves(tree)]
     if any(wrapped(before)) and not all(wrapped(after)):
       kind = type(leaves(before)[0]).__name__
       raise TypeError(

@@ -23,6 +23,7 @@ from adahessian_jax._axes import (
   sum_over_shards,
   warn_if_loss_couples_devices,
 )
+from adahessian_jax._extras import from_nnx
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   FLOAT16_NU,
@@ -238,11 +239,7 @@ _NNX_PURE_GRADS = (
 def _emptied_by_nnx_optimizer(updates: Any, mu: Any) -> bool:
   """Whether ``updates`` is an empty ``nnx.State`` for a state of parameters with leaves: what
   ``nnx.Optimizer.update`` passes on for gradients of plain arrays, which its filter drops."""
-  return (
-    type(updates).__module__.startswith("flax.nnx")
-    and not jax.tree.leaves(updates)
-    and bool(jax.tree.leaves(mu))
-  )
+  return from_nnx(updates) and not jax.tree.leaves(updates) and bool(jax.tree.leaves(mu))
 
 
 def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
