@@ -412,15 +412,29 @@ def bias_tables(paths, roles) -> set[int]:
   """
   found, paired = set(), _paired_with_biases(paths)
   for i, path in enumerate(paths):
-    if roles[i] is None or i in paired or param_name(path) not in ("embedding", "table"):
-      continue
-    module = _module_keys(path)
-    words = set(str(_leaf_name(path)).lower().split("_"))
-    if module:
-      words |= set(str(module[-1]).lower().split("_"))
-    if "bias" in words:
+    if roles[i] is not None and i not in paired and names_a_bias_table(path):
       found.add(i)
   return found
+
+
+def names_a_bias_table(path) -> bool:
+  """Whether a leaf's name says it is a table of attention biases (:func:`bias_tables`): a table
+  (:func:`param_name`) with the word ``bias`` in its name or its module's (T5's
+  ``relative_attention_bias`` ``nn.Embed``/``nnx.Embed``), pairing aside.
+
+  Args:
+    path: The leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
+
+  Returns:
+    ``True`` if its name and its module's say so.
+  """
+  if param_name(path) not in ("embedding", "table"):
+    return False
+  module = _module_keys(path)
+  words = set(str(_leaf_name(path)).lower().split("_"))
+  if module:
+    words |= set(str(module[-1]).lower().split("_"))
+  return "bias" in words
 
 
 def _paired_with_biases(paths) -> set[int]:

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adahessian_jax import _validation, distributed, fused, layout
+from adahessian_jax import _evidence, _validation, distributed, fused, layout
 from adahessian_jax import state as state_lib
 from adahessian_jax._extras import missing_extra
 
@@ -544,6 +544,10 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
     key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
     if key not in found or names[key] is not None:
       continue  # no such variable (a module without a bias), or its own names win
+    if _evidence.names_a_bias_table(found[key].path):
+      # T5's relative_attention_bias, an nnx.Embed (buckets, heads): its names would make it a
+      # token table, averaged across heads; the default reading takes it for what it is.
+      continue
     shape = tuple(getattr(found[key].leaf, "shape", ()))
     extra = len(shape) - len(one)
     leads[path] = shape[:extra] if extra >= 0 and shape[extra:] == tuple(one) else None

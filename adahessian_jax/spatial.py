@@ -967,7 +967,8 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   ``nnx.LinearGeneral`` its input then output axes (``"embed"``, ``"mlp"``;
   its batch axes ``"layers"``), ``nnx.MultiHeadAttention``'s query, key and
   value ``("embed", "heads", "head_dim")`` and output ``("heads", "head_dim",
-  "embed")``, ``nnx.Embed`` ``("vocab", "embed")``, ``nnx.LoRA``, the norms'
+  "embed")``, ``nnx.Embed`` ``("vocab", "embed")`` (none for a table of attention
+  biases by its name, T5's ``relative_attention_bias``), ``nnx.LoRA``, the norms'
   scales and biases, and an ``nnx.Einsum`` whose string lays its kernel out
   inputs first. Axes before those (the stack of ``nnx.vmap``/``nnx.scan``) are
   named ``"layers"``, unless a parameter of the module or of a sibling module

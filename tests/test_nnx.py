@@ -713,6 +713,50 @@ def test_named_model_keeps_own_names_and_names_only_the_layouts_it_knows():
     ah.spatial.named(Raw())
 
 
+class T5Attention(nnx.Module):
+  def __init__(self, rngs):
+    self.relative_attention_bias = nnx.Embed(8, 4, rngs=rngs)  # (buckets, heads)
+    self.tokens = nnx.Embed(6, 4, rngs=rngs)
+    self.q = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+
+
+class T5Stack(nnx.Module):
+  def __init__(self, rngs):
+    self.first = T5Attention(rngs)
+    self.layers = nnx.vmap(T5Attention, in_axes=0, out_axes=0)(rngs.split(3))
+
+
+def test_named_model_keeps_a_table_of_attention_biases_one_bias_per_entry():
+  """T5's relative position biases are an nnx.Embed(num_buckets, heads) named
+  relative_attention_bias: one bias per bucket and head, which the default reading keeps
+  (docs/layouts.md). spatial.named(model) named it ("vocab", "embed") by its type, a token
+  table, so the estimate was averaged in blocks across its heads, silently, where the plain
+  arrays were not: it is left to the default reading, token tables are named as before."""
+  model = nnx.eval_shape(lambda: T5Stack(nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  named = ah.spatial.named(model)
+  rows = {r.path: r for r in ah.spatial.describe(params, ah.spatial.strict(named), 2).rows}
+  plain = {r.path: r for r in ah.spatial.describe(params, block_size=2).rows}
+  one, stacked = ah.spatial.none(), ah.spatial.per_layer(ah.spatial.none())
+  tokens = ah.spatial.blocks(2, axis=1)
+  for where, table_rule, tokens_rule in (
+    ("['first']", one, tokens),
+    ("['layers']", stacked, ah.spatial.per_layer(tokens)),
+  ):
+    table = rows[f"{where}['relative_attention_bias']['embedding']"]
+    assert table.rule == table_rule and "attention biases" in table.why, table
+    assert table.groups == plain[table.path].groups == {1: int(np.prod(table.shape))}
+    row = rows[f"{where}['tokens']['embedding']"]
+    assert row.names[-2:] == ("vocab", "embed") and row.rule == tokens_rule, row
+  pure = nnx.as_pure(params)
+  estimate = jax.tree.map(lambda x: np.arange(x.size, dtype=np.float32).reshape(x.shape), pure)
+  got = ah.spatial.apply_rules(ah.spatial.resolve_rules(named, pure, 2), estimate)
+  np.testing.assert_array_equal(
+    got["first"]["relative_attention_bias"]["embedding"],
+    estimate["first"]["relative_attention_bias"]["embedding"],
+  )
+
+
 class Raw(nnx.Module):
   def __init__(self):
     self.w = nnx.Param(jnp.zeros((3, 4, 4)))
