@@ -998,8 +998,9 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
     missing = (
       f"spatial.named found no axis names in the {type(source).__qualname__}: none of its "
       "variables has sharding metadata and none is held by a module whose layout it knows "
-      "(nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Embed, nnx.LoRA, "
-      "the norms) with its one-layer shape, alone or after a stack in front (nnx.vmap/nnx.scan "
+      "(nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral, nnx.Einsum, "
+      "nnx.MultiHeadAttention, nnx.Embed other than a table of attention biases, nnx.LoRA, the "
+      "norms) with its one-layer shape, alone or after a stack in front (nnx.vmap/nnx.scan "
       "with out_axes=0). Name the axes (nnx.with_partitioning) or give rules through averaging=."
     )
   else:
