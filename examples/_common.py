@@ -428,7 +428,7 @@ def summarize(
   summary = {
     "example": example,
     "command": command_line(),
-    "steps": runs[0].steps[-1],
+    "steps": resolve_steps(args),  # not a run's last step: a diverged run stopped early
     "seed": args.seed,
     "quick": bool(args.quick),
     "load_average_at_start": LOAD_AVERAGE_AT_START,

@@ -125,3 +125,42 @@ def test_curvature_tracking_refuses_fewer_steps_than_between_measurements(monkey
     assert f"argument --every: must be {message}" in capsys.readouterr().err
   _, cfg = curvature_tracking.configure(["--quick", "--steps", "4"])
   assert (cfg["steps"], cfg["every"]) == (4, 4)
+
+
+def _toy_runs(monkeypatch, optimizers, steps):
+  """``_common.train`` of each optimizer on a toy problem (a 3-vector pulled to noise)."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+  import _common
+  import jax.numpy as jnp
+
+  params = {"w": jnp.ones(3)}
+
+  def batches(rng):
+    while True:
+      yield jnp.asarray(rng.normal(size=3), jnp.float32)
+
+  loss_fn = lambda p, b: jnp.sum((p["w"] - b) ** 2)
+  evaluate = lambda p: {"loss": float(jnp.sum(p["w"] ** 2)), "accuracy": 0.5}
+  problem = (params, loss_fn, batches, evaluate)
+  runs = [_common.train(o, o.lr, *problem, steps, 5, 0, progress=False) for o in optimizers]
+  return problem, runs
+
+
+def test_the_summary_records_the_steps_asked_for_when_the_first_run_diverged(monkeypatch, tmp_path):
+  # summarize wrote the first run's last recorded step as the run length: "steps": 2 in the JSON
+  # of a 20-step comparison whose first optimizer diverged at step 2.
+  import optax
+
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+  import _common
+
+  names = ["Adam", "SGD+momentum"]
+  diverging = _common.Optimizer("Adam", lambda lr, n: optax.sgd(lr), lr=1e30, grid=(1e30,))
+  fine = _common.Optimizer("SGD+momentum", lambda lr, n: optax.sgd(lr), lr=0.1, grid=(0.1,))
+  _, runs = _toy_runs(monkeypatch, [diverging, fine], 20)
+  assert runs[0].diverged and runs[0].steps[-1] < 20 and runs[1].steps[-1] == 20
+  args = _common.parser("toy", 20, 5, names).parse_args(["--out", str(tmp_path)])
+  summary = _common.summarize("toy", runs, "accuracy", "val acc", args.out, args)
+  assert summary["steps"] == 20
+  with open(tmp_path / "toy.json") as f:
+    assert json.load(f)["steps"] == 20
