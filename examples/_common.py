@@ -365,6 +365,8 @@ def train(
     if bar is not None:
       bar.update(1)
     if i % eval_every == 0 or i == steps or run.diverged:
+      # A step's loss is of the parameters before it: the last step's own blow-up shows here only.
+      run.diverged = run.diverged or not _finite(params)
       run.record(i, window, elapsed, None if run.diverged else evaluate(params), bar)
       window = []
     if run.diverged:
@@ -372,6 +374,11 @@ def train(
   if bar is not None:
     bar.close()
   return run
+
+
+def _finite(tree: Any) -> bool:
+  """Whether every entry of the arrays in ``tree`` is finite."""
+  return all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
 def tune(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, seed, progress):

@@ -164,3 +164,30 @@ def test_the_summary_records_the_steps_asked_for_when_the_first_run_diverged(mon
   assert summary["steps"] == 20
   with open(tmp_path / "toy.json") as f:
     assert json.load(f)["steps"] == 20
+
+
+def test_a_run_whose_last_step_blows_up_is_diverged_and_not_tuned_best(monkeypatch, capsys):
+  # A step's loss is of the parameters before it, so a run whose last step made its parameters
+  # NaN was not marked diverged: its final validation loss was NaN, and tune, whose table says
+  # "inf = diverged", recorded nan and took it as best when it came first in the grid.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+  import _common
+
+  def make(lr, steps):  # SGD, but the largest rate's last step makes the parameters NaN
+    def update(g, count, params=None):
+      bad = (count == steps - 1) & (lr > 0.2)
+      return jax.tree.map(lambda x: jnp.where(bad, jnp.nan, -lr * x), g), count + 1
+
+    return optax.GradientTransformation(lambda p: jnp.zeros([], jnp.int32), update)
+
+  blowing_up = _common.Optimizer("Adam", make, lr=0.3, grid=(0.3, 0.1))
+  problem, (run,) = _toy_runs(monkeypatch, [blowing_up], 10)
+  assert run.diverged and run.steps[-1] == 10 and np.isnan(run.val["loss"][-1])
+  table = _common.tune([blowing_up], *problem, 10, 5, 0, False)
+  assert table["Adam"][0.3] == float("inf") and np.isfinite(table["Adam"][0.1])
+  assert blowing_up.lr == 0.1
