@@ -337,6 +337,24 @@ def _check_estimate(estimate: Any, like: Any) -> None:
   jax.tree_util.tree_map_with_path(check, estimate, like)
 
 
+def _masked_difference(estimate: Any, like: Any) -> str:
+  """Where ``estimate`` (a whole-model ``hessian_diag``) does not fit the masked ``like``, named
+  by a leaf path: a leaf or ``optax.MaskedNode`` of ``like`` with nothing at or under its path in
+  ``estimate``, or a leaf of ``estimate`` under none of them (a real model's whole tree structure
+  is too long to read)."""
+  slots = dict(jax.tree_util.tree_leaves_with_path(like, is_leaf=masking.is_masked))
+  paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(estimate)]
+  prefixes = {p[:depth] for p in paths for depth in range(len(p) + 1)}
+  for path, x in slots.items():
+    if path not in prefixes:
+      owner = ", which another transform owns" if masking.is_masked(x) else ""
+      return f"it has no leaf at {_validation.path_str(path)}, where the params have one{owner}"
+  for path in paths:
+    if not any(path[:depth] in slots for depth in range(len(path) + 1)):
+      return f"it has a leaf at {_validation.path_str(path)}, where the params have none"
+  return "its tree is not the params' (other containers at the same paths)"
+
+
 def _estimate(
   value_fn: Any,
   hessian_diag: Any,
@@ -399,8 +417,8 @@ def _estimate(
       except ValueError:
         raise ValueError(
           "hessian_diag inside optax.masked or multi_transform must have the tree of the whole "
-          f"model's params, {jax.tree.structure(like)} with its masked leaves filled in; got "
-          f"{jax.tree.structure(estimate)}."
+          "model's params, the leaves other transforms own included (as "
+          f"value_grad_and_hessian_diag returns it): {_masked_difference(estimate, like)}."
         ) from None
     _check_estimate(estimate, like)
     estimate = jax.tree.map(jnp.asarray, estimate)  # a Python float for a 0-d leaf too

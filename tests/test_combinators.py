@@ -301,6 +301,31 @@ def test_masked_with_whole_model_hessian_diag_from_the_fused_route(mlp_problem):
   assert int(ah.find_adahessian_state(new_state).count) == 1
 
 
+@pytest.mark.parametrize(
+  "labels,drop,named",
+  [
+    # The owned leaves' estimate only, where the other transform's leaf must be filled in too.
+    (LABELS, lambda d: {"hidden": d["hidden"]}, "no leaf at ['out']['bias'], where the params"),
+    # Labels as a prefix of the params: one MaskedNode for a whole subtree.
+    ({"hidden": "ada", "out": "sgd"}, lambda d: {"hidden": d["hidden"]}, "no leaf at ['out']"),
+    (LABELS, lambda d: {**d, "hidden": {"kernel": d["hidden"]["kernel"]}}, "['hidden']['bias']"),
+    (LABELS, lambda d: {**d, "extra": jnp.ones(2)}, "a leaf at ['extra'], where the params have"),
+  ],
+)
+def test_a_hessian_diag_that_does_not_fit_a_multi_transform_names_the_leaf(
+  mlp_problem, labels, drop, named
+):
+  # The error printed both trees' whole PyTreeDefs (thousands of characters for a real model),
+  # naming no leaf, where the same error outside a combinator names one.
+  params, loss_fn, batch = mlp_problem
+  tx = optax.multi_transform({"ada": ah.adahessian(0.1), "sgd": optax.sgd(0.01)}, labels)
+  grads = jax.grad(loss_fn)(params, batch)
+  hdiag = drop(jax.tree.map(jnp.ones_like, params))
+  with pytest.raises(ValueError, match="must have the tree of the whole model's params") as e:
+    tx.update(grads, tx.init(params), params, hessian_diag=hdiag)
+  assert named in str(e.value) and "PyTreeDef" not in str(e.value)
+
+
 def test_multi_steps_cost_and_semantics(mlp_problem):
   """optax.MultiSteps runs the inner update, hence the Hessian-vector product, on every
   micro-step (k products per optimizer step, k - 1 discarded), and the estimate that
