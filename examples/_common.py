@@ -366,7 +366,7 @@ def train(
       bar.update(1)
     if i % eval_every == 0 or i == steps or run.diverged:
       # A step's loss is of the parameters before it: the last step's own blow-up shows here only.
-      run.diverged = run.diverged or not _finite(params)
+      run.diverged = run.diverged or not finite(params)
       run.record(i, window, elapsed, None if run.diverged else evaluate(params), bar)
       window = []
     if run.diverged:
@@ -376,7 +376,7 @@ def train(
   return run
 
 
-def _finite(tree: Any) -> bool:
+def finite(tree: Any) -> bool:
   """Whether every entry of the arrays in ``tree`` is finite."""
   return all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
@@ -555,6 +555,8 @@ def _zoom(ax, series, high=95):
   vals = vals[np.isfinite(vals)]
   if vals.size:
     lo, hi = vals.min(), np.percentile(vals, high)
+    if hi == lo:  # one finite value (a run that diverged at once): Matplotlib's own limits
+      return
     ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
 
 

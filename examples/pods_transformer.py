@@ -420,6 +420,8 @@ def train(name, make, lr, steps, eval_every, setup: Setup, seed, progress):
     if bar is not None:
       bar.update(1)
     if i % eval_every == 0 or i == steps or run.diverged:
+      # A step's loss is of the parameters before it: the last step's own blow-up shows here only.
+      run.diverged = run.diverged or not _common.finite(params)
       metrics = setup.evaluate(params) if not run.diverged else {k: math.nan for k in run.val}
       run.steps.append(i)
       run.train_loss.append(float(np.mean(window)))
