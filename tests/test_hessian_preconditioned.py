@@ -303,6 +303,26 @@ def test_injected_adahessian_hyperparameters_are_read_from_the_state():
     hessian.adahessian_preconditioner(state, hessian_power=1.0)
 
 
+@pytest.mark.parametrize("name", ["adahessian", "adam"])
+def test_a_traced_state_is_refused_naming_its_leaf(name):
+  # Inside jax.jit or vmap the count (or an injected hyperparameter) read on the host failed with
+  # JAX's TracerArrayConversionError, naming neither the argument nor the fix.
+  params, batch = mlp()
+  build = getattr(hessian, f"{name}_preconditioner")
+  if name == "adam":
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b2=0.9)
+    state = _stepped(tx, params)
+  else:
+    state = _train(name)[2]
+  with pytest.raises(ValueError, match=r"opt_state must be .* leaf at \S*\.count is traced"):
+    jax.jit(build)(state)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+  with pytest.raises(ValueError, match=r"opt_state must be .* is traced .* outside jax.jit, vmap"):
+    jax.vmap(build)(stacked)
+  with pytest.raises(ValueError, match=r"fill must be a concrete array, but it is traced"):
+    jax.jit(lambda f: build(state, fill=f))(1.0)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_a_passed_hyperparameter_that_rounds_to_the_injected_one_agrees_with_it(dtype):
   # inject_hyperparams stores 16-bit params' hyperparameters in their dtype (float16 0.999 as

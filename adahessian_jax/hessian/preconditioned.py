@@ -200,6 +200,14 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
   )
 
 
+def _concrete(opt_state: Any, fill: Any) -> None:
+  """Raises ``ValueError`` naming the first traced leaf of ``opt_state`` or ``fill``: ``P``'s bias
+  correction reads the state's count (and injected hyperparameters) on the host, where a traced
+  one failed with JAX's ``TracerArrayConversionError``, naming no argument and no fix."""
+  _checks.concrete(opt_state, "opt_state")
+  _checks.concrete(fill, "fill")
+
+
 def _adam_states(opt_state: Any) -> list[Any]:
   """The optax Adam and AMSGrad states in ``opt_state``."""
   is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByAmsgradState))
@@ -251,8 +259,10 @@ def adahessian_preconditioner(
     ValueError: for a hyperparameter out of range (named), one that conflicts
       with the state's injected value, a state before its first update, a
       state inside ``optax.masked`` without ``fill``, or a scalar ``fill`` that is
-      not ``> 0`` (also where no leaf is masked out).
+      not ``> 0`` (also where no leaf is masked out), or traced arrays (a call inside
+      ``jax.jit`` or ``vmap``: ``P`` is built on the host, between jitted steps), named by path.
   """
+  _concrete(opt_state, fill)
   try:
     state = find_adahessian_state(opt_state)
   except ValueError as e:
@@ -323,8 +333,10 @@ def adam_preconditioner(
       with the state's injected value, not exactly one Adam or AMSGrad state,
       a state before its first update, replicated across devices, or inside
       ``optax.masked`` without ``fill``, or a scalar ``fill`` that is not ``> 0``
-      (also where no leaf is masked out).
+      (also where no leaf is masked out), or traced arrays (a call inside ``jax.jit`` or
+      ``vmap``: ``P`` is built on the host, between jitted steps), named by path.
   """
+  _concrete(opt_state, fill)
   found = _adam_states(opt_state)
   if len(found) != 1:
     kinds = sorted({type(x).__name__ for x in found})
