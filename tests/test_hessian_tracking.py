@@ -197,6 +197,12 @@ def test_a_record_of_another_model_or_a_broken_one_is_refused_by_name():
   bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=jnp.full((2, N), jnp.nan)))
   with pytest.raises(ValueError, match="sharpness Ritz vectors are not finite"):
     hessian.track_curvature(op, bad)
+  # Zero vectors with warm_mix=0 left no start vector: NumPy's "need at least one array to
+  # concatenate", naming nothing.
+  zero = record._replace(sharpness=record.sharpness._replace(ritz_vectors=jnp.zeros((2, N))))
+  for mix in (0.0, 0.01):
+    with pytest.raises(ValueError, match="sharpness Ritz vectors are all zero .* previous=None"):
+      hessian.track_curvature(op, zero, warm_mix=mix)
   # Strings failed in NumPy's isfinite, naming nothing; complex vectors lost their imaginary part.
   for vectors, dtype in [(np.full((2, N), "a"), "<U1"), (jnp.ones((2, N)) * 1j, "complex")]:
     bad = record._replace(sharpness=record.sharpness._replace(ritz_vectors=vectors))

@@ -377,6 +377,13 @@ def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
     raise ValueError(
       f"previous: its {what} Ritz vectors are not finite; pass previous=None for a cold start"
     )
+  if not np.any(start):  # with warm_mix=0 the start block was empty: NumPy's "need at least one
+    # array to concatenate"; no measurement returns zero Ritz vectors (they have unit norm)
+    raise ValueError(
+      f"previous: its {what} Ritz vectors are all zero (a measurement's have unit norm: a record "
+      "restored into zeros, or built by hand?); pass the record track_curvature returned, or "
+      "previous=None for a cold start"
+    )
 
 
 def _measure(op, previous, key, tol, max_iter, stop_on, mix, block_size, check) -> Sharpness:
