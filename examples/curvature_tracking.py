@@ -164,8 +164,9 @@ def plot_tracking(runs, cfg, path):
       style = "-" if r["scale"] == 1 else "--"
       label = f"{r['scale']:g}x (lr {r['lr']:g})"
       top.plot(r["steps"], r["loss"], style, color=COLORS[name], label=label)
-      # From the end of the first interval: at step 1 the warm-up rate is ~0 and Adam's P is |g|.
-      keep = np.asarray(r["measured"]) >= cfg["every"]
+      # From the step after the first: at step 1 the warm-up rate is 0 (2/lr infinite) and Adam's
+      # P is |g|. (Not ">= every": with --every 1 that kept step 1, a division by zero.)
+      keep = np.asarray(r["measured"]) > 1
       t = np.asarray(r["measured"])[keep]
       lr_t = np.asarray(r["lr_at"])[keep]
       pre, sharp = np.asarray(r["preconditioned"])[keep], np.asarray(r["sharpness"])[keep]

@@ -191,3 +191,24 @@ def test_a_run_whose_last_step_blows_up_is_diverged_and_not_tuned_best(monkeypat
   table = _common.tune([blowing_up], *problem, 10, 5, 0, False)
   assert table["Adam"][0.3] == float("inf") and np.isfinite(table["Adam"][0.1])
   assert blowing_up.lr == 0.1
+
+
+def test_curvature_tracking_plots_every_step_without_dividing_by_the_zero_first_rate(
+  monkeypatch, tmp_path
+):
+  # With --every 1 the plot kept step 1, measured at the warm-up's rate 0: 2/lr divided by zero
+  # (NumPy's RuntimeWarning) and drew an infinite threshold.
+  import warnings
+
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+  import curvature_tracking
+
+  run = dict(name="Adam", scale=1, lr=0.03, steps=[1, 2, 3], loss=[2.3, 2.2, 2.1])
+  run.update(measured=[1, 2, 3], lr_at=[0.0, 0.03, 0.02])
+  run.update(sharpness=[1.0, 1.5, 1.4], preconditioned=[1e5, 300.0, 200.0])
+  cfg = dict(every=1, num_params=10, probe=4)
+  path = tmp_path / "tracking.png"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    curvature_tracking.plot_tracking([run], cfg, str(path))
+  assert path.stat().st_size > 10_000
