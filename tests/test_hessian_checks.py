@@ -360,6 +360,26 @@ def test_a_finite_loss_with_non_finite_curvature_and_integer_batch_leaves_are_to
     hessian.top_eigenvalues(op, 1)
 
 
+def test_a_dropout_key_in_the_batch_does_not_hide_the_nan_loss_it_is_searched_for():
+  # A typed PRNG key in the batch (a dropout key, as docs/hessian_analysis.md's "dropout one fixed
+  # mask" needs) made the search for the batch's NaN entry fail with NumPy's "JAX array with
+  # PRNGKey dtype cannot be converted to a NumPy array", a TypeError in place of NonFiniteError.
+  def loss(p, b):
+    keep = jax.random.bernoulli(b["rng"], 0.5, b["x"].shape)
+    return jnp.mean(jnp.where(keep, b["x"], 0.0) * p["w"] ** 2) + jnp.log(p["w"][0] - 1.0)
+
+  batch = {"rng": jax.random.key(0), "x": jnp.ones((4, 2))}
+  op = hessian.hessian_operator(loss, {"w": jnp.zeros(2)}, batches=[batch, batch])
+  with pytest.raises(hessian.NonFiniteError, match=r"batches\[0\] is nan \(its entries are all"):
+    hessian.top_eigenvalues(op, 1)
+  # A NaN input after the key (leaves in key order: "rng" before "x") is still found and named.
+  scaled = lambda p, b: jnp.sum(p["w"] ** 2) * jnp.mean(b["x"] * jax.random.uniform(b["rng"]))
+  bad = {"rng": jax.random.key(0), "x": jnp.ones((4, 2)).at[3, 1].set(jnp.nan)}
+  op = hessian.hessian_operator(scaled, {"w": jnp.ones(2)}, bad)
+  with pytest.raises(hessian.NonFiniteError, match=r"on the batch is nan; batch\['x'\]\[3, 1\] is"):
+    hessian.hutchinson_trace(op, jax.random.key(1))
+
+
 def test_params_that_are_not_finite_or_empty_are_refused_at_once():
   params, batch = mlp()
   params = {**params, "out": {**params["out"], "bias": params["out"]["bias"].at[1].set(jnp.nan)}}

@@ -738,9 +738,12 @@ def _first_not_finite_entry(batch: Any) -> tuple[str, Any] | None:
   """``("[0][2, 1]", nan)``: where the first NaN or infinite entry of a batch's floating
   leaves is, and its value."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-    host = np.asarray(leaf)
-    if not np.issubdtype(host.dtype, np.inexact):
+    # By dtype first: NumPy cannot hold a PRNG key array (a dropout key in the batch), whose
+    # conversion raised a TypeError in place of the NonFiniteError being explained.
+    dtype = getattr(leaf, "dtype", None)
+    if not jnp.issubdtype(np.result_type(leaf) if dtype is None else dtype, jnp.inexact):
       continue
+    host = np.asarray(leaf)
     bad = np.argwhere(~np.isfinite(host))
     if bad.size:
       index = f"[{', '.join(str(int(j)) for j in bad[0])}]" if host.ndim else ""
