@@ -269,6 +269,12 @@ def test_a_batch_leaf_that_is_not_an_array_or_a_number_is_named():
     hessian.hessian_operator(loss, params, batches=[batch, batch])
   with pytest.raises(TypeError, match=r"leaf at batch\['name'\].*functools.partial"):
     hessian.hessian_operator(loss, params, batch)
+  # A NumPy array of strings or objects (a text column) passed as an array and reached jit too.
+  for text in (np.array(["a", "b"]), np.array([None, 1], dtype=object), np.str_("train")):
+    with pytest.raises(
+      TypeError, match=rf"leaf at batch\['name'\] is a {type(text).__name__} of dtype {text.dtype}"
+    ):
+      hessian.hessian_operator(loss, params, {**batch, "name": text})
 
 
 def test_a_single_empty_batch_is_refused_not_a_zero_hessian():

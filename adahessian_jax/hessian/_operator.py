@@ -857,12 +857,17 @@ def _check_array_leaves(batch: Any, where: str) -> None:
   """Raises ``TypeError`` naming the first leaf of ``batch`` that is not an array or a number.
 
   The batch is an argument of the compiled functions, where such a leaf (a string, a dataset
-  name) fails with JAX's advice to mark it static, which a caller of the analyses cannot do.
+  name) fails with JAX's advice to mark it static, which a caller of the analyses cannot do. So
+  does a NumPy array or scalar of strings, objects or dates (a text column beside the tokens).
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-    if not isinstance(leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
+    host = isinstance(leaf, np.ndarray | np.generic)
+    if (host and leaf.dtype.kind not in "biufc") or not isinstance(
+      leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex
+    ):
+      kind = f" of dtype {leaf.dtype}" if host else ""
       raise TypeError(
-        f"the leaf at {where}{jax.tree_util.keystr(path)} is a {type(leaf).__name__} "
+        f"the leaf at {where}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}{kind} "
         f"({leaf!r:.40}): a batch is an argument of the compiled Hessian products, so its leaves "
         "must be arrays or numbers. Close over other values in loss_fn (e.g. "
         "functools.partial(loss_fn, name=...)) and leave them out of the batch."
