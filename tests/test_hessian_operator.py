@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -585,6 +586,23 @@ def test_every_batch_is_checked_against_the_first_at_construction():
   bad = (jnp.ones((5, 4)), jnp.ones((5, 3)))
   with pytest.raises(ValueError, match=r"leaf at batches\[1\]\[0\] has shape \(5, 4\)"):
     hessian.hessian_operator(mlp_loss, params, batches=[(x, y), bad])
+
+
+def test_a_loss_that_fails_on_a_later_batch_shape_fails_at_construction_naming_it():
+  # The loss was traced on batches[0] alone: one that fixes the batch size failed on a short last
+  # batch inside the first analysis, with JAX's reshape error and no word of which batch.
+  params, (x, y) = mlp()
+  fixed = lambda p, b: mlp_loss(p, (b[0].reshape(16, 5), b[1].reshape(16, 3)))
+  batches = [(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:], y[32:])]
+  with pytest.raises(TypeError, match="cannot reshape") as e:
+    hessian.hessian_operator(fixed, params, batches=batches)
+  note = r"loss_fn failed on batches\[2\] \(leaf shapes \[\(8, 5\), \(8, 3\)\]\), though it runs on"
+  assert re.search(note, "".join(e.value.__notes__))
+  vector = lambda p, b: mlp_loss(p, b) * jnp.ones(() if len(b[0]) == 16 else (2,))
+  with pytest.raises(
+    TypeError, match=r"loss_fn on batches\[2\] must return a real floating-point scalar"
+  ):
+    hessian.hessian_operator(vector, params, batches=batches)
 
 
 def test_one_batch_passed_as_batches_is_told_to_use_batch():

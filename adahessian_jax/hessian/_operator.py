@@ -915,6 +915,22 @@ def _check_like_first(batch: Any, first: Any, where: str) -> None:
       )
 
 
+def _shapes(batch: Any) -> list[tuple[int, ...]]:
+  """The shapes of a batch's leaves, in flattening order."""
+  return [np.shape(x) for x in jax.tree.leaves(batch)]
+
+
+def _first_of_each_shape(data: list[Any]) -> list[int]:
+  """The index of the first batch of each distinct set of leaf shapes and dtypes."""
+  seen, first = set(), []
+  for i, b in enumerate(data):
+    shapes = tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(b))
+    if shapes not in seen:
+      seen.add(shapes)
+      first.append(i)
+  return first
+
+
 def _inferred_size(batch: Any, where: str) -> int:
   """The example count of ``batch``: the leading size its leaves with an axis all share."""
   sizes = _leading_sizes(batch)
@@ -1121,7 +1137,8 @@ def hessian_operator(
   Raises:
     TypeError: if a leaf of ``params`` is not a real floating array (named by
       its path), a leaf of a batch is not an array or a number (named), or ``loss_fn`` cannot
-      be called as ``loss_fn(params, batch)`` or does not return a real scalar.
+      be called as ``loss_fn(params, batch)`` or does not return a real scalar (traced on the
+      first batch of each shape: one its loss fails on is named).
     NonFiniteError: if an entry of ``params`` is not finite (named by its
       path). A loss that is not finite makes every product NaN, so the
       analyses stop on it at their first product.
@@ -1174,14 +1191,25 @@ def hessian_operator(
     "lambda p, b: loss(p, b), or lambda p, b: loss(p, *b) for a loss(params, x, y) and a batch "
     "(x, y) (not the optimizer's value_fn, lambda p: loss(p, batch)).",
   )
-  try:
-    value = jax.eval_shape(loss_fn, params, data[0])
-  except Exception as e:
-    _note_nnx_mutation(e)
-    if batches is not None and all(_is_array(b) for b in data):
-      e.add_note(f"hessian_operator: loss_fn was called on batches[0], an array.{_ONE_BATCH_HINT}")
-    raise
-  check_scalar_loss(value, "loss_fn", fix)
+  # Traced on the first batch of each shape, so that a loss that fails on a shorter last batch
+  # (a reshape to a fixed size) fails here, naming it, not inside the first analysis.
+  for i in _first_of_each_shape(data):
+    try:
+      value = jax.eval_shape(loss_fn, params, data[i])
+    except Exception as e:
+      _note_nnx_mutation(e)
+      if i:
+        e.add_note(
+          f"hessian_operator: loss_fn failed on batches[{i}] (leaf shapes {_shapes(data[i])}), "
+          f"though it runs on batches[0] ({_shapes(data[0])}): the loss is evaluated on every "
+          "batch, so it must take each batch's size (or drop or pad a short last batch)."
+        )
+      elif batches is not None and all(_is_array(b) for b in data):
+        e.add_note(
+          f"hessian_operator: loss_fn was called on batches[0], an array.{_ONE_BATCH_HINT}"
+        )
+      raise
+    check_scalar_loss(value, f"loss_fn on batches[{i}]" if i else "loss_fn", fix)
   jit_loss = _jit_loss(loss_fn, (params, data[0]))
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data), jit_loss)
 
