@@ -588,6 +588,21 @@ def test_every_batch_is_checked_against_the_first_at_construction():
     hessian.hessian_operator(mlp_loss, params, batches=[(x, y), bad])
 
 
+def test_several_batches_passed_as_batch_are_told_to_use_batches():
+  # batch=[b1, b2] reached loss_fn as one batch, whose Flax or NumPy error (a tuple where an array
+  # was expected) said nothing of batches=; batch=loader was refused as a leaf to close over.
+  params, (x, y) = mlp()
+  batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+  with pytest.raises((TypeError, ValueError)) as e:  # whatever loss_fn raises on a pair of tuples
+    hessian.hessian_operator(mlp_loss, params, batches)
+  hint = "batch= is a list of 2 pytrees of one structure. If they are several batches, pass them"
+  assert hint in "".join(getattr(e.value, "__notes__", []))
+  with pytest.raises(TypeError, match=r"batch is a generator, an iterator: pass the batches it"):
+    hessian.hessian_operator(mlp_loss, params, (b for b in batches))
+  op = hessian.hessian_operator(mlp_loss, params, batches=iter(batches))  # the fix
+  assert op.num_batches == 2
+
+
 def test_a_loss_that_fails_on_a_later_batch_shape_fails_at_construction_naming_it():
   # The loss was traced on batches[0] alone: one that fixes the batch size failed on a short last
   # batch inside the first analysis, with JAX's reshape error and no word of which batch.

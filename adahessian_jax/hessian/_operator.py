@@ -896,6 +896,17 @@ _ONE_BATCH_HINT = (
 )
 
 
+def _looks_like_batches(batch: Any) -> bool:
+  """Whether a ``batch=`` could be several batches: a list or tuple of two or more pytrees (not
+  arrays) of one structure, e.g. ``[(x1, y1), (x2, y2)]``."""
+  if not isinstance(batch, list | tuple) or len(batch) < 2 or any(_is_array(b) for b in batch):
+    return False
+  first = jax.tree.structure(batch[0])
+  return not jax.tree_util.treedef_is_leaf(first) and all(
+    jax.tree.structure(b) == first for b in batch
+  )
+
+
 def _check_like_first(batch: Any, first: Any, where: str) -> None:
   """Raises ``ValueError`` unless ``batch`` has ``first``'s structure and shapes past axis 0."""
   # The batches differ as the parts of one batch do: the hint to pass batch= applies.
@@ -953,6 +964,11 @@ def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
   if (batch is None) == (batches is None):
     raise ValueError("give exactly one of batch= or batches=")
   if batch is not None:
+    if isinstance(batch, Iterator):  # a data loader: its batches, read one by one
+      raise TypeError(
+        f"batch is a {type(batch).__name__}, an iterator: pass the batches it yields as "
+        "batches=... (read once into a list), or one batch as batch=next(iterator)."
+      )
     _check_array_leaves(batch, "batch")
     _check_not_empty(batch, "batch")
     return [batch]
@@ -1136,7 +1152,8 @@ def hessian_operator(
 
   Raises:
     TypeError: if a leaf of ``params`` is not a real floating array (named by
-      its path), a leaf of a batch is not an array or a number (named), or ``loss_fn`` cannot
+      its path), a leaf of a batch is not an array or a number (named), ``batch`` is an
+      iterator (a data loader: pass ``batches``), or ``loss_fn`` cannot
       be called as ``loss_fn(params, batch)`` or does not return a real scalar (traced on the
       first batch of each shape: one its loss fails on is named).
     NonFiniteError: if an entry of ``params`` is not finite (named by its
@@ -1207,6 +1224,12 @@ def hessian_operator(
       elif batches is not None and all(_is_array(b) for b in data):
         e.add_note(
           f"hessian_operator: loss_fn was called on batches[0], an array.{_ONE_BATCH_HINT}"
+        )
+      elif batches is None and _looks_like_batches(batch):
+        e.add_note(
+          f"hessian_operator: batch= is a {type(batch).__name__} of {len(batch)} pytrees of one "
+          "structure. If they are several batches, pass them as batches=[...]: batch= takes "
+          "one batch, which loss_fn is called on as a whole."
         )
       raise
     check_scalar_loss(value, f"loss_fn on batches[{i}]" if i else "loss_fn", fix)
