@@ -705,6 +705,28 @@ def test_plot_spectral_density_refuses_a_floor_that_is_no_finite_positive_number
       hessian.plot_spectral_density(density, floor=floor)
 
 
+def test_plot_spectral_density_draws_a_users_grid_as_plot_landscape_1d_draws_its_steps():
+  # spectral_density takes any grid: one of one point drew nothing (a line of one point), one out
+  # of order a zig-zag, and a density of another length than its grid (_replace) failed inside
+  # matplotlib ("x and y must have same first dimension") after a figure was made.
+  matplotlib = pytest.importorskip("matplotlib")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  one = hessian.SpectralDensity(np.zeros(1), np.ones(1), np.zeros((1, 1)), np.ones((1, 1)), 0.1, 1)
+  assert hessian.plot_spectral_density(one).lines[0].get_marker() == "o"
+  grid, density = np.array([1.0, -1.0, 0.0]), np.array([0.5, 0.1, 0.25])
+  ax = hessian.plot_spectral_density(one._replace(grid=grid, density=density), log=False)
+  assert ax.lines[0].get_marker() == "None"
+  np.testing.assert_array_equal(ax.lines[0].get_xdata(), [-1.0, 0.0, 1.0])
+  np.testing.assert_array_equal(ax.lines[0].get_ydata(), [0.1, 0.25, 0.5])
+  figures = plt.get_fignums()
+  with pytest.raises(ValueError, match=r"grid must be 1-D .* got shapes \(3,\) and \(2,\)"):
+    hessian.plot_spectral_density(one._replace(grid=grid, density=density[:2]))
+  assert plt.get_fignums() == figures
+  plt.close("all")
+
+
 def test_each_plot_refuses_another_result_naming_the_function_that_plots_it():
   # plot_landscape_1d drew a Landscape2D as one line per column of its losses; the other
   # mix-ups failed with an AttributeError. Refused before matplotlib is imported or a figure made.

@@ -79,6 +79,21 @@ def _grid(landscape: Landscape1D | Landscape2D, call: str) -> list[np.ndarray]:
   return arrays
 
 
+def _plot_line(ax: matplotlib.axes.Axes, x: np.ndarray, y: np.ndarray, kwargs: Any) -> None:
+  """Draws ``y`` against ``x`` in order of ``x``; with a marker on every point if a finite ``y``
+  has no finite neighbour (one point, or one between non-finite values), which a line alone
+  does not show, unless ``kwargs`` sets ``marker``."""
+  order = np.argsort(x, kind="stable")
+  x, y = x[order], y[order]
+  finite = np.isfinite(y)
+  joined = np.zeros_like(finite)
+  joined[1:] |= finite[:-1]
+  joined[:-1] |= finite[1:]
+  if np.any(finite & ~joined):
+    kwargs = {"marker": "o", **kwargs}
+  ax.plot(x, y, **kwargs)
+
+
 def _axes(ax: matplotlib.axes.Axes | None) -> matplotlib.axes.Axes:
   if ax is not None:
     return ax
@@ -108,21 +123,30 @@ def plot_spectral_density(
     **line_kwargs: Passed to ``ax.plot`` (``label=...``, ``color=...``).
 
   Returns:
-    The axes.
+    The axes. The points are joined in order of the grid; a point without a finite neighbour
+    (a grid of one point) gets a marker, as in :func:`plot_landscape_1d`.
 
   Raises:
     TypeError: for a ``density`` that is no ``SpectralDensity`` (naming what plots it).
-    ValueError: for a ``log`` that is not a bool, or a ``floor`` that is not a finite number
-      ``> 0``.
+    ValueError: for a ``log`` that is not a bool, a ``floor`` that is not a finite number
+      ``> 0``, or a grid that is not 1-D or not of the density's shape (naming both).
   """
   _check_result(density, SpectralDensity)
   log = _validation.flag("log", log)
   # A floor <= 0 left zeros that the log scale drops, NaN or inf drew nothing, a str failed in
   # np.maximum without naming it.
   floor = _validation.positive("floor", floor)
+  grid, y = (np.asarray(a, np.float64) for a in (density.grid, density.density))
+  if grid.ndim != 1 or y.shape != grid.shape:
+    raise ValueError(
+      f"plot_spectral_density: the density's grid must be 1-D and its density of the grid's "
+      f"shape, got shapes {grid.shape} and {y.shape} (a density edited with _replace must keep "
+      "them alike)."
+    )
   ax = _axes(ax)
-  y = np.maximum(density.density, floor) if log else density.density
-  ax.plot(density.grid, y, **line_kwargs)
+  # A grid of one point (spectral_density(..., grid=[0.0])) drew nothing, one out of order a
+  # zig-zag: drawn as plot_landscape_1d draws its steps.
+  _plot_line(ax, grid, np.maximum(y, floor) if log else y, line_kwargs)
   if log:
     ax.set_yscale("log")
   ax.set_xlabel("eigenvalue")
@@ -154,15 +178,7 @@ def plot_landscape_1d(
   _check_result(landscape, Landscape1D)
   alphas, losses = _grid(landscape, "plot_landscape_1d")
   ax = _axes(ax)
-  order = np.argsort(alphas, kind="stable")
-  alphas, losses = alphas[order], losses[order]
-  finite = np.isfinite(losses)
-  joined = np.zeros_like(finite)
-  joined[1:] |= finite[:-1]
-  joined[:-1] |= finite[1:]
-  if np.any(finite & ~joined):
-    line_kwargs = {"marker": "o", **line_kwargs}
-  ax.plot(alphas, losses, **line_kwargs)
+  _plot_line(ax, alphas, losses, line_kwargs)
   ax.set_xlabel("step along direction")
   ax.set_ylabel("loss")
   return ax
