@@ -429,7 +429,10 @@ def _lanczos_eigen(
 
   def met(ritz, errors, scale):
     err = ritz.residuals if stop_on == "residual" else errors
-    return err <= tol * max(scale, min_scale)
+    # Also by the residual only once the error is known (finite): after a single step (k steps
+    # for k pairs) a residual under the tolerance (a block that is a multiple of the identity to
+    # rounding, an MSE output bias's) stopped the run converged with errors inf.
+    return (err <= tol * max(scale, min_scale)) & np.isfinite(errors)
 
   def live_converged(alphas, betas, offsets):
     # Whether the wanted pairs of all of T are the wanted eigenpairs of H. Earlier blocks are
