@@ -261,6 +261,7 @@ def value_grad_and_hessian_diag(
   has_aux: bool = False,
   axis_name: Any = None,
   independent_probes: bool = False,
+  refresh: bool | None = None,
   **kwargs: Any,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and AdaHessian's Hessian-diagonal estimate of an NNX module.
@@ -322,7 +323,13 @@ def value_grad_and_hessian_diag(
       with ``independent_probes=True`` does; needs ``axis_name``. Warns if
       ``loss_fn`` reads other devices' parameters through a collective over
       ``axis_name`` (``nnx.BatchNorm(axis_name=...)``), which biases the estimate.
-    **kwargs: Keyword arguments of ``loss_fn`` (other than the three above,
+    refresh: ``None`` (default) to follow the schedule in the optimizer's state, or a
+      refresh decision taken on the host (see
+      :func:`adahessian_jax.value_grad_and_hessian_diag`): pass the same value to
+      ``optimizer.update(model, grads, hessian_diag=..., refresh=refresh)``. With
+      ``update_freq > 1``, jit one step with ``refresh=True`` and one with ``False`` and call
+      the first when ``step % update_freq == 0``: the other costs a ``nnx.value_and_grad``.
+    **kwargs: Keyword arguments of ``loss_fn`` (other than the four above,
       which this function takes).
 
   Returns:
@@ -336,13 +343,14 @@ def value_grad_and_hessian_diag(
       selects, or other ones than the optimizer's state was made for (a leaf of
       another shape, or none where the state has one: another model), for an
       ``axis_name`` that no enclosing map binds, for ``independent_probes``
-      without ``axis_name``, or for a ``has_aux`` or ``independent_probes`` that is not a bool.
+      without ``axis_name``, for a ``has_aux`` or ``independent_probes`` that is not a bool,
+      and for ``refresh`` as :func:`adahessian_jax.is_refresh_step` does.
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``model`` is no NNX module (a Linen module, or a module's
       state: ``nnx.state``, ``nnx.split``, a pure dict), ``optimizer``
       is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
-      it).
+      it), or ``refresh`` is not a bool or ``None``.
   """
   has_aux = _validation.flag("adahessian_jax.nnx.value_grad_and_hessian_diag: has_aux", has_aux)
   if not isinstance(optimizer, nnx.Optimizer):
@@ -387,7 +395,7 @@ def value_grad_and_hessian_diag(
     loss=lambda p: loss_of(p)[0],
   )
 
-  vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True)
+  vgh = fused.value_grad_and_hessian_diag(loss_of, has_aux=True, refresh=refresh)
   (loss, (aux, new_params, new_state)), grads, hdiag = vgh(params, opt_state)
   if axis_name is not None:
     grads, loss = jax.lax.pmean((grads, loss), axis_name)

@@ -73,6 +73,37 @@ def test_value_fn_route_and_fused_route_agree_and_train():
   assert not np.allclose(model_b.bn.mean[...], fresh.bn.mean[...])
 
 
+def test_fused_route_with_the_refresh_decided_on_the_host_follows_the_schedule():
+  # As value_grad_and_hessian_diag(fun, refresh=...) and TrainState.apply_loss take it: refresh=
+  # was passed on to loss_fn, which failed with Python's "unexpected keyword argument".
+  x, y = data()
+  model_a, model_b = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  opt_a = nnx.Optimizer(model_a, ah.adahessian(0.1, update_freq=3), wrt=nnx.Param)
+  opt_b = nnx.Optimizer(model_b, ah.adahessian(0.1, update_freq=3), wrt=nnx.Param)
+
+  def make_step(refresh):
+    @nnx.jit
+    def step(model, optimizer, x, y):
+      loss, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
+        loss_fn, model, optimizer, x, y, refresh=refresh
+      )
+      optimizer.update(model, grads, hessian_diag=hdiag, refresh=refresh)
+      return loss, hdiag
+
+    return step
+
+  scheduled, host = make_step(None), {True: make_step(True), False: make_step(False)}
+  for i in range(7):
+    la, _ = scheduled(model_a, opt_a, x, y)
+    lb, hdiag = host[i % 3 == 0](model_b, opt_b, x, y)
+    np.testing.assert_allclose(la, lb, rtol=1e-12)
+    zero = all(not np.any(v) for v in jax.tree.leaves(hdiag))
+    assert zero == (i % 3 != 0), i  # no Hessian pass between refreshes
+  assert_trees_allclose(nnx.state(model_a), nnx.state(model_b), rtol=1e-10, atol=1e-12)
+  with pytest.raises(TypeError, match="refresh must be a Python"):
+    ah_nnx.value_grad_and_hessian_diag(loss_fn, model_b, opt_b, x, y, refresh="yes")
+
+
 def test_fused_route_updates_batch_stats_once():
   x, y = data()
   model, reference = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
