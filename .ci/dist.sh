@@ -85,6 +85,16 @@ for field in (b"License-Expression: Apache-2.0", b"License-File: LICENSE", b"Pro
 sdist_names = tarfile.open(sdist).getnames()
 for name in ("LICENSE", "pyproject.toml", "adahessian_jax/py.typed"):
   assert any(n.endswith("/" + name) for n in sdist_names), f"the sdist lacks {name}"
+# The package and the files that build it, nothing else: setuptools' default would add
+# tests/test*.py without the helpers they import (MANIFEST.in prunes them).
+top_files = {"LICENSE", "MANIFEST.in", "PKG-INFO", "README.md", "pyproject.toml", "setup.cfg"}
+stray = [
+  n
+  for n in sdist_names
+  if "/" in n
+  and n.split("/")[1] not in top_files | {"adahessian_jax", "adahessian_jax.egg-info"}
+]
+assert not stray, f"the sdist holds files beyond the package: {stray[:5]}"
 print(f"wheel and sdist hold py.typed and LICENSE; metadata: Apache-2.0 by SPDX expression")
 EOF
 
