@@ -10,8 +10,9 @@
 #   flax: the [flax] extra's floors (flax, orbax-checkpoint, jax == jaxlib) with the core's optax
 #         floor; numpy is left to pip.
 # Each runs an explicit subset chosen to touch every module once in ~20 s of CPU: the NumPy
-# reference trajectories, the fused route, spatial averaging, Hutchinson, Lanczos and the plots
-# on the core floors; the Linen and NNX helpers on the [flax] floors. Left out everywhere: tests
+# reference trajectories, the fused route, spatial averaging, Hutchinson, Lanczos, the Hessian
+# operator's refusals (jax 0.7.0 ravels a tree without leaves to a scalar) and the plots on the
+# core floors; the Linen and NNX helpers on the [flax] floors. Left out everywhere: tests
 # that need jax APIs newer than the core floor (jax.extend.core.jaxprs_in_params,
 # jax.monitoring's listener removal, optax.MultiSteps(accumulator_dtype=)) and the slow
 # multi-device subprocess tests.
@@ -56,6 +57,7 @@ make_env "$work/core" "$core_python" $(python3 .ci/floors.py plot)
   tests/test_fused.py::test_fused_step_on_a_non_refresh_step_costs_one_value_and_grad \
   tests/test_spatial.py tests/test_hutchinson.py \
   tests/test_hessian_eigen.py::test_top_eigenvalues_match_dense_to_1e8 \
+  tests/test_hessian_checks.py::test_params_that_are_not_finite_or_empty_are_refused_at_once \
   tests/test_hessian_landscape.py::test_plots \
   -k "not cnn"  # the Flax-CNN cases of the reference trajectories need flax
 

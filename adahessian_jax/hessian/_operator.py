@@ -1189,7 +1189,8 @@ def hessian_operator(
     _checks.concrete(b, "the batch" if batches is None else f"batches[{i}]")
   weights = _weights(data, batch_sizes)
   flat, unravel = ravel(params)
-  if flat.size == 0:
+  # Not by flat.size alone: jax 0.7.0 ravels a tree without leaves to a scalar, of size 1.
+  if flat.size == 0 or not jax.tree.leaves(params):
     raise ValueError("params has no entries: there is no Hessian to analyse.")
   layout = ParamLayout.of(params, unravel)
   bad = layout.first_not_finite(flat)
