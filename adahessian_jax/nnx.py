@@ -44,6 +44,13 @@ from adahessian_jax._extras import missing_extra
 try:
   import flax.linen
   from flax import nnx
+
+  if not hasattr(nnx, "as_pure"):  # else an AttributeError from Flax at the first call
+    raise ImportError(
+      f"flax {getattr(flax, '__version__', '?')} has no nnx.as_pure: the extra needs flax "
+      ">= 0.12.7",
+      name="flax",
+    )
 except ImportError as e:
   raise missing_extra("flax", "adahessian_jax.nnx", e) from e
 

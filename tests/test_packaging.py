@@ -184,6 +184,21 @@ def test_core_imports_without_extras_and_helpers_name_their_extra():
     assert "No module named" in message, (name, message)  # the original cause is kept
 
 
+def test_flax_below_the_extras_floor_is_named_at_import_of_the_nnx_helpers():
+  # A Flax older than the [flax] extra's floor (installed apart from the extra) imported fine
+  # and failed at the first call with Flax's "module 'flax.nnx' has no attribute 'as_pure'".
+  code = "import flax.nnx as n; del n.as_pure; import adahessian_jax.nnx"
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+  )
+  assert proc.returncode != 0
+  message = proc.stderr.strip().splitlines()[-1]
+  assert message.startswith("ImportError: adahessian_jax.nnx needs"), message
+  floor = next(r for r in PYPROJECT["project"]["optional-dependencies"]["flax"] if "flax>=" in r)
+  assert f"has no nnx.as_pure: the extra needs flax >= {floor.split('>=')[1]}" in message, message
+  assert 'pip install "adahessian_jax[flax]"' in message, message
+
+
 def _private_names_used_across_modules(package: pathlib.Path) -> list[str]:
   """Every use, in a module of ``package``, of another of its modules' underscore name
   (``from adahessian_jax.x import _name``, ``x._name``), as ``file:line: what``. Underscore
