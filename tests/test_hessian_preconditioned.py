@@ -626,3 +626,18 @@ def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
   assert np.all(np.asarray(p["hidden"]["kernel"]) < 1.0)  # AdaHessian's own
   got = hessian.preconditioned_operator(hessian.hessian_operator(mlp_loss, params, batch), p)
   assert got.size == sum(np.size(v) for v in jax.tree.leaves(params))
+
+
+def test_a_float16_operators_preconditioner_is_inverted_in_float32():
+  # P was rounded to float16 before P^(-1/2): an eps-sized entry (1e-8, a unit without
+  # curvature) became 0 and was refused as not positive, one above 65504 became inf (frozen).
+  w = jnp.asarray([0.5, -0.3, 0.2], jnp.float16)
+  curv = jnp.asarray([1.0, 2.0, 0.0], jnp.float16)
+  op = hessian.hessian_operator(lambda p, b: jnp.sum(b * p["w"] ** 2), {"w": w}, batch=curv)
+  for p in ([1.0, 2.0, 1e-8], [1e5, 4.0, 1.0], [7e4, 1e-3, 1.0]):
+    pop = hessian.preconditioned_operator(op, {"w": jnp.asarray(p, jnp.float32)})
+    dense = np.diag([2.0, 4.0, 0.0]) / np.asarray(p)
+    got = np.asarray(pop.matmat(jnp.eye(3, dtype=jnp.float16)), np.float64)
+    np.testing.assert_allclose(got, dense, rtol=3e-3, atol=1e-6)
+  with pytest.raises(ValueError, match=r"at \['w'\]\[2\] is too small for the operator's float16"):
+    hessian.preconditioned_operator(op, {"w": jnp.asarray([1.0, 1.0, 1e-12])})

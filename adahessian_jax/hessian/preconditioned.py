@@ -430,11 +430,15 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
       shapes than the params, a flat array of another size, not of a real floating dtype
       (complex, bool or integer; named by leaf path), or has an entry that
       is not positive (NaN, 0, negative or ``-inf``; named by leaf path and
-      index in the leaf).
+      index in the leaf) or so small that ``P^{-1/2}`` overflows the operator's dtype
+      (float16: below 2.3e-10; ``P^{-1/2}`` is computed in at least float32).
   """
   _checks.real(preconditioner, "the preconditioner", floating=True)  # a bool one read as 1, 0
   flat = op.layout.flatten(_scalars_broadcast(preconditioner, op.params), "the preconditioner")
-  flat = jnp.asarray(flat, op.dtype)
+  # P^{-1/2} is taken in at least float32, then cast: a float16 operator's P rounded to float16
+  # first turned an eps-sized entry (1e-8, a unit without curvature) into 0, refused, and one
+  # above 65504 into inf, a coordinate silently frozen.
+  flat = jnp.asarray(flat, jnp.promote_types(op.dtype, jnp.float32))
   host = np.asarray(flat)
   if not np.all(host > 0):  # NaN compares False
     bad = int(np.argmin(np.where(np.isnan(host), -np.inf, host)))
@@ -442,7 +446,14 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
       f"the preconditioner must be positive (inf for a coordinate the optimizer does not move), "
       f"got {host[bad]} at {op.layout.where(bad)}; an optimizer's P is positive when its eps is."
     )
-  scale = 1.0 / jnp.sqrt(flat)
+  scale = (1.0 / jnp.sqrt(flat)).astype(op.dtype)
+  over = np.isinf(np.asarray(scale))
+  if np.any(over):  # a P below the operator's dtype's range (float16: 2.3e-10)
+    bad = int(np.argmax(over))
+    raise ValueError(
+      f"the preconditioner's entry {host[bad]} at {op.layout.where(bad)} is too small for the "
+      f"operator's {op.dtype}: P^(-1/2) overflows it. Analyse params cast to float32."
+    )
   full = op.matmat_fn
   return dataclasses.replace(
     op,
