@@ -320,6 +320,9 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
     fix: A sentence appended to the error, saying what to do instead (followed, for a leaf
       that is not a floating array, by how an Equinox model splits its arrays off).
   """
+  # A training state (Flax's TrainState) given whole: its step counter was the leaf named.
+  if hasattr(tree, "params") and hasattr(tree, "opt_state"):
+    fix = f"It is a {type(tree).__name__}, a training state: pass its .params. {fix}"
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     where = path_str(path)
     must = f"{what} must be real floating-point arrays, but the leaf at {where}"

@@ -569,3 +569,23 @@ def test_apply_gradients_names_a_keyword_that_is_no_field_before_tx_update_runs(
   # A field is replaced, as in Flax.
   stepped = state.apply_gradients(grads=grads, value_fn=loss_fn, batch_stats={"m": jnp.ones(2)})
   np.testing.assert_array_equal(stepped.batch_stats["m"], jnp.ones(2))
+
+
+def test_a_training_state_given_as_params_is_told_to_pass_its_params():
+  # The Hessian tools named the state's step counter (".step has dtype int32") and advised
+  # closing over integer values, or an Equinox split; the fix is state.params.
+  from adahessian_jax import hessian
+
+  model, x = nn.Dense(2), jnp.ones((4, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, b: jnp.sum(model.apply({"params": p}, b) ** 2)
+  states = (
+    flax_train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3)),
+    TrainState.create(apply_fn=model.apply, params=params, tx=ah.adahessian(1e-3)),
+  )
+  for state in states:
+    with pytest.raises(TypeError, match=r"It is a TrainState, a training state: pass its \.params"):
+      hessian.hessian_operator(loss, state, batch=x)
+    with pytest.raises(TypeError, match=r"It is a TrainState, a training state: pass its \.params"):
+      ah.hvp(lambda p: loss(p, x), state, state)
+  hessian.hessian_operator(loss, states[0].params, batch=x)  # the fix
