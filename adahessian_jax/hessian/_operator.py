@@ -56,6 +56,7 @@ __all__ = [
   "hessian_operator",
   "key_blocks",
   "map_row_blocks",
+  "scale_rows",
 ]
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -562,8 +563,8 @@ class HessianOperator:
     full, full_probes = self.matmat_fn, self.probes_fn
     return dataclasses.replace(
       self,
-      matmat_fn=lambda vs: _mask_rows(full(_mask_rows(vs, mask)), mask),
-      probes_fn=lambda keys: _mask_rows(full_probes(keys), mask),
+      matmat_fn=lambda vs: scale_rows(full(scale_rows(vs, mask)), mask),
+      probes_fn=lambda keys: scale_rows(full_probes(keys), mask),
       data=None,
     )
 
@@ -767,8 +768,10 @@ def _concat_rows(blocks, num):
 
 
 @jax.jit
-def _mask_rows(vs, mask):
-  return vs * mask
+def scale_rows(vs, scale):
+  """``vs * scale`` as one compiled program: the rows of ``vs`` times a mask or scale of the
+  operator's size, or a block of rows times another of its shape (``z ⊙ Hz``)."""
+  return vs * scale
 
 
 # ``start`` is traced: one program for every block of a width, not one per leaf or layer.

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._operator import HessianOperator, key_blocks
+from adahessian_jax.hessian._operator import HessianOperator, key_blocks, scale_rows
 from adahessian_jax.hessian._sketch import (
   exchangeable_estimate,
   leave_one_out_directions,
@@ -58,11 +58,6 @@ class DiagonalEstimate(NamedTuple):
   num_matvecs: int
 
 
-@jax.jit
-def _probe_products(z, hz):
-  return z * hz
-
-
 def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
   """Single-probe diagonal estimates ``z_i ⊙ H z_i``, one row per key, shape ``(b, n)``.
 
@@ -82,7 +77,7 @@ def hutchinson_samples(op: HessianOperator, keys: jax.Array) -> jax.Array:
     NonFiniteError: if a sample is not finite.
   """
   z = op.probes(keys)
-  x = _probe_products(z, op.matmat(z))
+  x = scale_rows(z, op.matmat(z))
   _checks.finite(x, "the Hutchinson diagonal sample z ⊙ Hz", op)
   return x
 

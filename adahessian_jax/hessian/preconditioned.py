@@ -42,7 +42,7 @@ import optax
 
 from adahessian_jax import _validation, layout, masking
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._operator import HessianOperator, scale_rows
 from adahessian_jax.state import (
   adahessian_states,
   find_adahessian_state,
@@ -396,11 +396,6 @@ def _scalars_broadcast(p: Any, params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(broadcast, p)
 
 
-@jax.jit
-def _scale_rows(vs, scale):
-  return vs * scale
-
-
 def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> HessianOperator:
   """``v ↦ P^{-1/2} H P^{-1/2} v``: the Hessian in the coordinates ``θ + P^{-1/2} y``.
 
@@ -457,6 +452,6 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
   full = op.matmat_fn
   return dataclasses.replace(
     op,
-    matmat_fn=lambda vs: _scale_rows(full(_scale_rows(vs, scale)), scale),
+    matmat_fn=lambda vs: scale_rows(full(scale_rows(vs, scale)), scale),
     coordinates=scale if op.coordinates is None else scale * op.coordinates,
   )
