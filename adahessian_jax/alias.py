@@ -289,6 +289,16 @@ def adahessian(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: at construction, for a ``learning_rate`` or ``weight_decay`` out of range (a
+      schedule whose rate at step 0 is not a finite real scalar >= 0), a ``weight_decay_mask``
+      that is a single value, not a tree; at ``init``, for a mask with an entry where the params
+      have none, or none for a leaf; and what :func:`scale_by_adahessian` raises.
+    TypeError: at ``init``, for a mask leaf that is not a boolean; at ``update``, for a state
+      that is not this chain's (another optimizer's, ``scale_by_adahessian``'s alone, or one made
+      with another ``learning_rate`` kind or ``weight_decay_mask``); and what
+      :func:`scale_by_adahessian` raises.
+
   References:
     Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
     Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.

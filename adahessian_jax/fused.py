@@ -253,11 +253,12 @@ def value_grad_and_hessian_diag(
 
   Raises:
     TypeError: for a ``fun`` that is not callable; when the returned function is
-      called with arguments ``fun``'s signature cannot take after ``params``, or a
+      called with arguments ``fun``'s signature cannot take after ``params``, a
       leaf of ``params`` that is not a real floating array (naming its path): it
-      differentiates every leaf, also one that ``optax.masked`` keeps from AdaHessian.
+      differentiates every leaf, also one that ``optax.masked`` keeps from AdaHessian; or
+      with a ``refresh`` that is not a bool.
     ValueError: for a ``has_aux`` that is not a bool; when it is called with an ``opt_state``
-      that holds no AdaHessian state, or more than one; and for ``refresh`` as
+      that holds no AdaHessian state, or more than one; and for a bool ``refresh`` as
       :func:`adahessian_jax.is_refresh_step` does.
   """
 

@@ -297,6 +297,8 @@ def value_grad_hvp(
     ValueError: for a ``has_aux`` that is not a bool, naming the first leaf of ``tangents`` whose
       path, shape or dtype is not the param's, or for an ``fn`` whose loss does not depend on
       ``params`` (a closure over other params), at trace time.
+    TypeError: for an ``fn`` whose loss is not a real floating scalar (a tuple without
+      ``has_aux``), at trace time.
   """
   has_aux = _validation.flag("has_aux", has_aux)
   check_tangents(tangents, params, "value_grad_hvp's tangents")
@@ -382,8 +384,9 @@ def value_grad_and_diagonal(
     over the probes, a pytree like ``params``.
 
   Raises:
-    ValueError: for ``keys`` that are not a 1-D array of at least one key, or a ``has_aux`` or
-      ``flat`` that is not a bool.
+    ValueError: for ``keys`` that are not a 1-D array of at least one key, a ``has_aux`` or
+      ``flat`` that is not a bool, or an ``fn`` whose loss does not depend on ``params``.
+    TypeError: for an ``fn`` whose loss is not a real floating scalar (as :func:`value_grad_hvp`).
   """
   has_aux, flat = _validation.flag("has_aux", has_aux), _validation.flag("flat", flat)
   if _keys.batch_ndim(keys) != 1 or keys.shape[0] == 0:
@@ -466,9 +469,11 @@ def hutchinson_diagonal(
   Raises:
     TypeError: naming the first leaf of ``params`` that is not a real floating array (an
       integer leaf has no Hessian; for a complex one the real probe misses the imaginary part),
-      or for an ``fn`` that is not callable as ``fn(params)``.
-    ValueError: for an ``n_samples`` that is not an integer >= 1, or a ``key`` that is not one
-      PRNG key (an int seed, a batch of keys).
+      or for an ``fn`` that is not callable as ``fn(params)`` or does not return a real floating
+      scalar.
+    ValueError: for an ``n_samples`` that is not an integer >= 1, a ``key`` that is not one
+      PRNG key (an int seed, a batch of keys), or an ``fn`` whose loss does not depend on
+      ``params``.
   """
   _validation.callable_with(fn, (params,), {}, "fn(params)", _FN_FIX)
   _validation.float_leaves(params, "hutchinson_diagonal's params", _FLOAT_FIX)

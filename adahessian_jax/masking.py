@@ -145,6 +145,8 @@ def masked_value_fn(value_fn: Callable[[Any], jax.Array], full_params: Any) -> M
 
   Raises:
     TypeError: for a ``value_fn`` that is not callable.
+    ValueError: when the returned callable is called with params that ``full_params`` do not
+      fit (another tree, or another shape at a leaf the params have), naming the leaf.
   """
   if not callable(value_fn):
     raise TypeError(

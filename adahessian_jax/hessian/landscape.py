@@ -355,7 +355,8 @@ def normalize_direction(
   Raises:
     ValueError: for an unknown ``normalize``, a pytree unlike the params or a
       flat array of another size, a complex or non-finite entry (named by leaf
-      path), a zero direction, or one that ``normalize`` zeroes.
+      path), a zero direction, one that ``normalize`` zeroes, or a ``layer_axes``
+      that does not fit the params (named by leaf path).
   """
   _check_normalize(normalize)
   flat = jnp.asarray(op.layout.flatten(direction, what), op.dtype)
@@ -389,6 +390,9 @@ def random_direction(op: HessianOperator, key: jax.Array) -> jax.Array:
 
   Returns:
     An ``(n,)`` array of independent standard normal entries in ``op.dtype``.
+
+  Raises:
+    ValueError: for a ``key`` that is not one PRNG key (an int seed, a batch of keys).
   """
   return jax.random.normal(_checks.prng_key(key, traced=True), (op.size,), op.dtype)
 

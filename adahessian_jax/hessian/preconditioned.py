@@ -257,8 +257,9 @@ def adahessian_preconditioner(
 
   Raises:
     ValueError: for a hyperparameter out of range (named), one that conflicts
-      with the state's injected value, a state before its first update, a
-      state inside ``optax.masked`` without ``fill``, or a scalar ``fill`` that is
+      with the state's injected value, not exactly one AdaHessian state, a state
+      before its first update, replicated across devices, or inside
+      ``optax.masked`` without ``fill``, or a scalar ``fill`` that is
       not ``> 0`` (also where no leaf is masked out), or traced arrays (a call inside
       ``jax.jit`` or ``vmap``: ``P`` is built on the host, between jitted steps), named by path.
   """

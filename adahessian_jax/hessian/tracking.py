@@ -507,6 +507,8 @@ def track_curvature(
       ``previous`` record of another model, or a preconditioner that is not positive
       (``inf`` allowed) or not shaped like the params (all refused before any product is
       spent).
+    TypeError: for a ``previous`` that is not a :class:`CurvatureRecord` (e.g. the dict of a
+      checkpoint restored without a target).
     NonFiniteError: if a product is not finite (a diverged run): record
       ``nan`` and stop measuring, or measure before the divergence.
   """
