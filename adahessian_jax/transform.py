@@ -929,10 +929,15 @@ def scale_by_adahessian(
       closure over other params), an ``axis_name`` that no enclosing map binds, or one that names
       a mesh axis a parameter is split over (inside ``shard_map``), a ``value_fn`` whose loss
       is already reduced over ``axis_name`` (the same on every device inside ``shard_map``), an
-      ``expected_axis_name`` other than ``axis_name``, or an ``expected_independent_probes``
-      other than ``independent_probes``.
-    TypeError: at ``init`` for non-float parameter leaves; at ``update`` for
-      non-float ``updates`` or ``params`` leaves (naming their path), or a
+      ``expected_axis_name`` other than ``axis_name``, an ``expected_independent_probes``
+      other than ``independent_probes``, ``params=None`` or masked params (inside
+      ``optax.masked``) beside a ``value_fn`` not made by
+      :func:`adahessian_jax.masked_value_fn`, or, outside ``jit``, a state whose moments hold
+      a non-finite entry (``nu`` a negative one) or whose ``count`` is negative.
+    TypeError: at ``init`` for non-float (or 8-bit float) parameter leaves; at ``update`` for
+      non-float ``updates`` or ``params`` leaves (naming their path), a state that is not an
+      :class:`adahessian_jax.ScaleByAdaHessianState` (a checkpoint restored without a
+      target) or whose ``count`` or moments are not of the dtypes ``init`` makes, or a
       ``value_fn`` that cannot be called as ``value_fn(params)`` or does not
       return a real scalar.
 
