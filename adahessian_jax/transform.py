@@ -934,7 +934,9 @@ def scale_by_adahessian(
       ``optax.masked``) beside a ``value_fn`` not made by
       :func:`adahessian_jax.masked_value_fn`, or, outside ``jit``, a state whose moments hold
       a non-finite entry (``nu`` a negative one) or whose ``count`` is negative.
-    TypeError: at ``init`` for non-float (or 8-bit float) parameter leaves; at ``update`` for
+    TypeError: at construction, for an ``averaging`` that is none of the kinds above (naming
+      the entry of a tree that is no rule); at ``init`` for non-float (or 8-bit float) parameter
+      leaves; at ``update`` for
       non-float ``updates`` or ``params`` leaves (naming their path), a state that is not an
       :class:`adahessian_jax.ScaleByAdaHessianState` (a checkpoint restored without a
       target) or whose ``count`` or moments are not of the dtypes ``init`` makes, or a
