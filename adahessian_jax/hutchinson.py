@@ -65,8 +65,17 @@ _NNX_CLOSURE = (
   "adahessian_jax.nnx.value_grad_and_hessian_diag. With those helpers, loss_fn(module, *args) "
   "must use the module it is passed (its first argument), not a model it closes over."
 )
-#: How to call :func:`hvp` and :func:`hutchinson_diagonal` with a loss of more arguments.
-_FN_FIX = "fn is a function of the params alone: close over the rest, lambda p: loss_fn(p, batch)."
+
+
+def _fn_fix(name: str) -> str:
+  """How to call :func:`hvp`, :func:`hutchinson_diagonal` and :func:`value_grad_hvp` with a loss
+  of more arguments, called ``name`` in their errors."""
+  return (
+    f"{name} is a function of the params alone: close over the rest, lambda p: loss_fn(p, batch)."
+  )
+
+
+_FN_FIX = _fn_fix("fn")
 
 _FLOAT_FIX = (
   "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
@@ -297,10 +306,12 @@ def value_grad_hvp(
     ValueError: for a ``has_aux`` that is not a bool, naming the first leaf of ``tangents`` whose
       path, shape or dtype is not the param's, or for an ``fn`` whose loss does not depend on
       ``params`` (a closure over other params), at trace time.
-    TypeError: for an ``fn`` whose loss is not a real floating scalar (a tuple without
-      ``has_aux``), at trace time.
+    TypeError: for an ``fn`` that is not callable as ``fn(params)``, or whose loss is not a real
+      floating scalar (a tuple without ``has_aux``), at trace time.
   """
   has_aux = _validation.flag("has_aux", has_aux)
+  # As hvp: value_grad_hvp(3, ...) failed with Python's "'int' object is not callable".
+  _validation.callable_with(fn, (params,), {}, f"{name}(params)", _fn_fix(name))
   check_tangents(tangents, params, "value_grad_hvp's tangents")
   checked = checked_loss(fn, name, has_aux, fix)
   perturbed: list[bool] = []

@@ -247,3 +247,15 @@ def test_a_key_that_is_not_one_prng_key_and_leaves_that_hold_no_minus_one_are_na
   z = ah.rademacher_like(jax.random.PRNGKey(0), {"i": jnp.ones(64, jnp.int8)})["i"]  # raw key
   assert z.dtype == jnp.int8 and set(np.unique(np.asarray(z))) == {-1, 1}
   np.testing.assert_allclose(ah.hutchinson_diagonal(f, params, jax.random.PRNGKey(0))["w"], 2.0)
+
+
+def test_value_grad_hvp_names_a_loss_it_cannot_call():
+  # hvp and hutchinson_diagonal checked their fn; value_grad_hvp(3, ...) failed with Python's
+  # "'int' object is not callable", and a loss of two arguments inside the trace.
+  from adahessian_jax.hutchinson import value_grad_hvp
+
+  p = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match=r"fn must be a function, called as fn\(params\); got 3"):
+    value_grad_hvp(3, p, p)
+  with pytest.raises(TypeError, match=r"value_fn is called as value_fn\(params\).*'b'"):
+    value_grad_hvp(lambda q, b: jnp.sum(q["w"]), p, p, name="value_fn")
