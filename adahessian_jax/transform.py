@@ -819,7 +819,8 @@ def scale_by_adahessian(
   an entry whose gradient is not finite keeps its ``mu``. The checks
   fuse into the moment updates, plus one reduction over the estimate. With
   ``curvature_floor`` a non-finite entry makes its leaf's (or layer's) mean, and
-  so the whole leaf's ``D``, non-finite for the step. The fused route,
+  so the whole leaf's ``D``, non-finite for the step, and the whole model's mean, which a leaf
+  whose ``D`` is all zero falls back on. The fused route,
   :func:`adahessian_jax.value_grad_and_hessian_diag`, also makes such a step's
   gradient non-finite in one entry, so that :func:`optax.apply_if_finite`
   skips and counts the whole step (not inside :func:`optax.MultiSteps`).
