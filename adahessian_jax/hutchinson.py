@@ -190,11 +190,18 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
 
   Raises:
     ValueError: for a ``key`` that is not one PRNG key (an int seed, a batch of keys).
-    TypeError: naming the first leaf whose dtype holds no ``-1`` (bool, unsigned integers).
+    TypeError: naming the first leaf that is no array (a string) or whose dtype holds no ``-1``
+      (bool, unsigned integers).
   """
   key = _keys.prng_key(key, "rademacher_like's key")
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    dtype = jnp.result_type(x)
+    dtype = _validation.array_dtype(x)
+    if dtype is None:  # jnp.result_type("3") raised "data type '' not understood"
+      raise TypeError(
+        f"rademacher_like draws a probe like each leaf of the tree, but the leaf at "
+        f"{_validation.path_str(path)} is {type(x).__name__} {x!r}, not an array. Pass the params "
+        "(arrays) alone."
+      )
     if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.unsignedinteger):
       # -1 wrapped around to 255 in uint8; a bool leaf got int32 entries.
       raise TypeError(

@@ -244,6 +244,9 @@ def test_a_key_that_is_not_one_prng_key_and_leaves_that_hold_no_minus_one_are_na
       TypeError, match=rf"leaf at \['i'\] has dtype {jnp.dtype(dtype)}, which holds no -1"
     ):
       ah.rademacher_like(jax.random.key(0), tree)
+  # A leaf that is no array raised NumPy's "data type '' not understood", naming no leaf.
+  with pytest.raises(TypeError, match=r"the leaf at \['name'\] is str 'conv', not an array"):
+    ah.rademacher_like(jax.random.key(0), {"w": jnp.ones(3), "name": "conv"})
   z = ah.rademacher_like(jax.random.PRNGKey(0), {"i": jnp.ones(64, jnp.int8)})["i"]  # raw key
   assert z.dtype == jnp.int8 and set(np.unique(np.asarray(z))) == {-1, 1}
   np.testing.assert_allclose(ah.hutchinson_diagonal(f, params, jax.random.PRNGKey(0))["w"], 2.0)
