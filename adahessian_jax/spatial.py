@@ -1739,9 +1739,15 @@ def apply_rules(rules: Any, tree: Any) -> Any:
 
   Raises:
     ValueError: naming the leaf's path, if a rule does not fit its leaf (an axis beyond its rank).
+    TypeError: naming the leaf's path, for a leaf of ``rules`` that is not a :class:`Rule`.
   """
 
   def apply(path, rule, d):
+    if not is_rule(rule):  # Python's "'int' object has no attribute 'check'" names no leaf
+      raise TypeError(
+        f"apply_rules: rules has {rule!r} at {path_str(path)}, which is not a spatial rule: pass "
+        "the tree of rules spatial.resolve_rules(averaging, params) returns."
+      )
     rule.check(tuple(jnp.shape(d)), path_str(path))
     return rule(d)
 

@@ -303,6 +303,9 @@ def test_a_rule_applied_by_hand_refuses_an_axis_beyond_the_rank():
     spatial.mean_over(5)(d)
   with pytest.raises(ValueError, match=r"\['s'\] has rank 0: give that leaf a rule without axes"):
     spatial.resolve_rules(spatial.mean_over(0), {"s": jnp.ones(())})
+  # A leaf of rules that is no rule raised "'int' object has no attribute 'check'", naming none.
+  with pytest.raises(TypeError, match=r"rules has 2 at \['w'\], which is not a spatial rule"):
+    spatial.apply_rules({"w": 2}, {"w": d})
   # In range, negative axes included, the averages are those along the axis named.
   got = spatial.apply_rules({"w": spatial.blocks(2, axis=-1)}, {"w": d})["w"]
   np.testing.assert_allclose(got, [[0.5, 0.5, 2.0], [3.5, 3.5, 5.0]])
