@@ -564,9 +564,10 @@ def test_bad_batch_lists_and_batch_sizes_are_named():
     r"consumed already .* pass a list, or a fresh iterator\.",
   ):
     hessian.hessian_operator(mlp_loss, params, batches=gen)
-  for sizes in (3, "13"):  # a str is iterable, its characters no sizes
+  # a str is iterable, its characters no sizes; a 0-d array raised "iteration over a 0-d array"
+  for sizes in (3, "13", jnp.asarray(3)):
     with pytest.raises(
-      ValueError, match=f"batch_sizes must be a sequence of numbers, got {sizes!r}"
+      ValueError, match=re.escape(f"batch_sizes must be a sequence of numbers, got {sizes!r}")
     ):
       hessian.hessian_operator(mlp_loss, params, batches=[batch, batch], batch_sizes=sizes)
   scalar_batches = [jnp.asarray(1.0), jnp.asarray(2.0)]  # no leaf to count examples on

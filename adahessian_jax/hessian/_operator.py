@@ -1007,7 +1007,12 @@ def _weights(data: list[Any], batch_sizes: Any) -> np.ndarray:
       return np.ones(1)
     sizes = [_inferred_size(b, f"batches[{i}]") for i, b in enumerate(data)]
   else:
-    if isinstance(batch_sizes, str) or not isinstance(batch_sizes, Iterable):
+    # A 0-d array is Iterable to isinstance, and list() of it raised "iteration over a 0-d array".
+    if (
+      isinstance(batch_sizes, str)
+      or not isinstance(batch_sizes, Iterable)
+      or getattr(batch_sizes, "ndim", 1) == 0
+    ):
       raise ValueError(f"batch_sizes must be a sequence of numbers, got {batch_sizes!r}")
     given = list(batch_sizes)
     if len(given) != len(data):
