@@ -387,6 +387,13 @@ def test_params_that_are_not_finite_or_empty_are_refused_at_once():
     hessian.NonFiniteError, match=r"params are not finite: nan at \['out'\]\['bias'\]\[1\]"
   ):
     hessian.hessian_operator(mlp_loss, params, batch)
+  # Params that are one array have the path '', and the error said "nan at ." or "nan at [1]".
+  quartic = lambda p, b: jnp.sum(p**4)
+  root = r"the root \(the tree is a single array\)\. Analyse"
+  with pytest.raises(hessian.NonFiniteError, match=r"params are not finite: nan at " + root):
+    hessian.hessian_operator(quartic, jnp.asarray(jnp.nan), jnp.ones(1))
+  with pytest.raises(hessian.NonFiniteError, match=r"not finite: inf at entry \[1\] of " + root):
+    hessian.hessian_operator(quartic, jnp.asarray([1.0, jnp.inf]), jnp.ones(1))
   # On jax 0.7.0 (the floor; .ci/min_versions.sh runs this) {} ravels to a scalar, and the
   # operator had size 1: Lanczos found the eigenvalue 0 of a Hessian without entries.
   with pytest.raises(ValueError, match="params has no entries"):

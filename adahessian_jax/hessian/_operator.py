@@ -156,13 +156,17 @@ class ParamLayout:
       index: A position in the flat vector, ``0 <= index < n``.
 
     Returns:
-      Its leaf path and position in the leaf, e.g. ``"['out']['bias'][1]"``.
+      Its leaf path and position in the leaf, e.g. ``"['out']['bias'][1]"``
+      (``"entry [1] of the root (the tree is a single array)"`` for params that are one array).
     """
     leaves = jax.tree_util.tree_leaves_with_path(self.params)
     i = next(i for i, sl in enumerate(self.slices) if sl.start <= index < sl.stop)
     path = jax.tree_util.keystr(leaves[i][0]) or self.names[i]
     within = np.unravel_index(index - self.slices[i].start, np.shape(leaves[i][1]))
-    return path + (f"[{', '.join(str(int(j)) for j in within)}]" if within else "")
+    entry = f"[{', '.join(str(int(j)) for j in within)}]" if within else ""
+    if not path:  # params that are a single array, whose path is '': "nan at ." named nothing
+      return f"entry {entry} of {_validation.ROOT}" if entry else _validation.ROOT
+    return path + entry
 
   def first_not_finite(self, flat: Any) -> str | None:
     """The first non-finite entry of a flat vector, for an error message.
