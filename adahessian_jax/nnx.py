@@ -62,7 +62,14 @@ def _split(model, wrt, args, kwargs):
   ``nnx.Rngs`` for dropout at call time, may share Variables with the model) into its graphdef,
   the state of the model's variables that ``wrt`` selects (nested as in ``nnx.state(model,
   wrt)``) and the rest as plain values."""
-  selects = nnx.filterlib.to_predicate(wrt)
+  try:
+    selects = nnx.filterlib.to_predicate(wrt)
+  except (TypeError, ValueError):  # Flax's own message fails: "Invalid format specifier '!r'"
+    raise TypeError(
+      f"wrt must be an NNX filter (a Variable type such as nnx.Param, a str, a callable (path, "
+      f"value) -> bool, True, False, None, ... or a tuple of filters), got {wrt!r}: pass the "
+      "nnx.Optimizer's, wrt=optimizer.wrt."
+    ) from None
   graphdef, params, rest = nnx.split((model, args, kwargs), _trained(selects), ...)
   return graphdef, params.get(0, nnx.State({})), nnx.as_pure(rest)
 
@@ -245,6 +252,7 @@ def value_fn(
       the two swapped), or ``model`` is no NNX module (a Linen module, or a
       module's state: ``nnx.state``, ``nnx.split``, a pure dict).
     ValueError: if ``model`` holds none of the variables ``wrt`` selects.
+    TypeError: if ``wrt`` is no NNX filter (a number).
   """
   _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
   graphdef, expected, rest = _split(model, wrt, args, kwargs)

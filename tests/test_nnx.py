@@ -1,5 +1,7 @@
 """Flax NNX: nnx.Optimizer with the value_fn helper and the fused route."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,6 +231,12 @@ def test_value_fn_built_for_another_filter_than_the_optimizers_says_so():
     value_fn(adapters)
   value_fn = ah_nnx.value_fn(model, loss_fn, x, y, wrt=nnx.LoRAParam)
   np.testing.assert_allclose(value_fn(adapters), loss_fn(model, x, y), rtol=1e-14)
+  # A number is no filter: Flax's own error failed to format ("Invalid format specifier '!r'").
+  for bad in (0, 1.5, [nnx.Param, 2]):
+    with pytest.raises(
+      TypeError, match=r"wrt must be an NNX filter .*, got " + re.escape(repr(bad))
+    ):
+      ah_nnx.value_fn(model, loss_fn, x, y, wrt=bad)
 
 
 def test_value_fn_called_with_another_models_state_names_the_variable():
