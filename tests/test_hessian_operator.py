@@ -651,6 +651,11 @@ def test_vector_sizes_are_checked_by_matvec_and_matmat():
     op.matvec(jnp.ones(75) * (1 + 1j))
   with pytest.raises(ValueError, match=r"matmat's vectors must be real, but it has dtype complex"):
     op.matmat(jnp.ones((2, 75)) * 1j)
+  # unravel raised JAX's "axis 0 is out of bounds for array of dimension 0" for a scalar.
+  for v in (jnp.asarray(0.5), jnp.ones(74)):
+    with pytest.raises(ValueError, match=r"unravel needs a flat vector of shape \(75,\)"):
+      op.unravel(v)
+  assert jax.vmap(op.unravel)(jnp.ones((2, 75)))["hidden"]["kernel"].shape == (2, 5, 8)
 
 
 def test_ravel_refuses_a_pytree_unlike_the_params():

@@ -458,7 +458,15 @@ class HessianOperator:
 
     Returns:
       A pytree like the params (plain arrays).
+
+    Raises:
+      ValueError: for another shape (JAX's split raised "axis 0 is out of bounds" for a scalar).
     """
+    if np.shape(v) != (self.size,):
+      raise ValueError(
+        f"unravel needs a flat vector of shape ({self.size},) (the operator's size), got shape "
+        f"{np.shape(v)}; for several, jax.vmap(op.unravel)(vs)."
+      )
     return self.layout.unravel(v)
 
   @property
