@@ -378,6 +378,11 @@ def test_plots(op):
   np.testing.assert_allclose(axes[1].lines[0].get_ydata(), ls1.losses)
   ls2 = hessian.loss_landscape_2d(op, np.linspace(-1, 1, 4), np.linspace(-1, 1, 3))
   hessian.plot_landscape_2d(ls2, axes[2], levels=5)
+  hessian.plot_landscape_2d(ls2, axes[2], levels=[0.0, 0.5, 1.0], colorbar=False)
+  # matplotlib took levels=True as 1 level; 1.5 raised "len() of unsized object", -1 divided by 0.
+  for bad in (True, 1.5, -1, 0, "30"):
+    with pytest.raises(ValueError, match=rf"levels must be an integer >= 1, got {bad!r}"):
+      hessian.plot_landscape_2d(ls2, axes[2], levels=bad)
   plt.close(fig)
 
 

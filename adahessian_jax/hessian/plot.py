@@ -198,7 +198,7 @@ def plot_landscape_2d(
   Args:
     landscape: A :class:`~adahessian_jax.hessian.Landscape2D`.
     ax: Axes to draw on (default: a new figure's).
-    levels: Number of contour levels.
+    levels: Number of contour levels (or matplotlib's sequence of level values).
     log: Contour ``log10(loss)`` instead of the loss.
     colorbar: Whether to add a colour bar.
     **contour_kwargs: Passed to ``ax.contourf``.
@@ -210,12 +210,17 @@ def plot_landscape_2d(
   Raises:
     TypeError: for a ``landscape`` that is no ``Landscape2D`` (a ``Landscape1D``: use
       :func:`plot_landscape_1d`).
-    ValueError: for a ``log`` or ``colorbar`` that is not a bool, steps that are not 1-D,
+    ValueError: for a ``log`` or ``colorbar`` that is not a bool, ``levels`` that is no integer
+      ``>= 1`` nor a sequence, steps that are not 1-D,
       ``losses`` not of shape ``(len(alphas), len(betas))``, a grid with fewer than 2 points
       along a direction, and with ``log`` for a loss ``<= 0`` (naming the first one).
   """
   _check_result(landscape, Landscape2D)
   log, colorbar = _validation.flag("log", log), _validation.flag("colorbar", colorbar)
+  # A count (None and a sequence of values go to matplotlib as they are): matplotlib took True as
+  # 1 level and raised "len() of unsized object" for 1.5 and ZeroDivisionError for -1.
+  if levels is not None and np.ndim(levels) == 0:
+    levels = _validation.count("levels", levels)
   alphas, betas, losses = _grid(landscape, "plot_landscape_2d")
   a, b = np.argsort(alphas, kind="stable"), np.argsort(betas, kind="stable")
   alphas, betas, losses = alphas[a], betas[b], losses[np.ix_(a, b)]
