@@ -383,6 +383,16 @@ def test_plots(op):
   for bad in (True, 1.5, -1, 0, "30"):
     with pytest.raises(ValueError, match=rf"levels must be an integer >= 1, got {bad!r}"):
       hessian.plot_landscape_2d(ls2, axes[2], levels=bad)
+  # The array of axes plt.subplots returns (or its figure) raised "'numpy.ndarray' object has no
+  # attribute 'plot'" from the first drawing call.
+  for plot, result in ((hessian.plot_landscape_1d, ls1), (hessian.plot_landscape_2d, ls2)):
+    for bad in (axes, fig):
+      with pytest.raises(
+        TypeError, match=rf"ax must be one matplotlib Axes, got {type(bad).__name__}"
+      ):
+        plot(result, bad)
+  with pytest.raises(TypeError, match=r"ax must be one matplotlib Axes, got ndarray"):
+    hessian.plot_spectral_density(sd, axes)
   plt.close(fig)
 
 

@@ -95,13 +95,21 @@ def _plot_line(ax: matplotlib.axes.Axes, x: np.ndarray, y: np.ndarray, kwargs: A
 
 
 def _axes(ax: matplotlib.axes.Axes | None) -> matplotlib.axes.Axes:
-  if ax is not None:
-    return ax
   try:
+    import matplotlib.axes
     import matplotlib.pyplot as plt
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise missing_extra("plot", "adahessian_jax.hessian.plot_*", e) from e
-  return plt.figure().add_subplot()
+  if ax is None:
+    return plt.figure().add_subplot()
+  # plt.subplots(1, 2)'s array of axes, or its figure, raised "'numpy.ndarray' object has no
+  # attribute 'plot'" at the first drawing call.
+  if not isinstance(ax, matplotlib.axes.Axes):
+    raise TypeError(
+      f"ax must be one matplotlib Axes, got {type(ax).__name__}: pass one of them, e.g. axes[0] "
+      "of fig, axes = plt.subplots(1, 2), or fig.add_subplot()."
+    )
+  return ax
 
 
 def plot_spectral_density(
@@ -127,7 +135,8 @@ def plot_spectral_density(
     (a grid of one point) gets a marker, as in :func:`plot_landscape_1d`.
 
   Raises:
-    TypeError: for a ``density`` that is no ``SpectralDensity`` (naming what plots it).
+    TypeError: for a ``density`` that is no ``SpectralDensity`` (naming what plots it), or an
+      ``ax`` that is no matplotlib ``Axes`` (an array of them).
     ValueError: for a ``log`` that is not a bool, a ``floor`` that is not a finite number
       ``> 0``, or a grid that is not 1-D or not of the density's shape (naming both).
   """
@@ -172,7 +181,7 @@ def plot_landscape_1d(
 
   Raises:
     TypeError: for a ``landscape`` that is no ``Landscape1D`` (a ``Landscape2D``: use
-      :func:`plot_landscape_2d`).
+      :func:`plot_landscape_2d`), or an ``ax`` that is no matplotlib ``Axes``.
     ValueError: for ``alphas`` that are not 1-D, or ``losses`` not of their shape (naming both).
   """
   _check_result(landscape, Landscape1D)
@@ -209,7 +218,7 @@ def plot_landscape_2d(
 
   Raises:
     TypeError: for a ``landscape`` that is no ``Landscape2D`` (a ``Landscape1D``: use
-      :func:`plot_landscape_1d`).
+      :func:`plot_landscape_1d`), or an ``ax`` that is no matplotlib ``Axes``.
     ValueError: for a ``log`` or ``colorbar`` that is not a bool, ``levels`` that is no integer
       ``>= 1`` nor a sequence, steps that are not 1-D,
       ``losses`` not of shape ``(len(alphas), len(betas))``, a grid with fewer than 2 points
