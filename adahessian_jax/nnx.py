@@ -249,10 +249,10 @@ def value_fn(
 
   Raises:
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
-      the two swapped), or ``model`` is no NNX module (a Linen module, or a
-      module's state: ``nnx.state``, ``nnx.split``, a pure dict).
+      the two swapped), ``model`` is no NNX module (a Linen module, or a
+      module's state: ``nnx.state``, ``nnx.split``, a pure dict), or ``wrt`` is no NNX filter
+      (a number).
     ValueError: if ``model`` holds none of the variables ``wrt`` selects.
-    TypeError: if ``wrt`` is no NNX filter (a number).
   """
   _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
   graphdef, expected, rest = _split(model, wrt, args, kwargs)
