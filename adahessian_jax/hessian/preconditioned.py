@@ -56,7 +56,7 @@ __all__ = ["adahessian_preconditioner", "adam_preconditioner", "preconditioned_o
 _INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
-def _steps(count: Any, what: str) -> int:
+def _update_count(count: Any, what: str) -> int:
   """The state's step ``count`` as an int; an error before the first update or if replicated."""
   count = np.asarray(count)
   if count.ndim:
@@ -80,7 +80,7 @@ def _steps(count: Any, what: str) -> int:
 
 
 def _bias_corrected(nu: Any, count: int, b2: float, every: int = 1) -> Any:
-  """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` (from :func:`_steps`)
+  """``nu / (1 − b2^c)``, ``c`` the steps ``nu`` averaged: ``count`` (from :func:`_update_count`)
   rounded up to ``every``."""
   correction = 1.0 - float(b2) ** moment_steps(count, every)
   return jax.tree.map(lambda v: v / jnp.asarray(correction, jnp.result_type(v)), nu)
@@ -200,7 +200,7 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
   )
 
 
-def _concrete(opt_state: Any, fill: Any) -> None:
+def _check_concrete(opt_state: Any, fill: Any) -> None:
   """Raises ``ValueError`` naming the first traced leaf of ``opt_state`` or ``fill``: ``P``'s bias
   correction reads the state's count (and injected hyperparameters) on the host, where a traced
   one failed with JAX's ``TracerArrayConversionError``, naming no argument and no fix."""
@@ -263,7 +263,7 @@ def adahessian_preconditioner(
       not ``> 0`` (also where no leaf is masked out), or traced arrays (a call inside
       ``jax.jit`` or ``vmap``: ``P`` is built on the host, between jitted steps), named by path.
   """
-  _concrete(opt_state, fill)
+  _check_concrete(opt_state, fill)
   try:
     state = find_adahessian_state(opt_state)
   except ValueError as e:
@@ -284,7 +284,7 @@ def adahessian_preconditioner(
   )
   power = _hyperparameter("hessian_power", hessian_power, injected, 1.0)
   half = _validation.interval("hessian_power", power, 0.0, 1.0) / 2
-  count = _steps(state.count, "AdaHessian")
+  count = _update_count(state.count, "AdaHessian")
   lazy_refresh_moment = state.update_freq is not None and state.hessian is None
   every = int(np.asarray(state.update_freq)) if lazy_refresh_moment else 1
   nu_hat = _bias_corrected(state.nu, count, b2, every)
@@ -337,7 +337,7 @@ def adam_preconditioner(
       (also where no leaf is masked out), or traced arrays (a call inside ``jax.jit`` or
       ``vmap``: ``P`` is built on the host, between jitted steps), named by path.
   """
-  _concrete(opt_state, fill)
+  _check_concrete(opt_state, fill)
   found = _adam_states(opt_state)
   if len(found) != 1:
     kinds = sorted({type(x).__name__ for x in found})
@@ -367,7 +367,7 @@ def adam_preconditioner(
   state = found[0]
   amsgrad = isinstance(state, optax.ScaleByAmsgradState)
   what = "AMSGrad" if amsgrad else "Adam"
-  count = _steps(state.count, what)
+  count = _update_count(state.count, what)
   # AMSGrad divides by the running maximum of the corrected nu: corrected already.
   nu_hat = state.nu_max if amsgrad else _bias_corrected(state.nu, count, b2)
   p = jax.tree.map(lambda v: jnp.sqrt(v + eps_root) + eps, nu_hat)
