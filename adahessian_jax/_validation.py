@@ -240,6 +240,28 @@ def path_str(path: Any) -> str:
   return jax.tree_util.keystr(path) or ROOT
 
 
+def prefix_mismatch(entries: Any, paths: Any) -> tuple[Any, Any]:
+  """Where a tree whose leaves are at ``entries`` fails to be a pytree prefix of a tree whose
+  leaves are at ``paths`` (key paths, as :func:`jax.tree_util.tree_leaves_with_path` gives them),
+  for an error that names the entry or leaf: a structure dump is a screenful for a model.
+
+  Args:
+    entries: The prefix's leaf paths, in order.
+    paths: The tree's leaf paths, in order.
+
+  Returns:
+    ``(extra, missing)``: the first entry that is no node of the tree (``None`` if there is
+    none), e.g. inside one of its leaves or where it has nothing; the first leaf path under no
+    entry (``None`` if every leaf is covered).
+  """
+  nodes = {p[:depth] for p in paths for depth in range(len(p) + 1)}
+  given = set(entries)
+  extra = next((e for e in entries if e not in nodes), None)
+  covered = lambda p: any(p[:depth] in given for depth in range(len(p) + 1))
+  missing = next((p for p in paths if not covered(p)), None)
+  return extra, missing
+
+
 def wraps_array(x: Any) -> bool:
   """Whether ``x`` wraps an array without being one (an NNX Variable: ``nnx.state(model)``'s
   leaves, an ``nnx.Optimizer``'s state)."""

@@ -69,33 +69,29 @@ def _check_mask_tree(mask: Any, params: Any) -> None:
         "entry of a leaf is not supported)."
       )
   # A MaskedNode (inside optax.masked/multi_transform: a leaf another transform owns) counts.
-  nodes = jax.tree_util.tree_leaves_with_path(params, is_leaf=masking.is_masked)
-  param_paths = [p for p, _ in nodes]
-  covered = {m for m, _ in masks}
-  prefixes = {p[:depth] for p in param_paths for depth in range(len(p) + 1)}
-  for path, _ in masks:
-    if path not in prefixes:
-      raise ValueError(
-        f"weight_decay_mask has an entry at {_validation.path_str(path)}, where the params have "
-        "none: the mask must be a pytree of booleans like the params (or a prefix of them)."
-      )
+  nodes = dict(jax.tree_util.tree_leaves_with_path(params, is_leaf=masking.is_masked))
+  extra = _validation.prefix_mismatch([m for m, _ in masks], list(nodes))[0]
+  if extra is not None:
+    raise ValueError(
+      f"weight_decay_mask has an entry at {_validation.path_str(extra)}, where the params have "
+      "none: the mask must be a pytree of booleans like the params (or a prefix of them)."
+    )
   # A MaskedNode needs an entry too, as optax.masked maps the mask over the params: a boolean
   # above or at it, or the empty node a mask function returns for it (it sees an empty node).
   empty = jax.tree_util.tree_leaves_with_path(mask, is_leaf=masking.is_masked)
-  covered |= {p for p, x in empty if masking.is_masked(x)}
-  for path, x in nodes:
-    if any(path[:depth] in covered for depth in range(len(path) + 1)):
-      continue
+  covering = [m for m, _ in masks] + [p for p, x in empty if masking.is_masked(x)]
+  missing = _validation.prefix_mismatch(covering, list(nodes))[1]
+  if missing is not None:
     fix = (
       ", which another transform of optax.masked or optax.multi_transform owns: the mask is "
       "matched against the whole tree the optimizer is given, so give it an entry there too "
       "(either boolean: this adahessian does not step that leaf), or make it a function of the "
       "params."
-      if masking.is_masked(x)
+      if masking.is_masked(nodes[missing])
       else ": the mask must be a pytree of booleans like the params (or a prefix of them)."
     )
     raise ValueError(
-      f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(path)}{fix}"
+      f"weight_decay_mask has no entry for the params leaf at {_validation.path_str(missing)}{fix}"
     )
 
 

@@ -344,14 +344,12 @@ def _masked_difference(estimate: Any, like: Any) -> str:
   is too long to read)."""
   slots = dict(jax.tree_util.tree_leaves_with_path(like, is_leaf=masking.is_masked))
   paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(estimate)]
-  prefixes = {p[:depth] for p in paths for depth in range(len(p) + 1)}
-  for path, x in slots.items():
-    if path not in prefixes:
-      owner = ", which another transform owns" if masking.is_masked(x) else ""
-      return f"it has no leaf at {_validation.path_str(path)}, where the params have one{owner}"
-  for path in paths:
-    if not any(path[:depth] in slots for depth in range(len(path) + 1)):
-      return f"it has a leaf at {_validation.path_str(path)}, where the params have none"
+  absent, extra = _validation.prefix_mismatch(list(slots), paths)
+  if absent is not None:
+    owner = ", which another transform owns" if masking.is_masked(slots[absent]) else ""
+    return f"it has no leaf at {_validation.path_str(absent)}, where the params have one{owner}"
+  if extra is not None:
+    return f"it has a leaf at {_validation.path_str(extra)}, where the params have none"
   return "its tree is not the params' (other containers at the same paths)"
 
 

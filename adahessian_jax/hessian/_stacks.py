@@ -87,21 +87,18 @@ def _not_a_prefix(prefix: Any, params: Any) -> str:
   """Where ``prefix`` first fails to be a pytree prefix of ``params``, as the end of a sentence
   (JAX's own error dumps both trees' key sets, a screenful for a model)."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  paths = [p for p, _ in leaves]
-  nodes = {p[:depth] for p in paths for depth in range(len(p) + 1)}
   entries = [p for p, _ in jax.tree_util.tree_leaves_with_path(prefix)]
-  for entry in entries:
-    leaf = next(((p, x) for p, x in leaves if entry[: len(p)] == p and len(p) < len(entry)), None)
+  extra, missing = _validation.prefix_mismatch(entries, [p for p, _ in leaves])
+  if extra is not None:
+    leaf = next(((p, x) for p, x in leaves if extra[: len(p)] == p and len(p) < len(extra)), None)
     if leaf is not None:  # a tuple (0, 0), a list or a dict where the params have one array
       return (
-        f"has an entry at {_validation.path_str(entry)}, inside the params leaf at "
+        f"has an entry at {_validation.path_str(extra)}, inside the params leaf at "
         f"{_validation.path_str(leaf[0])} of shape {np.shape(leaf[1])}: give that leaf one int"
       )
-    if entry not in nodes:
-      return f"has an entry at {_validation.path_str(entry)}, where the params have none"
-  for path in paths:
-    if not any(path[:depth] in entries for depth in range(len(path) + 1)):
-      return f"has no entry for the params leaf at {_validation.path_str(path)}"
+    return f"has an entry at {_validation.path_str(extra)}, where the params have none"
+  if missing is not None:
+    return f"has no entry for the params leaf at {_validation.path_str(missing)}"
   return (
     f"has other containers than the params ({jax.tree.structure(prefix)} against the params' "
     f"{jax.tree.structure(params)}): build it of the params' containers"
