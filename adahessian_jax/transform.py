@@ -7,15 +7,14 @@ import warnings
 from typing import Any, cast
 
 import jax
-import jax.core
 import jax.numpy as jnp
 import optax
 
-from adahessian_jax import _keys, _validation, _wrappers, hutchinson, masking, spatial
+from adahessian_jax import _transform_checks as checks
+from adahessian_jax import _validation, _wrappers, hutchinson, spatial
 from adahessian_jax._axes import (
   check_loss_varies,
   check_names,
-  check_not_split_over,
   device_varying,
   nonnegative_total,
   shard_count,
@@ -23,171 +22,19 @@ from adahessian_jax._axes import (
   sum_over_shards,
   warn_if_loss_couples_devices,
 )
-from adahessian_jax._extras import from_nnx
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   FLOAT16_NU,
-  RESTORE_FIX,
   ScaleByAdaHessianState,
-  check_fields,
-  check_key_data,
-  check_moment_values,
   is_refresh_step,
   moment_steps,
-  new_keys_fix,
   on_refresh,
   placed_like_params,
   probe_keys,
   refresh_key,
-  untyped_state_hint,
 )
 
 __all__ = ["scale_by_adahessian"]
-
-HINT = (
-  "Call tx.update(grads, opt_state, params, value_fn=lambda p: loss_fn(p, batch)) with the "
-  "loss on the current batch, or pass a precomputed estimate as hessian_diag=..."
-)
-
-
-def _float_dtype(name: str, dtype: Any) -> Any:
-  """``dtype`` canonicalised, or ``None``; raises unless it is a real floating dtype."""
-  if dtype is None:
-    return None
-  if isinstance(dtype, jax.Array):  # what optax.inject_hyperparams makes of a non-static arg
-    raise ValueError(
-      f"{name} must be a floating-point dtype, got the array {dtype!r}. {STATIC_FIX}"
-    )
-  try:
-    canonical = jax.dtypes.canonicalize_dtype(dtype)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a floating-point dtype, got {dtype!r} ({e}).") from None
-  if not jnp.issubdtype(canonical, jnp.floating):
-    raise ValueError(f"{name} must be a real floating-point dtype, got {dtype!r}.")
-  if _validation.narrow_float(canonical):  # the first update failed in JAX's type promotion
-    raise ValueError(
-      f"{name} must be a floating-point dtype of 16 bits or more, got {canonical.name}: "
-      f"{_validation.NARROW_FLOAT}. Pass float32 or bfloat16."
-    )
-  return canonical
-
-
-_OWN_KEYS = new_keys_fix("key")
-
-
-def _seed(seed: Any) -> int:
-  """``seed`` (``None``: 0) as an ``int``, checked; a PRNG key given as the seed, or a seed traced
-  by ``jax.vmap`` (a sweep over seeds), is named with the way to get those probes."""
-  try:
-    return _validation.count(
-      "seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX
-    )
-  except ValueError as e:
-    dtype = jnp.result_type(seed) if hasattr(seed, "dtype") else None
-    if dtype is not None and (_keys.is_typed(dtype) or dtype == jnp.uint32):
-      raise ValueError(
-        f"{e} It looks like a PRNG key: pass an int seed, or put probe keys of your own in the "
-        f"state: {_OWN_KEYS}."
-      ) from None
-    if isinstance(seed, jax.core.Tracer):
-      raise ValueError(
-        f"{e} To give each member of a jax.vmap its own probes, build the optimizer with an int "
-        f"seed and replace the key in each member's state, inside the vmap: {_OWN_KEYS} with "
-        "key = jax.random.key(seed) draws exactly the probes of adahessian(seed=seed)."
-      ) from None
-    raise
-
-
-def _check_block_size_used(block_size: int, averaging: Any, rules: Any = None) -> None:
-  """Refuses a ``block_size`` no leaf would use: ``averaging`` gives every leaf a rule of its own.
-
-  ``block_size`` is the block size of the default rule only, so with a single rule (``none()``,
-  ``blocks(8)``, ``flax_default(axis_roles=...)``) it would be dropped without a word; so it
-  would with a callable or a pytree prefix that gives every leaf of the params its own rule
-  (checked once ``rules``, what :func:`spatial.resolve_rules` gave the params, are known at
-  ``init``: no leaf's rule is the default with ``block_size``).
-  """
-  if block_size == 1:
-    return
-  rule = spatial.as_averaging(averaging).rules
-  fix = (
-    "and block_size sets only the default rule's blocks. Give the block size to the rules "
-    f"(spatial.flax_default({block_size}, axis_roles=...), spatial.blocks({block_size}, axis)), "
-    "or leave block_size out."
-  )
-  if isinstance(rule, spatial.Rule):
-    if isinstance(rule, spatial.FlaxDefault) and rule.block_size == block_size:
-      return
-    raise ValueError(
-      f"block_size={block_size} would not be used: averaging={rule} is one rule for every leaf, "
-      + fix
-    )
-  if rules is not None and not any(
-    isinstance(r, spatial.FlaxDefault) and r.block_size == block_size
-    for r in jax.tree.leaves(rules, is_leaf=spatial.is_rule)
-  ):
-    how = "callable returns None" if callable(rule) else "tree has None"
-    raise ValueError(
-      f"block_size={block_size} would not be used: the averaging gives every leaf of the params a "
-      f"rule of its own (for no leaf the {how}, which picks the default rule), " + fix
-    )
-
-
-def _check_state(
-  state: ScaleByAdaHessianState, update_freq: int, n_samples: int, stores_d: bool
-) -> None:
-  """Raises if ``state`` was made by a transform with another ``update_freq``, ``n_samples``
-  or ``lazy_moment``."""
-  if not isinstance(state, ScaleByAdaHessianState):
-    kind, hint = type(state).__name__, untyped_state_hint(state)
-    if isinstance(state, dict):
-      kind = f"a dict with keys {sorted(state)}"
-    elif isinstance(state, str):  # Flax restores a tuple as {"0": ..., "1": ...} without a target
-      kind = (
-        f"the string {state!r} (optax.chain passes on the keys of a dict found in place of its "
-        "tuple of states)"
-      )
-      hint = " " + RESTORE_FIX
-    raise TypeError(
-      f"scale_by_adahessian's update got {kind} as its state, not the ScaleByAdaHessianState its "
-      "init returns." + (hint or " Pass the state made by tx.init.")
-    )
-  check_key_data(state.key)  # a single raw key of shape (2,) would read as two probes' keys
-  check_fields(state, "scale_by_adahessian's update got a state whose")  # e.g. a nu broadcast
-  check_moment_values(state, "scale_by_adahessian's update got a state whose")  # outside jit
-  fix = " Build the transform with the arguments the state was made with, or start a new state."
-  if state.key.shape[0] != n_samples:
-    raise ValueError(
-      f"the AdaHessian state holds {state.key.shape[0]} probe keys but the transform has "
-      f"n_samples={n_samples}." + fix
-    )
-  lazy_state = state.update_freq is not None
-  if lazy_state != (update_freq > 1):
-    made, stored = "update_freq=1", state.update_freq
-    if stored is not None:  # known outside jit (a lazy_moment="refresh" state stores no D)
-      traced = isinstance(stored, jax.core.Tracer)
-      made = "update_freq > 1" if traced else f"update_freq={int(stored)}"
-    raise ValueError(
-      f"the AdaHessian state was made with {made} but the transform has "
-      f"update_freq={update_freq}." + fix
-    )
-  if state.update_freq is None:
-    return
-  if (state.hessian is not None) != stores_d:
-    made, used = ("repeat", "refresh") if state.hessian is not None else ("refresh", "repeat")
-    raise ValueError(
-      f"the AdaHessian state was made with lazy_moment={made!r} but the transform has "
-      f"lazy_moment={used!r}." + fix
-    )
-  # Under jit the stored value is unknown (a per-step host check would cost every step). The
-  # value_fn route then refreshes on the transform's schedule from the first step
-  # (_schedule_of); a given hessian_diag was made on the state's schedule, which the transform
-  # follows on that step. It writes its own update_freq into the new state either way.
-  if not isinstance(state.update_freq, jax.core.Tracer) and int(state.update_freq) != update_freq:
-    raise ValueError(
-      f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
-      f"transform has update_freq={update_freq}." + fix
-    )
 
 
 def _schedule_of(state: ScaleByAdaHessianState, update_freq: int, value_fn: Any) -> Any:
@@ -204,155 +51,6 @@ def _schedule_of(state: ScaleByAdaHessianState, update_freq: int, value_fn: Any)
   return state._replace(update_freq=jnp.asarray(update_freq, jnp.int32))
 
 
-def _check_state_dtypes(state: ScaleByAdaHessianState, mu_dtype: Any, nu_dtype: Any) -> None:
-  """Raises if the transform has a ``mu_dtype`` or ``nu_dtype`` other than the dtypes of the
-  state's moments (a state made with other ones, e.g. a resumed checkpoint): the update keeps the
-  state's dtypes, so the transform's were ignored for good."""
-  fields = (("mu", state.mu, mu_dtype), ("nu", state.nu, nu_dtype))
-  fields += (("hessian", state.hessian, nu_dtype),) if state.hessian is not None else ()
-  for field, tree, dtype in fields:
-    if dtype is None:
-      continue
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-      if jnp.result_type(x) != dtype:
-        arg = "mu_dtype" if field == "mu" else "nu_dtype"
-        raise ValueError(
-          f"the AdaHessian state's {field} at {_validation.path_str(path)} has dtype "
-          f"{jnp.result_type(x)} but the transform has {arg}={jnp.dtype(dtype).name}, which the "
-          "update would ignore (it keeps the state's dtypes). Build the transform with the "
-          "arguments the state was made with, or cast the state's moments: "
-          "adahessian_jax.map_adahessian_state(lambda s: s._replace(mu=optax.tree.cast(s.mu, "
-          "mu_dtype), nu=optax.tree.cast(s.nu, nu_dtype), hessian=optax.tree.cast(s.hessian, "
-          "nu_dtype)), opt_state)."
-        )
-
-
-_STATE_PARAMS = "the state's parameters"
-_NNX_PURE_GRADS = (
-  "The gradients have no leaves at all: nnx.Optimizer.update(model, grads) keeps only the "
-  "nnx.Variable leaves of grads that its wrt filter selects, and a plain dict or pure state of "
-  "arrays (nnx.to_pure_dict(grads), nnx.as_pure(grads)) has none. Pass the nnx.State of Variables "
-  "that nnx.grad(loss_fn)(model, ...) returns, as it is."
-)
-
-
-def _emptied_by_nnx_optimizer(updates: Any, mu: Any) -> bool:
-  """Whether ``updates`` is an empty ``nnx.State`` for a state of parameters with leaves: what
-  ``nnx.Optimizer.update`` passes on for gradients of plain arrays, which its filter drops."""
-  return from_nnx(updates) and not jax.tree.leaves(updates) and bool(jax.tree.leaves(mu))
-
-
-def _check_against_state(updates: Any, params: Any, mu: Any) -> None:
-  """Raises unless ``updates`` (and ``params``, if given) have the tree and shapes of the
-  parameters the state was made for (``mu``'s): a mismatched leaf would broadcast into the
-  moments, and the update into the parameters, instead of failing."""
-  if updates is None:  # was a pytree-prefix error from a tree_map further on
-    raise ValueError(
-      "scale_by_adahessian's update got updates=None: pass the gradients first, "
-      "tx.update(grads, opt_state, params, value_fn=...)."
-    )
-  for name, tree in (("params", params), ("updates", updates)):  # a stale state shows in params
-    if tree is None:
-      continue
-    if jax.tree.structure(tree) != jax.tree.structure(mu):
-      fix = (
-        "Pass updates with the tree of the params, and the state made by init on them."
-        if name == "updates"
-        else "Pass the state made by init on these parameters (or restore the matching checkpoint)."
-      )
-      if name == "updates" and _emptied_by_nnx_optimizer(tree, mu):
-        fix = _NNX_PURE_GRADS
-      raise ValueError(
-        f"scale_by_adahessian: the {name} tree is not the tree of the parameters the state was "
-        f"made for: {_validation.tree_difference(tree, mu, _STATE_PARAMS)}. {fix}"
-      )
-
-    expected = (
-      "gradients of real floating-point parameters are expected"
-      if name == "updates"
-      else "the state was made for real floating-point parameters"
-    )
-
-    def check(path, x, m, name=name, expected=expected):
-      dtype = _validation.array_dtype(x)  # a str such as "float32" is no array of that dtype
-      if dtype is None:
-        raise TypeError(
-          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} is "
-          f"{type(x).__name__} {x!r}, not an array; {expected}."
-        )
-      if jnp.shape(x) != jnp.shape(m):
-        fix = (
-          "a gradient has its parameter's shape: average per-example gradients first, and take "
-          "them of the parameters the state was made for, not another model's"
-          if name == "updates"
-          else "pass the state made by init on these parameters"
-        )
-        raise ValueError(
-          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} has shape "
-          f"{jnp.shape(x)}, but the state was made for a parameter of shape {jnp.shape(m)} "
-          f"({fix})."
-        )
-      if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-          f"scale_by_adahessian: {name} leaf at {_validation.path_str(path)} has dtype {dtype}; "
-          f"{expected}."
-        )
-
-    jax.tree_util.tree_map_with_path(check, tree, mu)
-
-
-def _check_estimate(estimate: Any, like: Any) -> None:
-  """Raises unless ``hessian_diag`` has the structure, shapes and a float dtype of ``like``."""
-  if jax.tree.structure(estimate) != jax.tree.structure(like):
-    where = _validation.tree_difference(estimate, like, _STATE_PARAMS)
-    flat = jax.tree.leaves(like)
-    sizes = [jnp.size(e) for e in jax.tree.leaves(estimate)]
-    flattened = len(flat) == 1 and jnp.ndim(flat[0]) == 1 and sum(sizes) == jnp.size(flat[0])
-    hint = (
-      " Inside optax.flatten the parameters are one vector, and spatial averaging then sees one "
-      "rank-1 leaf: keep AdaHessian outside optax.flatten, or pass hessian_diag flattened like "
-      "the params (jnp.concatenate([x.ravel() for x in jax.tree.leaves(hessian_diag)]))."
-      if flattened and len(sizes) > 1
-      else ""
-    )
-    raise ValueError(f"hessian_diag must have the structure of params: {where}.{hint}")
-
-  def check(path, e, x):
-    # array_dtype: a str leaf ("float32") was read as the dtype it names, reported as a shape ().
-    dtype = _validation.array_dtype(e)
-    narrow = dtype is not None and _validation.narrow_float(dtype)  # failed in type promotion
-    floating = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
-    if not floating or narrow or jnp.shape(e) != jnp.shape(x):
-      got = (
-        f"{type(e).__name__} {e!r}"
-        if dtype is None
-        else f"shape {jnp.shape(e)} and dtype {dtype}"
-        + (f": {_validation.NARROW_FLOAT}" if narrow else "")
-      )
-      raise ValueError(
-        f"hessian_diag at {_validation.path_str(path)} must be a real floating array of 16 bits "
-        f"or more, of shape {jnp.shape(x)} like the parameter; got {got}."
-      )
-
-  jax.tree_util.tree_map_with_path(check, estimate, like)
-
-
-def _masked_difference(estimate: Any, like: Any) -> str:
-  """Where ``estimate`` (a whole-model ``hessian_diag``) does not fit the masked ``like``, named
-  by a leaf path: a leaf or ``optax.MaskedNode`` of ``like`` with nothing at or under its path in
-  ``estimate``, or a leaf of ``estimate`` under none of them (a real model's whole tree structure
-  is too long to read)."""
-  slots = dict(jax.tree_util.tree_leaves_with_path(like, is_leaf=masking.is_masked))
-  paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(estimate)]
-  absent, extra = _validation.prefix_mismatch(list(slots), paths)
-  if absent is not None:
-    owner = ", which another transform owns" if masking.is_masked(slots[absent]) else ""
-    return f"it has no leaf at {_validation.path_str(absent)}, where the params have one{owner}"
-  if extra is not None:
-    return f"it has a leaf at {_validation.path_str(extra)}, where the params have none"
-  return "its tree is not the params' (other containers at the same paths)"
-
-
 def _estimate(
   value_fn: Any,
   hessian_diag: Any,
@@ -365,61 +63,14 @@ def _estimate(
   """``(the signed Hessian-diagonal estimate of this step in the dtypes of ``like``, whether
   every entry of it is finite)``.
 
-  From ``value_fn`` by Hutchinson's method with the probes of ``keys``, or the
-  given ``hessian_diag``; averaged over ``axis_name`` when it is set. With
-  ``independent_probes``, warns if ``value_fn`` couples the devices (after ``value_fn`` and
-  ``params`` have passed the checks, so that they are traced only as they will be called).
+  From ``value_fn`` by Hutchinson's method with the probes of ``keys``
+  (:func:`_hutchinson`), or the given ``hessian_diag``; averaged over ``axis_name`` when it is
+  set.
   """
   if value_fn is not None:
-    if params is None:
-      raise ValueError(
-        "scale_by_adahessian needs params to evaluate value_fn at, got params=None: call "
-        "tx.update(grads, opt_state, params, value_fn=...)."
-      )
-    _validation.callable_with(
-      value_fn,
-      (params,),
-      {},
-      "value_fn(params)",
-      "Close over the other arguments: value_fn=lambda p: loss_fn(p, batch).",
-    )
-    if masking.has_masked_nodes(params) and not isinstance(value_fn, masking.MaskedValueFn):
-      raise ValueError(
-        "scale_by_adahessian got masked params (inside optax.masked or multi_transform), which "
-        "a whole-model value_fn cannot be evaluated on. Pass "
-        "value_fn=adahessian_jax.masked_value_fn(value_fn, params), or a whole-model "
-        "hessian_diag."
-      )
-    if axis_name is not None:
-      # value_fn is this device's loss; its local estimate is averaged below.
-      params, keys = device_varying((params, keys), axis_name)
-      if independent_probes:
-        warn_if_loss_couples_devices(value_fn, params, axis_name, "scale_by_adahessian")
-    try:
-      value, _, estimate = hutchinson.value_grad_and_diagonal(
-        value_fn, params, keys, name="value_fn"
-      )
-    except Exception as e:
-      # A loss written for the parameter tree fails on optax.flatten's vector ("JAX does not
-      # support string indexing"), which names neither the wrapper nor the fix.
-      if "optax.flatten" in _wrappers.calling():
-        e.add_note(_FLATTENED_VALUE_FN)
-      raise
-    if axis_name is not None:
-      check_loss_varies(value, params, axis_name)
+    estimate = _hutchinson(value_fn, params, keys, axis_name, independent_probes)
   else:
-    estimate = hessian_diag
-    if masking.has_masked_nodes(like) and not masking.has_masked_nodes(estimate):
-      try:
-        estimate = masking.restrict_to(estimate, like)
-      except ValueError:
-        raise ValueError(
-          "hessian_diag inside optax.masked or multi_transform must have the tree of the whole "
-          "model's params, the leaves other transforms own included (as "
-          f"value_grad_and_hessian_diag returns it): {_masked_difference(estimate, like)}."
-        ) from None
-    _check_estimate(estimate, like)
-    estimate = jax.tree.map(jnp.asarray, estimate)  # a Python float for a 0-d leaf too
+    estimate = checks.given_estimate(hessian_diag, like)
   # Tested before a cast that keeps every value (bfloat16 params, float32 moments): the same
   # reduction as the fused route's mark on hessian_diag, which XLA then computes once (after the
   # cast it was a second pass over the estimate). After the average over axis_name, on which
@@ -436,6 +87,35 @@ def _estimate(
   if mark is None:
     mark = hutchinson.not_finite_mark(estimate)
   return estimate, jnp.isfinite(mark)
+
+
+def _hutchinson(
+  value_fn: Any, params: Any, keys: jax.Array, axis_name: Any, independent_probes: bool
+) -> Any:
+  """This device's Hutchinson estimate ``z ⊙ Hz`` of ``value_fn`` at ``params`` (one probe per
+  row of ``keys``, averaged).
+
+  With ``axis_name``, ``value_fn`` is this device's loss, differentiated at device-varying
+  ``params``; with ``independent_probes``, warns if ``value_fn`` couples the devices (after
+  ``value_fn`` and ``params`` have passed the checks, so that they are traced only as they will be
+  called).
+  """
+  checks.check_value_fn(value_fn, params)
+  if axis_name is not None:
+    params, keys = device_varying((params, keys), axis_name)
+    if independent_probes:
+      warn_if_loss_couples_devices(value_fn, params, axis_name, "scale_by_adahessian")
+  try:
+    value, _, estimate = hutchinson.value_grad_and_diagonal(value_fn, params, keys, name="value_fn")
+  except Exception as e:
+    # A loss written for the parameter tree fails on optax.flatten's vector ("JAX does not
+    # support string indexing"), which names neither the wrapper nor the fix.
+    if "optax.flatten" in _wrappers.calling():
+      e.add_note(checks.FLATTENED_VALUE_FN)
+    raise
+  if axis_name is not None:
+    check_loss_varies(value, params, axis_name)
+  return estimate
 
 
 def _curvature(
@@ -479,118 +159,6 @@ def _curvature(
 def _sum_dtype(x: jax.Array) -> Any:
   """Sums of half-precision estimates accumulate in float32."""
   return jnp.promote_types(x.dtype, jnp.float32)
-
-
-#: The call for an ``nnx.Optimizer``, whose ``value_fn`` takes an ``nnx.State``.
-_NNX = (
-  "With an nnx.Optimizer, whose value_fn receives an nnx.State: optimizer.update(model, grads, "
-  "value_fn=adahessian_jax.nnx.value_fn(model, loss_fn, *args))."
-)
-#: What ``optax.flatten`` does to AdaHessian, warned of at ``init``.
-_FLATTENED = (
-  "scale_by_adahessian is inside optax.flatten, which hands it all the parameters as one vector: "
-  "the spatial averaging sees a single rank-1 leaf (no block_size blocks, no mean over "
-  "convolution kernels' spatial axes, no averaging rules), curvature_floor's mean is the whole "
-  "model's, value_fn receives the flat vector and hessian_diag must be one. Keep AdaHessian "
-  "outside optax.flatten."
-)
-#: The note on an error of a ``value_fn`` inside ``optax.flatten``.
-_FLATTENED_VALUE_FN = (
-  "scale_by_adahessian is inside optax.flatten, which calls value_fn with all the parameters as "
-  "one vector, not their tree. Keep AdaHessian outside optax.flatten (it also loses the spatial "
-  "averaging there), or unflatten in the loss: flat, unravel = "
-  "jax.flatten_util.ravel_pytree(params); value_fn=lambda v: loss_fn(unravel(v), batch)."
-)
-#: Why an update given ``value_fn`` may still arrive without it: a wrapper dropped it.
-_DROPPED = (
-  "If you passed one, a wrapper dropped it on the way: optax passes extra arguments only through "
-  "optax.GradientTransformationExtraArgs, which optax.MultiSteps is not (put it outermost, "
-  "optax.MultiSteps(optax.chain(..., adahessian), k), not inside optax.chain or "
-  "optax.apply_if_finite), and Flax's TrainState.apply_gradients passes none (use "
-  "adahessian_jax.linen.TrainState)."
-)
-
-
-_EXPECTED_AXIS = "expected_axis_name"
-_EXPECTED_PROBES = "expected_independent_probes"
-
-
-def _check_expected_probes(expected: Any, independent_probes: bool) -> None:
-  """Raises unless the caller that drew the probes of ``hessian_diag`` drew them as this transform
-  would (``expected_independent_probes``): in the fused route the caller's choice is the one
-  that counts, and a ``tx`` built with the other one would be silently ignored."""
-  expected = _validation.flag(_EXPECTED_PROBES, expected)
-  if expected == independent_probes:
-    return
-  raise ValueError(
-    f"scale_by_adahessian: its caller drew {'each device its own' if expected else 'the same'} "
-    f"probes (independent_probes={expected}), but this scale_by_adahessian was built with "
-    f"independent_probes={independent_probes}, which the estimate it was given does not follow. "
-    "Pass the same independent_probes to both (adahessian_jax.adahessian(..., "
-    f"independent_probes={expected}) or TrainState.apply_loss(..., "
-    f"independent_probes={independent_probes}))."
-  )
-
-
-def _axes_of(axis_name: Any) -> frozenset[Any]:
-  """The axes ``axis_name`` averages over: a set, as a mean over ``("a", "b")`` is one over
-  ``("b", "a")``."""
-  return frozenset(() if axis_name is None else check_names(axis_name))
-
-
-def _check_expected_axis(expected: Any, axis_name: Any) -> None:
-  """Raises unless the caller's ``expected_axis_name`` names the axes of ``axis_name`` (in any
-  order)."""
-  if _axes_of(expected) == _axes_of(axis_name):
-    return
-  if expected is None:
-    problem = (
-      f"this scale_by_adahessian averages the estimate over axis_name={axis_name!r}, but its "
-      "caller averaged the gradients over no axis (expected_axis_name=None): each device would "
-      f"step with its own gradient. Pass axis_name={axis_name!r} to the caller too "
-      f"(TrainState.apply_loss(..., axis_name={axis_name!r}))"
-    )
-  else:
-    problem = (
-      f"its caller averaged the gradients over {expected!r} and gave each device's own "
-      f"estimate (expected_axis_name={expected!r}), but this scale_by_adahessian averages the "
-      f"estimate over axis_name={axis_name!r}: the devices' second moments would differ and the "
-      f"replicas drift apart. Build tx with axis_name={expected!r} "
-      f"(adahessian_jax.adahessian(..., axis_name={expected!r}))"
-    )
-  raise ValueError(f"scale_by_adahessian: {problem}.")
-
-
-def _check_call(
-  value_fn: Any, hessian_diag: Any, refresh: Any, lazy: bool, others: Any = ()
-) -> None:
-  """Raises unless the step has exactly what it needs: ``value_fn`` or ``hessian_diag`` (not
-  both; neither only on a step that does not refresh). ``others`` are the names of the other
-  extra arguments, named in the error for a missing loss (a misspelled ``value_fn``, or optax's
-  Sophia's ``obj_fn``, lands there)."""
-  if value_fn is not None and hessian_diag is not None:
-    raise ValueError(f"scale_by_adahessian takes value_fn or hessian_diag, not both. {HINT}")
-  if value_fn is None and hessian_diag is None and refresh is not False:
-    under_jit = " (under jit every step may refresh it)" if lazy else ""
-    got = (
-      f" It got other extra arguments ({', '.join(sorted(others))}), which it does not read: "
-      "the loss goes in value_fn, an estimate in hessian_diag."
-      if others
-      else ""
-    )
-    wrapped = "".join(
-      f" It is called by {_wrappers.NO_EXTRA_ARGS[w]}"
-      for w in _wrappers.calling()
-      if w in _wrappers.NO_EXTRA_ARGS
-    )
-    if wrapped:  # no call of the user's can pass the loss: the other fixes do not apply
-      raise ValueError(
-        f"scale_by_adahessian needs the loss to estimate the Hessian on this step.{wrapped}"
-      )
-    raise ValueError(
-      f"scale_by_adahessian needs the loss to estimate the Hessian on this step{under_jit}.{got} "
-      f"{HINT} {_NNX} {_DROPPED}"
-    )
 
 
 def _second_moment(
@@ -761,6 +329,28 @@ def _like_gradient(u: jax.Array, g: Any) -> jax.Array:
 def _unmarked(updates: Any, nu: Any) -> Any:
   """``updates``, zero on the entries :func:`_keep_curvature` marked."""
   return jax.tree.map(lambda u, v: jnp.where(jnp.signbit(v), jnp.zeros_like(u), u), updates, nu)
+
+
+def _new_first_moment(grads: Any, mu: Any, b1: Any) -> Any:
+  """``mu`` moved towards ``grads``; an entry whose gradient is not finite (e.g. the one the fused
+  route marks NaN on a step whose estimate is not) keeps its momentum."""
+  new = optax.tree.update_moment(grads, mu, b1, 1)
+  return jax.tree.map(lambda g, m, o: jnp.where(jnp.isfinite(g), m, o), grads, new, mu)
+
+
+def _guarded(updates: Any, grads: Any, nu: Any, finite: jax.Array | None, update_clip: Any) -> Any:
+  """The preconditioned ``updates`` as the chain gets them: zero where ``nu`` marks an entry with no
+  curvature yet (:func:`_unmarked`), clipped to ``[-update_clip, update_clip]`` (if not
+  ``None``), in the gradients' dtypes (:func:`_like_gradient`), and zero everywhere on a step whose
+  estimate is not ``finite`` (``None``: a step without an estimate)."""
+  updates = _unmarked(updates, nu)
+  if update_clip is not None:
+    rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
+    updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
+  updates = jax.tree.map(_like_gradient, updates, grads)
+  if finite is not None:  # a step whose estimate is not finite does not move the params
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+  return updates
 
 
 def scale_by_adahessian(
@@ -958,20 +548,20 @@ def scale_by_adahessian(
     "block_size", 1 if block_size is None else block_size, fix=STATIC_FIX
   )
   spatial.check_averaging(averaging)
-  _check_block_size_used(block_size, averaging)
+  checks.check_block_size_used(block_size, averaging)
   update_freq = _validation.count(  # the state counts steps in int32
     "update_freq", 1 if update_freq is None else update_freq, 1, 2**31 - 1, fix=STATIC_FIX
   )
   n_samples = _validation.count("n_samples", 1 if n_samples is None else n_samples, fix=STATIC_FIX)
   # A 32-bit seed: without jax_enable_x64 JAX truncates a larger one (2**32 gave seed 0's keys).
-  seed = _seed(seed)
+  seed = checks.checked_seed(seed)
   if axis_name is not None:
     check_names(axis_name)
   independent_probes = _validation.flag("independent_probes", independent_probes)
   if independent_probes and axis_name is None:
     raise ValueError("independent_probes=True needs axis_name, the axis the probes differ over.")
-  mu_dtype = _float_dtype("mu_dtype", mu_dtype)
-  nu_dtype = _float_dtype("nu_dtype", nu_dtype)
+  mu_dtype = checks.float_dtype("mu_dtype", mu_dtype)
+  nu_dtype = checks.float_dtype("nu_dtype", nu_dtype)
   if nu_dtype == jnp.float16:
     raise ValueError(
       f"nu_dtype=float16: {FLOAT16_NU}. Pass float32 (the default for float16 params) or bfloat16."
@@ -994,9 +584,9 @@ def scale_by_adahessian(
     # to find the parameter-shaped fields, which a pytree-prefix averaging does not fit.
     if jax.tree.leaves(params):
       rules = spatial.resolve_rules(averaging, params, block_size, warn=True)
-      _check_block_size_used(block_size, averaging, rules)
+      checks.check_block_size_used(block_size, averaging, rules)
     if "optax.flatten" in _wrappers.calling():
-      warnings.warn(_FLATTENED, stacklevel=spatial.user_stacklevel())
+      warnings.warn(checks.FLATTENED, stacklevel=spatial.user_stacklevel())
     # Committed where the params are, so that a jitted step compiles once (placed_like_params),
     # also for scale_by_adahessian alone or in a chain of one's own (adahessian's init and
     # linen.TrainState.create commit only the rest: these are committed by then).
@@ -1014,23 +604,15 @@ def scale_by_adahessian(
   def update_fn(
     updates, state, params=None, *, value_fn=None, hessian_diag=None, refresh=None, **extra_args
   ):
-    grads = updates
-    _check_state(state, update_freq, n_samples, stores_d)
-    _check_state_dtypes(state, mu_dtype, nu_dtype)
+    checks.check_state(state, update_freq, n_samples, stores_d, mu_dtype, nu_dtype)
     state = jax.tree.map(jnp.asarray, state)  # a Python float moment, as jit would read it
-    if axis_name is not None:  # before any collective (pmean, axis_index) meets it unbound
-      check_not_split_over(state.mu, axis_name)
-    if _EXPECTED_AXIS in extra_args:
-      _check_expected_axis(extra_args.pop(_EXPECTED_AXIS), axis_name)
-    if _EXPECTED_PROBES in extra_args:
-      _check_expected_probes(extra_args.pop(_EXPECTED_PROBES), independent_probes)
-    _check_against_state(updates, params, state.mu)
+    others = checks.check_mapping(state.mu, extra_args, axis_name, independent_probes)
+    checks.check_against_state(updates, params, state.mu)
     refresh = is_refresh_step(_schedule_of(state, update_freq, value_fn), refresh)
-    _check_call(value_fn, hessian_diag, refresh, lazy, extra_args)
+    checks.check_call(value_fn, hessian_diag, refresh, lazy, others)
     rules, read_off_shapes = spatial.resolve_rules_and_read_off(averaging, updates, block_size)
     # Inside shard_map the moments are split like the parameters.
-    split = split_leaves(state.mu)
-    spatial.warn_shard_shapes(averaging, block_size, split, read_off_shapes)
+    spatial.warn_shard_shapes(averaging, block_size, split_leaves(state.mu), read_off_shapes)
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
     curvature = lambda: _curvature(
       *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name, independent_probes),
@@ -1042,20 +624,11 @@ def scale_by_adahessian(
     nu, d, nu_count, finite = _second_moment(
       curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
     )
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    mu = jax.tree.map(  # e.g. the entry the fused route marks NaN keeps its momentum
-      lambda g, m, o: jnp.where(jnp.isfinite(g), m, o), updates, mu, state.mu
-    )
+    mu = _new_first_moment(updates, state.mu, b1)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
-    updates = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
-    updates = _unmarked(updates, nu)
-    if update_clip is not None:
-      rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
-      updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
-    updates = jax.tree.map(_like_gradient, updates, grads)
-    if finite is not None:  # a step whose estimate is not finite does not move the params
-      updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    steps = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)
+    steps = _guarded(steps, updates, nu, finite, update_clip)
     new_state = ScaleByAdaHessianState(
       count=count_inc,
       key=refresh_key(state, refresh, next_key),
@@ -1064,7 +637,7 @@ def scale_by_adahessian(
       hessian=d,
       update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
     )
-    return updates, new_state
+    return steps, new_state
 
   # optax types a state as chex.ArrayTree, which leaves out None, but a None field
   # (hessian=None, update_freq=None) is a valid pytree node with no leaves.
