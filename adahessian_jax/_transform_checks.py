@@ -10,11 +10,13 @@ refresh). Each error names the bad value, where it is (a leaf path), and the fix
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
 import jax.core
 import jax.numpy as jnp
+import numpy as np
 
 from adahessian_jax import _keys, _validation, _wrappers, masking, spatial
 from adahessian_jax._axes import check_names, check_not_split_over
@@ -43,6 +45,11 @@ def float_dtype(name: str, dtype: Any) -> Any:
   if isinstance(dtype, jax.Array):  # what optax.inject_hyperparams makes of a non-static arg
     raise ValueError(
       f"{name} must be a floating-point dtype, got the array {dtype!r}. {STATIC_FIX}"
+    )
+  # JAX reads a number (or NumPy array) as its dtype: mu_dtype=0.5 gave float32 moments.
+  if isinstance(dtype, (numbers.Number, np.generic, np.ndarray)):
+    raise ValueError(
+      f"{name} must be a floating-point dtype (jnp.float32, 'bfloat16'), got the value {dtype!r}."
     )
   try:
     canonical = jax.dtypes.canonicalize_dtype(dtype)

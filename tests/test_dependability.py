@@ -190,6 +190,10 @@ def test_masked_hessian_diag_of_the_owned_leaves_only_is_rejected():
     (dict(curvature_floor=-0.1), "curvature_floor"),
     (dict(update_clip=0.0), "update_clip"),
     (dict(mu_dtype="float33"), r"mu_dtype must be a floating-point dtype, got 'float33' \("),
+    # JAX reads a number as its dtype: these gave float32 moments.
+    (dict(mu_dtype=0.5), r"mu_dtype must be a floating-point dtype .*, got the value 0.5\."),
+    (dict(nu_dtype=np.float32(0.5)), r"nu_dtype must be .*, got the value np.float32\(0.5\)\."),
+    (dict(mu_dtype=np.ones(())), r"mu_dtype must be .*, got the value array\(1\.\)\."),
     (dict(lazy_moment="refreshed"), r"lazy_moment must be 'repeat' or 'refresh', got 'refreshed'"),
     (dict(independent_probes=True), r"independent_probes=True needs axis_name"),
     # A str from a config was truthy: "False" drew each device its own probes.
