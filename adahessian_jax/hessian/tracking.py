@@ -191,6 +191,50 @@ def _next_vector(op, q, grow, key, tol_break):
   return (v if float(size) > tol_break * float(norm(z)) else None), True
 
 
+def _ritz_step(op, q, w, used: int) -> tuple[np.ndarray, np.ndarray, float]:
+  """``(θ, s, rounding)`` on the first ``used`` rows of ``q`` (products ``w``): the Ritz values,
+  descending, their coefficients, and how far the asymmetry of the products moves ``θ₁``.
+
+  What symmetrising the Rayleigh-Ritz matrix removes, the asymmetry of the products (their
+  rounding: 1e-2 of ``θ`` in bfloat16), moves ``θ`` to first order, not by ``r²/gap``: a floor
+  under the error.
+  """
+  t = np.asarray(_rayleigh(q, w), np.float64)[:used, :used]
+  _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products", op)
+  theta, s = _ritz_values(0.5 * (t + t.T), q, used)
+  theta, s = theta[::-1], s[:, ::-1]
+  return theta, s, float(np.linalg.norm(0.5 * (t - t.T) @ s[:, 0]))
+
+
+def _estimated_error(theta: np.ndarray, res: np.ndarray, history: list, grown: bool) -> Any:
+  """``θ₁``'s estimated error, ``min(r₁, r₁²/gap)`` (:func:`_top`'s stopping rule), and once the
+  subspace has ``grown`` past the start block at least the change of ``θ₁`` over the last
+  product (before that a warm block's gap estimate stands alone: it may stop at ``b`` products).
+  """
+  err = res[0]
+  if theta.size > 1:
+    # θ₂ is only a lower bound on λ₂: a pair near the top that the subspace has not yet split
+    # (a start with little of the top eigenvector) shows no second Ritz value near θ₁, and a
+    # gap to the bulk below let r²/gap pass for converged 100x below the true error (λ = 1 and
+    # 0.99 above a bulk under 0.5: θ₁ = 0.991 after 7 products, r = 3e-3, estimate 6e-5, in
+    # 5 of 40 cold starts). The gap is taken as at most 1 % of |θ₁|: the estimate then holds
+    # for any λ₂ at least that far below, at about one product more per measurement.
+    gap = min(theta[0] - theta[1] - res[1], GAP_CAP * abs(float(theta[0])))
+    err = min(err, err * err / gap) if gap > 0 else err
+  if grown:
+    err = float(change_guarded(err, history[-1], history[-2]))
+  return err
+
+
+def _meets(residual: Any, err: Any, rounding: float, tol: float, stop_on: str) -> tuple:
+  """``(converged, stuck, error)``: whether the stopping test (``stop_on``: the residual or the
+  estimated ``err`` at most ``tol``) holds; whether it holds but the products' ``rounding`` does
+  not (done, not converged); and the error, at least that rounding."""
+  ok = (residual if stop_on == "residual" else err) <= tol
+  stuck = ok and rounding > tol
+  return ok and not stuck, stuck, max(err, rounding)
+
+
 def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpness:
   """The top eigenpair by Rayleigh-Ritz on a subspace grown from ``start`` by residuals.
 
@@ -229,51 +273,30 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
   # taken for one stuck in an invariant subspace.
   exact = min(tol_break, 0.01 * tol)
   while True:
-    t = np.asarray(_rayleigh(q, w), np.float64)[:used, :used]
-    _checks.finite(t, f"the Rayleigh-Ritz matrix after {used} Hessian-vector products", op)
-    theta, s = _ritz_values(0.5 * (t + t.T), q, used)
-    theta, s = theta[::-1], s[:, ::-1]
-    # What symmetrising t removed, the asymmetry of the products (their rounding: 1e-2 of θ in
-    # bfloat16), moves θ to first order, not by r²/gap: a floor under the error.
-    rounding = float(np.linalg.norm(0.5 * (t - t.T) @ s[:, 0]))
+    theta, s, rounding = _ritz_step(op, q, w, used)
     history.append(float(theta[0]))
     m = min(max(keep, 2), theta.size)
     y, res_vecs, res = _ritz(q, w, padded(s[:, :m], (rows, m), op.dtype))
     res = np.asarray(res, np.float64)
-    err = res[0]
-    if theta.size > 1:
-      # θ₂ is only a lower bound on λ₂: a pair near the top that the subspace has not yet split
-      # (a start with little of the top eigenvector) shows no second Ritz value near θ₁, and a
-      # gap to the bulk below let r²/gap pass for converged 100x below the true error (λ = 1 and
-      # 0.99 above a bulk under 0.5: θ₁ = 0.991 after 7 products, r = 3e-3, estimate 6e-5, in
-      # 5 of 40 cold starts). The gap is taken as at most 1 % of |θ₁|: the estimate then holds
-      # for any λ₂ at least that far below, at about one product more per measurement.
-      gap = min(theta[0] - theta[1] - res[1], GAP_CAP * abs(float(theta[0])))
-      err = min(err, err * err / gap) if gap > 0 else err
-    if used > b:  # before that a warm block's gap estimate stands alone: it may stop at b products
-      err = float(change_guarded(err, history[-1], history[-2]))
     # Relative to the tracked value itself, not to the largest |θ|: early in a run a large
     # negative Ritz value next to a top Ritz value that has not yet found the top eigenvalue
     # would otherwise make a poor pair look converged (seen on the digits CNN's P⁻¹H).
     scale = max(abs(float(theta[0])), float(np.finfo(np.float64).tiny))
-    ok = (res[0] if stop_on == "residual" else err) <= tol * scale
-    # A rounding above the tolerance: done once the rest meets it, not converged.
-    stuck = ok and rounding > tol * scale
-    ok, err = ok and not stuck, max(err, rounding)
+    err = _estimated_error(theta, res, history, grown=used > b)
+    ok, stuck, err = _meets(res[0], err, rounding, tol * scale, stop_on)
     grow = res_vecs[0]
-    if res[0] <= exact * scale:
+    if res[0] <= exact * scale:  # an eigenvector to rounding, but maybe not the top one's
       ok, grow = _beyond_eigenvector(q, w, s, tol * scale, exact * scale, op.dtype)
       ok = ok or (grow is None and randomised)
-    full = theta.size >= op.size
     # Once the subspace is the whole space the Ritz values are exact: the residual (rounding)
     # bounds the error, where the change over the last product (up to |λ₁ − λ_n|) would not.
     exact_err = min(err, max(float(res[0]), rounding))
+    full = theta.size >= op.size
     dependent = theta.size < used  # 16-bit rows dependent to rounding: no growth is left
     if ok or stuck or full or dependent or used >= max_iter:
       # Out of max_iter with the test unmet: nothing vouches for the estimate (reported_errors).
-      vouched = ok or stuck or full or dependent
+      err = exact_err if full else float(reported_errors(err, ok or stuck or dependent))
       ok = ok or full
-      err = exact_err if full else float(reported_errors(err, vouched))
       break
     v, fresh = _next_vector(op, q, grow, jax.random.fold_in(key, used), tol_break)
     randomised = randomised or fresh
