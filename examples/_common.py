@@ -222,7 +222,7 @@ def parser(
       "--tune",
       action="store_true",
       help="first sweep every optimizer's learning-rate grid (same budget each) and use the "
-      "learning rate with the lowest final validation loss",
+      "learning rate with the lowest final validation loss (an optimizer given --lr is not swept)",
     )
   p.add_argument(
     "--only",
@@ -581,17 +581,25 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 def compare(optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args):
-  """Optionally tunes, then trains every optimizer; returns (runs, tuning table or None)."""
+  """Optionally tunes, then trains every optimizer; returns (runs, tuning table or None).
+
+  ``--tune`` sweeps the optimizers whose rate ``--lr`` does not set: the sweep overwrote a rate
+  given with ``--lr`` without a word, and a rate typed out is the one meant.
+  """
   by_name = {o.name: o for o in optimizers}
   for name, lr in args.lr:  # checked against the names when parsed
     by_name[name].lr = lr
   optimizers = [o for o in optimizers if args.only is None or o.name in args.only]
   tuning = None
   progress = not args.no_progress
+  given = dict(args.lr)
+  swept = [o for o in optimizers if o.name not in given]
   if args.tune:
-    tuning = tune(
-      optimizers, params, loss_fn, batches, evaluate, steps, eval_every, args.seed, progress
-    )
+    for o in optimizers:
+      if o.name in given:
+        print(f"--tune: {o.name} is not swept, its learning rate {o.lr:g} is set by --lr")
+  if args.tune and swept:
+    tuning = tune(swept, params, loss_fn, batches, evaluate, steps, eval_every, args.seed, progress)
   runs = []
   for opt in optimizers:
     runs.append(

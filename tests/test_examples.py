@@ -212,3 +212,26 @@ def test_curvature_tracking_plots_every_step_without_dividing_by_the_zero_first_
     warnings.simplefilter("error", RuntimeWarning)
     curvature_tracking.plot_tracking([run], cfg, str(path))
   assert path.stat().st_size > 10_000
+
+
+def test_tune_keeps_a_learning_rate_given_with_lr_and_sweeps_the_others(monkeypatch, tmp_path):
+  # --tune overwrote a rate given with --lr without a word: --tune --lr Adam=0.05 trained Adam at
+  # the best rate of its grid, and the summary recorded that one.
+  import optax
+
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+  import _common
+
+  names = ["Adam", "SGD+momentum"]
+  make = lambda lr, n: optax.sgd(lr)
+  adam = _common.Optimizer("Adam", make, lr=0.3, grid=(0.3, 0.1))
+  sgd = _common.Optimizer("SGD+momentum", make, lr=0.01, grid=(0.1, 0.01))
+  problem, _ = _toy_runs(monkeypatch, [], 10)
+  argv = ["--tune", "--lr", "adam=0.05", "--no-progress", "--out", str(tmp_path)]
+  args = _common.parser("toy", 10, 5, names).parse_args(argv)
+  runs, tuning = _common.compare([adam, sgd], *problem, 10, 5, args)
+  assert [(r.name, r.lr) for r in runs] == [("Adam", 0.05), ("SGD+momentum", sgd.lr)]
+  assert list(tuning) == ["SGD+momentum"] and sgd.lr in (0.1, 0.01)
+  args = _common.parser("toy", 10, 5, names).parse_args(argv + ["--only", "adam"])
+  runs, tuning = _common.compare([adam, sgd], *problem, 10, 5, args)
+  assert [(r.name, r.lr) for r in runs] == [("Adam", 0.05)] and tuning is None
