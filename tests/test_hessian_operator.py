@@ -35,6 +35,26 @@ def test_single_batch_equals_dense_hessian():
   assert float(op.loss()) == pytest.approx(float(_mlp_loss(params, batch)), rel=1e-14)
 
 
+def test_loss_at_other_params_checks_their_tree_and_shapes():
+  # op.loss(params) took any tree: a bias of shape () broadcast in the loss and gave a number for
+  # params that are not the operator's, a bias of shape (1,) too; matvec and ravel refuse them.
+  x = jnp.asarray([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+  loss = lambda p, b: jnp.sum((b @ p["w"] + p["b"]) ** 2)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  op = hessian.hessian_operator(loss, params, x)
+  moved = {"w": 2 * params["w"], "b": params["b"] + 1}
+  assert float(op.loss(moved)) == pytest.approx(float(loss(moved, x)), rel=1e-14)
+  must = re.escape(
+    "loss's params must be a pytree with the structure and leaf shapes of the params"
+  )
+  with pytest.raises(ValueError, match=must + r".*\['b'\] has shape \(\), the params' .* \(2,\)"):
+    op.loss({"w": params["w"], "b": jnp.zeros(())})
+  with pytest.raises(ValueError, match=must + r": it lacks the leaves \['b'\]"):
+    op.loss({"w": params["w"]})
+  with pytest.raises(ValueError, match=must + r".*has \['c'\] that the params do not"):
+    op.loss({**params, "c": jnp.zeros(())})
+
+
 def test_full_data_mode_equals_dense_hessian_of_full_data_loss():
   params, (x, y) = mlp()
   cuts = [0, 7, 20, 33, 40]  # unequal batch sizes: the weighting matters

@@ -478,15 +478,22 @@ class HessianOperator:
     """The loss over all the operator's data.
 
     Args:
-      params: Where to evaluate it; ``None`` for the operator's point.
+      params: Where to evaluate it; ``None`` for the operator's point. A pytree with the
+        params' leaves and shapes (Linen boxes and NNX variables aside).
 
     Returns:
       The weighted loss over the batches.
 
     Raises:
-      ValueError: for an operator without data (a block or masked one).
+      ValueError: for an operator without data (a block or masked one), or ``params`` whose
+        tree or leaf shapes are not the operator's params' (naming the first leaf that differs).
     """
-    return self.require_data("the loss").loss(self.params if params is None else params)
+    data = self.require_data("the loss")
+    if params is None:
+      return data.loss(self.params)
+    # Other params (a smaller bias) broadcast in the loss and gave a wrong number without a word.
+    _checks.like_params(params, self.params, "loss's params")
+    return data.loss(params)
 
   def require_data(self, what: str) -> WeightedData:
     """The operator's loss and batches, for an analysis that needs them.
