@@ -345,8 +345,9 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
   # A training state (Flax's TrainState) given whole: its step counter was the leaf named.
   if hasattr(tree, "params") and hasattr(tree, "opt_state"):
     fix = f"It is a {type(tree).__name__}, a training state: pass its .params. {fix}"
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    where = path_str(path)
+  # Canonical paths (layout.leaves): an NNX variable's ".value" step is no part of the leaf's.
+  for info in layout.leaves(tree):
+    leaf, where = info.leaf, path_str(info.path)
     must = f"{what} must be real floating-point arrays, but the leaf at {where}"
     dtype = array_dtype(leaf)
     if dtype is None:

@@ -418,6 +418,46 @@ def test_nnx_state_that_is_not_trained_is_refused_naming_the_split():
     hessian.hessian_operator(loss, model, batch)
 
 
+def test_errors_name_an_nnx_leaf_by_its_path_without_the_variables_value_step():
+  # The params of an NNX model (nnx.split(model, nnx.Param)) were named with the Variable's own
+  # step, "nan at ['linear']['kernel'].value[1, 0]", where the operator's leaf names and the
+  # optimizer's layouts read "linear/kernel": the non-finite, complex, traced and integer checks.
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.linear(x)
+
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
+  x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+  op = hessian.hessian_operator(loss, params, x)
+  assert op.leaf_names == ("linear/bias", "linear/kernel")
+  bad = jax.tree.map(lambda v: v, params)
+  bad["linear"]["kernel"][...] = bad["linear"]["kernel"][...].at[1, 0].set(jnp.nan)
+  with pytest.raises(
+    hessian.NonFiniteError, match=re.escape("nan at ['linear']['kernel'][1, 0]. ")
+  ):
+    hessian.hessian_operator(loss, bad, x)
+  bad = jax.tree.map(lambda v: v, params)
+  bad["linear"]["bias"][...] = jnp.asarray([1.0, jnp.inf], bad["linear"]["bias"].dtype)
+  with pytest.raises(ValueError, match=re.escape("not finite: inf at ['linear']['bias'][1].")):
+    hessian.loss_landscape_1d(op, jnp.linspace(-1, 1, 3), bad)
+  bad = jax.tree.map(lambda v: v, params)
+  bad["linear"]["kernel"] = nnx.Param(bad["linear"]["kernel"][...].astype(jnp.complex64))
+  with pytest.raises(ValueError, match=re.escape("its leaf at ['linear']['kernel'] has dtype c")):
+    op.ravel(bad)
+  with pytest.raises(ValueError, match=re.escape("its leaf at ['linear']['bias'] is traced")):
+    jax.jit(lambda p: hessian.hessian_operator(loss, p, x).size)(params)
+  bad = jax.tree.map(lambda v: v, params)
+  bad["linear"]["bias"] = nnx.Param(jnp.zeros(2, jnp.int32))
+  with pytest.raises(TypeError, match=re.escape("leaf at ['linear']['bias'] has dtype int32.")):
+    hessian.hessian_operator(loss, bad, x)
+
+
 def test_a_linen_variables_dict_is_refused_and_the_recipe_gives_the_params_hessian():
   # model.init's whole variables dict as params: the running statistics were taken for parameters,
   # and in eval mode, where they move the loss, the top eigenvalue was not the parameters' (this

@@ -159,10 +159,11 @@ class ParamLayout:
       Its leaf path and position in the leaf, e.g. ``"['out']['bias'][1]"``
       (``"entry [1] of the root (the tree is a single array)"`` for params that are one array).
     """
-    leaves = jax.tree_util.tree_leaves_with_path(self.params)
+    # Canonical paths, as the names: an NNX variable's ".value" step is no part of the leaf's.
+    leaves = canonical_leaves(self.params)
     i = next(i for i, sl in enumerate(self.slices) if sl.start <= index < sl.stop)
-    path = jax.tree_util.keystr(leaves[i][0]) or self.names[i]
-    within = np.unravel_index(index - self.slices[i].start, np.shape(leaves[i][1]))
+    path = jax.tree_util.keystr(leaves[i].path) or self.names[i]
+    within = np.unravel_index(index - self.slices[i].start, np.shape(leaves[i].leaf))
     entry = f"[{', '.join(str(int(j)) for j in within)}]" if within else ""
     if not path:  # params that are a single array, whose path is '': "nan at ." named nothing
       return f"entry {entry} of {_validation.ROOT}" if entry else _validation.ROOT
