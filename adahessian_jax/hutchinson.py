@@ -81,6 +81,13 @@ _FLOAT_FIX = (
   "The Hessian is taken with respect to every leaf: keep integer, bool and complex values out of "
   "params and close over them in fn instead."
 )
+# What hutchinson_diagonal's error for an fn that ignores the params it is given says: the
+# optimizer's default advice is about its value_fn, tx.update and nnx.Optimizer.
+_CONSTANT_FIX = (
+  "It probably uses other params than its argument: write lambda p: loss_fn(p, batch), not "
+  "lambda p: loss_fn(params, batch); for NNX, merge the params it is passed, "
+  "nnx.merge(graphdef, p), not a model it closes over."
+)
 
 
 def check_scalar_loss(value: Any, what: str = "value_fn", fix: str = _WRAP) -> None:
@@ -372,6 +379,7 @@ def value_grad_and_diagonal(
   fix: str = _WRAP,
   owned: Any = None,
   flat: bool = False,
+  constant_fix: str | None = None,
 ) -> tuple[Any, Any, Any]:
   """Loss, gradient and Hutchinson's diagonal estimate, all in one pass.
 
@@ -396,6 +404,7 @@ def value_grad_and_diagonal(
     flat: Draw each probe as for the leaves of ``params`` concatenated into one
       vector (as ``optax.flatten`` hands them to the transform inside it), split
       back into the leaves: the probes the ``value_fn`` route draws there.
+    constant_fix: As for :func:`value_grad_hvp`.
 
   Returns:
     ``(value, grad, estimate)`` where ``estimate`` is the mean of ``z ⊙ Hz``
@@ -423,7 +432,9 @@ def value_grad_and_diagonal(
 
   def one(key):
     z = probe(key)
-    value, grad, hz = value_grad_hvp(fn, params, z, has_aux, name=name, fix=fix)
+    value, grad, hz = value_grad_hvp(
+      fn, params, z, has_aux, name=name, fix=fix, constant_fix=constant_fix
+    )
     return value, grad, jax.tree.map(jnp.multiply, z, hz)
 
   if keys.shape[0] == 1:
@@ -497,4 +508,5 @@ def hutchinson_diagonal(
   _validation.float_leaves(params, "hutchinson_diagonal's params", _FLOAT_FIX)
   key = _keys.prng_key(key, "hutchinson_diagonal's key")
   n_samples = _validation.count("n_samples", n_samples)
-  return value_grad_and_diagonal(fn, params, jax.random.split(key, n_samples))[2]
+  keys = jax.random.split(key, n_samples)
+  return value_grad_and_diagonal(fn, params, keys, constant_fix=_CONSTANT_FIX)[2]

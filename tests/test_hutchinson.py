@@ -168,6 +168,21 @@ def test_an_fn_that_is_no_function_of_the_params_is_named(call):
   assert_trees_allclose(run(lambda p: jnp.sum(p["w"] ** 2)), {"w": jnp.full(3, 2.0)})
 
 
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_hutchinson_diagonal_of_an_fn_that_ignores_its_params_gets_the_analysis_fix(n_samples):
+  # It got the optimizer's advice: "a zero Hessian estimate makes every step lr·g/eps", "for an
+  # nnx.Optimizer, build it with adahessian_jax.nnx.value_fn", for a call that takes no step.
+  params, outer = {"w": jnp.ones(3)}, {"w": jnp.ones(3)}
+  message = (
+    r"^fn returned a loss that does not depend on the params it was called with, so its "
+    r"gradient and Hessian there are zero\. It probably uses other params than its argument: "
+    r"write lambda p: loss_fn\(p, batch\), not lambda p: loss_fn\(params, batch\); for NNX, "
+    r"merge the params it is passed, nnx\.merge\(graphdef, p\), not a model it closes over\."
+  )
+  with pytest.raises(ValueError, match=message):
+    ah.hutchinson_diagonal(lambda p: jnp.sum(outer["w"] ** 2), params, jax.random.key(0), n_samples)
+
+
 @pytest.mark.parametrize(
   "loss, message",
   [
