@@ -148,7 +148,7 @@ def map_adahessian_state(
 
   Args:
     fn: Maps an AdaHessian state to a state of the same structure.
-    opt_state: Any optax state.
+    opt_state: An optax state holding one or more AdaHessian states.
 
   Returns:
     ``opt_state`` with its AdaHessian states replaced.
@@ -160,7 +160,9 @@ def map_adahessian_state(
       ``hessian``) are not real floating-point arrays, or one holding a plain array where the
       state of an ``nnx.Optimizer`` (``optimizer.opt_state``) held a Variable, which its
       ``update`` refuses (keep it: ``s._replace(key=s.key.replace(new_key_data))``).
-    ValueError: if ``fn``'s state has a negative ``count``, ``nu`` or ``hessian`` of another
+    ValueError: if ``opt_state`` holds no AdaHessian state (another optimizer's, or one whose
+      NamedTuples are dicts: restored without a target, an ``nnx.State``), naming the states it
+      holds; if ``fn``'s state has a negative ``count``, ``nu`` or ``hessian`` of another
       tree or shapes than its ``mu`` (naming the leaf), or a new ``key`` that is not raw key
       data, one row per probe (``jax.random.key_data(jax.random.split(key, n_samples))``).
   """
@@ -171,6 +173,15 @@ def map_adahessian_state(
     _validation.callable_with(fn, (opt_state,), {}, "fn(state)", fix)
   except TypeError as e:
     raise TypeError(f"map_adahessian_state: {e}") from None
+
+  # Returned unchanged, the state looked replaced: a new key or update_freq was silently not set.
+  if not adahessian_states(opt_state):
+    raise ValueError(
+      "map_adahessian_state: opt_state holds no ScaleByAdaHessianState, so fn would replace "
+      f"nothing; it holds {_state_names(opt_state)}. Pass the state of an optimizer built with "
+      "adahessian_jax (adahessian, scale_by_adahessian, or a chain holding one)."
+      + untyped_state_hint(opt_state)
+    )
 
   def replace(x: Any) -> Any:
     if not is_adahessian_state(x):
@@ -192,6 +203,17 @@ def map_adahessian_state(
     return new
 
   return jax.tree.map(replace, opt_state, is_leaf=is_adahessian_state)
+
+
+def _state_names(opt_state: Any) -> str:
+  """The NamedTuple states in ``opt_state`` by class, for an error message (``ScaleByAdamState,
+  EmptyState``), or what ``opt_state`` is where it holds none."""
+  named = lambda x: isinstance(x, tuple) and hasattr(x, "_fields")
+  names = [type(x).__name__ for x in jax.tree.leaves(opt_state, is_leaf=named) if named(x)]
+  names = list(dict.fromkeys(names))
+  if names:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+  return f"no optax state: it is a {type(opt_state).__name__}"
 
 
 _STACKED_FIX = (

@@ -428,6 +428,21 @@ def test_state_helpers_given_the_whole_optimizer_state_name_find_adahessian_stat
     fn(opt_state)
 
 
+def test_map_adahessian_state_over_a_state_that_holds_none_names_what_it_holds():
+  # It returned an Adam state, or a checkpoint restored without a target (dicts), unchanged: the
+  # new key or update_freq fn set was silently not set. optax.tree_utils.tree_set raises likewise.
+  params = small_params()
+  set_key = lambda s: s._replace(key=jax.random.key_data(jax.random.split(jax.random.key(1), 1)))
+  none = r"^map_adahessian_state: opt_state holds no ScaleByAdaHessianState, so fn would replace "
+  with pytest.raises(ValueError, match=none + r"nothing; it holds ScaleByAdamState, EmptyState\."):
+    ah.map_adahessian_state(set_key, optax.adam(0.1).init(params))
+  restored = jax.tree.map(lambda x: x, [s._asdict() for s in ah.adahessian(0.1).init(params)])
+  with pytest.raises(ValueError, match=r"it holds no optax state: it is a list\. .*restore with"):
+    ah.map_adahessian_state(set_key, restored)
+  state = ah.adahessian(0.1).init(params)
+  assert ah.map_adahessian_state(set_key, state)[0].key.shape == state[0].key.shape
+
+
 def test_bad_value_fn_is_called_value_fn():
   params = small_params()
   tx = ah.adahessian(0.1)
