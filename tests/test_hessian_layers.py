@@ -347,6 +347,17 @@ def test_a_plain_dict_layer_axes_serves_nnx_params():
   np.testing.assert_allclose(
     np.linalg.norm(kernel, axis=(1, 2)), np.linalg.norm(weights, axis=(1, 2)), rtol=1e-6
   )
-  # A dict that misses a leaf is still refused, naming it.
-  with pytest.raises(ValueError, match=r"has no entry for the params leaf at \['head'\]\['bias'\]"):
+  # A dict that misses a leaf is still refused, naming it. By its canonical path, as the leaf
+  # names: the errors read "['head']['bias'].value", and a tuple given for a leaf "an entry at
+  # ['head']['kernel'][0], where the params have none" (inside no leaf's path with ".value").
+  with pytest.raises(
+    ValueError, match=r"has no entry for the params leaf at \['head'\]\['bias'\]\.$"
+  ):
     hessian.layer_breakdown(op, jax.random.key(0), layer_axes={"blocks": 1})
+  inside = r"\['head'\]\['kernel'\]\[0\], inside the params leaf at \['head'\]\['kernel'\] of shape"
+  with pytest.raises(ValueError, match=inside):
+    hessian.layer_breakdown(
+      op, jax.random.key(0), layer_axes={"blocks": 1, "head": {"bias": 0, "kernel": (0, 0)}}
+    )
+  with pytest.raises(ValueError, match=r"^layer_axes at \['head'\]\['bias'\] must be an integer"):
+    hessian.layer_breakdown(op, jax.random.key(0), layer_axes={"blocks": 1, "head": 2})

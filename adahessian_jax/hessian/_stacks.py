@@ -56,7 +56,8 @@ def layer_axes_of(
         "layer_axes must be an int or a pytree prefix of the params with ints as leaves (the "
         f"number of leading layer axes of each leaf), but it {_not_a_prefix(layer_axes, params)}."
       ) from None
-  paths = _validation.leaf_paths(params)
+  # Canonical paths, as _by_path matches them: no NNX variable's ".value" step in the name.
+  paths = [_validation.path_str(x.path) for x in layout.leaves(params)]
   return [
     tuple(range(_validation.count(f"layer_axes at {p}", n, 0, len(s))))
     for n, p, s in zip(counts, paths, shapes, strict=True)
@@ -86,7 +87,9 @@ def _by_path(prefix: Any, params: Any) -> list[Any] | None:
 def _not_a_prefix(prefix: Any, params: Any) -> str:
   """Where ``prefix`` first fails to be a pytree prefix of ``params``, as the end of a sentence
   (JAX's own error dumps both trees' key sets, a screenful for a model)."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
+  # The params' canonical paths, as _by_path matches them: with an NNX variable's ".value" step
+  # in them, no entry of a plain prefix was inside a leaf, and the leaf was named with the step.
+  leaves = [(x.path, x.leaf) for x in layout.leaves(params)]
   entries = [p for p, _ in jax.tree_util.tree_leaves_with_path(prefix)]
   extra, missing = _validation.prefix_mismatch(entries, [p for p, _ in leaves])
   if extra is not None:
