@@ -605,6 +605,20 @@ def test_a_scalar_fill_serves_nnx_groups_and_nested_groups():
   dense = s[:, None] * dense_hessian(loss_fn, params, (x, y), jit=True) * s[None, :]
   top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), 1, tol=1e-10)
   assert float(top.eigenvalues[0]) == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)
+  # The other group's P as plain arrays (nnx.as_pure, nnx.to_pure_dict) fills too: it was refused
+  # as having "no entry at ['l2']['bias'].value", and the leaves were named with that step.
+  masked = r"the leaves \['l2'\]\['bias'\], \['l2'\]\['kernel'\] are masked out"
+  with pytest.raises(ValueError, match=masked):
+    hessian.adahessian_preconditioner(optimizer.opt_state, eps=1e-3)
+  adam = hessian.adam_preconditioner(optimizer.opt_state, fill=jnp.inf)
+  want = hessian.adahessian_preconditioner(optimizer.opt_state, eps=1e-3, fill=adam)
+  for plain in (nnx.as_pure(adam), nnx.to_pure_dict(adam)):
+    got = hessian.adahessian_preconditioner(optimizer.opt_state, eps=1e-3, fill=plain)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(g, w)
+  with pytest.raises(ValueError, match=r"fill has no entry at \['l2'\]\['bias'\], a leaf"):
+    hessian.adahessian_preconditioner(optimizer.opt_state, fill={"l1": 1.0})
 
   # Nested groups: AdaHessian on the hidden kernel, SGD on its bias, Adam on the output layer.
   params, batch = mlp()

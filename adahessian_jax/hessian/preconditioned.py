@@ -177,8 +177,16 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
   scalar = fill is not None and jax.tree_util.treedef_is_leaf(jax.tree.structure(fill))
   # Checked also where no leaf is masked out: fill=nan or -1 was taken without a word there.
   value = _validation.interval("fill", fill, 0.0, np.inf, lo_open=True) if scalar else None
-  leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=masking.is_masked)
-  masked = [jax.tree_util.keystr(p) for p, x in leaves if masking.is_masked(x)]
+  # An nnx.Optimizer's state holds its MaskedNodes in Variables: stopped there, the paths are the
+  # canonical ones, without the Variable's own ".value" step, which a plain-dict fill (another
+  # group's P of nnx.as_pure, the params' nnx.to_pure_dict) has not: it was refused as having no
+  # entry at ['out']['bias'].value.
+  is_node = lambda x: masking.is_masked(x) or layout.is_annotated(x)
+  holds_masked = lambda x: any(
+    map(masking.is_masked, jax.tree.leaves(x, is_leaf=masking.is_masked))
+  )
+  leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=is_node)
+  masked = [jax.tree_util.keystr(p) for p, x in leaves if holds_masked(x)]
   if not masked:
     return p
   if fill is None:
@@ -194,10 +202,18 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
     filled = jnp.asarray(value, float)
     at = lambda path: filled
   else:
-    at = lambda path: _subtree_at(fill, path, jax.tree_util.keystr(path))
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: at(path) if masking.is_masked(x) else x, p, is_leaf=masking.is_masked
-  )
+    plain = layout.unboxed(fill)
+    at = lambda path: _subtree_at(plain, path, jax.tree_util.keystr(path))
+
+  def fill_leaf(path: Any, x: Any) -> Any:
+    if not holds_masked(x):
+      return x
+    value = at(path)  # inside a Variable, the Variable stays
+    return jax.tree.map(
+      lambda y: value if masking.is_masked(y) else y, x, is_leaf=masking.is_masked
+    )
+
+  return jax.tree_util.tree_map_with_path(fill_leaf, p, is_leaf=is_node)
 
 
 def _check_concrete(opt_state: Any, fill: Any) -> None:
