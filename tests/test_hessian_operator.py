@@ -279,6 +279,13 @@ def test_pmap_replicated_params_are_refused_naming_the_fix():
   v = jnp.linspace(-1.0, 1.0, 75)
   got = hessian.hessian_operator(mlp_loss, one, (x, y)).matvec(v)
   np.testing.assert_allclose(got, hessian.hessian_operator(mlp_loss, params, (x, y)).matvec(v))
+  # An NNX leaf by its canonical path: it read ['hidden']['bias'].value.
+  nnx = pytest.importorskip("flax.nnx")
+  boxed = nnx.State(jax.tree.map(nnx.Param, stacked))
+  with pytest.raises(
+    ValueError, match=r"leaf at \['hidden'\]\['bias'\] \(shape \(\d+, 8\)\) is a "
+  ):
+    hessian.hessian_operator(lambda p, b: mlp_loss(nnx.to_pure_dict(p), b), boxed, (x, y))
 
 
 def test_a_batch_leaf_that_is_not_an_array_or_a_number_is_named():

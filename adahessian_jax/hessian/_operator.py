@@ -690,7 +690,8 @@ def _check_not_pmapped(params: Any) -> None:
   the copies' losses: its eigenvalues come out divided by the device count, with no error).
   """
   pmap_sharding = getattr(jax.sharding, "PmapSharding", None)  # jax < 0.8
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+  for info in canonical_leaves(params):  # no NNX variable's ".value" step in the path named
+    path, leaf = info.path, info.leaf
     sharding = getattr(leaf, "sharding", None)
     spec = getattr(sharding, "spec", None) or (None,)
     from_pmap = pmap_sharding is not None and isinstance(sharding, pmap_sharding)
