@@ -391,6 +391,13 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
     ) from None
 
 
+def canonical_leaf_paths(tree: Any) -> list[str]:
+  """The paths of ``tree``'s leaves as :func:`path_str` writes them, without a Linen box's or NNX
+  variable's own ``.value`` step (:func:`adahessian_jax.layout.leaves`), in ``jax.tree.leaves``
+  order: how an error names a leaf, as the layouts and the Hessian tools do."""
+  return [path_str(x.path) for x in layout.leaves(tree)]
+
+
 def leaf_paths(tree: Any) -> list[str]:
   """The paths of ``tree``'s leaves as :func:`jax.tree_util.keystr` writes them, in order."""
   return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]

@@ -254,13 +254,13 @@ def check_tangents(tangents: Any, params: Any, what: str) -> None:
       f"{what} must be a pytree like the params: {where}. Build it from the params, e.g. "
       "jax.tree.map(jnp.ones_like, params)."
     )
-  pairs = zip(jax.tree_util.tree_leaves_with_path(tangents), jax.tree.leaves(params), strict=True)
-  for (path, t), p in pairs:
+  named = _validation.canonical_leaf_paths(tangents)  # not ['linear']['bias'].value
+  for where, t, p in zip(named, jax.tree.leaves(tangents), jax.tree.leaves(params), strict=True):
     got, want = (jnp.shape(t), jnp.result_type(t)), (jnp.shape(p), jnp.result_type(p))
     if got != want:
       raise ValueError(
         f"{what} must have the shape and dtype of the params leaf by leaf, but its leaf at "
-        f"{_validation.path_str(path)} has shape {got[0]} and dtype {got[1]}, the param there "
+        f"{where} has shape {got[0]} and dtype {got[1]}, the param there "
         f"shape {want[0]} and dtype {want[1]}. Reshape or cast it (x.astype(param.dtype))."
       )
 

@@ -115,12 +115,12 @@ class MaskedValueFn:
       ) from None
     owned = jax.tree_util.tree_leaves_with_path(params)
     full = dict(jax.tree_util.tree_leaves_with_path(restrict_to(self.full_params, params)))
-    for path, x in owned:
+    named = _validation.canonical_leaf_paths(params)  # not ['linear']['bias'].value
+    for (path, x), where in zip(owned, named, strict=True):
       if jnp.shape(full[path]) != jnp.shape(x):
         raise ValueError(
-          f"masked_value_fn's full_params do not fit the params: their leaf at "
-          f"{_validation.path_str(path)} has shape {jnp.shape(full[path])}, the param there "
-          f"{jnp.shape(x)}. {fix}"
+          f"masked_value_fn's full_params do not fit the params: their leaf at {where} has "
+          f"shape {jnp.shape(full[path])}, the param there {jnp.shape(x)}. {fix}"
         )
 
 

@@ -620,3 +620,16 @@ def test_masked_value_fn_full_params_of_another_model_are_named():
     step({"a": jnp.ones(4), "b": jnp.ones(2)})
   # The whole model's params: the first step on the owned leaf is -lr * g / H = -0.1 * 2a / 2.
   np.testing.assert_allclose(step(params)[0]["a"], -0.1, rtol=1e-3)
+
+
+def test_masked_value_fn_names_an_nnx_leaf_by_its_canonical_path():
+  # NNX params (Variables) of other shapes than full_params' read "their leaf at
+  # ['linear']['bias'].value", where the rest of the package names ['linear']['bias'].
+  nnx = pytest.importorskip("flax.nnx")
+  full = nnx.State({"linear": {"bias": nnx.Param(jnp.ones(2)), "kernel": nnx.Param(jnp.ones(3))}})
+  params = nnx.State({"linear": {"bias": nnx.Param(jnp.ones(3)), "kernel": nnx.Param(jnp.ones(3))}})
+  loss = lambda p: jnp.sum(p["linear"]["kernel"][...] ** 2)
+  with pytest.raises(
+    ValueError, match=r"their leaf at \['linear'\]\['bias'\] has shape \(2,\), the"
+  ):
+    ah.masked_value_fn(loss, full)(params)

@@ -168,6 +168,17 @@ def test_an_fn_that_is_no_function_of_the_params_is_named(call):
   assert_trees_allclose(run(lambda p: jnp.sum(p["w"] ** 2)), {"w": jnp.full(3, 2.0)})
 
 
+def test_hvp_names_an_nnx_tangent_leaf_by_its_canonical_path():
+  # It read "its leaf at ['linear']['bias'].value", where the rest of the package names
+  # ['linear']['bias'].
+  nnx = pytest.importorskip("flax.nnx")
+  params = nnx.State({"linear": {"bias": nnx.Param(jnp.ones(2)), "kernel": nnx.Param(A)}})
+  tangents = nnx.State({"linear": {"bias": nnx.Param(jnp.ones(3)), "kernel": nnx.Param(A)}})
+  f = lambda p: jnp.sum(p["linear"]["kernel"][...] ** 2) + jnp.sum(p["linear"]["bias"][...] ** 3)
+  with pytest.raises(ValueError, match=r"its leaf at \['linear'\]\['bias'\] has shape \(3,\) and"):
+    ah.hvp(f, params, tangents)
+
+
 @pytest.mark.parametrize("n_samples", [1, 3])
 def test_hutchinson_diagonal_of_an_fn_that_ignores_its_params_gets_the_analysis_fix(n_samples):
   # It got the optimizer's advice: "a zero Hessian estimate makes every step lr·g/eps", "for an
