@@ -269,35 +269,46 @@ def check_not_split_over(moments: Any, axis_name: Any) -> None:
   jax.tree_util.tree_map_with_path(check, moments)
 
 
-def check_loss_varies(value: Any, params: Any, axis_name: Any) -> None:
-  """Refuses a ``value_fn`` that reduced the loss over ``axis_name`` inside ``shard_map``.
+def check_loss_varies(
+  value: Any, params: Any, keys: Any, caller: str, loss: str, given: str, fix: str
+) -> None:
+  """Refuses a loss reduced over a data axis inside ``shard_map``: the one rule of both routes.
 
-  Its ``value`` at the device-varying ``params`` is then the same on every device of the axis
-  (with ``check_vma``; elsewhere nothing varies and nothing is checked). Under ``shard_map`` the
-  derivatives of a ``pmean``-ed loss at this device's parameters are 1/P of this device's share,
-  so the estimate averaged over the axis would be P times too small (measured: 1/4 of one
-  device's on 4 devices), silently; under ``pmap`` the same ``value_fn`` gives one device's.
+  The data axes are those the probes' ``keys`` vary over: the ``value_fn`` route makes them vary
+  over ``axis_name``, the fused route's caller over the axes it made the parameters and the
+  state device-varying over (:func:`device_varying`; :func:`fold_in_axis_index` too). A mesh
+  axis only the parameters vary over (tensor parallelism splits them over it) is no data axis:
+  a loss summed over it is right. At the device-varying ``params`` a loss reduced over a data
+  axis (by ``lax.pmean``) is the same on every device of it, and its derivatives at this
+  device's parameters are 1/P of this device's share, so the gradient and the estimate averaged
+  over the axis would be P times too small (measured: 1/8 of one device's on 8 devices),
+  silently. Under ``pmap`` (and outside ``shard_map``) nothing varies and nothing is checked:
+  there the same loss gives one device's. A trace-time check: it adds nothing to the program.
 
   Args:
-    value: ``value_fn(params)``.
-    params: The parameters ``value_fn`` was evaluated at, made varying over ``axis_name``.
-    axis_name: The optimizer's ``axis_name``.
+    value: The loss at ``params`` (a scalar).
+    params: The parameters the loss was evaluated at.
+    keys: The PRNG keys the probes were drawn from.
+    caller: Who raises, for the error.
+    loss: How the error calls the loss (``"value_fn"``).
+    given: Why and what must be this device's own loss, after "but" (``"with
+      axis_name='data' value_fn"``).
+    fix: The error's last sentence.
 
   Raises:
-    ValueError: naming the axis, if ``value`` does not vary over an axis of ``axis_name`` that
-      the parameters vary over.
+    ValueError: naming the axis, if ``value`` does not vary over a data axis that ``params``
+      vary over.
   """
   varying = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(params)))
-  reduced = [a for a in check_names(axis_name) if a in varying and a not in _varying_axes(value)]
+  data = _varying_axes(keys) & varying
+  reduced = _in_order(data - _varying_axes(value))
   if reduced:
     raise ValueError(
-      f"scale_by_adahessian: value_fn returns the same loss on every device of mesh axis "
-      f"{reduced[0]!r} (it is reduced over the axis, e.g. by jax.lax.pmean), but with "
-      f"axis_name={axis_name!r} value_fn must be this device's own loss: under shard_map the "
-      "derivatives of the reduced loss at this device's parameters are 1/P of its share, and the "
-      "estimate averaged over the axis would be P times too small (P devices). Pass this "
-      "device's loss (pmean only the loss you log), or, for a loss of the global batch, "
-      "axis_name=None."
+      f"{caller}: {loss} returns the same loss on every device of mesh axis {reduced[0]!r} (it "
+      f"is reduced over the axis, e.g. by jax.lax.pmean), but {given} must be this device's "
+      "own loss: under shard_map the derivatives of the reduced loss at this device's "
+      "parameters are 1/P of its share, and its gradient and Hessian estimate, averaged over "
+      f"the axis, would be P times too small (P devices). {fix}"
     )
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, _wrappers, hutchinson, masking
+from adahessian_jax._axes import check_loss_varies
 from adahessian_jax._transposes import explicitly_sharded
 from adahessian_jax.state import (
   adahessian_states,
@@ -163,6 +164,25 @@ _NAME = "the loss given to value_grad_and_hessian_diag"
 _FIX = "pass has_aux=True to value_grad_and_hessian_diag."
 
 
+def _check_own_loss(value: Any, params: Any, key: Any, has_aux: bool) -> None:
+  """Refuses a loss reduced over the axes the caller made ``params`` and the state's ``key``
+  device-varying over under ``shard_map`` (``check_loss_varies``, the ``value_fn`` route's rule):
+  its gradient and estimate would be 1/P of this device's."""
+  check_loss_varies(
+    value[0] if has_aux else value,
+    params,
+    key,
+    "value_grad_and_hessian_diag",
+    "the loss function",
+    "at parameters and state made device-varying over the axis (distributed.device_varying; "
+    "TrainState.apply_loss and adahessian_jax.nnx.value_grad_and_hessian_diag with axis_name "
+    "do it) the loss",
+    "Return this device's loss and reduce outside: pmean the returned loss and gradients over "
+    "the axis (apply_loss and the nnx helper do), and tx (built with that axis_name) averages "
+    "the estimate.",
+  )
+
+
 def value_grad_and_hessian_diag(
   fun: Callable[..., Any], has_aux: bool = False, *, refresh: bool | None = None
 ) -> Callable[..., tuple[Any, Any, Any]]:
@@ -258,8 +278,11 @@ def value_grad_and_hessian_diag(
       differentiates every leaf, also one that ``optax.masked`` keeps from AdaHessian; or
       with a ``refresh`` that is not a bool.
     ValueError: for a ``has_aux`` that is not a bool; when it is called with an ``opt_state``
-      that holds no AdaHessian state, or more than one; and for a bool ``refresh`` as
-      :func:`adahessian_jax.is_refresh_step` does.
+      that holds no AdaHessian state, or more than one; for a bool ``refresh`` as
+      :func:`adahessian_jax.is_refresh_step` does; and, under ``shard_map`` at ``params``
+      and ``opt_state`` made device-varying over a data axis
+      (:func:`adahessian_jax.distributed.device_varying`), for a loss reduced over that axis
+      (``lax.pmean``), naming it: the gradient and estimate would be 1/P of this device's.
   """
 
   has_aux = _validation.flag("value_grad_and_hessian_diag: has_aux", has_aux)
@@ -299,6 +322,7 @@ def value_grad_and_hessian_diag(
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
         loss, params, keys, has_aux, name=_NAME, fix=_FIX, owned=owned, flat=flat
       )
+      _check_own_loss(value, params, state.key, has_aux)
       if accumulated:  # the transform keeps the curvature of non-finite entries itself
         return value, grads, estimate
       return value, _mark_not_finite(grads, estimate, owned), estimate
@@ -306,6 +330,7 @@ def value_grad_and_hessian_diag(
     def without_hessian():
       checked = hutchinson.checked_loss(loss, _NAME, has_aux, _FIX)
       value, grads = jax.value_and_grad(checked, has_aux=has_aux)(params)
+      _check_own_loss(value, params, state.key, has_aux)
       return value, grads, optax.tree.zeros_like(params)
 
     return on_refresh(is_refresh_step(state, refresh), with_hessian, without_hessian)

@@ -335,7 +335,9 @@ class TrainState(train_state.TrainState):
         ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`),
         for an ``axis_name`` that no enclosing map binds or that is not
         ``tx``'s, for ``independent_probes`` without ``axis_name``, or other
-        than ``tx``'s, and for a ``has_aux`` or ``independent_probes`` that is not a bool.
+        than ``tx``'s, for a ``has_aux`` or ``independent_probes`` that is not a bool, and
+        under ``shard_map`` for a ``loss_fn`` reduced over ``axis_name`` (``lax.pmean``;
+        it must be this device's loss).
     """
     has_aux = _validation.flag("TrainState.apply_loss: has_aux", has_aux)
     if _has_owg(self.params):

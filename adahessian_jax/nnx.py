@@ -359,7 +359,9 @@ def value_grad_and_hessian_diag(
       another shape, or none where the state has one: another model), for an
       ``axis_name`` that no enclosing map binds, for ``independent_probes``
       without ``axis_name``, for a ``has_aux`` or ``independent_probes`` that is not a bool,
-      and for ``refresh`` as :func:`adahessian_jax.is_refresh_step` does.
+      for ``refresh`` as :func:`adahessian_jax.is_refresh_step` does, and under ``shard_map``
+      for a ``loss_fn`` reduced over ``axis_name`` (``lax.pmean``; it must be this device's
+      loss).
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``model`` is no NNX module (a Linen module, or a module's
       state: ``nnx.state``, ``nnx.split``, a pure dict), ``optimizer``

@@ -114,7 +114,16 @@ def _hutchinson(
       e.add_note(checks.FLATTENED_VALUE_FN)
     raise
   if axis_name is not None:
-    check_loss_varies(value, params, axis_name)
+    check_loss_varies(
+      value,
+      params,
+      keys,
+      "scale_by_adahessian",
+      "value_fn",
+      f"with axis_name={axis_name!r} value_fn",
+      "Pass this device's loss (pmean only the loss you log), or, for a loss of the global "
+      "batch, axis_name=None.",
+    )
   return estimate
 
 

@@ -719,6 +719,131 @@ def test_value_fn_reduced_over_axis_name_is_refused_under_shard_map():
       run(reduce)
 
 
+def test_fused_routes_refuse_a_loss_reduced_over_the_data_axis_under_shard_map():
+  """The fused route differentiates at parameters and state made device-varying over the data
+  axis, where a pmean-ed loss's derivatives are 1/P of this device's share: its gradient and
+  estimate were silently P times too small (8 devices: both 1/8 of one device's on the global
+  batch), through value_grad_and_hessian_diag, TrainState.apply_loss(axis_name=) and the NNX
+  helper. The value_fn route's rule refuses it now, on a refresh step, on a step that does not
+  refresh (refresh=False, and the lax.cond of update_freq=2), and with independent probes. A loss
+  summed over an axis only the parameters are split over (tensor parallelism), one of invariant
+  parameters (the global loss, tx without axis_name), and pmap (where the loss is right) pass."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  import adahessian_jax.nnx as ah_nnx
+  from adahessian_jax import distributed, linen, spatial
+
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
+  params = {"w": jnp.ones((3, 2))}
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+  pmean = lambda loss: jax.lax.pmean(loss, "data")
+  own = lambda loss: loss
+
+  def loss_fn(p, x, reduce=own):
+    return reduce(jnp.mean(jnp.tanh(x @ p["w"]) ** 2))
+
+  def fused(reduce, has_aux=False, refresh=None, update_freq=1, independent=False, axis="data"):
+    tx = ah.adahessian(0.1, axis_name=axis, update_freq=update_freq, independent_probes=independent)
+
+    def step(params, state, x):
+      def fun(p, x):
+        loss = loss_fn(p, x, reduce)
+        return (loss, loss) if has_aux else loss
+
+      local = (params, state) if axis is None else distributed.device_varying((params, state), axis)
+      probes = distributed.per_device_probe_state(local[1], axis) if independent else local[1]
+      vgh = ah.value_grad_and_hessian_diag(fun, has_aux=has_aux, refresh=refresh)
+      _, grads, hdiag = vgh(local[0], probes, x)
+      grads = grads if axis is None else jax.lax.pmean(grads, axis)
+      checks = {} if axis is None else {"expected_axis_name": axis}
+      return tx.update(grads, state, params, hessian_diag=hdiag, refresh=refresh, **checks)[0]
+
+    specs = (P(), P(), P("data"))
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P()))(
+      params, tx.init(params), x
+    )
+
+  def apply_loss(reduce):
+    state = linen.TrainState.create(
+      apply_fn=None, params=params, tx=ah.adahessian(0.1, axis_name="data")
+    )
+    step = lambda s, x: s.apply_loss(lambda p, x: loss_fn(p, x, reduce), x, axis_name="data")[0]
+    specs = (P(), P("data"))
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P()))(state, x).params
+
+  def nnx_step(reduce):
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    optimizer = nnx.Optimizer(model, ah.adahessian(0.1, axis_name="data"), wrt=nnx.Param)
+
+    def step(model, optimizer, x):
+      loss = lambda m, x: reduce(jnp.mean(jnp.tanh(m(x)) ** 2))
+      _, grads, hdiag = ah_nnx.value_grad_and_hessian_diag(
+        loss, model, optimizer, x, axis_name="data"
+      )
+      optimizer.update(model, grads, hessian_diag=hdiag, expected_axis_name="data")
+
+    specs = (P(), P(), P("data"))
+    nnx.jit(nnx.shard_map(step, mesh=mesh, in_specs=specs, out_specs=None))(model, optimizer, x)
+
+  want = fused(own)  # the updates
+  np.testing.assert_allclose(fused(pmean, axis=None)["w"], want["w"], rtol=1e-12)  # global loss
+  np.testing.assert_allclose(apply_loss(own)["w"], params["w"] + want["w"], rtol=1e-12)
+  nnx_step(own)
+  match = (
+    r"value_grad_and_hessian_diag: the loss function returns the same loss on every device of "
+    r"mesh axis 'data' \(it is reduced over the axis.*Return this device's loss and reduce "
+    r"outside: pmean the returned loss and gradients"
+  )
+  refused = [
+    lambda: fused(pmean),
+    lambda: fused(lambda loss: jax.lax.psum(loss, "data")),
+    lambda: fused(pmean, has_aux=True),
+    lambda: fused(pmean, refresh=False, update_freq=2),
+    lambda: fused(pmean, update_freq=2),
+    lambda: fused(pmean, independent=True),
+    lambda: apply_loss(pmean),
+    lambda: nnx_step(pmean),
+  ]
+  for call in refused:
+    with pytest.raises(ValueError, match=match):
+      call()
+
+  # Tensor parallelism: a loss summed over the axis the kernel is split over is right.
+  tx = ah.adahessian(0.1, axis_name="data", averaging=spatial.none())
+  state = tx.init(params)
+  split = {"w": P(None, "model")}
+  state_specs = jax.tree.map(lambda _: P(), state)
+  state_specs = (state_specs[0]._replace(mu=split, nu=split), *state_specs[1:])
+
+  def split_step(params, state, x):
+    loss = lambda p, x: jax.lax.psum(jnp.sum(jnp.tanh(x @ p["w"]) ** 2), "model")
+    local = distributed.device_varying((params, state), "data")
+    _, grads, hdiag = ah.value_grad_and_hessian_diag(loss)(*local, x)
+    grads = jax.lax.pmean(grads, "data")
+    return tx.update(grads, state, params, hessian_diag=hdiag, expected_axis_name="data")[0]
+
+  in_specs = (split, state_specs, P("data"))
+  jax.jit(jax.shard_map(split_step, mesh=mesh, in_specs=in_specs, out_specs=split))(
+    params, state, x
+  )
+
+  # pmap: nothing varies, and the pmean-ed loss gives one device's.
+  def pmap_step(params, state, x):
+    local = distributed.device_varying((params, state), "data")
+    _, grads, hdiag = ah.value_grad_and_hessian_diag(lambda p, x: loss_fn(p, x, pmean))(*local, x)
+    grads = jax.lax.pmean(grads, "data")
+    return tx.update(grads, state, params, hessian_diag=hdiag, expected_axis_name="data")[0]
+
+  replicated = distributed.replicate((params, state), "data", devices=jax.devices()[:1])
+  got = jax.pmap(pmap_step, axis_name="data", devices=jax.devices()[:1])(*replicated, x[None])
+  np.testing.assert_allclose(got["w"][0], want["w"], rtol=1e-12)
+
+
 def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
   """A typed key failed with JAX's "invalid PRNG key data: expected key_data.ndim >= 1", an int32
   array with "expected key_data.dtype = uint32", and a whole optimizer state printed the state."""
