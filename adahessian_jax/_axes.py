@@ -9,6 +9,7 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from adahessian_jax import _keys, _validation
 
@@ -310,6 +311,52 @@ def check_loss_varies(
       "parameters are 1/P of its share, and its gradient and Hessian estimate, averaged over "
       f"the axis, would be P times too small (P devices). {fix}"
     )
+
+
+def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None:
+  """Refuses a leaf of ``params`` made device-varying over a mesh axis (inside ``shard_map``)
+  that the optimizer state it comes with does not vary over, neither its PRNG ``key`` nor the
+  leaf's moment.
+
+  A leaf that varies over an axis its key does not draws its probe with the device's index
+  along it folded in (:func:`fold_in_shard_index`, for a parameter split over it, whose moments
+  are split like it). Parameters made device-varying over the data axis beside the state as it
+  is (``device_varying(params, "data")``, as the ``value_fn`` route's recipe takes the gradient)
+  drew each device's own probes: independent probes that the transform, built with the same
+  probes, was not told of (the run no longer equals one device's), and a loss reduced over the
+  axis could not be told (:func:`check_loss_varies`).
+
+  Args:
+    params: The parameters the fused pass differentiates at.
+    key: The AdaHessian state's PRNG key.
+    moments: Its moments (``mu``), leaf by leaf like ``params`` (an ``optax.MaskedNode`` at a
+      leaf another transform owns, which is not checked), or one vector (``optax.flatten``).
+    caller: Who raises, for the error.
+
+  Raises:
+    ValueError: naming the leaf and the axis.
+  """
+  is_masked = lambda m: isinstance(m, optax.MaskedNode)
+  slots = jax.tree.leaves(moments, is_leaf=is_masked)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  if len(slots) != len(leaves):  # one vector for all (optax.flatten)
+    slots = [frozenset().union(*(_varying_axes(m) for m in slots))] * len(leaves)
+  for (path, x), m in zip(leaves, slots, strict=True):
+    if is_masked(m):
+      continue
+    given = (m if isinstance(m, frozenset) else _varying_axes(m)) | _varying_axes(key)
+    missing = _in_order(_varying_axes(x) - given)
+    if missing:
+      a = missing[0]
+      raise ValueError(
+        f"{caller}: the parameter at {_validation.path_str(path)} varies over mesh axis {a!r} "
+        "(made device-varying: distributed.device_varying), but the opt_state given with it "
+        "does not, neither its PRNG key nor its moment: each device would draw its own probes, "
+        "which tx was not told of (the run would no longer equal one device's on the global "
+        "batch). Make both device-varying: distributed.device_varying((params, opt_state), "
+        f"{a!r}), then for independent probes distributed.per_device_probe_state(opt_state, "
+        f"{a!r})."
+      )
 
 
 def device_varying(tree: T, axis_name: Any) -> T:

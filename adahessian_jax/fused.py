@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from adahessian_jax import _validation, _wrappers, hutchinson, masking
-from adahessian_jax._axes import check_loss_varies
+from adahessian_jax._axes import check_loss_varies, check_state_varies
 from adahessian_jax._transposes import explicitly_sharded
 from adahessian_jax.state import (
   adahessian_states,
@@ -282,7 +282,10 @@ def value_grad_and_hessian_diag(
       :func:`adahessian_jax.is_refresh_step` does; and, under ``shard_map`` at ``params``
       and ``opt_state`` made device-varying over a data axis
       (:func:`adahessian_jax.distributed.device_varying`), for a loss reduced over that axis
-      (``lax.pmean``), naming it: the gradient and estimate would be 1/P of this device's.
+      (``lax.pmean``), naming it: the gradient and estimate would be 1/P of this device's; for
+      a leaf of ``params`` made device-varying over an axis that neither the state's key nor
+      its moment varies over (the state not made device-varying with the params), naming the
+      leaf and the axis: each device would draw its own probes.
   """
 
   has_aux = _validation.flag("value_grad_and_hessian_diag: has_aux", has_aux)
@@ -312,12 +315,14 @@ def value_grad_and_hessian_diag(
     )
     state = _the_adahessian_state(opt_state)
     check_key_data(state.key)  # first: a stacked state's key says to update it inside jax.vmap
+    owned = _owned(params, state.mu)
+    mu = state.mu if owned is None else owned
+    check_state_varies(params, state.key, mu, "value_grad_and_hessian_diag")
     accumulated = _accumulates_gradients(opt_state)
     loss = lambda p: fun(p, *args, **kwargs)
 
     def with_hessian():
       keys, _ = probe_keys(state)
-      owned = _owned(params, state.mu)
       flat = _flattened(params, state.mu)
       value, grads, estimate = hutchinson.value_grad_and_diagonal(
         loss, params, keys, has_aux, name=_NAME, fix=_FIX, owned=owned, flat=flat

@@ -844,6 +844,55 @@ def test_fused_routes_refuse_a_loss_reduced_over_the_data_axis_under_shard_map()
   np.testing.assert_allclose(got["w"][0], want["w"], rtol=1e-12)
 
 
+def test_fused_route_refuses_params_device_varying_beside_a_state_that_is_not():
+  """``vgh(distributed.device_varying(params, "data"), opt_state, ...)`` (the value_fn route's
+  recipe for the gradient) drew each device's own probes, folded over the axis as a split
+  parameter's are: 8 devices, the averaged estimate of w's entries 1.70, 1.58, 0.73, 0.08 times
+  one device's on the global batch, with tx built for the same probes and no error (and a loss
+  pmean-ed over the axis passed unseen). Refused now, naming the leaf and the axis; the state
+  made device-varying with the params, or its key folded by per_device_probe_state (its
+  docstring's recipe), and a leaf split over an axis its moments are split over too, pass."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed, spatial
+
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
+  params = {"b": jnp.zeros(2), "w": jnp.ones((3, 2))}
+  split = {"b": P(), "w": P(None, "model")}
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+  tx = ah.adahessian(0.1, axis_name="data", averaging=spatial.none())
+  state = tx.init(params)
+  state_specs = jax.tree.map(lambda _: P(), state)
+  state_specs = (state_specs[0]._replace(mu=split, nu=split), *state_specs[1:])
+
+  def loss(p, x):
+    return jax.lax.psum(jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2), "model")
+
+  def run(inputs):
+    def step(params, state, x):
+      _, _, hdiag = ah.value_grad_and_hessian_diag(loss)(*inputs(params, state), x)
+      return jax.lax.pmean(hdiag, "data")
+
+    specs = (split, state_specs, P("data"))
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=split))(
+      params, state, x
+    )
+
+  varying = lambda tree: distributed.device_varying(tree, "data")
+  run(lambda p, s: varying((p, s)))
+  run(lambda p, s: (varying(p), distributed.per_device_probe_state(s, "data")))
+  match = (
+    r"value_grad_and_hessian_diag: the parameter at \['b'\] varies over mesh axis 'data' \(made "
+    r"device-varying.*device_varying\(\(params, opt_state\), 'data'\)"
+  )
+  with pytest.raises(ValueError, match=match):
+    run(lambda p, s: (varying(p), s))
+
+
 def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
   """A typed key failed with JAX's "invalid PRNG key data: expected key_data.ndim >= 1", an int32
   array with "expected key_data.dtype = uint32", and a whole optimizer state printed the state."""
