@@ -333,6 +333,10 @@ def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None
       leaf another transform owns, which is not checked), or one vector (``optax.flatten``).
     caller: Who raises, for the error.
 
+  A key that varies over an axis a leaf does not (``per_device_probe_state`` at the replicated
+  params) would draw it a probe that varies where it does not, which JAX refuses (an error about
+  ``pvary``, from inside the product).
+
   Raises:
     ValueError: naming the leaf and the axis.
   """
@@ -356,6 +360,16 @@ def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None
         "batch). Make both device-varying: distributed.device_varying((params, opt_state), "
         f"{a!r}), then for independent probes distributed.per_device_probe_state(opt_state, "
         f"{a!r})."
+      )
+    unlike = _in_order(_varying_axes(key) - _varying_axes(x))
+    if unlike:  # JAX's own error, from the product, was about pvary and named no leaf
+      a = unlike[0]
+      raise ValueError(
+        f"{caller}: the opt_state's PRNG key varies over mesh axis {a!r} (made device-varying, "
+        "or folded by distributed.per_device_probe_state), but the parameter at "
+        f"{_validation.path_str(path)} does not, so its probe would vary where it does not. "
+        "Pass the params made device-varying over it too: distributed.device_varying((params, "
+        f"opt_state), {a!r}) (at the replicated params the gradient is summed over the axis)."
       )
 
 

@@ -97,7 +97,7 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
   Must be called inside a mapped context (``pmap``, ``shard_map``, ``vmap``)
   that binds ``axis_name``. Under ``shard_map`` pass ``vgh`` the parameters as
   :func:`device_varying` returns them (as for any gradient there): probes that vary
-  over the axis at invariant parameters fail JAX's check (an error about ``pvary``).
+  over the axis at invariant parameters are refused, naming the leaf.
 
   Args:
     opt_state: An optimizer state containing AdaHessian states.

@@ -284,8 +284,8 @@ def value_grad_and_hessian_diag(
       (:func:`adahessian_jax.distributed.device_varying`), for a loss reduced over that axis
       (``lax.pmean``), naming it: the gradient and estimate would be 1/P of this device's; for
       a leaf of ``params`` made device-varying over an axis that neither the state's key nor
-      its moment varies over (the state not made device-varying with the params), naming the
-      leaf and the axis: each device would draw its own probes.
+      its moment varies over (the state not made device-varying with the params), or not over
+      one the key varies over (the params left replicated), naming the leaf and the axis.
   """
 
   has_aux = _validation.flag("value_grad_and_hessian_diag: has_aux", has_aux)

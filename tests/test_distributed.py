@@ -893,6 +893,39 @@ def test_fused_route_refuses_params_device_varying_beside_a_state_that_is_not():
     run(lambda p, s: (varying(p), s))
 
 
+def test_fused_route_names_params_left_invariant_beside_per_device_probes():
+  """``vgh(params, distributed.per_device_probe_state(opt_state, "data"), ...)`` under shard_map
+  at the replicated params failed inside the product with JAX's "pvary is a invariant->variant
+  collective ... Got axes=('data',) and jax.typeof(inp)=float64[3,2]{V:data}", naming neither
+  the leaf nor the fix. Refused before the product, naming both."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  tx = ah.adahessian(0.1, axis_name="data", independent_probes=True)
+  params = {"b": jnp.zeros(2), "w": jnp.ones((3, 2))}
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+
+  def step(params, state, x):
+    probes = distributed.per_device_probe_state(state, "data")
+    loss = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+    _, _, hdiag = ah.value_grad_and_hessian_diag(loss)(params, probes, x)
+    return jax.lax.pmean(hdiag, "data")
+
+  mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P()))
+  match = (
+    r"value_grad_and_hessian_diag: the opt_state's PRNG key varies over mesh axis 'data' .*but "
+    r"the parameter at \['b'\] does not.*distributed.device_varying\(\(params, opt_state\), "
+    r"'data'\)"
+  )
+  with pytest.raises(ValueError, match=match):
+    mapped(params, tx.init(params), x)
+
+
 def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
   """A typed key failed with JAX's "invalid PRNG key data: expected key_data.ndim >= 1", an int32
   array with "expected key_data.dtype = uint32", and a whole optimizer state printed the state."""
