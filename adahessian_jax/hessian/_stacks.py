@@ -57,7 +57,7 @@ def layer_axes_of(
         f"number of leading layer axes of each leaf), but it {_not_a_prefix(layer_axes, params)}."
       ) from None
   # Canonical paths, as _by_path matches them: no NNX variable's ".value" step in the name.
-  paths = [_validation.path_str(x.path) for x in layout.leaves(params)]
+  paths = _validation.canonical_leaf_paths(params)
   return [
     tuple(range(_validation.count(f"layer_axes at {p}", n, 0, len(s))))
     for n, p, s in zip(counts, paths, shapes, strict=True)
