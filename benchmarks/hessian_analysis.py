@@ -15,7 +15,7 @@ On a small tanh MLP fitted for a few Adam steps to scikit-learn's 8x8 digits
 
 Usage::
 
-  python benchmarks/hessian_analysis.py          # full (a few minutes on 2 CPU cores)
+  python benchmarks/hessian_analysis.py          # full (about 70 s on 2 idle CPU cores)
   python benchmarks/hessian_analysis.py --quick  # < 30 s
 
 Writes ``benchmarks/results/hessian_analysis.json`` (``--out`` to change; ``--quick`` does not

@@ -22,7 +22,7 @@ The script prints, for a small softmax MLP and ``P`` in (2, 4, 8):
    ``n_samples=P`` probes on one device (the costly way to get the same
    variance reduction).
 
-Run: ``python benchmarks/probe_policy.py`` (CPU, about a minute); writes
+Run: ``python benchmarks/probe_policy.py`` (CPU, about 5 minutes); writes
 ``benchmarks/results/probe_policy.json`` (``--out`` to change).
 """
 

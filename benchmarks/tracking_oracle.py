@@ -19,7 +19,7 @@ top eigenvectors: how far they move.
 
 Usage::
 
-  python benchmarks/tracking_oracle.py                  # both optimizers, 30-100 minutes on 2 cores
+  python benchmarks/tracking_oracle.py                  # both optimizers, 30-120 minutes on 2 cores
   python benchmarks/tracking_oracle.py --only Adam --steps 100
   python benchmarks/tracking_oracle.py --quick          # a smoke test, seconds
 
