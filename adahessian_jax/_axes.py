@@ -192,9 +192,9 @@ def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
   return jax.lax.pvary(x, axes)  # pyright: ignore[reportAttributeAccessIssue]
 
 
-def check_names(axis_name: Any) -> tuple[Any, ...]:
-  """``axis_name`` as a tuple of names; raises ``ValueError`` for an integer among them, or a
-  name that is not hashable (an array).
+def check_names(axis_name: Any, arg: str = "axis_name") -> tuple[Any, ...]:
+  """``axis_name`` as a tuple of names; raises ``ValueError``, naming the argument ``arg``, for an
+  integer among them, or a name that is not hashable (an array).
 
   JAX's collectives read an integer as a positional array axis (``psum(x, 0)`` sums over axis 0 of
   ``x``), so ``axis_name=0``, written for the mapped axis's index, failed with "axis 0 is out of
@@ -204,7 +204,7 @@ def check_names(axis_name: Any) -> tuple[Any, ...]:
   for a in axes:
     if isinstance(a, int | np.integer):
       raise ValueError(
-        f"axis_name={axis_name!r}: {a!r} is an integer, which JAX's collectives read as an array "
+        f"{arg}={axis_name!r}: {a!r} is an integer, which JAX's collectives read as an array "
         "axis, not a mapped one. Pass the name the step is mapped over (jax.pmap(..., "
         "axis_name='batch'), or a mesh axis name under shard_map)."
       )
@@ -212,7 +212,7 @@ def check_names(axis_name: Any) -> tuple[Any, ...]:
       hash(a)
     except TypeError:  # an array: JAX's "unhashable type" came from inside the step
       raise ValueError(
-        f"axis_name={axis_name!r}: {a!r} is not hashable, so it cannot name a mapped axis. Pass "
+        f"{arg}={axis_name!r}: {a!r} is not hashable, so it cannot name a mapped axis. Pass "
         "the name the step is mapped over (jax.pmap(..., axis_name='batch'), or a mesh axis name "
         "under shard_map)."
       ) from None

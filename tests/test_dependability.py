@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import re
 from typing import NamedTuple
 
 import jax
@@ -320,6 +321,20 @@ def test_an_integer_or_array_axis_name_is_refused_at_construction():
   for axis_name in (np.array(["batch"]), ("batch", jnp.ones(2))):
     with pytest.raises(ValueError, match=r"axis_name=.*is not hashable, so it cannot name a"):
       ah.scale_by_adahessian(axis_name=axis_name)
+
+
+def test_an_integer_or_array_expected_axis_name_is_named_as_that_argument():
+  # The caller's expected_axis_name was reported as the transform's own "axis_name=0: ...",
+  # beside a tx built with axis_name=None (or 'batch').
+  params = small_params()
+  grads = jax.grad(small_loss)(params)
+  tx = ah.scale_by_adahessian()
+  state = tx.init(params)
+  for bad, what in ((0, "0 is an integer"), (np.array(["batch"]), r"array.*is not hashable")):
+    with pytest.raises(ValueError, match=rf"^expected_axis_name={re.escape(repr(bad))}: {what}"):
+      tx.update(grads, state, params, hessian_diag=grads, expected_axis_name=bad)
+  with pytest.raises(ValueError, match=r"^expected_axis_name=\('batch', 1\): 1 is an integer"):
+    tx.update(grads, state, params, hessian_diag=grads, expected_axis_name=("batch", 1))
 
 
 @pytest.mark.parametrize(
