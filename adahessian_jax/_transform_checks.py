@@ -1,11 +1,13 @@
 """The checks of :func:`adahessian_jax.scale_by_adahessian`'s arguments and calls.
 
-At construction the dtypes, the seed and whether ``block_size`` is used; at ``update``, before the
-step computes anything: the state against the transform (:func:`check_state`), the mapped axes
-against the caller's (:func:`check_mapping`), the gradients and params against the state
-(:func:`check_against_state`), and what the step was given to estimate the curvature with
-(:func:`check_call`, then :func:`check_value_fn` or :func:`given_estimate` on the steps that
-refresh). Each error names the bad value, where it is (a leaf path), and the fix.
+At construction the dtypes, the seed and whether ``block_size`` is used (at ``init`` again, with
+the params' rules); at ``update``, before the step computes anything: the state against the
+transform (:func:`check_state`), the mapped axes against the caller's (:func:`check_mapping`),
+the gradients and params against the state (:func:`check_against_state`), and whether the step
+was given what it needs to estimate the curvature (:func:`check_call`); then, inside the
+estimate (on the steps that refresh, or under ``jit`` where its branch is traced), ``value_fn``
+(:func:`check_value_fn`) or ``hessian_diag`` (:func:`given_estimate`). Each error names the bad
+value, where it is (a leaf path), and the fix.
 """
 
 from __future__ import annotations
@@ -184,8 +186,8 @@ def _check_settings(
     )
   # Under jit the stored value is unknown (a per-step host check would cost every step). The
   # value_fn route then refreshes on the transform's schedule from the first step
-  # (_schedule_of); a given hessian_diag was made on the state's schedule, which the transform
-  # follows on that step. It writes its own update_freq into the new state either way.
+  # (transform._schedule_of); a given hessian_diag was made on the state's schedule, which the
+  # transform follows on that step. It writes its own update_freq into the new state either way.
   if not isinstance(state.update_freq, jax.core.Tracer) and int(state.update_freq) != update_freq:
     raise ValueError(
       f"the AdaHessian state was made with update_freq={int(state.update_freq)} but the "
@@ -467,9 +469,10 @@ def _check_expected_axis(expected: Any, axis_name: Any) -> None:
 def check_mapping(
   mu: Any, extra_args: dict[str, Any], axis_name: Any, independent_probes: bool
 ) -> dict[str, Any]:
-  """Raises if ``axis_name`` names a mesh axis the parameters (``mu``) are split over, or unless
-  the caller's ``expected_axis_name`` and ``expected_independent_probes`` (if in
-  ``extra_args``) are this transform's; before any collective meets an unbound axis.
+  """Raises if ``axis_name`` is bound by no enclosing map or names a mesh axis the parameters
+  (``mu``) are split over, or unless the caller's ``expected_axis_name`` and
+  ``expected_independent_probes`` (if in ``extra_args``) are this transform's; before any
+  collective meets an unbound axis.
 
   Returns:
     The other extra arguments.

@@ -41,10 +41,10 @@ def _schedule_of(state: ScaleByAdaHessianState, update_freq: int, value_fn: Any)
   """``state`` with the transform's ``update_freq``, if the transform computes the estimate
   (``value_fn``) of a lazy state: the schedule its refresh follows.
 
-  Under ``jit`` a resumed state made with another frequency (which :func:`_check_state` refuses
-  outside ``jit``) then refreshes on the transform's schedule from its first step, not on the
-  state's. A given ``hessian_diag`` was made on the state's schedule (the fused route reads it
-  from the state), so there the state's decides that step.
+  Under ``jit`` a resumed state made with another frequency (which ``checks.check_state``
+  refuses outside ``jit``) then refreshes on the transform's schedule from its first step, not
+  on the state's. A given ``hessian_diag`` was made on the state's schedule (the fused route
+  reads it from the state), so there the state's decides that step.
   """
   if value_fn is None or state.update_freq is None:
     return state
