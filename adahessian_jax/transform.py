@@ -347,19 +347,19 @@ def _new_first_moment(grads: Any, mu: Any, b1: Any) -> Any:
   return jax.tree.map(lambda g, m, o: jnp.where(jnp.isfinite(g), m, o), grads, new, mu)
 
 
-def _guarded(updates: Any, grads: Any, nu: Any, finite: jax.Array | None, update_clip: Any) -> Any:
-  """The preconditioned ``updates`` as the chain gets them: zero where ``nu`` marks an entry with no
+def _guarded(steps: Any, grads: Any, nu: Any, finite: jax.Array | None, update_clip: Any) -> Any:
+  """The preconditioned ``steps`` as the chain gets them: zero where ``nu`` marks an entry with no
   curvature yet (:func:`_unmarked`), clipped to ``[-update_clip, update_clip]`` (if not
-  ``None``), in the gradients' dtypes (:func:`_like_gradient`), and zero everywhere on a step whose
-  estimate is not ``finite`` (``None``: a step without an estimate)."""
-  updates = _unmarked(updates, nu)
+  ``None``), in the dtypes of the gradients ``grads`` (:func:`_like_gradient`), and zero
+  everywhere on a step whose estimate is not ``finite`` (``None``: a step without an estimate)."""
+  steps = _unmarked(steps, nu)
   if update_clip is not None:
     rho = cast(float | jax.Array, update_clip)  # a real scalar, checked at construction
-    updates = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), updates)
-  updates = jax.tree.map(_like_gradient, updates, grads)
+    steps = jax.tree.map(lambda u: jnp.clip(u, -rho, rho), steps)
+  steps = jax.tree.map(_like_gradient, steps, grads)
   if finite is not None:  # a step whose estimate is not finite does not move the params
-    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-  return updates
+    steps = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), steps)
+  return steps
 
 
 def scale_by_adahessian(
