@@ -530,3 +530,17 @@ def test_check_repeated_must_be_a_bool():
   op = _cluster(0)
   with pytest.raises(ValueError, match="check_repeated"):
     hessian.track_curvature(op, check_repeated="False")
+
+
+def test_check_repeated_with_a_deflated_run_out_of_max_iter_vouches_for_nothing():
+  # One tracked value, and the deflated run of the check for repeated eigenvalues out of
+  # max_iter (float32 at tol=1e-7) before it found another: the neighbour gaps indexed a second
+  # value that was not there, a raw "IndexError: index 1 is out of bounds for axis 1 with size 1".
+  rng = np.random.default_rng(1)
+  q = np.linalg.qr(rng.normal(size=(7, 7)))[0]
+  a = jnp.asarray((q * np.r_[2.0, 1.0, np.zeros(5)]) @ q.T, jnp.float32)
+  loss = lambda p, b: 0.5 * p["w"] @ (b @ p["w"])
+  op = hessian.hessian_operator(loss, {"w": jnp.zeros(7, jnp.float32)}, batch=a)
+  got = hessian.track_curvature(op, tol=1e-7, check_repeated=True).sharpness
+  assert abs(float(got.eigenvalue) - 2.0) < 1e-5
+  assert not got.converged and float(got.error) == np.inf

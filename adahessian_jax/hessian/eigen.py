@@ -322,6 +322,8 @@ def _neighbour_errors(values: list, residuals: list, errors: list, found: list) 
   Each run's gap estimate saw only its own Ritz values: a close pair split between the first run
   and a deflated one (or held once by the first, and found again) showed each a gap to the bulk.
   """
+  if len(found) < 2:  # one value (k = 1) and no other found (the first deflated run stopped)
+    return np.asarray(errors, np.float64)
   distances = np.abs(np.asarray(values)[:, None] - np.asarray(found)[None, :])
   gap = np.sort(distances, axis=1)[:, 1]  # the smallest, 0, is the value itself
   return np.maximum(errors, gap_error(np.asarray(residuals), gap))
