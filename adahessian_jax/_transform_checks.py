@@ -218,7 +218,7 @@ def _check_dtypes(state: ScaleByAdaHessianState, mu_dtype: Any, nu_dtype: Any) -
         )
 
 
-_STATE_PARAMS = "the state's parameters"
+_STATE_PARAMS = "the state's parameter tree"
 _NNX_PURE_GRADS = (
   "The gradients have no leaves at all: nnx.Optimizer.update(model, grads) keeps only the "
   "nnx.Variable leaves of grads that its wrt filter selects, and a plain dict or pure state of "

@@ -815,7 +815,7 @@ def test_boxed_state_with_unboxed_params_says_which_has_the_box():
   with pytest.raises(
     ValueError,
     match=rf"params tree .* plain array at \['Dense_0'\]\['bias'\], "
-    rf"where the state's parameters has {box} \(box both or neither: nn.unbox",
+    rf"where the state's parameter tree has {box} \(box both or neither: nn.unbox",
   ):
     tx.update(plain, tx.init(boxed), plain, hessian_diag=plain)
   with pytest.raises(ValueError, match=rf"hessian_diag .* has {box} at \['Dense_0'\]\['bias'\]"):
