@@ -227,12 +227,12 @@ def _estimated_error(theta: np.ndarray, res: np.ndarray, history: list, grown: b
 
 
 def _meets(residual: Any, err: Any, rounding: float, tol: float, stop_on: str) -> tuple:
-  """``(converged, stuck, error)``: whether the stopping test (``stop_on``: the residual or the
-  estimated ``err`` at most ``tol``) holds; whether it holds but the products' ``rounding`` does
-  not (done, not converged); and the error, at least that rounding."""
+  """``(converged, stuck)``: whether the stopping test (``stop_on``: the residual or the
+  estimated ``err`` at most ``tol``) holds, and whether it holds but the products' ``rounding``
+  does not (done, not converged)."""
   ok = (residual if stop_on == "residual" else err) <= tol
   stuck = ok and rounding > tol
-  return ok and not stuck, stuck, max(err, rounding)
+  return ok and not stuck, stuck
 
 
 def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpness:
@@ -283,7 +283,8 @@ def _top(op, start: jax.Array, key, *, tol, max_iter, stop_on, keep) -> Sharpnes
     # would otherwise make a poor pair look converged (seen on the digits CNN's P⁻¹H).
     scale = max(abs(float(theta[0])), float(np.finfo(np.float64).tiny))
     err = _estimated_error(theta, res, history, grown=used > b)
-    ok, stuck, err = _meets(res[0], err, rounding, tol * scale, stop_on)
+    ok, stuck = _meets(res[0], err, rounding, tol * scale, stop_on)
+    err = max(err, rounding)  # the products' rounding is a floor under the error
     grow = res_vecs[0]
     if res[0] <= exact * scale:  # an eigenvector to rounding, but maybe not the top one's
       ok, grow = _beyond_eigenvector(q, w, s, tol * scale, exact * scale, op.dtype)
