@@ -54,10 +54,9 @@ from adahessian_jax._axes import (
   warn_if_loss_couples_devices,
 )
 from adahessian_jax.state import (
-  adahessian_states,
+  check_holds_adahessian_state,
   check_key_data,
   map_adahessian_state,
-  untyped_state_hint,
 )
 
 __all__ = [
@@ -112,12 +111,7 @@ def per_device_probe_state(opt_state: T, axis_name: Any) -> T:
       holds no AdaHessian state, or one whose key is not raw key data of JAX's default PRNG
       implementation (e.g. a checkpoint made under another ``jax_default_prng_impl``).
   """
-  if not adahessian_states(opt_state):
-    raise ValueError(
-      "per_device_probe_state found no AdaHessian state (ScaleByAdaHessianState) in opt_state, "
-      f"a {type(opt_state).__name__}: pass the state of an optimizer built with "
-      "adahessian_jax.adahessian or scale_by_adahessian." + untyped_state_hint(opt_state)
-    )
+  check_holds_adahessian_state(opt_state, "per_device_probe_state")
 
   def fold(s):
     check_key_data(s.key)  # e.g. made under another PRNG implementation

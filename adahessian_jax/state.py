@@ -175,13 +175,7 @@ def map_adahessian_state(
     raise TypeError(f"map_adahessian_state: {e}") from None
 
   # Returned unchanged, the state looked replaced: a new key or update_freq was silently not set.
-  if not adahessian_states(opt_state):
-    raise ValueError(
-      "map_adahessian_state: opt_state holds no ScaleByAdaHessianState, so fn would replace "
-      f"nothing; it holds {_state_names(opt_state)}. Pass the state of an optimizer built with "
-      "adahessian_jax (adahessian, scale_by_adahessian, or a chain holding one)."
-      + untyped_state_hint(opt_state)
-    )
+  check_holds_adahessian_state(opt_state, "map_adahessian_state")
 
   def replace(x: Any) -> Any:
     if not is_adahessian_state(x):
@@ -203,6 +197,20 @@ def map_adahessian_state(
     return new
 
   return jax.tree.map(replace, opt_state, is_leaf=is_adahessian_state)
+
+
+def check_holds_adahessian_state(opt_state: Any, who: str) -> None:
+  """Raises ``ValueError`` unless ``opt_state`` holds a :class:`ScaleByAdaHessianState`, for
+  ``who``, which replaces every one it holds: the message names the states it holds instead, and
+  the fix for one restored without a target or taken with ``nnx.state``."""
+  if adahessian_states(opt_state):
+    return
+  raise ValueError(
+    f"{who}: opt_state holds no AdaHessian state (ScaleByAdaHessianState), so there is nothing "
+    f"to replace; it holds {_state_names(opt_state)}. Pass the state of an optimizer built with "
+    "adahessian_jax (adahessian, scale_by_adahessian, or a chain holding one)."
+    + untyped_state_hint(opt_state)
+  )
 
 
 def _state_names(opt_state: Any) -> str:

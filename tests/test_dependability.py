@@ -448,8 +448,9 @@ def test_map_adahessian_state_over_a_state_that_holds_none_names_what_it_holds()
   # new key or update_freq fn set was silently not set. optax.tree_utils.tree_set raises likewise.
   params = small_params()
   set_key = lambda s: s._replace(key=jax.random.key_data(jax.random.split(jax.random.key(1), 1)))
-  none = r"^map_adahessian_state: opt_state holds no ScaleByAdaHessianState, so fn would replace "
-  with pytest.raises(ValueError, match=none + r"nothing; it holds ScaleByAdamState, EmptyState\."):
+  none = r"^map_adahessian_state: opt_state holds no AdaHessian state \(ScaleByAdaHessianState\), "
+  none += r"so there is nothing to replace; it holds "
+  with pytest.raises(ValueError, match=none + r"ScaleByAdamState, EmptyState\."):
     ah.map_adahessian_state(set_key, optax.adam(0.1).init(params))
   restored = jax.tree.map(lambda x: x, [s._asdict() for s in ah.adahessian(0.1).init(params)])
   with pytest.raises(ValueError, match=r"it holds no optax state: it is a list\. .*restore with"):
