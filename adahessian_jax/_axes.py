@@ -9,9 +9,8 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from adahessian_jax import _keys, _validation
+from adahessian_jax import _keys, _validation, masking
 
 __all__ = ["device_varying", "fold_in_axis_index"]
 
@@ -340,13 +339,12 @@ def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None
   Raises:
     ValueError: naming the leaf and the axis.
   """
-  is_masked = lambda m: isinstance(m, optax.MaskedNode)
-  slots = jax.tree.leaves(moments, is_leaf=is_masked)
+  slots = jax.tree.leaves(moments, is_leaf=masking.is_masked)
   leaves = jax.tree_util.tree_leaves_with_path(params)
   if len(slots) != len(leaves):  # one vector for all (optax.flatten)
     slots = [frozenset().union(*(_varying_axes(m) for m in slots))] * len(leaves)
   for (path, x), m in zip(leaves, slots, strict=True):
-    if is_masked(m):
+    if masking.is_masked(m):
       continue
     given = (m if isinstance(m, frozenset) else _varying_axes(m)) | _varying_axes(key)
     missing = _in_order(_varying_axes(x) - given)

@@ -182,11 +182,8 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
   # group's P of nnx.as_pure, the params' nnx.to_pure_dict) has not: it was refused as having no
   # entry at ['out']['bias'].value.
   is_node = lambda x: masking.is_masked(x) or layout.is_annotated(x)
-  holds_masked = lambda x: any(
-    map(masking.is_masked, jax.tree.leaves(x, is_leaf=masking.is_masked))
-  )
   leaves = jax.tree_util.tree_leaves_with_path(nu, is_leaf=is_node)
-  masked = [jax.tree_util.keystr(p) for p, x in leaves if holds_masked(x)]
+  masked = [jax.tree_util.keystr(p) for p, x in leaves if masking.has_masked_nodes(x)]
   if not masked:
     return p
   if fill is None:
@@ -206,7 +203,7 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
     at = lambda path: _subtree_at(plain, path, jax.tree_util.keystr(path))
 
   def fill_leaf(path: Any, x: Any) -> Any:
-    if not holds_masked(x):
+    if not masking.has_masked_nodes(x):
       return x
     value = at(path)  # inside a Variable, the Variable stays
     return jax.tree.map(
