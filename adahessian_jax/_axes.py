@@ -312,6 +312,55 @@ def check_loss_varies(
     )
 
 
+def _tracks_variation(axes: tuple[Any, ...]) -> bool:
+  """Whether JAX tracks here which values vary over ``axes``: inside ``shard_map`` with
+  ``check_vma=True``, not under ``pmap`` or ``check_vma=False``, where nothing is seen to vary.
+  Traced apart (``jax.eval_shape``), so it adds nothing to the program."""
+  index = jax.eval_shape(lambda: jax.lax.axis_index(axes))
+  varying = getattr(getattr(index, "manual_axis_type", None), "varying", None)
+  if varying is None:  # JAX before 0.10
+    varying = getattr(index, "vma", frozenset())
+  return frozenset(axes) <= frozenset(varying)
+
+
+def check_estimate_varies(estimate: Any, axis_name: Any) -> None:
+  """Refuses a given Hessian-diagonal estimate that is the same on every device of an axis of
+  ``axis_name`` (inside ``shard_map``), which the transform averages it over.
+
+  Averaging it would change nothing, and the usual source is the fused route at parameters and
+  state left replicated with this device's loss: JAX differentiates the sum of the devices'
+  losses there, so the gradient and the estimate are P times the global batch's (measured: 4x
+  on 4 devices), silently. An estimate that is already the global batch's needs no
+  ``axis_name``. Under ``pmap`` and with ``check_vma=False`` nothing is seen to vary, and
+  nothing is checked. A trace-time check: it adds nothing to the program.
+
+  Args:
+    estimate: The ``hessian_diag`` given to the update, in the moments' tree.
+    axis_name: The transform's ``axis_name``, bound here.
+
+  Raises:
+    ValueError: naming the leaf and the axis.
+  """
+  axes = check_names(axis_name)
+  if not _tracks_variation(axes):
+    return
+  for path, x in jax.tree_util.tree_leaves_with_path(estimate):
+    same = _in_order(frozenset(axes) - _varying_axes(x))
+    if same:
+      a = same[0]
+      raise ValueError(
+        f"scale_by_adahessian: hessian_diag at {_validation.path_str(path)} is the same on every "
+        f"device of mesh axis {a!r} (it does not vary over it), which tx averages it over "
+        f"(axis_name={axis_name!r}): that would change nothing. If it comes from "
+        "value_grad_and_hessian_diag at params and opt_state left replicated with this "
+        "device's loss, JAX differentiated the sum of the devices' losses, and the gradient and "
+        "the estimate are P times the global batch's (P devices): make both device-varying "
+        f"first, distributed.device_varying((params, opt_state), {a!r}) (TrainState.apply_loss "
+        "and adahessian_jax.nnx.value_grad_and_hessian_diag with axis_name do it). If it is "
+        "already the global batch's estimate, build tx without axis_name."
+      )
+
+
 def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None:
   """Refuses a leaf of ``params`` made device-varying over a mesh axis (inside ``shard_map``)
   that the optimizer state it comes with does not vary over, neither its PRNG ``key`` nor the

@@ -13,6 +13,7 @@ import optax
 from adahessian_jax import _transform_checks as checks
 from adahessian_jax import _validation, _wrappers, hutchinson, spatial
 from adahessian_jax._axes import (
+  check_estimate_varies,
   check_loss_varies,
   check_names,
   device_varying,
@@ -71,6 +72,8 @@ def _estimate(
     estimate = _hutchinson(value_fn, params, keys, axis_name, independent_probes)
   else:
     estimate = checks.given_estimate(hessian_diag, like)
+    if axis_name is not None:
+      check_estimate_varies(estimate, axis_name)
   # Tested before a cast that keeps every value (bfloat16 params, float32 moments): the same
   # reduction as the fused route's mark on hessian_diag, which XLA then computes once (after the
   # cast it was a second pass over the estimate). After the average over axis_name, on which
@@ -526,7 +529,9 @@ def scale_by_adahessian(
       refresh, a ``value_fn`` whose loss does not depend on its argument (a
       closure over other params), an ``axis_name`` that no enclosing map binds, or one that names
       a mesh axis a parameter is split over (inside ``shard_map``), a ``value_fn`` whose loss
-      is already reduced over ``axis_name`` (the same on every device inside ``shard_map``), an
+      is already reduced over ``axis_name`` (the same on every device inside ``shard_map``), a
+      ``hessian_diag`` leaf the same on every device of ``axis_name`` (inside ``shard_map``: the
+      fused route at replicated params, whose estimate is P times the global batch's), an
       ``expected_axis_name`` other than ``axis_name``, an ``expected_independent_probes``
       other than ``independent_probes``, ``params=None`` or masked params (inside
       ``optax.masked``) beside a ``value_fn`` not made by

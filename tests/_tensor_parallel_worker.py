@@ -98,7 +98,8 @@ def floored_bias_update(mesh, params, diag, grads):
   """``curvature_floor`` on a leaf without curvature (``b0``) floors it by the model-wide mean,
   which takes in every shard of the split kernels: the update is one device's."""
   hparams = {"learning_rate": 0.1, "block_size": 2, "seed": 5, "curvature_floor": 0.5}
-  tx = ah.adahessian(**hparams, axis_name="data", averaging=whole_model_rules(params, 2))
+  # The exact diagonal is the global batch's, the same on every data device: no axis_name.
+  tx = ah.adahessian(**hparams, averaging=whole_model_rules(params, 2))
   state = jax.jit(tx.init)(params)
   flat = {**diag, "b0": np.zeros_like(diag["b0"])}
 
@@ -120,7 +121,7 @@ def given_diagonal_updates(mesh, x, y, params, diag):
   Also with a NaN in one entry of ``w1``, which only the first ``model`` shard holds: the step
   is skipped on every shard (and on one device), the replicated ``b0`` included.
   """
-  tx = ah.adahessian(0.1, block_size=2, seed=5, axis_name="data")
+  tx = ah.adahessian(0.1, block_size=2, seed=5)  # the global batch's diagonal: no axis_name
   single = jax.jit(step_on_one_device(ah.adahessian(0.1, block_size=2, seed=5)))
   state = jax.jit(tx.init)(params)
   grads = jax.tree.map(np.asarray, jax.jit(jax.grad(global_loss))(params, x, y))

@@ -451,7 +451,7 @@ def test_split_parameters_under_shard_map_warn_unless_the_rules_are_the_whole_mo
   from jax.sharding import PartitionSpec as P
 
   import adahessian_jax as ah
-  from adahessian_jax import spatial
+  from adahessian_jax import distributed, spatial
 
   auto = (jax.sharding.AxisType.Auto,) * 2
   mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
@@ -464,8 +464,8 @@ def test_split_parameters_under_shard_map_warn_unless_the_rules_are_the_whole_mo
     state_specs = jax.tree.map(lambda _: P(), state)
     state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
 
-    def step(g, s, p, tx=tx):
-      return tx.update(g, s, p, hessian_diag=diag)[0]
+    def step(g, s, p, tx=tx):  # a data-parallel estimate varies over the data axis
+      return tx.update(g, s, p, hessian_diag=distributed.device_varying(diag, "data"))[0]
 
     mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
     with warnings.catch_warnings(record=True) as caught:
@@ -489,7 +489,7 @@ def test_update_under_shard_map_calls_an_averaging_callable_once_per_leaf():
   from jax.sharding import PartitionSpec as P
 
   import adahessian_jax as ah
-  from adahessian_jax import spatial
+  from adahessian_jax import distributed, spatial
 
   auto = (jax.sharding.AxisType.Auto,) * 2
   mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
@@ -505,7 +505,8 @@ def test_update_under_shard_map_calls_an_averaging_callable_once_per_leaf():
   state = tx.init(params)
   state_specs = jax.tree.map(lambda _: P(), state)
   state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
-  step = lambda g, s, p: tx.update(g, s, p, hessian_diag=jax.tree.map(jnp.ones_like, p))[0]
+  ones = lambda p: distributed.device_varying(jax.tree.map(jnp.ones_like, p), "data")
+  step = lambda g, s, p: tx.update(g, s, p, hessian_diag=ones(p))[0]
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
   calls.clear()
   with warnings.catch_warnings(record=True) as caught:
@@ -525,7 +526,7 @@ def test_update_under_shard_map_reads_the_tree_once(monkeypatch):
   from jax.sharding import PartitionSpec as P
 
   import adahessian_jax as ah
-  from adahessian_jax import spatial
+  from adahessian_jax import distributed, spatial
 
   auto = (jax.sharding.AxisType.Auto,) * 2
   mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
@@ -535,7 +536,8 @@ def test_update_under_shard_map_reads_the_tree_once(monkeypatch):
   state = tx.init(params)
   state_specs = jax.tree.map(lambda _: P(), state)
   state_specs = (state_specs[0]._replace(mu=specs, nu=specs), *state_specs[1:])
-  step = lambda g, s, p: tx.update(g, s, p, hessian_diag=jax.tree.map(jnp.ones_like, p))[0]
+  ones = lambda p: distributed.device_varying(jax.tree.map(jnp.ones_like, p), "data")
+  step = lambda g, s, p: tx.update(g, s, p, hessian_diag=ones(p))[0]
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
   reads = []
   unread = spatial._unread
@@ -924,6 +926,71 @@ def test_fused_route_names_params_left_invariant_beside_per_device_probes():
   )
   with pytest.raises(ValueError, match=match):
     mapped(params, tx.init(params), x)
+
+
+def test_tx_with_axis_name_refuses_an_estimate_the_same_on_every_device_of_the_axis():
+  """The fused route at params and opt_state left replicated (``device_varying`` forgotten),
+  with this device's loss, under shard_map: JAX differentiates the sum of the devices' losses, so
+  the gradient and the estimate were P times the global batch's, silently (4 devices: both 4.0x
+  one device's on the global batch; tx's average over axis_name changed nothing). tx refuses the
+  estimate now, naming the leaf, the axis and the fix, on a refresh step and in the lax.cond of
+  update_freq=2. The recipe (device_varying), a step that does not refresh (refresh=False, whose
+  estimate tx does not read), the global batch's estimate given to tx without axis_name, pmap and
+  check_vma=False (where nothing is seen to vary) pass."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  params = {"b": jnp.zeros(2), "w": jnp.ones((3, 2))}
+  x = jnp.arange(12.0).reshape(4, 3) / 10
+  loss = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+  def run(varying=True, axis="data", refresh=None, update_freq=1, check_vma=True):
+    tx = ah.adahessian(0.1, axis_name=axis, update_freq=update_freq)
+
+    def step(params, state, x):
+      local = distributed.device_varying((params, state), "data") if varying else (params, state)
+      _, grads, hdiag = ah.value_grad_and_hessian_diag(loss, refresh=refresh)(*local, x)
+      grads = jax.lax.pmean(grads, "data")
+      return tx.update(grads, state, params, hessian_diag=hdiag, refresh=refresh)[0]
+
+    specs = (P(), P(), P("data"))
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=check_vma)
+    return jax.jit(mapped)(params, tx.init(params), x)
+
+  def single(params, state, x):  # one device, the global batch
+    _, grads, hdiag = ah.value_grad_and_hessian_diag(loss)(params, state, x)
+    return ah.adahessian(0.1).update(grads, state, params, hessian_diag=hdiag)[0]
+
+  want = jax.jit(single)(params, ah.adahessian(0.1).init(params), x)
+  np.testing.assert_allclose(run()["w"], want["w"], rtol=1e-6)
+  np.testing.assert_allclose(run(varying=False, axis=None)["w"], want["w"], rtol=1e-6)
+  np.testing.assert_allclose(run(varying=False, check_vma=False)["w"], want["w"], rtol=1e-6)
+  run(varying=False, refresh=False, update_freq=2)
+  run(update_freq=2)
+  match = (
+    r"scale_by_adahessian: hessian_diag at \['b'\] is the same on every device of mesh axis "
+    r"'data' .*axis_name='data'.*P times the global batch's.*"
+    r"distributed.device_varying\(\(params, opt_state\), 'data'\).*build tx without axis_name"
+  )
+  for call in (lambda: run(varying=False), lambda: run(varying=False, update_freq=2)):
+    with pytest.raises(ValueError, match=match):
+      call()
+
+  def pmap_step(params, state, x):
+    _, grads, hdiag = ah.value_grad_and_hessian_diag(loss)(params, state, x)
+    grads = jax.lax.pmean(grads, "data")
+    return ah.adahessian(0.1, axis_name="data").update(grads, state, params, hessian_diag=hdiag)[0]
+
+  replicated = distributed.replicate(
+    (params, ah.adahessian(0.1).init(params)), "data", devices=jax.devices()[:1]
+  )
+  got = jax.pmap(pmap_step, axis_name="data", devices=jax.devices()[:1])(*replicated, x[None])
+  np.testing.assert_allclose(got["w"][0], want["w"], rtol=1e-6)
 
 
 def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
