@@ -129,7 +129,7 @@ def check_block_size_used(block_size: int, averaging: Any, rules: Any = None) ->
 
 
 def check_state(
-  state: Any, update_freq: int, n_samples: int, stores_d: bool, mu_dtype: Any, nu_dtype: Any
+  state: Any, *, update_freq: int, n_samples: int, stores_d: bool, mu_dtype: Any, nu_dtype: Any
 ) -> None:
   """Raises unless ``state`` is a :class:`ScaleByAdaHessianState` made by a transform with this
   ``update_freq``, ``n_samples``, ``lazy_moment`` (``stores_d``) and moment dtypes, whose fields

@@ -38,6 +38,13 @@ from adahessian_jax.state import (
 __all__ = ["scale_by_adahessian"]
 
 
+def _stored_update_freq(update_freq: int) -> jax.Array | None:
+  """What a state holds of ``update_freq``: with lazy refresh (``update_freq > 1``) the interval
+  as an int32 array, which the fused route and :func:`adahessian_jax.is_refresh_step` read the
+  schedule from; ``None`` without."""
+  return jnp.asarray(update_freq, jnp.int32) if update_freq > 1 else None
+
+
 def _schedule_of(state: ScaleByAdaHessianState, update_freq: int, value_fn: Any) -> Any:
   """``state`` with the transform's ``update_freq``, if the transform computes the estimate
   (``value_fn``) of a lazy state: the schedule its refresh follows.
@@ -49,7 +56,7 @@ def _schedule_of(state: ScaleByAdaHessianState, update_freq: int, value_fn: Any)
   """
   if value_fn is None or state.update_freq is None:
     return state
-  return state._replace(update_freq=jnp.asarray(update_freq, jnp.int32))
+  return state._replace(update_freq=_stored_update_freq(update_freq))
 
 
 def _estimate(
@@ -611,14 +618,21 @@ def scale_by_adahessian(
       nu=_no_curvature_yet(params, nu_dtype),
       # A buffer of its own: donating a state whose leaves alias fails.
       hessian=_no_curvature_yet(params, nu_dtype) if stores_d else None,
-      update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
+      update_freq=_stored_update_freq(update_freq),
     )
     return placed_like_params(state, params)
 
   def update_fn(
     updates, state, params=None, *, value_fn=None, hessian_diag=None, refresh=None, **extra_args
   ):
-    checks.check_state(state, update_freq, n_samples, stores_d, mu_dtype, nu_dtype)
+    checks.check_state(
+      state,
+      update_freq=update_freq,
+      n_samples=n_samples,
+      stores_d=stores_d,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+    )
     state = jax.tree.map(jnp.asarray, state)  # a Python float moment, as jit would read it
     others = checks.check_mapping(state.mu, extra_args, axis_name, independent_probes)
     checks.check_against_state(updates, params, state.mu)
@@ -649,7 +663,7 @@ def scale_by_adahessian(
       mu=jax.tree.map(_stored_like, mu, state.mu),  # its dtype from init on, whatever b1's dtype
       nu=nu,
       hessian=d,
-      update_freq=jnp.asarray(update_freq, jnp.int32) if lazy else None,
+      update_freq=_stored_update_freq(update_freq),
     )
     return steps, new_state
 
