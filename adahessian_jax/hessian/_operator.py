@@ -458,7 +458,8 @@ class HessianOperator:
       v: A flat ``(n,)`` vector.
 
     Returns:
-      A pytree like the params (plain arrays).
+      A pytree of the params' structure (Linen boxes and NNX variables included) whose leaves
+      hold the entries of ``v`` in the params' leaf shapes.
 
     Raises:
       ValueError: for another shape (JAX's split raised "axis 0 is out of bounds" for a scalar).
@@ -577,6 +578,9 @@ class HessianOperator:
 
     Returns:
       A :class:`HessianOperator` of the full size, without data.
+
+    Raises:
+      ValueError: for an unknown leaf name or an index out of range.
     """
     sl = self.leaf_slices[self.layout.index(leaf)]
     mask = jnp.zeros(self.size, self.dtype).at[sl].set(1.0)
@@ -1162,8 +1166,8 @@ def hessian_operator(
       numbers. By default the leading dimension that all leaves of a batch
       with an axis share; a batch whose leaves disagree (e.g. a per-class
       weight vector next to the examples) raises ``ValueError`` naming the
-      leaves and their sizes: pass ``batch_sizes`` then. Ignored for a single
-      batch.
+      leaves and their sizes: pass ``batch_sizes`` then. A single batch has weight 1: its
+      size is not inferred, and a ``batch_sizes`` given with it must still be one such number.
     block_size: Vectors per compiled block product. A product with one vector
       or ``block_size`` vectors runs as is; any other count runs in blocks of
       ``block_size`` (the last zero-padded), so the per-batch Hessian product is
