@@ -130,11 +130,11 @@ def spectral_density(
     A :class:`SpectralDensity`.
 
   Raises:
-    ValueError: for a count or width out of range, or a grid that is not a
-      1-D sequence of finite numbers (checked before any product is spent), or
-      a default grid whose step is wider than ``σ`` (known before any product
-      is spent for the default ``σ``, which needs ``num_points >= 113``;
-      otherwise once the nodes are).
+    ValueError: for a count or width out of range, a grid that is not a 1-D sequence of finite
+      numbers, a ``key`` that is not one PRNG key (an int seed, a batch of keys) or a call inside
+      ``jax.jit`` (all checked before any product is spent), or a default grid whose step is
+      wider than ``σ`` (known before any product is spent for the default ``σ``, which needs
+      ``num_points >= 113``; otherwise once the nodes are).
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
   grid = None if grid is None else _grid(grid)

@@ -149,7 +149,8 @@ def hutchinson_diagonal_estimate(
     that mixes dtypes is not rounded to bfloat16).
 
   Raises:
-    ValueError: for a count that is not an integer in range.
+    ValueError: for a count that is not an integer in range, a ``key`` that is not one PRNG key (an
+      int seed, a batch of keys), or a call inside ``jax.jit``.
     NonFiniteError: at the first non-finite sample (e.g. a NaN loss).
   """
   num_samples = _validation.count("num_samples", num_samples, 2)
@@ -227,7 +228,9 @@ def xdiag(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> Diagona
     :func:`~adahessian_jax.hessian.xtrace`.
 
   Raises:
-    ValueError: for a bad budget; NonFiniteError: for a non-finite product.
+    ValueError: for a bad budget, a ``key`` that is not one PRNG key (an int seed, a batch of keys),
+      or a call inside ``jax.jit``.
+    NonFiniteError: for a non-finite product.
   """
   mean, se, spent, _ = exchangeable_estimate(
     op, key, num_matvecs, lambda q, z: jnp.sum(q * z, axis=0), _xdiag_estimates, per_entry=True

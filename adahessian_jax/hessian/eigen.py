@@ -249,10 +249,11 @@ def top_eigenvalues(
     An :class:`Eigen`.
 
   Raises:
-    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, a
-      bad ``which``, ``tol``, ``stop_on``, ``check_repeated`` (not a bool or ``None``) or ``v0``
-      (unlike the params, not finite, or zero), or if no fresh vector can extend a basis
-      of fewer than ``k`` vectors.
+    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, a bad ``which``,
+      ``tol``, ``stop_on``, ``check_repeated`` (not a bool or ``None``) or ``v0`` (unlike the
+      params, not finite, or zero), a ``key`` that is not one PRNG key (an int seed, a batch of
+      keys), or a call inside ``jax.jit``, or if no fresh vector can extend a basis of fewer than
+      ``k`` vectors.
     NonFiniteError: if a product is not finite (e.g. a NaN loss at ``params``).
   """
   k = _check(k, which, op)
@@ -561,8 +562,9 @@ def power_iteration(
     found with a deflation by a vector that is not an eigenvector.
 
   Raises:
-    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range,
-      or a ``tol`` not in ``(0, 1)``.
+    ValueError: for a ``k`` or ``max_iter`` that is not an integer in range, a ``tol`` not in
+      ``(0, 1)``, a ``key`` that is not one PRNG key (an int seed, a batch of keys), or a call
+      inside ``jax.jit``.
     NonFiniteError: if a Rayleigh quotient is not finite (e.g. a NaN loss).
   """
   k = _check(k, "LM", op)

@@ -152,9 +152,10 @@ def layer_breakdown(
     float32 model too).
 
   Raises:
-    ValueError: for a count, ``which`` or ``tol`` out of range, an ``eigenvalues`` that is not
-      a bool or a ``layer_axes`` that does not fit the params (naming the leaf), before any
-      product is spent.
+    ValueError: for a count, ``which`` or ``tol`` out of range, an ``eigenvalues`` that is not a
+      bool, a ``layer_axes`` that does not fit the params (naming the leaf), a ``key`` that is not
+      one PRNG key (an int seed, a batch of keys), or a call inside ``jax.jit``, before any product
+      is spent.
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
   eigenvalues = _validation.flag("eigenvalues", eigenvalues)

@@ -199,7 +199,8 @@ def hutchinson_trace(
     ``c_m·s/√m``, ``converged`` whether it met the target before ``max_samples``.
 
   Raises:
-    ValueError: for a tolerance or count out of range.
+    ValueError: for a tolerance or count out of range, a ``key`` that is not one PRNG key (an int
+      seed, a batch of keys), or a call inside ``jax.jit``.
     NonFiniteError: at the first non-finite sample (e.g. a NaN loss).
   """
   key = _checks.prng_key(key)
@@ -240,7 +241,8 @@ def hutchpp_trace(
     and the residual probes are independent of it, so the error is the residual's alone).
 
   Raises:
-    ValueError: for a size, tolerance or count out of range.
+    ValueError: for a size, tolerance or count out of range, a ``key`` that is not one PRNG key (an
+      int seed, a batch of keys), or a call inside ``jax.jit``.
     TypeError: for a keyword argument that is not one of ``stopping``'s.
     NonFiniteError: at the first non-finite product.
   """
@@ -331,7 +333,8 @@ def xtrace(op: HessianOperator, key: jax.Array, num_matvecs: int = 32) -> TraceE
     A :class:`TraceEstimate`.
 
   Raises:
-    ValueError: for a budget that is not an integer >= 4.
+    ValueError: for a budget that is not an integer >= 4, a ``key`` that is not one PRNG key (an int
+      seed, a batch of keys), or a call inside ``jax.jit``.
     NonFiniteError: if a product is not finite.
   """
   mean, se, spent, s = exchangeable_estimate(
