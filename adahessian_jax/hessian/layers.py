@@ -40,15 +40,15 @@ __all__ = ["LayerCurvature", "layer_breakdown"]
 
 
 class LayerCurvature(NamedTuple):
-  """Curvature of one leaf's diagonal Hessian block ``H_ll``.
+  """Curvature of one leaf's diagonal Hessian block ``H_ll`` (or one layer's, in a stacked leaf).
 
   Attributes:
-    size: Number of parameters in the leaf.
+    size: Number of parameters in the leaf (in the layer).
     trace: Estimate of ``tr(H_ll)``.
     trace_stderr: Its standard error, Student-t scaled as
       :func:`adahessian_jax.hessian.hutchinson_trace`'s: ``trace ± 1.96·trace_stderr`` is a
       95 % interval.
-    diagonal: Estimate of ``diag(H_ll)``, shaped like the leaf.
+    diagonal: Estimate of ``diag(H_ll)``, shaped like the leaf (like one layer of it).
     top_eigenvalue: Largest eigenvalue of ``H_ll`` (``nan`` if not computed,
       or for a leaf of size 0, which has none).
     num_matvecs: Products spent on the eigenvalue.
