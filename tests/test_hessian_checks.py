@@ -434,9 +434,12 @@ def test_a_loss_that_ignores_its_params_gets_the_analyses_fix():
 @pytest.mark.parametrize(
   "grid,message",
   [
-    (np.zeros((2, 3)), r"nonempty 1-D sequence of numbers, got shape \(2, 3\)"),
-    ([0.0, np.nan], r"grid must be finite, got nan at grid\[1\]"),
-    (["a"], "grid must be a 1-D sequence of numbers"),
+    (np.zeros((2, 3)), r"grid must be a 1-D array of finite numbers, got shape \(2, 3\)"),
+    ([0.0, np.nan], r"grid must be finite, got nan at index 1"),
+    (["a"], "grid must be a 1-D array of finite numbers"),
+    ([True, False], r"grid must be a 1-D array of finite numbers, got \[True, False\]"),
+    (["1", "2.5"], r"grid must be a 1-D array of finite numbers, got \['1', '2.5'\]"),
+    ([], "grid is empty: give at least one point"),
   ],
 )
 def test_a_bad_density_grid_is_refused_before_any_product(ops, grid, message):

@@ -78,6 +78,31 @@ def prng_key(key: Any, *, traced: bool = False, default: int | None = None) -> j
 _WHICH = ("LA", "LM", "SA")
 
 
+def finite_1d(name: str, values: Any, empty: str) -> np.ndarray:
+  """``values`` as a float64 array if it is 1-D, nonempty, real (not bool) and finite, else
+  ``ValueError`` naming ``name``: a landscape's steps, a density's grid. ``empty`` is the error's
+  advice for an empty one."""
+  concrete(values, name)
+  try:
+    given = np.asarray(values)
+  except (TypeError, ValueError):
+    given = np.asarray(None)  # a ragged list: an object array, refused below
+  real = jnp.issubdtype(given.dtype, jnp.floating) or jnp.issubdtype(given.dtype, jnp.integer)
+  if not real or given.dtype == np.bool_:  # bools were read as 1.0 and 0.0, strings as numbers
+    raise ValueError(
+      f"{name} must be a 1-D array of finite numbers, got {values!r} (dtype {given.dtype})"
+    )
+  arr = given.astype(np.float64)
+  if arr.ndim != 1:
+    raise ValueError(f"{name} must be a 1-D array of finite numbers, got shape {arr.shape}")
+  if not arr.size:
+    raise ValueError(f"{name} is empty: {empty}")
+  bad = np.flatnonzero(~np.isfinite(arr))
+  if bad.size:
+    raise ValueError(f"{name} must be finite, got {arr[bad[0]]} at index {int(bad[0])}")
+  return arr
+
+
 def which(which: str) -> str:
   """The eigen solves' check of their ``which`` (``top_eigenvalues``, ``layer_breakdown``).
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -79,21 +79,6 @@ def gaussian_mixture(
   return np.exp(-0.5 * z * z) @ weights / (sigma * np.sqrt(2.0 * np.pi))
 
 
-def _grid(grid: Any) -> np.ndarray:
-  """``grid`` as a 1-D float64 array, else ``ValueError`` naming what is wrong."""
-  _checks.concrete(grid, "grid")
-  try:
-    out = np.asarray(grid, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"grid must be a 1-D sequence of numbers, got {grid!r}") from None
-  if out.ndim != 1 or out.size == 0:
-    raise ValueError(f"grid must be a nonempty 1-D sequence of numbers, got shape {out.shape}")
-  if not np.all(np.isfinite(out)):
-    bad = int(np.flatnonzero(~np.isfinite(out))[0])
-    raise ValueError(f"grid must be finite, got {out[bad]} at grid[{bad}]")
-  return out
-
-
 # The default grid spans the nodes' spread (100σ for the default σ) plus 6σ on each side: 112
 # steps of σ.
 _DEFAULT_SIGMA_POINTS = 113
@@ -137,7 +122,7 @@ def spectral_density(
       ``num_points >= 113``; otherwise once the nodes are).
     NonFiniteError: at the first non-finite product (e.g. a NaN loss).
   """
-  grid = None if grid is None else _grid(grid)
+  grid = None if grid is None else _checks.finite_1d("grid", grid, "give at least one point")
   num_probes = _validation.count("num_probes", num_probes)
   num_steps = _validation.count("num_steps", num_steps)
   num_points = _validation.count("num_points", num_points, 2)

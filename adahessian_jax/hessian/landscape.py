@@ -94,6 +94,8 @@ __all__ = [
 ]
 
 _NORMALIZE = (None, "unit", "layer", "filter")
+#: The advice for empty steps, refused before the default directions spend their products.
+_NO_STEPS = "give at least one step (an empty grid has no losses)"
 
 
 class Landscape1D(NamedTuple):
@@ -405,30 +407,6 @@ def _grid_losses(loss_fn, unravel, flat, directions, coeffs, batch, chunk):
   return jax.lax.map(one, coeffs, batch_size=chunk)
 
 
-def _steps(name: str, values: Any) -> np.ndarray:
-  """``values`` as a float64 array if it is 1-D, nonempty, real (not bool) and finite, else
-  ``ValueError``."""
-  _checks.concrete(values, name)
-  try:
-    given = np.asarray(values)
-  except (TypeError, ValueError):
-    given = np.asarray(None)  # a ragged list: an object array, refused below
-  real = jnp.issubdtype(given.dtype, jnp.floating) or jnp.issubdtype(given.dtype, jnp.integer)
-  if not real or given.dtype == np.bool_:  # bools were read as 1.0 and 0.0, strings as numbers
-    raise ValueError(
-      f"{name} must be a 1-D array of finite numbers, got {values!r} (dtype {given.dtype})"
-    )
-  arr = given.astype(np.float64)
-  if arr.ndim != 1:
-    raise ValueError(f"{name} must be a 1-D array of finite numbers, got shape {arr.shape}")
-  if not arr.size:  # refused before the default directions spend their products
-    raise ValueError(f"{name} is empty: give at least one step (an empty grid has no losses)")
-  bad = np.flatnonzero(~np.isfinite(arr))
-  if bad.size:
-    raise ValueError(f"{name} must be finite, got {arr[bad[0]]} at index {int(bad[0])}")
-  return arr
-
-
 def _losses(op: HessianOperator, directions: jax.Array, coeffs: np.ndarray, chunk: int):
   data = op.require_data("a loss landscape")
   _checks.finite(op.loss(), "the loss at the operator's params", op)
@@ -553,7 +531,7 @@ def loss_landscape_1d(
     ValueError: for bad steps, directions, ``normalize`` or ``chunk`` (see the module
       docstring), or an operator without data (a block or masked one), before any product.
   """
-  alphas = _steps("alphas", alphas)
+  alphas = _checks.finite_1d("alphas", alphas, _NO_STEPS)
   # Checked before the default direction spends products.
   op.require_data("a loss landscape")
   chunk = _validation.count("chunk", chunk)
@@ -596,8 +574,8 @@ def loss_landscape_2d(
     ValueError: for bad steps, directions, ``normalize`` or ``chunk`` (see the module
       docstring), or an operator without data (a block or masked one), before any product.
   """
-  alphas = _steps("alphas", alphas)
-  betas = _steps("betas", betas)
+  alphas = _checks.finite_1d("alphas", alphas, _NO_STEPS)
+  betas = _checks.finite_1d("betas", betas, _NO_STEPS)
   # Checked before the default directions spend products.
   op.require_data("a loss landscape")
   chunk = _validation.count("chunk", chunk)
