@@ -553,10 +553,8 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
   """
   found = {jax.tree_util.keystr(x.path): x for x in layout.leaves(nnx.state(model))}
   names = {key: x.names for key, x in found.items()}
-  iter_modules = getattr(nnx, "iter_modules", None)
-  modules = iter_modules(model) if iter_modules is not None else model.iter_modules()
   by_type: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[Any, ...]]] = {}
-  for path, module in modules:
+  for path, module in nnx.iter_modules(model):
     for attr, axes in _own_axes(module).items():
       by_type[(*path, attr)] = axes
     if isinstance(module, nnx.MultiHeadAttention):
