@@ -328,8 +328,9 @@ class TrainState(train_state.TrainState):
     Raises:
       TypeError: if ``loss_fn``'s signature cannot take the arguments given,
         or its output does not match ``has_aux`` (a tuple without it, a lone
-        value with it).
-      ValueError: for params with an ``_overwrite_with_gradient`` collection
+        value with it), or ``refresh`` is not a bool or ``None``.
+      ValueError: for ``refresh`` as :func:`adahessian_jax.is_refresh_step`
+        does, for params with an ``_overwrite_with_gradient`` collection
         (fp8 training), which this route would precondition like the
         parameters (use :meth:`apply_gradients` with ``value_fn``), for a
         ``tx`` without an AdaHessian transform (use :meth:`apply_gradients`),
