@@ -372,7 +372,9 @@ def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None
   is (``device_varying(params, "data")``, as the ``value_fn`` route's recipe takes the gradient)
   drew each device's own probes: independent probes that the transform, built with the same
   probes, was not told of (the run no longer equals one device's), and a loss reduced over the
-  axis could not be told (:func:`check_loss_varies`).
+  axis could not be told (:func:`check_loss_varies`). A key that varies over an axis a leaf does
+  not (``per_device_probe_state`` at the replicated params) would draw it a probe that varies where
+  it does not, which JAX refuses (an error about ``pvary``, from inside the product).
 
   Args:
     params: The parameters the fused pass differentiates at.
@@ -380,10 +382,6 @@ def check_state_varies(params: Any, key: Any, moments: Any, caller: str) -> None
     moments: Its moments (``mu``), leaf by leaf like ``params`` (an ``optax.MaskedNode`` at a
       leaf another transform owns, which is not checked), or one vector (``optax.flatten``).
     caller: Who raises, for the error.
-
-  A key that varies over an axis a leaf does not (``per_device_probe_state`` at the replicated
-  params) would draw it a probe that varies where it does not, which JAX refuses (an error about
-  ``pvary``, from inside the product).
 
   Raises:
     ValueError: naming the leaf and the axis.
@@ -521,6 +519,7 @@ _LINEAR = frozenset(
     "sharding_constraint",
     "optimization_barrier",
     "reduce_precision",
+    # Products (_PRODUCTS): linear in each operand alone.
     "mul",
     "div",
     "dot_general",
