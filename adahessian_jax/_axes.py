@@ -72,7 +72,12 @@ def _device_tag(axes: tuple[Any, ...]) -> jax.Array:
 
 
 def _varying_axes(x: Any) -> frozenset:
-  aval = jax.typeof(x)
+  """The mesh axes the value ``x`` varies over (inside ``shard_map``), across JAX versions."""
+  return _axes_of(jax.typeof(x))
+
+
+def _axes_of(aval: Any) -> frozenset:
+  """The mesh axes an abstract value (``jax.typeof``'s, ``jax.eval_shape``'s) varies over."""
   varying = getattr(aval, "vma", None)
   if varying is None:
     varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
@@ -316,11 +321,7 @@ def _tracks_variation(axes: tuple[Any, ...]) -> bool:
   """Whether JAX tracks here which values vary over ``axes``: inside ``shard_map`` with
   ``check_vma=True``, not under ``pmap`` or ``check_vma=False``, where nothing is seen to vary.
   Traced apart (``jax.eval_shape``), so it adds nothing to the program."""
-  index = jax.eval_shape(lambda: jax.lax.axis_index(axes))
-  varying = getattr(getattr(index, "manual_axis_type", None), "varying", None)
-  if varying is None:  # JAX before 0.10
-    varying = getattr(index, "vma", frozenset())
-  return frozenset(axes) <= frozenset(varying)
+  return frozenset(axes) <= _axes_of(jax.eval_shape(lambda: jax.lax.axis_index(axes)))
 
 
 def check_estimate_varies(estimate: Any, axis_name: Any) -> None:
