@@ -103,12 +103,15 @@ def _holds_a_module(tree: Any) -> bool:
   return any(node(x) and not isinstance(x, nnx.Variable) for x in leaves)
 
 
-def _check_arguments(model: Any, loss_fn: Any, call: str) -> None:
+def _check_arguments(
+  model: Any, loss_fn: Any, call: str, args: tuple, kwargs: dict, after: str
+) -> None:
   """Raises ``TypeError`` if ``loss_fn`` is not callable or ``model`` is a function rather than a
   module (or pytree of modules): the two helpers take them in opposite orders, so swapping them is
-  the likely slip; where neither is an NNX module (a Linen module as the model), says that; and
-  for a model that is a module's state (``nnx.state``, ``nnx.split``, a pure dict), which
-  ``loss_fn`` would be called with in place of the module."""
+  the likely slip; where neither is an NNX module (a Linen module as the model), says that; for
+  a model that is a module's state (``nnx.state``, ``nnx.split``, a pure dict), which
+  ``loss_fn`` would be called with in place of the module; and if ``loss_fn``'s signature cannot
+  take ``loss_fn(model, *args, **kwargs)`` (the arguments given after ``after``)."""
   if callable(loss_fn) and not (callable(model) and not nnx.graphlib.is_graph_node(model)):
     if not _holds_a_module(model):
       raise TypeError(
@@ -118,6 +121,15 @@ def _check_arguments(model: Any, loss_fn: Any, call: str) -> None:
         "called with that in place of the module. Pass the module itself (nnx.merge(graphdef, "
         "state) rebuilds it from nnx.split's parts)."
       )
+    # Python's own error came from inside the trace and named neither the helper nor the fix.
+    _validation.callable_with(
+      loss_fn,
+      (model, *args),
+      kwargs,
+      f"loss_fn(model, *args, **kwargs) with the {len(args)} positional and {len(kwargs)} "
+      f"keyword arguments given to {call} after {after}",
+      "Pass the loss's other arguments there, or close over them.",
+    )
     return
   if callable(loss_fn) and not nnx.graphlib.is_graph_node(loss_fn):  # not swapped: no NNX module
     linen = isinstance(model, flax.linen.Module)
@@ -250,11 +262,13 @@ def value_fn(
   Raises:
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``model`` is no NNX module (a Linen module, or a
-      module's state: ``nnx.state``, ``nnx.split``, a pure dict), or ``wrt`` is no NNX filter
-      (a number).
+      module's state: ``nnx.state``, ``nnx.split``, a pure dict), ``loss_fn``'s signature
+      cannot take ``(model, *args, **kwargs)``, or ``wrt`` is no NNX filter (a number).
     ValueError: if ``model`` holds none of the variables ``wrt`` selects.
   """
-  _check_arguments(model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)")
+  _check_arguments(
+    model, loss_fn, "adahessian_jax.nnx.value_fn(model, loss_fn, *args)", args, kwargs, "loss_fn"
+  )
   graphdef, expected, rest = _split(model, wrt, args, kwargs)
   _check_selects(expected, wrt, "")
 
@@ -364,8 +378,8 @@ def value_grad_and_hessian_diag(
       loss).
     TypeError: if ``model`` is a function or ``loss_fn`` not callable (e.g.
       the two swapped), ``model`` is no NNX module (a Linen module, or a module's
-      state: ``nnx.state``, ``nnx.split``, a pure dict), ``optimizer``
-      is not an ``nnx.Optimizer``, or ``loss_fn``'s
+      state: ``nnx.state``, ``nnx.split``, a pure dict), ``loss_fn``'s signature cannot take
+      ``(model, *args, **kwargs)``, ``optimizer`` is not an ``nnx.Optimizer``, or ``loss_fn``'s
       output does not match ``has_aux`` (a tuple without it, a lone value with
       it), or ``refresh`` is not a bool or ``None``.
   """
@@ -376,7 +390,12 @@ def value_grad_and_hessian_diag(
       f"the nnx.Optimizer after the model, got {type(optimizer).__name__} there."
     )
   _check_arguments(
-    model, loss_fn, "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer)"
+    model,
+    loss_fn,
+    "adahessian_jax.nnx.value_grad_and_hessian_diag(loss_fn, model, optimizer, *args)",
+    args,
+    kwargs,
+    "the optimizer",
   )
   graphdef, params, rest = _split(model, optimizer.wrt, args, kwargs)
   _check_selects(params, optimizer.wrt, "the optimizer's ")

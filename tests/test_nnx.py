@@ -374,6 +374,29 @@ def test_model_and_loss_swapped_say_the_order_of_each_helper():
   np.testing.assert_allclose(value_fn(nnx.as_pure(nnx.state(pair, nnx.Param))), value, rtol=1e-6)
 
 
+def test_a_loss_that_cannot_take_the_arguments_given_is_refused_naming_the_helper():
+  # The loss was first called inside the trace, where Python's "<lambda>() takes 2 positional
+  # arguments but 3 were given" named neither the helper nor the arguments given after the model.
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  two = lambda m, x: jnp.mean(m(x) ** 2)
+  fused = (
+    r"loss_fn is called as loss_fn\(model, \*args, \*\*kwargs\) with the 2 positional and 1 "
+    r"keyword arguments given to adahessian_jax.nnx.value_grad_and_hessian_diag\(loss_fn, model, "
+    r"optimizer, \*args\) after the optimizer, but its signature is \(m, x\)"
+  )
+  with pytest.raises(TypeError, match=fused):
+    ah_nnx.value_grad_and_hessian_diag(two, model, optimizer, x, y, train=True)
+  closure = r"given to adahessian_jax.nnx.value_fn\(model, loss_fn, \*args\) after loss_fn"
+  with pytest.raises(TypeError, match=closure):
+    ah_nnx.value_fn(model, two, x, y)
+  # The arguments it takes pass, keywords included.
+  kw = lambda m, x, scale=1.0: scale * jnp.mean(m(x) ** 2)
+  value = ah_nnx.value_grad_and_hessian_diag(kw, model, optimizer, x, scale=2.0)[0]
+  np.testing.assert_allclose(value, 2.0 * two(model, x), rtol=1e-6)
+
+
 def test_value_fn_for_a_filter_selecting_nothing_is_refused_early():
   # A filter that matches no variable trains nothing; the closure route used to run such steps
   # silently as no-ops (the fused route already refused it).
