@@ -163,17 +163,26 @@ def _check_selects(params: Any, wrt: Any, whose: str) -> None:
 
 
 def _check_against_optimizer(params: Any, opt_state: Any) -> None:
-  """Raises ``ValueError`` if the model's trained variables ``params`` are not those the
-  optimizer's AdaHessian state (in the pure ``opt_state``) was made for: a leaf of another shape
-  at the same path, or a leaf of the state at a path where the model has none (another model).
+  """Raises ``ValueError`` if the pure ``opt_state`` holds no AdaHessian state, or if the model's
+  trained variables ``params`` are not those the optimizer's AdaHessian state was made for: a leaf
+  of another shape at the same path, or a leaf of the state at a path where the model has none
+  (another model).
 
   Shapes and paths only (trace time): the pass itself ran on another model's parameters, and
   ``optimizer.update`` then failed, with a hint about averaging per-example gradients where the
   gradients were those of the other model. Leaves the state holds no moment for (``optax.masked``)
   and a state made for the parameters flattened into one vector (``optax.flatten``) are passed.
   """
+  call = "adahessian_jax.nnx.value_grad_and_hessian_diag"
   found = state_lib.adahessian_states(opt_state)
-  if len(found) != 1:  # none or several: the fused pass names that
+  if not found:  # the fused pass's words were for its own arguments: "after params"
+    raise ValueError(
+      f"{call} is AdaHessian's fused route, but the nnx.Optimizer's tx holds no AdaHessian "
+      "transform (its opt_state has no ScaleByAdaHessianState). Build it with "
+      "nnx.Optimizer(model, adahessian_jax.adahessian(...), wrt=...), or for another optimizer "
+      "take the gradients with nnx.grad and call optimizer.update(model, grads)."
+    )
+  if len(found) != 1:  # several: the fused pass names that
     return
   held = {jax.tree_util.keystr(x.path): jnp.shape(x.leaf) for x in layout.leaves(found[0].mu)}
   model = {jax.tree_util.keystr(x.path): jnp.shape(x.leaf) for x in layout.leaves(params)}
@@ -181,7 +190,6 @@ def _check_against_optimizer(params: Any, opt_state: Any) -> None:
     "Pass the model the nnx.Optimizer was built for (nnx.Optimizer(model, tx, wrt=...)), or "
     "build the optimizer on this model."
   )
-  call = "adahessian_jax.nnx.value_grad_and_hessian_diag"
   for path, shape in model.items():
     if path in held and held[path] != shape:
       raise ValueError(
@@ -370,7 +378,8 @@ def value_grad_and_hessian_diag(
   Raises:
     ValueError: if ``model`` holds none of the variables ``optimizer.wrt``
       selects, or other ones than the optimizer's state was made for (a leaf of
-      another shape, or none where the state has one: another model), for an
+      another shape, or none where the state has one: another model), if the optimizer's
+      ``tx`` holds no AdaHessian transform, for an
       ``axis_name`` that no enclosing map binds, for ``independent_probes``
       without ``axis_name``, for a ``has_aux`` or ``independent_probes`` that is not a bool,
       for ``refresh`` as :func:`adahessian_jax.is_refresh_step` does, and under ``shard_map``

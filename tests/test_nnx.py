@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import CompileCounter, assert_trees_allclose
 from flax import nnx
@@ -374,7 +375,7 @@ def test_model_and_loss_swapped_say_the_order_of_each_helper():
   np.testing.assert_allclose(value_fn(nnx.as_pure(nnx.state(pair, nnx.Param))), value, rtol=1e-6)
 
 
-def test_a_loss_that_cannot_take_the_arguments_given_is_refused_naming_the_helper():
+def test_a_loss_or_optimizer_the_fused_helper_cannot_use_is_refused_naming_the_helper():
   # The loss was first called inside the trace, where Python's "<lambda>() takes 2 positional
   # arguments but 3 were given" named neither the helper nor the arguments given after the model.
   x, y = data()
@@ -391,6 +392,10 @@ def test_a_loss_that_cannot_take_the_arguments_given_is_refused_naming_the_helpe
   closure = r"given to adahessian_jax.nnx.value_fn\(model, loss_fn, \*args\) after loss_fn"
   with pytest.raises(TypeError, match=closure):
     ah_nnx.value_fn(model, two, x, y)
+  # An optimizer of another kind: the fused pass's own words asked for a state "after params".
+  adam = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+  with pytest.raises(ValueError, match=r"the nnx.Optimizer's tx holds no AdaHessian transform"):
+    ah_nnx.value_grad_and_hessian_diag(two, model, adam, x)
   # The arguments it takes pass, keywords included.
   kw = lambda m, x, scale=1.0: scale * jnp.mean(m(x) ** 2)
   value = ah_nnx.value_grad_and_hessian_diag(kw, model, optimizer, x, scale=2.0)[0]
