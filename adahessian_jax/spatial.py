@@ -95,11 +95,11 @@ from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``
 ``nn.scan``'s ``ScanBlock_0`` above it), from ``nnx.LoRA``'s ``lora_a`` and ``lora_b``, or from
 a Flax attention module's ``query`` and ``out`` kernels of rank 4 or more (one layer's have rank 3);
 the module's leaves, and their unnamed relatives in the stack, are kept apart per layer.
-A kernel with two spatial axes or more beside its bias ``(out,)``, or under a convolution's name
-(``Conv_0``, ``conv2_d``, ``conv1``), is a convolution's for sure, and a kernel beside a bias
-that is its trailing axes, two or more (``(heads, head_dim)``; any under Linen's name
-``DenseGeneral_0``), a ``DenseGeneral``'s (blocks along its last input axis, the input axes
-before it kept apart as heads).
+A kernel with two spatial axes or more of one size (a square window, 3x3) beside its bias
+``(out,)``, or under a convolution's name (``Conv_0``, ``conv2_d``, ``conv1``), is a
+convolution's for sure, and a kernel beside a bias that is its trailing axes, two or more
+(``(heads, head_dim)``; any under Linen's name ``DenseGeneral_0``), a ``DenseGeneral``'s (blocks
+along its last input axis, the input axes before it kept apart as heads).
 
 Other leaves of rank >= 3 without names are ambiguous: a ``Conv`` 1-D kernel
 ``(width, in, out)``, a ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` and a
@@ -823,6 +823,10 @@ def blocks(block_size: int, axis: int = 0) -> Rule:
 
   Returns:
     A :class:`Rule`.
+
+  Raises:
+    ValueError: for a ``block_size`` that is not an integer >= 1, or an ``axis`` that is not an
+      integer.
   """
   return BlockMean(count("block_size", block_size), _axis_arg("axis", axis))
 
@@ -1323,7 +1327,10 @@ class LayoutGuessWarning(UserWarning):
   ``warnings.filterwarnings("ignore", category=spatial.LayoutGuessWarning)``.
 
   Also issued when NNX variables' axis names decide some leaves' rules that the plain arrays
-  ``nnx.Optimizer.update`` passes would not (pass ``averaging=spatial.named(...)``).
+  ``nnx.Optimizer.update`` passes would not (pass ``averaging=spatial.named(...)``), and by
+  ``update`` inside ``shard_map``, where some parameters are split over mesh axes and the
+  default reads layouts off the shards' shapes (pass the rules resolved on the whole model's
+  params: ``averaging=spatial.resolve_rules(None, params, block_size, warn=True)``).
   """
 
 
@@ -1622,6 +1629,8 @@ def resolve_rules(
     ValueError: if a rule or axis names do not fit their leaf, ``averaging``
       has another structure, or (strict) some leaves are ambiguous, naming them; for a
       ``strict`` or ``warn`` that is not a bool.
+    TypeError: for an entry of ``averaging`` that is neither a rule nor ``None``, or an
+      ``averaging`` callable that returns anything else for a leaf.
   """
   return resolve_rules_and_read_off(averaging, params, block_size, strict, warn)[0]
 
@@ -1773,5 +1782,10 @@ def describe(
   Returns:
     A :class:`Listing`; ``str()`` of it is a table, ``.rows`` the rows and
     ``.ambiguous`` the rows :func:`strict` would refuse.
+
+  Raises:
+    ValueError: as :func:`resolve_rules` raises it; with ``strict``, for ambiguous leaves,
+      naming them.
+    TypeError: as :func:`resolve_rules` raises it (an entry of ``averaging`` that is no rule).
   """
   return Listing(tuple(_plan(averaging, params, block_size, strict).rows))
