@@ -580,8 +580,9 @@ def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tupl
 
 
 def kernel_biases(paths) -> dict[int, int]:
-  """``{kernel leaf index: bias leaf index}`` for the modules holding both (Flax's ``kernel`` and
-  ``bias``, Haiku's ``w`` and ``b``)."""
+  """``{kernel leaf index: bias leaf index}`` for the modules holding both (:data:`_KERNEL_BIAS`:
+  Flax's ``kernel`` and ``bias``, Haiku's ``w`` and ``b``, TensorFlow's ``filters`` and
+  ``bias``)."""
   found: dict[int, int] = {}
   for members in _by_module(paths).values():
     for kernel, bias in _KERNEL_BIAS:
@@ -681,7 +682,7 @@ class _BiasPair(NamedTuple):
   """A module's kernel and bias (:data:`_KERNEL_BIAS`), and how many of the kernel's leading axes
   the bias can repeat (:func:`_bias_pairs`)."""
 
-  kernel: str  # its parameter names: "kernel" and "bias", or Haiku's "w" and "b"
+  kernel: str  # its parameter names, a pair of _KERNEL_BIAS: "kernel" and "bias", "w" and "b", ...
   bias: str
   k: tuple[int, ...]  # their shapes
   b: tuple[int, ...]
@@ -1385,8 +1386,9 @@ class _Kernel(NamedTuple):
 
 
 def _kernels(paths, shapes, names, roles, lead_of=None):
-  """The kernels (Flax's ``kernel``, Haiku's ``w``) under the default rule whose only names are
-  leading stacked axes (:func:`_leading_stack`, or ``lead_of``), if any, with their module's bias.
+  """The kernels (:data:`_KERNEL_NAMES`: Flax's ``kernel``, Haiku's ``w``, TensorFlow's
+  ``filters``) under the default rule whose only names are leading stacked axes
+  (:func:`_leading_stack`, or ``lead_of``), if any, with their module's bias.
 
   Yields:
     A :class:`_Kernel` for each.
@@ -1810,8 +1812,9 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
   shapes only by a coincidence of sizes that this excludes. So are its other input kernels, with
   fewer heads or packed (:func:`_input_axes`), but for one beside a bias of one axis (a
   convolution's ``(out,)``; an input projection's is ``(heads, head_dim)``). Kernels are
-  grouped by module: Flax's ``kernel`` and Haiku's ``w`` by the module above theirs
-  (``attn/q_proj/kernel``), other names by their own (``attn/wq``). Kernels whose only names are
+  grouped by module: Flax's ``kernel``, Haiku's ``w`` and TensorFlow's ``filters``
+  (:data:`_KERNEL_NAMES`) by the module above theirs (``attn/q_proj/kernel``), other names by
+  their own (``attn/wq``). Kernels whose only names are
   leading stacked axes are read past them, the stack the same for all of the module's kernels.
 
   Returns:
