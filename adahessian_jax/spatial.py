@@ -373,12 +373,10 @@ class BlockMean(Rule):
     x = jnp.moveaxis(d, axis, 0)
     n, rest = x.shape[0], x.shape[1:]
     b = min(self.block_size, n)
-    n_full = (n // b) * b
-    parts = []
-    if n_full:
-      full = x[:n_full].reshape((n // b, b) + rest)
-      full = jnp.broadcast_to(full.mean(axis=1, keepdims=True), full.shape)
-      parts.append(full.reshape((n_full,) + rest))
+    n_full = (n // b) * b  # >= b: n >= 1 (d.size != 0) and b <= n
+    full = x[:n_full].reshape((n // b, b) + rest)
+    full = jnp.broadcast_to(full.mean(axis=1, keepdims=True), full.shape)
+    parts = [full.reshape((n_full,) + rest)]
     if n_full < n:
       tail = x[n_full:]
       parts.append(jnp.broadcast_to(tail.mean(axis=0, keepdims=True), tail.shape))
@@ -546,7 +544,7 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   ndim = len(shape)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
-  if param in ("weight", _WEIGHT_BY_BIAS) and ndim >= 2:
+  if param in ("weight", _WEIGHT_BY_BIAS):
     return _torch_layout(ndim, block_size, names, note, param == _WEIGHT_BY_BIAS)
   if param == _BIAS_TABLE:
     # T5's relative_attention_bias (num_buckets, heads): rows (positions) and heads kept apart.
