@@ -86,8 +86,8 @@ and a rank-3 ``out`` kernel ``(heads, head_dim, embed)`` gives these and its
 ``key``/``value`` kernels of the same head size (and as many heads, or a divisor of them)
 those axis names. Attention of other names (``q_proj``/``o_proj``, ``wq``/``wo``) is told by
 the same shapes where ``embed`` differs from ``heads`` and ``head_dim``. A mixture's weights
-``(experts, in, out)`` under a path with a word ``moe``, ``expert`` or ``experts`` keep each
-expert apart.
+``(experts, in, out)`` with a word ``moe``, ``expert`` or ``experts`` in their name or their
+module's (``moe/wi``; not further up the path) keep each expert apart.
 
 A stack of layers without names (``nn.scan``/``nnx.vmap`` without axis metadata) is found
 from a bias that repeats its kernel's leading axes (kernel ``(layers, in, out)``, bias
