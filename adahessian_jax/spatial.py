@@ -1224,7 +1224,8 @@ class Row(NamedTuple):
   Attributes:
     path: The leaf's path (``jax.tree_util.keystr``, a box's ``.value`` omitted).
     shape: Its shape.
-    names: Its axis names, or ``None``.
+    names: Its axis names: its own or given with :func:`named`, else those the tree shows
+      (``("layers", None, None)`` for a stack found from its bias; ``None`` where neither).
     rule: The concrete rule applied (see :meth:`Rule.explain`).
     why: Why that rule.
     groups: ``{group size: number of groups}``; the sizes times the counts add
