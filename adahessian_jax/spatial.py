@@ -1033,14 +1033,14 @@ def strict(averaging: AveragingSpec = None) -> Averaging:
   A leaf is ambiguous when the default rule decides it by rank alone at rank >=
   3 (no axis names, or names of no known role): a 1-D ``Conv`` kernel, an
   attention kernel and a stack of ``Dense`` kernels look alike. With
-  ``block_size > 1`` so are: a leaf whose name of your own has a word of a table
-  (``pos_embed``) without a ``vocab`` axis name; a leaf with a heads or vocab axis
-  whose blocks would go along an axis of no known role while another axis could be
-  the input; a rank-2 leaf whose
-  axis 0 has a name of no known role. And so is an unnamed leaf whose stacked
-  axes are taken from named leaves that share no module with it, or whose
-  nearest named relatives disagree on them. Name its axes or give it an
-  explicit rule. Use it as
+  ``block_size > 1`` so are: a leaf whose name has a word of a table and other words
+  a kernel could have (``w_embed``; not ``pos_embed``) without a ``vocab`` axis name; a
+  leaf with a heads or vocab axis whose blocks would go along an axis of no known role
+  while another axis could be the input; a rank-2 leaf whose axis 0 has a name of no
+  known role. And so is an unnamed leaf whose stacked axes are taken from named leaves
+  that share no module with it, or whose nearest named relatives disagree on them, and
+  every other reading :func:`describe` marks AMBIGUOUS (a ``weight`` whose bias does not
+  settle its layout, say). Name its axes or give it an explicit rule. Use it as
   ``adahessian_jax.adahessian(lr, averaging=spatial.strict(rules))``.
 
   Args:
