@@ -966,8 +966,10 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
   metadata; one without them gets names from the type of the module holding
   it: ``nnx.Conv``/``nnx.ConvTranspose`` kernels ``("spatial", ...,
   "channels", "features")``, ``nnx.Linear`` ``("embed", "mlp")``,
-  ``nnx.LinearGeneral`` its input then output axes (``"embed"``, ``"mlp"``;
-  its batch axes ``"layers"``), ``nnx.MultiHeadAttention``'s query, key and
+  ``nnx.LinearGeneral`` its last input axis ``"embed"``, any input axes before it
+  ``"heads"``, its output axes ``"mlp"`` and its batch axes ``"layers"`` (a kernel
+  ``(2, 8, 4, 5)`` over ``axis=(-2, -1)``: ``("heads", "embed", "mlp", "mlp")``),
+  ``nnx.MultiHeadAttention``'s query, key and
   value ``("embed", "heads", "head_dim")`` and output ``("heads", "head_dim",
   "embed")``, ``nnx.Embed`` ``("vocab", "embed")`` (none for a table of attention
   biases by its name, T5's ``relative_attention_bias``), ``nnx.LoRA``, the norms'
