@@ -1115,9 +1115,9 @@ def _expand_masked(prefix: Any, params: Any) -> Any:
   return treedef.unflatten([_expand_masked(p, c) for p, c in pairs])
 
 
-def _not_a_rule(value: Any, where: str | None = None) -> TypeError:
-  """The error for an entry of a tree of rules (at ``where``, a path, ``""`` for the root) that
-  is not a rule."""
+def _not_a_rule(value: Any, where: str | None = None, leaf: str | None = None) -> TypeError:
+  """The error for an entry of a tree of rules (at ``where``, a path, ``""`` for the root; or
+  the entry that the params' ``leaf`` at that path takes) that is not a rule."""
   if isinstance(value, jax.Array):  # what optax.inject_hyperparams makes of a tree it traces
     hint = f" {STATIC_FIX}"
   elif isinstance(value, bool | np.bool_):
@@ -1131,6 +1131,10 @@ def _not_a_rule(value: Any, where: str | None = None) -> TypeError:
     return TypeError(
       f"averaging is {value!r}, which is none of: None, a spatial rule, a pytree prefix of the "
       f"params with rules as leaves, a callable (path, leaf) -> rule | None.{hint}"
+    )
+  if leaf is not None:
+    return TypeError(
+      f"averaging gives {value!r} for the leaf at {leaf}, which is not a spatial rule.{hint}"
     )
   at = "" if where is None else f" at {where}"
   return TypeError(f"averaging tree contains {value!r}{at}, which is not a spatial rule.{hint}")
@@ -1214,9 +1218,9 @@ def _spec_rules(averaging: Any, params: Any, infos, default: Rule) -> list[Rule]
   # One entry per leaf of params: a None in the prefix over a None subtree of params (a leafless
   # node) comes out as None, which is_leaf=_rule_or_none would count as a leaf.
   out = [default if r is None else r for r in jax.tree.structure(params).flatten_up_to(rules)]
-  for r in out:
-    if not is_rule(r):
-      raise _not_a_rule(r)
+  for info, r in zip(infos, out, strict=True):
+    if not is_rule(r):  # resolve_rules and describe called directly: the optimizer checked it
+      raise _not_a_rule(r, leaf=path_str(info.path))
   return out
 
 

@@ -287,6 +287,17 @@ def test_blocks_along_an_axis_of_no_known_role_are_a_guess(names, axis):
   assert not spatial.describe(params, by_names, 1).ambiguous  # blocks of 1 average nothing
 
 
+def test_resolve_rules_and_describe_name_the_leaf_a_bad_entry_would_average():
+  # Called directly (the optimizer checks the tree when it is built), they said "averaging tree
+  # contains 'x', which is not a spatial rule." without a path.
+  params = {"a": {"k": jnp.ones((2, 2))}, "b": jnp.ones(3)}
+  at_k = r"averaging gives 'x' for the leaf at \['a'\]\['k'\], which is not a spatial rule\.$"
+  with pytest.raises(TypeError, match=at_k):
+    spatial.resolve_rules({"a": "x", "b": None}, params)
+  with pytest.raises(TypeError, match=r"gives True for the leaf at \['a'\]\['k'\].*not a mask"):
+    spatial.describe(params, averaging={"a": True, "b": None})
+
+
 def test_a_rule_applied_by_hand_refuses_an_axis_beyond_the_rank():
   # apply_rules and a rule called on an array took the axis modulo the rank: blocks(2, axis=5)
   # on a (2, 3) leaf averaged along axis 1, silently.
