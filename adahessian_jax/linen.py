@@ -112,7 +112,8 @@ def _check_fields(state: Any, kwargs: Mapping[str, Any]) -> None:
   names = ", ".join(f"{name}=" for name in unknown)
   raise TypeError(
     f"TrainState.apply_gradients got {names}, not a field of {type(state).__name__}: its keyword "
-    "arguments other than value_fn, hessian_diag, refresh and value replace fields, as in Flax, "
+    "arguments other than value_fn, hessian_diag, refresh, value, expected_axis_name and "
+    "expected_independent_probes replace fields, as in Flax, "
     "and reach no optimizer. To give tx.update other extra arguments, call it yourself: "
     "updates, opt_state = state.tx.update(grads, state.opt_state, state.params, "
     "value_fn=value_fn, **extra); state = state.replace(step=state.step + 1, "
