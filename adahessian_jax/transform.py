@@ -231,7 +231,9 @@ def _second_moment(
     if refresh is False:  # decided on the host: the stored D, which is finite
       return moment_of_stored(state.hessian), state.hessian, count, None
     d, finite = on_refresh(refresh, curvature, lambda: (state.hessian, jnp.array(True)))
-    d = _keep_curvature(d, d, state.hessian, state.nu)
+    # A D whose square overflows nu's dtype is not stored either: it would keep nu where it is
+    # (not rescaled) on every step until the next refresh.
+    d = _keep_curvature(jax.tree.map(jnp.square, d), d, state.hessian, state.nu)
     return moment_of_stored(d), d, count, finite
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
   nu_count = moment_steps(count, update_freq)

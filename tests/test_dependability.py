@@ -1141,6 +1141,25 @@ def test_a_second_moment_that_would_overflow_keeps_its_previous_value():
   np.testing.assert_allclose(np.asarray(state.nu["w"]), [0.875 * 4.0, 0.875 * 4.0])
 
 
+def test_a_lazy_refresh_whose_d_squared_would_overflow_keeps_the_stored_d():
+  # D = 1e200 is finite in float64, D² is not. With update_freq=2 (lazy_moment="repeat") it was
+  # stored all the same, and nu kept its value, not rescaled, on every step until the next
+  # refresh: the bias-corrected curvature shrank (4 -> 3.43 -> 3.2 here) and the step grew
+  # (0.50 -> 0.54 -> 0.56), and the next refresh did not restore it (3.61). It is dropped like
+  # a non-finite estimate now: the stored D stays 2, and entry 0 moves with it exactly as
+  # entry 1, whose D is 2 throughout.
+  params = {"w": jnp.ones(2)}
+  tx = ah.scale_by_adahessian(b2=0.5, update_freq=2)
+  state = tx.init(params)
+  grads = {"w": jnp.ones(2)}
+  for d0 in (2.0, 0.0, 1e200, 0.0, 2.0):  # refresh steps 0, 2, 4; the others use the stored D
+    updates, state = tx.update(grads, state, params, hessian_diag={"w": jnp.asarray([d0, 2.0])})
+    np.testing.assert_array_equal(np.asarray(state.hessian["w"]), [2.0, 2.0])
+    nu, u = np.asarray(state.nu["w"]), np.asarray(updates["w"])
+    np.testing.assert_allclose(nu[0], nu[1], rtol=1e-12)
+    np.testing.assert_allclose(u[0], u[1], rtol=1e-12)
+
+
 def test_float16_updates_larger_than_65504_before_the_learning_rate_saturate():
   # No curvature (a linear loss): the paper's step is lr · g / eps = 0.1 · 7 / 1e-4 = 7000, but
   # g / eps = 70000 passes float16's range before the learning rate scales it: it became inf
