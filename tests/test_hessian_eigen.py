@@ -583,3 +583,30 @@ def test_a_block_that_is_a_multiple_of_the_identity_to_rounding_converges_with_a
     assert eig.converged.all() and np.isfinite(eig.errors).all(), (seed, eig.errors)
     np.testing.assert_allclose(eig.eigenvalues, 2.0, rtol=1e-6)
     assert (eig.errors <= 1e-6).all() and eig.num_matvecs <= 8
+
+
+def test_eigenvectors_of_boxed_params_name_their_leading_axis():
+  # The Linen boxes kept the params' names, one short of the (k, 3, 4) value: nn.get_partition_spec
+  # gave P('embed', 'mlp') for it. The k axis is unnamed now, and the values are those of the flat
+  # eigenvectors.
+  import flax.linen as nn
+
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)))
+  params = {"w": nn.Partitioned(w, names=("embed", "mlp")), "b": jnp.zeros(4)}
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)))
+
+  def loss(p, x):
+    p = nn.unbox(p)
+    return jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+  op = hessian.hessian_operator(loss, params, x)
+  eig = hessian.top_eigenvalues(op, k=2)
+  box = eig.eigenvectors["w"]
+  assert isinstance(box, nn.Partitioned) and box.names == (None, "embed", "mlp")
+  assert nn.get_partition_spec(eig.eigenvectors)["w"] == jax.sharding.PartitionSpec(
+    None, "embed", "mlp"
+  )
+  flat = np.concatenate(
+    [np.asarray(eig.eigenvectors["b"]), np.asarray(box.value).reshape(2, -1)], 1
+  )
+  np.testing.assert_array_equal(flat, np.asarray(eig.eigenvectors_flat))

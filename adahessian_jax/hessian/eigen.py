@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
+from adahessian_jax._extras import loaded
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import (
   blocks,
@@ -61,8 +62,8 @@ class Eigen(NamedTuple):
     eigenvalues: ``(k,)`` eigenvalues, in the order asked for (``"LA"``:
       descending; ``"LM"``: descending magnitude; ``"SA"``: ascending).
     eigenvectors: Unit-norm eigenvectors as a pytree like the params whose
-      leaves carry a leading axis of size ``k`` (``eigenvectors_flat`` is the
-      ``(k, n)`` array). Signs are fixed so the largest-magnitude entry is positive.
+      leaves carry a leading axis of size ``k`` (unnamed in Linen boxes; ``eigenvectors_flat``
+      is the ``(k, n)`` array). Signs are fixed so the largest-magnitude entry is positive.
     eigenvectors_flat: ``(k, n)`` flat eigenvectors.
     residuals: ``(k,)`` residual norms ``‖H v − λ v‖`` (Lanczos: the estimate
       ``|β_j s_j|`` with the rounding of the products, the part of them the
@@ -149,11 +150,20 @@ def _fix_signs(vs):
   return vs * jnp.where(sign == 0, 1.0, sign)
 
 
+def _unravel_rows(op, vecs: jax.Array) -> Any:
+  """The rows of ``vecs`` as one pytree like the params with a leading axis, whose Linen boxes
+  (``nn.Partitioned``) name that axis ``None``: their names kept the params' rank, one short of
+  the value's, which ``nn.get_partition_spec`` then gave."""
+  tree = jax.vmap(op.unravel)(vecs)
+  add_axis = loaded("flax.core.meta", "add_axis")  # boxes only exist once Flax is imported
+  return tree if add_axis is None else add_axis(tree, 0, {"partition_name": None})
+
+
 def _finish(op, values, vecs, residuals, errors, matvecs, converged) -> Eigen:
   vecs = _fix_signs(vecs)
   return Eigen(
     eigenvalues=np.asarray(values),
-    eigenvectors=jax.vmap(op.unravel)(vecs),
+    eigenvectors=_unravel_rows(op, vecs),
     eigenvectors_flat=vecs,
     residuals=np.asarray(residuals),
     errors=np.asarray(errors),
