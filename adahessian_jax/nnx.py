@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adahessian_jax import _evidence, _validation, distributed, fused, layout
 from adahessian_jax import state as state_lib
@@ -103,6 +104,14 @@ def _holds_a_module(tree: Any) -> bool:
   return any(node(x) and not isinstance(x, nnx.Variable) for x in leaves)
 
 
+def _holds_state(tree: Any) -> bool:
+  """Whether ``tree`` holds a Variable or an array: a module's state, as ``nnx.state``,
+  ``nnx.split`` or ``nnx.to_pure_dict`` give it."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  kinds = (nnx.Variable, jax.Array, np.ndarray)
+  return any(isinstance(x, kinds) for x in jax.tree.leaves(tree, is_leaf=is_variable))
+
+
 def _check_arguments(
   model: Any, loss_fn: Any, call: str, args: tuple, kwargs: dict, after: str
 ) -> None:
@@ -114,6 +123,13 @@ def _check_arguments(
   take ``loss_fn(model, *args, **kwargs)`` (the arguments given after ``after``)."""
   if callable(loss_fn) and not (callable(model) and not nnx.graphlib.is_graph_node(model)):
     if not _holds_a_module(model):
+      if not _holds_state(model):  # a number, a string, None: no state either
+        got = repr(model) if len(repr(model)) <= 80 else repr(model)[:77] + "..."
+        raise TypeError(
+          f"{call} takes the nnx.Module (or a pytree of them) as model, got {got} (type "
+          f"{type(model).__qualname__}), which is no module and holds none. Pass the module the "
+          "loss takes as its first argument."
+        )
       raise TypeError(
         f"{call} takes the nnx.Module (or a pytree of them) as model, got a "
         f"{type(model).__qualname__} that holds no module, only its state (variables or "

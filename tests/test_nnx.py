@@ -360,6 +360,13 @@ def test_model_and_loss_swapped_say_the_order_of_each_helper():
   x, y = data()
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+  # A model that is no module and no module's state was called a state ("got a int that holds no
+  # module, only its state").
+  for bad in (5, None, "net"):
+    with pytest.raises(
+      TypeError, match=rf"as model, got {bad!r} \(type .*is no module and holds none"
+    ):
+      ah_nnx.value_fn(bad, loss_fn, x, y)
   order = r"got a function as the model and a Net as loss_fn.*value_fn\(model, loss_fn"
   with pytest.raises(TypeError, match=order):
     ah_nnx.value_fn(loss_fn, model, x, y)
