@@ -797,7 +797,8 @@ def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
 def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
   """``(module, weight, bias, True)`` for each leaf whose name has the word ``weight`` and other
   words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
-  ``weight`` (``in_proj_bias``, ``bias_ih_l0``)."""
+  ``weight`` (``in_proj_bias``, ``bias_ih_l0``), else beside the module's ``bias`` (Equinox's
+  ``GRUCell`` and ``LSTMCell``: ``weight_ih`` and ``weight_hh`` share one)."""
   pairs = []
   for module, members in _by_leaf_name(paths).items():
     for name, w in members.items():
@@ -806,6 +807,8 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
         bias = "_".join("bias" if x == "weight" else x for x in words)
         if bias in members:
           pairs.append((module, w, members[bias], True))
+        elif "bias" in members:  # one bias for several weights: Equinox's GRUCell, LSTMCell
+          pairs.append((module, w, members["bias"], True))
   return pairs
 
 
@@ -864,7 +867,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
     for weight, bias in (("weight", "bias"), *_KERNEL_BIAS):
       if weight in members and bias in members:
         pairs.append((module, members[weight], members[bias], weight == "weight"))
-  pairs += _named_weight_pairs(paths)
+  pairs = list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
   found, square, several = set(), {}, {}
   shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
   stacks: list[tuple[tuple, int]] = []  # (module, stacked axes) of each weight whose bias shows it

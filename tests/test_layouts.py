@@ -2345,6 +2345,37 @@ def test_a_pytorch_weight_of_another_name_is_settled_by_its_bias_of_that_name():
   assert rows["['alone']['in_proj_weight']"].ambiguous
 
 
+def test_equinox_recurrent_cells_share_one_bias_between_their_weights():
+  # eqx.nn.GRUCell holds weight_ih (3h, in), weight_hh (3h, h), bias (3h,), bias_n (h,);
+  # eqx.nn.LSTMCell weight_ih (4h, in), weight_hh (4h, h), bias (4h,). The one plain bias was
+  # paired with one of the two weights only, so the other stayed a guess at block_size > 1 (its
+  # reading, blocks along axis 1, was right): init warned on every Equinox RNN, and strict mode
+  # refused it.
+  params = {
+    "gru": {
+      "weight_ih": np.zeros((30, 7)),
+      "weight_hh": np.zeros((30, 10)),
+      "bias": np.zeros(30),
+      "bias_n": np.zeros(10),
+    },
+    "lstm": {
+      "weight_ih": np.zeros((48, 10)),
+      "weight_hh": np.zeros((48, 12)),
+      "bias": np.zeros(48),
+    },
+    "head": {"weight": np.zeros((3, 12)), "bias": np.zeros(3)},
+  }
+  listing = spatial.describe(params, spatial.strict(), block_size=8)
+  assert listing.ambiguous == ()
+  rows = {r.path: r for r in listing.rows}
+  for path in ("['gru']['weight_ih']", "['gru']['weight_hh']", "['lstm']['weight_hh']"):
+    assert rows[path].rule == spatial.blocks(8, axis=1), path
+    assert "a bias of its first axis" in rows[path].why, path
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ah.adahessian(0.1, block_size=8).init(params)
+
+
 def test_learned_rows_of_other_kinds_keep_their_rows_apart():
   # A Perceiver's latents (num_latents, d), a DETR's raw queries, prefix tuning's prefix, a
   # VQ-VAE's codebook: by rank each was a Dense kernel, blocked along axis 0, across the rows,
