@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -68,28 +69,39 @@ def json_object(text: str) -> dict[str, Any]:
 
 def out_dir(text: str) -> str:
   """An output directory: one that exists, or a path where one can be made (not a file, and not
-  under a file)."""
+  under a file), in a directory where files can be written."""
   if os.path.exists(text) and not os.path.isdir(text):
     raise argparse.ArgumentTypeError(f"is a file, not a directory: {text!r}")
-  _check_parent(text)
+  _check_parent(text, directory=True)
   return text
 
 
 def out_file(text: str) -> str:
-  """An output file: not a directory, and not under a file."""
+  """An output file: not a directory, and not under a file, in a directory where files can be
+  written."""
   if os.path.isdir(text):
     raise argparse.ArgumentTypeError(f"is a directory, not a file: {text!r}")
-  _check_parent(text)
+  _check_parent(text, directory=False)
   return text
 
 
-def _check_parent(text: str) -> None:
-  """Refuses a path whose closest existing ancestor is a file (``os.makedirs`` would fail)."""
-  parent = os.path.dirname(os.path.abspath(text))
+def _check_parent(text: str, directory: bool) -> None:
+  """Refuses a path whose closest existing ancestor (the directory ``text`` itself if it exists
+  and ``directory``) is a file, or a directory in which nothing can be written: ``os.makedirs``
+  or the write would fail when the results are saved, after the run."""
+  path = os.path.abspath(text)
+  parent = path if directory and os.path.isdir(path) else os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
     raise argparse.ArgumentTypeError(f"{parent!r} is a file, not a directory: {text!r}")
+  try:  # os.access would let root pass a read-only mount; a file made and removed tells
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    raise argparse.ArgumentTypeError(
+      f"cannot write in {parent!r} ({e.strerror}): {text!r}"
+    ) from None
 
 
 def file_name(text: str) -> str:

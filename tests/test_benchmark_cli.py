@@ -694,6 +694,50 @@ def test_an_out_directory_under_a_file_is_a_usage_error(
   assert _args.out_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
 
 
+def test_an_out_in_a_read_only_directory_is_a_usage_error(
+  examples_path, paper_cli, time_to_accuracy, tmp_path, monkeypatch, capsys
+):
+  # `cv_digits.py --out /sys/x` (or any directory the user cannot write in) trained every
+  # optimizer, then failed with a PermissionError traceback from os.makedirs in summarize.
+  pytest.importorskip("flax")
+  import tempfile
+
+  import _common
+
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  make = tempfile.TemporaryFile
+
+  def temporary_file(*args, dir=None, **kwargs):  # root writes in a 0o555 directory anyway
+    if dir is not None and os.path.samefile(dir, read_only):
+      raise PermissionError(13, "Permission denied")
+    return make(*args, dir=dir, **kwargs)
+
+  monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  cases = [
+    (lambda a: _common.parser("test", 10, 2, ["AdaHessian"]).parse_args(a), "new/dir"),
+    (lambda a: _common.parser("test", 10, 2, ["AdaHessian"]).parse_args(a), ""),
+    (lambda a: paper_cli.parse_args("test", a), "new"),
+    (time_to_accuracy.parse_args, "new"),
+    (_script(benchmarks, "compile_time").parse_args, "x.json"),
+    (_script(benchmarks, "memory").parse_args, "new"),
+  ]
+  try:
+    for parse, name in cases:
+      value = os.path.join(str(read_only), name) if name else str(read_only)
+      with pytest.raises(SystemExit) as e:
+        parse(["--out", value])
+      assert e.value.code == 2
+      assert (
+        f"argument --out: cannot write in {str(read_only)!r} (Permission denied): {value!r}"
+      ) in capsys.readouterr().err
+  finally:
+    read_only.chmod(0o755)
+  assert _common.parser("test", 10, 2, ["AdaHessian"]).parse_args(["--out", str(tmp_path)]).out
+
+
 def test_compile_time_out_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys):
   # An existing file as its directory failed with FileExistsError, and a directory named *.json
   # with IsADirectoryError, when the result was written, after every problem had compiled.
