@@ -223,7 +223,9 @@ def configure(argv=None) -> tuple[argparse.Namespace, dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model, few steps: seconds")
   parser.add_argument("--compare-cold", action="store_true", help="also measure from cold starts")
-  parser.add_argument("--seed", type=random_seed, default=0)
+  parser.add_argument(
+    "--seed", type=random_seed, default=0, help="seed of data split, init and batches"
+  )
   parser.add_argument(
     "--steps", type=positive_int, default=None, help="training steps (default 300; --quick: 8)"
   )
@@ -244,7 +246,7 @@ def configure(argv=None) -> tuple[argparse.Namespace, dict]:
     "--block-size",
     type=positive_int,
     default=2,
-    help="Ritz vectors per warm start (track_curvature)",
+    help="Ritz vectors per warm start (track_curvature; default 2)",
   )
   parser.add_argument(
     "--out",

@@ -58,7 +58,7 @@ VAL_FRACTION = 0.25  # held out, stratified (train_test_split rounds the validat
 def parse_args(argv=None):
   names = [o.name for o in optimizers()]
   p = _common.parser(__doc__, steps=1000, quick_steps=60, names=names)
-  p.add_argument("--batch-size", type=positive_int, default=64)
+  p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
   args = p.parse_args(argv)
   n = len(_common.digits_images()[1])
   n_train = n - math.ceil(VAL_FRACTION * n)

@@ -99,7 +99,9 @@ QUICK = dict(context=32, width=32, layers=1, heads=2, block_size=16, eval_window
 def parse_args(argv=None):
   names = [o.name for o in optimizers(block=None)]  # the names only: nothing is built
   p = _common.parser(__doc__, steps=600, quick_steps=30, names=names)
-  p.add_argument("--batch-size", type=positive_int, default=32)
+  p.add_argument(
+    "--batch-size", type=positive_int, default=32, help="windows per step (default 32)"
+  )
   p.add_argument("--context", type=positive_int, default=64)
   p.add_argument("--width", type=positive_int, default=64)
   p.add_argument("--layers", type=positive_int, default=2)

@@ -147,7 +147,9 @@ def optimizers():
 
 def parse_args(argv=None):
   p = _common.parser(__doc__, steps=1500, quick_steps=40, names=[o.name for o in optimizers()])
-  p.add_argument("--batch-size", type=positive_int, default=512)
+  p.add_argument(
+    "--batch-size", type=positive_int, default=512, help="impressions per step (default 512)"
+  )
   p.add_argument(
     "--impressions", type=positive_int, default=1_000_000, help="train + validation size"
   )

@@ -738,6 +738,46 @@ def test_an_out_in_a_read_only_directory_is_a_usage_error(
   assert _common.parser("test", 10, 2, ["AdaHessian"]).parse_args(["--out", str(tmp_path)]).out
 
 
+class _Parser(Exception):
+  """Raised in place of parsing, with the parser a script built."""
+
+
+def test_every_flag_says_what_it_does(examples_path, monkeypatch):
+  # `--help` listed `--batch-size BATCH_SIZE` (cv_digits, nlp_charlm, recsys_dlrm), `--seed SEED`
+  # (curvature_tracking), screen's `--tasks` and `--configs`, heldout's `--tasks` with no word of
+  # what they set or their default.
+  pytest.importorskip("flax")
+
+  def parse_args(self, args=None, namespace=None):
+    raise _Parser(self)
+
+  monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+  monkeypatch.setattr(sys, "argv", ["script"])
+  benchmarks = os.path.join(ROOT, "benchmarks")
+  entries = {
+    name: getattr(importlib.import_module(name), entry)
+    for name, entry in (
+      ("cv_digits", "parse_args"),
+      ("nlp_charlm", "parse_args"),
+      ("recsys_dlrm", "parse_args"),
+      ("pods_transformer", "parse_args"),
+      ("curvature_tracking", "configure"),
+    )
+  }
+  for name in ("compile_time", "memory", "step_time", "time_to_accuracy", "tracking_oracle"):
+    entries[name] = _script(benchmarks, name).main
+  for name in ("screen", "heldout", "diagnose"):
+    entries[name] = _script(STABILITY, name).main
+  undocumented = []
+  for name, entry in entries.items():
+    with pytest.raises(_Parser) as e:
+      entry()
+    for action in e.value.args[0]._actions:
+      if action.option_strings and not action.help:
+        undocumented.append(f"{name} {action.option_strings[0]}")
+  assert not undocumented
+
+
 def test_compile_time_out_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys):
   # An existing file as its directory failed with FileExistsError, and a directory named *.json
   # with IsADirectoryError, when the result was written, after every problem had compiled.

@@ -219,7 +219,14 @@ def evaluate(task, seeds, steps: int, rows=tuple(ROWS)) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tasks", nargs="+", action=Distinct, choices=list(TASKS), default=list(TASKS))
+  p.add_argument(
+    "--tasks",
+    nargs="+",
+    action=Distinct,
+    choices=list(TASKS),
+    default=list(TASKS),
+    help="the tasks to train (default: all)",
+  )
   p.add_argument(
     "--rows",
     nargs="+",

@@ -79,19 +79,32 @@ def cell_list(text: str) -> list[tuple[int, float]]:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tasks", nargs="+", action=Distinct, choices=list(CELLS), default=["cnn"])
+  p.add_argument(
+    "--tasks",
+    nargs="+",
+    action=Distinct,
+    choices=list(CELLS),
+    default=["cnn"],
+    help="the tasks to screen (default: cnn)",
+  )
   p.add_argument(
     "--configs",
     nargs="+",
     action=Distinct,
     choices=list(CONFIGS),
     default=["exact", "floor", "clip", "warmup"],
+    help="the stabilizer configurations (default: exact floor clip warmup)",
   )
-  p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1")
+  p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1 (default: 4)")
   p.add_argument(
-    "--cells", type=cell_list, default=None, help="JSON list of [update_freq, scale] pairs"
+    "--cells",
+    type=cell_list,
+    default=None,
+    help="JSON list of [update_freq, scale] pairs (default: the task's cells)",
   )
-  p.add_argument("--out", type=file_name, default="screen", help="results/OUT.json")
+  p.add_argument(
+    "--out", type=file_name, default="screen", help="results/OUT.json (default: screen)"
+  )
   args = p.parse_args()
   path = os.path.join(C.RESULTS, f"{args.out}.json")
   store = {"cells": {}}
