@@ -44,8 +44,8 @@ Commands (one per task; each updates its task in the results JSON and writes its
   python benchmarks/time_to_accuracy.py --quick      # tiny smoke run, seconds (CI)
 
 Outputs: ``benchmarks/results/time_to_accuracy.json`` and
-``benchmarks/figures/time_to_accuracy_<task>.png`` (``--quick``: a temporary directory unless
-``--out``/``--figures`` are given).
+``benchmarks/figures/time_to_accuracy_<task>.png``; the figures go to ``--out`` when it is given
+without ``--figures`` (``--quick``: both to a temporary directory unless given).
 """
 
 from __future__ import annotations
@@ -519,7 +519,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--figures",
     type=out_dir,
     default=None,
-    help=f"figures directory (default benchmarks/figures; --quick: {quick_dir})",
+    help=f"figures directory (default benchmarks/figures, or --out if given; --quick: {quick_dir})",
   )
   add_malloc_flag(p)
   p.add_argument(
@@ -540,10 +540,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       f"argument --steps: must be a multiple of each task's chunk of steps {chunks}, "
       f"got {args.steps}"
     )
-  if args.quick and (args.out is None or args.figures is None):
-    args.out = args.out or quick_dir
-    args.figures = args.figures or quick_dir
-  args.out = args.out or DEFAULT_OUT
+  if args.figures is None and (args.quick or args.out is not None):
+    # Not over the committed figures: a run written elsewhere draws its figures there too.
+    args.figures = args.out or quick_dir
+  args.out = args.out or (quick_dir if args.quick else DEFAULT_OUT)
   args.figures = args.figures or DEFAULT_FIGURES
   args.seeds = tuple(range(args.seeds or (QUICK_SEEDS if args.quick else SEEDS)))
   if args.time_budget is None:

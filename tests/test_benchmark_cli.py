@@ -333,6 +333,24 @@ def test_time_to_accuracy_steps_must_fill_whole_chunks_of_every_task(time_to_acc
   assert "{'cnn': 12, 'dlrm': 60}, got 36" in err
 
 
+def test_time_to_accuracy_figures_follow_an_out_given(time_to_accuracy, tmp_path):
+  # `--out DIR --tasks cnn --steps 24` (a smoke run written elsewhere) drew its figures over the
+  # committed benchmarks/figures/time_to_accuracy_cnn.png, next to a JSON they no longer matched.
+  tta, out, figures = time_to_accuracy, str(tmp_path / "out"), str(tmp_path / "figures")
+  args = tta.parse_args(["--out", out, "--tasks", "cnn", "--steps", "24"])
+  assert (args.out, args.figures) == (out, out)
+  args = tta.parse_args([])
+  assert (args.out, args.figures) == (tta.DEFAULT_OUT, tta.DEFAULT_FIGURES)
+  args = tta.parse_args(["--figures", figures])
+  assert (args.out, args.figures) == (tta.DEFAULT_OUT, figures)
+  args = tta.parse_args(["--out", out, "--figures", figures])
+  assert (args.out, args.figures) == (out, figures)
+  quick = tta.parse_args(["--quick"])
+  assert quick.out == quick.figures and not quick.out.startswith(os.path.join(ROOT, ""))
+  assert tta.parse_args(["--quick", "--out", out]).figures == out
+  assert tta.parse_args(["--quick", "--figures", figures]).out == quick.out
+
+
 def test_a_seed_beyond_32_bits_is_a_usage_error(examples_path, capsys):
   # `cv_digits.py --seed 4294967296` failed with scikit-learn's InvalidParameterError traceback
   # about `random_state`, not naming --seed; 2**64 and above overflow jax.random.key too.
