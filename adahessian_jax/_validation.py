@@ -367,7 +367,8 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
   **kwargs)``.
 
   Python's own error, raised from deep inside a trace, names neither the argument the function
-  was given as nor how to fix the call. A function without a signature (a builtin) is let through.
+  was given as nor how to fix the call. A function without a signature (a builtin) is let through;
+  a decorated one is checked against the decorator's own arguments (:func:`_signature`).
 
   Args:
     fn: The user's function.
@@ -379,9 +380,8 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
   if not callable(fn):  # Python's "'str' object is not callable" names no argument
     got = repr(fn) if len(repr(fn)) <= 80 else repr(fn)[:77] + "..."  # e.g. a whole state
     raise TypeError(f"{call.split('(')[0]} must be a function, called as {call}; got {got}. {fix}")
-  try:
-    signature = inspect.signature(fn)
-  except (TypeError, ValueError):
+  signature = _signature(fn)
+  if signature is None:
     return
   try:
     signature.bind(*args, **kwargs)
@@ -389,6 +389,23 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
     raise TypeError(
       f"{call.split('(')[0]} is called as {call}, but its signature is {signature}: {e}. {fix}"
     ) from None
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+  """``fn``'s signature, ``None`` if it has none (a builtin): a wrapper's own (a decorator that
+  ``functools.wraps`` a function of other arguments, ``inner(model, batch)`` around ``f(model, x,
+  y)``), unless it only passes its arguments on (``*args, **kwargs``, as ``jax.checkpoint``'s) or
+  has none of its own (``nnx.jit``'s); then the wrapped function's."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  try:
+    own = inspect.signature(fn, follow_wrapped=False)
+  except (TypeError, ValueError):
+    return signature
+  passes_on = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+  return signature if all(p.kind in passes_on for p in own.parameters.values()) else own
 
 
 def canonical_leaf_paths(tree: Any) -> list[str]:

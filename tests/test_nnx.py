@@ -1,5 +1,6 @@
 """Flax NNX: nnx.Optimizer with the value_fn helper and the fused route."""
 
+import functools
 import re
 
 import jax
@@ -407,6 +408,41 @@ def test_a_loss_or_optimizer_the_fused_helper_cannot_use_is_refused_naming_the_h
   kw = lambda m, x, scale=1.0: scale * jnp.mean(m(x) ** 2)
   value = ah_nnx.value_grad_and_hessian_diag(kw, model, optimizer, x, scale=2.0)[0]
   np.testing.assert_allclose(value, 2.0 * two(model, x), rtol=1e-6)
+
+
+def test_a_decorated_loss_is_checked_against_the_decorators_own_arguments():
+  # A decorator that functools.wraps a loss of (m, x, y) into one of (m, batch) reports the
+  # wrapped (m, x, y) to inspect.signature: the signature check refused the call with the batch,
+  # which the NNX helpers ran before it was added. A decorator that only passes its arguments on
+  # (*args, **kwargs) is still checked against the wrapped loss.
+  x, y = data()
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)
+
+  def loss(m, x, y):
+    return jnp.mean((m(x) - y) ** 2)
+
+  def on_batches(f):
+    @functools.wraps(f)
+    def on_batch(m, batch):
+      return f(m, batch["x"], batch["y"])
+
+    return on_batch
+
+  def passing_on(f):
+    @functools.wraps(f)
+    def inner(*args, **kwargs):
+      return f(*args, **kwargs)
+
+    return inner
+
+  batch = {"x": x, "y": y}
+  value = ah_nnx.value_grad_and_hessian_diag(on_batches(loss), model, optimizer, batch)[0]
+  np.testing.assert_allclose(value, loss(model, x, y), rtol=1e-6)
+  value_fn = ah_nnx.value_fn(model, on_batches(loss), batch)
+  np.testing.assert_allclose(value_fn(nnx.state(model, nnx.Param)), value, rtol=1e-6)
+  with pytest.raises(TypeError, match=r"but its signature is \(m, x, y\)"):
+    ah_nnx.value_grad_and_hessian_diag(passing_on(loss), model, optimizer, batch)
 
 
 def test_value_fn_for_a_filter_selecting_nothing_is_refused_early():
