@@ -610,3 +610,43 @@ def test_eigenvectors_of_boxed_params_name_their_leading_axis():
     [np.asarray(eig.eigenvectors["b"]), np.asarray(box.value).reshape(2, -1)], 1
   )
   np.testing.assert_array_equal(flat, np.asarray(eig.eigenvectors_flat))
+
+
+def test_eigenvectors_keep_a_box_of_another_kind_as_it_is():
+  # flax.core.meta.add_axis called every AxisMetadata's add_axis with {"partition_name": None}:
+  # a user's box whose add_axis needs a parameter of its own (a transform's metadata_params)
+  # raised KeyError after the whole solve, where the eigenvectors came back before. Such a box is
+  # kept as it is (Flax's nn.Partitioned is the one the k axis is named in).
+  import flax.struct
+  from flax.core import meta
+
+  class Tagged(flax.struct.PyTreeNode, meta.AxisMetadata):
+    value: object
+    tag: str = flax.struct.field(pytree_node=False, default="w")
+
+    def unbox(self):
+      return self.value
+
+    def replace_boxed(self, val):
+      return self.replace(value=val)
+
+    def add_axis(self, index, params):
+      return self.replace(tag=self.tag + params["layers"])
+
+    def remove_axis(self, index, params):
+      return self
+
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)))
+
+  def loss(p, x):
+    return jnp.mean(jnp.tanh(x @ p["w"].unbox() + p["b"]) ** 2)
+
+  op = hessian.hessian_operator(loss, {"w": Tagged(w), "b": jnp.zeros(4)}, x)
+  eig = hessian.top_eigenvalues(op, k=2)
+  box = eig.eigenvectors["w"]
+  assert isinstance(box, Tagged) and box.tag == "w"
+  flat = np.concatenate(
+    [np.asarray(eig.eigenvectors["b"]), np.asarray(box.value).reshape(2, -1)], 1
+  )
+  np.testing.assert_array_equal(flat, np.asarray(eig.eigenvectors_flat))

@@ -153,10 +153,15 @@ def _fix_signs(vs):
 def _unravel_rows(op, vecs: jax.Array) -> Any:
   """The rows of ``vecs`` as one pytree like the params with a leading axis, whose Linen boxes
   (``nn.Partitioned``) name that axis ``None``: their names kept the params' rank, one short of
-  the value's, which ``nn.get_partition_spec`` then gave."""
+  the value's, which ``nn.get_partition_spec`` then gave. Other ``AxisMetadata`` stay as they
+  are: their ``add_axis`` may need parameters of their own (a transform's ``metadata_params``)."""
   tree = jax.vmap(op.unravel)(vecs)
-  add_axis = loaded("flax.core.meta", "add_axis")  # boxes only exist once Flax is imported
-  return tree if add_axis is None else add_axis(tree, 0, {"partition_name": None})
+  partitioned = loaded("flax.core.meta", "Partitioned")  # boxes only exist once Flax is imported
+  if partitioned is None:
+    return tree
+  is_box = lambda x: isinstance(x, partitioned)
+  name = lambda x: x.add_axis(0, {"partition_name": None}) if is_box(x) else x
+  return jax.tree.map(name, tree, is_leaf=is_box)
 
 
 def _finish(op, values, vecs, residuals, errors, matvecs, converged) -> Eigen:
