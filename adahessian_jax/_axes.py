@@ -198,7 +198,7 @@ def _cast_to_varying(x: Any, axes: tuple[Any, ...]) -> Any:
 
 def check_names(axis_name: Any, arg: str = "axis_name") -> tuple[Any, ...]:
   """``axis_name`` as a tuple of names; raises ``ValueError``, naming the argument ``arg``, for an
-  integer among them, or a name that is not hashable (an array).
+  integer among them, a name that is not hashable (an array), or one named twice.
 
   JAX's collectives read an integer as a positional array axis (``psum(x, 0)`` sums over axis 0 of
   ``x``), so ``axis_name=0``, written for the mapped axis's index, failed with "axis 0 is out of
@@ -220,6 +220,8 @@ def check_names(axis_name: Any, arg: str = "axis_name") -> tuple[Any, ...]:
         "the name the step is mapped over (jax.pmap(..., axis_name='batch'), or a mesh axis name "
         "under shard_map)."
       ) from None
+  if len(set(axes)) != len(axes):  # JAX's "repeated axis in `source` argument", in the step
+    raise ValueError(f"{arg}={axis_name!r} names an axis twice: name each mapped axis once.")
   return axes
 
 
@@ -321,7 +323,11 @@ def _tracks_variation(axes: tuple[Any, ...]) -> bool:
   """Whether JAX tracks here which values vary over ``axes``: inside ``shard_map`` with
   ``check_vma=True``, not under ``pmap`` or ``check_vma=False``, where nothing is seen to vary.
   Traced apart (``jax.eval_shape``), so it adds nothing to the program."""
-  return frozenset(axes) <= _axes_of(jax.eval_shape(lambda: jax.lax.axis_index(axes)))
+  try:
+    index = jax.eval_shape(lambda: jax.lax.axis_index(axes))
+  except AssertionError:  # a vmap axis among them inside shard_map: JAX's own error comes later
+    return False
+  return frozenset(axes) <= _axes_of(index)
 
 
 def check_estimate_varies(estimate: Any, axis_name: Any) -> None:

@@ -321,6 +321,10 @@ def test_an_integer_or_array_axis_name_is_refused_at_construction():
   for axis_name in (np.array(["batch"]), ("batch", jnp.ones(2))):
     with pytest.raises(ValueError, match=r"axis_name=.*is not hashable, so it cannot name a"):
       ah.scale_by_adahessian(axis_name=axis_name)
+  # A name given twice failed inside the step with JAX's "repeated axis in `source` argument".
+  for axis_name in (("data", "data"), ["x", "y", "x"]):
+    with pytest.raises(ValueError, match=r"axis_name=.* names an axis twice"):
+      ah.adahessian(0.1, axis_name=axis_name)
 
 
 def test_an_integer_or_array_expected_axis_name_is_named_as_that_argument():
