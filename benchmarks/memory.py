@@ -27,7 +27,7 @@ probe given as an input (the forward-over-reverse pass alone) and the fused
 Usage::
 
   python benchmarks/memory.py           # 12 compilations of the ~100M model, a few minutes
-  python benchmarks/memory.py --quick   # a ~1M-parameter model, seconds
+  python benchmarks/memory.py --quick   # a ~1M-parameter model, about a minute (65 s idle)
   python benchmarks/memory.py --layers 12 --width 1024 --context 1024   # another size
 
 Writes ``benchmarks/results/memory.json`` (``--out`` to change; ``--quick`` does not write unless
