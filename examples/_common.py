@@ -180,6 +180,26 @@ def set_malloc(args: argparse.Namespace) -> str:
   return "default" if args.default_malloc else keep_freed_memory()
 
 
+class _ComparisonParser(argparse.ArgumentParser):
+  """Checks ``--lr`` against itself and ``--only`` once both are parsed: a name given twice kept
+  its last rate, and a rate for an optimizer ``--only`` leaves out was dropped, without a word."""
+
+  def parse_known_args(self, args=None, namespace=None):
+    parsed, rest = super().parse_known_args(args, namespace)
+    names = [name for name, _ in getattr(parsed, "lr", [])]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+      self.error(f"argument --lr: {twice[0]} is given twice; give each optimizer's rate once")
+    only = getattr(parsed, "only", None)
+    unused = [n for n in names if only is not None and n not in only]
+    if unused:
+      self.error(
+        f"argument --lr: {unused[0]} is not among --only {','.join(only)}, so its rate would "
+        "not be used"
+      )
+    return parsed, rest
+
+
 def parser(
   description: str, steps: int, quick_steps: int, names: Sequence[str], tune: bool = True
 ) -> argparse.ArgumentParser:
@@ -189,7 +209,7 @@ def parser(
   (case-insensitively): ``args.lr`` is a list of ``(name, lr)``, ``args.only`` a list of names or
   ``None`` (all). ``tune=False`` leaves out ``--tune`` (an example that has no grids to sweep).
   """
-  p = argparse.ArgumentParser(
+  p = _ComparisonParser(
     description=description, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument(

@@ -155,6 +155,12 @@ def test_examples_check_lr_and_only_when_parsed(examples_path, capsys, script, n
       ["--lr", "adahessian"],
       f"--lr: expected NAME=VALUE with NAME one of {names}, got 'adahessian'",
     ),
+    # A name given twice kept its last rate, and a rate --only leaves out was dropped, silently.
+    (["--lr", "adahessian=0.1", "--lr", "AdaHessian=0.2"], "--lr: AdaHessian is given twice"),
+    (
+      ["--lr", f"{names.split(', ')[1]}=0.1", "--only", "adahessian"],
+      f"--lr: {names.split(', ')[1]} is not among --only AdaHessian, so its rate would not be used",
+    ),
   ]:
     with pytest.raises(SystemExit) as e:
       parse(argv)
