@@ -38,7 +38,7 @@ def concrete(tree: Any, what: str) -> None:
     tree: The argument given: a pytree of arrays (the params, a batch, a direction) or one array.
     what: Its name, for the error message.
   """
-  for path, leaf in _leaves_with_path(tree):
+  for path, leaf in leaves_with_path(tree):
     if isinstance(leaf, jax.core.Tracer):
       at = f"concrete arrays, but its leaf at {jax.tree_util.keystr(path)}"
       raise ValueError(
@@ -137,7 +137,7 @@ def stop_on(stop_on: str) -> str:
   return stop_on
 
 
-def _leaves_with_path(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
+def leaves_with_path(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
   """``(canonical path, leaf)`` of every leaf of ``tree``: a Linen box's or NNX variable's
   ``.value`` step left out, as the operator's leaf names and the optimizer's layouts name them
   (an error named ``['linear']['kernel'].value``)."""
@@ -229,7 +229,7 @@ def real(tree: Any, what: str, *, floating: bool = False) -> None:
     floating: Whether only real floating dtypes are allowed (a preconditioner, whose bool or
       integer entries are no optimizer's).
   """
-  for path, leaf in _leaves_with_path(tree):
+  for path, leaf in leaves_with_path(tree):
     whose = f"its leaf at {jax.tree_util.keystr(path)}" if path else "it"
     dtype = _validation.array_dtype(leaf)
     if dtype is None:

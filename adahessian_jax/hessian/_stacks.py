@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from adahessian_jax import _validation, layout, spatial
+from adahessian_jax.hessian import _checks
 
 
 def layer_axes_of(
@@ -89,7 +90,7 @@ def _not_a_prefix(prefix: Any, params: Any) -> str:
   (JAX's own error dumps both trees' key sets, a screenful for a model)."""
   # The params' canonical paths, as _by_path matches them: with an NNX variable's ".value" step
   # in them, no entry of a plain prefix was inside a leaf, and the leaf was named with the step.
-  leaves = [(x.path, x.leaf) for x in layout.leaves(params)]
+  leaves = _checks.leaves_with_path(params)
   entries = [p for p, _ in jax.tree_util.tree_leaves_with_path(prefix)]
   extra, missing = _validation.prefix_mismatch(entries, [p for p, _ in leaves])
   if extra is not None:
