@@ -362,6 +362,12 @@ def float_leaves(tree: Any, what: str, fix: str) -> None:
       )
 
 
+def short_repr(x: Any) -> str:
+  """``repr(x)``, cut to 80 characters for an error message (a whole state or model is pages)."""
+  text = repr(x)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
 def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> None:
   """Raises ``TypeError`` if ``fn`` is not callable or its signature cannot take ``fn(*args,
   **kwargs)``.
@@ -378,7 +384,7 @@ def callable_with(fn: Any, args: tuple, kwargs: dict, call: str, fix: str) -> No
     fix: A sentence appended to the error, saying what to do instead.
   """
   if not callable(fn):  # Python's "'str' object is not callable" names no argument
-    got = repr(fn) if len(repr(fn)) <= 80 else repr(fn)[:77] + "..."  # e.g. a whole state
+    got = short_repr(fn)  # e.g. a whole state
     raise TypeError(f"{call.split('(')[0]} must be a function, called as {call}; got {got}. {fix}")
   signature = _signature(fn)
   if signature is None:

@@ -124,9 +124,9 @@ def _check_arguments(
   if callable(loss_fn) and not (callable(model) and not nnx.graphlib.is_graph_node(model)):
     if not _holds_a_module(model):
       if not _holds_state(model):  # a number, a string, None: no state either
-        got = repr(model) if len(repr(model)) <= 80 else repr(model)[:77] + "..."
         raise TypeError(
-          f"{call} takes the nnx.Module (or a pytree of them) as model, got {got} (type "
+          f"{call} takes the nnx.Module (or a pytree of them) as model, got "
+          f"{_validation.short_repr(model)} (type "
           f"{type(model).__qualname__}), which is no module and holds none. Pass the module the "
           "loss takes as its first argument."
         )
