@@ -351,13 +351,13 @@ class TrainState(train_state.TrainState):
         f"a function of params['params'] (with params[{_OWG!r}] held fixed)."
       )
 
-    if not state.adahessian_states(self.opt_state) and not state.untyped_state_hint(self.opt_state):
-      raise ValueError(
-        "TrainState.apply_loss is AdaHessian's fused route, but this TrainState's tx holds no "
-        "AdaHessian transform (its opt_state has no ScaleByAdaHessianState). Create it with "
-        "tx=adahessian_jax.adahessian(...), or for another optimizer compute the gradients "
-        "yourself and call apply_gradients(grads=grads)."
-      )
+    state.check_fused_route_tx(
+      self.opt_state,
+      "TrainState.apply_loss",
+      "this TrainState's tx",
+      "Create it with tx=adahessian_jax.adahessian(...), or for another optimizer compute the "
+      "gradients yourself and call apply_gradients(grads=grads).",
+    )
     _validation.callable_with(
       loss_fn,
       (self.params, *args),

@@ -190,15 +190,15 @@ def _check_against_optimizer(params: Any, opt_state: Any) -> None:
   and a state made for the parameters flattened into one vector (``optax.flatten``) are passed.
   """
   call = "adahessian_jax.nnx.value_grad_and_hessian_diag"
+  state_lib.check_fused_route_tx(
+    opt_state,
+    call,
+    "the nnx.Optimizer's tx",
+    "Build it with nnx.Optimizer(model, adahessian_jax.adahessian(...), wrt=...), or for another "
+    "optimizer take the gradients with nnx.grad and call optimizer.update(model, grads).",
+  )
   found = state_lib.adahessian_states(opt_state)
-  if not found:  # the fused pass's words were for its own arguments: "after params"
-    raise ValueError(
-      f"{call} is AdaHessian's fused route, but the nnx.Optimizer's tx holds no AdaHessian "
-      "transform (its opt_state has no ScaleByAdaHessianState). Build it with "
-      "nnx.Optimizer(model, adahessian_jax.adahessian(...), wrt=...), or for another optimizer "
-      "take the gradients with nnx.grad and call optimizer.update(model, grads)."
-    )
-  if len(found) != 1:  # several: the fused pass names that
+  if len(found) != 1:  # none (a plain-dict state, which the fused pass names) or several
     return
   held = {jax.tree_util.keystr(x.path): jnp.shape(x.leaf) for x in layout.leaves(found[0].mu)}
   model = {jax.tree_util.keystr(x.path): jnp.shape(x.leaf) for x in layout.leaves(params)}

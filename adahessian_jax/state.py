@@ -213,6 +213,19 @@ def check_holds_adahessian_state(opt_state: Any, who: str) -> None:
   )
 
 
+def check_fused_route_tx(opt_state: Any, caller: str, whose: str, fix: str) -> None:
+  """Raises ``ValueError`` for a fused-route helper of a training object (``caller``) whose
+  optimizer (``whose``, e.g. "this TrainState's tx") holds no AdaHessian transform: the fused
+  pass's own error asks for a state passed after the params, which such a caller never passes.
+  A state whose AdaHessian state is a plain dict is left to that error, which gives its fix."""
+  if adahessian_states(opt_state) or untyped_state_hint(opt_state):
+    return
+  raise ValueError(
+    f"{caller} is AdaHessian's fused route, but {whose} holds no AdaHessian transform (its "
+    f"opt_state has no ScaleByAdaHessianState). {fix}"
+  )
+
+
 def _state_names(opt_state: Any) -> str:
   """The NamedTuple states in ``opt_state`` by class, for an error message (``ScaleByAdamState,
   EmptyState``), or what ``opt_state`` is where it holds none."""
