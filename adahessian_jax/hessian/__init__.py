@@ -18,9 +18,9 @@ raises :class:`NonFiniteError` as soon as it is seen. Plot helpers live in
 """
 
 from adahessian_jax.hessian._checks import NonFiniteError
+from adahessian_jax.hessian._layout import ParamLayout
 from adahessian_jax.hessian._operator import (
   HessianOperator,
-  ParamLayout,
   WeightedData,
   hessian_operator,
 )
