@@ -24,7 +24,6 @@ compiler, with the reduction over the batch inserted automatically.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -47,20 +46,24 @@ from adahessian_jax.hessian._layout import (
   part_name,
   ravel,
 )
+from adahessian_jax.hessian._rows import (
+  embed_cols,
+  embed_idx,
+  map_row_blocks,
+  rademacher_rows,
+  scale_rows,
+  take_cols,
+  take_idx,
+)
 from adahessian_jax.hutchinson import (
   check_scalar_loss,
-  rademacher_like,
   value_grad_hvp,
-  vmap_invariant,
 )
 
 __all__ = [
   "HessianOperator",
   "WeightedData",
   "hessian_operator",
-  "key_blocks",
-  "map_row_blocks",
-  "scale_rows",
 ]
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -408,12 +411,12 @@ class HessianOperator:
     shape, flat, width = np.shape(flat), flat.ravel(), flat.size
     if flat[-1] - flat[0] + 1 == width:  # contiguous (a whole leaf, a leading-axis layer)
       first = int(flat[0])
-      take = lambda vs: _take_cols(vs, first, width)
-      embed = lambda vs: _embed_cols(vs, first, n)
+      take = lambda vs: take_cols(vs, first, width)
+      embed = lambda vs: embed_cols(vs, first, n)
     else:
       cols = jnp.asarray(flat)
-      take = lambda vs: _take_idx(vs, cols)
-      embed = lambda vs: _embed_idx(vs, cols, n)
+      take = lambda vs: take_idx(vs, cols)
+      embed = lambda vs: embed_idx(vs, cols, n)
     layout = ParamLayout(
       params=leaf_params[where] if where else leaf_params,  # a Python float leaf too
       names=(name,),
@@ -478,17 +481,6 @@ _CONSTANT_FIX = (
 )
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _rademacher_rows(key_data, params, impl):
-  """The probe ``ravel(rademacher_like(key, params))`` of each key, whose data are the rows of
-  ``key_data`` and whose implementation is ``impl`` (its name: ``"rbg"`` keys wrapped as the
-  default threefry failed inside JAX)."""
-  keys = jax.random.wrap_key_data(key_data, impl=impl)
-  one = lambda k: ravel(rademacher_like(k, params))[0]
-  # Keys that draw other numbers under vmap (rbg) go one by one: each row stays its key's probe.
-  return jax.vmap(one)(keys) if vmap_invariant(keys) else jax.lax.map(one, keys)
-
-
 @jax.jit
 def _batch_matmat(loss_fn, params, batch, vs):
   """``(H_b v)`` for every row ``v`` of ``vs``: the per-batch block product.
@@ -528,85 +520,6 @@ def _first_not_finite_entry(batch: Any) -> tuple[str, Any] | None:
       index = f"[{', '.join(str(int(j)) for j in bad[0])}]" if host.ndim else ""
       return jax.tree_util.keystr(path) + index, host[tuple(bad[0])]
   return None
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _pad_rows(rows, pad):
-  return jnp.pad(rows, ((0, pad),) + ((0, 0),) * (rows.ndim - 1))
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _row_block(rows, start, size):
-  return jax.lax.dynamic_slice_in_dim(rows, start, size)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _concat_rows(blocks, num):
-  return jnp.concatenate(blocks)[:num]
-
-
-@jax.jit
-def scale_rows(vs, scale):
-  """``vs * scale`` as one compiled program: the rows of ``vs`` times a mask or scale of the
-  operator's size, or a block of rows times another of its shape (``z ⊙ Hz``)."""
-  return vs * scale
-
-
-# ``start`` is traced: one program for every block of a width, not one per leaf or layer.
-@functools.partial(jax.jit, static_argnums=2)
-def _embed_cols(vs, start, n):
-  return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((vs.shape[0], n), vs.dtype), vs, start, 1)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _take_cols(vs, start, size):
-  return jax.lax.dynamic_slice_in_dim(vs, start, size, 1)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _embed_idx(vs, cols, n):
-  return jnp.zeros((vs.shape[0], n), vs.dtype).at[:, cols].set(vs)
-
-
-@jax.jit
-def _take_idx(vs, cols):
-  return vs[:, cols]
-
-
-def map_row_blocks(fn: Callable[[jax.Array], jax.Array], rows: Any, block_size: int) -> jax.Array:
-  """``fn`` applied to the rows of ``rows`` in blocks of exactly ``block_size``.
-
-  One row or ``block_size`` rows go through as they are; any other count is
-  zero-padded to a multiple of ``block_size`` and cut back after, so ``fn``
-  (typically jit-compiled) sees at most two shapes whatever the count. Zero rows
-  are inert for a linear map, and zero key data is a valid key.
-
-  Args:
-    fn: ``(b, ...) -> (b, ...)``, row ``i`` of the output depending on row ``i``
-      of the input only.
-    rows: ``(num, ...)`` array.
-    block_size: Rows per call.
-
-  Returns:
-    ``fn(rows)``, computed block by block.
-  """
-  num = rows.shape[0]
-  if num in (1, block_size):
-    return fn(rows)
-  padded = _pad_rows(rows, -num % block_size)
-  blocks = [fn(_row_block(padded, i, block_size)) for i in range(0, num, block_size)]
-  return _concat_rows(tuple(blocks), num)
-
-
-def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
-  """``jax.random.split(key, num)`` cut into blocks of ``block_size`` keys.
-
-  Sliced on the host, so that no slice of a device array is compiled per offset.
-  """
-  data = np.asarray(jax.random.key_data(jax.random.split(key, num)))
-  blocks = (jnp.asarray(data[i : i + block_size]) for i in range(0, num, block_size))
-  impl = jax.random.key_impl(key)  # wrapped as the default implementation, rbg data failed
-  return [jax.random.wrap_key_data(b, impl=impl) for b in blocks]
 
 
 def _leading_sizes(batch: Any) -> dict[str, int]:
@@ -1011,7 +924,7 @@ def hessian_operator(
 
   def probes(keys):
     key_data, impl = jax.random.key_data(keys), str(jax.random.key_impl(keys))
-    return map_row_blocks(lambda d: _rademacher_rows(d, params, impl), key_data, block_size)
+    return map_row_blocks(lambda d: rademacher_rows(d, params, impl), key_data, block_size)
 
   return HessianOperator(
     matmat_fn=lambda vs: map_row_blocks(block_product, jnp.asarray(vs, flat.dtype), block_size),

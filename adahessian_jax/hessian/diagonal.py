@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._operator import HessianOperator, key_blocks, scale_rows
+from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._rows import key_blocks, scale_rows
 from adahessian_jax.hessian._sketch import (
   exchangeable_estimate,
   leave_one_out_directions,

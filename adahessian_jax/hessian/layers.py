@@ -30,7 +30,8 @@ import numpy as np
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._layout import part_name
-from adahessian_jax.hessian._operator import HessianOperator, key_blocks
+from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._rows import key_blocks
 from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian._stacks import layer_axes_of, layer_slices
 from adahessian_jax.hessian.diagonal import hutchinson_samples, unravel_wide

@@ -42,7 +42,8 @@ import optax
 
 from adahessian_jax import _validation, layout, masking
 from adahessian_jax.hessian import _checks
-from adahessian_jax.hessian._operator import HessianOperator, scale_rows
+from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._rows import scale_rows
 from adahessian_jax.state import (
   adahessian_states,
   find_adahessian_state,

@@ -37,7 +37,8 @@ import numpy as np
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._lanczos import orthogonalise
-from adahessian_jax.hessian._operator import HessianOperator, key_blocks
+from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._rows import key_blocks
 from adahessian_jax.hessian._sketch import (
   basis_products,
   exchangeable_estimate,
