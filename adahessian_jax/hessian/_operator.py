@@ -35,7 +35,7 @@ import numpy as np
 
 from adahessian_jax import _validation
 from adahessian_jax._extras import loaded
-from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian import _checks, _loss
 from adahessian_jax.hessian._checks import NonFiniteError
 from adahessian_jax.hessian._layout import (
   ParamLayout,
@@ -46,6 +46,7 @@ from adahessian_jax.hessian._layout import (
   part_name,
   ravel,
 )
+from adahessian_jax.hessian._loss import LossFn
 from adahessian_jax.hessian._rows import (
   embed_cols,
   embed_idx,
@@ -65,8 +66,6 @@ __all__ = [
   "WeightedData",
   "hessian_operator",
 ]
-
-LossFn = Callable[[Any, Any], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ class WeightedData:
     object.__setattr__(self, "weights", weights)
     object.__setattr__(self, "batches", batches)
     if self.jit_loss is None:
-      object.__setattr__(self, "jit_loss", _jit_loss(self.loss_fn))
+      object.__setattr__(self, "jit_loss", _loss.jit_loss(self.loss_fn))
 
   def weighted_sum(self, per_batch: Callable[[Any], Any]) -> Any:
     """``Σ_b w_b · per_batch(batch_b)``: the one loop over batches every full-data quantity uses.
@@ -139,7 +138,7 @@ class WeightedData:
     Returns:
       ``Σ_b w_b · loss_fn(params, batch_b)``.
     """
-    return self.weighted_sum(lambda b: _batch_loss(self.jit_loss, params, b))
+    return self.weighted_sum(lambda b: _loss.batch_loss(self.jit_loss, params, b))
 
   def not_finite(self, params: Any) -> str:
     """Where a loss that is not finite comes from, as a sentence for an error message.
@@ -156,7 +155,7 @@ class WeightedData:
     """
     many = len(self.batches) > 1
     for i, batch in enumerate(self.batches):
-      value = np.asarray(_batch_loss(self.jit_loss, params, batch))
+      value = np.asarray(_loss.batch_loss(self.jit_loss, params, batch))
       if np.all(np.isfinite(value)):
         continue
       name, on = (f"batches[{i}]", f"batches[{i}]") if many else ("batch", "the batch")
@@ -500,11 +499,6 @@ def _batch_matmat(loss_fn, params, batch, vs):
   return jax.vmap(one)(vs)
 
 
-@jax.jit
-def _batch_loss(loss_fn, params, batch):
-  return loss_fn(params, batch)
-
-
 def _first_not_finite_entry(batch: Any) -> tuple[str, Any] | None:
   """``("[0][2, 1]", nan)``: where the first NaN or infinite entry of a batch's floating
   leaves is, and its value."""
@@ -695,85 +689,6 @@ def _weights(data: list[Any], batch_sizes: Any) -> np.ndarray:
   return sizes / sizes.sum()
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ByIdentity:
-  """An unhashable callable, hashed and compared by identity (a static argument of ``jit``)."""
-
-  fn: Callable[..., Any]
-
-  def __call__(self, *args: Any) -> Any:
-    return self.fn(*args)
-
-  def __hash__(self) -> int:
-    return id(self.fn)
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, _ByIdentity) and other.fn is self.fn
-
-
-def _static(fn: LossFn) -> LossFn:
-  """``fn`` itself if it is hashable, else ``fn`` wrapped to be hashed by identity."""
-  try:
-    hash(fn)
-  except TypeError:
-    return _ByIdentity(fn)
-  return fn
-
-
-@jax.tree_util.register_pytree_node_class
-class _JitLoss:
-  """A ``loss_fn`` as an argument of the compiled functions: its static part (in their cache key)
-  and its arrays (arguments, not constants), from :func:`_jit_loss`."""
-
-  def __init__(self, static: Any, arrays: tuple[Any, ...]):
-    self.static, self.arrays = static, arrays
-
-  def __call__(self, params: Any, batch: Any) -> Any:
-    if isinstance(self.static, jax.tree_util.PyTreeDef):
-      return jax.tree.unflatten(self.static, self.arrays)(params, batch)
-    return self.static(params, batch)
-
-  def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
-    # Tagged with the kind of static part: JAX compares a PyTreeDef with any other object as
-    # equal inside a tree structure (and hashes them alike), so a Partial without arrays and a
-    # later plain function shared the jit cache entry, and the second loss ran the first's Hessian.
-    return self.arrays, (isinstance(self.static, jax.tree_util.PyTreeDef), self.static)
-
-  @classmethod
-  def tree_unflatten(cls, aux: Any, arrays: Any) -> _JitLoss:
-    return cls(aux[1], tuple(arrays))
-
-
-def _jit_loss(loss_fn: LossFn, probe: tuple[Any, Any] | None = None) -> _JitLoss:
-  """``loss_fn`` split for ``jit``: a pytree of arrays (a ``jax.tree_util.Partial``) into its tree
-  structure, static (the function and e.g. an NNX graphdef, compared by value), and its arrays,
-  so that the same function with new arrays of the same shapes (a model's state at a later step)
-  reuses the compilation; anything else (a plain function, a pytree with other leaves) is static
-  as a whole, hashed (by identity if it is unhashable).
-
-  With ``probe`` (params and a batch), a pytree whose arrays do not trace as arguments is static
-  as a whole too: a NumPy boolean mask or a size its function needs concrete, or a string array.
-  """
-  leaves, treedef = jax.tree.flatten(loss_fn)
-  if not jax.tree_util.treedef_is_leaf(treedef) and all(
-    isinstance(x, jax.Array | np.ndarray) for x in leaves
-  ):
-    try:
-      hash(treedef)
-    except TypeError:
-      pass
-    else:
-      split = _JitLoss(treedef, tuple(leaves))
-      try:
-        if probe is not None:
-          jax.eval_shape(_batch_loss, split, *probe)  # the trace the compilations make
-      except Exception:  # loss_fn traced with its arrays concrete (checked by the caller)
-        pass
-      else:
-        return split
-  return _JitLoss(_static(loss_fn), ())
-
-
 def hessian_operator(
   loss_fn: LossFn,
   params: Any,
@@ -914,7 +829,7 @@ def hessian_operator(
         )
       raise
     check_scalar_loss(value, f"loss_fn on batches[{i}]" if i else "loss_fn", fix)
-  jit_loss = _jit_loss(loss_fn, (params, data[0]))
+  jit_loss = _loss.jit_loss(loss_fn, (params, data[0]))
   weighted = WeightedData(loss_fn, tuple(float(w) for w in weights), tuple(data), jit_loss)
 
   def block_product(vs):  # 16-bit products over several batches: summed wide, rounded once
