@@ -18,12 +18,9 @@ raises :class:`NonFiniteError` as soon as it is seen. Plot helpers live in
 """
 
 from adahessian_jax.hessian._checks import NonFiniteError
+from adahessian_jax.hessian._data import WeightedData
 from adahessian_jax.hessian._layout import ParamLayout
-from adahessian_jax.hessian._operator import (
-  HessianOperator,
-  WeightedData,
-  hessian_operator,
-)
+from adahessian_jax.hessian._operator import HessianOperator, hessian_operator
 from adahessian_jax.hessian.density import SpectralDensity, spectral_density
 from adahessian_jax.hessian.diagonal import DiagonalEstimate, hutchinson_diagonal_estimate, xdiag
 from adahessian_jax.hessian.eigen import Eigen, power_iteration, top_eigenvalues
