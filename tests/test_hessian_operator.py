@@ -1,4 +1,5 @@
-"""Tests of adahessian_jax.hessian._operator: the flat Hessian operator over batches."""
+"""Tests of the flat Hessian operator over batches: adahessian_jax.hessian._operator and its parts
+(_layout, _data, _loss, _rows)."""
 
 import dataclasses
 import os
