@@ -199,6 +199,7 @@ def adahessian(
   hessian_power: jax.typing.ArrayLike = 1.0,
   curvature_floor: jax.typing.ArrayLike = 0.0,
   update_clip: jax.typing.ArrayLike | None = None,
+  curvature_clip: jax.typing.ArrayLike | None = None,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
   block_size: int | None = None,
   update_freq: int | None = None,
@@ -261,6 +262,11 @@ def adahessian(
       :func:`adahessian_jax.scale_by_adahessian`.
     update_clip: Elementwise bound ``ρ`` of the preconditioned update before
       the learning rate (``None``: the paper's rule; recommended 0.05).
+    curvature_clip: Bound ``c`` of a refresh step's root-mean-square curvature
+      over the model, relative to that of the curvature so far; a step above it
+      has its curvature and gradient scaled down together, so that one batch
+      with a far too large loss does not stall the run (``None``: the paper's
+      rule); see :func:`adahessian_jax.scale_by_adahessian`.
     weight_decay_mask: A pytree of booleans like the params (or a prefix of
       them), or a callable returning one, selecting which leaves are decayed;
       ``init`` checks it against the params, naming an entry that does not fit.
@@ -313,6 +319,7 @@ def adahessian(
       hessian_power,
       curvature_floor=curvature_floor,
       update_clip=update_clip,
+      curvature_clip=curvature_clip,
       block_size=block_size,
       update_freq=update_freq,
       lazy_moment=lazy_moment,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 import jax
@@ -138,46 +139,123 @@ def _hutchinson(
 
 
 def _curvature(
-  estimate: Any, finite: jax.Array, rules: Any, curvature_floor: Any
-) -> tuple[Any, jax.Array]:
-  """``(D, finite)``: ``D`` is the estimate's absolute value, spatially averaged, floored per
-  leaf (or layer); ``finite`` whether every entry of the estimate is (from :func:`_estimate`)."""
+  estimate: Any,
+  finite: jax.Array,
+  rules: Any,
+  curvature_floor: Any,
+  curvature_clip: Any,
+  so_far: Callable[[], jax.Array],
+) -> tuple[Any, jax.Array, jax.Array | None]:
+  """``(D, finite, scale)``: ``D`` is the estimate's absolute value, spatially averaged, floored
+  per leaf (or layer) and scaled down by ``scale`` (:func:`_spike_scale`; ``None`` without
+  ``curvature_clip``); ``finite`` whether every entry of the estimate is (from
+  :func:`_estimate`); ``so_far()`` the model's root-mean-square curvature so far
+  (:func:`_rms_curvature_so_far`)."""
   d = spatial.apply_rules(rules, jax.tree.map(jnp.abs, estimate))
-  if _validation.is_static_zero(curvature_floor):
-    return d, finite
-  # Averaging keeps each group's sum, so D's means are |estimate|'s. Taken from the estimate
-  # (|e| written max(e, -e)), they cost one read of it; from D, XLA:CPU writes D out and reads it
-  # back (measured: +2 passes over the parameters).
-  # Mapped over the rules, whose leaves are Rule objects: the estimate's own nodes (tuples,
-  # NamedTuples, optax.MaskedNode) then stay nodes.
-  mean_axes = lambda r, e: tuple(i for i in range(e.ndim) if i not in r.layer_axes(e.shape))
-  sums = jax.tree.map(
-    lambda r, e: jnp.sum(jnp.maximum(e, -e), mean_axes(r, e), keepdims=True, dtype=_sum_dtype(e)),
+  if not _validation.is_static_zero(curvature_floor):
+    sums = _leaf_sums(rules, estimate)
+    model_mean = _model_mean([jnp.sum(x) for x in jax.tree.leaves(sums)], estimate)
+    d = _floored(d, sums, rules, curvature_floor, model_mean)
+  if curvature_clip is None:
+    return d, finite, None
+  scale = _spike_scale(d, so_far(), curvature_clip)
+  return jax.tree.map(lambda x: x * scale.astype(x.dtype), d), finite, scale
+
+
+def _mean_axes(rule: Any, x: Any) -> tuple[int, ...]:
+  """The axes a leaf's (or, with stacked layers, a layer's) mean is taken over."""
+  return tuple(i for i in range(x.ndim) if i not in rule.layer_axes(x.shape))
+
+
+def _leaf_sums(rules: Any, estimate: Any) -> Any:
+  """The sums of ``|estimate|`` over each leaf (or layer), keeping dimensions.
+
+  Averaging keeps each group's sum, so D's means are |estimate|'s. Taken from the estimate (|e|
+  written max(e, -e)), they cost one read of it; from D, XLA:CPU writes D out and reads it back
+  (measured: +2 passes over the parameters). Mapped over the rules, whose leaves are Rule
+  objects: the estimate's own nodes (tuples, NamedTuples, optax.MaskedNode) then stay nodes.
+  """
+  return jax.tree.map(
+    lambda r, e: jnp.sum(jnp.maximum(e, -e), _mean_axes(r, e), keepdims=True, dtype=_sum_dtype(e)),
     rules,
     estimate,
     is_leaf=spatial.is_rule,
   )
-  # Over the whole model, split kernels' other shards included (shard_map), so that the floor of
-  # a replicated leaf is the same on every shard.
+
+
+def _model_mean(totals: list[jax.Array], like: Any) -> jax.Array:
+  """The mean over the whole model of the entries whose per-leaf sums are ``totals`` (leaves
+  like ``like``), split kernels' other shards included (inside ``shard_map``), so that every
+  shard agrees on it."""
   # Counted in floats: an int32 count overflows beyond 2**31 - 1 parameters.
-  size = sum(float(e.size) * shard_count(e) for e in jax.tree.leaves(estimate))
-  total = nonnegative_total([sum_over_shards(jnp.sum(s)) for s in jax.tree.leaves(sums)])
-  model_mean = total / jnp.maximum(size, 1.0)
+  size = sum(float(x.size) * shard_count(x) for x in jax.tree.leaves(like))
+  return nonnegative_total([sum_over_shards(t) for t in totals]) / jnp.maximum(size, 1.0)
+
+
+def _floored(d: Any, sums: Any, rules: Any, curvature_floor: Any, model_mean: jax.Array) -> Any:
+  """``D`` raised to at least ``curvature_floor`` times its leaf's (or layer's) mean, or the
+  model's ``model_mean`` for a leaf whose ``D`` is zero everywhere."""
 
   def floored(r, x, s):
-    mean = s / float(math.prod(x.shape[i] for i in mean_axes(r, x)))  # int32 overflows
+    mean = s / float(math.prod(x.shape[i] for i in _mean_axes(r, x)))  # int32 overflows
     floor = curvature_floor * jnp.where(mean > 0, mean, model_mean)
     # A traced floor of 0 (optax.inject_hyperparams injects the default) leaves D as a static 0
     # does: 0 times a leaf's non-finite mean would make the whole leaf's D non-finite.
     floor = jnp.where(curvature_floor > 0, floor, 0)
     return jnp.maximum(x, floor.astype(x.dtype))
 
-  return jax.tree.map(floored, rules, d, sums, is_leaf=spatial.is_rule), finite
+  return jax.tree.map(floored, rules, d, sums, is_leaf=spatial.is_rule)
+
+
+def _rms_curvature_so_far(nu: Any, b2: Any, previous: jax.Array) -> jax.Array:
+  """The root mean square over the model of the curvature so far, ``sqrt(mean(v̂))`` after
+  ``previous`` steps of ``nu``'s bias correction; 0 before the first."""
+  sums = [jnp.sum(jnp.abs(v), dtype=_sum_dtype(v)) for v in jax.tree.leaves(nu)]
+  mean = _model_mean(sums, nu)
+  corrected = mean / (1 - b2 ** jnp.maximum(previous, 1)).astype(mean.dtype)
+  return jnp.where(previous > 0, jnp.sqrt(corrected), jnp.zeros_like(corrected))
+
+
+# The squares of D / (the RMS so far) are summed times 2**-64 (an exact power of two): in float32
+# a spike up to ~1e28 times the curvature so far, not only 1e19, keeps its mean square finite.
+_SQUARES_UNIT = 2.0**32
+
+
+def _spike_scale(d: Any, so_far: jax.Array, curvature_clip: Any) -> jax.Array:
+  """The factor that brings the root mean square of ``D`` over the model down to
+  ``curvature_clip`` times ``so_far`` (:func:`_rms_curvature_so_far`); 1 where it is not above
+  it, where there is no curvature so far (0), and where the mean square is not finite (an
+  estimate that is not: its own check keeps that step's curvature).
+
+  Second moments on both sides: ``nu`` averages ``D²``, so on a step like the earlier ones the
+  ratio is near 1 however heavy the tails of a single probe's ``D``."""
+  unit = jnp.where(so_far > 0, so_far, jnp.ones_like(so_far)) * _SQUARES_UNIT
+  squares = [
+    jnp.sum(jnp.square(x / unit.astype(x.dtype)), dtype=_sum_dtype(x)) for x in jax.tree.leaves(d)
+  ]
+  ratio = _model_mean(squares, d)  # mean((D / so_far)²) / _SQUARES_UNIT²
+  limit = jnp.square(curvature_clip / _SQUARES_UNIT).astype(ratio.dtype)  # an injected c: wider
+  over = (so_far > 0) & jnp.isfinite(ratio) & (ratio > limit)
+  return jnp.where(over, jnp.sqrt(limit / jnp.where(over, ratio, 1)), jnp.ones_like(ratio))
 
 
 def _sum_dtype(x: jax.Array) -> Any:
   """Sums of half-precision estimates accumulate in float32."""
   return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _scale_dtype(nu: Any) -> Any:
+  """The dtype of a curvature clip's scale: that of the model's means (:func:`_model_mean`),
+  which average the estimate cast to ``nu``'s dtypes."""
+  return jnp.result_type(*(_sum_dtype(v) for v in jax.tree.leaves(nu)))
+
+
+def _scaled(grads: Any, scale: jax.Array | None) -> Any:
+  """``grads`` times a curvature clip's ``scale`` (unchanged for ``None``), in their dtypes; a
+  non-finite entry stays non-finite (it keeps its ``mu``)."""
+  if scale is None:
+    return grads
+  return jax.tree.map(lambda g: (g * scale).astype(jnp.result_type(g)), grads)
 
 
 def _second_moment(
@@ -188,15 +266,20 @@ def _second_moment(
   b2: Any,
   update_freq: int,
   lazy_moment: str,
-) -> tuple[Any, Any, jax.Array, Any]:
-  """``(nu, D to store, the step count of nu's bias correction, finite)``.
+  scale_dtype: Any = None,
+) -> tuple[Any, Any, jax.Array, Any, Any]:
+  """``(nu, D to store, the step count of nu's bias correction, finite, scale)``.
 
-  ``curvature()`` computes this step's ``(D, whether the estimate is finite)``; it runs only on
-  refresh steps. Entries whose new ``D`` is not finite keep their previous curvature: their
+  ``curvature(previous)`` computes this step's ``(D, whether the estimate is finite, scale)``
+  (``previous``: the step count of ``nu``'s bias correction before this step); it runs only on
+  refresh steps. ``scale_dtype``: the dtype of ``scale``, ``None`` without a curvature clip.
+  Entries whose new ``D`` is not finite keep their previous curvature: their
   bias-corrected ``nu`` (:func:`_kept`), or with ``lazy_moment="repeat"`` their stored ``D``,
   which then enters ``nu`` as on a step without refresh. Such an entry that has no curvature yet
   (``nu`` zero) is marked instead (:func:`_keep_curvature`). ``finite`` is ``None`` when the
-  host decided that this step does not refresh.
+  host decided that this step does not refresh; ``scale`` the factor of a curvature clip on
+  this step's gradient (:func:`_spike_scale`; 1 on a step without refresh), ``None`` without
+  one.
   """
 
   def moment(d, decay, steps, first=1):
@@ -224,31 +307,34 @@ def _second_moment(
     return jax.tree.map(marked, d, _keep_curvature(d, moment(d, b2, count), state.nu, state.nu))
 
   if update_freq == 1:
-    d, finite = curvature()
+    d, finite, scale = curvature(count - 1)
     kept = _kept(state.nu, b2, count, count - 1)
-    return _keep_curvature(d, moment(d, b2, count), kept, state.nu), None, count, finite
+    return _keep_curvature(d, moment(d, b2, count), kept, state.nu), None, count, finite, scale
+  # A step without refresh: its gradient is not scaled (a scale of 1, if there is one).
+  unscaled = None if scale_dtype is None else jnp.ones((), scale_dtype)
   if lazy_moment == "repeat":  # timm: the last D enters the moving average every step
     if refresh is False:  # decided on the host: the stored D, which is finite
-      return moment_of_stored(state.hessian), state.hessian, count, None
-    d, finite = on_refresh(refresh, curvature, lambda: (state.hessian, jnp.array(True)))
+      return moment_of_stored(state.hessian), state.hessian, count, None, unscaled
+    d, finite, scale = on_refresh(
+      refresh, lambda: curvature(count - 1), lambda: (state.hessian, jnp.array(True), unscaled)
+    )
     # A D whose square overflows nu's dtype is not stored either: it would keep nu where it is
     # (not rescaled) on every step until the next refresh.
     d = _keep_curvature(jax.tree.map(jnp.square, d), d, state.hessian, state.nu)
-    return moment_of_stored(d), d, count, finite
+    return moment_of_stored(d), d, count, finite, scale
   # "refresh": nu moves on refresh steps only, by the decay of update_freq steps.
   nu_count = moment_steps(count, update_freq)
   if refresh is False:
-    return state.nu, None, nu_count, None
+    return state.nu, None, nu_count, None, unscaled
 
   def fresh():
-    d, finite = curvature()
+    d, finite, scale = curvature(nu_count - update_freq)
     kept = _kept(state.nu, b2, nu_count, nu_count - update_freq)
-    return _keep_curvature(
-      d, moment(d, b2**update_freq, nu_count, update_freq), kept, state.nu
-    ), finite
+    nu = _keep_curvature(d, moment(d, b2**update_freq, nu_count, update_freq), kept, state.nu)
+    return nu, finite, scale
 
-  nu, finite = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True)))
-  return nu, None, nu_count, finite
+  nu, finite, scale = on_refresh(refresh, fresh, lambda: (state.nu, jnp.array(True), unscaled))
+  return nu, None, nu_count, finite, scale
 
 
 def _kept(nu: Any, b2: Any, steps: jax.Array, previous: jax.Array) -> Any:
@@ -382,6 +468,7 @@ def scale_by_adahessian(
   *,
   curvature_floor: jax.typing.ArrayLike = 0.0,
   update_clip: jax.typing.ArrayLike | None = None,
+  curvature_clip: jax.typing.ArrayLike | None = None,
   block_size: int | None = None,
   update_freq: int | None = None,
   lazy_moment: str = "repeat",
@@ -406,8 +493,11 @@ def scale_by_adahessian(
     u_t &= \mathrm{clip}_{\rho}\Big(\frac{m_t / (1-\beta_1^t)}{(v_t / (1-\beta_2^t))^{k/2}
       + \epsilon}\Big)
 
-  where avg is the spatial averaging. With the defaults (``α = 0``, no clip)
-  this is exactly the paper's rule.
+  where avg is the spatial averaging. With ``curvature_clip = c``, a refresh
+  step's :math:`D_t` and :math:`g_t` are first both multiplied by
+  :math:`\min\big(1,\ c\,\sqrt{\mathrm{mean}(\hat v_{t-1})}\,/
+  \sqrt{\mathrm{mean}(D_t^2)}\big)`, means over the model. With the defaults
+  (``α = 0``, no clips) this is exactly the paper's rule.
 
   The estimate comes either from a loss closure, ``value_fn``, through
   Hutchinson's method (``z ⊙ Hz`` with Rademacher probes ``z`` drawn from the
@@ -463,6 +553,17 @@ def scale_by_adahessian(
     update_clip: ``ρ > 0`` or ``None`` (default, the paper's rule): clip every
       entry of the preconditioned update to ``[-ρ, ρ]`` (as Sophia does), which
       bounds the step ``lr·ρ`` where the curvature is zero.
+    curvature_clip: ``c > 0`` (finite) or ``None`` (default, the paper's rule): on a
+      refresh step whose root mean square of ``D`` over the model exceeds ``c``
+      times that of the curvature so far (``sqrt(mean(v̂))``, the model's mean of
+      the bias-corrected ``nu`` before this step), that step's ``D`` and gradient
+      are both scaled down to meet it, as if the batch's loss had been. One batch
+      whose loss is far too large (a corrupted batch) then cannot fill ``nu``
+      with a curvature that ``b2`` takes thousands of steps to forget, which
+      stalls the run; that step's Newton-like ``g / D`` is kept. The gradients
+      of steps without refresh are not scaled. Over the model, split kernels'
+      other shards included (as ``curvature_floor``'s fallback mean); one more
+      pass over ``D`` and ``nu`` on refresh steps.
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none. Refused
       beside an ``averaging`` that is one rule for every leaf, or (at ``init``)
@@ -567,6 +668,10 @@ def scale_by_adahessian(
   _validation.hyperparameter("curvature_floor", curvature_floor, 0.0, float("inf"), hi_open=True)
   if update_clip is not None:
     _validation.hyperparameter("update_clip", update_clip, 0.0, float("inf"), lo_open=True)
+  if curvature_clip is not None:
+    _validation.hyperparameter(
+      "curvature_clip", curvature_clip, 0.0, float("inf"), lo_open=True, hi_open=True
+    )
   block_size = _validation.count(
     "block_size", 1 if block_size is None else block_size, fix=STATIC_FIX
   )
@@ -644,17 +749,26 @@ def scale_by_adahessian(
     # Inside shard_map the moments are split like the parameters.
     spatial.warn_shard_shapes(averaging, block_size, split_leaves(state.mu), read_off_shapes)
     keys, next_key = probe_keys(state, axis_name if independent_probes else None)
-    curvature = lambda: _curvature(
+    curvature = lambda previous: _curvature(
       *_estimate(value_fn, hessian_diag, params, keys, state.nu, axis_name, independent_probes),
       rules,
       curvature_floor,
+      curvature_clip,
+      lambda: _rms_curvature_so_far(state.nu, b2, previous),
     )
     # optax annotates the result as any array-like; it is a jax.Array like state.count.
     count_inc = cast(jax.Array, optax.safe_increment(state.count))
-    nu, d, nu_count, finite = _second_moment(
-      curvature, refresh, state, count_inc, b2, update_freq, lazy_moment
+    nu, d, nu_count, finite, scale = _second_moment(
+      curvature,
+      refresh,
+      state,
+      count_inc,
+      b2,
+      update_freq,
+      lazy_moment,
+      None if curvature_clip is None else _scale_dtype(state.nu),
     )
-    mu = _new_first_moment(updates, state.mu, b1)
+    mu = _new_first_moment(_scaled(updates, scale), state.mu, b1)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, nu_count)
     steps = jax.tree.map(lambda m, v: m / (v ** (hessian_power / 2) + eps), mu_hat, nu_hat)

@@ -115,6 +115,32 @@ def floored_bias_update(mesh, params, diag, grads):
   return {"floored_b0_vs_single": float(np.max(np.abs(got - want))), "floored_b0": float(got[0])}
 
 
+def spike_clipped_updates(mesh, params, diag, grads):
+  """``curvature_clip`` on a second step whose estimate and gradient are 1e6 times the first's:
+  the model's means take in every shard of the split kernels, so the scaled step is one
+  device's; without the clip the updates differ (the clip bound)."""
+  hparams = {"learning_rate": 0.1, "block_size": 2, "seed": 5, "curvature_clip": 3.0}
+  tx = ah.adahessian(**hparams, averaging=whole_model_rules(params, 2))
+  specs = (SPECS, state_specs(mesh, tx, params), SPECS, SPECS)
+
+  def two_steps(tx):
+    def steps(grads, state, params, hdiag):
+      _, state = tx.update(grads, state, params, hessian_diag=hdiag)
+      spike = lambda t: jax.tree.map(lambda a: 1e6 * a, t)
+      return tx.update(spike(grads), state, params, hessian_diag=spike(hdiag))[0]
+
+    return steps
+
+  state = jax.jit(tx.init)(params)
+  mapped = jax.shard_map(two_steps(tx), mesh=mesh, in_specs=specs, out_specs=SPECS)
+  got = jax.jit(mapped)(grads, state, params, diag)
+  want = jax.jit(two_steps(ah.adahessian(**hparams)))(grads, state, params, diag)
+  del hparams["curvature_clip"]
+  unclipped = jax.jit(two_steps(ah.adahessian(**hparams)))(grads, state, params, diag)
+  diff = lambda a, b: max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+  return {"spike_clipped_vs_single": diff(got, want), "spike_clip_effect": diff(want, unclipped)}
+
+
 def given_diagonal_updates(mesh, x, y, params, diag):
   """Updates from the exact diagonal given as ``hessian_diag``, against one device's.
 
@@ -126,6 +152,7 @@ def given_diagonal_updates(mesh, x, y, params, diag):
   state = jax.jit(tx.init)(params)
   grads = jax.tree.map(np.asarray, jax.jit(jax.grad(global_loss))(params, x, y))
   out = floored_bias_update(mesh, params, diag, grads)
+  out.update(spike_clipped_updates(mesh, params, diag, grads))
   specs = (SPECS, state_specs(mesh, tx, params), SPECS, SPECS)
 
   def step(grads, state, params, hdiag):

@@ -7,6 +7,10 @@ Hutchinson estimate e (z ⊙ Hz, averaged over probes):
   D = spatial_average(|e|)             (on refresh steps; else the last D)
   D = max(D, floor * mean(D))          (the curvature floor; floor = 0 is the paper's rule;
                                         an all-zero D takes the mean over all arrays instead)
+  s = min(1, c * S / M)                (the curvature clip, none by default: M the root mean
+  D = s * D,  g = s * g                 square of D over all arrays, S that of the curvature so
+                                        far, sqrt(mean(v / (1 - b2^t'))) before this step's
+                                        update of v, after t' of its steps; s = 1 when t' = 0)
   m = b1 m + (1 - b1) g
   v = b2 v + (1 - b2) D²
   denom = (v / (1 - b2^t)) ** (k / 2) + eps
@@ -60,6 +64,7 @@ class AdaHessianReference:
     floor=0.0,
     clip=None,
     lazy_moment="repeat",
+    curvature_clip=None,
   ):
     self.p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
     self.m = {n: np.zeros_like(v) for n, v in self.p.items()}
@@ -68,6 +73,8 @@ class AdaHessianReference:
     self.lr, self.b1, self.b2, self.eps, self.wd, self.k = lr, b1, b2, eps, wd, k
     self.block_size, self.update_freq = block_size, update_freq
     self.floor, self.clip, self.lazy_moment = floor, clip, lazy_moment
+    self.curvature_clip = curvature_clip
+    self.clipped_steps = 0  # steps whose curvature the curvature clip scaled down
     self.t = 0
     self.refreshes_done = 0
 
@@ -81,13 +88,21 @@ class AdaHessianReference:
     self.t += 1
     self.refreshes_done += refresh
     t = self.t
+    scale = 1.0
     if refresh:
       d = {n: flax_spatial_average(np.abs(estimate[n]), self.block_size) for n in self.p}
       overall = sum(x.sum() for x in d.values()) / sum(x.size for x in d.values())
       for n, x in d.items():
         self.d[n] = np.maximum(x, self.floor * (x.mean() if x.mean() > 0 else overall))
+      if self.curvature_clip is not None:
+        squares = [x**2 for x in self.d.values()]
+        scale = self.spike_scale(
+          np.sqrt(sum(x.sum() for x in squares) / sum(x.size for x in squares))
+        )
+        for n in self.p:
+          self.d[n] = scale * self.d[n]
     for n in self.p:
-      g = np.asarray(grads[n], dtype=np.float64)
+      g = scale * np.asarray(grads[n], dtype=np.float64)
       self.m[n] = self.b1 * self.m[n] + (1 - self.b1) * g
       if self.lazy_moment == "repeat":
         self.v[n] = self.b2 * self.v[n] + (1 - self.b2) * self.d[n] ** 2
@@ -102,3 +117,19 @@ class AdaHessianReference:
         u = np.clip(u, -self.clip, self.clip)
       self.p[n] = self.p[n] - lr * (u + self.wd * self.p[n])
     return self.p
+
+  def spike_scale(self, rms):
+    """The curvature clip's factor for a D of root mean square ``rms`` (a refresh step, before v
+    moves), counting the steps it scales down."""
+    if self.lazy_moment == "repeat":
+      decay, before = self.b2, self.t - 1
+    else:
+      decay, before = self.b2**self.update_freq, self.refreshes_done - 1
+    if before == 0:
+      return 1.0
+    v_hat = [v / (1 - decay**before) for v in self.v.values()]
+    so_far = np.sqrt(sum(v.sum() for v in v_hat) / sum(v.size for v in v_hat))
+    if so_far > 0 and rms > self.curvature_clip * so_far:
+      self.clipped_steps += 1
+      return self.curvature_clip * so_far / rms
+    return 1.0

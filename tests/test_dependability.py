@@ -1024,6 +1024,126 @@ def test_curvature_floor_closed_form():
   np.testing.assert_allclose(np.asarray(state.nu["w"]), 0.001 * floored**2, rtol=1e-12)
 
 
+def two_steps(tx, first, second, params=None):
+  """Two jitted updates from given ``(grads, hessian_diag)`` pairs; the second's updates, state."""
+  params = {"w": jnp.zeros(4)} if params is None else params
+  step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
+  _, state = step(*first[:1], tx.init(params), *first[1:])
+  return step(second[0], state, second[1])
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_curvature_clip_closed_form(injected):
+  # Step 1 sets the curvature so far (D = |d|, v̂ = D²: mean sqrt(v̂) = 2.5); step 2's estimate
+  # and gradient are 1e10 times step 1's: both are scaled by 4 · 2.5 / 2.5e10, so D = 4 |d| and
+  # the gradient 4 g, as if the batch's loss had been 4x step 1's.
+  g, d, b1, b2, eps = jnp.ones(4), jnp.asarray([1.0, -2.0, 3.0, 4.0]), 0.9, 0.999, 1e-4
+  if injected:
+    tx = optax.inject_hyperparams(ah.scale_by_adahessian)(curvature_clip=4.0)
+  else:
+    tx = ah.scale_by_adahessian(curvature_clip=4.0)
+  updates, state = two_steps(tx, ({"w": g}, {"w": d}), ({"w": 1e10 * g}, {"w": 1e10 * d}))
+  inner = state.inner_state if injected else state
+  nu = b2 * (1 - b2) * d**2 + (1 - b2) * (4 * d) ** 2
+  mu = b1 * (1 - b1) * g + (1 - b1) * 4 * g
+  want = mu / (1 - b1**2) / (np.sqrt(nu / (1 - b2**2)) + eps)
+  np.testing.assert_allclose(np.asarray(inner.nu["w"]), nu, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(inner.mu["w"]), mu, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("update_freq", [1, 2])
+def test_curvature_clip_leaves_steps_under_it_and_non_finite_estimates_as_they_are(update_freq):
+  # Under the bound (3x the mean so far, c = 4) the clip changes nothing, bit for bit; a
+  # non-finite estimate (inf: an infinite mean) is not scaled (a scale of 0 would have stored
+  # D = 0 in its finite entries).
+  g, d = {"w": jnp.ones(4)}, {"w": jnp.asarray([1.0, -2.0, 3.0, 4.0])}
+  inf = {"w": jnp.asarray([1.0, jnp.inf, 3.0, 4.0])}
+  for second in ((g, jax.tree.map(lambda x: 3 * x, d)), (g, inf)):
+    for lazy_moment in ("repeat", "refresh"):
+      kw = dict(update_freq=update_freq, lazy_moment=lazy_moment)
+      # With update_freq=2 the second refresh is step 3.
+      steps = _three_steps if update_freq > 1 else two_steps
+      u, s = steps(ah.scale_by_adahessian(curvature_clip=4.0, **kw), (g, d), second)
+      u0, s0 = steps(ah.scale_by_adahessian(**kw), (g, d), second)
+      for a, b in ((u, u0), (s.nu, s0.nu), (s.mu, s0.mu)):
+        np.testing.assert_array_equal(np.asarray(a["w"]), np.asarray(b["w"]))
+
+
+def test_curvature_clip_injected_wider_than_the_curvature_under_a_lazy_refresh():
+  # An injected float64 c beside float32 moments made the refresh branch's scale float64 and the
+  # other branch's float32: lax.cond refused the step ("branches must have equal output types").
+  params = {"w": jnp.ones(4, jnp.float32)}
+  loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2 * jnp.arange(1.0, 5.0, dtype=jnp.float32))
+  updates = {}
+  for dtype in (jnp.float32, jnp.float64):
+    tx = optax.inject_hyperparams(
+      ah.adahessian, static_args=ah.STATIC_ARGS, hyperparam_dtype=dtype
+    )(learning_rate=1.0, curvature_clip=0.5, update_freq=2)
+    state = tx.init(params)
+    step = jax.jit(lambda s, tx=tx: tx.update(jax.grad(loss)(params), s, params, value_fn=loss))
+    for _ in range(3):
+      updates[dtype], state = step(state)
+  # float32 and float64 hyperparameters (b2 = 0.999 rounds differently): rounding apart.
+  np.testing.assert_allclose(updates[jnp.float64]["w"], updates[jnp.float32]["w"], rtol=1e-5)
+
+
+def _three_steps(tx, first, third):
+  """Three jitted updates, the first two from ``first``, the third from ``third``."""
+  params = {"w": jnp.zeros(4)}
+  step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
+  state = tx.init(params)
+  for g, h in (first, first):
+    _, state = step(g, state, h)
+  return step(third[0], state, third[1])
+
+
+def spiky_regression():
+  """A 2-layer tanh regression and a loss that one batch (scale 1e10) makes far too large."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(128, 6)))
+  y = jnp.tanh(x @ jnp.asarray(r.normal(size=6)))
+  params = {"w1": jnp.asarray(r.normal(size=(6, 16)) / np.sqrt(6)), "w2": jnp.zeros(16)}
+  loss = lambda p, scale=1.0: scale * jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+  return params, loss
+
+
+@pytest.mark.parametrize("config", [{}, {"curvature_floor": 0.3, "update_clip": 0.05}])
+def test_curvature_clip_keeps_one_spiked_batch_from_stalling_the_run(config):
+  # Step 10's loss is 1e10 times too large. The paper's rule (and the recommended stabilizers)
+  # put 1e17 times the curvature into nu, which b2 = 0.999 forgets over ~39,000 steps: the run
+  # stalls where it was. The clip scales that step's curvature and gradient down together.
+  params, loss = spiky_regression()
+  tx_of = lambda **kw: optax.chain(
+    optax.clip_by_global_norm(1.0), ah.adahessian(0.15, **config, **kw)
+  )
+  finals = {}
+  for name, clip, spike in (
+    ("clean", None, 1.0),
+    ("stalled", None, 1e10),
+    ("clipped", 10.0, 1e10),
+    ("clipped_clean", 10.0, 1.0),
+  ):
+    tx = tx_of(curvature_clip=clip)
+
+    @jax.jit
+    def step(p, s, scale, tx=tx):
+      u, s = tx.update(jax.grad(loss)(p, scale), s, p, value_fn=lambda q: loss(q, scale))
+      return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    for t in range(60):
+      if t == 10:
+        finals[f"{name}_before_spike"] = float(loss(p))
+      p, s = step(p, s, spike if t == 10 else 1.0)
+    finals[name] = float(loss(p))
+  # Stalled for good at the loss before the spike (0.157 / 0.432 here; clean: 0.049 / 0.068).
+  np.testing.assert_allclose(finals["stalled"], finals["stalled_before_spike"], rtol=1e-3)
+  assert finals["stalled"] > 3 * finals["clean"], finals
+  assert finals["clipped"] < 2 * finals["clean"], finals  # 0.082 / 0.093
+  assert finals["clipped_clean"] == finals["clean"]  # healthy steps never reach the bound
+
+
 class _Layer(NamedTuple):
   w: jax.Array
   b: jax.Array

@@ -1269,6 +1269,13 @@ def test_tensor_parallel_curvature_floor_uses_the_whole_model(tensor_parallel):
   assert r["floored_b0_vs_single"] <= 1e-12 and abs(r["floored_b0"]) > 1e-3, r
 
 
+def test_tensor_parallel_curvature_clip_uses_the_whole_model(tensor_parallel):
+  """A spike scaled down by ``curvature_clip`` under ``shard_map`` with split kernels: the same
+  updates as on one device (the model's means take in every shard), and not the unclipped ones."""
+  r = tensor_parallel
+  assert r["spike_clipped_vs_single"] <= 1e-12 and r["spike_clip_effect"] > 1e-3, r
+
+
 def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
   # jax.make_mesh gives Explicit axes by default; with a kernel sharded over one, the
   # Hessian-vector product used to fail inside JAX with a bare AssertionError. fused_2d_*: on a

@@ -67,6 +67,20 @@ CASES = [
   ("cnn-freq3-floor", "cnn", dict(update_freq=3, curvature_floor=0.2, block_size=5), "diag"),
   ("mlp-freq3-refresh-moment", "mlp", dict(update_freq=3, lazy_moment="refresh"), "diag"),
   ("cnn-freq2-refresh-moment", "cnn", dict(update_freq=2, lazy_moment="refresh"), "closure"),
+  # A curvature clip low enough to bind on some steps (the test checks that it does).
+  ("mlp-curvature-clip", "mlp", dict(curvature_clip=0.7), "diag"),
+  (
+    "cnn-freq2-curvature-clip-floor",
+    "cnn",
+    dict(update_freq=2, curvature_clip=0.5, curvature_floor=0.3, block_size=5),
+    "diag",
+  ),
+  (
+    "mlp-freq2-refresh-moment-curvature-clip",
+    "mlp",
+    dict(update_freq=2, lazy_moment="refresh", curvature_clip=0.7),
+    "closure",
+  ),
 ]
 
 
@@ -90,6 +104,7 @@ def test_trajectory_matches_numpy_reference(name, problem, hp, route):
     floor=hp.get("curvature_floor", 0.0),
     clip=hp.get("update_clip"),
     lazy_moment=hp.get("lazy_moment", "repeat"),
+    curvature_clip=hp.get("curvature_clip"),
   )
   tx = ah.adahessian(lr, b1, b2, eps, weight_decay=wd, n_samples=n_samples, seed=3, **hp)
   state = tx.init(params)
@@ -123,6 +138,8 @@ def test_trajectory_matches_numpy_reference(name, problem, hp, route):
     got = named(params)
     for key in expected:
       np.testing.assert_allclose(got[key], expected[key], rtol=1e-10, atol=1e-13, err_msg=key)
+  if "curvature_clip" in hp:
+    assert ref.clipped_steps > 0  # the clip bound on some steps: the case tests it
 
 
 def test_schedule_and_inject_hyperparams_match_reference(mlp_problem):
@@ -356,6 +373,9 @@ def test_float32_params_keep_float32_state_and_updates():
     (dict(eps=-1e-8), "eps"),
     (dict(hessian_power=1.5), "hessian_power"),
     (dict(hessian_power=-0.5), "hessian_power"),
+    (dict(curvature_clip=0.0), "curvature_clip"),
+    (dict(curvature_clip=float("inf")), "curvature_clip"),
+    (dict(curvature_clip=-1.0), "curvature_clip"),
     (dict(block_size=0), "block_size"),
     (dict(block_size=2.5), "block_size"),
     (dict(update_freq=0), "update_freq"),
