@@ -519,14 +519,14 @@ def test_update_under_shard_map_calls_an_averaging_callable_once_per_leaf():
 
 def test_update_under_shard_map_reads_the_tree_once(monkeypatch):
   """The check for leaves read off their shards' shapes read the leaves' paths and axis names
-  again (spatial._unread), after the rules had just read them at the same trace: it now takes
+  again (_resolve._unread), after the rules had just read them at the same trace: it now takes
   the leaves that reading found read off shapes, and still warns of them."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
 
   import adahessian_jax as ah
-  from adahessian_jax import distributed, spatial
+  from adahessian_jax import _resolve, distributed, spatial
 
   auto = (jax.sharding.AxisType.Auto,) * 2
   mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=auto, devices=jax.devices()[:1])
@@ -540,8 +540,8 @@ def test_update_under_shard_map_reads_the_tree_once(monkeypatch):
   step = lambda g, s, p: tx.update(g, s, p, hessian_diag=ones(p))[0]
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
   reads = []
-  unread = spatial._unread
-  monkeypatch.setattr(spatial, "_unread", lambda *a, **k: reads.append(1) or unread(*a, **k))
+  unread = _resolve._unread
+  monkeypatch.setattr(_resolve, "_unread", lambda *a, **k: reads.append(1) or unread(*a, **k))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     jax.jit(mapped).lower(params, state, params)
