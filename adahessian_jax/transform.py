@@ -207,13 +207,19 @@ def _floored(d: Any, sums: Any, rules: Any, curvature_floor: Any, model_mean: ja
   return jax.tree.map(floored, rules, d, sums, is_leaf=spatial.is_rule)
 
 
+# The curvature clip compares a step with at least this many steps of nu's average: over the first
+# steps a run leaves its initialisation, and its curvature can rise 48-fold in one step (the quick
+# digits CNN without warm-up, from step 1 to 2), which is no spike.
+CURVATURE_CLIP_AFTER = 10
+
+
 def _rms_curvature_so_far(nu: Any, b2: Any, previous: jax.Array) -> jax.Array:
   """The root mean square over the model of the curvature so far, ``sqrt(mean(v̂))`` after
-  ``previous`` steps of ``nu``'s bias correction; 0 before the first."""
+  ``previous`` steps of ``nu``'s bias correction; 0 (no clip) before ``CURVATURE_CLIP_AFTER``."""
   sums = [jnp.sum(jnp.abs(v), dtype=_sum_dtype(v)) for v in jax.tree.leaves(nu)]
   mean = _model_mean(sums, nu)
   corrected = mean / (1 - b2 ** jnp.maximum(previous, 1)).astype(mean.dtype)
-  return jnp.where(previous > 0, jnp.sqrt(corrected), jnp.zeros_like(corrected))
+  return jnp.where(previous >= CURVATURE_CLIP_AFTER, jnp.sqrt(corrected), jnp.zeros_like(corrected))
 
 
 # The squares of D / (the RMS so far) are summed times 2**-64 (an exact power of two): in float32
@@ -494,7 +500,7 @@ def scale_by_adahessian(
       + \epsilon}\Big)
 
   where avg is the spatial averaging. With ``curvature_clip = c``, a refresh
-  step's :math:`D_t` and :math:`g_t` are first both multiplied by
+  step's :math:`D_t` and :math:`g_t` (:math:`t > 10`) are first both multiplied by
   :math:`\min\big(1,\ c\,\sqrt{\mathrm{mean}(\hat v_{t-1})}\,/
   \sqrt{\mathrm{mean}(D_t^2)}\big)`, means over the model. With the defaults
   (``α = 0``, no clips) this is exactly the paper's rule.
@@ -560,10 +566,12 @@ def scale_by_adahessian(
       are both scaled down to meet it, as if the batch's loss had been. One batch
       whose loss is far too large (a corrupted batch) then cannot fill ``nu``
       with a curvature that ``b2`` takes thousands of steps to forget, which
-      stalls the run; that step's Newton-like ``g / D`` is kept. The gradients
-      of steps without refresh are not scaled. Over the model, split kernels'
-      other shards included (as ``curvature_floor``'s fallback mean); one more
-      pass over ``D`` and ``nu`` on refresh steps.
+      stalls the run; that step's Newton-like ``g / D`` is kept. It acts from
+      step 11 on (``nu`` averaging 10 steps or more): a run's curvature moves
+      fast as it leaves its initialisation. The gradients of steps without
+      refresh are not scaled. Over the model, split kernels' other shards
+      included (as ``curvature_floor``'s fallback mean); one more pass over
+      ``D`` and ``nu`` on refresh steps.
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none. Refused
       beside an ``averaging`` that is one rule for every leaf, or (at ``init``)

@@ -10,7 +10,9 @@ Hutchinson estimate e (z ⊙ Hz, averaged over probes):
   s = min(1, c * S / M)                (the curvature clip, none by default: M the root mean
   D = s * D,  g = s * g                 square of D over all arrays, S that of the curvature so
                                         far, sqrt(mean(v / (1 - b2^t'))) before this step's
-                                        update of v, after t' of its steps; s = 1 when t' = 0)
+                                        update of v, after t' of its steps; s = 1 when t' < 10;
+                                        with lazy_moment="refresh" t' counts update_freq steps
+                                        per refresh)
   m = b1 m + (1 - b1) g
   v = b2 v + (1 - b2) D²
   denom = (v / (1 - b2^t)) ** (k / 2) + eps
@@ -122,10 +124,11 @@ class AdaHessianReference:
     """The curvature clip's factor for a D of root mean square ``rms`` (a refresh step, before v
     moves), counting the steps it scales down."""
     if self.lazy_moment == "repeat":
-      decay, before = self.b2, self.t - 1
-    else:
+      decay, before, steps = self.b2, self.t - 1, self.t - 1
+    else:  # v's steps: update_freq per refresh
       decay, before = self.b2**self.update_freq, self.refreshes_done - 1
-    if before == 0:
+      steps = before * self.update_freq
+    if steps < 10:
       return 1.0
     v_hat = [v / (1 - decay**before) for v in self.v.values()]
     so_far = np.sqrt(sum(v.sum() for v in v_hat) / sum(v.size for v in v_hat))
