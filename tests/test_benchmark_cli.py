@@ -829,3 +829,37 @@ def test_step_time_quick_times_the_groups_asked_for_on_every_model():
   assert list(step_time.planned(args, "transformer")) == ["main"]
   assert list(step_time.planned(args, "mlp")) == list(step_time.GROUPS)
   assert list(step_time.planned(step_time.parse_args([]), "cnn")) == list(step_time.GROUPS)
+
+
+def test_spike_marks_the_steps_it_says_and_its_clean_runs_see_the_same_batches(capsys):
+  import jax
+
+  spike = _script(STABILITY, "spike")
+  args = spike.parse_args(["--quick", "--tasks", "cnn", "--rate", "0.2"])
+  assert args.tasks == ["cnn"] and args.rows == list(spike.ROWS) and args.rate == 0.2
+  assert not os.path.abspath(args.out_dir).startswith(os.path.join(STABILITY, "")), args.out_dir
+  with pytest.raises(SystemExit) as e:
+    spike.parse_args(["--rate", "1"])
+  assert e.value.code == 2 and "--rate must be below 1" in capsys.readouterr().err
+  assert spike.parse_args(["--track"]).track and spike.parse_args(["--ratios"]).ratios
+  assert spike.parse_args([]).out_dir == os.path.join(STABILITY, "results")
+  # The committed table is the one the docs print.
+  table = spike.main(["--report"])
+  assert "| recommended_cclip | 98.8 ± 0.4 |" in spike.table(table)
+  # The rows with the clip are the rows without it plus curvature_clip, at the same rate.
+  assert spike.ROWS["recommended_cclip"][1] == {**spike.RECOMMENDED, "curvature_clip": 10.0}
+  task = spike.C.get_task("cnn")
+  steps = spike.spike_steps(0, 40, 0.2)
+  assert 0 < len(steps) < 40
+  # The trainer's keys of seed 0 (benchmarks/paper/training.compiled_run).
+  _, k_data, _ = jax.random.split(jax.random.key(0), 3)
+  keys = jax.random.split(k_data, 40)
+  spiky, clean = spike.spiky(task, 0.2, 1e10), spike.spiky(task, 0.0, 1e10)
+  scales = [float(spiky.sample(task.data, k)[1]) for k in keys]
+  assert [t for t, s in enumerate(scales) if s != 1.0] == steps
+  assert {s for s in scales if s != 1.0} == {1e10}
+  a, b = spiky.sample(task.data, keys[steps[0]]), clean.sample(task.data, keys[steps[0]])
+  assert float(b[1]) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, a[0], b[0])
+  params = task.init(jax.random.key(1))
+  np.testing.assert_allclose(spiky.loss(params, a), 1e10 * task.loss(params, a[0]), rtol=1e-6)

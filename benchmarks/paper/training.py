@@ -80,13 +80,22 @@ def make_optimizer(
   task: Task,
   block_size: int = 1,
   update_freq: int = 1,
+  clip_norm: float | None = None,
   **adahessian_kwargs,
 ) -> optax.GradientTransformation:
   """The optimizer ``name`` with peak learning rate ``lr`` and the shared schedule.
 
-  ``adahessian_kwargs`` are passed on to :func:`adahessian_jax.adahessian` (e.g. stabilizer
-  arguments); they are an error for the other optimizers.
+  ``clip_norm``: the gradients are first clipped to this global norm
+  (``optax.clip_by_global_norm``), for any optimizer. ``adahessian_kwargs`` are passed on to
+  :func:`adahessian_jax.adahessian` (e.g. stabilizer arguments); they are an error for the other
+  optimizers.
   """
+  tx = _optimizer(name, lr, steps, task, block_size, update_freq, **adahessian_kwargs)
+  return tx if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+
+
+def _optimizer(name, lr, steps, task, block_size, update_freq, **adahessian_kwargs):
+  """:func:`make_optimizer` without the gradient clip."""
   sched = schedule(lr, steps)
   if name != "adahessian" and adahessian_kwargs:
     raise ValueError(f"{name!r} takes no AdaHessian arguments, got {sorted(adahessian_kwargs)}")
@@ -166,7 +175,8 @@ def train(
 ) -> list[dict[str, Any]]:
   """Trains one run per ``(lrs[i], seeds[i])`` at once; returns one record per run.
 
-  ``config``: extra keyword arguments of :func:`adahessian_jax.adahessian` (AdaHessian only).
+  ``config``: extra keyword arguments of :func:`adahessian_jax.adahessian` (AdaHessian only),
+  and ``clip_norm`` (:func:`make_optimizer`).
   """
   assert len(lrs) == len(seeds)
   config = freeze_config(config)
