@@ -570,8 +570,8 @@ def scale_by_adahessian(
       step 11 on (``nu`` averaging 10 steps or more): a run's curvature moves
       fast as it leaves its initialisation. The gradients of steps without
       refresh are not scaled. Over the model, split kernels' other shards
-      included (as ``curvature_floor``'s fallback mean); one more pass over
-      ``D`` and ``nu`` on refresh steps.
+      included (as ``curvature_floor``'s fallback mean); two reductions, over
+      ``D²`` and ``nu``, on refresh steps.
     block_size: Block size of the default spatial averaging of rank-2 kernels
       (see :mod:`adahessian_jax.spatial`); ``None`` or 1 means none. Refused
       beside an ``averaging`` that is one rule for every leaf, or (at ``init``)
