@@ -240,9 +240,11 @@ def _spike_scale(d: Any, so_far: jax.Array, curvature_clip: Any) -> jax.Array:
     jnp.sum(jnp.square(x / unit.astype(x.dtype)), dtype=_sum_dtype(x)) for x in jax.tree.leaves(d)
   ]
   ratio = _model_mean(squares, d)  # mean((D / so_far)²) / _SQUARES_UNIT²
-  limit = jnp.square(curvature_clip / _SQUARES_UNIT).astype(ratio.dtype)  # an injected c: wider
-  over = (so_far > 0) & jnp.isfinite(ratio) & (ratio > limit)
-  return jnp.where(over, jnp.sqrt(limit / jnp.where(over, ratio, 1)), jnp.ones_like(ratio))
+  bound = jnp.asarray(curvature_clip / _SQUARES_UNIT).astype(ratio.dtype)  # an injected c: wider
+  over = (so_far > 0) & jnp.isfinite(ratio) & (ratio > jnp.square(bound))
+  # Not sqrt(bound² / ratio): that square of the scale flushes to 0 in float32 from a spike of
+  # ~1e19 times c on (the scale itself, down to ~1e-38, is no smaller than it needs).
+  return jnp.where(over, bound / jnp.sqrt(jnp.where(over, ratio, 1)), jnp.ones_like(ratio))
 
 
 def _sum_dtype(x: jax.Array) -> Any:

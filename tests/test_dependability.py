@@ -1056,6 +1056,28 @@ def test_curvature_clip_closed_form(injected):
   np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("spike", [1e20, 1e27])
+def test_curvature_clip_scales_a_float32_spike_beyond_the_square_of_its_scale(spike):
+  # The scale 4 / spike was taken as sqrt(limit / ratio): its square, under float32's smallest
+  # normal (1e-38) from a spike of ~4e19 on, flushed to 0, which zeroed that step's D and
+  # gradient instead of scaling them to 4 d and 4 g (as in the closed form above).
+  g, d, b1, b2, eps = jnp.ones(4), jnp.asarray([1.0, -2.0, 3.0, 4.0]), 0.9, 0.999, 1e-4
+  f32 = lambda x: {"w": jnp.asarray(x, jnp.float32)}
+  tx = ah.scale_by_adahessian(curvature_clip=4.0)
+  params = f32(jnp.zeros(4))
+  step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
+  state = tx.init(params)
+  for _ in range(10):
+    _, state = step(f32(g), state, f32(d))
+  updates, state = step(f32(spike * g), state, f32(spike * d))
+  nu = b2 * (1 - b2**10) * d**2 + (1 - b2) * (4 * d) ** 2
+  mu = b1 * (1 - b1**10) * g + (1 - b1) * 4 * g
+  want = mu / (1 - b1**11) / (np.sqrt(nu / (1 - b2**11)) + eps)
+  np.testing.assert_allclose(np.asarray(state.nu["w"]), nu, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(state.mu["w"]), mu, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("update_freq", [1, 2])
 def test_curvature_clip_leaves_steps_under_it_and_non_finite_estimates_as_they_are(update_freq):
   # Under the bound (3x the mean so far, c = 4) the clip changes nothing, bit for bit; a
