@@ -225,22 +225,33 @@ def _rms_curvature_so_far(nu: Any, b2: Any, previous: jax.Array) -> jax.Array:
 # The squares of D / (the RMS so far) are summed times 2**-64 (an exact power of two): in float32
 # a spike up to ~1e28 times the curvature so far, not only 1e19, keeps its mean square finite.
 _SQUARES_UNIT = 2.0**32
+# A finite D whose mean square passes that range is measured again in units 2**64 times larger:
+# up to float32's largest D, unless the RMS so far is under ~1e-10.
+_COARSE = 2.0**-64
 
 
 def _spike_scale(d: Any, so_far: jax.Array, curvature_clip: Any) -> jax.Array:
   """The factor that brings the root mean square of ``D`` over the model down to
   ``curvature_clip`` times ``so_far`` (:func:`_rms_curvature_so_far`); 1 where it is not above
-  it, where there is no curvature so far (0), and where the mean square is not finite (an
-  estimate that is not: its own check keeps that step's curvature).
+  it, where there is no curvature so far (0), and where ``D`` is not finite (an estimate that is
+  not: its own check keeps that step's curvature).
 
   Second moments on both sides: ``nu`` averages ``D²``, so on a step like the earlier ones the
   ratio is near 1 however heavy the tails of a single probe's ``D``."""
   unit = jnp.where(so_far > 0, so_far, jnp.ones_like(so_far)) * _SQUARES_UNIT
-  squares = [
-    jnp.sum(jnp.square(x / unit.astype(x.dtype)), dtype=_sum_dtype(x)) for x in jax.tree.leaves(d)
-  ]
-  ratio = _model_mean(squares, d)  # mean((D / so_far)²) / _SQUARES_UNIT²
+  mean_square = lambda k: _model_mean(
+    [
+      jnp.sum(jnp.square(x / unit.astype(x.dtype) * k), dtype=_sum_dtype(x))
+      for x in jax.tree.leaves(d)
+    ],
+    d,
+  )
+  ratio = mean_square(1.0)  # mean((D / so_far)²) / _SQUARES_UNIT²
   bound = jnp.asarray(curvature_clip / _SQUARES_UNIT).astype(ratio.dtype)  # an injected c: wider
+  # Where that overflows, that times _COARSE²: a second pass over D on such a step only.
+  fine = jnp.isfinite(ratio)
+  ratio = jax.lax.cond(fine, lambda: ratio, lambda: mean_square(_COARSE))
+  bound = jnp.where(fine, bound, bound * _COARSE)
   over = (so_far > 0) & jnp.isfinite(ratio) & (ratio > jnp.square(bound))
   # Not sqrt(bound² / ratio): that square of the scale flushes to 0 in float32 from a spike of
   # ~1e19 times c on (the scale itself, down to ~1e-38, is no smaller than it needs).

@@ -1078,6 +1078,35 @@ def test_curvature_clip_scales_a_float32_spike_beyond_the_square_of_its_scale(sp
   np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("spike", "n"), [(1e30, 4), (1e37, 4), (1e26, 2**20)])
+def test_curvature_clip_scales_a_finite_spike_whose_mean_square_overflows(spike, n):
+  # A finite estimate whose mean square (in units of 2**32 times the RMS so far) passes float32's
+  # range: 1e28 times the curvature in one entry, less in a large model. It was taken for a
+  # non-finite estimate and not scaled: D² overflowed nu's range there (nu kept as it was), and
+  # the spiked gradient entered mu, so the step was ~spike times the usual (1e29 at 1e30).
+  g, d, b1, b2, eps = (
+    jnp.ones(n),
+    jnp.tile(jnp.asarray([1.0, -2.0, 3.0, 4.0]), n // 4),
+    0.9,
+    0.999,
+    1e-4,
+  )
+  f32 = lambda x: {"w": jnp.asarray(x, jnp.float32)}
+  tx = ah.scale_by_adahessian(curvature_clip=4.0)
+  params = f32(jnp.zeros(n))
+  step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
+  state = tx.init(params)
+  for _ in range(10):
+    _, state = step(f32(g), state, f32(d))
+  updates, state = step(f32(spike * g), state, f32(spike * d))
+  nu = b2 * (1 - b2**10) * d[:4] ** 2 + (1 - b2) * (4 * d[:4]) ** 2
+  mu = b1 * (1 - b1**10) * g[:4] + (1 - b1) * 4 * g[:4]
+  want = mu / (1 - b1**11) / (np.sqrt(nu / (1 - b2**11)) + eps)
+  np.testing.assert_allclose(np.asarray(state.nu["w"][:4]), nu, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(state.mu["w"][:4]), mu, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updates["w"][:4]), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("update_freq", [1, 2])
 def test_curvature_clip_leaves_steps_under_it_and_non_finite_estimates_as_they_are(update_freq):
   # Under the bound (3x the mean so far, c = 4) the clip changes nothing, bit for bit; a
