@@ -1026,8 +1026,9 @@ def test_curvature_floor_closed_form():
 
 def steps_then(tx, first, last, n=12):
   """``n`` jitted updates from the ``(grads, hessian_diag)`` pair ``first``, then one from
-  ``last`` (the curvature clip starts at step 11); that one's updates and state."""
-  params = {"w": jnp.zeros(4)}
+  ``last`` (the curvature clip starts at step 11); that one's updates and state. The params are
+  zeros like ``first``'s gradients."""
+  params = jax.tree.map(jnp.zeros_like, first[0])
   step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
   state = tx.init(params)
   for _ in range(n):
@@ -1035,12 +1036,21 @@ def steps_then(tx, first, last, n=12):
   return step(last[0], state, last[1])
 
 
+def clipped_spike_closed_form(g, d, b1=0.9, b2=0.999, eps=1e-4):
+  """``(nu, mu, update)`` after 10 steps of ``(g, d)`` and an 11th whose gradient and estimate a
+  curvature clip of 4 scales to ``4 g`` and ``4 |d|`` (NumPy)."""
+  g, d = np.asarray(g, np.float64), np.asarray(d, np.float64)
+  nu = b2 * (1 - b2**10) * d**2 + (1 - b2) * (4 * d) ** 2
+  mu = b1 * (1 - b1**10) * g + (1 - b1) * 4 * g
+  return nu, mu, mu / (1 - b1**11) / (np.sqrt(nu / (1 - b2**11)) + eps)
+
+
 @pytest.mark.parametrize("injected", [False, True])
 def test_curvature_clip_closed_form(injected):
   # Steps 1-10 set the curvature so far (D = |d|, v̂ = D²: RMS sqrt(7.5)); step 11's estimate
   # and gradient are 1e10 times theirs: both are scaled by 4 · sqrt(7.5) / (1e10 sqrt(7.5)), so
   # D = 4 |d| and the gradient 4 g, as if the batch's loss had been 4x the others'.
-  g, d, b1, b2, eps = jnp.ones(4), jnp.asarray([1.0, -2.0, 3.0, 4.0]), 0.9, 0.999, 1e-4
+  g, d = jnp.ones(4), jnp.asarray([1.0, -2.0, 3.0, 4.0])
   if injected:
     tx = optax.inject_hyperparams(ah.scale_by_adahessian)(curvature_clip=4.0)
   else:
@@ -1048,9 +1058,7 @@ def test_curvature_clip_closed_form(injected):
   spike = ({"w": 1e10 * g}, {"w": 1e10 * d})
   updates, state = steps_then(tx, ({"w": g}, {"w": d}), spike, n=10)
   inner = state.inner_state if injected else state
-  nu = b2 * (1 - b2**10) * d**2 + (1 - b2) * (4 * d) ** 2
-  mu = b1 * (1 - b1**10) * g + (1 - b1) * 4 * g
-  want = mu / (1 - b1**11) / (np.sqrt(nu / (1 - b2**11)) + eps)
+  nu, mu, want = clipped_spike_closed_form(g, d)
   np.testing.assert_allclose(np.asarray(inner.nu["w"]), nu, rtol=1e-12)
   np.testing.assert_allclose(np.asarray(inner.mu["w"]), mu, rtol=1e-12)
   np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-12)
@@ -1061,18 +1069,11 @@ def test_curvature_clip_scales_a_float32_spike_beyond_the_square_of_its_scale(sp
   # The scale 4 / spike was taken as sqrt(limit / ratio): its square, under float32's smallest
   # normal (1e-38) from a spike of ~4e19 on, flushed to 0, which zeroed that step's D and
   # gradient instead of scaling them to 4 d and 4 g (as in the closed form above).
-  g, d, b1, b2, eps = jnp.ones(4), jnp.asarray([1.0, -2.0, 3.0, 4.0]), 0.9, 0.999, 1e-4
+  g, d = jnp.ones(4), jnp.asarray([1.0, -2.0, 3.0, 4.0])
   f32 = lambda x: {"w": jnp.asarray(x, jnp.float32)}
   tx = ah.scale_by_adahessian(curvature_clip=4.0)
-  params = f32(jnp.zeros(4))
-  step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
-  state = tx.init(params)
-  for _ in range(10):
-    _, state = step(f32(g), state, f32(d))
-  updates, state = step(f32(spike * g), state, f32(spike * d))
-  nu = b2 * (1 - b2**10) * d**2 + (1 - b2) * (4 * d) ** 2
-  mu = b1 * (1 - b1**10) * g + (1 - b1) * 4 * g
-  want = mu / (1 - b1**11) / (np.sqrt(nu / (1 - b2**11)) + eps)
+  updates, state = steps_then(tx, (f32(g), f32(d)), (f32(spike * g), f32(spike * d)), n=10)
+  nu, mu, want = clipped_spike_closed_form(g, d)
   np.testing.assert_allclose(np.asarray(state.nu["w"]), nu, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(state.mu["w"]), mu, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5)
@@ -1084,24 +1085,11 @@ def test_curvature_clip_scales_a_finite_spike_whose_mean_square_overflows(spike,
   # range: 1e28 times the curvature in one entry, less in a large model. It was taken for a
   # non-finite estimate and not scaled: D² overflowed nu's range there (nu kept as it was), and
   # the spiked gradient entered mu, so the step was ~spike times the usual (1e29 at 1e30).
-  g, d, b1, b2, eps = (
-    jnp.ones(n),
-    jnp.tile(jnp.asarray([1.0, -2.0, 3.0, 4.0]), n // 4),
-    0.9,
-    0.999,
-    1e-4,
-  )
+  g, d = jnp.ones(n), jnp.tile(jnp.asarray([1.0, -2.0, 3.0, 4.0]), n // 4)
   f32 = lambda x: {"w": jnp.asarray(x, jnp.float32)}
   tx = ah.scale_by_adahessian(curvature_clip=4.0)
-  params = f32(jnp.zeros(n))
-  step = jax.jit(lambda g, s, h: tx.update(g, s, params, hessian_diag=h))
-  state = tx.init(params)
-  for _ in range(10):
-    _, state = step(f32(g), state, f32(d))
-  updates, state = step(f32(spike * g), state, f32(spike * d))
-  nu = b2 * (1 - b2**10) * d[:4] ** 2 + (1 - b2) * (4 * d[:4]) ** 2
-  mu = b1 * (1 - b1**10) * g[:4] + (1 - b1) * 4 * g[:4]
-  want = mu / (1 - b1**11) / (np.sqrt(nu / (1 - b2**11)) + eps)
+  updates, state = steps_then(tx, (f32(g), f32(d)), (f32(spike * g), f32(spike * d)), n=10)
+  nu, mu, want = clipped_spike_closed_form(g[:4], d[:4])
   np.testing.assert_allclose(np.asarray(state.nu["w"][:4]), nu, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(state.mu["w"][:4]), mu, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(updates["w"][:4]), want, rtol=1e-5)
