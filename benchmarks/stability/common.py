@@ -284,6 +284,16 @@ def run(task, cfg: dict[str, Any], seeds: Sequence[int], steps: int | None = Non
   return out
 
 
+def train(task, optimizer: str, lrs, seeds, steps: int, **kwargs) -> list[dict[str, Any]]:
+  """``benchmarks/paper``'s :func:`train` (``kwargs``: its ``update_freq``, ``config``), with the
+  fields :func:`summarize` reads set as :func:`run` sets them (``collapsed``, ``no_progress``)."""
+  recs = paper_training.train(task, optimizer, lrs, seeds, steps, **kwargs)
+  for r in recs:
+    r["collapsed"] = collapsed(task.name, r)
+    r["no_progress"] = not r["diverged"] and r["val"]["loss"] >= r["initial_loss"]
+  return recs
+
+
 # A finite run *collapsed* when it ended where a model that learned nothing would be: chance
 # accuracy on the CNN (10 classes), the majority-class rate on the DLRM clicks (58.5 %), the
 # context-free character statistics on the LM (~3.3 nats/char; trained runs reach 2.2-2.6), or, on

@@ -166,11 +166,7 @@ def rate_row(row: str) -> str:
 def train_row(task, row: str, lrs, seeds, steps: int) -> list[dict]:
   """One row's runs at the pairs ``(lrs[i], seeds[i])``, all at once (one compiled program)."""
   optimizer, config, k, _ = ROWS[row]
-  recs = C.paper_training.train(task, optimizer, lrs, seeds, steps, update_freq=k, config=config)
-  for r in recs:  # the fields common.summarize reads, as common.run sets them
-    r["collapsed"] = C.collapsed(task.name, r)
-    r["no_progress"] = not r["diverged"] and r["val"]["loss"] >= r["initial_loss"]
-  return recs
+  return C.train(task, optimizer, lrs, seeds, steps, update_freq=k, config=config)
 
 
 def by_value(recs, key: str, values) -> dict:

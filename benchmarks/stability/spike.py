@@ -195,13 +195,7 @@ def train_row(task, row: str, seeds, steps: int) -> list[dict]:
   """One row's runs, one per seed (one compiled program)."""
   optimizer, config = ROWS[row]
   lr = TUNED_LR[optimizer][task.name]
-  recs = C.paper_training.train(
-    task, optimizer, [lr] * len(seeds), list(seeds), steps, config=config
-  )
-  for r in recs:  # the fields common.summarize reads, as common.run sets them
-    r["collapsed"] = C.collapsed(task.name, r)
-    r["no_progress"] = not r["diverged"] and r["val"]["loss"] >= r["initial_loss"]
-  return recs
+  return C.train(task, optimizer, [lr] * len(seeds), list(seeds), steps, config=config)
 
 
 def table(store: dict) -> str:
