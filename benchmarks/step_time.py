@@ -46,7 +46,8 @@ fused path and of Sophia, the paper's Table 6 analogue), ``lazy`` (refresh
 interval 2..5 of the fused path three ways: the single program with its
 ``lax.cond``, the refresh decided on the host with two programs, and the host
 route with ``lazy_moment="refresh"``), ``stabilized`` (the fused path at k = 1,
-the paper's exact rule against ``RECOMMENDED_STABILIZERS`` of examples/_common.py)
+the paper's exact rule against ``RECOMMENDED_STABILIZERS`` of examples/_common.py,
+alone and with ``curvature_clip=5``)
 and ``n_samples`` (probes 1..4, fused path).
 
 The step of each optimizer is the one a user writes:
@@ -126,6 +127,7 @@ class Config:
   host: bool = False  # fused path: refresh decided on the host, two programs
   moment: str = "repeat"  # lazy_moment
   stabilized: bool = False  # fused path with RECOMMENDED_STABILIZERS
+  curvature_clip: float | None = None  # the spike stabilizer on top (docs/stability.md)
   stale_only: bool = False  # host route: time the non-refresh program alone
 
   @property
@@ -148,6 +150,8 @@ class Config:
       out += f" {self.moment}-moment"
     if self.stabilized:
       out += " stabilized"
+    if self.curvature_clip is not None:
+      out += f" + curvature_clip={self.curvature_clip:g}"
     if self.stale_only:
       out += ", non-refresh steps only"
     return out
@@ -156,6 +160,7 @@ class Config:
   def key(self) -> str:
     extra = ("_host" if self.host else "") + ("_" + self.moment if self.moment != "repeat" else "")
     extra += ("_stab" if self.stabilized else "") + ("_stale" if self.stale_only else "")
+    extra += "" if self.curvature_clip is None else f"_cclip{self.curvature_clip:g}"
     return f"{self.kind}_k{self.freq}_n{self.n_samples}{extra}"
 
 
@@ -171,6 +176,7 @@ def make_tx(cfg: Config) -> optax.GradientTransformation:
       n_samples=cfg.n_samples,
       lazy_moment=cfg.moment,
       **(RECOMMENDED_STABILIZERS if cfg.stabilized else {}),
+      curvature_clip=cfg.curvature_clip,
     )
   if cfg.kind == "sophia":
     return sophia(
@@ -354,6 +360,7 @@ def run_group(
         "host": r.cfg.host,
         "lazy_moment": r.cfg.moment,
         "stabilized": r.cfg.stabilized,
+        "curvature_clip": r.cfg.curvature_clip,
         "stale_only": r.cfg.stale_only,
         "units_timed": len(r.unit_times),
         "steps_timed": len(r.unit_times) * r.cfg.freq,
@@ -384,7 +391,12 @@ GROUPS = ("main", "freq", "lazy", "stabilized", "n_samples")
 
 def groups(quick: bool, freqs=(1, 2, 3, 4, 5), ns=(1, 2, 3, 4)) -> dict[str, list[Config]]:
   main = [Config("sgd"), Config("adam"), Config("closure"), Config("fused"), Config("sophia")]
-  stabilized = [Config("adam"), Config("fused"), Config("fused", stabilized=True)]
+  stabilized = [
+    Config("adam"),
+    Config("fused"),
+    Config("fused", stabilized=True),
+    Config("fused", stabilized=True, curvature_clip=5.0),
+  ]
   if quick:
     return {
       "main": main,
@@ -506,7 +518,7 @@ def report(payload: dict) -> str:
       out.append("Lazy refresh, single program (lax.cond) vs decided on the host:\n")
       out.append(sweep_table(g["lazy"], "update_freq"))
     if "stabilized" in g:
-      out.append("Exact rule vs the recommended stabilizers (k = 1):\n")
+      out.append("Exact rule vs the recommended stabilizers, without and with curvature_clip:\n")
       out.append(markdown_table(g["stabilized"]))
     if "n_samples" in g:
       out.append("Probes per refresh n (k = 1):\n")
