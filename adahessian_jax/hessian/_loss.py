@@ -21,6 +21,16 @@ LossFn = Callable[[Any, Any], jax.Array]
 
 @jax.jit
 def batch_loss(loss_fn, params, batch):
+  """``loss_fn(params, batch)``, compiled.
+
+  Args:
+    loss_fn: The loss as :func:`jit_loss` returns it.
+    params: The params.
+    batch: One batch.
+
+  Returns:
+    The scalar loss.
+  """
   return loss_fn(params, batch)
 
 

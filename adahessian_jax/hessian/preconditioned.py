@@ -44,6 +44,7 @@ from adahessian_jax import _validation, layout, masking
 from adahessian_jax.hessian import _checks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian._rows import scale_rows
+from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.state import (
   adahessian_states,
   find_adahessian_state,
@@ -448,7 +449,7 @@ def preconditioned_operator(op: HessianOperator, preconditioner: Any) -> Hessian
   # P^{-1/2} is taken in at least float32, then cast: a float16 operator's P rounded to float16
   # first turned an eps-sized entry (1e-8, a unit without curvature) into 0, refused, and one
   # above 65504 into inf, a coordinate silently frozen.
-  flat = jnp.asarray(flat, jnp.promote_types(op.dtype, jnp.float32))
+  flat = jnp.asarray(flat, wide_dtype(op.dtype))
   host = np.asarray(flat)
   if not np.all(host > 0):  # NaN compares False
     bad = int(np.argmin(np.where(np.isnan(host), -np.inf, host)))

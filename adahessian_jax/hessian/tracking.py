@@ -57,6 +57,7 @@ from adahessian_jax.hessian._lanczos import (
   unit,
 )
 from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._sketch import wide_dtype
 from adahessian_jax.hessian.preconditioned import preconditioned_operator
 from adahessian_jax.hessian.trace import TraceEstimate, xtrace
 
@@ -163,7 +164,7 @@ def _orthonormal(q, v):
 @jax.jit
 def _rayleigh(q, w):
   """The Rayleigh-Ritz matrix ``Q Wᵀ`` (zero past the subspace), in at least float32."""
-  wide = jnp.promote_types(q.dtype, jnp.float32)
+  wide = wide_dtype(q.dtype)
   return q.astype(wide) @ w.astype(wide).T
 
 
@@ -365,7 +366,7 @@ def _beyond_eigenvector(q, w, s, tol, exact, dtype):
 
 def _orthonormal_rows(v: jax.Array) -> jax.Array:
   # The QR in at least float32 (LAPACK has no 16-bit routines), the rows in v's dtype.
-  q, r = jnp.linalg.qr(v.T.astype(jnp.promote_types(v.dtype, jnp.float32)))
+  q, r = jnp.linalg.qr(v.T.astype(wide_dtype(v.dtype)))
   d = np.abs(np.diag(np.asarray(r)))
   good = d > breakdown_tolerance(v.shape[1], v.dtype) * d.max()
   return q.T[good].astype(v.dtype)
