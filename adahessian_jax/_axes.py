@@ -270,7 +270,10 @@ def check_not_split_over(moments: Any, axis_name: Any) -> None:
         f"axis {split[0]!r}, which axis_name={axis_name!r} also names: the estimate is pmean-ed "
         "over axis_name, which would average different blocks of it. Pass axis_name the axes only "
         "the batch is split over (docs/distributed.md, tensor parallelism), or use jax.jit "
-        "with sharded arrays for parameters split over the batch's axes (FSDP)."
+        "with sharded arrays for parameters split over the batch's axes (FSDP). Parameters "
+        "with a leading device axis (copies made for jax.pmap) go to shard_map whole: "
+        "in_specs=P() for them and the optimizer state, after dropping that axis (x[0] of each "
+        "leaf, as flax.jax_utils.unreplicate does)."
       )
 
   jax.tree_util.tree_map_with_path(check, moments)
