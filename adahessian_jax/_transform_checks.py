@@ -128,6 +128,29 @@ def check_block_size_used(block_size: int, averaging: Any, rules: Any = None) ->
     )
 
 
+def check_not_variables(params: Any) -> None:
+  """Refuses params that are a whole Flax Linen variables dict: ``"params"`` beside
+  ``batch_stats``, a cache or intermediates that hold arrays.
+
+  The optimizer would step those collections as parameters (by their gradient, its curvature
+  estimate and the weight decay): BatchNorm's running statistics would drift, silently. A
+  collection without leaves (left out by ``optax.masked`` or ``multi_transform``) is not stepped
+  and passes.
+  """
+  held = [
+    name for name in _validation.flax_state_collections(params) if jax.tree.leaves(params[name])
+  ]
+  if held:
+    raise ValueError(
+      f"scale_by_adahessian: params holds the Flax collection(s) {held} beside 'params', as the "
+      "whole variables dict of model.init does, so the optimizer would step them as parameters "
+      "(by their gradient, curvature and weight decay): BatchNorm's running statistics would "
+      "drift silently. Pass variables['params'] to tx.init and tx.update (the gradient and "
+      "value_fn in the params alone, the loss applying {'params': p, 'batch_stats': stats}), "
+      "or leave the collections out with optax.masked."
+    )
+
+
 def check_state(
   state: Any, *, update_freq: int, n_samples: int, stores_d: bool, mu_dtype: Any, nu_dtype: Any
 ) -> None:

@@ -728,6 +728,7 @@ def scale_by_adahessian(
       "Keep other leaves out of the params (with nnx.Optimizer, a narrower wrt= filter), or "
       "exclude them with optax.masked or optax.multi_transform.",
     )
+    checks.check_not_variables(params)
     # Fail early on a bad rule; update checks again. Not on a tree without leaves:
     # optax.tree.map_params (so distributed.state_shardings) calls init on a leafless placeholder
     # to find the parameter-shaped fields, which a pytree-prefix averaging does not fit.

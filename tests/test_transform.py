@@ -765,6 +765,33 @@ def test_resumed_state_with_another_update_freq_follows_the_transform_under_jit(
   assert_trees_allclose(jitted, eager, rtol=1e-6, atol=0)
 
 
+def test_a_linen_variables_dict_given_to_init_is_refused_unless_the_collections_are_masked():
+  """``tx.init(model.init(key, x))``, the whole variables dict, made a state for BatchNorm's
+  running statistics, which the steps then moved by their gradient, curvature and weight decay,
+  silently (``TrainState.create`` refused it; a loop of one's own did not). Collections left out by
+  ``optax.masked`` pass, as do the params alone or under a lone ``'params'`` key."""
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  stats = {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+  variables = {"params": params, "batch_stats": stats}
+  for tx in (ah.scale_by_adahessian(), ah.adahessian(0.1, weight_decay=0.1)):
+    held = r"Flax collection\(s\) \['batch_stats'\] beside 'params'"
+    with pytest.raises(ValueError, match=held):
+      tx.init(variables)
+    with pytest.raises(ValueError, match=r"\['cache'\].*variables\['params'\] to tx.init"):
+      tx.init({"params": params, "cache": {"k": jnp.zeros(3)}})
+    for ok in (params, {"params": params}, {"params": params, "cache": {}}):
+      assert jax.tree.structure(tx.init(ok)) == jax.tree.structure(tx.init(ok))
+  masked = optax.masked(ah.adahessian(0.1), {"params": True, "batch_stats": False})
+  state = masked.init(variables)
+  grads = jax.tree.map(jnp.ones_like, variables)
+  diag = {"params": jax.tree.map(jnp.ones_like, params), "batch_stats": None}
+  updates, _ = masked.update(grads, state, variables, hessian_diag=diag)
+  # The statistics' gradient passes through masked untouched (the loop keeps them out of the
+  # step); the params are stepped: -0.1 * m̂ / (|D| + eps) with m̂ = g = 1, D = 1.
+  assert_trees_allclose(updates["batch_stats"], grads["batch_stats"])
+  np.testing.assert_allclose(updates["params"]["Dense_0"]["kernel"], -0.1 / (1 + 1e-4), rtol=1e-6)
+
+
 def test_a_state_with_fields_unlike_inits_is_refused_naming_the_field():
   """``map_adahessian_state`` (or a hand-built state) could give the update a ``nu`` or stored
   ``hessian`` of shape (1, 2) for a (3, 2) parameter, which it broadcast; integer moments, which
