@@ -272,6 +272,30 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   return _by_rank(shape, block_size, names, f", names {unknown} of no known role", param)
 
 
+def check_rank(names: AxisNames, shape, where: str) -> None:
+  """Refuses axis names that are not one per axis of the leaf at ``where``.
+
+  By position, one entry per axis: a spec shorter than the rank is refused, not padded, since
+  names one short are also what a stack whose transform did not add the stacked axis carries.
+
+  Raises:
+    ValueError: naming the leaf, its names and its shape (and that fix, for names one short).
+  """
+  if len(names) == len(shape):
+    return
+  stale = (
+    " Names one short of the rank are those of one layer of a stack whose transform did not "
+    "add the stacked axis: nnx.vmap/nnx.scan need transform_metadata={nnx.PARTITION_NAME: "
+    "'layers'}, nn.scan/nn.vmap metadata_params={nn.PARTITION_NAME: 'layers'}."
+    if len(names) == len(shape) - 1
+    else ""
+  )
+  raise ValueError(
+    f"the axis names {names} of the leaf at {where} have {len(names)} entries, but its "
+    f"shape {tuple(shape)} has rank {len(shape)}.{stale}"
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class FlaxDefault(Rule):
   """The default for Flax layouts (see the docstring of :mod:`adahessian_jax.spatial`).
@@ -318,11 +342,8 @@ class FlaxDefault(Rule):
     return _decide(tuple(shape), names, self.block_size, self.roles(), self.param)
 
   def check(self, shape, where):
-    if self.names is not None and len(self.names) != len(shape):
-      raise ValueError(
-        f"the axis names {self.names} of the leaf at {where} have {len(self.names)} entries, "
-        f"but its shape {tuple(shape)} has rank {len(shape)}."
-      )
+    if self.names is not None:
+      check_rank(self.names, shape, where)
     self.explain(shape).rule.check(shape, where)
 
   def __call__(self, d):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from adahessian_jax import _evidence, layout
 from adahessian_jax._averaging import AveragingSpec, as_averaging, spec_rules
-from adahessian_jax._flax_default import FlaxDefault, flax_default
+from adahessian_jax._flax_default import FlaxDefault, check_rank, flax_default
 from adahessian_jax._layout_warnings import (
   WARN_LEAVES,
   LayoutGuessWarning,
@@ -45,22 +45,8 @@ def _leaf_names(
         "optimizer sees (same paths)."
       )
     names = given[where]
-  if names is None:
-    return None
-  # By position, one entry per axis: a spec shorter than the rank is refused, not padded, since
-  # names one short are also what a stack whose transform did not add the stacked axis carries.
-  if len(names) != len(shape):
-    stale = (
-      " Names one short of the rank are those of one layer of a stack whose transform did not "
-      "add the stacked axis: nnx.vmap/nnx.scan need transform_metadata={nnx.PARTITION_NAME: "
-      "'layers'}, nn.scan/nn.vmap metadata_params={nn.PARTITION_NAME: 'layers'}."
-      if len(names) == len(shape) - 1
-      else ""
-    )
-    raise ValueError(
-      f"the axis names {names} of the leaf at {where} have {len(names)} entries, but its "
-      f"shape {shape} has rank {len(shape)}.{stale}"
-    )
+  if names is not None:
+    check_rank(names, shape, where)
   return names
 
 
