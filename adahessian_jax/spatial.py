@@ -177,21 +177,3 @@ __all__ = [
 # Assigned with its annotation, not only imported, so that the docs show its type.
 #: The roles of axis names known to :func:`flax_default` (see the module docstring).
 AXIS_ROLES: Mapping[str, str] = _flax_default.AXIS_ROLES
-
-# The classes keep this module as their home: their repr, pickles and the docs name
-# adahessian_jax.spatial, where users import them from.
-for _cls in (
-  AxesMean,
-  Averaging,
-  BlockMean,
-  Choice,
-  FlaxDefault,
-  LayoutGuessWarning,
-  Listing,
-  NoAveraging,
-  PerLayer,
-  Row,
-  Rule,
-):
-  _cls.__module__ = __name__
-del _cls
