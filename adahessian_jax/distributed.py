@@ -51,8 +51,8 @@ from adahessian_jax._axes import (
   check_names,
   device_varying,
   fold_in_axis_index,
-  warn_if_loss_couples_devices,
 )
+from adahessian_jax._coupling import warn_if_loss_couples_devices
 from adahessian_jax.state import (
   check_holds_adahessian_state,
   check_key_data,

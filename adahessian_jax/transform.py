@@ -22,8 +22,8 @@ from adahessian_jax._axes import (
   shard_count,
   split_leaves,
   sum_over_shards,
-  warn_if_loss_couples_devices,
 )
+from adahessian_jax._coupling import warn_if_loss_couples_devices
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   FLOAT16_NU,
