@@ -18,11 +18,27 @@ order and gives every leaf a :class:`Reading`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 
+from adahessian_jax._evidence_names import (
+  KERNEL_BIAS,
+  KERNEL_NAMES,
+  READ_BY_NAME,
+  by_leaf_name,
+  by_module,
+  is_scan,
+  key_name,
+  leaf_name,
+  leaves_under,
+  linen_class,
+  module_keys,
+  named_by,
+  param_name,
+  stacks_all,
+)
 from adahessian_jax.layout import (
   EXPERT_AXES,
   FEATURES,
@@ -231,9 +247,6 @@ def _unnamed_leading_stacks(
   return out, why
 
 
-#: The parameter names (from :func:`param_name`) the default rule reads by name, never as a
-#: kernel: a bias, a norm's scale, a table and a PyTorch-layout weight.
-READ_BY_NAME = ("bias", "scale", "embedding", "table", "weight")
 #: What :func:`read` calls a ``weight`` (or a rank-2 ``kernel``) whose bias shows its output axis
 #: first (:func:`weights_by_bias`).
 WEIGHT_BY_BIAS = "weight, by its bias"
@@ -381,7 +394,7 @@ def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
   for i, key in enumerate(keys):
     if roles[i] is None or names[i] is not None or len(shapes[i]) != 2:
       continue
-    if param_name(paths[i]) in (*READ_BY_NAME, *_KERNEL_NAMES):
+    if param_name(paths[i]) in (*READ_BY_NAME, *KERNEL_NAMES):
       continue
     for depth in range(len(key) - 1, -1, -1):
       if shapes[i][0] in scales.get(key[:depth], ()) and firsts[key[:depth]] == {shapes[i][0]}:
@@ -430,8 +443,8 @@ def names_a_bias_table(path) -> bool:
   """
   if param_name(path) not in ("embedding", "table"):
     return False
-  module = _module_keys(path)
-  words = set(str(_leaf_name(path)).lower().split("_"))
+  module = module_keys(path)
+  words = set(str(leaf_name(path)).lower().split("_"))
   if module:
     words |= set(str(module[-1]).lower().split("_"))
   return "bias" in words
@@ -442,7 +455,7 @@ def _paired_with_biases(paths) -> set[int]:
   ``<name>_bias`` (:func:`_named_weight_pairs`), a raw kernel with its raw bias
   (:func:`_raw_kernel_of`: ``pos_w`` with ``pos_b``, ``w_in`` with ``b_in``)."""
   found = {w for _, w, _, _ in _named_weight_pairs(paths)}
-  for members in _by_leaf_name(paths).values():
+  for members in by_leaf_name(paths).values():
     for name in members:
       kernel = _raw_kernel_of(name, members)
       if kernel is not None:
@@ -465,7 +478,7 @@ def haiku_biases(paths, roles) -> set[int]:
     The indices of these leaves under the default rule.
   """
   found = set()
-  for members in _by_leaf_name(paths).values():
+  for members in by_leaf_name(paths).values():
     for name, i in members.items():
       if roles[i] is not None and _raw_kernel_of(name, members) is not None:
         found.add(i)
@@ -500,7 +513,7 @@ def named_biases(paths, roles) -> set[int]:
   """
   found = set()
   for i, path in enumerate(paths):
-    name = _leaf_name(path)
+    name = leaf_name(path)
     if roles[i] is None or name is None or param_name(path) in READ_BY_NAME:
       continue
     if {"bias", "biases"} & set(name.lower().split("_")):
@@ -522,70 +535,15 @@ _CLASS_RANKS = {
   ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
   ("GroupNorm", "bias"): 1,
 }
-#: The (kernel, bias) pairs a module holds: Flax's names, Haiku's, and TensorFlow's ``filters``
-#: (``tf.nn.conv2d``'s, ``(*spatial, in, out)`` as Flax's ``kernel``) beside a ``bias``.
-_KERNEL_BIAS = (("kernel", "bias"), ("w", "b"), ("filters", "bias"))
-#: The kernels' names.
-_KERNEL_NAMES = tuple(dict.fromkeys(kernel for kernel, _ in _KERNEL_BIAS))
-
-
-def _key_name(key: Any) -> Any:
-  return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-
-
-def _leaf_name(path) -> str | None:
-  """A leaf's name: its last key, if a string; of a flattened key (``"Dense_0/kernel"``,
-  ``"blocks.0.fc.weight"``), its last part."""
-  last = _key_name(path[-1]) if path else None
-  if not isinstance(last, str):
-    return None
-  return last.replace("/", ".").rsplit(".", 1)[-1] or last
-
-
-def _module_keys(path) -> tuple:
-  """The keys of a leaf's module: its path without the last key, and the leading parts of a
-  flattened last key (``"Dense_0/kernel"``: ``Dense_0``; ``"blocks.0.fc.weight"``: ``blocks``,
-  ``0``, ``fc``), which :func:`param_name` reads by its last part."""
-  keys = tuple(_key_name(k) for k in path[:-1])
-  last = _key_name(path[-1]) if path else None
-  if isinstance(last, str):
-    head, _, tail = last.replace("/", ".").rpartition(".")
-    if head and tail:
-      keys += tuple(head.split("."))
-  return keys
-
-
-def _by_leaf_name(paths) -> dict[tuple, dict[str, int]]:
-  """``{module path: {leaf name: leaf index}}`` by the leaves' own names (:func:`_leaf_name`),
-  where :func:`_by_module` keys them by what :func:`param_name` reads them as."""
-  modules: dict[tuple, dict[str, int]] = {}
-  for i, path in enumerate(paths):
-    name = _leaf_name(path)
-    if name is not None:
-      modules.setdefault(_module_keys(path), {})[name] = i
-  return modules
-
-
-def _by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tuple, dict[str, int]]:
-  """``{module path: {parameter name: leaf index}}`` of the leaves ``keep`` selects that have a
-  parameter name (:func:`param_name`); a module's path is its leaves' path without the last key
-  (:func:`_module_keys`: the leaves of a flattened tree are not all one module's).
-  """
-  modules: dict[tuple, dict[str, int]] = {}
-  for i, path in enumerate(paths):
-    param = param_name(path)
-    if param is not None and keep(i):
-      modules.setdefault(_module_keys(path), {})[param] = i
-  return modules
 
 
 def kernel_biases(paths) -> dict[int, int]:
-  """``{kernel leaf index: bias leaf index}`` for the modules holding both (:data:`_KERNEL_BIAS`:
+  """``{kernel leaf index: bias leaf index}`` for the modules holding both (:data:`KERNEL_BIAS`:
   Flax's ``kernel`` and ``bias``, Haiku's ``w`` and ``b``, TensorFlow's ``filters`` and
   ``bias``)."""
   found: dict[int, int] = {}
-  for members in _by_module(paths).values():
-    for kernel, bias in _KERNEL_BIAS:
+  for members in by_module(paths).values():
+    for kernel, bias in KERNEL_BIAS:
       if kernel in members and bias in members:
         found[members[kernel]] = members[bias]
   return found
@@ -616,7 +574,7 @@ def _stack_count(
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
   """
-  linen = _linen_class(module)
+  linen = linen_class(module)
   if linen == "Dense" and "kernel" in members and "bias" in members:
     k, b = shapes[members["kernel"]], shapes[members["bias"]]
     if not _dense_bias(k, b):  # not stacked in front (nn.vmap variable_axes=1)
@@ -679,10 +637,10 @@ def _fewest_stacked(
 
 
 class _BiasPair(NamedTuple):
-  """A module's kernel and bias (:data:`_KERNEL_BIAS`), and how many of the kernel's leading axes
+  """A module's kernel and bias (:data:`KERNEL_BIAS`), and how many of the kernel's leading axes
   the bias can repeat (:func:`_bias_pairs`)."""
 
-  kernel: str  # its parameter names, a pair of _KERNEL_BIAS: "kernel" and "bias", "w" and "b", ...
+  kernel: str  # its parameter names, a pair of KERNEL_BIAS: "kernel" and "bias", "w" and "b", ...
   bias: str
   k: tuple[int, ...]  # their shapes
   b: tuple[int, ...]
@@ -695,11 +653,11 @@ class _BiasPair(NamedTuple):
 
 
 def _bias_pairs(members: Mapping[str, int], shapes) -> list[_BiasPair]:
-  """The kernel and bias pairs (:data:`_KERNEL_BIAS`) of a module's ``members`` (``{parameter
+  """The kernel and bias pairs (:data:`KERNEL_BIAS`) of a module's ``members`` (``{parameter
   name: leaf index}``), in that order, each with every number of stacked axes its bias fits
   (:func:`_bias_fits`): what :func:`_stack_count` and :func:`_fewest_stacked` read a stack by."""
   pairs = []
-  for kernel, bias in _KERNEL_BIAS:
+  for kernel, bias in KERNEL_BIAS:
     if kernel in members and bias in members:
       k, b = shapes[members[kernel]], shapes[members[bias]]
       pairs.append(_BiasPair(kernel, bias, k, b, tuple(_bias_fits(k, b) or ())))
@@ -800,7 +758,7 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
   ``weight`` (``in_proj_bias``, ``bias_ih_l0``), else beside the module's ``bias`` (Equinox's
   ``GRUCell`` and ``LSTMCell``: ``weight_ih`` and ``weight_hh`` share one)."""
   pairs = []
-  for module, members in _by_leaf_name(paths).items():
+  for module, members in by_leaf_name(paths).items():
     for name, w in members.items():
       words = name.split("_")
       if "weight" in words and len(words) > 1:
@@ -863,8 +821,8 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
     that fits both layouts are guesses, by leaf.
   """
   pairs = []  # (module, weight or kernel, its bias, whether a weight)
-  for module, members in _by_module(paths).items():
-    for weight, bias in (("weight", "bias"), *_KERNEL_BIAS):
+  for module, members in by_module(paths).items():
+    for weight, bias in (("weight", "bias"), *KERNEL_BIAS):
       if weight in members and bias in members:
         pairs.append((module, members[weight], members[bias], weight == "weight"))
   pairs = list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
@@ -950,7 +908,7 @@ def stacks_by_evidence(
     ``{leaf index: why}`` for those whose number of stacked axes is a guess (an
     ``nn.remat_scan``'s, :func:`_scan_stacks`), or whose place is (:func:`_scanned_behind`).
   """
-  modules = _by_module(paths, lambda i: names[i] is None and roles[i] is not None)
+  modules = by_module(paths, lambda i: names[i] is None and roles[i] is not None)
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
@@ -1010,7 +968,7 @@ def _stacked_behind(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
 def _scanned_behind(
   modules: dict[tuple, dict[str, int]], paths, shapes, counts: dict[tuple, tuple]
 ) -> dict[tuple, str]:
-  """The modules under Linen's name of an ``nn.scan`` or ``nn.vmap`` (:func:`_stacks_all`) read
+  """The modules under Linen's name of an ``nn.scan`` or ``nn.vmap`` (:func:`stacks_all`) read
   with one stacked axis in front whose kernel and bias fit a stack behind as well
   (:func:`_stacked_behind`), as every leaf under the innermost such name does by its last size,
   their siblings there too: a residual block stacked with ``variable_axes={"params": -1}``,
@@ -1023,9 +981,9 @@ def _scanned_behind(
     ``{module: why its stack is a guess}``.
   """
   found: dict[tuple, str] = {}
-  leaf_modules = [_module_keys(path) for path in paths]
+  leaf_modules = [module_keys(path) for path in paths]
   for module, members in modules.items():
-    depths = [d for d in range(1, len(module) + 1) if _stacks_all(module[d - 1])]
+    depths = [d for d in range(1, len(module) + 1) if stacks_all(module[d - 1])]
     lead = counts[module][0]
     if not depths or not lead or len(lead) != 1:
       continue
@@ -1068,7 +1026,7 @@ def _dense_stacks_elsewhere(
   by_parent: dict[tuple, list[tuple]] = {}
   for module, members in modules.items():
     lead = counts[module][0]
-    if lead and len(lead) == 1 and _linen_class(module) == "Dense" and "kernel" in members:
+    if lead and len(lead) == 1 and linen_class(module) == "Dense" and "kernel" in members:
       by_parent.setdefault(module[:-1], []).append(module)
   found: dict[tuple, tuple[int | None, str]] = {}
   unplaced: set[tuple] = set()
@@ -1092,27 +1050,6 @@ def _dense_stacks_elsewhere(
     for module in siblings:
       found[module] = (axis, why)
   return found, unplaced
-
-
-def _named_by(key: Any, prefixes: tuple[str, ...]) -> bool:
-  """Whether a module key is Linen's automatic name of a transform (one of ``prefixes``) of a
-  class (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.scan(_Block)`` ``Scan_Block_0``)."""
-  cls = _linen_class((key,))
-  return cls is not None and any(
-    cls.startswith(p) and cls[len(p) :].lstrip("_")[:1].isupper() for p in prefixes
-  )
-
-
-def _is_scan(key: Any) -> bool:
-  """Whether a module key is Linen's automatic name of an ``nn.scan`` of a class
-  (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.remat_scan(Block)`` ``Remat_scanBlock_0``)."""
-  return _named_by(key, ("Scan", "Remat_scan"))
-
-
-def _stacks_all(key: Any) -> bool:
-  """Whether a module key is Linen's automatic name of an ``nn.scan`` or ``nn.vmap`` of a class
-  (``ScanBlock_0``, ``VmapBlock_0``), which stack every parameter under it on one axis."""
-  return _is_scan(key) or _named_by(key, ("Vmap",))
 
 
 def _not_stacked_in_front(
@@ -1173,11 +1110,11 @@ def _scan_stacks(
   """
   scans: dict[tuple, tuple[int, ...]] = {}  # module -> the depths of the scans it sits in
   for module in modules:
-    at = tuple(d for d in range(1, len(module) + 1) if _is_scan(module[d - 1]))
+    at = tuple(d for d in range(1, len(module) + 1) if is_scan(module[d - 1]))
     if at:
       scans[module] = at
   prefixes = {module[:d] for module, at in scans.items() for d in at}
-  under = _leaves_under(prefixes, [_module_keys(path) for path in paths])
+  under = leaves_under(prefixes, [module_keys(path) for path in paths])
   shown: dict[tuple, set[int]] = {prefix: set() for prefix in prefixes}  # the counts shown there
   for other, (lead, _) in counts.items():
     for d in range(len(other) + 1):
@@ -1211,7 +1148,7 @@ def _scan_stacks(
         f"leading axes {lead}: one per layer"
       )
     found[module] = (lead, why)
-    remat = any(_named_by(module[d - 1], ("Remat_scan",)) for d in at)
+    remat = any(named_by(module[d - 1], ("Remat_scan",)) for d in at)
     if remat and not shown[inner] and shared(inner, n) is not None:
       guessed[module] = (
         f"nn.remat_scan stacks one axis per entry of its lengths, and its leaves all have "
@@ -1219,26 +1156,6 @@ def _scan_stacks(
         "or give it spatial.per_layer(<its rule>, n_axes=len(lengths))"
       )
   return found, guessed
-
-
-def _leaves_under(modules: set[tuple], leaf_modules: list[tuple]) -> dict[tuple, list[int]]:
-  """The leaves under each of ``modules``, found by looking up each leaf's module prefixes (not
-  by trying every module against every leaf: one module per block of a deep network would make
-  that the square of the leaves).
-
-  Args:
-    modules: Module paths (tuples of keys, as :func:`_module_keys` gives).
-    leaf_modules: Each leaf's module path.
-
-  Returns:
-    ``{module: [the indices of the leaves under it, in order]}``, for every module.
-  """
-  under: dict[tuple, list[int]] = {module: [] for module in modules}
-  for i, keys in enumerate(leaf_modules):
-    for depth in range(len(keys) + 1):
-      if keys[:depth] in under:
-        under[keys[:depth]].append(i)
-  return under
 
 
 def _attention_stacks(
@@ -1269,7 +1186,7 @@ def _attention_stacks(
   Returns:
     ``{module path: (the stacked axes' sizes, why)}`` for the projection modules read so.
   """
-  kernels = {m: next((ms[k] for k in _KERNEL_NAMES if k in ms), None) for m, ms in modules.items()}
+  kernels = {m: next((ms[k] for k in KERNEL_NAMES if k in ms), None) for m, ms in modules.items()}
   kernels = {m: i for m, i in kernels.items() if m and i is not None and len(shapes[i]) >= 4}
   found: dict[tuple, tuple[tuple[int, ...], str]] = {}
   for (*parent, projection), out in kernels.items():  # a module's path: (*parent, name)
@@ -1323,28 +1240,6 @@ def _attention_stacks(
   return found
 
 
-#: The prefixes Linen's lifted transforms that keep a module's parameters as they are add to its
-#: class's name: ``nn.remat(nn.ConvLocal)`` is named ``CheckpointConvLocal_0``, ``nn.jit(nn.Dense)``
-#: ``JitDense_0``.
-_SHAPE_KEEPING_TRANSFORMS = ("Checkpoint", "Jit")
-
-
-def _linen_class(module: tuple) -> str | None:
-  """The class a Linen automatic module name (``Conv_2``: ``Conv``) gives, else ``None``; past
-  the prefixes of :data:`_SHAPE_KEEPING_TRANSFORMS` (``CheckpointJitConv_0``: ``Conv``)."""
-  name = module[-1] if module else None
-  parts = name.rsplit("_", 1) if isinstance(name, str) else []
-  if len(parts) != 2 or not parts[1].isdigit() or not parts[0]:
-    return None
-  cls, stripped = parts[0], True
-  while stripped:
-    stripped = False
-    for prefix in _SHAPE_KEEPING_TRANSFORMS:
-      if cls.startswith(prefix) and cls[len(prefix) : len(prefix) + 1].isupper():
-        cls, stripped = cls[len(prefix) :], True
-  return cls
-
-
 def _words(name: Any) -> set[str]:
   """The words of a name, split at all but letters and before capitals (``MoeBlock_0``: moe,
   block; ``MoELayer_0``, as mixtures are often spelt: moe, layer), in lower case."""
@@ -1389,7 +1284,7 @@ class _Kernel(NamedTuple):
 
 
 def _kernels(paths, shapes, names, roles, lead_of=None):
-  """The kernels (:data:`_KERNEL_NAMES`: Flax's ``kernel``, Haiku's ``w``, TensorFlow's
+  """The kernels (:data:`KERNEL_NAMES`: Flax's ``kernel``, Haiku's ``w``, TensorFlow's
   ``filters``) under the default rule whose only names are leading stacked axes
   (:func:`_leading_stack`, or ``lead_of``), if any, with their module's bias.
 
@@ -1397,8 +1292,8 @@ def _kernels(paths, shapes, names, roles, lead_of=None):
     A :class:`_Kernel` for each.
   """
   lead_of = lead_of or _leading_stack
-  for module, members in _by_module(paths).items():
-    for kernel, bias in _KERNEL_BIAS:
+  for module, members in by_module(paths).items():
+    for kernel, bias in KERNEL_BIAS:
       i, b = members.get(kernel), members.get(bias)
       if i is None or roles[i] is None:
         continue
@@ -1461,7 +1356,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     if axis_role(x, r) == STACKED
   }
   stack_sizes = {size for _, size in stack_axes}
-  leaf_modules = [_module_keys(path) for path in paths]
+  leaf_modules = [module_keys(path) for path in paths]
   # The stacks that a vector of one entry per channel shows for the modules beside its own: a
   # norm's scale or a bias (layers, channels) found stacked, by the module above theirs.
   shown: dict[tuple, set[tuple[int, ...]]] = {}
@@ -1487,7 +1382,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     (k.module[:-1], k.lead): set() for k in kernels
   }
   other: set[tuple[tuple, int]] = set()
-  under = _leaves_under({parent for parent, _ in firsts}, leaf_modules)
+  under = leaves_under({parent for parent, _ in firsts}, leaf_modules)
   for (parent, lead), sizes in firsts.items():
     for i in under[parent]:
       sizes.add(shapes[i][lead] if len(shapes[i]) > lead + 1 else None)
@@ -1505,13 +1400,13 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     # spatial axis to spare may have the vmap's axis in front ((members, kh, kw, in, out)) or
     # none (params broadcast): the rank's guess, flagged.
     # Where its stacked axes in front are known (from its relatives), the rest is one member's.
-    vmapped = not k.lead and any(_named_by(key, ("Vmap",)) for key in k.module)
+    vmapped = not k.lead and any(named_by(key, ("Vmap",)) for key in k.module)
     first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
     parent = (k.module[:-1], k.lead)
     # Its stacked axes known, shown beside it (a GroupNorm's (layers, channels) in its block: a
     # stack of 3 bias-less 3x3 Convs), a size past them is another stack's only if one is known
     # that deep (a stack of stacks), or if the kernel's own module is stacked (VmapConv_0).
-    own = k.lead and not (k.module and _stacks_all(k.module[-1]))
+    own = k.lead and not (k.module and stacks_all(k.module[-1]))
     if own and shape[: k.lead] in shown.get(k.module[:-1], ()):
       known = {size for a, size in stack_axes if a >= k.lead}
     else:
@@ -1579,7 +1474,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
       continue
     if len(shape) <= len(bias):
       continue
-    named = _linen_class(k.module) == "DenseGeneral"
+    named = linen_class(k.module) == "DenseGeneral"
     if not named and len(bias) - k.lead < 2:
       continue
     n_in = len(shape) - len(bias)  # the bias is (*batch, *out)
@@ -1628,7 +1523,7 @@ def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tupl
     stacked = _role_name(leaf_roles, STACKED)
     if lead is None or stacked is None or len(shapes[i]) - lead < 3:
       continue
-    keys = [_key_name(k) for k in path]
+    keys = [key_name(k) for k in path]
     # Its own name or its module's: a word further up (a MoETransformer_0 around the whole
     # model) says nothing of an attention's packed qkv (embed, 3, hidden) under it.
     near = range(max(len(keys) - 2, 0), len(keys))
@@ -1661,7 +1556,7 @@ def expert_biases(paths, shapes, names, roles, experts: Mapping[int, Any]) -> se
     The indices of these leaves under the default rule.
   """
   found = set()
-  for members in _by_leaf_name(paths).values():
+  for members in by_leaf_name(paths).values():
     kernels = [i for i in members.values() if i in experts]
     for i in kernels:
       for j in members.values():
@@ -1744,7 +1639,7 @@ def flax_attention_names(
     lead = _leading_stack(names[i], roles[i])
     if lead is None or len(shapes[i]) != lead + 3:
       continue
-    module = tuple(map(str, _module_keys(path)))  # also a flattened key's ("attn/query/kernel")
+    module = tuple(map(str, module_keys(path)))  # also a flattened key's ("attn/query/kernel")
     if param_name(path) == "kernel" and module and module[-1] in _ATTENTION_AXES:
       kernels[module[:-1], module[-1]] = (i, lead)
   found: dict[int, AxisNames] = {}
@@ -1816,7 +1711,7 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
   fewer heads or packed (:func:`_input_axes`), but for one beside a bias of one axis (a
   convolution's ``(out,)``; an input projection's is ``(heads, head_dim)``). Kernels are
   grouped by module: Flax's ``kernel``, Haiku's ``w`` and TensorFlow's ``filters``
-  (:data:`_KERNEL_NAMES`) by the module above theirs (``attn/q_proj/kernel``), other names by
+  (:data:`KERNEL_NAMES`) by the module above theirs (``attn/q_proj/kernel``), other names by
   their own (``attn/wq``). Kernels whose only names are
   leading stacked axes are read past them, the stack the same for all of the module's kernels.
 
@@ -1833,8 +1728,8 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
       continue
     lead = _leading_stack(names[i], roles[i])
     if lead is not None and len(shapes[i]) - lead in (3, 4):
-      module = _module_keys(path)
-      group = module[:-1] if param in _KERNEL_NAMES else module
+      module = module_keys(path)
+      group = module[:-1] if param in KERNEL_NAMES else module
       if i in biases and len(biases[i]) <= lead + 1:
         one_axis_bias.add(i)
       groups.setdefault(tuple(map(str, group)), []).append((i, lead))
@@ -1875,51 +1770,3 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
       lead = len(shapes[j]) - len(axes)
       found[j] = _lead_names(names[j], lead) + axes
   return found
-
-
-#: Words (of a name split at "_") that make a leaf a table with a row per token or position:
-#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``,
-#: GPT-2's ``wte`` and ``wpe`` (raw ``(vocab, embed)`` and ``(positions, embed)`` arrays in a
-#: hand-written port), a ``token_table``/``lookup_table``; and learned rows of other kinds: a
-#: Perceiver's ``latents``, a DETR's ``queries``, prefix- and prompt-tuning's
-#: ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``.
-_TABLE_WORDS = frozenset(
-  ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
-  + ("table",)
-  + ("wte", "wpe", "latent", "latents", "queries", "prefix", "prompt", "prompts", "registers")
-  + ("codebook",)
-)
-
-
-#: The words a table's name is made of (``pos_embedding``, ``token_embeddings``, ``wpe``): a name
-#: with a word of :data:`_TABLE_WORDS` and others too (``w_embed``) could be a kernel's.
-_TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
-  ("", "token", "tokens", "tok", "word", "words", "patch", "type", "segment", "vocab", "learned")
-  + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "pe")
-  + ("te", "lookup")
-)
-
-
-def param_name(path) -> str | None:
-  """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
-
-  ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
-  one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
-  table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
-  table made of such words (``pos_embedding``, ``token_embeddings``, ``pos_emb``); one with other
-  words too (``w_embed``, which a kernel could have) is a ``"table"``, and the ``"offset"`` of
-  Haiku's norms (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with
-  the word ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's
-  ``weight_ih_l0``). A key of a flattened tree is read by its last part: ``"blocks.0.fc.weight"``
-  (a PyTorch state dict) is a ``"weight"``, ``"Dense_0/bias"``
-  (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
-  """
-  name = _leaf_name(path)
-  if name is None:
-    return None
-  words = set(name.lower().split("_"))
-  if _TABLE_WORDS & words:  # a table's name; with another word (w_embed), maybe a kernel's
-    return "embedding" if words <= _TABLE_NAME_WORDS else "table"
-  if "weight" in words:
-    return "weight"
-  return "bias" if name == "offset" else name

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from adahessian_jax import _evidence, layout
+from adahessian_jax import _evidence, _evidence_names, layout
 from adahessian_jax._rules import AxesMean, BlockMean, Choice, NoAveraging, PerLayer, Rule
 from adahessian_jax._validation import count
 from adahessian_jax.layout import (
@@ -61,7 +61,7 @@ def _blocks_text(block_size: int) -> str:
 _WEIGHT_BY_BIAS, _BIAS_TABLE = _evidence.WEIGHT_BY_BIAS, _evidence.BIAS_TABLE
 #: The parameter names (last path keys, or what the tree shows a leaf is) that
 #: :func:`flax_default` reads.
-_PARAMS_READ = (*_evidence.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE)
+_PARAMS_READ = (*_evidence_names.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE)
 
 
 def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -> Choice:

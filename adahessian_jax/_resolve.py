@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, TypeGuard
 import jax
 import jax.numpy as jnp
 
-from adahessian_jax import _evidence, layout
+from adahessian_jax import _evidence, _evidence_names, layout
 from adahessian_jax._averaging import AveragingSpec, as_averaging, spec_rules
 from adahessian_jax._flax_default import FlaxDefault, check_rank, flax_default
 from adahessian_jax._layout_warnings import (
@@ -67,7 +67,7 @@ def _unread(averaging, params, block_size, given_rules=None):
   if unbound is None:
     unbound = spec_rules(spec.rules, params, infos, flax_default(block_size))
     unbound = [
-      r.for_param(_evidence.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)
+      r.for_param(_evidence_names.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)
     ]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]

@@ -79,7 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _evidence, _validation, layout, spatial
+from adahessian_jax import _evidence, _evidence_names, _validation, layout, spatial
 from adahessian_jax.hessian import _checks, _lanczos, _stacks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
@@ -150,7 +150,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     if spatial.reads_output_first(r)
     else "bias"
     if isinstance(r, spatial.FlaxDefault) and r.param == "bias"
-    else _evidence.param_name(x.path)
+    else _evidence_names.param_name(x.path)
     for x, r in zip(infos, rules, strict=True)
   ]
   roles = []

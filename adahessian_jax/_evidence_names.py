@@ -1,0 +1,187 @@
+"""What a leaf's path says, as the readers of :mod:`adahessian_jax._evidence` read it.
+
+A leaf's own name and its module's keys (:func:`leaf_name`, :func:`module_keys`; a flattened key,
+``"Dense_0/kernel"``, read by its parts), what the default rule calls it (:func:`param_name`:
+``"kernel"``, ``"bias"``, ``"embedding"``, ``"weight"``, ...), the leaves grouped by module
+(:func:`by_module`, :func:`by_leaf_name`, :func:`leaves_under`), and what Linen's automatic
+module names show: the module's class (:func:`linen_class`: ``Dense_0``) and the transforms above
+it (:func:`is_scan`, :func:`stacks_all`: ``ScanBlock_0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def key_name(key: Any) -> Any:
+  return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+
+def leaf_name(path) -> str | None:
+  """A leaf's name: its last key, if a string; of a flattened key (``"Dense_0/kernel"``,
+  ``"blocks.0.fc.weight"``), its last part."""
+  last = key_name(path[-1]) if path else None
+  if not isinstance(last, str):
+    return None
+  return last.replace("/", ".").rsplit(".", 1)[-1] or last
+
+
+def module_keys(path) -> tuple:
+  """The keys of a leaf's module: its path without the last key, and the leading parts of a
+  flattened last key (``"Dense_0/kernel"``: ``Dense_0``; ``"blocks.0.fc.weight"``: ``blocks``,
+  ``0``, ``fc``), which :func:`param_name` reads by its last part."""
+  keys = tuple(key_name(k) for k in path[:-1])
+  last = key_name(path[-1]) if path else None
+  if isinstance(last, str):
+    head, _, tail = last.replace("/", ".").rpartition(".")
+    if head and tail:
+      keys += tuple(head.split("."))
+  return keys
+
+
+#: The parameter names (from :func:`param_name`) the default rule reads by name, never as a
+#: kernel: a bias, a norm's scale, a table and a PyTorch-layout weight.
+READ_BY_NAME = ("bias", "scale", "embedding", "table", "weight")
+
+
+#: Words (of a name split at "_") that make a leaf a table with a row per token or position:
+#: Haiku's ``embeddings``, a learned ``pos_embedding``/``position_embeddings``/``pos_emb``,
+#: GPT-2's ``wte`` and ``wpe`` (raw ``(vocab, embed)`` and ``(positions, embed)`` arrays in a
+#: hand-written port), a ``token_table``/``lookup_table``; and learned rows of other kinds: a
+#: Perceiver's ``latents``, a DETR's ``queries``, prefix- and prompt-tuning's
+#: ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``.
+_TABLE_WORDS = frozenset(
+  ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
+  + ("table",)
+  + ("wte", "wpe", "latent", "latents", "queries", "prefix", "prompt", "prompts", "registers")
+  + ("codebook",)
+)
+
+
+#: The words a table's name is made of (``pos_embedding``, ``token_embeddings``, ``wpe``): a name
+#: with a word of :data:`_TABLE_WORDS` and others too (``w_embed``) could be a kernel's.
+_TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
+  ("", "token", "tokens", "tok", "word", "words", "patch", "type", "segment", "vocab", "learned")
+  + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "pe")
+  + ("te", "lookup")
+)
+
+
+def param_name(path) -> str | None:
+  """The last key of a leaf's path (``"kernel"``, ``"bias"``, ``"embedding"``), if a name.
+
+  ``nn.WeightNorm`` names its scales ``"<layer>/<path>/scale"`` (``"Dense_0/kernel/scale"``),
+  one entry per feature like a norm's: for those this is ``"scale"``. Haiku's embedding
+  table ``"embeddings"`` is an ``"embedding"``, as is any name with a word (split at ``_``) of a
+  table made of such words (``pos_embedding``, ``token_embeddings``, ``pos_emb``); one with other
+  words too (``w_embed``, which a kernel could have) is a ``"table"``, and the ``"offset"`` of
+  Haiku's norms (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with
+  the word ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's
+  ``weight_ih_l0``). A key of a flattened tree is read by its last part: ``"blocks.0.fc.weight"``
+  (a PyTorch state dict) is a ``"weight"``, ``"Dense_0/bias"``
+  (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
+  """
+  name = leaf_name(path)
+  if name is None:
+    return None
+  words = set(name.lower().split("_"))
+  if _TABLE_WORDS & words:  # a table's name; with another word (w_embed), maybe a kernel's
+    return "embedding" if words <= _TABLE_NAME_WORDS else "table"
+  if "weight" in words:
+    return "weight"
+  return "bias" if name == "offset" else name
+
+
+#: The (kernel, bias) pairs a module holds: Flax's names, Haiku's, and TensorFlow's ``filters``
+#: (``tf.nn.conv2d``'s, ``(*spatial, in, out)`` as Flax's ``kernel``) beside a ``bias``.
+KERNEL_BIAS = (("kernel", "bias"), ("w", "b"), ("filters", "bias"))
+#: The kernels' names.
+KERNEL_NAMES = tuple(dict.fromkeys(kernel for kernel, _ in KERNEL_BIAS))
+
+
+def by_leaf_name(paths) -> dict[tuple, dict[str, int]]:
+  """``{module path: {leaf name: leaf index}}`` by the leaves' own names (:func:`leaf_name`),
+  where :func:`by_module` keys them by what :func:`param_name` reads them as."""
+  modules: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    name = leaf_name(path)
+    if name is not None:
+      modules.setdefault(module_keys(path), {})[name] = i
+  return modules
+
+
+def by_module(paths, keep: Callable[[int], bool] = lambda i: True) -> dict[tuple, dict[str, int]]:
+  """``{module path: {parameter name: leaf index}}`` of the leaves ``keep`` selects that have a
+  parameter name (:func:`param_name`); a module's path is its leaves' path without the last key
+  (:func:`module_keys`: the leaves of a flattened tree are not all one module's).
+  """
+  modules: dict[tuple, dict[str, int]] = {}
+  for i, path in enumerate(paths):
+    param = param_name(path)
+    if param is not None and keep(i):
+      modules.setdefault(module_keys(path), {})[param] = i
+  return modules
+
+
+def leaves_under(modules: set[tuple], leaf_modules: list[tuple]) -> dict[tuple, list[int]]:
+  """The leaves under each of ``modules``, found by looking up each leaf's module prefixes (not
+  by trying every module against every leaf: one module per block of a deep network would make
+  that the square of the leaves).
+
+  Args:
+    modules: Module paths (tuples of keys, as :func:`module_keys` gives).
+    leaf_modules: Each leaf's module path.
+
+  Returns:
+    ``{module: [the indices of the leaves under it, in order]}``, for every module.
+  """
+  under: dict[tuple, list[int]] = {module: [] for module in modules}
+  for i, keys in enumerate(leaf_modules):
+    for depth in range(len(keys) + 1):
+      if keys[:depth] in under:
+        under[keys[:depth]].append(i)
+  return under
+
+
+#: The prefixes Linen's lifted transforms that keep a module's parameters as they are add to its
+#: class's name: ``nn.remat(nn.ConvLocal)`` is named ``CheckpointConvLocal_0``, ``nn.jit(nn.Dense)``
+#: ``JitDense_0``.
+_SHAPE_KEEPING_TRANSFORMS = ("Checkpoint", "Jit")
+
+
+def linen_class(module: tuple) -> str | None:
+  """The class a Linen automatic module name (``Conv_2``: ``Conv``) gives, else ``None``; past
+  the prefixes of :data:`_SHAPE_KEEPING_TRANSFORMS` (``CheckpointJitConv_0``: ``Conv``)."""
+  name = module[-1] if module else None
+  parts = name.rsplit("_", 1) if isinstance(name, str) else []
+  if len(parts) != 2 or not parts[1].isdigit() or not parts[0]:
+    return None
+  cls, stripped = parts[0], True
+  while stripped:
+    stripped = False
+    for prefix in _SHAPE_KEEPING_TRANSFORMS:
+      if cls.startswith(prefix) and cls[len(prefix) : len(prefix) + 1].isupper():
+        cls, stripped = cls[len(prefix) :], True
+  return cls
+
+
+def named_by(key: Any, prefixes: tuple[str, ...]) -> bool:
+  """Whether a module key is Linen's automatic name of a transform (one of ``prefixes``) of a
+  class (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.scan(_Block)`` ``Scan_Block_0``)."""
+  cls = linen_class((key,))
+  return cls is not None and any(
+    cls.startswith(p) and cls[len(p) :].lstrip("_")[:1].isupper() for p in prefixes
+  )
+
+
+def is_scan(key: Any) -> bool:
+  """Whether a module key is Linen's automatic name of an ``nn.scan`` of a class
+  (``nn.scan(Block)`` is named ``ScanBlock_0``, ``nn.remat_scan(Block)`` ``Remat_scanBlock_0``)."""
+  return named_by(key, ("Scan", "Remat_scan"))
+
+
+def stacks_all(key: Any) -> bool:
+  """Whether a module key is Linen's automatic name of an ``nn.scan`` or ``nn.vmap`` of a class
+  (``ScanBlock_0``, ``VmapBlock_0``), which stack every parameter under it on one axis."""
+  return is_scan(key) or named_by(key, ("Vmap",))
