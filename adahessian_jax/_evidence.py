@@ -39,6 +39,7 @@ from adahessian_jax._evidence_names import (
   param_name,
   stacks_all,
 )
+from adahessian_jax._evidence_roles import lead_names, leading_stack, role_name, stacked_prefix
 from adahessian_jax.layout import (
   EXPERT_AXES,
   FEATURES,
@@ -126,7 +127,7 @@ def read(
     for i in by_bias
     if len(shapes[i]) == 2
     or param_name(paths[i]) == "weight"
-    or _stacked_prefix(stacked[i] or (), roles[i] or {}) == len(shapes[i]) - 2
+    or stacked_prefix(stacked[i] or (), roles[i] or {}) == len(shapes[i]) - 2
   }
   for i, why in vectors_in_stacks(paths, shapes, stacked, roles).items():
     unsure.setdefault(i, why)
@@ -241,7 +242,7 @@ def _unnamed_leading_stacks(
           why[i] = f" (its unnamed leading axes stacked as in its relative {relative})"
     # Only in front of experts: a kernel (in, layers, out) of an nn.vmap over axis 1 has an
     # unnamed axis in front of its stacked one too, its input.
-    elif names[i][k] in EXPERT_AXES and (stacked := _role_name(roles[i], STACKED)) is not None:
+    elif names[i][k] in EXPERT_AXES and (stacked := role_name(roles[i], STACKED)) is not None:
       out[i] = (stacked,) * k + tuple(names[i][k:])
       why[i] = f" (its unnamed leading axes stacked: in front of the stacked axis {names[i][k]!r})"
   return out, why
@@ -935,7 +936,7 @@ def stacks_by_evidence(
     axis = moved[module][0] if module in moved else None
     if axis is not None:
       for i in members.values():
-        stacked = _role_name(roles[i], STACKED)
+        stacked = role_name(roles[i], STACKED)
         if stacked is not None and len(shapes[i]) > axis:
           own: list[str | None] = [None] * len(shapes[i])
           own[axis] = stacked
@@ -947,7 +948,7 @@ def stacks_by_evidence(
     if not n:
       continue
     for i in members.values():
-      stacked = _role_name(roles[i], STACKED)
+      stacked = role_name(roles[i], STACKED)
       if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
   unsure = {i for module in unplaced for i in modules[module].values() if i in found}
@@ -1263,16 +1264,6 @@ def _is_conv_module(module: tuple) -> bool:
   return bool(_CONV_WORDS & _words(name))
 
 
-def _role_name(roles: Mapping[str, str], role: str) -> str | None:
-  """The name every reader gives an axis it finds to have ``role``: the role's own word if it is
-  a name in ``roles`` (``"spatial"``, ``"heads"``, ``"features"``, ``"vocab"``), else the first
-  name of that role in ``roles``' order (``"layers"`` for a stacked axis, by
-  :data:`~adahessian_jax.spatial.AXIS_ROLES`); ``None`` if no name has the role."""
-  if roles.get(role) == role:
-    return role
-  return next((x for x, r in roles.items() if r == role), None)
-
-
 class _Kernel(NamedTuple):
   """An unnamed kernel under the default rule, past its leading stacked axes."""
 
@@ -1286,12 +1277,12 @@ class _Kernel(NamedTuple):
 def _kernels(paths, shapes, names, roles, lead_of=None):
   """The kernels (:data:`KERNEL_NAMES`: Flax's ``kernel``, Haiku's ``w``, TensorFlow's
   ``filters``) under the default rule whose only names are leading stacked axes
-  (:func:`_leading_stack`, or ``lead_of``), if any, with their module's bias.
+  (:func:`leading_stack`, or ``lead_of``), if any, with their module's bias.
 
   Yields:
     A :class:`_Kernel` for each.
   """
-  lead_of = lead_of or _leading_stack
+  lead_of = lead_of or leading_stack
   for module, members in by_module(paths).items():
     for kernel, bias in KERNEL_BIAS:
       i, b = members.get(kernel), members.get(bias)
@@ -1310,7 +1301,7 @@ def _unnamed_spatial(names: AxisNames | None, roles: Mapping[str, str]) -> int |
     return None
   if any(x is None or axis_role(x, roles) not in (FEATURES, None) for x in names[-2:]):
     return None
-  n = _stacked_prefix(names, roles)
+  n = stacked_prefix(names, roles)
   middle = names[n:-2]
   return n if middle and all(x is None for x in middle) else None
 
@@ -1363,7 +1354,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
   for i, path in enumerate(paths):
     if names[i] is None or roles[i] is None or param_name(path) not in ("scale", "bias"):
       continue
-    lead = _stacked_prefix(names[i], roles[i])
+    lead = stacked_prefix(names[i], roles[i])
     if lead and len(shapes[i]) == lead + 1:
       shown.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][:lead])
   # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
@@ -1389,7 +1380,7 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       if not _is_conv_module(leaf_modules[i]):
         other.add((parent, lead))
   for k in kernels:
-    spatial = _role_name(k.roles, SPATIAL)
+    spatial = role_name(k.roles, SPATIAL)
     shape = shapes[k.index]
     rank = len(shape) - k.lead
     if spatial is None or rank < 3:
@@ -1427,12 +1418,12 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
       why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
     else:
       continue
-    stacked = _lead_names(names[k.index], k.lead)
+    stacked = lead_names(names[k.index], k.lead)
     found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
   # Boxed with only the spatial axes unnamed, (None, None, "embed", "mlp"): the same evidence
   # from the bias, which a stack of layers' kernel would not sit beside ((layers, out) is its).
   for k in _kernels(paths, shapes, names, roles, _unnamed_spatial):
-    spatial = _role_name(k.roles, SPATIAL)
+    spatial = role_name(k.roles, SPATIAL)
     shape, own = shapes[k.index], names[k.index]
     rank = len(shape) - k.lead
     if spatial is None or k.bias != shape[: k.lead] + shape[-1:]:
@@ -1468,7 +1459,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
   """
   found: dict[int, tuple[AxisNames, str]] = {}
   for k in _kernels(paths, shapes, names, roles):
-    features, heads = _role_name(k.roles, FEATURES), _role_name(k.roles, HEADS)
+    features, heads = role_name(k.roles, FEATURES), role_name(k.roles, HEADS)
     shape, bias = shapes[k.index], k.bias
     if features is None or heads is None or bias is None or len(shape) - k.lead < 3:
       continue
@@ -1485,7 +1476,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
       continue
     fits = _bias_fits(shape, bias) or []
     if k.lead in fits and fits[-1] == k.lead:  # more: a batch axis or a layer axis, unsure
-      stacked = _lead_names(names[k.index], k.lead)
+      stacked = lead_names(names[k.index], k.lead)
       found[k.index] = (
         stacked + (heads,) * (n_in - 1) + (features,) * (len(shape) - k.lead - n_in + 1),
         (f"by its module's name {k.module[-1]!r}" if named else f"by its bias {bias}")
@@ -1519,8 +1510,8 @@ def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tupl
     leaf_roles, param = roles[i], param_name(path)
     if i in read or leaf_roles is None or param in READ_BY_NAME:
       continue
-    lead = _leading_stack(names[i], leaf_roles)
-    stacked = _role_name(leaf_roles, STACKED)
+    lead = leading_stack(names[i], leaf_roles)
+    stacked = role_name(leaf_roles, STACKED)
     if lead is None or stacked is None or len(shapes[i]) - lead < 3:
       continue
     keys = [key_name(k) for k in path]
@@ -1564,7 +1555,7 @@ def expert_biases(paths, shapes, names, roles, experts: Mapping[int, Any]) -> se
           continue
         # A bias (layers, experts, out) of rank 3 is itself taken for an expert's kernel.
         own = names[j] if j not in experts else None
-        if _dense_bias(shapes[i], shapes[j]) and _leading_stack(own, roles[j]) is not None:
+        if _dense_bias(shapes[i], shapes[j]) and leading_stack(own, roles[j]) is not None:
           found.add(j)
   return found
 
@@ -1576,28 +1567,6 @@ _ATTENTION_AXES = {
   "value": ("embed", "heads", "head_dim"),
   "out": ("heads", "head_dim", "embed"),
 }
-
-
-def _stacked_prefix(names: AxisNames, roles: Mapping[str, str]) -> int:
-  """How many of ``names`` lead with a stacked role (``("layers", None, "mlp")``: 1)."""
-  n = 0
-  while n < len(names) and names[n] is not None and axis_role(names[n], roles) == STACKED:
-    n += 1
-  return n
-
-
-def _lead_names(names: AxisNames | None, lead: int) -> AxisNames:
-  """The names of a leaf's ``lead`` leading (stacked) axes, ``()`` for a leaf without names
-  (:func:`_leading_stack`: its stack not named yet, or none)."""
-  return tuple(names[:lead] if names else ())
-
-
-def _leading_stack(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
-  """The number of leading stacked axes of a leaf with no other names, else ``None``."""
-  if names is None:
-    return 0
-  n = _stacked_prefix(names, roles)
-  return n if n and all(x is None for x in names[n:]) else None
 
 
 def flax_attention_names(
@@ -1636,7 +1605,7 @@ def flax_attention_names(
   for i, path in enumerate(paths):
     if roles[i] is None:
       continue
-    lead = _leading_stack(names[i], roles[i])
+    lead = leading_stack(names[i], roles[i])
     if lead is None or len(shapes[i]) != lead + 3:
       continue
     module = tuple(map(str, module_keys(path)))  # also a flattened key's ("attn/query/kernel")
@@ -1660,7 +1629,7 @@ def flax_attention_names(
         continue
       if name != "out" and not _fewer_heads(shapes[j][lead + 1 :], one[1:]):
         continue
-      found[j] = _lead_names(names[j], lead) + _ATTENTION_AXES[name]
+      found[j] = lead_names(names[j], lead) + _ATTENTION_AXES[name]
       members.append(j)
     if one[0] == one[1]:
       unsure.update(members)
@@ -1726,7 +1695,7 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
     param = param_name(path)
     if i in done or roles[i] is None or param in (*READ_BY_NAME, None):
       continue
-    lead = _leading_stack(names[i], roles[i])
+    lead = leading_stack(names[i], roles[i])
     if lead is not None and len(shapes[i]) - lead in (3, 4):
       module = module_keys(path)
       group = module[:-1] if param in KERNEL_NAMES else module
@@ -1766,7 +1735,7 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
       continue
     for j, axes in merged.items():
       if axes[0] == STACKED:  # packed projections: kept apart, as a stack
-        axes = (_role_name(roles[j], STACKED),) + axes[1:]
+        axes = (role_name(roles[j], STACKED),) + axes[1:]
       lead = len(shapes[j]) - len(axes)
-      found[j] = _lead_names(names[j], lead) + axes
+      found[j] = lead_names(names[j], lead) + axes
   return found
