@@ -18,11 +18,23 @@ order and gives every leaf a :class:`Reading`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 
+from adahessian_jax._evidence_biases import (
+  bias_fits,
+  bias_tables,
+  dense_bias,
+  flax_fits,
+  haiku_biases,
+  named_biases,
+  raw_kernel_of,
+  torch_kernel,
+  torch_stacks,
+  weights_by_bias,
+)
 from adahessian_jax._evidence_names import (
   KERNEL_BIAS,
   KERNEL_NAMES,
@@ -31,7 +43,6 @@ from adahessian_jax._evidence_names import (
   by_module,
   is_scan,
   key_name,
-  leaf_name,
   leaves_under,
   linen_class,
   module_keys,
@@ -409,119 +420,6 @@ def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
   return found
 
 
-def bias_tables(paths, roles) -> set[int]:
-  """The tables of attention biases: a ``(num_buckets, heads)`` table of relative positions.
-
-  Hugging Face's Flax T5 keeps its relative position biases in an ``nn.Embed(num_buckets,
-  heads)`` named ``relative_attention_bias``, BEiT in a raw ``relative_position_bias_table``
-  ``(num_distances, heads)``: tables (:func:`param_name`) whose rows are positions and whose
-  columns are heads, one bias per entry, that the table rule (blocks along the last axis) would
-  average across heads. A table with the word ``bias`` in its name or its module's name is one,
-  but for a leaf paired by name with a bias of its own (``emb_weight`` beside ``emb_bias``,
-  ``pos_w`` beside ``pos_b``, under a module ``pos_bias``): a layer's weight, not a table of
-  biases, which has none (:func:`_paired_with_biases`).
-
-  Returns:
-    The indices of these leaves under the default rule.
-  """
-  found, paired = set(), _paired_with_biases(paths)
-  for i, path in enumerate(paths):
-    if roles[i] is not None and i not in paired and names_a_bias_table(path):
-      found.add(i)
-  return found
-
-
-def names_a_bias_table(path) -> bool:
-  """Whether a leaf's name says it is a table of attention biases (:func:`bias_tables`): a table
-  (:func:`param_name`) with the word ``bias`` in its name or its module's (T5's
-  ``relative_attention_bias`` ``nn.Embed``/``nnx.Embed``), pairing aside.
-
-  Args:
-    path: The leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
-
-  Returns:
-    ``True`` if its name and its module's say so.
-  """
-  if param_name(path) not in ("embedding", "table"):
-    return False
-  module = module_keys(path)
-  words = set(str(leaf_name(path)).lower().split("_"))
-  if module:
-    words |= set(str(module[-1]).lower().split("_"))
-  return "bias" in words
-
-
-def _paired_with_biases(paths) -> set[int]:
-  """The leaves that a bias beside them is paired with by name: a ``<name>_weight`` with its
-  ``<name>_bias`` (:func:`_named_weight_pairs`), a raw kernel with its raw bias
-  (:func:`_raw_kernel_of`: ``pos_w`` with ``pos_b``, ``w_in`` with ``b_in``)."""
-  found = {w for _, w, _, _ in _named_weight_pairs(paths)}
-  for members in by_leaf_name(paths).values():
-    for name in members:
-      kernel = _raw_kernel_of(name, members)
-      if kernel is not None:
-        found.add(members[kernel])
-  return found
-
-
-def haiku_biases(paths, roles) -> set[int]:
-  """Raw biases by name: Haiku's ``b`` beside its ``w``, a ``<name>_b`` beside its ``<name>_w``,
-  a ``b_<name>`` beside its ``w_<name>`` and a ``b<digits>`` beside its ``w<digits>``.
-
-  ``hk.Linear`` and ``hk.Conv`` name theirs ``w``/``b``, and Haiku code that makes its own
-  parameters often follows suit: AlphaFold's attention holds ``gating_w`` ``(channels, heads,
-  head_dim)`` beside ``gating_b`` ``(heads, head_dim)``, and its ``Linear`` of several outputs a
-  bias ``(heads, head_dim)``; a mixture of raw params holds ``b_in`` ``(experts, out)`` beside
-  ``w_in`` ``(experts, in, out)`` (:func:`_raw_kernel_of`). One entry per output unit, like a
-  Flax ``bias``: read as a ``Dense`` kernel, it would be blocked across heads or experts.
-
-  Returns:
-    The indices of these leaves under the default rule.
-  """
-  found = set()
-  for members in by_leaf_name(paths).values():
-    for name, i in members.items():
-      if roles[i] is not None and _raw_kernel_of(name, members) is not None:
-        found.add(i)
-  return found
-
-
-def _raw_kernel_of(bias: str, members: Mapping[str, Any]) -> str | None:
-  """The name of the raw kernel in ``members`` that a raw bias named ``bias`` goes with, if any:
-  Haiku's ``w`` for ``b``, ``<name>_w`` for ``<name>_b`` (AlphaFold's ``gating_w``), ``w_<name>``
-  for ``b_<name>`` (a mixture's ``w_in``/``b_in``) and ``w<digits>`` for ``b<digits>``
-  (``w1``/``b1``); either letter in either case (TransformerLens's ``W_Q``/``b_Q``)."""
-  if bias in ("b", "B") or bias.endswith(("_b", "_B")):
-    kernels = [bias[:-1] + w for w in "wW"]
-  elif bias.startswith(("b_", "B_")) or re.fullmatch(r"[bB]\d+", bias):
-    kernels = [w + bias[1:] for w in "wW"]
-  else:
-    return None
-  return next((kernel for kernel in kernels if kernel in members), None)
-
-
-def named_biases(paths, roles) -> set[int]:
-  """Biases by their name: a leaf whose name has the word ``bias`` (split at ``_``).
-
-  A raw bias is often named after its kernel: a mixture's ``wi_0_bias`` or gpt-oss's
-  ``gate_up_proj_bias`` ``(experts, out)``, a custom attention's ``q_bias`` ``(heads,
-  head_dim)``. One entry per output unit, like a Flax ``bias``: read as a ``Dense`` kernel by its
-  rank, it was blocked across experts or heads. Tables (``relative_attention_bias``) and
-  weights are left to :func:`bias_tables` and :func:`weights_by_bias`.
-
-  Returns:
-    The indices of these leaves under the default rule.
-  """
-  found = set()
-  for i, path in enumerate(paths):
-    name = leaf_name(path)
-    if roles[i] is None or name is None or param_name(path) in READ_BY_NAME:
-      continue
-    if {"bias", "biases"} & set(name.lower().split("_")):
-      found.add(i)
-  return found
-
-
 #: Linen's automatic module names (``Dense_0``) give the module's class, which fixes the rank of
 #: some of its parameters: ``(class, parameter name) -> rank``.
 _CLASS_RANKS = {
@@ -536,18 +434,6 @@ _CLASS_RANKS = {
   ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
   ("GroupNorm", "bias"): 1,
 }
-
-
-def kernel_biases(paths) -> dict[int, int]:
-  """``{kernel leaf index: bias leaf index}`` for the modules holding both (:data:`KERNEL_BIAS`:
-  Flax's ``kernel`` and ``bias``, Haiku's ``w`` and ``b``, TensorFlow's ``filters`` and
-  ``bias``)."""
-  found: dict[int, int] = {}
-  for members in by_module(paths).values():
-    for kernel, bias in KERNEL_BIAS:
-      if kernel in members and bias in members:
-        found[members[kernel]] = members[bias]
-  return found
 
 
 def _stack_count(
@@ -565,11 +451,11 @@ def _stack_count(
   Linen's scan names give, else at least the fewest, :func:`_fewest_stacked`). Both also show a
   module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
   that is its kernel's trailing axes and cannot be read as repeating its leading ones
-  (:func:`_bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack
+  (:func:`bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack
   the same way (:func:`_raw_pair_stacks`), a PyTorch-layout ``weight`` and its ``bias`` by the
-  output axis (:func:`_torch_stacks`), as does a ``kernel`` whose bias is its first axis past the
+  output axis (:func:`torch_stacks`), as does a ``kernel`` whose bias is its first axis past the
   stacked ones and fits no Flax layout (Hugging Face's ``FlaxConv1D`` ``(layers, out, in)``
-  beside ``(layers, out)``: :func:`_torch_kernel`, :func:`_flax_fits`), and ``nnx.LoRA``'s
+  beside ``(layers, out)``: :func:`torch_kernel`, :func:`flax_fits`), and ``nnx.LoRA``'s
   ``lora_a`` ``(in, rank)`` and ``lora_b`` ``(rank, out)`` by their shared rank.
 
   Returns:
@@ -578,7 +464,7 @@ def _stack_count(
   linen = linen_class(module)
   if linen == "Dense" and "kernel" in members and "bias" in members:
     k, b = shapes[members["kernel"]], shapes[members["bias"]]
-    if not _dense_bias(k, b):  # not stacked in front (nn.vmap variable_axes=1)
+    if not dense_bias(k, b):  # not stacked in front (nn.vmap variable_axes=1)
       linen = None
   for (cls, param), rank in _CLASS_RANKS.items():
     i = members.get(param) if cls == linen else None
@@ -597,7 +483,7 @@ def _stack_count(
     if len(pair.counts) == 1:  # not several: (2, 3, 3, 4) beside (2, 3, 4) fits 1 or 2
       n = pair.counts[0]
       return k[:n], pair.repeats(n) + ": one per layer"
-    if _torch_kernel(k, b) and not _flax_fits(k, b):  # FlaxConv1D's (out, in), stacked
+    if torch_kernel(k, b) and not flax_fits(k, b):  # FlaxConv1D's (out, in), stacked
       return k[:-2], pair.repeats(len(k) - 2) + (
         " before its output axis (Hugging Face's FlaxConv1D layout (out, in)): one per layer"
       )
@@ -606,7 +492,7 @@ def _stack_count(
     return raw
   if "weight" in members and "bias" in members:
     w, b = shapes[members["weight"]], shapes[members["bias"]]
-    readings = _torch_stacks(w, b)
+    readings = torch_stacks(w, b)
     if readings == [0]:
       return (), f"its bias {b} is its weight's output axis (PyTorch/Equinox layout): one layer"
     if len(readings) == 1:
@@ -623,7 +509,7 @@ def _fewest_stacked(
 ) -> tuple[tuple[int, ...], str] | None:
   """The stacked axes of a module whose bias can repeat several counts of its kernel's leading
   axes (kernel ``(2, 3, 3, 4)``, bias ``(2, 3, 4)``: 1 or 2, a stack of 2 ``DenseGeneral((3,
-  4))`` or of 2 x 3 ``DenseGeneral(4)``; :func:`_bias_fits`), where the count of Linen's scan
+  4))`` or of 2 x 3 ``DenseGeneral(4)``; :func:`bias_fits`), where the count of Linen's scan
   names above it (``scanned``) is none of them: the fewest, stacked either way.
 
   Returns:
@@ -645,7 +531,7 @@ class _BiasPair(NamedTuple):
   bias: str
   k: tuple[int, ...]  # their shapes
   b: tuple[int, ...]
-  counts: tuple[int, ...]  # the numbers of stacked axes the bias fits (_bias_fits), () if none
+  counts: tuple[int, ...]  # the numbers of stacked axes the bias fits (bias_fits), () if none
 
   def repeats(self, n: int) -> str:
     """Why the bias shows ``n`` stacked axes: ``"its bias (3, 5) repeats the kernel's leading
@@ -656,39 +542,17 @@ class _BiasPair(NamedTuple):
 def _bias_pairs(members: Mapping[str, int], shapes) -> list[_BiasPair]:
   """The kernel and bias pairs (:data:`KERNEL_BIAS`) of a module's ``members`` (``{parameter
   name: leaf index}``), in that order, each with every number of stacked axes its bias fits
-  (:func:`_bias_fits`): what :func:`_stack_count` and :func:`_fewest_stacked` read a stack by."""
+  (:func:`bias_fits`): what :func:`_stack_count` and :func:`_fewest_stacked` read a stack by."""
   pairs = []
   for kernel, bias in KERNEL_BIAS:
     if kernel in members and bias in members:
       k, b = shapes[members[kernel]], shapes[members[bias]]
-      pairs.append(_BiasPair(kernel, bias, k, b, tuple(_bias_fits(k, b) or ())))
+      pairs.append(_BiasPair(kernel, bias, k, b, tuple(bias_fits(k, b) or ())))
   return pairs
 
 
-def _dense_bias(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
-  """Whether a bias is its kernel without the input axis, as Flax lays out a ``Dense``: ``(in,
-  out)`` beside ``(out,)``, stacked or not (``(layers, in, out)`` beside ``(layers, out)``)."""
-  return len(k) >= 2 and b == k[:-2] + k[-1:]
-
-
-def _bias_fits(kernel: tuple[int, ...], bias: tuple[int, ...]) -> list[int] | None:
-  """How a bias can sit beside its kernel: the numbers ``n`` of the kernel's leading axes that it
-  repeats before the kernel's trailing axes (``bias == kernel[:n] + kernel[-(len(bias) - n):]``),
-  in increasing order.
-
-  ``0`` is one layer's bias, the kernel's trailing axes (``(out,)``; ``(heads, head_dim)`` for an
-  attention projection); ``n > 0`` a stack of ``n`` axes (kernel ``(layers, in, out)``, bias
-  ``(layers, out)``), or a ``DenseGeneral``'s batch axes. Both can fit (kernel ``(6, 6, 4)``, bias
-  ``(6, 4)``). ``None`` where the bias has no axes or no fewer than the kernel: no such pair.
-  """
-  if not 1 <= len(bias) < len(kernel):
-    return None
-  cut = len(kernel) - len(bias)
-  return [n for n in range(len(bias)) if bias == kernel[:n] + kernel[cut + n :]]
-
-
 def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], str] | None:
-  """The stack that a module's raw kernels and biases paired by name (:func:`_raw_kernel_of`:
+  """The stack that a module's raw kernels and biases paired by name (:func:`raw_kernel_of`:
   ``w_in``/``b_in``, ``w1``/``b1``, ``gating_w``/``gating_b``) show, where each pair that shows
   any shows the same: a bias that repeats its kernel's leading axes and its output axis (``w_in``
   ``(experts, in, out)`` beside ``b_in`` ``(experts, out)``) and could not be one layer's
@@ -697,11 +561,11 @@ def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], 
   """
   leads, why = set(), ""
   for name, j in members.items():
-    kernel = _raw_kernel_of(name, members)
+    kernel = raw_kernel_of(name, members)
     if kernel is None or kernel == "w":  # Haiku's w/b: read as Flax's kernel/bias
       continue
     k, b = shapes[members[kernel]], shapes[j]
-    fits = _bias_fits(k, b)
+    fits = bias_fits(k, b)
     if fits is None:
       continue
     if not fits or fits[0] == 0:
@@ -712,176 +576,6 @@ def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], 
   if len(leads) != 1 or None in leads:
     return None
   return leads.pop(), why
-
-
-def _torch_kernel(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
-  """Whether a bias is its kernel's first axis past any stacked ones, as a ``Linear``'s
-  ``(out, in)`` beside ``(out,)`` (Hugging Face's ``FlaxConv1D``): ``b == k[:-1]``, rank 2 or
-  more (a stack ``(layers, out, in)`` beside ``(layers, out)``)."""
-  return len(k) >= 2 and b == k[:-1]
-
-
-def _flax_fits(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
-  """Whether a bias fits its kernel as Flax lays them out: its kernel's trailing (output) axes
-  after any stacked ones in front (:func:`_bias_fits`: a ``Dense``'s ``(in, out)`` beside
-  ``(out,)``, a stack's ``(layers, in, out)`` beside ``(layers, out)``, a ``DenseGeneral``'s
-  ``(embed, heads, head_dim)`` beside ``(heads, head_dim)``), or with a stacked axis behind the
-  input, at the same place in both (``nn.vmap`` with ``variable_axes={"params": 1}``: kernel
-  ``(in, members, out)``, bias ``(out, members)``)."""
-  if _bias_fits(k, b):
-    return True
-  return any(
-    k[p] == b[p] and _flax_fits(k[:p] + k[p + 1 :], b[:p] + b[p + 1 :])
-    for p in range(1, min(len(k) - 1, len(b)))
-  )
-
-
-def _torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
-  """The numbers of leading stacked axes with which ``w``, ``b`` are a PyTorch-layout pair.
-
-  One layer's weight has its output axis first: ``Linear`` ``(out, in)`` with bias ``(out,)``,
-  Equinox's ``Conv`` ``(out, in, *spatial)`` with bias ``(out, 1, ..., 1)`` (PyTorch's
-  ``(out,)``); ``eqx.filter_vmap`` adds the stacked axes to both. More than one reading (an
-  output or input axis of size 1) leaves the stack unknown.
-  """
-  found = []
-  for n in range(len(w) - 1):
-    if len(b) == len(w) - 1 and b[: n + 1] == w[: n + 1] and all(x == 1 for x in b[n + 1 :]):
-      found.append(n)
-  if len(w) >= 3 and b == w[:1]:  # PyTorch's Conv bias (out,)
-    found.insert(0, 0)
-  return found
-
-
-def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
-  """``(module, weight, bias, True)`` for each leaf whose name has the word ``weight`` and other
-  words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
-  ``weight`` (``in_proj_bias``, ``bias_ih_l0``), else beside the module's ``bias`` (Equinox's
-  ``GRUCell`` and ``LSTMCell``: ``weight_ih`` and ``weight_hh`` share one)."""
-  pairs = []
-  for module, members in by_leaf_name(paths).items():
-    for name, w in members.items():
-      words = name.split("_")
-      if "weight" in words and len(words) > 1:
-        bias = "_".join("bias" if x == "weight" else x for x in words)
-        if bias in members:
-          pairs.append((module, w, members[bias], True))
-        elif "bias" in members:  # one bias for several weights: Equinox's GRUCell, LSTMCell
-          pairs.append((module, w, members["bias"], True))
-  return pairs
-
-
-def _under_prefixes(items: Iterable[tuple[tuple, Any]]) -> dict[tuple, set]:
-  """``{module prefix: the values of the (module, value) items under it}``, a module under
-  itself."""
-  found: dict[tuple, set] = {}
-  for module, value in items:
-    for n in range(len(module) + 1):
-      found.setdefault(module[:n], set()).add(value)
-  return found
-
-
-def _nearest(under: dict[tuple, set], module: tuple) -> set:
-  """The values :func:`_under_prefixes` holds under the nearest module above ``module`` that
-  holds any (its parent first), the nearest relatives' evidence; empty if none does."""
-  for n in range(len(module) - 1, -1, -1):
-    if under.get(module[:n]):
-      return under[module[:n]]
-  return set()
-
-
-def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
-  """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
-
-  A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
-  ``(out,)``; Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any
-  stacked axes, one way only (:func:`_torch_stacks`), and that is not its last axis as a Flax
-  kernel's bias would be (a square ``(6, 6)`` beside ``(6,)`` is either). And a ``kernel``
-  (Haiku's ``w``) beside a bias of its first axis past any stacked ones (:func:`_torch_kernel`)
-  that fits no Flax layout (:func:`_flax_fits`): Hugging Face's ``FlaxConv1D`` (GPT-2's
-  ``c_attn``, ``c_fc``, ``c_proj``) keeps a kernel ``(out, in)``, scanned ``(layers, out, in)``
-  beside ``(layers, out)``. A square one (``(d, d)``, ``(layers, d, d)``; also a stacked
-  ``weight``) beside its bias fits both layouts, as does a kernel that ``nn.vmap`` over axis 1
-  gives a square ``Dense`` (``(in, members, out)`` beside ``(out, members)``); it is read as the
-  nearest others show (those under the nearest module above it that holds any that show a
-  layout): PyTorch's where some show it and none Flax's (a kernel beside a bias of its last axis
-  past stacked ones, and not its first). A ``weight``'s layout is not a kernel's: only kernels
-  show it for a square kernel. (:func:`read` takes a kernel of rank 3 or more output axis first
-  only where its leading axes are found stacked.) A name with
-  the word ``weight`` pairs with the same name with ``bias`` for it (PyTorch's ``in_proj_weight``
-  and ``in_proj_bias``, an LSTM's ``weight_ih_l0`` and ``bias_ih_l0``). A ``weight`` whose input
-  axis has size 1 fits one layer and a stack of layers of output size 1 (Equinox's ``Conv2d(1,
-  out)`` ``(out, 1, kh, kw)`` beside ``(out, 1, 1)``, or ``out`` stacked ``Conv1d(kh, 1)``): one
-  layer, output axis first, where it has 2 or more spatial axes and the nearest weights whose
-  biases show their stacks all show one layer; where they all show one stack, as they are read
-  (:func:`in_named_stacks`); else output axis first, a guess (also ``Conv1d(1, out)``, which
-  ``out`` stacked ``Linear(kw, 1)`` fit as well).
-
-  Returns:
-    The leaves read output axis first, and why those of them and the square kernels beside a bias
-    that fits both layouts are guesses, by leaf.
-  """
-  pairs = []  # (module, weight or kernel, its bias, whether a weight)
-  for module, members in by_module(paths).items():
-    for weight, bias in (("weight", "bias"), *KERNEL_BIAS):
-      if weight in members and bias in members:
-        pairs.append((module, members[weight], members[bias], weight == "weight"))
-  pairs = list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
-  found, square, several = set(), {}, {}
-  shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
-  stacks: list[tuple[tuple, int]] = []  # (module, stacked axes) of each weight whose bias shows it
-  for module, w, b, is_weight in pairs:
-    if roles[w] is None:
-      continue
-    k, v = shapes[w], shapes[b]
-    dense = _dense_bias(k, v)
-    if is_weight:
-      readings = _torch_stacks(k, v)
-      flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
-      if _torch_kernel(k, v) and dense and len(readings) == 1:  # (*stack, d, d)
-        square[w] = (module, is_weight)
-      elif len(readings) == 1 and not flax:
-        found.add(w)
-        shown.append((module, "weight"))
-        stacks.append((module, readings[0]))
-      elif len(readings) > 1 and readings[0] == 0 and not flax:  # an input axis of size 1
-        several[w] = (module, k, v)
-      continue
-    if not _torch_kernel(k, v):
-      if dense:
-        shown.append((module, "flax"))
-    elif _flax_fits(k, v):  # (*stack, d, d) beside (*stack, d), or a Flax nn.vmap's over axis 1
-      square[w] = (module, is_weight)
-    else:
-      found.add(w)
-      shown.append((module, "torch"))
-  below = {  # kernels only: the layouts a Flax kernel's relatives show
-    False: _under_prefixes(shown),
-    True: _under_prefixes((m, x) for m, x in shown if x != "weight"),
-  }
-  unsure = {}
-  for w, (module, is_weight) in square.items():
-    layouts = _nearest(below[not is_weight], module)
-    if layouts and "flax" not in layouts:
-      found.add(w)
-    elif len(layouts) > 1 and not is_weight:
-      unsure[w] = (
-        "a square kernel beside a bias that fits both layouts, Flax's (in, out) and Hugging "
-        "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
-        "name its axes or give it a rule"
-      )
-  stacks_below = _under_prefixes(stacks) if several else {}
-  for w, (module, k, v) in several.items():
-    near = _nearest(stacks_below, module)
-    if len(near) == 1 and 0 not in near:
-      continue  # the nearest show a stack: read as their relative (in_named_stacks)
-    found.add(w)
-    if near != {0} or len(k) < 4:  # one Conv1d(1, out) or out stacked Linear(in, 1): alike
-      unsure[w] = (
-        f"its bias {v} is one layer's, output axis first, and, its input axis having size 1, "
-        f"also a stack of {k[0]} layers' of output size 1 {k[1:]}: give it a rule"
-      )
-  return found, unsure
 
 
 def stacks_by_evidence(
@@ -962,8 +656,8 @@ def stacks_by_evidence(
 def _stacked_behind(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
   """Whether a kernel and its bias fit one layer's stacked along their last axis (``nn.scan``
   with ``variable_axes={"params": -1}``): a ``Dense`` kernel ``(in, out, layers)`` beside ``(out,
-  layers)``, one layer's bias its kernel's trailing axes (:func:`_bias_fits`)."""
-  return len(b) >= 2 and k[-1] == b[-1] and 0 in (_bias_fits(k[:-1], b[:-1]) or ())
+  layers)``, one layer's bias its kernel's trailing axes (:func:`bias_fits`)."""
+  return len(b) >= 2 and k[-1] == b[-1] and 0 in (bias_fits(k[:-1], b[:-1]) or ())
 
 
 def _scanned_behind(
@@ -1058,7 +752,7 @@ def _not_stacked_in_front(
 ) -> set[tuple]:
   """The modules whose own evidence shows their parameters are stacked in front by no transform:
   one layer for sure (``counts``, :func:`_stack_count`: a bias that is its kernel's trailing axes
-  only), or a kernel beside a bias that fits it in no layout (:func:`_bias_fits`: ``nn.scan`` with
+  only), or a kernel beside a bias that fits it in no layout (:func:`bias_fits`: ``nn.scan`` with
   ``variable_axes={"params": 1}``, kernel ``(in, layers, out)`` beside ``(out, layers)``).
 
   Under Linen's name of an ``nn.scan`` such a module shows the scan stacks nothing in front: it
@@ -1474,7 +1168,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
     # (out, members)), by its module's name or its window of one size (3x3).
     if not named and (_is_conv_module(k.module) or (len(window) >= 2 and len(set(window)) == 1)):
       continue
-    fits = _bias_fits(shape, bias) or []
+    fits = bias_fits(shape, bias) or []
     if k.lead in fits and fits[-1] == k.lead:  # more: a batch axis or a layer axis, unsure
       stacked = lead_names(names[k.index], k.lead)
       found[k.index] = (
@@ -1555,7 +1249,7 @@ def expert_biases(paths, shapes, names, roles, experts: Mapping[int, Any]) -> se
           continue
         # A bias (layers, experts, out) of rank 3 is itself taken for an expert's kernel.
         own = names[j] if j not in experts else None
-        if _dense_bias(shapes[i], shapes[j]) and leading_stack(own, roles[j]) is not None:
+        if dense_bias(shapes[i], shapes[j]) and leading_stack(own, roles[j]) is not None:
           found.add(j)
   return found
 

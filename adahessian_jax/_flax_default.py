@@ -401,5 +401,5 @@ def flax_default(
 
 def reads_output_first(rule: Rule) -> bool:
   """Whether a rule from :func:`leaf_rules` reads its leaf in PyTorch's layout, output axis first
-  (a ``weight``, or a kernel whose bias shows it: ``_evidence.weights_by_bias``)."""
+  (a ``weight``, or a kernel whose bias shows it: ``_evidence_biases.weights_by_bias``)."""
   return isinstance(rule, FlaxDefault) and rule.param in ("weight", _WEIGHT_BY_BIAS)

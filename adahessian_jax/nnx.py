@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _evidence, _validation, distributed, fused, layout
+from adahessian_jax import _evidence_biases, _validation, distributed, fused, layout
 from adahessian_jax import state as state_lib
 from adahessian_jax._extras import missing_extra
 
@@ -611,7 +611,7 @@ def module_axis_names(model: Any) -> dict[str, tuple[Any, ...] | None]:
     key = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in path))
     if key not in found or names[key] is not None:
       continue  # no such variable (a module without a bias), or its own names win
-    if _evidence.names_a_bias_table(found[key].path):
+    if _evidence_biases.names_a_bias_table(found[key].path):
       # T5's relative_attention_bias, an nnx.Embed (buckets, heads): its names would make it a
       # token table, averaged across heads; the default reading takes it for what it is.
       continue

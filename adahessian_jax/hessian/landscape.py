@@ -79,7 +79,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adahessian_jax import _evidence, _evidence_names, _validation, layout, spatial
+from adahessian_jax import (
+  _evidence,
+  _evidence_biases,
+  _evidence_names,
+  _validation,
+  layout,
+  spatial,
+)
 from adahessian_jax.hessian import _checks, _lanczos, _stacks
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian.eigen import top_eigenvalues
@@ -192,7 +199,7 @@ def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
   reorders them, ``"bd,dhk->bkh"``: kernel ``(d, h, k)``, bias ``(k, h)``). Every reading is one
   filter per bias entry; a bias that two readings fit on different axes says nothing."""
   outputs: list[tuple[int, ...]] = [()] * len(shapes)
-  for i, j in _evidence.kernel_biases(paths).items():
+  for i, j in _evidence_biases.kernel_biases(paths).items():
     if len(layers[i]) != len(layers[j]):
       continue
     rest = [a for a in range(len(shapes[i])) if a not in layers[i]]
