@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import (
-  _evidence,
+  _evidence_attention,
   _evidence_biases,
   _evidence_names,
   _validation,
@@ -175,7 +175,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   unnamed = [None] * len(infos)
   paths = [x.path for x in infos]
   defaults = [r.roles() if isinstance(r, spatial.FlaxDefault) else None for r in rules]
-  attention, _ = _evidence.flax_attention_names(paths, one_layer, unnamed, defaults)
+  attention, _ = _evidence_attention.flax_attention_names(paths, one_layer, unnamed, defaults)
   for i, names in attention.items():
     leaf_roles = defaults[i]
     if roles[i] is None and layers[i] and leaf_roles is not None:
