@@ -23,6 +23,7 @@ from adahessian_jax._evidence_names import (
   leaf_name,
   module_keys,
   param_name,
+  words,
 )
 
 
@@ -62,10 +63,10 @@ def names_a_bias_table(path) -> bool:
   if param_name(path) not in ("embedding", "table"):
     return False
   module = module_keys(path)
-  words = set(str(leaf_name(path)).lower().split("_"))
-  if module:
-    words |= set(str(module[-1]).lower().split("_"))
-  return "bias" in words
+  found = words(leaf_name(path))
+  if module:  # Linen names a module of class RelativeAttentionBias 'RelativeAttentionBias_0'
+    found |= words(module[-1])
+  return "bias" in found
 
 
 def _paired_with_biases(paths) -> set[int]:

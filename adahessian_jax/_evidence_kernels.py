@@ -10,7 +10,6 @@ modules' names and the tree around them: a convolution's spatial axes (:func:`co
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -27,21 +26,12 @@ from adahessian_jax._evidence_names import (
   named_by,
   param_name,
   stacks_all,
+  words,
 )
 from adahessian_jax._evidence_roles import lead_names, leading_stack, role_name, stacked_prefix
 from adahessian_jax.layout import FEATURES, HEADS, SPATIAL, STACKED, AxisNames, axis_role
 
-
-def _words(name: Any) -> set[str]:
-  """The words of a name, split at all but letters and before capitals (``MoeBlock_0``: moe,
-  block; ``MoELayer_0``, as mixtures are often spelt: moe, layer), in lower case."""
-  if not isinstance(name, str):
-    return set()
-  found = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name.replace("MoE", "Moe"))
-  return {w.lower() for w in found}
-
-
-#: Words (of a module name, :func:`_words`) that make a module a convolution: Linen's ``Conv_0``
+#: Words (of a module name, :func:`words`) that make a module a convolution: Linen's ``Conv_0``
 #: and ``ConvTranspose_0``, Haiku's ``conv2_d``, ``conv1``, ``conv_proj``, ``Conv2d``; the
 #: depthwise and pointwise ones of MobileNets and ConvNeXts (``depthwise``, ``dwconv``).
 _CONV_WORDS = frozenset(
@@ -52,7 +42,7 @@ _CONV_WORDS = frozenset(
 def _is_conv_module(module: tuple) -> bool:
   """Whether a module's name is a convolution's (a word of :data:`_CONV_WORDS` in it)."""
   name = module[-1] if module else None
-  return bool(_CONV_WORDS & _words(name))
+  return bool(_CONV_WORDS & words(name))
 
 
 class _Kernel(NamedTuple):
@@ -277,7 +267,7 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
   return found
 
 
-#: Words (of a module or parameter name, :func:`_words`) that stack a leaf's experts.
+#: Words (of a module or parameter name, :func:`words`) that stack a leaf's experts.
 _EXPERT_WORDS = frozenset(("moe", "expert", "experts"))
 
 
@@ -309,12 +299,12 @@ def expert_stacks(paths, shapes, names, roles, read: set[int]) -> dict[int, tupl
     # Its own name or its module's: a word further up (a MoETransformer_0 around the whole
     # model) says nothing of an attention's packed qkv (embed, 3, hidden) under it.
     near = range(max(len(keys) - 2, 0), len(keys))
-    at = [j for j in near if _EXPERT_WORDS & _words(keys[j])]
+    at = [j for j in near if _EXPERT_WORDS & words(keys[j])]
     if not at:
       continue
     j = at[-1]
     # A module experts_3 is one expert (a parameter experts_w1 is not).
-    one = j < len(keys) - 1 and "moe" not in _words(keys[j]) and keys[j][-1].isdigit()
+    one = j < len(keys) - 1 and "moe" not in words(keys[j]) and keys[j][-1].isdigit()
     if one or any(not isinstance(k, str) or k.isdigit() for k in keys[j + 1 :]):
       continue
     name = "experts" if leaf_roles.get("experts") == STACKED else stacked

@@ -10,6 +10,7 @@ it (:func:`is_scan`, :func:`stacks_all`: ``ScanBlock_0``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -185,3 +186,12 @@ def stacks_all(key: Any) -> bool:
   """Whether a module key is Linen's automatic name of an ``nn.scan`` or ``nn.vmap`` of a class
   (``ScanBlock_0``, ``VmapBlock_0``), which stack every parameter under it on one axis."""
   return is_scan(key) or named_by(key, ("Vmap",))
+
+
+def words(name: Any) -> set[str]:
+  """The words of a name, split at all but letters and before capitals (``MoeBlock_0``: moe,
+  block; ``MoELayer_0``, as mixtures are often spelt: moe, layer), in lower case."""
+  if not isinstance(name, str):
+    return set()
+  found = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name.replace("MoE", "Moe"))
+  return {w.lower() for w in found}

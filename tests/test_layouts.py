@@ -2817,6 +2817,9 @@ def test_relative_position_bias_tables_keep_heads_and_positions_apart():
     "SelfAttention": {"relative_attention_bias": {"embedding": S((32, 4), jnp.float32)}},
     "relpos_bias": {"rel_embedding": S((4, 32), jnp.float32)},
     "relative_position_bias_table": S((49, 4), jnp.float32),
+    # Linen's name for a module of class RelativeAttentionBias: its words were not split at the
+    # capitals, and the table was averaged across heads as a token table, unflagged.
+    "RelativeAttentionBias_0": {"embedding": S((32, 4), jnp.float32)},
     "Embed_0": {"embedding": S((40, 8), jnp.float32)},  # a token table: blocks along features
   }
   for block_size in (1, 32):
@@ -2827,6 +2830,7 @@ def test_relative_position_bias_tables_keep_heads_and_positions_apart():
       "['SelfAttention']['relative_attention_bias']['embedding']",
       "['relpos_bias']['rel_embedding']",
       "['relative_position_bias_table']",
+      "['RelativeAttentionBias_0']['embedding']",
     ):
       assert rows[path].rule == spatial.none(), path
       assert "attention biases" in rows[path].why
