@@ -110,6 +110,8 @@ _PRODUCTS = frozenset({"mul", "div", "dot_general"})
 
 
 def _sub_jaxprs(eqn: Any) -> list[Any]:
+  """The jaxprs among an equation's parameters (a ``cond``'s branches, a ``scan``'s body, a
+  ``pjit``'s or ``custom_jvp_call``'s function)."""
   subs = []
   for value in eqn.params.values():
     for v in value if isinstance(value, tuple | list) else (value,):
@@ -121,11 +123,13 @@ def _sub_jaxprs(eqn: Any) -> list[Any]:
 
 
 def _named_axes(eqn: Any) -> frozenset:
+  """The mapped axes a collective equation (``psum``, ``all_gather``, ...) names."""
   named = eqn.params.get("axes", eqn.params.get("axis_name", ()))
   return frozenset(named if isinstance(named, tuple | list) else (named,))
 
 
 def _is_var(v: Any) -> bool:
+  """Whether an equation's operand is a variable, not a literal constant."""
   return not isinstance(v, jax.extend.core.Literal)
 
 

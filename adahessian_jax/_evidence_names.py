@@ -16,6 +16,8 @@ from typing import Any
 
 
 def key_name(key: Any) -> Any:
+  """The name or index in one key of a path (``DictKey``, ``GetAttrKey``, ``SequenceKey``), or
+  the key itself for any other."""
   return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
 
 

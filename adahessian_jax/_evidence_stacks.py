@@ -47,6 +47,7 @@ def _key_strings(paths) -> list[tuple[str, ...]]:
 
 
 def _stacked_axes(names: AxisNames, shape, roles: Mapping[str, str]) -> tuple:
+  """``(position, name, size)`` of each axis of a leaf whose name's role is stacked."""
   return tuple(
     (i, names[i], shape[i]) for i in range(len(shape)) if axis_role(names[i], roles) == STACKED
   )
