@@ -404,9 +404,11 @@ def test_a_loss_or_optimizer_the_fused_helper_cannot_use_is_refused_naming_the_h
   adam = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
   with pytest.raises(ValueError, match=r"the nnx.Optimizer's tx holds no AdaHessian transform"):
     ah_nnx.value_grad_and_hessian_diag(two, model, adam, x)
-  # The arguments it takes pass, keywords included.
+  # The arguments it takes pass, keywords included. Jitted (the signature check runs as the step
+  # is traced): op by op, the fused pass compiles each of its ~150 ops on its own.
   kw = lambda m, x, scale=1.0: scale * jnp.mean(m(x) ** 2)
-  value = ah_nnx.value_grad_and_hessian_diag(kw, model, optimizer, x, scale=2.0)[0]
+  fused_kw = lambda m, o: ah_nnx.value_grad_and_hessian_diag(kw, m, o, x, scale=2.0)[0]
+  value = nnx.jit(fused_kw)(model, optimizer)
   np.testing.assert_allclose(value, 2.0 * two(model, x), rtol=1e-6)
 
 
