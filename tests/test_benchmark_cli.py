@@ -237,13 +237,15 @@ def test_command_line_pastes_back(examples_path, monkeypatch):
   assert _common.command_line(["--quick"]) == "python benchmarks/paper/headline.py --quick"
 
 
-def test_quickstart_refuses_a_bad_flag_before_training():
+def test_quickstart_refuses_a_bad_flag_before_training(examples_path, monkeypatch, capsys):
   # A negative rate trained uphill; --batch-size 0 failed inside the first jitted step.
-  import subprocess
-
-  script = os.path.join(ROOT, "examples", "quickstart.py")
-  run = subprocess.run([sys.executable, script, "--lr", "-1"], capture_output=True, text=True)
-  assert run.returncode == 2 and "argument --lr: must be a positive number, got '-1'" in run.stderr
+  # In this process, as test_examples runs quickstart.main: a fresh one spent ~3 s importing.
+  quickstart = importlib.import_module("quickstart")
+  monkeypatch.setattr(sys, "argv", ["quickstart.py", "--lr", "-1"])
+  with pytest.raises(SystemExit) as e:
+    quickstart.main()
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "argument --lr: must be a positive number, got '-1'" in err
 
 
 @pytest.fixture(scope="module")
