@@ -1112,8 +1112,13 @@ def test_vmap_with_axis_name_under_jit_steps_like_one_device_on_the_global_batch
 
   tx = ah.adahessian(0.1)
   xs = x.reshape(20, 3)
-  grads = jax.grad(loss)(params, xs)
-  want = tx.update(grads, tx.init(params), params, value_fn=lambda p: loss(p, xs))[0]
+
+  @jax.jit  # the reference: one program, not op by op (128 compiles)
+  def one_device_step(xs):
+    grads = jax.grad(loss)(params, xs)
+    return tx.update(grads, tx.init(params), params, value_fn=lambda p: loss(p, xs))[0]
+
+  want = one_device_step(xs)
   for step in (closure_step, fused_step):
     mapped = jax.vmap(step, axis_name="d")
     for got in (mapped(x), jax.jit(mapped)(x)):
