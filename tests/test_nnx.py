@@ -405,7 +405,7 @@ def test_a_loss_or_optimizer_the_fused_helper_cannot_use_is_refused_naming_the_h
   with pytest.raises(ValueError, match=r"the nnx.Optimizer's tx holds no AdaHessian transform"):
     ah_nnx.value_grad_and_hessian_diag(two, model, adam, x)
   # The arguments it takes pass, keywords included. Jitted (the signature check runs as the step
-  # is traced): op by op, the fused pass compiles each of its ~150 ops on its own.
+  # is traced): op by op, the fused pass compiled some 120 programs of one op each.
   kw = lambda m, x, scale=1.0: scale * jnp.mean(m(x) ** 2)
   fused_kw = lambda m, o: ah_nnx.value_grad_and_hessian_diag(kw, m, o, x, scale=2.0)[0]
   value = nnx.jit(fused_kw)(model, optimizer)
