@@ -51,8 +51,9 @@ def bias_tables(paths, roles) -> set[int]:
 
 def names_a_bias_table(path) -> bool:
   """Whether a leaf's name says it is a table of attention biases (:func:`bias_tables`): a table
-  (:func:`param_name`) with the word ``bias`` in its name or its module's (T5's
-  ``relative_attention_bias`` ``nn.Embed``/``nnx.Embed``), pairing aside.
+  (:func:`param_name`) with the word ``bias`` (:func:`words`) in its name or its module's (T5's
+  ``relative_attention_bias`` ``nn.Embed``/``nnx.Embed``, Linen's ``RelativeAttentionBias_0``),
+  pairing aside.
 
   Args:
     path: The leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
