@@ -21,6 +21,7 @@ from adahessian_jax._evidence_names import (
   by_leaf_name,
   by_module,
   leaf_name,
+  linen_class,
   module_keys,
   param_name,
   words,
@@ -53,7 +54,7 @@ def names_a_bias_table(path) -> bool:
   """Whether a leaf's name says it is a table of attention biases (:func:`bias_tables`): a table
   (:func:`param_name`) with the word ``bias`` (:func:`words`) in its name or its module's (T5's
   ``relative_attention_bias`` ``nn.Embed``/``nnx.Embed``, Linen's ``RelativeAttentionBias_0``),
-  pairing aside.
+  or, for an ``nn.Embed`` Linen named ``Embed_0``, in its parent's name; pairing aside.
 
   Args:
     path: The leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
@@ -67,6 +68,8 @@ def names_a_bias_table(path) -> bool:
   found = words(leaf_name(path))
   if module:  # Linen names a module of class RelativeAttentionBias 'RelativeAttentionBias_0'
     found |= words(module[-1])
+  if len(module) > 1 and linen_class(module) == "Embed":  # its unnamed nn.Embed: its parent's
+    found |= words(module[-2])
   return "bias" in found
 
 

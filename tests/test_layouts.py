@@ -2820,17 +2820,22 @@ def test_relative_position_bias_tables_keep_heads_and_positions_apart():
     # Linen's name for a module of class RelativeAttentionBias: its words were not split at the
     # capitals, and the table was averaged across heads as a token table, unflagged.
     "RelativeAttentionBias_0": {"embedding": S((32, 4), jnp.float32)},
+    # ... and its unnamed nn.Embed, which Linen names Embed_0 under it.
+    "RelativePositionBias_0": {"Embed_0": {"embedding": S((32, 4), jnp.float32)}},
     "Embed_0": {"embedding": S((40, 8), jnp.float32)},  # a token table: blocks along features
+    "Encoder_0": {"Embed_0": {"embedding": S((40, 8), jnp.float32)}},  # so is this one
   }
   for block_size in (1, 32):
     rows = {r.path: r for r in spatial.describe(params, block_size=block_size).rows}
     assert not [r.path for r in rows.values() if r.ambiguous]
-    assert rows["['Embed_0']['embedding']"].rule == spatial.blocks(block_size, axis=1)
+    for path in ("['Embed_0']['embedding']", "['Encoder_0']['Embed_0']['embedding']"):
+      assert rows[path].rule == spatial.blocks(block_size, axis=1), path
     for path in (
       "['SelfAttention']['relative_attention_bias']['embedding']",
       "['relpos_bias']['rel_embedding']",
       "['relative_position_bias_table']",
       "['RelativeAttentionBias_0']['embedding']",
+      "['RelativePositionBias_0']['Embed_0']['embedding']",
     ):
       assert rows[path].rule == spatial.none(), path
       assert "attention biases" in rows[path].why
