@@ -22,7 +22,7 @@ import numpy as np
 
 from adahessian_jax import _keys, _validation, _wrappers, masking, spatial
 from adahessian_jax._axes import check_names, check_not_split_over
-from adahessian_jax._extras import from_nnx
+from adahessian_jax._extras import from_nnx, loaded
 from adahessian_jax._validation import STATIC_FIX
 from adahessian_jax.state import (
   RESTORE_FIX,
@@ -129,13 +129,14 @@ def check_block_size_used(block_size: int, averaging: Any, rules: Any = None) ->
 
 
 def check_not_variables(params: Any) -> None:
-  """Refuses params that are a whole Flax Linen variables dict: ``"params"`` beside
-  ``batch_stats``, a cache or intermediates that hold arrays.
+  """Refuses params that hold Flax's state beside the parameters: a whole Linen variables dict
+  (``"params"`` beside ``batch_stats``, a cache or intermediates that hold arrays), or an NNX
+  state with ``nnx.BatchStat``, ``nnx.Cache`` or ``nnx.Intermediate`` variables (an
+  ``nnx.Optimizer`` built with ``wrt=nnx.Variable``).
 
-  The optimizer would step those collections as parameters (by their gradient, its curvature
-  estimate and the weight decay): BatchNorm's running statistics would drift, silently. A
-  collection without leaves (left out by ``optax.masked`` or ``multi_transform``) is not stepped
-  and passes.
+  The optimizer would step them as parameters (by their gradient, its curvature estimate and the
+  weight decay): BatchNorm's running statistics would drift, silently. A collection without
+  leaves (left out by ``optax.masked`` or ``multi_transform``) is not stepped and passes.
   """
   held = [
     name for name in _validation.flax_state_collections(params) if jax.tree.leaves(params[name])
@@ -149,6 +150,27 @@ def check_not_variables(params: Any) -> None:
       "value_fn in the params alone, the loss applying {'params': p, 'batch_stats': stats}), "
       "or leave the collections out with optax.masked."
     )
+  kinds = tuple(
+    kind for name in _NNX_STATE_VARIABLES if (kind := loaded("flax.nnx", name)) is not None
+  )
+  if not kinds or not from_nnx(params):
+    return
+  variable = loaded("flax.nnx", "Variable")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+    params, is_leaf=lambda x: variable is not None and isinstance(x, variable)
+  ):
+    if isinstance(leaf, kinds):
+      raise ValueError(
+        f"scale_by_adahessian: the variable at {_validation.path_str(path)} is an "
+        f"nnx.{type(leaf).__name__}, state of the model, not a parameter: the optimizer would "
+        "step it by its gradient, curvature and weight decay (BatchNorm's running statistics "
+        "would drift silently). Build the optimizer for the parameters alone: "
+        "nnx.Optimizer(model, tx, wrt=nnx.Param)."
+      )
+
+
+# NNX's variable types for a model's state that no optimizer should step.
+_NNX_STATE_VARIABLES = ("BatchStat", "Cache", "Intermediate")
 
 
 def check_state(

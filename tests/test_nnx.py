@@ -327,6 +327,24 @@ def test_an_integer_variable_in_wrt_is_refused_naming_it_and_the_filter_fix():
     nnx.Optimizer(Counted(nnx.Rngs(0)), ah.adahessian(0.1), wrt=nnx.Param)
 
 
+def test_an_optimizer_over_the_models_batch_stats_is_refused_naming_the_variable():
+  # nnx.Optimizer(model, tx, wrt=nnx.Variable) made state for BatchNorm's running statistics,
+  # which every step then moved by gradient, curvature and weight decay, silently.
+  model = Net(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\['bn'\]\['mean'\] is an nnx.BatchStat.*wrt=nnx.Param"):
+    nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Variable)
+
+  class Cached(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=rngs)
+      self.keys = nnx.Cache(jnp.zeros(3, jnp.float64))
+
+  with pytest.raises(ValueError, match=r"\['keys'\] is an nnx.Cache"):
+    nnx.Optimizer(Cached(nnx.Rngs(0)), ah.adahessian(0.1), wrt=nnx.Variable)
+  optimizer = nnx.Optimizer(model, ah.adahessian(0.1), wrt=nnx.Param)  # the parameters alone
+  assert "mean" not in nnx.to_pure_dict(nnx.state(optimizer.opt_state))[0]["mu"]["bn"]
+
+
 def test_a_model_without_the_optimizers_variables_is_refused_early():
   x, y = data()
   model = Net(nnx.Rngs(0))
