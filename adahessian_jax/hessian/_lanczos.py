@@ -77,6 +77,13 @@ def power_of_two_above(peak: jax.Array) -> jax.Array:
   return jnp.ldexp(jnp.ones_like(peak), e)
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compilation per shape, not three
+def _new_basis(v: jax.Array, m: int) -> jax.Array:
+  """The Lanczos basis ``(b, m + 1, n)`` of the start vectors ``v`` ``(b, n)``: ``v`` first,
+  zeros for the ``m`` vectors to come."""
+  return jnp.zeros((v.shape[0], m + 1, v.shape[1]), v.dtype).at[:, 0].set(v)
+
+
 @functools.partial(jax.jit, static_argnames="axis")  # one compilation per shape, not one per op
 def _power_of_two_scale(x: jax.Array, axis: int) -> jax.Array:
   """:func:`power_of_two_above` of ``max|x|`` along ``axis`` (kept)."""
@@ -200,7 +207,7 @@ def lanczos(
   m = int(min(num_steps, n))
   _checks.finite(v0, "the Lanczos start vector")
   v = _first(jnp.asarray(v0, op.dtype))
-  basis = jnp.zeros((b, m + 1, n), op.dtype).at[:, 0].set(v)
+  basis = _new_basis(v, m)
   tol = jnp.asarray(breakdown_tolerance(n, op.dtype), op.dtype)
   coefs, offsets = [], np.zeros((b, m + 1, m))
   for j in range(m):

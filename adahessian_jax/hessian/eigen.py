@@ -51,6 +51,7 @@ from adahessian_jax.hessian._lanczos import (
   unit,
 )
 from adahessian_jax.hessian._operator import HessianOperator
+from adahessian_jax.hessian._sketch import wide_dtype
 
 __all__ = ["Eigen", "power_iteration", "top_eigenvalues"]
 
@@ -297,6 +298,13 @@ def _deflated_operator(op: HessianOperator, basis: jax.Array, shift: float) -> H
   return dataclasses.replace(op, matmat_fn=matmat, data=None)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _span(known, wide, dtype):
+  """Orthonormal rows spanning the rows of ``known``: a QR in ``wide`` (LAPACK has no 16-bit
+  routines), in ``dtype``. One program per shape (op by op it compiled five)."""
+  return jnp.linalg.qr(known.T.astype(wide))[0].T.astype(dtype)
+
+
 @jax.jit
 def _project_out(vs, basis):
   c = vs @ basis.T
@@ -354,12 +362,11 @@ def with_repeated(op, eig, which, key, tol, max_iter, stop_on) -> Eigen:
   known, matvecs, found = vecs, eig.num_matvecs, list(values)
   scale = float(max(np.max(np.abs(values)), np.finfo(np.float64).tiny))
   order, checked = _ORDER[which], True
-  wide = jnp.promote_types(op.dtype, jnp.float32)  # QR has no 16-bit kernels
+  wide = wide_dtype(op.dtype)  # QR has no 16-bit kernels
   for attempt in range(k):
     if known.shape[0] >= op.size:
       break
-    # Orthonormal rows spanning what is known.
-    basis = jnp.linalg.qr(known.T.astype(wide))[0].T.astype(op.dtype)
+    basis = _span(known, wide, op.dtype)
     # The span of what is known gets a value that is never wanted: below the k-th for "LA",
     # above it for "SA", zero (the smallest magnitude) for "LM".
     # A Python float: a NumPy one would promote a 16-bit operator's products to float64.
