@@ -86,7 +86,10 @@ class WeightedData:
       The weighted sum over the batches.
     """
     if len(self.batches) == 1:
-      return self.weights[0] * per_batch(self.batches[0])
+      part = per_batch(self.batches[0])
+      # One batch's weight is 1 (they sum to 1): no multiplication, a pass over the products
+      # (and a compiled program per shape) that changed nothing.
+      return part if self.weights[0] == 1.0 else self.weights[0] * part
     total = None
     for w, batch in zip(self.weights, self.batches, strict=True):
       part = per_batch(batch)

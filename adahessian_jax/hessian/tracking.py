@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -173,6 +174,7 @@ def _set_row(x, i, row):
   return x.at[i].set(row)
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program per shape, not three
 def _with_rows(x: jax.Array, rows: int) -> jax.Array:
   """``x`` with zero rows appended up to ``rows``."""
   return jnp.zeros((rows, x.shape[1]), x.dtype).at[: x.shape[0]].set(x)
