@@ -19,6 +19,7 @@ A configuration is a dict with these keys (missing keys: off) plus ``update_freq
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -43,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "paper"))
 import cli as paper_cli  # noqa: E402  (benchmarks/paper/cli.py)
 import tasks as paper_tasks  # noqa: E402  (benchmarks/paper/tasks.py)
 import training as paper_training  # noqa: E402  (benchmarks/paper/training.py)
+from _args import file_name, out_dir  # noqa: E402  (examples/_args.py, on the path from cli)
 
 WEIGHT_DECAY = paper_training.WEIGHT_DECAY
 DIVERGE_FACTOR = paper_training.DIVERGE_FACTOR
@@ -319,6 +321,25 @@ def summarize(records, metric: str, task_name: str) -> dict[str, Any]:
     "mean": float(np.mean(ok)) if ok else None,
     "std": float(np.std(ok)) if ok else None,
   }
+
+
+def add_output_arguments(p: argparse.ArgumentParser, default: str) -> None:
+  """``--out`` (the name of the results JSON, ``default`` unless given) and ``--out-dir`` (its
+  directory, resolved by :func:`output_dir`), as the experiments that write one take them."""
+  p.add_argument(
+    "--out", type=file_name, default=default, help=f"results/OUT.json (default: {default})"
+  )
+  p.add_argument(
+    "--out-dir", type=out_dir, default=None, help="directory of OUT.json (default: results/)"
+  )
+
+
+def output_dir(args: argparse.Namespace, quick_dir: str) -> str:
+  """The directory of the results JSON: ``--out-dir`` if given, else ``quick_dir`` for a
+  ``--quick`` run, else ``results/``."""
+  if args.out_dir is not None:
+    return args.out_dir
+  return quick_dir if args.quick else RESULTS
 
 
 def write_json(name: str, payload: Any, compact: bool = False, directory: str = RESULTS) -> str:

@@ -38,14 +38,9 @@ import common as C
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from _args import (  # (examples/_args.py, on the path from common)
-  Distinct,
-  file_name,
-  out_dir,
-  positive_int,
-)
+from _args import Distinct, positive_int  # (examples/_args.py, on the path from common)
+from _common import RECOMMENDED_STABILIZERS as RECOMMENDED  # (examples/_common.py)
 
-RECOMMENDED = {"curvature_floor": 0.3, "update_clip": 0.05}
 # name: (optimizer, AdaHessian keyword arguments, update_freq, learning-rate scales)
 ROWS = {
   "adam": ("adamw", {}, 1, (1, 2)),
@@ -237,19 +232,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     help=f"instead: the rate grid on seeds {TUNE_SEEDS}, stored under 'tuning' (TUNED_LR's source)",
   )
   p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run, to a temp dir")
-  p.add_argument(
-    "--out", type=file_name, default="heldout", help="results/OUT.json (default: heldout)"
-  )
-  p.add_argument(
-    "--out-dir", type=out_dir, default=None, help="directory of OUT.json (default: results/)"
-  )
+  C.add_output_arguments(p, "heldout")
   args = p.parse_args(argv)
   if args.tune and args.rows is not None:
     p.error("--rows does not go with --tune, which tunes the rates of TUNED_LR's rules")
   if args.rows is None:
     args.rows = list(ROWS)
-  if args.out_dir is None:
-    args.out_dir = QUICK_DIR if args.quick else C.RESULTS
+  args.out_dir = C.output_dir(args, QUICK_DIR)
   return args
 
 

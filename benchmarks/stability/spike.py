@@ -39,12 +39,12 @@ import common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _args import Distinct, file_name, out_dir, positive_float, positive_int
+from _args import Distinct, positive_float, positive_int
+from _common import RECOMMENDED_STABILIZERS as RECOMMENDED  # (examples/_common.py)
 
 import adahessian_jax
 from adahessian_jax import hessian
 
-RECOMMENDED = {"curvature_floor": 0.3, "update_clip": 0.05}
 CURVATURE_CLIP = 10.0
 # name: (optimizer, keyword arguments of benchmarks/paper/training.make_optimizer)
 ROWS = {
@@ -56,7 +56,7 @@ ROWS = {
   "recommended_cclip": ("adahessian", {**RECOMMENDED, "curvature_clip": CURVATURE_CLIP}),
   "recommended_cclip5": ("adahessian", {**RECOMMENDED, "curvature_clip": 5.0}),
 }
-STEPS = {"cnn": 300, "lm": 300, "dlrm": 1500}
+STEPS = C.PAPER_STEPS
 # Peak rates: benchmarks/paper/results/tuning.json (AdamW's best of its grid; AdaHessian 0.47).
 TUNED_LR = {
   "adamw": {"cnn": 0.03, "lm": 0.01, "dlrm": 0.03},
@@ -250,15 +250,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help=f"instead: the curvature around one spike at step {TRACK_SPIKE} (see above)",
   )
-  p.add_argument("--out", type=file_name, default="spike", help="results/OUT.json (default: spike)")
-  p.add_argument(
-    "--out-dir", type=out_dir, default=None, help="directory of OUT.json (default: results/)"
-  )
+  C.add_output_arguments(p, "spike")
   args = p.parse_args(argv)
   if args.rate >= 1:
     p.error(f"--rate must be below 1 (a probability), got {args.rate}")
-  if args.out_dir is None:
-    args.out_dir = QUICK_DIR if args.quick else C.RESULTS
+  args.out_dir = C.output_dir(args, QUICK_DIR)
   return args
 
 
