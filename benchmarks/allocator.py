@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 
-from _args import comma_list, parse_with_quick, positive_int  # noqa: E402  (examples/_args.py: no JAX import)
+from _args import comma_list, parse_with_quick, positive_int, write_json  # noqa: E402  (examples/_args.py: no JAX import)
 
 SETTINGS = ("default", "keep", "single-arena", "calling-thread")
 
@@ -144,9 +144,7 @@ def main(argv=None) -> int:
     "loadavg_end": os.getloadavg(),
     "runs": runs,
   }
-  path = HERE / "results" / "allocator.json"
-  path.write_text(json.dumps(payload, indent=1) + "\n")
-  print(f"wrote {path}")
+  print(f"wrote {write_json(HERE / 'results' / 'allocator.json', payload)}")
   return 0
 
 

@@ -28,7 +28,6 @@ Adam's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import models  # noqa: E402
-from _args import comma_list, out_dir, out_file, parse_with_quick, positive_int  # noqa: E402
+from _args import comma_list, out_dir, out_file, parse_with_quick, positive_int, write_json  # noqa: E402
 from _common import command_line, make_step  # noqa: E402
 from step_time import machine  # noqa: E402
 
@@ -202,10 +201,9 @@ def main(argv=None) -> int:
   if out is None:
     out = Path(tempfile.mkdtemp()) if args.quick else Path(__file__).parent / "results"
   if out.suffix != ".json":
-    out.mkdir(parents=True, exist_ok=True)
     out = out / "compile_time.json"
   payload = {"command": command_line(argv), "machine": info, "results": results}
-  out.write_text(json.dumps(payload, indent=1) + "\n")
+  write_json(out, payload)
   print(table(results))
   print(f"wrote {out}")
   return 0

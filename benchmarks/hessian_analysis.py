@@ -25,7 +25,6 @@ write unless ``--out`` is given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,7 +43,7 @@ from adahessian_jax import hessian  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-from _args import out_file  # noqa: E402  (examples/_args.py)
+from _args import out_file, write_json  # noqa: E402  (examples/_args.py)
 
 
 def make_problem(hidden: int, num_examples: int, train_steps: int, seed: int = 0):
@@ -226,10 +225,7 @@ def main():
   if args.out is None:
     print(f"\n({result['seconds']:.0f} s; --quick writes nothing unless --out is given)")
     return
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
+  print(f"\nwrote {write_json(args.out, result)} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

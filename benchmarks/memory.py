@@ -37,7 +37,6 @@ Writes ``benchmarks/results/memory.json`` (``--out`` to change; ``--quick`` does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -52,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import check_heads, out_dir, parse_with_quick, positive_int  # noqa: E402
+from _args import check_heads, out_dir, parse_with_quick, positive_int, write_json  # noqa: E402
 from pods_transformer import CharLM, adahessian_config, cross_entropy  # noqa: E402
 
 import adahessian_jax  # noqa: E402
@@ -250,11 +249,7 @@ def main():
   }
   print_table(result)
   if out:
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "memory.json")
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(os.path.join(out, 'memory.json'), result)}")
 
 
 if __name__ == "__main__":

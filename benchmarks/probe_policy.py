@@ -29,7 +29,6 @@ Run: ``python benchmarks/probe_policy.py`` (CPU, about 5 minutes); writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -45,7 +44,7 @@ import adahessian_jax as ah
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-from _args import out_file  # noqa: E402  (examples/_args.py)
+from _args import out_file, write_json  # noqa: E402  (examples/_args.py)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -211,10 +210,7 @@ def main():
     machine=platform.machine(),
     seconds=time.time() - t0,
   )
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
+  print(f"\nwrote {write_json(args.out, result)} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

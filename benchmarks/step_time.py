@@ -97,6 +97,7 @@ from _args import (  # noqa: E402  (examples/_args.py)
   nonnegative_int,
   out_dir,
   positive_int,
+  write_json,
 )
 from _common import (  # noqa: E402  (shared with examples)
   RECOMMENDED_STABILIZERS,
@@ -543,10 +544,8 @@ def save(args, argv, mode, info, results, units, sweep_units, warmup, t_start):
     "warmup_units": warmup,
     "results": results,
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  path = args.out / f"step_time_{mode}{'_' + args.tag if args.tag else ''}.json"
-  path.write_text(json.dumps(payload, indent=1) + "\n")
-  return path
+  name = f"step_time_{mode}{'_' + args.tag if args.tag else ''}.json"
+  return Path(write_json(args.out / name, payload))
 
 
 def planned(args: argparse.Namespace, name: str) -> dict[str, list[Config]]:

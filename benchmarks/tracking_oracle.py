@@ -30,7 +30,6 @@ nothing unless given ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 import curvature_tracking as ct  # noqa: E402  (examples/: the model, data and optimizers)
-from _args import out_file, positive_float, positive_int  # noqa: E402
+from _args import out_file, positive_float, positive_int, write_json  # noqa: E402
 
 from adahessian_jax import hessian  # noqa: E402
 
@@ -190,10 +189,7 @@ def main():
     result["runs"][name] = dict(summary=summary, rows=rows)
   result["seconds"] = time.perf_counter() - start
   if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {out} ({result['seconds']:.0f} s)")
+    print(f"wrote {write_json(out, result)} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

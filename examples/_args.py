@@ -1,4 +1,5 @@
-"""Argument types of the examples' and benchmarks' command lines (``argparse`` ``type=``).
+"""Argument types of the examples' and benchmarks' command lines (``argparse`` ``type=``), and
+:func:`write_json` for the result files that ``--out`` names.
 
 A bad value becomes argparse's usage error naming the flag (``argument --steps: must be a
 positive integer, got '0'``) before anything runs. Standard library only:
@@ -83,6 +84,18 @@ def out_file(text: str) -> str:
     raise argparse.ArgumentTypeError(f"is a directory, not a file: {text!r}")
   _check_parent(text, directory=False)
   return text
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> str:
+  """Writes ``payload`` to ``path`` as indented JSON (a newline at the end), making the
+  directory it is in; returns the path as a string. The examples' and ``benchmarks/*.py``'s
+  result files (the paper and stability benchmarks keep their own, atomic, writers)."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1)
+    f.write("\n")
+  return path
 
 
 def _check_parent(text: str, directory: bool) -> None:

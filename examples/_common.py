@@ -17,7 +17,6 @@ import argparse
 import ctypes
 import ctypes.util
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -30,7 +29,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from _args import comma_list, name_value, out_dir, positive_float, positive_int, random_seed
+from _args import (
+  comma_list,
+  name_value,
+  out_dir,
+  positive_float,
+  positive_int,
+  random_seed,
+  write_json,
+)
 
 import adahessian_jax
 
@@ -497,11 +504,7 @@ def summarize(
         **{f"val_{k}": [_round(v) for v in vs] for k, vs in r.val.items()},
       },
     }
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f"{example}.json")
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=1, allow_nan=True)
-  print(f"wrote {path}")
+  print(f"wrote {write_json(os.path.join(out, f'{example}.json'), summary)}")
   return summary
 
 

@@ -26,7 +26,6 @@ examples/figures/ (examples/figures/quick/ with --quick; ``--out`` to change).
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -39,7 +38,7 @@ import _common  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import nonnegative_float, out_dir, positive_int, random_seed  # noqa: E402
+from _args import nonnegative_float, out_dir, positive_int, random_seed, write_json  # noqa: E402
 
 import adahessian_jax  # noqa: E402
 from adahessian_jax import hessian  # noqa: E402
@@ -311,8 +310,7 @@ def main():
   landscapes = os.path.join(folder, "curvature_landscapes.png")
   plot_landscapes(runs, loss_fn, probe_batch, cfg, landscapes)
   summary = [{k: v for k, v in r.items() if k != "final_params"} for r in runs]
-  with open(os.path.join(folder, "curvature_tracking.json"), "w") as f:
-    json.dump(dict(config=cfg, runs=summary), f, indent=1)
+  write_json(os.path.join(folder, "curvature_tracking.json"), dict(config=cfg, runs=summary))
   print(f"figures and JSON in {folder} ({time.perf_counter() - start:.0f} s in all)")
 
 

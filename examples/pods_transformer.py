@@ -56,7 +56,6 @@ if __name__ == "__main__":  # must happen before JAX starts
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -68,7 +67,7 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _args import check_heads, nonnegative_int, parse_with_quick, positive_int  # noqa: E402
+from _args import check_heads, nonnegative_int, parse_with_quick, positive_int, write_json  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -662,11 +661,7 @@ def main():
       f"{check['min_param_change']:.2e})"
     )
   if args.check_only:
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "pods_transformer_check.json")
-    with open(path, "w") as f:
-      json.dump(check, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(os.path.join(args.out, 'pods_transformer_check.json'), check)}")
     return
 
   runs, infos = [], {}
