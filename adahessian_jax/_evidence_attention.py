@@ -42,8 +42,8 @@ def flax_attention_names(
   ``out`` or ``value`` keeps the rank's guess; its ``key`` and ``value`` kernels
   (another ``embed`` for cross-attention) when their last two axes are those too.
   Kernels whose only names are leading stacked axes (a stack found by
-  :func:`stacks_by_evidence` or from named relatives) are read past those axes, the
-  stack the same for all of the module's kernels.
+  :func:`~adahessian_jax._evidence_stacks.stacks_by_evidence` or from named relatives) are
+  read past those axes, the stack the same for all of the module's kernels.
 
   A query kernel whose first two axes have one size (embed = heads) is also what an
   ``nn.scan`` stack of ``Dense`` kernels ``(layers, in, out)`` named ``query`` and ``out`` is
@@ -223,7 +223,7 @@ def attention_stacks(
 
   Args:
     modules: ``{module path: {parameter name: leaf index}}`` of the modules without evidence of
-      their own (:func:`_stack_count`).
+      their own (:func:`adahessian_jax._evidence_stacks._stack_count`).
     shapes: The leaves' shapes.
 
   Returns:

@@ -270,16 +270,16 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
   nearest others show (those under the nearest module above it that holds any that show a
   layout): PyTorch's where some show it and none Flax's (a kernel beside a bias of its last axis
   past stacked ones, and not its first). A ``weight``'s layout is not a kernel's: only kernels
-  show it for a square kernel. (:func:`read` takes a kernel of rank 3 or more output axis first
-  only where its leading axes are found stacked.) A name with
-  the word ``weight`` pairs with the same name with ``bias`` for it (PyTorch's ``in_proj_weight``
+  show it for a square kernel. (:func:`adahessian_jax._evidence.read` takes a kernel of rank 3 or
+  more output axis first only where its leading axes are found stacked.) A name with the word
+  ``weight`` pairs with the same name with ``bias`` for it (PyTorch's ``in_proj_weight``
   and ``in_proj_bias``, an LSTM's ``weight_ih_l0`` and ``bias_ih_l0``). A ``weight`` whose input
   axis has size 1 fits one layer and a stack of layers of output size 1 (Equinox's ``Conv2d(1,
   out)`` ``(out, 1, kh, kw)`` beside ``(out, 1, 1)``, or ``out`` stacked ``Conv1d(kh, 1)``): one
   layer, output axis first, where it has 2 or more spatial axes and the nearest weights whose
   biases show their stacks all show one layer; where they all show one stack, as they are read
-  (:func:`in_named_stacks`); else output axis first, a guess (also ``Conv1d(1, out)``, which
-  ``out`` stacked ``Linear(kw, 1)`` fit as well).
+  (:func:`adahessian_jax._evidence_stacks.in_named_stacks`); else output axis first, a guess
+  (also ``Conv1d(1, out)``, which ``out`` stacked ``Linear(kw, 1)`` fit as well).
 
   Returns:
     The leaves read output axis first, and why those of them and the square kernels beside a bias

@@ -56,9 +56,9 @@ class _Kernel(NamedTuple):
 
 
 def kernel_leaves(paths, shapes, names, roles, lead_of=None):
-  """The kernels (:data:`KERNEL_NAMES`: Flax's ``kernel``, Haiku's ``w``, TensorFlow's
-  ``filters``) under the default rule whose only names are leading stacked axes
-  (:func:`leading_stack`, or ``lead_of``), if any, with their module's bias.
+  """The kernels (:data:`~adahessian_jax._evidence_names.KERNEL_NAMES`: Flax's ``kernel``,
+  Haiku's ``w``, TensorFlow's ``filters``) under the default rule whose only names are leading
+  stacked axes (:func:`leading_stack`, or ``lead_of``), if any, with their module's bias.
 
   Yields:
     A :class:`_Kernel` for each.
@@ -75,9 +75,10 @@ def kernel_leaves(paths, shapes, names, roles, lead_of=None):
 
 
 def _unnamed_spatial(names: AxisNames | None, roles: Mapping[str, str]) -> int | None:
-  """For a boxed kernel whose leading axes are unnamed and its last two named as features,
-  ``(*stacked, None, ..., "embed", "mlp")`` (a ``Conv`` kernel whose spatial axes the model left
-  unnamed), the number of leading stacked axes; else ``None``."""
+  """For a boxed kernel whose leading axes are unnamed and its last two named as features or by
+  names of no role (mesh axes), ``(*stacked, None, ..., "embed", "mlp")`` or ``(None, None,
+  "embed", "model")`` (a ``Conv`` kernel whose spatial axes the model left unnamed), the number
+  of leading stacked axes; else ``None``."""
   if names is None or len(names) < 3:
     return None
   if any(x is None or axis_role(x, roles) not in (FEATURES, None) for x in names[-2:]):

@@ -187,9 +187,10 @@ def _unknown_block_axis(other: list[int], kinds: list[str | None], block_size: i
 def _decide(shape, names, block_size, roles, param=None) -> Choice:
   """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
 
-  ``param`` is the leaf's Flax parameter name (its last path key): a ``bias``
-  or ``scale`` of any rank is never averaged (paper), an ``embedding`` (a table's name) of
-  rank >= 2 without a ``vocab`` axis name keeps its rows (tokens, positions) apart.
+  ``param`` is what the leaf's name or the tree around it shows it is (:class:`FlaxDefault`'s
+  ``param``): a ``bias`` or ``scale`` of any rank is never averaged (paper), an ``embedding`` (a
+  table's name) of rank >= 2 without a ``vocab`` axis name keeps its rows (tokens, positions)
+  apart.
   """
   ndim = len(shape)
   if names is not None and all(n is None for n in names):  # one layer of an unnamed stack
@@ -304,14 +305,17 @@ class FlaxDefault(Rule):
     block_size: Block size of ``Dense``-like kernels.
     axis_roles: Changes to :data:`AXIS_ROLES`, as sorted ``(name, role)``
       pairs; a role ``None`` removes the name.
-    names: The leaf's axis names once bound by :func:`resolve_rules`, else
-      ``None`` (then the rank decides).
-    param: The leaf's Flax parameter name (last path key, e.g. ``"bias"``,
-      ``"embedding"``) once set by :func:`resolve_rules`, else ``None``.
-    resolved: Whether :func:`resolve_rules` has read the tree for this leaf. A
-      resolved rule is not read again: its reading stays that of the tree it was
-      resolved on (the whole model's, not a ``shard_map`` shard's or an
-      ``optax.masked`` part's).
+    names: The leaf's axis names once bound by :func:`~adahessian_jax.spatial.resolve_rules`,
+      else ``None`` (then the rank decides).
+    param: What the leaf is by its name (``"bias"``, ``"scale"``, ``"embedding"`` also for a
+      ``pos_embedding``, ``"table"``, ``"weight"``:
+      :func:`~adahessian_jax._evidence_names.param_name`) or by the tree around it
+      (:data:`~adahessian_jax._evidence.WEIGHT_BY_BIAS`,
+      :data:`~adahessian_jax._evidence.BIAS_TABLE`), once set by
+      :func:`~adahessian_jax.spatial.resolve_rules`; ``None`` for any other name (``"kernel"``).
+    resolved: Whether :func:`~adahessian_jax.spatial.resolve_rules` has read the tree for this
+      leaf. A resolved rule is not read again: its reading stays that of the tree it was resolved
+      on (the whole model's, not a ``shard_map`` shard's or an ``optax.masked`` part's).
   """
 
   block_size: int = 1
@@ -361,7 +365,7 @@ def flax_default(
 ) -> Rule:
   """The default rule for Flax layouts: by axis names where known, else by rank.
 
-  See the module docstring for the mapping. Without names: rank 0-1 none;
+  See :mod:`adahessian_jax.spatial`'s docstring for the mapping. Without names: rank 0-1 none;
   rank 2 ``(in, out)`` blocks of ``block_size`` along axis 0; rank >= 3
   ``(*spatial, in, out)`` mean over axes ``0 .. rank-3`` (ambiguous).
 
@@ -400,6 +404,7 @@ def flax_default(
 
 
 def reads_output_first(rule: Rule) -> bool:
-  """Whether a rule from :func:`leaf_rules` reads its leaf in PyTorch's layout, output axis first
-  (a ``weight``, or a kernel whose bias shows it: ``_evidence_biases.weights_by_bias``)."""
+  """Whether a rule from :func:`adahessian_jax._resolve.leaf_rules` reads its leaf in PyTorch's
+  layout, output axis first (a ``weight``, or a kernel whose bias shows it:
+  :func:`adahessian_jax._evidence_biases.weights_by_bias`)."""
   return isinstance(rule, FlaxDefault) and rule.param in ("weight", _WEIGHT_BY_BIAS)

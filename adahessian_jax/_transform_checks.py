@@ -1,7 +1,8 @@
 """The checks of :func:`adahessian_jax.scale_by_adahessian`'s arguments and calls.
 
 At construction the dtypes, the seed and whether ``block_size`` is used (at ``init`` again, with
-the params' rules); at ``update``, before the step computes anything: the state against the
+the params' rules); at ``init`` that the params hold no Flax state (:func:`check_not_variables`);
+at ``update``, before the step computes anything: the state against the
 transform (:func:`check_state`), the mapped axes against the caller's (:func:`check_mapping`),
 the gradients and params against the state (:func:`check_against_state`), and whether the step
 was given what it needs to estimate the curvature (:func:`check_call`); then, inside the
