@@ -12,7 +12,7 @@ kernel's leading axes a bias repeats (:func:`bias_fits`), Flax's layouts (:func:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from adahessian_jax._evidence_names import (
@@ -24,6 +24,7 @@ from adahessian_jax._evidence_names import (
   linen_class,
   module_keys,
   param_name,
+  under_prefixes,
   words,
 )
 
@@ -235,18 +236,8 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
   return pairs
 
 
-def _under_prefixes(items: Iterable[tuple[tuple, Any]]) -> dict[tuple, set]:
-  """``{module prefix: the values of the (module, value) items under it}``, a module under
-  itself."""
-  found: dict[tuple, set] = {}
-  for module, value in items:
-    for n in range(len(module) + 1):
-      found.setdefault(module[:n], set()).add(value)
-  return found
-
-
 def _nearest(under: dict[tuple, set], module: tuple) -> set:
-  """The values :func:`_under_prefixes` holds under the nearest module above ``module`` that
+  """The values :func:`under_prefixes` holds under the nearest module above ``module`` that
   holds any (its parent first), the nearest relatives' evidence; empty if none does."""
   for n in range(len(module) - 1, -1, -1):
     if under.get(module[:n]):
@@ -320,8 +311,8 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
       found.add(w)
       shown.append((module, "torch"))
   below = {  # kernels only: the layouts a Flax kernel's relatives show
-    False: _under_prefixes(shown),
-    True: _under_prefixes((m, x) for m, x in shown if x != "weight"),
+    False: under_prefixes(shown),
+    True: under_prefixes((m, x) for m, x in shown if x != "weight"),
   }
   unsure = {}
   for w, (module, is_weight) in square.items():
@@ -334,7 +325,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
         "Face's FlaxConv1D (out, in), and the nearest kernels beside their biases show both: "
         "name its axes or give it a rule"
       )
-  stacks_below = _under_prefixes(stacks) if several else {}
+  stacks_below = under_prefixes(stacks) if several else {}
   for w, (module, k, v) in several.items():
     near = _nearest(stacks_below, module)
     if len(near) == 1 and 0 not in near:

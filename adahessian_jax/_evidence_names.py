@@ -3,15 +3,15 @@
 A leaf's own name and its module's keys (:func:`leaf_name`, :func:`module_keys`; a flattened key,
 ``"Dense_0/kernel"``, read by its parts), what the default rule calls it (:func:`param_name`:
 ``"kernel"``, ``"bias"``, ``"embedding"``, ``"weight"``, ...), the leaves grouped by module
-(:func:`by_module`, :func:`by_leaf_name`, :func:`leaves_under`), and what Linen's automatic
-module names show: the module's class (:func:`linen_class`: ``Dense_0``) and the transforms above
-it (:func:`is_scan`, :func:`stacks_all`: ``ScanBlock_0``).
+(:func:`by_module`, :func:`by_leaf_name`, :func:`leaves_under`, :func:`under_prefixes`), and
+what Linen's automatic module names show: the module's class (:func:`linen_class`: ``Dense_0``)
+and the transforms above it (:func:`is_scan`, :func:`stacks_all`: ``ScanBlock_0``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -145,6 +145,17 @@ def leaves_under(modules: set[tuple], leaf_modules: list[tuple]) -> dict[tuple, 
       if keys[:depth] in under:
         under[keys[:depth]].append(i)
   return under
+
+
+def under_prefixes(items: Iterable[tuple[tuple, Any]]) -> dict[tuple, set]:
+  """``{prefix: the values of the (keys, value) items under it}``, for every prefix of every
+  item's keys (``()`` and the keys themselves included): what the leaves under a module show,
+  by module, where :func:`leaves_under` lists the leaves under given modules."""
+  found: dict[tuple, set] = {}
+  for keys, value in items:
+    for depth in range(len(keys) + 1):
+      found.setdefault(keys[:depth], set()).add(value)
+  return found
 
 
 #: The prefixes Linen's lifted transforms that keep a module's parameters as they are add to its

@@ -36,6 +36,7 @@ from adahessian_jax._evidence_names import (
   named_by,
   param_name,
   stacks_all,
+  under_prefixes,
 )
 from adahessian_jax._evidence_roles import role_name
 from adahessian_jax.layout import STACKED, AxisNames, axis_role
@@ -148,15 +149,16 @@ def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
     ``{leaf index: why its reading is a guess}``.
   """
   keys = _key_strings(paths)
-  firsts: dict[tuple, set[int | None]] = {}  # ancestor -> the first sizes of the leaves under it
-  scales: dict[tuple, set[int]] = {}  # ancestor -> first sizes of unnamed rank-2 scales under it
-  for j, key in enumerate(keys):
-    first = shapes[j][0] if len(shapes[j]) >= 2 else None
-    is_scale = names[j] is None and len(shapes[j]) == 2 and param_name(paths[j]) == "scale"
-    for depth in range(len(key)):
-      firsts.setdefault(key[:depth], set()).add(first)
-      if is_scale:
-        scales.setdefault(key[:depth], set()).add(shapes[j][0])
+  # Ancestor -> the first sizes of the leaves under it (None: rank < 2), and those of the unnamed
+  # rank-2 scales under it.
+  firsts = under_prefixes(
+    (key[:-1], shapes[j][0] if len(shapes[j]) >= 2 else None) for j, key in enumerate(keys) if key
+  )
+  scales = under_prefixes(
+    (key[:-1], shapes[j][0])
+    for j, key in enumerate(keys)
+    if key and names[j] is None and len(shapes[j]) == 2 and param_name(paths[j]) == "scale"
+  )
   found: dict[int, str] = {}
   for i, key in enumerate(keys):
     if roles[i] is None or names[i] is not None or len(shapes[i]) != 2:
@@ -431,17 +433,19 @@ def _scanned_behind(
     ``{module: why its stack is a guess}``.
   """
   found: dict[tuple, str] = {}
-  leaf_modules = [module_keys(path) for path in paths]
-  for module, members in modules.items():
+  inners: dict[tuple, tuple] = {}  # module -> the innermost such name above it
+  for module in modules:
     depths = [d for d in range(1, len(module) + 1) if stacks_all(module[d - 1])]
     lead = counts[module][0]
-    if not depths or not lead or len(lead) != 1:
-      continue
-    inner = module[: depths[-1]]
+    if depths and lead and len(lead) == 1:
+      inners[module] = module[: depths[-1]]
+  leaves = leaves_under(set(inners.values()), [module_keys(path) for path in paths])
+  for module, inner in inners.items():
+    members, lead = modules[module], counts[module][0]
     for pair in _bias_pairs(members, shapes):
       if pair.k[:1] != lead or not _stacked_behind(pair.k, pair.b):
         continue
-      under = [i for i, keys in enumerate(leaf_modules) if keys[: len(inner)] == inner]
+      under = leaves[inner]
       siblings = set(under) - set(members.values())
       if siblings and all(shapes[i] and shapes[i][-1] == pair.k[-1] for i in under):
         found[module] = (
@@ -565,11 +569,8 @@ def _scan_stacks(
       scans[module] = at
   prefixes = {module[:d] for module, at in scans.items() for d in at}
   under = leaves_under(prefixes, [module_keys(path) for path in paths])
-  shown: dict[tuple, set[int]] = {prefix: set() for prefix in prefixes}  # the counts shown there
-  for other, (lead, _) in counts.items():
-    for d in range(len(other) + 1):
-      if lead and other[:d] in shown:
-        shown[other[:d]].add(len(lead))
+  counted = under_prefixes((other, len(lead)) for other, (lead, _) in counts.items() if lead)
+  shown = {prefix: counted.get(prefix, set()) for prefix in prefixes}  # the counts shown there
 
   def shared(prefix: tuple, axis: int) -> int | None:
     """The size every leaf under ``prefix`` has on ``axis``, if one."""
