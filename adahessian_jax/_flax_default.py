@@ -184,6 +184,24 @@ def _unknown_block_axis(other: list[int], kinds: list[str | None], block_size: i
   )
 
 
+def _blocks_beside(
+  kept: str,
+  along: str,
+  other: list[int],
+  names: AxisNames,
+  kinds: list[str | None],
+  block_size: int,
+) -> Choice:
+  """Blocks along the first of the ``other`` axes, beside the axes kept apart (rows, heads: the
+  reason ``kept``); a guess where that axis has no known role (:func:`_unknown_block_axis`)."""
+  guess = _unknown_block_axis(other, kinds, block_size)
+  return Choice(
+    BlockMean(block_size, other[0]),
+    f"{kept}, {_blocks_text(block_size)} along {along} {_axis(other[0], names)}{guess}",
+    ambiguous=bool(guess),
+  )
+
+
 def _decide(shape, names, block_size, roles, param=None) -> Choice:
   """The default's choice for a leaf of ``shape`` whose axes have ``names`` (or ``None``).
 
@@ -232,25 +250,15 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
     other = [i for i, k in enumerate(kinds) if k not in (VOCAB, HEADS)]
     if not other:
       return Choice(NoAveraging(), f"one entry per row of axis {rows}: none")
-    guess = _unknown_block_axis(other, kinds, block_size)
-    return Choice(
-      BlockMean(block_size, other[0]),
-      f"a table with a row per token (axis {rows}): rows kept apart, "
-      f"{_blocks_text(block_size)} along axis {_axis(other[0], names)}{guess}",
-      ambiguous=bool(guess),
-    )
+    kept = f"a table with a row per token (axis {rows}): rows kept apart"
+    return _blocks_beside(kept, "axis", other, names, kinds, block_size)
   if HEADS in kinds:
     heads = ", ".join(_axis(i, names) for i, k in enumerate(kinds) if k == HEADS)
     other = [i for i, k in enumerate(kinds) if k != HEADS]
     if len(other) <= 1:
       return Choice(NoAveraging(), f"a per-head bias or scale (heads: axis {heads}): none")
-    guess = _unknown_block_axis(other, kinds, block_size)
-    return Choice(
-      BlockMean(block_size, other[0]),
-      f"an attention kernel: heads (axis {heads}) kept apart, {_blocks_text(block_size)} along "
-      f"input axis {_axis(other[0], names)}{guess}",
-      ambiguous=bool(guess),
-    )
+    kept = f"an attention kernel: heads (axis {heads}) kept apart"
+    return _blocks_beside(kept, "input axis", other, names, kinds, block_size)
   if ndim == 2:
     choice = _by_rank(shape, block_size, names, "", param)
     unknown_input = kinds[0] is None and names[0] is not None
