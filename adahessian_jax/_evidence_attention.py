@@ -75,9 +75,9 @@ def flax_attention_names(
     query, q_lead = kernels.get((module, "query"), (None, None))
     if projection != "out" or query is None or q_lead != lead:
       continue
-    stack, one = shapes[out][:lead], shapes[query][lead:]
-    if shapes[query][:lead] != stack or one[1:] != shapes[out][lead : lead + 2]:
+    if not _query_fits_out(shapes[query], shapes[out], lead):
       continue
+    stack, one = shapes[out][:lead], shapes[query][lead:]
     members = []
     for name in ("query", "key", "value", "out"):
       j, j_lead = kernels.get((module, name), (None, None))
@@ -95,6 +95,20 @@ def flax_attention_names(
     convs = conv_kernels(paths, shapes, names, roles)
   found.update(_attention_by_shapes(paths, shapes, names, roles, {*found, *convs}))
   return found, unsure
+
+
+def _query_fits_out(q: tuple[int, ...], o: tuple[int, ...], n: int) -> bool:
+  """Whether a query kernel ``q`` ``(*layers, embed, heads, head_dim)`` and an output kernel ``o``
+  ``(*layers, heads, head_dim, out)`` are one attention's: the same ``n`` stacked axes, the
+  output's next two axes the query's last two (heads, head size)."""
+  return len(q) == len(o) == n + 3 and q[:n] == o[:n] and q[n + 1 :] == o[n : n + 2]
+
+
+def _output_kernel(one: tuple[int, ...]) -> bool:
+  """Whether a kernel's axes past its stacked ones can be an attention's output kernel ``(heads,
+  head_dim, embed)`` by their sizes alone: ``embed`` not the size of ``heads`` or ``head_dim``
+  (as it would be in a ``Conv`` kernel or a bias-less ``Dense`` stack of such sizes)."""
+  return len(one) == 3 and one[2] not in one[:2]
 
 
 #: The axes of a heads-first input kernel (Gemma's ``q_einsum``), past any packed or stacked axes.
@@ -167,7 +181,7 @@ def _attention_by_shapes(paths, shapes, names, roles, done: set[int]) -> dict[in
     readings = []  # one per output kernel that fits: {leaf: its axes past the stacked ones}
     for out, lead in members:
       stack, one = shapes[out][:lead], shapes[out][lead:]
-      if len(one) != 3 or one[2] in one[:2]:
+      if not _output_kernel(one):
         continue
       heads, head_dim, embed = one
       inputs = {
@@ -238,7 +252,7 @@ def attention_stacks(
       continue
     q, o = shapes[query], shapes[out]
     n = len(q) - 3  # the stacked axes
-    if len(o) != len(q) or q[:n] != o[:n] or q[n + 1 :] != o[n : n + 2]:
+    if not _query_fits_out(q, o, n):
       continue
     if q[n] == q[n + 1]:
       continue
@@ -263,7 +277,7 @@ def attention_stacks(
   for members in by_parent.values():
     for out in members:
       *layers, heads, head_dim, embed = shapes[kernels[out]]
-      if embed in (heads, head_dim):
+      if not _output_kernel((heads, head_dim, embed)):
         continue
       lead, n = tuple(layers), len(layers)
       inputs = [
