@@ -83,9 +83,7 @@ def flax_attention_names(
       j, j_lead = kernels.get((module, name), (None, None))
       if j is None or j_lead != lead or shapes[j][:lead] != stack:
         continue
-      if name == "out" and shapes[j][lead : lead + 2] != one[1:]:
-        continue
-      if name != "out" and not _fewer_heads(shapes[j][lead + 1 :], one[1:]):
+      if name != "out" and not _fewer_heads(shapes[j][lead + 1 :], one[1:]):  # out: fits above
         continue
       found[j] = lead_names(names[j], lead) + _ATTENTION_AXES[name]
       members.append(j)
@@ -264,11 +262,7 @@ def attention_stacks(
       j = kernels.get((*parent, name))
       if j is None or len(shapes[j]) != len(q) or shapes[j][:n] != q[:n]:
         continue
-      if (
-        shapes[j][n : n + 2] == q[n + 1 :]
-        if name == "out"
-        else _fewer_heads(shapes[j][n + 1 :], q[n + 1 :])
-      ):
+      if name == "out" or _fewer_heads(shapes[j][n + 1 :], q[n + 1 :]):  # out: fits above
         found[(*parent, name)] = (q[:n], why)
   by_parent: dict[tuple, list[tuple]] = {}
   for module in kernels:
