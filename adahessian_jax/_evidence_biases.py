@@ -3,10 +3,12 @@
 Readers of :mod:`adahessian_jax._evidence`: the tables of attention biases (:func:`bias_tables`),
 raw biases by their names (:func:`haiku_biases`, :func:`named_biases`) and the weights and kernels
 whose bias shows PyTorch's layout, output axis first (:func:`weights_by_bias`). And the arithmetic
-of a kernel's and its bias's shapes that they share with the readers of stacks and kernels: a
-module's pairs (:func:`kernel_biases`; raw ones by name, :func:`raw_kernel_of`), how many of the
-kernel's leading axes a bias repeats (:func:`bias_fits`), Flax's layouts (:func:`dense_bias`,
-:func:`flax_fits`) and PyTorch's (:func:`torch_kernel`, :func:`torch_stacks`).
+of a kernel's and its bias's shapes that they share with the readers of stacks and kernels: raw
+pairs by name (:func:`raw_kernel_of`), how many of the kernel's leading axes a bias repeats
+(:func:`bias_fits`), Flax's layouts (:func:`dense_bias`, :func:`flax_fits`) and PyTorch's
+(:func:`torch_kernel`, :func:`torch_stacks`). For other modules: a module's kernel and bias
+(:func:`kernel_biases`, for :mod:`adahessian_jax.hessian.landscape`) and whether a name says a
+table holds attention biases (:func:`names_a_bias_table`, for :mod:`adahessian_jax.nnx`).
 """
 
 from __future__ import annotations
