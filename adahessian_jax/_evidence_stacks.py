@@ -85,13 +85,9 @@ def in_named_stacks(
     refuses these.
   """
   keys = _key_strings(paths)
-  below: dict[tuple, list[int]] = {}  # every path prefix -> the leaves under it
-  named_below: dict[tuple, list[int]] = {}  # ... and the named ones among them
-  for j, key in enumerate(keys):
-    for depth in range(len(key) + 1):
-      below.setdefault(key[:depth], []).append(j)
-      if names[j] is not None:
-        named_below.setdefault(key[:depth], []).append(j)
+  below = under_prefixes((key, j) for j, key in enumerate(keys))  # path prefix -> leaves under it
+  named = under_prefixes((key, j) for j, key in enumerate(keys) if names[j] is not None)
+  named_below = {prefix: sorted(leaves) for prefix, leaves in named.items()}  # ... in order
 
   def fits(stack, shape) -> bool:
     return bool(stack) and all(a < len(shape) and shape[a] == size for a, _, size in stack)
