@@ -42,7 +42,8 @@ _HINT = (
 
 
 def float_dtype(name: str, dtype: Any) -> Any:
-  """``dtype`` canonicalised, or ``None``; raises unless it is a real floating dtype."""
+  """``dtype`` canonicalised, or ``None``; raises ``ValueError`` unless it is a real floating dtype
+  of 16 bits or more (an 8-bit float failed in the first update's type promotion)."""
   if dtype is None:
     return None
   if isinstance(dtype, jax.Array):  # what optax.inject_hyperparams makes of a non-static arg
@@ -179,7 +180,14 @@ def check_state(
 ) -> None:
   """Raises unless ``state`` is a :class:`ScaleByAdaHessianState` made by a transform with this
   ``update_freq``, ``n_samples``, ``lazy_moment`` (``stores_d``) and moment dtypes, whose fields
-  and (outside ``jit``) values are those ``init`` and ``update`` make."""
+  and (outside ``jit``) values are those ``init`` and ``update`` make.
+
+  Raises:
+    TypeError: for another object than the state (naming what it is), or a field of another
+      kind or dtype (:func:`adahessian_jax.state.check_fields`).
+    ValueError: for a state made with other settings or moment dtypes, or a field of another
+      tree or value.
+  """
   _check_settings(state, update_freq, n_samples, stores_d)
   _check_dtypes(state, mu_dtype, nu_dtype)
 
@@ -282,7 +290,12 @@ def _emptied_by_nnx_optimizer(updates: Any, mu: Any) -> bool:
 def check_against_state(updates: Any, params: Any, mu: Any) -> None:
   """Raises unless ``updates`` (and ``params``, if given) have the tree and shapes of the
   parameters the state was made for (``mu``'s): a mismatched leaf would broadcast into the
-  moments, and the update into the parameters, instead of failing."""
+  moments, and the update into the parameters, instead of failing.
+
+  Raises:
+    ValueError: for ``updates=None``, another tree or a leaf of another shape (naming it).
+    TypeError: for a leaf that is not an array, or not of a real floating dtype (naming it).
+  """
   if updates is None:  # was a pytree-prefix error from a tree_map further on
     raise ValueError(
       "scale_by_adahessian's update got updates=None: pass the gradients first, "
