@@ -212,8 +212,7 @@ def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
     cut = len(kernel) - len(bias)
     fits = [
       tuple(range(n)) + tuple(range(cut + n, len(kernel)))
-      for n in range(len(bias))
-      if bias == kernel[:n] + kernel[cut + n :]
+      for n in _evidence_biases.bias_fits(kernel, bias) or ()
     ]
     if not fits:  # an Einsum's output in another order than its kernel's axes
       fits = [
