@@ -1,11 +1,13 @@
 """What a leaf's path says, as the readers of :mod:`adahessian_jax._evidence` read it.
 
-A leaf's own name and its module's keys (:func:`leaf_name`, :func:`module_keys`; a flattened key,
-``"Dense_0/kernel"``, read by its parts), what the default rule calls it (:func:`param_name`:
-``"kernel"``, ``"bias"``, ``"embedding"``, ``"weight"``, ...), the leaves grouped by module
-(:func:`by_module`, :func:`by_leaf_name`, :func:`leaves_under`, :func:`under_prefixes`), and
-what Linen's automatic module names show: the module's class (:func:`linen_class`: ``Dense_0``)
-and the transforms above it (:func:`is_scan`, :func:`stacks_all`: ``ScanBlock_0``).
+A leaf's path as the readers take it (:func:`read_path`: a tuple key of a flattened tree as the
+nested keys), its own name and its module's keys (:func:`leaf_name`, :func:`module_keys`; a
+flattened string key, ``"Dense_0/kernel"``, read by its parts), what the default rule calls it
+(:func:`param_name`: ``"kernel"``, ``"bias"``, ``"embedding"``, ``"weight"``, ...), the leaves
+grouped by module (:func:`by_module`, :func:`by_leaf_name`, :func:`leaves_under`,
+:func:`under_prefixes`), and what Linen's automatic module names show: the module's class
+(:func:`linen_class`: ``Dense_0``) and the transforms above it (:func:`is_scan`,
+:func:`stacks_all`: ``ScanBlock_0``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,28 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from jax.tree_util import DictKey
+
 
 def key_name(key: Any) -> Any:
   """The name or index in one key of a path (``DictKey``, ``GetAttrKey``, ``SequenceKey``), or
   the key itself for any other."""
   return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+
+def read_path(path) -> tuple:
+  """``path`` as the readers read it: a dict key that is a tuple (the keys of
+  ``flax.traverse_util.flatten_dict(params)``, ``("Dense_0", "kernel")``) is one key per element,
+  so that a tree flattened so reads as the nested one. (Its last key was no name, and its leaves
+  sat at the root: a stack's biases read as ``Dense`` kernels, averaged across its layers.)"""
+  out = []
+  for key in path:
+    name = key_name(key)
+    if isinstance(key, DictKey) and isinstance(name, tuple) and name:
+      out.extend(DictKey(part) for part in name)
+    else:
+      out.append(key)
+  return tuple(out)
 
 
 def leaf_name(path) -> str | None:

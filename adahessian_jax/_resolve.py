@@ -67,7 +67,8 @@ def _unread(averaging, params, block_size, given_rules=None):
   if unbound is None:
     unbound = spec_rules(spec.rules, params, infos, flax_default(block_size))
     unbound = [
-      r.for_param(_evidence_names.param_name(x.path)) for r, x in zip(unbound, infos, strict=True)
+      r.for_param(_evidence_names.param_name(_evidence_names.read_path(x.path)))
+      for r, x in zip(unbound, infos, strict=True)
     ]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
@@ -106,7 +107,7 @@ def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan
   """Reads every leaf's rule off ``averaging`` and the tree (see :class:`_Plan`)."""
   strict_mode = flag("strict", strict_mode)  # describe's and resolve_rules'
   spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size, given_rules)
-  paths = [x.path for x in infos]
+  paths = [_evidence_names.read_path(x.path) for x in infos]
   # What the tree shows about the leaves under the default rule, given the axis roles it knows.
   roles = [r.roles() if _unresolved(r) else None for r in unbound]
   readings = _evidence.read(paths, shapes, names, roles)

@@ -2515,6 +2515,38 @@ def test_a_flattened_tree_keeps_flax_attention_names():
   assert not listing.ambiguous
 
 
+@pytest.mark.parametrize("boxed", [True, False])
+def test_a_tree_flattened_to_tuple_keys_reads_as_the_nested_one(rng, boxed):
+  # flax.traverse_util.flatten_dict's default keys are tuples, ('ScanBlock_0', 'Dense_0', 'bias'):
+  # such a key was no name and every leaf sat at the root, so a stack's biases and norm scales
+  # (3, 4) were read as Dense kernels and blocked across the stack's layers, unflagged.
+  model = ConvThenScannedBlocks()
+  params = zero_params(model, np.ones((1, 6, 6, 3)))
+  nested = params if boxed else nn.unbox(params)
+  flat = traverse_util.flatten_dict(nested)
+  assert all(isinstance(k, tuple) for k in flat)
+  want = [(r.rule, r.names, r.ambiguous) for r in spatial.describe(nested, block_size=2).rows]
+  assert [(r.rule, r.names, r.ambiguous) for r in spatial.describe(flat, block_size=2).rows] == want
+  assert (spatial.per_layer(spatial.none(), axes=(0,)), ("layers", None), False) in want
+  # The optimizer's averaging too: the state's |D| of every leaf is the nested tree's.
+  plain = nn.unbox(params)
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), plain)
+  averaging = spatial.named(params) if boxed else None
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=averaging)
+  got = _nu_after_one_step(
+    ah.scale_by_adahessian(
+      b2=0.5, block_size=2, averaging=None if averaging is None else spatial.named(flat)
+    ),
+    traverse_util.flatten_dict(plain),
+    traverse_util.flatten_dict(hessian_diag),
+  )
+  want = traverse_util.flatten_dict(_nu_after_one_step(tx, plain, hessian_diag))
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=str(key))
+  scale = ("ScanScannedBlock_0", "LayerNorm_0", "scale")  # per layer, rank 1: nothing averaged
+  np.testing.assert_allclose(got[scale], traverse_util.flatten_dict(hessian_diag)[scale], rtol=1e-6)
+
+
 class _CustomAttention(nn.Module):
   """An attention written with DenseGeneral layers of its own names, grouped-query."""
 

@@ -157,7 +157,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     if spatial.reads_output_first(r)
     else "bias"
     if isinstance(r, spatial.FlaxDefault) and r.param == "bias"
-    else _evidence_names.param_name(x.path)
+    else _evidence_names.param_name(_evidence_names.read_path(x.path))
     for x, r in zip(infos, rules, strict=True)
   ]
   roles = []
@@ -173,7 +173,7 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     tuple(n for a, n in enumerate(s) if a not in ax) for s, ax in zip(shapes, layers, strict=True)
   ]
   unnamed = [None] * len(infos)
-  paths = [x.path for x in infos]
+  paths = [_evidence_names.read_path(x.path) for x in infos]
   defaults = [r.roles() if isinstance(r, spatial.FlaxDefault) else None for r in rules]
   attention, _ = _evidence_attention.flax_attention_names(paths, one_layer, unnamed, defaults)
   for i, names in attention.items():
