@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from adahessian_jax import layout, masking
-from adahessian_jax._extras import loaded
+from adahessian_jax._extras import from_nnx, loaded
 from adahessian_jax._flax_default import flax_default
 from adahessian_jax._rules import Rule, blocks, is_rule, mean_over, none, per_layer
 from adahessian_jax._validation import STATIC_FIX, callable_with, flag, path_str
@@ -47,6 +47,12 @@ class Averaging:
 # The callable is spelled out so that type checkers infer a lambda's (path, leaf) arguments; a
 # pytree prefix of rules (or None) has no type of its own, hence Any.
 AveragingSpec = Rule | Averaging | Callable[[tuple[Any, ...], Any], Rule | None] | Any
+
+
+def _is_nnx_state(tree: Any) -> bool:
+  """Whether ``tree`` is an NNX state (``nnx.state(model)``) or holds NNX variables."""
+  leaves = jax.tree.leaves(tree, is_leaf=layout.is_nnx_variable)
+  return from_nnx(tree) or any(map(layout.is_nnx_variable, leaves))
 
 
 def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
@@ -115,6 +121,12 @@ def named(source: Any, averaging: AveragingSpec = None) -> Averaging:
       "sharding metadata (nnx.state(model, nnx.Param)), or a tree of PartitionSpec "
       "(nn.get_partition_spec(boxed_params))."
     )
+    if _is_nnx_state(source):  # without metadata: the fix is the module, whose types name axes
+      missing += (
+        " This NNX state's variables have no sharding metadata, and a state holds no module "
+        "types: pass the module itself, spatial.named(model), which names the axes of nnx.Conv, "
+        "nnx.Linear, nnx.Embed and the other layers it knows from their types."
+      )
   if all(n is None for n in names.values()):
     raise ValueError(missing)
   pairs = tuple(names.items())

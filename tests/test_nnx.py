@@ -843,6 +843,22 @@ def test_named_model_keeps_own_names_and_names_only_the_layouts_it_knows():
     ah.spatial.named(Raw())
 
 
+def test_named_of_a_state_without_metadata_points_to_the_module():
+  """``spatial.named(nnx.state(model))`` of a model without sharding metadata (RNG state and
+  all) is refused naming the fix that works, ``spatial.named(model)``; the message suggested only
+  a state with metadata, which such a state is not."""
+  model = Net(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  for state in (nnx.state(model), params, nnx.as_pure(params)):
+    fix = r"without axis names.*pass the module itself, spatial\.named\(model\)"
+    with pytest.raises(ValueError, match=fix):
+      ah.spatial.named(state)
+  ah.spatial.named(model)  # the fix: the module's types name its layers
+  with pytest.raises(ValueError, match="without axis names") as plain:
+    ah.spatial.named(nnx.to_pure_dict(params))
+  assert "spatial.named(model)" not in str(plain.value)  # a dict of arrays: could be any model's
+
+
 class T5Attention(nnx.Module):
   def __init__(self, rngs):
     self.relative_attention_bias = nnx.Embed(8, 4, rngs=rngs)  # (buckets, heads)
