@@ -96,7 +96,7 @@ class Listing:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def ambiguity_error(rows: Sequence[Row]) -> ValueError:
+def ambiguity_error(rows: Sequence[Row], hint: str = "") -> ValueError:
   listed = "\n".join(f"  {r.path}: shape {r.shape}, axis names {r.names}: {r.why}" for r in rows)
   return ValueError(
     f"strict spatial averaging: {len(rows)} {'leaf is' if len(rows) == 1 else 'leaves are'} "
@@ -107,5 +107,5 @@ def ambiguity_error(rows: Sequence[Row]) -> ValueError:
     "spatial.named(partition_specs)), or give each a rule through averaging=, e.g. "
     "spatial.mean_over(0) for a 1-D Conv kernel, spatial.blocks(32, axis=0) for an attention "
     "kernel (embed, heads, head_dim), spatial.per_layer(spatial.flax_default(32)) for a stack "
-    "of Dense kernels (layers, in, out). spatial.describe(params) lists every leaf."
+    "of Dense kernels (layers, in, out). spatial.describe(params) lists every leaf." + hint
   )

@@ -144,7 +144,8 @@ def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan
   if strict_mode or spec.strict:
     ambiguous = [r for r in rows if r.ambiguous]
     if ambiguous:
-      raise ambiguity_error(ambiguous)
+      # As the guess warning, name spatial.named(model): nnx.Optimizer's init sees variables.
+      raise ambiguity_error(ambiguous, nnx_module_hint(averaging, params))
   read_off_shapes = [
     where
     for rule, where, own in zip(unbound, wheres, names, strict=True)

@@ -719,6 +719,24 @@ class UserNamedCNN(nnx.Module):
     self.emb = nnx.Embed(10, 8, **F64, rngs=rngs)
 
 
+def test_strict_optimizer_over_nnx_variables_names_the_module_fix():
+  """A strict nnx.Optimizer over a model whose bias-less and depthwise kernels are guesses is
+  refused at init, naming ``spatial.named(model)`` (as the guess warning does without strict);
+  with it, nothing is guessed."""
+  model = UserNamedCNN(nnx.Rngs(0))
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)strict spatial averaging.*\['dw'\]\['kernel'\]"
+    r".*These are NNX variables: averaging=spatial\.named\(model\)",
+  ):
+    nnx.Optimizer(model, ah.adahessian(0.1, averaging=ah.spatial.strict()), wrt=nnx.Param)
+  named = ah.spatial.strict(ah.spatial.named(model))
+  nnx.Optimizer(model, ah.adahessian(0.1, averaging=named), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="strict spatial averaging") as plain:  # plain arrays
+    ah.spatial.describe(nnx.as_pure(nnx.state(model, nnx.Param)), ah.spatial.strict())
+  assert "These are NNX variables" not in str(plain.value)
+
+
 def _block_mean(a, axis, size=2):
   """The mean of blocks of ``size`` consecutive entries along ``axis``, broadcast back."""
   a = np.moveaxis(a, axis, 0)
