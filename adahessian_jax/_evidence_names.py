@@ -72,12 +72,15 @@ READ_BY_NAME = ("bias", "scale", "embedding", "table", "weight")
 #: GPT-2's ``wte`` and ``wpe`` (raw ``(vocab, embed)`` and ``(positions, embed)`` arrays in a
 #: hand-written port), a ``token_table``/``lookup_table``; and learned rows of other kinds: a
 #: Perceiver's ``latents``, a DETR's ``queries``, prefix- and prompt-tuning's
-#: ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``.
+#: ``prefix``/``prompt``, a ViT's ``registers``, a VQ-VAE's ``codebook``, a Q-Former's
+#: ``query_tokens``, slot attention's ``slots``, a Set Transformer's ``inducing_points``, the
+#: ``prototypes``, ``centroids`` or ``anchors`` of metric and clustering heads, a raw ``pe`` or
+#: ``posemb`` (a positional table).
 _TABLE_WORDS = frozenset(
   ("embedding", "embeddings", "embed", "emb", "pos", "position", "positions", "positional")
-  + ("table",)
+  + ("table", "pe", "posemb")
   + ("wte", "wpe", "latent", "latents", "queries", "prefix", "prompt", "prompts", "registers")
-  + ("codebook",)
+  + ("codebook", "tokens", "slots", "inducing", "prototypes", "centroids", "anchors")
 )
 
 
@@ -86,7 +89,7 @@ _TABLE_WORDS = frozenset(
 _TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
   ("", "token", "tokens", "tok", "word", "words", "patch", "type", "segment", "vocab", "learned")
   + ("absolute", "abs", "relative", "rel", "input", "output", "class", "cls", "table", "pe")
-  + ("te", "lookup")
+  + ("te", "lookup", "query", "register", "memory", "points", "cluster")
 )
 
 

@@ -2378,17 +2378,16 @@ def test_equinox_recurrent_cells_share_one_bias_between_their_weights():
 
 def test_learned_rows_of_other_kinds_keep_their_rows_apart():
   # A Perceiver's latents (num_latents, d), a DETR's raw queries, prefix tuning's prefix, a
-  # VQ-VAE's codebook: by rank each was a Dense kernel, blocked along axis 0, across the rows,
-  # unflagged.
-  params = {
-    "latents": np.zeros((6, 8)),
-    "queries": np.zeros((5, 8)),
-    "prefix": np.zeros((4, 8)),
-    "codebook": np.zeros((16, 8)),
-    "proj": {"kernel": np.zeros((8, 8))},
-  }
+  # VQ-VAE's codebook, a Q-Former's query_tokens, slot attention's slots, a Set Transformer's
+  # inducing points, prototypes, centroids, anchors, raw positional tables: by rank each was a
+  # Dense kernel, blocked along axis 0, across the rows, unflagged.
+  learned = ("latents", "queries", "prefix", "codebook", "query_tokens", "register_tokens")
+  learned += ("slots", "inducing_points", "prototypes", "cluster_centroids", "anchors", "pe")
+  learned += ("posemb",)
+  params = {key: np.zeros((4 + i, 8)) for i, key in enumerate(learned)}
+  params["proj"] = {"kernel": np.zeros((8, 8))}
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
-  for key in ("latents", "queries", "prefix", "codebook"):
+  for key in learned:
     row = rows[f"['{key}']"]
     assert row.rule == spatial.blocks(4, axis=1) and not row.ambiguous, key
   assert rows["['proj']['kernel']"].rule == spatial.blocks(4, axis=0)
@@ -2436,11 +2435,11 @@ def test_size_one_leading_axes_are_no_guess_at_block_size_one():
   # average along axis 1, so the guess stays flagged there.
   params = {
     "memory": jnp.zeros((1, 4, 8)),
-    "pe": jnp.zeros((1, 1, 5, 8)),
+    "enc": jnp.zeros((1, 1, 5, 8)),
     "head": {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)},
   }
   rows = {r.path: r for r in spatial.describe(params, block_size=1).rows}
-  for key in ("memory", "pe"):
+  for key in ("memory", "enc"):
     assert rows[f"['{key}']"].rule == spatial.none() and not rows[f"['{key}']"].ambiguous, key
   with warnings.catch_warnings():
     warnings.simplefilter("error")
@@ -2448,8 +2447,8 @@ def test_size_one_leading_axes_are_no_guess_at_block_size_one():
     ah.adahessian(0.1).init(params)
   rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
   assert rows["['memory']"].rule == spatial.mean_over((0,)) and rows["['memory']"].ambiguous
-  assert rows["['pe']"].rule == spatial.mean_over((0, 1)) and rows["['pe']"].ambiguous
-  with pytest.warns(spatial.LayoutGuessWarning, match=r"(?s)2 leaves.*\['memory'\].*\['pe'\]"):
+  assert rows["['enc']"].rule == spatial.mean_over((0, 1)) and rows["['enc']"].ambiguous
+  with pytest.warns(spatial.LayoutGuessWarning, match=r"(?s)2 leaves.*\['enc'\].*\['memory'\]"):
     ah.adahessian(0.1, block_size=4).init(params)
 
 
