@@ -10,6 +10,7 @@ collection no optimizer trains, no ``jax.pmap`` replicas.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
   "part_entries",
   "part_name",
   "ravel",
+  "unravel_rows",
 ]
 
 
@@ -211,6 +213,48 @@ def ravel(tree: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   sharded over ``Auto`` axes. ``unravel`` gives replicated leaves.
   """
   return ravel_pytree(jax.tree.map(_replicated, tree))
+
+
+def unravel_rows(layout: ParamLayout, v: jax.Array, flat_dtype: Any, wide: bool = False) -> Any:
+  """``layout.unravel`` of ``v``'s rows, as one compiled program per layout.
+
+  Op by op the leaves cost a slice, a reshape and a conversion each, every one a program of its own
+  per leaf shape on its first use; the entries are the same (slices, reshapes and the same
+  conversions).
+
+  Args:
+    layout: The layout.
+    v: ``(..., n)``: one flat vector, or rows of them (leading axes kept in every leaf).
+    flat_dtype: The dtype of the operator's flat vectors, of which ``layout.unravel`` gives the
+      leaves' dtypes.
+    wide: Keep ``v``'s dtype in every leaf, instead of the params' dtypes.
+
+  Returns:
+    A pytree of the params' structure whose leaves are ``(..., *leaf_shape)``.
+  """
+  size = layout.slices[-1].stop if layout.slices else 0
+  one = jax.eval_shape(layout.unravel, jax.ShapeDtypeStruct((size,), flat_dtype))
+  leaves, treedef = jax.tree.flatten(one)
+  parts = tuple(
+    (sl.start, sl.stop, tuple(x.shape), None if wide else np.dtype(x.dtype))
+    for sl, x in zip(layout.slices, leaves, strict=True)
+  )
+  if len(parts) == 1 and parts[0][:2] == (0, size):  # one leaf (a block's): a reshape at most
+    shape, dtype = parts[0][2:]
+    return jax.tree.unflatten(
+      treedef, [jnp.reshape(v, v.shape[:-1] + shape).astype(dtype or v.dtype)]
+    )
+  return jax.tree.unflatten(treedef, _split_cols(v, parts))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_cols(v: jax.Array, parts: tuple[Any, ...]) -> list[jax.Array]:
+  """The columns ``a:b`` of ``v`` reshaped to ``(..., *shape)`` in ``dtype`` (``None``: ``v``'s),
+  for each ``(a, b, shape, dtype)`` of ``parts``."""
+  lead = v.shape[:-1]
+  return [
+    jnp.reshape(v[..., a:b], lead + shape).astype(dtype or v.dtype) for a, b, shape, dtype in parts
+  ]
 
 
 def check_no_nnx_state(params: Any) -> None:

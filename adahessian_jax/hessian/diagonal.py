@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from adahessian_jax import _validation
 from adahessian_jax.hessian import _checks
+from adahessian_jax.hessian._layout import unravel_rows
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian._rows import key_blocks, scale_rows
 from adahessian_jax.hessian._sketch import (
@@ -88,11 +89,9 @@ def unravel_wide(op: HessianOperator, v: jax.Array) -> Any:
 
   (``op.unravel`` casts to the params' dtypes, which would round a float32
   estimate of a bfloat16 model back to bfloat16, and, in a model that mixes
-  dtypes, the float32 estimate of its bfloat16 leaves.)
+  dtypes, the float32 estimate of its bfloat16 leaves.) One compiled program per layout.
   """
-  leaves, treedef = jax.tree.flatten(op.params)
-  parts = [jnp.reshape(v[sl], jnp.shape(x)) for x, sl in zip(leaves, op.leaf_slices, strict=True)]
-  return jax.tree.unflatten(treedef, parts)
+  return unravel_rows(op.layout, v, op.dtype, wide=True)
 
 
 def _result(op, mean, se, matvecs):

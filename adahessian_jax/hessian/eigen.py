@@ -50,6 +50,7 @@ from adahessian_jax.hessian._lanczos import (
   tridiagonal_eigh,
   unit,
 )
+from adahessian_jax.hessian._layout import unravel_rows
 from adahessian_jax.hessian._operator import HessianOperator
 from adahessian_jax.hessian._sketch import wide_dtype
 
@@ -156,7 +157,7 @@ def _unravel_rows(op, vecs: jax.Array) -> Any:
   (``nn.Partitioned``) name that axis ``None``: their names kept the params' rank, one short of
   the value's, which ``nn.get_partition_spec`` then gave. Other ``AxisMetadata`` stay as they
   are: their ``add_axis`` may need parameters of their own (a transform's ``metadata_params``)."""
-  tree = jax.vmap(op.unravel)(vecs)
+  tree = unravel_rows(op.layout, vecs, op.dtype)  # jax.vmap(op.unravel), one compiled program
   partitioned = loaded("flax.core.meta", "Partitioned")  # boxes only exist once Flax is imported
   if partitioned is None:
     return tree
