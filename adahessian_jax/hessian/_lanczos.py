@@ -55,7 +55,9 @@ def padded(s: np.ndarray, shape: tuple[int, int], dtype) -> jax.Array:
   once whatever the number of steps taken."""
   out = np.zeros(shape, np.float64)
   out[: s.shape[0], : s.shape[1]] = s
-  return jnp.asarray(out, dtype)
+  # Cast on the host, as jnp.asarray(out, dtype) does, but put on the device without the program
+  # per shape jnp.asarray compiles.
+  return jax.device_put(np.asarray(out, dtype))
 
 
 def breakdown_tolerance(n: int, dtype) -> float:

@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adahessian_jax.hessian._layout import ravel
 from adahessian_jax.hutchinson import rademacher_like, vmap_invariant
@@ -113,9 +112,13 @@ def map_row_blocks(fn: Callable[[jax.Array], jax.Array], rows: Any, block_size: 
 def key_blocks(key: jax.Array, num: int, block_size: int) -> list[jax.Array]:
   """``jax.random.split(key, num)`` cut into blocks of ``block_size`` keys.
 
-  Sliced on the host, so that no slice of a device array is compiled per offset.
+  One compiled program per count and block size: no slice of a device array is compiled per
+  offset, and no block's keys per block shape.
   """
-  data = np.asarray(jax.random.key_data(jax.random.split(key, num)))
-  blocks = (jnp.asarray(data[i : i + block_size]) for i in range(0, num, block_size))
-  impl = jax.random.key_impl(key)  # wrapped as the default implementation, rbg data failed
-  return [jax.random.wrap_key_data(b, impl=impl) for b in blocks]
+  return list(_key_blocks(key, num, block_size))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _key_blocks(key: jax.Array, num: int, block_size: int) -> tuple[jax.Array, ...]:
+  keys = jax.random.split(key, num)
+  return tuple(keys[i : i + block_size] for i in range(0, num, block_size))
