@@ -87,14 +87,15 @@ def scale_of(x: jax.Array) -> float:
   """A power of two near ``max|x|`` (1 if ``x`` is zero): dividing by it is exact, and leaves
   the squares of ``x``'s entries neither overflowing nor underflowing. Found in
   :func:`wide_dtype` (float16's power of two above 32768 is ``inf``)."""
-  peak = _peak(x)
-  return float(power_of_two_above(peak)) if float(peak) > 0 else 1.0
+  peak, above = _peak(x)
+  return float(above) if float(peak) > 0 else 1.0
 
 
-@jax.jit  # one program per shape, not three
-def _peak(x: jax.Array) -> jax.Array:
-  """``max|x|`` in :func:`wide_dtype`."""
-  return jnp.max(jnp.abs(x)).astype(wide_dtype(x.dtype))
+@jax.jit  # one program per shape, not eight
+def _peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``max|x|`` in :func:`wide_dtype`, and its :func:`power_of_two_above`."""
+  peak = jnp.max(jnp.abs(x)).astype(wide_dtype(x.dtype))
+  return peak, power_of_two_above(peak)
 
 
 def _singular_threshold(r: jax.Array) -> jax.Array:

@@ -99,14 +99,23 @@ def _result(op, mean, se, matvecs):
 
 
 @jax.jit
-def _block_moments(x, shift):
-  """The mean and summed squared deviations of the rows of ``x − shift``.
+def _block_moments(x, shift, scale):
+  """The mean and summed squared deviations of the rows of ``x / scale − shift``.
 
-  In :func:`wide_dtype`. Equal rows give deviations of exactly zero.
+  In :func:`wide_dtype` (``shift``'s). Equal rows give deviations of exactly zero.
   """
-  d = x.astype(shift.dtype) - shift
+  d = x.astype(shift.dtype) / scale - shift
   mean = jnp.mean(d, axis=0)
   return mean, jnp.sum((d - mean) ** 2, axis=0)
+
+
+@jax.jit
+def _first_moments(x, scale):
+  """``shift``, the first row of ``x / scale`` in :func:`wide_dtype`, and :func:`_block_moments`
+  from it: the first block's in one program."""
+  x = x.astype(wide_dtype(x.dtype))
+  shift = x[0] / scale
+  return (shift, *_block_moments(x, shift, scale))
 
 
 @jax.jit
@@ -118,6 +127,14 @@ def _merge_moments(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
   count = count_a + count_b
   delta = mean_b - mean_a
   return mean_a + delta * (count_b / count), m2_a + m2_b + delta**2 * (count_a * count_b / count)
+
+
+@jax.jit
+def _mean_and_stderr(shift, mean_dev, m2, scale, num_samples, factor):
+  """The mean ``(shift + mean_dev) · scale`` and the standard error
+  ``√(m2 / (num_samples − 1) / num_samples) · factor`` (the counts and scales traced)."""
+  var = m2 / (num_samples - 1)
+  return (shift + mean_dev) * scale, jnp.sqrt(var / num_samples) * factor
 
 
 def hutchinson_diagonal_estimate(
@@ -159,27 +176,26 @@ def hutchinson_diagonal_estimate(
   count, scale = 0, 1.0
   key = _checks.prng_key(key)
   for keys in key_blocks(key, num_samples, block_size):
-    x = hutchinson_samples(op, keys).astype(wide_dtype(op.dtype))
+    x = hutchinson_samples(op, keys)
     if shift is None:
       # The Hessian's scale out of the squared deviations: float32 samples of 1e20 gave an
       # infinite stderr, of 1e-20 a zero one (exact, it said).
       scale = scale_of(x)
-      shift = x[0] / scale
-    x = x / scale
-    block_mean, block_m2 = _block_moments(x, shift)
-    if mean_dev is None:
-      mean_dev, m2 = block_mean, block_m2
+      shift, mean_dev, m2 = _first_moments(x, scale)
     else:
+      block_mean, block_m2 = _block_moments(x, shift, scale)
       mean_dev, m2 = _merge_moments(
         mean_dev, m2, float(count), block_mean, block_m2, float(x.shape[0])
       )
     count += x.shape[0]
   assert shift is not None and mean_dev is not None and m2 is not None  # at least one block
-  var = m2 / (num_samples - 1)
-  se = jnp.sqrt(var / num_samples) * (t_factor(num_samples) * scale)  # Python floats: keep dtype
   # The mean as the first sample plus the mean deviation from it: equal samples give exactly
-  # that sample (a float32 sum of 1000 equal samples over the count was off by 1e-6).
-  return _result(op, (shift + mean_dev) * scale, se, num_samples)
+  # that sample (a float32 sum of 1000 equal samples over the count was off by 1e-6). Python
+  # floats: they keep the dtype.
+  mean, se = _mean_and_stderr(
+    shift, mean_dev, m2, scale, num_samples, t_factor(num_samples) * scale
+  )
+  return _result(op, mean, se, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames="degenerate")
