@@ -24,7 +24,6 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from adahessian_jax import _validation
@@ -70,11 +69,20 @@ class LayerCurvature(NamedTuple):
   converged: bool = False
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _leaf_sums(x, seg, num_leaves):
-  """Per-row sums of ``x`` over each leaf's segment, in :func:`wide_dtype`."""
+@functools.partial(jax.jit, static_argnums=3)
+def _block_sums(diag_sum, x, seg, num_leaves):
+  """``diag_sum`` plus the sum of the rows of ``x``, and the per-row sums of ``x`` over each
+  leaf's segment, in :func:`wide_dtype`: one program per block shape (op by op, four)."""
   x = x.astype(wide_dtype(x.dtype))
-  return jax.vmap(lambda r: jax.ops.segment_sum(r, seg, num_leaves))(x)
+  return diag_sum + x.sum(0), jax.vmap(lambda r: jax.ops.segment_sum(r, seg, num_leaves))(x)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _keys(key, num_samples, block_size, num_parts):
+  """The trace probes' key blocks and each part's eigen key, from ``split(key)``'s two: one
+  program (op by op, five)."""
+  k_trace, k_eig = jax.random.split(key)
+  return key_blocks(k_trace, num_samples, block_size), tuple(jax.random.split(k_eig, num_parts))
 
 
 class _Part(NamedTuple):
@@ -168,22 +176,19 @@ def layer_breakdown(
     tol = _validation.relative_tolerance("tol", tol)
     max_iter = _validation.count("max_iter", max_iter)
   parts = _parts(op, layer_axes)
-  k_trace, k_eig = jax.random.split(_checks.prng_key(key))
-  blocks = key_blocks(k_trace, num_samples, block_size)
+  blocks, eig_keys = _keys(_checks.prng_key(key), num_samples, block_size, len(parts))
   seg = np.empty(op.size, np.int32)
   for i, part in enumerate(parts):
     seg[part.entries] = i
   wide = wide_dtype(op.dtype)
-  diag_sum = jnp.zeros(op.size, wide)
+  diag_sum = jax.device_put(np.zeros(op.size, wide))  # no program (jnp.asarray compiles one)
   traces = []
   for keys in blocks:
-    x = hutchinson_samples(op, keys)
-    diag_sum = diag_sum + x.astype(wide).sum(0)
-    traces.append(np.asarray(_leaf_sums(x, seg, len(parts)), dtype=np.float64))
+    diag_sum, sums = _block_sums(diag_sum, hutchinson_samples(op, keys), seg, len(parts))
+    traces.append(np.asarray(sums, dtype=np.float64))
   traces = np.concatenate(traces)
   diag = jax.tree.leaves(unravel_wide(op, diag_sum / num_samples))
   out = {}
-  eig_keys = jax.random.split(k_eig, len(parts))
   for i, part in enumerate(parts):
     top, spent, error, converged = float("nan"), 0, float("nan"), False
     if eigenvalues and part.entries.size > 0:
