@@ -158,8 +158,9 @@ def _ritz(q, w, s):
 
 @jax.jit
 def _orthonormal(q, v):
-  """``v`` orthogonalised against the rows of ``q``, normalised, and its norm before that."""
-  return unit(orthogonalise(q, v))
+  """``v`` orthogonalised against the rows of ``q``, normalised, its norm before that, and the
+  norm of ``v`` itself (one program, where the last one's ops compiled five)."""
+  return (*unit(orthogonalise(q, v)), norm(v))
 
 
 @jax.jit
@@ -186,12 +187,12 @@ def _next_vector(op, q, grow, key, tol_break):
   and orthogonalised; ``None`` when neither keeps more than ``tol_break`` of its norm (``q``
   spans the space to rounding). Also whether it is the random one."""
   if grow is not None:
-    v, size = _orthonormal(q, grow)
-    if float(size) > tol_break * float(norm(grow)):
+    v, size, raw = _orthonormal(q, grow)
+    if float(size) > tol_break * float(raw):
       return v, False
   z = jax.random.normal(key, (op.size,), op.dtype)
-  v, size = _orthonormal(q, z)
-  return (v if float(size) > tol_break * float(norm(z)) else None), True
+  v, size, raw = _orthonormal(q, z)
+  return (v if float(size) > tol_break * float(raw) else None), True
 
 
 def _ritz_step(op, q, w, used: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -367,11 +368,18 @@ def _beyond_eigenvector(q, w, s, tol, exact, dtype):
 
 
 def _orthonormal_rows(v: jax.Array) -> jax.Array:
-  # The QR in at least float32 (LAPACK has no 16-bit routines), the rows in v's dtype.
-  q, r = jnp.linalg.qr(v.T.astype(wide_dtype(v.dtype)))
-  d = np.abs(np.diag(np.asarray(r)))
+  rows, d = _qr_rows(v)
+  d = np.asarray(d)
   good = d > breakdown_tolerance(v.shape[1], v.dtype) * d.max()
-  return q.T[good].astype(v.dtype)
+  return rows if good.all() else rows[np.flatnonzero(good)]
+
+
+@jax.jit
+def _qr_rows(v):
+  """The orthonormal rows of ``v``'s QR, in ``v``'s dtype, and ``|diag(R)|``: one program (op by
+  op, five). The QR in at least float32 (LAPACK has no 16-bit routines)."""
+  q, r = jnp.linalg.qr(v.T.astype(wide_dtype(v.dtype)))
+  return q.T.astype(v.dtype), jnp.abs(jnp.diagonal(r))
 
 
 def _check_start(previous: Sharpness | None, what: str, n: int) -> None:
