@@ -106,7 +106,14 @@ def _singular_threshold(r: jax.Array) -> jax.Array:
 
 def _singular(r: jax.Array) -> bool:
   """Whether the triangular factor ``r`` is numerically singular."""
-  return bool(np.abs(np.diag(np.asarray(r))).min() <= float(_singular_threshold(r)))
+  sizes, threshold = _diagonal_and_threshold(r)
+  return bool(np.asarray(sizes).min() <= float(threshold))
+
+
+@jax.jit  # one program per shape, not five
+def _diagonal_and_threshold(r: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``|diag(r)|`` and :func:`_singular_threshold` of ``r``."""
+  return jnp.abs(jnp.diag(r)), _singular_threshold(r)
 
 
 @jax.jit
@@ -192,11 +199,9 @@ def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) ->
   omega = independent_probes(op, key, num_probes)
   y = op.matmat(omega)
   _checks.finite(y, "the Hessian-vector product of a sketch probe", op)
-  wide = wide_dtype(op.dtype)
   unit = scale_of(y)
-  omega, y = omega.astype(wide), y.astype(wide) / unit
-  qt, r = jnp.linalg.qr(y.T)
-  q = qt.T
+  omega, y, q, r = _sketch_basis(omega, y, unit)
+  wide = y.dtype
   z = op.matmat(q)
   _checks.finite(z, "the Hessian-vector product of a sketch basis vector", op)
   z = z.astype(wide) / unit
@@ -206,6 +211,16 @@ def exchangeable_sketch(op: HessianOperator, key: jax.Array, num_probes: int) ->
     outside, scale = (float(x) for x in _outside(omega, y, q, z))
     captured = outside <= float(jnp.finfo(op.dtype).eps) * scale
   return Sketch(num_probes, omega, y, q, r, z, captured, singular and not captured, unit)
+
+
+@jax.jit  # one program per shape, not five
+def _sketch_basis(omega, y, unit):
+  """The probes ``omega`` and the products ``y / unit`` in :func:`wide_dtype`, and the QR of the
+  latter's columns, ``Q`` as rows and ``R``."""
+  wide = wide_dtype(y.dtype)
+  omega, y = omega.astype(wide), y.astype(wide) / unit
+  qt, r = jnp.linalg.qr(y.T)
+  return omega, y, qt.T, r
 
 
 def leave_one_out_directions(r: jax.Array) -> jax.Array:
