@@ -59,22 +59,24 @@ def _averages_nothing(rule: Rule, shape) -> bool:
 
 
 def _unread(averaging, params, block_size, given_rules=None):
-  """The spec, the leaves, their rules before the tree is read (``given_rules`` if known), paths
-  as text, shapes and the axis names each leaf carries or is given."""
+  """The spec, the leaves' paths as the evidence reads them
+  (:func:`~adahessian_jax._evidence_names.read_path`), their rules before the tree is read
+  (``given_rules`` if known), paths as text, shapes and the axis names each leaf carries or is
+  given."""
   spec = as_averaging(averaging)
   infos = layout.leaves(params)
+  paths = [_evidence_names.read_path(x.path) for x in infos]
   unbound = given_rules
   if unbound is None:
     unbound = spec_rules(spec.rules, params, infos, flax_default(block_size))
     unbound = [
-      r.for_param(_evidence_names.param_name(_evidence_names.read_path(x.path)))
-      for r, x in zip(unbound, infos, strict=True)
+      r.for_param(_evidence_names.param_name(path)) for r, path in zip(unbound, paths, strict=True)
     ]
   wheres = [jax.tree_util.keystr(info.path) for info in infos]
   shapes = [tuple(jnp.shape(info.leaf)) for info in infos]
   given = dict(spec.names) if spec.names is not None else None
   names = [_leaf_names(*args, given) for args in zip(infos, wheres, shapes, strict=True)]
-  return spec, infos, unbound, wheres, shapes, names
+  return spec, paths, unbound, wheres, shapes, names
 
 
 def _unresolved(rule: Rule) -> TypeGuard[FlaxDefault]:
@@ -106,8 +108,7 @@ class _Plan(NamedTuple):
 def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan:
   """Reads every leaf's rule off ``averaging`` and the tree (see :class:`_Plan`)."""
   strict_mode = flag("strict", strict_mode)  # describe's and resolve_rules'
-  spec, infos, unbound, wheres, shapes, names = _unread(averaging, params, block_size, given_rules)
-  paths = [_evidence_names.read_path(x.path) for x in infos]
+  spec, paths, unbound, wheres, shapes, names = _unread(averaging, params, block_size, given_rules)
   # What the tree shows about the leaves under the default rule, given the axis roles it knows.
   roles = [r.roles() if _unresolved(r) else None for r in unbound]
   readings = _evidence.read(paths, shapes, names, roles)

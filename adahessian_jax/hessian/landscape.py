@@ -148,6 +148,7 @@ class _LeafAxes(NamedTuple):
 def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   """Every leaf of the params with its stacked-layer axes (``layer_axes`` or axis names)."""
   infos = layout.leaves(op.params)  # canonical paths: a box's ``.value`` step removed
+  paths = [_evidence_names.read_path(x.path) for x in infos]  # as the evidence reads them
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   rules = spatial.leaf_rules(None, op.params)
   # As the averaging reads them: a weight, or a kernel whose bias shows PyTorch's layout (Hugging
@@ -157,8 +158,8 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     if spatial.reads_output_first(r)
     else "bias"
     if isinstance(r, spatial.FlaxDefault) and r.param == "bias"
-    else _evidence_names.param_name(_evidence_names.read_path(x.path))
-    for x, r in zip(infos, rules, strict=True)
+    else _evidence_names.param_name(path)
+    for path, r in zip(paths, rules, strict=True)
   ]
   roles = []
   for r in rules:  # the default rule, bound to each leaf's names (a stack's inferred ones too)
@@ -173,7 +174,6 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
     tuple(n for a, n in enumerate(s) if a not in ax) for s, ax in zip(shapes, layers, strict=True)
   ]
   unnamed = [None] * len(infos)
-  paths = [_evidence_names.read_path(x.path) for x in infos]
   defaults = [r.roles() if isinstance(r, spatial.FlaxDefault) else None for r in rules]
   attention, _ = _evidence_attention.flax_attention_names(paths, one_layer, unnamed, defaults)
   for i, names in attention.items():
