@@ -51,8 +51,7 @@ AveragingSpec = Rule | Averaging | Callable[[tuple[Any, ...], Any], Rule | None]
 
 def _is_nnx_state(tree: Any) -> bool:
   """Whether ``tree`` is an NNX state (``nnx.state(model)``) or holds NNX variables."""
-  leaves = jax.tree.leaves(tree, is_leaf=layout.is_nnx_variable)
-  return from_nnx(tree) or any(map(layout.is_nnx_variable, leaves))
+  return from_nnx(tree) or any(map(layout.is_nnx_variable, layout.nnx_nodes(tree)))
 
 
 def named(source: Any, averaging: AveragingSpec = None) -> Averaging:

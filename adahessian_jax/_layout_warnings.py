@@ -104,21 +104,13 @@ def nnx_module_hint(averaging: Any, params: Any) -> str:
   fix that reads each layout from its module's type, or ``""``."""
   if isinstance(averaging, Averaging) and averaging.names is not None:
     return ""
-  if not any(map(layout.is_nnx_variable, nnx_nodes(params))):
+  if not any(map(layout.is_nnx_variable, layout.nnx_nodes(params))):
     return ""
   return (
     "\nThese are NNX variables: averaging=spatial.named(model), with the nnx.Module, names the "
     "axes of the parameters of nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, "
     "nnx.Embed and other known modules (and stacks of them) from the modules' types."
   )
-
-
-def nnx_nodes(params: Any) -> list[Any]:
-  """The leaves of ``params``, an NNX variable read as one; none without Flax imported (no NNX
-  variable exists then)."""
-  if layout.nnx_variable_class() is None:
-    return []
-  return jax.tree.leaves(params, is_leaf=layout.is_nnx_variable)
 
 
 def warn_shard_shapes(

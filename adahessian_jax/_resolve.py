@@ -23,7 +23,6 @@ from adahessian_jax._layout_warnings import (
   guess_warning,
   masked_hint,
   nnx_module_hint,
-  nnx_nodes,
   user_stacklevel,
 )
 from adahessian_jax._listing import Listing, Row, ambiguity_error
@@ -223,7 +222,7 @@ def resolve_rules_and_read_off(
 def _pure_nnx_twin(params: Any) -> Any | None:
   """``params`` with every NNX variable replaced by its value (what ``nnx.as_pure`` gives), or
   ``None`` if no NNX variable in it carries axis names."""
-  nodes = nnx_nodes(params)
+  nodes = layout.nnx_nodes(params)
   if not any(layout.is_nnx_variable(x) and layout.axis_names_of(x) is not None for x in nodes):
     return None
   return layout.unboxed(params, layout.is_nnx_variable)

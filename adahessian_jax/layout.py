@@ -86,6 +86,14 @@ def is_nnx_variable(x: Any) -> bool:
   return variable is not None and isinstance(x, variable)
 
 
+def nnx_nodes(tree: Any) -> list[Any]:
+  """The leaves of ``tree``, an NNX variable read as one; none without Flax imported (no NNX
+  variable exists then)."""
+  if nnx_variable_class() is None:
+    return []
+  return jax.tree.leaves(tree, is_leaf=is_nnx_variable)
+
+
 def _is_spec(x: Any) -> bool:
   return isinstance(x, jax.sharding.PartitionSpec)
 
