@@ -35,6 +35,7 @@ from adahessian_jax._evidence_biases import bias_tables, haiku_biases, named_bia
 from adahessian_jax._evidence_kernels import (
   conv_kernels,
   dense_general_kernels,
+  elementwise_kernels,
   expert_biases,
   expert_stacks,
 )
@@ -54,8 +55,8 @@ class Reading(NamedTuple):
     unsure: Why that reading is a guess, if it is, else ``None``.
     param: What the evidence says the leaf is, where its own name (:func:`param_name`) does not:
       :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`BIAS_TABLE`
-      (:func:`bias_tables`) or ``"bias"`` (:func:`haiku_biases`, :func:`named_biases`,
-      :func:`expert_biases`); else ``None``.
+      (:func:`bias_tables`), :data:`ELEMENTWISE` (:func:`elementwise_kernels`) or ``"bias"``
+      (:func:`haiku_biases`, :func:`named_biases`, :func:`expert_biases`); else ``None``.
     moot: Whether the guess is only of where a ``Dense`` kernel's stacked axis is, which no
       rule that averages nothing depends on.
   """
@@ -84,7 +85,8 @@ def read(
   then, past any stacked axes, convolutions (:func:`conv_kernels`), attention projections
   (:func:`flax_attention_names`, which wins over the others), DenseGeneral kernels
   (:func:`dense_general_kernels`) and the experts of a mixture (:func:`expert_stacks`), with their
-  biases (:func:`expert_biases`).
+  biases (:func:`expert_biases`); and the kernels that contract no input
+  (:func:`elementwise_kernels`).
 
   Args:
     paths: Each leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
@@ -132,11 +134,13 @@ def read(
   done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = expert_stacks(paths, shapes, stacked, roles, done)
   biases |= expert_biases(paths, shapes, stacked, roles, experts)
-  # A weight or kernel, a table, a b or <name>_b. Names can put a leaf in two (a table's word
-  # and a bias's: pos_b beside pos_w, emb_bias beside emb_weight): the later wins, a bias over a
-  # table over a weight. A leaf with a bias paired by name (pos_w, emb_weight) is no table of
-  # biases under a module named with 'bias' (bias_tables): a weight by its bias or a table.
+  # A weight or kernel (by its bias), a table, a b or <name>_b. Names can put a leaf in two (a
+  # table's word and a bias's: pos_b beside pos_w, emb_bias beside emb_weight): the later wins, a
+  # bias over a table over a weight. A leaf with a bias paired by name (pos_w, emb_weight) is no
+  # table of biases under a module named with 'bias' (bias_tables): a weight by its bias or a
+  # table.
   params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
+  params |= {i: ELEMENTWISE for i in elementwise_kernels(paths, shapes, stacked, roles)}
   params |= {i: "bias" for i in biases}
   readings = []
   for i in range(len(paths)):
@@ -247,6 +251,9 @@ WEIGHT_BY_BIAS = "weight, by its bias"
 #: What :func:`read` calls a table of attention biases (:func:`bias_tables`): T5's
 #: ``relative_attention_bias`` ``(num_buckets, heads)``.
 BIAS_TABLE = "a table of attention biases"
+#: What :func:`read` calls a kernel whose bias has its every axis (:func:`elementwise_kernels`):
+#: an ``Einsum`` ``"btd,td->btd"``'s ``(t, d)``.
+ELEMENTWISE = "a kernel that contracts no input, by its bias"
 
 
 #: Why a bias-less ``Dense_N`` kernel read with its stack in front is a guess (:func:`read`).

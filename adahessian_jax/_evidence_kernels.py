@@ -268,6 +268,31 @@ def dense_general_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNa
   return found
 
 
+def elementwise_kernels(paths, shapes, names, roles) -> set[int]:
+  """The unnamed kernels whose bias has their every axis: an ``Einsum`` that contracts none.
+
+  Linen's ``nn.Einsum`` (and an ``nnx.Einsum`` given a bias) makes its bias of the kernel's axes
+  that its output keeps, the contracted (input) ones dropped: ``"btd,td->btd"`` (a learned gate
+  per position and channel) has a kernel ``(t, d)`` beside a bias ``(t, d)``, ``"btd,dt->btd"``
+  one ``(d, t)`` beside ``(t, d)``. Each entry of such a kernel meets one output entry and no
+  other, like a norm's scale, where the rank's reading blocks a rank-2 kernel along axis 0 as a
+  ``Dense`` kernel's inputs (across its positions) and averages a rank-3 one over axis 0 as a
+  ``Conv`` kernel's window. A kernel of rank >= 2 (:func:`kernel_leaves`: its only names leading
+  stacked ones) beside a bias of its rank and sizes, in any order (a stack's ``(layers, t, d)``
+  beside ``(layers, t, d)`` too), is one; no other layer sits beside such a bias (a ``Dense`` or
+  ``Conv`` bias drops the input axes, a stack's keeps only its layers and outputs).
+
+  Returns:
+    The indices of these leaves under the default rule.
+  """
+  found = set()
+  for k in kernel_leaves(paths, shapes, names, roles):
+    shape = shapes[k.index]
+    if k.bias is not None and len(shape) >= 2 and sorted(k.bias) == sorted(shape):
+      found.add(k.index)
+  return found
+
+
 #: Words (of a module or parameter name, :func:`words`) that stack a leaf's experts.
 _EXPERT_WORDS = frozenset(("moe", "expert", "experts"))
 

@@ -59,9 +59,10 @@ def _blocks_text(block_size: int) -> str:
 
 
 _WEIGHT_BY_BIAS, _BIAS_TABLE = _evidence.WEIGHT_BY_BIAS, _evidence.BIAS_TABLE
+_ELEMENTWISE = _evidence.ELEMENTWISE
 #: The parameter names (last path keys, or what the tree shows a leaf is) that
 #: :func:`flax_default` reads.
-_PARAMS_READ = (*_evidence_names.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE)
+_PARAMS_READ = (*_evidence_names.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE, _ELEMENTWISE)
 
 
 def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -> Choice:
@@ -229,6 +230,13 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
   if ndim >= 2 and param == "bias":
     # DenseGeneral (*features), attention (heads, head_dim) and Einsum biases: one per output.
     return Choice(NoAveraging(), f"rank {ndim}, Flax name 'bias': a bias (one per output), none")
+  if ndim >= 2 and param == _ELEMENTWISE:
+    # An Einsum "btd,td->btd": each entry of the kernel meets one output entry, as a scale's.
+    return Choice(
+      NoAveraging(),
+      f"rank {ndim}, a kernel beside a bias of its every axis: an Einsum that contracts no "
+      "input (e.g. 'btd,td->btd'), one entry per output, none",
+    )
   if ndim >= 2 and param == "scale":
     # A norm's scale over several feature axes (LayerNorm(feature_axes=(-2, -1))), or a stack's
     # (layers, features) scale without names: one entry per feature, like a bias.
@@ -319,7 +327,8 @@ class FlaxDefault(Rule):
       ``pos_embedding``, ``"table"``, ``"weight"``:
       :func:`~adahessian_jax._evidence_names.param_name`) or by the tree around it
       (:data:`~adahessian_jax._evidence.WEIGHT_BY_BIAS`,
-      :data:`~adahessian_jax._evidence.BIAS_TABLE`), once set by
+      :data:`~adahessian_jax._evidence.BIAS_TABLE`,
+      :data:`~adahessian_jax._evidence.ELEMENTWISE`), once set by
       :func:`~adahessian_jax.spatial.resolve_rules`; ``None`` for any other name (``"kernel"``).
     resolved: Whether :func:`~adahessian_jax.spatial.resolve_rules` has read the tree for this
       leaf. A resolved rule is not read again: its reading stays that of the tree it was resolved

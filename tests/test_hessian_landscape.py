@@ -214,7 +214,9 @@ def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter
   # (norms off by up to 7x here). A batched kernel (batch, in, out) beside its bias (batch, out)
   # under layer_axes=0 has a filter per batch entry and output too, as its bias shows, and so has
   # an nn.vmap ensemble with variable_axes={"params": 1}: kernel (in, members, out), bias (out,
-  # members) (per output across members, norms were off by up to 124x).
+  # members) (per output across members, norms were off by up to 124x). One that contracts no
+  # input, "btd,td->btd" (kernel and bias (t, d)), has a filter per entry (per column across the
+  # positions t, an entry's size was off by up to 4,600x here).
   import flax.linen as nn
 
   r = np.random.default_rng(0)
@@ -227,10 +229,12 @@ def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter
   )(4)
   ens = jax.jit(ens.init)(jax.random.key(1), jnp.ones((1, 6)))["params"]
   members = np.asarray(ens["kernel"]) * np.array([1.0, 10.0, 100.0])[:, None]
+  gate = r.normal(size=(4, 3)) * np.array([0.1, 1.0, 10.0, 100.0])[:, None]
   params = {
     "Einsum_0": {"kernel": jnp.asarray(k), "bias": einsum["params"]["bias"]},
     "batched": {"kernel": jnp.asarray(batched), "bias": jnp.zeros((2, 3))},
     "ensemble": {"kernel": jnp.asarray(members), "bias": ens["bias"]},
+    "gate": {"kernel": jnp.asarray(gate), "bias": jnp.zeros((4, 3))},
   }
   assert params["Einsum_0"]["bias"].shape == (3, 2)
   op = _sin_op(params)
@@ -246,6 +250,7 @@ def test_filter_normalisation_gives_each_output_unit_of_an_einsum_its_own_filter
   np.testing.assert_allclose(
     _filter_norms(nd["ensemble"]["kernel"], (1, 2)), _filter_norms(members, (1, 2)), rtol=1e-12
   )
+  np.testing.assert_allclose(np.abs(nd["gate"]["kernel"]), np.abs(gate), rtol=1e-12)
 
 
 def test_filter_normalisation_gives_each_token_of_an_embedding_its_rows_norm():

@@ -1114,6 +1114,67 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
     spatial.describe(mine, block_size=2, strict=True)
 
 
+class _Gate(nn.Module):
+  """An ``nn.Einsum`` of ``spec`` and kernel ``shape`` on a carry it returns (scannable)."""
+
+  spec: str
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    nn.Einsum(self.shape, self.spec)(x)
+    return x, None
+
+
+class _ScannedGates(nn.Module):
+  """Three ``"btd,td->btd"`` gates stacked by ``nn.scan`` (Linen names it ``ScanGate_0``)."""
+
+  @nn.compact
+  def __call__(self, x):
+    nn.scan(_Gate, length=3, **_SCANNED)("btd,td->btd", (4, 6))(x, None)
+    return x
+
+
+def test_an_einsum_kernel_that_contracts_no_input_is_not_averaged(rng):
+  # An Einsum whose output keeps every kernel axis ("btd,td->btd", a learned gate per position and
+  # channel) has its bias of the kernel's every axis: each kernel entry meets one output entry.
+  # Read by its rank, the kernel (t, d) was blocked along axis 0 as a Dense kernel's inputs (across
+  # positions, unflagged) and (t, h, d) averaged over axis 0 as a Conv kernel's window (flagged);
+  # in an nn.scan stack too. One that contracts an axis ("btd,dh->bth") stays a Dense kernel.
+  gates = {
+    "gate": ("btd,td->btd", (4, 6), (1, 4, 6)),
+    "reordered": ("btd,dt->btd", (6, 4), (1, 4, 6)),
+    "rank3": ("bthd,thd->bthd", (4, 2, 6), (1, 4, 2, 6)),
+    "outer": ("bd,hd->bhd", (2, 6), (1, 6)),
+  }
+  params = {k: zero_params(_Gate(spec, shape), np.ones(x)) for k, (spec, shape, x) in gates.items()}
+  params["scanned"] = zero_params(_ScannedGates(), np.ones((1, 4, 6)))  # ScanGate_0: (3, 4, 6)
+  params["nnx"] = nnx.as_pure(
+    nnx_zero_params(lambda: nnx.Einsum("btd,td->btd", (4, 6), (4, 6), rngs=nnx.Rngs(0)))
+  )
+  params["haiku"] = {"w": np.zeros((4, 6)), "b": np.zeros((4, 6))}
+  params["dense"] = zero_params(_Gate("btd,dh->bth", (6, 4)), np.ones((1, 4, 6)))
+  hessian_diag = jax.tree.map(lambda x: rng.random(x.shape), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=2), params, hessian_diag)
+  rows = {r.path: r for r in spatial.describe(params, block_size=2, strict=True).rows}
+  kernels = 0
+  leaves = jax.tree_util.tree_flatten_with_path(hessian_diag)[0]
+  for (path, d), value in zip(leaves, jax.tree.leaves(got), strict=True):
+    where, d = jax.tree_util.keystr(path), np.asarray(d)
+    if not where.endswith(("['kernel']", "['w']")):
+      continue
+    kernels += 1
+    if where.startswith("['dense']"):
+      np.testing.assert_allclose(value, block_average(d, 2, axis=0), rtol=1e-6)
+      assert rows[where].rule == spatial.blocks(2, axis=0)
+      continue
+    np.testing.assert_allclose(value, d, rtol=1e-6, err_msg=where)
+    want = spatial.per_layer(spatial.none(), axes=0) if "scanned" in where else spatial.none()
+    assert rows[where].rule == want, where
+    assert "contracts no input" in rows[where].why and not rows[where].ambiguous
+  assert kernels == 8
+
+
 @pytest.mark.filterwarnings(
   "ignore::adahessian_jax.spatial.LayoutGuessWarning"
 )  # guesses on purpose

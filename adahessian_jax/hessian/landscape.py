@@ -196,7 +196,8 @@ def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
   *in, *out)`` (a ``DenseGeneral``/``nnx.LinearGeneral`` with several output axes, an attention
   projection ``(embed, heads, head_dim)``, an ``Einsum`` whose output keeps the kernel's order);
   where no such reading fits, as the kernel's axes in any order (an ``Einsum`` whose output
-  reorders them, ``"bd,dhk->bkh"``: kernel ``(d, h, k)``, bias ``(k, h)``). Every reading is one
+  reorders them, ``"bd,dhk->bkh"``: kernel ``(d, h, k)``, bias ``(k, h)``; or keeps them all,
+  ``"btd,td->btd"``: kernel ``(t, d)``, bias ``(t, d)``, a filter per entry). Every reading is one
   filter per bias entry; a bias that two readings fit on different axes says nothing."""
   outputs: list[tuple[int, ...]] = [()] * len(shapes)
   for i, j in _evidence_biases.kernel_biases(paths).items():
@@ -205,7 +206,7 @@ def _bias_outputs(paths, shapes, layers) -> list[tuple[int, ...]]:
     rest = [a for a in range(len(shapes[i])) if a not in layers[i]]
     kernel = tuple(shapes[i][a] for a in rest)
     bias = tuple(shapes[j][a] for a in range(len(shapes[j])) if a not in layers[j])
-    if not 2 <= len(bias) < len(kernel):
+    if not 2 <= len(bias) <= len(kernel):
       continue
     # As the averaging reads DenseGeneral kernels: a bias that fits two ways ((6, 6, 4) beside
     # (6, 4): a batch of 6, or two output axes) says nothing.
