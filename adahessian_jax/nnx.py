@@ -485,8 +485,10 @@ def _input_names(n: int) -> tuple[str, ...]:
 def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
   """The axis names of an ``nnx.Einsum`` kernel of ``rank`` axes, where its einsum string lays
   it out as a ``DenseGeneral`` kernel: axes mapped over (in the input, kernel and output:
-  stacked), then contracted inputs (:func:`_input_names`), then outputs; otherwise ``None``
-  (the string does not say which axis is the input the default reading would block along)."""
+  stacked), then contracted inputs (:func:`_input_names`), then outputs; where it contracts no
+  axis (``"btd,td->btd"``, ``"bd,hd->bhd"``: each entry of the kernel meets its own output
+  entries, as a scale's), every axis ``"layers"``, kept apart; otherwise ``None`` (the string
+  does not say which axis is the input the default reading would block along)."""
   spec = einsum_str.replace(" ", "")
   if spec.count("->") != 1:
     return None
@@ -507,7 +509,9 @@ def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
       kinds.append(2)  # an output axis
     else:
       return None
-  if 1 not in kinds or kinds != sorted(kinds):
+  if 1 not in kinds:  # nothing contracted: no inputs to block along, nothing to average
+    return (_STACKED,) * rank
+  if kinds != sorted(kinds):
     return None
   stacked, outputs = kinds.count(0), kinds.count(2)
   return (_STACKED,) * stacked + _input_names(kinds.count(1)) + ("mlp",) * outputs

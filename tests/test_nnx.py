@@ -861,6 +861,37 @@ def test_named_model_keeps_own_names_and_names_only_the_layouts_it_knows():
     ah.spatial.named(Raw())
 
 
+class Gates(nnx.Module):
+  def __init__(self, rngs):
+    self.gate = nnx.Einsum("btd,td->btd", (4, 6), **F64, rngs=rngs)  # no bias: NNX's default
+    self.outer = nnx.Einsum("bd,hd->bhd", (2, 6), **F64, rngs=rngs)
+    self.dense = nnx.Einsum("btd,dh->bth", (6, 3), **F64, rngs=rngs)
+
+
+def test_named_model_keeps_every_entry_of_an_einsum_that_contracts_nothing_apart():
+  """An nnx.Einsum whose string contracts no axis ("btd,td->btd", a gate per position and
+  channel; "bd,hd->bhd") meets each output entry with one kernel entry: nothing to average.
+  spatial.named(model) left it unnamed, so the default reading blocked the (t, d) kernel along
+  axis 0 as a Dense kernel's inputs, across positions, unflagged; now its axes are kept apart.
+  One that contracts d ("btd,dh->bth") stays (embed, mlp)."""
+  model = Gates(nnx.Rngs(0))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  named = ah.spatial.named(model)
+  rows = {r.path: r for r in ah.spatial.describe(params, named, 2, strict=True).rows}
+  for path in ("['gate']['kernel']", "['outer']['kernel']"):
+    assert rows[path].names == ("layers", "layers")
+    assert rows[path].groups == {1: int(np.prod(rows[path].shape))}
+  assert rows["['dense']['kernel']"].names == ("embed", "mlp")
+  assert rows["['dense']['kernel']"].rule == ah.spatial.blocks(2, axis=0)
+  d = jax.tree.map(lambda x: np.random.default_rng(0).random(x.shape), params)
+  tx = ah.scale_by_adahessian(b2=0.5, block_size=2, averaging=named)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = jax.jit(functools.partial(tx.update, hessian_diag=d))(grads, tx.init(params), params)
+  nu = ah.find_adahessian_state(state).nu
+  for key in ("gate", "outer"):
+    np.testing.assert_allclose(np.sqrt(np.asarray(nu[key]["kernel"]) / 0.5), d[key]["kernel"])
+
+
 def test_named_of_a_state_without_metadata_points_to_the_module():
   """``spatial.named(nnx.state(model))`` of a model without sharding metadata (RNG state and
   all) is refused naming the fix that works, ``spatial.named(model)``; the message suggested only
