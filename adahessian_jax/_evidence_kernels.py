@@ -88,6 +88,157 @@ def _unnamed_spatial(names: AxisNames | None, roles: Mapping[str, str]) -> int |
   return n if middle and all(x is None for x in middle) else None
 
 
+class _StackFacts(NamedTuple):
+  """What the whole tree shows of its stacks of layers (:func:`_stack_facts`), which
+  :func:`conv_kernels` needs to tell a bias-less convolution's kernel ``(*spatial, in, out)`` from
+  a stack of them.
+
+  Attributes:
+    stack_axes: The stacks of layers known in the tree (named, or found from the evidence):
+      ``{(axis, size)}``.
+    shown: By a module, the leading stacked shapes of the vectors of one entry per channel (a
+      norm's scale, a bias: ``(layers, channels)``) found stacked under it.
+    norm_sizes: By a module, the first sizes of the unnamed scales and biases of rank >= 2 under
+      it: a sign of a stack.
+    scaled: The modules with an unnamed scale of rank >= 2 under them, which nothing shows
+      stacked: the members of an ``nn.vmap`` over another axis (``variable_axes={"params": 1}``:
+      ``(channels, members)``), whatever its first size.
+    firsts: By a kernel's parent module and its number of leading stacked axes, the first sizes
+      past those of the leaves under the module (``None`` for one with no axis to spare): a stack
+      shows as one size in front of them all.
+    mixed: The keys of ``firsts`` with a leaf outside a convolution's module.
+  """
+
+  stack_axes: set[tuple[int, int]]
+  shown: dict[tuple, set[tuple[int, ...]]]
+  norm_sizes: dict[tuple, set[int]]
+  scaled: set[tuple]
+  firsts: dict[tuple[tuple, int], set[int | None]]
+  mixed: set[tuple[tuple, int]]
+
+
+def _known_stacks(shapes, names, roles) -> set[tuple[int, int]]:
+  """The ``(axis, size)`` of every axis named stacked in a leaf under the default rule."""
+  return {
+    (a, shape[a])
+    for n, r, shape in zip(names, roles, shapes, strict=True)
+    if n is not None and r is not None
+    for a, x in enumerate(n)
+    if axis_role(x, r) == STACKED
+  }
+
+
+def _shown_stacks(paths, shapes, names, roles, leaf_modules) -> dict[tuple, set[tuple[int, ...]]]:
+  """The stacks that a vector of one entry per channel shows for the modules beside its own: the
+  leading stacked shape of a norm's scale or a bias ``(layers, channels)`` found stacked, by the
+  module above theirs."""
+  shown: dict[tuple, set[tuple[int, ...]]] = {}
+  for i, path in enumerate(paths):
+    if names[i] is None or roles[i] is None or param_name(path) not in ("scale", "bias"):
+      continue
+    lead = stacked_prefix(names[i], roles[i])
+    if lead and len(shapes[i]) == lead + 1:
+      shown.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][:lead])
+  return shown
+
+
+def _unnamed_norms(paths, shapes, names, leaf_modules) -> tuple[dict[tuple, set[int]], set[tuple]]:
+  """The first sizes of the unnamed scales and biases of rank >= 2, by the module above theirs,
+  and the modules above such a scale (:class:`_StackFacts`' ``norm_sizes`` and ``scaled``)."""
+  norm_sizes: dict[tuple, set[int]] = {}
+  scaled: set[tuple] = set()
+  for i, path in enumerate(paths):
+    if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
+      norm_sizes.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][0])
+      if param_name(path) == "scale":
+        scaled.add(leaf_modules[i][:-1])
+  return norm_sizes, scaled
+
+
+def _first_sizes(
+  kernels: list[_Kernel], shapes, leaf_modules
+) -> tuple[dict[tuple[tuple, int], set[int | None]], set[tuple[tuple, int]]]:
+  """The first sizes (past ``lead`` stacked axes) of the leaves under each kernel's parent module,
+  and which of those modules hold a leaf outside a convolution's module (:class:`_StackFacts`'
+  ``firsts`` and ``mixed``)."""
+  firsts: dict[tuple[tuple, int], set[int | None]] = {
+    (k.module[:-1], k.lead): set() for k in kernels
+  }
+  mixed: set[tuple[tuple, int]] = set()
+  under = leaves_under({parent for parent, _ in firsts}, leaf_modules)
+  for (parent, lead), sizes in firsts.items():
+    for i in under[parent]:
+      sizes.add(shapes[i][lead] if len(shapes[i]) > lead + 1 else None)
+      if not _is_conv_module(leaf_modules[i]):
+        mixed.add((parent, lead))
+  return firsts, mixed
+
+
+def _stack_facts(paths, shapes, names, roles, kernels: list[_Kernel]) -> _StackFacts:
+  """What the tree shows of its stacks of layers (:class:`_StackFacts`)."""
+  leaf_modules = [module_keys(path) for path in paths]
+  norm_sizes, scaled = _unnamed_norms(paths, shapes, names, leaf_modules)
+  firsts, mixed = _first_sizes(kernels, shapes, leaf_modules)
+  return _StackFacts(
+    stack_axes=_known_stacks(shapes, names, roles),
+    shown=_shown_stacks(paths, shapes, names, roles, leaf_modules),
+    norm_sizes=norm_sizes,
+    scaled=scaled,
+    firsts=firsts,
+    mixed=mixed,
+  )
+
+
+def _shows_a_stack(k: _Kernel, shape: tuple[int, ...], facts: _StackFacts) -> bool:
+  """Whether a bias-less kernel's first size past its known stacked axes may be a stack of layers'
+  (then its leading axis is no window's).
+
+  Its stacked axes known, shown beside it (a GroupNorm's ``(layers, channels)`` in its block: a
+  stack of 3 bias-less 3x3 Convs), a size past them is another stack's only if one is known that
+  deep (a stack of stacks), or if the kernel's own module is stacked (``VmapConv_0``). Else it is
+  if it is the size of a stack known in the tree, or the first size of an unnamed norm's scale or
+  bias beside its module, or if a scale beside it shows an ``nn.vmap``'s members, or if every leaf
+  under the module above it, one of them no convolution's, has that size first.
+  """
+  first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
+  parent = (k.module[:-1], k.lead)
+  own = k.lead and not (k.module and stacks_all(k.module[-1]))
+  if own and shape[: k.lead] in facts.shown.get(k.module[:-1], ()):
+    known = {size for a, size in facts.stack_axes if a >= k.lead}
+  else:
+    known = {size for _, size in facts.stack_axes}
+  return (
+    first in known
+    or first in facts.norm_sizes.get(k.module[:-1], ())
+    or k.module[:-1] in facts.scaled
+    or (parent in facts.mixed and facts.firsts[parent] == {first})
+  )
+
+
+def _conv_reason(k: _Kernel, shape: tuple[int, ...], facts: _StackFacts) -> str | None:
+  """Why an unnamed kernel is a convolution's for sure (:func:`conv_kernels`), or ``None``."""
+  rank = len(shape) - k.lead
+  named = _is_conv_module(k.module)
+  beside_bias = k.bias == shape[: k.lead] + shape[-1:]
+  # A window of one size (3x3, a 16x16 patch): a DenseGeneral kernel (a, b, c, out) over three
+  # input axes of other sizes beside its bias (out,) is no convolution's, where the mean over
+  # its leading axes would average a * b of its inputs even at block_size 1.
+  square = len(set(shape[k.lead : -2])) == 1
+  if beside_bias and rank >= 4 and (square or named):
+    return f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
+  if not named:
+    return None
+  if beside_bias or (k.bias is None and rank == 3):
+    return f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
+  # Under Linen's name of an nn.vmap (VmapBlock_0, VmapConv_0), a bias-less kernel with a
+  # spatial axis to spare may have the vmap's axis in front ((members, kh, kw, in, out)) or
+  # none (params broadcast): the rank's guess, flagged.
+  vmapped = not k.lead and any(named_by(key, ("Vmap",)) for key in k.module)
+  if k.bias is None and not (vmapped or _shows_a_stack(k, shape, facts)):
+    return f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
+  return None
+
+
 def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]]:
   """Axis names for the unnamed kernels that are a convolution's for sure.
 
@@ -115,93 +266,25 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     and that is not under Linen's name of an ``nn.vmap`` (``VmapBlock_0``: its members stacked
     in front or elsewhere, or not at all, the params broadcast).
 
+  What the tree shows of its stacks is read once (:func:`_stack_facts`), then each kernel is
+  decided by these cases (:func:`_conv_reason`, :func:`_shows_a_stack`).
+
   Returns:
     ``{leaf index: (axis names, why)}``.
   """
   found: dict[int, tuple[AxisNames, str]] = {}
   kernels = list(kernel_leaves(paths, shapes, names, roles))
-  # The stacks of layers known in the tree (named, or found from the evidence): (axis, size).
-  stack_axes = {
-    (a, shape[a])
-    for n, r, shape in zip(names, roles, shapes, strict=True)
-    if n is not None and r is not None
-    for a, x in enumerate(n)
-    if axis_role(x, r) == STACKED
-  }
-  stack_sizes = {size for _, size in stack_axes}
-  leaf_modules = [module_keys(path) for path in paths]
-  # The stacks that a vector of one entry per channel shows for the modules beside its own: a
-  # norm's scale or a bias (layers, channels) found stacked, by the module above theirs.
-  shown: dict[tuple, set[tuple[int, ...]]] = {}
-  for i, path in enumerate(paths):
-    if names[i] is None or roles[i] is None or param_name(path) not in ("scale", "bias"):
-      continue
-    lead = stacked_prefix(names[i], roles[i])
-    if lead and len(shapes[i]) == lead + 1:
-      shown.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][:lead])
-  # Unnamed norms' scales and biases of rank >= 2 by the module above theirs: a sign of a stack.
-  stacked_norms: dict[tuple, set[int]] = {}
-  # A norm's scale of rank >= 2 that nothing shows stacked: the members of an nn.vmap over
-  # another axis (variable_axes={"params": 1}: (channels, members)), whatever its first size.
-  scaled: set[tuple] = set()
-  for i, path in enumerate(paths):
-    if names[i] is None and param_name(path) in ("scale", "bias") and len(shapes[i]) >= 2:
-      stacked_norms.setdefault(leaf_modules[i][:-1], set()).add(shapes[i][0])
-      if param_name(path) == "scale":
-        scaled.add(leaf_modules[i][:-1])
-  # The first sizes (past ``lead`` stacked axes) of the leaves under a module, and whether one
-  # of them is outside a convolution's module: a stack shows as one size in front of them all.
-  firsts: dict[tuple[tuple, int], set[int | None]] = {
-    (k.module[:-1], k.lead): set() for k in kernels
-  }
-  other: set[tuple[tuple, int]] = set()
-  under = leaves_under({parent for parent, _ in firsts}, leaf_modules)
-  for (parent, lead), sizes in firsts.items():
-    for i in under[parent]:
-      sizes.add(shapes[i][lead] if len(shapes[i]) > lead + 1 else None)
-      if not _is_conv_module(leaf_modules[i]):
-        other.add((parent, lead))
+  facts = _stack_facts(paths, shapes, names, roles, kernels)
   for k in kernels:
     spatial = role_name(k.roles, SPATIAL)
     shape = shapes[k.index]
     rank = len(shape) - k.lead
     if spatial is None or rank < 3:
       continue
-    named = _is_conv_module(k.module)
-    beside_bias = k.bias == shape[: k.lead] + shape[-1:]
-    # Under Linen's name of an nn.vmap (VmapBlock_0, VmapConv_0), a bias-less kernel with a
-    # spatial axis to spare may have the vmap's axis in front ((members, kh, kw, in, out)) or
-    # none (params broadcast): the rank's guess, flagged.
-    # Where its stacked axes in front are known (from its relatives), the rest is one member's.
-    vmapped = not k.lead and any(named_by(key, ("Vmap",)) for key in k.module)
-    first = shape[k.lead]  # past the stacks known: a stack's size here would be one more
-    parent = (k.module[:-1], k.lead)
-    # Its stacked axes known, shown beside it (a GroupNorm's (layers, channels) in its block: a
-    # stack of 3 bias-less 3x3 Convs), a size past them is another stack's only if one is known
-    # that deep (a stack of stacks), or if the kernel's own module is stacked (VmapConv_0).
-    own = k.lead and not (k.module and stacks_all(k.module[-1]))
-    if own and shape[: k.lead] in shown.get(k.module[:-1], ()):
-      known = {size for a, size in stack_axes if a >= k.lead}
-    else:
-      known = stack_sizes
-    stack_sign = (
-      first in known
-      or first in stacked_norms.get(k.module[:-1], ())
-      or k.module[:-1] in scaled
-      or (parent in other and firsts[parent] == {first})
-    )
-    # A window of one size (3x3, a 16x16 patch): a DenseGeneral kernel (a, b, c, out) over three
-    # input axes of other sizes beside its bias (out,) is no convolution's, where the mean over
-    # its leading axes would average a * b of its inputs even at block_size 1.
-    square = len(set(shape[k.lead : -2])) == 1
-    if beside_bias and rank >= 4 and (square or named):
-      why = f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
-    elif named and (beside_bias or (k.bias is None and (rank == 3 or not (stack_sign or vmapped)))):
-      why = f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
-    else:
-      continue
-    stacked = lead_names(names[k.index], k.lead)
-    found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
+    why = _conv_reason(k, shape, facts)
+    if why is not None:
+      stacked = lead_names(names[k.index], k.lead)
+      found[k.index] = (stacked + (spatial,) * (rank - 2) + (None, None), why)
   # Boxed with only the spatial axes unnamed, (None, None, "embed", "mlp"): the same evidence
   # from the bias, which a stack of layers' kernel would not sit beside ((layers, out) is its).
   for k in kernel_leaves(paths, shapes, names, roles, _unnamed_spatial):
