@@ -88,6 +88,12 @@ def read(
   biases (:func:`expert_biases`); and the kernels that contract no input
   (:func:`elementwise_kernels`).
 
+  Where readers meet on one leaf: its names are an attention projection's, else the last found of
+  a mixture's, a convolution's and a ``DenseGeneral``'s, else its stacks' (its own where nothing
+  was read); its note is its stacks' (:func:`_stack_note`) and each kernel reading's; why it is a
+  guess, the first reason in the order the body gives (:func:`_first_reason`); its ``param``, as
+  :func:`_params` orders them.
+
   Args:
     paths: Each leaf's canonical path (:func:`adahessian_jax.layout.leaves`).
     shapes: Each leaf's shape.
@@ -99,78 +105,125 @@ def read(
     A :class:`Reading` per leaf, in order.
   """
   own = list(names)
-  names = [_roleless_unnamed(n, r) for n, r in zip(names, roles, strict=True)]
-  cleared = list(names)
-  names, leading = _unnamed_leading_stacks(paths, shapes, names, roles)
-  by_bias, by_bias_unsure = weights_by_bias(paths, shapes, roles)
+  cleared = [_roleless_unnamed(n, r) for n, r in zip(names, roles, strict=True)]
+  # Stacks of layers. Each stage reads the names the one before it left, and names only axes
+  # those left unnamed: the leading axes of boxed leaves, then a module's own evidence, then its
+  # named relatives.
+  names, leading = _unnamed_leading_stacks(paths, shapes, cleared, roles)
   evident, alone, unplaced, guessed = stacks_by_evidence(paths, shapes, names, roles)
   names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
-  inferred, unsure = in_named_stacks(paths, shapes, names, roles, alone)
-  # Unsure only of where a Dense kernel's stacked axis is: moot where its rule averages nothing.
-  placement = set(_unplaced_stacks(paths, shapes, names, roles, alone, unplaced)) - set(unsure)
-  for i in placement:
-    unsure[i] = _UNPLACED
-  for i, why in guessed.items():  # how many axes an nn.remat_scan stacks, or where a scan does
-    unsure.setdefault(i, why)
-  for i, why in by_bias_unsure.items():
-    unsure.setdefault(i, why)
+  inferred, related_unsure = in_named_stacks(paths, shapes, names, roles, alone)
+  placement = _unplaced_stacks(paths, shapes, names, roles, alone, unplaced) - set(related_unsure)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
-  # A kernel (layers, out, in) is read output axis first per layer only where its leading axes
-  # are found stacked: else the rank's guess stays, flagged.
-  by_bias = {
+  by_bias, by_bias_unsure = weights_by_bias(paths, shapes, roles)
+  by_bias = _output_first(by_bias, paths, shapes, stacked, roles)
+  # Kernels past their stacked axes.
+  convs = conv_kernels(paths, shapes, stacked, roles)
+  attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
+  generals = dense_general_kernels(paths, shapes, stacked, roles)
+  done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
+  experts = expert_stacks(paths, shapes, stacked, roles, done)
+  params = _params(
+    by_bias=by_bias,
+    tables=bias_tables(paths, roles),
+    elementwise=elementwise_kernels(paths, shapes, stacked, roles),
+    biases=haiku_biases(paths, roles)
+    | named_biases(paths, roles)
+    | expert_biases(paths, shapes, stacked, roles, experts),
+  )
+  # Why a reading is a guess: the first of these that has a reason for a leaf gives it. An
+  # attention's guess first, of the names that win over every other reading (below); then the
+  # stacks' (relatives that disagree, a Dense kernel's stack of no known place, a scan's count or
+  # place), a weight's by its bias, and last the vectors of a stack that nothing names.
+  unsure = _first_reason(
+    {i: _ATTENTION_UNSURE for i in attention_unsure},
+    related_unsure,
+    {i: _UNPLACED for i in placement},  # none of these in related_unsure
+    guessed,  # how many axes an nn.remat_scan stacks, or where a scan does
+    by_bias_unsure,
+    vectors_in_stacks(paths, shapes, stacked, roles),
+  )
+  readings = []
+  for i in range(len(paths)):
+    leaf_names, note = stacked[i], _stack_note(i, paths, leading, evident, inferred)
+    if i in attention:  # an attention projection wins over the other kernels' readings
+      leaf_names = attention[i]
+      note += _ATTENTION_NOTE
+    else:
+      for found in (experts, convs, generals):  # the later wins; the notes of all are kept
+        if i in found:
+          leaf_names = found[i][0]
+          note += f" ({found[i][1]})"
+    if leaf_names == cleared[i]:  # nothing read: its own names (mesh axes: no role), if any
+      leaf_names = own[i]
+    moot = i in placement and unsure.get(i) == _UNPLACED
+    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), moot))
+  return readings
+
+
+def _first_reason(*reasons: Mapping[int, str]) -> dict[int, str]:
+  """Per leaf, the reason of the first of ``reasons`` (``{leaf index: why}``) that has one."""
+  out: dict[int, str] = {}
+  for by_leaf in reasons:
+    for i, why in by_leaf.items():
+      out.setdefault(i, why)
+  return out
+
+
+def _stack_note(i: int, paths, leading, evident, inferred) -> str:
+  """How leaf ``i``'s stacked axes were read, for :class:`Reading`'s note: by its module's own
+  evidence (:func:`stacks_by_evidence`), else from a named relative (:func:`in_named_stacks`),
+  else as its unnamed leading axes (:func:`_unnamed_leading_stacks`, whose note the first two
+  replace: they read it again, whole); ``""`` if none."""
+  if i in evident:
+    return f" (stacked axes inferred: {evident[i][1]})"
+  if i in inferred:
+    relative = jax.tree_util.keystr(tuple(paths[inferred[i][1]]))
+    return f" (stacked axes taken from its named relative {relative})"
+  return leading.get(i, "")
+
+
+def _output_first(by_bias: set[int], paths, shapes, stacked, roles) -> set[int]:
+  """The leaves of ``by_bias`` (:func:`weights_by_bias`) read output axis first: a ``weight`` or a
+  rank-2 kernel, and a kernel ``(layers, out, in)`` only where its leading axes are found stacked
+  (else the rank's guess stays, flagged)."""
+  return {
     i
     for i in by_bias
     if len(shapes[i]) == 2
     or param_name(paths[i]) == "weight"
     or stacked_prefix(stacked[i] or (), roles[i] or {}) == len(shapes[i]) - 2
   }
-  for i, why in vectors_in_stacks(paths, shapes, stacked, roles).items():
-    unsure.setdefault(i, why)
-  tables = bias_tables(paths, roles)
-  biases = haiku_biases(paths, roles) | named_biases(paths, roles)
-  convs = conv_kernels(paths, shapes, stacked, roles)
-  attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
-  generals = dense_general_kernels(paths, shapes, stacked, roles)
-  done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
-  experts = expert_stacks(paths, shapes, stacked, roles, done)
-  biases |= expert_biases(paths, shapes, stacked, roles, experts)
-  # A weight or kernel (by its bias), a table, a b or <name>_b. Names can put a leaf in two (a
-  # table's word and a bias's: pos_b beside pos_w, emb_bias beside emb_weight): the later wins, a
-  # bias over a table over a weight. A leaf with a bias paired by name (pos_w, emb_weight) is no
-  # table of biases under a module named with 'bias' (bias_tables): a weight by its bias or a
-  # table.
+
+
+def _params(
+  by_bias: set[int], tables: set[int], elementwise: set[int], biases: set[int]
+) -> dict[int, str]:
+  """:class:`Reading`'s ``param`` by leaf, where a leaf is in several the later winning: a weight
+  or kernel by its bias (:data:`WEIGHT_BY_BIAS`), a table of attention biases
+  (:data:`BIAS_TABLE`), a kernel that contracts no input (:data:`ELEMENTWISE`), a bias.
+
+  Names can put a leaf in two (a table's word and a bias's: ``pos_b`` beside ``pos_w``,
+  ``emb_bias`` beside ``emb_weight``): a bias wins over a table over a weight. A leaf with a bias
+  paired by name (``pos_w``, ``emb_weight``) is no table of biases under a module named with
+  ``bias`` (:func:`bias_tables`): a weight by its bias or a table.
+  """
   params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
-  params |= {i: ELEMENTWISE for i in elementwise_kernels(paths, shapes, stacked, roles)}
+  params |= {i: ELEMENTWISE for i in elementwise}
   params |= {i: "bias" for i in biases}
-  readings = []
-  for i in range(len(paths)):
-    leaf_names, note = stacked[i], leading.get(i, "")
-    if i in evident:
-      note = f" (stacked axes inferred: {evident[i][1]})"
-    elif i in inferred:
-      relative = jax.tree_util.keystr(tuple(paths[inferred[i][1]]))
-      note = f" (stacked axes taken from its named relative {relative})"
-    for found in (experts, convs, generals):
-      if i in found and i not in attention:
-        leaf_names = found[i][0]
-        note += f" ({found[i][1]})"
-    if i in attention:
-      leaf_names = attention[i]
-      note += (
-        " (an attention projection: its module's query and output kernels, by their names or "
-        "shapes)"
-      )
-      if i in attention_unsure:
-        unsure[i] = (
-          "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "
-          "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
-          "name its axes"
-        )
-    if leaf_names == cleared[i]:  # nothing read: its own names (mesh axes: no role), if any
-      leaf_names = own[i]
-    moot = i in placement and unsure.get(i) == _UNPLACED
-    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), moot))
-  return readings
+  return params
+
+
+#: The note of an attention projection (:func:`flax_attention_names`), by :func:`read`.
+_ATTENTION_NOTE = (
+  " (an attention projection: its module's query and output kernels, by their names or shapes)"
+)
+#: Why an attention projection's reading is a guess (:func:`flax_attention_names`'s unsure ones).
+_ATTENTION_UNSURE = (
+  "its query kernel's embed and heads axes have one size, as the kernels (layers, in, "
+  "out) of an nn.scan stack of Dense layers named query/out whose in = layers would: "
+  "name its axes"
+)
 
 
 def _roleless_unnamed(names: AxisNames | None, roles: Mapping[str, str] | None) -> AxisNames | None:
