@@ -110,10 +110,12 @@ def read(
   # those left unnamed: the leading axes of boxed leaves, then a module's own evidence, then its
   # named relatives.
   names, leading = _unnamed_leading_stacks(paths, shapes, cleared, roles)
-  evident, alone, unplaced, guessed = stacks_by_evidence(paths, shapes, names, roles)
+  evident, alone, front_by_name, guessed = stacks_by_evidence(paths, shapes, names, roles)
   names = [evident[i][0] if i in evident else n for i, n in enumerate(names)]
   inferred, related_unsure = in_named_stacks(paths, shapes, names, roles, alone)
-  placement = _unplaced_stacks(paths, shapes, names, roles, alone, unplaced) - set(related_unsure)
+  # Bias-less Dense_N kernels whose stack's place is a guess (not one their relatives disagree on).
+  unplaced = _unplaced_stacks(paths, shapes, names, roles, alone, front_by_name)
+  unplaced -= set(related_unsure)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
   by_bias, by_bias_unsure = weights_by_bias(paths, shapes, roles)
   by_bias = _output_first(by_bias, paths, shapes, stacked, roles)
@@ -138,11 +140,14 @@ def read(
   unsure = _first_reason(
     {i: _ATTENTION_UNSURE for i in attention_unsure},
     related_unsure,
-    {i: _UNPLACED for i in placement},  # none of these in related_unsure
+    {i: _UNPLACED_WHY for i in unplaced},
     guessed,  # how many axes an nn.remat_scan stacks, or where a scan does
     by_bias_unsure,
     vectors_in_stacks(paths, shapes, stacked, roles),
   )
+  # Unsure only of where a Dense kernel's stacked axis is: moot where its rule averages nothing.
+  # (The one reason that wins over it, an attention's, is no such guess.)
+  moot = unplaced - set(attention_unsure)
   readings = []
   for i in range(len(paths)):
     leaf_names, note = stacked[i], _stack_note(i, paths, leading, evident, inferred)
@@ -156,8 +161,7 @@ def read(
           note += f" ({found[i][1]})"
     if leaf_names == cleared[i]:  # nothing read: its own names (mesh axes: no role), if any
       leaf_names = own[i]
-    moot = i in placement and unsure.get(i) == _UNPLACED
-    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), moot))
+    readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), i in moot))
   return readings
 
 
@@ -310,7 +314,7 @@ ELEMENTWISE = "a kernel that contracts no input, by its bias"
 
 
 #: Why a bias-less ``Dense_N`` kernel read with its stack in front is a guess (:func:`read`).
-_UNPLACED = (
+_UNPLACED_WHY = (
   "Linen's name makes it a Dense kernel, but not which axis is stacked: nn.scan and nn.vmap "
   "put it in front, nn.vmap with variable_axes={'params': 1} behind the input; name its axes "
   "or give it spatial.per_layer(spatial.blocks(block_size), axes=(<the stacked axis>,))"
