@@ -367,10 +367,13 @@ def stacks_by_evidence(
   unplaced = {m for m in unplaced if shown.get(m, (None,))[0] != counts[m][0]}
   for module, (axis, why) in moved.items():
     counts[module] = (None, "") if axis is None else ((), why)
-  unknown = {module: members for module, members in modules.items() if counts[module][0] is None}
-  unknown = {module: members for module, members in unknown.items() if module not in moved}
-  counts.update(attention_stacks(unknown, shapes))
-  unknown = {module: members for module, members in unknown.items() if counts[module][0] is None}
+  # The modules whose own evidence shows no stack (their name, their bias, their Dense_N
+  # siblings'): their attention's kernels, then the scans above them, may.
+  unknown = {m: ms for m, ms in modules.items() if m not in moved and counts[m][0] is None}
+  by_attention = attention_stacks(unknown, shapes)  # a stack for each module it reads, never None
+  counts.update(by_attention)
+  for module in by_attention:
+    del unknown[module]
   by_scans, guessed_modules = _scan_stacks(unknown, paths, shapes, counts, unstacked)
   counts.update(by_scans)
   for module, members in unknown.items():  # a bias's counts that no scan names pick: the fewest
