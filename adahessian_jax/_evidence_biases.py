@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from adahessian_jax._evidence_names import (
   KERNEL_BIAS,
@@ -80,7 +80,7 @@ def _paired_with_biases(paths) -> set[int]:
   """The leaves that a bias beside them is paired with by name: a ``<name>_weight`` with its
   ``<name>_bias`` (:func:`_named_weight_pairs`), a raw kernel with its raw bias
   (:func:`raw_kernel_of`: ``pos_w`` with ``pos_b``, ``w_in`` with ``b_in``)."""
-  found = {w for _, w, _, _ in _named_weight_pairs(paths)}
+  found = {pair.weight for pair in _named_weight_pairs(paths)}
   for members in by_leaf_name(paths).values():
     for name in members:
       kernel = raw_kernel_of(name, members)
@@ -220,8 +220,17 @@ def torch_stacks(w: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
   return found
 
 
-def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
-  """``(module, weight, bias, True)`` for each leaf whose name has the word ``weight`` and other
+class _WeightPair(NamedTuple):
+  """A weight or kernel and its bias, side by side in a module (:func:`weights_by_bias`)."""
+
+  module: tuple  # their module's path (:func:`by_module`, :func:`by_leaf_name`)
+  weight: int  # the weight's or kernel's leaf index
+  bias: int  # its bias's leaf index
+  is_weight: bool  # whether a PyTorch ``weight`` (or a name with that word), not a kernel
+
+
+def _named_weight_pairs(paths) -> list[_WeightPair]:
+  """A :class:`_WeightPair` (a weight) for each leaf whose name has the word ``weight`` and other
   words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
   ``weight`` (``in_proj_bias``, ``bias_ih_l0``), else beside the module's ``bias`` (Equinox's
   ``GRUCell`` and ``LSTMCell``: ``weight_ih`` and ``weight_hh`` share one)."""
@@ -232,9 +241,9 @@ def _named_weight_pairs(paths) -> list[tuple[tuple, int, int, bool]]:
       if "weight" in words and len(words) > 1:
         bias = "_".join("bias" if x == "weight" else x for x in words)
         if bias in members:
-          pairs.append((module, w, members[bias], True))
+          pairs.append(_WeightPair(module, w, members[bias], is_weight=True))
         elif "bias" in members:  # one bias for several weights: Equinox's GRUCell, LSTMCell
-          pairs.append((module, w, members["bias"], True))
+          pairs.append(_WeightPair(module, w, members["bias"], is_weight=True))
   return pairs
 
 
@@ -278,19 +287,21 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
     The leaves read output axis first, and why those of them and the square kernels beside a bias
     that fits both layouts are guesses, by leaf.
   """
-  pairs = []  # (module, weight or kernel, its bias, whether a weight)
-  for module, members in by_module(paths).items():
-    for weight, bias in (("weight", "bias"), *KERNEL_BIAS):
-      if weight in members and bias in members:
-        pairs.append((module, members[weight], members[bias], weight == "weight"))
+  pairs = [
+    _WeightPair(module, members[weight], members[bias], is_weight=weight == "weight")
+    for module, members in by_module(paths).items()
+    for weight, bias in (("weight", "bias"), *KERNEL_BIAS)
+    if weight in members and bias in members
+  ]
   pairs = list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
   found, square, several = set(), {}, {}
   shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
   stacks: list[tuple[tuple, int]] = []  # (module, stacked axes) of each weight whose bias shows it
-  for module, w, b, is_weight in pairs:
+  for pair in pairs:
+    module, w, is_weight = pair.module, pair.weight, pair.is_weight
     if roles[w] is None:
       continue
-    k, v = shapes[w], shapes[b]
+    k, v = shapes[w], shapes[pair.bias]
     dense = dense_bias(k, v)
     if is_weight:
       readings = torch_stacks(k, v)
