@@ -71,10 +71,10 @@ def _device_tag(axes: tuple[Any, ...]) -> jax.Array:
 
 def _varying_axes(x: Any) -> frozenset:
   """The mesh axes the value ``x`` varies over (inside ``shard_map``), across JAX versions."""
-  return _axes_of(jax.typeof(x))
+  return _aval_varying_axes(jax.typeof(x))
 
 
-def _axes_of(aval: Any) -> frozenset:
+def _aval_varying_axes(aval: Any) -> frozenset:
   """The mesh axes an abstract value (``jax.typeof``'s, ``jax.eval_shape``'s) varies over."""
   varying = getattr(aval, "vma", None)
   if varying is None:
@@ -328,7 +328,7 @@ def _tracks_variation(axes: tuple[Any, ...]) -> bool:
     index = jax.eval_shape(lambda: jax.lax.axis_index(axes))
   except AssertionError:  # a vmap axis among them inside shard_map: JAX's own error comes later
     return False
-  return frozenset(axes) <= _axes_of(index)
+  return frozenset(axes) <= _aval_varying_axes(index)
 
 
 def check_estimate_varies(estimate: Any, axis_name: Any) -> None:

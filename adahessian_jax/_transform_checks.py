@@ -496,7 +496,7 @@ def _check_expected_probes(expected: Any, independent_probes: bool) -> None:
   )
 
 
-def _axes_of(axis_name: Any, arg: str = "axis_name") -> frozenset[Any]:
+def _averaged_axes(axis_name: Any, arg: str = "axis_name") -> frozenset[Any]:
   """The axes ``axis_name`` (the argument ``arg``) averages over: a set, as a mean over
   ``("a", "b")`` is one over ``("b", "a")``."""
   return frozenset(() if axis_name is None else check_names(axis_name, arg))
@@ -505,7 +505,7 @@ def _axes_of(axis_name: Any, arg: str = "axis_name") -> frozenset[Any]:
 def _check_expected_axis(expected: Any, axis_name: Any) -> None:
   """Raises unless the caller's ``expected_axis_name`` names the axes of ``axis_name`` (in any
   order)."""
-  if _axes_of(expected, _EXPECTED_AXIS) == _axes_of(axis_name):
+  if _averaged_axes(expected, _EXPECTED_AXIS) == _averaged_axes(axis_name):
     return
   if expected is None:
     problem = (
