@@ -16,7 +16,8 @@ order and gives every leaf a :class:`Reading`.
 
 The readers live in modules by what they read: a leaf's path
 (:mod:`adahessian_jax._evidence_names`), biases (:mod:`adahessian_jax._evidence_biases`), stacks of
-layers (:mod:`adahessian_jax._evidence_stacks`), kernels past their stacks
+layers (:mod:`adahessian_jax._evidence_stacks`, those Linen's automatic names show in
+:mod:`adahessian_jax._evidence_linen`), kernels past their stacks
 (:mod:`adahessian_jax._evidence_kernels`) and attention projections
 (:mod:`adahessian_jax._evidence_attention`), with the axis names by their roles
 (:mod:`adahessian_jax._evidence_roles`). This module keeps :class:`Reading` and :func:`read`, which

@@ -6,7 +6,8 @@ whose bias shows PyTorch's layout, output axis first (:func:`weights_by_bias`). 
 of a kernel's and its bias's shapes that they share with the readers of stacks and kernels: raw
 pairs by name (:func:`raw_kernel_of`), how many of the kernel's leading axes a bias repeats
 (:func:`bias_fits`), Flax's layouts (:func:`dense_bias`, :func:`flax_fits`) and PyTorch's
-(:func:`torch_kernel`, :func:`torch_stacks`). For other modules: a module's kernel and bias
+(:func:`torch_kernel`, :func:`torch_stacks`), and a module's kernel and bias pairs with the
+counts of stacked axes they fit (:func:`bias_pairs`). For other modules: a module's kernel and bias
 (:func:`kernel_biases`, for :mod:`adahessian_jax.hessian.landscape`) and whether a name says a
 table holds attention biases (:func:`names_a_bias_table`, for :mod:`adahessian_jax.nnx`).
 """
@@ -350,3 +351,32 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
         f"also a stack of {k[0]} layers' of output size 1 {k[1:]}: give it a rule"
       )
   return found, unsure
+
+
+class BiasPair(NamedTuple):
+  """A module's kernel and bias (:data:`KERNEL_BIAS`), and how many of the kernel's leading axes
+  the bias can repeat (:func:`bias_pairs`)."""
+
+  kernel: str  # its parameter names, a pair of KERNEL_BIAS: "kernel" and "bias", "w" and "b", ...
+  bias: str
+  k: tuple[int, ...]  # their shapes
+  b: tuple[int, ...]
+  counts: tuple[int, ...]  # the numbers of stacked axes the bias fits (bias_fits), () if none
+
+  def repeats(self, n: int) -> str:
+    """Why the bias shows ``n`` stacked axes: ``"its bias (3, 5) repeats the kernel's leading
+    axes (3,)"``."""
+    return f"its {self.bias} {self.b} repeats the {self.kernel}'s leading axes {self.k[:n]}"
+
+
+def bias_pairs(members: Mapping[str, int], shapes) -> list[BiasPair]:
+  """The kernel and bias pairs (:data:`KERNEL_BIAS`) of a module's ``members`` (``{parameter
+  name: leaf index}``), in that order, each with every number of stacked axes its bias fits
+  (:func:`bias_fits`): what the readers of stacks read a stack by
+  (:mod:`adahessian_jax._evidence_stacks`, :mod:`adahessian_jax._evidence_linen`)."""
+  pairs = []
+  for kernel, bias in KERNEL_BIAS:
+    if kernel in members and bias in members:
+      k, b = shapes[members[kernel]], shapes[members[bias]]
+      pairs.append(BiasPair(kernel, bias, k, b, tuple(bias_fits(k, b) or ())))
+  return pairs

@@ -5,37 +5,36 @@ names leave plain arrays (a ``Dense`` kernel ``(layers, in, out)``, which the ra
 for a 1-D ``Conv`` kernel). A module's own evidence shows its stack (:func:`stacks_by_evidence`: a
 bias that repeats its kernel's leading axes, Linen's automatic names of the module and of the scans
 above it, an attention's kernels), or its named relatives do (:func:`in_named_stacks`);
-:func:`vectors_in_stacks` flags the vectors of a stack that nothing shows.
+:func:`vectors_in_stacks` flags the vectors of a stack that nothing shows. The readers of Linen's
+automatic names live in :mod:`adahessian_jax._evidence_linen`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import jax
 
 from adahessian_jax._evidence_attention import attention_stacks
 from adahessian_jax._evidence_biases import (
   bias_fits,
-  dense_bias,
+  bias_pairs,
   flax_fits,
   raw_kernel_of,
   torch_kernel,
   torch_stacks,
 )
+from adahessian_jax._evidence_linen import (
+  dense_stacks_elsewhere,
+  linen_class_stack,
+  scan_stacks,
+  scanned_behind,
+)
 from adahessian_jax._evidence_names import (
-  KERNEL_BIAS,
   KERNEL_NAMES,
   READ_BY_NAME,
   by_module,
-  is_scan,
-  leaves_under,
-  linen_class,
-  module_keys,
-  named_by,
   param_name,
-  stacks_all,
   under_prefixes,
 )
 from adahessian_jax._evidence_roles import role_name
@@ -173,63 +172,39 @@ def vectors_in_stacks(paths, shapes, names, roles) -> dict[int, str]:
   return found
 
 
-#: Linen's automatic module names (``Dense_0``) give the module's class, which fixes the rank of
-#: some of its parameters: ``(class, parameter name) -> rank``.
-_CLASS_RANKS = {
-  ("Dense", "kernel"): 2,
-  ("Dense", "bias"): 1,
-  ("Embed", "embedding"): 2,
-  ("Conv", "bias"): 1,
-  # One (window * in, out) kernel and one bias (out,) per output position: kept apart, as layers.
-  ("ConvLocal", "kernel"): 2,
-  ("ConvLocal", "bias"): 1,
-  ("ConvTranspose", "bias"): 1,
-  ("GroupNorm", "scale"): 1,  # one per channel (the last axis), always
-  ("GroupNorm", "bias"): 1,
-}
-
-
 def _stack_count(
   module: tuple, members: dict[str, int], shapes
 ) -> tuple[tuple[int, ...] | None, str]:
   """How many leading axes of a module's unnamed leaves stack layers, by its own evidence.
 
-  Two kinds: Linen's automatic name (``Dense_3``) fixes the rank of a ``Dense`` kernel (2) and
-  bias (1), so more axes are stacked (where it has a bias, only if that is the kernel's leading
-  axes and output: not for ``nn.vmap`` with ``variable_axes={"params": 1}``, kernel ``(in,
-  members, out)``, bias ``(out, members)``); and a bias that repeats its kernel's leading axes
-  (kernel ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its kernel's
-  trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection), and it fits one
-  way only (``(2, 3, 3, 4)`` beside ``(2, 3, 4)`` repeats 1 axis or 2: no count here, which
+  Two kinds: Linen's automatic name (``Dense_3``, :func:`linen_class_stack`) fixes the rank of a
+  ``Dense`` kernel (2) and bias (1), so more axes are stacked (where it has a bias, only if that is
+  the kernel's leading axes and output: not for ``nn.vmap`` with ``variable_axes={"params": 1}``,
+  kernel ``(in, members, out)``, bias ``(out, members)``); and a bias that repeats its kernel's
+  leading axes (kernel ``(layers, in, out)``, bias ``(layers, out)``), where one layer's bias is its
+  kernel's trailing axes (``(out,)``; ``(heads, head_dim)`` for an attention projection), and it
+  fits one way only (``(2, 3, 3, 4)`` beside ``(2, 3, 4)`` repeats 1 axis or 2: no count here, which
   Linen's scan names give, else at least the fewest, :func:`_fewest_stacked`). Both also show a
-  module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias
-  that is its kernel's trailing axes and cannot be read as repeating its leading ones
-  (:func:`bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack
-  the same way (:func:`_raw_pair_stacks`), a PyTorch-layout ``weight`` and its ``bias`` by the
-  output axis (:func:`torch_stacks`), as does a ``kernel`` whose bias is its first axis past the
-  stacked ones and fits no Flax layout (Hugging Face's ``FlaxConv1D`` ``(layers, out, in)``
-  beside ``(layers, out)``: :func:`torch_kernel`, :func:`flax_fits`), and ``nnx.LoRA``'s
-  ``lora_a`` ``(in, rank)`` and ``lora_b`` ``(rank, out)`` by their shared rank.
+  module that is one layer: a ``Dense_0`` kernel of rank 2, a ``Conv_0`` bias of rank 1, a bias that
+  is its kernel's trailing axes and cannot be read as repeating its leading ones
+  (:func:`bias_fits`). Raw kernels and biases paired by name (``w_in``/``b_in``) show a stack the
+  same way (:func:`_raw_pair_stacks`), a PyTorch-layout ``weight`` and its ``bias`` by the output
+  axis (:func:`torch_stacks`), as does a ``kernel`` whose bias is its first axis past the stacked
+  ones and fits no Flax layout (Hugging Face's ``FlaxConv1D`` ``(layers, out, in)`` beside
+  ``(layers, out)``: :func:`torch_kernel`, :func:`flax_fits`), and ``nnx.LoRA``'s ``lora_a`` ``(in,
+  rank)`` and ``lora_b`` ``(rank, out)`` by their shared rank.
 
   Returns:
     The sizes of the stacked axes (``()``: one layer for sure; ``None``: no evidence) and why.
   """
-  linen = linen_class(module)
-  if linen == "Dense" and "kernel" in members and "bias" in members:
-    k, b = shapes[members["kernel"]], shapes[members["bias"]]
-    if not dense_bias(k, b):  # not stacked in front (nn.vmap variable_axes=1)
-      linen = None
-  for (cls, param), rank in _CLASS_RANKS.items():
-    i = members.get(param) if cls == linen else None
-    if i is not None and len(shapes[i]) >= rank:
-      return shapes[i][: len(shapes[i]) - rank], (
-        f"Linen's name {module[-1]!r} makes it a {cls}, whose {param} has rank {rank}"
-      )
+  by_name = linen_class_stack(module, members, shapes)
+  if by_name is not None:
+    return by_name
   if "lora_a" in members and "lora_b" in members:  # nnx.LoRA: (in, rank) and (rank, out)
     a, b = shapes[members["lora_a"]], shapes[members["lora_b"]]
     if len(a) == len(b) >= 2 and a[:-2] == b[:-2] and a[-1] == b[-2]:
       return a[:-2], f"its lora_a {a} and lora_b {b} are nnx.LoRA's (in, rank) and (rank, out)"
-  for pair in _bias_pairs(members, shapes):
+  for pair in bias_pairs(members, shapes):
     k, b = pair.k, pair.b
     if pair.counts == (0,):  # one layer's bias is its kernel's output axes, and nothing else
       return (), f"its {pair.bias} {b} is its {pair.kernel}'s trailing axes: one layer"
@@ -269,39 +244,11 @@ def _fewest_stacked(
     The stacked axes' sizes and why, or ``None`` where it has no such bias or the scan names'
     count is one of them.
   """
-  for pair in _bias_pairs(members, shapes):
+  for pair in bias_pairs(members, shapes):
     if len(pair.counts) > 1 and pair.counts[0] > 0 and scanned not in pair.counts:
       n = pair.counts[0]
       return pair.k[:n], pair.repeats(n) + " or more: at least one per layer"
   return None
-
-
-class _BiasPair(NamedTuple):
-  """A module's kernel and bias (:data:`KERNEL_BIAS`), and how many of the kernel's leading axes
-  the bias can repeat (:func:`_bias_pairs`)."""
-
-  kernel: str  # its parameter names, a pair of KERNEL_BIAS: "kernel" and "bias", "w" and "b", ...
-  bias: str
-  k: tuple[int, ...]  # their shapes
-  b: tuple[int, ...]
-  counts: tuple[int, ...]  # the numbers of stacked axes the bias fits (bias_fits), () if none
-
-  def repeats(self, n: int) -> str:
-    """Why the bias shows ``n`` stacked axes: ``"its bias (3, 5) repeats the kernel's leading
-    axes (3,)"``."""
-    return f"its {self.bias} {self.b} repeats the {self.kernel}'s leading axes {self.k[:n]}"
-
-
-def _bias_pairs(members: Mapping[str, int], shapes) -> list[_BiasPair]:
-  """The kernel and bias pairs (:data:`KERNEL_BIAS`) of a module's ``members`` (``{parameter
-  name: leaf index}``), in that order, each with every number of stacked axes its bias fits
-  (:func:`bias_fits`): what :func:`_stack_count` and :func:`_fewest_stacked` read a stack by."""
-  pairs = []
-  for kernel, bias in KERNEL_BIAS:
-    if kernel in members and bias in members:
-      k, b = shapes[members[kernel]], shapes[members[bias]]
-      pairs.append(_BiasPair(kernel, bias, k, b, tuple(bias_fits(k, b) or ())))
-  return pairs
 
 
 def _raw_pair_stacks(members: dict[str, int], shapes) -> tuple[tuple[int, ...], str] | None:
@@ -342,8 +289,8 @@ def stacks_by_evidence(
   whose bias says how many leading axes are stacked (:func:`_stack_count`) has those axes named
   for every unnamed leaf under the default rule that has them, and so has a Flax attention
   module's stack that its kernels show (:func:`attention_stacks`), and a module under Linen's
-  automatic names of the scans above it (:func:`_scan_stacks`); bias-less ``Dense_N`` siblings
-  whose first sizes differ have their stacked axis where :func:`_dense_stacks_elsewhere` finds
+  automatic names of the scans above it (:func:`scan_stacks`); bias-less ``Dense_N`` siblings
+  whose first sizes differ have their stacked axis where :func:`dense_stacks_elsewhere` finds
   it; :func:`in_named_stacks` then passes them to the module's unnamed relatives in the stack,
   as it does real names. A module that shows it is one layer (a ``Conv_0`` beside a stack of as
   many layers as its kernel is wide) takes no stacked axes from its relatives.
@@ -352,18 +299,18 @@ def stacks_by_evidence(
     ``{leaf index: (names with the stacked axes, None elsewhere; why)}``, the unnamed
     leaves of the modules that are one layer for sure, and the leaves read with the stack in
     front by a bias-less ``Dense_N``'s name alone, where it may be elsewhere
-    (:func:`_dense_stacks_elsewhere`: ``nn.vmap`` with ``variable_axes={"params": 1}``), and
+    (:func:`dense_stacks_elsewhere`: ``nn.vmap`` with ``variable_axes={"params": 1}``), and
     ``{leaf index: why}`` for those whose number of stacked axes is a guess (an
-    ``nn.remat_scan``'s, :func:`_scan_stacks`), or whose place is (:func:`_scanned_behind`).
+    ``nn.remat_scan``'s, :func:`scan_stacks`), or whose place is (:func:`scanned_behind`).
   """
   modules = by_module(paths, lambda i: names[i] is None and roles[i] is not None)
   found: dict[int, tuple[AxisNames, str]] = {}
   alone: set[int] = set()
   counts = {module: _stack_count(module, members, shapes) for module, members in modules.items()}
   unstacked = _not_stacked_in_front(modules, counts, shapes)
-  moved, unplaced = _dense_stacks_elsewhere(modules, counts, shapes)
+  moved, unplaced = dense_stacks_elsewhere(modules, counts, shapes)
   # An nn.scan's name over them shows the stack in front (as scans of layers put it).
-  shown, _ = _scan_stacks({m: modules[m] for m in unplaced}, paths, shapes, counts, unstacked)
+  shown, _ = scan_stacks({m: modules[m] for m in unplaced}, paths, shapes, counts, unstacked)
   unplaced = {m for m in unplaced if shown.get(m, (None,))[0] != counts[m][0]}
   for module, (axis, why) in moved.items():
     counts[module] = (None, "") if axis is None else ((), why)
@@ -374,7 +321,7 @@ def stacks_by_evidence(
   counts.update(by_attention)
   for module in by_attention:
     del unknown[module]
-  by_scans, guessed_modules = _scan_stacks(unknown, paths, shapes, counts, unstacked)
+  by_scans, guessed_modules = scan_stacks(unknown, paths, shapes, counts, unstacked)
   counts.update(by_scans)
   for module, members in unknown.items():  # a bias's counts that no scan names pick: the fewest
     lead = counts[module][0]
@@ -402,107 +349,11 @@ def stacks_by_evidence(
       if stacked is not None and len(shapes[i]) > n and shapes[i][:n] == lead:
         found[i] = ((stacked,) * n + (None,) * (len(shapes[i]) - n), why)
   unsure = {i for module in unplaced for i in modules[module].values() if i in found}
-  guessed_modules.update(_scanned_behind(modules, paths, shapes, counts))
+  guessed_modules.update(scanned_behind(modules, paths, shapes, counts))
   guessed = {
     i: why for m, why in guessed_modules.items() for i in modules[m].values() if i in found
   }
   return found, alone, unsure, guessed
-
-
-def _stacked_behind(k: tuple[int, ...], b: tuple[int, ...]) -> bool:
-  """Whether a kernel and its bias fit one layer's stacked along their last axis (``nn.scan``
-  with ``variable_axes={"params": -1}``): a ``Dense`` kernel ``(in, out, layers)`` beside ``(out,
-  layers)``, one layer's bias its kernel's trailing axes (:func:`bias_fits`)."""
-  return len(b) >= 2 and k[-1] == b[-1] and 0 in (bias_fits(k[:-1], b[:-1]) or ())
-
-
-def _scanned_behind(
-  modules: dict[tuple, dict[str, int]], paths, shapes, counts: dict[tuple, tuple]
-) -> dict[tuple, str]:
-  """The modules under Linen's name of an ``nn.scan`` or ``nn.vmap`` (:func:`stacks_all`) read
-  with one stacked axis in front whose kernel and bias fit a stack behind as well
-  (:func:`_stacked_behind`), as every leaf under the innermost such name does by its last size,
-  their siblings there too: a residual block stacked with ``variable_axes={"params": -1}``,
-  kernel ``(in, out, layers)`` beside ``(out, layers)`` with in = out and a norm's ``(out,
-  layers)``, which Linen's ``Dense_0`` name or the scan's would read as ``in`` layers, blocked
-  across output units. (A module alone under the name is read stacked in front, as stacks of
-  layers are written: its shapes fit both ways alike.)
-
-  Returns:
-    ``{module: why its stack is a guess}``.
-  """
-  found: dict[tuple, str] = {}
-  inners: dict[tuple, tuple] = {}  # module -> the innermost such name above it
-  for module in modules:
-    depths = [d for d in range(1, len(module) + 1) if stacks_all(module[d - 1])]
-    lead = counts[module][0]
-    if depths and lead and len(lead) == 1:
-      inners[module] = module[: depths[-1]]
-  leaves = leaves_under(set(inners.values()), [module_keys(path) for path in paths])
-  for module, inner in inners.items():
-    members, lead = modules[module], counts[module][0]
-    for pair in _bias_pairs(members, shapes):
-      if pair.k[:1] != lead or not _stacked_behind(pair.k, pair.b):
-        continue
-      under = leaves[inner]
-      siblings = set(under) - set(members.values())
-      if siblings and all(shapes[i] and shapes[i][-1] == pair.k[-1] for i in under):
-        found[module] = (
-          f"its {pair.bias} {pair.b} fits its {pair.kernel} {pair.k} stacked in front and "
-          f"behind (nn.scan or nn.vmap with variable_axes={{'params': -1}}), and every leaf under "
-          f"{inner[-1]!r} has the last size {pair.k[-1]}: name its axes or give it a rule"
-        )
-        break
-  return found
-
-
-def _dense_stacks_elsewhere(
-  modules: dict[tuple, dict[str, int]], counts: dict[tuple, tuple], shapes
-) -> tuple[dict[tuple, tuple[int | None, str]], set[tuple]]:
-  """Where the stacked axis of sibling ``Dense_N`` modules is, when it is not in front.
-
-  Linen's name ``Dense_0`` fixes its kernel's rank (2), and :func:`_stack_count` takes more axes
-  for stacked ones in front, as ``nn.scan`` and ``nn.vmap`` put them with ``variable_axes=
-  {"params": 0}``. With ``{"params": 1}`` (an ensemble stacked along another axis) a bias-less
-  ``Dense_0`` kernel is ``(in, members, out)``, and axis 0 would keep the inputs apart and
-  average across members. The ``Dense_N`` modules under one parent are all under the same
-  transforms, so their stacked axis has one size: where their kernels' first sizes differ, it
-  is not in front. It is the one other axis where all of them have one size (read there), or,
-  if none is or several are, unknown (the rank's guess stays, flagged). Where their first sizes
-  agree but another axis's do too (a lone ``Dense_0`` ``(in, members, out)``), and no bias shows
-  the stack in front, it is there or elsewhere: unplaced.
-
-  Returns:
-    ``{module: (the stacked axis, or None if unknown; why)}`` for the modules so re-read, and the
-    unplaced modules (read with the stack in front, unless other evidence shows it there).
-  """
-  by_parent: dict[tuple, list[tuple]] = {}
-  for module, members in modules.items():
-    lead = counts[module][0]
-    if lead and len(lead) == 1 and linen_class(module) == "Dense" and "kernel" in members:
-      by_parent.setdefault(module[:-1], []).append(module)
-  found: dict[tuple, tuple[int | None, str]] = {}
-  unplaced: set[tuple] = set()
-  for siblings in by_parent.values():
-    kernels = {m: shapes[modules[m]["kernel"]] for m in siblings}
-    if len({k[0] for k in kernels.values()}) < 2:
-      # In front, unless none has a bias that shows it and the kernels share another size too
-      # (a lone Dense_0 (in, members, out) shares all of its own): then where is unsure.
-      shared = [a for a in (1, 2) if len({k[a] for k in kernels.values()}) == 1]
-      if shared and not any("bias" in modules[m] for m in siblings):
-        unplaced.update(siblings)
-      continue
-    ranks = {len(k) for k in kernels.values()}
-    axes = [a for a in range(1, min(ranks)) if len({k[a] for k in kernels.values()}) == 1]
-    axis = axes[0] if len(axes) == 1 and ranks == {3} else None
-    names = ", ".join(f"{m[-1]!r} {k}" for m, k in kernels.items())
-    why = (
-      f"the kernels of its sibling Dense layers ({names}) differ in their first size and share "
-      f"only axis {axis}'s: one per layer (nn.vmap over axis {axis})"
-    )
-    for module in siblings:
-      found[module] = (axis, why)
-  return found, unplaced
 
 
 def _not_stacked_in_front(
@@ -519,90 +370,6 @@ def _not_stacked_in_front(
   """
   found = {module for module, (lead, _) in counts.items() if lead == ()}
   for module, members in modules.items():
-    if any(1 <= len(p.b) < len(p.k) and not p.counts for p in _bias_pairs(members, shapes)):
+    if any(1 <= len(p.b) < len(p.k) and not p.counts for p in bias_pairs(members, shapes)):
       found.add(module)
   return found
-
-
-def _scan_stacks(
-  modules: dict[tuple, dict[str, int]],
-  paths,
-  shapes,
-  counts: dict[tuple, tuple],
-  unstacked: set[tuple] | frozenset[tuple] = frozenset(),
-) -> tuple[dict[tuple, tuple[tuple[int, ...], str]], dict[tuple, str]]:
-  """Stacks shown by Linen's automatic names of the scans a module sits in.
-
-  ``nn.scan(Block)`` names its instance ``ScanBlock_0`` (``nn.remat_scan(Block)``
-  ``Remat_scanBlock_0``) and stacks every parameter under it along one more axis in front
-  (``variable_axes`` 0, as scans of layers are written): a block of nothing but bias-less
-  convolutions leaves no other trace, and its ``(layers, kh, kw, in, out)`` kernel would be read
-  as a 3-D convolution's. A module under ``n`` such names (a scan of a scan, ``ScanOuter_0`` /
-  ``ScanInner_0``) has ``n`` stacked axes, where every leaf under the ``j``-th name has the same
-  size on axis ``j``. ``nn.remat_scan`` stacks one axis per entry of its ``lengths``, and its
-  name does not say how many: where the modules under the innermost scan that show their stacks
-  themselves (``counts``: a bias, Linen's ``Dense_0``) show ``n`` axes, the names are right; where
-  they show another number (a remat_scan of several lengths, a scan under a name of your own
-  inside), the names say nothing and :func:`in_named_stacks` passes those modules' stacks on;
-  where none shows any and every leaf under the innermost scan has one size on axis ``n`` too, a
-  remat_scan's count is a guess. (``nn.vmap``'s ``VmapBlock_0`` is no such sign: ensembles are
-  also mapped over other axes, ``(in, members, out)``.)
-
-  Args:
-    modules: ``{module path: {parameter name: leaf index}}`` of the modules to read.
-    paths: The leaves' paths.
-    shapes: The leaves' shapes.
-    counts: ``{module path: (stacked sizes or None, why)}``, what each module shows itself
-      (:func:`_stack_count`).
-    unstacked: The modules that show they are stacked in front by nothing
-      (:func:`_not_stacked_in_front`): a scan name above one of them shows no stack.
-
-  Returns:
-    ``{module: (the stacked axes' sizes, why)}`` for the modules in ``modules`` so placed, and
-    ``{module: why}`` for those among them whose number of stacked axes is a guess.
-  """
-  scans: dict[tuple, tuple[int, ...]] = {}  # module -> the depths of the scans it sits in
-  for module in modules:
-    at = tuple(d for d in range(1, len(module) + 1) if is_scan(module[d - 1]))
-    if at:
-      scans[module] = at
-  prefixes = {module[:d] for module, at in scans.items() for d in at}
-  under = leaves_under(prefixes, [module_keys(path) for path in paths])
-  counted = under_prefixes((other, len(lead)) for other, (lead, _) in counts.items() if lead)
-  shown = {prefix: counted.get(prefix, set()) for prefix in prefixes}  # the counts shown there
-
-  def shared(prefix: tuple, axis: int) -> int | None:
-    """The size every leaf under ``prefix`` has on ``axis``, if one."""
-    sizes = {shapes[i][axis] if len(shapes[i]) > axis else None for i in under[prefix]}
-    return next(iter(sizes)) if len(sizes) == 1 else None
-
-  found: dict[tuple, tuple[tuple[int, ...], str]] = {}
-  guessed: dict[tuple, str] = {}
-  for module, at in scans.items():
-    sizes = [shared(module[:d], j) for j, d in enumerate(at)]
-    inner, n = module[: at[-1]], len(at)
-    if None in sizes or shown[inner] - {n}:
-      continue
-    if any(other[: at[0]] == module[: at[0]] for other in unstacked):
-      continue  # the scan broadcasts its parameters or stacks them along another axis
-    lead = tuple(s for s in sizes if s is not None)
-    names = " in ".join(repr(module[d - 1]) for d in reversed(at))
-    if n == 1:
-      why = (
-        f"under {names}, Linen's name of an nn.scan, whose leaves all have a first axis of "
-        f"{lead[0]}: one per layer"
-      )
-    else:
-      why = (
-        f"under {names}, Linen's names of nn.scans (a scan of scans), whose leaves have "
-        f"leading axes {lead}: one per layer"
-      )
-    found[module] = (lead, why)
-    remat = any(named_by(module[d - 1], ("Remat_scan",)) for d in at)
-    if remat and not shown[inner] and shared(inner, n) is not None:
-      guessed[module] = (
-        f"nn.remat_scan stacks one axis per entry of its lengths, and its leaves all have "
-        f"leading axes {(*lead, shared(inner, n))}: {n} of them read as stacked; name its axes "
-        "or give it spatial.per_layer(<its rule>, n_axes=len(lengths))"
-      )
-  return found, guessed

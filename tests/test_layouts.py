@@ -3040,7 +3040,7 @@ def _scans_of_convs(n_scans: int):
 @pytest.mark.parametrize("tree", [_blocks_of_layers, _scans_of_convs], ids=["blocks", "scans"])
 def test_reading_the_layout_grows_linearly_in_the_leaves(tree):
   # Counted in Python function calls, exact at any load. Before: every leaf was tried against
-  # every kernel's parent module (conv_kernels) and every scan's module (_scan_stacks), the
+  # every kernel's parent module (conv_kernels) and every scan's module (scan_stacks), the
   # square of the blocks: 4x the blocks cost 4.4x (blocks) and 4.5x (scans) the calls, now 4.0x.
   def calls(n: int) -> int:
     params = tree(n)
