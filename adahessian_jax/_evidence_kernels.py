@@ -39,10 +39,20 @@ _CONV_WORDS = frozenset(
 )
 
 
+#: Words (of a module name) that make a "conv" a graph's or a point cloud's, no window over axes:
+#: an R-GCN's kernel ``(relations, in, out)``, a ChebConv's ``(K, in, out)``, a GAT's ``(in,
+#: heads, out)`` hold weights of their own along the first axis, as a mixture's experts do.
+_GRAPH_WORDS = frozenset(
+  ("graph", "gcn", "rgcn", "gat", "gatv2", "sage", "gin", "gine", "cheb", "tag", "arma", "gmm")
+  + ("edge", "point", "spline", "hypergraph", "relational", "gnn", "mpnn", "message")
+)
+
+
 def _is_conv_module(module: tuple) -> bool:
-  """Whether a module's name is a convolution's (a word of :data:`_CONV_WORDS` in it)."""
-  name = module[-1] if module else None
-  return bool(_CONV_WORDS & words(name))
+  """Whether a module's name is a convolution's (a word of :data:`_CONV_WORDS` in it, and none of
+  :data:`_GRAPH_WORDS`)."""
+  found = words(module[-1] if module else None)
+  return bool(_CONV_WORDS & found) and not _GRAPH_WORDS & found
 
 
 class _Kernel(NamedTuple):
@@ -189,9 +199,12 @@ def _stack_facts(paths, shapes, names, roles, kernels: list[_Kernel]) -> _StackF
   )
 
 
-def _shows_a_stack(k: _Kernel, shape: tuple[int, ...], facts: _StackFacts) -> bool:
+def _shows_a_stack(
+  k: _Kernel, shape: tuple[int, ...], facts: _StackFacts, anywhere: bool = True
+) -> bool:
   """Whether a bias-less kernel's first size past its known stacked axes may be a stack of layers'
-  (then its leading axis is no window's).
+  (then its leading axis is no window's); with ``anywhere=False`` only by the leaves around it
+  (not by a stack known elsewhere in the tree).
 
   Its stacked axes known, shown beside it (a GroupNorm's ``(layers, channels)`` in its block: a
   stack of 3 bias-less 3x3 Convs), a size past them is another stack's only if one is known that
@@ -208,7 +221,7 @@ def _shows_a_stack(k: _Kernel, shape: tuple[int, ...], facts: _StackFacts) -> bo
   else:
     known = {size for _, size in facts.stack_axes}
   return (
-    first in known
+    (anywhere and first in known)
     or first in facts.norm_sizes.get(k.module[:-1], ())
     or k.module[:-1] in facts.scaled
     or (parent in facts.mixed and facts.firsts[parent] == {first})
@@ -228,13 +241,15 @@ def _conv_reason(k: _Kernel, shape: tuple[int, ...], facts: _StackFacts) -> str 
     return f"beside its bias {k.bias}: a Conv kernel's (*spatial, in, out), spatial axes named"
   if not named:
     return None
-  if beside_bias or (k.bias is None and rank == 3):
+  if beside_bias:
     return f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
   # Under Linen's name of an nn.vmap (VmapBlock_0, VmapConv_0), a bias-less kernel with a
   # spatial axis to spare may have the vmap's axis in front ((members, kh, kw, in, out)) or
-  # none (params broadcast): the rank's guess, flagged.
-  vmapped = not k.lead and any(named_by(key, ("Vmap",)) for key in k.module)
-  if k.bias is None and not (vmapped or _shows_a_stack(k, shape, facts)):
+  # none (params broadcast): the rank's guess, flagged. A rank-3 one (a 1-D convolution's; a
+  # stack of them has rank 4) is a guess only where the leaves around it show a stack: a scanned
+  # raw depthwise kernel (layers, width, channels), Mamba's conv1d beside its in_proj.
+  vmapped = rank > 3 and not k.lead and any(named_by(key, ("Vmap",)) for key in k.module)
+  if k.bias is None and not (vmapped or _shows_a_stack(k, shape, facts, rank > 3)):
     return f"by its module's name {k.module[-1]!r}: a Conv kernel, spatial axes named"
   return None
 
@@ -254,7 +269,10 @@ def conv_kernels(paths, shapes, names, roles) -> dict[int, tuple[AxisNames, str]
     is that only under a convolution's name (below);
   - under a convolution's name (Linen's ``Conv_0``/``ConvTranspose_0``, Haiku's ``conv2_d``,
     ``conv1``, ``conv_proj``: :data:`_CONV_WORDS`), beside its bias or without one: rank 3
-    (one spatial axis; a stack of them would have rank 4) or, without a bias, rank >= 4 where
+    (one spatial axis; a stack of them would have rank 4) where the leaves around it show no
+    stack (a norm's scale or bias of rank >= 2 in the module above it, the first size of every
+    leaf under it: a scanned raw depthwise ``(layers, width, channels)``), or, without a bias,
+    rank >= 4 where
     the kernel's first size is not that of a stack of layers known in the tree (an ``nn.scan``
     of 1-D convolutions without a bias would leave no evidence of its own; past the kernel's own
     stack, where a scale or bias beside its module shows that, only a stack known that deep) nor

@@ -1114,6 +1114,51 @@ def test_flax_biases_and_embedding_rows_are_not_averaged_across_outputs(rng):
     spatial.describe(mine, block_size=2, strict=True)
 
 
+def test_a_scanned_raw_depthwise_kernel_under_a_conv_name_is_a_flagged_guess():
+  # Mamba's block scanned: a raw depthwise conv1d kernel (layers, width, channels) beside the
+  # in_proj kernel (layers, in, out), a stack of 3 shown by their common first size, and a norm's
+  # scale (layers, d). The conv's name made the rank-3 kernel a 1-D Conv (window 3, in 4, out 16):
+  # averaged over axis 0, across the layers, unflagged. Now a guess, flagged. A bias-less 1-D
+  # Conv_0 beside a stack of 3 elsewhere in the tree (stack, not its relative) stays a Conv.
+  z = np.zeros
+  mamba = {
+    "layers": {
+      "norm": {"scale": z((3, 16))},
+      "mixer": {"conv1d": {"kernel": z((3, 4, 16))}, "in_proj": {"kernel": z((3, 16, 16))}},
+    }
+  }
+  rows = {r.path: r for r in spatial.describe(mamba, block_size=4).rows}
+  assert rows["['layers']['mixer']['conv1d']['kernel']"].ambiguous
+  with pytest.warns(spatial.LayoutGuessWarning, match=r"\['conv1d'\]\['kernel'\]"):
+    ah.adahessian(0.1, block_size=4).init(mamba)
+  conv = {
+    "Conv_0": {"kernel": z((3, 8, 8))},
+    "Dense_0": {"kernel": z((8, 11)), "bias": z((11,))},
+    "stack": {"Dense_0": {"kernel": z((3, 8, 8)), "bias": z((3, 8))}},
+  }
+  rows = {r.path: r for r in spatial.describe(conv, block_size=4).rows}
+  assert rows["['Conv_0']['kernel']"].rule == spatial.mean_over((0,))
+  assert not rows["['Conv_0']['kernel']"].ambiguous
+
+
+def test_a_graph_convolution_is_no_window_over_axes():
+  # A graph's "conv" holds a weight per relation (R-GCN), Chebyshev order (ChebConv) or head
+  # (GAT) along its first axis: read by its name as a 1-D Conv kernel, it was averaged across
+  # them, unflagged. Now the rank's guess, flagged; a Conv_0 beside the same bias stays a Conv.
+  z = np.zeros
+  graph = {
+    "RGCNConv_0": {"kernel": z((5, 16, 32)), "root": z((16, 32)), "bias": z((32,))},
+    "ChebConv_0": {"kernel": z((3, 16, 32)), "bias": z((32,))},
+    "gat_conv": {"kernel": z((16, 4, 8))},
+    "Conv_0": {"kernel": z((3, 16, 32)), "bias": z((32,))},
+  }
+  rows = {r.path: r for r in spatial.describe(graph, block_size=4).rows}
+  for module in ("RGCNConv_0", "ChebConv_0", "gat_conv"):
+    assert rows[f"['{module}']['kernel']"].ambiguous, module
+  assert rows["['Conv_0']['kernel']"].rule == spatial.mean_over((0,))
+  assert not rows["['Conv_0']['kernel']"].ambiguous
+
+
 class _Gate(nn.Module):
   """An ``nn.Einsum`` of ``spec`` and kernel ``shape`` on a carry it returns (scannable)."""
 
