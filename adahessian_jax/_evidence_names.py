@@ -84,6 +84,11 @@ _TABLE_WORDS = frozenset(
 )
 
 
+#: Whole names of tables: TransformerLens's token embedding ``W_E`` ``(d_vocab, d_model)`` and
+#: positions ``W_pos`` ``(n_ctx, d_model)``.
+_NAMED_TABLES = frozenset(("W_E", "W_pos"))
+
+
 #: The words a table's name is made of (``pos_embedding``, ``token_embeddings``, ``wpe``): a name
 #: with a word of :data:`_TABLE_WORDS` and others too (``w_embed``) could be a kernel's.
 _TABLE_NAME_WORDS = _TABLE_WORDS | frozenset(
@@ -103,17 +108,25 @@ def param_name(path) -> str | None:
   words too (``w_embed``, which a kernel could have) is a ``"table"``, and the ``"offset"`` of
   Haiku's norms (``hk.LayerNorm``, ``hk.BatchNorm``, ``hk.GroupNorm``) a ``"bias"``. A name with
   the word ``weight`` is a ``"weight"`` (PyTorch's ``in_proj_weight``, an LSTM's
-  ``weight_ih_l0``). A key of a flattened tree is read by its last part: ``"blocks.0.fc.weight"``
-  (a PyTorch state dict) is a ``"weight"``, ``"Dense_0/bias"``
-  (``flax.traverse_util.flatten_dict(..., sep="/")``) a ``"bias"``.
+  ``weight_ih_l0``). TransformerLens's ``W_E`` and ``W_pos`` are ``"embedding"`` tables; Haiku's
+  ``VectorQuantizer`` codebook ``embeddings`` ``(embedding_dim, num_embeddings)`` (under a
+  module with the word ``quantizer``) keeps its name: one code per column, a kernel's layout. A
+  key of a flattened tree is read by its last part: ``"blocks.0.fc.weight"`` (a PyTorch state
+  dict) is a ``"weight"``, ``"Dense_0/bias"`` (``flax.traverse_util.flatten_dict(...,
+  sep="/")``) a ``"bias"``.
   """
   name = leaf_name(path)
   if name is None:
     return None
-  words = set(name.lower().split("_"))
-  if _TABLE_WORDS & words:  # a table's name; with another word (w_embed), maybe a kernel's
-    return "embedding" if words <= _TABLE_NAME_WORDS else "table"
-  if "weight" in words:
+  if name in _NAMED_TABLES:
+    return "embedding"
+  module = module_keys(path)
+  if name == "embeddings" and module and "quantizer" in words(module[-1]):
+    return name  # Haiku's codebook (embedding_dim, num_embeddings): a code per column
+  words_ = set(name.lower().split("_"))
+  if _TABLE_WORDS & words_:  # a table's name; with another word (w_embed), maybe a kernel's
+    return "embedding" if words_ <= _TABLE_NAME_WORDS else "table"
+  if "weight" in words_:
     return "weight"
   return "bias" if name == "offset" else name
 

@@ -281,6 +281,8 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
   # Equinox and PyTorch ports name their weights "weight", output axis first: a Linear (out, in)
   # and a Conv (out, in, kh, kw) have a filter per output unit along axis 0, and Haiku's table
   # "embeddings" (vocab, dim) one per token; by Flax's layouts the filters ran along the last axis.
+  # Haiku's VectorQuantizer codebook "embeddings" (dim, codes) has one per code (column), and
+  # TransformerLens's W_E (vocab, d_model) one per token (row): they ran along the other axis.
   r = np.random.default_rng(1)
   scales = np.array([1e-3, 1.0, 10.0, 1.0])
   linear = r.normal(size=(4, 3)) * scales[:, None]
@@ -292,6 +294,8 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
     "conv": {"weight": jnp.asarray(conv)},
     "embed": {"embeddings": jnp.asarray(table)},
     "pos_embedding": jnp.asarray(positions),
+    "vector_quantizer": {"embeddings": jnp.asarray(table.T)},
+    "embed_lens": {"W_E": jnp.asarray(table)},
   }
   op = _sin_op(params)
   nd = op.unravel(
@@ -299,6 +303,11 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
   )
   for got, want in ((nd["lin"]["weight"], linear), (nd["embed"]["embeddings"], table)):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1))
+  np.testing.assert_allclose(
+    np.linalg.norm(nd["embed_lens"]["W_E"], axis=1), _filter_norms(table, (0,))
+  )
+  codes = nd["vector_quantizer"]["embeddings"]
+  np.testing.assert_allclose(np.linalg.norm(codes, axis=0), np.linalg.norm(table, axis=1))
   np.testing.assert_allclose(_filter_norms(nd["conv"]["weight"], (0,)), _filter_norms(conv, (0,)))
   got = np.linalg.norm(nd["pos_embedding"], axis=2)  # a filter per position
   np.testing.assert_allclose(got, np.linalg.norm(positions, axis=2))

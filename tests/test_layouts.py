@@ -1159,6 +1159,29 @@ def test_a_graph_convolution_is_no_window_over_axes():
   assert not rows["['Conv_0']['kernel']"].ambiguous
 
 
+def test_transformer_lens_tables_and_a_haiku_codebook_keep_their_rows_apart(rng):
+  # TransformerLens's W_E (d_vocab, d_model) is a token table: read by its rank as a Dense kernel,
+  # 4 tokens' rows were blocked together, unflagged (its W_pos was a flagged guess). Haiku's
+  # VectorQuantizer keeps its codebook `embeddings` (embedding_dim, num_embeddings), a code per
+  # column: read as a table, 4 codes were blocked together, unflagged.
+  params = {
+    "embed": {"W_E": np.zeros((12, 8))},
+    "pos_embed": {"W_pos": np.zeros((6, 8))},
+    "vector_quantizer": {"embeddings": np.zeros((8, 12))},
+  }
+  d = jax.tree.map(lambda x: rng.random(x.shape), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, d)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4, strict=True).rows}
+  for module, leaf, axis in (
+    ("embed", "W_E", 1),
+    ("pos_embed", "W_pos", 1),
+    ("vector_quantizer", "embeddings", 0),
+  ):
+    assert rows[f"['{module}']['{leaf}']"].rule == spatial.blocks(4, axis=axis)
+    want = block_average(d[module][leaf], 4, axis=axis)
+    np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
+
+
 class _Gate(nn.Module):
   """An ``nn.Einsum`` of ``spec`` and kernel ``shape`` on a carry it returns (scannable)."""
 
