@@ -32,7 +32,13 @@ from typing import Any, NamedTuple
 import jax
 
 from adahessian_jax._evidence_attention import flax_attention_names
-from adahessian_jax._evidence_biases import bias_tables, haiku_biases, named_biases, weights_by_bias
+from adahessian_jax._evidence_biases import (
+  bias_tables,
+  flax_layout_weights,
+  haiku_biases,
+  named_biases,
+  weights_by_bias,
+)
 from adahessian_jax._evidence_kernels import (
   conv_kernels,
   dense_general_kernels,
@@ -55,7 +61,8 @@ class Reading(NamedTuple):
       reason (``""`` if it did not).
     unsure: Why that reading is a guess, if it is, else ``None``.
     param: What the evidence says the leaf is, where its own name (:func:`param_name`) does not:
-      :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`BIAS_TABLE`
+      :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`WEIGHT_INPUT_FIRST`
+      (:func:`flax_layout_weights`), :data:`BIAS_TABLE`
       (:func:`bias_tables`), :data:`ELEMENTWISE` (:func:`elementwise_kernels`) or ``"bias"``
       (:func:`haiku_biases`, :func:`named_biases`, :func:`expert_biases`); else ``None``.
     moot: Whether the guess is only of where a ``Dense`` kernel's stacked axis is, which no
@@ -127,6 +134,7 @@ def read(
   done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = expert_stacks(paths, shapes, stacked, roles, done)
   params = _params(
+    flax_weights=flax_layout_weights(paths, shapes, roles),
     by_bias=by_bias,
     tables=bias_tables(paths, roles),
     elementwise=elementwise_kernels(paths, shapes, stacked, roles),
@@ -202,10 +210,15 @@ def _output_first(by_bias: set[int], paths, shapes, stacked, roles) -> set[int]:
 
 
 def _params(
-  by_bias: set[int], tables: set[int], elementwise: set[int], biases: set[int]
+  flax_weights: set[int],
+  by_bias: set[int],
+  tables: set[int],
+  elementwise: set[int],
+  biases: set[int],
 ) -> dict[int, str]:
   """:class:`Reading`'s ``param`` by leaf, where a leaf is in several the later winning: a weight
-  or kernel by its bias (:data:`WEIGHT_BY_BIAS`), a table of attention biases
+  in Flax's layout by its bias (:data:`WEIGHT_INPUT_FIRST`), a weight or kernel output axis first
+  by its bias (:data:`WEIGHT_BY_BIAS`), a table of attention biases
   (:data:`BIAS_TABLE`), a kernel that contracts no input (:data:`ELEMENTWISE`), a bias.
 
   Names can put a leaf in two (a table's word and a bias's: ``pos_b`` beside ``pos_w``,
@@ -213,7 +226,8 @@ def _params(
   paired by name (``pos_w``, ``emb_weight``) is no table of biases under a module named with
   ``bias`` (:func:`bias_tables`): a weight by its bias or a table.
   """
-  params = {i: WEIGHT_BY_BIAS for i in by_bias} | {i: BIAS_TABLE for i in tables}
+  params = {i: WEIGHT_INPUT_FIRST for i in flax_weights} | {i: WEIGHT_BY_BIAS for i in by_bias}
+  params |= {i: BIAS_TABLE for i in tables}
   params |= {i: ELEMENTWISE for i in elementwise}
   params |= {i: "bias" for i in biases}
   return params
@@ -306,6 +320,9 @@ def _unnamed_leading_stacks(
 #: What :func:`read` calls a ``weight`` (or a rank-2 ``kernel``) whose bias shows its output axis
 #: first (:func:`weights_by_bias`).
 WEIGHT_BY_BIAS = "weight, by its bias"
+#: What :func:`read` calls a ``weight`` whose bias shows Flax's layout, output axis last
+#: (:func:`flax_layout_weights`): Hugging Face's PyTorch ``Conv1D`` ``(in, out)``.
+WEIGHT_INPUT_FIRST = "weight, input axis first by its bias"
 #: What :func:`read` calls a table of attention biases (:func:`bias_tables`): T5's
 #: ``relative_attention_bias`` ``(num_buckets, heads)``.
 BIAS_TABLE = "a table of attention biases"

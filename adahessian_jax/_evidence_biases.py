@@ -230,6 +230,41 @@ class _WeightPair(NamedTuple):
   is_weight: bool  # whether a PyTorch ``weight`` (or a name with that word), not a kernel
 
 
+def flax_layout_weights(paths, shapes, roles) -> set[int]:
+  """The ``weight`` leaves under the default rule whose bias shows Flax's layout, output axis
+  last: Hugging Face's PyTorch ``Conv1D`` keeps GPT-2's ``c_attn.weight`` ``(in, out)`` beside
+  ``c_attn.bias`` ``(out,)``, stacked ``(layers, in, out)`` beside ``(layers, out)``. A bias that
+  is the weight's last axis past any stacked ones and fits no PyTorch reading
+  (:func:`torch_stacks`, :func:`torch_kernel`: not a square ``(d, d)``, which fits both) rules
+  out the name's reading, output axis first.
+
+  Returns:
+    The indices of these leaves.
+  """
+  found = set()
+  for pair in _weight_pairs(paths):
+    if not pair.is_weight or roles[pair.weight] is None:
+      continue
+    k, v = shapes[pair.weight], shapes[pair.bias]
+    flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
+    if flax and not torch_stacks(k, v) and not torch_kernel(k, v):
+      found.add(pair.weight)
+  return found
+
+
+def _weight_pairs(paths) -> list[_WeightPair]:
+  """Every weight or kernel beside its bias (:class:`_WeightPair`): a module's ``weight`` and
+  ``bias`` or kernel and bias (:data:`KERNEL_BIAS`), and the named pairs
+  (:func:`_named_weight_pairs`), once each."""
+  pairs = [
+    _WeightPair(module, members[weight], members[bias], is_weight=weight == "weight")
+    for module, members in by_module(paths).items()
+    for weight, bias in (("weight", "bias"), *KERNEL_BIAS)
+    if weight in members and bias in members
+  ]
+  return list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
+
+
 def _named_weight_pairs(paths) -> list[_WeightPair]:
   """A :class:`_WeightPair` (a weight) for each leaf whose name has the word ``weight`` and other
   words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
@@ -288,13 +323,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
     The leaves read output axis first, and why those of them and the square kernels beside a bias
     that fits both layouts are guesses, by leaf.
   """
-  pairs = [
-    _WeightPair(module, members[weight], members[bias], is_weight=weight == "weight")
-    for module, members in by_module(paths).items()
-    for weight, bias in (("weight", "bias"), *KERNEL_BIAS)
-    if weight in members and bias in members
-  ]
-  pairs = list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
+  pairs = _weight_pairs(paths)
   found, square, several = set(), {}, {}
   shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
   stacks: list[tuple[tuple, int]] = []  # (module, stacked axes) of each weight whose bias shows it

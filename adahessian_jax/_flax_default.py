@@ -59,10 +59,16 @@ def _blocks_text(block_size: int) -> str:
 
 
 _WEIGHT_BY_BIAS, _BIAS_TABLE = _evidence.WEIGHT_BY_BIAS, _evidence.BIAS_TABLE
-_ELEMENTWISE = _evidence.ELEMENTWISE
+_ELEMENTWISE, _INPUT_FIRST = _evidence.ELEMENTWISE, _evidence.WEIGHT_INPUT_FIRST
 #: The parameter names (last path keys, or what the tree shows a leaf is) that
 #: :func:`flax_default` reads.
-_PARAMS_READ = (*_evidence_names.READ_BY_NAME, _WEIGHT_BY_BIAS, _BIAS_TABLE, _ELEMENTWISE)
+_PARAMS_READ = (
+  *_evidence_names.READ_BY_NAME,
+  _WEIGHT_BY_BIAS,
+  _BIAS_TABLE,
+  _ELEMENTWISE,
+  _INPUT_FIRST,
+)
 
 
 def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -> Choice:
@@ -102,6 +108,9 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   ndim = len(shape)
   if ndim <= 1:
     return Choice(NoAveraging(), f"rank {ndim}{note}: a bias or scale, none")
+  if param == _INPUT_FIRST:  # Hugging Face's PyTorch Conv1D (in, out): a kernel's layout
+    note += ", a 'weight' beside a bias of its last axis (Flax's layout, in, out)"
+    return _by_rank(shape, block_size, names, note)
   if param in ("weight", _WEIGHT_BY_BIAS):
     return _torch_layout(ndim, block_size, names, note, param == _WEIGHT_BY_BIAS)
   if param == _BIAS_TABLE:
@@ -328,7 +337,8 @@ class FlaxDefault(Rule):
       :func:`~adahessian_jax._evidence_names.param_name`) or by the tree around it
       (:data:`~adahessian_jax._evidence.WEIGHT_BY_BIAS`,
       :data:`~adahessian_jax._evidence.BIAS_TABLE`,
-      :data:`~adahessian_jax._evidence.ELEMENTWISE`), once set by
+      :data:`~adahessian_jax._evidence.ELEMENTWISE`,
+      :data:`~adahessian_jax._evidence.WEIGHT_INPUT_FIRST`), once set by
       :func:`~adahessian_jax.spatial.resolve_rules`; ``None`` for any other name (``"kernel"``).
     resolved: Whether :func:`~adahessian_jax.spatial.resolve_rules` has read the tree for this
       leaf. A resolved rule is not read again: its reading stays that of the tree it was resolved
@@ -418,6 +428,13 @@ def flax_default(
         f"axis_roles[{name!r}] is {role!r}; a role must be one of {ROLES} or None (forget it)."
       )
   return FlaxDefault(block_size, tuple(sorted(changes.items(), key=lambda kv: kv[0])))
+
+
+def reads_input_first(rule: Rule) -> bool:
+  """Whether a rule from :func:`adahessian_jax._resolve.leaf_rules` reads a ``weight`` in Flax's
+  layout, input axis first, as its bias shows
+  (:func:`adahessian_jax._evidence_biases.flax_layout_weights`)."""
+  return isinstance(rule, FlaxDefault) and rule.param == _INPUT_FIRST
 
 
 def reads_output_first(rule: Rule) -> bool:

@@ -138,6 +138,7 @@ from adahessian_jax._averaging import as_averaging as as_averaging
 from adahessian_jax._averaging import check_averaging as check_averaging
 from adahessian_jax._flax_default import FlaxDefault as FlaxDefault
 from adahessian_jax._flax_default import flax_default
+from adahessian_jax._flax_default import reads_input_first as reads_input_first
 from adahessian_jax._flax_default import reads_output_first as reads_output_first
 from adahessian_jax._layout_warnings import LayoutGuessWarning
 from adahessian_jax._layout_warnings import user_stacklevel as user_stacklevel

@@ -283,6 +283,8 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
   # "embeddings" (vocab, dim) one per token; by Flax's layouts the filters ran along the last axis.
   # Haiku's VectorQuantizer codebook "embeddings" (dim, codes) has one per code (column), and
   # TransformerLens's W_E (vocab, d_model) one per token (row): they ran along the other axis.
+  # Hugging Face's PyTorch Conv1D weight (in, out) beside its bias (out,) has one per output
+  # (column), as its bias shows: by the name's layout they ran along the rows.
   r = np.random.default_rng(1)
   scales = np.array([1e-3, 1.0, 10.0, 1.0])
   linear = r.normal(size=(4, 3)) * scales[:, None]
@@ -296,6 +298,7 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
     "pos_embedding": jnp.asarray(positions),
     "vector_quantizer": {"embeddings": jnp.asarray(table.T)},
     "embed_lens": {"W_E": jnp.asarray(table)},
+    "c_fc": {"weight": jnp.asarray(table.T), "bias": jnp.zeros((4,))},
   }
   op = _sin_op(params)
   nd = op.unravel(
@@ -306,8 +309,8 @@ def test_filter_normalisation_of_pytorch_layouts_and_tables():
   np.testing.assert_allclose(
     np.linalg.norm(nd["embed_lens"]["W_E"], axis=1), _filter_norms(table, (0,))
   )
-  codes = nd["vector_quantizer"]["embeddings"]
-  np.testing.assert_allclose(np.linalg.norm(codes, axis=0), np.linalg.norm(table, axis=1))
+  for codes in (nd["vector_quantizer"]["embeddings"], nd["c_fc"]["weight"]):
+    np.testing.assert_allclose(np.linalg.norm(codes, axis=0), np.linalg.norm(table, axis=1))
   np.testing.assert_allclose(_filter_norms(nd["conv"]["weight"], (0,)), _filter_norms(conv, (0,)))
   got = np.linalg.norm(nd["pos_embedding"], axis=2)  # a filter per position
   np.testing.assert_allclose(got, np.linalg.norm(positions, axis=2))

@@ -1182,6 +1182,33 @@ def test_transformer_lens_tables_and_a_haiku_codebook_keep_their_rows_apart(rng)
     np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
 
 
+def test_a_weight_whose_bias_is_its_last_axis_is_read_input_first(rng):
+  # Hugging Face's PyTorch GPT-2 keeps its Conv1D weights (in, out) beside a bias (out,): the name
+  # 'weight' read them output axis first, blocks along axis 1 across outputs (a flagged guess).
+  # Their bias rules that out: blocks along the input axis 0, no guess. A square c_proj (16, 16)
+  # fits both layouts and stays a flagged guess; a Linear (out, in) stays PyTorch's.
+  params = {
+    "h.0.attn.c_attn.weight": np.zeros((16, 48)),
+    "h.0.attn.c_attn.bias": np.zeros((48,)),
+    "h.0.attn.c_proj.weight": np.zeros((16, 16)),
+    "h.0.attn.c_proj.bias": np.zeros((16,)),
+    "h.0.mlp.c_fc.weight": np.zeros((16, 64)),
+    "h.0.mlp.c_fc.bias": np.zeros((64,)),
+  }
+  d = jax.tree.map(lambda x: rng.random(x.shape), params)
+  with pytest.warns(spatial.LayoutGuessWarning, match=r"1 leaf is a guess.*\n.*c_proj\.weight"):
+    got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, d)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4).rows}
+  for key in ("h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"):
+    row = rows[f"['{key}']"]
+    assert row.rule == spatial.blocks(4, axis=0) and not row.ambiguous, key
+    np.testing.assert_allclose(got[key], block_average(d[key], 4, axis=0), rtol=1e-6)
+  assert rows["['h.0.attn.c_proj.weight']"].ambiguous
+  linear = {"linear": {"weight": np.zeros((64, 16)), "bias": np.zeros((64,))}}
+  row = spatial.describe(linear, block_size=4, strict=True).rows[-1]
+  assert row.rule == spatial.blocks(4, axis=1)
+
+
 class _Gate(nn.Module):
   """An ``nn.Einsum`` of ``spec`` and kernel ``shape`` on a carry it returns (scannable)."""
 

@@ -152,10 +152,13 @@ def _leaf_axes(op: HessianOperator, layer_axes: Any) -> list[_LeafAxes]:
   shapes = [tuple(np.shape(x.leaf)) for x in infos]
   rules = spatial.leaf_rules(None, op.params)
   # As the averaging reads them: a weight, or a kernel whose bias shows PyTorch's layout (Hugging
-  # Face's Conv1D (out, in)), output axis first; a Haiku b beside its w, a bias.
+  # Face's FlaxConv1D (out, in)), output axis first; a weight whose bias shows Flax's (Hugging
+  # Face's PyTorch Conv1D (in, out)), a kernel; a Haiku b beside its w, a bias.
   params = [
     "weight"
     if spatial.reads_output_first(r)
+    else "kernel"
+    if spatial.reads_input_first(r)
     else "bias"
     if isinstance(r, spatial.FlaxDefault) and r.param == "bias"
     else _evidence_names.param_name(path)
