@@ -45,6 +45,7 @@ from adahessian_jax._evidence_kernels import (
   elementwise_kernels,
   expert_biases,
   expert_stacks,
+  torch_lora_factors,
 )
 from adahessian_jax._evidence_names import param_name
 from adahessian_jax._evidence_roles import role_name, stacked_prefix
@@ -62,7 +63,8 @@ class Reading(NamedTuple):
     unsure: Why that reading is a guess, if it is, else ``None``.
     param: What the evidence says the leaf is, where its own name (:func:`param_name`) does not:
       :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`WEIGHT_INPUT_FIRST`
-      (:func:`flax_layout_weights`), :data:`BIAS_TABLE`
+      (:func:`flax_layout_weights`), :data:`LORA_OUTPUT_FIRST` (:func:`torch_lora_factors`),
+      :data:`BIAS_TABLE`
       (:func:`bias_tables`), :data:`ELEMENTWISE` (:func:`elementwise_kernels`) or ``"bias"``
       (:func:`haiku_biases`, :func:`named_biases`, :func:`expert_biases`); else ``None``.
     moot: Whether the guess is only of where a ``Dense`` kernel's stacked axis is, which no
@@ -136,6 +138,7 @@ def read(
   params = _params(
     flax_weights=flax_layout_weights(paths, shapes, roles),
     by_bias=by_bias,
+    lora=torch_lora_factors(paths, shapes, stacked, roles),
     tables=bias_tables(paths, roles),
     elementwise=elementwise_kernels(paths, shapes, stacked, roles),
     biases=haiku_biases(paths, roles)
@@ -212,13 +215,15 @@ def _output_first(by_bias: set[int], paths, shapes, stacked, roles) -> set[int]:
 def _params(
   flax_weights: set[int],
   by_bias: set[int],
+  lora: set[int],
   tables: set[int],
   elementwise: set[int],
   biases: set[int],
 ) -> dict[int, str]:
   """:class:`Reading`'s ``param`` by leaf, where a leaf is in several the later winning: a weight
   in Flax's layout by its bias (:data:`WEIGHT_INPUT_FIRST`), a weight or kernel output axis first
-  by its bias (:data:`WEIGHT_BY_BIAS`), a table of attention biases
+  by its bias (:data:`WEIGHT_BY_BIAS`), a LoRA factor so by its pair
+  (:data:`LORA_OUTPUT_FIRST`), a table of attention biases
   (:data:`BIAS_TABLE`), a kernel that contracts no input (:data:`ELEMENTWISE`), a bias.
 
   Names can put a leaf in two (a table's word and a bias's: ``pos_b`` beside ``pos_w``,
@@ -227,6 +232,7 @@ def _params(
   ``bias`` (:func:`bias_tables`): a weight by its bias or a table.
   """
   params = {i: WEIGHT_INPUT_FIRST for i in flax_weights} | {i: WEIGHT_BY_BIAS for i in by_bias}
+  params |= {i: LORA_OUTPUT_FIRST for i in lora}
   params |= {i: BIAS_TABLE for i in tables}
   params |= {i: ELEMENTWISE for i in elementwise}
   params |= {i: "bias" for i in biases}
@@ -323,6 +329,9 @@ WEIGHT_BY_BIAS = "weight, by its bias"
 #: What :func:`read` calls a ``weight`` whose bias shows Flax's layout, output axis last
 #: (:func:`flax_layout_weights`): Hugging Face's PyTorch ``Conv1D`` ``(in, out)``.
 WEIGHT_INPUT_FIRST = "weight, input axis first by its bias"
+#: What :func:`read` calls a LoRA factor stored output axis first (:func:`torch_lora_factors`):
+#: loralib's ``lora_A`` ``(rank, in)`` and ``lora_B`` ``(out, rank)``.
+LORA_OUTPUT_FIRST = "a LoRA factor, output axis first by its pair"
 #: What :func:`read` calls a table of attention biases (:func:`bias_tables`): T5's
 #: ``relative_attention_bias`` ``(num_buckets, heads)``.
 BIAS_TABLE = "a table of attention biases"

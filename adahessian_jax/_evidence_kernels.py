@@ -394,6 +394,37 @@ def elementwise_kernels(paths, shapes, names, roles) -> set[int]:
   return found
 
 
+#: The names of a LoRA pair's factors, ``(A, B)``: loralib's and most ports' (PyTorch's layout,
+#: ``A`` ``(rank, in)``, ``B`` ``(out, rank)``) and ``nnx.LoRA``'s (Flax's, ``(in, rank)`` and
+#: ``(rank, out)``).
+_LORA_PAIRS = (("lora_A", "lora_B"), ("lora_a", "lora_b"))
+
+
+def torch_lora_factors(paths, shapes, names, roles) -> set[int]:
+  """The LoRA factors stored output axis first, as PyTorch's ``loralib`` does: ``lora_A`` ``(rank,
+  in)`` and ``lora_B`` ``(out, rank)`` side by side in a module, whose one shared size (the rank)
+  is ``A``'s first and ``B``'s last axis, and not ``A``'s last and ``B``'s first as in Flax's
+  layout (``nnx.LoRA``'s ``lora_a`` ``(in, rank)``, ``lora_b`` ``(rank, out)``). Read by their
+  rank as ``Dense`` kernels, they were blocked along axis 0: across the rank's rows and across
+  outputs. Both of rank 2, unnamed, under the default rule; a pair whose shapes fit both layouts
+  is left to the rank's reading.
+
+  Returns:
+    The indices of these leaves.
+  """
+  found = set()
+  for members in by_leaf_name(paths).values():
+    for pair in _LORA_PAIRS:
+      a, b = (members.get(name) for name in pair)
+      if a is None or b is None or any(roles[i] is None or names[i] for i in (a, b)):
+        continue
+      if len(shapes[a]) == len(shapes[b]) == 2:
+        (a0, a1), (b0, b1) = shapes[a], shapes[b]
+        if a0 == b1 and a1 != b0:
+          found |= {a, b}
+  return found
+
+
 #: Words (of a module or parameter name, :func:`words`) that stack a leaf's experts.
 _EXPERT_WORDS = frozenset(("moe", "expert", "experts"))
 

@@ -60,6 +60,9 @@ def _blocks_text(block_size: int) -> str:
 
 _WEIGHT_BY_BIAS, _BIAS_TABLE = _evidence.WEIGHT_BY_BIAS, _evidence.BIAS_TABLE
 _ELEMENTWISE, _INPUT_FIRST = _evidence.ELEMENTWISE, _evidence.WEIGHT_INPUT_FIRST
+_LORA_OUTPUT_FIRST = _evidence.LORA_OUTPUT_FIRST
+#: What the default reads output axis first (PyTorch's layout).
+_OUTPUT_FIRST = ("weight", _WEIGHT_BY_BIAS, _LORA_OUTPUT_FIRST)
 #: The parameter names (last path keys, or what the tree shows a leaf is) that
 #: :func:`flax_default` reads.
 _PARAMS_READ = (
@@ -68,19 +71,23 @@ _PARAMS_READ = (
   _BIAS_TABLE,
   _ELEMENTWISE,
   _INPUT_FIRST,
+  _LORA_OUTPUT_FIRST,
 )
 
 
-def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -> Choice:
+def _torch_layout(ndim: int, block_size: int, names, note: str, param: str | None) -> Choice:
   """An unnamed ``weight``: PyTorch's and Equinox's layouts, the output axis first.
 
   ``Linear`` ``(out, in)`` (and ``Embedding`` ``(num, dim)``): blocks along axis 1, one output
   unit's (row's) inputs; ``Conv`` ``(out, in, *spatial)``: the mean over axes ``2 ..``. Flax
   names its kernels ``kernel``, so ``weight`` is such a port's, but the name is only a name:
-  ambiguous where the layout matters, unless its bias has ``settled`` it.
+  ambiguous where the layout matters, unless its bias (``param`` :data:`_WEIGHT_BY_BIAS`) or its
+  LoRA pair (:data:`_LORA_OUTPUT_FIRST`) has settled it.
   """
   flax = "(in, out)" if ndim == 2 else "(*spatial, in, out)"
-  if settled:
+  if param == _LORA_OUTPUT_FIRST:
+    why, guess, ambiguous = "a LoRA factor whose pair's shape shows PyTorch's layout", "", False
+  elif param == _WEIGHT_BY_BIAS:
     why, guess, ambiguous = "a bias of its first axis", "", False
   else:
     why, ambiguous = "name 'weight'", ndim > 2 or block_size > 1
@@ -91,7 +98,7 @@ def _torch_layout(ndim: int, block_size: int, names, note: str, settled: bool) -
     return Choice(
       BlockMean(block_size, 1),
       f"rank 2{note}, {why}: taken for a PyTorch-layout Linear weight (out, in) (PyTorch, "
-      f"Equinox, Hugging Face's Conv1D), {_blocks_text(block_size)} along input axis "
+      f"Equinox, Hugging Face's FlaxConv1D), {_blocks_text(block_size)} along input axis "
       f"{_axis(1, names)}" + (guess if block_size > 1 else ""),
       ambiguous=ambiguous,
     )
@@ -111,8 +118,8 @@ def _by_rank(shape, block_size, names, note, param=None) -> Choice:
   if param == _INPUT_FIRST:  # Hugging Face's PyTorch Conv1D (in, out): a kernel's layout
     note += ", a 'weight' beside a bias of its last axis (Flax's layout, in, out)"
     return _by_rank(shape, block_size, names, note)
-  if param in ("weight", _WEIGHT_BY_BIAS):
-    return _torch_layout(ndim, block_size, names, note, param == _WEIGHT_BY_BIAS)
+  if param in _OUTPUT_FIRST:
+    return _torch_layout(ndim, block_size, names, note, param)
   if param == _BIAS_TABLE:
     # T5's relative_attention_bias (num_buckets, heads): rows (positions) and heads kept apart.
     return Choice(
@@ -441,4 +448,4 @@ def reads_output_first(rule: Rule) -> bool:
   """Whether a rule from :func:`adahessian_jax._resolve.leaf_rules` reads its leaf in PyTorch's
   layout, output axis first (a ``weight``, or a kernel whose bias shows it:
   :func:`adahessian_jax._evidence_biases.weights_by_bias`)."""
-  return isinstance(rule, FlaxDefault) and rule.param in ("weight", _WEIGHT_BY_BIAS)
+  return isinstance(rule, FlaxDefault) and rule.param in _OUTPUT_FIRST

@@ -1209,6 +1209,34 @@ def test_a_weight_whose_bias_is_its_last_axis_is_read_input_first(rng):
   assert row.rule == spatial.blocks(4, axis=1)
 
 
+def test_loralib_factors_are_read_output_axis_first(rng):
+  # loralib stores a LoRA pair in PyTorch's layout, lora_A (rank, in) and lora_B (out, rank): read
+  # by their rank as Dense kernels (in, out), both were blocked along axis 0, across the rank's
+  # rows and across outputs, unflagged. The shared size (the rank) shows the layout: blocks along
+  # axis 1, each row's inputs. nnx.LoRA's lora_a (in, rank), lora_b (rank, out) stay Flax's.
+  params = {
+    "c_attn": {
+      "weight": np.zeros((48, 16)),
+      "bias": np.zeros((48,)),
+      "lora_A": np.zeros((4, 16)),
+      "lora_B": np.zeros((48, 4)),
+    },
+    "nnx_lora": {"lora_a": np.zeros((16, 4)), "lora_b": np.zeros((4, 48))},
+  }
+  d = jax.tree.map(lambda x: rng.random(x.shape), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, d)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4, strict=True).rows}
+  for module, leaf, axis in (
+    ("c_attn", "lora_A", 1),
+    ("c_attn", "lora_B", 1),
+    ("nnx_lora", "lora_a", 0),
+    ("nnx_lora", "lora_b", 0),
+  ):
+    assert rows[f"['{module}']['{leaf}']"].rule == spatial.blocks(4, axis=axis), leaf
+    want = block_average(d[module][leaf], 4, axis=axis)
+    np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
+
+
 class _Gate(nn.Module):
   """An ``nn.Einsum`` of ``spec`` and kernel ``shape`` on a carry it returns (scannable)."""
 
