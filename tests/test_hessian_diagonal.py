@@ -252,3 +252,23 @@ def test_float32_hutchinson_stderr_at_extreme_scales_is_the_scaled_unit_one(scal
   assert np.all(unit.stderr_flat > 0)
   np.testing.assert_allclose(scaled.diagonal_flat / scale, unit.diagonal_flat, rtol=1e-5)
   np.testing.assert_allclose(scaled.stderr_flat / scale, unit.stderr_flat, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xdiag_error_keeps_the_estimates_dtype_under_x64(dtype):
+  # The tests run with x64 on: the error was divided by NumPy's float64 sqrt(s), no weak type, so
+  # a float32 (or bfloat16's float32) model's xdiag error came back float64 beside its float32
+  # diagonal, unlike hutchinson_diagonal_estimate's.
+  params, batch = mlp()
+  op = hessian.hessian_operator(
+    mlp_loss,
+    jax.tree.map(lambda a: a.astype(dtype), params),
+    jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, batch),
+  )
+  xd = hessian.xdiag(op, jax.random.key(0), 12)
+  assert xd.diagonal_flat.dtype == jnp.float32
+  assert xd.stderr_flat.dtype == jnp.float32
+  assert {a.dtype for a in jax.tree.leaves(xd.stderr)} == {np.dtype(jnp.float32)}
+  assert np.all(np.asarray(xd.stderr_flat) > 0)  # the leave-one-out branch, not an exact sketch
+  hutch = hessian.hutchinson_diagonal_estimate(op, jax.random.key(0), 3)
+  assert hutch.stderr_flat.dtype == xd.stderr_flat.dtype

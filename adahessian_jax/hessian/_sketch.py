@@ -7,6 +7,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -322,4 +323,6 @@ def exchangeable_estimate(
     value = exact(sk.q, sk.z) * sk.scale
     return value, jnp.zeros_like(value), 2 * s, s
   ests = leave_one_out(sk.omega, sk.y, sk.z, sk.q, sk.r, sk.degenerate)
-  return ests.mean(0) * sk.scale, ests.std(0, ddof=1) / np.sqrt(s) * sk.scale, 2 * s, s
+  # Over sqrt(s) as a Python float: a NumPy float64 is no weak type, and promoted a float32 (or
+  # bfloat16's float32) error to float64 under x64, unlike the estimate beside it.
+  return ests.mean(0) * sk.scale, ests.std(0, ddof=1) / math.sqrt(s) * sk.scale, 2 * s, s
