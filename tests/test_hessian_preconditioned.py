@@ -655,3 +655,26 @@ def test_a_float16_operators_preconditioner_is_inverted_in_float32():
     np.testing.assert_allclose(got, dense, rtol=3e-3, atol=1e-6)
   with pytest.raises(ValueError, match=r"at \['w'\]\[2\] is too small for the operator's float16"):
     hessian.preconditioned_operator(op, {"w": jnp.asarray([1.0, 1.0, 1e-12])})
+
+
+@pytest.mark.parametrize("build", [hessian.adahessian_preconditioner, hessian.adam_preconditioner])
+def test_a_scalar_fill_takes_the_dtype_of_the_states_preconditioner(build):
+  # The tests run with x64 on: the scalar fill was made from a Python float, float64, so a float32
+  # model's P held float32 leaves and one float64 scalar where the group left leaves out.
+  params, batch = mlp()
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  mask = jax.tree.map(lambda a: a.ndim == 2, params)  # the biases left out
+  inner = (
+    adahessian_jax.scale_by_adahessian(b2=0.99)
+    if build is hessian.adahessian_preconditioner
+    else optax.scale_by_adam(b2=0.99)
+  )
+  tx = optax.masked(inner, mask)
+  state = tx.init(params)
+  value_fn = adahessian_jax.masked_value_fn(lambda p: mlp_loss(p, batch), params)
+  _, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, value_fn=value_fn)
+  for fill in (jnp.inf, 2.5):
+    p = build(state, b2=0.99, fill=fill)
+    assert {x.dtype for x in jax.tree.leaves(p)} == {np.dtype(jnp.float32)}
+    biases = [x for path, x in jax.tree_util.tree_leaves_with_path(p) if "bias" in str(path)]
+    assert biases and all(np.shape(x) == () and float(x) == fill for x in biases)

@@ -198,7 +198,10 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
       f"hessian.{call}(opt_state, fill=hessian.{_OTHER[call]}(opt_state, fill=jnp.inf))."
     )
   if scalar:
-    filled = jnp.asarray(value, float)
+    # In the dtype of the state's own P: as a Python float it was float64 under x64 beside a
+    # float32 model's P (and float32 beside a float64 one's without).
+    own = jax.tree.leaves(p)
+    filled = jnp.asarray(value, jnp.result_type(*own) if own else float)
     at = lambda path: filled
   else:
     plain = layout.unboxed(fill)
