@@ -140,7 +140,7 @@ def test_preconditioner_checks():
   op = hessian.hessian_operator(mlp_loss, params, batch)
   with pytest.raises(ValueError, match="count 0"):
     hessian.adahessian_preconditioner(adahessian_jax.adahessian(0.1).init(params))
-  with pytest.raises(ValueError, match="ScaleByAdamState or ScaleByAmsgradState .* found 0"):
+  with pytest.raises(ValueError, match="ScaleByAmsgradState or ScaleByBeliefState .* found 0"):
     hessian.adam_preconditioner(optax.sgd(0.1).init(params))
   # The other optimizer's state is named with the function that reads it.
   with pytest.raises(ValueError, match=r"found 0\..*its P is hessian.adahessian_preconditioner"):
@@ -678,3 +678,43 @@ def test_a_scalar_fill_takes_the_dtype_of_the_states_preconditioner(build):
     assert {x.dtype for x in jax.tree.leaves(p)} == {np.dtype(jnp.float32)}
     biases = [x for path, x in jax.tree_util.tree_leaves_with_path(p) if "bias" in str(path)]
     assert biases and all(np.shape(x) == () and float(x) == fill for x in biases)
+
+
+@pytest.mark.parametrize("injected", [False, True], ids=["plain", "inject_hyperparams"])
+def test_adam_preconditioner_takes_adabeliefs_state(injected):
+  # optax.adabelief's ScaleByBeliefState was refused ("found 0"), though its update divides by
+  # sqrt(nu_hat) + eps as Adam's does, nu being the moment of g - m with eps_root added at every
+  # step (not again here), eps 1e-16 by default.
+  make = optax.inject_hyperparams(optax.adabelief) if injected else optax.adabelief
+  tx = make(learning_rate=1.0, b2=0.9, eps=1e-3, eps_root=1e-4)
+  params, batch = mlp()
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params)
+    params = optax.apply_updates(params, updates)
+  given = {} if injected else {"b2": 0.9, "eps": 1e-3}
+  p = hessian.adam_preconditioner(state, **given)
+  inner = next(
+    x
+    for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByBeliefState))
+    if isinstance(x, optax.ScaleByBeliefState)
+  )
+  # The denominator of the last update (learning rate 1, sign flipped by optax.adabelief).
+  mu_hat = jax.tree.map(lambda m: m / (1 - 0.9**3), inner.mu)
+  want = jax.tree.map(lambda m, u: -m / u, mu_hat, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), p, want)
+  np.testing.assert_allclose(
+    jax.tree.leaves(p)[0], np.sqrt(jax.tree.leaves(inner.nu)[0] / (1 - 0.9**3)) + 1e-3, rtol=1e-14
+  )
+  # Its default eps is AdaBelief's 1e-16, not Adam's 1e-8.
+  if not injected:
+    default = hessian.adam_preconditioner(state, b2=0.9)
+    nu_hat = jax.tree.map(lambda v: v / (1 - 0.9**3), inner.nu)
+    jax.tree.map(
+      lambda a, v: np.testing.assert_allclose(a, np.sqrt(v) + 1e-16, rtol=1e-14), default, nu_hat
+    )
+  op = hessian.hessian_operator(mlp_loss, params, batch)
+  s = 1.0 / np.sqrt(np.asarray(op.ravel(p)))
+  dense = s[:, None] * dense_hessian(mlp_loss, params, batch, jit=True) * s[None, :]
+  top = hessian.top_eigenvalues(hessian.preconditioned_operator(op, p), tol=1e-10)
+  assert top.eigenvalues[0] == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-8)

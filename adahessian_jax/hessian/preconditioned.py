@@ -21,8 +21,8 @@ The diagonals:
   ``v̂ = nu / (1 − b2^count)`` from AdaHessian's state, exactly the
   denominator of its last update;
 * :func:`adam_preconditioner`: ``P = sqrt(v̂ + eps_root) + eps`` from optax
-  Adam's ``ScaleByAdamState`` (or AMSGrad's running maximum of ``v̂``), for
-  comparison.
+  Adam's ``ScaleByAdamState`` (or AMSGrad's running maximum of ``v̂``, or AdaBelief's
+  ``ScaleByBeliefState``), for comparison.
 
 References:
   Cohen, Ghorbani, Krishnan, Agarwal, Medapati, Badura, Suo, Cardoze, Nado,
@@ -226,9 +226,12 @@ def _check_concrete(opt_state: Any, fill: Any) -> None:
   _checks.concrete(fill, "fill")
 
 
+_ADAM_KINDS = (optax.ScaleByAdamState, optax.ScaleByAmsgradState, optax.ScaleByBeliefState)
+
+
 def _adam_states(opt_state: Any) -> list[Any]:
-  """The optax Adam and AMSGrad states in ``opt_state``."""
-  is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByAmsgradState))
+  """The optax Adam, AMSGrad and AdaBelief states in ``opt_state``."""
+  is_adam = lambda x: isinstance(x, _ADAM_KINDS)
   return [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
 
 
@@ -289,7 +292,7 @@ def adahessian_preconditioner(
       raise ValueError(f"{e}{_groups_hint('adahessian_preconditioner')}") from None
     if _adam_states(opt_state):
       raise ValueError(
-        f"{e} The state holds an optax Adam/AMSGrad state: its P is "
+        f"{e} The state holds an optax Adam/AMSGrad/AdaBelief state: its P is "
         "hessian.adam_preconditioner(opt_state)."
       ) from None
     raise
@@ -322,7 +325,9 @@ def adam_preconditioner(
   """Adam's diagonal ``P = sqrt(v̂ + eps_root) + eps``, ``v̂ = nu / (1 − b2^count)``.
 
   For ``optax.amsgrad``'s state, ``v̂`` is its running maximum ``nu_max``
-  (already bias-corrected), the denominator of its last update. optax's
+  (already bias-corrected), the denominator of its last update. For
+  ``optax.adabelief``'s (``ScaleByBeliefState``), ``nu`` is the moment of ``g − m``, which
+  holds its ``eps_root`` already: ``P = sqrt(v̂) + eps``, ``eps`` 1e-16 by default. optax's
   ``adam``, ``adamw``, ``nadam`` and ``yogi`` divide by this ``P``; ``radam``,
   ``adamax`` and ``lamb`` hold the same ``ScaleByAdamState`` but divide
   differently (rectification, an infinity norm, a trust ratio), so for them
@@ -334,13 +339,15 @@ def adam_preconditioner(
   the injected values are read from the state; passing a different value raises.
 
   Args:
-    opt_state: Any optax state holding one :class:`optax.ScaleByAdamState` or
-      ``ScaleByAmsgradState`` (``optax.adam``, ``optax.adamw``,
-      ``optax.amsgrad``, in a chain or ``inject_hyperparams``).
+    opt_state: Any optax state holding one :class:`optax.ScaleByAdamState`,
+      ``ScaleByAmsgradState`` or ``ScaleByBeliefState`` (``optax.adam``, ``optax.adamw``,
+      ``optax.amsgrad``, ``optax.adabelief``, in a chain or ``inject_hyperparams``).
     b2: Adam's ``b2``, in ``[0, 1)``; default the injected value, else 0.999.
       Unused for AMSGrad, whose ``nu_max`` is already corrected.
-    eps: Adam's ``eps``, ``>= 0``; default the injected value, else 1e-8.
-    eps_root: Adam's ``eps_root``, ``>= 0``; default the injected value, else 0.
+    eps: Adam's ``eps``, ``>= 0``; default the injected value, else 1e-8 (AdaBelief's
+      default, 1e-16, for its state).
+    eps_root: Adam's ``eps_root``, ``>= 0``; default the injected value, else 0. Unused for
+      AdaBelief, whose ``nu`` holds it.
     fill: ``P`` on the leaves ``optax.masked`` or ``optax.multi_transform``
       leaves out of the state, as for :func:`adahessian_preconditioner`.
 
@@ -349,7 +356,7 @@ def adam_preconditioner(
 
   Raises:
     ValueError: for a hyperparameter out of range (named), one that conflicts
-      with the state's injected value, not exactly one Adam or AMSGrad state,
+      with the state's injected value, not exactly one Adam, AMSGrad or AdaBelief state,
       a state before its first update, replicated across devices, or inside
       ``optax.masked`` without ``fill``, or a scalar ``fill`` that is not ``> 0``
       (also where no leaf is masked out), or traced arrays (a call inside ``jax.jit`` or
@@ -368,23 +375,29 @@ def adam_preconditioner(
       fields = frozenset(optax.ScaleByAmsgradState._fields)
       hint += untyped_state_hint(opt_state, fields, frozenset({"count", "mu", "nu"}))
     raise ValueError(
-      "expected exactly one optax.ScaleByAdamState or ScaleByAmsgradState in the optimizer "
+      "expected exactly one optax.ScaleByAdamState, ScaleByAmsgradState or ScaleByBeliefState "
+      "in the optimizer "
       f"state, found {len(found)}{' (' + ', '.join(kinds) + ')' if kinds else ''}. For another "
       "optimizer, build its diagonal P as a pytree like the params and pass it to "
       f"preconditioned_operator.{_groups_hint('adam_preconditioner') if found else ''}{hint}"
     )
+  state = found[0]
+  amsgrad = isinstance(state, optax.ScaleByAmsgradState)
+  # AdaBelief's nu is the moment of g - m plus eps_root, added at every step: its update divides
+  # by sqrt(nu_hat) + eps, with eps 1e-16 by default. It was refused ("found 0").
+  belief = isinstance(state, optax.ScaleByBeliefState)
+  what = "AMSGrad" if amsgrad else "AdaBelief" if belief else "Adam"
   injected = _injected(opt_state, found[0])
   b2 = _validation.interval(
     "b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True
   )
+  default_eps = 1e-16 if belief else 1e-8
   eps = _validation.interval(
-    "eps", _hyperparameter("eps", eps, injected, 1e-8), 0.0, np.inf, hi_open=True
+    "eps", _hyperparameter("eps", eps, injected, default_eps), 0.0, np.inf, hi_open=True
   )
   eps_root = _hyperparameter("eps_root", eps_root, injected, 0.0)
   eps_root = _validation.interval("eps_root", eps_root, 0.0, np.inf, hi_open=True)
-  state = found[0]
-  amsgrad = isinstance(state, optax.ScaleByAmsgradState)
-  what = "AMSGrad" if amsgrad else "Adam"
+  eps_root = 0.0 if belief else eps_root  # in AdaBelief's nu already
   count = _update_count(state.count, what)
   # AMSGrad divides by the running maximum of the corrected nu: corrected already.
   nu_hat = state.nu_max if amsgrad else _bias_corrected(state.nu, count, b2)
