@@ -572,6 +572,40 @@ def test_a_partial_whose_arrays_must_stay_concrete_is_static(kind):
   assert float(op.loss()) == pytest.approx(float(_mlp_loss(params, (x[:25], y[:25]))), rel=1e-14)
 
 
+def test_a_partial_with_python_numbers_keeps_its_arrays_as_arguments():
+  # A Partial holding a Python number beside its arrays (a label smoothing, a class count used as a
+  # size) was static as a whole, hashed by identity: each new Partial (one per measurement, with
+  # the state of that step) compiled the Hessian product and loss anew, its arrays as constants.
+  # The numbers are now static by value, the arrays arguments.
+  params, (x, y) = mlp()
+
+  def loss(shift, smoothing, outputs, p, b):  # outputs: a size, so it must stay concrete
+    h = jnp.tanh(b[0] @ p["hidden"]["kernel"] + p["hidden"]["bias"])
+    pred = (h @ p["out"]["kernel"] + p["out"]["bias"])[:, :outputs] + shift[:outputs]
+    return jnp.mean((pred - b[1][:, :outputs]) ** 2) + smoothing * jnp.mean(pred**4)
+
+  def measure(shift, smoothing=0.1):
+    op = hessian.hessian_operator(
+      jax.tree_util.Partial(loss, shift, smoothing, 2),
+      params,
+      batches=[(x[:20], y[:20]), (x[20:], y[20:])],
+    )
+    return op, _dense(op), float(op.loss())
+
+  shift = jnp.array([0.5, -0.25, 1.0])
+  measure(jnp.zeros(3))
+  with CompileCounter() as count:
+    op, got, value = measure(shift)
+  assert count.count == 0  # was 2: the product and the loss (the batches have one shape)
+  f = lambda p, b: loss(shift, 0.1, 2, p, b)
+  np.testing.assert_allclose(got, dense_hessian(f, params, (x, y), jit=True), atol=1e-13)
+  assert value == pytest.approx(float(jax.jit(f)(params, (x, y))), rel=1e-14)
+  # Another number is another function: compiled, not the first's.
+  _, other, _ = measure(shift, smoothing=0.3)
+  g = lambda p, b: loss(shift, 0.3, 2, p, b)
+  np.testing.assert_allclose(other, dense_hessian(g, params, (x, y), jit=True), atol=1e-13)
+
+
 def test_a_later_operator_of_the_same_loss_fn_reuses_the_landscapes_compilation():
   params, batch = mlp()
   alphas, d = np.linspace(-1, 1, 3), jnp.linspace(-1, 1, 75)

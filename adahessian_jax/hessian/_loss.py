@@ -1,15 +1,16 @@
 """A ``loss_fn`` as the compiled functions of the Hessian operator take it, and its loss on a batch.
 
 A ``loss_fn`` that is a pytree of arrays (a ``jax.tree_util.Partial``) is split into its tree
-structure, static (in the compilation cache key), and its arrays, arguments: the same function
-with new arrays of the same shapes reuses the compilation. Anything else is static as a whole.
+structure and its Python and NumPy scalars, static (in the compilation cache key, by value), and
+its arrays, arguments: the same function with new arrays of the same shapes reuses the
+compilation. Anything else is static as a whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -59,24 +60,47 @@ def _static(fn: LossFn) -> LossFn:
   return fn
 
 
+#: Leaves of a pytree ``loss_fn`` kept static, compared by type and value: hyperparameters such as
+#: a label smoothing or a class count beside the arrays of a ``Partial``.
+_SCALARS = (bool, int, float, complex, str, np.generic)
+
+
+def _is_argument(leaf: Any) -> bool:
+  return isinstance(leaf, jax.Array | np.ndarray)
+
+
+class _Split(NamedTuple):
+  """The static part of a split pytree ``loss_fn``: its tree structure and ``(position, type,
+  value)`` of each of its scalar leaves."""
+
+  treedef: Any
+  scalars: tuple[tuple[int, type, Any], ...]
+
+
 @jax.tree_util.register_pytree_node_class
 class _JitLoss:
   """A ``loss_fn`` as an argument of the compiled functions: its static part (in their cache key)
-  and its arrays (arguments, not constants), from :func:`jit_loss`."""
+  and its arrays (arguments, not constants), from :func:`jit_loss`.
+
+  A split pytree's static part is a :class:`_Split`; ``arrays`` are its other leaves, in
+  order."""
 
   def __init__(self, static: Any, arrays: tuple[Any, ...]):
     self.static, self.arrays = static, arrays
 
   def __call__(self, params: Any, batch: Any) -> Any:
-    if isinstance(self.static, jax.tree_util.PyTreeDef):
-      return jax.tree.unflatten(self.static, self.arrays)(params, batch)
+    if isinstance(self.static, _Split):
+      treedef, scalars = self.static
+      arrays, consts = iter(self.arrays), dict((i, x) for i, _, x in scalars)
+      leaves = [consts[i] if i in consts else next(arrays) for i in range(treedef.num_leaves)]
+      return jax.tree.unflatten(treedef, leaves)(params, batch)
     return self.static(params, batch)
 
   def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
     # Tagged with the kind of static part: JAX compares a PyTreeDef with any other object as
     # equal inside a tree structure (and hashes them alike), so a Partial without arrays and a
     # later plain function shared the jit cache entry, and the second loss ran the first's Hessian.
-    return self.arrays, (isinstance(self.static, jax.tree_util.PyTreeDef), self.static)
+    return self.arrays, (isinstance(self.static, _Split), self.static)
 
   @classmethod
   def tree_unflatten(cls, aux: Any, arrays: Any) -> _JitLoss:
@@ -90,19 +114,24 @@ def jit_loss(loss_fn: LossFn, probe: tuple[Any, Any] | None = None) -> _JitLoss:
   reuses the compilation; anything else (a plain function, a pytree with other leaves) is static
   as a whole, hashed (by identity if it is unhashable).
 
+  Python and NumPy scalars among its leaves (``Partial(loss, stats, 0.1)``) are static by type and
+  value, not the whole pytree: hashed by identity, it compiled the Hessian product anew for every
+  new ``Partial``, its arrays baked in as constants.
+
   With ``probe`` (params and a batch), a pytree whose arrays do not trace as arguments is static
   as a whole too: a NumPy boolean mask or a size its function needs concrete, or a string array.
   """
   leaves, treedef = jax.tree.flatten(loss_fn)
   if not jax.tree_util.treedef_is_leaf(treedef) and all(
-    isinstance(x, jax.Array | np.ndarray) for x in leaves
+    _is_argument(x) or isinstance(x, _SCALARS) for x in leaves
   ):
+    scalars = tuple((i, type(x), x) for i, x in enumerate(leaves) if not _is_argument(x))
     try:
-      hash(treedef)
+      hash((treedef, scalars))
     except TypeError:
       pass
     else:
-      split = _JitLoss(treedef, tuple(leaves))
+      split = _JitLoss(_Split(treedef, scalars), tuple(x for x in leaves if _is_argument(x)))
       try:
         if probe is not None:
           jax.eval_shape(batch_loss, split, *probe)  # the trace the compilations make

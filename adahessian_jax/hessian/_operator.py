@@ -435,7 +435,8 @@ def hessian_operator(
       (e.g. ``Partial(f, graphdef, rest)`` for an NNX model, with ``f`` defined
       once): the arrays of a pytree ``loss_fn`` are arguments of the compiled
       functions, not constants (unless its function needs one concrete, e.g. a
-      NumPy boolean mask: then it is static as a whole).
+      NumPy boolean mask: then it is static as a whole); its Python and NumPy
+      scalars (a label smoothing) are static, compared by value.
     params: Point of evaluation, a pytree of real floating arrays (close over
       integer or bool leaves, such as step counters, in ``loss_fn``). The operator keeps
       its own tree over these arrays: an NNX state's Variables, shared with the model,
