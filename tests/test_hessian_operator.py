@@ -706,6 +706,27 @@ def test_several_batches_passed_as_batch_are_told_to_use_batches():
   assert op.num_batches == 2
 
 
+def test_a_loss_of_batch_then_params_is_told_its_argument_order():
+  # loss(batch, params), as some code bases write it, failed inside its own code ("'...Tracer'
+  # object is not a mapping", a shape mismatch) with no word of the order hessian_operator calls it
+  # in.
+  params, batch = mlp()
+  swapped = lambda b, p: mlp_loss(p, b)
+  fix = "loss_fn runs with its arguments swapped, loss_fn(batch, params): it is called as"
+  for kwargs in ({"batch": batch}, {"batches": [batch, batch]}):
+    with pytest.raises((TypeError, ValueError, IndexError, KeyError)) as e:
+      hessian.hessian_operator(swapped, params, **kwargs)
+    assert fix in "".join(getattr(e.value, "__notes__", []))
+    assert "lambda p, b: loss_fn(b, p)" in "".join(e.value.__notes__)
+  op = hessian.hessian_operator(lambda p, b: swapped(b, p), params, batch)  # the fix
+  np.testing.assert_allclose(_dense(op), mlp_hessian(), atol=1e-13)
+  # A loss that fails either way gets no such note.
+  broken = lambda p, b: mlp_loss(p, (b[0][:, :2], b[1]))
+  with pytest.raises(TypeError) as e:
+    hessian.hessian_operator(broken, params, batch)
+  assert fix not in "".join(getattr(e.value, "__notes__", []))
+
+
 def test_a_loss_that_fails_on_a_later_batch_shape_fails_at_construction_naming_it():
   # The loss was traced on batches[0] alone: one that fixes the batch size failed on a short last
   # batch inside the first analysis, with JAX's reshape error and no word of which batch.

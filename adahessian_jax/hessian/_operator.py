@@ -383,6 +383,20 @@ def _note_nnx_mutation(error: Exception) -> None:
     )
 
 
+def _takes_batch_first(loss_fn: Any, params: Any, batch: Any) -> bool:
+  """Whether ``loss_fn(batch, params)`` traces to a scalar, for a ``loss_fn(params, batch)`` that
+  failed: a loss written with the other argument order."""
+  try:
+    value = jax.eval_shape(loss_fn, batch, params)
+  except Exception:
+    return False
+  return (
+    isinstance(value, jax.ShapeDtypeStruct)
+    and value.shape == ()
+    and jnp.issubdtype(value.dtype, jnp.floating)
+  )
+
+
 # What the error for a loss_fn that ignores the params it is given says (the optimizer's advice is
 # about its value_fn and steps).
 _CONSTANT_FIX = (
@@ -547,6 +561,13 @@ def hessian_operator(
           f"hessian_operator: batch= is a {type(batch).__name__} of {len(batch)} pytrees of one "
           "structure. If they are several batches, pass them as batches=[...]: batch= takes "
           "one batch, which loss_fn is called on as a whole."
+        )
+      elif _takes_batch_first(loss_fn, params, data[0]):
+        # A loss(batch, params) failed inside its own code (a tracer "is not a mapping", a shape
+        # mismatch), naming neither the order nor the fix.
+        e.add_note(
+          "hessian_operator: loss_fn runs with its arguments swapped, loss_fn(batch, params): it "
+          "is called as loss_fn(params, batch). Pass lambda p, b: loss_fn(b, p)."
         )
       raise
     check_scalar_loss(value, f"loss_fn on batches[{i}]" if i else "loss_fn", fix)
