@@ -833,3 +833,41 @@ def test_leaf_names_of_boxed_params_read_as_their_dict_keys():
   state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
   op = hessian.hessian_operator(lambda s, x: jnp.sum(s["kernel"][...] ** 2) * x, state, 1.0)
   assert op.leaf_names == ("bias", "kernel")
+
+
+def test_every_analysis_reports_the_products_it_spent():
+  # docs/hessian_analysis.md: num_matvecs is what each analysis spent, counted here on the
+  # operator's own block product (layer_breakdown: each leaf's eigenvalue, besides the shared
+  # probes; power_iteration: besides the k products that measure its residuals).
+  params, batch = mlp()
+  base = hessian.hessian_operator(mlp_loss, params, batch)
+  spent = [0]
+
+  def counted(vs):
+    spent[0] += vs.shape[0]
+    return base.matmat_fn(vs)
+
+  op = dataclasses.replace(base, matmat_fn=counted)
+  p = jax.tree.map(lambda x: jnp.abs(x) + 0.5, params)
+  key = jax.random.key(0)
+  analyses = {
+    "top_eigenvalues": lambda: hessian.top_eigenvalues(op, 3, key=key),
+    "hutchinson_trace": lambda: hessian.hutchinson_trace(op, key, max_samples=40),
+    "hutchpp_trace": lambda: hessian.hutchpp_trace(op, key, max_samples=40),
+    "xtrace": lambda: hessian.xtrace(op, key, 20),
+    "hutchinson_diagonal_estimate": lambda: hessian.hutchinson_diagonal_estimate(op, key, 10),
+    "xdiag": lambda: hessian.xdiag(op, key, 20),
+    "spectral_density": lambda: hessian.spectral_density(op, key, num_probes=3, num_steps=12),
+    "track_curvature": lambda: hessian.track_curvature(
+      op, None, preconditioner=p, trace_matvecs=6, check_repeated=True
+    ),
+  }
+  for name, run in analyses.items():
+    spent[0] = 0
+    assert run().num_matvecs == spent[0] > 0, name
+  spent[0] = 0
+  power = hessian.power_iteration(op, 2, max_iter=30)
+  assert spent[0] == power.num_matvecs + 2
+  spent[0] = 0
+  per_leaf = hessian.layer_breakdown(op, key, num_samples=10)
+  assert spent[0] == sum(x.num_matvecs for x in per_leaf.values()) + 10
