@@ -1,9 +1,9 @@
 """A ``loss_fn`` as the compiled functions of the Hessian operator take it, and its loss on a batch.
 
 A ``loss_fn`` that is a pytree of arrays (a ``jax.tree_util.Partial``) is split into its tree
-structure and its Python and NumPy scalars, static (in the compilation cache key, by value), and
-its arrays, arguments: the same function with new arrays of the same shapes reuses the
-compilation. Anything else is static as a whole.
+structure, its Python and NumPy scalars and unbound Linen modules, static (in the compilation
+cache key, by value), and its arrays, arguments: the same function with new arrays of the same
+shapes reuses the compilation. Anything else is static as a whole.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+from adahessian_jax._extras import loaded
 
 __all__ = ["LossFn", "batch_loss", "jit_loss"]
 
@@ -69,6 +71,15 @@ def _is_argument(leaf: Any) -> bool:
   return isinstance(leaf, jax.Array | np.ndarray)
 
 
+def _is_static(leaf: Any) -> bool:
+  """Whether a leaf of a pytree ``loss_fn`` is kept static by value: a Python or NumPy scalar, or
+  an unbound Linen module (a frozen dataclass of its configuration; a bound one also holds
+  variables, which its equality does not compare)."""
+  module = loaded("flax.linen", "Module")
+  unbound = module is not None and isinstance(leaf, module) and leaf.scope is None
+  return unbound or isinstance(leaf, _SCALARS)
+
+
 class _Split(NamedTuple):
   """The static part of a split pytree ``loss_fn``: its tree structure and ``(position, type,
   value)`` of each of its scalar leaves."""
@@ -114,16 +125,17 @@ def jit_loss(loss_fn: LossFn, probe: tuple[Any, Any] | None = None) -> _JitLoss:
   reuses the compilation; anything else (a plain function, a pytree with other leaves) is static
   as a whole, hashed (by identity if it is unhashable).
 
-  Python and NumPy scalars among its leaves (``Partial(loss, stats, 0.1)``) are static by type and
-  value, not the whole pytree: hashed by identity, it compiled the Hessian product anew for every
-  new ``Partial``, its arrays baked in as constants.
+  Python and NumPy scalars and unbound Linen modules among its leaves (``Partial(loss, stats,
+  0.1)``, ``Partial(loss, model, stats)``) are static by type and value, not the whole pytree:
+  hashed by identity, it compiled the Hessian product anew for every new ``Partial``, its arrays
+  baked in as constants.
 
   With ``probe`` (params and a batch), a pytree whose arrays do not trace as arguments is static
   as a whole too: a NumPy boolean mask or a size its function needs concrete, or a string array.
   """
   leaves, treedef = jax.tree.flatten(loss_fn)
   if not jax.tree_util.treedef_is_leaf(treedef) and all(
-    _is_argument(x) or isinstance(x, _SCALARS) for x in leaves
+    _is_argument(x) or _is_static(x) for x in leaves
   ):
     scalars = tuple((i, type(x), x) for i, x in enumerate(leaves) if not _is_argument(x))
     try:

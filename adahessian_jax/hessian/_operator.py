@@ -450,7 +450,7 @@ def hessian_operator(
       once): the arrays of a pytree ``loss_fn`` are arguments of the compiled
       functions, not constants (unless its function needs one concrete, e.g. a
       NumPy boolean mask: then it is static as a whole); its Python and NumPy
-      scalars (a label smoothing) are static, compared by value.
+      scalars (a label smoothing) and unbound Linen modules are static, compared by value.
     params: Point of evaluation, a pytree of real floating arrays (close over
       integer or bool leaves, such as step counters, in ``loss_fn``). The operator keeps
       its own tree over these arrays: an NNX state's Variables, shared with the model,
