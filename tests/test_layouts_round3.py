@@ -14,9 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import adahessian_jax as ah
 from adahessian_jax import spatial
+
+# nn.SelfAttention is read here on purpose (its module name is SelfAttention_0); Flax warns that
+# it will be deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:SelfAttention will be deprecated")
 
 BS = 4
 B2 = 0.999
