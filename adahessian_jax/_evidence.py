@@ -84,13 +84,14 @@ def read(
   names: Sequence[AxisNames | None],
   roles: Sequence[Mapping[str, str] | None],
 ) -> list[Reading]:
-  """Reads the tree for what the axes of its unnamed leaves are, in order of trust.
+  """Reads the tree for what the axes of its unnamed leaves are.
 
   First the stacked axes that boxed leaves left unnamed (:func:`_unnamed_leading_stacks`), then
-  the PyTorch layouts a bias shows (:func:`weights_by_bias`); then stacks of layers, from
-  a module's own evidence (:func:`stacks_by_evidence`) and from named relatives
-  (:func:`in_named_stacks`), and the vectors of a stack that nothing names
-  (:func:`vectors_in_stacks`, a guess); the tables of attention biases (:func:`bias_tables`),
+  stacks of layers, from a module's own evidence (:func:`stacks_by_evidence`) and from named
+  relatives (:func:`in_named_stacks`), and the vectors of a stack that nothing names
+  (:func:`vectors_in_stacks`, a guess); the layouts a weight's bias shows, PyTorch's
+  (:func:`weights_by_bias`) or Flax's (:func:`flax_layout_weights`), and a LoRA pair's
+  (:func:`torch_lora_factors`); the tables of attention biases (:func:`bias_tables`),
   Haiku's biases (:func:`haiku_biases`) and biases by their names (:func:`named_biases`);
   then, past any stacked axes, convolutions (:func:`conv_kernels`), attention projections
   (:func:`flax_attention_names`, which wins over the others), DenseGeneral kernels
@@ -100,7 +101,8 @@ def read(
 
   Where readers meet on one leaf: its names are an attention projection's, else the last found of
   a mixture's, a convolution's and a ``DenseGeneral``'s, else its stacks' (its own where nothing
-  was read); its note is its stacks' (:func:`_stack_note`) and each kernel reading's; why it is a
+  was read); its note is its stacks' (:func:`_stack_note`) and the winning kernel reading's; why
+  it is a
   guess, the first reason in the order the body gives (:func:`_first_reason`); its ``param``, as
   :func:`_params` orders them.
 
@@ -166,11 +168,11 @@ def read(
     if i in attention:  # an attention projection wins over the other kernels' readings
       leaf_names = attention[i]
       note += _ATTENTION_NOTE
-    else:
-      for found in (experts, convs, generals):  # the later wins; the notes of all are kept
-        if i in found:
-          leaf_names = found[i][0]
-          note += f" ({found[i][1]})"
+    else:  # the last that read it wins, with its note alone: a DenseGeneral's over a conv's
+      won = [found[i] for found in (experts, convs, generals) if i in found]
+      if won:
+        leaf_names = won[-1][0]
+        note += f" ({won[-1][1]})"
     if leaf_names == cleared[i]:  # nothing read: its own names (mesh axes: no role), if any
       leaf_names = own[i]
     readings.append(Reading(leaf_names, note, unsure.get(i), params.get(i), i in moot))

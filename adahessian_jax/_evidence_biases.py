@@ -1,8 +1,9 @@
 """Biases in a parameter tree: which leaves are biases, and what a bias shows of its kernel.
 
 Readers of :mod:`adahessian_jax._evidence`: the tables of attention biases (:func:`bias_tables`),
-raw biases by their names (:func:`haiku_biases`, :func:`named_biases`) and the weights and kernels
-whose bias shows PyTorch's layout, output axis first (:func:`weights_by_bias`). And the arithmetic
+raw biases by their names (:func:`haiku_biases`, :func:`named_biases`), the weights and kernels
+whose bias shows PyTorch's layout, output axis first (:func:`weights_by_bias`), and the weights
+whose bias shows Flax's (:func:`flax_layout_weights`). And the arithmetic
 of a kernel's and its bias's shapes that they share with the readers of stacks and kernels: raw
 pairs by name (:func:`raw_kernel_of`), how many of the kernel's leading axes a bias repeats
 (:func:`bias_fits`), Flax's layouts (:func:`dense_bias`, :func:`flax_fits`) and PyTorch's

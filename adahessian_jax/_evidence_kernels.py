@@ -5,7 +5,9 @@ Readers of :mod:`adahessian_jax._evidence` that name the axes of unnamed kernels
 ``kernel``, Haiku's ``w``, TensorFlow's ``filters``: :func:`kernel_leaves`) by their biases, their
 modules' names and the tree around them: a convolution's spatial axes (:func:`conv_kernels`), a
 ``DenseGeneral``'s input and output axes (:func:`dense_general_kernels`), a mixture's experts
-(:func:`expert_stacks`) and their biases (:func:`expert_biases`).
+(:func:`expert_stacks`) and their biases (:func:`expert_biases`); the kernels that a bias of
+their every axis shows contract no input (:func:`elementwise_kernels`); and LoRA factors stored
+output axis first (:func:`torch_lora_factors`).
 """
 
 from __future__ import annotations

@@ -1237,6 +1237,15 @@ def test_loralib_factors_are_read_output_axis_first(rng):
     np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
 
 
+def test_describe_gives_the_winning_reading_of_a_kernel_alone():
+  # A square window beside a bias (out,) reads as a Conv kernel, Linen's name DenseGeneral_3 as a
+  # DenseGeneral's; the DenseGeneral reading wins, but describe's why gave both.
+  params = {"DenseGeneral_3": {"kernel": np.zeros((4, 4, 8, 16)), "bias": np.zeros(16)}}
+  row = spatial.describe(params, block_size=4).rows[-1]
+  assert row.rule == spatial.blocks(4, axis=2)
+  assert "a DenseGeneral kernel" in row.why and "Conv kernel" not in row.why
+
+
 class _Gate(nn.Module):
   """An ``nn.Einsum`` of ``spec`` and kernel ``shape`` on a carry it returns (scannable)."""
 
