@@ -526,7 +526,10 @@ def test_an_array_of_another_rank_is_named_as_one(ops):
   good, _, _ = ops
   with pytest.raises(ValueError, match=r"single value of shape \(1, 75\).*shape \(75,\)"):
     hessian.loss_landscape_1d(good, [0.0], np.ones((1, good.size)))
-  with pytest.raises(ValueError, match=r"single value of shape \(\).*shape \(75,\)"):
+  # A scalar P (one value everywhere) is told how to spread it over the params.
+  with pytest.raises(
+    ValueError, match=r"single value of shape \(\).*shape \(75,\).*jnp\.full_like\(p, value\)"
+  ):
     hessian.preconditioned_operator(good, 2.0)
 
 

@@ -191,6 +191,10 @@ def like_params(tree: Any, params: Any, what: str, *, flat: bool = False) -> Non
       size = sum(int(np.size(x)) for x in want.values())
       detail = f"it is a single value of shape {np.shape(tree)}, not a pytree"
       detail += f"; a flat array must have shape ({size},)" if flat else ""
+      if np.shape(tree) == ():  # one value for every entry: say how to spread it
+        detail += (
+          "; for one value everywhere pass jax.tree.map(lambda p: jnp.full_like(p, value), params)"
+        )
     elif jax.tree_util.treedef_is_leaf(jax.tree.structure(params)):
       # A block operator's params are one array, whose path is "": "lacks the leaves (none)".
       detail = (
