@@ -1159,6 +1159,18 @@ def test_a_graph_convolution_is_no_window_over_axes():
   assert not rows["['Conv_0']['kernel']"].ambiguous
 
 
+def _assert_blocks_of_4(rng, params, axes):
+  """``describe(strict=True)`` reads each ``(module, leaf)`` of ``axes`` as blocks of 4 along its
+  axis, and the state's |D| after one step is the estimate so averaged."""
+  d = jax.tree.map(lambda x: rng.random(x.shape), params)
+  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, d)
+  rows = {r.path: r for r in spatial.describe(params, block_size=4, strict=True).rows}
+  for (module, leaf), axis in axes.items():
+    assert rows[f"['{module}']['{leaf}']"].rule == spatial.blocks(4, axis=axis), leaf
+    want = block_average(d[module][leaf], 4, axis=axis)
+    np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
+
+
 def test_transformer_lens_tables_and_a_haiku_codebook_keep_their_rows_apart(rng):
   # TransformerLens's W_E (d_vocab, d_model) is a token table: read by its rank as a Dense kernel,
   # 4 tokens' rows were blocked together, unflagged (its W_pos was a flagged guess). Haiku's
@@ -1169,17 +1181,8 @@ def test_transformer_lens_tables_and_a_haiku_codebook_keep_their_rows_apart(rng)
     "pos_embed": {"W_pos": np.zeros((6, 8))},
     "vector_quantizer": {"embeddings": np.zeros((8, 12))},
   }
-  d = jax.tree.map(lambda x: rng.random(x.shape), params)
-  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, d)
-  rows = {r.path: r for r in spatial.describe(params, block_size=4, strict=True).rows}
-  for module, leaf, axis in (
-    ("embed", "W_E", 1),
-    ("pos_embed", "W_pos", 1),
-    ("vector_quantizer", "embeddings", 0),
-  ):
-    assert rows[f"['{module}']['{leaf}']"].rule == spatial.blocks(4, axis=axis)
-    want = block_average(d[module][leaf], 4, axis=axis)
-    np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
+  _assert_blocks_of_4(rng, params, {("embed", "W_E"): 1, ("pos_embed", "W_pos"): 1})
+  _assert_blocks_of_4(rng, params, {("vector_quantizer", "embeddings"): 0})
 
 
 def test_a_weight_whose_bias_is_its_last_axis_is_read_input_first(rng):
@@ -1223,18 +1226,8 @@ def test_loralib_factors_are_read_output_axis_first(rng):
     },
     "nnx_lora": {"lora_a": np.zeros((16, 4)), "lora_b": np.zeros((4, 48))},
   }
-  d = jax.tree.map(lambda x: rng.random(x.shape), params)
-  got = _nu_after_one_step(ah.scale_by_adahessian(b2=0.5, block_size=4), params, d)
-  rows = {r.path: r for r in spatial.describe(params, block_size=4, strict=True).rows}
-  for module, leaf, axis in (
-    ("c_attn", "lora_A", 1),
-    ("c_attn", "lora_B", 1),
-    ("nnx_lora", "lora_a", 0),
-    ("nnx_lora", "lora_b", 0),
-  ):
-    assert rows[f"['{module}']['{leaf}']"].rule == spatial.blocks(4, axis=axis), leaf
-    want = block_average(d[module][leaf], 4, axis=axis)
-    np.testing.assert_allclose(got[module][leaf], want, rtol=1e-6, err_msg=leaf)
+  axes = {("c_attn", "lora_A"): 1, ("c_attn", "lora_B"): 1}
+  _assert_blocks_of_4(rng, params, axes | {("nnx_lora", "lora_a"): 0, ("nnx_lora", "lora_b"): 0})
 
 
 def test_describe_gives_the_winning_reading_of_a_kernel_alone():
