@@ -345,7 +345,8 @@ class FlaxDefault(Rule):
       (:data:`~adahessian_jax._evidence.WEIGHT_BY_BIAS`,
       :data:`~adahessian_jax._evidence.BIAS_TABLE`,
       :data:`~adahessian_jax._evidence.ELEMENTWISE`,
-      :data:`~adahessian_jax._evidence.WEIGHT_INPUT_FIRST`), once set by
+      :data:`~adahessian_jax._evidence.WEIGHT_INPUT_FIRST`,
+      :data:`~adahessian_jax._evidence.LORA_OUTPUT_FIRST`), once set by
       :func:`~adahessian_jax.spatial.resolve_rules`; ``None`` for any other name (``"kernel"``).
     resolved: Whether :func:`~adahessian_jax.spatial.resolve_rules` has read the tree for this
       leaf. A resolved rule is not read again: its reading stays that of the tree it was resolved
@@ -447,5 +448,6 @@ def reads_input_first(rule: Rule) -> bool:
 def reads_output_first(rule: Rule) -> bool:
   """Whether a rule from :func:`adahessian_jax._resolve.leaf_rules` reads its leaf in PyTorch's
   layout, output axis first (a ``weight``, or a kernel whose bias shows it:
-  :func:`adahessian_jax._evidence_biases.weights_by_bias`)."""
+  :func:`adahessian_jax._evidence_biases.weights_by_bias`; a LoRA factor whose pair shows it:
+  :func:`adahessian_jax._evidence_kernels.torch_lora_factors`)."""
   return isinstance(rule, FlaxDefault) and rule.param in _OUTPUT_FIRST
