@@ -280,7 +280,11 @@ def _decide(shape, names, block_size, roles, param=None) -> Choice:
     heads = ", ".join(_axis(i, names) for i, k in enumerate(kinds) if k == HEADS)
     other = [i for i, k in enumerate(kinds) if k != HEADS]
     if len(other) <= 1:
-      return Choice(NoAveraging(), f"a per-head bias or scale (heads: axis {heads}): none")
+      return Choice(
+        NoAveraging(),
+        f"a per-head bias or scale, or a kernel that contracts no input (heads: axis {heads}): "
+        "none",
+      )
     kept = f"an attention kernel: heads (axis {heads}) kept apart"
     return _blocks_beside(kept, "input axis", other, names, kinds, block_size)
   if ndim == 2:

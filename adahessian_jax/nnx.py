@@ -487,7 +487,8 @@ def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
   it out as a ``DenseGeneral`` kernel: axes mapped over (in the input, kernel and output:
   stacked), then contracted inputs (:func:`_input_names`), then outputs; where it contracts no
   axis (``"btd,td->btd"``, ``"bd,hd->bhd"``: each entry of the kernel meets its own output
-  entries, as a scale's), every axis ``"layers"``, kept apart; otherwise ``None`` (the string
+  entries, as a per-head scale's), every axis ``"heads"``: kept apart, and no stack of layers
+  (``curvature_floor`` takes the leaf's mean, as for a scale); otherwise ``None`` (the string
   does not say which axis is the input the default reading would block along)."""
   spec = einsum_str.replace(" ", "")
   if spec.count("->") != 1:
@@ -510,7 +511,7 @@ def _einsum_axes(einsum_str: str, rank: int) -> tuple[str, ...] | None:
     else:
       return None
   if 1 not in kinds:  # nothing contracted: no inputs to block along, nothing to average
-    return (_STACKED,) * rank
+    return ("heads",) * rank
   if kinds != sorted(kinds):
     return None
   stacked, outputs = kinds.count(0), kinds.count(2)

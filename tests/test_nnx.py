@@ -872,15 +872,17 @@ def test_named_model_keeps_every_entry_of_an_einsum_that_contracts_nothing_apart
   """An nnx.Einsum whose string contracts no axis ("btd,td->btd", a gate per position and
   channel; "bd,hd->bhd") meets each output entry with one kernel entry: nothing to average.
   spatial.named(model) left it unnamed, so the default reading blocked the (t, d) kernel along
-  axis 0 as a Dense kernel's inputs, across positions, unflagged; now its axes are kept apart.
-  One that contracts d ("btd,dh->bth") stays (embed, mlp)."""
+  axis 0 as a Dense kernel's inputs, across positions, unflagged; now its axes are kept apart
+  (named heads: no stack, so curvature_floor's mean stays the leaf's). One that contracts d
+  ("btd,dh->bth") stays (embed, mlp)."""
   model = Gates(nnx.Rngs(0))
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   named = ah.spatial.named(model)
   rows = {r.path: r for r in ah.spatial.describe(params, named, 2, strict=True).rows}
   for path in ("['gate']['kernel']", "['outer']['kernel']"):
-    assert rows[path].names == ("layers", "layers")
-    assert rows[path].groups == {1: int(np.prod(rows[path].shape))}
+    assert rows[path].names == ("heads", "heads")
+    # Kept apart, no stack of layers: curvature_floor takes the leaf's mean, not each entry's.
+    assert rows[path].rule == ah.spatial.none() and not rows[path].rule.layer_axes((4, 6))
   assert rows["['dense']['kernel']"].names == ("embed", "mlp")
   assert rows["['dense']['kernel']"].rule == ah.spatial.blocks(2, axis=0)
   d = jax.tree.map(lambda x: np.random.default_rng(0).random(x.shape), params)
