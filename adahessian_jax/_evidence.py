@@ -34,7 +34,6 @@ import jax
 from adahessian_jax._evidence_attention import flax_attention_names
 from adahessian_jax._evidence_biases import (
   bias_tables,
-  flax_layout_weights,
   haiku_biases,
   named_biases,
   weights_by_bias,
@@ -62,8 +61,8 @@ class Reading(NamedTuple):
       reason (``""`` if it did not).
     unsure: Why that reading is a guess, if it is, else ``None``.
     param: What the evidence says the leaf is, where its own name (:func:`param_name`) does not:
-      :data:`WEIGHT_BY_BIAS` (:func:`weights_by_bias`), :data:`WEIGHT_INPUT_FIRST`
-      (:func:`flax_layout_weights`), :data:`LORA_OUTPUT_FIRST` (:func:`torch_lora_factors`),
+      :data:`WEIGHT_BY_BIAS` and :data:`WEIGHT_INPUT_FIRST` (:func:`weights_by_bias`),
+      :data:`LORA_OUTPUT_FIRST` (:func:`torch_lora_factors`),
       :data:`BIAS_TABLE`
       (:func:`bias_tables`), :data:`ELEMENTWISE` (:func:`elementwise_kernels`) or ``"bias"``
       (:func:`haiku_biases`, :func:`named_biases`, :func:`expert_biases`); else ``None``.
@@ -89,8 +88,8 @@ def read(
   First the stacked axes that boxed leaves left unnamed (:func:`_unnamed_leading_stacks`), then
   stacks of layers, from a module's own evidence (:func:`stacks_by_evidence`) and from named
   relatives (:func:`in_named_stacks`), and the vectors of a stack that nothing names
-  (:func:`vectors_in_stacks`, a guess); the layouts a weight's bias shows, PyTorch's
-  (:func:`weights_by_bias`) or Flax's (:func:`flax_layout_weights`), and a LoRA pair's
+  (:func:`vectors_in_stacks`, a guess); the layouts a weight's bias shows, PyTorch's or Flax's
+  (:func:`weights_by_bias`), and a LoRA pair's
   (:func:`torch_lora_factors`); the tables of attention biases (:func:`bias_tables`),
   Haiku's biases (:func:`haiku_biases`) and biases by their names (:func:`named_biases`);
   then, past any stacked axes, convolutions (:func:`conv_kernels`), attention projections
@@ -129,8 +128,8 @@ def read(
   unplaced = _unplaced_stacks(paths, shapes, names, roles, alone, front_by_name)
   unplaced -= set(related_unsure)
   stacked = [inferred[i][0] if i in inferred else n for i, n in enumerate(names)]
-  by_bias, by_bias_unsure = weights_by_bias(paths, shapes, roles)
-  by_bias = _output_first(by_bias, paths, shapes, stacked, roles)
+  by_bias = weights_by_bias(paths, shapes, roles)
+  output_first = _output_first(by_bias.output_first, paths, shapes, stacked, roles)
   # Kernels past their stacked axes.
   convs = conv_kernels(paths, shapes, stacked, roles)
   attention, attention_unsure = flax_attention_names(paths, shapes, stacked, roles, convs)
@@ -138,8 +137,8 @@ def read(
   done = {*attention, *convs, *generals}  # an attention in a module "experts" is no mixture
   experts = expert_stacks(paths, shapes, stacked, roles, done)
   params = _params(
-    flax_weights=flax_layout_weights(paths, shapes, roles),
-    by_bias=by_bias,
+    flax_weights=by_bias.input_first,
+    by_bias=output_first,
     lora=torch_lora_factors(paths, shapes, stacked, roles),
     tables=bias_tables(paths, roles),
     elementwise=elementwise_kernels(paths, shapes, stacked, roles),
@@ -156,7 +155,7 @@ def read(
     related_unsure,
     {i: _UNPLACED_WHY for i in unplaced},
     guessed,  # how many axes an nn.remat_scan stacks, or where a scan does
-    by_bias_unsure,
+    by_bias.unsure,
     vectors_in_stacks(paths, shapes, stacked, roles),
   )
   # Unsure only of where a Dense kernel's stacked axis is: moot where its rule averages nothing.
@@ -329,7 +328,7 @@ def _unnamed_leading_stacks(
 #: first (:func:`weights_by_bias`).
 WEIGHT_BY_BIAS = "weight, by its bias"
 #: What :func:`read` calls a ``weight`` whose bias shows Flax's layout, output axis last
-#: (:func:`flax_layout_weights`): Hugging Face's PyTorch ``Conv1D`` ``(in, out)``.
+#: (:func:`weights_by_bias`): Hugging Face's PyTorch ``Conv1D`` ``(in, out)``.
 WEIGHT_INPUT_FIRST = "weight, input axis first by its bias"
 #: What :func:`read` calls a LoRA factor stored output axis first (:func:`torch_lora_factors`):
 #: loralib's ``lora_A`` ``(rank, in)`` and ``lora_B`` ``(out, rank)``.

@@ -2,15 +2,15 @@
 
 Readers of :mod:`adahessian_jax._evidence`: the tables of attention biases (:func:`bias_tables`),
 raw biases by their names (:func:`haiku_biases`, :func:`named_biases`), the weights and kernels
-whose bias shows PyTorch's layout, output axis first (:func:`weights_by_bias`), and the weights
-whose bias shows Flax's (:func:`flax_layout_weights`). And the arithmetic
-of a kernel's and its bias's shapes that they share with the readers of stacks and kernels: raw
-pairs by name (:func:`raw_kernel_of`), how many of the kernel's leading axes a bias repeats
-(:func:`bias_fits`), Flax's layouts (:func:`dense_bias`, :func:`flax_fits`) and PyTorch's
-(:func:`torch_kernel`, :func:`torch_stacks`), and a module's kernel and bias pairs with the
-counts of stacked axes they fit (:func:`bias_pairs`). For other modules: a module's kernel and bias
-(:func:`kernel_biases`, for :mod:`adahessian_jax.hessian.landscape`) and whether a name says a
-table holds attention biases (:func:`names_a_bias_table`, for :mod:`adahessian_jax.nnx`).
+whose bias shows PyTorch's layout, output axis first, or a weight's Flax's
+(:func:`weights_by_bias`). And the arithmetic of a kernel's and its bias's shapes that they share
+with the readers of stacks and kernels: raw pairs by name (:func:`raw_kernel_of`), how many of the
+kernel's leading axes a bias repeats (:func:`bias_fits`), Flax's layouts (:func:`dense_bias`,
+:func:`flax_fits`) and PyTorch's (:func:`torch_kernel`, :func:`torch_stacks`), and a module's kernel
+and bias pairs with the counts of stacked axes they fit (:func:`bias_pairs`). For other modules: a
+module's kernel and bias (:func:`kernel_biases`, for :mod:`adahessian_jax.hessian.landscape`) and
+whether a name says a table holds attention biases (:func:`names_a_bias_table`, for
+:mod:`adahessian_jax.nnx`).
 """
 
 from __future__ import annotations
@@ -231,41 +231,6 @@ class _WeightPair(NamedTuple):
   is_weight: bool  # whether a PyTorch ``weight`` (or a name with that word), not a kernel
 
 
-def flax_layout_weights(paths, shapes, roles) -> set[int]:
-  """The ``weight`` leaves under the default rule whose bias shows Flax's layout, output axis
-  last: Hugging Face's PyTorch ``Conv1D`` keeps GPT-2's ``c_attn.weight`` ``(in, out)`` beside
-  ``c_attn.bias`` ``(out,)``, stacked ``(layers, in, out)`` beside ``(layers, out)``. A bias that
-  is the weight's last axis past any stacked ones and fits no PyTorch reading
-  (:func:`torch_stacks`, :func:`torch_kernel`: not a square ``(d, d)``, which fits both) rules
-  out the name's reading, output axis first.
-
-  Returns:
-    The indices of these leaves.
-  """
-  found = set()
-  for pair in _weight_pairs(paths):
-    if not pair.is_weight or roles[pair.weight] is None:
-      continue
-    k, v = shapes[pair.weight], shapes[pair.bias]
-    flax = any(v == k[:n] + k[-1:] for n in range(len(k) - 1))
-    if flax and not torch_stacks(k, v) and not torch_kernel(k, v):
-      found.add(pair.weight)
-  return found
-
-
-def _weight_pairs(paths) -> list[_WeightPair]:
-  """Every weight or kernel beside its bias (:class:`_WeightPair`): a module's ``weight`` and
-  ``bias`` or kernel and bias (:data:`KERNEL_BIAS`), and the named pairs
-  (:func:`_named_weight_pairs`), once each."""
-  pairs = [
-    _WeightPair(module, members[weight], members[bias], is_weight=weight == "weight")
-    for module, members in by_module(paths).items()
-    for weight, bias in (("weight", "bias"), *KERNEL_BIAS)
-    if weight in members and bias in members
-  ]
-  return list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
-
-
 def _named_weight_pairs(paths) -> list[_WeightPair]:
   """A :class:`_WeightPair` (a weight) for each leaf whose name has the word ``weight`` and other
   words (``in_proj_weight``, ``weight_ih_l0``) beside the leaf of that name with ``bias`` for
@@ -293,8 +258,24 @@ def _nearest(under: dict[tuple, set], module: tuple) -> set:
   return set()
 
 
-def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
-  """The leaves under the default rule whose bias settles the PyTorch layout, output axis first.
+class WeightLayouts(NamedTuple):
+  """What the biases beside weights and kernels show of their layouts (:func:`weights_by_bias`).
+
+  Attributes:
+    output_first: The leaves read output axis first, PyTorch's layout.
+    input_first: The ``weight`` leaves read in Flax's layout, output axis last.
+    unsure: Why some of ``output_first`` and the square kernels beside a bias that fits both
+      layouts are guesses, by leaf.
+  """
+
+  output_first: set[int]
+  input_first: set[int]
+  unsure: dict[int, str]
+
+
+def weights_by_bias(paths, shapes, roles) -> WeightLayouts:
+  """The leaves under the default rule whose bias settles their layout: PyTorch's, output axis
+  first, or for a ``weight``, Flax's.
 
   A ``weight`` beside a bias that is its output axis first (``Linear`` ``(out, in)`` beside
   ``(out,)``; Equinox's ``Conv`` ``(out, in, kh, kw)`` beside ``(out, 1, 1)``), after any
@@ -320,12 +301,21 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
   (:func:`adahessian_jax._evidence_stacks.in_named_stacks`); else output axis first, a guess
   (also ``Conv1d(1, out)``, which ``out`` stacked ``Linear(kw, 1)`` fit as well).
 
+  A ``weight`` beside a bias that is its last axis past any stacked ones and fits no PyTorch
+  reading (not a square ``(d, d)``, which fits both) is in Flax's layout: Hugging Face's PyTorch
+  ``Conv1D`` keeps GPT-2's ``c_attn.weight`` ``(in, out)`` beside ``c_attn.bias`` ``(out,)``.
+
   Returns:
-    The leaves read output axis first, and why those of them and the square kernels beside a bias
-    that fits both layouts are guesses, by leaf.
+    A :class:`WeightLayouts`.
   """
-  pairs = _weight_pairs(paths)
-  found, square, several = set(), {}, {}
+  pairs = [
+    _WeightPair(module, members[weight], members[bias], is_weight=weight == "weight")
+    for module, members in by_module(paths).items()
+    for weight, bias in (("weight", "bias"), *KERNEL_BIAS)
+    if weight in members and bias in members
+  ]
+  pairs = list(dict.fromkeys(pairs + _named_weight_pairs(paths)))  # a weight_ih is both
+  found, input_first, square, several = set(), set(), {}, {}
   shown: list[tuple[tuple, str]] = []  # (module, "torch" | "weight" | "flax") for each that shows
   stacks: list[tuple[tuple, int]] = []  # (module, stacked axes) of each weight whose bias shows it
   for pair in pairs:
@@ -345,6 +335,8 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
         stacks.append((module, readings[0]))
       elif len(readings) > 1 and readings[0] == 0 and not flax:  # an input axis of size 1
         several[w] = (module, k, v)
+      elif flax and not readings and not torch_kernel(k, v):  # (in, out) beside (out,)
+        input_first.add(w)
       continue
     if not torch_kernel(k, v):
       if dense:
@@ -380,7 +372,7 @@ def weights_by_bias(paths, shapes, roles) -> tuple[set[int], dict[int, str]]:
         f"its bias {v} is one layer's, output axis first, and, its input axis having size 1, "
         f"also a stack of {k[0]} layers' of output size 1 {k[1:]}: give it a rule"
       )
-  return found, unsure
+  return WeightLayouts(found, input_first, unsure)
 
 
 class BiasPair(NamedTuple):

@@ -445,7 +445,7 @@ def flax_default(
 def reads_input_first(rule: Rule) -> bool:
   """Whether a rule from :func:`adahessian_jax._resolve.leaf_rules` reads a ``weight`` in Flax's
   layout, input axis first, as its bias shows
-  (:func:`adahessian_jax._evidence_biases.flax_layout_weights`)."""
+  (:func:`adahessian_jax._evidence_biases.weights_by_bias`)."""
   return isinstance(rule, FlaxDefault) and rule.param == _INPUT_FIRST
 
 
