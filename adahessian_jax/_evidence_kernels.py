@@ -407,9 +407,9 @@ def torch_lora_factors(paths, shapes, names, roles) -> set[int]:
   in)`` and ``lora_B`` ``(out, rank)`` side by side in a module, whose one shared size (the rank)
   is ``A``'s first and ``B``'s last axis, and not ``A``'s last and ``B``'s first as in Flax's
   layout (``nnx.LoRA``'s ``lora_a`` ``(in, rank)``, ``lora_b`` ``(rank, out)``). Read by their
-  rank as ``Dense`` kernels, they were blocked along axis 0: across the rank's rows and across
-  outputs. Both of rank 2, unnamed, under the default rule; a pair whose shapes fit both layouts
-  is left to the rank's reading.
+  rank as ``Dense`` kernels, they would be blocked along axis 0: across the rank's rows and
+  across outputs. Both of rank 2, unnamed, under the default rule; a pair whose shapes fit both
+  layouts is left to the rank's reading.
 
   Returns:
     The indices of these leaves.

@@ -28,8 +28,9 @@ def key_name(key: Any) -> Any:
 def read_path(path) -> tuple:
   """``path`` as the readers read it: a dict key that is a tuple (the keys of
   ``flax.traverse_util.flatten_dict(params)``, ``("Dense_0", "kernel")``) is one key per element,
-  so that a tree flattened so reads as the nested one. (Its last key was no name, and its leaves
-  sat at the root: a stack's biases read as ``Dense`` kernels, averaged across its layers.)"""
+  so that a tree flattened so reads as the nested one. (Read as one key, the last is no name and
+  every leaf sits at the root: a stack's biases would be ``Dense`` kernels, averaged across its
+  layers.)"""
   out = []
   for key in path:
     name = key_name(key)

@@ -198,7 +198,7 @@ def _masked_filled(p: Any, nu: Any, fill: Any, what: str, call: str) -> Any:
       f"hessian.{call}(opt_state, fill=hessian.{_OTHER[call]}(opt_state, fill=jnp.inf))."
     )
   if scalar:
-    # In the dtype of the state's own P: as a Python float it was float64 under x64 beside a
+    # In the dtype of the state's own P: a Python float would be float64 under x64 beside a
     # float32 model's P (and float32 beside a float64 one's without).
     own = jax.tree.leaves(p)
     filled = jnp.asarray(value, jnp.result_type(*own) if own else float)
@@ -384,10 +384,10 @@ def adam_preconditioner(
   state = found[0]
   amsgrad = isinstance(state, optax.ScaleByAmsgradState)
   # AdaBelief's nu is the moment of g - m plus eps_root, added at every step: its update divides
-  # by sqrt(nu_hat) + eps, with eps 1e-16 by default. It was refused ("found 0").
+  # by sqrt(nu_hat) + eps, with eps 1e-16 by default.
   belief = isinstance(state, optax.ScaleByBeliefState)
   what = "AMSGrad" if amsgrad else "AdaBelief" if belief else "Adam"
-  injected = _injected(opt_state, found[0])
+  injected = _injected(opt_state, state)
   b2 = _validation.interval(
     "b2", _hyperparameter("b2", b2, injected, 0.999), 0.0, 1.0, hi_open=True
   )
