@@ -519,7 +519,9 @@ def report(payload: dict) -> str:
       out.append("Lazy refresh, single program (lax.cond) vs decided on the host:\n")
       out.append(sweep_table(g["lazy"], "update_freq"))
     if "stabilized" in g:
-      out.append("Exact rule vs the recommended stabilizers, without and with curvature_clip:\n")
+      clip = any(r.get("curvature_clip") for r in g["stabilized"])
+      with_clip = ", without and with curvature_clip" if clip else ""
+      out.append(f"Exact rule vs the recommended stabilizers{with_clip}:\n")
       out.append(markdown_table(g["stabilized"]))
     if "n_samples" in g:
       out.append("Probes per refresh n (k = 1):\n")

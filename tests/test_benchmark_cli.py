@@ -865,3 +865,18 @@ def test_spike_marks_the_steps_it_says_and_its_clean_runs_see_the_same_batches(c
   jax.tree.map(np.testing.assert_array_equal, a[0], b[0])
   params = task.init(jax.random.key(1))
   np.testing.assert_allclose(spiky.loss(params, a), 1e10 * task.loss(params, a[0]), rtol=1e-6)
+
+
+def test_step_time_report_names_curvature_clip_only_where_the_table_has_its_row(capsys):
+  # Every `stabilized` table was headed "..., without and with curvature_clip", also those of
+  # step_time_full_k1.json, which has no curvature_clip row.
+  pytest.importorskip("flax")
+  step_time = _script(os.path.join(ROOT, "benchmarks"), "step_time")
+  results = os.path.join(ROOT, "benchmarks", "results")
+  for name, clip in (("step_time_full_k1.json", False), ("step_time_full_clip.json", True)):
+    assert step_time.main(["--report", os.path.join(results, name)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Exact rule vs the recommended stabilizers") == 3
+    assert out.count("| AdaHessian fused k=1 stabilized + curvature_clip=5 |") == (3 if clip else 0)
+    assert out.count("stabilizers, without and with curvature_clip:") == (3 if clip else 0)
+    assert out.count("stabilizers:") == (0 if clip else 3)
