@@ -268,7 +268,8 @@ def parse_with_quick(
   """Parses a command line whose ``--quick`` changes the defaults of other flags.
 
   ``--quick`` changes only the defaults: a flag given explicitly keeps its value (``--quick
-  --width 48`` is the quick setting with width 48). Each flag's help gets its quick default.
+  --width 48`` is the quick setting with width 48). Each flag's help gets its quick default, and
+  its default where the help does not say it (``a divisor of --width (default 4; --quick: 2)``).
 
   Args:
     p: The parser; it has a ``--quick`` flag.
@@ -281,13 +282,20 @@ def parse_with_quick(
   actions = {a.dest: a for a in p._actions}
   for dest, value in quick.items():
     action = actions[dest]  # a KeyError here is a typo in the script
-    shown = _shown(value)
+    if action.help is argparse.SUPPRESS:
+      continue
     if action.help is None:
-      action.help = f"default {_shown(action.default)}; --quick: {shown}"
-    elif action.help.endswith(")"):  # "... (default 3)" -> "... (default 3; --quick: 1)"
-      action.help = f"{action.help[:-1]}; --quick: {shown})"
-    elif action.help is not argparse.SUPPRESS:
-      action.help = f"{action.help} (--quick: {shown})"
+      action.help = f"default {_shown(action.default)}; --quick: {_shown(value)}"
+      continue
+    # A help that does not state the default gets it too (not a None default: the help says
+    # what leaving the flag out means).
+    shown = f"--quick: {_shown(value)}"
+    if action.default is not None and "default" not in action.help:
+      shown = f"default {_shown(action.default)}; {shown}"
+    if action.help.endswith(")"):  # "... (default 3)" -> "... (default 3; --quick: 1)"
+      action.help = f"{action.help[:-1]}; {shown})"
+    else:
+      action.help = f"{action.help} ({shown})"
   args = p.parse_args(argv)
   if args.quick:
     p.set_defaults(**quick)  # parsed again: the values given on the command line win

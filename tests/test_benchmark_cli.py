@@ -880,3 +880,32 @@ def test_step_time_report_names_curvature_clip_only_where_the_table_has_its_row(
     assert out.count("| AdaHessian fused k=1 stabilized + curvature_clip=5 |") == (3 if clip else 0)
     assert out.count("stabilizers, without and with curvature_clip:") == (3 if clip else 0)
     assert out.count("stabilizers:") == (0 if clip else 3)
+
+
+def test_quick_flags_help_states_the_default_beside_the_quick_one(examples_path, capsys):
+  # A flag with a help of its own got only "(--quick: 2)": `nlp_charlm.py --help` gave no
+  # default for --heads or --block-size, `pods_transformer.py --help` none for --batch-size,
+  # --width, --heads, --block-size or --eval-windows.
+  pytest.importorskip("flax")
+  import nlp_charlm
+  import pods_transformer
+  import recsys_dlrm
+
+  def shown(parse):
+    with pytest.raises(SystemExit):
+      parse(["--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+  text = shown(nlp_charlm.parse_args)
+  assert "--heads HEADS a divisor of --width (default 4; --quick: 2)" in text
+  assert "--block-size BLOCK_SIZE AdaHessian's averaging block (default 32; --quick: 16)" in text
+  assert "--width WIDTH default 64; --quick: 32" in text  # no help of its own: as before
+  text = shown(pods_transformer.parse_args)
+  assert "a multiple of the device count (default 32; --quick: 16)" in text
+  assert "--heads HEADS a divisor of --width (default 4; --quick: 2)" in text
+  text = shown(recsys_dlrm.parse_args)
+  assert "train + validation size (default 1000000; --quick: 20000)" in text
+  # A help that states its default keeps it once.
+  text = shown(_script(os.path.join(ROOT, "benchmarks"), "allocator").parse_args)
+  assert "--rounds ROUNDS processes per setting (default 3; --quick: 1)" in text
+  assert "--steps STEPS timed steps per optimizer and process (default 80; --quick: 6)" in text
