@@ -166,7 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=True,
     help="also the transformer of models.py",
   )
-  p.add_argument("--repeats", type=positive_int, default=1, help="compiles per step (median)")
+  p.add_argument(
+    "--repeats",
+    type=positive_int,
+    default=1,
+    help="compiles per step, their median taken (default 1)",
+  )
   p.add_argument("--quick", action="store_true", help="small problems")
   p.add_argument(
     "--out",

@@ -27,7 +27,7 @@ probe given as an input (the forward-over-reverse pass alone) and the fused
 Usage::
 
   python benchmarks/memory.py           # 12 compilations of the ~100M model, a few minutes
-  python benchmarks/memory.py --quick   # a ~1M-parameter model, about a minute (65 s idle)
+  python benchmarks/memory.py --quick   # a 0.8M-parameter model, about a minute (65 s idle)
   python benchmarks/memory.py --layers 12 --width 1024 --context 1024   # another size
 
 Writes ``benchmarks/results/memory.json`` (``--out`` to change; ``--quick`` does not write unless
@@ -182,8 +182,10 @@ def parse_args(argv=None):
   p.add_argument("--heads", type=positive_int, default=12, help="a divisor of --width")
   p.add_argument("--context", type=positive_int, default=512)
   p.add_argument("--batch-size", type=positive_int, default=8)
-  p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
-  p.add_argument("--quick", action="store_true", help="a ~1M-parameter model (smoke test)")
+  p.add_argument(
+    "--block-size", type=positive_int, default=32, help="AdaHessian's averaging block (default 32)"
+  )
+  p.add_argument("--quick", action="store_true", help="a 0.8M-parameter model (smoke test)")
   p.add_argument(
     "--out",
     type=out_dir,

@@ -165,7 +165,9 @@ def main():
   parser.add_argument(
     "--steps", type=positive_int, default=None, help="training steps (default 300)"
   )
-  parser.add_argument("--target", type=positive_float, default=1e-4, help="relative accuracy")
+  parser.add_argument(
+    "--target", type=positive_float, default=1e-4, help="relative accuracy (default 1e-4)"
+  )
   parser.add_argument(
     "--out",
     type=out_file,

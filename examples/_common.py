@@ -222,7 +222,9 @@ def parser(
   p.add_argument(
     "--steps", type=positive_int, default=None, help=f"training steps (default {steps})"
   )
-  p.add_argument("--seed", type=random_seed, default=0, help="seed of data split, init and batches")
+  p.add_argument(
+    "--seed", type=random_seed, default=0, help="seed of data split, init and batches (default 0)"
+  )
   p.add_argument(
     "--quick",
     action="store_true",

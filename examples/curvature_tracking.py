@@ -223,7 +223,7 @@ def configure(argv=None) -> tuple[argparse.Namespace, dict]:
   parser.add_argument("--quick", action="store_true", help="tiny model, few steps: seconds")
   parser.add_argument("--compare-cold", action="store_true", help="also measure from cold starts")
   parser.add_argument(
-    "--seed", type=random_seed, default=0, help="seed of data split, init and batches"
+    "--seed", type=random_seed, default=0, help="seed of data split, init and batches (default 0)"
   )
   parser.add_argument(
     "--steps", type=positive_int, default=None, help="training steps (default 300; --quick: 8)"

@@ -570,12 +570,17 @@ def parse_args(argv=None):
   p.add_argument("--width", type=positive_int, default=128, help="a multiple of the device count")
   p.add_argument("--layers", type=positive_int, default=4)
   p.add_argument("--heads", type=positive_int, default=4, help="a divisor of --width")
-  p.add_argument("--block-size", type=positive_int, default=32, help="AdaHessian's averaging block")
+  p.add_argument(
+    "--block-size", type=positive_int, default=32, help="AdaHessian's averaging block (default 32)"
+  )
   p.add_argument(
     "--eval-windows", type=positive_int, default=256, help="a multiple of the device count"
   )
   p.add_argument(
-    "--check-steps", type=nonnegative_int, default=20, help="steps of the layout check (0: off)"
+    "--check-steps",
+    type=nonnegative_int,
+    default=20,
+    help="steps of the layout check (default 20; 0: off)",
   )
   p.add_argument(
     "--check-dtype",
