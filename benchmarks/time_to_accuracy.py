@@ -504,8 +504,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--steps",
     type=positive_int,
     default=None,
-    help="override the step budget (smoke runs; a multiple of each task's chunk: 12 steps, DLRM "
-    "60; --quick: 8)",
+    help="override each task's step budget (default 300, DLRM 1500; --quick: 24) for smoke runs: "
+    "a multiple of each task's chunk (12 steps, DLRM 60; --quick: 8)",
   )
   p.add_argument("--time-budget", type=positive_float, default=None, help="seconds per run (a cap)")
   quick_dir = os.path.join(tempfile.gettempdir(), "adahessian_jax_time_to_accuracy_quick")
