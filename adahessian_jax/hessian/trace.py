@@ -231,7 +231,8 @@ def hutchpp_trace(
   Args:
     op: The Hessian operator.
     key: PRNG key (split into a sketch key and a residual-probe key).
-    sketch_size: Columns of the sketch ``S`` (costs ``2·sketch_size`` products).
+    sketch_size: Columns of the sketch ``S`` (costs ``2·sketch_size`` products), an integer
+      >= 0; 0 is Hutchinson's estimate alone (:func:`hutchinson_trace`).
     **stopping: ``rtol``, ``atol``, ``min_samples``, ``max_samples``,
       ``block_size`` of the residual's sampling, as in :func:`hutchinson_trace`;
       ``rtol`` is relative to the whole estimate.
