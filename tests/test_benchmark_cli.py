@@ -837,7 +837,7 @@ def test_spike_marks_the_steps_it_says_and_its_clean_runs_see_the_same_batches(c
   import jax
 
   spike = _script(STABILITY, "spike")
-  args = spike.parse_args(["--quick", "--tasks", "cnn", "--rate", "0.2"])
+  args = spike.parse_args(["--quick", "--tasks", "cnn", "--rows", *spike.ROWS, "--rate", "0.2"])
   assert args.tasks == ["cnn"] and args.rows == list(spike.ROWS) and args.rate == 0.2
   assert not os.path.abspath(args.out_dir).startswith(os.path.join(STABILITY, "")), args.out_dir
   with pytest.raises(SystemExit) as e:
@@ -909,3 +909,36 @@ def test_quick_flags_help_states_the_default_beside_the_quick_one(examples_path,
   text = shown(_script(os.path.join(ROOT, "benchmarks"), "allocator").parse_args)
   assert "--rounds ROUNDS processes per setting (default 3; --quick: 1)" in text
   assert "--steps STEPS timed steps per optimizer and process (default 80; --quick: 6)" in text
+
+
+def test_stability_quick_runs_are_smoke_runs_and_the_spike_table_lists_the_rows_trained():
+  # `spike.py --quick` and `heldout.py --quick` trained every row with 4 seeds on the full-size
+  # tasks (28 and 27 compiled programs; neither ended in 400 s), and spike's table listed the rows
+  # not trained with empty cells. A smoke run is one seed of a few rows on the small tasks; flags
+  # given keep their values.
+  spike = _script(STABILITY, "spike")
+  heldout = _script(STABILITY, "heldout")
+  args = spike.parse_args(["--quick"])
+  assert (args.tasks, args.rows, args.seeds) == (["cnn"], ["exact", "exact_cclip"], 1)
+  args = spike.parse_args(["--quick", "--tasks", "lm", "--seeds", "2"])
+  assert (args.tasks, args.rows, args.seeds) == (["lm"], ["exact", "exact_cclip"], 2)
+  args = spike.parse_args([])
+  assert (args.tasks, args.rows, args.seeds) == (["cnn", "lm"], list(spike.ROWS), 4)
+  args = heldout.parse_args(["--quick"])
+  assert (args.tasks, args.rows, args.seeds) == (
+    list(heldout.TASKS),
+    ["exact", "recommended_k3"],
+    1,
+  )
+  args = heldout.parse_args(["--quick", "--rows", "floor", "--seeds", "3"])
+  assert (args.rows, args.seeds) == (["floor"], 3)
+  assert heldout.parse_args([]).seeds == 4
+  assert heldout.parse_args(["--quick", "--tune"]).tune  # its rows are TUNED_LR's, not --rows
+  failed = {"n": 1, "failed": 1, "mean": None}
+  cells = {f"exact/{kind}": {"summary": failed} for kind in ("clean", "spiky")}
+  store = {"tasks": {"cnn": {"metric": "acc", "cells": cells}}}
+  assert spike.table(store).splitlines() == [
+    "| row | cnn clean | cnn spiky |",
+    "|---|---|---|",
+    "| exact | all 1 failed | all 1 failed |",
+  ]

@@ -24,7 +24,7 @@ ViT as the CNN, the GRU as the LM; the regression's final loss no lower than at 
   python benchmarks/stability/heldout.py              # all three tasks -> results/heldout.json
   python benchmarks/stability/heldout.py --tasks gru  # one task; keeps the others in the file
   python benchmarks/stability/heldout.py --rows floor clip  # some rows; keeps the other cells
-  python benchmarks/stability/heldout.py --quick      # a few steps each, to a temp dir
+  python benchmarks/stability/heldout.py --quick      # a smoke run (QUICK_ROWS), to a temp dir
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "adahessian": (0.05, 0.15, 0.5, 1.0)}
 TUNE_SEEDS = (100, 101)
 STEPS = {"vit": 400, "gru": 400, "diabetes": 300}
 QUICK_STEPS = 4
+# --quick: every task and code path once (the exact rule, the recommended one with update_freq=3),
+# on the paper tasks' small data settings, not a result: 4 steps are too few to learn, and a run
+# that ends where a model that learned nothing would counts as failed.
+QUICK_ROWS = ("exact", "recommended_k3")
 QUICK_DIR = os.path.join(tempfile.gettempdir(), "adahessian_jax_heldout_quick")
 NOTE = (
   "benchmarks/paper's trainer (10 % warm-up, cosine decay to lr/10, weight decay 1e-4), the rows' "
@@ -106,9 +110,10 @@ class TinyViT(nn.Module):
     return nn.Dense(10)(nn.LayerNorm()(h[:, 0]))
 
 
-def vit_task():
-  """The ViT on the digits CNN's data, split and batch (``paper/tasks.py``)."""
-  cnn = C.get_task("cnn")
+def vit_task(quick: bool = False):
+  """The ViT on the digits CNN's data, split and batch (``paper/tasks.py``; those of its quick
+  setting with ``quick``)."""
+  cnn = C.get_task("cnn", quick)
   init, loss, evaluate = C.paper_tasks.digits_functions(TinyViT())
   cfg = {**cnn.config, "width": 32, "heads": 2, "depth": 2, "patch": 2}
   return C.paper_tasks.Task(
@@ -127,9 +132,10 @@ class GRULM(nn.Module):
     return nn.Dense(self.vocab)(nn.RNN(nn.GRUCell(self.hidden))(h))
 
 
-def gru_task():
-  """The GRU on the LM's text, split, context, batch and validation windows."""
-  lm = C.get_task("lm")
+def gru_task(quick: bool = False):
+  """The GRU on the LM's text, split, context, batch and validation windows (those of its quick
+  setting with ``quick``)."""
+  lm = C.get_task("lm", quick)
   init, xent, evaluate = C.paper_tasks.char_lm_functions(
     GRULM(lm.config["vocab"]), lm.config["context"]
   )
@@ -140,8 +146,10 @@ def gru_task():
   )
 
 
-def diabetes_task():
-  """The toys' ReLU MLP (``common.ReluMLP``) on the standardised diabetes data, batch 64."""
+def diabetes_task(quick: bool = False):
+  """The toys' ReLU MLP (``common.ReluMLP``) on the standardised diabetes data, batch 64 (the
+  same with ``quick``: the data set is small)."""
+  del quick
   from sklearn.datasets import load_diabetes
 
   x, y = load_diabetes(return_X_y=True)
@@ -223,21 +231,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     nargs="+",
     action=Distinct,
     choices=list(ROWS),
-    help="the rows to train (default: all; the ablation's: " + " ".join(ABLATION) + ")",
+    help="the rows to train (default: all; the ablation's: "
+    + " ".join(ABLATION)
+    + "; --quick: "
+    + " ".join(QUICK_ROWS)
+    + ")",
   )
-  p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1 (default: 4)")
+  p.add_argument(
+    "--seeds", type=positive_int, default=None, help="seeds 0..n-1 (default: 4; --quick: 1)"
+  )
   p.add_argument(
     "--tune",
     action="store_true",
     help=f"instead: the rate grid on seeds {TUNE_SEEDS}, stored under 'tuning' (TUNED_LR's source)",
   )
-  p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run, to a temp dir")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"a smoke run: {QUICK_STEPS} steps per run on the small data settings, to a temp dir "
+    "(most runs end where a model that learned nothing would: 'failed')",
+  )
   C.add_output_arguments(p, "heldout")
   args = p.parse_args(argv)
   if args.tune and args.rows is not None:
     p.error("--rows does not go with --tune, which tunes the rates of TUNED_LR's rules")
   if args.rows is None:
-    args.rows = list(ROWS)
+    args.rows = list(QUICK_ROWS if args.quick else ROWS)
+  if args.seeds is None:
+    args.seeds = 1 if args.quick else 4
   args.out_dir = C.output_dir(args, QUICK_DIR)
   return args
 
@@ -252,7 +273,7 @@ def main(argv=None) -> dict:
       store = json.load(f)
   store.update(recommended=RECOMMENDED, tuned_lr=TUNED_LR, rows=ROWS, ablation=ABLATION, note=NOTE)
   for tname in args.tasks:
-    task = TASKS[tname]()
+    task = TASKS[tname](args.quick)
     steps = QUICK_STEPS if args.quick else STEPS[tname]
     out = store["tasks"].setdefault(tname, {})
     out.update(steps=steps, metric=task.metric, config=task.config)
@@ -261,6 +282,11 @@ def main(argv=None) -> dict:
     else:
       out.setdefault("cells", {}).update(evaluate(task, range(args.seeds), steps, args.rows))
     C.write_json(args.out, store, directory=args.out_dir)
+  if args.quick:
+    print(
+      f"(--quick: {QUICK_STEPS} steps are too few to learn; a run that ends where a model that "
+      "learned nothing would counts as failed)"
+    )
   return store
 
 

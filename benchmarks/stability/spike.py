@@ -12,7 +12,7 @@ row's without the clip.
 
   python benchmarks/stability/spike.py                # cnn and lm, 4 seeds -> results/spike.json
   python benchmarks/stability/spike.py --tasks cnn --seeds 2
-  python benchmarks/stability/spike.py --quick        # a few steps each, to a temp dir
+  python benchmarks/stability/spike.py --quick        # a smoke run (QUICK), to a temp dir
   python benchmarks/stability/spike.py --track        # one spike -> results/spike_tracking.json
   python benchmarks/stability/spike.py --ratios       # clean runs -> results/spike_ratios.json
 
@@ -39,7 +39,7 @@ import common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _args import Distinct, positive_float, positive_int
+from _args import Distinct, parse_with_quick, positive_float, positive_int
 from _common import RECOMMENDED_STABILIZERS as RECOMMENDED  # (examples/_common.py)
 
 import adahessian_jax
@@ -63,6 +63,9 @@ TUNED_LR = {
   "adahessian": dict.fromkeys(STEPS, C.TUNED_LR),
 }
 QUICK_STEPS = 4
+# --quick's defaults: every code path once (a row without and with the clip, the small CNN), not
+# a result: 4 steps are too few to learn, and a run that ends at chance counts as failed.
+QUICK = {"tasks": ["cnn"], "rows": ["exact", "exact_cclip"], "seeds": 1}
 QUICK_DIR = os.path.join(tempfile.gettempdir(), "adahessian_jax_spike_quick")
 
 
@@ -97,9 +100,10 @@ TRACK_ROWS = ("recommended", "recommended_cclip")
 TRACK_SPIKE, TRACK_EVERY = 100, 10
 
 
-def track(steps: int, spike_at: int, every: int, factor: float) -> dict:
-  """``--track``: the loss and ``lr · λ_max(P⁻¹H)`` every ``every`` steps around one spike."""
-  base = C.get_task("cnn")
+def track(steps: int, spike_at: int, every: int, factor: float, quick: bool = False) -> dict:
+  """``--track``: the loss and ``lr · λ_max(P⁻¹H)`` every ``every`` steps around one spike (on
+  the small CNN with ``quick``)."""
+  base = C.get_task("cnn", quick)
   task = spiky(base, 0.0, factor)  # its loss takes (batch, scale): factor at spike_at
   k_init, k_data, k_probe = jax.random.split(jax.random.key(0), 3)
   probe = base.sample(base.data, jax.random.key(123))
@@ -199,11 +203,13 @@ def train_row(task, row: str, seeds, steps: int) -> list[dict]:
 
 
 def table(store: dict) -> str:
-  """The results as a Markdown table: a row per configuration, clean and spiky per task."""
+  """The results as a Markdown table: a row per configuration trained, clean and spiky per task."""
   tasks = list(store["tasks"])
   head = ["row"] + [f"{t} {kind}" for t in tasks for kind in ("clean", "spiky")]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in ROWS:
+    if not any(f"{row}/clean" in store["tasks"][t]["cells"] for t in tasks):
+      continue  # not trained
     cells = [row]
     for t in tasks:
       for kind in ("clean", "spiky"):
@@ -238,7 +244,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     "--factor", type=positive_float, default=1e10, help="a spiked batch's loss factor (1e10)"
   )
-  p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run, to a temp dir")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"a smoke run: {QUICK_STEPS} steps per run of the small tasks, to a temp dir (runs end at "
+    "chance: 'failed')",
+  )
   p.add_argument(
     "--report", action="store_true", help="instead: print the table of results/OUT.json"
   )
@@ -251,7 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     help=f"instead: the curvature around one spike at step {TRACK_SPIKE} (see above)",
   )
   C.add_output_arguments(p, "spike")
-  args = p.parse_args(argv)
+  args = parse_with_quick(p, QUICK, argv)
   if args.rate >= 1:
     p.error(f"--rate must be below 1 (a probability), got {args.rate}")
   args.out_dir = C.output_dir(args, QUICK_DIR)
@@ -272,7 +283,7 @@ def main(argv=None) -> dict:
     return out
   if args.track:
     steps, spike_at, every = (20, 5, 5) if args.quick else (STEPS["cnn"], TRACK_SPIKE, TRACK_EVERY)
-    out = track(steps, spike_at, every, args.factor)
+    out = track(steps, spike_at, every, args.factor, args.quick)
     C.write_json(f"{args.out}_tracking", out, directory=args.out_dir)
     return out
   seeds = list(range(args.seeds))
@@ -285,7 +296,7 @@ def main(argv=None) -> dict:
     "tasks": {},
   }
   for tname in args.tasks:
-    base = C.get_task(tname)
+    base = C.get_task(tname, args.quick)
     steps = QUICK_STEPS if args.quick else STEPS[tname]
     spikes = {seed: spike_steps(seed, steps, args.rate) for seed in seeds}
     out = store["tasks"][tname] = {"steps": steps, "metric": base.metric, "spikes": spikes}
@@ -300,6 +311,11 @@ def main(argv=None) -> dict:
         print(f"{tname} {row:18s} {kind}: {C.cell(s, base.metric)}", flush=True)
     C.write_json(args.out, store, directory=args.out_dir)
   print(table(store))
+  if args.quick:
+    print(
+      f"(--quick: {QUICK_STEPS} steps are too few to learn; a run that ends where a model that "
+      "learned nothing would counts as failed)"
+    )
   return store
 
 
