@@ -79,6 +79,9 @@ def test_quick_mode(quick_runs, name):
   for key in EXPERIMENTS[name]:
     assert key in data, key
   assert "|" in data["table_markdown"]
+  # It says where it wrote (--quick's directory is a temporary one unless --out names it).
+  assert f"wrote {d / f'{name}.json'}\n" in log
+  assert f"wrote {d / f'{name}.png'}\n" in log
   if name == "hessian_frequency":
     rows = data["results"]["cnn"]
     assert list(rows) == ["adahessian", "adahessian_config", "adahessian_config2"]

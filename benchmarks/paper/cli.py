@@ -265,12 +265,14 @@ def main(
   out["environment"] = environment()
   out["wall_s"] = round(time.perf_counter() - t_start, 1)
   print(out["table_markdown"])
-  write_json(args.out, experiment, out)
+  print(f"wrote {write_json(args.out, experiment, out)}")
   plt = pyplot()
   if plt is not None:
     fig = plot(out, plt)
     if not fig.legends:  # a figure-level legend comes with its own layout
       fig.tight_layout()
-    fig.savefig(os.path.join(args.figures, f"{experiment}.png"), dpi=90)
+    figure = os.path.join(args.figures, f"{experiment}.png")
+    fig.savefig(figure, dpi=90)
     plt.close(fig)
+    print(f"wrote {figure}")
   return out
