@@ -460,10 +460,10 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
   """The largest absolute difference between replicas of the same values.
 
   A check for drift in data-parallel training: 0.0 means every replica holds
-  bit-identical values. For arrays spread over several processes
-  (``jax.distributed``) the copies other processes hold are compared too, so
-  there it is a collective: call it on every process, as any computation on
-  those arrays (each gets the same result).
+  bit-identical values. Under ``jax.distributed`` the copies other processes
+  hold are compared too (of arrays spread over several processes, and of
+  ``pmap`` outputs, each process's own copies), so there it is a collective:
+  call it on every process (each gets the same result).
 
   Args:
     tree: A pytree of arrays (typed PRNG keys are compared by their key
@@ -472,7 +472,9 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
       and on other processes' (the copies of replicated or partially replicated
       arrays). With
       ``stacked=True``, arrays with a leading replica axis (``pmap`` outputs),
-      each slice compared with the first.
+      each slice compared with the first, and for ``jax.Array``s under
+      ``jax.distributed`` with the other processes' first slices (NumPy leaves,
+      fetched with ``jax.device_get``, only within this process).
     stacked: Whether the leaves carry a leading replica axis.
 
   Returns:
@@ -513,6 +515,9 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
         )
       for replica in values[1:]:
         compare(replica, values[0])
+      # pmap outputs: each process holds only its own copies.
+      if isinstance(leaf, jax.Array) and jax.process_count() > 1 and values[:1].size:
+        _compare_first_copies_across_processes(values[0], compare)
       continue
     if not isinstance(leaf, jax.Array):
       raise TypeError(
@@ -531,6 +536,21 @@ def max_replica_difference(tree: Any, stacked: bool = False) -> float:
     if not leaf.is_fully_addressable:  # copies on other processes too
       _compare_across_processes(leaf, first, compare)
   return float(np.max(diffs))
+
+
+def _compare_first_copies_across_processes(first: np.ndarray, compare: Any) -> None:
+  """Compares this process's first copy of a stacked leaf (a ``pmap`` output) with the other
+  processes' first copies.
+
+  A collective (one ``process_allgather``): under ``jax.distributed`` ``pmap`` returns each
+  process only the copies on its own devices, so copies built from different values on another
+  process (params initialised from a per-process seed) differ from these in no slice here.
+  """
+  from jax.experimental import multihost_utils
+
+  gathered = np.asarray(multihost_utils.process_allgather(first))
+  for other in gathered[1:]:
+    compare(other, gathered[0])
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> float:

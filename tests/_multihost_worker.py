@@ -88,6 +88,12 @@ def multi_host(process_id, out_dir):
     NamedSharding(mesh, P()), np.full(3, float(jax.process_index())), (3,)
   )
   info["drift_across_processes"] = distributed.max_replica_difference({"b": drifted})
+  # The same for pmap copies: each process holds only its own, made from its own values.
+  copies = distributed.replicate({"b": np.full(3, float(jax.process_index()))}, "data")
+  info["drift_across_processes_stacked"] = distributed.max_replica_difference(copies, stacked=True)
+  info["drift_across_processes_stacked_host"] = distributed.max_replica_difference(
+    jax.device_get(copies), stacked=True
+  )
   other = [d for d in jax.devices() if d.process_index != jax.process_index()]
   try:  # a pmap over the other process's devices only: no copy here
     distributed.replicate({"w": np.ones(2)}, "data", devices=other)

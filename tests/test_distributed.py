@@ -356,6 +356,16 @@ def test_two_processes_identical_and_equal_single_device(single_host, multi_host
     assert diff <= TOL[config], (name, diff)
 
 
+def test_max_replica_difference_of_pmap_copies_compares_other_processes_copies(multi_host):
+  """pmap copies that each process made from its own values (params initialised from a
+  per-process seed): every process holds only its own copies, which agree, so only a comparison
+  with the other process's shows the difference of 1.0; on copies fetched to the host (NumPy),
+  which need not be taken on every process, this process's only."""
+  for info, _ in multi_host:
+    assert info["drift_across_processes_stacked"] == 1.0
+    assert info["drift_across_processes_stacked_host"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def tensor_parallel(four_devices):
   return _section_json(four_devices, "tensor_parallel")
