@@ -221,8 +221,10 @@ def state_shardings(
   ``nu`` and the stored Hessian of AdaHessian, Adam's moments, ...; found with
   :func:`optax.tree.map_params`, so it works for every state layout) gets the
   parameters' shardings, leaf by leaf where the shapes agree; every other leaf
-  (step counts, PRNG keys, or a leaf whose shape differs from its
-  parameter's) gets ``replicated``. Where ``optax.masked`` (or
+  (step counts, PRNG keys, a leaf whose shape differs from its
+  parameter's, or the vectors of ``optax.flatten``, whose ``init`` ``map_params``
+  cannot call: there the parameter-shaped subtrees are found by the
+  parameters' tree structure) gets ``replicated``. Where ``optax.masked`` (or
   ``optax.multi_transform``) leaves parameters out of a state, the
   ``optax.MaskedNode`` stays, so the result has the state's structure.
 
@@ -288,15 +290,43 @@ def state_shardings(
       return leaf
     return sharding if tuple(leaf.shape) == tuple(param.shape) else replicated
 
-  return optax.tree.map_params(
-    init,
-    follow,
-    abstract_state,
-    param_shardings,
-    shapes,
-    transform_non_params=lambda leaf: replicated,
-    is_leaf=masking.is_masked,
-  )
+  try:
+    return optax.tree.map_params(
+      init,
+      follow,
+      abstract_state,
+      param_shardings,
+      shapes,
+      transform_non_params=lambda leaf: replicated,
+      is_leaf=masking.is_masked,
+    )
+  except Exception:  # noqa: BLE001 (init took the params above, not optax's placeholder)
+    # optax.flatten's init concatenates the leaves, which the placeholder has none of ("Need at
+    # least one array to concatenate"): the subtrees shaped like the params are found by their
+    # structure instead (flatten's vectors are not, and are replicated).
+    return _follow_by_structure(abstract_state, param_shardings, shapes, replicated)
+
+
+def _follow_by_structure(abstract_state: Any, shardings: Any, shapes: Any, replicated: Any) -> Any:
+  """``state_shardings`` for an ``init`` that cannot take ``optax.tree.map_params``'s
+  placeholder: every subtree of ``abstract_state`` with the params' structure gets their
+  ``shardings`` where a leaf's shape is its parameter's, every other leaf ``replicated``."""
+  structure = jax.tree.structure(shapes)
+  like_params = lambda x: not masking.is_masked(x) and jax.tree.structure(x) == structure
+
+  def one(x):
+    if masking.is_masked(x):
+      return x
+    if not like_params(x):
+      return replicated
+    return jax.tree.map(
+      lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
+      x,
+      shardings,
+      shapes,
+    )
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: masking.is_masked(x) or like_params(x))
 
 
 def _pick_tree(_: Any, tree: Any) -> Any:

@@ -1248,6 +1248,32 @@ def test_state_shardings_with_averaging_given_per_leaf():
     ah.adahessian(0.1, averaging={"v": None}).init(params)  # a real tree is still checked
 
 
+def test_state_shardings_of_a_state_holding_the_params_flattened():
+  """``optax.flatten``'s init concatenates the leaves, and ``optax.tree.map_params`` calls it on
+  a placeholder without any: state_shardings raised NumPy's "Need at least one array to
+  concatenate", naming nothing. The flattened vectors are replicated now, and the params-shaped
+  moments of another transform in the chain still follow the params."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  import adahessian_jax as ah
+  from adahessian_jax import distributed
+
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  split, whole = NamedSharding(mesh, PartitionSpec("d")), NamedSharding(mesh, PartitionSpec())
+  params = {"w": jax.device_put(jnp.ones((4, 6)), split), "b": jax.device_put(jnp.ones(6), whole)}
+  tx = optax.chain(optax.flatten(ah.scale_by_adahessian(update_freq=2)), optax.scale_by_adam())
+  with pytest.warns(UserWarning, match="optax.flatten"):
+    shardings = distributed.state_shardings(tx, params)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+  flat, adam = shardings
+  assert flat.mu == flat.nu == flat.hessian == flat.key == flat.count == whole
+  assert adam.mu == adam.nu == {"w": split, "b": whole} and adam.count == whole
+  assert state[0].mu.shape == (30,) and state[1].mu["w"].sharding == split
+
+
 def test_state_shardings_with_a_weight_decay_mask_given_as_a_tree():
   """``weight_decay_mask`` as a pytree of booleans: init checked it against the leafless
   placeholder that ``optax.tree.map_params`` passes, and state_shardings raised "weight_decay_mask
