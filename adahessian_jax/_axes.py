@@ -32,7 +32,9 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
 
   Raises:
     TypeError: for ``key_data`` that is not a ``uint32`` array (typed keys, an optimizer state).
-    ValueError: naming ``axis_name`` if it is not bound by an enclosing map.
+    ValueError: for ``key_data`` whose last axis is not one key's data (a scalar, or another
+      PRNG implementation's keys), naming its shape; naming ``axis_name`` if it is not bound by
+      an enclosing map.
   """
   dtype = getattr(key_data, "dtype", None)
   if dtype is None or _keys.is_typed(dtype) or dtype != np.uint32:
@@ -47,6 +49,15 @@ def fold_in_axis_index(key_data: jax.Array, axis_name: Any) -> jax.Array:
     raise TypeError(
       f"fold_in_axis_index takes raw PRNG key data (uint32, one key per row), got {got}: {fix}; "
       "distributed.per_device_probe_state(opt_state, axis_name) folds a whole optimizer state's."
+    )
+  size = _keys.default_key_size()
+  if np.ndim(key_data) == 0 or np.shape(key_data)[-1] != size:  # JAX's "invalid PRNG key data"
+    raise ValueError(
+      f"fold_in_axis_index takes raw PRNG key data, one key of {size} uint32 words per row "
+      f"(shape (..., {size}) under jax_default_prng_impl="
+      f"{str(jax.random.key_impl(jax.random.key(0)))!r}), got shape {np.shape(key_data)}: pass "
+      "the AdaHessian state's key (state.key, shape (n_samples, key size)), or "
+      "jax.random.key_data(keys)."
     )
   keys = jax.random.wrap_key_data(key_data)
   return jax.random.key_data(_fold_in_each(keys, _device_tag(check_bound(axis_name))))

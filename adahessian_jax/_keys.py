@@ -15,6 +15,11 @@ def is_typed(x: Any) -> bool:
   return bool(jnp.issubdtype(getattr(x, "dtype", x), jax.dtypes.prng_key))
 
 
+def default_key_size() -> int:
+  """The number of ``uint32`` words of a key of JAX's default PRNG implementation."""
+  return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
+
+
 def batch_ndim(keys: jax.Array) -> int:
   """The number of axes that index the keys of ``keys``: all of a typed array's, all but the
   trailing key-data axis of raw data."""

@@ -517,11 +517,6 @@ def new_keys_fix(key: str) -> str:
 _NEW_KEYS = new_keys_fix("jax.random.key(seed)")
 
 
-def default_key_size() -> int:
-  """The number of ``uint32`` words of a key of JAX's default PRNG implementation."""
-  return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
-
-
 def check_key_data(key: Any) -> None:
   """Raises ``ValueError`` unless the state's ``key`` field is raw key data, one row per probe.
 
@@ -544,7 +539,7 @@ def check_key_data(key: Any) -> None:
   dtype = _validation.array_dtype(key)  # None for a str, which jnp.result_type parsed, or None
   typed = dtype is not None and _keys.is_typed(dtype)
   if dtype == jnp.uint32 and jnp.ndim(key) == 2:
-    size = default_key_size()
+    size = _keys.default_key_size()
     if jnp.shape(key)[1] == size:
       return
     # A checkpoint resumed under another jax_default_prng_impl: JAX's wrap_key_data failed with

@@ -1090,6 +1090,24 @@ def test_fold_in_axis_index_refuses_what_is_not_raw_key_data_naming_it():
   assert len({tuple(k.ravel().tolist()) for k in folded(jnp.arange(3))}) == 3
 
 
+def test_fold_in_axis_index_refuses_key_data_of_another_shape_naming_it():
+  """uint32 data that is not one key per row (a scalar, a row of 3 words) failed with JAX's
+  "invalid PRNG key data: expected key_data.ndim >= 1" (or "shape to end with (2,)"), naming
+  neither the argument nor the fix."""
+  import jax
+  import jax.numpy as jnp
+
+  from adahessian_jax import distributed
+
+  for shape in [(), (3,), (4, 3)]:
+    with pytest.raises(
+      ValueError, match=rf"fold_in_axis_index .* got shape {re.escape(str(shape))}: pass"
+    ):
+      distributed.fold_in_axis_index(jnp.zeros(shape, jnp.uint32), "data")
+  folded = jax.vmap(lambda k: distributed.fold_in_axis_index(k, "data"), axis_name="data")
+  assert folded(jnp.zeros((3, 2), jnp.uint32)).shape == (3, 2)  # one key per device
+
+
 def test_vmap_with_axis_name_under_jit_steps_like_one_device_on_the_global_batch():
   """``jax.vmap(step, axis_name=)`` simulates data parallelism on one device; under ``jit`` (and
   ``eval_shape``) ``device_varying`` failed with JAX's bare ``AssertionError`` from a cast over
