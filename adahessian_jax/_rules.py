@@ -234,6 +234,22 @@ class BlockMean(Rule):
     return f"blocks({self.block_size}, axis={self.axis})"
 
 
+def _split_like(x: jax.Array, d: jax.Array) -> jax.Array:
+  """``x`` split over Explicit mesh axes as ``d`` is (``x`` itself elsewhere).
+
+  A mean broadcast back along an axis split over them comes back whole along it (the mean is
+  the same for every shard), and then differs from ``D``'s sharding: the update refused it
+  ("select cases must have the same shardings"; with lazy refresh, "cond branches must have
+  equal output types"). Splitting it again is local: every device keeps its part.
+  """
+  sharding = getattr(jax.typeof(d), "sharding", None)
+  if all(a is None for a in getattr(sharding, "spec", ())):
+    return x
+  if getattr(jax.typeof(x), "sharding", None) == sharding:
+    return x
+  return jax.sharding.reshard(x, sharding)
+
+
 @dataclasses.dataclass(frozen=True)
 class AxesMean(Rule):
   """Mean over ``axes``, broadcast back to the original shape."""
@@ -249,7 +265,7 @@ class AxesMean(Rule):
     if not self.axes:
       return d
     self.check(d.shape, _APPLIED)
-    return jnp.broadcast_to(d.mean(axis=self.axes, keepdims=True), d.shape)
+    return _split_like(jnp.broadcast_to(d.mean(axis=self.axes, keepdims=True), d.shape), d)
 
   def groups(self, shape):
     size = leaf_size(shape)

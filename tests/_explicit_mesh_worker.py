@@ -7,7 +7,8 @@ from an unsharded run after 3 steps of each route (value_fn, fused), from a stat
 ``tx.init(params)`` (plain_init), then of ``block_size=3`` over split axes (blocks); then
 ``fused_2d_*``: the fused route on a ``(data, model)`` mesh with ``Auto``, then ``Explicit`` axes,
 the first leaf split over ``model``; ``fused_bf16_dp``: the fused route against the value_fn route
-with unsharded bf16 params and a batch split over the mesh.
+with unsharded bf16 params and a batch split over the mesh; ``mean_over_split_k*``: a mean over an
+axis split over the mesh, without and with lazy refresh.
 """
 
 import jax
@@ -18,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adahessian_jax as ah
-from adahessian_jax import distributed
+from adahessian_jax import distributed, spatial
 
 mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
 r = np.random.default_rng(0)
@@ -142,3 +143,23 @@ with jax.set_mesh(mesh):
       p, s = jax.jit(step_fn)(p, s, x)
     ends.append(p)
 print("fused_bf16_dp", max_diff(*ends, host))
+
+
+# A mean over an axis split over the Explicit axis (a kernel read as a convolution's, split over
+# its window): the mean came back whole along it, unlike nu, and every update failed
+# ("select cases must have the same shardings"; with update_freq=2, "cond branches must have
+# equal output types").
+mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
+host = {"k": jnp.asarray(r.normal(size=(4, 2, 3)))}
+loss = lambda p: jnp.sum(jnp.tanh(p["k"] * jnp.sum(p["k"] ** 2)) ** 2)
+for k in (1, 2):
+  tx = ah.adahessian(0.1, averaging=spatial.mean_over((0, 1)), update_freq=k, hessian_power=0.5)
+  train = jax.jit(lambda p, s: step(p, s, False))
+  p = {"k": jax.device_put(host["k"], NamedSharding(mesh, P("d")))}
+  s = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, p))(p)
+  q, t = host, jax.jit(tx.init)(host)
+  for _ in range(3):
+    p, s = train(p, s)
+    q, t = train(q, t)
+  assert s[0].nu["k"].sharding.spec == P("d", None, None), s[0].nu["k"].sharding
+  print(f"mean_over_split_k{k}", max_diff(p, q, host))

@@ -1343,7 +1343,8 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
   # (data, model) mesh the fused route's gradient of a split bias was wrong (Auto axes: XLA
   # miscompiled a scatter) or failed to trace (Explicit axes). blocks: block_size over a split
   # axis failed to trace. plain_init: a state from tx.init(params) had nu without the params'
-  # shardings, and every update failed. (_explicit_mesh_worker.py, float64.)
+  # shardings, and every update failed. mean_over_split_*: a mean over a split axis came back
+  # whole along it, unlike nu, and every update failed. (_explicit_mesh_worker.py, float64.)
   diffs = dict(line.split() for line in _section_stdout(four_devices, "explicit_mesh").splitlines())
   assert set(diffs) == {
     "value_fn",
@@ -1353,6 +1354,8 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
     "fused_2d_Auto",
     "fused_2d_Explicit",
     "fused_bf16_dp",
+    "mean_over_split_k1",
+    "mean_over_split_k2",
   }
   assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
 
