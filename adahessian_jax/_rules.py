@@ -178,6 +178,15 @@ class NoAveraging(Rule):
     return "none()"
 
 
+def _blocks_within_shards(n: int, block_size: int, mesh: Any, entry: Any) -> bool:
+  """Whether every block of ``block_size`` along an axis of length ``n`` split over the mesh
+  axes ``entry`` lies within one shard: then each device averages its own blocks, with no
+  gather."""
+  names = entry if isinstance(entry, tuple) else (entry,)
+  shards = math.prod(mesh.shape[name] for name in names)
+  return n % shards == 0 and (n // shards) % min(block_size, n) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockMean(Rule):
   """Mean over blocks of ``block_size`` consecutive entries along ``axis``.
@@ -198,9 +207,14 @@ class BlockMean(Rule):
     axis = _normalize_axis(self.axis, d.ndim, _APPLIED, self)
     sharding = getattr(jax.typeof(d), "sharding", None)
     spec = getattr(sharding, "spec", ())
-    if sharding is not None and axis < len(spec) and spec[axis] is not None:
+    if (
+      sharding is not None
+      and axis < len(spec)
+      and spec[axis] is not None
+      and not _blocks_within_shards(d.shape[axis], self.block_size, sharding.mesh, spec[axis])
+    ):
       # Split over Explicit mesh axes (FSDP on a jax.make_mesh mesh): JAX refuses the reshape into
-      # blocks, which may straddle shards. Gather that axis (what XLA does under Auto axes).
+      # blocks that straddle shards. Gather that axis (what XLA does under Auto axes).
       whole = tuple(None if i == axis else a for i, a in enumerate(spec))
       gathered = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*whole))
       return jax.sharding.reshard(self(jax.sharding.reshard(d, gathered)), sharding)

@@ -8,7 +8,8 @@ from an unsharded run after 3 steps of each route (value_fn, fused), from a stat
 ``fused_2d_*``: the fused route on a ``(data, model)`` mesh with ``Auto``, then ``Explicit`` axes,
 the first leaf split over ``model``; ``fused_bf16_dp``: the fused route against the value_fn route
 with unsharded bf16 params and a batch split over the mesh; ``mean_over_split_k*``: a mean over an
-axis split over the mesh, without and with lazy refresh.
+axis split over the mesh, without and with lazy refresh; ``blocks_in_shards*``: blocks that lie
+within the shards, and the all-gathers their average adds (none).
 """
 
 import jax
@@ -163,3 +164,30 @@ for k in (1, 2):
     q, t = train(q, t)
   assert s[0].nu["k"].sharding.spec == P("d", None, None), s[0].nu["k"].sharding
   print(f"mean_over_split_k{k}", max_diff(p, q, host))
+
+
+# block_size=4 over a leaf split 4 ways along the blocks' axis, 4 rows a shard: every block lies
+# within one shard, yet D was gathered whole before averaging (an all-gather of each such
+# leaf's D per step, and a whole copy of it on every device). Printed: the value_fn route's
+# largest difference from an unsharded run, then the all-gathers it compiles beyond those of
+# block_size=1 (none).
+host = {"w": jnp.asarray(r.normal(size=(16, 8)) / 4), "b": jnp.asarray(r.normal(size=8))}
+loss = lambda p: jnp.sum(jnp.tanh(p["w"] @ p["b"]) ** 2)
+p = {
+  "w": jax.device_put(host["w"], NamedSharding(mesh, P("d"))),
+  "b": jax.device_put(host["b"], NamedSharding(mesh, P())),
+}
+gathers = []
+for block_size in (4, 1):
+  tx = ah.adahessian(0.1, block_size=block_size, hessian_power=0.5)
+  train = jax.jit(lambda p, s: step(p, s, False))
+  s = jax.jit(tx.init, out_shardings=distributed.state_shardings(tx, p))(p)
+  hlo = train.lower(p, s).compile().as_text()
+  gathers.append(hlo.count("all-gather(") + hlo.count("all-gather-start("))
+  if block_size == 4:
+    q, t, ends = host, jax.jit(tx.init)(host), p
+    for _ in range(3):
+      ends, s = train(ends, s)
+      q, t = train(q, t)
+    print("blocks_in_shards", max_diff(ends, q, host))
+print("blocks_in_shards_extra_gathers", gathers[0] - gathers[1])

@@ -1344,7 +1344,8 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
   # miscompiled a scatter) or failed to trace (Explicit axes). blocks: block_size over a split
   # axis failed to trace. plain_init: a state from tx.init(params) had nu without the params'
   # shardings, and every update failed. mean_over_split_*: a mean over a split axis came back
-  # whole along it, unlike nu, and every update failed. (_explicit_mesh_worker.py, float64.)
+  # whole along it, unlike nu, and every update failed. blocks_in_shards*: blocks within the
+  # shards were averaged after gathering D whole. (_explicit_mesh_worker.py, float64.)
   diffs = dict(line.split() for line in _section_stdout(four_devices, "explicit_mesh").splitlines())
   assert set(diffs) == {
     "value_fn",
@@ -1356,8 +1357,11 @@ def test_jit_fsdp_on_a_mesh_with_explicit_axes(four_devices):
     "fused_bf16_dp",
     "mean_over_split_k1",
     "mean_over_split_k2",
+    "blocks_in_shards",
+    "blocks_in_shards_extra_gathers",
   }
   assert all(float(d) <= 1e-12 for d in diffs.values()), diffs
+  assert diffs["blocks_in_shards_extra_gathers"] == "0", diffs
 
 
 def test_multi_process_orbax_checkpoint_resumes_bit_identically_in_fresh_processes(
