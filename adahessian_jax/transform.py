@@ -247,7 +247,9 @@ def _spike_scale(d: Any, so_far: jax.Array, curvature_clip: Any) -> jax.Array:
     d,
   )
   ratio = mean_square(1.0)  # mean((D / so_far)²) / _SQUARES_UNIT²
-  bound = jnp.asarray(curvature_clip / _SQUARES_UNIT).astype(ratio.dtype)  # an injected c: wider
+  # Cast before the division: an injected float16 c (float16 params, inject_hyperparams's default
+  # dtype) divided by 2**32 in float16 flushed to 0, which clipped every step from step 11 on.
+  bound = jnp.asarray(curvature_clip).astype(ratio.dtype) / _SQUARES_UNIT  # an injected c: wider
   # Where that overflows, that times _COARSE²: a second pass over D on such a step only.
   fine = jnp.isfinite(ratio)
   ratio = jax.lax.cond(fine, lambda: ratio, lambda: mean_square(_COARSE))

@@ -1155,6 +1155,32 @@ def test_curvature_clip_injected_wider_than_the_curvature_under_a_lazy_refresh()
   np.testing.assert_allclose(updates[jnp.float64]["w"], updates[jnp.float32]["w"], rtol=1e-5)
 
 
+def test_curvature_clip_injected_in_float16_leaves_a_steady_curvature_alone():
+  # inject_hyperparams casts c to float16 for float16 params; c / 2**32 computed in float16
+  # flushed to 0, so from step 11 on every refresh step's curvature and gradient were scaled
+  # down (nu fell from 8.0 to 5.6 in 4 steps) on a quadratic whose curvature never changes.
+  params = {"w": jnp.full((4, 3), 0.5, jnp.float16)}
+  weights = jnp.arange(1.0, 13.0, dtype=jnp.float32).reshape(4, 3)
+  loss = lambda p: jnp.sum(p["w"].astype(jnp.float32) ** 2 * weights)
+  runs = {}
+  for clip in (None, 2.0):
+    tx = optax.inject_hyperparams(ah.adahessian, static_args=ah.STATIC_ARGS)(
+      learning_rate=0.01, curvature_clip=clip
+    )
+    state, p, updates = tx.init(params), params, []
+    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, value_fn=loss))
+    for _ in range(14):
+      u, state = step(jax.grad(loss)(p), state, p)
+      p = optax.apply_updates(p, u)
+      updates.append(u["w"])
+    runs[clip] = (np.stack(updates), ah.find_adahessian_state(state).nu["w"])
+  np.testing.assert_allclose(runs[2.0][0], runs[None][0], rtol=1e-6)
+  np.testing.assert_allclose(runs[2.0][1], runs[None][1], rtol=1e-6)
+  b2 = float(jnp.float16(0.999))  # as injected
+  corrected = runs[2.0][1] / (1 - b2**14)
+  np.testing.assert_allclose(corrected, 4 * weights**2, rtol=1e-3)  # D = 2 * weights
+
+
 def spiky_regression():
   """A 2-layer tanh regression and a loss that one batch (scale 1e10) makes far too large."""
   r = np.random.default_rng(0)
