@@ -76,8 +76,11 @@ def checked_seed(seed: Any) -> int:
   """``seed`` (``None``: 0) as an ``int``, checked; a PRNG key given as the seed, or a seed traced
   by ``jax.vmap`` (a sweep over seeds), is named with the way to get those probes."""
   try:
-    return _validation.count(
-      "seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX
+    # Taken mod 2**32: JAX seeds a key with a negative seed's 32-bit pattern without
+    # jax_enable_x64 but its 64-bit one with it, so seed=-1 drew other probes under x64.
+    return (
+      _validation.count("seed", 0 if seed is None else seed, -(2**31), 2**32 - 1, fix=STATIC_FIX)
+      % 2**32
     )
   except ValueError as e:
     dtype = jnp.result_type(seed) if hasattr(seed, "dtype") else None

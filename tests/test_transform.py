@@ -1026,3 +1026,17 @@ def test_a_jitted_step_of_committed_params_compiles_once(update_freq):
   loose = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
   assert not any(x.committed for x in jax.tree.leaves(ah.adahessian(0.1).init(loose)))
   jax.jit(ah.adahessian(0.1).init)(params)
+
+
+def test_a_negative_seed_draws_the_same_probes_with_and_without_x64():
+  # JAX seeds a key with a negative seed's 64-bit pattern under jax_enable_x64 and its 32-bit one
+  # without: seed=-1 drew other probes depending on the flag (without it, those of 2**32 - 1).
+  params = {"w": jnp.ones(3, jnp.float32)}
+  key_of = lambda seed: ah.find_adahessian_state(ah.adahessian(seed=seed).init(params)).key
+  for seed in (-1, -(2**31)):
+    with jax.enable_x64(True):
+      wide = np.asarray(key_of(seed))
+    with jax.enable_x64(False):
+      narrow = np.asarray(key_of(seed))
+    np.testing.assert_array_equal(wide, narrow)
+    np.testing.assert_array_equal(narrow, np.asarray(key_of(seed + 2**32)))
