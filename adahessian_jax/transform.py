@@ -608,7 +608,8 @@ def scale_by_adahessian(
       as small as Adam's.
     n_samples: Number of Rademacher probes averaged per refresh (``None``: 1).
     seed: Seed of the PRNG key kept in the state, an integer in
-      ``[-2**31, 2**32 - 1]`` (``None``: 0).
+      ``[-2**31, 2**32 - 1]`` (``None``: 0); a negative one is its 32-bit
+      pattern, ``seed + 2**32``, with or without ``jax_enable_x64``.
     axis_name: If given, the estimate is averaged over this mapped axis
       (``pmap``/``shard_map``), like gradients are. ``value_fn`` is then this
       device's loss on its local batch (differentiated locally, also under
