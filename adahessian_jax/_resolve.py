@@ -129,17 +129,13 @@ def _plan(averaging, params, block_size, strict_mode, given_rules=None) -> _Plan
       if reading.moot or _averages_nothing(own, shape):
         unsure = None
     note = reading.note + (f"; AMBIGUOUS ({unsure})" if unsure is not None else "")
+    guess = choice.ambiguous or unsure is not None
+    if guess and leaf_size(shape) == 0:
+      # Every reading of a leaf without entries averages nothing: no guess to warn of or refuse.
+      guess, note = False, note + "; no entries, so any reading averages the same"
     bound.append(rule)
     rows.append(
-      Row(
-        where,
-        shape,
-        reading.names,
-        choice.rule,
-        choice.why + note,
-        rule.groups(shape),
-        choice.ambiguous or unsure is not None,
-      )
+      Row(where, shape, reading.names, choice.rule, choice.why + note, rule.groups(shape), guess)
     )
   if strict_mode or spec.strict:
     ambiguous = [r for r in rows if r.ambiguous]

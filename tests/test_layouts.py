@@ -3832,3 +3832,24 @@ def test_a_bias_less_conv_in_a_vmap_ensemble_whose_relatives_show_the_stack_is_n
   np.testing.assert_allclose(got[name]["Dense_0"]["kernel"], want, rtol=1e-12)
   for norm in ("scale", "bias"):
     np.testing.assert_allclose(got[name]["BatchNorm_0"][norm], block["BatchNorm_0"][norm])
+
+
+def test_a_leaf_without_entries_is_no_guess():
+  # A zero-size leaf (an empty embedding table, a layer of width 0 in a sweep) averages nothing
+  # under any reading, yet a rank-3 one was flagged as a guess: a LayoutGuessWarning at init (an
+  # error under -W error) and a refusal under spatial.strict, for nothing.
+  params = {"z": jnp.zeros((3, 0, 2)), "w": jnp.ones((2, 3)), "k": jnp.ones((3, 3, 2, 4))}
+  rows = {r.path: r for r in spatial.describe(params).rows}
+  assert not rows["['z']"].ambiguous and rows["['z']"].groups == {}
+  assert rows["['z']"].why.endswith("no entries, so any reading averages the same")
+  assert rows["['k']"].ambiguous  # a leaf with entries and the same reading stays a guess
+  del params["k"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx = ah.adahessian(0.1, averaging=spatial.strict(spatial.flax_default()))
+    state = tx.init(params)
+    loss = lambda p: jnp.sum(p["w"] ** 4) + jnp.sum(p["z"])
+    updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  assert updates["z"].shape == (3, 0, 2)
+  # d/dw of w^4 is 4, its curvature 12: the first step is lr * g / (|D| + eps) = 0.1 * 4 / 12.
+  np.testing.assert_allclose(updates["w"], -0.1 * 4 / (12 + 1e-4), rtol=1e-12)
