@@ -304,13 +304,16 @@ def state_shardings(
     # optax.flatten's init concatenates the leaves, which the placeholder has none of ("Need at
     # least one array to concatenate"): the subtrees shaped like the params are found by their
     # structure instead (flatten's vectors are not, and are replicated).
-    return _follow_by_structure(abstract_state, param_shardings, shapes, replicated)
+    return _follow_by_structure(abstract_state, follow, param_shardings, shapes, replicated)
 
 
-def _follow_by_structure(abstract_state: Any, shardings: Any, shapes: Any, replicated: Any) -> Any:
+def _follow_by_structure(
+  abstract_state: Any, follow: Callable[..., Any], shardings: Any, shapes: Any, replicated: Any
+) -> Any:
   """``state_shardings`` for an ``init`` that cannot take ``optax.tree.map_params``'s
-  placeholder: every subtree of ``abstract_state`` with the params' structure gets their
-  ``shardings`` where a leaf's shape is its parameter's, every other leaf ``replicated``."""
+  placeholder: every subtree of ``abstract_state`` with the params' structure is mapped with
+  ``follow(leaf, sharding, param)`` (its parameter's ``shardings`` where the shapes agree), every
+  other leaf gets ``replicated``."""
   structure = jax.tree.structure(shapes)
   like_params = lambda x: not masking.is_masked(x) and jax.tree.structure(x) == structure
 
@@ -319,12 +322,7 @@ def _follow_by_structure(abstract_state: Any, shardings: Any, shapes: Any, repli
       return x
     if not like_params(x):
       return replicated
-    return jax.tree.map(
-      lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
-      x,
-      shardings,
-      shapes,
-    )
+    return jax.tree.map(follow, x, shardings, shapes)
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: masking.is_masked(x) or like_params(x))
 
