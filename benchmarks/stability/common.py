@@ -307,6 +307,15 @@ def collapsed(task_name: str, record: dict[str, Any]) -> bool:
   return paper_training.collapsed(task_name, record["val"], record["initial_loss"])
 
 
+def quick_note(steps: int) -> str:
+  """The line under a ``--quick`` run's results: its ``steps`` are too few to learn, so most runs
+  count as failed (:func:`collapsed`)."""
+  return (
+    f"(--quick: {steps} steps are too few to learn; a run that ends where a model that learned "
+    "nothing would counts as failed)"
+  )
+
+
 def summarize(records, metric: str, task_name: str) -> dict[str, Any]:
   """Mean ± std of ``metric`` over the seeds that neither diverged nor collapsed, and counts."""
   bad = [r["diverged"] or collapsed(task_name, r) for r in records]

@@ -38,7 +38,11 @@ import common as C
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from _args import Distinct, positive_int  # (examples/_args.py, on the path from common)
+from _args import (
+  Distinct,
+  parse_with_quick,
+  positive_int,
+)  # (examples/_args.py, on the path from common)
 from _common import RECOMMENDED_STABILIZERS as RECOMMENDED  # (examples/_common.py)
 
 # name: (optimizer, AdaHessian keyword arguments, update_freq, learning-rate scales)
@@ -237,9 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     + " ".join(QUICK_ROWS)
     + ")",
   )
-  p.add_argument(
-    "--seeds", type=positive_int, default=None, help="seeds 0..n-1 (default: 4; --quick: 1)"
-  )
+  p.add_argument("--seeds", type=positive_int, default=4, help="seeds 0..n-1 (default: 4)")
   p.add_argument(
     "--tune",
     action="store_true",
@@ -252,13 +254,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     "(most runs end where a model that learned nothing would: 'failed')",
   )
   C.add_output_arguments(p, "heldout")
-  args = p.parse_args(argv)
+  args = parse_with_quick(p, {"seeds": 1}, argv)
   if args.tune and args.rows is not None:
     p.error("--rows does not go with --tune, which tunes the rates of TUNED_LR's rules")
   if args.rows is None:
     args.rows = list(QUICK_ROWS if args.quick else ROWS)
-  if args.seeds is None:
-    args.seeds = 1 if args.quick else 4
   args.out_dir = C.output_dir(args, QUICK_DIR)
   return args
 
@@ -283,10 +283,7 @@ def main(argv=None) -> dict:
       out.setdefault("cells", {}).update(evaluate(task, range(args.seeds), steps, args.rows))
     C.write_json(args.out, store, directory=args.out_dir)
   if args.quick:
-    print(
-      f"(--quick: {QUICK_STEPS} steps are too few to learn; a run that ends where a model that "
-      "learned nothing would counts as failed)"
-    )
+    print(C.quick_note(QUICK_STEPS))
   return store
 
 

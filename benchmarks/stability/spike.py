@@ -312,10 +312,7 @@ def main(argv=None) -> dict:
     C.write_json(args.out, store, directory=args.out_dir)
   print(table(store))
   if args.quick:
-    print(
-      f"(--quick: {QUICK_STEPS} steps are too few to learn; a run that ends where a model that "
-      "learned nothing would counts as failed)"
-    )
+    print(C.quick_note(QUICK_STEPS))
   return store
 
 
